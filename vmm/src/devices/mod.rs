@@ -1,0 +1,3 @@
+//! Devices the VMM emulates.
+
+pub mod virtio;

@@ -1,0 +1,16 @@
+//! Vigil's virtual machine monitor.
+//!
+//! Owns: KVM VMs (guest memory, vCPU threads, CPUID), direct boot of an unmodified Linux kernel
+//! (vmlinux extracted from a bzImage on the host, PVH entry), firmware-less boot of the firewall
+//! micro-VM (PVH entry too), the serial console, virtio-mmio network devices, ACPI tables that
+//! describe them, and the completion of instructions this host's KVM cannot run.
+//! Must not: trust anything that comes from a guest (memory, registers, device rings).
+
+pub mod acpi;
+pub mod boot;
+pub mod devices;
+pub mod emulation;
+pub mod host;
+pub mod layout;
+pub mod vcpu;
+pub mod vm;
