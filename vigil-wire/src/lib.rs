@@ -6,3 +6,5 @@
 #![no_std]
 
 pub mod boot;
+pub mod ring;
+pub mod verdict;

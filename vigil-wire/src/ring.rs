@@ -1,0 +1,1 @@
+//! Shared-memory single-producer/single-consumer verdict ring.

@@ -1,0 +1,1 @@
+//! Verdict records: the flows a tier may open.

@@ -1,0 +1,1 @@
+//! TAP devices (the host side of a tenant's network interface).
