@@ -1,1 +1,167 @@
-fn main() {}
+//! `vigil`: the command-line front end of the Vigil VMM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use vigil_wire::boot::Role;
+use vmm::host::HostKind;
+use vmm::vcpu::StopReason;
+use vmm::vm::{ConsoleConfig, Payload, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "vigil",
+    version,
+    about = "Vigil: a hypervisor-level, application-aware firewall for KVM clouds"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Switch,
+    Edge,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what kind of KVM host this is and the guest profile Vigil applies on it.
+    HostInfo,
+    /// Boot the fw-guest firewall micro-VM firmware-less and run it until it stops.
+    RunMicrovm {
+        /// The fw-guest ELF (scripts/build-fw-guest prints its path).
+        #[arg(long)]
+        elf: PathBuf,
+        #[arg(long, value_enum, default_value = "switch")]
+        role: RoleArg,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 32)]
+        mem: u64,
+        /// Also write the console to this file.
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+        /// Stop the VM after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Boot a Linux tenant (bzImage or vmlinux, unmodified) by direct kernel boot.
+    RunTenant {
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initramfs: Option<PathBuf>,
+        /// Kernel command line; the host profile's arguments are appended.
+        #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+        cmdline: String,
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let host = HostKind::detect();
+    let (config, timeout) = match cli.command {
+        Command::HostInfo => {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "host_kind": match host { HostKind::Hardware => "hardware", HostKind::Emulating => "emulating" },
+                    "description": host.to_string(),
+                    "linux_profile_cmdline": host.linux_cmdline(),
+                })
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::RunMicrovm {
+            elf,
+            role,
+            mem,
+            console_log,
+            timeout,
+        } => (
+            VmConfig {
+                name: "fw".into(),
+                mem_mib: mem,
+                vcpus: 1,
+                payload: Payload::MicroVm {
+                    elf,
+                    role: match role {
+                        RoleArg::Switch => Role::Switch,
+                        RoleArg::Edge => Role::Edge,
+                    },
+                },
+                console: ConsoleConfig {
+                    log: console_log,
+                    stdout: true,
+                },
+            },
+            timeout,
+        ),
+        Command::RunTenant {
+            kernel,
+            initramfs,
+            cmdline,
+            mem,
+            vcpus,
+            console_log,
+            timeout,
+        } => (
+            VmConfig {
+                name: "tenant".into(),
+                mem_mib: mem,
+                vcpus,
+                payload: Payload::Linux {
+                    kernel,
+                    initramfs,
+                    cmdline,
+                },
+                console: ConsoleConfig {
+                    log: console_log,
+                    stdout: true,
+                },
+            },
+            timeout,
+        ),
+    };
+    eprintln!("vigil: host KVM is {host}; guest profile for this host in force");
+    let vm = match Vm::create(&config, host) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vigil: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let outcome = match vm.run(timeout.map(Duration::from_secs)) {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!("vigil: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    println!(
+        "{}",
+        serde_json::json!({ "event": "vm_stopped", "outcome": outcome })
+    );
+    match outcome.stop {
+        StopReason::Poweroff | StopReason::Reset | StopReason::ExitCode(0) => ExitCode::SUCCESS,
+        StopReason::Crashed(why) => {
+            eprintln!("vigil: VM {} stopped: {why}", outcome.name);
+            ExitCode::from(1)
+        }
+        other => {
+            eprintln!("vigil: VM {} stopped: {other:?}", outcome.name);
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,1 +1,506 @@
-//! vcpu
+//! A vCPU: an explicit state machine around one `match` on the KVM exit reason.
+//!
+//! States: `Running` (normal), `SteppingOver` (a breakpoint of ours is disabled for one guest
+//! instruction, because this host ignores RFLAGS.RF), `Stopped`. Exits are routed to the device bus,
+//! to the completion of instructions KVM could not emulate ([`crate::emulation`]), or to the
+//! syscall fix below. A vCPU never panics on guest behaviour: whatever the guest does ends in a
+//! [`StopReason`], and the VMM stays up.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::Serialize;
+use vm_memory::GuestMemoryMmap;
+
+use crate::emulation::{self, Completion, GuestView};
+use crate::host::HostKind;
+use crate::vm::{Bus, PioAction};
+
+/// MSRs of the `syscall` instruction (Intel SDM vol. 4, "Architectural MSRs").
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+/// Vector of #PF.
+const PAGE_FAULT_VECTOR: u64 = 14;
+/// DR6 bits: breakpoint 0 hit, single step.
+const DR6_B0: u64 = 1 << 0;
+const DR6_BS: u64 = 1 << 14;
+/// DR7: local enable of breakpoint 0 (execute, length 1 — RW0 = LEN0 = 0).
+const DR7_L0: u64 = 1 << 0;
+/// Bit 1 of RFLAGS always reads as 1.
+const RFLAGS_FIXED: u64 = 1 << 1;
+/// CR0.PG, EFER.LMA.
+const CR0_PG: u64 = 1 << 31;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Why a VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", content = "detail", rename_all = "snake_case")]
+pub enum StopReason {
+    /// The guest powered off (ACPI or KVM system event).
+    Poweroff,
+    /// The guest asked for a reset (i8042 reset line, triple fault, KVM system event).
+    Reset,
+    /// The micro-VM wrote its exit code to the exit port.
+    ExitCode(u8),
+    /// The guest halted with nothing to wake it.
+    Halted,
+    /// The VMM stopped it (timeout, API).
+    Requested,
+    /// Something the VMM could not continue from; the text says what.
+    Crashed(String),
+}
+
+/// Per-vCPU counters, summed per VM.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VcpuStats {
+    pub exits: u64,
+    pub pio_exits: u64,
+    pub mmio_exits: u64,
+    pub debug_exits: u64,
+    /// Instructions completed by the VMM, by name (int3, popcnt, wait, ...).
+    pub emulation_completions: BTreeMap<String, u64>,
+    /// `syscall`s from guest ring 3 finished by the VMM.
+    pub syscalls_completed: u64,
+    /// Page faults that passed the #PF breakpoint and were not broken syscalls.
+    pub page_faults_passed: u64,
+}
+
+impl VcpuStats {
+    pub fn merge(&mut self, other: &VcpuStats) {
+        self.exits += other.exits;
+        self.pio_exits += other.pio_exits;
+        self.mmio_exits += other.mmio_exits;
+        self.debug_exits += other.debug_exits;
+        self.syscalls_completed += other.syscalls_completed;
+        self.page_faults_passed += other.page_faults_passed;
+        for (name, count) in &other.emulation_completions {
+            *self.emulation_completions.entry(name.clone()).or_default() += count;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VcpuState {
+    Running,
+    /// Our breakpoint at `rip` is off while the guest executes one instruction.
+    SteppingOver,
+    Stopped,
+}
+
+/// What an exit asks the loop to do next.
+enum Action {
+    Continue,
+    Stop(StopReason),
+}
+
+/// An exit copied out of `kvm_run`, so the handlers may issue further vCPU ioctls.
+enum OwnedExit {
+    Handled,
+    Pio(PioAction),
+    Debug { pc: u64, dr6: u64 },
+    InternalError { suberror: u32 },
+    Stop(StopReason),
+}
+
+/// The syscall fix for emulating hosts (kvm-here.md): KVM does half of a ring-3 `syscall` (RIP =
+/// LSTAR, RCX/R11 set) but leaves CS/SS at the user selectors, so the instruction fetch at LSTAR
+/// page-faults. A hardware breakpoint on the guest's #PF handler catches exactly that fault; the
+/// VMM then finishes the `syscall` as the CPU would have.
+#[derive(Default)]
+struct SyscallFix {
+    /// Guest #PF handler the breakpoint sits on (linear address), once found in the guest IDT.
+    pf_handler: Option<u64>,
+    /// IDT base when we last looked, so we look again only when the guest loads a new IDT.
+    idt_base_seen: Option<u64>,
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    fd: VcpuFd,
+    memory: GuestMemoryMmap,
+    bus: Arc<Bus>,
+    host: HostKind,
+    state: VcpuState,
+    syscall_fix: SyscallFix,
+    pub stats: VcpuStats,
+}
+
+impl Vcpu {
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        memory: GuestMemoryMmap,
+        bus: Arc<Bus>,
+        host: HostKind,
+    ) -> Self {
+        Vcpu {
+            index,
+            fd,
+            memory,
+            bus,
+            host,
+            state: VcpuState::Running,
+            syscall_fix: SyscallFix::default(),
+            stats: VcpuStats::default(),
+        }
+    }
+
+    /// Runs until the guest or the VMM stops this vCPU.
+    pub fn run(&mut self, stop: &AtomicBool) -> StopReason {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                self.state = VcpuState::Stopped;
+                return StopReason::Requested;
+            }
+            let exit = match self.run_once() {
+                Ok(exit) => exit,
+                Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => continue,
+                Err(errno) => {
+                    self.state = VcpuState::Stopped;
+                    return StopReason::Crashed(format!(
+                        "KVM_RUN failed on vCPU {}: {}",
+                        self.index,
+                        std::io::Error::from_raw_os_error(errno)
+                    ));
+                }
+            };
+            self.stats.exits += 1;
+            let action = match exit {
+                OwnedExit::Handled => Action::Continue,
+                OwnedExit::Pio(PioAction::Continue) => {
+                    self.maybe_arm_syscall_fix();
+                    Action::Continue
+                }
+                OwnedExit::Pio(PioAction::Stop(reason)) => Action::Stop(reason),
+                OwnedExit::Debug { pc, dr6 } => self.on_debug(pc, dr6),
+                OwnedExit::InternalError { suberror } => self.on_internal_error(suberror),
+                OwnedExit::Stop(reason) => Action::Stop(reason),
+            };
+            if let Action::Stop(reason) = action {
+                self.state = VcpuState::Stopped;
+                return reason;
+            }
+        }
+    }
+
+    /// One KVM_RUN, with the exit handled or copied out.
+    fn run_once(&mut self) -> Result<OwnedExit, i32> {
+        let bus = &self.bus;
+        let exit = self.fd.run().map_err(|e| e.errno())?;
+        Ok(match exit {
+            VcpuExit::IoOut(port, data) => {
+                self.stats.pio_exits += 1;
+                OwnedExit::Pio(bus.pio_write(port, data))
+            }
+            VcpuExit::IoIn(port, data) => {
+                self.stats.pio_exits += 1;
+                bus.pio_read(port, data);
+                OwnedExit::Handled
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.stats.mmio_exits += 1;
+                bus.mmio_read(addr, data);
+                OwnedExit::Handled
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.stats.mmio_exits += 1;
+                bus.mmio_write(addr, data);
+                OwnedExit::Handled
+            }
+            VcpuExit::Debug(arch) => OwnedExit::Debug {
+                pc: arch.pc,
+                dr6: arch.dr6,
+            },
+            VcpuExit::Hlt => OwnedExit::Stop(StopReason::Halted),
+            VcpuExit::Shutdown => OwnedExit::Stop(StopReason::Reset),
+            VcpuExit::SystemEvent(kind, _) => OwnedExit::Stop(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::Poweroff,
+                KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
+                other => StopReason::Crashed(format!("guest system event {other}")),
+            }),
+            VcpuExit::InternalError => {
+                // SAFETY: KVM filled the `internal` member of the exit union for this exit reason.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                OwnedExit::InternalError { suberror }
+            }
+            VcpuExit::FailEntry(reason, cpu) => OwnedExit::Stop(StopReason::Crashed(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+            ))),
+            VcpuExit::IrqWindowOpen | VcpuExit::Intr => OwnedExit::Handled,
+            other => OwnedExit::Stop(StopReason::Crashed(format!(
+                "unexpected KVM exit {other:?} on vCPU {}",
+                self.index
+            ))),
+        })
+    }
+
+    fn on_internal_error(&mut self, suberror: u32) -> Action {
+        // KVM_INTERNAL_ERROR_EMULATION = 1: the instruction at RIP could not be emulated.
+        if suberror != 1 {
+            return Action::Stop(StopReason::Crashed(format!(
+                "KVM internal error, suberror {suberror}"
+            )));
+        }
+        let (mut regs, sregs) = match self.registers() {
+            Ok(r) => r,
+            Err(e) => return Action::Stop(StopReason::Crashed(e)),
+        };
+        let view = GuestView::new(&self.memory, &sregs);
+        match emulation::complete(&view, &mut regs, &sregs) {
+            Ok(completion) => {
+                *self
+                    .stats
+                    .emulation_completions
+                    .entry(completion.name())
+                    .or_default() += 1;
+                if let Err(e) = self.fd.set_regs(&regs) {
+                    return Action::Stop(StopReason::Crashed(format!("KVM_SET_REGS: {e}")));
+                }
+                if completion == Completion::Int3Injected {
+                    if let Err(e) = self.inject_exception(3) {
+                        return Action::Stop(StopReason::Crashed(e));
+                    }
+                }
+                Action::Continue
+            }
+            Err(e) => Action::Stop(StopReason::Crashed(e.to_string())),
+        }
+    }
+
+    fn inject_exception(&self, vector: u8) -> Result<(), String> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = 0;
+        events.exception.pending = 0;
+        events.exception.error_code = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+    }
+
+    fn registers(&self) -> Result<(kvm_regs, kvm_sregs), String> {
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        Ok((regs, sregs))
+    }
+
+    /// On an emulating host, puts the breakpoint on the guest's #PF handler as soon as the guest
+    /// runs in long mode with an IDT whose #PF gate points somewhere, and again whenever the guest
+    /// loads a different IDT. Port I/O exits (the console, timers) are frequent enough during boot
+    /// that the breakpoint is in place long before the first user process.
+    fn maybe_arm_syscall_fix(&mut self) {
+        if self.host != HostKind::Emulating {
+            return;
+        }
+        let Ok(sregs) = self.fd.get_sregs() else {
+            return;
+        };
+        if sregs.cr0 & CR0_PG == 0 || sregs.efer & EFER_LMA == 0 {
+            return;
+        }
+        if self.syscall_fix.idt_base_seen == Some(sregs.idt.base)
+            && self.syscall_fix.pf_handler.is_some()
+        {
+            return;
+        }
+        self.syscall_fix.idt_base_seen = Some(sregs.idt.base);
+        if u64::from(sregs.idt.limit) < PAGE_FAULT_VECTOR * 16 + 15 {
+            return;
+        }
+        let view = GuestView::new(&self.memory, &sregs);
+        let mut gate = [0u8; 16];
+        if view
+            .read(sregs.idt.base + PAGE_FAULT_VECTOR * 16, &mut gate)
+            .is_err()
+        {
+            return;
+        }
+        // 64-bit interrupt gate: offset 15:0 at bytes 0-1, 31:16 at 6-7, 63:32 at 8-11; P = bit 7
+        // of byte 5 (Intel SDM vol. 3, "64-Bit Mode IDT").
+        if gate[5] & 0x80 == 0 {
+            return;
+        }
+        let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
+            | u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16
+            | u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32;
+        if self.syscall_fix.pf_handler != Some(handler)
+            && self.set_breakpoint(Some(handler), false).is_ok()
+        {
+            self.syscall_fix.pf_handler = Some(handler);
+        }
+    }
+
+    /// Programs the vCPU's guest-debug state: our breakpoint (DR0) and/or single stepping.
+    fn set_breakpoint(&self, addr: Option<u64>, single_step: bool) -> Result<(), String> {
+        let mut debug = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE,
+            ..Default::default()
+        };
+        if let Some(addr) = addr {
+            debug.control |= KVM_GUESTDBG_USE_HW_BP;
+            debug.arch.debugreg[0] = addr;
+            debug.arch.debugreg[7] = DR7_L0;
+        }
+        if single_step {
+            debug.control |= KVM_GUESTDBG_SINGLESTEP;
+        }
+        self.fd
+            .set_guest_debug(&debug)
+            .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
+    }
+
+    fn on_debug(&mut self, pc: u64, dr6: u64) -> Action {
+        self.stats.debug_exits += 1;
+        if self.state == VcpuState::SteppingOver || (dr6 & DR6_BS != 0 && dr6 & DR6_B0 == 0) {
+            // The instruction under our breakpoint ran: put the breakpoint back.
+            self.state = VcpuState::Running;
+            return match self.set_breakpoint(self.syscall_fix.pf_handler, false) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        if Some(pc) == self.syscall_fix.pf_handler {
+            return match self.on_page_fault_entry(pc) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        // Not ours (a stale breakpoint after the guest changed its IDT): step past it.
+        match self.step_over(pc) {
+            Ok(()) => Action::Continue,
+            Err(e) => Action::Stop(StopReason::Crashed(e)),
+        }
+    }
+
+    /// The guest is entering its #PF handler. If the fault is the half-done `syscall` (faulting RIP
+    /// is LSTAR, CS is a user selector), finish the `syscall`; otherwise let the handler run.
+    fn on_page_fault_entry(&mut self, pc: u64) -> Result<(), String> {
+        let (mut regs, mut sregs) = self.registers()?;
+        let view = GuestView::new(&self.memory, &sregs);
+        // Exception frame with error code: [rsp] error, +8 RIP, +16 CS, +24 RFLAGS, +32 RSP, +40 SS.
+        let frame_rip = view.read_u64(regs.rsp + 8);
+        let frame_cs = view.read_u64(regs.rsp + 16);
+        let frame_rflags = view.read_u64(regs.rsp + 24);
+        let frame_rsp = view.read_u64(regs.rsp + 32);
+        let (Ok(frame_rip), Ok(frame_cs), Ok(frame_rflags), Ok(frame_rsp)) =
+            (frame_rip, frame_cs, frame_rflags, frame_rsp)
+        else {
+            // The guest's stack is not readable to us: let the guest deal with its own fault.
+            return self.step_over(pc);
+        };
+        let msrs = self.syscall_msrs()?;
+        if frame_rip != msrs.lstar || frame_cs & 3 != 3 {
+            self.stats.page_faults_passed += 1;
+            return self.step_over(pc);
+        }
+        // Redo the entry as `syscall` defines it (Intel SDM vol. 2, SYSCALL): CS = STAR[47:32]
+        // (flat 64-bit code, DPL 0), SS = STAR[47:32] + 8, RFLAGS &= ~SFMASK; RSP unchanged (the
+        // user's); RIP = LSTAR; RCX and R11 were already set by KVM's half.
+        let selector = ((msrs.star >> 32) & 0xfffc) as u16;
+        sregs.cs = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        sregs.ss = kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: selector + 8,
+            type_: 0x3,
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        regs.rip = msrs.lstar;
+        regs.rsp = frame_rsp;
+        regs.rflags = (frame_rflags & !msrs.sfmask) | RFLAGS_FIXED;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.stats.syscalls_completed += 1;
+        Ok(())
+    }
+
+    /// Resumes past our breakpoint at `pc` without RFLAGS.RF (ignored by this host's KVM): emulate
+    /// the instruction when it has no effect beyond RIP (`endbr64`, NOPs), else single-step it
+    /// with the breakpoint off.
+    fn step_over(&mut self, pc: u64) -> Result<(), String> {
+        let (mut regs, sregs) = self.registers()?;
+        let view = GuestView::new(&self.memory, &sregs);
+        if let Ok(insn) = emulation::decode_at_rip(&view, &regs, &sregs) {
+            if emulation::is_skippable_at_hook(&insn) && regs.rip == pc {
+                regs.rip += insn.len() as u64;
+                return self
+                    .fd
+                    .set_regs(&regs)
+                    .map_err(|e| format!("KVM_SET_REGS: {e}"));
+            }
+        }
+        self.state = VcpuState::SteppingOver;
+        self.set_breakpoint(None, true)
+    }
+
+    fn syscall_msrs(&self) -> Result<SyscallMsrs, String> {
+        let entries = [MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK].map(|index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        });
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        if read != 3 {
+            return Err(format!("KVM_GET_MSRS read {read} of 3 syscall MSRs"));
+        }
+        let values = msrs.as_slice();
+        Ok(SyscallMsrs {
+            star: values[0].data,
+            lstar: values[1].data,
+            sfmask: values[2].data,
+        })
+    }
+}
+
+struct SyscallMsrs {
+    star: u64,
+    lstar: u64,
+    sfmask: u64,
+}

@@ -1,1 +1,583 @@
-//! vm
+//! A VM: guest memory, the in-kernel interrupt controllers, the device bus, vCPU threads, and the
+//! boot of its payload (a Linux kernel or the fw-guest micro-VM).
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId,
+    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use serde::Serialize;
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError, BootModule};
+use crate::devices::MmioDevice;
+use crate::host::HostKind;
+use crate::layout::*;
+use crate::vcpu::{StopReason, Vcpu, VcpuStats};
+
+/// COM1 I/O ports.
+const COM1_BASE: u16 = 0x3f8;
+const COM1_LEN: u16 = 8;
+/// i8042 command port; writing 0xfe pulses the CPU reset line (how Linux's `reboot=k` resets).
+const I8042_COMMAND_PORT: u16 = 0x64;
+const I8042_RESET_COMMAND: u8 = 0xfe;
+/// Where KVM's TSS and identity-map pages go (below the 4 GiB boundary, inside the MMIO hole).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm ({0}); is KVM available and do you have permission (root or group kvm)?")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM refused {what}: {source}")]
+    KvmIoctl {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("the VM needs between {min} and {max} MiB of memory, {0} MiB was asked for", min = MIN_RAM >> 20, max = MAX_RAM >> 20)]
+    BadMemorySize(u64),
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    KernelImage { path: PathBuf, message: String },
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("cannot allocate guest memory: {0}")]
+    Memory(String),
+    #[error("cannot open the console log {path}: {source}")]
+    ConsoleLog {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Device(String),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmIoctl { what, source }
+}
+
+/// What the VM boots.
+#[derive(Clone, Debug)]
+pub enum Payload {
+    /// A Linux kernel (bzImage or ELF vmlinux) with an optional initramfs. The host profile's
+    /// command line is appended to `cmdline`.
+    Linux {
+        kernel: PathBuf,
+        initramfs: Option<PathBuf>,
+        cmdline: String,
+    },
+    /// The fw-guest micro-VM ELF in a role.
+    MicroVm {
+        elf: PathBuf,
+        role: vigil_wire::boot::Role,
+    },
+}
+
+/// Where the serial console goes.
+#[derive(Clone, Debug, Default)]
+pub struct ConsoleConfig {
+    /// Per-VM log file (every byte the guest writes).
+    pub log: Option<PathBuf>,
+    /// Also copy whole lines to stdout, prefixed with the VM's name.
+    pub stdout: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub name: String,
+    pub mem_mib: u64,
+    pub vcpus: u8,
+    pub payload: Payload,
+    pub console: ConsoleConfig,
+}
+
+/// How a VM run ended, with what it cost.
+#[derive(Clone, Debug, Serialize)]
+pub struct VmOutcome {
+    pub name: String,
+    pub stop: StopReason,
+    pub host: String,
+    pub wall_ms: u64,
+    pub stats: VcpuStats,
+}
+
+/// Result of a port write, for the vCPU loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PioAction {
+    Continue,
+    Stop(StopReason),
+}
+
+/// Raises the serial interrupt through an irqfd.
+pub struct EventFdTrigger(EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The serial console's output: a per-VM log file and, optionally, stdout line by line.
+pub struct ConsoleOutput {
+    prefix: String,
+    log: Option<File>,
+    stdout: bool,
+    line: Vec<u8>,
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(log) = self.log.as_mut() {
+            log.write_all(buf)?;
+        }
+        if self.stdout {
+            for &byte in buf {
+                if byte == b'\n' {
+                    let mut out = std::io::stdout().lock();
+                    let _ = out.write_all(self.prefix.as_bytes());
+                    let _ = out.write_all(&self.line);
+                    let _ = out.write_all(b"\n");
+                    let _ = out.flush();
+                    self.line.clear();
+                } else if byte != b'\r' && self.line.len() < 4096 {
+                    self.line.push(byte);
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(log) = self.log.as_mut() {
+            log.flush()?;
+        }
+        Ok(())
+    }
+}
+
+struct MmioSlot {
+    base: u64,
+    size: u64,
+    device: Arc<Mutex<dyn MmioDevice>>,
+}
+
+/// Routes port I/O and MMIO exits to devices. Shared by the VM's vCPUs.
+pub struct Bus {
+    serial: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOutput>>,
+    mmio: Vec<MmioSlot>,
+    /// Whether the exit port ends the VM (micro-VMs only; a Linux tenant has no business there).
+    exit_port: bool,
+}
+
+impl Bus {
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {
+        match port {
+            p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
+                if let (Some(&value), Ok(mut serial)) = (data.first(), self.serial.lock()) {
+                    // A console write error (full disk) must not stop the guest.
+                    let _ = serial.write((p - COM1_BASE) as u8, value);
+                }
+                PioAction::Continue
+            }
+            vigil_wire::boot::EXIT_PORT if self.exit_port => {
+                PioAction::Stop(StopReason::ExitCode(data.first().copied().unwrap_or(0)))
+            }
+            I8042_COMMAND_PORT if data.first() == Some(&I8042_RESET_COMMAND) => {
+                PioAction::Stop(StopReason::Reset)
+            }
+            _ => PioAction::Continue,
+        }
+    }
+
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
+            if let Ok(mut serial) = self.serial.lock() {
+                let value = serial.read((port - COM1_BASE) as u8);
+                data.iter_mut().for_each(|b| *b = value);
+                return;
+            }
+        }
+        // Nothing there: the bus floats high, as on real hardware.
+        data.iter_mut().for_each(|b| *b = 0xff);
+    }
+
+    fn mmio_slot(&self, addr: u64) -> Option<&MmioSlot> {
+        self.mmio
+            .iter()
+            .find(|slot| addr >= slot.base && addr - slot.base < slot.size)
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.mmio_slot(addr) {
+            Some(slot) => match slot.device.lock() {
+                Ok(mut device) => device.mmio_read(addr - slot.base, data),
+                Err(_) => data.fill(0),
+            },
+            None => data.fill(0),
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if let Some(slot) = self.mmio_slot(addr) {
+            if let Ok(mut device) = slot.device.lock() {
+                device.mmio_write(addr - slot.base, data);
+            }
+        }
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    name: String,
+    host: HostKind,
+    // Kept alive for the VM's lifetime: dropping these closes the VM.
+    _kvm: Kvm,
+    fd: Arc<VmFd>,
+    memory: GuestMemoryMmap,
+    bus: Arc<Bus>,
+    vcpus: Vec<Vcpu>,
+}
+
+fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
+    fs::read(path).map_err(|source| VmError::ReadFile {
+        path: path.clone(),
+        source,
+    })
+}
+
+impl Vm {
+    /// Builds a VM: memory, irqchip, devices, payload loaded, vCPUs at the PVH entry.
+    pub fn create(config: &VmConfig, host: HostKind) -> Result<Vm, VmError> {
+        let mem_size = config.mem_mib.checked_mul(1 << 20).unwrap_or(u64::MAX);
+        if !(MIN_RAM..=MAX_RAM).contains(&mem_size) {
+            return Err(VmError::BadMemorySize(config.mem_mib));
+        }
+        if config.vcpus == 0 {
+            return Err(VmError::Device("a VM needs at least one vCPU".into()));
+        }
+        // Read every input before touching KVM, so bad input fails fast and clearly.
+        let (elf, initramfs, cmdline, exit_port) = match &config.payload {
+            Payload::Linux {
+                kernel,
+                initramfs,
+                cmdline,
+            } => {
+                let image = read_file(kernel)?;
+                let elf = boot::kernel_elf(&image).map_err(|e| VmError::KernelImage {
+                    path: kernel.clone(),
+                    message: e.to_string(),
+                })?;
+                let initramfs = initramfs.as_ref().map(read_file).transpose()?;
+                let profile = host.linux_cmdline();
+                let cmdline = if profile.is_empty() {
+                    cmdline.clone()
+                } else {
+                    format!("{cmdline} {profile}")
+                };
+                (elf, initramfs, cmdline, false)
+            }
+            Payload::MicroVm { elf, role } => {
+                (read_file(elf)?, None, format!("role={}", role.name()), true)
+            }
+        };
+
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+        fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+        fd.create_pit2(kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(ioctl("KVM_CREATE_PIT2"))?;
+
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        for (slot, region) in memory.iter().enumerate() {
+            let region_desc = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: memory
+                    .get_host_address(region.start_addr())
+                    .map_err(|e| VmError::Memory(e.to_string()))?
+                    as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is mapped for the lifetime of `memory`, which the Vm owns and
+            // which outlives the VM file descriptor's use of it.
+            unsafe { fd.set_user_memory_region(region_desc) }
+                .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        // Console on COM1, interrupt through an irqfd on GSI 4.
+        let serial_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Device(e.to_string()))?;
+        fd.register_irqfd(&serial_irq, SERIAL_GSI)
+            .map_err(ioctl("KVM_IRQFD (serial)"))?;
+        let log = match &config.console.log {
+            Some(path) => Some(File::create(path).map_err(|source| VmError::ConsoleLog {
+                path: path.clone(),
+                source,
+            })?),
+            None => None,
+        };
+        let console = ConsoleOutput {
+            prefix: format!("[{}] ", config.name),
+            log,
+            stdout: config.console.stdout,
+            line: Vec::new(),
+        };
+        let bus = Arc::new(Bus {
+            serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), console)),
+            mmio: Vec::new(),
+            exit_port,
+        });
+
+        let name = match &config.payload {
+            Payload::Linux { kernel, .. } => kernel.display().to_string(),
+            Payload::MicroVm { elf, .. } => elf.display().to_string(),
+        };
+        let kernel = boot::load_elf(&memory, &name, &elf)?;
+        let modules: Vec<BootModule<'_>> = initramfs
+            .as_deref()
+            .map(|bytes| BootModule { bytes, at: None })
+            .into_iter()
+            .collect();
+        let start_info =
+            boot::write_pvh_start_info(&memory, mem_size, &kernel, &cmdline, &modules, None)?;
+
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+        let fd = Arc::new(fd);
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let vcpu_fd = fd
+                .create_vcpu(u64::from(index))
+                .map_err(ioctl("KVM_CREATE_VCPU"))?;
+            patch_cpuid(&mut cpuid, index, host);
+            vcpu_fd
+                .set_cpuid2(&cpuid)
+                .map_err(ioctl("KVM_SET_CPUID2"))?;
+            if index == 0 {
+                set_pvh_entry_state(&vcpu_fd, kernel.pvh_entry, start_info)?;
+            }
+            vcpus.push(Vcpu::new(index, vcpu_fd, memory.clone(), bus.clone(), host));
+        }
+        Ok(Vm {
+            name: config.name.clone(),
+            host,
+            _kvm: kvm,
+            fd,
+            memory,
+            bus,
+            vcpus,
+        })
+    }
+
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.fd
+    }
+
+    /// Adds an MMIO device at a window (before `run`).
+    pub fn add_mmio_device(
+        &mut self,
+        base: u64,
+        size: u64,
+        device: Arc<Mutex<dyn MmioDevice>>,
+    ) -> Result<(), VmError> {
+        let bus = Arc::get_mut(&mut self.bus)
+            .ok_or_else(|| VmError::Device("devices must be added before the VM runs".into()))?;
+        bus.mmio.push(MmioSlot { base, size, device });
+        Ok(())
+    }
+
+    /// Runs the VM until it stops or `timeout` passes. vCPUs run on their own threads; a vCPU
+    /// that fails stops its VM, never the process.
+    pub fn run(self, timeout: Option<Duration>) -> Result<VmOutcome, VmError> {
+        let started = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let first_reason: Arc<(Mutex<Option<StopReason>>, Condvar)> =
+            Arc::new((Mutex::new(None), Condvar::new()));
+        install_kick_handler();
+        let mut handles = Vec::new();
+        for mut vcpu in self.vcpus {
+            let stop = stop.clone();
+            let first_reason = first_reason.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("{}-vcpu{}", self.name, vcpu.index))
+                .spawn(move || {
+                    let reason = vcpu.run(&stop);
+                    stop.store(true, Ordering::Release);
+                    let (lock, cvar) = &*first_reason;
+                    let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    if slot.is_none() {
+                        *slot = Some(reason);
+                    }
+                    cvar.notify_all();
+                    vcpu.stats
+                })
+                .map_err(VmError::Thread)?;
+            handles.push(handle);
+        }
+        // Wait for the first vCPU to stop (or the timeout), then stop the others.
+        {
+            let (lock, cvar) = &*first_reason;
+            let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
+            while slot.is_none() {
+                match timeout {
+                    Some(limit) => {
+                        let left = limit.saturating_sub(started.elapsed());
+                        if left.is_zero() {
+                            *slot = Some(StopReason::Crashed(format!(
+                                "timed out after {} s",
+                                limit.as_secs()
+                            )));
+                            break;
+                        }
+                        slot = cvar
+                            .wait_timeout(slot, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    None => slot = cvar.wait(slot).unwrap_or_else(|p| p.into_inner()),
+                }
+            }
+        }
+        stop.store(true, Ordering::Release);
+        let mut stats = VcpuStats::default();
+        for handle in handles {
+            // A vCPU blocked in KVM_RUN returns on a signal; repeat until it has noticed `stop`.
+            while !handle.is_finished() {
+                use std::os::unix::thread::JoinHandleExt;
+                // SAFETY: the pthread is alive (not finished, not joined yet).
+                unsafe {
+                    libc::pthread_kill(handle.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN())
+                };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            match handle.join() {
+                Ok(vcpu_stats) => stats.merge(&vcpu_stats),
+                Err(_) => {
+                    let (lock, _) = &*first_reason;
+                    *lock.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(StopReason::Crashed("a vCPU thread panicked".into()));
+                }
+            }
+        }
+        if let Ok(mut serial) = self.bus.serial.lock() {
+            let _ = serial.writer_mut().flush();
+        }
+        let stop_reason = first_reason
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(StopReason::Requested);
+        Ok(VmOutcome {
+            name: self.name,
+            stop: stop_reason,
+            host: self.host.to_string(),
+            wall_ms: started.elapsed().as_millis() as u64,
+            stats,
+        })
+    }
+}
+
+/// The vCPU kick signal only has to interrupt KVM_RUN; its handler does nothing.
+fn install_kick_handler() {
+    extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+    let _ = vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), noop);
+}
+
+/// CPUID for one vCPU: its APIC ID in leaf 1 and 0xB. On an emulating host the KVM paravirt leaves
+/// are removed (no kvmclock: kvm-here.md), since the hypervisor leaf is the part honoured there.
+fn patch_cpuid(cpuid: &mut CpuId, index: u8, host: HostKind) {
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+            }
+            0xb => {
+                entry.edx = u32::from(index);
+            }
+            0x4000_0000..=0x4000_00ff if host == HostKind::Emulating => {
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// PVH entry state (Xen docs/misc/pvh.pandoc): 32-bit protected mode, paging off, flat 4 GiB CS
+/// (execute/read) and DS/ES/SS (read/write), EBX = start info, everything else zero.
+fn set_pvh_entry_state(
+    vcpu: &kvm_ioctls::VcpuFd,
+    entry: u64,
+    start_info: u64,
+) -> Result<(), VmError> {
+    let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x10,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: 1,
+        s: 1,
+        l: 0,
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: 0x18,
+        type_: 0x3,
+        ..code
+    };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = 0x1 | 0x10; // PE | ET
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rip: entry,
+        rbx: start_info,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
+    Ok(())
+}
