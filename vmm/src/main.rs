@@ -47,6 +47,9 @@ enum Command {
         /// Stop the VM after this many seconds.
         #[arg(long)]
         timeout: Option<u64>,
+        /// Time the first console line containing this text (repeatable); reported in vm_stopped.
+        #[arg(long)]
+        marker: Vec<String>,
     },
     /// Boot a Linux tenant (bzImage or vmlinux, unmodified) by direct kernel boot.
     RunTenant {
@@ -65,6 +68,9 @@ enum Command {
         console_log: Option<PathBuf>,
         #[arg(long)]
         timeout: Option<u64>,
+        /// Time the first console line containing this text (repeatable); reported in vm_stopped.
+        #[arg(long)]
+        marker: Vec<String>,
     },
 }
 
@@ -89,6 +95,7 @@ fn main() -> ExitCode {
             mem,
             console_log,
             timeout,
+            marker,
         } => (
             VmConfig {
                 name: "fw".into(),
@@ -104,6 +111,7 @@ fn main() -> ExitCode {
                 console: ConsoleConfig {
                     log: console_log,
                     stdout: true,
+                    markers: marker.clone(),
                 },
             },
             timeout,
@@ -116,6 +124,7 @@ fn main() -> ExitCode {
             vcpus,
             console_log,
             timeout,
+            marker,
         } => (
             VmConfig {
                 name: "tenant".into(),
@@ -129,6 +138,7 @@ fn main() -> ExitCode {
                 console: ConsoleConfig {
                     log: console_log,
                     stdout: true,
+                    markers: marker.clone(),
                 },
             },
             timeout,

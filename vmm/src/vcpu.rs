@@ -131,6 +131,8 @@ pub struct Vcpu {
     state: VcpuState,
     syscall_fix: SyscallFix,
     pub stats: VcpuStats,
+    /// `VIGIL_TRACE_EXITS=1`: log every completion and debug exit to stderr.
+    trace: bool,
 }
 
 impl Vcpu {
@@ -150,6 +152,7 @@ impl Vcpu {
             state: VcpuState::Running,
             syscall_fix: SyscallFix::default(),
             stats: VcpuStats::default(),
+            trace: std::env::var_os("VIGIL_TRACE_EXITS").is_some(),
         }
     }
 
@@ -254,8 +257,16 @@ impl Vcpu {
             Err(e) => return Action::Stop(StopReason::Crashed(e)),
         };
         let view = GuestView::new(&self.memory, &sregs);
+        let rip = regs.rip;
         match emulation::complete(&view, &mut regs, &sregs) {
             Ok(completion) => {
+                if self.trace {
+                    eprintln!(
+                        "vigil: vcpu{} completed {} at {rip:#x}",
+                        self.index,
+                        completion.name()
+                    );
+                }
                 *self
                     .stats
                     .emulation_completions
@@ -369,6 +380,12 @@ impl Vcpu {
 
     fn on_debug(&mut self, pc: u64, dr6: u64) -> Action {
         self.stats.debug_exits += 1;
+        if self.trace {
+            eprintln!(
+                "vigil: vcpu{} debug exit at {pc:#x} dr6={dr6:#x}",
+                self.index
+            );
+        }
         if self.state == VcpuState::SteppingOver || (dr6 & DR6_BS != 0 && dr6 & DR6_B0 == 0) {
             // The instruction under our breakpoint ran: put the breakpoint back.
             self.state = VcpuState::Running;

@@ -1,6 +1,7 @@
 //! A VM: guest memory, the in-kernel interrupt controllers, the device bus, vCPU threads, and the
 //! boot of its payload (a Linux kernel or the fw-guest micro-VM).
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::PathBuf;
@@ -95,6 +96,9 @@ pub struct ConsoleConfig {
     pub log: Option<PathBuf>,
     /// Also copy whole lines to stdout, prefixed with the VM's name.
     pub stdout: bool,
+    /// Console strings whose first appearance is timed (ms since the VM was created) and
+    /// reported in the outcome: boot milestones for benchmarks.
+    pub markers: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -112,7 +116,13 @@ pub struct VmOutcome {
     pub name: String,
     pub stop: StopReason,
     pub host: String,
+    /// From the start of `Vm::create` to the stop.
     pub wall_ms: u64,
+    /// First appearance of each console marker, ms since the start of `Vm::create`.
+    pub markers: BTreeMap<String, u64>,
+    /// Resident memory of the whole VMM process when the VM stopped (guest pages it touched
+    /// included), KiB.
+    pub vmm_rss_kib: u64,
     pub stats: VcpuStats,
 }
 
@@ -139,6 +149,30 @@ pub struct ConsoleOutput {
     log: Option<File>,
     stdout: bool,
     line: Vec<u8>,
+    created: Instant,
+    markers: Vec<(String, Option<u64>)>,
+}
+
+impl ConsoleOutput {
+    fn end_of_line(&mut self) {
+        if self.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(self.prefix.as_bytes());
+            let _ = out.write_all(&self.line);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+        }
+        if self.markers.iter().any(|(_, seen)| seen.is_none()) {
+            let text = String::from_utf8_lossy(&self.line);
+            let now = self.created.elapsed().as_millis() as u64;
+            for (marker, seen) in self.markers.iter_mut() {
+                if seen.is_none() && text.contains(marker.as_str()) {
+                    *seen = Some(now);
+                }
+            }
+        }
+        self.line.clear();
+    }
 }
 
 impl Write for ConsoleOutput {
@@ -146,15 +180,10 @@ impl Write for ConsoleOutput {
         if let Some(log) = self.log.as_mut() {
             log.write_all(buf)?;
         }
-        if self.stdout {
+        if self.stdout || !self.markers.is_empty() {
             for &byte in buf {
                 if byte == b'\n' {
-                    let mut out = std::io::stdout().lock();
-                    let _ = out.write_all(self.prefix.as_bytes());
-                    let _ = out.write_all(&self.line);
-                    let _ = out.write_all(b"\n");
-                    let _ = out.flush();
-                    self.line.clear();
+                    self.end_of_line();
                 } else if byte != b'\r' && self.line.len() < 4096 {
                     self.line.push(byte);
                 }
@@ -252,6 +281,7 @@ pub struct Vm {
     memory: GuestMemoryMmap,
     bus: Arc<Bus>,
     vcpus: Vec<Vcpu>,
+    created: Instant,
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -264,7 +294,8 @@ fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
 impl Vm {
     /// Builds a VM: memory, irqchip, devices, payload loaded, vCPUs at the PVH entry.
     pub fn create(config: &VmConfig, host: HostKind) -> Result<Vm, VmError> {
-        let mem_size = config.mem_mib.checked_mul(1 << 20).unwrap_or(u64::MAX);
+        let created = Instant::now();
+        let mem_size = config.mem_mib.saturating_mul(1 << 20);
         if !(MIN_RAM..=MAX_RAM).contains(&mem_size) {
             return Err(VmError::BadMemorySize(config.mem_mib));
         }
@@ -344,6 +375,13 @@ impl Vm {
             log,
             stdout: config.console.stdout,
             line: Vec::new(),
+            created,
+            markers: config
+                .console
+                .markers
+                .iter()
+                .map(|m| (m.clone(), None))
+                .collect(),
         };
         let bus = Arc::new(Bus {
             serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), console)),
@@ -390,6 +428,7 @@ impl Vm {
             memory,
             bus,
             vcpus,
+            created,
         })
     }
 
@@ -417,7 +456,7 @@ impl Vm {
     /// Runs the VM until it stops or `timeout` passes. vCPUs run on their own threads; a vCPU
     /// that fails stops its VM, never the process.
     pub fn run(self, timeout: Option<Duration>) -> Result<VmOutcome, VmError> {
-        let started = Instant::now();
+        let started = self.created;
         let stop = Arc::new(AtomicBool::new(false));
         let first_reason: Arc<(Mutex<Option<StopReason>>, Condvar)> =
             Arc::new((Mutex::new(None), Condvar::new()));
@@ -487,8 +526,15 @@ impl Vm {
                 }
             }
         }
+        let mut markers = BTreeMap::new();
         if let Ok(mut serial) = self.bus.serial.lock() {
-            let _ = serial.writer_mut().flush();
+            let console = serial.writer_mut();
+            let _ = console.flush();
+            for (marker, seen) in &console.markers {
+                if let Some(ms) = seen {
+                    markers.insert(marker.clone(), *ms);
+                }
+            }
         }
         let stop_reason = first_reason
             .0
@@ -501,9 +547,25 @@ impl Vm {
             stop: stop_reason,
             host: self.host.to_string(),
             wall_ms: started.elapsed().as_millis() as u64,
+            markers,
+            vmm_rss_kib: resident_kib(),
             stats,
         })
     }
+}
+
+/// VmRSS of this process from /proc/self/status, KiB (0 if unreadable).
+fn resident_kib() -> u64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 /// The vCPU kick signal only has to interrupt KVM_RUN; its handler does nothing.

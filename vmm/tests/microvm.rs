@@ -1,0 +1,117 @@
+//! Boots the real fw-guest ELF (built by `scripts/build-fw-guest`) in the real VMM on /dev/kvm and
+//! checks its ring-3 banner; feeds the CLI bad input and checks it fails clearly.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn fw_guest_elf() -> PathBuf {
+    let path = std::env::var_os("VIGIL_FW_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/x86_64-unknown-none/release/fw-guest"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-fw-guest first",
+        path.display()
+    );
+    path
+}
+
+fn vigil(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(args)
+        .output()
+        .expect("run vigil")
+}
+
+fn stopped_event(stdout: &str) -> serde_json::Value {
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("\"vm_stopped\""))
+        .unwrap_or_else(|| panic!("no vm_stopped event in:\n{stdout}"));
+    serde_json::from_str(line).expect("vm_stopped is JSON")
+}
+
+fn boot(role: &str) -> (String, serde_json::Value) {
+    let elf = fw_guest_elf();
+    let out = vigil(&[
+        "run-microvm",
+        "--elf",
+        elf.to_str().unwrap(),
+        "--role",
+        role,
+        "--timeout",
+        "60",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "vigil failed: {stderr}\n{stdout}");
+    let event = stopped_event(&stdout);
+    (stdout, event)
+}
+
+#[test]
+fn microvm_boots_to_ring3_banner_and_exits_through_the_exit_port() {
+    let (stdout, event) = boot("switch");
+    let banner = stdout
+        .lines()
+        .find(|l| l.contains("vigil fw-guest:"))
+        .unwrap_or_else(|| panic!("no banner in:\n{stdout}"));
+    assert!(banner.contains("role=switch"), "{banner}");
+    assert!(
+        banner.contains("cpl=3"),
+        "the banner must come from ring 3: {banner}"
+    );
+    assert_eq!(event["outcome"]["stop"]["reason"], "exit_code");
+    assert_eq!(event["outcome"]["stop"]["detail"], 0);
+}
+
+#[test]
+fn microvm_role_comes_from_the_vmm() {
+    let (stdout, _) = boot("edge");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.contains("vigil fw-guest:") && l.contains("role=edge")),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn missing_elf_is_a_clear_error() {
+    let out = vigil(&["run-microvm", "--elf", "/nonexistent/fw-guest"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read /nonexistent/fw-guest"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn corrupt_elf_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("vigil-corrupt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("garbage.elf");
+    // An ELF magic followed by garbage: past the first check, wrong everywhere else.
+    let mut bytes = b"\x7fELF".to_vec();
+    bytes.extend((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
+    std::fs::write(&bad, &bytes).unwrap();
+    let out = vigil(&["run-microvm", "--elf", bad.to_str().unwrap()]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("is not a loadable ELF kernel"), "{stderr}");
+}
+
+#[test]
+fn too_little_memory_is_a_clear_error() {
+    let elf = fw_guest_elf();
+    let out = vigil(&["run-microvm", "--elf", elf.to_str().unwrap(), "--mem", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("MiB of memory"), "{stderr}");
+}
