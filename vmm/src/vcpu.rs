@@ -133,6 +133,8 @@ pub struct Vcpu {
     pub stats: VcpuStats,
     /// `VIGIL_TRACE_EXITS=1`: log every completion and debug exit to stderr.
     trace: bool,
+    /// `VIGIL_NO_SYSCALL_FIX=1`: leave the syscall fix off (to measure what it costs).
+    no_syscall_fix: bool,
 }
 
 impl Vcpu {
@@ -153,6 +155,7 @@ impl Vcpu {
             syscall_fix: SyscallFix::default(),
             stats: VcpuStats::default(),
             trace: std::env::var_os("VIGIL_TRACE_EXITS").is_some(),
+            no_syscall_fix: std::env::var_os("VIGIL_NO_SYSCALL_FIX").is_some(),
         }
     }
 
@@ -318,7 +321,7 @@ impl Vcpu {
     /// loads a different IDT. Port I/O exits (the console, timers) are frequent enough during boot
     /// that the breakpoint is in place long before the first user process.
     fn maybe_arm_syscall_fix(&mut self) {
-        if self.host != HostKind::Emulating {
+        if self.host != HostKind::Emulating || self.no_syscall_fix {
             return;
         }
         let Ok(sregs) = self.fd.get_sregs() else {

@@ -303,7 +303,7 @@ impl Vm {
             return Err(VmError::Device("a VM needs at least one vCPU".into()));
         }
         // Read every input before touching KVM, so bad input fails fast and clearly.
-        let (elf, initramfs, cmdline, exit_port) = match &config.payload {
+        let (elf, initramfs, mut cmdline, exit_port) = match &config.payload {
             Payload::Linux {
                 kernel,
                 initramfs,
@@ -399,8 +399,6 @@ impl Vm {
             .map(|bytes| BootModule { bytes, at: None })
             .into_iter()
             .collect();
-        let start_info =
-            boot::write_pvh_start_info(&memory, mem_size, &kernel, &cmdline, &modules, None)?;
 
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -416,6 +414,17 @@ impl Vm {
                 .set_cpuid2(&cpuid)
                 .map_err(ioctl("KVM_SET_CPUID2"))?;
             if index == 0 {
+                // The guest cannot calibrate its TSC against the PIT when its ring 0 is emulated
+                // (the calibration loop is thousands of times slower than the PIT it counts):
+                // tell it the frequency KVM runs its TSC at.
+                if host == HostKind::Emulating && matches!(config.payload, Payload::Linux { .. }) {
+                    if let Ok(khz) = vcpu_fd.get_tsc_khz() {
+                        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+                    }
+                }
+                let start_info = boot::write_pvh_start_info(
+                    &memory, mem_size, &kernel, &cmdline, &modules, None,
+                )?;
                 set_pvh_entry_state(&vcpu_fd, kernel.pvh_entry, start_info)?;
             }
             vcpus.push(Vcpu::new(index, vcpu_fd, memory.clone(), bus.clone(), host));
