@@ -12,5 +12,6 @@ pub mod devices;
 pub mod emulation;
 pub mod host;
 pub mod layout;
+pub mod mptable;
 pub mod vcpu;
 pub mod vm;

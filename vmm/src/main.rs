@@ -60,7 +60,7 @@ enum Command {
         /// Kernel command line; the host profile's arguments are appended.
         #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
         cmdline: String,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 128)]
         mem: u64,
         #[arg(long, default_value_t = 1)]
         vcpus: u8,

@@ -394,6 +394,7 @@ impl Vm {
             Payload::MicroVm { elf, .. } => elf.display().to_string(),
         };
         let kernel = boot::load_elf(&memory, &name, &elf)?;
+        crate::mptable::write(&memory, config.vcpus).map_err(|e| VmError::Device(e.to_string()))?;
         let modules: Vec<BootModule<'_>> = initramfs
             .as_deref()
             .map(|bytes| BootModule { bytes, at: None })
