@@ -12,6 +12,5 @@ pub mod devices;
 pub mod emulation;
 pub mod host;
 pub mod layout;
-pub mod mptable;
 pub mod vcpu;
 pub mod vm;

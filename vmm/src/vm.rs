@@ -227,6 +227,13 @@ impl Bus {
             vigil_wire::boot::EXIT_PORT if self.exit_port => {
                 PioAction::Stop(StopReason::ExitCode(data.first().copied().unwrap_or(0)))
             }
+            crate::acpi::SLEEP_CONTROL_PORT
+                if data
+                    .first()
+                    .is_some_and(|v| v & crate::acpi::SLEEP_ENABLE != 0) =>
+            {
+                PioAction::Stop(StopReason::Poweroff)
+            }
             I8042_COMMAND_PORT if data.first() == Some(&I8042_RESET_COMMAND) => {
                 PioAction::Stop(StopReason::Reset)
             }
@@ -394,7 +401,6 @@ impl Vm {
             Payload::MicroVm { elf, .. } => elf.display().to_string(),
         };
         let kernel = boot::load_elf(&memory, &name, &elf)?;
-        crate::mptable::write(&memory, config.vcpus).map_err(|e| VmError::Device(e.to_string()))?;
         let modules: Vec<BootModule<'_>> = initramfs
             .as_deref()
             .map(|bytes| BootModule { bytes, at: None })
@@ -423,8 +429,18 @@ impl Vm {
                         cmdline.push_str(&format!(" tsc_early_khz={khz}"));
                     }
                 }
+                // Linux learns its interrupt controllers and devices from ACPI; the micro-VM
+                // needs neither (it polls).
+                let rsdp = match config.payload {
+                    Payload::Linux { .. } => Some(
+                        crate::acpi::write_acpi_tables(&memory, config.vcpus, &[])
+                            .map_err(|e| VmError::Device(e.to_string()))?
+                            .0,
+                    ),
+                    Payload::MicroVm { .. } => None,
+                };
                 let start_info = boot::write_pvh_start_info(
-                    &memory, mem_size, &kernel, &cmdline, &modules, None,
+                    &memory, mem_size, &kernel, &cmdline, &modules, rsdp,
                 )?;
                 set_pvh_entry_state(&vcpu_fd, kernel.pvh_entry, start_info)?;
             }
