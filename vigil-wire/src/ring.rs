@@ -1,1 +1,643 @@
-//! Shared-memory single-producer/single-consumer verdict ring.
+//! Shared-memory single-producer/single-consumer verdict ring, and the counters block the
+//! micro-VM writes back.
+//!
+//! The VMM (producer) maps the ring at a reserved guest-physical region and pushes verdict records;
+//! the micro-VM (consumer) polls it: no exits on the fast path. Each side treats the other as
+//! hostile: everything read from the shared region (header, the other side's index) is validated,
+//! and a violation is a typed error, never undefined behaviour.
+//!
+//! The region is accessed only through `AtomicU64` words. That makes every access race-free in the
+//! Rust memory model even if the other side writes concurrently where it must not (a hostile or
+//! buggy peer can garble a record, not cause UB); records are copied word by word into private
+//! memory before they are parsed.
+//!
+//! Ring layout (Vigil's ABI, [`RING_VERSION`]; byte offsets, little endian):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic [`RING_MAGIC`] |
+//! | 8 | 4 | layout version |
+//! | 12 | 4 | slot size in bytes ([`SLOT_BYTES`]) |
+//! | 16 | 8 | capacity in slots (power of two, at most [`MAX_CAPACITY`]) |
+//! | 64 | 8 | producer index (free running count of records pushed), own cache line |
+//! | 128 | 8 | consumer index (free running count of records popped), own cache line |
+//! | 192 | capacity × 64 | slots; record `i` lives in slot `i mod capacity` |
+//!
+//! Ordering: the producer writes a slot, then stores the producer index with Release; the consumer
+//! loads it with Acquire before reading the slot. The consumer stores its index with Release after
+//! copying the slot out; the producer loads it with Acquire before overwriting a slot.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::verdict::RECORD_LEN;
+
+/// "VGLRING1", little endian.
+pub const RING_MAGIC: u64 = u64::from_le_bytes(*b"VGLRING1");
+/// Version of the ring layout (and of the verdict record it carries).
+pub const RING_VERSION: u32 = 1;
+/// Size of one slot: one verdict record, one cache line.
+pub const SLOT_BYTES: usize = RECORD_LEN;
+/// Largest capacity a consumer accepts (bounds the region it will touch: 64 MiB of slots).
+pub const MAX_CAPACITY: u64 = 1 << 20;
+
+const WORD: usize = 8;
+const SLOT_WORDS: usize = SLOT_BYTES / WORD;
+const W_MAGIC: usize = 0;
+const W_VERSION_SLOT: usize = 1;
+const W_CAPACITY: usize = 2;
+const W_PRODUCER: usize = 64 / WORD;
+const W_CONSUMER: usize = 128 / WORD;
+const W_SLOTS: usize = 192 / WORD;
+/// Bytes before the first slot.
+pub const RING_HEADER_BYTES: usize = W_SLOTS * WORD;
+
+/// Bytes a ring of `capacity` slots needs.
+pub const fn ring_bytes(capacity: u64) -> usize {
+    RING_HEADER_BYTES + capacity as usize * SLOT_BYTES
+}
+
+/// Errors of the ring and counters block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingError {
+    /// The region is not 8-byte aligned.
+    Misaligned,
+    /// The region is shorter than its header claims (or than the header itself).
+    RegionTooSmall {
+        have: usize,
+        need: usize,
+    },
+    BadMagic(u64),
+    BadVersion(u32),
+    BadSlotSize(u32),
+    /// Capacity zero, not a power of two, or above [`MAX_CAPACITY`].
+    BadCapacity(u64),
+    /// The ring is full (producer side; retry after the consumer catches up).
+    Full,
+    /// The other side's index is outside the window the protocol allows: producer ahead of the
+    /// consumer by more than the capacity, or behind it.
+    IndexCorrupt {
+        producer: u64,
+        consumer: u64,
+    },
+}
+
+impl core::fmt::Display for RingError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match *self {
+            RingError::Misaligned => write!(f, "shared region is not 8-byte aligned"),
+            RingError::RegionTooSmall { have, need } => {
+                write!(f, "shared region has {have} bytes, needs {need}")
+            }
+            RingError::BadMagic(m) => write!(f, "bad magic 0x{m:016x}"),
+            RingError::BadVersion(v) => write!(f, "unsupported layout version {v}"),
+            RingError::BadSlotSize(s) => write!(f, "unsupported slot size {s}"),
+            RingError::BadCapacity(c) => write!(f, "bad ring capacity {c}"),
+            RingError::Full => write!(f, "ring full"),
+            RingError::IndexCorrupt { producer, consumer } => {
+                write!(
+                    f,
+                    "ring indices corrupt: producer {producer}, consumer {consumer}"
+                )
+            }
+        }
+    }
+}
+
+/// View a raw shared mapping as atomic words.
+///
+/// # Safety
+/// `ptr` must be valid for reads and writes of `len` bytes for `'a`, and that memory may only be
+/// accessed atomically (or by another process/VM) while the returned slice lives.
+pub unsafe fn region_from_raw<'a>(ptr: *mut u8, len: usize) -> Result<&'a [AtomicU64], RingError> {
+    if !(ptr as usize).is_multiple_of(core::mem::align_of::<AtomicU64>()) {
+        return Err(RingError::Misaligned);
+    }
+    // SAFETY: alignment checked above; validity and exclusivity are the caller's contract.
+    Ok(unsafe { core::slice::from_raw_parts(ptr as *const AtomicU64, len / WORD) })
+}
+
+fn validate_capacity(capacity: u64) -> Result<(), RingError> {
+    if capacity == 0 || !capacity.is_power_of_two() || capacity > MAX_CAPACITY {
+        Err(RingError::BadCapacity(capacity))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_size(region: &[AtomicU64], need: usize) -> Result<(), RingError> {
+    let have = region.len() * WORD;
+    if have < need {
+        Err(RingError::RegionTooSmall { have, need })
+    } else {
+        Ok(())
+    }
+}
+
+/// Format a ring in `region` (producer side, before the consumer attaches). The magic is stored
+/// last, with Release, so a consumer that sees it sees a complete header.
+pub fn format(region: &[AtomicU64], capacity: u64) -> Result<(), RingError> {
+    validate_capacity(capacity)?;
+    check_size(region, ring_bytes(capacity))?;
+    region[W_MAGIC].store(0, Ordering::Relaxed);
+    for w in &region[1..W_SLOTS] {
+        w.store(0, Ordering::Relaxed);
+    }
+    region[W_VERSION_SLOT].store(
+        u64::from(RING_VERSION) | ((SLOT_BYTES as u64) << 32),
+        Ordering::Relaxed,
+    );
+    region[W_CAPACITY].store(capacity, Ordering::Relaxed);
+    region[W_MAGIC].store(RING_MAGIC, Ordering::Release);
+    Ok(())
+}
+
+/// Validate the header; returns the capacity.
+fn attach(region: &[AtomicU64]) -> Result<u64, RingError> {
+    check_size(region, RING_HEADER_BYTES)?;
+    let magic = region[W_MAGIC].load(Ordering::Acquire);
+    if magic != RING_MAGIC {
+        return Err(RingError::BadMagic(magic));
+    }
+    let vs = region[W_VERSION_SLOT].load(Ordering::Relaxed);
+    let version = vs as u32;
+    if version != RING_VERSION {
+        return Err(RingError::BadVersion(version));
+    }
+    let slot = (vs >> 32) as u32;
+    if slot as usize != SLOT_BYTES {
+        return Err(RingError::BadSlotSize(slot));
+    }
+    let capacity = region[W_CAPACITY].load(Ordering::Relaxed);
+    validate_capacity(capacity)?;
+    check_size(region, ring_bytes(capacity))?;
+    Ok(capacity)
+}
+
+/// The producer end (the VMM). Keeps its own copy of the producer index: the shared copy is only
+/// ever written, never trusted.
+pub struct Producer<'a> {
+    region: &'a [AtomicU64],
+    capacity: u64,
+    tail: u64,
+}
+
+impl<'a> Producer<'a> {
+    /// Attach to a formatted ring, resuming at the producer index found there.
+    pub fn attach(region: &'a [AtomicU64]) -> Result<Producer<'a>, RingError> {
+        let capacity = attach(region)?;
+        let tail = region[W_PRODUCER].load(Ordering::Relaxed);
+        Ok(Producer {
+            region,
+            capacity,
+            tail,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Push one record. `Err(Full)` when the consumer has not freed a slot yet.
+    pub fn push(&mut self, record: &[u8; SLOT_BYTES]) -> Result<(), RingError> {
+        let consumer = self.region[W_CONSUMER].load(Ordering::Acquire);
+        let used = self.tail.wrapping_sub(consumer);
+        if used > self.capacity {
+            return Err(RingError::IndexCorrupt {
+                producer: self.tail,
+                consumer,
+            });
+        }
+        if used == self.capacity {
+            return Err(RingError::Full);
+        }
+        let base = W_SLOTS + (self.tail & (self.capacity - 1)) as usize * SLOT_WORDS;
+        for (i, chunk) in record.chunks_exact(WORD).enumerate() {
+            let mut w = [0u8; WORD];
+            w.copy_from_slice(chunk);
+            self.region[base + i].store(u64::from_le_bytes(w), Ordering::Relaxed);
+        }
+        self.tail = self.tail.wrapping_add(1);
+        self.region[W_PRODUCER].store(self.tail, Ordering::Release);
+        Ok(())
+    }
+
+    /// Records pushed but not yet consumed, as far as the consumer has published.
+    pub fn in_flight(&self) -> u64 {
+        let consumer = self.region[W_CONSUMER].load(Ordering::Acquire);
+        self.tail.wrapping_sub(consumer).min(self.capacity)
+    }
+}
+
+/// The consumer end (the micro-VM). Keeps its own copy of the consumer index.
+pub struct Consumer<'a> {
+    region: &'a [AtomicU64],
+    capacity: u64,
+    head: u64,
+}
+
+impl<'a> Consumer<'a> {
+    /// Attach to a formatted ring, resuming at the consumer index found there.
+    pub fn attach(region: &'a [AtomicU64]) -> Result<Consumer<'a>, RingError> {
+        let capacity = attach(region)?;
+        let head = region[W_CONSUMER].load(Ordering::Relaxed);
+        Ok(Consumer {
+            region,
+            capacity,
+            head,
+        })
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    /// Number of records ready, after validating the producer index.
+    pub fn available(&self) -> Result<u64, RingError> {
+        let producer = self.region[W_PRODUCER].load(Ordering::Acquire);
+        let avail = producer.wrapping_sub(self.head);
+        if avail > self.capacity {
+            return Err(RingError::IndexCorrupt {
+                producer,
+                consumer: self.head,
+            });
+        }
+        Ok(avail)
+    }
+
+    /// Copy the next record into `out`. `Ok(false)` when the ring is empty.
+    pub fn pop(&mut self, out: &mut [u8; SLOT_BYTES]) -> Result<bool, RingError> {
+        if self.available()? == 0 {
+            return Ok(false);
+        }
+        let base = W_SLOTS + (self.head & (self.capacity - 1)) as usize * SLOT_WORDS;
+        for (i, chunk) in out.chunks_exact_mut(WORD).enumerate() {
+            chunk.copy_from_slice(&self.region[base + i].load(Ordering::Relaxed).to_le_bytes());
+        }
+        self.head = self.head.wrapping_add(1);
+        self.region[W_CONSUMER].store(self.head, Ordering::Release);
+        Ok(true)
+    }
+}
+
+/// Why the filter dropped a frame. The discriminant is the counter index in the counters block
+/// (Vigil's ABI: append only, never renumber).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// A header is truncated or inconsistent (lengths, version, header length).
+    Malformed = 0,
+    /// EtherType neither IPv4, IPv6, ARP nor one 802.1Q tag around them.
+    NonIp = 1,
+    /// No verdict opens this new flow.
+    NoVerdict = 2,
+    /// A verdict matched but the conntrack table had no room.
+    TableFull = 3,
+    /// A TCP segment the tracked state does not allow (mid-stream pick-up, SYN in an established
+    /// flow, data after close).
+    InvalidTcpState = 4,
+    /// IPv4 fragment (the filter does not reassemble; first and later fragments both dropped).
+    Fragment = 5,
+    /// An IP protocol or IPv6 next header other than TCP, UDP, ICMP (incl. extension headers).
+    UnsupportedProtocol = 6,
+    /// Stacked VLAN tags (802.1ad / QinQ).
+    VlanStacked = 7,
+    /// An ICMP type that is neither echo, an error about a tracked flow, nor neighbour discovery.
+    IcmpUnsupported = 8,
+    /// The flow's verdict was removed (or its tenant flushed); the flow is closed.
+    Revoked = 9,
+}
+
+impl DropReason {
+    /// Number of reasons (size of the per-reason counter array).
+    pub const COUNT: usize = 10;
+    pub const ALL: [DropReason; DropReason::COUNT] = [
+        DropReason::Malformed,
+        DropReason::NonIp,
+        DropReason::NoVerdict,
+        DropReason::TableFull,
+        DropReason::InvalidTcpState,
+        DropReason::Fragment,
+        DropReason::UnsupportedProtocol,
+        DropReason::VlanStacked,
+        DropReason::IcmpUnsupported,
+        DropReason::Revoked,
+    ];
+
+    /// Stable name for logs and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::NonIp => "non_ip",
+            DropReason::NoVerdict => "no_verdict",
+            DropReason::TableFull => "table_full",
+            DropReason::InvalidTcpState => "invalid_tcp_state",
+            DropReason::Fragment => "fragment",
+            DropReason::UnsupportedProtocol => "unsupported_protocol",
+            DropReason::VlanStacked => "vlan_stacked",
+            DropReason::IcmpUnsupported => "icmp_unsupported",
+            DropReason::Revoked => "revoked",
+        }
+    }
+}
+
+/// "VGLCNTR1", little endian.
+pub const COUNTERS_MAGIC: u64 = u64::from_le_bytes(*b"VGLCNTR1");
+pub const COUNTERS_VERSION: u32 = 1;
+/// Room reserved for per-reason counters (reasons are appended up to this many).
+pub const MAX_REASONS: usize = 32;
+/// Most ports a counters block describes.
+pub const MAX_PORTS: usize = 256;
+/// Global counters other than drops, in this order at word [`W_GLOBAL`].
+pub const GLOBAL_FORWARDED: usize = 0;
+pub const GLOBAL_ARP: usize = 1;
+pub const GLOBAL_VERDICTS_APPLIED: usize = 2;
+pub const GLOBAL_VERDICTS_REJECTED: usize = 3;
+pub const GLOBAL_FLOWS_ACTIVE: usize = 4;
+pub const GLOBAL_FLOWS_CREATED: usize = 5;
+pub const GLOBAL_COUNT: usize = 8;
+/// Per-port counters, in this order.
+pub const PORT_RX_FRAMES: usize = 0;
+pub const PORT_RX_BYTES: usize = 1;
+pub const PORT_FORWARDED: usize = 2;
+pub const PORT_DROPPED: usize = 3;
+pub const PORT_WORDS: usize = 4;
+
+// Counters block layout in words: 0 magic, 1 version | n_ports << 32, 2..8 reserved,
+// 8.. global counters, 16.. drop counters per reason (MAX_REASONS), then PORT_WORDS per port.
+const W_GLOBAL: usize = 8;
+const W_DROPS: usize = W_GLOBAL + GLOBAL_COUNT;
+const W_PORTS: usize = W_DROPS + MAX_REASONS;
+const _: () = assert!(DropReason::COUNT <= MAX_REASONS);
+
+/// Bytes a counters block for `ports` ports needs.
+pub const fn counters_bytes(ports: usize) -> usize {
+    (W_PORTS + ports * PORT_WORDS) * WORD
+}
+
+/// The writer (micro-VM) end of the counters block. Counters are monotonic, single-writer; each
+/// word is published with a Relaxed store (a reader wants fresh values, not a consistent snapshot).
+pub struct CountersWriter<'a> {
+    region: &'a [AtomicU64],
+    ports: usize,
+}
+
+impl<'a> CountersWriter<'a> {
+    /// Format the block (zeroed counters) and return the writer.
+    pub fn format(region: &'a [AtomicU64], ports: usize) -> Result<CountersWriter<'a>, RingError> {
+        if ports > MAX_PORTS {
+            return Err(RingError::RegionTooSmall {
+                have: MAX_PORTS,
+                need: ports,
+            });
+        }
+        check_size(region, counters_bytes(ports))?;
+        region[0].store(0, Ordering::Relaxed);
+        for w in &region[1..counters_bytes(ports) / WORD] {
+            w.store(0, Ordering::Relaxed);
+        }
+        region[1].store(
+            u64::from(COUNTERS_VERSION) | ((ports as u64) << 32),
+            Ordering::Relaxed,
+        );
+        region[0].store(COUNTERS_MAGIC, Ordering::Release);
+        Ok(CountersWriter { region, ports })
+    }
+
+    pub fn set_global(&self, which: usize, value: u64) {
+        if which < GLOBAL_COUNT {
+            self.region[W_GLOBAL + which].store(value, Ordering::Relaxed);
+        }
+    }
+
+    pub fn set_drop(&self, reason: DropReason, value: u64) {
+        self.region[W_DROPS + reason as usize].store(value, Ordering::Relaxed);
+    }
+
+    /// `which` is one of the `PORT_*` indices; out-of-range ports are ignored.
+    pub fn set_port(&self, port: usize, which: usize, value: u64) {
+        if port < self.ports && which < PORT_WORDS {
+            self.region[W_PORTS + port * PORT_WORDS + which].store(value, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The reader (VMM) end of the counters block.
+pub struct CountersReader<'a> {
+    region: &'a [AtomicU64],
+    ports: usize,
+}
+
+impl<'a> CountersReader<'a> {
+    pub fn attach(region: &'a [AtomicU64]) -> Result<CountersReader<'a>, RingError> {
+        check_size(region, counters_bytes(0))?;
+        let magic = region[0].load(Ordering::Acquire);
+        if magic != COUNTERS_MAGIC {
+            return Err(RingError::BadMagic(magic));
+        }
+        let vp = region[1].load(Ordering::Relaxed);
+        if vp as u32 != COUNTERS_VERSION {
+            return Err(RingError::BadVersion(vp as u32));
+        }
+        let ports = (vp >> 32) as usize;
+        if ports > MAX_PORTS {
+            return Err(RingError::RegionTooSmall {
+                have: MAX_PORTS,
+                need: ports,
+            });
+        }
+        check_size(region, counters_bytes(ports))?;
+        Ok(CountersReader { region, ports })
+    }
+
+    pub fn ports(&self) -> usize {
+        self.ports
+    }
+
+    pub fn global(&self, which: usize) -> Option<u64> {
+        (which < GLOBAL_COUNT).then(|| self.region[W_GLOBAL + which].load(Ordering::Relaxed))
+    }
+
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.region[W_DROPS + reason as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn port(&self, port: usize, which: usize) -> Option<u64> {
+        (port < self.ports && which < PORT_WORDS)
+            .then(|| self.region[W_PORTS + port * PORT_WORDS + which].load(Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec::Vec;
+
+    fn region(bytes: usize) -> Vec<AtomicU64> {
+        (0..bytes.div_ceil(WORD))
+            .map(|_| AtomicU64::new(0))
+            .collect()
+    }
+
+    fn record(n: u64) -> [u8; SLOT_BYTES] {
+        let mut r = [0u8; SLOT_BYTES];
+        for (i, chunk) in r.chunks_exact_mut(8).enumerate() {
+            chunk.copy_from_slice(&(n.wrapping_mul(31).wrapping_add(i as u64)).to_le_bytes());
+        }
+        r
+    }
+
+    #[test]
+    fn layout_offsets() {
+        assert_eq!(RING_HEADER_BYTES, 192);
+        assert_eq!(ring_bytes(4), 192 + 256);
+        assert_eq!(W_PRODUCER * WORD % 64, 0);
+        assert_eq!(W_CONSUMER * WORD - W_PRODUCER * WORD, 64);
+    }
+
+    #[test]
+    fn fill_drain_wrap() {
+        let r = region(ring_bytes(4));
+        format(&r, 4).unwrap();
+        let mut p = Producer::attach(&r).unwrap();
+        let mut c = Consumer::attach(&r).unwrap();
+        let mut out = [0u8; SLOT_BYTES];
+        assert_eq!(c.pop(&mut out), Ok(false));
+        let mut next_out = 0u64;
+        for n in 0..4 {
+            p.push(&record(n)).unwrap();
+        }
+        assert_eq!(p.push(&record(99)), Err(RingError::Full));
+        for round in 4..40u64 {
+            assert_eq!(c.pop(&mut out), Ok(true));
+            assert_eq!(out, record(next_out));
+            next_out += 1;
+            p.push(&record(round)).unwrap();
+        }
+        while c.pop(&mut out).unwrap() {
+            assert_eq!(out, record(next_out));
+            next_out += 1;
+        }
+        assert_eq!(next_out, 40);
+    }
+
+    #[test]
+    fn hostile_header_and_indices() {
+        let r = region(ring_bytes(4));
+        assert_eq!(Consumer::attach(&r).err(), Some(RingError::BadMagic(0)));
+        assert_eq!(format(&r, 3), Err(RingError::BadCapacity(3)));
+        assert!(matches!(
+            format(&r, 8),
+            Err(RingError::RegionTooSmall { .. })
+        ));
+        format(&r, 4).unwrap();
+        // A capacity rewritten to exceed the region is refused at attach.
+        r[W_CAPACITY].store(1 << 10, Ordering::Relaxed);
+        assert!(matches!(
+            Consumer::attach(&r),
+            Err(RingError::RegionTooSmall { .. })
+        ));
+        r[W_CAPACITY].store(4, Ordering::Relaxed);
+        let mut c = Consumer::attach(&r).unwrap();
+        let mut out = [0u8; SLOT_BYTES];
+        // Producer index beyond the capacity window.
+        r[W_PRODUCER].store(5, Ordering::Release);
+        assert_eq!(
+            c.pop(&mut out),
+            Err(RingError::IndexCorrupt {
+                producer: 5,
+                consumer: 0
+            })
+        );
+        // Producer index behind the consumer (wraps to a huge distance).
+        r[W_PRODUCER].store(u64::MAX, Ordering::Release);
+        assert!(matches!(
+            c.pop(&mut out),
+            Err(RingError::IndexCorrupt { .. })
+        ));
+        // A consumer index moved by the peer does not confuse the producer either.
+        r[W_PRODUCER].store(0, Ordering::Release);
+        let mut p = Producer::attach(&r).unwrap();
+        r[W_CONSUMER].store(100, Ordering::Release);
+        assert!(matches!(
+            p.push(&record(0)),
+            Err(RingError::IndexCorrupt { .. })
+        ));
+    }
+
+    #[test]
+    fn misaligned_raw_region() {
+        let mut buf = [0u64; 64];
+        let ptr = buf.as_mut_ptr() as *mut u8;
+        // SAFETY: the buffer outlives the views; offset 1 is refused before any access.
+        unsafe {
+            assert_eq!(
+                region_from_raw(ptr.add(1), 256).err(),
+                Some(RingError::Misaligned)
+            );
+            assert_eq!(region_from_raw(ptr, 256).unwrap().len(), 32);
+        }
+    }
+
+    #[test]
+    fn two_threads() {
+        // Enough records to wrap the 64-slot ring ~800 times. The waits yield rather than spin:
+        // on an oversubscribed host both threads may share one core.
+        const N: u64 = 50_000;
+        let r = region(ring_bytes(64));
+        format(&r, 64).unwrap();
+        std::thread::scope(|s| {
+            let rr = &r;
+            s.spawn(move || {
+                let mut p = Producer::attach(rr).unwrap();
+                let mut n = 0;
+                while n < N {
+                    match p.push(&record(n)) {
+                        Ok(()) => n += 1,
+                        Err(RingError::Full) => std::thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+            let mut c = Consumer::attach(&r).unwrap();
+            let mut out = [0u8; SLOT_BYTES];
+            let mut n = 0;
+            while n < N {
+                if c.pop(&mut out).unwrap() {
+                    assert_eq!(out, record(n), "record {n}");
+                    n += 1;
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+            assert_eq!(c.available(), Ok(0));
+        });
+    }
+
+    #[test]
+    fn counters_roundtrip() {
+        let r = region(counters_bytes(3));
+        assert!(CountersReader::attach(&r).is_err());
+        let w = CountersWriter::format(&r, 3).unwrap();
+        w.set_drop(DropReason::NoVerdict, 17);
+        w.set_global(GLOBAL_FORWARDED, 5);
+        w.set_port(2, PORT_DROPPED, 9);
+        w.set_port(3, PORT_DROPPED, 1); // out of range: ignored
+        let rd = CountersReader::attach(&r).unwrap();
+        assert_eq!(rd.ports(), 3);
+        assert_eq!(rd.drops(DropReason::NoVerdict), 17);
+        assert_eq!(rd.drops(DropReason::Malformed), 0);
+        assert_eq!(rd.global(GLOBAL_FORWARDED), Some(5));
+        assert_eq!(rd.port(2, PORT_DROPPED), Some(9));
+        assert_eq!(rd.port(3, PORT_DROPPED), None);
+        // A hostile port count is refused.
+        r[1].store(
+            u64::from(COUNTERS_VERSION) | (1000u64 << 32),
+            Ordering::Relaxed,
+        );
+        assert!(CountersReader::attach(&r).is_err());
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, i);
+        }
+    }
+}

@@ -1,1 +1,614 @@
 //! Verdict records: the flows a tier may open.
+//!
+//! A verdict is produced by the hypervisor when it attributes a `connect`/`bind`/`listen`/`sendmsg`
+//! to a whitelisted process, and consumed by the firewall micro-VM (through the ring in
+//! [`crate::ring`]) or by the edge (through the authenticated channel). One record is exactly
+//! [`RECORD_LEN`] = 64 bytes (one cache line, one ring slot).
+//!
+//! Layout (Vigil's own ABI, version [`RECORD_VERSION`]; integers little endian because both ends are
+//! x86-64 and the micro-VM reads them without swapping; addresses in network byte order as on the
+//! wire):
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 1 | op: 1 add, 2 remove, 3 flush tenant |
+//! | 1 | 1 | direction: 1 egress (connect/sendmsg), 2 ingress (bind/listen) |
+//! | 2 | 1 | IP version: 4 or 6 |
+//! | 3 | 1 | protocol, IANA number: 6 TCP, 17 UDP, 1 ICMP (v4 only), 58 ICMPv6 (v6 only) |
+//! | 4 | 4 | tenant id |
+//! | 8 | 8 | sequence number (the producer numbers records 1, 2, 3, ...) |
+//! | 16 | 8 | lifetime in milliseconds from the moment the consumer applies it, 0 = no expiry |
+//! | 24 | 16 | local (tenant-side) address; IPv4 in the first 4 bytes, rest zero; all zero = any |
+//! | 40 | 16 | remote address, same encoding |
+//! | 56 | 1 | remote prefix length (0 = any remote, 32/128 = exactly this address) |
+//! | 57 | 1 | flags, reserved, must be 0 |
+//! | 58 | 2 | local port (0 = any); for ICMP the echo identifier (0 = any) |
+//! | 60 | 2 | lowest remote port |
+//! | 62 | 2 | highest remote port (a single port: low = high; any: 0..=65535) |
+//!
+//! The lifetime is relative rather than an absolute deadline because the VMM and the micro-VM do
+//! not share a clock; ring latency (microseconds) is negligible against lifetimes in seconds.
+//!
+//! [`Verdict`] is a zero-copy typed view over bytes in the smoltcp `wire` style: `new_checked`
+//! checks the length, every accessor is then in bounds. [`VerdictRepr`] is the validated, decoded
+//! form (`parse` rejects unknown codes and inconsistent fields) and `emit`s back to bytes.
+
+use core::fmt;
+
+/// Size of one verdict record in bytes (one ring slot).
+pub const RECORD_LEN: usize = 64;
+
+/// Version of the record layout above; bumped on any incompatible change (carried in the ring
+/// header, see [`crate::ring::RING_VERSION`]).
+pub const RECORD_VERSION: u32 = 1;
+
+mod field {
+    use core::ops::Range;
+    pub const OP: usize = 0;
+    pub const DIRECTION: usize = 1;
+    pub const IP_VERSION: usize = 2;
+    pub const PROTOCOL: usize = 3;
+    pub const TENANT: Range<usize> = 4..8;
+    pub const SEQ: Range<usize> = 8..16;
+    pub const LIFETIME_MS: Range<usize> = 16..24;
+    pub const LOCAL_ADDR: Range<usize> = 24..40;
+    pub const REMOTE_ADDR: Range<usize> = 40..56;
+    pub const REMOTE_PREFIX: usize = 56;
+    pub const FLAGS: usize = 57;
+    pub const LOCAL_PORT: Range<usize> = 58..60;
+    pub const REMOTE_PORT_MIN: Range<usize> = 60..62;
+    pub const REMOTE_PORT_MAX: Range<usize> = 62..64;
+}
+
+/// What a record asks the consumer to do.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Open the flows described by the record (or refresh the lifetime of an identical verdict).
+    Add = 1,
+    /// Remove the identical verdict and close the flows it opened.
+    Remove = 2,
+    /// Remove every verdict of the tenant and close their flows (VM deleted or migrated away).
+    FlushTenant = 3,
+}
+
+/// Which way the verdict opens a flow, seen from the tenant.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// The tenant initiates (connect, sendmsg): its first packet leaves the tenant.
+    Egress = 1,
+    /// A remote initiates toward the tenant's bound/listening port.
+    Ingress = 2,
+}
+
+impl Direction {
+    /// The other direction (the reply direction of a flow opened in `self`).
+    pub const fn reverse(self) -> Direction {
+        match self {
+            Direction::Egress => Direction::Ingress,
+            Direction::Ingress => Direction::Egress,
+        }
+    }
+}
+
+/// IP version of the flows a verdict opens.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IpVersion {
+    V4 = 4,
+    V6 = 6,
+}
+
+impl IpVersion {
+    /// Number of address bits (the largest valid prefix length).
+    pub const fn addr_bits(self) -> u8 {
+        match self {
+            IpVersion::V4 => 32,
+            IpVersion::V6 => 128,
+        }
+    }
+}
+
+/// Transport protocol, IANA protocol numbers.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    Icmp = 1,
+    Tcp = 6,
+    Udp = 17,
+    Icmpv6 = 58,
+}
+
+impl Protocol {
+    pub const fn from_u8(value: u8) -> Option<Protocol> {
+        match value {
+            1 => Some(Protocol::Icmp),
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            58 => Some(Protocol::Icmpv6),
+            _ => None,
+        }
+    }
+
+    /// Whether this is one of the ICMP variants (ports then carry the echo identifier).
+    pub const fn is_icmp(self) -> bool {
+        matches!(self, Protocol::Icmp | Protocol::Icmpv6)
+    }
+}
+
+/// Why bytes are not a valid verdict record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerdictError {
+    /// Fewer than [`RECORD_LEN`] bytes.
+    Truncated {
+        len: usize,
+    },
+    BadOp(u8),
+    BadDirection(u8),
+    BadIpVersion(u8),
+    BadProtocol(u8),
+    /// ICMP with IPv6 or ICMPv6 with IPv4.
+    ProtocolVersionMismatch,
+    /// Prefix longer than the address.
+    BadPrefix(u8),
+    /// Lowest remote port above the highest.
+    BadPortRange {
+        min: u16,
+        max: u16,
+    },
+    /// An IPv4 address with non-zero bytes beyond the first four.
+    BadIpv4Encoding,
+    /// Reserved flags set.
+    ReservedFlags(u8),
+}
+
+impl fmt::Display for VerdictError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            VerdictError::Truncated { len } => {
+                write!(f, "verdict record truncated: {len} of {RECORD_LEN} bytes")
+            }
+            VerdictError::BadOp(v) => write!(f, "unknown verdict op {v}"),
+            VerdictError::BadDirection(v) => write!(f, "unknown verdict direction {v}"),
+            VerdictError::BadIpVersion(v) => write!(f, "unknown IP version {v}"),
+            VerdictError::BadProtocol(v) => write!(f, "unsupported protocol {v}"),
+            VerdictError::ProtocolVersionMismatch => {
+                write!(f, "ICMP protocol does not match the IP version")
+            }
+            VerdictError::BadPrefix(v) => write!(f, "prefix length {v} longer than the address"),
+            VerdictError::BadPortRange { min, max } => {
+                write!(f, "remote port range {min}..={max} is empty")
+            }
+            VerdictError::BadIpv4Encoding => write!(f, "IPv4 address with non-zero padding"),
+            VerdictError::ReservedFlags(v) => write!(f, "reserved flags 0x{v:02x} set"),
+        }
+    }
+}
+
+/// A zero-copy view of a verdict record over a byte buffer.
+#[derive(Clone, Copy, Debug)]
+pub struct Verdict<T: AsRef<[u8]>> {
+    buffer: T,
+}
+
+fn le_u16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
+}
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+fn addr16(b: &[u8]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a.copy_from_slice(&b[..16]);
+    a
+}
+
+impl<T: AsRef<[u8]>> Verdict<T> {
+    /// Wrap a buffer without checking its length; accessors may panic on a short buffer.
+    pub const fn new_unchecked(buffer: T) -> Verdict<T> {
+        Verdict { buffer }
+    }
+
+    /// Wrap a buffer after checking it holds a whole record.
+    pub fn new_checked(buffer: T) -> Result<Verdict<T>, VerdictError> {
+        let v = Self::new_unchecked(buffer);
+        v.check_len()?;
+        Ok(v)
+    }
+
+    /// Ensure no accessor will panic.
+    pub fn check_len(&self) -> Result<(), VerdictError> {
+        let len = self.buffer.as_ref().len();
+        if len < RECORD_LEN {
+            Err(VerdictError::Truncated { len })
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn into_inner(self) -> T {
+        self.buffer
+    }
+
+    fn b(&self) -> &[u8] {
+        self.buffer.as_ref()
+    }
+    pub fn op(&self) -> u8 {
+        self.b()[field::OP]
+    }
+    pub fn direction(&self) -> u8 {
+        self.b()[field::DIRECTION]
+    }
+    pub fn ip_version(&self) -> u8 {
+        self.b()[field::IP_VERSION]
+    }
+    pub fn protocol(&self) -> u8 {
+        self.b()[field::PROTOCOL]
+    }
+    pub fn tenant(&self) -> u32 {
+        le_u32(&self.b()[field::TENANT])
+    }
+    pub fn seq(&self) -> u64 {
+        le_u64(&self.b()[field::SEQ])
+    }
+    pub fn lifetime_ms(&self) -> u64 {
+        le_u64(&self.b()[field::LIFETIME_MS])
+    }
+    pub fn local_addr(&self) -> [u8; 16] {
+        addr16(&self.b()[field::LOCAL_ADDR])
+    }
+    pub fn remote_addr(&self) -> [u8; 16] {
+        addr16(&self.b()[field::REMOTE_ADDR])
+    }
+    pub fn remote_prefix(&self) -> u8 {
+        self.b()[field::REMOTE_PREFIX]
+    }
+    pub fn flags(&self) -> u8 {
+        self.b()[field::FLAGS]
+    }
+    pub fn local_port(&self) -> u16 {
+        le_u16(&self.b()[field::LOCAL_PORT])
+    }
+    pub fn remote_port_min(&self) -> u16 {
+        le_u16(&self.b()[field::REMOTE_PORT_MIN])
+    }
+    pub fn remote_port_max(&self) -> u16 {
+        le_u16(&self.b()[field::REMOTE_PORT_MAX])
+    }
+}
+
+impl<T: AsRef<[u8]> + AsMut<[u8]>> Verdict<T> {
+    fn bm(&mut self) -> &mut [u8] {
+        self.buffer.as_mut()
+    }
+    pub fn set_op(&mut self, v: u8) {
+        self.bm()[field::OP] = v;
+    }
+    pub fn set_direction(&mut self, v: u8) {
+        self.bm()[field::DIRECTION] = v;
+    }
+    pub fn set_ip_version(&mut self, v: u8) {
+        self.bm()[field::IP_VERSION] = v;
+    }
+    pub fn set_protocol(&mut self, v: u8) {
+        self.bm()[field::PROTOCOL] = v;
+    }
+    pub fn set_tenant(&mut self, v: u32) {
+        self.bm()[field::TENANT].copy_from_slice(&v.to_le_bytes());
+    }
+    pub fn set_seq(&mut self, v: u64) {
+        self.bm()[field::SEQ].copy_from_slice(&v.to_le_bytes());
+    }
+    pub fn set_lifetime_ms(&mut self, v: u64) {
+        self.bm()[field::LIFETIME_MS].copy_from_slice(&v.to_le_bytes());
+    }
+    pub fn set_local_addr(&mut self, v: [u8; 16]) {
+        self.bm()[field::LOCAL_ADDR].copy_from_slice(&v);
+    }
+    pub fn set_remote_addr(&mut self, v: [u8; 16]) {
+        self.bm()[field::REMOTE_ADDR].copy_from_slice(&v);
+    }
+    pub fn set_remote_prefix(&mut self, v: u8) {
+        self.bm()[field::REMOTE_PREFIX] = v;
+    }
+    pub fn set_flags(&mut self, v: u8) {
+        self.bm()[field::FLAGS] = v;
+    }
+    pub fn set_local_port(&mut self, v: u16) {
+        self.bm()[field::LOCAL_PORT].copy_from_slice(&v.to_le_bytes());
+    }
+    pub fn set_remote_port_min(&mut self, v: u16) {
+        self.bm()[field::REMOTE_PORT_MIN].copy_from_slice(&v.to_le_bytes());
+    }
+    pub fn set_remote_port_max(&mut self, v: u16) {
+        self.bm()[field::REMOTE_PORT_MAX].copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// The flows a verdict opens (everything but op, tenant, sequence and lifetime).
+///
+/// Two verdicts are "the same verdict" (an `Add` refreshes, a `Remove` removes) when their tenant and
+/// `Rule` are equal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Rule {
+    pub direction: Direction,
+    pub ip_version: IpVersion,
+    pub protocol: Protocol,
+    /// Tenant-side address, all zero = any. IPv4 in the first 4 bytes.
+    pub local_addr: [u8; 16],
+    /// Tenant-side port, 0 = any; for ICMP the echo identifier, 0 = any.
+    pub local_port: u16,
+    pub remote_addr: [u8; 16],
+    /// 0 = any remote.
+    pub remote_prefix: u8,
+    pub remote_port_min: u16,
+    pub remote_port_max: u16,
+}
+
+impl Rule {
+    /// A rule open to any address and port in the given direction, version and protocol; a
+    /// starting point for builders and tests.
+    pub const fn any(direction: Direction, ip_version: IpVersion, protocol: Protocol) -> Rule {
+        Rule {
+            direction,
+            ip_version,
+            protocol,
+            local_addr: [0; 16],
+            local_port: 0,
+            remote_addr: [0; 16],
+            remote_prefix: 0,
+            remote_port_min: 0,
+            remote_port_max: u16::MAX,
+        }
+    }
+
+    /// Whether `remote_addr` (same encoding as the rule's) lies in the rule's remote prefix.
+    pub fn remote_addr_matches(&self, addr: &[u8; 16]) -> bool {
+        prefix_matches(&self.remote_addr, addr, self.remote_prefix)
+    }
+
+    /// Whether `port` lies in the rule's remote port range.
+    pub const fn remote_port_matches(&self, port: u16) -> bool {
+        self.remote_port_min <= port && port <= self.remote_port_max
+    }
+}
+
+/// Whether the first `prefix` bits of `a` and `b` are equal.
+pub fn prefix_matches(a: &[u8; 16], b: &[u8; 16], prefix: u8) -> bool {
+    let prefix = usize::from(prefix.min(128));
+    let full = prefix / 8;
+    if a[..full] != b[..full] {
+        return false;
+    }
+    let rest = prefix % 8;
+    if rest == 0 {
+        return true;
+    }
+    let mask = 0xffu8 << (8 - rest);
+    (a[full] & mask) == (b[full] & mask)
+}
+
+/// A decoded, validated verdict record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictRepr {
+    pub op: Op,
+    pub tenant: u32,
+    pub seq: u64,
+    /// 0 = no expiry.
+    pub lifetime_ms: u64,
+    /// Ignored (and emitted as a wildcard rule) for [`Op::FlushTenant`].
+    pub rule: Rule,
+}
+
+impl VerdictRepr {
+    /// Decode and validate a record.
+    pub fn parse<T: AsRef<[u8]>>(v: &Verdict<T>) -> Result<VerdictRepr, VerdictError> {
+        v.check_len()?;
+        let op = match v.op() {
+            1 => Op::Add,
+            2 => Op::Remove,
+            3 => Op::FlushTenant,
+            other => return Err(VerdictError::BadOp(other)),
+        };
+        if v.flags() != 0 {
+            return Err(VerdictError::ReservedFlags(v.flags()));
+        }
+        if op == Op::FlushTenant {
+            return Ok(VerdictRepr {
+                op,
+                tenant: v.tenant(),
+                seq: v.seq(),
+                lifetime_ms: 0,
+                rule: Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp),
+            });
+        }
+        let direction = match v.direction() {
+            1 => Direction::Egress,
+            2 => Direction::Ingress,
+            other => return Err(VerdictError::BadDirection(other)),
+        };
+        let ip_version = match v.ip_version() {
+            4 => IpVersion::V4,
+            6 => IpVersion::V6,
+            other => return Err(VerdictError::BadIpVersion(other)),
+        };
+        let protocol =
+            Protocol::from_u8(v.protocol()).ok_or(VerdictError::BadProtocol(v.protocol()))?;
+        match (ip_version, protocol) {
+            (IpVersion::V4, Protocol::Icmpv6) | (IpVersion::V6, Protocol::Icmp) => {
+                return Err(VerdictError::ProtocolVersionMismatch)
+            }
+            _ => {}
+        }
+        let local_addr = v.local_addr();
+        let remote_addr = v.remote_addr();
+        if ip_version == IpVersion::V4
+            && (local_addr[4..].iter().any(|&b| b != 0) || remote_addr[4..].iter().any(|&b| b != 0))
+        {
+            return Err(VerdictError::BadIpv4Encoding);
+        }
+        let remote_prefix = v.remote_prefix();
+        if remote_prefix > ip_version.addr_bits() {
+            return Err(VerdictError::BadPrefix(remote_prefix));
+        }
+        let (min, max) = (v.remote_port_min(), v.remote_port_max());
+        if min > max {
+            return Err(VerdictError::BadPortRange { min, max });
+        }
+        Ok(VerdictRepr {
+            op,
+            tenant: v.tenant(),
+            seq: v.seq(),
+            lifetime_ms: v.lifetime_ms(),
+            rule: Rule {
+                direction,
+                ip_version,
+                protocol,
+                local_addr,
+                local_port: v.local_port(),
+                remote_addr,
+                remote_prefix,
+                remote_port_min: min,
+                remote_port_max: max,
+            },
+        })
+    }
+
+    /// Decode and validate a record from raw bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<VerdictRepr, VerdictError> {
+        Self::parse(&Verdict::new_checked(bytes)?)
+    }
+
+    /// Write the record into `v` (which must hold [`RECORD_LEN`] bytes; checked).
+    pub fn emit<T: AsRef<[u8]> + AsMut<[u8]>>(
+        &self,
+        v: &mut Verdict<T>,
+    ) -> Result<(), VerdictError> {
+        v.check_len()?;
+        v.bm()[..RECORD_LEN].fill(0);
+        v.set_op(self.op as u8);
+        v.set_tenant(self.tenant);
+        v.set_seq(self.seq);
+        v.set_lifetime_ms(self.lifetime_ms);
+        let r = &self.rule;
+        v.set_direction(r.direction as u8);
+        v.set_ip_version(r.ip_version as u8);
+        v.set_protocol(r.protocol as u8);
+        v.set_local_addr(r.local_addr);
+        v.set_remote_addr(r.remote_addr);
+        v.set_remote_prefix(r.remote_prefix);
+        v.set_local_port(r.local_port);
+        v.set_remote_port_min(r.remote_port_min);
+        v.set_remote_port_max(r.remote_port_max);
+        Ok(())
+    }
+
+    /// Encode into a fresh record.
+    pub fn to_bytes(&self) -> [u8; RECORD_LEN] {
+        let mut out = [0u8; RECORD_LEN];
+        // Cannot fail: the buffer is exactly RECORD_LEN long.
+        let _ = self.emit(&mut Verdict::new_unchecked(&mut out[..]));
+        out
+    }
+}
+
+/// Encode an IPv4 address into the 16-byte field encoding.
+pub const fn v4(a: [u8; 4]) -> [u8; 16] {
+    [a[0], a[1], a[2], a[3], 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VerdictRepr {
+        VerdictRepr {
+            op: Op::Add,
+            tenant: 7,
+            seq: 42,
+            lifetime_ms: 30_000,
+            rule: Rule {
+                direction: Direction::Egress,
+                ip_version: IpVersion::V4,
+                protocol: Protocol::Tcp,
+                local_addr: v4([10, 0, 0, 2]),
+                local_port: 0,
+                remote_addr: v4([10, 0, 0, 5]),
+                remote_prefix: 32,
+                remote_port_min: 443,
+                remote_port_max: 443,
+            },
+        }
+    }
+
+    #[test]
+    fn roundtrip_and_layout() {
+        let r = sample();
+        let bytes = r.to_bytes();
+        assert_eq!(bytes[0], 1);
+        assert_eq!(bytes[3], 6);
+        assert_eq!(&bytes[4..8], &7u32.to_le_bytes());
+        assert_eq!(&bytes[24..28], &[10, 0, 0, 2]);
+        assert_eq!(&bytes[60..62], &443u16.to_le_bytes());
+        assert_eq!(VerdictRepr::from_bytes(&bytes), Ok(r));
+    }
+
+    #[test]
+    fn every_truncation_is_an_error() {
+        let bytes = sample().to_bytes();
+        for len in 0..RECORD_LEN {
+            assert_eq!(
+                VerdictRepr::from_bytes(&bytes[..len]),
+                Err(VerdictError::Truncated { len })
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_fields_rejected() {
+        let good = sample().to_bytes();
+        let cases: [(usize, u8, VerdictError); 7] = [
+            (0, 9, VerdictError::BadOp(9)),
+            (1, 0, VerdictError::BadDirection(0)),
+            (2, 5, VerdictError::BadIpVersion(5)),
+            (3, 2, VerdictError::BadProtocol(2)),
+            (3, 58, VerdictError::ProtocolVersionMismatch),
+            (56, 33, VerdictError::BadPrefix(33)),
+            (57, 1, VerdictError::ReservedFlags(1)),
+        ];
+        for (off, val, err) in cases {
+            let mut b = good;
+            b[off] = val;
+            assert_eq!(VerdictRepr::from_bytes(&b), Err(err), "offset {off}");
+        }
+        let mut b = good;
+        b[30] = 1; // padding of the IPv4 local address
+        assert_eq!(
+            VerdictRepr::from_bytes(&b),
+            Err(VerdictError::BadIpv4Encoding)
+        );
+        let mut b = good;
+        b[60..62].copy_from_slice(&500u16.to_le_bytes());
+        assert_eq!(
+            VerdictRepr::from_bytes(&b),
+            Err(VerdictError::BadPortRange { min: 500, max: 443 })
+        );
+    }
+
+    #[test]
+    fn prefixes() {
+        let a = v4([10, 1, 2, 3]);
+        assert!(prefix_matches(&a, &v4([10, 1, 2, 200]), 24));
+        assert!(!prefix_matches(&a, &v4([10, 1, 3, 3]), 24));
+        assert!(prefix_matches(&a, &v4([10, 1, 3, 3]), 22));
+        assert!(!prefix_matches(&a, &v4([10, 1, 4, 3]), 22));
+        assert!(prefix_matches(&a, &[0xff; 16], 0));
+        assert!(prefix_matches(&a, &a, 128));
+    }
+}

@@ -1,0 +1,641 @@
+//! The connection-tracking table: open addressing with linear probing over a caller-supplied slice
+//! of 52-byte slots; no heap, no pointers, no per-entry overhead beyond the slot itself.
+//!
+//! - Lookups cost O(1) expected probes, independent of the table size: the table never fills past
+//!   its load limit ([`MAX_LOAD_NUM`]/[`MAX_LOAD_DEN`] of the slots), and a seeded hash spreads
+//!   attacker-chosen keys.
+//! - Deletion is backward-shift (no tombstones), so probe lengths do not degrade with churn.
+//! - Time is supplied by the caller (whole seconds of a monotonic clock): expired entries are
+//!   reused in place when a probe meets them, reclaimed by an incremental [`Conntrack::sweep`], and
+//!   never count as live. A live entry is never evicted to make room: a full table refuses new
+//!   flows instead.
+
+use vigil_wire::verdict::Direction;
+
+use super::flow::{hash_fields, kind_parts, reduce, FlowKey};
+use super::verdicts::VerdictRef;
+
+/// Load limit: at most 7/8 of the slots hold entries (linear probing stays at a few probes per
+/// hit; misses, which only new flows pay, average ~32).
+pub const MAX_LOAD_NUM: usize = 7;
+pub const MAX_LOAD_DEN: usize = 8;
+
+/// Slots needed to hold `flows` entries under the load limit.
+pub const fn slots_for(flows: usize) -> usize {
+    (flows * MAX_LOAD_DEN).div_ceil(MAX_LOAD_NUM)
+}
+
+/// TCP state of a tracked connection (low nibble of [`FlowSlot::state`]).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpState {
+    /// Not TCP.
+    None = 0,
+    /// The opener's SYN passed.
+    SynSent = 1,
+    /// The responder's SYN-ACK passed.
+    SynAckSeen = 2,
+    Established = 3,
+    /// One side sent FIN (see the FIN flags for which).
+    FinWait = 4,
+    /// Both sides sent FIN; the last ACKs may pass.
+    Closing = 5,
+    /// Reset (or a closed connection): only ACK/RST pass, a new SYN from the opener re-opens.
+    Closed = 6,
+}
+
+impl TcpState {
+    /// The TCP state held in a state byte.
+    pub fn from_bits(b: u8) -> TcpState {
+        match b & STATE_MASK {
+            1 => TcpState::SynSent,
+            2 => TcpState::SynAckSeen,
+            3 => TcpState::Established,
+            4 => TcpState::FinWait,
+            5 => TcpState::Closing,
+            6 => TcpState::Closed,
+            _ => TcpState::None,
+        }
+    }
+}
+
+const STATE_MASK: u8 = 0x0f;
+/// The flow was opened by a packet travelling toward the tenant.
+const F_ORIGIN_INGRESS: u8 = 0x80;
+/// A packet travelled in the reply direction.
+const F_REPLIED: u8 = 0x40;
+/// The opener sent FIN.
+const F_FIN_ORIG: u8 = 0x20;
+/// The responder sent FIN.
+const F_FIN_REPLY: u8 = 0x10;
+
+/// One conntrack slot. `kind == 0` marks an empty slot.
+///
+/// 52 bytes: the two IPv6-capable addresses are 32 of them; the budget is 4 MiB for 64k flows
+/// at the 7/8 load limit (74 899 slots × 52 B = 3.71 MiB).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSlot {
+    local: [u8; 16],
+    remote: [u8; 16],
+    tenant: u32,
+    local_port: u16,
+    remote_port: u16,
+    /// Whole seconds of the caller's clock; the entry is live while `now < expires`.
+    expires: u32,
+    verdict_slot: u32,
+    verdict_gen: u16,
+    /// IP version and protocol (see `flow::kind_byte`); 0 = empty slot.
+    kind: u8,
+    /// TCP state in the low nibble, direction and FIN flags in the high one.
+    state: u8,
+}
+
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 52);
+
+impl FlowSlot {
+    pub const EMPTY: FlowSlot = FlowSlot {
+        local: [0; 16],
+        remote: [0; 16],
+        tenant: 0,
+        local_port: 0,
+        remote_port: 0,
+        expires: 0,
+        verdict_slot: 0,
+        verdict_gen: 0,
+        kind: 0,
+        state: 0,
+    };
+
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.kind == 0
+    }
+
+    #[inline]
+    fn is_live(&self, now_s: u32) -> bool {
+        now_s < self.expires
+    }
+
+    #[inline]
+    fn matches(&self, key: &FlowKey, kind: u8) -> bool {
+        self.tenant == key.tenant
+            && self.local_port == key.local_port
+            && self.remote_port == key.remote_port
+            && self.kind == kind
+            && self.remote == key.remote
+            && self.local == key.local
+    }
+
+    /// The key this slot holds (`None` for an empty slot).
+    pub fn key(&self) -> Option<FlowKey> {
+        let (ip_version, protocol) = kind_parts(self.kind)?;
+        Some(FlowKey {
+            tenant: self.tenant,
+            ip_version,
+            protocol,
+            local: self.local,
+            remote: self.remote,
+            local_port: self.local_port,
+            remote_port: self.remote_port,
+        })
+    }
+
+    fn hash(&self, seed: u64) -> u32 {
+        hash_fields(
+            seed,
+            self.tenant,
+            self.kind,
+            &self.local,
+            &self.remote,
+            self.local_port,
+            self.remote_port,
+            0,
+        )
+    }
+
+    pub fn origin(&self) -> Direction {
+        if self.state & F_ORIGIN_INGRESS != 0 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        }
+    }
+
+    pub fn tcp_state(&self) -> TcpState {
+        TcpState::from_bits(self.state)
+    }
+
+    /// The raw state byte (TCP state and direction/FIN flags) for [`tcp_step`].
+    pub fn state_byte(&self) -> u8 {
+        self.state
+    }
+
+    pub fn replied(&self) -> bool {
+        self.state & F_REPLIED != 0
+    }
+
+    pub fn expires(&self) -> u32 {
+        self.expires
+    }
+
+    pub fn verdict(&self) -> VerdictRef {
+        VerdictRef {
+            slot: self.verdict_slot,
+            gen: self.verdict_gen,
+        }
+    }
+}
+
+/// Result of a probe for a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A live entry with this key sits at the index.
+    Found(usize),
+    /// No live entry; a new one may be written at the index (an empty slot, or an expired entry
+    /// on the key's probe path that can be overwritten in place).
+    Vacant(usize),
+}
+
+/// Per-protocol idle timeouts, whole seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Half-open: SYN passed, no SYN-ACK yet (short: SYN floods must not pin the table).
+    pub tcp_syn_sent: u32,
+    pub tcp_syn_ack: u32,
+    pub tcp_established: u32,
+    pub tcp_fin_wait: u32,
+    pub tcp_closing: u32,
+    pub tcp_closed: u32,
+    /// UDP flow that has seen no reply.
+    pub udp_unreplied: u32,
+    pub udp_replied: u32,
+    pub icmp: u32,
+}
+
+impl Default for Timeouts {
+    /// Close to Linux nf_conntrack's defaults, with shorter half-open and closed states.
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn_sent: 30,
+            tcp_syn_ack: 30,
+            tcp_established: 5 * 24 * 3600,
+            tcp_fin_wait: 120,
+            tcp_closing: 60,
+            tcp_closed: 10,
+            udp_unreplied: 30,
+            udp_replied: 120,
+            icmp: 30,
+        }
+    }
+}
+
+impl Timeouts {
+    pub fn tcp(&self, s: TcpState) -> u32 {
+        match s {
+            TcpState::None | TcpState::Closed => self.tcp_closed,
+            TcpState::SynSent => self.tcp_syn_sent,
+            TcpState::SynAckSeen => self.tcp_syn_ack,
+            TcpState::Established => self.tcp_established,
+            TcpState::FinWait => self.tcp_fin_wait,
+            TcpState::Closing => self.tcp_closing,
+        }
+    }
+}
+
+/// Outcome of feeding a TCP segment to a tracked flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcpStep {
+    /// Pass; new state byte.
+    Pass(u8),
+    /// The segment does not fit the state.
+    Invalid,
+    /// A SYN from the opener on a closed flow: treat it as a new flow.
+    Reopen,
+}
+
+/// The TCP tracking step: `state` is the slot's state byte, `orig` whether the segment travels in
+/// the opener's direction. Tracks flags only (no sequence windows).
+pub fn tcp_step(state: u8, orig: bool, f: super::parse::TcpFlags) -> TcpStep {
+    let high = state & !STATE_MASK;
+    let with = |s: TcpState, extra: u8| TcpStep::Pass(high | extra | s as u8);
+    if f.rst {
+        return with(TcpState::Closed, 0);
+    }
+    let fin_bit = if orig { F_FIN_ORIG } else { F_FIN_REPLY };
+    let syn_only = f.syn && !f.ack;
+    let syn_ack = f.syn && f.ack;
+    match TcpState::from_bits(state) {
+        TcpState::SynSent => {
+            if orig && syn_only {
+                with(TcpState::SynSent, 0)
+            } else if !orig && syn_ack {
+                with(TcpState::SynAckSeen, 0)
+            } else {
+                TcpStep::Invalid
+            }
+        }
+        TcpState::SynAckSeen => {
+            if orig && f.ack && !f.syn {
+                if f.fin {
+                    with(TcpState::FinWait, fin_bit)
+                } else {
+                    with(TcpState::Established, 0)
+                }
+            } else if (orig && syn_only) || (!orig && syn_ack) {
+                // Retransmitted handshake segments.
+                with(TcpState::SynAckSeen, 0)
+            } else {
+                TcpStep::Invalid
+            }
+        }
+        TcpState::Established | TcpState::FinWait | TcpState::Closing if f.syn => TcpStep::Invalid,
+        TcpState::Established => {
+            if f.fin {
+                with(TcpState::FinWait, fin_bit)
+            } else {
+                with(TcpState::Established, 0)
+            }
+        }
+        TcpState::FinWait => {
+            let fins = high | if f.fin { fin_bit } else { 0 };
+            if fins & (F_FIN_ORIG | F_FIN_REPLY) == F_FIN_ORIG | F_FIN_REPLY {
+                TcpStep::Pass(fins | TcpState::Closing as u8)
+            } else {
+                TcpStep::Pass(fins | TcpState::FinWait as u8)
+            }
+        }
+        TcpState::Closing => with(TcpState::Closing, 0),
+        TcpState::Closed => {
+            if orig && syn_only {
+                TcpStep::Reopen
+            } else if f.ack && !f.syn && !f.fin && !f.data {
+                // The last ACK of a close, or an ACK answering the reset; no data.
+                with(TcpState::Closed, 0)
+            } else {
+                TcpStep::Invalid
+            }
+        }
+        TcpState::None => TcpStep::Invalid,
+    }
+}
+
+/// The table over caller-supplied slots.
+pub struct Conntrack<'a> {
+    slots: &'a mut [FlowSlot],
+    /// Occupied slots (live or expired-not-yet-reclaimed).
+    used: usize,
+    max: usize,
+    seed: u64,
+    sweep_cursor: usize,
+}
+
+impl<'a> Conntrack<'a> {
+    /// Wrap (and clear) `slots`. Holds up to 7/8 of `slots.len()` flows; `None` if there are fewer
+    /// than 2 slots.
+    pub fn new(slots: &'a mut [FlowSlot], seed: u64) -> Option<Conntrack<'a>> {
+        if slots.len() < 2 || slots.len() > u32::MAX as usize {
+            return None;
+        }
+        slots.fill(FlowSlot::EMPTY);
+        let max = (slots.len() * MAX_LOAD_NUM / MAX_LOAD_DEN).clamp(1, slots.len() - 1);
+        Some(Conntrack {
+            slots,
+            used: 0,
+            max,
+            seed,
+            sweep_cursor: 0,
+        })
+    }
+
+    /// Most entries the table holds.
+    pub fn capacity(&self) -> usize {
+        self.max
+    }
+
+    /// Occupied slots, expired entries not yet reclaimed included.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    pub fn is_full(&self) -> bool {
+        self.used >= self.max
+    }
+
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    #[inline]
+    pub fn hash(&self, key: &FlowKey) -> u32 {
+        key.hash(self.seed)
+    }
+
+    /// Start loading the home slot of `hash` into the cache. A packet loop that hashes a burst of
+    /// frames first and looks them up second overlaps the memory latency of large tables.
+    #[inline]
+    pub fn prefetch(&self, hash: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let i = reduce(hash, self.slots.len());
+            let p = self.slots[i..].as_ptr().cast::<i8>();
+            // SAFETY: prefetch is a hint; it never faults, and `p` points into the table.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch(p, core::arch::x86_64::_MM_HINT_T0);
+                // A 52-byte slot may straddle two cache lines.
+                core::arch::x86_64::_mm_prefetch(
+                    p.wrapping_add(51),
+                    core::arch::x86_64::_MM_HINT_T0,
+                );
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = hash;
+    }
+
+    /// Find `key` (hash from [`Conntrack::hash`]).
+    #[inline]
+    pub fn lookup(&self, key: &FlowKey, hash: u32, now_s: u32) -> Probe {
+        let kind = key.kind();
+        let mut i = reduce(hash, self.slots.len());
+        let mut reuse = None;
+        // The load limit guarantees an empty slot; the bound only makes termination obvious.
+        for _ in 0..self.slots.len() {
+            let s = &self.slots[i];
+            if s.is_empty() {
+                return Probe::Vacant(reuse.unwrap_or(i));
+            }
+            let live = s.is_live(now_s);
+            if s.matches(key, kind) {
+                // Keys are unique in the table, so an expired twin is the place to reopen.
+                return if live {
+                    Probe::Found(i)
+                } else {
+                    Probe::Vacant(i)
+                };
+            }
+            if !live && reuse.is_none() {
+                reuse = Some(i);
+            }
+            i = self.next(i);
+        }
+        Probe::Vacant(reuse.unwrap_or(i))
+    }
+
+    pub fn slot(&self, i: usize) -> &FlowSlot {
+        &self.slots[i]
+    }
+
+    /// Whether `insert` at a [`Probe::Vacant`] index needs a free slot (it does unless it
+    /// overwrites an expired entry).
+    pub fn needs_room(&self, i: usize) -> bool {
+        self.slots[i].is_empty()
+    }
+
+    /// Write a new entry at a [`Probe::Vacant`] index. Returns the expired entry it overwrote, if
+    /// any (the caller releases its verdict reference). The caller checks [`Conntrack::is_full`]
+    /// first when [`Conntrack::needs_room`].
+    pub fn insert(
+        &mut self,
+        i: usize,
+        key: &FlowKey,
+        origin: Direction,
+        tcp: TcpState,
+        verdict: VerdictRef,
+        expires: u32,
+    ) -> Option<FlowSlot> {
+        let old = self.slots[i];
+        let old = if old.is_empty() {
+            self.used += 1;
+            None
+        } else {
+            Some(old)
+        };
+        let origin_bit = match origin {
+            Direction::Egress => 0,
+            Direction::Ingress => F_ORIGIN_INGRESS,
+        };
+        self.slots[i] = FlowSlot {
+            local: key.local,
+            remote: key.remote,
+            tenant: key.tenant,
+            local_port: key.local_port,
+            remote_port: key.remote_port,
+            expires,
+            verdict_slot: verdict.slot,
+            verdict_gen: verdict.gen,
+            kind: key.kind(),
+            state: origin_bit | tcp as u8,
+        };
+        old
+    }
+
+    /// Update a found entry's state byte and expiry.
+    #[inline]
+    pub fn touch(&mut self, i: usize, state: u8, expires: u32) {
+        let s = &mut self.slots[i];
+        s.state = state;
+        s.expires = expires;
+    }
+
+    /// Set the replied flag and expiry of a found entry.
+    #[inline]
+    pub fn mark_replied(&mut self, i: usize, expires: u32) {
+        let s = &mut self.slots[i];
+        s.state |= F_REPLIED;
+        s.expires = expires;
+    }
+
+    /// Remove the entry at `i` (backward-shift deletion) and return it.
+    pub fn remove(&mut self, mut i: usize) -> FlowSlot {
+        let removed = self.slots[i];
+        if removed.is_empty() {
+            return removed;
+        }
+        let n = self.slots.len();
+        let mut j = i;
+        for _ in 0..n {
+            j = self.next(j);
+            let e = self.slots[j];
+            if e.is_empty() {
+                break;
+            }
+            let home = reduce(e.hash(self.seed), n);
+            // Entry j stays unless moving it back to i keeps it on its probe path, i.e. unless its
+            // home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                self.slots[i] = e;
+                i = j;
+            }
+        }
+        self.slots[i] = FlowSlot::EMPTY;
+        self.used -= 1;
+        removed
+    }
+
+    /// Examine up to `budget` slots from a rotating cursor. `judge` sees each occupied slot and
+    /// whether it has expired, and returns whether to remove it (it releases what the entry holds).
+    /// Returns the number removed.
+    pub fn sweep(
+        &mut self,
+        now_s: u32,
+        budget: usize,
+        mut judge: impl FnMut(&FlowSlot, bool) -> bool,
+    ) -> usize {
+        let mut removed = 0;
+        let mut examined = 0;
+        let budget = budget.min(self.slots.len());
+        // Each step either advances the cursor (at most `budget` times) or removes an entry (at
+        // most `used` times), so the loop is bounded.
+        while examined < budget {
+            let i = self.sweep_cursor;
+            let s = self.slots[i];
+            if !s.is_empty() && judge(&s, !s.is_live(now_s)) {
+                self.remove(i);
+                removed += 1;
+                // A later entry may have shifted into slot i: look at it again.
+                continue;
+            }
+            self.sweep_cursor = self.next(i);
+            examined += 1;
+        }
+        removed
+    }
+
+    /// Iterate over occupied slots (diagnostics, tests).
+    pub fn iter(&self) -> impl Iterator<Item = &FlowSlot> {
+        self.slots.iter().filter(|s| !s.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_wire::verdict::{v4, IpVersion, Protocol};
+
+    fn key(n: u32) -> FlowKey {
+        FlowKey {
+            tenant: 1,
+            ip_version: IpVersion::V4,
+            protocol: Protocol::Udp,
+            local: v4([10, 0, 0, 2]),
+            remote: v4(n.to_be_bytes()),
+            local_port: 1000,
+            remote_port: 53,
+        }
+    }
+
+    const V: VerdictRef = VerdictRef { slot: 0, gen: 0 };
+
+    #[test]
+    fn insert_find_remove_many() {
+        let mut store = [FlowSlot::EMPTY; 64];
+        let mut ct = Conntrack::new(&mut store, 99).unwrap();
+        assert_eq!(ct.capacity(), 56);
+        for n in 0..56 {
+            let k = key(n);
+            let h = ct.hash(&k);
+            let Probe::Vacant(i) = ct.lookup(&k, h, 0) else {
+                panic!("dup")
+            };
+            assert!(!ct.is_full());
+            ct.insert(i, &k, Direction::Egress, TcpState::None, V, 100);
+        }
+        assert!(ct.is_full());
+        // Remove every other key, then every remaining one must still be found.
+        for n in (0..56).step_by(2) {
+            let k = key(n);
+            let Probe::Found(i) = ct.lookup(&k, ct.hash(&k), 0) else {
+                panic!("lost {n}")
+            };
+            assert_eq!(ct.remove(i).key(), Some(k));
+        }
+        for n in 0..56 {
+            let k = key(n);
+            let found = matches!(ct.lookup(&k, ct.hash(&k), 0), Probe::Found(_));
+            assert_eq!(found, n % 2 == 1, "key {n}");
+        }
+        assert_eq!(ct.used(), 28);
+    }
+
+    #[test]
+    fn sweep_reclaims_expired_only() {
+        let mut store = [FlowSlot::EMPTY; 32];
+        let mut ct = Conntrack::new(&mut store, 5).unwrap();
+        for n in 0..20 {
+            let k = key(n);
+            let Probe::Vacant(i) = ct.lookup(&k, ct.hash(&k), 0) else {
+                panic!()
+            };
+            ct.insert(
+                i,
+                &k,
+                Direction::Egress,
+                TcpState::None,
+                V,
+                if n < 10 { 5 } else { 50 },
+            );
+        }
+        let mut seen = 0;
+        let removed = ct.sweep(10, 1000, |_, expired| {
+            seen += usize::from(expired);
+            expired
+        });
+        assert_eq!((removed, seen), (10, 10));
+        assert_eq!(ct.used(), 10);
+        for n in 10..20 {
+            let k = key(n);
+            assert!(matches!(ct.lookup(&k, ct.hash(&k), 10), Probe::Found(_)));
+        }
+    }
+}

@@ -1,0 +1,444 @@
+//! The default-deny stateful packet filter.
+//!
+//! A frame is judged for one tenant in one [`Direction`] (the caller knows both from the switch
+//! port it arrived on and the port it leaves by; tenant-to-tenant traffic is judged twice: egress
+//! for the sender, ingress for the receiver). Outcomes:
+//! - ARP and IPv6 neighbour solicitation/advertisement pass (tenants and the gateway need them);
+//! - a packet of a tracked flow passes if it fits the flow's state (either direction: the reply
+//!   direction of a tracked flow passes);
+//! - an opening packet (TCP SYN, any UDP datagram, ICMP echo request) passes if a verdict opens it,
+//!   and creates a conntrack entry;
+//! - an ICMP error passes if the packet it quotes belongs to a tracked flow;
+//! - everything else is dropped and counted by [`DropReason`].
+//!
+//! All state lives in caller-supplied slices sized at construction; the data path never
+//! allocates. Time comes from the caller as monotonic nanoseconds; the filter has no clock.
+
+pub mod conntrack;
+pub mod flow;
+pub mod parse;
+pub mod verdicts;
+
+pub use conntrack::{slots_for, Conntrack, FlowSlot, Probe, TcpState, Timeouts};
+pub use flow::FlowKey;
+pub use parse::{parse, IpMeta, Parsed, TcpFlags, L4};
+pub use verdicts::{AddOutcome, IndexSlot, VerdictRef, VerdictSlot, VerdictTable};
+pub use vigil_wire::ring::DropReason;
+pub use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
+
+use vigil_wire::ring::{self, CountersWriter};
+use vigil_wire::verdict::VerdictError;
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Forward,
+    Drop(DropReason),
+}
+
+/// Filter counters (the micro-VM publishes them to the shared counters block).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub forwarded: u64,
+    /// ARP frames passed (included in `forwarded`).
+    pub arp: u64,
+    /// Neighbour discovery frames passed (included in `forwarded`).
+    pub ndp: u64,
+    pub drops: [u64; DropReason::COUNT],
+    pub flows_created: u64,
+    pub flows_expired: u64,
+    pub flows_revoked: u64,
+    pub verdicts_applied: u64,
+    pub verdicts_rejected: u64,
+    /// Verdict records whose sequence number was not the previous one plus one.
+    pub verdict_seq_gaps: u64,
+}
+
+impl Counters {
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops[reason as usize]
+    }
+
+    /// Copy into the shared counters block (global and per-reason counters; per-port counters
+    /// belong to the packet loop).
+    pub fn publish(&self, w: &CountersWriter<'_>, flows_active: u64) {
+        w.set_global(ring::GLOBAL_FORWARDED, self.forwarded);
+        w.set_global(ring::GLOBAL_ARP, self.arp + self.ndp);
+        w.set_global(ring::GLOBAL_VERDICTS_APPLIED, self.verdicts_applied);
+        w.set_global(ring::GLOBAL_VERDICTS_REJECTED, self.verdicts_rejected);
+        w.set_global(ring::GLOBAL_FLOWS_ACTIVE, flows_active);
+        w.set_global(ring::GLOBAL_FLOWS_CREATED, self.flows_created);
+        for r in DropReason::ALL {
+            w.set_drop(r, self.drops[r as usize]);
+        }
+    }
+}
+
+/// Filter configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub timeouts: Timeouts,
+    /// Secret seed of the table hashes (from the boot information).
+    pub hash_seed: u64,
+    /// Slots a packet that finds the table full may sweep for expired entries before giving up.
+    pub sweep_on_full: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            timeouts: Timeouts::default(),
+            hash_seed: 0x243f_6a88_85a3_08d3,
+            sweep_on_full: 64,
+        }
+    }
+}
+
+/// Why a verdict record was not applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ApplyError {
+    Invalid(VerdictError),
+    /// No room for a new verdict.
+    TableFull,
+    /// `Remove` of a verdict that is not present.
+    NotFound,
+}
+
+/// Why the filter could not be built from the given storage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetupError {
+    /// Fewer than 2 flow slots, or more than 2^32.
+    FlowSlots,
+    /// No verdict slot, or an index not larger than the slab.
+    VerdictSlots,
+}
+
+/// Seconds of the caller's monotonic clock (conntrack timeouts are whole seconds; a `u32` of
+/// seconds lasts 136 years).
+#[inline]
+fn secs(now_ns: u64) -> u32 {
+    (now_ns / 1_000_000_000).min(u64::from(u32::MAX)) as u32
+}
+
+pub struct Filter<'a> {
+    conntrack: Conntrack<'a>,
+    verdicts: VerdictTable<'a>,
+    config: Config,
+    counters: Counters,
+    last_seq: u64,
+}
+
+impl<'a> Filter<'a> {
+    /// Build a filter over caller-supplied storage (statics in the micro-VM, boxed slices on a
+    /// host). `flows` should come from [`slots_for`]; `verdict_index` should be at least twice as
+    /// long as `verdicts`.
+    pub fn new(
+        flows: &'a mut [FlowSlot],
+        verdicts: &'a mut [VerdictSlot],
+        verdict_index: &'a mut [IndexSlot],
+        config: Config,
+    ) -> Result<Filter<'a>, SetupError> {
+        let conntrack = Conntrack::new(flows, config.hash_seed).ok_or(SetupError::FlowSlots)?;
+        let verdicts = VerdictTable::new(verdicts, verdict_index, config.hash_seed)
+            .ok_or(SetupError::VerdictSlots)?;
+        Ok(Filter {
+            conntrack,
+            verdicts,
+            config,
+            counters: Counters::default(),
+            last_seq: 0,
+        })
+    }
+
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    pub fn conntrack(&self) -> &Conntrack<'a> {
+        &self.conntrack
+    }
+
+    pub fn verdicts(&self) -> &VerdictTable<'a> {
+        &self.verdicts
+    }
+
+    /// Apply one raw verdict record (as popped from the ring).
+    pub fn apply_record(&mut self, record: &[u8], now_ns: u64) -> Result<(), ApplyError> {
+        match VerdictRepr::from_bytes(record) {
+            Ok(v) => self.apply(&v, now_ns),
+            Err(e) => {
+                self.counters.verdicts_rejected += 1;
+                Err(ApplyError::Invalid(e))
+            }
+        }
+    }
+
+    /// Apply one decoded verdict.
+    pub fn apply(&mut self, v: &VerdictRepr, now_ns: u64) -> Result<(), ApplyError> {
+        if v.seq != self.last_seq.wrapping_add(1) {
+            self.counters.verdict_seq_gaps += 1;
+        }
+        self.last_seq = v.seq;
+        let result = match v.op {
+            Op::Add => self
+                .verdicts
+                .add(v.tenant, &v.rule, v.seq, v.lifetime_ms, now_ns)
+                .map(|_| ())
+                .map_err(|_| ApplyError::TableFull),
+            Op::Remove => {
+                if self.verdicts.remove(v.tenant, &v.rule) {
+                    Ok(())
+                } else {
+                    Err(ApplyError::NotFound)
+                }
+            }
+            Op::FlushTenant => {
+                self.verdicts.flush_tenant(v.tenant);
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => self.counters.verdicts_applied += 1,
+            Err(_) => self.counters.verdicts_rejected += 1,
+        }
+        result
+    }
+
+    /// Reclaim up to `budget` conntrack slots and verdict slots: expired flows, flows of removed
+    /// verdicts, expired verdicts without flows. Call from the idle path of the packet loop.
+    pub fn sweep(&mut self, now_ns: u64, budget: usize) -> usize {
+        self.sweep_flows(secs(now_ns), budget) + self.verdicts.sweep(now_ns, budget)
+    }
+
+    fn sweep_flows(&mut self, now_s: u32, budget: usize) -> usize {
+        let verdicts = &mut self.verdicts;
+        let counters = &mut self.counters;
+        self.conntrack.sweep(now_s, budget, |s, expired| {
+            if expired {
+                verdicts.release(s.verdict());
+                counters.flows_expired += 1;
+                true
+            } else if !verdicts.is_current(s.verdict()) {
+                counters.flows_revoked += 1;
+                true
+            } else {
+                false
+            }
+        })
+    }
+
+    /// Judge one frame for `tenant`, travelling in `dir` (egress: leaving the tenant).
+    #[inline]
+    pub fn process(&mut self, tenant: u32, dir: Direction, frame: &[u8], now_ns: u64) -> Decision {
+        let d = self.decide(tenant, dir, frame, now_ns);
+        match d {
+            Decision::Forward => self.counters.forwarded += 1,
+            Decision::Drop(r) => self.counters.drops[r as usize] += 1,
+        }
+        d
+    }
+
+    fn decide(&mut self, tenant: u32, dir: Direction, frame: &[u8], now_ns: u64) -> Decision {
+        match parse(frame) {
+            Err(reason) => Decision::Drop(reason),
+            Ok(Parsed::Arp) => {
+                self.counters.arp += 1;
+                Decision::Forward
+            }
+            Ok(Parsed::NeighborDiscovery) => {
+                self.counters.ndp += 1;
+                Decision::Forward
+            }
+            Ok(Parsed::Ip(meta)) => self.ip(tenant, dir, &meta, now_ns),
+        }
+    }
+
+    fn ip(&mut self, tenant: u32, dir: Direction, m: &IpMeta, now_ns: u64) -> Decision {
+        let now_s = secs(now_ns);
+        let (sport, dport) = match m.l4 {
+            L4::Tcp {
+                src_port, dst_port, ..
+            }
+            | L4::Udp { src_port, dst_port } => (src_port, dst_port),
+            // Both directions of an echo exchange carry the same identifier; it stands in the
+            // tenant-side port of the key.
+            L4::EchoRequest { ident } | L4::EchoReply { ident } => match dir {
+                Direction::Egress => (ident, 0),
+                Direction::Ingress => (0, ident),
+            },
+            L4::IcmpError { inner } => return self.icmp_error(tenant, dir, m, &inner, now_s),
+        };
+        let key = FlowKey::from_packet(
+            tenant,
+            dir,
+            m.ip_version,
+            m.protocol,
+            m.src,
+            m.dst,
+            sport,
+            dport,
+        );
+        let hash = self.conntrack.hash(&key);
+        match self.conntrack.lookup(&key, hash, now_s) {
+            Probe::Found(i) => match self.existing(i, dir, &m.l4, now_s) {
+                Some(d) => d,
+                // A SYN re-opening a closed connection: judged as a new flow.
+                None => {
+                    let old = self.conntrack.remove(i);
+                    self.verdicts.release(old.verdict());
+                    let Probe::Vacant(i) = self.conntrack.lookup(&key, hash, now_s) else {
+                        return Decision::Drop(DropReason::InvalidTcpState);
+                    };
+                    self.open(i, &key, hash, dir, &m.l4, now_ns)
+                }
+            },
+            Probe::Vacant(i) => self.open(i, &key, hash, dir, &m.l4, now_ns),
+        }
+    }
+
+    /// A packet of the tracked flow at slot `i`. `None`: re-open as a new flow.
+    #[inline]
+    fn existing(&mut self, i: usize, dir: Direction, l4: &L4, now_s: u32) -> Option<Decision> {
+        let e = *self.conntrack.slot(i);
+        if !self.verdicts.is_current(e.verdict()) {
+            self.conntrack.remove(i);
+            self.counters.flows_revoked += 1;
+            return Some(Decision::Drop(DropReason::Revoked));
+        }
+        let t = &self.config.timeouts;
+        let orig = dir == e.origin();
+        match *l4 {
+            L4::Tcp { flags, .. } => match conntrack::tcp_step(e.state_byte(), orig, flags) {
+                conntrack::TcpStep::Pass(state) => {
+                    let timeout = t.tcp(TcpState::from_bits(state));
+                    self.conntrack
+                        .touch(i, state, now_s.saturating_add(timeout));
+                    Some(Decision::Forward)
+                }
+                conntrack::TcpStep::Invalid => Some(Decision::Drop(DropReason::InvalidTcpState)),
+                conntrack::TcpStep::Reopen => None,
+            },
+            L4::Udp { .. } => {
+                if orig && !e.replied() {
+                    self.conntrack
+                        .touch(i, e.state_byte(), now_s.saturating_add(t.udp_unreplied));
+                } else {
+                    self.conntrack
+                        .mark_replied(i, now_s.saturating_add(t.udp_replied));
+                }
+                Some(Decision::Forward)
+            }
+            L4::EchoRequest { .. } | L4::EchoReply { .. } => {
+                let request = matches!(l4, L4::EchoRequest { .. });
+                if request != orig {
+                    // A request against the flow's direction, or a reply along it.
+                    return Some(Decision::Drop(DropReason::IcmpUnsupported));
+                }
+                if orig {
+                    self.conntrack
+                        .touch(i, e.state_byte(), now_s.saturating_add(t.icmp));
+                } else {
+                    self.conntrack.mark_replied(i, now_s.saturating_add(t.icmp));
+                }
+                Some(Decision::Forward)
+            }
+            L4::IcmpError { .. } => Some(Decision::Drop(DropReason::IcmpUnsupported)),
+        }
+    }
+
+    /// A packet without a tracked flow: open one if it is an opening packet and a verdict allows.
+    fn open(
+        &mut self,
+        mut i: usize,
+        key: &FlowKey,
+        hash: u32,
+        dir: Direction,
+        l4: &L4,
+        now_ns: u64,
+    ) -> Decision {
+        let now_s = secs(now_ns);
+        let t = &self.config.timeouts;
+        let (opening, tcp, timeout) = match *l4 {
+            L4::Tcp { flags, .. } => (
+                flags.syn && !flags.ack && !flags.rst && !flags.fin,
+                TcpState::SynSent,
+                t.tcp_syn_sent,
+            ),
+            L4::Udp { .. } => (true, TcpState::None, t.udp_unreplied),
+            L4::EchoRequest { .. } => (true, TcpState::None, t.icmp),
+            L4::EchoReply { .. } | L4::IcmpError { .. } => (false, TcpState::None, 0),
+        };
+        let verdict = self.verdicts.find(key, dir, now_ns);
+        let Some(verdict) = verdict else {
+            return Decision::Drop(DropReason::NoVerdict);
+        };
+        if !opening {
+            // A verdict exists but the flow was never opened: mid-stream TCP, a stray reply.
+            return Decision::Drop(if matches!(l4, L4::Tcp { .. }) {
+                DropReason::InvalidTcpState
+            } else {
+                DropReason::NoVerdict
+            });
+        }
+        if self.conntrack.needs_room(i) && self.conntrack.is_full() {
+            // Reclaim expired entries (bounded work), then look again; live entries are never
+            // evicted.
+            let freed = self.sweep_flows(now_s, self.config.sweep_on_full);
+            if freed == 0 {
+                return Decision::Drop(DropReason::TableFull);
+            }
+            match self.conntrack.lookup(key, hash, now_s) {
+                Probe::Vacant(j) => i = j,
+                Probe::Found(_) => return Decision::Drop(DropReason::InvalidTcpState),
+            }
+            if self.conntrack.needs_room(i) && self.conntrack.is_full() {
+                return Decision::Drop(DropReason::TableFull);
+            }
+        }
+        if let Some(old) =
+            self.conntrack
+                .insert(i, key, dir, tcp, verdict, now_s.saturating_add(timeout))
+        {
+            self.verdicts.release(old.verdict());
+            self.counters.flows_expired += 1;
+        }
+        self.verdicts.acquire(verdict);
+        self.counters.flows_created += 1;
+        Decision::Forward
+    }
+
+    /// An ICMP error passes when the packet it quotes belongs to a live tracked flow. The quoted
+    /// packet travelled the other way (the error answers it).
+    fn icmp_error(
+        &mut self,
+        tenant: u32,
+        dir: Direction,
+        m: &IpMeta,
+        q: &parse::Quoted,
+        now_s: u32,
+    ) -> Decision {
+        let quoted_dir = dir.reverse();
+        let (sport, dport) = match (q.protocol.is_icmp(), quoted_dir) {
+            // The echo identifier goes to the tenant-side port, as in `ip`.
+            (true, Direction::Ingress) => (0, q.src_port),
+            _ => (q.src_port, q.dst_port),
+        };
+        let key = FlowKey::from_packet(
+            tenant,
+            quoted_dir,
+            m.ip_version,
+            q.protocol,
+            q.src,
+            q.dst,
+            sport,
+            dport,
+        );
+        let hash = self.conntrack.hash(&key);
+        match self.conntrack.lookup(&key, hash, now_s) {
+            Probe::Found(i) if self.verdicts.is_current(self.conntrack.slot(i).verdict()) => {
+                Decision::Forward
+            }
+            _ => Decision::Drop(DropReason::NoVerdict),
+        }
+    }
+}

@@ -1,0 +1,351 @@
+//! Frame parsing: Ethernet (with at most one 802.1Q tag), ARP, IPv4, IPv6, TCP, UDP, ICMPv4,
+//! ICMPv6, through smoltcp's zero-copy `wire` views. Every view is built with `new_checked`
+//! (`check_len`) before any accessor runs, and every hand-read offset is bounds-checked, so no
+//! input — truncated, lying about its lengths, or random — can panic.
+//!
+//! VLAN decision: a frame with one 802.1Q tag (TPID 0x8100) is filtered on its inner packet
+//! exactly like an untagged one; the tag is neither part of the flow key (a tenant is identified by
+//! the switch port it sits on, not by a tag it can write itself) nor removed (the frame is forwarded
+//! as received). Stacked tags (802.1ad S-tag 0x88a8, or a second 0x8100) are dropped and counted
+//! as [`DropReason::VlanStacked`]: nothing in Vigil produces them, and double tagging is the
+//! classic VLAN-hopping vector.
+
+use smoltcp::wire::{
+    ArpHardware, ArpPacket, EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet,
+    Icmpv6Message, Icmpv6Packet, IpProtocol, Ipv4Packet, Ipv6Packet, TcpPacket, UdpPacket,
+};
+use vigil_wire::ring::DropReason;
+use vigil_wire::verdict::{IpVersion, Protocol};
+
+/// IEEE 802.1Q customer VLAN tag protocol identifier.
+pub const ETHERTYPE_VLAN: u16 = 0x8100;
+/// IEEE 802.1ad service VLAN tag protocol identifier (QinQ outer tag).
+pub const ETHERTYPE_QINQ: u16 = 0x88a8;
+/// Length of an 802.1Q tag (TPID is the outer EtherType; TCI 2 bytes + inner EtherType 2 bytes).
+const VLAN_TAG_LEN: usize = 4;
+/// RFC 4861 §7.1.1/§7.1.2: neighbour discovery messages must arrive with hop limit 255 (proof
+/// they were not forwarded by a router).
+const NDP_HOP_LIMIT: u8 = 255;
+/// Length of an ICMP error header (type, code, checksum, 4 bytes unused/MTU/pointer): RFC 792,
+/// RFC 4443 §2.1.
+const ICMP_ERROR_HEADER: usize = 8;
+/// Bytes of the offending packet's transport header an ICMP error must quote to name its flow
+/// (ports, or type/code/checksum/identifier for echo): RFC 792 quotes at least 64 bits.
+const QUOTED_L4: usize = 8;
+
+/// TCP flags the tracker looks at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpFlags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+    /// The segment carries payload bytes.
+    pub data: bool,
+}
+
+/// Transport-level facts about a packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum L4 {
+    Tcp {
+        src_port: u16,
+        dst_port: u16,
+        flags: TcpFlags,
+    },
+    Udp {
+        src_port: u16,
+        dst_port: u16,
+    },
+    EchoRequest {
+        ident: u16,
+    },
+    EchoReply {
+        ident: u16,
+    },
+    /// An ICMP error (destination unreachable, time exceeded, packet too big, parameter problem)
+    /// quoting a packet of some flow.
+    IcmpError {
+        inner: Quoted,
+    },
+}
+
+/// The packet quoted in an ICMP error: enough to rebuild its flow key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quoted {
+    pub protocol: Protocol,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Ports, or the echo identifier in `src_port` (and 0 in `dst_port`) for ICMP echo.
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// An IP packet's flow-relevant fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpMeta {
+    pub ip_version: IpVersion,
+    pub protocol: Protocol,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub l4: L4,
+}
+
+/// What a frame is, as far as the filter cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// A well-formed Ethernet/IPv4 ARP packet: passes (tenants and the gateway need it).
+    Arp,
+    /// IPv6 neighbour solicitation or advertisement with hop limit 255: passes (IPv6's ARP).
+    NeighborDiscovery,
+    Ip(IpMeta),
+}
+
+fn v4_field(a: [u8; 4]) -> [u8; 16] {
+    vigil_wire::verdict::v4(a)
+}
+
+/// Parse one Ethernet frame.
+pub fn parse(frame: &[u8]) -> Result<Parsed, DropReason> {
+    let eth = EthernetFrame::new_checked(frame).map_err(|_| DropReason::Malformed)?;
+    let mut ethertype = u16::from(eth.ethertype());
+    let mut payload = eth.payload();
+    if ethertype == ETHERTYPE_QINQ {
+        return Err(DropReason::VlanStacked);
+    }
+    if ethertype == ETHERTYPE_VLAN {
+        if payload.len() < VLAN_TAG_LEN {
+            return Err(DropReason::Malformed);
+        }
+        ethertype = u16::from_be_bytes([payload[2], payload[3]]);
+        payload = &payload[VLAN_TAG_LEN..];
+        if ethertype == ETHERTYPE_VLAN || ethertype == ETHERTYPE_QINQ {
+            return Err(DropReason::VlanStacked);
+        }
+    }
+    match EthernetProtocol::from(ethertype) {
+        EthernetProtocol::Arp => parse_arp(payload),
+        EthernetProtocol::Ipv4 => parse_ipv4(payload),
+        EthernetProtocol::Ipv6 => parse_ipv6(payload),
+        EthernetProtocol::Unknown(_) => Err(DropReason::NonIp),
+    }
+}
+
+fn parse_arp(payload: &[u8]) -> Result<Parsed, DropReason> {
+    let arp = ArpPacket::new_checked(payload).map_err(|_| DropReason::Malformed)?;
+    // Only Ethernet/IPv4 ARP exists on this network; anything else is malformed for us.
+    if arp.hardware_type() != ArpHardware::Ethernet
+        || arp.protocol_type() != EthernetProtocol::Ipv4
+        || arp.hardware_len() != 6
+        || arp.protocol_len() != 4
+    {
+        return Err(DropReason::Malformed);
+    }
+    Ok(Parsed::Arp)
+}
+
+fn parse_ipv4(payload: &[u8]) -> Result<Parsed, DropReason> {
+    let ip = Ipv4Packet::new_checked(payload).map_err(|_| DropReason::Malformed)?;
+    if ip.version() != 4 {
+        return Err(DropReason::Malformed);
+    }
+    // No reassembly: a later fragment has no transport header to match, and letting first
+    // fragments through alone would be pointless.
+    if ip.more_frags() || ip.frag_offset() != 0 {
+        return Err(DropReason::Fragment);
+    }
+    let src = v4_field(ip.src_addr().octets());
+    let dst = v4_field(ip.dst_addr().octets());
+    let body = ip.payload();
+    let (protocol, l4) = match ip.next_header() {
+        IpProtocol::Tcp => (Protocol::Tcp, parse_tcp(body)?),
+        IpProtocol::Udp => (Protocol::Udp, parse_udp(body)?),
+        IpProtocol::Icmp => (Protocol::Icmp, parse_icmpv4(body)?),
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    Ok(Parsed::Ip(IpMeta {
+        ip_version: IpVersion::V4,
+        protocol,
+        src,
+        dst,
+        l4,
+    }))
+}
+
+fn parse_ipv6(payload: &[u8]) -> Result<Parsed, DropReason> {
+    let ip = Ipv6Packet::new_checked(payload).map_err(|_| DropReason::Malformed)?;
+    if ip.version() != 6 {
+        return Err(DropReason::Malformed);
+    }
+    let src = ip.src_addr().octets();
+    let dst = ip.dst_addr().octets();
+    let body = ip.payload();
+    // Extension headers (hop-by-hop, routing, fragment, ...) are not walked: the next header must
+    // be the transport header itself, otherwise the packet is dropped and counted.
+    let (protocol, l4) = match ip.next_header() {
+        IpProtocol::Tcp => (Protocol::Tcp, parse_tcp(body)?),
+        IpProtocol::Udp => (Protocol::Udp, parse_udp(body)?),
+        IpProtocol::Icmpv6 => {
+            let icmp = Icmpv6Packet::new_checked(body).map_err(|_| DropReason::Malformed)?;
+            match icmp.msg_type() {
+                Icmpv6Message::NeighborSolicit | Icmpv6Message::NeighborAdvert => {
+                    if ip.hop_limit() != NDP_HOP_LIMIT {
+                        return Err(DropReason::Malformed);
+                    }
+                    return Ok(Parsed::NeighborDiscovery);
+                }
+                Icmpv6Message::EchoRequest => (
+                    Protocol::Icmpv6,
+                    L4::EchoRequest {
+                        ident: icmp.echo_ident(),
+                    },
+                ),
+                Icmpv6Message::EchoReply => (
+                    Protocol::Icmpv6,
+                    L4::EchoReply {
+                        ident: icmp.echo_ident(),
+                    },
+                ),
+                Icmpv6Message::DstUnreachable
+                | Icmpv6Message::PktTooBig
+                | Icmpv6Message::TimeExceeded
+                | Icmpv6Message::ParamProblem => {
+                    let quoted = body.get(ICMP_ERROR_HEADER..).ok_or(DropReason::Malformed)?;
+                    (
+                        Protocol::Icmpv6,
+                        L4::IcmpError {
+                            inner: parse_quoted_v6(quoted)?,
+                        },
+                    )
+                }
+                _ => return Err(DropReason::IcmpUnsupported),
+            }
+        }
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    Ok(Parsed::Ip(IpMeta {
+        ip_version: IpVersion::V6,
+        protocol,
+        src,
+        dst,
+        l4,
+    }))
+}
+
+fn parse_tcp(body: &[u8]) -> Result<L4, DropReason> {
+    let tcp = TcpPacket::new_checked(body).map_err(|_| DropReason::Malformed)?;
+    Ok(L4::Tcp {
+        src_port: tcp.src_port(),
+        dst_port: tcp.dst_port(),
+        flags: TcpFlags {
+            syn: tcp.syn(),
+            ack: tcp.ack(),
+            fin: tcp.fin(),
+            rst: tcp.rst(),
+            data: !tcp.payload().is_empty(),
+        },
+    })
+}
+
+fn parse_udp(body: &[u8]) -> Result<L4, DropReason> {
+    let udp = UdpPacket::new_checked(body).map_err(|_| DropReason::Malformed)?;
+    Ok(L4::Udp {
+        src_port: udp.src_port(),
+        dst_port: udp.dst_port(),
+    })
+}
+
+fn parse_icmpv4(body: &[u8]) -> Result<L4, DropReason> {
+    let icmp = Icmpv4Packet::new_checked(body).map_err(|_| DropReason::Malformed)?;
+    match icmp.msg_type() {
+        Icmpv4Message::EchoRequest => Ok(L4::EchoRequest {
+            ident: icmp.echo_ident(),
+        }),
+        Icmpv4Message::EchoReply => Ok(L4::EchoReply {
+            ident: icmp.echo_ident(),
+        }),
+        Icmpv4Message::DstUnreachable
+        | Icmpv4Message::TimeExceeded
+        | Icmpv4Message::ParamProblem => {
+            let quoted = body.get(ICMP_ERROR_HEADER..).ok_or(DropReason::Malformed)?;
+            Ok(L4::IcmpError {
+                inner: parse_quoted_v4(quoted)?,
+            })
+        }
+        _ => Err(DropReason::IcmpUnsupported),
+    }
+}
+
+/// Ports (or echo identifier) from the first bytes of a quoted transport header.
+fn quoted_ports(protocol: Protocol, l4: &[u8]) -> Result<(u16, u16), DropReason> {
+    let l4 = l4.get(..QUOTED_L4).ok_or(DropReason::Malformed)?;
+    match protocol {
+        Protocol::Tcp | Protocol::Udp => Ok((
+            u16::from_be_bytes([l4[0], l4[1]]),
+            u16::from_be_bytes([l4[2], l4[3]]),
+        )),
+        // Only errors about echo name a flow; ICMPv4 echo request/reply types 8/0 (RFC 792),
+        // ICMPv6 128/129 (RFC 4443 §4).
+        Protocol::Icmp if l4[0] == 8 || l4[0] == 0 => Ok((u16::from_be_bytes([l4[4], l4[5]]), 0)),
+        Protocol::Icmpv6 if l4[0] == 128 || l4[0] == 129 => {
+            Ok((u16::from_be_bytes([l4[4], l4[5]]), 0))
+        }
+        _ => Err(DropReason::IcmpUnsupported),
+    }
+}
+
+/// The IPv4 packet quoted in an ICMPv4 error: usually cut short, so its total length is not
+/// checked against the bytes present; only the header and [`QUOTED_L4`] bytes must be there.
+fn parse_quoted_v4(q: &[u8]) -> Result<Quoted, DropReason> {
+    // RFC 791 header: version/IHL at 0, flags/fragment offset at 6..8, protocol at 9, addresses
+    // at 12..16 and 16..20.
+    let first = *q.first().ok_or(DropReason::Malformed)?;
+    let ihl = usize::from(first & 0x0f) * 4;
+    if first >> 4 != 4 || ihl < 20 || q.len() < ihl {
+        return Err(DropReason::Malformed);
+    }
+    let frag_offset = u16::from_be_bytes([q[6], q[7]]) & 0x1fff;
+    if frag_offset != 0 {
+        return Err(DropReason::Fragment);
+    }
+    let protocol = match q[9] {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        1 => Protocol::Icmp,
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    let (src_port, dst_port) = quoted_ports(protocol, &q[ihl..])?;
+    Ok(Quoted {
+        protocol,
+        src: v4_field([q[12], q[13], q[14], q[15]]),
+        dst: v4_field([q[16], q[17], q[18], q[19]]),
+        src_port,
+        dst_port,
+    })
+}
+
+/// The IPv6 packet quoted in an ICMPv6 error (RFC 8200 fixed header: next header at 6, source at
+/// 8..24, destination at 24..40).
+fn parse_quoted_v6(q: &[u8]) -> Result<Quoted, DropReason> {
+    const FIXED: usize = 40;
+    if q.len() < FIXED || q[0] >> 4 != 6 {
+        return Err(DropReason::Malformed);
+    }
+    let protocol = match q[6] {
+        6 => Protocol::Tcp,
+        17 => Protocol::Udp,
+        58 => Protocol::Icmpv6,
+        _ => return Err(DropReason::UnsupportedProtocol),
+    };
+    let (src_port, dst_port) = quoted_ports(protocol, &q[FIXED..])?;
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&q[8..24]);
+    dst.copy_from_slice(&q[24..40]);
+    Ok(Quoted {
+        protocol,
+        src,
+        dst,
+        src_port,
+        dst_port,
+    })
+}

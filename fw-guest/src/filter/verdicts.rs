@@ -1,0 +1,473 @@
+//! The verdict table: which new flows a tenant may open.
+//!
+//! Verdicts live in a slab of caller-supplied slots (stable indices, so conntrack entries can
+//! point at the verdict that opened them) and are found through an open-addressing index of
+//! `(hash, slot)` pairs. Every verdict is indexed under exactly one key:
+//! - an *exact* verdict (remote address fully specified, one remote port; what a `connect` or a
+//!   `sendmsg` produces) under `(tenant, direction, version, protocol, remote address, remote port)`;
+//! - any other verdict (a `bind`/`listen` open to a remote prefix or to anyone) under
+//!   `(tenant, direction, version, protocol, local port)`, where local port 0 means "any port".
+//!
+//! A new flow costs at most three index probes (exact, its local port, local port 0), each O(1)
+//! expected, independent of the number of verdicts.
+//!
+//! Removing a verdict bumps its slot's generation: flows it opened are closed the next time they
+//! are seen (or swept), without scanning the conntrack table. A verdict that merely *expires*
+//! stops opening new flows but keeps the flows it already opened; its slot is reclaimed once none
+//! remain.
+
+use vigil_wire::verdict::{Direction, Protocol, Rule};
+
+use super::flow::{hash_fields, kind_byte, reduce, FlowKey};
+
+/// Marks an empty index slot / the end of the free list.
+const NONE: u32 = u32::MAX;
+/// Distinguishes the verdict index's hash from the conntrack hash with the same seed.
+const INDEX_SALT: u64 = 0x5645_5244_4943_5453;
+const TAG_EXACT: u8 = 1;
+const TAG_LOCAL_PORT: u8 = 2;
+
+/// One verdict slot (caller-allocated storage; see [`VerdictSlot::EMPTY`]).
+#[derive(Clone, Copy, Debug)]
+pub struct VerdictSlot {
+    rule: Rule,
+    tenant: u32,
+    /// Caller clock, ns; 0 = never.
+    expires_ns: u64,
+    seq: u64,
+    /// Live conntrack entries opened by this verdict (while `gen` is unchanged).
+    flows: u32,
+    gen: u16,
+    live: bool,
+    next_free: u32,
+}
+
+impl VerdictSlot {
+    pub const EMPTY: VerdictSlot = VerdictSlot {
+        rule: Rule::any(
+            Direction::Egress,
+            vigil_wire::verdict::IpVersion::V4,
+            Protocol::Tcp,
+        ),
+        tenant: 0,
+        expires_ns: 0,
+        seq: 0,
+        flows: 0,
+        gen: 0,
+        live: false,
+        next_free: NONE,
+    };
+}
+
+/// One index slot (caller-allocated storage; see [`IndexSlot::EMPTY`]).
+#[derive(Clone, Copy, Debug)]
+pub struct IndexSlot {
+    hash: u32,
+    slot: u32,
+}
+
+impl IndexSlot {
+    pub const EMPTY: IndexSlot = IndexSlot {
+        hash: 0,
+        slot: NONE,
+    };
+}
+
+/// What `add` did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddOutcome {
+    Added(u32),
+    /// An identical verdict existed; its lifetime and sequence number were renewed.
+    Refreshed(u32),
+}
+
+/// The table has no free slot (after reclaiming expired verdicts without flows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictTableFull;
+
+/// Reference from a conntrack entry to the verdict that opened it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VerdictRef {
+    pub slot: u32,
+    pub gen: u16,
+}
+
+pub struct VerdictTable<'a> {
+    slots: &'a mut [VerdictSlot],
+    index: &'a mut [IndexSlot],
+    free_head: u32,
+    live: usize,
+    seed: u64,
+    sweep_cursor: usize,
+}
+
+/// Index key of a rule (or of the packet side it is matched against).
+struct IndexKey {
+    tag: u8,
+    addr: [u8; 16],
+    port: u16,
+}
+
+fn is_exact(rule: &Rule) -> bool {
+    rule.remote_prefix == rule.ip_version.addr_bits()
+        && (rule.protocol.is_icmp() || rule.remote_port_min == rule.remote_port_max)
+}
+
+fn index_key(rule: &Rule) -> IndexKey {
+    if is_exact(rule) {
+        IndexKey {
+            tag: TAG_EXACT,
+            addr: rule.remote_addr,
+            // ICMP has no remote port; its verdicts ignore the range.
+            port: if rule.protocol.is_icmp() {
+                0
+            } else {
+                rule.remote_port_min
+            },
+        }
+    } else {
+        IndexKey {
+            tag: TAG_LOCAL_PORT,
+            addr: [0; 16],
+            port: rule.local_port,
+        }
+    }
+}
+
+impl<'a> VerdictTable<'a> {
+    /// `index` should have at least twice as many entries as `slots` (load ≤ 1/2 keeps probes
+    /// short); it must have more, so probing always ends at an empty index slot.
+    pub fn new(
+        slots: &'a mut [VerdictSlot],
+        index: &'a mut [IndexSlot],
+        seed: u64,
+    ) -> Option<VerdictTable<'a>> {
+        if slots.is_empty() || index.len() <= slots.len() || index.len() >= NONE as usize {
+            return None;
+        }
+        let n = slots.len();
+        for (i, s) in slots.iter_mut().enumerate() {
+            *s = VerdictSlot::EMPTY;
+            s.next_free = if i + 1 < n { (i + 1) as u32 } else { NONE };
+        }
+        index.fill(IndexSlot::EMPTY);
+        Some(VerdictTable {
+            slots,
+            index,
+            free_head: 0,
+            live: 0,
+            seed: seed ^ INDEX_SALT,
+            sweep_cursor: 0,
+        })
+    }
+
+    /// Number of verdicts present (including expired ones still holding flows).
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn hash(&self, tenant: u32, dir: Direction, rule_kind: u8, k: &IndexKey) -> u32 {
+        hash_fields(
+            self.seed, tenant, rule_kind, &k.addr, &[0; 16], k.port, dir as u16, k.tag,
+        )
+    }
+
+    fn rule_hash(&self, tenant: u32, rule: &Rule) -> u32 {
+        self.hash(
+            tenant,
+            rule.direction,
+            kind_byte(rule.ip_version, rule.protocol),
+            &index_key(rule),
+        )
+    }
+
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.index.len() {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    /// Slot of the verdict identical to `(tenant, rule)`, if present.
+    fn find_identical(&self, tenant: u32, rule: &Rule) -> Option<(usize, u32)> {
+        let h = self.rule_hash(tenant, rule);
+        let mut i = reduce(h, self.index.len());
+        for _ in 0..self.index.len() {
+            let e = self.index[i];
+            if e.slot == NONE {
+                return None;
+            }
+            if e.hash == h {
+                let s = &self.slots[e.slot as usize];
+                if s.live && s.tenant == tenant && s.rule == *rule {
+                    return Some((i, e.slot));
+                }
+            }
+            i = self.next(i);
+        }
+        None
+    }
+
+    /// Add (or refresh) a verdict.
+    pub fn add(
+        &mut self,
+        tenant: u32,
+        rule: &Rule,
+        seq: u64,
+        lifetime_ms: u64,
+        now_ns: u64,
+    ) -> Result<AddOutcome, VerdictTableFull> {
+        let expires_ns = if lifetime_ms == 0 {
+            0
+        } else {
+            // Saturate far out rather than wrap to "never" or into the past.
+            now_ns
+                .saturating_add(lifetime_ms.saturating_mul(1_000_000))
+                .max(1)
+        };
+        if let Some((_, slot)) = self.find_identical(tenant, rule) {
+            let s = &mut self.slots[slot as usize];
+            s.expires_ns = expires_ns;
+            s.seq = seq;
+            return Ok(AddOutcome::Refreshed(slot));
+        }
+        if self.free_head == NONE {
+            self.reclaim_all(now_ns);
+            if self.free_head == NONE {
+                return Err(VerdictTableFull);
+            }
+        }
+        let slot = self.free_head;
+        let h = self.rule_hash(tenant, rule);
+        {
+            let s = &mut self.slots[slot as usize];
+            self.free_head = s.next_free;
+            s.rule = *rule;
+            s.tenant = tenant;
+            s.expires_ns = expires_ns;
+            s.seq = seq;
+            s.flows = 0;
+            s.live = true;
+            s.next_free = NONE;
+        }
+        // The index has more entries than the slab, so an empty one exists.
+        let mut i = reduce(h, self.index.len());
+        while self.index[i].slot != NONE {
+            i = self.next(i);
+        }
+        self.index[i] = IndexSlot { hash: h, slot };
+        self.live += 1;
+        Ok(AddOutcome::Added(slot))
+    }
+
+    /// Remove the verdict identical to `(tenant, rule)`; flows it opened are revoked.
+    pub fn remove(&mut self, tenant: u32, rule: &Rule) -> bool {
+        match self.find_identical(tenant, rule) {
+            Some((pos, slot)) => {
+                self.unlink(pos, slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Remove every verdict of `tenant`; returns how many.
+    pub fn flush_tenant(&mut self, tenant: u32) -> usize {
+        let mut removed = 0;
+        for slot in 0..self.slots.len() {
+            let s = self.slots[slot];
+            if s.live && s.tenant == tenant {
+                if let Some((pos, _)) = self.find_identical(tenant, &s.rule) {
+                    self.unlink(pos, slot as u32);
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
+    /// Drop index entry `pos` (backward-shift deletion: no tombstones, probes stay short) and free
+    /// `slot`, bumping its generation.
+    fn unlink(&mut self, mut pos: usize, slot: u32) {
+        let n = self.index.len();
+        let mut j = pos;
+        loop {
+            j = self.next(j);
+            let e = self.index[j];
+            if e.slot == NONE {
+                break;
+            }
+            let home = reduce(e.hash, n);
+            // Entry j may move back to `pos` unless its home lies cyclically in (pos, j].
+            let stays = if pos <= j {
+                pos < home && home <= j
+            } else {
+                pos < home || home <= j
+            };
+            if !stays {
+                self.index[pos] = e;
+                pos = j;
+            }
+        }
+        self.index[pos] = IndexSlot::EMPTY;
+        let s = &mut self.slots[slot as usize];
+        s.live = false;
+        s.flows = 0;
+        s.gen = s.gen.wrapping_add(1);
+        s.next_free = self.free_head;
+        self.free_head = slot;
+        self.live -= 1;
+    }
+
+    fn matches(s: &VerdictSlot, key: &FlowKey, dir: Direction, now_ns: u64) -> bool {
+        let r = &s.rule;
+        s.live
+            && s.tenant == key.tenant
+            && r.direction == dir
+            && r.ip_version == key.ip_version
+            && r.protocol == key.protocol
+            && (s.expires_ns == 0 || now_ns < s.expires_ns)
+            && (r.local_port == 0 || r.local_port == key.local_port)
+            && (r.local_addr == [0; 16] || r.local_addr == key.local)
+            && r.remote_addr_matches(&key.remote)
+            && (r.protocol.is_icmp() || r.remote_port_matches(key.remote_port))
+    }
+
+    fn probe(&self, h: u32, key: &FlowKey, dir: Direction, now_ns: u64) -> Option<u32> {
+        let mut i = reduce(h, self.index.len());
+        for _ in 0..self.index.len() {
+            let e = self.index[i];
+            if e.slot == NONE {
+                return None;
+            }
+            if e.hash == h && Self::matches(&self.slots[e.slot as usize], key, dir, now_ns) {
+                return Some(e.slot);
+            }
+            i = self.next(i);
+        }
+        None
+    }
+
+    /// A verdict that opens `key` when its first packet travels in `dir`.
+    pub fn find(&self, key: &FlowKey, dir: Direction, now_ns: u64) -> Option<VerdictRef> {
+        if self.live == 0 {
+            return None;
+        }
+        let kind = key.kind();
+        let exact = IndexKey {
+            tag: TAG_EXACT,
+            addr: key.remote,
+            port: if key.protocol.is_icmp() {
+                0
+            } else {
+                key.remote_port
+            },
+        };
+        let by_port = IndexKey {
+            tag: TAG_LOCAL_PORT,
+            addr: [0; 16],
+            port: key.local_port,
+        };
+        let any_port = IndexKey {
+            tag: TAG_LOCAL_PORT,
+            addr: [0; 16],
+            port: 0,
+        };
+        let candidates: [Option<&IndexKey>; 3] = [
+            Some(&exact),
+            Some(&by_port),
+            (key.local_port != 0).then_some(&any_port),
+        ];
+        for k in candidates.into_iter().flatten() {
+            let h = self.hash(key.tenant, dir, kind, k);
+            if let Some(slot) = self.probe(h, key, dir, now_ns) {
+                return Some(VerdictRef {
+                    slot,
+                    gen: self.slots[slot as usize].gen,
+                });
+            }
+        }
+        None
+    }
+
+    /// Whether the verdict a flow points at is still the one that opened it.
+    #[inline]
+    pub fn is_current(&self, r: VerdictRef) -> bool {
+        match self.slots.get(r.slot as usize) {
+            Some(s) => s.live && s.gen == r.gen,
+            None => false,
+        }
+    }
+
+    /// A flow was opened by `r`.
+    pub fn acquire(&mut self, r: VerdictRef) {
+        if self.is_current(r) {
+            let s = &mut self.slots[r.slot as usize];
+            s.flows = s.flows.saturating_add(1);
+        }
+    }
+
+    /// A flow opened by `r` is gone.
+    pub fn release(&mut self, r: VerdictRef) {
+        if self.is_current(r) {
+            let s = &mut self.slots[r.slot as usize];
+            s.flows = s.flows.saturating_sub(1);
+        }
+    }
+
+    fn reclaimable(s: &VerdictSlot, now_ns: u64) -> bool {
+        s.live && s.expires_ns != 0 && now_ns >= s.expires_ns && s.flows == 0
+    }
+
+    fn reclaim_slot(&mut self, slot: usize) {
+        let s = self.slots[slot];
+        if let Some((pos, _)) = self.find_identical(s.tenant, &s.rule) {
+            self.unlink(pos, slot as u32);
+        }
+    }
+
+    /// Free every expired verdict that holds no flows (control path: O(capacity)).
+    pub fn reclaim_all(&mut self, now_ns: u64) -> usize {
+        let mut n = 0;
+        for slot in 0..self.slots.len() {
+            if Self::reclaimable(&self.slots[slot], now_ns) {
+                self.reclaim_slot(slot);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Examine up to `budget` slots from a rotating cursor, freeing reclaimable ones.
+    pub fn sweep(&mut self, now_ns: u64, budget: usize) -> usize {
+        let mut n = 0;
+        for _ in 0..budget.min(self.slots.len()) {
+            let slot = self.sweep_cursor;
+            self.sweep_cursor = if slot + 1 == self.slots.len() {
+                0
+            } else {
+                slot + 1
+            };
+            if Self::reclaimable(&self.slots[slot], now_ns) {
+                self.reclaim_slot(slot);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Number of flows a verdict currently holds (tests, diagnostics).
+    pub fn flows_of(&self, r: VerdictRef) -> Option<u32> {
+        self.is_current(r)
+            .then(|| self.slots[r.slot as usize].flows)
+    }
+}
