@@ -426,7 +426,11 @@ impl Vm {
                 // tell it the frequency KVM runs its TSC at.
                 if host == HostKind::Emulating && matches!(config.payload, Payload::Linux { .. }) {
                     if let Ok(khz) = vcpu_fd.get_tsc_khz() {
-                        cmdline.push_str(&format!(" tsc_early_khz={khz}"));
+                        let dilation = tsc_dilation();
+                        cmdline.push_str(&format!(
+                            " tsc_early_khz={}",
+                            u64::from(khz).saturating_mul(dilation)
+                        ));
                     }
                 }
                 // Linux learns its interrupt controllers and devices from ACPI; the micro-VM
@@ -578,6 +582,18 @@ impl Vm {
             stats,
         })
     }
+}
+
+/// How many times faster than it really runs an emulated tenant is told its TSC runs
+/// (`VIGIL_TSC_DILATION`, default 1). Guest time then passes that many times slower than wall
+/// time, and so do its timer ticks, each of which costs thousands of emulated instructions; every
+/// guest timeout grows by the same factor in wall time.
+fn tsc_dilation() -> u64 {
+    std::env::var("VIGIL_TSC_DILATION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|d| (1..=100).contains(d))
+        .unwrap_or(1)
 }
 
 /// VmRSS of this process from /proc/self/status, KiB (0 if unreadable).
