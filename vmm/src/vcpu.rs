@@ -131,6 +131,9 @@ pub struct Vcpu {
     state: VcpuState,
     syscall_fix: SyscallFix,
     pub stats: VcpuStats,
+    /// Guest RIPs seen at profiler kicks (`VIGIL_PROFILE`), to find where emulated ring 0 spends
+    /// its time.
+    pub rip_samples: Option<BTreeMap<u64, u64>>,
     /// `VIGIL_TRACE_EXITS=1`: log every completion and debug exit to stderr.
     trace: bool,
     /// `VIGIL_NO_SYSCALL_FIX=1`: leave the syscall fix off (to measure what it costs).
@@ -156,6 +159,7 @@ impl Vcpu {
             stats: VcpuStats::default(),
             trace: std::env::var_os("VIGIL_TRACE_EXITS").is_some(),
             no_syscall_fix: std::env::var_os("VIGIL_NO_SYSCALL_FIX").is_some(),
+            rip_samples: std::env::var_os("VIGIL_PROFILE").map(|_| BTreeMap::new()),
         }
     }
 
@@ -168,7 +172,15 @@ impl Vcpu {
             }
             let exit = match self.run_once() {
                 Ok(exit) => exit,
-                Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => continue,
+                Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
+                    // A kick: either a stop request (checked above) or a profiler sample.
+                    if let Some(samples) = self.rip_samples.as_mut() {
+                        if let Ok(regs) = self.fd.get_regs() {
+                            *samples.entry(regs.rip).or_default() += 1;
+                        }
+                    }
+                    continue;
+                }
                 Err(errno) => {
                     self.state = VcpuState::Stopped;
                     return StopReason::Crashed(format!(

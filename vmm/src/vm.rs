@@ -491,7 +491,7 @@ impl Vm {
         let first_reason: Arc<(Mutex<Option<StopReason>>, Condvar)> =
             Arc::new((Mutex::new(None), Condvar::new()));
         install_kick_handler();
-        let mut handles = Vec::new();
+        let mut handles: Vec<std::thread::JoinHandle<_>> = Vec::new();
         for mut vcpu in self.vcpus {
             let stop = stop.clone();
             let first_reason = first_reason.clone();
@@ -506,11 +506,25 @@ impl Vm {
                         *slot = Some(reason);
                     }
                     cvar.notify_all();
-                    vcpu.stats
+                    (vcpu.stats, vcpu.rip_samples)
                 })
                 .map_err(VmError::Thread)?;
             handles.push(handle);
         }
+        let sampler = std::env::var_os("VIGIL_PROFILE").map(|_| {
+            use std::os::unix::thread::JoinHandleExt;
+            let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                    for &thread in &threads {
+                        // SAFETY: the vCPU threads are joined only after this sampler is.
+                        unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+                    }
+                }
+            })
+        });
         // Wait for the first vCPU to stop (or the timeout), then stop the others.
         {
             let (lock, cvar) = &*first_reason;
@@ -536,6 +550,9 @@ impl Vm {
             }
         }
         stop.store(true, Ordering::Release);
+        if let Some(sampler) = sampler {
+            let _ = sampler.join();
+        }
         let mut stats = VcpuStats::default();
         for handle in handles {
             // A vCPU blocked in KVM_RUN returns on a signal; repeat until it has noticed `stop`.
@@ -548,7 +565,12 @@ impl Vm {
                 std::thread::sleep(Duration::from_millis(5));
             }
             match handle.join() {
-                Ok(vcpu_stats) => stats.merge(&vcpu_stats),
+                Ok((vcpu_stats, samples)) => {
+                    stats.merge(&vcpu_stats);
+                    if let Some(samples) = samples {
+                        write_profile(&samples);
+                    }
+                }
                 Err(_) => {
                     let (lock, _) = &*first_reason;
                     *lock.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -581,6 +603,25 @@ impl Vm {
             vmm_rss_kib: resident_kib(),
             stats,
         })
+    }
+}
+
+/// Writes the RIP histogram to `VIGIL_PROFILE` (one "count rip" line each, most frequent first).
+fn write_profile(samples: &BTreeMap<u64, u64>) {
+    let Some(path) = std::env::var_os("VIGIL_PROFILE") else {
+        return;
+    };
+    let mut rows: Vec<(u64, u64)> = samples.iter().map(|(rip, n)| (*n, *rip)).collect();
+    rows.sort_unstable_by(|a, b| b.cmp(a));
+    let text: String = rows
+        .iter()
+        .map(|(n, rip)| format!("{n} {rip:#x}\n"))
+        .collect();
+    if let Err(e) = fs::write(&path, text) {
+        eprintln!(
+            "vigil: cannot write the profile to {}: {e}",
+            PathBuf::from(path).display()
+        );
     }
 }
 
