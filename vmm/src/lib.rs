@@ -12,5 +12,6 @@ pub mod devices;
 pub mod emulation;
 pub mod host;
 pub mod layout;
+pub mod net_config;
 pub mod vcpu;
 pub mod vm;
