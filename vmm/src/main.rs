@@ -64,6 +64,9 @@ enum Command {
         mem: u64,
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
+        /// A network interface: tap=NAME[,netns=NS][,mac=MAC] (repeatable).
+        #[arg(long)]
+        net: Vec<vmm::net_config::NetConfig>,
         #[arg(long)]
         console_log: Option<PathBuf>,
         #[arg(long)]
@@ -108,6 +111,7 @@ fn main() -> ExitCode {
                         RoleArg::Edge => Role::Edge,
                     },
                 },
+                nets: Vec::new(),
                 console: ConsoleConfig {
                     log: console_log,
                     stdout: true,
@@ -122,6 +126,7 @@ fn main() -> ExitCode {
             cmdline,
             mem,
             vcpus,
+            net,
             console_log,
             timeout,
             marker,
@@ -135,6 +140,7 @@ fn main() -> ExitCode {
                     initramfs,
                     cmdline,
                 },
+                nets: net,
                 console: ConsoleConfig {
                     log: console_log,
                     stdout: true,

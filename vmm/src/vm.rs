@@ -108,6 +108,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub payload: Payload,
     pub console: ConsoleConfig,
+    /// Network interfaces (virtio-net over virtio-mmio), in guest order eth0, eth1, ...
+    pub nets: Vec<crate::net_config::NetConfig>,
 }
 
 /// How a VM run ended, with what it cost.
