@@ -49,14 +49,25 @@ impl Outside {
         ip(&["netns", "add", name]);
         let outside = Outside { name: name.into() };
         ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&["-n", name, "addr", "add", &format!("{HOST_IP}/24"), "dev", tap]);
+        ip(&[
+            "-n",
+            name,
+            "addr",
+            "add",
+            &format!("{HOST_IP}/24"),
+            "dev",
+            tap,
+        ]);
         ip(&["-n", name, "link", "set", tap, "up"]);
         ip(&["-n", name, "link", "set", "lo", "up"]);
         outside
     }
 
     /// Runs `f` on a thread that has entered the namespace (sockets it makes live there).
-    fn spawn<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/run/netns/{}", self.name);
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).expect("open netns");
@@ -70,7 +81,9 @@ impl Outside {
 
 impl Drop for Outside {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -88,7 +101,9 @@ fn debian_tenant_boots_and_talks_tcp_over_virtio_net_to_the_outside() {
         let listener = TcpListener::bind((HOST_IP, PORT)).expect("bind in the namespace");
         bound_tx.send(()).unwrap();
         let (mut stream, peer) = listener.accept().expect("accept");
-        stream.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
         let mut line = Vec::new();
         let mut byte = [0u8; 1];
         while stream.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
@@ -97,7 +112,9 @@ fn debian_tenant_boots_and_talks_tcp_over_virtio_net_to_the_outside() {
         stream.write_all(b"host-says-hello\n").expect("reply");
         (peer, String::from_utf8_lossy(&line).to_string())
     });
-    bound_rx.recv_timeout(Duration::from_secs(10)).expect("server bound");
+    bound_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("server bound");
 
     let workload = format!(
         "echo \"VIGIL-CHECK tcp-reply $(echo tenant-says-hello | nc -w 120 {HOST_IP} {PORT})\"\n\
@@ -130,21 +147,36 @@ fn debian_tenant_boots_and_talks_tcp_over_virtio_net_to_the_outside() {
     }
     let status = child.wait().expect("wait for vigil");
     let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).ok();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .ok();
     let console = lines.join("\n");
     assert!(status.success(), "vigil failed: {stderr}\n{console}");
 
     // Both ends of the TCP exchange.
     let (peer, received) = server.join().expect("server thread");
-    assert_eq!(peer.ip().to_string(), GUEST_IP, "the connection came from the guest");
+    assert_eq!(
+        peer.ip().to_string(),
+        GUEST_IP,
+        "the connection came from the guest"
+    );
     assert_eq!(received, "tenant-says-hello");
     assert!(
         console.contains("VIGIL-CHECK tcp-reply host-says-hello"),
         "the guest did not print the server's reply:\n{console}"
     );
     // A port nobody listens on answers with a reset, which the guest sees as refused.
-    assert!(console.contains("VIGIL-CHECK closed-port refused"), "{console}");
-    assert!(console.contains(&format!("inet {GUEST_IP}/24")), "{console}");
+    assert!(
+        console.contains("VIGIL-CHECK closed-port refused"),
+        "{console}"
+    );
+    assert!(
+        console.contains(&format!("inet {GUEST_IP}/24")),
+        "{console}"
+    );
     assert!(console.contains("VIGIL-WORKLOAD-EXIT rc=0"), "{console}");
 
     // The outcome: a clean poweroff, with the VMM's completions reported.
@@ -172,7 +204,10 @@ fn base64(bytes: &[u8]) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
         for i in 0..4 {
             if i <= chunk.len() {
                 out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);

@@ -1,0 +1,883 @@
+//! Bounded access to hostile guest memory.
+//!
+//! Everything the introspection code reads from a guest goes through [`GuestPhys`] (guest-physical reads
+//! that cannot leave guest RAM) and [`VirtReader`] (guest-virtual reads through the guest's own page
+//! tables). The guest controls every byte read here: page tables may point outside RAM or at themselves,
+//! strings may have no terminator, lists may cycle. Every walk is bounded (fixed page-walk depth, a
+//! maximum read length, a step limit and cycle detection on lists) and every failure is a typed
+//! [`MemError`].
+//!
+//! A [`VirtReader`] is meant to live for one trap: its small translation cache is only valid while the
+//! guest's vCPUs are stopped, so make a new reader (or call [`VirtReader::flush`]) after each resume.
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+/// CR4.LA57 (bit 12): 5-level paging is active (Intel SDM vol. 3A, 2.5 "Control Registers").
+pub const CR4_LA57: u64 = 1 << 12;
+/// Physical-address bits of CR3 and of paging-structure entries: bits 51:12 (Intel SDM vol. 3A, 4.5,
+/// tables 4-14 ... 4-20; MAXPHYADDR is at most 52). The low 12 bits of CR3 hold the PCID or PWT/PCD and
+/// bit 63 of a MOV to CR3 is the no-flush hint; none of them are address bits.
+pub const PHYS_ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Present bit of a paging-structure entry (SDM 4.5).
+const PTE_PRESENT: u64 = 1 << 0;
+/// Page-size bit: the PDPTE maps a 1 GiB page, the PDE a 2 MiB page (SDM 4.5). Reserved in PML4E/PML5E.
+const PTE_PS: u64 = 1 << 7;
+/// Base-address masks of 1 GiB and 2 MiB pages: bits 51:30 and 51:21 (SDM 4.5 tables 4-16, 4-18).
+const PAGE_1G_MASK: u64 = 0x000f_ffff_c000_0000;
+const PAGE_2M_MASK: u64 = 0x000f_ffff_ffe0_0000;
+
+pub const PAGE_4K: u64 = 1 << 12;
+pub const PAGE_2M: u64 = 1 << 21;
+pub const PAGE_1G: u64 = 1 << 30;
+
+/// Default upper bound on one virtual read. Kernel objects we read are at most a few KiB (`task_struct`
+/// is 9.5 KiB on Debian 6.1); 1 MiB leaves room for table scans while keeping a hostile length harmless.
+pub const DEFAULT_MAX_READ: usize = 1 << 20;
+/// Default step limit of [`VirtReader::walk_list`]: above any sane task or mount count of a tenant VM.
+pub const DEFAULT_LIST_LIMIT: usize = 1 << 16;
+
+/// Errors of guest memory access. Each names the address it failed on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemError {
+    #[error("guest-physical range {gpa:#x}+{len:#x} is outside guest RAM")]
+    OutsideRam { gpa: u64, len: u64 },
+    #[error("virtual address {gva:#x} is not canonical for {levels}-level paging")]
+    NonCanonical { gva: u64, levels: u8 },
+    #[error("virtual address {gva:#x} not mapped: level-{level} entry {entry:#x} at {entry_gpa:#x} not present")]
+    NotPresent {
+        gva: u64,
+        level: u8,
+        entry: u64,
+        entry_gpa: u64,
+    },
+    #[error("virtual address {gva:#x}: level-{level} entry {entry:#x} sets the reserved PS bit")]
+    ReservedBit { gva: u64, level: u8, entry: u64 },
+    #[error("read of {len:#x} bytes exceeds the limit of {limit:#x}")]
+    TooLong { len: u64, limit: u64 },
+    #[error("address range {addr:#x}+{len:#x} wraps around")]
+    Overflow { addr: u64, len: u64 },
+    #[error("no NUL terminator within {max_len} bytes at {gva:#x}")]
+    Unterminated { gva: u64, max_len: usize },
+    #[error("null pointer in {what} at {at:#x}")]
+    NullPointer { what: &'static str, at: u64 },
+    #[error("list at {head:#x} loops: node {node:#x} seen again after {steps} steps")]
+    Loop { head: u64, node: u64, steps: usize },
+    #[error("list at {head:#x} is longer than the limit of {limit} entries")]
+    ListTooLong { head: u64, limit: usize },
+    #[error("guest memory backend failed at {gpa:#x}: {reason}")]
+    Backend { gpa: u64, reason: String },
+}
+
+/// Guest-physical memory, as the VMM sees it. Implementations must refuse any byte that is not guest
+/// RAM (MMIO holes included) with [`MemError::OutsideRam`] and must never block on the guest.
+pub trait GuestPhys {
+    /// One past the highest guest-physical address that may be RAM. Holes below it are still refused by
+    /// `read_phys`.
+    fn ram_size(&self) -> u64;
+
+    /// Reads `buf.len()` bytes at `gpa`. Fails without partial results if any byte is outside RAM.
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError>;
+
+    /// Reads a little-endian u64 at `gpa`.
+    fn read_phys_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        let mut b = [0u8; 8];
+        self.read_phys(gpa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+impl<T: GuestPhys + ?Sized> GuestPhys for &T {
+    fn ram_size(&self) -> u64 {
+        (**self).ram_size()
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        (**self).read_phys(gpa, buf)
+    }
+}
+
+/// Checks that `gpa..gpa+len` lies inside `0..ram_size`; the helper every implementation can share.
+pub fn check_phys_range(gpa: u64, len: u64, ram_size: u64) -> Result<(), MemError> {
+    let end = gpa
+        .checked_add(len)
+        .ok_or(MemError::Overflow { addr: gpa, len })?;
+    if end > ram_size {
+        return Err(MemError::OutsideRam { gpa, len });
+    }
+    Ok(())
+}
+
+/// Guest RAM as one contiguous byte image starting at guest-physical 0: used by tests and by offline
+/// analysis of memory dumps.
+#[derive(Clone)]
+pub struct PhysImage {
+    bytes: Vec<u8>,
+}
+
+impl std::fmt::Debug for PhysImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PhysImage({:#x} bytes)", self.bytes.len())
+    }
+}
+
+impl PhysImage {
+    /// Zero-filled RAM of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        PhysImage {
+            bytes: vec![0; size],
+        }
+    }
+
+    /// RAM whose content is `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        PhysImage { bytes }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Writes `data` at `gpa` (the VMM or a test playing the guest).
+    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), MemError> {
+        check_phys_range(gpa, data.len() as u64, self.bytes.len() as u64)?;
+        self.bytes[gpa as usize..gpa as usize + data.len()].copy_from_slice(data);
+        Ok(())
+    }
+
+    pub fn write_u64(&mut self, gpa: u64, v: u64) -> Result<(), MemError> {
+        self.write(gpa, &v.to_le_bytes())
+    }
+}
+
+impl GuestPhys for PhysImage {
+    fn ram_size(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        check_phys_range(gpa, buf.len() as u64, self.bytes.len() as u64)?;
+        buf.copy_from_slice(&self.bytes[gpa as usize..gpa as usize + buf.len()]);
+        Ok(())
+    }
+}
+
+/// Paging depth, chosen by CR4.LA57.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PagingMode {
+    /// 4-level paging, 48-bit virtual addresses.
+    Level4,
+    /// 5-level paging, 57-bit virtual addresses.
+    Level5,
+}
+
+impl PagingMode {
+    /// The mode in force for a given CR4 value (long mode assumed).
+    pub fn from_cr4(cr4: u64) -> Self {
+        if cr4 & CR4_LA57 != 0 {
+            PagingMode::Level5
+        } else {
+            PagingMode::Level4
+        }
+    }
+
+    pub fn levels(self) -> u8 {
+        match self {
+            PagingMode::Level4 => 4,
+            PagingMode::Level5 => 5,
+        }
+    }
+
+    /// Whether `gva` is canonical: bits 63..(N-1) all equal, N = 48 or 57 (SDM vol. 1, 3.3.7.1).
+    pub fn is_canonical(self, gva: u64) -> bool {
+        let bits = 9 * self.levels() as u32 + 12;
+        let top = (gva as i64) >> (bits - 1);
+        top == 0 || top == -1
+    }
+}
+
+/// Result of translating one virtual address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Translation {
+    /// Guest-physical address of the translated byte.
+    pub gpa: u64,
+    /// Size of the page that maps it (4 KiB, 2 MiB or 1 GiB).
+    pub page_size: u64,
+}
+
+impl Translation {
+    /// Bytes from the translated address to the end of its page.
+    pub fn bytes_left_in_page(&self) -> u64 {
+        self.page_size - (self.gpa & (self.page_size - 1))
+    }
+}
+
+/// Walks the guest's paging structures for `gva`. The walk has a fixed depth (4 or 5 reads), so page
+/// tables that point at themselves cannot make it loop; entries that point outside RAM fail the read.
+pub fn translate<M: GuestPhys + ?Sized>(
+    mem: &M,
+    cr3: u64,
+    mode: PagingMode,
+    gva: u64,
+) -> Result<Translation, MemError> {
+    let levels = mode.levels();
+    if !mode.is_canonical(gva) {
+        return Err(MemError::NonCanonical { gva, levels });
+    }
+    let mut table = cr3 & PHYS_ADDR_MASK;
+    for level in (1..=levels).rev() {
+        let shift = 12 + 9 * (level as u32 - 1);
+        let index = (gva >> shift) & 0x1ff;
+        let entry_gpa = table + index * 8;
+        let entry = mem.read_phys_u64(entry_gpa)?;
+        if entry & PTE_PRESENT == 0 {
+            return Err(MemError::NotPresent {
+                gva,
+                level,
+                entry,
+                entry_gpa,
+            });
+        }
+        if entry & PTE_PS != 0 {
+            let (mask, size) = match level {
+                3 => (PAGE_1G_MASK, PAGE_1G),
+                2 => (PAGE_2M_MASK, PAGE_2M),
+                // In a PTE bit 7 is PAT, not PS: handled below as a 4 KiB mapping.
+                1 => (PHYS_ADDR_MASK, PAGE_4K),
+                _ => return Err(MemError::ReservedBit { gva, level, entry }),
+            };
+            return Ok(Translation {
+                gpa: (entry & mask) | (gva & (size - 1)),
+                page_size: size,
+            });
+        }
+        if level == 1 {
+            return Ok(Translation {
+                gpa: (entry & PHYS_ADDR_MASK) | (gva & (PAGE_4K - 1)),
+                page_size: PAGE_4K,
+            });
+        }
+        table = entry & PHYS_ADDR_MASK;
+    }
+    unreachable!("the level-1 iteration always returns")
+}
+
+/// Reads `buf.len()` bytes at `gva` through the page tables rooted at `cr3` (uncached, one-shot).
+pub fn read_virt<M: GuestPhys + ?Sized>(
+    mem: &M,
+    cr3: u64,
+    mode: PagingMode,
+    gva: u64,
+    buf: &mut [u8],
+) -> Result<(), MemError> {
+    VirtReader::new(mem, cr3, mode).read_virt(gva, buf)
+}
+
+/// Entries in the per-reader translation cache (direct-mapped by virtual page number).
+const TLB_ENTRIES: usize = 16;
+
+#[derive(Clone, Copy)]
+struct TlbEntry {
+    /// Virtual page base (aligned to `page_size`).
+    va: u64,
+    gpa: u64,
+    page_size: u64,
+}
+
+/// Virtual-address reader for one address space (one CR3) during one trap.
+pub struct VirtReader<'m, M: GuestPhys + ?Sized> {
+    mem: &'m M,
+    cr3: u64,
+    mode: PagingMode,
+    max_read: usize,
+    tlb: RefCell<[Option<TlbEntry>; TLB_ENTRIES]>,
+}
+
+impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
+    /// A reader for the address space whose top-level table is at `cr3` (PCID bits are ignored).
+    pub fn new(mem: &'m M, cr3: u64, mode: PagingMode) -> Self {
+        VirtReader {
+            mem,
+            cr3,
+            mode,
+            max_read: DEFAULT_MAX_READ,
+            tlb: RefCell::new([None; TLB_ENTRIES]),
+        }
+    }
+
+    /// Changes the bound on one read (default [`DEFAULT_MAX_READ`]).
+    pub fn with_max_read(mut self, max_read: usize) -> Self {
+        self.max_read = max_read;
+        self
+    }
+
+    pub fn mem(&self) -> &'m M {
+        self.mem
+    }
+    pub fn cr3(&self) -> u64 {
+        self.cr3
+    }
+    pub fn mode(&self) -> PagingMode {
+        self.mode
+    }
+
+    /// Forgets cached translations (the guest may have changed its page tables).
+    pub fn flush(&self) {
+        *self.tlb.borrow_mut() = [None; TLB_ENTRIES];
+    }
+
+    /// Translates one virtual address, using the cache.
+    pub fn translate(&self, gva: u64) -> Result<Translation, MemError> {
+        let slot = ((gva >> 12) as usize) % TLB_ENTRIES;
+        if let Some(e) = self.tlb.borrow()[slot] {
+            if gva & !(e.page_size - 1) == e.va {
+                return Ok(Translation {
+                    gpa: e.gpa + (gva - e.va),
+                    page_size: e.page_size,
+                });
+            }
+        }
+        let t = translate(self.mem, self.cr3, self.mode, gva)?;
+        let page_off = gva & (t.page_size - 1);
+        self.tlb.borrow_mut()[slot] = Some(TlbEntry {
+            va: gva - page_off,
+            gpa: t.gpa - page_off,
+            page_size: t.page_size,
+        });
+        Ok(t)
+    }
+
+    /// Reads `buf.len()` bytes at `gva`; the range may cross any number of pages of any size.
+    pub fn read_virt(&self, gva: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        if buf.len() > self.max_read {
+            return Err(MemError::TooLong {
+                len: buf.len() as u64,
+                limit: self.max_read as u64,
+            });
+        }
+        // The end may be exactly 2^64 (a read ending at the last byte), so check with u128.
+        if gva as u128 + buf.len() as u128 > 1u128 << 64 {
+            return Err(MemError::Overflow {
+                addr: gva,
+                len: buf.len() as u64,
+            });
+        }
+        let mut done = 0usize;
+        while done < buf.len() {
+            let va = gva.wrapping_add(done as u64);
+            let t = self.translate(va)?;
+            let n = (t.bytes_left_in_page().min((buf.len() - done) as u64)) as usize;
+            self.mem.read_phys(t.gpa, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Reads `len` bytes into a new vector.
+    pub fn read_bytes(&self, gva: u64, len: usize) -> Result<Vec<u8>, MemError> {
+        if len > self.max_read {
+            return Err(MemError::TooLong {
+                len: len as u64,
+                limit: self.max_read as u64,
+            });
+        }
+        let mut v = vec![0; len];
+        self.read_virt(gva, &mut v)?;
+        Ok(v)
+    }
+
+    pub fn read_array<const N: usize>(&self, gva: u64) -> Result<[u8; N], MemError> {
+        let mut b = [0u8; N];
+        self.read_virt(gva, &mut b)?;
+        Ok(b)
+    }
+
+    pub fn read_u8(&self, gva: u64) -> Result<u8, MemError> {
+        Ok(self.read_array::<1>(gva)?[0])
+    }
+    pub fn read_u16(&self, gva: u64) -> Result<u16, MemError> {
+        Ok(u16::from_le_bytes(self.read_array(gva)?))
+    }
+    pub fn read_u32(&self, gva: u64) -> Result<u32, MemError> {
+        Ok(u32::from_le_bytes(self.read_array(gva)?))
+    }
+    pub fn read_u64(&self, gva: u64) -> Result<u64, MemError> {
+        Ok(u64::from_le_bytes(self.read_array(gva)?))
+    }
+
+    /// Reads the field at `base + offset` (a struct member located with BTF), as `N` raw bytes.
+    pub fn read_field<const N: usize>(&self, base: u64, offset: u64) -> Result<[u8; N], MemError> {
+        self.read_array(field_addr(base, offset)?)
+    }
+    pub fn read_field_u16(&self, base: u64, offset: u64) -> Result<u16, MemError> {
+        self.read_u16(field_addr(base, offset)?)
+    }
+    pub fn read_field_u32(&self, base: u64, offset: u64) -> Result<u32, MemError> {
+        self.read_u32(field_addr(base, offset)?)
+    }
+    pub fn read_field_u64(&self, base: u64, offset: u64) -> Result<u64, MemError> {
+        self.read_u64(field_addr(base, offset)?)
+    }
+
+    /// Reads a NUL-terminated string of at most `max_len` bytes (terminator excluded). Reads page by
+    /// page, so a short string just before an unmapped page is fine; no terminator within `max_len` is
+    /// [`MemError::Unterminated`].
+    pub fn read_cstr(&self, gva: u64, max_len: usize) -> Result<Vec<u8>, MemError> {
+        if max_len > self.max_read {
+            return Err(MemError::TooLong {
+                len: max_len as u64,
+                limit: self.max_read as u64,
+            });
+        }
+        let mut out = Vec::new();
+        // Scan max_len + 1 bytes: a string of exactly max_len bytes still needs its terminator.
+        let mut left = max_len + 1;
+        let mut va = gva;
+        let mut chunk = [0u8; 256];
+        while left > 0 {
+            let t = self.translate(va)?;
+            let n = (t
+                .bytes_left_in_page()
+                .min(left as u64)
+                .min(chunk.len() as u64)) as usize;
+            self.mem.read_phys(t.gpa, &mut chunk[..n])?;
+            if let Some(z) = chunk[..n].iter().position(|&c| c == 0) {
+                out.extend_from_slice(&chunk[..z]);
+                return Ok(out);
+            }
+            out.extend_from_slice(&chunk[..n]);
+            left -= n;
+            va = va.checked_add(n as u64).ok_or(MemError::Overflow {
+                addr: gva,
+                len: max_len as u64,
+            })?;
+        }
+        Err(MemError::Unterminated { gva, max_len })
+    }
+
+    /// Walks a kernel `struct list_head` ring starting at `head` (the head itself is not an entry) and
+    /// calls `visit` with the address of each node's `list_head` (subtract the member offset, see
+    /// [`container_of`], to get the containing object). Stops at `max_steps` nodes
+    /// ([`MemError::ListTooLong`]), at a node seen before that is not the head ([`MemError::Loop`]), at
+    /// a null `next` or unreadable node, or when `visit` breaks. Returns the number of nodes visited.
+    pub fn walk_list<F>(&self, head: u64, max_steps: usize, mut visit: F) -> Result<usize, MemError>
+    where
+        F: FnMut(u64) -> ControlFlow<()>,
+    {
+        // list_head.next is the first member (include/linux/types.h).
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut prev = head;
+        let mut node = self.read_u64(head)?;
+        let mut steps = 0usize;
+        loop {
+            if node == head {
+                return Ok(steps);
+            }
+            if node == 0 {
+                return Err(MemError::NullPointer {
+                    what: "list_head.next",
+                    at: prev,
+                });
+            }
+            if !seen.insert(node) {
+                return Err(MemError::Loop { head, node, steps });
+            }
+            if steps == max_steps {
+                return Err(MemError::ListTooLong {
+                    head,
+                    limit: max_steps,
+                });
+            }
+            steps += 1;
+            if visit(node).is_break() {
+                return Ok(steps);
+            }
+            prev = node;
+            node = self.read_u64(node)?;
+        }
+    }
+}
+
+/// `base + offset` with overflow as a typed error.
+pub fn field_addr(base: u64, offset: u64) -> Result<u64, MemError> {
+    base.checked_add(offset).ok_or(MemError::Overflow {
+        addr: base,
+        len: offset,
+    })
+}
+
+/// The kernel's `container_of`: the object holding the member at `member_offset` whose address is
+/// `member_addr`. `None` if that would wrap (a forged pointer).
+pub fn container_of(member_addr: u64, member_offset: u64) -> Option<u64> {
+    member_addr.checked_sub(member_offset)
+}
+
+/// Builds x86-64 page tables inside a [`PhysImage`], allocating table pages from a caller-given area.
+/// Used by tests and by tools that lay out a guest image offline.
+pub struct PageTableBuilder<'a> {
+    img: &'a mut PhysImage,
+    mode: PagingMode,
+    root: u64,
+    next_free: u64,
+    area_end: u64,
+}
+
+impl<'a> PageTableBuilder<'a> {
+    /// Page tables for `mode`, with table pages taken from `area_start..area_end` (4 KiB aligned).
+    pub fn new(
+        img: &'a mut PhysImage,
+        mode: PagingMode,
+        area_start: u64,
+        area_end: u64,
+    ) -> Result<Self, MemError> {
+        let start = (area_start + PAGE_4K - 1) & !(PAGE_4K - 1);
+        check_phys_range(start, area_end.saturating_sub(start), img.ram_size())?;
+        let mut b = PageTableBuilder {
+            img,
+            mode,
+            root: 0,
+            next_free: start,
+            area_end,
+        };
+        b.root = b.alloc()?;
+        Ok(b)
+    }
+
+    /// CR3 value for these tables.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    pub fn image(&mut self) -> &mut PhysImage {
+        self.img
+    }
+
+    fn alloc(&mut self) -> Result<u64, MemError> {
+        let p = self.next_free;
+        if p + PAGE_4K > self.area_end {
+            return Err(MemError::OutsideRam {
+                gpa: p,
+                len: PAGE_4K,
+            });
+        }
+        self.next_free += PAGE_4K;
+        self.img.write(p, &[0u8; PAGE_4K as usize])?;
+        Ok(p)
+    }
+
+    /// Maps one page of `page_size` (4 KiB, 2 MiB or 1 GiB) at `gva` to `gpa` (present, writable).
+    pub fn map(&mut self, gva: u64, gpa: u64, page_size: u64) -> Result<(), MemError> {
+        let leaf_level = match page_size {
+            PAGE_4K => 1,
+            PAGE_2M => 2,
+            PAGE_1G => 3,
+            _ => {
+                return Err(MemError::TooLong {
+                    len: page_size,
+                    limit: PAGE_1G,
+                })
+            }
+        };
+        let mut table = self.root;
+        for level in (leaf_level + 1..=self.mode.levels()).rev() {
+            let idx = (gva >> (12 + 9 * (level as u32 - 1))) & 0x1ff;
+            let slot = table + idx * 8;
+            let e = self.img.read_phys_u64(slot)?;
+            table = if e & PTE_PRESENT != 0 {
+                e & PHYS_ADDR_MASK
+            } else {
+                let t = self.alloc()?;
+                self.img.write_u64(slot, t | 0x3)?;
+                t
+            };
+        }
+        let idx = (gva >> (12 + 9 * (leaf_level as u32 - 1))) & 0x1ff;
+        let ps = if leaf_level > 1 { PTE_PS } else { 0 };
+        self.img.write_u64(table + idx * 8, gpa | 0x3 | ps)
+    }
+
+    /// Maps `len` bytes from `gva` to `gpa` with pages of `page_size`.
+    pub fn map_range(
+        &mut self,
+        gva: u64,
+        gpa: u64,
+        len: u64,
+        page_size: u64,
+    ) -> Result<(), MemError> {
+        let mut off = 0;
+        while off < len {
+            self.map(gva + off, gpa + off, page_size)?;
+            off += page_size;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn setup(mode: PagingMode) -> (PhysImage, u64) {
+        let mut img = PhysImage::new(8 * MIB as usize);
+        let root = {
+            let mut b = PageTableBuilder::new(&mut img, mode, 0x10_0000, 0x20_0000).unwrap();
+            b.map(0xffff_8880_0000_0000, 0x40_0000, PAGE_4K).unwrap();
+            b.map(0xffff_8880_0000_1000, 0x30_0000, PAGE_4K).unwrap();
+            b.map(0xffff_ffff_8120_0000, 0x20_0000, PAGE_2M).unwrap();
+            b.root()
+        };
+        (img, root)
+    }
+
+    #[test]
+    fn four_and_five_level_walks_with_huge_pages() {
+        for mode in [PagingMode::Level4, PagingMode::Level5] {
+            let (mut img, cr3) = setup(mode);
+            img.write(0x40_0ff8, b"ABCDEFGH").unwrap();
+            img.write(0x30_0000, b"IJKL").unwrap();
+            img.write(0x20_0000 + 0x1234, &0xdead_beef_u32.to_le_bytes())
+                .unwrap();
+            let r = VirtReader::new(&img, cr3 | 0x5 /* PCID bits ignored */, mode);
+            // A read crossing two 4 KiB pages that are not physically adjacent.
+            let mut b = [0u8; 12];
+            r.read_virt(0xffff_8880_0000_0ff8, &mut b).unwrap();
+            assert_eq!(&b, b"ABCDEFGHIJKL");
+            assert_eq!(r.read_u32(0xffff_ffff_8120_1234).unwrap(), 0xdead_beef);
+            let t = r.translate(0xffff_ffff_8120_1234).unwrap();
+            assert_eq!((t.gpa, t.page_size), (0x20_1234, PAGE_2M));
+            // Cached translation gives the same answer.
+            assert_eq!(r.translate(0xffff_ffff_8120_1234).unwrap(), t);
+        }
+    }
+
+    #[test]
+    fn one_gib_page() {
+        let mut img = PhysImage::new(4 * MIB as usize);
+        let cr3 = {
+            let mut b =
+                PageTableBuilder::new(&mut img, PagingMode::Level4, 0x1000, 0x10_0000).unwrap();
+            b.map(0xffff_8880_0000_0000, 0, PAGE_1G).unwrap();
+            b.root()
+        };
+        img.write(0x30_0010, &42u64.to_le_bytes()).unwrap();
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(r.read_u64(0xffff_8880_0030_0010).unwrap(), 42);
+        assert_eq!(
+            r.translate(0xffff_8880_0030_0010).unwrap().page_size,
+            PAGE_1G
+        );
+        // Mapped by the 1 GiB page but beyond guest RAM: the physical read refuses it.
+        assert!(matches!(
+            r.read_u64(0xffff_8880_3000_0000),
+            Err(MemError::OutsideRam { .. })
+        ));
+    }
+
+    #[test]
+    fn five_level_is_not_four_level() {
+        // A 5-level image read as 4-level walks the PML5 as a PML4: the address must not resolve.
+        let (img, cr3) = setup(PagingMode::Level5);
+        assert_eq!(PagingMode::from_cr4(CR4_LA57), PagingMode::Level5);
+        let r4 = VirtReader::new(&img, cr3, PagingMode::from_cr4(0));
+        assert!(r4.read_u8(0xffff_8880_0000_0000).is_err());
+        // 57-bit canonical but not 48-bit canonical.
+        let gva = 0xff00_0000_0000_0000;
+        assert_eq!(
+            r4.translate(gva).unwrap_err(),
+            MemError::NonCanonical { gva, levels: 4 }
+        );
+    }
+
+    #[test]
+    fn not_present_and_reserved_bits() {
+        let (mut img, cr3) = setup(PagingMode::Level4);
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert!(matches!(
+            r.read_u8(0x1000),
+            Err(MemError::NotPresent { level: 4, .. })
+        ));
+        // PS in a PML4 entry is reserved.
+        img.write_u64(cr3 + 8, 0x3 | PTE_PS).unwrap();
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert!(matches!(
+            r.read_u8(1 << 39),
+            Err(MemError::ReservedBit { level: 4, .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_tables_self_reference_and_outside_ram() {
+        let mut img = PhysImage::new(MIB as usize);
+        let cr3 = 0x1000;
+        // Every PML4 slot points back at the PML4 itself: the walk is still exactly 4 reads deep and
+        // ends by reading the table page as data (that is what hardware would do, too).
+        for i in 0..512 {
+            img.write_u64(cr3 + i * 8, cr3 | 0x3).unwrap();
+        }
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(r.read_u64(0x0).unwrap(), cr3 | 0x3);
+        assert_eq!(r.translate(0x7fff_ffff_f000).unwrap().gpa, cr3);
+        // A table pointer beyond RAM, and a leaf beyond RAM.
+        img.write_u64(cr3, 0xf_ffff_f000 | 0x3).unwrap();
+        img.write_u64(cr3 + 8, 0x2000 | 0x3).unwrap();
+        img.write_u64(0x2000, 0x4000_0000 | 0x83).unwrap(); // 1 GiB page at 1 GiB
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert!(matches!(
+            r.read_u8(0x10),
+            Err(MemError::OutsideRam {
+                gpa: 0xf_ffff_f000,
+                ..
+            })
+        ));
+        assert!(matches!(
+            r.read_u8(1 << 39),
+            Err(MemError::OutsideRam { .. })
+        ));
+        // A CR3 outside RAM.
+        let r = VirtReader::new(&img, 0x7000_0000, PagingMode::Level4);
+        assert!(matches!(r.read_u8(0), Err(MemError::OutsideRam { .. })));
+    }
+
+    #[test]
+    fn length_limits_and_wraparound() {
+        let (img, cr3) = setup(PagingMode::Level4);
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4).with_max_read(64);
+        assert!(matches!(
+            r.read_bytes(0xffff_8880_0000_0000, 65),
+            Err(MemError::TooLong { .. })
+        ));
+        let mut b = [0u8; 16];
+        assert!(matches!(
+            r.read_virt(u64::MAX - 3, &mut b),
+            Err(MemError::Overflow { .. })
+        ));
+        assert_eq!(
+            PhysImage::new(16).read_phys_u64(u64::MAX - 3),
+            Err(MemError::Overflow {
+                addr: u64::MAX - 3,
+                len: 8
+            })
+        );
+    }
+
+    #[test]
+    fn cstr_terminated_unterminated_and_at_page_edge() {
+        let (mut img, cr3) = setup(PagingMode::Level4);
+        img.write(0x40_0000, b"swapper/0\0").unwrap();
+        // A 5-byte string ending 1 byte before an unmapped page.
+        img.write(0x30_0ffa, b"edge!\0").unwrap();
+        // Fill a whole page with non-NUL bytes.
+        img.write(0x40_0100, &[b'A'; 0xf00]).unwrap();
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(
+            r.read_cstr(0xffff_8880_0000_0000, 16).unwrap(),
+            b"swapper/0"
+        );
+        assert_eq!(r.read_cstr(0xffff_8880_0000_1ffa, 4096).unwrap(), b"edge!");
+        assert_eq!(
+            r.read_cstr(0xffff_8880_0000_0100, 100).unwrap_err(),
+            MemError::Unterminated {
+                gva: 0xffff_8880_0000_0100,
+                max_len: 100
+            }
+        );
+        // Exactly max_len bytes plus terminator is accepted.
+        assert_eq!(r.read_cstr(0xffff_8880_0000_0000, 9).unwrap(), b"swapper/0");
+        assert!(r.read_cstr(0xffff_8880_0000_0000, 8).is_err());
+        // Crossing into the next mapped page (which starts with a NUL) is fine.
+        assert_eq!(
+            r.read_cstr(0xffff_8880_0000_0100, 0x2000).unwrap(),
+            vec![b'A'; 0xf00]
+        );
+        // Unterminated up to an unmapped page: the page fault is the answer.
+        img.write(0x30_0000, &[b'B'; 0x1000]).unwrap();
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert!(matches!(
+            r.read_cstr(0xffff_8880_0000_1000, 0x2000),
+            Err(MemError::NotPresent {
+                gva: 0xffff_8880_0000_2000,
+                ..
+            })
+        ));
+    }
+
+    /// Builds a list ring in the 4 KiB page at gva 0xffff_8880_0000_0000 (gpa 0x40_0000):
+    /// head at +0, nodes at +0x100 * (i + 1), linked as `links` says (index into nodes, or None = head).
+    fn list_image(links: &[Option<usize>], head_next: usize) -> (PhysImage, u64) {
+        let (mut img, cr3) = setup(PagingMode::Level4);
+        let base = 0xffff_8880_0000_0000u64;
+        let node = |i: usize| base + 0x100 * (i as u64 + 1);
+        img.write_u64(0x40_0000, node(head_next)).unwrap();
+        for (i, l) in links.iter().enumerate() {
+            let next = l.map(node).unwrap_or(base);
+            img.write_u64(0x40_0000 + 0x100 * (i as u64 + 1), next)
+                .unwrap();
+        }
+        (img, cr3)
+    }
+
+    #[test]
+    fn list_walk_terminates_on_ring_cycle_null_and_limit() {
+        let head = 0xffff_8880_0000_0000u64;
+        // A proper ring of three nodes.
+        let (img, cr3) = list_image(&[Some(1), Some(2), None], 0);
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        let mut got = Vec::new();
+        let n = r
+            .walk_list(head, 100, |a| {
+                got.push(a);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(got, vec![head + 0x100, head + 0x200, head + 0x300]);
+        assert_eq!(container_of(got[1], 0x100), Some(head + 0x100));
+        // The step limit.
+        assert_eq!(
+            r.walk_list(head, 2, |_| ControlFlow::Continue(())),
+            Err(MemError::ListTooLong { head, limit: 2 })
+        );
+        // Early stop by the visitor.
+        assert_eq!(r.walk_list(head, 100, |_| ControlFlow::Break(())), Ok(1));
+
+        // A cycle that never returns to the head: 0 -> 1 -> 2 -> 1.
+        let (img, cr3) = list_image(&[Some(1), Some(2), Some(1)], 0);
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(
+            r.walk_list(head, 1000, |_| ControlFlow::Continue(())),
+            Err(MemError::Loop {
+                head,
+                node: head + 0x200,
+                steps: 3
+            })
+        );
+        // A self-loop on one node.
+        let (img, cr3) = list_image(&[Some(0)], 0);
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert!(matches!(
+            r.walk_list(head, 1000, |_| ControlFlow::Continue(())),
+            Err(MemError::Loop { steps: 1, .. })
+        ));
+        // An empty list (head points to itself) has no entries.
+        let (mut img, cr3) = list_image(&[], 0);
+        img.write_u64(0x40_0000, head).unwrap();
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(r.walk_list(head, 10, |_| ControlFlow::Continue(())), Ok(0));
+        // A node whose next is null, and one whose next is unmapped.
+        let (mut img, cr3) = list_image(&[None], 0);
+        img.write_u64(0x40_0100, 0).unwrap();
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert!(matches!(
+            r.walk_list(head, 10, |_| ControlFlow::Continue(())),
+            Err(MemError::NullPointer { .. })
+        ));
+        img.write_u64(0x40_0100, 0xffff_8880_dead_0000).unwrap();
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert!(matches!(
+            r.walk_list(head, 10, |_| ControlFlow::Continue(())),
+            Err(MemError::NotPresent { .. })
+        ));
+    }
+}

@@ -1,0 +1,336 @@
+//! The kernel profile: everything introspection needs to know about one kernel build (struct member
+//! offsets from BTF, symbol link addresses from kallsyms), computed once and cached by build id.
+//!
+//! The socket address layouts (`sockaddr_in`, `sockaddr_in6`) and the family/type/protocol numbers
+//! are user ABI and never change; they are constants in [`abi`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::btf::{Btf, BtfError};
+use crate::kallsyms::Kallsyms;
+
+/// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
+pub const PROFILE_FORMAT: u32 = 1;
+
+/// Symbols the profile records (link addresses; add the KASLR slide at runtime).
+pub const PROFILE_SYMBOLS: &[&str] = &[
+    "_text",
+    "_etext",
+    "startup_64",
+    "entry_SYSCALL_64",
+    "init_task",
+    "init_top_pgt",
+    "phys_base",
+    "__per_cpu_offset",
+    "current_task",
+    "linux_banner",
+    "security_socket_connect",
+    "security_socket_bind",
+    "security_socket_listen",
+    "security_socket_sendmsg",
+];
+
+/// One struct member: byte offset in its struct and size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Field {
+    pub offset: u64,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskStructLayout {
+    pub size: u64,
+    pub pid: Field,
+    pub tgid: Field,
+    /// `char comm[TASK_COMM_LEN]`; the size is TASK_COMM_LEN (16).
+    pub comm: Field,
+    pub real_parent: Field,
+    pub parent: Field,
+    pub group_leader: Field,
+    pub mm: Field,
+    pub active_mm: Field,
+    /// Effective credentials (`cred`), and the objective ones (`real_cred`).
+    pub cred: Field,
+    pub real_cred: Field,
+    pub files: Field,
+    /// `struct list_head tasks`: the list of all processes, headed by `init_task.tasks`.
+    pub tasks: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CredLayout {
+    /// `kuid_t uid` → its `val` (uid_t).
+    pub uid: Field,
+    pub gid: Field,
+    pub euid: Field,
+    pub egid: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MmLayout {
+    pub exe_file: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLayout {
+    pub f_path: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathLayout {
+    pub mnt: Field,
+    pub dentry: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DentryLayout {
+    pub d_parent: Field,
+    pub d_name: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QstrLayout {
+    /// `len` sits in an anonymous struct inside an anonymous union with `hash_len`.
+    pub len: Field,
+    pub name: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountLayout {
+    /// Offset of the embedded `struct vfsmount mnt` in `struct mount` (container_of from a vfsmount*).
+    pub mnt: Field,
+    pub mnt_parent: Field,
+    pub mnt_mountpoint: Field,
+    /// `vfsmount.mnt_root`.
+    pub vfsmount_mnt_root: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketLayout {
+    pub state: Field,
+    /// `short type` (SOCK_STREAM...).
+    pub type_: Field,
+    pub file: Field,
+    pub sk: Field,
+    pub ops: Field,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SockLayout {
+    /// `__sk_common.skc_family`.
+    pub skc_family: Field,
+    pub skc_daddr: Field,
+    pub skc_rcv_saddr: Field,
+    /// Destination port, network byte order.
+    pub skc_dport: Field,
+    /// Local port, host byte order.
+    pub skc_num: Field,
+    pub skc_v6_daddr: Field,
+    pub skc_v6_rcv_saddr: Field,
+    pub sk_type: Field,
+    pub sk_protocol: Field,
+}
+
+/// Everything introspection needs about one kernel build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelProfile {
+    pub format: u32,
+    /// GNU build id (hex), the cache key.
+    pub build_id: Option<String>,
+    pub task_struct: TaskStructLayout,
+    pub cred: CredLayout,
+    pub mm_struct: MmLayout,
+    pub file: FileLayout,
+    pub path: PathLayout,
+    pub dentry: DentryLayout,
+    pub qstr: QstrLayout,
+    pub mount: MountLayout,
+    pub socket: SocketLayout,
+    pub sock: SockLayout,
+    /// Link addresses of [`PROFILE_SYMBOLS`] that kallsyms had. Written as hex strings: JSON tools
+    /// that read numbers as doubles (jq, JavaScript) would round kernel addresses.
+    #[serde(with = "hex_addrs")]
+    pub symbols: BTreeMap<String, u64>,
+}
+
+mod hex_addrs {
+    use std::collections::BTreeMap;
+
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<String, u64>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_map(m.iter().map(|(k, v)| (k, format!("{v:#x}"))))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, u64>, D::Error> {
+        BTreeMap::<String, String>::deserialize(d)?
+            .into_iter()
+            .map(|(k, v)| {
+                let hex = v
+                    .strip_prefix("0x")
+                    .ok_or_else(|| D::Error::custom("address without 0x"))?;
+                let a = u64::from_str_radix(hex, 16).map_err(D::Error::custom)?;
+                Ok((k, a))
+            })
+            .collect()
+    }
+}
+
+fn field(btf: &Btf, s: &str, path: &str) -> Result<Field, BtfError> {
+    Ok(Field {
+        offset: btf.member_offset(s, path)?,
+        size: btf.member(s, path)?.size,
+    })
+}
+
+impl KernelProfile {
+    /// Computes the profile from the kernel's BTF and (optionally) its kallsyms.
+    pub fn build(
+        btf: &Btf,
+        kallsyms: Option<&Kallsyms>,
+        build_id: Option<String>,
+    ) -> Result<Self, BtfError> {
+        let t = "task_struct";
+        let sk = "sock";
+        let symbols = kallsyms
+            .map(|k| {
+                PROFILE_SYMBOLS
+                    .iter()
+                    .filter_map(|&n| k.addr(n).map(|a| (n.to_string(), a)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(KernelProfile {
+            format: PROFILE_FORMAT,
+            build_id,
+            task_struct: TaskStructLayout {
+                size: btf.struct_size(t)?,
+                pid: field(btf, t, "pid")?,
+                tgid: field(btf, t, "tgid")?,
+                comm: field(btf, t, "comm")?,
+                real_parent: field(btf, t, "real_parent")?,
+                parent: field(btf, t, "parent")?,
+                group_leader: field(btf, t, "group_leader")?,
+                mm: field(btf, t, "mm")?,
+                active_mm: field(btf, t, "active_mm")?,
+                cred: field(btf, t, "cred")?,
+                real_cred: field(btf, t, "real_cred")?,
+                files: field(btf, t, "files")?,
+                tasks: field(btf, t, "tasks")?,
+            },
+            cred: CredLayout {
+                uid: field(btf, "cred", "uid.val")?,
+                gid: field(btf, "cred", "gid.val")?,
+                euid: field(btf, "cred", "euid.val")?,
+                egid: field(btf, "cred", "egid.val")?,
+            },
+            mm_struct: MmLayout {
+                exe_file: field(btf, "mm_struct", "exe_file")?,
+            },
+            file: FileLayout {
+                f_path: field(btf, "file", "f_path")?,
+            },
+            path: PathLayout {
+                mnt: field(btf, "path", "mnt")?,
+                dentry: field(btf, "path", "dentry")?,
+            },
+            dentry: DentryLayout {
+                d_parent: field(btf, "dentry", "d_parent")?,
+                d_name: field(btf, "dentry", "d_name")?,
+            },
+            qstr: QstrLayout {
+                len: field(btf, "qstr", "len")?,
+                name: field(btf, "qstr", "name")?,
+            },
+            mount: MountLayout {
+                mnt: field(btf, "mount", "mnt")?,
+                mnt_parent: field(btf, "mount", "mnt_parent")?,
+                mnt_mountpoint: field(btf, "mount", "mnt_mountpoint")?,
+                vfsmount_mnt_root: field(btf, "vfsmount", "mnt_root")?,
+            },
+            socket: SocketLayout {
+                state: field(btf, "socket", "state")?,
+                type_: field(btf, "socket", "type")?,
+                file: field(btf, "socket", "file")?,
+                sk: field(btf, "socket", "sk")?,
+                ops: field(btf, "socket", "ops")?,
+            },
+            sock: SockLayout {
+                skc_family: field(btf, sk, "__sk_common.skc_family")?,
+                skc_daddr: field(btf, sk, "__sk_common.skc_daddr")?,
+                skc_rcv_saddr: field(btf, sk, "__sk_common.skc_rcv_saddr")?,
+                skc_dport: field(btf, sk, "__sk_common.skc_dport")?,
+                skc_num: field(btf, sk, "__sk_common.skc_num")?,
+                skc_v6_daddr: field(btf, sk, "__sk_common.skc_v6_daddr")?,
+                skc_v6_rcv_saddr: field(btf, sk, "__sk_common.skc_v6_rcv_saddr")?,
+                sk_type: field(btf, sk, "sk_type")?,
+                sk_protocol: field(btf, sk, "sk_protocol")?,
+            },
+            symbols,
+        })
+    }
+
+    /// Cache file of a build id in `dir`.
+    pub fn cache_path(dir: &Path, build_id: &str) -> PathBuf {
+        dir.join(format!("kernel-profile-{build_id}.json"))
+    }
+
+    /// Loads a cached profile; `None` if absent, unreadable, of another format or another build.
+    pub fn load_cached(dir: &Path, build_id: &str) -> Option<KernelProfile> {
+        let text = std::fs::read_to_string(Self::cache_path(dir, build_id)).ok()?;
+        let p: KernelProfile = serde_json::from_str(&text).ok()?;
+        (p.format == PROFILE_FORMAT && p.build_id.as_deref() == Some(build_id)).then_some(p)
+    }
+
+    /// Writes the profile to the cache (needs a build id). Written to a temporary file and renamed, so a
+    /// concurrent reader never sees half a file.
+    pub fn save_cached(&self, dir: &Path) -> std::io::Result<PathBuf> {
+        let id = self.build_id.as_deref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "profile has no build id")
+        })?;
+        std::fs::create_dir_all(dir)?;
+        let path = Self::cache_path(dir, id);
+        let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?,
+        )?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(path)
+    }
+}
+
+/// User ABI constants (they do not depend on the kernel build).
+pub mod abi {
+    /// `AF_UNIX`, `AF_INET`, `AF_INET6`, `AF_PACKET` (include/linux/socket.h).
+    pub const AF_UNIX: u16 = 1;
+    pub const AF_INET: u16 = 2;
+    pub const AF_INET6: u16 = 10;
+    pub const AF_PACKET: u16 = 17;
+    /// `SOCK_STREAM`, `SOCK_DGRAM`, `SOCK_RAW` (include/linux/net.h, x86 values).
+    pub const SOCK_STREAM: u16 = 1;
+    pub const SOCK_DGRAM: u16 = 2;
+    pub const SOCK_RAW: u16 = 3;
+    /// `IPPROTO_TCP`, `IPPROTO_UDP` (include/uapi/linux/in.h).
+    pub const IPPROTO_TCP: u16 = 6;
+    pub const IPPROTO_UDP: u16 = 17;
+
+    /// `struct sockaddr_in` (include/uapi/linux/in.h): family u16, port be16 at 2, addr at 4, 16 bytes.
+    pub const SIN_FAMILY: usize = 0;
+    pub const SIN_PORT: usize = 2;
+    pub const SIN_ADDR: usize = 4;
+    pub const SOCKADDR_IN_LEN: usize = 16;
+    /// `struct sockaddr_in6` (include/uapi/linux/in6.h): family, port be16 at 2, flowinfo at 4,
+    /// addr (16 bytes) at 8, scope id at 24, 28 bytes.
+    pub const SIN6_FAMILY: usize = 0;
+    pub const SIN6_PORT: usize = 2;
+    pub const SIN6_FLOWINFO: usize = 4;
+    pub const SIN6_ADDR: usize = 8;
+    pub const SIN6_SCOPE_ID: usize = 24;
+    pub const SOCKADDR_IN6_LEN: usize = 28;
+    /// `TASK_COMM_LEN` (include/linux/sched.h).
+    pub const TASK_COMM_LEN: usize = 16;
+}
