@@ -10,15 +10,16 @@
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use thiserror::Error;
+use trap_handler::mem::{self, PagingMode};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::guest_ram::GuestRam;
 
 /// Longest x86 instruction.
 const MAX_INSN_LEN: usize = 15;
 
 /// CR0.PG: paging enabled.
 const CR0_PG: u64 = 1 << 31;
-/// CR4.LA57: 5-level paging.
-const CR4_LA57: u64 = 1 << 12;
 /// EFER.LMA: long mode active.
 const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS bits popcnt defines: OF SF ZF AF PF CF.
@@ -83,9 +84,9 @@ impl<'a> GuestView<'a> {
         }
     }
 
-    /// Linear → guest-physical. Without paging linear is physical; in long mode the 4- or 5-level
-    /// walk follows the guest's tables with 1 GiB and 2 MiB pages. At most 5 reads, so a hostile
-    /// table cannot make it loop.
+    /// Linear → guest-physical. Without paging linear is physical; in long mode the guest's
+    /// 4- or 5-level tables are walked by trap-handler's bounded walker (fixed depth, every read
+    /// checked against guest RAM).
     pub fn translate(&self, linear: u64) -> Result<u64, EmulationError> {
         if self.cr0 & CR0_PG == 0 {
             return Ok(linear & 0xffff_ffff);
@@ -94,27 +95,14 @@ impl<'a> GuestView<'a> {
             // 32-bit paging is never used by the guests Vigil boots (PVH enters long mode directly).
             return Err(EmulationError::Unmapped(linear));
         }
-        const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-        let levels: u32 = if self.cr4 & CR4_LA57 != 0 { 5 } else { 4 };
-        let mut table = self.cr3 & ADDR_MASK;
-        for level in (1..=levels).rev() {
-            let shift = 12 + 9 * (level - 1);
-            let index = (linear >> shift) & 0x1ff;
-            let entry: u64 = self
-                .mem
-                .read_obj(GuestAddress(table + index * 8))
-                .map_err(|_| EmulationError::Unmapped(linear))?;
-            if entry & 1 == 0 {
-                return Err(EmulationError::Unmapped(linear));
-            }
-            let huge = entry & (1 << 7) != 0;
-            if (level == 3 || level == 2) && huge {
-                let page_mask = (1u64 << shift) - 1;
-                return Ok((entry & ADDR_MASK & !page_mask) | (linear & page_mask));
-            }
-            table = entry & ADDR_MASK;
-        }
-        Ok(table | (linear & 0xfff))
+        mem::translate(
+            &GuestRam(self.mem),
+            self.cr3,
+            PagingMode::from_cr4(self.cr4),
+            linear,
+        )
+        .map(|t| t.gpa)
+        .map_err(|_| EmulationError::Unmapped(linear))
     }
 
     /// Reads `buf.len()` bytes at a linear address, page by page.

@@ -79,7 +79,7 @@ impl HostKind {
                 "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,",
                 "cubictcp_register,bpf_rstat_kfunc_init,bpf_key_sig_kfuncs_init,kfunc_init,",
                 "bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init,load_system_certificate_list,",
-                "tracer_init_tracefs,add_rtc_cmos"
+                "tracer_init_tracefs,add_rtc_cmos,init_ftrace_syscalls"
             ),
         }
     }

@@ -10,6 +10,7 @@ pub mod acpi;
 pub mod boot;
 pub mod devices;
 pub mod emulation;
+pub mod guest_ram;
 pub mod host;
 pub mod layout;
 pub mod net_config;

@@ -1,0 +1,59 @@
+//! The VMM's guest memory as trap-handler's bounded [`GuestPhys`], so the introspection code and
+//! the VMM's own instruction completion read hostile guest memory through one accessor.
+
+use trap_handler::mem::{GuestPhys, MemError};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// A borrowed view of a VM's RAM.
+pub struct GuestRam<'a>(pub &'a GuestMemoryMmap);
+
+impl GuestPhys for GuestRam<'_> {
+    fn ram_size(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|region| region.start_addr().0 + region.len())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        let len = buf.len() as u64;
+        let end = gpa
+            .checked_add(len)
+            .ok_or(MemError::Overflow { addr: gpa, len })?;
+        if end > self.ram_size() {
+            return Err(MemError::OutsideRam { gpa, len });
+        }
+        self.0
+            .read_slice(buf, GuestAddress(gpa))
+            .map_err(|e| MemError::Backend {
+                gpa,
+                reason: e.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_bounded_to_ram() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        mem.write_obj(0x1122_3344u32, GuestAddress(0xfffc)).unwrap();
+        let ram = GuestRam(&mem);
+        assert_eq!(ram.ram_size(), 0x10000);
+        let mut four = [0u8; 4];
+        ram.read_phys(0xfffc, &mut four).unwrap();
+        assert_eq!(u32::from_le_bytes(four), 0x1122_3344);
+        let mut eight = [0u8; 8];
+        assert!(matches!(
+            ram.read_phys(0xfffc, &mut eight),
+            Err(MemError::OutsideRam { .. })
+        ));
+        assert!(matches!(
+            ram.read_phys(u64::MAX - 2, &mut four),
+            Err(MemError::Overflow { .. })
+        ));
+    }
+}
