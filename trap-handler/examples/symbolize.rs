@@ -34,7 +34,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rows: Vec<_> = per_function.into_iter().collect();
     rows.sort_by(|a, b| b.1.cmp(&a.1));
     for (name, count) in rows.iter().take(40) {
-        println!("{:6.2}% {count:7} {name}", 100.0 * *count as f64 / total as f64);
+        println!(
+            "{:6.2}% {count:7} {name}",
+            100.0 * *count as f64 / total as f64
+        );
     }
     Ok(())
 }

@@ -12,11 +12,13 @@
 //! - [`kaslr`]: link, virtual and physical kernel addresses; the slide from MSR_LSTAR.
 //! - [`elf`]: the minimal vmlinux reader behind all of the above.
 
+pub mod attribution;
 pub mod btf;
 pub mod elf;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod mem;
+pub mod policy;
 pub mod profile;
 
 pub use btf::{Btf, BtfError};

@@ -1,0 +1,237 @@
+//! Attribution of a trapped socket operation to the guest process that made it.
+//!
+//! Input: the registers at the entry of a hooked LSM function (`security_socket_connect(sock,
+//! address, addrlen)`, `security_socket_bind(sock, address, addrlen)`,
+//! `security_socket_listen(sock, backlog)`: SysV ABI, so RDI, RSI, RDX), the kernel's GS base (the
+//! per-CPU area, where `current_task` lives) and the kernel profile (BTF offsets, symbols).
+//! Everything is read through the bounded [`VirtReader`]: a hostile guest can make attribution
+//! fail (and the policy then fails closed), never loop or read outside its RAM.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::mem::{GuestPhys, MemError, VirtReader};
+use crate::profile::{abi, KernelProfile};
+
+/// Longest file name component we read (NAME_MAX).
+const MAX_NAME: usize = 255;
+/// Most path components we walk up from an executable's dentry.
+const MAX_PATH_DEPTH: usize = 32;
+
+/// The socket operations Vigil hooks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketOp {
+    Connect,
+    Bind,
+    Listen,
+}
+
+impl SocketOp {
+    /// The LSM hook function each operation passes through.
+    pub fn hook_symbol(self) -> &'static str {
+        match self {
+            SocketOp::Connect => "security_socket_connect",
+            SocketOp::Bind => "security_socket_bind",
+            SocketOp::Listen => "security_socket_listen",
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum AttributionError {
+    #[error("reading guest memory: {0}")]
+    Memory(#[from] MemError),
+    #[error("the kernel profile lacks the symbol {0}")]
+    MissingSymbol(&'static str),
+}
+
+/// The process behind a trapped operation.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Process {
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    /// Path of the executable (`mm->exe_file`), walked up through `d_parent` within its mount;
+    /// `None` for kernel threads.
+    pub exe: Option<String>,
+    pub uid: u32,
+    pub ppid: u32,
+    pub parent_comm: String,
+}
+
+/// One attributed socket operation.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Attribution {
+    pub op: SocketOp,
+    /// AF_* of the socket.
+    pub family: u16,
+    /// SOCK_* of the socket.
+    pub sock_type: u16,
+    /// IPPROTO_* of the socket.
+    pub protocol: u16,
+    /// Remote address (connect) or local address (bind, listen), where it has one.
+    pub addr: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub process: Process,
+}
+
+fn read_comm<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    task: u64,
+    p: &KernelProfile,
+) -> Result<String, MemError> {
+    let bytes = r.read_bytes(task + p.task_struct.comm.offset, abi::TASK_COMM_LEN)?;
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+}
+
+/// Name of a dentry (`d_name`), length-limited.
+fn dentry_name<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    dentry: u64,
+    p: &KernelProfile,
+) -> Result<String, MemError> {
+    let qstr = dentry + p.dentry.d_name.offset;
+    let len = (r.read_field_u32(qstr, p.qstr.len.offset)? as usize).min(MAX_NAME);
+    let name_ptr = r.read_field_u64(qstr, p.qstr.name.offset)?;
+    let bytes = r.read_bytes(name_ptr, len)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// Path of a dentry within its mount: names up to the root (a dentry that is its own parent).
+fn dentry_path<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    mut dentry: u64,
+    p: &KernelProfile,
+) -> Result<String, MemError> {
+    let mut parts = Vec::new();
+    for _ in 0..MAX_PATH_DEPTH {
+        let parent = r.read_field_u64(dentry, p.dentry.d_parent.offset)?;
+        if parent == dentry || parent == 0 {
+            break;
+        }
+        parts.push(dentry_name(r, dentry, p)?);
+        dentry = parent;
+    }
+    parts.reverse();
+    Ok(format!("/{}", parts.join("/")))
+}
+
+fn read_process<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    task: u64,
+    p: &KernelProfile,
+) -> Result<Process, MemError> {
+    let t = &p.task_struct;
+    let pid = r.read_field_u32(task, t.pid.offset)?;
+    let tgid = r.read_field_u32(task, t.tgid.offset)?;
+    let comm = read_comm(r, task, p)?;
+    let cred = r.read_field_u64(task, t.cred.offset)?;
+    let uid = r.read_field_u32(cred, p.cred.uid.offset)?;
+    let parent = r.read_field_u64(task, t.real_parent.offset)?;
+    let ppid = r.read_field_u32(parent, t.tgid.offset)?;
+    let parent_comm = read_comm(r, parent, p)?;
+    let mm = r.read_field_u64(task, t.mm.offset)?;
+    let exe = if mm == 0 {
+        None
+    } else {
+        let file = r.read_field_u64(mm, p.mm_struct.exe_file.offset)?;
+        if file == 0 {
+            None
+        } else {
+            let dentry = r.read_field_u64(file + p.file.f_path.offset, p.path.dentry.offset)?;
+            Some(dentry_path(r, dentry, p)?)
+        }
+    };
+    Ok(Process {
+        pid,
+        tgid,
+        comm,
+        exe,
+        uid,
+        ppid,
+        parent_comm,
+    })
+}
+
+/// Decodes a `struct sockaddr` the kernel already copied in (AF_INET / AF_INET6).
+fn read_sockaddr<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    addr: u64,
+    addrlen: u64,
+) -> Result<(Option<IpAddr>, Option<u16>), MemError> {
+    if addr == 0 || addrlen < 2 {
+        return Ok((None, None));
+    }
+    let family = r.read_u16(addr)?;
+    match family {
+        abi::AF_INET if addrlen >= abi::SOCKADDR_IN_LEN as u64 - 8 => {
+            let port = u16::from_be(r.read_u16(addr + abi::SIN_PORT as u64)?);
+            let ip = r.read_field::<4>(addr, abi::SIN_ADDR as u64)?;
+            Ok((Some(IpAddr::V4(Ipv4Addr::from(ip))), Some(port)))
+        }
+        abi::AF_INET6 if addrlen >= 24 => {
+            let port = u16::from_be(r.read_u16(addr + abi::SIN6_PORT as u64)?);
+            let ip = r.read_field::<16>(addr, abi::SIN6_ADDR as u64)?;
+            Ok((Some(IpAddr::V6(Ipv6Addr::from(ip))), Some(port)))
+        }
+        _ => Ok((None, None)),
+    }
+}
+
+/// Registers at the hook (function entry, SysV ABI).
+#[derive(Clone, Copy, Debug)]
+pub struct HookArgs {
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    /// Kernel GS base (MSR_GS_BASE while in the kernel): the per-CPU area.
+    pub gs_base: u64,
+}
+
+/// Attributes one trapped operation.
+pub fn attribute<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    profile: &KernelProfile,
+    op: SocketOp,
+    args: HookArgs,
+) -> Result<Attribution, AttributionError> {
+    let current_task = *profile
+        .symbols
+        .get("current_task")
+        .ok_or(AttributionError::MissingSymbol("current_task"))?;
+    let task = r.read_u64(args.gs_base.wrapping_add(current_task))?;
+    let process = read_process(r, task, profile)?;
+    let sock = args.rdi;
+    let sock_type = r.read_field_u16(sock, profile.socket.type_.offset)?;
+    let sk = r.read_field_u64(sock, profile.socket.sk.offset)?;
+    let (family, protocol) = if sk == 0 {
+        (0, 0)
+    } else {
+        (
+            r.read_field_u16(sk, profile.sock.skc_family.offset)?,
+            r.read_field_u16(sk, profile.sock.sk_protocol.offset)?,
+        )
+    };
+    let (addr, port) = match op {
+        SocketOp::Connect | SocketOp::Bind => read_sockaddr(r, args.rsi, args.rdx)?,
+        SocketOp::Listen if sk != 0 => {
+            let local = r.read_field::<4>(sk, profile.sock.skc_rcv_saddr.offset)?;
+            let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;
+            (Some(IpAddr::V4(Ipv4Addr::from(local))), Some(port))
+        }
+        SocketOp::Listen => (None, None),
+    };
+    Ok(Attribution {
+        op,
+        family,
+        sock_type,
+        protocol,
+        addr,
+        port,
+        process,
+    })
+}
