@@ -12,6 +12,7 @@ pub mod devices;
 pub mod emulation;
 pub mod guest_ram;
 pub mod host;
+pub mod introspect;
 pub mod layout;
 pub mod net_config;
 pub mod vcpu;

@@ -67,6 +67,9 @@ enum Command {
         /// A network interface: tap=NAME[,netns=NS][,mac=MAC] (repeatable).
         #[arg(long)]
         net: Vec<vmm::net_config::NetConfig>,
+        /// The tenant's application policy (JSON allow-list); enables introspection.
+        #[arg(long)]
+        policy: Option<PathBuf>,
         #[arg(long)]
         console_log: Option<PathBuf>,
         #[arg(long)]
@@ -112,6 +115,7 @@ fn main() -> ExitCode {
                     },
                 },
                 nets: Vec::new(),
+                policy: None,
                 console: ConsoleConfig {
                     log: console_log,
                     stdout: true,
@@ -127,6 +131,7 @@ fn main() -> ExitCode {
             mem,
             vcpus,
             net,
+            policy,
             console_log,
             timeout,
             marker,
@@ -141,6 +146,7 @@ fn main() -> ExitCode {
                     cmdline,
                 },
                 nets: net,
+                policy,
                 console: ConsoleConfig {
                     log: console_log,
                     stdout: true,

@@ -21,7 +21,9 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::emulation::{self, Completion, GuestView};
 use crate::host::HostKind;
+use crate::introspect::{HookOutcome, Introspection};
 use crate::vm::{Bus, PioAction};
+use trap_handler::attribution::SocketOp;
 
 /// MSRs of the `syscall` instruction (Intel SDM vol. 4, "Architectural MSRs").
 const MSR_STAR: u32 = 0xc000_0081;
@@ -71,6 +73,10 @@ pub struct VcpuStats {
     pub syscalls_completed: u64,
     /// Page faults that passed the #PF breakpoint and were not broken syscalls.
     pub page_faults_passed: u64,
+    /// Introspection hook hits, how many were denied, and the VMM-side time they took.
+    pub hook_hits: u64,
+    pub hook_denials: u64,
+    pub hook_work_ns: u64,
 }
 
 impl VcpuStats {
@@ -81,6 +87,9 @@ impl VcpuStats {
         self.debug_exits += other.debug_exits;
         self.syscalls_completed += other.syscalls_completed;
         self.page_faults_passed += other.page_faults_passed;
+        self.hook_hits += other.hook_hits;
+        self.hook_denials += other.hook_denials;
+        self.hook_work_ns += other.hook_work_ns;
         for (name, count) in &other.emulation_completions {
             *self.emulation_completions.entry(name.clone()).or_default() += count;
         }
@@ -134,6 +143,8 @@ pub struct Vcpu {
     /// Guest RIPs seen at profiler kicks (`VIGIL_PROFILE`), to find where emulated ring 0 spends
     /// its time.
     pub rip_samples: Option<BTreeMap<u64, u64>>,
+    /// Socket hooks and policy of this VM's tenant, if it has one.
+    introspection: Option<Arc<Introspection>>,
     /// `VIGIL_TRACE_EXITS=1`: log every completion and debug exit to stderr.
     trace: bool,
     /// `VIGIL_NO_SYSCALL_FIX=1`: leave the syscall fix off (to measure what it costs).
@@ -147,6 +158,7 @@ impl Vcpu {
         memory: GuestMemoryMmap,
         bus: Arc<Bus>,
         host: HostKind,
+        introspection: Option<Arc<Introspection>>,
     ) -> Self {
         Vcpu {
             index,
@@ -160,11 +172,17 @@ impl Vcpu {
             trace: std::env::var_os("VIGIL_TRACE_EXITS").is_some(),
             no_syscall_fix: std::env::var_os("VIGIL_NO_SYSCALL_FIX").is_some(),
             rip_samples: std::env::var_os("VIGIL_PROFILE").map(|_| BTreeMap::new()),
+            introspection,
         }
     }
 
     /// Runs until the guest or the VMM stops this vCPU.
     pub fn run(&mut self, stop: &AtomicBool) -> StopReason {
+        if self.introspection.is_some() {
+            if let Err(e) = self.program_debug(false) {
+                return StopReason::Crashed(format!("cannot install the introspection hooks: {e}"));
+            }
+        }
         loop {
             if stop.load(Ordering::Acquire) {
                 self.state = VcpuState::Stopped;
@@ -367,26 +385,43 @@ impl Vcpu {
         let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
             | u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16
             | u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32;
-        if self.syscall_fix.pf_handler != Some(handler)
-            && self.set_breakpoint(Some(handler), false).is_ok()
-        {
-            self.syscall_fix.pf_handler = Some(handler);
+        if self.syscall_fix.pf_handler != Some(handler) {
+            let previous = self.syscall_fix.pf_handler.replace(handler);
+            if self.program_debug(false).is_err() {
+                self.syscall_fix.pf_handler = previous;
+            }
         }
     }
 
-    /// Programs the vCPU's guest-debug state: our breakpoint (DR0) and/or single stepping.
-    fn set_breakpoint(&self, addr: Option<u64>, single_step: bool) -> Result<(), String> {
+    /// Programs the vCPU's guest-debug state: DR0 on the guest's #PF handler (the syscall fix),
+    /// DR1-DR3 on the introspection hooks; or, while stepping over one of them, no breakpoint and
+    /// single stepping.
+    fn program_debug(&self, single_step: bool) -> Result<(), String> {
         let mut debug = kvm_guest_debug {
             control: KVM_GUESTDBG_ENABLE,
             ..Default::default()
         };
-        if let Some(addr) = addr {
-            debug.control |= KVM_GUESTDBG_USE_HW_BP;
-            debug.arch.debugreg[0] = addr;
-            debug.arch.debugreg[7] = DR7_L0;
-        }
         if single_step {
             debug.control |= KVM_GUESTDBG_SINGLESTEP;
+        } else {
+            let hooks = self
+                .introspection
+                .as_ref()
+                .map(|i| i.hooks.as_slice())
+                .unwrap_or(&[]);
+            let slots = std::iter::once(self.syscall_fix.pf_handler)
+                .chain(hooks.iter().map(|(_, addr)| Some(*addr)))
+                .take(4);
+            for (slot, addr) in slots.enumerate() {
+                if let Some(addr) = addr {
+                    debug.arch.debugreg[slot] = addr;
+                    // Ln enable; RWn = LENn = 0: execute, one byte.
+                    debug.arch.debugreg[7] |= DR7_L0 << (2 * slot);
+                }
+            }
+            if debug.arch.debugreg[7] != 0 {
+                debug.control |= KVM_GUESTDBG_USE_HW_BP;
+            }
         }
         self.fd
             .set_guest_debug(&debug)
@@ -404,7 +439,13 @@ impl Vcpu {
         if self.state == VcpuState::SteppingOver || (dr6 & DR6_BS != 0 && dr6 & DR6_B0 == 0) {
             // The instruction under our breakpoint ran: put the breakpoint back.
             self.state = VcpuState::Running;
-            return match self.set_breakpoint(self.syscall_fix.pf_handler, false) {
+            return match self.program_debug(false) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        if let Some(op) = self.introspection.as_ref().and_then(|i| i.hook_at(pc)) {
+            return match self.on_hook(op, pc) {
                 Ok(()) => Action::Continue,
                 Err(e) => Action::Stop(StopReason::Crashed(e)),
             };
@@ -419,6 +460,27 @@ impl Vcpu {
         match self.step_over(pc) {
             Ok(()) => Action::Continue,
             Err(e) => Action::Stop(StopReason::Crashed(e)),
+        }
+    }
+
+    /// A socket LSM hook was hit: attribute, decide, apply (see [`crate::introspect`]).
+    fn on_hook(&mut self, op: SocketOp, pc: u64) -> Result<(), String> {
+        let Some(introspection) = self.introspection.clone() else {
+            return self.step_over(pc);
+        };
+        let (mut regs, sregs) = self.registers()?;
+        let started = std::time::Instant::now();
+        let outcome = introspection.on_hook(self.index, op, &self.memory, &mut regs, &sregs);
+        self.stats.hook_hits += 1;
+        self.stats.hook_work_ns += started.elapsed().as_nanos() as u64;
+        match outcome {
+            HookOutcome::Denied => {
+                self.stats.hook_denials += 1;
+                self.fd
+                    .set_regs(&regs)
+                    .map_err(|e| format!("KVM_SET_REGS: {e}"))
+            }
+            HookOutcome::Allow => self.step_over(pc),
         }
     }
 
@@ -506,7 +568,7 @@ impl Vcpu {
             }
         }
         self.state = VcpuState::SteppingOver;
-        self.set_breakpoint(None, true)
+        self.program_debug(true)
     }
 
     fn syscall_msrs(&self) -> Result<SyscallMsrs, String> {

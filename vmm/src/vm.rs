@@ -110,6 +110,9 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// Network interfaces (virtio-net over virtio-mmio), in guest order eth0, eth1, ...
     pub nets: Vec<crate::net_config::NetConfig>,
+    /// The tenant's application policy (JSON, see `trap_handler::policy`). With one, the guest
+    /// kernel's socket hooks are trapped and every connect/bind/listen is decided by it.
+    pub policy: Option<PathBuf>,
 }
 
 /// How a VM run ended, with what it cost.
@@ -337,6 +340,28 @@ impl Vm {
             }
         };
 
+        let introspection = match (&config.policy, &config.payload) {
+            (Some(path), Payload::Linux { .. }) => {
+                let text = fs::read_to_string(path).map_err(|source| VmError::ReadFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                let policy = trap_handler::policy::Policy::from_json(&text)
+                    .map_err(|e| VmError::Device(format!("policy {}: {e}", path.display())))?;
+                let analysis = trap_handler::analyze_vmlinux(&elf)
+                    .map_err(|e| VmError::Device(format!("cannot introspect this kernel: {e}")))?;
+                Some(Arc::new(
+                    crate::introspect::Introspection::new(&config.name, analysis.profile, policy)
+                        .map_err(VmError::Device)?,
+                ))
+            }
+            (Some(_), Payload::MicroVm { .. }) => {
+                return Err(VmError::Device(
+                    "a policy applies to Linux tenants only".into(),
+                ))
+            }
+            (None, _) => None,
+        };
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
@@ -450,7 +475,14 @@ impl Vm {
                 )?;
                 set_pvh_entry_state(&vcpu_fd, kernel.pvh_entry, start_info)?;
             }
-            vcpus.push(Vcpu::new(index, vcpu_fd, memory.clone(), bus.clone(), host));
+            vcpus.push(Vcpu::new(
+                index,
+                vcpu_fd,
+                memory.clone(),
+                bus.clone(),
+                host,
+                introspection.clone(),
+            ));
         }
         Ok(Vm {
             name: config.name.clone(),
