@@ -187,8 +187,35 @@ fn virtio_crs(device: &MmioDeviceInfo) -> Vec<u8> {
     b
 }
 
+/// COM1 as a PNP0501 device with its I/O ports and ISA IRQ 4. Hardware-reduced ACPI gives Linux
+/// no legacy PIC, so ISA IRQs are not mapped up front: without this device the 8250 driver cannot
+/// get IRQ 4 and every open of the console tty fails (the kernel's own printk, which polls, still
+/// works, which hid it).
+fn com1_device() -> Vec<u8> {
+    let mut resources = Vec::new();
+    // I/O port descriptor: tag 0x47, 16-bit decode, min = max = 0x3f8, alignment 1, 8 ports.
+    resources.extend_from_slice(&[0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01, 0x08]);
+    // IRQ descriptor without flags (edge, active high): tag 0x22, mask with bit 4.
+    resources.extend_from_slice(&[0x22, 0x10, 0x00]);
+    resources.extend_from_slice(&[0x79, 0x00]);
+    let mut buffer = aml_integer(resources.len() as u32);
+    buffer.extend_from_slice(&resources);
+    let mut crs = vec![0x11];
+    crs.extend_from_slice(&pkg_length(buffer.len()));
+    crs.extend_from_slice(&buffer);
+    let mut dev = b"COM1".to_vec();
+    dev.extend_from_slice(&aml_name(b"_HID", &aml_string("PNP0501")));
+    dev.extend_from_slice(&aml_name(b"_UID", &aml_integer(0)));
+    dev.extend_from_slice(&aml_name(b"_CRS", &crs));
+    let mut b = vec![0x5b, 0x82];
+    b.extend_from_slice(&pkg_length(dev.len()));
+    b.extend_from_slice(&dev);
+    b
+}
+
 fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
     let mut scope_body = b"\\_SB_".to_vec();
+    scope_body.extend_from_slice(&com1_device());
     for (i, device) in devices.iter().enumerate() {
         let mut dev = format!("V{i:03X}").into_bytes();
         dev.extend_from_slice(&aml_name(b"_HID", &aml_string("LNRO0005")));
@@ -336,6 +363,7 @@ mod tests {
                 assert_eq!(aml.windows(hid.len()).filter(|w| w == hid).count(), 2);
                 assert!(aml.windows(4).any(|w| w == 0xd000_1000u32.to_le_bytes()));
                 assert!(aml.windows(4).any(|w| w == b"_S5_"));
+                assert!(aml.windows(8).any(|w| w == b"PNP0501\0"), "COM1 is described");
             }
             if &table[..4] == b"APIC" {
                 // Two local APICs (type 0) and one IOAPIC (type 1).

@@ -428,11 +428,22 @@ impl Vm {
             Payload::MicroVm { elf, .. } => elf.display().to_string(),
         };
         let kernel = boot::load_elf(&memory, &name, &elf)?;
-        let modules: Vec<BootModule<'_>> = initramfs
-            .as_deref()
-            .map(|bytes| BootModule { bytes, at: None })
-            .into_iter()
-            .collect();
+        // Module 0: the initramfs of a Linux tenant, or Vigil's typed boot information for the
+        // micro-VM (its role and RAM; devices and the verdict region join it with the switch).
+        let boot_info = match &config.payload {
+            Payload::MicroVm { role, .. } => {
+                Some(vigil_wire::boot::BootInfo::new(*role, mem_size).encode())
+            }
+            Payload::Linux { .. } => None,
+        };
+        let modules: Vec<BootModule<'_>> = match (&initramfs, &boot_info) {
+            (Some(bytes), _) => vec![BootModule { bytes, at: None }],
+            (None, Some(info)) => vec![BootModule {
+                bytes: info,
+                at: Some(VIGIL_BOOT_INFO_START),
+            }],
+            (None, None) => Vec::new(),
+        };
 
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
