@@ -193,8 +193,5 @@ fn write_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: u64, value: T) -> Resul
 /// The ELF vmlinux inside a kernel image (an ELF is taken as it is; a bzImage is unpacked on the
 /// host, so the guest never runs its own decompressor).
 pub fn kernel_elf(image: &[u8]) -> Result<Vec<u8>, String> {
-    if image.starts_with(b"\x7fELF") {
-        return Ok(image.to_vec());
-    }
-    Err("not an ELF kernel (bzImage support is being added)".to_string())
+    bzimage::extract_vmlinux(image).map_err(|e| e.to_string())
 }
