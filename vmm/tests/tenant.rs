@@ -9,29 +9,17 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
+
+mod common;
+use common::{base64, tenant_dir};
 
 const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
 const PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 8081;
-
-fn tenant_dir() -> PathBuf {
-    let dir = std::env::var_os("VIGIL_TENANT_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../build/tenant"));
-    for file in ["vmlinuz", "initramfs.cpio"] {
-        assert!(
-            dir.join(file).is_file(),
-            "{} is missing: run scripts/build-tenant-image first",
-            dir.join(file).display()
-        );
-    }
-    dir
-}
 
 fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().expect("run ip");
@@ -197,24 +185,4 @@ fn debian_tenant_boots_and_talks_tcp_over_virtio_net_to_the_outside() {
         );
     }
     drop(outside);
-}
-
-/// Standard base64 (RFC 4648), for the workload on the kernel command line.
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
