@@ -363,7 +363,10 @@ mod tests {
                 assert_eq!(aml.windows(hid.len()).filter(|w| w == hid).count(), 2);
                 assert!(aml.windows(4).any(|w| w == 0xd000_1000u32.to_le_bytes()));
                 assert!(aml.windows(4).any(|w| w == b"_S5_"));
-                assert!(aml.windows(8).any(|w| w == b"PNP0501\0"), "COM1 is described");
+                assert!(
+                    aml.windows(8).any(|w| w == b"PNP0501\0"),
+                    "COM1 is described"
+                );
             }
             if &table[..4] == b"APIC" {
                 // Two local APICs (type 0) and one IOAPIC (type 1).
@@ -395,5 +398,80 @@ mod tests {
             Err(AcpiError::TooManyVcpus(0))
         );
         assert!(build_tables(ACPI_START, 64, &[]).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod iasl {
+    use super::*;
+
+    /// Disassembles each table with ACPICA's `iasl -d` (Debian: acpica-tools) and checks what it
+    /// decoded. Not run by default (cargo tests must not need iasl):
+    /// `cargo test -p vmm --lib acpi::iasl -- --ignored`.
+    #[test]
+    #[ignore = "needs iasl (apt-get install acpica-tools)"]
+    fn tables_disassemble_with_iasl() {
+        let devices: Vec<MmioDeviceInfo> = (0..3)
+            .map(|i| {
+                let (base, size) = crate::layout::virtio_mmio_window(i);
+                MmioDeviceInfo {
+                    base,
+                    size,
+                    gsi: crate::layout::VIRTIO_FIRST_GSI + i,
+                }
+            })
+            .collect();
+        let image = build_tables(ACPI_START, 2, &devices).unwrap();
+        let dir = std::env::temp_dir().join(format!("vigil-acpi-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut offset = 40; // past the RSDP (36 bytes, aligned to 8)
+        let mut decoded = String::new();
+        while offset + 8 <= image.len() {
+            let len =
+                u32::from_le_bytes(image[offset + 4..offset + 8].try_into().unwrap()) as usize;
+            let sig = String::from_utf8_lossy(&image[offset..offset + 4]).to_string();
+            let file = dir.join(format!("{sig}.dat"));
+            std::fs::write(&file, &image[offset..offset + len]).unwrap();
+            let out = std::process::Command::new("iasl")
+                .arg("-d")
+                .arg(&file)
+                .current_dir(&dir)
+                .output()
+                .expect("run iasl");
+            let log = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "iasl -d {sig}: {log}");
+            assert!(
+                !log.contains("Error") && !log.contains("Warning"),
+                "{sig}: {log}"
+            );
+            let dsl = std::fs::read_to_string(dir.join(format!("{sig}.dsl"))).unwrap();
+            assert!(!dsl.contains("Invalid"), "{sig}:\n{dsl}");
+            decoded.push_str(&dsl);
+            offset = (offset + len + 7) & !7;
+        }
+        if std::env::var_os("VIGIL_KEEP_ACPI").is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        for i in 0..3u32 {
+            assert!(
+                decoded.contains(&format!("0xD000{i}000,         // Address Base")),
+                "{decoded}"
+            );
+            assert!(decoded.contains(&format!("0x{:08X},", 5 + i)), "{decoded}");
+        }
+        assert_eq!(
+            decoded.matches("Name (_HID, \"LNRO0005\")").count(),
+            3,
+            "{decoded}"
+        );
+        assert!(decoded.contains("Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, )"));
+        assert!(decoded.contains("Hardware Reduced (V5) : 1"), "{decoded}");
+        assert_eq!(
+            decoded.matches("Processor Enabled : 1").count(),
+            2,
+            "{decoded}"
+        );
+        assert!(decoded.contains("Address : FEC00000"), "{decoded}");
     }
 }

@@ -21,7 +21,10 @@ use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot::{self, BootError, BootModule};
-use crate::devices::MmioDevice;
+use crate::devices::tap::Tap;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::Net;
+use crate::devices::{MmioDevice, MmioDeviceInfo};
 use crate::host::HostKind;
 use crate::layout::*;
 use crate::vcpu::{StopReason, Vcpu, VcpuStats};
@@ -417,9 +420,39 @@ impl Vm {
                 .map(|m| (m.clone(), None))
                 .collect(),
         };
+        // Network interfaces: virtio-net over virtio-mmio, one window and one GSI each, backed by
+        // a TAP device (opened in the named network namespace when one is given).
+        if config.nets.len() > VIRTIO_MAX_DEVICES as usize {
+            return Err(VmError::Device(format!(
+                "{} network interfaces asked for; at most {VIRTIO_MAX_DEVICES}",
+                config.nets.len()
+            )));
+        }
+        let mut mmio = Vec::new();
+        let mut mmio_infos = Vec::new();
+        for (index, net) in config.nets.iter().enumerate() {
+            let (base, size) = virtio_mmio_window(index as u32);
+            let info = MmioDeviceInfo {
+                base,
+                size,
+                gsi: VIRTIO_FIRST_GSI + index as u32,
+            };
+            let tap = Tap::open(&net.tap, net.netns.as_deref()).map_err(|e| {
+                VmError::Device(format!("network interface {index} (tap {}): {e}", net.tap))
+            })?;
+            let transport =
+                MmioTransport::new(memory.clone(), Box::new(Net::new(Box::new(tap), net.mac)))
+                    .map_err(|e| VmError::Device(format!("network interface {index}: {e}")))?;
+            transport
+                .register_with_kvm(&fd, &info)
+                .map_err(|e| VmError::Device(format!("network interface {index}: {e}")))?;
+            let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));
+            mmio.push(MmioSlot { base, size, device });
+            mmio_infos.push(info);
+        }
         let bus = Arc::new(Bus {
             serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), console)),
-            mmio: Vec::new(),
+            mmio,
             exit_port,
         });
 
@@ -475,7 +508,7 @@ impl Vm {
                 // needs neither (it polls).
                 let rsdp = match config.payload {
                     Payload::Linux { .. } => Some(
-                        crate::acpi::write_acpi_tables(&memory, config.vcpus, &[])
+                        crate::acpi::write_acpi_tables(&memory, config.vcpus, &mmio_infos)
                             .map_err(|e| VmError::Device(e.to_string()))?
                             .0,
                     ),
