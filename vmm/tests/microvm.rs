@@ -115,3 +115,25 @@ fn too_little_memory_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("MiB of memory"), "{stderr}");
 }
+
+/// A VMM nobody here wrote boots the same ELF: QEMU's microvm machine through the PVH note.
+#[test]
+fn qemu_boots_the_same_elf_to_its_ring3_banner() {
+    let elf = fw_guest_elf();
+    let out = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm", "-accel", "kvm", "-accel", "tcg", "-m", "64"])
+        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-append", "role=edge"])
+        .arg("-kernel")
+        .arg(&elf)
+        .output()
+        .expect("qemu-system-x86_64 is missing: run scripts/setup");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("vigil fw-guest: role=edge cpl=3"),
+        "QEMU did not show the banner: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // isa-debug-exit reports (code << 1) | 1: exit code 0 is status 1.
+    assert_eq!(out.status.code(), Some(1));
+}
