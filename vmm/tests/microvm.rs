@@ -121,9 +121,22 @@ fn too_little_memory_is_a_clear_error() {
 fn qemu_boots_the_same_elf_to_its_ring3_banner() {
     let elf = fw_guest_elf();
     let out = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-accel", "kvm", "-accel", "tcg", "-m", "64"])
-        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-append", "role=edge"])
+        .args([
+            "-M", "microvm", "-accel", "kvm", "-accel", "tcg", "-m", "64",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .args([
+            "-device",
+            "isa-debug-exit,iobase=0xf4,iosize=0x01",
+            "-append",
+            "role=edge",
+        ])
         .arg("-kernel")
         .arg(&elf)
         .output()

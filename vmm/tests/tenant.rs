@@ -33,7 +33,10 @@ struct Outside {
 
 impl Outside {
     fn create(name: &str, tap: &str) -> Outside {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", name]);
         let outside = Outside { name: name.into() };
         ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"]);
