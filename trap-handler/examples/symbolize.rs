@@ -32,7 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         total += count;
     }
     let mut rows: Vec<_> = per_function.into_iter().collect();
-    rows.sort_by(|a, b| b.1.cmp(&a.1));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1));
     for (name, count) in rows.iter().take(40) {
         println!(
             "{:6.2}% {count:7} {name}",
