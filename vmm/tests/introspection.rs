@@ -20,6 +20,7 @@ const POLICY: &str = r#"{"allow": [
 ]}"#;
 
 #[test]
+#[ignore = "boots the Debian tenant: 15-25 min on an emulating KVM host; run with scripts/test --e2e"]
 fn connects_and_binds_are_attributed_and_decided_from_outside_the_guest() {
     let dir = tenant_dir();
     let work = std::env::temp_dir().join(format!("vigil-introspection-{}", std::process::id()));
@@ -47,7 +48,7 @@ fn connects_and_binds_are_attributed_and_decided_from_outside_the_guest() {
         .arg(dir.join("initramfs.cpio"))
         .arg("--policy")
         .arg(&policy)
-        .args(["--cmdline", &cmdline, "--timeout", "1500"])
+        .args(["--cmdline", &cmdline, "--timeout", "2700"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
