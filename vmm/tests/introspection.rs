@@ -42,6 +42,9 @@ fn connects_and_binds_are_attributed_and_decided_from_outside_the_guest() {
     let encoded = base64(workload.as_bytes());
     let cmdline = format!("console=ttyS0 reboot=k panic=-1 quiet vigil.run={encoded}");
     let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        // Fewer guest timer ticks per wall second on an emulating host (to /init: ~465 s with 8,
+        // over 560 s without, measured); guest timeouts stretch by the same factor.
+        .env("VIGIL_TSC_DILATION", "8")
         .args(["run-tenant", "--kernel"])
         .arg(dir.join("vmlinuz"))
         .arg("--initramfs")
