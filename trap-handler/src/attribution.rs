@@ -17,8 +17,10 @@ use crate::profile::{abi, KernelProfile};
 
 /// Longest file name component we read (NAME_MAX).
 const MAX_NAME: usize = 255;
-/// Most path components we walk up from an executable's dentry.
-const MAX_PATH_DEPTH: usize = 32;
+/// Most path components of an executable's path we accept (deeper is an error, not a suffix).
+const MAX_PATH_DEPTH: usize = 64;
+/// Most steps (components and mount crossings) of one path walk.
+const MAX_PATH_STEPS: usize = 128;
 
 /// The socket operations Vigil hooks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize, Hash)]
@@ -46,6 +48,8 @@ pub enum AttributionError {
     Memory(#[from] MemError),
     #[error("the kernel profile lacks the symbol {0}")]
     MissingSymbol(&'static str),
+    #[error("the executable's path is deeper than {0} components or its mounts loop")]
+    PathTooDeep(usize),
 }
 
 /// The process behind a trapped operation.
@@ -101,30 +105,57 @@ fn dentry_name<M: GuestPhys + ?Sized>(
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
-/// Path of a dentry within its mount: names up to the root (a dentry that is its own parent).
-fn dentry_path<M: GuestPhys + ?Sized>(
+/// Path of an executable from its `struct path` (dentry + vfsmount): names up to the root of
+/// the dentry's mount, then across mounts (`mnt_mountpoint` in `mnt_parent`) up to the root of
+/// the mount tree, as `d_path` would. A path the walk cannot finish within its limits is an error
+/// (the policy then denies), never a suffix that could pass for an allowed absolute path; a file
+/// outside any mounted tree (memfd, anonymous) yields its bare name, which no absolute `exe` rule
+/// matches.
+fn exe_path<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     mut dentry: u64,
+    vfsmount: u64,
     p: &KernelProfile,
-) -> Result<String, MemError> {
+) -> Result<String, AttributionError> {
+    let m = &p.mount;
+    // struct mount embeds the vfsmount: container_of.
+    let mut mount = vfsmount.wrapping_sub(m.mnt.offset);
+    let mut mnt_root = r.read_field_u64(vfsmount, m.vfsmount_mnt_root.offset)?;
     let mut parts = Vec::new();
-    for _ in 0..MAX_PATH_DEPTH {
+    for _ in 0..MAX_PATH_STEPS {
+        if dentry == mnt_root {
+            let parent = r.read_field_u64(mount, m.mnt_parent.offset)?;
+            if parent == mount || parent == 0 {
+                // The root of the mount tree.
+                parts.reverse();
+                return Ok(format!("/{}", parts.join("/")));
+            }
+            dentry = r.read_field_u64(mount, m.mnt_mountpoint.offset)?;
+            mount = parent;
+            mnt_root = r.read_field_u64(mount + m.mnt.offset, m.vfsmount_mnt_root.offset)?;
+            continue;
+        }
         let parent = r.read_field_u64(dentry, p.dentry.d_parent.offset)?;
         if parent == dentry || parent == 0 {
-            break;
+            // A root that is not its mount's root: a pseudo filesystem's file (memfd, anon).
+            parts.push(dentry_name(r, dentry, p)?);
+            parts.reverse();
+            return Ok(parts.join("/"));
+        }
+        if parts.len() == MAX_PATH_DEPTH {
+            return Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH));
         }
         parts.push(dentry_name(r, dentry, p)?);
         dentry = parent;
     }
-    parts.reverse();
-    Ok(format!("/{}", parts.join("/")))
+    Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
 }
 
 fn read_process<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     task: u64,
     p: &KernelProfile,
-) -> Result<Process, MemError> {
+) -> Result<Process, AttributionError> {
     let t = &p.task_struct;
     let pid = r.read_field_u32(task, t.pid.offset)?;
     let tgid = r.read_field_u32(task, t.tgid.offset)?;
@@ -142,8 +173,10 @@ fn read_process<M: GuestPhys + ?Sized>(
         if file == 0 {
             None
         } else {
-            let dentry = r.read_field_u64(file + p.file.f_path.offset, p.path.dentry.offset)?;
-            Some(dentry_path(r, dentry, p)?)
+            let path = file + p.file.f_path.offset;
+            let dentry = r.read_field_u64(path, p.path.dentry.offset)?;
+            let vfsmount = r.read_field_u64(path, p.path.mnt.offset)?;
+            Some(exe_path(r, dentry, vfsmount, p)?)
         }
     };
     Ok(Process {
@@ -192,6 +225,21 @@ pub struct HookArgs {
     pub gs_base: u64,
 }
 
+/// The process running on a vCPU whose kernel GS base (the per-CPU area) is `gs_base`: for events
+/// that are not socket operations, such as a write to a guarded kernel page.
+pub fn current_process<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    profile: &KernelProfile,
+    gs_base: u64,
+) -> Result<Process, AttributionError> {
+    let current_task = *profile
+        .symbols
+        .get("current_task")
+        .ok_or(AttributionError::MissingSymbol("current_task"))?;
+    let task = r.read_u64(gs_base.wrapping_add(current_task))?;
+    read_process(r, task, profile)
+}
+
 /// Attributes one trapped operation.
 pub fn attribute<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
@@ -199,12 +247,7 @@ pub fn attribute<M: GuestPhys + ?Sized>(
     op: SocketOp,
     args: HookArgs,
 ) -> Result<Attribution, AttributionError> {
-    let current_task = *profile
-        .symbols
-        .get("current_task")
-        .ok_or(AttributionError::MissingSymbol("current_task"))?;
-    let task = r.read_u64(args.gs_base.wrapping_add(current_task))?;
-    let process = read_process(r, task, profile)?;
+    let process = current_process(r, profile, args.gs_base)?;
     let sock = args.rdi;
     let sock_type = r.read_field_u16(sock, profile.socket.type_.offset)?;
     let sk = r.read_field_u64(sock, profile.socket.sk.offset)?;
@@ -218,10 +261,15 @@ pub fn attribute<M: GuestPhys + ?Sized>(
     };
     let (addr, port) = match op {
         SocketOp::Connect | SocketOp::Bind => read_sockaddr(r, args.rsi, args.rdx)?,
-        SocketOp::Listen if sk != 0 => {
+        SocketOp::Listen if sk != 0 && family == abi::AF_INET => {
             let local = r.read_field::<4>(sk, profile.sock.skc_rcv_saddr.offset)?;
             let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;
             (Some(IpAddr::V4(Ipv4Addr::from(local))), Some(port))
+        }
+        SocketOp::Listen if sk != 0 && family == abi::AF_INET6 => {
+            let local = r.read_field::<16>(sk, profile.sock.skc_v6_rcv_saddr.offset)?;
+            let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;
+            (Some(IpAddr::V6(Ipv6Addr::from(local))), Some(port))
         }
         SocketOp::Listen => (None, None),
     };

@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 1;
+pub const PROFILE_FORMAT: u32 = 2;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -31,6 +31,15 @@ pub const PROFILE_SYMBOLS: &[&str] = &[
     "security_socket_bind",
     "security_socket_listen",
     "security_socket_sendmsg",
+    // What the hooks depend on, guarded by write traps once the tenant has booted: the system
+    // call entry and dispatch, the socket system calls that call the hooks, the LSM hook lists.
+    "do_syscall_64",
+    "x64_sys_call",
+    "sys_call_table",
+    "__sys_connect",
+    "__sys_bind",
+    "__sys_listen",
+    "security_hook_heads",
 ];
 
 /// One struct member: byte offset in its struct and size in bytes.

@@ -25,6 +25,7 @@ const EFER_LMA: u64 = 1 << 10;
 /// RFLAGS bits popcnt defines: OF SF ZF AF PF CF.
 const RFLAGS_OSZAPC: u64 = 0x8d5;
 const RFLAGS_ZF: u64 = 1 << 6;
+const RFLAGS_CF: u64 = 1 << 0;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum EmulationError {
@@ -190,6 +191,24 @@ pub fn complete(
             }
             regs.rip = next_rip;
             Ok(Completion::Computed(Mnemonic::Popcnt))
+        }
+        Mnemonic::Rdrand | Mnemonic::Rdseed => {
+            // The host's own generator stands in for the CPU's (both are the kernel's CSPRNG-grade
+            // sources; `getrandom` draws from the host kernel's crng). A failed draw reports
+            // "no random number available" (CF = 0), which the guest must already handle.
+            let mut bytes = [0u8; 8];
+            // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
+            let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+            regs.rflags &= !RFLAGS_OSZAPC;
+            if got == bytes.len() as isize {
+                write_register(regs, insn.op0_register(), u64::from_le_bytes(bytes))
+                    .ok_or_else(|| unsupported(&insn))?;
+                regs.rflags |= RFLAGS_CF;
+            } else {
+                write_register(regs, insn.op0_register(), 0).ok_or_else(|| unsupported(&insn))?;
+            }
+            regs.rip = next_rip;
+            Ok(Completion::Computed(insn.mnemonic()))
         }
         _ => Err(unsupported(&insn)),
     }
@@ -405,6 +424,35 @@ mod tests {
         complete(&view, &mut regs, &sregs).unwrap();
         assert_eq!(regs.rax, 0);
         assert_ne!(regs.rflags & RFLAGS_ZF, 0);
+    }
+
+    #[test]
+    fn rdrand_and_rdseed_fill_the_register_and_set_cf() {
+        // rdrand rax; rdseed ecx
+        let mem = memory_with(&[0x48, 0x0f, 0xc7, 0xf0, 0x0f, 0xc7, 0xf9], 0x1000);
+        let sregs = flat64();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let mut regs = kvm_regs {
+                rip: 0x1000,
+                rcx: u64::MAX,
+                rflags: 0x2 | RFLAGS_ZF,
+                ..Default::default()
+            };
+            let view = GuestView::new(&mem, &sregs);
+            let done = complete(&view, &mut regs, &sregs).unwrap();
+            assert_eq!(done.name(), "rdrand");
+            assert_eq!(regs.rip, 0x1004);
+            assert_eq!(regs.rflags & RFLAGS_OSZAPC, RFLAGS_CF, "CF set, others clear");
+            seen.push(regs.rax);
+            let done = complete(&view, &mut regs, &sregs).unwrap();
+            assert_eq!(done.name(), "rdseed");
+            assert_eq!(regs.rip, 0x1007);
+            assert_eq!(regs.rcx >> 32, 0, "a 32-bit destination zero-extends");
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "four draws, four different values");
     }
 
     #[test]

@@ -72,8 +72,12 @@ impl HostKind {
             HostKind::Hardware => "",
             HostKind::Emulating => concat!(
                 "noxsave ",
-                "clearcpuid=xsave,cx16,rdrand,rdseed,smap,invpcid,pcid,fsgsbase,popcnt,rdtscp,",
+                "clearcpuid=xsave,cx16,smap,invpcid,pcid,fsgsbase,popcnt,rdtscp,",
                 "erms,fsrm,clflushopt,ssse3,114 ",
+                // rdrand/rdseed stay visible: the VMM completes them from the host's getrandom,
+                // and a CPU source the kernel trusts seeds its crng at once, instead of minutes of
+                // emulated entropy gathering (blake2s was the top function of an emulated boot).
+                "random.trust_cpu=on ",
                 "mitigations=off init_on_alloc=0 tsc=reliable no_timer_check nowatchdog ",
                 "cryptomgr.notests psi=0 rodata=off no-kvmclock ",
                 "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,",

@@ -17,3 +17,4 @@ pub mod layout;
 pub mod net_config;
 pub mod vcpu;
 pub mod vm;
+pub mod write_trap;

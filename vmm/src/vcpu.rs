@@ -23,6 +23,7 @@ use crate::emulation::{self, Completion, GuestView};
 use crate::host::HostKind;
 use crate::introspect::{HookOutcome, Introspection};
 use crate::vm::{Bus, PioAction};
+use crate::write_trap::WriteTraps;
 use trap_handler::attribution::SocketOp;
 
 /// MSRs of the `syscall` instruction (Intel SDM vol. 4, "Architectural MSRs").
@@ -77,6 +78,10 @@ pub struct VcpuStats {
     pub hook_hits: u64,
     pub hook_denials: u64,
     pub hook_work_ns: u64,
+    /// Guest writes to write-trapped pages, refused.
+    pub tamper_writes: u64,
+    /// Hook hits resumed with no work (`VIGIL_BARE_HOOKS`, benchmarks only).
+    pub bare_hook_hits: u64,
 }
 
 impl VcpuStats {
@@ -90,6 +95,8 @@ impl VcpuStats {
         self.hook_hits += other.hook_hits;
         self.hook_denials += other.hook_denials;
         self.hook_work_ns += other.hook_work_ns;
+        self.tamper_writes += other.tamper_writes;
+        self.bare_hook_hits += other.bare_hook_hits;
         for (name, count) in &other.emulation_completions {
             *self.emulation_completions.entry(name.clone()).or_default() += count;
         }
@@ -116,6 +123,8 @@ enum OwnedExit {
     Pio(PioAction),
     Debug { pc: u64, dr6: u64 },
     InternalError { suberror: u32 },
+    /// A guest write to a write-trapped page (KVM discarded it).
+    Tamper { gpa: u64, data: [u8; 8], len: usize },
     Stop(StopReason),
 }
 
@@ -145,6 +154,10 @@ pub struct Vcpu {
     pub rip_samples: Option<BTreeMap<u64, u64>>,
     /// Socket hooks and policy of this VM's tenant, if it has one.
     introspection: Option<Arc<Introspection>>,
+    /// Read-only memslots over the hooked kernel pages (with `introspection`).
+    write_traps: Option<Arc<WriteTraps>>,
+    /// Whether this vCPU already tried to arm the write traps.
+    write_traps_tried: bool,
     /// `VIGIL_TRACE_EXITS=1`: log every completion and debug exit to stderr.
     trace: bool,
     /// `VIGIL_NO_SYSCALL_FIX=1`: leave the syscall fix off (to measure what it costs).
@@ -159,6 +172,7 @@ impl Vcpu {
         bus: Arc<Bus>,
         host: HostKind,
         introspection: Option<Arc<Introspection>>,
+        write_traps: Option<Arc<WriteTraps>>,
     ) -> Self {
         Vcpu {
             index,
@@ -173,6 +187,8 @@ impl Vcpu {
             no_syscall_fix: std::env::var_os("VIGIL_NO_SYSCALL_FIX").is_some(),
             rip_samples: std::env::var_os("VIGIL_PROFILE").map(|_| BTreeMap::new()),
             introspection,
+            write_traps,
+            write_traps_tried: false,
         }
     }
 
@@ -218,6 +234,7 @@ impl Vcpu {
                 OwnedExit::Pio(PioAction::Stop(reason)) => Action::Stop(reason),
                 OwnedExit::Debug { pc, dr6 } => self.on_debug(pc, dr6),
                 OwnedExit::InternalError { suberror } => self.on_internal_error(suberror),
+                OwnedExit::Tamper { gpa, data, len } => self.on_tamper(gpa, &data[..len]),
                 OwnedExit::Stop(reason) => Action::Stop(reason),
             };
             if let Action::Stop(reason) = action {
@@ -248,8 +265,22 @@ impl Vcpu {
             }
             VcpuExit::MmioWrite(addr, data) => {
                 self.stats.mmio_exits += 1;
-                bus.mmio_write(addr, data);
-                OwnedExit::Handled
+                match &self.write_traps {
+                    Some(traps) if traps.guarded(addr).is_some() => {
+                        let len = data.len().min(8);
+                        let mut copy = [0u8; 8];
+                        copy[..len].copy_from_slice(&data[..len]);
+                        OwnedExit::Tamper {
+                            gpa: addr,
+                            data: copy,
+                            len,
+                        }
+                    }
+                    _ => {
+                        bus.mmio_write(addr, data);
+                        OwnedExit::Handled
+                    }
+                }
             }
             VcpuExit::Debug(arch) => OwnedExit::Debug {
                 pc: arch.pc,
@@ -468,7 +499,12 @@ impl Vcpu {
         let Some(introspection) = self.introspection.clone() else {
             return self.step_over(pc);
         };
+        if introspection.bare.contains(&op) {
+            self.stats.bare_hook_hits += 1;
+            return self.step_over(pc);
+        }
         let (mut regs, sregs) = self.registers()?;
+        self.maybe_arm_write_traps(&sregs);
         let started = std::time::Instant::now();
         let outcome = introspection.on_hook(self.index, op, &self.memory, &mut regs, &sregs);
         self.stats.hook_hits += 1;
@@ -549,7 +585,57 @@ impl Vcpu {
             .set_regs(&regs)
             .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         self.stats.syscalls_completed += 1;
+        if !self.write_traps_tried {
+            // The first system call from user mode: the kernel has finished booting (and patching
+            // its own text), so its hooked pages can become read-only now.
+            self.maybe_arm_write_traps(&sregs);
+        }
         Ok(())
+    }
+
+    /// Arms the VM's write traps once the tenant has booted (first user-mode system call or first
+    /// hook hit, whichever this vCPU sees first). A failure is logged; the hooks keep working.
+    fn maybe_arm_write_traps(&mut self, sregs: &kvm_sregs) {
+        if self.write_traps_tried {
+            return;
+        }
+        self.write_traps_tried = true;
+        let (Some(traps), Some(introspection)) = (&self.write_traps, &self.introspection) else {
+            return;
+        };
+        if traps.is_armed() {
+            return;
+        }
+        let pages = introspection.guarded_pages(&self.memory, sregs);
+        match traps.arm(&pages) {
+            Ok(_) => introspection.write_traps_armed(&pages, None),
+            Err(e) => introspection.write_traps_armed(&[], Some(e)),
+        }
+    }
+
+    /// A guest write to a guarded page: KVM already discarded it (read-only memslot); the guest
+    /// continues after the instruction. Report the writer.
+    fn on_tamper(&mut self, gpa: u64, data: &[u8]) -> Action {
+        self.stats.tamper_writes += 1;
+        let (Some(traps), Some(introspection)) = (&self.write_traps, &self.introspection) else {
+            return Action::Continue;
+        };
+        let guarded = traps.guarded(gpa).unwrap_or("?").to_string();
+        match self.registers() {
+            Ok((regs, sregs)) => {
+                introspection.on_tamper(
+                    self.index,
+                    gpa,
+                    &guarded,
+                    data,
+                    &self.memory,
+                    &regs,
+                    &sregs,
+                );
+                Action::Continue
+            }
+            Err(e) => Action::Stop(StopReason::Crashed(e)),
+        }
     }
 
     /// Resumes past our breakpoint at `pc` without RFLAGS.RF (ignored by this host's KVM): emulate

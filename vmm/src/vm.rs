@@ -28,6 +28,7 @@ use crate::devices::{MmioDevice, MmioDeviceInfo};
 use crate::host::HostKind;
 use crate::layout::*;
 use crate::vcpu::{StopReason, Vcpu, VcpuStats};
+use crate::write_trap::{RamSlot, WriteTraps};
 
 /// COM1 I/O ports.
 const COM1_BASE: u16 = 0x3f8;
@@ -297,6 +298,7 @@ pub struct Vm {
     bus: Arc<Bus>,
     vcpus: Vec<Vcpu>,
     created: Instant,
+    introspection: Option<Arc<crate::introspect::Introspection>>,
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -482,6 +484,22 @@ impl Vm {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
         let fd = Arc::new(fd);
+        // Write traps guard the tenant's hooked kernel pages once it has booted.
+        let write_traps = match &introspection {
+            Some(_) => Some(Arc::new(WriteTraps::new(
+                fd.clone(),
+                RamSlot {
+                    slot: 0,
+                    size: mem_size,
+                    host_addr: memory
+                        .get_host_address(GuestAddress(0))
+                        .map_err(|e| VmError::Memory(e.to_string()))?
+                        as u64,
+                },
+                usize::from(config.vcpus),
+            ))),
+            None => None,
+        };
         let mut vcpus = Vec::new();
         for index in 0..config.vcpus {
             let vcpu_fd = fd
@@ -526,9 +544,11 @@ impl Vm {
                 bus.clone(),
                 host,
                 introspection.clone(),
+                write_traps.clone(),
             ));
         }
         Ok(Vm {
+            introspection,
             name: config.name.clone(),
             host,
             _kvm: kvm,
@@ -655,6 +675,10 @@ impl Vm {
                         Some(StopReason::Crashed("a vCPU thread panicked".into()));
                 }
             }
+        }
+        // Every event of the run is out before the outcome line.
+        if let Some(introspection) = &self.introspection {
+            introspection.flush_events(Duration::from_secs(5));
         }
         let mut markers = BTreeMap::new();
         if let Ok(mut serial) = self.bus.serial.lock() {
