@@ -443,7 +443,11 @@ mod tests {
             let done = complete(&view, &mut regs, &sregs).unwrap();
             assert_eq!(done.name(), "rdrand");
             assert_eq!(regs.rip, 0x1004);
-            assert_eq!(regs.rflags & RFLAGS_OSZAPC, RFLAGS_CF, "CF set, others clear");
+            assert_eq!(
+                regs.rflags & RFLAGS_OSZAPC,
+                RFLAGS_CF,
+                "CF set, others clear"
+            );
             seen.push(regs.rax);
             let done = complete(&view, &mut regs, &sregs).unwrap();
             assert_eq!(done.name(), "rdseed");

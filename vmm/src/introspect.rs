@@ -547,7 +547,10 @@ mod tests {
         assert_eq!(rule.direction, Direction::Egress);
         assert_eq!(rule.protocol, Protocol::Tcp);
         assert_eq!(rule.remote_prefix, 32);
-        assert_eq!(&rule.remote_addr[..4], &Ipv4Addr::new(10, 77, 0, 1).octets());
+        assert_eq!(
+            &rule.remote_addr[..4],
+            &Ipv4Addr::new(10, 77, 0, 1).octets()
+        );
         assert_eq!((rule.remote_port_min, rule.remote_port_max), (8080, 8080));
         assert_eq!(rule.local_port, 0);
         // The record round-trips through the wire format the tiers parse.

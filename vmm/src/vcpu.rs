@@ -121,10 +121,19 @@ enum Action {
 enum OwnedExit {
     Handled,
     Pio(PioAction),
-    Debug { pc: u64, dr6: u64 },
-    InternalError { suberror: u32 },
+    Debug {
+        pc: u64,
+        dr6: u64,
+    },
+    InternalError {
+        suberror: u32,
+    },
     /// A guest write to a write-trapped page (KVM discarded it).
-    Tamper { gpa: u64, data: [u8; 8], len: usize },
+    Tamper {
+        gpa: u64,
+        data: [u8; 8],
+        len: usize,
+    },
     Stop(StopReason),
 }
 

@@ -172,7 +172,11 @@ mod tests {
         let size = 0x4000;
         assert_eq!(
             slot_layout(size, &[0, 0x3000, 0x9000]),
-            vec![(0, 0x1000, true), (0x1000, 0x2000, false), (0x3000, 0x1000, true)]
+            vec![
+                (0, 0x1000, true),
+                (0x1000, 0x2000, false),
+                (0x3000, 0x1000, true)
+            ]
         );
         assert_eq!(slot_layout(size, &[]), vec![(0, size, false)]);
     }

@@ -279,7 +279,10 @@ fn debian_tenant_end_to_end() {
     assert_eq!(record["direction"], "egress");
     assert_eq!(record["remote"], format!("{HOST_IP}:{PORT}"));
     assert_eq!(record["record"].as_str().unwrap().len(), 128, "64 bytes");
-    assert!(denied.get("verdict_seq").is_none(), "a denial opens nothing");
+    assert!(
+        denied.get("verdict_seq").is_none(),
+        "a denial opens nothing"
+    );
 
     // 3. Write traps: armed once the tenant booted, the kprobe's write refused and attributed,
     // the hooks still deciding afterwards.
@@ -302,7 +305,10 @@ fn debian_tenant_end_to_end() {
         .unwrap_or_else(|| panic!("no tamper event by vigil-kprobe: {tampers:#?}\n{console}"));
     assert_eq!(tamper["guarded"], "security_socket_connect", "{tamper}");
     assert_eq!(tamper["process"]["exe"], "/bin/vigil-kprobe", "{tamper}");
-    assert!(tamper["rip"].as_str().unwrap().starts_with("0xffffffff"), "{tamper}");
+    assert!(
+        tamper["rip"].as_str().unwrap().starts_with("0xffffffff"),
+        "{tamper}"
+    );
     assert!(
         !check("kprobe").contains("vigil-kprobe: armed"),
         "the kprobe must not have been armed: {console}"
