@@ -29,6 +29,9 @@ pub enum SocketOp {
     Connect,
     Bind,
     Listen,
+    /// `sendmsg` that names a destination (UDP `sendto`, TCP Fast Open); decided by the connect
+    /// rules.
+    Sendmsg,
 }
 
 impl SocketOp {
@@ -38,6 +41,7 @@ impl SocketOp {
             SocketOp::Connect => "security_socket_connect",
             SocketOp::Bind => "security_socket_bind",
             SocketOp::Listen => "security_socket_listen",
+            SocketOp::Sendmsg => "security_socket_sendmsg",
         }
     }
 }
@@ -261,6 +265,13 @@ pub fn attribute<M: GuestPhys + ?Sized>(
     };
     let (addr, port) = match op {
         SocketOp::Connect | SocketOp::Bind => read_sockaddr(r, args.rsi, args.rdx)?,
+        SocketOp::Sendmsg => {
+            // security_socket_sendmsg(sock, msg, size): the kernel's copy of the msghdr.
+            let msg = args.rsi;
+            let name = r.read_field_u64(msg, profile.msghdr.msg_name.offset)?;
+            let namelen = r.read_field_u32(msg, profile.msghdr.msg_namelen.offset)?;
+            read_sockaddr(r, name, u64::from(namelen))?
+        }
         SocketOp::Listen if sk != 0 && family == abi::AF_INET => {
             let local = r.read_field::<4>(sk, profile.sock.skc_rcv_saddr.offset)?;
             let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;

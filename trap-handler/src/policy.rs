@@ -125,8 +125,9 @@ impl Rule {
     fn matches(&self, a: &Attribution) -> bool {
         let protocol_ok = match self.protocol {
             Protocol::Any => true,
-            Protocol::Tcp => a.sock_type == abi::SOCK_STREAM || a.protocol == abi::IPPROTO_TCP,
-            Protocol::Udp => a.sock_type == abi::SOCK_DGRAM || a.protocol == abi::IPPROTO_UDP,
+            // By the socket's protocol, not its type: SCTP and MPTCP are stream sockets too.
+            Protocol::Tcp => a.protocol == abi::IPPROTO_TCP,
+            Protocol::Udp => a.protocol == abi::IPPROTO_UDP,
         };
         let net_ok = match (self.net, a.addr) {
             (None, _) => true,
@@ -189,13 +190,19 @@ impl Policy {
     }
 
     /// Default deny: allowed only if a rule of the process's executable (or comm) matches.
+    /// A `sendmsg` that names its destination (UDP `sendto`, TCP Fast Open) is decided by the
+    /// `connect` rules: it reaches that destination just as a connect would.
     pub fn decide(&self, a: &Attribution) -> Verdict {
+        let op = match a.op {
+            SocketOp::Sendmsg => SocketOp::Connect,
+            other => other,
+        };
         let by_exe = a
             .process
             .exe
             .as_ref()
-            .and_then(|exe| self.by_exe.get(&(a.op, exe.clone())));
-        let by_comm = self.by_comm.get(&(a.op, a.process.comm.clone()));
+            .and_then(|exe| self.by_exe.get(&(op, exe.clone())));
+        let by_comm = self.by_comm.get(&(op, a.process.comm.clone()));
         let allowed = by_exe
             .into_iter()
             .chain(by_comm)
@@ -256,6 +263,19 @@ mod tests {
             policy.decide(&attribution(SocketOp::Bind, "/x", "httpd", "0.0.0.0", 8050)),
             Verdict::Allow
         );
+    }
+
+    #[test]
+    fn sendto_is_decided_by_connect_rules_and_protocols_by_protocol_number() {
+        let policy = Policy::from_json(POLICY).unwrap();
+        let sendto = attribution(SocketOp::Sendmsg, "/bin/busybox", "nc", "10.77.0.1", 8080);
+        assert_eq!(policy.decide(&sendto), Verdict::Allow);
+        let elsewhere = attribution(SocketOp::Sendmsg, "/bin/busybox", "nc", "10.9.9.9", 8080);
+        assert_eq!(policy.decide(&elsewhere), Verdict::Deny);
+        // An SCTP stream socket is not TCP.
+        let mut sctp = attribution(SocketOp::Connect, "/bin/busybox", "nc", "10.77.0.1", 8080);
+        sctp.protocol = 132;
+        assert_eq!(policy.decide(&sctp), Verdict::Deny);
     }
 
     #[test]

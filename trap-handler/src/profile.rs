@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 2;
+pub const PROFILE_FORMAT: u32 = 3;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -143,6 +143,13 @@ pub struct SockLayout {
     pub sk_protocol: Field,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsghdrLayout {
+    /// `void *msg_name`: the destination a `sendto`/`sendmsg` names (kernel copy), or NULL.
+    pub msg_name: Field,
+    pub msg_namelen: Field,
+}
+
 /// Everything introspection needs about one kernel build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelProfile {
@@ -158,6 +165,7 @@ pub struct KernelProfile {
     pub qstr: QstrLayout,
     pub mount: MountLayout,
     pub socket: SocketLayout,
+    pub msghdr: MsghdrLayout,
     pub sock: SockLayout,
     /// Link addresses of [`PROFILE_SYMBOLS`] that kallsyms had. Written as hex strings: JSON tools
     /// that read numbers as doubles (jq, JavaScript) would round kernel addresses.
@@ -266,6 +274,10 @@ impl KernelProfile {
                 file: field(btf, "socket", "file")?,
                 sk: field(btf, "socket", "sk")?,
                 ops: field(btf, "socket", "ops")?,
+            },
+            msghdr: MsghdrLayout {
+                msg_name: field(btf, "msghdr", "msg_name")?,
+                msg_namelen: field(btf, "msghdr", "msg_namelen")?,
             },
             sock: SockLayout {
                 skc_family: field(btf, sk, "__sk_common.skc_family")?,

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::net::IpAddr;
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -25,11 +25,14 @@ use trap_handler::mem::{PagingMode, VirtReader};
 use trap_handler::policy::{Policy, Verdict};
 use trap_handler::profile::KernelProfile;
 use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr, RECORD_LEN};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::guest_ram::GuestRam;
 use crate::write_trap::{GuardedPage, PAGE_SIZE};
 
+/// `endbr64`, the first instruction of every function of a kernel built with IBT support.
+pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+const INT3: u8 = 0xcc;
 /// `EPERM` (include/uapi/asm-generic/errno-base.h).
 const EPERM: u64 = 1;
 /// Events waiting for the logger before a vCPU that produces one more waits.
@@ -123,6 +126,16 @@ struct TamperEvent {
     error: Option<String>,
 }
 
+/// The software breakpoints were placed.
+#[derive(Serialize)]
+struct SoftHooksEvent {
+    event: &'static str,
+    vm: String,
+    t_ns: u64,
+    placed: Vec<(String, String)>,
+    skipped: Vec<String>,
+}
+
 /// The write traps were armed (or could not be).
 #[derive(Serialize)]
 struct WriteTrapsEvent {
@@ -139,6 +152,7 @@ enum LogEntry {
     Verdict(VerdictEvent),
     Tamper(TamperEvent),
     WriteTraps(WriteTrapsEvent),
+    SoftHooks(SoftHooksEvent),
     /// Answered once every entry queued before it is written.
     Barrier(mpsc::Sender<()>),
 }
@@ -155,6 +169,7 @@ fn run_logger(rx: Receiver<LogEntry>) {
                 LogEntry::Verdict(e) => serde_json::to_string(&e),
                 LogEntry::Tamper(e) => serde_json::to_string(&e),
                 LogEntry::WriteTraps(e) => serde_json::to_string(&e),
+                LogEntry::SoftHooks(e) => serde_json::to_string(&e),
                 LogEntry::Barrier(done) => {
                     barriers.push(done);
                     next = rx.try_recv().ok();
@@ -197,6 +212,12 @@ pub struct Introspection {
     pub policy: Policy,
     /// (operation, guest-virtual address of its LSM hook), at most three: DR1-DR3.
     pub hooks: Vec<(SocketOp, u64)>,
+    /// Hooks by software breakpoint (an `int3` Vigil writes over the function's `endbr64`), for
+    /// more hooks than debug registers: (operation, guest-virtual address). Placed once the
+    /// tenant has booted; visible to a guest that reads its own text.
+    pub soft_hooks: Vec<(SocketOp, u64)>,
+    /// The software breakpoints actually placed.
+    soft_placed: OnceLock<Vec<(SocketOp, u64)>>,
     /// Benchmark knob `VIGIL_BARE_HOOKS=bind,...`: these hooks trap and resume with no work (the
     /// bare trap round trip `scripts/bench` compares the full path with). Never for production:
     /// a bare hook decides nothing.
@@ -213,6 +234,11 @@ pub fn tenant_id(name: &str) -> u32 {
     })
 }
 
+/// Address families whose sockets reach the network: AF_INET, AF_INET6, AF_PACKET.
+fn governed_family(family: u16) -> bool {
+    matches!(family, 2 | 10 | 17)
+}
+
 /// The verdict record an allowed operation opens, if its protocol is one the tiers filter.
 fn verdict_rule(a: &Attribution) -> Option<Rule> {
     let protocol = Protocol::from_u8(u8::try_from(a.protocol).ok()?)?;
@@ -226,7 +252,7 @@ fn verdict_rule(a: &Attribution) -> Option<Rule> {
     };
     let port = a.port.unwrap_or(0);
     let mut rule = match a.op {
-        SocketOp::Connect => {
+        SocketOp::Connect | SocketOp::Sendmsg => {
             let mut rule = Rule::any(Direction::Egress, ip_version, protocol);
             rule.remote_addr = addr;
             rule.remote_prefix = ip_version.addr_bits();
@@ -277,6 +303,10 @@ impl Introspection {
                 .ok_or_else(|| format!("the kernel has no {} symbol to hook", op.hook_symbol()))?;
             hooks.push((op, addr));
         }
+        let soft_hooks = [SocketOp::Sendmsg]
+            .into_iter()
+            .filter_map(|op| profile.symbols.get(op.hook_symbol()).map(|&a| (op, a)))
+            .collect();
         let bare = match std::env::var("VIGIL_BARE_HOOKS") {
             Ok(list) => list
                 .split(',')
@@ -299,6 +329,8 @@ impl Introspection {
             profile,
             policy,
             hooks,
+            soft_hooks,
+            soft_placed: OnceLock::new(),
             bare,
             events,
             verdicts: Mutex::new(VerdictOutbox {
@@ -311,6 +343,88 @@ impl Introspection {
 
     pub fn hook_at(&self, pc: u64) -> Option<SocketOp> {
         self.hooks.iter().find(|(_, a)| *a == pc).map(|(op, _)| *op)
+    }
+
+    /// The software-breakpoint hook at `pc`, if one is placed there.
+    pub fn soft_hook_at(&self, pc: u64) -> Option<SocketOp> {
+        self.soft_placed
+            .get()?
+            .iter()
+            .find(|(_, a)| *a == pc)
+            .map(|(op, _)| *op)
+    }
+
+    pub fn soft_hooks_placed(&self) -> bool {
+        self.soft_placed.get().is_some_and(|p| !p.is_empty())
+    }
+
+    /// Places the software breakpoints (once per VM): an `int3` over each hooked function's
+    /// leading `endbr64`, written through the VMM's mapping of guest RAM (so a write trap on that
+    /// page does not stop it). Resuming past one skips the whole `endbr64`, which has no effect
+    /// when the guest runs without CET; a function that does not start with `endbr64` is not
+    /// hooked this way (the event says so). Returns what was placed.
+    pub fn place_soft_hooks(&self, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> usize {
+        let placed = self.soft_placed.get_or_init(|| {
+            let ram = GuestRam(mem);
+            let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+            let mut placed = Vec::new();
+            let mut skipped = Vec::new();
+            for &(op, addr) in &self.soft_hooks {
+                let placed_one = reader.translate(addr).ok().and_then(|t| {
+                    let mut head = [0u8; ENDBR64.len()];
+                    mem.read_slice(&mut head, GuestAddress(t.gpa)).ok()?;
+                    (head == ENDBR64).then_some(())?;
+                    mem.write_slice(&[INT3], GuestAddress(t.gpa)).ok()
+                });
+                match placed_one {
+                    Some(()) => placed.push((op, addr)),
+                    None => skipped.push(op.hook_symbol()),
+                }
+            }
+            let _ = self.events.send(LogEntry::SoftHooks(SoftHooksEvent {
+                event: "soft_hooks",
+                vm: self.vm.clone(),
+                t_ns: monotonic_ns(),
+                placed: placed
+                    .iter()
+                    .map(|(op, a)| (op.hook_symbol().to_string(), format!("{a:#x}")))
+                    .collect(),
+                skipped: skipped.iter().map(|s| s.to_string()).collect(),
+            }));
+            placed
+        });
+        placed.len()
+    }
+
+    /// The thread-group id of the process running on a vCPU (kernel GS base in `sregs`).
+    pub fn current_tgid(&self, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> Option<u32> {
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        attribution::current_process(&reader, &self.profile, sregs.gs.base)
+            .ok()
+            .map(|p| p.tgid)
+    }
+
+    /// Whether a hit of `op`'s hook needs a decision. A `sendmsg` without a destination of its
+    /// own goes where its socket's `connect` (already decided) pointed it: it passes without
+    /// an event, which keeps every TCP write from producing one. An unreadable message is decided
+    /// (and then denied).
+    pub fn needs_decision(
+        &self,
+        op: SocketOp,
+        mem: &GuestMemoryMmap,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> bool {
+        if op != SocketOp::Sendmsg {
+            return true;
+        }
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        !matches!(
+            reader.read_field_u64(regs.rsi, self.profile.msghdr.msg_name.offset),
+            Ok(0)
+        )
     }
 
     /// Waits until every event queued so far is written (or `limit` passes).
@@ -397,6 +511,10 @@ impl Introspection {
         };
         let attributed = attribution::attribute(&reader, &self.profile, op, args);
         let verdict = match &attributed {
+            // The firewall governs network flows: local IPC and configuration sockets (unix,
+            // netlink, ...) are allowed, and still logged. AF_PACKET is raw network access and
+            // stays under the policy.
+            Ok(a) if !governed_family(a.family) => Verdict::Allow,
             Ok(a) => self.policy.decide(a),
             Err(_) => Verdict::Deny,
         };
@@ -580,6 +698,15 @@ mod tests {
         let mut no_addr = attribution(SocketOp::Connect, "10.0.0.1", 1, 6);
         no_addr.addr = None;
         assert!(verdict_rule(&no_addr).is_none());
+    }
+
+    #[test]
+    fn only_network_families_are_governed() {
+        assert!(governed_family(2) && governed_family(10) && governed_family(17));
+        assert!(
+            !governed_family(1) && !governed_family(16),
+            "unix and netlink are local"
+        );
     }
 
     #[test]

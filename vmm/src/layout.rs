@@ -59,3 +59,29 @@ pub fn virtio_mmio_window(index: u32) -> (u64, u64) {
         MMIO_DEVICE_SIZE,
     )
 }
+
+/// A flat (base 0, 4 GiB limit, page granular), present, ring-0 segment: what PVH entry and the
+/// `syscall` fix load. `type_` is the descriptor type (0xb: code, execute/read, accessed; 0x3: data,
+/// read/write, accessed); `long` sets L (64-bit code), `default_big` sets D/B.
+pub fn flat_segment(
+    selector: u16,
+    type_: u8,
+    long: bool,
+    default_big: bool,
+) -> kvm_bindings::kvm_segment {
+    kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector,
+        type_,
+        present: 1,
+        dpl: 0,
+        db: u8::from(default_big),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    }
+}

@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{
-    kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
@@ -21,7 +21,8 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::emulation::{self, Completion, GuestView};
 use crate::host::HostKind;
-use crate::introspect::{HookOutcome, Introspection};
+use crate::introspect::{HookOutcome, Introspection, ENDBR64};
+use crate::layout::flat_segment;
 use crate::vm::{Bus, PioAction};
 use crate::write_trap::WriteTraps;
 use trap_handler::attribution::SocketOp;
@@ -30,8 +31,12 @@ use trap_handler::attribution::SocketOp;
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+/// The kernel's GS base while user mode runs (swapped in by `swapgs`).
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// Vector of #PF.
 const PAGE_FAULT_VECTOR: u64 = 14;
+/// Vector of #BP.
+const BP_VECTOR: u8 = 3;
 /// DR6 bits: breakpoint 0 hit, single step.
 const DR6_B0: u64 = 1 << 0;
 const DR6_BS: u64 = 1 << 14;
@@ -82,6 +87,8 @@ pub struct VcpuStats {
     pub tamper_writes: u64,
     /// Hook hits resumed with no work (`VIGIL_BARE_HOOKS`, benchmarks only).
     pub bare_hook_hits: u64,
+    /// Software-hook hits that needed no decision (sendmsg on a connected socket).
+    pub soft_hook_passes: u64,
 }
 
 impl VcpuStats {
@@ -97,6 +104,7 @@ impl VcpuStats {
         self.hook_work_ns += other.hook_work_ns;
         self.tamper_writes += other.tamper_writes;
         self.bare_hook_hits += other.bare_hook_hits;
+        self.soft_hook_passes += other.soft_hook_passes;
         for (name, count) in &other.emulation_completions {
             *self.emulation_completions.entry(name.clone()).or_default() += count;
         }
@@ -124,6 +132,7 @@ enum OwnedExit {
     Debug {
         pc: u64,
         dr6: u64,
+        exception: u32,
     },
     InternalError {
         suberror: u32,
@@ -241,7 +250,7 @@ impl Vcpu {
                     Action::Continue
                 }
                 OwnedExit::Pio(PioAction::Stop(reason)) => Action::Stop(reason),
-                OwnedExit::Debug { pc, dr6 } => self.on_debug(pc, dr6),
+                OwnedExit::Debug { pc, dr6, exception } => self.on_debug(pc, dr6, exception),
                 OwnedExit::InternalError { suberror } => self.on_internal_error(suberror),
                 OwnedExit::Tamper { gpa, data, len } => self.on_tamper(gpa, &data[..len]),
                 OwnedExit::Stop(reason) => Action::Stop(reason),
@@ -294,6 +303,7 @@ impl Vcpu {
             VcpuExit::Debug(arch) => OwnedExit::Debug {
                 pc: arch.pc,
                 dr6: arch.dr6,
+                exception: arch.exception,
             },
             VcpuExit::Hlt => OwnedExit::Stop(StopReason::Halted),
             VcpuExit::Shutdown => OwnedExit::Stop(StopReason::Reset),
@@ -329,6 +339,17 @@ impl Vcpu {
             Ok(r) => r,
             Err(e) => return Action::Stop(StopReason::Crashed(e)),
         };
+        // An int3 of ours (a software-breakpoint hook) on this host: KVM could not emulate it.
+        if let Some(op) = self
+            .introspection
+            .as_ref()
+            .and_then(|i| i.soft_hook_at(regs.rip))
+        {
+            return match self.on_soft_hook(op, regs, sregs) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
         let view = GuestView::new(&self.memory, &sregs);
         let rip = regs.rip;
         match emulation::complete(&view, &mut regs, &sregs) {
@@ -349,7 +370,7 @@ impl Vcpu {
                     return Action::Stop(StopReason::Crashed(format!("KVM_SET_REGS: {e}")));
                 }
                 if completion == Completion::Int3Injected {
-                    if let Err(e) = self.inject_exception(3) {
+                    if let Err(e) = self.inject_exception(BP_VECTOR) {
                         return Action::Stop(StopReason::Crashed(e));
                     }
                 }
@@ -462,14 +483,32 @@ impl Vcpu {
             if debug.arch.debugreg[7] != 0 {
                 debug.control |= KVM_GUESTDBG_USE_HW_BP;
             }
+            // On hardware, int3 in the guest exits only when asked to; on an emulating host it
+            // always exits (as an emulation failure).
+            if self.host == HostKind::Hardware
+                && self
+                    .introspection
+                    .as_ref()
+                    .is_some_and(|i| i.soft_hooks_placed())
+            {
+                debug.control |= KVM_GUESTDBG_USE_SW_BP;
+            }
         }
         self.fd
             .set_guest_debug(&debug)
             .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
     }
 
-    fn on_debug(&mut self, pc: u64, dr6: u64) -> Action {
+    fn on_debug(&mut self, pc: u64, dr6: u64, exception: u32) -> Action {
         self.stats.debug_exits += 1;
+        if exception == u32::from(BP_VECTOR) {
+            // A #BP intercepted with KVM_GUESTDBG_USE_SW_BP (hardware hosts): ours, or the
+            // guest's own int3, which it gets back as the CPU would have delivered it.
+            return match self.on_breakpoint(pc) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
         if self.trace {
             eprintln!(
                 "vigil: vcpu{} debug exit at {pc:#x} dr6={dr6:#x}",
@@ -503,6 +542,53 @@ impl Vcpu {
         }
     }
 
+    /// A #BP exit on a hardware host: a software-breakpoint hook of ours, or the guest's own.
+    fn on_breakpoint(&mut self, pc: u64) -> Result<(), String> {
+        let (mut regs, sregs) = self.registers()?;
+        if let Some(op) = self.introspection.as_ref().and_then(|i| i.soft_hook_at(pc)) {
+            return self.on_soft_hook(op, regs, sregs);
+        }
+        regs.rip = pc.wrapping_add(1);
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.inject_exception(BP_VECTOR)
+    }
+
+    /// A software-breakpoint hook was hit (RIP at our int3, which replaced the function's
+    /// `endbr64`): decide as for a debug-register hook, then resume after the `endbr64`.
+    fn on_soft_hook(
+        &mut self,
+        op: SocketOp,
+        mut regs: kvm_regs,
+        sregs: kvm_sregs,
+    ) -> Result<(), String> {
+        let Some(introspection) = self.introspection.clone() else {
+            return Err("a software hook without introspection".into());
+        };
+        let entry = regs.rip;
+        let started = std::time::Instant::now();
+        let outcome = if introspection.bare.contains(&op) {
+            self.stats.bare_hook_hits += 1;
+            HookOutcome::Allow
+        } else if !introspection.needs_decision(op, &self.memory, &regs, &sregs) {
+            self.stats.soft_hook_passes += 1;
+            HookOutcome::Allow
+        } else {
+            let outcome = introspection.on_hook(self.index, op, &self.memory, &mut regs, &sregs);
+            self.stats.hook_hits += 1;
+            self.stats.hook_work_ns += started.elapsed().as_nanos() as u64;
+            outcome
+        };
+        match outcome {
+            HookOutcome::Denied => self.stats.hook_denials += 1,
+            HookOutcome::Allow => regs.rip = entry + ENDBR64.len() as u64,
+        }
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))
+    }
+
     /// A socket LSM hook was hit: attribute, decide, apply (see [`crate::introspect`]).
     fn on_hook(&mut self, op: SocketOp, pc: u64) -> Result<(), String> {
         let Some(introspection) = self.introspection.clone() else {
@@ -513,7 +599,11 @@ impl Vcpu {
             return self.step_over(pc);
         }
         let (mut regs, sregs) = self.registers()?;
-        self.maybe_arm_write_traps(&sregs);
+        if self.host == HostKind::Hardware {
+            // No syscall fix runs on hardware to tell when init starts: the first hook hit
+            // (normally from a process init started) arms the write traps.
+            self.maybe_arm_write_traps(&sregs);
+        }
         let started = std::time::Instant::now();
         let outcome = introspection.on_hook(self.index, op, &self.memory, &mut regs, &sregs);
         self.stats.hook_hits += 1;
@@ -554,36 +644,8 @@ impl Vcpu {
         // (flat 64-bit code, DPL 0), SS = STAR[47:32] + 8, RFLAGS &= ~SFMASK; RSP unchanged (the
         // user's); RIP = LSTAR; RCX and R11 were already set by KVM's half.
         let selector = ((msrs.star >> 32) & 0xfffc) as u16;
-        sregs.cs = kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector,
-            type_: 0xb,
-            present: 1,
-            dpl: 0,
-            db: 0,
-            s: 1,
-            l: 1,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        sregs.ss = kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: selector + 8,
-            type_: 0x3,
-            present: 1,
-            dpl: 0,
-            db: 1,
-            s: 1,
-            l: 0,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
+        sregs.cs = flat_segment(selector, 0xb, true, false);
+        sregs.ss = flat_segment(selector + 8, 0x3, false, true);
         regs.rip = msrs.lstar;
         regs.rsp = frame_rsp;
         regs.rflags = (frame_rflags & !msrs.sfmask) | RFLAGS_FIXED;
@@ -594,12 +656,44 @@ impl Vcpu {
             .set_regs(&regs)
             .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
         self.stats.syscalls_completed += 1;
-        if !self.write_traps_tried {
-            // The first system call from user mode: the kernel has finished booting (and patching
-            // its own text), so its hooked pages can become read-only now.
-            self.maybe_arm_write_traps(&sregs);
+        if !self.write_traps_tried && self.introspection.is_some() {
+            // The first system call of the init process (pid 1) from user mode: the kernel has
+            // finished booting (initcalls done, init memory freed, its text patched), so its
+            // hooked pages can become read-only now. Earlier user-mode processes exist (usermode
+            // helpers such as modprobe, run while initcalls still write kernel data), so the
+            // first system call alone is too early. At syscall entry GS still holds the user's
+            // base: the per-CPU area is in MSR_KERNEL_GS_BASE.
+            let mut kernel = sregs;
+            let init = match self.read_msr(MSR_KERNEL_GS_BASE) {
+                Ok(base) => {
+                    kernel.gs.base = base;
+                    self.introspection
+                        .as_ref()
+                        .is_some_and(|i| i.current_tgid(&self.memory, &kernel) == Some(1))
+                }
+                Err(_) => false,
+            };
+            if init {
+                self.maybe_arm_write_traps(&kernel);
+            }
         }
         Ok(())
+    }
+
+    fn read_msr(&self, index: u32) -> Result<u64, String> {
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .map_err(|e| format!("MSR list: {e:?}"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        if read != 1 {
+            return Err(format!("KVM_GET_MSRS could not read MSR {index:#x}"));
+        }
+        Ok(msrs.as_slice()[0].data)
     }
 
     /// Arms the VM's write traps once the tenant has booted (first user-mode system call or first
@@ -614,6 +708,13 @@ impl Vcpu {
         };
         if traps.is_armed() {
             return;
+        }
+        // Software breakpoints first: they are written through the VMM's own mapping anyway, but
+        // the guest must not see a page half-guarded.
+        introspection.place_soft_hooks(&self.memory, sregs);
+        if self.host == HostKind::Hardware && introspection.soft_hooks_placed() {
+            // Ask KVM to exit on #BP on this vCPU (each vCPU programs its own debug state).
+            let _ = self.program_debug(false);
         }
         let pages = introspection.guarded_pages(&self.memory, sregs);
         match traps.arm(&pages) {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_regs, kvm_segment, kvm_userspace_memory_region, CpuId,
-    KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+    kvm_pit_config, kvm_regs, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
@@ -789,26 +789,9 @@ fn set_pvh_entry_state(
     start_info: u64,
 ) -> Result<(), VmError> {
     let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x10,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let data = kvm_segment {
-        selector: 0x18,
-        type_: 0x3,
-        ..code
-    };
+    // 32-bit flat code and data (PVH: protected mode, paging off).
+    let code = flat_segment(0x10, 0xb, false, true);
+    let data = flat_segment(0x18, 0x3, false, true);
     sregs.cs = code;
     sregs.ds = data;
     sregs.es = data;

@@ -33,8 +33,10 @@ const POLICY: &str = r#"{"allow": [
   {"op": "connect", "exe": "/bin/busybox", "protocol": "tcp", "cidr": "10.77.0.1/32", "ports": "8080-8081"},
   {"op": "connect", "exe": "/bin/busybox", "protocol": "tcp", "cidr": "127.0.0.0/8", "ports": "7000"},
   {"op": "bind", "exe": "/bin/busybox", "ports": "7000-7010"},
-  {"op": "listen", "exe": "/bin/busybox"}
+  {"op": "listen", "exe": "/bin/busybox"},
+  {"op": "connect", "exe": "/bin/vigil-sendto", "protocol": "udp", "cidr": "10.77.0.1/32", "ports": "9999"}
 ]}"#;
+const UDP_PORT: u16 = 9999;
 
 fn ip(args: &[&str]) {
     let status = Command::new("ip").args(args).status().expect("run ip");
@@ -126,6 +128,18 @@ fn debian_tenant_end_to_end() {
     bound_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("server bound");
+    // The outside UDP sink: the datagram the guest's allowed sendto carries.
+    let udp_sink = outside.spawn(move || {
+        let socket = std::net::UdpSocket::bind((HOST_IP, UDP_PORT)).expect("bind UDP");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2700)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let (n, from) = socket
+            .recv_from(&mut buf)
+            .expect("a datagram from the guest");
+        (from, String::from_utf8_lossy(&buf[..n]).to_string())
+    });
 
     // 1. The outside, over virtio-net. 2. Loopback under the policy: busybox listens on 7000
     // (allowed bind + listen), busybox connects (allowed), a copy of busybox under another name
@@ -144,6 +158,8 @@ fn debian_tenant_end_to_end() {
          echo \"VIGIL-CHECK denied-connect $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n\
          echo \"VIGIL-CHECK denied-bind $(/tmp/busybox-other nc -l -p 7001 </dev/null 2>&1)\"\n\
          kill $listener 2>/dev/null\n\
+         echo \"VIGIL-CHECK sendto-allowed $(vigil-sendto {HOST_IP} {UDP_PORT} udp-from-tenant)\"\n\
+         echo \"VIGIL-CHECK sendto-denied $(vigil-sendto {HOST_IP} 9998 must-not-leave)\"\n\
          echo \"VIGIL-CHECK kprobe $(vigil-kprobe security_socket_connect 2>&1) rc=$?\"\n\
          echo \"VIGIL-CHECK after-tamper $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n"
     );
@@ -284,6 +300,34 @@ fn debian_tenant_end_to_end() {
         "a denial opens nothing"
     );
 
+    // Software-breakpoint hook on security_socket_sendmsg: a sendto naming its destination is
+    // decided by the connect rules; the allowed datagram reached the outside, the other got EPERM.
+    let soft = events_of("soft_hooks");
+    assert_eq!(soft.len(), 1, "{soft:#?}");
+    assert_eq!(
+        soft[0]["placed"][0][0], "security_socket_sendmsg",
+        "{soft:#?}"
+    );
+    assert_eq!(
+        check("sendto-allowed").split(' ').next_back(),
+        Some("15"),
+        "{console}"
+    );
+    assert!(
+        check("sendto-denied").contains("Operation not permitted"),
+        "{console}"
+    );
+    let (from, datagram) = udp_sink.join().expect("UDP sink");
+    assert_eq!(from.ip().to_string(), GUEST_IP);
+    assert_eq!(datagram, "udp-from-tenant");
+    let sendto = find("sendmsg", "/bin/vigil-sendto", u64::from(UDP_PORT));
+    assert_eq!(sendto["verdict"], "allow");
+    assert_eq!(sendto["protocol"], 17);
+    assert_eq!(
+        find("sendmsg", "/bin/vigil-sendto", 9998)["verdict"],
+        "deny"
+    );
+
     // 3. Write traps: armed once the tenant booted, the kprobe's write refused and attributed,
     // the hooks still deciding afterwards.
     let armed = events_of("write_traps");
@@ -330,7 +374,7 @@ fn debian_tenant_end_to_end() {
     assert_eq!(outcome["stop"]["reason"], "poweroff", "{outcome}");
     assert!(outcome["markers"]["VIGIL-INIT-START"].as_u64().is_some());
     let stats = &outcome["stats"];
-    assert_eq!(stats["hook_denials"], 3, "{stats}");
+    assert_eq!(stats["hook_denials"], 4, "{stats}");
     assert!(stats["tamper_writes"].as_u64().unwrap() >= 1, "{stats}");
     if outcome["host"].as_str().unwrap().starts_with("emulating") {
         assert!(
