@@ -31,6 +31,7 @@ mod guest {
     };
 
     use crate::arch::{self, serial::Com1, BootCapture};
+    use fw_guest::filter::{slots_for, Config, Filter, FlowSlot, IndexSlot, VerdictSlot};
 
     /// Where the role came from.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,7 +146,89 @@ mod guest {
         if let Some(test) = cmdline_value(boot.cmdline, b"fw.selftest=") {
             return protection_selftest(test);
         }
+        if let Some((base, size)) = boot.verdict_region() {
+            return take_boot_verdicts(base, size);
+        }
         exit_code::OK
+    }
+
+    // The filter's tables: statics (no heap), all-zero or EMPTY at load.
+    const FLOWS: usize = 4096;
+    const VERDICTS: usize = 1024;
+    static mut FLOW_SLOTS: [FlowSlot; slots_for(FLOWS)] = [FlowSlot::EMPTY; slots_for(FLOWS)];
+    static mut VERDICT_SLOTS: [VerdictSlot; VERDICTS] = [VerdictSlot::EMPTY; VERDICTS];
+    static mut VERDICT_INDEX: [IndexSlot; 2 * VERDICTS] = [IndexSlot::EMPTY; 2 * VERDICTS];
+
+    /// The verdict region the VMM reserved (vigil-wire `ring` layout): apply every verdict
+    /// waiting in the ring to the filter, publish the counters, report. Until the switch ports
+    /// exist this is all the micro-VM does with verdicts; the packet loop will drain the ring
+    /// before each batch of frames.
+    fn take_boot_verdicts(base: u64, size: u64) -> u8 {
+        use core::sync::atomic::AtomicU64;
+        use vigil_wire::ring::{
+            Consumer, CountersWriter, COUNTERS_OFFSET, MAX_COUNTED_PORTS, VERDICT_REGION_BYTES,
+        };
+        if size < VERDICT_REGION_BYTES as u64 || !base.is_multiple_of(4096) {
+            let _ = writeln!(
+                Com1,
+                "fw-guest: verdict region {base:#x}+{size:#x} is too small"
+            );
+            return exit_code::BAD_BOOT_INFO;
+        }
+        let words = |offset: usize, bytes: usize| {
+            // SAFETY: the region lies in RAM that ring 3 maps read/write (boot info checked
+            // against RAM by the VMM, alignment checked above), the VMM only ever touches it as
+            // AtomicU64 words too, and nothing else in the micro-VM aliases it.
+            unsafe {
+                core::slice::from_raw_parts((base as usize + offset) as *const AtomicU64, bytes / 8)
+            }
+        };
+        let mut ring = match Consumer::attach(words(0, COUNTERS_OFFSET)) {
+            Ok(ring) => ring,
+            Err(e) => {
+                let _ = writeln!(Com1, "fw-guest: verdict ring: {e:?}");
+                return exit_code::BAD_BOOT_INFO;
+            }
+        };
+        let counters = match CountersWriter::format(
+            words(COUNTERS_OFFSET, VERDICT_REGION_BYTES - COUNTERS_OFFSET),
+            MAX_COUNTED_PORTS,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = writeln!(Com1, "fw-guest: counters block: {e:?}");
+                return exit_code::BAD_BOOT_INFO;
+            }
+        };
+        // SAFETY: the tables are used only here, by the single ring-3 thread, once.
+        let (flows, verdicts, index) = unsafe {
+            (
+                &mut *core::ptr::addr_of_mut!(FLOW_SLOTS),
+                &mut *core::ptr::addr_of_mut!(VERDICT_SLOTS),
+                &mut *core::ptr::addr_of_mut!(VERDICT_INDEX),
+            )
+        };
+        let Ok(mut filter) = Filter::new(flows, verdicts, index, Config::default()) else {
+            let _ = writeln!(Com1, "fw-guest: filter tables rejected");
+            return exit_code::PANIC;
+        };
+        // No clock yet (the boot information carries no TSC rate): verdicts apply at time 0.
+        let taken = filter.drain_ring(&mut ring, 0);
+        let c = *filter.counters();
+        c.publish(&counters, 0);
+        let _ = writeln!(
+            Com1,
+            "fw-guest: verdicts taken={} applied={} rejected={}{}",
+            taken.unwrap_or(0),
+            c.verdicts_applied,
+            c.verdicts_rejected,
+            if taken.is_err() { " ring=corrupt" } else { "" }
+        );
+        if taken.is_err() {
+            exit_code::BAD_BOOT_INFO
+        } else {
+            exit_code::OK
+        }
     }
 
     /// The value of the first `key...` argument on the command line.

@@ -374,6 +374,16 @@ pub const fn counters_bytes(ports: usize) -> usize {
     (W_PORTS + ports * PORT_WORDS) * WORD
 }
 
+/// Layout of the verdict region the VMM reserves for a micro-VM (`BootInfo::verdict_base/size`):
+/// the ring of [`VERDICT_RING_CAPACITY`] slots at offset 0, the counters block for
+/// [`MAX_COUNTED_PORTS`] ports at [`COUNTERS_OFFSET`] (the next 4 KiB boundary), both page aligned
+/// so either side can map them separately.
+pub const VERDICT_RING_CAPACITY: u64 = 4096;
+pub const MAX_COUNTED_PORTS: usize = 16;
+pub const COUNTERS_OFFSET: usize = ring_bytes(VERDICT_RING_CAPACITY).next_multiple_of(4096);
+pub const VERDICT_REGION_BYTES: usize =
+    COUNTERS_OFFSET + counters_bytes(MAX_COUNTED_PORTS).next_multiple_of(4096);
+
 /// The writer (micro-VM) end of the counters block. Counters are monotonic, single-writer; each
 /// word is published with a Relaxed store (a reader wants fresh values, not a consistent snapshot).
 pub struct CountersWriter<'a> {

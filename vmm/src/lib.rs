@@ -16,5 +16,6 @@ pub mod introspect;
 pub mod layout;
 pub mod net_config;
 pub mod vcpu;
+pub mod verdict_region;
 pub mod vm;
 pub mod write_trap;

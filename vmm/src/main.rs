@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use vigil_wire::boot::Role;
 use vmm::host::HostKind;
 use vmm::vcpu::StopReason;
+use vmm::verdict_region::parse_verdict_lines;
 use vmm::vm::{ConsoleConfig, Payload, Vm, VmConfig};
 
 #[derive(Parser)]
@@ -50,6 +51,10 @@ enum Command {
         /// Time the first console line containing this text (repeatable); reported in vm_stopped.
         #[arg(long)]
         marker: Vec<String>,
+        /// Verdict records to put in the micro-VM's verdict ring before it starts: a file with one
+        /// per line, hex or a tenant's `verdict` event (JSON with a `record` field).
+        #[arg(long)]
+        verdicts: Option<PathBuf>,
     },
     /// Boot a Linux tenant (bzImage or vmlinux, unmodified) by direct kernel boot.
     RunTenant {
@@ -102,6 +107,7 @@ fn main() -> ExitCode {
             console_log,
             timeout,
             marker,
+            verdicts,
         } => (
             VmConfig {
                 name: "fw".into(),
@@ -112,6 +118,21 @@ fn main() -> ExitCode {
                     role: match role {
                         RoleArg::Switch => Role::Switch,
                         RoleArg::Edge => Role::Edge,
+                    },
+                    verdicts: match verdicts.as_ref().map(|path| {
+                        std::fs::read_to_string(path)
+                            .map_err(|e| format!("{}: {e}", path.display()))
+                            .and_then(|text| {
+                                parse_verdict_lines(&text)
+                                    .map_err(|e| format!("{}: {e}", path.display()))
+                            })
+                    }) {
+                        None => Vec::new(),
+                        Some(Ok(records)) => records,
+                        Some(Err(e)) => {
+                            eprintln!("vigil: error: verdicts {e}");
+                            return ExitCode::from(2);
+                        }
                     },
                 },
                 nets: Vec::new(),

@@ -28,6 +28,7 @@ use crate::devices::{MmioDevice, MmioDeviceInfo};
 use crate::host::HostKind;
 use crate::layout::*;
 use crate::vcpu::{StopReason, Vcpu, VcpuStats};
+use crate::verdict_region::{FirewallCounters, VerdictRegion};
 use crate::write_trap::{RamSlot, WriteTraps};
 
 /// COM1 I/O ports.
@@ -90,6 +91,8 @@ pub enum Payload {
     MicroVm {
         elf: PathBuf,
         role: vigil_wire::boot::Role,
+        /// Verdict records in the ring before the micro-VM starts.
+        verdicts: Vec<[u8; vigil_wire::verdict::RECORD_LEN]>,
     },
 }
 
@@ -133,6 +136,9 @@ pub struct VmOutcome {
     /// included), KiB.
     pub vmm_rss_kib: u64,
     pub stats: VcpuStats,
+    /// What a firewall micro-VM published in its counters block.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub firewall: Option<FirewallCounters>,
 }
 
 /// Result of a port write, for the vCPU loop.
@@ -299,6 +305,8 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     created: Instant,
     introspection: Option<Arc<crate::introspect::Introspection>>,
+    /// The micro-VM's verdict ring and counters.
+    verdict_region: Option<VerdictRegion>,
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -340,7 +348,7 @@ impl Vm {
                 };
                 (elf, initramfs, cmdline, false)
             }
-            Payload::MicroVm { elf, role } => {
+            Payload::MicroVm { elf, role, .. } => {
                 (read_file(elf)?, None, format!("role={}", role.name()), true)
             }
         };
@@ -465,9 +473,26 @@ impl Vm {
         let kernel = boot::load_elf(&memory, &name, &elf)?;
         // Module 0: the initramfs of a Linux tenant, or Vigil's typed boot information for the
         // micro-VM (its role and RAM; devices and the verdict region join it with the switch).
+        // The micro-VM's verdict region (ring + counters) at the top of its RAM, named in its boot
+        // information, with the verdicts it starts with already in the ring.
+        let verdict_region = match &config.payload {
+            Payload::MicroVm { verdicts, .. } => {
+                let region = VerdictRegion::reserve(&memory, mem_size).map_err(VmError::Device)?;
+                region
+                    .push(verdicts)
+                    .map_err(|e| VmError::Device(format!("verdict ring: {e:?}")))?;
+                Some(region)
+            }
+            Payload::Linux { .. } => None,
+        };
         let boot_info = match &config.payload {
             Payload::MicroVm { role, .. } => {
-                Some(vigil_wire::boot::BootInfo::new(*role, mem_size).encode())
+                let mut info = vigil_wire::boot::BootInfo::new(*role, mem_size);
+                if let Some(region) = &verdict_region {
+                    info.verdict_base = region.gpa;
+                    info.verdict_size = region.size();
+                }
+                Some(info.encode())
             }
             Payload::Linux { .. } => None,
         };
@@ -549,6 +574,7 @@ impl Vm {
         }
         Ok(Vm {
             introspection,
+            verdict_region,
             name: config.name.clone(),
             host,
             _kvm: kvm,
@@ -704,6 +730,10 @@ impl Vm {
             markers,
             vmm_rss_kib: resident_kib(),
             stats,
+            firewall: self
+                .verdict_region
+                .as_ref()
+                .and_then(VerdictRegion::counters),
         })
     }
 }

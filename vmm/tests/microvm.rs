@@ -150,3 +150,82 @@ fn qemu_boots_the_same_elf_to_its_ring3_banner() {
     // isa-debug-exit reports (code << 1) | 1: exit code 0 is status 1.
     assert_eq!(out.status.code(), Some(1));
 }
+
+/// Verdicts reach the micro-VM through the shared-memory ring the VMM reserves for it, and its
+/// counters come back the same way: three valid records applied, a corrupt one rejected.
+#[test]
+fn microvm_takes_verdicts_from_the_ring_and_reports_counters() {
+    use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
+    let records: Vec<String> = (1..=4u64)
+        .map(|seq| {
+            let mut rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
+            rule.remote_addr[..4].copy_from_slice(&[10, 77, 0, seq as u8]);
+            rule.remote_prefix = 32;
+            let mut bytes = VerdictRepr {
+                op: Op::Add,
+                tenant: 7,
+                seq,
+                lifetime_ms: 0,
+                rule,
+            }
+            .to_bytes();
+            if seq == 4 {
+                bytes[0] = 9; // no such op: the micro-VM must reject it, not guess
+            }
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("vigil-verdicts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("verdicts.txt");
+    // One plain hex line, the rest as the tenant's verdict events carry them.
+    let mut text = format!("{}\n", records[0]);
+    for r in &records[1..] {
+        text.push_str(&format!("{{\"event\":\"verdict\",\"record\":\"{r}\"}}\n"));
+    }
+    std::fs::write(&file, text).unwrap();
+    let elf = fw_guest_elf();
+    let out = vigil(&[
+        "run-microvm",
+        "--elf",
+        elf.to_str().unwrap(),
+        "--verdicts",
+        file.to_str().unwrap(),
+        "--timeout",
+        "60",
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("fw-guest: verdicts taken=4 applied=3 rejected=1"),
+        "{stdout}"
+    );
+    let firewall = &stopped_event(&stdout)["outcome"]["firewall"];
+    assert_eq!(firewall["verdicts_applied"], 3, "{firewall}");
+    assert_eq!(firewall["verdicts_rejected"], 1, "{firewall}");
+}
+
+#[test]
+fn malformed_verdicts_file_is_a_clear_error() {
+    let dir = std::env::temp_dir().join(format!("vigil-badverdicts-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("verdicts.txt");
+    std::fs::write(&file, "not a record\n").unwrap();
+    let elf = fw_guest_elf();
+    let out = vigil(&[
+        "run-microvm",
+        "--elf",
+        elf.to_str().unwrap(),
+        "--verdicts",
+        file.to_str().unwrap(),
+    ]);
+    std::fs::remove_dir_all(&dir).ok();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("line 1"), "{stderr}");
+}

@@ -162,6 +162,24 @@ impl<'a> Filter<'a> {
         &self.verdicts
     }
 
+    /// Applies every record waiting in the verdict ring (the micro-VM calls this before it reads
+    /// the next frames). Returns how many records were taken; a ring the producer corrupted stops
+    /// the drain with its error (records already applied stay applied).
+    pub fn drain_ring(
+        &mut self,
+        ring: &mut vigil_wire::ring::Consumer<'_>,
+        now_ns: u64,
+    ) -> Result<usize, vigil_wire::ring::RingError> {
+        let mut record = [0u8; vigil_wire::ring::SLOT_BYTES];
+        let mut taken = 0;
+        while ring.pop(&mut record)? {
+            // A bad record is counted as rejected; the ring goes on.
+            let _ = self.apply_record(&record, now_ns);
+            taken += 1;
+        }
+        Ok(taken)
+    }
+
     /// Apply one raw verdict record (as popped from the ring).
     pub fn apply_record(&mut self, record: &[u8], now_ns: u64) -> Result<(), ApplyError> {
         match VerdictRepr::from_bytes(record) {
