@@ -30,8 +30,6 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use crate::guest_ram::GuestRam;
 use crate::write_trap::{GuardedPage, PAGE_SIZE};
 
-/// `endbr64`, the first instruction of every function of a kernel built with IBT support.
-pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
 const INT3: u8 = 0xcc;
 /// `EPERM` (include/uapi/asm-generic/errno-base.h).
 const EPERM: u64 = 1;
@@ -216,8 +214,9 @@ pub struct Introspection {
     /// more hooks than debug registers: (operation, guest-virtual address). Placed once the
     /// tenant has booted; visible to a guest that reads its own text.
     pub soft_hooks: Vec<(SocketOp, u64)>,
-    /// The software breakpoints actually placed.
-    soft_placed: OnceLock<Vec<(SocketOp, u64)>>,
+    /// The software breakpoints actually placed: (operation, address, length of the instruction
+    /// the int3 replaced the first byte of; resuming skips it).
+    soft_placed: OnceLock<Vec<(SocketOp, u64, u64)>>,
     /// Benchmark knob `VIGIL_BARE_HOOKS=bind,...`: these hooks trap and resume with no work (the
     /// bare trap round trip `scripts/bench` compares the full path with). Never for production:
     /// a bare hook decides nothing.
@@ -345,24 +344,26 @@ impl Introspection {
         self.hooks.iter().find(|(_, a)| *a == pc).map(|(op, _)| *op)
     }
 
-    /// The software-breakpoint hook at `pc`, if one is placed there.
-    pub fn soft_hook_at(&self, pc: u64) -> Option<SocketOp> {
+    /// The software-breakpoint hook at `pc`, if one is placed there, and the length of the
+    /// instruction it covers.
+    pub fn soft_hook_at(&self, pc: u64) -> Option<(SocketOp, u64)> {
         self.soft_placed
             .get()?
             .iter()
-            .find(|(_, a)| *a == pc)
-            .map(|(op, _)| *op)
+            .find(|(_, a, _)| *a == pc)
+            .map(|&(op, _, len)| (op, len))
     }
 
     pub fn soft_hooks_placed(&self) -> bool {
         self.soft_placed.get().is_some_and(|p| !p.is_empty())
     }
 
-    /// Places the software breakpoints (once per VM): an `int3` over each hooked function's
-    /// leading `endbr64`, written through the VMM's mapping of guest RAM (so a write trap on that
-    /// page does not stop it). Resuming past one skips the whole `endbr64`, which has no effect
-    /// when the guest runs without CET; a function that does not start with `endbr64` is not
-    /// hooked this way (the event says so). Returns what was placed.
+    /// Places the software breakpoints (once per VM): an `int3` over the first byte of each hooked
+    /// function, written through the VMM's mapping of guest RAM (so a write trap on that page
+    /// does not stop it). Only where the first instruction has no effect but moving RIP (the
+    /// `endbr64` of an IBT kernel, or the 5-byte NOP ftrace leaves where `call __fentry__` was):
+    /// resuming skips it whole. A function starting otherwise is not hooked this way (the event
+    /// says so). Returns how many were placed.
     pub fn place_soft_hooks(&self, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> usize {
         let placed = self.soft_placed.get_or_init(|| {
             let ram = GuestRam(mem);
@@ -371,13 +372,15 @@ impl Introspection {
             let mut skipped = Vec::new();
             for &(op, addr) in &self.soft_hooks {
                 let placed_one = reader.translate(addr).ok().and_then(|t| {
-                    let mut head = [0u8; ENDBR64.len()];
+                    let mut head = [0u8; 15];
                     mem.read_slice(&mut head, GuestAddress(t.gpa)).ok()?;
-                    (head == ENDBR64).then_some(())?;
-                    mem.write_slice(&[INT3], GuestAddress(t.gpa)).ok()
+                    let insn = iced_x86::Decoder::with_ip(64, &head, addr, 0).decode();
+                    crate::emulation::is_skippable_at_hook(&insn).then_some(())?;
+                    mem.write_slice(&[INT3], GuestAddress(t.gpa)).ok()?;
+                    Some(insn.len() as u64)
                 });
                 match placed_one {
-                    Some(()) => placed.push((op, addr)),
+                    Some(len) => placed.push((op, addr, len)),
                     None => skipped.push(op.hook_symbol()),
                 }
             }
@@ -387,7 +390,7 @@ impl Introspection {
                 t_ns: monotonic_ns(),
                 placed: placed
                     .iter()
-                    .map(|(op, a)| (op.hook_symbol().to_string(), format!("{a:#x}")))
+                    .map(|(op, a, _)| (op.hook_symbol().to_string(), format!("{a:#x}")))
                     .collect(),
                 skipped: skipped.iter().map(|s| s.to_string()).collect(),
             }));

@@ -21,7 +21,7 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::emulation::{self, Completion, GuestView};
 use crate::host::HostKind;
-use crate::introspect::{HookOutcome, Introspection, ENDBR64};
+use crate::introspect::{HookOutcome, Introspection};
 use crate::layout::flat_segment;
 use crate::vm::{Bus, PioAction};
 use crate::write_trap::WriteTraps;
@@ -340,12 +340,12 @@ impl Vcpu {
             Err(e) => return Action::Stop(StopReason::Crashed(e)),
         };
         // An int3 of ours (a software-breakpoint hook) on this host: KVM could not emulate it.
-        if let Some(op) = self
+        if let Some((op, len)) = self
             .introspection
             .as_ref()
             .and_then(|i| i.soft_hook_at(regs.rip))
         {
-            return match self.on_soft_hook(op, regs, sregs) {
+            return match self.on_soft_hook(op, len, regs, sregs) {
                 Ok(()) => Action::Continue,
                 Err(e) => Action::Stop(StopReason::Crashed(e)),
             };
@@ -545,8 +545,8 @@ impl Vcpu {
     /// A #BP exit on a hardware host: a software-breakpoint hook of ours, or the guest's own.
     fn on_breakpoint(&mut self, pc: u64) -> Result<(), String> {
         let (mut regs, sregs) = self.registers()?;
-        if let Some(op) = self.introspection.as_ref().and_then(|i| i.soft_hook_at(pc)) {
-            return self.on_soft_hook(op, regs, sregs);
+        if let Some((op, len)) = self.introspection.as_ref().and_then(|i| i.soft_hook_at(pc)) {
+            return self.on_soft_hook(op, len, regs, sregs);
         }
         regs.rip = pc.wrapping_add(1);
         self.fd
@@ -555,11 +555,12 @@ impl Vcpu {
         self.inject_exception(BP_VECTOR)
     }
 
-    /// A software-breakpoint hook was hit (RIP at our int3, which replaced the function's
-    /// `endbr64`): decide as for a debug-register hook, then resume after the `endbr64`.
+    /// A software-breakpoint hook was hit (RIP at our int3, over the first byte of an instruction
+    /// of `len` bytes with no effect): decide as for a debug-register hook, then resume after it.
     fn on_soft_hook(
         &mut self,
         op: SocketOp,
+        len: u64,
         mut regs: kvm_regs,
         sregs: kvm_sregs,
     ) -> Result<(), String> {
@@ -582,7 +583,7 @@ impl Vcpu {
         };
         match outcome {
             HookOutcome::Denied => self.stats.hook_denials += 1,
-            HookOutcome::Allow => regs.rip = entry + ENDBR64.len() as u64,
+            HookOutcome::Allow => regs.rip = entry + len,
         }
         self.fd
             .set_regs(&regs)
