@@ -91,7 +91,10 @@ fn read_comm<M: GuestPhys + ?Sized>(
     task: u64,
     p: &KernelProfile,
 ) -> Result<String, MemError> {
-    let bytes = r.read_bytes(task + p.task_struct.comm.offset, abi::TASK_COMM_LEN)?;
+    let bytes = r.read_bytes(
+        task.wrapping_add(p.task_struct.comm.offset),
+        abi::TASK_COMM_LEN,
+    )?;
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
     Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
 }
@@ -102,7 +105,7 @@ fn dentry_name<M: GuestPhys + ?Sized>(
     dentry: u64,
     p: &KernelProfile,
 ) -> Result<String, MemError> {
-    let qstr = dentry + p.dentry.d_name.offset;
+    let qstr = dentry.wrapping_add(p.dentry.d_name.offset);
     let len = (r.read_field_u32(qstr, p.qstr.len.offset)? as usize).min(MAX_NAME);
     let name_ptr = r.read_field_u64(qstr, p.qstr.name.offset)?;
     let bytes = r.read_bytes(name_ptr, len)?;
@@ -136,7 +139,8 @@ fn exe_path<M: GuestPhys + ?Sized>(
             }
             dentry = r.read_field_u64(mount, m.mnt_mountpoint.offset)?;
             mount = parent;
-            mnt_root = r.read_field_u64(mount + m.mnt.offset, m.vfsmount_mnt_root.offset)?;
+            mnt_root =
+                r.read_field_u64(mount.wrapping_add(m.mnt.offset), m.vfsmount_mnt_root.offset)?;
             continue;
         }
         let parent = r.read_field_u64(dentry, p.dentry.d_parent.offset)?;
@@ -177,7 +181,7 @@ fn read_process<M: GuestPhys + ?Sized>(
         if file == 0 {
             None
         } else {
-            let path = file + p.file.f_path.offset;
+            let path = file.wrapping_add(p.file.f_path.offset);
             let dentry = r.read_field_u64(path, p.path.dentry.offset)?;
             let vfsmount = r.read_field_u64(path, p.path.mnt.offset)?;
             Some(exe_path(r, dentry, vfsmount, p)?)

@@ -131,14 +131,16 @@ pub struct MmioDevice {
     pub size: u64,
     /// Interrupt line (GSI); the micro-VM polls, so this is informational.
     pub irq: u32,
-    pub reserved: u32,
+    /// For a switch port: the tenant behind it (the `tenant` of its verdicts); 0 for the
+    /// uplink, the port that leads out of the host.
+    pub tenant: u32,
 }
 
 /// Vigil's boot information block (layout version [`BOOT_INFO_VERSION`]).
 ///
 /// Layout (byte offsets, little endian): 0 magic u64, 8 version u32, 12 role u32, 16 ram_size u64,
 /// 24 device_count u32, 28 reserved u32, 32 devices (8 × 24 bytes: base u64, size u64, irq u32,
-/// reserved u32), 224 verdict_base u64, 232 verdict_size u64; 240 bytes in all.
+/// tenant u32), 224 verdict_base u64, 232 verdict_size u64; 240 bytes in all.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BootInfo {
@@ -275,7 +277,7 @@ impl BootInfo {
                 base: u64_at(bytes, at),
                 size: u64_at(bytes, at + 8),
                 irq: u32_at(bytes, at + 16),
-                reserved: u32_at(bytes, at + 20),
+                tenant: u32_at(bytes, at + 20),
             };
             let valid = device.size != 0 && device.base.checked_add(device.size).is_some();
             if index < device_count as usize && !valid {
@@ -315,7 +317,7 @@ impl BootInfo {
             out[at..at + 8].copy_from_slice(&device.base.to_le_bytes());
             out[at + 8..at + 16].copy_from_slice(&device.size.to_le_bytes());
             out[at + 16..at + 20].copy_from_slice(&device.irq.to_le_bytes());
-            out[at + 20..at + 24].copy_from_slice(&device.reserved.to_le_bytes());
+            out[at + 20..at + 24].copy_from_slice(&device.tenant.to_le_bytes());
         }
         out[OFF_VERDICT_BASE..OFF_VERDICT_BASE + 8]
             .copy_from_slice(&self.verdict_base.to_le_bytes());
@@ -471,14 +473,14 @@ mod tests {
             base: 0xd000_0000,
             size: 0x1000,
             irq: 5,
-            reserved: 0,
+            tenant: 0,
         })
         .unwrap();
         info.push_device(MmioDevice {
             base: 0xd000_1000,
             size: 0x1000,
             irq: 6,
-            reserved: 0,
+            tenant: 0,
         })
         .unwrap();
         info.verdict_base = 0x0300_0000;
@@ -589,7 +591,7 @@ mod tests {
                 base: 0xd000_0000 + i * 0x1000,
                 size: 0x1000,
                 irq: 5 + i as u32,
-                reserved: 0,
+                tenant: 0,
             })
             .unwrap();
         }

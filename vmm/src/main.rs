@@ -51,6 +51,10 @@ enum Command {
         /// Time the first console line containing this text (repeatable); reported in vm_stopped.
         #[arg(long)]
         marker: Vec<String>,
+        /// A switch port: virtio-net backed by a TAP device (repeatable, in port order):
+        /// tap=NAME[,netns=NS][,mac=MAC][,tenant=ID]; tenant 0 (the default) is the uplink.
+        #[arg(long)]
+        net: Vec<vmm::net_config::NetConfig>,
         /// Verdict records to put in the micro-VM's verdict ring before it starts: a file with one
         /// per line, hex or a tenant's `verdict` event (JSON with a `record` field).
         #[arg(long)]
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
             timeout,
             marker,
             verdicts,
+            net,
         } => (
             VmConfig {
                 name: "fw".into(),
@@ -135,7 +140,7 @@ fn main() -> ExitCode {
                         }
                     },
                 },
-                nets: Vec::new(),
+                nets: net,
                 policy: None,
                 console: ConsoleConfig {
                     log: console_log,

@@ -1,4 +1,6 @@
-//! Configuration of one tenant network interface: `tap=NAME[,netns=NS][,mac=MAC]`.
+//! Configuration of one network interface: `tap=NAME[,netns=NS][,mac=MAC][,tenant=ID]`.
+//! `tenant=` applies to the firewall micro-VM's switch ports: the tenant behind the port (0, the
+//! default, is the uplink).
 
 use std::fmt;
 use std::str::FromStr;
@@ -14,6 +16,8 @@ pub struct NetConfig {
     pub netns: Option<String>,
     /// Guest MAC address.
     pub mac: [u8; 6],
+    /// For a switch port of the firewall micro-VM: the tenant behind it (0: the uplink).
+    pub tenant: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,7 +27,7 @@ impl fmt::Display for NetConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "bad --net value: {} (expected tap=NAME[,netns=NS][,mac=52:54:00:12:34:56])",
+            "bad --net value: {} (expected tap=NAME[,netns=NS][,mac=52:54:00:12:34:56][,tenant=N])",
             self.0
         )
     }
@@ -74,6 +78,7 @@ impl FromStr for NetConfig {
         let mut tap = None;
         let mut netns = None;
         let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+        let mut tenant = 0;
         for item in text.split(',') {
             let (key, value) = item
                 .split_once('=')
@@ -96,11 +101,21 @@ impl FromStr for NetConfig {
                         NetConfigError(format!("`{value}` is not a unicast MAC address"))
                     })?
                 }
+                "tenant" => {
+                    tenant = value.parse().map_err(|_| {
+                        NetConfigError(format!("`{value}` is not a tenant id (0 to 4294967295)"))
+                    })?
+                }
                 other => return Err(NetConfigError(format!("unknown key `{other}`"))),
             }
         }
         let tap = tap.ok_or_else(|| NetConfigError("tap= is required".into()))?;
-        Ok(NetConfig { tap, netns, mac })
+        Ok(NetConfig {
+            tap,
+            netns,
+            mac,
+            tenant,
+        })
     }
 }
 
@@ -116,6 +131,9 @@ mod tests {
         assert_eq!(c.tap, "vt0");
         assert_eq!(c.netns.as_deref(), Some("outside"));
         assert_eq!(c.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(c.tenant, 0);
+        let port: NetConfig = "tap=p1,tenant=42".parse().unwrap();
+        assert_eq!(port.tenant, 42);
     }
 
     #[test]
@@ -131,6 +149,8 @@ mod tests {
             "tap=vt0,color=blue",
             "tap=vt0,netns=../etc",
             "tap=vt0,netns=..",
+            "tap=vt0,tenant=-1",
+            "tap=vt0,tenant=x",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad} was accepted");
         }

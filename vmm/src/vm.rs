@@ -488,6 +488,16 @@ impl Vm {
         let boot_info = match &config.payload {
             Payload::MicroVm { role, .. } => {
                 let mut info = vigil_wire::boot::BootInfo::new(*role, mem_size);
+                // The switch ports, in order: the micro-VM finds them here (it has no ACPI).
+                for (device, net) in mmio_infos.iter().zip(&config.nets) {
+                    info.push_device(vigil_wire::boot::MmioDevice {
+                        base: device.base,
+                        size: device.size,
+                        irq: device.gsi,
+                        tenant: net.tenant,
+                    })
+                    .map_err(|e| VmError::Device(format!("boot information: {e:?}")))?;
+                }
                 if let Some(region) = &verdict_region {
                     info.verdict_base = region.gpa;
                     info.verdict_size = region.size();

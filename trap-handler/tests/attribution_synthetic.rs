@@ -1,0 +1,1647 @@
+//! `attribute()` over synthetic guest memory laid out with the real kernel's BTF offsets.
+//!
+//! The profile (struct member offsets and sizes, the per-CPU offset of `current_task`) is built from the
+//! real Debian vmlinux (located as in `common`); the guest is a synthetic physical image with 4-level
+//! page tables: a per-CPU area on a 2 MiB page at the GS base, and a kernel "heap" of 4 KiB pages
+//! mapped to scattered (never adjacent) physical pages, holding `task_struct`, `cred`, `mm_struct`,
+//! `file`, dentry chains, `struct mount` objects (the embedded `vfsmount` included), `socket`,
+//! `sock`, `msghdr` and `sockaddr` objects at the profile's offsets.
+//!
+//! The hostile images check that a guest can make attribution fail with a typed error or give a
+//! bounded result, never panic, hang or read outside its RAM: every call runs on its own thread under
+//! a time bound, through a guest-memory wrapper that counts physical reads and records their range.
+//!
+//! Unlike `real_kernel.rs` these tests skip (with a message) when no vmlinux is present: the
+//! kernel itself is only the source of the offsets here, and `real_kernel.rs` already fails loudly
+//! without one. An explicit `VIGIL_VMLINUX` that does not exist is still a failure.
+
+mod common;
+
+use std::cell::Cell;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+use std::sync::{mpsc, OnceLock};
+use std::time::Duration;
+
+use trap_handler::attribution::{
+    attribute, current_process, Attribution, AttributionError, HookArgs, Process, SocketOp,
+};
+use trap_handler::btf::Btf;
+use trap_handler::elf::{self, Elf};
+use trap_handler::kallsyms::Kallsyms;
+use trap_handler::mem::{
+    GuestPhys, MemError, PageTableBuilder, PagingMode, PhysImage, VirtReader, PAGE_2M, PAGE_4K,
+};
+use trap_handler::profile::{abi, Field, KernelProfile};
+
+/// Guest RAM: page tables, heap pages, per-CPU area.
+const RAM: u64 = 8 << 20;
+const TABLES_GPA: u64 = 0x1000;
+const TABLES_END: u64 = 0x10_0000;
+/// The heap: `HEAP_PAGES` 4 KiB pages at `HEAP_VA` (a direct-map address), virtual page `i` mapped
+/// to physical page `i * SCATTER mod HEAP_PAGES` above `HEAP_GPA`: consecutive virtual pages are never
+/// physically adjacent, so every read that crosses a page must translate twice.
+const HEAP_GPA: u64 = 0x10_0000;
+const HEAP_PAGES: u64 = 1024;
+const SCATTER: u64 = 389;
+const HEAP_VA: u64 = 0xffff_8880_0400_0000;
+/// First byte past the heap; the page there is not mapped.
+const HEAP_END: u64 = HEAP_VA + HEAP_PAGES * PAGE_4K;
+/// CPU 0's per-CPU area (MSR_GS_BASE in the kernel), one 2 MiB page.
+const GS_BASE: u64 = 0xffff_8880_7fc0_0000;
+const PERCPU_GPA: u64 = 0x60_0000;
+/// A page mapped to guest-physical memory beyond RAM.
+const ROGUE_VA: u64 = 0xffff_8880_9000_0000;
+const ROGUE_GPA: u64 = 1 << 32;
+/// A kernel address with no mapping at all.
+const UNMAPPED_VA: u64 = 0xffff_8880_a000_0000;
+
+/// `MAX_PATH_DEPTH`, `MAX_PATH_STEPS` and `MAX_NAME` of trap-handler/src/attribution.rs.
+const MAX_PATH_DEPTH: usize = 64;
+const MAX_PATH_STEPS: usize = 128;
+const MAX_NAME: usize = 255;
+/// Bounds on one attribute() call: wall time and guest-physical reads (a normal one needs ~200).
+const TIME_BOUND: Duration = Duration::from_secs(10);
+const READ_BOUND: usize = 5_000;
+
+/// Room allocated for the small objects (each checked against the profile).
+const CRED_SIZE: u64 = 256;
+const MM_SIZE: u64 = 2048;
+const FILE_SIZE: u64 = 256;
+const DENTRY_SIZE: u64 = 256;
+const SOCKET_SIZE: u64 = 128;
+const SOCK_SIZE: u64 = 2048;
+const SOCKADDR_SIZE: u64 = 128;
+const MSGHDR_SIZE: u64 = 128;
+
+// ------------------------------------------------------------------------------------------------
+// The profile, from the real vmlinux.
+
+/// The vmlinux, if there is one: `$VIGIL_VMLINUX` (must exist when set), else the paths `common`
+/// searches.
+fn vmlinux_if_present() -> Option<PathBuf> {
+    let ws = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let present = std::env::var_os("VIGIL_VMLINUX").is_some()
+        || ["build/tenant/vmlinux", "build/vmi/vmlinux"]
+            .iter()
+            .any(|rel| ws.join(rel).is_file());
+    present.then(common::vmlinux_path)
+}
+
+fn profile() -> Option<&'static KernelProfile> {
+    static P: OnceLock<Option<KernelProfile>> = OnceLock::new();
+    P.get_or_init(|| {
+        let path = vmlinux_if_present()?;
+        let bytes = std::fs::read(&path).expect("read vmlinux");
+        let elf = Elf::parse(&bytes).expect("vmlinux is ELF64");
+        let btf = Btf::from_elf(&elf).expect("BTF");
+        let (kallsyms, _) = Kallsyms::from_elf(&elf).expect("kallsyms");
+        let build_id = elf.build_id().map(elf::hex);
+        Some(KernelProfile::build(&btf, Some(&kallsyms), build_id).expect("profile"))
+    })
+    .as_ref()
+}
+
+/// The profile, or return from the test with a skip message.
+macro_rules! profile_or_skip {
+    () => {
+        match profile() {
+            Some(p) => p,
+            None => {
+                eprintln!(
+                    "SKIPPED: no vmlinux (VIGIL_VMLINUX, build/tenant/vmlinux, build/vmi/vmlinux); \
+                     run scripts/build-tenant-image to run the synthetic attribution tests"
+                );
+                return;
+            }
+        }
+    };
+}
+
+// ------------------------------------------------------------------------------------------------
+// Guest memory that counts what is read.
+
+struct Counted<'a> {
+    img: &'a PhysImage,
+    reads: Cell<usize>,
+    lo: Cell<u64>,
+    hi: Cell<u64>,
+}
+
+impl GuestPhys for Counted<'_> {
+    fn ram_size(&self) -> u64 {
+        self.img.ram_size()
+    }
+    fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
+        self.reads.set(self.reads.get() + 1);
+        self.lo.set(self.lo.get().min(gpa));
+        self.hi
+            .set(self.hi.get().max(gpa.saturating_add(buf.len() as u64)));
+        self.img.read_phys(gpa, buf)
+    }
+}
+
+/// One attribute() (or current_process()) call and what it read.
+#[derive(Debug)]
+struct Outcome<T = Attribution> {
+    result: Result<T, AttributionError>,
+    phys_reads: usize,
+    /// Lowest guest-physical address read and one past the highest (attempts, refused ones included).
+    gpa_lo: u64,
+    gpa_hi: u64,
+}
+
+impl<T: std::fmt::Debug> Outcome<T> {
+    fn ok(self) -> T {
+        match self.result {
+            Ok(a) => a,
+            Err(e) => panic!("attribution failed: {e}"),
+        }
+    }
+
+    fn mem_err(self) -> MemError {
+        match self.result {
+            Err(AttributionError::Memory(e)) => e,
+            other => panic!("expected a memory error, got {other:?}"),
+        }
+    }
+}
+
+/// Runs attribute() on its own thread: a hang fails the test after `TIME_BOUND` instead of blocking
+/// it, a panic fails it with a clear message, and the physical reads are bounded.
+fn run_bounded(
+    img: &PhysImage,
+    cr3: u64,
+    profile: &KernelProfile,
+    op: SocketOp,
+    args: HookArgs,
+) -> Outcome {
+    run_bounded_fn(img, cr3, profile, move |r, p| attribute(r, p, op, args))
+}
+
+/// Runs `f` (an attribution entry point) under the bounds of [`run_bounded`].
+fn run_bounded_fn<T, F>(img: &PhysImage, cr3: u64, profile: &KernelProfile, f: F) -> Outcome<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&VirtReader<'_, Counted<'_>>, &KernelProfile) -> Result<T, AttributionError>
+        + Send
+        + 'static,
+{
+    let (img, profile) = (img.clone(), profile.clone());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mem = Counted {
+            img: &img,
+            reads: Cell::new(0),
+            lo: Cell::new(u64::MAX),
+            hi: Cell::new(0),
+        };
+        let r = VirtReader::new(&mem, cr3, PagingMode::Level4);
+        let result = f(&r, &profile);
+        let _ = tx.send(Outcome {
+            result,
+            phys_reads: mem.reads.get(),
+            gpa_lo: mem.lo.get(),
+            gpa_hi: mem.hi.get(),
+        });
+    });
+    let out = match rx.recv_timeout(TIME_BOUND) {
+        Ok(out) => out,
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("attribution did not return within {TIME_BOUND:?}: an unbounded walk")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => {
+            panic!("attribution panicked (see the thread's message above)")
+        }
+    };
+    assert!(
+        out.phys_reads <= READ_BOUND,
+        "{} guest-physical reads for one attribution",
+        out.phys_reads
+    );
+    out
+}
+
+// ------------------------------------------------------------------------------------------------
+// The synthetic guest.
+
+struct Guest {
+    img: PhysImage,
+    cr3: u64,
+    /// Next free heap address.
+    next: u64,
+}
+
+impl Guest {
+    fn new() -> Guest {
+        let mut img = PhysImage::new(RAM as usize);
+        let cr3 = {
+            let mut b = PageTableBuilder::new(&mut img, PagingMode::Level4, TABLES_GPA, TABLES_END)
+                .unwrap();
+            for i in 0..HEAP_PAGES {
+                let gpa = HEAP_GPA + (i * SCATTER % HEAP_PAGES) * PAGE_4K;
+                b.map(HEAP_VA + i * PAGE_4K, gpa, PAGE_4K).unwrap();
+            }
+            b.map(GS_BASE, PERCPU_GPA, PAGE_2M).unwrap();
+            b.map(ROGUE_VA, ROGUE_GPA, PAGE_4K).unwrap();
+            b.root()
+        };
+        Guest {
+            img,
+            cr3,
+            next: HEAP_VA,
+        }
+    }
+
+    fn reader(&self) -> VirtReader<'_, PhysImage> {
+        VirtReader::new(&self.img, self.cr3, PagingMode::Level4)
+    }
+
+    fn gpa(&self, va: u64) -> u64 {
+        self.reader().translate(va).expect("mapped").gpa
+    }
+
+    /// Writes `data` at a mapped virtual address, page by page.
+    fn write(&mut self, va: u64, data: &[u8]) {
+        let mut done = 0;
+        while done < data.len() {
+            let t = self
+                .reader()
+                .translate(va + done as u64)
+                .unwrap_or_else(|e| panic!("test object at {va:#x} not mapped: {e}"));
+            let n = (t.bytes_left_in_page() as usize).min(data.len() - done);
+            self.img.write(t.gpa, &data[done..done + n]).unwrap();
+            done += n;
+        }
+    }
+
+    fn alloc(&mut self, size: u64) -> u64 {
+        let va = (self.next + 63) & !63;
+        self.next = va + size;
+        assert!(self.next <= HEAP_END, "synthetic heap exhausted");
+        va
+    }
+
+    /// An object of `size` bytes placed so that the `len`-byte field at `field_offset` straddles a page
+    /// boundary (half on each side).
+    fn alloc_straddling(&mut self, size: u64, field_offset: u64, len: u64) -> u64 {
+        let page = (self.next + PAGE_4K - 1) & !(PAGE_4K - 1);
+        let want = PAGE_4K - len / 2;
+        let va = page + (want + PAGE_4K - field_offset % PAGE_4K) % PAGE_4K;
+        self.next = va + size;
+        assert!(self.next <= HEAP_END, "synthetic heap exhausted");
+        va
+    }
+
+    /// A NUL-terminated string on the heap.
+    fn string(&mut self, s: &[u8]) -> u64 {
+        let va = self.alloc(s.len() as u64 + 1);
+        self.write(va, s);
+        self.write(va + s.len() as u64, &[0]);
+        va
+    }
+
+    /// Writes a struct member, checking the profile agrees on its size.
+    fn set(&mut self, base: u64, f: Field, bytes: &[u8]) {
+        assert_eq!(f.size, bytes.len() as u64, "field at +{:#x}", f.offset);
+        self.write(base + f.offset, bytes);
+    }
+    fn set_u16(&mut self, base: u64, f: Field, v: u16) {
+        self.set(base, f, &v.to_le_bytes());
+    }
+    fn set_u32(&mut self, base: u64, f: Field, v: u32) {
+        self.set(base, f, &v.to_le_bytes());
+    }
+    fn set_u64(&mut self, base: u64, f: Field, v: u64) {
+        self.set(base, f, &v.to_le_bytes());
+    }
+}
+
+fn sockaddr_in(ip: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut b = vec![0xaa; abi::SOCKADDR_IN_LEN]; // sin_zero is not read: garbage there
+    b[abi::SIN_FAMILY..abi::SIN_FAMILY + 2].copy_from_slice(&abi::AF_INET.to_le_bytes());
+    b[abi::SIN_PORT..abi::SIN_PORT + 2].copy_from_slice(&port.to_be_bytes());
+    b[abi::SIN_ADDR..abi::SIN_ADDR + 4].copy_from_slice(&ip.octets());
+    b
+}
+
+fn sockaddr_in6(ip: Ipv6Addr, port: u16) -> Vec<u8> {
+    let mut b = vec![0; abi::SOCKADDR_IN6_LEN];
+    b[abi::SIN6_FAMILY..abi::SIN6_FAMILY + 2].copy_from_slice(&abi::AF_INET6.to_le_bytes());
+    b[abi::SIN6_PORT..abi::SIN6_PORT + 2].copy_from_slice(&port.to_be_bytes());
+    b[abi::SIN6_FLOWINFO..abi::SIN6_FLOWINFO + 4].copy_from_slice(&0x000f_1234u32.to_be_bytes());
+    b[abi::SIN6_ADDR..abi::SIN6_ADDR + 16].copy_from_slice(&ip.octets());
+    b[abi::SIN6_SCOPE_ID..abi::SIN6_SCOPE_ID + 4].copy_from_slice(&7u32.to_le_bytes());
+    b
+}
+
+/// Room for a `struct mount`: past the last member the path walk reads (the profile gives the
+/// offsets only, not the size of the struct).
+fn mount_size(p: &KernelProfile) -> u64 {
+    let m = &p.mount;
+    [
+        m.mnt.offset,
+        m.mnt_parent.offset,
+        m.mnt_mountpoint.offset,
+        m.mnt.offset + m.vfsmount_mnt_root.offset,
+    ]
+    .into_iter()
+    .max()
+    .unwrap()
+        + 8
+}
+
+/// A guest stopped in `security_socket_connect` of `curl` (pid 4242, a thread of tgid 4240, uid 1000,
+/// started by `bash`, tgid 77), with `/usr/bin/curl` on the root mount as its executable and a
+/// TCP/IPv4 socket connecting to 203.0.113.7:443 (the same destination in its `msghdr` for sendmsg).
+struct Scene {
+    p: &'static KernelProfile,
+    g: Guest,
+    task: u64,
+    parent: u64,
+    cred: u64,
+    mm: u64,
+    file: u64,
+    /// The dentries of `/`, `/usr`, `/usr/bin`, `/usr/bin/curl`.
+    root: u64,
+    usr: u64,
+    bin: u64,
+    exe: u64,
+    /// The `struct mount` of `/`: the root of the mount tree (its own parent).
+    root_mount: u64,
+    socket: u64,
+    sk: u64,
+    addr: u64,
+    addrlen: u64,
+    /// The kernel's copy of the `msghdr` of a sendmsg, naming `addr`.
+    msghdr: u64,
+}
+
+impl Scene {
+    fn new(p: &'static KernelProfile) -> Scene {
+        let t = &p.task_struct;
+        for (what, size, end) in [
+            ("cred", CRED_SIZE, p.cred.egid.offset + 4),
+            ("mm_struct", MM_SIZE, p.mm_struct.exe_file.offset + 8),
+            ("file", FILE_SIZE, p.file.f_path.offset + p.file.f_path.size),
+            (
+                "dentry",
+                DENTRY_SIZE,
+                (p.dentry.d_name.offset + p.dentry.d_name.size).max(p.dentry.d_parent.offset + 8),
+            ),
+            ("socket", SOCKET_SIZE, p.socket.sk.offset + 8),
+            (
+                "sock",
+                SOCK_SIZE,
+                [
+                    p.sock.sk_protocol.offset + 2,
+                    p.sock.skc_v6_rcv_saddr.offset + 16,
+                    p.sock.skc_num.offset + 2,
+                ]
+                .into_iter()
+                .max()
+                .unwrap(),
+            ),
+            (
+                "msghdr",
+                MSGHDR_SIZE,
+                (p.msghdr.msg_name.offset + 8).max(p.msghdr.msg_namelen.offset + 4),
+            ),
+        ] {
+            assert!(
+                end <= size,
+                "{what} needs {end} bytes, the test gives it {size}"
+            );
+        }
+        let current_task = *p
+            .symbols
+            .get("current_task")
+            .expect("the profile has current_task");
+        assert!(
+            current_task + 8 <= PAGE_2M,
+            "current_task {current_task:#x}"
+        );
+
+        let mut g = Guest::new();
+        // `comm` straddles two (physically distant) pages.
+        let task = g.alloc_straddling(t.size, t.comm.offset, t.comm.size);
+        let parent = g.alloc(t.size);
+        let cred = g.alloc(CRED_SIZE);
+        let real_cred = g.alloc(CRED_SIZE);
+        let parent_cred = g.alloc(CRED_SIZE);
+        let mm = g.alloc(MM_SIZE);
+        let file = g.alloc(FILE_SIZE);
+        let socket = g.alloc(SOCKET_SIZE);
+        let sk = g.alloc(SOCK_SIZE);
+        let addr = g.alloc(SOCKADDR_SIZE);
+        let msghdr = g.alloc(MSGHDR_SIZE);
+
+        let mut s = Scene {
+            p,
+            g,
+            task,
+            parent,
+            cred,
+            mm,
+            file,
+            root: 0,
+            usr: 0,
+            bin: 0,
+            exe: 0,
+            root_mount: 0,
+            socket,
+            sk,
+            addr,
+            addrlen: 0,
+            msghdr,
+        };
+        s.g.write(GS_BASE + current_task, &task.to_le_bytes());
+
+        // The task: a thread (pid != tgid), with distinct cred and real_cred.
+        s.g.set_u32(task, t.pid, 4242);
+        s.g.set_u32(task, t.tgid, 4240);
+        s.set_comm(task, b"curl");
+        s.g.set_u64(task, t.cred, cred);
+        s.g.set_u64(task, t.real_cred, real_cred);
+        s.g.set_u64(task, t.real_parent, parent);
+        s.g.set_u64(task, t.parent, parent);
+        s.g.set_u64(task, t.group_leader, task);
+        s.g.set_u64(task, t.mm, mm);
+        s.g.set_u64(task, t.active_mm, mm);
+        // Every credential field differs, so a wrong offset shows.
+        for (c, base) in [(cred, 1000), (real_cred, 5000), (parent_cred, 9000)] {
+            s.g.set_u32(c, p.cred.uid, base);
+            s.g.set_u32(c, p.cred.gid, base + 1);
+            s.g.set_u32(c, p.cred.euid, base + 2);
+            s.g.set_u32(c, p.cred.egid, base + 3);
+        }
+        // The parent: pid differs from tgid, so ppid must be its tgid.
+        s.g.set_u32(parent, t.pid, 78);
+        s.g.set_u32(parent, t.tgid, 77);
+        s.set_comm(parent, b"bash");
+        s.g.set_u64(parent, t.cred, parent_cred);
+        s.g.set_u64(parent, t.real_cred, parent_cred);
+        s.g.set_u64(parent, t.real_parent, parent);
+        s.g.set_u64(parent, t.mm, UNMAPPED_VA); // never followed
+
+        // mm->exe_file->f_path: /usr/bin/curl on the root mount.
+        s.g.set_u64(mm, p.mm_struct.exe_file, file);
+        s.root = s.dentry(b"/", None);
+        s.usr = s.dentry(b"usr", Some(s.root));
+        s.bin = s.dentry(b"bin", Some(s.usr));
+        s.exe = s.dentry(b"curl", Some(s.bin));
+        s.root_mount = s.mount(s.root, None);
+        s.set_exe(s.exe, s.root_mount);
+
+        // A TCP/IPv4 socket; the connected/bound address fields of sock hold decoys.
+        s.g.set_u32(socket, p.socket.state, 1); // SS_UNCONNECTED
+        s.g.set_u16(socket, p.socket.type_, abi::SOCK_STREAM);
+        s.g.set_u64(socket, p.socket.sk, sk);
+        s.set_sock(abi::AF_INET, abi::SOCK_STREAM, abi::IPPROTO_TCP);
+        s.g.set(sk, p.sock.skc_rcv_saddr, &[10, 0, 0, 5]);
+        s.g.set_u16(sk, p.sock.skc_num, 8080);
+        s.g.set(sk, p.sock.skc_daddr, &[192, 0, 2, 99]);
+        s.g.set_u16(sk, p.sock.skc_dport, 9999u16.to_be());
+        s.g.set(sk, p.sock.skc_v6_rcv_saddr, &[0xee; 16]);
+        s.g.set_u64(msghdr, p.msghdr.msg_name, addr);
+        s.set_sockaddr(&sockaddr_in(Ipv4Addr::new(203, 0, 113, 7), 443));
+        s
+    }
+
+    fn set_comm(&mut self, task: u64, name: &[u8]) {
+        let mut b = [0u8; abi::TASK_COMM_LEN];
+        b[..name.len()].copy_from_slice(name);
+        self.g.set(task, self.p.task_struct.comm, &b);
+    }
+
+    /// Points a dentry's `d_name` at `name` (of recorded length `len`).
+    fn set_name(&mut self, dentry: u64, len: u32, name: u64) {
+        let qstr = dentry + self.p.dentry.d_name.offset;
+        self.g.set_u32(qstr, self.p.qstr.len, len);
+        self.g.set_u64(qstr, self.p.qstr.name, name);
+    }
+
+    fn set_parent(&mut self, dentry: u64, parent: u64) {
+        self.g.set_u64(dentry, self.p.dentry.d_parent, parent);
+    }
+
+    /// A dentry named `name` under `parent` (none: a root, its own parent).
+    fn dentry(&mut self, name: &[u8], parent: Option<u64>) -> u64 {
+        let d = self.g.alloc(DENTRY_SIZE);
+        let name_va = self.g.string(name);
+        self.set_name(d, name.len() as u32, name_va);
+        self.set_parent(d, parent.unwrap_or(d));
+        d
+    }
+
+    fn set_sock(&mut self, family: u16, sock_type: u16, protocol: u16) {
+        let (sk, s) = (self.sk, &self.p.sock);
+        self.g.set_u16(sk, s.skc_family, family);
+        self.g.set_u16(sk, s.sk_type, sock_type);
+        self.g.set_u16(sk, s.sk_protocol, protocol);
+        self.g.set_u16(self.socket, self.p.socket.type_, sock_type);
+    }
+
+    fn set_sockaddr(&mut self, b: &[u8]) {
+        self.g.write(self.addr, b);
+        self.addrlen = b.len() as u64;
+        let (msghdr, namelen) = (self.msghdr, self.p.msghdr.msg_namelen);
+        self.g.set_u32(msghdr, namelen, b.len() as u32);
+    }
+
+    /// A `struct mount` for the filesystem whose root dentry is `root`, mounted on the dentry
+    /// `mountpoint` of the mount `parent`; `None`: the root of a mount tree, its own parent and
+    /// mounted on its own root (as the kernel leaves it). Returns the `struct mount`.
+    fn mount(&mut self, root: u64, on: Option<(u64, u64)>) -> u64 {
+        let p = self.p;
+        let m = &p.mount;
+        let mnt = self.g.alloc(mount_size(p));
+        let (parent, mountpoint) = on.unwrap_or((mnt, root));
+        self.g.set_u64(mnt, m.mnt_parent, parent);
+        self.g.set_u64(mnt, m.mnt_mountpoint, mountpoint);
+        self.g
+            .set_u64(mnt + m.mnt.offset, m.vfsmount_mnt_root, root);
+        mnt
+    }
+
+    /// The `vfsmount` embedded in a `struct mount` (what `struct path` points at).
+    fn vfsmount(&self, mount: u64) -> u64 {
+        mount + self.p.mount.mnt.offset
+    }
+
+    /// Makes the executable (`mm->exe_file->f_path`) the dentry `dentry` on the mount `mount`.
+    fn set_exe(&mut self, dentry: u64, mount: u64) {
+        let (f_path, vfsmount) = (self.file + self.p.file.f_path.offset, self.vfsmount(mount));
+        self.g.set_u64(f_path, self.p.path.dentry, dentry);
+        self.g.set_u64(f_path, self.p.path.mnt, vfsmount);
+    }
+
+    /// Dentries named `names`, each under the one before, the first under `parent`; the last one.
+    fn chain<S: AsRef<[u8]>>(&mut self, parent: u64, names: impl IntoIterator<Item = S>) -> u64 {
+        names
+            .into_iter()
+            .fold(parent, |d, name| self.dentry(name.as_ref(), Some(d)))
+    }
+
+    /// The executable's path as attribute() reports it (the whole result, errors included).
+    fn exe_result(&self) -> Result<Option<String>, AttributionError> {
+        let out = self.run(SocketOp::Connect);
+        out.result.map(|a| a.process.exe)
+    }
+
+    /// The registers at the hook of `op`.
+    fn args(&self, op: SocketOp) -> HookArgs {
+        let (rsi, rdx) = match op {
+            SocketOp::Connect | SocketOp::Bind => (self.addr, self.addrlen),
+            // listen(sock, backlog): RDX is whatever the caller left there.
+            SocketOp::Listen => (4096, 0xdead_beef),
+            // sendmsg(sock, msg, size): the payload's size.
+            SocketOp::Sendmsg => (self.msghdr, 1200),
+        };
+        HookArgs {
+            rdi: self.socket,
+            rsi,
+            rdx,
+            gs_base: GS_BASE,
+        }
+    }
+
+    fn run_with(&self, op: SocketOp, args: HookArgs) -> Outcome {
+        run_bounded(&self.g.img, self.g.cr3, self.p, op, args)
+    }
+
+    fn run(&self, op: SocketOp) -> Outcome {
+        self.run_with(op, self.args(op))
+    }
+
+    fn process(&self) -> Process {
+        Process {
+            pid: 4242,
+            tgid: 4240,
+            comm: "curl".into(),
+            exe: Some("/usr/bin/curl".into()),
+            uid: 1000,
+            ppid: 77,
+            parent_comm: "bash".into(),
+        }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Well-formed guests.
+
+#[test]
+fn connect_ipv4_attributes_process_and_destination() {
+    let p = profile_or_skip!();
+    let s = Scene::new(p);
+    // The image really exercises page crossing: comm spans two physically distant pages.
+    let comm = s.task + p.task_struct.comm.offset;
+    assert_ne!(s.g.gpa(comm) + 15, s.g.gpa(comm + 15));
+    assert_eq!(s.g.gpa(comm + 15) & (PAGE_4K - 1), 15 - 8);
+
+    let out = s.run(SocketOp::Connect);
+    // Everything read is guest RAM.
+    assert!(out.gpa_hi <= RAM, "read up to {:#x}", out.gpa_hi);
+    assert_eq!(
+        out.ok(),
+        Attribution {
+            op: SocketOp::Connect,
+            family: abi::AF_INET,
+            sock_type: abi::SOCK_STREAM,
+            protocol: abi::IPPROTO_TCP,
+            addr: Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))),
+            port: Some(443),
+            process: s.process(),
+        }
+    );
+}
+
+#[test]
+fn connect_ipv6_udp() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    s.set_sock(abi::AF_INET6, abi::SOCK_DGRAM, abi::IPPROTO_UDP);
+    let dst: Ipv6Addr = "2001:db8::53".parse().unwrap();
+    s.set_sockaddr(&sockaddr_in6(dst, 53));
+    let a = s.run(SocketOp::Connect).ok();
+    assert_eq!(
+        (a.family, a.sock_type, a.protocol),
+        (abi::AF_INET6, abi::SOCK_DGRAM, abi::IPPROTO_UDP)
+    );
+    assert_eq!((a.addr, a.port), (Some(IpAddr::V6(dst)), Some(53)));
+    assert_eq!(a.process, s.process());
+}
+
+#[test]
+fn bind_ipv4_and_ipv6() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    s.set_sockaddr(&sockaddr_in(Ipv4Addr::UNSPECIFIED, 443));
+    let a = s.run(SocketOp::Bind).ok();
+    assert_eq!(a.op, SocketOp::Bind);
+    assert_eq!(
+        (a.addr, a.port),
+        (Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)), Some(443))
+    );
+
+    s.set_sock(abi::AF_INET6, abi::SOCK_STREAM, abi::IPPROTO_TCP);
+    s.set_sockaddr(&sockaddr_in6(Ipv6Addr::LOCALHOST, 8443));
+    let a = s.run(SocketOp::Bind).ok();
+    assert_eq!(a.family, abi::AF_INET6);
+    assert_eq!(
+        (a.addr, a.port),
+        (Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), Some(8443))
+    );
+    assert_eq!(a.process, s.process());
+}
+
+#[test]
+fn listen_ipv4_reports_local_address_from_sock() {
+    let p = profile_or_skip!();
+    let s = Scene::new(p);
+    // RSI is the backlog, not a sockaddr: the address comes from sock (skc_rcv_saddr, skc_num in host
+    // order), not from the remote-address decoys (skc_daddr, skc_dport).
+    let a = s.run(SocketOp::Listen).ok();
+    assert_eq!(
+        (a.op, a.family, a.sock_type, a.protocol),
+        (
+            SocketOp::Listen,
+            abi::AF_INET,
+            abi::SOCK_STREAM,
+            abi::IPPROTO_TCP
+        )
+    );
+    assert_eq!(
+        (a.addr, a.port),
+        (Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 5))), Some(8080))
+    );
+    assert_eq!(a.process, s.process());
+}
+
+#[test]
+fn listen_ipv6_reports_v6_local_address() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    s.set_sock(abi::AF_INET6, abi::SOCK_STREAM, abi::IPPROTO_TCP);
+    // What inet6_bind leaves for [::1]:8443: the v6 address, and LOOPBACK4_IPV6 (127.0.0.6) in the
+    // IPv4 field (net/ipv6/af_inet6.c).
+    s.g.set(s.sk, p.sock.skc_v6_rcv_saddr, &Ipv6Addr::LOCALHOST.octets());
+    s.g.set(s.sk, p.sock.skc_rcv_saddr, &[127, 0, 0, 6]);
+    s.g.set_u16(s.sk, p.sock.skc_num, 8443);
+    let a = s.run(SocketOp::Listen).ok();
+    assert_eq!(
+        (a.addr, a.port),
+        (Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), Some(8443))
+    );
+}
+
+#[test]
+fn listen_on_non_ip_socket_has_no_address() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    // An AF_UNIX listener: sock still holds the IPv4/IPv6 local-address decoys of the scene, which
+    // must not be read as its address.
+    s.set_sock(abi::AF_UNIX, abi::SOCK_STREAM, 0);
+    let a = s.run(SocketOp::Listen).ok();
+    assert_eq!(
+        (a.family, a.sock_type, a.protocol),
+        (abi::AF_UNIX, abi::SOCK_STREAM, 0)
+    );
+    assert_eq!((a.addr, a.port), (None, None));
+    assert_eq!(a.process, s.process());
+    // Nor for a family Vigil does not know.
+    s.set_sock(0x4242, abi::SOCK_STREAM, 0);
+    let a = s.run(SocketOp::Listen).ok();
+    assert_eq!((a.family, a.addr, a.port), (0x4242, None, None));
+}
+
+#[test]
+fn sendmsg_reports_the_named_destination() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    s.set_sock(abi::AF_INET, abi::SOCK_DGRAM, abi::IPPROTO_UDP);
+    s.set_sockaddr(&sockaddr_in(Ipv4Addr::new(198, 51, 100, 1), 53));
+    let a = s.run(SocketOp::Sendmsg).ok();
+    assert_eq!(
+        (a.op, a.family, a.sock_type, a.protocol),
+        (
+            SocketOp::Sendmsg,
+            abi::AF_INET,
+            abi::SOCK_DGRAM,
+            abi::IPPROTO_UDP
+        )
+    );
+    assert_eq!(
+        (a.addr, a.port),
+        (Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))), Some(53))
+    );
+    assert_eq!(a.process, s.process());
+
+    // IPv6.
+    let dst: Ipv6Addr = "2001:db8::53".parse().unwrap();
+    s.set_sockaddr(&sockaddr_in6(dst, 853));
+    let a = s.run(SocketOp::Sendmsg).ok();
+    assert_eq!((a.addr, a.port), (Some(IpAddr::V6(dst)), Some(853)));
+
+    // A send on a connected socket names no destination (msg_name NULL), whatever msg_namelen says.
+    let (msghdr, msg_name) = (s.msghdr, p.msghdr.msg_name);
+    s.g.set_u64(msghdr, msg_name, 0);
+    let a = s.run(SocketOp::Sendmsg).ok();
+    assert_eq!((a.addr, a.port), (None, None));
+
+    // A msghdr pointer that is not mapped.
+    let args = HookArgs {
+        rsi: UNMAPPED_VA,
+        ..s.args(SocketOp::Sendmsg)
+    };
+    let e = s.run_with(SocketOp::Sendmsg, args).mem_err();
+    assert!(
+        matches!(e, MemError::NotPresent { gva, .. } if gva == UNMAPPED_VA + msg_name.offset),
+        "{e}"
+    );
+}
+
+#[test]
+fn current_process_outside_socket_hooks() {
+    let p = profile_or_skip!();
+    let s = Scene::new(p);
+    let run = |s: &Scene, profile: &KernelProfile| {
+        run_bounded_fn(&s.g.img, s.g.cr3, profile, |r, p| {
+            current_process(r, p, GS_BASE)
+        })
+    };
+    assert_eq!(run(&s, p).ok(), s.process());
+
+    // Its errors are attribution errors: a path walk that does not end, a missing symbol, memory.
+    let mut s = Scene::new(p);
+    let (bin, exe) = (s.bin, s.exe);
+    s.set_parent(bin, exe);
+    assert!(matches!(
+        run(&s, p).result,
+        Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
+    ));
+    let mut stripped = p.clone();
+    stripped.symbols.remove("current_task");
+    let out = run(&s, &stripped);
+    assert!(matches!(
+        out.result,
+        Err(AttributionError::MissingSymbol("current_task"))
+    ));
+    assert_eq!(out.phys_reads, 0);
+    let mut s = Scene::new(p);
+    let task = s.task;
+    s.g.set_u64(task, p.task_struct.cred, UNMAPPED_VA);
+    let e = run(&s, p).mem_err();
+    assert!(
+        matches!(e, MemError::NotPresent { gva, .. } if gva == UNMAPPED_VA + p.cred.uid.offset),
+        "{e}"
+    );
+}
+
+#[test]
+fn listen_without_sk_has_no_address() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    s.g.set_u64(s.socket, p.socket.sk, 0);
+    let a = s.run(SocketOp::Listen).ok();
+    assert_eq!((a.family, a.protocol), (0, 0));
+    assert_eq!(a.sock_type, abi::SOCK_STREAM);
+    assert_eq!((a.addr, a.port), (None, None));
+    assert_eq!(a.process, s.process());
+}
+
+#[test]
+fn kernel_thread_and_missing_exe_file() {
+    let p = profile_or_skip!();
+    let t = &p.task_struct;
+    let mut s = Scene::new(p);
+    // A kworker: no mm (active_mm is borrowed), started by kthreadd.
+    let task = s.task;
+    s.g.set_u32(task, t.pid, 37);
+    s.g.set_u32(task, t.tgid, 37);
+    s.set_comm(task, b"kworker/0:1");
+    s.g.set_u64(task, t.mm, 0);
+    let cred = s.cred;
+    s.g.set_u32(cred, p.cred.uid, 0);
+    s.g.set_u32(s.parent, t.pid, 2);
+    s.g.set_u32(s.parent, t.tgid, 2);
+    s.set_comm(s.parent, b"kthreadd");
+    let a = s.run(SocketOp::Connect).ok();
+    assert_eq!(
+        a.process,
+        Process {
+            pid: 37,
+            tgid: 37,
+            comm: "kworker/0:1".into(),
+            exe: None,
+            uid: 0,
+            ppid: 2,
+            parent_comm: "kthreadd".into(),
+        }
+    );
+
+    // A user process whose mm has no exe_file (it was never set, or was cleared by prctl).
+    s.g.set_u64(task, t.mm, s.mm);
+    s.g.set_u64(s.mm, p.mm_struct.exe_file, 0);
+    assert_eq!(s.run(SocketOp::Connect).ok().process.exe, None);
+    // And with it back, the path again.
+    s.g.set_u64(s.mm, p.mm_struct.exe_file, s.file);
+    assert_eq!(
+        s.run(SocketOp::Connect).ok().process.exe.as_deref(),
+        Some("/usr/bin/curl")
+    );
+}
+
+#[test]
+fn missing_current_task_symbol_is_an_error() {
+    let p = profile_or_skip!();
+    let s = Scene::new(p);
+    let mut stripped = p.clone();
+    stripped.symbols.remove("current_task");
+    let out = run_bounded(
+        &s.g.img,
+        s.g.cr3,
+        &stripped,
+        SocketOp::Connect,
+        s.args(SocketOp::Connect),
+    );
+    assert!(matches!(
+        out.result,
+        Err(AttributionError::MissingSymbol("current_task"))
+    ));
+    assert_eq!(out.phys_reads, 0);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Hostile page tables.
+
+#[test]
+fn pml4_entry_pointing_back_at_the_pml4() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    let cr3 = s.g.cr3;
+    let (i4, i3) = ((GS_BASE >> 39) & 0x1ff, (GS_BASE >> 30) & 0x1ff);
+    // The kernel half's slot now loops back: the PML4 is read again as the PDPT, and its slot i3 is
+    // empty.
+    s.g.img.write_u64(cr3 + i4 * 8, cr3 | 0x3).unwrap();
+    let out = s.run(SocketOp::Connect);
+    assert!(out.gpa_lo >= cr3 && out.gpa_hi <= cr3 + PAGE_4K);
+    let e = out.mem_err();
+    assert!(
+        matches!(e, MemError::NotPresent { level: 3, entry_gpa, .. } if entry_gpa == cr3 + i3 * 8),
+        "{e}"
+    );
+}
+
+#[test]
+fn fully_self_mapped_pml4_stays_in_one_page() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    let cr3 = s.g.cr3;
+    // Every PML4 entry points at the PML4: every walk is 4 reads of the PML4 and every address
+    // resolves into the PML4 page itself (what hardware would do, too).
+    for i in 0..512 {
+        s.g.img.write_u64(cr3 + i * 8, cr3 | 0x3).unwrap();
+    }
+    for op in [SocketOp::Connect, SocketOp::Bind, SocketOp::Listen] {
+        let out = s.run(op);
+        assert!(
+            out.gpa_lo >= cr3 && out.gpa_hi <= cr3 + PAGE_4K,
+            "{op:?} read {:#x}..{:#x}",
+            out.gpa_lo,
+            out.gpa_hi
+        );
+        // `current` is the entry value itself (cr3 | 3) and the task's fields are PML4 bytes read at
+        // unaligned offsets, which give a non-canonical pointer before any path walk.
+        let e = out.mem_err();
+        assert!(matches!(e, MemError::NonCanonical { levels: 4, .. }), "{e}");
+    }
+}
+
+#[test]
+fn pointers_outside_guest_ram() {
+    let p = profile_or_skip!();
+    let t = &p.task_struct;
+    let current_task = GS_BASE + p.symbols["current_task"];
+    let outside = |out: Outcome| match out.mem_err() {
+        MemError::OutsideRam { gpa, len } => (gpa, len),
+        e => panic!("expected OutsideRam, got {e}"),
+    };
+
+    // `current` in a page mapped beyond RAM.
+    let mut s = Scene::new(p);
+    s.g.write(current_task, &ROGUE_VA.to_le_bytes());
+    assert_eq!(
+        outside(s.run(SocketOp::Connect)),
+        (ROGUE_GPA + t.pid.offset, 4)
+    );
+
+    // cred there.
+    let mut s = Scene::new(p);
+    s.g.set_u64(s.task, t.cred, ROGUE_VA + 0x100);
+    assert_eq!(
+        outside(s.run(SocketOp::Connect)),
+        (ROGUE_GPA + 0x100 + p.cred.uid.offset, 4)
+    );
+
+    // The executable's d_name.name there.
+    let mut s = Scene::new(p);
+    let exe = s.exe;
+    s.set_name(exe, 4, ROGUE_VA + 0x800);
+    assert_eq!(outside(s.run(SocketOp::Connect)), (ROGUE_GPA + 0x800, 4));
+
+    // A page-table entry beyond RAM: the walk's own read is refused.
+    let mut s = Scene::new(p);
+    let vmalloc = 0xffff_c900_0000_0000u64;
+    let (i4, i3) = ((vmalloc >> 39) & 0x1ff, (vmalloc >> 30) & 0x1ff);
+    let cr3 = s.g.cr3;
+    s.g.img
+        .write_u64(cr3 + i4 * 8, 0x2_0000_0000 | 0x3)
+        .unwrap();
+    s.g.write(current_task, &vmalloc.to_le_bytes());
+    assert_eq!(
+        outside(s.run(SocketOp::Connect)),
+        (0x2_0000_0000 + i3 * 8, 8)
+    );
+}
+
+#[test]
+fn unmapped_and_null_pointers() {
+    let p = profile_or_skip!();
+    let not_present = |out: Outcome| match out.mem_err() {
+        MemError::NotPresent { gva, .. } => gva,
+        e => panic!("expected NotPresent, got {e}"),
+    };
+    type Mutation = fn(&mut Scene) -> u64;
+    let cases: [(&str, Mutation); 6] = [
+        ("real_parent unmapped", |s| {
+            s.g.set_u64(s.task, s.p.task_struct.real_parent, UNMAPPED_VA);
+            UNMAPPED_VA + s.p.task_struct.tgid.offset
+        }),
+        ("cred null", |s| {
+            s.g.set_u64(s.task, s.p.task_struct.cred, 0);
+            s.p.cred.uid.offset
+        }),
+        ("mm unmapped", |s| {
+            s.g.set_u64(s.task, s.p.task_struct.mm, UNMAPPED_VA);
+            UNMAPPED_VA + s.p.mm_struct.exe_file.offset
+        }),
+        ("d_parent unmapped", |s| {
+            let bin = s.bin;
+            s.set_parent(bin, UNMAPPED_VA);
+            UNMAPPED_VA + s.p.dentry.d_parent.offset
+        }),
+        ("sk unmapped", |s| {
+            s.g.set_u64(s.socket, s.p.socket.sk, UNMAPPED_VA);
+            UNMAPPED_VA + s.p.sock.skc_family.offset
+        }),
+        ("socket null", |s| {
+            s.socket = 0;
+            s.p.socket.type_.offset
+        }),
+    ];
+    for (what, mutate) in cases {
+        let mut s = Scene::new(p);
+        let want = mutate(&mut s);
+        assert_eq!(not_present(s.run(SocketOp::Connect)), want, "{what}");
+    }
+    // A sockaddr pointer that is not mapped, with a plausible length.
+    let s = Scene::new(p);
+    let args = HookArgs {
+        rsi: UNMAPPED_VA,
+        ..s.args(SocketOp::Connect)
+    };
+    assert_eq!(
+        not_present(s.run_with(SocketOp::Connect, args)),
+        UNMAPPED_VA
+    );
+}
+
+#[test]
+fn non_canonical_addresses() {
+    let p = profile_or_skip!();
+    let t = &p.task_struct;
+    let current_task = p.symbols["current_task"];
+    let bad = 0x0000_8000_0000_1000u64; // bit 47 set, bits 63:48 clear
+    let non_canonical = |out: Outcome| match out.mem_err() {
+        MemError::NonCanonical { gva, levels: 4 } => gva,
+        e => panic!("expected NonCanonical, got {e}"),
+    };
+
+    let mut s = Scene::new(p);
+    s.g.write(GS_BASE + current_task, &bad.to_le_bytes());
+    assert_eq!(non_canonical(s.run(SocketOp::Connect)), bad + t.pid.offset);
+
+    let s = Scene::new(p);
+    let gs = 0x1234_0000_0000_0000u64;
+    let args = HookArgs {
+        gs_base: gs,
+        ..s.args(SocketOp::Connect)
+    };
+    assert_eq!(
+        non_canonical(s.run_with(SocketOp::Connect, args)),
+        gs + current_task
+    );
+
+    let mut s = Scene::new(p);
+    s.g.set_u64(s.task, t.cred, bad);
+    assert_eq!(
+        non_canonical(s.run(SocketOp::Connect)),
+        bad + p.cred.uid.offset
+    );
+
+    let mut s = Scene::new(p);
+    let usr = s.usr;
+    s.set_parent(usr, bad);
+    assert_eq!(
+        non_canonical(s.run(SocketOp::Connect)),
+        bad + p.dentry.d_parent.offset
+    );
+
+    let s = Scene::new(p);
+    for op in [SocketOp::Connect, SocketOp::Listen] {
+        let args = HookArgs {
+            rdi: bad,
+            ..s.args(op)
+        };
+        assert_eq!(
+            non_canonical(s.run_with(op, args)),
+            bad + p.socket.type_.offset
+        );
+    }
+
+    let s = Scene::new(p);
+    let args = HookArgs {
+        rsi: bad,
+        ..s.args(SocketOp::Bind)
+    };
+    assert_eq!(non_canonical(s.run_with(SocketOp::Bind, args)), bad);
+}
+
+#[test]
+fn pointer_arithmetic_overflow() {
+    let p = profile_or_skip!();
+    let t = &p.task_struct;
+    // A task pointer so high that task + offsetof(pid) wraps.
+    let mut s = Scene::new(p);
+    let top = u64::MAX - 8;
+    s.g.write(GS_BASE + p.symbols["current_task"], &top.to_le_bytes());
+    assert_eq!(
+        s.run(SocketOp::Connect).mem_err(),
+        MemError::Overflow {
+            addr: top,
+            len: t.pid.offset
+        }
+    );
+    // A GS base that wraps when current_task is added reads a low (user, unmapped) address.
+    let s = Scene::new(p);
+    let args = HookArgs {
+        gs_base: 0u64.wrapping_sub(8),
+        ..s.args(SocketOp::Connect)
+    };
+    let e = s.run_with(SocketOp::Connect, args).mem_err();
+    assert!(
+        matches!(e, MemError::NotPresent { level: 4, gva, .. } if gva == p.symbols["current_task"] - 8),
+        "{e}"
+    );
+}
+
+// ------------------------------------------------------------------------------------------------
+// Paths: mounts, pseudo files, hostile dentries and strings.
+
+#[test]
+fn dentry_cycle_is_path_too_deep() {
+    let p = profile_or_skip!();
+    // bin -> curl -> bin: never reaches the mount's root.
+    let mut s = Scene::new(p);
+    let (bin, exe) = (s.bin, s.exe);
+    s.set_parent(bin, exe);
+    let out = s.run(SocketOp::Connect);
+    let reads = out.phys_reads;
+    assert!(
+        matches!(
+            out.result,
+            Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
+        ),
+        "{:?} after {reads} reads",
+        out.result
+    );
+    // MAX_PATH_DEPTH names of two dentries each (~300 reads): cut at the depth limit, not run to the
+    // read bound.
+    assert!(reads < 1000, "{reads} reads");
+
+    // A three-dentry ring that the executable is on: usr -> curl -> bin -> usr.
+    let mut s = Scene::new(p);
+    let (usr, exe) = (s.usr, s.exe);
+    s.set_parent(usr, exe);
+    assert!(matches!(
+        s.exe_result(),
+        Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
+    ));
+
+    // A ring above the executable that does not contain it: curl -> bin -> usr -> bin.
+    let mut s = Scene::new(p);
+    let (usr, bin) = (s.usr, s.bin);
+    s.set_parent(usr, bin);
+    assert!(matches!(
+        s.exe_result(),
+        Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
+    ));
+}
+
+#[test]
+fn deep_paths_come_back_whole_up_to_the_depth_limit() {
+    let p = profile_or_skip!();
+    let names = |n: usize| (0..n).map(|i| format!("d{i}")).collect::<Vec<_>>();
+    // An executable `n` components deep: /d0/d1/.../d{n-2}/curl.
+    let exe_at_depth = |n: usize| {
+        let mut s = Scene::new(p);
+        let (root, exe) = (s.root, s.exe);
+        let dir = s.chain(root, names(n - 1));
+        s.set_parent(exe, dir);
+        let out = s.run(SocketOp::Connect);
+        (out.result.map(|a| a.process.exe), out.phys_reads)
+    };
+
+    let (got, _) = exe_at_depth(41);
+    let got = got.unwrap().unwrap();
+    let parts: Vec<&str> = got.strip_prefix('/').unwrap().split('/').collect();
+    assert_eq!(parts.len(), 41, "{got}");
+    assert!(got.starts_with("/d0/"), "{got}");
+    assert_eq!(got, format!("/{}/curl", names(40).join("/")));
+
+    // Exactly at the limit: still whole.
+    let (got, reads) = exe_at_depth(MAX_PATH_DEPTH);
+    let got = got.unwrap().unwrap();
+    assert_eq!(
+        got,
+        format!("/{}/curl", names(MAX_PATH_DEPTH - 1).join("/"))
+    );
+    assert!(reads < READ_BOUND / 2, "{reads} reads");
+
+    // One past it and well past it: an error, never a suffix that could pass for an absolute path.
+    for n in [MAX_PATH_DEPTH + 1, 70] {
+        let (got, _) = exe_at_depth(n);
+        assert!(
+            matches!(got, Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))),
+            "{n} components: {got:?}"
+        );
+    }
+
+    // The limit counts components across mounts: 30 in the root filesystem above a mount with 40
+    // more (70 in all) is too deep; 30 + 34 is not.
+    for (inner, ok) in [(40, false), (34, true)] {
+        let mut s = Scene::new(p);
+        let (root, root_mount) = (s.root, s.root_mount);
+        let outer: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+        let mountpoint = s.chain(root, &outer);
+        let fs_root = s.dentry(b"/", None);
+        let mnt = s.mount(fs_root, Some((root_mount, mountpoint)));
+        let dir = s.chain(fs_root, names(inner - 1));
+        let exe = s.dentry(b"curl", Some(dir));
+        s.set_exe(exe, mnt);
+        let got = s.exe_result();
+        if ok {
+            let want = format!("/{}/{}/curl", outer.join("/"), names(inner - 1).join("/"));
+            assert_eq!(got.unwrap().unwrap(), want);
+        } else {
+            assert!(
+                matches!(got, Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))),
+                "{got:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn paths_cross_mounts_up_to_the_root_of_the_mount_tree() {
+    let p = profile_or_skip!();
+
+    // /usr is its own filesystem: /usr/bin/curl is bin/curl under that filesystem's root, which is
+    // mounted on the `usr` dentry of the root filesystem.
+    let mut s = Scene::new(p);
+    let (usr, root_mount) = (s.usr, s.root_mount);
+    let usr_root = s.dentry(b"/", None);
+    let usr_mount = s.mount(usr_root, Some((root_mount, usr)));
+    let exe = s.chain(usr_root, ["bin", "curl"]);
+    s.set_exe(exe, usr_mount);
+    let out = s.run(SocketOp::Connect);
+    assert!(out.gpa_hi <= RAM, "read up to {:#x}", out.gpa_hi);
+    assert_eq!(out.ok().process, s.process());
+
+    // The old bug: the walk stopped at the root of the executable's filesystem, so a binary at
+    // /tmp/x/usr/bin/curl, with /tmp/x a mount, passed for /usr/bin/curl.
+    let mut s = Scene::new(p);
+    let (root, root_mount) = (s.root, s.root_mount);
+    let x = s.chain(root, ["tmp", "x"]);
+    let x_root = s.dentry(b"/", None);
+    let x_mount = s.mount(x_root, Some((root_mount, x)));
+    let exe = s.chain(x_root, ["usr", "bin", "curl"]);
+    s.set_exe(exe, x_mount);
+    assert_eq!(
+        s.exe_result().unwrap().as_deref(),
+        Some("/tmp/x/usr/bin/curl")
+    );
+
+    // Nested: /tmp a mount in /, /tmp/x a mount in /tmp.
+    let mut s = Scene::new(p);
+    let (root, root_mount) = (s.root, s.root_mount);
+    let tmp = s.dentry(b"tmp", Some(root));
+    let tmp_root = s.dentry(b"/", None);
+    let tmp_mount = s.mount(tmp_root, Some((root_mount, tmp)));
+    let x = s.dentry(b"x", Some(tmp_root));
+    let x_root = s.dentry(b"/", None);
+    let x_mount = s.mount(x_root, Some((tmp_mount, x)));
+    let exe = s.chain(x_root, ["usr", "bin", "curl"]);
+    s.set_exe(exe, x_mount);
+    assert_eq!(
+        s.exe_result().unwrap().as_deref(),
+        Some("/tmp/x/usr/bin/curl")
+    );
+
+    // Stacked: a second filesystem mounted over the /usr mount (its mountpoint is the root of the
+    // filesystem below): the walk crosses both, with no component for either root.
+    let mut s = Scene::new(p);
+    let (usr, root_mount) = (s.usr, s.root_mount);
+    let lower_root = s.dentry(b"/", None);
+    let lower = s.mount(lower_root, Some((root_mount, usr)));
+    let upper_root = s.dentry(b"/", None);
+    let upper = s.mount(upper_root, Some((lower, lower_root)));
+    let exe = s.chain(upper_root, ["bin", "curl"]);
+    s.set_exe(exe, upper);
+    assert_eq!(s.exe_result().unwrap().as_deref(), Some("/usr/bin/curl"));
+
+    // A file bind-mounted over /usr/bin/curl: the mount's root is the file itself (`evil`, in
+    // another directory of its filesystem) and the path is where it is mounted, as d_path says.
+    let mut s = Scene::new(p);
+    let (exe, root_mount) = (s.exe, s.root_mount);
+    let src_root = s.dentry(b"/", None);
+    let evil = s.chain(src_root, ["home", "evil"]);
+    let bind = s.mount(evil, Some((root_mount, exe)));
+    s.set_exe(evil, bind);
+    assert_eq!(s.exe_result().unwrap().as_deref(), Some("/usr/bin/curl"));
+
+    // The executable is the root of the mount tree itself.
+    let mut s = Scene::new(p);
+    let (root, root_mount) = (s.root, s.root_mount);
+    s.set_exe(root, root_mount);
+    assert_eq!(s.exe_result().unwrap().as_deref(), Some("/"));
+}
+
+#[test]
+fn mount_loops_are_path_too_deep() {
+    let p = profile_or_skip!();
+
+    // Two mounts, each the other's parent, each mounted on the other's root: after `curl` the walk
+    // only ever crosses mounts and never adds a component, so only MAX_PATH_STEPS ends it.
+    let mut s = Scene::new(p);
+    let (ra, rb) = (s.dentry(b"/", None), s.dentry(b"/", None));
+    let (a, b) = (s.mount(ra, None), s.mount(rb, None));
+    let m = &p.mount;
+    s.g.set_u64(a, m.mnt_parent, b);
+    s.g.set_u64(a, m.mnt_mountpoint, rb);
+    s.g.set_u64(b, m.mnt_parent, a);
+    s.g.set_u64(b, m.mnt_mountpoint, ra);
+    let exe = s.dentry(b"curl", Some(ra));
+    s.set_exe(exe, a);
+    let out = s.run(SocketOp::Connect);
+    let reads = out.phys_reads;
+    assert!(
+        matches!(
+            out.result,
+            Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
+        ),
+        "{:?}",
+        out.result
+    );
+    // MAX_PATH_STEPS crossings of three 8-byte reads each, page walks included, at most.
+    assert!(reads <= MAX_PATH_STEPS * 3 * 5 + 100, "{reads} reads");
+
+    // The same loop with a directory at each mountpoint (A on `a` under B's root, B on `b` under A's
+    // root): every other step adds a component, and either limit cuts it.
+    let mut s = Scene::new(p);
+    let (ra, rb) = (s.dentry(b"/", None), s.dentry(b"/", None));
+    let (a, b) = (s.mount(ra, None), s.mount(rb, None));
+    let (in_b, in_a) = (s.dentry(b"a", Some(rb)), s.dentry(b"b", Some(ra)));
+    s.g.set_u64(a, m.mnt_parent, b);
+    s.g.set_u64(a, m.mnt_mountpoint, in_b);
+    s.g.set_u64(b, m.mnt_parent, a);
+    s.g.set_u64(b, m.mnt_mountpoint, in_a);
+    let exe = s.dentry(b"curl", Some(ra));
+    s.set_exe(exe, a);
+    let got = s.exe_result();
+    assert!(
+        matches!(got, Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn pseudo_files_have_their_bare_name() {
+    let p = profile_or_skip!();
+    // A memfd: its dentry is its own parent on the internal shm mount, whose root it is not.
+    let mut s = Scene::new(p);
+    let shm_root = s.dentry(b"/", None);
+    let shm = s.mount(shm_root, None);
+    let memfd = s.dentry(b"memfd:evil", None);
+    s.set_exe(memfd, shm);
+    let a = s.run(SocketOp::Connect).ok();
+    assert_eq!(a.process.exe.as_deref(), Some("memfd:evil"));
+    assert_eq!(
+        a.process,
+        Process {
+            exe: Some("memfd:evil".into()),
+            ..s.process()
+        }
+    );
+
+    // The same dentry with the root mount as its vfsmount: still not the mount's root.
+    let root_mount = s.root_mount;
+    s.set_exe(memfd, root_mount);
+    assert_eq!(s.exe_result().unwrap().as_deref(), Some("memfd:evil"));
+
+    // A file under a directory that is its own parent (a tree mounted nowhere): relative, no
+    // leading slash either.
+    let mut s = Scene::new(p);
+    let (bin, exe, root_mount) = (s.bin, s.exe, s.root_mount);
+    let loose = s.dentry(b"anon_inode:[x]", None);
+    s.set_parent(bin, loose);
+    s.set_exe(exe, root_mount);
+    assert_eq!(
+        s.exe_result().unwrap().as_deref(),
+        Some("anon_inode:[x]/bin/curl")
+    );
+}
+
+#[test]
+fn hostile_mount_pointers() {
+    let p = profile_or_skip!();
+    let m = &p.mount;
+
+    // The vfsmount pointer itself unmapped, or null: mnt_root is the first thing read.
+    let mut s = Scene::new(p);
+    let f_path = s.file + p.file.f_path.offset;
+    for mnt in [UNMAPPED_VA, 0] {
+        s.g.set_u64(f_path, p.path.mnt, mnt);
+        let e = s.run(SocketOp::Connect).mem_err();
+        assert!(
+            matches!(e, MemError::NotPresent { gva, .. } if gva == mnt + m.vfsmount_mnt_root.offset),
+            "{e}"
+        );
+    }
+
+    // A parent mount that is not mapped: its mnt_root is read through the container_of'd address.
+    let mut s = Scene::new(p);
+    let root_mount = s.root_mount;
+    s.g.set_u64(root_mount, m.mnt_parent, UNMAPPED_VA);
+    let e = s.run(SocketOp::Connect).mem_err();
+    assert!(
+        matches!(e, MemError::NotPresent { gva, .. }
+            if gva == UNMAPPED_VA + m.mnt.offset + m.vfsmount_mnt_root.offset),
+        "{e}"
+    );
+
+    // A mountpoint that is not mapped: the walk reads its d_parent.
+    let mut s = Scene::new(p);
+    let (usr, root_mount) = (s.usr, s.root_mount);
+    let usr_root = s.dentry(b"/", None);
+    let usr_mount = s.mount(usr_root, Some((root_mount, UNMAPPED_VA)));
+    let exe = s.chain(usr_root, ["bin", "curl"]);
+    s.set_exe(exe, usr_mount);
+    let e = s.run(SocketOp::Connect).mem_err();
+    assert!(
+        matches!(e, MemError::NotPresent { gva, .. } if gva == UNMAPPED_VA + p.dentry.d_parent.offset),
+        "{e}"
+    );
+    // ...and with the right mountpoint, the path.
+    s.g.set_u64(usr_mount, m.mnt_mountpoint, usr);
+    assert_eq!(s.exe_result().unwrap().as_deref(), Some("/usr/bin/curl"));
+}
+
+/// In a build with overflow checks (debug) this panics in src/attribution.rs: `exe_path`'s
+/// `mount + m.mnt.offset` (the read of a parent mount's `mnt_root`) and `read_process`'s
+/// `file + p.file.f_path.offset` add without `checked_add`/`wrapping_add`; a release build wraps
+/// and fails the read, as asserted here.
+#[test]
+fn pointers_whose_offsets_wrap_are_typed_errors() {
+    let p = profile_or_skip!();
+    // A parent mount or an exe_file so high that adding a member's offset wraps: a typed error, no
+    // panic, nothing read outside guest RAM.
+    type Mutation = fn(&mut Scene);
+    let cases: [(&str, Mutation); 3] = [
+        ("mnt_parent at the top", |s| {
+            let root_mount = s.root_mount;
+            s.g.set_u64(root_mount, s.p.mount.mnt_parent, u64::MAX - 8);
+        }),
+        ("vfsmount at the top", |s| {
+            let f_path = s.file + s.p.file.f_path.offset;
+            s.g.set_u64(f_path, s.p.path.mnt, u64::MAX - 8);
+        }),
+        ("exe_file at the top", |s| {
+            let mm = s.mm;
+            s.g.set_u64(mm, s.p.mm_struct.exe_file, u64::MAX - 8);
+        }),
+    ];
+    for (what, mutate) in cases {
+        let mut s = Scene::new(p);
+        mutate(&mut s);
+        let out = s.run(SocketOp::Connect);
+        assert!(out.gpa_hi <= RAM, "{what}: read up to {:#x}", out.gpa_hi);
+        assert!(
+            matches!(out.result, Err(AttributionError::Memory(_))),
+            "{what}: {:?}",
+            out.result
+        );
+    }
+}
+
+#[test]
+fn huge_qstr_len_is_capped_at_name_max() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    let long = s.g.string(&[b'x'; 300]);
+    let exe = s.exe;
+    s.set_name(exe, u32::MAX, long);
+    let got = s.run(SocketOp::Connect).ok().process.exe.unwrap();
+    assert_eq!(got, format!("/usr/bin/{}", "x".repeat(MAX_NAME)));
+
+    // The recorded length is trusted up to the cap, NULs included (the kernel keeps it exact).
+    let curl = s.g.string(b"curl");
+    s.set_name(exe, 6, curl);
+    let got = s.run(SocketOp::Connect).ok().process.exe.unwrap();
+    assert_eq!(got, "/usr/bin/curl\0\0");
+
+    // A short name at the very end of the mapped heap: its true length reads fine, a huge one runs
+    // into the unmapped page and fails there instead of reading past it.
+    let at_end = HEAP_END - 4;
+    s.g.write(at_end, b"curl");
+    s.set_name(exe, 4, at_end);
+    assert_eq!(
+        s.run(SocketOp::Connect).ok().process.exe.as_deref(),
+        Some("/usr/bin/curl")
+    );
+    s.set_name(exe, 0x8000_0000, at_end);
+    assert!(matches!(
+        s.run(SocketOp::Connect).mem_err(),
+        MemError::NotPresent { gva: HEAP_END, .. }
+    ));
+}
+
+#[test]
+fn unterminated_and_invalid_comm() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    let comm = p.task_struct.comm;
+    // 16 bytes and no NUL, followed by more non-NUL bytes: exactly TASK_COMM_LEN bytes are taken.
+    let task = s.task;
+    s.g.set(task, comm, b"ABCDEFGHIJKLMNOP");
+    s.g.write(task + comm.offset + comm.size, b"ZZZZZZZZ");
+    // Invalid UTF-8 in the parent's name.
+    let parent = s.parent;
+    s.set_comm(parent, &[0xff, 0xfe, b'a', 0, b'b']);
+    let a = s.run(SocketOp::Connect).ok();
+    assert_eq!(a.process.comm, "ABCDEFGHIJKLMNOP");
+    assert_eq!(a.process.parent_comm, "\u{fffd}\u{fffd}a");
+    // Bytes after the first NUL are not part of the name.
+    s.set_comm(task, b"nc\0hidden");
+    assert_eq!(s.run(SocketOp::Connect).ok().process.comm, "nc");
+}
+
+// ------------------------------------------------------------------------------------------------
+// Hostile socket addresses.
+
+#[test]
+fn short_and_odd_sockaddr_lengths() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    let v4 = (Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))), Some(443));
+    let dst6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+    let v6 = (Some(IpAddr::V6(dst6)), Some(443));
+    let run = |s: &Scene, op, rsi, rdx| {
+        let args = HookArgs {
+            rsi,
+            rdx,
+            ..s.args(op)
+        };
+        let a = s.run_with(op, args).ok();
+        assert_eq!(a.process, s.process());
+        (a.addr, a.port)
+    };
+    for op in [SocketOp::Connect, SocketOp::Bind] {
+        // Too short to hold a family, or a family but no address: nothing decoded.
+        for len in [0, 1, 7] {
+            assert_eq!(run(&s, op, s.addr, len), (None, None), "addrlen {len}");
+        }
+        // Family + port + address (sin_zero is padding): decoded. Absurd lengths read no further.
+        for len in [8, 16, 128, u64::MAX] {
+            assert_eq!(run(&s, op, s.addr, len), v4, "addrlen {len}");
+        }
+        // A null sockaddr.
+        assert_eq!(run(&s, op, 0, 16), (None, None));
+    }
+
+    s.set_sockaddr(&sockaddr_in6(dst6, 443));
+    for len in [8, 16, 23] {
+        assert_eq!(
+            run(&s, SocketOp::Connect, s.addr, len),
+            (None, None),
+            "addrlen {len}"
+        );
+    }
+    for len in [24, 28, u64::MAX] {
+        assert_eq!(run(&s, SocketOp::Connect, s.addr, len), v6, "addrlen {len}");
+    }
+
+    // A sockaddr_in in the last 8 bytes of the mapped heap, with addrlen 16: only the 8 bytes that
+    // carry data are read.
+    let at_end = HEAP_END - 8;
+    s.g.write(
+        at_end,
+        &sockaddr_in(Ipv4Addr::new(203, 0, 113, 7), 443)[..8],
+    );
+    assert_eq!(run(&s, SocketOp::Connect, at_end, 16), v4);
+    // Whereas a sockaddr_in6 there is cut by the unmapped page.
+    s.g.write(at_end, &sockaddr_in6(dst6, 443)[..8]);
+    let args = HookArgs {
+        rsi: at_end,
+        rdx: 28,
+        ..s.args(SocketOp::Connect)
+    };
+    assert!(matches!(
+        s.run_with(SocketOp::Connect, args).mem_err(),
+        MemError::NotPresent { gva: HEAP_END, .. }
+    ));
+}
+
+#[test]
+fn unknown_and_non_ip_families() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    // A socket family Vigil has no decoder for is reported as is; the sockaddr of an unknown family
+    // (and of AF_UNSPEC, AF_UNIX, AF_PACKET) has no IP address or port.
+    s.set_sock(0x4242, abi::SOCK_RAW, 0x99);
+    for family in [0x4242u16, 0, abi::AF_UNIX, abi::AF_PACKET, u16::MAX] {
+        let mut b = sockaddr_in(Ipv4Addr::new(203, 0, 113, 7), 443);
+        b[..2].copy_from_slice(&family.to_le_bytes());
+        s.set_sockaddr(&b);
+        for op in [SocketOp::Connect, SocketOp::Bind] {
+            let a = s.run(op).ok();
+            assert_eq!(
+                (a.family, a.sock_type, a.protocol),
+                (0x4242, abi::SOCK_RAW, 0x99)
+            );
+            assert_eq!((a.addr, a.port), (None, None), "sockaddr family {family}");
+            assert_eq!(a.process, s.process());
+        }
+    }
+    // The family of the socket does not pick the decoder: an AF_INET6 socket given a sockaddr_in
+    // (as IPv4-mapped UDP sockets are) is decoded as IPv4.
+    s.set_sock(abi::AF_INET6, abi::SOCK_DGRAM, abi::IPPROTO_UDP);
+    s.set_sockaddr(&sockaddr_in(Ipv4Addr::new(198, 51, 100, 1), 53));
+    let a = s.run(SocketOp::Connect).ok();
+    assert_eq!(a.family, abi::AF_INET6);
+    assert_eq!(
+        (a.addr, a.port),
+        (Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))), Some(53))
+    );
+}
