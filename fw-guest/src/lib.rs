@@ -6,3 +6,4 @@
 #![no_std]
 
 pub mod filter;
+pub mod virtio_net;

@@ -31,7 +31,10 @@ mod guest {
     };
 
     use crate::arch::{self, serial::Com1, BootCapture};
-    use fw_guest::filter::{slots_for, Config, Filter, FlowSlot, IndexSlot, VerdictSlot};
+    use fw_guest::filter::{
+        slots_for, Config, Decision, Direction, Filter, FlowSlot, IndexSlot, VerdictSlot,
+    };
+    use fw_guest::virtio_net::{Port, Queue, BUF_SIZE};
 
     /// Where the role came from.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,10 +149,18 @@ mod guest {
         if let Some(test) = cmdline_value(boot.cmdline, b"fw.selftest=") {
             return protection_selftest(test);
         }
-        if let Some((base, size)) = boot.verdict_region() {
-            return take_boot_verdicts(base, size);
+        let Some((base, size)) = boot.verdict_region() else {
+            return exit_code::OK;
+        };
+        if boot.devices().is_empty() {
+            take_boot_verdicts(base, size)
+        } else {
+            let tsc_khz = cmdline_value(boot.cmdline, b"tsc_khz=")
+                .and_then(|v| core::str::from_utf8(v).ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+            switch(boot.devices(), base, size, tsc_khz)
         }
-        exit_code::OK
     }
 
     // The filter's tables: statics (no heap), all-zero or EMPTY at load.
@@ -159,11 +170,14 @@ mod guest {
     static mut VERDICT_SLOTS: [VerdictSlot; VERDICTS] = [VerdictSlot::EMPTY; VERDICTS];
     static mut VERDICT_INDEX: [IndexSlot; 2 * VERDICTS] = [IndexSlot::EMPTY; 2 * VERDICTS];
 
-    /// The verdict region the VMM reserved (vigil-wire `ring` layout): apply every verdict
-    /// waiting in the ring to the filter, publish the counters, report. Until the switch ports
-    /// exist this is all the micro-VM does with verdicts; the packet loop will drain the ring
-    /// before each batch of frames.
-    fn take_boot_verdicts(base: u64, size: u64) -> u8 {
+    type Shared = (
+        vigil_wire::ring::Consumer<'static>,
+        vigil_wire::ring::CountersWriter<'static>,
+    );
+
+    /// Attaches the verdict ring and formats the counters block of the region the VMM reserved
+    /// (vigil-wire `ring` layout).
+    fn attach_region(base: u64, size: u64) -> Result<Shared, u8> {
         use core::sync::atomic::AtomicU64;
         use vigil_wire::ring::{
             Consumer, CountersWriter, COUNTERS_OFFSET, MAX_COUNTED_PORTS, VERDICT_REGION_BYTES,
@@ -173,34 +187,35 @@ mod guest {
                 Com1,
                 "fw-guest: verdict region {base:#x}+{size:#x} is too small"
             );
-            return exit_code::BAD_BOOT_INFO;
+            return Err(exit_code::BAD_BOOT_INFO);
         }
-        let words = |offset: usize, bytes: usize| {
-            // SAFETY: the region lies in RAM that ring 3 maps read/write (boot info checked
-            // against RAM by the VMM, alignment checked above), the VMM only ever touches it as
-            // AtomicU64 words too, and nothing else in the micro-VM aliases it.
+        let words = |offset: usize, bytes: usize| -> &'static [AtomicU64] {
+            // SAFETY: the region lies in RAM that ring 3 maps read/write (the VMM reserved it at
+            // the top of RAM; alignment checked above), the VMM only ever touches it as AtomicU64
+            // words too, and nothing else in the micro-VM aliases it.
             unsafe {
                 core::slice::from_raw_parts((base as usize + offset) as *const AtomicU64, bytes / 8)
             }
         };
-        let mut ring = match Consumer::attach(words(0, COUNTERS_OFFSET)) {
-            Ok(ring) => ring,
-            Err(e) => {
-                let _ = writeln!(Com1, "fw-guest: verdict ring: {e:?}");
-                return exit_code::BAD_BOOT_INFO;
-            }
-        };
-        let counters = match CountersWriter::format(
+        let ring = Consumer::attach(words(0, COUNTERS_OFFSET)).map_err(|e| {
+            let _ = writeln!(Com1, "fw-guest: verdict ring: {e:?}");
+            exit_code::BAD_BOOT_INFO
+        })?;
+        let counters = CountersWriter::format(
             words(COUNTERS_OFFSET, VERDICT_REGION_BYTES - COUNTERS_OFFSET),
             MAX_COUNTED_PORTS,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = writeln!(Com1, "fw-guest: counters block: {e:?}");
-                return exit_code::BAD_BOOT_INFO;
-            }
-        };
-        // SAFETY: the tables are used only here, by the single ring-3 thread, once.
+        )
+        .map_err(|e| {
+            let _ = writeln!(Com1, "fw-guest: counters block: {e:?}");
+            exit_code::BAD_BOOT_INFO
+        })?;
+        Ok((ring, counters))
+    }
+
+    /// The filter over the static tables. Called once.
+    fn make_filter() -> Result<Filter<'static>, u8> {
+        // SAFETY: the tables are used only through this filter, made once, by the single ring-3
+        // thread.
         let (flows, verdicts, index) = unsafe {
             (
                 &mut *core::ptr::addr_of_mut!(FLOW_SLOTS),
@@ -208,11 +223,23 @@ mod guest {
                 &mut *core::ptr::addr_of_mut!(VERDICT_INDEX),
             )
         };
-        let Ok(mut filter) = Filter::new(flows, verdicts, index, Config::default()) else {
+        Filter::new(flows, verdicts, index, Config::default()).map_err(|_| {
             let _ = writeln!(Com1, "fw-guest: filter tables rejected");
-            return exit_code::PANIC;
+            exit_code::PANIC
+        })
+    }
+
+    /// No switch ports: apply the verdicts waiting in the ring, publish the counters, report.
+    fn take_boot_verdicts(base: u64, size: u64) -> u8 {
+        let (mut ring, counters) = match attach_region(base, size) {
+            Ok(shared) => shared,
+            Err(code) => return code,
         };
-        // No clock yet (the boot information carries no TSC rate): verdicts apply at time 0.
+        let mut filter = match make_filter() {
+            Ok(f) => f,
+            Err(code) => return code,
+        };
+        // No ports, no clock needed: the verdicts apply at time 0.
         let taken = filter.drain_ring(&mut ring, 0);
         let c = *filter.counters();
         c.publish(&counters, 0);
@@ -228,6 +255,145 @@ mod guest {
             exit_code::BAD_BOOT_INFO
         } else {
             exit_code::OK
+        }
+    }
+
+    const MAX_PORTS: usize = 4;
+    /// Each port's receive and transmit queue with their buffers (all-zero: .bss).
+    static mut QUEUES: [Queue; 2 * MAX_PORTS] = [Queue::ZERO; 2 * MAX_PORTS];
+
+    /// Monotonic nanoseconds from the TSC (ring 3 may read it), at the rate the VMM passed.
+    fn now_ns(tsc_khz: u64) -> u64 {
+        if tsc_khz == 0 {
+            return 0;
+        }
+        // SAFETY: rdtsc has no memory effects.
+        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
+        (u128::from(tsc) * 1_000_000 / u128::from(tsc_khz)) as u64
+    }
+
+    /// The switch: ports from the boot information (tenant 0 is the uplink), frames judged by the
+    /// filter (egress for the tenant a frame leaves, ingress for the tenant it reaches), verdicts
+    /// taken from the ring before each round of frames, counters published as they change. Runs
+    /// until the VMM stops the micro-VM.
+    fn switch(devices: &[MmioDevice], base: u64, size: u64, tsc_khz: u64) -> u8 {
+        use vigil_wire::ring::{PORT_DROPPED, PORT_FORWARDED, PORT_RX_BYTES, PORT_RX_FRAMES};
+        let (mut ring, counters) = match attach_region(base, size) {
+            Ok(shared) => shared,
+            Err(code) => return code,
+        };
+        let mut filter = match make_filter() {
+            Ok(f) => f,
+            Err(code) => return code,
+        };
+        let count = devices.len().min(MAX_PORTS);
+        // SAFETY: the queues are used only here, by the single ring-3 thread.
+        let queues = unsafe { &mut *core::ptr::addr_of_mut!(QUEUES) };
+        let mut ports: heapless::Vec<(Port<'static>, u32), MAX_PORTS> = heapless::Vec::new();
+        let mut queue_pairs = queues.chunks_exact_mut(2);
+        for device in &devices[..count] {
+            let Some([rx, tx]) = queue_pairs.next() else {
+                break;
+            };
+            // SAFETY: the window comes from the boot information and is mapped for ring 3; the
+            // queues are static, identity mapped.
+            match unsafe { Port::init(device.base, rx, tx) } {
+                Ok(port) => {
+                    let _ = ports.push((port, device.tenant));
+                }
+                Err(e) => {
+                    let _ = writeln!(Com1, "fw-guest: port at {:#x}: {e:?}", device.base);
+                    return exit_code::BAD_BOOT_INFO;
+                }
+            }
+        }
+        let Some(uplink) = ports.iter().position(|(_, tenant)| *tenant == 0) else {
+            let _ = writeln!(Com1, "fw-guest: no uplink port (a port with tenant 0)");
+            return exit_code::BAD_BOOT_INFO;
+        };
+        let _ = writeln!(
+            Com1,
+            "fw-guest: switch up: {} ports, uplink {uplink}, tsc {tsc_khz} kHz",
+            ports.len()
+        );
+        // Which tenant port a MAC address was last seen on (a learning switch's table).
+        let mut learned: heapless::FnvIndexMap<[u8; 6], u8, 64> = heapless::FnvIndexMap::new();
+        let mut frame = [0u8; BUF_SIZE];
+        let mut forwarded = [0u64; MAX_PORTS];
+        let mut dropped = [0u64; MAX_PORTS];
+        let mut published = u64::MAX;
+        let mut rounds = 0u64;
+        loop {
+            let now = now_ns(tsc_khz);
+            if filter.drain_ring(&mut ring, now).is_err() {
+                let _ = writeln!(Com1, "fw-guest: the verdict ring is corrupt; stopping");
+                return exit_code::BAD_BOOT_INFO;
+            }
+            for i in 0..ports.len() {
+                while let Some(received) = ports[i].0.recv() {
+                    let len = received.len();
+                    frame[..len].copy_from_slice(received);
+                    let bytes = &frame[..len];
+                    let dst: [u8; 6] = bytes
+                        .get(..6)
+                        .and_then(|b| b.try_into().ok())
+                        .unwrap_or([0; 6]);
+                    if i != uplink {
+                        if let Some(src) =
+                            bytes.get(6..12).and_then(|b| <[u8; 6]>::try_from(b).ok())
+                        {
+                            if src[0] & 1 == 0 {
+                                let _ = learned.insert(src, i as u8);
+                            }
+                        }
+                    }
+                    // Where it goes: a tenant's frame out the uplink unless its destination is
+                    // another tenant port; an uplink frame to the tenant port that owns the
+                    // destination MAC, or to every tenant port when unknown or broadcast.
+                    let target = learned.get(&dst).map(|&p| p as usize).filter(|&p| p != i);
+                    for j in 0..ports.len() {
+                        let goes = match target {
+                            Some(t) => j == t,
+                            None if i == uplink => j != uplink,
+                            None => j == uplink,
+                        };
+                        if !goes {
+                            continue;
+                        }
+                        // Leaving tenant i (egress), then reaching tenant j (ingress).
+                        let mut decision = Decision::Forward;
+                        if i != uplink {
+                            decision = filter.process(ports[i].1, Direction::Egress, bytes, now);
+                        }
+                        if decision == Decision::Forward && j != uplink {
+                            decision = filter.process(ports[j].1, Direction::Ingress, bytes, now);
+                        }
+                        if decision == Decision::Forward && ports[j].0.send(bytes) {
+                            forwarded[i] += 1;
+                        } else {
+                            dropped[i] += 1;
+                        }
+                    }
+                }
+                ports[i].0.recycle();
+            }
+            for (port, _) in ports.iter_mut() {
+                port.flush();
+            }
+            rounds += 1;
+            let total: u64 = forwarded.iter().chain(dropped.iter()).sum();
+            if total != published || rounds.is_multiple_of(4096) {
+                published = total;
+                let c = *filter.counters();
+                c.publish(&counters, filter.conntrack().used() as u64);
+                for (i, (port, _)) in ports.iter().enumerate() {
+                    counters.set_port(i, PORT_RX_FRAMES, port.rx_frames);
+                    counters.set_port(i, PORT_RX_BYTES, port.rx_bytes);
+                    counters.set_port(i, PORT_FORWARDED, forwarded[i]);
+                    counters.set_port(i, PORT_DROPPED, dropped[i]);
+                }
+                filter.sweep(now, 64);
+            }
         }
     }
 

@@ -190,6 +190,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    vmm::vm::stop_on_signals();
     let outcome = match vm.run(timeout.map(Duration::from_secs)) {
         Ok(outcome) => outcome,
         Err(e) => {
@@ -202,7 +203,11 @@ fn main() -> ExitCode {
         serde_json::json!({ "event": "vm_stopped", "outcome": outcome })
     );
     match outcome.stop {
-        StopReason::Poweroff | StopReason::Reset | StopReason::ExitCode(0) => ExitCode::SUCCESS,
+        // Requested: stopped by SIGTERM/SIGINT, as the operator asked.
+        StopReason::Poweroff
+        | StopReason::Reset
+        | StopReason::ExitCode(0)
+        | StopReason::Requested => ExitCode::SUCCESS,
         StopReason::Crashed(why) => {
             eprintln!("vigil: VM {} stopped: {why}", outcome.name);
             ExitCode::from(1)

@@ -557,6 +557,12 @@ impl Vm {
                         ));
                     }
                 }
+                // The micro-VM keeps time with the TSC (conntrack timeouts, verdict lifetimes).
+                if matches!(config.payload, Payload::MicroVm { .. }) {
+                    if let Ok(khz) = vcpu_fd.get_tsc_khz() {
+                        cmdline.push_str(&format!(" tsc_khz={khz}"));
+                    }
+                }
                 // Linux learns its interrupt controllers and devices from ACPI; the micro-VM
                 // needs neither (it polls).
                 let rsdp = match config.payload {
@@ -664,23 +670,27 @@ impl Vm {
             let (lock, cvar) = &*first_reason;
             let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
             while slot.is_none() {
-                match timeout {
-                    Some(limit) => {
-                        let left = limit.saturating_sub(started.elapsed());
-                        if left.is_zero() {
-                            *slot = Some(StopReason::Crashed(format!(
-                                "timed out after {} s",
-                                limit.as_secs()
-                            )));
-                            break;
-                        }
-                        slot = cvar
-                            .wait_timeout(slot, left)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                    }
-                    None => slot = cvar.wait(slot).unwrap_or_else(|p| p.into_inner()),
+                // SIGTERM/SIGINT (see `stop_on_signals`) stop the VM cleanly.
+                if STOP_SIGNALLED.load(Ordering::Acquire) {
+                    *slot = Some(StopReason::Requested);
+                    break;
                 }
+                let mut wait = SIGNAL_POLL;
+                if let Some(limit) = timeout {
+                    let left = limit.saturating_sub(started.elapsed());
+                    if left.is_zero() {
+                        *slot = Some(StopReason::Crashed(format!(
+                            "timed out after {} s",
+                            limit.as_secs()
+                        )));
+                        break;
+                    }
+                    wait = wait.min(left);
+                }
+                slot = cvar
+                    .wait_timeout(slot, wait)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
             }
         }
         stop.store(true, Ordering::Release);
@@ -745,6 +755,24 @@ impl Vm {
                 .as_ref()
                 .and_then(VerdictRegion::counters),
         })
+    }
+}
+
+/// Set by SIGTERM or SIGINT once [`stop_on_signals`] is installed: running VMs stop as if asked to
+/// (`StopReason::Requested`), and report their outcome.
+static STOP_SIGNALLED: AtomicBool = AtomicBool::new(false);
+/// How often a waiting `Vm::run` looks at [`STOP_SIGNALLED`].
+const SIGNAL_POLL: Duration = Duration::from_millis(50);
+
+/// Makes SIGTERM and SIGINT stop running VMs cleanly instead of killing the VMM.
+pub fn stop_on_signals() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only an atomic store: async-signal-safe.
+        STOP_SIGNALLED.store(true, Ordering::Release);
+    }
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { libc::signal(signal, on_signal as *const () as libc::sighandler_t) };
     }
 }
 

@@ -1,0 +1,336 @@
+//! A polling virtio-net driver over virtio-mmio (virtio 1.2 §4.2, split virtqueues §2.7), for the
+//! micro-VM's switch ports. No interrupts: the packet loop polls the used rings (no exit), and a
+//! queue notification (one MMIO write, one exit) is made once per batch.
+//!
+//! Memory is identity-mapped in the micro-VM, so the addresses of the queues and buffers given to
+//! the device are their virtual addresses. Everything the device writes (used ring entries,
+//! lengths) is checked before use: a device that lies cannot make the driver read or write out
+//! of its buffers.
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+use core::sync::atomic::{fence, Ordering};
+
+/// Entries per queue (the VMM's device offers 256).
+pub const QUEUE_SIZE: usize = 256;
+/// Bytes per buffer: the 12-byte header and a 1514-byte frame (plus a VLAN tag) fit.
+pub const BUF_SIZE: usize = 2048;
+/// `struct virtio_net_hdr_v1` with no offloads (§5.1.6).
+pub const NET_HDR_LEN: usize = 12;
+
+mod reg {
+    pub const MAGIC: usize = 0x000;
+    pub const VERSION: usize = 0x004;
+    pub const DEVICE_ID: usize = 0x008;
+    pub const DEVICE_FEATURES: usize = 0x010;
+    pub const DEVICE_FEATURES_SEL: usize = 0x014;
+    pub const DRIVER_FEATURES: usize = 0x020;
+    pub const DRIVER_FEATURES_SEL: usize = 0x024;
+    pub const QUEUE_SEL: usize = 0x030;
+    pub const QUEUE_NUM_MAX: usize = 0x034;
+    pub const QUEUE_NUM: usize = 0x038;
+    pub const QUEUE_READY: usize = 0x044;
+    pub const QUEUE_NOTIFY: usize = 0x050;
+    pub const STATUS: usize = 0x070;
+    pub const QUEUE_DESC_LOW: usize = 0x080;
+    pub const QUEUE_DESC_HIGH: usize = 0x084;
+    pub const QUEUE_DRIVER_LOW: usize = 0x090;
+    pub const QUEUE_DRIVER_HIGH: usize = 0x094;
+    pub const QUEUE_DEVICE_LOW: usize = 0x0a0;
+    pub const QUEUE_DEVICE_HIGH: usize = 0x0a4;
+}
+
+const MAGIC: u32 = 0x7472_6976; // "virt"
+const DEVICE_ID_NET: u32 = 1;
+const STATUS_ACKNOWLEDGE: u32 = 1;
+const STATUS_DRIVER: u32 = 2;
+const STATUS_DRIVER_OK: u32 = 4;
+const STATUS_FEATURES_OK: u32 = 8;
+/// VIRTIO_F_VERSION_1 is feature bit 32: bit 0 of the second feature word.
+const F_VERSION_1_HIGH: u32 = 1;
+const DESC_F_WRITE: u16 = 2;
+/// VRING_AVAIL_F_NO_INTERRUPT: we poll.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+const RX: u32 = 0;
+const TX: u32 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitError {
+    NotVirtio,
+    NotNet(u32),
+    FeaturesRejected,
+    QueueTooSmall(u32),
+}
+
+#[repr(C, align(16))]
+#[derive(Clone, Copy)]
+struct Desc {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
+}
+
+#[repr(C, align(2))]
+struct Avail {
+    flags: u16,
+    idx: u16,
+    ring: [u16; QUEUE_SIZE],
+    used_event: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UsedElem {
+    id: u32,
+    len: u32,
+}
+
+#[repr(C, align(4))]
+struct Used {
+    flags: u16,
+    idx: u16,
+    ring: [UsedElem; QUEUE_SIZE],
+    avail_event: u16,
+}
+
+/// One split virtqueue and its buffers (descriptor `i` always points at buffer `i`).
+#[repr(C, align(4096))]
+pub struct Queue {
+    desc: [Desc; QUEUE_SIZE],
+    avail: Avail,
+    used: Used,
+    bufs: [[u8; BUF_SIZE]; QUEUE_SIZE],
+    /// Next avail slot we fill (free running).
+    avail_idx: u16,
+    /// Next used entry we consume (free running).
+    used_idx: u16,
+    /// TX only: descriptors handed to the device and not yet returned.
+    in_flight: u16,
+}
+
+/// All-zero is a valid initial queue: statics of this type live in .bss.
+impl Queue {
+    pub const ZERO: Queue = Queue {
+        desc: [Desc {
+            addr: 0,
+            len: 0,
+            flags: 0,
+            next: 0,
+        }; QUEUE_SIZE],
+        avail: Avail {
+            flags: 0,
+            idx: 0,
+            ring: [0; QUEUE_SIZE],
+            used_event: 0,
+        },
+        used: Used {
+            flags: 0,
+            idx: 0,
+            ring: [UsedElem { id: 0, len: 0 }; QUEUE_SIZE],
+            avail_event: 0,
+        },
+        bufs: [[0; BUF_SIZE]; QUEUE_SIZE],
+        avail_idx: 0,
+        used_idx: 0,
+        in_flight: 0,
+    };
+}
+
+/// One port: a virtio-net device and its two queues.
+pub struct Port<'a> {
+    base: usize,
+    rx: &'a mut Queue,
+    tx: &'a mut Queue,
+    /// Received frames waiting to be re-posted (their descriptor ids), in used order.
+    rx_done: u16,
+    tx_pending: bool,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    /// Frames dropped because the transmit queue was full.
+    pub tx_full: u64,
+}
+
+impl<'a> Port<'a> {
+    fn read(&self, offset: usize) -> u32 {
+        // SAFETY: `base` is the device's register window (from the boot information, mapped for
+        // ring 3); registers are 32-bit and aligned.
+        unsafe { read_volatile((self.base + offset) as *const u32) }
+    }
+
+    fn write(&self, offset: usize, value: u32) {
+        // SAFETY: as in `read`.
+        unsafe { write_volatile((self.base + offset) as *mut u32, value) }
+    }
+
+    /// Initializes the device at `base` (§3.1.1) and fills its receive queue.
+    ///
+    /// # Safety
+    /// `base` must be a mapped virtio-mmio register window, and the queues must be identity
+    /// mapped (their addresses are handed to the device as guest-physical addresses).
+    pub unsafe fn init(base: u64, rx: &'a mut Queue, tx: &'a mut Queue) -> Result<Self, InitError> {
+        let port = Port {
+            base: base as usize,
+            rx,
+            tx,
+            rx_done: 0,
+            tx_pending: false,
+            rx_frames: 0,
+            rx_bytes: 0,
+            tx_frames: 0,
+            tx_full: 0,
+        };
+        if port.read(reg::MAGIC) != MAGIC || port.read(reg::VERSION) != 2 {
+            return Err(InitError::NotVirtio);
+        }
+        let id = port.read(reg::DEVICE_ID);
+        if id != DEVICE_ID_NET {
+            return Err(InitError::NotNet(id));
+        }
+        port.write(reg::STATUS, 0);
+        port.write(reg::STATUS, STATUS_ACKNOWLEDGE);
+        port.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        // Only VERSION_1: no offloads (frames are whole), no MAC needed (a switch port).
+        port.write(reg::DEVICE_FEATURES_SEL, 1);
+        if port.read(reg::DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
+            return Err(InitError::FeaturesRejected);
+        }
+        port.write(reg::DRIVER_FEATURES_SEL, 0);
+        port.write(reg::DRIVER_FEATURES, 0);
+        port.write(reg::DRIVER_FEATURES_SEL, 1);
+        port.write(reg::DRIVER_FEATURES, F_VERSION_1_HIGH);
+        let status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
+        port.write(reg::STATUS, status);
+        if port.read(reg::STATUS) & STATUS_FEATURES_OK == 0 {
+            return Err(InitError::FeaturesRejected);
+        }
+        for q in [RX, TX] {
+            port.write(reg::QUEUE_SEL, q);
+            let max = port.read(reg::QUEUE_NUM_MAX);
+            if (max as usize) < QUEUE_SIZE {
+                return Err(InitError::QueueTooSmall(max));
+            }
+            port.write(reg::QUEUE_NUM, QUEUE_SIZE as u32);
+            let queue: &mut Queue = if q == RX { port.rx } else { port.tx };
+            *queue = Queue::ZERO;
+            queue.avail.flags = AVAIL_F_NO_INTERRUPT;
+            let desc = addr_of!(queue.desc) as u64;
+            let avail = addr_of!(queue.avail) as u64;
+            let used = addr_of!(queue.used) as u64;
+            for (i, d) in queue.desc.iter_mut().enumerate() {
+                d.addr = addr_of!(queue.bufs[i]) as u64;
+                d.len = BUF_SIZE as u32;
+                d.flags = if q == RX { DESC_F_WRITE } else { 0 };
+            }
+            port.write(reg::QUEUE_DESC_LOW, desc as u32);
+            port.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+            port.write(reg::QUEUE_DRIVER_LOW, avail as u32);
+            port.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+            port.write(reg::QUEUE_DEVICE_LOW, used as u32);
+            port.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+            port.write(reg::QUEUE_READY, 1);
+        }
+        // Every receive buffer to the device.
+        for i in 0..QUEUE_SIZE {
+            port.rx.avail.ring[i] = i as u16;
+        }
+        port.rx.avail_idx = QUEUE_SIZE as u16;
+        fence(Ordering::Release);
+        // SAFETY: the avail ring is shared with the device; written with a volatile store.
+        unsafe { write_volatile(addr_of_mut!(port.rx.avail.idx), port.rx.avail_idx) };
+        port.write(reg::STATUS, status | STATUS_DRIVER_OK);
+        port.write(reg::QUEUE_NOTIFY, RX);
+        Ok(port)
+    }
+
+    /// The next received frame (without the virtio header), or None. Call [`Port::recycle`]
+    /// when done with the frames of a batch.
+    pub fn recv(&mut self) -> Option<&[u8]> {
+        // SAFETY: the used ring is written by the device; read with volatile loads.
+        let device_idx = unsafe { read_volatile(addr_of!(self.rx.used.idx)) };
+        if device_idx == self.rx.used_idx {
+            return None;
+        }
+        fence(Ordering::Acquire);
+        let slot = self.rx.used_idx as usize % QUEUE_SIZE;
+        // SAFETY: as above.
+        let elem = unsafe { read_volatile(addr_of!(self.rx.used.ring[slot])) };
+        self.rx.used_idx = self.rx.used_idx.wrapping_add(1);
+        // Re-post the descriptor at once (its buffer is read before the next recv call): the
+        // device only sees it after `recycle` publishes the avail index.
+        let id = (elem.id as usize) % QUEUE_SIZE;
+        let avail_slot = self.rx.avail_idx as usize % QUEUE_SIZE;
+        self.rx.avail.ring[avail_slot] = id as u16;
+        self.rx.avail_idx = self.rx.avail_idx.wrapping_add(1);
+        self.rx_done += 1;
+        let len = (elem.len as usize).min(BUF_SIZE);
+        if len < NET_HDR_LEN {
+            return Some(&[]);
+        }
+        self.rx_frames += 1;
+        self.rx_bytes += (len - NET_HDR_LEN) as u64;
+        Some(&self.rx.bufs[id][NET_HDR_LEN..len])
+    }
+
+    /// Gives the buffers of received frames back to the device.
+    pub fn recycle(&mut self) {
+        if self.rx_done == 0 {
+            return;
+        }
+        self.rx_done = 0;
+        fence(Ordering::Release);
+        // SAFETY: the avail ring is shared with the device.
+        unsafe { write_volatile(addr_of_mut!(self.rx.avail.idx), self.rx.avail_idx) };
+        self.write(reg::QUEUE_NOTIFY, RX);
+    }
+
+    /// Takes back transmit descriptors the device has finished with.
+    fn reclaim_tx(&mut self) {
+        // SAFETY: device-written index, volatile read.
+        let device_idx = unsafe { read_volatile(addr_of!(self.tx.used.idx)) };
+        let done = device_idx
+            .wrapping_sub(self.tx.used_idx)
+            .min(self.tx.in_flight);
+        self.tx.used_idx = self.tx.used_idx.wrapping_add(done);
+        self.tx.in_flight -= done;
+    }
+
+    /// Queues one frame for transmission (sent at the next [`Port::flush`]). Descriptors are used
+    /// in order, so the next free one is `avail_idx mod QUEUE_SIZE` whenever fewer than
+    /// QUEUE_SIZE are in flight.
+    pub fn send(&mut self, frame: &[u8]) -> bool {
+        if self.tx.in_flight as usize == QUEUE_SIZE {
+            self.reclaim_tx();
+            if self.tx.in_flight as usize == QUEUE_SIZE {
+                self.tx_full += 1;
+                return false;
+            }
+        }
+        let len = frame.len().min(BUF_SIZE - NET_HDR_LEN);
+        let id = self.tx.avail_idx as usize % QUEUE_SIZE;
+        let buf = &mut self.tx.bufs[id];
+        buf[..NET_HDR_LEN].fill(0);
+        buf[NET_HDR_LEN..NET_HDR_LEN + len].copy_from_slice(&frame[..len]);
+        self.tx.desc[id].len = (NET_HDR_LEN + len) as u32;
+        self.tx.avail.ring[id] = id as u16;
+        self.tx.avail_idx = self.tx.avail_idx.wrapping_add(1);
+        self.tx.in_flight += 1;
+        self.tx_frames += 1;
+        self.tx_pending = true;
+        true
+    }
+
+    /// Publishes queued frames to the device (one notification).
+    pub fn flush(&mut self) {
+        if !self.tx_pending {
+            self.reclaim_tx();
+            return;
+        }
+        self.tx_pending = false;
+        fence(Ordering::Release);
+        // SAFETY: the avail ring is shared with the device.
+        unsafe { write_volatile(addr_of_mut!(self.tx.avail.idx), self.tx.avail_idx) };
+        self.write(reg::QUEUE_NOTIFY, TX);
+        self.reclaim_tx();
+    }
+}
