@@ -28,6 +28,7 @@ mod guest {
 
     use vigil_wire::boot::{
         cmdline_role, exit_code, memmap_ram_top, BootInfo, BootInfoError, MmioDevice, Role,
+        IDLE_MMIO_ADDR,
     };
 
     use crate::arch::{self, serial::Com1, BootCapture};
@@ -259,6 +260,9 @@ mod guest {
     }
 
     const MAX_PORTS: usize = 4;
+    /// Empty polling rounds before the loop yields the CPU, and for how long (µs).
+    const IDLE_ROUNDS: u32 = 2000;
+    const IDLE_US: u32 = 200;
     /// Each port's receive and transmit queue with their buffers (all-zero: .bss).
     static mut QUEUES: [Queue; 2 * MAX_PORTS] = [Queue::ZERO; 2 * MAX_PORTS];
 
@@ -323,6 +327,7 @@ mod guest {
         let mut dropped = [0u64; MAX_PORTS];
         let mut published = u64::MAX;
         let mut rounds = 0u64;
+        let mut idle_rounds = 0u32;
         loop {
             let now = now_ns(tsc_khz);
             if filter.drain_ring(&mut ring, now).is_err() {
@@ -382,6 +387,17 @@ mod guest {
             }
             rounds += 1;
             let total: u64 = forwarded.iter().chain(dropped.iter()).sum();
+            if total == published {
+                idle_rounds += 1;
+                if idle_rounds >= IDLE_ROUNDS {
+                    // Nothing for a while: let the VMM take the vCPU off the CPU briefly.
+                    // SAFETY: a 32-bit MMIO write to the VMM's idle address (mapped for ring 3
+                    // with the rest of the device range); it has no effect on memory.
+                    unsafe { core::ptr::write_volatile(IDLE_MMIO_ADDR as *mut u32, IDLE_US) };
+                }
+            } else {
+                idle_rounds = 0;
+            }
             if total != published || rounds.is_multiple_of(4096) {
                 published = total;
                 let c = *filter.counters();

@@ -41,6 +41,13 @@ pub const HVM_MEMMAP_TYPE_RAM: u32 = 1;
 /// process exit status is then `code << 1 | 1`).
 pub const EXIT_PORT: u16 = 0xf4;
 
+/// Guest-physical address the micro-VM writes (32 bits) when its packet loop has found nothing to
+/// do for a while: the number of microseconds (at most [`IDLE_MAX_US`]) the VMM may keep its vCPU
+/// off the CPU. A polling loop then costs a busy core only while there is traffic. The address
+/// is outside RAM and every device window (an MMIO exit straight to the VMM, no ring-0 work).
+pub const IDLE_MMIO_ADDR: u64 = 0xd0ff_f000;
+pub const IDLE_MAX_US: u32 = 1000;
+
 /// Exit codes the micro-VM writes to [`EXIT_PORT`].
 pub mod exit_code {
     /// Ran to completion.

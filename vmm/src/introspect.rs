@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::io::Write;
 use std::net::IpAddr;
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
@@ -28,6 +28,7 @@ use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr,
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::guest_ram::GuestRam;
+use crate::verdict_region::VerdictRegion;
 use crate::write_trap::{GuardedPage, PAGE_SIZE};
 
 const INT3: u8 = 0xcc;
@@ -223,6 +224,9 @@ pub struct Introspection {
     pub bare: Vec<SocketOp>,
     events: SyncSender<LogEntry>,
     verdicts: Mutex<VerdictOutbox>,
+    /// The switch-tier micro-VM's verdict ring, once the tenant is plugged into one: allowed
+    /// calls' verdicts go there before the vCPU resumes.
+    switch: OnceLock<Arc<VerdictRegion>>,
 }
 
 /// A stable tenant id from a VM name (FNV-1a, 32 bits): the same VM gets the same id on every
@@ -332,6 +336,7 @@ impl Introspection {
             soft_placed: OnceLock::new(),
             bare,
             events,
+            switch: OnceLock::new(),
             verdicts: Mutex::new(VerdictOutbox {
                 next_seq: 1,
                 pending: VecDeque::new(),
@@ -438,6 +443,11 @@ impl Introspection {
         }
     }
 
+    /// Plugs the tenant into a switch-tier micro-VM: its verdicts go to that ring from now on.
+    pub fn connect_switch(&self, region: Arc<VerdictRegion>) {
+        let _ = self.switch.set(region);
+    }
+
     /// Verdict records not yet taken by a tier, oldest first, and how many were dropped because
     /// nobody took them.
     pub fn take_verdicts(&self) -> (Vec<[u8; RECORD_LEN]>, u64) {
@@ -464,11 +474,20 @@ impl Introspection {
                 rule,
             }
             .to_bytes();
-            if outbox.pending.len() == PENDING_VERDICTS {
-                outbox.pending.pop_front();
-                outbox.overflowed += 1;
+            // Straight into the switch's ring when there is one (the micro-VM drains it before
+            // it reads the next frames, so the flow's first packet finds its verdict); kept for a
+            // tier that asks later otherwise, or when the ring is full.
+            let delivered = self
+                .switch
+                .get()
+                .is_some_and(|ring| ring.push(&[record]).is_ok());
+            if !delivered {
+                if outbox.pending.len() == PENDING_VERDICTS {
+                    outbox.pending.pop_front();
+                    outbox.overflowed += 1;
+                }
+                outbox.pending.push_back(record);
             }
-            outbox.pending.push_back(record);
             (seq, record)
         };
         let _ = self.events.send(LogEntry::Verdict(VerdictEvent {

@@ -9,7 +9,7 @@ use vigil_wire::boot::Role;
 use vmm::host::HostKind;
 use vmm::vcpu::StopReason;
 use vmm::verdict_region::parse_verdict_lines;
-use vmm::vm::{ConsoleConfig, Payload, Vm, VmConfig};
+use vmm::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig};
 
 #[derive(Parser)]
 #[command(
@@ -86,12 +86,33 @@ enum Command {
         /// Time the first console line containing this text (repeatable); reported in vm_stopped.
         #[arg(long)]
         marker: Vec<String>,
+        /// Plug the tenant into a switch-tier firewall micro-VM booted from this fw-guest ELF:
+        /// its NIC becomes a port of the switch, which forwards to --uplink only what the
+        /// tenant's verdicts opened.
+        #[arg(long, requires = "uplink")]
+        switch: Option<PathBuf>,
+        /// The switch's uplink (the way out of the host): tap=NAME[,netns=NS].
+        #[arg(long, requires = "switch")]
+        uplink: Option<vmm::net_config::NetConfig>,
     },
+}
+
+/// The switch-tier micro-VM a tenant is plugged into (`run-tenant --switch`).
+struct SwitchPlan {
+    config: VmConfig,
+}
+
+fn print_outcome(outcome: &vmm::vm::VmOutcome) {
+    println!(
+        "{}",
+        serde_json::json!({ "event": "vm_stopped", "outcome": outcome })
+    );
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let host = HostKind::detect();
+    let mut switch_plan: Option<SwitchPlan> = None;
     let (config, timeout) = match cli.command {
         Command::HostInfo => {
             println!(
@@ -142,6 +163,7 @@ fn main() -> ExitCode {
                 },
                 nets: net,
                 policy: None,
+                links: Vec::new(),
                 console: ConsoleConfig {
                     log: console_log,
                     stdout: true,
@@ -161,28 +183,81 @@ fn main() -> ExitCode {
             console_log,
             timeout,
             marker,
-        } => (
-            VmConfig {
-                name: "tenant".into(),
-                mem_mib: mem,
-                vcpus,
-                payload: Payload::Linux {
-                    kernel,
-                    initramfs,
-                    cmdline,
+            switch,
+            uplink,
+        } => {
+            let mut links = Vec::new();
+            if let (Some(elf), Some(uplink)) = (switch, uplink) {
+                let tenant = vmm::introspect::tenant_id("tenant");
+                let (tenant_end, port_end) =
+                    match LinkConfig::pair(tenant, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]) {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            eprintln!("vigil: error: cannot make the switch link: {e}");
+                            return ExitCode::from(2);
+                        }
+                    };
+                links.push(tenant_end);
+                switch_plan = Some(SwitchPlan {
+                    config: VmConfig {
+                        name: "fw".into(),
+                        mem_mib: 32,
+                        vcpus: 1,
+                        payload: Payload::MicroVm {
+                            elf,
+                            role: Role::Switch,
+                            verdicts: Vec::new(),
+                        },
+                        nets: vec![vmm::net_config::NetConfig {
+                            tenant: 0,
+                            ..uplink
+                        }],
+                        policy: None,
+                        links: vec![port_end],
+                        console: ConsoleConfig {
+                            log: None,
+                            stdout: true,
+                            markers: Vec::new(),
+                        },
+                    },
+                });
+            }
+            (
+                VmConfig {
+                    name: "tenant".into(),
+                    mem_mib: mem,
+                    vcpus,
+                    payload: Payload::Linux {
+                        kernel,
+                        initramfs,
+                        cmdline,
+                    },
+                    nets: net,
+                    policy,
+                    links,
+                    console: ConsoleConfig {
+                        log: console_log,
+                        stdout: true,
+                        markers: marker.clone(),
+                    },
                 },
-                nets: net,
-                policy,
-                console: ConsoleConfig {
-                    log: console_log,
-                    stdout: true,
-                    markers: marker.clone(),
-                },
-            },
-            timeout,
-        ),
+                timeout,
+            )
+        }
     };
     eprintln!("vigil: host KVM is {host}; guest profile for this host in force");
+    vmm::vm::stop_on_signals();
+    // The switch first: the tenant's verdicts need its ring, the tenant's NIC its port.
+    let switch = match switch_plan {
+        Some(plan) => match Vm::create(&plan.config, host) {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                eprintln!("vigil: error: switch micro-VM: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
     let vm = match Vm::create(&config, host) {
         Ok(vm) => vm,
         Err(e) => {
@@ -190,18 +265,31 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    vmm::vm::stop_on_signals();
-    let outcome = match vm.run(timeout.map(Duration::from_secs)) {
+    let switch = switch.map(|fw| {
+        if let (Some(introspection), Some(ring)) = (vm.introspection(), fw.verdict_region()) {
+            introspection.connect_switch(ring);
+        }
+        let stop = fw.stop_handle();
+        (stop, std::thread::spawn(move || fw.run(None)))
+    });
+    let outcome = vm.run(timeout.map(Duration::from_secs));
+    if let Some((stop, handle)) = switch {
+        // The tenant is gone: so is the switch that served it.
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        match handle.join() {
+            Ok(Ok(fw)) => print_outcome(&fw),
+            Ok(Err(e)) => eprintln!("vigil: switch micro-VM: {e}"),
+            Err(_) => eprintln!("vigil: the switch micro-VM's thread panicked"),
+        }
+    }
+    let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {
             eprintln!("vigil: error: {e}");
             return ExitCode::from(2);
         }
     };
-    println!(
-        "{}",
-        serde_json::json!({ "event": "vm_stopped", "outcome": outcome })
-    );
+    print_outcome(&outcome);
     match outcome.stop {
         // Requested: stopped by SIGTERM/SIGINT, as the operator asked.
         StopReason::Poweroff

@@ -20,6 +20,8 @@ pub struct VerdictRegion {
     memory: GuestMemoryMmap,
     host: *const AtomicU64,
     pub gpa: u64,
+    /// The ring has one producer: every tenant (and vCPU) pushing to this switch takes turns.
+    producer: std::sync::Mutex<()>,
 }
 
 // SAFETY: the region is only accessed through atomics, and the mapping it points into is owned
@@ -58,6 +60,7 @@ impl VerdictRegion {
             memory: memory.clone(),
             host: host as *const AtomicU64,
             gpa,
+            producer: std::sync::Mutex::new(()),
         };
         ring::format(region.words(0, COUNTERS_OFFSET), VERDICT_RING_CAPACITY)
             .map_err(|e| format!("formatting the verdict ring: {e:?}"))?;
@@ -77,6 +80,7 @@ impl VerdictRegion {
 
     /// Pushes verdict records into the ring (in order).
     pub fn push(&self, records: &[[u8; RECORD_LEN]]) -> Result<(), RingError> {
+        let _turn = self.producer.lock().unwrap_or_else(|p| p.into_inner());
         let mut producer = Producer::attach(self.words(0, COUNTERS_OFFSET))?;
         for record in records {
             producer.push(record)?;

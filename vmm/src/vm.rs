@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -23,7 +24,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError, BootModule};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::net::Net;
+use crate::devices::virtio::net::{FrameLink, Net};
 use crate::devices::{MmioDevice, MmioDeviceInfo};
 use crate::host::HostKind;
 use crate::layout::*;
@@ -120,6 +121,54 @@ pub struct VmConfig {
     /// The tenant's application policy (JSON, see `trap_handler::policy`). With one, the guest
     /// kernel's socket hooks are trapped and every connect/bind/listen is decided by it.
     pub policy: Option<PathBuf>,
+    /// Network interfaces backed by an in-process link instead of a TAP (a tenant's NIC and
+    /// the switch port it is plugged into), after `nets` in guest order.
+    pub links: Vec<LinkConfig>,
+}
+
+/// One end of a `socketpair(AF_UNIX, SOCK_DGRAM)` carrying Ethernet frames between two VMs of
+/// this VMM: a tenant's virtio-net and its port on the switch-tier micro-VM.
+#[derive(Clone, Debug)]
+pub struct LinkConfig {
+    pub link: Arc<std::os::unix::net::UnixDatagram>,
+    pub mac: [u8; 6],
+    /// For a switch port: the tenant behind it.
+    pub tenant: u32,
+}
+
+impl LinkConfig {
+    /// A connected pair: (the tenant's end, the switch port's end).
+    pub fn pair(tenant: u32, mac: [u8; 6]) -> std::io::Result<(LinkConfig, LinkConfig)> {
+        let (a, b) = std::os::unix::net::UnixDatagram::pair()?;
+        a.set_nonblocking(true)?;
+        b.set_nonblocking(true)?;
+        // Room for bursts: a full queue of frames in flight either way.
+        for end in [&a, &b] {
+            let size: libc::c_int = 4 << 20;
+            // SAFETY: setsockopt with a valid fd and an int option value.
+            unsafe {
+                libc::setsockopt(
+                    end.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    (&size as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+        }
+        Ok((
+            LinkConfig {
+                link: Arc::new(a),
+                mac,
+                tenant,
+            },
+            LinkConfig {
+                link: Arc::new(b),
+                mac,
+                tenant,
+            },
+        ))
+    }
 }
 
 /// How a VM run ended, with what it cost.
@@ -285,6 +334,15 @@ impl Bus {
     }
 
     pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if self.exit_port && addr == vigil_wire::boot::IDLE_MMIO_ADDR {
+            // The micro-VM has nothing to do: keep its vCPU off the CPU for a bounded while.
+            let mut value = [0u8; 4];
+            let n = data.len().min(4);
+            value[..n].copy_from_slice(&data[..n]);
+            let us = u32::from_le_bytes(value).min(vigil_wire::boot::IDLE_MAX_US);
+            std::thread::sleep(Duration::from_micros(u64::from(us)));
+            return;
+        }
         if let Some(slot) = self.mmio_slot(addr) {
             if let Ok(mut device) = slot.device.lock() {
                 device.mmio_write(addr - slot.base, data);
@@ -306,7 +364,9 @@ pub struct Vm {
     created: Instant,
     introspection: Option<Arc<crate::introspect::Introspection>>,
     /// The micro-VM's verdict ring and counters.
-    verdict_region: Option<VerdictRegion>,
+    verdict_region: Option<Arc<VerdictRegion>>,
+    /// Set to stop the VM from outside (another VM's thread, the API).
+    stop: Arc<AtomicBool>,
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -432,33 +492,45 @@ impl Vm {
         };
         // Network interfaces: virtio-net over virtio-mmio, one window and one GSI each, backed by
         // a TAP device (opened in the named network namespace when one is given).
-        if config.nets.len() > VIRTIO_MAX_DEVICES as usize {
+        if config.nets.len() + config.links.len() > VIRTIO_MAX_DEVICES as usize {
             return Err(VmError::Device(format!(
                 "{} network interfaces asked for; at most {VIRTIO_MAX_DEVICES}",
-                config.nets.len()
+                config.nets.len() + config.links.len()
             )));
         }
         let mut mmio = Vec::new();
         let mut mmio_infos = Vec::new();
+        // TAP-backed interfaces first, then in-process links; each with its port's tenant.
+        let mut backends: Vec<(Box<dyn FrameLink>, [u8; 6], u32)> = Vec::new();
         for (index, net) in config.nets.iter().enumerate() {
+            let tap = Tap::open(&net.tap, net.netns.as_deref()).map_err(|e| {
+                VmError::Device(format!("network interface {index} (tap {}): {e}", net.tap))
+            })?;
+            backends.push((Box::new(tap), net.mac, net.tenant));
+        }
+        for (index, link) in config.links.iter().enumerate() {
+            let end = link.link.try_clone().map_err(|e| {
+                VmError::Device(format!("link {index}: cannot duplicate its socket: {e}"))
+            })?;
+            backends.push((Box::new(end), link.mac, link.tenant));
+        }
+        let mut port_tenants = Vec::new();
+        for (index, (backend, mac, tenant)) in backends.into_iter().enumerate() {
             let (base, size) = virtio_mmio_window(index as u32);
             let info = MmioDeviceInfo {
                 base,
                 size,
                 gsi: VIRTIO_FIRST_GSI + index as u32,
             };
-            let tap = Tap::open(&net.tap, net.netns.as_deref()).map_err(|e| {
-                VmError::Device(format!("network interface {index} (tap {}): {e}", net.tap))
-            })?;
-            let transport =
-                MmioTransport::new(memory.clone(), Box::new(Net::new(Box::new(tap), net.mac)))
-                    .map_err(|e| VmError::Device(format!("network interface {index}: {e}")))?;
+            let transport = MmioTransport::new(memory.clone(), Box::new(Net::new(backend, mac)))
+                .map_err(|e| VmError::Device(format!("network interface {index}: {e}")))?;
             transport
                 .register_with_kvm(&fd, &info)
                 .map_err(|e| VmError::Device(format!("network interface {index}: {e}")))?;
             let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));
             mmio.push(MmioSlot { base, size, device });
             mmio_infos.push(info);
+            port_tenants.push(tenant);
         }
         let bus = Arc::new(Bus {
             serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), console)),
@@ -481,7 +553,7 @@ impl Vm {
                 region
                     .push(verdicts)
                     .map_err(|e| VmError::Device(format!("verdict ring: {e:?}")))?;
-                Some(region)
+                Some(Arc::new(region))
             }
             Payload::Linux { .. } => None,
         };
@@ -489,12 +561,12 @@ impl Vm {
             Payload::MicroVm { role, .. } => {
                 let mut info = vigil_wire::boot::BootInfo::new(*role, mem_size);
                 // The switch ports, in order: the micro-VM finds them here (it has no ACPI).
-                for (device, net) in mmio_infos.iter().zip(&config.nets) {
+                for (device, &tenant) in mmio_infos.iter().zip(&port_tenants) {
                     info.push_device(vigil_wire::boot::MmioDevice {
                         base: device.base,
                         size: device.size,
                         irq: device.gsi,
-                        tenant: net.tenant,
+                        tenant,
                     })
                     .map_err(|e| VmError::Device(format!("boot information: {e:?}")))?;
                 }
@@ -591,6 +663,7 @@ impl Vm {
         Ok(Vm {
             introspection,
             verdict_region,
+            stop: Arc::new(AtomicBool::new(false)),
             name: config.name.clone(),
             host,
             _kvm: kvm,
@@ -604,6 +677,21 @@ impl Vm {
 
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Stops the VM when set (its `run` returns with `StopReason::Requested`).
+    pub fn stop_handle(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// A firewall micro-VM's verdict ring and counters.
+    pub fn verdict_region(&self) -> Option<Arc<VerdictRegion>> {
+        self.verdict_region.clone()
+    }
+
+    /// A tenant's introspection (hooks, policy, event log), if it runs under a policy.
+    pub fn introspection(&self) -> Option<Arc<crate::introspect::Introspection>> {
+        self.introspection.clone()
     }
 
     pub fn vm_fd(&self) -> &Arc<VmFd> {
@@ -627,7 +715,7 @@ impl Vm {
     /// that fails stops its VM, never the process.
     pub fn run(self, timeout: Option<Duration>) -> Result<VmOutcome, VmError> {
         let started = self.created;
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.stop.clone();
         let first_reason: Arc<(Mutex<Option<StopReason>>, Condvar)> =
             Arc::new((Mutex::new(None), Condvar::new()));
         install_kick_handler();
@@ -671,7 +759,7 @@ impl Vm {
             let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
             while slot.is_none() {
                 // SIGTERM/SIGINT (see `stop_on_signals`) stop the VM cleanly.
-                if STOP_SIGNALLED.load(Ordering::Acquire) {
+                if STOP_SIGNALLED.load(Ordering::Acquire) || stop.load(Ordering::Acquire) {
                     *slot = Some(StopReason::Requested);
                     break;
                 }
@@ -752,7 +840,7 @@ impl Vm {
             stats,
             firewall: self
                 .verdict_region
-                .as_ref()
+                .as_deref()
                 .and_then(VerdictRegion::counters),
         })
     }
