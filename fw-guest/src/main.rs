@@ -165,8 +165,8 @@ mod guest {
     }
 
     // The filter's tables: statics (no heap), all-zero or EMPTY at load.
-    const FLOWS: usize = 4096;
-    const VERDICTS: usize = 1024;
+    const FLOWS: usize = 65536;
+    const VERDICTS: usize = 4096;
     static mut FLOW_SLOTS: [FlowSlot; slots_for(FLOWS)] = [FlowSlot::EMPTY; slots_for(FLOWS)];
     static mut VERDICT_SLOTS: [VerdictSlot; VERDICTS] = [VerdictSlot::EMPTY; VERDICTS];
     static mut VERDICT_INDEX: [IndexSlot; 2 * VERDICTS] = [IndexSlot::EMPTY; 2 * VERDICTS];

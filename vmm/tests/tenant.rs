@@ -3,9 +3,13 @@
 //!
 //! - Foundation: Debian's unmodified cloud kernel (built into build/tenant by
 //!   `scripts/build-tenant-image`) boots with its busybox initramfs in the real VMM, with a
-//!   virtio-net interface backed by a real TAP device in a network namespace this test creates. A
-//!   TCP server runs in that namespace (the "outside"); busybox `nc` inside the guest talks to it.
-//!   The test sees the exchange on both ends.
+//!   virtio-net interface. A TCP server runs in a network namespace this test creates (the
+//!   "outside", reached through a real TAP device); busybox `nc` inside the guest talks to it. The
+//!   test sees the exchange on both ends.
+//! - Switch tier: the tenant's NIC is a port of the firewall micro-VM (fw-guest, in the same VMM),
+//!   whose uplink is that TAP. Only flows the tenant's verdicts opened pass it: the allowed connect
+//!   and sendto get through; a ping (no socket call to hook, so no verdict) dies there, and the
+//!   micro-VM's counters say why.
 //! - Introspection: the VMM traps the kernel's socket LSM hooks and attributes every
 //!   connect/bind/listen to its process from outside the guest. Two different executables connect
 //!   to the same destination (one allowed, one denied with EPERM inside the guest); binds are
@@ -23,6 +27,21 @@ use std::time::Duration;
 
 mod common;
 use common::{base64, tenant_dir};
+
+fn fw_guest_elf() -> std::path::PathBuf {
+    let path = std::env::var_os("VIGIL_FW_GUEST")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/x86_64-unknown-none/release/fw-guest")
+        });
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-fw-guest first",
+        path.display()
+    );
+    path
+}
 
 const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
@@ -160,6 +179,8 @@ fn debian_tenant_end_to_end() {
          kill $listener 2>/dev/null\n\
          echo \"VIGIL-CHECK sendto-allowed $(vigil-sendto {HOST_IP} {UDP_PORT} udp-from-tenant)\"\n\
          echo \"VIGIL-CHECK sendto-denied $(vigil-sendto {HOST_IP} 9998 must-not-leave)\"\n\
+         if ping -c 1 -W 1 {HOST_IP} >/dev/null 2>&1; then echo VIGIL-CHECK ping passed; \
+         else echo VIGIL-CHECK ping dropped; fi\n\
          echo \"VIGIL-CHECK kprobe $(vigil-kprobe security_socket_connect 2>&1) rc=$?\"\n\
          echo \"VIGIL-CHECK after-tamper $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n"
     );
@@ -178,7 +199,9 @@ fn debian_tenant_end_to_end() {
         .arg("--policy")
         .arg(&policy)
         .args(["--cmdline", &cmdline])
-        .args(["--net", &format!("tap={tap},netns={ns}")])
+        .arg("--switch")
+        .arg(fw_guest_elf())
+        .args(["--uplink", &format!("tap={tap},netns={ns}")])
         .args(["--marker", "VIGIL-INIT-START", "--timeout", "2700"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -362,14 +385,30 @@ fn debian_tenant_end_to_end() {
         "the hook still denies after the tamper attempt: {console}"
     );
 
-    // The outcome: a clean poweroff, with the VMM's completions and trap counters reported.
-    let event: serde_json::Value = serde_json::from_str(
+    // The switch: the ping found no verdict there, and the counters say so; the opened flows
+    // were forwarded.
+    let stopped = |name: &str| -> serde_json::Value {
         lines
             .iter()
-            .find(|l| l.contains("\"vm_stopped\""))
-            .expect("vm_stopped event"),
-    )
-    .unwrap();
+            .filter(|l| l.contains("\"vm_stopped\""))
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .find(|e| e["outcome"]["name"] == name)
+            .unwrap_or_else(|| panic!("no vm_stopped event of {name}:\n{console}"))
+    };
+    assert!(check("ping").ends_with("dropped"), "{console}");
+    let firewall = &stopped("fw")["outcome"]["firewall"];
+    assert!(
+        firewall["drops"]["no_verdict"].as_u64().unwrap_or(0) >= 1,
+        "the ping was dropped at the switch for want of a verdict: {firewall}"
+    );
+    assert!(
+        firewall["verdicts_applied"].as_u64().unwrap() >= 3,
+        "{firewall}"
+    );
+    assert!(firewall["forwarded"].as_u64().unwrap() >= 6, "{firewall}");
+
+    // The outcome: a clean poweroff, with the VMM's completions and trap counters reported.
+    let event = stopped("tenant");
     let outcome = &event["outcome"];
     assert_eq!(outcome["stop"]["reason"], "poweroff", "{outcome}");
     assert!(outcome["markers"]["VIGIL-INIT-START"].as_u64().is_some());
