@@ -1,24 +1,10 @@
 //! Boots the real fw-guest ELF (built by `scripts/build-fw-guest`) in the real VMM on /dev/kvm and
 //! checks its ring-3 banner; feeds the CLI bad input and checks it fails clearly.
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn fw_guest_elf() -> PathBuf {
-    let path = std::env::var_os("VIGIL_FW_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/x86_64-unknown-none/release/fw-guest"));
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/build-fw-guest first",
-        path.display()
-    );
-    path
-}
+mod common;
+use common::fw_guest_elf;
 
 fn vigil(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vigil"))

@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -14,83 +13,14 @@ use std::time::Duration;
 
 use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
 
+mod common;
+use common::{fw_guest_elf, Namespace};
+
 const TENANT: u32 = 7;
 const TENANT_IP: &str = "10.88.0.2";
 const OUTSIDE_IP: &str = "10.88.0.1";
 const OPEN_PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 8081;
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?} failed");
-}
-
-/// A network namespace with one TAP device holding one address; deleted on drop.
-struct Namespace {
-    name: String,
-}
-
-impl Namespace {
-    fn create(name: String, tap: &str, addr: &str) -> Namespace {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", &name]);
-        let ns = Namespace { name };
-        ip(&["-n", &ns.name, "tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&[
-            "-n",
-            &ns.name,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            tap,
-        ]);
-        ip(&["-n", &ns.name, "link", "set", tap, "up"]);
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// Runs `f` on a thread inside the namespace.
-    fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn fw_guest_elf() -> PathBuf {
-    let path = std::env::var_os("VIGIL_FW_GUEST")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/x86_64-unknown-none/release/fw-guest")
-        });
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/build-fw-guest first",
-        path.display()
-    );
-    path
-}
 
 fn verdict_hex(port: u16) -> String {
     let mut rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
@@ -158,8 +88,8 @@ fn start_switch(
 #[test]
 fn switch_forwards_what_a_verdict_opened_and_drops_the_rest_with_a_reason() {
     let pid = std::process::id();
-    let tenant = Namespace::create(format!("vigil-swt{pid}"), "tt0", TENANT_IP);
-    let outside = Namespace::create(format!("vigil-swo{pid}"), "to0", OUTSIDE_IP);
+    let tenant = Namespace::create(&format!("vigil-swt{pid}"), "tt0", TENANT_IP);
+    let outside = Namespace::create(&format!("vigil-swo{pid}"), "to0", OUTSIDE_IP);
     let dir = std::env::temp_dir().join(format!("vigil-switch-{pid}"));
     std::fs::create_dir_all(&dir).unwrap();
     let verdicts = dir.join("verdicts.txt");

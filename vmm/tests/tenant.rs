@@ -20,28 +20,12 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 mod common;
-use common::{base64, tenant_dir};
-
-fn fw_guest_elf() -> std::path::PathBuf {
-    let path = std::env::var_os("VIGIL_FW_GUEST")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| {
-            std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/x86_64-unknown-none/release/fw-guest")
-        });
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/build-fw-guest first",
-        path.display()
-    );
-    path
-}
+use common::{base64, fw_guest_elf, tenant_dir, Namespace};
 
 const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
@@ -57,70 +41,13 @@ const POLICY: &str = r#"{"allow": [
 ]}"#;
 const UDP_PORT: u16 = 9999;
 
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?} failed");
-}
-
-/// A network namespace with a TAP device in it, removed on drop even if the test fails.
-struct Outside {
-    name: String,
-}
-
-impl Outside {
-    fn create(name: &str, tap: &str) -> Outside {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", name]);
-        let outside = Outside { name: name.into() };
-        ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"]);
-        ip(&[
-            "-n",
-            name,
-            "addr",
-            "add",
-            &format!("{HOST_IP}/24"),
-            "dev",
-            tap,
-        ]);
-        ip(&["-n", name, "link", "set", tap, "up"]);
-        ip(&["-n", name, "link", "set", "lo", "up"]);
-        outside
-    }
-
-    /// Runs `f` on a thread that has entered the namespace (sockets it makes live there).
-    fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open netns");
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 #[test]
-#[ignore = "boots the Debian tenant: 10-25 min on an emulating KVM host; run with scripts/test --e2e"]
+#[ignore = "boots the Debian tenant: 8-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
 fn debian_tenant_end_to_end() {
     let dir = tenant_dir();
     let ns = format!("vigil-t{}", std::process::id());
     let tap = "vt0";
-    let outside = Outside::create(&ns, tap);
+    let outside = Namespace::create(&ns, tap, HOST_IP);
     let work = std::env::temp_dir().join(format!("vigil-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&work).unwrap();
     let policy = work.join("policy.json");
@@ -184,7 +111,10 @@ fn debian_tenant_end_to_end() {
          echo \"VIGIL-CHECK kprobe $(vigil-kprobe security_socket_connect 2>&1) rc=$?\"\n\
          echo \"VIGIL-CHECK after-tamper $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n"
     );
-    let encoded = base64(workload.as_bytes());
+    // Compressed: the kernel command line holds 2048 bytes, the host profile takes a third.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(workload.as_bytes()).unwrap();
+    let encoded = base64(&gz.finish().unwrap());
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 quiet vigil.ip={GUEST_IP}/24 vigil.gw={HOST_IP} vigil.run={encoded}"
     );
