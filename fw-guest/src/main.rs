@@ -154,22 +154,20 @@ mod guest {
             return exit_code::OK;
         };
         if boot.devices().is_empty() {
-            take_boot_verdicts(base, size)
+            take_boot_verdicts(boot.free_start, base, size)
         } else {
             let tsc_khz = cmdline_value(boot.cmdline, b"tsc_khz=")
                 .and_then(|v| core::str::from_utf8(v).ok())
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0);
-            switch(boot.devices(), base, size, tsc_khz)
+            switch(boot.devices(), boot.free_start, base, size, tsc_khz)
         }
     }
 
     // The filter's tables: statics (no heap), all-zero or EMPTY at load.
-    const FLOWS: usize = 65536;
+    /// Verdict table capacity; the flow table takes what RAM allows (see `make_filter`).
     const VERDICTS: usize = 4096;
-    static mut FLOW_SLOTS: [FlowSlot; slots_for(FLOWS)] = [FlowSlot::EMPTY; slots_for(FLOWS)];
-    static mut VERDICT_SLOTS: [VerdictSlot; VERDICTS] = [VerdictSlot::EMPTY; VERDICTS];
-    static mut VERDICT_INDEX: [IndexSlot; 2 * VERDICTS] = [IndexSlot::EMPTY; 2 * VERDICTS];
+    const MAX_FLOWS: usize = 1 << 20;
 
     type Shared = (
         vigil_wire::ring::Consumer<'static>,
@@ -213,30 +211,71 @@ mod guest {
         Ok((ring, counters))
     }
 
-    /// The filter over the static tables. Called once.
-    fn make_filter() -> Result<Filter<'static>, u8> {
-        // SAFETY: the tables are used only through this filter, made once, by the single ring-3
-        // thread.
-        let (flows, verdicts, index) = unsafe {
+    /// Carves a table of `count` entries out of free RAM at `*cursor` (identity mapped, ring 3
+    /// read/write), fills it with `empty`, and moves the cursor past it.
+    ///
+    /// # Safety
+    /// `[*cursor, *cursor + count * size_of::<T>())` must be free RAM nothing else uses.
+    unsafe fn carve<T: Copy>(cursor: &mut u64, count: usize, empty: T) -> &'static mut [T] {
+        let align = core::mem::align_of::<T>().max(64) as u64;
+        let start = cursor.next_multiple_of(align);
+        *cursor = start + (count * core::mem::size_of::<T>()) as u64;
+        // SAFETY: the caller vouches for the range; `start` is aligned for T.
+        let table = unsafe { core::slice::from_raw_parts_mut(start as *mut T, count) };
+        table.fill(empty);
+        table
+    }
+
+    /// The filter, its tables sized from the boot information: the verdict table fixed, the
+    /// flow table as many flows (a power of two, at most `MAX_FLOWS`) as fit in three quarters of
+    /// the RAM between the image and the verdict region. Called once.
+    fn make_filter(free_start: u64, free_end: u64) -> Result<Filter<'static>, u8> {
+        use core::mem::size_of;
+        let free = free_end.saturating_sub(free_start);
+        let verdict_bytes = (VERDICTS * size_of::<VerdictSlot>()
+            + 2 * VERDICTS * size_of::<IndexSlot>()
+            + 256) as u64;
+        let budget = free.saturating_sub(verdict_bytes) / 4 * 3;
+        let mut flows = MAX_FLOWS;
+        while flows > 64 && (slots_for(flows) * size_of::<FlowSlot>()) as u64 > budget {
+            flows /= 2;
+        }
+        if (slots_for(flows) * size_of::<FlowSlot>()) as u64 > budget {
+            let _ = writeln!(
+                Com1,
+                "fw-guest: {} KiB of free RAM is too little",
+                free >> 10
+            );
+            return Err(exit_code::BAD_BOOT_INFO);
+        }
+        let mut cursor = free_start;
+        // SAFETY: [free_start, free_end) is RAM above the image and below the verdict region
+        // (both from the boot information), used by nothing else; the sizes fit (checked above).
+        let (flow_slots, verdict_slots, index) = unsafe {
             (
-                &mut *core::ptr::addr_of_mut!(FLOW_SLOTS),
-                &mut *core::ptr::addr_of_mut!(VERDICT_SLOTS),
-                &mut *core::ptr::addr_of_mut!(VERDICT_INDEX),
+                carve(&mut cursor, slots_for(flows), FlowSlot::EMPTY),
+                carve(&mut cursor, VERDICTS, VerdictSlot::EMPTY),
+                carve(&mut cursor, 2 * VERDICTS, IndexSlot::EMPTY),
             )
         };
-        Filter::new(flows, verdicts, index, Config::default()).map_err(|_| {
+        let _ = writeln!(
+            Com1,
+            "fw-guest: tables: {flows} flows, {VERDICTS} verdicts, {} KiB",
+            (cursor - free_start) >> 10
+        );
+        Filter::new(flow_slots, verdict_slots, index, Config::default()).map_err(|_| {
             let _ = writeln!(Com1, "fw-guest: filter tables rejected");
             exit_code::PANIC
         })
     }
 
     /// No switch ports: apply the verdicts waiting in the ring, publish the counters, report.
-    fn take_boot_verdicts(base: u64, size: u64) -> u8 {
+    fn take_boot_verdicts(free_start: u64, base: u64, size: u64) -> u8 {
         let (mut ring, counters) = match attach_region(base, size) {
             Ok(shared) => shared,
             Err(code) => return code,
         };
-        let mut filter = match make_filter() {
+        let mut filter = match make_filter(free_start, base) {
             Ok(f) => f,
             Err(code) => return code,
         };
@@ -280,13 +319,13 @@ mod guest {
     /// filter (egress for the tenant a frame leaves, ingress for the tenant it reaches), verdicts
     /// taken from the ring before each round of frames, counters published as they change. Runs
     /// until the VMM stops the micro-VM.
-    fn switch(devices: &[MmioDevice], base: u64, size: u64, tsc_khz: u64) -> u8 {
+    fn switch(devices: &[MmioDevice], free_start: u64, base: u64, size: u64, tsc_khz: u64) -> u8 {
         use vigil_wire::ring::{PORT_DROPPED, PORT_FORWARDED, PORT_RX_BYTES, PORT_RX_FRAMES};
         let (mut ring, counters) = match attach_region(base, size) {
             Ok(shared) => shared,
             Err(code) => return code,
         };
-        let mut filter = match make_filter() {
+        let mut filter = match make_filter(free_start, base) {
             Ok(f) => f,
             Err(code) => return code,
         };
