@@ -141,6 +141,7 @@ struct WriteTrapsEvent {
     event: &'static str,
     vm: String,
     t_ns: u64,
+    kaslr_slide: String,
     pages: Vec<(String, String)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
@@ -218,6 +219,8 @@ pub struct Introspection {
     /// The software breakpoints actually placed: (operation, address, length of the instruction
     /// the int3 replaced the first byte of; resuming skips it).
     soft_placed: OnceLock<Vec<(SocketOp, u64, u64)>>,
+    /// KASLR slide, measured once the kernel runs (see `adopt_slide`).
+    slide: std::sync::atomic::AtomicU64,
     /// Benchmark knob `VIGIL_BARE_HOOKS=bind,...`: these hooks trap and resume with no work (the
     /// bare trap round trip `scripts/bench` compares the full path with). Never for production:
     /// a bare hook decides nothing.
@@ -332,6 +335,7 @@ impl Introspection {
             profile,
             policy,
             hooks,
+            slide: std::sync::atomic::AtomicU64::new(0),
             soft_hooks,
             soft_placed: OnceLock::new(),
             bare,
@@ -346,7 +350,46 @@ impl Introspection {
     }
 
     pub fn hook_at(&self, pc: u64) -> Option<SocketOp> {
-        self.hooks.iter().find(|(_, a)| *a == pc).map(|(op, _)| *op)
+        let slide = self.slide();
+        self.hooks
+            .iter()
+            .find(|(_, a)| a.wrapping_add(slide) == pc)
+            .map(|(op, _)| *op)
+    }
+
+    /// The KASLR slide found at run time (0 until measured, and for a kernel that runs where it
+    /// was linked, as a PVH-booted vmlinux does).
+    pub fn slide(&self) -> u64 {
+        self.slide.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Where the debug-register hooks are in this boot (link address + slide).
+    pub fn hook_addresses(&self) -> Vec<u64> {
+        let slide = self.slide();
+        self.hooks
+            .iter()
+            .map(|(_, a)| a.wrapping_add(slide))
+            .collect()
+    }
+
+    /// Measures the KASLR slide from the guest's syscall entry (MSR_LSTAR against the linked
+    /// `entry_SYSCALL_64`) and adopts it. Returns it, or an error for a value no KASLR produces
+    /// (not a multiple of 2 MiB): the hooks then stay where they were.
+    pub fn adopt_slide(&self, lstar: u64) -> Result<u64, String> {
+        let linked = *self
+            .profile
+            .symbols
+            .get("entry_SYSCALL_64")
+            .ok_or("the profile has no entry_SYSCALL_64")?;
+        let slide = lstar.wrapping_sub(linked);
+        if slide % (2 << 20) != 0 {
+            return Err(format!(
+                "MSR_LSTAR {lstar:#x} is not entry_SYSCALL_64 ({linked:#x}) moved by a KASLR slide"
+            ));
+        }
+        self.slide
+            .store(slide, std::sync::atomic::Ordering::Release);
+        Ok(slide)
     }
 
     /// The software-breakpoint hook at `pc`, if one is placed there, and the length of the
@@ -375,7 +418,9 @@ impl Introspection {
             let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
             let mut placed = Vec::new();
             let mut skipped = Vec::new();
-            for &(op, addr) in &self.soft_hooks {
+            let slide = self.slide();
+            for &(op, linked) in &self.soft_hooks {
+                let addr = linked.wrapping_add(slide);
                 let placed_one = reader.translate(addr).ok().and_then(|t| {
                     let mut head = [0u8; 15];
                     mem.read_slice(&mut head, GuestAddress(t.gpa)).ok()?;
@@ -589,9 +634,10 @@ impl Introspection {
         let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
         let mut pages = Vec::new();
         for &(symbol, extent) in GUARDED_SYMBOLS {
-            let Some(&addr) = self.profile.symbols.get(symbol) else {
+            let Some(&linked) = self.profile.symbols.get(symbol) else {
                 continue;
             };
+            let addr = linked.wrapping_add(self.slide());
             let mut page = addr & !(PAGE_SIZE - 1);
             while page < addr + extent {
                 if let Ok(t) = reader.translate(page) {
@@ -612,6 +658,7 @@ impl Introspection {
             event: "write_traps",
             vm: self.vm.clone(),
             t_ns: monotonic_ns(),
+            kaslr_slide: format!("{:#x}", self.slide()),
             pages: pages
                 .iter()
                 .map(|p| (format!("{:#x}", p.gpa), p.label.clone()))

@@ -468,10 +468,10 @@ impl Vcpu {
             let hooks = self
                 .introspection
                 .as_ref()
-                .map(|i| i.hooks.as_slice())
-                .unwrap_or(&[]);
+                .map(|i| i.hook_addresses())
+                .unwrap_or_default();
             let slots = std::iter::once(self.syscall_fix.pf_handler)
-                .chain(hooks.iter().map(|(_, addr)| Some(*addr)))
+                .chain(hooks.iter().map(|addr| Some(*addr)))
                 .take(4);
             for (slot, addr) in slots.enumerate() {
                 if let Some(addr) = addr {
@@ -709,6 +709,19 @@ impl Vcpu {
         };
         if traps.is_armed() {
             return;
+        }
+        // Where the kernel really is: a slide other than 0 moves every hook (a kernel that ran
+        // the bzImage decompressor with KASLR; a PVH-booted vmlinux runs where it was linked).
+        let slide_error = match self.syscall_msrs() {
+            Ok(msrs) => match introspection.adopt_slide(msrs.lstar) {
+                Ok(0) => None,
+                Ok(_) => self.program_debug(false).err(),
+                Err(e) => Some(e),
+            },
+            Err(e) => Some(e),
+        };
+        if let Some(e) = slide_error {
+            introspection.write_traps_armed(&[], Some(format!("KASLR check: {e}")));
         }
         // Software breakpoints first: they are written through the VMM's own mapping anyway, but
         // the guest must not see a page half-guarded.

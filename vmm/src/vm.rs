@@ -421,10 +421,9 @@ impl Vm {
                 })?;
                 let policy = trap_handler::policy::Policy::from_json(&text)
                     .map_err(|e| VmError::Device(format!("policy {}: {e}", path.display())))?;
-                let analysis = trap_handler::analyze_vmlinux(&elf)
-                    .map_err(|e| VmError::Device(format!("cannot introspect this kernel: {e}")))?;
+                let profile = kernel_profile(&elf)?;
                 Some(Arc::new(
-                    crate::introspect::Introspection::new(&config.name, analysis.profile, policy)
+                    crate::introspect::Introspection::new(&config.name, profile, policy)
                         .map_err(VmError::Device)?,
                 ))
             }
@@ -844,6 +843,45 @@ impl Vm {
                 .and_then(VerdictRegion::counters),
         })
     }
+}
+
+/// Where kernel profiles are cached: `VIGIL_CACHE_DIR`, else `$XDG_CACHE_HOME/vigil`, else
+/// `$HOME/.cache/vigil`.
+fn profile_cache_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("VIGIL_CACHE_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return Some(PathBuf::from(dir).join("vigil"));
+    }
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/vigil"))
+}
+
+/// The kernel's introspection profile (symbols from kallsyms, struct layouts from BTF), cached
+/// per build id: the analysis reads the whole vmlinux, the cache one small JSON file.
+fn kernel_profile(elf: &[u8]) -> Result<trap_handler::KernelProfile, VmError> {
+    let build_id = trap_handler::elf::Elf::parse(elf)
+        .ok()
+        .and_then(|e| e.build_id().map(trap_handler::elf::hex));
+    let dir = profile_cache_dir();
+    if let (Some(dir), Some(id)) = (&dir, &build_id) {
+        if let Some(profile) = trap_handler::KernelProfile::load_cached(dir, id) {
+            eprintln!(
+                "vigil: kernel profile {id} from the cache ({})",
+                dir.display()
+            );
+            return Ok(profile);
+        }
+    }
+    let analysis = trap_handler::analyze_vmlinux(elf)
+        .map_err(|e| VmError::Device(format!("cannot introspect this kernel: {e}")))?;
+    if let Some(dir) = &dir {
+        match analysis.profile.save_cached(dir) {
+            Ok(path) => eprintln!("vigil: kernel profile cached in {}", path.display()),
+            Err(e) => eprintln!("vigil: kernel profile not cached ({}): {e}", dir.display()),
+        }
+    }
+    Ok(analysis.profile)
 }
 
 /// Set by SIGTERM or SIGINT once [`stop_on_signals`] is installed: running VMs stop as if asked to
