@@ -301,7 +301,7 @@ mod guest {
     const MAX_PORTS: usize = 4;
     /// Empty polling rounds before the loop yields the CPU, and for how long (µs).
     const IDLE_ROUNDS: u32 = 2000;
-    const IDLE_US: u32 = 200;
+    const IDLE_US: u32 = 500;
     /// Each port's receive and transmit queue with their buffers (all-zero: .bss).
     static mut QUEUES: [Queue; 2 * MAX_PORTS] = [Queue::ZERO; 2 * MAX_PORTS];
 
