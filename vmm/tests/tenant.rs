@@ -8,8 +8,9 @@
 //!   test sees the exchange on both ends.
 //! - Switch tier: the tenant's NIC is a port of the firewall micro-VM (fw-guest, in the same VMM),
 //!   whose uplink is that TAP. Only flows the tenant's verdicts opened pass it: the allowed connect
-//!   and sendto get through; a ping (no socket call to hook, so no verdict) dies there, and the
-//!   micro-VM's counters say why.
+//!   and sendto get through; a TCP SYN written raw (AF_PACKET: the policy lets that program send
+//!   frames, but no connect stands behind the SYN, so no verdict opens its flow) dies there, and
+//!   the micro-VM's counters say why.
 //! - Introspection: the VMM traps the kernel's socket LSM hooks and attributes every
 //!   connect/bind/listen to its process from outside the guest. Two different executables connect
 //!   to the same destination (one allowed, one denied with EPERM inside the guest); binds are
@@ -37,7 +38,8 @@ const POLICY: &str = r#"{"allow": [
   {"op": "connect", "exe": "/bin/busybox", "protocol": "tcp", "cidr": "127.0.0.0/8", "ports": "7000"},
   {"op": "bind", "exe": "/bin/busybox", "ports": "7000-7010"},
   {"op": "listen", "exe": "/bin/busybox"},
-  {"op": "connect", "exe": "/bin/vigil-sendto", "protocol": "udp", "cidr": "10.77.0.1/32", "ports": "9999"}
+  {"op": "connect", "exe": "/bin/vigil-sendto", "protocol": "udp", "cidr": "10.77.0.1/32", "ports": "9999"},
+  {"op": "connect", "exe": "/bin/vigil-rawsyn"}
 ]}"#;
 const UDP_PORT: u16 = 9999;
 
@@ -106,8 +108,7 @@ fn debian_tenant_end_to_end() {
          kill $listener 2>/dev/null\n\
          echo \"VIGIL-CHECK sendto-allowed $(vigil-sendto {HOST_IP} {UDP_PORT} udp-from-tenant)\"\n\
          echo \"VIGIL-CHECK sendto-denied $(vigil-sendto {HOST_IP} 9998 must-not-leave)\"\n\
-         if ping -c 1 -W 1 {HOST_IP} >/dev/null 2>&1; then echo VIGIL-CHECK ping passed; \
-         else echo VIGIL-CHECK ping dropped; fi\n\
+         echo \"VIGIL-CHECK rawsyn $(vigil-rawsyn eth0 {GUEST_IP} {HOST_IP} 8082)\"\n\
          echo \"VIGIL-CHECK kprobe $(vigil-kprobe security_socket_connect 2>&1) rc=$?\"\n\
          echo \"VIGIL-CHECK after-tamper $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n"
     );
@@ -315,7 +316,7 @@ fn debian_tenant_end_to_end() {
         "the hook still denies after the tamper attempt: {console}"
     );
 
-    // The switch: the ping found no verdict there, and the counters say so; the opened flows
+    // The switch: the raw SYN found no verdict there, and the counters say so; the opened flows
     // were forwarded.
     let stopped = |name: &str| -> serde_json::Value {
         lines
@@ -325,11 +326,21 @@ fn debian_tenant_end_to_end() {
             .find(|e| e["outcome"]["name"] == name)
             .unwrap_or_else(|| panic!("no vm_stopped event of {name}:\n{console}"))
     };
-    assert!(check("ping").ends_with("dropped"), "{console}");
+    assert!(check("rawsyn").ends_with("sent 54"), "{console}");
+    let raw = events
+        .iter()
+        .find(|e| e["op"] == "sendmsg" && e["process"]["exe"] == "/bin/vigil-rawsyn")
+        .unwrap_or_else(|| panic!("the raw send was attributed: {events:#?}"));
+    assert_eq!(raw["verdict"], "allow");
+    assert_eq!(raw["family"], 17, "AF_PACKET");
+    assert!(
+        raw.get("verdict_seq").is_none(),
+        "raw frames open no flow: {raw}"
+    );
     let firewall = &stopped("fw")["outcome"]["firewall"];
     assert!(
         firewall["drops"]["no_verdict"].as_u64().unwrap_or(0) >= 1,
-        "the ping was dropped at the switch for want of a verdict: {firewall}"
+        "the raw SYN was dropped at the switch for want of a verdict: {firewall}"
     );
     assert!(
         firewall["verdicts_applied"].as_u64().unwrap() >= 3,
