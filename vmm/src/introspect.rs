@@ -76,8 +76,6 @@ fn monotonic_ns() -> u64 {
 /// One decision on a socket operation.
 #[derive(Serialize)]
 struct SocketEvent {
-    event: &'static str,
-    vm: String,
     vcpu: u8,
     t_ns: u64,
     verdict: Verdict,
@@ -94,8 +92,6 @@ struct SocketEvent {
 /// A verdict record produced for the firewall tiers.
 #[derive(Serialize)]
 struct VerdictEvent {
-    event: &'static str,
-    vm: String,
     tenant: u32,
     seq: u64,
     direction: &'static str,
@@ -110,8 +106,6 @@ struct VerdictEvent {
 /// A guest write to a write-trapped page, refused.
 #[derive(Serialize)]
 struct TamperEvent {
-    event: &'static str,
-    vm: String,
     vcpu: u8,
     t_ns: u64,
     gpa: String,
@@ -128,8 +122,6 @@ struct TamperEvent {
 /// The software breakpoints were placed.
 #[derive(Serialize)]
 struct SoftHooksEvent {
-    event: &'static str,
-    vm: String,
     t_ns: u64,
     placed: Vec<(String, String)>,
     skipped: Vec<String>,
@@ -138,8 +130,6 @@ struct SoftHooksEvent {
 /// The write traps were armed (or could not be).
 #[derive(Serialize)]
 struct WriteTrapsEvent {
-    event: &'static str,
-    vm: String,
     t_ns: u64,
     kaslr_slide: String,
     pages: Vec<(String, String)>,
@@ -149,7 +139,8 @@ struct WriteTrapsEvent {
 
 enum LogEntry {
     Socket(SocketEvent),
-    Verdict(VerdictEvent),
+    /// A verdict record as produced (decoded for the log by the logger).
+    Verdict([u8; RECORD_LEN]),
     Tamper(TamperEvent),
     WriteTraps(WriteTrapsEvent),
     SoftHooks(SoftHooksEvent),
@@ -157,34 +148,87 @@ enum LogEntry {
     Barrier(mpsc::Sender<()>),
 }
 
-fn run_logger(rx: Receiver<LogEntry>) {
+/// How often the logger looks for events. It polls rather than blocks, so that a vCPU queueing an
+/// event never pays for waking a thread (a futex system call) on its trap path; an event reaches
+/// stdout within this long.
+const LOGGER_POLL: Duration = Duration::from_millis(2);
+
+/// The fields every event line starts with.
+#[derive(Serialize)]
+struct Line<'a, T: Serialize> {
+    event: &'static str,
+    vm: &'a str,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+fn line<T: Serialize>(event: &'static str, vm: &str, body: &T) -> serde_json::Result<String> {
+    serde_json::to_string(&Line { event, vm, body })
+}
+
+/// The log form of a verdict record.
+fn verdict_event(tenant: u32, record: &[u8; RECORD_LEN]) -> Option<VerdictEvent> {
+    let v = VerdictRepr::from_bytes(record).ok()?;
+    let rule = v.rule;
+    Some(VerdictEvent {
+        tenant,
+        seq: v.seq,
+        direction: match rule.direction {
+            Direction::Egress => "egress",
+            Direction::Ingress => "ingress",
+        },
+        protocol: rule.protocol as u8,
+        local: addr_text(rule.ip_version, &rule.local_addr, rule.local_port),
+        remote: if rule.remote_prefix == 0 {
+            "any".to_string()
+        } else {
+            addr_text(rule.ip_version, &rule.remote_addr, rule.remote_port_min)
+        },
+        lifetime_ms: v.lifetime_ms,
+        record: hex(record),
+    })
+}
+
+fn run_logger(vm: String, tenant: u32, rx: Receiver<LogEntry>) {
     let mut out = std::io::stdout();
-    while let Ok(first) = rx.recv() {
-        // Write what is queued, then flush once.
-        let mut next = Some(first);
+    loop {
         let mut barriers = Vec::new();
-        while let Some(entry) = next {
-            let line = match entry {
-                LogEntry::Socket(e) => serde_json::to_string(&e),
-                LogEntry::Verdict(e) => serde_json::to_string(&e),
-                LogEntry::Tamper(e) => serde_json::to_string(&e),
-                LogEntry::WriteTraps(e) => serde_json::to_string(&e),
-                LogEntry::SoftHooks(e) => serde_json::to_string(&e),
+        let mut wrote = false;
+        loop {
+            let entry = match rx.try_recv() {
+                Ok(entry) => entry,
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    let _ = out.flush();
+                    return;
+                }
+            };
+            let text = match entry {
+                LogEntry::Socket(e) => line("socket", &vm, &e),
+                LogEntry::Verdict(record) => match verdict_event(tenant, &record) {
+                    Some(e) => line("verdict", &vm, &e),
+                    None => continue,
+                },
+                LogEntry::Tamper(e) => line("tamper", &vm, &e),
+                LogEntry::WriteTraps(e) => line("write_traps", &vm, &e),
+                LogEntry::SoftHooks(e) => line("soft_hooks", &vm, &e),
                 LogEntry::Barrier(done) => {
                     barriers.push(done);
-                    next = rx.try_recv().ok();
                     continue;
                 }
             };
-            if let Ok(line) = line {
-                let _ = writeln!(out, "{line}");
+            if let Ok(text) = text {
+                let _ = writeln!(out, "{text}");
+                wrote = true;
             }
-            next = rx.try_recv().ok();
         }
-        let _ = out.flush();
+        if wrote {
+            let _ = out.flush();
+        }
         for done in barriers {
             let _ = done.send(());
         }
+        std::thread::sleep(LOGGER_POLL);
     }
 }
 
@@ -327,7 +371,11 @@ impl Introspection {
         let (events, rx) = mpsc::sync_channel(EVENT_QUEUE);
         std::thread::Builder::new()
             .name(format!("{vm}-events"))
-            .spawn(move || run_logger(rx))
+            .spawn({
+                let vm = vm.to_string();
+                let tenant = tenant_id(&vm);
+                move || run_logger(vm, tenant, rx)
+            })
             .map_err(|e| format!("cannot start the event logger: {e}"))?;
         Ok(Introspection {
             vm: vm.to_string(),
@@ -435,8 +483,6 @@ impl Introspection {
                 }
             }
             let _ = self.events.send(LogEntry::SoftHooks(SoftHooksEvent {
-                event: "soft_hooks",
-                vm: self.vm.clone(),
                 t_ns: monotonic_ns(),
                 placed: placed
                     .iter()
@@ -535,25 +581,8 @@ impl Introspection {
             }
             (seq, record)
         };
-        let _ = self.events.send(LogEntry::Verdict(VerdictEvent {
-            event: "verdict",
-            vm: self.vm.clone(),
-            tenant: self.tenant,
-            seq,
-            direction: match rule.direction {
-                Direction::Egress => "egress",
-                Direction::Ingress => "ingress",
-            },
-            protocol: rule.protocol as u8,
-            local: addr_text(rule.ip_version, &rule.local_addr, rule.local_port),
-            remote: if rule.remote_prefix == 0 {
-                "any".to_string()
-            } else {
-                addr_text(rule.ip_version, &rule.remote_addr, rule.remote_port_min)
-            },
-            lifetime_ms,
-            record: hex(&record),
-        }));
+        // Formatted by the logger thread, off the trap path.
+        let _ = self.events.send(LogEntry::Verdict(record));
         seq
     }
 
@@ -611,8 +640,6 @@ impl Introspection {
             Err(e) => (None, Some(e.to_string())),
         };
         let _ = self.events.send(LogEntry::Socket(SocketEvent {
-            event: "socket",
-            vm: self.vm.clone(),
             vcpu,
             t_ns,
             verdict: match outcome {
@@ -655,8 +682,6 @@ impl Introspection {
     /// Logs the outcome of arming the write traps.
     pub fn write_traps_armed(&self, pages: &[GuardedPage], error: Option<String>) {
         let _ = self.events.send(LogEntry::WriteTraps(WriteTrapsEvent {
-            event: "write_traps",
-            vm: self.vm.clone(),
             t_ns: monotonic_ns(),
             kaslr_slide: format!("{:#x}", self.slide()),
             pages: pages
@@ -687,8 +712,6 @@ impl Introspection {
             Err(e) => (None, Some(e.to_string())),
         };
         let _ = self.events.send(LogEntry::Tamper(TamperEvent {
-            event: "tamper",
-            vm: self.vm.clone(),
             vcpu,
             t_ns: monotonic_ns(),
             gpa: format!("{gpa:#x}"),
@@ -767,6 +790,38 @@ mod tests {
         let mut no_addr = attribution(SocketOp::Connect, "10.0.0.1", 1, 6);
         no_addr.addr = None;
         assert!(verdict_rule(&no_addr).is_none());
+    }
+
+    #[test]
+    fn event_lines_start_with_event_and_vm_and_decode_verdicts() {
+        #[derive(Serialize)]
+        struct Body {
+            x: u8,
+        }
+        assert_eq!(
+            line("tamper", "t1", &Body { x: 3 }).unwrap(),
+            r#"{"event":"tamper","vm":"t1","x":3}"#
+        );
+        let rule = verdict_rule(&attribution(SocketOp::Connect, "10.77.0.1", 8080, 6)).unwrap();
+        let record = VerdictRepr {
+            op: Op::Add,
+            tenant: 5,
+            seq: 9,
+            lifetime_ms: 60_000,
+            rule,
+        }
+        .to_bytes();
+        let event = verdict_event(5, &record).unwrap();
+        assert_eq!(
+            (event.seq, event.direction, event.protocol),
+            (9, "egress", 6)
+        );
+        assert_eq!(event.remote, "10.77.0.1:8080");
+        assert_eq!(event.record.len(), 2 * RECORD_LEN);
+        assert!(
+            verdict_event(5, &[0u8; RECORD_LEN]).is_none(),
+            "op 0 is not a verdict"
+        );
     }
 
     #[test]
