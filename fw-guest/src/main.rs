@@ -153,21 +153,28 @@ mod guest {
         let Some((base, size)) = boot.verdict_region() else {
             return exit_code::OK;
         };
+        let flows = cmdline_value(boot.cmdline, b"fw.flows=")
+            .and_then(|v| core::str::from_utf8(v).ok())
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(DEFAULT_FLOWS);
         if boot.devices().is_empty() {
-            take_boot_verdicts(boot.free_start, base, size)
+            take_boot_verdicts(boot.free_start, flows, base, size)
         } else {
             let tsc_khz = cmdline_value(boot.cmdline, b"tsc_khz=")
                 .and_then(|v| core::str::from_utf8(v).ok())
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0);
-            switch(boot.devices(), boot.free_start, base, size, tsc_khz)
+            switch(boot.devices(), boot.free_start, flows, base, size, tsc_khz)
         }
     }
 
     // The filter's tables: statics (no heap), all-zero or EMPTY at load.
-    /// Verdict table capacity; the flow table takes what RAM allows (see `make_filter`).
+    /// Verdict table capacity; the flow table as many flows as asked (`fw.flows=`, default
+    /// `DEFAULT_FLOWS`) or as RAM allows (see `make_filter`). Every table page the micro-VM
+    /// touches costs a fault at boot, so it does not take all RAM by default.
     const VERDICTS: usize = 4096;
-    const MAX_FLOWS: usize = 1 << 20;
+    const DEFAULT_FLOWS: usize = 1 << 16;
+    const MAX_FLOWS: usize = 1 << 22;
 
     type Shared = (
         vigil_wire::ring::Consumer<'static>,
@@ -229,14 +236,14 @@ mod guest {
     /// The filter, its tables sized from the boot information: the verdict table fixed, the
     /// flow table as many flows (a power of two, at most `MAX_FLOWS`) as fit in three quarters of
     /// the RAM between the image and the verdict region. Called once.
-    fn make_filter(free_start: u64, free_end: u64) -> Result<Filter<'static>, u8> {
+    fn make_filter(free_start: u64, free_end: u64, wanted: usize) -> Result<Filter<'static>, u8> {
         use core::mem::size_of;
         let free = free_end.saturating_sub(free_start);
         let verdict_bytes = (VERDICTS * size_of::<VerdictSlot>()
             + 2 * VERDICTS * size_of::<IndexSlot>()
             + 256) as u64;
         let budget = free.saturating_sub(verdict_bytes) / 4 * 3;
-        let mut flows = MAX_FLOWS;
+        let mut flows = wanted.clamp(64, MAX_FLOWS).next_power_of_two();
         while flows > 64 && (slots_for(flows) * size_of::<FlowSlot>()) as u64 > budget {
             flows /= 2;
         }
@@ -270,12 +277,12 @@ mod guest {
     }
 
     /// No switch ports: apply the verdicts waiting in the ring, publish the counters, report.
-    fn take_boot_verdicts(free_start: u64, base: u64, size: u64) -> u8 {
+    fn take_boot_verdicts(free_start: u64, flows: usize, base: u64, size: u64) -> u8 {
         let (mut ring, counters) = match attach_region(base, size) {
             Ok(shared) => shared,
             Err(code) => return code,
         };
-        let mut filter = match make_filter(free_start, base) {
+        let mut filter = match make_filter(free_start, base, flows) {
             Ok(f) => f,
             Err(code) => return code,
         };
@@ -319,13 +326,20 @@ mod guest {
     /// filter (egress for the tenant a frame leaves, ingress for the tenant it reaches), verdicts
     /// taken from the ring before each round of frames, counters published as they change. Runs
     /// until the VMM stops the micro-VM.
-    fn switch(devices: &[MmioDevice], free_start: u64, base: u64, size: u64, tsc_khz: u64) -> u8 {
+    fn switch(
+        devices: &[MmioDevice],
+        free_start: u64,
+        flows: usize,
+        base: u64,
+        size: u64,
+        tsc_khz: u64,
+    ) -> u8 {
         use vigil_wire::ring::{PORT_DROPPED, PORT_FORWARDED, PORT_RX_BYTES, PORT_RX_FRAMES};
         let (mut ring, counters) = match attach_region(base, size) {
             Ok(shared) => shared,
             Err(code) => return code,
         };
-        let mut filter = match make_filter(free_start, base) {
+        let mut filter = match make_filter(free_start, base, flows) {
             Ok(f) => f,
             Err(code) => return code,
         };

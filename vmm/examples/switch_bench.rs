@@ -95,7 +95,8 @@ fn run(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, String> 
         .set_nonblocking(false)
         .map_err(|e| e.to_string())?;
     sink.set_nonblocking(false).map_err(|e| e.to_string())?;
-    sink.set_read_timeout(Some(Duration::from_millis(200)))
+    // While waiting for the first frame: one try per millisecond.
+    sink.set_read_timeout(Some(Duration::from_millis(1)))
         .map_err(|e| e.to_string())?;
     let config = VmConfig {
         name: "fw".into(),
@@ -129,6 +130,8 @@ fn run(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, String> 
             return Err("no frame came out of the micro-VM within 30 s".into());
         }
     };
+    sink.set_read_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| e.to_string())?;
     while sink.recv(&mut buf).is_ok() {}
 
     let running = Arc::new(AtomicBool::new(true));
