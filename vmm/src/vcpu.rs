@@ -665,8 +665,8 @@ impl Vcpu {
             // first system call alone is too early. At syscall entry GS still holds the user's
             // base: the per-CPU area is in MSR_KERNEL_GS_BASE.
             let mut kernel = sregs;
-            let init = match self.read_msr(MSR_KERNEL_GS_BASE) {
-                Ok(base) => {
+            let init = match self.read_msrs([MSR_KERNEL_GS_BASE]) {
+                Ok([base]) => {
                     kernel.gs.base = base;
                     self.introspection
                         .as_ref()
@@ -681,20 +681,25 @@ impl Vcpu {
         Ok(())
     }
 
-    fn read_msr(&self, index: u32) -> Result<u64, String> {
-        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+    /// Reads MSRs of this vCPU, in the order asked.
+    fn read_msrs<const N: usize>(&self, indices: [u32; N]) -> Result<[u64; N], String> {
+        let entries = indices.map(|index| kvm_msr_entry {
             index,
             ..Default::default()
-        }])
-        .map_err(|e| format!("MSR list: {e:?}"))?;
+        });
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
         let read = self
             .fd
             .get_msrs(&mut msrs)
             .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
-        if read != 1 {
-            return Err(format!("KVM_GET_MSRS could not read MSR {index:#x}"));
+        if read != N {
+            return Err(format!("KVM_GET_MSRS read {read} of {N} MSRs {indices:x?}"));
         }
-        Ok(msrs.as_slice()[0].data)
+        let mut values = [0u64; N];
+        for (value, entry) in values.iter_mut().zip(msrs.as_slice()) {
+            *value = entry.data;
+        }
+        Ok(values)
     }
 
     /// Arms the VM's write traps once the tenant has booted (first user-mode system call or first
@@ -782,23 +787,11 @@ impl Vcpu {
     }
 
     fn syscall_msrs(&self) -> Result<SyscallMsrs, String> {
-        let entries = [MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK].map(|index| kvm_msr_entry {
-            index,
-            ..Default::default()
-        });
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
-        let read = self
-            .fd
-            .get_msrs(&mut msrs)
-            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
-        if read != 3 {
-            return Err(format!("KVM_GET_MSRS read {read} of 3 syscall MSRs"));
-        }
-        let values = msrs.as_slice();
+        let [star, lstar, sfmask] = self.read_msrs([MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK])?;
         Ok(SyscallMsrs {
-            star: values[0].data,
-            lstar: values[1].data,
-            sfmask: values[2].data,
+            star,
+            lstar,
+            sfmask,
         })
     }
 }
