@@ -368,6 +368,22 @@ impl Rule {
         }
     }
 
+    /// A rule opening egress to exactly one remote endpoint (the flow a connect or a sendto
+    /// names); `remote` in the rule's address encoding (IPv4 in the first 4 bytes).
+    pub const fn egress_to(
+        ip_version: IpVersion,
+        protocol: Protocol,
+        remote: [u8; 16],
+        port: u16,
+    ) -> Rule {
+        let mut rule = Rule::any(Direction::Egress, ip_version, protocol);
+        rule.remote_addr = remote;
+        rule.remote_prefix = ip_version.addr_bits();
+        rule.remote_port_min = port;
+        rule.remote_port_max = port;
+        rule
+    }
+
     /// Whether `remote_addr` (same encoding as the rule's) lies in the rule's remote prefix.
     pub fn remote_addr_matches(&self, addr: &[u8; 16]) -> bool {
         prefix_matches(&self.remote_addr, addr, self.remote_prefix)

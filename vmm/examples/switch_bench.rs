@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vigil_wire::boot::Role;
-use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
+use vigil_wire::verdict::{IpVersion, Op, Protocol, Rule, VerdictRepr};
 use vmm::host::HostKind;
 use vmm::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig};
 
@@ -53,11 +53,9 @@ fn udp_frame(size: usize) -> Vec<u8> {
 }
 
 fn verdict() -> [u8; 64] {
-    let mut rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Udp);
-    rule.remote_addr[..4].copy_from_slice(&DST_IP);
-    rule.remote_prefix = 32;
-    rule.remote_port_min = DST_PORT;
-    rule.remote_port_max = DST_PORT;
+    let mut remote = [0u8; 16];
+    remote[..4].copy_from_slice(&DST_IP);
+    let rule = Rule::egress_to(IpVersion::V4, Protocol::Udp, remote, DST_PORT);
     VerdictRepr {
         op: Op::Add,
         tenant: TENANT,

@@ -302,14 +302,7 @@ fn verdict_rule(a: &Attribution) -> Option<Rule> {
     };
     let port = a.port.unwrap_or(0);
     let mut rule = match a.op {
-        SocketOp::Connect | SocketOp::Sendmsg => {
-            let mut rule = Rule::any(Direction::Egress, ip_version, protocol);
-            rule.remote_addr = addr;
-            rule.remote_prefix = ip_version.addr_bits();
-            rule.remote_port_min = port;
-            rule.remote_port_max = port;
-            rule
-        }
+        SocketOp::Connect | SocketOp::Sendmsg => Rule::egress_to(ip_version, protocol, addr, port),
         SocketOp::Bind | SocketOp::Listen => {
             let mut rule = Rule::any(Direction::Ingress, ip_version, protocol);
             rule.local_addr = addr;

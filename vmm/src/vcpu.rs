@@ -568,7 +568,6 @@ impl Vcpu {
             return Err("a software hook without introspection".into());
         };
         let entry = regs.rip;
-        let started = std::time::Instant::now();
         let outcome = if introspection.bare.contains(&op) {
             self.stats.bare_hook_hits += 1;
             HookOutcome::Allow
@@ -576,14 +575,10 @@ impl Vcpu {
             self.stats.soft_hook_passes += 1;
             HookOutcome::Allow
         } else {
-            let outcome = introspection.on_hook(self.index, op, &self.memory, &mut regs, &sregs);
-            self.stats.hook_hits += 1;
-            self.stats.hook_work_ns += started.elapsed().as_nanos() as u64;
-            outcome
+            self.decide(&introspection, op, &mut regs, &sregs)
         };
-        match outcome {
-            HookOutcome::Denied => self.stats.hook_denials += 1,
-            HookOutcome::Allow => regs.rip = entry + len,
+        if let HookOutcome::Allow = outcome {
+            regs.rip = entry + len;
         }
         self.fd
             .set_regs(&regs)
@@ -605,19 +600,32 @@ impl Vcpu {
             // (normally from a process init started) arms the write traps.
             self.maybe_arm_write_traps(&sregs);
         }
-        let started = std::time::Instant::now();
-        let outcome = introspection.on_hook(self.index, op, &self.memory, &mut regs, &sregs);
-        self.stats.hook_hits += 1;
-        self.stats.hook_work_ns += started.elapsed().as_nanos() as u64;
-        match outcome {
-            HookOutcome::Denied => {
-                self.stats.hook_denials += 1;
-                self.fd
-                    .set_regs(&regs)
-                    .map_err(|e| format!("KVM_SET_REGS: {e}"))
-            }
+        match self.decide(&introspection, op, &mut regs, &sregs) {
+            HookOutcome::Denied => self
+                .fd
+                .set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}")),
             HookOutcome::Allow => self.step_over(pc),
         }
+    }
+
+    /// Attributes and decides one hook hit (either kind of hook), counting it and the VMM-side
+    /// time it took; a denial has already rewritten `regs` to return -EPERM.
+    fn decide(
+        &mut self,
+        introspection: &Introspection,
+        op: SocketOp,
+        regs: &mut kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> HookOutcome {
+        let started = std::time::Instant::now();
+        let outcome = introspection.on_hook(self.index, op, &self.memory, regs, sregs);
+        self.stats.hook_hits += 1;
+        self.stats.hook_work_ns += started.elapsed().as_nanos() as u64;
+        if let HookOutcome::Denied = outcome {
+            self.stats.hook_denials += 1;
+        }
+        outcome
     }
 
     /// The guest is entering its #PF handler. If the fault is the half-done `syscall` (faulting RIP

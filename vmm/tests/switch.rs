@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
+use vigil_wire::verdict::{IpVersion, Op, Protocol, Rule, VerdictRepr};
 
 mod common;
 use common::{fw_guest_elf, Namespace};
@@ -23,12 +23,9 @@ const OPEN_PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 8081;
 
 fn verdict_hex(port: u16) -> String {
-    let mut rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
-    rule.remote_addr[..4]
-        .copy_from_slice(&OUTSIDE_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
-    rule.remote_prefix = 32;
-    rule.remote_port_min = port;
-    rule.remote_port_max = port;
+    let mut remote = [0u8; 16];
+    remote[..4].copy_from_slice(&OUTSIDE_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
+    let rule = Rule::egress_to(IpVersion::V4, Protocol::Tcp, remote, port);
     VerdictRepr {
         op: Op::Add,
         tenant: TENANT,
