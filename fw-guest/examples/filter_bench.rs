@@ -8,6 +8,8 @@
 //!   frame bits; the filter reads headers only, so this is packet rate × size.
 //! - `conntrack_lookup_ns_{1k,1m}`: hash + probe of a present key in a table holding 1k / 1M
 //!   flows, keys visited in a shuffled order (the 1M table, 52 MB, does not fit in cache).
+//! - `flush_tenant_ms_50k`: `FlushTenant` of a tenant holding 50k established flows (removes
+//!   every entry at once: a full scan of the table plus the deletions).
 //! - `fw_flow_entry_bytes`, `fw_guest_ram_mib_64k`: slot size and conntrack RAM for 64k flows at
 //!   the load limit.
 
@@ -310,6 +312,15 @@ fn main() {
             metric(&single, s, "ns");
             metric(&burst, b, "ns");
         }
+    }
+    if want("flush_tenant_ms_50k") {
+        let (mut f, _) = setup(50_000, 64);
+        let start = Instant::now();
+        f.apply(&VerdictRepr::flush_tenant(1, 2), SEC).unwrap();
+        let elapsed = start.elapsed();
+        assert_eq!(f.conntrack().used(), 0);
+        assert_eq!(f.counters().flows_revoked, 50_000);
+        metric("flush_tenant_ms_50k", elapsed.as_secs_f64() * 1e3, "ms");
     }
     let entry = std::mem::size_of::<FlowSlot>();
     if want("fw_flow_entry_bytes") {

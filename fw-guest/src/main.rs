@@ -28,12 +28,13 @@ mod guest {
 
     use vigil_wire::boot::{
         cmdline_role, exit_code, memmap_ram_top, BootInfo, BootInfoError, MmioDevice, Role,
-        IDLE_MMIO_ADDR,
+        IDLE_MMIO_ADDR, TENANT_UNASSIGNED,
     };
 
     use crate::arch::{self, serial::Com1, BootCapture};
     use fw_guest::filter::{
-        slots_for, Config, Decision, Direction, Filter, FlowSlot, IndexSlot, VerdictSlot,
+        slots_for, Config, Decision, Direction, DropReason, EdgeSide, Filter, FlowSlot, IndexSlot,
+        VerdictSlot, UPLINK_TENANT,
     };
     use fw_guest::virtio_net::{Port, Queue, BUF_SIZE};
 
@@ -164,7 +165,15 @@ mod guest {
                 .and_then(|v| core::str::from_utf8(v).ok())
                 .and_then(|v| v.parse::<u64>().ok())
                 .unwrap_or(0);
-            switch(boot.devices(), boot.free_start, flows, base, size, tsc_khz)
+            switch(
+                boot.role,
+                boot.devices(),
+                boot.free_start,
+                flows,
+                base,
+                size,
+                tsc_khz,
+            )
         }
     }
 
@@ -305,12 +314,13 @@ mod guest {
         }
     }
 
-    const MAX_PORTS: usize = 4;
+    /// Most ports the packet loop drives (the boot information's device limit).
+    const MAX_PORTS: usize = fw_guest::filter::MAX_PORTS;
+    /// MAC addresses the loop remembers (a full table floods, it never evicts).
+    const MAX_MACS: usize = 256;
     /// Empty polling rounds before the loop yields the CPU, and for how long (µs).
     const IDLE_ROUNDS: u32 = 2000;
     const IDLE_US: u32 = 500;
-    /// Each port's receive and transmit queue with their buffers (all-zero: .bss).
-    static mut QUEUES: [Queue; 2 * MAX_PORTS] = [Queue::ZERO; 2 * MAX_PORTS];
 
     /// Monotonic nanoseconds from the TSC (ring 3 may read it), at the rate the VMM passed.
     fn now_ns(tsc_khz: u64) -> u64 {
@@ -322,11 +332,146 @@ mod guest {
         (u128::from(tsc) * 1_000_000 / u128::from(tsc_khz)) as u64
     }
 
-    /// The switch: ports from the boot information (tenant 0 is the uplink), frames judged by the
-    /// filter (egress for the tenant a frame leaves, ingress for the tenant it reaches), verdicts
-    /// taken from the ring before each round of frames, counters published as they change. Runs
-    /// until the VMM stops the micro-VM.
+    /// Carves `count` virtqueues (with their buffers, ~530 KiB each) out of free RAM at
+    /// `*cursor`, zeroed (a valid initial queue), page aligned. Only the ports present cost RAM,
+    /// where statics for `MAX_PORTS` ports would put 8 MiB in every image.
+    ///
+    /// # Safety
+    /// As for [`carve`].
+    unsafe fn carve_queues(cursor: &mut u64, count: usize) -> &'static mut [Queue] {
+        let start = cursor.next_multiple_of(core::mem::align_of::<Queue>() as u64);
+        *cursor = start + (count * core::mem::size_of::<Queue>()) as u64;
+        let first = start as *mut Queue;
+        // SAFETY: the caller vouches for the range; `start` is aligned for Queue, and all-zero
+        // bytes are a valid Queue (`Queue::ZERO`).
+        unsafe {
+            core::ptr::write_bytes(first, 0, count);
+            core::slice::from_raw_parts_mut(first, count)
+        }
+    }
+
+    /// MAC address → the port it was last seen on (a learning switch's table).
+    type Learned = heapless::FnvIndexMap<[u8; 6], u8, MAX_MACS>;
+
+    /// The packet loop's per-port state.
+    struct Ports {
+        ports: heapless::Vec<Port<'static>, MAX_PORTS>,
+        learned: Learned,
+        forwarded: [u64; MAX_PORTS],
+        dropped: [u64; MAX_PORTS],
+    }
+
+    fn mac_at(bytes: &[u8], at: usize) -> Option<[u8; 6]> {
+        bytes.get(at..at + 6).and_then(|b| b.try_into().ok())
+    }
+
+    impl Ports {
+        /// Remember that `src` sits behind port `i` (unicast sources only).
+        fn learn(&mut self, bytes: &[u8], i: usize) {
+            if let Some(src) = mac_at(bytes, 6).filter(|m| m[0] & 1 == 0) {
+                let _ = self.learned.insert(src, i as u8);
+            }
+        }
+
+        /// The port that owns the destination MAC, other than `i` and not in `exclude`.
+        fn target(&self, bytes: &[u8], i: usize, exclude: impl Fn(usize) -> bool) -> Option<usize> {
+            let dst = mac_at(bytes, 0)?;
+            self.learned
+                .get(&dst)
+                .map(|&p| usize::from(p))
+                .filter(|&p| p != i && p < self.ports.len() && !exclude(p))
+        }
+
+        /// Switch role. A frame's tenant is its port's; tenant 0 ports are uplinks. A tenant's
+        /// frame goes out the uplink unless its destination MAC sits behind another tenant port;
+        /// an uplink frame goes to the tenant port that owns the destination MAC, or to every
+        /// tenant port when unknown or broadcast. Judged egress for the tenant it leaves, then
+        /// ingress for the tenant it reaches. Unassigned ports neither send nor receive.
+        fn switch_frame(&mut self, filter: &mut Filter<'_>, i: usize, bytes: &[u8], now: u64) {
+            let from = filter.tenancy().port(i);
+            if from == TENANT_UNASSIGNED {
+                filter.drop_frame(DropReason::UnknownTenant);
+                self.dropped[i] += 1;
+                return;
+            }
+            let from_uplink = from == UPLINK_TENANT;
+            if !from_uplink {
+                self.learn(bytes, i);
+            }
+            let target = self.target(bytes, i, |p| filter.tenancy().port(p) == TENANT_UNASSIGNED);
+            for j in 0..self.ports.len() {
+                let to = filter.tenancy().port(j);
+                let goes = match target {
+                    Some(t) => j == t,
+                    None if from_uplink => to != UPLINK_TENANT,
+                    None => to == UPLINK_TENANT,
+                };
+                if !goes || j == i || to == TENANT_UNASSIGNED {
+                    continue;
+                }
+                let mut decision = Decision::Forward;
+                if !from_uplink {
+                    decision = filter.process(from, Direction::Egress, bytes, now);
+                }
+                if decision == Decision::Forward && to != UPLINK_TENANT {
+                    decision = filter.process(to, Direction::Ingress, bytes, now);
+                }
+                if decision == Decision::Forward && self.ports[j].send(bytes) {
+                    self.forwarded[i] += 1;
+                } else {
+                    self.dropped[i] += 1;
+                }
+            }
+        }
+
+        /// Edge role. Tenant 0 ports face the outside, every other port is a cloud port
+        /// carrying many tenants (the VMM decapsulates). A cloud frame goes out the outside
+        /// port(s) unless its destination MAC sits behind another cloud port; an outside frame
+        /// goes to the cloud port that owns the destination MAC, or to every cloud port. The
+        /// filter finds the tenant by address ([`Filter::process_edge`]); each frame is judged
+        /// once, whatever the number of copies. Cloud-to-cloud frames (which hosts should send
+        /// each other directly) are judged for both tenants, as the switch tier would.
+        fn edge_frame(&mut self, filter: &mut Filter<'_>, i: usize, bytes: &[u8], now: u64) {
+            let outside = |t: &Filter<'_>, p: usize| t.tenancy().port(p) == UPLINK_TENANT;
+            let from = if outside(filter, i) {
+                EdgeSide::Outside
+            } else {
+                self.learn(bytes, i);
+                EdgeSide::Cloud
+            };
+            let target = self.target(bytes, i, |p| outside(filter, p));
+            let to = match (target, from) {
+                (Some(_), _) | (None, EdgeSide::Outside) => EdgeSide::Cloud,
+                (None, EdgeSide::Cloud) => EdgeSide::Outside,
+            };
+            if filter.process_edge(from, to, bytes, now) != Decision::Forward {
+                self.dropped[i] += 1;
+                return;
+            }
+            for j in 0..self.ports.len() {
+                let goes = match target {
+                    Some(t) => j == t,
+                    None => j != i && (outside(filter, j) == (to == EdgeSide::Outside)),
+                };
+                if !goes {
+                    continue;
+                }
+                if self.ports[j].send(bytes) {
+                    self.forwarded[i] += 1;
+                } else {
+                    self.dropped[i] += 1;
+                }
+            }
+        }
+    }
+
+    /// The packet loop, in either role: ports from the boot information (tenant 0: the uplink,
+    /// or at the edge the outside), port tenants and addresses updated by `Attach` and
+    /// `FlushTenant` records, frames judged by the filter, verdicts taken from the ring before
+    /// each round of frames, counters published as they change. Runs until the VMM stops the
+    /// micro-VM.
     fn switch(
+        role: Role,
         devices: &[MmioDevice],
         free_start: u64,
         flows: usize,
@@ -339,24 +484,39 @@ mod guest {
             Ok(shared) => shared,
             Err(code) => return code,
         };
-        let mut filter = match make_filter(free_start, base, flows) {
+        if devices.len() > MAX_PORTS {
+            let _ = writeln!(
+                Com1,
+                "fw-guest: {} devices, using the first {MAX_PORTS}",
+                devices.len()
+            );
+        }
+        let count = devices.len().min(MAX_PORTS);
+        let mut cursor = free_start;
+        // SAFETY: free RAM above the image and below the verdict region; make_filter takes
+        // what follows the queues.
+        let queues = unsafe { carve_queues(&mut cursor, 2 * count) };
+        let mut filter = match make_filter(cursor, base, flows) {
             Ok(f) => f,
             Err(code) => return code,
         };
-        let count = devices.len().min(MAX_PORTS);
-        // SAFETY: the queues are used only here, by the single ring-3 thread.
-        let queues = unsafe { &mut *core::ptr::addr_of_mut!(QUEUES) };
-        let mut ports: heapless::Vec<(Port<'static>, u32), MAX_PORTS> = heapless::Vec::new();
+        let mut state = Ports {
+            ports: heapless::Vec::new(),
+            learned: Learned::new(),
+            forwarded: [0; MAX_PORTS],
+            dropped: [0; MAX_PORTS],
+        };
         let mut queue_pairs = queues.chunks_exact_mut(2);
-        for device in &devices[..count] {
+        for (index, device) in devices[..count].iter().enumerate() {
             let Some([rx, tx]) = queue_pairs.next() else {
                 break;
             };
             // SAFETY: the window comes from the boot information and is mapped for ring 3; the
-            // queues are static, identity mapped.
+            // queues are identity-mapped RAM used by nothing else.
             match unsafe { Port::init(device.base, rx, tx) } {
                 Ok(port) => {
-                    let _ = ports.push((port, device.tenant));
+                    let _ = state.ports.push(port);
+                    filter.tenancy_mut().set_boot_port(index, device.tenant);
                 }
                 Err(e) => {
                     let _ = writeln!(Com1, "fw-guest: port at {:#x}: {e:?}", device.base);
@@ -364,20 +524,21 @@ mod guest {
                 }
             }
         }
-        let Some(uplink) = ports.iter().position(|(_, tenant)| *tenant == 0) else {
+        let _ = filter.tenancy_mut().take_port_changes();
+        let Some(uplink) = (0..count).find(|&i| filter.tenancy().port(i) == UPLINK_TENANT) else {
             let _ = writeln!(Com1, "fw-guest: no uplink port (a port with tenant 0)");
             return exit_code::BAD_BOOT_INFO;
         };
+        let unassigned = (0..count)
+            .filter(|&i| filter.tenancy().port(i) == TENANT_UNASSIGNED)
+            .count();
         let _ = writeln!(
             Com1,
-            "fw-guest: switch up: {} ports, uplink {uplink}, tsc {tsc_khz} kHz",
-            ports.len()
+            "fw-guest: {} up: {} ports, uplink {uplink}, unassigned {unassigned}, tsc {tsc_khz} kHz",
+            role.name(),
+            state.ports.len()
         );
-        // Which tenant port a MAC address was last seen on (a learning switch's table).
-        let mut learned: heapless::FnvIndexMap<[u8; 6], u8, 64> = heapless::FnvIndexMap::new();
         let mut frame = [0u8; BUF_SIZE];
-        let mut forwarded = [0u64; MAX_PORTS];
-        let mut dropped = [0u64; MAX_PORTS];
         let mut published = u64::MAX;
         let mut rounds = 0u64;
         let mut idle_rounds = 0u32;
@@ -387,59 +548,36 @@ mod guest {
                 let _ = writeln!(Com1, "fw-guest: the verdict ring is corrupt; stopping");
                 return exit_code::BAD_BOOT_INFO;
             }
-            for i in 0..ports.len() {
-                while let Some(received) = ports[i].0.recv() {
+            // A port that changed hands: what was learned behind it belongs to someone else.
+            let changed = filter.tenancy_mut().take_port_changes();
+            if changed != 0 {
+                state
+                    .learned
+                    .retain(|_, port| changed & (1u32 << (*port as u32 % 32)) == 0);
+            }
+            for i in 0..state.ports.len() {
+                while let Some(received) = state.ports[i].recv() {
                     let len = received.len();
                     frame[..len].copy_from_slice(received);
                     let bytes = &frame[..len];
-                    let dst: [u8; 6] = bytes
-                        .get(..6)
-                        .and_then(|b| b.try_into().ok())
-                        .unwrap_or([0; 6]);
-                    if i != uplink {
-                        if let Some(src) =
-                            bytes.get(6..12).and_then(|b| <[u8; 6]>::try_from(b).ok())
-                        {
-                            if src[0] & 1 == 0 {
-                                let _ = learned.insert(src, i as u8);
-                            }
-                        }
-                    }
-                    // Where it goes: a tenant's frame out the uplink unless its destination is
-                    // another tenant port; an uplink frame to the tenant port that owns the
-                    // destination MAC, or to every tenant port when unknown or broadcast.
-                    let target = learned.get(&dst).map(|&p| p as usize).filter(|&p| p != i);
-                    for j in 0..ports.len() {
-                        let goes = match target {
-                            Some(t) => j == t,
-                            None if i == uplink => j != uplink,
-                            None => j == uplink,
-                        };
-                        if !goes {
-                            continue;
-                        }
-                        // Leaving tenant i (egress), then reaching tenant j (ingress).
-                        let mut decision = Decision::Forward;
-                        if i != uplink {
-                            decision = filter.process(ports[i].1, Direction::Egress, bytes, now);
-                        }
-                        if decision == Decision::Forward && j != uplink {
-                            decision = filter.process(ports[j].1, Direction::Ingress, bytes, now);
-                        }
-                        if decision == Decision::Forward && ports[j].0.send(bytes) {
-                            forwarded[i] += 1;
-                        } else {
-                            dropped[i] += 1;
-                        }
+                    match role {
+                        Role::Switch => state.switch_frame(&mut filter, i, bytes, now),
+                        Role::Edge => state.edge_frame(&mut filter, i, bytes, now),
                     }
                 }
-                ports[i].0.recycle();
+                state.ports[i].recycle();
             }
-            for (port, _) in ports.iter_mut() {
+            for port in state.ports.iter_mut() {
                 port.flush();
             }
             rounds += 1;
-            let total: u64 = forwarded.iter().chain(dropped.iter()).sum();
+            let total: u64 = state
+                .forwarded
+                .iter()
+                .chain(state.dropped.iter())
+                .sum::<u64>()
+                + filter.counters().verdicts_applied
+                + filter.counters().verdicts_rejected;
             if total == published {
                 idle_rounds += 1;
                 if idle_rounds >= IDLE_ROUNDS {
@@ -455,11 +593,11 @@ mod guest {
                 published = total;
                 let c = *filter.counters();
                 c.publish(&counters, filter.conntrack().used() as u64);
-                for (i, (port, _)) in ports.iter().enumerate() {
+                for (i, port) in state.ports.iter().enumerate() {
                     counters.set_port(i, PORT_RX_FRAMES, port.rx_frames);
                     counters.set_port(i, PORT_RX_BYTES, port.rx_bytes);
-                    counters.set_port(i, PORT_FORWARDED, forwarded[i]);
-                    counters.set_port(i, PORT_DROPPED, dropped[i]);
+                    counters.set_port(i, PORT_FORWARDED, state.forwarded[i]);
+                    counters.set_port(i, PORT_DROPPED, state.dropped[i]);
                 }
                 filter.sweep(now, 64);
             }

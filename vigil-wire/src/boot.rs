@@ -16,6 +16,11 @@ pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"VIGILBT1");
 /// Layout version of [`BootInfo`] this crate writes and accepts.
 pub const BOOT_INFO_VERSION: u32 = 1;
 
+/// [`MmioDevice::tenant`] of a switch port provisioned with no tenant behind it yet (an
+/// [`crate::verdict::Op::Attach`] record assigns one at run time). The micro-VM drops frames that
+/// arrive from such a port and sends none to it.
+pub const TENANT_UNASSIGNED: u32 = u32::MAX;
+
 /// Most virtio-mmio devices a [`BootInfo`] describes.
 pub const MAX_MMIO_DEVICES: usize = 8;
 
@@ -139,7 +144,9 @@ pub struct MmioDevice {
     /// Interrupt line (GSI); the micro-VM polls, so this is informational.
     pub irq: u32,
     /// For a switch port: the tenant behind it (the `tenant` of its verdicts); 0 for the
-    /// uplink, the port that leads out of the host.
+    /// uplink, the port that leads out of the host; [`TENANT_UNASSIGNED`] for a port with no
+    /// tenant yet. In the edge role: 0 for the outside port(s), anything else marks a cloud port
+    /// (which carries many tenants, told apart by address).
     pub tenant: u32,
 }
 

@@ -5,6 +5,7 @@
 //! over bytes checks lengths before it reads.
 #![no_std]
 
+pub mod auth;
 pub mod boot;
 pub mod ring;
 pub mod verdict;

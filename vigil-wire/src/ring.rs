@@ -221,6 +221,11 @@ impl<'a> Producer<'a> {
         Ok(())
     }
 
+    /// The producer index: how many records were ever pushed (wrapping).
+    pub fn position(&self) -> u64 {
+        self.tail
+    }
+
     /// Records pushed but not yet consumed, as far as the consumer has published.
     pub fn in_flight(&self) -> u64 {
         let consumer = self.region[W_CONSUMER].load(Ordering::Acquire);
@@ -305,11 +310,14 @@ pub enum DropReason {
     IcmpUnsupported = 8,
     /// The flow's verdict was removed (or its tenant flushed); the flow is closed.
     Revoked = 9,
+    /// The frame came from a switch port with no tenant behind it
+    /// ([`crate::boot::TENANT_UNASSIGNED`]), or (edge) no tenant owns its cloud-side address.
+    UnknownTenant = 10,
 }
 
 impl DropReason {
     /// Number of reasons (size of the per-reason counter array).
-    pub const COUNT: usize = 10;
+    pub const COUNT: usize = 11;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Malformed,
         DropReason::NonIp,
@@ -321,6 +329,7 @@ impl DropReason {
         DropReason::VlanStacked,
         DropReason::IcmpUnsupported,
         DropReason::Revoked,
+        DropReason::UnknownTenant,
     ];
 
     /// Stable name for logs and metrics.
@@ -336,6 +345,7 @@ impl DropReason {
             DropReason::VlanStacked => "vlan_stacked",
             DropReason::IcmpUnsupported => "icmp_unsupported",
             DropReason::Revoked => "revoked",
+            DropReason::UnknownTenant => "unknown_tenant",
         }
     }
 }
@@ -354,6 +364,10 @@ pub const GLOBAL_VERDICTS_APPLIED: usize = 2;
 pub const GLOBAL_VERDICTS_REJECTED: usize = 3;
 pub const GLOBAL_FLOWS_ACTIVE: usize = 4;
 pub const GLOBAL_FLOWS_CREATED: usize = 5;
+/// Flows taken over mid-stream through `Op::Adopt` verdicts (included in flows created).
+pub const GLOBAL_FLOWS_ADOPTED: usize = 6;
+/// Flows closed because their verdict was removed or their tenant flushed.
+pub const GLOBAL_FLOWS_REVOKED: usize = 7;
 pub const GLOBAL_COUNT: usize = 8;
 /// Per-port counters, in this order.
 pub const PORT_RX_FRAMES: usize = 0;
@@ -383,6 +397,9 @@ pub const MAX_COUNTED_PORTS: usize = 16;
 pub const COUNTERS_OFFSET: usize = ring_bytes(VERDICT_RING_CAPACITY).next_multiple_of(4096);
 pub const VERDICT_REGION_BYTES: usize =
     COUNTERS_OFFSET + counters_bytes(MAX_COUNTED_PORTS).next_multiple_of(4096);
+// Every reason has its counter word inside the block, and the block inside the region.
+const _: () = assert!(W_DROPS + DropReason::COUNT <= W_PORTS);
+const _: () = assert!(COUNTERS_OFFSET + counters_bytes(MAX_COUNTED_PORTS) <= VERDICT_REGION_BYTES);
 
 /// The writer (micro-VM) end of the counters block. Counters are monotonic, single-writer; each
 /// word is published with a Relaxed store (a reader wants fresh values, not a consistent snapshot).
@@ -649,5 +666,26 @@ mod tests {
         for (i, reason) in DropReason::ALL.iter().enumerate() {
             assert_eq!(*reason as usize, i);
         }
+    }
+
+    #[test]
+    fn every_reason_has_a_counter_and_a_unique_name() {
+        assert_eq!(DropReason::UnknownTenant as usize, 10);
+        assert_eq!(DropReason::UnknownTenant.name(), "unknown_tenant");
+        let r = region(VERDICT_REGION_BYTES - COUNTERS_OFFSET);
+        let w = CountersWriter::format(&r, MAX_COUNTED_PORTS).unwrap();
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            w.set_drop(*reason, 100 + i as u64);
+            for other in &DropReason::ALL[..i] {
+                assert_ne!(reason.name(), other.name());
+            }
+        }
+        w.set_port(MAX_COUNTED_PORTS - 1, PORT_DROPPED, 5);
+        let rd = CountersReader::attach(&r).unwrap();
+        for (i, reason) in DropReason::ALL.iter().enumerate() {
+            assert_eq!(rd.drops(*reason), 100 + i as u64);
+        }
+        assert_eq!(rd.port(MAX_COUNTED_PORTS - 1, PORT_DROPPED), Some(5));
+        assert_eq!(rd.port(0, PORT_RX_FRAMES), Some(0));
     }
 }

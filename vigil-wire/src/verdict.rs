@@ -11,7 +11,7 @@
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 1 | op: 1 add, 2 remove, 3 flush tenant |
+//! | 0 | 1 | op: 1 add, 2 remove, 3 flush tenant, 4 attach, 5 adopt (see [`Op`]) |
 //! | 1 | 1 | direction: 1 egress (connect/sendmsg), 2 ingress (bind/listen) |
 //! | 2 | 1 | IP version: 4 or 6 |
 //! | 3 | 1 | protocol, IANA number: 6 TCP, 17 UDP, 1 ICMP (v4 only), 58 ICMPv6 (v6 only) |
@@ -25,6 +25,11 @@
 //! | 58 | 2 | local port (0 = any); for ICMP the echo identifier (0 = any) |
 //! | 60 | 2 | lowest remote port |
 //! | 62 | 2 | highest remote port (a single port: low = high; any: 0..=65535) |
+//!
+//! An [`Op::Attach`] record uses only op, tenant, sequence, IP version, local address and local
+//! port (the switch port index, [`PORT_NONE`] = none); the consumer ignores every other field (the
+//! producer should leave them zero). An [`Op::FlushTenant`] record uses only op, tenant and
+//! sequence.
 //!
 //! The lifetime is relative rather than an absolute deadline because the VMM and the micro-VM do
 //! not share a clock; ring latency (microseconds) is negligible against lifetimes in seconds.
@@ -68,9 +73,42 @@ pub enum Op {
     Add = 1,
     /// Remove the identical verdict and close the flows it opened.
     Remove = 2,
-    /// Remove every verdict of the tenant and close their flows (VM deleted or migrated away).
+    /// Remove every verdict of the tenant and close their flows (VM deleted or migrated away);
+    /// also forget its switch ports and addresses (everything [`Op::Attach`] gave it).
     FlushTenant = 3,
+    /// Tenant `tenant` is now behind switch port `rule.local_port` (an index in the boot
+    /// information's device order; [`PORT_NONE`] = no port) and owns address `rule.local_addr`
+    /// (version `rule.ip_version`; all zero = no address). Opens no flow. Build it with
+    /// [`VerdictRepr::attach`]. Tenant [`crate::boot::TENANT_UNASSIGNED`] detaches the port and
+    /// releases the address instead.
+    Attach = 4,
+    /// Like [`Op::Add`], and flows the rule covers that are already established elsewhere (the
+    /// tenant migrated here mid-connection) are adopted: a TCP segment without SYN, or a UDP
+    /// datagram in the reply direction, that finds no conntrack entry creates one instead of
+    /// being dropped. Build it with [`VerdictRepr::adopt`].
+    Adopt = 5,
 }
+
+impl Op {
+    pub const fn from_u8(value: u8) -> Option<Op> {
+        match value {
+            1 => Some(Op::Add),
+            2 => Some(Op::Remove),
+            3 => Some(Op::FlushTenant),
+            4 => Some(Op::Attach),
+            5 => Some(Op::Adopt),
+            _ => None,
+        }
+    }
+
+    /// Whether the record carries a flow rule (`Add`, `Remove`, `Adopt`).
+    pub const fn has_rule(self) -> bool {
+        matches!(self, Op::Add | Op::Remove | Op::Adopt)
+    }
+}
+
+/// `rule.local_port` of an [`Op::Attach`] record that names no switch port.
+pub const PORT_NONE: u16 = 0xFFFF;
 
 /// Which way the verdict opens a flow, seen from the tenant.
 #[repr(u8)]
@@ -418,7 +456,8 @@ pub struct VerdictRepr {
     pub seq: u64,
     /// 0 = no expiry.
     pub lifetime_ms: u64,
-    /// Ignored (and emitted as a wildcard rule) for [`Op::FlushTenant`].
+    /// Ignored (and parsed as a wildcard rule) for [`Op::FlushTenant`]; for [`Op::Attach`] only
+    /// `ip_version`, `local_addr` and `local_port` count (see [`VerdictRepr::attach`]).
     pub rule: Rule,
 }
 
@@ -426,23 +465,14 @@ impl VerdictRepr {
     /// Decode and validate a record.
     pub fn parse<T: AsRef<[u8]>>(v: &Verdict<T>) -> Result<VerdictRepr, VerdictError> {
         v.check_len()?;
-        let op = match v.op() {
-            1 => Op::Add,
-            2 => Op::Remove,
-            3 => Op::FlushTenant,
-            other => return Err(VerdictError::BadOp(other)),
-        };
+        let op = Op::from_u8(v.op()).ok_or(VerdictError::BadOp(v.op()))?;
         if v.flags() != 0 {
             return Err(VerdictError::ReservedFlags(v.flags()));
         }
-        if op == Op::FlushTenant {
-            return Ok(VerdictRepr {
-                op,
-                tenant: v.tenant(),
-                seq: v.seq(),
-                lifetime_ms: 0,
-                rule: Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp),
-            });
+        match op {
+            Op::FlushTenant => return Ok(VerdictRepr::flush_tenant(v.tenant(), v.seq())),
+            Op::Attach => return Self::parse_attach(v),
+            Op::Add | Op::Remove | Op::Adopt => {}
         }
         let direction = match v.direction() {
             1 => Direction::Egress,
@@ -494,6 +524,105 @@ impl VerdictRepr {
                 remote_port_max: max,
             },
         })
+    }
+
+    /// The fields of an [`Op::Attach`] record, in the canonical form [`VerdictRepr::attach`] builds
+    /// (so a record round-trips); the fields it does not use are ignored.
+    fn parse_attach<T: AsRef<[u8]>>(v: &Verdict<T>) -> Result<VerdictRepr, VerdictError> {
+        let local_addr = v.local_addr();
+        let addr = if local_addr == [0; 16] {
+            None
+        } else {
+            let ip_version = match v.ip_version() {
+                4 => IpVersion::V4,
+                6 => IpVersion::V6,
+                other => return Err(VerdictError::BadIpVersion(other)),
+            };
+            if ip_version == IpVersion::V4 && local_addr[4..].iter().any(|&b| b != 0) {
+                return Err(VerdictError::BadIpv4Encoding);
+            }
+            Some((ip_version, local_addr))
+        };
+        let port = Some(v.local_port()).filter(|&p| p != PORT_NONE);
+        Ok(VerdictRepr::attach(v.tenant(), v.seq(), port, addr))
+    }
+
+    /// An [`Op::Add`] record.
+    pub const fn add(tenant: u32, seq: u64, lifetime_ms: u64, rule: Rule) -> VerdictRepr {
+        VerdictRepr {
+            op: Op::Add,
+            tenant,
+            seq,
+            lifetime_ms,
+            rule,
+        }
+    }
+
+    /// An [`Op::Adopt`] record: `Add` that also adopts flows of `rule` established elsewhere
+    /// (pushed to the destination host when a tenant migrates, before its vCPUs resume there).
+    pub const fn adopt(tenant: u32, seq: u64, lifetime_ms: u64, rule: Rule) -> VerdictRepr {
+        VerdictRepr {
+            op: Op::Adopt,
+            tenant,
+            seq,
+            lifetime_ms,
+            rule,
+        }
+    }
+
+    /// An [`Op::FlushTenant`] record (its rule is a placeholder nobody reads).
+    pub const fn flush_tenant(tenant: u32, seq: u64) -> VerdictRepr {
+        VerdictRepr {
+            op: Op::FlushTenant,
+            tenant,
+            seq,
+            lifetime_ms: 0,
+            rule: Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp),
+        }
+    }
+
+    /// An [`Op::Attach`] record: `tenant` sits behind switch port `port` (index in the boot
+    /// information's device order) and owns `addr` (IPv4 in the first 4 bytes, as
+    /// [`v4`] encodes it). `port` `None` (or `Some(PORT_NONE)`) and `addr` `None` (or an
+    /// all-zero address) leave that part out. Wire form: op 4, tenant, seq, IP version (4 when
+    /// there is no address), local address (zero = none), local port ([`PORT_NONE`] = none),
+    /// everything else zero except direction 1 / protocol 6, which the consumer ignores.
+    pub const fn attach(
+        tenant: u32,
+        seq: u64,
+        port: Option<u16>,
+        addr: Option<(IpVersion, [u8; 16])>,
+    ) -> VerdictRepr {
+        let mut rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
+        rule.remote_port_max = 0;
+        rule.local_port = match port {
+            Some(p) => p,
+            None => PORT_NONE,
+        };
+        if let Some((ip_version, local_addr)) = addr {
+            rule.ip_version = ip_version;
+            rule.local_addr = local_addr;
+        }
+        VerdictRepr {
+            op: Op::Attach,
+            tenant,
+            seq,
+            lifetime_ms: 0,
+            rule,
+        }
+    }
+
+    /// For an [`Op::Attach`] record: the switch port it names, if any.
+    pub const fn attach_port(&self) -> Option<u16> {
+        match self.rule.local_port {
+            PORT_NONE => None,
+            p => Some(p),
+        }
+    }
+
+    /// For an [`Op::Attach`] record: the address it gives the tenant, if any.
+    pub fn attach_addr(&self) -> Option<(IpVersion, [u8; 16])> {
+        (self.rule.local_addr != [0; 16]).then_some((self.rule.ip_version, self.rule.local_addr))
     }
 
     /// Decode and validate a record from raw bytes.
@@ -615,6 +744,124 @@ mod tests {
             VerdictRepr::from_bytes(&b),
             Err(VerdictError::BadPortRange { min: 500, max: 443 })
         );
+    }
+
+    #[test]
+    fn op_codes_are_stable() {
+        for (op, code) in [
+            (Op::Add, 1u8),
+            (Op::Remove, 2),
+            (Op::FlushTenant, 3),
+            (Op::Attach, 4),
+            (Op::Adopt, 5),
+        ] {
+            assert_eq!(op as u8, code);
+            assert_eq!(Op::from_u8(code), Some(op));
+        }
+        assert_eq!(Op::from_u8(0), None);
+        assert_eq!(Op::from_u8(6), None);
+    }
+
+    #[test]
+    fn adopt_roundtrips_and_validates_like_add() {
+        let r = VerdictRepr::adopt(7, 43, 1000, sample().rule);
+        let bytes = r.to_bytes();
+        assert_eq!(bytes[0], 5);
+        assert_eq!(VerdictRepr::from_bytes(&bytes), Ok(r));
+        let mut bad = bytes;
+        bad[56] = 40;
+        assert_eq!(
+            VerdictRepr::from_bytes(&bad),
+            Err(VerdictError::BadPrefix(40))
+        );
+        assert_eq!(VerdictRepr::add(7, 42, 30_000, sample().rule), sample());
+    }
+
+    #[test]
+    fn attach_roundtrip_and_layout() {
+        let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        let cases = [
+            (Some(3), Some((IpVersion::V4, v4([10, 0, 0, 2])))),
+            (None, Some((IpVersion::V6, v6))),
+            (Some(0), None),
+            (None, None),
+        ];
+        for (port, addr) in cases {
+            let r = VerdictRepr::attach(9, 11, port, addr);
+            assert_eq!(r.op, Op::Attach);
+            assert_eq!(r.attach_port(), port);
+            assert_eq!(r.attach_addr(), addr);
+            let bytes = r.to_bytes();
+            assert_eq!(bytes[0], 4);
+            assert_eq!(&bytes[4..8], &9u32.to_le_bytes());
+            assert_eq!(&bytes[8..16], &11u64.to_le_bytes());
+            assert_eq!(&bytes[58..60], &port.unwrap_or(PORT_NONE).to_le_bytes());
+            assert_eq!(&bytes[24..40], &addr.map_or([0; 16], |a| a.1));
+            if let Some((version, _)) = addr {
+                assert_eq!(bytes[2], version as u8);
+            }
+            // Unused fields are zero on the wire (direction/protocol aside, which are ignored).
+            assert!(bytes[16..24]
+                .iter()
+                .chain(&bytes[40..58])
+                .chain(&bytes[60..])
+                .all(|&b| b == 0));
+            assert_eq!(VerdictRepr::from_bytes(&bytes), Ok(r), "{port:?} {addr:?}");
+        }
+        // PORT_NONE is "no port" either way.
+        assert_eq!(
+            VerdictRepr::attach(1, 1, Some(PORT_NONE), None),
+            VerdictRepr::attach(1, 1, None, None)
+        );
+    }
+
+    #[test]
+    fn attach_ignores_unused_fields_and_checks_the_address() {
+        let r = VerdictRepr::attach(5, 2, Some(1), Some((IpVersion::V4, v4([10, 0, 0, 7]))));
+        let mut b = r.to_bytes();
+        // Garbage where an Attach record has nothing to say: ignored.
+        b[1] = 0xee;
+        b[3] = 0xee;
+        b[16..24].fill(0xee);
+        b[40..57].fill(0xee);
+        b[60..64].fill(0xee);
+        assert_eq!(VerdictRepr::from_bytes(&b), Ok(r));
+        let mut b = r.to_bytes();
+        b[2] = 5;
+        assert_eq!(
+            VerdictRepr::from_bytes(&b),
+            Err(VerdictError::BadIpVersion(5))
+        );
+        let mut b = r.to_bytes();
+        b[35] = 1;
+        assert_eq!(
+            VerdictRepr::from_bytes(&b),
+            Err(VerdictError::BadIpv4Encoding)
+        );
+        let mut b = r.to_bytes();
+        b[57] = 2;
+        assert_eq!(
+            VerdictRepr::from_bytes(&b),
+            Err(VerdictError::ReservedFlags(2))
+        );
+        // Without an address the version byte does not matter (a producer may leave it 0).
+        let mut b = VerdictRepr::attach(5, 2, Some(1), None).to_bytes();
+        b[2] = 0;
+        assert_eq!(
+            VerdictRepr::from_bytes(&b),
+            Ok(VerdictRepr::attach(5, 2, Some(1), None))
+        );
+    }
+
+    #[test]
+    fn flush_tenant_uses_only_tenant_and_seq() {
+        let r = VerdictRepr::flush_tenant(4, 99);
+        let mut b = r.to_bytes();
+        assert_eq!(b[0], 3);
+        b[24..57].fill(0x55);
+        b[58..64].fill(0x55);
+        b[1] = 9;
+        assert_eq!(VerdictRepr::from_bytes(&b), Ok(r));
     }
 
     #[test]

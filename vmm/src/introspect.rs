@@ -12,17 +12,16 @@
 //! queue does, by design: events are not dropped).
 
 use std::collections::VecDeque;
-use std::io::Write;
 use std::net::IpAddr;
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use serde::Serialize;
 use trap_handler::attribution::{self, Attribution, HookArgs, Process, SocketOp};
 use trap_handler::mem::{PagingMode, VirtReader};
-use trap_handler::policy::{Policy, Verdict};
+use trap_handler::policy::{Policy, PolicySpec, Verdict};
 use trap_handler::profile::KernelProfile;
 use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr, RECORD_LEN};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -190,18 +189,13 @@ fn verdict_event(tenant: u32, record: &[u8; RECORD_LEN]) -> Option<VerdictEvent>
 }
 
 fn run_logger(vm: String, tenant: u32, rx: Receiver<LogEntry>) {
-    let mut out = std::io::stdout();
     loop {
         let mut barriers = Vec::new();
-        let mut wrote = false;
         loop {
             let entry = match rx.try_recv() {
                 Ok(entry) => entry,
                 Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    let _ = out.flush();
-                    return;
-                }
+                Err(mpsc::TryRecvError::Disconnected) => return,
             };
             let text = match entry {
                 LogEntry::Socket(e) => line("socket", &vm, &e),
@@ -218,12 +212,8 @@ fn run_logger(vm: String, tenant: u32, rx: Receiver<LogEntry>) {
                 }
             };
             if let Ok(text) = text {
-                let _ = writeln!(out, "{text}");
-                wrote = true;
+                crate::events::bus().publish(&text);
             }
-        }
-        if wrote {
-            let _ = out.flush();
         }
         for done in barriers {
             let _ = done.send(());
@@ -253,7 +243,8 @@ pub struct Introspection {
     /// The tenant id verdict records carry.
     pub tenant: u32,
     pub profile: KernelProfile,
-    pub policy: Policy,
+    /// The policy in force and the spec it was compiled from (replaceable while the VM runs).
+    policy: RwLock<(PolicySpec, Policy)>,
     /// (operation, guest-virtual address of its LSM hook), at most three: DR1-DR3.
     pub hooks: Vec<(SocketOp, u64)>,
     /// Hooks by software breakpoint (an `int3` Vigil writes over the function's `endbr64`), for
@@ -271,17 +262,36 @@ pub struct Introspection {
     pub bare: Vec<SocketOp>,
     events: SyncSender<LogEntry>,
     verdicts: Mutex<VerdictOutbox>,
-    /// The switch-tier micro-VM's verdict ring, once the tenant is plugged into one: allowed
-    /// calls' verdicts go there before the vCPU resumes.
-    switch: OnceLock<Arc<VerdictRegion>>,
+    /// The firewall tiers, once the tenant is plugged into them: allowed calls' verdicts go
+    /// there before the vCPU resumes.
+    tiers: OnceLock<Arc<dyn VerdictSink>>,
+}
+
+/// Where a tenant's verdict records go: the switch-tier micro-VM's ring, and on a cloud host
+/// the edge as well.
+pub trait VerdictSink: Send + Sync {
+    /// Delivers records in order; false when they could not all be delivered (the caller keeps
+    /// them for a later `take_verdicts`).
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool;
+}
+
+impl VerdictSink for VerdictRegion {
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+        self.push(records).is_ok()
+    }
 }
 
 /// A stable tenant id from a VM name (FNV-1a, 32 bits): the same VM gets the same id on every
 /// host, which a migrated tenant's verdicts rely on.
 pub fn tenant_id(name: &str) -> u32 {
-    name.bytes().fold(0x811c_9dc5u32, |hash, byte| {
+    let hash = name.bytes().fold(0x811c_9dc5u32, |hash, byte| {
         (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
-    })
+    });
+    // 0 is the uplink's id and u32::MAX an unassigned port's (vigil-wire boot information).
+    match hash {
+        0 | u32::MAX => 1,
+        other => other,
+    }
 }
 
 /// Address families whose sockets reach the network: AF_INET, AF_INET6, AF_PACKET.
@@ -337,7 +347,8 @@ fn hex(bytes: &[u8]) -> String {
 impl Introspection {
     /// Builds the hooks from the kernel the VM boots (link addresses: a PVH-booted kernel runs
     /// unrelocated, so no KASLR slide applies) and starts the VM's event logger.
-    pub fn new(vm: &str, profile: KernelProfile, policy: Policy) -> Result<Self, String> {
+    pub fn new(vm: &str, profile: KernelProfile, spec: PolicySpec) -> Result<Self, String> {
+        let policy = Policy::compile(&spec).map_err(|e| format!("policy: {e}"))?;
         let mut hooks = Vec::new();
         for op in [SocketOp::Connect, SocketOp::Bind, SocketOp::Listen] {
             let addr = *profile
@@ -374,14 +385,14 @@ impl Introspection {
             vm: vm.to_string(),
             tenant: tenant_id(vm),
             profile,
-            policy,
+            policy: RwLock::new((spec, policy)),
             hooks,
             slide: std::sync::atomic::AtomicU64::new(0),
             soft_hooks,
             soft_placed: OnceLock::new(),
             bare,
             events,
-            switch: OnceLock::new(),
+            tiers: OnceLock::new(),
             verdicts: Mutex::new(VerdictOutbox {
                 next_seq: 1,
                 pending: VecDeque::new(),
@@ -529,7 +540,38 @@ impl Introspection {
 
     /// Plugs the tenant into a switch-tier micro-VM: its verdicts go to that ring from now on.
     pub fn connect_switch(&self, region: Arc<VerdictRegion>) {
-        let _ = self.switch.set(region);
+        self.connect_tiers(region);
+    }
+
+    /// Plugs the tenant into its firewall tiers (once; later calls are ignored).
+    pub fn connect_tiers(&self, tiers: Arc<dyn VerdictSink>) {
+        let _ = self.tiers.set(tiers);
+    }
+
+    /// The policy spec in force.
+    pub fn policy_spec(&self) -> PolicySpec {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Replaces the policy: every later call is decided by `spec`. The caller revokes the
+    /// verdicts the old policy granted (a flush of the tenant on its tiers).
+    pub fn replace_policy(&self, spec: PolicySpec) -> Result<(), String> {
+        let policy = Policy::compile(&spec).map_err(|e| e.to_string())?;
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = (spec, policy);
+        Ok(())
+    }
+
+    /// The next sequence number of this tenant's verdict records (the host numbers its own
+    /// control records for the tenant from the same counter).
+    pub fn next_seq(&self) -> u64 {
+        let mut outbox = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        let seq = outbox.next_seq;
+        outbox.next_seq += 1;
+        seq
     }
 
     /// Verdict records not yet taken by a tier, oldest first, and how many were dropped because
@@ -562,9 +604,9 @@ impl Introspection {
             // it reads the next frames, so the flow's first packet finds its verdict); kept for a
             // tier that asks later otherwise, or when the ring is full.
             let delivered = self
-                .switch
+                .tiers
                 .get()
-                .is_some_and(|ring| ring.push(&[record]).is_ok());
+                .is_some_and(|tiers| tiers.deliver(&[record]));
             if !delivered {
                 if outbox.pending.len() == PENDING_VERDICTS {
                     outbox.pending.pop_front();
@@ -604,7 +646,12 @@ impl Introspection {
             // netlink, ...) are allowed, and still logged. AF_PACKET is raw network access and
             // stays under the policy.
             Ok(a) if !governed_family(a.family) => Verdict::Allow,
-            Ok(a) => self.policy.decide(a),
+            Ok(a) => self
+                .policy
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .decide(a),
             Err(_) => Verdict::Deny,
         };
         let mut outcome = HookOutcome::Allow;

@@ -7,14 +7,18 @@
 //! Must not: trust anything that comes from a guest (memory, registers, device rings).
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod devices;
 pub mod emulation;
+pub mod events;
 pub mod guest_ram;
 pub mod host;
 pub mod introspect;
 pub mod layout;
 pub mod net_config;
+pub mod run_control;
+pub mod snapshot;
 pub mod vcpu;
 pub mod verdict_region;
 pub mod vm;

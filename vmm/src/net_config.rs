@@ -1,23 +1,57 @@
-//! Configuration of one network interface: `tap=NAME[,netns=NS][,mac=MAC][,tenant=ID]`.
-//! `tenant=` applies to the firewall micro-VM's switch ports: the tenant behind the port (0, the
-//! default, is the uplink).
+//! Configuration of one network interface: `tap=NAME[,netns=NS][,mac=MAC][,tenant=ID]`, or a
+//! VXLAN endpoint `vxlan=PEER:PORT[,local=ADDR:PORT][,vni=N][,mac=MAC][,tenant=ID]` (a switch's
+//! uplink to the edge) or `local=ADDR:PORT[,vni=N]` (an edge's cloud port, which learns its
+//! peers). `tenant=` applies to the firewall micro-VM's switch ports: the tenant behind the port
+//! (0, the default, is the uplink).
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
+
+use crate::devices::vxlan::MAX_VNI;
 
 /// Linux's IFNAMSIZ less the terminating NUL.
 const MAX_IFNAME: usize = 15;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    /// Host TAP device the interface is backed by (created if it does not exist).
-    pub tap: String,
-    /// Network namespace the TAP lives in (None: the VMM's own).
-    pub netns: Option<String>,
+    pub backend: NetBackend,
     /// Guest MAC address.
     pub mac: [u8; 6],
     /// For a switch port of the firewall micro-VM: the tenant behind it (0: the uplink).
     pub tenant: u32,
+}
+
+/// What carries an interface's frames on the host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetBackend {
+    /// A TAP device (created if it does not exist), in a network namespace or the VMM's own.
+    Tap { name: String, netns: Option<String> },
+    /// A VXLAN endpoint bound at `local`, flooding to `peer` until it learns better.
+    Vxlan {
+        local: SocketAddr,
+        peer: Option<SocketAddr>,
+        vni: u32,
+    },
+}
+
+impl fmt::Display for NetBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NetBackend::Tap { name, netns: None } => write!(f, "tap {name}"),
+            NetBackend::Tap {
+                name,
+                netns: Some(ns),
+            } => write!(f, "tap {name} in netns {ns}"),
+            NetBackend::Vxlan { local, peer, vni } => {
+                write!(f, "vxlan vni {vni} at {local}")?;
+                if let Some(peer) = peer {
+                    write!(f, " to {peer}")?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,7 +61,8 @@ impl fmt::Display for NetConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "bad --net value: {} (expected tap=NAME[,netns=NS][,mac=52:54:00:12:34:56][,tenant=N])",
+            "bad --net value: {} (expected tap=NAME[,netns=NS][,mac=52:54:00:12:34:56][,tenant=N] \
+             or vxlan=PEER:PORT[,local=ADDR:PORT][,vni=N][,mac=..][,tenant=N] or local=ADDR:PORT[,vni=N])",
             self.0
         )
     }
@@ -79,6 +114,16 @@ impl FromStr for NetConfig {
         let mut netns = None;
         let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
         let mut tenant = 0;
+        let mut peer = None;
+        let mut local = None;
+        let mut vni = None;
+        let socket_addr = |value: &str| -> Result<SocketAddr, NetConfigError> {
+            value.parse().map_err(|_| {
+                NetConfigError(format!(
+                    "`{value}` is not an address:port (e.g. 10.0.0.1:4789)"
+                ))
+            })
+        };
         for item in text.split(',') {
             let (key, value) = item
                 .split_once('=')
@@ -106,13 +151,42 @@ impl FromStr for NetConfig {
                         NetConfigError(format!("`{value}` is not a tenant id (0 to 4294967295)"))
                     })?
                 }
+                "vxlan" => peer = Some(socket_addr(value)?),
+                "local" => local = Some(socket_addr(value)?),
+                "vni" => {
+                    vni = Some(
+                        value
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|v| *v <= MAX_VNI)
+                            .ok_or_else(|| {
+                                NetConfigError(format!("`{value}` is not a VNI (0 to {MAX_VNI})"))
+                            })?,
+                    )
+                }
                 other => return Err(NetConfigError(format!("unknown key `{other}`"))),
             }
         }
-        let tap = tap.ok_or_else(|| NetConfigError("tap= is required".into()))?;
+        let backend = match (tap, peer.is_some() || local.is_some()) {
+            (Some(name), false) if vni.is_none() => NetBackend::Tap { name, netns },
+            (None, true) if netns.is_none() => NetBackend::Vxlan {
+                local: local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
+                peer,
+                vni: vni.unwrap_or(1),
+            },
+            (None, false) => {
+                return Err(NetConfigError(
+                    "one of tap=, vxlan= or local= is required".into(),
+                ))
+            }
+            _ => {
+                return Err(NetConfigError(
+                    "tap= (with netns=) and vxlan=/local=/vni= do not mix".into(),
+                ))
+            }
+        };
         Ok(NetConfig {
-            tap,
-            netns,
+            backend,
             mac,
             tenant,
         })
@@ -128,12 +202,31 @@ mod tests {
         let c: NetConfig = "tap=vt0,netns=outside,mac=52:54:00:aa:bb:cc"
             .parse()
             .unwrap();
-        assert_eq!(c.tap, "vt0");
-        assert_eq!(c.netns.as_deref(), Some("outside"));
+        assert_eq!(
+            c.backend,
+            NetBackend::Tap {
+                name: "vt0".into(),
+                netns: Some("outside".into())
+            }
+        );
         assert_eq!(c.mac, [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc]);
         assert_eq!(c.tenant, 0);
         let port: NetConfig = "tap=p1,tenant=42".parse().unwrap();
         assert_eq!(port.tenant, 42);
+        let uplink: NetConfig = "vxlan=192.168.50.1:4789,vni=9".parse().unwrap();
+        assert_eq!(
+            uplink.backend,
+            NetBackend::Vxlan {
+                local: "0.0.0.0:0".parse().unwrap(),
+                peer: Some("192.168.50.1:4789".parse().unwrap()),
+                vni: 9
+            }
+        );
+        let cloud: NetConfig = "local=0.0.0.0:4789,tenant=1".parse().unwrap();
+        assert!(matches!(
+            cloud.backend,
+            NetBackend::Vxlan { peer: None, .. }
+        ));
     }
 
     #[test]
@@ -151,6 +244,11 @@ mod tests {
             "tap=vt0,netns=..",
             "tap=vt0,tenant=-1",
             "tap=vt0,tenant=x",
+            "vxlan=10.0.0.1",
+            "vxlan=10.0.0.1:4789,vni=16777216",
+            "tap=vt0,vxlan=10.0.0.1:4789",
+            "local=0.0.0.0:4789,netns=x",
+            "tap=vt0,vni=3",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad} was accepted");
         }

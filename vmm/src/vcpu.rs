@@ -23,6 +23,7 @@ use crate::emulation::{self, Completion, GuestView};
 use crate::host::HostKind;
 use crate::introspect::{HookOutcome, Introspection};
 use crate::layout::flat_segment;
+use crate::run_control::RunControl;
 use crate::vm::{Bus, PioAction};
 use crate::write_trap::WriteTraps;
 use trap_handler::attribution::SocketOp;
@@ -116,6 +117,8 @@ enum VcpuState {
     Running,
     /// Our breakpoint at `rip` is off while the guest executes one instruction.
     SteppingOver,
+    /// Parked by a pause request (the API's `vm.pause`).
+    Paused,
     Stopped,
 }
 
@@ -211,16 +214,28 @@ impl Vcpu {
     }
 
     /// Runs until the guest or the VMM stops this vCPU.
-    pub fn run(&mut self, stop: &AtomicBool) -> StopReason {
+    pub fn run(&mut self, stop: &AtomicBool, control: &RunControl) -> StopReason {
         if self.introspection.is_some() {
             if let Err(e) = self.program_debug(false) {
                 return StopReason::Crashed(format!("cannot install the introspection hooks: {e}"));
             }
         }
+        // A restored VM may already run user code: the syscall fix must be in place before its
+        // first system call (a fresh boot is not in long mode yet, and this returns at once).
+        self.maybe_arm_syscall_fix();
         loop {
             if stop.load(Ordering::Acquire) {
                 self.state = VcpuState::Stopped;
                 return StopReason::Requested;
+            }
+            // Between two exits, and never in the middle of stepping over a hook (its next exit
+            // comes after one instruction): nothing is half handled.
+            if control.is_paused() && self.state == VcpuState::Running {
+                self.state = VcpuState::Paused;
+                let index = self.index;
+                control.park(stop, index, || self.capture());
+                self.state = VcpuState::Running;
+                continue;
             }
             let exit = match self.run_once() {
                 Ok(exit) => exit,
@@ -260,6 +275,19 @@ impl Vcpu {
                 return reason;
             }
         }
+    }
+
+    /// This vCPU's state, for a snapshot or a migration (on this vCPU's thread, out of KVM_RUN).
+    fn capture(&mut self) -> Result<crate::snapshot::VcpuSnapshot, String> {
+        crate::snapshot::VcpuSnapshot::capture(self.index, &mut self.fd)
+    }
+
+    /// Loads a captured state before the first run (a restored or migrated VM).
+    pub fn restore(
+        &mut self,
+        snapshot: &crate::snapshot::VcpuSnapshot,
+    ) -> Result<Vec<u32>, String> {
+        snapshot.restore(&self.fd)
     }
 
     /// One KVM_RUN, with the exit handled or copied out.

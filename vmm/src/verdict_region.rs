@@ -88,6 +88,37 @@ impl VerdictRegion {
         Ok(())
     }
 
+    /// Pushes records like [`push`](Self::push) and returns the ring position after the last
+    /// one, for [`wait_consumed`](Self::wait_consumed).
+    pub fn push_tracked(&self, records: &[[u8; RECORD_LEN]]) -> Result<u64, RingError> {
+        let _turn = self.producer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut producer = Producer::attach(self.words(0, COUNTERS_OFFSET))?;
+        for record in records {
+            producer.push(record)?;
+        }
+        Ok(producer.position())
+    }
+
+    /// Waits until the micro-VM has taken every record up to `position` (it applies what it
+    /// takes at once), or `limit` passes. The micro-VM has no doorbell to ring back: this polls
+    /// the consumer index, every 20 µs.
+    pub fn wait_consumed(&self, position: u64, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            let Ok(producer) = Producer::attach(self.words(0, COUNTERS_OFFSET)) else {
+                return false;
+            };
+            let consumed = producer.position().wrapping_sub(producer.in_flight());
+            if consumed.wrapping_sub(position) < (1 << 63) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(20));
+        }
+    }
+
     /// The counters the micro-VM published, if it formatted the block.
     pub fn counters(&self) -> Option<FirewallCounters> {
         let reader = CountersReader::attach(

@@ -25,9 +25,12 @@ use crate::boot::{self, BootError, BootModule};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{FrameLink, Net};
+use crate::devices::vxlan::Vxlan;
 use crate::devices::{MmioDevice, MmioDeviceInfo};
 use crate::host::HostKind;
 use crate::layout::*;
+use crate::net_config::NetBackend;
+use crate::run_control::RunControl;
 use crate::vcpu::{StopReason, Vcpu, VcpuStats};
 use crate::verdict_region::{FirewallCounters, VerdictRegion};
 use crate::write_trap::{RamSlot, WriteTraps};
@@ -279,6 +282,71 @@ pub struct Bus {
 }
 
 impl Bus {
+    /// Quiesces every MMIO device and returns their states (in bus order).
+    fn save_devices(&self) -> Vec<crate::snapshot::TransportSnapshot> {
+        self.mmio
+            .iter()
+            .filter_map(|slot| slot.device.lock().unwrap_or_else(|p| p.into_inner()).save())
+            .collect()
+    }
+
+    fn resume_devices(&self) {
+        for slot in &self.mmio {
+            slot.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_save();
+        }
+    }
+
+    fn restore_devices(&self, states: &[crate::snapshot::TransportSnapshot]) -> Result<(), String> {
+        if states.len() != self.mmio.len() {
+            return Err(format!(
+                "the snapshot has {} devices, this VM {}",
+                states.len(),
+                self.mmio.len()
+            ));
+        }
+        for (index, (slot, state)) in self.mmio.iter().zip(states).enumerate() {
+            slot.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(state)
+                .map_err(|e| format!("device {index}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn save_serial(&self) -> crate::snapshot::SerialRegs {
+        let state = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state();
+        crate::snapshot::SerialRegs {
+            divisor_low: state.baud_divisor_low,
+            divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            line_control: state.line_control,
+            modem_control: state.modem_control,
+            scratch: state.scratch,
+        }
+    }
+
+    /// Programs the serial port as the guest had it, through its registers (16550 offsets: 0
+    /// DLL, 1 DLM/IER, 3 LCR with DLAB = bit 7, 4 MCR, 7 SCR). Enabling the transmit interrupt
+    /// raises it, which restarts a guest that waited for it.
+    fn restore_serial(&self, regs: &crate::snapshot::SerialRegs) {
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = serial.write(3, 0x80);
+        let _ = serial.write(0, regs.divisor_low);
+        let _ = serial.write(1, regs.divisor_high);
+        let _ = serial.write(3, regs.line_control & 0x7f);
+        let _ = serial.write(4, regs.modem_control);
+        let _ = serial.write(7, regs.scratch);
+        let _ = serial.write(1, regs.interrupt_enable);
+    }
+
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {
         match port {
             p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
@@ -352,6 +420,59 @@ impl Bus {
 }
 
 /// A VM ready to run.
+/// Pause, capture and resume a VM that runs on another thread.
+#[derive(Clone)]
+pub struct VmHandle {
+    fd: Arc<VmFd>,
+    bus: Arc<Bus>,
+    memory: GuestMemoryMmap,
+    control: Arc<RunControl>,
+}
+
+impl VmHandle {
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    pub fn control(&self) -> &Arc<RunControl> {
+        &self.control
+    }
+
+    /// Pauses the VM and captures everything but RAM; devices stop touching RAM, so RAM can be
+    /// copied next. The VM stays paused: `resume_after_capture` lets it go on (a snapshot), or
+    /// the caller stops it (a migration's source).
+    pub fn capture(&self, limit: Duration) -> Result<crate::snapshot::VmSnapshot, String> {
+        let vcpus = self.control.pause_and_capture(limit)?;
+        let transports = self.bus.save_devices();
+        let mut irqchips = Vec::new();
+        for chip_id in 0..3 {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut chip)
+                .map_err(|e| format!("KVM_GET_IRQCHIP {chip_id}: {e}"))?;
+            irqchips.push(chip);
+        }
+        Ok(crate::snapshot::VmSnapshot {
+            mem_bytes: self.memory.iter().map(|r| r.len()).sum(),
+            vcpus,
+            irqchips,
+            pit: self.fd.get_pit2().ok(),
+            clock: self.fd.get_clock().ok(),
+            serial: self.bus.save_serial(),
+            transports,
+        })
+    }
+
+    /// Lets a captured VM run on (its devices restart where they stood).
+    pub fn resume_after_capture(&self) {
+        self.bus.resume_devices();
+        self.control.resume();
+    }
+}
+
 pub struct Vm {
     name: String,
     host: HostKind,
@@ -367,6 +488,8 @@ pub struct Vm {
     verdict_region: Option<Arc<VerdictRegion>>,
     /// Set to stop the VM from outside (another VM's thread, the API).
     stop: Arc<AtomicBool>,
+    /// Pauses and resumes the vCPUs from outside (the API).
+    control: Arc<RunControl>,
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, VmError> {
@@ -419,7 +542,7 @@ impl Vm {
                     path: path.clone(),
                     source,
                 })?;
-                let policy = trap_handler::policy::Policy::from_json(&text)
+                let policy: trap_handler::policy::PolicySpec = serde_json::from_str(&text)
                     .map_err(|e| VmError::Device(format!("policy {}: {e}", path.display())))?;
                 let profile = kernel_profile(&elf)?;
                 Some(Arc::new(
@@ -502,10 +625,19 @@ impl Vm {
         // TAP-backed interfaces first, then in-process links; each with its port's tenant.
         let mut backends: Vec<(Box<dyn FrameLink>, [u8; 6], u32)> = Vec::new();
         for (index, net) in config.nets.iter().enumerate() {
-            let tap = Tap::open(&net.tap, net.netns.as_deref()).map_err(|e| {
-                VmError::Device(format!("network interface {index} (tap {}): {e}", net.tap))
-            })?;
-            backends.push((Box::new(tap), net.mac, net.tenant));
+            let what = |e: &dyn std::fmt::Display| {
+                VmError::Device(format!("network interface {index} ({}): {e}", net.backend))
+            };
+            let link: Box<dyn FrameLink> = match &net.backend {
+                NetBackend::Tap { name, netns } => {
+                    Box::new(Tap::open(name, netns.as_deref()).map_err(|e| what(&e))?)
+                }
+                NetBackend::Vxlan { local, peer, vni } => Box::new(
+                    Vxlan::bind(*local, peer.iter().copied().collect(), *vni)
+                        .map_err(|e| what(&e))?,
+                ),
+            };
+            backends.push((link, net.mac, net.tenant));
         }
         for (index, link) in config.links.iter().enumerate() {
             let end = link.link.try_clone().map_err(|e| {
@@ -663,6 +795,7 @@ impl Vm {
             introspection,
             verdict_region,
             stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(RunControl::default()),
             name: config.name.clone(),
             host,
             _kvm: kvm,
@@ -681,6 +814,84 @@ impl Vm {
     /// Stops the VM when set (its `run` returns with `StopReason::Requested`).
     pub fn stop_handle(&self) -> Arc<AtomicBool> {
         self.stop.clone()
+    }
+
+    /// What the API needs to pause, capture and resume this VM while `run` owns it.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            fd: self.fd.clone(),
+            bus: self.bus.clone(),
+            memory: self.memory.clone(),
+            control: self.control.clone(),
+        }
+    }
+
+    /// Loads a snapshot into this freshly created VM (before `run`): RAM from `pages` (a
+    /// `snapshot::write_memory` stream), then the VM, vCPU and device state. Returns the MSRs
+    /// KVM refused (reported, not fatal).
+    pub fn restore(
+        &mut self,
+        snapshot: &crate::snapshot::VmSnapshot,
+        pages: &mut impl std::io::Read,
+    ) -> Result<Vec<u32>, VmError> {
+        let bad = |what: &str, e: String| VmError::Device(format!("restore: {what}: {e}"));
+        let mem_size: u64 = self.memory.iter().map(|r| r.len()).sum();
+        if snapshot.mem_bytes != mem_size || snapshot.vcpus.len() != self.vcpus.len() {
+            return Err(bad(
+                "shape",
+                format!(
+                    "the snapshot has {} MiB and {} vCPUs, this VM {} MiB and {}",
+                    snapshot.mem_bytes >> 20,
+                    snapshot.vcpus.len(),
+                    mem_size >> 20,
+                    self.vcpus.len()
+                ),
+            ));
+        }
+        // Start from zeroed RAM (what `create` loaded is not the guest's any more): give the
+        // pages back to the kernel, which maps zero pages on the next touch.
+        for region in self.memory.iter() {
+            let host = self
+                .memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| bad("RAM", e.to_string()))?;
+            // SAFETY: the range is one anonymous private mapping the VM owns; nothing else uses it
+            // before the vCPUs run.
+            let rc =
+                unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(bad("RAM", std::io::Error::last_os_error().to_string()));
+            }
+        }
+        crate::snapshot::read_memory(&self.memory, pages).map_err(|e| bad("RAM", e.to_string()))?;
+        for chip in &snapshot.irqchips {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(|e| bad("KVM_SET_IRQCHIP", e.to_string()))?;
+        }
+        if let Some(pit) = &snapshot.pit {
+            self.fd
+                .set_pit2(pit)
+                .map_err(|e| bad("KVM_SET_PIT2", e.to_string()))?;
+        }
+        if let Some(clock) = &snapshot.clock {
+            // A KVM without a settable clock (or a guest without kvmclock) loses nothing here.
+            let _ = self.fd.set_clock(clock);
+        }
+        let mut refused = Vec::new();
+        for (vcpu, state) in self.vcpus.iter_mut().zip(&snapshot.vcpus) {
+            refused.extend(vcpu.restore(state).map_err(|e| bad("vCPU", e))?);
+        }
+        self.bus.restore_serial(&snapshot.serial);
+        self.bus
+            .restore_devices(&snapshot.transports)
+            .map_err(|e| bad("devices", e))?;
+        Ok(refused)
+    }
+
+    /// Pauses and resumes the VM's vCPUs while it runs.
+    pub fn run_control(&self) -> Arc<RunControl> {
+        self.control.clone()
     }
 
     /// A firewall micro-VM's verdict ring and counters.
@@ -721,11 +932,12 @@ impl Vm {
         let mut handles: Vec<std::thread::JoinHandle<_>> = Vec::new();
         for mut vcpu in self.vcpus {
             let stop = stop.clone();
+            let control = self.control.clone();
             let first_reason = first_reason.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("{}-vcpu{}", self.name, vcpu.index))
                 .spawn(move || {
-                    let reason = vcpu.run(&stop);
+                    let reason = vcpu.run(&stop, &control);
                     stop.store(true, Ordering::Release);
                     let (lock, cvar) = &*first_reason;
                     let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -737,6 +949,11 @@ impl Vm {
                 })
                 .map_err(VmError::Thread)?;
             handles.push(handle);
+        }
+        {
+            use std::os::unix::thread::JoinHandleExt;
+            self.control
+                .set_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
         }
         let sampler = std::env::var_os("VIGIL_PROFILE").map(|_| {
             use std::os::unix::thread::JoinHandleExt;
@@ -781,6 +998,8 @@ impl Vm {
             }
         }
         stop.store(true, Ordering::Release);
+        // No more pause kicks at threads that are about to end.
+        self.control.set_threads(Vec::new());
         if let Some(sampler) = sampler {
             let _ = sampler.join();
         }
@@ -891,6 +1110,11 @@ static STOP_SIGNALLED: AtomicBool = AtomicBool::new(false);
 const SIGNAL_POLL: Duration = Duration::from_millis(50);
 
 /// Makes SIGTERM and SIGINT stop running VMs cleanly instead of killing the VMM.
+/// Whether SIGTERM or SIGINT arrived since `stop_on_signals`.
+pub fn stop_signalled() -> bool {
+    STOP_SIGNALLED.load(Ordering::Acquire)
+}
+
 pub fn stop_on_signals() {
     extern "C" fn on_signal(_: libc::c_int) {
         // Only an atomic store: async-signal-safe.

@@ -179,6 +179,10 @@ impl FlowSlot {
         self.expires
     }
 
+    pub fn tenant(&self) -> u32 {
+        self.tenant
+    }
+
     pub fn verdict(&self) -> VerdictRef {
         VerdictRef {
             slot: self.verdict_slot,
@@ -351,6 +355,11 @@ impl<'a> Conntrack<'a> {
     /// Most entries the table holds.
     pub fn capacity(&self) -> usize {
         self.max
+    }
+
+    /// Number of slots (a sweep with this budget examines every one).
+    pub fn slots_len(&self) -> usize {
+        self.slots.len()
     }
 
     /// Occupied slots, expired entries not yet reclaimed included.

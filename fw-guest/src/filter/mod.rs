@@ -11,17 +11,28 @@
 //! - an ICMP error passes if the packet it quotes belongs to a tracked flow;
 //! - everything else is dropped and counted by [`DropReason`].
 //!
+//! An [`Op::Adopt`] verdict also takes over flows established elsewhere (a tenant that migrated
+//! here mid-connection): a TCP segment without SYN, or a UDP datagram travelling against the
+//! verdict's direction, that matches it and finds no entry creates an entry instead of being
+//! dropped. A plain `Add` never does (a mid-stream pick-up is dropped as before).
+//!
+//! Who a frame belongs to is the caller's business in the switch role (the port it arrived on,
+//! from [`Tenancy`]); in the edge role [`Filter::process_edge`] finds the tenant from the address
+//! table. Both tables are filled by [`Op::Attach`] records (see [`tenancy`]).
+//!
 //! All state lives in caller-supplied slices sized at construction; the data path never
 //! allocates. Time comes from the caller as monotonic nanoseconds; the filter has no clock.
 
 pub mod conntrack;
 pub mod flow;
 pub mod parse;
+pub mod tenancy;
 pub mod verdicts;
 
 pub use conntrack::{slots_for, Conntrack, FlowSlot, Probe, TcpState, Timeouts};
 pub use flow::FlowKey;
 pub use parse::{parse, IpMeta, Parsed, TcpFlags, L4};
+pub use tenancy::{AttachError, Tenancy, MAX_ADDRS, MAX_PORTS, UPLINK_TENANT};
 pub use verdicts::{AddOutcome, IndexSlot, VerdictRef, VerdictSlot, VerdictTable};
 pub use vigil_wire::ring::DropReason;
 pub use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
@@ -48,6 +59,9 @@ pub struct Counters {
     pub flows_created: u64,
     pub flows_expired: u64,
     pub flows_revoked: u64,
+    /// Flows taken over mid-stream through an [`Op::Adopt`] verdict (included in
+    /// `flows_created`).
+    pub flows_adopted: u64,
     pub verdicts_applied: u64,
     pub verdicts_rejected: u64,
     /// Verdict records whose sequence number was not the previous one plus one.
@@ -68,6 +82,8 @@ impl Counters {
         w.set_global(ring::GLOBAL_VERDICTS_REJECTED, self.verdicts_rejected);
         w.set_global(ring::GLOBAL_FLOWS_ACTIVE, flows_active);
         w.set_global(ring::GLOBAL_FLOWS_CREATED, self.flows_created);
+        w.set_global(ring::GLOBAL_FLOWS_ADOPTED, self.flows_adopted);
+        w.set_global(ring::GLOBAL_FLOWS_REVOKED, self.flows_revoked);
         for r in DropReason::ALL {
             w.set_drop(r, self.drops[r as usize]);
         }
@@ -102,6 +118,17 @@ pub enum ApplyError {
     TableFull,
     /// `Remove` of a verdict that is not present.
     NotFound,
+    /// An `Attach` the port/address tables refused.
+    Attach(AttachError),
+}
+
+/// Which side of the edge a port is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EdgeSide {
+    /// The internet side (boot tenant 0).
+    Outside,
+    /// A cloud port: many tenants, told apart by address.
+    Cloud,
 }
 
 /// Why the filter could not be built from the given storage.
@@ -126,6 +153,7 @@ pub struct Filter<'a> {
     config: Config,
     counters: Counters,
     last_seq: u64,
+    tenancy: Tenancy,
 }
 
 impl<'a> Filter<'a> {
@@ -147,6 +175,7 @@ impl<'a> Filter<'a> {
             config,
             counters: Counters::default(),
             last_seq: 0,
+            tenancy: Tenancy::new(),
         })
     }
 
@@ -160,6 +189,22 @@ impl<'a> Filter<'a> {
 
     pub fn verdicts(&self) -> &VerdictTable<'a> {
         &self.verdicts
+    }
+
+    /// The port and address tables ([`Op::Attach`] fills them).
+    pub fn tenancy(&self) -> &Tenancy {
+        &self.tenancy
+    }
+
+    /// For the packet loop: boot-time port assignment, [`Tenancy::take_port_changes`].
+    pub fn tenancy_mut(&mut self) -> &mut Tenancy {
+        &mut self.tenancy
+    }
+
+    /// Count a drop the caller decided (e.g. a frame from an unassigned port) and return it.
+    pub fn drop_frame(&mut self, reason: DropReason) -> Decision {
+        self.counters.drops[reason as usize] += 1;
+        Decision::Drop(reason)
     }
 
     /// Applies every record waiting in the verdict ring (the micro-VM calls this before it reads
@@ -198,9 +243,16 @@ impl<'a> Filter<'a> {
         }
         self.last_seq = v.seq;
         let result = match v.op {
-            Op::Add => self
+            Op::Add | Op::Adopt => self
                 .verdicts
-                .add(v.tenant, &v.rule, v.seq, v.lifetime_ms, now_ns)
+                .insert(
+                    v.tenant,
+                    &v.rule,
+                    v.seq,
+                    v.lifetime_ms,
+                    now_ns,
+                    v.op == Op::Adopt,
+                )
                 .map(|_| ())
                 .map_err(|_| ApplyError::TableFull),
             Op::Remove => {
@@ -211,15 +263,44 @@ impl<'a> Filter<'a> {
                 }
             }
             Op::FlushTenant => {
-                self.verdicts.flush_tenant(v.tenant);
+                self.flush_tenant(v.tenant, now_ns);
                 Ok(())
             }
+            Op::Attach => self
+                .tenancy
+                .attach(v.tenant, v.attach_port(), v.attach_addr())
+                .map_err(ApplyError::Attach),
         };
         match result {
             Ok(()) => self.counters.verdicts_applied += 1,
             Err(_) => self.counters.verdicts_rejected += 1,
         }
         result
+    }
+
+    /// Everything of `tenant` goes, now: its verdicts, its ports and addresses, and every
+    /// conntrack entry it has (a full scan of the flow table, control path only: ~75k slots for
+    /// the default 64k flows). Live entries count as revoked, expired ones as expired. Returns the
+    /// number of entries removed.
+    pub fn flush_tenant(&mut self, tenant: u32, now_ns: u64) -> usize {
+        self.verdicts.flush_tenant(tenant);
+        self.tenancy.flush(tenant);
+        let counters = &mut self.counters;
+        let verdicts = &mut self.verdicts;
+        let all = self.conntrack.slots_len();
+        // One full turn of the sweep cursor examines every slot (see `Conntrack::sweep`).
+        self.conntrack.sweep(secs(now_ns), all, |s, expired| {
+            if s.tenant() != tenant {
+                return false;
+            }
+            verdicts.release(s.verdict());
+            if expired {
+                counters.flows_expired += 1;
+            } else {
+                counters.flows_revoked += 1;
+            }
+            true
+        })
     }
 
     /// Reclaim up to `budget` conntrack slots and verdict slots: expired flows, flows of removed
@@ -254,6 +335,58 @@ impl<'a> Filter<'a> {
             Decision::Drop(r) => self.counters.drops[r as usize] += 1,
         }
         d
+    }
+
+    /// Judge one frame at the edge, arriving from a port on side `from` and leaving by one on
+    /// side `to`. The tenant comes from the address table: a frame leaving the cloud is judged
+    /// egress for the owner of its source address, a frame entering the cloud ingress for the
+    /// owner of its destination address; a cloud-to-cloud frame both ways (as the switch judges
+    /// tenant-to-tenant traffic). No owner: [`DropReason::UnknownTenant`]. ARP and neighbour
+    /// discovery pass as in [`Filter::process`]. Outside-to-outside has no tenant to judge for
+    /// and is dropped as `UnknownTenant` too (the packet loop never asks).
+    pub fn process_edge(
+        &mut self,
+        from: EdgeSide,
+        to: EdgeSide,
+        frame: &[u8],
+        now_ns: u64,
+    ) -> Decision {
+        let d = match parse(frame) {
+            Err(reason) => Decision::Drop(reason),
+            Ok(Parsed::Arp) => {
+                self.counters.arp += 1;
+                Decision::Forward
+            }
+            Ok(Parsed::NeighborDiscovery) => {
+                self.counters.ndp += 1;
+                Decision::Forward
+            }
+            Ok(Parsed::Ip(meta)) => self.edge_ip(from, to, &meta, now_ns),
+        };
+        match d {
+            Decision::Forward => self.counters.forwarded += 1,
+            Decision::Drop(r) => self.counters.drops[r as usize] += 1,
+        }
+        d
+    }
+
+    fn edge_ip(&mut self, from: EdgeSide, to: EdgeSide, m: &IpMeta, now_ns: u64) -> Decision {
+        if from == EdgeSide::Outside && to == EdgeSide::Outside {
+            return Decision::Drop(DropReason::UnknownTenant);
+        }
+        if from == EdgeSide::Cloud {
+            let Some(tenant) = self.tenancy.owner(m.ip_version, &m.src) else {
+                return Decision::Drop(DropReason::UnknownTenant);
+            };
+            let d = self.ip(tenant, Direction::Egress, m, now_ns);
+            if d != Decision::Forward || to == EdgeSide::Outside {
+                return d;
+            }
+        }
+        let Some(tenant) = self.tenancy.owner(m.ip_version, &m.dst) else {
+            return Decision::Drop(DropReason::UnknownTenant);
+        };
+        self.ip(tenant, Direction::Ingress, m, now_ns)
     }
 
     fn decide(&mut self, tenant: u32, dir: Direction, frame: &[u8], now_ns: u64) -> Decision {
@@ -364,10 +497,11 @@ impl<'a> Filter<'a> {
         }
     }
 
-    /// A packet without a tracked flow: open one if it is an opening packet and a verdict allows.
+    /// A packet without a tracked flow: open one if it is an opening packet and a verdict allows
+    /// (or adopt it mid-stream if an [`Op::Adopt`] verdict covers it).
     fn open(
         &mut self,
-        mut i: usize,
+        i: usize,
         key: &FlowKey,
         hash: u32,
         dir: Direction,
@@ -387,6 +521,11 @@ impl<'a> Filter<'a> {
             L4::EchoReply { .. } | L4::IcmpError { .. } => (false, TcpState::None, 0),
         };
         let verdict = self.verdicts.find(key, dir, now_ns);
+        if !opening || verdict.is_none() {
+            if let Some((adopter, origin)) = self.adopter(key, dir, l4, verdict, now_ns) {
+                return self.adopt(i, key, hash, origin, dir, l4, adopter, now_s);
+            }
+        }
         let Some(verdict) = verdict else {
             return Decision::Drop(DropReason::NoVerdict);
         };
@@ -398,31 +537,119 @@ impl<'a> Filter<'a> {
                 DropReason::NoVerdict
             });
         }
+        let i = match self.make_room(i, key, hash, now_s) {
+            Ok(i) => i,
+            Err(d) => return d,
+        };
+        self.insert_flow(i, key, dir, tcp, verdict, now_s.saturating_add(timeout));
+        Decision::Forward
+    }
+
+    /// An [`Op::Adopt`] verdict that takes over the untracked packet `l4` travelling in `dir`,
+    /// and the direction the flow was opened in. Only a TCP segment without SYN or RST (a SYN
+    /// opens normally, a RST has nothing to keep) and a UDP datagram qualify. The verdict may
+    /// open the flow either way: the first packet seen after a migration is as likely a reply.
+    fn adopter(
+        &self,
+        key: &FlowKey,
+        dir: Direction,
+        l4: &L4,
+        same_dir: Option<VerdictRef>,
+        now_ns: u64,
+    ) -> Option<(VerdictRef, Direction)> {
+        match *l4 {
+            _ if self.verdicts.adopting() == 0 => return None,
+            L4::Tcp { flags, .. } if !flags.syn && !flags.rst => {}
+            L4::Udp { .. } => {}
+            _ => return None,
+        }
+        if let Some(v) = same_dir.filter(|&v| self.verdicts.is_adoptable(v)) {
+            return Some((v, dir));
+        }
+        let back = dir.reverse();
+        self.verdicts
+            .find(key, back, now_ns)
+            .filter(|&v| self.verdicts.is_adoptable(v))
+            .map(|v| (v, back))
+    }
+
+    /// Take over a flow established elsewhere: an entry as if the handshake had been seen here
+    /// (TCP established, UDP unreplied), opened in `origin`, then the packet steps it as a
+    /// packet of a tracked flow (a FIN moves it on, a UDP reply marks it replied).
+    #[allow(clippy::too_many_arguments)]
+    fn adopt(
+        &mut self,
+        i: usize,
+        key: &FlowKey,
+        hash: u32,
+        origin: Direction,
+        dir: Direction,
+        l4: &L4,
+        verdict: VerdictRef,
+        now_s: u32,
+    ) -> Decision {
+        let t = &self.config.timeouts;
+        let (state, timeout) = match l4 {
+            L4::Tcp { .. } => (TcpState::Established, t.tcp_established),
+            _ => (TcpState::None, t.udp_unreplied),
+        };
+        let i = match self.make_room(i, key, hash, now_s) {
+            Ok(i) => i,
+            Err(d) => return d,
+        };
+        self.insert_flow(
+            i,
+            key,
+            origin,
+            state,
+            verdict,
+            now_s.saturating_add(timeout),
+        );
+        self.counters.flows_adopted += 1;
+        self.existing(i, dir, l4, now_s)
+            .unwrap_or(Decision::Drop(DropReason::InvalidTcpState))
+    }
+
+    /// The slot a new entry for `key` goes to (`i` from a [`Probe::Vacant`]), after reclaiming
+    /// expired entries (bounded work) if the table is full; live entries are never evicted.
+    fn make_room(
+        &mut self,
+        mut i: usize,
+        key: &FlowKey,
+        hash: u32,
+        now_s: u32,
+    ) -> Result<usize, Decision> {
         if self.conntrack.needs_room(i) && self.conntrack.is_full() {
-            // Reclaim expired entries (bounded work), then look again; live entries are never
-            // evicted.
             let freed = self.sweep_flows(now_s, self.config.sweep_on_full);
             if freed == 0 {
-                return Decision::Drop(DropReason::TableFull);
+                return Err(Decision::Drop(DropReason::TableFull));
             }
             match self.conntrack.lookup(key, hash, now_s) {
                 Probe::Vacant(j) => i = j,
-                Probe::Found(_) => return Decision::Drop(DropReason::InvalidTcpState),
+                Probe::Found(_) => return Err(Decision::Drop(DropReason::InvalidTcpState)),
             }
             if self.conntrack.needs_room(i) && self.conntrack.is_full() {
-                return Decision::Drop(DropReason::TableFull);
+                return Err(Decision::Drop(DropReason::TableFull));
             }
         }
-        if let Some(old) =
-            self.conntrack
-                .insert(i, key, dir, tcp, verdict, now_s.saturating_add(timeout))
-        {
+        Ok(i)
+    }
+
+    fn insert_flow(
+        &mut self,
+        i: usize,
+        key: &FlowKey,
+        origin: Direction,
+        tcp: TcpState,
+        verdict: VerdictRef,
+        expires: u32,
+    ) {
+        if let Some(old) = self.conntrack.insert(i, key, origin, tcp, verdict, expires) {
             self.verdicts.release(old.verdict());
             self.counters.flows_expired += 1;
         }
         self.verdicts.acquire(verdict);
         self.counters.flows_created += 1;
-        Decision::Forward
     }
 
     /// An ICMP error passes when the packet it quotes belongs to a live tracked flow. The quoted

@@ -39,6 +39,8 @@ pub struct VerdictSlot {
     flows: u32,
     gen: u16,
     live: bool,
+    /// Added by `Op::Adopt`: may take over flows established elsewhere.
+    adopt: bool,
     next_free: u32,
 }
 
@@ -55,6 +57,7 @@ impl VerdictSlot {
         flows: 0,
         gen: 0,
         live: false,
+        adopt: false,
         next_free: NONE,
     };
 }
@@ -97,6 +100,8 @@ pub struct VerdictTable<'a> {
     index: &'a mut [IndexSlot],
     free_head: u32,
     live: usize,
+    /// Live verdicts with `adopt` set: while 0, no packet pays for an adoption lookup.
+    adopting: usize,
     seed: u64,
     sweep_cursor: usize,
 }
@@ -156,6 +161,7 @@ impl<'a> VerdictTable<'a> {
             index,
             free_head: 0,
             live: 0,
+            adopting: 0,
             seed: seed ^ INDEX_SALT,
             sweep_cursor: 0,
         })
@@ -168,6 +174,11 @@ impl<'a> VerdictTable<'a> {
 
     pub fn is_empty(&self) -> bool {
         self.live == 0
+    }
+
+    /// Number of verdicts that adopt flows (`Op::Adopt`).
+    pub fn adopting(&self) -> usize {
+        self.adopting
     }
 
     pub fn capacity(&self) -> usize {
@@ -217,7 +228,7 @@ impl<'a> VerdictTable<'a> {
         None
     }
 
-    /// Add (or refresh) a verdict.
+    /// Add (or refresh) a verdict (`Op::Add`).
     pub fn add(
         &mut self,
         tenant: u32,
@@ -225,6 +236,20 @@ impl<'a> VerdictTable<'a> {
         seq: u64,
         lifetime_ms: u64,
         now_ns: u64,
+    ) -> Result<AddOutcome, VerdictTableFull> {
+        self.insert(tenant, rule, seq, lifetime_ms, now_ns, false)
+    }
+
+    /// Add (or refresh) a verdict; `adopt`: it may take over flows established elsewhere
+    /// (`Op::Adopt`). A refresh takes the new record's `adopt`: the latest record wins.
+    pub fn insert(
+        &mut self,
+        tenant: u32,
+        rule: &Rule,
+        seq: u64,
+        lifetime_ms: u64,
+        now_ns: u64,
+        adopt: bool,
     ) -> Result<AddOutcome, VerdictTableFull> {
         let expires_ns = if lifetime_ms == 0 {
             0
@@ -238,6 +263,14 @@ impl<'a> VerdictTable<'a> {
             let s = &mut self.slots[slot as usize];
             s.expires_ns = expires_ns;
             s.seq = seq;
+            if s.adopt != adopt {
+                s.adopt = adopt;
+                if adopt {
+                    self.adopting += 1;
+                } else {
+                    self.adopting -= 1;
+                }
+            }
             return Ok(AddOutcome::Refreshed(slot));
         }
         if self.free_head == NONE {
@@ -257,6 +290,7 @@ impl<'a> VerdictTable<'a> {
             s.seq = seq;
             s.flows = 0;
             s.live = true;
+            s.adopt = adopt;
             s.next_free = NONE;
         }
         // The index has more entries than the slab, so an empty one exists.
@@ -266,6 +300,7 @@ impl<'a> VerdictTable<'a> {
         }
         self.index[i] = IndexSlot { hash: h, slot };
         self.live += 1;
+        self.adopting += usize::from(adopt);
         Ok(AddOutcome::Added(slot))
     }
 
@@ -320,6 +355,8 @@ impl<'a> VerdictTable<'a> {
         }
         self.index[pos] = IndexSlot::EMPTY;
         let s = &mut self.slots[slot as usize];
+        self.adopting -= usize::from(s.adopt);
+        s.adopt = false;
         s.live = false;
         s.flows = 0;
         s.gen = s.gen.wrapping_add(1);
@@ -406,6 +443,12 @@ impl<'a> VerdictTable<'a> {
             Some(s) => s.live && s.gen == r.gen,
             None => false,
         }
+    }
+
+    /// Whether the verdict `r` names is current and came from `Op::Adopt`.
+    #[inline]
+    pub fn is_adoptable(&self, r: VerdictRef) -> bool {
+        self.is_current(r) && self.slots[r.slot as usize].adopt
     }
 
     /// A flow was opened by `r`.

@@ -2,6 +2,7 @@
 
 pub mod tap;
 pub mod virtio;
+pub mod vxlan;
 
 /// A device reached through guest-physical MMIO. Offsets are relative to the device's window.
 /// Implementations must accept any offset and any access size (1..=8 bytes) without panicking:
@@ -9,6 +10,17 @@ pub mod virtio;
 pub trait MmioDevice: Send {
     fn mmio_read(&mut self, offset: u64, data: &mut [u8]);
     fn mmio_write(&mut self, offset: u64, data: &[u8]);
+    /// Stops the device from touching guest memory and returns its state (for a snapshot or a
+    /// migration); None for a device without state to carry.
+    fn save(&mut self) -> Option<crate::snapshot::TransportSnapshot> {
+        None
+    }
+    /// Starts moving data again after `save` (the snapshot was only a snapshot).
+    fn resume_after_save(&mut self) {}
+    /// Loads a saved state into this (fresh) device, after guest RAM was restored.
+    fn restore(&mut self, _state: &crate::snapshot::TransportSnapshot) -> Result<(), String> {
+        Err("this device has no state to restore".into())
+    }
 }
 
 /// Description of one virtio-mmio device for the ACPI tables and the guest command line.

@@ -327,7 +327,102 @@ impl MmioTransport {
     }
 }
 
+impl MmioTransport {
+    /// Sets every queue's position to where its used ring in guest RAM says the device stood
+    /// (with the device quiesced every buffer it took was returned, so next_avail == next_used),
+    /// then activates the device.
+    fn reactivate_from_memory(&mut self) -> Result<(), String> {
+        use vm_memory::{Bytes, GuestAddress};
+        for (index, queue) in self.queues.iter_mut().enumerate() {
+            if !queue.ready() {
+                continue;
+            }
+            // struct virtq_used (virtio 1.2 §2.7.8): le16 flags, le16 idx, ...
+            let idx: u16 = self
+                .mem
+                .read_obj::<u16>(GuestAddress(queue.used_ring().wrapping_add(2)))
+                .map_err(|e| format!("queue {index}: used ring unreadable: {e}"))?;
+            queue.set_next_avail(u16::from_le(idx));
+            queue.set_next_used(u16::from_le(idx));
+        }
+        self.activate().map_err(|e| e.to_string())?;
+        // Wake the driver: whatever completed while the VM was stopped gets looked at.
+        self.interrupt.signal(super::interrupt::USED_BUFFER);
+        Ok(())
+    }
+}
+
 impl MmioDevice for MmioTransport {
+    fn save(&mut self) -> Option<crate::snapshot::TransportSnapshot> {
+        let was_active = self.active;
+        if self.active {
+            // Joins the device's worker: nothing writes guest memory after this.
+            self.device.reset();
+            self.active = false;
+        }
+        Some(crate::snapshot::TransportSnapshot {
+            device_status: self.device_status,
+            driver_features: self.driver_features,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            active: was_active,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| crate::snapshot::QueueConfig {
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc_table: q.desc_table(),
+                    avail_ring: q.avail_ring(),
+                    used_ring: q.used_ring(),
+                })
+                .collect(),
+        })
+    }
+
+    fn resume_after_save(&mut self) {
+        if !self.active && self.device_status & status::DRIVER_OK != 0 {
+            if let Err(e) = self.reactivate_from_memory() {
+                eprintln!("virtio-mmio: the device did not restart after a snapshot: {e}");
+            }
+        }
+    }
+
+    fn restore(&mut self, state: &crate::snapshot::TransportSnapshot) -> Result<(), String> {
+        if state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "the saved device has {} queues, this one {}",
+                state.queues.len(),
+                self.queues.len()
+            ));
+        }
+        for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
+            queue.reset();
+            if saved.size > queue.max_size() {
+                return Err(format!("a saved queue of {} entries", saved.size));
+            }
+            queue.set_size(saved.size);
+            let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
+            let (l, h) = split(saved.desc_table);
+            queue.set_desc_table_address(l, h);
+            let (l, h) = split(saved.avail_ring);
+            queue.set_avail_ring_address(l, h);
+            let (l, h) = split(saved.used_ring);
+            queue.set_used_ring_address(l, h);
+            queue.set_ready(saved.ready);
+        }
+        self.device_status = state.device_status;
+        self.driver_features = state.driver_features & self.device.features();
+        self.queue_sel = state.queue_sel;
+        if state.interrupt_status != 0 {
+            self.interrupt.signal(state.interrupt_status);
+        }
+        if state.active {
+            self.reactivate_from_memory()?;
+        }
+        Ok(())
+    }
+
     fn mmio_read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= reg::CONFIG {
             self.device.read_config(offset - reg::CONFIG, data);

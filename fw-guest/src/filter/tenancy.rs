@@ -1,0 +1,221 @@
+//! Who is where: the tenant behind each switch port and the tenant owning each address.
+//!
+//! Both tables are filled by [`vigil_wire::verdict::Op::Attach`] records (and emptied by
+//! `FlushTenant`), never by frames: a tenant cannot claim an address or a port by sending from
+//! it. The switch role reads the port table (a frame's tenant is its port's); the edge role reads
+//! the address table (a frame's tenant is the owner of its cloud-side address).
+//!
+//! Bounded and allocation-free: [`MAX_PORTS`] ports, [`MAX_ADDRS`] addresses.
+//!
+//! Tenant 0 is the uplink (switch) or the outside (edge): ports given tenant 0 at boot keep it for
+//! good, and no record can give tenant 0 a port or an address. That keeps a control-plane mistake
+//! from turning the uplink into a tenant port or a tenant port into a second uplink.
+
+use vigil_wire::boot::{MAX_MMIO_DEVICES, TENANT_UNASSIGNED};
+use vigil_wire::verdict::IpVersion;
+
+/// Most switch ports (the boot information's device limit).
+pub const MAX_PORTS: usize = MAX_MMIO_DEVICES;
+/// Most addresses the table holds (a power of two, as `heapless::FnvIndexMap` requires).
+pub const MAX_ADDRS: usize = 256;
+
+const _: () = assert!(MAX_PORTS <= 32, "port change set is a u32 bitmask");
+
+/// The tenant of uplink / outside ports.
+pub const UPLINK_TENANT: u32 = 0;
+
+/// Why an attach was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachError {
+    /// Port index at or above [`MAX_PORTS`].
+    BadPort(u16),
+    /// The port is an uplink/outside port (fixed at boot), or the record names tenant 0.
+    Reserved,
+    /// [`MAX_ADDRS`] addresses are owned already.
+    AddressTableFull,
+}
+
+/// An address as the table keys it: the version keeps `10.0.0.2` apart from `a00:2::`.
+type AddrKey = (u8, [u8; 16]);
+
+/// Port and address ownership.
+pub struct Tenancy {
+    ports: [u32; MAX_PORTS],
+    addrs: heapless::FnvIndexMap<AddrKey, u32, MAX_ADDRS>,
+    /// Ports whose tenant changed since the packet loop last asked (bit i = port i).
+    changed: u32,
+}
+
+impl Default for Tenancy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tenancy {
+    /// Every port unassigned, no address owned.
+    pub const fn new() -> Tenancy {
+        Tenancy {
+            ports: [TENANT_UNASSIGNED; MAX_PORTS],
+            addrs: heapless::FnvIndexMap::new(),
+            changed: 0,
+        }
+    }
+
+    /// Boot-time assignment (from `MmioDevice::tenant`); any tenant, 0 included. Out-of-range
+    /// ports are ignored.
+    pub fn set_boot_port(&mut self, port: usize, tenant: u32) {
+        if let Some(slot) = self.ports.get_mut(port) {
+            *slot = tenant;
+        }
+    }
+
+    /// The tenant behind `port` ([`TENANT_UNASSIGNED`] for none or an out-of-range port).
+    #[inline]
+    pub fn port(&self, port: usize) -> u32 {
+        self.ports.get(port).copied().unwrap_or(TENANT_UNASSIGNED)
+    }
+
+    /// The owner of `addr` (IPv4 in the first 4 bytes).
+    #[inline]
+    pub fn owner(&self, version: IpVersion, addr: &[u8; 16]) -> Option<u32> {
+        if self.addrs.is_empty() {
+            return None;
+        }
+        self.addrs.get(&(version as u8, *addr)).copied()
+    }
+
+    /// Number of owned addresses.
+    pub fn addresses(&self) -> usize {
+        self.addrs.len()
+    }
+
+    /// Ports whose tenant changed since the last call (bit i = port i); clears the set. The packet
+    /// loop forgets what it learned on them (MAC addresses).
+    pub fn take_port_changes(&mut self) -> u32 {
+        core::mem::take(&mut self.changed)
+    }
+
+    /// Apply an attach: `tenant` behind `port` and owner of `addr`. Tenant
+    /// [`TENANT_UNASSIGNED`] detaches the port and releases the address. Either part may be
+    /// absent; nothing changes when a part is refused.
+    pub fn attach(
+        &mut self,
+        tenant: u32,
+        port: Option<u16>,
+        addr: Option<(IpVersion, [u8; 16])>,
+    ) -> Result<(), AttachError> {
+        if tenant == UPLINK_TENANT {
+            return Err(AttachError::Reserved);
+        }
+        let port = match port {
+            None => None,
+            Some(p) if usize::from(p) >= MAX_PORTS => return Err(AttachError::BadPort(p)),
+            Some(p) if self.ports[usize::from(p)] == UPLINK_TENANT => {
+                return Err(AttachError::Reserved)
+            }
+            Some(p) => Some(usize::from(p)),
+        };
+        if let Some((version, a)) = addr {
+            let key = (version as u8, a);
+            if tenant == TENANT_UNASSIGNED {
+                self.addrs.remove(&key);
+            } else if self.addrs.insert(key, tenant).is_err() {
+                // Last writer wins for an address already owned; only a new one can overflow.
+                return Err(AttachError::AddressTableFull);
+            }
+        }
+        if let Some(p) = port {
+            if self.ports[p] != tenant {
+                self.ports[p] = tenant;
+                self.changed |= 1 << p;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forget every port and address of `tenant` (not tenant 0's boot ports); returns how many
+    /// ports and addresses were released.
+    pub fn flush(&mut self, tenant: u32) -> (usize, usize) {
+        let mut ports = 0;
+        if tenant != UPLINK_TENANT && tenant != TENANT_UNASSIGNED {
+            for (i, t) in self.ports.iter_mut().enumerate() {
+                if *t == tenant {
+                    *t = TENANT_UNASSIGNED;
+                    self.changed |= 1 << i;
+                    ports += 1;
+                }
+            }
+        }
+        let before = self.addrs.len();
+        self.addrs.retain(|_, owner| *owner != tenant);
+        (ports, before - self.addrs.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vigil_wire::verdict::v4;
+
+    #[test]
+    fn attach_detach_flush() {
+        let mut t = Tenancy::new();
+        t.set_boot_port(0, 0);
+        t.set_boot_port(1, 7);
+        assert_eq!(t.port(2), TENANT_UNASSIGNED);
+        assert_eq!(t.port(99), TENANT_UNASSIGNED);
+        let a = (IpVersion::V4, v4([10, 0, 0, 2]));
+        t.attach(9, Some(2), Some(a)).unwrap();
+        assert_eq!(t.port(2), 9);
+        assert_eq!(t.take_port_changes(), 1 << 2);
+        assert_eq!(t.take_port_changes(), 0);
+        assert_eq!(t.owner(IpVersion::V4, &a.1), Some(9));
+        // The same bytes as IPv6 are another address.
+        assert_eq!(t.owner(IpVersion::V6, &a.1), None);
+        // The uplink is fixed; tenant 0 gets nothing; ports are bounded.
+        assert_eq!(t.attach(9, Some(0), None), Err(AttachError::Reserved));
+        assert_eq!(t.attach(0, Some(3), None), Err(AttachError::Reserved));
+        assert_eq!(
+            t.attach(9, Some(MAX_PORTS as u16), None),
+            Err(AttachError::BadPort(MAX_PORTS as u16))
+        );
+        assert_eq!(t.flush(0), (0, 0));
+        assert_eq!(t.port(0), 0);
+        // Flush releases ports and addresses of that tenant only.
+        t.attach(9, Some(3), None).unwrap();
+        assert_eq!(t.flush(9), (2, 1));
+        assert_eq!(
+            (t.port(2), t.port(3), t.port(1)),
+            (TENANT_UNASSIGNED, TENANT_UNASSIGNED, 7)
+        );
+        assert_eq!(t.take_port_changes(), (1 << 2) | (1 << 3));
+        assert_eq!(t.owner(IpVersion::V4, &a.1), None);
+        // Detach through TENANT_UNASSIGNED.
+        t.attach(5, Some(4), Some(a)).unwrap();
+        t.attach(TENANT_UNASSIGNED, Some(4), Some(a)).unwrap();
+        assert_eq!(t.port(4), TENANT_UNASSIGNED);
+        assert_eq!(t.addresses(), 0);
+    }
+
+    #[test]
+    fn address_table_is_bounded() {
+        let mut t = Tenancy::new();
+        for n in 0..MAX_ADDRS as u32 {
+            let addr = v4((0x0a00_0000 + n).to_be_bytes());
+            t.attach(1 + n % 3, None, Some((IpVersion::V4, addr)))
+                .unwrap();
+        }
+        let extra = (IpVersion::V4, v4([192, 168, 0, 1]));
+        assert_eq!(
+            t.attach(1, None, Some(extra)),
+            Err(AttachError::AddressTableFull)
+        );
+        // Re-owning an existing address still works when full.
+        let first = v4([10, 0, 0, 0]);
+        t.attach(8, None, Some((IpVersion::V4, first))).unwrap();
+        assert_eq!(t.owner(IpVersion::V4, &first), Some(8));
+        assert_eq!(t.flush(8), (0, 1));
+        t.attach(1, None, Some(extra)).unwrap();
+    }
+}

@@ -1,0 +1,3 @@
+//! The REST API on a Unix socket.
+
+pub mod http;
