@@ -174,7 +174,7 @@ fn sealed_by_hand_reordered_and_too_old() {
     let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
     raw.connect(rx.local_addr().unwrap()).unwrap();
     let recs = records(1);
-    let mut send = |seq: u64| {
+    let send = |seq: u64| {
         let mut out = [0u8; MAX_DATAGRAM];
         let len = auth::seal(&k, 8, seq, 0, &recs, &mut out).unwrap();
         raw.send(&out[..len]).unwrap();

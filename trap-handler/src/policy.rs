@@ -42,18 +42,18 @@ pub enum Protocol {
 pub struct RuleSpec {
     pub op: SocketOp,
     /// Executable path, matched exactly.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
     /// Process name (comm): weaker, a process can rename itself. Only used when `exe` is absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
     #[serde(default = "any_protocol")]
     pub protocol: Protocol,
     /// Address range, e.g. "10.0.0.0/8" (remote for connect, local for bind/listen). Absent: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr: Option<String>,
     /// Port range "443" or "8000-8080". Absent: any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ports: Option<String>,
 }
 

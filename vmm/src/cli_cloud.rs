@@ -136,7 +136,7 @@ enum RemoteAction {
 }
 
 fn load_key(path: &Path) -> Result<Vec<u8>, String> {
-    edge::channel::load_key(path).map_err(|e| format!("key file {}: {e}", path.display()))
+    edge::channel::load_key(path).map_err(|e| e.to_string())
 }
 
 fn serve_until_signalled(stop: &Arc<AtomicBool>) {
@@ -335,7 +335,10 @@ pub fn remote(args: RemoteArgs) -> ExitCode {
         RemoteAction::Policy { id, set: None } => {
             ("GET", format!("vm.policy?id={}", query(&id)), None)
         }
-        RemoteAction::Policy { id, set: Some(file) } => {
+        RemoteAction::Policy {
+            id,
+            set: Some(file),
+        } => {
             let policy: serde_json::Value = match std::fs::read_to_string(&file)
                 .map_err(|e| e.to_string())
                 .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
@@ -387,7 +390,10 @@ pub fn remote(args: RemoteArgs) -> ExitCode {
                     .ok()
                     .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(String::from))
                     .unwrap_or_else(|| text.to_string());
-                eprintln!("vigil remote: {method} {full}: {}: {message}", response.status);
+                eprintln!(
+                    "vigil remote: {method} {full}: {}: {message}",
+                    response.status
+                );
                 ExitCode::from(1)
             }
         }

@@ -23,14 +23,15 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use trap_handler::policy::{Policy, PolicySpec};
 use vigil_wire::boot::{Role, TENANT_UNASSIGNED};
-use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr, RECORD_LEN};
+use vigil_wire::verdict::{IpVersion, VerdictRepr, RECORD_LEN};
 
 use crate::host::HostKind;
 use crate::introspect::{tenant_id, Introspection, VerdictSink};
 use crate::net_config::{parse_mac, NetConfig};
 use crate::run_control::RunControl;
+use crate::snapshot::{read_json, write_json, VmSnapshot};
 use crate::verdict_region::{FirewallCounters, VerdictRegion};
-use crate::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
+use crate::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig, VmError, VmHandle, VmOutcome};
 
 /// Most tenant ports a switch offers (the micro-VM serves 8 ports, one is the uplink).
 pub const MAX_TENANT_PORTS: usize = 7;
@@ -265,6 +266,7 @@ struct Tenant {
     vm: Option<Vm>,
     stop: Arc<AtomicBool>,
     control: Arc<RunControl>,
+    handle: VmHandle,
     introspection: Option<Arc<Introspection>>,
     thread: Option<JoinHandle<Result<VmOutcome, VmError>>>,
     stop_reason: Option<String>,
@@ -309,6 +311,74 @@ pub struct ReconfigTimes {
     pub create_ms: Option<f64>,
     pub delete_ms: Option<f64>,
     pub policy_ms: Option<f64>,
+    /// Target host: from the migrated state's arrival to its switch having the tenant's port,
+    /// address and adopted verdicts.
+    pub migrate_ms: Option<f64>,
+    /// Source host: from the pause to the target's word that the VM runs there.
+    pub migration_downtime_ms: Option<f64>,
+}
+
+/// The migration protocol's first message (source to target).
+#[derive(Serialize, Deserialize)]
+struct MigrationHeader {
+    version: u32,
+    spec: VmSpec,
+    source_host: String,
+}
+
+/// The target's answers.
+#[derive(Serialize, Deserialize)]
+struct MigrationReply {
+    ok: bool,
+    error: Option<String>,
+    /// In the final reply: ms to restore the VM, ms until its switch took the tenant over.
+    restore_ms: f64,
+    tiers_ms: f64,
+}
+
+const MIGRATION_VERSION: u32 = 1;
+/// Largest state document (vCPU and device state; RAM travels as pages).
+const MAX_STATE_DOC: usize = 16 << 20;
+/// How long a target waits for its source.
+const MIGRATION_WAIT: Duration = Duration::from_secs(120);
+
+/// `file:///dir` → the directory.
+pub fn file_path(url: &str) -> Result<PathBuf, HostError> {
+    match url.strip_prefix("file://") {
+        Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
+        _ => Err(HostError::bad_request(format!(
+            "{url:?} is not a file:///absolute/path URL"
+        ))),
+    }
+}
+
+/// `unix:/path` → the path.
+pub fn unix_path(url: &str) -> Result<PathBuf, HostError> {
+    match url.strip_prefix("unix:") {
+        Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
+        _ => Err(HostError::bad_request(format!(
+            "{url:?} is not a unix:/absolute/path URL"
+        ))),
+    }
+}
+
+/// A gratuitous ARP from the tenant (who-has its own address, broadcast): sent on its behalf
+/// after a migration so that the switch, the edge's VXLAN table and outside hosts learn where it
+/// is now (virtio-net's GUEST_ANNOUNCE does this from inside the guest; the tenant's kernel was
+/// not asked to).
+fn announcement(mac: [u8; 6], ip: IpAddr) -> Option<Vec<u8>> {
+    let IpAddr::V4(ip) = ip else {
+        return None;
+    };
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&mac);
+    // EtherType ARP; htype Ethernet, ptype IPv4, hlen 6, plen 4, op request (RFC 826).
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip.octets());
+    Some(frame)
 }
 
 struct SwitchTier {
@@ -406,8 +476,8 @@ impl Host {
             policy: None,
             links: switch_ends,
         };
-        let switch_vm = Vm::create(&switch_config, kind)
-            .map_err(|e| format!("the switch micro-VM: {e}"))?;
+        let switch_vm =
+            Vm::create(&switch_config, kind).map_err(|e| format!("the switch micro-VM: {e}"))?;
         let region = switch_vm
             .verdict_region()
             .ok_or("the switch micro-VM has no verdict region")?;
@@ -472,41 +542,44 @@ impl Host {
         self.control_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn attach_record(&self, tenant: u32, slot: usize, ip: IpAddr) -> [u8; RECORD_LEN] {
-        let (version, addr) = ip_fields(ip);
-        let mut rule = Rule::any(Direction::Egress, version, Protocol::Tcp);
-        rule.local_addr = addr;
-        rule.local_port = (slot + 1) as u16;
-        VerdictRepr {
-            op: Op::Attach,
+    /// The switch's Attach: the tenant is behind switch port `slot + 1` (device 0 is the uplink)
+    /// and owns `ip`.
+    fn switch_attach(&self, tenant: u32, slot: usize, ip: IpAddr) -> [u8; RECORD_LEN] {
+        VerdictRepr::attach(
             tenant,
-            seq: self.next_control_seq(),
-            lifetime_ms: 0,
-            rule,
-        }
+            self.next_control_seq(),
+            Some((slot + 1) as u16),
+            Some(ip_fields(ip)),
+        )
         .to_bytes()
+    }
+
+    /// The edge's Attach: the tenant owns `ip` (the edge has no port per tenant).
+    fn edge_attach(&self, tenant: u32, ip: IpAddr) -> [u8; RECORD_LEN] {
+        VerdictRepr::attach(tenant, self.next_control_seq(), None, Some(ip_fields(ip))).to_bytes()
     }
 
     fn flush_record(&self, tenant: u32) -> [u8; RECORD_LEN] {
-        VerdictRepr {
-            op: Op::FlushTenant,
-            tenant,
-            seq: self.next_control_seq(),
-            lifetime_ms: 0,
-            rule: Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp),
-        }
-        .to_bytes()
+        VerdictRepr::flush_tenant(tenant, self.next_control_seq()).to_bytes()
     }
 
-    /// Sends control records to both tiers and waits until the switch took them. Returns the
-    /// milliseconds until the switch had applied them.
-    fn reconfigure(&self, records: &[[u8; RECORD_LEN]]) -> Result<f64, HostError> {
+    /// Sends control records to the edge (signed; it applies them within milliseconds) and to
+    /// the switch, and waits until the switch took them. Returns the milliseconds until the
+    /// switch had applied them.
+    fn reconfigure(
+        &self,
+        switch: &[[u8; RECORD_LEN]],
+        edge: &[[u8; RECORD_LEN]],
+    ) -> Result<f64, HostError> {
         let started = Instant::now();
-        if let Some(edge) = &self.edge {
-            edge.send(records);
+        if let (Some(link), false) = (&self.edge, edge.is_empty()) {
+            link.send(edge);
         }
+        let records = switch;
         let position = self.switch.region.push_tracked(records).map_err(|e| {
-            HostError::unavailable(format!("the switch's verdict ring refused the update: {e:?}"))
+            HostError::unavailable(format!(
+                "the switch's verdict ring refused the update: {e:?}"
+            ))
         })?;
         if !self
             .switch
@@ -533,6 +606,758 @@ impl Host {
     /// `vm.create`: builds the VM (not booted), plugs it into a switch port, opens nothing yet.
     pub fn create(&self, spec: VmSpec) -> Result<VmInfo, HostError> {
         let started = Instant::now();
+        let (vm, introspection, tenant, slot, _mac) = self.prepare(&spec)?;
+        let release_port = || {
+            self.switch.ports.lock().unwrap_or_else(|p| p.into_inner())[slot].1 = None;
+        };
+        // The tiers learn the tenant's port and address before it can send anything.
+        let applied = match self.reconfigure(
+            &[self.switch_attach(tenant, slot, spec.ip)],
+            &[self.edge_attach(tenant, spec.ip)],
+        ) {
+            Ok(ms) => ms,
+            Err(e) => {
+                release_port();
+                return Err(e);
+            }
+        };
+        let entry = Tenant {
+            tenant,
+            slot,
+            state: VmState::Created,
+            stop: vm.stop_handle(),
+            control: vm.run_control(),
+            handle: vm.handle(),
+            introspection,
+            vm: Some(vm),
+            thread: None,
+            stop_reason: None,
+            created_unix_ms: now_unix_ms(),
+            spec,
+        };
+        let info = entry.info();
+        let mut tenants = self.tenants();
+        tenants.insert(entry.spec.id.clone(), entry);
+        drop(tenants);
+        let total = started.elapsed().as_secs_f64() * 1e3;
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .create_ms = Some(applied);
+        self.emit(
+            "reconfig",
+            &info.id,
+            serde_json::json!({"action": "create", "tenant": tenant, "switch_port": slot + 1,
+                "ip": info.ip, "tiers_ms": applied, "total_ms": total}),
+        );
+        Ok(info)
+    }
+
+    fn build(
+        &self,
+        spec: &VmSpec,
+        mac: [u8; 6],
+        tenant: u32,
+        slot: usize,
+    ) -> Result<(Vm, Option<Arc<Introspection>>), HostError> {
+        let policy_path = self
+            .config
+            .state_dir
+            .join(format!("{}.policy.json", spec.id));
+        let text = serde_json::to_string_pretty(&spec.policy)
+            .map_err(|e| HostError::internal(e.to_string()))?;
+        std::fs::write(&policy_path, text).map_err(|e| {
+            HostError::internal(format!("cannot write {}: {e}", policy_path.display()))
+        })?;
+        let link = {
+            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            LinkConfig {
+                tenant,
+                mac,
+                ..ports[slot].0.clone()
+            }
+        };
+        // Frames a previous tenant left in the port's socket are not this tenant's.
+        let mut stale = [0u8; 2048];
+        while link.link.recv(&mut stale).is_ok() {}
+        let config = VmConfig {
+            name: spec.id.clone(),
+            mem_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            payload: Payload::Linux {
+                kernel: spec.kernel.clone(),
+                initramfs: spec.initramfs.clone(),
+                cmdline: spec.cmdline.clone(),
+            },
+            console: ConsoleConfig {
+                log: Some(self.config.state_dir.join(format!("{}.console", spec.id))),
+                stdout: self.config.console_stdout,
+                markers: Vec::new(),
+            },
+            nets: Vec::new(),
+            policy: Some(policy_path),
+            links: vec![link],
+        };
+        let vm = Vm::create(&config, self.kind).map_err(|e| match e {
+            VmError::ReadFile { .. } | VmError::KernelImage { .. } | VmError::BadMemorySize(_) => {
+                HostError::bad_request(e.to_string())
+            }
+            other => HostError::internal(other.to_string()),
+        })?;
+        let introspection = vm.introspection();
+        if let Some(i) = &introspection {
+            i.connect_tiers(Arc::new(TenantTiers {
+                switch: self.switch.region.clone(),
+                edge: self.edge.clone(),
+            }));
+        }
+        Ok((vm, introspection))
+    }
+
+    /// `vm.boot`: starts a created VM's vCPUs.
+    pub fn boot(&self, id: &str) -> Result<VmInfo, HostError> {
+        let mut tenants = self.tenants();
+        let t = tenants
+            .get_mut(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        t.refresh();
+        let Some(vm) = t.vm.take() else {
+            return Err(HostError::conflict(format!(
+                "VM {id:?} is {:?}; only a created VM boots",
+                t.state
+            )));
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("{id}-vm"))
+            .spawn(move || vm.run(None))
+            .map_err(|e| HostError::internal(format!("cannot start the VM thread: {e}")))?;
+        t.thread = Some(thread);
+        t.state = VmState::Running;
+        let info = t.info();
+        drop(tenants);
+        self.emit("vm_booted", id, serde_json::json!({}));
+        Ok(info)
+    }
+
+    pub fn info(&self, id: &str) -> Result<VmInfo, HostError> {
+        let mut tenants = self.tenants();
+        let t = tenants
+            .get_mut(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        t.refresh();
+        Ok(t.info())
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let mut tenants = self.tenants();
+        tenants
+            .values_mut()
+            .map(|t| {
+                t.refresh();
+                t.info()
+            })
+            .collect()
+    }
+
+    pub fn pause(&self, id: &str) -> Result<VmInfo, HostError> {
+        let mut tenants = self.tenants();
+        let t = tenants
+            .get_mut(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        t.refresh();
+        if t.state != VmState::Running {
+            return Err(HostError::conflict(format!(
+                "VM {id:?} is {:?}; only a running VM pauses",
+                t.state
+            )));
+        }
+        t.control
+            .pause(PAUSE_LIMIT)
+            .map_err(|e| HostError::internal(format!("pause: {e}")))?;
+        t.state = VmState::Paused;
+        let info = t.info();
+        drop(tenants);
+        self.emit("vm_paused", id, serde_json::json!({}));
+        Ok(info)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<VmInfo, HostError> {
+        let mut tenants = self.tenants();
+        let t = tenants
+            .get_mut(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        t.refresh();
+        if t.state != VmState::Paused {
+            return Err(HostError::conflict(format!(
+                "VM {id:?} is {:?}; only a paused VM resumes",
+                t.state
+            )));
+        }
+        t.control.resume();
+        t.state = VmState::Running;
+        let info = t.info();
+        drop(tenants);
+        self.emit("vm_resumed", id, serde_json::json!({}));
+        Ok(info)
+    }
+
+    /// `vm.delete`: stops the VM (whatever its state) and removes every trace of it from both
+    /// tiers.
+    pub fn delete(&self, id: &str) -> Result<(), HostError> {
+        let started = Instant::now();
+        let t = self
+            .tenants()
+            .remove(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        self.stop_tenant(t.stop.clone(), &t.control, t.thread);
+        let flush = self.flush_record(t.tenant);
+        let applied = self.reconfigure(&[flush], &[flush]);
+        {
+            let mut ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            ports[t.slot].1 = None;
+        }
+        let applied = applied?;
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .delete_ms = Some(applied);
+        self.emit(
+            "reconfig",
+            id,
+            serde_json::json!({"action": "delete", "tenant": t.tenant, "tiers_ms": applied,
+                "total_ms": started.elapsed().as_secs_f64() * 1e3}),
+        );
+        Ok(())
+    }
+
+    fn stop_tenant(
+        &self,
+        stop: Arc<AtomicBool>,
+        control: &RunControl,
+        thread: Option<JoinHandle<Result<VmOutcome, VmError>>>,
+    ) {
+        stop.store(true, Ordering::Release);
+        control.resume();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+
+    pub fn policy(&self, id: &str) -> Result<PolicySpec, HostError> {
+        let tenants = self.tenants();
+        let t = tenants.get(id).ok_or_else(|| HostError::not_found(id))?;
+        Ok(t.introspection
+            .as_ref()
+            .map_or_else(|| t.spec.policy.clone(), |i| i.policy_spec()))
+    }
+
+    /// Replaces a tenant's policy: later calls follow it, and whatever the old one opened is
+    /// closed on both tiers (flush, then re-attach).
+    pub fn replace_policy(&self, id: &str, spec: PolicySpec) -> Result<(), HostError> {
+        Policy::compile(&spec).map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+        let (tenant, slot, ip) = {
+            let mut tenants = self.tenants();
+            let t = tenants
+                .get_mut(id)
+                .ok_or_else(|| HostError::not_found(id))?;
+            if let Some(i) = &t.introspection {
+                i.replace_policy(spec.clone())
+                    .map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+            }
+            t.spec.policy = spec;
+            (t.tenant, t.slot, t.spec.ip)
+        };
+        let flush = self.flush_record(tenant);
+        let applied = self.reconfigure(
+            &[flush, self.switch_attach(tenant, slot, ip)],
+            &[flush, self.edge_attach(tenant, ip)],
+        )?;
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .policy_ms = Some(applied);
+        self.emit(
+            "reconfig",
+            id,
+            serde_json::json!({"action": "policy", "tenant": tenant, "tiers_ms": applied}),
+        );
+        Ok(())
+    }
+
+    /// `vm.send-migration`: moves a running VM to the host listening at `url`: pause, send its
+    /// state and RAM, and once the target runs it, drop it here (the switch forgets it; the edge
+    /// keeps its verdicts and flows, which the tenant goes on using from the target). On any
+    /// failure before the target runs it, the VM resumes here and nothing is lost.
+    pub fn send_migration(&self, id: &str, url: &str) -> Result<serde_json::Value, HostError> {
+        let path = unix_path(url)?;
+        let (spec, handle, introspection) = {
+            let mut tenants = self.tenants();
+            let t = tenants
+                .get_mut(id)
+                .ok_or_else(|| HostError::not_found(id))?;
+            t.refresh();
+            if t.state != VmState::Running {
+                return Err(HostError::conflict(format!(
+                    "VM {id:?} is {:?}; only a running VM migrates",
+                    t.state
+                )));
+            }
+            // Paused from here on: no other action may touch it meanwhile.
+            t.state = VmState::Paused;
+            (t.spec.clone(), t.handle.clone(), t.introspection.clone())
+        };
+        let set_state = |state| {
+            if let Some(t) = self.tenants().get_mut(id) {
+                t.state = state;
+            }
+        };
+        let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                set_state(VmState::Running);
+                return Err(HostError::bad_request(format!(
+                    "cannot reach the target at {}: {e} (did it run vm.receive-migration?)",
+                    path.display()
+                )));
+            }
+        };
+        let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
+        let failed = |e: String, resume: bool| {
+            if resume {
+                handle.resume_after_capture();
+            }
+            set_state(VmState::Running);
+            self.emit(
+                "migration_failed",
+                id,
+                serde_json::json!({"to": url, "error": e}),
+            );
+            HostError::internal(format!(
+                "migration of {id:?} to {url}: {e}; the VM runs on here"
+            ))
+        };
+        let header = MigrationHeader {
+            version: MIGRATION_VERSION,
+            spec: spec.clone(),
+            source_host: self.config.name.clone(),
+        };
+        if let Err(e) = write_json(&mut stream, &header) {
+            return Err(failed(format!("sending the header: {e}"), false));
+        }
+        match read_json::<MigrationReply>(&mut stream, 1 << 16) {
+            Ok(reply) if reply.ok => {}
+            Ok(reply) => {
+                return Err(failed(
+                    format!("the target refused: {}", reply.error.unwrap_or_default()),
+                    false,
+                ))
+            }
+            Err(e) => return Err(failed(format!("no answer from the target: {e}"), false)),
+        }
+        let paused = Instant::now();
+        let snapshot = match handle.capture(PAUSE_LIMIT) {
+            Ok(s) => s,
+            Err(e) => {
+                // Some vCPUs may have parked: let them go on.
+                handle.control().resume();
+                return Err(failed(format!("capturing the VM: {e}"), false));
+            }
+        };
+        let captured_ms = paused.elapsed().as_secs_f64() * 1e3;
+        let introspection_state = introspection.as_ref().map(|i| i.export_state());
+        let sent = (|| -> std::io::Result<(u64, u64)> {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut stream);
+            write_json(&mut out, &snapshot)?;
+            let pages = crate::snapshot::write_memory(handle.memory(), &mut out)?;
+            write_json(&mut out, &introspection_state)?;
+            std::io::Write::flush(&mut out)?;
+            Ok(pages)
+        })();
+        let (pages_sent, pages_total) = match sent {
+            Ok(p) => p,
+            Err(e) => return Err(failed(format!("sending the state: {e}"), true)),
+        };
+        let reply = match read_json::<MigrationReply>(&mut stream, 1 << 16) {
+            Ok(r) if r.ok => r,
+            Ok(r) => {
+                return Err(failed(
+                    format!(
+                        "the target could not restore it: {}",
+                        r.error.unwrap_or_default()
+                    ),
+                    true,
+                ))
+            }
+            Err(e) => return Err(failed(format!("no word from the target: {e}"), true)),
+        };
+        let downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
+        // The target runs it: it is gone from here.
+        let t = self.tenants().remove(id);
+        if let Some(t) = t {
+            self.stop_tenant(t.stop.clone(), &t.control, t.thread);
+            // The switch here forgets the tenant; the edge must not (the flows live on).
+            let flush = self.flush_record(t.tenant);
+            let applied = self.reconfigure(&[flush], &[]);
+            self.switch.ports.lock().unwrap_or_else(|p| p.into_inner())[t.slot].1 = None;
+            if let Err(e) = applied {
+                self.emit(
+                    "reconfig_failed",
+                    id,
+                    serde_json::json!({"error": e.message}),
+                );
+            }
+        }
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .migration_downtime_ms = Some(downtime_ms);
+        let report = serde_json::json!({
+            "to": url,
+            "downtime_ms": downtime_ms,
+            "capture_ms": captured_ms,
+            "target_restore_ms": reply.restore_ms,
+            "target_tiers_ms": reply.tiers_ms,
+            "pages_sent": pages_sent,
+            "pages_total": pages_total,
+        });
+        self.emit("migrated_out", id, report.clone());
+        Ok(report)
+    }
+
+    /// `vm.snapshot`: writes a VM's state to a directory (`file:///dir`): spec, vCPU/VM/device
+    /// state, RAM, introspection. A running VM pauses for the capture and goes on; a paused one
+    /// stays paused.
+    pub fn snapshot(&self, id: &str, url: &str) -> Result<serde_json::Value, HostError> {
+        let dir = file_path(url)?;
+        let (spec, handle, introspection, was_paused) = {
+            let mut tenants = self.tenants();
+            let t = tenants
+                .get_mut(id)
+                .ok_or_else(|| HostError::not_found(id))?;
+            t.refresh();
+            if !matches!(t.state, VmState::Running | VmState::Paused) {
+                return Err(HostError::conflict(format!(
+                    "VM {id:?} is {:?}; only a running or paused VM has state to save",
+                    t.state
+                )));
+            }
+            (
+                t.spec.clone(),
+                t.handle.clone(),
+                t.introspection.clone(),
+                t.state == VmState::Paused,
+            )
+        };
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| HostError::bad_request(format!("cannot create {}: {e}", dir.display())))?;
+        let started = Instant::now();
+        if was_paused {
+            // Parked vCPUs capture as they park again.
+            handle.control().resume();
+        }
+        let snapshot = handle.capture(PAUSE_LIMIT).map_err(|e| {
+            handle.control().resume();
+            HostError::internal(format!("capture: {e}"))
+        })?;
+        let written = (|| -> std::io::Result<(u64, u64)> {
+            let write_file = |name: &str, bytes: Vec<u8>| std::fs::write(dir.join(name), bytes);
+            write_file("spec.json", serde_json::to_vec_pretty(&spec)?)?;
+            let mut state = Vec::new();
+            write_json(&mut state, &snapshot)?;
+            write_file("state.bin", state)?;
+            let mut intro = Vec::new();
+            write_json(
+                &mut intro,
+                &introspection.as_ref().map(|i| i.export_state()),
+            )?;
+            write_file("introspection.bin", intro)?;
+            let mut memory =
+                std::io::BufWriter::new(std::fs::File::create(dir.join("memory.bin"))?);
+            let pages = crate::snapshot::write_memory(handle.memory(), &mut memory)?;
+            std::io::Write::flush(&mut memory)?;
+            Ok(pages)
+        })();
+        handle.resume_devices();
+        if !was_paused {
+            handle.control().resume();
+        }
+        let (pages, total) =
+            written.map_err(|e| HostError::internal(format!("writing {}: {e}", dir.display())))?;
+        let report = serde_json::json!({"to": url, "pages_written": pages, "pages_total": total,
+            "ms": started.elapsed().as_secs_f64() * 1e3});
+        self.emit("vm_snapshot", id, report.clone());
+        Ok(report)
+    }
+
+    /// `vm.restore`: creates a VM from a snapshot directory, paused (`vm.resume` starts it),
+    /// with its port, address and verdicts on both tiers.
+    pub fn restore(&self, url: &str) -> Result<VmInfo, HostError> {
+        let dir = file_path(url)?;
+        let read = |name: &str| {
+            std::fs::read(dir.join(name))
+                .map_err(|e| HostError::bad_request(format!("{}: {e}", dir.join(name).display())))
+        };
+        let spec: VmSpec = serde_json::from_slice(&read("spec.json")?)
+            .map_err(|e| HostError::bad_request(format!("spec.json: {e}")))?;
+        let snapshot: VmSnapshot = read_json(&mut &read("state.bin")?[..], MAX_STATE_DOC)
+            .map_err(|e| HostError::bad_request(format!("state.bin: {e}")))?;
+        let state: Option<crate::introspect::IntrospectionState> =
+            read_json(&mut &read("introspection.bin")?[..], MAX_STATE_DOC)
+                .map_err(|e| HostError::bad_request(format!("introspection.bin: {e}")))?;
+        let memory = std::fs::File::open(dir.join("memory.bin"))
+            .map_err(|e| HostError::bad_request(format!("memory.bin: {e}")))?;
+        let (mut vm, introspection, tenant, slot, _mac) = self.prepare(&spec)?;
+        let release = || {
+            self.switch.ports.lock().unwrap_or_else(|p| p.into_inner())[slot].1 = None;
+        };
+        let restored = vm
+            .restore(&snapshot, &mut std::io::BufReader::new(memory))
+            .map_err(|e| e.to_string())
+            .and_then(|_| match (&introspection, &state) {
+                (Some(i), Some(state)) => i.import_state(state),
+                _ => Ok(Vec::new()),
+            });
+        let adopted = match restored {
+            Ok(a) => a,
+            Err(e) => {
+                release();
+                return Err(HostError::bad_request(format!("restore: {e}")));
+            }
+        };
+        let mut switch = vec![self.switch_attach(tenant, slot, spec.ip)];
+        switch.extend(adopted.iter().copied());
+        let mut edge = vec![self.edge_attach(tenant, spec.ip)];
+        edge.extend(adopted.iter().copied());
+        if let Err(e) = self.reconfigure(&switch, &edge) {
+            release();
+            return Err(e);
+        }
+        // Paused until vm.resume: the vCPUs park before their first instruction.
+        let control = vm.run_control();
+        let _ = control.pause(Duration::ZERO);
+        let entry = Tenant {
+            tenant,
+            slot,
+            state: VmState::Paused,
+            stop: vm.stop_handle(),
+            control,
+            handle: vm.handle(),
+            introspection,
+            vm: None,
+            thread: None,
+            stop_reason: None,
+            created_unix_ms: now_unix_ms(),
+            spec,
+        };
+        let id = entry.spec.id.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{id}-vm"))
+            .spawn(move || vm.run(None))
+            .map_err(|e| {
+                release();
+                HostError::internal(format!("cannot start the VM thread: {e}"))
+            })?;
+        let mut entry = entry;
+        entry.thread = Some(thread);
+        let info = entry.info();
+        self.tenants().insert(id.clone(), entry);
+        self.emit(
+            "vm_restored",
+            &id,
+            serde_json::json!({"from": url, "adopted_verdicts": adopted.len()}),
+        );
+        Ok(info)
+    }
+
+    /// `vm.receive-migration`: listens at `url` for one migrating VM (in the background; the
+    /// call returns once the socket listens).
+    pub fn receive_migration(self: &Arc<Self>, url: &str) -> Result<(), HostError> {
+        let path = unix_path(url)?;
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(HostError::unavailable("the host is shutting down"));
+        }
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| {
+            HostError::bad_request(format!("cannot listen at {}: {e}", path.display()))
+        })?;
+        let host = self.clone();
+        let url = url.to_string();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                let result = host.accept_migration(&listener);
+                let _ = std::fs::remove_file(&path);
+                if let Err(e) = result {
+                    host.emit(
+                        "migration_failed",
+                        "",
+                        serde_json::json!({"at": url, "error": e}),
+                    );
+                }
+            })
+            .map_err(|e| HostError::internal(format!("cannot start the receiver: {e}")))?;
+        Ok(())
+    }
+
+    fn accept_migration(&self, listener: &std::os::unix::net::UnixListener) -> Result<(), String> {
+        // Wait for the source, but not forever.
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + MIGRATION_WAIT;
+        let mut stream = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err("no source connected".into());
+                    }
+                    let mut poll = libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(listener),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut poll, 1, 500) };
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
+        let reply = |stream: &mut std::os::unix::net::UnixStream, r: MigrationReply| {
+            let _ = write_json(stream, &r);
+        };
+        let refuse = |stream: &mut std::os::unix::net::UnixStream, e: String| {
+            reply(
+                stream,
+                MigrationReply {
+                    ok: false,
+                    error: Some(e.clone()),
+                    restore_ms: 0.0,
+                    tiers_ms: 0.0,
+                },
+            );
+            e
+        };
+        let header: MigrationHeader =
+            read_json(&mut stream, 1 << 20).map_err(|e| format!("header: {e}"))?;
+        if header.version != MIGRATION_VERSION {
+            return Err(refuse(
+                &mut stream,
+                format!(
+                    "migration protocol {} (this host speaks {MIGRATION_VERSION})",
+                    header.version
+                ),
+            ));
+        }
+        let spec = header.spec;
+        let id = spec.id.clone();
+        // Build the VM (slow: the kernel is read and checked) while the source still runs it.
+        let prepared = self.prepare(&spec);
+        let (vm, introspection, tenant, slot, mac) = match prepared {
+            Ok(p) => p,
+            Err(e) => return Err(refuse(&mut stream, e.message)),
+        };
+        let release = || {
+            self.switch.ports.lock().unwrap_or_else(|p| p.into_inner())[slot].1 = None;
+        };
+        reply(
+            &mut stream,
+            MigrationReply {
+                ok: true,
+                error: None,
+                restore_ms: 0.0,
+                tiers_ms: 0.0,
+            },
+        );
+        let mut vm = vm;
+        let arrived = Instant::now();
+        let restored = (|| -> Result<Vec<[u8; RECORD_LEN]>, String> {
+            let mut input = std::io::BufReader::with_capacity(1 << 20, &mut stream);
+            let snapshot: VmSnapshot =
+                read_json(&mut input, MAX_STATE_DOC).map_err(|e| format!("state: {e}"))?;
+            vm.restore(&snapshot, &mut input)
+                .map_err(|e| e.to_string())?;
+            let state: Option<crate::introspect::IntrospectionState> =
+                read_json(&mut input, MAX_STATE_DOC).map_err(|e| format!("introspection: {e}"))?;
+            match (&introspection, &state) {
+                (Some(i), Some(state)) => i.import_state(state),
+                _ => Ok(Vec::new()),
+            }
+        })();
+        let adopted = match restored {
+            Ok(a) => a,
+            Err(e) => {
+                release();
+                return Err(refuse(&mut stream, e));
+            }
+        };
+        let restore_ms = arrived.elapsed().as_secs_f64() * 1e3;
+        // This switch takes the tenant over before it runs: its port and address, and its
+        // verdicts as Adopt (its flows are established; they continue mid-stream here).
+        let mut records = vec![self.switch_attach(tenant, slot, spec.ip)];
+        records.extend(adopted.iter().copied());
+        let tiers_ms = match self.reconfigure(&records, &[]) {
+            Ok(ms) => ms,
+            Err(e) => {
+                release();
+                return Err(refuse(&mut stream, e.message));
+            }
+        };
+        let entry = Tenant {
+            tenant,
+            slot,
+            state: VmState::Running,
+            stop: vm.stop_handle(),
+            control: vm.run_control(),
+            handle: vm.handle(),
+            introspection,
+            vm: None,
+            thread: None,
+            stop_reason: None,
+            created_unix_ms: now_unix_ms(),
+            spec: spec.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("{id}-vm"))
+            .spawn(move || vm.run(None))
+            .map_err(|e| refuse(&mut stream, format!("cannot start the VM thread: {e}")))?;
+        let mut entry = entry;
+        entry.thread = Some(thread);
+        self.tenants().insert(id.clone(), entry);
+        // Tell the network where the tenant is now.
+        if let Some(frame) = announcement(mac, spec.ip) {
+            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = ports[slot].0.link.send(&frame);
+        }
+        reply(
+            &mut stream,
+            MigrationReply {
+                ok: true,
+                error: None,
+                restore_ms,
+                tiers_ms,
+            },
+        );
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .migrate_ms = Some(tiers_ms);
+        self.emit(
+            "migrated_in",
+            &id,
+            serde_json::json!({"from": header.source_host, "tenant": tenant,
+                "switch_port": slot + 1, "restore_ms": restore_ms, "tiers_ms": tiers_ms,
+                "adopted_verdicts": adopted.len()}),
+        );
+        Ok(())
+    }
+
+    /// Checks a spec and builds its VM on a reserved port (create's first half).
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        spec: &VmSpec,
+    ) -> Result<(Vm, Option<Arc<Introspection>>, u32, usize, [u8; 6]), HostError> {
         if !valid_id(&spec.id) {
             return Err(HostError::bad_request(format!(
                 "id {:?}: use 1 to {MAX_ID_LEN} letters, digits, '-', '_' or '.'",
@@ -589,260 +1414,13 @@ impl Host {
             ports[slot].1 = Some(spec.id.clone());
             slot
         };
-        let release_port = || {
-            let mut ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            ports[slot].1 = None;
-        };
-        let result = self.build(&spec, mac, tenant, slot);
-        let (vm, introspection) = match result {
-            Ok(built) => built,
+        match self.build(spec, mac, tenant, slot) {
+            Ok((vm, introspection)) => Ok((vm, introspection, tenant, slot, mac)),
             Err(e) => {
-                release_port();
-                return Err(e);
+                self.switch.ports.lock().unwrap_or_else(|p| p.into_inner())[slot].1 = None;
+                Err(e)
             }
-        };
-        // The tiers learn the tenant's port and address before it can send anything.
-        let applied = match self.reconfigure(&[self.attach_record(tenant, slot, spec.ip)]) {
-            Ok(ms) => ms,
-            Err(e) => {
-                release_port();
-                return Err(e);
-            }
-        };
-        let entry = Tenant {
-            tenant,
-            slot,
-            state: VmState::Created,
-            stop: vm.stop_handle(),
-            control: vm.run_control(),
-            introspection,
-            vm: Some(vm),
-            thread: None,
-            stop_reason: None,
-            created_unix_ms: now_unix_ms(),
-            spec,
-        };
-        let info = entry.info();
-        let mut tenants = self.tenants();
-        tenants.insert(entry.spec.id.clone(), entry);
-        drop(tenants);
-        let total = started.elapsed().as_secs_f64() * 1e3;
-        self.times.lock().unwrap_or_else(|p| p.into_inner()).create_ms = Some(applied);
-        self.emit(
-            "reconfig",
-            &info.id,
-            serde_json::json!({"action": "create", "tenant": tenant, "switch_port": slot + 1,
-                "ip": info.ip, "tiers_ms": applied, "total_ms": total}),
-        );
-        Ok(info)
-    }
-
-    fn build(
-        &self,
-        spec: &VmSpec,
-        mac: [u8; 6],
-        tenant: u32,
-        slot: usize,
-    ) -> Result<(Vm, Option<Arc<Introspection>>), HostError> {
-        let policy_path = self.config.state_dir.join(format!("{}.policy.json", spec.id));
-        let text = serde_json::to_string_pretty(&spec.policy)
-            .map_err(|e| HostError::internal(e.to_string()))?;
-        std::fs::write(&policy_path, text).map_err(|e| {
-            HostError::internal(format!("cannot write {}: {e}", policy_path.display()))
-        })?;
-        let link = {
-            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            LinkConfig {
-                tenant,
-                mac,
-                ..ports[slot].0.clone()
-            }
-        };
-        // Frames a previous tenant left in the port's socket are not this tenant's.
-        let mut stale = [0u8; 2048];
-        while link.link.recv(&mut stale).is_ok() {}
-        let config = VmConfig {
-            name: spec.id.clone(),
-            mem_mib: spec.memory_mib,
-            vcpus: spec.vcpus,
-            payload: Payload::Linux {
-                kernel: spec.kernel.clone(),
-                initramfs: spec.initramfs.clone(),
-                cmdline: spec.cmdline.clone(),
-            },
-            console: ConsoleConfig {
-                log: Some(self.config.state_dir.join(format!("{}.console", spec.id))),
-                stdout: self.config.console_stdout,
-                markers: Vec::new(),
-            },
-            nets: Vec::new(),
-            policy: Some(policy_path),
-            links: vec![link],
-        };
-        let vm = Vm::create(&config, self.kind).map_err(|e| match e {
-            VmError::ReadFile { .. } | VmError::KernelImage { .. } | VmError::BadMemorySize(_) => {
-                HostError::bad_request(e.to_string())
-            }
-            other => HostError::internal(other.to_string()),
-        })?;
-        let introspection = vm.introspection();
-        if let Some(i) = &introspection {
-            i.connect_tiers(Arc::new(TenantTiers {
-                switch: self.switch.region.clone(),
-                edge: self.edge.clone(),
-            }));
         }
-        Ok((vm, introspection))
-    }
-
-    /// `vm.boot`: starts a created VM's vCPUs.
-    pub fn boot(&self, id: &str) -> Result<VmInfo, HostError> {
-        let mut tenants = self.tenants();
-        let t = tenants.get_mut(id).ok_or_else(|| HostError::not_found(id))?;
-        t.refresh();
-        let Some(vm) = t.vm.take() else {
-            return Err(HostError::conflict(format!(
-                "VM {id:?} is {:?}; only a created VM boots",
-                t.state
-            )));
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("{id}-vm"))
-            .spawn(move || vm.run(None))
-            .map_err(|e| HostError::internal(format!("cannot start the VM thread: {e}")))?;
-        t.thread = Some(thread);
-        t.state = VmState::Running;
-        let info = t.info();
-        drop(tenants);
-        self.emit("vm_booted", id, serde_json::json!({}));
-        Ok(info)
-    }
-
-    pub fn info(&self, id: &str) -> Result<VmInfo, HostError> {
-        let mut tenants = self.tenants();
-        let t = tenants.get_mut(id).ok_or_else(|| HostError::not_found(id))?;
-        t.refresh();
-        Ok(t.info())
-    }
-
-    pub fn list(&self) -> Vec<VmInfo> {
-        let mut tenants = self.tenants();
-        tenants
-            .values_mut()
-            .map(|t| {
-                t.refresh();
-                t.info()
-            })
-            .collect()
-    }
-
-    pub fn pause(&self, id: &str) -> Result<VmInfo, HostError> {
-        let mut tenants = self.tenants();
-        let t = tenants.get_mut(id).ok_or_else(|| HostError::not_found(id))?;
-        t.refresh();
-        if t.state != VmState::Running {
-            return Err(HostError::conflict(format!(
-                "VM {id:?} is {:?}; only a running VM pauses",
-                t.state
-            )));
-        }
-        t.control
-            .pause(PAUSE_LIMIT)
-            .map_err(|e| HostError::internal(format!("pause: {e}")))?;
-        t.state = VmState::Paused;
-        let info = t.info();
-        drop(tenants);
-        self.emit("vm_paused", id, serde_json::json!({}));
-        Ok(info)
-    }
-
-    pub fn resume(&self, id: &str) -> Result<VmInfo, HostError> {
-        let mut tenants = self.tenants();
-        let t = tenants.get_mut(id).ok_or_else(|| HostError::not_found(id))?;
-        t.refresh();
-        if t.state != VmState::Paused {
-            return Err(HostError::conflict(format!(
-                "VM {id:?} is {:?}; only a paused VM resumes",
-                t.state
-            )));
-        }
-        t.control.resume();
-        t.state = VmState::Running;
-        let info = t.info();
-        drop(tenants);
-        self.emit("vm_resumed", id, serde_json::json!({}));
-        Ok(info)
-    }
-
-    /// `vm.delete`: stops the VM (whatever its state) and removes every trace of it from both
-    /// tiers.
-    pub fn delete(&self, id: &str) -> Result<(), HostError> {
-        let started = Instant::now();
-        let t = self
-            .tenants()
-            .remove(id)
-            .ok_or_else(|| HostError::not_found(id))?;
-        self.stop_tenant(t.stop.clone(), &t.control, t.thread);
-        let applied = self.reconfigure(&[self.flush_record(t.tenant)]);
-        {
-            let mut ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            ports[t.slot].1 = None;
-        }
-        let applied = applied?;
-        self.times.lock().unwrap_or_else(|p| p.into_inner()).delete_ms = Some(applied);
-        self.emit(
-            "reconfig",
-            id,
-            serde_json::json!({"action": "delete", "tenant": t.tenant, "tiers_ms": applied,
-                "total_ms": started.elapsed().as_secs_f64() * 1e3}),
-        );
-        Ok(())
-    }
-
-    fn stop_tenant(
-        &self,
-        stop: Arc<AtomicBool>,
-        control: &RunControl,
-        thread: Option<JoinHandle<Result<VmOutcome, VmError>>>,
-    ) {
-        stop.store(true, Ordering::Release);
-        control.resume();
-        if let Some(thread) = thread {
-            let _ = thread.join();
-        }
-    }
-
-    pub fn policy(&self, id: &str) -> Result<PolicySpec, HostError> {
-        let tenants = self.tenants();
-        let t = tenants.get(id).ok_or_else(|| HostError::not_found(id))?;
-        Ok(t.introspection
-            .as_ref()
-            .map_or_else(|| t.spec.policy.clone(), |i| i.policy_spec()))
-    }
-
-    /// Replaces a tenant's policy: later calls follow it, and whatever the old one opened is
-    /// closed on both tiers (flush, then re-attach).
-    pub fn replace_policy(&self, id: &str, spec: PolicySpec) -> Result<(), HostError> {
-        Policy::compile(&spec).map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
-        let (tenant, slot, ip) = {
-            let mut tenants = self.tenants();
-            let t = tenants.get_mut(id).ok_or_else(|| HostError::not_found(id))?;
-            if let Some(i) = &t.introspection {
-                i.replace_policy(spec.clone())
-                    .map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
-            }
-            t.spec.policy = spec;
-            (t.tenant, t.slot, t.spec.ip)
-        };
-        let applied =
-            self.reconfigure(&[self.flush_record(tenant), self.attach_record(tenant, slot, ip)])?;
-        self.times.lock().unwrap_or_else(|p| p.into_inner()).policy_ms = Some(applied);
-        self.emit(
-            "reconfig",
-            id,
-            serde_json::json!({"action": "policy", "tenant": tenant, "tiers_ms": applied}),
-        );
-        Ok(())
     }
 
     /// The switch micro-VM's counters.

@@ -182,7 +182,10 @@ impl Edge {
                     );
                 }
                 Received::Rejected { from, reason } => {
-                    let reason = reason.to_string();
+                    let detail = reason.to_string();
+                    // Counted by the error's stable name (the detail carries sender-chosen
+                    // numbers: keying on it would let a sender grow the map).
+                    let reason = reason.name().to_string();
                     *self
                         .stats
                         .rejected
@@ -194,6 +197,7 @@ impl Edge {
                         "edge_rejected",
                         &serde_json::json!({
                             "edge": self.config.name, "from": from.to_string(), "reason": reason,
+                            "detail": detail,
                         }),
                     );
                 }
@@ -353,9 +357,8 @@ impl Edge {
     /// Serves the edge's small API until it stops.
     pub fn serve(self: &Arc<Edge>, listener: UnixListener) {
         let edge = self.clone();
-        let handler = Arc::new(move |request: Request, stream: &mut UnixStream| {
-            edge.handle(request, stream)
-        });
+        let handler =
+            Arc::new(move |request: Request, stream: &mut UnixStream| edge.handle(request, stream));
         http::serve(listener, crate::api::limits(), handler, self.stop.clone());
     }
 }

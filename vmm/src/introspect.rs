@@ -235,6 +235,25 @@ struct VerdictOutbox {
     next_seq: u64,
     pending: VecDeque<[u8; RECORD_LEN]>,
     overflowed: u64,
+    /// The most recent verdicts granted (at most `GRANTED_KEPT`): what a migration hands to the
+    /// target's tiers so the tenant's established flows go on there.
+    granted: VecDeque<[u8; RECORD_LEN]>,
+}
+
+/// Granted verdicts kept for a migration.
+const GRANTED_KEPT: usize = 1024;
+
+/// What a migration carries of a tenant's introspection besides its policy (which travels in
+/// the VM spec): where the kernel is, the software breakpoints already written into guest RAM,
+/// the verdict sequence, the verdicts granted so far.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+pub struct IntrospectionState {
+    pub slide: u64,
+    /// (operation, address, length of the instruction the int3 covers).
+    pub soft_placed: Option<Vec<(SocketOp, u64, u64)>>,
+    pub next_seq: u64,
+    /// Granted verdict records, hex.
+    pub granted: Vec<String>,
 }
 
 /// Hooks of one VM: what to trap and how to decide.
@@ -340,6 +359,17 @@ fn addr_text(version: IpVersion, bytes: &[u8; 16], port: u16) -> String {
     }
 }
 
+fn unhex(text: &str) -> Option<[u8; RECORD_LEN]> {
+    if text.len() != 2 * RECORD_LEN {
+        return None;
+    }
+    let mut out = [0u8; RECORD_LEN];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -397,6 +427,7 @@ impl Introspection {
                 next_seq: 1,
                 pending: VecDeque::new(),
                 overflowed: 0,
+                granted: VecDeque::new(),
             }),
         })
     }
@@ -548,6 +579,60 @@ impl Introspection {
         let _ = self.tiers.set(tiers);
     }
 
+    /// The state a migration carries (see [`IntrospectionState`]).
+    pub fn export_state(&self) -> IntrospectionState {
+        let outbox = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        IntrospectionState {
+            slide: self.slide(),
+            soft_placed: self.soft_placed.get().cloned(),
+            next_seq: outbox.next_seq,
+            granted: outbox.granted.iter().map(|r| hex(r)).collect(),
+        }
+    }
+
+    /// Takes over a migrated tenant's state (before its vCPUs run here). Returns the granted
+    /// verdicts, re-issued as `Adopt` records for this host's tiers: the flows they opened are
+    /// established already and continue mid-stream here.
+    pub fn import_state(
+        &self,
+        state: &IntrospectionState,
+    ) -> Result<Vec<[u8; RECORD_LEN]>, String> {
+        self.slide
+            .store(state.slide, std::sync::atomic::Ordering::Release);
+        if let Some(placed) = &state.soft_placed {
+            // The int3 bytes are in the migrated RAM already: record them, never place again.
+            let _ = self.soft_placed.set(placed.clone());
+        }
+        let mut outbox = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
+        outbox.next_seq = outbox.next_seq.max(state.next_seq);
+        let mut adopted = Vec::new();
+        for text in &state.granted {
+            let bytes = unhex(text).ok_or("a granted verdict is not hex")?;
+            let mut v = VerdictRepr::from_bytes(&bytes).map_err(|e| format!("{e:?}"))?;
+            if v.tenant != self.tenant {
+                return Err(format!(
+                    "a granted verdict of tenant {} in tenant {}",
+                    v.tenant, self.tenant
+                ));
+            }
+            v.op = Op::Adopt;
+            v.seq = outbox.next_seq;
+            outbox.next_seq += 1;
+            // Connect verdicts expire (they only open new flows for a while); adopting an
+            // established flow needs the verdict now, so it gets a fresh lifetime.
+            if v.lifetime_ms != 0 {
+                v.lifetime_ms = CONNECT_VERDICT_LIFETIME_MS;
+            }
+            let record = v.to_bytes();
+            outbox.granted.push_back(record);
+            if outbox.granted.len() > GRANTED_KEPT {
+                outbox.granted.pop_front();
+            }
+            adopted.push(record);
+        }
+        Ok(adopted)
+    }
+
     /// The policy spec in force.
     pub fn policy_spec(&self) -> PolicySpec {
         self.policy
@@ -600,6 +685,10 @@ impl Introspection {
                 rule,
             }
             .to_bytes();
+            if outbox.granted.len() == GRANTED_KEPT {
+                outbox.granted.pop_front();
+            }
+            outbox.granted.push_back(record);
             // Straight into the switch's ring when there is one (the micro-VM drains it before
             // it reads the next frames, so the flow's first packet finds its verdict); kept for a
             // tier that asks later otherwise, or when the ring is full.

@@ -9,7 +9,9 @@
 pub mod acpi;
 pub mod api;
 pub mod boot;
+pub mod cloud;
 pub mod devices;
+pub mod edge_node;
 pub mod emulation;
 pub mod events;
 pub mod guest_ram;

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+
+mod cli_cloud;
 use vigil_wire::boot::Role;
 use vmm::host::HostKind;
 use vmm::vcpu::StopReason;
@@ -95,6 +97,14 @@ enum Command {
         #[arg(long, requires = "switch")]
         uplink: Option<vmm::net_config::NetConfig>,
     },
+    /// Run a cloud host: its switch-tier micro-VM plus the tenants created through the REST API
+    /// on --api-socket.
+    Host(cli_cloud::HostArgs),
+    /// Run an edge node: the fw-guest micro-VM in the edge role between a TAP (outside) and the
+    /// hosts' VXLAN uplinks (cloud), taking signed verdicts from hosts.
+    Edge(cli_cloud::EdgeArgs),
+    /// Talk to a host's (or edge's) API socket.
+    Remote(cli_cloud::RemoteArgs),
 }
 
 /// The switch-tier micro-VM a tenant is plugged into (`run-tenant --switch`).
@@ -125,6 +135,9 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
+        Command::Host(args) => return cli_cloud::host(args),
+        Command::Edge(args) => return cli_cloud::edge(args),
+        Command::Remote(args) => return cli_cloud::remote(args),
         Command::RunMicrovm {
             elf,
             role,

@@ -471,6 +471,11 @@ impl VmHandle {
         self.bus.resume_devices();
         self.control.resume();
     }
+
+    /// Restarts the devices of a captured VM but leaves its vCPUs parked.
+    pub fn resume_devices(&self) {
+        self.bus.resume_devices();
+    }
 }
 
 pub struct Vm {

@@ -771,7 +771,20 @@ pub fn serve(listener: UnixListener, limits: Limits, handler: Handler, stop: Arc
         }
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
-            Err(_) => continue, // WouldBlock after a reset, or EMFILE: the next poll retries
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue; // the peer went away between poll and accept
+            }
+            Err(_) => {
+                // EMFILE and friends: the listener stays readable, so back off instead of
+                // spinning until a connection ends and frees a descriptor.
+                std::thread::sleep(STOP_POLL);
+                continue;
+            }
         };
         let _ = stream.set_nonblocking(false);
         let _ = stream.set_read_timeout(Some(limits.read_timeout));
@@ -850,10 +863,12 @@ fn connection(
                 break;
             }
         };
-        let keep_alive = should_keep_alive(&request) && !stop.load(Ordering::Acquire);
+        let mut keep_alive = should_keep_alive(&request) && !stop.load(Ordering::Acquire);
         let head_only = request.method == Method::Head;
         let outcome = catch_unwind(AssertUnwindSafe(|| handler(request, reader.get_mut())))
             .unwrap_or_else(|_| {
+                // The handler may have written part of a response: answer, then close.
+                keep_alive = false;
                 Outcome::Respond(Response::error(500, "the request handler panicked"))
             });
         match outcome {
@@ -1050,7 +1065,17 @@ fn send(
     out.push_str("\r\n");
     let mut bytes = out.into_bytes();
     bytes.extend_from_slice(body);
-    stream.write_all(&bytes).map_err(io)?;
+    match stream.write_all(&bytes) {
+        Ok(()) => {}
+        // The server answered early and stopped reading (a body over its limit gets 413 after
+        // the head): its answer is still there to read.
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ) => {}
+        Err(e) => return Err(io(e)),
+    }
     Ok(BufReader::new(stream))
 }
 
