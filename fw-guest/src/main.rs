@@ -480,10 +480,6 @@ mod guest {
         tsc_khz: u64,
     ) -> u8 {
         use vigil_wire::ring::{PORT_DROPPED, PORT_FORWARDED, PORT_RX_BYTES, PORT_RX_FRAMES};
-        let (mut ring, counters) = match attach_region(base, size) {
-            Ok(shared) => shared,
-            Err(code) => return code,
-        };
         if devices.len() > MAX_PORTS {
             let _ = writeln!(
                 Com1,
@@ -538,6 +534,12 @@ mod guest {
             role.name(),
             state.ports.len()
         );
+        // The counters block is formatted last: its header is the VMM's sign that the tables
+        // and ports are up and verdicts apply at once (records pushed earlier wait in the ring).
+        let (mut ring, counters) = match attach_region(base, size) {
+            Ok(shared) => shared,
+            Err(code) => return code,
+        };
         let mut frame = [0u8; BUF_SIZE];
         let mut published = u64::MAX;
         let mut rounds = 0u64;

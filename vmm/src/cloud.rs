@@ -273,7 +273,41 @@ struct Tenant {
     created_unix_ms: u64,
 }
 
+/// Runs a VM on its own thread.
+fn start_vm(id: &str, vm: Vm) -> Result<JoinHandle<Result<VmOutcome, VmError>>, HostError> {
+    std::thread::Builder::new()
+        .name(format!("{id}-vm"))
+        .spawn(move || vm.run(None))
+        .map_err(|e| HostError::internal(format!("cannot start the VM thread: {e}")))
+}
+
 impl Tenant {
+    /// A tenant entry for `vm`, which is kept to boot later (`Created`) or already running on
+    /// `thread`.
+    fn new(
+        spec: VmSpec,
+        tenant: u32,
+        slot: usize,
+        vm: &Vm,
+        introspection: Option<Arc<Introspection>>,
+        state: VmState,
+    ) -> Tenant {
+        Tenant {
+            tenant,
+            slot,
+            state,
+            stop: vm.stop_handle(),
+            control: vm.run_control(),
+            handle: vm.handle(),
+            introspection,
+            vm: None,
+            thread: None,
+            stop_reason: None,
+            created_unix_ms: now_unix_ms(),
+            spec,
+        }
+    }
+
     /// Notices a guest that stopped on its own.
     fn refresh(&mut self) {
         if matches!(self.state, VmState::Running | VmState::Paused)
@@ -621,20 +655,8 @@ impl Host {
                 return Err(e);
             }
         };
-        let entry = Tenant {
-            tenant,
-            slot,
-            state: VmState::Created,
-            stop: vm.stop_handle(),
-            control: vm.run_control(),
-            handle: vm.handle(),
-            introspection,
-            vm: Some(vm),
-            thread: None,
-            stop_reason: None,
-            created_unix_ms: now_unix_ms(),
-            spec,
-        };
+        let mut entry = Tenant::new(spec, tenant, slot, &vm, introspection, VmState::Created);
+        entry.vm = Some(vm);
         let info = entry.info();
         let mut tenants = self.tenants();
         tenants.insert(entry.spec.id.clone(), entry);
@@ -727,11 +749,7 @@ impl Host {
                 t.state
             )));
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("{id}-vm"))
-            .spawn(move || vm.run(None))
-            .map_err(|e| HostError::internal(format!("cannot start the VM thread: {e}")))?;
-        t.thread = Some(thread);
+        t.thread = Some(start_vm(id, vm)?);
         t.state = VmState::Running;
         let info = t.info();
         drop(tenants);
@@ -760,44 +778,62 @@ impl Host {
     }
 
     pub fn pause(&self, id: &str) -> Result<VmInfo, HostError> {
-        let mut tenants = self.tenants();
-        let t = tenants
-            .get_mut(id)
-            .ok_or_else(|| HostError::not_found(id))?;
-        t.refresh();
-        if t.state != VmState::Running {
-            return Err(HostError::conflict(format!(
-                "VM {id:?} is {:?}; only a running VM pauses",
-                t.state
-            )));
-        }
-        t.control
-            .pause(PAUSE_LIMIT)
-            .map_err(|e| HostError::internal(format!("pause: {e}")))?;
-        t.state = VmState::Paused;
-        let info = t.info();
-        drop(tenants);
-        self.emit("vm_paused", id, serde_json::json!({}));
-        Ok(info)
+        self.transition(
+            id,
+            VmState::Running,
+            "pauses",
+            VmState::Paused,
+            "vm_paused",
+            |t| {
+                t.control
+                    .pause(PAUSE_LIMIT)
+                    .map_err(|e| HostError::internal(format!("pause: {e}")))
+            },
+        )
     }
 
     pub fn resume(&self, id: &str) -> Result<VmInfo, HostError> {
+        self.transition(
+            id,
+            VmState::Paused,
+            "resumes",
+            VmState::Running,
+            "vm_resumed",
+            |t| {
+                t.control.resume();
+                Ok(())
+            },
+        )
+    }
+
+    /// Moves VM `id` from state `from` to `to` by `action`: 404 for an unknown VM, 409 in any
+    /// other state; an event `event` on success.
+    fn transition(
+        &self,
+        id: &str,
+        from: VmState,
+        verb: &str,
+        to: VmState,
+        event: &str,
+        action: impl FnOnce(&mut Tenant) -> Result<(), HostError>,
+    ) -> Result<VmInfo, HostError> {
         let mut tenants = self.tenants();
         let t = tenants
             .get_mut(id)
             .ok_or_else(|| HostError::not_found(id))?;
         t.refresh();
-        if t.state != VmState::Paused {
+        if t.state != from {
             return Err(HostError::conflict(format!(
-                "VM {id:?} is {:?}; only a paused VM resumes",
-                t.state
+                "VM {id:?} is {:?}; only a {} VM {verb}",
+                t.state,
+                format!("{from:?}").to_lowercase()
             )));
         }
-        t.control.resume();
-        t.state = VmState::Running;
+        action(t)?;
+        t.state = to;
         let info = t.info();
         drop(tenants);
-        self.emit("vm_resumed", id, serde_json::json!({}));
+        self.emit(event, id, serde_json::json!({}));
         Ok(info)
     }
 
@@ -1133,32 +1169,10 @@ impl Host {
             return Err(e);
         }
         // Paused until vm.resume: the vCPUs park before their first instruction.
-        let control = vm.run_control();
-        let _ = control.pause(Duration::ZERO);
-        let entry = Tenant {
-            tenant,
-            slot,
-            state: VmState::Paused,
-            stop: vm.stop_handle(),
-            control,
-            handle: vm.handle(),
-            introspection,
-            vm: None,
-            thread: None,
-            stop_reason: None,
-            created_unix_ms: now_unix_ms(),
-            spec,
-        };
+        let _ = vm.run_control().pause(Duration::ZERO);
+        let mut entry = Tenant::new(spec, tenant, slot, &vm, introspection, VmState::Paused);
         let id = entry.spec.id.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("{id}-vm"))
-            .spawn(move || vm.run(None))
-            .map_err(|e| {
-                release();
-                HostError::internal(format!("cannot start the VM thread: {e}"))
-            })?;
-        let mut entry = entry;
-        entry.thread = Some(thread);
+        entry.thread = Some(start_vm(&id, vm).inspect_err(|_| release())?);
         let info = entry.info();
         self.tenants().insert(id.clone(), entry);
         self.emit(
@@ -1303,26 +1317,15 @@ impl Host {
                 return Err(refuse(&mut stream, e.message));
             }
         };
-        let entry = Tenant {
+        let mut entry = Tenant::new(
+            spec.clone(),
             tenant,
             slot,
-            state: VmState::Running,
-            stop: vm.stop_handle(),
-            control: vm.run_control(),
-            handle: vm.handle(),
+            &vm,
             introspection,
-            vm: None,
-            thread: None,
-            stop_reason: None,
-            created_unix_ms: now_unix_ms(),
-            spec: spec.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("{id}-vm"))
-            .spawn(move || vm.run(None))
-            .map_err(|e| refuse(&mut stream, format!("cannot start the VM thread: {e}")))?;
-        let mut entry = entry;
-        entry.thread = Some(thread);
+            VmState::Running,
+        );
+        entry.thread = Some(start_vm(&id, vm).map_err(|e| refuse(&mut stream, e.message))?);
         self.tenants().insert(id.clone(), entry);
         // Tell the network where the tenant is now.
         if let Some(frame) = announcement(mac, spec.ip) {

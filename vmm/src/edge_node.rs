@@ -316,6 +316,8 @@ impl Edge {
                     "uptime_s": self.started.elapsed().as_secs(),
                     "control": self.control_addr.to_string(),
                     "running": self.running(),
+                    // The micro-VM formats its counters once its tables and ports are up.
+                    "ready": self.counters().is_some(),
                 }),
             ),
             (Method::Get, Some("edge.counters")) => Response::json(
@@ -332,7 +334,7 @@ impl Edge {
                 self.metrics_text().into_bytes(),
             ),
             (Method::Get, Some("events")) => {
-                crate::api::stream_events(stream, &self.stop);
+                crate::api::stream_events(stream, &[&self.stop]);
                 return http::Outcome::Streamed;
             }
             (Method::Put, Some("edge.shutdown")) => {

@@ -9,8 +9,8 @@ use std::sync::atomic::AtomicU64;
 use serde::Serialize;
 use vigil_wire::ring::{
     self, CountersReader, DropReason, Producer, RingError, COUNTERS_OFFSET, GLOBAL_FLOWS_ACTIVE,
-    GLOBAL_FLOWS_CREATED, GLOBAL_FORWARDED, GLOBAL_VERDICTS_APPLIED, GLOBAL_VERDICTS_REJECTED,
-    VERDICT_REGION_BYTES, VERDICT_RING_CAPACITY,
+    GLOBAL_FLOWS_ADOPTED, GLOBAL_FLOWS_CREATED, GLOBAL_FLOWS_REVOKED, GLOBAL_FORWARDED,
+    GLOBAL_VERDICTS_APPLIED, GLOBAL_VERDICTS_REJECTED, VERDICT_REGION_BYTES, VERDICT_RING_CAPACITY,
 };
 use vigil_wire::verdict::RECORD_LEN;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -37,6 +37,10 @@ pub struct FirewallCounters {
     pub verdicts_rejected: u64,
     pub flows_active: u64,
     pub flows_created: u64,
+    /// Established flows taken over mid-stream by `Adopt` verdicts (a migrated tenant's).
+    pub flows_adopted: u64,
+    /// Flows closed because their verdict was removed or their tenant flushed.
+    pub flows_revoked: u64,
     /// Drops by reason (only the reasons that occurred).
     pub drops: std::collections::BTreeMap<&'static str, u64>,
 }
@@ -132,6 +136,8 @@ impl VerdictRegion {
             verdicts_rejected: global(GLOBAL_VERDICTS_REJECTED),
             flows_active: global(GLOBAL_FLOWS_ACTIVE),
             flows_created: global(GLOBAL_FLOWS_CREATED),
+            flows_adopted: global(GLOBAL_FLOWS_ADOPTED),
+            flows_revoked: global(GLOBAL_FLOWS_REVOKED),
             drops: DropReason::ALL
                 .iter()
                 .map(|&r| (r.name(), reader.drops(r)))

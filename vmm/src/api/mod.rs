@@ -450,6 +450,16 @@ pub fn metrics_text(host: &Host) -> String {
                 "Flows the switch opened.",
                 c.flows_created,
             ),
+            (
+                "vigil_switch_flows_adopted_total",
+                "Established flows the switch took over from a migrated tenant.",
+                c.flows_adopted,
+            ),
+            (
+                "vigil_switch_flows_revoked_total",
+                "Flows the switch closed because their verdict or tenant went away.",
+                c.flows_revoked,
+            ),
         ] {
             metric(
                 &mut out,
@@ -526,8 +536,9 @@ pub fn metrics_text(host: &Host) -> String {
 /// is set.
 pub fn serve(host: Arc<Host>, listener: UnixListener, stop: Arc<AtomicBool>) {
     let handler_host = host.clone();
+    let handler_stop = stop.clone();
     let handler = Arc::new(move |request: Request, stream: &mut UnixStream| {
-        handle(&handler_host, request, stream)
+        handle(&handler_host, request, stream, &handler_stop)
     });
     let shutdown = host.shutdown_flag();
     let watcher_stop = stop.clone();
@@ -550,7 +561,12 @@ pub fn limits() -> http::Limits {
     }
 }
 
-fn handle(host: &Arc<Host>, request: Request, stream: &mut UnixStream) -> http::Outcome {
+fn handle(
+    host: &Arc<Host>,
+    request: Request,
+    stream: &mut UnixStream,
+    server_stop: &AtomicBool,
+) -> http::Outcome {
     let route = match find_route(ROUTES, &request) {
         Ok(route) => route,
         Err(e) => return http::Outcome::Respond(Response::error(e.status, &e.message)),
@@ -566,15 +582,15 @@ fn handle(host: &Arc<Host>, request: Request, stream: &mut UnixStream) -> http::
             metrics_text(host).into_bytes(),
         )),
         Handler::Events => {
-            stream_events(stream, &host.shutdown_flag());
+            stream_events(stream, &[&host.shutdown_flag(), server_stop]);
             http::Outcome::Streamed
         }
     }
 }
 
 /// Streams every event line published from now on, one chunk each, until the client goes away
-/// or `stop` is set.
-pub fn stream_events(stream: &mut UnixStream, stop: &AtomicBool) {
+/// or one of `stops` is set (the host shutting down, the server stopping on a signal).
+pub fn stream_events(stream: &mut UnixStream, stops: &[&AtomicBool]) {
     let events = crate::events::bus().subscribe();
     let Ok(writer) = stream.try_clone() else {
         return;
@@ -602,7 +618,10 @@ pub fn stream_events(stream: &mut UnixStream, stop: &AtomicBool) {
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                if stop.load(std::sync::atomic::Ordering::Acquire) {
+                if stops
+                    .iter()
+                    .any(|s| s.load(std::sync::atomic::Ordering::Acquire))
+                {
                     let _ = chunked.finish();
                     return;
                 }

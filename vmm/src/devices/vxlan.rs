@@ -68,6 +68,22 @@ impl Vxlan {
         }
         let socket = UdpSocket::bind(local)?;
         socket.set_nonblocking(true)?;
+        if local.is_ipv4() {
+            // A full-size frame plus its 50 bytes of encapsulation exceeds a 1500-byte underlay:
+            // let the kernel fragment the datagram rather than refuse it (EMSGSIZE). An underlay
+            // with an MTU of 1550 or more never fragments.
+            let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+            // SAFETY: setsockopt on a valid UDP socket with an int option.
+            unsafe {
+                libc::setsockopt(
+                    socket.as_raw_fd(),
+                    libc::IPPROTO_IP,
+                    libc::IP_MTU_DISCOVER,
+                    (&dont as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
+            }
+        }
         Ok(Vxlan {
             socket,
             vni,
