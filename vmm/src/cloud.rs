@@ -273,6 +273,22 @@ struct Tenant {
     created_unix_ms: u64,
 }
 
+/// How long a firewall micro-VM may take from start to forwarding.
+pub const READY_LIMIT: Duration = Duration::from_secs(20);
+
+/// Waits until a firewall micro-VM has formatted its counters (tables and ports up), or its
+/// thread ended, or `READY_LIMIT` passed. The micro-VM has no doorbell: this polls every ms.
+pub fn wait_ready<T>(region: &VerdictRegion, thread: &JoinHandle<T>) -> bool {
+    let deadline = Instant::now() + READY_LIMIT;
+    while Instant::now() < deadline && !thread.is_finished() {
+        if region.counters().is_some() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
 /// Runs a VM on its own thread.
 fn start_vm(id: &str, vm: Vm) -> Result<JoinHandle<Result<VmOutcome, VmError>>, HostError> {
     std::thread::Builder::new()
@@ -520,6 +536,17 @@ impl Host {
             .name("switch".into())
             .spawn(move || switch_vm.run(None))
             .map_err(|e| format!("cannot start the switch thread: {e}"))?;
+        // Serve only once the switch applies records at once (it formats its counters block
+        // when its tables and ports are up).
+        if !wait_ready(&region, &thread) {
+            stop.store(true, Ordering::Release);
+            let _ = thread.join();
+            return Err(format!(
+                "the switch micro-VM did not come up within {} s (its console: {})",
+                READY_LIMIT.as_secs(),
+                config.state_dir.join("switch.console").display()
+            ));
+        }
         let edge = match &config.edge {
             Some(edge) => Some(Arc::new(EdgeLink::new(edge.clone()).map_err(|e| {
                 format!("the verdict channel to the edge at {}: {e}", edge.control)

@@ -106,6 +106,19 @@ impl Edge {
             .name("edge-vm".into())
             .spawn(move || vm.run(None))
             .map_err(|e| format!("cannot start the edge VM thread: {e}"))?;
+        if !crate::cloud::wait_ready(&region, &vm_thread) {
+            stop.store(true, Ordering::Release);
+            let _ = vm_thread.join();
+            return Err(format!(
+                "the edge micro-VM did not come up within {} s{}",
+                crate::cloud::READY_LIMIT.as_secs(),
+                config
+                    .console_log
+                    .as_ref()
+                    .map(|p| format!(" (its console: {})", p.display()))
+                    .unwrap_or_default()
+            ));
+        }
         let edge = Arc::new(Edge {
             config,
             region,

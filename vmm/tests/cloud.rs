@@ -279,6 +279,8 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         let mut stream = BufReader::new(stream);
         let said = read_line(&mut stream);
         stream.get_mut().write_all(b"outside-says-hello\n").unwrap();
+        // Closing ends the tenant's nc (it waits for the server's side to close).
+        drop(stream);
         // The long-lived connection: lines before the migration, then after it.
         let (stream, long_peer) = long.accept().unwrap();
         stream
