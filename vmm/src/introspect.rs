@@ -321,7 +321,14 @@ fn governed_family(family: u16) -> bool {
 /// The verdict record an allowed operation opens, if its protocol is one the tiers filter.
 fn verdict_rule(a: &Attribution) -> Option<Rule> {
     let protocol = Protocol::from_u8(u8::try_from(a.protocol).ok()?)?;
-    let (ip_version, addr) = match a.addr? {
+    // An IPv4-mapped address (`::ffff:a.b.c.d` on a dual-stack socket) is IPv4 on the wire.
+    let addr = match a.addr? {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let (ip_version, addr) = match addr {
         IpAddr::V4(v4) => {
             let mut bytes = [0u8; 16];
             bytes[..4].copy_from_slice(&v4.octets());
@@ -346,6 +353,25 @@ fn verdict_rule(a: &Attribution) -> Option<Rule> {
         rule.remote_port_max = u16::MAX;
     }
     Some(rule)
+}
+
+/// Every rule an allowed call opens: its own, and for a bind/listen on the IPv6 wildcard the
+/// IPv4 wildcard too (Linux sockets are dual-stack unless IPV6_V6ONLY or bindv6only say
+/// otherwise, and then IPv4 peers reach them as well).
+fn verdict_rules(a: &Attribution) -> Vec<Rule> {
+    let Some(rule) = verdict_rule(a) else {
+        return Vec::new();
+    };
+    let mut rules = vec![rule];
+    if rule.direction == Direction::Ingress
+        && rule.ip_version == IpVersion::V6
+        && rule.local_addr == [0; 16]
+    {
+        let mut v4 = rule;
+        v4.ip_version = IpVersion::V4;
+        rules.push(v4);
+    }
+    rules
 }
 
 fn addr_text(version: IpVersion, bytes: &[u8; 16], port: u16) -> String {
@@ -760,7 +786,10 @@ impl Introspection {
             }
         }
         let verdict_seq = match (&outcome, &attributed) {
-            (HookOutcome::Allow, Ok(a)) => verdict_rule(a).map(|rule| self.produce_verdict(rule)),
+            (HookOutcome::Allow, Ok(a)) => verdict_rules(a)
+                .into_iter()
+                .map(|rule| self.produce_verdict(rule))
+                .reduce(|first, _| first),
             _ => None,
         };
         let vmm_work_ns = work.elapsed().as_nanos() as u64;
@@ -902,6 +931,22 @@ mod tests {
         }
         .to_bytes();
         assert_eq!(VerdictRepr::from_bytes(&record).unwrap().rule, rule);
+    }
+
+    #[test]
+    fn a_dual_stack_wildcard_listener_opens_both_versions_and_mapped_addresses_are_ipv4() {
+        let rules = verdict_rules(&attribution(SocketOp::Listen, "::", 7000, 6));
+        assert_eq!(rules.len(), 2);
+        assert_eq!(rules[0].ip_version, IpVersion::V6);
+        assert_eq!(rules[1].ip_version, IpVersion::V4);
+        assert!(rules.iter().all(|r| r.local_port == 7000 && r.direction == Direction::Ingress));
+        // A specific IPv6 address is IPv6 only.
+        assert_eq!(verdict_rules(&attribution(SocketOp::Bind, "fd00::2", 7000, 6)).len(), 1);
+        // connect() to ::ffff:10.0.0.1 is an IPv4 flow.
+        let mapped = verdict_rules(&attribution(SocketOp::Connect, "::ffff:10.0.0.1", 80, 6));
+        assert_eq!(mapped.len(), 1);
+        assert_eq!(mapped[0].ip_version, IpVersion::V4);
+        assert_eq!(&mapped[0].remote_addr[..4], &[10, 0, 0, 1]);
     }
 
     #[test]
