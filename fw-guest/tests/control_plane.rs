@@ -12,34 +12,12 @@ use vigil_wire::boot::TENANT_UNASSIGNED;
 use vigil_wire::ring;
 use vigil_wire::verdict::{v4, PORT_NONE};
 
-const T1: u32 = 1;
-const T2: u32 = 2;
-const TENANT: [u8; 4] = [10, 0, 0, 2];
 const TENANT_B: [u8; 4] = [10, 0, 0, 3];
-const SERVER: [u8; 4] = [10, 0, 0, 5];
-const TENANT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
-const SERVER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
-const SEC: u64 = 1_000_000_000;
 
 use Direction::{Egress as EG, Ingress as IN};
-const FWD: Decision = Decision::Forward;
-fn drop(r: DropReason) -> Decision {
-    Decision::Drop(r)
-}
 
 fn filter(flow_capacity: usize) -> Filter<'static> {
-    let flows = Box::leak(vec![FlowSlot::EMPTY; slots_for(flow_capacity)].into_boxed_slice());
-    let verdicts = Box::leak(vec![VerdictSlot::EMPTY; 64].into_boxed_slice());
-    let index = Box::leak(vec![IndexSlot::EMPTY; 128].into_boxed_slice());
-    Filter::new(flows, verdicts, index, Config::default()).unwrap()
-}
-
-struct Seq(u64);
-impl Seq {
-    fn next(&mut self) -> u64 {
-        self.0 += 1;
-        self.0
-    }
+    filter_with(flow_capacity, 64)
 }
 
 fn https(local: [u8; 4]) -> Rule {

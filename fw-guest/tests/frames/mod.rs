@@ -1,5 +1,5 @@
 //! Frame builders for the filter tests, written with smoltcp's `emit` functions so the bytes are
-//! what a real stack sends (checksums included).
+//! what a real stack sends (checksums included), and the fixtures every filter test shares.
 #![allow(dead_code)]
 
 use core::net::{Ipv4Addr, Ipv6Addr};
@@ -283,4 +283,42 @@ pub fn vlan_tag(frame: &[u8], tpid: u16, vid: u16) -> Vec<u8> {
     out.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
     out.extend_from_slice(&frame[12..]);
     out
+}
+
+// Fixtures shared by the filter tests.
+
+pub const T1: u32 = 1;
+pub const T2: u32 = 2;
+pub const TENANT: [u8; 4] = [10, 0, 0, 2];
+pub const SERVER: [u8; 4] = [10, 0, 0, 5];
+pub const TENANT6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+pub const SERVER6: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5];
+pub const SEC: u64 = 1_000_000_000;
+pub const FWD: fw_guest::filter::Decision = fw_guest::filter::Decision::Forward;
+
+pub fn drop(r: fw_guest::filter::DropReason) -> fw_guest::filter::Decision {
+    fw_guest::filter::Decision::Drop(r)
+}
+
+/// A filter over leaked boxed tables (tests only): room for `flow_capacity` flows and
+/// `verdict_capacity` verdicts.
+pub fn filter_with(
+    flow_capacity: usize,
+    verdict_capacity: usize,
+) -> fw_guest::filter::Filter<'static> {
+    use fw_guest::filter::*;
+    let flows = Box::leak(vec![FlowSlot::EMPTY; slots_for(flow_capacity)].into_boxed_slice());
+    let verdicts = Box::leak(vec![VerdictSlot::EMPTY; verdict_capacity].into_boxed_slice());
+    let index = Box::leak(vec![IndexSlot::EMPTY; verdict_capacity * 2].into_boxed_slice());
+    Filter::new(flows, verdicts, index, Config::default()).unwrap()
+}
+
+/// Verdict sequence numbers, 1 up.
+pub struct Seq(pub u64);
+
+impl Seq {
+    pub fn next(&mut self) -> u64 {
+        self.0 += 1;
+        self.0
+    }
 }
