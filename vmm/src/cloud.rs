@@ -656,6 +656,22 @@ impl Host {
         Ok(started.elapsed().as_secs_f64() * 1e3)
     }
 
+    /// Records a reconfiguration's time (the switch had applied it after `tiers_ms`) in the
+    /// field `slot` picks, and reports it as a `reconfig` event with `details`.
+    fn reconfigured(
+        &self,
+        slot: impl FnOnce(&mut ReconfigTimes) -> &mut Option<f64>,
+        id: &str,
+        tiers_ms: f64,
+        mut details: serde_json::Value,
+    ) {
+        *slot(&mut self.times.lock().unwrap_or_else(|p| p.into_inner())) = Some(tiers_ms);
+        if let Some(details) = details.as_object_mut() {
+            details.insert("tiers_ms".into(), tiers_ms.into());
+        }
+        self.emit("reconfig", id, details);
+    }
+
     fn emit(&self, kind: &str, id: &str, extra: serde_json::Value) {
         let mut body = serde_json::json!({"host": self.config.name, "vm": id});
         if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
@@ -689,15 +705,12 @@ impl Host {
         tenants.insert(entry.spec.id.clone(), entry);
         drop(tenants);
         let total = started.elapsed().as_secs_f64() * 1e3;
-        self.times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .create_ms = Some(applied);
-        self.emit(
-            "reconfig",
+        self.reconfigured(
+            |t| &mut t.create_ms,
             &info.id,
+            applied,
             serde_json::json!({"action": "create", "tenant": tenant, "switch_port": slot + 1,
-                "ip": info.ip, "tiers_ms": applied, "total_ms": total}),
+                "ip": info.ip, "total_ms": total}),
         );
         Ok(info)
     }
@@ -880,14 +893,11 @@ impl Host {
             ports[t.slot].1 = None;
         }
         let applied = applied?;
-        self.times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .delete_ms = Some(applied);
-        self.emit(
-            "reconfig",
+        self.reconfigured(
+            |t| &mut t.delete_ms,
             id,
-            serde_json::json!({"action": "delete", "tenant": t.tenant, "tiers_ms": applied,
+            applied,
+            serde_json::json!({"action": "delete", "tenant": t.tenant,
                 "total_ms": started.elapsed().as_secs_f64() * 1e3}),
         );
         Ok(())
@@ -935,14 +945,11 @@ impl Host {
             &[flush, self.switch_attach(tenant, slot, ip)],
             &[flush, self.edge_attach(tenant, ip)],
         )?;
-        self.times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .policy_ms = Some(applied);
-        self.emit(
-            "reconfig",
+        self.reconfigured(
+            |t| &mut t.policy_ms,
             id,
-            serde_json::json!({"action": "policy", "tenant": tenant, "tiers_ms": applied}),
+            applied,
+            serde_json::json!({"action": "policy", "tenant": tenant}),
         );
         Ok(())
     }

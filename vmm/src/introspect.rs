@@ -323,9 +323,7 @@ fn verdict_rule(a: &Attribution) -> Option<Rule> {
     let protocol = Protocol::from_u8(u8::try_from(a.protocol).ok()?)?;
     // An IPv4-mapped address (`::ffff:a.b.c.d` on a dual-stack socket) is IPv4 on the wire.
     let addr = match a.addr? {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(IpAddr::V6(v6), IpAddr::V4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     };
     let (ip_version, addr) = match addr {
@@ -939,9 +937,14 @@ mod tests {
         assert_eq!(rules.len(), 2);
         assert_eq!(rules[0].ip_version, IpVersion::V6);
         assert_eq!(rules[1].ip_version, IpVersion::V4);
-        assert!(rules.iter().all(|r| r.local_port == 7000 && r.direction == Direction::Ingress));
+        assert!(rules
+            .iter()
+            .all(|r| r.local_port == 7000 && r.direction == Direction::Ingress));
         // A specific IPv6 address is IPv6 only.
-        assert_eq!(verdict_rules(&attribution(SocketOp::Bind, "fd00::2", 7000, 6)).len(), 1);
+        assert_eq!(
+            verdict_rules(&attribution(SocketOp::Bind, "fd00::2", 7000, 6)).len(),
+            1
+        );
         // connect() to ::ffff:10.0.0.1 is an IPv4 flow.
         let mapped = verdict_rules(&attribution(SocketOp::Connect, "::ffff:10.0.0.1", 80, 6));
         assert_eq!(mapped.len(), 1);
