@@ -289,6 +289,18 @@ pub fn wait_ready<T>(region: &VerdictRegion, thread: &JoinHandle<T>) -> bool {
     false
 }
 
+/// Takes over a restored tenant's introspection state, if both ends have one; returns its
+/// granted verdicts as `Adopt` records for this host's tiers.
+fn import_introspection(
+    introspection: &Option<Arc<Introspection>>,
+    state: &Option<crate::introspect::IntrospectionState>,
+) -> Result<Vec<[u8; RECORD_LEN]>, String> {
+    match (introspection, state) {
+        (Some(i), Some(state)) => i.import_state(state),
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// Runs a VM on its own thread.
 fn start_vm(id: &str, vm: Vm) -> Result<JoinHandle<Result<VmOutcome, VmError>>, HostError> {
     std::thread::Builder::new()
@@ -1183,10 +1195,7 @@ impl Host {
         let restored = vm
             .restore(&snapshot, &mut std::io::BufReader::new(memory))
             .map_err(|e| e.to_string())
-            .and_then(|_| match (&introspection, &state) {
-                (Some(i), Some(state)) => i.import_state(state),
-                _ => Ok(Vec::new()),
-            });
+            .and_then(|_| import_introspection(&introspection, &state));
         let adopted = match restored {
             Ok(a) => a,
             Err(e) => {
@@ -1327,10 +1336,7 @@ impl Host {
                 .map_err(|e| e.to_string())?;
             let state: Option<crate::introspect::IntrospectionState> =
                 read_json(&mut input, MAX_STATE_DOC).map_err(|e| format!("introspection: {e}"))?;
-            match (&introspection, &state) {
-                (Some(i), Some(state)) => i.import_state(state),
-                _ => Ok(Vec::new()),
-            }
+            import_introspection(&introspection, &state)
         })();
         let adopted = match restored {
             Ok(a) => a,

@@ -329,12 +329,7 @@ impl<'a> Filter<'a> {
     /// Judge one frame for `tenant`, travelling in `dir` (egress: leaving the tenant).
     #[inline]
     pub fn process(&mut self, tenant: u32, dir: Direction, frame: &[u8], now_ns: u64) -> Decision {
-        let d = self.decide(tenant, dir, frame, now_ns);
-        match d {
-            Decision::Forward => self.counters.forwarded += 1,
-            Decision::Drop(r) => self.counters.drops[r as usize] += 1,
-        }
-        d
+        self.judge(frame, |f, meta| f.ip(tenant, dir, meta, now_ns))
     }
 
     /// Judge one frame at the edge, arriving from a port on side `from` and leaving by one on
@@ -351,23 +346,7 @@ impl<'a> Filter<'a> {
         frame: &[u8],
         now_ns: u64,
     ) -> Decision {
-        let d = match parse(frame) {
-            Err(reason) => Decision::Drop(reason),
-            Ok(Parsed::Arp) => {
-                self.counters.arp += 1;
-                Decision::Forward
-            }
-            Ok(Parsed::NeighborDiscovery) => {
-                self.counters.ndp += 1;
-                Decision::Forward
-            }
-            Ok(Parsed::Ip(meta)) => self.edge_ip(from, to, &meta, now_ns),
-        };
-        match d {
-            Decision::Forward => self.counters.forwarded += 1,
-            Decision::Drop(r) => self.counters.drops[r as usize] += 1,
-        }
-        d
+        self.judge(frame, |f, meta| f.edge_ip(from, to, meta, now_ns))
     }
 
     fn edge_ip(&mut self, from: EdgeSide, to: EdgeSide, m: &IpMeta, now_ns: u64) -> Decision {
@@ -389,8 +368,11 @@ impl<'a> Filter<'a> {
         self.ip(tenant, Direction::Ingress, m, now_ns)
     }
 
-    fn decide(&mut self, tenant: u32, dir: Direction, frame: &[u8], now_ns: u64) -> Decision {
-        match parse(frame) {
+    /// Parses a frame, passes ARP and neighbour discovery, hands IP packets to `ip`, and counts
+    /// the outcome (shared by the switch's and the edge's entry points).
+    #[inline]
+    fn judge(&mut self, frame: &[u8], ip: impl FnOnce(&mut Self, &IpMeta) -> Decision) -> Decision {
+        let d = match parse(frame) {
             Err(reason) => Decision::Drop(reason),
             Ok(Parsed::Arp) => {
                 self.counters.arp += 1;
@@ -400,8 +382,13 @@ impl<'a> Filter<'a> {
                 self.counters.ndp += 1;
                 Decision::Forward
             }
-            Ok(Parsed::Ip(meta)) => self.ip(tenant, dir, &meta, now_ns),
+            Ok(Parsed::Ip(meta)) => ip(self, &meta),
+        };
+        match d {
+            Decision::Forward => self.counters.forwarded += 1,
+            Decision::Drop(r) => self.counters.drops[r as usize] += 1,
         }
+        d
     }
 
     fn ip(&mut self, tenant: u32, dir: Direction, m: &IpMeta, now_ns: u64) -> Decision {
