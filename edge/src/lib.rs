@@ -2,3 +2,4 @@
 //! world and the cloud, and takes verdicts from hosts over an authenticated channel.
 
 pub mod channel;
+pub mod node;

@@ -1,0 +1,821 @@
+//! Control-plane latencies of real `vigil host` and `vigil edge` processes, measured through their
+//! REST APIs and event streams. Prints one JSON object per figure (see scripts/bench), the median
+//! as `value`:
+//!   api_latency_ms          GET vmm.ping round trip over the Unix socket (one connection each)
+//!   reconfig_create_ms      vm.create: from the host's reconfiguration to the switch micro-VM
+//!                           having applied the tenant's Attach (`tiers_ms` of the reconfig event)
+//!   reconfig_delete_ms      vm.delete: the same for the tenant's FlushTenant
+//!   reconfig_migrate_ms     a migrated tenant: the target's switch having taken its port, address
+//!                           and adopted verdicts (`tiers_ms` of the target's migrated_in event)
+//!   migration_downtime_ms   source pause -> the target runs it (the source's reply)
+//!   edge_reconfig_ms        a signed Attach+Add datagram: receipt at the edge -> the edge
+//!                           micro-VM having taken the records (`apply_ms` of edge_verdicts)
+//!
+//! The hosts' switch uplinks are VXLAN endpoints towards a local UDP port nobody answers (no
+//! network needed); the edge's outside port is a TAP in a network namespace made here. Every
+//! process, namespace and directory made here is removed on exit, on error too.
+//!
+//! Usage: cargo run --release -p vigil-tests --example control_bench -- FW_GUEST_ELF TENANT_DIR [ROUNDS]
+//! Needs the `vigil` binary next to the example's directory (cargo build --release -p vigil --bin
+//! vigil; `VIGIL_BIN` overrides) and root (network namespaces, /dev/kvm).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::UdpSocket;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use edge::channel::VerdictSender;
+use serde_json::{json, Value};
+use vigil_wire::verdict::{IpVersion, Protocol, Rule, VerdictRepr};
+use vmm_api::http;
+use vmm_core::host_kind::HostKind;
+
+/// Bound on one API call (vm.create reads and unpacks the tenant kernel).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on a process getting ready (a host boots its switch micro-VM first).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on an event showing up after the call that causes it.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// GET vmm.ping requests for api_latency_ms.
+const PINGS: usize = 1000;
+/// How long the tenant runs (booting) before its first migration: long enough that its kernel
+/// has touched memory and its vCPU is busy in guest code, as a live tenant's would be.
+const MIGRATE_WARMUP: Duration = Duration::from_secs(3);
+/// Goals (ms) from the project's targets: tiers reconfigured within 1 ms, the edge within 10 ms.
+const GOAL_RECONFIG: &str = "<= 1";
+const GOAL_EDGE: &str = "<= 10";
+/// Names of what a run makes, followed by its pid.
+const NETNS_PREFIX: &str = "vcb";
+const DIR_PREFIX: &str = "vigil-cbench-";
+
+type Result<T> = std::result::Result<T, String>;
+
+// ---------------------------------------------------------------------------------------------
+// Figures
+
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn sorted(&self) -> Vec<f64> {
+        let mut v = self.0.clone();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn median(&self) -> f64 {
+        let v = self.sorted();
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+
+    /// Nearest-rank percentile.
+    fn percentile(&self, p: f64) -> f64 {
+        let v = self.sorted();
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+        v[rank.clamp(1, v.len()) - 1]
+    }
+
+    fn min(&self) -> f64 {
+        self.0.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    fn max(&self) -> f64 {
+        self.0.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// Prints one figure: the median of `samples` and its spread, plus `extra` fields.
+fn emit(metric: &str, samples: &Samples, host: &str, extra: Value) {
+    let mut record = json!({
+        "metric": metric, "value": round3(samples.median()), "unit": "ms",
+        "runs": samples.0.len(), "min": round3(samples.min()), "max": round3(samples.max()),
+        "host": host,
+    });
+    if let (Some(record), Value::Object(extra)) = (record.as_object_mut(), extra) {
+        record.extend(extra);
+    }
+    println!("{record}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes, namespaces, directories: each removed when its guard drops
+
+/// A `vigil` child process; stopped when dropped: through its API's shutdown endpoint, else
+/// SIGTERM, else SIGKILL.
+struct VigilProcess {
+    name: String,
+    child: std::process::Child,
+    /// The API socket and the endpoint that shuts the process down.
+    shutdown: Option<(PathBuf, &'static str)>,
+}
+
+impl VigilProcess {
+    fn exited_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+}
+
+impl Drop for VigilProcess {
+    fn drop(&mut self) {
+        // The API's shutdown first: it also ends the event streams still open to the process,
+        // which a SIGTERM'd server would wait for.
+        if let Some((socket, endpoint)) = &self.shutdown {
+            let path = format!("/api/v1/{endpoint}");
+            let _ = http::request(socket, "PUT", &path, None, Duration::from_secs(5));
+            if self.exited_within(Duration::from_secs(10)) {
+                return;
+            }
+        }
+        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        if self.exited_within(Duration::from_secs(5)) {
+            return;
+        }
+        eprintln!("control_bench: {} did not stop; killing it", self.name);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `vigil` binary: next to the examples directory this example runs from.
+fn vigil_bin() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("VIGIL_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("vigil"))
+        .ok_or("no directory above the example")?;
+    if !path.is_file() {
+        return Err(format!(
+            "{} is missing: cargo build --release -p vigil (or set VIGIL_BIN)",
+            path.display()
+        ));
+    }
+    Ok(path)
+}
+
+/// Starts `vigil ARGS` and waits until a line of its stderr contains `ready`. Its stdout (the
+/// event log, which it blocks on if nobody reads it) is drained; its stderr goes on to ours.
+fn start_vigil(name: &str, args: &[String], ready: &str) -> Result<VigilProcess> {
+    let mut command = Command::new(vigil_bin()?);
+    command
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    // SAFETY: prctl in the forked child before exec touches no memory of the parent. The child
+    // dies with this process (the thread that spawned it: always the main thread here), so even
+    // a killed benchmark leaves no VMM behind.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start vigil {name}: {e}"))?;
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let process = VigilProcess {
+        name: name.to_string(),
+        child,
+        shutdown: None,
+    };
+    if let Some(stdout) = stdout {
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut BufReader::new(stdout), &mut std::io::sink());
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    if let Some(stderr) = stderr {
+        let prefix = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                eprintln!("{prefix}: {line}");
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(ready) => return Ok(process),
+            Ok(_) => {}
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(format!(
+                    "vigil {name} not ready within {} s",
+                    START_TIMEOUT.as_secs()
+                ))
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(format!("vigil {name} exited before it was ready"))
+            }
+        }
+    }
+}
+
+/// A directory of this run; removed with everything in it when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Result<TempDir> {
+        let path = std::env::temp_dir().join(format!("vigil-cbench-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+/// A network namespace holding one TAP device (the edge's outside port); deleted when dropped.
+struct Netns(String);
+
+impl Netns {
+    fn with_tap(name: &str, tap: &str) -> Result<Netns> {
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", name])?;
+        let ns = Netns(name.to_string());
+        ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"])?;
+        ip(&["-n", name, "link", "set", tap, "up"])?;
+        Ok(ns)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Whether process `pid` is alive (the suffix of a name made by an earlier run).
+fn pid_alive(pid: &str) -> bool {
+    Path::new("/proc").join(pid).exists()
+}
+
+/// What an earlier run that was killed (no destructors) left: its namespace and directory, both
+/// named after its pid.
+fn remove_stale() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            if let Some(pid) = name.strip_prefix(NETNS_PREFIX) {
+                if !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()) && !pid_alive(pid) {
+                    let _ = Command::new("ip").args(["netns", "del", name]).status();
+                }
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix(&format!("{DIR_PREFIX}run-")) {
+                if pid.bytes().all(|b| b.is_ascii_digit()) && !pid_alive(pid) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+    }
+}
+
+/// A UDP port on 127.0.0.1 free at the time of asking.
+fn free_udp_port() -> Result<u16> {
+    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
+    Ok(socket.local_addr().map_err(|e| e.to_string())?.port())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The API and the event stream
+
+fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+    let body = body.map(Value::to_string);
+    let r = http::request(
+        socket,
+        method,
+        &format!("/api/v1/{path}"),
+        body.as_deref().map(str::as_bytes),
+        CALL_TIMEOUT,
+    )
+    .map_err(|e| format!("{method} {path}: {e}"))?;
+    let value = if r.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&r.body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.body).into_owned()))
+    };
+    Ok((r.status, value))
+}
+
+/// A call that must succeed (2xx); returns its JSON body.
+fn call_ok(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+    let (status, value) = call(socket, method, path, body)?;
+    if !(200..300).contains(&status) {
+        return Err(format!("{method} {path}: {status} {value}"));
+    }
+    Ok(value)
+}
+
+/// A subscription to a process's `/api/v1/events`: each event with the instant it arrived here.
+struct Events {
+    rx: Receiver<(Instant, Value)>,
+}
+
+impl Events {
+    /// Subscribes and returns once the stream is live (its first line arrived).
+    fn subscribe(socket: &Path) -> Result<Events> {
+        let chunks = http::stream(socket, "/api/v1/events", CALL_TIMEOUT)
+            .map_err(|e| format!("events of {}: {e}", socket.display()))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Events are newline-terminated; a line may span chunks.
+            let mut pending = Vec::new();
+            for chunk in chunks {
+                let Ok(chunk) = chunk else { return };
+                let arrived = Instant::now();
+                pending.extend_from_slice(&chunk);
+                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if let Ok(event) = serde_json::from_slice::<Value>(&line) {
+                        if tx.send((arrived, event)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        let events = Events { rx };
+        events.wait(|e| e["event"] == "subscribed")?;
+        Ok(events)
+    }
+
+    /// The next event that `matches`, skipping others.
+    fn wait(&self, matches: impl Fn(&Value) -> bool) -> Result<(Instant, Value)> {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((at, event)) if matches(&event) => return Ok((at, event)),
+                Ok(_) => {}
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "the awaited event did not come within {} s",
+                        EVENT_TIMEOUT.as_secs()
+                    ))
+                }
+                Err(RecvTimeoutError::Disconnected) => return Err("the event stream ended".into()),
+            }
+        }
+    }
+}
+
+fn f64_of(v: &Value, field: &str) -> Result<f64> {
+    v[field]
+        .as_f64()
+        .ok_or_else(|| format!("no number {field:?} in {v}"))
+}
+
+fn ms_since(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64() * 1e3
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hosts
+
+struct HostProc {
+    // Dropped in this order: the process (it removes its socket), then its directory.
+    _process: VigilProcess,
+    socket: PathBuf,
+    dir: PathBuf,
+}
+
+fn start_host(name: &str, elf: &Path, root: &Path) -> Result<HostProc> {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let socket = dir.join("api.sock");
+    let args: Vec<String> = vec![
+        "host".into(),
+        "--api-socket".into(),
+        socket.display().to_string(),
+        "--switch-elf".into(),
+        elf.display().to_string(),
+        "--uplink".into(),
+        "vxlan=127.0.0.1:9".into(),
+        "--tenant-ports".into(),
+        "2".into(),
+        "--name".into(),
+        name.into(),
+        "--state-dir".into(),
+        dir.join("state").display().to_string(),
+    ];
+    let mut process = start_vigil(&format!("host {name}"), &args, "serving")?;
+    process.shutdown = Some((socket.clone(), "vmm.shutdown"));
+    Ok(HostProc {
+        _process: process,
+        socket,
+        dir,
+    })
+}
+
+fn spec(tenant_dir: &Path, id: &str, n: u8, policy: &Value) -> Value {
+    json!({
+        "id": id,
+        "kernel": tenant_dir.join("vmlinuz"),
+        "initramfs": tenant_dir.join("initramfs.cpio"),
+        "memory_mib": 128,
+        "mac": format!("52:54:00:88:00:{n:02x}"),
+        "ip": format!("10.88.0.{n}"),
+        "policy": policy,
+    })
+}
+
+fn tenant_policy() -> Value {
+    json!({"allow": [{"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
+                      "cidr": "10.0.0.1/32", "ports": "80"}]})
+}
+
+fn bench_api_latency(host: &HostProc, kind: &str) -> Result<()> {
+    let mut rtt = Vec::with_capacity(PINGS);
+    for _ in 0..PINGS {
+        let start = Instant::now();
+        let (status, _) = call(&host.socket, "GET", "vmm.ping", None)?;
+        rtt.push(ms_since(start));
+        if status != 200 {
+            return Err(format!("vmm.ping answered {status}"));
+        }
+    }
+    let samples = Samples(rtt);
+    emit(
+        "api_latency_ms",
+        &samples,
+        kind,
+        json!({"p99": round3(samples.percentile(99.0)),
+               "note": "GET vmm.ping over the Unix socket, a new connection per request"}),
+    );
+    Ok(())
+}
+
+fn bench_create_delete(
+    host: &HostProc,
+    tenant_dir: &Path,
+    rounds: usize,
+    kind: &str,
+) -> Result<()> {
+    let events = Events::subscribe(&host.socket)?;
+    let policy = tenant_policy();
+    let (mut create, mut delete) = (Vec::new(), Vec::new());
+    let (mut api_create, mut api_delete, mut host_create) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let id = format!("cb{i}");
+        let body = spec(tenant_dir, &id, 10 + (i % 200) as u8, &policy);
+        let start = Instant::now();
+        call_ok(&host.socket, "PUT", "vm.create", Some(&body))?;
+        api_create.push(ms_since(start));
+        let (_, event) = events
+            .wait(|e| e["event"] == "reconfig" && e["action"] == "create" && e["vm"] == *id)?;
+        create.push(f64_of(&event, "tiers_ms")?);
+        host_create.push(f64_of(&event, "total_ms")?);
+
+        let start = Instant::now();
+        call_ok(&host.socket, "PUT", "vm.delete", Some(&json!({"id": id})))?;
+        api_delete.push(ms_since(start));
+        let (_, event) = events
+            .wait(|e| e["event"] == "reconfig" && e["action"] == "delete" && e["vm"] == *id)?;
+        delete.push(f64_of(&event, "tiers_ms")?);
+    }
+    let (api_create, api_delete, host_create) = (
+        Samples(api_create),
+        Samples(api_delete),
+        Samples(host_create),
+    );
+    emit(
+        "reconfig_create_ms",
+        &Samples(create),
+        kind,
+        json!({"goal": GOAL_RECONFIG,
+               "api_create_ms": round3(api_create.median()),
+               "host_create_total_ms": round3(host_create.median()),
+               "note": "tiers_ms: Attach sent -> the switch micro-VM applied it (the edge gets \
+                        the signed record at the same moment); api_create_ms is the whole \
+                        vm.create call, which reads and unpacks the tenant kernel and builds the VM"}),
+    );
+    emit(
+        "reconfig_delete_ms",
+        &Samples(delete),
+        kind,
+        json!({"goal": GOAL_RECONFIG,
+               "api_delete_ms": round3(api_delete.median()),
+               "note": "tiers_ms: FlushTenant sent -> the switch micro-VM applied it; \
+                        api_delete_ms is the whole vm.delete call"}),
+    );
+    Ok(())
+}
+
+struct Migration {
+    tiers_ms: f64,
+    downtime_ms: f64,
+    capture_ms: f64,
+    restore_ms: f64,
+    pages_sent: f64,
+    pages_total: f64,
+}
+
+/// Moves tenant `id` from `from` to `to` and reads the figures of both sides.
+fn migrate(from: &HostProc, to: &HostProc, to_events: &Events, id: &str) -> Result<Migration> {
+    let url = format!("unix:{}", to.dir.join("migrate.sock").display());
+    call_ok(
+        &to.socket,
+        "PUT",
+        "vm.receive-migration",
+        Some(&json!({ "receiver_url": url })),
+    )?;
+    let reply = call_ok(
+        &from.socket,
+        "PUT",
+        "vm.send-migration",
+        Some(&json!({"id": id, "destination_url": url})),
+    )?;
+    let (_, event) = to_events.wait(|e| e["event"] == "migrated_in" && e["vm"] == *id)?;
+    Ok(Migration {
+        tiers_ms: f64_of(&event, "tiers_ms")?,
+        downtime_ms: f64_of(&reply, "downtime_ms")?,
+        capture_ms: f64_of(&reply, "capture_ms")?,
+        restore_ms: f64_of(&reply, "target_restore_ms")?,
+        pages_sent: f64_of(&reply, "pages_sent")?,
+        pages_total: f64_of(&reply, "pages_total")?,
+    })
+}
+
+fn bench_migration(
+    a: &HostProc,
+    elf: &Path,
+    root: &Path,
+    tenant_dir: &Path,
+    rounds: usize,
+    kind: &str,
+) -> Result<()> {
+    let b = start_host("cbench-b", elf, root)?;
+    let (a_events, b_events) = (Events::subscribe(&a.socket)?, Events::subscribe(&b.socket)?);
+    let id = "mig";
+    call_ok(
+        &a.socket,
+        "PUT",
+        "vm.create",
+        Some(&spec(tenant_dir, id, 250, &tenant_policy())),
+    )?;
+    call_ok(&a.socket, "PUT", "vm.boot", Some(&json!({ "id": id })))?;
+    // Not a synchronisation: the tenant is meant to be running guest code when it moves.
+    std::thread::sleep(MIGRATE_WARMUP);
+    let mut runs = Vec::new();
+    for _ in 0..rounds {
+        runs.push(migrate(a, &b, &b_events, id)?);
+        runs.push(migrate(&b, a, &a_events, id)?);
+    }
+    // It is back on A; A goes away at the end, with it.
+    let _ = call(&a.socket, "PUT", "vm.delete", Some(&json!({ "id": id })));
+    let field = |f: fn(&Migration) -> f64| Samples(runs.iter().map(f).collect());
+    let pages_sent = field(|m| m.pages_sent);
+    let pages_total = field(|m| m.pages_total);
+    emit(
+        "reconfig_migrate_ms",
+        &field(|m| m.tiers_ms),
+        kind,
+        json!({"goal": GOAL_RECONFIG,
+               "note": "the target's switch micro-VM took the tenant's port, address and \
+                        adopted verdicts (tiers_ms of migrated_in), before its vCPUs resumed"}),
+    );
+    emit(
+        "migration_downtime_ms",
+        &field(|m| m.downtime_ms),
+        kind,
+        json!({"capture_ms": round3(field(|m| m.capture_ms).median()),
+               "target_restore_ms": round3(field(|m| m.restore_ms).median()),
+               "pages_sent": pages_sent.median(), "pages_total": pages_total.median(),
+               "memory_mib": 128,
+               "note": "source pause -> the target runs it, two hosts on one machine over a \
+                        Unix socket, stop-and-copy of the touched pages; a tenant mid-boot"}),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The edge
+
+fn random_key_hex() -> Result<String> {
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(|e| format!("/dev/urandom: {e}"))?;
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> {
+    let dir = root.join("edge");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let netns = Netns::with_tap(&format!("{NETNS_PREFIX}{}", std::process::id()), "vcbtap0")?;
+    let key_hex = random_key_hex()?;
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, &key_hex).map_err(|e| format!("{}: {e}", key_file.display()))?;
+    let socket = dir.join("api.sock");
+    let control = format!("127.0.0.1:{}", free_udp_port()?);
+    let args: Vec<String> = vec![
+        "edge".into(),
+        "--elf".into(),
+        elf.display().to_string(),
+        "--outside".into(),
+        format!("tap=vcbtap0,netns={}", netns.0),
+        "--cloud".into(),
+        format!("local=127.0.0.1:{}", free_udp_port()?),
+        "--control".into(),
+        control.clone(),
+        "--key-file".into(),
+        key_file.display().to_string(),
+        "--api-socket".into(),
+        socket.display().to_string(),
+        "--name".into(),
+        "cbench-edge".into(),
+    ];
+    let mut edge = start_vigil("edge", &args, "verdict channel on")?;
+    edge.shutdown = Some((socket.clone(), "edge.shutdown"));
+    let events = Events::subscribe(&socket)?;
+    let key = edge::channel::key_from_hex(&key_hex).map_err(|e| e.to_string())?;
+    let mut sender = VerdictSender::connect(control.as_str(), key, 7)
+        .map_err(|e| format!("verdict channel to {control}: {e}"))?;
+    let tenant = 42;
+    let mut addr = [0u8; 16];
+    addr[..4].copy_from_slice(&[10, 88, 2, 2]);
+    let mut remote = [0u8; 16];
+    remote[..4].copy_from_slice(&[192, 0, 2, 1]);
+    let mut record_seq = 1u64;
+    let mut records = |port: u16| {
+        let attach = VerdictRepr::attach(tenant, record_seq, None, Some((IpVersion::V4, addr)));
+        let rule = Rule::egress_to(IpVersion::V4, Protocol::Tcp, remote, port);
+        let add = VerdictRepr::add(tenant, record_seq + 1, 0, rule);
+        record_seq += 2;
+        [attach.to_bytes(), add.to_bytes()]
+    };
+    // The edge micro-VM may still be booting: the first datagram counts once it was applied.
+    let warm_deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let seq = sender.next_seq();
+        sender
+            .send(&records(1))
+            .map_err(|e| format!("send to the edge: {e}"))?;
+        let (_, event) = events.wait(|e| e["event"] == "edge_verdicts" && e["seq"] == seq)?;
+        if event["applied"] == true {
+            break;
+        }
+        if Instant::now() > warm_deadline {
+            return Err("the edge micro-VM never took a record".into());
+        }
+    }
+    let (mut apply, mut end_to_end) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let batch = records(1000 + (i % 60000) as u16);
+        let seq = sender.next_seq();
+        let start = Instant::now();
+        sender
+            .send(&batch)
+            .map_err(|e| format!("send to the edge: {e}"))?;
+        let (arrived, event) = events.wait(|e| e["event"] == "edge_verdicts" && e["seq"] == seq)?;
+        if event["applied"] != true {
+            return Err(format!("the edge did not apply datagram {seq}: {event}"));
+        }
+        apply.push(f64_of(&event, "apply_ms")?);
+        end_to_end.push((arrived - start).as_secs_f64() * 1e3);
+    }
+    let end_to_end = Samples(end_to_end);
+    emit(
+        "edge_reconfig_ms",
+        &Samples(apply),
+        kind,
+        json!({"goal": GOAL_EDGE,
+               "end_to_end_ms": round3(end_to_end.median()),
+               "end_to_end_max_ms": round3(end_to_end.max()),
+               "records_per_datagram": 2,
+               "note": "apply_ms: signed datagram received and verified -> the edge micro-VM \
+                        took the Attach+Add records; end_to_end_ms: VerdictSender::send -> \
+                        the edge_verdicts event read from the edge's API stream"}),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: control_bench FW_GUEST_ELF TENANT_DIR [ROUNDS]");
+        return std::process::ExitCode::from(2);
+    }
+    let elf = PathBuf::from(&args[1]);
+    let tenant_dir = PathBuf::from(&args[2]);
+    let rounds: usize = match args.get(3).map(|r| r.parse()) {
+        None => 20,
+        Some(Ok(n)) if n > 0 => n,
+        Some(_) => {
+            eprintln!("control_bench: ROUNDS must be a positive number");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(&elf, &tenant_dir, rounds) {
+        Ok(0) => std::process::ExitCode::SUCCESS,
+        Ok(_) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("control_bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every part; a part that fails is reported and the others still run. Returns how many
+/// parts failed.
+fn run(elf: &Path, tenant_dir: &Path, rounds: usize) -> Result<usize> {
+    for file in [
+        elf.to_path_buf(),
+        tenant_dir.join("vmlinuz"),
+        tenant_dir.join("initramfs.cpio"),
+    ] {
+        if !file.is_file() {
+            return Err(format!("{} is missing", file.display()));
+        }
+    }
+    let kind = match HostKind::detect() {
+        HostKind::Emulating => "emulating",
+        HostKind::Hardware => "hardware",
+    };
+    remove_stale();
+    let root = TempDir::new("run")?;
+    let mut failed = 0;
+    let mut part = |name: &str, result: Result<()>| {
+        if let Err(e) = result {
+            eprintln!("control_bench: {name} failed: {e}");
+            failed += 1;
+        }
+    };
+    {
+        let host = start_host("cbench-a", elf, &root.0)?;
+        part("api_latency", bench_api_latency(&host, kind));
+        part(
+            "create/delete",
+            bench_create_delete(&host, tenant_dir, rounds, kind),
+        );
+        // A migration round moves the tenant there and back (~1-3 s under emulation).
+        let migrations = rounds.clamp(1, 5);
+        part(
+            "migration",
+            bench_migration(&host, elf, &root.0, tenant_dir, migrations, kind),
+        );
+    }
+    part("edge", bench_edge(elf, &root.0, rounds.max(20), kind));
+    Ok(failed)
+}

@@ -1,0 +1,356 @@
+//! The cloud end to end, one Debian tenant boot for every check: an edge node and two hosts, each
+//! in its own network namespace (real veth underlay, real VXLAN-in-UDP between the hosts' switch
+//! uplinks and the edge's cloud port), the outside world in a fourth namespace behind the edge's
+//! TAP, real Linux TCP servers and clients there, busybox `nc` in the tenant.
+//!
+//! - Create through the API on host A: the tenant's policy is live before its first instruction
+//!   and both tiers know its port and address.
+//! - Tenant → outside, allowed by a connect verdict, through the switch tier and the edge.
+//! - Outside → tenant service, allowed by the bind/listen verdicts; outside → a port no verdict
+//!   opened dies at the edge (counted as `no_verdict` there).
+//! - A verdict signed with the wrong key is rejected by the edge and reported.
+//! - Live migration A → B of the running tenant with an established TCP connection to an outside
+//!   server: bytes before and after the migration checked on both ends; A forgets the tenant,
+//!   B's switch adopts its flows, the edge keeps them and learns the tenant's new location.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vigil_tests::{
+    api, base64, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, Namespace, Process,
+};
+
+const OUTSIDE_IP: &str = "10.66.0.1";
+const TENANT_IP: &str = "10.66.0.2";
+const TENANT_MAC: &str = "52:54:00:00:00:02";
+const KEY: &str = "5c1f0a2e9d8b7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
+
+fn read_line(stream: &mut BufReader<TcpStream>) -> String {
+    let mut line = String::new();
+    stream.read_line(&mut line).expect("read a line");
+    line.trim_end().to_string()
+}
+
+#[test]
+#[ignore = "boots the Debian tenant: 10-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
+fn cloud_end_to_end_with_edge_and_live_migration() {
+    let dir = tenant_dir();
+    let pid = std::process::id();
+    let work = std::env::temp_dir().join(format!("vigil-cloud-{pid}"));
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let key_file = work.join("edge.key");
+    std::fs::write(&key_file, KEY).unwrap();
+
+    // The outside world, the edge, two hosts; underlay: edge–A 192.168.71.0/24, edge–B .72.
+    let outside = Namespace::create(&format!("vc-out-{pid}"), "eo0", OUTSIDE_IP);
+    let edge_ns = Namespace::bare(&format!("vc-edge-{pid}"));
+    let a_ns = Namespace::bare(&format!("vc-a-{pid}"));
+    let b_ns = Namespace::bare(&format!("vc-b-{pid}"));
+    veth(&edge_ns, "ea", "192.168.71.1", &a_ns, "ua", "192.168.71.2");
+    veth(&edge_ns, "eb", "192.168.72.1", &b_ns, "ub", "192.168.72.2");
+
+    let elf = fw_guest_elf().display().to_string();
+    let edge_sock: PathBuf = work.join("edge.sock");
+    let a_sock: PathBuf = work.join("a.sock");
+    let b_sock: PathBuf = work.join("b.sock");
+    let s = |p: &Path| p.display().to_string();
+    let _edge = Process::start(
+        "edge",
+        &edge_ns.name,
+        &[
+            "edge".into(),
+            "--elf".into(),
+            elf.clone(),
+            "--outside".into(),
+            format!("tap=eo0,netns={}", outside.name),
+            "--cloud".into(),
+            "local=0.0.0.0:4789".into(),
+            "--control".into(),
+            "0.0.0.0:4790".into(),
+            "--key-file".into(),
+            s(&key_file),
+            "--api-socket".into(),
+            s(&edge_sock),
+        ],
+        "verdict channel on",
+    );
+    let host = |name: &'static str, ns: &Namespace, sock: &Path, edge: &str, id: &str| {
+        Process::start(
+            name,
+            &ns.name,
+            &[
+                "host".into(),
+                "--api-socket".into(),
+                s(sock),
+                "--switch-elf".into(),
+                elf.clone(),
+                "--uplink".into(),
+                format!("vxlan={edge}:4789"),
+                "--edge-control".into(),
+                format!("{edge}:4790"),
+                "--edge-key-file".into(),
+                s(&key_file),
+                "--host-id".into(),
+                id.into(),
+                "--name".into(),
+                name.into(),
+                "--console".into(),
+            ],
+            "serving",
+        )
+    };
+    let mut host_a = host("host-a", &a_ns, &a_sock, "192.168.71.1", "1");
+    let mut host_b = host("host-b", &b_ns, &b_sock, "192.168.72.1", "2");
+
+    // Outside servers: 8080 answers one line; 8081 is the long-lived connection that lives
+    // through the migration (the tenant echoes every line back).
+    let (bound_tx, bound_rx) = mpsc::channel();
+    let (migrated_tx, migrated_rx) = mpsc::channel::<()>();
+    let (before_tx, before_rx) = mpsc::channel::<()>();
+    let servers = outside.spawn(move || {
+        let one_shot = TcpListener::bind((OUTSIDE_IP, 8080)).unwrap();
+        let long = TcpListener::bind((OUTSIDE_IP, 8081)).unwrap();
+        bound_tx.send(()).unwrap();
+        let (stream, peer) = one_shot.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
+        let mut stream = BufReader::new(stream);
+        let said = read_line(&mut stream);
+        stream.get_mut().write_all(b"outside-says-hello\n").unwrap();
+        // Closing ends the tenant's nc (it waits for the server's side to close).
+        drop(stream);
+        // The long-lived connection: lines before the migration, then after it.
+        let (stream, long_peer) = long.accept().unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(600)))
+            .unwrap();
+        let mut stream = BufReader::new(stream);
+        let mut echoed = Vec::new();
+        for i in 0..3 {
+            let line = format!("before-{i}");
+            stream
+                .get_mut()
+                .write_all(format!("{line}\n").as_bytes())
+                .unwrap();
+            echoed.push((line, read_line(&mut stream)));
+        }
+        before_tx.send(()).unwrap();
+        migrated_rx.recv().unwrap();
+        for i in 0..3 {
+            let line = format!("after-{i}-{}", "x".repeat(1000));
+            stream
+                .get_mut()
+                .write_all(format!("{line}\n").as_bytes())
+                .unwrap();
+            echoed.push((line, read_line(&mut stream)));
+        }
+        // Closing ends the tenant's nc, and its workload.
+        drop(stream);
+        (peer, said, long_peer, echoed)
+    });
+    bound_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+
+    // The tenant: out to 8080 (allowed), a service on 7000 (bind + listen allowed), then the
+    // long-lived echo connection to 8081.
+    let workload = format!(
+        "echo \"VIGIL-CHECK tcp-reply $(echo tenant-says-hello | nc -w 120 {OUTSIDE_IP} 8080)\"\n\
+         nc -l -p 7000 -e echo served-by-tenant &\n\
+         i=0; while ! netstat -ltn | grep -q ':7000 ' && [ $i -lt 200 ]; do i=$((i+1)); usleep 50000; done\n\
+         echo VIGIL-CHECK listening\n\
+         nc {OUTSIDE_IP} 8081 -e cat\n\
+         echo \"VIGIL-CHECK long-done rc=$?\"\n"
+    );
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(workload.as_bytes()).unwrap();
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 quiet vigil.ip={TENANT_IP}/24 vigil.gw={OUTSIDE_IP} vigil.run={}",
+        base64(&gz.finish().unwrap())
+    );
+    let policy = json!({"allow": [
+        {"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
+         "cidr": format!("{OUTSIDE_IP}/32"), "ports": "8080-8081"},
+        {"op": "bind", "exe": "/bin/busybox", "ports": "7000-7010"},
+        {"op": "listen", "exe": "/bin/busybox"}
+    ]});
+    let (status, info) = api(
+        &a_sock,
+        "PUT",
+        "vm.create",
+        Some(json!({
+            "id": "web", "kernel": dir.join("vmlinuz"), "initramfs": dir.join("initramfs.cpio"),
+            "cmdline": cmdline, "memory_mib": 256, "mac": TENANT_MAC, "ip": TENANT_IP,
+            "policy": policy,
+        })),
+    );
+    assert_eq!(status, 200, "{info}");
+    let create = host_a.wait_for("\"action\":\"create\"", Duration::from_secs(10));
+    eprintln!("reconfig on create: {create}");
+    let (status, info) = api(&a_sock, "PUT", "vm.boot", Some(json!({"id": "web"})));
+    assert_eq!(
+        (status, info["state"].as_str()),
+        (200, Some("running")),
+        "{info}"
+    );
+
+    // A forged verdict (another key) opening 7005 inbound: the edge rejects and reports it.
+    let forged = edge_ns.spawn(|| {
+        let bad_key = edge::channel::key_from_hex(&"ab".repeat(32)).unwrap();
+        let mut sender =
+            edge::channel::VerdictSender::connect("127.0.0.1:4790", bad_key, 1).unwrap();
+        let mut rule = vigil_wire::verdict::Rule::any(
+            vigil_wire::verdict::Direction::Ingress,
+            vigil_wire::verdict::IpVersion::V4,
+            vigil_wire::verdict::Protocol::Tcp,
+        );
+        rule.local_port = 7005;
+        let record = vigil_wire::verdict::VerdictRepr::add(
+            vmm_core::introspect::tenant_id("web"),
+            1,
+            0,
+            rule,
+        );
+        sender.send(&[record.to_bytes()]).unwrap();
+    });
+    forged.join().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while edge_counters(&edge_sock)["rejected"]["bad_tag"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the edge did not report the forged verdict"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Tenant → outside through both tiers.
+    let reply = host_a.wait_for("VIGIL-CHECK tcp-reply", Duration::from_secs(1500));
+    assert!(reply.ends_with("tcp-reply outside-says-hello"), "{reply}");
+
+    // Outside → tenant: the service its bind/listen verdicts opened answers; a port nothing
+    // opened is dropped at the edge (no answer at all, not even a reset).
+    host_a.wait_for("VIGIL-CHECK listening", Duration::from_secs(600));
+    let inbound = outside.spawn(|| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let attempt = TcpStream::connect_timeout(
+                &format!("{TENANT_IP}:7000").parse().unwrap(),
+                Duration::from_secs(20),
+            )
+            .and_then(|mut s| {
+                s.set_read_timeout(Some(Duration::from_secs(120)))?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            });
+            match attempt {
+                Ok(text) if !text.is_empty() => return text,
+                _ if Instant::now() < deadline => continue,
+                other => panic!("no answer from the tenant's service: {other:?}"),
+            }
+        }
+    });
+    assert_eq!(inbound.join().unwrap().trim(), "served-by-tenant");
+    let dropped_before = drop_count(&edge_counters(&edge_sock), "no_verdict");
+    let closed = outside.spawn(|| {
+        TcpStream::connect_timeout(
+            &format!("{TENANT_IP}:7005").parse().unwrap(),
+            Duration::from_secs(5),
+        )
+        .map(|_| ())
+        .map_err(|e| e.kind())
+    });
+    assert_eq!(
+        closed.join().unwrap(),
+        Err(std::io::ErrorKind::TimedOut),
+        "an unopened port must be dropped silently (the forged verdict must not have opened it)"
+    );
+    assert!(drop_count(&edge_counters(&edge_sock), "no_verdict") > dropped_before);
+
+    // Live migration A → B with the 8081 connection established.
+    before_rx
+        .recv_timeout(Duration::from_secs(600))
+        .expect("the long-lived connection exchanged its first lines");
+    let mig = format!("unix:{}", work.join("migrate.sock").display());
+    let (status, v) = api(
+        &b_sock,
+        "PUT",
+        "vm.receive-migration",
+        Some(json!({"receiver_url": mig})),
+    );
+    assert_eq!(status, 204, "{v}");
+    let (status, report) = api(
+        &a_sock,
+        "PUT",
+        "vm.send-migration",
+        Some(json!({"id": "web", "destination_url": mig})),
+    );
+    assert_eq!(status, 200, "{report}");
+    println!(
+        "{}",
+        json!({"metric": "migration_downtime_ms", "value": report["downtime_ms"], "unit": "ms",
+               "report": report})
+    );
+    let (_, list_a) = api(&a_sock, "GET", "vm.list", None);
+    assert_eq!(list_a, json!([]), "host A forgot the tenant");
+    let (status, info_b) = api(&b_sock, "GET", "vm.info?id=web", None);
+    assert_eq!(status, 200, "{info_b}");
+    assert_eq!(info_b["state"], "running");
+    host_b.wait_for("\"event\":\"migrated_in\"", Duration::from_secs(10));
+    migrated_tx.send(()).unwrap();
+
+    // Both ends of the connection: every line came back as sent, before and after.
+    let (peer, said, long_peer, echoed) = servers.join().expect("outside servers");
+    assert_eq!(peer.ip().to_string(), TENANT_IP);
+    assert_eq!(said, "tenant-says-hello");
+    assert_eq!(long_peer.ip().to_string(), TENANT_IP);
+    assert_eq!(echoed.len(), 6);
+    for (sent, got) in &echoed {
+        assert_eq!(got, sent, "the tenant echoed what the outside sent");
+    }
+    // The tenant saw its side of the connection end normally, on host B.
+    let done = host_b.wait_for("VIGIL-CHECK long-done", Duration::from_secs(600));
+    assert!(done.ends_with("rc=0"), "{done}");
+    // Delete: nothing of the tenant stays on either tier (its conntrack entries at the edge
+    // and on host B's switch are gone at once; the counters are republished within seconds).
+    let (status, v) = api(&b_sock, "PUT", "vm.delete", Some(json!({"id": "web"})));
+    assert_eq!(status, 204, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let edge_flows = edge_counters(&edge_sock)["firewall"]["flows_active"].as_u64();
+        let metrics = vmm_api::http::request(
+            &b_sock,
+            "GET",
+            "/api/v1/metrics",
+            None,
+            Duration::from_secs(10),
+        )
+        .unwrap();
+        let text = String::from_utf8_lossy(&metrics.body).to_string();
+        let switch_flows = text
+            .lines()
+            .find_map(|l| l.strip_prefix("vigil_switch_flows_active "))
+            .map(|v| v.trim().to_string());
+        if edge_flows == Some(0) && switch_flows.as_deref() == Some("0") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flows left after the delete: edge {edge_flows:?}, switch {switch_flows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let counters = edge_counters(&edge_sock);
+    eprintln!("edge counters at the end: {counters}");
+    let _ = api(&b_sock, "PUT", "vmm.shutdown", None);
+    let _ = api(&a_sock, "PUT", "vmm.shutdown", None);
+    let _ = std::fs::remove_dir_all(&work);
+}

@@ -1,0 +1,127 @@
+//! The edge node's small API: `edge.ping`, `edge.counters`, `metrics`, `events` and
+//! `edge.shutdown`, served on a Unix socket by the same HTTP server as the host's API.
+//!
+//! Owns: the mapping of the edge node's state to HTTP. Must not: change the node's behaviour
+//! (that is `edge::node`'s).
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+
+use edge::node::Edge;
+
+use crate::http::{self, Method, Request, Response};
+
+/// Serves the edge's API until the node stops.
+pub fn serve(edge: Arc<Edge>, listener: UnixListener) {
+    let stop = edge.stop_flag();
+    let handler =
+        Arc::new(move |request: Request, stream: &mut UnixStream| handle(&edge, request, stream));
+    http::serve(listener, crate::limits(), handler, stop);
+}
+
+fn handle(edge: &Edge, request: Request, stream: &mut UnixStream) -> http::Outcome {
+    let path = request.path.strip_prefix(crate::API_PREFIX);
+    let response = match (&request.method, path) {
+        (Method::Get, Some("edge.ping")) => Response::json(
+            200,
+            &serde_json::json!({
+                "edge": edge.name(),
+                "uptime_s": edge.uptime().as_secs(),
+                "control": edge.control_addr().to_string(),
+                "running": edge.running(),
+                // The micro-VM formats its counters once its tables and ports are up.
+                "ready": edge.counters().is_some(),
+            }),
+        ),
+        (Method::Get, Some("edge.counters")) => Response::json(
+            200,
+            &serde_json::json!({
+                "firewall": edge.counters(),
+                "accepted_records": edge.accepted_records(),
+                "rejected": edge.rejected(),
+            }),
+        ),
+        (Method::Get, Some("metrics")) => Response::text(
+            200,
+            "text/plain; version=0.0.4",
+            metrics_text(edge).into_bytes(),
+        ),
+        (Method::Get, Some("events")) => {
+            let stop = edge.stop_flag();
+            crate::stream_events(stream, &[&stop]);
+            return http::Outcome::Streamed;
+        }
+        (Method::Put, Some("edge.shutdown")) => {
+            edge.stop();
+            Response::empty(204)
+        }
+        (_, Some("edge.ping" | "edge.counters" | "metrics" | "events" | "edge.shutdown")) => {
+            Response::error(405, "wrong method (GET for reads, PUT for edge.shutdown)")
+        }
+        _ => Response::error(
+            404,
+            &format!(
+                "no endpoint {} on an edge (edge.ping, edge.counters, metrics, events, \
+                 edge.shutdown)",
+                request.path
+            ),
+        ),
+    };
+    http::Outcome::Respond(response)
+}
+
+fn metrics_text(edge: &Edge) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let mut line = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    line(
+        "vigil_edge_accepted_records_total",
+        "counter",
+        "Verdict records accepted from hosts.",
+        vec![(String::new(), edge.accepted_records() as f64)],
+    );
+    line(
+        "vigil_edge_rejected_datagrams_total",
+        "counter",
+        "Verdict datagrams rejected (forged, replayed, malformed), by reason.",
+        edge.rejected()
+            .into_iter()
+            .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), n as f64))
+            .collect(),
+    );
+    line(
+        "vigil_edge_last_apply_ms",
+        "gauge",
+        "Milliseconds from receipt of the last accepted datagram to the micro-VM taking it.",
+        vec![(String::new(), edge.last_apply_us() as f64 / 1e3)],
+    );
+    if let Some(c) = edge.counters() {
+        line(
+            "vigil_edge_forwarded_total",
+            "counter",
+            "Frames the edge forwarded.",
+            vec![(String::new(), c.forwarded as f64)],
+        );
+        line(
+            "vigil_edge_flows_active",
+            "gauge",
+            "Conntrack entries in use at the edge.",
+            vec![(String::new(), c.flows_active as f64)],
+        );
+        line(
+            "vigil_edge_dropped_total",
+            "counter",
+            "Frames the edge dropped, by reason.",
+            c.drops
+                .iter()
+                .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
+                .collect(),
+        );
+    }
+    out
+}

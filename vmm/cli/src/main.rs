@@ -1,0 +1,321 @@
+//! `vigil`: the command-line front end of the Vigil VMM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+mod cli_cloud;
+use vigil_wire::boot::Role;
+use vmm_core::host_kind::HostKind;
+use vmm_core::vcpu::StopReason;
+use vmm_core::verdict_region::parse_verdict_lines;
+use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "vigil",
+    version,
+    about = "Vigil: a hypervisor-level, application-aware firewall for KVM clouds"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Switch,
+    Edge,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print what kind of KVM host this is and the guest profile Vigil applies on it.
+    HostInfo,
+    /// Boot the fw-guest firewall micro-VM firmware-less and run it until it stops.
+    RunMicrovm {
+        /// The fw-guest ELF (scripts/build-fw-guest prints its path).
+        #[arg(long)]
+        elf: PathBuf,
+        #[arg(long, value_enum, default_value = "switch")]
+        role: RoleArg,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 32)]
+        mem: u64,
+        /// Also write the console to this file.
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+        /// Stop the VM after this many seconds.
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Time the first console line containing this text (repeatable); reported in vm_stopped.
+        #[arg(long)]
+        marker: Vec<String>,
+        /// A switch port: virtio-net backed by a TAP device (repeatable, in port order):
+        /// tap=NAME[,netns=NS][,mac=MAC][,tenant=ID]; tenant 0 (the default) is the uplink.
+        #[arg(long)]
+        net: Vec<vmm_core::net_config::NetConfig>,
+        /// Verdict records to put in the micro-VM's verdict ring before it starts: a file with one
+        /// per line, hex or a tenant's `verdict` event (JSON with a `record` field).
+        #[arg(long)]
+        verdicts: Option<PathBuf>,
+    },
+    /// Boot a Linux tenant (bzImage or vmlinux, unmodified) by direct kernel boot.
+    RunTenant {
+        #[arg(long)]
+        kernel: PathBuf,
+        #[arg(long)]
+        initramfs: Option<PathBuf>,
+        /// Kernel command line; the host profile's arguments are appended.
+        #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+        cmdline: String,
+        #[arg(long, default_value_t = 128)]
+        mem: u64,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// A network interface: tap=NAME[,netns=NS][,mac=MAC] (repeatable).
+        #[arg(long)]
+        net: Vec<vmm_core::net_config::NetConfig>,
+        /// The tenant's application policy (JSON allow-list); enables introspection.
+        #[arg(long)]
+        policy: Option<PathBuf>,
+        #[arg(long)]
+        console_log: Option<PathBuf>,
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Time the first console line containing this text (repeatable); reported in vm_stopped.
+        #[arg(long)]
+        marker: Vec<String>,
+        /// Plug the tenant into a switch-tier firewall micro-VM booted from this fw-guest ELF:
+        /// its NIC becomes a port of the switch, which forwards to --uplink only what the
+        /// tenant's verdicts opened.
+        #[arg(long, requires = "uplink")]
+        switch: Option<PathBuf>,
+        /// The switch's uplink (the way out of the host): tap=NAME[,netns=NS].
+        #[arg(long, requires = "switch")]
+        uplink: Option<vmm_core::net_config::NetConfig>,
+    },
+    /// Run a cloud host: its switch-tier micro-VM plus the tenants created through the REST API
+    /// on --api-socket.
+    Host(cli_cloud::HostArgs),
+    /// Run an edge node: the fw-guest micro-VM in the edge role between a TAP (outside) and the
+    /// hosts' VXLAN uplinks (cloud), taking signed verdicts from hosts.
+    Edge(cli_cloud::EdgeArgs),
+    /// Talk to a host's (or edge's) API socket.
+    Remote(cli_cloud::RemoteArgs),
+}
+
+/// The switch-tier micro-VM a tenant is plugged into (`run-tenant --switch`).
+struct SwitchPlan {
+    config: VmConfig,
+}
+
+fn print_outcome(outcome: &vmm_core::vm::VmOutcome) {
+    println!(
+        "{}",
+        serde_json::json!({ "event": "vm_stopped", "outcome": outcome })
+    );
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let host = HostKind::detect();
+    let mut switch_plan: Option<SwitchPlan> = None;
+    let (config, timeout) = match cli.command {
+        Command::HostInfo => {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "host_kind": match host { HostKind::Hardware => "hardware", HostKind::Emulating => "emulating" },
+                    "description": host.to_string(),
+                    "linux_profile_cmdline": host.linux_cmdline(),
+                })
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Host(args) => return cli_cloud::host(args),
+        Command::Edge(args) => return cli_cloud::edge(args),
+        Command::Remote(args) => return cli_cloud::remote(args),
+        Command::RunMicrovm {
+            elf,
+            role,
+            mem,
+            console_log,
+            timeout,
+            marker,
+            verdicts,
+            net,
+        } => (
+            VmConfig {
+                name: "fw".into(),
+                mem_mib: mem,
+                vcpus: 1,
+                payload: Payload::MicroVm {
+                    elf,
+                    role: match role {
+                        RoleArg::Switch => Role::Switch,
+                        RoleArg::Edge => Role::Edge,
+                    },
+                    verdicts: match verdicts.as_ref().map(|path| {
+                        std::fs::read_to_string(path)
+                            .map_err(|e| format!("{}: {e}", path.display()))
+                            .and_then(|text| {
+                                parse_verdict_lines(&text)
+                                    .map_err(|e| format!("{}: {e}", path.display()))
+                            })
+                    }) {
+                        None => Vec::new(),
+                        Some(Ok(records)) => records,
+                        Some(Err(e)) => {
+                            eprintln!("vigil: error: verdicts {e}");
+                            return ExitCode::from(2);
+                        }
+                    },
+                },
+                nets: net,
+                policy: None,
+                links: Vec::new(),
+                console: ConsoleConfig {
+                    log: console_log,
+                    stdout: true,
+                    markers: marker.clone(),
+                },
+            },
+            timeout,
+        ),
+        Command::RunTenant {
+            kernel,
+            initramfs,
+            cmdline,
+            mem,
+            vcpus,
+            net,
+            policy,
+            console_log,
+            timeout,
+            marker,
+            switch,
+            uplink,
+        } => {
+            let mut links = Vec::new();
+            if let (Some(elf), Some(uplink)) = (switch, uplink) {
+                let tenant = vmm_core::introspect::tenant_id("tenant");
+                let (tenant_end, port_end) =
+                    match LinkConfig::pair(tenant, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]) {
+                        Ok(pair) => pair,
+                        Err(e) => {
+                            eprintln!("vigil: error: cannot make the switch link: {e}");
+                            return ExitCode::from(2);
+                        }
+                    };
+                links.push(tenant_end);
+                switch_plan = Some(SwitchPlan {
+                    config: VmConfig {
+                        name: "fw".into(),
+                        mem_mib: 32,
+                        vcpus: 1,
+                        payload: Payload::MicroVm {
+                            elf,
+                            role: Role::Switch,
+                            verdicts: Vec::new(),
+                        },
+                        nets: vec![vmm_core::net_config::NetConfig {
+                            tenant: 0,
+                            ..uplink
+                        }],
+                        policy: None,
+                        links: vec![port_end],
+                        console: ConsoleConfig {
+                            log: None,
+                            stdout: true,
+                            markers: Vec::new(),
+                        },
+                    },
+                });
+            }
+            (
+                VmConfig {
+                    name: "tenant".into(),
+                    mem_mib: mem,
+                    vcpus,
+                    payload: Payload::Linux {
+                        kernel,
+                        initramfs,
+                        cmdline,
+                    },
+                    nets: net,
+                    policy,
+                    links,
+                    console: ConsoleConfig {
+                        log: console_log,
+                        stdout: true,
+                        markers: marker.clone(),
+                    },
+                },
+                timeout,
+            )
+        }
+    };
+    eprintln!("vigil: host KVM is {host}; guest profile for this host in force");
+    vmm_core::vm::stop_on_signals();
+    // The switch first: the tenant's verdicts need its ring, the tenant's NIC its port.
+    let switch = match switch_plan {
+        Some(plan) => match Vm::create(&plan.config, host) {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                eprintln!("vigil: error: switch micro-VM: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let vm = match Vm::create(&config, host) {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("vigil: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let switch = switch.map(|fw| {
+        if let (Some(introspection), Some(ring)) = (vm.introspection(), fw.verdict_region()) {
+            introspection.connect_switch(ring);
+        }
+        let stop = fw.stop_handle();
+        (stop, std::thread::spawn(move || fw.run(None)))
+    });
+    let outcome = vm.run(timeout.map(Duration::from_secs));
+    if let Some((stop, handle)) = switch {
+        // The tenant is gone: so is the switch that served it.
+        stop.store(true, std::sync::atomic::Ordering::Release);
+        match handle.join() {
+            Ok(Ok(fw)) => print_outcome(&fw),
+            Ok(Err(e)) => eprintln!("vigil: switch micro-VM: {e}"),
+            Err(_) => eprintln!("vigil: the switch micro-VM's thread panicked"),
+        }
+    }
+    let outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            eprintln!("vigil: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print_outcome(&outcome);
+    match outcome.stop {
+        // Requested: stopped by SIGTERM/SIGINT, as the operator asked.
+        StopReason::Poweroff
+        | StopReason::Reset
+        | StopReason::ExitCode(0)
+        | StopReason::Requested => ExitCode::SUCCESS,
+        StopReason::Crashed(why) => {
+            eprintln!("vigil: VM {} stopped: {why}", outcome.name);
+            ExitCode::from(1)
+        }
+        other => {
+            eprintln!("vigil: VM {} stopped: {other:?}", outcome.name);
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! Completion of instructions this host's KVM could not emulate.
+//!
+//! On an emulating KVM host (see [`crate::host_kind::HostKind`]) guest ring 0 runs through KVM's
+//! instruction emulator, which lacks a few instructions a stock Linux executes. KVM then stops the
+//! vCPU with `KVM_EXIT_INTERNAL_ERROR` (suberror 1, emulation failure) with RIP at the instruction.
+//! The VMM decodes it (iced-x86) and finishes it here, or names it in an error that stops the VM.
+//! Everything read here comes from the guest and is treated as hostile: reads are bounded to guest
+//! RAM through [`GuestView`], and an instruction we do not know is an error, never a guess.
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use thiserror::Error;
+use trap_handler::mem::{self, PagingMode};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::guest_ram::GuestRam;
+
+/// Longest x86 instruction.
+const MAX_INSN_LEN: usize = 15;
+
+/// CR0.PG: paging enabled.
+const CR0_PG: u64 = 1 << 31;
+/// EFER.LMA: long mode active.
+const EFER_LMA: u64 = 1 << 10;
+/// RFLAGS bits popcnt defines: OF SF ZF AF PF CF.
+const RFLAGS_OSZAPC: u64 = 0x8d5;
+const RFLAGS_ZF: u64 = 1 << 6;
+const RFLAGS_CF: u64 = 1 << 0;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum EmulationError {
+    #[error(
+        "guest address {0:#x} is not mapped by the guest page tables or lies outside guest RAM"
+    )]
+    Unmapped(u64),
+    #[error("could not decode the instruction at {rip:#x} (bytes {bytes:02x?})")]
+    Undecodable { rip: u64, bytes: Vec<u8> },
+    #[error(
+        "the guest executed `{text}` at {rip:#x}, which this host's KVM cannot emulate and Vigil \
+         cannot complete; hide the feature on the kernel command line (clearcpuid=...) or run on a \
+         hardware-virtualization host"
+    )]
+    Unsupported { rip: u64, text: String },
+}
+
+/// What the VMM did with an instruction KVM could not emulate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Completion {
+    /// `int3` in guest ring 0: RIP moved past it and #BP injected, as the CPU would have done.
+    Int3Injected,
+    /// An instruction with no architectural effect in this context (`fwait` with no pending x87
+    /// exception, since the guest never sees unmasked x87 exceptions here): RIP moved past it.
+    Skipped(Mnemonic),
+    /// Computed by the VMM and written back to the registers (`popcnt`).
+    Computed(Mnemonic),
+}
+
+impl Completion {
+    /// The instruction's name, for the per-instruction counters.
+    pub fn name(&self) -> String {
+        match self {
+            Completion::Int3Injected => "int3".to_string(),
+            Completion::Skipped(m) | Completion::Computed(m) => format!("{m:?}").to_lowercase(),
+        }
+    }
+}
+
+/// A bounded view of guest memory through the guest's current paging mode.
+pub struct GuestView<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub cr0: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+}
+
+impl<'a> GuestView<'a> {
+    pub fn new(mem: &'a GuestMemoryMmap, sregs: &kvm_sregs) -> Self {
+        GuestView {
+            mem,
+            cr0: sregs.cr0,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+        }
+    }
+
+    /// Linear → guest-physical. Without paging linear is physical; in long mode the guest's
+    /// 4- or 5-level tables are walked by trap-handler's bounded walker (fixed depth, every read
+    /// checked against guest RAM).
+    pub fn translate(&self, linear: u64) -> Result<u64, EmulationError> {
+        if self.cr0 & CR0_PG == 0 {
+            return Ok(linear & 0xffff_ffff);
+        }
+        if self.efer & EFER_LMA == 0 {
+            // 32-bit paging is never used by the guests Vigil boots (PVH enters long mode directly).
+            return Err(EmulationError::Unmapped(linear));
+        }
+        mem::translate(
+            &GuestRam(self.mem),
+            self.cr3,
+            PagingMode::from_cr4(self.cr4),
+            linear,
+        )
+        .map(|t| t.gpa)
+        .map_err(|_| EmulationError::Unmapped(linear))
+    }
+
+    /// Reads `buf.len()` bytes at a linear address, page by page.
+    pub fn read(&self, linear: u64, buf: &mut [u8]) -> Result<(), EmulationError> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let addr = linear.wrapping_add(done as u64);
+            let in_page = (0x1000 - (addr & 0xfff)) as usize;
+            let chunk = in_page.min(buf.len() - done);
+            let phys = self.translate(addr)?;
+            self.mem
+                .read_slice(&mut buf[done..done + chunk], GuestAddress(phys))
+                .map_err(|_| EmulationError::Unmapped(addr))?;
+            done += chunk;
+        }
+        Ok(())
+    }
+
+    pub fn read_u64(&self, linear: u64) -> Result<u64, EmulationError> {
+        let mut b = [0u8; 8];
+        self.read(linear, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+/// Decodes the instruction at the vCPU's RIP.
+pub fn decode_at_rip(
+    view: &GuestView<'_>,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<Instruction, EmulationError> {
+    let bitness = if sregs.cs.l != 0 {
+        64
+    } else if sregs.cs.db != 0 {
+        32
+    } else {
+        16
+    };
+    let linear = sregs.cs.base.wrapping_add(regs.rip);
+    // Read up to 15 bytes, but not across into an unmapped page we do not need.
+    let mut bytes = [0u8; MAX_INSN_LEN];
+    let first = (0x1000 - (linear & 0xfff)) as usize;
+    let len = if first >= MAX_INSN_LEN || view.translate(linear + first as u64).is_ok() {
+        MAX_INSN_LEN
+    } else {
+        first
+    };
+    view.read(linear, &mut bytes[..len])?;
+    let mut decoder = Decoder::with_ip(bitness, &bytes[..len], regs.rip, DecoderOptions::NONE);
+    let insn = decoder.decode();
+    if insn.is_invalid() {
+        return Err(EmulationError::Undecodable {
+            rip: regs.rip,
+            bytes: bytes[..len].to_vec(),
+        });
+    }
+    Ok(insn)
+}
+
+/// Completes the instruction at RIP. On success the registers to write back are in `regs`; a
+/// returned `Int3Injected` also asks the caller to inject #BP.
+pub fn complete(
+    view: &GuestView<'_>,
+    regs: &mut kvm_regs,
+    sregs: &kvm_sregs,
+) -> Result<Completion, EmulationError> {
+    let insn = decode_at_rip(view, regs, sregs)?;
+    let next_rip = regs.rip.wrapping_add(insn.len() as u64);
+    match insn.mnemonic() {
+        Mnemonic::Int3 => {
+            regs.rip = next_rip;
+            Ok(Completion::Int3Injected)
+        }
+        Mnemonic::Wait => {
+            regs.rip = next_rip;
+            Ok(Completion::Skipped(Mnemonic::Wait))
+        }
+        Mnemonic::Popcnt => {
+            let source = read_source_operand(view, regs, sregs, &insn, 1)?;
+            let count = u64::from(source.count_ones());
+            write_register(regs, insn.op0_register(), count).ok_or_else(|| unsupported(&insn))?;
+            regs.rflags &= !RFLAGS_OSZAPC;
+            if source == 0 {
+                regs.rflags |= RFLAGS_ZF;
+            }
+            regs.rip = next_rip;
+            Ok(Completion::Computed(Mnemonic::Popcnt))
+        }
+        Mnemonic::Rdrand | Mnemonic::Rdseed => {
+            // The host's own generator stands in for the CPU's (both are the kernel's CSPRNG-grade
+            // sources; `getrandom` draws from the host kernel's crng). A failed draw reports
+            // "no random number available" (CF = 0), which the guest must already handle.
+            let mut bytes = [0u8; 8];
+            // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
+            let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+            regs.rflags &= !RFLAGS_OSZAPC;
+            if got == bytes.len() as isize {
+                write_register(regs, insn.op0_register(), u64::from_le_bytes(bytes))
+                    .ok_or_else(|| unsupported(&insn))?;
+                regs.rflags |= RFLAGS_CF;
+            } else {
+                write_register(regs, insn.op0_register(), 0).ok_or_else(|| unsupported(&insn))?;
+            }
+            regs.rip = next_rip;
+            Ok(Completion::Computed(insn.mnemonic()))
+        }
+        _ => Err(unsupported(&insn)),
+    }
+}
+
+fn unsupported(insn: &Instruction) -> EmulationError {
+    EmulationError::Unsupported {
+        rip: insn.ip(),
+        text: format!("{insn}"),
+    }
+}
+
+/// Reads operand `op` (register or memory) zero-extended to 64 bits.
+fn read_source_operand(
+    view: &GuestView<'_>,
+    regs: &kvm_regs,
+    sregs: &kvm_sregs,
+    insn: &Instruction,
+    op: u32,
+) -> Result<u64, EmulationError> {
+    match insn.op_kind(op) {
+        OpKind::Register => {
+            read_register(regs, insn.op_register(op)).ok_or_else(|| unsupported(insn))
+        }
+        OpKind::Memory => {
+            let size = insn.memory_size().size();
+            if !(1..=8).contains(&size) {
+                return Err(unsupported(insn));
+            }
+            // iced-x86 asks for the segment base too: flat in long mode except FS and GS.
+            let linear = insn
+                .virtual_address(op, 0, |reg, _, _| match reg {
+                    Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+                    Register::FS => Some(sregs.fs.base),
+                    Register::GS => Some(sregs.gs.base),
+                    _ => read_register(regs, reg),
+                })
+                .ok_or_else(|| unsupported(insn))?;
+            let mut bytes = [0u8; 8];
+            view.read(linear, &mut bytes[..size])?;
+            Ok(u64::from_le_bytes(bytes))
+        }
+        _ => Err(unsupported(insn)),
+    }
+}
+
+/// Value of a general-purpose register (any width) or RIP.
+pub fn read_register(regs: &kvm_regs, reg: Register) -> Option<u64> {
+    let full = match reg.full_register() {
+        Register::RAX => regs.rax,
+        Register::RBX => regs.rbx,
+        Register::RCX => regs.rcx,
+        Register::RDX => regs.rdx,
+        Register::RSI => regs.rsi,
+        Register::RDI => regs.rdi,
+        Register::RSP => regs.rsp,
+        Register::RBP => regs.rbp,
+        Register::R8 => regs.r8,
+        Register::R9 => regs.r9,
+        Register::R10 => regs.r10,
+        Register::R11 => regs.r11,
+        Register::R12 => regs.r12,
+        Register::R13 => regs.r13,
+        Register::R14 => regs.r14,
+        Register::R15 => regs.r15,
+        Register::RIP => regs.rip,
+        _ => return None,
+    };
+    if reg.is_gpr8() {
+        // AH/CH/DH/BH are the second byte of their register.
+        let high = matches!(
+            reg,
+            Register::AH | Register::CH | Register::DH | Register::BH
+        );
+        return Some(if high {
+            (full >> 8) & 0xff
+        } else {
+            full & 0xff
+        });
+    }
+    Some(match reg.size() {
+        2 => full & 0xffff,
+        4 => full & 0xffff_ffff,
+        _ => full,
+    })
+}
+
+/// Writes a general-purpose register with x86 semantics: a 32-bit write zero-extends, a 16-bit write
+/// keeps the upper bits. Byte registers are not needed by the instructions completed here.
+pub fn write_register(regs: &mut kvm_regs, reg: Register, value: u64) -> Option<()> {
+    if !(reg.is_gpr16() || reg.is_gpr32() || reg.is_gpr64()) {
+        return None;
+    }
+    let slot = match reg.full_register() {
+        Register::RAX => &mut regs.rax,
+        Register::RBX => &mut regs.rbx,
+        Register::RCX => &mut regs.rcx,
+        Register::RDX => &mut regs.rdx,
+        Register::RSI => &mut regs.rsi,
+        Register::RDI => &mut regs.rdi,
+        Register::RSP => &mut regs.rsp,
+        Register::RBP => &mut regs.rbp,
+        Register::R8 => &mut regs.r8,
+        Register::R9 => &mut regs.r9,
+        Register::R10 => &mut regs.r10,
+        Register::R11 => &mut regs.r11,
+        Register::R12 => &mut regs.r12,
+        Register::R13 => &mut regs.r13,
+        Register::R14 => &mut regs.r14,
+        Register::R15 => &mut regs.r15,
+        _ => return None,
+    };
+    *slot = match reg.size() {
+        2 => (*slot & !0xffff) | (value & 0xffff),
+        4 => value & 0xffff_ffff,
+        _ => value,
+    };
+    Some(())
+}
+
+/// Whether the instruction can be stepped over by moving RIP alone (used to resume past our own
+/// breakpoints without single-stepping): `endbr64` and the NOP forms compilers put at function
+/// entry for tracing.
+pub fn is_skippable_at_hook(insn: &Instruction) -> bool {
+    matches!(
+        insn.code(),
+        Code::Endbr64
+            | Code::Endbr32
+            | Code::Nopw
+            | Code::Nopd
+            | Code::Nopq
+            | Code::Nop_rm16
+            | Code::Nop_rm32
+            | Code::Nop_rm64
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn memory_with(code: &[u8], at: u64) -> GuestMemoryMmap {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        mem.write_slice(code, GuestAddress(at)).unwrap();
+        mem
+    }
+
+    fn flat64() -> kvm_sregs {
+        let mut sregs = kvm_sregs::default();
+        sregs.cs.l = 1;
+        sregs
+    }
+
+    #[test]
+    fn int3_advances_rip_and_asks_for_bp() {
+        let mem = memory_with(&[0xcc], 0x1000);
+        let sregs = flat64();
+        let view = GuestView::new(&mem, &sregs);
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            ..Default::default()
+        };
+        assert_eq!(
+            complete(&view, &mut regs, &sregs),
+            Ok(Completion::Int3Injected)
+        );
+        assert_eq!(regs.rip, 0x1001);
+    }
+
+    #[test]
+    fn popcnt_register_and_memory_forms() {
+        // popcnt rax, rbx ; popcnt ecx, dword [rdx+8]
+        let mem = memory_with(&[0xf3, 0x48, 0x0f, 0xb8, 0xc3], 0x2000);
+        mem.write_obj(0xf0f0_0001u32, GuestAddress(0x3008)).unwrap();
+        mem.write_slice(&[0xf3, 0x0f, 0xb8, 0x4a, 0x08], GuestAddress(0x2005))
+            .unwrap();
+        let sregs = flat64();
+        let view = GuestView::new(&mem, &sregs);
+        let mut regs = kvm_regs {
+            rip: 0x2000,
+            rbx: 0xff00_0000_0000_0003,
+            rflags: 0x2 | RFLAGS_ZF | 1,
+            ..Default::default()
+        };
+        assert_eq!(
+            complete(&view, &mut regs, &sregs),
+            Ok(Completion::Computed(Mnemonic::Popcnt))
+        );
+        assert_eq!(regs.rax, 10);
+        assert_eq!(
+            regs.rflags & RFLAGS_OSZAPC,
+            0,
+            "popcnt clears ZF and CF for a nonzero source"
+        );
+        assert_eq!(regs.rip, 0x2005);
+        regs.rcx = 0xdead_beef_0000_0000;
+        regs.rdx = 0x3000;
+        complete(&view, &mut regs, &sregs).unwrap();
+        assert_eq!(regs.rcx, 9, "a 32-bit destination is zero-extended");
+        assert_eq!(regs.rip, 0x200a);
+    }
+
+    #[test]
+    fn popcnt_of_zero_sets_zf() {
+        let mem = memory_with(&[0xf3, 0x48, 0x0f, 0xb8, 0xc3], 0x2000);
+        let sregs = flat64();
+        let view = GuestView::new(&mem, &sregs);
+        let mut regs = kvm_regs {
+            rip: 0x2000,
+            rax: 77,
+            ..Default::default()
+        };
+        complete(&view, &mut regs, &sregs).unwrap();
+        assert_eq!(regs.rax, 0);
+        assert_ne!(regs.rflags & RFLAGS_ZF, 0);
+    }
+
+    #[test]
+    fn rdrand_and_rdseed_fill_the_register_and_set_cf() {
+        // rdrand rax; rdseed ecx
+        let mem = memory_with(&[0x48, 0x0f, 0xc7, 0xf0, 0x0f, 0xc7, 0xf9], 0x1000);
+        let sregs = flat64();
+        let mut seen = Vec::new();
+        for _ in 0..4 {
+            let mut regs = kvm_regs {
+                rip: 0x1000,
+                rcx: u64::MAX,
+                rflags: 0x2 | RFLAGS_ZF,
+                ..Default::default()
+            };
+            let view = GuestView::new(&mem, &sregs);
+            let done = complete(&view, &mut regs, &sregs).unwrap();
+            assert_eq!(done.name(), "rdrand");
+            assert_eq!(regs.rip, 0x1004);
+            assert_eq!(
+                regs.rflags & RFLAGS_OSZAPC,
+                RFLAGS_CF,
+                "CF set, others clear"
+            );
+            seen.push(regs.rax);
+            let done = complete(&view, &mut regs, &sregs).unwrap();
+            assert_eq!(done.name(), "rdseed");
+            assert_eq!(regs.rip, 0x1007);
+            assert_eq!(regs.rcx >> 32, 0, "a 32-bit destination zero-extends");
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        assert_eq!(seen.len(), 4, "four draws, four different values");
+    }
+
+    #[test]
+    fn unknown_instruction_is_named_not_guessed() {
+        // xrstor [rdi]
+        let mem = memory_with(&[0x0f, 0xae, 0x2f], 0x1000);
+        let sregs = flat64();
+        let view = GuestView::new(&mem, &sregs);
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            ..Default::default()
+        };
+        match complete(&view, &mut regs, &sregs) {
+            Err(EmulationError::Unsupported { rip, text }) => {
+                assert_eq!(rip, 0x1000);
+                assert!(text.contains("xrstor"), "{text}");
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+        assert_eq!(regs.rip, 0x1000, "nothing changes when we refuse");
+    }
+
+    #[test]
+    fn rip_outside_ram_is_an_error() {
+        let mem = memory_with(&[], 0);
+        let sregs = flat64();
+        let view = GuestView::new(&mem, &sregs);
+        let mut regs = kvm_regs {
+            rip: 0x7fff_0000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            complete(&view, &mut regs, &sregs),
+            Err(EmulationError::Unmapped(_))
+        ));
+    }
+
+    #[test]
+    fn long_mode_walk_follows_huge_pages_and_rejects_missing_entries() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        // PML4 at 0x10000 -> PDPT at 0x11000 -> PD at 0x12000 with a 2 MiB page at 0x200000.
+        mem.write_obj(0x11000u64 | 3, GuestAddress(0x10000))
+            .unwrap();
+        mem.write_obj(0x12000u64 | 3, GuestAddress(0x11000))
+            .unwrap();
+        mem.write_obj(0x200000u64 | 0x83, GuestAddress(0x12000))
+            .unwrap();
+        let sregs = kvm_sregs {
+            cr0: CR0_PG | 1,
+            cr3: 0x10000,
+            efer: EFER_LMA,
+            ..Default::default()
+        };
+        let view = GuestView::new(&mem, &sregs);
+        assert_eq!(view.translate(0x1234), Ok(0x201234));
+        assert_eq!(
+            view.translate(0x200000),
+            Err(EmulationError::Unmapped(0x200000))
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! Vigil's VM engine.
+//!
+//! Owns: KVM VMs (guest memory, vCPU threads, CPUID), direct boot of an unmodified Linux kernel
+//! (vmlinux extracted from a bzImage on the host, PVH entry), firmware-less boot of the firewall
+//! micro-VM (PVH entry too), the serial console, virtio-mmio network devices, ACPI tables that
+//! describe them, the completion of instructions this host's KVM cannot run, the introspection
+//! glue (hooks, write traps, verdict sinks), the micro-VM's verdict region, snapshot and restore,
+//! and the structured event bus.
+//! Must not: trust anything that comes from a guest (memory, registers, device rings); know about
+//! hosts, tenants' placement or the REST API (those crates build on this one, never the reverse).
+
+pub mod acpi;
+pub mod boot;
+pub mod devices;
+pub mod emulation;
+pub mod events;
+pub mod guest_ram;
+pub mod host_kind;
+pub mod introspect;
+pub mod layout;
+pub mod net_config;
+pub mod run_control;
+pub mod snapshot;
+pub mod vcpu;
+pub mod verdict_region;
+pub mod vm;
+pub mod write_trap;

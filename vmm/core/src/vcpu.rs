@@ -1,0 +1,839 @@
+//! A vCPU: an explicit state machine around one `match` on the KVM exit reason.
+//!
+//! States: `Running` (normal), `SteppingOver` (a breakpoint of ours is disabled for one guest
+//! instruction, because this host ignores RFLAGS.RF), `Stopped`. Exits are routed to the device bus,
+//! to the completion of instructions KVM could not emulate ([`crate::emulation`]), or to the
+//! syscall fix below. A vCPU never panics on guest behaviour: whatever the guest does ends in a
+//! [`StopReason`], and the VMM stays up.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::Serialize;
+use vm_memory::GuestMemoryMmap;
+
+use crate::emulation::{self, Completion, GuestView};
+use crate::host_kind::HostKind;
+use crate::introspect::{HookOutcome, Introspection};
+use crate::layout::flat_segment;
+use crate::run_control::RunControl;
+use crate::vm::{Bus, PioAction};
+use crate::write_trap::WriteTraps;
+use trap_handler::attribution::SocketOp;
+
+/// MSRs of the `syscall` instruction (Intel SDM vol. 4, "Architectural MSRs").
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+/// The kernel's GS base while user mode runs (swapped in by `swapgs`).
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+/// Vector of #PF.
+const PAGE_FAULT_VECTOR: u64 = 14;
+/// Vector of #BP.
+const BP_VECTOR: u8 = 3;
+/// DR6 bits: breakpoint 0 hit, single step.
+const DR6_B0: u64 = 1 << 0;
+const DR6_BS: u64 = 1 << 14;
+/// DR7: local enable of breakpoint 0 (execute, length 1 — RW0 = LEN0 = 0).
+const DR7_L0: u64 = 1 << 0;
+/// Bit 1 of RFLAGS always reads as 1.
+const RFLAGS_FIXED: u64 = 1 << 1;
+/// CR0.PG, EFER.LMA.
+const CR0_PG: u64 = 1 << 31;
+const EFER_LMA: u64 = 1 << 10;
+
+/// Why a VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", content = "detail", rename_all = "snake_case")]
+pub enum StopReason {
+    /// The guest powered off (ACPI or KVM system event).
+    Poweroff,
+    /// The guest asked for a reset (i8042 reset line, triple fault, KVM system event).
+    Reset,
+    /// The micro-VM wrote its exit code to the exit port.
+    ExitCode(u8),
+    /// The guest halted with nothing to wake it.
+    Halted,
+    /// The VMM stopped it (timeout, API).
+    Requested,
+    /// Something the VMM could not continue from; the text says what.
+    Crashed(String),
+}
+
+/// Per-vCPU counters, summed per VM.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct VcpuStats {
+    pub exits: u64,
+    pub pio_exits: u64,
+    pub mmio_exits: u64,
+    pub debug_exits: u64,
+    /// Instructions completed by the VMM, by name (int3, popcnt, wait, ...).
+    pub emulation_completions: BTreeMap<String, u64>,
+    /// `syscall`s from guest ring 3 finished by the VMM.
+    pub syscalls_completed: u64,
+    /// Page faults that passed the #PF breakpoint and were not broken syscalls.
+    pub page_faults_passed: u64,
+    /// Introspection hook hits, how many were denied, and the VMM-side time they took.
+    pub hook_hits: u64,
+    pub hook_denials: u64,
+    pub hook_work_ns: u64,
+    /// Guest writes to write-trapped pages, refused.
+    pub tamper_writes: u64,
+    /// Hook hits resumed with no work (`VIGIL_BARE_HOOKS`, benchmarks only).
+    pub bare_hook_hits: u64,
+    /// Software-hook hits that needed no decision (sendmsg on a connected socket).
+    pub soft_hook_passes: u64,
+}
+
+impl VcpuStats {
+    pub fn merge(&mut self, other: &VcpuStats) {
+        self.exits += other.exits;
+        self.pio_exits += other.pio_exits;
+        self.mmio_exits += other.mmio_exits;
+        self.debug_exits += other.debug_exits;
+        self.syscalls_completed += other.syscalls_completed;
+        self.page_faults_passed += other.page_faults_passed;
+        self.hook_hits += other.hook_hits;
+        self.hook_denials += other.hook_denials;
+        self.hook_work_ns += other.hook_work_ns;
+        self.tamper_writes += other.tamper_writes;
+        self.bare_hook_hits += other.bare_hook_hits;
+        self.soft_hook_passes += other.soft_hook_passes;
+        for (name, count) in &other.emulation_completions {
+            *self.emulation_completions.entry(name.clone()).or_default() += count;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum VcpuState {
+    Running,
+    /// Our breakpoint at `rip` is off while the guest executes one instruction.
+    SteppingOver,
+    /// Parked by a pause request (the API's `vm.pause`).
+    Paused,
+    Stopped,
+}
+
+/// What an exit asks the loop to do next.
+enum Action {
+    Continue,
+    Stop(StopReason),
+}
+
+/// An exit copied out of `kvm_run`, so the handlers may issue further vCPU ioctls.
+enum OwnedExit {
+    Handled,
+    Pio(PioAction),
+    Debug {
+        pc: u64,
+        dr6: u64,
+        exception: u32,
+    },
+    InternalError {
+        suberror: u32,
+    },
+    /// A guest write to a write-trapped page (KVM discarded it).
+    Tamper {
+        gpa: u64,
+        data: [u8; 8],
+        len: usize,
+    },
+    Stop(StopReason),
+}
+
+/// The syscall fix for emulating hosts (kvm-here.md): KVM does half of a ring-3 `syscall` (RIP =
+/// LSTAR, RCX/R11 set) but leaves CS/SS at the user selectors, so the instruction fetch at LSTAR
+/// page-faults. A hardware breakpoint on the guest's #PF handler catches exactly that fault; the
+/// VMM then finishes the `syscall` as the CPU would have.
+#[derive(Default)]
+struct SyscallFix {
+    /// Guest #PF handler the breakpoint sits on (linear address), once found in the guest IDT.
+    pf_handler: Option<u64>,
+    /// IDT base when we last looked, so we look again only when the guest loads a new IDT.
+    idt_base_seen: Option<u64>,
+}
+
+pub struct Vcpu {
+    pub index: u8,
+    fd: VcpuFd,
+    memory: GuestMemoryMmap,
+    bus: Arc<Bus>,
+    host: HostKind,
+    state: VcpuState,
+    syscall_fix: SyscallFix,
+    pub stats: VcpuStats,
+    /// Guest RIPs seen at profiler kicks (`VIGIL_PROFILE`), to find where emulated ring 0 spends
+    /// its time.
+    pub rip_samples: Option<BTreeMap<u64, u64>>,
+    /// Socket hooks and policy of this VM's tenant, if it has one.
+    introspection: Option<Arc<Introspection>>,
+    /// Read-only memslots over the hooked kernel pages (with `introspection`).
+    write_traps: Option<Arc<WriteTraps>>,
+    /// Whether this vCPU already tried to arm the write traps.
+    write_traps_tried: bool,
+    /// `VIGIL_TRACE_EXITS=1`: log every completion and debug exit to stderr.
+    trace: bool,
+    /// `VIGIL_NO_SYSCALL_FIX=1`: leave the syscall fix off (to measure what it costs).
+    no_syscall_fix: bool,
+}
+
+impl Vcpu {
+    pub fn new(
+        index: u8,
+        fd: VcpuFd,
+        memory: GuestMemoryMmap,
+        bus: Arc<Bus>,
+        host: HostKind,
+        introspection: Option<Arc<Introspection>>,
+        write_traps: Option<Arc<WriteTraps>>,
+    ) -> Self {
+        Vcpu {
+            index,
+            fd,
+            memory,
+            bus,
+            host,
+            state: VcpuState::Running,
+            syscall_fix: SyscallFix::default(),
+            stats: VcpuStats::default(),
+            trace: std::env::var_os("VIGIL_TRACE_EXITS").is_some(),
+            no_syscall_fix: std::env::var_os("VIGIL_NO_SYSCALL_FIX").is_some(),
+            rip_samples: std::env::var_os("VIGIL_PROFILE").map(|_| BTreeMap::new()),
+            introspection,
+            write_traps,
+            write_traps_tried: false,
+        }
+    }
+
+    /// Runs until the guest or the VMM stops this vCPU.
+    pub fn run(&mut self, stop: &AtomicBool, control: &RunControl) -> StopReason {
+        if self.introspection.is_some() {
+            if let Err(e) = self.program_debug(false) {
+                return StopReason::Crashed(format!("cannot install the introspection hooks: {e}"));
+            }
+        }
+        // A restored VM may already run user code: the syscall fix must be in place before its
+        // first system call (a fresh boot is not in long mode yet, and this returns at once).
+        self.maybe_arm_syscall_fix();
+        loop {
+            if stop.load(Ordering::Acquire) {
+                self.state = VcpuState::Stopped;
+                return StopReason::Requested;
+            }
+            // Between two exits, and never in the middle of stepping over a hook (its next exit
+            // comes after one instruction): nothing is half handled.
+            if control.is_paused() && self.state == VcpuState::Running {
+                self.state = VcpuState::Paused;
+                let index = self.index;
+                control.park(stop, index, || self.capture());
+                self.state = VcpuState::Running;
+                continue;
+            }
+            let exit = match self.run_once() {
+                Ok(exit) => exit,
+                Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
+                    // A kick: either a stop request (checked above) or a profiler sample.
+                    if let Some(samples) = self.rip_samples.as_mut() {
+                        if let Ok(regs) = self.fd.get_regs() {
+                            *samples.entry(regs.rip).or_default() += 1;
+                        }
+                    }
+                    continue;
+                }
+                Err(errno) => {
+                    self.state = VcpuState::Stopped;
+                    return StopReason::Crashed(format!(
+                        "KVM_RUN failed on vCPU {}: {}",
+                        self.index,
+                        std::io::Error::from_raw_os_error(errno)
+                    ));
+                }
+            };
+            self.stats.exits += 1;
+            let action = match exit {
+                OwnedExit::Handled => Action::Continue,
+                OwnedExit::Pio(PioAction::Continue) => {
+                    self.maybe_arm_syscall_fix();
+                    Action::Continue
+                }
+                OwnedExit::Pio(PioAction::Stop(reason)) => Action::Stop(reason),
+                OwnedExit::Debug { pc, dr6, exception } => self.on_debug(pc, dr6, exception),
+                OwnedExit::InternalError { suberror } => self.on_internal_error(suberror),
+                OwnedExit::Tamper { gpa, data, len } => self.on_tamper(gpa, &data[..len]),
+                OwnedExit::Stop(reason) => Action::Stop(reason),
+            };
+            if let Action::Stop(reason) = action {
+                self.state = VcpuState::Stopped;
+                return reason;
+            }
+        }
+    }
+
+    /// This vCPU's state, for a snapshot or a migration (on this vCPU's thread, out of KVM_RUN).
+    fn capture(&mut self) -> Result<crate::snapshot::VcpuSnapshot, String> {
+        crate::snapshot::VcpuSnapshot::capture(self.index, &mut self.fd)
+    }
+
+    /// Loads a captured state before the first run (a restored or migrated VM).
+    pub fn restore(
+        &mut self,
+        snapshot: &crate::snapshot::VcpuSnapshot,
+    ) -> Result<Vec<u32>, String> {
+        snapshot.restore(&self.fd)
+    }
+
+    /// One KVM_RUN, with the exit handled or copied out.
+    fn run_once(&mut self) -> Result<OwnedExit, i32> {
+        let bus = &self.bus;
+        let exit = self.fd.run().map_err(|e| e.errno())?;
+        Ok(match exit {
+            VcpuExit::IoOut(port, data) => {
+                self.stats.pio_exits += 1;
+                OwnedExit::Pio(bus.pio_write(port, data))
+            }
+            VcpuExit::IoIn(port, data) => {
+                self.stats.pio_exits += 1;
+                bus.pio_read(port, data);
+                OwnedExit::Handled
+            }
+            VcpuExit::MmioRead(addr, data) => {
+                self.stats.mmio_exits += 1;
+                bus.mmio_read(addr, data);
+                OwnedExit::Handled
+            }
+            VcpuExit::MmioWrite(addr, data) => {
+                self.stats.mmio_exits += 1;
+                match &self.write_traps {
+                    Some(traps) if traps.guarded(addr).is_some() => {
+                        let len = data.len().min(8);
+                        let mut copy = [0u8; 8];
+                        copy[..len].copy_from_slice(&data[..len]);
+                        OwnedExit::Tamper {
+                            gpa: addr,
+                            data: copy,
+                            len,
+                        }
+                    }
+                    _ => {
+                        bus.mmio_write(addr, data);
+                        OwnedExit::Handled
+                    }
+                }
+            }
+            VcpuExit::Debug(arch) => OwnedExit::Debug {
+                pc: arch.pc,
+                dr6: arch.dr6,
+                exception: arch.exception,
+            },
+            VcpuExit::Hlt => OwnedExit::Stop(StopReason::Halted),
+            VcpuExit::Shutdown => OwnedExit::Stop(StopReason::Reset),
+            VcpuExit::SystemEvent(kind, _) => OwnedExit::Stop(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::Poweroff,
+                KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
+                other => StopReason::Crashed(format!("guest system event {other}")),
+            }),
+            VcpuExit::InternalError => {
+                // SAFETY: KVM filled the `internal` member of the exit union for this exit reason.
+                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                OwnedExit::InternalError { suberror }
+            }
+            VcpuExit::FailEntry(reason, cpu) => OwnedExit::Stop(StopReason::Crashed(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
+            ))),
+            VcpuExit::IrqWindowOpen | VcpuExit::Intr => OwnedExit::Handled,
+            other => OwnedExit::Stop(StopReason::Crashed(format!(
+                "unexpected KVM exit {other:?} on vCPU {}",
+                self.index
+            ))),
+        })
+    }
+
+    fn on_internal_error(&mut self, suberror: u32) -> Action {
+        // KVM_INTERNAL_ERROR_EMULATION = 1: the instruction at RIP could not be emulated.
+        if suberror != 1 {
+            return Action::Stop(StopReason::Crashed(format!(
+                "KVM internal error, suberror {suberror}"
+            )));
+        }
+        let (mut regs, sregs) = match self.registers() {
+            Ok(r) => r,
+            Err(e) => return Action::Stop(StopReason::Crashed(e)),
+        };
+        // An int3 of ours (a software-breakpoint hook) on this host: KVM could not emulate it.
+        if let Some((op, len)) = self
+            .introspection
+            .as_ref()
+            .and_then(|i| i.soft_hook_at(regs.rip))
+        {
+            return match self.on_soft_hook(op, len, regs, sregs) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        let view = GuestView::new(&self.memory, &sregs);
+        let rip = regs.rip;
+        match emulation::complete(&view, &mut regs, &sregs) {
+            Ok(completion) => {
+                if self.trace {
+                    eprintln!(
+                        "vigil: vcpu{} completed {} at {rip:#x}",
+                        self.index,
+                        completion.name()
+                    );
+                }
+                *self
+                    .stats
+                    .emulation_completions
+                    .entry(completion.name())
+                    .or_default() += 1;
+                if let Err(e) = self.fd.set_regs(&regs) {
+                    return Action::Stop(StopReason::Crashed(format!("KVM_SET_REGS: {e}")));
+                }
+                if completion == Completion::Int3Injected {
+                    if let Err(e) = self.inject_exception(BP_VECTOR) {
+                        return Action::Stop(StopReason::Crashed(e));
+                    }
+                }
+                Action::Continue
+            }
+            Err(e) => Action::Stop(StopReason::Crashed(e.to_string())),
+        }
+    }
+
+    fn inject_exception(&self, vector: u8) -> Result<(), String> {
+        let mut events = self
+            .fd
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+        events.exception.injected = 1;
+        events.exception.nr = vector;
+        events.exception.has_error_code = 0;
+        events.exception.pending = 0;
+        events.exception.error_code = 0;
+        self.fd
+            .set_vcpu_events(&events)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+    }
+
+    fn registers(&self) -> Result<(kvm_regs, kvm_sregs), String> {
+        let regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+        Ok((regs, sregs))
+    }
+
+    /// On an emulating host, puts the breakpoint on the guest's #PF handler as soon as the guest
+    /// runs in long mode with an IDT whose #PF gate points somewhere, and again whenever the guest
+    /// loads a different IDT. Port I/O exits (the console, timers) are frequent enough during boot
+    /// that the breakpoint is in place long before the first user process.
+    fn maybe_arm_syscall_fix(&mut self) {
+        if self.host != HostKind::Emulating || self.no_syscall_fix {
+            return;
+        }
+        let Ok(sregs) = self.fd.get_sregs() else {
+            return;
+        };
+        if sregs.cr0 & CR0_PG == 0 || sregs.efer & EFER_LMA == 0 {
+            return;
+        }
+        if self.syscall_fix.idt_base_seen == Some(sregs.idt.base)
+            && self.syscall_fix.pf_handler.is_some()
+        {
+            return;
+        }
+        self.syscall_fix.idt_base_seen = Some(sregs.idt.base);
+        if u64::from(sregs.idt.limit) < PAGE_FAULT_VECTOR * 16 + 15 {
+            return;
+        }
+        let view = GuestView::new(&self.memory, &sregs);
+        let mut gate = [0u8; 16];
+        if view
+            .read(sregs.idt.base + PAGE_FAULT_VECTOR * 16, &mut gate)
+            .is_err()
+        {
+            return;
+        }
+        // 64-bit interrupt gate: offset 15:0 at bytes 0-1, 31:16 at 6-7, 63:32 at 8-11; P = bit 7
+        // of byte 5 (Intel SDM vol. 3, "64-Bit Mode IDT").
+        if gate[5] & 0x80 == 0 {
+            return;
+        }
+        let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
+            | u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16
+            | u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32;
+        if self.syscall_fix.pf_handler != Some(handler) {
+            let previous = self.syscall_fix.pf_handler.replace(handler);
+            if self.program_debug(false).is_err() {
+                self.syscall_fix.pf_handler = previous;
+            }
+        }
+    }
+
+    /// Programs the vCPU's guest-debug state: DR0 on the guest's #PF handler (the syscall fix),
+    /// DR1-DR3 on the introspection hooks; or, while stepping over one of them, no breakpoint and
+    /// single stepping.
+    fn program_debug(&self, single_step: bool) -> Result<(), String> {
+        let mut debug = kvm_guest_debug {
+            control: KVM_GUESTDBG_ENABLE,
+            ..Default::default()
+        };
+        if single_step {
+            debug.control |= KVM_GUESTDBG_SINGLESTEP;
+        } else {
+            let hooks = self
+                .introspection
+                .as_ref()
+                .map(|i| i.hook_addresses())
+                .unwrap_or_default();
+            let slots = std::iter::once(self.syscall_fix.pf_handler)
+                .chain(hooks.iter().map(|addr| Some(*addr)))
+                .take(4);
+            for (slot, addr) in slots.enumerate() {
+                if let Some(addr) = addr {
+                    debug.arch.debugreg[slot] = addr;
+                    // Ln enable; RWn = LENn = 0: execute, one byte.
+                    debug.arch.debugreg[7] |= DR7_L0 << (2 * slot);
+                }
+            }
+            if debug.arch.debugreg[7] != 0 {
+                debug.control |= KVM_GUESTDBG_USE_HW_BP;
+            }
+            // On hardware, int3 in the guest exits only when asked to; on an emulating host it
+            // always exits (as an emulation failure).
+            if self.host == HostKind::Hardware
+                && self
+                    .introspection
+                    .as_ref()
+                    .is_some_and(|i| i.soft_hooks_placed())
+            {
+                debug.control |= KVM_GUESTDBG_USE_SW_BP;
+            }
+        }
+        self.fd
+            .set_guest_debug(&debug)
+            .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
+    }
+
+    fn on_debug(&mut self, pc: u64, dr6: u64, exception: u32) -> Action {
+        self.stats.debug_exits += 1;
+        if exception == u32::from(BP_VECTOR) {
+            // A #BP intercepted with KVM_GUESTDBG_USE_SW_BP (hardware hosts): ours, or the
+            // guest's own int3, which it gets back as the CPU would have delivered it.
+            return match self.on_breakpoint(pc) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        if self.trace {
+            eprintln!(
+                "vigil: vcpu{} debug exit at {pc:#x} dr6={dr6:#x}",
+                self.index
+            );
+        }
+        if self.state == VcpuState::SteppingOver || (dr6 & DR6_BS != 0 && dr6 & DR6_B0 == 0) {
+            // The instruction under our breakpoint ran: put the breakpoint back.
+            self.state = VcpuState::Running;
+            return match self.program_debug(false) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        if let Some(op) = self.introspection.as_ref().and_then(|i| i.hook_at(pc)) {
+            return match self.on_hook(op, pc) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        if Some(pc) == self.syscall_fix.pf_handler {
+            return match self.on_page_fault_entry(pc) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e)),
+            };
+        }
+        // Not ours (a stale breakpoint after the guest changed its IDT): step past it.
+        match self.step_over(pc) {
+            Ok(()) => Action::Continue,
+            Err(e) => Action::Stop(StopReason::Crashed(e)),
+        }
+    }
+
+    /// A #BP exit on a hardware host: a software-breakpoint hook of ours, or the guest's own.
+    fn on_breakpoint(&mut self, pc: u64) -> Result<(), String> {
+        let (mut regs, sregs) = self.registers()?;
+        if let Some((op, len)) = self.introspection.as_ref().and_then(|i| i.soft_hook_at(pc)) {
+            return self.on_soft_hook(op, len, regs, sregs);
+        }
+        regs.rip = pc.wrapping_add(1);
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.inject_exception(BP_VECTOR)
+    }
+
+    /// A software-breakpoint hook was hit (RIP at our int3, over the first byte of an instruction
+    /// of `len` bytes with no effect): decide as for a debug-register hook, then resume after it.
+    fn on_soft_hook(
+        &mut self,
+        op: SocketOp,
+        len: u64,
+        mut regs: kvm_regs,
+        sregs: kvm_sregs,
+    ) -> Result<(), String> {
+        let Some(introspection) = self.introspection.clone() else {
+            return Err("a software hook without introspection".into());
+        };
+        let entry = regs.rip;
+        let outcome = if introspection.bare.contains(&op) {
+            self.stats.bare_hook_hits += 1;
+            HookOutcome::Allow
+        } else if !introspection.needs_decision(op, &self.memory, &regs, &sregs) {
+            self.stats.soft_hook_passes += 1;
+            HookOutcome::Allow
+        } else {
+            self.decide(&introspection, op, &mut regs, &sregs)
+        };
+        if let HookOutcome::Allow = outcome {
+            regs.rip = entry + len;
+        }
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))
+    }
+
+    /// A socket LSM hook was hit: attribute, decide, apply (see [`crate::introspect`]).
+    fn on_hook(&mut self, op: SocketOp, pc: u64) -> Result<(), String> {
+        let Some(introspection) = self.introspection.clone() else {
+            return self.step_over(pc);
+        };
+        if introspection.bare.contains(&op) {
+            self.stats.bare_hook_hits += 1;
+            return self.step_over(pc);
+        }
+        let (mut regs, sregs) = self.registers()?;
+        if self.host == HostKind::Hardware {
+            // No syscall fix runs on hardware to tell when init starts: the first hook hit
+            // (normally from a process init started) arms the write traps.
+            self.maybe_arm_write_traps(&sregs);
+        }
+        match self.decide(&introspection, op, &mut regs, &sregs) {
+            HookOutcome::Denied => self
+                .fd
+                .set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS: {e}")),
+            HookOutcome::Allow => self.step_over(pc),
+        }
+    }
+
+    /// Attributes and decides one hook hit (either kind of hook), counting it and the VMM-side
+    /// time it took; a denial has already rewritten `regs` to return -EPERM.
+    fn decide(
+        &mut self,
+        introspection: &Introspection,
+        op: SocketOp,
+        regs: &mut kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> HookOutcome {
+        let started = std::time::Instant::now();
+        let outcome = introspection.on_hook(self.index, op, &self.memory, regs, sregs);
+        self.stats.hook_hits += 1;
+        self.stats.hook_work_ns += started.elapsed().as_nanos() as u64;
+        if let HookOutcome::Denied = outcome {
+            self.stats.hook_denials += 1;
+        }
+        outcome
+    }
+
+    /// The guest is entering its #PF handler. If the fault is the half-done `syscall` (faulting RIP
+    /// is LSTAR, CS is a user selector), finish the `syscall`; otherwise let the handler run.
+    fn on_page_fault_entry(&mut self, pc: u64) -> Result<(), String> {
+        let (mut regs, mut sregs) = self.registers()?;
+        let view = GuestView::new(&self.memory, &sregs);
+        // Exception frame with error code: [rsp] error, +8 RIP, +16 CS, +24 RFLAGS, +32 RSP, +40 SS.
+        let frame_rip = view.read_u64(regs.rsp + 8);
+        let frame_cs = view.read_u64(regs.rsp + 16);
+        let frame_rflags = view.read_u64(regs.rsp + 24);
+        let frame_rsp = view.read_u64(regs.rsp + 32);
+        let (Ok(frame_rip), Ok(frame_cs), Ok(frame_rflags), Ok(frame_rsp)) =
+            (frame_rip, frame_cs, frame_rflags, frame_rsp)
+        else {
+            // The guest's stack is not readable to us: let the guest deal with its own fault.
+            return self.step_over(pc);
+        };
+        let msrs = self.syscall_msrs()?;
+        if frame_rip != msrs.lstar || frame_cs & 3 != 3 {
+            self.stats.page_faults_passed += 1;
+            return self.step_over(pc);
+        }
+        // Redo the entry as `syscall` defines it (Intel SDM vol. 2, SYSCALL): CS = STAR[47:32]
+        // (flat 64-bit code, DPL 0), SS = STAR[47:32] + 8, RFLAGS &= ~SFMASK; RSP unchanged (the
+        // user's); RIP = LSTAR; RCX and R11 were already set by KVM's half.
+        let selector = ((msrs.star >> 32) & 0xfffc) as u16;
+        sregs.cs = flat_segment(selector, 0xb, true, false);
+        sregs.ss = flat_segment(selector + 8, 0x3, false, true);
+        regs.rip = msrs.lstar;
+        regs.rsp = frame_rsp;
+        regs.rflags = (frame_rflags & !msrs.sfmask) | RFLAGS_FIXED;
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+        self.stats.syscalls_completed += 1;
+        if !self.write_traps_tried && self.introspection.is_some() {
+            // The first system call of the init process (pid 1) from user mode: the kernel has
+            // finished booting (initcalls done, init memory freed, its text patched), so its
+            // hooked pages can become read-only now. Earlier user-mode processes exist (usermode
+            // helpers such as modprobe, run while initcalls still write kernel data), so the
+            // first system call alone is too early. At syscall entry GS still holds the user's
+            // base: the per-CPU area is in MSR_KERNEL_GS_BASE.
+            let mut kernel = sregs;
+            let init = match self.read_msrs([MSR_KERNEL_GS_BASE]) {
+                Ok([base]) => {
+                    kernel.gs.base = base;
+                    self.introspection
+                        .as_ref()
+                        .is_some_and(|i| i.current_tgid(&self.memory, &kernel) == Some(1))
+                }
+                Err(_) => false,
+            };
+            if init {
+                self.maybe_arm_write_traps(&kernel);
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads MSRs of this vCPU, in the order asked.
+    fn read_msrs<const N: usize>(&self, indices: [u32; N]) -> Result<[u64; N], String> {
+        let entries = indices.map(|index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        });
+        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+        let read = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        if read != N {
+            return Err(format!("KVM_GET_MSRS read {read} of {N} MSRs {indices:x?}"));
+        }
+        let mut values = [0u64; N];
+        for (value, entry) in values.iter_mut().zip(msrs.as_slice()) {
+            *value = entry.data;
+        }
+        Ok(values)
+    }
+
+    /// Arms the VM's write traps once the tenant has booted (first user-mode system call or first
+    /// hook hit, whichever this vCPU sees first). A failure is logged; the hooks keep working.
+    fn maybe_arm_write_traps(&mut self, sregs: &kvm_sregs) {
+        if self.write_traps_tried {
+            return;
+        }
+        self.write_traps_tried = true;
+        let (Some(traps), Some(introspection)) = (&self.write_traps, &self.introspection) else {
+            return;
+        };
+        if traps.is_armed() {
+            return;
+        }
+        // Where the kernel really is: a slide other than 0 moves every hook (a kernel that ran
+        // the bzImage decompressor with KASLR; a PVH-booted vmlinux runs where it was linked).
+        let slide_error = match self.syscall_msrs() {
+            Ok(msrs) => match introspection.adopt_slide(msrs.lstar) {
+                Ok(0) => None,
+                Ok(_) => self.program_debug(false).err(),
+                Err(e) => Some(e),
+            },
+            Err(e) => Some(e),
+        };
+        if let Some(e) = slide_error {
+            introspection.write_traps_armed(&[], Some(format!("KASLR check: {e}")));
+        }
+        // Software breakpoints first: they are written through the VMM's own mapping anyway, but
+        // the guest must not see a page half-guarded.
+        introspection.place_soft_hooks(&self.memory, sregs);
+        if self.host == HostKind::Hardware && introspection.soft_hooks_placed() {
+            // Ask KVM to exit on #BP on this vCPU (each vCPU programs its own debug state).
+            let _ = self.program_debug(false);
+        }
+        let pages = introspection.guarded_pages(&self.memory, sregs);
+        match traps.arm(&pages) {
+            Ok(_) => introspection.write_traps_armed(&pages, None),
+            Err(e) => introspection.write_traps_armed(&[], Some(e)),
+        }
+    }
+
+    /// A guest write to a guarded page: KVM already discarded it (read-only memslot); the guest
+    /// continues after the instruction. Report the writer.
+    fn on_tamper(&mut self, gpa: u64, data: &[u8]) -> Action {
+        self.stats.tamper_writes += 1;
+        let (Some(traps), Some(introspection)) = (&self.write_traps, &self.introspection) else {
+            return Action::Continue;
+        };
+        let guarded = traps.guarded(gpa).unwrap_or("?").to_string();
+        match self.registers() {
+            Ok((regs, sregs)) => {
+                introspection.on_tamper(
+                    self.index,
+                    gpa,
+                    &guarded,
+                    data,
+                    &self.memory,
+                    &regs,
+                    &sregs,
+                );
+                Action::Continue
+            }
+            Err(e) => Action::Stop(StopReason::Crashed(e)),
+        }
+    }
+
+    /// Resumes past our breakpoint at `pc` without RFLAGS.RF (ignored by this host's KVM): emulate
+    /// the instruction when it has no effect beyond RIP (`endbr64`, NOPs), else single-step it
+    /// with the breakpoint off.
+    fn step_over(&mut self, pc: u64) -> Result<(), String> {
+        let (mut regs, sregs) = self.registers()?;
+        let view = GuestView::new(&self.memory, &sregs);
+        if let Ok(insn) = emulation::decode_at_rip(&view, &regs, &sregs) {
+            if emulation::is_skippable_at_hook(&insn) && regs.rip == pc {
+                regs.rip += insn.len() as u64;
+                return self
+                    .fd
+                    .set_regs(&regs)
+                    .map_err(|e| format!("KVM_SET_REGS: {e}"));
+            }
+        }
+        self.state = VcpuState::SteppingOver;
+        self.program_debug(true)
+    }
+
+    fn syscall_msrs(&self) -> Result<SyscallMsrs, String> {
+        let [star, lstar, sfmask] = self.read_msrs([MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK])?;
+        Ok(SyscallMsrs {
+            star,
+            lstar,
+            sfmask,
+        })
+    }
+}
+
+struct SyscallMsrs {
+    star: u64,
+    lstar: u64,
+    sfmask: u64,
+}
