@@ -28,6 +28,7 @@ pub struct VerdictRegion {
 // SAFETY: the region is only accessed through atomics, and the mapping it points into is owned
 // (reference-counted) by `memory`.
 unsafe impl Send for VerdictRegion {}
+// SAFETY: as for `Send`: every access is atomic, and producers serialize on `producer`.
 unsafe impl Sync for VerdictRegion {}
 
 /// What the micro-VM's counters block says, as the VMM reports it.

@@ -218,9 +218,10 @@ mod tests {
             revents: 0,
         };
         loop {
-            // SAFETY: one valid pollfd.
+            // SAFETY: one valid pollfd, alive for the call.
+            let ready = unsafe { libc::poll(&mut poll, 1, 5000) };
             assert!(
-                unsafe { libc::poll(&mut poll, 1, 5000) } > 0,
+                ready > 0,
                 "no frame in 5 s"
             );
             match link.recv_frame(buf) {
