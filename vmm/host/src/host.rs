@@ -1,0 +1,142 @@
+//! The host: its switch, its tenants, its link to the edge, and its start and shutdown.
+//!
+//! Owns: the [`Host`] value and what the API reads from it (name, uptime, counters, timings).
+//! Must not: let one tenant's failure (bad config, a crashed guest) take down the host or another
+//! tenant.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_core::host_kind::HostKind;
+
+use crate::edge_link::EdgeLink;
+use crate::switch::SwitchTier;
+use crate::tenant::Tenant;
+use crate::{HostConfig, ReconfigTimes, MAX_TENANT_PORTS};
+
+pub struct Host {
+    pub(crate) config: HostConfig,
+    pub(crate) kind: HostKind,
+    pub(crate) switch: SwitchTier,
+    pub(crate) edge: Option<Arc<EdgeLink>>,
+    pub(crate) tenants: Mutex<BTreeMap<String, Tenant>>,
+    pub(crate) started: Instant,
+    /// Sequence numbers of the host's own records (Attach, FlushTenant).
+    pub(crate) control_seq: AtomicU64,
+    pub(crate) times: Mutex<ReconfigTimes>,
+    pub(crate) shutdown: Arc<AtomicBool>,
+}
+
+impl Host {
+    /// Boots the switch micro-VM and starts serving tenants.
+    pub fn start(config: HostConfig) -> Result<Arc<Host>, String> {
+        if config.tenant_ports == 0 || config.tenant_ports > MAX_TENANT_PORTS {
+            return Err(format!(
+                "a host offers 1 to {MAX_TENANT_PORTS} tenant ports, not {}",
+                config.tenant_ports
+            ));
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+            format!(
+                "cannot create the state directory {}: {e}",
+                config.state_dir.display()
+            )
+        })?;
+        let kind = HostKind::detect();
+        let switch = SwitchTier::start(&config, kind)?;
+        let edge = match &config.edge {
+            Some(edge) => Some(Arc::new(EdgeLink::new(edge.clone()).map_err(|e| {
+                format!("the verdict channel to the edge at {}: {e}", edge.control)
+            })?)),
+            None => None,
+        };
+        let host = Arc::new(Host {
+            kind,
+            switch,
+            edge,
+            tenants: Mutex::new(BTreeMap::new()),
+            started: Instant::now(),
+            control_seq: AtomicU64::new(1),
+            times: Mutex::new(ReconfigTimes::default()),
+            shutdown: Arc::new(AtomicBool::new(false)),
+            config,
+        });
+        vmm_core::events::bus().emit(
+            "host_started",
+            &serde_json::json!({
+                "host": host.config.name,
+                "kvm": kind.to_string(),
+                "tenant_ports": host.config.tenant_ports,
+                "uplink": host.config.uplink.backend.to_string(),
+                "edge": host.config.edge.as_ref().map(|e| e.control.to_string()),
+            }),
+        );
+        Ok(host)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Set once `vmm.shutdown` ran: the server stops.
+    pub fn shutdown_flag(&self) -> Arc<AtomicBool> {
+        self.shutdown.clone()
+    }
+
+    pub(crate) fn tenants(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Tenant>> {
+        self.tenants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn emit(&self, kind: &str, id: &str, extra: serde_json::Value) {
+        let mut body = serde_json::json!({"host": self.config.name, "vm": id});
+        if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        vmm_core::events::bus().emit(kind, &body);
+    }
+
+    pub fn reconfig_times(&self) -> ReconfigTimes {
+        self.times.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Edge channel counters: (records sent, send errors).
+    pub fn edge_counters(&self) -> Option<(u64, u64)> {
+        self.edge.as_ref().map(|e| {
+            (
+                e.sent_records.load(Ordering::Relaxed),
+                e.send_errors.load(Ordering::Relaxed),
+            )
+        })
+    }
+
+    /// `vmm.shutdown`: stops every tenant (flushing it from the tiers) and the switch.
+    pub fn shutdown(&self) {
+        if self.shutdown.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let ids: Vec<String> = self.tenants().keys().cloned().collect();
+        for id in ids {
+            let _ = self.delete(&id);
+        }
+        self.switch.stop.store(true, Ordering::Release);
+        if let Some(thread) = self
+            .switch
+            .thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            let _ = thread.join();
+        }
+        vmm_core::events::bus().emit(
+            "host_stopped",
+            &serde_json::json!({"host": self.config.name}),
+        );
+    }
+}

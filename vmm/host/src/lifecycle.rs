@@ -1,0 +1,374 @@
+//! A tenant's life on the host through the API: create (check the spec, reserve a port, build
+//! the VM, attach it on both tiers), boot, pause, resume, info, list, delete, and policy
+//! replacement.
+//!
+//! - Create: the tenant's policy is compiled and its hooks are ready before its first
+//!   instruction (they are programmed when its vCPUs start); it gets a free switch port, and an
+//!   `Attach` record (port, address) goes to the switch ring and, signed, to the edge.
+//! - Delete: the VM stops, then a `FlushTenant` record removes every verdict, conntrack entry,
+//!   port and address of the tenant on both tiers; the port is free again.
+//! - Policy replace: later calls follow the new policy; the tenant is flushed and re-attached, so
+//!   nothing the old policy opened stays open.
+//!
+//! Owns: the tenant table's entries and the switch ports they hold. Must not: let one tenant's
+//! failure (bad config, a crashed guest) take down the host or another tenant.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use trap_handler::policy::{Policy, PolicySpec};
+use vmm_core::introspect::{tenant_id, Introspection};
+use vmm_core::net_config::parse_mac;
+use vmm_core::run_control::RunControl;
+use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
+
+use crate::config::{valid_id, MAX_ID_LEN};
+use crate::tenant::{start_vm, Tenant, PAUSE_LIMIT};
+use crate::tiers::TenantTiers;
+use crate::{Host, HostError, VmInfo, VmSpec, VmState};
+
+impl Host {
+    /// `vm.create`: builds the VM (not booted), plugs it into a switch port, opens nothing yet.
+    pub fn create(&self, spec: VmSpec) -> Result<VmInfo, HostError> {
+        let started = Instant::now();
+        let (vm, introspection, tenant, slot, _mac) = self.prepare(&spec)?;
+        let release_port = || {
+            self.switch.release(slot);
+        };
+        // The tiers learn the tenant's port and address before it can send anything.
+        let applied = match self.reconfigure(
+            &[self.switch_attach(tenant, slot, spec.ip)],
+            &[self.edge_attach(tenant, spec.ip)],
+        ) {
+            Ok(ms) => ms,
+            Err(e) => {
+                release_port();
+                return Err(e);
+            }
+        };
+        let mut entry = Tenant::new(spec, tenant, slot, &vm, introspection, VmState::Created);
+        entry.vm = Some(vm);
+        let info = entry.info();
+        let mut tenants = self.tenants();
+        tenants.insert(entry.spec.id.clone(), entry);
+        drop(tenants);
+        let total = started.elapsed().as_secs_f64() * 1e3;
+        self.reconfigured(
+            |t| &mut t.create_ms,
+            &info.id,
+            applied,
+            serde_json::json!({"action": "create", "tenant": tenant, "switch_port": slot + 1,
+                "ip": info.ip, "total_ms": total}),
+        );
+        Ok(info)
+    }
+
+    pub(crate) fn build(
+        &self,
+        spec: &VmSpec,
+        mac: [u8; 6],
+        tenant: u32,
+        slot: usize,
+    ) -> Result<(Vm, Option<Arc<Introspection>>), HostError> {
+        let policy_path = self
+            .config
+            .state_dir
+            .join(format!("{}.policy.json", spec.id));
+        let text = serde_json::to_string_pretty(&spec.policy)
+            .map_err(|e| HostError::internal(e.to_string()))?;
+        std::fs::write(&policy_path, text).map_err(|e| {
+            HostError::internal(format!("cannot write {}: {e}", policy_path.display()))
+        })?;
+        let link = {
+            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            LinkConfig {
+                tenant,
+                mac,
+                ..ports[slot].0.clone()
+            }
+        };
+        // Frames a previous tenant left in the port's socket are not this tenant's.
+        let mut stale = [0u8; 2048];
+        while link.link.recv(&mut stale).is_ok() {}
+        let config = VmConfig {
+            name: spec.id.clone(),
+            mem_mib: spec.memory_mib,
+            vcpus: spec.vcpus,
+            payload: Payload::Linux {
+                kernel: spec.kernel.clone(),
+                initramfs: spec.initramfs.clone(),
+                cmdline: spec.cmdline.clone(),
+            },
+            console: ConsoleConfig {
+                log: Some(self.config.state_dir.join(format!("{}.console", spec.id))),
+                stdout: self.config.console_stdout,
+                markers: Vec::new(),
+            },
+            nets: Vec::new(),
+            policy: Some(policy_path),
+            links: vec![link],
+        };
+        let vm = Vm::create(&config, self.kind).map_err(|e| match e {
+            VmError::ReadFile { .. } | VmError::KernelImage { .. } | VmError::BadMemorySize(_) => {
+                HostError::bad_request(e.to_string())
+            }
+            other => HostError::internal(other.to_string()),
+        })?;
+        let introspection = vm.introspection();
+        if let Some(i) = &introspection {
+            i.connect_tiers(Arc::new(TenantTiers {
+                switch: self.switch.region.clone(),
+                edge: self.edge.clone(),
+            }));
+        }
+        Ok((vm, introspection))
+    }
+
+    /// `vm.boot`: starts a created VM's vCPUs.
+    pub fn boot(&self, id: &str) -> Result<VmInfo, HostError> {
+        let mut tenants = self.tenants();
+        let t = tenants
+            .get_mut(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        t.refresh();
+        let Some(vm) = t.vm.take() else {
+            return Err(HostError::conflict(format!(
+                "VM {id:?} is {:?}; only a created VM boots",
+                t.state
+            )));
+        };
+        t.thread = Some(start_vm(id, vm)?);
+        t.state = VmState::Running;
+        let info = t.info();
+        drop(tenants);
+        self.emit("vm_booted", id, serde_json::json!({}));
+        Ok(info)
+    }
+
+    pub fn info(&self, id: &str) -> Result<VmInfo, HostError> {
+        let mut tenants = self.tenants();
+        let t = tenants
+            .get_mut(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        t.refresh();
+        Ok(t.info())
+    }
+
+    pub fn list(&self) -> Vec<VmInfo> {
+        let mut tenants = self.tenants();
+        tenants
+            .values_mut()
+            .map(|t| {
+                t.refresh();
+                t.info()
+            })
+            .collect()
+    }
+
+    pub fn pause(&self, id: &str) -> Result<VmInfo, HostError> {
+        self.transition(
+            id,
+            VmState::Running,
+            "pauses",
+            VmState::Paused,
+            "vm_paused",
+            |t| {
+                t.control
+                    .pause(PAUSE_LIMIT)
+                    .map_err(|e| HostError::internal(format!("pause: {e}")))
+            },
+        )
+    }
+
+    pub fn resume(&self, id: &str) -> Result<VmInfo, HostError> {
+        self.transition(
+            id,
+            VmState::Paused,
+            "resumes",
+            VmState::Running,
+            "vm_resumed",
+            |t| {
+                t.control.resume();
+                Ok(())
+            },
+        )
+    }
+
+    /// Moves VM `id` from state `from` to `to` by `action`: 404 for an unknown VM, 409 in any
+    /// other state; an event `event` on success.
+    pub(crate) fn transition(
+        &self,
+        id: &str,
+        from: VmState,
+        verb: &str,
+        to: VmState,
+        event: &str,
+        action: impl FnOnce(&mut Tenant) -> Result<(), HostError>,
+    ) -> Result<VmInfo, HostError> {
+        let mut tenants = self.tenants();
+        let t = tenants
+            .get_mut(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        t.refresh();
+        if t.state != from {
+            return Err(HostError::conflict(format!(
+                "VM {id:?} is {:?}; only a {} VM {verb}",
+                t.state,
+                format!("{from:?}").to_lowercase()
+            )));
+        }
+        action(t)?;
+        t.state = to;
+        let info = t.info();
+        drop(tenants);
+        self.emit(event, id, serde_json::json!({}));
+        Ok(info)
+    }
+
+    /// `vm.delete`: stops the VM (whatever its state) and removes every trace of it from both
+    /// tiers.
+    pub fn delete(&self, id: &str) -> Result<(), HostError> {
+        let started = Instant::now();
+        let t = self
+            .tenants()
+            .remove(id)
+            .ok_or_else(|| HostError::not_found(id))?;
+        self.stop_tenant(t.stop.clone(), &t.control, t.thread);
+        let flush = self.flush_record(t.tenant);
+        let applied = self.reconfigure(&[flush], &[flush]);
+        self.switch.release(t.slot);
+        let applied = applied?;
+        self.reconfigured(
+            |t| &mut t.delete_ms,
+            id,
+            applied,
+            serde_json::json!({"action": "delete", "tenant": t.tenant,
+                "total_ms": started.elapsed().as_secs_f64() * 1e3}),
+        );
+        Ok(())
+    }
+
+    pub(crate) fn stop_tenant(
+        &self,
+        stop: Arc<AtomicBool>,
+        control: &RunControl,
+        thread: Option<JoinHandle<Result<VmOutcome, VmError>>>,
+    ) {
+        stop.store(true, Ordering::Release);
+        control.resume();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+
+    pub fn policy(&self, id: &str) -> Result<PolicySpec, HostError> {
+        let tenants = self.tenants();
+        let t = tenants.get(id).ok_or_else(|| HostError::not_found(id))?;
+        Ok(t.introspection
+            .as_ref()
+            .map_or_else(|| t.spec.policy.clone(), |i| i.policy_spec()))
+    }
+
+    /// Replaces a tenant's policy: later calls follow it, and whatever the old one opened is
+    /// closed on both tiers (flush, then re-attach).
+    pub fn replace_policy(&self, id: &str, spec: PolicySpec) -> Result<(), HostError> {
+        Policy::compile(&spec).map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+        let (tenant, slot, ip) = {
+            let mut tenants = self.tenants();
+            let t = tenants
+                .get_mut(id)
+                .ok_or_else(|| HostError::not_found(id))?;
+            if let Some(i) = &t.introspection {
+                i.replace_policy(spec.clone())
+                    .map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+            }
+            t.spec.policy = spec;
+            (t.tenant, t.slot, t.spec.ip)
+        };
+        let flush = self.flush_record(tenant);
+        let applied = self.reconfigure(
+            &[flush, self.switch_attach(tenant, slot, ip)],
+            &[flush, self.edge_attach(tenant, ip)],
+        )?;
+        self.reconfigured(
+            |t| &mut t.policy_ms,
+            id,
+            applied,
+            serde_json::json!({"action": "policy", "tenant": tenant}),
+        );
+        Ok(())
+    }
+
+    /// Checks a spec and builds its VM on a reserved port (create's first half).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn prepare(
+        &self,
+        spec: &VmSpec,
+    ) -> Result<(Vm, Option<Arc<Introspection>>, u32, usize, [u8; 6]), HostError> {
+        if !valid_id(&spec.id) {
+            return Err(HostError::bad_request(format!(
+                "id {:?}: use 1 to {MAX_ID_LEN} letters, digits, '-', '_' or '.'",
+                spec.id
+            )));
+        }
+        let mac = parse_mac(&spec.mac).ok_or_else(|| {
+            HostError::bad_request(format!(
+                "mac {:?} is not a unicast MAC address like 52:54:00:12:34:56",
+                spec.mac
+            ))
+        })?;
+        if spec.vcpus == 0 || spec.vcpus > 8 {
+            return Err(HostError::bad_request("vcpus: 1 to 8"));
+        }
+        if spec.ip.is_unspecified() || spec.ip.is_multicast() {
+            return Err(HostError::bad_request(format!(
+                "ip {}: a tenant needs a unicast address",
+                spec.ip
+            )));
+        }
+        Policy::compile(&spec.policy)
+            .map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(HostError::unavailable("the host is shutting down"));
+        }
+        // Reserve the id and a port before the (slow) build, so concurrent creates conflict
+        // cleanly.
+        let tenant = tenant_id(&spec.id);
+        let slot = {
+            let tenants = self.tenants();
+            if tenants.contains_key(&spec.id) {
+                return Err(HostError::conflict(format!(
+                    "a VM with id {:?} exists (vm.delete it first)",
+                    spec.id
+                )));
+            }
+            if let Some(other) = tenants
+                .values()
+                .find(|t| t.spec.ip == spec.ip || parse_mac(&t.spec.mac) == Some(mac))
+            {
+                return Err(HostError::conflict(format!(
+                    "VM {:?} already has ip {} or mac {}",
+                    other.spec.id, other.spec.ip, other.spec.mac
+                )));
+            }
+            let mut ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            let slot = ports.iter().position(|(_, owner)| owner.is_none()).ok_or_else(|| {
+                HostError::unavailable(format!(
+                    "all {} switch ports are taken (delete a VM, or start the host with more --tenant-ports)",
+                    ports.len()
+                ))
+            })?;
+            ports[slot].1 = Some(spec.id.clone());
+            slot
+        };
+        match self.build(spec, mac, tenant, slot) {
+            Ok((vm, introspection)) => Ok((vm, introspection, tenant, slot, mac)),
+            Err(e) => {
+                self.switch.release(slot);
+                Err(e)
+            }
+        }
+    }
+}

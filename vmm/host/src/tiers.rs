@@ -1,0 +1,136 @@
+//! Reconfiguration of the firewall tiers (the host's switch and the edge) as tenants come and
+//! go: the control records (Attach, FlushTenant), their delivery, and how long it took.
+//!
+//! Owns: the control sequence numbers, [`ReconfigTimes`], and the verdict sink that feeds a
+//! tenant's introspection verdicts to both tiers. Must not: decide when a tenant is attached or
+//! flushed (that is the lifecycle, migration and snapshot code), or touch a tenant's VM.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use vigil_wire::verdict::{IpVersion, VerdictRepr, RECORD_LEN};
+use vmm_core::introspect::VerdictSink;
+use vmm_core::verdict_region::VerdictRegion;
+
+use crate::edge_link::EdgeLink;
+use crate::{Host, HostError};
+
+/// How long a reconfiguration waits for the switch micro-VM to take its records.
+pub(crate) const SWITCH_APPLY_LIMIT: Duration = Duration::from_secs(2);
+
+/// A tenant's firewall tiers: its host's switch ring and the edge.
+pub(crate) struct TenantTiers {
+    pub(crate) switch: Arc<VerdictRegion>,
+    pub(crate) edge: Option<Arc<EdgeLink>>,
+}
+
+impl VerdictSink for TenantTiers {
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+        if let Some(edge) = &self.edge {
+            edge.send(records);
+        }
+        self.switch.push(records).is_ok()
+    }
+}
+
+/// Latest reconfiguration timings (ms), for the metrics endpoint and the benchmark.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReconfigTimes {
+    pub create_ms: Option<f64>,
+    pub delete_ms: Option<f64>,
+    pub policy_ms: Option<f64>,
+    /// Target host: from the migrated state's arrival to its switch having the tenant's port,
+    /// address and adopted verdicts.
+    pub migrate_ms: Option<f64>,
+    /// Source host: from the pause to the target's word that the VM runs there.
+    pub migration_downtime_ms: Option<f64>,
+}
+
+pub(crate) fn ip_fields(ip: IpAddr) -> (IpVersion, [u8; 16]) {
+    let mut bytes = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            (IpVersion::V4, bytes)
+        }
+        IpAddr::V6(v6) => (IpVersion::V6, v6.octets()),
+    }
+}
+
+impl Host {
+    pub(crate) fn next_control_seq(&self) -> u64 {
+        self.control_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The switch's Attach: the tenant is behind switch port `slot + 1` (device 0 is the uplink)
+    /// and owns `ip`.
+    pub(crate) fn switch_attach(&self, tenant: u32, slot: usize, ip: IpAddr) -> [u8; RECORD_LEN] {
+        VerdictRepr::attach(
+            tenant,
+            self.next_control_seq(),
+            Some((slot + 1) as u16),
+            Some(ip_fields(ip)),
+        )
+        .to_bytes()
+    }
+
+    /// The edge's Attach: the tenant owns `ip` (the edge has no port per tenant).
+    pub(crate) fn edge_attach(&self, tenant: u32, ip: IpAddr) -> [u8; RECORD_LEN] {
+        VerdictRepr::attach(tenant, self.next_control_seq(), None, Some(ip_fields(ip))).to_bytes()
+    }
+
+    pub(crate) fn flush_record(&self, tenant: u32) -> [u8; RECORD_LEN] {
+        VerdictRepr::flush_tenant(tenant, self.next_control_seq()).to_bytes()
+    }
+
+    /// Sends control records to the edge (signed; it applies them within milliseconds) and to
+    /// the switch, and waits until the switch took them. Returns the milliseconds until the
+    /// switch had applied them.
+    pub(crate) fn reconfigure(
+        &self,
+        switch: &[[u8; RECORD_LEN]],
+        edge: &[[u8; RECORD_LEN]],
+    ) -> Result<f64, HostError> {
+        let started = Instant::now();
+        if let (Some(link), false) = (&self.edge, edge.is_empty()) {
+            link.send(edge);
+        }
+        let records = switch;
+        let position = self.switch.region.push_tracked(records).map_err(|e| {
+            HostError::unavailable(format!(
+                "the switch's verdict ring refused the update: {e:?}"
+            ))
+        })?;
+        if !self
+            .switch
+            .region
+            .wait_consumed(position, SWITCH_APPLY_LIMIT)
+        {
+            return Err(HostError::unavailable(format!(
+                "the switch micro-VM did not take the update within {} s (is it running? see {})",
+                SWITCH_APPLY_LIMIT.as_secs(),
+                self.config.state_dir.join("switch.console").display()
+            )));
+        }
+        Ok(started.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Records a reconfiguration's time (the switch had applied it after `tiers_ms`) in the
+    /// field `slot` picks, and reports it as a `reconfig` event with `details`.
+    pub(crate) fn reconfigured(
+        &self,
+        slot: impl FnOnce(&mut ReconfigTimes) -> &mut Option<f64>,
+        id: &str,
+        tiers_ms: f64,
+        mut details: serde_json::Value,
+    ) {
+        *slot(&mut self.times.lock().unwrap_or_else(|p| p.into_inner())) = Some(tiers_ms);
+        if let Some(details) = details.as_object_mut() {
+            details.insert("tiers_ms".into(), tiers_ms.into());
+        }
+        self.emit("reconfig", id, details);
+    }
+}
