@@ -22,7 +22,6 @@ mod tenant;
 mod tiers;
 
 pub use config::{EdgeLinkConfig, HostConfig, VmSpec, MAX_TENANT_PORTS};
-pub use edge_link::EdgeLink;
 pub use error::HostError;
 pub use host::Host;
 pub use migration::unix_path;
