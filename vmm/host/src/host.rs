@@ -14,7 +14,7 @@ use vmm_core::host_kind::HostKind;
 use crate::edge_link::EdgeLink;
 use crate::switch::SwitchTier;
 use crate::tenant::Tenant;
-use crate::{HostConfig, ReconfigTimes, MAX_TENANT_PORTS};
+use crate::{HostConfig, ReconfigTimes, StartError, MAX_TENANT_PORTS};
 
 pub struct Host {
     pub(crate) config: HostConfig,
@@ -31,24 +31,22 @@ pub struct Host {
 
 impl Host {
     /// Boots the switch micro-VM and starts serving tenants.
-    pub fn start(config: HostConfig) -> Result<Arc<Host>, String> {
+    pub fn start(config: HostConfig) -> Result<Arc<Host>, StartError> {
         if config.tenant_ports == 0 || config.tenant_ports > MAX_TENANT_PORTS {
-            return Err(format!(
-                "a host offers 1 to {MAX_TENANT_PORTS} tenant ports, not {}",
-                config.tenant_ports
-            ));
+            return Err(StartError::TenantPorts(config.tenant_ports));
         }
-        std::fs::create_dir_all(&config.state_dir).map_err(|e| {
-            format!(
-                "cannot create the state directory {}: {e}",
-                config.state_dir.display()
-            )
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| StartError::StateDir {
+            path: config.state_dir.clone(),
+            source,
         })?;
         let kind = HostKind::detect();
         let switch = SwitchTier::start(&config, kind)?;
         let edge = match &config.edge {
-            Some(edge) => Some(Arc::new(EdgeLink::new(edge.clone()).map_err(|e| {
-                format!("the verdict channel to the edge at {}: {e}", edge.control)
+            Some(edge) => Some(Arc::new(EdgeLink::new(edge.clone()).map_err(|source| {
+                StartError::EdgeChannel {
+                    addr: edge.control,
+                    source,
+                }
             })?)),
             None => None,
         };

@@ -22,7 +22,7 @@ mod tenant;
 mod tiers;
 
 pub use config::{EdgeLinkConfig, HostConfig, VmSpec, MAX_TENANT_PORTS};
-pub use error::HostError;
+pub use error::{HostError, StartError};
 pub use host::Host;
 pub use migration::unix_path;
 pub use snapshot::file_path;

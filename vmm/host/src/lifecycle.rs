@@ -77,9 +77,9 @@ impl Host {
             .state_dir
             .join(format!("{}.policy.json", spec.id));
         let text = serde_json::to_string_pretty(&spec.policy)
-            .map_err(|e| HostError::internal(e.to_string()))?;
+            .map_err(|e| HostError::internal("the policy", e))?;
         std::fs::write(&policy_path, text).map_err(|e| {
-            HostError::internal(format!("cannot write {}: {e}", policy_path.display()))
+            HostError::internal(format!("cannot write {}", policy_path.display()), e)
         })?;
         let link = {
             let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
@@ -112,9 +112,9 @@ impl Host {
         };
         let vm = Vm::create(&config, self.kind).map_err(|e| match e {
             VmError::ReadFile { .. } | VmError::KernelImage { .. } | VmError::BadMemorySize(_) => {
-                HostError::bad_request(e.to_string())
+                HostError::InvalidImage(e)
             }
-            other => HostError::internal(other.to_string()),
+            other => HostError::Vm(other),
         })?;
         let introspection = vm.introspection();
         if let Some(i) = &introspection {
@@ -134,10 +134,11 @@ impl Host {
             .ok_or_else(|| HostError::not_found(id))?;
         t.refresh();
         let Some(vm) = t.vm.take() else {
-            return Err(HostError::conflict(format!(
-                "VM {id:?} is {:?}; only a created VM boots",
-                t.state
-            )));
+            return Err(HostError::WrongState {
+                id: id.into(),
+                state: t.state,
+                allowed: "only a created VM boots".into(),
+            });
         };
         t.thread = Some(start_vm(id, vm)?);
         t.state = VmState::Running;
@@ -177,7 +178,7 @@ impl Host {
             |t| {
                 t.control
                     .pause(PAUSE_LIMIT)
-                    .map_err(|e| HostError::internal(format!("pause: {e}")))
+                    .map_err(|e| HostError::internal("pause", e))
             },
         )
     }
@@ -213,11 +214,11 @@ impl Host {
             .ok_or_else(|| HostError::not_found(id))?;
         t.refresh();
         if t.state != from {
-            return Err(HostError::conflict(format!(
-                "VM {id:?} is {:?}; only a {} VM {verb}",
-                t.state,
-                format!("{from:?}").to_lowercase()
-            )));
+            return Err(HostError::WrongState {
+                id: id.into(),
+                state: t.state,
+                allowed: format!("only a {} VM {verb}", format!("{from:?}").to_lowercase()),
+            });
         }
         action(t)?;
         t.state = to;
@@ -274,7 +275,7 @@ impl Host {
     /// Replaces a tenant's policy: later calls follow it, and whatever the old one opened is
     /// closed on both tiers (flush, then re-attach).
     pub fn replace_policy(&self, id: &str, spec: PolicySpec) -> Result<(), HostError> {
-        Policy::compile(&spec).map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+        Policy::compile(&spec).map_err(|e| HostError::InvalidPolicy(e.to_string()))?;
         let (tenant, slot, ip) = {
             let mut tenants = self.tenants();
             let t = tenants
@@ -282,7 +283,7 @@ impl Host {
                 .ok_or_else(|| HostError::not_found(id))?;
             if let Some(i) = &t.introspection {
                 i.replace_policy(spec.clone())
-                    .map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+                    .map_err(|e| HostError::InvalidPolicy(e.to_string()))?;
             }
             t.spec.policy = spec;
             (t.tenant, t.slot, t.spec.ip)
@@ -308,30 +309,29 @@ impl Host {
         spec: &VmSpec,
     ) -> Result<(Vm, Option<Arc<Introspection>>, u32, usize, [u8; 6]), HostError> {
         if !valid_id(&spec.id) {
-            return Err(HostError::bad_request(format!(
+            return Err(HostError::InvalidSpec(format!(
                 "id {:?}: use 1 to {MAX_ID_LEN} letters, digits, '-', '_' or '.'",
                 spec.id
             )));
         }
         let mac = parse_mac(&spec.mac).ok_or_else(|| {
-            HostError::bad_request(format!(
+            HostError::InvalidSpec(format!(
                 "mac {:?} is not a unicast MAC address like 52:54:00:12:34:56",
                 spec.mac
             ))
         })?;
         if spec.vcpus == 0 || spec.vcpus > 8 {
-            return Err(HostError::bad_request("vcpus: 1 to 8"));
+            return Err(HostError::InvalidSpec("vcpus: 1 to 8".into()));
         }
         if spec.ip.is_unspecified() || spec.ip.is_multicast() {
-            return Err(HostError::bad_request(format!(
+            return Err(HostError::InvalidSpec(format!(
                 "ip {}: a tenant needs a unicast address",
                 spec.ip
             )));
         }
-        Policy::compile(&spec.policy)
-            .map_err(|e| HostError::bad_request(format!("policy: {e}")))?;
+        Policy::compile(&spec.policy).map_err(|e| HostError::InvalidPolicy(e.to_string()))?;
         if self.shutdown.load(Ordering::Acquire) {
-            return Err(HostError::unavailable("the host is shutting down"));
+            return Err(HostError::ShuttingDown);
         }
         // Reserve the id and a port before the (slow) build, so concurrent creates conflict
         // cleanly.
@@ -339,27 +339,25 @@ impl Host {
         let slot = {
             let tenants = self.tenants();
             if tenants.contains_key(&spec.id) {
-                return Err(HostError::conflict(format!(
-                    "a VM with id {:?} exists (vm.delete it first)",
-                    spec.id
-                )));
+                return Err(HostError::IdTaken {
+                    id: spec.id.clone(),
+                });
             }
             if let Some(other) = tenants
                 .values()
                 .find(|t| t.spec.ip == spec.ip || parse_mac(&t.spec.mac) == Some(mac))
             {
-                return Err(HostError::conflict(format!(
-                    "VM {:?} already has ip {} or mac {}",
-                    other.spec.id, other.spec.ip, other.spec.mac
-                )));
+                return Err(HostError::AddressTaken {
+                    other: other.spec.id.clone(),
+                    ip: other.spec.ip,
+                    mac: other.spec.mac.clone(),
+                });
             }
             let mut ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            let slot = ports.iter().position(|(_, owner)| owner.is_none()).ok_or_else(|| {
-                HostError::unavailable(format!(
-                    "all {} switch ports are taken (delete a VM, or start the host with more --tenant-ports)",
-                    ports.len()
-                ))
-            })?;
+            let slot = ports
+                .iter()
+                .position(|(_, owner)| owner.is_none())
+                .ok_or(HostError::NoFreePort { ports: ports.len() })?;
             ports[slot].1 = Some(spec.id.clone());
             slot
         };

@@ -45,9 +45,10 @@ const MIGRATION_WAIT: Duration = Duration::from_secs(120);
 pub fn unix_path(url: &str) -> Result<PathBuf, HostError> {
     match url.strip_prefix("unix:") {
         Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
-        _ => Err(HostError::bad_request(format!(
-            "{url:?} is not a unix:/absolute/path URL"
-        ))),
+        _ => Err(HostError::InvalidUrl {
+            url: url.into(),
+            form: "unix:/absolute/path",
+        }),
     }
 }
 
@@ -84,10 +85,11 @@ impl Host {
                 .ok_or_else(|| HostError::not_found(id))?;
             t.refresh();
             if t.state != VmState::Running {
-                return Err(HostError::conflict(format!(
-                    "VM {id:?} is {:?}; only a running VM migrates",
-                    t.state
-                )));
+                return Err(HostError::WrongState {
+                    id: id.into(),
+                    state: t.state,
+                    allowed: "only a running VM migrates".into(),
+                });
             }
             // Paused from here on: no other action may touch it meanwhile.
             t.state = VmState::Paused;
@@ -102,10 +104,7 @@ impl Host {
             Ok(s) => s,
             Err(e) => {
                 set_state(VmState::Running);
-                return Err(HostError::bad_request(format!(
-                    "cannot reach the target at {}: {e} (did it run vm.receive-migration?)",
-                    path.display()
-                )));
+                return Err(HostError::TargetUnreachable { path, source: e });
             }
         };
         let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
@@ -119,9 +118,11 @@ impl Host {
                 id,
                 serde_json::json!({"to": url, "error": e}),
             );
-            HostError::internal(format!(
-                "migration of {id:?} to {url}: {e}; the VM runs on here"
-            ))
+            HostError::MigrationFailed {
+                id: id.into(),
+                url: url.into(),
+                reason: e,
+            }
         };
         let header = MigrationHeader {
             version: MIGRATION_VERSION,
@@ -190,7 +191,7 @@ impl Host {
                 self.emit(
                     "reconfig_failed",
                     id,
-                    serde_json::json!({"error": e.message}),
+                    serde_json::json!({"error": e.to_string()}),
                 );
             }
         }
@@ -216,12 +217,14 @@ impl Host {
     pub fn receive_migration(self: &Arc<Self>, url: &str) -> Result<(), HostError> {
         let path = unix_path(url)?;
         if self.shutdown.load(Ordering::Acquire) {
-            return Err(HostError::unavailable("the host is shutting down"));
+            return Err(HostError::ShuttingDown);
         }
         let _ = std::fs::remove_file(&path);
-        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| {
-            HostError::bad_request(format!("cannot listen at {}: {e}", path.display()))
-        })?;
+        let listener =
+            std::os::unix::net::UnixListener::bind(&path).map_err(|e| HostError::Path {
+                what: format!("cannot listen at {}", path.display()),
+                source: e,
+            })?;
         let host = self.clone();
         let url = url.to_string();
         std::thread::Builder::new()
@@ -237,7 +240,7 @@ impl Host {
                     );
                 }
             })
-            .map_err(|e| HostError::internal(format!("cannot start the receiver: {e}")))?;
+            .map_err(|e| HostError::internal("cannot start the receiver", e))?;
         Ok(())
     }
 
@@ -300,7 +303,7 @@ impl Host {
         let prepared = self.prepare(&spec);
         let (vm, introspection, tenant, slot, mac) = match prepared {
             Ok(p) => p,
-            Err(e) => return Err(refuse(&mut stream, e.message)),
+            Err(e) => return Err(refuse(&mut stream, e.to_string())),
         };
         let release = || {
             self.switch.release(slot);
@@ -342,7 +345,7 @@ impl Host {
             Ok(ms) => ms,
             Err(e) => {
                 release();
-                return Err(refuse(&mut stream, e.message));
+                return Err(refuse(&mut stream, e.to_string()));
             }
         };
         let mut entry = Tenant::new(
@@ -353,7 +356,7 @@ impl Host {
             introspection,
             VmState::Running,
         );
-        entry.thread = Some(start_vm(&id, vm).map_err(|e| refuse(&mut stream, e.message))?);
+        entry.thread = Some(start_vm(&id, vm).map_err(|e| refuse(&mut stream, e.to_string()))?);
         self.tenants().insert(id.clone(), entry);
         // Tell the network where the tenant is now.
         if let Some(frame) = announcement(mac, spec.ip) {

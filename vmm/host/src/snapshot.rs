@@ -19,13 +19,22 @@ use crate::{Host, HostError, VmInfo, VmSpec, VmState};
 /// Largest state document (vCPU and device state; RAM travels as pages).
 pub(crate) const MAX_STATE_DOC: usize = 16 << 20;
 
+/// A snapshot file or step that failed: `what: reason`.
+fn invalid(what: &str, reason: impl std::fmt::Display) -> HostError {
+    HostError::InvalidSnapshot {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
 /// `file:///dir` → the directory.
 pub fn file_path(url: &str) -> Result<PathBuf, HostError> {
     match url.strip_prefix("file://") {
         Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
-        _ => Err(HostError::bad_request(format!(
-            "{url:?} is not a file:///absolute/path URL"
-        ))),
+        _ => Err(HostError::InvalidUrl {
+            url: url.into(),
+            form: "file:///absolute/path",
+        }),
     }
 }
 
@@ -54,10 +63,11 @@ impl Host {
                 .ok_or_else(|| HostError::not_found(id))?;
             t.refresh();
             if !matches!(t.state, VmState::Running | VmState::Paused) {
-                return Err(HostError::conflict(format!(
-                    "VM {id:?} is {:?}; only a running or paused VM has state to save",
-                    t.state
-                )));
+                return Err(HostError::WrongState {
+                    id: id.into(),
+                    state: t.state,
+                    allowed: "only a running or paused VM has state to save".into(),
+                });
             }
             (
                 t.spec.clone(),
@@ -66,8 +76,10 @@ impl Host {
                 t.state == VmState::Paused,
             )
         };
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| HostError::bad_request(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(&dir).map_err(|e| HostError::Path {
+            what: format!("cannot create {}", dir.display()),
+            source: e,
+        })?;
         let started = Instant::now();
         if was_paused {
             // Parked vCPUs capture as they park again.
@@ -75,7 +87,7 @@ impl Host {
         }
         let snapshot = handle.capture(PAUSE_LIMIT).map_err(|e| {
             handle.control().resume();
-            HostError::internal(format!("capture: {e}"))
+            HostError::internal("capture", e)
         })?;
         let written = (|| -> std::io::Result<(u64, u64)> {
             let write_file = |name: &str, bytes: Vec<u8>| std::fs::write(dir.join(name), bytes);
@@ -100,7 +112,7 @@ impl Host {
             handle.control().resume();
         }
         let (pages, total) =
-            written.map_err(|e| HostError::internal(format!("writing {}: {e}", dir.display())))?;
+            written.map_err(|e| HostError::internal(format!("writing {}", dir.display()), e))?;
         let report = serde_json::json!({"to": url, "pages_written": pages, "pages_total": total,
             "ms": started.elapsed().as_secs_f64() * 1e3});
         self.emit("vm_snapshot", id, report.clone());
@@ -112,18 +124,22 @@ impl Host {
     pub fn restore(&self, url: &str) -> Result<VmInfo, HostError> {
         let dir = file_path(url)?;
         let read = |name: &str| {
-            std::fs::read(dir.join(name))
-                .map_err(|e| HostError::bad_request(format!("{}: {e}", dir.join(name).display())))
+            std::fs::read(dir.join(name)).map_err(|e| HostError::Path {
+                what: dir.join(name).display().to_string(),
+                source: e,
+            })
         };
-        let spec: VmSpec = serde_json::from_slice(&read("spec.json")?)
-            .map_err(|e| HostError::bad_request(format!("spec.json: {e}")))?;
+        let spec: VmSpec =
+            serde_json::from_slice(&read("spec.json")?).map_err(|e| invalid("spec.json", e))?;
         let snapshot: VmSnapshot = read_json(&mut &read("state.bin")?[..], MAX_STATE_DOC)
-            .map_err(|e| HostError::bad_request(format!("state.bin: {e}")))?;
+            .map_err(|e| invalid("state.bin", e))?;
         let state: Option<vmm_core::introspect::IntrospectionState> =
             read_json(&mut &read("introspection.bin")?[..], MAX_STATE_DOC)
-                .map_err(|e| HostError::bad_request(format!("introspection.bin: {e}")))?;
-        let memory = std::fs::File::open(dir.join("memory.bin"))
-            .map_err(|e| HostError::bad_request(format!("memory.bin: {e}")))?;
+                .map_err(|e| invalid("introspection.bin", e))?;
+        let memory = std::fs::File::open(dir.join("memory.bin")).map_err(|e| HostError::Path {
+            what: "memory.bin".into(),
+            source: e,
+        })?;
         let (mut vm, introspection, tenant, slot, _mac) = self.prepare(&spec)?;
         let release = || {
             self.switch.release(slot);
@@ -136,7 +152,7 @@ impl Host {
             Ok(a) => a,
             Err(e) => {
                 release();
-                return Err(HostError::bad_request(format!("restore: {e}")));
+                return Err(invalid("restore", e));
             }
         };
         let mut switch = vec![self.switch_attach(tenant, slot, spec.ip)];

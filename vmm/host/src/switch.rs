@@ -14,7 +14,7 @@ use vmm_core::net_config::NetConfig;
 use vmm_core::verdict_region::{wait_ready, FirewallCounters, VerdictRegion, READY_LIMIT};
 use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
 
-use crate::{Host, HostConfig};
+use crate::{Host, HostConfig, StartError};
 
 pub(crate) struct SwitchTier {
     pub(crate) region: Arc<VerdictRegion>,
@@ -27,15 +27,15 @@ pub(crate) struct SwitchTier {
 impl SwitchTier {
     /// Boots the switch micro-VM with `config.tenant_ports` ports and waits until it applies
     /// records.
-    pub(crate) fn start(config: &HostConfig, kind: HostKind) -> Result<SwitchTier, String> {
+    pub(crate) fn start(config: &HostConfig, kind: HostKind) -> Result<SwitchTier, StartError> {
         let mut ports = Vec::new();
         let mut switch_ends = Vec::new();
         for slot in 0..config.tenant_ports {
             // Locally administered MACs for the switch side of each port (never seen on the wire:
             // the switch forwards frames, it does not originate them).
             let mac = [0x02, 0x56, 0x47, 0, 0, slot as u8 + 1];
-            let (tenant_end, switch_end) = LinkConfig::pair(TENANT_UNASSIGNED, mac)
-                .map_err(|e| format!("cannot create the links of the switch ports: {e}"))?;
+            let (tenant_end, switch_end) =
+                LinkConfig::pair(TENANT_UNASSIGNED, mac).map_err(StartError::SwitchLinks)?;
             ports.push((tenant_end, None));
             switch_ends.push(switch_end);
         }
@@ -60,26 +60,24 @@ impl SwitchTier {
             policy: None,
             links: switch_ends,
         };
-        let switch_vm =
-            Vm::create(&switch_config, kind).map_err(|e| format!("the switch micro-VM: {e}"))?;
+        let switch_vm = Vm::create(&switch_config, kind).map_err(StartError::SwitchVm)?;
         let region = switch_vm
             .verdict_region()
-            .ok_or("the switch micro-VM has no verdict region")?;
+            .ok_or(StartError::NoVerdictRegion)?;
         let stop = switch_vm.stop_handle();
         let thread = std::thread::Builder::new()
             .name("switch".into())
             .spawn(move || switch_vm.run(None))
-            .map_err(|e| format!("cannot start the switch thread: {e}"))?;
+            .map_err(StartError::SwitchThread)?;
         // Serve only once the switch applies records at once (it formats its counters block
         // when its tables and ports are up).
         if !wait_ready(&region, &thread) {
             stop.store(true, Ordering::Release);
             let _ = thread.join();
-            return Err(format!(
-                "the switch micro-VM did not come up within {} s (its console: {})",
-                READY_LIMIT.as_secs(),
-                config.state_dir.join("switch.console").display()
-            ));
+            return Err(StartError::SwitchNotReady {
+                secs: READY_LIMIT.as_secs(),
+                console: config.state_dir.join("switch.console"),
+            });
         }
         Ok(SwitchTier {
             region,

@@ -73,7 +73,7 @@ pub(crate) fn start_vm(
     std::thread::Builder::new()
         .name(format!("{id}-vm"))
         .spawn(move || vm.run(None))
-        .map_err(|e| HostError::internal(format!("cannot start the VM thread: {e}")))
+        .map_err(|e| HostError::internal("cannot start the VM thread", e))
 }
 
 impl Tenant {

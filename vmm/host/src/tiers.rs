@@ -99,21 +99,20 @@ impl Host {
             link.send(edge);
         }
         let records = switch;
-        let position = self.switch.region.push_tracked(records).map_err(|e| {
-            HostError::unavailable(format!(
-                "the switch's verdict ring refused the update: {e:?}"
-            ))
-        })?;
+        let position = self
+            .switch
+            .region
+            .push_tracked(records)
+            .map_err(|e| HostError::SwitchRefused(format!("{e:?}")))?;
         if !self
             .switch
             .region
             .wait_consumed(position, SWITCH_APPLY_LIMIT)
         {
-            return Err(HostError::unavailable(format!(
-                "the switch micro-VM did not take the update within {} s (is it running? see {})",
-                SWITCH_APPLY_LIMIT.as_secs(),
-                self.config.state_dir.join("switch.console").display()
-            )));
+            return Err(HostError::SwitchTimeout {
+                secs: SWITCH_APPLY_LIMIT.as_secs(),
+                console: self.config.state_dir.join("switch.console"),
+            });
         }
         Ok(started.elapsed().as_secs_f64() * 1e3)
     }

@@ -1,0 +1,138 @@
+//! The host's `metrics` endpoint: its counters in Prometheus text format.
+//!
+//! Owns: the metric names, help texts and labels. Must not: change any counter.
+
+use vmm_host::Host;
+
+fn metric(out: &mut String, name: &str, help: &str, kind: &str, samples: &[(String, f64)]) {
+    use std::fmt::Write;
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+/// The host's counters in Prometheus text format (version 0.0.4).
+pub fn metrics_text(host: &Host) -> String {
+    let mut out = String::new();
+    let vms = host.list();
+    let mut by_state = std::collections::BTreeMap::new();
+    for vm in &vms {
+        *by_state
+            .entry(format!("{:?}", vm.state).to_lowercase())
+            .or_insert(0.0) += 1.0;
+    }
+    metric(
+        &mut out,
+        "vigil_vms",
+        "Tenant VMs on this host by state.",
+        "gauge",
+        &by_state
+            .into_iter()
+            .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n))
+            .collect::<Vec<_>>(),
+    );
+    if let Some(c) = host.switch_counters() {
+        for (name, help, value) in [
+            (
+                "vigil_switch_forwarded_total",
+                "Frames the switch tier forwarded.",
+                c.forwarded,
+            ),
+            (
+                "vigil_switch_verdicts_applied_total",
+                "Verdict and control records the switch applied.",
+                c.verdicts_applied,
+            ),
+            (
+                "vigil_switch_verdicts_rejected_total",
+                "Verdict records the switch rejected.",
+                c.verdicts_rejected,
+            ),
+            (
+                "vigil_switch_flows_created_total",
+                "Flows the switch opened.",
+                c.flows_created,
+            ),
+            (
+                "vigil_switch_flows_adopted_total",
+                "Established flows the switch took over from a migrated tenant.",
+                c.flows_adopted,
+            ),
+            (
+                "vigil_switch_flows_revoked_total",
+                "Flows the switch closed because their verdict or tenant went away.",
+                c.flows_revoked,
+            ),
+        ] {
+            metric(
+                &mut out,
+                name,
+                help,
+                "counter",
+                &[(String::new(), value as f64)],
+            );
+        }
+        metric(
+            &mut out,
+            "vigil_switch_flows_active",
+            "Conntrack entries in use in the switch.",
+            "gauge",
+            &[(String::new(), c.flows_active as f64)],
+        );
+        metric(
+            &mut out,
+            "vigil_switch_dropped_total",
+            "Frames the switch dropped, by reason.",
+            "counter",
+            &c.drops
+                .iter()
+                .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), *n as f64))
+                .collect::<Vec<_>>(),
+        );
+    }
+    if let Some((sent, errors)) = host.edge_counters() {
+        metric(
+            &mut out,
+            "vigil_edge_records_sent_total",
+            "Verdict records signed and sent to the edge.",
+            "counter",
+            &[(String::new(), sent as f64)],
+        );
+        metric(
+            &mut out,
+            "vigil_edge_send_errors_total",
+            "Datagrams to the edge that could not be sent.",
+            "counter",
+            &[(String::new(), errors as f64)],
+        );
+    }
+    let times = host.reconfig_times();
+    metric(
+        &mut out,
+        "vigil_reconfig_last_ms",
+        "Milliseconds from the last reconfiguration to the switch tier applying it.",
+        "gauge",
+        &[
+            ("create", times.create_ms),
+            ("delete", times.delete_ms),
+            ("policy", times.policy_ms),
+        ]
+        .into_iter()
+        .filter_map(|(a, v)| v.map(|v| (format!("{{action=\"{a}\"}}"), v)))
+        .collect::<Vec<_>>(),
+    );
+    let bus = vmm_core::events::bus();
+    metric(
+        &mut out,
+        "vigil_events_total",
+        "Events published on this host.",
+        "counter",
+        &[(
+            String::new(),
+            bus.published.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )],
+    );
+    out
+}
