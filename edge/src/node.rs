@@ -25,6 +25,32 @@ use vmm_core::vm::{ConsoleConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
 /// How long the receiver waits for the micro-VM to take accepted records.
 const APPLY_LIMIT: Duration = Duration::from_secs(2);
 
+/// Why an edge node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the verdict channel at {addr}: {source}")]
+    Channel {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the verdict channel: {0}")]
+    ChannelAddr(#[source] std::io::Error),
+    #[error("the edge micro-VM: {0}")]
+    Vm(#[source] VmError),
+    #[error("the edge micro-VM has no verdict region")]
+    NoVerdictRegion,
+    #[error("cannot start the edge VM thread: {0}")]
+    VmThread(#[source] std::io::Error),
+    #[error(
+        "the edge micro-VM did not come up within {secs} s{}",
+        .console.as_ref().map(|p| format!(" (its console: {})", p.display())).unwrap_or_default()
+    )]
+    NotReady { secs: u64, console: Option<PathBuf> },
+    #[error("cannot start the verdict receiver: {0}")]
+    ReceiverThread(#[source] std::io::Error),
+}
+
 #[derive(Clone)]
 pub struct EdgeConfig {
     pub name: String,
@@ -60,7 +86,7 @@ pub struct Edge {
 
 impl Edge {
     /// Boots the micro-VM and starts taking verdicts.
-    pub fn start(config: EdgeConfig) -> Result<Arc<Edge>, String> {
+    pub fn start(config: EdgeConfig) -> Result<Arc<Edge>, StartError> {
         let vm_config = VmConfig {
             name: config.name.clone(),
             mem_mib: 32,
@@ -89,33 +115,28 @@ impl Edge {
             policy: None,
             links: Vec::new(),
         };
-        let receiver = VerdictReceiver::bind(config.control, config.key.clone())
-            .map_err(|e| format!("the verdict channel at {}: {e}", config.control))?;
-        let control_addr = receiver
-            .local_addr()
-            .map_err(|e| format!("the verdict channel: {e}"))?;
-        let vm = Vm::create(&vm_config, HostKind::detect())
-            .map_err(|e| format!("the edge micro-VM: {e}"))?;
-        let region = vm
-            .verdict_region()
-            .ok_or("the edge micro-VM has no verdict region")?;
+        let receiver =
+            VerdictReceiver::bind(config.control, config.key.clone()).map_err(|source| {
+                StartError::Channel {
+                    addr: config.control,
+                    source,
+                }
+            })?;
+        let control_addr = receiver.local_addr().map_err(StartError::ChannelAddr)?;
+        let vm = Vm::create(&vm_config, HostKind::detect()).map_err(StartError::Vm)?;
+        let region = vm.verdict_region().ok_or(StartError::NoVerdictRegion)?;
         let stop = vm.stop_handle();
         let vm_thread = std::thread::Builder::new()
             .name("edge-vm".into())
             .spawn(move || vm.run(None))
-            .map_err(|e| format!("cannot start the edge VM thread: {e}"))?;
+            .map_err(StartError::VmThread)?;
         if !wait_ready(&region, &vm_thread) {
             stop.store(true, Ordering::Release);
             let _ = vm_thread.join();
-            return Err(format!(
-                "the edge micro-VM did not come up within {} s{}",
-                READY_LIMIT.as_secs(),
-                config
-                    .console_log
-                    .as_ref()
-                    .map(|p| format!(" (its console: {})", p.display()))
-                    .unwrap_or_default()
-            ));
+            return Err(StartError::NotReady {
+                secs: READY_LIMIT.as_secs(),
+                console: config.console_log.clone(),
+            });
         }
         let edge = Arc::new(Edge {
             config,
@@ -130,7 +151,7 @@ impl Edge {
         std::thread::Builder::new()
             .name("edge-verdicts".into())
             .spawn(move || worker.take_verdicts(receiver))
-            .map_err(|e| format!("cannot start the verdict receiver: {e}"))?;
+            .map_err(StartError::ReceiverThread)?;
         vmm_core::events::bus().emit(
             "edge_started",
             &serde_json::json!({
