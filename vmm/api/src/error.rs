@@ -59,3 +59,73 @@ pub fn status_of(error: &ApiError) -> u16 {
 pub fn error_response(error: &ApiError) -> crate::http::Response {
     crate::http::Response::error(status_of(error), &error.to_string())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_host::VmState;
+
+    /// The statuses and messages the API contract (and tests/tests/api.rs) rely on.
+    #[test]
+    fn host_errors_keep_their_status_and_message() {
+        let cases: Vec<(HostError, u16, &str)> = vec![
+            (
+                HostError::NotFound { id: "web".into() },
+                404,
+                "no VM with id \"web\" on this host (GET /api/v1/vm.list lists them)",
+            ),
+            (
+                HostError::WrongState {
+                    id: "web".into(),
+                    state: VmState::Created,
+                    allowed: "only a running VM pauses".into(),
+                },
+                409,
+                "VM \"web\" is Created; only a running VM pauses",
+            ),
+            (
+                HostError::IdTaken { id: "web".into() },
+                409,
+                "a VM with id \"web\" exists (vm.delete it first)",
+            ),
+            (
+                HostError::InvalidPolicy("bad".into()),
+                400,
+                "policy: bad",
+            ),
+            (
+                HostError::InvalidUrl {
+                    url: "x".into(),
+                    form: "file:///absolute/path",
+                },
+                400,
+                "\"x\" is not a file:///absolute/path URL",
+            ),
+            (
+                HostError::NoFreePort { ports: 7 },
+                503,
+                "all 7 switch ports are taken (delete a VM, or start the host with more --tenant-ports)",
+            ),
+            (HostError::ShuttingDown, 503, "the host is shutting down"),
+            (
+                HostError::MigrationFailed {
+                    id: "web".into(),
+                    url: "unix:/t".into(),
+                    reason: "no answer".into(),
+                },
+                500,
+                "migration of \"web\" to unix:/t: no answer; the VM runs on here",
+            ),
+        ];
+        for (error, status, message) in cases {
+            let error = ApiError::from(error);
+            assert_eq!(
+                (status_of(&error), error.to_string().as_str()),
+                (status, message)
+            );
+        }
+        assert_eq!(status_of(&ApiError::BadRequest("q".into())), 400);
+        assert_eq!(status_of(&ApiError::NoEndpoint("q".into())), 404);
+        assert_eq!(status_of(&ApiError::WrongMethod("q".into())), 405);
+    }
+}

@@ -80,7 +80,8 @@ pub fn serve(listener: UnixListener, limits: Limits, handler: Handler, stop: Arc
             {
                 continue; // the peer went away between poll and accept
             }
-            Err(_) => {
+            Err(e) => {
+                log::warn!("API server: accept failed: {e}");
                 // EMFILE and friends: the listener stays readable, so back off instead of
                 // spinning until a connection ends and frees a descriptor.
                 std::thread::sleep(STOP_POLL);
@@ -114,9 +115,12 @@ pub fn serve(listener: UnixListener, limits: Limits, handler: Handler, stop: Arc
         let (handler, limits) = (handler.clone(), limits.clone());
         let stop = stop.clone();
         // A failed spawn drops the closure, hence the slot and the socket: the client sees EOF.
-        let _ = std::thread::Builder::new()
+        if let Err(e) = std::thread::Builder::new()
             .name("vigil-api-conn".into())
-            .spawn(move || connection(stream, slot, &limits, &handler, &stop));
+            .spawn(move || connection(stream, slot, &limits, &handler, &stop))
+        {
+            log::warn!("API server: cannot start a connection thread: {e}");
+        }
     }
 
     // Stop reading on every connection: idle ones end now, busy ones after their response.
@@ -141,6 +145,7 @@ pub(super) fn refuse(mut stream: UnixStream, max: usize) {
     // A short bound: the accept loop must not wait on one client.
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     let message = format!("the server is busy ({max} connections open); try again");
+    log::warn!("API server: {message}");
     let _ = Response::error(503, &message).write_to(&mut stream, false);
 }
 
@@ -168,6 +173,7 @@ pub(super) fn connection(
         let head_only = request.method == Method::Head;
         let outcome = catch_unwind(AssertUnwindSafe(|| handler(request, reader.get_mut())))
             .unwrap_or_else(|_| {
+                log::error!("API server: the request handler panicked");
                 // The handler may have written part of a response: answer, then close.
                 keep_alive = false;
                 Outcome::Respond(Response::error(500, "the request handler panicked"))
