@@ -5,6 +5,10 @@
 //! Verdict datagrams are verified here, in the edge's VMM (HMAC, replay window; `edge::channel`)
 //! and only then put into the micro-VM's verdict ring. A forged, replayed or malformed datagram
 //! is dropped, counted and reported as an `edge_rejected` event.
+//!
+//! Owns: the edge micro-VM, its verdict ring, the receiving thread and its counters. Must not:
+//! put into the ring a record from a datagram that failed a check, or serve HTTP (the API
+//! crate's `vmm_api::edge` does).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
