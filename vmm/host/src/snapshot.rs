@@ -45,7 +45,7 @@ pub(crate) fn import_introspection(
     state: &Option<vmm_core::introspect::IntrospectionState>,
 ) -> Result<Vec<[u8; RECORD_LEN]>, String> {
     match (introspection, state) {
-        (Some(i), Some(state)) => i.import_state(state),
+        (Some(i), Some(state)) => i.import_state(state).map_err(|e| e.to_string()),
         _ => Ok(Vec::new()),
     }
 }

@@ -1,0 +1,163 @@
+//! The virtio-net device as its transport sees it: device type, features, queue sizes, the
+//! configuration space (MAC address, link status), and the backend thread's life (started on
+//! activation, stopped on reset or drop, the link handed back each time).
+//!
+//! Owns: [`Net`], its configuration space and its worker thread.
+//! Must not: move frames itself (the backend thread does), or lose the link when the thread
+//! stops (it comes back with the thread's result, unless the thread panicked).
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::Queue;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::backend::{Backend, Token};
+use super::{FrameLink, NetCounters, F_MAC, F_STATUS, MAX_FRAME, QUEUE_SIZE, S_LINK_UP};
+use crate::devices::virtio::{
+    features, read_config_bytes, Activation, VirtioDevice, VirtioError, DEVICE_ID_NET,
+};
+
+struct Worker {
+    stop: EventFd,
+    handle: JoinHandle<Box<dyn FrameLink>>,
+}
+
+/// A virtio-net device. Wrap it in an [`crate::devices::virtio::mmio::MmioTransport`].
+pub struct Net {
+    config: [u8; 8],
+    link: Option<Box<dyn FrameLink>>,
+    counters: Arc<NetCounters>,
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// A device with MAC address `mac` whose frames go to `link`.
+    pub fn new(link: Box<dyn FrameLink>, mac: [u8; 6]) -> Net {
+        let mut config = [0u8; 8];
+        // struct virtio_net_config (§5.1.4): mac[6], status (le16).
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&S_LINK_UP.to_le_bytes());
+        Net {
+            config,
+            link: Some(link),
+            counters: Arc::new(NetCounters::default()),
+            worker: None,
+        }
+    }
+
+    /// The device's counters; the handle stays valid after the device moves into its transport.
+    pub fn counters(&self) -> Arc<NetCounters> {
+        self.counters.clone()
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.stop.write(1);
+            match worker.handle.join() {
+                Ok(link) => self.link = Some(link),
+                Err(_) => log::error!("virtio-net: the backend thread panicked; the link is lost"),
+            }
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.stop_worker();
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID_NET
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_EVENT_IDX | F_MAC | F_STATUS
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // The MAC is writable only with VIRTIO_NET_F_CTRL_MAC_ADDR semantics we do not offer;
+        // the status is read-only.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<(), VirtioError> {
+        self.stop_worker();
+        let Activation {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            acked_features,
+        } = activation;
+        let (Ok([rx, tx]), Ok([rx_event, tx_event])) = (
+            <[Queue; 2]>::try_from(queues),
+            <[EventFd; 2]>::try_from(queue_events),
+        ) else {
+            return Err(VirtioError::BadQueue(2));
+        };
+        let link_fd = self
+            .link
+            .as_ref()
+            .ok_or(VirtioError::NoBackend)?
+            .as_raw_fd();
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
+        // Everything that can fail is set up before the link moves to the thread.
+        let epoll = Epoll::new().map_err(VirtioError::Thread)?;
+        for (fd, token) in [
+            (rx_event.as_raw_fd(), Token::RxQueue),
+            (tx_event.as_raw_fd(), Token::TxQueue),
+            (stop.as_raw_fd(), Token::Stop),
+            (link_fd, Token::Link),
+        ] {
+            epoll
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token as u64),
+                )
+                .map_err(VirtioError::Thread)?;
+        }
+        let stop_for_thread = stop.try_clone().map_err(VirtioError::EventFd)?;
+        let link = self.link.take().ok_or(VirtioError::NoBackend)?;
+        let backend = Backend {
+            mem,
+            rx,
+            tx,
+            rx_event,
+            tx_event,
+            stop: stop_for_thread,
+            interrupt,
+            event_idx: acked_features & features::RING_EVENT_IDX != 0,
+            link,
+            link_fd,
+            link_armed: true,
+            epoll,
+            counters: self.counters.clone(),
+            pending: None,
+            rx_buf: vec![0; MAX_FRAME],
+            tx_buf: vec![0; MAX_FRAME],
+        };
+        let handle = std::thread::Builder::new()
+            .name("vigil-virtio-net".into())
+            .spawn(move || backend.run())
+            .map_err(VirtioError::Thread)?;
+        self.worker = Some(Worker { stop, handle });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.stop_worker();
+    }
+}

@@ -1,0 +1,341 @@
+//! What happens in the guest's kernel when a hook fires or a guarded page is written: attribution
+//! of the call, the decision and its application to the vCPU's registers, the software
+//! breakpoints, the pages to write-trap, and the events that report each of them.
+//!
+//! Owns: the trap path of a hook hit (attribute, decide, return `-EPERM` or resume, produce the
+//! verdict, queue the event), the placement of the software breakpoints, the kernel objects
+//! whose pages are write-trapped, the tamper report.
+//! Must not: format or write an event on the trap path (the logger thread does), allocate beyond
+//! what one decision needs, or read guest memory other than through the bounded `VirtReader`.
+
+use std::time::Instant;
+
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use trap_handler::attribution::{self, HookArgs, SocketOp};
+use trap_handler::mem::{PagingMode, VirtReader};
+use trap_handler::policy::Verdict;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use super::decide::{governed_family, verdict_rules};
+use super::logger::{
+    monotonic_ns, LogEntry, SocketEvent, SoftHooksEvent, TamperEvent, WriteTrapsEvent,
+};
+use super::Introspection;
+use crate::guest_ram::GuestRam;
+use crate::write_trap::{GuardedPage, PAGE_SIZE};
+
+/// The one-byte breakpoint instruction (Intel SDM vol. 2, INT3).
+const INT3: u8 = 0xcc;
+/// `EPERM` (include/uapi/asm-generic/errno-base.h).
+const EPERM: u64 = 1;
+
+/// Kernel objects whose pages are write-trapped once the tenant has booted, and how many bytes
+/// from the symbol are guarded: the hooked functions and their callers (the first bytes, where the
+/// hooks and the call sites of interest are), the system-call entry and dispatch, the system call
+/// table and the LSM hook lists.
+const GUARDED_SYMBOLS: &[(&str, u64)] = &[
+    ("security_socket_connect", 64),
+    ("security_socket_bind", 64),
+    ("security_socket_listen", 64),
+    ("security_socket_sendmsg", 64),
+    ("__sys_connect", 64),
+    ("__sys_bind", 64),
+    ("__sys_listen", 64),
+    ("entry_SYSCALL_64", 256),
+    ("do_syscall_64", 64),
+    ("x64_sys_call", 64),
+    ("sys_call_table", 8 * 512),
+    ("security_hook_heads", 2048),
+];
+
+/// What the vCPU must do after a hook hit.
+pub enum HookOutcome {
+    /// Resume past the breakpoint.
+    Allow,
+    /// Registers already rewritten to return -EPERM to the caller.
+    Denied,
+}
+
+/// Rewrites `regs` so the hooked function returns `-EPERM` to its caller: the return address
+/// the call pushed (`ret`, read from the guest's stack at RSP) is popped into RIP.
+#[inline]
+fn return_eperm(regs: &mut kvm_regs, ret: u64) {
+    regs.rax = EPERM.wrapping_neg();
+    regs.rip = ret;
+    regs.rsp += 8;
+}
+
+/// Every page, page-aligned, of `extent` bytes from `addr`.
+fn pages_of(addr: u64, extent: u64) -> impl Iterator<Item = u64> {
+    let first = addr & !(PAGE_SIZE - 1);
+    (0..)
+        .map(move |i| first + i * PAGE_SIZE)
+        .take_while(move |&page| page < addr + extent)
+}
+
+impl Introspection {
+    /// Attributes, decides and applies. Fails closed: an attribution error denies.
+    pub fn on_hook(
+        &self,
+        vcpu: u8,
+        op: SocketOp,
+        mem: &GuestMemoryMmap,
+        regs: &mut kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> HookOutcome {
+        let work = Instant::now();
+        let t_ns = monotonic_ns();
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        let args = HookArgs {
+            rdi: regs.rdi,
+            rsi: regs.rsi,
+            rdx: regs.rdx,
+            gs_base: sregs.gs.base,
+        };
+        let attributed = attribution::attribute(&reader, &self.profile, op, args);
+        let verdict = match &attributed {
+            // The firewall governs network flows: local IPC and configuration sockets (unix,
+            // netlink, ...) are allowed, and still logged. AF_PACKET is raw network access and
+            // stays under the policy.
+            Ok(a) if !governed_family(a.family) => Verdict::Allow,
+            Ok(a) => self
+                .policy
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .decide(a),
+            Err(_) => Verdict::Deny,
+        };
+        let mut outcome = HookOutcome::Allow;
+        if verdict == Verdict::Deny {
+            // Return -EPERM to the caller: pop the return address the call pushed.
+            match reader.read_u64(regs.rsp) {
+                Ok(ret) => {
+                    return_eperm(regs, ret);
+                    outcome = HookOutcome::Denied;
+                }
+                Err(_) => {
+                    // The guest's own stack is unreadable: let the call proceed rather than
+                    // corrupt its state; the event says so (verdict "allow", with the error).
+                }
+            }
+        }
+        let verdict_seq = match (&outcome, &attributed) {
+            (HookOutcome::Allow, Ok(a)) => verdict_rules(a)
+                .into_iter()
+                .map(|rule| self.produce_verdict(rule))
+                .reduce(|first, _| first),
+            _ => None,
+        };
+        let vmm_work_ns = work.elapsed().as_nanos() as u64;
+        let (attribution, error) = match attributed {
+            Ok(a) => (Some(a), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let _ = self.events.send(LogEntry::Socket(SocketEvent {
+            vcpu,
+            t_ns,
+            verdict: match outcome {
+                HookOutcome::Allow => Verdict::Allow,
+                HookOutcome::Denied => Verdict::Deny,
+            },
+            attribution,
+            error,
+            verdict_seq,
+            vmm_work_ns,
+        }));
+        outcome
+    }
+
+    /// Whether a hit of `op`'s hook needs a decision. A `sendmsg` without a destination of its
+    /// own goes where its socket's `connect` (already decided) pointed it: it passes without
+    /// an event, which keeps every TCP write from producing one. An unreadable message is decided
+    /// (and then denied).
+    pub fn needs_decision(
+        &self,
+        op: SocketOp,
+        mem: &GuestMemoryMmap,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> bool {
+        if op != SocketOp::Sendmsg {
+            return true;
+        }
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        !matches!(
+            reader.read_field_u64(regs.rsi, self.profile.msghdr.msg_name.offset),
+            Ok(0)
+        )
+    }
+
+    /// Places the software breakpoints (once per VM): an `int3` over the first byte of each hooked
+    /// function, written through the VMM's mapping of guest RAM (so a write trap on that page
+    /// does not stop it). Only where the first instruction has no effect but moving RIP (the
+    /// `endbr64` of an IBT kernel, or the 5-byte NOP ftrace leaves where `call __fentry__` was):
+    /// resuming skips it whole. A function starting otherwise is not hooked this way (the event
+    /// says so). Returns how many were placed.
+    pub fn place_soft_hooks(&self, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> usize {
+        let placed = self.soft_placed.get_or_init(|| {
+            let ram = GuestRam(mem);
+            let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+            let mut placed = Vec::new();
+            let mut skipped = Vec::new();
+            let slide = self.slide();
+            for &(op, linked) in &self.soft_hooks {
+                let addr = linked.wrapping_add(slide);
+                let placed_one = reader.translate(addr).ok().and_then(|t| {
+                    let mut head = [0u8; 15];
+                    mem.read_slice(&mut head, GuestAddress(t.gpa)).ok()?;
+                    let insn = iced_x86::Decoder::with_ip(64, &head, addr, 0).decode();
+                    crate::emulation::is_skippable_at_hook(&insn).then_some(())?;
+                    mem.write_slice(&[INT3], GuestAddress(t.gpa)).ok()?;
+                    Some(insn.len() as u64)
+                });
+                match placed_one {
+                    Some(len) => placed.push((op, addr, len)),
+                    None => skipped.push(op.hook_symbol()),
+                }
+            }
+            let _ = self.events.send(LogEntry::SoftHooks(SoftHooksEvent {
+                t_ns: monotonic_ns(),
+                placed: placed
+                    .iter()
+                    .map(|(op, a, _)| (op.hook_symbol().to_string(), format!("{a:#x}")))
+                    .collect(),
+                skipped: skipped.iter().map(|s| s.to_string()).collect(),
+            }));
+            placed
+        });
+        placed.len()
+    }
+
+    /// The thread-group id of the process running on a vCPU (kernel GS base in `sregs`).
+    pub fn current_tgid(&self, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> Option<u32> {
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        attribution::current_process(&reader, &self.profile, sregs.gs.base)
+            .ok()
+            .map(|p| p.tgid)
+    }
+
+    /// The guest pages to write-trap, from the guest's own page tables (so a relocated or
+    /// KASLR-placed kernel is found where it really is).
+    pub fn guarded_pages(&self, mem: &GuestMemoryMmap, sregs: &kvm_sregs) -> Vec<GuardedPage> {
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        let mut pages = Vec::new();
+        for &(symbol, extent) in GUARDED_SYMBOLS {
+            let Some(&linked) = self.profile.symbols.get(symbol) else {
+                continue;
+            };
+            let addr = linked.wrapping_add(self.slide());
+            for page in pages_of(addr, extent) {
+                if let Ok(t) = reader.translate(page) {
+                    pages.push(GuardedPage {
+                        gpa: t.gpa & !(PAGE_SIZE - 1),
+                        label: symbol.to_string(),
+                    });
+                }
+            }
+        }
+        pages
+    }
+
+    /// Logs the outcome of arming the write traps.
+    pub fn write_traps_armed(&self, pages: &[GuardedPage], error: Option<String>) {
+        let _ = self.events.send(LogEntry::WriteTraps(WriteTrapsEvent {
+            t_ns: monotonic_ns(),
+            kaslr_slide: format!("{:#x}", self.slide()),
+            pages: pages
+                .iter()
+                .map(|p| (format!("{:#x}", p.gpa), p.label.clone()))
+                .collect(),
+            error,
+        }));
+    }
+
+    /// A guest write to a guarded page was refused (KVM discarded it): report who tried.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_tamper(
+        &self,
+        vcpu: u8,
+        gpa: u64,
+        guarded: &str,
+        data: &[u8],
+        mem: &GuestMemoryMmap,
+        regs: &kvm_regs,
+        sregs: &kvm_sregs,
+    ) {
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        let process = attribution::current_process(&reader, &self.profile, sregs.gs.base);
+        let (process, error) = match process {
+            Ok(p) => (Some(p), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let _ = self.events.send(LogEntry::Tamper(TamperEvent {
+            vcpu,
+            t_ns: monotonic_ns(),
+            gpa: format!("{gpa:#x}"),
+            guarded: guarded.to_string(),
+            len: data.len(),
+            data: hex::encode(data),
+            rip: format!("{:#x}", regs.rip),
+            process,
+            error,
+        }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denied_call_returns_eperm_to_its_caller() {
+        let mut regs = kvm_regs {
+            rip: 0xffff_ffff_8100_0000,
+            rsp: 0xffff_c900_0000_0ff0,
+            rax: 0,
+            ..Default::default()
+        };
+        return_eperm(&mut regs, 0xffff_ffff_8123_4567);
+        assert_eq!(regs.rax as i64, -1, "-EPERM");
+        assert_eq!(regs.rip, 0xffff_ffff_8123_4567);
+        assert_eq!(
+            regs.rsp, 0xffff_c900_0000_0ff8,
+            "the return address is popped"
+        );
+    }
+
+    #[test]
+    fn guarded_extents_cover_every_page_they_touch() {
+        assert_eq!(pages_of(0x1000, 64).collect::<Vec<_>>(), vec![0x1000]);
+        // 64 bytes from 0x1fe0 straddle two pages.
+        assert_eq!(
+            pages_of(0x1fe0, 64).collect::<Vec<_>>(),
+            vec![0x1000, 0x2000]
+        );
+        // The system call table: 4 KiB from an unaligned start is two pages.
+        assert_eq!(pages_of(0x5008, 8 * 512).count(), 2);
+        assert_eq!(pages_of(0x5000, 8 * 512).count(), 1);
+    }
+
+    #[test]
+    fn every_hooked_function_is_guarded() {
+        for op in [
+            SocketOp::Connect,
+            SocketOp::Bind,
+            SocketOp::Listen,
+            SocketOp::Sendmsg,
+        ] {
+            assert!(
+                GUARDED_SYMBOLS.iter().any(|&(s, _)| s == op.hook_symbol()),
+                "{}",
+                op.hook_symbol()
+            );
+        }
+    }
+}

@@ -1,0 +1,323 @@
+//! Introspection wiring: hardware breakpoints on the guest kernel's socket LSM hooks, attribution
+//! of each hit to a guest process (trap-handler), the tenant's policy, the verdict applied before
+//! the vCPU resumes, and write traps on the kernel pages the hooks depend on.
+//!
+//! A denied call returns `-EPERM` from the hooked function to its caller (RAX set, the return
+//! address popped), so the guest process sees "Operation not permitted". An allowed call resumes
+//! past the breakpoint, after a verdict record (the shared wire format of `vigil-wire`) for the
+//! firewall tiers was produced.
+//!
+//! Every decision is an event, one JSON line on the VMM's stdout. The vCPU only builds the event;
+//! a logger thread serializes and writes it, so a slow terminal never stalls the guest (a full
+//! queue does, by design: events are not dropped).
+//!
+//! By concern: [`hooks`] (the trap path of a hook hit, software breakpoints, guarded pages,
+//! tamper reports), `decide` (the verdict rules an allowed call opens), [`state`] (the verdict
+//! outbox and what a migration carries), `logger` (the events and the thread that writes them).
+//!
+//! Owns: one VM's [`Introspection`]: its hooks, its policy (replaceable while the VM runs), its
+//! KASLR slide, where its verdicts go ([`VerdictSink`]), the tenant id verdicts carry.
+//! Must not: trust guest memory or registers (every read goes through trap-handler's bounded
+//! reader), stall a vCPU on output, or know about hosts and the API.
+
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
+
+use thiserror::Error;
+use trap_handler::attribution::SocketOp;
+use trap_handler::policy::{Policy, PolicyError, PolicySpec};
+use trap_handler::profile::KernelProfile;
+use vigil_wire::verdict::RECORD_LEN;
+
+use crate::verdict_region::VerdictRegion;
+
+mod decide;
+pub mod hooks;
+mod logger;
+pub mod state;
+
+pub use hooks::HookOutcome;
+pub use state::{ImportError, IntrospectionState};
+
+use logger::LogEntry;
+use state::VerdictOutbox;
+
+/// Why a VM's introspection could not be set up, or a measurement not adopted.
+#[derive(Debug, Error)]
+pub enum IntrospectError {
+    #[error("policy: {0}")]
+    Policy(#[source] PolicyError),
+    #[error("the kernel has no {0} symbol to hook")]
+    NoHookSymbol(&'static str),
+    #[error("VIGIL_BARE_HOOKS: unknown operation {name:?}")]
+    UnknownBareHook {
+        name: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot start the event logger: {0}")]
+    Logger(#[source] std::io::Error),
+    #[error("the profile has no entry_SYSCALL_64")]
+    NoSyscallEntry,
+    #[error("MSR_LSTAR {lstar:#x} is not entry_SYSCALL_64 ({linked:#x}) moved by a KASLR slide")]
+    NotASlide { lstar: u64, linked: u64 },
+}
+
+/// Hooks of one VM: what to trap and how to decide.
+pub struct Introspection {
+    pub vm: String,
+    /// The tenant id verdict records carry.
+    pub tenant: u32,
+    pub profile: KernelProfile,
+    /// The policy in force and the spec it was compiled from (replaceable while the VM runs).
+    policy: RwLock<(PolicySpec, Policy)>,
+    /// (operation, guest-virtual address of its LSM hook), at most three: DR1-DR3.
+    pub hooks: Vec<(SocketOp, u64)>,
+    /// Hooks by software breakpoint (an `int3` Vigil writes over the function's `endbr64`), for
+    /// more hooks than debug registers: (operation, guest-virtual address). Placed once the
+    /// tenant has booted; visible to a guest that reads its own text.
+    pub soft_hooks: Vec<(SocketOp, u64)>,
+    /// The software breakpoints actually placed: (operation, address, length of the instruction
+    /// the int3 replaced the first byte of; resuming skips it).
+    soft_placed: OnceLock<Vec<(SocketOp, u64, u64)>>,
+    /// KASLR slide, measured once the kernel runs (see `adopt_slide`).
+    slide: std::sync::atomic::AtomicU64,
+    /// Benchmark knob `VIGIL_BARE_HOOKS=bind,...`: these hooks trap and resume with no work (the
+    /// bare trap round trip `scripts/bench` compares the full path with). Never for production:
+    /// a bare hook decides nothing.
+    pub bare: Vec<SocketOp>,
+    events: SyncSender<LogEntry>,
+    verdicts: Mutex<VerdictOutbox>,
+    /// The firewall tiers, once the tenant is plugged into them: allowed calls' verdicts go
+    /// there before the vCPU resumes.
+    tiers: OnceLock<Arc<dyn VerdictSink>>,
+}
+
+/// Where a tenant's verdict records go: the switch-tier micro-VM's ring, and on a cloud host
+/// the edge as well.
+pub trait VerdictSink: Send + Sync {
+    /// Delivers records in order; false when they could not all be delivered (the caller keeps
+    /// them for a later `take_verdicts`).
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool;
+}
+
+impl VerdictSink for VerdictRegion {
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+        self.push(records).is_ok()
+    }
+}
+
+/// A stable tenant id from a VM name (FNV-1a, 32 bits): the same VM gets the same id on every
+/// host, which a migrated tenant's verdicts rely on.
+pub fn tenant_id(name: &str) -> u32 {
+    let hash = name.bytes().fold(0x811c_9dc5u32, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    });
+    // 0 is the uplink's id and u32::MAX an unassigned port's (vigil-wire boot information).
+    match hash {
+        0 | u32::MAX => 1,
+        other => other,
+    }
+}
+
+/// The operations named in a `VIGIL_BARE_HOOKS` list (comma-separated, as `SocketOp` is spelled
+/// in JSON).
+fn parse_bare_hooks(list: &str) -> Result<Vec<SocketOp>, IntrospectError> {
+    list.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|name| {
+            serde_json::from_value(serde_json::Value::String(name.trim().into())).map_err(
+                |source| IntrospectError::UnknownBareHook {
+                    name: name.to_string(),
+                    source,
+                },
+            )
+        })
+        .collect()
+}
+
+impl Introspection {
+    /// Builds the hooks from the kernel the VM boots (link addresses: a PVH-booted kernel runs
+    /// unrelocated, so no KASLR slide applies) and starts the VM's event logger.
+    pub fn new(
+        vm: &str,
+        profile: KernelProfile,
+        spec: PolicySpec,
+    ) -> Result<Self, IntrospectError> {
+        let policy = Policy::compile(&spec).map_err(IntrospectError::Policy)?;
+        let mut hooks = Vec::new();
+        for op in [SocketOp::Connect, SocketOp::Bind, SocketOp::Listen] {
+            let addr = *profile
+                .symbols
+                .get(op.hook_symbol())
+                .ok_or(IntrospectError::NoHookSymbol(op.hook_symbol()))?;
+            hooks.push((op, addr));
+        }
+        let soft_hooks = [SocketOp::Sendmsg]
+            .into_iter()
+            .filter_map(|op| profile.symbols.get(op.hook_symbol()).map(|&a| (op, a)))
+            .collect();
+        let bare = match std::env::var("VIGIL_BARE_HOOKS") {
+            Ok(list) => parse_bare_hooks(&list)?,
+            Err(_) => Vec::new(),
+        };
+        let (events, rx) = mpsc::sync_channel(logger::EVENT_QUEUE);
+        std::thread::Builder::new()
+            .name(format!("{vm}-events"))
+            .spawn({
+                let vm = vm.to_string();
+                let tenant = tenant_id(&vm);
+                move || logger::run_logger(vm, tenant, rx)
+            })
+            .map_err(IntrospectError::Logger)?;
+        Ok(Introspection {
+            vm: vm.to_string(),
+            tenant: tenant_id(vm),
+            profile,
+            policy: RwLock::new((spec, policy)),
+            hooks,
+            slide: std::sync::atomic::AtomicU64::new(0),
+            soft_hooks,
+            soft_placed: OnceLock::new(),
+            bare,
+            events,
+            tiers: OnceLock::new(),
+            verdicts: Mutex::new(VerdictOutbox::new()),
+        })
+    }
+
+    pub fn hook_at(&self, pc: u64) -> Option<SocketOp> {
+        let slide = self.slide();
+        self.hooks
+            .iter()
+            .find(|(_, a)| a.wrapping_add(slide) == pc)
+            .map(|(op, _)| *op)
+    }
+
+    /// The KASLR slide found at run time (0 until measured, and for a kernel that runs where it
+    /// was linked, as a PVH-booted vmlinux does).
+    pub fn slide(&self) -> u64 {
+        self.slide.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Where the debug-register hooks are in this boot (link address + slide).
+    pub fn hook_addresses(&self) -> Vec<u64> {
+        let slide = self.slide();
+        self.hooks
+            .iter()
+            .map(|(_, a)| a.wrapping_add(slide))
+            .collect()
+    }
+
+    /// Measures the KASLR slide from the guest's syscall entry (MSR_LSTAR against the linked
+    /// `entry_SYSCALL_64`) and adopts it. Returns it, or an error for a value no KASLR produces
+    /// (not a multiple of 2 MiB): the hooks then stay where they were.
+    pub fn adopt_slide(&self, lstar: u64) -> Result<u64, IntrospectError> {
+        let linked = *self
+            .profile
+            .symbols
+            .get("entry_SYSCALL_64")
+            .ok_or(IntrospectError::NoSyscallEntry)?;
+        let slide = lstar.wrapping_sub(linked);
+        if slide % (2 << 20) != 0 {
+            return Err(IntrospectError::NotASlide { lstar, linked });
+        }
+        self.slide
+            .store(slide, std::sync::atomic::Ordering::Release);
+        Ok(slide)
+    }
+
+    /// The software-breakpoint hook at `pc`, if one is placed there, and the length of the
+    /// instruction it covers.
+    pub fn soft_hook_at(&self, pc: u64) -> Option<(SocketOp, u64)> {
+        self.soft_placed
+            .get()?
+            .iter()
+            .find(|(_, a, _)| *a == pc)
+            .map(|&(op, _, len)| (op, len))
+    }
+
+    pub fn soft_hooks_placed(&self) -> bool {
+        self.soft_placed.get().is_some_and(|p| !p.is_empty())
+    }
+
+    /// Waits until every event queued so far is written (or `limit` passes).
+    pub fn flush_events(&self, limit: Duration) {
+        let (done, wait) = mpsc::channel();
+        if self.events.send(LogEntry::Barrier(done)).is_ok() {
+            let _ = wait.recv_timeout(limit);
+        }
+    }
+
+    /// Plugs the tenant into a switch-tier micro-VM: its verdicts go to that ring from now on.
+    pub fn connect_switch(&self, region: Arc<VerdictRegion>) {
+        self.connect_tiers(region);
+    }
+
+    /// Plugs the tenant into its firewall tiers (once; later calls are ignored).
+    pub fn connect_tiers(&self, tiers: Arc<dyn VerdictSink>) {
+        let _ = self.tiers.set(tiers);
+    }
+
+    /// The policy spec in force.
+    pub fn policy_spec(&self) -> PolicySpec {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Replaces the policy: every later call is decided by `spec`. The caller revokes the
+    /// verdicts the old policy granted (a flush of the tenant on its tiers).
+    pub fn replace_policy(&self, spec: PolicySpec) -> Result<(), PolicyError> {
+        let policy = Policy::compile(&spec)?;
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = (spec, policy);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_ids_are_stable_and_distinct() {
+        assert_eq!(tenant_id("tenant"), tenant_id("tenant"));
+        assert_ne!(tenant_id("tenant"), tenant_id("tenant2"));
+        // FNV-1a of the empty string is its offset basis.
+        assert_eq!(tenant_id(""), 0x811c_9dc5);
+    }
+
+    #[test]
+    fn bare_hook_lists_name_operations_and_refuse_unknown_ones() {
+        assert_eq!(
+            parse_bare_hooks("bind,connect,").unwrap(),
+            vec![SocketOp::Bind, SocketOp::Connect]
+        );
+        assert!(parse_bare_hooks("").unwrap().is_empty());
+        let e = parse_bare_hooks("bind,frobnicate").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "VIGIL_BARE_HOOKS: unknown operation \"frobnicate\""
+        );
+    }
+
+    #[test]
+    fn setup_errors_keep_their_messages() {
+        assert_eq!(
+            IntrospectError::NotASlide {
+                lstar: 0xffff_ffff_8160_0040,
+                linked: 0xffff_ffff_8160_0000
+            }
+            .to_string(),
+            "MSR_LSTAR 0xffffffff81600040 is not entry_SYSCALL_64 (0xffffffff81600000) moved \
+             by a KASLR slide"
+        );
+        assert_eq!(
+            IntrospectError::NoHookSymbol("security_socket_bind").to_string(),
+            "the kernel has no security_socket_bind symbol to hook"
+        );
+    }
+}
