@@ -361,7 +361,9 @@ impl Host {
         // Tell the network where the tenant is now.
         if let Some(frame) = announcement(mac, spec.ip) {
             let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            let _ = ports[slot].0.link.send(&frame);
+            if let Err(e) = ports[slot].0.link.send(&frame) {
+                log::warn!("{id}: cannot announce the migrated tenant: {e}");
+            }
         }
         reply(
             &mut stream,

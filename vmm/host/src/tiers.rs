@@ -96,7 +96,13 @@ impl Host {
     ) -> Result<f64, HostError> {
         let started = Instant::now();
         if let (Some(link), false) = (&self.edge, edge.is_empty()) {
-            link.send(edge);
+            if !link.send(edge) {
+                log::warn!(
+                    "host {}: control records to the edge not all sent (see \
+                     vigil_edge_send_errors_total)",
+                    self.config.name
+                );
+            }
         }
         let records = switch;
         let position = self
