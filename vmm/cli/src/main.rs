@@ -8,10 +8,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod cli_cloud;
 use vigil_wire::boot::Role;
+use vmm_core::config::{ConsoleConfig, LinkConfig, NetConfig, Payload, VmConfig};
 use vmm_core::host_kind::HostKind;
+use vmm_core::knobs::DebugKnobs;
 use vmm_core::vcpu::StopReason;
 use vmm_core::verdict_region::parse_verdict_lines;
-use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig};
+use vmm_core::vm::Vm;
 
 #[derive(Parser)]
 #[command(
@@ -56,7 +58,7 @@ enum Command {
         /// A switch port: virtio-net backed by a TAP device (repeatable, in port order):
         /// tap=NAME[,netns=NS][,mac=MAC][,tenant=ID]; tenant 0 (the default) is the uplink.
         #[arg(long)]
-        net: Vec<vmm_core::net_config::NetConfig>,
+        net: Vec<NetConfig>,
         /// Verdict records to put in the micro-VM's verdict ring before it starts: a file with one
         /// per line, hex or a tenant's `verdict` event (JSON with a `record` field).
         #[arg(long)]
@@ -77,7 +79,7 @@ enum Command {
         vcpus: u8,
         /// A network interface: tap=NAME[,netns=NS][,mac=MAC] (repeatable).
         #[arg(long)]
-        net: Vec<vmm_core::net_config::NetConfig>,
+        net: Vec<NetConfig>,
         /// The tenant's application policy (JSON allow-list); enables introspection.
         #[arg(long)]
         policy: Option<PathBuf>,
@@ -95,7 +97,7 @@ enum Command {
         switch: Option<PathBuf>,
         /// The switch's uplink (the way out of the host): tap=NAME[,netns=NS].
         #[arg(long, requires = "switch")]
-        uplink: Option<vmm_core::net_config::NetConfig>,
+        uplink: Option<NetConfig>,
     },
     /// Run a cloud host: its switch-tier micro-VM plus the tenants created through the REST API
     /// on --api-socket.
@@ -119,9 +121,24 @@ fn print_outcome(outcome: &vmm_core::vm::VmOutcome) {
     );
 }
 
+/// Library diagnostics (the `log` crate) go to stderr as bare lines, as they did when they were
+/// printed directly: Vigil's own crates at `info`, everything else at `warn`; `RUST_LOG`
+/// overrides.
+fn init_logging() {
+    use std::io::Write;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(
+        "warn,vmm_core=info,vmm_host=info,vmm_api=info,edge=info,vigil=info,trap_handler=info",
+    ))
+    .format(|buf, record| writeln!(buf, "{}", record.args()))
+    .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let host = HostKind::detect();
+    init_logging();
+    // Every debug knob, read once here and carried in each VM's config.
+    let knobs = DebugKnobs::from_env();
+    let host = knobs.host_kind();
     let mut switch_plan: Option<SwitchPlan> = None;
     let (config, timeout) = match cli.command {
         Command::HostInfo => {
@@ -147,44 +164,38 @@ fn main() -> ExitCode {
             marker,
             verdicts,
             net,
-        } => (
-            VmConfig {
-                name: "fw".into(),
-                mem_mib: mem,
-                vcpus: 1,
-                payload: Payload::MicroVm {
-                    elf,
-                    role: match role {
-                        RoleArg::Switch => Role::Switch,
-                        RoleArg::Edge => Role::Edge,
-                    },
-                    verdicts: match verdicts.as_ref().map(|path| {
-                        std::fs::read_to_string(path)
-                            .map_err(|e| format!("{}: {e}", path.display()))
-                            .and_then(|text| {
-                                parse_verdict_lines(&text)
-                                    .map_err(|e| format!("{}: {e}", path.display()))
-                            })
-                    }) {
-                        None => Vec::new(),
-                        Some(Ok(records)) => records,
-                        Some(Err(e)) => {
-                            eprintln!("vigil: error: verdicts {e}");
-                            return ExitCode::from(2);
-                        }
-                    },
-                },
-                nets: net,
-                policy: None,
-                links: Vec::new(),
-                console: ConsoleConfig {
-                    log: console_log,
-                    stdout: true,
-                    markers: marker.clone(),
-                },
-            },
-            timeout,
-        ),
+        } => {
+            let verdicts = match verdicts.as_ref().map(|path| {
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))
+                    .and_then(|text| {
+                        parse_verdict_lines(&text).map_err(|e| format!("{}: {e}", path.display()))
+                    })
+            }) {
+                None => Vec::new(),
+                Some(Ok(records)) => records,
+                Some(Err(e)) => {
+                    eprintln!("vigil: error: verdicts {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let role = match role {
+                RoleArg::Switch => Role::Switch,
+                RoleArg::Edge => Role::Edge,
+            };
+            (
+                VmConfig::micro_vm("fw", elf, role)
+                    .with_mem_mib(mem)
+                    .with_verdicts(verdicts)
+                    .with_nets(net)
+                    .with_console(ConsoleConfig {
+                        log: console_log,
+                        stdout: true,
+                        markers: marker.clone(),
+                    }),
+                timeout,
+            )
+        }
         Command::RunTenant {
             kernel,
             initramfs,
@@ -212,27 +223,17 @@ fn main() -> ExitCode {
                     };
                 links.push(tenant_end);
                 switch_plan = Some(SwitchPlan {
-                    config: VmConfig {
-                        name: "fw".into(),
-                        mem_mib: 32,
-                        vcpus: 1,
-                        payload: Payload::MicroVm {
-                            elf,
-                            role: Role::Switch,
-                            verdicts: Vec::new(),
-                        },
-                        nets: vec![vmm_core::net_config::NetConfig {
+                    config: VmConfig::micro_vm("fw", elf, Role::Switch)
+                        .with_nets(vec![NetConfig {
                             tenant: 0,
                             ..uplink
-                        }],
-                        policy: None,
-                        links: vec![port_end],
-                        console: ConsoleConfig {
+                        }])
+                        .with_links(vec![port_end])
+                        .with_console(ConsoleConfig {
                             log: None,
                             stdout: true,
                             markers: Vec::new(),
-                        },
-                    },
+                        }),
                 });
             }
             (

@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 
 use vigil_wire::boot::Role;
 use vigil_wire::verdict::{IpVersion, Op, Protocol, Rule, VerdictRepr};
+use vmm_core::config::{LinkConfig, VmConfig};
 use vmm_core::host_kind::HostKind;
-use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig};
+use vmm_core::vm::Vm;
 
 const TENANT: u32 = 1;
 const SRC_IP: [u8; 4] = [10, 1, 0, 2];
@@ -96,20 +97,10 @@ fn run(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, String> 
     // While waiting for the first frame: one try per millisecond.
     sink.set_read_timeout(Some(Duration::from_millis(1)))
         .map_err(|e| e.to_string())?;
-    let config = VmConfig {
-        name: "fw".into(),
-        mem_mib: 64,
-        vcpus: 1,
-        payload: Payload::MicroVm {
-            elf: elf.to_path_buf(),
-            role: Role::Switch,
-            verdicts: vec![verdict()],
-        },
-        nets: Vec::new(),
-        policy: None,
-        links: vec![tenant_vm_end, uplink_vm_end],
-        console: ConsoleConfig::default(),
-    };
+    let config = VmConfig::micro_vm("fw", elf, Role::Switch)
+        .with_mem_mib(64)
+        .with_verdicts(vec![verdict()])
+        .with_links(vec![tenant_vm_end, uplink_vm_end]);
     let created = Instant::now();
     let vm = Vm::create(&config, HostKind::detect()).map_err(|e| e.to_string())?;
     let stop = vm.stop_handle();

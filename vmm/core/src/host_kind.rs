@@ -7,6 +7,9 @@
 //! from ring 3 is only half done. Those facts are in `shared/docs/kvm-here.md`; this module detects
 //! the kind and names the kernel command line that keeps a stock Linux away from what the emulator
 //! lacks.
+//!
+//! Owns: the host-kind detection and the Linux guest profile of each kind.
+//! Must not: touch KVM (detection reads /proc/cpuinfo only) or decide anything per VM.
 
 use std::fmt;
 use std::fs;
@@ -34,15 +37,29 @@ impl HostKind {
     /// (AMD) CPU flag; without either, a working /dev/kvm means an emulating KVM. `VIGIL_HOST_KIND`
     /// (`hardware` or `emulating`) overrides the detection, for tests of both profiles.
     pub fn detect() -> HostKind {
-        if let Ok(forced) = std::env::var("VIGIL_HOST_KIND") {
-            match forced.as_str() {
-                "hardware" => return HostKind::Hardware,
-                "emulating" => return HostKind::Emulating,
-                _ => {}
-            }
+        let forced = std::env::var("VIGIL_HOST_KIND")
+            .ok()
+            .and_then(|v| Self::from_name(&v));
+        Self::detect_with(forced)
+    }
+
+    /// `forced` if given (see [`crate::knobs::DebugKnobs::host_kind`]), else detected from
+    /// /proc/cpuinfo.
+    pub fn detect_with(forced: Option<HostKind>) -> HostKind {
+        if let Some(kind) = forced {
+            return kind;
         }
         let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         Self::from_cpuinfo(&cpuinfo)
+    }
+
+    /// `hardware` or `emulating` (the values of `VIGIL_HOST_KIND`).
+    pub fn from_name(name: &str) -> Option<HostKind> {
+        match name {
+            "hardware" => Some(HostKind::Hardware),
+            "emulating" => Some(HostKind::Emulating),
+            _ => None,
+        }
     }
 
     /// Decides from the text of /proc/cpuinfo.

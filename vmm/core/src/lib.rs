@@ -11,12 +11,15 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod bus;
+pub mod config;
 pub mod devices;
 pub mod emulation;
 pub mod events;
 pub mod guest_ram;
 pub mod host_kind;
 pub mod introspect;
+pub mod knobs;
 pub mod layout;
 pub mod net_config;
 pub mod run_control;

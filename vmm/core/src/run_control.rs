@@ -4,10 +4,38 @@
 //! sees the flag at the top of its loop (between two exits, so no exit is half handled) and parks
 //! until resumed or stopped. `pause` returns once every vCPU is parked: from then on no guest
 //! instruction runs.
+//!
+//! Owns: the pause flag, the registry of a running VM's vCPU threads, their parking, and the
+//! collection of the states they capture as they park.
+//! Must not: issue KVM ioctls itself (each vCPU captures its own state on its own thread), or
+//! block a caller past the limit it gave.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::snapshot::{SnapshotError, VcpuSnapshot};
+
+/// Why a pause or a capture did not happen.
+#[derive(Debug, Error)]
+pub enum RunControlError {
+    #[error("the VM is already paused: resume it first, or capture while running")]
+    AlreadyPaused,
+    #[error("the VM is not running")]
+    NotRunning,
+    #[error("{parked} of {vcpus} vCPUs parked after {ms} ms")]
+    NotParked {
+        parked: usize,
+        vcpus: usize,
+        ms: u128,
+    },
+    #[error("{captured} of {vcpus} vCPUs captured their state")]
+    NotCaptured { captured: usize, vcpus: usize },
+    #[error(transparent)]
+    Capture(#[from] SnapshotError),
+}
 
 /// How often a parked vCPU looks at the VM's stop flag (stop requests do not notify this
 /// control's condition variable).
@@ -19,7 +47,7 @@ struct Parking {
     threads: Vec<libc::pthread_t>,
     parked: usize,
     /// Each parked vCPU's captured state, when the pause asked for it (by vCPU index).
-    captured: std::collections::BTreeMap<u8, Result<crate::snapshot::VcpuSnapshot, String>>,
+    captured: std::collections::BTreeMap<u8, Result<VcpuSnapshot, SnapshotError>>,
 }
 
 #[derive(Default)]
@@ -51,20 +79,15 @@ impl RunControl {
 
     /// Pauses (see [`pause`](Self::pause)) and returns every vCPU's state, captured by the vCPU
     /// threads themselves as they park. The VM stays paused.
-    pub fn pause_and_capture(
-        &self,
-        limit: Duration,
-    ) -> Result<Vec<crate::snapshot::VcpuSnapshot>, String> {
+    pub fn pause_and_capture(&self, limit: Duration) -> Result<Vec<VcpuSnapshot>, RunControlError> {
         if self.is_paused() {
-            return Err(
-                "the VM is already paused: resume it first, or capture while running".into(),
-            );
+            return Err(RunControlError::AlreadyPaused);
         }
         {
             let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
             parking.captured.clear();
             if parking.threads.is_empty() {
-                return Err("the VM is not running".into());
+                return Err(RunControlError::NotRunning);
             }
         }
         self.capture.store(true, Ordering::Release);
@@ -74,18 +97,17 @@ impl RunControl {
         let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
         let captured = std::mem::take(&mut parking.captured);
         if captured.len() != parking.threads.len() {
-            return Err(format!(
-                "{} of {} vCPUs captured their state",
-                captured.len(),
-                parking.threads.len()
-            ));
+            return Err(RunControlError::NotCaptured {
+                captured: captured.len(),
+                vcpus: parking.threads.len(),
+            });
         }
-        captured.into_values().collect()
+        Ok(captured.into_values().collect::<Result<_, _>>()?)
     }
 
     /// Stops guest execution: returns once every vCPU is parked (immediately for a VM that does
     /// not run). Errors when the vCPUs do not all park within `limit` (the pause stays requested).
-    pub fn pause(&self, limit: Duration) -> Result<(), String> {
+    pub fn pause(&self, limit: Duration) -> Result<(), RunControlError> {
         self.pause.store(true, Ordering::Release);
         let deadline = Instant::now() + limit;
         let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,12 +122,11 @@ impl RunControl {
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(format!(
-                    "{} of {} vCPUs parked after {} ms",
-                    parking.parked,
-                    parking.threads.len(),
-                    limit.as_millis()
-                ));
+                return Err(RunControlError::NotParked {
+                    parked: parking.parked,
+                    vcpus: parking.threads.len(),
+                    ms: limit.as_millis(),
+                });
             }
             // Kicks can race with a vCPU entering KVM_RUN: kick again every few milliseconds.
             let wait = (deadline - now).min(Duration::from_millis(5));
@@ -131,7 +152,7 @@ impl RunControl {
         &self,
         stop: &AtomicBool,
         index: u8,
-        capture: impl FnOnce() -> Result<crate::snapshot::VcpuSnapshot, String>,
+        capture: impl FnOnce() -> Result<VcpuSnapshot, SnapshotError>,
     ) {
         let captured = self.capture.load(Ordering::Acquire).then(capture);
         let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());

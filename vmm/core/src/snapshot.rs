@@ -13,6 +13,10 @@
 //!
 //! Everything is read back with the same strictness as guest input: a stream that lies about
 //! sizes or addresses gives an error, never a write outside the VM's RAM.
+//!
+//! Owns: the snapshot's types, the capture and restore of one vCPU's state, and the formats of the
+//! RAM page stream and the length-prefixed state documents.
+//! Must not: pause or resume anything (the run control does), or trust a stream it reads.
 
 use std::io::{self, Read, Write};
 
@@ -22,11 +26,30 @@ use kvm_bindings::{
 };
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 pub const PAGE: usize = 4096;
 /// Marks the end of the page stream.
 const END_OF_PAGES: u64 = u64::MAX;
+
+/// Why a vCPU's state could not be captured or loaded.
+#[derive(Debug, Error)]
+pub enum SnapshotError {
+    #[error("/dev/kvm: {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("{what}: {source}")]
+    KvmIoctl {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("MSR list: {0:?}")]
+    MsrList(vmm_sys_util::fam::Error),
+}
+
+fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SnapshotError {
+    move |source| SnapshotError::KvmIoctl { what, source }
+}
 
 /// One vCPU's architectural state.
 #[derive(Serialize, Deserialize)]
@@ -43,17 +66,17 @@ pub struct VcpuSnapshot {
 }
 
 /// The MSRs KVM can save for this vCPU: its index list, minus those that read back nothing.
-fn msr_indices() -> Result<Vec<u32>, String> {
-    let kvm = Kvm::new().map_err(|e| format!("/dev/kvm: {e}"))?;
+fn msr_indices() -> Result<Vec<u32>, SnapshotError> {
+    let kvm = Kvm::new().map_err(SnapshotError::Kvm)?;
     let list = kvm
         .get_msr_index_list()
-        .map_err(|e| format!("KVM_GET_MSR_INDEX_LIST: {e}"))?;
+        .map_err(ioctl("KVM_GET_MSR_INDEX_LIST"))?;
     Ok(list.as_slice().to_vec())
 }
 
 /// Reads every MSR in `indices` that KVM will give (KVM_GET_MSRS stops at the first one it
 /// refuses; that one is skipped and the rest read on).
-fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, String> {
+fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, SnapshotError> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < indices.len() {
@@ -65,10 +88,8 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, String>
                 ..Default::default()
             })
             .collect();
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
-        let read = fd
-            .get_msrs(&mut msrs)
-            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(SnapshotError::MsrList)?;
+        let read = fd.get_msrs(&mut msrs).map_err(ioctl("KVM_GET_MSRS"))?;
         out.extend_from_slice(&msrs.as_slice()[..read.min(chunk.len())]);
         // Past the ones read, and past the one refused (if any).
         start += if read < chunk.len() { read + 1 } else { read };
@@ -78,7 +99,7 @@ fn read_msrs(fd: &VcpuFd, indices: &[u32]) -> Result<Vec<kvm_msr_entry>, String>
 
 impl VcpuSnapshot {
     /// Captures the state of a vCPU that is out of KVM_RUN (on its own thread).
-    pub fn capture(index: u8, fd: &mut VcpuFd) -> Result<VcpuSnapshot, String> {
+    pub fn capture(index: u8, fd: &mut VcpuFd) -> Result<VcpuSnapshot, SnapshotError> {
         // Let KVM complete an I/O exit the VMM answered (an IN or MMIO read puts its data into
         // the register on the next entry) without running guest code.
         fd.set_kvm_immediate_exit(1);
@@ -87,49 +108,39 @@ impl VcpuSnapshot {
         let indices = msr_indices()?;
         Ok(VcpuSnapshot {
             index,
-            regs: fd.get_regs().map_err(|e| format!("KVM_GET_REGS: {e}"))?,
-            sregs: fd.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?,
+            regs: fd.get_regs().map_err(ioctl("KVM_GET_REGS"))?,
+            sregs: fd.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?,
             // A KVM without XSAVE/XCRs support leaves them out.
             xsave: fd.get_xsave().ok(),
             xcrs: fd.get_xcrs().ok(),
-            lapic: fd.get_lapic().map_err(|e| format!("KVM_GET_LAPIC: {e}"))?,
-            mp_state: fd
-                .get_mp_state()
-                .map_err(|e| format!("KVM_GET_MP_STATE: {e}"))?,
-            events: fd
-                .get_vcpu_events()
-                .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?,
+            lapic: fd.get_lapic().map_err(ioctl("KVM_GET_LAPIC"))?,
+            mp_state: fd.get_mp_state().map_err(ioctl("KVM_GET_MP_STATE"))?,
+            events: fd.get_vcpu_events().map_err(ioctl("KVM_GET_VCPU_EVENTS"))?,
             msrs: read_msrs(fd, &indices)?,
         })
     }
 
     /// Loads the state into a fresh vCPU (before it first runs). MSRs KVM refuses are reported
     /// in the returned list, not fatal.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<Vec<u32>, String> {
+    pub fn restore(&self, fd: &VcpuFd) -> Result<Vec<u32>, SnapshotError> {
         fd.set_mp_state(self.mp_state)
-            .map_err(|e| format!("KVM_SET_MP_STATE: {e}"))?;
-        fd.set_regs(&self.regs)
-            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
-        fd.set_sregs(&self.sregs)
-            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+            .map_err(ioctl("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs).map_err(ioctl("KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs).map_err(ioctl("KVM_SET_SREGS"))?;
         if let Some(xsave) = &self.xsave {
             // SAFETY: the buffer came from KVM_GET_XSAVE of the same kind of vCPU.
-            unsafe { fd.set_xsave(xsave) }.map_err(|e| format!("KVM_SET_XSAVE: {e}"))?;
+            unsafe { fd.set_xsave(xsave) }.map_err(ioctl("KVM_SET_XSAVE"))?;
         }
         if let Some(xcrs) = &self.xcrs {
-            fd.set_xcrs(xcrs)
-                .map_err(|e| format!("KVM_SET_XCRS: {e}"))?;
+            fd.set_xcrs(xcrs).map_err(ioctl("KVM_SET_XCRS"))?;
         }
-        fd.set_lapic(&self.lapic)
-            .map_err(|e| format!("KVM_SET_LAPIC: {e}"))?;
+        fd.set_lapic(&self.lapic).map_err(ioctl("KVM_SET_LAPIC"))?;
         let mut refused = Vec::new();
         let mut rest: &[kvm_msr_entry] = &self.msrs;
         while !rest.is_empty() {
             let chunk = &rest[..rest.len().min(256)];
-            let msrs = Msrs::from_entries(chunk).map_err(|e| format!("MSR list: {e:?}"))?;
-            let set = fd
-                .set_msrs(&msrs)
-                .map_err(|e| format!("KVM_SET_MSRS: {e}"))?;
+            let msrs = Msrs::from_entries(chunk).map_err(SnapshotError::MsrList)?;
+            let set = fd.set_msrs(&msrs).map_err(ioctl("KVM_SET_MSRS"))?;
             if set < chunk.len() {
                 refused.push(chunk[set].index);
                 rest = &rest[set + 1..];
@@ -138,7 +149,7 @@ impl VcpuSnapshot {
             }
         }
         fd.set_vcpu_events(&self.events)
-            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))?;
+            .map_err(ioctl("KVM_SET_VCPU_EVENTS"))?;
         Ok(refused)
     }
 }

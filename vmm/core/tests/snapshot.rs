@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use vigil_wire::boot::Role;
 use vigil_wire::verdict::{IpVersion, Protocol, Rule, VerdictRepr};
+use vmm_core::config::{LinkConfig, VmConfig};
 use vmm_core::host_kind::HostKind;
-use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig};
+use vmm_core::vm::Vm;
 
 mod common;
 use common::fw_guest_elf;
@@ -21,20 +22,7 @@ const TENANT_IP: [u8; 4] = [10, 0, 0, 2];
 const SERVER_IP: [u8; 4] = [10, 0, 0, 1];
 
 fn config(links: Vec<LinkConfig>) -> VmConfig {
-    VmConfig {
-        name: "fw".into(),
-        mem_mib: 32,
-        vcpus: 1,
-        payload: Payload::MicroVm {
-            elf: fw_guest_elf(),
-            role: Role::Switch,
-            verdicts: Vec::new(),
-        },
-        console: ConsoleConfig::default(),
-        nets: Vec::new(),
-        policy: None,
-        links,
-    }
+    VmConfig::micro_vm("fw", fw_guest_elf(), Role::Switch).with_links(links)
 }
 
 /// (uplink end, tenant end) held by the test, and the switch's ends.

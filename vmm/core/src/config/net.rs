@@ -3,6 +3,9 @@
 //! uplink to the edge) or `local=ADDR:PORT[,vni=N]` (an edge's cloud port, which learns its
 //! peers). `tenant=` applies to the firewall micro-VM's switch ports: the tenant behind the port
 //! (0, the default, is the uplink).
+//!
+//! Owns: parsing and validating the `--net` syntax into a [`NetConfig`].
+//! Must not: open devices or sockets (the VM builder does, from a validated config).
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -5,6 +5,14 @@
 //! to the completion of instructions KVM could not emulate ([`crate::emulation`]), or to the
 //! syscall fix below. A vCPU never panics on guest behaviour: whatever the guest does ends in a
 //! [`StopReason`], and the VMM stays up.
+//!
+//! Owns: one vCPU's run loop and state machine, the KVM ioctls on its file descriptor, the
+//! completion of what KVM left undone (emulation failures, the syscall fix, hook hits, write-trap
+//! reports), and its counters. What an exit means is decided in [`exit`] without KVM.
+//! Must not: panic on guest behaviour, own devices (the bus does), or read the environment (its
+//! knobs come in a [`DebugKnobs`]).
+
+pub mod exit;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,10 +21,10 @@ use std::sync::Arc;
 use kvm_bindings::{
     kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_GUESTDBG_ENABLE,
     KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
+use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
 use crate::emulation::{self, Completion, GuestView};
@@ -24,9 +32,14 @@ use crate::host_kind::HostKind;
 use crate::introspect::{HookOutcome, Introspection};
 use crate::layout::flat_segment;
 use crate::run_control::RunControl;
-use crate::vm::{Bus, PioAction};
+use crate::snapshot::SnapshotError;
+use crate::bus::Bus;
+use crate::knobs::DebugKnobs;
 use crate::write_trap::WriteTraps;
 use trap_handler::attribution::SocketOp;
+
+pub use exit::{classify_debug, dispatch, DebugExit, ExitAction, VcpuExitView};
+use exit::BP_VECTOR;
 
 /// MSRs of the `syscall` instruction (Intel SDM vol. 4, "Architectural MSRs").
 const MSR_STAR: u32 = 0xc000_0081;
@@ -36,11 +49,6 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// Vector of #PF.
 const PAGE_FAULT_VECTOR: u64 = 14;
-/// Vector of #BP.
-const BP_VECTOR: u8 = 3;
-/// DR6 bits: breakpoint 0 hit, single step.
-const DR6_B0: u64 = 1 << 0;
-const DR6_BS: u64 = 1 << 14;
 /// DR7: local enable of breakpoint 0 (execute, length 1 — RW0 = LEN0 = 0).
 const DR7_L0: u64 = 1 << 0;
 /// Bit 1 of RFLAGS always reads as 1.
@@ -48,6 +56,32 @@ const RFLAGS_FIXED: u64 = 1 << 1;
 /// CR0.PG, EFER.LMA.
 const CR0_PG: u64 = 1 << 31;
 const EFER_LMA: u64 = 1 << 10;
+
+/// What a vCPU could not do (it ends the VM as `StopReason::Crashed` with this text).
+#[derive(Debug, Error)]
+pub enum VcpuError {
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("MSR list: {0:?}")]
+    MsrList(vmm_sys_util::fam::Error),
+    #[error("KVM_GET_MSRS read {read} of {wanted} MSRs {indices}")]
+    MsrsShort {
+        read: usize,
+        wanted: usize,
+        indices: String,
+    },
+    #[error("a software hook without introspection")]
+    SoftHookWithoutIntrospection,
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+    move |source| VcpuError::Kvm { what, source }
+}
 
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -128,27 +162,6 @@ enum Action {
     Stop(StopReason),
 }
 
-/// An exit copied out of `kvm_run`, so the handlers may issue further vCPU ioctls.
-enum OwnedExit {
-    Handled,
-    Pio(PioAction),
-    Debug {
-        pc: u64,
-        dr6: u64,
-        exception: u32,
-    },
-    InternalError {
-        suberror: u32,
-    },
-    /// A guest write to a write-trapped page (KVM discarded it).
-    Tamper {
-        gpa: u64,
-        data: [u8; 8],
-        len: usize,
-    },
-    Stop(StopReason),
-}
-
 /// The syscall fix for emulating hosts (kvm-here.md): KVM does half of a ring-3 `syscall` (RIP =
 /// LSTAR, RCX/R11 set) but leaves CS/SS at the user selectors, so the instruction fetch at LSTAR
 /// page-faults. A hardware breakpoint on the guest's #PF handler catches exactly that fault; the
@@ -179,9 +192,9 @@ pub struct Vcpu {
     write_traps: Option<Arc<WriteTraps>>,
     /// Whether this vCPU already tried to arm the write traps.
     write_traps_tried: bool,
-    /// `VIGIL_TRACE_EXITS=1`: log every completion and debug exit to stderr.
+    /// `VIGIL_TRACE_EXITS`: log every completion and debug exit.
     trace: bool,
-    /// `VIGIL_NO_SYSCALL_FIX=1`: leave the syscall fix off (to measure what it costs).
+    /// `VIGIL_NO_SYSCALL_FIX`: leave the syscall fix off (to measure what it costs).
     no_syscall_fix: bool,
 }
 
@@ -194,6 +207,7 @@ impl Vcpu {
         host: HostKind,
         introspection: Option<Arc<Introspection>>,
         write_traps: Option<Arc<WriteTraps>>,
+        knobs: &DebugKnobs,
     ) -> Self {
         Vcpu {
             index,
@@ -204,9 +218,9 @@ impl Vcpu {
             state: VcpuState::Running,
             syscall_fix: SyscallFix::default(),
             stats: VcpuStats::default(),
-            trace: std::env::var_os("VIGIL_TRACE_EXITS").is_some(),
-            no_syscall_fix: std::env::var_os("VIGIL_NO_SYSCALL_FIX").is_some(),
-            rip_samples: std::env::var_os("VIGIL_PROFILE").map(|_| BTreeMap::new()),
+            trace: knobs.trace_exits,
+            no_syscall_fix: knobs.no_syscall_fix,
+            rip_samples: knobs.profile.as_ref().map(|_| BTreeMap::new()),
             introspection,
             write_traps,
             write_traps_tried: false,
@@ -259,16 +273,21 @@ impl Vcpu {
             };
             self.stats.exits += 1;
             let action = match exit {
-                OwnedExit::Handled => Action::Continue,
-                OwnedExit::Pio(PioAction::Continue) => {
+                ExitAction::Handled => Action::Continue,
+                ExitAction::PortWritten => {
                     self.maybe_arm_syscall_fix();
                     Action::Continue
                 }
-                OwnedExit::Pio(PioAction::Stop(reason)) => Action::Stop(reason),
-                OwnedExit::Debug { pc, dr6, exception } => self.on_debug(pc, dr6, exception),
-                OwnedExit::InternalError { suberror } => self.on_internal_error(suberror),
-                OwnedExit::Tamper { gpa, data, len } => self.on_tamper(gpa, &data[..len]),
-                OwnedExit::Stop(reason) => Action::Stop(reason),
+                ExitAction::Debug { pc, dr6, exception } => self.on_debug(pc, dr6, exception),
+                ExitAction::InternalError => {
+                    // SAFETY: KVM filled the `internal` member of the exit union for this exit
+                    // reason, and nothing ran the vCPU since.
+                    let suberror =
+                        unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    self.on_internal_error(suberror)
+                }
+                ExitAction::Tamper { gpa, data, len } => self.on_tamper(gpa, &data[..len]),
+                ExitAction::Stop(reason) => Action::Stop(reason),
             };
             if let Action::Stop(reason) = action {
                 self.state = VcpuState::Stopped;
@@ -278,7 +297,7 @@ impl Vcpu {
     }
 
     /// This vCPU's state, for a snapshot or a migration (on this vCPU's thread, out of KVM_RUN).
-    fn capture(&mut self) -> Result<crate::snapshot::VcpuSnapshot, String> {
+    fn capture(&mut self) -> Result<crate::snapshot::VcpuSnapshot, SnapshotError> {
         crate::snapshot::VcpuSnapshot::capture(self.index, &mut self.fd)
     }
 
@@ -286,74 +305,34 @@ impl Vcpu {
     pub fn restore(
         &mut self,
         snapshot: &crate::snapshot::VcpuSnapshot,
-    ) -> Result<Vec<u32>, String> {
+    ) -> Result<Vec<u32>, SnapshotError> {
         snapshot.restore(&self.fd)
     }
 
-    /// One KVM_RUN, with the exit handled or copied out.
-    fn run_once(&mut self) -> Result<OwnedExit, i32> {
-        let bus = &self.bus;
+    /// One KVM_RUN, with the exit dispatched (see [`exit::dispatch`]).
+    fn run_once(&mut self) -> Result<ExitAction, i32> {
         let exit = self.fd.run().map_err(|e| e.errno())?;
-        Ok(match exit {
-            VcpuExit::IoOut(port, data) => {
-                self.stats.pio_exits += 1;
-                OwnedExit::Pio(bus.pio_write(port, data))
-            }
-            VcpuExit::IoIn(port, data) => {
-                self.stats.pio_exits += 1;
-                bus.pio_read(port, data);
-                OwnedExit::Handled
-            }
-            VcpuExit::MmioRead(addr, data) => {
-                self.stats.mmio_exits += 1;
-                bus.mmio_read(addr, data);
-                OwnedExit::Handled
-            }
-            VcpuExit::MmioWrite(addr, data) => {
-                self.stats.mmio_exits += 1;
-                match &self.write_traps {
-                    Some(traps) if traps.guarded(addr).is_some() => {
-                        let len = data.len().min(8);
-                        let mut copy = [0u8; 8];
-                        copy[..len].copy_from_slice(&data[..len]);
-                        OwnedExit::Tamper {
-                            gpa: addr,
-                            data: copy,
-                            len,
-                        }
-                    }
-                    _ => {
-                        bus.mmio_write(addr, data);
-                        OwnedExit::Handled
-                    }
-                }
-            }
-            VcpuExit::Debug(arch) => OwnedExit::Debug {
+        let view = match exit {
+            VcpuExit::IoOut(port, data) => VcpuExitView::IoOut { port, data },
+            VcpuExit::IoIn(port, data) => VcpuExitView::IoIn { port, data },
+            VcpuExit::MmioRead(addr, data) => VcpuExitView::MmioRead { addr, data },
+            VcpuExit::MmioWrite(addr, data) => VcpuExitView::MmioWrite { addr, data },
+            VcpuExit::Debug(arch) => VcpuExitView::Debug {
                 pc: arch.pc,
                 dr6: arch.dr6,
                 exception: arch.exception,
             },
-            VcpuExit::Hlt => OwnedExit::Stop(StopReason::Halted),
-            VcpuExit::Shutdown => OwnedExit::Stop(StopReason::Reset),
-            VcpuExit::SystemEvent(kind, _) => OwnedExit::Stop(match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => StopReason::Poweroff,
-                KVM_SYSTEM_EVENT_RESET => StopReason::Reset,
-                other => StopReason::Crashed(format!("guest system event {other}")),
-            }),
-            VcpuExit::InternalError => {
-                // SAFETY: KVM filled the `internal` member of the exit union for this exit reason.
-                let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
-                OwnedExit::InternalError { suberror }
-            }
-            VcpuExit::FailEntry(reason, cpu) => OwnedExit::Stop(StopReason::Crashed(format!(
-                "KVM could not enter the guest (hardware reason {reason:#x}, cpu {cpu})"
-            ))),
-            VcpuExit::IrqWindowOpen | VcpuExit::Intr => OwnedExit::Handled,
-            other => OwnedExit::Stop(StopReason::Crashed(format!(
-                "unexpected KVM exit {other:?} on vCPU {}",
-                self.index
-            ))),
-        })
+            VcpuExit::Hlt => VcpuExitView::Hlt,
+            VcpuExit::Shutdown => VcpuExitView::Shutdown,
+            VcpuExit::SystemEvent(kind, _) => VcpuExitView::SystemEvent(kind),
+            VcpuExit::InternalError => VcpuExitView::InternalError,
+            VcpuExit::FailEntry(reason, cpu) => VcpuExitView::FailEntry { reason, cpu },
+            VcpuExit::IrqWindowOpen | VcpuExit::Intr => VcpuExitView::Nothing,
+            other => VcpuExitView::Unexpected(format!("{other:?}")),
+        };
+        let traps = &self.write_traps;
+        let guarded = |addr| traps.as_ref().is_some_and(|t| t.guarded(addr).is_some());
+        Ok(dispatch(view, &self.bus, guarded, &mut self.stats, self.index))
     }
 
     fn on_internal_error(&mut self, suberror: u32) -> Action {
@@ -365,7 +344,7 @@ impl Vcpu {
         }
         let (mut regs, sregs) = match self.registers() {
             Ok(r) => r,
-            Err(e) => return Action::Stop(StopReason::Crashed(e)),
+            Err(e) => return Action::Stop(StopReason::Crashed(e.to_string())),
         };
         // An int3 of ours (a software-breakpoint hook) on this host: KVM could not emulate it.
         if let Some((op, len)) = self
@@ -375,7 +354,7 @@ impl Vcpu {
         {
             return match self.on_soft_hook(op, len, regs, sregs) {
                 Ok(()) => Action::Continue,
-                Err(e) => Action::Stop(StopReason::Crashed(e)),
+                Err(e) => Action::Stop(StopReason::Crashed(e.to_string())),
             };
         }
         let view = GuestView::new(&self.memory, &sregs);
@@ -383,7 +362,7 @@ impl Vcpu {
         match emulation::complete(&view, &mut regs, &sregs) {
             Ok(completion) => {
                 if self.trace {
-                    eprintln!(
+                    log::info!(
                         "vigil: vcpu{} completed {} at {rip:#x}",
                         self.index,
                         completion.name()
@@ -399,7 +378,7 @@ impl Vcpu {
                 }
                 if completion == Completion::Int3Injected {
                     if let Err(e) = self.inject_exception(BP_VECTOR) {
-                        return Action::Stop(StopReason::Crashed(e));
+                        return Action::Stop(StopReason::Crashed(e.to_string()));
                     }
                 }
                 Action::Continue
@@ -408,11 +387,11 @@ impl Vcpu {
         }
     }
 
-    fn inject_exception(&self, vector: u8) -> Result<(), String> {
+    fn inject_exception(&self, vector: u8) -> Result<(), VcpuError> {
         let mut events = self
             .fd
             .get_vcpu_events()
-            .map_err(|e| format!("KVM_GET_VCPU_EVENTS: {e}"))?;
+            .map_err(kvm("KVM_GET_VCPU_EVENTS"))?;
         events.exception.injected = 1;
         events.exception.nr = vector;
         events.exception.has_error_code = 0;
@@ -420,18 +399,18 @@ impl Vcpu {
         events.exception.error_code = 0;
         self.fd
             .set_vcpu_events(&events)
-            .map_err(|e| format!("KVM_SET_VCPU_EVENTS: {e}"))
+            .map_err(kvm("KVM_SET_VCPU_EVENTS"))
     }
 
-    fn registers(&self) -> Result<(kvm_regs, kvm_sregs), String> {
+    fn registers(&self) -> Result<(kvm_regs, kvm_sregs), VcpuError> {
         let regs = self
             .fd
             .get_regs()
-            .map_err(|e| format!("KVM_GET_REGS: {e}"))?;
+            .map_err(kvm("KVM_GET_REGS"))?;
         let sregs = self
             .fd
             .get_sregs()
-            .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+            .map_err(kvm("KVM_GET_SREGS"))?;
         Ok((regs, sregs))
     }
 
@@ -485,7 +464,7 @@ impl Vcpu {
     /// Programs the vCPU's guest-debug state: DR0 on the guest's #PF handler (the syscall fix),
     /// DR1-DR3 on the introspection hooks; or, while stepping over one of them, no breakpoint and
     /// single stepping.
-    fn program_debug(&self, single_step: bool) -> Result<(), String> {
+    fn program_debug(&self, single_step: bool) -> Result<(), VcpuError> {
         let mut debug = kvm_guest_debug {
             control: KVM_GUESTDBG_ENABLE,
             ..Default::default()
@@ -524,54 +503,45 @@ impl Vcpu {
         }
         self.fd
             .set_guest_debug(&debug)
-            .map_err(|e| format!("KVM_SET_GUEST_DEBUG: {e}"))
+            .map_err(kvm("KVM_SET_GUEST_DEBUG"))
     }
 
     fn on_debug(&mut self, pc: u64, dr6: u64, exception: u32) -> Action {
         self.stats.debug_exits += 1;
-        if exception == u32::from(BP_VECTOR) {
-            // A #BP intercepted with KVM_GUESTDBG_USE_SW_BP (hardware hosts): ours, or the
-            // guest's own int3, which it gets back as the CPU would have delivered it.
-            return match self.on_breakpoint(pc) {
-                Ok(()) => Action::Continue,
-                Err(e) => Action::Stop(StopReason::Crashed(e)),
-            };
-        }
-        if self.trace {
-            eprintln!(
+        let kind = classify_debug(
+            pc,
+            dr6,
+            exception,
+            self.state == VcpuState::SteppingOver,
+            self.introspection.as_ref().and_then(|i| i.hook_at(pc)),
+            self.syscall_fix.pf_handler,
+        );
+        if self.trace && kind != DebugExit::Breakpoint {
+            log::info!(
                 "vigil: vcpu{} debug exit at {pc:#x} dr6={dr6:#x}",
                 self.index
             );
         }
-        if self.state == VcpuState::SteppingOver || (dr6 & DR6_BS != 0 && dr6 & DR6_B0 == 0) {
-            // The instruction under our breakpoint ran: put the breakpoint back.
-            self.state = VcpuState::Running;
-            return match self.program_debug(false) {
-                Ok(()) => Action::Continue,
-                Err(e) => Action::Stop(StopReason::Crashed(e)),
-            };
-        }
-        if let Some(op) = self.introspection.as_ref().and_then(|i| i.hook_at(pc)) {
-            return match self.on_hook(op, pc) {
-                Ok(()) => Action::Continue,
-                Err(e) => Action::Stop(StopReason::Crashed(e)),
-            };
-        }
-        if Some(pc) == self.syscall_fix.pf_handler {
-            return match self.on_page_fault_entry(pc) {
-                Ok(()) => Action::Continue,
-                Err(e) => Action::Stop(StopReason::Crashed(e)),
-            };
-        }
-        // Not ours (a stale breakpoint after the guest changed its IDT): step past it.
-        match self.step_over(pc) {
+        let done = match kind {
+            // Ours, or the guest's own int3, which it gets back as the CPU would have
+            // delivered it.
+            DebugExit::Breakpoint => self.on_breakpoint(pc),
+            DebugExit::SteppedOver => {
+                self.state = VcpuState::Running;
+                self.program_debug(false)
+            }
+            DebugExit::Hook(op) => self.on_hook(op, pc),
+            DebugExit::PageFaultEntry => self.on_page_fault_entry(pc),
+            DebugExit::Stale => self.step_over(pc),
+        };
+        match done {
             Ok(()) => Action::Continue,
-            Err(e) => Action::Stop(StopReason::Crashed(e)),
+            Err(e) => Action::Stop(StopReason::Crashed(e.to_string())),
         }
     }
 
     /// A #BP exit on a hardware host: a software-breakpoint hook of ours, or the guest's own.
-    fn on_breakpoint(&mut self, pc: u64) -> Result<(), String> {
+    fn on_breakpoint(&mut self, pc: u64) -> Result<(), VcpuError> {
         let (mut regs, sregs) = self.registers()?;
         if let Some((op, len)) = self.introspection.as_ref().and_then(|i| i.soft_hook_at(pc)) {
             return self.on_soft_hook(op, len, regs, sregs);
@@ -579,7 +549,7 @@ impl Vcpu {
         regs.rip = pc.wrapping_add(1);
         self.fd
             .set_regs(&regs)
-            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+            .map_err(kvm("KVM_SET_REGS"))?;
         self.inject_exception(BP_VECTOR)
     }
 
@@ -591,9 +561,9 @@ impl Vcpu {
         len: u64,
         mut regs: kvm_regs,
         sregs: kvm_sregs,
-    ) -> Result<(), String> {
+    ) -> Result<(), VcpuError> {
         let Some(introspection) = self.introspection.clone() else {
-            return Err("a software hook without introspection".into());
+            return Err(VcpuError::SoftHookWithoutIntrospection);
         };
         let entry = regs.rip;
         let outcome = if introspection.bare.contains(&op) {
@@ -610,11 +580,11 @@ impl Vcpu {
         }
         self.fd
             .set_regs(&regs)
-            .map_err(|e| format!("KVM_SET_REGS: {e}"))
+            .map_err(kvm("KVM_SET_REGS"))
     }
 
     /// A socket LSM hook was hit: attribute, decide, apply (see [`crate::introspect`]).
-    fn on_hook(&mut self, op: SocketOp, pc: u64) -> Result<(), String> {
+    fn on_hook(&mut self, op: SocketOp, pc: u64) -> Result<(), VcpuError> {
         let Some(introspection) = self.introspection.clone() else {
             return self.step_over(pc);
         };
@@ -632,7 +602,7 @@ impl Vcpu {
             HookOutcome::Denied => self
                 .fd
                 .set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS: {e}")),
+                .map_err(kvm("KVM_SET_REGS")),
             HookOutcome::Allow => self.step_over(pc),
         }
     }
@@ -658,7 +628,7 @@ impl Vcpu {
 
     /// The guest is entering its #PF handler. If the fault is the half-done `syscall` (faulting RIP
     /// is LSTAR, CS is a user selector), finish the `syscall`; otherwise let the handler run.
-    fn on_page_fault_entry(&mut self, pc: u64) -> Result<(), String> {
+    fn on_page_fault_entry(&mut self, pc: u64) -> Result<(), VcpuError> {
         let (mut regs, mut sregs) = self.registers()?;
         let view = GuestView::new(&self.memory, &sregs);
         // Exception frame with error code: [rsp] error, +8 RIP, +16 CS, +24 RFLAGS, +32 RSP, +40 SS.
@@ -688,10 +658,10 @@ impl Vcpu {
         regs.rflags = (frame_rflags & !msrs.sfmask) | RFLAGS_FIXED;
         self.fd
             .set_sregs(&sregs)
-            .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+            .map_err(kvm("KVM_SET_SREGS"))?;
         self.fd
             .set_regs(&regs)
-            .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+            .map_err(kvm("KVM_SET_REGS"))?;
         self.stats.syscalls_completed += 1;
         if !self.write_traps_tried && self.introspection.is_some() {
             // The first system call of the init process (pid 1) from user mode: the kernel has
@@ -718,18 +688,22 @@ impl Vcpu {
     }
 
     /// Reads MSRs of this vCPU, in the order asked.
-    fn read_msrs<const N: usize>(&self, indices: [u32; N]) -> Result<[u64; N], String> {
+    fn read_msrs<const N: usize>(&self, indices: [u32; N]) -> Result<[u64; N], VcpuError> {
         let entries = indices.map(|index| kvm_msr_entry {
             index,
             ..Default::default()
         });
-        let mut msrs = Msrs::from_entries(&entries).map_err(|e| format!("MSR list: {e:?}"))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(VcpuError::MsrList)?;
         let read = self
             .fd
             .get_msrs(&mut msrs)
-            .map_err(|e| format!("KVM_GET_MSRS: {e}"))?;
+            .map_err(kvm("KVM_GET_MSRS"))?;
         if read != N {
-            return Err(format!("KVM_GET_MSRS read {read} of {N} MSRs {indices:x?}"));
+            return Err(VcpuError::MsrsShort {
+                read,
+                wanted: N,
+                indices: format!("{indices:x?}"),
+            });
         }
         let mut values = [0u64; N];
         for (value, entry) in values.iter_mut().zip(msrs.as_slice()) {
@@ -756,10 +730,10 @@ impl Vcpu {
         let slide_error = match self.syscall_msrs() {
             Ok(msrs) => match introspection.adopt_slide(msrs.lstar) {
                 Ok(0) => None,
-                Ok(_) => self.program_debug(false).err(),
-                Err(e) => Some(e),
+                Ok(_) => self.program_debug(false).err().map(|e| e.to_string()),
+                Err(e) => Some(e.to_string()),
             },
-            Err(e) => Some(e),
+            Err(e) => Some(e.to_string()),
         };
         if let Some(e) = slide_error {
             introspection.write_traps_armed(&[], Some(format!("KASLR check: {e}")));
@@ -799,14 +773,14 @@ impl Vcpu {
                 );
                 Action::Continue
             }
-            Err(e) => Action::Stop(StopReason::Crashed(e)),
+            Err(e) => Action::Stop(StopReason::Crashed(e.to_string())),
         }
     }
 
     /// Resumes past our breakpoint at `pc` without RFLAGS.RF (ignored by this host's KVM): emulate
     /// the instruction when it has no effect beyond RIP (`endbr64`, NOPs), else single-step it
     /// with the breakpoint off.
-    fn step_over(&mut self, pc: u64) -> Result<(), String> {
+    fn step_over(&mut self, pc: u64) -> Result<(), VcpuError> {
         let (mut regs, sregs) = self.registers()?;
         let view = GuestView::new(&self.memory, &sregs);
         if let Ok(insn) = emulation::decode_at_rip(&view, &regs, &sregs) {
@@ -815,14 +789,14 @@ impl Vcpu {
                 return self
                     .fd
                     .set_regs(&regs)
-                    .map_err(|e| format!("KVM_SET_REGS: {e}"));
+                    .map_err(kvm("KVM_SET_REGS"));
             }
         }
         self.state = VcpuState::SteppingOver;
         self.program_debug(true)
     }
 
-    fn syscall_msrs(&self) -> Result<SyscallMsrs, String> {
+    fn syscall_msrs(&self) -> Result<SyscallMsrs, VcpuError> {
         let [star, lstar, sfmask] = self.read_msrs([MSR_STAR, MSR_LSTAR, MSR_SYSCALL_MASK])?;
         Ok(SyscallMsrs {
             star,

@@ -1,0 +1,327 @@
+//! The device bus of one VM: the serial console on COM1, the firmware-less exit and idle ports of
+//! the micro-VM, the ACPI sleep and i8042 reset ports, and the MMIO windows of its virtio devices.
+//!
+//! Owns: routing one port I/O or MMIO access to the device behind it, and what such an access
+//! decides (go on, or stop the VM with a reason); the console's output (log file, stdout lines,
+//! boot-marker timing); saving and restoring the state of the devices on the bus.
+//! Must not: issue KVM ioctls or know about vCPUs (the vCPU loop calls in here, never the
+//! reverse), or trust the guest's access sizes, offsets or values.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::MmioDevice;
+use crate::vcpu::StopReason;
+
+/// COM1 I/O ports.
+const COM1_BASE: u16 = 0x3f8;
+const COM1_LEN: u16 = 8;
+/// i8042 command port; writing 0xfe pulses the CPU reset line (how Linux's `reboot=k` resets).
+const I8042_COMMAND_PORT: u16 = 0x64;
+const I8042_RESET_COMMAND: u8 = 0xfe;
+
+/// Result of a port write, for the vCPU loop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PioAction {
+    Continue,
+    Stop(StopReason),
+}
+
+/// Raises the serial interrupt through an irqfd.
+pub struct EventFdTrigger(pub EventFd);
+
+impl Trigger for EventFdTrigger {
+    type E = std::io::Error;
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// The serial console's output: a per-VM log file and, optionally, stdout line by line.
+pub struct ConsoleOutput {
+    prefix: String,
+    log: Option<File>,
+    stdout: bool,
+    line: Vec<u8>,
+    created: Instant,
+    markers: Vec<(String, Option<u64>)>,
+}
+
+impl ConsoleOutput {
+    /// Console output of the VM `name`: `log` gets every byte; with `stdout`, whole lines are
+    /// copied to stdout prefixed with `[name] `; each marker's first appearance is timed from
+    /// `created`.
+    pub fn new(
+        name: &str,
+        log: Option<File>,
+        stdout: bool,
+        created: Instant,
+        markers: &[String],
+    ) -> Self {
+        ConsoleOutput {
+            prefix: format!("[{name}] "),
+            log,
+            stdout,
+            line: Vec::new(),
+            created,
+            markers: markers.iter().map(|m| (m.clone(), None)).collect(),
+        }
+    }
+
+    /// Each marker seen so far, with when (ms since the VM was created).
+    pub fn markers_seen(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.markers
+            .iter()
+            .filter_map(|(marker, seen)| seen.map(|ms| (marker.as_str(), ms)))
+    }
+
+    fn end_of_line(&mut self) {
+        if self.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(self.prefix.as_bytes());
+            let _ = out.write_all(&self.line);
+            let _ = out.write_all(b"\n");
+            let _ = out.flush();
+        }
+        if self.markers.iter().any(|(_, seen)| seen.is_none()) {
+            let text = String::from_utf8_lossy(&self.line);
+            let now = self.created.elapsed().as_millis() as u64;
+            for (marker, seen) in self.markers.iter_mut() {
+                if seen.is_none() && text.contains(marker.as_str()) {
+                    *seen = Some(now);
+                }
+            }
+        }
+        self.line.clear();
+    }
+}
+
+impl Write for ConsoleOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Some(log) = self.log.as_mut() {
+            log.write_all(buf)?;
+        }
+        if self.stdout || !self.markers.is_empty() {
+            for &byte in buf {
+                if byte == b'\n' {
+                    self.end_of_line();
+                } else if byte != b'\r' && self.line.len() < 4096 {
+                    self.line.push(byte);
+                }
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(log) = self.log.as_mut() {
+            log.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// One device window on the bus.
+pub struct MmioSlot {
+    pub base: u64,
+    pub size: u64,
+    pub device: Arc<Mutex<dyn MmioDevice>>,
+}
+
+/// Why the devices' saved state could not be loaded.
+#[derive(Debug, Error)]
+pub enum BusError {
+    #[error("the snapshot has {saved} devices, this VM {present}")]
+    DeviceCount { saved: usize, present: usize },
+    #[error("device {index}: {message}")]
+    DeviceRestore { index: usize, message: String },
+}
+
+/// Routes port I/O and MMIO exits to devices. Shared by the VM's vCPUs.
+pub struct Bus {
+    serial: Mutex<Serial<EventFdTrigger, vm_superio::serial::NoEvents, ConsoleOutput>>,
+    mmio: Vec<MmioSlot>,
+    /// Whether the exit port ends the VM (micro-VMs only; a Linux tenant has no business there).
+    exit_port: bool,
+}
+
+impl Bus {
+    /// A bus with the console on COM1 (its interrupt raised through `serial_irq`) and the
+    /// given device windows. `exit_port`: the micro-VM's exit and idle ports are live.
+    pub fn new(
+        serial_irq: EventFd,
+        console: ConsoleOutput,
+        mmio: Vec<MmioSlot>,
+        exit_port: bool,
+    ) -> Self {
+        Bus {
+            serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), console)),
+            mmio,
+            exit_port,
+        }
+    }
+
+    /// Adds a device window (before the VM runs).
+    pub fn add_mmio(&mut self, slot: MmioSlot) {
+        self.mmio.push(slot);
+    }
+
+    /// Flushes the console and returns each marker's first appearance.
+    pub fn console_markers(&self) -> Vec<(String, u64)> {
+        match self.serial.lock() {
+            Ok(mut serial) => {
+                let console = serial.writer_mut();
+                let _ = console.flush();
+                console
+                    .markers_seen()
+                    .map(|(marker, ms)| (marker.to_string(), ms))
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Quiesces every MMIO device and returns their states (in bus order).
+    pub(crate) fn save_devices(&self) -> Vec<crate::snapshot::TransportSnapshot> {
+        self.mmio
+            .iter()
+            .filter_map(|slot| slot.device.lock().unwrap_or_else(|p| p.into_inner()).save())
+            .collect()
+    }
+
+    pub(crate) fn resume_devices(&self) {
+        for slot in &self.mmio {
+            slot.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .resume_after_save();
+        }
+    }
+
+    pub(crate) fn restore_devices(
+        &self,
+        states: &[crate::snapshot::TransportSnapshot],
+    ) -> Result<(), BusError> {
+        if states.len() != self.mmio.len() {
+            return Err(BusError::DeviceCount {
+                saved: states.len(),
+                present: self.mmio.len(),
+            });
+        }
+        for (index, (slot, state)) in self.mmio.iter().zip(states).enumerate() {
+            slot.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restore(state)
+                .map_err(|message| BusError::DeviceRestore { index, message })?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn save_serial(&self) -> crate::snapshot::SerialRegs {
+        let state = self
+            .serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .state();
+        crate::snapshot::SerialRegs {
+            divisor_low: state.baud_divisor_low,
+            divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            line_control: state.line_control,
+            modem_control: state.modem_control,
+            scratch: state.scratch,
+        }
+    }
+
+    /// Programs the serial port as the guest had it, through its registers (16550 offsets: 0
+    /// DLL, 1 DLM/IER, 3 LCR with DLAB = bit 7, 4 MCR, 7 SCR). Enabling the transmit interrupt
+    /// raises it, which restarts a guest that waited for it.
+    pub(crate) fn restore_serial(&self, regs: &crate::snapshot::SerialRegs) {
+        let mut serial = self.serial.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = serial.write(3, 0x80);
+        let _ = serial.write(0, regs.divisor_low);
+        let _ = serial.write(1, regs.divisor_high);
+        let _ = serial.write(3, regs.line_control & 0x7f);
+        let _ = serial.write(4, regs.modem_control);
+        let _ = serial.write(7, regs.scratch);
+        let _ = serial.write(1, regs.interrupt_enable);
+    }
+
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {
+        match port {
+            p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
+                if let (Some(&value), Ok(mut serial)) = (data.first(), self.serial.lock()) {
+                    // A console write error (full disk) must not stop the guest.
+                    let _ = serial.write((p - COM1_BASE) as u8, value);
+                }
+                PioAction::Continue
+            }
+            vigil_wire::boot::EXIT_PORT if self.exit_port => {
+                PioAction::Stop(StopReason::ExitCode(data.first().copied().unwrap_or(0)))
+            }
+            crate::acpi::SLEEP_CONTROL_PORT
+                if data
+                    .first()
+                    .is_some_and(|v| v & crate::acpi::SLEEP_ENABLE != 0) =>
+            {
+                PioAction::Stop(StopReason::Poweroff)
+            }
+            I8042_COMMAND_PORT if data.first() == Some(&I8042_RESET_COMMAND) => {
+                PioAction::Stop(StopReason::Reset)
+            }
+            _ => PioAction::Continue,
+        }
+    }
+
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
+        if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&port) {
+            if let Ok(mut serial) = self.serial.lock() {
+                let value = serial.read((port - COM1_BASE) as u8);
+                data.iter_mut().for_each(|b| *b = value);
+                return;
+            }
+        }
+        // Nothing there: the bus floats high, as on real hardware.
+        data.iter_mut().for_each(|b| *b = 0xff);
+    }
+
+    fn mmio_slot(&self, addr: u64) -> Option<&MmioSlot> {
+        self.mmio
+            .iter()
+            .find(|slot| addr >= slot.base && addr - slot.base < slot.size)
+    }
+
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        match self.mmio_slot(addr) {
+            Some(slot) => match slot.device.lock() {
+                Ok(mut device) => device.mmio_read(addr - slot.base, data),
+                Err(_) => data.fill(0),
+            },
+            None => data.fill(0),
+        }
+    }
+
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        if self.exit_port && addr == vigil_wire::boot::IDLE_MMIO_ADDR {
+            // The micro-VM has nothing to do: keep its vCPU off the CPU for a bounded while.
+            let mut value = [0u8; 4];
+            let n = data.len().min(4);
+            value[..n].copy_from_slice(&data[..n]);
+            let us = u32::from_le_bytes(value).min(vigil_wire::boot::IDLE_MAX_US);
+            std::thread::sleep(Duration::from_micros(u64::from(us)));
+            return;
+        }
+        if let Some(slot) = self.mmio_slot(addr) {
+            if let Ok(mut device) = slot.device.lock() {
+                device.mmio_write(addr - slot.base, data);
+            }
+        }
+    }
+}

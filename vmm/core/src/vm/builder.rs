@@ -1,0 +1,568 @@
+//! Building a VM, one named step per resource (Firecracker's `builder.rs`): read the inputs,
+//! create the KVM VM, guest memory, the serial console, the network devices, the vCPUs, and load
+//! the payload (kernel or micro-VM, its boot information, ACPI, the PVH entry state).
+//!
+//! Owns: the order of those steps and each step's KVM calls, the kernel-profile cache, CPUID
+//! and the PVH entry state of the boot vCPU.
+//! Must not: run the guest, or read the environment (knobs come in the config).
+
+use std::fs::{self, File};
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_regs, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ioctl, Vm, VmError};
+use crate::boot::{self, BootModule};
+use crate::bus::{Bus, ConsoleOutput, MmioSlot};
+use crate::config::{NetBackend, Payload, VmConfig};
+use crate::devices::tap::Tap;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::{FrameLink, Net};
+use crate::devices::vxlan::Vxlan;
+use crate::devices::{MmioDevice, MmioDeviceInfo};
+use crate::host_kind::HostKind;
+use crate::introspect::Introspection;
+use crate::layout::*;
+use crate::run_control::RunControl;
+use crate::vcpu::Vcpu;
+use crate::verdict_region::VerdictRegion;
+use crate::write_trap::{RamSlot, WriteTraps};
+
+/// Where KVM's TSS and identity-map pages go (below the 4 GiB boundary, inside the MMIO hole).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+impl Vm {
+    /// Builds a VM: memory, irqchip, devices, payload loaded, vCPUs at the PVH entry.
+    pub fn create(config: &VmConfig, host: HostKind) -> Result<Vm, VmError> {
+        let created = Instant::now();
+        // TODO(house): carried in `config.debug` once every caller builds its config with knobs.
+        let knobs = crate::knobs::DebugKnobs::from_env();
+        config.validate()?;
+        // Read every input before touching KVM, so bad input fails fast and clearly.
+        let inputs = BootInputs::read(config, host)?;
+        let introspection = introspection(config, &inputs.elf, &knobs)?;
+        let (kvm, fd) = kvm_vm()?;
+        let memory = guest_memory(&fd, config.mem_bytes())?;
+        let (serial_irq, console) = serial_console(config, &fd, created)?;
+        let nets = net_devices(config, &fd, &memory)?;
+        let bus = Arc::new(Bus::new(serial_irq, console, nets.slots, inputs.exit_port));
+        let fd = Arc::new(fd);
+        let vcpu_fds = vcpu_fds(&kvm, &fd, config.vcpus, host)?;
+        let verdict_region = load_payload(
+            config,
+            host,
+            &memory,
+            inputs,
+            &nets.ports,
+            &vcpu_fds[0],
+            knobs.tsc_dilation,
+        )?;
+        let write_traps = write_traps(config, introspection.is_some(), &fd, &memory)?;
+        let vcpus = vcpu_fds
+            .into_iter()
+            .zip(0..)
+            .map(|(vcpu_fd, index)| {
+                Vcpu::new(
+                    index,
+                    vcpu_fd,
+                    memory.clone(),
+                    bus.clone(),
+                    host,
+                    introspection.clone(),
+                    write_traps.clone(),
+                    &knobs,
+                )
+            })
+            .collect();
+        Ok(Vm {
+            introspection,
+            verdict_region,
+            stop: Arc::new(AtomicBool::new(false)),
+            control: Arc::new(RunControl::default()),
+            name: config.name.clone(),
+            host,
+            _kvm: kvm,
+            fd,
+            memory,
+            bus,
+            vcpus,
+            created,
+            profile: knobs.profile.clone(),
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<Vec<u8>, VmError> {
+    fs::read(path).map_err(|source| VmError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What the payload needs, read from files before KVM is touched.
+struct BootInputs {
+    /// The ELF to load: a Linux vmlinux (extracted from a bzImage if need be) or the micro-VM.
+    elf: Vec<u8>,
+    initramfs: Option<Vec<u8>>,
+    /// The kernel command line so far (the host profile's part included).
+    cmdline: String,
+    /// The micro-VM's exit port is live.
+    exit_port: bool,
+}
+
+impl BootInputs {
+    fn read(config: &VmConfig, host: HostKind) -> Result<BootInputs, VmError> {
+        Ok(match &config.payload {
+            Payload::Linux {
+                kernel,
+                initramfs,
+                cmdline,
+            } => {
+                let image = read_file(kernel)?;
+                let elf = boot::kernel_elf(&image).map_err(|e| VmError::KernelImage {
+                    path: kernel.clone(),
+                    message: e.to_string(),
+                })?;
+                let initramfs = initramfs.as_deref().map(read_file).transpose()?;
+                let profile = host.linux_cmdline();
+                let cmdline = if profile.is_empty() {
+                    cmdline.clone()
+                } else {
+                    format!("{cmdline} {profile}")
+                };
+                BootInputs {
+                    elf,
+                    initramfs,
+                    cmdline,
+                    exit_port: false,
+                }
+            }
+            Payload::MicroVm { elf, role, .. } => BootInputs {
+                elf: read_file(elf)?,
+                initramfs: None,
+                cmdline: format!("role={}", role.name()),
+                exit_port: true,
+            },
+        })
+    }
+}
+
+/// A Linux tenant under a policy: its kernel's hooks and the policy, compiled.
+fn introspection(
+    config: &VmConfig,
+    elf: &[u8],
+    knobs: &crate::knobs::DebugKnobs,
+) -> Result<Option<Arc<Introspection>>, VmError> {
+    let Some(path) = &config.policy else {
+        return Ok(None);
+    };
+    let text = fs::read_to_string(path).map_err(|source| VmError::ReadFile {
+        path: path.clone(),
+        source,
+    })?;
+    let policy: trap_handler::policy::PolicySpec =
+        serde_json::from_str(&text).map_err(|source| VmError::Policy {
+            path: path.clone(),
+            source,
+        })?;
+    let profile = kernel_profile(elf, knobs.cache_dir.as_deref())?;
+    let introspection = Introspection::new(&config.name, profile, policy)
+        .map_err(|e| VmError::Introspection(e.to_string()))?;
+    Ok(Some(Arc::new(introspection)))
+}
+
+/// The kernel's introspection profile (symbols from kallsyms, struct layouts from BTF), cached
+/// per build id in `cache` (see [`crate::knobs::DebugKnobs::cache_dir`]): the analysis reads
+/// the whole vmlinux, the cache one small JSON file.
+fn kernel_profile(
+    elf: &[u8],
+    cache: Option<&Path>,
+) -> Result<trap_handler::KernelProfile, VmError> {
+    let build_id = trap_handler::elf::Elf::parse(elf)
+        .ok()
+        .and_then(|e| e.build_id().map(trap_handler::elf::hex));
+    if let (Some(dir), Some(id)) = (cache, &build_id) {
+        if let Some(profile) = trap_handler::KernelProfile::load_cached(dir, id) {
+            log::info!(
+                "vigil: kernel profile {id} from the cache ({})",
+                dir.display()
+            );
+            return Ok(profile);
+        }
+    }
+    let analysis = trap_handler::analyze_vmlinux(elf).map_err(VmError::KernelAnalysis)?;
+    if let Some(dir) = cache {
+        match analysis.profile.save_cached(dir) {
+            Ok(path) => log::info!("vigil: kernel profile cached in {}", path.display()),
+            Err(e) => log::warn!("vigil: kernel profile not cached ({}): {e}", dir.display()),
+        }
+    }
+    Ok(analysis.profile)
+}
+
+/// The KVM VM with its in-kernel interrupt controllers and PIT.
+fn kvm_vm() -> Result<(Kvm, VmFd), VmError> {
+    let kvm = Kvm::new().map_err(VmError::Kvm)?;
+    let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    fd.set_tss_address(KVM_TSS_ADDRESS)
+        .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
+    fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
+    fd.create_pit2(kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    })
+    .map_err(ioctl("KVM_CREATE_PIT2"))?;
+    Ok((kvm, fd))
+}
+
+/// Guest RAM from 0, registered with KVM.
+fn guest_memory(fd: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
+    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
+        .map_err(|e| VmError::Memory(e.to_string()))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let region_desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Memory(e.to_string()))? as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is mapped for the lifetime of `memory`, which the Vm owns and
+        // which outlives the VM file descriptor's use of it.
+        unsafe { fd.set_user_memory_region(region_desc) }
+            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(memory)
+}
+
+/// The console on COM1: its interrupt (an irqfd on GSI 4) and its output.
+fn serial_console(
+    config: &VmConfig,
+    fd: &VmFd,
+    created: Instant,
+) -> Result<(EventFd, ConsoleOutput), VmError> {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::SerialIrq)?;
+    fd.register_irqfd(&serial_irq, SERIAL_GSI)
+        .map_err(ioctl("KVM_IRQFD (serial)"))?;
+    let log = match &config.console.log {
+        Some(path) => Some(File::create(path).map_err(|source| VmError::ConsoleLog {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let console = ConsoleOutput::new(
+        &config.name,
+        log,
+        config.console.stdout,
+        created,
+        &config.console.markers,
+    );
+    Ok((serial_irq, console))
+}
+
+/// The network devices on the bus, and what the payload must know of them.
+struct NetDevices {
+    slots: Vec<MmioSlot>,
+    /// Each device's window and GSI, with the tenant behind it (a switch port's).
+    ports: Vec<(MmioDeviceInfo, u32)>,
+}
+
+/// Network interfaces: virtio-net over virtio-mmio, one window and one GSI each; TAP or VXLAN
+/// backed ones first (a TAP opened in the named network namespace when one is given), then the
+/// in-process links.
+fn net_devices(
+    config: &VmConfig,
+    fd: &VmFd,
+    memory: &GuestMemoryMmap,
+) -> Result<NetDevices, VmError> {
+    let mut backends: Vec<(Box<dyn FrameLink>, [u8; 6], u32)> = Vec::new();
+    for (index, net) in config.nets.iter().enumerate() {
+        let backend = || net.backend.to_string();
+        let link: Box<dyn FrameLink> = match &net.backend {
+            NetBackend::Tap { name, netns } => Box::new(
+                Tap::open(name, netns.as_deref()).map_err(|source| VmError::Tap {
+                    index,
+                    backend: backend(),
+                    source,
+                })?,
+            ),
+            NetBackend::Vxlan { local, peer, vni } => Box::new(
+                Vxlan::bind(*local, peer.iter().copied().collect(), *vni).map_err(|source| {
+                    VmError::Vxlan {
+                        index,
+                        backend: backend(),
+                        source,
+                    }
+                })?,
+            ),
+        };
+        backends.push((link, net.mac, net.tenant));
+    }
+    for (index, link) in config.links.iter().enumerate() {
+        let end = link
+            .link
+            .try_clone()
+            .map_err(|source| VmError::LinkSocket { index, source })?;
+        backends.push((Box::new(end), link.mac, link.tenant));
+    }
+    let mut devices = NetDevices {
+        slots: Vec::new(),
+        ports: Vec::new(),
+    };
+    for (index, (backend, mac, tenant)) in backends.into_iter().enumerate() {
+        let (base, size) = virtio_mmio_window(index as u32);
+        let info = MmioDeviceInfo {
+            base,
+            size,
+            gsi: VIRTIO_FIRST_GSI + index as u32,
+        };
+        let net_error = |source| VmError::NetDevice { index, source };
+        let transport = MmioTransport::new(memory.clone(), Box::new(Net::new(backend, mac)))
+            .map_err(net_error)?;
+        transport.register_with_kvm(fd, &info).map_err(net_error)?;
+        let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));
+        devices.slots.push(MmioSlot { base, size, device });
+        devices.ports.push((info, tenant));
+    }
+    Ok(devices)
+}
+
+/// The vCPUs' file descriptors, each with its CPUID.
+fn vcpu_fds(kvm: &Kvm, fd: &VmFd, count: u8, host: HostKind) -> Result<Vec<VcpuFd>, VmError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(ioctl("KVM_GET_SUPPORTED_CPUID"))?;
+    let mut vcpus = Vec::new();
+    for index in 0..count {
+        let vcpu_fd = fd
+            .create_vcpu(u64::from(index))
+            .map_err(ioctl("KVM_CREATE_VCPU"))?;
+        patch_cpuid(&mut cpuid, index, host);
+        vcpu_fd
+            .set_cpuid2(&cpuid)
+            .map_err(ioctl("KVM_SET_CPUID2"))?;
+        vcpus.push(vcpu_fd);
+    }
+    Ok(vcpus)
+}
+
+/// Loads the payload and everything it starts with: the ELF; module 0 (the initramfs of a Linux
+/// tenant, or Vigil's typed boot information for the micro-VM, naming its RAM, devices and
+/// verdict region); the micro-VM's verdict region (ring + counters) at the top of its RAM, with
+/// the verdicts it starts with already in the ring; the command line; ACPI for Linux; and the
+/// PVH entry state of the boot vCPU. Returns the verdict region.
+fn load_payload(
+    config: &VmConfig,
+    host: HostKind,
+    memory: &GuestMemoryMmap,
+    inputs: BootInputs,
+    ports: &[(MmioDeviceInfo, u32)],
+    boot_vcpu: &VcpuFd,
+    tsc_dilation: u64,
+) -> Result<Option<Arc<VerdictRegion>>, VmError> {
+    let mem_size = config.mem_bytes();
+    let name = match &config.payload {
+        Payload::Linux { kernel, .. } => kernel.display().to_string(),
+        Payload::MicroVm { elf, .. } => elf.display().to_string(),
+    };
+    let kernel = boot::load_elf(memory, &name, &inputs.elf)?;
+    let verdict_region = match &config.payload {
+        Payload::MicroVm { verdicts, .. } => {
+            let region = VerdictRegion::reserve(memory, mem_size)
+                .map_err(|e| VmError::VerdictRegion(e.to_string()))?;
+            region.push(verdicts).map_err(VmError::VerdictRing)?;
+            Some(Arc::new(region))
+        }
+        Payload::Linux { .. } => None,
+    };
+    let boot_info = match &config.payload {
+        Payload::MicroVm { role, .. } => {
+            let mut info = vigil_wire::boot::BootInfo::new(*role, mem_size);
+            // The switch ports, in order: the micro-VM finds them here (it has no ACPI).
+            for (device, tenant) in ports {
+                info.push_device(vigil_wire::boot::MmioDevice {
+                    base: device.base,
+                    size: device.size,
+                    irq: device.gsi,
+                    tenant: *tenant,
+                })
+                .map_err(VmError::BootInfo)?;
+            }
+            if let Some(region) = &verdict_region {
+                info.verdict_base = region.gpa;
+                info.verdict_size = region.size();
+            }
+            Some(info.encode())
+        }
+        Payload::Linux { .. } => None,
+    };
+    let modules: Vec<BootModule<'_>> = match (&inputs.initramfs, &boot_info) {
+        (Some(bytes), _) => vec![BootModule { bytes, at: None }],
+        (None, Some(info)) => vec![BootModule {
+            bytes: info,
+            at: Some(VIGIL_BOOT_INFO_START),
+        }],
+        (None, None) => Vec::new(),
+    };
+    let mut cmdline = inputs.cmdline;
+    cmdline.push_str(&tsc_cmdline(config, host, boot_vcpu, tsc_dilation));
+    // Linux learns its interrupt controllers and devices from ACPI; the micro-VM needs neither
+    // (it polls).
+    let rsdp = match config.payload {
+        Payload::Linux { .. } => {
+            let infos: Vec<MmioDeviceInfo> = ports.iter().map(|(info, _)| *info).collect();
+            Some(
+                crate::acpi::write_acpi_tables(memory, config.vcpus, &infos)
+                    .map_err(VmError::Acpi)?
+                    .0,
+            )
+        }
+        Payload::MicroVm { .. } => None,
+    };
+    let start_info =
+        boot::write_pvh_start_info(memory, mem_size, &kernel, &cmdline, &modules, rsdp)?;
+    set_pvh_entry_state(boot_vcpu, kernel.pvh_entry, start_info)?;
+    Ok(verdict_region)
+}
+
+/// What the command line says about the TSC. The guest cannot calibrate its TSC against the PIT
+/// when its ring 0 is emulated (the calibration loop is thousands of times slower than the PIT it
+/// counts): tell it the frequency KVM runs its TSC at (times the knob's dilation). The micro-VM
+/// keeps time with the TSC (conntrack timeouts, verdict lifetimes).
+fn tsc_cmdline(config: &VmConfig, host: HostKind, boot_vcpu: &VcpuFd, tsc_dilation: u64) -> String {
+    match config.payload {
+        Payload::Linux { .. } if host == HostKind::Emulating => match boot_vcpu.get_tsc_khz() {
+            Ok(khz) => format!(
+                " tsc_early_khz={}",
+                u64::from(khz).saturating_mul(tsc_dilation)
+            ),
+            Err(_) => String::new(),
+        },
+        Payload::Linux { .. } => String::new(),
+        Payload::MicroVm { .. } => match boot_vcpu.get_tsc_khz() {
+            Ok(khz) => format!(" tsc_khz={khz}"),
+            Err(_) => String::new(),
+        },
+    }
+}
+
+/// Write traps guard a tenant's hooked kernel pages once it has booted (with introspection).
+fn write_traps(
+    config: &VmConfig,
+    introspection: bool,
+    fd: &Arc<VmFd>,
+    memory: &GuestMemoryMmap,
+) -> Result<Option<Arc<WriteTraps>>, VmError> {
+    if !introspection {
+        return Ok(None);
+    }
+    let host_addr = memory
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| VmError::Memory(e.to_string()))? as u64;
+    Ok(Some(Arc::new(WriteTraps::new(
+        fd.clone(),
+        RamSlot {
+            slot: 0,
+            size: config.mem_bytes(),
+            host_addr,
+        },
+        usize::from(config.vcpus),
+    ))))
+}
+
+/// CPUID for one vCPU: its APIC ID in leaf 1 and 0xB. On an emulating host the KVM paravirt leaves
+/// are removed (no kvmclock: kvm-here.md), since the hypervisor leaf is the part honoured there.
+fn patch_cpuid(cpuid: &mut CpuId, index: u8, host: HostKind) {
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+            }
+            0xb => {
+                entry.edx = u32::from(index);
+            }
+            0x4000_0000..=0x4000_00ff if host == HostKind::Emulating => {
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            _ => {}
+        }
+    }
+}
+
+/// PVH entry state (Xen docs/misc/pvh.pandoc): 32-bit protected mode, paging off, flat 4 GiB CS
+/// (execute/read) and DS/ES/SS (read/write), EBX = start info, everything else zero.
+fn set_pvh_entry_state(
+    vcpu: &kvm_ioctls::VcpuFd,
+    entry: u64,
+    start_info: u64,
+) -> Result<(), VmError> {
+    let mut sregs = vcpu.get_sregs().map_err(ioctl("KVM_GET_SREGS"))?;
+    // 32-bit flat code and data (PVH: protected mode, paging off).
+    let code = flat_segment(0x10, 0xb, false, true);
+    let data = flat_segment(0x18, 0x3, false, true);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 = 0x1 | 0x10; // PE | ET
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    vcpu.set_sregs(&sregs).map_err(ioctl("KVM_SET_SREGS"))?;
+    let regs = kvm_regs {
+        rip: entry,
+        rbx: start_info,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(ioctl("KVM_SET_REGS"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpuid() -> CpuId {
+        let mut cpuid = CpuId::new(3).unwrap();
+        let entries = cpuid.as_mut_slice();
+        entries[0].function = 1;
+        entries[0].ebx = 0xaa12_3456;
+        entries[1].function = 0xb;
+        entries[2].function = 0x4000_0000;
+        entries[2].eax = 0x4000_0001;
+        entries[2].ebx = 0x4b4d_564b;
+        cpuid
+    }
+
+    #[test]
+    fn cpuid_names_each_vcpu_and_hides_kvm_on_emulating_hosts() {
+        let mut emulating = cpuid();
+        patch_cpuid(&mut emulating, 3, HostKind::Emulating);
+        let e = emulating.as_slice();
+        assert_eq!(e[0].ebx, 0x0312_3456, "APIC ID in leaf 1 EBX[31:24]");
+        assert_eq!(e[1].edx, 3, "x2APIC ID in leaf 0xB");
+        assert_eq!((e[2].eax, e[2].ebx), (0, 0), "no KVM signature");
+        let mut hardware = cpuid();
+        patch_cpuid(&mut hardware, 1, HostKind::Hardware);
+        let h = hardware.as_slice();
+        assert_eq!(h[0].ebx, 0x0112_3456);
+        assert_eq!(h[2].ebx, 0x4b4d_564b, "the KVM leaves stay on hardware");
+    }
+}
