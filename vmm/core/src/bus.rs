@@ -325,3 +325,77 @@ impl Bus {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_logs_every_byte_and_times_markers_on_whole_lines() {
+        let path = std::env::temp_dir().join(format!("vigil-bus-test-{}.log", std::process::id()));
+        let log = File::create(&path).unwrap();
+        let mut console = ConsoleOutput::new(
+            "t",
+            Some(log),
+            false,
+            Instant::now(),
+            &["ready".to_string(), "never".to_string()],
+        );
+        console.write_all(b"boot\r\nrea").unwrap();
+        assert_eq!(
+            console.markers_seen().count(),
+            0,
+            "half a line is not a line"
+        );
+        console.write_all(b"dy now\n").unwrap();
+        console.flush().unwrap();
+        let seen: Vec<&str> = console.markers_seen().map(|(m, _)| m).collect();
+        assert_eq!(seen, ["ready"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"boot\r\nready now\n");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn device_states_must_match_the_bus() {
+        let bus = Bus::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::new("t", None, false, Instant::now(), &[]),
+            Vec::new(),
+            false,
+        );
+        let state = crate::snapshot::TransportSnapshot::default();
+        let e = bus.restore_devices(&[state]).unwrap_err();
+        assert_eq!(e.to_string(), "the snapshot has 1 devices, this VM 0");
+        assert!(bus.save_devices().is_empty());
+        assert!(bus.restore_devices(&[]).is_ok());
+    }
+
+    #[test]
+    fn serial_registers_survive_save_and_restore() {
+        let new_bus = || {
+            Bus::new(
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                ConsoleOutput::new("t", None, false, Instant::now(), &[]),
+                Vec::new(),
+                false,
+            )
+        };
+        let a = new_bus();
+        a.pio_write(COM1_BASE + 3, &[0x80]);
+        a.pio_write(COM1_BASE, &[0x0c]);
+        a.pio_write(COM1_BASE + 3, &[0x03]);
+        a.pio_write(COM1_BASE + 7, &[0x42]);
+        let saved = a.save_serial();
+        assert_eq!(
+            (saved.divisor_low, saved.line_control, saved.scratch),
+            (0x0c, 0x03, 0x42)
+        );
+        let b = new_bus();
+        b.restore_serial(&saved);
+        let again = b.save_serial();
+        assert_eq!(
+            (again.divisor_low, again.line_control, again.scratch),
+            (0x0c, 0x03, 0x42)
+        );
+    }
+}

@@ -13,33 +13,33 @@
 //! knobs come in a [`DebugKnobs`]).
 
 pub mod exit;
+mod guest_debug;
+mod syscall_fix;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use kvm_bindings::{
-    kvm_guest_debug, kvm_msr_entry, kvm_regs, kvm_sregs, Msrs, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_GUESTDBG_USE_HW_BP, KVM_GUESTDBG_USE_SW_BP,
-};
+use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 use thiserror::Error;
 use vm_memory::GuestMemoryMmap;
 
+use crate::bus::Bus;
 use crate::emulation::{self, Completion, GuestView};
 use crate::host_kind::HostKind;
 use crate::introspect::{HookOutcome, Introspection};
-use crate::layout::flat_segment;
+use crate::knobs::DebugKnobs;
 use crate::run_control::RunControl;
 use crate::snapshot::SnapshotError;
-use crate::bus::Bus;
-use crate::knobs::DebugKnobs;
 use crate::write_trap::WriteTraps;
 use trap_handler::attribution::SocketOp;
 
-pub use exit::{classify_debug, dispatch, DebugExit, ExitAction, VcpuExitView};
 use exit::BP_VECTOR;
+pub use exit::{classify_debug, dispatch, DebugExit, ExitAction, VcpuExitView};
+use guest_debug::guest_debug;
+use syscall_fix::{finish_syscall, gate_handler, SyscallFix, SyscallMsrs};
 
 /// MSRs of the `syscall` instruction (Intel SDM vol. 4, "Architectural MSRs").
 const MSR_STAR: u32 = 0xc000_0081;
@@ -49,10 +49,6 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// Vector of #PF.
 const PAGE_FAULT_VECTOR: u64 = 14;
-/// DR7: local enable of breakpoint 0 (execute, length 1 — RW0 = LEN0 = 0).
-const DR7_L0: u64 = 1 << 0;
-/// Bit 1 of RFLAGS always reads as 1.
-const RFLAGS_FIXED: u64 = 1 << 1;
 /// CR0.PG, EFER.LMA.
 const CR0_PG: u64 = 1 << 31;
 const EFER_LMA: u64 = 1 << 10;
@@ -160,18 +156,6 @@ enum VcpuState {
 enum Action {
     Continue,
     Stop(StopReason),
-}
-
-/// The syscall fix for emulating hosts (kvm-here.md): KVM does half of a ring-3 `syscall` (RIP =
-/// LSTAR, RCX/R11 set) but leaves CS/SS at the user selectors, so the instruction fetch at LSTAR
-/// page-faults. A hardware breakpoint on the guest's #PF handler catches exactly that fault; the
-/// VMM then finishes the `syscall` as the CPU would have.
-#[derive(Default)]
-struct SyscallFix {
-    /// Guest #PF handler the breakpoint sits on (linear address), once found in the guest IDT.
-    pf_handler: Option<u64>,
-    /// IDT base when we last looked, so we look again only when the guest loads a new IDT.
-    idt_base_seen: Option<u64>,
 }
 
 pub struct Vcpu {
@@ -332,7 +316,13 @@ impl Vcpu {
         };
         let traps = &self.write_traps;
         let guarded = |addr| traps.as_ref().is_some_and(|t| t.guarded(addr).is_some());
-        Ok(dispatch(view, &self.bus, guarded, &mut self.stats, self.index))
+        Ok(dispatch(
+            view,
+            &self.bus,
+            guarded,
+            &mut self.stats,
+            self.index,
+        ))
     }
 
     fn on_internal_error(&mut self, suberror: u32) -> Action {
@@ -403,14 +393,8 @@ impl Vcpu {
     }
 
     fn registers(&self) -> Result<(kvm_regs, kvm_sregs), VcpuError> {
-        let regs = self
-            .fd
-            .get_regs()
-            .map_err(kvm("KVM_GET_REGS"))?;
-        let sregs = self
-            .fd
-            .get_sregs()
-            .map_err(kvm("KVM_GET_SREGS"))?;
+        let regs = self.fd.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+        let sregs = self.fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
         Ok((regs, sregs))
     }
 
@@ -445,14 +429,9 @@ impl Vcpu {
         {
             return;
         }
-        // 64-bit interrupt gate: offset 15:0 at bytes 0-1, 31:16 at 6-7, 63:32 at 8-11; P = bit 7
-        // of byte 5 (Intel SDM vol. 3, "64-Bit Mode IDT").
-        if gate[5] & 0x80 == 0 {
+        let Some(handler) = gate_handler(&gate) else {
             return;
-        }
-        let handler = u64::from(u16::from_le_bytes([gate[0], gate[1]]))
-            | u64::from(u16::from_le_bytes([gate[6], gate[7]])) << 16
-            | u64::from(u32::from_le_bytes([gate[8], gate[9], gate[10], gate[11]])) << 32;
+        };
         if self.syscall_fix.pf_handler != Some(handler) {
             let previous = self.syscall_fix.pf_handler.replace(handler);
             if self.program_debug(false).is_err() {
@@ -465,42 +444,24 @@ impl Vcpu {
     /// DR1-DR3 on the introspection hooks; or, while stepping over one of them, no breakpoint and
     /// single stepping.
     fn program_debug(&self, single_step: bool) -> Result<(), VcpuError> {
-        let mut debug = kvm_guest_debug {
-            control: KVM_GUESTDBG_ENABLE,
-            ..Default::default()
-        };
-        if single_step {
-            debug.control |= KVM_GUESTDBG_SINGLESTEP;
-        } else {
-            let hooks = self
+        let hooks = self
+            .introspection
+            .as_ref()
+            .map(|i| i.hook_addresses())
+            .unwrap_or_default();
+        // On hardware, int3 in the guest exits only when asked to; on an emulating host it
+        // always exits (as an emulation failure).
+        let soft_breakpoints = self.host == HostKind::Hardware
+            && self
                 .introspection
                 .as_ref()
-                .map(|i| i.hook_addresses())
-                .unwrap_or_default();
-            let slots = std::iter::once(self.syscall_fix.pf_handler)
-                .chain(hooks.iter().map(|addr| Some(*addr)))
-                .take(4);
-            for (slot, addr) in slots.enumerate() {
-                if let Some(addr) = addr {
-                    debug.arch.debugreg[slot] = addr;
-                    // Ln enable; RWn = LENn = 0: execute, one byte.
-                    debug.arch.debugreg[7] |= DR7_L0 << (2 * slot);
-                }
-            }
-            if debug.arch.debugreg[7] != 0 {
-                debug.control |= KVM_GUESTDBG_USE_HW_BP;
-            }
-            // On hardware, int3 in the guest exits only when asked to; on an emulating host it
-            // always exits (as an emulation failure).
-            if self.host == HostKind::Hardware
-                && self
-                    .introspection
-                    .as_ref()
-                    .is_some_and(|i| i.soft_hooks_placed())
-            {
-                debug.control |= KVM_GUESTDBG_USE_SW_BP;
-            }
-        }
+                .is_some_and(|i| i.soft_hooks_placed());
+        let debug = guest_debug(
+            single_step,
+            self.syscall_fix.pf_handler,
+            &hooks,
+            soft_breakpoints,
+        );
         self.fd
             .set_guest_debug(&debug)
             .map_err(kvm("KVM_SET_GUEST_DEBUG"))
@@ -547,9 +508,7 @@ impl Vcpu {
             return self.on_soft_hook(op, len, regs, sregs);
         }
         regs.rip = pc.wrapping_add(1);
-        self.fd
-            .set_regs(&regs)
-            .map_err(kvm("KVM_SET_REGS"))?;
+        self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
         self.inject_exception(BP_VECTOR)
     }
 
@@ -578,9 +537,7 @@ impl Vcpu {
         if let HookOutcome::Allow = outcome {
             regs.rip = entry + len;
         }
-        self.fd
-            .set_regs(&regs)
-            .map_err(kvm("KVM_SET_REGS"))
+        self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
     }
 
     /// A socket LSM hook was hit: attribute, decide, apply (see [`crate::introspect`]).
@@ -599,10 +556,7 @@ impl Vcpu {
             self.maybe_arm_write_traps(&sregs);
         }
         match self.decide(&introspection, op, &mut regs, &sregs) {
-            HookOutcome::Denied => self
-                .fd
-                .set_regs(&regs)
-                .map_err(kvm("KVM_SET_REGS")),
+            HookOutcome::Denied => self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS")),
             HookOutcome::Allow => self.step_over(pc),
         }
     }
@@ -647,21 +601,9 @@ impl Vcpu {
             self.stats.page_faults_passed += 1;
             return self.step_over(pc);
         }
-        // Redo the entry as `syscall` defines it (Intel SDM vol. 2, SYSCALL): CS = STAR[47:32]
-        // (flat 64-bit code, DPL 0), SS = STAR[47:32] + 8, RFLAGS &= ~SFMASK; RSP unchanged (the
-        // user's); RIP = LSTAR; RCX and R11 were already set by KVM's half.
-        let selector = ((msrs.star >> 32) & 0xfffc) as u16;
-        sregs.cs = flat_segment(selector, 0xb, true, false);
-        sregs.ss = flat_segment(selector + 8, 0x3, false, true);
-        regs.rip = msrs.lstar;
-        regs.rsp = frame_rsp;
-        regs.rflags = (frame_rflags & !msrs.sfmask) | RFLAGS_FIXED;
-        self.fd
-            .set_sregs(&sregs)
-            .map_err(kvm("KVM_SET_SREGS"))?;
-        self.fd
-            .set_regs(&regs)
-            .map_err(kvm("KVM_SET_REGS"))?;
+        finish_syscall(&mut regs, &mut sregs, &msrs, frame_rsp, frame_rflags);
+        self.fd.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
+        self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
         self.stats.syscalls_completed += 1;
         if !self.write_traps_tried && self.introspection.is_some() {
             // The first system call of the init process (pid 1) from user mode: the kernel has
@@ -694,10 +636,7 @@ impl Vcpu {
             ..Default::default()
         });
         let mut msrs = Msrs::from_entries(&entries).map_err(VcpuError::MsrList)?;
-        let read = self
-            .fd
-            .get_msrs(&mut msrs)
-            .map_err(kvm("KVM_GET_MSRS"))?;
+        let read = self.fd.get_msrs(&mut msrs).map_err(kvm("KVM_GET_MSRS"))?;
         if read != N {
             return Err(VcpuError::MsrsShort {
                 read,
@@ -748,7 +687,7 @@ impl Vcpu {
         let pages = introspection.guarded_pages(&self.memory, sregs);
         match traps.arm(&pages) {
             Ok(_) => introspection.write_traps_armed(&pages, None),
-            Err(e) => introspection.write_traps_armed(&[], Some(e)),
+            Err(e) => introspection.write_traps_armed(&[], Some(e.to_string())),
         }
     }
 
@@ -786,10 +725,7 @@ impl Vcpu {
         if let Ok(insn) = emulation::decode_at_rip(&view, &regs, &sregs) {
             if emulation::is_skippable_at_hook(&insn) && regs.rip == pc {
                 regs.rip += insn.len() as u64;
-                return self
-                    .fd
-                    .set_regs(&regs)
-                    .map_err(kvm("KVM_SET_REGS"));
+                return self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"));
             }
         }
         self.state = VcpuState::SteppingOver;
@@ -806,8 +742,45 @@ impl Vcpu {
     }
 }
 
-struct SyscallMsrs {
-    star: u64,
-    lstar: u64,
-    sfmask: u64,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_merge_adds_every_counter() {
+        let mut a = VcpuStats {
+            exits: 1,
+            pio_exits: 2,
+            hook_hits: 3,
+            ..Default::default()
+        };
+        a.emulation_completions.insert("int3".into(), 1);
+        let mut b = VcpuStats {
+            exits: 10,
+            mmio_exits: 5,
+            tamper_writes: 1,
+            ..Default::default()
+        };
+        b.emulation_completions.insert("int3".into(), 2);
+        b.emulation_completions.insert("popcnt".into(), 4);
+        a.merge(&b);
+        assert_eq!((a.exits, a.pio_exits, a.mmio_exits), (11, 2, 5));
+        assert_eq!((a.hook_hits, a.tamper_writes), (3, 1));
+        assert_eq!(a.emulation_completions["int3"], 3);
+        assert_eq!(a.emulation_completions["popcnt"], 4);
+    }
+
+    #[test]
+    fn stop_reasons_serialize_as_the_outcome_line_has_them() {
+        let json = |r: StopReason| serde_json::to_string(&r).unwrap();
+        assert_eq!(json(StopReason::Poweroff), r#"{"reason":"poweroff"}"#);
+        assert_eq!(
+            json(StopReason::ExitCode(3)),
+            r#"{"reason":"exit_code","detail":3}"#
+        );
+        assert_eq!(
+            json(StopReason::Crashed("x".into())),
+            r#"{"reason":"crashed","detail":"x"}"#
+        );
+    }
 }
