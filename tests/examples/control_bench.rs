@@ -19,24 +19,24 @@
 //! Needs the `vigil` binary next to the example's directory (cargo build --release -p vigil --bin
 //! vigil; `VIGIL_BIN` overrides) and root (network namespaces, /dev/kvm).
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::UdpSocket;
-use std::os::unix::process::CommandExt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use edge::channel::VerdictSender;
 use serde_json::{json, Value};
+use vigil_tests::outside::free_udp_port;
+use vigil_tests::rest::{self, Events};
+use vigil_tests::workload::{idle_policy, vm_spec};
+use vigil_tests::{try_vigil_bin, Namespace, TempDir, VigilCommand, VigilProcess};
 use vigil_wire::verdict::{IpVersion, Protocol, Rule, VerdictRepr};
-use vmm_api::http;
 use vmm_core::host_kind::HostKind;
 
 /// Bound on one API call (vm.create reads and unpacks the tenant kernel).
 const CALL_TIMEOUT: Duration = Duration::from_secs(120);
-/// Bound on a process getting ready (a host boots its switch micro-VM first).
-const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on the edge micro-VM taking its first record (it may still be booting).
+const START_TIMEOUT: Duration = vigil_tests::process::START_TIMEOUT;
 /// Bound on an event showing up after the call that causes it.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// GET vmm.ping requests for api_latency_ms.
@@ -51,7 +51,7 @@ const GOAL_EDGE: &str = "<= 10";
 const NETNS_PREFIX: &str = "vcb";
 const DIR_PREFIX: &str = "vigil-cbench-";
 
-type Result<T> = std::result::Result<T, String>;
+type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 // ---------------------------------------------------------------------------------------------
 // Figures
@@ -111,191 +111,17 @@ fn emit(metric: &str, samples: &Samples, host: &str, extra: Value) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Processes, namespaces, directories: each removed when its guard drops
+// Processes, namespaces, directories (the harness's guards remove each when dropped)
 
-/// A `vigil` child process; stopped when dropped: through its API's shutdown endpoint, else
-/// SIGTERM, else SIGKILL.
-struct VigilProcess {
-    name: String,
-    child: std::process::Child,
-    /// The API socket and the endpoint that shuts the process down.
-    shutdown: Option<(PathBuf, &'static str)>,
-}
-
-impl VigilProcess {
-    fn exited_within(&mut self, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    }
-}
-
-impl Drop for VigilProcess {
-    fn drop(&mut self) {
-        // The API's shutdown first: it also ends the event streams still open to the process,
-        // which a SIGTERM'd server would wait for.
-        if let Some((socket, endpoint)) = &self.shutdown {
-            let path = format!("/api/v1/{endpoint}");
-            let _ = http::request(socket, "PUT", &path, None, Duration::from_secs(5));
-            if self.exited_within(Duration::from_secs(10)) {
-                return;
-            }
-        }
-        // SAFETY: kill(2) on our own child's pid, which we have not reaped yet.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        if self.exited_within(Duration::from_secs(5)) {
-            return;
-        }
-        eprintln!("control_bench: {} did not stop; killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `vigil` binary: next to the examples directory this example runs from.
-fn vigil_bin() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("VIGIL_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("vigil"))
-        .ok_or("no directory above the example")?;
-    if !path.is_file() {
-        return Err(format!(
-            "{} is missing: cargo build --release -p vigil (or set VIGIL_BIN)",
-            path.display()
-        ));
-    }
-    Ok(path)
-}
-
-/// Starts `vigil ARGS` and waits until a line of its stderr contains `ready`. Its stdout (the
-/// event log, which it blocks on if nobody reads it) is drained; its stderr goes on to ours.
+/// Starts `vigil ARGS` (dying with this process, so that even a killed benchmark leaves no VMM
+/// behind) and waits until it prints a line containing `ready`. Its stdout (the event log) is
+/// drained quietly; its stderr goes on to ours.
 fn start_vigil(name: &str, args: &[String], ready: &str) -> Result<VigilProcess> {
-    let mut command = Command::new(vigil_bin()?);
-    command
+    Ok(VigilCommand::with_bin(name, try_vigil_bin()?)
         .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    // SAFETY: prctl in the forked child before exec touches no memory of the parent. The child
-    // dies with this process (the thread that spawned it: always the main thread here), so even
-    // a killed benchmark leaves no VMM behind.
-    unsafe {
-        command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start vigil {name}: {e}"))?;
-    let stdout = child.stdout.take();
-    let stderr = child.stderr.take();
-    let process = VigilProcess {
-        name: name.to_string(),
-        child,
-        shutdown: None,
-    };
-    if let Some(stdout) = stdout {
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut BufReader::new(stdout), &mut std::io::sink());
-        });
-    }
-    let (tx, rx) = mpsc::channel();
-    if let Some(stderr) = stderr {
-        let prefix = name.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
-                eprintln!("{prefix}: {line}");
-                let _ = tx.send(line);
-            }
-        });
-    }
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) if line.contains(ready) => return Ok(process),
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) => {
-                return Err(format!(
-                    "vigil {name} not ready within {} s",
-                    START_TIMEOUT.as_secs()
-                ))
-            }
-            Err(RecvTimeoutError::Disconnected) => {
-                return Err(format!("vigil {name} exited before it was ready"))
-            }
-        }
-    }
-}
-
-/// A directory of this run; removed with everything in it when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Result<TempDir> {
-        let path = std::env::temp_dir().join(format!("vigil-cbench-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run ip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-/// A network namespace holding one TAP device (the edge's outside port); deleted when dropped.
-struct Netns(String);
-
-impl Netns {
-    fn with_tap(name: &str, tap: &str) -> Result<Netns> {
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-        ip(&["netns", "add", name])?;
-        let ns = Netns(name.to_string());
-        ip(&["-n", name, "tuntap", "add", "dev", tap, "mode", "tap"])?;
-        ip(&["-n", name, "link", "set", tap, "up"])?;
-        Ok(ns)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
+        .quiet_stdout()
+        .die_with_parent()
+        .start(ready)?)
 }
 
 /// Whether process `pid` is alive (the suffix of a name made by an earlier run).
@@ -328,100 +154,27 @@ fn remove_stale() {
     }
 }
 
-/// A UDP port on 127.0.0.1 free at the time of asking.
-fn free_udp_port() -> Result<u16> {
-    let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| format!("bind: {e}"))?;
-    Ok(socket.local_addr().map_err(|e| e.to_string())?.port())
-}
-
 // ---------------------------------------------------------------------------------------------
 // The API and the event stream
 
 fn call(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
-    let body = body.map(Value::to_string);
-    let r = http::request(
-        socket,
-        method,
-        &format!("/api/v1/{path}"),
-        body.as_deref().map(str::as_bytes),
-        CALL_TIMEOUT,
-    )
-    .map_err(|e| format!("{method} {path}: {e}"))?;
-    let value = if r.body.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&r.body)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&r.body).into_owned()))
-    };
-    Ok((r.status, value))
+    Ok(rest::try_call(socket, method, path, body, CALL_TIMEOUT)?)
 }
 
 /// A call that must succeed (2xx); returns its JSON body.
 fn call_ok(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
-    let (status, value) = call(socket, method, path, body)?;
-    if !(200..300).contains(&status) {
-        return Err(format!("{method} {path}: {status} {value}"));
-    }
-    Ok(value)
+    Ok(rest::try_call_ok(socket, method, path, body, CALL_TIMEOUT)?)
 }
 
-/// A subscription to a process's `/api/v1/events`: each event with the instant it arrived here.
-struct Events {
-    rx: Receiver<(Instant, Value)>,
-}
-
-impl Events {
-    /// Subscribes and returns once the stream is live (its first line arrived).
-    fn subscribe(socket: &Path) -> Result<Events> {
-        let chunks = http::stream(socket, "/api/v1/events", CALL_TIMEOUT)
-            .map_err(|e| format!("events of {}: {e}", socket.display()))?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            // Events are newline-terminated; a line may span chunks.
-            let mut pending = Vec::new();
-            for chunk in chunks {
-                let Ok(chunk) = chunk else { return };
-                let arrived = Instant::now();
-                pending.extend_from_slice(&chunk);
-                while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = pending.drain(..=end).collect();
-                    if let Ok(event) = serde_json::from_slice::<Value>(&line) {
-                        if tx.send((arrived, event)).is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        });
-        let events = Events { rx };
-        events.wait(|e| e["event"] == "subscribed")?;
-        Ok(events)
-    }
-
-    /// The next event that `matches`, skipping others.
-    fn wait(&self, matches: impl Fn(&Value) -> bool) -> Result<(Instant, Value)> {
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.rx.recv_timeout(left) {
-                Ok((at, event)) if matches(&event) => return Ok((at, event)),
-                Ok(_) => {}
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "the awaited event did not come within {} s",
-                        EVENT_TIMEOUT.as_secs()
-                    ))
-                }
-                Err(RecvTimeoutError::Disconnected) => return Err("the event stream ended".into()),
-            }
-        }
-    }
+/// A subscription to a process's `/api/v1/events`, live once this returns.
+fn subscribe(socket: &Path) -> Result<Events> {
+    Ok(Events::subscribe(socket, CALL_TIMEOUT, EVENT_TIMEOUT)?)
 }
 
 fn f64_of(v: &Value, field: &str) -> Result<f64> {
     v[field]
         .as_f64()
-        .ok_or_else(|| format!("no number {field:?} in {v}"))
+        .ok_or_else(|| format!("no number {field:?} in {v}").into())
 }
 
 fn ms_since(start: Instant) -> f64 {
@@ -458,7 +211,7 @@ fn start_host(name: &str, elf: &Path, root: &Path) -> Result<HostProc> {
         dir.join("state").display().to_string(),
     ];
     let mut process = start_vigil(&format!("host {name}"), &args, "serving")?;
-    process.shutdown = Some((socket.clone(), "vmm.shutdown"));
+    process.shutdown_with(&socket, "vmm.shutdown");
     Ok(HostProc {
         _process: process,
         socket,
@@ -467,20 +220,8 @@ fn start_host(name: &str, elf: &Path, root: &Path) -> Result<HostProc> {
 }
 
 fn spec(tenant_dir: &Path, id: &str, n: u8, policy: &Value) -> Value {
-    json!({
-        "id": id,
-        "kernel": tenant_dir.join("vmlinuz"),
-        "initramfs": tenant_dir.join("initramfs.cpio"),
-        "memory_mib": 128,
-        "mac": format!("52:54:00:88:00:{n:02x}"),
-        "ip": format!("10.88.0.{n}"),
-        "policy": policy,
-    })
-}
-
-fn tenant_policy() -> Value {
-    json!({"allow": [{"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
-                      "cidr": "10.0.0.1/32", "ports": "80"}]})
+    let (ip, mac) = (format!("10.88.0.{n}"), format!("52:54:00:88:00:{n:02x}"));
+    vm_spec(tenant_dir, id, &ip, &mac, policy)
 }
 
 fn bench_api_latency(host: &HostProc, kind: &str) -> Result<()> {
@@ -490,7 +231,7 @@ fn bench_api_latency(host: &HostProc, kind: &str) -> Result<()> {
         let (status, _) = call(&host.socket, "GET", "vmm.ping", None)?;
         rtt.push(ms_since(start));
         if status != 200 {
-            return Err(format!("vmm.ping answered {status}"));
+            return Err(format!("vmm.ping answered {status}").into());
         }
     }
     let samples = Samples(rtt);
@@ -510,8 +251,8 @@ fn bench_create_delete(
     rounds: usize,
     kind: &str,
 ) -> Result<()> {
-    let events = Events::subscribe(&host.socket)?;
-    let policy = tenant_policy();
+    let events = subscribe(&host.socket)?;
+    let policy = idle_policy();
     let (mut create, mut delete) = (Vec::new(), Vec::new());
     let (mut api_create, mut api_delete, mut host_create) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..rounds {
@@ -604,13 +345,13 @@ fn bench_migration(
     kind: &str,
 ) -> Result<()> {
     let b = start_host("cbench-b", elf, root)?;
-    let (a_events, b_events) = (Events::subscribe(&a.socket)?, Events::subscribe(&b.socket)?);
+    let (a_events, b_events) = (subscribe(&a.socket)?, subscribe(&b.socket)?);
     let id = "mig";
     call_ok(
         &a.socket,
         "PUT",
         "vm.create",
-        Some(&spec(tenant_dir, id, 250, &tenant_policy())),
+        Some(&spec(tenant_dir, id, 250, &idle_policy())),
     )?;
     call_ok(&a.socket, "PUT", "vm.boot", Some(&json!({ "id": id })))?;
     // Not a synchronisation: the tenant is meant to be running guest code when it moves.
@@ -661,7 +402,8 @@ fn random_key_hex() -> Result<String> {
 fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> {
     let dir = root.join("edge");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let netns = Netns::with_tap(&format!("{NETNS_PREFIX}{}", std::process::id()), "vcbtap0")?;
+    let netns =
+        Namespace::try_with_tap(&format!("{NETNS_PREFIX}{}", std::process::id()), "vcbtap0")?;
     let key_hex = random_key_hex()?;
     let key_file = dir.join("key");
     std::fs::write(&key_file, &key_hex).map_err(|e| format!("{}: {e}", key_file.display()))?;
@@ -672,7 +414,7 @@ fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> 
         "--elf".into(),
         elf.display().to_string(),
         "--outside".into(),
-        format!("tap=vcbtap0,netns={}", netns.0),
+        format!("tap=vcbtap0,netns={}", netns.name),
         "--cloud".into(),
         format!("local=127.0.0.1:{}", free_udp_port()?),
         "--control".into(),
@@ -685,8 +427,8 @@ fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> 
         "cbench-edge".into(),
     ];
     let mut edge = start_vigil("edge", &args, "verdict channel on")?;
-    edge.shutdown = Some((socket.clone(), "edge.shutdown"));
-    let events = Events::subscribe(&socket)?;
+    edge.shutdown_with(&socket, "edge.shutdown");
+    let events = subscribe(&socket)?;
     let key = edge::channel::key_from_hex(&key_hex).map_err(|e| e.to_string())?;
     let mut sender = VerdictSender::connect(control.as_str(), key, 7)
         .map_err(|e| format!("verdict channel to {control}: {e}"))?;
@@ -728,7 +470,7 @@ fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> 
             .map_err(|e| format!("send to the edge: {e}"))?;
         let (arrived, event) = events.wait(|e| e["event"] == "edge_verdicts" && e["seq"] == seq)?;
         if event["applied"] != true {
-            return Err(format!("the edge did not apply datagram {seq}: {event}"));
+            return Err(format!("the edge did not apply datagram {seq}: {event}").into());
         }
         apply.push(f64_of(&event, "apply_ms")?);
         end_to_end.push((arrived - start).as_secs_f64() * 1e3);
@@ -786,7 +528,7 @@ fn run(elf: &Path, tenant_dir: &Path, rounds: usize) -> Result<usize> {
         tenant_dir.join("initramfs.cpio"),
     ] {
         if !file.is_file() {
-            return Err(format!("{} is missing", file.display()));
+            return Err(format!("{} is missing", file.display()).into());
         }
     }
     let kind = match HostKind::detect() {
@@ -794,7 +536,7 @@ fn run(elf: &Path, tenant_dir: &Path, rounds: usize) -> Result<usize> {
         HostKind::Hardware => "hardware",
     };
     remove_stale();
-    let root = TempDir::new("run")?;
+    let root = TempDir::try_new(&format!("{DIR_PREFIX}run"))?;
     let mut failed = 0;
     let mut part = |name: &str, result: Result<()>| {
         if let Err(e) = result {
@@ -803,7 +545,7 @@ fn run(elf: &Path, tenant_dir: &Path, rounds: usize) -> Result<usize> {
         }
     };
     {
-        let host = start_host("cbench-a", elf, &root.0)?;
+        let host = start_host("cbench-a", elf, root.path())?;
         part("api_latency", bench_api_latency(&host, kind));
         part(
             "create/delete",
@@ -813,9 +555,9 @@ fn run(elf: &Path, tenant_dir: &Path, rounds: usize) -> Result<usize> {
         let migrations = rounds.clamp(1, 5);
         part(
             "migration",
-            bench_migration(&host, elf, &root.0, tenant_dir, migrations, kind),
+            bench_migration(&host, elf, root.path(), tenant_dir, migrations, kind),
         );
     }
-    part("edge", bench_edge(elf, &root.0, rounds.max(20), kind));
+    part("edge", bench_edge(elf, root.path(), rounds.max(20), kind));
     Ok(failed)
 }

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::error::{Error, Result};
+
 /// The workspace's root.
 fn workspace() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -13,11 +15,19 @@ fn workspace() -> PathBuf {
 /// own, so its binary is built) and `scripts/test` builds it first; `cargo test -p vigil-tests`
 /// alone does not rebuild it, hence the explicit path in the message.
 pub fn vigil_bin() -> PathBuf {
+    try_vigil_bin().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`vigil_bin`], with a missing binary an error rather than a panic (for the benchmark).
+pub fn try_vigil_bin() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("VIGIL_BIN") {
-        return PathBuf::from(path);
+        return Ok(PathBuf::from(path));
     }
     // target/<profile>/deps/<test> or target/<profile>/examples/<example> -> target/<profile>/vigil
-    let exe = std::env::current_exe().expect("the test's own path");
+    let exe = std::env::current_exe().map_err(|source| Error::Io {
+        what: "the test's own path".into(),
+        source,
+    })?;
     let profile_dir = exe
         .parent()
         .and_then(|dir| match dir.file_name().and_then(|n| n.to_str()) {
@@ -26,13 +36,14 @@ pub fn vigil_bin() -> PathBuf {
         })
         .expect("a target directory above the test binary");
     let bin = profile_dir.join("vigil");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it with `cargo build --release -p vigil` (scripts/test does), or \
-         name another with VIGIL_BIN",
-        bin.display()
-    );
-    bin
+    if !bin.is_file() {
+        return Err(Error::Missing {
+            path: bin,
+            hint: "build it with `cargo build --release -p vigil` (scripts/test does), or name \
+                   another with VIGIL_BIN",
+        });
+    }
+    Ok(bin)
 }
 
 /// The fw-guest ELF built by `scripts/build-fw-guest` (`VIGIL_FW_GUEST` overrides).

@@ -9,83 +9,46 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use vmm_api::http::{self, ClientResponse};
 
-use vigil_tests::{fw_guest_elf, tenant_dir};
+use vigil_tests::rest::{metric, request};
+use vigil_tests::workload::{idle_policy, vm_spec};
+use vigil_tests::{fw_guest_elf, tenant_dir, TempDir, VigilCommand, VigilProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
-struct HostProcess {
-    child: Child,
+struct Host {
+    // Dropped in this order: the process (it removes its socket), then its directory.
+    process: VigilProcess,
     socket: PathBuf,
-    dir: PathBuf,
+    dir: TempDir,
 }
 
-impl Drop for HostProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn start_host(name: &str) -> HostProcess {
-    let dir = std::env::temp_dir().join(format!("vigil-api-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+fn start_host(name: &str) -> Host {
+    let dir = TempDir::new(&format!("vigil-api-{name}"));
     let socket = dir.join("api.sock");
-    let mut child = Command::new(vigil_tests::vigil_bin())
+    let process = VigilCommand::new(format!("host {name}"))
         .args(["host", "--api-socket"])
         .arg(&socket)
         .arg("--switch-elf")
         .arg(fw_guest_elf())
         .args(["--uplink", "vxlan=127.0.0.1:9", "--tenant-ports", "2"])
         .args(["--name", name])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .start("serving")
         .expect("start vigil host");
-    // Serving once it says so on stderr.
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("vigil host exited before serving")
-            .unwrap();
-        eprintln!("{line}");
-        if line.contains("serving") {
-            break;
-        }
+    Host {
+        process,
+        socket,
+        dir,
     }
-    std::thread::spawn(move || {
-        for line in lines.map_while(Result::ok) {
-            eprintln!("host: {line}");
-        }
-    });
-    // The host's event log (its stdout) must be drained, or the host blocks writing it.
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("host event: {line}");
-        }
-    });
-    HostProcess { child, socket, dir }
 }
 
 fn call(socket: &Path, method: &str, path: &str, body: Option<&str>) -> ClientResponse {
-    http::request(
-        socket,
-        method,
-        &format!("/api/v1/{path}"),
-        body.map(str::as_bytes),
-        TIMEOUT,
-    )
-    .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    request(socket, method, path, body, TIMEOUT)
 }
 
 fn json_of(r: &ClientResponse) -> Value {
@@ -103,17 +66,7 @@ fn error_of(r: &ClientResponse) -> (u16, String) {
 }
 
 fn spec(id: &str, ip: &str, mac: &str) -> Value {
-    let dir = tenant_dir();
-    json!({
-        "id": id,
-        "kernel": dir.join("vmlinuz"),
-        "initramfs": dir.join("initramfs.cpio"),
-        "memory_mib": 128,
-        "mac": mac,
-        "ip": ip,
-        "policy": {"allow": [{"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
-                              "cidr": "10.0.0.1/32", "ports": "80"}]}
-    })
+    vm_spec(&tenant_dir(), id, ip, mac, &idle_policy())
 }
 
 fn curl(socket: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
@@ -385,7 +338,7 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
         s,
         "PUT",
         "vm.send-migration",
-        Some(&json!({"id": "web", "destination_url": format!("unix:{}/nobody.sock", host.dir.display())}).to_string()),
+        Some(&json!({"id": "web", "destination_url": format!("unix:{}/nobody.sock", host.dir.path().display())}).to_string()),
     );
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(
@@ -416,9 +369,7 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
     assert_eq!(metrics.status, 200);
     let text = String::from_utf8_lossy(&metrics.body).to_string();
     assert!(text.contains("vigil_vms{state=\"running\"} 1"), "{text}");
-    let applied: f64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("vigil_switch_verdicts_applied_total "))
+    let applied: f64 = metric(&text, "vigil_switch_verdicts_applied_total")
         .expect("switch counters")
         .parse()
         .unwrap();
@@ -472,6 +423,6 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
     // Shutdown: answered, then the process exits cleanly.
     assert_eq!(call(s, "PUT", "vmm.shutdown", None).status, 204);
     let mut host = host;
-    let status = host.child.wait().unwrap();
+    let status = host.process.wait();
     assert!(status.success(), "vigil host exited with {status}");
 }

@@ -13,15 +13,19 @@
 //!   server: bytes before and after the migration checked on both ends; A forgets the tenant,
 //!   B's switch adopts its flows, the edge keeps them and learns the tenant's new location.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use vigil_tests::outside::{answer_one, read_line, Request};
+use vigil_tests::rest::{metric, request};
+use vigil_tests::workload::{self, wait_listening};
 use vigil_tests::{
-    api, base64, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, Namespace, Process,
+    api, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, Namespace, TempDir,
+    VigilCommand,
 };
 
 const OUTSIDE_IP: &str = "10.66.0.1";
@@ -29,20 +33,12 @@ const TENANT_IP: &str = "10.66.0.2";
 const TENANT_MAC: &str = "52:54:00:00:00:02";
 const KEY: &str = "5c1f0a2e9d8b7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
 
-fn read_line(stream: &mut BufReader<TcpStream>) -> String {
-    let mut line = String::new();
-    stream.read_line(&mut line).expect("read a line");
-    line.trim_end().to_string()
-}
-
 #[test]
 #[ignore = "boots the Debian tenant: 10-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
 fn cloud_end_to_end_with_edge_and_live_migration() {
     let dir = tenant_dir();
     let pid = std::process::id();
-    let work = std::env::temp_dir().join(format!("vigil-cloud-{pid}"));
-    let _ = std::fs::remove_dir_all(&work);
-    std::fs::create_dir_all(&work).unwrap();
+    let work = TempDir::new("vigil-cloud");
     let key_file = work.join("edge.key");
     std::fs::write(&key_file, KEY).unwrap();
 
@@ -59,72 +55,43 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     let a_sock: PathBuf = work.join("a.sock");
     let b_sock: PathBuf = work.join("b.sock");
     let s = |p: &Path| p.display().to_string();
-    let _edge = Process::start(
-        "edge",
-        &edge_ns.name,
-        &[
-            "edge".into(),
-            "--elf".into(),
-            elf.clone(),
-            "--outside".into(),
-            format!("tap=eo0,netns={}", outside.name),
-            "--cloud".into(),
-            "local=0.0.0.0:4789".into(),
-            "--control".into(),
-            "0.0.0.0:4790".into(),
-            "--key-file".into(),
-            s(&key_file),
-            "--api-socket".into(),
-            s(&edge_sock),
-        ],
-        "verdict channel on",
-    );
+    // Each in its namespace, with fewer guest timer ticks per wall second (see tenant.rs).
+    let _edge = VigilCommand::new("edge")
+        .netns(&edge_ns.name)
+        .tsc_dilation()
+        .args(["edge", "--elf", &elf])
+        .args(["--outside", &format!("tap=eo0,netns={}", outside.name)])
+        .args(["--cloud", "local=0.0.0.0:4789", "--control", "0.0.0.0:4790"])
+        .args(["--key-file", &s(&key_file), "--api-socket", &s(&edge_sock)])
+        .start("verdict channel on")
+        .unwrap_or_else(|e| panic!("{e}"));
     let host = |name: &'static str, ns: &Namespace, sock: &Path, edge: &str, id: &str| {
-        Process::start(
-            name,
-            &ns.name,
-            &[
-                "host".into(),
-                "--api-socket".into(),
-                s(sock),
-                "--switch-elf".into(),
-                elf.clone(),
-                "--uplink".into(),
-                format!("vxlan={edge}:4789"),
-                "--edge-control".into(),
-                format!("{edge}:4790"),
-                "--edge-key-file".into(),
-                s(&key_file),
-                "--host-id".into(),
-                id.into(),
-                "--name".into(),
-                name.into(),
-                "--console".into(),
-            ],
-            "serving",
-        )
+        VigilCommand::new(name)
+            .netns(&ns.name)
+            .tsc_dilation()
+            .args(["host", "--api-socket", &s(sock), "--switch-elf", &elf])
+            .args(["--uplink", &format!("vxlan={edge}:4789")])
+            .args(["--edge-control", &format!("{edge}:4790")])
+            .args(["--edge-key-file", &s(&key_file)])
+            .args(["--host-id", id, "--name", name, "--console"])
+            .start("serving")
+            .unwrap_or_else(|e| panic!("{e}"))
     };
-    let mut host_a = host("host-a", &a_ns, &a_sock, "192.168.71.1", "1");
-    let mut host_b = host("host-b", &b_ns, &b_sock, "192.168.72.1", "2");
+    let host_a = host("host-a", &a_ns, &a_sock, "192.168.71.1", "1");
+    let host_b = host("host-b", &b_ns, &b_sock, "192.168.72.1", "2");
 
     // Outside servers: 8080 answers one line; 8081 is the long-lived connection that lives
     // through the migration (the tenant echoes every line back).
-    let (bound_tx, bound_rx) = mpsc::channel();
+    let one_shot = answer_one(
+        outside.tcp_listener((OUTSIDE_IP, 8080)),
+        Request::Line,
+        b"outside-says-hello\n",
+        Duration::from_secs(600),
+    );
+    let long = outside.tcp_listener((OUTSIDE_IP, 8081));
     let (migrated_tx, migrated_rx) = mpsc::channel::<()>();
     let (before_tx, before_rx) = mpsc::channel::<()>();
-    let servers = outside.spawn(move || {
-        let one_shot = TcpListener::bind((OUTSIDE_IP, 8080)).unwrap();
-        let long = TcpListener::bind((OUTSIDE_IP, 8081)).unwrap();
-        bound_tx.send(()).unwrap();
-        let (stream, peer) = one_shot.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(600)))
-            .unwrap();
-        let mut stream = BufReader::new(stream);
-        let said = read_line(&mut stream);
-        stream.get_mut().write_all(b"outside-says-hello\n").unwrap();
-        // Closing ends the tenant's nc (it waits for the server's side to close).
-        drop(stream);
+    let long_server = std::thread::spawn(move || {
         // The long-lived connection: lines before the migration, then after it.
         let (stream, long_peer) = long.accept().unwrap();
         stream
@@ -152,26 +119,21 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         }
         // Closing ends the tenant's nc, and its workload.
         drop(stream);
-        (peer, said, long_peer, echoed)
+        (long_peer, echoed)
     });
-    bound_rx.recv_timeout(Duration::from_secs(10)).unwrap();
 
     // The tenant: out to 8080 (allowed), a service on 7000 (bind + listen allowed), then the
     // long-lived echo connection to 8081.
-    let workload = format!(
+    let script = format!(
         "echo \"VIGIL-CHECK tcp-reply $(echo tenant-says-hello | nc -w 120 {OUTSIDE_IP} 8080)\"\n\
          nc -l -p 7000 -e echo served-by-tenant &\n\
-         i=0; while ! netstat -ltn | grep -q ':7000 ' && [ $i -lt 200 ]; do i=$((i+1)); usleep 50000; done\n\
+         {wait_7000}\
          echo VIGIL-CHECK listening\n\
          nc {OUTSIDE_IP} 8081 -e cat\n\
-         echo \"VIGIL-CHECK long-done rc=$?\"\n"
+         echo \"VIGIL-CHECK long-done rc=$?\"\n",
+        wait_7000 = wait_listening(7000),
     );
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(workload.as_bytes()).unwrap();
-    let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 quiet vigil.ip={TENANT_IP}/24 vigil.gw={OUTSIDE_IP} vigil.run={}",
-        base64(&gz.finish().unwrap())
-    );
+    let cmdline = workload::cmdline(TENANT_IP, OUTSIDE_IP, &script);
     let policy = json!({"allow": [
         {"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
          "cidr": format!("{OUTSIDE_IP}/32"), "ports": "8080-8081"},
@@ -308,7 +270,8 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     migrated_tx.send(()).unwrap();
 
     // Both ends of the connection: every line came back as sent, before and after.
-    let (peer, said, long_peer, echoed) = servers.join().expect("outside servers");
+    let (peer, said) = one_shot.join().expect("outside one-shot server");
+    let (long_peer, echoed) = long_server.join().expect("outside long-lived server");
     assert_eq!(peer.ip().to_string(), TENANT_IP);
     assert_eq!(said, "tenant-says-hello");
     assert_eq!(long_peer.ip().to_string(), TENANT_IP);
@@ -326,19 +289,9 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let edge_flows = edge_counters(&edge_sock)["firewall"]["flows_active"].as_u64();
-        let metrics = vmm_api::http::request(
-            &b_sock,
-            "GET",
-            "/api/v1/metrics",
-            None,
-            Duration::from_secs(10),
-        )
-        .unwrap();
+        let metrics = request(&b_sock, "GET", "metrics", None, Duration::from_secs(10));
         let text = String::from_utf8_lossy(&metrics.body).to_string();
-        let switch_flows = text
-            .lines()
-            .find_map(|l| l.strip_prefix("vigil_switch_flows_active "))
-            .map(|v| v.trim().to_string());
+        let switch_flows = metric(&text, "vigil_switch_flows_active").map(str::to_string);
         if edge_flows == Some(0) && switch_flows.as_deref() == Some("0") {
             break;
         }
@@ -352,5 +305,5 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     eprintln!("edge counters at the end: {counters}");
     let _ = api(&b_sock, "PUT", "vmm.shutdown", None);
     let _ = api(&a_sock, "PUT", "vmm.shutdown", None);
-    let _ = std::fs::remove_dir_all(&work);
+    drop(work);
 }

@@ -17,23 +17,23 @@
 //! verdict. The time from sending a verdict to the micro-VM having applied it is printed as
 //! `{"metric":"edge_reconfig_ms",...}` lines (reported, not asserted).
 
-use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use edge::channel::VerdictSender;
 use serde_json::Value;
 use vigil_wire::auth::{self, AuthError, MAX_DATAGRAM};
 use vigil_wire::verdict::{v4, Direction, IpVersion, Protocol, Rule, VerdictRepr, RECORD_LEN};
-use vmm_api::http;
 use vmm_core::devices::virtio::net::{FrameLink, MAX_FRAME};
 use vmm_core::devices::vxlan::Vxlan;
 
-use vigil_tests::{fw_guest_elf, Namespace};
+use vigil_tests::outside::free_udp_port;
+use vigil_tests::rest::{self, edge_counters as counters, wait_edge_counters as wait_counters};
+use vigil_tests::{
+    drop_count as drops, fw_guest_elf, Namespace, TempDir, VigilCommand, VigilProcess,
+};
 
 const TAP: &str = "vg-edge0";
 /// The outside kernel's address (the TAP's, in the namespace).
@@ -223,26 +223,16 @@ fn wait_segment(
     }
 }
 
-/// A free UDP port on 127.0.0.1 (bound and released; nothing else here races for it).
-fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("a free UDP port")
-        .port()
-}
-
-/// The `vigil edge` process, killed on drop; its event lines (stdout, JSON) arrive on `events`.
-struct EdgeProcess {
-    child: Child,
-    dir: PathBuf,
+/// The `vigil edge` process, stopped on drop; its micro-VM's console tail is printed first if
+/// the test failed.
+struct Edge {
+    process: VigilProcess,
+    dir: TempDir,
     socket: PathBuf,
-    events: mpsc::Receiver<Value>,
 }
 
-impl Drop for EdgeProcess {
+impl Drop for Edge {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
         if std::thread::panicking() {
             if let Ok(console) = std::fs::read_to_string(self.dir.join("console.log")) {
                 let tail: Vec<&str> = console.lines().rev().take(30).collect();
@@ -251,11 +241,10 @@ impl Drop for EdgeProcess {
                 }
             }
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-impl EdgeProcess {
+impl Edge {
     /// Polls the micro-VM's console log (written as the guest prints) until a line holds `marker`.
     fn wait_console(&self, marker: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
@@ -274,14 +263,12 @@ impl EdgeProcess {
     }
 }
 
-fn start_edge(netns: &str, cloud: SocketAddr, control: SocketAddr) -> EdgeProcess {
-    let dir = std::env::temp_dir().join(format!("vigil-edge-test-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+fn start_edge(netns: &str, cloud: SocketAddr, control: SocketAddr) -> Edge {
+    let dir = TempDir::new("vigil-edge-test");
     let key_file = dir.join("channel.key");
     std::fs::write(&key_file, format!("{KEY_HEX}\n")).unwrap();
     let socket = dir.join("edge.sock");
-    let mut child = Command::new(vigil_tests::vigil_bin())
+    let process = VigilCommand::new("edge")
         .args(["edge", "--elf"])
         .arg(fw_guest_elf())
         .args(["--outside", &format!("tap={TAP},netns={netns}")])
@@ -293,57 +280,13 @@ fn start_edge(netns: &str, cloud: SocketAddr, control: SocketAddr) -> EdgeProces
         .arg(&socket)
         .arg("--console-log")
         .arg(dir.join("console.log"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start vigil edge");
-    // Both pipes are drained for the process's whole life: an undrained pipe blocks it.
-    let (line_tx, line_rx) = mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            eprintln!("edge: {line}");
-            let _ = line_tx.send(line);
-        }
-    });
-    let (event_tx, events) = mpsc::channel::<Value>();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(event) = serde_json::from_str::<Value>(&line) {
-                let _ = event_tx.send(event);
-            }
-        }
-    });
-    let edge = EdgeProcess {
-        child,
+        .start("verdict channel on")
+        .unwrap_or_else(|e| panic!("vigil edge not up: {e}"));
+    Edge {
+        process,
         dir,
         socket,
-        events,
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match line_rx.recv_timeout(left) {
-            Ok(line) if line.contains("verdict channel on") => break,
-            Ok(_) => {}
-            Err(mpsc::RecvTimeoutError::Timeout) => panic!("vigil edge not up in 60 s"),
-            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("vigil edge exited while starting"),
-        }
     }
-    edge
-}
-
-fn counters(socket: &Path) -> Value {
-    let path = format!("{}edge.counters", vmm_api::API_PREFIX);
-    let response = http::request(socket, "GET", &path, None, Duration::from_secs(5))
-        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-    assert_eq!(response.status, 200, "GET {path}");
-    serde_json::from_slice(&response.body).expect("edge.counters is JSON")
-}
-
-fn drops(c: &Value, reason: &str) -> u64 {
-    c["firewall"]["drops"][reason].as_u64().unwrap_or(0)
 }
 
 fn rejected(c: &Value, reason: &AuthError) -> u64 {
@@ -354,52 +297,24 @@ fn applied(c: &Value) -> u64 {
     c["firewall"]["verdicts_applied"].as_u64().unwrap_or(0)
 }
 
-/// Polls the edge's counters (every millisecond) until `done` holds; panics after `limit`.
-fn wait_counters(
-    socket: &Path,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let deadline = Instant::now() + limit;
-    loop {
-        let c = counters(socket);
-        if done(&c) {
-            return c;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {limit:?}; counters: {c}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// The edge's own `edge_verdicts` event for datagram `seq` of `sender` (skipping others).
-fn wait_verdict_event(events: &mpsc::Receiver<Value>, sender: u32, seq: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let event = events
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("no edge_verdicts event for seq {seq}: {e}"));
-        if event["event"] == "edge_verdicts"
-            && event["sender"].as_u64() == Some(u64::from(sender))
-            && event["seq"].as_u64() == Some(seq)
-        {
-            return event;
-        }
-    }
+fn wait_verdict_event(edge: &Edge, sender: u32, seq: u64) -> Value {
+    edge.process
+        .wait_event(
+            Duration::from_secs(10),
+            &format!("edge_verdicts for seq {seq}"),
+            |event| {
+                event["event"] == "edge_verdicts"
+                    && event["sender"].as_u64() == Some(u64::from(sender))
+                    && event["seq"].as_u64() == Some(seq)
+            },
+        )
+        .unwrap_or_else(|e| panic!("no edge_verdicts event for seq {seq}: {e}"))
 }
 
 /// Sends one signed datagram of `records` and reports the time until the micro-VM applied them
 /// all (counters), with the edge's own measure (its event) beside it.
-fn reconfigure(
-    edge: &EdgeProcess,
-    sender: &mut VerdictSender,
-    records: &[VerdictRepr],
-    what: &str,
-) {
+fn reconfigure(edge: &Edge, sender: &mut VerdictSender, records: &[VerdictRepr], what: &str) {
     let before = applied(&counters(&edge.socket));
     let bytes: Vec<[u8; RECORD_LEN]> = records.iter().map(VerdictRepr::to_bytes).collect();
     let seq = sender.next_seq();
@@ -410,7 +325,7 @@ fn reconfigure(
         applied(c) >= want
     });
     let reconfig_ms = sent.elapsed().as_secs_f64() * 1e3;
-    let event = wait_verdict_event(&edge.events, HOST_ID, seq);
+    let event = wait_verdict_event(edge, HOST_ID, seq);
     assert_eq!(event["applied"], true, "{what}: {event}");
     println!(
         "{}",
@@ -419,32 +334,6 @@ fn reconfigure(
             "value": reconfig_ms, "edge_apply_ms": event["apply_ms"],
         })
     );
-}
-
-fn mac_of(netns: &str, dev: &str) -> [u8; 6] {
-    let out = Command::new("ip")
-        .args(["netns", "exec", netns, "cat"])
-        .arg(format!("/sys/class/net/{dev}/address"))
-        .output()
-        .expect("read the TAP's MAC");
-    assert!(out.status.success(), "cat {dev}/address in {netns}");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let bytes: Vec<u8> = text
-        .trim()
-        .split(':')
-        .map(|h| u8::from_str_radix(h, 16).expect("MAC hex"))
-        .collect();
-    bytes.try_into().expect("a 6-byte MAC")
-}
-
-fn netns_exec(netns: &str, args: &[&str]) -> bool {
-    Command::new("ip")
-        .args(["netns", "exec", netns])
-        .args(args)
-        .stdout(Stdio::null())
-        .status()
-        .expect("ip netns exec")
-        .success()
 }
 
 #[test]
@@ -460,7 +349,7 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         "net.ipv6.conf.default.disable_ipv6=1",
         &format!("net.ipv6.conf.{TAP}.disable_ipv6=1"),
     ] {
-        let _ = netns_exec(&ns.name, &["sysctl", "-qw", key]);
+        let _ = ns.exec(&["sysctl", "-qw", key]);
     }
     // The outside reaches the tenant without ARP (the edge passes ARP, but the test's "host"
     // does not answer it).
@@ -469,30 +358,23 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":");
-    assert!(netns_exec(
-        &ns.name,
-        &[
-            "ip",
-            "neigh",
-            "replace",
-            &TENANT_IP.to_string(),
-            "lladdr",
-            &lladdr,
-            "nud",
-            "permanent",
-            "dev",
-            TAP,
-        ]
-    ));
-    let tap_mac = mac_of(&ns.name, TAP);
-    let listener: TcpListener = ns
-        .spawn(|| TcpListener::bind(SocketAddrV4::new(OUTSIDE_IP, OPEN_PORT)))
-        .join()
-        .unwrap()
-        .expect("listen on the outside");
+    assert!(ns.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &TENANT_IP.to_string(),
+        "lladdr",
+        &lladdr,
+        "nud",
+        "permanent",
+        "dev",
+        TAP,
+    ]));
+    let tap_mac = ns.mac_of(TAP);
+    let listener: TcpListener = ns.tcp_listener(SocketAddrV4::new(OUTSIDE_IP, OPEN_PORT));
 
-    let cloud: SocketAddr = (Ipv4Addr::LOCALHOST, free_udp_port()).into();
-    let control: SocketAddr = (Ipv4Addr::LOCALHOST, free_udp_port()).into();
+    let cloud: SocketAddr = (Ipv4Addr::LOCALHOST, free_udp_port().unwrap()).into();
+    let control: SocketAddr = (Ipv4Addr::LOCALHOST, free_udp_port().unwrap()).into();
     let edge = start_edge(&ns.name, cloud, control);
     // Ready when the micro-VM says its packet loop starts. Not earlier: it formats the counters
     // block (so edge.counters shows them) before it builds its tables and ports, which takes
@@ -682,7 +564,7 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         "the first copy is accepted: {after}"
     );
     assert_eq!(rejected(&after, &AuthError::BadTag), 1, "{after}");
-    let event = wait_verdict_event(&edge.events, REPLAY_ID, 1);
+    let event = wait_verdict_event(&edge, REPLAY_ID, 1);
     assert_eq!(event["applied"], true, "{event}");
 
     // 8. Inbound: an outside client connects to the tenant's port 7000. Without a listen verdict
@@ -743,14 +625,13 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         "the outside client's connect"
     );
 
-    let ping = http::request(
+    let ping = rest::request(
         &edge.socket,
         "GET",
-        &format!("{}edge.ping", vmm_api::API_PREFIX),
+        "edge.ping",
         None,
         Duration::from_secs(5),
-    )
-    .unwrap();
+    );
     let ping: Value = serde_json::from_slice(&ping.body).unwrap();
     assert_eq!(ping["running"], true, "{ping}");
     eprintln!("final counters: {}", counters(&edge.socket));

@@ -1,23 +1,14 @@
 //! Boots the real fw-guest ELF (built by `scripts/build-fw-guest`) in the real VMM on /dev/kvm and
 //! checks its ring-3 banner; feeds the CLI bad input and checks it fails clearly.
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use vigil_tests::fw_guest_elf;
-
-fn vigil(args: &[&str]) -> Output {
-    Command::new(vigil_tests::vigil_bin())
-        .args(args)
-        .output()
-        .expect("run vigil")
-}
+use vigil_tests::{events, fw_guest_elf, run_vigil as vigil, TempDir};
 
 fn stopped_event(stdout: &str) -> serde_json::Value {
-    let line = stdout
-        .lines()
-        .find(|l| l.contains("\"vm_stopped\""))
-        .unwrap_or_else(|| panic!("no vm_stopped event in:\n{stdout}"));
-    serde_json::from_str(line).expect("vm_stopped is JSON")
+    events::vm_stopped(stdout.lines())
+        .next()
+        .unwrap_or_else(|| panic!("no vm_stopped event in:\n{stdout}"))
 }
 
 fn boot(role: &str) -> (String, serde_json::Value) {
@@ -78,15 +69,14 @@ fn missing_elf_is_a_clear_error() {
 
 #[test]
 fn corrupt_elf_is_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("vigil-corrupt-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("vigil-corrupt");
     let bad = dir.join("garbage.elf");
     // An ELF magic followed by garbage: past the first check, wrong everywhere else.
     let mut bytes = b"\x7fELF".to_vec();
     bytes.extend((0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8));
     std::fs::write(&bad, &bytes).unwrap();
     let out = vigil(&["run-microvm", "--elf", bad.to_str().unwrap()]);
-    std::fs::remove_dir_all(&dir).ok();
+    drop(dir);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("is not a loadable ELF kernel"), "{stderr}");
@@ -160,8 +150,7 @@ fn microvm_takes_verdicts_from_the_ring_and_reports_counters() {
             bytes.iter().map(|b| format!("{b:02x}")).collect()
         })
         .collect();
-    let dir = std::env::temp_dir().join(format!("vigil-verdicts-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("vigil-verdicts");
     let file = dir.join("verdicts.txt");
     // One plain hex line, the rest as the tenant's verdict events carry them.
     let mut text = format!("{}\n", records[0]);
@@ -179,7 +168,7 @@ fn microvm_takes_verdicts_from_the_ring_and_reports_counters() {
         "--timeout",
         "60",
     ]);
-    std::fs::remove_dir_all(&dir).ok();
+    drop(dir);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(
         out.status.success(),
@@ -197,8 +186,7 @@ fn microvm_takes_verdicts_from_the_ring_and_reports_counters() {
 
 #[test]
 fn malformed_verdicts_file_is_a_clear_error() {
-    let dir = std::env::temp_dir().join(format!("vigil-badverdicts-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("vigil-badverdicts");
     let file = dir.join("verdicts.txt");
     std::fs::write(&file, "not a record\n").unwrap();
     let elf = fw_guest_elf();
@@ -209,7 +197,7 @@ fn malformed_verdicts_file_is_a_clear_error() {
         "--verdicts",
         file.to_str().unwrap(),
     ]);
-    std::fs::remove_dir_all(&dir).ok();
+    drop(dir);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("line 1"), "{stderr}");

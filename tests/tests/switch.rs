@@ -4,16 +4,16 @@
 //! counts what it drops and why. No Linux tenant boots here (that takes minutes on this host), so
 //! the tenant side is a namespace; the frames the micro-VM sees are the same.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
 use std::time::Duration;
 
 use vigil_wire::verdict::{IpVersion, Op, Protocol, Rule, VerdictRepr};
 
-use vigil_tests::{fw_guest_elf, Namespace};
+use vigil_tests::outside::{answer_one, Request};
+use vigil_tests::process::START_TIMEOUT;
+use vigil_tests::{events, fw_guest_elf, Namespace, Stream, TempDir, VigilCommand, VigilProcess};
 
 const TENANT: u32 = 7;
 const TENANT_IP: &str = "10.88.0.2";
@@ -39,12 +39,8 @@ fn verdict_hex(port: u16) -> String {
 }
 
 /// Starts the micro-VM and waits until its switch is up (from its console).
-fn start_switch(
-    tenant_ns: &str,
-    outside_ns: &str,
-    verdicts: &PathBuf,
-) -> (Child, mpsc::Receiver<String>) {
-    let mut child = Command::new(vigil_tests::vigil_bin())
+fn start_switch(tenant_ns: &str, outside_ns: &str, verdicts: &Path) -> VigilProcess {
+    let vigil = VigilCommand::new("switch")
         .args(["run-microvm", "--elf"])
         .arg(fw_guest_elf())
         .args([
@@ -55,30 +51,22 @@ fn start_switch(
         .arg("--verdicts")
         .arg(verdicts)
         .args(["--timeout", "300"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("start vigil");
-    let (tx, rx) = mpsc::channel();
-    let stdout = child.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            eprintln!("{line}");
-            if tx.send(line).is_err() {
-                break;
+    vigil
+        .wait_line(START_TIMEOUT, "the switch up", |line| {
+            if line.stream != Stream::Stdout {
+                return false;
             }
-        }
-    });
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the micro-VM's switch came up");
-        assert!(!line.contains("vm_stopped"), "the micro-VM stopped: {line}");
-        if line.contains("fw-guest: switch up") {
-            break;
-        }
-    }
-    (child, rx)
+            assert!(
+                !line.text.contains("vm_stopped"),
+                "the micro-VM stopped: {}",
+                line.text
+            );
+            line.text.contains("fw-guest: switch up")
+        })
+        .expect("the micro-VM's switch came up");
+    vigil
 }
 
 #[test]
@@ -86,28 +74,20 @@ fn switch_forwards_what_a_verdict_opened_and_drops_the_rest_with_a_reason() {
     let pid = std::process::id();
     let tenant = Namespace::create(&format!("vigil-swt{pid}"), "tt0", TENANT_IP);
     let outside = Namespace::create(&format!("vigil-swo{pid}"), "to0", OUTSIDE_IP);
-    let dir = std::env::temp_dir().join(format!("vigil-switch-{pid}"));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("vigil-switch");
     let verdicts = dir.join("verdicts.txt");
     std::fs::write(&verdicts, format!("{}\n", verdict_hex(OPEN_PORT))).unwrap();
 
     // Servers outside on both ports: one opened by the verdict, one not.
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let server = outside.spawn(move || {
-        let open = TcpListener::bind((OUTSIDE_IP, OPEN_PORT)).expect("bind open port");
-        let _closed = TcpListener::bind((OUTSIDE_IP, CLOSED_PORT)).expect("bind closed port");
-        ready_tx.send(()).unwrap();
-        let (mut stream, peer) = open.accept().expect("accept");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
-        let mut got = [0u8; 16];
-        let n = stream.read(&mut got).expect("read");
-        stream.write_all(b"outside-says-hi").expect("write");
-        (peer, String::from_utf8_lossy(&got[..n]).to_string())
-    });
-    ready_rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    let (mut vigil, console) = start_switch(&tenant.name, &outside.name, &verdicts);
+    let open = outside.tcp_listener((OUTSIDE_IP, OPEN_PORT));
+    let closed = outside.tcp_listener((OUTSIDE_IP, CLOSED_PORT));
+    let server = answer_one(
+        open,
+        Request::FirstRead,
+        b"outside-says-hi",
+        Duration::from_secs(30),
+    );
+    let mut vigil = start_switch(&tenant.name, &outside.name, &verdicts);
 
     // Opened: the tenant's connect to the verdict's endpoint, both directions of the flow.
     let client = tenant.spawn(|| {
@@ -124,6 +104,7 @@ fn switch_forwards_what_a_verdict_opened_and_drops_the_rest_with_a_reason() {
     });
     assert_eq!(client.join().unwrap(), "outside-says-hi");
     let (peer, got) = server.join().unwrap();
+    drop(closed);
     assert_eq!(peer.ip().to_string(), TENANT_IP);
     assert_eq!(got, "tenant-says-hi");
 
@@ -139,16 +120,16 @@ fn switch_forwards_what_a_verdict_opened_and_drops_the_rest_with_a_reason() {
     assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
 
     // Stop the micro-VM as an operator would; its counters say what happened.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(vigil.id() as i32, libc::SIGTERM) };
-    let status = vigil.wait().unwrap();
-    let stopped = console
-        .iter()
-        .find(|l| l.contains("\"vm_stopped\""))
+    let status = vigil.terminate();
+    let console: Vec<String> = vigil
+        .remaining_lines()
+        .filter(|l| l.stream == Stream::Stdout)
+        .map(|l| l.text)
+        .collect();
+    let event = events::vm_stopped(console.iter().map(String::as_str))
+        .next()
         .expect("vm_stopped");
-    std::fs::remove_dir_all(&dir).ok();
-    assert!(status.success(), "{stopped}");
-    let event: serde_json::Value = serde_json::from_str(&stopped).unwrap();
+    assert!(status.success(), "{event}");
     let firewall = &event["outcome"]["firewall"];
     assert_eq!(firewall["verdicts_applied"], 1, "{firewall}");
     assert!(

@@ -19,13 +19,12 @@
 //!   kernel then writes a breakpoint into it); the write is refused, a tamper event names the
 //!   process, and the hooks keep deciding afterwards.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
-use vigil_tests::{base64, fw_guest_elf, tenant_dir, Namespace};
+use vigil_tests::events::{events_of, vm_stopped};
+use vigil_tests::outside::{answer_one, receive_datagram, Request};
+use vigil_tests::workload::{self, find_check};
+use vigil_tests::{fw_guest_elf, tenant_dir, Namespace, Stream, TempDir, VigilCommand};
 
 const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
@@ -49,57 +48,36 @@ fn debian_tenant_end_to_end() {
     let ns = format!("vigil-t{}", std::process::id());
     let tap = "vt0";
     let outside = Namespace::create(&ns, tap, HOST_IP);
-    let work = std::env::temp_dir().join(format!("vigil-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&work).unwrap();
+    let work = TempDir::new("vigil-e2e");
     let policy = work.join("policy.json");
     std::fs::write(&policy, POLICY).unwrap();
 
     // The outside server: binds before the guest boots, accepts one connection, reads one line,
     // answers, and reports what it got.
-    let (bound_tx, bound_rx) = mpsc::channel();
-    let server = outside.spawn(move || {
-        let listener = TcpListener::bind((HOST_IP, PORT)).expect("bind in the namespace");
-        bound_tx.send(()).unwrap();
-        let (mut stream, peer) = listener.accept().expect("accept");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(600)))
-            .unwrap();
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while stream.read(&mut byte).map(|n| n == 1).unwrap_or(false) && byte[0] != b'\n' {
-            line.push(byte[0]);
-        }
-        stream.write_all(b"host-says-hello\n").expect("reply");
-        (peer, String::from_utf8_lossy(&line).to_string())
-    });
-    bound_rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("server bound");
+    let server = answer_one(
+        outside.tcp_listener((HOST_IP, PORT)),
+        Request::Line,
+        b"host-says-hello\n",
+        Duration::from_secs(600),
+    );
     // The outside UDP sink: the datagram the guest's allowed sendto carries.
-    let udp_sink = outside.spawn(move || {
-        let socket = std::net::UdpSocket::bind((HOST_IP, UDP_PORT)).expect("bind UDP");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2700)))
-            .unwrap();
-        let mut buf = [0u8; 64];
-        let (n, from) = socket
-            .recv_from(&mut buf)
-            .expect("a datagram from the guest");
-        (from, String::from_utf8_lossy(&buf[..n]).to_string())
-    });
+    let udp_sink = receive_datagram(
+        outside.udp_socket((HOST_IP, UDP_PORT)),
+        Duration::from_secs(2700),
+    );
 
     // 1. The outside, over virtio-net. 2. Loopback under the policy: busybox listens on 7000
     // (allowed bind + listen), busybox connects (allowed), a copy of busybox under another name
     // connects (denied) and binds 7001 (denied). 3. Tamper, last: a kernel bug in the guest's
     // text_poke after the refused write may leave kernel locks held.
-    let workload = format!(
+    let script = format!(
         "echo \"VIGIL-CHECK tcp-reply $(echo tenant-says-hello | nc -w 120 {HOST_IP} {PORT})\"\n\
          if nc -w 60 {HOST_IP} {CLOSED_PORT} </dev/null; then echo VIGIL-CHECK closed-port open; \
          else echo VIGIL-CHECK closed-port refused; fi\n\
          ip -o addr show dev eth0 | sed 's/^/VIGIL-CHECK addr /'\n\
          nc -l -p 7000 -e echo served-by-listener &\n\
          listener=$!\n\
-         i=0; while ! netstat -ltn | grep -q ':7000 ' && [ $i -lt 200 ]; do i=$((i+1)); usleep 50000; done\n\
+         {wait_7000}\
          echo \"VIGIL-CHECK allowed-connect $(nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n\
          cp /bin/busybox /tmp/busybox-other\n\
          echo \"VIGIL-CHECK denied-connect $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n\
@@ -109,19 +87,12 @@ fn debian_tenant_end_to_end() {
          echo \"VIGIL-CHECK sendto-denied $(vigil-sendto {HOST_IP} 9998 must-not-leave)\"\n\
          echo \"VIGIL-CHECK rawsyn $(vigil-rawsyn eth0 {GUEST_IP} {HOST_IP} 8082)\"\n\
          echo \"VIGIL-CHECK kprobe $(vigil-kprobe security_socket_connect 2>&1) rc=$?\"\n\
-         echo \"VIGIL-CHECK after-tamper $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n"
+         echo \"VIGIL-CHECK after-tamper $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n",
+        wait_7000 = workload::wait_listening(7000),
     );
-    // Compressed: the kernel command line holds 2048 bytes, the host profile takes a third.
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-    gz.write_all(workload.as_bytes()).unwrap();
-    let encoded = base64(&gz.finish().unwrap());
-    let cmdline = format!(
-        "console=ttyS0 reboot=k panic=-1 quiet vigil.ip={GUEST_IP}/24 vigil.gw={HOST_IP} vigil.run={encoded}"
-    );
-    let mut child = Command::new(vigil_tests::vigil_bin())
-        // Fewer guest timer ticks per wall second on an emulating host (measured: faster to
-        // /init); guest timeouts stretch by the same factor.
-        .env("VIGIL_TSC_DILATION", "8")
+    let cmdline = workload::cmdline(GUEST_IP, HOST_IP, &script);
+    let mut vigil = VigilCommand::new("tenant")
+        .tsc_dilation()
         .args(["run-tenant", "--kernel"])
         .arg(dir.join("vmlinuz"))
         .arg("--initramfs")
@@ -133,33 +104,22 @@ fn debian_tenant_end_to_end() {
         .arg(fw_guest_elf())
         .args(["--uplink", &format!("tap={tap},netns={ns}")])
         .args(["--marker", "VIGIL-INIT-START", "--timeout", "2700"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         .spawn()
         .expect("start vigil");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("read vigil output");
-        eprintln!("{line}");
-        lines.push(line);
+    let (mut lines, mut stderr) = (Vec::new(), Vec::new());
+    for line in vigil.remaining_lines() {
+        match line.stream {
+            Stream::Stdout => lines.push(line.text),
+            Stream::Stderr => stderr.push(line.text),
+        }
     }
-    let status = child.wait().expect("wait for vigil");
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .ok();
-    std::fs::remove_dir_all(&work).ok();
+    let status = vigil.wait();
+    let stderr = stderr.join("\n");
+    drop(work);
     let console = lines.join("\n");
     assert!(status.success(), "vigil failed: {stderr}\n{console}");
     let check = |name: &str| -> &String {
-        lines
-            .iter()
-            .find(|l| l.contains(&format!("VIGIL-CHECK {name}")))
-            .unwrap_or_else(|| panic!("check {name} did not run:\n{console}"))
+        find_check(&lines, name).unwrap_or_else(|| panic!("check {name} did not run:\n{console}"))
     };
 
     // 1. Both ends of the TCP exchange with the outside.
@@ -199,14 +159,7 @@ fn debian_tenant_end_to_end() {
     );
 
     // Outside: every decision attributed to the right executable, with pids that match.
-    let events_of = |kind: &str| -> Vec<serde_json::Value> {
-        let prefix = format!("{{\"event\":\"{kind}\"");
-        lines
-            .iter()
-            .filter(|l| l.starts_with(&prefix))
-            .map(|l| serde_json::from_str(l).expect("event is JSON"))
-            .collect()
-    };
+    let events_of = |kind: &str| events_of(&lines, kind);
     let events = events_of("socket");
     let find = |op: &str, exe: &str, port: u64| {
         events
@@ -318,10 +271,7 @@ fn debian_tenant_end_to_end() {
     // The switch: the raw SYN found no verdict there, and the counters say so; the opened flows
     // were forwarded.
     let stopped = |name: &str| -> serde_json::Value {
-        lines
-            .iter()
-            .filter(|l| l.contains("\"vm_stopped\""))
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        vm_stopped(lines.iter().map(String::as_str))
             .find(|e| e["outcome"]["name"] == name)
             .unwrap_or_else(|| panic!("no vm_stopped event of {name}:\n{console}"))
     };

@@ -1,0 +1,25 @@
+//! The JSON event lines a `vigil` process prints on stdout (`{"event":"<kind>",...}`).
+
+use serde_json::Value;
+
+/// Every event of `kind` among `lines`, in order.
+pub fn events_of(lines: &[String], kind: &str) -> Vec<Value> {
+    let prefix = format!("{{\"event\":\"{kind}\"");
+    lines
+        .iter()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| serde_json::from_str(l).expect("event is JSON"))
+        .collect()
+}
+
+/// The `vm_stopped` events among `lines` (one per VM that stopped), in order.
+pub fn vm_stopped<'a, I>(lines: I) -> impl Iterator<Item = Value> + 'a
+where
+    I: IntoIterator<Item = &'a str>,
+    I::IntoIter: 'a,
+{
+    lines
+        .into_iter()
+        .filter(|l| l.contains("\"vm_stopped\""))
+        .map(|l| serde_json::from_str(l).expect("vm_stopped is JSON"))
+}

@@ -1,0 +1,78 @@
+//! Tenant workloads: a shell script run by the tenant image's /init, handed over on the kernel
+//! command line, reporting each of its checks as a `VIGIL-CHECK <name> <result>` console line.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+/// The prefix of a workload's report lines on the tenant's console.
+pub const CHECK: &str = "VIGIL-CHECK";
+
+/// A `vm.create` body: the tenant image in `images` (see [`crate::tenant_dir`]), 128 MiB, on
+/// the switch with `mac` and `ip`, under `policy`. No command line: the image boots to its
+/// default (no workload).
+pub fn vm_spec(images: &Path, id: &str, ip: &str, mac: &str, policy: &Value) -> Value {
+    json!({
+        "id": id,
+        "kernel": images.join("vmlinuz"),
+        "initramfs": images.join("initramfs.cpio"),
+        "memory_mib": 128,
+        "mac": mac,
+        "ip": ip,
+        "policy": policy,
+    })
+}
+
+/// The policy of a tenant that is created but not driven: busybox may connect to
+/// 10.0.0.1:80/tcp, nothing else.
+pub fn idle_policy() -> Value {
+    json!({"allow": [{"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
+                      "cidr": "10.0.0.1/32", "ports": "80"}]})
+}
+
+/// The kernel command line that boots the tenant image with address `ip/24`, gateway `gw`, and
+/// runs `script`. The script goes compressed: the command line holds 2048 bytes, the host
+/// profile takes a third.
+pub fn cmdline(ip: &str, gw: &str, script: &str) -> String {
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(script.as_bytes()).unwrap();
+    let encoded = base64(&gz.finish().unwrap());
+    format!(
+        "console=ttyS0 reboot=k panic=-1 quiet vigil.ip={ip}/24 vigil.gw={gw} vigil.run={encoded}"
+    )
+}
+
+/// A script line that waits (up to 10 s) until something listens on TCP `port` in the tenant.
+pub fn wait_listening(port: u16) -> String {
+    format!(
+        "i=0; while ! netstat -ltn | grep -q ':{port} ' && [ $i -lt 200 ]; do i=$((i+1)); \
+         usleep 50000; done\n"
+    )
+}
+
+/// The console line of check `name`, if it ran.
+pub fn find_check<'a>(lines: &'a [String], name: &str) -> Option<&'a String> {
+    let needle = format!("{CHECK} {name}");
+    lines.iter().find(|l| l.contains(&needle))
+}
+
+/// Standard base64 (RFC 4648), for a workload on the kernel command line.
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, b)| acc | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
