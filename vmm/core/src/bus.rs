@@ -219,7 +219,10 @@ impl Bus {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .restore(state)
-                .map_err(|message| BusError::DeviceRestore { index, message })?;
+                .map_err(|e| BusError::DeviceRestore {
+                    index,
+                    message: e.to_string(),
+                })?;
         }
         Ok(())
     }

@@ -3,18 +3,58 @@
 //! produces, the micro-VM consumes) and the counters block (the micro-VM writes, the VMM reads),
 //! laid out by `vigil_wire::ring`. Both sides touch it only as `AtomicU64` words, so a hostile
 //! micro-VM can garble what the VMM reads back, never make it undefined.
+//!
+//! Owns: the region's placement and format, pushing verdict records, reading the counters back,
+//! the `--verdicts` file format, waiting for a micro-VM to be ready.
+//! Must not: touch the region other than through atomics, or trust what the micro-VM wrote.
 
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
+use thiserror::Error;
 use vigil_wire::ring::{
     self, CountersReader, DropReason, Producer, RingError, COUNTERS_OFFSET, GLOBAL_FLOWS_ACTIVE,
     GLOBAL_FLOWS_ADOPTED, GLOBAL_FLOWS_CREATED, GLOBAL_FLOWS_REVOKED, GLOBAL_FORWARDED,
     GLOBAL_VERDICTS_APPLIED, GLOBAL_VERDICTS_REJECTED, VERDICT_REGION_BYTES, VERDICT_RING_CAPACITY,
 };
 use vigil_wire::verdict::RECORD_LEN;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
+
+/// Why a micro-VM's verdict region could not be reserved.
+#[derive(Debug, Error)]
+pub enum RegionError {
+    #[error("the micro-VM's RAM is smaller than its verdict region")]
+    RamTooSmall,
+    #[error("verdict region at {gpa:#x}: {source}")]
+    Start {
+        gpa: u64,
+        #[source]
+        source: GuestMemoryError,
+    },
+    #[error("verdict region end: {0}")]
+    End(#[source] GuestMemoryError),
+    /// `RingError` is `no_std` and has no `Error` impl: carried as a value.
+    #[error("formatting the verdict ring: {0:?}")]
+    Format(RingError),
+}
+
+/// Why a `--verdicts` file was refused (lines count from 1).
+#[derive(Debug, Error)]
+pub enum VerdictLinesError {
+    #[error("line {line}: not JSON: {source}")]
+    NotJson {
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("line {line}: no \"record\" field")]
+    NoRecord { line: usize },
+    #[error("line {line}: a record is {} hex digits", 2 * RECORD_LEN)]
+    NotARecord { line: usize },
+    #[error("{count} verdicts; the ring holds {VERDICT_RING_CAPACITY}")]
+    TooMany { count: usize },
+}
 
 pub struct VerdictRegion {
     /// Keeps the mapping alive as long as the region is used.
@@ -49,19 +89,19 @@ pub struct FirewallCounters {
 
 impl VerdictRegion {
     /// Reserves the region at the top of RAM (page aligned) and formats an empty ring.
-    pub fn reserve(memory: &GuestMemoryMmap, ram_size: u64) -> Result<VerdictRegion, String> {
+    pub fn reserve(memory: &GuestMemoryMmap, ram_size: u64) -> Result<VerdictRegion, RegionError> {
         let bytes = VERDICT_REGION_BYTES as u64;
         let gpa = ram_size
             .checked_sub(bytes)
-            .ok_or("the micro-VM's RAM is smaller than its verdict region")?
+            .ok_or(RegionError::RamTooSmall)?
             & !0xfff;
         let host = memory
             .get_host_address(GuestAddress(gpa))
-            .map_err(|e| format!("verdict region at {gpa:#x}: {e}"))?;
+            .map_err(|source| RegionError::Start { gpa, source })?;
         // The whole region must be one contiguous host mapping (one RAM region here).
         memory
             .get_host_address(GuestAddress(gpa + bytes - 1))
-            .map_err(|e| format!("verdict region end: {e}"))?;
+            .map_err(RegionError::End)?;
         let region = VerdictRegion {
             memory: memory.clone(),
             host: host as *const AtomicU64,
@@ -69,7 +109,7 @@ impl VerdictRegion {
             producer: std::sync::Mutex::new(()),
         };
         ring::format(region.words(0, COUNTERS_OFFSET), VERDICT_RING_CAPACITY)
-            .map_err(|e| format!("formatting the verdict ring: {e:?}"))?;
+            .map_err(RegionError::Format)?;
         Ok(region)
     }
 
@@ -151,41 +191,37 @@ impl VerdictRegion {
 
 /// Parses verdict records for `--verdicts`: one per line, either the 128-digit hex record or a
 /// JSON object with a `record` field holding it (the `verdict` events of a tenant's log).
-pub fn parse_verdict_lines(text: &str) -> Result<Vec<[u8; RECORD_LEN]>, String> {
+pub fn parse_verdict_lines(text: &str) -> Result<Vec<[u8; RECORD_LEN]>, VerdictLinesError> {
     let mut records = Vec::new();
     for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
         let line = line.trim();
         if line.is_empty() {
             continue;
         }
+        let value;
         let hex = if line.starts_with('{') {
-            let value: serde_json::Value = serde_json::from_str(line)
-                .map_err(|e| format!("line {}: not JSON: {e}", index + 1))?;
+            value = serde_json::from_str::<serde_json::Value>(line).map_err(|source| {
+                VerdictLinesError::NotJson {
+                    line: number,
+                    source,
+                }
+            })?;
             value["record"]
                 .as_str()
-                .ok_or(format!("line {}: no \"record\" field", index + 1))?
-                .to_string()
+                .ok_or(VerdictLinesError::NoRecord { line: number })?
         } else {
-            line.to_string()
+            line
         };
-        if hex.len() != 2 * RECORD_LEN || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(format!(
-                "line {}: a record is {} hex digits",
-                index + 1,
-                2 * RECORD_LEN
-            ));
-        }
         let mut record = [0u8; RECORD_LEN];
-        for (i, byte) in record.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
-        }
+        hex::decode_to_slice(hex, &mut record)
+            .map_err(|_| VerdictLinesError::NotARecord { line: number })?;
         records.push(record);
     }
     if records.len() as u64 > VERDICT_RING_CAPACITY {
-        return Err(format!(
-            "{} verdicts; the ring holds {VERDICT_RING_CAPACITY}",
-            records.len()
-        ));
+        return Err(VerdictLinesError::TooMany {
+            count: records.len(),
+        });
     }
     Ok(records)
 }
@@ -217,11 +253,61 @@ mod tests {
         let records = parse_verdict_lines(&text).unwrap();
         assert_eq!(records.len(), 2);
         assert_eq!(records[0], [1u8; RECORD_LEN]);
-        assert!(parse_verdict_lines("abc").unwrap_err().contains("line 1"));
+        assert!(parse_verdict_lines("abc")
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
         assert!(parse_verdict_lines("{\"x\":1}")
             .unwrap_err()
+            .to_string()
             .contains("record"));
         assert!(parse_verdict_lines(&"zz".repeat(RECORD_LEN)).is_err());
+    }
+
+    #[test]
+    fn verdict_line_errors_name_the_line_and_the_cause() {
+        let upper = "AB".repeat(RECORD_LEN);
+        assert_eq!(
+            parse_verdict_lines(&upper).unwrap(),
+            vec![[0xab; RECORD_LEN]]
+        );
+        assert_eq!(
+            parse_verdict_lines(&format!("\n{}", "0".repeat(2 * RECORD_LEN - 1)))
+                .unwrap_err()
+                .to_string(),
+            format!("line 2: a record is {} hex digits", 2 * RECORD_LEN)
+        );
+        assert_eq!(
+            parse_verdict_lines("{\"x\":1}").unwrap_err().to_string(),
+            "line 1: no \"record\" field"
+        );
+        let e = parse_verdict_lines("{nope").unwrap_err();
+        assert!(e.to_string().starts_with("line 1: not JSON: "));
+        assert!(std::error::Error::source(&e).is_some());
+        let too_many =
+            format!("{}\n", "00".repeat(RECORD_LEN)).repeat(VERDICT_RING_CAPACITY as usize + 1);
+        assert_eq!(
+            parse_verdict_lines(&too_many).unwrap_err().to_string(),
+            format!(
+                "{} verdicts; the ring holds {VERDICT_RING_CAPACITY}",
+                VERDICT_RING_CAPACITY + 1
+            )
+        );
+    }
+
+    #[test]
+    fn a_region_needs_room_in_ram() {
+        let size = 64 << 10;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        // The ring alone is VERDICT_RING_CAPACITY records of RECORD_LEN bytes.
+        assert!(VERDICT_REGION_BYTES > size);
+        assert!(matches!(
+            VerdictRegion::reserve(&memory, size as u64),
+            Err(RegionError::RamTooSmall)
+        ));
+        // RAM said to be larger than what is mapped: the region's start is not guest memory.
+        let e = VerdictRegion::reserve(&memory, 64 << 20).err().unwrap();
+        assert!(matches!(e, RegionError::Start { .. }), "{e}");
     }
 
     #[test]

@@ -10,12 +10,16 @@
 //! several: the read-only pages and the read-write ranges between them. The guest must not run
 //! while the slots are replaced (an access in between would find no memory): arming happens on a
 //! vCPU thread between two `KVM_RUN`s, and only while that vCPU is the VM's only one.
+//!
+//! Owns: the VM's guarded pages and the memslot layout that protects them.
+//! Must not: change memslots while another vCPU can run, or guard anything outside guest RAM.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
+use thiserror::Error;
 
 pub const PAGE_SIZE: u64 = 0x1000;
 
@@ -32,6 +36,32 @@ pub struct RamSlot {
 pub struct GuardedPage {
     pub gpa: u64,
     pub label: String,
+}
+
+/// Why the write traps were not armed (the hooked pages then stay writable).
+#[derive(Debug, Error)]
+pub enum WriteTrapError {
+    #[error("write traps are already armed")]
+    AlreadyArmed,
+    #[error(
+        "write traps need the VM paused while its memory slots change; with {0} vCPUs that \
+         pause is not implemented yet, so the hooked pages stay writable"
+    )]
+    SeveralVcpus(usize),
+    #[error("no page to guard lies in guest RAM")]
+    NothingToGuard,
+    #[error(
+        "KVM_SET_USER_MEMORY_REGION (slot {slot}, {start:#x}+{len:#x}, read-only {read_only}): \
+         {source}; the guest's memory may now be incomplete"
+    )]
+    SetSlot {
+        slot: u32,
+        start: u64,
+        len: u64,
+        read_only: bool,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 /// The write traps of one VM. Armed at most once.
@@ -92,17 +122,13 @@ impl WriteTraps {
 
     /// Makes `pages` read-only to the guest. Call from a vCPU thread outside `KVM_RUN`.
     /// Returns the pages now guarded.
-    pub fn arm(&self, pages: &[GuardedPage]) -> Result<usize, String> {
+    pub fn arm(&self, pages: &[GuardedPage]) -> Result<usize, WriteTrapError> {
         if self.is_armed() {
-            return Err("write traps are already armed".into());
+            return Err(WriteTrapError::AlreadyArmed);
         }
         if self.vcpus != 1 {
             // Another vCPU could touch RAM while its slot is being replaced.
-            return Err(format!(
-                "write traps need the VM paused while its memory slots change; with {} vCPUs \
-                 that pause is not implemented yet, so the hooked pages stay writable",
-                self.vcpus
-            ));
+            return Err(WriteTrapError::SeveralVcpus(self.vcpus));
         }
         let mut map = BTreeMap::new();
         for page in pages {
@@ -112,7 +138,7 @@ impl WriteTraps {
             }
         }
         if map.is_empty() {
-            return Err("no page to guard lies in guest RAM".into());
+            return Err(WriteTrapError::NothingToGuard);
         }
         let sorted: Vec<u64> = map.keys().copied().collect();
         let layout = slot_layout(self.ram.size, &sorted);
@@ -126,7 +152,13 @@ impl WriteTraps {
         Ok(count)
     }
 
-    fn set_slot(&self, slot: u32, start: u64, len: u64, read_only: bool) -> Result<(), String> {
+    fn set_slot(
+        &self,
+        slot: u32,
+        start: u64,
+        len: u64,
+        read_only: bool,
+    ) -> Result<(), WriteTrapError> {
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: start,
@@ -136,11 +168,14 @@ impl WriteTraps {
         };
         // SAFETY: the host range lies inside the guest RAM mapping the VM owns for its lifetime
         // (start + len <= ram.size); a zero length deletes the slot.
-        unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(|e| {
-            format!(
-                "KVM_SET_USER_MEMORY_REGION (slot {slot}, {start:#x}+{len:#x}, read-only \
-                 {read_only}): {e}; the guest's memory may now be incomplete"
-            )
+        unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(|source| {
+            WriteTrapError::SetSlot {
+                slot,
+                start,
+                len,
+                read_only,
+                source,
+            }
         })
     }
 }
@@ -179,5 +214,28 @@ mod tests {
             ]
         );
         assert_eq!(slot_layout(size, &[]), vec![(0, size, false)]);
+    }
+
+    #[test]
+    fn errors_keep_the_messages_the_write_traps_event_carried() {
+        assert_eq!(
+            WriteTrapError::SeveralVcpus(2).to_string(),
+            "write traps need the VM paused while its memory slots change; with 2 vCPUs that \
+             pause is not implemented yet, so the hooked pages stay writable"
+        );
+        let e = WriteTrapError::SetSlot {
+            slot: 1,
+            start: 0x3000,
+            len: 0x1000,
+            read_only: true,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        };
+        assert!(e
+            .to_string()
+            .starts_with("KVM_SET_USER_MEMORY_REGION (slot 1, 0x3000+0x1000, read-only true): "));
+        assert!(e
+            .to_string()
+            .ends_with("; the guest's memory may now be incomplete"));
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

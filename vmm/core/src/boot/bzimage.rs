@@ -272,7 +272,7 @@ pub fn detect_compression(payload: &[u8]) -> Result<Compression, KernelImageErro
         .map_or("(unknown)", |(_, name)| name);
     Err(KernelImageError::UnsupportedCompression {
         name,
-        magic: hex(&payload[..payload.len().min(6)]),
+        magic: spaced_hex(&payload[..payload.len().min(6)]),
     })
 }
 
@@ -331,7 +331,7 @@ pub fn check_elf(elf: &[u8]) -> Result<(), KernelImageError> {
     if !elf.starts_with(ELF_MAGIC) {
         return Err(KernelImageError::NotElf(format!(
             "starts with {} instead of 7f 45 4c 46",
-            hex(&elf[..4])
+            spaced_hex(&elf[..4])
         )));
     }
     if elf[4] != ELFCLASS64 || elf[5] != ELFDATA2LSB {
@@ -500,10 +500,11 @@ fn le32(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Bytes as hex pairs separated by spaces ("7f 45 4c 46"), for error messages.
+fn spaced_hex(bytes: &[u8]) -> String {
     bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
+        .chunks(1)
+        .map(hex::encode)
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -527,6 +528,13 @@ mod tests {
         img.extend_from_slice(&[0u8; 16]);
         img.extend_from_slice(payload);
         img
+    }
+
+    #[test]
+    fn magic_bytes_print_as_spaced_lowercase_hex() {
+        assert_eq!(spaced_hex(&[0x7f, b'E', b'L', b'F']), "7f 45 4c 46");
+        assert_eq!(spaced_hex(&[0xfd, 0x37, 0x7a]), "fd 37 7a");
+        assert_eq!(spaced_hex(&[]), "");
     }
 
     #[test]

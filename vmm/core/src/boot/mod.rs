@@ -192,6 +192,6 @@ fn write_obj<T: ByteValued>(mem: &GuestMemoryMmap, addr: u64, value: T) -> Resul
 
 /// The ELF vmlinux inside a kernel image (an ELF is taken as it is; a bzImage is unpacked on the
 /// host, so the guest never runs its own decompressor).
-pub fn kernel_elf(image: &[u8]) -> Result<Vec<u8>, String> {
-    bzimage::extract_vmlinux(image).map_err(|e| e.to_string())
+pub fn kernel_elf(image: &[u8]) -> Result<Vec<u8>, bzimage::KernelImageError> {
+    bzimage::extract_vmlinux(image)
 }

@@ -1,4 +1,10 @@
 //! Devices the VMM emulates, and the bus that routes vCPU MMIO and port I/O exits to them.
+//!
+//! Owns: the [`MmioDevice`] trait every device window implements, the description of a virtio-mmio
+//! device for ACPI and the command line, and the device modules (virtio, TAP, VXLAN).
+//! Must not: trust the offsets, sizes or data a guest's access carries.
+
+use thiserror::Error;
 
 pub mod tap;
 pub mod virtio;
@@ -18,9 +24,31 @@ pub trait MmioDevice: Send {
     /// Starts moving data again after `save` (the snapshot was only a snapshot).
     fn resume_after_save(&mut self) {}
     /// Loads a saved state into this (fresh) device, after guest RAM was restored.
-    fn restore(&mut self, _state: &crate::snapshot::TransportSnapshot) -> Result<(), String> {
-        Err("this device has no state to restore".into())
+    fn restore(
+        &mut self,
+        _state: &crate::snapshot::TransportSnapshot,
+    ) -> Result<(), DeviceRestoreError> {
+        Err(DeviceRestoreError::NoState)
     }
+}
+
+/// Why a device did not take a saved state, or did not restart from it.
+#[derive(Debug, Error)]
+pub enum DeviceRestoreError {
+    #[error("this device has no state to restore")]
+    NoState,
+    #[error("the saved device has {saved} queues, this one {present}")]
+    QueueCount { saved: usize, present: usize },
+    #[error("a saved queue of {0} entries")]
+    QueueSize(u16),
+    #[error("queue {index}: used ring unreadable: {source}")]
+    UsedRing {
+        index: usize,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error(transparent)]
+    Activate(#[from] virtio::VirtioError),
 }
 
 /// Description of one virtio-mmio device for the ACPI tables and the guest command line.

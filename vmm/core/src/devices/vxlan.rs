@@ -220,10 +220,7 @@ mod tests {
         loop {
             // SAFETY: one valid pollfd, alive for the call.
             let ready = unsafe { libc::poll(&mut poll, 1, 5000) };
-            assert!(
-                ready > 0,
-                "no frame in 5 s"
-            );
+            assert!(ready > 0, "no frame in 5 s");
             match link.recv_frame(buf) {
                 Ok(n) => return n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,

@@ -4,6 +4,11 @@
 //! Every register is 32 bits wide and 32-bit aligned; any other access to them reads as zero and
 //! writes nothing (the spec leaves it undefined, the guest chooses offset and size). The
 //! configuration space accepts any width.
+//!
+//! Owns: the register file of one device (features, queue configuration, status, interrupt
+//! status), activation at DRIVER_OK and reset, saving and restoring that state.
+//! Must not: touch the queues once the device is active (the device's thread owns them), or act
+//! on a register write the spec does not allow in the current status.
 
 use std::sync::Arc;
 
@@ -13,7 +18,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{features, status, Activation, Interrupt, VirtioDevice, VirtioError};
-use crate::devices::{MmioDevice, MmioDeviceInfo};
+use crate::devices::{DeviceRestoreError, MmioDevice, MmioDeviceInfo};
 
 /// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout").
 pub mod reg {
@@ -270,7 +275,7 @@ impl MmioTransport {
                 value &= !status::DRIVER_OK;
             } else if let Err(e) = self.activate() {
                 // The device cannot run with what the driver gave it: tell the driver (§2.1.2).
-                eprintln!(
+                log::error!(
                     "virtio-mmio: device {} failed to activate: {e}",
                     self.device.device_type()
                 );
@@ -331,7 +336,7 @@ impl MmioTransport {
     /// Sets every queue's position to where its used ring in guest RAM says the device stood
     /// (with the device quiesced every buffer it took was returned, so next_avail == next_used),
     /// then activates the device.
-    fn reactivate_from_memory(&mut self) -> Result<(), String> {
+    fn reactivate_from_memory(&mut self) -> Result<(), DeviceRestoreError> {
         use vm_memory::{Bytes, GuestAddress};
         for (index, queue) in self.queues.iter_mut().enumerate() {
             if !queue.ready() {
@@ -341,11 +346,11 @@ impl MmioTransport {
             let idx: u16 = self
                 .mem
                 .read_obj::<u16>(GuestAddress(queue.used_ring().wrapping_add(2)))
-                .map_err(|e| format!("queue {index}: used ring unreadable: {e}"))?;
+                .map_err(|source| DeviceRestoreError::UsedRing { index, source })?;
             queue.set_next_avail(u16::from_le(idx));
             queue.set_next_used(u16::from_le(idx));
         }
-        self.activate().map_err(|e| e.to_string())?;
+        self.activate()?;
         // Wake the driver: whatever completed while the VM was stopped gets looked at.
         self.interrupt.signal(super::interrupt::USED_BUFFER);
         Ok(())
@@ -383,23 +388,25 @@ impl MmioDevice for MmioTransport {
     fn resume_after_save(&mut self) {
         if !self.active && self.device_status & status::DRIVER_OK != 0 {
             if let Err(e) = self.reactivate_from_memory() {
-                eprintln!("virtio-mmio: the device did not restart after a snapshot: {e}");
+                log::error!("virtio-mmio: the device did not restart after a snapshot: {e}");
             }
         }
     }
 
-    fn restore(&mut self, state: &crate::snapshot::TransportSnapshot) -> Result<(), String> {
+    fn restore(
+        &mut self,
+        state: &crate::snapshot::TransportSnapshot,
+    ) -> Result<(), DeviceRestoreError> {
         if state.queues.len() != self.queues.len() {
-            return Err(format!(
-                "the saved device has {} queues, this one {}",
-                state.queues.len(),
-                self.queues.len()
-            ));
+            return Err(DeviceRestoreError::QueueCount {
+                saved: state.queues.len(),
+                present: self.queues.len(),
+            });
         }
         for (queue, saved) in self.queues.iter_mut().zip(&state.queues) {
             queue.reset();
             if saved.size > queue.max_size() {
-                return Err(format!("a saved queue of {} entries", saved.size));
+                return Err(DeviceRestoreError::QueueSize(saved.size));
             }
             queue.set_size(saved.size);
             let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
