@@ -37,10 +37,7 @@ impl HostKind {
     /// (AMD) CPU flag; without either, a working /dev/kvm means an emulating KVM. `VIGIL_HOST_KIND`
     /// (`hardware` or `emulating`) overrides the detection, for tests of both profiles.
     pub fn detect() -> HostKind {
-        let forced = std::env::var("VIGIL_HOST_KIND")
-            .ok()
-            .and_then(|v| Self::from_name(&v));
-        Self::detect_with(forced)
+        crate::knobs::DebugKnobs::from_env().host_kind()
     }
 
     /// `forced` if given (see [`crate::knobs::DebugKnobs::host_kind`]), else detected from

@@ -12,6 +12,10 @@
 //! 0xfec0_0000  IOAPIC
 //! 0xfee0_0000  local APIC
 //! ```
+//!
+//! Owns: these addresses and sizes, the interrupt lines of the devices, and the flat segment
+//! descriptors that PVH entry and the syscall fix load.
+//! Must not: hold anything per VM or touch guest memory.
 
 /// Where the PVH `hvm_start_info` lives.
 pub const PVH_INFO_START: u64 = 0x6000;

@@ -57,8 +57,43 @@ impl fmt::Display for NetBackend {
     }
 }
 
+/// What is wrong with a `--net` value.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfigError(String);
+pub enum NetConfigError {
+    NotKeyValue(String),
+    BadInterfaceName(String),
+    BadNamespace(String),
+    BadMac(String),
+    BadTenant(String),
+    BadAddress(String),
+    BadVni(String),
+    UnknownKey(String),
+    NoBackend,
+    MixedBackends,
+}
+
+impl NetConfigError {
+    fn reason(&self) -> String {
+        match self {
+            NetConfigError::NotKeyValue(item) => format!("`{item}` is not key=value"),
+            NetConfigError::BadInterfaceName(v) => format!("`{v}` is not a valid interface name"),
+            NetConfigError::BadNamespace(v) => format!("`{v}` is not a valid namespace name"),
+            NetConfigError::BadMac(v) => format!("`{v}` is not a unicast MAC address"),
+            NetConfigError::BadTenant(v) => {
+                format!("`{v}` is not a tenant id (0 to 4294967295)")
+            }
+            NetConfigError::BadAddress(v) => {
+                format!("`{v}` is not an address:port (e.g. 10.0.0.1:4789)")
+            }
+            NetConfigError::BadVni(v) => format!("`{v}` is not a VNI (0 to {MAX_VNI})"),
+            NetConfigError::UnknownKey(k) => format!("unknown key `{k}`"),
+            NetConfigError::NoBackend => "one of tap=, vxlan= or local= is required".into(),
+            NetConfigError::MixedBackends => {
+                "tap= (with netns=) and vxlan=/local=/vni= do not mix".into()
+            }
+        }
+    }
+}
 
 impl fmt::Display for NetConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -66,7 +101,7 @@ impl fmt::Display for NetConfigError {
             f,
             "bad --net value: {} (expected tap=NAME[,netns=NS][,mac=52:54:00:12:34:56][,tenant=N] \
              or vxlan=PEER:PORT[,local=ADDR:PORT][,vni=N][,mac=..][,tenant=N] or local=ADDR:PORT[,vni=N])",
-            self.0
+            self.reason()
         )
     }
 }
@@ -121,38 +156,27 @@ impl FromStr for NetConfig {
         let mut local = None;
         let mut vni = None;
         let socket_addr = |value: &str| -> Result<SocketAddr, NetConfigError> {
-            value.parse().map_err(|_| {
-                NetConfigError(format!(
-                    "`{value}` is not an address:port (e.g. 10.0.0.1:4789)"
-                ))
-            })
+            value
+                .parse()
+                .map_err(|_| NetConfigError::BadAddress(value.to_string()))
         };
         for item in text.split(',') {
             let (key, value) = item
                 .split_once('=')
-                .ok_or_else(|| NetConfigError(format!("`{item}` is not key=value")))?;
+                .ok_or_else(|| NetConfigError::NotKeyValue(item.to_string()))?;
             match key {
                 "tap" if valid_name(value) => tap = Some(value.to_string()),
-                "tap" => {
-                    return Err(NetConfigError(format!(
-                        "`{value}` is not a valid interface name"
-                    )))
-                }
+                "tap" => return Err(NetConfigError::BadInterfaceName(value.to_string())),
                 "netns" if valid_netns(value) => netns = Some(value.to_string()),
-                "netns" => {
-                    return Err(NetConfigError(format!(
-                        "`{value}` is not a valid namespace name"
-                    )))
-                }
+                "netns" => return Err(NetConfigError::BadNamespace(value.to_string())),
                 "mac" => {
-                    mac = parse_mac(value).ok_or_else(|| {
-                        NetConfigError(format!("`{value}` is not a unicast MAC address"))
-                    })?
+                    mac =
+                        parse_mac(value).ok_or_else(|| NetConfigError::BadMac(value.to_string()))?
                 }
                 "tenant" => {
-                    tenant = value.parse().map_err(|_| {
-                        NetConfigError(format!("`{value}` is not a tenant id (0 to 4294967295)"))
-                    })?
+                    tenant = value
+                        .parse()
+                        .map_err(|_| NetConfigError::BadTenant(value.to_string()))?
                 }
                 "vxlan" => peer = Some(socket_addr(value)?),
                 "local" => local = Some(socket_addr(value)?),
@@ -162,12 +186,10 @@ impl FromStr for NetConfig {
                             .parse::<u32>()
                             .ok()
                             .filter(|v| *v <= MAX_VNI)
-                            .ok_or_else(|| {
-                                NetConfigError(format!("`{value}` is not a VNI (0 to {MAX_VNI})"))
-                            })?,
+                            .ok_or_else(|| NetConfigError::BadVni(value.to_string()))?,
                     )
                 }
-                other => return Err(NetConfigError(format!("unknown key `{other}`"))),
+                other => return Err(NetConfigError::UnknownKey(other.to_string())),
             }
         }
         let backend = match (tap, peer.is_some() || local.is_some()) {
@@ -177,16 +199,8 @@ impl FromStr for NetConfig {
                 peer,
                 vni: vni.unwrap_or(1),
             },
-            (None, false) => {
-                return Err(NetConfigError(
-                    "one of tap=, vxlan= or local= is required".into(),
-                ))
-            }
-            _ => {
-                return Err(NetConfigError(
-                    "tap= (with netns=) and vxlan=/local=/vni= do not mix".into(),
-                ))
-            }
+            (None, false) => return Err(NetConfigError::NoBackend),
+            _ => return Err(NetConfigError::MixedBackends),
         };
         Ok(NetConfig {
             backend,
@@ -255,5 +269,22 @@ mod tests {
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad} was accepted");
         }
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong_and_what_is_expected() {
+        let e = "tap=vt0,color=blue".parse::<NetConfig>().unwrap_err();
+        assert_eq!(e, NetConfigError::UnknownKey("color".into()));
+        assert!(e
+            .to_string()
+            .starts_with("bad --net value: unknown key `color` (expected tap=NAME"));
+        assert_eq!(
+            "tap=vt0,vni=3".parse::<NetConfig>().unwrap_err(),
+            NetConfigError::MixedBackends
+        );
+        assert_eq!(
+            "mac=52:54:00:00:00:01".parse::<NetConfig>().unwrap_err(),
+            NetConfigError::NoBackend
+        );
     }
 }
