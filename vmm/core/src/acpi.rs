@@ -7,6 +7,9 @@
 //! The platform is "hardware-reduced ACPI" (no PM timer, no SCI, no fixed hardware): shutdown is
 //! the FADT sleep control register, an I/O port the VMM watches ([`SLEEP_CONTROL_PORT`]).
 //! Table layouts: ACPI specification 6.4, chapter 5; AML encoding: chapter 20.
+//!
+//! Owns: building the tables in guest memory and the RSDP address the boot information names.
+//! Must not: describe a device the VM does not have, or write outside the ACPI area of the layout.
 
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};

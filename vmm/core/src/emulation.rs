@@ -6,6 +6,10 @@
 //! The VMM decodes it (iced-x86) and finishes it here, or names it in an error that stops the VM.
 //! Everything read here comes from the guest and is treated as hostile: reads are bounded to guest
 //! RAM through [`GuestView`], and an instruction we do not know is an error, never a guess.
+//!
+//! Owns: decoding the faulting instruction and completing the ones listed here (registers, flags,
+//! guest memory), the errors that name an instruction it cannot complete.
+//! Must not: guess at an instruction it does not know, or read past guest RAM.
 
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};

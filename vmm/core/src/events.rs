@@ -4,6 +4,10 @@
 //!
 //! Subscribers get a bounded queue each: one that falls behind loses events (counted) rather than
 //! slowing the trap path or the logger down; one that goes away is forgotten.
+//!
+//! Owns: the process-wide bus, its subscribers and their loss counters.
+//! Must not: block a publisher on a slow subscriber, or change a line it carries (it publishes
+//! what it is given).
 
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

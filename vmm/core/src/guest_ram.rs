@@ -1,5 +1,8 @@
 //! The VMM's guest memory as trap-handler's bounded [`GuestPhys`], so the introspection code and
 //! the VMM's own instruction completion read hostile guest memory through one accessor.
+//!
+//! Owns: the adapter from `GuestMemoryMmap` to `GuestPhys`.
+//! Must not: read outside guest RAM or hand out references into it (bytes are copied).
 
 use trap_handler::mem::{GuestPhys, MemError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};

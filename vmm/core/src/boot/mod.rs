@@ -4,6 +4,11 @@
 //! Both guests start at their PVH entry (Xen ELF note `XEN_ELFNOTE_PHYS32_ENTRY`): 32-bit protected
 //! mode, paging off, EBX = guest-physical address of `hvm_start_info`. One boot path for a stock
 //! Linux and for our micro-VM, and the same one QEMU's `-kernel` uses, so QEMU boots our ELF too.
+//!
+//! Owns: loading the kernel's segments, the PVH start information, memory map and module list,
+//! the command line in guest memory, and (in [`bzimage`]) unpacking a bzImage on the host.
+//! Must not: trust the kernel image (every offset is checked against guest RAM), or write outside
+//! the boot areas of the layout.
 
 pub mod bzimage;
 

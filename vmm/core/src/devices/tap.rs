@@ -6,8 +6,9 @@
 //! namespace is entered on a short-lived helper thread that opens the device there, so no thread
 //! of the VMM stays in it, and the descriptor keeps working from any thread afterwards.
 //!
-//! Bringing the link up and addressing it is the caller's job.
-//! Must not: leave the calling thread in another namespace, or block.
+//! Owns: opening a TAP interface (in its namespace) and reading and writing its frames.
+//! Must not: bring the link up or address it (the caller's job), leave the calling thread in
+//! another namespace, or block.
 
 use std::fs::{File, OpenOptions};
 use std::io;

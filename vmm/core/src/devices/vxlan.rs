@@ -10,6 +10,9 @@
 //! The underlay (the hosts' network) is trusted to carry frames, not verdicts: verdicts travel on
 //! their own authenticated channel. Datagrams that are not VXLAN, or carry another VNI, are
 //! dropped and counted.
+//!
+//! Owns: the VXLAN encapsulation, the learned FDB, the peers and the drop counters.
+//! Must not: forward a datagram of another VNI or one that is not VXLAN, or carry verdicts.
 
 use std::collections::HashMap;
 use std::io;

@@ -3,6 +3,10 @@
 //! guest driver would. Tests and diagnostics drive devices with it; no VM is needed.
 //!
 //! It trusts the device it drives no more than it must: used-ring entries are returned as read.
+//!
+//! Owns: a test driver's queue layouts, descriptor chains and register sequences.
+//! Must not: be used for a real guest (it is the host's stand-in for one), or hide what the
+//! device returned (used entries are returned as read).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

@@ -6,6 +6,8 @@
 //! through the shared [`Interrupt`]; the transport never touches the queues again until reset.
 //! [`net::Net`] is the one device so far.
 //!
+//! Owns: the device-independent virtio vocabulary (status and feature bits, the interrupt, the
+//! activation a device gets, the [`VirtioDevice`] trait, [`VirtioError`]).
 //! Must not: trust anything in the queues or registers (the guest writes them), or block the vCPU
 //! thread that calls the transport.
 
