@@ -139,11 +139,13 @@ fn parse_bare_hooks(list: &str) -> Result<Vec<SocketOp>, IntrospectError> {
 
 impl Introspection {
     /// Builds the hooks from the kernel the VM boots (link addresses: a PVH-booted kernel runs
-    /// unrelocated, so no KASLR slide applies) and starts the VM's event logger.
+    /// unrelocated, so no KASLR slide applies) and starts the VM's event logger. `bare_hooks`:
+    /// the `VIGIL_BARE_HOOKS` list, from [`crate::knobs::DebugKnobs::bare_hooks`].
     pub fn new(
         vm: &str,
         profile: KernelProfile,
         spec: PolicySpec,
+        bare_hooks: Option<&str>,
     ) -> Result<Self, IntrospectError> {
         let policy = Policy::compile(&spec).map_err(IntrospectError::Policy)?;
         let mut hooks = Vec::new();
@@ -158,9 +160,9 @@ impl Introspection {
             .into_iter()
             .filter_map(|op| profile.symbols.get(op.hook_symbol()).map(|&a| (op, a)))
             .collect();
-        let bare = match std::env::var("VIGIL_BARE_HOOKS") {
-            Ok(list) => parse_bare_hooks(&list)?,
-            Err(_) => Vec::new(),
+        let bare = match bare_hooks {
+            Some(list) => parse_bare_hooks(list)?,
+            None => Vec::new(),
         };
         let (events, rx) = mpsc::sync_channel(logger::EVENT_QUEUE);
         std::thread::Builder::new()

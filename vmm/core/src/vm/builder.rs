@@ -175,8 +175,9 @@ fn introspection(
             source,
         })?;
     let profile = kernel_profile(elf, knobs.cache_dir.as_deref())?;
-    let introspection = Introspection::new(&config.name, profile, policy)
-        .map_err(|e| VmError::Introspection(e.to_string()))?;
+    let introspection =
+        Introspection::new(&config.name, profile, policy, knobs.bare_hooks.as_deref())
+            .map_err(VmError::Introspection)?;
     Ok(Some(Arc::new(introspection)))
 }
 

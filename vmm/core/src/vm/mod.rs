@@ -75,8 +75,8 @@ pub enum VmError {
     },
     #[error("cannot introspect this kernel: {0}")]
     KernelAnalysis(trap_handler::AnalyzeError),
-    #[error("{0}")]
-    Introspection(String),
+    #[error(transparent)]
+    Introspection(crate::introspect::IntrospectError),
     #[error("network interface {index} ({backend}): {source}")]
     Tap {
         index: usize,
@@ -249,5 +249,4 @@ impl Vm {
         bus.add_mmio(MmioSlot { base, size, device });
         Ok(())
     }
-
 }
