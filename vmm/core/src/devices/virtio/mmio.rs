@@ -739,4 +739,70 @@ mod tests {
         t.mmio_write(reg::STATUS + 1, &[1, 0, 0, 0]);
         assert_eq!(r(&mut t, reg::STATUS), 0);
     }
+
+    #[test]
+    fn a_saved_transport_restores_into_a_fresh_one_and_runs_again() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, features::VERSION_1);
+        set_up_queues(&mut t);
+        w(&mut t, reg::STATUS, DRIVER_OK_STATUS);
+        let saved = t.save().expect("a transport has state");
+        assert!(saved.active && !t.is_active(), "save quiesces the device");
+        let (mut fresh, rec) = transport();
+        fresh.restore(&saved).unwrap();
+        assert!(fresh.is_active());
+        assert_eq!(r(&mut fresh, reg::STATUS), DRIVER_OK_STATUS);
+        assert_eq!(rec.lock().unwrap().activations.len(), 1);
+    }
+
+    #[test]
+    fn restore_refuses_a_state_of_another_shape_and_names_why() {
+        let (mut t, _) = transport();
+        negotiate(&mut t, features::VERSION_1);
+        set_up_queues(&mut t);
+        w(&mut t, reg::STATUS, DRIVER_OK_STATUS);
+        let saved = t.save().unwrap();
+
+        let mut one_queue = saved.clone();
+        one_queue.queues.pop();
+        let e = transport().0.restore(&one_queue).unwrap_err();
+        assert!(matches!(
+            e,
+            DeviceRestoreError::QueueCount {
+                saved: 1,
+                present: 2
+            }
+        ));
+        assert_eq!(e.to_string(), "the saved device has 1 queues, this one 2");
+
+        let mut too_big = saved.clone();
+        too_big.queues[1].size = 32;
+        let e = transport().0.restore(&too_big).unwrap_err();
+        assert_eq!(e.to_string(), "a saved queue of 32 entries");
+
+        // A used ring outside guest RAM: the restart cannot read where the device stood.
+        let mut lost = saved.clone();
+        lost.queues[0].used_ring = 0x4000_0000;
+        let e = transport().0.restore(&lost).unwrap_err();
+        assert!(
+            matches!(e, DeviceRestoreError::UsedRing { index: 0, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("queue 0: used ring unreadable: "));
+        assert!(std::error::Error::source(&e).is_some());
+    }
+
+    #[test]
+    fn a_device_without_state_refuses_a_restore() {
+        struct Stateless;
+        impl MmioDevice for Stateless {
+            fn mmio_read(&mut self, _offset: u64, _data: &mut [u8]) {}
+            fn mmio_write(&mut self, _offset: u64, _data: &[u8]) {}
+        }
+        let e = Stateless
+            .restore(&crate::snapshot::TransportSnapshot::default())
+            .unwrap_err();
+        assert!(matches!(e, DeviceRestoreError::NoState));
+        assert_eq!(e.to_string(), "this device has no state to restore");
+    }
 }
