@@ -1,34 +1,29 @@
-//! Minimal, bounds-checked reader for the ELF64 little-endian `vmlinux` image: section headers (to find
-//! `.BTF`), program headers (to know where each byte is loaded) and the GNU build-id note (the key under
-//! which a kernel profile is cached). Everything is validated against the file length; a malformed file
-//! gives an [`ElfError`], never a panic.
+//! Bounds-checked reader for the ELF64 little-endian `vmlinux` image, on the `object` crate's ELF
+//! reader: section headers (to find `.BTF`), program headers (to know where each byte is loaded) and
+//! the GNU build-id note (the key under which a kernel profile is cached). Everything is validated
+//! against the file length; a malformed file gives an [`ElfError`], never a panic.
 //!
-//! Layouts follow the System V gABI (`Elf64_Ehdr`, `Elf64_Shdr`, `Elf64_Phdr`, `Elf64_Nhdr`).
+//! Layouts follow the System V gABI (`Elf64_Ehdr`, `Elf64_Shdr`, `Elf64_Phdr`, `Elf64_Nhdr`); `object`
+//! reads them with no alignment requirement on the bytes (its `unaligned` feature), so a note found
+//! at any offset of a guest's memory reads as well as one in a file.
 
 use std::ops::Range;
 
-/// ELF identification bytes (gABI, `e_ident[EI_MAG0..EI_MAG3]`).
-const ELF_MAGIC: [u8; 4] = [0x7f, b'E', b'L', b'F'];
-/// `e_ident[EI_CLASS]` value for 64-bit objects.
-const ELFCLASS64: u8 = 2;
-/// `e_ident[EI_DATA]` value for little-endian objects.
-const ELFDATA2LSB: u8 = 1;
-/// `sizeof(Elf64_Ehdr)`.
-const EHDR_SIZE: usize = 64;
-/// `sizeof(Elf64_Shdr)`.
-const SHDR_SIZE: usize = 64;
-/// `sizeof(Elf64_Phdr)`.
-const PHDR_SIZE: usize = 56;
-/// Section type of sections that occupy no file space (`SHT_NOBITS`).
-const SHT_NOBITS: u32 = 8;
+use object::elf::{FileHeader64, NT_GNU_BUILD_ID, PT_NOTE, SHT_NOBITS};
+use object::read::elf::{FileHeader, NoteIterator, ProgramHeader, SectionHeader};
+use object::LittleEndian;
+
 /// Program header type of loadable segments (`PT_LOAD`).
-pub const PT_LOAD: u32 = 1;
-/// Program header type of note segments (`PT_NOTE`).
-const PT_NOTE: u32 = 4;
-/// Note type of the GNU build id (`NT_GNU_BUILD_ID`, elf.h).
-const NT_GNU_BUILD_ID: u32 = 3;
+pub const PT_LOAD: u32 = object::elf::PT_LOAD.0;
 /// Upper bound on section and segment counts we accept: far above any kernel's (~40 sections).
 const MAX_HEADERS: usize = 4096;
+/// Alignment of `Elf64_Nhdr` notes: their fields are 4-byte words (gABI, "Note Section").
+const NOTE_ALIGN: u64 = 4;
+/// Name of the GNU notes, with its terminating NUL (`namesz` 4).
+const GNU_NOTE_NAME: &[u8] = b"GNU\0";
+
+/// The ELF64 little-endian file header as `object` reads it.
+type Header = FileHeader64<LittleEndian>;
 
 /// Errors reading an ELF image.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +41,9 @@ pub enum ElfError {
     },
     #[error("ELF header field {what} is invalid ({value:#x})")]
     BadHeader { what: &'static str, value: u64 },
+    /// The headers of `what` do not fit the file or each other (the `object` crate's reason).
+    #[error("malformed ELF {what}: {reason}")]
+    Malformed { what: &'static str, reason: String },
 }
 
 /// One section header, with its name resolved.
@@ -78,16 +76,6 @@ pub struct Elf<'a> {
     pub segments: Vec<Segment>,
 }
 
-fn rd_u16(b: &[u8], off: usize) -> u16 {
-    u16::from_le_bytes([b[off], b[off + 1]])
-}
-fn rd_u32(b: &[u8], off: usize) -> u32 {
-    u32::from_le_bytes(b[off..off + 4].try_into().expect("4-byte slice"))
-}
-fn rd_u64(b: &[u8], off: usize) -> u64 {
-    u64::from_le_bytes(b[off..off + 8].try_into().expect("8-byte slice"))
-}
-
 fn range(
     what: &'static str,
     offset: u64,
@@ -107,95 +95,66 @@ fn range(
     Ok(offset as usize..end as usize)
 }
 
+fn malformed(what: &'static str) -> impl Fn(object::read::Error) -> ElfError {
+    move |e| ElfError::Malformed {
+        what,
+        reason: e.to_string(),
+    }
+}
+
 impl<'a> Elf<'a> {
     /// Parses the headers of an ELF64 little-endian file.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, ElfError> {
-        if bytes.len() < EHDR_SIZE
-            || bytes[..4] != ELF_MAGIC
-            || bytes[4] != ELFCLASS64
-            || bytes[5] != ELFDATA2LSB
-        {
-            return Err(ElfError::NotElf64Le);
-        }
-        let entry = rd_u64(bytes, 24);
-        let phoff = rd_u64(bytes, 32);
-        let shoff = rd_u64(bytes, 40);
-        let phentsize = rd_u16(bytes, 54) as usize;
-        let phnum = rd_u16(bytes, 56) as usize;
-        let shentsize = rd_u16(bytes, 58) as usize;
-        let shnum = rd_u16(bytes, 60) as usize;
-        let shstrndx = rd_u16(bytes, 62) as usize;
+        let header = Header::parse(bytes).map_err(|_| ElfError::NotElf64Le)?;
+        let endian = header.endian().map_err(|_| ElfError::NotElf64Le)?;
 
-        let mut segments = Vec::new();
-        if phnum > 0 {
-            if phentsize < PHDR_SIZE || phnum > MAX_HEADERS {
-                return Err(ElfError::BadHeader {
-                    what: "e_phentsize/e_phnum",
-                    value: phentsize as u64,
-                });
-            }
-            let r = range(
-                "program headers",
-                phoff,
-                (phentsize * phnum) as u64,
-                bytes.len(),
-            )?;
-            for i in 0..phnum {
-                let p = &bytes[r.start + i * phentsize..];
-                segments.push(Segment {
-                    p_type: rd_u32(p, 0),
-                    offset: rd_u64(p, 8),
-                    vaddr: rd_u64(p, 16),
-                    paddr: rd_u64(p, 24),
-                    filesz: rd_u64(p, 32),
-                    memsz: rd_u64(p, 40),
-                });
-            }
+        let phdrs = header
+            .program_headers(endian, bytes)
+            .map_err(malformed("program headers"))?;
+        if phdrs.len() > MAX_HEADERS {
+            return Err(ElfError::BadHeader {
+                what: "e_phnum",
+                value: phdrs.len() as u64,
+            });
         }
+        let segments = phdrs
+            .iter()
+            .map(|p| Segment {
+                p_type: p.p_type(endian).0,
+                offset: p.p_offset(endian),
+                vaddr: p.p_vaddr(endian),
+                paddr: p.p_paddr(endian),
+                filesz: p.p_filesz(endian),
+                memsz: p.p_memsz(endian),
+            })
+            .collect();
 
-        let mut sections = Vec::new();
-        if shnum > 0 {
-            if shentsize < SHDR_SIZE || shnum > MAX_HEADERS || shstrndx >= shnum {
-                return Err(ElfError::BadHeader {
-                    what: "e_shentsize/e_shnum/e_shstrndx",
-                    value: shnum as u64,
-                });
-            }
-            let r = range(
-                "section headers",
-                shoff,
-                (shentsize * shnum) as u64,
-                bytes.len(),
-            )?;
-            let shdr = |i: usize| &bytes[r.start + i * shentsize..r.start + (i + 1) * shentsize];
-            let strtab = shdr(shstrndx);
-            let strtab = range(
-                "section name table",
-                rd_u64(strtab, 24),
-                rd_u64(strtab, 32),
-                bytes.len(),
-            )?;
-            let names = &bytes[strtab];
-            for i in 0..shnum {
-                let h = shdr(i);
-                let name_off = rd_u32(h, 0) as usize;
-                let name = names
-                    .get(name_off..)
-                    .and_then(|s| s.iter().position(|&c| c == 0).map(|n| &s[..n]))
-                    .map(|s| String::from_utf8_lossy(s).into_owned())
-                    .unwrap_or_default();
-                sections.push(Section {
-                    name,
-                    sh_type: rd_u32(h, 4),
-                    addr: rd_u64(h, 16),
-                    offset: rd_u64(h, 24),
-                    size: rd_u64(h, 32),
-                });
-            }
+        let table = header
+            .sections(endian, bytes)
+            .map_err(malformed("section headers"))?;
+        if table.len() > MAX_HEADERS {
+            return Err(ElfError::BadHeader {
+                what: "e_shnum",
+                value: table.len() as u64,
+            });
         }
+        let sections = table
+            .iter()
+            .map(|h| Section {
+                // A name outside the name table reads as no name.
+                name: table
+                    .section_name(endian, h)
+                    .map(|n| String::from_utf8_lossy(n).into_owned())
+                    .unwrap_or_default(),
+                sh_type: h.sh_type(endian).0,
+                addr: h.sh_addr(endian),
+                offset: h.sh_offset(endian),
+                size: h.sh_size(endian),
+            })
+            .collect();
         Ok(Elf {
             bytes,
-            entry,
+            entry: header.e_entry(endian),
             sections,
             segments,
         })
@@ -213,7 +172,7 @@ impl<'a> Elf<'a> {
 
     /// The file bytes of a section (empty for `SHT_NOBITS`).
     pub fn section_data(&self, s: &Section) -> Result<&'a [u8], ElfError> {
-        if s.sh_type == SHT_NOBITS {
+        if s.sh_type == SHT_NOBITS.0 {
             return Ok(&[]);
         }
         let r = range("section data", s.offset, s.size, self.bytes.len())?;
@@ -235,28 +194,20 @@ impl<'a> Elf<'a> {
     pub fn build_id(&self) -> Option<&'a [u8]> {
         self.segments
             .iter()
-            .filter(|s| s.p_type == PT_NOTE)
+            .filter(|s| s.p_type == PT_NOTE.0)
             .filter_map(|s| self.segment_data(s).ok())
             .find_map(find_build_id_note)
     }
 }
 
-/// Scans a run of `Elf64_Nhdr` notes for the GNU build id. Notes are 4-byte aligned (gABI).
-pub fn find_build_id_note(mut notes: &[u8]) -> Option<&[u8]> {
-    let align4 = |n: usize| n.checked_add(3).map(|v| v & !3);
-    while notes.len() >= 12 {
-        let namesz = rd_u32(notes, 0) as usize;
-        let descsz = rd_u32(notes, 4) as usize;
-        let ntype = rd_u32(notes, 8);
-        let name_end = 12usize.checked_add(align4(namesz)?)?;
-        let desc_end = name_end.checked_add(align4(descsz)?)?;
-        if desc_end > notes.len() {
-            return None;
+/// Scans a run of `Elf64_Nhdr` notes (any bytes: a file's or a guest's) for the GNU build id; a
+/// note that runs past the end stops the scan.
+pub fn find_build_id_note(notes: &[u8]) -> Option<&[u8]> {
+    let mut notes = NoteIterator::<Header>::new(LittleEndian, NOTE_ALIGN, notes).ok()?;
+    while let Ok(Some(note)) = notes.next() {
+        if note.n_type(LittleEndian) == NT_GNU_BUILD_ID && note.name_bytes() == GNU_NOTE_NAME {
+            return Some(note.desc());
         }
-        if ntype == NT_GNU_BUILD_ID && namesz == 4 && &notes[12..16] == b"GNU\0" {
-            return Some(&notes[name_end..name_end + descsz]);
-        }
-        notes = &notes[desc_end..];
     }
     None
 }
@@ -271,18 +222,51 @@ pub fn hex(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    /// An ELF64 little-endian header (gABI `Elf64_Ehdr`, 64 bytes) with no headers behind it.
+    fn bare_header() -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(&object::elf::ELFMAG);
+        h[4] = object::elf::ELFCLASS64.0;
+        h[5] = object::elf::ELFDATA2LSB.0;
+        h[6] = object::elf::EV_CURRENT.0;
+        h
+    }
+
     #[test]
     fn rejects_non_elf_and_truncated_headers() {
         assert_eq!(Elf::parse(b"not an elf").unwrap_err(), ElfError::NotElf64Le);
-        let mut h = vec![0u8; EHDR_SIZE];
-        h[..4].copy_from_slice(&ELF_MAGIC);
-        h[4] = ELFCLASS64;
-        h[5] = ELFDATA2LSB;
-        // One program header claimed at an offset past the end of the file.
+        let mut big_endian = bare_header();
+        big_endian[5] = object::elf::ELFDATA2MSB.0;
+        assert_eq!(Elf::parse(&big_endian).unwrap_err(), ElfError::NotElf64Le);
+        let mut h = bare_header();
+        // One program header (56 bytes, `Elf64_Phdr`) claimed at an offset past the end of the file.
         h[32..40].copy_from_slice(&0x1000u64.to_le_bytes());
-        h[54..56].copy_from_slice(&(PHDR_SIZE as u16).to_le_bytes());
+        h[54..56].copy_from_slice(&56u16.to_le_bytes());
         h[56..58].copy_from_slice(&1u16.to_le_bytes());
-        assert!(matches!(Elf::parse(&h), Err(ElfError::OutOfBounds { .. })));
+        assert!(matches!(
+            Elf::parse(&h),
+            Err(ElfError::Malformed {
+                what: "program headers",
+                ..
+            })
+        ));
+        // Section headers of the wrong entry size.
+        let mut h = bare_header();
+        h[40..48].copy_from_slice(&64u64.to_le_bytes());
+        h[58..60].copy_from_slice(&8u16.to_le_bytes());
+        h[60..62].copy_from_slice(&1u16.to_le_bytes());
+        assert!(matches!(
+            Elf::parse(&h),
+            Err(ElfError::Malformed {
+                what: "section headers",
+                ..
+            })
+        ));
+        // No headers at all is a (useless) valid file.
+        let bare = bare_header();
+        let elf = Elf::parse(&bare).unwrap();
+        assert!(elf.sections.is_empty() && elf.segments.is_empty());
+        assert_eq!(elf.build_id(), None);
     }
 
     #[test]
@@ -290,13 +274,21 @@ mod tests {
         let mut n = Vec::new();
         n.extend_from_slice(&4u32.to_le_bytes());
         n.extend_from_slice(&3u32.to_le_bytes());
-        n.extend_from_slice(&NT_GNU_BUILD_ID.to_le_bytes());
+        n.extend_from_slice(&NT_GNU_BUILD_ID.0.to_le_bytes());
         n.extend_from_slice(b"GNU\0");
         n.extend_from_slice(&[1, 2, 3, 0]);
         assert_eq!(find_build_id_note(&n), Some(&[1u8, 2, 3][..]));
         // A descriptor size running past the end is rejected, not read.
         n[4..8].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
         assert_eq!(find_build_id_note(&n), None);
+        // At any alignment (a guest's `__start_notes` need not be aligned in our copy).
+        n[4..8].copy_from_slice(&3u32.to_le_bytes());
+        let mut shifted = vec![0xaa];
+        shifted.extend_from_slice(&n);
+        assert_eq!(find_build_id_note(&shifted[1..]), Some(&[1u8, 2, 3][..]));
+        // Another vendor's note of the same type is skipped.
+        shifted[13..17].copy_from_slice(b"XYZ\0");
+        assert_eq!(find_build_id_note(&shifted[1..]), None);
     }
 
     #[test]
