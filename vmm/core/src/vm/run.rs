@@ -7,139 +7,51 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Duration;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::{Vm, VmError, VmOutcome};
 use crate::vcpu::{StopReason, VcpuStats};
 use crate::verdict_region::VerdictRegion;
 
+/// The vCPU threads' handles; each returns its counters and RIP samples.
+type VcpuThreads = Vec<JoinHandle<(VcpuStats, Option<BTreeMap<u64, u64>>)>>;
+
 impl Vm {
     /// Runs the VM until it stops or `timeout` passes. vCPUs run on their own threads; a vCPU
     /// that fails stops its VM, never the process.
-    pub fn run(self, timeout: Option<Duration>) -> Result<VmOutcome, VmError> {
+    pub fn run(mut self, timeout: Option<Duration>) -> Result<VmOutcome, VmError> {
         let started = self.created;
         let stop = self.stop.clone();
-        let first_reason: Arc<(Mutex<Option<StopReason>>, Condvar)> =
-            Arc::new((Mutex::new(None), Condvar::new()));
+        let first = Arc::new(FirstStop::default());
         install_kick_handler();
-        let mut handles: Vec<std::thread::JoinHandle<_>> = Vec::new();
-        for mut vcpu in self.vcpus {
-            let stop = stop.clone();
-            let control = self.control.clone();
-            let first_reason = first_reason.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("{}-vcpu{}", self.name, vcpu.index))
-                .spawn(move || {
-                    let reason = vcpu.run(&stop, &control);
-                    stop.store(true, Ordering::Release);
-                    let (lock, cvar) = &*first_reason;
-                    let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
-                    if slot.is_none() {
-                        *slot = Some(reason);
-                    }
-                    cvar.notify_all();
-                    (vcpu.stats, vcpu.rip_samples)
-                })
-                .map_err(VmError::Thread)?;
-            handles.push(handle);
-        }
-        {
-            use std::os::unix::thread::JoinHandleExt;
-            self.control
-                .set_threads(handles.iter().map(|h| h.as_pthread_t()).collect());
-        }
-        let sampler = self.profile.as_ref().map(|_| {
-            use std::os::unix::thread::JoinHandleExt;
-            let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(10));
-                    for &thread in &threads {
-                        // SAFETY: the vCPU threads are joined only after this sampler is.
-                        unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
-                    }
-                }
-            })
-        });
+        let threads = self.spawn_vcpus(&first)?;
+        self.control.set_threads(pthreads(&threads));
+        let sampler = self
+            .profile
+            .as_ref()
+            .map(|_| spawn_sampler(pthreads(&threads), stop.clone()));
         // Wait for the first vCPU to stop (or the timeout), then stop the others.
-        {
-            let (lock, cvar) = &*first_reason;
-            let mut slot = lock.lock().unwrap_or_else(|p| p.into_inner());
-            while slot.is_none() {
-                // SIGTERM/SIGINT (see `stop_on_signals`) stop the VM cleanly.
-                if STOP_SIGNALLED.load(Ordering::Acquire) || stop.load(Ordering::Acquire) {
-                    *slot = Some(StopReason::Requested);
-                    break;
-                }
-                let mut wait = SIGNAL_POLL;
-                if let Some(limit) = timeout {
-                    let left = limit.saturating_sub(started.elapsed());
-                    if left.is_zero() {
-                        *slot = Some(StopReason::Crashed(format!(
-                            "timed out after {} s",
-                            limit.as_secs()
-                        )));
-                        break;
-                    }
-                    wait = wait.min(left);
-                }
-                slot = cvar
-                    .wait_timeout(slot, wait)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-        }
+        first.wait(&stop, started, timeout);
         stop.store(true, Ordering::Release);
         // No more pause kicks at threads that are about to end.
         self.control.set_threads(Vec::new());
         if let Some(sampler) = sampler {
             let _ = sampler.join();
         }
-        let mut stats = VcpuStats::default();
-        for handle in handles {
-            // A vCPU blocked in KVM_RUN returns on a signal; repeat until it has noticed `stop`.
-            while !handle.is_finished() {
-                use std::os::unix::thread::JoinHandleExt;
-                // SAFETY: the pthread is alive (not finished, not joined yet).
-                unsafe {
-                    libc::pthread_kill(handle.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN())
-                };
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            match handle.join() {
-                Ok((vcpu_stats, samples)) => {
-                    stats.merge(&vcpu_stats);
-                    if let Some(samples) = samples {
-                        if let Some(path) = &self.profile {
-                            write_profile(path, &samples);
-                        }
-                    }
-                }
-                Err(_) => {
-                    let (lock, _) = &*first_reason;
-                    *lock.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(StopReason::Crashed("a vCPU thread panicked".into()));
-                }
-            }
-        }
+        let stats = self.join_vcpus(threads, &first);
         // Every event of the run is out before the outcome line.
         if let Some(introspection) = &self.introspection {
             introspection.flush_events(Duration::from_secs(5));
         }
         let markers: BTreeMap<String, u64> = self.bus.console_markers().into_iter().collect();
-        let stop_reason = first_reason
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or(StopReason::Requested);
         Ok(VmOutcome {
             name: self.name,
-            stop: stop_reason,
+            stop: first.reason(),
             host: self.host.to_string(),
             wall_ms: started.elapsed().as_millis() as u64,
             markers,
@@ -150,6 +62,132 @@ impl Vm {
                 .as_deref()
                 .and_then(VerdictRegion::counters),
         })
+    }
+
+    /// One thread per vCPU; the first to stop records why and stops the VM.
+    fn spawn_vcpus(&mut self, first: &Arc<FirstStop>) -> Result<VcpuThreads, VmError> {
+        let mut threads = Vec::new();
+        for mut vcpu in std::mem::take(&mut self.vcpus) {
+            let stop = self.stop.clone();
+            let control = self.control.clone();
+            let first = first.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("{}-vcpu{}", self.name, vcpu.index))
+                .spawn(move || {
+                    let reason = vcpu.run(&stop, &control);
+                    stop.store(true, Ordering::Release);
+                    first.record(reason);
+                    (vcpu.stats, vcpu.rip_samples)
+                })
+                .map_err(VmError::Thread)?;
+            threads.push(thread);
+        }
+        Ok(threads)
+    }
+
+    /// Joins the (stopping) vCPU threads, kicking each out of KVM_RUN until it has noticed the
+    /// stop; sums their counters and writes the RIP profile.
+    fn join_vcpus(&self, threads: VcpuThreads, first: &FirstStop) -> VcpuStats {
+        let mut stats = VcpuStats::default();
+        for thread in threads {
+            // A vCPU blocked in KVM_RUN returns on a signal; repeat until it has noticed `stop`.
+            while !thread.is_finished() {
+                // SAFETY: the pthread is alive (not finished, not joined yet).
+                unsafe {
+                    libc::pthread_kill(thread.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN())
+                };
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            match thread.join() {
+                Ok((vcpu_stats, samples)) => {
+                    stats.merge(&vcpu_stats);
+                    if let (Some(samples), Some(path)) = (samples, &self.profile) {
+                        write_profile(path, &samples);
+                    }
+                }
+                Err(_) => first.overwrite(StopReason::Crashed("a vCPU thread panicked".into())),
+            }
+        }
+        stats
+    }
+}
+
+fn pthreads(threads: &VcpuThreads) -> Vec<libc::pthread_t> {
+    threads.iter().map(|t| t.as_pthread_t()).collect()
+}
+
+/// The profiler: kicks every vCPU out of KVM_RUN every 10 ms (each samples its RIP) until `stop`.
+fn spawn_sampler(threads: Vec<libc::pthread_t>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(10));
+            for &thread in &threads {
+                // SAFETY: the vCPU threads are joined only after this sampler is.
+                unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+            }
+        }
+    })
+}
+
+/// Why a run ended: the first vCPU to stop, or the wait itself (stop request, signal, timeout).
+#[derive(Default)]
+struct FirstStop {
+    reason: Mutex<Option<StopReason>>,
+    changed: Condvar,
+}
+
+impl FirstStop {
+    /// Records `reason` unless a reason is already there.
+    fn record(&self, reason: StopReason) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(reason);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Replaces whatever was recorded (a vCPU thread panicked).
+    fn overwrite(&self, reason: StopReason) {
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+
+    /// Waits until a reason is recorded, `stop` is set or SIGTERM/SIGINT arrived (see
+    /// `stop_on_signals`: both stop the VM cleanly, as `Requested`), or `timeout` since
+    /// `started` passes.
+    fn wait(&self, stop: &AtomicBool, started: Instant, timeout: Option<Duration>) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        while slot.is_none() {
+            if STOP_SIGNALLED.load(Ordering::Acquire) || stop.load(Ordering::Acquire) {
+                *slot = Some(StopReason::Requested);
+                break;
+            }
+            let mut wait = SIGNAL_POLL;
+            if let Some(limit) = timeout {
+                let left = limit.saturating_sub(started.elapsed());
+                if left.is_zero() {
+                    *slot = Some(StopReason::Crashed(format!(
+                        "timed out after {} s",
+                        limit.as_secs()
+                    )));
+                    break;
+                }
+                wait = wait.min(left);
+            }
+            slot = self
+                .changed
+                .wait_timeout(slot, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// What was recorded (`Requested` if nothing was).
+    fn reason(&self) -> StopReason {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or(StopReason::Requested)
     }
 }
 
@@ -208,4 +246,69 @@ fn resident_kib() -> u64 {
 fn install_kick_handler() {
     extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
     let _ = vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), noop);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_reason_wins() {
+        let first = FirstStop::default();
+        first.record(StopReason::Halted);
+        first.record(StopReason::Reset);
+        first.wait(&AtomicBool::new(false), Instant::now(), None);
+        assert_eq!(first.reason(), StopReason::Halted);
+        first.overwrite(StopReason::Crashed("a vCPU thread panicked".into()));
+        assert!(matches!(first.reason(), StopReason::Crashed(_)));
+    }
+
+    #[test]
+    fn a_stop_request_or_a_timeout_ends_the_wait() {
+        let first = FirstStop::default();
+        first.wait(&AtomicBool::new(true), Instant::now(), None);
+        assert_eq!(first.reason(), StopReason::Requested);
+        let first = FirstStop::default();
+        first.wait(
+            &AtomicBool::new(false),
+            Instant::now(),
+            Some(Duration::ZERO),
+        );
+        assert_eq!(
+            first.reason(),
+            StopReason::Crashed("timed out after 0 s".into())
+        );
+        assert_eq!(FirstStop::default().reason(), StopReason::Requested);
+    }
+
+    #[test]
+    fn a_vcpu_stopping_wakes_the_waiter() {
+        let first = Arc::new(FirstStop::default());
+        let vcpu = {
+            let first = first.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                first.record(StopReason::ExitCode(0));
+            })
+        };
+        first.wait(
+            &AtomicBool::new(false),
+            Instant::now(),
+            Some(Duration::from_secs(10)),
+        );
+        vcpu.join().unwrap();
+        assert_eq!(first.reason(), StopReason::ExitCode(0));
+    }
+
+    #[test]
+    fn the_profile_lists_the_hottest_rip_first() {
+        let path = std::env::temp_dir().join(format!("vigil-profile-{}", std::process::id()));
+        let samples = BTreeMap::from([(0x1000, 2), (0x2000, 7), (0x3000, 1)]);
+        write_profile(&path, &samples);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "7 0x2000\n2 0x1000\n1 0x3000\n"
+        );
+        let _ = std::fs::remove_file(&path);
+    }
 }
