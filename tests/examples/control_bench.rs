@@ -396,7 +396,7 @@ fn random_key_hex() -> Result<String> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .map_err(|e| format!("/dev/urandom: {e}"))?;
-    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex::encode(key))
 }
 
 fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> {

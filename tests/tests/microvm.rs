@@ -147,7 +147,7 @@ fn microvm_takes_verdicts_from_the_ring_and_reports_counters() {
             if seq == 4 {
                 bytes[0] = 9; // no such op: the micro-VM must reject it, not guess
             }
-            bytes.iter().map(|b| format!("{b:02x}")).collect()
+            hex::encode(bytes)
         })
         .collect();
     let dir = TempDir::new("vigil-verdicts");

@@ -25,17 +25,15 @@ fn verdict_hex(port: u16) -> String {
     let mut remote = [0u8; 16];
     remote[..4].copy_from_slice(&OUTSIDE_IP.parse::<std::net::Ipv4Addr>().unwrap().octets());
     let rule = Rule::egress_to(IpVersion::V4, Protocol::Tcp, remote, port);
-    VerdictRepr {
+    let record = VerdictRepr {
         op: Op::Add,
         tenant: TENANT,
         seq: 1,
         lifetime_ms: 0,
         rule,
     }
-    .to_bytes()
-    .iter()
-    .map(|b| format!("{b:02x}"))
-    .collect()
+    .to_bytes();
+    hex::encode(record)
 }
 
 /// Starts the micro-VM and waits until its switch is up (from its console).

@@ -10,7 +10,7 @@
 //! - [`btf`]: the kernel's BTF (struct layouts); [`profile`]: the offsets Vigil uses, cached per build.
 //! - [`kallsyms`]: the kernel symbol table found by structure in the image, no System.map needed.
 //! - [`kaslr`]: link, virtual and physical kernel addresses; the slide from MSR_LSTAR.
-//! - [`elf`]: the minimal vmlinux reader behind all of the above.
+//! - [`elf`]: the vmlinux reader behind all of the above (headers and notes, on the `object` crate).
 
 pub mod attribution;
 pub mod btf;
