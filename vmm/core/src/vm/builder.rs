@@ -228,7 +228,7 @@ fn kvm_vm() -> Result<(Kvm, VmFd), VmError> {
 /// Guest RAM from 0, registered with KVM.
 fn guest_memory(fd: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-        .map_err(|e| VmError::Memory(e.to_string()))?;
+        .map_err(VmError::Memory)?;
     for (slot, region) in memory.iter().enumerate() {
         let region_desc = kvm_userspace_memory_region {
             slot: slot as u32,
@@ -236,7 +236,7 @@ fn guest_memory(fd: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
             memory_size: region.len(),
             userspace_addr: memory
                 .get_host_address(region.start_addr())
-                .map_err(|e| VmError::Memory(e.to_string()))? as u64,
+                .map_err(VmError::HostAddress)? as u64,
             flags: 0,
         };
         // SAFETY: the region is mapped for the lifetime of `memory`, which the Vm owns and
@@ -471,7 +471,7 @@ fn write_traps(
     }
     let host_addr = memory
         .get_host_address(GuestAddress(0))
-        .map_err(|e| VmError::Memory(e.to_string()))? as u64;
+        .map_err(VmError::HostAddress)? as u64;
     Ok(Some(Arc::new(WriteTraps::new(
         fd.clone(),
         RamSlot {

@@ -60,7 +60,9 @@ pub enum VmError {
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error("cannot allocate guest memory: {0}")]
-    Memory(String),
+    Memory(vm_memory::mmap::FromRangesError),
+    #[error("guest memory has no host address: {0}")]
+    HostAddress(vm_memory::GuestMemoryError),
     #[error("cannot open the console log {path}: {source}")]
     ConsoleLog {
         path: PathBuf,

@@ -43,7 +43,7 @@ pub enum RestoreError {
     #[error("RAM: {0}")]
     Ram(std::io::Error),
     #[error("RAM: {0}")]
-    RamAddress(String),
+    RamAddress(vm_memory::GuestMemoryError),
     #[error("{what}: {source}")]
     Kvm {
         what: &'static str,
@@ -116,7 +116,7 @@ impl Vm {
             let host = self
                 .memory
                 .get_host_address(region.start_addr())
-                .map_err(|e| RestoreError::RamAddress(e.to_string()))?;
+                .map_err(RestoreError::RamAddress)?;
             // SAFETY: the range is one anonymous private mapping the VM owns; nothing else uses it
             // before the vCPUs run.
             let rc =
