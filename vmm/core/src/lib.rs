@@ -5,7 +5,8 @@
 //! micro-VM (PVH entry too), the serial console, virtio-mmio network devices, ACPI tables that
 //! describe them, the completion of instructions this host's KVM cannot run, the introspection
 //! glue (hooks, write traps, verdict sinks), the micro-VM's verdict region, snapshot and restore,
-//! and the structured event bus.
+//! and the structured event bus; the configuration of a VM ([`config`]) and the debug knobs
+//! ([`knobs`]) it carries.
 //! Must not: trust anything that comes from a guest (memory, registers, device rings); know about
 //! hosts, tenants' placement or the REST API (those crates build on this one, never the reverse).
 

@@ -553,6 +553,52 @@ mod tests {
     }
 
     #[test]
+    fn inputs_are_read_before_kvm_and_bad_ones_fail_clearly() {
+        let elf = std::env::temp_dir().join(format!("vigil-inputs-{}.elf", std::process::id()));
+        fs::write(&elf, b"\x7fELF not really").unwrap();
+        let config = VmConfig::micro_vm("fw", &elf, vigil_wire::boot::Role::Edge);
+        let inputs = BootInputs::read(&config, HostKind::Emulating).unwrap();
+        assert_eq!(inputs.cmdline, "role=edge");
+        assert!(inputs.exit_port && inputs.initramfs.is_none());
+        assert_eq!(inputs.elf, b"\x7fELF not really");
+        let _ = fs::remove_file(&elf);
+        let e = BootInputs::read(&config, HostKind::Emulating)
+            .err()
+            .expect("the ELF is gone");
+        assert!(matches!(e, VmError::ReadFile { .. }), "{e}");
+        let linux = VmConfig {
+            payload: Payload::Linux {
+                kernel: "/nonexistent/bzImage".into(),
+                initramfs: None,
+                cmdline: "console=ttyS0".into(),
+            },
+            ..config
+        };
+        let e = BootInputs::read(&linux, HostKind::Hardware)
+            .err()
+            .expect("no kernel there");
+        assert!(
+            e.to_string()
+                .starts_with("cannot read /nonexistent/bzImage"),
+            "{e}"
+        );
+        assert!(
+            introspection(&linux, b"", &crate::knobs::DebugKnobs::default())
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_bad_memory_size_stays_its_own_error() {
+        let e = VmError::from(crate::config::ConfigError::BadMemorySize(1));
+        assert!(matches!(e, VmError::BadMemorySize(_)));
+        assert!(e.to_string().contains("1 MiB was asked for"));
+        let e = VmError::from(crate::config::ConfigError::NoVcpus);
+        assert!(matches!(e, VmError::Config(_)));
+    }
+
+    #[test]
     fn cpuid_names_each_vcpu_and_hides_kvm_on_emulating_hosts() {
         let mut emulating = cpuid();
         patch_cpuid(&mut emulating, 3, HostKind::Emulating);
