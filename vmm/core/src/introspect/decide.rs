@@ -79,7 +79,7 @@ mod tests {
     use trap_handler::attribution::Process;
     use vigil_wire::verdict::{Op, VerdictRepr};
 
-    pub(crate) fn attribution(op: SocketOp, addr: &str, port: u16, protocol: u16) -> Attribution {
+    fn attribution(op: SocketOp, addr: &str, port: u16, protocol: u16) -> Attribution {
         Attribution {
             op,
             family: 2,

@@ -27,6 +27,7 @@ const LOGGER_POLL: Duration = Duration::from_millis(2);
 
 /// Monotonic clock in nanoseconds (CLOCK_MONOTONIC: comparable across the VMM's threads and
 /// with other processes on the host).
+#[inline]
 pub(super) fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -296,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn the_logger_publishes_in_order_and_answers_barriers() {
+    fn the_logger_answers_barriers_and_ends_when_every_sender_is_gone() {
         let (tx, rx) = mpsc::sync_channel(8);
         let logger = std::thread::spawn(move || run_logger("t".into(), 1, rx));
         let (done, wait) = mpsc::channel();
