@@ -23,3 +23,25 @@ where
         .filter(|l| l.contains("\"vm_stopped\""))
         .map(|l| serde_json::from_str(l).expect("vm_stopped is JSON"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_picked_by_kind() {
+        let lines: Vec<String> = [
+            "vigil fw-guest: role=switch cpl=3",
+            r#"{"event":"socket","op":"connect"}"#,
+            r#"{"event":"vm_stopped","outcome":{"name":"fw"}}"#,
+            r#"{"event":"vm_stopped","outcome":{"name":"tenant"}}"#,
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(events_of(&lines, "socket").len(), 1);
+        let names: Vec<Value> = vm_stopped(lines.iter().map(String::as_str))
+            .map(|e| e["outcome"]["name"].clone())
+            .collect();
+        assert_eq!(names, ["fw", "tenant"]);
+    }
+}

@@ -195,3 +195,31 @@ impl Events {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_reads_an_unlabelled_sample_only() {
+        let text = "# HELP x\nvigil_switch_flows_active_total 9\nvigil_switch_flows_active 0\n\
+                    vigil_vms{state=\"running\"} 1\n";
+        assert_eq!(metric(text, "vigil_switch_flows_active"), Some("0"));
+        assert_eq!(metric(text, "vigil_vms"), None);
+        assert_eq!(metric(text, "nothing"), None);
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_kept_as_text() {
+        assert_eq!(json_body(b""), Value::Null);
+        assert_eq!(json_body(b"{\"a\":1}")["a"], 1);
+        assert_eq!(json_body(b"oops"), Value::String("oops".into()));
+    }
+
+    #[test]
+    fn drops_of_an_uncounted_reason_are_zero() {
+        let c = serde_json::json!({"firewall": {"drops": {"no_verdict": 3}}});
+        assert_eq!(drop_count(&c, "no_verdict"), 3);
+        assert_eq!(drop_count(&c, "unknown_tenant"), 0);
+    }
+}

@@ -76,3 +76,50 @@ pub fn base64(bytes: &[u8]) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        // RFC 4648 §10.
+        for (plain, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(plain.as_bytes()), encoded, "{plain:?}");
+        }
+    }
+
+    #[test]
+    fn cmdline_carries_the_compressed_script() {
+        let line = cmdline("10.0.0.2", "10.0.0.1", "echo hi\n");
+        assert!(
+            line.starts_with("console=ttyS0 reboot=k panic=-1 quiet "),
+            "{line}"
+        );
+        assert!(
+            line.contains(" vigil.ip=10.0.0.2/24 vigil.gw=10.0.0.1 vigil.run=H4sI"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_check_is_found_by_its_name() {
+        let lines = vec![
+            "boot".to_string(),
+            format!("{CHECK} tcp-reply host-says-hello"),
+        ];
+        assert_eq!(
+            find_check(&lines, "tcp-reply").map(String::as_str),
+            Some("VIGIL-CHECK tcp-reply host-says-hello")
+        );
+        assert_eq!(find_check(&lines, "addr"), None);
+    }
+}
