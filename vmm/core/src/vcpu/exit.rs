@@ -521,7 +521,7 @@ mod tests {
             DebugExit::Hook(SocketOp::Connect)
         );
         assert_eq!(
-            classify_debug(pf.unwrap(), DR6_B0, 1, false, None, pf),
+            classify_debug(0xffff_8000_0000_1000, DR6_B0, 1, false, None, pf),
             DebugExit::PageFaultEntry
         );
         assert_eq!(

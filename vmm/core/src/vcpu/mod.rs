@@ -182,6 +182,13 @@ pub struct Vcpu {
     no_syscall_fix: bool,
 }
 
+/// What a tenant under a policy adds to each of its vCPUs: its introspection and the write traps
+/// over its hooked kernel pages.
+pub struct TenantGuard {
+    pub introspection: Arc<Introspection>,
+    pub write_traps: Arc<WriteTraps>,
+}
+
 impl Vcpu {
     pub fn new(
         index: u8,
@@ -189,10 +196,13 @@ impl Vcpu {
         memory: GuestMemoryMmap,
         bus: Arc<Bus>,
         host: HostKind,
-        introspection: Option<Arc<Introspection>>,
-        write_traps: Option<Arc<WriteTraps>>,
+        guard: Option<TenantGuard>,
         knobs: &DebugKnobs,
     ) -> Self {
+        let (introspection, write_traps) = match guard {
+            Some(g) => (Some(g.introspection), Some(g.write_traps)),
+            None => (None, None),
+        };
         Vcpu {
             index,
             fd,

@@ -33,7 +33,7 @@ use crate::host_kind::HostKind;
 use crate::introspect::Introspection;
 use crate::layout::*;
 use crate::run_control::RunControl;
-use crate::vcpu::Vcpu;
+use crate::vcpu::{TenantGuard, Vcpu};
 use crate::verdict_region::VerdictRegion;
 use crate::write_trap::{RamSlot, WriteTraps};
 
@@ -67,6 +67,13 @@ impl Vm {
             knobs.tsc_dilation,
         )?;
         let write_traps = write_traps(config, introspection.is_some(), &fd, &memory)?;
+        let guard = || match (&introspection, &write_traps) {
+            (Some(introspection), Some(write_traps)) => Some(TenantGuard {
+                introspection: introspection.clone(),
+                write_traps: write_traps.clone(),
+            }),
+            _ => None,
+        };
         let vcpus = vcpu_fds
             .into_iter()
             .zip(0..)
@@ -77,8 +84,7 @@ impl Vm {
                     memory.clone(),
                     bus.clone(),
                     host,
-                    introspection.clone(),
-                    write_traps.clone(),
+                    guard(),
                     &knobs,
                 )
             })
