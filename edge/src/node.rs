@@ -21,10 +21,9 @@ use std::time::{Duration, Instant};
 use crate::channel::{Received, VerdictReceiver};
 use vigil_wire::boot::Role;
 
-use vmm_core::host_kind::HostKind;
 use vmm_core::net_config::NetConfig;
 use vmm_core::verdict_region::{wait_ready, FirewallCounters, VerdictRegion, READY_LIMIT};
-use vmm_core::vm::{ConsoleConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
+use vmm_core::vm::{ConsoleConfig, Vm, VmConfig, VmError, VmOutcome};
 
 /// How long the receiver waits for the micro-VM to take accepted records.
 const APPLY_LIMIT: Duration = Duration::from_secs(2);
@@ -91,21 +90,16 @@ pub struct Edge {
 impl Edge {
     /// Boots the micro-VM and starts taking verdicts.
     pub fn start(config: EdgeConfig) -> Result<Arc<Edge>, StartError> {
-        let vm_config = VmConfig {
-            name: config.name.clone(),
-            mem_mib: 32,
-            vcpus: 1,
-            payload: Payload::MicroVm {
-                elf: config.elf.clone(),
-                role: Role::Edge,
-                verdicts: Vec::new(),
-            },
-            console: ConsoleConfig {
+        // The edge's one read of the debug knobs (VIGIL_TRACE_EXITS, VIGIL_PROFILE, ...).
+        let debug = vmm_core::knobs::DebugKnobs::from_env();
+        let kind = debug.host_kind();
+        let vm_config = VmConfig::micro_vm(config.name.clone(), &config.elf, Role::Edge)
+            .with_console(ConsoleConfig {
                 log: config.console_log.clone(),
                 stdout: false,
                 markers: Vec::new(),
-            },
-            nets: vec![
+            })
+            .with_nets(vec![
                 NetConfig {
                     tenant: 0,
                     ..config.outside.clone()
@@ -115,10 +109,8 @@ impl Edge {
                     tenant: 1,
                     ..config.cloud.clone()
                 },
-            ],
-            policy: None,
-            links: Vec::new(),
-        };
+            ])
+            .with_debug(debug);
         let receiver =
             VerdictReceiver::bind(config.control, config.key.clone()).map_err(|source| {
                 StartError::Channel {
@@ -127,7 +119,7 @@ impl Edge {
                 }
             })?;
         let control_addr = receiver.local_addr().map_err(StartError::ChannelAddr)?;
-        let vm = Vm::create(&vm_config, HostKind::detect()).map_err(StartError::Vm)?;
+        let vm = Vm::create(&vm_config, kind).map_err(StartError::Vm)?;
         let region = vm.verdict_region().ok_or(StartError::NoVerdictRegion)?;
         let stop = vm.stop_handle();
         let vm_thread = std::thread::Builder::new()

@@ -151,7 +151,8 @@ fn serve_until_signalled(stop: &Arc<AtomicBool>) {
     });
 }
 
-pub fn host(args: HostArgs) -> ExitCode {
+/// `debug`: the knobs `main` read, passed to every VM of the host.
+pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
     let edge = match (args.edge_control, &args.edge_key_file) {
         (Some(control), Some(key)) => match load_key(key) {
             Ok(key) => Some(EdgeLinkConfig {
@@ -187,6 +188,7 @@ pub fn host(args: HostArgs) -> ExitCode {
         edge,
         state_dir,
         console_stdout: args.console,
+        debug,
     }) {
         Ok(host) => host,
         Err(e) => {

@@ -152,7 +152,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::SUCCESS;
         }
-        Command::Host(args) => return cli_cloud::host(args),
+        Command::Host(args) => return cli_cloud::host(args, knobs),
         Command::Edge(args) => return cli_cloud::edge(args),
         Command::Remote(args) => return cli_cloud::remote(args),
         Command::RunMicrovm {
@@ -192,7 +192,8 @@ fn main() -> ExitCode {
                         log: console_log,
                         stdout: true,
                         markers: marker.clone(),
-                    }),
+                    })
+                    .with_debug(knobs.clone()),
                 timeout,
             )
         }
@@ -233,7 +234,8 @@ fn main() -> ExitCode {
                             log: None,
                             stdout: true,
                             markers: Vec::new(),
-                        }),
+                        })
+                        .with_debug(knobs.clone()),
                 });
             }
             (
@@ -254,6 +256,7 @@ fn main() -> ExitCode {
                         stdout: true,
                         markers: marker.clone(),
                     },
+                    debug: knobs.clone(),
                 },
                 timeout,
             )

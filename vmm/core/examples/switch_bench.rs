@@ -17,6 +17,7 @@ use vigil_wire::boot::Role;
 use vigil_wire::verdict::{IpVersion, Op, Protocol, Rule, VerdictRepr};
 use vmm_core::config::{LinkConfig, VmConfig};
 use vmm_core::host_kind::HostKind;
+use vmm_core::knobs::DebugKnobs;
 use vmm_core::vm::Vm;
 
 const TENANT: u32 = 1;
@@ -100,7 +101,8 @@ fn run(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, String> 
     let config = VmConfig::micro_vm("fw", elf, Role::Switch)
         .with_mem_mib(64)
         .with_verdicts(vec![verdict()])
-        .with_links(vec![tenant_vm_end, uplink_vm_end]);
+        .with_links(vec![tenant_vm_end, uplink_vm_end])
+        .with_debug(DebugKnobs::from_env());
     let created = Instant::now();
     let vm = Vm::create(&config, HostKind::detect()).map_err(|e| e.to_string())?;
     let stop = vm.stop_handle();

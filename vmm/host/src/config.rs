@@ -40,6 +40,8 @@ pub struct HostConfig {
     pub state_dir: PathBuf,
     /// Copy tenant consoles to stdout.
     pub console_stdout: bool,
+    /// Debug knobs (read once by the CLI), carried into every VM this host creates.
+    pub debug: vmm_core::knobs::DebugKnobs,
 }
 
 /// A tenant VM as the API creates it (`PUT /api/v1/vm.create`).

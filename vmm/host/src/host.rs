@@ -39,7 +39,7 @@ impl Host {
             path: config.state_dir.clone(),
             source,
         })?;
-        let kind = HostKind::detect();
+        let kind = config.debug.host_kind();
         let switch = SwitchTier::start(&config, kind)?;
         let edge = match &config.edge {
             Some(edge) => Some(Arc::new(EdgeLink::new(edge.clone()).map_err(|source| {

@@ -109,6 +109,7 @@ impl Host {
             nets: Vec::new(),
             policy: Some(policy_path),
             links: vec![link],
+            debug: self.config.debug.clone(),
         };
         let vm = Vm::create(&config, self.kind).map_err(|e| match e {
             VmError::ReadFile { .. } | VmError::KernelImage { .. } | VmError::BadMemorySize(_) => {

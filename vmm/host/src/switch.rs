@@ -12,7 +12,7 @@ use vigil_wire::boot::{Role, TENANT_UNASSIGNED};
 use vmm_core::host_kind::HostKind;
 use vmm_core::net_config::NetConfig;
 use vmm_core::verdict_region::{wait_ready, FirewallCounters, VerdictRegion, READY_LIMIT};
-use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
+use vmm_core::vm::{ConsoleConfig, LinkConfig, Vm, VmConfig, VmError, VmOutcome};
 
 use crate::{Host, HostConfig, StartError};
 
@@ -39,27 +39,22 @@ impl SwitchTier {
             ports.push((tenant_end, None));
             switch_ends.push(switch_end);
         }
-        let switch_config = VmConfig {
-            name: format!("{}-switch", config.name),
-            mem_mib: 32,
-            vcpus: 1,
-            payload: Payload::MicroVm {
-                elf: config.switch_elf.clone(),
-                role: Role::Switch,
-                verdicts: Vec::new(),
-            },
-            console: ConsoleConfig {
-                log: Some(config.state_dir.join("switch.console")),
-                stdout: false,
-                markers: Vec::new(),
-            },
-            nets: vec![NetConfig {
-                tenant: 0,
-                ..config.uplink.clone()
-            }],
-            policy: None,
-            links: switch_ends,
-        };
+        let switch_config = VmConfig::micro_vm(
+            format!("{}-switch", config.name),
+            &config.switch_elf,
+            Role::Switch,
+        )
+        .with_console(ConsoleConfig {
+            log: Some(config.state_dir.join("switch.console")),
+            stdout: false,
+            markers: Vec::new(),
+        })
+        .with_nets(vec![NetConfig {
+            tenant: 0,
+            ..config.uplink.clone()
+        }])
+        .with_links(switch_ends)
+        .with_debug(config.debug.clone());
         let switch_vm = Vm::create(&switch_config, kind).map_err(StartError::SwitchVm)?;
         let region = switch_vm
             .verdict_region()

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use thiserror::Error;
 use vigil_wire::boot::Role;
 
+use crate::knobs::DebugKnobs;
 use crate::layout::{MAX_RAM, MIN_RAM, VIRTIO_MAX_DEVICES};
 pub use net::{parse_mac, NetBackend, NetConfig, NetConfigError};
 
@@ -79,6 +80,8 @@ pub struct VmConfig {
     /// Network interfaces backed by an in-process link instead of a TAP (a tenant's NIC and
     /// the switch port it is plugged into), after `nets` in guest order.
     pub links: Vec<LinkConfig>,
+    /// Debug knobs, read once by whoever builds the config (the CLI, a host, an edge).
+    pub debug: DebugKnobs,
 }
 
 impl VmConfig {
@@ -98,6 +101,7 @@ impl VmConfig {
             nets: Vec::new(),
             policy: None,
             links: Vec::new(),
+            debug: DebugKnobs::default(),
         }
     }
 
@@ -118,6 +122,11 @@ impl VmConfig {
 
     pub fn with_links(mut self, links: Vec<LinkConfig>) -> Self {
         self.links = links;
+        self
+    }
+
+    pub fn with_debug(mut self, debug: DebugKnobs) -> Self {
+        self.debug = debug;
         self
     }
 
@@ -212,6 +221,7 @@ mod tests {
         assert_eq!((c.name.as_str(), c.mem_mib, c.vcpus), ("fw", 32, 1));
         assert!(c.nets.is_empty() && c.links.is_empty() && c.policy.is_none());
         assert!(!c.console.stdout && c.console.log.is_none());
+        assert_eq!(c.debug, DebugKnobs::default());
         assert!(matches!(
             c.payload,
             Payload::MicroVm { role: Role::Switch, ref verdicts, .. } if verdicts.is_empty()

@@ -44,12 +44,11 @@ impl Vm {
     /// Builds a VM: memory, irqchip, devices, payload loaded, vCPUs at the PVH entry.
     pub fn create(config: &VmConfig, host: HostKind) -> Result<Vm, VmError> {
         let created = Instant::now();
-        // TODO(house): carried in `config.debug` once every caller builds its config with knobs.
-        let knobs = crate::knobs::DebugKnobs::from_env();
+        let knobs = &config.debug;
         config.validate()?;
         // Read every input before touching KVM, so bad input fails fast and clearly.
         let inputs = BootInputs::read(config, host)?;
-        let introspection = introspection(config, &inputs.elf, &knobs)?;
+        let introspection = introspection(config, &inputs.elf, knobs)?;
         let (kvm, fd) = kvm_vm()?;
         let memory = guest_memory(&fd, config.mem_bytes())?;
         let (serial_irq, console) = serial_console(config, &fd, created)?;
@@ -85,7 +84,7 @@ impl Vm {
                     bus.clone(),
                     host,
                     guard(),
-                    &knobs,
+                    knobs,
                 )
             })
             .collect();
