@@ -1,4 +1,8 @@
 //! `vigil`: the command-line front end of the Vigil VMM.
+//!
+//! Owns: the command line (clap), the one read of the debug knobs, the logger, turning flags into
+//! VM configs, and printing outcomes and exit codes.
+//! Must not: build or run VMs other than through vmm-core, vmm-host and edge.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
