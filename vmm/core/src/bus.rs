@@ -139,8 +139,11 @@ pub struct MmioSlot {
 pub enum BusError {
     #[error("the snapshot has {saved} devices, this VM {present}")]
     DeviceCount { saved: usize, present: usize },
-    #[error("device {index}: {message}")]
-    DeviceRestore { index: usize, message: String },
+    #[error("device {index}: {source}")]
+    DeviceRestore {
+        index: usize,
+        source: crate::devices::DeviceRestoreError,
+    },
 }
 
 /// Routes port I/O and MMIO exits to devices. Shared by the VM's vCPUs.
@@ -219,10 +222,7 @@ impl Bus {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .restore(state)
-                .map_err(|e| BusError::DeviceRestore {
-                    index,
-                    message: e.to_string(),
-                })?;
+                .map_err(|source| BusError::DeviceRestore { index, source })?;
         }
         Ok(())
     }
