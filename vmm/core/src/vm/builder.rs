@@ -133,9 +133,9 @@ impl BootInputs {
                 cmdline,
             } => {
                 let image = read_file(kernel)?;
-                let elf = boot::kernel_elf(&image).map_err(|e| VmError::KernelImage {
+                let elf = boot::kernel_elf(&image).map_err(|source| VmError::KernelImage {
                     path: kernel.clone(),
-                    message: e.to_string(),
+                    source,
                 })?;
                 let initramfs = initramfs.as_deref().map(read_file).transpose()?;
                 let profile = host.linux_cmdline();
@@ -386,8 +386,8 @@ fn load_payload(
     let kernel = boot::load_elf(memory, &name, &inputs.elf)?;
     let verdict_region = match &config.payload {
         Payload::MicroVm { verdicts, .. } => {
-            let region = VerdictRegion::reserve(memory, mem_size)
-                .map_err(|e| VmError::VerdictRegion(e.to_string()))?;
+            let region =
+                VerdictRegion::reserve(memory, mem_size).map_err(VmError::VerdictRegion)?;
             region.push(verdicts).map_err(VmError::VerdictRing)?;
             Some(Arc::new(region))
         }

@@ -55,8 +55,11 @@ pub enum VmError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {message}")]
-    KernelImage { path: PathBuf, message: String },
+    #[error("{path}: {source}")]
+    KernelImage {
+        path: PathBuf,
+        source: crate::boot::bzimage::KernelImageError,
+    },
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error("cannot allocate guest memory: {0}")]
@@ -102,7 +105,7 @@ pub enum VmError {
         source: crate::devices::virtio::VirtioError,
     },
     #[error("{0}")]
-    VerdictRegion(String),
+    VerdictRegion(crate::verdict_region::RegionError),
     #[error("verdict ring: {0:?}")]
     VerdictRing(vigil_wire::ring::RingError),
     #[error("boot information: {0:?}")]
