@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 mod cli_cloud;
 use vigil_wire::boot::Role;
-use vmm_core::config::{ConsoleConfig, LinkConfig, NetConfig, Payload, VmConfig};
+use vmm_core::config::{ConsoleConfig, LinkConfig, NetConfig, Payload, TierSink, VmConfig};
 use vmm_core::host_kind::HostKind;
 use vmm_core::knobs::DebugKnobs;
 use vmm_core::vcpu::StopReason;
@@ -215,6 +215,13 @@ fn main() -> ExitCode {
             switch,
             uplink,
         } => {
+            let policy = match policy.as_deref().map(read_policy).transpose() {
+                Ok(policy) => policy,
+                Err(e) => {
+                    eprintln!("vigil: error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
             let mut links = Vec::new();
             if let (Some(elf), Some(uplink)) = (switch, uplink) {
                 let tenant = vmm_core::introspect::tenant_id("tenant");
@@ -254,6 +261,8 @@ fn main() -> ExitCode {
                     },
                     nets: net,
                     policy,
+                    // Given once the switch is built (below): its ring.
+                    verdict_sink: None,
                     links,
                     console: ConsoleConfig {
                         log: console_log,
@@ -279,6 +288,10 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    let mut config = config;
+    if let Some(ring) = switch.as_ref().and_then(|fw| fw.verdict_region()) {
+        config.verdict_sink = Some(TierSink(ring));
+    }
     let vm = match Vm::create(&config, host) {
         Ok(vm) => vm,
         Err(e) => {
@@ -287,9 +300,6 @@ fn main() -> ExitCode {
         }
     };
     let switch = switch.map(|fw| {
-        if let (Some(introspection), Some(ring)) = (vm.introspection(), fw.verdict_region()) {
-            introspection.connect_switch(ring);
-        }
         let stop = fw.stop_handle();
         (stop, std::thread::spawn(move || fw.run(None)))
     });
@@ -326,4 +336,12 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// A tenant's policy file (JSON, see `trap_handler::policy`), read and parsed with an error that
+/// names the file.
+fn read_policy(path: &std::path::Path) -> Result<trap_handler::policy::PolicySpec, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| format!("policy {}: {e}", path.display()))
 }

@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use trap_handler::policy::{Policy, PolicySpec};
+use vmm_core::config::TierSink;
 use vmm_core::introspect::{tenant_id, Introspection};
 use vmm_core::net_config::parse_mac;
 use vmm_core::run_control::RunControl;
@@ -72,15 +73,6 @@ impl Host {
         tenant: u32,
         slot: usize,
     ) -> Result<(Vm, Option<Arc<Introspection>>), HostError> {
-        let policy_path = self
-            .config
-            .state_dir
-            .join(format!("{}.policy.json", spec.id));
-        let text = serde_json::to_string_pretty(&spec.policy)
-            .map_err(|e| HostError::internal("the policy", e))?;
-        std::fs::write(&policy_path, text).map_err(|e| {
-            HostError::internal(format!("cannot write {}", policy_path.display()), e)
-        })?;
         let link = {
             let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
             LinkConfig {
@@ -107,7 +99,11 @@ impl Host {
                 markers: Vec::new(),
             },
             nets: Vec::new(),
-            policy: Some(policy_path),
+            policy: Some(spec.policy.clone()),
+            verdict_sink: Some(TierSink(Arc::new(TenantTiers {
+                switch: self.switch.region.clone(),
+                edge: self.edge.clone(),
+            }))),
             links: vec![link],
             debug: self.config.debug.clone(),
         };
@@ -118,12 +114,6 @@ impl Host {
             other => HostError::Vm(other),
         })?;
         let introspection = vm.introspection();
-        if let Some(i) = &introspection {
-            i.connect_tiers(Arc::new(TenantTiers {
-                switch: self.switch.region.clone(),
-                edge: self.edge.clone(),
-            }));
-        }
         Ok((vm, introspection))
     }
 

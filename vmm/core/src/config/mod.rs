@@ -15,6 +15,9 @@ use std::sync::Arc;
 use thiserror::Error;
 use vigil_wire::boot::Role;
 
+use trap_handler::policy::PolicySpec;
+
+use crate::introspect::VerdictSink;
 use crate::knobs::DebugKnobs;
 use crate::layout::{MAX_RAM, MIN_RAM, VIRTIO_MAX_DEVICES};
 pub use net::{parse_mac, NetBackend, NetConfig, NetConfigError};
@@ -63,6 +66,17 @@ pub struct ConsoleConfig {
     pub markers: Vec<String>,
 }
 
+/// The firewall tiers a tenant's verdicts go to (a [`VerdictSink`] shared with whoever owns the
+/// tiers).
+#[derive(Clone)]
+pub struct TierSink(pub Arc<dyn VerdictSink>);
+
+impl std::fmt::Debug for TierSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TierSink(..)")
+    }
+}
+
 /// One VM: build it with [`VmConfig::micro_vm`] (plus the `with_*` setters) for a firewall
 /// micro-VM; a Linux tenant names every field.
 #[derive(Clone, Debug)]
@@ -74,9 +88,12 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// Network interfaces (virtio-net over virtio-mmio), in guest order eth0, eth1, ...
     pub nets: Vec<NetConfig>,
-    /// The tenant's application policy (JSON, see `trap_handler::policy`). With one, the guest
+    /// The tenant's application policy (see `trap_handler::policy`). With one, the guest
     /// kernel's socket hooks are trapped and every connect/bind/listen is decided by it.
-    pub policy: Option<PathBuf>,
+    pub policy: Option<PolicySpec>,
+    /// Where the verdicts of a tenant under a policy go (its firewall tiers): given at build, so
+    /// the first allowed call already finds them. None: kept until a tier takes them.
+    pub verdict_sink: Option<TierSink>,
     /// Network interfaces backed by an in-process link instead of a TAP (a tenant's NIC and
     /// the switch port it is plugged into), after `nets` in guest order.
     pub links: Vec<LinkConfig>,
@@ -100,6 +117,7 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             nets: Vec::new(),
             policy: None,
+            verdict_sink: None,
             links: Vec::new(),
             debug: DebugKnobs::default(),
         }
@@ -248,7 +266,7 @@ mod tests {
         c.vcpus = 0;
         assert_eq!(c.validate(), Err(ConfigError::NoVcpus));
         let mut c = micro();
-        c.policy = Some("/p.json".into());
+        c.policy = Some(PolicySpec { allow: Vec::new() });
         assert_eq!(c.validate(), Err(ConfigError::PolicyOnMicroVm));
         let net: NetConfig = "tap=t0".parse().unwrap();
         let c = micro().with_nets(vec![net; VIRTIO_MAX_DEVICES as usize + 1]);

@@ -89,9 +89,9 @@ pub struct Introspection {
     pub bare: Vec<SocketOp>,
     events: SyncSender<LogEntry>,
     verdicts: Mutex<VerdictOutbox>,
-    /// The firewall tiers, once the tenant is plugged into them: allowed calls' verdicts go
-    /// there before the vCPU resumes.
-    tiers: OnceLock<Arc<dyn VerdictSink>>,
+    /// The firewall tiers, given when the VM is built: allowed calls' verdicts go there before
+    /// the vCPU resumes.
+    tiers: Option<Arc<dyn VerdictSink>>,
 }
 
 /// Where a tenant's verdict records go: the switch-tier micro-VM's ring, and on a cloud host
@@ -140,11 +140,13 @@ fn parse_bare_hooks(list: &str) -> Result<Vec<SocketOp>, IntrospectError> {
 impl Introspection {
     /// Builds the hooks from the kernel the VM boots (link addresses: a PVH-booted kernel runs
     /// unrelocated, so no KASLR slide applies) and starts the VM's event logger. `bare_hooks`:
-    /// the `VIGIL_BARE_HOOKS` list, from [`crate::knobs::DebugKnobs::bare_hooks`].
+    /// the `VIGIL_BARE_HOOKS` list, from [`crate::knobs::DebugKnobs::bare_hooks`]. `tiers`: where
+    /// allowed calls' verdicts go (None: they wait in the outbox for [`Self::take_verdicts`]).
     pub fn new(
         vm: &str,
         profile: KernelProfile,
         spec: PolicySpec,
+        tiers: Option<Arc<dyn VerdictSink>>,
         bare_hooks: Option<&str>,
     ) -> Result<Self, IntrospectError> {
         let policy = Policy::compile(&spec).map_err(IntrospectError::Policy)?;
@@ -184,7 +186,7 @@ impl Introspection {
             soft_placed: OnceLock::new(),
             bare,
             events,
-            tiers: OnceLock::new(),
+            tiers,
             verdicts: Mutex::new(VerdictOutbox::new()),
         })
     }
@@ -250,16 +252,6 @@ impl Introspection {
         if self.events.send(LogEntry::Barrier(done)).is_ok() {
             let _ = wait.recv_timeout(limit);
         }
-    }
-
-    /// Plugs the tenant into a switch-tier micro-VM: its verdicts go to that ring from now on.
-    pub fn connect_switch(&self, region: Arc<VerdictRegion>) {
-        self.connect_tiers(region);
-    }
-
-    /// Plugs the tenant into its firewall tiers (once; later calls are ignored).
-    pub fn connect_tiers(&self, tiers: Arc<dyn VerdictSink>) {
-        let _ = self.tiers.set(tiers);
     }
 
     /// The policy spec in force.

@@ -212,7 +212,7 @@ impl Introspection {
             // tier that asks later otherwise, or when the ring is full.
             let delivered = self
                 .tiers
-                .get()
+                .as_ref()
                 .is_some_and(|tiers| tiers.deliver(&[record]));
             if !delivered {
                 outbox.keep_pending(record);

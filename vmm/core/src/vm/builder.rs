@@ -167,22 +167,18 @@ fn introspection(
     elf: &[u8],
     knobs: &crate::knobs::DebugKnobs,
 ) -> Result<Option<Arc<Introspection>>, VmError> {
-    let Some(path) = &config.policy else {
+    let Some(policy) = &config.policy else {
         return Ok(None);
     };
-    let text = fs::read_to_string(path).map_err(|source| VmError::ReadFile {
-        path: path.clone(),
-        source,
-    })?;
-    let policy: trap_handler::policy::PolicySpec =
-        serde_json::from_str(&text).map_err(|source| VmError::Policy {
-            path: path.clone(),
-            source,
-        })?;
     let profile = kernel_profile(elf, knobs.cache_dir.as_deref())?;
-    let introspection =
-        Introspection::new(&config.name, profile, policy, knobs.bare_hooks.as_deref())
-            .map_err(VmError::Introspection)?;
+    let introspection = Introspection::new(
+        &config.name,
+        profile,
+        policy.clone(),
+        config.verdict_sink.as_ref().map(|sink| sink.0.clone()),
+        knobs.bare_hooks.as_deref(),
+    )
+    .map_err(VmError::Introspection)?;
     Ok(Some(Arc::new(introspection)))
 }
 

@@ -73,11 +73,6 @@ pub enum VmError {
     },
     #[error("cannot create the serial port's interrupt: {0}")]
     SerialIrq(std::io::Error),
-    #[error("policy {path}: {source}")]
-    Policy {
-        path: PathBuf,
-        source: serde_json::Error,
-    },
     #[error("cannot introspect this kernel: {0}")]
     KernelAnalysis(trap_handler::AnalyzeError),
     #[error(transparent)]
