@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod cli_cloud;
 use vigil_wire::boot::Role;
@@ -36,6 +36,20 @@ enum RoleArg {
     Edge,
 }
 
+/// What every VM run takes: where its console goes, when it stops, which lines are timed.
+#[derive(Args)]
+struct RunArgs {
+    /// Also write the console to this file.
+    #[arg(long)]
+    console_log: Option<PathBuf>,
+    /// Stop the VM after this many seconds.
+    #[arg(long)]
+    timeout: Option<u64>,
+    /// Time the first console line containing this text (repeatable); reported in vm_stopped.
+    #[arg(long)]
+    marker: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Print what kind of KVM host this is and the guest profile Vigil applies on it.
@@ -50,15 +64,8 @@ enum Command {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 32)]
         mem: u64,
-        /// Also write the console to this file.
-        #[arg(long)]
-        console_log: Option<PathBuf>,
-        /// Stop the VM after this many seconds.
-        #[arg(long)]
-        timeout: Option<u64>,
-        /// Time the first console line containing this text (repeatable); reported in vm_stopped.
-        #[arg(long)]
-        marker: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
         /// A switch port: virtio-net backed by a TAP device (repeatable, in port order):
         /// tap=NAME[,netns=NS][,mac=MAC][,tenant=ID]; tenant 0 (the default) is the uplink.
         #[arg(long)]
@@ -87,13 +94,8 @@ enum Command {
         /// The tenant's application policy (JSON allow-list); enables introspection.
         #[arg(long)]
         policy: Option<PathBuf>,
-        #[arg(long)]
-        console_log: Option<PathBuf>,
-        #[arg(long)]
-        timeout: Option<u64>,
-        /// Time the first console line containing this text (repeatable); reported in vm_stopped.
-        #[arg(long)]
-        marker: Vec<String>,
+        #[command(flatten)]
+        run: RunArgs,
         /// Plug the tenant into a switch-tier firewall micro-VM booted from this fw-guest ELF:
         /// its NIC becomes a port of the switch, which forwards to --uplink only what the
         /// tenant's verdicts opened.
@@ -163,9 +165,12 @@ fn main() -> ExitCode {
             elf,
             role,
             mem,
-            console_log,
-            timeout,
-            marker,
+            run:
+                RunArgs {
+                    console_log,
+                    timeout,
+                    marker,
+                },
             verdicts,
             net,
         } => {
@@ -209,9 +214,12 @@ fn main() -> ExitCode {
             vcpus,
             net,
             policy,
-            console_log,
-            timeout,
-            marker,
+            run:
+                RunArgs {
+                    console_log,
+                    timeout,
+                    marker,
+                },
             switch,
             uplink,
         } => {
