@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 3;
+pub const PROFILE_FORMAT: u32 = 4;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -40,6 +40,9 @@ pub const PROFILE_SYMBOLS: &[&str] = &[
     "__sys_bind",
     "__sys_listen",
     "security_hook_heads",
+    // A bare `ret` in kernel text (retbleed's default return thunk): a denied call returns
+    // -EPERM through it when the guest's stack cannot be read (the CPU pops the return address).
+    "__x86_return_thunk",
 ];
 
 /// One struct member: byte offset in its struct and size in bytes.
