@@ -124,10 +124,14 @@ impl VerdictRegion {
         unsafe { std::slice::from_raw_parts(self.host.add(offset / 8), bytes / 8) }
     }
 
-    /// Pushes verdict records into the ring (in order).
+    /// Pushes verdict records into the ring (in order), all or none: a batch that does not fit
+    /// whole is refused with `Full`, so no half of it opens anything.
     pub fn push(&self, records: &[[u8; RECORD_LEN]]) -> Result<(), RingError> {
         let _turn = self.producer.lock().unwrap_or_else(|p| p.into_inner());
         let mut producer = Producer::attach(self.words(0, COUNTERS_OFFSET))?;
+        if producer.capacity() - producer.in_flight() < records.len() as u64 {
+            return Err(RingError::Full);
+        }
         for record in records {
             producer.push(record)?;
         }

@@ -29,10 +29,15 @@ pub(crate) struct TenantTiers {
 
 impl VerdictSink for TenantTiers {
     fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+        // The switch first: a batch it refuses (ring full) is refused whole, and the call it
+        // belongs to is denied, so the edge must not have it either.
+        if self.switch.push(records).is_err() {
+            return false;
+        }
         if let Some(edge) = &self.edge {
             edge.send(records);
         }
-        self.switch.push(records).is_ok()
+        true
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use trap_handler::attribution::{self, HookArgs, SocketOp};
-use trap_handler::mem::{PagingMode, VirtReader};
+use trap_handler::mem::{GuestPhys, PagingMode, VirtReader};
 use trap_handler::policy::Verdict;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -46,14 +46,21 @@ const GUARDED_SYMBOLS: &[(&str, u64)] = &[
     ("x64_sys_call", 64),
     ("sys_call_table", 8 * 512),
     ("security_hook_heads", 2048),
+    // The `ret` a denial goes through when the guest's stack is unreadable.
+    ("__x86_return_thunk", 8),
 ];
 
 /// What the vCPU must do after a hook hit.
+#[derive(Debug, PartialEq, Eq)]
 pub enum HookOutcome {
     /// Resume past the breakpoint.
     Allow,
     /// Registers already rewritten to return -EPERM to the caller.
     Denied,
+    /// The call is denied but no way to return -EPERM to its caller was found (its stack is
+    /// unreadable and the kernel has no `ret` to send it through): the VM must stop rather than
+    /// let the call proceed.
+    Unanswerable,
 }
 
 /// Rewrites `regs` so the hooked function returns `-EPERM` to its caller: the return address
@@ -63,6 +70,73 @@ fn return_eperm(regs: &mut kvm_regs, ret: u64) {
     regs.rax = EPERM.wrapping_neg();
     regs.rip = ret;
     regs.rsp += 8;
+}
+
+/// Rewrites `regs` so the hooked function returns `-EPERM` through a `ret` instruction of the
+/// kernel at `ret_insn` (the CPU itself pops the return address, which the VMM could not read).
+#[inline]
+fn return_eperm_through(regs: &mut kvm_regs, ret_insn: u64) {
+    regs.rax = EPERM.wrapping_neg();
+    regs.rip = ret_insn;
+}
+
+/// The `ret` opcode (Intel SDM vol. 2, RET near).
+const RET: u8 = 0xc3;
+
+/// Denies a call at its hook: the hooked function returns `-EPERM` to its caller. Pops the
+/// return address from the guest's stack; when the stack cannot be read, sends the vCPU through
+/// a `ret` of the kernel's own (`ret_insn`), so the CPU pops it; with neither, the call is
+/// unanswerable and the VM must stop. Never lets a denied call proceed. `error` gets what went
+/// wrong, for the event.
+fn deny_call<M: GuestPhys + ?Sized>(
+    reader: &VirtReader<'_, M>,
+    regs: &mut kvm_regs,
+    ret_insn: impl FnOnce() -> Option<u64>,
+    error: &mut Option<String>,
+) -> HookOutcome {
+    if let Ok(ret) = reader.read_u64(regs.rsp) {
+        return_eperm(regs, ret);
+        return HookOutcome::Denied;
+    }
+    let (outcome, what) = match ret_insn() {
+        Some(ret_insn) => {
+            return_eperm_through(regs, ret_insn);
+            (
+                HookOutcome::Denied,
+                format!(
+                    "the guest's stack at {:#x} is unreadable: denied through the kernel's `ret` \
+                     at {ret_insn:#x}",
+                    regs.rsp
+                ),
+            )
+        }
+        None => (
+            HookOutcome::Unanswerable,
+            format!(
+                "the guest's stack at {:#x} is unreadable and the kernel has no `ret` to return \
+                 -EPERM through: the VM stops",
+                regs.rsp
+            ),
+        ),
+    };
+    *error = Some(match error.take() {
+        Some(before) => format!("{before}; {what}"),
+        None => what,
+    });
+    outcome
+}
+
+/// Where a bare `ret` of the running kernel is: `linked` (the link address of
+/// `__x86_return_thunk`) plus the KASLR slide, if guest memory there really holds `ret`.
+fn kernel_ret_insn<M: GuestPhys + ?Sized>(
+    reader: &VirtReader<'_, M>,
+    linked: Option<u64>,
+    slide: u64,
+) -> Option<u64> {
+    let addr = linked?.wrapping_add(slide);
+    let mut byte = [0u8; 1];
+    reader.read_virt(addr, &mut byte).ok()?;
+    (byte[0] == RET).then_some(addr)
 }
 
 /// Every page, page-aligned, of `extent` bytes from `addr`.
@@ -107,38 +181,40 @@ impl Introspection {
                 .decide(a),
             Err(_) => Verdict::Deny,
         };
+        let mut error = None;
+        let mut verdict_seq = None;
         let mut outcome = HookOutcome::Allow;
-        if verdict == Verdict::Deny {
-            // Return -EPERM to the caller: pop the return address the call pushed.
-            match reader.read_u64(regs.rsp) {
-                Ok(ret) => {
-                    return_eperm(regs, ret);
-                    outcome = HookOutcome::Denied;
-                }
-                Err(_) => {
-                    // The guest's own stack is unreadable: let the call proceed rather than
-                    // corrupt its state; the event says so (verdict "allow", with the error).
+        if verdict == Verdict::Allow {
+            if let Ok(a) = &attributed {
+                // The verdicts reach the tiers before the vCPU resumes, or the call is denied.
+                match self.produce_verdicts(&verdict_rules(a)) {
+                    Ok(seq) => verdict_seq = seq,
+                    Err(undelivered) => {
+                        error = Some(undelivered.to_string());
+                        outcome = self.deny(&reader, regs, &mut error);
+                    }
                 }
             }
+        } else {
+            outcome = self.deny(&reader, regs, &mut error);
         }
-        let verdict_seq = match (&outcome, &attributed) {
-            (HookOutcome::Allow, Ok(a)) => verdict_rules(a)
-                .into_iter()
-                .map(|rule| self.produce_verdict(rule))
-                .reduce(|first, _| first),
-            _ => None,
-        };
         let vmm_work_ns = work.elapsed().as_nanos() as u64;
-        let (attribution, error) = match attributed {
-            Ok(a) => (Some(a), None),
-            Err(e) => (None, Some(e.to_string())),
+        let attribution = match attributed {
+            Ok(a) => Some(a),
+            Err(e) => {
+                error = Some(match error {
+                    Some(more) => format!("{e}; {more}"),
+                    None => e.to_string(),
+                });
+                None
+            }
         };
         let _ = self.events.send(LogEntry::Socket(SocketEvent {
             vcpu,
             t_ns,
             verdict: match outcome {
                 HookOutcome::Allow => Verdict::Allow,
-                HookOutcome::Denied => Verdict::Deny,
+                HookOutcome::Denied | HookOutcome::Unanswerable => Verdict::Deny,
             },
             attribution,
             error,
@@ -146,6 +222,23 @@ impl Introspection {
             vmm_work_ns,
         }));
         outcome
+    }
+
+    /// Denies the call at the hook (see [`deny_call`]), through this kernel's `ret` when the
+    /// guest's stack is unreadable.
+    fn deny(
+        &self,
+        reader: &VirtReader<'_, GuestRam<'_>>,
+        regs: &mut kvm_regs,
+        error: &mut Option<String>,
+    ) -> HookOutcome {
+        let linked = self.profile.symbols.get("__x86_return_thunk").copied();
+        deny_call(
+            reader,
+            regs,
+            || kernel_ret_insn(reader, linked, self.slide()),
+            error,
+        )
     }
 
     /// Whether a hit of `op`'s hook needs a decision. A `sendmsg` without a destination of its
@@ -308,6 +401,114 @@ mod tests {
             regs.rsp, 0xffff_c900_0000_0ff8,
             "the return address is popped"
         );
+    }
+
+    /// A kernel address space: `text` (one page, a `ret` at its start) and `stack` (one page)
+    /// mapped, nothing else.
+    fn kernel_space(text: u64, stack: u64) -> (trap_handler::mem::PhysImage, u64) {
+        use trap_handler::mem::{PageTableBuilder, PhysImage};
+        let mut img = PhysImage::new(1 << 20);
+        let mut pt =
+            PageTableBuilder::new(&mut img, PagingMode::Level4, 0x10_000, 0x40_000).unwrap();
+        pt.map(text, 0x80_000, 4096).unwrap();
+        pt.map(stack, 0x90_000, 4096).unwrap();
+        let cr3 = pt.root();
+        img.write(0x80_000, &[RET, 0xcc]).unwrap();
+        img.write(0x90_ff8, &0xffff_ffff_8123_4567u64.to_le_bytes())
+            .unwrap();
+        (img, cr3)
+    }
+
+    const TEXT: u64 = 0xffff_ffff_8100_0000;
+    const STACK: u64 = 0xffff_c900_0000_0000;
+
+    #[test]
+    fn a_denied_call_pops_its_return_address_when_the_stack_is_readable() {
+        let (img, cr3) = kernel_space(TEXT, STACK);
+        let reader = VirtReader::new(&img, cr3, PagingMode::Level4);
+        let mut regs = kvm_regs {
+            rip: TEXT + 0x100,
+            rsp: STACK + 0xff8,
+            ..Default::default()
+        };
+        let mut error = None;
+        let outcome = deny_call(&reader, &mut regs, || panic!("not needed"), &mut error);
+        assert_eq!(outcome, HookOutcome::Denied);
+        assert_eq!(
+            (regs.rip, regs.rsp),
+            (0xffff_ffff_8123_4567, STACK + 0x1000)
+        );
+        assert_eq!(regs.rax as i64, -1);
+        assert_eq!(error, None);
+    }
+
+    #[test]
+    fn a_denied_call_stays_denied_when_the_stack_is_unreadable() {
+        let (img, cr3) = kernel_space(TEXT, STACK);
+        let reader = VirtReader::new(&img, cr3, PagingMode::Level4);
+        // RSP points at an unmapped page (a hostile kernel can arrange that).
+        let unmapped = STACK + 0x10_0000;
+        let mut regs = kvm_regs {
+            rip: TEXT + 0x100,
+            rsp: unmapped,
+            ..Default::default()
+        };
+        let mut error = Some("earlier".to_string());
+        let ret = || kernel_ret_insn(&reader, Some(TEXT), 0);
+        assert_eq!(
+            deny_call(&reader, &mut regs, ret, &mut error),
+            HookOutcome::Denied
+        );
+        assert_eq!(regs.rip, TEXT, "through the kernel's own ret");
+        assert_eq!(
+            regs.rsp, unmapped,
+            "the CPU pops the return address, not the VMM"
+        );
+        assert_eq!(regs.rax as i64, -1, "-EPERM");
+        let error = error.unwrap();
+        assert!(
+            error.starts_with("earlier; ") && error.contains("unreadable"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn without_a_verified_ret_an_unreadable_stack_stops_the_vm() {
+        let (img, cr3) = kernel_space(TEXT, STACK);
+        let reader = VirtReader::new(&img, cr3, PagingMode::Level4);
+        let mut regs = kvm_regs {
+            rip: TEXT + 0x100,
+            rsp: STACK + 0x10_0000,
+            ..Default::default()
+        };
+        let before = regs;
+        // No such symbol; a symbol whose byte is not `ret` (the int3 after it); one unmapped.
+        for linked in [None, Some(TEXT + 1), Some(TEXT + 0x20_0000)] {
+            let mut error = None;
+            let ret = || kernel_ret_insn(&reader, linked, 0);
+            assert_eq!(
+                deny_call(&reader, &mut regs, ret, &mut error),
+                HookOutcome::Unanswerable,
+                "{linked:x?}"
+            );
+            assert!(error.unwrap().contains("the VM stops"));
+            assert_eq!(
+                (regs.rip, regs.rsp, regs.rax),
+                (before.rip, before.rsp, before.rax)
+            );
+        }
+    }
+
+    #[test]
+    fn the_kernel_ret_follows_the_kaslr_slide() {
+        let slide = 0x2000_0000;
+        let (img, cr3) = kernel_space(TEXT + slide, STACK);
+        let reader = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(
+            kernel_ret_insn(&reader, Some(TEXT), slide),
+            Some(TEXT + slide)
+        );
+        assert_eq!(kernel_ret_insn(&reader, Some(TEXT), 0), None);
     }
 
     #[test]

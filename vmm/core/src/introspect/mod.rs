@@ -263,11 +263,16 @@ impl Introspection {
             .clone()
     }
 
-    /// Replaces the policy: every later call is decided by `spec`. The caller revokes the
-    /// verdicts the old policy granted (a flush of the tenant on its tiers).
+    /// Replaces the policy: every later call is decided by `spec`, and what the old policy
+    /// granted is forgotten here (no later migration re-issues it, no tier that asks later gets
+    /// it). The caller revokes the same verdicts on the tiers (a flush of the tenant).
     pub fn replace_policy(&self, spec: PolicySpec) -> Result<(), PolicyError> {
         let policy = Policy::compile(&spec)?;
+        // Hold the outbox while the policy changes: no verdict of the old policy is granted
+        // after the revocation.
+        let mut outbox = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = (spec, policy);
+        outbox.revoke_all();
         Ok(())
     }
 }

@@ -9,6 +9,7 @@
 //! or accept a migrated verdict of another tenant.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thiserror::Error;
@@ -16,7 +17,7 @@ use trap_handler::attribution::SocketOp;
 use vigil_wire::verdict::{Direction, Op, Rule, VerdictError, VerdictRepr, RECORD_LEN};
 
 use super::logger::LogEntry;
-use super::Introspection;
+use super::{Introspection, VerdictSink};
 
 /// Verdict records kept for a tier that has not taken them yet.
 const PENDING_VERDICTS: usize = 4096;
@@ -60,6 +61,13 @@ impl VerdictOutbox {
             self.granted.pop_front();
         }
         self.granted.push_back(record);
+    }
+
+    /// Forgets every verdict granted and every record still waiting for a tier (a policy
+    /// replacement revokes them). Sequence numbers go on.
+    pub(super) fn revoke_all(&mut self) {
+        self.granted.clear();
+        self.pending.clear();
     }
 
     /// Keeps a record for a tier that asks later (the oldest goes, counted, when full).
@@ -122,6 +130,39 @@ fn adopt(mut v: VerdictRepr, seq: u64) -> [u8; RECORD_LEN] {
 }
 
 /// The verdict record of an allowed operation.
+/// How long an allowed call waits for its tiers to take its verdicts (the switch micro-VM drains
+/// its ring every few microseconds when it runs) before it is denied instead.
+pub(super) const DELIVERY_WAIT: Duration = Duration::from_millis(5);
+/// Most verdict records one call produces (a dual-stack bind or listen opens IPv6 and IPv4).
+pub(super) const MAX_RULES_PER_CALL: usize = 4;
+
+/// The tiers did not take a call's verdicts in time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the firewall tiers did not take the call's verdict within {} ms (the switch's ring stayed \
+     full): the call is denied",
+    DELIVERY_WAIT.as_millis()
+)]
+pub struct Undelivered;
+
+/// Offers `records` to `tiers` until they take them (all at once) or [`DELIVERY_WAIT`] passes.
+fn deliver_bounded(
+    tiers: &dyn VerdictSink,
+    records: &[[u8; RECORD_LEN]],
+) -> Result<(), Undelivered> {
+    if tiers.deliver(records) {
+        return Ok(());
+    }
+    let deadline = Instant::now() + DELIVERY_WAIT;
+    while Instant::now() < deadline {
+        std::thread::yield_now();
+        if tiers.deliver(records) {
+            return Ok(());
+        }
+    }
+    Err(Undelivered)
+}
+
 fn granted_record(tenant: u32, seq: u64, rule: Rule) -> [u8; RECORD_LEN] {
     let lifetime_ms = match rule.direction {
         Direction::Egress => CONNECT_VERDICT_LIFETIME_MS,
@@ -200,28 +241,36 @@ impl Introspection {
         (outbox.pending.drain(..).collect(), overflowed)
     }
 
-    /// Produces the verdict record of an allowed operation; returns its sequence number.
-    pub(super) fn produce_verdict(&self, rule: Rule) -> u64 {
-        let (seq, record) = {
+    /// Produces the verdict records of an allowed operation and delivers them to the tiers,
+    /// all or none, before the vCPU resumes; returns the first one's sequence number (None when
+    /// the operation opens nothing on the tiers). A batch the tiers do not take within
+    /// [`DELIVERY_WAIT`] (the switch's ring stays full) is not granted: the caller denies the
+    /// call, so no call is allowed in the guest while its flow is dropped on the wire. Without
+    /// tiers (a VM not plugged into any), the records wait for [`Self::take_verdicts`].
+    pub(super) fn produce_verdicts(&self, rules: &[Rule]) -> Result<Option<u64>, Undelivered> {
+        if rules.is_empty() {
+            return Ok(None);
+        }
+        let mut records = [[0u8; RECORD_LEN]; MAX_RULES_PER_CALL];
+        let records = &mut records[..rules.len().min(MAX_RULES_PER_CALL)];
+        let first = {
             let mut outbox = self.outbox();
-            let seq = outbox.take_seq();
-            let record = granted_record(self.tenant, seq, rule);
-            outbox.grant(record);
-            // Straight into the switch's ring when there is one (the micro-VM drains it before
-            // it reads the next frames, so the flow's first packet finds its verdict); kept for a
-            // tier that asks later otherwise, or when the ring is full.
-            let delivered = self
-                .tiers
-                .as_ref()
-                .is_some_and(|tiers| tiers.deliver(&[record]));
-            if !delivered {
-                outbox.keep_pending(record);
+            let first = outbox.next_seq;
+            for (record, rule) in records.iter_mut().zip(rules) {
+                *record = granted_record(self.tenant, outbox.take_seq(), *rule);
             }
-            (seq, record)
+            match &self.tiers {
+                Some(tiers) => deliver_bounded(tiers.as_ref(), records)?,
+                None => records.iter().for_each(|r| outbox.keep_pending(*r)),
+            }
+            records.iter().for_each(|r| outbox.grant(*r));
+            first
         };
-        // Formatted by the logger thread, off the trap path.
-        let _ = self.events.send(LogEntry::Verdict(record));
-        seq
+        for record in records.iter() {
+            // Formatted by the logger thread, off the trap path.
+            let _ = self.events.send(LogEntry::Verdict(*record));
+        }
+        Ok(Some(first))
     }
 
     fn outbox(&self) -> std::sync::MutexGuard<'_, VerdictOutbox> {
@@ -244,6 +293,153 @@ mod tests {
         let mut rule = Rule::any(Direction::Ingress, IpVersion::V4, Protocol::Tcp);
         rule.local_port = port;
         rule
+    }
+
+    /// The Debian tenant kernel's profile (built by scripts/build-tenant-image), analysed once.
+    fn real_profile() -> trap_handler::KernelProfile {
+        static PROFILE: std::sync::OnceLock<trap_handler::KernelProfile> =
+            std::sync::OnceLock::new();
+        PROFILE
+            .get_or_init(|| {
+                let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("../../build/tenant/vmlinux");
+                let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+                    panic!("{}: {e} (run scripts/build-tenant-image)", path.display())
+                });
+                trap_handler::analyze_vmlinux(&bytes)
+                    .expect("the tenant kernel analyses")
+                    .profile
+            })
+            .clone()
+    }
+
+    fn policy() -> trap_handler::policy::PolicySpec {
+        serde_json::from_str(r#"{"allow": [{"op": "connect", "exe": "/bin/busybox"}]}"#).unwrap()
+    }
+
+    fn introspection(tiers: Option<std::sync::Arc<dyn VerdictSink>>) -> Introspection {
+        Introspection::new("t", real_profile(), policy(), tiers, None).unwrap()
+    }
+
+    /// Tiers that refuse the first `refusals` offers, then take everything.
+    struct SlowTiers {
+        refusals: std::sync::atomic::AtomicU32,
+        taken: std::sync::Mutex<Vec<[u8; RECORD_LEN]>>,
+    }
+
+    impl SlowTiers {
+        fn new(refusals: u32) -> std::sync::Arc<SlowTiers> {
+            std::sync::Arc::new(SlowTiers {
+                refusals: refusals.into(),
+                taken: Default::default(),
+            })
+        }
+    }
+
+    impl VerdictSink for SlowTiers {
+        fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+            use std::sync::atomic::Ordering;
+            if self
+                .refusals
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return false;
+            }
+            self.taken.lock().unwrap().extend_from_slice(records);
+            true
+        }
+    }
+
+    #[test]
+    fn verdicts_reach_the_tiers_before_the_call_goes_on() {
+        let tiers = SlowTiers::new(3);
+        let i = introspection(Some(tiers.clone()));
+        let seq = i.produce_verdicts(&[egress(80), egress(81)]).unwrap();
+        assert_eq!(seq, Some(1));
+        assert_eq!(
+            tiers.taken.lock().unwrap().len(),
+            2,
+            "both, after three refusals"
+        );
+        assert_eq!(i.export_state().granted.len(), 2);
+        assert_eq!(i.take_verdicts().0.len(), 0, "nothing left waiting");
+        assert_eq!(i.produce_verdicts(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn verdicts_the_tiers_never_take_are_not_granted() {
+        let tiers = SlowTiers::new(u32::MAX);
+        let i = introspection(Some(tiers.clone()));
+        let started = Instant::now();
+        assert_eq!(i.produce_verdicts(&[egress(80)]), Err(Undelivered));
+        assert!(
+            started.elapsed() >= DELIVERY_WAIT,
+            "the call waited, bounded"
+        );
+        assert!(tiers.taken.lock().unwrap().is_empty());
+        assert!(
+            i.export_state().granted.is_empty(),
+            "a migration does not re-issue it"
+        );
+        assert!(
+            i.take_verdicts().0.is_empty(),
+            "no tier gets it later either"
+        );
+        assert!(Undelivered.to_string().contains("denied"));
+    }
+
+    #[test]
+    fn a_full_switch_ring_refuses_the_whole_batch() {
+        use vm_memory::{GuestAddress, GuestMemoryMmap};
+        let size = 8 << 20;
+        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let region = std::sync::Arc::new(
+            crate::verdict_region::VerdictRegion::reserve(&memory, size as u64).unwrap(),
+        );
+        // Nobody consumes: fill the ring to one free slot.
+        let mut pushed = 0;
+        while region.push(&[[1u8; RECORD_LEN], [1u8; RECORD_LEN]]).is_ok() {
+            pushed += 2;
+        }
+        region.push(&[[1u8; RECORD_LEN]]).ok();
+        assert!(pushed > 0);
+        let i = introspection(Some(region.clone()));
+        assert_eq!(
+            i.produce_verdicts(&[egress(80), egress(81)]),
+            Err(Undelivered),
+            "two records, at most one slot: none goes in"
+        );
+        assert!(i.export_state().granted.is_empty());
+    }
+
+    #[test]
+    fn without_tiers_verdicts_wait_for_one() {
+        let i = introspection(None);
+        assert_eq!(i.produce_verdicts(&[egress(80)]).unwrap(), Some(1));
+        let (waiting, overflowed) = i.take_verdicts();
+        assert_eq!((waiting.len(), overflowed), (1, 0));
+    }
+
+    #[test]
+    fn a_replaced_policy_forgets_what_the_old_one_granted() {
+        let i = introspection(None);
+        i.produce_verdicts(&[egress(80), egress(81)]).unwrap();
+        assert_eq!(i.export_state().granted.len(), 2);
+        i.replace_policy(policy()).unwrap();
+        let state = i.export_state();
+        assert!(
+            state.granted.is_empty(),
+            "a later migration re-issues nothing"
+        );
+        assert!(
+            i.take_verdicts().0.is_empty(),
+            "no tier gets the old verdicts later"
+        );
+        assert!(state.next_seq > 2, "sequence numbers go on");
+        // What the new policy grants is kept as before.
+        i.produce_verdicts(&[egress(82)]).unwrap();
+        assert_eq!(i.export_state().granted.len(), 1);
     }
 
     #[test]

@@ -71,6 +71,11 @@ pub enum VcpuError {
     },
     #[error("a software hook without introspection")]
     SoftHookWithoutIntrospection,
+    #[error(
+        "a denied {0:?} could not be answered with -EPERM (the guest's stack is unreadable and \
+         its kernel has no `ret` to return through): the VM stops rather than let it proceed"
+    )]
+    Unanswerable(SocketOp),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
@@ -544,8 +549,10 @@ impl Vcpu {
         } else {
             self.decide(&introspection, op, &mut regs, &sregs)
         };
-        if let HookOutcome::Allow = outcome {
-            regs.rip = entry + len;
+        match outcome {
+            HookOutcome::Allow => regs.rip = entry + len,
+            HookOutcome::Denied => {}
+            HookOutcome::Unanswerable => return Err(VcpuError::Unanswerable(op)),
         }
         self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
     }
@@ -568,6 +575,7 @@ impl Vcpu {
         match self.decide(&introspection, op, &mut regs, &sregs) {
             HookOutcome::Denied => self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS")),
             HookOutcome::Allow => self.step_over(pc),
+            HookOutcome::Unanswerable => Err(VcpuError::Unanswerable(op)),
         }
     }
 
