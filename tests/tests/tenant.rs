@@ -37,7 +37,7 @@ const POLICY: &str = r#"{"allow": [
   {"op": "bind", "exe": "/bin/busybox", "ports": "7000-7010"},
   {"op": "listen", "exe": "/bin/busybox"},
   {"op": "connect", "exe": "/bin/vigil-sendto", "protocol": "udp", "cidr": "10.77.0.1/32", "ports": "9999"},
-  {"op": "connect", "exe": "/bin/vigil-rawsyn"}
+  {"op": "connect", "exe": "/bin/vigil-rawsyn", "family": "packet"}
 ]}"#;
 const UDP_PORT: u16 = 9999;
 

@@ -6,12 +6,18 @@
 //! per-CPU area, where `current_task` lives) and the kernel profile (BTF offsets, symbols).
 //! Everything is read through the bounded [`VirtReader`]: a hostile guest can make attribution
 //! fail (and the policy then fails closed), never loop or read outside its RAM.
+//!
+//! The address of a call is decoded by the socket's own family (`sk->sk_family`), never by the
+//! family the caller wrote in its sockaddr: a sockaddr that disagrees is no address (and is
+//! reported as such). The executable is reported as a path and as a file ([`ExeFile`]: its
+//! identity, its mount's namespace, and where the calling instruction lives).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::exec::{self, ExeFile, ExecError};
 use crate::mem::{GuestPhys, MemError, VirtReader};
 use crate::profile::{abi, KernelProfile};
 
@@ -54,6 +60,8 @@ pub enum AttributionError {
     MissingSymbol(&'static str),
     #[error("the executable's path is deeper than {0} components or its mounts loop")]
     PathTooDeep(usize),
+    #[error("the executable's identity: {0}")]
+    Exec(#[from] ExecError),
 }
 
 /// The process behind a trapped operation.
@@ -68,6 +76,14 @@ pub struct Process {
     pub uid: u32,
     pub ppid: u32,
     pub parent_comm: String,
+    /// The executable as a file (identity, mount namespace, code origin); read by [`attribute`]
+    /// only (not for tamper reports), `None` for kernel threads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe_file: Option<ExeFile>,
+    /// Why `exe_file` could not be read (a hostile or torn VMA tree, an unreadable inode): then
+    /// no `exe` rule applies, while `comm` rules and ungoverned families still do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exe_error: Option<String>,
 }
 
 /// One attributed socket operation.
@@ -83,7 +99,15 @@ pub struct Attribution {
     /// Remote address (connect) or local address (bind, listen), where it has one.
     pub addr: Option<IpAddr>,
     pub port: Option<u16>,
+    /// The family the caller wrote in its sockaddr, when the socket's family does not take it:
+    /// such a sockaddr is not an address (`addr` is `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub foreign_sockaddr: Option<u16>,
     pub process: Process,
+    /// Why the executable's rules did not apply (identity mismatch, unpinned file, foreign
+    /// code); set by the policy's decision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_error: Option<String>,
 }
 
 fn read_comm<M: GuestPhys + ?Sized>(
@@ -159,11 +183,20 @@ fn exe_path<M: GuestPhys + ?Sized>(
     Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
 }
 
+/// What [`read_process`] found on the way to the executable's path: `mm`, `mm->exe_file` and
+/// its vfsmount (0 where absent).
+#[derive(Clone, Copy, Default)]
+struct ExeRefs {
+    mm: u64,
+    file: u64,
+    vfsmount: u64,
+}
+
 fn read_process<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     task: u64,
     p: &KernelProfile,
-) -> Result<Process, AttributionError> {
+) -> Result<(Process, ExeRefs), AttributionError> {
     let t = &p.task_struct;
     let pid = r.read_field_u32(task, t.pid.offset)?;
     let tgid = r.read_field_u32(task, t.tgid.offset)?;
@@ -174,6 +207,10 @@ fn read_process<M: GuestPhys + ?Sized>(
     let ppid = r.read_field_u32(parent, t.tgid.offset)?;
     let parent_comm = read_comm(r, parent, p)?;
     let mm = r.read_field_u64(task, t.mm.offset)?;
+    let mut refs = ExeRefs {
+        mm,
+        ..ExeRefs::default()
+    };
     let exe = if mm == 0 {
         None
     } else {
@@ -184,10 +221,12 @@ fn read_process<M: GuestPhys + ?Sized>(
             let path = file.wrapping_add(p.file.f_path.offset);
             let dentry = r.read_field_u64(path, p.path.dentry.offset)?;
             let vfsmount = r.read_field_u64(path, p.path.mnt.offset)?;
+            refs.file = file;
+            refs.vfsmount = vfsmount;
             Some(exe_path(r, dentry, vfsmount, p)?)
         }
     };
-    Ok(Process {
+    let process = Process {
         pid,
         tgid,
         comm,
@@ -195,31 +234,53 @@ fn read_process<M: GuestPhys + ?Sized>(
         uid,
         ppid,
         parent_comm,
-    })
+        exe_file: None,
+        exe_error: None,
+    };
+    Ok((process, refs))
 }
 
-/// Decodes a `struct sockaddr` the kernel already copied in (AF_INET / AF_INET6).
+/// A decoded sockaddr: address and port, and the caller's family where the socket does not
+/// take it.
+type Decoded = (Option<IpAddr>, Option<u16>, Option<u16>);
+
+/// Decodes a `struct sockaddr` the kernel already copied in, by the family of the socket
+/// (`sock_family`), as the socket's own code reads it: an AF_INET socket reads a `sockaddr_in`
+/// (AF_UNSPEC too: `inet_bind` binds it as INADDR_ANY, `udp_sendmsg` sends to it); an AF_INET6
+/// socket a `sockaddr_in6`, or a `sockaddr_in` when the caller says AF_INET (`udpv6_sendmsg`,
+/// `ip6_datagram_connect` take IPv4 destinations). Every other socket family has no IP address,
+/// whatever its sockaddr looks like: a `sockaddr_ll` crafted to read as a `sockaddr_in` is not
+/// one. A family the socket does not take is reported, with no address.
 fn read_sockaddr<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
+    sock_family: u16,
     addr: u64,
     addrlen: u64,
-) -> Result<(Option<IpAddr>, Option<u16>), MemError> {
+) -> Result<Decoded, MemError> {
     if addr == 0 || addrlen < 2 {
-        return Ok((None, None));
+        return Ok((None, None, None));
     }
     let family = r.read_u16(addr)?;
-    match family {
-        abi::AF_INET if addrlen >= abi::SOCKADDR_IN_LEN as u64 - 8 => {
-            let port = u16::from_be(r.read_u16(addr + abi::SIN_PORT as u64)?);
-            let ip = r.read_field::<4>(addr, abi::SIN_ADDR as u64)?;
-            Ok((Some(IpAddr::V4(Ipv4Addr::from(ip))), Some(port)))
+    let v4 = || -> Result<Decoded, MemError> {
+        if addrlen < abi::SOCKADDR_IN_LEN as u64 - 8 {
+            return Ok((None, None, None));
         }
-        abi::AF_INET6 if addrlen >= 24 => {
+        let port = u16::from_be(r.read_u16(addr + abi::SIN_PORT as u64)?);
+        let ip = r.read_field::<4>(addr, abi::SIN_ADDR as u64)?;
+        Ok((Some(IpAddr::V4(Ipv4Addr::from(ip))), Some(port), None))
+    };
+    match (sock_family, family) {
+        (abi::AF_INET, abi::AF_INET | abi::AF_UNSPEC) => v4(),
+        (abi::AF_INET6, abi::AF_INET) => v4(),
+        (abi::AF_INET6, abi::AF_INET6) if addrlen >= 24 => {
             let port = u16::from_be(r.read_u16(addr + abi::SIN6_PORT as u64)?);
             let ip = r.read_field::<16>(addr, abi::SIN6_ADDR as u64)?;
-            Ok((Some(IpAddr::V6(Ipv6Addr::from(ip))), Some(port)))
+            Ok((Some(IpAddr::V6(Ipv6Addr::from(ip))), Some(port), None))
         }
-        _ => Ok((None, None)),
+        // A short sockaddr_in6, or AF_UNSPEC on an IPv6 socket (a send without destination).
+        (abi::AF_INET6, abi::AF_INET6 | abi::AF_UNSPEC) => Ok((None, None, None)),
+        (s, f) if s == f => Ok((None, None, None)),
+        (_, f) => Ok((None, None, Some(f))),
     }
 }
 
@@ -231,6 +292,9 @@ pub struct HookArgs {
     pub rdx: u64,
     /// Kernel GS base (MSR_GS_BASE while in the kernel): the per-CPU area.
     pub gs_base: u64,
+    /// The KASLR slide (running address minus link address of kernel symbols): finds
+    /// `init_task`, whose mount namespace is the tenant's initial one.
+    pub kaslr_slide: u64,
 }
 
 /// The process running on a vCPU whose kernel GS base (the per-CPU area) is `gs_base`: for events
@@ -245,7 +309,31 @@ pub fn current_process<M: GuestPhys + ?Sized>(
         .get("current_task")
         .ok_or(AttributionError::MissingSymbol("current_task"))?;
     let task = r.read_u64(gs_base.wrapping_add(current_task))?;
-    read_process(r, task, profile)
+    Ok(read_process(r, task, profile)?.0)
+}
+
+/// The executable file of the task, with init's mount namespace found from `init_task`.
+fn exe_file<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    profile: &KernelProfile,
+    task: u64,
+    refs: ExeRefs,
+    kaslr_slide: u64,
+) -> Result<ExeFile, AttributionError> {
+    let init_task = *profile
+        .symbols
+        .get("init_task")
+        .ok_or(AttributionError::MissingSymbol("init_task"))?;
+    let init_ns = exec::init_mnt_ns(r, profile, init_task.wrapping_add(kaslr_slide))?;
+    Ok(exec::exe_file(
+        r,
+        profile,
+        task,
+        refs.mm,
+        refs.file,
+        refs.vfsmount,
+        init_ns,
+    )?)
 }
 
 /// Attributes one trapped operation.
@@ -255,7 +343,18 @@ pub fn attribute<M: GuestPhys + ?Sized>(
     op: SocketOp,
     args: HookArgs,
 ) -> Result<Attribution, AttributionError> {
-    let process = current_process(r, profile, args.gs_base)?;
+    let current_task = *profile
+        .symbols
+        .get("current_task")
+        .ok_or(AttributionError::MissingSymbol("current_task"))?;
+    let task = r.read_u64(args.gs_base.wrapping_add(current_task))?;
+    let (mut process, refs) = read_process(r, task, profile)?;
+    if refs.file != 0 {
+        match exe_file(r, profile, task, refs, args.kaslr_slide) {
+            Ok(f) => process.exe_file = Some(f),
+            Err(e) => process.exe_error = Some(e.to_string()),
+        }
+    }
     let sock = args.rdi;
     let sock_type = r.read_field_u16(sock, profile.socket.type_.offset)?;
     let sk = r.read_field_u64(sock, profile.socket.sk.offset)?;
@@ -267,26 +366,26 @@ pub fn attribute<M: GuestPhys + ?Sized>(
             r.read_field_u16(sk, profile.sock.sk_protocol.offset)?,
         )
     };
-    let (addr, port) = match op {
-        SocketOp::Connect | SocketOp::Bind => read_sockaddr(r, args.rsi, args.rdx)?,
+    let (addr, port, foreign_sockaddr) = match op {
+        SocketOp::Connect | SocketOp::Bind => read_sockaddr(r, family, args.rsi, args.rdx)?,
         SocketOp::Sendmsg => {
             // security_socket_sendmsg(sock, msg, size): the kernel's copy of the msghdr.
             let msg = args.rsi;
             let name = r.read_field_u64(msg, profile.msghdr.msg_name.offset)?;
             let namelen = r.read_field_u32(msg, profile.msghdr.msg_namelen.offset)?;
-            read_sockaddr(r, name, u64::from(namelen))?
+            read_sockaddr(r, family, name, u64::from(namelen))?
         }
         SocketOp::Listen if sk != 0 && family == abi::AF_INET => {
             let local = r.read_field::<4>(sk, profile.sock.skc_rcv_saddr.offset)?;
             let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;
-            (Some(IpAddr::V4(Ipv4Addr::from(local))), Some(port))
+            (Some(IpAddr::V4(Ipv4Addr::from(local))), Some(port), None)
         }
         SocketOp::Listen if sk != 0 && family == abi::AF_INET6 => {
             let local = r.read_field::<16>(sk, profile.sock.skc_v6_rcv_saddr.offset)?;
             let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;
-            (Some(IpAddr::V6(Ipv6Addr::from(local))), Some(port))
+            (Some(IpAddr::V6(Ipv6Addr::from(local))), Some(port), None)
         }
-        SocketOp::Listen => (None, None),
+        SocketOp::Listen => (None, None, None),
     };
     Ok(Attribution {
         op,
@@ -295,6 +394,8 @@ pub fn attribute<M: GuestPhys + ?Sized>(
         protocol,
         addr,
         port,
+        foreign_sockaddr,
         process,
+        identity_error: None,
     })
 }

@@ -9,12 +9,15 @@
 //!   strings and `list_head` walks.
 //! - [`btf`]: the kernel's BTF (struct layouts); [`profile`]: the offsets Vigil uses, cached per build.
 //! - [`kallsyms`]: the kernel symbol table found by structure in the image, no System.map needed.
+//! - [`exec`]: the executable as a file: identity, mount namespace, the VMA (maple tree) of the
+//!   calling instruction.
 //! - [`kaslr`]: link, virtual and physical kernel addresses; the slide from MSR_LSTAR.
 //! - [`elf`]: the vmlinux reader behind all of the above (headers and notes, on the `object` crate).
 
 pub mod attribution;
 pub mod btf;
 pub mod elf;
+pub mod exec;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod mem;

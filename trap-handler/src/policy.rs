@@ -1,16 +1,28 @@
-//! Per-tenant allow-list: default deny; a rule allows an operation by executable path (or, as an
-//! explicit weaker option, by comm), protocol, address range and port range.
+//! Per-tenant allow-list: default deny; a rule allows an operation by executable (or, as an
+//! explicit weaker option, by comm), socket family, protocol, address range and port range.
 //!
-//! Lookup cost does not grow with the list: rules are indexed by (operation, executable) and only
-//! the rules of that bucket (and the comm bucket) are tried.
+//! An `exe` rule names a file as seen from the tenant's initial mount namespace (init's), and
+//! the file is what counts, not the name: the first attributed process whose executable is that
+//! path on a mount of init's namespace (not a bind mount) pins the file's identity ([`FileId`]:
+//! device, inode, generation, ctime) to the path. Afterwards a process at that path with another
+//! identity (mounted over, replaced, renamed onto) gets no rule of it, and a process whose path
+//! is anything else (another mount namespace, a hard link) gets the rules of the pinned paths of
+//! its file. Either way the calling instruction must be the executable's code
+//! ([`CodeOrigin::is_exe_code`]). The pins live as long as the compiled policy.
+//!
+//! Lookup cost does not grow with the list: rules are indexed by executable (and comm) and only
+//! the rules of those buckets are tried; a decision allocates nothing unless it has to explain
+//! an identity failure.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::attribution::{Attribution, SocketOp};
+use crate::exec::FileId;
 use crate::profile::abi;
 
 #[derive(Debug, Error)]
@@ -36,17 +48,36 @@ pub enum Protocol {
     Any,
 }
 
+/// The sockets a rule is about: IP (AF_INET, AF_INET6; the default) or packet (AF_PACKET: raw
+/// frames, never matched by an IP rule, and only by a rule that says `"family": "packet"`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    #[default]
+    Ip,
+    Packet,
+}
+
+impl Family {
+    fn is_ip(&self) -> bool {
+        *self == Family::Ip
+    }
+}
+
 /// One rule as written in the policy file.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct RuleSpec {
     pub op: SocketOp,
-    /// Executable path, matched exactly.
+    /// Executable path in init's mount namespace; the file found there is pinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exe: Option<String>,
     /// Process name (comm): weaker, a process can rename itself. Only used when `exe` is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
+    /// `ip` (absent) or `packet`; a packet rule has no protocol, cidr or ports.
+    #[serde(default, skip_serializing_if = "Family::is_ip")]
+    pub family: Family,
     #[serde(default = "any_protocol")]
     pub protocol: Protocol,
     /// Address range, e.g. "10.0.0.0/8" (remote for connect, local for bind/listen). Absent: any.
@@ -69,16 +100,43 @@ pub struct PolicySpec {
 
 #[derive(Clone, Debug)]
 struct Rule {
+    op: SocketOp,
+    family: Family,
     protocol: Protocol,
     net: Option<(IpAddr, u8)>,
     ports: Option<(u16, u16)>,
 }
 
+/// The files pinned to the policy's `exe` paths, both ways.
+#[derive(Clone, Debug, Default)]
+struct PinTable {
+    by_path: HashMap<String, FileId>,
+    /// The paths each pinned file answers to (one, or several hard links named by the policy).
+    by_id: HashMap<FileId, Vec<String>>,
+}
+
+/// The pin table, shared by every vCPU deciding with this policy.
+#[derive(Debug, Default)]
+struct Pins(Mutex<PinTable>);
+
+impl Pins {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PinTable> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Clone for Pins {
+    fn clone(&self) -> Self {
+        Pins(Mutex::new(self.lock().clone()))
+    }
+}
+
 /// A compiled policy.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
-    by_exe: HashMap<(SocketOp, String), Vec<Rule>>,
-    by_comm: HashMap<(SocketOp, String), Vec<Rule>>,
+    by_exe: HashMap<String, Vec<Rule>>,
+    by_comm: HashMap<String, Vec<Rule>>,
+    pins: Pins,
 }
 
 fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
@@ -121,8 +179,31 @@ fn in_cidr(addr: IpAddr, (net, len): (IpAddr, u8)) -> bool {
     }
 }
 
+/// The operation whose rules decide `op`: a `sendmsg` that names its destination is a connect.
+fn rule_op(op: SocketOp) -> SocketOp {
+    match op {
+        SocketOp::Sendmsg => SocketOp::Connect,
+        other => other,
+    }
+}
+
 impl Rule {
     fn matches(&self, a: &Attribution) -> bool {
+        if self.op != rule_op(a.op) {
+            return false;
+        }
+        match self.family {
+            // Raw frames: the socket's own family, nothing else (no addresses, no protocol).
+            Family::Packet => return a.family == abi::AF_PACKET,
+            // An IP rule is about IP sockets only, and a sockaddr of another family is no
+            // address of theirs.
+            Family::Ip => {
+                if !matches!(a.family, abi::AF_INET | abi::AF_INET6) || a.foreign_sockaddr.is_some()
+                {
+                    return false;
+                }
+            }
+        }
         let protocol_ok = match self.protocol {
             Protocol::Any => true,
             // By the socket's protocol, not its type: SCTP and MPTCP are stream sockets too.
@@ -167,52 +248,142 @@ impl Policy {
                 .as_deref()
                 .map(|p| parse_ports(p).ok_or_else(|| bad(&format!("`{p}` is not a port range"))))
                 .transpose()?;
+            if r.family == Family::Packet
+                && (net.is_some() || ports.is_some() || r.protocol != Protocol::Any)
+            {
+                return Err(bad(
+                    "a `\"family\": \"packet\"` rule has no protocol, cidr or ports (raw frames \
+                     have none)",
+                ));
+            }
             let rule = Rule {
+                op: rule_op(r.op),
+                family: r.family,
                 protocol: r.protocol,
                 net,
                 ports,
             };
             match (&r.exe, &r.comm) {
-                (Some(exe), _) => policy
-                    .by_exe
-                    .entry((r.op, exe.clone()))
-                    .or_default()
-                    .push(rule),
-                (None, Some(comm)) => policy
-                    .by_comm
-                    .entry((r.op, comm.clone()))
-                    .or_default()
-                    .push(rule),
+                (Some(exe), _) => policy.by_exe.entry(exe.clone()).or_default().push(rule),
+                (None, Some(comm)) => policy.by_comm.entry(comm.clone()).or_default().push(rule),
                 (None, None) => return Err(bad("a rule names `exe` (or, weaker, `comm`)")),
             }
         }
         Ok(policy)
     }
 
-    /// Default deny: allowed only if a rule of the process's executable (or comm) matches.
-    /// A `sendmsg` that names its destination (UDP `sendto`, TCP Fast Open) is decided by the
-    /// `connect` rules: it reaches that destination just as a connect would.
+    /// Default deny: allowed only if a rule of the process's executable (see the module doc:
+    /// the file, pinned) or of its comm matches. A `sendmsg` that names its destination (UDP
+    /// `sendto`, TCP Fast Open) is decided by the `connect` rules: it reaches that destination
+    /// just as a connect would.
     pub fn decide(&self, a: &Attribution) -> Verdict {
-        let op = match a.op {
-            SocketOp::Sendmsg => SocketOp::Connect,
-            other => other,
-        };
-        let by_exe = a
-            .process
-            .exe
-            .as_ref()
-            .and_then(|exe| self.by_exe.get(&(op, exe.clone())));
-        let by_comm = self.by_comm.get(&(op, a.process.comm.clone()));
-        let allowed = by_exe
-            .into_iter()
-            .chain(by_comm)
-            .flatten()
-            .any(|rule| rule.matches(a));
-        if allowed {
+        self.decide_explained(a).0
+    }
+
+    /// [`decide`](Self::decide), recording in `a.identity_error` why the executable's rules did
+    /// not apply (for the event).
+    pub fn decide_noting(&self, a: &mut Attribution) -> Verdict {
+        let (verdict, why) = self.decide_explained(a);
+        a.identity_error = why;
+        verdict
+    }
+
+    /// The verdict, and why the executable's rules did not apply where that is why it was not
+    /// allowed by them.
+    pub fn decide_explained(&self, a: &Attribution) -> (Verdict, Option<String>) {
+        let by_comm = self
+            .by_comm
+            .get(a.process.comm.as_str())
+            .is_some_and(|rules| rules.iter().any(|r| r.matches(a)));
+        let (by_exe, why) = self.exe_allows(a);
+        let verdict = if by_exe || by_comm {
             Verdict::Allow
         } else {
             Verdict::Deny
+        };
+        (verdict, why)
+    }
+
+    /// Whether a rule of the process's executable file allows `a`, and why the executable's
+    /// rules did not apply when they did not.
+    fn exe_allows(&self, a: &Attribution) -> (bool, Option<String>) {
+        let Some(path) = a.process.exe.as_deref() else {
+            return (false, None);
+        };
+        let named = self.by_exe.get(path);
+        if named.is_none() && self.by_exe.is_empty() {
+            return (false, None);
         }
+        let Some(file) = &a.process.exe_file else {
+            let why = named.map(|_| {
+                format!(
+                    "{path}: the executable's identity is unknown ({})",
+                    a.process.exe_error.as_deref().unwrap_or("not read")
+                )
+            });
+            return (false, why);
+        };
+        let matches = |rules: &Vec<Rule>| rules.iter().any(|r| r.matches(a));
+        let mut pins = self.pins.lock();
+        let pinned_paths = pins.by_id.get(&file.id).map(Vec::len).unwrap_or(0);
+        if named.is_none() && pinned_paths == 0 {
+            return (false, None);
+        }
+        if !file.code.is_exe_code() {
+            return (
+                false,
+                Some(format!(
+                    "{path}: the calling code ({:?}, rip {:#x}) is not the executable's",
+                    file.code, file.rip
+                )),
+            );
+        }
+        let mut why = None;
+        // The path, as init's mount namespace sees it.
+        if let Some(rules) = named {
+            if !file.init_mnt_ns {
+                why = Some(format!(
+                    "{path} is not on a mount of init's mount namespace and its file ({}) is \
+                     not pinned to it",
+                    file.id
+                ));
+            } else {
+                match pins.by_path.get(path) {
+                    Some(pinned) if *pinned == file.id => return (matches(rules), None),
+                    Some(pinned) => {
+                        why = Some(format!(
+                            "identity mismatch: {path} is pinned to {pinned}, this is {}",
+                            file.id
+                        ))
+                    }
+                    None if file.bind_mount => {
+                        why = Some(format!(
+                            "{path} is reached through a bind mount: its file ({}) is not pinned",
+                            file.id
+                        ))
+                    }
+                    None => {
+                        pins.by_path.insert(path.to_string(), file.id);
+                        pins.by_id
+                            .entry(file.id)
+                            .or_default()
+                            .push(path.to_string());
+                        return (matches(rules), None);
+                    }
+                }
+            }
+        }
+        // The file, under whichever names the policy pinned it (a hard link, another namespace).
+        if let Some(paths) = pins.by_id.get(&file.id) {
+            let allowed = paths.iter().filter_map(|p| self.by_exe.get(p)).any(matches);
+            return (allowed, if allowed { None } else { why });
+        }
+        (false, why)
+    }
+
+    /// The file pinned to an `exe` path, if any.
+    pub fn pinned(&self, path: &str) -> Option<FileId> {
+        self.pins.lock().by_path.get(path).copied()
     }
 }
 
@@ -220,6 +391,28 @@ impl Policy {
 mod tests {
     use super::*;
     use crate::attribution::Process;
+    use crate::exec::{CodeOrigin, ExeFile};
+
+    fn id(ino: u64) -> FileId {
+        FileId {
+            dev: 1,
+            ino,
+            generation: 7,
+            ctime_sec: 1_700_000_000,
+            ctime_nsec: 5,
+        }
+    }
+
+    /// The genuine executable's file (inode 100), run from init's mount namespace.
+    fn genuine() -> ExeFile {
+        ExeFile {
+            id: id(100),
+            init_mnt_ns: true,
+            bind_mount: false,
+            code: CodeOrigin::Exe,
+            rip: 0x40_1000,
+        }
+    }
 
     fn attribution(op: SocketOp, exe: &str, comm: &str, addr: &str, port: u16) -> Attribution {
         Attribution {
@@ -229,6 +422,7 @@ mod tests {
             protocol: abi::IPPROTO_TCP,
             addr: Some(addr.parse().unwrap()),
             port: Some(port),
+            foreign_sockaddr: None,
             process: Process {
                 pid: 10,
                 tgid: 10,
@@ -237,8 +431,23 @@ mod tests {
                 uid: 0,
                 ppid: 1,
                 parent_comm: "sh".into(),
+                // /tmp/bb is a hard link of /bin/busybox; every other name is another file.
+                exe_file: Some(match exe {
+                    "/bin/busybox" | "/tmp/bb" => genuine(),
+                    other => ExeFile {
+                        id: id(1000 + other.len() as u64),
+                        ..genuine()
+                    },
+                }),
+                exe_error: None,
             },
+            identity_error: None,
         }
+    }
+
+    fn with_file(mut a: Attribution, f: ExeFile) -> Attribution {
+        a.process.exe_file = Some(f);
+        a
     }
 
     const POLICY: &str = r#"{"allow": [
@@ -276,6 +485,162 @@ mod tests {
         let mut sctp = attribution(SocketOp::Connect, "/bin/busybox", "nc", "10.77.0.1", 8080);
         sctp.protocol = 132;
         assert_eq!(policy.decide(&sctp), Verdict::Deny);
+    }
+
+    #[test]
+    fn non_ip_sockets_are_never_matched_by_ip_rules() {
+        let policy = Policy::from_json(
+            r#"{"allow": [
+                {"op": "connect", "exe": "/bin/busybox", "cidr": "10.77.0.0/24"},
+                {"op": "connect", "exe": "/bin/busybox"},
+                {"op": "connect", "exe": "/bin/rawsyn", "family": "packet"}
+            ]}"#,
+        )
+        .unwrap();
+        let ip = attribution(SocketOp::Sendmsg, "/bin/busybox", "nc", "10.77.0.1", 80);
+        assert_eq!(policy.decide(&ip), Verdict::Allow);
+        // A packet socket whose sockaddr_ll reads like 10.77.0.1:80 (and whose ethertype reads
+        // as protocol 6): no IP rule, with or without a cidr, matches it.
+        let mut packet = ip.clone();
+        packet.family = abi::AF_PACKET;
+        packet.protocol = abi::IPPROTO_TCP;
+        assert_eq!(policy.decide(&packet), Verdict::Deny);
+        for family in [abi::AF_NETLINK, abi::AF_UNIX, 40 /* AF_VSOCK */] {
+            packet.family = family;
+            assert_eq!(policy.decide(&packet), Verdict::Deny, "family {family}");
+        }
+        // An IP socket given a sockaddr of another family has no address for an IP rule.
+        let mut foreign = ip.clone();
+        foreign.addr = None;
+        foreign.port = None;
+        foreign.foreign_sockaddr = Some(abi::AF_PACKET);
+        assert_eq!(policy.decide(&foreign), Verdict::Deny);
+        // Packet sockets only by a rule that names them.
+        let mut raw = attribution(SocketOp::Sendmsg, "/bin/rawsyn", "rawsyn", "0.0.0.0", 0);
+        raw.family = abi::AF_PACKET;
+        (raw.addr, raw.port) = (None, None);
+        assert_eq!(policy.decide(&raw), Verdict::Allow);
+        raw.family = abi::AF_INET;
+        assert_eq!(
+            policy.decide(&raw),
+            Verdict::Deny,
+            "a packet rule is not an IP rule"
+        );
+        // A packet rule has no IP constraints.
+        assert!(Policy::from_json(
+            r#"{"allow": [{"op": "connect", "exe": "/a", "family": "packet", "ports": "80"}]}"#
+        )
+        .is_err());
+        let spec: PolicySpec =
+            serde_json::from_str(r#"{"allow": [{"op": "bind", "comm": "x", "family": "packet"}]}"#)
+                .unwrap();
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(text.contains(r#""family":"packet""#), "{text}");
+        assert_eq!(serde_json::from_str::<PolicySpec>(&text).unwrap(), spec);
+    }
+
+    #[test]
+    fn the_first_genuine_run_pins_the_file_and_other_files_at_the_path_are_denied() {
+        let policy = Policy::from_json(POLICY).unwrap();
+        let ok = attribution(SocketOp::Connect, "/bin/busybox", "nc", "10.77.0.1", 8080);
+        // A bind mount in init's namespace does not pin.
+        let over = ExeFile {
+            bind_mount: true,
+            id: id(666),
+            ..genuine()
+        };
+        let mut a = with_file(ok.clone(), over);
+        assert_eq!(policy.decide_noting(&mut a), Verdict::Deny);
+        assert!(a.identity_error.unwrap().contains("bind mount"));
+        assert_eq!(policy.pinned("/bin/busybox"), None);
+        // Nor does a private namespace.
+        let private = ExeFile {
+            init_mnt_ns: false,
+            id: id(666),
+            ..genuine()
+        };
+        assert_eq!(
+            policy.decide(&with_file(ok.clone(), private.clone())),
+            Verdict::Deny
+        );
+        assert_eq!(policy.pinned("/bin/busybox"), None);
+
+        assert_eq!(policy.decide(&ok), Verdict::Allow);
+        assert_eq!(policy.pinned("/bin/busybox"), Some(id(100)));
+        // Replaced (another inode, or the same inode written: its ctime moved) after pinning.
+        let mut written = id(100);
+        written.ctime_sec += 1;
+        for other in [id(101), written] {
+            let mut a = with_file(
+                ok.clone(),
+                ExeFile {
+                    id: other,
+                    ..genuine()
+                },
+            );
+            assert_eq!(policy.decide_noting(&mut a), Verdict::Deny);
+            let why = a.identity_error.unwrap();
+            assert!(
+                why.starts_with("identity mismatch: /bin/busybox is pinned to"),
+                "{why}"
+            );
+        }
+        // The genuine file in a container's namespace, or under a hard link: the same file.
+        let container = ExeFile {
+            init_mnt_ns: false,
+            ..genuine()
+        };
+        assert_eq!(
+            policy.decide(&with_file(ok.clone(), container)),
+            Verdict::Allow
+        );
+        let link = attribution(SocketOp::Connect, "/tmp/bb", "nc", "10.77.0.1", 8080);
+        assert_eq!(policy.decide(&link), Verdict::Allow);
+        // The attacker's program bind-mounted over it in a private namespace.
+        let mut a = with_file(ok.clone(), private);
+        assert_eq!(policy.decide_noting(&mut a), Verdict::Deny);
+        assert!(a.identity_error.unwrap().contains("not pinned"));
+        // A copy (another inode) under another name.
+        let copy = with_file(
+            attribution(
+                SocketOp::Connect,
+                "/tmp/busybox-other",
+                "nc",
+                "10.77.0.1",
+                8080,
+            ),
+            ExeFile {
+                id: id(102),
+                ..genuine()
+            },
+        );
+        assert_eq!(policy.decide(&copy), Verdict::Deny);
+        // The pinned file's identity, borrowed by code that is not its own.
+        for code in [
+            CodeOrigin::Anonymous,
+            CodeOrigin::Foreign,
+            CodeOrigin::Kernel,
+        ] {
+            let mut a = with_file(ok.clone(), ExeFile { code, ..genuine() });
+            assert_eq!(policy.decide_noting(&mut a), Verdict::Deny, "{code:?}");
+            assert!(a.identity_error.unwrap().contains("not the executable's"));
+        }
+        let lib = with_file(
+            ok.clone(),
+            ExeFile {
+                code: CodeOrigin::Library,
+                ..genuine()
+            },
+        );
+        assert_eq!(policy.decide(&lib), Verdict::Allow);
+        // An unreadable identity applies no exe rule; comm rules still apply.
+        let mut unknown = ok.clone();
+        unknown.process.exe_file = None;
+        unknown.process.exe_error = Some("maple tree: pivots out of order".into());
+        assert_eq!(policy.decide(&unknown), Verdict::Deny);
+        let mut httpd = attribution(SocketOp::Bind, "/x", "httpd", "0.0.0.0", 8050);
+        httpd.process.exe_file = None;
+        assert_eq!(policy.decide(&httpd), Verdict::Allow);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 4;
+pub const PROFILE_FORMAT: u32 = 5;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -153,6 +153,48 @@ pub struct MsghdrLayout {
     pub msg_namelen: Field,
 }
 
+/// What the executable-identity checks read: the exe file's inode and superblock, the mount
+/// namespace of its mount and of init, the caller's user registers (`pt_regs` at the top of its
+/// kernel stack) and the VMA holding its instruction pointer (the maple tree `mm->mm_mt`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecLayout {
+    /// `task_struct.stack` (the kernel stack's lowest page) and `task_struct.nsproxy`.
+    pub task_stack: Field,
+    pub task_nsproxy: Field,
+    /// `nsproxy.mnt_ns`, `mount.mnt_ns`.
+    pub nsproxy_mnt_ns: Field,
+    pub mount_mnt_ns: Field,
+    /// `vfsmount.mnt_sb`; `super_block.s_root`, `super_block.s_dev`.
+    pub vfsmount_mnt_sb: Field,
+    pub sb_s_root: Field,
+    pub sb_s_dev: Field,
+    /// `file.f_inode`; `inode.i_sb`, `i_ino`, `i_generation`, `i_ctime.tv_sec`, `i_ctime.tv_nsec`.
+    pub file_f_inode: Field,
+    pub inode_i_sb: Field,
+    pub inode_i_ino: Field,
+    pub inode_i_generation: Field,
+    pub inode_ctime_sec: Field,
+    pub inode_ctime_nsec: Field,
+    /// `sizeof(struct pt_regs)`, `pt_regs.ip`, `pt_regs.cs`.
+    pub pt_regs_size: u64,
+    pub pt_regs_ip: Field,
+    pub pt_regs_cs: Field,
+    /// `mm_struct.mm_mt.ma_root` (the maple tree of VMAs), `mm_struct.start_code`.
+    pub mm_mt_root: Field,
+    pub mm_start_code: Field,
+    /// `vm_area_struct.vm_start`, `vm_end`, `vm_flags`, `vm_file`.
+    pub vma_vm_start: Field,
+    pub vma_vm_end: Field,
+    pub vma_vm_flags: Field,
+    pub vma_vm_file: Field,
+    /// `maple_range_64.pivot` / `.slot` and `maple_arange_64.pivot` / `.slot`: the arrays' sizes
+    /// give the slot counts (16 and 10 on 64-bit).
+    pub mr64_pivot: Field,
+    pub mr64_slot: Field,
+    pub ma64_pivot: Field,
+    pub ma64_slot: Field,
+}
+
 /// Everything introspection needs about one kernel build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KernelProfile {
@@ -170,6 +212,7 @@ pub struct KernelProfile {
     pub socket: SocketLayout,
     pub msghdr: MsghdrLayout,
     pub sock: SockLayout,
+    pub exec: ExecLayout,
     /// Link addresses of [`PROFILE_SYMBOLS`] that kallsyms had. Written as hex strings: JSON tools
     /// that read numbers as doubles (jq, JavaScript) would round kernel addresses.
     #[serde(with = "hex_addrs")]
@@ -293,6 +336,34 @@ impl KernelProfile {
                 sk_type: field(btf, sk, "sk_type")?,
                 sk_protocol: field(btf, sk, "sk_protocol")?,
             },
+            exec: ExecLayout {
+                task_stack: field(btf, t, "stack")?,
+                task_nsproxy: field(btf, t, "nsproxy")?,
+                nsproxy_mnt_ns: field(btf, "nsproxy", "mnt_ns")?,
+                mount_mnt_ns: field(btf, "mount", "mnt_ns")?,
+                vfsmount_mnt_sb: field(btf, "vfsmount", "mnt_sb")?,
+                sb_s_root: field(btf, "super_block", "s_root")?,
+                sb_s_dev: field(btf, "super_block", "s_dev")?,
+                file_f_inode: field(btf, "file", "f_inode")?,
+                inode_i_sb: field(btf, "inode", "i_sb")?,
+                inode_i_ino: field(btf, "inode", "i_ino")?,
+                inode_i_generation: field(btf, "inode", "i_generation")?,
+                inode_ctime_sec: field(btf, "inode", "i_ctime.tv_sec")?,
+                inode_ctime_nsec: field(btf, "inode", "i_ctime.tv_nsec")?,
+                pt_regs_size: btf.struct_size("pt_regs")?,
+                pt_regs_ip: field(btf, "pt_regs", "ip")?,
+                pt_regs_cs: field(btf, "pt_regs", "cs")?,
+                mm_mt_root: field(btf, "mm_struct", "mm_mt.ma_root")?,
+                mm_start_code: field(btf, "mm_struct", "start_code")?,
+                vma_vm_start: field(btf, "vm_area_struct", "vm_start")?,
+                vma_vm_end: field(btf, "vm_area_struct", "vm_end")?,
+                vma_vm_flags: field(btf, "vm_area_struct", "vm_flags")?,
+                vma_vm_file: field(btf, "vm_area_struct", "vm_file")?,
+                mr64_pivot: field(btf, "maple_range_64", "pivot")?,
+                mr64_slot: field(btf, "maple_range_64", "slot")?,
+                ma64_pivot: field(btf, "maple_arange_64", "pivot")?,
+                ma64_slot: field(btf, "maple_arange_64", "slot")?,
+            },
             symbols,
         })
     }
@@ -355,6 +426,14 @@ pub mod abi {
     pub const SIN6_ADDR: usize = 8;
     pub const SIN6_SCOPE_ID: usize = 24;
     pub const SOCKADDR_IN6_LEN: usize = 28;
+    /// `AF_UNSPEC`, `AF_NETLINK` (include/linux/socket.h).
+    pub const AF_UNSPEC: u16 = 0;
+    pub const AF_NETLINK: u16 = 16;
+    /// `THREAD_SIZE` of x86-64 without KASAN (arch/x86/include/asm/page_64_types.h: 4 pages);
+    /// `task_pt_regs()` is the last `pt_regs` below `stack + THREAD_SIZE` (no padding on x86-64).
+    pub const THREAD_SIZE: u64 = 16 << 10;
+    /// `VM_EXEC` (include/linux/mm.h).
+    pub const VM_EXEC: u64 = 0x4;
     /// `TASK_COMM_LEN` (include/linux/sched.h).
     pub const TASK_COMM_LEN: usize = 16;
 }

@@ -12,10 +12,13 @@ use std::net::IpAddr;
 use trap_handler::attribution::{Attribution, SocketOp};
 use vigil_wire::verdict::{Direction, IpVersion, Protocol, Rule};
 
-/// Address families whose sockets reach the network: AF_INET, AF_INET6, AF_PACKET.
+/// Address families under the policy: every one but the local ones, AF_UNIX (1) and AF_NETLINK
+/// (16), which are allowed and logged. AF_INET, AF_INET6 and AF_PACKET reach the network, and so
+/// may families Vigil has no rules for (AF_XDP, AF_VSOCK...): governed, they are denied (IP rules
+/// match IP sockets only, packet rules AF_PACKET only).
 #[inline]
 pub(super) fn governed_family(family: u16) -> bool {
-    matches!(family, 2 | 10 | 17)
+    !matches!(family, 1 | 16)
 }
 
 /// The verdict record an allowed operation opens, if its protocol is one the tiers filter.
@@ -87,6 +90,7 @@ mod tests {
             protocol,
             addr: Some(addr.parse().unwrap()),
             port: Some(port),
+            foreign_sockaddr: None,
             process: Process {
                 pid: 7,
                 tgid: 7,
@@ -95,7 +99,10 @@ mod tests {
                 uid: 0,
                 ppid: 1,
                 parent_comm: "sh".into(),
+                exe_file: None,
+                exe_error: None,
             },
+            identity_error: None,
         }
     }
 
@@ -182,6 +189,11 @@ mod tests {
     #[test]
     fn only_network_families_are_governed() {
         assert!(governed_family(2) && governed_family(10) && governed_family(17));
+        // Families without rules of their own reach the network or the host: governed (denied).
+        assert!(
+            governed_family(44) && governed_family(40) && governed_family(0),
+            "xdp, vsock"
+        );
         assert!(
             !governed_family(1) && !governed_family(16),
             "unix and netlink are local"

@@ -166,11 +166,12 @@ impl Introspection {
             rsi: regs.rsi,
             rdx: regs.rdx,
             gs_base: sregs.gs.base,
+            kaslr_slide: self.slide(),
         };
-        let attributed = attribution::attribute(&reader, &self.profile, op, args);
-        let verdict = match &attributed {
+        let mut attributed = attribution::attribute(&reader, &self.profile, op, args);
+        let verdict = match &mut attributed {
             // The firewall governs network flows: local IPC and configuration sockets (unix,
-            // netlink, ...) are allowed, and still logged. AF_PACKET is raw network access and
+            // netlink) are allowed, and still logged. AF_PACKET is raw network access and
             // stays under the policy.
             Ok(a) if !governed_family(a.family) => Verdict::Allow,
             Ok(a) => self
@@ -178,7 +179,7 @@ impl Introspection {
                 .read()
                 .unwrap_or_else(|p| p.into_inner())
                 .1
-                .decide(a),
+                .decide_noting(a),
             Err(_) => Verdict::Deny,
         };
         let mut error = None;

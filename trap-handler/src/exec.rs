@@ -1,0 +1,360 @@
+//! Who the code behind a call really is: the identity of a process's executable file, where its
+//! mount lives, and whether the instruction that entered the kernel belongs to that file.
+//!
+//! Owns: the file identity read from an inode ([`FileId`]), the mount-namespace and bind-mount
+//! facts of the executable's mount, the caller's user-mode instruction pointer (`pt_regs` at the top
+//! of its kernel stack), and a bounded lookup in the maple tree of VMAs (`mm->mm_mt`, Linux 6.1).
+//! Must not: decide anything (the policy does), allocate, or walk guest memory without a bound:
+//! the maple-tree walk descends at most [`MAX_MAPLE_DEPTH`] nodes and checks every pivot.
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::mem::{GuestPhys, MemError, VirtReader};
+use crate::profile::{abi, Field, KernelProfile};
+
+/// Deepest maple tree we walk. A 6.1 VMA tree of `max_map_count` (65530) VMAs is at most 5 high
+/// (leaves of 16, internal nodes of 10); include/linux/maple_tree.h allows 31 (MAPLE_HEIGHT_MAX).
+pub const MAX_MAPLE_DEPTH: usize = 8;
+
+/// Encoded maple node pointers (include/linux/maple_tree.h, lib/maple_tree.c of 6.1): nodes are
+/// 256-byte aligned and the low byte holds flags (`MAPLE_NODE_MASK`): the node type at bit 3
+/// (`MAPLE_NODE_TYPE_SHIFT`, 4 bits), `MAPLE_ENODE_NULL` (0x04) in `mt_mk_node`'s child
+/// entries, and `MAPLE_ROOT_NODE` (0x02) in `ma_root` only (`mte_mk_root`), which is what
+/// `xa_is_node()` tests there.
+const MAPLE_NODE_MASK: u64 = 255;
+const MAPLE_NODE_TYPE_SHIFT: u64 = 3;
+const MAPLE_NODE_TYPE_MASK: u64 = 0x0f;
+/// `enum maple_type`.
+const MAPLE_LEAF_64: u64 = 1;
+const MAPLE_RANGE_64: u64 = 2;
+const MAPLE_ARANGE_64: u64 = 3;
+/// Entries below this are reserved values, never nodes (`MAPLE_RESERVED_RANGE`).
+const MAPLE_RESERVED_RANGE: u64 = 4096;
+/// Most pivots a node type has (`MAPLE_RANGE64_SLOTS - 1` = 15).
+const MAX_PIVOTS: usize = 15;
+
+#[derive(Debug, Error)]
+pub enum ExecError {
+    #[error("reading guest memory: {0}")]
+    Memory(#[from] MemError),
+    #[error("maple tree: {0}")]
+    Maple(&'static str),
+    #[error("maple tree deeper than {MAX_MAPLE_DEPTH} levels (or a cycle)")]
+    MapleTooDeep,
+    #[error("the VMA found for {addr:#x} spans {start:#x}..{end:#x}")]
+    VmaMismatch { addr: u64, start: u64, end: u64 },
+}
+
+/// What identifies a file across names and mounts: its filesystem (`s_dev`) and inode number,
+/// plus the inode's generation (a reused inode number on ext4/tmpfs gets a new one) and its
+/// change time (any write, chmod, link or rename onto it moves `i_ctime`, which no system call
+/// sets back). The inode's address is not part of it: an inode evicted and read again moves.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq, Hash)]
+pub struct FileId {
+    pub dev: u32,
+    pub ino: u64,
+    pub generation: u32,
+    pub ctime_sec: i64,
+    pub ctime_nsec: u32,
+}
+
+impl std::fmt::Display for FileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "dev {}:{} ino {} gen {} ctime {}.{:09}",
+            self.dev >> 20,
+            self.dev & 0xf_ffff,
+            self.ino,
+            self.generation,
+            self.ctime_sec,
+            self.ctime_nsec
+        )
+    }
+}
+
+/// Where the instruction that made the call lives (the user RIP saved at system-call entry).
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CodeOrigin {
+    /// An executable VMA mapped from the executable file itself.
+    Exe,
+    /// An executable VMA of another file (a shared library), while the executable's own text
+    /// (the VMA at `mm->start_code`) is mapped from the executable file.
+    Library,
+    /// An executable VMA with no file: injected or JIT code.
+    Anonymous,
+    /// Another file's code while the executable's text is not the executable, or no executable
+    /// VMA at all.
+    Foreign,
+    /// The saved registers are not user mode's (a kernel thread or kernel worker made the call).
+    Kernel,
+}
+
+impl CodeOrigin {
+    /// Whether the call may carry the executable's identity.
+    pub fn is_exe_code(self) -> bool {
+        matches!(self, CodeOrigin::Exe | CodeOrigin::Library)
+    }
+}
+
+/// The executable of a process as a file, not a name.
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct ExeFile {
+    pub id: FileId,
+    /// Whether the executable's mount belongs to the tenant's initial mount namespace (init's).
+    pub init_mnt_ns: bool,
+    /// Whether that mount shows a subtree or a single file of its filesystem (a bind mount: its
+    /// root is not the superblock's root).
+    pub bind_mount: bool,
+    pub code: CodeOrigin,
+    /// The user instruction pointer checked.
+    #[serde(serialize_with = "hex")]
+    pub rip: u64,
+}
+
+fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&format_args!("{v:#x}"))
+}
+
+/// Reads a file's identity from its inode.
+pub fn file_id<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    inode: u64,
+) -> Result<FileId, MemError> {
+    let e = &p.exec;
+    let sb = r.read_field_u64(inode, e.inode_i_sb.offset)?;
+    Ok(FileId {
+        dev: r.read_field_u32(sb, e.sb_s_dev.offset)?,
+        ino: r.read_field_u64(inode, e.inode_i_ino.offset)?,
+        generation: r.read_field_u32(inode, e.inode_i_generation.offset)?,
+        ctime_sec: r.read_field_u64(inode, e.inode_ctime_sec.offset)? as i64,
+        ctime_nsec: r.read_field_u64(inode, e.inode_ctime_nsec.offset)? as u32,
+    })
+}
+
+/// Reads `N` little-endian u64 of an array field into `out` (N ≤ 16, from the field's size).
+fn read_u64s<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    base: u64,
+    f: Field,
+    out: &mut [u64; 16],
+) -> Result<usize, ExecError> {
+    let n = (f.size / 8) as usize;
+    if n == 0 || n > out.len() {
+        return Err(ExecError::Maple("array size out of range"));
+    }
+    let mut buf = [0u8; 128];
+    r.read_virt(base.wrapping_add(f.offset), &mut buf[..n * 8])?;
+    for (i, v) in out.iter_mut().take(n).enumerate() {
+        *v = u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap());
+    }
+    Ok(n)
+}
+
+/// The VMA of `mm` containing `addr` (`vma_lookup`): a walk of the maple tree `mm->mm_mt` as
+/// `mtree_lookup_walk` does, at most [`MAX_MAPLE_DEPTH`] nodes deep, every pivot checked to
+/// rise within its node's range. The VMA found must contain `addr`.
+pub fn find_vma<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    mm: u64,
+    addr: u64,
+) -> Result<Option<u64>, ExecError> {
+    let e = &p.exec;
+    let mut entry = r.read_field_u64(mm, e.mm_mt_root.offset)?;
+    let (mut min, mut max) = (0u64, u64::MAX);
+    let mut pivots = [0u64; 16];
+    for depth in 0..MAX_MAPLE_DEPTH {
+        // xa_is_node() of the root: tagged 0b10 in its low bits and above the reserved range. A
+        // root that is not a node holds one entry at index 0 at most.
+        if depth == 0 && (entry & 3 != 2 || entry <= MAPLE_RESERVED_RANGE) {
+            return Ok(None);
+        }
+        let node = entry & !MAPLE_NODE_MASK;
+        if node <= MAPLE_RESERVED_RANGE {
+            return Err(ExecError::Maple("an internal slot that is not a node"));
+        }
+        let ty = (entry >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK;
+        let (pivot_f, slot_f) = match ty {
+            MAPLE_LEAF_64 | MAPLE_RANGE_64 => (e.mr64_pivot, e.mr64_slot),
+            MAPLE_ARANGE_64 => (e.ma64_pivot, e.ma64_slot),
+            _ => return Err(ExecError::Maple("unknown node type")),
+        };
+        let npiv = read_u64s(r, node, pivot_f, &mut pivots)?;
+        if npiv > MAX_PIVOTS || slot_f.size / 8 != npiv as u64 + 1 {
+            return Err(ExecError::Maple("node layout"));
+        }
+        // The slot whose range holds `addr`: pivots rise; an unused pivot (0 after the first)
+        // ends the data, and the slot there reaches the node's max.
+        let mut lo = min;
+        let mut chosen = None;
+        for (i, &piv) in pivots.iter().take(npiv).enumerate() {
+            let hi = if piv == 0 && i > 0 { max } else { piv };
+            if hi < lo || hi > max {
+                return Err(ExecError::Maple("pivots out of order"));
+            }
+            if addr <= hi {
+                chosen = Some((i, lo, hi));
+                break;
+            }
+            if hi == max {
+                break;
+            }
+            lo = hi + 1;
+        }
+        let (offset, lo, hi) = match chosen {
+            Some(c) => c,
+            None if lo <= addr && addr <= max => (npiv, lo, max),
+            None => return Ok(None),
+        };
+        let slot = r.read_field_u64(node, slot_f.offset + offset as u64 * 8)?;
+        if ty == MAPLE_LEAF_64 {
+            // A leaf holds VMA pointers (8-aligned); anything else (0, a tagged value) is no VMA.
+            if slot == 0 || slot & 7 != 0 {
+                return Ok(None);
+            }
+            let start = r.read_field_u64(slot, e.vma_vm_start.offset)?;
+            let end = r.read_field_u64(slot, e.vma_vm_end.offset)?;
+            if !(start <= addr && addr < end) {
+                return Err(ExecError::VmaMismatch { addr, start, end });
+            }
+            return Ok(Some(slot));
+        }
+        entry = slot;
+        (min, max) = (lo, hi);
+    }
+    Err(ExecError::MapleTooDeep)
+}
+
+/// The inode of an executable VMA's file: `Ok(None)` for an executable VMA without a file,
+/// `Err(())` for a VMA that is not executable.
+fn exec_vma_inode<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    vma: u64,
+) -> Result<Result<Option<u64>, ()>, MemError> {
+    let e = &p.exec;
+    let flags = r.read_field_u64(vma, e.vma_vm_flags.offset)?;
+    if flags & abi::VM_EXEC == 0 {
+        return Ok(Err(()));
+    }
+    let file = r.read_field_u64(vma, e.vma_vm_file.offset)?;
+    if file == 0 {
+        return Ok(Ok(None));
+    }
+    Ok(Ok(Some(r.read_field_u64(file, e.file_f_inode.offset)?)))
+}
+
+/// Whether `inode` is the executable (`exe_inode`, identity `exe`): the same inode, or one with
+/// the same identity (a stacked filesystem's two inodes of one file).
+fn is_exe_inode<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    inode: u64,
+    exe_inode: u64,
+    exe: &FileId,
+) -> Result<bool, MemError> {
+    Ok(inode == exe_inode || file_id(r, p, inode)? == *exe)
+}
+
+/// The user instruction pointer of `task` (its `pt_regs` at the top of the kernel stack), or
+/// `None` when those registers are not user mode's.
+pub fn user_rip<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    task: u64,
+) -> Result<Option<u64>, MemError> {
+    let e = &p.exec;
+    let stack = r.read_field_u64(task, e.task_stack.offset)?;
+    let regs = stack
+        .wrapping_add(abi::THREAD_SIZE)
+        .wrapping_sub(e.pt_regs_size);
+    let cs = r.read_field_u64(regs, e.pt_regs_cs.offset)?;
+    if cs & 3 != 3 {
+        return Ok(None);
+    }
+    Ok(Some(r.read_field_u64(regs, e.pt_regs_ip.offset)?))
+}
+
+/// Where the code of the call lives, relative to the executable (`exe_inode`, identity `exe`).
+pub fn code_origin<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    task: u64,
+    mm: u64,
+    exe_inode: u64,
+    exe: &FileId,
+) -> Result<(CodeOrigin, u64), ExecError> {
+    let Some(rip) = user_rip(r, p, task)? else {
+        return Ok((CodeOrigin::Kernel, 0));
+    };
+    let Some(vma) = find_vma(r, p, mm, rip)? else {
+        return Ok((CodeOrigin::Foreign, rip));
+    };
+    let origin = match exec_vma_inode(r, p, vma)? {
+        Err(()) => CodeOrigin::Foreign,
+        Ok(None) => CodeOrigin::Anonymous,
+        Ok(Some(inode)) if is_exe_inode(r, p, inode, exe_inode, exe)? => CodeOrigin::Exe,
+        Ok(Some(_)) => {
+            // A library's code: the executable's own text must be the executable file.
+            let start_code = r.read_field_u64(mm, p.exec.mm_start_code.offset)?;
+            let text = find_vma(r, p, mm, start_code)?;
+            let text_is_exe = match text {
+                Some(vma) => match exec_vma_inode(r, p, vma)? {
+                    Ok(Some(inode)) => is_exe_inode(r, p, inode, exe_inode, exe)?,
+                    _ => false,
+                },
+                None => false,
+            };
+            if text_is_exe {
+                CodeOrigin::Library
+            } else {
+                CodeOrigin::Foreign
+            }
+        }
+    };
+    Ok((origin, rip))
+}
+
+/// The executable file of a process: `file` is `mm->exe_file`, `vfsmount` its `f_path.mnt`;
+/// `init_mnt_ns` is init's mount namespace.
+pub fn exe_file<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    task: u64,
+    mm: u64,
+    file: u64,
+    vfsmount: u64,
+    init_mnt_ns: u64,
+) -> Result<ExeFile, ExecError> {
+    let e = &p.exec;
+    let inode = r.read_field_u64(file, e.file_f_inode.offset)?;
+    let id = file_id(r, p, inode)?;
+    let mount = vfsmount.wrapping_sub(p.mount.mnt.offset);
+    let mnt_ns = r.read_field_u64(mount, e.mount_mnt_ns.offset)?;
+    let mnt_root = r.read_field_u64(vfsmount, p.mount.vfsmount_mnt_root.offset)?;
+    let sb = r.read_field_u64(vfsmount, e.vfsmount_mnt_sb.offset)?;
+    let s_root = r.read_field_u64(sb, e.sb_s_root.offset)?;
+    let (code, rip) = code_origin(r, p, task, mm, inode, &id)?;
+    Ok(ExeFile {
+        id,
+        init_mnt_ns: mnt_ns != 0 && mnt_ns == init_mnt_ns,
+        bind_mount: mnt_root != s_root,
+        code,
+        rip,
+    })
+}
+
+/// Init's mount namespace (`init_task.nsproxy->mnt_ns`, set by `init_mount_tree`); `init_task`
+/// is its running address.
+pub fn init_mnt_ns<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    init_task: u64,
+) -> Result<u64, MemError> {
+    let nsproxy = r.read_field_u64(init_task, p.exec.task_nsproxy.offset)?;
+    r.read_field_u64(nsproxy, p.exec.nsproxy_mnt_ns.offset)
+}
