@@ -495,3 +495,32 @@ fn kaslr_slide_and_discovery_from_guest_memory() {
         Err(trap_handler::AnalyzeError::Mem(_))
     ));
 }
+
+/// The executable-identity layout agrees with the kernel it is read from: the stack size the
+/// `pt_regs` lookup assumes (`THREAD_SIZE`) is the init task's stack (`__start_init_task` ..
+/// `__end_init_task`, arch/x86/kernel/vmlinux.lds.S), the maple nodes have the 6.1 slot counts
+/// of 64-bit (`MAPLE_RANGE64_SLOTS` 16, `MAPLE_ARANGE64_SLOTS` 10) with the pivots right after
+/// the parent pointer, and `ip`/`cs` are where `struct pt_regs` has them.
+#[test]
+fn exec_layout_matches_the_kernel() {
+    let a = &kernel().analysis;
+    let e = &a.profile.exec;
+    if let (Some(start), Some(end)) = (
+        a.kallsyms.addr("__start_init_task"),
+        a.kallsyms.addr("__end_init_task"),
+    ) {
+        assert_eq!(end - start, abi::THREAD_SIZE, "THREAD_SIZE");
+    } else {
+        assert!(
+            !is_debian(),
+            "the Debian kernel has __start/__end_init_task"
+        );
+    }
+    assert_eq!((e.mr64_pivot.offset, e.mr64_pivot.size / 8), (8, 15));
+    assert_eq!(e.mr64_slot.size / 8, 16);
+    assert_eq!((e.ma64_pivot.offset, e.ma64_pivot.size / 8), (8, 9));
+    assert_eq!(e.ma64_slot.size / 8, 10);
+    assert_eq!(e.pt_regs_size, 21 * 8);
+    assert_eq!((e.pt_regs_ip.offset, e.pt_regs_cs.offset), (16 * 8, 17 * 8));
+    assert_eq!(e.mm_mt_root.size, 8);
+}
