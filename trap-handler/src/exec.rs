@@ -270,7 +270,7 @@ pub fn user_rip<M: GuestPhys + ?Sized>(
     let e = &p.exec;
     let stack = r.read_field_u64(task, e.task_stack.offset)?;
     let regs = stack
-        .wrapping_add(abi::THREAD_SIZE)
+        .wrapping_add(e.thread_size)
         .wrapping_sub(e.pt_regs_size);
     let cs = r.read_field_u64(regs, e.pt_regs_cs.offset)?;
     if cs & 3 != 3 {

@@ -175,6 +175,10 @@ pub struct ExecLayout {
     pub inode_i_generation: Field,
     pub inode_ctime_sec: Field,
     pub inode_ctime_nsec: Field,
+    /// `THREAD_SIZE`: the init task's stack (`__end_init_task - __start_init_task`) where
+    /// kallsyms has it, else [`abi::THREAD_SIZE`]. `task_pt_regs()` is the last `pt_regs` below
+    /// `task->stack + THREAD_SIZE` (no padding on x86-64).
+    pub thread_size: u64,
     /// `sizeof(struct pt_regs)`, `pt_regs.ip`, `pt_regs.cs`.
     pub pt_regs_size: u64,
     pub pt_regs_ip: Field,
@@ -350,6 +354,13 @@ impl KernelProfile {
                 inode_i_generation: field(btf, "inode", "i_generation")?,
                 inode_ctime_sec: field(btf, "inode", "i_ctime.tv_sec")?,
                 inode_ctime_nsec: field(btf, "inode", "i_ctime.tv_nsec")?,
+                thread_size: kallsyms
+                    .and_then(|k| {
+                        let size = k.addr("__end_init_task")? - k.addr("__start_init_task")?;
+                        (size.is_power_of_two() && (8 << 10..=64 << 10).contains(&size))
+                            .then_some(size)
+                    })
+                    .unwrap_or(abi::THREAD_SIZE),
                 pt_regs_size: btf.struct_size("pt_regs")?,
                 pt_regs_ip: field(btf, "pt_regs", "ip")?,
                 pt_regs_cs: field(btf, "pt_regs", "cs")?,
@@ -429,8 +440,8 @@ pub mod abi {
     /// `AF_UNSPEC`, `AF_NETLINK` (include/linux/socket.h).
     pub const AF_UNSPEC: u16 = 0;
     pub const AF_NETLINK: u16 = 16;
-    /// `THREAD_SIZE` of x86-64 without KASAN (arch/x86/include/asm/page_64_types.h: 4 pages);
-    /// `task_pt_regs()` is the last `pt_regs` below `stack + THREAD_SIZE` (no padding on x86-64).
+    /// `THREAD_SIZE` of x86-64 without KASAN (arch/x86/include/asm/page_64_types.h: 4 pages), for
+    /// a profile built without kallsyms.
     pub const THREAD_SIZE: u64 = 16 << 10;
     /// `VM_EXEC` (include/linux/mm.h).
     pub const VM_EXEC: u64 = 0x4;

@@ -565,9 +565,9 @@ impl Scene {
         s.lib_inode = s.inode(s.sb, 777, 0x1111, (1_600_000_000, 7));
         s.g.set_u64(file, p.exec.file_f_inode, s.inode);
         // The kernel stack (THREAD_SIZE, 16 KiB) and the user registers at its top.
-        let stack = s.g.alloc(abi::THREAD_SIZE);
+        let stack = s.g.alloc(p.exec.thread_size);
         s.g.set_u64(task, p.exec.task_stack, stack);
-        s.regs = stack + abi::THREAD_SIZE - p.exec.pt_regs_size;
+        s.regs = stack + p.exec.thread_size - p.exec.pt_regs_size;
         s.g.set_u64(s.regs, p.exec.pt_regs_cs, 0x33); // __USER_CS
         s.set_rip(USER_RIP);
         // The VMAs (the text mapped through a `file` of its own, as mmap leaves it) and the maple

@@ -510,6 +510,7 @@ fn exec_layout_matches_the_kernel() {
         a.kallsyms.addr("__end_init_task"),
     ) {
         assert_eq!(end - start, abi::THREAD_SIZE, "THREAD_SIZE");
+        assert_eq!(e.thread_size, end - start);
     } else {
         assert!(
             !is_debian(),
