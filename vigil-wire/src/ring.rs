@@ -313,11 +313,20 @@ pub enum DropReason {
     /// The frame came from a switch port with no tenant behind it
     /// ([`crate::boot::TENANT_UNASSIGNED`]), or (edge) no tenant owns its cloud-side address.
     UnknownTenant = 10,
+    /// A TCP segment of a tracked flow whose sequence or acknowledgment number lies outside the
+    /// flow's window (blind injection, a blind RST, a stale segment).
+    TcpOutOfWindow = 11,
+    /// (Edge) a packet from the outside whose source address cannot come from there: a cloud
+    /// tenant's address, loopback, unspecified, multicast or broadcast, link-local, IPv4-mapped.
+    SpoofedSource = 12,
+    /// A new TCP SYN found its tenant's (or the whole table's) half-open entries at their limit
+    /// and no entry it may replace.
+    HalfOpenLimit = 13,
 }
 
 impl DropReason {
     /// Number of reasons (size of the per-reason counter array).
-    pub const COUNT: usize = 11;
+    pub const COUNT: usize = 14;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Malformed,
         DropReason::NonIp,
@@ -330,6 +339,9 @@ impl DropReason {
         DropReason::IcmpUnsupported,
         DropReason::Revoked,
         DropReason::UnknownTenant,
+        DropReason::TcpOutOfWindow,
+        DropReason::SpoofedSource,
+        DropReason::HalfOpenLimit,
     ];
 
     /// Stable name for logs and metrics.
@@ -346,6 +358,9 @@ impl DropReason {
             DropReason::IcmpUnsupported => "icmp_unsupported",
             DropReason::Revoked => "revoked",
             DropReason::UnknownTenant => "unknown_tenant",
+            DropReason::TcpOutOfWindow => "tcp_out_of_window",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::HalfOpenLimit => "half_open_limit",
         }
     }
 }

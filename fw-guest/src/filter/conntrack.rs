@@ -1,5 +1,5 @@
 //! The connection-tracking table: open addressing with linear probing over a caller-supplied slice
-//! of 52-byte slots; no heap, no pointers, no per-entry overhead beyond the slot itself.
+//! of 80-byte slots; no heap, no pointers, no per-entry overhead beyond the slot itself.
 //!
 //! - Lookups cost O(1) expected probes, independent of the table size: the table never fills past
 //!   its load limit ([`MAX_LOAD_NUM`]/[`MAX_LOAD_DEN`] of the slots), and a seeded hash spreads
@@ -7,12 +7,20 @@
 //! - Deletion is backward-shift (no tombstones), so probe lengths do not degrade with churn.
 //! - Time is supplied by the caller (whole seconds of a monotonic clock): expired entries are
 //!   reused in place when a probe meets them, reclaimed by an incremental [`Conntrack::sweep`], and
-//!   never count as live. A live entry is never evicted to make room: a full table refuses new
-//!   flows instead.
+//!   never count as live. An established entry is never evicted to make room: a full table
+//!   refuses new flows instead.
+//! - TCP is tracked by sequence numbers (see [`FlowSlot::track`]): per direction the highest
+//!   sequence number sent, the highest edge the peer's window allows, and the largest window, in
+//!   the manner of Linux's `tcp_in_window` (after G. van Rooij, "Real stateful TCP packet
+//!   filtering in IP Filter", 2001).
+//! - Half-open TCP entries (SYN seen, handshake not complete) are counted, globally and per tenant
+//!   bucket, so a SYN flood can be bounded (see [`Conntrack::half_open_full`] and
+//!   [`Conntrack::evict_half_open`]).
 
 use vigil_wire::verdict::Direction;
 
 use super::flow::{hash_fields, kind_parts, reduce, FlowKey};
+use super::parse::{TcpFlags, TcpSeg, MAX_WSCALE, NO_WSCALE};
 use super::verdicts::VerdictRef;
 
 /// Load limit: at most 7/8 of the slots hold entries (linear probing stays at a few probes per
@@ -69,10 +77,52 @@ const F_FIN_ORIG: u8 = 0x20;
 /// The responder sent FIN.
 const F_FIN_REPLY: u8 = 0x10;
 
+/// One direction's sequence-space state of a tracked TCP connection (Rooij's / Linux's
+/// `td_end`, `td_maxend`, `td_maxwin`). `maxwin == 0`: nothing seen from this side yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcpWindow {
+    /// Highest sequence number sent, plus one (seq + len of the furthest segment).
+    pub end: u32,
+    /// Highest sequence number the peer's window allows this side to send (ack + window).
+    pub maxend: u32,
+    /// Largest window (scaled) this side advertised; at least 1 once seen.
+    pub maxwin: u32,
+}
+
+/// Least slack for acknowledgment numbers below the receiver's highest sequence number (Linux's
+/// `MAXACKWINDOW`: a window's worth of ACKs may be reordered behind newer ones).
+const MIN_ACK_WINDOW: u32 = 66_000;
+
+/// What [`FlowSlot::track`] made of a segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Track {
+    /// In window; the windows were updated.
+    InWindow,
+    /// A RST whose sequence number is exactly the one the receiver expects next: it closes.
+    ExactRst,
+    /// A RST inside the window but not exact: it passes (the endpoint decides, RFC 5961 §3.2:
+    /// it answers with a challenge ACK) but does not close the entry here.
+    InWindowRst,
+    /// Outside the window (or a RST that does not acknowledge the SYN it refuses).
+    OutOfWindow,
+}
+
+/// `a` after `b` in sequence space (RFC 9293 §3.4 modular comparison).
+#[inline]
+fn after(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) < 0
+}
+
+#[inline]
+fn before(a: u32, b: u32) -> bool {
+    after(b, a)
+}
+
 /// One conntrack slot. `kind == 0` marks an empty slot.
 ///
-/// 52 bytes: the two IPv6-capable addresses are 32 of them; the budget is 4 MiB for 64k flows
-/// at the 7/8 load limit (74 899 slots × 52 B = 3.71 MiB).
+/// 80 bytes: the two IPv6-capable addresses are 32 of them, the TCP windows 24; 64k flows at the
+/// 7/8 load limit take 74 899 slots × 80 B = 5.71 MiB.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowSlot {
@@ -89,9 +139,21 @@ pub struct FlowSlot {
     kind: u8,
     /// TCP state in the low nibble, direction and FIN flags in the high one.
     state: u8,
+    /// TCP windows: `[opener's side, responder's side]`.
+    win: [TcpWindow; 2],
+    /// Half-open age stamp (low 16 bits of the table's half-open insertion counter): the oldest
+    /// half-open entry is the one evicted first.
+    stamp: u16,
+    /// Window scale shifts: opener's in the low nibble, responder's in the high one;
+    /// [`SCALE_NONE`] until the handshake shows both sides sent the option.
+    wscale: u8,
+    _pad: u8,
 }
 
-const _: () = assert!(core::mem::size_of::<FlowSlot>() == 52);
+/// A side's scale nibble before the SYN-ACK settles it (the side sent no option, or not yet).
+const SCALE_NONE: u8 = 0xf;
+
+const _: () = assert!(core::mem::size_of::<FlowSlot>() == 80);
 
 impl FlowSlot {
     pub const EMPTY: FlowSlot = FlowSlot {
@@ -105,6 +167,14 @@ impl FlowSlot {
         verdict_gen: 0,
         kind: 0,
         state: 0,
+        win: [TcpWindow {
+            end: 0,
+            maxend: 0,
+            maxwin: 0,
+        }; 2],
+        stamp: 0,
+        wscale: 0,
+        _pad: 0,
     };
 
     #[inline]
@@ -167,6 +237,7 @@ impl FlowSlot {
     }
 
     /// The raw state byte (TCP state and direction/FIN flags) for [`tcp_step`].
+    #[inline]
     pub fn state_byte(&self) -> u8 {
         self.state
     }
@@ -189,6 +260,184 @@ impl FlowSlot {
             gen: self.verdict_gen,
         }
     }
+
+    /// Whether this is a half-open TCP entry (SYN seen, handshake not complete).
+    #[inline]
+    pub fn is_half_open(&self) -> bool {
+        half_open(self.kind, self.state)
+    }
+
+    /// The TCP window of the opener's (`orig`) or the responder's side.
+    pub fn window(&self, orig: bool) -> TcpWindow {
+        self.win[usize::from(!orig)]
+    }
+
+    /// The window scale shift of a side (0 when not negotiated).
+    fn scale(&self, side: usize) -> u8 {
+        match (self.wscale >> (4 * side)) & 0xf {
+            SCALE_NONE => 0,
+            s => s,
+        }
+    }
+
+    fn set_scale(&mut self, side: usize, wscale: u8) {
+        let nibble = if wscale == NO_WSCALE {
+            SCALE_NONE
+        } else {
+            wscale.min(MAX_WSCALE)
+        };
+        let shift = 4 * side;
+        self.wscale = (self.wscale & !(0xf << shift)) | (nibble << shift);
+    }
+
+    /// A side's window (re)initialised from its SYN or SYN-ACK: the SYN's window is never scaled
+    /// (RFC 7323 §2.2).
+    fn init_side(&mut self, side: usize, end: u32, win: u16, wscale: u8) {
+        self.win[side] = TcpWindow {
+            end,
+            maxend: end,
+            maxwin: u32::from(win).max(1),
+        };
+        self.set_scale(side, wscale);
+    }
+
+    /// Feed a TCP segment travelling in the opener's direction (`orig`) or against it. The flags
+    /// have already passed [`tcp_step`]. In the spirit of Linux's `tcp_in_window`:
+    ///
+    /// - sender S, receiver R; a segment `[seq, end)` with acknowledgment `ack` and window `win`
+    ///   passes when `seq <= S.maxend` (inside what R's window allowed), `end >= S.end -
+    ///   R.maxwin` (not older than a window), `ack <= R.end` (acknowledges nothing R has not
+    ///   sent) and `ack >= R.end - max(S.maxwin, 66000)` (not older than a window of ACKs);
+    /// - a side's first SYN (or SYN-ACK) initialises its window (a retransmitted SYN with a new
+    ///   ISN re-initialises it); scaling holds only when both SYNs carried the option;
+    /// - a side never seen (an adopted flow, [`FlowSlot::adopt_windows`]) is picked up loosely
+    ///   from its first segment, and the other side's end from that segment's ACK;
+    /// - a RST passes only inside the window: an exact one (`seq == S.end`, what R expects next)
+    ///   closes, an inexact one passes without closing (see [`Track`]). A responder's RST to a
+    ///   SYN must acknowledge the SYN exactly (RFC 9293 §3.10.7.3).
+    ///
+    /// Nothing is updated for a segment that does not pass, nor for a RST.
+    pub fn track(&mut self, orig: bool, f: TcpFlags, g: &TcpSeg) -> Track {
+        let (s, r) = if orig { (0, 1) } else { (1, 0) };
+        let seq = g.seq;
+        let end = seq.wrapping_add(g.len);
+        let state = TcpState::from_bits(self.state);
+        if f.rst && self.win[s].maxwin == 0 {
+            // A RST from a side never seen: only the responder's refusal of the SYN, which must
+            // acknowledge it exactly. (An adopted flow's first segment is never a RST.)
+            return if !orig && f.ack && g.ack == self.win[r].end {
+                Track::ExactRst
+            } else {
+                Track::OutOfWindow
+            };
+        }
+        if self.win[s].maxwin == 0 {
+            if f.syn {
+                self.init_side(s, end, g.win, g.wscale);
+                if !f.ack {
+                    return Track::InWindow;
+                }
+                // The SYN-ACK settles scaling: both sides or neither (RFC 7323 §1.3).
+                if (self.wscale & 0xf) == SCALE_NONE || (self.wscale >> 4) == SCALE_NONE {
+                    self.wscale = 0;
+                }
+            } else {
+                // Loose pick-up of a side never seen.
+                let swin = (u32::from(g.win) << self.scale(s)).max(1);
+                self.win[s] = TcpWindow {
+                    end,
+                    maxend: end.wrapping_add(swin),
+                    maxwin: swin,
+                };
+                if self.win[r].maxwin == 0 && f.ack {
+                    self.win[r].end = g.ack;
+                    self.win[r].maxend = g.ack;
+                }
+            }
+        } else if f.syn
+            && after(end, self.win[s].end)
+            && ((orig && !f.ack && state == TcpState::SynSent)
+                || (!orig && f.ack && state == TcpState::SynAckSeen))
+        {
+            // A new ISN on a retransmitted SYN (or SYN-ACK): start the side again.
+            self.init_side(s, end, g.win, g.wscale);
+            if !orig && ((self.wscale & 0xf) == SCALE_NONE || (self.wscale >> 4) == SCALE_NONE) {
+                self.wscale = 0;
+            }
+        }
+        let rw = self.win[r];
+        let sw = self.win[s];
+        // No ACK (or the RST+ACK with ack 0 some stacks send): nothing to check on that side.
+        let ack = if !f.ack || (f.rst && g.ack == 0) {
+            rw.end
+        } else {
+            g.ack
+        };
+        let in_recv_win =
+            rw.maxwin == 0 || after(end, sw.end.wrapping_sub(rw.maxwin.saturating_add(1)));
+        let ack_win = sw.maxwin.max(MIN_ACK_WINDOW);
+        let ok = before(seq, sw.maxend.wrapping_add(1))
+            && in_recv_win
+            && before(ack, rw.end.wrapping_add(1))
+            && after(ack, rw.end.wrapping_sub(ack_win).wrapping_sub(1));
+        if !ok {
+            return Track::OutOfWindow;
+        }
+        if f.rst {
+            // A RST carries nothing to learn from; what the receiver expects next is the sender's
+            // end so far.
+            return if seq == sw.end {
+                Track::ExactRst
+            } else {
+                Track::InWindowRst
+            };
+        }
+        let win = if f.syn {
+            u32::from(g.win)
+        } else {
+            u32::from(g.win) << self.scale(s)
+        };
+        let sender = &mut self.win[s];
+        let s_maxend = sender.maxend;
+        sender.maxwin = sender.maxwin.max(win);
+        if after(end, sender.end) {
+            sender.end = end;
+        }
+        let receiver = &mut self.win[r];
+        if receiver.maxwin != 0 && after(end, s_maxend) {
+            receiver.maxwin = receiver.maxwin.saturating_add(end.wrapping_sub(s_maxend));
+        }
+        // The receiver may send up to what this segment acknowledges plus its window.
+        let edge = ack.wrapping_add(win);
+        if after(edge, receiver.maxend.wrapping_sub(1)) {
+            receiver.maxend = if win == 0 { edge.wrapping_add(1) } else { edge };
+        }
+        Track::InWindow
+    }
+
+    /// An adopted flow knows no windows: each side is picked up from its first segment, with the
+    /// largest scale (RFC 7323 §2.3) since the handshake that negotiated it happened elsewhere.
+    /// Loose by necessity: it never drops a segment of the real connection.
+    pub fn adopt_windows(&mut self) {
+        self.win = [TcpWindow::default(); 2];
+        self.wscale = MAX_WSCALE | (MAX_WSCALE << 4);
+    }
+}
+
+fn origin_bit_of(origin: Direction) -> u8 {
+    match origin {
+        Direction::Egress => 0,
+        Direction::Ingress => F_ORIGIN_INGRESS,
+    }
+}
+
+#[inline]
+fn half_open(kind: u8, state: u8) -> bool {
+    kind != 0
+        && matches!(
+            TcpState::from_bits(state),
+            TcpState::SynSent | TcpState::SynAckSeen
+        )
 }
 
 /// Result of a probe for a key.
@@ -218,11 +467,13 @@ pub struct Timeouts {
 }
 
 impl Default for Timeouts {
-    /// Close to Linux nf_conntrack's defaults, with shorter half-open and closed states.
+    /// Close to Linux nf_conntrack's defaults, with much shorter half-open states (5 s: a client's
+    /// SYN retransmissions, 1 s then 3 s apart, refresh the entry; a flood's entries are gone in
+    /// seconds) and a shorter closed state.
     fn default() -> Self {
         Timeouts {
-            tcp_syn_sent: 30,
-            tcp_syn_ack: 30,
+            tcp_syn_sent: 5,
+            tcp_syn_ack: 5,
             tcp_established: 5 * 24 * 3600,
             tcp_fin_wait: 120,
             tcp_closing: 60,
@@ -324,6 +575,41 @@ pub fn tcp_step(state: u8, orig: bool, f: super::parse::TcpFlags) -> TcpStep {
     }
 }
 
+/// Half-open entries are counted per tenant bucket: tenant `t` counts in bucket `t % 256`.
+/// Tenant ids are handed out by the control plane (not chosen by senders), so up to 256 tenants
+/// never share a bucket; beyond that, tenants sharing a bucket share its limit.
+pub const TENANT_BUCKETS: usize = 256;
+
+#[inline]
+fn bucket(tenant: u32) -> usize {
+    tenant as usize % TENANT_BUCKETS
+}
+
+/// How many half-open entries the table holds before new SYNs must make room (see
+/// [`Conntrack::half_open_full`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HalfOpenLimits {
+    /// All tenants together.
+    pub global: usize,
+    /// One tenant bucket.
+    pub per_tenant: usize,
+}
+
+impl HalfOpenLimits {
+    /// Half the table for all half-open entries, an eighth for one tenant (at least 16 each): a
+    /// flood at one tenant leaves 7/8 of the table to everyone else, and floods at every tenant
+    /// together leave half of it to established flows.
+    pub fn for_capacity(capacity: usize) -> HalfOpenLimits {
+        HalfOpenLimits {
+            global: (capacity / 2).max(16),
+            per_tenant: (capacity / 8).max(16),
+        }
+    }
+}
+
+/// Candidates a half-open eviction compares (sampled LRU: the oldest of the first few found).
+const EVICT_SAMPLE: usize = 8;
+
 /// The table over caller-supplied slots.
 pub struct Conntrack<'a> {
     slots: &'a mut [FlowSlot],
@@ -332,6 +618,13 @@ pub struct Conntrack<'a> {
     max: usize,
     seed: u64,
     sweep_cursor: usize,
+    /// Half-open entries (live or expired-not-yet-reclaimed), all and per tenant bucket.
+    half_open: usize,
+    half_open_by: [u32; TENANT_BUCKETS],
+    limits: HalfOpenLimits,
+    /// Half-open insertions so far (its low 16 bits stamp each half-open entry's age).
+    half_open_clock: u16,
+    evict_cursor: usize,
 }
 
 impl<'a> Conntrack<'a> {
@@ -349,7 +642,117 @@ impl<'a> Conntrack<'a> {
             max,
             seed,
             sweep_cursor: 0,
+            half_open: 0,
+            half_open_by: [0; TENANT_BUCKETS],
+            limits: HalfOpenLimits::for_capacity(max),
+            half_open_clock: 0,
+            evict_cursor: 0,
         })
+    }
+
+    pub fn set_half_open_limits(&mut self, limits: HalfOpenLimits) {
+        self.limits = limits;
+    }
+
+    pub fn half_open_limits(&self) -> HalfOpenLimits {
+        self.limits
+    }
+
+    /// Half-open entries (expired ones not yet reclaimed included).
+    pub fn half_open(&self) -> usize {
+        self.half_open
+    }
+
+    /// Half-open entries in `tenant`'s bucket.
+    pub fn half_open_of(&self, tenant: u32) -> usize {
+        self.half_open_by[bucket(tenant)] as usize
+    }
+
+    /// Whether a new half-open entry for `tenant` must first make room: its bucket or the whole
+    /// table is at its half-open limit.
+    #[inline]
+    pub fn half_open_full(&self, tenant: u32) -> bool {
+        self.half_open >= self.limits.global
+            || self.half_open_by[bucket(tenant)] as usize >= self.limits.per_tenant
+    }
+
+    #[inline]
+    fn count_half_open(&mut self, tenant: u32, add: bool) {
+        let b = &mut self.half_open_by[bucket(tenant)];
+        if add {
+            self.half_open += 1;
+            *b += 1;
+        } else {
+            self.half_open -= 1;
+            *b -= 1;
+        }
+    }
+
+    /// Feed a TCP segment to the entry at `i` (see [`FlowSlot::track`]).
+    #[inline]
+    pub fn track(&mut self, i: usize, orig: bool, f: TcpFlags, seg: &TcpSeg) -> Track {
+        self.slots[i].track(orig, f, seg)
+    }
+
+    /// Forget the windows of the entry at `i` (see [`FlowSlot::adopt_windows`]).
+    pub fn adopt_windows(&mut self, i: usize) {
+        self.slots[i].adopt_windows();
+    }
+
+    /// Make room for one half-open entry of `tenant` by removing one entry, examining at most
+    /// `budget` slots from a rotating cursor: the first expired entry met, else the oldest of the
+    /// first few live half-open entries of `tenant`'s bucket, or (when the global limit or the
+    /// table is what is full) of a bucket with more half-open entries than `tenant`'s. Established
+    /// entries are never candidates. `release` sees the removed entry and whether it had expired.
+    /// Returns whether an entry was removed (indices from earlier probes are then stale).
+    pub fn evict_half_open(
+        &mut self,
+        tenant: u32,
+        now_s: u32,
+        budget: usize,
+        mut release: impl FnMut(&FlowSlot, bool),
+    ) -> bool {
+        let own = bucket(tenant);
+        let own_count = self.half_open_by[own];
+        let own_full = own_count as usize >= self.limits.per_tenant;
+        let n = self.slots.len();
+        let mut best: Option<(usize, u16)> = None;
+        let mut found = 0;
+        let mut i = self.evict_cursor % n;
+        for _ in 0..budget.min(n) {
+            let s = &self.slots[i];
+            if !s.is_empty() {
+                if !s.is_live(now_s) {
+                    self.evict_cursor = self.next(i);
+                    let s = self.remove(i);
+                    release(&s, true);
+                    return true;
+                }
+                if s.is_half_open() {
+                    let b = bucket(s.tenant);
+                    let eligible = b == own || (!own_full && self.half_open_by[b] > own_count);
+                    if eligible {
+                        let age = self.half_open_clock.wrapping_sub(s.stamp);
+                        if best.is_none_or(|(_, a)| age > a) {
+                            best = Some((i, age));
+                        }
+                        found += 1;
+                        if found == EVICT_SAMPLE {
+                            i = self.next(i);
+                            break;
+                        }
+                    }
+                }
+            }
+            i = self.next(i);
+        }
+        self.evict_cursor = i;
+        let Some((victim, _)) = best else {
+            return false;
+        };
+        let s = self.remove(victim);
+        release(&s, false);
+        true
     }
 
     /// Most entries the table holds.
@@ -463,11 +866,19 @@ impl<'a> Conntrack<'a> {
             self.used += 1;
             None
         } else {
+            if old.is_half_open() {
+                self.count_half_open(old.tenant, false);
+            }
             Some(old)
         };
-        let origin_bit = match origin {
-            Direction::Egress => 0,
-            Direction::Ingress => F_ORIGIN_INGRESS,
+        let kind = key.kind();
+        let state = origin_bit_of(origin) | tcp as u8;
+        let stamp = if half_open(kind, state) {
+            self.count_half_open(key.tenant, true);
+            self.half_open_clock = self.half_open_clock.wrapping_add(1);
+            self.half_open_clock
+        } else {
+            0
         };
         self.slots[i] = FlowSlot {
             local: key.local,
@@ -478,8 +889,10 @@ impl<'a> Conntrack<'a> {
             expires,
             verdict_slot: verdict.slot,
             verdict_gen: verdict.gen,
-            kind: key.kind(),
-            state: origin_bit | tcp as u8,
+            kind,
+            state,
+            stamp,
+            ..FlowSlot::EMPTY
         };
         old
     }
@@ -488,8 +901,13 @@ impl<'a> Conntrack<'a> {
     #[inline]
     pub fn touch(&mut self, i: usize, state: u8, expires: u32) {
         let s = &mut self.slots[i];
+        let (was, kind, tenant) = (s.state, s.kind, s.tenant);
         s.state = state;
         s.expires = expires;
+        let (before, now) = (half_open(kind, was), half_open(kind, state));
+        if before != now {
+            self.count_half_open(tenant, now);
+        }
     }
 
     /// Set the replied flag and expiry of a found entry.
@@ -529,6 +947,9 @@ impl<'a> Conntrack<'a> {
         }
         self.slots[i] = FlowSlot::EMPTY;
         self.used -= 1;
+        if removed.is_half_open() {
+            self.count_half_open(removed.tenant, false);
+        }
         removed
     }
 

@@ -11,6 +11,15 @@
 //! - an ICMP error passes if the packet it quotes belongs to a tracked flow;
 //! - everything else is dropped and counted by [`DropReason`].
 //!
+//! TCP is tracked by sequence numbers as well as flags ([`FlowSlot::track`]): a segment outside
+//! its flow's window is dropped as [`DropReason::TcpOutOfWindow`], and a RST closes the flow only
+//! when its sequence number is exactly the expected one (an in-window but inexact RST passes to
+//! the endpoint, which answers it with a challenge ACK, RFC 5961, and only shortens the entry's
+//! timeout here). Half-open TCP entries are bounded per tenant and globally
+//! ([`conntrack::HalfOpenLimits`]): a SYN over the limit replaces the oldest half-open entry of its
+//! tenant (or of a tenant with more of them), never an established flow, so a legitimate
+//! handshake completes during a SYN flood as long as it is not among the oldest ones.
+//!
 //! An [`Op::Adopt`] verdict also takes over flows established elsewhere (a tenant that migrated
 //! here mid-connection): a TCP segment without SYN, or a UDP datagram travelling against the
 //! verdict's direction, that matches it and finds no entry creates an entry instead of being
@@ -29,9 +38,11 @@ pub mod parse;
 pub mod tenancy;
 pub mod verdicts;
 
-pub use conntrack::{slots_for, Conntrack, FlowSlot, Probe, TcpState, Timeouts};
+pub use conntrack::{
+    slots_for, Conntrack, FlowSlot, HalfOpenLimits, Probe, TcpState, TcpWindow, Timeouts, Track,
+};
 pub use flow::FlowKey;
-pub use parse::{parse, IpMeta, Parsed, TcpFlags, L4};
+pub use parse::{parse, IpMeta, Parsed, TcpFlags, TcpSeg, L4};
 pub use tenancy::{AttachError, Tenancy, MAX_ADDRS, MAX_PORTS, UPLINK_TENANT};
 pub use verdicts::{AddOutcome, IndexSlot, VerdictRef, VerdictSlot, VerdictTable};
 pub use vigil_wire::ring::DropReason;
@@ -62,6 +73,8 @@ pub struct Counters {
     /// Flows taken over mid-stream through an [`Op::Adopt`] verdict (included in
     /// `flows_created`).
     pub flows_adopted: u64,
+    /// Live half-open TCP entries removed to make room for a new SYN (SYN flood pressure).
+    pub half_open_evicted: u64,
     pub verdicts_applied: u64,
     pub verdicts_rejected: u64,
     /// Verdict records whose sequence number was not the previous one plus one.
@@ -98,6 +111,11 @@ pub struct Config {
     pub hash_seed: u64,
     /// Slots a packet that finds the table full may sweep for expired entries before giving up.
     pub sweep_on_full: usize,
+    /// Half-open limits; `None`: [`HalfOpenLimits::for_capacity`] of the flow table.
+    pub half_open: Option<HalfOpenLimits>,
+    /// Slots a SYN over the half-open limit (or a new flow finding the table full) may examine for
+    /// an entry to replace.
+    pub evict_scan: usize,
 }
 
 impl Default for Config {
@@ -106,6 +124,8 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             hash_seed: 0x243f_6a88_85a3_08d3,
             sweep_on_full: 64,
+            half_open: None,
+            evict_scan: 512,
         }
     }
 }
@@ -166,7 +186,10 @@ impl<'a> Filter<'a> {
         verdict_index: &'a mut [IndexSlot],
         config: Config,
     ) -> Result<Filter<'a>, SetupError> {
-        let conntrack = Conntrack::new(flows, config.hash_seed).ok_or(SetupError::FlowSlots)?;
+        let mut conntrack = Conntrack::new(flows, config.hash_seed).ok_or(SetupError::FlowSlots)?;
+        if let Some(limits) = config.half_open {
+            conntrack.set_half_open_limits(limits);
+        }
         let verdicts = VerdictTable::new(verdicts, verdict_index, config.hash_seed)
             .ok_or(SetupError::VerdictSlots)?;
         Ok(Filter {
@@ -353,6 +376,9 @@ impl<'a> Filter<'a> {
         if from == EdgeSide::Outside && to == EdgeSide::Outside {
             return Decision::Drop(DropReason::UnknownTenant);
         }
+        if from == EdgeSide::Outside && self.spoofed_outside(m) {
+            return Decision::Drop(DropReason::SpoofedSource);
+        }
         if from == EdgeSide::Cloud {
             let Some(tenant) = self.tenancy.owner(m.ip_version, &m.src) else {
                 return Decision::Drop(DropReason::UnknownTenant);
@@ -366,6 +392,38 @@ impl<'a> Filter<'a> {
             return Decision::Drop(DropReason::UnknownTenant);
         };
         self.ip(tenant, Direction::Ingress, m, now_ns)
+    }
+
+    /// Whether a packet arriving from the outside carries a source address the outside cannot
+    /// have: an address attached to a cloud tenant (the address table), or one no router forwards
+    /// as a source: IPv4 0/8 (RFC 1122 §3.2.1.3: "this network", unspecified included), 127/8
+    /// loopback, 169.254/16 link-local (RFC 3927), 224/4 multicast, 240/4 reserved with the limited
+    /// broadcast 255.255.255.255, and the network and broadcast address of the /24 around a cloud
+    /// address ([`Tenancy::is_subnet_edge_v4`]); IPv6 `::` and `::1`, `ff00::/8` multicast,
+    /// `fe80::/10` link-local, `::ffff:0:0/96` IPv4-mapped (RFC 4291 §2.5.5.2: never on the wire).
+    ///
+    /// Private ranges (RFC 1918, ULA) are not refused: an edge's outside may be a private network
+    /// (a lab, a corporate LAN; the end-to-end test's outside is 10.66.0.0/24). An edge facing the
+    /// internet would add them (BCP 38 / RFC 3704 bogon filtering) in its policy.
+    fn spoofed_outside(&self, m: &IpMeta) -> bool {
+        if self.tenancy.owner(m.ip_version, &m.src).is_some() {
+            return true;
+        }
+        let a = &m.src;
+        match m.ip_version {
+            IpVersion::V4 => {
+                matches!(a[0], 0 | 127 | 224..=255)
+                    || (a[0] == 169 && a[1] == 254)
+                    || self.tenancy.is_subnet_edge_v4([a[0], a[1], a[2], a[3]])
+            }
+            IpVersion::V6 => {
+                let head = u128::from_be_bytes(*a);
+                head <= 1
+                    || a[0] == 0xff
+                    || (a[0] == 0xfe && a[1] & 0xc0 == 0x80)
+                    || head >> 32 == 0xffff
+            }
+        }
     }
 
     /// Parses a frame, passes ARP and neighbour discovery, hands IP packets to `ip`, and counts
@@ -446,9 +504,21 @@ impl<'a> Filter<'a> {
         let t = &self.config.timeouts;
         let orig = dir == e.origin();
         match *l4 {
-            L4::Tcp { flags, .. } => match conntrack::tcp_step(e.state_byte(), orig, flags) {
+            L4::Tcp { flags, seg, .. } => match conntrack::tcp_step(e.state_byte(), orig, flags) {
                 conntrack::TcpStep::Pass(state) => {
-                    let timeout = t.tcp(TcpState::from_bits(state));
+                    let (state, timeout) = match self.conntrack.track(i, orig, flags, &seg) {
+                        Track::OutOfWindow => {
+                            return Some(Decision::Drop(DropReason::TcpOutOfWindow))
+                        }
+                        // The endpoint decides; if it took the reset, the entry goes soon.
+                        Track::InWindowRst => {
+                            let current = t.tcp(e.tcp_state());
+                            (e.state_byte(), current.min(t.tcp_closed))
+                        }
+                        Track::InWindow | Track::ExactRst => {
+                            (state, t.tcp(TcpState::from_bits(state)))
+                        }
+                    };
                     self.conntrack
                         .touch(i, state, now_s.saturating_add(timeout));
                     Some(Decision::Forward)
@@ -524,12 +594,57 @@ impl<'a> Filter<'a> {
                 DropReason::NoVerdict
             });
         }
+        let mut i = i;
+        if tcp == TcpState::SynSent && self.conntrack.half_open_full(key.tenant) {
+            i = match self.evict_half_open(key, hash, now_s) {
+                Ok(i) => i,
+                Err(d) => return d,
+            };
+        }
         let i = match self.make_room(i, key, hash, now_s) {
             Ok(i) => i,
             Err(d) => return d,
         };
         self.insert_flow(i, key, dir, tcp, verdict, now_s.saturating_add(timeout));
+        if let L4::Tcp { flags, seg, .. } = l4 {
+            // The opener's window starts at its SYN.
+            self.conntrack.track(i, true, *flags, seg);
+        }
         Decision::Forward
+    }
+
+    /// Make room for a new half-open entry of `key`'s tenant (see
+    /// [`Conntrack::evict_half_open`]), and return the slot it goes to.
+    fn evict_half_open(&mut self, key: &FlowKey, hash: u32, now_s: u32) -> Result<usize, Decision> {
+        let verdicts = &mut self.verdicts;
+        let counters = &mut self.counters;
+        let mut evicted = false;
+        // A removed expired entry need not have been half-open: a few tries.
+        for _ in 0..4 {
+            evicted |= self.conntrack.evict_half_open(
+                key.tenant,
+                now_s,
+                self.config.evict_scan,
+                |s, expired| {
+                    verdicts.release(s.verdict());
+                    if expired {
+                        counters.flows_expired += 1;
+                    } else {
+                        counters.half_open_evicted += 1;
+                    }
+                },
+            );
+            if !self.conntrack.half_open_full(key.tenant) {
+                break;
+            }
+        }
+        if !evicted || self.conntrack.half_open_full(key.tenant) {
+            return Err(Decision::Drop(DropReason::HalfOpenLimit));
+        }
+        match self.conntrack.lookup(key, hash, now_s) {
+            Probe::Vacant(i) => Ok(i),
+            Probe::Found(_) => Err(Decision::Drop(DropReason::InvalidTcpState)),
+        }
     }
 
     /// An [`Op::Adopt`] verdict that takes over the untracked packet `l4` travelling in `dir`,
@@ -592,6 +707,9 @@ impl<'a> Filter<'a> {
             verdict,
             now_s.saturating_add(timeout),
         );
+        if matches!(l4, L4::Tcp { .. }) {
+            self.conntrack.adopt_windows(i);
+        }
         self.counters.flows_adopted += 1;
         self.existing(i, dir, l4, now_s)
             .unwrap_or(Decision::Drop(DropReason::InvalidTcpState))
@@ -607,7 +725,27 @@ impl<'a> Filter<'a> {
         now_s: u32,
     ) -> Result<usize, Decision> {
         if self.conntrack.needs_room(i) && self.conntrack.is_full() {
-            let freed = self.sweep_flows(now_s, self.config.sweep_on_full);
+            let mut freed = self.sweep_flows(now_s, self.config.sweep_on_full);
+            if freed == 0 {
+                // No expired entry: a half-open one of a tenant holding more of them than this
+                // one (never an established flow).
+                let verdicts = &mut self.verdicts;
+                let counters = &mut self.counters;
+                let evicted = self.conntrack.evict_half_open(
+                    key.tenant,
+                    now_s,
+                    self.config.evict_scan,
+                    |s, expired| {
+                        verdicts.release(s.verdict());
+                        if expired {
+                            counters.flows_expired += 1;
+                        } else {
+                            counters.half_open_evicted += 1;
+                        }
+                    },
+                );
+                freed = usize::from(evicted);
+            }
             if freed == 0 {
                 return Err(Decision::Drop(DropReason::TableFull));
             }

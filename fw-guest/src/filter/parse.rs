@@ -44,6 +44,29 @@ pub struct TcpFlags {
     pub data: bool,
 }
 
+/// Sequence-space facts of a TCP segment (for window tracking).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct TcpSeg {
+    pub seq: u32,
+    /// Acknowledgment number (meaningful when the ACK flag is set).
+    pub ack: u32,
+    /// Window field as sent (unscaled).
+    pub win: u16,
+    /// Window scale option (RFC 7323 §2), read from SYN segments only; [`NO_WSCALE`] when absent.
+    pub wscale: u8,
+    /// Sequence space the segment occupies: payload bytes, plus one for SYN and one for FIN.
+    pub len: u32,
+}
+
+/// [`TcpSeg::wscale`] of a segment without the option (or not a SYN).
+pub const NO_WSCALE: u8 = 0xff;
+/// TCP option kinds (RFC 9293 §3.1, RFC 7323 §2.2).
+const TCPOPT_END: u8 = 0;
+const TCPOPT_NOP: u8 = 1;
+const TCPOPT_WSCALE: u8 = 3;
+/// RFC 7323 §2.3: a shift above 14 is treated as 14.
+pub const MAX_WSCALE: u8 = 14;
+
 /// Transport-level facts about a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum L4 {
@@ -51,6 +74,7 @@ pub enum L4 {
         src_port: u16,
         dst_port: u16,
         flags: TcpFlags,
+        seg: TcpSeg,
     },
     Udp {
         src_port: u16,
@@ -233,17 +257,53 @@ fn parse_ipv6(payload: &[u8]) -> Result<Parsed, DropReason> {
 
 fn parse_tcp(body: &[u8]) -> Result<L4, DropReason> {
     let tcp = TcpPacket::new_checked(body).map_err(|_| DropReason::Malformed)?;
+    let (syn, fin) = (tcp.syn(), tcp.fin());
+    let payload = tcp.payload().len() as u32;
     Ok(L4::Tcp {
         src_port: tcp.src_port(),
         dst_port: tcp.dst_port(),
         flags: TcpFlags {
-            syn: tcp.syn(),
+            syn,
             ack: tcp.ack(),
-            fin: tcp.fin(),
+            fin,
             rst: tcp.rst(),
-            data: !tcp.payload().is_empty(),
+            data: payload != 0,
+        },
+        seg: TcpSeg {
+            seq: tcp.seq_number().0 as u32,
+            ack: tcp.ack_number().0 as u32,
+            win: tcp.window_len(),
+            wscale: if syn {
+                window_scale(tcp.options())
+            } else {
+                NO_WSCALE
+            },
+            len: payload + u32::from(syn) + u32::from(fin),
         },
     })
+}
+
+/// The window scale option among `opts` (a SYN's options), or [`NO_WSCALE`]. Bounded by the
+/// options' length (at most 40 bytes); a malformed option list ends the walk.
+fn window_scale(opts: &[u8]) -> u8 {
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            TCPOPT_END => break,
+            TCPOPT_NOP => i += 1,
+            kind => {
+                let Some(&len) = opts.get(i + 1) else { break };
+                if len < 2 {
+                    break;
+                }
+                if kind == TCPOPT_WSCALE && len == 3 {
+                    return opts.get(i + 2).map_or(NO_WSCALE, |&s| s.min(MAX_WSCALE));
+                }
+                i += usize::from(len);
+            }
+        }
+    }
+    NO_WSCALE
 }
 
 fn parse_udp(body: &[u8]) -> Result<L4, DropReason> {

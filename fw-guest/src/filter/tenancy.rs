@@ -85,6 +85,20 @@ impl Tenancy {
         self.addrs.get(&(version as u8, *addr)).copied()
     }
 
+    /// Whether IPv4 `addr` is the network (`.0`) or broadcast (`.255`) address of the /24 around
+    /// an owned address. The edge knows its tenants' addresses but not their prefix lengths; Vigil
+    /// hands out tenant subnets as /24s, so that is the subnet assumed. Only addresses ending in 0
+    /// or 255 pay the walk (at most [`MAX_ADDRS`] entries).
+    pub fn is_subnet_edge_v4(&self, addr: [u8; 4]) -> bool {
+        if addr[3] != 0 && addr[3] != 255 {
+            return false;
+        }
+        // IPv4 addresses sit in the first 4 bytes of the key (`vigil_wire::verdict::v4`).
+        self.addrs
+            .keys()
+            .any(|(v, a)| *v == IpVersion::V4 as u8 && a[..3] == addr[..3])
+    }
+
     /// Number of owned addresses.
     pub fn addresses(&self) -> usize {
         self.addrs.len()

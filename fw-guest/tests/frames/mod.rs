@@ -5,11 +5,12 @@
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use smoltcp::phy::ChecksumCapabilities;
+pub use smoltcp::wire::TcpControl;
 use smoltcp::wire::{
     ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
     EthernetRepr, Icmpv4DstUnreachable, Icmpv4Packet, Icmpv4Repr, Icmpv6Packet, Icmpv6Repr,
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr, TcpControl,
-    TcpPacket, TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
+    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, NdiscRepr, TcpPacket,
+    TcpRepr, TcpSeqNumber, UdpPacket, UdpRepr,
 };
 
 pub const TENANT_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 2]);
@@ -95,24 +96,64 @@ pub fn ipv4_packet(s: [u8; 4], d: [u8; 4], proto: IpProtocol, l4: &[u8]) -> Vec<
     buf
 }
 
+/// Both ends of every fixture connection start at ISN 1000: the SYN and SYN-ACK carry seq 1000,
+/// every later segment seq 1001 and ack 1001, so a fixture conversation is in window for the
+/// sequence tracking (data retransmits from 1001; a RST carries 1001, exact until its sender sent
+/// data).
+pub const ISN: u32 = 1000;
+
 pub fn tcp_bytes(src: Ip, dst: Ip, sport: u16, dport: u16, seg: Seg, payload: &[u8]) -> Vec<u8> {
     let (control, ack) = match seg {
         Seg::Syn => (TcpControl::Syn, None),
-        Seg::SynAck => (TcpControl::Syn, Some(TcpSeqNumber(1001))),
-        Seg::Ack => (TcpControl::None, Some(TcpSeqNumber(2001))),
-        Seg::Data => (TcpControl::Psh, Some(TcpSeqNumber(2001))),
-        Seg::Fin => (TcpControl::Fin, Some(TcpSeqNumber(2001))),
+        Seg::SynAck => (TcpControl::Syn, Some(ISN + 1)),
+        Seg::Ack => (TcpControl::None, Some(ISN + 1)),
+        Seg::Data => (TcpControl::Psh, Some(ISN + 1)),
+        Seg::Fin => (TcpControl::Fin, Some(ISN + 1)),
         Seg::Rst => (TcpControl::Rst, None),
     };
+    let seq = if matches!(seg, Seg::Syn | Seg::SynAck) {
+        ISN
+    } else {
+        ISN + 1
+    };
+    let spec = TcpSpec {
+        control,
+        seq,
+        ack,
+        win: 64240,
+        wscale: None,
+    };
+    tcp_spec_bytes(src, dst, sport, dport, &spec, payload)
+}
+
+/// A TCP segment with explicit sequence-space fields.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpSpec {
+    pub control: TcpControl,
+    pub seq: u32,
+    pub ack: Option<u32>,
+    pub win: u16,
+    pub wscale: Option<u8>,
+}
+
+pub fn tcp_spec_bytes(
+    src: Ip,
+    dst: Ip,
+    sport: u16,
+    dport: u16,
+    spec: &TcpSpec,
+    payload: &[u8],
+) -> Vec<u8> {
+    let syn = matches!(spec.control, TcpControl::Syn);
     let repr = TcpRepr {
         src_port: sport,
         dst_port: dport,
-        control,
-        seq_number: TcpSeqNumber(1000),
-        ack_number: ack,
-        window_len: 64240,
-        window_scale: None,
-        max_seg_size: matches!(seg, Seg::Syn | Seg::SynAck).then_some(1460),
+        control: spec.control,
+        seq_number: TcpSeqNumber(spec.seq as i32),
+        ack_number: spec.ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len: spec.win,
+        window_scale: spec.wscale,
+        max_seg_size: syn.then_some(1460),
         sack_permitted: false,
         sack_ranges: [None; 3],
         timestamp: None,
@@ -127,6 +168,19 @@ pub fn tcp_bytes(src: Ip, dst: Ip, sport: u16, dport: u16, seg: Seg, payload: &[
         &ChecksumCapabilities::default(),
     );
     buf
+}
+
+/// A TCP frame with explicit sequence-space fields.
+pub fn tcp_spec(
+    src: Ip,
+    dst: Ip,
+    sport: u16,
+    dport: u16,
+    spec: TcpSpec,
+    payload: &[u8],
+) -> Vec<u8> {
+    let l4 = tcp_spec_bytes(src, dst, sport, dport, &spec, payload);
+    ip_frame(src, dst, IpProtocol::Tcp, &l4)
 }
 
 pub fn tcp(src: Ip, dst: Ip, sport: u16, dport: u16, seg: Seg) -> Vec<u8> {
