@@ -178,38 +178,51 @@ pub fn find_vma<M: GuestPhys + ?Sized>(
             return Err(ExecError::Maple("an internal slot that is not a node"));
         }
         let ty = (entry >> MAPLE_NODE_TYPE_SHIFT) & MAPLE_NODE_TYPE_MASK;
-        let (pivot_f, slot_f) = match ty {
-            MAPLE_LEAF_64 | MAPLE_RANGE_64 => (e.mr64_pivot, e.mr64_slot),
-            MAPLE_ARANGE_64 => (e.ma64_pivot, e.ma64_slot),
+        let (pivot_f, slot_f, meta_end_f) = match ty {
+            MAPLE_LEAF_64 | MAPLE_RANGE_64 => (e.mr64_pivot, e.mr64_slot, e.mr64_meta_end),
+            MAPLE_ARANGE_64 => (e.ma64_pivot, e.ma64_slot, e.ma64_meta_end),
             _ => return Err(ExecError::Maple("unknown node type")),
         };
         let npiv = read_u64s(r, node, pivot_f, &mut pivots)?;
         if npiv > MAX_PIVOTS || slot_f.size / 8 != npiv as u64 + 1 {
             return Err(ExecError::Maple("node layout"));
         }
-        // The slot whose range holds `addr`: pivots rise; an unused pivot (0 after the first)
-        // ends the data, and the slot there reaches the node's max.
+        // ma_data_end(): the last slot with data. An arange node always says it in its
+        // metadata; a range or leaf node that is not full (last pivot 0) too; a full one ends at
+        // its last pivot when that is the node's max, else at its last slot.
+        let end = if ty != MAPLE_ARANGE_64 && pivots[npiv - 1] == max {
+            npiv - 1
+        } else if ty != MAPLE_ARANGE_64 && pivots[npiv - 1] != 0 {
+            npiv
+        } else {
+            let end = r.read_u8(node.wrapping_add(meta_end_f.offset))? as usize;
+            if end > npiv {
+                return Err(ExecError::Maple("data end past the node's slots"));
+            }
+            end
+        };
+        // mtree_lookup_walk(): the first slot before `end` whose pivot reaches `addr`, else the
+        // slot at `end`, which reaches the node's max. Every pivot passed must rise within the
+        // node's range.
         let mut lo = min;
-        let mut chosen = None;
-        for (i, &piv) in pivots.iter().take(npiv).enumerate() {
-            let hi = if piv == 0 && i > 0 { max } else { piv };
-            if hi < lo || hi > max {
+        let mut chosen = (end, max);
+        for (i, &piv) in pivots.iter().take(end).enumerate() {
+            if piv < lo || piv > max {
                 return Err(ExecError::Maple("pivots out of order"));
             }
-            if addr <= hi {
-                chosen = Some((i, lo, hi));
+            if piv >= addr {
+                chosen = (i, piv);
                 break;
             }
-            if hi == max {
-                break;
+            if piv == max {
+                return Err(ExecError::Maple("pivots out of order"));
             }
-            lo = hi + 1;
+            lo = piv + 1;
         }
-        let (offset, lo, hi) = match chosen {
-            Some(c) => c,
-            None if lo <= addr && addr <= max => (npiv, lo, max),
-            None => return Ok(None),
-        };
+        let (offset, hi) = chosen;
+        if addr < lo || addr > hi {
+            return Ok(None);
+        }
         let slot = r.read_field_u64(node, slot_f.offset + offset as u64 * 8)?;
         if ty == MAPLE_LEAF_64 {
             // A leaf holds VMA pointers (8-aligned); anything else (0, a tagged value) is no VMA.

@@ -197,6 +197,10 @@ pub struct ExecLayout {
     pub mr64_slot: Field,
     pub ma64_pivot: Field,
     pub ma64_slot: Field,
+    /// `maple_range_64.meta.end`, `maple_arange_64.meta.end`: the last slot with data
+    /// (`ma_meta_end`), read where the pivots do not say it.
+    pub mr64_meta_end: Field,
+    pub ma64_meta_end: Field,
 }
 
 /// Everything introspection needs about one kernel build.
@@ -374,6 +378,8 @@ impl KernelProfile {
                 mr64_slot: field(btf, "maple_range_64", "slot")?,
                 ma64_pivot: field(btf, "maple_arange_64", "pivot")?,
                 ma64_slot: field(btf, "maple_arange_64", "slot")?,
+                mr64_meta_end: field(btf, "maple_range_64", "meta.end")?,
+                ma64_meta_end: field(btf, "maple_arange_64", "meta.end")?,
             },
             symbols,
         })

@@ -666,13 +666,14 @@ impl Scene {
         node
     }
 
-    /// (Re)writes a maple node: unused pivots and slots are zero.
+    /// (Re)writes a maple node: unused pivots and slots are zero, the metadata's data end is
+    /// the last slot given (as the kernel keeps it for a node that is not full).
     fn fill_maple_node(&mut self, node: u64, ty: u64, pivots: &[u64], slots: &[u64]) {
         let e = &self.p.exec;
-        let (pf, sf) = if ty == MAPLE_ARANGE_64 {
-            (e.ma64_pivot, e.ma64_slot)
+        let (pf, sf, mf) = if ty == MAPLE_ARANGE_64 {
+            (e.ma64_pivot, e.ma64_slot, e.ma64_meta_end)
         } else {
-            (e.mr64_pivot, e.mr64_slot)
+            (e.mr64_pivot, e.mr64_slot, e.mr64_meta_end)
         };
         assert!(pivots.len() as u64 <= pf.size / 8 && slots.len() as u64 <= sf.size / 8);
         let mut pb = vec![0u8; pf.size as usize];
@@ -685,6 +686,10 @@ impl Scene {
         }
         self.g.set(node, pf, &pb);
         self.g.set(node, sf, &sb);
+        // A full node has no metadata: it shares the last slot (maple_range_64's union).
+        if (slots.len() as u64) < sf.size / 8 {
+            self.g.set(node, mf, &[slots.len() as u8 - 1]);
+        }
     }
 
     fn set_maple_root(&mut self, entry: u64) {
@@ -2221,6 +2226,11 @@ fn hostile_maple_trees_are_errors_not_hangs() {
     let root = s.maple_root;
     s.set_maple_root(root | (9 << 3) | MAPLE_ROOT_NODE);
     check(&s, "unknown node type");
+    // Metadata that puts the end of the data past the node's slots.
+    let mut s = Scene::new(p);
+    let (leaf0, meta_end) = (s.maple_leaves[0], p.exec.mr64_meta_end);
+    s.g.set(leaf0, meta_end, &[200]);
+    check(&s, "data end past");
 }
 
 #[test]
@@ -2332,4 +2342,23 @@ fn identity_check_cost() {
             "release"
         }
     );
+}
+
+#[test]
+fn full_maple_nodes_end_as_the_kernel_says() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    // A full leaf (16 slots, its last pivot not 0): no metadata read, the last slot reaches the
+    // node's max. The text is the last slot, past 14 one-page VMAs before it.
+    let leaf0 = s.maple_leaves[0];
+    let mut pivots: Vec<u64> = (0..15).map(|i| 0x1000 * (i + 1) - 1).collect();
+    pivots[14] = EXE_TEXT.0 - 1;
+    let mut slots = vec![0u64; 16];
+    slots[15] = s.vma_text;
+    s.fill_maple_node(leaf0, MAPLE_LEAF_64, &pivots, &slots);
+    // (The metadata's byte is the last slot's lowest: there is none to read.)
+    let policy = Policy::from_json(CURL_POLICY).unwrap();
+    let (v, a) = decide(&s, &policy);
+    assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Exe);
+    assert_eq!(v, Verdict::Allow);
 }

@@ -521,6 +521,9 @@ fn exec_layout_matches_the_kernel() {
     assert_eq!(e.mr64_slot.size / 8, 16);
     assert_eq!((e.ma64_pivot.offset, e.ma64_pivot.size / 8), (8, 9));
     assert_eq!(e.ma64_slot.size / 8, 10);
+    // A range node's metadata shares its last slot; an arange node's follows its gaps.
+    assert_eq!(e.mr64_meta_end.offset, e.mr64_slot.offset + 15 * 8);
+    assert_eq!(e.ma64_meta_end.offset, e.ma64_slot.offset + 2 * 10 * 8);
     assert_eq!(e.pt_regs_size, 21 * 8);
     assert_eq!((e.pt_regs_ip.offset, e.pt_regs_cs.offset), (16 * 8, 17 * 8));
     assert_eq!(e.mm_mt_root.size, 8);
