@@ -312,7 +312,8 @@ pub fn current_process<M: GuestPhys + ?Sized>(
     Ok(read_process(r, task, profile)?.0)
 }
 
-/// The executable file of the task, with init's mount namespace found from `init_task`.
+/// The executable file of the task, with init's mount namespace found from `init_task` and the
+/// `struct page` array from `vmemmap_base`.
 fn exe_file<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     profile: &KernelProfile,
@@ -320,19 +321,22 @@ fn exe_file<M: GuestPhys + ?Sized>(
     refs: ExeRefs,
     kaslr_slide: u64,
 ) -> Result<ExeFile, AttributionError> {
-    let init_task = *profile
-        .symbols
-        .get("init_task")
-        .ok_or(AttributionError::MissingSymbol("init_task"))?;
-    let init_ns = exec::init_mnt_ns(r, profile, init_task.wrapping_add(kaslr_slide))?;
+    let symbol = |name: &'static str| {
+        profile
+            .symbols
+            .get(name)
+            .map(|a| a.wrapping_add(kaslr_slide))
+            .ok_or(AttributionError::MissingSymbol(name))
+    };
+    let roots = exec::kernel_roots(r, profile, symbol("init_task")?, symbol("vmemmap_base")?)?;
     Ok(exec::exe_file(
         r,
         profile,
+        &roots,
         task,
         refs.mm,
         refs.file,
         refs.vfsmount,
-        init_ns,
     )?)
 }
 

@@ -88,6 +88,9 @@ pub enum CodeOrigin {
     /// Another file's code while the executable's text is not the executable, or no executable
     /// VMA at all.
     Foreign,
+    /// The right file's VMA, but the page under the instruction is not that file's page cache:
+    /// it was written (copy-on-write by `ptrace(POKETEXT)` or `/proc/PID/mem`).
+    ModifiedText,
     /// The saved registers are not user mode's (a kernel thread or kernel worker made the call).
     Kernel,
 }
@@ -292,10 +295,43 @@ pub fn user_rip<M: GuestPhys + ?Sized>(
     Ok(Some(r.read_field_u64(regs, e.pt_regs_ip.offset)?))
 }
 
+/// What the identity checks need of the kernel itself, read once per call: init's mount
+/// namespace and the base of the `struct page` array.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelRoots {
+    pub init_mnt_ns: u64,
+    pub vmemmap_base: u64,
+}
+
+/// Whether the page mapped at user address `addr` is a page of `inode`'s page cache (its
+/// `struct page`, or its compound head's, has `mapping == inode->i_mapping`).
+fn page_is_files<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    roots: &KernelRoots,
+    addr: u64,
+    inode: u64,
+) -> Result<bool, ExecError> {
+    let e = &p.exec;
+    let pfn = r.translate(addr)?.gpa >> 12;
+    let mut page = pfn
+        .checked_mul(e.page_size)
+        .and_then(|o| roots.vmemmap_base.checked_add(o))
+        .ok_or(ExecError::Maple("struct page address overflows"))?;
+    let head = r.read_field_u64(page, e.page_compound_head.offset)?;
+    if head & 1 == 1 {
+        page = head - 1;
+    }
+    let mapping = r.read_field_u64(page, e.page_mapping.offset)?;
+    let file_mapping = r.read_field_u64(inode, e.inode_i_mapping.offset)?;
+    Ok(mapping != 0 && mapping == file_mapping)
+}
+
 /// Where the code of the call lives, relative to the executable (`exe_inode`, identity `exe`).
 pub fn code_origin<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
+    roots: &KernelRoots,
     task: u64,
     mm: u64,
     exe_inode: u64,
@@ -310,6 +346,7 @@ pub fn code_origin<M: GuestPhys + ?Sized>(
     let origin = match exec_vma_inode(r, p, vma)? {
         Err(()) => CodeOrigin::Foreign,
         Ok(None) => CodeOrigin::Anonymous,
+        Ok(Some(inode)) if !page_is_files(r, p, roots, rip, inode)? => CodeOrigin::ModifiedText,
         Ok(Some(inode)) if is_exe_inode(r, p, inode, exe_inode, exe)? => CodeOrigin::Exe,
         Ok(Some(_)) => {
             // A library's code: the executable's own text must be the executable file.
@@ -332,16 +369,15 @@ pub fn code_origin<M: GuestPhys + ?Sized>(
     Ok((origin, rip))
 }
 
-/// The executable file of a process: `file` is `mm->exe_file`, `vfsmount` its `f_path.mnt`;
-/// `init_mnt_ns` is init's mount namespace.
+/// The executable file of a process: `file` is `mm->exe_file`, `vfsmount` its `f_path.mnt`.
 pub fn exe_file<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
+    roots: &KernelRoots,
     task: u64,
     mm: u64,
     file: u64,
     vfsmount: u64,
-    init_mnt_ns: u64,
 ) -> Result<ExeFile, ExecError> {
     let e = &p.exec;
     let inode = r.read_field_u64(file, e.file_f_inode.offset)?;
@@ -351,23 +387,28 @@ pub fn exe_file<M: GuestPhys + ?Sized>(
     let mnt_root = r.read_field_u64(vfsmount, p.mount.vfsmount_mnt_root.offset)?;
     let sb = r.read_field_u64(vfsmount, e.vfsmount_mnt_sb.offset)?;
     let s_root = r.read_field_u64(sb, e.sb_s_root.offset)?;
-    let (code, rip) = code_origin(r, p, task, mm, inode, &id)?;
+    let (code, rip) = code_origin(r, p, roots, task, mm, inode, &id)?;
     Ok(ExeFile {
         id,
-        init_mnt_ns: mnt_ns != 0 && mnt_ns == init_mnt_ns,
+        init_mnt_ns: mnt_ns != 0 && mnt_ns == roots.init_mnt_ns,
         bind_mount: mnt_root != s_root,
         code,
         rip,
     })
 }
 
-/// Init's mount namespace (`init_task.nsproxy->mnt_ns`, set by `init_mount_tree`); `init_task`
-/// is its running address.
-pub fn init_mnt_ns<M: GuestPhys + ?Sized>(
+/// The kernel's roots: init's mount namespace (`init_task.nsproxy->mnt_ns`, set by
+/// `init_mount_tree`) and `vmemmap_base`; `init_task` and `vmemmap_base_var` are the running
+/// addresses of those symbols.
+pub fn kernel_roots<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
     init_task: u64,
-) -> Result<u64, MemError> {
+    vmemmap_base_var: u64,
+) -> Result<KernelRoots, MemError> {
     let nsproxy = r.read_field_u64(init_task, p.exec.task_nsproxy.offset)?;
-    r.read_field_u64(nsproxy, p.exec.nsproxy_mnt_ns.offset)
+    Ok(KernelRoots {
+        init_mnt_ns: r.read_field_u64(nsproxy, p.exec.nsproxy_mnt_ns.offset)?,
+        vmemmap_base: r.read_u64(vmemmap_base_var)?,
+    })
 }

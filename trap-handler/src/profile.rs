@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 5;
+pub const PROFILE_FORMAT: u32 = 6;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -22,6 +22,9 @@ pub const PROFILE_SYMBOLS: &[&str] = &[
     "startup_64",
     "entry_SYSCALL_64",
     "init_task",
+    // The base of the `struct page` array (CONFIG_SPARSEMEM_VMEMMAP; randomized with KASLR):
+    // whether the page the caller runs from is its file's page cache.
+    "vmemmap_base",
     "init_top_pgt",
     "phys_base",
     "__per_cpu_offset",
@@ -201,6 +204,13 @@ pub struct ExecLayout {
     /// (`ma_meta_end`), read where the pivots do not say it.
     pub mr64_meta_end: Field,
     pub ma64_meta_end: Field,
+    /// `sizeof(struct page)`, `page.compound_head` (bit 0: a tail page), `page.mapping`
+    /// (the `address_space` of a page-cache page; bit 0 set for an anonymous one), and
+    /// `inode.i_mapping`.
+    pub page_size: u64,
+    pub page_compound_head: Field,
+    pub page_mapping: Field,
+    pub inode_i_mapping: Field,
 }
 
 /// Everything introspection needs about one kernel build.
@@ -380,6 +390,10 @@ impl KernelProfile {
                 ma64_slot: field(btf, "maple_arange_64", "slot")?,
                 mr64_meta_end: field(btf, "maple_range_64", "meta.end")?,
                 ma64_meta_end: field(btf, "maple_arange_64", "meta.end")?,
+                page_size: btf.struct_size("page")?,
+                page_compound_head: field(btf, "page", "compound_head")?,
+                page_mapping: field(btf, "page", "mapping")?,
+                inode_i_mapping: field(btf, "inode", "i_mapping")?,
             },
             symbols,
         })

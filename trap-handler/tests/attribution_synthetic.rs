@@ -57,9 +57,19 @@ const ROGUE_VA: u64 = 0xffff_8880_9000_0000;
 const ROGUE_GPA: u64 = 1 << 32;
 /// A kernel address with no mapping at all.
 const UNMAPPED_VA: u64 = 0xffff_8880_a000_0000;
-/// The physical page behind the page of `init_task` that holds its `nsproxy` (the kernel image
-/// at its link address: KASLR slide 0).
+/// The physical page behind the page of `init_task` that holds its `nsproxy`, and behind the
+/// page of the `vmemmap_base` variable (the kernel image at its link address: KASLR slide 0).
 const INIT_TASK_GPA: u64 = 0x50_0000;
+const VMEMMAP_VAR_GPA: u64 = 0x50_1000;
+/// The `struct page` array (`vmemmap_base`'s value): one page of it is mapped, at
+/// [`STRUCT_PAGES_GPA`], holding the `struct page` of pfns 0x500..0x540, where the user pages are.
+const VMEMMAP: u64 = 0xffff_ea00_0000_0000;
+const STRUCT_PAGES_GPA: u64 = 0x52_0000;
+/// The physical pages under the executable's text page at [`USER_RIP`], the library's first page
+/// and the anonymous executable page.
+const TEXT_GPA: u64 = 0x51_0000;
+const LIB_GPA: u64 = 0x51_1000;
+const ANON_GPA: u64 = 0x51_2000;
 /// User addresses of the scene's process: its executable's text, a read-only page of it before
 /// the text, a shared library's text, and an anonymous executable page.
 const EXE_RO: (u64, u64) = (0x40_0000, 0x40_1000);
@@ -256,9 +266,8 @@ struct Guest {
 }
 
 impl Guest {
-    /// `init_task` is the link address of the kernel's `init_task` (mapped, one page at its
-    /// `nsproxy`, at [`INIT_TASK_GPA`]).
-    fn new(init_nsproxy_field: u64) -> Guest {
+    /// `extra`: more 4 KiB pages to map (virtual, physical).
+    fn new(extra: &[(u64, u64)]) -> Guest {
         let mut img = PhysImage::new(RAM as usize);
         let cr3 = {
             let mut b = PageTableBuilder::new(&mut img, PagingMode::Level4, TABLES_GPA, TABLES_END)
@@ -269,8 +278,9 @@ impl Guest {
             }
             b.map(GS_BASE, PERCPU_GPA, PAGE_2M).unwrap();
             b.map(ROGUE_VA, ROGUE_GPA, PAGE_4K).unwrap();
-            b.map(init_nsproxy_field & !(PAGE_4K - 1), INIT_TASK_GPA, PAGE_4K)
-                .unwrap();
+            for &(va, gpa) in extra {
+                b.map(va & !(PAGE_4K - 1), gpa, PAGE_4K).unwrap();
+            }
             b.root()
         };
         Guest {
@@ -473,7 +483,20 @@ impl Scene {
             .get("init_task")
             .expect("the profile has init_task");
         let init_nsproxy_field = init_task + p.exec.task_nsproxy.offset;
-        let mut g = Guest::new(init_nsproxy_field);
+        let vmemmap_var = *p
+            .symbols
+            .get("vmemmap_base")
+            .expect("the profile has vmemmap_base");
+        let struct_pages = VMEMMAP + (TEXT_GPA >> 12) * p.exec.page_size;
+        let mut g = Guest::new(&[
+            (init_nsproxy_field, INIT_TASK_GPA),
+            (vmemmap_var, VMEMMAP_VAR_GPA),
+            (struct_pages, STRUCT_PAGES_GPA),
+            (USER_RIP, TEXT_GPA),
+            (LIB_TEXT.0, LIB_GPA),
+            (ANON_EXEC.0, ANON_GPA),
+        ]);
+        g.write(vmemmap_var, &VMEMMAP.to_le_bytes());
         // `comm` straddles two (physically distant) pages.
         let task = g.alloc_straddling(t.size, t.comm.offset, t.comm.size);
         let parent = g.alloc(t.size);
@@ -564,6 +587,15 @@ impl Scene {
         s.inode = s.inode(s.sb, 1234, 0x5eed, (1_700_000_000, 42));
         s.lib_inode = s.inode(s.sb, 777, 0x1111, (1_600_000_000, 7));
         s.g.set_u64(file, p.exec.file_f_inode, s.inode);
+        // The pages under the user addresses: the text's and the library's are their files' page
+        // cache (`page->mapping == inode->i_mapping`), the anonymous one an anon_vma (bit 0).
+        for (inode, gpa) in [(s.inode, TEXT_GPA), (s.lib_inode, LIB_GPA)] {
+            let mapping = s.g.alloc(64);
+            s.g.set_u64(inode, p.exec.inode_i_mapping, mapping);
+            s.set_page_mapping(gpa, mapping);
+        }
+        let anon_vma = s.g.alloc(64);
+        s.set_page_mapping(ANON_GPA, anon_vma | 1);
         // The kernel stack (THREAD_SIZE, 16 KiB) and the user registers at its top.
         let stack = s.g.alloc(p.exec.thread_size);
         s.g.set_u64(task, p.exec.task_stack, stack);
@@ -695,6 +727,16 @@ impl Scene {
     fn set_maple_root(&mut self, entry: u64) {
         let (mm, f) = (self.mm, self.p.exec.mm_mt_root);
         self.g.set_u64(mm, f, entry);
+    }
+
+    /// The `struct page` of the physical page `gpa`.
+    fn struct_page(&self, gpa: u64) -> u64 {
+        VMEMMAP + (gpa >> 12) * self.p.exec.page_size
+    }
+
+    fn set_page_mapping(&mut self, gpa: u64, mapping: u64) {
+        let (page, f) = (self.struct_page(gpa), self.p.exec.page_mapping);
+        self.g.set_u64(page, f, mapping);
     }
 
     /// The caller's user instruction pointer (`pt_regs->ip`).
@@ -1380,7 +1422,8 @@ fn pointer_arithmetic_overflow() {
             len: t.pid.offset
         }
     );
-    // A GS base that wraps when current_task is added reads a low (user, unmapped) address.
+    // A GS base that wraps when current_task is added reads a low (user, unmapped) address (the
+    // scene maps user pages elsewhere in the low half, so the walk stops below the top level).
     let s = Scene::new(p);
     let args = HookArgs {
         gs_base: 0u64.wrapping_sub(8),
@@ -1388,7 +1431,7 @@ fn pointer_arithmetic_overflow() {
     };
     let e = s.run_with(SocketOp::Connect, args).mem_err();
     assert!(
-        matches!(e, MemError::NotPresent { level: 4, gva, .. } if gva == p.symbols["current_task"] - 8),
+        matches!(e, MemError::NotPresent { gva, .. } if gva == p.symbols["current_task"] - 8),
         "{e}"
     );
 }
@@ -1935,6 +1978,11 @@ impl Scene {
         let tmp = self.dentry(b"tmp", Some(self.root));
         let evil = self.dentry(b"evil", Some(tmp));
         let inode = self.inode(self.sb, ino, 0xbad, (1_750_000_000, 1));
+        // Its text page is its own file's page cache.
+        let mapping = self.g.alloc(64);
+        let i_mapping = self.p.exec.inode_i_mapping;
+        self.g.set_u64(inode, i_mapping, mapping);
+        self.set_page_mapping(TEXT_GPA, mapping);
         let (file, f_inode) = (self.file, self.p.exec.file_f_inode);
         self.g.set_u64(file, f_inode, inode);
         let map = self.g.alloc(FILE_SIZE);
@@ -2091,7 +2139,7 @@ fn code_outside_the_executable_is_denied() {
     // text is the executable: allowed.
     let mut s = Scene::new(p);
     let policy = policy_for(&s);
-    s.set_rip(LIB_TEXT.0 + 0x1234);
+    s.set_rip(LIB_TEXT.0 + 0x234);
     let (v, a) = decide(&s, &policy);
     assert_eq!(
         a.process.exe_file.as_ref().unwrap().code,
@@ -2296,7 +2344,7 @@ fn packet_sockets_are_not_ip_whatever_their_sockaddr_says() {
 fn identity_check_cost() {
     let p = profile_or_skip!();
     let s = Scene::new(p);
-    let init_task = p.symbols["init_task"];
+    let (init_task, vmemmap_var) = (p.symbols["init_task"], p.symbols["vmemmap_base"]);
     let n = if cfg!(debug_assertions) {
         2_000
     } else {
@@ -2305,15 +2353,15 @@ fn identity_check_cost() {
     let t = std::time::Instant::now();
     for _ in 0..n {
         let r = s.g.reader();
-        let init_ns = trap_handler::exec::init_mnt_ns(&r, p, init_task).unwrap();
+        let roots = trap_handler::exec::kernel_roots(&r, p, init_task, vmemmap_var).unwrap();
         let f = trap_handler::exec::exe_file(
             &r,
             p,
+            &roots,
             s.task,
             s.mm,
             s.file,
             s.vfsmount(s.root_mount),
-            init_ns,
         )
         .unwrap();
         assert_eq!(f.code, CodeOrigin::Exe);
@@ -2358,6 +2406,35 @@ fn full_maple_nodes_end_as_the_kernel_says() {
     s.fill_maple_node(leaf0, MAPLE_LEAF_64, &pivots, &slots);
     // (The metadata's byte is the last slot's lowest: there is none to read.)
     let policy = Policy::from_json(CURL_POLICY).unwrap();
+    let (v, a) = decide(&s, &policy);
+    assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Exe);
+    assert_eq!(v, Verdict::Allow);
+}
+
+#[test]
+fn text_written_after_exec_is_not_the_file() {
+    let p = profile_or_skip!();
+    // ptrace(POKETEXT) or a write to /proc/PID/mem into the genuine executable's text (any
+    // user may do it to its own processes): the VMA is still the file's, the page under RIP is
+    // an anonymous copy.
+    let mut s = Scene::new(p);
+    let policy = pinned_policy(&s);
+    let anon_vma = s.g.alloc(64);
+    s.set_page_mapping(TEXT_GPA, anon_vma | 1);
+    let (v, a) = decide(&s, &policy);
+    let f = a.process.exe_file.clone().unwrap();
+    assert_eq!((f.id, f.code), (s.exe_id(), CodeOrigin::ModifiedText));
+    assert_eq!(v, Verdict::Deny);
+    assert!(a.identity_error.unwrap().contains("not the executable's"));
+    // A tail page of a large folio of the file: its head's mapping counts.
+    let head_page = s.g.alloc(64);
+    let (inode, im) = (s.inode, p.exec.inode_i_mapping);
+    let mapping = s.g.read_u64(inode + im.offset);
+    let (pm, ch) = (p.exec.page_mapping, p.exec.page_compound_head);
+    s.g.set_u64(head_page, pm, mapping);
+    let tail = s.struct_page(TEXT_GPA);
+    s.g.set_u64(tail, ch, head_page | 1);
+    s.g.set_u64(tail, pm, 0x400); // TAIL_MAPPING
     let (v, a) = decide(&s, &policy);
     assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Exe);
     assert_eq!(v, Verdict::Allow);

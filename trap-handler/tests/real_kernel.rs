@@ -527,4 +527,9 @@ fn exec_layout_matches_the_kernel() {
     assert_eq!(e.pt_regs_size, 21 * 8);
     assert_eq!((e.pt_regs_ip.offset, e.pt_regs_cs.offset), (16 * 8, 17 * 8));
     assert_eq!(e.mm_mt_root.size, 8);
+    // The identity checks find init's mount namespace and the struct page array by symbol.
+    for symbol in ["init_task", "vmemmap_base"] {
+        assert!(a.profile.symbols.contains_key(symbol), "{symbol}");
+    }
+    assert_eq!(e.page_size, 64);
 }
