@@ -625,6 +625,23 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         "the outside client's connect"
     );
 
+    // 9. Blind injection on the connection's exact 4-tuple with a sequence number the tracked
+    //    window does not allow: dropped at the edge as out of window, never reaching the client.
+    let before = drops(&counters(&edge.socket), "tcp_out_of_window");
+    let blind = Segment {
+        seq: answer.seq.wrapping_add(0x4000_0000),
+        ack: answer.ack,
+        flags: TCP_ACK,
+        ..answer
+    };
+    uplink.send_frame(&blind.frame()).unwrap();
+    wait_counters(
+        &edge.socket,
+        Duration::from_secs(5),
+        "tcp_out_of_window drop",
+        |c| drops(c, "tcp_out_of_window") > before,
+    );
+
     let ping = rest::request(
         &edge.socket,
         "GET",
