@@ -42,6 +42,8 @@ pub enum ExecError {
     Maple(&'static str),
     #[error("maple tree deeper than {MAX_MAPLE_DEPTH} levels (or a cycle)")]
     MapleTooDeep,
+    #[error("the struct page of pfn {0:#x} is past the address space")]
+    PageOverflow(u64),
     #[error("the VMA found for {addr:#x} spans {start:#x}..{end:#x}")]
     VmaMismatch { addr: u64, start: u64, end: u64 },
 }
@@ -317,7 +319,7 @@ fn page_is_files<M: GuestPhys + ?Sized>(
     let mut page = pfn
         .checked_mul(e.page_size)
         .and_then(|o| roots.vmemmap_base.checked_add(o))
-        .ok_or(ExecError::Maple("struct page address overflows"))?;
+        .ok_or(ExecError::PageOverflow(pfn))?;
     let head = r.read_field_u64(page, e.page_compound_head.offset)?;
     if head & 1 == 1 {
         page = head - 1;
