@@ -7,6 +7,16 @@
 //! Everything read here comes from the guest and is treated as hostile: reads are bounded to guest
 //! RAM through [`GuestView`], and an instruction we do not know is an error, never a guess.
 //!
+//! Code the kernel patches while another vCPU runs it (jump labels, static calls: `text_poke_bp`)
+//! also ends here: the emulator may fetch the site while it holds the temporary `int3`, and by the
+//! time the VMM reads it the patch is done, so the VMM finds an instruction KVM emulates well
+//! (a NOP form, `jmp rel8/rel32`, `call rel32`). `text_poke_bp` writes `int3` over the first byte,
+//! then the other bytes, then the new first byte (Linux `arch/x86/kernel/alternative.c`), so a
+//! first byte other than `int3` means the whole instruction is either the old or the new one, and
+//! the kernel accepts either running on another CPU meanwhile. Running what memory holds now is
+//! therefore what a CPU fetching a moment later would do: NOPs are skipped, jumps taken, and a
+//! `call` is handed back to KVM to run again (a push the VMM would write past the write traps).
+//!
 //! Owns: decoding the faulting instruction and completing the ones listed here (registers, flags,
 //! guest memory), the errors that name an instruction it cannot complete.
 //! Must not: guess at an instruction it does not know, or read past guest RAM.
@@ -55,8 +65,12 @@ pub enum Completion {
     /// An instruction with no architectural effect in this context (`fwait` with no pending x87
     /// exception, since the guest never sees unmasked x87 exceptions here): RIP moved past it.
     Skipped(Mnemonic),
-    /// Computed by the VMM and written back to the registers (`popcnt`).
+    /// Computed by the VMM and written back to the registers (`popcnt`, a patched `jmp`).
     Computed(Mnemonic),
+    /// An instruction KVM emulates, found at a site the kernel was patching when KVM fetched it
+    /// (`call rel32`): nothing changed, the vCPU runs it again. The caller refuses a second retry
+    /// at the same RIP in a row (then it was not a patch race).
+    Retry(Mnemonic),
 }
 
 impl Completion {
@@ -65,6 +79,7 @@ impl Completion {
         match self {
             Completion::Int3Injected => "int3".to_string(),
             Completion::Skipped(m) | Completion::Computed(m) => format!("{m:?}").to_lowercase(),
+            Completion::Retry(m) => format!("{m:?}-retry").to_lowercase(),
         }
     }
 }
@@ -185,6 +200,16 @@ pub fn complete(
             regs.rip = next_rip;
             Ok(Completion::Skipped(Mnemonic::Wait))
         }
+        // A patched jump-label or static-call site (see the module doc): what memory holds now.
+        _ if is_skippable_at_hook(&insn) => {
+            regs.rip = next_rip;
+            Ok(Completion::Skipped(insn.mnemonic()))
+        }
+        _ if matches!(insn.code(), Code::Jmp_rel8_64 | Code::Jmp_rel32_64) => {
+            regs.rip = insn.near_branch_target();
+            Ok(Completion::Computed(Mnemonic::Jmp))
+        }
+        _ if insn.code() == Code::Call_rel32_64 => Ok(Completion::Retry(Mnemonic::Call)),
         Mnemonic::Popcnt => {
             let source = read_source_operand(view, regs, sregs, &insn, 1)?;
             let count = u64::from(source.count_ones());
@@ -461,6 +486,65 @@ mod tests {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen.len(), 4, "four draws, four different values");
+    }
+
+    #[test]
+    fn patched_sites_run_what_memory_holds_now() {
+        // nopl 0x0(%rax,%rax,1) (the 5-byte NOP of a jump label) at 0x1000; jmp rel8 +0x19 at
+        // 0x1005; jmp rel32 -0x10 at 0x1007; call rel32 at 0x100c; xchg ax,ax (66 90) at 0x1011.
+        let code = [
+            0x0f, 0x1f, 0x44, 0x00, 0x00, 0xeb, 0x19, 0xe9, 0xf0, 0xff, 0xff, 0xff, 0xe8, 0x00,
+            0x01, 0x00, 0x00, 0x66, 0x90,
+        ];
+        let mem = memory_with(&code, 0x1000);
+        let sregs = flat64();
+        let view = GuestView::new(&mem, &sregs);
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            rsp: 0x8000,
+            ..Default::default()
+        };
+        let run = |regs: &mut kvm_regs, rip| {
+            regs.rip = rip;
+            complete(&view, regs, &sregs)
+        };
+        assert_eq!(
+            run(&mut regs, 0x1000),
+            Ok(Completion::Skipped(Mnemonic::Nop))
+        );
+        assert_eq!(regs.rip, 0x1005);
+        assert_eq!(
+            run(&mut regs, 0x1005),
+            Ok(Completion::Computed(Mnemonic::Jmp))
+        );
+        assert_eq!(regs.rip, 0x1007 + 0x19);
+        run(&mut regs, 0x1007).unwrap();
+        assert_eq!(regs.rip, 0x100c - 0x10);
+        assert_eq!(
+            run(&mut regs, 0x100c),
+            Ok(Completion::Retry(Mnemonic::Call))
+        );
+        assert_eq!((regs.rip, regs.rsp), (0x100c, 0x8000), "nothing done");
+        assert_eq!(Completion::Retry(Mnemonic::Call).name(), "call-retry");
+        run(&mut regs, 0x1011).unwrap();
+        assert_eq!(regs.rip, 0x1013);
+    }
+
+    #[test]
+    fn a_site_still_holding_the_patch_int3_goes_to_the_guest() {
+        // text_poke_bp mid-way: int3 over the first byte, the new tail behind it.
+        let mem = memory_with(&[0xcc, 0x1f, 0x44, 0x00, 0x00], 0x1000);
+        let sregs = flat64();
+        let view = GuestView::new(&mem, &sregs);
+        let mut regs = kvm_regs {
+            rip: 0x1000,
+            ..Default::default()
+        };
+        assert_eq!(
+            complete(&view, &mut regs, &sregs),
+            Ok(Completion::Int3Injected)
+        );
+        assert_eq!(regs.rip, 0x1001);
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! until resumed or stopped. `pause` returns once every vCPU is parked: from then on no guest
 //! instruction runs.
 //!
+//! A vCPU can also stop the others for a moment ([`RunControl::stop_others`]): it holds them
+//! parked while it changes what every vCPU depends on (the memory slots of the write traps, the
+//! breakpoints of the introspection), and they resume when the returned [`OthersStopped`] drops.
+//! Such a hold and an API pause combine: a parked vCPU runs again only once neither holds it.
+//!
 //! Owns: the pause flag, the registry of a running VM's vCPU threads, their parking, and the
 //! collection of the states they capture as they park.
 //! Must not: issue KVM ioctls itself (each vCPU captures its own state on its own thread), or
@@ -35,6 +40,10 @@ pub enum RunControlError {
     NotCaptured { captured: usize, vcpus: usize },
     #[error(transparent)]
     Capture(#[from] SnapshotError),
+    #[error("another vCPU is already holding the others stopped")]
+    Busy,
+    #[error("the VM runs {running} vCPU threads, {vcpus} expected")]
+    Threads { running: usize, vcpus: usize },
 }
 
 /// How often a parked vCPU looks at the VM's stop flag (stop requests do not notify this
@@ -53,6 +62,8 @@ struct Parking {
 #[derive(Default)]
 pub struct RunControl {
     pause: AtomicBool,
+    /// A vCPU holds the others parked ([`stop_others`](Self::stop_others)).
+    held: AtomicBool,
     /// Parking vCPUs capture their state (a snapshot or a migration is under way).
     capture: AtomicBool,
     parking: Mutex<Parking>,
@@ -67,6 +78,77 @@ unsafe impl Sync for RunControl {}
 impl RunControl {
     pub fn is_paused(&self) -> bool {
         self.pause.load(Ordering::Acquire)
+    }
+
+    /// Whether a vCPU must park at the top of its loop: the VM is paused, or another vCPU holds
+    /// the others stopped. (The holder itself is inside an exit handler while it holds.)
+    pub(crate) fn must_park(&self) -> bool {
+        self.is_paused() || self.held.load(Ordering::Acquire)
+    }
+
+    /// Parks every vCPU but the caller's (a vCPU thread, outside KVM_RUN) and returns once they
+    /// are parked: from then until the returned guard drops, no other vCPU runs a guest
+    /// instruction. `vcpus` is how many the VM has; with one, nothing is paused (the caller is
+    /// the only vCPU and it is not in KVM_RUN). Fails when another vCPU holds them already, when
+    /// the VM's threads are not all registered, or when they do not park within `limit`.
+    pub(crate) fn stop_others(
+        &self,
+        vcpus: usize,
+        limit: Duration,
+    ) -> Result<OthersStopped<'_>, RunControlError> {
+        if vcpus <= 1 {
+            return Ok(OthersStopped { control: None });
+        }
+        if self
+            .held
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err(RunControlError::Busy);
+        }
+        let guard = OthersStopped {
+            control: Some(self),
+        };
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        let deadline = Instant::now() + limit;
+        let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
+        if parking.threads.len() != vcpus {
+            return Err(RunControlError::Threads {
+                running: parking.threads.len(),
+                vcpus,
+            });
+        }
+        loop {
+            if parking.parked + 1 >= parking.threads.len() {
+                return Ok(guard);
+            }
+            // The caller's own thread is not kicked: it is not in KVM_RUN.
+            for &thread in parking.threads.iter().filter(|&&t| t != me) {
+                // SAFETY: as in `pause`: registered threads are alive.
+                unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(RunControlError::NotParked {
+                    parked: parking.parked,
+                    vcpus: parking.threads.len() - 1,
+                    ms: limit.as_millis(),
+                });
+            }
+            let wait = (deadline - now).min(Duration::from_millis(5));
+            parking = self
+                .changed
+                .wait_timeout(parking, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    fn release_others(&self) {
+        self.held.store(false, Ordering::Release);
+        let _guard = self.parking.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
     }
 
     /// Registers the vCPU threads (`Vm::run`); an empty list when the VM stops.
@@ -161,7 +243,7 @@ impl RunControl {
         }
         parking.parked += 1;
         self.changed.notify_all();
-        while self.pause.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+        while self.must_park() && !stop.load(Ordering::Acquire) {
             parking = self
                 .changed
                 .wait_timeout(parking, PARKED_STOP_POLL)
@@ -169,5 +251,112 @@ impl RunControl {
                 .0;
         }
         parking.parked = parking.parked.saturating_sub(1);
+    }
+}
+
+/// The other vCPUs are parked while this lives ([`RunControl::stop_others`]); dropping it lets
+/// them run again.
+pub(crate) struct OthersStopped<'a> {
+    /// None when the VM has one vCPU (nothing was stopped).
+    control: Option<&'a RunControl>,
+}
+
+impl Drop for OthersStopped<'_> {
+    fn drop(&mut self) {
+        if let Some(control) = self.control {
+            control.release_others();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// A stand-in for a vCPU loop: counts "guest instructions" unless it must park.
+    fn fake_vcpu(
+        control: Arc<RunControl>,
+        stop: Arc<AtomicBool>,
+        index: u8,
+        ran: Arc<AtomicU64>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                if control.must_park() {
+                    control.park(&stop, index, || unreachable!("no capture asked"));
+                    continue;
+                }
+                ran.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    }
+
+    #[test]
+    fn one_vcpu_stops_the_others_until_its_guard_drops() {
+        extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+        let _ =
+            vmm_sys_util::signal::register_signal_handler(vmm_sys_util::signal::SIGRTMIN(), noop);
+        let control = Arc::new(RunControl::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters: Vec<_> = (0..2).map(|_| Arc::new(AtomicU64::new(0))).collect();
+        let others: Vec<_> = counters
+            .iter()
+            .zip(1..)
+            .map(|(ran, index)| fake_vcpu(control.clone(), stop.clone(), index, ran.clone()))
+            .collect();
+        let mut threads: Vec<_> = others
+            .iter()
+            .map(std::os::unix::thread::JoinHandleExt::as_pthread_t)
+            .collect();
+        // SAFETY: no preconditions; this test thread plays vCPU 0.
+        threads.push(unsafe { libc::pthread_self() });
+        control.set_threads(threads);
+
+        // With one vCPU nothing is held.
+        let alone = control.stop_others(1, Duration::from_secs(1)).unwrap();
+        assert!(!control.must_park());
+        drop(alone);
+
+        let held = control.stop_others(3, Duration::from_secs(5)).unwrap();
+        assert!(control.must_park());
+        assert!(matches!(
+            control.stop_others(3, Duration::from_secs(1)),
+            Err(RunControlError::Busy)
+        ));
+        let before: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        std::thread::sleep(Duration::from_millis(30));
+        let after: Vec<u64> = counters.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(before, after, "no other vCPU ran while held");
+        // An API resume does not release what a vCPU holds.
+        control.resume();
+        assert!(control.must_park());
+        drop(held);
+        assert!(!control.must_park());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while counters
+            .iter()
+            .zip(&after)
+            .any(|(c, a)| c.load(Ordering::Relaxed) <= *a)
+        {
+            assert!(Instant::now() < deadline, "the others run again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The wrong thread count is refused rather than trusted.
+        assert!(matches!(
+            control.stop_others(4, Duration::from_secs(1)),
+            Err(RunControlError::Threads {
+                running: 3,
+                vcpus: 4
+            })
+        ));
+        assert!(!control.must_park(), "a refused hold releases");
+        stop.store(true, Ordering::Release);
+        for thread in others {
+            thread.join().unwrap();
+        }
     }
 }

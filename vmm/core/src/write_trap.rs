@@ -9,7 +9,9 @@
 //! KVM cannot change a slot's flags or split it in place, so arming replaces the RAM slot by
 //! several: the read-only pages and the read-write ranges between them. The guest must not run
 //! while the slots are replaced (an access in between would find no memory): arming happens on a
-//! vCPU thread between two `KVM_RUN`s, and only while that vCPU is the VM's only one.
+//! vCPU thread between two `KVM_RUN`s, with every other vCPU parked
+//! ([`RunControl::stop_others`](crate::run_control::RunControl::stop_others), whose guard `arm`
+//! asks for).
 //!
 //! Owns: the VM's guarded pages and the memslot layout that protects them.
 //! Must not: change memslots while another vCPU can run, or guard anything outside guest RAM.
@@ -20,6 +22,8 @@ use std::sync::{Arc, OnceLock};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use thiserror::Error;
+
+use crate::run_control::OthersStopped;
 
 pub const PAGE_SIZE: u64 = 0x1000;
 
@@ -43,11 +47,6 @@ pub struct GuardedPage {
 pub enum WriteTrapError {
     #[error("write traps are already armed")]
     AlreadyArmed,
-    #[error(
-        "write traps need the VM paused while its memory slots change; with {0} vCPUs that \
-         pause is not implemented yet, so the hooked pages stay writable"
-    )]
-    SeveralVcpus(usize),
     #[error("no page to guard lies in guest RAM")]
     NothingToGuard,
     #[error(
@@ -68,7 +67,6 @@ pub enum WriteTrapError {
 pub struct WriteTraps {
     vm_fd: Arc<VmFd>,
     ram: RamSlot,
-    vcpus: usize,
     /// Page-aligned guest-physical address → label, set when armed.
     pages: OnceLock<BTreeMap<u64, String>>,
 }
@@ -99,11 +97,10 @@ pub fn slot_layout(size: u64, pages: &[u64]) -> Vec<(u64, u64, bool)> {
 }
 
 impl WriteTraps {
-    pub fn new(vm_fd: Arc<VmFd>, ram: RamSlot, vcpus: usize) -> Self {
+    pub fn new(vm_fd: Arc<VmFd>, ram: RamSlot) -> Self {
         WriteTraps {
             vm_fd,
             ram,
-            vcpus,
             pages: OnceLock::new(),
         }
     }
@@ -120,15 +117,16 @@ impl WriteTraps {
             .map(String::as_str)
     }
 
-    /// Makes `pages` read-only to the guest. Call from a vCPU thread outside `KVM_RUN`.
+    /// Makes `pages` read-only to the guest. Call from a vCPU thread outside `KVM_RUN`, with the
+    /// other vCPUs stopped (`_others`: no vCPU touches RAM while its slot is being replaced).
     /// Returns the pages now guarded.
-    pub fn arm(&self, pages: &[GuardedPage]) -> Result<usize, WriteTrapError> {
+    pub(crate) fn arm(
+        &self,
+        pages: &[GuardedPage],
+        _others: &OthersStopped<'_>,
+    ) -> Result<usize, WriteTrapError> {
         if self.is_armed() {
             return Err(WriteTrapError::AlreadyArmed);
-        }
-        if self.vcpus != 1 {
-            // Another vCPU could touch RAM while its slot is being replaced.
-            return Err(WriteTrapError::SeveralVcpus(self.vcpus));
         }
         let mut map = BTreeMap::new();
         for page in pages {
@@ -218,11 +216,6 @@ mod tests {
 
     #[test]
     fn errors_keep_the_messages_the_write_traps_event_carried() {
-        assert_eq!(
-            WriteTrapError::SeveralVcpus(2).to_string(),
-            "write traps need the VM paused while its memory slots change; with 2 vCPUs that \
-             pause is not implemented yet, so the hooked pages stay writable"
-        );
         let e = WriteTrapError::SetSlot {
             slot: 1,
             start: 0x3000,

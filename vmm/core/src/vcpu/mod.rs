@@ -17,7 +17,7 @@ mod guest_debug;
 mod syscall_fix;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
@@ -49,6 +49,8 @@ const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 /// Vector of #PF.
 const PAGE_FAULT_VECTOR: u64 = 14;
+/// How long a vCPU that arms the write traps waits for the others to park.
+const STOP_OTHERS_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// CR0.PG, EFER.LMA.
 const CR0_PG: u64 = 1 << 31;
 const EFER_LMA: u64 = 1 << 10;
@@ -181,6 +183,23 @@ pub struct Vcpu {
     write_traps: Option<Arc<WriteTraps>>,
     /// Whether this vCPU already tried to arm the write traps.
     write_traps_tried: bool,
+    /// Bumped (by whichever vCPU does it, with the others parked) when the hooks move (a KASLR
+    /// slide adopted) or software breakpoints are placed: every vCPU reprograms its debug state
+    /// before it runs the guest again.
+    debug_generation: Option<Arc<AtomicU64>>,
+    /// The generation this vCPU's debug state was programmed for.
+    debug_seen: u64,
+    /// How many vCPUs the VM has (arming the write traps stops the others).
+    vcpu_count: usize,
+    /// The VM's run control, from [`Vcpu::run`] on.
+    control: Option<Arc<RunControl>>,
+    /// True while this vCPU's syscall fix is not armed yet (emulating hosts only): the VM kicks
+    /// it out of KVM_RUN until it is, since a vCPU other than the first may make no exit of its
+    /// own between loading its IDT and running user code.
+    syscall_fix_pending: Option<Arc<AtomicBool>>,
+    /// RIP of the last emulation failure handed back to KVM to run again
+    /// ([`Completion::Retry`]), until any other exit: a second failure there in a row stops.
+    last_retry: Option<u64>,
     /// `VIGIL_TRACE_EXITS`: log every completion and debug exit.
     trace: bool,
     /// `VIGIL_NO_SYSCALL_FIX`: leave the syscall fix off (to measure what it costs).
@@ -192,11 +211,15 @@ pub struct Vcpu {
 pub struct TenantGuard {
     pub introspection: Arc<Introspection>,
     pub write_traps: Arc<WriteTraps>,
+    /// Shared by the VM's vCPUs: see `Vcpu::debug_generation`.
+    pub debug_generation: Arc<AtomicU64>,
 }
 
 impl Vcpu {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         index: u8,
+        vcpu_count: usize,
         fd: VcpuFd,
         memory: GuestMemoryMmap,
         bus: Arc<Bus>,
@@ -204,10 +227,16 @@ impl Vcpu {
         guard: Option<TenantGuard>,
         knobs: &DebugKnobs,
     ) -> Self {
-        let (introspection, write_traps) = match guard {
-            Some(g) => (Some(g.introspection), Some(g.write_traps)),
-            None => (None, None),
+        let (introspection, write_traps, debug_generation) = match guard {
+            Some(g) => (
+                Some(g.introspection),
+                Some(g.write_traps),
+                Some(g.debug_generation),
+            ),
+            None => (None, None, None),
         };
+        let syscall_fix_pending = (host == HostKind::Emulating && !knobs.no_syscall_fix)
+            .then(|| Arc::new(AtomicBool::new(true)));
         Vcpu {
             index,
             fd,
@@ -223,11 +252,26 @@ impl Vcpu {
             introspection,
             write_traps,
             write_traps_tried: false,
+            debug_seen: debug_generation
+                .as_ref()
+                .map_or(0, |g| g.load(Ordering::Acquire)),
+            debug_generation,
+            vcpu_count,
+            control: None,
+            syscall_fix_pending,
+            last_retry: None,
         }
     }
 
+    /// A flag that stays true until this vCPU's syscall fix is armed (None where no fix runs):
+    /// while it is, the VM kicks this vCPU out of KVM_RUN now and then so that it looks.
+    pub fn syscall_fix_pending(&self) -> Option<Arc<AtomicBool>> {
+        self.syscall_fix_pending.clone()
+    }
+
     /// Runs until the guest or the VMM stops this vCPU.
-    pub fn run(&mut self, stop: &AtomicBool, control: &RunControl) -> StopReason {
+    pub fn run(&mut self, stop: &AtomicBool, control: &Arc<RunControl>) -> StopReason {
+        self.control = Some(control.clone());
         if self.introspection.is_some() {
             if let Err(e) = self.program_debug(false) {
                 return StopReason::Crashed(format!("cannot install the introspection hooks: {e}"));
@@ -243,17 +287,41 @@ impl Vcpu {
             }
             // Between two exits, and never in the middle of stepping over a hook (its next exit
             // comes after one instruction): nothing is half handled.
-            if control.is_paused() && self.state == VcpuState::Running {
+            if control.must_park() && self.state == VcpuState::Running {
                 self.state = VcpuState::Paused;
                 let index = self.index;
                 control.park(stop, index, || self.capture());
                 self.state = VcpuState::Running;
                 continue;
             }
+            // Another vCPU moved the hooks or placed software breakpoints (while this one was
+            // parked): take them on before running the guest again. Not while stepping over
+            // one of ours (the step's end reprograms from the current hooks anyway).
+            if let Some(generation) = &self.debug_generation {
+                let now = generation.load(Ordering::Acquire);
+                if now != self.debug_seen && self.state == VcpuState::Running {
+                    self.debug_seen = now;
+                    if let Err(e) = self.program_debug(false) {
+                        self.state = VcpuState::Stopped;
+                        return StopReason::Crashed(format!(
+                            "cannot reprogram the introspection hooks on vCPU {}: {e}",
+                            self.index
+                        ));
+                    }
+                }
+            }
             let exit = match self.run_once() {
                 Ok(exit) => exit,
                 Err(errno) if errno == libc::EINTR || errno == libc::EAGAIN => {
-                    // A kick: either a stop request (checked above) or a profiler sample.
+                    // A kick: a stop or pause request (checked above), a profiler sample, or the
+                    // VM asking a vCPU whose syscall fix is not armed yet to look again.
+                    if self
+                        .syscall_fix_pending
+                        .as_ref()
+                        .is_some_and(|p| p.load(Ordering::Relaxed))
+                    {
+                        self.maybe_arm_syscall_fix();
+                    }
                     if let Some(samples) = self.rip_samples.as_mut() {
                         if let Ok(regs) = self.fd.get_regs() {
                             *samples.entry(regs.rip).or_default() += 1;
@@ -271,6 +339,9 @@ impl Vcpu {
                 }
             };
             self.stats.exits += 1;
+            if exit != ExitAction::InternalError {
+                self.last_retry = None;
+            }
             let action = match exit {
                 ExitAction::Handled => Action::Continue,
                 ExitAction::PortWritten => {
@@ -366,6 +437,18 @@ impl Vcpu {
         let rip = regs.rip;
         match emulation::complete(&view, &mut regs, &sregs) {
             Ok(completion) => {
+                if let Completion::Retry(_) = completion {
+                    if self.last_retry.replace(rip) == Some(rip) {
+                        return Action::Stop(StopReason::Crashed(format!(
+                            "vCPU {}: KVM failed twice in a row to emulate `{}` at {rip:#x} \
+                             (not a site being patched): Vigil cannot complete it",
+                            self.index,
+                            completion.name()
+                        )));
+                    }
+                } else {
+                    self.last_retry = None;
+                }
                 if self.trace {
                     log::info!(
                         "vigil: vcpu{} completed {} at {rip:#x}",
@@ -451,6 +534,10 @@ impl Vcpu {
             let previous = self.syscall_fix.pf_handler.replace(handler);
             if self.program_debug(false).is_err() {
                 self.syscall_fix.pf_handler = previous;
+                return;
+            }
+            if let Some(pending) = &self.syscall_fix_pending {
+                pending.store(false, Ordering::Relaxed);
             }
         }
     }
@@ -682,6 +769,26 @@ impl Vcpu {
         if traps.is_armed() {
             return;
         }
+        let (traps, introspection) = (traps.clone(), introspection.clone());
+        // The memory slots change and the hooks may move or become int3s: no other vCPU may run
+        // a guest instruction meanwhile. They park at the top of their loops and, when they run
+        // again, reprogram their debug state for the new generation first.
+        let control = self.control.clone().unwrap_or_default();
+        let stopped = match control.stop_others(self.vcpu_count, STOP_OTHERS_LIMIT) {
+            Ok(stopped) => stopped,
+            Err(crate::run_control::RunControlError::Busy) => {
+                // Another vCPU is arming them right now.
+                return;
+            }
+            Err(e) => {
+                introspection
+                    .write_traps_armed(&[], Some(format!("could not stop the other vCPUs: {e}")));
+                return;
+            }
+        };
+        if traps.is_armed() {
+            return;
+        }
         // Where the kernel really is: a slide other than 0 moves every hook (a kernel that ran
         // the bzImage decompressor with KASLR; a PVH-booted vmlinux runs where it was linked).
         let slide_error = match self.syscall_msrs() {
@@ -699,14 +806,19 @@ impl Vcpu {
         // the guest must not see a page half-guarded.
         introspection.place_soft_hooks(&self.memory, sregs);
         if self.host == HostKind::Hardware && introspection.soft_hooks_placed() {
-            // Ask KVM to exit on #BP on this vCPU (each vCPU programs its own debug state).
+            // Ask KVM to exit on #BP on this vCPU (the others do when they see the generation).
             let _ = self.program_debug(false);
         }
+        // Every other vCPU takes on the moved hooks and #BP interception before it runs again.
+        if let Some(generation) = &self.debug_generation {
+            generation.fetch_add(1, Ordering::AcqRel);
+        }
         let pages = introspection.guarded_pages(&self.memory, sregs);
-        match traps.arm(&pages) {
+        match traps.arm(&pages, &stopped) {
             Ok(_) => introspection.write_traps_armed(&pages, None),
             Err(e) => introspection.write_traps_armed(&[], Some(e.to_string())),
         }
+        drop(stopped);
     }
 
     /// A guest write to a guarded page: KVM already discarded it (read-only memslot); the guest

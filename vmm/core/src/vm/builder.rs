@@ -8,7 +8,7 @@
 
 use std::fs::{self, File};
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -66,10 +66,12 @@ impl Vm {
             knobs.tsc_dilation,
         )?;
         let write_traps = write_traps(config, introspection.is_some(), &fd, &memory)?;
+        let debug_generation = Arc::new(AtomicU64::new(0));
         let guard = || match (&introspection, &write_traps) {
             (Some(introspection), Some(write_traps)) => Some(TenantGuard {
                 introspection: introspection.clone(),
                 write_traps: write_traps.clone(),
+                debug_generation: debug_generation.clone(),
             }),
             _ => None,
         };
@@ -79,6 +81,7 @@ impl Vm {
             .map(|(vcpu_fd, index)| {
                 Vcpu::new(
                     index,
+                    usize::from(config.vcpus),
                     vcpu_fd,
                     memory.clone(),
                     bus.clone(),
@@ -480,7 +483,6 @@ fn write_traps(
             size: config.mem_bytes(),
             host_addr,
         },
-        usize::from(config.vcpus),
     ))))
 }
 

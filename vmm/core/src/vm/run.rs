@@ -2,7 +2,7 @@
 //! signal), the profiler's sampling kicks, and the outcome.
 //!
 //! Owns: the vCPU threads' lifetimes, SIGTERM/SIGINT handling for running VMs, the RIP profile
-//! file, and the [`VmOutcome`] of a run.
+//! file, the kicks that make every vCPU arm its syscall fix, and the [`VmOutcome`] of a run.
 //! Must not: handle exits (the vCPUs do) or let a vCPU failure take the process down.
 
 use std::collections::BTreeMap;
@@ -29,8 +29,17 @@ impl Vm {
         let stop = self.stop.clone();
         let first = Arc::new(FirstStop::default());
         install_kick_handler();
+        let pending: Vec<_> = self
+            .vcpus
+            .iter()
+            .map(|vcpu| vcpu.syscall_fix_pending())
+            .collect();
         let threads = self.spawn_vcpus(&first)?;
         self.control.set_threads(pthreads(&threads));
+        let arming = pending
+            .iter()
+            .any(Option::is_some)
+            .then(|| spawn_syscall_fix_kicker(pthreads(&threads), pending, stop.clone()));
         let sampler = self
             .profile
             .as_ref()
@@ -42,6 +51,9 @@ impl Vm {
         self.control.set_threads(Vec::new());
         if let Some(sampler) = sampler {
             let _ = sampler.join();
+        }
+        if let Some(arming) = arming {
+            let _ = arming.join();
         }
         let stats = self.join_vcpus(threads, &first);
         // Every event of the run is out before the outcome line.
@@ -125,6 +137,37 @@ fn spawn_sampler(threads: Vec<libc::pthread_t>, stop: Arc<AtomicBool>) -> JoinHa
                 // SAFETY: the vCPU threads are joined only after this sampler is.
                 unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
             }
+        }
+    })
+}
+
+/// How often a vCPU whose syscall fix is not armed yet is kicked out of KVM_RUN to look.
+const SYSCALL_FIX_KICK: Duration = Duration::from_millis(10);
+
+/// Kicks, every [`SYSCALL_FIX_KICK`], each vCPU whose `pending` flag is still set, until none is
+/// or `stop`. The first vCPU sees its #PF handler on its own frequent port writes, but another
+/// may make no exit to the VMM between loading its IDT and running user code (its timer, IPIs
+/// and `hlt` stay in KVM): without these kicks its first `syscall` would fault into the guest,
+/// which kills the process with RIP at the system-call entry.
+fn spawn_syscall_fix_kicker(
+    threads: Vec<libc::pthread_t>,
+    pending: Vec<Option<Arc<AtomicBool>>>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Acquire) {
+            let mut waiting = false;
+            for (&thread, flag) in threads.iter().zip(&pending) {
+                if flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+                    waiting = true;
+                    // SAFETY: the vCPU threads are joined only after this kicker is.
+                    unsafe { libc::pthread_kill(thread, vmm_sys_util::signal::SIGRTMIN()) };
+                }
+            }
+            if !waiting {
+                return;
+            }
+            std::thread::sleep(SYSCALL_FIX_KICK);
         }
     })
 }
