@@ -273,6 +273,7 @@ impl FlowSlot {
     }
 
     /// The window scale shift of a side (0 when not negotiated).
+    #[inline]
     fn scale(&self, side: usize) -> u8 {
         match (self.wscale >> (4 * side)) & 0xf {
             SCALE_NONE => 0,
@@ -317,7 +318,26 @@ impl FlowSlot {
     ///   SYN must acknowledge the SYN exactly (RFC 9293 §3.10.7.3).
     ///
     /// Nothing is updated for a segment that does not pass, nor for a RST.
+    #[inline(always)]
     pub fn track(&mut self, orig: bool, f: TcpFlags, g: &TcpSeg) -> Track {
+        let (s, r) = if orig { (0, 1) } else { (1, 0) };
+        let (sw, rw) = (self.win[s], self.win[r]);
+        if f.syn || f.rst || sw.maxwin == 0 || rw.maxwin == 0 {
+            return self.track_slow(orig, f, g);
+        }
+        // The common case: a plain segment between two known sides.
+        let end = g.seq.wrapping_add(g.len);
+        let ack = if f.ack { g.ack } else { rw.end };
+        if !in_window(&sw, &rw, g.seq, end, ack) {
+            return Track::OutOfWindow;
+        }
+        self.learn(s, r, ack, end, u32::from(g.win) << self.scale(s));
+        Track::InWindow
+    }
+
+    /// Everything but a plain segment between two known sides: SYNs, RSTs, pick-ups.
+    #[inline(never)]
+    fn track_slow(&mut self, orig: bool, f: TcpFlags, g: &TcpSeg) -> Track {
         let (s, r) = if orig { (0, 1) } else { (1, 0) };
         let seq = g.seq;
         let end = seq.wrapping_add(g.len);
@@ -373,14 +393,7 @@ impl FlowSlot {
         } else {
             g.ack
         };
-        let in_recv_win =
-            rw.maxwin == 0 || after(end, sw.end.wrapping_sub(rw.maxwin.saturating_add(1)));
-        let ack_win = sw.maxwin.max(MIN_ACK_WINDOW);
-        let ok = before(seq, sw.maxend.wrapping_add(1))
-            && in_recv_win
-            && before(ack, rw.end.wrapping_add(1))
-            && after(ack, rw.end.wrapping_sub(ack_win).wrapping_sub(1));
-        if !ok {
+        if !in_window(&sw, &rw, seq, end, ack) {
             return Track::OutOfWindow;
         }
         if f.rst {
@@ -397,6 +410,14 @@ impl FlowSlot {
         } else {
             u32::from(g.win) << self.scale(s)
         };
+        self.learn(s, r, ack, end, win);
+        Track::InWindow
+    }
+
+    /// Update both sides from a segment of side `s` that passed: its end, its largest window
+    /// (`win`, scaled), and how far the receiver `r` may now send.
+    #[inline(always)]
+    fn learn(&mut self, s: usize, r: usize, ack: u32, end: u32, win: u32) {
         let sender = &mut self.win[s];
         let s_maxend = sender.maxend;
         sender.maxwin = sender.maxwin.max(win);
@@ -412,7 +433,6 @@ impl FlowSlot {
         if after(edge, receiver.maxend.wrapping_sub(1)) {
             receiver.maxend = if win == 0 { edge.wrapping_add(1) } else { edge };
         }
-        Track::InWindow
     }
 
     /// An adopted flow knows no windows: each side is picked up from its first segment, with the
@@ -422,6 +442,19 @@ impl FlowSlot {
         self.win = [TcpWindow::default(); 2];
         self.wscale = MAX_WSCALE | (MAX_WSCALE << 4);
     }
+}
+
+/// Rooij's four conditions for a segment `[seq, end)` acknowledging `ack`, sent by side `sw` to
+/// side `rw` (see [`FlowSlot::track`]).
+#[inline(always)]
+fn in_window(sw: &TcpWindow, rw: &TcpWindow, seq: u32, end: u32, ack: u32) -> bool {
+    let in_recv_win =
+        rw.maxwin == 0 || after(end, sw.end.wrapping_sub(rw.maxwin.saturating_add(1)));
+    let ack_win = sw.maxwin.max(MIN_ACK_WINDOW);
+    before(seq, sw.maxend.wrapping_add(1))
+        && in_recv_win
+        && before(ack, rw.end.wrapping_add(1))
+        && after(ack, rw.end.wrapping_sub(ack_win).wrapping_sub(1))
 }
 
 fn origin_bit_of(origin: Direction) -> u8 {
@@ -689,7 +722,7 @@ impl<'a> Conntrack<'a> {
     }
 
     /// Feed a TCP segment to the entry at `i` (see [`FlowSlot::track`]).
-    #[inline]
+    #[inline(always)]
     pub fn track(&mut self, i: usize, orig: bool, f: TcpFlags, seg: &TcpSeg) -> Track {
         self.slots[i].track(orig, f, seg)
     }
@@ -799,9 +832,9 @@ impl<'a> Conntrack<'a> {
             // SAFETY: prefetch is a hint; it never faults, and `p` points into the table.
             unsafe {
                 core::arch::x86_64::_mm_prefetch(p, core::arch::x86_64::_MM_HINT_T0);
-                // A 52-byte slot may straddle two cache lines.
+                // An 80-byte slot spans two cache lines.
                 core::arch::x86_64::_mm_prefetch(
-                    p.wrapping_add(51),
+                    p.wrapping_add(core::mem::size_of::<FlowSlot>() - 1),
                     core::arch::x86_64::_MM_HINT_T0,
                 );
             }
@@ -901,12 +934,15 @@ impl<'a> Conntrack<'a> {
     #[inline]
     pub fn touch(&mut self, i: usize, state: u8, expires: u32) {
         let s = &mut self.slots[i];
-        let (was, kind, tenant) = (s.state, s.kind, s.tenant);
+        let was = s.state;
         s.state = state;
         s.expires = expires;
-        let (before, now) = (half_open(kind, was), half_open(kind, state));
-        if before != now {
-            self.count_half_open(tenant, now);
+        if was != state {
+            let (kind, tenant) = (s.kind, s.tenant);
+            let (before, now) = (half_open(kind, was), half_open(kind, state));
+            if before != now {
+                self.count_half_open(tenant, now);
+            }
         }
     }
 

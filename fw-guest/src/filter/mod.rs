@@ -493,27 +493,30 @@ impl<'a> Filter<'a> {
     }
 
     /// A packet of the tracked flow at slot `i`. `None`: re-open as a new flow.
-    #[inline]
+    #[inline(always)]
     fn existing(&mut self, i: usize, dir: Direction, l4: &L4, now_s: u32) -> Option<Decision> {
-        let e = *self.conntrack.slot(i);
-        if !self.verdicts.is_current(e.verdict()) {
+        // The fields needed, not the whole 80-byte slot.
+        let e = self.conntrack.slot(i);
+        let (verdict, origin, state_byte, replied) =
+            (e.verdict(), e.origin(), e.state_byte(), e.replied());
+        if !self.verdicts.is_current(verdict) {
             self.conntrack.remove(i);
             self.counters.flows_revoked += 1;
             return Some(Decision::Drop(DropReason::Revoked));
         }
         let t = &self.config.timeouts;
-        let orig = dir == e.origin();
+        let orig = dir == origin;
         match *l4 {
-            L4::Tcp { flags, seg, .. } => match conntrack::tcp_step(e.state_byte(), orig, flags) {
+            L4::Tcp { flags, ref seg, .. } => match conntrack::tcp_step(state_byte, orig, flags) {
                 conntrack::TcpStep::Pass(state) => {
-                    let (state, timeout) = match self.conntrack.track(i, orig, flags, &seg) {
+                    let (state, timeout) = match self.conntrack.track(i, orig, flags, seg) {
                         Track::OutOfWindow => {
                             return Some(Decision::Drop(DropReason::TcpOutOfWindow))
                         }
                         // The endpoint decides; if it took the reset, the entry goes soon.
                         Track::InWindowRst => {
-                            let current = t.tcp(e.tcp_state());
-                            (e.state_byte(), current.min(t.tcp_closed))
+                            let current = t.tcp(TcpState::from_bits(state_byte));
+                            (state_byte, current.min(t.tcp_closed))
                         }
                         Track::InWindow | Track::ExactRst => {
                             (state, t.tcp(TcpState::from_bits(state)))
@@ -527,9 +530,9 @@ impl<'a> Filter<'a> {
                 conntrack::TcpStep::Reopen => None,
             },
             L4::Udp { .. } => {
-                if orig && !e.replied() {
+                if orig && !replied {
                     self.conntrack
-                        .touch(i, e.state_byte(), now_s.saturating_add(t.udp_unreplied));
+                        .touch(i, state_byte, now_s.saturating_add(t.udp_unreplied));
                 } else {
                     self.conntrack
                         .mark_replied(i, now_s.saturating_add(t.udp_replied));
@@ -544,7 +547,7 @@ impl<'a> Filter<'a> {
                 }
                 if orig {
                     self.conntrack
-                        .touch(i, e.state_byte(), now_s.saturating_add(t.icmp));
+                        .touch(i, state_byte, now_s.saturating_add(t.icmp));
                 } else {
                     self.conntrack.mark_replied(i, now_s.saturating_add(t.icmp));
                 }

@@ -255,6 +255,7 @@ fn parse_ipv6(payload: &[u8]) -> Result<Parsed, DropReason> {
     }))
 }
 
+#[inline(always)]
 fn parse_tcp(body: &[u8]) -> Result<L4, DropReason> {
     let tcp = TcpPacket::new_checked(body).map_err(|_| DropReason::Malformed)?;
     let (syn, fin) = (tcp.syn(), tcp.fin());
