@@ -278,12 +278,27 @@ fn a_rst_refusing_a_syn_must_acknowledge_it() {
         outbound(&mut f, 1, seg(Rst, 0, Some(4242), 0, None), b"", 0),
         drop(DropReason::TcpOutOfWindow)
     );
+    // Nor does a RST "from the client" that is not exactly its next sequence number.
+    assert_eq!(
+        inbound(&mut f, 1, seg(Rst, 4000, None, 0, None), b"", 0),
+        drop(DropReason::TcpOutOfWindow)
+    );
     assert_eq!(state_of(&f, 1), TcpState::SynSent);
     assert_eq!(
         outbound(&mut f, 1, seg(Rst, 0, Some(5001), 0, None), b"", 0),
         FWD
     );
     assert_eq!(state_of(&f, 1), TcpState::Closed);
+    // The client aborting its own connect (its next sequence number) closes too.
+    assert_eq!(
+        inbound(&mut f, 2, seg(Syn, 7000, None, 1000, None), b"", 0),
+        FWD
+    );
+    assert_eq!(
+        inbound(&mut f, 2, seg(Rst, 7001, None, 0, None), b"", 0),
+        FWD
+    );
+    assert_eq!(state_of(&f, 2), TcpState::Closed);
 }
 
 #[test]

@@ -314,8 +314,9 @@ impl FlowSlot {
     /// - a side never seen (an adopted flow, [`FlowSlot::adopt_windows`]) is picked up loosely
     ///   from its first segment, and the other side's end from that segment's ACK;
     /// - a RST passes only inside the window: an exact one (`seq == S.end`, what R expects next)
-    ///   closes, an inexact one passes without closing (see [`Track`]). A responder's RST to a
-    ///   SYN must acknowledge the SYN exactly (RFC 9293 §3.10.7.3).
+    ///   closes, an inexact one passes without closing (see [`Track`]). Before the handshake
+    ///   there is no window: the opener's RST must be exact, the responder's RST to a SYN must
+    ///   acknowledge the SYN exactly (RFC 9293 §3.10.7.3).
     ///
     /// Nothing is updated for a segment that does not pass, nor for a RST.
     #[inline(always)]
@@ -398,9 +399,12 @@ impl FlowSlot {
         }
         if f.rst {
             // A RST carries nothing to learn from; what the receiver expects next is the sender's
-            // end so far.
+            // end so far. Toward a side never seen (the opener aborting its connect) there is no
+            // window to be lenient with: exact or nothing.
             return if seq == sw.end {
                 Track::ExactRst
+            } else if rw.maxwin == 0 {
+                Track::OutOfWindow
             } else {
                 Track::InWindowRst
             };
