@@ -935,18 +935,25 @@ impl<'a> Conntrack<'a> {
     }
 
     /// Update a found entry's state byte and expiry.
-    #[inline]
+    #[inline(always)]
     pub fn touch(&mut self, i: usize, state: u8, expires: u32) {
         let s = &mut self.slots[i];
         let was = s.state;
         s.state = state;
         s.expires = expires;
         if was != state {
-            let (kind, tenant) = (s.kind, s.tenant);
-            let (before, now) = (half_open(kind, was), half_open(kind, state));
-            if before != now {
-                self.count_half_open(tenant, now);
-            }
+            self.state_changed(i, was);
+        }
+    }
+
+    /// Half-open accounting for a state change of the entry at `i` (from `was`).
+    #[inline(never)]
+    fn state_changed(&mut self, i: usize, was: u8) {
+        let s = &self.slots[i];
+        let (kind, tenant, state) = (s.kind, s.tenant, s.state);
+        let (before, now) = (half_open(kind, was), half_open(kind, state));
+        if before != now {
+            self.count_half_open(tenant, now);
         }
     }
 

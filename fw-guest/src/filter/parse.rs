@@ -177,8 +177,11 @@ fn parse_ipv4(payload: &[u8]) -> Result<Parsed, DropReason> {
     if ip.more_frags() || ip.frag_offset() != 0 {
         return Err(DropReason::Fragment);
     }
-    let src = v4_field(ip.src_addr().octets());
-    let dst = v4_field(ip.dst_addr().octets());
+    // RFC 791 §3.1: source at bytes 12..16, destination at 16..20 of the header `new_checked`
+    // has bounds-checked (read directly: no address type built and taken apart again).
+    let h = ip.as_ref();
+    let src = v4_field([h[12], h[13], h[14], h[15]]);
+    let dst = v4_field([h[16], h[17], h[18], h[19]]);
     let body = ip.payload();
     let (protocol, l4) = match ip.next_header() {
         IpProtocol::Tcp => (Protocol::Tcp, parse_tcp(body)?),
