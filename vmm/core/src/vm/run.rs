@@ -344,6 +344,48 @@ mod tests {
     }
 
     #[test]
+    fn vcpus_are_kicked_until_their_syscall_fix_is_armed() {
+        install_kick_handler();
+        let kicks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        // A stand-in for a vCPU blocked in KVM_RUN: each kick interrupts its wait.
+        let vcpu = {
+            let (kicks, done) = (kicks.clone(), done.clone());
+            std::thread::spawn(move || {
+                while !done.load(Ordering::Acquire) {
+                    // SAFETY: sleeps until a signal is handled; no memory is involved.
+                    unsafe { libc::pause() };
+                    kicks.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        let pending = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let kicker = spawn_syscall_fix_kicker(
+            vec![vcpu.as_pthread_t(), vcpu.as_pthread_t()],
+            vec![Some(pending.clone()), None],
+            stop.clone(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while kicks.load(Ordering::Relaxed) < 3 {
+            assert!(Instant::now() < deadline, "a pending vCPU is kicked");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Armed: the kicker is done with it, and ends once no vCPU is pending.
+        pending.store(false, Ordering::Relaxed);
+        kicker.join().unwrap();
+        assert!(!stop.load(Ordering::Acquire));
+        done.store(true, Ordering::Release);
+        // A kick can land just before the stand-in's next pause: kick until it has ended.
+        while !vcpu.is_finished() {
+            // SAFETY: the thread is alive (not finished, not joined yet).
+            unsafe { libc::pthread_kill(vcpu.as_pthread_t(), vmm_sys_util::signal::SIGRTMIN()) };
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        vcpu.join().unwrap();
+    }
+
+    #[test]
     fn the_profile_lists_the_hottest_rip_first() {
         let path = std::env::temp_dir().join(format!("vigil-profile-{}", std::process::id()));
         let samples = BTreeMap::from([(0x1000, 2), (0x2000, 7), (0x3000, 1)]);
