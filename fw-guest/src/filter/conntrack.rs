@@ -612,14 +612,16 @@ pub fn tcp_step(state: u8, orig: bool, f: super::parse::TcpFlags) -> TcpStep {
     }
 }
 
-/// Half-open entries are counted per tenant bucket: tenant `t` counts in bucket `t % 256`.
-/// Tenant ids are handed out by the control plane (not chosen by senders), so up to 256 tenants
-/// never share a bucket; beyond that, tenants sharing a bucket share its limit.
+/// Half-open entries are counted per tenant bucket, not per tenant (no per-tenant map on the data
+/// path): tenant `t` counts in bucket `hash(t) % 256`. Tenants sharing a bucket share its limit,
+/// and a flood at one may replace the other's oldest half-open entries (its handshakes then fare
+/// as the flooded tenant's own legitimate ones do); established flows are never touched.
 pub const TENANT_BUCKETS: usize = 256;
 
 #[inline]
 fn bucket(tenant: u32) -> usize {
-    tenant as usize % TENANT_BUCKETS
+    // Fibonacci hashing: the top 8 bits of the product spread any id pattern over the buckets.
+    (tenant.wrapping_mul(0x9e37_79b9) >> 24) as usize
 }
 
 /// How many half-open entries the table holds before new SYNs must make room (see
