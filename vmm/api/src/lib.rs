@@ -63,19 +63,38 @@ pub fn limits() -> http::Limits {
     }
 }
 
+/// Why the API socket could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("{0} is in use by a running server (stop it, or pick another --api-socket)")]
+    InUse(std::path::PathBuf),
+    #[error("cannot remove the stale socket {path}: {source}")]
+    Stale {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot bind {path}: {source}")]
+    Bind {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Binds the API socket (replacing a stale one no process listens on).
-pub fn bind(path: &Path) -> Result<UnixListener, String> {
+pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
-            return Err(format!(
-                "{} is in use by a running server (stop it, or pick another --api-socket)",
-                path.display()
-            ));
+            return Err(BindError::InUse(path.to_path_buf()));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| format!("cannot remove the stale socket {}: {e}", path.display()))?;
+        std::fs::remove_file(path).map_err(|source| BindError::Stale {
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
-    UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))
+    UnixListener::bind(path).map_err(|source| BindError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 #[cfg(test)]
