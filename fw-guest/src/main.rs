@@ -33,8 +33,8 @@ mod guest {
 
     use crate::arch::{self, serial::Com1, BootCapture};
     use fw_guest::filter::{
-        slots_for, Config, Decision, Direction, DropReason, EdgeSide, Filter, FlowSlot, IndexSlot,
-        VerdictSlot, UPLINK_TENANT,
+        self, slots_for, Admit, Config, Decision, Direction, DropReason, EdgeSide, Filter,
+        FlowSlot, IndexSlot, VerdictSlot, UPLINK_TENANT,
     };
     use fw_guest::virtio_net::{Port, Queue, BUF_SIZE};
 
@@ -395,7 +395,24 @@ mod guest {
                 return;
             }
             let from_uplink = from == UPLINK_TENANT;
-            if !from_uplink {
+            if from_uplink {
+                filter.observe_uplink(bytes);
+            } else {
+                // What the tenant may send as: its MAC and addresses; ARP and neighbour discovery
+                // field by field, answered here when the switch knows the target.
+                let mut reply = [0u8; filter::hygiene::ETH_MIN];
+                match filter.admit(i, bytes, &mut reply) {
+                    Admit::Pass => {}
+                    Admit::Reply(n) => {
+                        let _ = self.ports[i].send(&reply[..n]);
+                        self.forwarded[i] += 1;
+                        return;
+                    }
+                    Admit::Drop(_) => {
+                        self.dropped[i] += 1;
+                        return;
+                    }
+                }
                 self.learn(bytes, i);
             }
             let target = self.target(bytes, i, |p| filter.tenancy().port(p) == TENANT_UNASSIGNED);

@@ -318,15 +318,30 @@ pub enum DropReason {
     TcpOutOfWindow = 11,
     /// (Edge) a packet from the outside whose source address cannot come from there: a cloud
     /// tenant's address, loopback, unspecified, multicast or broadcast, link-local, IPv4-mapped.
+    /// (Switch) a packet from a tenant port whose IP source is not an address attached to it (nor
+    /// its EUI-64 link-local, nor the unspecified address of a DHCP discover).
     SpoofedSource = 12,
     /// A new TCP SYN found its tenant's (or the whole table's) half-open entries at their limit
     /// and no entry it may replace.
     HalfOpenLimit = 13,
+    /// (Switch) a frame from a tenant port whose Ethernet source (or ARP sender / neighbour
+    /// discovery link-layer address) is not the MAC attached to the port.
+    SpoofedMac = 14,
+    /// (Switch) an ARP or neighbour advertisement from a tenant port claiming an IP address the
+    /// tenant does not own (a gratuitous ARP for the gateway, a forged sender).
+    SpoofedNeighbor = 15,
+    /// (Switch) an ARP request or neighbour solicitation from a tenant port for a target the
+    /// switch neither answers itself nor lets out (or a reply to a requester it never saw).
+    NeighborTarget = 16,
+    /// (Switch) an ARP or neighbour discovery frame from a tenant port that is not exactly the
+    /// form the protocol needs: wrong length, non-zero padding or reserved bits, extra options,
+    /// an unexpected destination.
+    NeighborMalformed = 17,
 }
 
 impl DropReason {
     /// Number of reasons (size of the per-reason counter array).
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 18;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Malformed,
         DropReason::NonIp,
@@ -342,6 +357,10 @@ impl DropReason {
         DropReason::TcpOutOfWindow,
         DropReason::SpoofedSource,
         DropReason::HalfOpenLimit,
+        DropReason::SpoofedMac,
+        DropReason::SpoofedNeighbor,
+        DropReason::NeighborTarget,
+        DropReason::NeighborMalformed,
     ];
 
     /// Stable name for logs and metrics.
@@ -361,6 +380,10 @@ impl DropReason {
             DropReason::TcpOutOfWindow => "tcp_out_of_window",
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::HalfOpenLimit => "half_open_limit",
+            DropReason::SpoofedMac => "spoofed_mac",
+            DropReason::SpoofedNeighbor => "spoofed_neighbor",
+            DropReason::NeighborTarget => "neighbor_target",
+            DropReason::NeighborMalformed => "neighbor_malformed",
         }
     }
 }

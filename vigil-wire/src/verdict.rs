@@ -27,8 +27,10 @@
 //! | 62 | 2 | highest remote port (a single port: low = high; any: 0..=65535) |
 //!
 //! An [`Op::Attach`] record uses only op, tenant, sequence, IP version, local address and local
-//! port (the switch port index, [`PORT_NONE`] = none); the consumer ignores every other field (the
-//! producer should leave them zero). An [`Op::FlushTenant`] record uses only op, tenant and
+//! port (the switch port index, [`PORT_NONE`] = none), and, when flag [`ATTACH_FLAG_MAC`] is set,
+//! the tenant's MAC address in the first 6 bytes of the remote address (the switch accepts only
+//! that Ethernet source on the port); the consumer ignores every other field (the producer should
+//! leave them zero). A record without the flag (an older producer) attaches no MAC. An [`Op::FlushTenant`] record uses only op, tenant and
 //! sequence.
 //!
 //! The lifetime is relative rather than an absolute deadline because the VMM and the micro-VM do
@@ -106,6 +108,9 @@ impl Op {
         matches!(self, Op::Add | Op::Remove | Op::Adopt)
     }
 }
+
+/// Flag of an [`Op::Attach`] record: the first 6 bytes of the remote address are the tenant's MAC.
+pub const ATTACH_FLAG_MAC: u8 = 1;
 
 /// `rule.local_port` of an [`Op::Attach`] record that names no switch port.
 pub const PORT_NONE: u16 = 0xFFFF;
@@ -466,7 +471,7 @@ impl VerdictRepr {
     pub fn parse<T: AsRef<[u8]>>(v: &Verdict<T>) -> Result<VerdictRepr, VerdictError> {
         v.check_len()?;
         let op = Op::from_u8(v.op()).ok_or(VerdictError::BadOp(v.op()))?;
-        if v.flags() != 0 {
+        if v.flags() != 0 && !(op == Op::Attach && v.flags() == ATTACH_FLAG_MAC) {
             return Err(VerdictError::ReservedFlags(v.flags()));
         }
         match op {
@@ -544,7 +549,18 @@ impl VerdictRepr {
             Some((ip_version, local_addr))
         };
         let port = Some(v.local_port()).filter(|&p| p != PORT_NONE);
-        Ok(VerdictRepr::attach(v.tenant(), v.seq(), port, addr))
+        let mut mac = None;
+        if v.flags() == ATTACH_FLAG_MAC {
+            let r = v.remote_addr();
+            mac = Some([r[0], r[1], r[2], r[3], r[4], r[5]]);
+        }
+        Ok(VerdictRepr::attach_with_mac(
+            v.tenant(),
+            v.seq(),
+            port,
+            addr,
+            mac,
+        ))
     }
 
     /// An [`Op::Add`] record.
@@ -593,6 +609,19 @@ impl VerdictRepr {
         port: Option<u16>,
         addr: Option<(IpVersion, [u8; 16])>,
     ) -> VerdictRepr {
+        Self::attach_with_mac(tenant, seq, port, addr, None)
+    }
+
+    /// [`VerdictRepr::attach`] that also gives the port its tenant's MAC address (flag
+    /// [`ATTACH_FLAG_MAC`], the MAC in the first 6 bytes of the remote address). An all-zero MAC
+    /// is no MAC.
+    pub const fn attach_with_mac(
+        tenant: u32,
+        seq: u64,
+        port: Option<u16>,
+        addr: Option<(IpVersion, [u8; 16])>,
+        mac: Option<[u8; 6]>,
+    ) -> VerdictRepr {
         let mut rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
         rule.remote_port_max = 0;
         rule.local_port = match port {
@@ -602,6 +631,13 @@ impl VerdictRepr {
         if let Some((ip_version, local_addr)) = addr {
             rule.ip_version = ip_version;
             rule.local_addr = local_addr;
+        }
+        if let Some(m) = mac {
+            let mut i = 0;
+            while i < 6 {
+                rule.remote_addr[i] = m[i];
+                i += 1;
+            }
         }
         VerdictRepr {
             op: Op::Attach,
@@ -618,6 +654,13 @@ impl VerdictRepr {
             PORT_NONE => None,
             p => Some(p),
         }
+    }
+
+    /// For an [`Op::Attach`] record: the MAC address it gives the port, if any.
+    pub fn attach_mac(&self) -> Option<[u8; 6]> {
+        let r = &self.rule.remote_addr;
+        let mac = [r[0], r[1], r[2], r[3], r[4], r[5]];
+        (self.op == Op::Attach && mac != [0; 6]).then_some(mac)
     }
 
     /// For an [`Op::Attach`] record: the address it gives the tenant, if any.
@@ -651,6 +694,9 @@ impl VerdictRepr {
         v.set_local_port(r.local_port);
         v.set_remote_port_min(r.remote_port_min);
         v.set_remote_port_max(r.remote_port_max);
+        if self.attach_mac().is_some() {
+            v.set_flags(ATTACH_FLAG_MAC);
+        }
         Ok(())
     }
 
@@ -850,6 +896,33 @@ mod tests {
         assert_eq!(
             VerdictRepr::from_bytes(&b),
             Ok(VerdictRepr::attach(5, 2, Some(1), None))
+        );
+    }
+
+    #[test]
+    fn attach_carries_a_mac_under_its_flag() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let addr = Some((IpVersion::V4, v4([10, 0, 0, 7])));
+        let r = VerdictRepr::attach_with_mac(5, 2, Some(1), addr, Some(mac));
+        let b = r.to_bytes();
+        assert_eq!(b[57], ATTACH_FLAG_MAC);
+        assert_eq!(&b[40..46], &mac);
+        let back = VerdictRepr::from_bytes(&b).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.attach_mac(), Some(mac));
+        // Without the flag (an older producer) the bytes there are ignored: no MAC.
+        let old = VerdictRepr::attach(5, 2, Some(1), addr);
+        assert_eq!(old.to_bytes()[57], 0);
+        assert_eq!(old.attach_mac(), None);
+        let mut b2 = b;
+        b2[57] = 0;
+        assert_eq!(VerdictRepr::from_bytes(&b2), Ok(old));
+        // The flag means nothing on other records.
+        let mut add = sample().to_bytes();
+        add[57] = ATTACH_FLAG_MAC;
+        assert_eq!(
+            VerdictRepr::from_bytes(&add),
+            Err(VerdictError::ReservedFlags(ATTACH_FLAG_MAC))
         );
     }
 

@@ -3,7 +3,9 @@
 //! A frame is judged for one tenant in one [`Direction`] (the caller knows both from the switch
 //! port it arrived on and the port it leaves by; tenant-to-tenant traffic is judged twice: egress
 //! for the sender, ingress for the receiver). Outcomes:
-//! - ARP and IPv6 neighbour solicitation/advertisement pass (tenants and the gateway need them);
+//! - ARP and IPv6 neighbour solicitation/advertisement pass (tenants and the gateway need them;
+//!   from a tenant port the switch first checks them field by field, [`Filter::admit`], which
+//!   also checks every frame's Ethernet and IP source against the port's attachment: [`hygiene`]);
 //! - a packet of a tracked flow passes if it fits the flow's state (either direction: the reply
 //!   direction of a tracked flow passes);
 //! - an opening packet (TCP SYN, any UDP datagram, ICMP echo request) passes if a verdict opens it,
@@ -34,6 +36,7 @@
 
 pub mod conntrack;
 pub mod flow;
+pub mod hygiene;
 pub mod parse;
 pub mod tenancy;
 pub mod verdicts;
@@ -42,8 +45,11 @@ pub use conntrack::{
     slots_for, Conntrack, FlowSlot, HalfOpenLimits, Probe, TcpState, TcpWindow, Timeouts, Track,
 };
 pub use flow::FlowKey;
+pub use hygiene::{Admit, Neighbors};
 pub use parse::{parse, IpMeta, Parsed, TcpFlags, TcpSeg, L4};
-pub use tenancy::{AttachError, Tenancy, MAX_ADDRS, MAX_PORTS, UPLINK_TENANT};
+pub use tenancy::{
+    AttachError, PortIdentity, Tenancy, MAX_ADDRS, MAX_PORTS, PORT_ADDRS, UPLINK_TENANT,
+};
 pub use verdicts::{AddOutcome, IndexSlot, VerdictRef, VerdictSlot, VerdictTable};
 pub use vigil_wire::ring::DropReason;
 pub use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
@@ -174,6 +180,7 @@ pub struct Filter<'a> {
     counters: Counters,
     last_seq: u64,
     tenancy: Tenancy,
+    neighbors: Neighbors,
 }
 
 impl<'a> Filter<'a> {
@@ -199,6 +206,7 @@ impl<'a> Filter<'a> {
             counters: Counters::default(),
             last_seq: 0,
             tenancy: Tenancy::new(),
+            neighbors: Neighbors::new(),
         })
     }
 
@@ -291,7 +299,7 @@ impl<'a> Filter<'a> {
             }
             Op::Attach => self
                 .tenancy
-                .attach(v.tenant, v.attach_port(), v.attach_addr())
+                .attach_with_mac(v.tenant, v.attach_port(), v.attach_addr(), v.attach_mac())
                 .map_err(ApplyError::Attach),
         };
         match result {
@@ -360,7 +368,8 @@ impl<'a> Filter<'a> {
     /// egress for the owner of its source address, a frame entering the cloud ingress for the
     /// owner of its destination address; a cloud-to-cloud frame both ways (as the switch judges
     /// tenant-to-tenant traffic). No owner: [`DropReason::UnknownTenant`]. ARP and neighbour
-    /// discovery pass as in [`Filter::process`]. Outside-to-outside has no tenant to judge for
+    /// discovery pass as in [`Filter::process`], except that from the cloud side they must claim
+    /// an attached address ([`DropReason::SpoofedNeighbor`]). Outside-to-outside has no tenant to judge for
     /// and is dropped as `UnknownTenant` too (the packet loop never asks).
     pub fn process_edge(
         &mut self,
@@ -369,6 +378,11 @@ impl<'a> Filter<'a> {
         frame: &[u8],
         now_ns: u64,
     ) -> Decision {
+        if from == EdgeSide::Cloud {
+            if let Some(reason) = self.edge_cloud_neighbor(frame) {
+                return self.drop_frame(reason);
+            }
+        }
         self.judge(frame, |f, meta| f.edge_ip(from, to, meta, now_ns))
     }
 

@@ -31,8 +31,109 @@ pub enum AttachError {
     BadPort(u16),
     /// The port is an uplink/outside port (fixed at boot), or the record names tenant 0.
     Reserved,
-    /// [`MAX_ADDRS`] addresses are owned already.
+    /// [`MAX_ADDRS`] addresses are owned already, or the port has [`PORT_ADDRS`] of the family.
     AddressTableFull,
+}
+
+/// Addresses of each family one switch port may send from (attached with the port).
+pub const PORT_ADDRS: usize = 4;
+
+/// What a tenant port may send as: the MAC and addresses attached with it (zero = none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PortIdentity {
+    /// The tenant's MAC (all zero: none attached; the port then sends no IP, ARP or NDP).
+    pub mac: [u8; 6],
+    pub v4: [[u8; 4]; PORT_ADDRS],
+    pub v6: [[u8; 16]; PORT_ADDRS],
+}
+
+impl PortIdentity {
+    const EMPTY: PortIdentity = PortIdentity {
+        mac: [0; 6],
+        v4: [[0; 4]; PORT_ADDRS],
+        v6: [[0; 16]; PORT_ADDRS],
+    };
+
+    /// Whether IPv4 `a` is attached to the port.
+    #[inline]
+    pub fn has_v4(&self, a: [u8; 4]) -> bool {
+        a != [0; 4] && self.v4.contains(&a)
+    }
+
+    /// Whether IPv6 `a` is attached to the port or is its EUI-64 link-local address (RFC 4291
+    /// §2.5.1 / appendix A: fe80::/64 with the MAC's universal/local bit flipped and ff:fe in the
+    /// middle).
+    #[inline]
+    pub fn has_v6(&self, a: &[u8; 16]) -> bool {
+        (*a != [0; 16] && self.v6.contains(a)) || (self.mac != [0; 6] && *a == self.link_local())
+    }
+
+    /// The port's EUI-64 link-local address.
+    pub fn link_local(&self) -> [u8; 16] {
+        let m = self.mac;
+        [
+            0xfe,
+            0x80,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            m[0] ^ 2,
+            m[1],
+            m[2],
+            0xff,
+            0xfe,
+            m[3],
+            m[4],
+            m[5],
+        ]
+    }
+
+    /// Whether IPv4 `a` is in the /24 of an attached address (Vigil hands out /24s, see
+    /// [`Tenancy::is_subnet_edge_v4`]).
+    pub fn on_link_v4(&self, a: [u8; 4]) -> bool {
+        self.v4.iter().any(|o| *o != [0; 4] && o[..3] == a[..3])
+    }
+
+    /// Whether IPv6 `a` is in the /64 of an attached address.
+    pub fn on_link_v6(&self, a: &[u8; 16]) -> bool {
+        self.v6.iter().any(|o| *o != [0; 16] && o[..8] == a[..8])
+    }
+
+    fn add(&mut self, version: IpVersion, a: &[u8; 16]) -> bool {
+        match version {
+            IpVersion::V4 => add_to(&mut self.v4, [a[0], a[1], a[2], a[3]]),
+            IpVersion::V6 => add_to(&mut self.v6, *a),
+        }
+    }
+
+    fn remove(&mut self, version: IpVersion, a: &[u8; 16]) {
+        match version {
+            IpVersion::V4 => remove_from(&mut self.v4, [a[0], a[1], a[2], a[3]]),
+            IpVersion::V6 => remove_from(&mut self.v6, *a),
+        }
+    }
+}
+
+fn add_to<const N: usize>(set: &mut [[u8; N]; PORT_ADDRS], a: [u8; N]) -> bool {
+    if set.contains(&a) {
+        return true;
+    }
+    match set.iter_mut().find(|s| **s == [0; N]) {
+        Some(s) => {
+            *s = a;
+            true
+        }
+        None => false,
+    }
+}
+
+fn remove_from<const N: usize>(set: &mut [[u8; N]; PORT_ADDRS], a: [u8; N]) {
+    for s in set.iter_mut().filter(|s| **s == a) {
+        *s = [0; N];
+    }
 }
 
 /// An address as the table keys it: the version keeps `10.0.0.2` apart from `a00:2::`.
@@ -41,6 +142,7 @@ type AddrKey = (u8, [u8; 16]);
 /// Port and address ownership.
 pub struct Tenancy {
     ports: [u32; MAX_PORTS],
+    identity: [PortIdentity; MAX_PORTS],
     addrs: heapless::FnvIndexMap<AddrKey, u32, MAX_ADDRS>,
     /// Ports whose tenant changed since the packet loop last asked (bit i = port i).
     changed: u32,
@@ -57,6 +159,7 @@ impl Tenancy {
     pub const fn new() -> Tenancy {
         Tenancy {
             ports: [TENANT_UNASSIGNED; MAX_PORTS],
+            identity: [PortIdentity::EMPTY; MAX_PORTS],
             addrs: heapless::FnvIndexMap::new(),
             changed: 0,
         }
@@ -74,6 +177,24 @@ impl Tenancy {
     #[inline]
     pub fn port(&self, port: usize) -> u32 {
         self.ports.get(port).copied().unwrap_or(TENANT_UNASSIGNED)
+    }
+
+    /// What tenant port `port` may send as (empty for an uplink, unassigned or out-of-range
+    /// port).
+    #[inline]
+    pub fn identity(&self, port: usize) -> &PortIdentity {
+        self.identity.get(port).unwrap_or(&PortIdentity::EMPTY)
+    }
+
+    /// The tenant port that `addr` is attached to, with its identity.
+    pub fn port_of(&self, version: IpVersion, addr: &[u8; 16]) -> Option<(usize, &PortIdentity)> {
+        self.identity
+            .iter()
+            .enumerate()
+            .find(|(_, id)| match version {
+                IpVersion::V4 => id.has_v4([addr[0], addr[1], addr[2], addr[3]]),
+                IpVersion::V6 => *addr != [0; 16] && id.v6.contains(addr),
+            })
     }
 
     /// The owner of `addr` (IPv4 in the first 4 bytes).
@@ -119,6 +240,19 @@ impl Tenancy {
         port: Option<u16>,
         addr: Option<(IpVersion, [u8; 16])>,
     ) -> Result<(), AttachError> {
+        self.attach_with_mac(tenant, port, addr, None)
+    }
+
+    /// [`Tenancy::attach`], also recording what the port may send as: with a port, the address
+    /// joins the port's identity ([`PortIdentity`]) and `mac` (if any) becomes its MAC. A port
+    /// that changes tenant (or is detached) starts with an empty identity.
+    pub fn attach_with_mac(
+        &mut self,
+        tenant: u32,
+        port: Option<u16>,
+        addr: Option<(IpVersion, [u8; 16])>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), AttachError> {
         if tenant == UPLINK_TENANT {
             return Err(AttachError::Reserved);
         }
@@ -130,6 +264,16 @@ impl Tenancy {
             }
             Some(p) => Some(usize::from(p)),
         };
+        if let (Some(p), Some((version, a))) = (port, addr) {
+            // Checked first so that a refusal changes nothing.
+            let mut id = self.identity[p];
+            if self.ports[p] != tenant {
+                id = PortIdentity::EMPTY;
+            }
+            if tenant != TENANT_UNASSIGNED && !id.add(version, &a) {
+                return Err(AttachError::AddressTableFull);
+            }
+        }
         if let Some((version, a)) = addr {
             let key = (version as u8, a);
             if tenant == TENANT_UNASSIGNED {
@@ -138,11 +282,26 @@ impl Tenancy {
                 // Last writer wins for an address already owned; only a new one can overflow.
                 return Err(AttachError::AddressTableFull);
             }
+            // An address has one port: taken from any other (or released).
+            for (i, id) in self.identity.iter_mut().enumerate() {
+                if port != Some(i) || tenant == TENANT_UNASSIGNED {
+                    id.remove(version, &a);
+                }
+            }
         }
         if let Some(p) = port {
             if self.ports[p] != tenant {
                 self.ports[p] = tenant;
+                self.identity[p] = PortIdentity::EMPTY;
                 self.changed |= 1 << p;
+            }
+            if tenant != TENANT_UNASSIGNED {
+                if let Some((version, a)) = addr {
+                    self.identity[p].add(version, &a);
+                }
+                if let Some(m) = mac.filter(|m| *m != [0; 6]) {
+                    self.identity[p].mac = m;
+                }
             }
         }
         Ok(())
@@ -156,6 +315,7 @@ impl Tenancy {
             for (i, t) in self.ports.iter_mut().enumerate() {
                 if *t == tenant {
                     *t = TENANT_UNASSIGNED;
+                    self.identity[i] = PortIdentity::EMPTY;
                     self.changed |= 1 << i;
                     ports += 1;
                 }

@@ -34,13 +34,13 @@ impl Host {
     /// `vm.create`: builds the VM (not booted), plugs it into a switch port, opens nothing yet.
     pub fn create(&self, spec: VmSpec) -> Result<VmInfo, HostError> {
         let started = Instant::now();
-        let (vm, introspection, tenant, slot, _mac) = self.prepare(&spec)?;
+        let (vm, introspection, tenant, slot, mac) = self.prepare(&spec)?;
         let release_port = || {
             self.switch.release(slot);
         };
         // The tiers learn the tenant's port and address before it can send anything.
         let applied = match self.reconfigure(
-            &[self.switch_attach(tenant, slot, spec.ip)],
+            &[self.switch_attach(tenant, slot, spec.ip, Some(mac))],
             &[self.edge_attach(tenant, spec.ip)],
         ) {
             Ok(ms) => ms,
@@ -267,7 +267,7 @@ impl Host {
     /// closed on both tiers (flush, then re-attach).
     pub fn replace_policy(&self, id: &str, spec: PolicySpec) -> Result<(), HostError> {
         Policy::compile(&spec).map_err(|e| HostError::InvalidPolicy(e.to_string()))?;
-        let (tenant, slot, ip) = {
+        let (tenant, slot, ip, mac) = {
             let mut tenants = self.tenants();
             let t = tenants
                 .get_mut(id)
@@ -277,11 +277,11 @@ impl Host {
                     .map_err(|e| HostError::InvalidPolicy(e.to_string()))?;
             }
             t.spec.policy = spec;
-            (t.tenant, t.slot, t.spec.ip)
+            (t.tenant, t.slot, t.spec.ip, parse_mac(&t.spec.mac))
         };
         let flush = self.flush_record(tenant);
         let applied = self.reconfigure(
-            &[flush, self.switch_attach(tenant, slot, ip)],
+            &[flush, self.switch_attach(tenant, slot, ip, mac)],
             &[flush, self.edge_attach(tenant, ip)],
         )?;
         self.reconfigured(

@@ -339,7 +339,7 @@ impl Host {
         let restore_ms = arrived.elapsed().as_secs_f64() * 1e3;
         // This switch takes the tenant over before it runs: its port and address, and its
         // verdicts as Adopt (its flows are established; they continue mid-stream here).
-        let mut records = vec![self.switch_attach(tenant, slot, spec.ip)];
+        let mut records = vec![self.switch_attach(tenant, slot, spec.ip, Some(mac))];
         records.extend(adopted.iter().copied());
         let tiers_ms = match self.reconfigure(&records, &[]) {
             Ok(ms) => ms,

@@ -155,7 +155,8 @@ impl Host {
                 return Err(invalid("restore", e));
             }
         };
-        let mut switch = vec![self.switch_attach(tenant, slot, spec.ip)];
+        let mac = vmm_core::net_config::parse_mac(&spec.mac);
+        let mut switch = vec![self.switch_attach(tenant, slot, spec.ip, mac)];
         switch.extend(adopted.iter().copied());
         let mut edge = vec![self.edge_attach(tenant, spec.ip)];
         edge.extend(adopted.iter().copied());

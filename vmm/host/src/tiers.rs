@@ -70,14 +70,21 @@ impl Host {
         self.control_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// The switch's Attach: the tenant is behind switch port `slot + 1` (device 0 is the uplink)
-    /// and owns `ip`.
-    pub(crate) fn switch_attach(&self, tenant: u32, slot: usize, ip: IpAddr) -> [u8; RECORD_LEN] {
-        VerdictRepr::attach(
+    /// The switch's Attach: the tenant is behind switch port `slot + 1` (device 0 is the uplink),
+    /// owns `ip`, and sends from `mac` (the only Ethernet source the switch accepts on the port).
+    pub(crate) fn switch_attach(
+        &self,
+        tenant: u32,
+        slot: usize,
+        ip: IpAddr,
+        mac: Option<[u8; 6]>,
+    ) -> [u8; RECORD_LEN] {
+        VerdictRepr::attach_with_mac(
             tenant,
             self.next_control_seq(),
             Some((slot + 1) as u16),
             Some(ip_fields(ip)),
+            mac,
         )
         .to_bytes()
     }
