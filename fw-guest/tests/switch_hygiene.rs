@@ -277,6 +277,15 @@ fn ns(src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
     b
 }
 
+/// Recompute the ICMPv6 checksum of an untagged IPv6 frame after an edit.
+fn refill_checksum(frame: &mut [u8]) {
+    use smoltcp::wire::{Icmpv6Packet, Ipv6Packet};
+    let ip = Ipv6Packet::new_checked(&frame[14..]).unwrap();
+    let (src, dst) = (ip.src_addr(), ip.dst_addr());
+    let mut icmp = Icmpv6Packet::new_unchecked(&mut frame[14 + 40..]);
+    icmp.fill_checksum(&src, &dst);
+}
+
 #[test]
 fn neighbor_solicitation_with_a_chosen_target_is_dropped() {
     let mut f = switch();
@@ -306,10 +315,12 @@ fn neighbor_solicitation_with_a_chosen_target_is_dropped() {
     let mut bad_opt = ns(TENANT6, gw6);
     let n = bad_opt.len();
     bad_opt[n - 6..].copy_from_slice(&OTHER_MAC);
+    refill_checksum(&mut bad_opt);
     assert_eq!(admit(&mut f, &bad_opt), dropped(DropReason::SpoofedMac));
     // Chosen bits in the reserved field, or data after the message.
     let mut reserved = ns(TENANT6, gw6);
     reserved[14 + 40 + 5] = 0x42;
+    refill_checksum(&mut reserved);
     assert_eq!(
         admit(&mut f, &reserved),
         dropped(DropReason::NeighborMalformed)
@@ -318,6 +329,13 @@ fn neighbor_solicitation_with_a_chosen_target_is_dropped() {
     trailing.extend_from_slice(&[0x42; 8]);
     assert_eq!(
         admit(&mut f, &trailing),
+        dropped(DropReason::NeighborMalformed)
+    );
+    // Chosen bits in the checksum (the receiver drops it, the uplink would carry it).
+    let mut checksum = ns(TENANT6, gw6);
+    checksum[14 + 40 + 2] ^= 0x5a;
+    assert_eq!(
+        admit(&mut f, &checksum),
         dropped(DropReason::NeighborMalformed)
     );
     // To a unicast destination of its choice.
@@ -367,4 +385,33 @@ fn uplink_learning_ignores_tenant_addresses() {
     f.observe_uplink(&arp(2, OTHER_MAC, T_MAC, OTHER_MAC, TENANT, T_MAC, GW));
     assert_eq!(f.neighbors().get(IpVersion::V4, &v4(TENANT)), None);
     let _ = Op::Attach;
+}
+
+#[test]
+fn edge_cloud_side_neighbours_must_claim_an_attached_address() {
+    use fw_guest::filter::EdgeSide::{Cloud, Outside};
+    let mut f = filter_with(64, 8);
+    f.apply(
+        &VerdictRepr::attach(T1, 1, None, Some((IpVersion::V4, v4(TENANT)))),
+        0,
+    )
+    .unwrap();
+    // The attached tenant ARPs for its gateway through the edge: passes.
+    let own = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW);
+    assert_eq!(f.process_edge(Cloud, Outside, &own, 0), FWD);
+    // A sender address nobody attached (a forged one, or the gateway's): dropped and counted.
+    for spa in [[10, 0, 0, 3], GW] {
+        let forged = arp(1, T_MAC, BCAST, T_MAC, spa, [0; 6], GW);
+        assert_eq!(
+            f.process_edge(Cloud, Outside, &forged, 0),
+            drop(DropReason::SpoofedNeighbor)
+        );
+    }
+    // An IP packet from an unattached source is dropped as before (no tenant to judge for).
+    let stray = tcp(Ip::V4([10, 0, 0, 3]), Ip::V4(SERVER), 1, 80, Seg::Syn);
+    assert_eq!(
+        f.process_edge(Cloud, Outside, &stray, 0),
+        drop(DropReason::UnknownTenant)
+    );
+    assert_eq!(f.counters().dropped(DropReason::SpoofedNeighbor), 2);
 }

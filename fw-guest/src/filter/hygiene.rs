@@ -19,7 +19,7 @@
 //!   must answer a requester the switch saw (learned from the uplink, or a local tenant).
 //! - Neighbour discovery (RFC 4861 §4.3/§4.4): an NS or NA of exactly 24 bytes, or 32 with one
 //!   link-layer address option carrying the port's MAC; code, reserved bits, traffic class and
-//!   flow label zero; an NA's target one of the tenant's addresses; an NS's target its own (DAD,
+//!   flow label zero, checksum right; an NA's target one of the tenant's addresses; an NS's target its own (DAD,
 //!   RFC 4862, from `::`), a neighbour the switch learned from the uplink, or an address of its
 //!   /64 whose interface identifier is at most 0xff (a gateway such as `::1`); its destination
 //!   the target's solicited-node multicast (or the learned neighbour itself).
@@ -30,7 +30,11 @@
 //! The uplink neighbour table is small ([`NEIGHBORS`] entries, oldest replaced) and filled only
 //! from uplink frames, which a tenant cannot send.
 
-use smoltcp::wire::{ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
+use core::net::Ipv6Addr;
+
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Icmpv6Packet, Ipv4Packet,
+};
 use vigil_wire::ring::DropReason;
 
 use super::parse::{ETHERTYPE_QINQ, ETHERTYPE_VLAN};
@@ -303,7 +307,12 @@ impl<'a> Filter<'a> {
             && nd.len() >= payload
             && zero_padding(frame, at + IPV6_HEADER + payload)
             && nd[1] == 0;
-        if !fixed {
+        // The checksum too: a wrong one is 16 chosen bits the receiver drops, but the uplink
+        // carries.
+        let checksum_ok = fixed
+            && Icmpv6Packet::new_checked(&nd[..payload])
+                .is_ok_and(|p| p.verify_checksum(&Ipv6Addr::from(src), &Ipv6Addr::from(dst)));
+        if !checksum_ok {
             return Admit::Drop(DropReason::NeighborMalformed);
         }
         let target = a16(&nd[8..24]);
@@ -373,12 +382,12 @@ impl<'a> Filter<'a> {
 
     /// The MAC of `addr`: an uplink neighbour, or an address attached to a tenant port here.
     fn neighbor_mac(&self, version: IpVersion, addr: &[u8; 16]) -> Option<[u8; 6]> {
-        self.neighbors.get(version, addr).or_else(|| {
-            self.tenancy
-                .port_of(version, addr)
-                .map(|(_, id)| id.mac)
-                .filter(|m| *m != [0; 6])
-        })
+        // A tenant attached here first: what the VMM says beats what the uplink said before.
+        self.tenancy
+            .port_of(version, addr)
+            .map(|(_, id)| id.mac)
+            .filter(|m| *m != [0; 6])
+            .or_else(|| self.neighbors.get(version, addr))
     }
 
     /// Learn the uplink's neighbours from its own ARP and neighbour discovery frames (call for
