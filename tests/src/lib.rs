@@ -19,6 +19,6 @@ pub mod workload;
 pub use error::Error;
 pub use images::{fw_guest_elf, tenant_dir, try_vigil_bin, vigil_bin};
 pub use netns::{veth, Namespace};
-pub use process::{run_vigil, Line, Stream, TempDir, VigilCommand, VigilProcess};
+pub use process::{run_vigil, Finished, Line, Stream, TempDir, VigilCommand, VigilProcess};
 pub use rest::{api, drop_count, edge_counters};
 pub use workload::base64;

@@ -198,6 +198,15 @@ pub struct VigilProcess {
     shutdown: Option<(PathBuf, &'static str)>,
 }
 
+/// A process that ran to its end: how it exited and what it printed.
+pub struct Finished {
+    pub status: ExitStatus,
+    /// Standard output, line by line (a VM's console and its events).
+    pub stdout: Vec<String>,
+    /// Standard error, joined (diagnostics, for failure messages).
+    pub stderr: String,
+}
+
 impl VigilProcess {
     /// On drop, stop the process with `PUT /api/v1/{endpoint}` on `socket` first (which also
     /// ends the event streams still open to it, which a SIGTERM'd server would wait for).
@@ -277,6 +286,24 @@ impl VigilProcess {
     /// them, normally by exiting).
     pub fn remaining_lines(&self) -> impl Iterator<Item = Line> + '_ {
         self.lines.iter()
+    }
+
+    /// Reads every line the process prints until it exits, then reaps it: what a run-to-the-end
+    /// command (`vigil run-tenant ... --timeout`) leaves to check.
+    pub fn finish(mut self) -> Finished {
+        let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+        for line in self.remaining_lines() {
+            match line.stream {
+                Stream::Stdout => stdout.push(line.text),
+                Stream::Stderr => stderr.push(line.text),
+            }
+        }
+        let status = self.wait();
+        Finished {
+            status,
+            stdout,
+            stderr: stderr.join("\n"),
+        }
     }
 
     /// Waits for the process to exit.

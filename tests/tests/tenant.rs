@@ -24,7 +24,7 @@ use std::time::Duration;
 use vigil_tests::events::{events_of, vm_stopped};
 use vigil_tests::outside::{answer_one, receive_datagram, Request};
 use vigil_tests::workload::{self, find_check};
-use vigil_tests::{fw_guest_elf, tenant_dir, Namespace, Stream, TempDir, VigilCommand};
+use vigil_tests::{fw_guest_elf, tenant_dir, Finished, Namespace, TempDir, VigilCommand};
 
 const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
@@ -91,7 +91,7 @@ fn debian_tenant_end_to_end() {
         wait_7000 = workload::wait_listening(7000),
     );
     let cmdline = workload::cmdline(GUEST_IP, HOST_IP, &script);
-    let mut vigil = VigilCommand::new("tenant")
+    let vigil = VigilCommand::new("tenant")
         .tsc_dilation()
         .args(["run-tenant", "--kernel"])
         .arg(dir.join("vmlinuz"))
@@ -106,15 +106,11 @@ fn debian_tenant_end_to_end() {
         .args(["--marker", "VIGIL-INIT-START", "--timeout", "2700"])
         .spawn()
         .expect("start vigil");
-    let (mut lines, mut stderr) = (Vec::new(), Vec::new());
-    for line in vigil.remaining_lines() {
-        match line.stream {
-            Stream::Stdout => lines.push(line.text),
-            Stream::Stderr => stderr.push(line.text),
-        }
-    }
-    let status = vigil.wait();
-    let stderr = stderr.join("\n");
+    let Finished {
+        status,
+        stdout: lines,
+        stderr,
+    } = vigil.finish();
     drop(work);
     let console = lines.join("\n");
     assert!(status.success(), "vigil failed: {stderr}\n{console}");

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 
 use vigil_tests::events::{events_of, vm_stopped};
 use vigil_tests::workload::{self, find_check};
-use vigil_tests::{tenant_dir, Stream, TempDir, VigilCommand};
+use vigil_tests::{tenant_dir, Finished, TempDir, VigilCommand};
 
 /// One tenant boot at a time: two at once on a small host would each take twice as long.
 static ONE_BOOT: Mutex<()> = Mutex::new(());
@@ -79,7 +79,7 @@ fn boot_and_check(vcpus: u32) {
     let work = TempDir::new("vigil-smp");
     let policy = work.join("policy.json");
     std::fs::write(&policy, POLICY).unwrap();
-    let mut vigil = VigilCommand::new("tenant-smp")
+    let vigil = VigilCommand::new("tenant-smp")
         .tsc_dilation()
         .args(["run-tenant", "--kernel"])
         .arg(dir.join("vmlinuz"))
@@ -92,15 +92,11 @@ fn boot_and_check(vcpus: u32) {
         .args(["--marker", "VIGIL-INIT-START", "--timeout", "2700"])
         .spawn()
         .expect("start vigil");
-    let (mut lines, mut stderr) = (Vec::new(), Vec::new());
-    for line in vigil.remaining_lines() {
-        match line.stream {
-            Stream::Stdout => lines.push(line.text),
-            Stream::Stderr => stderr.push(line.text),
-        }
-    }
-    let status = vigil.wait();
-    let stderr = stderr.join("\n");
+    let Finished {
+        status,
+        stdout: lines,
+        stderr,
+    } = vigil.finish();
     drop(work);
     let console = lines.join("\n");
     assert!(status.success(), "vigil failed: {stderr}\n{console}");
