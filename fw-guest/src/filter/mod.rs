@@ -630,27 +630,29 @@ impl<'a> Filter<'a> {
         Decision::Forward
     }
 
+    /// One step of [`Conntrack::evict_half_open`] for `tenant`: the entry it removes gives back
+    /// its verdict reference and is counted as expired or as an evicted half-open flow.
+    fn evict_one_half_open(&mut self, tenant: u32, now_s: u32) -> bool {
+        let verdicts = &mut self.verdicts;
+        let counters = &mut self.counters;
+        self.conntrack
+            .evict_half_open(tenant, now_s, self.config.evict_scan, |s, expired| {
+                verdicts.release(s.verdict());
+                if expired {
+                    counters.flows_expired += 1;
+                } else {
+                    counters.half_open_evicted += 1;
+                }
+            })
+    }
+
     /// Make room for a new half-open entry of `key`'s tenant (see
     /// [`Conntrack::evict_half_open`]), and return the slot it goes to.
     fn evict_half_open(&mut self, key: &FlowKey, hash: u32, now_s: u32) -> Result<usize, Decision> {
-        let verdicts = &mut self.verdicts;
-        let counters = &mut self.counters;
         let mut evicted = false;
         // A removed expired entry need not have been half-open: a few tries.
         for _ in 0..4 {
-            evicted |= self.conntrack.evict_half_open(
-                key.tenant,
-                now_s,
-                self.config.evict_scan,
-                |s, expired| {
-                    verdicts.release(s.verdict());
-                    if expired {
-                        counters.flows_expired += 1;
-                    } else {
-                        counters.half_open_evicted += 1;
-                    }
-                },
-            );
+            evicted |= self.evict_one_half_open(key.tenant, now_s);
             if !self.conntrack.half_open_full(key.tenant) {
                 break;
             }
@@ -746,22 +748,7 @@ impl<'a> Filter<'a> {
             if freed == 0 {
                 // No expired entry: a half-open one of a tenant holding more of them than this
                 // one (never an established flow).
-                let verdicts = &mut self.verdicts;
-                let counters = &mut self.counters;
-                let evicted = self.conntrack.evict_half_open(
-                    key.tenant,
-                    now_s,
-                    self.config.evict_scan,
-                    |s, expired| {
-                        verdicts.release(s.verdict());
-                        if expired {
-                            counters.flows_expired += 1;
-                        } else {
-                            counters.half_open_evicted += 1;
-                        }
-                    },
-                );
-                freed = usize::from(evicted);
+                freed = usize::from(self.evict_one_half_open(key.tenant, now_s));
             }
             if freed == 0 {
                 return Err(Decision::Drop(DropReason::TableFull));
