@@ -14,6 +14,7 @@ pub mod netns;
 pub mod outside;
 pub mod process;
 pub mod rest;
+pub mod restart;
 pub mod workload;
 
 pub use error::Error;

@@ -19,7 +19,7 @@ use crate::{HostConfig, ReconfigTimes, StartError, MAX_TENANT_PORTS};
 pub struct Host {
     pub(crate) config: HostConfig,
     pub(crate) kind: HostKind,
-    pub(crate) switch: SwitchTier,
+    pub(crate) switch: Arc<SwitchTier>,
     pub(crate) edge: Option<Arc<EdgeLink>>,
     pub(crate) tenants: Mutex<BTreeMap<String, Tenant>>,
     pub(crate) started: Instant,
@@ -122,16 +122,7 @@ impl Host {
         for id in ids {
             let _ = self.delete(&id);
         }
-        self.switch.stop.store(true, Ordering::Release);
-        if let Some(thread) = self
-            .switch
-            .thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            let _ = thread.join();
-        }
+        self.switch.shutdown();
         vmm_core::events::bus().emit(
             "host_stopped",
             &serde_json::json!({"host": self.config.name}),

@@ -3,7 +3,7 @@
 //! migration.
 //!
 //! Modules: `config` (host configuration, VM spec), `error`, `host` (start, shutdown, counters),
-//! `switch` (the switch micro-VM), `tenant` (one tenant's entry), `lifecycle` (create, boot,
+//! `switch` (the switch micro-VM and the book of what it holds), `supervisor` (its restarts), `tenant` (one tenant's entry), `lifecycle` (create, boot,
 //! pause, resume, delete, policy), `tiers` (control records to both tiers, timings),
 //! `edge_link` (the channel to the edge), `snapshot`, `migration`.
 //!
@@ -17,6 +17,7 @@ mod host;
 mod lifecycle;
 mod migration;
 mod snapshot;
+mod supervisor;
 mod switch;
 mod tenant;
 mod tiers;
@@ -26,5 +27,6 @@ pub use error::{HostError, StartError};
 pub use host::Host;
 pub use migration::unix_path;
 pub use snapshot::file_path;
+pub use switch::SwitchStatus;
 pub use tenant::{VmInfo, VmState};
 pub use tiers::ReconfigTimes;

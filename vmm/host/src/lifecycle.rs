@@ -45,6 +45,8 @@ impl Host {
         ) {
             Ok(ms) => ms,
             Err(e) => {
+                // The switch may hold (or a restarted one be given) the Attach: take it back.
+                self.switch.forget(self.flush_record(tenant), tenant);
                 release_port();
                 return Err(e);
             }
@@ -101,7 +103,7 @@ impl Host {
             nets: Vec::new(),
             policy: Some(spec.policy.clone()),
             verdict_sink: Some(TierSink(Arc::new(TenantTiers {
-                switch: self.switch.region.clone(),
+                switch: self.switch.clone(),
                 edge: self.edge.clone(),
             }))),
             links: vec![link],
@@ -230,6 +232,10 @@ impl Host {
         self.stop_tenant(t.stop.clone(), &t.control, t.thread);
         let flush = self.flush_record(t.tenant);
         let applied = self.reconfigure(&[flush], &[flush]);
+        if applied.is_err() {
+            // The VM is gone: no restarted switch may be given its port or verdicts.
+            self.switch.forget(flush, t.tenant);
+        }
         self.switch.release(t.slot);
         let applied = applied?;
         self.reconfigured(

@@ -186,6 +186,9 @@ impl Host {
             // The switch here forgets the tenant; the edge must not (the flows live on).
             let flush = self.flush_record(t.tenant);
             let applied = self.reconfigure(&[flush], &[]);
+            if applied.is_err() {
+                self.switch.forget(flush, t.tenant);
+            }
             self.switch.release(t.slot);
             if let Err(e) = applied {
                 self.emit(
@@ -306,6 +309,8 @@ impl Host {
             Err(e) => return Err(refuse(&mut stream, e.to_string())),
         };
         let release = || {
+            // Whatever of the tenant the switch took (or its book would give a restarted one).
+            self.switch.forget(self.flush_record(tenant), tenant);
             self.switch.release(slot);
         };
         reply(

@@ -142,6 +142,8 @@ impl Host {
         })?;
         let (mut vm, introspection, tenant, slot, _mac) = self.prepare(&spec)?;
         let release = || {
+            // Whatever of the tenant the switch took (or its book would give a restarted one).
+            self.switch.forget(self.flush_record(tenant), tenant);
             self.switch.release(slot);
         };
         let restored = vm

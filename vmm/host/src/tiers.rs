@@ -8,30 +8,28 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use vigil_wire::verdict::{IpVersion, VerdictRepr, RECORD_LEN};
 use vmm_core::introspect::VerdictSink;
-use vmm_core::verdict_region::VerdictRegion;
 
 use crate::edge_link::EdgeLink;
+use crate::switch::SwitchTier;
 use crate::{Host, HostError};
 
-/// How long a reconfiguration waits for the switch micro-VM to take its records.
-pub(crate) const SWITCH_APPLY_LIMIT: Duration = Duration::from_secs(2);
-
-/// A tenant's firewall tiers: its host's switch ring and the edge.
+/// A tenant's firewall tiers: its host's switch (whichever micro-VM runs it now) and the edge.
 pub(crate) struct TenantTiers {
-    pub(crate) switch: Arc<VerdictRegion>,
+    pub(crate) switch: Arc<SwitchTier>,
     pub(crate) edge: Option<Arc<EdgeLink>>,
 }
 
 impl VerdictSink for TenantTiers {
     fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
         // The switch first: a batch it refuses (ring full) is refused whole, and the call it
-        // belongs to is denied, so the edge must not have it either.
-        if self.switch.push(records).is_err() {
+        // belongs to is denied, so the edge must not have it either. A restarting switch
+        // refuses too (its ports are closed).
+        if !self.switch.deliver(records) {
             return false;
         }
         if let Some(edge) = &self.edge {
@@ -116,22 +114,7 @@ impl Host {
                 );
             }
         }
-        let records = switch;
-        let position = self
-            .switch
-            .region
-            .push_tracked(records)
-            .map_err(|e| HostError::SwitchRefused(format!("{e:?}")))?;
-        if !self
-            .switch
-            .region
-            .wait_consumed(position, SWITCH_APPLY_LIMIT)
-        {
-            return Err(HostError::SwitchTimeout {
-                secs: SWITCH_APPLY_LIMIT.as_secs(),
-                console: self.config.state_dir.join("switch.console"),
-            });
-        }
+        self.switch.apply(switch)?;
         Ok(started.elapsed().as_secs_f64() * 1e3)
     }
 
@@ -149,5 +132,80 @@ impl Host {
             details.insert("tiers_ms".into(), tiers_ms.into());
         }
         self.emit("reconfig", id, details);
+    }
+}
+
+impl Host {
+    /// Re-sends the edge everything this host gave it that still stands: each tenant's address
+    /// (`Attach`) and its verdicts (as `Adopt`, so the edge takes established flows over
+    /// mid-stream), from the switch's book. For an edge that restarted and lost its tables.
+    /// Returns how many records went out (0 without an edge).
+    pub fn resync_edge(&self) -> usize {
+        let Some(link) = &self.edge else {
+            return 0;
+        };
+        let mut records = Vec::new();
+        for (tenant, attach, verdicts) in self.switch.book().for_edge() {
+            if let Some(attach) = attach {
+                let address = attach.rule.local_addr;
+                records.push(
+                    VerdictRepr::attach(
+                        tenant,
+                        self.next_control_seq(),
+                        None,
+                        Some((attach.rule.ip_version, address)),
+                    )
+                    .to_bytes(),
+                );
+            }
+            records.extend(verdicts);
+        }
+        if !link.send(&records) {
+            log::warn!(
+                "host {}: the edge resync was not all sent (see vigil_edge_send_errors_total)",
+                self.config.name
+            );
+        }
+        self.emit(
+            "edge_resync",
+            "",
+            serde_json::json!({"records": records.len()}),
+        );
+        records.len()
+    }
+
+    /// Stands in for a tenant's introspection granting `rules` (the trap path needs the tenant
+    /// kernel running): the records go through the tenant's own verdict sink, to the switch
+    /// (and its book) and the edge, exactly as a granted call's would. Returns whether the
+    /// tiers took them (false while the switch restarts). For tests and benchmarks.
+    #[doc(hidden)]
+    pub fn grant_for_test(
+        &self,
+        id: &str,
+        rules: &[vigil_wire::verdict::Rule],
+    ) -> Result<bool, HostError> {
+        let tenant = self
+            .tenants()
+            .get(id)
+            .map(|t| t.tenant)
+            .ok_or_else(|| HostError::not_found(id))?;
+        let records: Vec<_> = rules
+            .iter()
+            .map(|rule| {
+                VerdictRepr {
+                    op: vigil_wire::verdict::Op::Add,
+                    tenant,
+                    seq: self.next_control_seq(),
+                    lifetime_ms: 0,
+                    rule: *rule,
+                }
+                .to_bytes()
+            })
+            .collect();
+        Ok(TenantTiers {
+            switch: self.switch.clone(),
+            edge: self.edge.clone(),
+        }
+        .deliver(&records))
     }
 }
