@@ -123,7 +123,15 @@ impl Rig {
         let pid = std::process::id();
         let outside = Namespace::create(&format!("vsr{tag}o{pid}"), "sro0", OUTSIDE_IP);
         let tenant = Namespace::create(&format!("vsr{tag}t{pid}"), "srt0", TENANT_IP);
-        crate::netns::ip(&["-n", &tenant.name, "link", "set", "srt0", "address", TENANT_MAC]);
+        crate::netns::ip(&[
+            "-n",
+            &tenant.name,
+            "link",
+            "set",
+            "srt0",
+            "address",
+            TENANT_MAC,
+        ]);
         let dir = TempDir::new(&format!("vigil-restart-{tag}"));
         let events = vmm_core::events::bus().subscribe();
         vmm_core::events::bus().set_quiet(true);

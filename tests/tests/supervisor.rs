@@ -26,7 +26,10 @@ const LIMIT: Duration = Duration::from_secs(30);
 fn echo_line(stream: &mut TcpStream, reader: &mut BufReader<TcpStream>, text: &str) -> String {
     stream.write_all(format!("{text}\n").as_bytes()).unwrap();
     let mut line = String::new();
-    reader.read_line(&mut line).map(|_| line).unwrap_or_default()
+    reader
+        .read_line(&mut line)
+        .map(|_| line)
+        .unwrap_or_default()
 }
 
 /// Receives datagrams on `socket` until one whose first 8 bytes (a sequence number) are at
@@ -67,7 +70,10 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
         .host
         .grant_for_test(
             "t1",
-            &[egress(Protocol::Tcp, ECHO), egress(Protocol::Udp, OPENED_UDP)]
+            &[
+                egress(Protocol::Tcp, ECHO),
+                egress(Protocol::Udp, OPENED_UDP)
+            ]
         )
         .unwrap());
 
@@ -107,7 +113,9 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
     assert!(wait_seq(&opened, 1).is_some(), "the opened stream flows");
 
     rig.host.kill_switch();
-    let stopped = rig.wait_event("switch_stopped", LIMIT).expect("switch_stopped");
+    let stopped = rig
+        .wait_event("switch_stopped", LIMIT)
+        .expect("switch_stopped");
     assert_eq!(stopped["generation"], 1, "{stopped}");
     let restored = rig
         .wait_event("switch_restored", LIMIT)
@@ -139,7 +147,10 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
         .unwrap()
         .expect("a new flow after the restart");
     drop(later);
-    let counters = rig.host.switch_counters().expect("the new switch's counters");
+    let counters = rig
+        .host
+        .switch_counters()
+        .expect("the new switch's counters");
     assert!(counters.flows_adopted >= 1, "{counters:?}");
 
     stop.store(true, Ordering::Relaxed);
@@ -162,7 +173,9 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
         assert_eq!(restored["generation"], generation, "{restored}");
     }
     rig.host.kill_switch();
-    let failed = rig.wait_event("switch_failed", LIMIT).expect("switch_failed");
+    let failed = rig
+        .wait_event("switch_failed", LIMIT)
+        .expect("switch_failed");
     assert_eq!(failed["restarts"], 5, "{failed}");
     assert!(!rig.host.switch_status().open);
     assert!(rig.host.switch_counters().is_none());
@@ -174,7 +187,9 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
     );
     // Nothing is forwarded: the established connection gets no answer (bounded wait: there is
     // no event for a frame that never comes).
-    stream.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
     stream.write_all(b"closed\n").unwrap();
     let mut line = String::new();
     assert!(

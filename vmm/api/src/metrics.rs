@@ -33,6 +33,29 @@ pub fn metrics_text(host: &Host) -> String {
             .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n))
             .collect::<Vec<_>>(),
     );
+    let status = host.switch_status();
+    for (name, help, kind, value) in [
+        (
+            "vigil_switch_open",
+            "1 while a switch micro-VM runs holding every attachment and verdict (ports open).",
+            "gauge",
+            f64::from(u8::from(status.open)),
+        ),
+        (
+            "vigil_switch_restarts_total",
+            "Times the supervisor restarted the switch micro-VM.",
+            "counter",
+            status.restarts as f64,
+        ),
+        (
+            "vigil_switch_book_verdicts",
+            "Verdicts the host would give a restarted switch.",
+            "gauge",
+            status.verdicts as f64,
+        ),
+    ] {
+        metric(&mut out, name, help, kind, &[(String::new(), value)]);
+    }
     if let Some(c) = host.switch_counters() {
         for (name, help, value) in [
             (

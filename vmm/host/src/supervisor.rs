@@ -205,10 +205,7 @@ fn restart(
     stopped: Instant,
 ) -> Option<SwitchThread> {
     loop {
-        while recent
-            .front()
-            .is_some_and(|t| t.elapsed() > RESTART_WINDOW)
-        {
+        while recent.front().is_some_and(|t| t.elapsed() > RESTART_WINDOW) {
             recent.pop_front();
         }
         if recent.len() >= MAX_RESTARTS {

@@ -73,7 +73,10 @@ pub(crate) struct SwitchTier {
 impl SwitchTier {
     /// Boots the switch micro-VM with `config.tenant_ports` ports and waits until it applies
     /// records; its supervisor restarts it from then on.
-    pub(crate) fn start(config: &HostConfig, kind: HostKind) -> Result<Arc<SwitchTier>, StartError> {
+    pub(crate) fn start(
+        config: &HostConfig,
+        kind: HostKind,
+    ) -> Result<Arc<SwitchTier>, StartError> {
         let mut ports = Vec::new();
         let mut switch_ends = Vec::new();
         for slot in 0..config.tenant_ports {
