@@ -293,6 +293,9 @@ pub struct SwitchStatus {
     /// Records the host would give a new switch: attachments and verdicts.
     pub attachments: usize,
     pub verdicts: usize,
+    /// Tenant ports held by a VM (of `ports`).
+    pub ports_held: usize,
+    pub ports: usize,
 }
 
 impl Host {
@@ -313,6 +316,13 @@ impl Host {
         };
         let restarts = self.switch.restarts.load(Ordering::Relaxed);
         let (attachments, verdicts) = self.switch.book().size();
+        let (ports_held, ports) = {
+            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            (
+                ports.iter().filter(|(_, o)| o.is_some()).count(),
+                ports.len(),
+            )
+        };
         SwitchStatus {
             open,
             generation,
@@ -321,6 +331,8 @@ impl Host {
                 .then(|| self.switch.last_restart_us.load(Ordering::Relaxed) as f64 / 1e3),
             attachments,
             verdicts,
+            ports_held,
+            ports,
         }
     }
 
