@@ -2,7 +2,8 @@
 //! as on a crash) while a tenant holds an established TCP connection and sends a stream of UDP
 //! datagrams, some opened by a verdict and some not. A new switch boots and is given every
 //! attachment and verdict before its ports open: the TCP connection goes on, the opened stream
-//! flows again, not one datagram without a verdict ever reaches the outside, and a crash loop
+//! flows again, not one datagram without a verdict ever reaches the outside. Then a real guest
+//! fault (the switch's RAM zeroed under it: it resets) restarts it the same way, and a crash loop
 //! ends with the tier closed (no verdict taken, nothing forwarded) and reported.
 //!
 //! No Debian tenant boots (see `vigil_tests::restart`): the tenant is a network namespace behind
@@ -164,8 +165,27 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
         sent.load(Ordering::Relaxed)
     );
 
+    // A guest fault, not a stop request: the switch's RAM is zeroed under it.
+    assert!(rig.host.crash_switch());
+    let stopped = rig
+        .wait_event("switch_stopped", LIMIT)
+        .expect("switch_stopped");
+    assert!(
+        !stopped["reason"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Requested"),
+        "{stopped}"
+    );
+    eprintln!("the faulted switch: {stopped}");
+    let restored = rig
+        .wait_event("switch_restored", LIMIT)
+        .expect("switch_restored after a guest fault");
+    assert_eq!(restored["verdicts"], 3, "{restored}");
+    assert_eq!(echo_line(&mut stream, &mut reader, "faulted"), "faulted\n");
+
     // A crash loop: restarts back off, and after the bound the tier stays closed.
-    for generation in 3..=6 {
+    for generation in 4..=6 {
         rig.host.kill_switch();
         let restored = rig
             .wait_event("switch_restored", LIMIT)

@@ -170,6 +170,7 @@ pub(crate) fn supervise(tier: Arc<SwitchTier>, mut thread: SwitchThread) {
         let generation = {
             let mut live = tier.live();
             live.region = None;
+            live.handle = None;
             tier.live_changed.notify_all();
             if live.shutting_down {
                 return;
@@ -285,6 +286,7 @@ fn restart(
             }
             live.region = Some(booted.region.clone());
             live.stop = booted.stop.clone();
+            live.handle = Some(booted.handle.clone());
             live.generation += 1;
             tier.live_changed.notify_all();
             live.generation

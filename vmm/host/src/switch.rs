@@ -23,7 +23,7 @@ use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::host_kind::HostKind;
 use vmm_core::net_config::NetConfig;
 use vmm_core::verdict_region::{wait_ready, FirewallCounters, VerdictRegion, READY_LIMIT};
-use vmm_core::vm::{ConsoleConfig, LinkConfig, Vm, VmConfig, VmError, VmOutcome};
+use vmm_core::vm::{ConsoleConfig, LinkConfig, Vm, VmConfig, VmError, VmHandle, VmOutcome};
 
 use crate::supervisor::Book;
 use crate::{Host, HostConfig, HostError, StartError};
@@ -38,6 +38,8 @@ pub(crate) const SWITCH_APPLY_LIMIT: Duration = Duration::from_secs(2);
 pub(crate) struct Live {
     pub(crate) region: Option<Arc<VerdictRegion>>,
     pub(crate) stop: Arc<AtomicBool>,
+    /// The running switch's RAM and run control (fault injection).
+    pub(crate) handle: Option<VmHandle>,
     /// Counts the switch micro-VMs started (1 for the first).
     pub(crate) generation: u64,
     /// The host shuts down: no restart.
@@ -49,6 +51,7 @@ pub(crate) struct Booted {
     pub(crate) thread: SwitchThread,
     pub(crate) region: Arc<VerdictRegion>,
     pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) handle: VmHandle,
     pub(crate) boot_ms: f64,
 }
 
@@ -113,6 +116,7 @@ impl SwitchTier {
             live: Mutex::new(Live {
                 region: None,
                 stop: Arc::new(AtomicBool::new(false)),
+                handle: None,
                 generation: 0,
                 shutting_down: false,
             }),
@@ -128,6 +132,7 @@ impl SwitchTier {
             let live = tier.live.get_mut().unwrap_or_else(|p| p.into_inner());
             live.region = Some(booted.region);
             live.stop = booted.stop;
+            live.handle = Some(booted.handle);
             live.generation = 1;
         }
         let tier = Arc::new(tier);
@@ -149,6 +154,7 @@ impl SwitchTier {
             .verdict_region()
             .ok_or(StartError::NoVerdictRegion)?;
         let stop = switch_vm.stop_handle();
+        let handle = switch_vm.handle();
         let thread = std::thread::Builder::new()
             .name("switch".into())
             .spawn(move || switch_vm.run(None))
@@ -167,6 +173,7 @@ impl SwitchTier {
             thread,
             region,
             stop,
+            handle,
             boot_ms: started.elapsed().as_secs_f64() * 1e3,
         })
     }
@@ -340,6 +347,29 @@ impl Host {
     /// shut down), so its supervisor restarts it. For tests and `scripts/bench`.
     pub fn kill_switch(&self) {
         self.switch.live().stop.store(true, Ordering::Release);
+    }
+
+    /// Fault injection: zeroes the running switch micro-VM's RAM below its verdict region (its
+    /// code, page tables and descriptor tables), so the guest faults its way to a stop (a triple
+    /// fault, or an exit the VMM cannot serve) as a corrupted switch would. Returns whether a
+    /// switch was running. For tests.
+    #[doc(hidden)]
+    pub fn crash_switch(&self) -> bool {
+        use vm_memory::{Bytes, GuestAddress};
+        let live = self.switch.live();
+        let (Some(handle), Some(region)) = (&live.handle, &live.region) else {
+            return false;
+        };
+        let zeros = vec![0u8; 1 << 20];
+        let mut gpa = 0;
+        while gpa < region.gpa {
+            let len = (region.gpa - gpa).min(zeros.len() as u64) as usize;
+            let _ = handle
+                .memory()
+                .write_slice(&zeros[..len], GuestAddress(gpa));
+            gpa += len as u64;
+        }
+        true
     }
 
     /// The tenant end of switch port `slot` (0-based): what a tenant VM's NIC is plugged into.
