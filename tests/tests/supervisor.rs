@@ -217,3 +217,82 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
         "a closed tier forwarded: {line:?}"
     );
 }
+
+/// Receives accepted records on `receiver` until `count` arrived (or `LIMIT` passed).
+fn receive_records(
+    receiver: &mut edge::channel::VerdictReceiver,
+    count: usize,
+) -> Vec<vigil_wire::verdict::VerdictRepr> {
+    let deadline = std::time::Instant::now() + LIMIT;
+    let mut out = Vec::new();
+    while out.len() < count && std::time::Instant::now() < deadline {
+        if let Ok(Some(edge::channel::Received::Accepted { records, .. })) =
+            receiver.recv(Duration::from_millis(100))
+        {
+            out.extend(
+                records
+                    .iter()
+                    .filter_map(|r| vigil_wire::verdict::VerdictRepr::from_bytes(r).ok()),
+            );
+        }
+    }
+    out
+}
+
+/// The edge restarting: it lost every table; the host re-sends each tenant's address and
+/// verdicts from its book. The edge's end here is the channel's own receiver (the one `vigil
+/// edge` runs), bound afresh on the same port as a restarted edge would be: a new replay window.
+#[test]
+fn a_restarted_edge_gets_every_address_and_verdict_again() {
+    use vigil_wire::verdict::Op;
+    let key = vec![0x5a; 32];
+    let mut receiver =
+        edge::channel::VerdictReceiver::bind("127.0.0.1:0", key.clone()).expect("receiver");
+    let control = receiver.local_addr().unwrap();
+    let dir = vigil_tests::TempDir::new("vigil-resync");
+    vmm_core::events::bus().set_quiet(true);
+    let host = vmm_host::Host::start(vmm_host::HostConfig {
+        name: "resync".into(),
+        switch_elf: vigil_tests::fw_guest_elf(),
+        uplink: "vxlan=127.0.0.1:9,local=127.0.0.1:0".parse().unwrap(),
+        tenant_ports: 1,
+        edge: Some(vmm_host::EdgeLinkConfig {
+            control,
+            key: key.clone(),
+            sender: 9,
+        }),
+        state_dir: dir.join("state"),
+        console_stdout: false,
+        debug: vmm_core::knobs::DebugKnobs::default(),
+    })
+    .expect("host");
+    let spec: vmm_host::VmSpec = serde_json::from_value(vigil_tests::workload::vm_spec(
+        &vigil_tests::tenant_dir(),
+        "e1",
+        "10.92.0.2",
+        "52:54:00:92:00:02",
+        &vigil_tests::workload::idle_policy(),
+    ))
+    .unwrap();
+    let tenant = host.create(spec).expect("create").tenant;
+    let rules = [
+        egress(Protocol::Tcp, ECHO),
+        egress(Protocol::Udp, OPENED_UDP),
+    ];
+    assert!(host.grant_for_test("e1", &rules).unwrap());
+    let first = receive_records(&mut receiver, 3);
+    assert_eq!(first.len(), 3, "{first:?}");
+
+    // The edge restarts: same address, nothing remembered.
+    drop(receiver);
+    let mut restarted = edge::channel::VerdictReceiver::bind(control, key).expect("rebind");
+    assert_eq!(host.resync_edge(), 3);
+    let again = receive_records(&mut restarted, 3);
+    assert_eq!(again.len(), 3, "{again:?}");
+    assert_eq!((again[0].op, again[0].tenant), (Op::Attach, tenant));
+    assert_eq!(&again[0].rule.local_addr[..4], &[10, 92, 0, 2]);
+    for (v, rule) in again[1..].iter().zip(rules) {
+        assert_eq!((v.op, v.tenant, v.rule), (Op::Adopt, tenant, rule));
+    }
+    host.shutdown();
+}
