@@ -1,40 +1,53 @@
-//! The authenticated verdict channel between hosts and the edge node, over UDP.
+//! The authenticated verdict channel between hosts and the edge node, over UDP: the edge's
+//! receiving end, and the keys both ends load. The hosts' sending end is [`crate::link`].
 //!
-//! Owns: the sockets, the pre-shared key (loading and checking it), sequence numbering on the
-//! sending side, and on the receiving side the order "authenticate, then check replay, then hand
-//! over". The datagram format, the MAC and the replay window live in [`vigil_wire::auth`]. Must
-//! not: apply anything itself, or hand a caller records from a datagram that failed any check
-//! (a rejected datagram comes back as [`Received::Rejected`] so the caller can log and count it).
+//! Owns: the receiving socket, the pre-shared key (loading and checking it), the edge's boot id,
+//! and on the receiving side the order "authenticate, then place in the sender's run, then hand
+//! over in sequence order, then acknowledge". The datagram and ack formats live in
+//! [`vigil_wire::auth`] and [`vigil_wire::ack`], the per-sender order in [`crate::order`]. Must
+//! not: apply anything itself (the caller's `apply` does), or hand a caller records from a
+//! datagram that failed any check (a rejected datagram comes back as [`Received::Rejected`] so
+//! the caller can log and count it).
 //!
-//! Why UDP: a verdict batch fits one datagram ([`MAX_RECORDS`] records), the edge needs no
-//! connection state per host, and a lost datagram costs one flow's first packets until the host
-//! re-sends (verdicts are idempotent: re-adding refreshes the lifetime). Authentication does not
-//! rely on the source address: a host may sit behind NAT, and the MAC is what proves the sender.
+//! Why UDP with acks rather than TCP: a verdict batch fits one datagram ([`MAX_RECORDS`]
+//! records), the edge keeps no connection per host, and a host behind NAT or a restarted edge
+//! needs no reconnect. Delivery is made reliable here: every authentic datagram is answered with
+//! a signed, cumulative ack (the sender's run and the sequence number below which everything was
+//! applied), and the host retransmits until acknowledged. Authentication does not rely on the
+//! source address: a host may sit behind NAT, and the MAC is what proves the sender.
+//!
+//! Restarts: the edge draws a random boot id when it starts and applies only datagrams that name
+//! it, so a datagram recorded for an earlier run of the edge is never applied by a later one (an
+//! ack with the new boot id tells the host to start a new run and send again). A host numbers
+//! each run from a new epoch above its last one; the edge follows the newest epoch per host.
 
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use vigil_wire::auth::{self, AuthError, ReplayTable, MAX_DATAGRAM, MAX_RECORDS};
+use vigil_wire::ack::{seal_ack, Ack};
+use vigil_wire::auth::{self, AuthError, MAX_DATAGRAM};
 use vigil_wire::verdict::RECORD_LEN;
+
+use crate::order::{Offer, Streams};
+
+pub use crate::order::MAX_SENDERS;
+pub use vigil_wire::auth::MAX_RECORDS;
 
 /// Shortest key accepted: 32 bytes (64 hex digits), SHA-256's output size, the strength
 /// HMAC-SHA256 can deliver (RFC 2104 §3 advises keys no shorter than the hash output).
 pub const MIN_KEY_LEN: usize = 32;
 /// Largest key file read: a key is a line of hex; anything much larger is the wrong file.
 pub const MAX_KEY_FILE_LEN: u64 = 4096;
-/// Hosts one edge tracks replay state for (see [`ReplayTable`]: a full table refuses new
-/// senders rather than forgetting old ones).
-pub const MAX_SENDERS: usize = 1024;
 
 fn invalid_input(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
 }
 
-fn check_key(key: &[u8]) -> io::Result<()> {
+pub(crate) fn check_key(key: &[u8]) -> io::Result<()> {
     if key.len() < MIN_KEY_LEN {
         return Err(invalid_input(format!(
             "verdict channel key of {} bytes is too short (at least {MIN_KEY_LEN})",
@@ -44,111 +57,68 @@ fn check_key(key: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// The sending end (a host): signs verdict records and sends them to one edge.
-#[derive(Debug)]
-pub struct VerdictSender {
-    socket: UdpSocket,
-    key: Vec<u8>,
-    sender_id: u32,
-    next_seq: u64,
+/// A random, non-zero 64-bit value (the edge's boot id) from the kernel's CSPRNG.
+pub fn random_boot_id() -> io::Result<u64> {
+    let mut bytes = [0u8; 8];
+    loop {
+        File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+        let id = u64::from_le_bytes(bytes);
+        if id != 0 {
+            return Ok(id);
+        }
+    }
 }
 
-impl VerdictSender {
-    /// A sender with id `sender_id`, connected to the edge's control address, numbering its
-    /// datagrams from 1. A sender that restarts must not start at 1 again (the edge remembers
-    /// the highest number it accepted and rejects lower ones): see [`VerdictSender::with_first_seq`].
-    pub fn connect(edge: impl ToSocketAddrs, key: Vec<u8>, sender_id: u32) -> io::Result<Self> {
-        check_key(&key)?;
-        let edge = edge.to_socket_addrs()?.next().ok_or_else(|| {
-            invalid_input("the edge's control address resolves to nothing".into())
-        })?;
-        let local: SocketAddr = match edge {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let socket = UdpSocket::bind(local)?;
-        socket.connect(edge)?;
-        Ok(VerdictSender {
-            socket,
-            key,
-            sender_id,
-            next_seq: 1,
-        })
-    }
-
-    /// Number the next datagram `seq` (non-zero) instead: a restarted sender resumes above
-    /// every number it used before, e.g. from the wall clock in microseconds.
-    pub fn with_first_seq(mut self, seq: u64) -> io::Result<Self> {
-        if seq == 0 {
-            return Err(invalid_input("sequence numbers start at 1".into()));
-        }
-        self.next_seq = seq;
-        Ok(self)
-    }
-
-    /// The sequence number the next datagram will carry.
-    pub fn next_seq(&self) -> u64 {
-        self.next_seq
-    }
-
-    /// The local address datagrams leave from.
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
-    }
-
-    /// Sign and send `records` (emitted with `VerdictRepr::emit`), [`MAX_RECORDS`] per
-    /// datagram, in order; returns the number of datagrams sent (0 for no records). Each datagram
-    /// consumes a sequence number even if sending it fails, so a number is never signed twice.
-    /// An error from a datagram stops the batch (the records before it were sent). UDP gives no
-    /// delivery guarantee; an ICMP "port unreachable" from an earlier datagram may surface here as
-    /// `ConnectionRefused`.
-    pub fn send(&mut self, records: &[[u8; RECORD_LEN]]) -> io::Result<usize> {
-        let timestamp_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let mut datagram = [0u8; MAX_DATAGRAM];
-        let mut sent = 0;
-        for chunk in records.chunks(MAX_RECORDS) {
-            let seq = self.next_seq;
-            self.next_seq = seq
-                .checked_add(1)
-                .ok_or_else(|| io::Error::other("verdict sequence numbers exhausted"))?;
-            let len = auth::seal(
-                &self.key,
-                self.sender_id,
-                seq,
-                timestamp_ms,
-                chunk,
-                &mut datagram,
-            )
-            .map_err(io::Error::other)?;
-            self.socket.send(&datagram[..len])?;
-            sent += 1;
-        }
-        Ok(sent)
-    }
+/// One authentic datagram that is next in its sender's run, handed to the caller's `apply`.
+#[derive(Debug)]
+pub struct Delivery<'a> {
+    pub from: SocketAddr,
+    pub sender: u32,
+    pub seq: u64,
+    /// Raw records (decode each with `VerdictRepr::from_bytes`, which may still reject one).
+    pub records: &'a [[u8; RECORD_LEN]],
+    /// The sender started a new run (it restarted) with this datagram; the old run's epoch.
+    pub restarted: Option<u64>,
 }
 
 /// What one datagram turned out to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Received {
-    /// Authentic and fresh: the records may be applied (they are raw; decode each with
-    /// `VerdictRepr::from_bytes`, which may still reject one).
-    Accepted {
+    /// Authentic and next in its sender's run: applied, with the held datagrams it released
+    /// (`datagrams` in all, `records` records).
+    Applied {
         from: SocketAddr,
         sender: u32,
         seq: u64,
-        records: Vec<[u8; RECORD_LEN]>,
+        datagrams: usize,
+        records: usize,
     },
-    /// Dropped: forged, altered, malformed or replayed. Nothing of it may be applied.
+    /// Authentic but ahead of a gap: held until the datagrams before it arrive.
+    Held { from: SocketAddr, sender: u32, seq: u64 },
+    /// Authentic and applied before: ignored (acknowledged again; its ack may have been lost).
+    Duplicate { from: SocketAddr, sender: u32, seq: u64 },
+    /// Authentic and next, but `apply` could not take it now: the sender will retransmit.
+    NotApplied { from: SocketAddr, sender: u32, seq: u64 },
+    /// Dropped: forged, altered, malformed, for another run of the edge or of the sender, or too
+    /// far ahead. Nothing of it may be applied.
     Rejected { from: SocketAddr, reason: AuthError },
 }
 
 /// Receiver counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChannelStats {
+    /// Datagrams applied (held ones included when released).
     pub accepted_datagrams: u64,
     pub accepted_records: u64,
+    /// Datagrams held ahead of a gap.
+    pub held: u64,
+    /// Authentic datagrams applied before (retransmissions whose ack was lost, or replays).
+    pub duplicates: u64,
+    /// Datagrams `apply` refused (to be retransmitted).
+    pub not_applied: u64,
+    pub acks_sent: u64,
+    /// Senders that started a new run (restarted hosts).
+    pub sender_restarts: u64,
     /// Rejected datagrams, indexed by [`AuthError::index`].
     pub rejected: [u64; AuthError::COUNT],
 }
@@ -174,12 +144,12 @@ impl ChannelStats {
     }
 }
 
-/// The receiving end (the edge): authenticates datagrams and filters replays.
+/// The receiving end (the edge): authenticates datagrams, orders them per sender, acknowledges.
 pub struct VerdictReceiver {
     socket: UdpSocket,
     key: Vec<u8>,
-    // Boxed: 1024 windows are ~40 KiB, too much to move around on the stack.
-    replay: Box<ReplayTable<MAX_SENDERS>>,
+    boot: u64,
+    streams: Streams,
     stats: ChannelStats,
     /// The read timeout last set on the socket (saves a syscall per call when it is unchanged).
     timeout: Option<Duration>,
@@ -190,21 +160,32 @@ impl fmt::Debug for VerdictReceiver {
         // Never the key.
         f.debug_struct("VerdictReceiver")
             .field("socket", &self.socket)
-            .field("senders", &self.replay.len())
+            .field("boot", &self.boot)
+            .field("senders", &self.streams.len())
             .field("stats", &self.stats)
             .finish()
     }
 }
 
 impl VerdictReceiver {
-    /// Bind the control address (port 0 picks one; see [`VerdictReceiver::local_addr`]).
+    /// Bind the control address (port 0 picks one; see [`VerdictReceiver::local_addr`]), with a
+    /// fresh random boot id.
     pub fn bind(addr: impl ToSocketAddrs, key: Vec<u8>) -> io::Result<Self> {
+        VerdictReceiver::bind_with_boot(addr, key, random_boot_id()?)
+    }
+
+    /// [`VerdictReceiver::bind`] with a chosen boot id (non-zero; a test's fixed value).
+    pub fn bind_with_boot(addr: impl ToSocketAddrs, key: Vec<u8>, boot: u64) -> io::Result<Self> {
         check_key(&key)?;
+        if boot == 0 {
+            return Err(invalid_input("an edge boot id is never 0".into()));
+        }
         let socket = UdpSocket::bind(addr)?;
         Ok(VerdictReceiver {
             socket,
             key,
-            replay: Box::default(),
+            boot,
+            streams: Streams::new(),
             stats: ChannelStats::default(),
             timeout: None,
         })
@@ -215,21 +196,48 @@ impl VerdictReceiver {
         self.socket.local_addr()
     }
 
+    /// This run's boot id (hosts address their datagrams to it).
+    pub fn boot_id(&self) -> u64 {
+        self.boot
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> &ChannelStats {
         &self.stats
     }
 
-    /// Forget a sender's replay state (an operator action after a host was reinstalled and
-    /// restarted its numbering); returns whether it had any.
-    pub fn forget_sender(&mut self, sender: u32) -> bool {
-        self.replay.forget(sender)
+    /// Datagrams held ahead of gaps, all senders.
+    pub fn held_now(&self) -> usize {
+        self.streams.held()
+    }
+
+    fn ack(&mut self, to: SocketAddr, sender: u32, epoch: u64, next: u64) {
+        let ack = Ack {
+            key_id: 0,
+            sender,
+            epoch,
+            next,
+            edge_boot: self.boot,
+        };
+        // The boot id is non-zero (checked at bind), so sealing cannot fail.
+        if let Ok(bytes) = seal_ack(&self.key, &ack) {
+            match self.socket.send_to(&bytes, to) {
+                Ok(_) => self.stats.acks_sent += 1,
+                Err(e) => log::debug!("ack to {to} not sent: {e}"),
+            }
+        }
     }
 
     /// Wait up to `timeout` (non-zero) for one datagram and judge it: `Ok(None)` when none came.
-    /// Checks run in this order: structure, MAC, then replay; the replay window moves only for
-    /// an authentic datagram, so forgeries cannot push a real sender out of its window.
-    pub fn recv(&mut self, timeout: Duration) -> io::Result<Option<Received>> {
+    /// Checks run in this order: structure, MAC, edge boot id, the sender's run and order. The
+    /// datagram that is next in its run goes to `apply`, then every held one it releases, in
+    /// order, until `apply` returns false (not taken: kept for the sender's retransmission).
+    /// Every authentic datagram is acknowledged, after `apply`.
+    pub fn recv(
+        &mut self,
+        timeout: Duration,
+        mut apply: impl FnMut(&Delivery<'_>) -> bool,
+    ) -> io::Result<Option<Received>> {
         if self.timeout != Some(timeout) {
             // Rejects a zero timeout with InvalidInput.
             self.socket.set_read_timeout(Some(timeout))?;
@@ -253,28 +261,124 @@ impl VerdictReceiver {
                 Err(e) => return Err(e),
             }
         };
-        let verdict = auth::open(&self.key, &buf[..len]).and_then(|opened| {
-            self.replay
-                .check_and_update(opened.sender, opened.seq)
-                .map(|()| opened)
-        });
-        Ok(Some(match verdict {
-            Ok(opened) => {
-                let records: Vec<[u8; RECORD_LEN]> = opened.records().copied().collect();
-                self.stats.accepted_datagrams += 1;
-                self.stats.accepted_records += records.len() as u64;
-                Received::Accepted {
+        let received = self.judge(from, &buf[..len], &mut apply);
+        if let Received::Rejected { reason, .. } = &received {
+            self.stats.rejected[reason.index()] += 1;
+        }
+        Ok(Some(received))
+    }
+
+    fn judge(
+        &mut self,
+        from: SocketAddr,
+        datagram: &[u8],
+        apply: &mut impl FnMut(&Delivery<'_>) -> bool,
+    ) -> Received {
+        let opened = match auth::open(&self.key, datagram) {
+            Ok(opened) => opened,
+            Err(reason) => return Received::Rejected { from, reason },
+        };
+        let h = opened.header;
+        if h.edge_boot != self.boot {
+            // Authentic, for another run of this edge (or sent before the host learned it):
+            // never applied; the ack tells the host which run speaks now.
+            self.ack(from, h.sender, h.epoch, 0);
+            return Received::Rejected {
+                from,
+                reason: AuthError::OtherEdge {
+                    sender: h.sender,
+                    edge_boot: h.edge_boot,
+                },
+            };
+        }
+        let records: Vec<[u8; RECORD_LEN]> = opened.records().copied().collect();
+        let offer = self.streams.offer(h.sender, h.epoch, h.seq, &records);
+        let received = match offer {
+            Err(reason) => {
+                match reason {
+                    // Tell the host the run the edge follows (it starts a newer one), or where
+                    // the gap is.
+                    AuthError::StaleEpoch { current, .. } => self.ack(from, h.sender, current, 0),
+                    AuthError::TooFarAhead { .. } => {
+                        if let Some((epoch, next)) = self.streams.position(h.sender) {
+                            self.ack(from, h.sender, epoch, next);
+                        }
+                    }
+                    _ => {}
+                }
+                return Received::Rejected { from, reason };
+            }
+            Ok(Offer::Duplicate) => {
+                self.stats.duplicates += 1;
+                Received::Duplicate {
                     from,
-                    sender: opened.sender,
-                    seq: opened.seq,
-                    records,
+                    sender: h.sender,
+                    seq: h.seq,
                 }
             }
-            Err(reason) => {
-                self.stats.rejected[reason.index()] += 1;
-                Received::Rejected { from, reason }
+            Ok(Offer::Held) => {
+                self.stats.held += 1;
+                Received::Held {
+                    from,
+                    sender: h.sender,
+                    seq: h.seq,
+                }
             }
-        }))
+            Ok(Offer::Ready { restarted }) => {
+                if restarted.is_some() {
+                    self.stats.sender_restarts += 1;
+                }
+                let first = Delivery {
+                    from,
+                    sender: h.sender,
+                    seq: h.seq,
+                    records: &records,
+                    restarted,
+                };
+                if apply(&first) {
+                    self.streams.applied(h.sender);
+                    let (mut datagrams, mut total) = (1, records.len());
+                    while let Some((seq, held)) = self.streams.take_ready(h.sender) {
+                        let delivery = Delivery {
+                            from,
+                            sender: h.sender,
+                            seq,
+                            records: &held,
+                            restarted: None,
+                        };
+                        if !apply(&delivery) {
+                            self.streams.put_back(h.sender, seq, held);
+                            self.stats.not_applied += 1;
+                            break;
+                        }
+                        self.streams.applied(h.sender);
+                        datagrams += 1;
+                        total += held.len();
+                    }
+                    self.stats.accepted_datagrams += datagrams as u64;
+                    self.stats.accepted_records += total as u64;
+                    Received::Applied {
+                        from,
+                        sender: h.sender,
+                        seq: h.seq,
+                        datagrams,
+                        records: total,
+                    }
+                } else {
+                    self.streams.not_applied(h.sender, restarted);
+                    self.stats.not_applied += 1;
+                    Received::NotApplied {
+                        from,
+                        sender: h.sender,
+                        seq: h.seq,
+                    }
+                }
+            }
+        };
+        if let Some((epoch, next)) = self.streams.position(h.sender) {
+            self.ack(from, h.sender, epoch, next);
+        }
+        received
     }
 }
 

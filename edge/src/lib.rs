@@ -1,8 +1,11 @@
 //! The edge node: boots the fw-guest ELF in the edge role, firmware-less, between the outside
-//! world and the cloud, and takes verdicts from hosts over an authenticated channel.
+//! world and the cloud, and takes verdicts from hosts over an authenticated, acknowledged channel.
 //!
-//! Owns: the verdict channel (`channel`: both ends, used by hosts too) and the edge node
+//! Owns: the verdict channel (`channel`: the edge's receiving end and the keys; `order`: the
+//! per-host delivery order; `link`: the hosts' retransmitting sending end) and the edge node
 //! (`node`). Must not: depend on the host or the API crates.
 
 pub mod channel;
+pub mod link;
 pub mod node;
+pub mod order;

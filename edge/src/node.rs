@@ -2,15 +2,21 @@
 //! world (a TAP device, in its own network namespace) and the cloud (a VXLAN endpoint the hosts'
 //! switch uplinks reach), fed with verdicts that hosts send over the authenticated channel.
 //!
-//! Verdict datagrams are verified here, in the edge's VMM (HMAC, replay window; `edge::channel`)
-//! and only then put into the micro-VM's verdict ring. A forged, replayed or malformed datagram
-//! is dropped, counted and reported as an `edge_rejected` event.
+//! Verdict datagrams are verified here, in the edge's VMM (HMAC, edge boot id, each host's run and
+//! order; `edge::channel`), put into the micro-VM's verdict ring in order per host, and
+//! acknowledged once the micro-VM has taken them. A forged, stale or malformed datagram is
+//! dropped, counted and reported as an `edge_rejected` event.
 //!
-//! Owns: the edge micro-VM, its verdict ring, the receiving thread and its counters. Must not:
-//! put into the ring a record from a datagram that failed a check, or serve HTTP (the API
-//! crate's `vmm_api::edge` does).
+//! Hosts: the underlay address of a host whose datagram was applied becomes trusted on the cloud
+//! port (`PeerTrust`): the VXLAN endpoint takes frames, and learns MAC locations, only from such
+//! hosts. When a host starts a new run (it restarted, so its tenants are gone), the tenants it
+//! attached last are flushed before its new run's first records.
+//!
+//! Owns: the edge micro-VM, its verdict ring, the receiving thread, the hosts' trust and the
+//! tenants each host attached, and the counters. Must not: put into the ring a record from a
+//! datagram that failed a check, or serve HTTP (the API crate's `vmm_api::edge` does).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,15 +24,20 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::channel::{Received, VerdictReceiver};
-use vigil_wire::boot::Role;
+use crate::channel::{ChannelStats, Delivery, Received, VerdictReceiver};
+use vigil_wire::boot::{Role, TENANT_UNASSIGNED};
+use vigil_wire::verdict::{Op, VerdictRepr, RECORD_LEN};
 
+use vmm_core::config::{NetBackend, Trust};
+use vmm_core::devices::vxlan::PeerTrust;
 use vmm_core::net_config::NetConfig;
 use vmm_core::verdict_region::{wait_ready, FirewallCounters, VerdictRegion, READY_LIMIT};
 use vmm_core::vm::{ConsoleConfig, Vm, VmConfig, VmError, VmOutcome};
 
 /// How long the receiver waits for the micro-VM to take accepted records.
 const APPLY_LIMIT: Duration = Duration::from_secs(2);
+/// Tenants whose attaching host the edge remembers (for flushing them when that host restarts).
+const MAX_OWNED_TENANTS: usize = 65_536;
 
 /// Why an edge node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +84,12 @@ struct EdgeStats {
     accepted_datagrams: AtomicU64,
     accepted_records: AtomicU64,
     rejected: Mutex<BTreeMap<String, u64>>,
+    /// The channel's counters (order, duplicates, acks), copied after each datagram.
+    channel: Mutex<ChannelStats>,
+    /// Datagrams held ahead of a gap right now.
+    held_now: AtomicU64,
+    /// Tenants flushed because the host that attached them restarted.
+    restart_flushes: AtomicU64,
     /// Milliseconds from receipt of the last accepted datagram to the micro-VM having taken it.
     last_apply_us: AtomicU64,
 }
@@ -84,6 +101,8 @@ pub struct Edge {
     vm_thread: Mutex<Option<JoinHandle<Result<VmOutcome, VmError>>>>,
     stats: Arc<EdgeStats>,
     control_addr: SocketAddr,
+    boot_id: u64,
+    trust: Arc<PeerTrust>,
     started: Instant,
 }
 
@@ -93,6 +112,11 @@ impl Edge {
         // The edge's one read of the debug knobs (VIGIL_TRACE_EXITS, VIGIL_PROFILE, ...).
         let debug = vmm_core::knobs::DebugKnobs::from_env();
         let kind = debug.host_kind();
+        let trust = PeerTrust::new();
+        let mut cloud = config.cloud.clone();
+        if let NetBackend::Vxlan { trust: t, .. } = &mut cloud.backend {
+            *t = Trust(Some(trust.clone()));
+        }
         let vm_config = VmConfig::micro_vm(config.name.clone(), &config.elf, Role::Edge)
             .with_console(ConsoleConfig {
                 log: config.console_log.clone(),
@@ -107,7 +131,7 @@ impl Edge {
                 NetConfig {
                     // Any non-zero id marks a cloud port (the edge finds tenants by address).
                     tenant: 1,
-                    ..config.cloud.clone()
+                    ..cloud
                 },
             ])
             .with_debug(debug);
@@ -119,6 +143,7 @@ impl Edge {
                 }
             })?;
         let control_addr = receiver.local_addr().map_err(StartError::ChannelAddr)?;
+        let boot_id = receiver.boot_id();
         let vm = Vm::create(&vm_config, kind).map_err(StartError::Vm)?;
         let region = vm.verdict_region().ok_or(StartError::NoVerdictRegion)?;
         let stop = vm.stop_handle();
@@ -141,6 +166,8 @@ impl Edge {
             vm_thread: Mutex::new(Some(vm_thread)),
             stats: Arc::new(EdgeStats::default()),
             control_addr,
+            boot_id,
+            trust,
             started: Instant::now(),
         });
         let worker = edge.clone();
@@ -155,6 +182,7 @@ impl Edge {
                 "outside": edge.config.outside.backend.to_string(),
                 "cloud": edge.config.cloud.backend.to_string(),
                 "control": control_addr.to_string(),
+                "boot_id": format!("{boot_id:#x}"),
             }),
         );
         Ok(edge)
@@ -165,9 +193,87 @@ impl Edge {
         self.control_addr
     }
 
+    /// Puts one in-order datagram into the micro-VM's ring (after flushing the tenants of the
+    /// host's previous run when it restarted) and waits until the micro-VM took it; whether it
+    /// did. The host's underlay address is trusted on the cloud port from then on.
+    fn apply(&self, owners: &mut HashMap<u32, u32>, d: &Delivery<'_>) -> bool {
+        let mut records: Vec<[u8; RECORD_LEN]> = Vec::with_capacity(d.records.len());
+        let mut flushed = Vec::new();
+        if d.restarted.is_some() {
+            flushed = owners
+                .iter()
+                .filter(|(_, host)| **host == d.sender)
+                .map(|(tenant, _)| *tenant)
+                .collect();
+            records.extend(
+                flushed
+                    .iter()
+                    .map(|t| VerdictRepr::flush_tenant(*t, 0).to_bytes()),
+            );
+        }
+        records.extend_from_slice(d.records);
+        let arrived = Instant::now();
+        let Ok(position) = self.region.push_tracked(&records) else {
+            return false;
+        };
+        if !self.region.wait_consumed(position, APPLY_LIMIT) {
+            // In the ring, so it will be applied in order; the host retransmits meanwhile, and a
+            // copy applied again changes nothing (adds refresh, flushes and attaches repeat).
+            log::warn!(
+                "edge {}: the micro-VM did not take host {}'s datagram {} within {APPLY_LIMIT:?}",
+                self.config.name,
+                d.sender,
+                d.seq
+            );
+            return false;
+        }
+        self.stats
+            .last_apply_us
+            .store(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
+        if !self.trust.trust(d.from.ip()) {
+            log::warn!("edge {}: too many hosts to trust {}", self.config.name, d.from);
+        }
+        if !flushed.is_empty() {
+            owners.retain(|_, host| *host != d.sender);
+            self.stats
+                .restart_flushes
+                .fetch_add(flushed.len() as u64, Ordering::Relaxed);
+            vmm_core::events::bus().emit(
+                "edge_host_restarted",
+                &serde_json::json!({"edge": self.config.name, "sender": d.sender,
+                    "flushed_tenants": flushed}),
+            );
+        }
+        for record in d.records {
+            let Ok(v) = VerdictRepr::from_bytes(record) else {
+                continue;
+            };
+            match v.op {
+                Op::Attach if v.tenant != TENANT_UNASSIGNED => {
+                    if owners.len() < MAX_OWNED_TENANTS || owners.contains_key(&v.tenant) {
+                        owners.insert(v.tenant, d.sender);
+                    }
+                }
+                Op::FlushTenant if owners.get(&v.tenant) == Some(&d.sender) => {
+                    owners.remove(&v.tenant);
+                }
+                _ => {}
+            }
+        }
+        true
+    }
+
     fn take_verdicts(&self, mut receiver: VerdictReceiver) {
+        // Which host attached each tenant last (a migrated tenant belongs to its new host).
+        let mut owners: HashMap<u32, u32> = HashMap::new();
         while !self.stop.load(Ordering::Acquire) {
-            let received = match receiver.recv(Duration::from_millis(200)) {
+            let received = receiver.recv(Duration::from_millis(200), |d| self.apply(&mut owners, d));
+            *self.stats.channel.lock().unwrap_or_else(|p| p.into_inner()) =
+                receiver.stats().clone();
+            self.stats
+                .held_now
+                .store(receiver.held_now() as u64, Ordering::Relaxed);
+            let received = match received {
                 Ok(Some(received)) => received,
                 Ok(None) => continue,
                 Err(e) => {
@@ -180,32 +286,36 @@ impl Edge {
                 }
             };
             match received {
-                Received::Accepted {
+                Received::Applied {
                     from,
                     sender,
                     seq,
+                    datagrams,
                     records,
                 } => {
-                    let arrived = Instant::now();
-                    let taken = self
-                        .region
-                        .push_tracked(&records)
-                        .map(|position| self.region.wait_consumed(position, APPLY_LIMIT));
-                    let apply_us = arrived.elapsed().as_micros() as u64;
                     self.stats
                         .accepted_datagrams
-                        .fetch_add(1, Ordering::Relaxed);
+                        .fetch_add(datagrams as u64, Ordering::Relaxed);
                     self.stats
                         .accepted_records
-                        .fetch_add(records.len() as u64, Ordering::Relaxed);
-                    self.stats.last_apply_us.store(apply_us, Ordering::Relaxed);
+                        .fetch_add(records as u64, Ordering::Relaxed);
                     vmm_core::events::bus().emit(
                         "edge_verdicts",
                         &serde_json::json!({
                             "edge": self.config.name, "from": from.to_string(), "sender": sender,
-                            "seq": seq, "records": records.len(),
-                            "applied": matches!(taken, Ok(true)),
-                            "apply_ms": apply_us as f64 / 1e3,
+                            "seq": seq, "datagrams": datagrams, "records": records,
+                            "applied": true,
+                            "apply_ms": self.last_apply_us() as f64 / 1e3,
+                        }),
+                    );
+                }
+                Received::Held { .. } | Received::Duplicate { .. } => {}
+                Received::NotApplied { from, sender, seq } => {
+                    vmm_core::events::bus().emit(
+                        "edge_verdicts",
+                        &serde_json::json!({
+                            "edge": self.config.name, "from": from.to_string(), "sender": sender,
+                            "seq": seq, "applied": false,
                         }),
                     );
                 }
@@ -231,6 +341,37 @@ impl Edge {
                 }
             }
         }
+    }
+
+    /// This run's boot id (hosts address their datagrams to it).
+    pub fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
+    /// The channel's delivery counters: (held now, duplicates, acks sent, datagrams not yet
+    /// taken, hosts restarted, tenants flushed for them).
+    pub fn channel_counters(&self) -> serde_json::Value {
+        let c = self
+            .stats
+            .channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        serde_json::json!({
+            "accepted_datagrams": c.accepted_datagrams,
+            "held_now": self.stats.held_now.load(Ordering::Relaxed),
+            "held": c.held,
+            "duplicates": c.duplicates,
+            "not_applied": c.not_applied,
+            "acks_sent": c.acks_sent,
+            "sender_restarts": c.sender_restarts,
+            "restart_flushed_tenants": self.stats.restart_flushes.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Hosts trusted on the cloud port, and frames refused from untrusted underlay senders.
+    pub fn underlay_counters(&self) -> (usize, u64) {
+        (self.trust.len(), self.trust.refused())
     }
 
     /// The micro-VM's counters.

@@ -1,216 +1,463 @@
-//! The verdict channel over real UDP sockets on 127.0.0.1: what is accepted arrives intact, and
-//! forged, replayed, altered or garbage datagrams are rejected with the right reason.
+//! The verdict channel over real UDP sockets on 127.0.0.1: what the edge applies arrives intact,
+//! once, in order per host, also through a relay that loses 30% of the datagrams both ways; the
+//! host's link retransmits until acknowledged, within a bounded window; forged, stale, replayed or
+//! garbage datagrams are never applied; restarts of either end are recovered from.
 
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use edge::channel::{
-    key_from_hex, load_key, KeyError, Received, VerdictReceiver, VerdictSender, MIN_KEY_LEN,
-};
-use vigil_wire::auth::{self, AuthError, MAX_DATAGRAM, MAX_RECORDS};
+use edge::channel::{key_from_hex, load_key, KeyError, Received, VerdictReceiver, MIN_KEY_LEN};
+use edge::link::{Class, LinkConfig, LinkError, VerdictLink};
+use vigil_wire::ack::{open_ack, ACK_LEN};
+use vigil_wire::auth::{self, AuthError, Header, MAX_DATAGRAM, MAX_RECORDS};
 use vigil_wire::verdict::{v4, IpVersion, Protocol, Rule, VerdictRepr, RECORD_LEN};
 
 /// Generous: loopback delivers in microseconds; this only bounds a failing test.
-const WAIT: Duration = Duration::from_secs(5);
+const WAIT: Duration = Duration::from_secs(10);
 
 fn key(byte: u8) -> Vec<u8> {
     vec![byte; MIN_KEY_LEN]
 }
 
-fn records(n: usize) -> Vec<[u8; RECORD_LEN]> {
+fn records(n: usize, base: usize) -> Vec<[u8; RECORD_LEN]> {
     (0..n)
         .map(|i| {
+            let i = base + i;
             let rule = Rule::egress_to(
                 IpVersion::V4,
                 Protocol::Tcp,
                 v4([192, 0, 2, (i % 250) as u8]),
-                1000 + i as u16,
+                (1000 + i % 60_000) as u16,
             );
             VerdictRepr::add(3, i as u64 + 1, 60_000, rule).to_bytes()
         })
         .collect()
 }
 
-fn receiver(key: Vec<u8>) -> VerdictReceiver {
-    VerdictReceiver::bind("127.0.0.1:0", key).unwrap()
-}
-
-fn next(rx: &mut VerdictReceiver) -> Received {
-    rx.recv(WAIT).unwrap().expect("a datagram within the wait")
-}
-
-fn rejected(received: Received) -> AuthError {
-    match received {
-        Received::Rejected { reason, .. } => reason,
-        other => panic!("expected a rejection, got {other:?}"),
+fn fast() -> LinkConfig {
+    LinkConfig {
+        rto_initial: Duration::from_millis(5),
+        rto_max: Duration::from_millis(50),
+        ..LinkConfig::default()
     }
 }
 
-#[test]
-fn accepted_records_arrive_intact_and_in_order() {
-    let mut rx = receiver(key(1));
-    let mut tx = VerdictSender::connect(rx.local_addr().unwrap(), key(1), 77).unwrap();
-    let sent = records(MAX_RECORDS + 5);
-    assert_eq!(tx.send(&sent).unwrap(), 2);
-    assert_eq!(tx.send(&[]).unwrap(), 0);
-    assert_eq!(tx.next_seq(), 3);
+/// An edge's receiving loop on its own thread: applies into a list, in the order given.
+struct Edge {
+    addr: SocketAddr,
+    applied: Arc<Mutex<Vec<(u32, [u8; RECORD_LEN])>>>,
+    events: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<VerdictReceiver>>,
+}
 
-    let mut got = Vec::new();
-    for expected_seq in [1, 2] {
-        match next(&mut rx) {
-            Received::Accepted {
-                from,
-                sender,
-                seq,
-                records,
-            } => {
-                assert_eq!(from, tx.local_addr().unwrap());
-                assert_eq!(sender, 77);
-                assert_eq!(seq, expected_seq);
-                got.extend(records);
+impl Edge {
+    fn start(rx: VerdictReceiver) -> Edge {
+        let addr = rx.local_addr().unwrap();
+        let applied = Arc::new(Mutex::new(Vec::new()));
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, e, s) = (applied.clone(), events.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut rx = rx;
+            while !s.load(Ordering::Acquire) {
+                let got = rx
+                    .recv(Duration::from_millis(20), |d| {
+                        a.lock()
+                            .unwrap()
+                            .extend(d.records.iter().map(|rec| (d.sender, *rec)));
+                        true
+                    })
+                    .unwrap();
+                if let Some(got) = got {
+                    e.lock().unwrap().push(got);
+                }
             }
-            other => panic!("rejected: {other:?}"),
+            rx
+        });
+        Edge {
+            addr,
+            applied,
+            events,
+            stop,
+            thread: Some(thread),
         }
     }
-    assert_eq!(got, sent);
-    for (got, sent) in got.iter().zip(&sent) {
-        assert_eq!(
-            VerdictRepr::from_bytes(got).unwrap(),
-            VerdictRepr::from_bytes(sent).unwrap()
-        );
+
+    fn applied(&self) -> Vec<[u8; RECORD_LEN]> {
+        self.applied.lock().unwrap().iter().map(|(_, r)| *r).collect()
     }
-    let stats = rx.stats();
-    assert_eq!(stats.accepted_datagrams, 2);
-    assert_eq!(stats.accepted_records, (MAX_RECORDS + 5) as u64);
-    assert_eq!(stats.rejected_total(), 0);
-    // Nothing else is queued.
-    assert_eq!(rx.recv(Duration::from_millis(20)).unwrap(), None);
+
+    fn stop(mut self) -> VerdictReceiver {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A UDP relay between a link and an edge that drops `loss_pct`% of the datagrams each way
+/// (a fixed-seed xorshift decides, so a failure reproduces) and can capture what passes.
+struct LossyRelay {
+    addr: SocketAddr,
+    captured: Arc<Mutex<Vec<Vec<u8>>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<(u64, u64)>>,
+}
+
+impl LossyRelay {
+    fn start(edge: SocketAddr, loss_pct: u64) -> LossyRelay {
+        let front = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let back = UdpSocket::bind("127.0.0.1:0").unwrap();
+        back.connect(edge).unwrap();
+        front.set_nonblocking(true).unwrap();
+        back.set_nonblocking(true).unwrap();
+        let addr = front.local_addr().unwrap();
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (captured.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+            let mut lose = || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng % 100 < loss_pct
+            };
+            let (mut passed, mut dropped) = (0, 0);
+            let mut host: Option<SocketAddr> = None;
+            let mut buf = [0u8; 2048];
+            while !s.load(Ordering::Acquire) {
+                let mut idle = true;
+                if let Ok((n, from)) = front.recv_from(&mut buf) {
+                    idle = false;
+                    host = Some(from);
+                    c.lock().unwrap().push(buf[..n].to_vec());
+                    if lose() {
+                        dropped += 1;
+                    } else {
+                        passed += 1;
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+                if let Ok(n) = back.recv(&mut buf) {
+                    idle = false;
+                    if lose() {
+                        dropped += 1;
+                    } else if let Some(host) = host {
+                        passed += 1;
+                        let _ = front.send_to(&buf[..n], host);
+                    }
+                }
+                if idle {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+            (passed, dropped)
+        });
+        LossyRelay {
+            addr,
+            captured,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Release);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        assert!(Instant::now() < deadline, "{what} within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 #[test]
-fn another_key_is_rejected_and_does_not_move_the_window() {
-    let mut rx = receiver(key(1));
-    let addr = rx.local_addr().unwrap();
-    // The forger claims the real sender's id and a high sequence number.
-    let mut forger = VerdictSender::connect(addr, key(2), 77)
-        .unwrap()
-        .with_first_seq(1_000_000)
-        .unwrap();
-    forger.send(&records(3)).unwrap();
-    assert_eq!(rejected(next(&mut rx)), AuthError::BadTag);
+fn the_link_delivers_in_order_once_and_is_acknowledged() {
+    let edge = Edge::start(VerdictReceiver::bind("127.0.0.1:0", key(1)).unwrap());
+    let link = VerdictLink::connect(edge.addr, key(1), 77, 1000, fast()).unwrap();
+    let mut sent = Vec::new();
+    let mut last = 0;
+    for (i, n) in [1, MAX_RECORDS + 5, 3].into_iter().enumerate() {
+        let batch = records(n, i * 100);
+        last = link.send(&batch, Class::Verdict).unwrap().last_ticket;
+        sent.extend(batch);
+    }
+    assert!(link.wait_acked(last, WAIT), "acknowledged");
+    assert_eq!(link.outstanding(), 0);
+    assert_eq!(edge.applied(), sent);
+    assert_ne!(link.edge_boot(), 0);
+    let rx = edge.stop();
+    // The hello, then four datagrams (one batch needed two).
+    assert_eq!(rx.stats().accepted_datagrams, 5);
+    assert_eq!(rx.stats().accepted_records, sent.len() as u64);
+    assert!(rx.stats().acks_sent >= 5);
+}
 
-    // The real sender, numbering from 1, is still accepted: the forgery moved nothing.
-    let mut tx = VerdictSender::connect(addr, key(1), 77).unwrap();
-    tx.send(&records(1)).unwrap();
+#[test]
+fn thirty_percent_loss_both_ways_still_delivers_everything_once_in_order() {
+    let edge = Edge::start(VerdictReceiver::bind("127.0.0.1:0", key(2)).unwrap());
+    let relay = LossyRelay::start(edge.addr, 30);
+    let link = VerdictLink::connect(relay.addr, key(2), 5, 1, fast()).unwrap();
+    let mut sent = Vec::new();
+    let mut last = 0;
+    for i in 0..200 {
+        let batch = records(1 + i % 3, i * 10);
+        last = link.send(&batch, Class::Verdict).unwrap().last_ticket;
+        sent.extend(batch);
+    }
+    // A revocation last: applied after everything before it.
+    let flush = VerdictRepr::flush_tenant(3, 9999).to_bytes();
+    let last_flush = link.send(&[flush], Class::Control).unwrap().last_ticket;
+    assert!(last_flush > last);
+    sent.push(flush);
+    assert!(link.wait_acked(last_flush, WAIT), "acknowledged under loss");
+    assert_eq!(edge.applied(), sent, "every record once, in order");
+    let (passed, dropped) = relay.stop();
+    let rx = edge.stop();
+    let retransmits = link.stats().retransmits.load(Ordering::Relaxed);
+    eprintln!(
+        "relay passed {passed} dropped {dropped}; link retransmits {retransmits}; edge held \
+         {} duplicates {}",
+        rx.stats().held,
+        rx.stats().duplicates
+    );
+    assert!(dropped > 0 && retransmits > 0);
+    assert!(rx.stats().held > 0, "losses left gaps that later datagrams waited behind");
+}
+
+#[test]
+fn forgeries_are_never_applied_or_acknowledged() {
+    let edge = Edge::start(VerdictReceiver::bind("127.0.0.1:0", key(1)).unwrap());
+    // The forger claims the real sender's id and a high sequence number.
+    let forger = VerdictLink::connect(edge.addr, key(2), 77, 1_000_000, fast()).unwrap();
+    let t = forger.send(&records(3, 0), Class::Verdict).unwrap();
+    assert!(!forger.wait_acked(t.last_ticket, Duration::from_millis(200)));
+    assert_eq!(forger.edge_boot(), 0, "no ack ever reached the forger");
+    // The real sender, numbering from 1, is applied: the forgery moved nothing.
+    let link = VerdictLink::connect(edge.addr, key(1), 77, 1, fast()).unwrap();
+    let t = link.send(&records(1, 50), Class::Verdict).unwrap();
+    assert!(link.wait_acked(t.last_ticket, WAIT));
+    drop(forger);
+    assert_eq!(edge.applied(), records(1, 50));
+    let rx = edge.stop();
+    assert!(rx.stats().rejected_for(&AuthError::BadTag) >= 2);
+    // Besides the forgeries, only the real host's first datagram, sent before it knew the
+    // edge's boot id.
+    assert_eq!(
+        rx.stats()
+            .rejected_by_name()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        vec!["bad_tag", "other_edge"]
+    );
+}
+
+#[test]
+fn a_replayed_datagram_is_a_duplicate_and_changes_nothing() {
+    let edge = Edge::start(VerdictReceiver::bind("127.0.0.1:0", key(9)).unwrap());
+    let relay = LossyRelay::start(edge.addr, 0);
+    let link = VerdictLink::connect(relay.addr, key(9), 5, 1, fast()).unwrap();
+    let revoke = VerdictRepr::flush_tenant(3, 1).to_bytes();
+    let t = link.send(&records(2, 0), Class::Verdict).unwrap();
+    let t2 = link.send(&[revoke], Class::Control).unwrap();
+    assert!(link.wait_acked(t.last_ticket.max(t2.last_ticket), WAIT));
+    let applied = edge.applied();
+    // Replay every datagram the host sent (the verdicts after their revocation included).
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let captured = relay.captured.lock().unwrap().clone();
+    for d in &captured {
+        raw.send_to(d, edge.addr).unwrap();
+    }
+    wait_until("the replays judged", || {
+        edge.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| matches!(e, Received::Duplicate { .. } | Received::Rejected { .. }))
+            .count()
+            >= captured.len()
+    });
+    assert_eq!(edge.applied(), applied, "nothing applied again");
+    let rx = edge.stop();
+    assert!(rx.stats().duplicates >= 3);
+    relay.stop();
+}
+
+fn seal(k: &[u8], header: Header, recs: &[[u8; RECORD_LEN]]) -> Vec<u8> {
+    let mut out = [0u8; MAX_DATAGRAM];
+    let len = auth::seal(k, &header, recs, &mut out).unwrap();
+    out[..len].to_vec()
+}
+
+fn recv_ack(raw: &UdpSocket, k: &[u8]) -> vigil_wire::ack::Ack {
+    let mut buf = [0u8; ACK_LEN + 1];
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    let n = raw.recv(&mut buf).expect("an ack");
+    open_ack(k, &buf[..n]).unwrap()
+}
+
+#[test]
+fn runs_and_boot_ids_by_hand() {
+    let k = key(4);
+    let mut rx = VerdictReceiver::bind_with_boot("127.0.0.1:0", k.clone(), 0xB00).unwrap();
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.connect(rx.local_addr().unwrap()).unwrap();
+    let recs = records(1, 0);
+    let h = |epoch, seq, edge_boot| Header {
+        sender: 8,
+        seq,
+        epoch,
+        edge_boot,
+        ..Header::default()
+    };
+    let mut applied = Vec::new();
+    let mut judge = |rx: &mut VerdictReceiver| {
+        rx.recv(WAIT, |d| {
+            applied.push((d.seq, d.restarted));
+            true
+        })
+        .unwrap()
+        .expect("a datagram")
+    };
+    // For another run of the edge (or sent before the host knew it): refused, and the ack says
+    // which run speaks now.
+    raw.send(&seal(&k, h(100, 100, 0), &recs)).unwrap();
     assert!(matches!(
-        next(&mut rx),
-        Received::Accepted {
-            sender: 77,
-            seq: 1,
+        judge(&mut rx),
+        Received::Rejected {
+            reason: AuthError::OtherEdge { .. },
             ..
         }
     ));
-    assert_eq!(rx.stats().rejected_for(&AuthError::BadTag), 1);
-    assert_eq!(
-        rx.stats().rejected_by_name().collect::<Vec<_>>(),
-        vec![("bad_tag", 1)]
-    );
-}
-
-#[test]
-fn man_in_the_middle_replay_and_tamper_are_rejected() {
-    let mut rx = receiver(key(9));
-    let rx_addr = rx.local_addr().unwrap();
-    // The sender believes the relay is the edge; the relay sees every datagram.
-    let relay = UdpSocket::bind("127.0.0.1:0").unwrap();
-    relay.set_read_timeout(Some(WAIT)).unwrap();
-    let mut tx = VerdictSender::connect(relay.local_addr().unwrap(), key(9), 5).unwrap();
-    let mut buf = [0u8; 2048];
-
-    tx.send(&records(2)).unwrap();
-    let (len, _) = relay.recv_from(&mut buf).unwrap();
-    let captured = buf[..len].to_vec();
-
-    // Forwarded once: accepted. Replayed: rejected, twice over.
-    relay.send_to(&captured, rx_addr).unwrap();
-    assert!(matches!(next(&mut rx), Received::Accepted { seq: 1, .. }));
-    relay.send_to(&captured, rx_addr).unwrap();
-    assert_eq!(
-        rejected(next(&mut rx)),
-        AuthError::Replayed { sender: 5, seq: 1 }
-    );
-    relay.send_to(&captured, rx_addr).unwrap();
+    let ack = recv_ack(&raw, &k);
+    assert_eq!((ack.edge_boot, ack.next), (0xB00, 0));
+    // 101 before 100: held, then both in order.
+    raw.send(&seal(&k, h(100, 101, 0xB00), &recs)).unwrap();
+    assert!(matches!(judge(&mut rx), Received::Held { seq: 101, .. }));
+    assert_eq!(recv_ack(&raw, &k).next, 100);
+    raw.send(&seal(&k, h(100, 100, 0xB00), &recs)).unwrap();
     assert!(matches!(
-        rejected(next(&mut rx)),
-        AuthError::Replayed { .. }
+        judge(&mut rx),
+        Received::Applied { datagrams: 2, .. }
     ));
-
-    // The next datagram, altered in a record (widen a port range): rejected by the tag.
-    tx.send(&records(2)).unwrap();
-    let (len, _) = relay.recv_from(&mut buf).unwrap();
-    let mut tampered = buf[..len].to_vec();
-    tampered[auth::HEADER_LEN + 60] ^= 0xFF;
-    relay.send_to(&tampered, rx_addr).unwrap();
-    assert_eq!(rejected(next(&mut rx)), AuthError::BadTag);
-    // The genuine copy, delivered late, is still accepted once.
-    relay.send_to(&buf[..len], rx_addr).unwrap();
-    assert!(matches!(next(&mut rx), Received::Accepted { seq: 2, .. }));
-
-    let stats = rx.stats();
-    assert_eq!(stats.accepted_datagrams, 2);
-    assert_eq!(stats.accepted_records, 4);
+    assert_eq!(recv_ack(&raw, &k).next, 102);
+    // Far ahead: refused rather than held.
+    raw.send(&seal(&k, h(100, 100_000, 0xB00), &recs)).unwrap();
+    assert!(matches!(
+        judge(&mut rx),
+        Received::Rejected {
+            reason: AuthError::TooFarAhead { .. },
+            ..
+        }
+    ));
+    assert_eq!(recv_ack(&raw, &k).next, 102);
+    // The host restarts: a newer run starts over, and the restart is reported.
+    raw.send(&seal(&k, h(500, 500, 0xB00), &recs)).unwrap();
+    assert!(matches!(judge(&mut rx), Received::Applied { seq: 500, .. }));
+    recv_ack(&raw, &k);
+    // The older run, replayed: refused; the ack names the run the edge follows.
+    raw.send(&seal(&k, h(100, 102, 0xB00), &recs)).unwrap();
+    assert!(matches!(
+        judge(&mut rx),
+        Received::Rejected {
+            reason: AuthError::StaleEpoch { current: 500, .. },
+            ..
+        }
+    ));
+    assert_eq!(recv_ack(&raw, &k).epoch, 500);
     assert_eq!(
-        stats.rejected_for(&AuthError::Replayed { sender: 0, seq: 0 }),
-        2
+        applied,
+        vec![(100, None), (101, None), (500, Some(100))],
+        "in order, the restart reported once"
     );
-    assert_eq!(stats.rejected_for(&AuthError::BadTag), 1);
 }
 
 #[test]
-fn sealed_by_hand_reordered_and_too_old() {
-    let k = key(4);
-    let mut rx = receiver(k.clone());
-    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
-    raw.connect(rx.local_addr().unwrap()).unwrap();
-    let recs = records(1);
-    let send = |seq: u64| {
-        let mut out = [0u8; MAX_DATAGRAM];
-        let len = auth::seal(&k, 8, seq, 0, &recs, &mut out).unwrap();
-        raw.send(&out[..len]).unwrap();
+fn a_restarted_edge_gets_the_unacknowledged_records_in_a_new_run() {
+    let k = key(6);
+    let rx = VerdictReceiver::bind_with_boot("127.0.0.1:0", k.clone(), 1).unwrap();
+    let addr = rx.local_addr().unwrap();
+    let edge = Edge::start(rx);
+    let link = VerdictLink::connect(addr, k.clone(), 3, 10, fast()).unwrap();
+    let t = link.send(&records(2, 0), Class::Verdict).unwrap();
+    assert!(link.wait_acked(t.last_ticket, WAIT));
+    assert_eq!(link.edge_boot(), 1);
+    drop(edge.stop());
+    // The edge restarts on the same address with a new boot id; the host's next records reach
+    // it in a new run (the old one's numbers mean nothing to it).
+    let edge = Edge::start(VerdictReceiver::bind_with_boot(addr, k, 2).unwrap());
+    let t = link.send(&records(1, 7), Class::Control).unwrap();
+    assert!(link.wait_acked(t.last_ticket, WAIT));
+    assert_eq!(link.edge_boot(), 2);
+    assert_eq!(link.stats().edge_restarts.load(Ordering::Relaxed), 1);
+    assert_eq!(edge.applied(), records(1, 7));
+}
+
+#[test]
+fn the_window_is_bounded_and_an_unreachable_edge_is_reported() {
+    // An edge that never answers: a bound socket nobody reads.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let config = LinkConfig {
+        rto_initial: Duration::from_millis(5),
+        rto_max: Duration::from_millis(40),
+        window: 4,
+        control_window: 6,
+        unreachable_after: Duration::from_millis(100),
     };
-    // Out of order within the window: each accepted once.
-    for seq in [500, 498, 499] {
-        send(seq);
-        assert!(matches!(next(&mut rx), Received::Accepted { seq: s, .. } if s == seq));
+    let link = VerdictLink::connect(silent.local_addr().unwrap(), key(1), 1, 1, config).unwrap();
+    // The hello takes one slot.
+    for i in 0..3 {
+        link.send(&records(1, i), Class::Verdict).unwrap();
     }
-    send(499);
     assert!(matches!(
-        rejected(next(&mut rx)),
-        AuthError::Replayed { seq: 499, .. }
+        link.send(&records(1, 9), Class::Verdict),
+        Err(LinkError::Backlog { outstanding: 4 })
     ));
-    send(500 - auth::REPLAY_WINDOW);
-    assert!(matches!(
-        rejected(next(&mut rx)),
-        AuthError::TooOld { highest: 500, .. }
-    ));
-    // An operator reset lets a reinstalled host start again.
-    assert!(rx.forget_sender(8));
-    send(1);
-    assert!(matches!(next(&mut rx), Received::Accepted { seq: 1, .. }));
+    // Revocations still have room.
+    link.send(&records(1, 10), Class::Control).unwrap();
+    link.send(&records(1, 11), Class::Control).unwrap();
+    assert!(link.send(&records(1, 12), Class::Control).is_err());
+    wait_until("unreachable", || link.unreachable());
+    // Bounded backoff, no busy loop: over 500 ms each of 6 datagrams is resent about every
+    // 40 ms at most.
+    let before = link.stats().retransmits.load(Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    let resent = link.stats().retransmits.load(Ordering::Relaxed) - before;
+    assert!((6..=6 * 20).contains(&resent), "{resent} retransmissions");
+    assert_eq!(link.stats().refused_batches.load(Ordering::Relaxed), 2);
 }
 
 #[test]
 fn garbage_is_rejected() {
-    let mut rx = receiver(key(1));
+    let mut rx = VerdictReceiver::bind("127.0.0.1:0", key(1)).unwrap();
     let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
     raw.connect(rx.local_addr().unwrap()).unwrap();
-
+    let next = |rx: &mut VerdictReceiver| match rx.recv(WAIT, |_| true).unwrap() {
+        Some(Received::Rejected { reason, .. }) => reason,
+        other => panic!("expected a rejection, got {other:?}"),
+    };
     raw.send(&[]).unwrap();
-    assert_eq!(rejected(next(&mut rx)), AuthError::Truncated { len: 0 });
-    raw.send(b"GET /api/v1/verdicts HTTP/1.1\r\nHost: edge.example\r\nAccept: */*\r\n\r\n")
+    assert_eq!(next(&mut rx), AuthError::Truncated { len: 0 });
+    raw.send(b"GET /api/v1/verdicts HTTP/1.1\r\nHost: edge.example\r\nAccept: */*\r\nUser-Agent: curl/8\r\n\r\n")
         .unwrap();
-    assert_eq!(rejected(next(&mut rx)), AuthError::BadMagic);
+    assert_eq!(next(&mut rx), AuthError::BadMagic);
     // Right magic and version, random rest.
     let mut junk = vec![0x5Au8; 200];
     junk[..4].copy_from_slice(&auth::MAGIC);
@@ -218,31 +465,45 @@ fn garbage_is_rejected() {
     junk[5] = 0;
     raw.send(&junk).unwrap();
     assert!(matches!(
-        rejected(next(&mut rx)),
+        next(&mut rx),
         AuthError::BadLength { .. } | AuthError::TooManyRecords(_)
     ));
     // Larger than any valid datagram (not cut down to a plausible size).
     raw.send(&[0u8; 3000]).unwrap();
+    assert!(matches!(next(&mut rx), AuthError::Oversize { .. }));
+    // An ack sent to the edge is not a verdict datagram.
+    let ack = vigil_wire::ack::seal_ack(
+        &key(1),
+        &vigil_wire::ack::Ack {
+            edge_boot: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    raw.send(&ack).unwrap();
     assert!(matches!(
-        rejected(next(&mut rx)),
-        AuthError::Oversize { .. }
+        next(&mut rx),
+        AuthError::Truncated { .. } | AuthError::BadMagic
     ));
-    assert_eq!(rx.stats().rejected_total(), 4);
+    assert_eq!(rx.stats().rejected_total(), 5);
     assert_eq!(rx.stats().accepted_datagrams, 0);
+    assert_eq!(rx.stats().acks_sent, 0, "nothing unauthenticated is answered");
 }
 
 #[test]
 fn recv_times_out_without_traffic() {
-    let mut rx = receiver(key(1));
+    let mut rx = VerdictReceiver::bind("127.0.0.1:0", key(1)).unwrap();
     let start = Instant::now();
-    assert_eq!(rx.recv(Duration::from_millis(30)).unwrap(), None);
+    assert_eq!(rx.recv(Duration::from_millis(30), |_| true).unwrap(), None);
     assert!(start.elapsed() >= Duration::from_millis(25));
 }
 
 #[test]
 fn short_keys_are_refused_by_both_ends() {
     assert!(VerdictReceiver::bind("127.0.0.1:0", vec![1; MIN_KEY_LEN - 1]).is_err());
-    assert!(VerdictSender::connect("127.0.0.1:9", vec![1; MIN_KEY_LEN - 1], 1).is_err());
+    assert!(
+        VerdictLink::connect("127.0.0.1:9", vec![1; MIN_KEY_LEN - 1], 1, 1, fast()).is_err()
+    );
 }
 
 fn key_file(name: &str, content: &[u8]) -> PathBuf {
@@ -299,13 +560,20 @@ fn key_loading() {
 #[test]
 fn seal_open_cost() {
     let k = key(3);
-    let recs = records(MAX_RECORDS);
+    let recs = records(MAX_RECORDS, 0);
     let mut out = [0u8; MAX_DATAGRAM];
     let iterations = if cfg!(debug_assertions) { 500 } else { 20_000 };
     let mut len = 0;
     let start = Instant::now();
     for seq in 1..=iterations {
-        len = auth::seal(&k, 1, seq, 0, &recs, &mut out).unwrap();
+        let header = Header {
+            sender: 1,
+            seq,
+            epoch: 1,
+            edge_boot: 7,
+            ..Header::default()
+        };
+        len = auth::seal(&k, &header, &recs, &mut out).unwrap();
     }
     let seal_ns = start.elapsed().as_nanos() as f64 / iterations as f64;
     let start = Instant::now();

@@ -6,27 +6,34 @@
 //! allocate, touch the network, or interpret the records (the caller decodes each one with
 //! [`crate::verdict::VerdictRepr::from_bytes`] after [`open`] succeeded).
 //!
-//! Layout (Vigil's own ABI, [`VERSION`]; integers little endian like every other Vigil record,
+//! Layout (Vigil's own ABI, [`VERSION`] 2; integers little endian like every other Vigil record,
 //! since both ends are x86-64):
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 4 | magic [`MAGIC`] = `"VGV1"` |
+//! | 0 | 4 | magic [`MAGIC`] = `"VGV1"` (Vigil verdicts; the layout is the version byte's) |
 //! | 4 | 1 | format version [`VERSION`] |
 //! | 5 | 1 | flags, reserved, must be 0 |
 //! | 6 | 2 | key id: which pre-shared key signed it (0 when only one key is configured) |
 //! | 8 | 4 | sender id: which host |
-//! | 12 | 8 | sequence number: 1, 2, 3, ... strictly increasing per sender (0 is invalid) |
-//! | 20 | 8 | sender's wall clock, ms since the Unix epoch (diagnostics only, never trusted) |
-//! | 28 | 2 | record count `n`, at most [`MAX_RECORDS`] |
-//! | 30 | n × 64 | `n` verdict records ([`RECORD_LEN`] bytes each) |
-//! | 30 + n × 64 | 32 | HMAC-SHA256 tag over bytes `0 .. 30 + n × 64` |
+//! | 12 | 8 | sequence number: consecutive within a run, from its epoch (0 is invalid) |
+//! | 20 | 8 | epoch: the sequence number of the run's first datagram (`1 ..= seq`) |
+//! | 28 | 8 | edge boot id: which run of the edge the sender addresses (0 = not yet known) |
+//! | 36 | 8 | sender's wall clock, ms since the Unix epoch (diagnostics only, never trusted) |
+//! | 44 | 2 | record count `n`, at most [`MAX_RECORDS`] |
+//! | 46 | n × 64 | `n` verdict records ([`RECORD_LEN`] bytes each) |
+//! | 46 + n × 64 | 32 | HMAC-SHA256 tag over bytes `0 .. 46 + n × 64` |
 //!
-//! Every header field is inside the tag, so a forger can change none of them. The sequence number
-//! carries replay protection: the receiver accepts each `(sender, seq)` at most once and only
-//! within a window of [`REPLAY_WINDOW`] below the highest sequence it accepted from that sender
-//! ([`ReplayWindow`], the scheme of IPsec ESP (RFC 4303 §3.4.3) and WireGuard). A datagram that
-//! fails any check is dropped whole: no record of a rejected datagram is ever applied.
+//! Every header field is inside the tag, so a forger can change none of them. Delivery is the
+//! receiver's business (`edge::channel`): it applies a sender's datagrams in sequence order within
+//! the newest epoch it has seen from that sender, only when they name its own boot id, and
+//! acknowledges them with [`crate::ack`] datagrams. So a datagram of an older run of the host, or
+//! one addressed to an earlier run of the edge, is never applied, and within a run each sequence
+//! number is applied at most once. A datagram that fails any check is dropped whole: no record of
+//! a rejected datagram is ever applied.
+//!
+//! [`ReplayWindow`] and [`ReplayTable`] are the classic sliding window (IPsec ESP, RFC 4303
+//! §3.4.3) for receivers that take datagrams out of order.
 //!
 //! [`SignedBatch`] is a zero-copy typed view in the smoltcp `wire` style: `new_checked` checks the
 //! lengths, every accessor is then in bounds.
@@ -40,16 +47,16 @@ use crate::verdict::RECORD_LEN;
 
 /// `"VGV1"`: Vigil verdicts, format 1.
 pub const MAGIC: [u8; 4] = *b"VGV1";
-/// Version of the datagram layout above.
-pub const VERSION: u8 = 1;
+/// Version of the datagram layout above (2: the epoch and edge boot id fields).
+pub const VERSION: u8 = 2;
 /// Bytes before the first record.
-pub const HEADER_LEN: usize = 30;
+pub const HEADER_LEN: usize = 46;
 /// HMAC-SHA256 output length (RFC 2104 with SHA-256, FIPS 180-4): the full tag, never truncated.
 pub const TAG_LEN: usize = 32;
 /// Largest datagram a sender emits and a receiver accepts: fits a 1500-byte Ethernet MTU with
 /// room for IPv6 + UDP headers and a tunnel encapsulation (VXLAN/Geneve) on the way.
 pub const MAX_DATAGRAM: usize = 1400;
-/// Most records one datagram carries: `(1400 - 30 - 32) / 64` = 20 (1342 bytes).
+/// Most records one datagram carries: `(1400 - 46 - 32) / 64` = 20 (1358 bytes).
 pub const MAX_RECORDS: usize = (MAX_DATAGRAM - HEADER_LEN - TAG_LEN) / RECORD_LEN;
 /// Smallest valid datagram: a header and a tag, no records.
 pub const MIN_DATAGRAM: usize = HEADER_LEN + TAG_LEN;
@@ -65,9 +72,11 @@ mod field {
     pub const KEY_ID: Range<usize> = 6..8;
     pub const SENDER: Range<usize> = 8..12;
     pub const SEQ: Range<usize> = 12..20;
-    pub const TIMESTAMP_MS: Range<usize> = 20..28;
-    pub const COUNT: Range<usize> = 28..30;
-    pub const RECORDS: usize = 30;
+    pub const EPOCH: Range<usize> = 20..28;
+    pub const EDGE_BOOT: Range<usize> = 28..36;
+    pub const TIMESTAMP_MS: Range<usize> = 36..44;
+    pub const COUNT: Range<usize> = 44..46;
+    pub const RECORDS: usize = 46;
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -87,7 +96,7 @@ pub enum AuthError {
     BadFlags(u8),
     /// The length does not match the record count.
     BadLength { count: u16, len: usize },
-    /// Sequence number 0 (sequences start at 1).
+    /// Sequence number or epoch 0, or an epoch above the sequence number.
     BadSequence,
     /// The tag does not match: wrong key, or the datagram was altered.
     BadTag,
@@ -104,11 +113,22 @@ pub enum AuthError {
     TooManyRecords(usize),
     /// An empty key authenticates nothing.
     KeyEmpty,
+    /// From an older run of the sender than the newest one seen (a host that restarted, or a
+    /// replay of its earlier run).
+    StaleEpoch {
+        sender: u32,
+        epoch: u64,
+        current: u64,
+    },
+    /// Addressed to another run of the receiving edge (or sent before the sender knew it).
+    OtherEdge { sender: u32, edge_boot: u64 },
+    /// Too far ahead of the next sequence number the receiver applies to hold it.
+    TooFarAhead { sender: u32, seq: u64, next: u64 },
 }
 
 impl AuthError {
     /// Number of distinct reasons ([`AuthError::index`] is below it): sized for counters.
-    pub const COUNT: usize = 14;
+    pub const COUNT: usize = 17;
 
     /// A stable short name per reason, for counters and log fields.
     pub const fn name(&self) -> &'static str {
@@ -127,6 +147,9 @@ impl AuthError {
             AuthError::BufferTooSmall { .. } => "buffer_too_small",
             AuthError::TooManyRecords(_) => "too_many_records",
             AuthError::KeyEmpty => "key_empty",
+            AuthError::StaleEpoch { .. } => "stale_epoch",
+            AuthError::OtherEdge { .. } => "other_edge",
+            AuthError::TooFarAhead { .. } => "too_far_ahead",
         }
     }
 
@@ -147,6 +170,9 @@ impl AuthError {
             AuthError::BufferTooSmall { .. } => 11,
             AuthError::TooManyRecords(_) => 12,
             AuthError::KeyEmpty => 13,
+            AuthError::StaleEpoch { .. } => 14,
+            AuthError::OtherEdge { .. } => 15,
+            AuthError::TooFarAhead { .. } => 16,
         }
     }
 
@@ -167,6 +193,9 @@ impl AuthError {
             "buffer_too_small",
             "too_many_records",
             "key_empty",
+            "stale_epoch",
+            "other_edge",
+            "too_far_ahead",
         ];
         if index < NAMES.len() {
             Some(NAMES[index])
@@ -196,7 +225,10 @@ impl fmt::Display for AuthError {
                 f,
                 "verdict datagram of {len} bytes cannot hold {count} records"
             ),
-            AuthError::BadSequence => write!(f, "verdict datagram sequence number 0"),
+            AuthError::BadSequence => write!(
+                f,
+                "verdict datagram sequence number or epoch 0, or epoch above the sequence"
+            ),
             AuthError::BadTag => write!(
                 f,
                 "verdict datagram authentication failed (wrong key or altered)"
@@ -223,6 +255,22 @@ impl fmt::Display for AuthError {
                 write!(f, "{n} records do not fit one verdict datagram (at most {MAX_RECORDS})")
             }
             AuthError::KeyEmpty => write!(f, "empty authentication key"),
+            AuthError::StaleEpoch {
+                sender,
+                epoch,
+                current,
+            } => write!(
+                f,
+                "verdict datagram of an older run: sender {sender} epoch {epoch}, current {current}"
+            ),
+            AuthError::OtherEdge { sender, edge_boot } => write!(
+                f,
+                "verdict datagram from sender {sender} for edge run {edge_boot:#x}, not this one"
+            ),
+            AuthError::TooFarAhead { sender, seq, next } => write!(
+                f,
+                "verdict datagram too far ahead: sender {sender} sequence {seq}, next {next}"
+            ),
         }
     }
 }
@@ -320,6 +368,12 @@ impl<T: AsRef<[u8]>> SignedBatch<T> {
     pub fn seq(&self) -> u64 {
         le_u64(&self.buffer.as_ref()[field::SEQ])
     }
+    pub fn epoch(&self) -> u64 {
+        le_u64(&self.buffer.as_ref()[field::EPOCH])
+    }
+    pub fn edge_boot(&self) -> u64 {
+        le_u64(&self.buffer.as_ref()[field::EDGE_BOOT])
+    }
     pub fn timestamp_ms(&self) -> u64 {
         le_u64(&self.buffer.as_ref()[field::TIMESTAMP_MS])
     }
@@ -365,6 +419,12 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> SignedBatch<T> {
     pub fn set_seq(&mut self, v: u64) {
         self.buffer.as_mut()[field::SEQ].copy_from_slice(&v.to_le_bytes());
     }
+    pub fn set_epoch(&mut self, v: u64) {
+        self.buffer.as_mut()[field::EPOCH].copy_from_slice(&v.to_le_bytes());
+    }
+    pub fn set_edge_boot(&mut self, v: u64) {
+        self.buffer.as_mut()[field::EDGE_BOOT].copy_from_slice(&v.to_le_bytes());
+    }
     pub fn set_timestamp_ms(&mut self, v: u64) {
         self.buffer.as_mut()[field::TIMESTAMP_MS].copy_from_slice(&v.to_le_bytes());
     }
@@ -384,28 +444,29 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> SignedBatch<T> {
     }
 }
 
-/// Seal `records` into `out` as one datagram signed with `key` under key id 0; returns its
-/// length. See [`seal_with_key_id`].
-pub fn seal(
-    key: &[u8],
-    sender: u32,
-    seq: u64,
-    timestamp_ms: u64,
-    records: &[[u8; RECORD_LEN]],
-    out: &mut [u8],
-) -> Result<usize, AuthError> {
-    seal_with_key_id(key, 0, sender, seq, timestamp_ms, records, out)
+/// The header fields a sender chooses for one datagram.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// Which pre-shared key signs it (0 when only one key is configured).
+    pub key_id: u16,
+    /// Which host.
+    pub sender: u32,
+    /// This datagram's number in its run: `epoch`, `epoch + 1`, ... (never 0).
+    pub seq: u64,
+    /// The first sequence number of the sender's run (`1 ..= seq`); a later run has a larger one.
+    pub epoch: u64,
+    /// The run of the edge the datagram is for (0 while the sender does not know it).
+    pub edge_boot: u64,
+    /// The sender's wall clock in ms since the Unix epoch (diagnostics only).
+    pub timestamp_ms: u64,
 }
 
 /// Seal `records` (at most [`MAX_RECORDS`], copied as they are: the caller emitted them with
-/// [`crate::verdict::VerdictRepr::emit`]) into `out[..len]` and return `len`. `seq` must be
-/// non-zero and larger than every sequence this sender used before with this receiver.
-pub fn seal_with_key_id(
+/// [`crate::verdict::VerdictRepr::emit`]) into `out[..len]` under `header`, signed with `key`,
+/// and return `len`.
+pub fn seal(
     key: &[u8],
-    key_id: u16,
-    sender: u32,
-    seq: u64,
-    timestamp_ms: u64,
+    header: &Header,
     records: &[[u8; RECORD_LEN]],
     out: &mut [u8],
 ) -> Result<usize, AuthError> {
@@ -415,7 +476,7 @@ pub fn seal_with_key_id(
     if records.len() > MAX_RECORDS {
         return Err(AuthError::TooManyRecords(records.len()));
     }
-    if seq == 0 {
+    if header.seq == 0 || header.epoch == 0 || header.epoch > header.seq {
         return Err(AuthError::BadSequence);
     }
     let len = datagram_len(records.len());
@@ -429,10 +490,12 @@ pub fn seal_with_key_id(
     batch.set_magic(MAGIC);
     batch.set_version(VERSION);
     batch.set_flags(0);
-    batch.set_key_id(key_id);
-    batch.set_sender(sender);
-    batch.set_seq(seq);
-    batch.set_timestamp_ms(timestamp_ms);
+    batch.set_key_id(header.key_id);
+    batch.set_sender(header.sender);
+    batch.set_seq(header.seq);
+    batch.set_epoch(header.epoch);
+    batch.set_edge_boot(header.edge_boot);
+    batch.set_timestamp_ms(header.timestamp_ms);
     // MAX_RECORDS (20) fits a u16.
     batch.set_record_count(records.len() as u16);
     for (slot, record) in out[field::RECORDS..field::RECORDS + records.len() * RECORD_LEN]
@@ -449,10 +512,7 @@ pub fn seal_with_key_id(
 /// [`Opened::sender`] and [`Opened::seq`] to a [`ReplayTable`] before applying anything).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened<'a> {
-    pub key_id: u16,
-    pub sender: u32,
-    pub seq: u64,
-    pub timestamp_ms: u64,
+    pub header: Header,
     records: &'a [u8],
 }
 
@@ -519,7 +579,7 @@ pub fn open<'a>(key: &[u8], datagram: &'a [u8]) -> Result<Opened<'a>, AuthError>
         return Err(AuthError::BadFlags(batch.flags()));
     }
     batch.check_len()?;
-    if batch.seq() == 0 {
+    if batch.seq() == 0 || batch.epoch() == 0 || batch.epoch() > batch.seq() {
         return Err(AuthError::BadSequence);
     }
     let mut mac = keyed_mac(key)?;
@@ -527,10 +587,14 @@ pub fn open<'a>(key: &[u8], datagram: &'a [u8]) -> Result<Opened<'a>, AuthError>
     mac.verify_slice(batch.tag())
         .map_err(|_| AuthError::BadTag)?;
     Ok(Opened {
-        key_id: batch.key_id(),
-        sender: batch.sender(),
-        seq: batch.seq(),
-        timestamp_ms: batch.timestamp_ms(),
+        header: Header {
+            key_id: batch.key_id(),
+            sender: batch.sender(),
+            seq: batch.seq(),
+            epoch: batch.epoch(),
+            edge_boot: batch.edge_boot(),
+            timestamp_ms: batch.timestamp_ms(),
+        },
         // check_len established: header, whole records, tag.
         records: &datagram[field::RECORDS..len - TAG_LEN],
     })
@@ -713,7 +777,15 @@ mod tests {
     fn sealed(n: usize, seq: u64) -> ([u8; MAX_DATAGRAM], usize) {
         let recs = records(n);
         let mut buf = [0u8; MAX_DATAGRAM];
-        let len = seal(KEY, 42, seq, 1_700_000_000_000, &recs[..n], &mut buf).unwrap();
+        let header = Header {
+            sender: 42,
+            seq,
+            epoch: 3,
+            edge_boot: 0xB007,
+            timestamp_ms: 1_700_000_000_000,
+            ..Header::default()
+        };
+        let len = seal(KEY, &header, &recs[..n], &mut buf).unwrap();
         (buf, len)
     }
 
@@ -731,10 +803,12 @@ mod tests {
             let (buf, len) = sealed(n, 9);
             assert_eq!(len, datagram_len(n));
             let opened = open(KEY, &buf[..len]).unwrap();
-            assert_eq!(opened.sender, 42);
-            assert_eq!(opened.seq, 9);
-            assert_eq!(opened.key_id, 0);
-            assert_eq!(opened.timestamp_ms, 1_700_000_000_000);
+            assert_eq!(opened.header.sender, 42);
+            assert_eq!(opened.header.seq, 9);
+            assert_eq!(opened.header.epoch, 3);
+            assert_eq!(opened.header.edge_boot, 0xB007);
+            assert_eq!(opened.header.key_id, 0);
+            assert_eq!(opened.header.timestamp_ms, 1_700_000_000_000);
             assert_eq!(opened.record_count(), n);
             assert_eq!(opened.records().len(), n);
             for (got, want) in opened.records().zip(&recs[..n]) {
@@ -755,8 +829,15 @@ mod tests {
     fn key_id_is_carried_and_authenticated() {
         let recs = records(1);
         let mut buf = [0u8; MAX_DATAGRAM];
-        let len = seal_with_key_id(KEY, 3, 1, 1, 0, &recs[..1], &mut buf).unwrap();
-        assert_eq!(open(KEY, &buf[..len]).unwrap().key_id, 3);
+        let header = Header {
+            key_id: 3,
+            sender: 1,
+            seq: 1,
+            epoch: 1,
+            ..Header::default()
+        };
+        let len = seal(KEY, &header, &recs[..1], &mut buf).unwrap();
+        assert_eq!(open(KEY, &buf[..len]).unwrap().header.key_id, 3);
         SignedBatch::new_unchecked(&mut buf[..len]).set_key_id(4);
         assert_eq!(open(KEY, &buf[..len]), Err(AuthError::BadTag));
     }
@@ -774,7 +855,8 @@ mod tests {
                     || byte == field::VERSION
                     || byte == field::FLAGS
                     || field::COUNT.contains(&byte)
-                    || field::SEQ.contains(&byte);
+                    || field::SEQ.contains(&byte)
+                    || field::EPOCH.contains(&byte);
                 if !structural {
                     assert_eq!(err, AuthError::BadTag, "byte {byte} bit {bit}");
                 }
@@ -832,20 +914,28 @@ mod tests {
     fn seal_errors() {
         let recs = [[0u8; RECORD_LEN]; MAX_RECORDS + 1];
         let mut buf = [0u8; 2 * MAX_DATAGRAM];
+        let h = |seq, epoch| Header {
+            sender: 1,
+            seq,
+            epoch,
+            ..Header::default()
+        };
         assert_eq!(
-            seal(KEY, 1, 1, 0, &recs, &mut buf),
+            seal(KEY, &h(1, 1), &recs, &mut buf),
             Err(AuthError::TooManyRecords(MAX_RECORDS + 1))
         );
+        for (seq, epoch) in [(0, 0), (1, 0), (0, 1), (4, 5)] {
+            assert_eq!(
+                seal(KEY, &h(seq, epoch), &recs[..1], &mut buf),
+                Err(AuthError::BadSequence)
+            );
+        }
         assert_eq!(
-            seal(KEY, 1, 0, 0, &recs[..1], &mut buf),
-            Err(AuthError::BadSequence)
-        );
-        assert_eq!(
-            seal(b"", 1, 1, 0, &recs[..1], &mut buf),
+            seal(b"", &h(1, 1), &recs[..1], &mut buf),
             Err(AuthError::KeyEmpty)
         );
         assert_eq!(
-            seal(KEY, 1, 1, 0, &recs[..2], &mut buf[..100]),
+            seal(KEY, &h(1, 1), &recs[..2], &mut buf[..100]),
             Err(AuthError::BufferTooSmall {
                 need: datagram_len(2),
                 have: 100
@@ -858,10 +948,10 @@ mod tests {
         let (buf, len) = sealed(1, 5);
         let mut table = ReplayTable::<4>::new();
         let o = open(KEY, &buf[..len]).unwrap();
-        table.check_and_update(o.sender, o.seq).unwrap();
+        table.check_and_update(o.header.sender, o.header.seq).unwrap();
         let o = open(KEY, &buf[..len]).unwrap();
         assert_eq!(
-            table.check_and_update(o.sender, o.seq),
+            table.check_and_update(o.header.sender, o.header.seq),
             Err(AuthError::Replayed { sender: 42, seq: 5 })
         );
     }
@@ -977,6 +1067,20 @@ mod tests {
             AuthError::BufferTooSmall { need: 0, have: 0 },
             AuthError::TooManyRecords(0),
             AuthError::KeyEmpty,
+            AuthError::StaleEpoch {
+                sender: 0,
+                epoch: 0,
+                current: 0,
+            },
+            AuthError::OtherEdge {
+                sender: 0,
+                edge_boot: 0,
+            },
+            AuthError::TooFarAhead {
+                sender: 0,
+                seq: 0,
+                next: 0,
+            },
         ];
         assert_eq!(all.len(), AuthError::COUNT);
         for (i, e) in all.iter().enumerate() {

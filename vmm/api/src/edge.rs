@@ -28,19 +28,25 @@ fn handle(edge: &Edge, request: Request, stream: &mut UnixStream) -> http::Outco
                 "edge": edge.name(),
                 "uptime_s": edge.uptime().as_secs(),
                 "control": edge.control_addr().to_string(),
+                "boot_id": edge.boot_id(),
                 "running": edge.running(),
                 // The micro-VM formats its counters once its tables and ports are up.
                 "ready": edge.counters().is_some(),
             }),
         ),
-        (Method::Get, Some("edge.counters")) => Response::json(
-            200,
-            &serde_json::json!({
-                "firewall": edge.counters(),
-                "accepted_records": edge.accepted_records(),
-                "rejected": edge.rejected(),
-            }),
-        ),
+        (Method::Get, Some("edge.counters")) => {
+            let (hosts, refused) = edge.underlay_counters();
+            Response::json(
+                200,
+                &serde_json::json!({
+                    "firewall": edge.counters(),
+                    "accepted_records": edge.accepted_records(),
+                    "rejected": edge.rejected(),
+                    "channel": edge.channel_counters(),
+                    "underlay": {"trusted_hosts": hosts, "refused_frames": refused},
+                }),
+            )
+        }
         (Method::Get, Some("metrics")) => Response::text(
             200,
             "text/plain; version=0.0.4",
@@ -93,6 +99,53 @@ fn metrics_text(edge: &Edge) -> String {
             .into_iter()
             .map(|(r, n)| (format!("{{reason=\"{r}\"}}"), n as f64))
             .collect(),
+    );
+    let channel = edge.channel_counters();
+    for (name, key, kind, help) in [
+        (
+            "vigil_edge_duplicate_datagrams_total",
+            "duplicates",
+            "counter",
+            "Authentic verdict datagrams applied before (retransmissions), ignored and acked again.",
+        ),
+        (
+            "vigil_edge_held_datagrams",
+            "held_now",
+            "gauge",
+            "Verdict datagrams held ahead of a gap in their host's sequence.",
+        ),
+        (
+            "vigil_edge_acks_sent_total",
+            "acks_sent",
+            "counter",
+            "Acknowledgements sent to hosts.",
+        ),
+        (
+            "vigil_edge_host_restarts_total",
+            "sender_restarts",
+            "counter",
+            "Hosts that started a new run (their previous run's tenants are flushed).",
+        ),
+    ] {
+        line(
+            name,
+            kind,
+            help,
+            vec![(String::new(), channel[key].as_f64().unwrap_or(0.0))],
+        );
+    }
+    let (hosts, refused) = edge.underlay_counters();
+    line(
+        "vigil_edge_trusted_hosts",
+        "gauge",
+        "Underlay addresses of hosts that authenticated on the verdict channel.",
+        vec![(String::new(), hosts as f64)],
+    );
+    line(
+        "vigil_edge_underlay_refused_total",
+        "counter",
+        "VXLAN datagrams refused because their underlay sender is not an authenticated host.",
+        vec![(String::new(), refused as f64)],
     );
     line(
         "vigil_edge_last_apply_ms",

@@ -126,10 +126,46 @@ pub fn metrics_text(host: &Host) -> String {
         metric(
             &mut out,
             "vigil_edge_send_errors_total",
-            "Datagrams to the edge that could not be sent.",
+            "Batches for the edge refused because its link's window of unacknowledged datagrams was full.",
             "counter",
             &[(String::new(), errors as f64)],
         );
+    }
+    if let Some(link) = host.edge_link_stats() {
+        for (name, help, kind, value) in [
+            (
+                "vigil_edge_retransmits_total",
+                "Verdict datagrams sent to the edge again for want of an acknowledgement.",
+                "counter",
+                link.retransmits as f64,
+            ),
+            (
+                "vigil_edge_acked_datagrams_total",
+                "Verdict datagrams the edge acknowledged (applied).",
+                "counter",
+                link.acked_datagrams as f64,
+            ),
+            (
+                "vigil_edge_unacked_datagrams",
+                "Verdict datagrams waiting for the edge's acknowledgement.",
+                "gauge",
+                link.outstanding as f64,
+            ),
+            (
+                "vigil_edge_unreachable",
+                "1 while the edge is overdue with its acknowledgements.",
+                "gauge",
+                f64::from(u8::from(link.unreachable)),
+            ),
+            (
+                "vigil_edge_restarts_total",
+                "Times the edge answered with a new boot id (it restarted).",
+                "counter",
+                link.edge_restarts as f64,
+            ),
+        ] {
+            metric(&mut out, name, help, kind, &[(String::new(), value)]);
+        }
     }
     let times = host.reconfig_times();
     metric(

@@ -1,67 +1,94 @@
-//! The host's end of the verdict channel to the edge: an [`edge::channel::VerdictSender`]
-//! shared by the tenants' verdict sinks and the host's control records, with counters.
+//! The host's end of the verdict channel to the edge: an [`edge::link::VerdictLink`] (signed,
+//! numbered, retransmitted until the edge acknowledges) shared by the tenants' verdict sinks and
+//! the host's control records, with counters.
 //!
-//! Owns: the host's sender on the channel, its first sequence number (above any a previous run
-//! of this host used), and the counters of what was sent. Must not: sign or number datagrams
-//! itself (the channel does), or decide what to send (that is `tiers`).
+//! Owns: the host's link to the edge, its first sequence number (above any a previous run of this
+//! host used), and the counters of what was sent. Must not: sign, number or retransmit datagrams
+//! itself (the link does), or decide what to send (that is `tiers`).
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use edge::channel::VerdictSender;
+use edge::link::{first_seq_from_clock, Class, LinkConfig, VerdictLink};
 use vigil_wire::auth::MAX_RECORDS;
 use vigil_wire::verdict::RECORD_LEN;
 
 use crate::EdgeLinkConfig;
 
-/// Verdicts to the edge: signed datagrams on the channel, numbered per host.
+/// Verdicts to the edge: signed datagrams on the channel, numbered per host run, acknowledged.
 pub(crate) struct EdgeLink {
-    sender: Mutex<VerdictSender>,
+    link: VerdictLink,
     pub(crate) sent_records: AtomicU64,
+    /// Batches the link refused (its window of unacknowledged datagrams was full).
     pub(crate) send_errors: AtomicU64,
 }
 
-/// The first sequence number of a host's run: the wall clock in microseconds, so that it is
-/// above any number this sender id used before (a restarted host reuses its id; the edge's
-/// replay window remembers the highest number it saw).
-fn first_seq() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(1, |d| d.as_micros() as u64)
-        .max(1)
+/// What the host's metrics show of the link.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EdgeLinkStats {
+    pub sent_records: u64,
+    pub refused_batches: u64,
+    pub retransmits: u64,
+    pub acked_datagrams: u64,
+    pub outstanding: u64,
+    pub unreachable: bool,
+    pub edge_restarts: u64,
 }
 
 impl EdgeLink {
+    /// The run's first sequence number is the wall clock in microseconds: above any number this
+    /// sender id used before (a restarted host reuses its id; the edge follows its newest run).
     pub(crate) fn new(config: EdgeLinkConfig) -> io::Result<EdgeLink> {
-        let sender = VerdictSender::connect(config.control, config.key, config.sender)?
-            .with_first_seq(first_seq())?;
+        let link = VerdictLink::connect(
+            config.control,
+            config.key,
+            config.sender,
+            first_seq_from_clock(),
+            LinkConfig::default(),
+        )?;
         Ok(EdgeLink {
-            sender: Mutex::new(sender),
+            link,
             sent_records: AtomicU64::new(0),
             send_errors: AtomicU64::new(0),
         })
     }
 
-    /// Signs and sends records (in as many datagrams as they need); a datagram that fails is
-    /// counted and the rest are still sent. Returns whether all went out.
-    pub(crate) fn send(&self, records: &[[u8; RECORD_LEN]]) -> bool {
-        let mut sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
-        let mut ok = true;
-        for chunk in records.chunks(MAX_RECORDS) {
-            match sender.send(chunk) {
-                Ok(_) => {
-                    self.sent_records
-                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    log::debug!("verdict datagram to the edge not sent: {e}");
-                    self.send_errors.fetch_add(1, Ordering::Relaxed);
-                    ok = false;
-                }
+    /// Whether `records` of class `class` would be queued now (the window has room).
+    pub(crate) fn has_room(&self, records: usize, class: Class) -> bool {
+        let limit = match class {
+            Class::Verdict => LinkConfig::default().window,
+            Class::Control => LinkConfig::default().control_window,
+        };
+        self.link.outstanding() + records.div_ceil(MAX_RECORDS).max(1) <= limit
+    }
+
+    /// Queues records for the edge (sent at once, retransmitted until acknowledged). Returns
+    /// whether they were queued; a refusal (window full: the edge is unreachable) is counted.
+    pub(crate) fn send(&self, records: &[[u8; RECORD_LEN]], class: Class) -> bool {
+        match self.link.send(records, class) {
+            Ok(_) => {
+                self.sent_records
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                log::warn!("verdicts for the edge not queued: {e}");
+                self.send_errors.fetch_add(1, Ordering::Relaxed);
+                false
             }
         }
-        ok
+    }
+
+    pub(crate) fn stats(&self) -> EdgeLinkStats {
+        let s = self.link.stats();
+        EdgeLinkStats {
+            sent_records: self.sent_records.load(Ordering::Relaxed),
+            refused_batches: self.send_errors.load(Ordering::Relaxed),
+            retransmits: s.retransmits.load(Ordering::Relaxed),
+            acked_datagrams: s.acked_datagrams.load(Ordering::Relaxed),
+            outstanding: self.link.outstanding() as u64,
+            unreachable: self.link.unreachable(),
+            edge_restarts: s.edge_restarts.load(Ordering::Relaxed),
+        }
     }
 }

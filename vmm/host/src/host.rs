@@ -113,6 +113,11 @@ impl Host {
         })
     }
 
+    /// The edge link's delivery counters (retransmissions, unacknowledged datagrams, ...).
+    pub fn edge_link_stats(&self) -> Option<crate::edge_link::EdgeLinkStats> {
+        self.edge.as_ref().map(|e| e.stats())
+    }
+
     /// `vmm.shutdown`: stops every tenant (flushing it from the tiers) and the switch.
     pub fn shutdown(&self) {
         if self.shutdown.swap(true, Ordering::AcqRel) {

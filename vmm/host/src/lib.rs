@@ -23,6 +23,7 @@ mod tenant;
 mod tiers;
 
 pub use config::{EdgeLinkConfig, HostConfig, VmSpec, MAX_TENANT_PORTS};
+pub use edge_link::EdgeLinkStats;
 pub use error::{HostError, StartError};
 pub use host::Host;
 pub use migration::unix_path;

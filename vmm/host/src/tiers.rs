@@ -16,6 +16,7 @@ use vmm_core::introspect::VerdictSink;
 
 use crate::edge_link::EdgeLink;
 use crate::switch::SwitchTier;
+use edge::link::Class;
 use crate::{Host, HostError};
 
 /// A tenant's firewall tiers: its host's switch (whichever micro-VM runs it now) and the edge.
@@ -26,14 +27,21 @@ pub(crate) struct TenantTiers {
 
 impl VerdictSink for TenantTiers {
     fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
-        // The switch first: a batch it refuses (ring full) is refused whole, and the call it
+        // An edge that stopped acknowledging (its link's window is full) fails the call closed:
+        // a verdict that cannot reach the edge is not granted at the switch either.
+        if let Some(edge) = &self.edge {
+            if !edge.has_room(records.len(), Class::Verdict) {
+                return false;
+            }
+        }
+        // The switch next: a batch it refuses (ring full) is refused whole, and the call it
         // belongs to is denied, so the edge must not have it either. A restarting switch
         // refuses too (its ports are closed).
         if !self.switch.deliver(records) {
             return false;
         }
         if let Some(edge) = &self.edge {
-            edge.send(records);
+            edge.send(records, Class::Verdict);
         }
         true
     }
@@ -96,9 +104,10 @@ impl Host {
         VerdictRepr::flush_tenant(tenant, self.next_control_seq()).to_bytes()
     }
 
-    /// Sends control records to the edge (signed; it applies them within milliseconds) and to
-    /// the switch, and waits until the switch took them. Returns the milliseconds until the
-    /// switch had applied them.
+    /// Queues control records for the edge (signed, retransmitted until the edge acknowledges
+    /// them; it applies them in order, within milliseconds when the underlay delivers) and sends
+    /// them to the switch, and waits until the switch took them. Returns the milliseconds until
+    /// the switch had applied them.
     pub(crate) fn reconfigure(
         &self,
         switch: &[[u8; RECORD_LEN]],
@@ -106,10 +115,10 @@ impl Host {
     ) -> Result<f64, HostError> {
         let started = Instant::now();
         if let (Some(link), false) = (&self.edge, edge.is_empty()) {
-            if !link.send(edge) {
+            if !link.send(edge, Class::Control) {
                 log::warn!(
-                    "host {}: control records to the edge not all sent (see \
-                     vigil_edge_send_errors_total)",
+                    "host {}: control records to the edge not queued: the edge is unreachable \
+                     (see vigil_edge_send_errors_total)",
                     self.config.name
                 );
             }
@@ -160,7 +169,7 @@ impl Host {
             }
             records.extend(verdicts);
         }
-        if !link.send(&records) {
+        if !link.send(&records, Class::Control) {
             log::warn!(
                 "host {}: the edge resync was not all sent (see vigil_edge_send_errors_total)",
                 self.config.name

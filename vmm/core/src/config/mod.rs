@@ -20,7 +20,7 @@ use trap_handler::policy::PolicySpec;
 use crate::introspect::VerdictSink;
 use crate::knobs::DebugKnobs;
 use crate::layout::{MAX_RAM, MIN_RAM, VIRTIO_MAX_DEVICES};
-pub use net::{parse_mac, NetBackend, NetConfig, NetConfigError};
+pub use net::{parse_mac, NetBackend, NetConfig, NetConfigError, Trust};
 
 /// What is wrong with a [`VmConfig`].
 #[derive(Debug, Error, PartialEq, Eq)]

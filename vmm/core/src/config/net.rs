@@ -11,7 +11,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
 
-use crate::devices::vxlan::MAX_VNI;
+use crate::devices::vxlan::{PeerTrust, MAX_VNI};
 
 /// Linux's IFNAMSIZ less the terminating NUL.
 const MAX_IFNAME: usize = 15;
@@ -35,7 +35,34 @@ pub enum NetBackend {
         local: SocketAddr,
         peer: Option<SocketAddr>,
         vni: u32,
+        /// Who may send to it (set by code, never parsed: an edge node's hosts).
+        trust: Trust,
     },
+}
+
+/// The [`PeerTrust`] a VXLAN endpoint takes frames by, if any; equal when it is the same set.
+#[derive(Clone, Default)]
+pub struct Trust(pub Option<std::sync::Arc<PeerTrust>>);
+
+impl PartialEq for Trust {
+    fn eq(&self, other: &Trust) -> bool {
+        match (&self.0, &other.0) {
+            (Some(a), Some(b)) => std::sync::Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Trust {}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(t) => t.fmt(f),
+            None => f.write_str("any sender"),
+        }
+    }
 }
 
 impl fmt::Display for NetBackend {
@@ -46,7 +73,9 @@ impl fmt::Display for NetBackend {
                 name,
                 netns: Some(ns),
             } => write!(f, "tap {name} in netns {ns}"),
-            NetBackend::Vxlan { local, peer, vni } => {
+            NetBackend::Vxlan {
+                local, peer, vni, ..
+            } => {
                 write!(f, "vxlan vni {vni} at {local}")?;
                 if let Some(peer) = peer {
                     write!(f, " to {peer}")?;
@@ -198,6 +227,7 @@ impl FromStr for NetConfig {
                 local: local.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
                 peer,
                 vni: vni.unwrap_or(1),
+                trust: Trust::default(),
             },
             (None, false) => return Err(NetConfigError::NoBackend),
             _ => return Err(NetConfigError::MixedBackends),
@@ -236,7 +266,8 @@ mod tests {
             NetBackend::Vxlan {
                 local: "0.0.0.0:0".parse().unwrap(),
                 peer: Some("192.168.50.1:4789".parse().unwrap()),
-                vni: 9
+                vni: 9,
+                trust: Trust::default(),
             }
         );
         let cloud: NetConfig = "local=0.0.0.0:4789,tenant=1".parse().unwrap();

@@ -11,15 +11,26 @@
 //! their own authenticated channel. Datagrams that are not VXLAN, or carry another VNI, are
 //! dropped and counted.
 //!
-//! Owns: the VXLAN encapsulation, the learned FDB, the peers and the drop counters.
-//! Must not: forward a datagram of another VNI or one that is not VXLAN, or carry verdicts.
+//! Who may send: an endpoint given a [`PeerTrust`] (an edge's cloud port) takes frames only from
+//! underlay addresses in it, or from its configured peers; the edge node puts there the address
+//! of each host that authenticated on the verdict channel. A frame from any other UDP sender is
+//! dropped and counted (`rx_unauthenticated`): it is neither delivered nor learned, so it cannot
+//! move a MAC's location. The check is by source IP address: it holds as far as the underlay keeps
+//! one host from sending with another's address (what a VXLAN underlay must do anyway, as VXLAN
+//! itself authenticates nothing, RFC 7348 §7). An endpoint without a trust set (a standalone
+//! `--net local=`) learns from any sender, as a VXLAN bridge does.
+//!
+//! Owns: the VXLAN encapsulation, the learned FDB, the peers, who may send, and the drop
+//! counters. Must not: forward a datagram of another VNI, one that is not VXLAN or one from an
+//! untrusted sender (with a trust set), or carry verdicts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::devices::virtio::net::FrameLink;
 
@@ -33,12 +44,72 @@ pub const MAX_VNI: u32 = (1 << 24) - 1;
 /// Learned MAC addresses kept (a full table stops learning; floods still reach everyone).
 const MAX_LEARNED: usize = 4096;
 
+/// Underlay addresses trusted at most (hosts of one edge).
+pub const MAX_TRUSTED: usize = 4096;
+
+/// The underlay addresses an endpoint takes frames from, shared with whoever vouches for them
+/// (the edge node adds each host that authenticated on the verdict channel).
+#[derive(Default)]
+pub struct PeerTrust {
+    addrs: RwLock<HashSet<IpAddr>>,
+    /// Datagrams refused because their sender was not trusted (every endpoint using the set).
+    refused: AtomicU64,
+}
+
+impl PeerTrust {
+    pub fn new() -> Arc<PeerTrust> {
+        Arc::new(PeerTrust::default())
+    }
+
+    /// Trusts `ip` from now on; false when [`MAX_TRUSTED`] addresses are trusted already.
+    pub fn trust(&self, ip: IpAddr) -> bool {
+        if self.contains(ip) {
+            return true;
+        }
+        let mut addrs = self.addrs.write().unwrap_or_else(|p| p.into_inner());
+        if addrs.len() >= MAX_TRUSTED {
+            return false;
+        }
+        addrs.insert(ip);
+        true
+    }
+
+    #[inline]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.addrs
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&ip)
+    }
+
+    /// Datagrams refused so far because their sender was not trusted.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> usize {
+        self.addrs.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for PeerTrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerTrust({} addresses)", self.len())
+    }
+}
+
 /// Counters of one endpoint.
 #[derive(Debug, Default)]
 pub struct VxlanCounters {
     pub rx_datagrams: AtomicU64,
     /// Datagrams too short, without the I flag, or with another VNI.
     pub rx_dropped: AtomicU64,
+    /// Datagrams from an underlay address that is neither trusted nor a configured peer.
+    pub rx_unauthenticated: AtomicU64,
     pub tx_unicast: AtomicU64,
     pub tx_flooded: AtomicU64,
     /// Frames with no peer to go to (nothing configured, nothing learned yet).
@@ -58,6 +129,8 @@ pub struct Vxlan {
     fdb: Mutex<Fdb>,
     counters: std::sync::Arc<VxlanCounters>,
     scratch: Mutex<Vec<u8>>,
+    /// With one, frames are taken only from its addresses and the configured peers'.
+    trust: Option<Arc<PeerTrust>>,
 }
 
 impl Vxlan {
@@ -96,7 +169,25 @@ impl Vxlan {
             }),
             counters: Default::default(),
             scratch: Mutex::new(vec![0; VXLAN_HEADER_LEN + super::virtio::net::MAX_FRAME]),
+            trust: None,
         })
+    }
+
+    /// Takes frames only from `trust`'s addresses and the configured peers' from now on.
+    pub fn with_trust(mut self, trust: Arc<PeerTrust>) -> Vxlan {
+        self.trust = Some(trust);
+        self
+    }
+
+    fn trusted(&self, from: &SocketAddr) -> bool {
+        let Some(trust) = &self.trust else {
+            return true;
+        };
+        if trust.contains(from.ip()) {
+            return true;
+        }
+        let fdb = self.fdb.lock().unwrap_or_else(|p| p.into_inner());
+        fdb.static_peers.iter().any(|p| p.ip() == from.ip())
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -134,6 +225,13 @@ impl FrameLink for Vxlan {
         loop {
             let (len, from) = self.socket.recv_from(&mut scratch)?;
             bump(&self.counters.rx_datagrams);
+            if !self.trusted(&from) {
+                bump(&self.counters.rx_unauthenticated);
+                if let Some(trust) = &self.trust {
+                    bump(&trust.refused);
+                }
+                continue;
+            }
             let datagram = &scratch[..len];
             let vni = datagram
                 .get(4..7)
@@ -265,6 +363,51 @@ mod tests {
         assert_eq!(edge.counters.rx_dropped.load(Ordering::Relaxed), 2);
         // The foreign sender was not learned as anyone's home.
         assert_eq!(edge.peer_of(&tenant), Some(host.local_addr().unwrap()));
+    }
+
+    #[test]
+    fn with_a_trust_set_only_trusted_senders_are_heard_or_learned() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let trust = PeerTrust::new();
+        let edge = Vxlan::bind(any, vec![], 7).unwrap().with_trust(trust.clone());
+        // The genuine host sends from 127.0.0.1; the forger from 127.0.0.2 (another underlay
+        // address on the same machine).
+        let host = Vxlan::bind(any, vec![edge.local_addr().unwrap()], 7).unwrap();
+        let forger_addr: SocketAddr = "127.0.0.2:0".parse().unwrap();
+        let forger = Vxlan::bind(forger_addr, vec![edge.local_addr().unwrap()], 7).unwrap();
+        let tenant = [0x52, 0x54, 0, 0, 0, 2];
+        let f = frame([0xff; 6], tenant, b"from the host");
+        let mut buf = vec![0u8; 2048];
+        // Before the host is vouched for, even its frames are refused.
+        host.send_frame(&f).unwrap();
+        let mut poll = libc::pollfd {
+            fd: edge.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, alive for the call.
+        assert!(unsafe { libc::poll(&mut poll, 1, 5000) } > 0);
+        assert_eq!(
+            edge.recv_frame(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert!(trust.trust(host.local_addr().unwrap().ip()));
+        host.send_frame(&f).unwrap();
+        let n = wait_frame(&edge, &mut buf);
+        assert_eq!(&buf[..n], &f[..]);
+        assert_eq!(edge.peer_of(&tenant), Some(host.local_addr().unwrap()));
+        assert_eq!(edge.counters.rx_unauthenticated.load(Ordering::Relaxed), 1);
+        // A forged frame with the tenant's MAC from an untrusted address: not delivered (the
+        // next frame out is the host's), and the MAC stays where it was.
+        let forged = frame([0xff; 6], tenant, b"forged");
+        forger.send_frame(&forged).unwrap();
+        let again = frame([0xff; 6], tenant, b"the host again");
+        host.send_frame(&again).unwrap();
+        let n = wait_frame(&edge, &mut buf);
+        assert_eq!(&buf[..n], &again[..]);
+        assert_eq!(edge.peer_of(&tenant), Some(host.local_addr().unwrap()));
+        assert_eq!(edge.counters.rx_unauthenticated.load(Ordering::Relaxed), 2);
+        assert_eq!(trust.refused(), 2);
     }
 
     #[test]

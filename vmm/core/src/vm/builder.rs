@@ -303,15 +303,24 @@ fn net_devices(
                     source,
                 })?,
             ),
-            NetBackend::Vxlan { local, peer, vni } => Box::new(
-                Vxlan::bind(*local, peer.iter().copied().collect(), *vni).map_err(|source| {
-                    VmError::Vxlan {
+            NetBackend::Vxlan {
+                local,
+                peer,
+                vni,
+                trust,
+            } => {
+                let vxlan = Vxlan::bind(*local, peer.iter().copied().collect(), *vni).map_err(
+                    |source| VmError::Vxlan {
                         index,
                         backend: backend(),
                         source,
-                    }
-                })?,
-            ),
+                    },
+                )?;
+                Box::new(match &trust.0 {
+                    Some(trust) => vxlan.with_trust(trust.clone()),
+                    None => vxlan,
+                })
+            }
         };
         backends.push((link, net.mac, net.tenant));
     }
