@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use edge::channel::VerdictSender;
+use edge::link::{Class, LinkConfig, VerdictLink};
 use serde_json::{json, Value};
 use vigil_tests::outside::free_udp_port;
 use vigil_tests::rest::{self, Events};
@@ -430,7 +430,7 @@ fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> 
     edge.shutdown_with(&socket, "edge.shutdown");
     let events = subscribe(&socket)?;
     let key = edge::channel::key_from_hex(&key_hex).map_err(|e| e.to_string())?;
-    let mut sender = VerdictSender::connect(control.as_str(), key, 7)
+    let sender = VerdictLink::connect(control.as_str(), key, 7, 1, LinkConfig::default())
         .map_err(|e| format!("verdict channel to {control}: {e}"))?;
     let tenant = 42;
     let mut addr = [0u8; 16];
@@ -448,10 +448,10 @@ fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> 
     // The edge micro-VM may still be booting: the first datagram counts once it was applied.
     let warm_deadline = Instant::now() + START_TIMEOUT;
     loop {
-        let seq = sender.next_seq();
-        sender
-            .send(&records(1))
-            .map_err(|e| format!("send to the edge: {e}"))?;
+        let seq = sender
+            .send(&records(1), Class::Verdict)
+            .map_err(|e| format!("send to the edge: {e}"))?
+            .first_seq;
         let (_, event) = events.wait(|e| e["event"] == "edge_verdicts" && e["seq"] == seq)?;
         if event["applied"] == true {
             break;
@@ -463,11 +463,11 @@ fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> 
     let (mut apply, mut end_to_end) = (Vec::new(), Vec::new());
     for i in 0..rounds {
         let batch = records(1000 + (i % 60000) as u16);
-        let seq = sender.next_seq();
         let start = Instant::now();
-        sender
-            .send(&batch)
-            .map_err(|e| format!("send to the edge: {e}"))?;
+        let seq = sender
+            .send(&batch, Class::Verdict)
+            .map_err(|e| format!("send to the edge: {e}"))?
+            .first_seq;
         let (arrived, event) = events.wait(|e| e["event"] == "edge_verdicts" && e["seq"] == seq)?;
         if event["applied"] != true {
             return Err(format!("the edge did not apply datagram {seq}: {event}").into());
@@ -485,7 +485,7 @@ fn bench_edge(elf: &Path, root: &Path, rounds: usize, kind: &str) -> Result<()> 
                "end_to_end_max_ms": round3(end_to_end.max()),
                "records_per_datagram": 2,
                "note": "apply_ms: signed datagram received and verified -> the edge micro-VM \
-                        took the Attach+Add records; end_to_end_ms: VerdictSender::send -> \
+                        took the Attach+Add records; end_to_end_ms: VerdictLink::send -> \
                         the edge_verdicts event read from the edge's API stream"}),
     );
     Ok(())

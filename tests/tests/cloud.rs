@@ -163,8 +163,14 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     // A forged verdict (another key) opening 7005 inbound: the edge rejects and reports it.
     let forged = edge_ns.spawn(|| {
         let bad_key = edge::channel::key_from_hex(&"ab".repeat(32)).unwrap();
-        let mut sender =
-            edge::channel::VerdictSender::connect("127.0.0.1:4790", bad_key, 1).unwrap();
+        let sender = edge::link::VerdictLink::connect(
+            "127.0.0.1:4790",
+            bad_key,
+            1,
+            1,
+            edge::link::LinkConfig::default(),
+        )
+        .unwrap();
         let mut rule = vigil_wire::verdict::Rule::any(
             vigil_wire::verdict::Direction::Ingress,
             vigil_wire::verdict::IpVersion::V4,
@@ -177,7 +183,9 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
             0,
             rule,
         );
-        sender.send(&[record.to_bytes()]).unwrap();
+        sender
+            .send(&[record.to_bytes()], edge::link::Class::Verdict)
+            .unwrap();
     });
     forged.join().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -5,15 +5,15 @@
 //!
 //! The test plays the *host*: it stands in for a host's switch uplink with Vigil's own VXLAN
 //! endpoint (`vmm_core::devices::vxlan::Vxlan`, the one a real host's switch uses) and sends raw
-//! Ethernet frames a tenant would send, and it signs verdicts with `edge::channel::VerdictSender`
-//! as a host's VMM does. No tenant or switch micro-VM boots here; the full chain with a Linux
+//! Ethernet frames a tenant would send, and it signs verdicts with `edge::link::VerdictLink`
+//! with `edge::link::VerdictLink` as a host's VMM does. No tenant or switch micro-VM boots here; the full chain with a Linux
 //! tenant and two hosts is `tests/tests/cloud.rs`.
 //!
 //! Checked: a tenant's address is unknown until an `Attach` verdict names it; a SYN opens a flow
 //! only to the endpoint an egress verdict names (the outside kernel's SYN-ACK comes back through
 //! the tunnel), anything else is dropped and counted by reason (`no_verdict`, `unknown_tenant`);
-//! a verdict signed with the wrong key or replayed is rejected and counted by reason and opens
-//! nothing; inbound connections from the outside reach the cloud only after an ingress (listen)
+//! a verdict signed with the wrong key, or addressed to another run of the edge, is rejected and
+//! counted by reason and opens nothing, and a replayed one is ignored as a duplicate; inbound connections from the outside reach the cloud only after an ingress (listen)
 //! verdict. The time from sending a verdict to the micro-VM having applied it is printed as
 //! `{"metric":"edge_reconfig_ms",...}` lines (reported, not asserted).
 
@@ -22,9 +22,9 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use edge::channel::VerdictSender;
+use edge::link::{Class, LinkConfig, VerdictLink};
 use serde_json::Value;
-use vigil_wire::auth::{self, AuthError, MAX_DATAGRAM};
+use vigil_wire::auth::{self, AuthError, Header, MAX_DATAGRAM};
 use vigil_wire::verdict::{v4, Direction, IpVersion, Protocol, Rule, VerdictRepr, RECORD_LEN};
 use vmm_core::devices::virtio::net::{FrameLink, MAX_FRAME};
 use vmm_core::devices::vxlan::Vxlan;
@@ -47,7 +47,7 @@ const STRANGER_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 3];
 const TENANT: u32 = 5;
 /// This "host"'s sender id on the verdict channel.
 const HOST_ID: u32 = 1;
-/// Another sender id, for the replayed datagram (its own sequence numbers).
+/// Another sender id, for the replayed datagram (its own run).
 const REPLAY_ID: u32 = 2;
 const OPEN_PORT: u16 = 8080;
 const CLOSED_PORT: u16 = 8081;
@@ -314,12 +314,13 @@ fn wait_verdict_event(edge: &Edge, sender: u32, seq: u64) -> Value {
 
 /// Sends one signed datagram of `records` and reports the time until the micro-VM applied them
 /// all (counters), with the edge's own measure (its event) beside it.
-fn reconfigure(edge: &Edge, sender: &mut VerdictSender, records: &[VerdictRepr], what: &str) {
+fn reconfigure(edge: &Edge, sender: &VerdictLink, records: &[VerdictRepr], what: &str) {
     let before = applied(&counters(&edge.socket));
     let bytes: Vec<[u8; RECORD_LEN]> = records.iter().map(VerdictRepr::to_bytes).collect();
-    let seq = sender.next_seq();
     let sent = Instant::now();
-    assert_eq!(sender.send(&bytes).expect("send verdicts"), 1);
+    let queued = sender.send(&bytes, Class::Control).expect("send verdicts");
+    assert_eq!(queued.first_seq, queued.last_seq, "one datagram");
+    let seq = queued.first_seq;
     let want = before + records.len() as u64;
     wait_counters(&edge.socket, Duration::from_secs(10), what, |c| {
         applied(c) >= want
@@ -388,7 +389,18 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
     // The test's side of the tunnel: a host's switch uplink.
     let uplink = Vxlan::bind("127.0.0.1:0".parse().unwrap(), vec![cloud], VNI).expect("VXLAN");
     let key = edge::channel::key_from_hex(KEY_HEX).unwrap();
-    let mut host = VerdictSender::connect(control, key.clone(), HOST_ID).expect("verdict sender");
+    let host = VerdictLink::connect(control, key.clone(), HOST_ID, 1, LinkConfig::default())
+        .expect("verdict link");
+    let ping = rest::request(
+        &edge.socket,
+        "GET",
+        "edge.ping",
+        None,
+        Duration::from_secs(5),
+    );
+    let boot_id = serde_json::from_slice::<Value>(&ping.body).unwrap()["boot_id"]
+        .as_u64()
+        .expect("the edge's boot id");
     let mut seq = 0u64;
     let mut next_seq = || {
         seq += 1;
@@ -399,7 +411,7 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
     // 3. Attach the tenant's address and open egress to the outside's port 8080.
     reconfigure(
         &edge,
-        &mut host,
+        &host,
         &[
             VerdictRepr::attach(
                 TENANT,
@@ -495,9 +507,19 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
     assert_eq!(reply, None, "an unattached address got an answer");
     let no_verdict = drops(&c, "no_verdict");
 
-    // 7a. A forged verdict (right sender id, wrong key) opening 8081: rejected, opens nothing.
+    // 7a. A forged verdict (right sender id and edge boot id, wrong key) opening 8081: rejected,
+    //     opens nothing.
     let wrong_key = edge::channel::key_from_hex(WRONG_KEY_HEX).unwrap();
-    let mut forger = VerdictSender::connect(control, wrong_key, HOST_ID).unwrap();
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let seal = |key: &[u8], header: Header, record: [u8; RECORD_LEN]| {
+        let mut datagram = [0u8; MAX_DATAGRAM];
+        let len = auth::seal(key, &header, &[record], &mut datagram).unwrap();
+        datagram[..len].to_vec()
+    };
     let before = counters(&edge.socket);
     let forged = VerdictRepr::add(
         TENANT,
@@ -505,7 +527,19 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         LIFETIME_MS,
         Rule::egress_to(IpVersion::V4, Protocol::Tcp, remote, CLOSED_PORT),
     );
-    forger.send(&[forged.to_bytes()]).unwrap();
+    let forged = seal(
+        &wrong_key,
+        Header {
+            sender: HOST_ID,
+            seq: u64::MAX / 2,
+            epoch: u64::MAX / 2,
+            edge_boot: boot_id,
+            timestamp_ms: now_ms,
+            ..Header::default()
+        },
+        forged.to_bytes(),
+    );
+    raw.send_to(&forged, control).unwrap();
     let c = wait_counters(
         &edge.socket,
         Duration::from_secs(5),
@@ -527,7 +561,8 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         |c| drops(c, "no_verdict") > no_verdict,
     );
 
-    // 7b. A replayed datagram: the same authentic bytes twice; the first counts, the second not.
+    // 7b. A replayed datagram: the same authentic bytes twice; the first is applied, the second
+    //     ignored as a duplicate. The same record for another run of the edge: never applied.
     let record = VerdictRepr::add(
         TENANT,
         next_seq(),
@@ -535,33 +570,45 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         Rule::egress_to(IpVersion::V4, Protocol::Tcp, remote, OPEN_PORT + 2),
     )
     .to_bytes();
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let mut datagram = [0u8; MAX_DATAGRAM];
-    let len = auth::seal(&key, REPLAY_ID, 1, now_ms, &[record], &mut datagram).unwrap();
-    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let replayed = AuthError::Replayed {
+    let header = Header {
         sender: REPLAY_ID,
         seq: 1,
+        epoch: 1,
+        edge_boot: boot_id,
+        timestamp_ms: now_ms,
+        ..Header::default()
     };
+    let datagram = seal(&key, header, record);
+    let other_edge = seal(
+        &key,
+        Header {
+            sender: REPLAY_ID + 1,
+            edge_boot: boot_id ^ 1,
+            ..header
+        },
+        record,
+    );
+    let duplicates = |c: &Value| c["channel"]["duplicates"].as_u64().unwrap_or(0);
     let before = counters(&edge.socket);
-    assert_eq!(rejected(&before, &replayed), 0, "{before}");
     for _ in 0..2 {
-        raw.send_to(&datagram[..len], control).unwrap();
+        raw.send_to(&datagram, control).unwrap();
     }
+    raw.send_to(&other_edge, control).unwrap();
+    let other = AuthError::OtherEdge {
+        sender: 0,
+        edge_boot: 0,
+    };
     let after = wait_counters(
         &edge.socket,
         Duration::from_secs(5),
-        "replay rejection",
-        |c| rejected(c, &replayed) > 0,
+        "duplicate and other-edge datagrams",
+        |c| duplicates(c) > duplicates(&before) && rejected(c, &other) > rejected(&before, &other),
     );
-    assert_eq!(rejected(&after, &replayed), 1, "{after}");
+    assert_eq!(duplicates(&after), duplicates(&before) + 1, "{after}");
     assert_eq!(
         after["accepted_records"].as_u64(),
         before["accepted_records"].as_u64().map(|n| n + 1),
-        "the first copy is accepted: {after}"
+        "the first copy is applied, nothing else: {after}"
     );
     assert_eq!(rejected(&after, &AuthError::BadTag), 1, "{after}");
     let event = wait_verdict_event(&edge, REPLAY_ID, 1);
@@ -596,7 +643,7 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
     listen.local_port = LISTEN_PORT;
     reconfigure(
         &edge,
-        &mut host,
+        &host,
         &[VerdictRepr::add(TENANT, next_seq(), LIFETIME_MS, listen)],
         "ingress",
     );
