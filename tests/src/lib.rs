@@ -15,6 +15,7 @@ pub mod outside;
 pub mod process;
 pub mod rest;
 pub mod restart;
+pub mod segment;
 pub mod soak;
 pub mod workload;
 
