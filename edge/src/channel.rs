@@ -94,11 +94,23 @@ pub enum Received {
         records: usize,
     },
     /// Authentic but ahead of a gap: held until the datagrams before it arrive.
-    Held { from: SocketAddr, sender: u32, seq: u64 },
+    Held {
+        from: SocketAddr,
+        sender: u32,
+        seq: u64,
+    },
     /// Authentic and applied before: ignored (acknowledged again; its ack may have been lost).
-    Duplicate { from: SocketAddr, sender: u32, seq: u64 },
+    Duplicate {
+        from: SocketAddr,
+        sender: u32,
+        seq: u64,
+    },
     /// Authentic and next, but `apply` could not take it now: the sender will retransmit.
-    NotApplied { from: SocketAddr, sender: u32, seq: u64 },
+    NotApplied {
+        from: SocketAddr,
+        sender: u32,
+        seq: u64,
+    },
     /// Dropped: forged, altered, malformed, for another run of the edge or of the sender, or too
     /// far ahead. Nothing of it may be applied.
     Rejected { from: SocketAddr, reason: AuthError },

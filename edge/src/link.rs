@@ -419,10 +419,7 @@ impl VerdictLink {
         };
         let mut state = shared.lock();
         if state.outstanding.len() + datagrams > limit {
-            shared
-                .stats
-                .refused_batches
-                .fetch_add(1, Ordering::Relaxed);
+            shared.stats.refused_batches.fetch_add(1, Ordering::Relaxed);
             return Err(LinkError::Backlog {
                 outstanding: state.outstanding.len(),
             });

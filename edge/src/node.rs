@@ -231,7 +231,11 @@ impl Edge {
             .last_apply_us
             .store(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
         if !self.trust.trust(d.from.ip()) {
-            log::warn!("edge {}: too many hosts to trust {}", self.config.name, d.from);
+            log::warn!(
+                "edge {}: too many hosts to trust {}",
+                self.config.name,
+                d.from
+            );
         }
         if !flushed.is_empty() {
             owners.retain(|_, host| *host != d.sender);
@@ -267,7 +271,8 @@ impl Edge {
         // Which host attached each tenant last (a migrated tenant belongs to its new host).
         let mut owners: HashMap<u32, u32> = HashMap::new();
         while !self.stop.load(Ordering::Acquire) {
-            let received = receiver.recv(Duration::from_millis(200), |d| self.apply(&mut owners, d));
+            let received =
+                receiver.recv(Duration::from_millis(200), |d| self.apply(&mut owners, d));
             *self.stats.channel.lock().unwrap_or_else(|p| p.into_inner()) =
                 receiver.stats().clone();
             self.stats

@@ -89,7 +89,12 @@ impl Edge {
     }
 
     fn applied(&self) -> Vec<[u8; RECORD_LEN]> {
-        self.applied.lock().unwrap().iter().map(|(_, r)| *r).collect()
+        self.applied
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, r)| *r)
+            .collect()
     }
 
     fn stop(mut self) -> VerdictReceiver {
@@ -239,7 +244,10 @@ fn thirty_percent_loss_both_ways_still_delivers_everything_once_in_order() {
         rx.stats().duplicates
     );
     assert!(dropped > 0 && retransmits > 0);
-    assert!(rx.stats().held > 0, "losses left gaps that later datagrams waited behind");
+    assert!(
+        rx.stats().held > 0,
+        "losses left gaps that later datagrams waited behind"
+    );
 }
 
 #[test]
@@ -487,7 +495,11 @@ fn garbage_is_rejected() {
     ));
     assert_eq!(rx.stats().rejected_total(), 5);
     assert_eq!(rx.stats().accepted_datagrams, 0);
-    assert_eq!(rx.stats().acks_sent, 0, "nothing unauthenticated is answered");
+    assert_eq!(
+        rx.stats().acks_sent,
+        0,
+        "nothing unauthenticated is answered"
+    );
 }
 
 #[test]
@@ -501,9 +513,7 @@ fn recv_times_out_without_traffic() {
 #[test]
 fn short_keys_are_refused_by_both_ends() {
     assert!(VerdictReceiver::bind("127.0.0.1:0", vec![1; MIN_KEY_LEN - 1]).is_err());
-    assert!(
-        VerdictLink::connect("127.0.0.1:9", vec![1; MIN_KEY_LEN - 1], 1, 1, fast()).is_err()
-    );
+    assert!(VerdictLink::connect("127.0.0.1:9", vec![1; MIN_KEY_LEN - 1], 1, 1, fast()).is_err());
 }
 
 fn key_file(name: &str, content: &[u8]) -> PathBuf {

@@ -171,4 +171,3 @@ pub fn wait_segment(
         unsafe { libc::poll(&mut fd, 1, ms) };
     }
 }
-

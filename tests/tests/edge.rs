@@ -29,8 +29,8 @@ use vmm_core::devices::virtio::net::FrameLink;
 use vmm_core::devices::vxlan::Vxlan;
 
 use vigil_tests::outside::free_udp_port;
-use vigil_tests::segment::{wait_segment, Segment, TCP_ACK, TCP_RST, TCP_SYN};
 use vigil_tests::rest::{self, edge_counters as counters, wait_edge_counters as wait_counters};
+use vigil_tests::segment::{wait_segment, Segment, TCP_ACK, TCP_RST, TCP_SYN};
 use vigil_tests::{
     drop_count as drops, fw_guest_elf, Namespace, TempDir, VigilCommand, VigilProcess,
 };

@@ -52,7 +52,7 @@ const CLOUD: &str = "127.0.0.1:4789";
 const KEY_HEX: &str = "5e3c1a9e5b2d4c6f8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5";
 /// Flows each round opens before the delete.
 const FLOWS: u16 = 3;
-const ROUNDS: usize = 6;
+const ROUNDS: usize = 10;
 /// Generous: with 30% loss a datagram is lost several times in a row now and then.
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -75,7 +75,9 @@ impl Loss {
                 .unwrap_or(false)
         };
         let loss = format!("{pct}%");
-        if run(&["tc", "qdisc", "replace", "dev", "lo", "root", "netem", "loss", &loss]) {
+        if run(&[
+            "tc", "qdisc", "replace", "dev", "lo", "root", "netem", "loss", &loss,
+        ]) {
             return Loss {
                 ns: ns.name.clone(),
                 netem: true,
@@ -93,8 +95,23 @@ impl Loss {
                 "{ type filter hook output priority 0; }",
             ])
             && run(&[
-                "nft", "add", "rule", "inet", "vigil_loss", "out", "meta", "l4proto", "udp",
-                "numgen", "random", "mod", "100", "<", &pct, "counter", "drop",
+                "nft",
+                "add",
+                "rule",
+                "inet",
+                "vigil_loss",
+                "out",
+                "meta",
+                "l4proto",
+                "udp",
+                "numgen",
+                "random",
+                "mod",
+                "100",
+                "<",
+                &pct,
+                "counter",
+                "drop",
             ]);
         assert!(
             nft,
@@ -158,7 +175,11 @@ fn dropped_as(uplink: &Vxlan, syn: &Segment, socket: &PathBuf, reason: &str) {
         let answer = wait_segment(uplink, Instant::now() + Duration::from_millis(100), |s| {
             s.src == syn.dst && s.dst == syn.src
         });
-        assert_eq!(answer, None, "{} got an answer after its revocation", syn.src);
+        assert_eq!(
+            answer, None,
+            "{} got an answer after its revocation",
+            syn.src
+        );
         if drops(&counters(socket), reason) > before {
             return;
         }
@@ -217,7 +238,10 @@ fn rounds(
             Rule::egress_to(IpVersion::V4, Protocol::Tcp, remote, PORT),
         );
         let t = link.send(&[add.to_bytes()], Class::Verdict).unwrap();
-        assert!(link.wait_acked(t.last_ticket, LIMIT), "verdict acknowledged");
+        assert!(
+            link.wait_acked(t.last_ticket, LIMIT),
+            "verdict acknowledged"
+        );
         for i in 1..=FLOWS {
             open_flow(uplink, &syn(base + i), socket);
         }
@@ -311,7 +335,10 @@ fn revocations_reach_the_edge_under_loss_and_vxlan_hears_only_hosts() {
         .unwrap_or_default()
         .contains("fw-guest: edge up")
     {
-        assert!(Instant::now() < deadline, "the edge micro-VM did not come up");
+        assert!(
+            Instant::now() < deadline,
+            "the edge micro-VM did not come up"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 
@@ -392,7 +419,10 @@ fn revocations_reach_the_edge_under_loss_and_vxlan_hears_only_hosts() {
 
     let mut figures = Vec::new();
     for (pct, base) in [(0u32, 31_000u16), (30, 32_000)] {
-        let retransmits = link.stats().retransmits.load(std::sync::atomic::Ordering::Relaxed);
+        let retransmits = link
+            .stats()
+            .retransmits
+            .load(std::sync::atomic::Ordering::Relaxed);
         let ms = rounds(
             pct,
             &underlay,
@@ -403,11 +433,15 @@ fn revocations_reach_the_edge_under_loss_and_vxlan_hears_only_hosts() {
             &mut next_seq,
             base,
         );
-        let retransmits =
-            link.stats().retransmits.load(std::sync::atomic::Ordering::Relaxed) - retransmits;
+        let retransmits = link
+            .stats()
+            .retransmits
+            .load(std::sync::atomic::Ordering::Relaxed)
+            - retransmits;
         let line = serde_json::json!({
             "metric": "edge_revoke_ms", "loss_pct": pct, "rounds": ms.len(),
             "median": median(&ms), "max": ms.iter().copied().fold(0.0, f64::max),
+            "mean": ms.iter().sum::<f64>() / ms.len() as f64,
             "samples": ms, "link_retransmits": retransmits,
         });
         println!("{line}");

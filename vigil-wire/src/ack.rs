@@ -182,7 +182,13 @@ mod tests {
         assert!(open_ack(KEY, &buf[..len]).is_err());
         assert!(crate::auth::open(KEY, &seal_ack(KEY, &ack()).unwrap()).is_err());
         assert_eq!(
-            seal_ack(KEY, &Ack { edge_boot: 0, ..ack() }),
+            seal_ack(
+                KEY,
+                &Ack {
+                    edge_boot: 0,
+                    ..ack()
+                }
+            ),
             Err(AuthError::BadSequence)
         );
     }

@@ -948,7 +948,9 @@ mod tests {
         let (buf, len) = sealed(1, 5);
         let mut table = ReplayTable::<4>::new();
         let o = open(KEY, &buf[..len]).unwrap();
-        table.check_and_update(o.header.sender, o.header.seq).unwrap();
+        table
+            .check_and_update(o.header.sender, o.header.seq)
+            .unwrap();
         let o = open(KEY, &buf[..len]).unwrap();
         assert_eq!(
             table.check_and_update(o.header.sender, o.header.seq),

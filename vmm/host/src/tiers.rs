@@ -16,8 +16,8 @@ use vmm_core::introspect::VerdictSink;
 
 use crate::edge_link::EdgeLink;
 use crate::switch::SwitchTier;
-use edge::link::Class;
 use crate::{Host, HostError};
+use edge::link::Class;
 
 /// A tenant's firewall tiers: its host's switch (whichever micro-VM runs it now) and the edge.
 pub(crate) struct TenantTiers {

@@ -369,7 +369,9 @@ mod tests {
     fn with_a_trust_set_only_trusted_senders_are_heard_or_learned() {
         let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
         let trust = PeerTrust::new();
-        let edge = Vxlan::bind(any, vec![], 7).unwrap().with_trust(trust.clone());
+        let edge = Vxlan::bind(any, vec![], 7)
+            .unwrap()
+            .with_trust(trust.clone());
         // The genuine host sends from 127.0.0.1; the forger from 127.0.0.2 (another underlay
         // address on the same machine).
         let host = Vxlan::bind(any, vec![edge.local_addr().unwrap()], 7).unwrap();
