@@ -253,10 +253,11 @@ impl Edge {
                 continue;
             };
             match v.op {
-                Op::Attach if v.tenant != TENANT_UNASSIGNED => {
-                    if owners.len() < MAX_OWNED_TENANTS || owners.contains_key(&v.tenant) {
-                        owners.insert(v.tenant, d.sender);
-                    }
+                Op::Attach
+                    if v.tenant != TENANT_UNASSIGNED
+                        && (owners.len() < MAX_OWNED_TENANTS || owners.contains_key(&v.tenant)) =>
+                {
+                    owners.insert(v.tenant, d.sender);
                 }
                 Op::FlushTenant if owners.get(&v.tenant) == Some(&d.sender) => {
                     owners.remove(&v.tenant);

@@ -46,10 +46,13 @@ fn fast() -> LinkConfig {
     }
 }
 
+/// One applied record and its sender.
+type Applied = (u32, [u8; RECORD_LEN]);
+
 /// An edge's receiving loop on its own thread: applies into a list, in the order given.
 struct Edge {
     addr: SocketAddr,
-    applied: Arc<Mutex<Vec<(u32, [u8; RECORD_LEN])>>>,
+    applied: Arc<Mutex<Vec<Applied>>>,
     events: Arc<Mutex<Vec<Received>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<VerdictReceiver>>,

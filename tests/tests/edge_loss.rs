@@ -25,7 +25,7 @@
 //! delivered), and the tenant's location stays with its host.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, UdpSocket};
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -144,7 +144,7 @@ fn flows(c: &Value) -> u64 {
 }
 
 /// Sends `syn` until its SYN-ACK comes back through the edge (datagrams may be lost).
-fn open_flow(uplink: &Vxlan, syn: &Segment, socket: &PathBuf) {
+fn open_flow(uplink: &Vxlan, syn: &Segment, socket: &Path) {
     let deadline = Instant::now() + LIMIT;
     loop {
         // Under nftables loss a dropped datagram is an EPERM here: a loss like any other.
@@ -167,7 +167,7 @@ fn open_flow(uplink: &Vxlan, syn: &Segment, socket: &PathBuf) {
 }
 
 /// Sends `syn` until the edge counts it dropped for `reason`; asserts no answer ever came.
-fn dropped_as(uplink: &Vxlan, syn: &Segment, socket: &PathBuf, reason: &str) {
+fn dropped_as(uplink: &Vxlan, syn: &Segment, socket: &Path, reason: &str) {
     let before = drops(&counters(socket), reason);
     let deadline = Instant::now() + LIMIT;
     loop {
@@ -196,7 +196,7 @@ fn dropped_as(uplink: &Vxlan, syn: &Segment, socket: &PathBuf, reason: &str) {
 fn rounds(
     pct: u32,
     underlay: &Namespace,
-    socket: &PathBuf,
+    socket: &Path,
     link: &VerdictLink,
     uplink: &Vxlan,
     tap_mac: [u8; 6],
