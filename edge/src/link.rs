@@ -15,8 +15,9 @@
 //!   went back), its ack names that run and we start a new one above it.
 //! - the edge's boot id is learned from its first ack (the link sends an empty datagram at once
 //!   to get one). When it changes, the edge restarted and remembers nothing of ours: the
-//!   unacknowledged datagrams are renumbered into a new run and sent again, and the
-//!   `edge_restarted` event tells the host (what the old edge applied is gone with it).
+//!   unacknowledged datagrams are renumbered into a new run and sent again, the
+//!   `edge_restarted` event reports it, and the host's hook ([`VerdictLink::on_edge_restart`])
+//!   re-sends what still stands (what the old edge applied is gone with it).
 //!
 //! Datagrams are acknowledged cumulatively and in order, so the window is a queue: the oldest
 //! unacknowledged datagram is at the front. Each datagram keeps a ticket (a number that survives
@@ -135,7 +136,12 @@ struct Shared {
     acked: Condvar,
     stop: AtomicBool,
     stats: LinkStats,
+    /// Called (on the link's thread, no lock held) when the edge turns out to have restarted.
+    on_edge_restart: Mutex<Option<EdgeRestartHook>>,
 }
+
+/// What a host does when its edge restarted (re-send what still stands: the edge lost it).
+pub type EdgeRestartHook = Box<dyn Fn() + Send + Sync>;
 
 /// A host's reliable link to one edge.
 pub struct VerdictLink {
@@ -215,11 +221,24 @@ impl Shared {
     }
 
     fn on_ack(&self, bytes: &[u8]) {
+        if self.take_ack(bytes) {
+            let hook = self
+                .on_edge_restart
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(hook) = hook.as_ref() {
+                hook();
+            }
+        }
+    }
+
+    /// Applies an ack; whether it revealed a restarted edge.
+    fn take_ack(&self, bytes: &[u8]) -> bool {
         let ack = match open_ack(&self.key, bytes) {
             Ok(ack) if ack.sender == self.sender => ack,
             _ => {
                 self.stats.acks_rejected.fetch_add(1, Ordering::Relaxed);
-                return;
+                return false;
             }
         };
         self.stats.acks_received.fetch_add(1, Ordering::Relaxed);
@@ -244,17 +263,18 @@ impl Shared {
                     serde_json::json!({"edge_boot": format!("{:#x}", ack.edge_boot),
                         "resent": state.outstanding.len()}),
                 );
+                return true;
             }
-            return;
+            return false;
         }
         if ack.epoch > state.epoch {
             // The edge follows a newer run of this sender id than ours: start one above it.
             let epoch = state.next_seq.max(ack.epoch.saturating_add(1));
             self.new_run(&mut state, epoch);
-            return;
+            return false;
         }
         if ack.epoch != state.epoch || ack.next == 0 {
-            return;
+            return false;
         }
         let mut acked = 0;
         while state.outstanding.front().is_some_and(|p| p.seq < ack.next) {
@@ -275,6 +295,7 @@ impl Shared {
             }
             self.acked.notify_all();
         }
+        false
     }
 
     /// Retransmits what is due; returns when the next datagram falls due.
@@ -394,6 +415,7 @@ impl VerdictLink {
             acked: Condvar::new(),
             stop: AtomicBool::new(false),
             stats: LinkStats::default(),
+            on_edge_restart: Mutex::new(None),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -477,6 +499,16 @@ impl VerdictLink {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
+    }
+
+    /// Calls `hook` whenever the edge turns out to have restarted (after the unacknowledged
+    /// datagrams went out again in a new run): the host re-sends what still stands.
+    pub fn on_edge_restart(&self, hook: EdgeRestartHook) {
+        *self
+            .shared
+            .on_edge_restart
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// Datagrams waiting for their ack.

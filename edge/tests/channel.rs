@@ -406,7 +406,14 @@ fn a_restarted_edge_gets_the_unacknowledged_records_in_a_new_run() {
     let rx = VerdictReceiver::bind_with_boot("127.0.0.1:0", k.clone(), 1).unwrap();
     let addr = rx.local_addr().unwrap();
     let edge = Edge::start(rx);
-    let link = VerdictLink::connect(addr, k.clone(), 3, 10, fast()).unwrap();
+    let link = Arc::new(VerdictLink::connect(addr, k.clone(), 3, 10, fast()).unwrap());
+    // The host's hook re-sends what still stands, from the link's own thread.
+    let weak = Arc::downgrade(&link);
+    link.on_edge_restart(Box::new(move || {
+        if let Some(link) = weak.upgrade() {
+            link.send(&records(1, 20), Class::Control).unwrap();
+        }
+    }));
     let t = link.send(&records(2, 0), Class::Verdict).unwrap();
     assert!(link.wait_acked(t.last_ticket, WAIT));
     assert_eq!(link.edge_boot(), 1);
@@ -418,7 +425,14 @@ fn a_restarted_edge_gets_the_unacknowledged_records_in_a_new_run() {
     assert!(link.wait_acked(t.last_ticket, WAIT));
     assert_eq!(link.edge_boot(), 2);
     assert_eq!(link.stats().edge_restarts.load(Ordering::Relaxed), 1);
-    assert_eq!(edge.applied(), records(1, 7));
+    wait_until("the hook's records applied", || edge.applied().len() == 2);
+    let mut want = records(1, 7);
+    want.extend(records(1, 20));
+    assert_eq!(
+        edge.applied(),
+        want,
+        "the unacknowledged record, then the hook's"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use edge::link::{first_seq_from_clock, Class, LinkConfig, VerdictLink};
+use edge::link::{first_seq_from_clock, Class, EdgeRestartHook, LinkConfig, VerdictLink};
 use vigil_wire::auth::MAX_RECORDS;
 use vigil_wire::verdict::RECORD_LEN;
 
@@ -51,6 +51,11 @@ impl EdgeLink {
             sent_records: AtomicU64::new(0),
             send_errors: AtomicU64::new(0),
         })
+    }
+
+    /// Calls `hook` when the edge turns out to have restarted (see `Host::resync_edge`).
+    pub(crate) fn on_edge_restart(&self, hook: EdgeRestartHook) {
+        self.link.on_edge_restart(hook);
     }
 
     /// Whether `records` of class `class` would be queued now (the window has room).

@@ -61,6 +61,16 @@ impl Host {
             shutdown: Arc::new(AtomicBool::new(false)),
             config,
         });
+        if let Some(edge) = &host.edge {
+            // A restarted edge lost every attachment and verdict this host gave it: give them
+            // again (Attach, then the verdicts as Adopt, from the switch's book).
+            let weak = Arc::downgrade(&host);
+            edge.on_edge_restart(Box::new(move || {
+                if let Some(host) = weak.upgrade() {
+                    host.resync_edge();
+                }
+            }));
+        }
         vmm_core::events::bus().emit(
             "host_started",
             &serde_json::json!({
