@@ -172,19 +172,42 @@ impl RunControl {
                 return Err(RunControlError::NotRunning);
             }
         }
+        let deadline = Instant::now() + limit;
         self.capture.store(true, Ordering::Release);
-        let paused = self.pause(limit);
+        let captured = self.pause(limit).and_then(|()| self.wait_captured(deadline));
         self.capture.store(false, Ordering::Release);
-        paused?;
+        Ok(captured?.into_values().collect::<Result<_, _>>()?)
+    }
+
+    /// Waits until every parked vCPU has captured its state. A vCPU can still count as parked
+    /// from a pause that a `resume` just ended (it has not woken yet): it sees the new pause and
+    /// the capture request in its wait loop, and captures there.
+    fn wait_captured(
+        &self,
+        deadline: Instant,
+    ) -> Result<std::collections::BTreeMap<u8, Result<VcpuSnapshot, SnapshotError>>, RunControlError>
+    {
         let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
-        let captured = std::mem::take(&mut parking.captured);
-        if captured.len() != parking.threads.len() {
-            return Err(RunControlError::NotCaptured {
-                captured: captured.len(),
-                vcpus: parking.threads.len(),
-            });
+        loop {
+            if parking.captured.len() >= parking.threads.len() {
+                return Ok(std::mem::take(&mut parking.captured));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(RunControlError::NotCaptured {
+                    captured: parking.captured.len(),
+                    vcpus: parking.threads.len(),
+                });
+            }
+            // Wakes parked vCPUs so they see the capture request now, not at their next poll.
+            self.changed.notify_all();
+            let wait = (deadline - now).min(Duration::from_millis(5));
+            parking = self
+                .changed
+                .wait_timeout(parking, wait)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
-        Ok(captured.into_values().collect::<Result<_, _>>()?)
     }
 
     /// Stops guest execution: returns once every vCPU is parked (immediately for a VM that does
@@ -234,9 +257,9 @@ impl RunControl {
         &self,
         stop: &AtomicBool,
         index: u8,
-        capture: impl FnOnce() -> Result<VcpuSnapshot, SnapshotError>,
+        mut capture: impl FnMut() -> Result<VcpuSnapshot, SnapshotError>,
     ) {
-        let captured = self.capture.load(Ordering::Acquire).then(capture);
+        let captured = self.capture.load(Ordering::Acquire).then(&mut capture);
         let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(captured) = captured {
             parking.captured.insert(index, captured);
@@ -244,6 +267,16 @@ impl RunControl {
         parking.parked += 1;
         self.changed.notify_all();
         while self.must_park() && !stop.load(Ordering::Acquire) {
+            // A capture requested while this vCPU was already parked (a pause that follows a
+            // resume before this thread woke) is taken here, on the vCPU's own thread.
+            if self.capture.load(Ordering::Acquire) && !parking.captured.contains_key(&index) {
+                drop(parking);
+                let captured = capture();
+                parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
+                parking.captured.insert(index, captured);
+                self.changed.notify_all();
+                continue;
+            }
             parking = self
                 .changed
                 .wait_timeout(parking, PARKED_STOP_POLL)
