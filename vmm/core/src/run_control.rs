@@ -174,7 +174,9 @@ impl RunControl {
         }
         let deadline = Instant::now() + limit;
         self.capture.store(true, Ordering::Release);
-        let captured = self.pause(limit).and_then(|()| self.wait_captured(deadline));
+        let captured = self
+            .pause(limit)
+            .and_then(|()| self.wait_captured(deadline));
         self.capture.store(false, Ordering::Release);
         Ok(captured?.into_values().collect::<Result<_, _>>()?)
     }
