@@ -28,7 +28,7 @@ pub use endpoints::*;
 pub use error::{status_of, ApiError};
 pub use events_stream::stream_events;
 pub use metrics::metrics_text;
-pub use routes::{find_route, Handler, Route, ROUTES};
+pub use routes::{find_route, params, Handler, Route, ROUTES};
 
 /// Largest request body (a VM spec with a long policy fits many times over).
 pub const MAX_BODY: usize = 256 * 1024;

@@ -34,9 +34,10 @@ pub struct Route {
     pub handler: Handler,
 }
 
-/// Parses the request for `E` (body for PUT, query for GET) and runs it.
-fn run<E: Endpoint>(host: &Arc<Host>, request: &Request) -> Result<Response, ApiError> {
-    let params: E::Request = if E::METHOD == Method::Get {
+/// Parses the parameters of a request for `E`: the JSON body of a PUT, the query string of a GET
+/// (public for the fuzz targets: every byte of it comes from the client).
+pub fn params<E: Endpoint>(request: &Request) -> Result<E::Request, ApiError> {
+    Ok(if E::METHOD == Method::Get {
         if !request.body.is_empty() {
             return Err(ApiError::BadRequest(
                 "a GET takes its parameters from the query string, not a body".into(),
@@ -68,7 +69,12 @@ fn run<E: Endpoint>(host: &Arc<Host>, request: &Request) -> Result<Response, Api
                 E::PATH
             ))
         })?
-    };
+    })
+}
+
+/// Parses the request for `E` (body for PUT, query for GET) and runs it.
+fn run<E: Endpoint>(host: &Arc<Host>, request: &Request) -> Result<Response, ApiError> {
+    let params = params::<E>(request)?;
     let response = E::handle(host, params)?;
     let value = serde_json::to_value(&response).map_err(|e| ApiError::Internal(e.to_string()))?;
     if value == serde_json::json!({}) {

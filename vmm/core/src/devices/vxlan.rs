@@ -209,6 +209,55 @@ impl Vxlan {
     }
 }
 
+/// The inner Ethernet frame of a VXLAN datagram of `vni`, or `None` when the datagram is too
+/// short for the VXLAN header and an Ethernet header, lacks the I flag, or carries another VNI.
+pub fn decapsulate(datagram: &[u8], vni: u32) -> Option<&[u8]> {
+    let header = datagram.get(..VXLAN_HEADER_LEN)?;
+    let frame = &datagram[VXLAN_HEADER_LEN..];
+    let their_vni = u32::from_be_bytes([0, header[4], header[5], header[6]]);
+    // An inner frame needs at least its Ethernet header.
+    if frame.len() < 14 || header[0] & FLAG_VNI_VALID == 0 || their_vni != vni {
+        return None;
+    }
+    Some(frame)
+}
+
+impl Vxlan {
+    /// Takes one received datagram from `from`: its inner frame copied into `buf` (its length
+    /// returned) and its source MAC learned behind `from`; `None` (counted) when `from` is not a
+    /// trusted host, or it is not VXLAN of our VNI or does not fit `buf`. Public for the fuzz targets, which feed
+    /// datagrams without a socket in between.
+    pub fn accept_datagram(
+        &self,
+        datagram: &[u8],
+        from: SocketAddr,
+        buf: &mut [u8],
+    ) -> Option<usize> {
+        bump(&self.counters.rx_datagrams);
+        if !self.trusted(&from) {
+            bump(&self.counters.rx_unauthenticated);
+            if let Some(trust) = &self.trust {
+                bump(&trust.refused);
+            }
+            return None;
+        }
+        let Some(frame) = decapsulate(datagram, self.vni).filter(|f| f.len() <= buf.len()) else {
+            bump(&self.counters.rx_dropped);
+            return None;
+        };
+        let src: [u8; 6] = frame[6..12].try_into().unwrap_or([1; 6]);
+        if src[0] & 1 == 0 {
+            if let Ok(mut fdb) = self.fdb.lock() {
+                if fdb.learned.len() < MAX_LEARNED || fdb.learned.contains_key(&src) {
+                    fdb.learned.insert(src, from);
+                }
+            }
+        }
+        buf[..frame.len()].copy_from_slice(frame);
+        Some(frame.len())
+    }
+}
+
 impl AsRawFd for Vxlan {
     fn as_raw_fd(&self) -> RawFd {
         self.socket.as_raw_fd()
@@ -224,38 +273,9 @@ impl FrameLink for Vxlan {
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             let (len, from) = self.socket.recv_from(&mut scratch)?;
-            bump(&self.counters.rx_datagrams);
-            if !self.trusted(&from) {
-                bump(&self.counters.rx_unauthenticated);
-                if let Some(trust) = &self.trust {
-                    bump(&trust.refused);
-                }
-                continue;
+            if let Some(n) = self.accept_datagram(&scratch[..len], from, buf) {
+                return Ok(n);
             }
-            let datagram = &scratch[..len];
-            let vni = datagram
-                .get(4..7)
-                .map(|b| u32::from_be_bytes([0, b[0], b[1], b[2]]));
-            let frame = &datagram[VXLAN_HEADER_LEN.min(len)..];
-            // An inner frame needs at least its Ethernet header.
-            if len < VXLAN_HEADER_LEN + 14
-                || datagram[0] & FLAG_VNI_VALID == 0
-                || vni != Some(self.vni)
-                || frame.len() > buf.len()
-            {
-                bump(&self.counters.rx_dropped);
-                continue;
-            }
-            let src: [u8; 6] = frame[6..12].try_into().unwrap_or([1; 6]);
-            if src[0] & 1 == 0 {
-                if let Ok(mut fdb) = self.fdb.lock() {
-                    if fdb.learned.len() < MAX_LEARNED || fdb.learned.contains_key(&src) {
-                        fdb.learned.insert(src, from);
-                    }
-                }
-            }
-            buf[..frame.len()].copy_from_slice(frame);
-            return Ok(frame.len());
         }
     }
 

@@ -19,6 +19,8 @@
 mod backend;
 pub mod counters;
 pub mod device;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod link;
 mod rx;
 mod tx;

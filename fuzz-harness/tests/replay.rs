@@ -1,0 +1,82 @@
+//! The fuzz smoke pass on stable: every seed, every committed corpus file (`fuzz/corpus/<target>/`)
+//! and every crash regression (`fuzz/regressions/<target>/`) through its harness. A regression
+//! file is an input that once crashed a target; it must run clean now.
+
+use std::path::{Path, PathBuf};
+
+use fuzz_harness::{seeds::seeds, TARGETS};
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    out.sort();
+    out
+}
+
+fn replay(name: &str, what: &str) -> usize {
+    let target = fuzz_harness::target(name).expect("target");
+    let inputs = files(&fuzz_dir().join(what).join(name));
+    for path in &inputs {
+        let data = std::fs::read(path).unwrap();
+        let result = std::panic::catch_unwind(|| (target.run)(&data));
+        assert!(result.is_ok(), "{name}: {} fails", path.display());
+    }
+    inputs.len()
+}
+
+#[test]
+fn seeds_run_clean() {
+    for t in TARGETS {
+        let seeds = seeds(t.name);
+        assert!(!seeds.is_empty(), "{} has no seed", t.name);
+        for s in seeds {
+            (t.run)(&s);
+        }
+    }
+}
+
+#[test]
+fn corpora_run_clean() {
+    let mut total = 0;
+    for t in TARGETS {
+        let n = replay(t.name, "corpus");
+        eprintln!("{}: {n} corpus inputs", t.name);
+        total += n;
+    }
+    assert!(total > 0, "no corpus under {}", fuzz_dir().display());
+}
+
+#[test]
+fn crash_regressions_run_clean() {
+    for t in TARGETS {
+        let n = replay(t.name, "regressions");
+        if n > 0 {
+            eprintln!("{}: {n} regressions", t.name);
+        }
+    }
+}
+
+#[test]
+fn every_target_has_a_libfuzzer_wrapper() {
+    for t in TARGETS {
+        let wrapper = fuzz_dir()
+            .join("fuzz_targets")
+            .join(format!("{}.rs", t.name));
+        let text = std::fs::read_to_string(&wrapper)
+            .unwrap_or_else(|e| panic!("{}: {e}", wrapper.display()));
+        assert!(
+            text.contains(&format!("\"{}\"", t.name)),
+            "{} runs another target",
+            wrapper.display()
+        );
+    }
+}

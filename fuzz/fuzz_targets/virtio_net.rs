@@ -1,0 +1,5 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    (fuzz_harness::target("virtio_net").expect("target").run)(data)
+});
