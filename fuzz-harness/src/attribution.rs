@@ -7,12 +7,13 @@
 //! target needs no vmlinux). The harness builds fixed 4-level page tables: a 32-page kernel heap
 //! at a direct-map address (virtual pages scattered over physical ones), the per-CPU page holding
 //! `current_task`, the pages of `init_task` and `vmemmap_base` (KASLR slide 0) and one page of
-//! the `struct page` array; then the input writes over any of them, page tables included.
+//! the `struct page` array; then the input writes over any of them, page tables included (heap writes at virtual offsets).
 //!
 //! Input: op byte (connect, bind, listen, sendmsg), `rdi` and `rsi` (u16, heap offsets in
 //! 8-byte units), `rdx` byte, the task (u16, heap offset in 8-byte units; stored as
 //! `current_task`), then writes until the input ends: region byte (heap, per-CPU page, init_task,
-//! vmemmap_base page, struct page page, page tables), u16 offset, length byte, bytes. In written
+//! vmemmap_base page, struct page page, page tables), u16 offset (in 2-byte units on the heap,
+//! bytes elsewhere), length byte, bytes. In written
 //! bytes, an 8-byte word (at an 8-byte offset of the write) whose top 16 bits are `0xaaaa` becomes
 //! a heap address (its low 32 bits modulo the heap size), `0xaaab` a `struct page` address: so
 //! the fuzzer can build pointer structures without guessing 64-bit addresses.
@@ -56,8 +57,6 @@ struct Scene {
     policy: Policy,
     /// Guest-physical page of the per-CPU area's `current_task`, and the offset in it.
     current_task: (u64, u64),
-    init_task_page: u64,
-    vmemmap_var: u64,
 }
 
 fn scene() -> &'static Scene {
@@ -75,8 +74,8 @@ fn scene() -> &'static Scene {
                 .expect("page tables");
             for i in 0..HEAP_PAGES {
                 // Never physically adjacent: a read across a page translates twice.
-                let phys = HEAP_GPA + (i * 5 % HEAP_PAGES) * PAGE_4K;
-                b.map(HEAP_VA + i * PAGE_4K, phys, PAGE_4K).expect("heap");
+                b.map(HEAP_VA + i * PAGE_4K, heap_gpa(i * PAGE_4K), PAGE_4K)
+                    .expect("heap");
             }
             b.map(current_task & !(PAGE_4K - 1), PERCPU_GPA, PAGE_4K)
                 .expect("per-CPU");
@@ -108,8 +107,6 @@ fn scene() -> &'static Scene {
             profile,
             policy,
             current_task: (PERCPU_GPA, current_task & (PAGE_4K - 1)),
-            init_task_page,
-            vmemmap_var,
         }
     })
 }
@@ -149,7 +146,36 @@ fn write(image: &mut PhysImage, gpa: u64, limit: u64, bytes: &[u8]) {
     let _ = image.write(gpa, &data[..len as usize]);
 }
 
-pub fn run(data: &[u8]) {
+/// Guest-physical address of heap offset `off` (virtual pages are scattered).
+fn heap_gpa(off: u64) -> u64 {
+    let page = off / PAGE_4K % HEAP_PAGES;
+    HEAP_GPA + (page * 5 % HEAP_PAGES) * PAGE_4K + off % PAGE_4K
+}
+
+/// Writes `bytes` at heap offset `off` (virtual: page by page), swizzling tagged words.
+fn write_heap(image: &mut PhysImage, off: u64, bytes: &[u8]) {
+    let mut done = 0usize;
+    while done < bytes.len() {
+        let at = off + done as u64;
+        if at >= HEAP_LEN {
+            return;
+        }
+        let room = (PAGE_4K - at % PAGE_4K) as usize;
+        // Swizzling looks at 8-byte words from the start of the write.
+        let n = room.min(bytes.len() - done) / 8 * 8;
+        let n = if n == 0 {
+            room.min(bytes.len() - done)
+        } else {
+            n
+        };
+        let gpa = heap_gpa(at);
+        write(image, gpa, gpa + n as u64, &bytes[done..done + n]);
+        done += n;
+    }
+}
+
+/// The guest image, hook arguments and operation an input describes.
+fn build(data: &[u8]) -> (PhysImage, HookArgs, SocketOp) {
     let s = scene();
     let mut input = Input::new(data);
     let op = [
@@ -179,14 +205,13 @@ pub fn run(data: &[u8]) {
             4 => (STRUCT_PAGES_GPA, PAGE_4K),
             _ => (TABLES.0, TABLES.1 - TABLES.0),
         };
-        let at = base + (offset * 4) % size;
-        write(&mut image, at, base + size, bytes);
+        if region == 0 {
+            write_heap(&mut image, (offset * 2) % HEAP_LEN, bytes);
+        } else {
+            let at = base + offset % size;
+            write(&mut image, at, base + size, bytes);
+        }
     }
-    let mem = Counted {
-        image: &image,
-        reads: Cell::new(0),
-    };
-    let reader = VirtReader::new(&mem, s.cr3, PagingMode::Level4);
     let args = HookArgs {
         rdi,
         rsi,
@@ -194,6 +219,17 @@ pub fn run(data: &[u8]) {
         gs_base: GS_BASE,
         kaslr_slide: 0,
     };
+    (image, args, op)
+}
+
+pub fn run(data: &[u8]) {
+    let s = scene();
+    let (image, args, op) = build(data);
+    let mem = Counted {
+        image: &image,
+        reads: Cell::new(0),
+    };
+    let reader = VirtReader::new(&mem, s.cr3, PagingMode::Level4);
     match attribute(&reader, &s.profile, op, args) {
         Ok(mut a) => {
             assert_eq!(a.op, op);
@@ -216,7 +252,6 @@ pub fn run(data: &[u8]) {
         check_process(&p);
     }
     assert!(mem.reads.get() <= READ_BOUND);
-    let _ = (s.init_task_page, s.vmemmap_var);
 }
 
 fn check_process(p: &trap_handler::attribution::Process) {
@@ -234,4 +269,16 @@ fn check_process(p: &trap_handler::attribution::Process) {
             exe.len()
         );
     }
+}
+
+/// What attribution makes of input `data` (Debug text of the result), for the seed's test.
+#[doc(hidden)]
+pub fn attribute_seed_for_test(data: &[u8]) -> String {
+    let (image, args, op) = build(data);
+    let mem = Counted {
+        image: &image,
+        reads: Cell::new(0),
+    };
+    let reader = VirtReader::new(&mem, scene().cr3, PagingMode::Level4);
+    format!("{:?}", attribute(&reader, &scene().profile, op, args))
 }

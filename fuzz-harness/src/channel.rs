@@ -34,6 +34,7 @@ pub fn run(data: &[u8]) {
     let mut accepted: HashSet<(u32, u64)> = HashSet::new();
     let mut highest: HashMap<u32, u64> = HashMap::new();
     let mut datagrams = 0;
+    let mut accepted_total = 0u64;
     while !input.is_empty() && datagrams < 64 {
         let mode = input.u8();
         if mode == 0xff {
@@ -44,7 +45,7 @@ pub fn run(data: &[u8]) {
             }
             continue;
         }
-        let (datagram, sealed) = if mode % 2 == 0 {
+        let (datagram, sealed) = if mode.is_multiple_of(2) {
             (input.chunk(MAX_DATAGRAM + 64).to_vec(), None)
         } else {
             let sender = u32::from(input.u8() % 8);
@@ -88,6 +89,7 @@ pub fn run(data: &[u8]) {
                     accepted.insert((sender, seq)),
                     "({sender}, {seq}) accepted twice"
                 );
+                accepted_total += 1;
                 let h = highest.entry(sender).or_default();
                 *h = (*h).max(seq);
                 for r in &records {
@@ -106,5 +108,5 @@ pub fn run(data: &[u8]) {
         }
     }
     let stats = receiver.stats();
-    assert_eq!(stats.accepted_datagrams as usize, accepted.len());
+    assert_eq!(stats.accepted_datagrams, accepted_total);
 }

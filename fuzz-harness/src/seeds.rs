@@ -21,7 +21,7 @@ pub fn seeds(name: &str) -> Vec<Vec<u8>> {
         "http_api" => http_seeds(),
         "vxlan" => vec![vxlan_seed()],
         "btf" => vec![btf_seed()],
-        "kallsyms" => vec![b"kallsyms".to_vec()],
+        "kallsyms" => vec![kallsyms_seed(false), kallsyms_seed(true)],
         "attribution" => vec![attribution_seed()],
         "virtio_net" => vec![virtio_seed()],
         _ => Vec::new(),
@@ -374,25 +374,61 @@ fn btf_seed() -> Vec<u8> {
     b
 }
 
-/// A task at heap offset 0 with pid, comm and a cred pointer (offsets of the committed profile).
+/// A process and a socket on the synthetic guest's heap, at the committed profile's offsets: a
+/// task (pid, comm, itself as parent and leader, a cred with uid 1000, an mm whose exe_file is a
+/// file whose dentry is named "curl"), a TCP socket with its sock, and an AF_INET sockaddr.
 fn attribution_seed() -> Vec<u8> {
-    let mut s = vec![0u8];
-    s.extend_from_slice(&0x1000u16.to_le_bytes()); // rdi: the socket at heap 0x8000
-    s.extend_from_slice(&0x1200u16.to_le_bytes()); // rsi: the sockaddr at heap 0x9000
-    s.push(16); // rdx
-    s.extend_from_slice(&0u16.to_le_bytes()); // task at heap 0
+    let profile: trap_handler::profile::KernelProfile =
+        serde_json::from_str(include_str!("kernel-profile.json")).expect("kernel profile");
+    let (task, cred, mm, file, dentry, name, socket, sockaddr, sock) = (
+        0u64, 0x6000, 0x10000, 0x11000, 0x12000, 0x12800, 0x8000, 0x9000, 0xa000,
+    );
+    let mut s = vec![0u8]; // connect
+    s.extend_from_slice(&((socket / 8) as u16).to_le_bytes());
+    s.extend_from_slice(&((sockaddr / 8) as u16).to_le_bytes());
+    s.push(16);
+    s.extend_from_slice(&((task / 8) as u16).to_le_bytes());
     let mut write = |offset: u64, bytes: &[u8]| {
         s.push(0);
-        s.extend_from_slice(&((offset / 4) as u16).to_le_bytes());
+        s.extend_from_slice(&((offset / 2) as u16).to_le_bytes());
         s.push(bytes.len() as u8);
         s.extend_from_slice(bytes);
     };
-    let heap = |off: u64| (0xaaaa_0000_0000_0000u64 | off).to_le_bytes();
-    write(2416, &[42, 0, 0, 0, 42, 0, 0, 0]); // pid, tgid
-    write(2976, b"curl\0\0\0\0\0\0\0\0\0\0\0\0");
-    write(2432, &heap(0x4000)); // real_parent
-    write(0x8000, &[1, 0, 0, 0, 0, 0, 0, 0]);
-    write(0x9000, &[2, 0, 0x1f, 0x90, 10, 77, 0, 1]); // AF_INET 10.77.0.1:8080
+    let ptr = |off: u64| (0xaaaa_0000_0000_0000u64 | off).to_le_bytes();
+    let t = &profile.task_struct;
+    write(task + t.pid.offset, &42u32.to_le_bytes());
+    write(task + t.tgid.offset, &42u32.to_le_bytes());
+    write(task + t.comm.offset, b"curl\0\0\0\0");
+    for f in [&t.real_parent, &t.parent, &t.group_leader] {
+        write(task + f.offset, &ptr(task));
+    }
+    write(task + t.cred.offset, &ptr(cred));
+    write(task + t.real_cred.offset, &ptr(cred));
+    write(task + t.mm.offset, &ptr(mm));
+    write(cred + profile.cred.uid.offset, &1000u32.to_le_bytes());
+    write(mm + profile.mm_struct.exe_file.offset, &ptr(file));
+    let path = file + profile.file.f_path.offset;
+    write(path + profile.path.dentry.offset, &ptr(dentry));
+    // The root mount: its own parent, mounted on and rooted at the dentry.
+    let mount = 0x13000;
+    let vfsmount = mount + profile.mount.mnt.offset;
+    write(path + profile.path.mnt.offset, &ptr(vfsmount));
+    write(mount + profile.mount.mnt_parent.offset, &ptr(mount));
+    write(mount + profile.mount.mnt_mountpoint.offset, &ptr(dentry));
+    write(
+        vfsmount + profile.mount.vfsmount_mnt_root.offset,
+        &ptr(dentry),
+    );
+    write(dentry + profile.dentry.d_parent.offset, &ptr(dentry));
+    let qstr = dentry + profile.dentry.d_name.offset;
+    write(qstr + profile.qstr.len.offset, &4u32.to_le_bytes());
+    write(qstr + profile.qstr.name.offset, &ptr(name));
+    write(name, b"curl\0\0\0\0");
+    write(socket + profile.socket.type_.offset, &1u16.to_le_bytes());
+    write(socket + profile.socket.sk.offset, &ptr(sock));
+    write(sock + profile.sock.skc_family.offset, &2u16.to_le_bytes());
+    write(sock + profile.sock.sk_protocol.offset, &6u16.to_le_bytes());
+    write(sockaddr, &[2, 0, 0x1f, 0x90, 10, 77, 0, 1]); // AF_INET 10.77.0.1:8080
     s
 }
 
@@ -425,4 +461,76 @@ fn virtio_seed() -> Vec<u8> {
     s.extend_from_slice(&(frame.len() as u16).to_le_bytes());
     s.extend_from_slice(&frame);
     s
+}
+
+/// kallsyms tables in the 6.1 order (offsets, relative base, count, names, markers, optionally
+/// seqs_of_names, token table, token index), names stored one token per byte except that token 1
+/// stands for "sec_".
+fn kallsyms_seed(with_seqs: bool) -> Vec<u8> {
+    let relbase: u64 = 0xffff_ffff_8100_0000;
+    let mut syms: Vec<(String, u64)> = vec![
+        ("Afixed_percpu_data".into(), 0),
+        ("Acurrent_task".into(), 0x1fb80),
+    ];
+    // More than 512 names: the markers (one per 256 names) need three entries to be found.
+    for i in 0..520u64 {
+        let name = [b'T', b'a' + (i / 26 % 26) as u8, b'a' + (i % 26) as u8];
+        syms.push((String::from_utf8_lossy(&name).into(), relbase + 0x40 * i));
+    }
+    syms.push(("Tsecurity_socket_connect".into(), relbase + 0x10_0000));
+    let mut img = vec![0xeeu8; 64];
+    let pad = |v: &mut Vec<u8>| {
+        while !v.len().is_multiple_of(8) {
+            v.push(0)
+        }
+    };
+    for (_, a) in &syms {
+        let off: i32 = if *a < 0x1_0000_0000 {
+            *a as i32
+        } else {
+            (relbase as i64 - 1 - *a as i64) as i32
+        };
+        img.extend_from_slice(&off.to_le_bytes());
+    }
+    pad(&mut img);
+    img.extend_from_slice(&relbase.to_le_bytes());
+    img.extend_from_slice(&(syms.len() as u32).to_le_bytes());
+    pad(&mut img);
+    let names_start = img.len();
+    let mut markers = Vec::new();
+    for (i, (n, _)) in syms.iter().enumerate() {
+        if i % 256 == 0 {
+            markers.push((img.len() - names_start) as u32);
+        }
+        let enc = n.replace("sec_", "\x01").into_bytes();
+        img.push(enc.len() as u8);
+        img.extend_from_slice(&enc);
+    }
+    pad(&mut img);
+    for m in markers {
+        img.extend_from_slice(&m.to_le_bytes());
+    }
+    pad(&mut img);
+    if with_seqs {
+        img.extend(std::iter::repeat_n(0x5a, 3 * syms.len()));
+        pad(&mut img);
+    }
+    let table = img.len();
+    let mut index = Vec::new();
+    for b in 0..=255u8 {
+        index.push((img.len() - table) as u16);
+        match b {
+            1 => img.extend_from_slice(b"sec_"),
+            0 => img.extend_from_slice(b"zz"),
+            b if b.is_ascii_graphic() => img.push(b),
+            b => img.extend_from_slice(&[b'~', b | 0x80]),
+        }
+        img.push(0);
+    }
+    pad(&mut img);
+    for i in index {
+        img.extend_from_slice(&i.to_le_bytes());
+    }
+    img.extend_from_slice(&[0xee; 64]);
+    img
 }

@@ -3,7 +3,7 @@
 //! driver's register writes, descriptors and avail ring) gives one deterministic run.
 //!
 //! Owns: [`InlineNet`], a [`VirtioDevice`] that keeps its backend instead of starting a thread.
-//! Must not: be used outside tests and fuzzing (behind the `fuzzing` feature).
+//! Must not: be used outside tests and fuzzing (hidden from the docs; the VMM uses [`super::Net`]).
 
 use std::sync::{Arc, Mutex};
 
