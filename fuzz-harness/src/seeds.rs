@@ -3,8 +3,7 @@
 //! the fuzzers start past the first checks. `scripts/fuzz` writes them into `fuzz/corpus/` before
 //! the first run; the replay test runs them too.
 
-use vigil_wire::auth;
-use vigil_wire::verdict::{v4, Direction, IpVersion, Protocol, Rule, VerdictRepr, RECORD_LEN};
+use vigil_wire::verdict::{v4, Direction, IpVersion, Protocol, Rule, VerdictRepr};
 
 const TENANT_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
 const GW_MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 1];
@@ -259,17 +258,19 @@ fn channel_seed() -> Vec<u8> {
         s.push(1);
         s.push(0);
         s.extend_from_slice(&seq.to_le_bytes());
+        s.push(1); // epoch
         s.extend_from_slice(&7u16.to_le_bytes());
         s.push(1);
         s.extend_from_slice(&v.to_bytes());
         s.extend_from_slice(&0u16.to_le_bytes());
         s.push(0);
     }
-    // A forgery: a sealed datagram with one bit flipped in its tag.
-    s.extend_from_slice(&[1, 1, 3, 0, 0, 0, 0]);
-    s.extend_from_slice(&(auth::HEADER_LEN as u16 + 4).to_le_bytes());
+    // A forgery: the first datagram again with one bit of its tag flipped.
+    let first = s[..s.len() / 3].to_vec();
+    let n = first.len();
+    s.extend_from_slice(&first[..n - 3]);
+    s.extend_from_slice(&(60u16).to_le_bytes());
     s.push(1);
-    let _ = RECORD_LEN;
     s
 }
 
