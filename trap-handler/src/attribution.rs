@@ -110,30 +110,64 @@ pub struct Attribution {
     pub identity_error: Option<String>,
 }
 
-fn read_comm<M: GuestPhys + ?Sized>(
-    r: &VirtReader<'_, M>,
-    task: u64,
-    p: &KernelProfile,
-) -> Result<String, MemError> {
-    let bytes = r.read_bytes(
-        task.wrapping_add(p.task_struct.comm.offset),
-        abi::TASK_COMM_LEN,
-    )?;
+/// A `comm` (TASK_COMM_LEN bytes, NUL-terminated if shorter) as text.
+fn comm_text(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    Ok(String::from_utf8_lossy(&bytes[..end]).into_owned())
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// Name of a dentry (`d_name`), length-limited.
-fn dentry_name<M: GuestPhys + ?Sized>(
-    r: &VirtReader<'_, M>,
-    dentry: u64,
-    p: &KernelProfile,
-) -> Result<String, MemError> {
-    let qstr = dentry.wrapping_add(p.dentry.d_name.offset);
-    let len = (r.read_field_u32(qstr, p.qstr.len.offset)? as usize).min(MAX_NAME);
-    let name_ptr = r.read_field_u64(qstr, p.qstr.name.offset)?;
-    let bytes = r.read_bytes(name_ptr, len)?;
-    Ok(String::from_utf8_lossy(&bytes).into_owned())
+/// Longest path [`exe_path`] builds: every component at its longest, with its slash.
+const MAX_PATH_BYTES: usize = MAX_PATH_DEPTH * (MAX_NAME + 1);
+
+/// A path built from its last component up, in place (no allocation until it is complete).
+struct PathBuilder {
+    buf: [u8; MAX_PATH_BYTES],
+    /// Where the path built so far starts.
+    start: usize,
+    parts: usize,
+}
+
+impl PathBuilder {
+    fn new() -> Self {
+        PathBuilder {
+            buf: [0; MAX_PATH_BYTES],
+            start: MAX_PATH_BYTES,
+            parts: 0,
+        }
+    }
+
+    /// Puts the name of `dentry` (length-limited to NAME_MAX) before the path so far, with a
+    /// slash between them.
+    fn push_name<M: GuestPhys + ?Sized>(
+        &mut self,
+        r: &VirtReader<'_, M>,
+        dentry: u64,
+        p: &KernelProfile,
+    ) -> Result<(), AttributionError> {
+        if self.parts == MAX_PATH_DEPTH {
+            return Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH));
+        }
+        let qstr = dentry.wrapping_add(p.dentry.d_name.offset);
+        let len = (r.read_field_u32(qstr, p.qstr.len.offset)? as usize).min(MAX_NAME);
+        let name_ptr = r.read_field_u64(qstr, p.qstr.name.offset)?;
+        if self.parts > 0 {
+            self.start -= 1;
+            self.buf[self.start] = b'/';
+        }
+        self.start -= len;
+        r.read_virt(name_ptr, &mut self.buf[self.start..self.start + len])?;
+        self.parts += 1;
+        Ok(())
+    }
+
+    /// The path, with a leading slash if `absolute`.
+    fn finish(mut self, absolute: bool) -> String {
+        if absolute {
+            self.start -= 1;
+            self.buf[self.start] = b'/';
+        }
+        String::from_utf8_lossy(&self.buf[self.start..]).into_owned()
+    }
 }
 
 /// Path of an executable from its `struct path` (dentry + vfsmount): names up to the root of
@@ -152,14 +186,13 @@ fn exe_path<M: GuestPhys + ?Sized>(
     // struct mount embeds the vfsmount: container_of.
     let mut mount = vfsmount.wrapping_sub(m.mnt.offset);
     let mut mnt_root = r.read_field_u64(vfsmount, m.vfsmount_mnt_root.offset)?;
-    let mut parts = Vec::new();
+    let mut path = PathBuilder::new();
     for _ in 0..MAX_PATH_STEPS {
         if dentry == mnt_root {
             let parent = r.read_field_u64(mount, m.mnt_parent.offset)?;
             if parent == mount || parent == 0 {
                 // The root of the mount tree.
-                parts.reverse();
-                return Ok(format!("/{}", parts.join("/")));
+                return Ok(path.finish(true));
             }
             dentry = r.read_field_u64(mount, m.mnt_mountpoint.offset)?;
             mount = parent;
@@ -170,14 +203,10 @@ fn exe_path<M: GuestPhys + ?Sized>(
         let parent = r.read_field_u64(dentry, p.dentry.d_parent.offset)?;
         if parent == dentry || parent == 0 {
             // A root that is not its mount's root: a pseudo filesystem's file (memfd, anon).
-            parts.push(dentry_name(r, dentry, p)?);
-            parts.reverse();
-            return Ok(parts.join("/"));
+            path.push_name(r, dentry, p)?;
+            return Ok(path.finish(false));
         }
-        if parts.len() == MAX_PATH_DEPTH {
-            return Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH));
-        }
-        parts.push(dentry_name(r, dentry, p)?);
+        path.push_name(r, dentry, p)?;
         dentry = parent;
     }
     Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
@@ -192,21 +221,34 @@ struct ExeRefs {
     vfsmount: u64,
 }
 
+/// Largest span of a `task_struct` read at once: `mm` .. `comm` is 720 bytes on Debian's 6.1.
+const TASK_SPAN: usize = 2048;
+
 fn read_process<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     task: u64,
     p: &KernelProfile,
 ) -> Result<(Process, ExeRefs), AttributionError> {
     let t = &p.task_struct;
-    let pid = r.read_field_u32(task, t.pid.offset)?;
-    let tgid = r.read_field_u32(task, t.tgid.offset)?;
-    let comm = read_comm(r, task, p)?;
-    let cred = r.read_field_u64(task, t.cred.offset)?;
+    // One pass over the task and one over its parent: the fields sit within a few hundred bytes.
+    let fields = [t.pid, t.tgid, t.comm, t.cred, t.real_parent, t.mm];
+    let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
+    let hi = fields.iter().map(|f| f.offset + f.size).max().unwrap_or(0);
+    let task_s = r.read_span::<TASK_SPAN>(task, lo, hi)?;
+    let pid = task_s.u32(t.pid.offset);
+    let tgid = task_s.u32(t.tgid.offset);
+    let comm = comm_text(task_s.bytes(t.comm.offset, abi::TASK_COMM_LEN));
+    let cred = task_s.u64(t.cred.offset);
     let uid = r.read_field_u32(cred, p.cred.uid.offset)?;
-    let parent = r.read_field_u64(task, t.real_parent.offset)?;
-    let ppid = r.read_field_u32(parent, t.tgid.offset)?;
-    let parent_comm = read_comm(r, parent, p)?;
-    let mm = r.read_field_u64(task, t.mm.offset)?;
+    let parent = task_s.u64(t.real_parent.offset);
+    let (plo, phi) = (
+        t.tgid.offset.min(t.comm.offset),
+        (t.tgid.offset + 4).max(t.comm.offset + abi::TASK_COMM_LEN as u64),
+    );
+    let parent_s = r.read_span::<TASK_SPAN>(parent, plo, phi)?;
+    let ppid = parent_s.u32(t.tgid.offset);
+    let parent_comm = comm_text(parent_s.bytes(t.comm.offset, abi::TASK_COMM_LEN));
+    let mm = task_s.u64(t.mm.offset);
     let mut refs = ExeRefs {
         mm,
         ..ExeRefs::default()

@@ -123,21 +123,64 @@ fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&format_args!("{v:#x}"))
 }
 
+/// Largest span of an inode read in one pass (`i_sb` .. `i_generation` is 556 bytes on Debian's
+/// 6.1).
+const INODE_SPAN: usize = 1024;
+
+/// The lowest offset and the end of the highest of `fields`: the span one read covers.
+fn extent(fields: &[Field]) -> (u64, u64) {
+    let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
+    let hi = fields
+        .iter()
+        .map(|f| f.offset.saturating_add(f.size))
+        .max()
+        .unwrap_or(0);
+    (lo, hi)
+}
+
+/// What the checks read of an inode: its identity and its page cache (`i_mapping`).
+struct InodeFacts {
+    id: FileId,
+    mapping: u64,
+}
+
+/// Reads an inode's identity and page cache in one pass over the inode and one read of its
+/// superblock.
+fn inode_facts<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    inode: u64,
+) -> Result<InodeFacts, MemError> {
+    let e = &p.exec;
+    let (lo, hi) = extent(&[
+        e.inode_i_sb,
+        e.inode_i_ino,
+        e.inode_i_generation,
+        e.inode_ctime_sec,
+        e.inode_ctime_nsec,
+        e.inode_i_mapping,
+    ]);
+    let s = r.read_span::<INODE_SPAN>(inode, lo, hi)?;
+    let sb = s.u64(e.inode_i_sb.offset);
+    Ok(InodeFacts {
+        id: FileId {
+            dev: r.read_field_u32(sb, e.sb_s_dev.offset)?,
+            ino: s.u64(e.inode_i_ino.offset),
+            generation: s.u32(e.inode_i_generation.offset),
+            ctime_sec: s.u64(e.inode_ctime_sec.offset) as i64,
+            ctime_nsec: s.u64(e.inode_ctime_nsec.offset) as u32,
+        },
+        mapping: s.u64(e.inode_i_mapping.offset),
+    })
+}
+
 /// Reads a file's identity from its inode.
 pub fn file_id<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
     inode: u64,
 ) -> Result<FileId, MemError> {
-    let e = &p.exec;
-    let sb = r.read_field_u64(inode, e.inode_i_sb.offset)?;
-    Ok(FileId {
-        dev: r.read_field_u32(sb, e.sb_s_dev.offset)?,
-        ino: r.read_field_u64(inode, e.inode_i_ino.offset)?,
-        generation: r.read_field_u32(inode, e.inode_i_generation.offset)?,
-        ctime_sec: r.read_field_u64(inode, e.inode_ctime_sec.offset)? as i64,
-        ctime_nsec: r.read_field_u64(inode, e.inode_ctime_nsec.offset)? as u32,
-    })
+    Ok(inode_facts(r, p, inode)?.id)
 }
 
 /// Reads `N` little-endian u64 of an array field into `out` (N ≤ 16, from the field's size).
@@ -290,12 +333,16 @@ pub fn user_rip<M: GuestPhys + ?Sized>(
     let regs = stack
         .wrapping_add(e.thread_size)
         .wrapping_sub(e.pt_regs_size);
-    let cs = r.read_field_u64(regs, e.pt_regs_cs.offset)?;
-    if cs & 3 != 3 {
+    let (lo, hi) = extent(&[e.pt_regs_ip, e.pt_regs_cs]);
+    let s = r.read_span::<{ PT_REGS_SPAN }>(regs, lo, hi)?;
+    if s.u64(e.pt_regs_cs.offset) & 3 != 3 {
         return Ok(None);
     }
-    Ok(Some(r.read_field_u64(regs, e.pt_regs_ip.offset)?))
+    Ok(Some(s.u64(e.pt_regs_ip.offset)))
 }
+
+/// Largest span of `pt_regs` read at once (ip and cs are adjacent on x86-64).
+const PT_REGS_SPAN: usize = 256;
 
 /// What the identity checks need of the kernel itself, read once per call: init's mount
 /// namespace and the base of the `struct page` array.
@@ -305,31 +352,85 @@ pub struct KernelRoots {
     pub vmemmap_base: u64,
 }
 
-/// Whether the page mapped at user address `addr` is a page of `inode`'s page cache (its
-/// `struct page`, or its compound head's, has `mapping == inode->i_mapping`).
+/// The page cache (`struct address_space`) a physical page belongs to, from its `struct page`
+/// (or its compound head's): `page->mapping`, whose low bits tag anonymous, movable and KSM
+/// pages (`PAGE_MAPPING_FLAGS`, include/linux/page-flags.h).
+fn page_mapping<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    roots: &KernelRoots,
+    gpa: u64,
+) -> Result<u64, ExecError> {
+    let e = &p.exec;
+    let pfn = gpa >> 12;
+    let page = pfn
+        .checked_mul(e.page_size)
+        .and_then(|o| roots.vmemmap_base.checked_add(o))
+        .ok_or(ExecError::PageOverflow(pfn))?;
+    let (lo, hi) = extent(&[e.page_compound_head, e.page_mapping]);
+    let s = r.read_span::<{ PAGE_SPAN }>(page, lo, hi)?;
+    let head = s.u64(e.page_compound_head.offset);
+    if head & 1 == 1 {
+        return Ok(r.read_field_u64(head - 1, e.page_mapping.offset)?);
+    }
+    Ok(s.u64(e.page_mapping.offset))
+}
+
+/// Largest span of a `struct page` read at once (it is 64 bytes).
+const PAGE_SPAN: usize = 128;
+
+/// `PAGE_MAPPING_ANON | PAGE_MAPPING_MOVABLE`: a mapping with either bit is no file's page cache.
+const PAGE_MAPPING_FLAGS: u64 = 3;
+
+/// Whether the page mapped at user address `addr` is a page of the page cache `file_mapping`.
 fn page_is_files<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
     roots: &KernelRoots,
     addr: u64,
-    inode: u64,
+    file_mapping: u64,
 ) -> Result<bool, ExecError> {
-    let e = &p.exec;
-    let pfn = r.translate(addr)?.gpa >> 12;
-    let mut page = pfn
-        .checked_mul(e.page_size)
-        .and_then(|o| roots.vmemmap_base.checked_add(o))
-        .ok_or(ExecError::PageOverflow(pfn))?;
-    let head = r.read_field_u64(page, e.page_compound_head.offset)?;
-    if head & 1 == 1 {
-        page = head - 1;
-    }
-    let mapping = r.read_field_u64(page, e.page_mapping.offset)?;
-    let file_mapping = r.read_field_u64(inode, e.inode_i_mapping.offset)?;
+    let mapping = page_mapping(r, p, roots, r.translate(addr)?.gpa)?;
     Ok(mapping != 0 && mapping == file_mapping)
 }
 
+/// The code page under a user address as the CPU fetches it: the page cache it belongs to, if it
+/// is a file's page that user mode may execute (`None` otherwise: anonymous, not executable, not
+/// mapped).
+fn executable_file_page<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    roots: &KernelRoots,
+    addr: u64,
+) -> Result<Option<u64>, ExecError> {
+    let Ok((t, access)) = r.translate_user(addr) else {
+        return Ok(None);
+    };
+    if !(access.user && access.exec) {
+        return Ok(None);
+    }
+    let mapping = page_mapping(r, p, roots, t.gpa)?;
+    Ok((mapping != 0 && mapping & PAGE_MAPPING_FLAGS == 0).then_some(mapping))
+}
+
+/// The executable the code is checked against: its inode, identity and page cache.
+#[derive(Clone, Copy)]
+struct Exe<'a> {
+    inode: u64,
+    id: &'a FileId,
+    mapping: u64,
+}
+
 /// Where the code of the call lives, relative to the executable (`exe_inode`, identity `exe`).
+///
+/// The instruction checked is the last byte of the one that entered the kernel (`rip - 1`: the
+/// saved RIP is the address after the `syscall`, which may be the first byte of another mapping).
+/// The common case needs no VMA: the page tables map that byte user-executable from a page of the
+/// executable's page cache (`struct page` → `mapping`), which only a mapping of the file itself
+/// can do, and which is where the CPU fetched the instruction from. A library's page (another
+/// file's page cache) needs the executable's own text to be the executable: one VMA lookup at
+/// `mm->start_code`. Anything else is classified by the VMA under the instruction (anonymous,
+/// written text, foreign), for the event.
 pub fn code_origin<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
@@ -339,36 +440,79 @@ pub fn code_origin<M: GuestPhys + ?Sized>(
     exe_inode: u64,
     exe: &FileId,
 ) -> Result<(CodeOrigin, u64), ExecError> {
+    let mapping = r.read_field_u64(exe_inode, p.exec.inode_i_mapping.offset)?;
+    let exe = Exe {
+        inode: exe_inode,
+        id: exe,
+        mapping,
+    };
+    code_origin_of(r, p, roots, task, mm, exe)
+}
+
+fn code_origin_of<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    roots: &KernelRoots,
+    task: u64,
+    mm: u64,
+    exe: Exe<'_>,
+) -> Result<(CodeOrigin, u64), ExecError> {
     let Some(rip) = user_rip(r, p, task)? else {
         return Ok((CodeOrigin::Kernel, 0));
     };
-    let Some(vma) = find_vma(r, p, mm, rip)? else {
-        return Ok((CodeOrigin::Foreign, rip));
+    let insn = rip.wrapping_sub(1);
+    let origin = match executable_file_page(r, p, roots, insn)? {
+        Some(mapping) if mapping == exe.mapping => CodeOrigin::Exe,
+        Some(_) if text_is_exe(r, p, mm, exe)? => CodeOrigin::Library,
+        Some(_) => CodeOrigin::Foreign,
+        None => classify_by_vma(r, p, roots, mm, insn)?,
     };
-    let origin = match exec_vma_inode(r, p, vma)? {
+    Ok((origin, rip))
+}
+
+/// Whether the executable's own text (the VMA at `mm->start_code`) is mapped from the
+/// executable.
+fn text_is_exe<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    mm: u64,
+    exe: Exe<'_>,
+) -> Result<bool, ExecError> {
+    let start_code = r.read_field_u64(mm, p.exec.mm_start_code.offset)?;
+    let Some(vma) = find_vma(r, p, mm, start_code)? else {
+        return Ok(false);
+    };
+    Ok(match exec_vma_inode(r, p, vma)? {
+        Ok(Some(inode)) => is_exe_inode(r, p, inode, exe.inode, exe.id)?,
+        _ => false,
+    })
+}
+
+/// Why code that is not a user-executable page of a file's page cache is not the executable's:
+/// by the VMA under the instruction at `addr`.
+fn classify_by_vma<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    roots: &KernelRoots,
+    mm: u64,
+    addr: u64,
+) -> Result<CodeOrigin, ExecError> {
+    let Some(vma) = find_vma(r, p, mm, addr)? else {
+        return Ok(CodeOrigin::Foreign);
+    };
+    Ok(match exec_vma_inode(r, p, vma)? {
         Err(()) => CodeOrigin::Foreign,
         Ok(None) => CodeOrigin::Anonymous,
-        Ok(Some(inode)) if !page_is_files(r, p, roots, rip, inode)? => CodeOrigin::ModifiedText,
-        Ok(Some(inode)) if is_exe_inode(r, p, inode, exe_inode, exe)? => CodeOrigin::Exe,
-        Ok(Some(_)) => {
-            // A library's code: the executable's own text must be the executable file.
-            let start_code = r.read_field_u64(mm, p.exec.mm_start_code.offset)?;
-            let text = find_vma(r, p, mm, start_code)?;
-            let text_is_exe = match text {
-                Some(vma) => match exec_vma_inode(r, p, vma)? {
-                    Ok(Some(inode)) => is_exe_inode(r, p, inode, exe_inode, exe)?,
-                    _ => false,
-                },
-                None => false,
-            };
-            if text_is_exe {
-                CodeOrigin::Library
+        Ok(Some(inode)) => {
+            let file_mapping = r.read_field_u64(inode, p.exec.inode_i_mapping.offset)?;
+            if !page_is_files(r, p, roots, addr, file_mapping)? {
+                CodeOrigin::ModifiedText
             } else {
+                // The file's own page, yet not user-executable in the page tables.
                 CodeOrigin::Foreign
             }
         }
-    };
-    Ok((origin, rip))
+    })
 }
 
 /// The executable file of a process: `file` is `mm->exe_file`, `vfsmount` its `f_path.mnt`.
@@ -383,13 +527,19 @@ pub fn exe_file<M: GuestPhys + ?Sized>(
 ) -> Result<ExeFile, ExecError> {
     let e = &p.exec;
     let inode = r.read_field_u64(file, e.file_f_inode.offset)?;
-    let id = file_id(r, p, inode)?;
+    let facts = inode_facts(r, p, inode)?;
+    let id = facts.id;
     let mount = vfsmount.wrapping_sub(p.mount.mnt.offset);
     let mnt_ns = r.read_field_u64(mount, e.mount_mnt_ns.offset)?;
     let mnt_root = r.read_field_u64(vfsmount, p.mount.vfsmount_mnt_root.offset)?;
     let sb = r.read_field_u64(vfsmount, e.vfsmount_mnt_sb.offset)?;
     let s_root = r.read_field_u64(sb, e.sb_s_root.offset)?;
-    let (code, rip) = code_origin(r, p, roots, task, mm, inode, &id)?;
+    let exe = Exe {
+        inode,
+        id: &id,
+        mapping: facts.mapping,
+    };
+    let (code, rip) = code_origin_of(r, p, roots, task, mm, exe)?;
     Ok(ExeFile {
         id,
         init_mnt_ns: mnt_ns != 0 && mnt_ns == roots.init_mnt_ns,

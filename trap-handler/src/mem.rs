@@ -220,11 +220,39 @@ pub fn translate<M: GuestPhys + ?Sized>(
     mode: PagingMode,
     gva: u64,
 ) -> Result<Translation, MemError> {
+    Ok(walk(mem, cr3, mode, gva)?.0)
+}
+
+/// User/supervisor bit of a paging-structure entry: user mode may access the region only if every
+/// level sets it (SDM 4.6.1).
+const PTE_USER: u64 = 1 << 2;
+/// Execute-disable bit (with IA32_EFER.NXE, which Linux always sets): no instruction fetch from the
+/// region if any level sets it (SDM 4.6.1).
+const PTE_NX: u64 = 1 << 63;
+
+/// What the paging structures let user mode do with a page, as the CPU combines them over every
+/// level of the walk (SDM 4.6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Every level sets U/S: user mode may access it.
+    pub user: bool,
+    /// No level sets XD: instructions may be fetched from it.
+    pub exec: bool,
+}
+
+/// [`translate`], with the access the entries grant.
+pub fn walk<M: GuestPhys + ?Sized>(
+    mem: &M,
+    cr3: u64,
+    mode: PagingMode,
+    gva: u64,
+) -> Result<(Translation, Access), MemError> {
     let levels = mode.levels();
     if !mode.is_canonical(gva) {
         return Err(MemError::NonCanonical { gva, levels });
     }
     let mut table = cr3 & PHYS_ADDR_MASK;
+    let (mut user, mut nx) = (PTE_USER, 0u64);
     for level in (1..=levels).rev() {
         let shift = 12 + 9 * (level as u32 - 1);
         let index = (gva >> shift) & 0x1ff;
@@ -238,6 +266,12 @@ pub fn translate<M: GuestPhys + ?Sized>(
                 entry_gpa,
             });
         }
+        user &= entry;
+        nx |= entry & PTE_NX;
+        let access = || Access {
+            user: user != 0,
+            exec: nx == 0,
+        };
         if entry & PTE_PS != 0 {
             let (mask, size) = match level {
                 3 => (PAGE_1G_MASK, PAGE_1G),
@@ -246,16 +280,18 @@ pub fn translate<M: GuestPhys + ?Sized>(
                 1 => (PHYS_ADDR_MASK, PAGE_4K),
                 _ => return Err(MemError::ReservedBit { gva, level, entry }),
             };
-            return Ok(Translation {
+            let t = Translation {
                 gpa: (entry & mask) | (gva & (size - 1)),
                 page_size: size,
-            });
+            };
+            return Ok((t, access()));
         }
         if level == 1 {
-            return Ok(Translation {
+            let t = Translation {
                 gpa: (entry & PHYS_ADDR_MASK) | (gva & (PAGE_4K - 1)),
                 page_size: PAGE_4K,
-            });
+            };
+            return Ok((t, access()));
         }
         table = entry & PHYS_ADDR_MASK;
     }
@@ -273,8 +309,12 @@ pub fn read_virt<M: GuestPhys + ?Sized>(
     VirtReader::new(mem, cr3, mode).read_virt(gva, buf)
 }
 
-/// Entries in the per-reader translation cache (direct-mapped by virtual page number).
-const TLB_ENTRIES: usize = 16;
+/// Entries of 4 KiB pages in the per-reader translation cache (direct-mapped by virtual page
+/// number).
+const TLB_ENTRIES: usize = 32;
+/// Entries of 2 MiB and 1 GiB pages (the kernel's direct map, vmemmap, its text), looked up by
+/// their own page size, so every object in one huge page costs one walk.
+const TLB_HUGE_ENTRIES: usize = 4;
 
 #[derive(Clone, Copy)]
 struct TlbEntry {
@@ -284,13 +324,58 @@ struct TlbEntry {
     page_size: u64,
 }
 
+/// The translations one reader has walked.
+#[derive(Clone, Copy)]
+struct Tlb {
+    small: [Option<TlbEntry>; TLB_ENTRIES],
+    huge: [Option<TlbEntry>; TLB_HUGE_ENTRIES],
+    /// The huge entry replaced next (round robin).
+    next_huge: usize,
+}
+
+impl Tlb {
+    const EMPTY: Tlb = Tlb {
+        small: [None; TLB_ENTRIES],
+        huge: [None; TLB_HUGE_ENTRIES],
+        next_huge: 0,
+    };
+
+    fn lookup(&self, gva: u64) -> Option<Translation> {
+        let hit = |e: &TlbEntry| gva & !(e.page_size - 1) == e.va;
+        let e = self.huge.iter().flatten().find(|e| hit(e)).or_else(|| {
+            self.small[((gva >> 12) as usize) % TLB_ENTRIES]
+                .as_ref()
+                .filter(|e| hit(e))
+        })?;
+        Some(Translation {
+            gpa: e.gpa + (gva - e.va),
+            page_size: e.page_size,
+        })
+    }
+
+    fn insert(&mut self, gva: u64, t: Translation) {
+        let page_off = gva & (t.page_size - 1);
+        let e = Some(TlbEntry {
+            va: gva - page_off,
+            gpa: t.gpa - page_off,
+            page_size: t.page_size,
+        });
+        if t.page_size == PAGE_4K {
+            self.small[((gva >> 12) as usize) % TLB_ENTRIES] = e;
+        } else {
+            self.huge[self.next_huge] = e;
+            self.next_huge = (self.next_huge + 1) % TLB_HUGE_ENTRIES;
+        }
+    }
+}
+
 /// Virtual-address reader for one address space (one CR3) during one trap.
 pub struct VirtReader<'m, M: GuestPhys + ?Sized> {
     mem: &'m M,
     cr3: u64,
     mode: PagingMode,
     max_read: usize,
-    tlb: RefCell<[Option<TlbEntry>; TLB_ENTRIES]>,
+    tlb: RefCell<Tlb>,
 }
 
 impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
@@ -301,7 +386,7 @@ impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
             cr3,
             mode,
             max_read: DEFAULT_MAX_READ,
-            tlb: RefCell::new([None; TLB_ENTRIES]),
+            tlb: RefCell::new(Tlb::EMPTY),
         }
     }
 
@@ -323,28 +408,23 @@ impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
 
     /// Forgets cached translations (the guest may have changed its page tables).
     pub fn flush(&self) {
-        *self.tlb.borrow_mut() = [None; TLB_ENTRIES];
+        *self.tlb.borrow_mut() = Tlb::EMPTY;
     }
 
     /// Translates one virtual address, using the cache.
     pub fn translate(&self, gva: u64) -> Result<Translation, MemError> {
-        let slot = ((gva >> 12) as usize) % TLB_ENTRIES;
-        if let Some(e) = self.tlb.borrow()[slot] {
-            if gva & !(e.page_size - 1) == e.va {
-                return Ok(Translation {
-                    gpa: e.gpa + (gva - e.va),
-                    page_size: e.page_size,
-                });
-            }
+        if let Some(t) = self.tlb.borrow().lookup(gva) {
+            return Ok(t);
         }
         let t = translate(self.mem, self.cr3, self.mode, gva)?;
-        let page_off = gva & (t.page_size - 1);
-        self.tlb.borrow_mut()[slot] = Some(TlbEntry {
-            va: gva - page_off,
-            gpa: t.gpa - page_off,
-            page_size: t.page_size,
-        });
+        self.tlb.borrow_mut().insert(gva, t);
         Ok(t)
+    }
+
+    /// Translates a user-mode address with the access the page tables grant it, walking them
+    /// afresh (never from the cache, which keeps no access bits): for the code under a user RIP.
+    pub fn translate_user(&self, gva: u64) -> Result<(Translation, Access), MemError> {
+        walk(self.mem, self.cr3, self.mode, gva)
     }
 
     /// Reads `buf.len()` bytes at `gva`; the range may cross any number of pages of any size.
@@ -371,6 +451,30 @@ impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
             done += n;
         }
         Ok(())
+    }
+
+    /// Reads the bytes `lo..hi` of the object at `base` in one pass (one translation per page,
+    /// one copy), for the fields of one kernel object: see [`Span`].
+    pub fn read_span<const N: usize>(
+        &self,
+        base: u64,
+        lo: u64,
+        hi: u64,
+    ) -> Result<Span<N>, MemError> {
+        let len = hi.saturating_sub(lo);
+        if len > N as u64 {
+            return Err(MemError::TooLong {
+                len,
+                limit: N as u64,
+            });
+        }
+        let mut span = Span {
+            lo,
+            len: len as usize,
+            buf: [0; N],
+        };
+        self.read_virt(field_addr(base, lo)?, &mut span.buf[..len as usize])?;
+        Ok(span)
     }
 
     /// Reads `len` bytes into a new vector.
@@ -506,6 +610,36 @@ pub fn field_addr(base: u64, offset: u64) -> Result<u64, MemError> {
     })
 }
 
+/// Bytes `lo..lo + len` of one kernel object, read at once by [`VirtReader::read_span`]; fields
+/// are taken out by their offsets in the object (from the profile).
+pub struct Span<const N: usize> {
+    lo: u64,
+    len: usize,
+    buf: [u8; N],
+}
+
+impl<const N: usize> Span<N> {
+    /// The `n` bytes at `offset` in the object. Panics if the span was not read to hold them
+    /// (offsets come from the profile, never from the guest: a bug, not bad input).
+    pub fn bytes(&self, offset: u64, n: usize) -> &[u8] {
+        let at = offset
+            .checked_sub(self.lo)
+            .map(|a| a as usize)
+            .filter(|a| a + n <= self.len)
+            .unwrap_or_else(|| panic!("field {offset}+{n} outside the span read"));
+        &self.buf[at..at + n]
+    }
+    pub fn u16(&self, offset: u64) -> u16 {
+        u16::from_le_bytes(self.bytes(offset, 2).try_into().unwrap())
+    }
+    pub fn u32(&self, offset: u64) -> u32 {
+        u32::from_le_bytes(self.bytes(offset, 4).try_into().unwrap())
+    }
+    pub fn u64(&self, offset: u64) -> u64 {
+        u64::from_le_bytes(self.bytes(offset, 8).try_into().unwrap())
+    }
+}
+
 /// The kernel's `container_of`: the object holding the member at `member_offset` whose address is
 /// `member_addr`. `None` if that would wrap (a forged pointer).
 pub fn container_of(member_addr: u64, member_offset: u64) -> Option<u64> {
@@ -565,8 +699,22 @@ impl<'a> PageTableBuilder<'a> {
         Ok(p)
     }
 
-    /// Maps one page of `page_size` (4 KiB, 2 MiB or 1 GiB) at `gva` to `gpa` (present, writable).
+    /// Maps one page of `page_size` (4 KiB, 2 MiB or 1 GiB) at `gva` to `gpa` (present, writable,
+    /// executable; user-accessible in the lower half of the address space, as Linux maps it).
     pub fn map(&mut self, gva: u64, gpa: u64, page_size: u64) -> Result<(), MemError> {
+        let user = if (gva as i64) < 0 { 0 } else { PTE_USER };
+        self.map_with(gva, gpa, page_size, 0x3 | user)
+    }
+
+    /// [`map`](Self::map) with the leaf entry's flag bits (present, writable, user, NX...) as
+    /// given; the tables above it are present, writable and user-accessible where `flags` is.
+    pub fn map_with(
+        &mut self,
+        gva: u64,
+        gpa: u64,
+        page_size: u64,
+        flags: u64,
+    ) -> Result<(), MemError> {
         let leaf_level = match page_size {
             PAGE_4K => 1,
             PAGE_2M => 2,
@@ -587,13 +735,14 @@ impl<'a> PageTableBuilder<'a> {
                 e & PHYS_ADDR_MASK
             } else {
                 let t = self.alloc()?;
-                self.img.write_u64(slot, t | 0x3)?;
+                self.img.write_u64(slot, t | 0x3 | (flags & PTE_USER))?;
                 t
             };
         }
         let idx = (gva >> (12 + 9 * (leaf_level as u32 - 1))) & 0x1ff;
         let ps = if leaf_level > 1 { PTE_PS } else { 0 };
-        self.img.write_u64(table + idx * 8, gpa | 0x3 | ps)
+        self.img
+            .write_u64(table + idx * 8, gpa | flags | PTE_PRESENT | ps)
     }
 
     /// Maps `len` bytes from `gva` to `gpa` with pages of `page_size`.

@@ -902,6 +902,16 @@ fn encode(node: u64, ty: u64) -> u64 {
 
 /// A process less its executable file: what the path and task tests compare (the identity has
 /// tests of its own).
+/// The bytes of a `task_struct` attribution reads in one pass (pid, tgid, comm, cred,
+/// real_parent, mm): its first offset and its length.
+fn task_span(p: &KernelProfile) -> (u64, u64) {
+    let t = &p.task_struct;
+    let fields = [t.pid, t.tgid, t.comm, t.cred, t.real_parent, t.mm];
+    let lo = fields.iter().map(|f| f.offset).min().unwrap();
+    let hi = fields.iter().map(|f| f.offset + f.size).max().unwrap();
+    (lo, hi - lo)
+}
+
 fn bare(mut p: Process) -> Process {
     p.exe_file = None;
     p.exe_error = None;
@@ -1260,10 +1270,8 @@ fn pointers_outside_guest_ram() {
     // `current` in a page mapped beyond RAM.
     let mut s = Scene::new(p);
     s.g.write(current_task, &ROGUE_VA.to_le_bytes());
-    assert_eq!(
-        outside(s.run(SocketOp::Connect)),
-        (ROGUE_GPA + t.pid.offset, 4)
-    );
+    let (lo, len) = task_span(p);
+    assert_eq!(outside(s.run(SocketOp::Connect)), (ROGUE_GPA + lo, len));
 
     // cred there.
     let mut s = Scene::new(p);
@@ -1359,7 +1367,7 @@ fn non_canonical_addresses() {
 
     let mut s = Scene::new(p);
     s.g.write(GS_BASE + current_task, &bad.to_le_bytes());
-    assert_eq!(non_canonical(s.run(SocketOp::Connect)), bad + t.pid.offset);
+    assert_eq!(non_canonical(s.run(SocketOp::Connect)), bad + task_span(p).0);
 
     let s = Scene::new(p);
     let gs = 0x1234_0000_0000_0000u64;
@@ -1410,7 +1418,6 @@ fn non_canonical_addresses() {
 #[test]
 fn pointer_arithmetic_overflow() {
     let p = profile_or_skip!();
-    let t = &p.task_struct;
     // A task pointer so high that task + offsetof(pid) wraps.
     let mut s = Scene::new(p);
     let top = u64::MAX - 8;
@@ -1419,7 +1426,7 @@ fn pointer_arithmetic_overflow() {
         s.run(SocketOp::Connect).mem_err(),
         MemError::Overflow {
             addr: top,
-            len: t.pid.offset
+            len: task_span(p).0
         }
     );
     // A GS base that wraps when current_task is added reads a low (user, unmapped) address (the
@@ -2006,6 +2013,26 @@ impl Guest {
     fn read_u64(&self, va: u64) -> u64 {
         self.reader().read_u64(va).unwrap()
     }
+
+    /// The 4 KiB page-table entry that maps `va` (present up to the last level).
+    fn pte_gpa(&self, va: u64) -> u64 {
+        let mut table = self.cr3 & !0xfff;
+        for level in (2..=4u32).rev() {
+            let entry = self
+                .img
+                .read_phys_u64(table + ((va >> (12 + 9 * (level - 1))) & 0x1ff) * 8)
+                .unwrap();
+            table = entry & 0x000f_ffff_ffff_f000;
+        }
+        table + ((va >> 12) & 0x1ff) * 8
+    }
+
+    /// Rewrites the flags of the 4 KiB page mapping `va`: `set` bits on, `clear` bits off.
+    fn set_pte_flags(&mut self, va: u64, set: u64, clear: u64) {
+        let pte = self.pte_gpa(va);
+        let e = self.img.read_phys_u64(pte).unwrap();
+        self.img.write_u64(pte, (e | set) & !clear).unwrap();
+    }
 }
 
 #[test]
@@ -2176,15 +2203,42 @@ fn code_outside_the_executable_is_denied() {
         &[EXE_RO.0 - 1, EXE_RO.1 - 1, EXE_TEXT.1 - 1],
         &[0, ro, 0, 0],
     );
+    // munmap() takes the text's page-table entries with its VMA.
+    s.g.set_pte_flags(USER_RIP, 0, 1);
     for (rip, code) in [
-        (ANON_EXEC.0, CodeOrigin::Anonymous),
-        (LIB_TEXT.0, CodeOrigin::Foreign),
+        (ANON_EXEC.0 + 0x10, CodeOrigin::Anonymous),
+        (LIB_TEXT.0 + 0x10, CodeOrigin::Foreign),
         (USER_RIP, CodeOrigin::Foreign),
     ] {
         s.set_rip(rip);
         let (v, a) = decide(&s, &policy);
         let f = a.process.exe_file.unwrap();
         assert_eq!((f.id, f.code), (s.exe_id(), code), "{rip:#x}");
+        assert_eq!(v, Verdict::Deny);
+    }
+
+    // The instruction that entered the kernel is the byte before the saved RIP: a `syscall`
+    // that ends where another mapping starts is the first mapping's code.
+    let mut s = Scene::new(p);
+    let policy = policy_for(&s);
+    for (rip, code) in [
+        (ANON_EXEC.1, CodeOrigin::Anonymous),
+        (EXE_TEXT.0, CodeOrigin::Foreign),
+    ] {
+        s.set_rip(rip);
+        let (v, a) = decide(&s, &policy);
+        assert_eq!(a.process.exe_file.unwrap().code, code, "{rip:#x}");
+        assert_eq!(v, Verdict::Deny);
+    }
+
+    // The executable's own page, but the page tables do not let user mode execute it (NX at
+    // the last level, or a supervisor page): not code the caller ran from the file.
+    for (set, clear) in [(1u64 << 63, 0), (0, 1u64 << 2)] {
+        let mut s = Scene::new(p);
+        let policy = policy_for(&s);
+        s.g.set_pte_flags(USER_RIP, set, clear);
+        let (v, a) = decide(&s, &policy);
+        assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Foreign);
         assert_eq!(v, Verdict::Deny);
     }
 
@@ -2198,9 +2252,30 @@ fn code_outside_the_executable_is_denied() {
     assert_eq!(v, Verdict::Deny);
 }
 
+/// Scenes whose call comes from the library's code.
+struct LibraryScene;
+
+impl LibraryScene {
+    fn new(p: &'static KernelProfile) -> Scene {
+        let mut s = Scene::new(p);
+        s.set_rip(LIB_TEXT.0 + 0x234);
+        s
+    }
+}
+
 #[test]
 fn hostile_maple_trees_are_errors_not_hangs() {
     let p = profile_or_skip!();
+    // The tree is walked when the call comes from a library's code (is the executable's text,
+    // at `mm->start_code`, the executable?) or from code that is no file's executable page. The
+    // executable's own page needs no walk: a hostile tree cannot deny (or allow) it.
+    let mut s = Scene::new(p);
+    let root = s.maple_root;
+    let rooted = encode(root, MAPLE_ARANGE_64);
+    s.fill_maple_node(root, MAPLE_ARANGE_64, &[EXE_TEXT.1 - 1], &[rooted, rooted]);
+    let policy = pinned_policy(&s);
+    let (v, a) = decide(&s, &policy);
+    assert_eq!((v, a.process.exe_file.unwrap().code), (Verdict::Allow, CodeOrigin::Exe));
     let policy_json = CURL_POLICY;
     let check = |s: &Scene, expect: &str| {
         let policy = Policy::from_json(policy_json).unwrap();
@@ -2216,13 +2291,13 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         assert_eq!(bare(a.process), s.process());
     };
     // A cycle: the root's child is the root itself.
-    let mut s = Scene::new(p);
+    let mut s = LibraryScene::new(p);
     let root = s.maple_root;
     let rooted = encode(root, MAPLE_ARANGE_64);
     s.fill_maple_node(root, MAPLE_ARANGE_64, &[EXE_TEXT.1 - 1], &[rooted, rooted]);
     check(&s, "deeper than 8");
     // A chain deeper than any real tree.
-    let mut s = Scene::new(p);
+    let mut s = LibraryScene::new(p);
     let mut next = encode(s.maple_leaves[0], MAPLE_LEAF_64);
     for _ in 0..12 {
         let n = s.maple_node_of(MAPLE_RANGE_64, &[u64::MAX], &[next]);
@@ -2237,7 +2312,7 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         (encode(0x0000_8000_0000_0000, MAPLE_LEAF_64), "canonical"),
         (encode(0, MAPLE_LEAF_64), "not a node"),
     ] {
-        let mut s = Scene::new(p);
+        let mut s = LibraryScene::new(p);
         let (root, leaf1) = (s.maple_root, s.maple_leaves[1]);
         s.fill_maple_node(
             root,
@@ -2251,7 +2326,7 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         assert!(err.contains(expect), "expected `{expect}`, got `{err}`");
     }
     // Pivots that fall, a VMA that does not hold the address, a node type that does not exist.
-    let mut s = Scene::new(p);
+    let mut s = LibraryScene::new(p);
     let (leaf0, ro, text) = (s.maple_leaves[0], s.vma_ro, s.vma_text);
     s.fill_maple_node(
         leaf0,
@@ -2260,7 +2335,7 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         &[0, ro, text, 0],
     );
     check(&s, "pivots out of order");
-    let mut s = Scene::new(p);
+    let mut s = LibraryScene::new(p);
     let leaf0 = s.maple_leaves[0];
     let ro = s.vma_ro;
     s.fill_maple_node(
@@ -2269,13 +2344,13 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         &[EXE_RO.0 - 1, EXE_TEXT.1 - 1],
         &[0, ro, 0],
     );
-    check(&s, "the VMA found for 0x401234");
-    let mut s = Scene::new(p);
+    check(&s, "the VMA found for 0x401000");
+    let mut s = LibraryScene::new(p);
     let root = s.maple_root;
     s.set_maple_root(root | (9 << 3) | MAPLE_ROOT_NODE);
     check(&s, "unknown node type");
     // Metadata that puts the end of the data past the node's slots.
-    let mut s = Scene::new(p);
+    let mut s = LibraryScene::new(p);
     let (leaf0, meta_end) = (s.maple_leaves[0], p.exec.mr64_meta_end);
     s.g.set(leaf0, meta_end, &[200]);
     check(&s, "data end past");

@@ -1,7 +1,8 @@
 //! The VMM's guest memory as trap-handler's bounded [`GuestPhys`], so the introspection code and
 //! the VMM's own instruction completion read hostile guest memory through one accessor.
 //!
-//! Owns: the adapter from `GuestMemoryMmap` to `GuestPhys`.
+//! Owns: the adapter from `GuestMemoryMmap` to `GuestPhys` (a read within one region is one
+//! bounds check and one copy: the trap path makes dozens).
 //! Must not: read outside guest RAM or hand out references into it (bytes are copied).
 
 use trap_handler::mem::{GuestPhys, MemError};
@@ -24,6 +25,26 @@ impl GuestPhys for GuestRam<'_> {
         let end = gpa
             .checked_add(len)
             .ok_or(MemError::Overflow { addr: gpa, len })?;
+        // The trap path reads many small fields: one region lookup and one copy, without
+        // vm-memory's per-access machinery (it copies the same way for reads over 8 bytes).
+        for region in self.0.iter() {
+            let start = region.start_addr().0;
+            if gpa >= start && end <= start + region.len() {
+                // SAFETY: `gpa..end` lies inside this region (checked above), whose mapping
+                // lives as long as the borrowed `GuestMemoryMmap`; `buf` is ours and cannot
+                // overlap guest RAM. Other vCPUs may write the bytes meanwhile: the copy may see
+                // a torn value, as vm-memory's copies may, and everything read here is
+                // untrusted anyway.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        region.as_ptr().add((gpa - start) as usize),
+                        buf.as_mut_ptr(),
+                        buf.len(),
+                    );
+                }
+                return Ok(());
+            }
+        }
         if end > self.ram_size() {
             return Err(MemError::OutsideRam { gpa, len });
         }
