@@ -15,6 +15,11 @@
 //!   connect/bind/listen to its process from outside the guest. Two different executables connect
 //!   to the same destination (one allowed, one denied with EPERM inside the guest); binds are
 //!   decided the same way; allowed calls produce verdict records.
+//! - Identity: `/bin/busybox`'s rules go to busybox's file and code, not to its path: uid 1000
+//!   bind-mounting another program over it in a user and mount namespace, root doing the same in
+//!   a private mount namespace, and root running from anonymous memory after pointing its
+//!   exe_file at it (PR_SET_MM_EXE_FILE, `scripts/tenant/vigil-exeswap.c`) are denied, each
+//!   event saying why; the genuine file in a namespace of its own is allowed.
 //! - Write traps: root in the guest arms a kprobe on the hooked `security_socket_connect` (the
 //!   kernel then writes a breakpoint into it); the write is refused, a tamper event names the
 //!   process, and the hooks keep deciding afterwards.
@@ -40,6 +45,25 @@ const POLICY: &str = r#"{"allow": [
   {"op": "connect", "exe": "/bin/vigil-rawsyn", "family": "packet"}
 ]}"#;
 const UDP_PORT: u16 = 9999;
+
+/// Borrowing `/bin/busybox`'s identity (its rules allow a connect to 127.0.0.1:7000; nothing
+/// listens there any more, so an allowed connect is refused by the guest's TCP and a denied one
+/// gets EPERM from Vigil). `/tmp/evil` is a copy of busybox: another file, the same program.
+/// 1. uid 1000 makes a user and mount namespace, bind-mounts `/tmp/evil` over `/bin/busybox`
+///    and runs it; 2. the genuine busybox in such a namespace (a container): allowed; 3. root
+///    does the bind mount in a private mount namespace; 4. root moves its image to anonymous
+///    memory, points its exe_file at `/bin/busybox` (PR_SET_MM_EXE_FILE) and connects.
+const IDENTITY_ATTACKS: &str = "cp /bin/busybox /tmp/evil\n\
+     echo 'user:x:1000:1000::/tmp:/bin/sh' >>/etc/passwd; echo 'user:x:1000:' >>/etc/group\n\
+     echo \"VIGIL-CHECK userns-bind $(su -s /bin/sh user -c 'id -u; unshare -r -m sh -c \
+     \"mount --bind /tmp/evil /bin/busybox && nc -w 30 127.0.0.1 7000 </dev/null\"' \
+     2>&1 | tr '\\n' ' ')\"\n\
+     echo \"VIGIL-CHECK userns-genuine $(su -s /bin/sh user -c 'unshare -r -m sh -c \
+     \"nc -w 30 127.0.0.1 7000 </dev/null\"' 2>&1)\"\n\
+     echo \"VIGIL-CHECK root-mntns-bind $(unshare -m --propagation private sh -c \
+     'mount --bind /tmp/evil /bin/busybox && nc -w 30 127.0.0.1 7000 </dev/null' 2>&1)\"\n\
+     echo \"VIGIL-CHECK genuine-after $(nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n\
+     echo \"VIGIL-CHECK exeswap $(vigil-exeswap /bin/busybox 127.0.0.1 7000 2>&1)\"\n";
 
 #[test]
 #[ignore = "boots the Debian tenant: 8-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
@@ -83,12 +107,14 @@ fn debian_tenant_end_to_end() {
          echo \"VIGIL-CHECK denied-connect $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n\
          echo \"VIGIL-CHECK denied-bind $(/tmp/busybox-other nc -l -p 7001 </dev/null 2>&1)\"\n\
          kill $listener 2>/dev/null\n\
+         {identity_attacks}\
          echo \"VIGIL-CHECK sendto-allowed $(vigil-sendto {HOST_IP} {UDP_PORT} udp-from-tenant)\"\n\
          echo \"VIGIL-CHECK sendto-denied $(vigil-sendto {HOST_IP} 9998 must-not-leave)\"\n\
          echo \"VIGIL-CHECK rawsyn $(vigil-rawsyn eth0 {GUEST_IP} {HOST_IP} 8082)\"\n\
          echo \"VIGIL-CHECK kprobe $(vigil-kprobe security_socket_connect 2>&1) rc=$?\"\n\
          echo \"VIGIL-CHECK after-tamper $(/tmp/busybox-other nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n",
         wait_7000 = workload::wait_listening(7000),
+        identity_attacks = IDENTITY_ATTACKS,
     );
     let cmdline = workload::cmdline(GUEST_IP, HOST_IP, &script);
     let vigil = VigilCommand::new("tenant")
@@ -202,6 +228,8 @@ fn debian_tenant_end_to_end() {
         "a denial opens nothing"
     );
 
+    identity_attacks(&lines, &events, &console);
+
     // Software-breakpoint hook on security_socket_sendmsg: a sendto naming its destination is
     // decided by the connect rules; the allowed datagram reached the outside, the other got EPERM.
     let soft = events_of("soft_hooks");
@@ -299,7 +327,7 @@ fn debian_tenant_end_to_end() {
     assert_eq!(outcome["stop"]["reason"], "poweroff", "{outcome}");
     assert!(outcome["markers"]["VIGIL-INIT-START"].as_u64().is_some());
     let stats = &outcome["stats"];
-    assert_eq!(stats["hook_denials"], 4, "{stats}");
+    assert_eq!(stats["hook_denials"], 7, "{stats}");
     assert!(stats["tamper_writes"].as_u64().unwrap() >= 1, "{stats}");
     if outcome["host"].as_str().unwrap().starts_with("emulating") {
         assert!(
@@ -308,4 +336,74 @@ fn debian_tenant_end_to_end() {
         );
     }
     drop(outside);
+}
+
+/// The identity attacks of [`IDENTITY_ATTACKS`], in the guest and in the event log: each
+/// borrowed identity is denied and its event says why; the genuine file is allowed, in a
+/// namespace of its own too.
+fn identity_attacks(lines: &[String], events: &[serde_json::Value], console: &str) {
+    let check = |name: &str| -> &String {
+        find_check(lines, name).unwrap_or_else(|| panic!("check {name} did not run:\n{console}"))
+    };
+    let denied = "Operation not permitted";
+    let allowed = "Connection refused";
+    // Guest side: EPERM for every borrowed identity, a refused (attempted) connection for the
+    // genuine file.
+    let userns = check("userns-bind");
+    assert!(userns.contains("userns-bind 1000 "), "ran as uid 1000: {userns}");
+    assert!(userns.contains(denied), "{userns}");
+    let genuine = check("userns-genuine");
+    assert!(genuine.contains(allowed) && !genuine.contains(denied), "{genuine}");
+    let root_bind = check("root-mntns-bind");
+    assert!(root_bind.contains(denied), "{root_bind}");
+    let after = check("genuine-after");
+    assert!(after.contains(allowed) && !after.contains(denied), "{after}");
+    let swap = check("exeswap");
+    assert!(
+        swap.contains("exe=/bin/busybox connect=Operation not permitted"),
+        "the exe_file swap ran and its connect was denied: {swap}"
+    );
+
+    // The log: every one of them is "/bin/busybox" to a path-based check; the events say why
+    // each is not.
+    let to_7000 = |uid: u64, comm: &str, verdict: &str| -> Vec<&serde_json::Value> {
+        events
+            .iter()
+            .filter(|e| {
+                e["op"] == "connect"
+                    && e["port"] == 7000
+                    && e["process"]["exe"] == "/bin/busybox"
+                    && e["process"]["uid"] == uid
+                    && e["process"]["comm"] == comm
+                    && e["verdict"] == verdict
+            })
+            .collect()
+    };
+    let why = |e: &serde_json::Value| e["identity_error"].as_str().unwrap_or("").to_string();
+    // uid 1000's bind mount: its file is not the one pinned, and its mount is not init's.
+    let user_denied = to_7000(1000, "nc", "deny");
+    assert_eq!(user_denied.len(), 1, "{user_denied:#?}");
+    let reason = why(user_denied[0]);
+    assert!(reason.contains("not on a mount of init's mount namespace"), "{reason}");
+    assert_ne!(
+        user_denied[0]["process"]["exe_file"]["id"]["ino"],
+        to_7000(1000, "nc", "allow")
+            .first()
+            .unwrap_or_else(|| panic!("uid 1000's genuine busybox was allowed: {events:#?}"))
+            ["process"]["exe_file"]["id"]["ino"],
+        "the bind-mounted file is another inode"
+    );
+    // root's bind mount in a private mount namespace.
+    let root_denied = to_7000(0, "nc", "deny");
+    assert_eq!(root_denied.len(), 1, "{root_denied:#?}");
+    let reason = why(root_denied[0]);
+    assert!(reason.contains("not on a mount of init's mount namespace"), "{reason}");
+    // PR_SET_MM_EXE_FILE: the file is the genuine one, the code is not.
+    let swapped = to_7000(0, "vigil-exeswap", "deny");
+    assert_eq!(swapped.len(), 1, "{events:#?}");
+    let file = &swapped[0]["process"]["exe_file"];
+    assert_eq!(file["code"], "anonymous", "{file}");
+    assert_eq!(file["init_mnt_ns"], true, "{file}");
+    let reason = why(swapped[0]);
+    assert!(reason.contains("is not the executable's"), "{reason}");
 }

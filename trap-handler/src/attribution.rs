@@ -116,28 +116,24 @@ fn comm_text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
-/// Longest path [`exe_path`] builds: every component at its longest, with its slash.
-const MAX_PATH_BYTES: usize = MAX_PATH_DEPTH * (MAX_NAME + 1);
-
-/// A path built from its last component up, in place (no allocation until it is complete).
+/// A path gathered from its last component up: where each name is, read once the walk is done
+/// (one allocation, for the path itself).
 struct PathBuilder {
-    buf: [u8; MAX_PATH_BYTES],
-    /// Where the path built so far starts.
-    start: usize,
+    /// (`d_name.name`, length) of each component, last first.
+    names: [(u64, usize); MAX_PATH_DEPTH],
     parts: usize,
 }
 
 impl PathBuilder {
     fn new() -> Self {
         PathBuilder {
-            buf: [0; MAX_PATH_BYTES],
-            start: MAX_PATH_BYTES,
+            names: [(0, 0); MAX_PATH_DEPTH],
             parts: 0,
         }
     }
 
-    /// Puts the name of `dentry` (length-limited to NAME_MAX) before the path so far, with a
-    /// slash between them.
+    /// Notes the name of `dentry` (length-limited to NAME_MAX) as the component before the
+    /// ones noted so far.
     fn push_name<M: GuestPhys + ?Sized>(
         &mut self,
         r: &VirtReader<'_, M>,
@@ -148,25 +144,43 @@ impl PathBuilder {
             return Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH));
         }
         let qstr = dentry.wrapping_add(p.dentry.d_name.offset);
-        let len = (r.read_field_u32(qstr, p.qstr.len.offset)? as usize).min(MAX_NAME);
-        let name_ptr = r.read_field_u64(qstr, p.qstr.name.offset)?;
-        if self.parts > 0 {
-            self.start -= 1;
-            self.buf[self.start] = b'/';
-        }
-        self.start -= len;
-        r.read_virt(name_ptr, &mut self.buf[self.start..self.start + len])?;
+        let (lo, hi) = (
+            p.qstr.len.offset.min(p.qstr.name.offset),
+            (p.qstr.len.offset + 4).max(p.qstr.name.offset + 8),
+        );
+        let s = r.read_span::<64>(qstr, lo, hi)?;
+        let len = (s.u32(p.qstr.len.offset) as usize).min(MAX_NAME);
+        self.names[self.parts] = (s.u64(p.qstr.name.offset), len);
         self.parts += 1;
         Ok(())
     }
 
-    /// The path, with a leading slash if `absolute`.
-    fn finish(mut self, absolute: bool) -> String {
-        if absolute {
-            self.start -= 1;
-            self.buf[self.start] = b'/';
+    /// Reads the names into the path, with a leading slash if `absolute`.
+    fn finish<M: GuestPhys + ?Sized>(
+        self,
+        r: &VirtReader<'_, M>,
+        absolute: bool,
+    ) -> Result<String, AttributionError> {
+        let names = &self.names[..self.parts];
+        if names.is_empty() {
+            return Ok(if absolute { "/" } else { "" }.to_string());
         }
-        String::from_utf8_lossy(&self.buf[self.start..]).into_owned()
+        let total = names.iter().map(|&(_, len)| len + 1).sum::<usize>();
+        let mut path = vec![0u8; total];
+        let mut at = 0;
+        for (i, &(name, len)) in names.iter().rev().enumerate() {
+            if absolute || i > 0 {
+                path[at] = b'/';
+                at += 1;
+            }
+            r.read_virt(name, &mut path[at..at + len])?;
+            at += len;
+        }
+        path.truncate(at);
+        Ok(match String::from_utf8(path) {
+            Ok(text) => text,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        })
     }
 }
 
@@ -192,7 +206,7 @@ fn exe_path<M: GuestPhys + ?Sized>(
             let parent = r.read_field_u64(mount, m.mnt_parent.offset)?;
             if parent == mount || parent == 0 {
                 // The root of the mount tree.
-                return Ok(path.finish(true));
+                return path.finish(r, true);
             }
             dentry = r.read_field_u64(mount, m.mnt_mountpoint.offset)?;
             mount = parent;
@@ -204,7 +218,7 @@ fn exe_path<M: GuestPhys + ?Sized>(
         if parent == dentry || parent == 0 {
             // A root that is not its mount's root: a pseudo filesystem's file (memfd, anon).
             path.push_name(r, dentry, p)?;
-            return Ok(path.finish(false));
+            return path.finish(r, false);
         }
         path.push_name(r, dentry, p)?;
         dentry = parent;

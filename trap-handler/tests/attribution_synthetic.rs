@@ -2420,11 +2420,15 @@ fn identity_check_cost() {
     let p = profile_or_skip!();
     let s = Scene::new(p);
     let (init_task, vmemmap_var) = (p.symbols["init_task"], p.symbols["vmemmap_base"]);
-    let n = if cfg!(debug_assertions) {
-        2_000
-    } else {
-        100_000
-    };
+    // VIGIL_COST_N: fewer rounds, for a run under callgrind.
+    let n = std::env::var("VIGIL_COST_N")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if cfg!(debug_assertions) {
+            2_000
+        } else {
+            100_000
+        });
     let t = std::time::Instant::now();
     for _ in 0..n {
         let r = s.g.reader();
