@@ -49,6 +49,8 @@ const UDP_PORT: u16 = 9999;
 /// Borrowing `/bin/busybox`'s identity (its rules allow a connect to 127.0.0.1:7000; nothing
 /// listens there any more, so an allowed connect is refused by the guest's TCP and a denied one
 /// gets EPERM from Vigil). `/tmp/evil` is a copy of busybox: another file, the same program.
+/// Each attacker runs `/bin/busybox` by its path: busybox's shell runs its applets (`nc`) by
+/// re-executing its own file, which would be the genuine one.
 /// 1. uid 1000 makes a user and mount namespace, bind-mounts `/tmp/evil` over `/bin/busybox`
 ///    and runs it; 2. the genuine busybox in such a namespace (a container): allowed; 3. root
 ///    does the bind mount in a private mount namespace; 4. root moves its image to anonymous
@@ -56,12 +58,12 @@ const UDP_PORT: u16 = 9999;
 const IDENTITY_ATTACKS: &str = "cp /bin/busybox /tmp/evil\n\
      echo 'user:x:1000:1000::/tmp:/bin/sh' >>/etc/passwd; echo 'user:x:1000:' >>/etc/group\n\
      echo \"VIGIL-CHECK userns-bind $(su -s /bin/sh user -c 'id -u; unshare -r -m sh -c \
-     \"mount --bind /tmp/evil /bin/busybox && nc -w 30 127.0.0.1 7000 </dev/null\"' \
+     \"mount --bind /tmp/evil /bin/busybox && /bin/busybox nc -w 30 127.0.0.1 7000 </dev/null\"' \
      2>&1 | tr '\\n' ' ')\"\n\
      echo \"VIGIL-CHECK userns-genuine $(su -s /bin/sh user -c 'unshare -r -m sh -c \
-     \"nc -w 30 127.0.0.1 7000 </dev/null\"' 2>&1)\"\n\
+     \"/bin/busybox nc -w 30 127.0.0.1 7000 </dev/null\"' 2>&1)\"\n\
      echo \"VIGIL-CHECK root-mntns-bind $(unshare -m --propagation private sh -c \
-     'mount --bind /tmp/evil /bin/busybox && nc -w 30 127.0.0.1 7000 </dev/null' 2>&1)\"\n\
+     'mount --bind /tmp/evil /bin/busybox && /bin/busybox nc -w 30 127.0.0.1 7000 </dev/null' 2>&1)\"\n\
      echo \"VIGIL-CHECK genuine-after $(nc -w 30 127.0.0.1 7000 </dev/null 2>&1)\"\n\
      echo \"VIGIL-CHECK exeswap $(vigil-exeswap /bin/busybox 127.0.0.1 7000 2>&1)\"\n";
 
@@ -350,14 +352,23 @@ fn identity_attacks(lines: &[String], events: &[serde_json::Value], console: &st
     // Guest side: EPERM for every borrowed identity, a refused (attempted) connection for the
     // genuine file.
     let userns = check("userns-bind");
-    assert!(userns.contains("userns-bind 1000 "), "ran as uid 1000: {userns}");
+    assert!(
+        userns.contains("userns-bind 1000 "),
+        "ran as uid 1000: {userns}"
+    );
     assert!(userns.contains(denied), "{userns}");
     let genuine = check("userns-genuine");
-    assert!(genuine.contains(allowed) && !genuine.contains(denied), "{genuine}");
+    assert!(
+        genuine.contains(allowed) && !genuine.contains(denied),
+        "{genuine}"
+    );
     let root_bind = check("root-mntns-bind");
     assert!(root_bind.contains(denied), "{root_bind}");
     let after = check("genuine-after");
-    assert!(after.contains(allowed) && !after.contains(denied), "{after}");
+    assert!(
+        after.contains(allowed) && !after.contains(denied),
+        "{after}"
+    );
     let swap = check("exeswap");
     assert!(
         swap.contains("exe=/bin/busybox connect=Operation not permitted"),
@@ -381,23 +392,29 @@ fn identity_attacks(lines: &[String], events: &[serde_json::Value], console: &st
     };
     let why = |e: &serde_json::Value| e["identity_error"].as_str().unwrap_or("").to_string();
     // uid 1000's bind mount: its file is not the one pinned, and its mount is not init's.
-    let user_denied = to_7000(1000, "nc", "deny");
+    let user_denied = to_7000(1000, "busybox", "deny");
     assert_eq!(user_denied.len(), 1, "{user_denied:#?}");
     let reason = why(user_denied[0]);
-    assert!(reason.contains("not on a mount of init's mount namespace"), "{reason}");
+    assert!(
+        reason.contains("not on a mount of init's mount namespace"),
+        "{reason}"
+    );
     assert_ne!(
         user_denied[0]["process"]["exe_file"]["id"]["ino"],
-        to_7000(1000, "nc", "allow")
+        to_7000(1000, "busybox", "allow")
             .first()
             .unwrap_or_else(|| panic!("uid 1000's genuine busybox was allowed: {events:#?}"))
             ["process"]["exe_file"]["id"]["ino"],
         "the bind-mounted file is another inode"
     );
     // root's bind mount in a private mount namespace.
-    let root_denied = to_7000(0, "nc", "deny");
+    let root_denied = to_7000(0, "busybox", "deny");
     assert_eq!(root_denied.len(), 1, "{root_denied:#?}");
     let reason = why(root_denied[0]);
-    assert!(reason.contains("not on a mount of init's mount namespace"), "{reason}");
+    assert!(
+        reason.contains("not on a mount of init's mount namespace"),
+        "{reason}"
+    );
     // PR_SET_MM_EXE_FILE: the file is the genuine one, the code is not.
     let swapped = to_7000(0, "vigil-exeswap", "deny");
     assert_eq!(swapped.len(), 1, "{events:#?}");

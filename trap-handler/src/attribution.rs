@@ -166,17 +166,15 @@ impl PathBuilder {
             return Ok(if absolute { "/" } else { "" }.to_string());
         }
         let total = names.iter().map(|&(_, len)| len + 1).sum::<usize>();
-        let mut path = vec![0u8; total];
-        let mut at = 0;
+        let mut path = Vec::with_capacity(total);
+        let mut name_buf = [0u8; MAX_NAME];
         for (i, &(name, len)) in names.iter().rev().enumerate() {
             if absolute || i > 0 {
-                path[at] = b'/';
-                at += 1;
+                path.push(b'/');
             }
-            r.read_virt(name, &mut path[at..at + len])?;
-            at += len;
+            r.read_virt(name, &mut name_buf[..len])?;
+            path.extend_from_slice(&name_buf[..len]);
         }
-        path.truncate(at);
         Ok(match String::from_utf8(path) {
             Ok(text) => text,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),

@@ -9,6 +9,7 @@
 //!   strings and `list_head` walks.
 //! - [`btf`]: the kernel's BTF (struct layouts); [`profile`]: the offsets Vigil uses, cached per build.
 //! - [`kallsyms`]: the kernel symbol table found by structure in the image, no System.map needed.
+//! - [`pagetable`]: page tables laid out in a memory image (tests, offline tools).
 //! - [`exec`]: the executable as a file: identity, mount namespace, the VMA (maple tree) of the
 //!   calling instruction.
 //! - [`kaslr`]: link, virtual and physical kernel addresses; the slide from MSR_LSTAR.
@@ -21,6 +22,7 @@ pub mod exec;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod mem;
+pub mod pagetable;
 pub mod policy;
 pub mod profile;
 

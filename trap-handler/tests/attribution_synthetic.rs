@@ -1367,7 +1367,10 @@ fn non_canonical_addresses() {
 
     let mut s = Scene::new(p);
     s.g.write(GS_BASE + current_task, &bad.to_le_bytes());
-    assert_eq!(non_canonical(s.run(SocketOp::Connect)), bad + task_span(p).0);
+    assert_eq!(
+        non_canonical(s.run(SocketOp::Connect)),
+        bad + task_span(p).0
+    );
 
     let s = Scene::new(p);
     let gs = 0x1234_0000_0000_0000u64;
@@ -2252,15 +2255,11 @@ fn code_outside_the_executable_is_denied() {
     assert_eq!(v, Verdict::Deny);
 }
 
-/// Scenes whose call comes from the library's code.
-struct LibraryScene;
-
-impl LibraryScene {
-    fn new(p: &'static KernelProfile) -> Scene {
-        let mut s = Scene::new(p);
-        s.set_rip(LIB_TEXT.0 + 0x234);
-        s
-    }
+/// A scene whose call comes from the library's code.
+fn library_scene(p: &'static KernelProfile) -> Scene {
+    let mut s = Scene::new(p);
+    s.set_rip(LIB_TEXT.0 + 0x234);
+    s
 }
 
 #[test]
@@ -2275,7 +2274,10 @@ fn hostile_maple_trees_are_errors_not_hangs() {
     s.fill_maple_node(root, MAPLE_ARANGE_64, &[EXE_TEXT.1 - 1], &[rooted, rooted]);
     let policy = pinned_policy(&s);
     let (v, a) = decide(&s, &policy);
-    assert_eq!((v, a.process.exe_file.unwrap().code), (Verdict::Allow, CodeOrigin::Exe));
+    assert_eq!(
+        (v, a.process.exe_file.unwrap().code),
+        (Verdict::Allow, CodeOrigin::Exe)
+    );
     let policy_json = CURL_POLICY;
     let check = |s: &Scene, expect: &str| {
         let policy = Policy::from_json(policy_json).unwrap();
@@ -2291,13 +2293,13 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         assert_eq!(bare(a.process), s.process());
     };
     // A cycle: the root's child is the root itself.
-    let mut s = LibraryScene::new(p);
+    let mut s = library_scene(p);
     let root = s.maple_root;
     let rooted = encode(root, MAPLE_ARANGE_64);
     s.fill_maple_node(root, MAPLE_ARANGE_64, &[EXE_TEXT.1 - 1], &[rooted, rooted]);
     check(&s, "deeper than 8");
     // A chain deeper than any real tree.
-    let mut s = LibraryScene::new(p);
+    let mut s = library_scene(p);
     let mut next = encode(s.maple_leaves[0], MAPLE_LEAF_64);
     for _ in 0..12 {
         let n = s.maple_node_of(MAPLE_RANGE_64, &[u64::MAX], &[next]);
@@ -2312,7 +2314,7 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         (encode(0x0000_8000_0000_0000, MAPLE_LEAF_64), "canonical"),
         (encode(0, MAPLE_LEAF_64), "not a node"),
     ] {
-        let mut s = LibraryScene::new(p);
+        let mut s = library_scene(p);
         let (root, leaf1) = (s.maple_root, s.maple_leaves[1]);
         s.fill_maple_node(
             root,
@@ -2326,7 +2328,7 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         assert!(err.contains(expect), "expected `{expect}`, got `{err}`");
     }
     // Pivots that fall, a VMA that does not hold the address, a node type that does not exist.
-    let mut s = LibraryScene::new(p);
+    let mut s = library_scene(p);
     let (leaf0, ro, text) = (s.maple_leaves[0], s.vma_ro, s.vma_text);
     s.fill_maple_node(
         leaf0,
@@ -2335,7 +2337,7 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         &[0, ro, text, 0],
     );
     check(&s, "pivots out of order");
-    let mut s = LibraryScene::new(p);
+    let mut s = library_scene(p);
     let leaf0 = s.maple_leaves[0];
     let ro = s.vma_ro;
     s.fill_maple_node(
@@ -2345,12 +2347,12 @@ fn hostile_maple_trees_are_errors_not_hangs() {
         &[0, ro, 0],
     );
     check(&s, "the VMA found for 0x401000");
-    let mut s = LibraryScene::new(p);
+    let mut s = library_scene(p);
     let root = s.maple_root;
     s.set_maple_root(root | (9 << 3) | MAPLE_ROOT_NODE);
     check(&s, "unknown node type");
     // Metadata that puts the end of the data past the node's slots.
-    let mut s = LibraryScene::new(p);
+    let mut s = library_scene(p);
     let (leaf0, meta_end) = (s.maple_leaves[0], p.exec.mr64_meta_end);
     s.g.set(leaf0, meta_end, &[200]);
     check(&s, "data end past");
