@@ -17,6 +17,38 @@
 
 mod common;
 
+/// Counts the allocations of each thread: the trap path's are checked by
+/// `the_trap_path_allocates_only_the_strings_its_event_carries`.
+struct CountingAlloc;
+
+thread_local! {
+    static ALLOCATIONS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+// SAFETY: every call is passed on to the system allocator unchanged; the count is a
+// const-initialised thread-local without a destructor, which never allocates.
+unsafe impl std::alloc::GlobalAlloc for CountingAlloc {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        ALLOCATIONS.with(|n| n.set(n.get() + 1));
+        // SAFETY: the caller's contract for `layout` is the system allocator's.
+        unsafe { std::alloc::System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from `alloc` above, i.e. from the system allocator.
+        unsafe { std::alloc::System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: CountingAlloc = CountingAlloc;
+
+/// Allocations this thread makes while `f` runs.
+fn allocations<T>(f: impl FnOnce() -> T) -> (usize, T) {
+    let before = ALLOCATIONS.with(|n| n.get());
+    let out = f();
+    (ALLOCATIONS.with(|n| n.get()) - before, out)
+}
+
 use std::cell::Cell;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -2519,4 +2551,31 @@ fn text_written_after_exec_is_not_the_file() {
     let (v, a) = decide(&s, &policy);
     assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Exe);
     assert_eq!(v, Verdict::Allow);
+}
+
+/// The trap path allocates nothing of its own: attribution makes the three strings the event
+/// carries (comm, the parent's comm, the executable's path), the identity check and a pinned
+/// decision make none.
+#[test]
+fn the_trap_path_allocates_only_the_strings_its_event_carries() {
+    let p = profile_or_skip!();
+    let s = Scene::new(p);
+    let policy = pinned_policy(&s);
+    let (init_task, vmemmap_var) = (p.symbols["init_task"], p.symbols["vmemmap_base"]);
+    let args = s.args(SocketOp::Connect);
+    let (n, a) = allocations(|| {
+        let r = s.g.reader();
+        attribute(&r, p, SocketOp::Connect, args).unwrap()
+    });
+    assert_eq!(a.process.exe_file.as_ref().unwrap().code, CodeOrigin::Exe);
+    assert_eq!(n, 3, "comm, parent comm, exe path");
+    let (n, f) = allocations(|| {
+        let r = s.g.reader();
+        let roots = trap_handler::exec::kernel_roots(&r, p, init_task, vmemmap_var).unwrap();
+        let mount = s.vfsmount(s.root_mount);
+        trap_handler::exec::exe_file(&r, p, &roots, s.task, s.mm, s.file, mount).unwrap()
+    });
+    assert_eq!((n, f.code), (0, CodeOrigin::Exe));
+    let (n, v) = allocations(|| policy.decide(&a));
+    assert_eq!((n, v), (0, Verdict::Allow));
 }

@@ -56,23 +56,40 @@ pub(super) fn verdict_rule(a: &Attribution) -> Option<Rule> {
     Some(rule)
 }
 
+/// The rules one call opens (at most two), held without an allocation: the trap path makes
+/// one per allowed call. Reads as a slice.
+pub(super) struct CallRules {
+    rules: [Rule; 2],
+    len: usize,
+}
+
+impl std::ops::Deref for CallRules {
+    type Target = [Rule];
+    fn deref(&self) -> &[Rule] {
+        &self.rules[..self.len]
+    }
+}
+
 /// Every rule an allowed call opens: its own, and for a bind/listen on the IPv6 wildcard the
 /// IPv4 wildcard too (Linux sockets are dual-stack unless IPV6_V6ONLY or bindv6only say
 /// otherwise, and then IPv4 peers reach them as well).
-pub(super) fn verdict_rules(a: &Attribution) -> Vec<Rule> {
+pub(super) fn verdict_rules(a: &Attribution) -> CallRules {
     let Some(rule) = verdict_rule(a) else {
-        return Vec::new();
+        let none = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
+        return CallRules {
+            rules: [none; 2],
+            len: 0,
+        };
     };
-    let mut rules = vec![rule];
-    if rule.direction == Direction::Ingress
+    let mut v4 = rule;
+    v4.ip_version = IpVersion::V4;
+    let dual_stack = rule.direction == Direction::Ingress
         && rule.ip_version == IpVersion::V6
-        && rule.local_addr == [0; 16]
-    {
-        let mut v4 = rule;
-        v4.ip_version = IpVersion::V4;
-        rules.push(v4);
+        && rule.local_addr == [0; 16];
+    CallRules {
+        rules: [rule, v4],
+        len: if dual_stack { 2 } else { 1 },
     }
-    rules
 }
 
 #[cfg(test)]
