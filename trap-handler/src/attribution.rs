@@ -113,7 +113,10 @@ pub struct Attribution {
 /// A `comm` (TASK_COMM_LEN bytes, NUL-terminated if shorter) as text.
 fn comm_text(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    match std::str::from_utf8(&bytes[..end]) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(&bytes[..end]).into_owned(),
+    }
 }
 
 /// A path gathered from its last component up: where each name is, read once the walk is done
