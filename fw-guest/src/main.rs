@@ -496,7 +496,10 @@ mod guest {
         size: u64,
         tsc_khz: u64,
     ) -> u8 {
-        use vigil_wire::ring::{PORT_DROPPED, PORT_FORWARDED, PORT_RX_BYTES, PORT_RX_FRAMES};
+        use vigil_wire::ring::{
+            PORT_DROPPED, PORT_FORWARDED, PORT_RX_BYTES, PORT_RX_FRAMES, STAGE_BUSY_CYCLES,
+            STAGE_BUSY_FRAMES, STAGE_KICKS, STAGE_TX_RING_FULL,
+        };
         if devices.len() > MAX_PORTS {
             let _ = writeln!(
                 Com1,
@@ -560,6 +563,7 @@ mod guest {
         let mut frame = [0u8; BUF_SIZE];
         let mut published = u64::MAX;
         let mut rounds = 0u64;
+        let (mut busy_cycles, mut busy_frames) = (0u64, 0u64);
         let mut idle_rounds = 0u32;
         loop {
             let now = now_ns(tsc_khz);
@@ -574,8 +578,12 @@ mod guest {
                     .learned
                     .retain(|_, port| changed & (1u32 << (*port as u32 % 32)) == 0);
             }
+            // SAFETY: rdtsc has no memory effects (ring 3 may read the TSC).
+            let round_start = unsafe { core::arch::x86_64::_rdtsc() };
+            let mut round_frames = 0u64;
             for i in 0..state.ports.len() {
                 while let Some(received) = state.ports[i].recv() {
+                    round_frames += 1;
                     let len = received.len();
                     frame[..len].copy_from_slice(received);
                     let bytes = &frame[..len];
@@ -588,6 +596,12 @@ mod guest {
             }
             for port in state.ports.iter_mut() {
                 port.flush();
+            }
+            if round_frames != 0 {
+                // SAFETY: as above.
+                let round_end = unsafe { core::arch::x86_64::_rdtsc() };
+                busy_cycles = busy_cycles.wrapping_add(round_end.wrapping_sub(round_start));
+                busy_frames += round_frames;
             }
             rounds += 1;
             let total: u64 = state
@@ -618,6 +632,14 @@ mod guest {
                     counters.set_port(i, PORT_FORWARDED, state.forwarded[i]);
                     counters.set_port(i, PORT_DROPPED, state.dropped[i]);
                 }
+                let (tx_full, kicks) = state
+                    .ports
+                    .iter()
+                    .fold((0, 0), |(f, k), p| (f + p.tx_full, k + p.kicks));
+                counters.set_stage(STAGE_TX_RING_FULL, tx_full);
+                counters.set_stage(STAGE_KICKS, kicks);
+                counters.set_stage(STAGE_BUSY_CYCLES, busy_cycles);
+                counters.set_stage(STAGE_BUSY_FRAMES, busy_frames);
                 filter.sweep(now, 64);
             }
         }

@@ -50,6 +50,8 @@ const F_VERSION_1_HIGH: u32 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// VRING_AVAIL_F_NO_INTERRUPT: we poll.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// VRING_USED_F_NO_NOTIFY (§2.7.10): the device polls this queue, a kick would only cost an exit.
+const USED_F_NO_NOTIFY: u16 = 1;
 const RX: u32 = 0;
 const TX: u32 = 1;
 
@@ -149,6 +151,8 @@ pub struct Port<'a> {
     pub tx_frames: u64,
     /// Frames dropped because the transmit queue was full.
     pub tx_full: u64,
+    /// Queue notifications written (each one an exit to the VMM).
+    pub kicks: u64,
 }
 
 impl<'a> Port<'a> {
@@ -179,6 +183,7 @@ impl<'a> Port<'a> {
             rx_bytes: 0,
             tx_frames: 0,
             tx_full: 0,
+            kicks: 0,
         };
         if port.read(reg::MAGIC) != MAGIC || port.read(reg::VERSION) != 2 {
             return Err(InitError::NotVirtio);
@@ -281,7 +286,20 @@ impl<'a> Port<'a> {
         fence(Ordering::Release);
         // SAFETY: the avail ring is shared with the device.
         unsafe { write_volatile(addr_of_mut!(self.rx.avail.idx), self.rx.avail_idx) };
-        self.write(reg::QUEUE_NOTIFY, RX);
+        if Self::device_wants_kick(&self.rx) {
+            self.write(reg::QUEUE_NOTIFY, RX);
+            self.kicks += 1;
+        }
+    }
+
+    /// Whether the device asked to be notified (§2.7.10: it clears VRING_USED_F_NO_NOTIFY when
+    /// it stops polling). The avail index is published before the flag is read (a full fence),
+    /// so a device that turns kicks on and then re-checks the index cannot miss this update.
+    fn device_wants_kick(queue: &Queue) -> bool {
+        fence(Ordering::SeqCst);
+        // SAFETY: the used ring is written by the device; read with a volatile load.
+        let flags = unsafe { read_volatile(addr_of!(queue.used.flags)) };
+        flags & USED_F_NO_NOTIFY == 0
     }
 
     /// Takes back transmit descriptors the device has finished with.
@@ -330,7 +348,10 @@ impl<'a> Port<'a> {
         fence(Ordering::Release);
         // SAFETY: the avail ring is shared with the device.
         unsafe { write_volatile(addr_of_mut!(self.tx.avail.idx), self.tx.avail_idx) };
-        self.write(reg::QUEUE_NOTIFY, TX);
+        if Self::device_wants_kick(&self.tx) {
+            self.write(reg::QUEUE_NOTIFY, TX);
+            self.kicks += 1;
+        }
         self.reclaim_tx();
     }
 }

@@ -414,9 +414,23 @@ pub const PORT_FORWARDED: usize = 2;
 pub const PORT_DROPPED: usize = 3;
 pub const PORT_WORDS: usize = 4;
 
-// Counters block layout in words: 0 magic, 1 version | n_ports << 32, 2..8 reserved,
-// 8.. global counters, 16.. drop counters per reason (MAX_REASONS), then PORT_WORDS per port.
+/// Data-path stage counters (where a frame's time goes and where a lost one went), in this order
+/// at word [`W_STAGE`] of the header.
+/// Frames dropped because a transmit ring was full (the receiving side did not keep up).
+pub const STAGE_TX_RING_FULL: usize = 0;
+/// Queue notifications the micro-VM wrote (each one an exit to the VMM).
+pub const STAGE_KICKS: usize = 1;
+/// TSC cycles spent in packet-loop rounds that moved frames.
+pub const STAGE_BUSY_CYCLES: usize = 2;
+/// Frames received in those rounds.
+pub const STAGE_BUSY_FRAMES: usize = 3;
+pub const STAGE_COUNT: usize = 4;
+
+// Counters block layout in words: 0 magic, 1 version | n_ports << 32, 2..6 stage counters,
+// 6..8 reserved, 8.. global counters, 16.. drop counters per reason (MAX_REASONS), then PORT_WORDS per port.
+const W_STAGE: usize = 2;
 const W_GLOBAL: usize = 8;
+const _: () = assert!(W_STAGE + STAGE_COUNT <= W_GLOBAL);
 const W_DROPS: usize = W_GLOBAL + GLOBAL_COUNT;
 const W_PORTS: usize = W_DROPS + MAX_REASONS;
 const _: () = assert!(DropReason::COUNT <= MAX_REASONS);
@@ -474,6 +488,13 @@ impl<'a> CountersWriter<'a> {
         }
     }
 
+    /// `which` is one of the `STAGE_*` indices; others are ignored.
+    pub fn set_stage(&self, which: usize, value: u64) {
+        if which < STAGE_COUNT {
+            self.region[W_STAGE + which].store(value, Ordering::Relaxed);
+        }
+    }
+
     pub fn set_drop(&self, reason: DropReason, value: u64) {
         self.region[W_DROPS + reason as usize].store(value, Ordering::Relaxed);
     }
@@ -520,6 +541,10 @@ impl<'a> CountersReader<'a> {
 
     pub fn global(&self, which: usize) -> Option<u64> {
         (which < GLOBAL_COUNT).then(|| self.region[W_GLOBAL + which].load(Ordering::Relaxed))
+    }
+
+    pub fn stage(&self, which: usize) -> Option<u64> {
+        (which < STAGE_COUNT).then(|| self.region[W_STAGE + which].load(Ordering::Relaxed))
     }
 
     pub fn drops(&self, reason: DropReason) -> u64 {

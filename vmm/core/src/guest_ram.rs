@@ -57,9 +57,50 @@ impl GuestPhys for GuestRam<'_> {
     }
 }
 
+/// KiB of a VM's RAM resident in host memory (`mincore` over each region's mapping): the guest
+/// pages the guest or the VMM touched, without the VMM's own memory. 0 when it cannot be read.
+pub fn resident_kib(mem: &GuestMemoryMmap) -> u64 {
+    let page = 4096usize;
+    let mut pages = 0u64;
+    let mut vec = Vec::new();
+    for region in mem.iter() {
+        let len = region.len() as usize;
+        let Ok(host) = mem.get_host_address(region.start_addr()) else {
+            continue;
+        };
+        vec.clear();
+        vec.resize(len.div_ceil(page), 0u8);
+        // SAFETY: the region's mapping starts at `host` (page aligned: mmap) and spans `len`
+        // bytes; `vec` has one byte per page of it.
+        let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        if rc == 0 {
+            pages += vec.iter().filter(|&&b| b & 1 != 0).count() as u64;
+        }
+    }
+    pages * (page as u64 / 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resident_pages_are_the_touched_ones() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let before = resident_kib(&mem);
+        for page in 0..256u64 {
+            mem.write_obj(1u8, GuestAddress(page * 4096)).unwrap();
+        }
+        let after = resident_kib(&mem);
+        assert!(
+            before < 1024,
+            "an untouched mapping is not resident ({before} KiB)"
+        );
+        assert!(
+            after >= before + 1024,
+            "256 touched pages: {before} -> {after} KiB"
+        );
+    }
 
     #[test]
     fn reads_are_bounded_to_ram() {

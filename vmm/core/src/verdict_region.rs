@@ -16,7 +16,9 @@ use thiserror::Error;
 use vigil_wire::ring::{
     self, CountersReader, DropReason, Producer, RingError, COUNTERS_OFFSET, GLOBAL_FLOWS_ACTIVE,
     GLOBAL_FLOWS_ADOPTED, GLOBAL_FLOWS_CREATED, GLOBAL_FLOWS_REVOKED, GLOBAL_FORWARDED,
-    GLOBAL_VERDICTS_APPLIED, GLOBAL_VERDICTS_REJECTED, VERDICT_REGION_BYTES, VERDICT_RING_CAPACITY,
+    GLOBAL_VERDICTS_APPLIED, GLOBAL_VERDICTS_REJECTED, PORT_DROPPED, PORT_FORWARDED,
+    PORT_RX_FRAMES, STAGE_BUSY_CYCLES, STAGE_BUSY_FRAMES, STAGE_KICKS, STAGE_TX_RING_FULL,
+    VERDICT_REGION_BYTES, VERDICT_RING_CAPACITY,
 };
 use vigil_wire::verdict::RECORD_LEN;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
@@ -85,6 +87,24 @@ pub struct FirewallCounters {
     pub flows_revoked: u64,
     /// Drops by reason (only the reasons that occurred).
     pub drops: std::collections::BTreeMap<&'static str, u64>,
+    /// Frames dropped because a transmit ring of the micro-VM was full.
+    pub tx_ring_full: u64,
+    /// Queue notifications the micro-VM wrote (exits).
+    pub kicks: u64,
+    /// TSC cycles the micro-VM spent in packet-loop rounds that moved frames, and the frames
+    /// received in them.
+    pub busy_cycles: u64,
+    pub busy_frames: u64,
+    /// Per port: frames received, forwarded, dropped.
+    pub ports: Vec<PortCounters>,
+}
+
+/// One switch port's counters as the micro-VM published them.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct PortCounters {
+    pub rx_frames: u64,
+    pub forwarded: u64,
+    pub dropped: u64,
 }
 
 impl VerdictRegion {
@@ -188,6 +208,17 @@ impl VerdictRegion {
                 .iter()
                 .map(|&r| (r.name(), reader.drops(r)))
                 .filter(|&(_, n)| n != 0)
+                .collect(),
+            tx_ring_full: reader.stage(STAGE_TX_RING_FULL).unwrap_or(0),
+            kicks: reader.stage(STAGE_KICKS).unwrap_or(0),
+            busy_cycles: reader.stage(STAGE_BUSY_CYCLES).unwrap_or(0),
+            busy_frames: reader.stage(STAGE_BUSY_FRAMES).unwrap_or(0),
+            ports: (0..reader.ports())
+                .map(|p| PortCounters {
+                    rx_frames: reader.port(p, PORT_RX_FRAMES).unwrap_or(0),
+                    forwarded: reader.port(p, PORT_FORWARDED).unwrap_or(0),
+                    dropped: reader.port(p, PORT_DROPPED).unwrap_or(0),
+                })
                 .collect(),
         })
     }

@@ -27,13 +27,10 @@ fn config(links: Vec<LinkConfig>) -> VmConfig {
 
 /// (uplink end, tenant end) held by the test, and the switch's ends.
 fn links() -> ((UnixDatagram, UnixDatagram), Vec<LinkConfig>) {
-    let (uplink_test, uplink_vm) = LinkConfig::pair(0, [0x02, 0, 0, 0, 0, 1]).unwrap();
-    let (tenant_test, tenant_vm) = LinkConfig::pair(TENANT, [0x02, 0, 0, 0, 0, 2]).unwrap();
-    let own = |l: LinkConfig| l.link.try_clone().unwrap();
-    (
-        (own(uplink_test), own(tenant_test)),
-        vec![uplink_vm, tenant_vm],
-    )
+    // Socket links: the test injects and reads frames with plain send/recv.
+    let (uplink_test, uplink_vm) = LinkConfig::socket_pair(0, [0x02, 0, 0, 0, 0, 1]).unwrap();
+    let (tenant_test, tenant_vm) = LinkConfig::socket_pair(TENANT, [0x02, 0, 0, 0, 0, 2]).unwrap();
+    ((uplink_test, tenant_test), vec![uplink_vm, tenant_vm])
 }
 
 fn arp_request() -> Vec<u8> {

@@ -83,9 +83,8 @@ impl Host {
                 ..ports[slot].0.clone()
             }
         };
-        // Frames a previous tenant left in the port's socket are not this tenant's.
-        let mut stale = [0u8; 2048];
-        while link.link.recv(&mut stale).is_ok() {}
+        // The port's link is by memory: nothing waits in it between tenants (frames the switch
+        // sent toward a departed tenant were completed as link errors when its device stopped).
         let config = VmConfig {
             name: spec.id.clone(),
             mem_mib: spec.memory_mib,

@@ -366,7 +366,7 @@ impl Host {
         // Tell the network where the tenant is now.
         if let Some(frame) = announcement(mac, spec.ip) {
             let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = ports[slot].0.link.send(&frame) {
+            if let Err(e) = ports[slot].0.link.send_frame(&frame) {
                 log::warn!("{id}: cannot announce the migrated tenant: {e}");
             }
         }

@@ -180,19 +180,73 @@ impl VmConfig {
     }
 }
 
-/// One end of a `socketpair(AF_UNIX, SOCK_DGRAM)` carrying Ethernet frames between two VMs of
-/// this VMM: a tenant's virtio-net and its port on the switch-tier micro-VM.
+/// One end of an in-process link carrying Ethernet frames between two VMs of this VMM (a
+/// tenant's virtio-net and its port on the switch-tier micro-VM), or between a VM and a host-side
+/// endpoint (a benchmark, a test).
 #[derive(Clone, Debug)]
 pub struct LinkConfig {
-    pub link: Arc<std::os::unix::net::UnixDatagram>,
+    pub link: LinkEnd,
     pub mac: [u8; 6],
     /// For a switch port: the tenant behind it.
     pub tenant: u32,
 }
 
+/// What a link end is.
+#[derive(Clone, Debug)]
+pub enum LinkEnd {
+    /// By memory: the two devices read and write each other's virtqueues (the fast path).
+    Memory(crate::devices::virtio::net::MemLinkEnd),
+    /// One end of a `socketpair(AF_UNIX, SOCK_DGRAM)`, non-blocking: one system call per frame.
+    /// For a peer that holds the other end as a socket (a test that injects and reads frames
+    /// with plain `send`/`recv`).
+    Socket(Arc<std::os::unix::net::UnixDatagram>),
+}
+
+impl LinkEnd {
+    /// Sends one frame from the host as if this end's VM had sent it.
+    pub fn send_frame(&self, frame: &[u8]) -> std::io::Result<()> {
+        match self {
+            LinkEnd::Memory(end) => end.send_frame(frame),
+            LinkEnd::Socket(socket) => socket.send(frame).map(|_| ()),
+        }
+    }
+}
+
 impl LinkConfig {
-    /// A connected pair: (the tenant's end, the switch port's end).
+    /// A connected pair by memory: (the tenant's end, the switch port's end).
     pub fn pair(tenant: u32, mac: [u8; 6]) -> std::io::Result<(LinkConfig, LinkConfig)> {
+        let (a, b) =
+            crate::devices::virtio::net::MemLinkEnd::pair().map_err(std::io::Error::other)?;
+        let end = |link| LinkConfig {
+            link: LinkEnd::Memory(link),
+            mac,
+            tenant,
+        };
+        Ok((end(a), end(b)))
+    }
+
+    /// A host endpoint and the VM's end of a link by memory.
+    pub fn host_pair(
+        tenant: u32,
+        mac: [u8; 6],
+    ) -> std::io::Result<(crate::devices::virtio::net::HostPort, LinkConfig)> {
+        let (host, end) =
+            crate::devices::virtio::net::MemLinkEnd::host_pair().map_err(std::io::Error::other)?;
+        Ok((
+            host,
+            LinkConfig {
+                link: LinkEnd::Memory(end),
+                mac,
+                tenant,
+            },
+        ))
+    }
+
+    /// A connected pair over a datagram socket pair: (the peer's socket, the VM's end).
+    pub fn socket_pair(
+        tenant: u32,
+        mac: [u8; 6],
+    ) -> std::io::Result<(std::os::unix::net::UnixDatagram, LinkConfig)> {
         let (a, b) = std::os::unix::net::UnixDatagram::pair()?;
         a.set_nonblocking(true)?;
         b.set_nonblocking(true)?;
@@ -211,13 +265,9 @@ impl LinkConfig {
             };
         }
         Ok((
+            a,
             LinkConfig {
-                link: Arc::new(a),
-                mac,
-                tenant,
-            },
-            LinkConfig {
-                link: Arc::new(b),
+                link: LinkEnd::Socket(Arc::new(b)),
                 mac,
                 tenant,
             },
@@ -281,13 +331,26 @@ mod tests {
     }
 
     #[test]
-    fn a_link_pair_carries_frames_both_ways() {
+    fn a_socket_link_pair_carries_frames_both_ways() {
+        let (a, b) = LinkConfig::socket_pair(7, [2, 0, 0, 0, 0, 1]).unwrap();
+        assert_eq!(b.tenant, 7);
+        let LinkEnd::Socket(b) = b.link else {
+            panic!("a socket pair's VM end is a socket")
+        };
+        a.send(b"ping").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(b.recv(&mut buf).unwrap(), 4);
+        b.send(b"pong!").unwrap();
+        assert_eq!(a.recv(&mut buf).unwrap(), 5);
+    }
+
+    #[test]
+    fn a_memory_link_pair_has_two_sides_of_one_link() {
         let (a, b) = LinkConfig::pair(7, [2, 0, 0, 0, 0, 1]).unwrap();
         assert_eq!((a.tenant, b.tenant), (7, 7));
-        a.link.send(b"ping").unwrap();
-        let mut buf = [0u8; 8];
-        assert_eq!(b.link.recv(&mut buf).unwrap(), 4);
-        b.link.send(b"pong!").unwrap();
-        assert_eq!(a.link.recv(&mut buf).unwrap(), 5);
+        assert!(matches!(
+            (a.link, b.link),
+            (LinkEnd::Memory(_), LinkEnd::Memory(_))
+        ));
     }
 }

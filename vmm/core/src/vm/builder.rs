@@ -23,7 +23,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::{ioctl, Vm, VmError};
 use crate::boot::{self, BootModule};
 use crate::bus::{Bus, ConsoleOutput, MmioSlot};
-use crate::config::{NetBackend, Payload, VmConfig};
+use crate::config::{LinkEnd, NetBackend, Payload, VmConfig};
 use crate::devices::tap::Tap;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{FrameLink, Net};
@@ -292,7 +292,7 @@ fn net_devices(
     fd: &VmFd,
     memory: &GuestMemoryMmap,
 ) -> Result<NetDevices, VmError> {
-    let mut backends: Vec<(Box<dyn FrameLink>, [u8; 6], u32)> = Vec::new();
+    let mut backends: Vec<(Net, u32)> = Vec::new();
     for (index, net) in config.nets.iter().enumerate() {
         let backend = || net.backend.to_string();
         let link: Box<dyn FrameLink> = match &net.backend {
@@ -322,20 +322,25 @@ fn net_devices(
                 })
             }
         };
-        backends.push((link, net.mac, net.tenant));
+        backends.push((Net::new(link, net.mac), net.tenant));
     }
     for (index, link) in config.links.iter().enumerate() {
-        let end = link
-            .link
-            .try_clone()
-            .map_err(|source| VmError::LinkSocket { index, source })?;
-        backends.push((Box::new(end), link.mac, link.tenant));
+        let device = match &link.link {
+            LinkEnd::Memory(end) => Net::with_memory_link(end.clone(), link.mac),
+            LinkEnd::Socket(socket) => {
+                let end = socket
+                    .try_clone()
+                    .map_err(|source| VmError::LinkSocket { index, source })?;
+                Net::new(Box::new(end), link.mac)
+            }
+        };
+        backends.push((device, link.tenant));
     }
     let mut devices = NetDevices {
         slots: Vec::new(),
         ports: Vec::new(),
     };
-    for (index, (backend, mac, tenant)) in backends.into_iter().enumerate() {
+    for (index, (net, tenant)) in backends.into_iter().enumerate() {
         let (base, size) = virtio_mmio_window(index as u32);
         let info = MmioDeviceInfo {
             base,
@@ -343,8 +348,7 @@ fn net_devices(
             gsi: VIRTIO_FIRST_GSI + index as u32,
         };
         let net_error = |source| VmError::NetDevice { index, source };
-        let transport = MmioTransport::new(memory.clone(), Box::new(Net::new(backend, mac)))
-            .map_err(net_error)?;
+        let transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
         transport.register_with_kvm(fd, &info).map_err(net_error)?;
         let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));
         devices.slots.push(MmioSlot { base, size, device });

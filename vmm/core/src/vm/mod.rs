@@ -141,6 +141,9 @@ pub struct VmOutcome {
     /// Resident memory of the whole VMM process when the VM stopped (guest pages it touched
     /// included), KiB.
     pub vmm_rss_kib: u64,
+    /// Of that, this VM's guest RAM resident in host memory (`mincore`), KiB: RSS minus this is
+    /// the VMM's own overhead (with one VM in the process).
+    pub guest_resident_kib: u64,
     pub stats: VcpuStats,
     /// What a firewall micro-VM published in its counters block.
     #[serde(skip_serializing_if = "Option::is_none")]

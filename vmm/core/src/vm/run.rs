@@ -68,6 +68,7 @@ impl Vm {
             wall_ms: started.elapsed().as_millis() as u64,
             markers,
             vmm_rss_kib: resident_kib(),
+            guest_resident_kib: crate::guest_ram::resident_kib(&self.memory),
             stats,
             firewall: self
                 .verdict_region

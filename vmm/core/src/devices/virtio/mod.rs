@@ -68,6 +68,8 @@ pub enum VirtioError {
     Thread(#[source] io::Error),
     #[error("the device has no backend (it failed or was never given one)")]
     NoBackend,
+    #[error("in-process link: {0}")]
+    Link(#[source] net::memlink::MemLinkError),
 }
 
 /// The device-to-driver interrupt: the InterruptStatus bits the guest reads and acknowledges,

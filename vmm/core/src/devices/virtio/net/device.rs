@@ -14,21 +14,36 @@ use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{Backend, Token};
+use super::backend::{Backend, MemBackend, Token};
+use super::memlink::{GuestQueue, MemLinkEnd};
 use super::{FrameLink, NetCounters, F_MAC, F_STATUS, MAX_FRAME, QUEUE_SIZE, S_LINK_UP};
+
+/// The backend thread's state, by attachment.
+enum Thread {
+    Frames(Backend),
+    Memory(MemBackend),
+}
 use crate::devices::virtio::{
     features, read_config_bytes, Activation, VirtioDevice, VirtioError, DEVICE_ID_NET,
 };
 
 struct Worker {
     stop: EventFd,
-    handle: JoinHandle<Box<dyn FrameLink>>,
+    handle: JoinHandle<Attachment>,
+}
+
+/// What a device's frames travel over.
+pub(super) enum Attachment {
+    /// A file descriptor (TAP, VXLAN socket, datagram socket): one system call per frame.
+    Frames(Box<dyn FrameLink>),
+    /// An in-process link by memory ([`MemLinkEnd`]).
+    Memory(MemLinkEnd),
 }
 
 /// A virtio-net device. Wrap it in an [`crate::devices::virtio::mmio::MmioTransport`].
 pub struct Net {
     config: [u8; 8],
-    link: Option<Box<dyn FrameLink>>,
+    link: Option<Attachment>,
     counters: Arc<NetCounters>,
     worker: Option<Worker>,
 }
@@ -36,6 +51,15 @@ pub struct Net {
 impl Net {
     /// A device with MAC address `mac` whose frames go to `link`.
     pub fn new(link: Box<dyn FrameLink>, mac: [u8; 6]) -> Net {
+        Net::attached(Attachment::Frames(link), mac)
+    }
+
+    /// A device with MAC address `mac` on one end of an in-process link by memory.
+    pub fn with_memory_link(end: MemLinkEnd, mac: [u8; 6]) -> Net {
+        Net::attached(Attachment::Memory(end), mac)
+    }
+
+    fn attached(link: Attachment, mac: [u8; 6]) -> Net {
         let mut config = [0u8; 8];
         // struct virtio_net_config (§5.1.4): mac[6], status (le16).
         config[..6].copy_from_slice(&mac);
@@ -59,6 +83,11 @@ impl Net {
             match worker.handle.join() {
                 Ok(link) => self.link = Some(link),
                 Err(_) => log::error!("virtio-net: the backend thread panicked; the link is lost"),
+            }
+            if let Some(Attachment::Memory(end)) = &self.link {
+                // Nothing of this guest's memory is touched by the link after this.
+                end.detach();
+                end.release();
             }
         }
     }
@@ -107,51 +136,84 @@ impl VirtioDevice for Net {
         ) else {
             return Err(VirtioError::BadQueue(2));
         };
-        let link_fd = self
-            .link
-            .as_ref()
-            .ok_or(VirtioError::NoBackend)?
-            .as_raw_fd();
+        let event_idx = acked_features & features::RING_EVENT_IDX != 0;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd)?;
+        let stop_for_thread = stop.try_clone().map_err(VirtioError::EventFd)?;
         // Everything that can fail is set up before the link moves to the thread.
         let epoll = Epoll::new().map_err(VirtioError::Thread)?;
-        for (fd, token) in [
+        let mut watched = vec![
             (rx_event.as_raw_fd(), Token::RxQueue),
             (tx_event.as_raw_fd(), Token::TxQueue),
             (stop.as_raw_fd(), Token::Stop),
-            (link_fd, Token::Link),
-        ] {
-            epoll
-                .ctl(
-                    ControlOperation::Add,
-                    fd,
-                    EpollEvent::new(EventSet::IN, token as u64),
-                )
-                .map_err(VirtioError::Thread)?;
+        ];
+        let link_fd = match self.link.as_ref().ok_or(VirtioError::NoBackend)? {
+            Attachment::Frames(link) => Some(link.as_raw_fd()),
+            Attachment::Memory(end) => {
+                end.claim().map_err(VirtioError::Link)?;
+                None
+            }
+        };
+        if let Some(fd) = link_fd {
+            watched.push((fd, Token::Link));
         }
-        let stop_for_thread = stop.try_clone().map_err(VirtioError::EventFd)?;
+        for (fd, token) in watched {
+            if let Err(e) = epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token as u64),
+            ) {
+                if let Some(Attachment::Memory(end)) = &self.link {
+                    end.release();
+                }
+                return Err(VirtioError::Thread(e));
+            }
+        }
         let link = self.link.take().ok_or(VirtioError::NoBackend)?;
-        let backend = Backend {
-            mem,
-            rx,
-            tx,
-            rx_event,
-            tx_event,
-            stop: stop_for_thread,
-            interrupt,
-            event_idx: acked_features & features::RING_EVENT_IDX != 0,
-            link,
-            link_fd,
-            link_armed: true,
-            epoll,
-            counters: self.counters.clone(),
-            pending: None,
-            rx_buf: vec![0; MAX_FRAME],
-            tx_buf: vec![0; MAX_FRAME],
+        let backend = match link {
+            Attachment::Frames(link) => Thread::Frames(Backend {
+                mem,
+                rx,
+                tx,
+                rx_event,
+                tx_event,
+                stop: stop_for_thread,
+                interrupt,
+                event_idx,
+                link,
+                link_fd: link_fd.unwrap_or(-1),
+                link_armed: true,
+                epoll,
+                counters: self.counters.clone(),
+                pending: None,
+                rx_buf: vec![0; MAX_FRAME],
+                tx_buf: vec![0; MAX_FRAME],
+            }),
+            Attachment::Memory(end) => {
+                let queue = |q| {
+                    GuestQueue::new(
+                        mem.clone(),
+                        q,
+                        interrupt.clone(),
+                        event_idx,
+                        self.counters.clone(),
+                    )
+                };
+                end.attach(queue(rx), queue(tx));
+                Thread::Memory(MemBackend {
+                    end,
+                    rx_event,
+                    tx_event,
+                    stop: stop_for_thread,
+                    epoll,
+                })
+            }
         };
         let handle = std::thread::Builder::new()
             .name("vigil-virtio-net".into())
-            .spawn(move || backend.run())
+            .spawn(move || match backend {
+                Thread::Frames(b) => Attachment::Frames(b.run()),
+                Thread::Memory(b) => Attachment::Memory(b.run()),
+            })
             .map_err(VirtioError::Thread)?;
         self.worker = Some(Worker { stop, handle });
         Ok(())

@@ -24,15 +24,19 @@ pub mod device;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod link;
+pub mod memlink;
 mod rx;
 mod tx;
 
+#[cfg(test)]
+mod memlink_tests;
 #[cfg(test)]
 mod tests;
 
 pub use counters::{NetCounters, NetStats};
 pub use device::Net;
 pub use link::FrameLink;
+pub use memlink::{HostPort, MemLinkEnd, MemLinkError};
 
 /// Queue indices (virtio 1.2 §5.1.2: receiveq1 is 0, transmitq1 is 1).
 pub const RX_QUEUE: usize = 0;

@@ -1,0 +1,684 @@
+//! In-process links by memory, vhost-user style: two virtio-net devices of one VMM process (a
+//! tenant and its switch port), or a device and a host-side endpoint (a benchmark's generator and
+//! sink, a test), exchange frames by reading one guest's transmit queue and writing the other
+//! guest's receive queue directly: exactly one copy per frame, no system call per frame, no
+//! buffer in between (a frame waits in its sender's ring until the receiver posts a buffer).
+//!
+//! A link has two ends (sides 0 and 1) and two directions; direction `k` carries frames from side
+//! `k` to side `1 - k`. When a device on side `k` activates it lends its transmit queue to
+//! direction `k` (as the source) and its receive queue to direction `1 - k` (as the
+//! destination); its backend thread then pumps direction `k` when its guest kicks TX and
+//! direction `1 - k` when its guest posts receive buffers (kicks RX), so whichever side makes
+//! progress possible moves the frames. Each direction is one mutex, taken once per batch.
+//!
+//! Notifications: while a pump finds work it keeps the source's kicks off; it turns them back on
+//! only when the source is empty (and the destination's kicks on only when the destination has no
+//! buffers), re-checking after each, so a guest that polls (the micro-VM) makes no exits while
+//! frames flow. A host end polls with its own kicks off and sleeps on an eventfd when idle.
+//!
+//! Owns: [`MemLinkEnd`], [`HostPort`], the per-direction state and the pump.
+//! Must not: trust a descriptor, length or index from either guest (chains are checked against
+//! each guest's memory, lengths against `MAX_FRAME`, lying rings count as queue errors), keep a
+//! queue after its device resets (the device takes it back under the lock, so nothing writes its
+//! guest's memory afterwards), allocate per frame, or lose a frame without counting it.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::counters::{bump, NetCounters};
+use super::{MAX_FRAME, NET_HDR_LEN, NUM_BUFFERS_OFFSET, VRING_AVAIL_F_NO_INTERRUPT};
+use crate::devices::virtio::{interrupt, Interrupt};
+
+/// Most descriptors a chain may have here (longer ones are malformed for this device).
+const MAX_SEGMENTS: usize = 64;
+/// Frames one pump call moves before it lets go of the lock.
+pub(super) const PUMP_BUDGET: usize = 256;
+
+/// One guest queue lent to a link by its device.
+pub(super) struct GuestQueue {
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) queue: Queue,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) event_idx: bool,
+    pub(super) counters: Arc<NetCounters>,
+    /// Used entries added since the last interrupt decision.
+    used: bool,
+}
+
+impl GuestQueue {
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        queue: Queue,
+        interrupt: Arc<Interrupt>,
+        event_idx: bool,
+        counters: Arc<NetCounters>,
+    ) -> GuestQueue {
+        GuestQueue {
+            mem,
+            queue,
+            interrupt,
+            event_idx,
+            counters,
+            used: false,
+        }
+    }
+
+    fn add_used(&mut self, head: u16, len: u32) {
+        if self.queue.add_used(&self.mem, head, len).is_err() {
+            bump(&self.counters.queue_errors, 1);
+        }
+        self.used = true;
+    }
+
+    /// Raises the used-buffer interrupt after used-ring updates, unless the driver suppressed it.
+    fn signal_used(&mut self) {
+        if !std::mem::take(&mut self.used) {
+            return;
+        }
+        let wanted = match self.queue.needs_notification(&self.mem) {
+            Ok(true) if !self.event_idx => self
+                .mem
+                .read_obj::<u16>(GuestAddress(self.queue.avail_ring()))
+                .map_or(true, |flags| {
+                    u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
+                }),
+            Ok(wanted) => wanted,
+            Err(_) => true,
+        };
+        if wanted {
+            bump(&self.counters.interrupts, 1);
+            self.interrupt.signal(interrupt::USED_BUFFER);
+        }
+    }
+
+    /// Kicks off (the pump polls) or on (re-checked: `true` when more is available already).
+    fn notifications(&mut self, on: bool) -> bool {
+        if on {
+            match self.queue.enable_notification(&self.mem) {
+                Ok(more) => more,
+                Err(_) => {
+                    bump(&self.counters.queue_errors, 1);
+                    false
+                }
+            }
+        } else {
+            let _ = self.queue.disable_notification(&self.mem);
+            false
+        }
+    }
+}
+
+/// A chain's buffers as host addresses, all inside the guest's memory.
+struct Segments {
+    at: [(*mut u8, usize); MAX_SEGMENTS],
+    count: usize,
+    total: usize,
+}
+
+impl Segments {
+    /// The readable (`write == false`) or writable buffers of `chain`; None when one lies
+    /// outside guest memory, the chain is longer than `MAX_SEGMENTS` or its total overflows.
+    fn of(chain: DescriptorChain<&GuestMemoryMmap>, write: bool) -> Option<Segments> {
+        let mem = chain.memory();
+        let mut s = Segments {
+            at: [(std::ptr::null_mut(), 0); MAX_SEGMENTS],
+            count: 0,
+            total: 0,
+        };
+        let descriptors = if write {
+            chain.clone().writable()
+        } else {
+            chain.clone().readable()
+        };
+        for desc in descriptors {
+            let len = desc.len() as usize;
+            if len == 0 {
+                continue;
+            }
+            let slice = mem.get_slice(desc.addr(), len).ok()?;
+            if s.count == MAX_SEGMENTS {
+                return None;
+            }
+            s.at[s.count] = (slice.ptr_guard_mut().as_ptr(), len);
+            s.count += 1;
+            s.total = s.total.checked_add(len)?;
+        }
+        Some(s)
+    }
+
+    /// Copies `len` bytes from offset `from` of `src` to offset `to` of `self`.
+    ///
+    /// # Safety
+    /// Both segment lists must point into guest memory that stays mapped for the call, and
+    /// `from + len <= src.total`, `to + len <= self.total`.
+    unsafe fn copy_from(&self, to: usize, src: &Segments, from: usize, len: usize) {
+        let (mut si, mut so) = src.locate(from);
+        let (mut di, mut doff) = self.locate(to);
+        let mut left = len;
+        while left > 0 {
+            let (sp, sl) = src.at[si];
+            let (dp, dl) = self.at[di];
+            let n = left.min(sl - so).min(dl - doff);
+            // SAFETY: inside both segments (the caller bounds the totals); guest buffers of two
+            // guests, or of one guest that chose to overlap its own buffers (then the copy's
+            // result is unspecified bytes, never memory outside the guest's).
+            unsafe { std::ptr::copy(sp.add(so), dp.add(doff), n) };
+            left -= n;
+            so += n;
+            doff += n;
+            if so == sl {
+                si += 1;
+                so = 0;
+            }
+            if doff == dl {
+                di += 1;
+                doff = 0;
+            }
+        }
+    }
+
+    /// Copies `bytes` from the host to offset `to`; the caller checked that they fit.
+    fn write_at(&self, to: usize, bytes: &[u8]) {
+        let (mut i, mut off) = self.locate(to);
+        let mut done = 0;
+        while done < bytes.len() {
+            let (p, l) = self.at[i];
+            let n = (bytes.len() - done).min(l - off);
+            // SAFETY: inside segment i of guest memory (checked when the list was made; the
+            // mapping outlives the call: the caller holds the memory handle).
+            unsafe { std::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), p.add(off), n) };
+            done += n;
+            off += n;
+            if off == l {
+                i += 1;
+                off = 0;
+            }
+        }
+    }
+
+    /// Copies `out.len()` bytes from offset `from` to the host; the caller checked the length.
+    fn read_at(&self, from: usize, out: &mut [u8]) {
+        let (mut i, mut off) = self.locate(from);
+        let mut done = 0;
+        while done < out.len() {
+            let (p, l) = self.at[i];
+            let n = (out.len() - done).min(l - off);
+            // SAFETY: as in `write_at`.
+            unsafe { std::ptr::copy_nonoverlapping(p.add(off), out[done..].as_mut_ptr(), n) };
+            done += n;
+            off += n;
+            if off == l {
+                i += 1;
+                off = 0;
+            }
+        }
+    }
+
+    /// (segment, offset in it) of byte `at` (`at < total`, or `at == total` with nothing to do).
+    fn locate(&self, mut at: usize) -> (usize, usize) {
+        for (i, &(_, l)) in self.at[..self.count].iter().enumerate() {
+            if at < l {
+                return (i, at);
+            }
+            at -= l;
+        }
+        (self.count, 0)
+    }
+}
+
+/// The zero `virtio_net_hdr_v1` with num_buffers = 1 ahead of every received frame.
+fn rx_header() -> [u8; NET_HDR_LEN] {
+    let mut header = [0u8; NET_HDR_LEN];
+    header[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&1u16.to_le_bytes());
+    header
+}
+
+/// One direction of a link: the sending guest's TX queue and the receiving guest's RX queue,
+/// each present while its device is active (a host end has neither: it is the other side).
+#[derive(Default)]
+pub(super) struct Direction {
+    pub(super) src: Option<GuestQueue>,
+    pub(super) dst: Option<GuestQueue>,
+}
+
+/// Why a pump stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Stopped {
+    /// The source has nothing more (its kicks are on again).
+    SourceEmpty,
+    /// The destination has no buffer (its kicks are on again; the source waits in its ring).
+    DestinationFull,
+    /// The budget ran out with work left: call again.
+    Budget,
+    /// A side is missing or a ring is broken: nothing to do until a kick.
+    Idle,
+}
+
+/// What one chain of the source became.
+enum Moved {
+    Frame,
+    /// Malformed or refused: completed, counted.
+    Dropped,
+    /// The destination buffer was unusable: returned empty, the frame stays for the next one.
+    BadBuffer,
+}
+
+impl Direction {
+    /// Moves frames from `src` to `dst` until one runs out or `budget` frames moved.
+    pub(super) fn pump(&mut self, budget: usize) -> Stopped {
+        let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
+            return Stopped::Idle;
+        };
+        let mut moved = 0usize;
+        let mut empty_rounds = 0;
+        let stopped = loop {
+            if moved >= budget {
+                break Stopped::Budget;
+            }
+            src.notifications(false);
+            dst.notifications(false);
+            let mut progress = false;
+            let why = loop {
+                if moved >= budget {
+                    break Stopped::Budget;
+                }
+                let dchain = match dst.queue.iter(&dst.mem) {
+                    Ok(mut it) => it.next(),
+                    Err(_) => {
+                        bump(&dst.counters.queue_errors, 1);
+                        break Stopped::Idle;
+                    }
+                };
+                let Some(dchain) = dchain else {
+                    break Stopped::DestinationFull;
+                };
+                let schain = match src.queue.iter(&src.mem) {
+                    Ok(mut it) => it.next(),
+                    Err(_) => {
+                        bump(&src.counters.queue_errors, 1);
+                        dst.queue.go_to_previous_position();
+                        break Stopped::Idle;
+                    }
+                };
+                let Some(schain) = schain else {
+                    dst.queue.go_to_previous_position();
+                    break Stopped::SourceEmpty;
+                };
+                progress = true;
+                moved += 1;
+                let (shead, dhead) = (schain.head_index(), dchain.head_index());
+                let from = Segments::of(schain, false);
+                let to = Segments::of(dchain, true);
+                match move_one(src, from, dst, dhead, to) {
+                    Moved::Frame | Moved::Dropped => src.add_used(shead, 0),
+                    Moved::BadBuffer => src.queue.go_to_previous_position(),
+                }
+            };
+            match why {
+                Stopped::SourceEmpty if !src.notifications(true) => break why,
+                Stopped::DestinationFull if !dst.notifications(true) => break why,
+                Stopped::SourceEmpty | Stopped::DestinationFull => {
+                    // More arrived while the kicks were off: another round, unless the ring
+                    // says "more" and yields nothing (a lying index), which would spin.
+                    if !progress {
+                        empty_rounds += 1;
+                        if empty_rounds > 2 {
+                            bump(&src.counters.queue_errors, 1);
+                            break Stopped::Idle;
+                        }
+                    }
+                }
+                other => break other,
+            }
+        };
+        src.signal_used();
+        dst.signal_used();
+        stopped
+    }
+
+    /// The destination is gone (its device reset) and no host end pulls: every frame waiting in
+    /// the source is completed and counted as a link error (a cable pulled mid-stream).
+    pub(super) fn drop_waiting(&mut self) {
+        let Some(src) = self.src.as_mut() else {
+            return;
+        };
+        for _ in 0..usize::from(src.queue.size()) {
+            let chain = match src.queue.iter(&src.mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => {
+                    bump(&src.counters.queue_errors, 1);
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            bump(&src.counters.tx_link_errors, 1);
+            src.add_used(head, 0);
+        }
+        src.notifications(true);
+        src.signal_used();
+    }
+}
+
+/// Copies one frame from a TX chain to an RX chain and completes the RX chain (not the TX one).
+fn move_one(
+    src: &mut GuestQueue,
+    from: Option<Segments>,
+    dst: &mut GuestQueue,
+    dhead: u16,
+    to: Option<Segments>,
+) -> Moved {
+    let Some(from) = from.filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
+    else {
+        bump(&src.counters.tx_dropped_malformed, 1);
+        dst.queue.go_to_previous_position();
+        return Moved::Dropped;
+    };
+    let len = from.total - NET_HDR_LEN;
+    let Some(to) = to else {
+        bump(&dst.counters.rx_bad_buffers, 1);
+        dst.add_used(dhead, 0);
+        return Moved::BadBuffer;
+    };
+    if to.total < NET_HDR_LEN + len {
+        // Too big for the receiver's buffers (it posts buffers of one size): dropped, the
+        // buffer kept for the next frame.
+        bump(&dst.counters.rx_dropped_too_big, 1);
+        dst.queue.go_to_previous_position();
+        return Moved::Dropped;
+    }
+    to.write_at(0, &rx_header());
+    // SAFETY: both lists lie in mapped guest memory (each queue holds its memory handle), and
+    // the lengths were checked above.
+    unsafe { to.copy_from(NET_HDR_LEN, &from, NET_HDR_LEN, len) };
+    dst.add_used(dhead, (NET_HDR_LEN + len) as u32);
+    bump(&src.counters.tx_frames, 1);
+    bump(&src.counters.tx_bytes, len as u64);
+    bump(&dst.counters.rx_frames, 1);
+    bump(&dst.counters.rx_bytes, len as u64);
+    Moved::Frame
+}
+
+/// Writes host frames into a guest's receive queue while it has buffers; returns how many it
+/// took (a frame too big for its buffers is taken, dropped and counted).
+fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>) -> usize {
+    dst.notifications(false);
+    let header = rx_header();
+    let mut taken = 0;
+    for frame in frames {
+        let chain = match dst.queue.iter(&dst.mem) {
+            Ok(mut it) => it.next(),
+            Err(_) => {
+                bump(&dst.counters.queue_errors, 1);
+                break;
+            }
+        };
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        let Some(to) = Segments::of(chain, true) else {
+            bump(&dst.counters.rx_bad_buffers, 1);
+            dst.add_used(head, 0);
+            continue;
+        };
+        taken += 1;
+        if frame.len() > MAX_FRAME || to.total < NET_HDR_LEN + frame.len() {
+            bump(&dst.counters.rx_dropped_too_big, 1);
+            dst.queue.go_to_previous_position();
+            continue;
+        }
+        to.write_at(0, &header);
+        to.write_at(NET_HDR_LEN, frame);
+        dst.add_used(head, (NET_HDR_LEN + frame.len()) as u32);
+        bump(&dst.counters.rx_frames, 1);
+        bump(&dst.counters.rx_bytes, frame.len() as u64);
+    }
+    dst.signal_used();
+    taken
+}
+
+/// What both ends share.
+pub(super) struct Shared {
+    /// `dirs[k]` carries frames from side k to side 1 - k.
+    pub(super) dirs: [Mutex<Direction>; 2],
+    /// Signalled for a host end on side k when its peer's guest kicked (frames to pull, or
+    /// buffers to fill).
+    pub(super) wake: [EventFd; 2],
+    /// Whether side k is a host end (it pulls and pushes itself).
+    pub(super) host: [bool; 2],
+    /// Whether a device or host end holds side k.
+    claimed: [AtomicBool; 2],
+}
+
+impl Shared {
+    pub(super) fn dir(&self, k: usize) -> MutexGuard<'_, Direction> {
+        self.dirs[k].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// One end of an in-process link, for a virtio-net device ([`super::Net::with_memory_link`]).
+#[derive(Clone)]
+pub struct MemLinkEnd {
+    pub(super) shared: Arc<Shared>,
+    pub(super) side: usize,
+}
+
+impl std::fmt::Debug for MemLinkEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MemLinkEnd(side {})", self.side)
+    }
+}
+
+/// Why a link end cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum MemLinkError {
+    #[error("creating the link's eventfds: {0}")]
+    EventFd(#[source] io::Error),
+    #[error("side {0} of the link is held by another device already")]
+    Claimed(usize),
+}
+
+fn shared(host: [bool; 2]) -> Result<Arc<Shared>, MemLinkError> {
+    let wake = || EventFd::new(EFD_NONBLOCK).map_err(MemLinkError::EventFd);
+    Ok(Arc::new(Shared {
+        dirs: [Mutex::default(), Mutex::default()],
+        wake: [wake()?, wake()?],
+        host,
+        claimed: [AtomicBool::new(false), AtomicBool::new(false)],
+    }))
+}
+
+impl MemLinkEnd {
+    /// Two device ends of a new link.
+    pub fn pair() -> Result<(MemLinkEnd, MemLinkEnd), MemLinkError> {
+        let shared = shared([false, false])?;
+        Ok((
+            MemLinkEnd {
+                shared: shared.clone(),
+                side: 0,
+            },
+            MemLinkEnd { shared, side: 1 },
+        ))
+    }
+
+    /// A host end and a device end of a new link.
+    pub fn host_pair() -> Result<(HostPort, MemLinkEnd), MemLinkError> {
+        let shared = shared([true, false])?;
+        shared.claimed[0].store(true, Ordering::Release);
+        Ok((
+            HostPort {
+                shared: shared.clone(),
+            },
+            MemLinkEnd { shared, side: 1 },
+        ))
+    }
+
+    /// Sends one frame from the host as if this end's device had sent it (the host announcing a
+    /// migrated tenant): written straight into the peer's receive queue.
+    pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
+        let mut dir = self.shared.dir(self.side);
+        let Some(dst) = dir.dst.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        if deliver(dst, [frame]) == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(())
+    }
+
+    pub(super) fn peer(&self) -> usize {
+        1 - self.side
+    }
+
+    /// Takes this side for one device (until [`MemLinkEnd::release`]).
+    pub(super) fn claim(&self) -> Result<(), MemLinkError> {
+        if self.shared.claimed[self.side].swap(true, Ordering::AcqRel) {
+            return Err(MemLinkError::Claimed(self.side));
+        }
+        Ok(())
+    }
+
+    pub(super) fn release(&self) {
+        self.shared.claimed[self.side].store(false, Ordering::Release);
+    }
+
+    /// Lends a device's queues to the link and moves what waits already.
+    pub(super) fn attach(&self, rx: GuestQueue, tx: GuestQueue) {
+        self.shared.dir(self.side).src = Some(tx);
+        self.shared.dir(self.peer()).dst = Some(rx);
+    }
+
+    /// Takes the queues back: after this the link touches none of this device's guest memory.
+    /// Frames the peer's guest queued for this side are completed and counted as link errors.
+    pub(super) fn detach(&self) {
+        self.shared.dir(self.side).src = None;
+        let mut inbound = self.shared.dir(self.peer());
+        inbound.dst = None;
+        if !self.shared.host[self.peer()] {
+            inbound.drop_waiting();
+        }
+    }
+
+    /// Pumps direction `k`, and wakes a host end that should look. Returns whether the budget
+    /// ran out with work left.
+    pub(super) fn pump(&self, k: usize) -> bool {
+        let receiver = 1 - k;
+        if self.shared.host[receiver] || self.shared.host[k] {
+            let _ = self.shared.wake[if self.shared.host[receiver] {
+                receiver
+            } else {
+                k
+            }]
+            .write(1);
+            return false;
+        }
+        let mut dir = self.shared.dir(k);
+        if dir.dst.is_none() {
+            // Nobody on the other side: the frames go nowhere, as on an unplugged cable.
+            dir.drop_waiting();
+            return false;
+        }
+        dir.pump(PUMP_BUDGET) == Stopped::Budget
+    }
+}
+
+/// The host side of a link to one device: a benchmark's generator and sink, or a test. It writes
+/// frames straight into the device's receive queue and reads them straight from its transmit
+/// queue (one copy each), polling with the guest's kicks off; [`HostPort::wait`] sleeps.
+pub struct HostPort {
+    shared: Arc<Shared>,
+}
+
+impl HostPort {
+    /// Delivers frames to the device's guest while it has buffers; returns how many it took
+    /// (0 while the device is not active). Frames above `MAX_FRAME` or its buffers are skipped
+    /// and counted by the device (`rx_dropped_too_big`).
+    pub fn send<'f>(&self, frames: impl IntoIterator<Item = &'f [u8]>) -> usize {
+        match self.shared.dir(0).dst.as_mut() {
+            Some(dst) => deliver(dst, frames),
+            None => 0,
+        }
+    }
+
+    /// Takes up to `max` frames the device's guest transmitted: each is copied into `scratch`
+    /// (one copy) and handed to `each`. Returns how many. Malformed chains are completed and
+    /// counted by the device (`tx_dropped_malformed`); a frame longer than `scratch` is cut.
+    pub fn recv(&self, max: usize, scratch: &mut [u8], mut each: impl FnMut(&[u8])) -> usize {
+        let mut dir = self.shared.dir(1);
+        let Some(src) = dir.src.as_mut() else {
+            return 0;
+        };
+        src.notifications(false);
+        let mut got = 0;
+        while got < max {
+            let chain = match src.queue.iter(&src.mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => {
+                    bump(&src.counters.queue_errors, 1);
+                    break;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            match Segments::of(chain, false)
+                .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
+            {
+                Some(from) => {
+                    let len = (from.total - NET_HDR_LEN).min(scratch.len());
+                    from.read_at(NET_HDR_LEN, &mut scratch[..len]);
+                    bump(&src.counters.tx_frames, 1);
+                    bump(&src.counters.tx_bytes, len as u64);
+                    got += 1;
+                    each(&scratch[..len]);
+                }
+                None => bump(&src.counters.tx_dropped_malformed, 1),
+            }
+            src.add_used(head, 0);
+        }
+        src.signal_used();
+        got
+    }
+
+    /// Whether the device is active (its queues are lent to the link).
+    pub fn connected(&self) -> bool {
+        self.shared.dir(1).src.is_some() && self.shared.dir(0).dst.is_some()
+    }
+
+    /// Sleeps until the guest kicks (it transmitted, or posted receive buffers) or `timeout`
+    /// passes. The kicks are turned on first and re-checked, so nothing that arrived before the
+    /// call is slept through; returns at once when there is something already.
+    pub fn wait(&self, timeout: Duration) {
+        let ready = {
+            let mut out = self.shared.dir(1);
+            let more_out = out.src.as_mut().is_some_and(|q| q.notifications(true));
+            drop(out);
+            let mut into = self.shared.dir(0);
+            let more_in = into.dst.as_mut().is_some_and(|q| q.notifications(true));
+            more_out || more_in
+        };
+        if ready {
+            return;
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.shared.wake[0]);
+        let mut poll = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        unsafe { libc::poll(&mut poll, 1, ms) };
+        let _ = self.shared.wake[0].read();
+    }
+}
+
+impl Drop for HostPort {
+    fn drop(&mut self) {
+        self.shared.claimed[0].store(false, Ordering::Release);
+    }
+}
