@@ -1,7 +1,8 @@
 //! virtio-net (virtio 1.2 §5.1): one receive and one transmit queue, a MAC address, link status,
-//! no offloads. Frames travel between the queues and a [`FrameLink`] (a TAP device, or one end of
-//! a datagram socket pair) on one backend thread per device, started when the driver sets
-//! DRIVER_OK and stopped when it resets the device or the device is dropped.
+//! no offloads. Frames travel between the queues and a [`FrameLink`] (a TAP device, a VXLAN socket,
+//! one end of a datagram socket pair), or straight into the queues of the device at the other end
+//! of an in-process link by memory ([`memlink`]), on one backend thread per device, started when
+//! the driver sets DRIVER_OK and stopped when it resets the device or the device is dropped.
 //!
 //! Every frame carries a 12-byte `virtio_net_hdr_v1` (§5.1.6) ahead of it in the queues; with no
 //! offload features negotiated it is all zero on receive (num_buffers = 1) and ignored on
@@ -10,7 +11,8 @@
 //! By concern, as Firecracker splits its `devices/virtio/net/`: [`device`] (the device the
 //! transport sees, its configuration space and the backend thread's life), `backend` (the
 //! thread's event loop, ring access and interrupts), `rx` and `tx` (the two data paths),
-//! [`link`] (where frames go), [`counters`] (what the device counts).
+//! [`link`] (where frames go over a file descriptor), [`memlink`] (links by memory),
+//! [`counters`] (what the device counts).
 //!
 //! Owns: the virtio-net device type, its ABI constants and its data path.
 //! Must not: lose a received frame without counting it, loop on a ring that lies about its
