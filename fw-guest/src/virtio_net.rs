@@ -288,7 +288,7 @@ impl<'a> Port<'a> {
         fence(Ordering::Release);
         // SAFETY: the avail ring is shared with the device.
         unsafe { write_volatile(addr_of_mut!(self.rx.avail.idx), self.rx.avail_idx) };
-        if Self::device_wants_kick(&self.rx) {
+        if Self::device_wants_kick(self.rx) {
             self.write(reg::QUEUE_NOTIFY, RX);
             self.kicks += 1;
         }
@@ -350,7 +350,7 @@ impl<'a> Port<'a> {
         fence(Ordering::Release);
         // SAFETY: the avail ring is shared with the device.
         unsafe { write_volatile(addr_of_mut!(self.tx.avail.idx), self.tx.avail_idx) };
-        if Self::device_wants_kick(&self.tx) {
+        if Self::device_wants_kick(self.tx) {
             self.write(reg::QUEUE_NOTIFY, TX);
             self.kicks += 1;
         }

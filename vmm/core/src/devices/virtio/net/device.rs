@@ -44,6 +44,8 @@ pub(super) enum Attachment {
 pub struct Net {
     config: [u8; 8],
     link: Option<Attachment>,
+    /// The end of a memory link, kept to detach it even if the backend thread dies.
+    memory_end: Option<MemLinkEnd>,
     counters: Arc<NetCounters>,
     worker: Option<Worker>,
 }
@@ -56,7 +58,9 @@ impl Net {
 
     /// A device with MAC address `mac` on one end of an in-process link by memory.
     pub fn with_memory_link(end: MemLinkEnd, mac: [u8; 6]) -> Net {
-        Net::attached(Attachment::Memory(end), mac)
+        let mut net = Net::attached(Attachment::Memory(end.clone()), mac);
+        net.memory_end = Some(end);
+        net
     }
 
     fn attached(link: Attachment, mac: [u8; 6]) -> Net {
@@ -67,6 +71,7 @@ impl Net {
         Net {
             config,
             link: Some(link),
+            memory_end: None,
             counters: Arc::new(NetCounters::default()),
             worker: None,
         }
@@ -82,7 +87,17 @@ impl Net {
             let _ = worker.stop.write(1);
             match worker.handle.join() {
                 Ok(link) => self.link = Some(link),
-                Err(_) => log::error!("virtio-net: the backend thread panicked; the link is lost"),
+                Err(_) => match &self.memory_end {
+                    // A memory link's end is shared state: take it back so the queues leave
+                    // the link (and the side can be claimed again).
+                    Some(end) => {
+                        log::error!("virtio-net: the backend thread panicked; link detached");
+                        self.link = Some(Attachment::Memory(end.clone()));
+                    }
+                    None => {
+                        log::error!("virtio-net: the backend thread panicked; the link is lost")
+                    }
+                },
             }
             if let Some(Attachment::Memory(end)) = &self.link {
                 // Nothing of this guest's memory is touched by the link after this.
