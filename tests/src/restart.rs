@@ -11,12 +11,12 @@
 //! switch_restart benchmark. Must not: touch the switch other than through the host.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use vmm_core::devices::virtio::net::HostPort;
 
 use serde_json::Value;
 use vigil_wire::verdict::{IpVersion, Protocol, Rule};
@@ -39,40 +39,34 @@ pub struct PortBridge {
 }
 
 impl PortBridge {
-    pub fn start(tap: Tap, link: Arc<UnixDatagram>) -> PortBridge {
+    pub fn start(tap: Tap, link: HostPort) -> PortBridge {
         // SAFETY: fcntl on a descriptor the Tap owns.
         unsafe {
             let fd = tap.as_raw_fd();
             let flags = libc::fcntl(fd, libc::F_GETFL);
             libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
-        link.set_nonblocking(true).expect("nonblocking link");
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut buf = vec![0u8; 65536];
+            let mut out = vec![0u8; 65536];
             while !stopped.load(Ordering::Relaxed) {
-                let mut fds = [
-                    libc::pollfd {
-                        fd: tap.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: link.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: two valid pollfds.
-                unsafe { libc::poll(fds.as_mut_ptr(), 2, 50) };
+                let mut fds = [libc::pollfd {
+                    fd: tap.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                }];
+                // The port is a memory link: its side is polled (1 ms), the TAP waited on.
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(fds.as_mut_ptr(), 1, 1) };
                 while let Ok(n) = tap.read_frame(&mut buf) {
-                    // A full link drops the frame, as a NIC whose peer is gone would.
-                    let _ = link.send(&buf[..n]);
+                    // A port without buffers drops the frame, as a NIC whose peer is gone would.
+                    let _ = link.send([&buf[..n]]);
                 }
-                while let Ok(n) = link.recv(&mut buf) {
-                    let _ = tap.write_frame(&buf[..n]);
-                }
+                link.recv(256, &mut out, |f| {
+                    let _ = tap.write_frame(f);
+                });
             }
         });
         PortBridge {

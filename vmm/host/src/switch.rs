@@ -375,8 +375,11 @@ impl Host {
     /// The tenant end of switch port `slot` (0-based): what a tenant VM's NIC is plugged into.
     /// For tests and benchmarks that stand in for a tenant's NIC (a generator port).
     #[doc(hidden)]
-    pub fn port_link(&self, slot: usize) -> Option<Arc<std::os::unix::net::UnixDatagram>> {
+    pub fn port_link(&self, slot: usize) -> Option<vmm_core::devices::virtio::net::HostPort> {
         let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-        ports.get(slot).map(|(link, _)| link.link.clone())
+        match ports.get(slot).map(|(link, _)| &link.link) {
+            Some(vmm_core::config::LinkEnd::Memory(end)) => Some(end.clone().into_host_port()),
+            _ => None,
+        }
     }
 }

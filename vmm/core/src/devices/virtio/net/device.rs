@@ -46,6 +46,8 @@ pub struct Net {
     link: Option<Attachment>,
     /// The end of a memory link, kept to detach it even if the backend thread dies.
     memory_end: Option<MemLinkEnd>,
+    /// The claim on the memory link's side while the device runs.
+    memory_generation: u64,
     counters: Arc<NetCounters>,
     worker: Option<Worker>,
 }
@@ -72,6 +74,7 @@ impl Net {
             config,
             link: Some(link),
             memory_end: None,
+            memory_generation: 0,
             counters: Arc::new(NetCounters::default()),
             worker: None,
         }
@@ -101,8 +104,7 @@ impl Net {
             }
             if let Some(Attachment::Memory(end)) = &self.link {
                 // Nothing of this guest's memory is touched by the link after this.
-                end.detach();
-                end.release();
+                end.detach(self.memory_generation);
             }
         }
     }
@@ -163,10 +165,7 @@ impl VirtioDevice for Net {
         ];
         let link_fd = match self.link.as_ref().ok_or(VirtioError::NoBackend)? {
             Attachment::Frames(link) => Some(link.as_raw_fd()),
-            Attachment::Memory(end) => {
-                end.claim().map_err(VirtioError::Link)?;
-                None
-            }
+            Attachment::Memory(_) => None,
         };
         if let Some(fd) = link_fd {
             watched.push((fd, Token::Link));
@@ -177,9 +176,6 @@ impl VirtioDevice for Net {
                 fd,
                 EpollEvent::new(EventSet::IN, token as u64),
             ) {
-                if let Some(Attachment::Memory(end)) = &self.link {
-                    end.release();
-                }
                 return Err(VirtioError::Thread(e));
             }
         }
@@ -213,7 +209,8 @@ impl VirtioDevice for Net {
                         self.counters.clone(),
                     )
                 };
-                end.attach(queue(rx), queue(tx));
+                self.memory_generation = end.claim();
+                end.attach(self.memory_generation, queue(rx), queue(tx));
                 Thread::Memory(MemBackend {
                     end,
                     rx_event,

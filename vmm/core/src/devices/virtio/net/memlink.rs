@@ -23,7 +23,7 @@
 //! guest's memory afterwards), allocate per frame, or lose a frame without counting it.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -450,10 +450,15 @@ pub(super) struct Shared {
     /// buffers to fill).
     pub(super) wake: [EventFd; 2],
     /// Whether side k is a host end (it pulls and pushes itself).
-    pub(super) host: [bool; 2],
-    /// Whether a device or host end holds side k.
-    claimed: [AtomicBool; 2],
+    pub(super) host: [AtomicBool; 2],
+    /// Who holds side k: the generation of its latest claim (0: nobody). A later claim takes the
+    /// side over (a restarted VM's device while the stopped one is not dropped yet); an older
+    /// holder's detach then leaves the new holder's queues alone.
+    holder: [AtomicU64; 2],
 }
+
+/// Claim generations, unique in the process.
+static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl Shared {
     pub(super) fn dir(&self, k: usize) -> MutexGuard<'_, Direction> {
@@ -479,24 +484,22 @@ impl std::fmt::Debug for MemLinkEnd {
 pub enum MemLinkError {
     #[error("creating the link's eventfds: {0}")]
     EventFd(#[source] io::Error),
-    #[error("side {0} of the link is held by another device already")]
-    Claimed(usize),
 }
 
-fn shared(host: [bool; 2]) -> Result<Arc<Shared>, MemLinkError> {
+fn shared() -> Result<Arc<Shared>, MemLinkError> {
     let wake = || EventFd::new(EFD_NONBLOCK).map_err(MemLinkError::EventFd);
     Ok(Arc::new(Shared {
         dirs: [Mutex::default(), Mutex::default()],
         wake: [wake()?, wake()?],
-        host,
-        claimed: [AtomicBool::new(false), AtomicBool::new(false)],
+        host: [AtomicBool::new(false), AtomicBool::new(false)],
+        holder: [AtomicU64::new(0), AtomicU64::new(0)],
     }))
 }
 
 impl MemLinkEnd {
     /// Two device ends of a new link.
     pub fn pair() -> Result<(MemLinkEnd, MemLinkEnd), MemLinkError> {
-        let shared = shared([false, false])?;
+        let shared = shared()?;
         Ok((
             MemLinkEnd {
                 shared: shared.clone(),
@@ -508,14 +511,20 @@ impl MemLinkEnd {
 
     /// A host end and a device end of a new link.
     pub fn host_pair() -> Result<(HostPort, MemLinkEnd), MemLinkError> {
-        let shared = shared([true, false])?;
-        shared.claimed[0].store(true, Ordering::Release);
-        Ok((
-            HostPort {
-                shared: shared.clone(),
-            },
-            MemLinkEnd { shared, side: 1 },
-        ))
+        let (host, device) = MemLinkEnd::pair()?;
+        Ok((host.into_host_port(), device))
+    }
+
+    /// Turns this end into a host end (a test or benchmark standing in for a VM's NIC): it takes
+    /// the side over; frames then wait for the host to pull and push them.
+    pub fn into_host_port(self) -> HostPort {
+        let generation = self.claim();
+        self.shared.host[self.side].store(true, Ordering::Release);
+        HostPort {
+            shared: self.shared,
+            side: self.side,
+            generation,
+        }
     }
 
     /// Sends one frame from the host as if this end's device had sent it (the host announcing a
@@ -535,46 +544,62 @@ impl MemLinkEnd {
         1 - self.side
     }
 
-    /// Takes this side for one device (until [`MemLinkEnd::release`]).
-    pub(super) fn claim(&self) -> Result<(), MemLinkError> {
-        if self.shared.claimed[self.side].swap(true, Ordering::AcqRel) {
-            return Err(MemLinkError::Claimed(self.side));
+    /// Takes this side for one device (until [`MemLinkEnd::detach`] with the same generation).
+    pub(super) fn claim(&self) -> u64 {
+        let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+        if self.shared.holder[self.side].swap(generation, Ordering::AcqRel) != 0 {
+            log::warn!(
+                "in-process link: side {} taken over by a new device",
+                self.side
+            );
         }
-        Ok(())
+        generation
     }
 
-    pub(super) fn release(&self) {
-        self.shared.claimed[self.side].store(false, Ordering::Release);
+    fn holds(&self, generation: u64) -> bool {
+        self.shared.holder[self.side].load(Ordering::Acquire) == generation
     }
 
     /// Lends a device's queues to the link and moves what waits already.
-    pub(super) fn attach(&self, rx: GuestQueue, tx: GuestQueue) {
+    pub(super) fn attach(&self, generation: u64, rx: GuestQueue, tx: GuestQueue) {
+        if !self.holds(generation) {
+            return;
+        }
         self.shared.dir(self.side).src = Some(tx);
         self.shared.dir(self.peer()).dst = Some(rx);
     }
 
     /// Takes the queues back: after this the link touches none of this device's guest memory.
     /// Frames the peer's guest queued for this side are completed and counted as link errors.
-    pub(super) fn detach(&self) {
-        self.shared.dir(self.side).src = None;
+    /// A device that lost the side to a newer one leaves it alone.
+    pub(super) fn detach(&self, generation: u64) {
+        let mut outbound = self.shared.dir(self.side);
+        if !self.holds(generation) {
+            return;
+        }
+        outbound.src = None;
+        drop(outbound);
         let mut inbound = self.shared.dir(self.peer());
         inbound.dst = None;
-        if !self.shared.host[self.peer()] {
+        if !self.shared.host[self.peer()].load(Ordering::Acquire) {
             inbound.drop_waiting();
         }
+        drop(inbound);
+        let _ = self.shared.holder[self.side].compare_exchange(
+            generation,
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     /// Pumps direction `k`, and wakes a host end that should look. Returns whether the budget
     /// ran out with work left.
     pub(super) fn pump(&self, k: usize) -> bool {
         let receiver = 1 - k;
-        if self.shared.host[receiver] || self.shared.host[k] {
-            let _ = self.shared.wake[if self.shared.host[receiver] {
-                receiver
-            } else {
-                k
-            }]
-            .write(1);
+        let host = |side: usize| self.shared.host[side].load(Ordering::Acquire);
+        if host(receiver) || host(k) {
+            let _ = self.shared.wake[if host(receiver) { receiver } else { k }].write(1);
             return false;
         }
         let mut dir = self.shared.dir(k);
@@ -592,6 +617,8 @@ impl MemLinkEnd {
 /// queue (one copy each), polling with the guest's kicks off; [`HostPort::wait`] sleeps.
 pub struct HostPort {
     shared: Arc<Shared>,
+    side: usize,
+    generation: u64,
 }
 
 impl HostPort {
@@ -599,7 +626,7 @@ impl HostPort {
     /// (0 while the device is not active). Frames above `MAX_FRAME` or its buffers are skipped
     /// and counted by the device (`rx_dropped_too_big`).
     pub fn send<'f>(&self, frames: impl IntoIterator<Item = &'f [u8]>) -> usize {
-        match self.shared.dir(0).dst.as_mut() {
+        match self.shared.dir(self.side).dst.as_mut() {
             Some(dst) => deliver(dst, frames),
             None => 0,
         }
@@ -609,7 +636,7 @@ impl HostPort {
     /// (one copy) and handed to `each`. Returns how many. Malformed chains are completed and
     /// counted by the device (`tx_dropped_malformed`); a frame longer than `scratch` is cut.
     pub fn recv(&self, max: usize, scratch: &mut [u8], mut each: impl FnMut(&[u8])) -> usize {
-        let mut dir = self.shared.dir(1);
+        let mut dir = self.shared.dir(1 - self.side);
         let Some(src) = dir.src.as_mut() else {
             return 0;
         };
@@ -646,7 +673,7 @@ impl HostPort {
 
     /// Whether the device is active (its queues are lent to the link).
     pub fn connected(&self) -> bool {
-        self.shared.dir(1).src.is_some() && self.shared.dir(0).dst.is_some()
+        self.shared.dir(1 - self.side).src.is_some() && self.shared.dir(self.side).dst.is_some()
     }
 
     /// Sleeps until the guest kicks (it transmitted, or posted receive buffers) or `timeout`
@@ -654,17 +681,17 @@ impl HostPort {
     /// call is slept through; returns at once when there is something already.
     pub fn wait(&self, timeout: Duration) {
         let ready = {
-            let mut out = self.shared.dir(1);
+            let mut out = self.shared.dir(1 - self.side);
             let more_out = out.src.as_mut().is_some_and(|q| q.notifications(true));
             drop(out);
-            let mut into = self.shared.dir(0);
+            let mut into = self.shared.dir(self.side);
             let more_in = into.dst.as_mut().is_some_and(|q| q.notifications(true));
             more_out || more_in
         };
         if ready {
             return;
         }
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.shared.wake[0]);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.shared.wake[self.side]);
         let mut poll = libc::pollfd {
             fd,
             events: libc::POLLIN,
@@ -673,12 +700,21 @@ impl HostPort {
         let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
         // SAFETY: one valid pollfd for the duration of the call.
         unsafe { libc::poll(&mut poll, 1, ms) };
-        let _ = self.shared.wake[0].read();
+        let _ = self.shared.wake[self.side].read();
     }
 }
 
 impl Drop for HostPort {
     fn drop(&mut self) {
-        self.shared.claimed[0].store(false, Ordering::Release);
+        let side = self.side;
+        if self.shared.holder[side].load(Ordering::Acquire) == self.generation {
+            self.shared.host[side].store(false, Ordering::Release);
+            let _ = self.shared.holder[side].compare_exchange(
+                self.generation,
+                0,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        }
     }
 }
