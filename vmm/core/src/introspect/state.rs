@@ -154,13 +154,17 @@ fn deliver_bounded(
         return Ok(());
     }
     let deadline = Instant::now() + DELIVERY_WAIT;
-    while Instant::now() < deadline {
+    // At least one retry however long this thread was descheduled: the bound is on waiting, and
+    // a host too loaded to come back within it still gets its second offer.
+    loop {
         std::thread::yield_now();
         if tiers.deliver(records) {
             return Ok(());
         }
+        if Instant::now() >= deadline {
+            return Err(Undelivered);
+        }
     }
-    Err(Undelivered)
 }
 
 fn granted_record(tenant: u32, seq: u64, rule: Rule) -> [u8; RECORD_LEN] {
@@ -353,14 +357,16 @@ mod tests {
 
     #[test]
     fn verdicts_reach_the_tiers_before_the_call_goes_on() {
-        let tiers = SlowTiers::new(3);
+        // One refusal: the retry after it is made whatever the host's load (three refusals
+        // could outlast the 5 ms bound on a loaded host, and then the call is rightly denied).
+        let tiers = SlowTiers::new(1);
         let i = introspection(Some(tiers.clone()));
         let seq = i.produce_verdicts(&[egress(80), egress(81)]).unwrap();
         assert_eq!(seq, Some(1));
         assert_eq!(
             tiers.taken.lock().unwrap().len(),
             2,
-            "both, after three refusals"
+            "both, after a refusal"
         );
         assert_eq!(i.export_state().granted.len(), 2);
         assert_eq!(i.take_verdicts().0.len(), 0, "nothing left waiting");
