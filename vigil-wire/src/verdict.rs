@@ -21,10 +21,15 @@
 //! | 24 | 16 | local (tenant-side) address; IPv4 in the first 4 bytes, rest zero; all zero = any |
 //! | 40 | 16 | remote address, same encoding |
 //! | 56 | 1 | remote prefix length (0 = any remote, 32/128 = exactly this address) |
-//! | 57 | 1 | flags, reserved, must be 0 |
-//! | 58 | 2 | local port (0 = any); for ICMP the echo identifier (0 = any) |
+//! | 57 | 1 | flags: [`RULE_FLAG_ANY_LOCAL_PORT`] on add/remove/adopt, [`ATTACH_FLAG_MAC`] on attach; others reserved, 0 |
+//! | 58 | 2 | local port; for ICMP the echo identifier. 0 only with [`RULE_FLAG_ANY_LOCAL_PORT`] (= any) |
 //! | 60 | 2 | lowest remote port |
 //! | 62 | 2 | highest remote port (a single port: low = high; any: 0..=65535) |
+//!
+//! Port 0 never means "every port" by accident: a rule record (`Add`, `Remove`, `Adopt`) with local
+//! port 0 must carry flag [`RULE_FLAG_ANY_LOCAL_PORT`], and one with the flag must have local port
+//! 0; anything else is refused ([`VerdictError::NoLocalPort`], [`VerdictError::AnyPortWithPort`]).
+//! A record of an older producer that meant "any" by 0 alone is thus refused (fails closed).
 //!
 //! An [`Op::Attach`] record uses only op, tenant, sequence, IP version, local address and local
 //! port (the switch port index, [`PORT_NONE`] = none), and, when flag [`ATTACH_FLAG_MAC`] is set,
@@ -111,6 +116,10 @@ impl Op {
 
 /// Flag of an [`Op::Attach`] record: the first 6 bytes of the remote address are the tenant's MAC.
 pub const ATTACH_FLAG_MAC: u8 = 1;
+
+/// Flag of a rule record (`Add`, `Remove`, `Adopt`): the rule opens every local port (its local
+/// port field is then 0). Without it a rule opens exactly its local port, which must not be 0.
+pub const RULE_FLAG_ANY_LOCAL_PORT: u8 = 2;
 
 /// `rule.local_port` of an [`Op::Attach`] record that names no switch port.
 pub const PORT_NONE: u16 = 0xFFFF;
@@ -204,6 +213,10 @@ pub enum VerdictError {
     BadIpv4Encoding,
     /// Reserved flags set.
     ReservedFlags(u8),
+    /// A rule with local port 0 and no [`RULE_FLAG_ANY_LOCAL_PORT`]: 0 is not "any" by itself.
+    NoLocalPort,
+    /// [`RULE_FLAG_ANY_LOCAL_PORT`] with a local port: either one port or any, not both.
+    AnyPortWithPort(u16),
 }
 
 impl fmt::Display for VerdictError {
@@ -225,6 +238,12 @@ impl fmt::Display for VerdictError {
             }
             VerdictError::BadIpv4Encoding => write!(f, "IPv4 address with non-zero padding"),
             VerdictError::ReservedFlags(v) => write!(f, "reserved flags 0x{v:02x} set"),
+            VerdictError::NoLocalPort => {
+                write!(f, "local port 0 without the any-local-port flag")
+            }
+            VerdictError::AnyPortWithPort(p) => {
+                write!(f, "the any-local-port flag with local port {p}")
+            }
         }
     }
 }
@@ -385,8 +404,11 @@ pub struct Rule {
     pub protocol: Protocol,
     /// Tenant-side address, all zero = any. IPv4 in the first 4 bytes.
     pub local_addr: [u8; 16],
-    /// Tenant-side port, 0 = any; for ICMP the echo identifier, 0 = any.
+    /// Tenant-side port; for ICMP the echo identifier. 0 opens nothing unless `any_local_port`.
     pub local_port: u16,
+    /// Every local port (an explicit wildcard, [`RULE_FLAG_ANY_LOCAL_PORT`] on the wire; then
+    /// `local_port` is 0). Never implied by port 0 alone.
+    pub any_local_port: bool,
     pub remote_addr: [u8; 16],
     /// 0 = any remote.
     pub remote_prefix: u8,
@@ -395,8 +417,9 @@ pub struct Rule {
 }
 
 impl Rule {
-    /// A rule open to any address and port in the given direction, version and protocol; a
-    /// starting point for builders and tests.
+    /// A rule open to any remote address and port, from any local address, in the given
+    /// direction, version and protocol, on no local port yet (set `local_port`, or use
+    /// [`Rule::any_port`]); a starting point for builders and tests.
     pub const fn any(direction: Direction, ip_version: IpVersion, protocol: Protocol) -> Rule {
         Rule {
             direction,
@@ -404,6 +427,7 @@ impl Rule {
             protocol,
             local_addr: [0; 16],
             local_port: 0,
+            any_local_port: false,
             remote_addr: [0; 16],
             remote_prefix: 0,
             remote_port_min: 0,
@@ -411,15 +435,41 @@ impl Rule {
         }
     }
 
-    /// A rule opening egress to exactly one remote endpoint (the flow a connect or a sendto
-    /// names); `remote` in the rule's address encoding (IPv4 in the first 4 bytes).
+    /// [`Rule::any`] on every local port too (the explicit wildcard).
+    pub const fn any_port(direction: Direction, ip_version: IpVersion, protocol: Protocol) -> Rule {
+        let mut rule = Rule::any(direction, ip_version, protocol);
+        rule.any_local_port = true;
+        rule
+    }
+
+    /// Exactly one flow the tenant opens: protocol, its local address (all zero: any of the
+    /// tenant's own, which the switch enforces) and port, the remote address and port. What an
+    /// allowed connect or sendto opens.
+    pub const fn egress_flow(
+        ip_version: IpVersion,
+        protocol: Protocol,
+        local: [u8; 16],
+        local_port: u16,
+        remote: [u8; 16],
+        remote_port: u16,
+    ) -> Rule {
+        let mut rule = Rule::egress_to(ip_version, protocol, remote, remote_port);
+        rule.any_local_port = false;
+        rule.local_addr = local;
+        rule.local_port = local_port;
+        rule
+    }
+
+    /// A rule opening egress to exactly one remote endpoint from any local port (an explicit
+    /// wildcard: [`Rule::egress_flow`] is what a connect opens); `remote` in the rule's address
+    /// encoding (IPv4 in the first 4 bytes).
     pub const fn egress_to(
         ip_version: IpVersion,
         protocol: Protocol,
         remote: [u8; 16],
         port: u16,
     ) -> Rule {
-        let mut rule = Rule::any(Direction::Egress, ip_version, protocol);
+        let mut rule = Rule::any_port(Direction::Egress, ip_version, protocol);
         rule.remote_addr = remote;
         rule.remote_prefix = ip_version.addr_bits();
         rule.remote_port_min = port;
@@ -430,6 +480,16 @@ impl Rule {
     /// Whether `remote_addr` (same encoding as the rule's) lies in the rule's remote prefix.
     pub fn remote_addr_matches(&self, addr: &[u8; 16]) -> bool {
         prefix_matches(&self.remote_addr, addr, self.remote_prefix)
+    }
+
+    /// Whether the rule opens local port `port`: exactly its own, or any where it says so
+    /// explicitly. Port 0 alone opens nothing.
+    pub const fn local_port_matches(&self, port: u16) -> bool {
+        if self.local_port != 0 {
+            self.local_port == port
+        } else {
+            self.any_local_port
+        }
     }
 
     /// Whether `port` lies in the rule's remote port range.
@@ -471,7 +531,12 @@ impl VerdictRepr {
     pub fn parse<T: AsRef<[u8]>>(v: &Verdict<T>) -> Result<VerdictRepr, VerdictError> {
         v.check_len()?;
         let op = Op::from_u8(v.op()).ok_or(VerdictError::BadOp(v.op()))?;
-        if v.flags() != 0 && !(op == Op::Attach && v.flags() == ATTACH_FLAG_MAC) {
+        let allowed = match op {
+            Op::Attach => ATTACH_FLAG_MAC,
+            Op::Add | Op::Remove | Op::Adopt => RULE_FLAG_ANY_LOCAL_PORT,
+            Op::FlushTenant => 0,
+        };
+        if v.flags() & !allowed != 0 {
             return Err(VerdictError::ReservedFlags(v.flags()));
         }
         match op {
@@ -512,6 +577,12 @@ impl VerdictRepr {
         if min > max {
             return Err(VerdictError::BadPortRange { min, max });
         }
+        let any_local_port = v.flags() & RULE_FLAG_ANY_LOCAL_PORT != 0;
+        match (any_local_port, v.local_port()) {
+            (false, 0) => return Err(VerdictError::NoLocalPort),
+            (true, p) if p != 0 => return Err(VerdictError::AnyPortWithPort(p)),
+            _ => {}
+        }
         Ok(VerdictRepr {
             op,
             tenant: v.tenant(),
@@ -523,6 +594,7 @@ impl VerdictRepr {
                 protocol,
                 local_addr,
                 local_port: v.local_port(),
+                any_local_port,
                 remote_addr,
                 remote_prefix,
                 remote_port_min: min,
@@ -697,6 +769,9 @@ impl VerdictRepr {
         if self.attach_mac().is_some() {
             v.set_flags(ATTACH_FLAG_MAC);
         }
+        if self.op.has_rule() && r.any_local_port {
+            v.set_flags(RULE_FLAG_ANY_LOCAL_PORT);
+        }
         Ok(())
     }
 
@@ -729,7 +804,8 @@ mod tests {
                 ip_version: IpVersion::V4,
                 protocol: Protocol::Tcp,
                 local_addr: v4([10, 0, 0, 2]),
-                local_port: 0,
+                local_port: 40_000,
+                any_local_port: false,
                 remote_addr: v4([10, 0, 0, 5]),
                 remote_prefix: 32,
                 remote_port_min: 443,
@@ -747,7 +823,64 @@ mod tests {
         assert_eq!(&bytes[4..8], &7u32.to_le_bytes());
         assert_eq!(&bytes[24..28], &[10, 0, 0, 2]);
         assert_eq!(&bytes[60..62], &443u16.to_le_bytes());
+        assert_eq!(&bytes[58..60], &40_000u16.to_le_bytes());
+        assert_eq!(bytes[57], 0, "one local port: no flag");
         assert_eq!(VerdictRepr::from_bytes(&bytes), Ok(r));
+    }
+
+    #[test]
+    fn port_zero_is_any_only_under_its_flag() {
+        // The explicit wildcard round-trips under its flag.
+        let any = VerdictRepr::add(
+            7,
+            1,
+            0,
+            Rule::egress_to(IpVersion::V4, Protocol::Tcp, v4([10, 0, 0, 5]), 443),
+        );
+        let b = any.to_bytes();
+        assert_eq!(
+            (b[57], &b[58..60]),
+            (RULE_FLAG_ANY_LOCAL_PORT, &[0u8, 0][..])
+        );
+        let back = VerdictRepr::from_bytes(&b).unwrap();
+        assert_eq!(back, any);
+        assert!(back.rule.local_port_matches(1) && back.rule.local_port_matches(65535));
+        // Port 0 without the flag (an older producer's "any") is refused.
+        let mut old = b;
+        old[57] = 0;
+        assert_eq!(
+            VerdictRepr::from_bytes(&old),
+            Err(VerdictError::NoLocalPort)
+        );
+        // The flag with a port is refused too.
+        let mut both = sample().to_bytes();
+        both[57] = RULE_FLAG_ANY_LOCAL_PORT;
+        assert_eq!(
+            VerdictRepr::from_bytes(&both),
+            Err(VerdictError::AnyPortWithPort(40_000))
+        );
+        // In memory, 0 opens nothing unless flagged; an explicit port opens only itself.
+        let none = Rule::any(Direction::Ingress, IpVersion::V4, Protocol::Udp);
+        assert!(!none.local_port_matches(0) && !none.local_port_matches(7777));
+        let one = sample().rule;
+        assert!(one.local_port_matches(40_000) && !one.local_port_matches(40_001));
+        // Exactly one flow: both addresses, both ports.
+        let flow = Rule::egress_flow(
+            IpVersion::V4,
+            Protocol::Tcp,
+            v4([10, 0, 0, 2]),
+            40_000,
+            v4([10, 0, 0, 5]),
+            443,
+        );
+        assert_eq!(flow, one);
+        // The flag means nothing on a flush, and attach keeps its own.
+        let mut flush = VerdictRepr::flush_tenant(1, 1).to_bytes();
+        flush[57] = RULE_FLAG_ANY_LOCAL_PORT;
+        assert_eq!(
+            VerdictRepr::from_bytes(&flush),
+            Err(VerdictError::ReservedFlags(RULE_FLAG_ANY_LOCAL_PORT))
+        );
     }
 
     #[test]

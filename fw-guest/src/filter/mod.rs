@@ -50,7 +50,9 @@ pub use parse::{parse, IpMeta, Parsed, TcpFlags, TcpSeg, L4};
 pub use tenancy::{
     AttachError, PortIdentity, Tenancy, MAX_ADDRS, MAX_PORTS, PORT_ADDRS, UPLINK_TENANT,
 };
-pub use verdicts::{AddOutcome, IndexSlot, VerdictRef, VerdictSlot, VerdictTable};
+pub use verdicts::{
+    AddError, AddOutcome, IndexSlot, VerdictRef, VerdictSlot, VerdictTable, MAX_TENANTS,
+};
 pub use vigil_wire::ring::DropReason;
 pub use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
 
@@ -83,6 +85,8 @@ pub struct Counters {
     pub half_open_evicted: u64,
     pub verdicts_applied: u64,
     pub verdicts_rejected: u64,
+    /// Verdicts refused because their tenant held its quota (included in `verdicts_rejected`).
+    pub verdicts_over_quota: u64,
     /// Verdict records whose sequence number was not the previous one plus one.
     pub verdict_seq_gaps: u64,
 }
@@ -142,6 +146,8 @@ pub enum ApplyError {
     Invalid(VerdictError),
     /// No room for a new verdict.
     TableFull,
+    /// The tenant holds its quota of verdicts (see [`VerdictTable::set_tenant_quota`]).
+    OverQuota,
     /// `Remove` of a verdict that is not present.
     NotFound,
     /// An `Attach` the port/address tables refused.
@@ -222,6 +228,11 @@ impl<'a> Filter<'a> {
         &self.verdicts
     }
 
+    /// Sets the most verdicts one tenant may hold (see [`VerdictTable::set_tenant_quota`]).
+    pub fn set_tenant_verdict_quota(&mut self, quota: usize) {
+        self.verdicts.set_tenant_quota(quota);
+    }
+
     /// The port and address tables ([`Op::Attach`] fills them).
     pub fn tenancy(&self) -> &Tenancy {
         &self.tenancy
@@ -285,7 +296,13 @@ impl<'a> Filter<'a> {
                     v.op == Op::Adopt,
                 )
                 .map(|_| ())
-                .map_err(|_| ApplyError::TableFull),
+                .map_err(|e| match e {
+                    verdicts::AddError::TableFull => ApplyError::TableFull,
+                    verdicts::AddError::OverQuota => {
+                        self.counters.verdicts_over_quota += 1;
+                        ApplyError::OverQuota
+                    }
+                }),
             Op::Remove => {
                 if self.verdicts.remove(v.tenant, &v.rule) {
                     Ok(())

@@ -4,18 +4,27 @@
 //! point at the verdict that opened them) and are found through an open-addressing index of
 //! `(hash, slot)` pairs. Every verdict is indexed under exactly one key:
 //! - an *exact* verdict (remote address fully specified, one remote port; what a `connect` or a
-//!   `sendmsg` produces) under `(tenant, direction, version, protocol, remote address, remote port)`;
+//!   `sendmsg` produces) under `(tenant, direction, version, protocol, remote address, remote port,
+//!   local port)`: one flow, both ports (an explicit any-local-port wildcard under local port 0);
 //! - any other verdict (a `bind`/`listen` open to a remote prefix or to anyone) under
-//!   `(tenant, direction, version, protocol, local port)`, where local port 0 means "any port".
+//!   `(tenant, direction, version, protocol, local port)`, the wildcard under local port 0.
 //!
-//! A new flow costs at most three index probes (exact, its local port, local port 0), each O(1)
-//! expected, independent of the number of verdicts.
+//! Local port 0 opens nothing by itself: only a rule flagged `any_local_port` (an explicit
+//! wildcard) opens every local port ([`Rule::local_port_matches`]).
+//!
+//! A new flow costs at most four index probes (exact, exact any-local-port, its local port, any
+//! local port), each O(1) expected, independent of the number of verdicts.
+//!
+//! Each tenant holds at most its quota of verdict slots (a quarter of the table unless
+//! [`VerdictTable::set_tenant_quota`] says otherwise), so one tenant filling its share leaves the
+//! others room.
 //!
 //! Removing a verdict bumps its slot's generation: flows it opened are closed the next time they
 //! are seen (or swept), without scanning the conntrack table. A verdict that merely *expires*
 //! stops opening new flows but keeps the flows it already opened; its slot is reclaimed once none
 //! remain.
 
+use heapless::FnvIndexMap;
 use vigil_wire::verdict::{Direction, Protocol, Rule};
 
 use super::flow::{hash_fields, kind_byte, reduce, FlowKey};
@@ -84,9 +93,19 @@ pub enum AddOutcome {
     Refreshed(u32),
 }
 
-/// The table has no free slot (after reclaiming expired verdicts without flows).
+/// Most tenants holding verdicts at once (a power of two, as `heapless::FnvIndexMap` requires;
+/// as many as the tenancy's address table).
+pub const MAX_TENANTS: usize = 256;
+
+/// Why a verdict was not added.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct VerdictTableFull;
+pub enum AddError {
+    /// The table has no free slot (after reclaiming expired verdicts without flows).
+    TableFull,
+    /// The tenant holds its quota of verdicts already (after reclaiming its expired ones), or
+    /// [`MAX_TENANTS`] other tenants hold verdicts.
+    OverQuota,
+}
 
 /// Reference from a conntrack entry to the verdict that opened it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +123,10 @@ pub struct VerdictTable<'a> {
     adopting: usize,
     seed: u64,
     sweep_cursor: usize,
+    /// Most verdicts one tenant may hold.
+    quota: u32,
+    /// Verdicts each tenant holds (tenants with none are absent).
+    held: FnvIndexMap<u32, u32, MAX_TENANTS>,
 }
 
 /// Index key of a rule (or of the packet side it is matched against).
@@ -111,6 +134,8 @@ struct IndexKey {
     tag: u8,
     addr: [u8; 16],
     port: u16,
+    /// Exact keys: the local port (0: the any-local-port wildcard).
+    local_port: u16,
 }
 
 fn is_exact(rule: &Rule) -> bool {
@@ -129,12 +154,14 @@ fn index_key(rule: &Rule) -> IndexKey {
             } else {
                 rule.remote_port_min
             },
+            local_port: rule.local_port,
         }
     } else {
         IndexKey {
             tag: TAG_LOCAL_PORT,
             addr: [0; 16],
             port: rule.local_port,
+            local_port: 0,
         }
     }
 }
@@ -164,7 +191,46 @@ impl<'a> VerdictTable<'a> {
             adopting: 0,
             seed: seed ^ INDEX_SALT,
             sweep_cursor: 0,
+            quota: (n / 4).max(1) as u32,
+            held: FnvIndexMap::new(),
         })
+    }
+
+    /// Sets the most verdicts one tenant may hold (at least 1); verdicts held already stay.
+    pub fn set_tenant_quota(&mut self, quota: usize) {
+        self.quota = quota.clamp(1, u32::MAX as usize) as u32;
+    }
+
+    /// The most verdicts one tenant may hold.
+    pub fn tenant_quota(&self) -> usize {
+        self.quota as usize
+    }
+
+    /// Verdicts `tenant` holds now.
+    pub fn held_by(&self, tenant: u32) -> usize {
+        self.held.get(&tenant).copied().unwrap_or(0) as usize
+    }
+
+    /// Whether `tenant` may take one more slot: under its quota, and counted (a tenant not yet
+    /// holding any needs room in the per-tenant counts).
+    fn has_room(&self, tenant: u32) -> bool {
+        match self.held.get(&tenant) {
+            Some(&n) => n < self.quota,
+            None => self.held.len() < MAX_TENANTS,
+        }
+    }
+
+    /// Free `tenant`'s expired verdicts that hold no flows (control path: O(capacity)).
+    fn reclaim_tenant(&mut self, tenant: u32, now_ns: u64) -> usize {
+        let mut n = 0;
+        for slot in 0..self.slots.len() {
+            let s = &self.slots[slot];
+            if s.tenant == tenant && Self::reclaimable(s, now_ns) {
+                self.reclaim_slot(slot);
+                n += 1;
+            }
+        }
+        n
     }
 
     /// Number of verdicts present (including expired ones still holding flows).
@@ -186,8 +252,10 @@ impl<'a> VerdictTable<'a> {
     }
 
     fn hash(&self, tenant: u32, dir: Direction, rule_kind: u8, k: &IndexKey) -> u32 {
+        let mut local = [0u8; 16];
+        local[..2].copy_from_slice(&k.local_port.to_le_bytes());
         hash_fields(
-            self.seed, tenant, rule_kind, &k.addr, &[0; 16], k.port, dir as u16, k.tag,
+            self.seed, tenant, rule_kind, &k.addr, &local, k.port, dir as u16, k.tag,
         )
     }
 
@@ -236,7 +304,7 @@ impl<'a> VerdictTable<'a> {
         seq: u64,
         lifetime_ms: u64,
         now_ns: u64,
-    ) -> Result<AddOutcome, VerdictTableFull> {
+    ) -> Result<AddOutcome, AddError> {
         self.insert(tenant, rule, seq, lifetime_ms, now_ns, false)
     }
 
@@ -250,7 +318,7 @@ impl<'a> VerdictTable<'a> {
         lifetime_ms: u64,
         now_ns: u64,
         adopt: bool,
-    ) -> Result<AddOutcome, VerdictTableFull> {
+    ) -> Result<AddOutcome, AddError> {
         let expires_ns = if lifetime_ms == 0 {
             0
         } else {
@@ -273,10 +341,16 @@ impl<'a> VerdictTable<'a> {
             }
             return Ok(AddOutcome::Refreshed(slot));
         }
+        if !self.has_room(tenant) {
+            self.reclaim_tenant(tenant, now_ns);
+            if !self.has_room(tenant) {
+                return Err(AddError::OverQuota);
+            }
+        }
         if self.free_head == NONE {
             self.reclaim_all(now_ns);
             if self.free_head == NONE {
-                return Err(VerdictTableFull);
+                return Err(AddError::TableFull);
             }
         }
         let slot = self.free_head;
@@ -300,6 +374,13 @@ impl<'a> VerdictTable<'a> {
         }
         self.index[i] = IndexSlot { hash: h, slot };
         self.live += 1;
+        match self.held.get_mut(&tenant) {
+            Some(n) => *n += 1,
+            // `has_room` made sure there is room for a new tenant.
+            None => {
+                let _ = self.held.insert(tenant, 1);
+            }
+        }
         self.adopting += usize::from(adopt);
         Ok(AddOutcome::Added(slot))
     }
@@ -355,6 +436,12 @@ impl<'a> VerdictTable<'a> {
         }
         self.index[pos] = IndexSlot::EMPTY;
         let s = &mut self.slots[slot as usize];
+        if let Some(n) = self.held.get_mut(&s.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                self.held.remove(&s.tenant);
+            }
+        }
         self.adopting -= usize::from(s.adopt);
         s.adopt = false;
         s.live = false;
@@ -373,7 +460,7 @@ impl<'a> VerdictTable<'a> {
             && r.ip_version == key.ip_version
             && r.protocol == key.protocol
             && (s.expires_ns == 0 || now_ns < s.expires_ns)
-            && (r.local_port == 0 || r.local_port == key.local_port)
+            && r.local_port_matches(key.local_port)
             && (r.local_addr == [0; 16] || r.local_addr == key.local)
             && r.remote_addr_matches(&key.remote)
             && (r.protocol.is_icmp() || r.remote_port_matches(key.remote_port))
@@ -400,29 +487,34 @@ impl<'a> VerdictTable<'a> {
             return None;
         }
         let kind = key.kind();
+        let remote_port = if key.protocol.is_icmp() {
+            0
+        } else {
+            key.remote_port
+        };
         let exact = IndexKey {
             tag: TAG_EXACT,
             addr: key.remote,
-            port: if key.protocol.is_icmp() {
-                0
-            } else {
-                key.remote_port
-            },
+            port: remote_port,
+            local_port: key.local_port,
+        };
+        let exact_any_port = IndexKey {
+            local_port: 0,
+            ..exact
         };
         let by_port = IndexKey {
             tag: TAG_LOCAL_PORT,
             addr: [0; 16],
             port: key.local_port,
+            local_port: 0,
         };
-        let any_port = IndexKey {
-            tag: TAG_LOCAL_PORT,
-            addr: [0; 16],
-            port: 0,
-        };
-        let candidates: [Option<&IndexKey>; 3] = [
+        let any_port = IndexKey { port: 0, ..by_port };
+        let distinct = key.local_port != 0;
+        let candidates: [Option<&IndexKey>; 4] = [
             Some(&exact),
+            distinct.then_some(&exact_any_port),
             Some(&by_port),
-            (key.local_port != 0).then_some(&any_port),
+            distinct.then_some(&any_port),
         ];
         for k in candidates.into_iter().flatten() {
             let h = self.hash(key.tenant, dir, kind, k);
