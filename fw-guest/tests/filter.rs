@@ -911,7 +911,7 @@ fn verdict_records_through_the_ring() {
 fn verdict_table_full_and_many_verdicts() {
     let mut f = filter(64, 32);
     // One tenant may fill the whole table here (quotas: tests/exact_flows.rs).
-    f.set_tenant_verdict_quota(32);
+    f.set_tenant_verdict_quota(64);
     let mut seq = Seq(0);
     for p in 0..32u16 {
         add(

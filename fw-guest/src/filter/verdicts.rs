@@ -15,7 +15,7 @@
 //! A new flow costs at most four index probes (exact, exact any-local-port, its local port, any
 //! local port), each O(1) expected, independent of the number of verdicts.
 //!
-//! Each tenant holds at most its quota of verdict slots (a quarter of the table unless
+//! Each tenant holds at most its quota of verdict slots (a quarter of the table, all of one up to 16 slots, unless
 //! [`VerdictTable::set_tenant_quota`] says otherwise), so one tenant filling its share leaves the
 //! others room.
 //!
@@ -191,7 +191,8 @@ impl<'a> VerdictTable<'a> {
             adopting: 0,
             seed: seed ^ INDEX_SALT,
             sweep_cursor: 0,
-            quota: (n / 4).max(1) as u32,
+            // A quarter of the table, and all of a small one (tests, tiny tiers).
+            quota: (n / 4).max(n.min(16)) as u32,
             held: FnvIndexMap::new(),
         })
     }
