@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 6;
+pub const PROFILE_FORMAT: u32 = 7;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -34,6 +34,13 @@ pub const PROFILE_SYMBOLS: &[&str] = &[
     "security_socket_bind",
     "security_socket_listen",
     "security_socket_sendmsg",
+    // Port points (vmm-core's introspect::ports): entered once the kernel has assigned a
+    // socket's local port.
+    "inet_hash",
+    "inet6_hash",
+    "tcp_connect",
+    "udp_sendmsg",
+    "udpv6_sendmsg",
     // What the hooks depend on, guarded by write traps once the tenant has booted: the system
     // call entry and dispatch, the socket system calls that call the hooks, the LSM hook lists.
     "do_syscall_64",

@@ -3,7 +3,14 @@
 //!
 //! Owns: the address families under the policy, the mapping of an allowed connect, sendmsg, bind
 //! or listen to `vigil-wire` rules (direction, protocol, addresses, ports, the dual-stack
-//! wildcard).
+//! wildcard), and whether that call must wait for its local port (see `ports`).
+//!
+//! One verdict, one flow: a connect or sendto opens exactly its socket's flow (protocol, both
+//! addresses, both ports), a bind or listen exactly its local port. A port the kernel has not
+//! assigned yet is never written as 0 ("any"): the call waits for it at a port point, or opens
+//! nothing (a `bind(:0)`: the port it gets later opens when it listens; a UDP socket bound to
+//! :0 receives only replies to its own sends, which conntrack passes). Raw sockets open nothing:
+//! they write their own headers, so no verdict could say which flow they mean.
 //! Must not: touch guest memory, registers or the outbox (it works on an [`Attribution`] already
 //! read), or decide allow/deny (the tenant's policy does).
 
@@ -11,6 +18,12 @@ use std::net::IpAddr;
 
 use trap_handler::attribution::{Attribution, SocketOp};
 use vigil_wire::verdict::{Direction, IpVersion, Protocol, Rule};
+
+use super::ports::{unmapped, PortPoint, SockEnds};
+
+/// `SOCK_STREAM`, `SOCK_RAW` (include/linux/net.h).
+const SOCK_STREAM: u16 = 1;
+const SOCK_RAW: u16 = 3;
 
 /// Address families under the policy: every one but the local ones, AF_UNIX (1) and AF_NETLINK
 /// (16), which are allowed and logged. AF_INET, AF_INET6 and AF_PACKET reach the network, and so
@@ -21,42 +34,99 @@ pub(super) fn governed_family(family: u16) -> bool {
     !matches!(family, 1 | 16)
 }
 
-/// The verdict record an allowed operation opens, if its protocol is one the tiers filter.
-pub(super) fn verdict_rule(a: &Attribution) -> Option<Rule> {
+/// Where an allowed call must wait for its local port before its verdict can say which flow it
+/// opens (`ends`: its socket's ends now, where they could be read), or `None` when it can be
+/// issued now (or opens nothing).
+pub(super) fn port_point(a: &Attribution, ends: Option<&SockEnds>) -> Option<PortPoint> {
+    let local_port = ends.map_or(0, |e| e.local_port);
+    match (a.op, Protocol::from_u8(u8::try_from(a.protocol).ok()?)?) {
+        _ if a.sock_type == SOCK_RAW => None,
+        // A TCP connect (or a Fast Open sendto) learns its source address and port in
+        // tcp_v4_connect / tcp_v6_connect: always at tcp_connect. A sendto on a connected
+        // stream opens no new flow.
+        (SocketOp::Connect, Protocol::Tcp) if a.sock_type == SOCK_STREAM => {
+            Some(PortPoint::TcpConnect)
+        }
+        (SocketOp::Sendmsg, Protocol::Tcp)
+            if a.sock_type == SOCK_STREAM && ends.is_some_and(|e| e.remote_port == 0) =>
+        {
+            Some(PortPoint::TcpConnect)
+        }
+        (SocketOp::Connect | SocketOp::Sendmsg, Protocol::Udp) if local_port == 0 => {
+            Some(PortPoint::UdpSend)
+        }
+        (SocketOp::Listen, Protocol::Tcp) if a.port.unwrap_or(0) == 0 => Some(PortPoint::Listening),
+        _ => None,
+    }
+}
+
+/// The verdict record an allowed operation opens, if its protocol is one the tiers filter and
+/// its flow is known: for a connect or sendmsg, `ends` must hold the socket's local port (its
+/// local address, where specified, too); for a bind or listen, the attribution's own port.
+pub(super) fn verdict_rule(a: &Attribution, ends: Option<&SockEnds>) -> Option<Rule> {
+    if a.sock_type == SOCK_RAW {
+        return None;
+    }
     let protocol = Protocol::from_u8(u8::try_from(a.protocol).ok()?)?;
     // An IPv4-mapped address (`::ffff:a.b.c.d` on a dual-stack socket) is IPv4 on the wire.
-    let addr = match a.addr? {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    };
-    let (ip_version, addr) = match addr {
-        IpAddr::V4(v4) => {
-            let mut bytes = [0u8; 16];
-            bytes[..4].copy_from_slice(&v4.octets());
-            (IpVersion::V4, bytes)
-        }
-        IpAddr::V6(v6) => (IpVersion::V6, v6.octets()),
-    };
+    let (ip_version, addr) = wire_addr(unmapped(a.addr?));
     let port = a.port.unwrap_or(0);
     let mut rule = match a.op {
-        SocketOp::Connect | SocketOp::Sendmsg => Rule::egress_to(ip_version, protocol, addr, port),
+        _ if protocol.is_icmp() => {
+            // ICMP has no ports: the echo identifier is not known at connect time. An explicit
+            // wildcard.
+            let direction = match a.op {
+                SocketOp::Connect | SocketOp::Sendmsg => Direction::Egress,
+                SocketOp::Bind | SocketOp::Listen => Direction::Ingress,
+            };
+            let mut rule = Rule::any_port(direction, ip_version, protocol);
+            if direction == Direction::Egress {
+                rule.remote_addr = addr;
+                rule.remote_prefix = ip_version.addr_bits();
+            } else {
+                rule.local_addr = addr;
+            }
+            return Some(rule);
+        }
+        SocketOp::Connect | SocketOp::Sendmsg => {
+            let ends = ends.filter(|e| e.local_port != 0)?;
+            // The local address where the socket has one of the flow's version; otherwise any
+            // of the tenant's own (the switch admits no other source).
+            let local = ends
+                .local
+                .map(|l| wire_addr(unmapped(l)))
+                .filter(|(v, _)| *v == ip_version)
+                .map_or([0; 16], |(_, l)| l);
+            Rule::egress_flow(ip_version, protocol, local, ends.local_port, addr, port)
+        }
         SocketOp::Bind | SocketOp::Listen => {
+            if port == 0 {
+                // bind(:0): the port is not known; it opens when the socket listens.
+                return None;
+            }
             let mut rule = Rule::any(Direction::Ingress, ip_version, protocol);
             rule.local_addr = addr;
             rule.local_port = port;
             rule
         }
     };
-    if protocol.is_icmp() {
-        // ICMP has no ports: the echo identifier is not known at connect time.
-        rule.local_port = 0;
-        rule.remote_port_min = 0;
-        rule.remote_port_max = u16::MAX;
-    }
+    rule.any_local_port = false;
     Some(rule)
 }
 
-/// The rules one call opens (at most two), held without an allocation: the trap path makes
+/// An address in the verdict encoding (IPv4 in the first 4 bytes).
+fn wire_addr(addr: IpAddr) -> (IpVersion, [u8; 16]) {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mut bytes = [0u8; 16];
+            bytes[..4].copy_from_slice(&v4.octets());
+            (IpVersion::V4, bytes)
+        }
+        IpAddr::V6(v6) => (IpVersion::V6, v6.octets()),
+    }
+}
+
+/// The rules one allowed call opens, without a heap allocation on the trap path: at most two,
 /// one per allowed call. Reads as a slice.
 pub(super) struct CallRules {
     rules: [Rule; 2],
@@ -73,8 +143,8 @@ impl std::ops::Deref for CallRules {
 /// Every rule an allowed call opens: its own, and for a bind/listen on the IPv6 wildcard the
 /// IPv4 wildcard too (Linux sockets are dual-stack unless IPV6_V6ONLY or bindv6only say
 /// otherwise, and then IPv4 peers reach them as well).
-pub(super) fn verdict_rules(a: &Attribution) -> CallRules {
-    let Some(rule) = verdict_rule(a) else {
+pub(super) fn verdict_rules(a: &Attribution, ends: Option<&SockEnds>) -> CallRules {
+    let Some(rule) = verdict_rule(a, ends) else {
         let none = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
         return CallRules {
             rules: [none; 2],
@@ -85,7 +155,8 @@ pub(super) fn verdict_rules(a: &Attribution) -> CallRules {
     v4.ip_version = IpVersion::V4;
     let dual_stack = rule.direction == Direction::Ingress
         && rule.ip_version == IpVersion::V6
-        && rule.local_addr == [0; 16];
+        && rule.local_addr == [0; 16]
+        && rule.protocol != Protocol::Icmpv6;
     CallRules {
         rules: [rule, v4],
         len: if dual_stack { 2 } else { 1 },
@@ -123,9 +194,23 @@ mod tests {
         }
     }
 
+    fn ends(local: &str, local_port: u16) -> SockEnds {
+        SockEnds {
+            local: Some(local.parse().unwrap()),
+            local_port,
+            remote: None,
+            remote_port: 0,
+        }
+    }
+
     #[test]
-    fn connect_opens_exactly_one_remote_endpoint() {
-        let rule = verdict_rule(&attribution(SocketOp::Connect, "10.77.0.1", 8080, 6)).unwrap();
+    fn connect_opens_exactly_one_flow() {
+        let a = attribution(SocketOp::Connect, "10.77.0.1", 8080, 6);
+        // Before the kernel picked the source port: nothing yet, the call waits at tcp_connect.
+        assert_eq!(port_point(&a, None), Some(PortPoint::TcpConnect));
+        assert!(verdict_rule(&a, None).is_none());
+        assert!(verdict_rule(&a, Some(&ends("10.77.0.2", 0))).is_none());
+        let rule = verdict_rule(&a, Some(&ends("10.77.0.2", 40_000))).unwrap();
         assert_eq!(rule.direction, Direction::Egress);
         assert_eq!(rule.protocol, Protocol::Tcp);
         assert_eq!(rule.remote_prefix, 32);
@@ -134,7 +219,9 @@ mod tests {
             &Ipv4Addr::new(10, 77, 0, 1).octets()
         );
         assert_eq!((rule.remote_port_min, rule.remote_port_max), (8080, 8080));
-        assert_eq!(rule.local_port, 0);
+        assert_eq!((rule.local_port, rule.any_local_port), (40_000, false));
+        assert_eq!(&rule.local_addr[..4], &[10, 77, 0, 2]);
+        assert!(rule.local_port_matches(40_000) && !rule.local_port_matches(40_001));
         // The record round-trips through the wire format the tiers parse.
         let record = VerdictRepr {
             op: Op::Add,
@@ -145,24 +232,30 @@ mod tests {
         }
         .to_bytes();
         assert_eq!(VerdictRepr::from_bytes(&record).unwrap().rule, rule);
+        // A local address of the other version (a dual-stack socket) is "any of the tenant's".
+        let mapped = verdict_rule(&a, Some(&ends("::", 40_000))).unwrap();
+        assert_eq!(mapped.local_addr, [0; 16]);
     }
 
     #[test]
     fn a_dual_stack_wildcard_listener_opens_both_versions_and_mapped_addresses_are_ipv4() {
-        let rules = verdict_rules(&attribution(SocketOp::Listen, "::", 7000, 6));
+        let rules = verdict_rules(&attribution(SocketOp::Listen, "::", 7000, 6), None);
         assert_eq!(rules.len(), 2);
         assert_eq!(rules[0].ip_version, IpVersion::V6);
         assert_eq!(rules[1].ip_version, IpVersion::V4);
-        assert!(rules
-            .iter()
-            .all(|r| r.local_port == 7000 && r.direction == Direction::Ingress));
+        assert!(rules.iter().all(|r| r.local_port == 7000
+            && !r.any_local_port
+            && r.direction == Direction::Ingress));
         // A specific IPv6 address is IPv6 only.
         assert_eq!(
-            verdict_rules(&attribution(SocketOp::Bind, "fd00::2", 7000, 6)).len(),
+            verdict_rules(&attribution(SocketOp::Bind, "fd00::2", 7000, 6), None).len(),
             1
         );
         // connect() to ::ffff:10.0.0.1 is an IPv4 flow.
-        let mapped = verdict_rules(&attribution(SocketOp::Connect, "::ffff:10.0.0.1", 80, 6));
+        let mapped = verdict_rules(
+            &attribution(SocketOp::Connect, "::ffff:10.0.0.1", 80, 6),
+            Some(&ends("10.0.0.2", 5000)),
+        );
         assert_eq!(mapped.len(), 1);
         assert_eq!(mapped[0].ip_version, IpVersion::V4);
         assert_eq!(&mapped[0].remote_addr[..4], &[10, 0, 0, 1]);
@@ -170,37 +263,102 @@ mod tests {
 
     #[test]
     fn bind_opens_the_local_port_to_any_remote() {
-        let rule = verdict_rule(&attribution(SocketOp::Bind, "0.0.0.0", 8050, 6)).unwrap();
+        let rule = verdict_rule(&attribution(SocketOp::Bind, "0.0.0.0", 8050, 6), None).unwrap();
         assert_eq!(rule.direction, Direction::Ingress);
-        assert_eq!(rule.local_port, 8050);
+        assert_eq!((rule.local_port, rule.any_local_port), (8050, false));
         assert_eq!(rule.remote_prefix, 0);
         assert_eq!((rule.remote_port_min, rule.remote_port_max), (0, u16::MAX));
     }
 
     #[test]
+    fn port_zero_never_opens_every_port() {
+        // bind(:0), TCP or UDP: nothing now (the port is not known), and no port point: a TCP
+        // socket opens its port when it listens, a UDP one gets only replies to its sends.
+        for proto in [6, 17] {
+            let bind0 = attribution(SocketOp::Bind, "0.0.0.0", 0, proto);
+            assert!(verdict_rules(&bind0, None).is_empty(), "{proto}");
+            assert_eq!(port_point(&bind0, None), None);
+        }
+        // listen() on a socket never bound: decided where the kernel assigns the port.
+        let listen0 = attribution(SocketOp::Listen, "0.0.0.0", 0, 6);
+        assert!(verdict_rules(&listen0, None).is_empty());
+        assert_eq!(port_point(&listen0, None), Some(PortPoint::Listening));
+        // A listen on a bound socket opens its port at once.
+        let listen = attribution(SocketOp::Listen, "0.0.0.0", 7000, 6);
+        assert_eq!(port_point(&listen, None), None);
+        assert_eq!(verdict_rules(&listen, None)[0].local_port, 7000);
+        // A UDP sendto from an unbound socket waits for the autobind; a bound one does not.
+        let send = attribution(SocketOp::Sendmsg, "10.0.0.9", 53, 17);
+        assert_eq!(
+            port_point(&send, Some(&ends("0.0.0.0", 0))),
+            Some(PortPoint::UdpSend)
+        );
+        assert_eq!(port_point(&send, Some(&ends("0.0.0.0", 33_000))), None);
+        let rule = verdict_rule(&send, Some(&ends("0.0.0.0", 33_000))).unwrap();
+        assert_eq!((rule.local_addr, rule.local_port), ([0; 16], 33_000));
+    }
+
+    #[test]
+    fn raw_sockets_open_nothing() {
+        let mut raw = attribution(SocketOp::Sendmsg, "10.0.0.9", 80, 6);
+        raw.sock_type = 3;
+        assert!(verdict_rules(&raw, Some(&ends("10.0.0.2", 6))).is_empty());
+        assert_eq!(port_point(&raw, None), None);
+    }
+
+    #[test]
+    fn a_sendto_on_a_connected_stream_opens_no_new_flow() {
+        let send = attribution(SocketOp::Sendmsg, "10.0.0.9", 80, 6);
+        let mut connected = ends("10.0.0.2", 40_000);
+        connected.remote_port = 80;
+        assert_eq!(port_point(&send, Some(&connected)), None);
+        let mut unconnected = ends("0.0.0.0", 0);
+        unconnected.remote_port = 0;
+        assert_eq!(
+            port_point(&send, Some(&unconnected)),
+            Some(PortPoint::TcpConnect)
+        );
+    }
+
+    #[test]
     fn sendmsg_with_a_destination_opens_an_egress_like_connect() {
-        let send = verdict_rule(&attribution(SocketOp::Sendmsg, "10.0.0.9", 53, 17)).unwrap();
-        let connect = verdict_rule(&attribution(SocketOp::Connect, "10.0.0.9", 53, 17)).unwrap();
+        let e = ends("10.0.0.2", 33_000);
+        let send = verdict_rule(
+            &attribution(SocketOp::Sendmsg, "10.0.0.9", 53, 17),
+            Some(&e),
+        )
+        .unwrap();
+        let connect = verdict_rule(
+            &attribution(SocketOp::Connect, "10.0.0.9", 53, 17),
+            Some(&e),
+        )
+        .unwrap();
         assert_eq!(send, connect);
         assert_eq!(send.protocol, Protocol::Udp);
         assert_eq!(send.direction, Direction::Egress);
     }
 
     #[test]
-    fn icmp_opens_every_port() {
-        let rule = verdict_rule(&attribution(SocketOp::Connect, "10.0.0.1", 7, 1)).unwrap();
+    fn icmp_opens_every_echo_identifier_explicitly() {
+        let rule = verdict_rule(&attribution(SocketOp::Connect, "10.0.0.1", 7, 1), None).unwrap();
         assert!(rule.protocol.is_icmp());
-        assert_eq!(rule.local_port, 0);
+        assert!(rule.any_local_port && rule.local_port == 0);
+        assert_eq!(rule.remote_prefix, 32);
         assert_eq!((rule.remote_port_min, rule.remote_port_max), (0, u16::MAX));
     }
 
     #[test]
     fn unfiltered_protocols_and_addressless_calls_produce_no_record() {
-        assert!(verdict_rule(&attribution(SocketOp::Connect, "10.0.0.1", 1, 132)).is_none());
+        let e = ends("10.0.0.2", 1000);
+        assert!(verdict_rule(
+            &attribution(SocketOp::Connect, "10.0.0.1", 1, 132),
+            Some(&e)
+        )
+        .is_none());
         let mut no_addr = attribution(SocketOp::Connect, "10.0.0.1", 1, 6);
         no_addr.addr = None;
-        assert!(verdict_rule(&no_addr).is_none());
-        assert!(verdict_rules(&no_addr).is_empty());
+        assert!(verdict_rule(&no_addr, Some(&e)).is_none());
+        assert!(verdict_rules(&no_addr, Some(&e)).is_empty());
     }
 
     #[test]

@@ -16,10 +16,11 @@ use trap_handler::mem::{GuestPhys, PagingMode, VirtReader};
 use trap_handler::policy::Verdict;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::decide::{governed_family, verdict_rules};
+use super::decide::{governed_family, port_point, verdict_rules};
 use super::logger::{
     monotonic_ns, LogEntry, SocketEvent, SoftHooksEvent, TamperEvent, WriteTrapsEvent,
 };
+use super::ports::{self, Pending, PortPoint};
 use super::Introspection;
 use crate::guest_ram::GuestRam;
 use crate::write_trap::{GuardedPage, PAGE_SIZE};
@@ -51,7 +52,7 @@ const GUARDED_SYMBOLS: &[(&str, u64)] = &[
 ];
 
 /// What the vCPU must do after a hook hit.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HookOutcome {
     /// Resume past the breakpoint.
     Allow,
@@ -148,7 +149,10 @@ fn pages_of(addr: u64, extent: u64) -> impl Iterator<Item = u64> {
 }
 
 impl Introspection {
-    /// Attributes, decides and applies. Fails closed: an attribution error denies.
+    /// Attributes, decides and applies. Fails closed: an attribution error denies. An allowed
+    /// call whose local port the kernel has not assigned yet waits for it at a port point (see
+    /// [`super::ports`]); a `listen()` on a socket never bound is decided there too, with the
+    /// port the kernel assigns.
     pub fn on_hook(
         &self,
         vcpu: u8,
@@ -169,11 +173,37 @@ impl Introspection {
             kaslr_slide: self.slide(),
         };
         let mut attributed = attribution::attribute(&reader, &self.profile, op, args);
+        // The socket's own ends (IP sockets): its local port, if the kernel gave it one.
+        let mut error = None;
+        let mut sk = 0;
+        let ends = match &attributed {
+            Ok(a) if governed_family(a.family) && matches!(a.family, 2 | 10) => {
+                match ports::sock_of(&reader, &self.profile, regs.rdi).and_then(|s| {
+                    sk = s;
+                    ports::read_ends(&reader, &self.profile, s)
+                }) {
+                    Ok(ends) => ends,
+                    Err(e) => {
+                        error = Some(format!("reading the socket's ends: {e}"));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let wait = match &attributed {
+            Ok(a) if error.is_none() && governed_family(a.family) => port_point(a, ends.as_ref()),
+            _ => None,
+        };
+        // A listen on a socket never bound: the policy decides once the port is known.
+        let deferred = wait == Some(PortPoint::Listening);
         let verdict = match &mut attributed {
+            _ if error.is_some() => Verdict::Deny,
             // The firewall governs network flows: local IPC and configuration sockets (unix,
             // netlink) are allowed, and still logged. AF_PACKET is raw network access and
             // stays under the policy.
             Ok(a) if !governed_family(a.family) => Verdict::Allow,
+            Ok(_) if deferred => Verdict::Allow,
             Ok(a) => self
                 .policy
                 .read()
@@ -182,24 +212,71 @@ impl Introspection {
                 .decide_noting(a),
             Err(_) => Verdict::Deny,
         };
-        let mut error = None;
         let mut verdict_seq = None;
         let mut outcome = HookOutcome::Allow;
         if verdict == Verdict::Allow {
-            if let Ok(a) = &attributed {
-                // The verdicts reach the tiers before the vCPU resumes, or the call is denied.
-                match self.produce_verdicts(&verdict_rules(a)) {
-                    Ok(seq) => verdict_seq = seq,
-                    Err(undelivered) => {
-                        error = Some(undelivered.to_string());
-                        outcome = self.deny(&reader, regs, &mut error);
+            match (&attributed, wait) {
+                (Ok(a), Some(point)) => {
+                    let call = Pending {
+                        sk,
+                        point,
+                        attribution: a.clone(),
+                        decided: !deferred,
+                        work_ns: work.elapsed().as_nanos() as u64,
+                        since: Instant::now(),
+                    };
+                    match self.pending().insert(call, Instant::now()) {
+                        // The event is the port point's, with the verdict it issues.
+                        Ok(()) => return HookOutcome::Allow,
+                        Err(full) => {
+                            error = Some(full.to_string());
+                            outcome = self.deny(&reader, regs, &mut error);
+                        }
                     }
                 }
+                (Ok(a), None) => {
+                    // The verdicts reach the tiers before the vCPU resumes, or the call is
+                    // denied.
+                    match self.produce_verdicts(&verdict_rules(a, ends.as_ref())) {
+                        Ok(seq) => verdict_seq = seq,
+                        Err(undelivered) => {
+                            error = Some(undelivered.to_string());
+                            outcome = self.deny(&reader, regs, &mut error);
+                        }
+                    }
+                }
+                (Err(_), _) => {}
             }
         } else {
             outcome = self.deny(&reader, regs, &mut error);
         }
         let vmm_work_ns = work.elapsed().as_nanos() as u64;
+        self.log_call(
+            vcpu,
+            t_ns,
+            outcome,
+            attributed,
+            error,
+            verdict_seq,
+            None,
+            vmm_work_ns,
+        );
+        outcome
+    }
+
+    /// Queues the event of one decided call.
+    #[allow(clippy::too_many_arguments)]
+    fn log_call(
+        &self,
+        vcpu: u8,
+        t_ns: u64,
+        outcome: HookOutcome,
+        attributed: Result<attribution::Attribution, attribution::AttributionError>,
+        mut error: Option<String>,
+        verdict_seq: Option<u64>,
+        port_point: Option<PortPoint>,
+        vmm_work_ns: u64,
+    ) {
         let attribution = match attributed {
             Ok(a) => Some(a),
             Err(e) => {
@@ -220,9 +297,121 @@ impl Introspection {
             attribution,
             error,
             verdict_seq,
+            port_point: port_point.map(PortPoint::name),
             vmm_work_ns,
         }));
+    }
+
+    /// A port point was hit (`regs.rdi` is the `struct sock`): the call waiting on that socket,
+    /// if any, gets its exact verdict now (a deferred `listen` its decision first), or the
+    /// function returns -EPERM. Without a waiting call (any other socket: a connect decided with
+    /// its port known, a kernel socket, a send on a bound socket) it passes untouched.
+    pub fn on_port_point(
+        &self,
+        vcpu: u8,
+        point: PortPoint,
+        mem: &GuestMemoryMmap,
+        regs: &mut kvm_regs,
+        sregs: &kvm_sregs,
+    ) -> HookOutcome {
+        if self.pending().len() == 0 {
+            return HookOutcome::Allow;
+        }
+        let work = Instant::now();
+        let t_ns = monotonic_ns();
+        let ram = GuestRam(mem);
+        let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        let Some(tgid) = self.current_tgid_fast(&reader, sregs) else {
+            return HookOutcome::Allow;
+        };
+        let sk = regs.rdi;
+        let Some(call) = self.pending().take(sk, point, tgid, Instant::now()) else {
+            return HookOutcome::Allow;
+        };
+        let mut a = call.attribution;
+        let mut error = None;
+        let mut verdict = Verdict::Allow;
+        let rules = match ports::read_ends(&reader, &self.profile, sk) {
+            Ok(Some(ends)) => match point {
+                PortPoint::TcpConnect
+                    if ends.remote.map(ports::unmapped) != a.addr.map(ports::unmapped)
+                        || Some(ends.remote_port) != a.port =>
+                {
+                    error = Some(format!(
+                        "the socket connects to {:?}:{} at tcp_connect, not to the {:?}:{:?} \
+                         decided",
+                        ends.remote, ends.remote_port, a.addr, a.port
+                    ));
+                    Vec::new()
+                }
+                PortPoint::Listening => {
+                    a.port = Some(ends.local_port);
+                    if !call.decided {
+                        verdict = self
+                            .policy
+                            .read()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .1
+                            .decide_noting(&mut a);
+                    }
+                    verdict_rules(&a, None)
+                }
+                PortPoint::TcpConnect | PortPoint::UdpSend => verdict_rules(&a, Some(&ends)),
+            },
+            Ok(None) => {
+                error = Some("the socket is not an IP socket at its port point".into());
+                Vec::new()
+            }
+            Err(e) => {
+                error = Some(format!("reading the socket's ends: {e}"));
+                Vec::new()
+            }
+        };
+        if rules.is_empty() && error.is_none() && verdict == Verdict::Allow {
+            error = Some(format!("no local port at {}", point.name()));
+        }
+        let mut verdict_seq = None;
+        let mut outcome = HookOutcome::Allow;
+        if error.is_none() && verdict == Verdict::Allow {
+            match self.produce_verdicts(&rules) {
+                Ok(seq) => verdict_seq = seq,
+                Err(undelivered) => error = Some(undelivered.to_string()),
+            }
+        }
+        if error.is_some() || verdict != Verdict::Allow {
+            outcome = self.deny(&reader, regs, &mut error);
+        }
+        let vmm_work_ns = call.work_ns + work.elapsed().as_nanos() as u64;
+        self.log_call(
+            vcpu,
+            t_ns,
+            outcome,
+            Ok(a),
+            error,
+            verdict_seq,
+            Some(point),
+            vmm_work_ns,
+        );
         outcome
+    }
+
+    /// The thread-group id of the task running on this vCPU: two reads, for the port points.
+    fn current_tgid_fast(
+        &self,
+        reader: &VirtReader<'_, GuestRam<'_>>,
+        sregs: &kvm_sregs,
+    ) -> Option<u32> {
+        let current_task = *self.profile.symbols.get("current_task")?;
+        let task = reader
+            .read_u64(sregs.gs.base.wrapping_add(current_task))
+            .ok()?;
+        reader
+            .read_field_u32(task, self.profile.task_struct.tgid.offset)
+            .ok()
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, ports::PendingPorts> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Denies the call at the hook (see [`deny_call`]), through this kernel's `ret` when the
@@ -274,31 +463,46 @@ impl Introspection {
         let placed = self.soft_placed.get_or_init(|| {
             let ram = GuestRam(mem);
             let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+            let slide = self.slide();
+            let place = |linked: u64| -> Option<(u64, u64)> {
+                let addr = linked.wrapping_add(slide);
+                let t = reader.translate(addr).ok()?;
+                let mut head = [0u8; 15];
+                mem.read_slice(&mut head, GuestAddress(t.gpa)).ok()?;
+                let insn = iced_x86::Decoder::with_ip(64, &head, addr, 0).decode();
+                crate::emulation::is_skippable_at_hook(&insn).then_some(())?;
+                mem.write_slice(&[INT3], GuestAddress(t.gpa)).ok()?;
+                Some((addr, insn.len() as u64))
+            };
             let mut placed = Vec::new();
             let mut skipped = Vec::new();
-            let slide = self.slide();
+            let mut names = Vec::new();
             for &(op, linked) in &self.soft_hooks {
-                let addr = linked.wrapping_add(slide);
-                let placed_one = reader.translate(addr).ok().and_then(|t| {
-                    let mut head = [0u8; 15];
-                    mem.read_slice(&mut head, GuestAddress(t.gpa)).ok()?;
-                    let insn = iced_x86::Decoder::with_ip(64, &head, addr, 0).decode();
-                    crate::emulation::is_skippable_at_hook(&insn).then_some(())?;
-                    mem.write_slice(&[INT3], GuestAddress(t.gpa)).ok()?;
-                    Some(insn.len() as u64)
-                });
-                match placed_one {
-                    Some(len) => placed.push((op, addr, len)),
-                    None => skipped.push(op.hook_symbol()),
+                match place(linked) {
+                    Some((addr, len)) => {
+                        placed.push((op, addr, len));
+                        names.push((op.hook_symbol().to_string(), format!("{addr:#x}")));
+                    }
+                    None => skipped.push(op.hook_symbol().to_string()),
                 }
             }
+            // The port points: a point that could not be placed leaves its calls waiting for
+            // nothing (their flows stay closed: fail closed), and the event says so.
+            let mut points = Vec::new();
+            for &(point, linked, name) in &self.port_hooks {
+                match place(linked) {
+                    Some((addr, len)) => {
+                        points.push((point, addr, len));
+                        names.push((name.to_string(), format!("{addr:#x}")));
+                    }
+                    None => skipped.push(name.to_string()),
+                }
+            }
+            let _ = self.port_placed.set(points);
             let _ = self.events.send(LogEntry::SoftHooks(SoftHooksEvent {
                 t_ns: monotonic_ns(),
-                placed: placed
-                    .iter()
-                    .map(|(op, a, _)| (op.hook_symbol().to_string(), format!("{a:#x}")))
-                    .collect(),
-                skipped: skipped.iter().map(|s| s.to_string()).collect(),
+                placed: names,
+                skipped,
             }));
             placed
         });

@@ -51,6 +51,9 @@ pub(super) struct SocketEvent {
     /// Sequence number of the verdict record an allowed call produced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verdict_seq: Option<u64>,
+    /// Where the call's verdict waited for its local port (see `ports`), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_point: Option<&'static str>,
     pub vmm_work_ns: u64,
 }
 
@@ -282,6 +285,7 @@ mod tests {
             attribution: None,
             error: Some("unreadable".into()),
             verdict_seq: None,
+            port_point: None,
             vmm_work_ns: 3,
         };
         let text = line("socket", "t", &event).unwrap();
@@ -290,6 +294,7 @@ mod tests {
         assert_eq!(value["vm"], "t");
         assert_eq!(value["error"], "unreadable");
         assert!(value.get("verdict_seq").is_none());
+        assert!(value.get("port_point").is_none());
         assert!(
             text.starts_with(r#"{"event":"socket","vm":"t","vcpu":1,"#),
             "{text}"

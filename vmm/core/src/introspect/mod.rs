@@ -35,9 +35,11 @@ use crate::verdict_region::VerdictRegion;
 mod decide;
 pub mod hooks;
 mod logger;
+pub mod ports;
 pub mod state;
 
 pub use hooks::HookOutcome;
+pub use ports::PortPoint;
 pub use state::{ImportError, IntrospectionState};
 
 use logger::LogEntry;
@@ -81,6 +83,13 @@ pub struct Introspection {
     /// The software breakpoints actually placed: (operation, address, length of the instruction
     /// the int3 replaced the first byte of; resuming skips it).
     soft_placed: OnceLock<Vec<(SocketOp, u64, u64)>>,
+    /// Port points (see [`ports`]): (point, link address, symbol), placed with the software
+    /// hooks.
+    pub port_hooks: Vec<(PortPoint, u64, &'static str)>,
+    /// The port points placed: (point, address, length of the instruction covered).
+    port_placed: OnceLock<Vec<(PortPoint, u64, u64)>>,
+    /// Calls waiting for their local port.
+    pending: Mutex<ports::PendingPorts>,
     /// KASLR slide, measured once the kernel runs (see `adopt_slide`).
     slide: std::sync::atomic::AtomicU64,
     /// Benchmark knob `VIGIL_BARE_HOOKS=bind,...`: these hooks trap and resume with no work (the
@@ -162,6 +171,10 @@ impl Introspection {
             .into_iter()
             .filter_map(|op| profile.symbols.get(op.hook_symbol()).map(|&a| (op, a)))
             .collect();
+        let port_hooks = PortPoint::SYMBOLS
+            .into_iter()
+            .filter_map(|(point, name)| profile.symbols.get(name).map(|&a| (point, a, name)))
+            .collect();
         let bare = match bare_hooks {
             Some(list) => parse_bare_hooks(list)?,
             None => Vec::new(),
@@ -184,6 +197,9 @@ impl Introspection {
             slide: std::sync::atomic::AtomicU64::new(0),
             soft_hooks,
             soft_placed: OnceLock::new(),
+            port_hooks,
+            port_placed: OnceLock::new(),
+            pending: Mutex::new(ports::PendingPorts::default()),
             bare,
             events,
             tiers,
@@ -242,6 +258,15 @@ impl Introspection {
             .map(|&(op, _, len)| (op, len))
     }
 
+    /// The port point placed at `pc`, and the length of the instruction it covers.
+    pub fn port_point_at(&self, pc: u64) -> Option<(PortPoint, u64)> {
+        self.port_placed
+            .get()?
+            .iter()
+            .find(|(_, a, _)| *a == pc)
+            .map(|&(point, _, len)| (point, len))
+    }
+
     pub fn soft_hooks_placed(&self) -> bool {
         self.soft_placed.get().is_some_and(|p| !p.is_empty())
     }
@@ -273,6 +298,11 @@ impl Introspection {
         let mut outbox = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = (spec, policy);
         outbox.revoke_all();
+        // Calls the old policy let through to a port point get no verdict from it.
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         Ok(())
     }
 }

@@ -88,6 +88,9 @@ pub struct IntrospectionState {
     pub slide: u64,
     /// (operation, address, length of the instruction the int3 covers).
     pub soft_placed: Option<Vec<(SocketOp, u64, u64)>>,
+    /// The port points placed, likewise (absent from an older host's state: none).
+    #[serde(default)]
+    pub port_placed: Option<Vec<(super::PortPoint, u64, u64)>>,
     pub next_seq: u64,
     /// Granted verdict records, hex.
     pub granted: Vec<String>,
@@ -189,6 +192,7 @@ impl Introspection {
         IntrospectionState {
             slide: self.slide(),
             soft_placed: self.soft_placed.get().cloned(),
+            port_placed: self.port_placed.get().cloned(),
             next_seq: outbox.next_seq,
             granted: outbox.granted.iter().map(hex::encode).collect(),
         }
@@ -206,6 +210,9 @@ impl Introspection {
         if let Some(placed) = &state.soft_placed {
             // The int3 bytes are in the migrated RAM already: record them, never place again.
             let _ = self.soft_placed.set(placed.clone());
+            let _ = self
+                .port_placed
+                .set(state.port_placed.clone().unwrap_or_default());
         }
         let mut outbox = self.outbox();
         outbox.next_seq = outbox.next_seq.max(state.next_seq);

@@ -29,7 +29,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::bus::Bus;
 use crate::emulation::{self, Completion, GuestView};
 use crate::host_kind::HostKind;
-use crate::introspect::{HookOutcome, Introspection};
+use crate::introspect::{HookOutcome, Introspection, PortPoint};
 use crate::knobs::DebugKnobs;
 use crate::run_control::RunControl;
 use crate::snapshot::SnapshotError;
@@ -78,6 +78,11 @@ pub enum VcpuError {
          its kernel has no `ret` to return through): the VM stops rather than let it proceed"
     )]
     Unanswerable(SocketOp),
+    #[error(
+        "a call denied at the {0} port point could not be answered with -EPERM (the guest's \
+         stack is unreadable and its kernel has no `ret` to return through): the VM stops"
+    )]
+    UnanswerablePort(&'static str),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
@@ -127,6 +132,9 @@ pub struct VcpuStats {
     pub bare_hook_hits: u64,
     /// Software-hook hits that needed no decision (sendmsg on a connected socket).
     pub soft_hook_passes: u64,
+    /// Port-point hits (see `introspect::ports`) and the VMM-side time they took.
+    pub port_point_hits: u64,
+    pub port_point_work_ns: u64,
 }
 
 impl VcpuStats {
@@ -143,6 +151,8 @@ impl VcpuStats {
         self.tamper_writes += other.tamper_writes;
         self.bare_hook_hits += other.bare_hook_hits;
         self.soft_hook_passes += other.soft_hook_passes;
+        self.port_point_hits += other.port_point_hits;
+        self.port_point_work_ns += other.port_point_work_ns;
         for (name, count) in &other.emulation_completions {
             *self.emulation_completions.entry(name.clone()).or_default() += count;
         }
@@ -433,6 +443,16 @@ impl Vcpu {
                 Err(e) => Action::Stop(StopReason::Crashed(e.to_string())),
             };
         }
+        if let Some((point, len)) = self
+            .introspection
+            .as_ref()
+            .and_then(|i| i.port_point_at(regs.rip))
+        {
+            return match self.on_port_point(point, len, regs, sregs) {
+                Ok(()) => Action::Continue,
+                Err(e) => Action::Stop(StopReason::Crashed(e.to_string())),
+            };
+        }
         let view = GuestView::new(&self.memory, &sregs);
         let rip = regs.rip;
         match emulation::complete(&view, &mut regs, &sregs) {
@@ -609,6 +629,13 @@ impl Vcpu {
         if let Some((op, len)) = self.introspection.as_ref().and_then(|i| i.soft_hook_at(pc)) {
             return self.on_soft_hook(op, len, regs, sregs);
         }
+        if let Some((point, len)) = self
+            .introspection
+            .as_ref()
+            .and_then(|i| i.port_point_at(pc))
+        {
+            return self.on_port_point(point, len, regs, sregs);
+        }
         regs.rip = pc.wrapping_add(1);
         self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
         self.inject_exception(BP_VECTOR)
@@ -640,6 +667,33 @@ impl Vcpu {
             HookOutcome::Allow => regs.rip = entry + len,
             HookOutcome::Denied => {}
             HookOutcome::Unanswerable => return Err(VcpuError::Unanswerable(op)),
+        }
+        self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
+    }
+
+    /// A port point was hit (RIP at our int3 over an instruction of `len` bytes with no effect):
+    /// the call waiting there gets its exact verdict, or the function returns -EPERM (see
+    /// [`crate::introspect::ports`]); then resume after the instruction.
+    fn on_port_point(
+        &mut self,
+        point: PortPoint,
+        len: u64,
+        mut regs: kvm_regs,
+        sregs: kvm_sregs,
+    ) -> Result<(), VcpuError> {
+        let Some(introspection) = self.introspection.clone() else {
+            return Err(VcpuError::SoftHookWithoutIntrospection);
+        };
+        let entry = regs.rip;
+        let started = std::time::Instant::now();
+        let outcome =
+            introspection.on_port_point(self.index, point, &self.memory, &mut regs, &sregs);
+        self.stats.port_point_hits += 1;
+        self.stats.port_point_work_ns += started.elapsed().as_nanos() as u64;
+        match outcome {
+            HookOutcome::Allow => regs.rip = entry + len,
+            HookOutcome::Denied => self.stats.hook_denials += 1,
+            HookOutcome::Unanswerable => return Err(VcpuError::UnanswerablePort(point.name())),
         }
         self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))
     }

@@ -1,0 +1,311 @@
+//! Exact ports: the points where the guest kernel has given a socket its local port, and the
+//! calls that wait there for it.
+//!
+//! The LSM hooks run before the kernel picks a local port: `connect()` on a TCP socket (the
+//! source port comes from `inet_hash_connect`), `listen()` on a socket never bound, a UDP
+//! `sendto()`/`connect()` on an unbound socket (autobind in `inet_send_prepare` /
+//! `inet_dgram_connect`). Such a call is attributed (and, but for `listen`, decided) at its hook,
+//! then kept here, keyed by its `struct sock`, until the function that runs once the port is
+//! assigned is entered: `tcp_connect` (saddr, sport, daddr, dport all set; before the SYN is
+//! built), `inet_hash`/`inet6_hash` (`inet_csk_listen_start` calls `->hash` right after
+//! `->get_port`; before the socket is in the listening hash), `udp_sendmsg`/`udpv6_sendmsg`
+//! (after the autobind; before the datagram is built). There an `int3` ("port point", placed like
+//! the software hooks) reads the socket's own ends, and the call's verdict opens exactly that
+//! flow before the vCPU resumes, or the function returns `-EPERM`, which each caller's own
+//! error path handles (`tcp_v4_connect`'s `failure:`, `inet_csk_listen_start` back to CLOSE,
+//! `udp_sendmsg` to the caller): fail closed.
+//!
+//! Owns: the port points and their symbols, the bounded table of waiting calls, reading a
+//! socket's local and remote ends from guest memory.
+//! Must not: decide by itself (the policy does, through [`super::Introspection`]), trust what it
+//! reads (bounded reads; a socket whose ends disagree with what was decided is denied), or grow
+//! without bound.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use trap_handler::attribution::Attribution;
+use trap_handler::mem::{GuestPhys, MemError, VirtReader};
+use trap_handler::profile::KernelProfile;
+
+/// Where a waiting call is completed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortPoint {
+    /// `inet_hash` / `inet6_hash` entry, from `inet_csk_listen_start`: the listener's port.
+    Listening,
+    /// `tcp_connect` entry: the connection's source address and port.
+    TcpConnect,
+    /// `udp_sendmsg` / `udpv6_sendmsg` entry: the autobound source port.
+    UdpSend,
+}
+
+impl PortPoint {
+    /// The kernel functions (Debian's 6.1) each point traps at the entry of.
+    pub const SYMBOLS: [(PortPoint, &'static str); 5] = [
+        (PortPoint::Listening, "inet_hash"),
+        (PortPoint::Listening, "inet6_hash"),
+        (PortPoint::TcpConnect, "tcp_connect"),
+        (PortPoint::UdpSend, "udp_sendmsg"),
+        (PortPoint::UdpSend, "udpv6_sendmsg"),
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PortPoint::Listening => "listening",
+            PortPoint::TcpConnect => "tcp_connect",
+            PortPoint::UdpSend => "udp_send",
+        }
+    }
+}
+
+/// Most calls waiting for their port at once (per VM). A call that finds the table full of
+/// calls younger than [`PENDING_TTL`] is denied.
+pub(super) const MAX_PENDING: usize = 256;
+/// How long a call may wait between its LSM hook and its port point (the same system call, on
+/// the same task, under the socket's lock: microseconds unless the call failed in between, e.g.
+/// no route, and then it never comes).
+pub(super) const PENDING_TTL: Duration = Duration::from_secs(5);
+
+/// A call waiting for its port.
+#[derive(Clone, Debug)]
+pub(super) struct Pending {
+    pub sk: u64,
+    pub point: PortPoint,
+    /// The attributed call (the process, the destination decided on). For a `listen` not yet
+    /// decided: the policy decides at the port point, with the port filled in.
+    pub attribution: Attribution,
+    /// Whether the policy already allowed it (connect, sendmsg) or decides at the port point
+    /// (listen: a `ports` rule applies to the port the kernel assigns).
+    pub decided: bool,
+    /// VMM work at the LSM hook, added to the call's event.
+    pub work_ns: u64,
+    pub since: Instant,
+}
+
+/// The bounded table of waiting calls (see [`MAX_PENDING`]).
+#[derive(Default)]
+pub(super) struct PendingPorts {
+    calls: Vec<Pending>,
+}
+
+/// The table is full of calls still waiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{MAX_PENDING} calls are waiting for their local port already: the call is denied")]
+pub struct PendingFull;
+
+impl PendingPorts {
+    /// Keeps `call` until its port point (a newer call on the same socket replaces the older).
+    /// Calls older than [`PENDING_TTL`] go first; a table still full refuses.
+    pub fn insert(&mut self, call: Pending, now: Instant) -> Result<(), PendingFull> {
+        self.calls.retain(|c| c.sk != call.sk);
+        if self.calls.len() >= MAX_PENDING {
+            self.calls
+                .retain(|c| now.saturating_duration_since(c.since) < PENDING_TTL);
+        }
+        if self.calls.len() >= MAX_PENDING {
+            return Err(PendingFull);
+        }
+        self.calls.push(call);
+        Ok(())
+    }
+
+    /// Takes the call waiting on `sk` at `point` for thread group `tgid`, if one is there and
+    /// young enough. A call on `sk` of another point or process is dropped (a stale entry whose
+    /// socket was freed and reused must not lend its verdict).
+    pub fn take(&mut self, sk: u64, point: PortPoint, tgid: u32, now: Instant) -> Option<Pending> {
+        let at = self.calls.iter().position(|c| c.sk == sk)?;
+        let call = self.calls.swap_remove(at);
+        (call.point == point
+            && call.attribution.process.tgid == tgid
+            && now.saturating_duration_since(call.since) < PENDING_TTL)
+            .then_some(call)
+    }
+
+    /// Forgets every waiting call (a policy replacement).
+    pub fn clear(&mut self) {
+        self.calls.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.calls.len()
+    }
+}
+
+/// A socket's own ends, as the kernel holds them (`struct sock_common`). Unspecified addresses
+/// are `None`; an IPv6 socket whose peer is IPv4-mapped reports its IPv4 fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct SockEnds {
+    pub local: Option<IpAddr>,
+    pub local_port: u16,
+    pub remote: Option<IpAddr>,
+    pub remote_port: u16,
+}
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+fn specified(addr: IpAddr) -> Option<IpAddr> {
+    (!addr.is_unspecified()).then_some(addr)
+}
+
+/// The `struct sock` of a `struct socket` (the LSM hooks' first argument).
+pub(super) fn sock_of<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    profile: &KernelProfile,
+    socket: u64,
+) -> Result<u64, MemError> {
+    r.read_field_u64(socket, profile.socket.sk.offset)
+}
+
+/// Reads `sk`'s ends (bounded reads of guest memory; nothing here is trusted beyond its type);
+/// `None` for a socket that is not IPv4 or IPv6.
+pub(super) fn read_ends<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    profile: &KernelProfile,
+    sk: u64,
+) -> Result<Option<SockEnds>, MemError> {
+    let s = &profile.sock;
+    let family = r.read_field_u16(sk, s.skc_family.offset)?;
+    let local_port = r.read_field_u16(sk, s.skc_num.offset)?;
+    let remote_port = u16::from_be(r.read_field_u16(sk, s.skc_dport.offset)?);
+    let v4 = || -> Result<(IpAddr, IpAddr), MemError> {
+        let local = r.read_field::<4>(sk, s.skc_rcv_saddr.offset)?;
+        let remote = r.read_field::<4>(sk, s.skc_daddr.offset)?;
+        Ok((
+            IpAddr::V4(Ipv4Addr::from(local)),
+            IpAddr::V4(Ipv4Addr::from(remote)),
+        ))
+    };
+    let (local, remote) = match family {
+        AF_INET => v4()?,
+        AF_INET6 => {
+            let remote = Ipv6Addr::from(r.read_field::<16>(sk, s.skc_v6_daddr.offset)?);
+            if remote.to_ipv4_mapped().is_some() {
+                // tcp_v6_connect / udpv6_sendmsg hand an IPv4-mapped peer to the IPv4 code,
+                // which fills the IPv4 fields.
+                v4()?
+            } else {
+                let local = Ipv6Addr::from(r.read_field::<16>(sk, s.skc_v6_rcv_saddr.offset)?);
+                (IpAddr::V6(local), IpAddr::V6(remote))
+            }
+        }
+        // Not an IP socket: no ends.
+        _ => return Ok(None),
+    };
+    Ok(Some(SockEnds {
+        local: specified(local),
+        local_port,
+        remote: specified(remote),
+        remote_port,
+    }))
+}
+
+/// The address as the tiers see it: IPv4-mapped IPv6 is IPv4.
+pub(super) fn unmapped(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trap_handler::attribution::{Process, SocketOp};
+
+    fn call(sk: u64, tgid: u32, point: PortPoint, since: Instant) -> Pending {
+        Pending {
+            sk,
+            point,
+            attribution: Attribution {
+                op: SocketOp::Connect,
+                family: 2,
+                sock_type: 1,
+                protocol: 6,
+                addr: Some("10.0.0.1".parse().unwrap()),
+                port: Some(80),
+                foreign_sockaddr: None,
+                process: Process {
+                    pid: tgid,
+                    tgid,
+                    comm: "nc".into(),
+                    exe: None,
+                    uid: 0,
+                    ppid: 1,
+                    parent_comm: "sh".into(),
+                    exe_file: None,
+                    exe_error: None,
+                },
+                identity_error: None,
+            },
+            decided: true,
+            work_ns: 0,
+            since,
+        }
+    }
+
+    #[test]
+    fn a_waiting_call_is_taken_once_by_its_socket_point_and_process() {
+        let now = Instant::now();
+        let mut p = PendingPorts::default();
+        p.insert(call(0x1000, 7, PortPoint::TcpConnect, now), now)
+            .unwrap();
+        assert!(p.take(0x2000, PortPoint::TcpConnect, 7, now).is_none());
+        assert!(p.take(0x1000, PortPoint::TcpConnect, 7, now).is_some());
+        assert!(
+            p.take(0x1000, PortPoint::TcpConnect, 7, now).is_none(),
+            "once"
+        );
+        // Another process, or another point, on the same socket: dropped, never lent.
+        p.insert(call(0x1000, 7, PortPoint::TcpConnect, now), now)
+            .unwrap();
+        assert!(p.take(0x1000, PortPoint::TcpConnect, 8, now).is_none());
+        assert_eq!(p.len(), 0, "the stale entry is gone");
+        p.insert(call(0x1000, 7, PortPoint::Listening, now), now)
+            .unwrap();
+        assert!(p.take(0x1000, PortPoint::UdpSend, 7, now).is_none());
+        // Too old: gone.
+        p.insert(call(0x1000, 7, PortPoint::TcpConnect, now), now)
+            .unwrap();
+        assert!(p
+            .take(0x1000, PortPoint::TcpConnect, 7, now + PENDING_TTL)
+            .is_none());
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_old_calls_make_room() {
+        let t0 = Instant::now();
+        let mut p = PendingPorts::default();
+        for sk in 0..MAX_PENDING as u64 {
+            p.insert(call(sk, 1, PortPoint::TcpConnect, t0), t0)
+                .unwrap();
+        }
+        // A newer call on a socket already waiting replaces it.
+        p.insert(call(3, 1, PortPoint::TcpConnect, t0), t0).unwrap();
+        assert_eq!(p.len(), MAX_PENDING);
+        assert_eq!(
+            p.insert(call(9999, 1, PortPoint::TcpConnect, t0), t0),
+            Err(PendingFull)
+        );
+        let later = t0 + PENDING_TTL;
+        p.insert(call(9999, 1, PortPoint::TcpConnect, later), later)
+            .unwrap();
+        assert_eq!(p.len(), 1, "the expired calls went");
+        p.clear();
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn mapped_addresses_are_ipv4() {
+        assert_eq!(
+            unmapped("::ffff:10.0.0.1".parse().unwrap()),
+            "10.0.0.1".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            unmapped("fd00::1".parse().unwrap()),
+            "fd00::1".parse::<IpAddr>().unwrap()
+        );
+    }
+}
