@@ -122,7 +122,7 @@ fn setup(flows: usize, frame_len: usize) -> (Filter<'static>, Vec<(Direction, Ve
                 remote_prefix: 32,
                 remote_port_min: 80,
                 remote_port_max: 80,
-                ..Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp)
+                ..Rule::any_port(Direction::Egress, IpVersion::V4, Protocol::Tcp)
             },
         },
         0,

@@ -133,7 +133,7 @@ fn microvm_takes_verdicts_from_the_ring_and_reports_counters() {
     use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
     let records: Vec<String> = (1..=4u64)
         .map(|seq| {
-            let mut rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
+            let mut rule = Rule::any_port(Direction::Egress, IpVersion::V4, Protocol::Tcp);
             rule.remote_addr[..4].copy_from_slice(&[10, 77, 0, seq as u8]);
             rule.remote_prefix = 32;
             let mut bytes = VerdictRepr {
