@@ -10,7 +10,9 @@
 //!   whose uplink is that TAP. Only flows the tenant's verdicts opened pass it: the allowed connect
 //!   and sendto get through; a TCP SYN written raw (AF_PACKET: the policy lets that program send
 //!   frames, but no connect stands behind the SYN, so no verdict opens its flow) dies there, and
-//!   the micro-VM's counters say why.
+//!   the micro-VM's counters say why. One verdict, one flow: while busybox's allowed connection
+//!   to the outside server is open, another process's hand-made SYN to the same server and port,
+//!   from a port of its own, dies there too.
 //! - Introspection: the VMM traps the kernel's socket LSM hooks and attributes every
 //!   connect/bind/listen to its process from outside the guest. Two different executables connect
 //!   to the same destination (one allowed, one denied with EPERM inside the guest); binds are
@@ -97,7 +99,9 @@ fn debian_tenant_end_to_end() {
     // connects (denied) and binds 7001 (denied). 3. Tamper, last: a kernel bug in the guest's
     // text_poke after the refused write may leave kernel locks held.
     let script = format!(
-        "echo \"VIGIL-CHECK tcp-reply $(echo tenant-says-hello | nc -w 120 {HOST_IP} {PORT})\"\n\
+        "echo \"VIGIL-CHECK tcp-reply $( (sleep 2; vigil-rawsyn eth0 {GUEST_IP} {HOST_IP} {PORT} \
+         > /tmp/rawsyn-open 2>&1; echo tenant-says-hello) | nc -w 120 {HOST_IP} {PORT})\"\n\
+         echo \"VIGIL-CHECK rawsyn-open $(cat /tmp/rawsyn-open)\"\n\
          if nc -w 60 {HOST_IP} {CLOSED_PORT} </dev/null; then echo VIGIL-CHECK closed-port open; \
          else echo VIGIL-CHECK closed-port refused; fi\n\
          ip -o addr show dev eth0 | sed 's/^/VIGIL-CHECK addr /'\n\
@@ -224,6 +228,13 @@ fn debian_tenant_end_to_end() {
         .unwrap_or_else(|| panic!("verdict {seq} logged: {verdicts:#?}"));
     assert_eq!(record["direction"], "egress");
     assert_eq!(record["remote"], format!("{HOST_IP}:{PORT}"));
+    // Exactly busybox's flow: its source address and the port the kernel gave it, learnt at
+    // tcp_connect (never port 0).
+    assert_eq!(outside_connect["port_point"], "tcp_connect");
+    let local = record["local"].as_str().unwrap();
+    let (local_ip, local_port) = local.rsplit_once(':').unwrap();
+    assert_eq!(local_ip, GUEST_IP, "{record}");
+    assert_ne!(local_port.parse::<u16>().unwrap(), 0, "{record}");
     assert_eq!(record["record"].as_str().unwrap().len(), 128, "64 bytes");
     assert!(
         denied.get("verdict_seq").is_none(),
@@ -255,6 +266,8 @@ fn debian_tenant_end_to_end() {
     let sendto = find("sendmsg", "/bin/vigil-sendto", u64::from(UDP_PORT));
     assert_eq!(sendto["verdict"], "allow");
     assert_eq!(sendto["protocol"], 17);
+    // The unbound socket's port, learnt after the autobind, at udp_sendmsg.
+    assert_eq!(sendto["port_point"], "udp_send", "{sendto}");
     assert_eq!(
         find("sendmsg", "/bin/vigil-sendto", 9998)["verdict"],
         "deny"
@@ -313,9 +326,12 @@ fn debian_tenant_end_to_end() {
         "raw frames open no flow: {raw}"
     );
     let firewall = &stopped("fw")["outcome"]["firewall"];
+    // Two raw SYNs: to 8082 (no connect at all), and to busybox's open destination {PORT} from
+    // another source port (the verdict is busybox's flow's, not the destination's).
+    assert!(check("rawsyn-open").ends_with("sent 54"), "{console}");
     assert!(
-        firewall["drops"]["no_verdict"].as_u64().unwrap_or(0) >= 1,
-        "the raw SYN was dropped at the switch for want of a verdict: {firewall}"
+        firewall["drops"]["no_verdict"].as_u64().unwrap_or(0) >= 2,
+        "both raw SYNs were dropped at the switch for want of a verdict: {firewall}"
     );
     assert!(
         firewall["verdicts_applied"].as_u64().unwrap() >= 3,
@@ -330,6 +346,7 @@ fn debian_tenant_end_to_end() {
     assert!(outcome["markers"]["VIGIL-INIT-START"].as_u64().is_some());
     let stats = &outcome["stats"];
     assert_eq!(stats["hook_denials"], 7, "{stats}");
+    assert!(stats["port_point_hits"].as_u64().unwrap() >= 2, "{stats}");
     assert!(stats["tamper_writes"].as_u64().unwrap() >= 1, "{stats}");
     if outcome["host"].as_str().unwrap().starts_with("emulating") {
         assert!(
