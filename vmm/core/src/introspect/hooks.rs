@@ -346,14 +346,6 @@ impl Introspection {
                 }
                 PortPoint::Listening => {
                     a.port = Some(ends.local_port);
-                    if !call.decided {
-                        verdict = self
-                            .policy
-                            .read()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .1
-                            .decide_noting(&mut a);
-                    }
                     verdict_rules(&a, None)
                 }
                 PortPoint::TcpConnect | PortPoint::UdpSend => verdict_rules(&a, Some(&ends)),
@@ -367,6 +359,16 @@ impl Introspection {
                 Vec::new()
             }
         };
+        if !call.decided && error.is_none() {
+            // A listen decided with the port the kernel assigned, or a call waiting while the
+            // policy was replaced.
+            verdict = self
+                .policy
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .1
+                .decide_noting(&mut a);
+        }
         if rules.is_empty() && error.is_none() && verdict == Verdict::Allow {
             error = Some(format!("no local port at {}", point.name()));
         }

@@ -77,7 +77,8 @@ pub(super) struct Pending {
     /// decided: the policy decides at the port point, with the port filled in.
     pub attribution: Attribution,
     /// Whether the policy already allowed it (connect, sendmsg) or decides at the port point
-    /// (listen: a `ports` rule applies to the port the kernel assigns).
+    /// (listen: a `ports` rule applies to the port the kernel assigns; any call waiting while
+    /// the policy was replaced).
     pub decided: bool,
     /// VMM work at the LSM hook, added to the call's event.
     pub work_ns: u64,
@@ -123,7 +124,13 @@ impl PendingPorts {
             .then_some(call)
     }
 
-    /// Forgets every waiting call (a policy replacement).
+    /// Every waiting call is decided again at its port point, by the policy then in force (a
+    /// policy replacement: nothing the old policy allowed is granted after it).
+    pub fn undecide_all(&mut self) {
+        self.calls.iter_mut().for_each(|c| c.decided = false);
+    }
+
+    #[cfg(test)]
     pub fn clear(&mut self) {
         self.calls.clear();
     }
@@ -293,6 +300,12 @@ mod tests {
         p.insert(call(9999, 1, PortPoint::TcpConnect, later), later)
             .unwrap();
         assert_eq!(p.len(), 1, "the expired calls went");
+        p.undecide_all();
+        assert!(
+            !p.take(9999, PortPoint::TcpConnect, 1, later)
+                .unwrap()
+                .decided
+        );
         p.clear();
         assert_eq!(p.len(), 0);
     }
