@@ -325,7 +325,12 @@ impl Introspection {
             return HookOutcome::Allow;
         };
         let sk = regs.rdi;
-        let Some(call) = self.pending().take(sk, point, tgid, Instant::now()) else {
+        let Some(call) = self.pending().take(sk, point, tgid) else {
+            log::debug!(
+                "{}: {} of sock {sk:#x} (tgid {tgid}) with no call waiting on it",
+                self.vm,
+                point.name()
+            );
             return HookOutcome::Allow;
         };
         let mut a = call.attribution;

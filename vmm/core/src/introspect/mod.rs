@@ -298,11 +298,11 @@ impl Introspection {
         let mut outbox = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = (spec, policy);
         outbox.revoke_all();
-        // Calls the old policy let through to a port point get no verdict from it.
+        // Calls the old policy let through to a port point are decided there by the new one.
         self.pending
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .undecide_all();
         Ok(())
     }
 }
