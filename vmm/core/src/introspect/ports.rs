@@ -294,11 +294,7 @@ mod tests {
             .unwrap();
         assert_eq!(p.len(), 1, "the expired calls went");
         p.undecide_all();
-        assert!(
-            !p.take(9999, PortPoint::TcpConnect, 1, later)
-                .unwrap()
-                .decided
-        );
+        assert!(!p.take(9999, PortPoint::TcpConnect, 1).unwrap().decided);
         p.clear();
         assert_eq!(p.len(), 0);
     }
