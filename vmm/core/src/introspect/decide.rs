@@ -133,6 +133,17 @@ pub(super) struct CallRules {
     len: usize,
 }
 
+impl CallRules {
+    /// No rule (a call that opens nothing).
+    pub(super) fn none() -> CallRules {
+        let none = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
+        CallRules {
+            rules: [none; 2],
+            len: 0,
+        }
+    }
+}
+
 impl std::ops::Deref for CallRules {
     type Target = [Rule];
     fn deref(&self) -> &[Rule] {
@@ -145,11 +156,7 @@ impl std::ops::Deref for CallRules {
 /// otherwise, and then IPv4 peers reach them as well).
 pub(super) fn verdict_rules(a: &Attribution, ends: Option<&SockEnds>) -> CallRules {
     let Some(rule) = verdict_rule(a, ends) else {
-        let none = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp);
-        return CallRules {
-            rules: [none; 2],
-            len: 0,
-        };
+        return CallRules::none();
     };
     let mut v4 = rule;
     v4.ip_version = IpVersion::V4;

@@ -16,7 +16,7 @@ use trap_handler::mem::{GuestPhys, PagingMode, VirtReader};
 use trap_handler::policy::Verdict;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::decide::{governed_family, port_point, verdict_rules};
+use super::decide::{governed_family, port_point, verdict_rules, CallRules};
 use super::logger::{
     monotonic_ns, LogEntry, SocketEvent, SoftHooksEvent, TamperEvent, WriteTrapsEvent,
 };
@@ -347,7 +347,7 @@ impl Introspection {
                          decided",
                         ends.remote, ends.remote_port, a.addr, a.port
                     ));
-                    Vec::new()
+                    CallRules::none()
                 }
                 PortPoint::Listening => {
                     a.port = Some(ends.local_port);
@@ -357,11 +357,11 @@ impl Introspection {
             },
             Ok(None) => {
                 error = Some("the socket is not an IP socket at its port point".into());
-                Vec::new()
+                CallRules::none()
             }
             Err(e) => {
                 error = Some(format!("reading the socket's ends: {e}"));
-                Vec::new()
+                CallRules::none()
             }
         };
         if !call.decided && error.is_none() {
