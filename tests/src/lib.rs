@@ -10,6 +10,7 @@
 pub mod error;
 pub mod events;
 pub mod images;
+pub mod load;
 pub mod netns;
 pub mod outside;
 pub mod process;

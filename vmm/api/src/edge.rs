@@ -14,12 +14,11 @@ use crate::http::{self, Method, Request, Response};
 /// Serves the edge's API until the node stops.
 pub fn serve(edge: Arc<Edge>, listener: UnixListener) {
     let stop = edge.stop_flag();
-    let handler =
-        Arc::new(move |request: Request, stream: &mut UnixStream| handle(&edge, request, stream));
+    let handler = Arc::new(move |request: Request| handle(&edge, request));
     http::serve(listener, crate::limits(), handler, stop);
 }
 
-fn handle(edge: &Edge, request: Request, stream: &mut UnixStream) -> http::Outcome {
+fn handle(edge: &Edge, request: Request) -> http::Outcome {
     let path = request.path.strip_prefix(crate::API_PREFIX);
     let response = match (&request.method, path) {
         (Method::Get, Some("edge.ping")) => Response::json(
@@ -54,8 +53,9 @@ fn handle(edge: &Edge, request: Request, stream: &mut UnixStream) -> http::Outco
         ),
         (Method::Get, Some("events")) => {
             let stop = edge.stop_flag();
-            crate::stream_events(stream, &[&stop]);
-            return http::Outcome::Streamed;
+            return http::Outcome::Stream(Box::new(move |mut stream: UnixStream| {
+                crate::stream_events(&mut stream, &[&stop])
+            }));
         }
         (Method::Put, Some("edge.shutdown")) => {
             edge.stop();

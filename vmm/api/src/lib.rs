@@ -39,8 +39,8 @@ pub const API_PREFIX: &str = "/api/v1/";
 pub fn serve(host: Arc<Host>, listener: UnixListener, stop: Arc<AtomicBool>) {
     let handler_host = host.clone();
     let handler_stop = stop.clone();
-    let handler = Arc::new(move |request: Request, stream: &mut UnixStream| {
-        routes::handle(&handler_host, request, stream, &handler_stop)
+    let handler = Arc::new(move |request: Request| {
+        routes::handle(&handler_host, request, &handler_stop)
     });
     let shutdown = host.shutdown_flag();
     let watcher_stop = stop.clone();

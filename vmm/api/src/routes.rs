@@ -159,13 +159,18 @@ pub fn find_route<'r>(routes: &'r [Route], request: &Request) -> Result<&'r Rout
 pub(crate) fn handle(
     host: &Arc<Host>,
     request: Request,
-    stream: &mut UnixStream,
-    server_stop: &AtomicBool,
+    server_stop: &Arc<AtomicBool>,
 ) -> http::Outcome {
     let route = match find_route(ROUTES, &request) {
         Ok(route) => route,
         Err(e) => return http::Outcome::Respond(error_response(&e)),
     };
+    let endpoint = request.path.strip_prefix(API_PREFIX).unwrap_or_default();
+    if vmm_core::failpoints::check("api.request", endpoint).is_some() {
+        return http::Outcome::Respond(error_response(&ApiError::Internal(format!(
+            "failpoint api.request (error) at {endpoint}"
+        ))));
+    }
     match route.handler {
         Handler::Json(f) => http::Outcome::Respond(match f(host, &request) {
             Ok(response) => response,
@@ -177,8 +182,10 @@ pub(crate) fn handle(
             metrics_text(host).into_bytes(),
         )),
         Handler::Events => {
-            stream_events(stream, &[&host.shutdown_flag(), server_stop]);
-            http::Outcome::Streamed
+            let stops = [host.shutdown_flag(), server_stop.clone()];
+            http::Outcome::Stream(Box::new(move |mut stream: UnixStream| {
+                stream_events(&mut stream, &[&stops[0], &stops[1]])
+            }))
         }
     }
 }

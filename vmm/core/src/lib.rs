@@ -17,6 +17,7 @@ pub mod config;
 pub mod devices;
 pub mod emulation;
 pub mod events;
+pub mod failpoints;
 pub mod guest_ram;
 pub mod host_kind;
 pub mod introspect;

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use vmm_core::introspect::Introspection;
 use vmm_core::run_control::RunControl;
+use vmm_core::vcpu::StopReason;
 use vmm_core::vm::{Vm, VmError, VmHandle, VmOutcome};
 
 use crate::{HostError, VmSpec};
@@ -65,14 +66,32 @@ pub(crate) struct Tenant {
     pub(crate) created_unix_ms: u64,
 }
 
-/// Runs a VM on its own thread.
+/// Runs a VM on its own thread. A VM that stops on its own (the guest powered off, or a vCPU
+/// or device thread failed: `Crashed`) says so on the event bus at once (`vm_stopped`), so a
+/// subscriber need not poll `vm.info`; a stop the host asked for is the host's own event.
 pub(crate) fn start_vm(
     id: &str,
     vm: Vm,
 ) -> Result<JoinHandle<Result<VmOutcome, VmError>>, HostError> {
+    let vm_id = id.to_string();
     std::thread::Builder::new()
         .name(format!("{id}-vm"))
-        .spawn(move || vm.run(None))
+        .spawn(move || {
+            let outcome = vm.run(None);
+            let (reason, crashed) = match &outcome {
+                Ok(o) if o.stop == StopReason::Requested => return outcome,
+                Ok(o) => (
+                    format!("{:?}", o.stop),
+                    matches!(o.stop, StopReason::Crashed(_)),
+                ),
+                Err(e) => (e.to_string(), true),
+            };
+            vmm_core::events::bus().emit(
+                "vm_stopped",
+                &serde_json::json!({"vm": vm_id, "reason": reason, "crashed": crashed}),
+            );
+            outcome
+        })
         .map_err(|e| HostError::internal("cannot start the VM thread", e))
 }
 

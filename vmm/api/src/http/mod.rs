@@ -2,7 +2,7 @@
 //! `curl --unix-socket /run/vigil.sock http://localhost/api/v1/vm.info` speaks).
 //!
 //! Owns: parsing requests (RFC 9112 message syntax, bounded by [`Limits`]), writing responses
-//! (fixed-length or chunked), a thread-per-connection accept loop ([`serve`]) and the client used
+//! (fixed-length or chunked), an event-driven server with a worker pool ([`serve`]) and the client used
 //! by `vigil remote` and the tests ([`request`], [`stream`]).
 //! Must not: know any endpoint (the handler given to [`serve`] does), trust a byte from the peer
 //! (every malformed, oversize or slow request is an [`HttpError`] with its status, never a panic
@@ -10,7 +10,7 @@
 //! `Expect: 100-continue`, absolute-form targets, upgrades).
 //!
 //! Files: this one holds the shared vocabulary (limits, methods, requests, errors, status texts);
-//! `parse` reads requests and heads, `response` writes responses, `server` is the accept loop,
+//! `parse` reads requests and heads, `response` writes responses, `server` is the server,
 //! `client` the client.
 
 mod client;
@@ -20,7 +20,6 @@ mod server;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
@@ -34,7 +33,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use client::{request, stream, Chunks, ClientError, ClientResponse};
-pub use parse::read_request;
+pub use parse::{read_head, read_request};
 pub use response::{ChunkedWriter, Response};
 pub use server::{serve, Handler, Outcome};
 // The helpers the parts share.
@@ -49,12 +48,18 @@ pub struct Limits {
     pub max_headers: usize,
     /// Request body, in bytes (over: 413).
     pub max_body: usize,
-    /// Connections served at once by [`serve`] (over: 503 and close).
+    /// Connections held at once by [`serve`]; at the limit, the connection idle the longest
+    /// is closed for the new one (503 only when every one has a request in a worker).
     pub max_connections: usize,
-    /// Longest wait for the next byte of a request, or for the next request on a kept-alive
-    /// connection (over: 408 and close).
+    /// Threads that run the handler on complete requests (a request waits in a queue for one).
+    pub workers: usize,
+    /// Streams ([`Outcome::Stream`]) open at once, each on a thread of its own outside the
+    /// workers (over: 503 and close).
+    pub max_streams: usize,
+    /// Longest time for a whole request to arrive from its first byte, and longest wait for the
+    /// next request on a kept-alive connection (over: 408, or close when idle).
     pub read_timeout: Duration,
-    /// Longest wait for the peer to take response bytes.
+    /// Longest time for the peer to take a response.
     pub write_timeout: Duration,
 }
 
@@ -64,9 +69,11 @@ impl Default for Limits {
             max_head: 16 * 1024,
             max_headers: 64,
             max_body: 1024 * 1024,
-            max_connections: 64,
-            read_timeout: Duration::from_secs(30),
-            write_timeout: Duration::from_secs(30),
+            max_connections: 4096,
+            workers: 8,
+            max_streams: 256,
+            read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -127,6 +127,38 @@ pub(super) fn content_length(
 /// of a kept-alive connection). The caller sets the read timeout on the socket; a timeout gives
 /// 408, EOF inside a request 400.
 pub fn read_request(stream: &mut impl Read, limits: &Limits) -> Result<Option<Request>, HttpError> {
+    let Some((mut request, length)) = read_head(stream, limits)? else {
+        return Ok(None);
+    };
+    let mut body = vec![0u8; length];
+    let mut got = 0;
+    while got < length {
+        match stream.read(&mut body[got..]) {
+            Ok(0) => {
+                return Err(HttpError::new(
+                    400,
+                    format!("truncated body: connection closed after {got} of {length} bytes"),
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {
+                return Err(HttpError::new(408, "timed out waiting for the rest of the request"))
+            }
+            Err(e) => return Err(HttpError::new(400, format!("reading the request: {e}"))),
+        }
+    }
+    request.body = body;
+    Ok(Some(request))
+}
+
+/// Reads one request's line and header section: the request (with an empty body) and the
+/// length of the body that follows. `Ok(None)`: EOF before a byte. Same errors as
+/// [`read_request`].
+pub fn read_head(
+    stream: &mut impl Read,
+    limits: &Limits,
+) -> Result<Option<(Request, usize)>, HttpError> {
     let mut budget = limits.max_head;
     let io_error = |e: io::Error, started: bool| {
         if is_timeout(&e) {
@@ -225,29 +257,17 @@ pub fn read_request(stream: &mut impl Read, limits: &Limits) -> Result<Option<Re
         });
     }
     let length = content_length(&headers, limits.max_body)?.unwrap_or(0);
-    let mut body = vec![0u8; length];
-    let mut got = 0;
-    while got < length {
-        match stream.read(&mut body[got..]) {
-            Ok(0) => {
-                return Err(HttpError::new(
-                    400,
-                    format!("truncated body: connection closed after {got} of {length} bytes"),
-                ))
-            }
-            Ok(n) => got += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io_error(e, true)),
-        }
-    }
-    Ok(Some(Request {
-        method,
-        version,
-        path,
-        query,
-        headers,
-        body,
-    }))
+    Ok(Some((
+        Request {
+            method,
+            version,
+            path,
+            query,
+            headers,
+            body: Vec::new(),
+        },
+        length,
+    )))
 }
 
 /// `METHOD SP request-target SP HTTP-version` (RFC 9112 §3), nothing more, nothing less.

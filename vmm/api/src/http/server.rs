@@ -1,8 +1,23 @@
-//! The server: a thread-per-connection accept loop with a bound on connections (503 beyond it),
-//! keep-alive and pipelining, and a drain on stop.
+//! The server: one event-driven thread holds every connection while it waits for or reads a
+//! request, or drains a response; a small pool of worker threads runs the handler on complete
+//! requests; streams (`events`) get threads of their own from a separate bounded pool.
 //!
-//! Owns: connections and their lifetime. Must not: know any endpoint (the handler given to
-//! [`serve`] does).
+//! So no client can starve another by holding a thread: an idle, slow (slow-loris), huge or
+//! never-reading connection costs a descriptor and a buffer, never a worker, and is bounded in
+//! time (the whole request within `read_timeout`, a response taken within `write_timeout`, an
+//! idle keep-alive closed after `read_timeout`) and in number (at `max_connections` the
+//! connection idle the longest is closed for the new one). Subscribers hold no request slot.
+//!
+//! Owns: connections and their lifetime, the worker and stream pools. Must not: know any
+//! endpoint (the handler given to [`serve`] does), or block its event thread on a client.
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::time::Instant;
+
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 
@@ -10,188 +25,676 @@ use super::*;
 pub enum Outcome {
     /// Write this response (the connection may carry the next request).
     Respond(Response),
-    /// The handler wrote the whole response itself (e.g. with [`ChunkedWriter`]); the
-    /// connection is closed.
-    Streamed,
+    /// A long-lived response (e.g. [`ChunkedWriter`] chunks until the client goes away): the
+    /// server hands the socket (blocking, with the write timeout) to this function on a thread
+    /// of the stream pool, at most `limits.max_streams` at once (503 beyond); the connection is
+    /// closed when it returns.
+    Stream(Box<dyn FnOnce(UnixStream) + Send>),
 }
 
-pub type Handler = Arc<dyn Fn(Request, &mut UnixStream) -> Outcome + Send + Sync>;
+pub type Handler = Arc<dyn Fn(Request) -> Outcome + Send + Sync>;
 
-/// Connections being served: a count to bound them and wait for them, and a clone of each
-/// socket so that stopping can end their reads.
+/// How often the event thread looks at `stop` and at deadlines while nothing happens.
+pub(super) const STOP_POLL: Duration = Duration::from_millis(100);
+/// How long [`serve`] waits, after `stop`, for requests in a handler and streams to finish.
+pub(super) const DRAIN: Duration = Duration::from_secs(5);
+/// Requests waiting for a worker, beyond which the next one gets a 503.
+const QUEUE: usize = 1024;
+
+const LISTENER: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    /// Waiting for the first byte of a request (kept alive).
+    Idle,
+    /// Part of a request has come.
+    Reading,
+    /// A worker has the request.
+    Busy,
+    /// A response is being written.
+    Writing,
+}
+
+struct Conn {
+    stream: UnixStream,
+    state: State,
+    /// Bytes read and not yet part of a dispatched request (a pipelined next request stays).
+    buf: Vec<u8>,
+    /// How much of `buf` was searched for the end of the head.
+    scanned: usize,
+    /// The current request's head once parsed, with the head's length and the body's.
+    head: Option<(Request, usize, usize)>,
+    out: Vec<u8>,
+    written: usize,
+    close_after: bool,
+    /// The peer hung up while a worker had its request: nobody to answer.
+    gone: bool,
+    /// When this connection's current wait ends (None while a worker has it).
+    deadline: Option<Instant>,
+    /// When it last became idle (eviction picks the longest idle).
+    since: Instant,
+}
+
+struct Job {
+    id: u64,
+    request: Request,
+    keep_alive: bool,
+}
+
+enum Reply {
+    Bytes { bytes: Vec<u8>, keep_alive: bool },
+    Stream(Box<dyn FnOnce(UnixStream) + Send>),
+}
+
+/// Streams running, to bound them and to wait for them on stop.
 #[derive(Default)]
-pub(super) struct Connections {
-    state: Mutex<(usize, u64, HashMap<u64, UnixStream>)>,
+struct Streams {
+    count: Mutex<usize>,
     idle: Condvar,
 }
 
-/// Holds one connection's place; giving it back is the last thing a connection does before its
-/// socket closes, so a client that saw the close can count on the place being free.
-pub(super) struct Slot {
-    connections: Arc<Connections>,
-    id: u64,
-}
+struct StreamSlot(Arc<Streams>);
 
-impl Drop for Slot {
+impl Drop for StreamSlot {
     fn drop(&mut self) {
-        let mut state = self
-            .connections
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        state.0 -= 1;
-        state.2.remove(&self.id);
-        self.connections.idle.notify_all();
+        let mut count = self.0.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count -= 1;
+        self.0.idle.notify_all();
     }
 }
 
-/// How often the accept loop looks at `stop` while no connection comes.
-pub(super) const STOP_POLL: Duration = Duration::from_millis(100);
-/// How long [`serve`] waits, after `stop`, for connections in a handler to finish.
-pub(super) const DRAIN: Duration = Duration::from_secs(5);
-
-/// Serves `listener` until `stop` is set: one thread per connection, at most
-/// `limits.max_connections` at once (the next gets 503 and is closed). A request that cannot be
-/// parsed is answered with its status and a JSON error, and its connection closed. On `stop`,
-/// connections stop reading (a response being produced is still written) and `serve` waits up
-/// to a few seconds for them before it returns.
+/// Serves `listener` until `stop` is set (see the module's description). A request that cannot
+/// be parsed is answered with its status and a JSON error, and its connection closed. On
+/// `stop`, idle and half-read connections close, requests in a handler are still answered, and
+/// `serve` waits up to a few seconds for them and for streams before it returns.
 pub fn serve(listener: UnixListener, limits: Limits, handler: Handler, stop: Arc<AtomicBool>) {
-    let connections = Arc::new(Connections::default());
-    // Non-blocking so that a connection reset between poll and accept cannot block the loop.
-    let _ = listener.set_nonblocking(true);
-    while !stop.load(Ordering::Acquire) {
-        let mut fd = libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd for the duration of the call.
-        let ready = unsafe { libc::poll(&mut fd, 1, STOP_POLL.as_millis() as libc::c_int) };
-        if ready <= 0 {
-            continue; // timeout, or EINTR: look at `stop` again
+    raise_fd_limit();
+    let server = match Server::new(listener, limits, handler, stop) {
+        Ok(server) => server,
+        Err(e) => {
+            log::error!("API server: cannot start: {e}");
+            return;
         }
-        let stream = match listener.accept() {
-            Ok((stream, _)) => stream,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
-                ) =>
-            {
-                continue; // the peer went away between poll and accept
+    };
+    server.run();
+}
+
+struct Server {
+    listener: UnixListener,
+    limits: Limits,
+    stop: Arc<AtomicBool>,
+    epoll: Epoll,
+    wake: Arc<EventFd>,
+    jobs: Option<SyncSender<Job>>,
+    replies: Receiver<(u64, Reply)>,
+    conns: HashMap<u64, Conn>,
+    next_id: u64,
+    streams: Arc<Streams>,
+}
+
+impl Server {
+    fn new(
+        listener: UnixListener,
+        limits: Limits,
+        handler: Handler,
+        stop: Arc<AtomicBool>,
+    ) -> io::Result<Server> {
+        listener.set_nonblocking(true)?;
+        let epoll = Epoll::new()?;
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        epoll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, LISTENER),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE),
+        )?;
+        let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
+        let (reply_tx, replies) = mpsc::channel();
+        let queue = Arc::new(Mutex::new(queue));
+        for n in 0..limits.workers.max(1) {
+            let (queue, reply_tx, wake, handler) = (
+                queue.clone(),
+                reply_tx.clone(),
+                wake.clone(),
+                handler.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("vigil-api-{n}"))
+                .spawn(move || worker(&queue, &reply_tx, &wake, &handler))?;
+        }
+        Ok(Server {
+            listener,
+            limits,
+            stop,
+            epoll,
+            wake,
+            jobs: Some(jobs),
+            replies,
+            conns: HashMap::new(),
+            next_id: 0,
+            streams: Arc::default(),
+        })
+    }
+
+    fn run(mut self) {
+        let mut events = vec![EpollEvent::default(); 256];
+        let mut next_sweep = Instant::now() + STOP_POLL;
+        while !self.stop.load(Ordering::Acquire) {
+            let n = match self.epoll.wait(STOP_POLL.as_millis() as i32, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => {
+                    log::error!("API server: epoll_wait failed, server stopped: {e}");
+                    break;
+                }
+            };
+            for event in &events[..n] {
+                match event.data() {
+                    LISTENER => self.accept_all(),
+                    WAKE => self.take_replies(),
+                    id => self.on_event(id, event.event_set()),
+                }
             }
-            Err(e) => {
-                log::warn!("API server: accept failed: {e}");
-                // EMFILE and friends: the listener stays readable, so back off instead of
-                // spinning until a connection ends and frees a descriptor.
-                std::thread::sleep(STOP_POLL);
+            let now = Instant::now();
+            if now >= next_sweep {
+                self.sweep(now);
+                next_sweep = now + STOP_POLL;
+            }
+        }
+        self.drain();
+    }
+
+    fn accept_all(&mut self) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    return;
+                }
+                Err(e) => {
+                    // EMFILE and friends: make room (the longest idle connection goes) and
+                    // look again on the next round rather than spinning here.
+                    log::warn!("API server: accept failed: {e}");
+                    self.evict_one("the server is out of descriptors");
+                    return;
+                }
+            };
+            if self.conns.len() >= self.limits.max_connections
+                && !self.evict_one("the server is at its connection limit")
+            {
+                refuse(stream, "the server is busy: every connection is in use; try again");
                 continue;
             }
-        };
-        let _ = stream.set_nonblocking(false);
-        let _ = stream.set_read_timeout(Some(limits.read_timeout));
-        let _ = stream.set_write_timeout(Some(limits.write_timeout));
-        let slot = {
-            let mut state = connections.state.lock().unwrap_or_else(|e| e.into_inner());
-            if state.0 >= limits.max_connections {
-                None
-            } else {
-                state.0 += 1;
-                state.1 += 1;
-                let id = state.1;
-                if let Ok(clone) = stream.try_clone() {
-                    state.2.insert(id, clone);
-                }
-                Some(Slot {
-                    connections: connections.clone(),
-                    id,
-                })
+            if stream.set_nonblocking(true).is_err() {
+                continue;
             }
-        };
-        let Some(slot) = slot else {
-            refuse(stream, limits.max_connections);
-            continue;
-        };
-        let (handler, limits) = (handler.clone(), limits.clone());
-        let stop = stop.clone();
-        // A failed spawn drops the closure, hence the slot and the socket: the client sees EOF.
-        if let Err(e) = std::thread::Builder::new()
-            .name("vigil-api-conn".into())
-            .spawn(move || connection(stream, slot, &limits, &handler, &stop))
-        {
-            log::warn!("API server: cannot start a connection thread: {e}");
+            let id = self.next_id;
+            self.next_id += 1;
+            if self
+                .epoll
+                .ctl(
+                    ControlOperation::Add,
+                    stream.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, id),
+                )
+                .is_err()
+            {
+                continue;
+            }
+            let now = Instant::now();
+            self.conns.insert(
+                id,
+                Conn {
+                    stream,
+                    state: State::Idle,
+                    buf: Vec::new(),
+                    scanned: 0,
+                    head: None,
+                    out: Vec::new(),
+                    written: 0,
+                    close_after: false,
+                    gone: false,
+                    deadline: Some(now + self.limits.read_timeout),
+                    since: now,
+                },
+            );
         }
     }
 
-    // Stop reading on every connection: idle ones end now, busy ones after their response.
-    let mut state = connections.state.lock().unwrap_or_else(|e| e.into_inner());
-    for stream in state.2.values() {
-        let _ = stream.shutdown(std::net::Shutdown::Read);
-    }
-    let deadline = std::time::Instant::now() + DRAIN;
-    while state.0 > 0 {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        if left.is_zero() {
-            break;
-        }
-        state = match connections.idle.wait_timeout(state, left) {
-            Ok((s, _)) => s,
-            Err(e) => e.into_inner().0,
-        };
-    }
-}
-
-pub(super) fn refuse(mut stream: UnixStream, max: usize) {
-    // A short bound: the accept loop must not wait on one client.
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
-    let message = format!("the server is busy ({max} connections open); try again");
-    log::warn!("API server: {message}");
-    let _ = Response::error(503, &message).write_to(&mut stream, false);
-}
-
-pub(super) fn connection(
-    stream: UnixStream,
-    slot: Slot,
-    limits: &Limits,
-    handler: &Handler,
-    stop: &AtomicBool,
-) {
-    let mut reader = BufReader::new(stream);
-    loop {
-        let request = match read_request(&mut reader, limits) {
-            Ok(Some(request)) => request,
-            Ok(None) => break,
-            Err(e) => {
-                // After a stop, shutdown(Read) ends reads: nobody is waiting for an answer.
-                if !stop.load(Ordering::Acquire) {
-                    let _ = Response::error(e.status, &e.message).write_to(reader.get_mut(), false);
-                }
-                break;
+    /// Closes the connection that has waited longest without a request in a worker (idle or
+    /// still sending its request): false if every connection is busy.
+    fn evict_one(&mut self, why: &str) -> bool {
+        let victim = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Idle | State::Reading))
+            .min_by_key(|(_, c)| c.since)
+            .map(|(id, _)| *id);
+        match victim {
+            Some(id) => {
+                log::debug!("API server: {why}: closing the longest idle connection");
+                self.close(id);
+                true
             }
+            None => false,
+        }
+    }
+
+    fn on_event(&mut self, id: u64, events: EventSet) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
         };
-        let mut keep_alive = should_keep_alive(&request) && !stop.load(Ordering::Acquire);
-        let head_only = request.method == Method::Head;
-        let outcome = catch_unwind(AssertUnwindSafe(|| handler(request, reader.get_mut())))
-            .unwrap_or_else(|_| {
-                log::error!("API server: the request handler panicked");
-                // The handler may have written part of a response: answer, then close.
-                keep_alive = false;
-                Outcome::Respond(Response::error(500, "the request handler panicked"))
-            });
-        match outcome {
-            Outcome::Respond(response) => {
-                if response
-                    .write(reader.get_mut(), keep_alive, !head_only)
-                    .is_err()
-                    || !keep_alive
+        match conn.state {
+            State::Idle | State::Reading => self.read(id),
+            State::Writing => self.flush(id),
+            State::Busy => {
+                // Only a hang-up can come (no interest is registered): stop watching; the
+                // reply finds nobody to answer.
+                if events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
                 {
+                    conn.gone = true;
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Delete,
+                        conn.stream.as_raw_fd(),
+                        EpollEvent::default(),
+                    );
+                }
+            }
+        }
+    }
+
+    fn read(&mut self, id: u64) {
+        let cap = self.limits.max_head + self.limits.max_body + 4096;
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut chunk = [0u8; 16 * 1024];
+        let mut eof = false;
+        while conn.buf.len() < cap {
+            let want = chunk.len().min(cap - conn.buf.len());
+            match conn.stream.read(&mut chunk[..want]) {
+                Ok(0) => {
+                    eof = true;
+                    break;
+                }
+                Ok(n) => conn.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    eof = true;
                     break;
                 }
             }
-            Outcome::Streamed => break,
+        }
+        if conn.state == State::Idle && !conn.buf.is_empty() {
+            conn.state = State::Reading;
+            conn.deadline = Some(Instant::now() + self.limits.read_timeout);
+        }
+        self.advance(id);
+        if eof {
+            match self.conns.get(&id).map(|c| c.state) {
+                Some(State::Reading) => {
+                    self.fail(id, HttpError::new(400, "connection closed inside the request"))
+                }
+                Some(State::Idle) => self.close(id),
+                _ => {
+                    // Busy or writing: the answer still goes out to a half-closed peer; stop
+                    // reading so that level-triggered EOF does not spin.
+                    if let Some(conn) = self.conns.get_mut(&id) {
+                        conn.close_after = true;
+                    }
+                }
+            }
         }
     }
-    let stream = reader.into_inner();
-    drop(slot);
-    let _ = stream.shutdown(std::net::Shutdown::Both);
+
+    /// Takes the next complete request out of the connection's buffer and hands it to a worker.
+    fn advance(&mut self, id: u64) {
+        let limits = self.limits.clone();
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if !matches!(conn.state, State::Idle | State::Reading) {
+            return;
+        }
+        if conn.head.is_none() {
+            // Empty lines before a request line are allowed (RFC 9112 §2.2).
+            let start = conn
+                .buf
+                .iter()
+                .position(|b| *b != b'\r' && *b != b'\n')
+                .unwrap_or(conn.buf.len());
+            let from = conn.scanned.saturating_sub(3).max(start);
+            let ended = head_end(&conn.buf[from..]).is_some();
+            conn.scanned = conn.buf.len();
+            if !ended && conn.buf.len() - start <= limits.max_head {
+                return;
+            }
+            let mut cursor = Cursor::new(&conn.buf[..]);
+            match read_head(&mut cursor, &limits) {
+                Ok(Some((request, length))) => {
+                    conn.head = Some((request, cursor.position() as usize, length));
+                }
+                Ok(None) => return,
+                Err(e) => return self.fail(id, e),
+            }
+        }
+        let Some((_, head_len, length)) = &conn.head else {
+            return;
+        };
+        let total = head_len + length;
+        if conn.buf.len() < total {
+            return;
+        }
+        let (mut request, head_len, _) = conn.head.take().unwrap_or_default();
+        request.body = conn.buf[head_len..total].to_vec();
+        conn.buf.drain(..total);
+        conn.scanned = 0;
+        conn.state = State::Busy;
+        conn.deadline = None;
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            conn.stream.as_raw_fd(),
+            EpollEvent::new(EventSet::empty(), id),
+        );
+        let keep_alive = should_keep_alive(&request) && !self.stop.load(Ordering::Acquire);
+        let Some(jobs) = &self.jobs else {
+            return;
+        };
+        match jobs.try_send(Job {
+            id,
+            request,
+            keep_alive,
+        }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => self.fail(
+                id,
+                HttpError::new(503, format!("the server is busy ({QUEUE} requests queued)")),
+            ),
+            Err(TrySendError::Disconnected(_)) => self.close(id),
+        }
+    }
+
+    fn take_replies(&mut self) {
+        let _ = self.wake.read();
+        while let Ok((id, reply)) = self.replies.try_recv() {
+            match reply {
+                Reply::Bytes { bytes, keep_alive } => {
+                    let Some(conn) = self.conns.get_mut(&id) else {
+                        continue;
+                    };
+                    if conn.gone {
+                        self.close(id);
+                        continue;
+                    }
+                    conn.out = bytes;
+                    conn.written = 0;
+                    conn.close_after |= !keep_alive;
+                    conn.state = State::Writing;
+                    conn.deadline = Some(Instant::now() + self.limits.write_timeout);
+                    self.flush(id);
+                }
+                Reply::Stream(f) => self.start_stream(id, f),
+            }
+        }
+    }
+
+    fn start_stream(&mut self, id: u64, f: Box<dyn FnOnce(UnixStream) + Send>) {
+        let Some(conn) = self.conns.remove(&id) else {
+            return;
+        };
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            conn.stream.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        if conn.gone {
+            return;
+        }
+        let stream = conn.stream;
+        {
+            let mut count = self.streams.count.lock().unwrap_or_else(|e| e.into_inner());
+            if *count >= self.limits.max_streams {
+                drop(count);
+                let message = format!(
+                    "too many streams open ({}); try again later",
+                    self.limits.max_streams
+                );
+                refuse(stream, &message);
+                return;
+            }
+            *count += 1;
+        }
+        let slot = StreamSlot(self.streams.clone());
+        let write_timeout = self.limits.write_timeout;
+        let spawned = std::thread::Builder::new()
+            .name("vigil-api-stream".into())
+            .spawn(move || {
+                let _slot = slot;
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_write_timeout(Some(write_timeout));
+                let Ok(ours) = stream.try_clone() else {
+                    return;
+                };
+                if catch_unwind(AssertUnwindSafe(|| f(ours))).is_err() {
+                    log::error!("API server: a stream panicked; its connection is closed");
+                }
+                let _ = stream.shutdown(std::net::Shutdown::Both);
+            });
+        if let Err(e) = spawned {
+            log::warn!("API server: cannot start a stream thread: {e}");
+        }
+    }
+
+    /// Writes what the socket takes of the connection's response; the rest waits for POLLOUT.
+    fn flush(&mut self, id: u64) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        while conn.written < conn.out.len() {
+            match conn.stream.write(&conn.out[conn.written..]) {
+                Ok(0) => return self.close(id),
+                Ok(n) => conn.written += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let _ = self.epoll.ctl(
+                        ControlOperation::Modify,
+                        conn.stream.as_raw_fd(),
+                        EpollEvent::new(EventSet::OUT, id),
+                    );
+                    return;
+                }
+                Err(_) => return self.close(id),
+            }
+        }
+        if conn.close_after || self.stop.load(Ordering::Acquire) {
+            return self.close(id);
+        }
+        conn.out = Vec::new();
+        let now = Instant::now();
+        conn.state = if conn.buf.is_empty() {
+            State::Idle
+        } else {
+            State::Reading
+        };
+        conn.since = now;
+        conn.deadline = Some(now + self.limits.read_timeout);
+        let _ = self.epoll.ctl(
+            ControlOperation::Modify,
+            conn.stream.as_raw_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::READ_HANG_UP, id),
+        );
+        // A pipelined request may be complete already.
+        self.advance(id);
+    }
+
+    /// Answers `e` (best effort, without waiting) and closes the connection.
+    fn fail(&mut self, id: u64, e: HttpError) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let mut bytes = Vec::new();
+        let _ = Response::error(e.status, &e.message).write_to(&mut bytes, false);
+        conn.out = bytes;
+        conn.written = 0;
+        conn.close_after = true;
+        conn.state = State::Writing;
+        conn.deadline = Some(Instant::now() + Duration::from_secs(1));
+        self.flush(id);
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some(conn) = self.conns.remove(&id) {
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                conn.stream.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Ends the waits that ran out: a request not complete within `read_timeout` gets a 408,
+    /// an idle connection or a response nobody takes is closed.
+    fn sweep(&mut self, now: Instant) {
+        let late: Vec<(u64, State)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.deadline.is_some_and(|d| d <= now))
+            .map(|(id, c)| (*id, c.state))
+            .collect();
+        for (id, state) in late {
+            if state == State::Reading {
+                let e = HttpError::new(408, "timed out waiting for the rest of the request");
+                self.fail(id, e);
+                // `fail` gave it a second to take the answer; after that it is closed.
+            } else {
+                self.close(id);
+            }
+        }
+    }
+
+    /// After `stop`: closes idle and half-read connections, answers the requests workers hold,
+    /// waits for those and for streams (up to [`DRAIN`]).
+    fn drain(mut self) {
+        let _ = self.epoll.ctl(
+            ControlOperation::Delete,
+            self.listener.as_raw_fd(),
+            EpollEvent::default(),
+        );
+        let waiting: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Idle | State::Reading))
+            .map(|(id, _)| *id)
+            .collect();
+        waiting.into_iter().for_each(|id| self.close(id));
+        self.jobs = None; // workers end once the queue is empty
+        let deadline = Instant::now() + DRAIN;
+        let mut events = vec![EpollEvent::default(); 64];
+        while !self.conns.is_empty() && Instant::now() < deadline {
+            let n = self.epoll.wait(50, &mut events).unwrap_or(0);
+            for event in &events[..n] {
+                match event.data() {
+                    LISTENER => {}
+                    WAKE => self.take_replies(),
+                    id => self.on_event(id, event.event_set()),
+                }
+            }
+            self.sweep(Instant::now());
+        }
+        let mut count = self.streams.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *count > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            count = match self.streams.idle.wait_timeout(count, left) {
+                Ok((c, _)) => c,
+                Err(e) => e.into_inner().0,
+            };
+        }
+    }
+}
+
+/// Where the head ends in `bytes` (a blank line), if it does.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    bytes
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .or_else(|| bytes.windows(3).position(|w| w == b"\n\r\n"))
+}
+
+fn worker(
+    queue: &Mutex<Receiver<Job>>,
+    replies: &mpsc::Sender<(u64, Reply)>,
+    wake: &EventFd,
+    handler: &Handler,
+) {
+    loop {
+        let job = match queue.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return,
+        };
+        let Job {
+            id,
+            request,
+            mut keep_alive,
+        } = job;
+        let head_only = request.method == Method::Head;
+        let outcome = catch_unwind(AssertUnwindSafe(|| handler(request))).unwrap_or_else(|p| {
+            let why = vmm_core::devices::panic_message(p.as_ref());
+            log::error!("API server: the request handler panicked: {why}");
+            keep_alive = false;
+            Outcome::Respond(Response::error(
+                500,
+                &format!("the request handler panicked ({why}); the server goes on"),
+            ))
+        });
+        let reply = match outcome {
+            Outcome::Respond(response) => {
+                let mut bytes = Vec::new();
+                let _ = response.write(&mut bytes, keep_alive, !head_only);
+                Reply::Bytes { bytes, keep_alive }
+            }
+            Outcome::Stream(f) => Reply::Stream(f),
+        };
+        if replies.send((id, reply)).is_err() {
+            return;
+        }
+        let _ = wake.write(1);
+    }
+}
+
+/// Answers 503 without waiting on the client (what the socket takes), and closes.
+pub(super) fn refuse(mut stream: UnixStream, message: &str) {
+    log::warn!("API server: {message}");
+    let _ = stream.set_nonblocking(true);
+    let _ = Response::error(503, message).write_to(&mut stream, false);
+}
+
+/// Raises the soft limit on open descriptors to the hard one: each connection holds one.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
 }

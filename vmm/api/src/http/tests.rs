@@ -310,27 +310,25 @@ fn json(body: &[u8]) -> serde_json::Value {
 #[test]
 fn server_and_client_round_trip() {
     let (next_tx, next_rx) = mpsc::channel::<()>();
-    let next_rx = Mutex::new(next_rx);
-    let handler: Handler = Arc::new(move |request, stream| match request.path.as_str() {
+    let next_rx = Arc::new(Mutex::new(next_rx));
+    let handler: Handler = Arc::new(move |request| match request.path.as_str() {
         "/events" => {
-            let mut w =
-                ChunkedWriter::start(stream.try_clone().unwrap(), 200, "application/x-ndjson")
-                    .unwrap();
-            for n in 0..3 {
-                w.write_chunk(format!("{{\"n\":{n}}}\n").as_bytes())
-                    .unwrap();
-                // The next chunk is produced only after the client has read this one.
-                next_rx.lock().unwrap().recv().unwrap();
-            }
-            w.finish().unwrap();
-            Outcome::Streamed
+            let next_rx = next_rx.clone();
+            Outcome::Stream(Box::new(move |stream| {
+                let mut w = ChunkedWriter::start(stream, 200, "application/x-ndjson").unwrap();
+                for n in 0..3 {
+                    w.write_chunk(format!("{{\"n\":{n}}}\n").as_bytes())
+                        .unwrap();
+                    // The next chunk is produced only after the client has read this one.
+                    next_rx.lock().unwrap().recv().unwrap();
+                }
+                w.finish().unwrap();
+            }))
         }
-        "/cut" => {
-            let mut w =
-                ChunkedWriter::start(stream.try_clone().unwrap(), 200, "text/plain").unwrap();
+        "/cut" => Outcome::Stream(Box::new(|stream| {
+            let mut w = ChunkedWriter::start(stream, 200, "text/plain").unwrap();
             w.write_chunk(b"partial").unwrap();
-            Outcome::Streamed
-        }
+        })),
         "/panic" => panic!("handler bug"),
         "/empty" => Outcome::Respond(Response::empty(204)),
         "/missing" => Outcome::Respond(Response::error(404, "no such thing")),
@@ -359,6 +357,14 @@ fn server_and_client_round_trip() {
     assert_eq!((r.status, r.body.len()), (204, 0));
     let r = request(&socket, "GET", "/panic", None, T).unwrap();
     assert_eq!(r.status, 500);
+    assert!(
+        json(&r.body)["error"]
+            .as_str()
+            .unwrap()
+            .contains("panicked (handler bug)"),
+        "{:?}",
+        json(&r.body)
+    );
     let r = request(&socket, "HEAD", "/x", None, T).unwrap();
     assert_eq!((r.status, r.body.len()), (200, 0));
     assert!(matches!(
@@ -445,44 +451,161 @@ fn server_and_client_round_trip() {
     assert!(matches!(e, ClientError::Connect { .. }), "{e}");
 }
 
+/// At the connection limit the longest idle connection makes room: idle clients cannot lock
+/// out a new one.
 #[test]
-fn connection_limit_refuses_the_65th_and_keeps_serving() {
-    let handler: Handler = Arc::new(|request, _| Outcome::Respond(echo(&request)));
-    let server = TestServer::start("limit", Limits::default(), handler);
-    let max = Limits::default().max_connections;
-    assert_eq!(max, 64);
-    // Accepted in connect order; idle ones hold their place (the read timeout is 30 s).
-    let mut idle: Vec<UnixStream> = (0..max)
+fn at_the_connection_limit_the_longest_idle_connection_makes_room() {
+    let handler: Handler = Arc::new(|request| Outcome::Respond(echo(&request)));
+    let limits = Limits {
+        max_connections: 8,
+        ..Limits::default()
+    };
+    let server = TestServer::start("limit", limits, handler);
+    let mut idle: Vec<UnixStream> = (0..8)
         .map(|_| UnixStream::connect(&server.path).unwrap())
         .collect();
-    let mut extra = UnixStream::connect(&server.path).unwrap();
-    extra.set_read_timeout(Some(T)).unwrap();
-    let mut answer = String::new();
-    extra.read_to_string(&mut answer).unwrap();
-    assert!(
-        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
-        "{answer}"
-    );
-    assert!(answer.contains("busy"), "{answer}");
-
-    // An idle connection still works; closing it frees its place before the socket closes.
-    let first = &mut idle[0];
-    first.set_read_timeout(Some(T)).unwrap();
-    first
-        .write_all(b"GET /still HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut answer = String::new();
-    first.read_to_string(&mut answer).unwrap();
-    assert!(
-        answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("/still"),
-        "{answer}"
-    );
+    // Every one is held (a request on the last one is answered).
+    let last = idle.last_mut().unwrap();
+    last.set_read_timeout(Some(T)).unwrap();
+    last.write_all(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(last.try_clone().unwrap());
+    assert_eq!(read_response_head(&mut reader).unwrap().0, 200);
+    // One more: served; the first (idle longest) was closed for it.
     let r = request(&server.path, "GET", "/after", None, T).unwrap();
     assert_eq!(
         (r.status, json(&r.body)["path"].as_str()),
         (200, Some("/after"))
     );
-    drop(idle);
+    let first = &mut idle[0];
+    first.set_read_timeout(Some(T)).unwrap();
+    let mut rest = Vec::new();
+    assert_eq!(first.read_to_end(&mut rest).unwrap(), 0, "evicted: EOF");
+}
+
+/// The class of clients that hold a connection without finishing anything: a slow-loris head,
+/// a body that never comes, a huge head, a client that never reads its responses. Each is
+/// bounded (408 within the read timeout, 431, closed after the write timeout) and none delays
+/// another client's request.
+#[test]
+fn slow_huge_and_deaf_clients_do_not_delay_others() {
+    let handler: Handler = Arc::new(|request| Outcome::Respond(echo(&request)));
+    let limits = Limits {
+        workers: 2,
+        read_timeout: Duration::from_millis(600),
+        write_timeout: Duration::from_millis(600),
+        ..Limits::default()
+    };
+    let server = TestServer::start("slow", limits, handler);
+    let connect = || {
+        let s = UnixStream::connect(&server.path).unwrap();
+        s.set_read_timeout(Some(T)).unwrap();
+        s
+    };
+    // Slow-loris: a byte now and then, never the end of the head.
+    let mut loris = connect();
+    loris.write_all(b"GET / HTTP/1.1\r\nX-a: ").unwrap();
+    // A body announced and never sent.
+    let mut no_body = connect();
+    no_body
+        .write_all(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
+        .unwrap();
+    // A head over the limit: 431 at once.
+    let mut huge = connect();
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    while big.len() < 20 * 1024 {
+        big.extend_from_slice(b"X-pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+    }
+    let _ = huge.write_all(&big);
+    let mut answer = String::new();
+    let _ = huge.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    // Deaf: many pipelined requests whose answers it never reads.
+    let mut deaf = connect();
+    deaf.set_nonblocking(true).unwrap();
+    let one = b"GET /deaf HTTP/1.1\r\nHost: x\r\n\r\n";
+    for _ in 0..20_000 {
+        if deaf.write_all(one).is_err() {
+            break;
+        }
+    }
+    // Meanwhile, others are answered at once.
+    for _ in 0..20 {
+        let started = std::time::Instant::now();
+        let r = request(&server.path, "GET", "/ping", None, T).unwrap();
+        assert_eq!(r.status, 200);
+        // Not a timing test (the machine may be loaded): seconds would mean it waited.
+        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        loris.write_all(b"a").unwrap();
+    }
+    // The slow ones end with a 408 within the read timeout (counted from their first byte).
+    for (name, conn) in [("loris", &mut loris), ("no body", &mut no_body)] {
+        let mut answer = String::new();
+        let _ = conn.read_to_string(&mut answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{name}: {answer}");
+    }
+    // The deaf one is closed once its responses sat untaken past the write timeout.
+    deaf.set_nonblocking(false).unwrap();
+    let started = std::time::Instant::now();
+    let mut sink = vec![0u8; 1 << 16];
+    loop {
+        match deaf.read(&mut sink) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(started.elapsed() < T, "the deaf connection is closed");
+    }
+}
+
+/// Streams have their own bounded pool: open streams never take a worker, so requests are
+/// answered while every stream is open, and the stream over the limit gets a 503.
+#[test]
+fn streams_do_not_take_request_workers() {
+    let release = Arc::new(AtomicBool::new(false));
+    let held = release.clone();
+    let handler: Handler = Arc::new(move |request| match request.path.as_str() {
+        "/events" => {
+            let held = held.clone();
+            Outcome::Stream(Box::new(move |stream| {
+                let mut w = ChunkedWriter::start(stream, 200, "text/plain").unwrap();
+                w.write_chunk(b"open").unwrap();
+                while !held.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let _ = w.finish();
+            }))
+        }
+        _ => Outcome::Respond(echo(&request)),
+    });
+    let limits = Limits {
+        workers: 2,
+        max_streams: 10,
+        ..Limits::default()
+    };
+    let server = TestServer::start("streams", limits, handler);
+    let mut open: Vec<Chunks> = (0..10)
+        .map(|_| {
+            let mut s = stream(&server.path, "/events", T).unwrap();
+            assert_eq!(s.next().unwrap().unwrap(), b"open");
+            s
+        })
+        .collect();
+    for _ in 0..10 {
+        let r = request(&server.path, "GET", "/ping", None, T).unwrap();
+        assert_eq!(r.status, 200);
+    }
+    match stream(&server.path, "/events", T) {
+        Err(ClientError::Status {
+            status: 503,
+            message,
+        }) => assert!(message.contains("too many streams"), "{message}"),
+        other => panic!("{:?}", other.err()),
+    }
+    release.store(true, Ordering::Release);
+    for s in &mut open {
+        assert!(s.next().is_none());
+    }
 }
 
 #[test]

@@ -10,6 +10,45 @@ pub mod tap;
 pub mod virtio;
 pub mod vxlan;
 
+/// How a device thread that failed (panicked) stops its VM: it records why and sets the VM's
+/// stop flag; the VM's run ends with `StopReason::Crashed(why)`, the rest of the process goes on.
+#[derive(Debug)]
+pub struct DeviceFault {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reason: std::sync::Mutex<Option<String>>,
+}
+
+impl DeviceFault {
+    pub fn new(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> DeviceFault {
+        DeviceFault {
+            stop,
+            reason: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Records the first failure and stops the VM.
+    pub fn fail(&self, why: String) {
+        log::error!("{why}: stopping the VM");
+        let mut reason = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        reason.get_or_insert(why);
+        self.stop.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The first failure recorded, if any.
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The message a panic carried (`panic!("...")` or a formatted one), for a stop reason.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 /// A device reached through guest-physical MMIO. Offsets are relative to the device's window.
 /// Implementations must accept any offset and any access size (1..=8 bytes) without panicking:
 /// the guest chooses both.

@@ -262,6 +262,10 @@ impl Introspection {
         if rules.is_empty() {
             return Ok(None);
         }
+        // Error: the tiers "did not take" the batch, so the call is denied (fail closed).
+        if crate::failpoints::check_thread("verdict.push").is_some() {
+            return Err(Undelivered);
+        }
         let mut records = [[0u8; RECORD_LEN]; MAX_RULES_PER_CALL];
         let records = &mut records[..rules.len().min(MAX_RULES_PER_CALL)];
         let first = {

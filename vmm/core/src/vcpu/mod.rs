@@ -349,6 +349,13 @@ impl Vcpu {
                 }
             };
             self.stats.exits += 1;
+            if crate::failpoints::check_thread("vcpu.exit").is_some() {
+                self.state = VcpuState::Stopped;
+                return StopReason::Crashed(format!(
+                    "failpoint vcpu.exit (error) on vCPU {}",
+                    self.index
+                ));
+            }
             if exit != ExitAction::InternalError {
                 self.last_retry = None;
             }

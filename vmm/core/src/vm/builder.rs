@@ -28,7 +28,7 @@ use crate::devices::tap::Tap;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{FrameLink, Net};
 use crate::devices::vxlan::Vxlan;
-use crate::devices::{MmioDevice, MmioDeviceInfo};
+use crate::devices::{DeviceFault, MmioDevice, MmioDeviceInfo};
 use crate::host_kind::HostKind;
 use crate::introspect::Introspection;
 use crate::layout::*;
@@ -52,7 +52,9 @@ impl Vm {
         let (kvm, fd) = kvm_vm()?;
         let memory = guest_memory(&fd, config.mem_bytes())?;
         let (serial_irq, console) = serial_console(config, &fd, created)?;
-        let nets = net_devices(config, &fd, &memory)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let device_fault = Arc::new(DeviceFault::new(stop.clone()));
+        let nets = net_devices(config, &fd, &memory, &device_fault)?;
         let bus = Arc::new(Bus::new(serial_irq, console, nets.slots, inputs.exit_port));
         let fd = Arc::new(fd);
         let vcpu_fds = vcpu_fds(&kvm, &fd, config.vcpus, host)?;
@@ -94,7 +96,8 @@ impl Vm {
         Ok(Vm {
             introspection,
             verdict_region,
-            stop: Arc::new(AtomicBool::new(false)),
+            stop,
+            device_fault,
             control: Arc::new(RunControl::default()),
             name: config.name.clone(),
             host,
@@ -291,6 +294,7 @@ fn net_devices(
     config: &VmConfig,
     fd: &VmFd,
     memory: &GuestMemoryMmap,
+    fault: &Arc<DeviceFault>,
 ) -> Result<NetDevices, VmError> {
     let mut backends: Vec<(Net, u32)> = Vec::new();
     for (index, net) in config.nets.iter().enumerate() {
@@ -348,6 +352,7 @@ fn net_devices(
             gsi: VIRTIO_FIRST_GSI + index as u32,
         };
         let net_error = |source| VmError::NetDevice { index, source };
+        let net = net.with_fault(format!("{}-net{index}", config.name), fault.clone());
         let transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
         transport.register_with_kvm(fd, &info).map_err(net_error)?;
         let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));

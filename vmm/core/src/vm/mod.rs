@@ -196,6 +196,8 @@ pub struct Vm {
     verdict_region: Option<Arc<VerdictRegion>>,
     /// Set to stop the VM from outside (another VM's thread, the API).
     stop: Arc<AtomicBool>,
+    /// Where a device thread that panicked records why (it sets `stop` too).
+    device_fault: Arc<crate::devices::DeviceFault>,
     /// Pauses and resumes the vCPUs from outside (the API).
     control: Arc<RunControl>,
     /// Where the RIP profile goes (`VIGIL_PROFILE`), if sampled.

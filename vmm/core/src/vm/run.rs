@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::thread::JoinHandleExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -15,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::{Vm, VmError, VmOutcome};
+use crate::devices::panic_message;
 use crate::vcpu::{StopReason, VcpuStats};
 use crate::verdict_region::VerdictRegion;
 
@@ -47,6 +49,10 @@ impl Vm {
         // Wait for the first vCPU to stop (or the timeout), then stop the others.
         first.wait(&stop, started, timeout);
         stop.store(true, Ordering::Release);
+        // A device thread that failed stopped the VM through the stop flag: say why.
+        if let Some(why) = self.device_fault.reason() {
+            first.overwrite(StopReason::Crashed(why));
+        }
         // No more pause kicks at threads that are about to end.
         self.control.set_threads(Vec::new());
         if let Some(sampler) = sampler {
@@ -87,7 +93,16 @@ impl Vm {
             let thread = std::thread::Builder::new()
                 .name(format!("{}-vcpu{}", self.name, vcpu.index))
                 .spawn(move || {
-                    let reason = vcpu.run(&stop, &control);
+                    let index = vcpu.index;
+                    // A bug on this vCPU's path (an exit handler, a hook, the verdict push)
+                    // stops this VM, with the panic as its reason; never the process.
+                    let reason = catch_unwind(AssertUnwindSafe(|| vcpu.run(&stop, &control)))
+                        .unwrap_or_else(|payload| {
+                            StopReason::Crashed(format!(
+                                "vCPU {index} panicked: {}",
+                                panic_message(payload.as_ref())
+                            ))
+                        });
                     stop.store(true, Ordering::Release);
                     first.record(reason);
                     (vcpu.stats, vcpu.rip_samples)

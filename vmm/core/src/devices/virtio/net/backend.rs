@@ -129,6 +129,10 @@ impl Backend {
                     return self.link;
                 }
             };
+            if crate::failpoints::check_thread("device.net").is_some() {
+                log::error!("virtio-net: failpoint device.net (error): device stopped");
+                return self.link;
+            }
             for event in &events[..n] {
                 match event.data() {
                     t if t == Token::Stop as u64 => {

@@ -26,6 +26,7 @@ enum Thread {
 use crate::devices::virtio::{
     features, read_config_bytes, Activation, VirtioDevice, VirtioError, DEVICE_ID_NET,
 };
+use crate::devices::{panic_message, DeviceFault};
 
 struct Worker {
     stop: EventFd,
@@ -50,6 +51,10 @@ pub struct Net {
     memory_generation: u64,
     counters: Arc<NetCounters>,
     worker: Option<Worker>,
+    /// The backend thread's name (the VM's, so failpoints and `ps` can tell them apart).
+    thread_name: String,
+    /// Where a panicking backend thread reports (None: it only logs, the device goes quiet).
+    fault: Option<Arc<DeviceFault>>,
 }
 
 impl Net {
@@ -77,7 +82,17 @@ impl Net {
             memory_generation: 0,
             counters: Arc::new(NetCounters::default()),
             worker: None,
+            thread_name: "vigil-virtio-net".into(),
+            fault: None,
         }
+    }
+
+    /// Names the backend thread and gives it the VM's [`DeviceFault`]: a panic on that thread
+    /// then stops the VM (with the panic as its reason) instead of leaving a deaf device.
+    pub fn with_fault(mut self, thread_name: String, fault: Arc<DeviceFault>) -> Net {
+        self.thread_name = thread_name;
+        self.fault = Some(fault);
+        self
     }
 
     /// The device's counters; the handle stays valid after the device moves into its transport.
@@ -220,11 +235,29 @@ impl VirtioDevice for Net {
                 })
             }
         };
+        let (name, fault) = (self.thread_name.clone(), self.fault.clone());
         let handle = std::thread::Builder::new()
-            .name("vigil-virtio-net".into())
-            .spawn(move || match backend {
-                Thread::Frames(b) => Attachment::Frames(b.run()),
-                Thread::Memory(b) => Attachment::Memory(b.run()),
+            .name(self.thread_name.clone())
+            .spawn(move || {
+                let run = || match backend {
+                    Thread::Frames(b) => Attachment::Frames(b.run()),
+                    Thread::Memory(b) => Attachment::Memory(b.run()),
+                };
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    Ok(link) => link,
+                    Err(payload) => {
+                        let why = format!(
+                            "virtio-net device thread {name} panicked: {}",
+                            panic_message(payload.as_ref())
+                        );
+                        match &fault {
+                            Some(fault) => fault.fail(why),
+                            None => log::error!("{why}"),
+                        }
+                        // The link went down with the thread: unwind on (the join sees it).
+                        std::panic::resume_unwind(payload)
+                    }
+                }
             })
             .map_err(VirtioError::Thread)?;
         self.worker = Some(Worker { stop, handle });
