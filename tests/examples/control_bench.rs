@@ -2,6 +2,7 @@
 //! REST APIs and event streams. Prints one JSON object per figure (see scripts/bench), the median
 //! as `value`:
 //!   api_latency_ms          GET vmm.ping round trip over the Unix socket (one connection each)
+//!   api_latency_ms_loaded   the same while 1,000 clients ping and list, with its baseline
 //!   reconfig_create_ms      vm.create: from the host's reconfiguration to the switch micro-VM
 //!                           having applied the tenant's Attach (`tiers_ms` of the reconfig event)
 //!   reconfig_delete_ms      vm.delete: the same for the tenant's FlushTenant
@@ -26,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use edge::link::{Class, LinkConfig, VerdictLink};
 use serde_json::{json, Value};
+use vigil_tests::load::ApiLoad;
 use vigil_tests::outside::free_udp_port;
 use vigil_tests::rest::{self, Events};
 use vigil_tests::workload::{idle_policy, vm_spec};
@@ -241,6 +243,54 @@ fn bench_api_latency(host: &HostProc, kind: &str) -> Result<()> {
         kind,
         json!({"p99": round3(samples.percentile(99.0)),
                "note": "GET vmm.ping over the Unix socket, a new connection per request"}),
+    );
+    Ok(())
+}
+
+/// Concurrent clients for api_latency_ms_loaded.
+const LOAD_CLIENTS: usize = 1000;
+/// Probe pings measured under that load (and without it, first).
+const LOADED_PINGS: usize = 300;
+
+/// `vmm.ping` latency while 1,000 clients send `vmm.ping`/`vm.list` back to back, against the
+/// same probe without the load, measured in this run on this host.
+fn bench_api_latency_loaded(host: &HostProc, kind: &str) -> Result<()> {
+    let probe = |n: usize| -> Result<Samples> {
+        let mut rtt = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = Instant::now();
+            let (status, _) = call(&host.socket, "GET", "vmm.ping", None)?;
+            rtt.push(ms_since(start));
+            if status != 200 {
+                return Err(format!("vmm.ping answered {status}").into());
+            }
+        }
+        Ok(Samples(rtt))
+    };
+    let baseline = probe(LOADED_PINGS)?;
+    let load = ApiLoad::start(&host.socket, LOAD_CLIENTS);
+    let clients = load.clients();
+    // Every client is sending before the probe starts.
+    std::thread::sleep(Duration::from_secs(1));
+    let (before, _) = load.counts();
+    let started = Instant::now();
+    let loaded = probe(LOADED_PINGS);
+    let (after, _) = load.counts();
+    let seconds = started.elapsed().as_secs_f64();
+    let (_, failed) = load.stop();
+    let loaded = loaded?;
+    emit(
+        "api_latency_ms_loaded",
+        &loaded,
+        kind,
+        json!({"p99": round3(loaded.percentile(99.0)),
+               "baseline_p50": round3(baseline.median()),
+               "baseline_p99": round3(baseline.percentile(99.0)),
+               "clients": clients, "load_requests_per_s": (after - before) as f64 / seconds,
+               "load_failed": failed,
+               "note": "GET vmm.ping over the Unix socket while 1,000 clients send vmm.ping and \
+                        vm.list back to back (a new connection each); baseline: the same probe \
+                        without them, this run"}),
     );
     Ok(())
 }
@@ -547,6 +597,7 @@ fn run(elf: &Path, tenant_dir: &Path, rounds: usize) -> Result<usize> {
     {
         let host = start_host("cbench-a", elf, root.path())?;
         part("api_latency", bench_api_latency(&host, kind));
+        part("api_latency_loaded", bench_api_latency_loaded(&host, kind));
         part(
             "create/delete",
             bench_create_delete(&host, tenant_dir, rounds, kind),

@@ -49,7 +49,9 @@ impl ApiLoad {
                             };
                             i += 1;
                             match http::request(&socket, "GET", path, None, CLIENT_TIMEOUT) {
-                                Ok(r) if r.status == 200 => answered.fetch_add(1, Ordering::Relaxed),
+                                Ok(r) if r.status == 200 => {
+                                    answered.fetch_add(1, Ordering::Relaxed)
+                                }
                                 _ => failed.fetch_add(1, Ordering::Relaxed),
                             };
                         }

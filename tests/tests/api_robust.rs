@@ -147,7 +147,13 @@ fn a_panic_takes_down_its_request_or_its_vm_never_the_host() {
         call(&host, "PUT", "vm.delete", Some(json!({"id": "crash"}))).0,
         204
     );
-    let spec = vm_spec(&dir, "again", "10.0.0.4", "52:54:00:00:00:04", &idle_policy());
+    let spec = vm_spec(
+        &dir,
+        "again",
+        "10.0.0.4",
+        "52:54:00:00:00:04",
+        &idle_policy(),
+    );
     let (status, body) = call(&host, "PUT", "vm.create", Some(spec));
     assert_eq!(status, 200, "a new VM takes the freed port: {body}");
     assert_eq!(call(&host, "GET", "vmm.ping", None).0, 200);
@@ -164,7 +170,7 @@ fn timed(host: &Host, method: &str, path: &str, status: u16) -> Duration {
 
 #[test]
 fn ping_and_shutdown_answer_within_100ms_under_hostile_clients() {
-    let mut host = start_host("robust-load", None);
+    let host = start_host("robust-load", None);
     let unloaded: Vec<Duration> = (0..20)
         .map(|_| timed(&host, "GET", "vmm.ping", 200))
         .collect();

@@ -39,9 +39,8 @@ pub const API_PREFIX: &str = "/api/v1/";
 pub fn serve(host: Arc<Host>, listener: UnixListener, stop: Arc<AtomicBool>) {
     let handler_host = host.clone();
     let handler_stop = stop.clone();
-    let handler = Arc::new(move |request: Request| {
-        routes::handle(&handler_host, request, &handler_stop)
-    });
+    let handler =
+        Arc::new(move |request: Request| routes::handle(&handler_host, request, &handler_stop));
     let shutdown = host.shutdown_flag();
     let watcher_stop = stop.clone();
     // `vmm.shutdown` sets the host's flag; the server stops with it.
@@ -59,8 +58,18 @@ pub fn serve(host: Arc<Host>, listener: UnixListener, stop: Arc<AtomicBool>) {
 pub fn limits() -> http::Limits {
     http::Limits {
         max_body: MAX_BODY,
+        priority: is_control,
         ..http::Limits::default()
     }
+}
+
+/// `vmm.ping`, `vmm.shutdown` (and the edge's `edge.ping`, `edge.shutdown`): answered on the
+/// server's priority lane, whatever load the other endpoints carry.
+fn is_control(request: &Request) -> bool {
+    matches!(
+        request.path.strip_prefix(API_PREFIX),
+        Some("vmm.ping" | "vmm.shutdown" | "edge.ping" | "edge.shutdown")
+    )
 }
 
 /// Why the API socket could not be bound.

@@ -85,10 +85,7 @@ mod imp {
             if !entries.is_empty() {
                 log::warn!("failpoints armed: {} (VIGIL_FAILPOINTS)", entries.len());
             }
-            STATE.store(
-                if entries.is_empty() { 1 } else { 2 },
-                Ordering::Release,
-            );
+            STATE.store(if entries.is_empty() { 1 } else { 2 }, Ordering::Release);
             entries
         })
     }

@@ -61,6 +61,9 @@ pub struct Limits {
     pub read_timeout: Duration,
     /// Longest time for the peer to take a response.
     pub write_timeout: Duration,
+    /// Requests served on a lane of their own (one worker, its own queue), ahead of any load on
+    /// the others: the server's health and stop endpoints answer however busy the rest is.
+    pub priority: fn(&Request) -> bool,
 }
 
 impl Default for Limits {
@@ -74,6 +77,7 @@ impl Default for Limits {
             max_streams: 256,
             read_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            priority: |_| false,
         }
     }
 }

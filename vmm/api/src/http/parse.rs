@@ -143,7 +143,10 @@ pub fn read_request(stream: &mut impl Read, limits: &Limits) -> Result<Option<Re
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) if is_timeout(&e) => {
-                return Err(HttpError::new(408, "timed out waiting for the rest of the request"))
+                return Err(HttpError::new(
+                    408,
+                    "timed out waiting for the rest of the request",
+                ))
             }
             Err(e) => return Err(HttpError::new(400, format!("reading the request: {e}"))),
         }

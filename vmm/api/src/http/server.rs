@@ -1,6 +1,7 @@
 //! The server: one event-driven thread holds every connection while it waits for or reads a
 //! request, or drains a response; a small pool of worker threads runs the handler on complete
-//! requests; streams (`events`) get threads of their own from a separate bounded pool.
+//! requests, and one more serves the priority lane ([`Limits::priority`]: health and stop);
+//! streams (`events`) get threads of their own from a separate bounded pool.
 //!
 //! So no client can starve another by holding a thread: an idle, slow (slow-loris), huge or
 //! never-reading connection costs a descriptor and a buffer, never a worker, and is bounded in
@@ -127,6 +128,8 @@ struct Server {
     epoll: Epoll,
     wake: Arc<EventFd>,
     jobs: Option<SyncSender<Job>>,
+    /// The priority lane's queue ([`Limits::priority`]).
+    urgent: Option<SyncSender<Job>>,
     replies: Receiver<(u64, Reply)>,
     conns: HashMap<u64, Conn>,
     next_id: u64,
@@ -154,17 +157,17 @@ impl Server {
             EpollEvent::new(EventSet::IN, WAKE),
         )?;
         let (jobs, queue) = mpsc::sync_channel::<Job>(QUEUE);
+        let (urgent, urgent_queue) = mpsc::sync_channel::<Job>(QUEUE);
         let (reply_tx, replies) = mpsc::channel();
         let queue = Arc::new(Mutex::new(queue));
-        for n in 0..limits.workers.max(1) {
-            let (queue, reply_tx, wake, handler) = (
-                queue.clone(),
-                reply_tx.clone(),
-                wake.clone(),
-                handler.clone(),
-            );
+        let urgent_queue = Arc::new(Mutex::new(urgent_queue));
+        let lanes = (0..limits.workers.max(1))
+            .map(|n| (format!("vigil-api-{n}"), queue.clone()))
+            .chain([("vigil-api-prio".to_string(), urgent_queue)]);
+        for (name, queue) in lanes {
+            let (reply_tx, wake, handler) = (reply_tx.clone(), wake.clone(), handler.clone());
             std::thread::Builder::new()
-                .name(format!("vigil-api-{n}"))
+                .name(name)
                 .spawn(move || worker(&queue, &reply_tx, &wake, &handler))?;
         }
         Ok(Server {
@@ -174,6 +177,7 @@ impl Server {
             epoll,
             wake,
             jobs: Some(jobs),
+            urgent: Some(urgent),
             replies,
             conns: HashMap::new(),
             next_id: 0,
@@ -232,7 +236,10 @@ impl Server {
             if self.conns.len() >= self.limits.max_connections
                 && !self.evict_one("the server is at its connection limit")
             {
-                refuse(stream, "the server is busy: every connection is in use; try again");
+                refuse(
+                    stream,
+                    "the server is busy: every connection is in use; try again",
+                );
                 continue;
             }
             if stream.set_nonblocking(true).is_err() {
@@ -300,8 +307,7 @@ impl Server {
             State::Busy => {
                 // Only a hang-up can come (no interest is registered): stop watching; the
                 // reply finds nobody to answer.
-                if events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP)
-                {
+                if events.intersects(EventSet::HANG_UP | EventSet::ERROR | EventSet::READ_HANG_UP) {
                     conn.gone = true;
                     let _ = self.epoll.ctl(
                         ControlOperation::Delete,
@@ -343,9 +349,10 @@ impl Server {
         self.advance(id);
         if eof {
             match self.conns.get(&id).map(|c| c.state) {
-                Some(State::Reading) => {
-                    self.fail(id, HttpError::new(400, "connection closed inside the request"))
-                }
+                Some(State::Reading) => self.fail(
+                    id,
+                    HttpError::new(400, "connection closed inside the request"),
+                ),
                 Some(State::Idle) => self.close(id),
                 _ => {
                     // Busy or writing: the answer still goes out to a half-closed peer; stop
@@ -408,7 +415,12 @@ impl Server {
             EpollEvent::new(EventSet::empty(), id),
         );
         let keep_alive = should_keep_alive(&request) && !self.stop.load(Ordering::Acquire);
-        let Some(jobs) = &self.jobs else {
+        let lane = if (self.limits.priority)(&request) {
+            &self.urgent
+        } else {
+            &self.jobs
+        };
+        let Some(jobs) = lane else {
             return;
         };
         match jobs.try_send(Job {
@@ -599,7 +611,9 @@ impl Server {
             .map(|(id, _)| *id)
             .collect();
         waiting.into_iter().for_each(|id| self.close(id));
-        self.jobs = None; // workers end once the queue is empty
+        // Workers end once their queue is empty.
+        self.jobs = None;
+        self.urgent = None;
         let deadline = Instant::now() + DRAIN;
         let mut events = vec![EpollEvent::default(); 64];
         while !self.conns.is_empty() && Instant::now() < deadline {

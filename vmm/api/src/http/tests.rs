@@ -467,7 +467,8 @@ fn at_the_connection_limit_the_longest_idle_connection_makes_room() {
     // Every one is held (a request on the last one is answered).
     let last = idle.last_mut().unwrap();
     last.set_read_timeout(Some(T)).unwrap();
-    last.write_all(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    last.write_all(b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
     let mut reader = BufReader::new(last.try_clone().unwrap());
     assert_eq!(read_response_head(&mut reader).unwrap().0, 200);
     // One more: served; the first (idle longest) was closed for it.
@@ -513,7 +514,9 @@ fn slow_huge_and_deaf_clients_do_not_delay_others() {
     let mut huge = connect();
     let mut big = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
     while big.len() < 20 * 1024 {
-        big.extend_from_slice(b"X-pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n");
+        big.extend_from_slice(
+            b"X-pad: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n",
+        );
     }
     let _ = huge.write_all(&big);
     let mut answer = String::new();
@@ -534,7 +537,11 @@ fn slow_huge_and_deaf_clients_do_not_delay_others() {
         let r = request(&server.path, "GET", "/ping", None, T).unwrap();
         assert_eq!(r.status, 200);
         // Not a timing test (the machine may be loaded): seconds would mean it waited.
-        assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
+        );
         loris.write_all(b"a").unwrap();
     }
     // The slow ones end with a 408 within the read timeout (counted from their first byte).
@@ -623,4 +630,50 @@ fn client_errors_say_what_is_wrong() {
         HttpError::new(413, "big").to_string(),
         "413 Content Too Large: big"
     );
+}
+
+/// The priority lane answers while every ordinary worker is stuck in a handler.
+#[test]
+fn the_priority_lane_answers_while_the_workers_are_busy() {
+    let release = Arc::new(AtomicBool::new(false));
+    let entered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (held, inside) = (release.clone(), entered.clone());
+    let handler: Handler = Arc::new(move |request| {
+        if request.path == "/slow" {
+            inside.fetch_add(1, Ordering::AcqRel);
+            while !held.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Outcome::Respond(echo(&request))
+    });
+    let limits = Limits {
+        workers: 2,
+        priority: |r| r.path == "/ping",
+        ..Limits::default()
+    };
+    let server = TestServer::start("prio", limits, handler);
+    let slow: Vec<_> = (0..4)
+        .map(|_| {
+            let path = server.path.clone();
+            std::thread::spawn(move || request(&path, "GET", "/slow", None, T).unwrap().status)
+        })
+        .collect();
+    // Both workers are held (and two more requests queue behind them).
+    while entered.load(Ordering::Acquire) < 2 {
+        std::thread::yield_now();
+    }
+    let r = request(&server.path, "GET", "/ping", None, T).unwrap();
+    assert_eq!(
+        (r.status, json(&r.body)["path"].as_str()),
+        (200, Some("/ping"))
+    );
+    assert!(
+        slow.iter().all(|t| !t.is_finished()),
+        "the slow ones are still held"
+    );
+    release.store(true, Ordering::Release);
+    for t in slow {
+        assert_eq!(t.join().unwrap(), 200);
+    }
 }
