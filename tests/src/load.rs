@@ -156,7 +156,7 @@ impl Hostile {
         let stop = Arc::new(AtomicBool::new(false));
         let loris_stop = stop.clone();
         let loris = std::thread::spawn(move || {
-            // Each one byte every 100 ms; a dropped (timed out) one is opened again.
+            // Each one byte every 500 ms; a dropped (timed out) one is opened again.
             while !loris_stop.load(Ordering::Relaxed) {
                 let started = Instant::now();
                 for s in &mut loris {
@@ -167,7 +167,7 @@ impl Hostile {
                         }
                     }
                 }
-                std::thread::sleep(Duration::from_millis(100).saturating_sub(started.elapsed()));
+                std::thread::sleep(Duration::from_millis(500).saturating_sub(started.elapsed()));
             }
         });
         Ok(Hostile {
