@@ -245,25 +245,11 @@ impl RunControl {
         }
     }
 
-    /// Lets parked vCPUs run again, and returns once they have left their parking (up to a
-    /// second): a pause right after must not count a vCPU still parked from this one (a
-    /// `pause_and_capture` would find it parked and nothing captured).
+    /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         self.pause.store(false, Ordering::Release);
-        let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = self.parking.lock().unwrap_or_else(|p| p.into_inner());
         self.changed.notify_all();
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while parking.parked > 0 && !self.must_park() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            parking = self
-                .changed
-                .wait_timeout(parking, left.min(Duration::from_millis(5)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
     }
 
     /// Called by a vCPU thread that saw the pause flag: captures its state if asked (`capture`
@@ -300,7 +286,6 @@ impl RunControl {
                 .0;
         }
         parking.parked = parking.parked.saturating_sub(1);
-        self.changed.notify_all();
     }
 }
 
