@@ -110,7 +110,16 @@ fn a_panic_takes_down_its_request_or_its_vm_never_the_host() {
         reason.contains("vCPU 0 panicked") && reason.contains("failpoint vcpu.exit"),
         "{stopped}"
     );
-    let (status, info) = call(&host, "GET", "vm.info?id=crash", None);
+    // The event goes out from the VM's thread just before it returns; `vm.info` reports the
+    // stop once that thread has finished, moments later.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let (status, info) = loop {
+        let (status, info) = call(&host, "GET", "vm.info?id=crash", None);
+        if info["state"] != "running" || std::time::Instant::now() >= deadline {
+            break (status, info);
+        }
+        std::thread::yield_now();
+    };
     assert_eq!(
         (status, info["state"].as_str()),
         (200, Some("shutdown")),
