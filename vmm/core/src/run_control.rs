@@ -66,6 +66,9 @@ pub struct RunControl {
     held: AtomicBool,
     /// Parking vCPUs capture their state (a snapshot or a migration is under way).
     capture: AtomicBool,
+    /// The VM's run was started but its vCPU threads are not registered yet: a pause or capture
+    /// waits for them rather than finding the VM "not running" (a snapshot right after a boot).
+    starting: AtomicBool,
     parking: Mutex<Parking>,
     changed: Condvar,
 }
@@ -151,8 +154,23 @@ impl RunControl {
         self.changed.notify_all();
     }
 
+    /// Says that the VM's run is about to start on another thread (before that thread is
+    /// spawned): until it registers its vCPU threads, or stops, a pause or capture waits for it.
+    pub fn mark_starting(&self) {
+        self.starting.store(true, Ordering::Release);
+    }
+
+    /// The run announced by [`mark_starting`](Self::mark_starting) will not happen (its thread
+    /// could not be spawned).
+    pub fn cancel_start(&self) {
+        self.starting.store(false, Ordering::Release);
+        let _guard = self.parking.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
+    }
+
     /// Registers the vCPU threads (`Vm::run`); an empty list when the VM stops.
     pub(crate) fn set_threads(&self, threads: Vec<libc::pthread_t>) {
+        self.starting.store(false, Ordering::Release);
         let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
         parking.threads = threads;
         parking.parked = 0;
@@ -165,14 +183,26 @@ impl RunControl {
         if self.is_paused() {
             return Err(RunControlError::AlreadyPaused);
         }
+        let deadline = Instant::now() + limit;
         {
             let mut parking = self.parking.lock().unwrap_or_else(|p| p.into_inner());
             parking.captured.clear();
+            // A run that was started registers its threads moments later.
+            while parking.threads.is_empty() && self.starting.load(Ordering::Acquire) {
+                let now = Instant::now();
+                if now >= deadline {
+                    break;
+                }
+                parking = self
+                    .changed
+                    .wait_timeout(parking, (deadline - now).min(Duration::from_millis(5)))
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
             if parking.threads.is_empty() {
                 return Err(RunControlError::NotRunning);
             }
         }
-        let deadline = Instant::now() + limit;
         self.capture.store(true, Ordering::Release);
         let captured = self
             .pause(limit)

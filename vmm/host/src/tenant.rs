@@ -74,6 +74,9 @@ pub(crate) fn start_vm(
     vm: Vm,
 ) -> Result<JoinHandle<Result<VmOutcome, VmError>>, HostError> {
     let vm_id = id.to_string();
+    // A snapshot or migration asked for right after this returns waits for the vCPUs to start.
+    let control = vm.run_control();
+    control.mark_starting();
     std::thread::Builder::new()
         .name(format!("{id}-vm"))
         .spawn(move || {
@@ -92,7 +95,10 @@ pub(crate) fn start_vm(
             );
             outcome
         })
-        .map_err(|e| HostError::internal("cannot start the VM thread", e))
+        .map_err(|e| {
+            control.cancel_start();
+            HostError::internal("cannot start the VM thread", e)
+        })
 }
 
 impl Tenant {

@@ -36,7 +36,14 @@ impl Vm {
             .iter()
             .map(|vcpu| vcpu.syscall_fix_pending())
             .collect();
-        let threads = self.spawn_vcpus(&first)?;
+        let threads = match self.spawn_vcpus(&first) {
+            Ok(threads) => threads,
+            Err(e) => {
+                // No run after all: a pause or capture waiting for its threads stops waiting.
+                self.control.set_threads(Vec::new());
+                return Err(e);
+            }
+        };
         self.control.set_threads(pthreads(&threads));
         let arming = pending
             .iter()
