@@ -1,7 +1,7 @@
 //! Attacks from the outside on the edge (issue #13), each against the filter as the edge runs it
 //! (`process_edge`): blind injection on an allowed flow's 4-tuple (sequence tracking), blind RSTs,
 //! spoofed insider sources, SYN floods (bounded half-open state, a legitimate handshake during the
-//! flood), and a full table. Real frames (smoltcp-built), explicit clock.
+//! flood), a full table, and ICMP errors quoting a flow with a sequence number it never sent. Real frames (smoltcp-built), explicit clock.
 
 mod frames;
 
@@ -511,7 +511,12 @@ fn over_the_half_open_limit_with_nothing_to_replace_a_syn_is_dropped_and_counted
 #[test]
 fn a_full_table_refuses_new_flows_and_counts_them() {
     use TcpControl::Syn;
-    let mut f = edge(16, Config::default());
+    // One tenant may fill the whole table here (its quota is what `flow_quota.rs` tests).
+    let config = Config {
+        flow_quota: Some(usize::MAX),
+        ..Config::default()
+    };
+    let mut f = edge(16, config);
     let cap = f.conntrack().capacity();
     for p in 0..cap as u16 {
         connect(&mut f, 20000 + p, 0);
@@ -565,4 +570,57 @@ fn adopted_flows_learn_their_windows_from_the_first_segments() {
     );
     let next = frame(true, seg(Psh, c + 4, Some(s + 4), 300, None));
     assert_eq!(f.process_edge(Outside, Cloud, &next, 0), FWD);
+}
+
+#[test]
+fn icmp_errors_must_quote_a_sequence_number_in_flight() {
+    let mut f = edge(1024, Config::default());
+    let (c, s) = connect(&mut f, 40000, 0);
+    // The router between the edge and the client reports the tenant's segment undeliverable.
+    let quoting = |seq: u32| {
+        let spec = seg(TcpControl::Psh, seq, Some(c), 509, None);
+        let l4 = tcp_spec_bytes(
+            Ip::V4(TENANT_IP),
+            Ip::V4(CLIENT_IP),
+            PORT,
+            40000,
+            &spec,
+            &[1; 40],
+        );
+        let quoted = ipv4_packet(TENANT_IP, CLIENT_IP, smoltcp::wire::IpProtocol::Tcp, &l4);
+        icmp4_unreachable([192, 0, 2, 1], TENANT_IP, &quoted)
+    };
+    // What the tenant has sent (its next sequence number, or the segment before it).
+    for seq in [s, s - 1] {
+        assert_eq!(
+            f.process_edge(Outside, Cloud, &quoting(seq), SEC),
+            FWD,
+            "seq {seq:#x}"
+        );
+    }
+    // A blind attacker's guesses: beyond what was sent, or far below it.
+    let mut rng = Rng(0x1234_5678_9abc_def1);
+    let mut dropped = 0;
+    for seq in [s + 1, s + 100_000, s.wrapping_sub(1 << 20), s ^ 0x8000_0000] {
+        assert_eq!(
+            f.process_edge(Outside, Cloud, &quoting(seq), SEC),
+            drop(DropReason::IcmpOutOfWindow),
+            "seq {seq:#x}"
+        );
+        dropped += 1;
+    }
+    for _ in 0..1000 {
+        let seq = rng.next();
+        if seq.wrapping_sub(s.wrapping_sub(70_000)) <= 70_000 {
+            continue;
+        }
+        assert_eq!(
+            f.process_edge(Outside, Cloud, &quoting(seq), SEC),
+            drop(DropReason::IcmpOutOfWindow)
+        );
+        dropped += 1;
+    }
+    assert_eq!(f.counters().dropped(DropReason::IcmpOutOfWindow), dropped);
+    // The flow is untouched.
+    assert_eq!(state_of(&f, 40000), TcpState::Established);
 }

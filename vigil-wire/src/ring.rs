@@ -337,11 +337,20 @@ pub enum DropReason {
     /// form the protocol needs: wrong length, non-zero padding or reserved bits, extra options,
     /// an unexpected destination.
     NeighborMalformed = 17,
+    /// (Edge) an ACK from the outside that opens no tracked flow while the SYN proxy is answering
+    /// SYNs, and whose acknowledgment is not a valid SYN cookie: forged, for another 4-tuple, or
+    /// older than the cookies' lifetime.
+    SynCookieInvalid = 18,
+    /// An ICMP error quoting a tracked TCP flow whose quoted sequence number lies outside what
+    /// the quoted segment's sender has in flight (a blind ICMP attack, RFC 5927).
+    IcmpOutOfWindow = 19,
+    /// A new flow of a tenant that already holds its quota of conntrack entries.
+    FlowQuota = 20,
 }
 
 impl DropReason {
     /// Number of reasons (size of the per-reason counter array).
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 21;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Malformed,
         DropReason::NonIp,
@@ -361,6 +370,9 @@ impl DropReason {
         DropReason::SpoofedNeighbor,
         DropReason::NeighborTarget,
         DropReason::NeighborMalformed,
+        DropReason::SynCookieInvalid,
+        DropReason::IcmpOutOfWindow,
+        DropReason::FlowQuota,
     ];
 
     /// Stable name for logs and metrics.
@@ -384,6 +396,9 @@ impl DropReason {
             DropReason::SpoofedNeighbor => "spoofed_neighbor",
             DropReason::NeighborTarget => "neighbor_target",
             DropReason::NeighborMalformed => "neighbor_malformed",
+            DropReason::SynCookieInvalid => "syn_cookie_invalid",
+            DropReason::IcmpOutOfWindow => "icmp_out_of_window",
+            DropReason::FlowQuota => "flow_quota",
         }
     }
 }

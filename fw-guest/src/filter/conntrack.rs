@@ -14,8 +14,11 @@
 //!   the manner of Linux's `tcp_in_window` (after G. van Rooij, "Real stateful TCP packet
 //!   filtering in IP Filter", 2001).
 //! - Half-open TCP entries (SYN seen, handshake not complete) are counted, globally and per tenant
-//!   bucket, so a SYN flood can be bounded (see [`Conntrack::half_open_full`] and
-//!   [`Conntrack::evict_half_open`]).
+//!   and per destination bucket, so a SYN flood can be bounded (see [`Conntrack::half_open_full`]
+//!   and [`Conntrack::evict_half_open`]) and the edge's SYN proxy can tell when to answer SYNs
+//!   itself ([`Conntrack::half_open_of`], [`Conntrack::half_open_at`]).
+//! - Every tenant's entries are counted exactly ([`tenants`]): a tenant at its flow quota
+//!   ([`Conntrack::at_quota`]) opens nothing more, whatever room the table has for others.
 
 use vigil_wire::verdict::Direction;
 
@@ -24,7 +27,9 @@ use super::parse::{TcpFlags, TcpSeg, MAX_WSCALE, NO_WSCALE};
 use super::verdicts::VerdictRef;
 
 mod tcp;
+pub mod tenants;
 pub use tcp::{tcp_step, TcpStep, TcpWindow, Track};
+use tenants::TenantCounts;
 
 /// Load limit: at most 7/8 of the slots hold entries (linear probing stays at a few probes per
 /// hit; misses, which only new flows pay, average ~32).
@@ -70,7 +75,10 @@ impl TcpState {
     }
 }
 
-const STATE_MASK: u8 = 0x0f;
+const STATE_MASK: u8 = 0x07;
+/// The flow's handshake was completed by the edge's SYN proxy: the responder's sequence numbers
+/// are translated by [`FlowSlot::seq_offset`] (see `filter::synproxy`).
+pub(crate) const F_PROXIED: u8 = 0x08;
 /// The flow was opened by a packet travelling toward the tenant.
 const F_ORIGIN_INGRESS: u8 = 0x80;
 /// A packet travelled in the reply direction.
@@ -83,7 +91,9 @@ const F_FIN_REPLY: u8 = 0x10;
 /// One conntrack slot. `kind == 0` marks an empty slot.
 ///
 /// 80 bytes: the two IPv6-capable addresses are 32 of them, the TCP windows 24; 64k flows at the
-/// 7/8 load limit take 74 899 slots × 80 B = 5.71 MiB.
+/// 7/8 load limit take 74 899 slots × 80 B = 5.71 MiB. The verdict slot index is 16 bits (a
+/// verdict table has at most 65 535 slots, [`MAX_VERDICT_SLOTS`]), which leaves room for the SYN
+/// proxy's sequence offset in [`FlowSlot::aux`] without growing the slot.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowSlot {
@@ -94,22 +104,26 @@ pub struct FlowSlot {
     remote_port: u16,
     /// Whole seconds of the caller's clock; the entry is live while `now < expires`.
     expires: u32,
-    verdict_slot: u32,
+    verdict_slot: u16,
     verdict_gen: u16,
     /// IP version and protocol (see `flow::kind_byte`); 0 = empty slot.
     kind: u8,
-    /// TCP state in the low nibble, direction and FIN flags in the high one.
+    /// TCP state in the low 3 bits, [`F_PROXIED`], direction and FIN flags in the high nibble.
     state: u8,
-    /// TCP windows: `[opener's side, responder's side]`.
-    win: [TcpWindow; 2],
-    /// Half-open age stamp (low 16 bits of the table's half-open insertion counter): the oldest
-    /// half-open entry is the one evicted first.
-    stamp: u16,
     /// Window scale shifts: opener's in the low nibble, responder's in the high one;
     /// [`SCALE_NONE`] until the handshake shows both sides sent the option.
     wscale: u8,
     _pad: u8,
+    /// TCP windows: `[opener's side, responder's side]`.
+    win: [TcpWindow; 2],
+    /// While half-open: the age stamp (low 16 bits of the table's half-open insertion counter;
+    /// the oldest half-open entry is the one evicted first). Once a proxied flow is established:
+    /// the responder's sequence offset (its ISN minus the cookie the opener was given).
+    aux: u32,
 }
+
+/// Most verdict slots a flow can point at (the slot index is 16 bits in a [`FlowSlot`]).
+pub const MAX_VERDICT_SLOTS: usize = u16::MAX as usize;
 
 /// A side's scale nibble before the SYN-ACK settles it (the side sent no option, or not yet).
 const SCALE_NONE: u8 = 0xf;
@@ -133,9 +147,9 @@ impl FlowSlot {
             maxend: 0,
             maxwin: 0,
         }; 2],
-        stamp: 0,
         wscale: 0,
         _pad: 0,
+        aux: 0,
     };
 
     #[inline]
@@ -217,9 +231,32 @@ impl FlowSlot {
 
     pub fn verdict(&self) -> VerdictRef {
         VerdictRef {
-            slot: self.verdict_slot,
+            slot: u32::from(self.verdict_slot),
             gen: self.verdict_gen,
         }
+    }
+
+    /// Whether the edge's SYN proxy completed this flow's handshake (its responder's sequence
+    /// numbers are translated).
+    #[inline]
+    pub fn is_proxied(&self) -> bool {
+        self.state & F_PROXIED != 0
+    }
+
+    /// The proxied flow's sequence offset: the responder's ISN minus the cookie ISN the opener
+    /// saw (0 until the responder's SYN-ACK, and for flows that are not proxied).
+    #[inline]
+    pub fn seq_offset(&self) -> u32 {
+        if self.is_proxied() && !self.is_half_open() {
+            self.aux
+        } else {
+            0
+        }
+    }
+
+    /// The tenant-side address and port (the destination of a proxied SYN).
+    pub fn local(&self) -> (&[u8; 16], u16) {
+        (&self.local, self.local_port)
     }
 
     /// Whether this is a half-open TCP entry (SYN seen, handshake not complete).
@@ -303,16 +340,27 @@ impl Timeouts {
     }
 }
 
-/// Half-open entries are counted per tenant bucket, not per tenant (no per-tenant map on the data
-/// path): tenant `t` counts in bucket `hash(t) % 256`. Tenants sharing a bucket share its limit,
-/// and a flood at one may replace the other's oldest half-open entries (its handshakes then fare
-/// as the flooded tenant's own legitimate ones do); established flows are never touched.
-pub const TENANT_BUCKETS: usize = 256;
+/// Half-open entries are also counted per destination (tenant, tenant-side address and port),
+/// in this many buckets of a keyed hash: the SYN proxy engages for a flooded service before its
+/// tenant's whole share is taken. Destinations sharing a bucket share its count (the proxy then
+/// answers for both, which costs them nothing but a cookie round trip).
+pub const DST_BUCKETS: usize = 256;
+/// Separates the destination buckets' hash from the flow hash under the same seed.
+const DST_SALT: u64 = 0x6473_745f_6275_636b;
 
 #[inline]
-fn bucket(tenant: u32) -> usize {
-    // Fibonacci hashing: the top 8 bits of the product spread any id pattern over the buckets.
-    (tenant.wrapping_mul(0x9e37_79b9) >> 24) as usize
+fn dst_bucket(seed: u64, tenant: u32, local: &[u8; 16], local_port: u16) -> usize {
+    (hash_fields(
+        seed ^ DST_SALT,
+        tenant,
+        0,
+        local,
+        &[0; 16],
+        local_port,
+        0,
+        3,
+    ) as usize)
+        % DST_BUCKETS
 }
 
 /// How many half-open entries the table holds before new SYNs must make room (see
@@ -321,8 +369,15 @@ fn bucket(tenant: u32) -> usize {
 pub struct HalfOpenLimits {
     /// All tenants together.
     pub global: usize,
-    /// One tenant bucket.
+    /// One tenant.
     pub per_tenant: usize,
+}
+
+/// The most entries one tenant may hold: half the table by default
+/// ([`Conntrack::set_flow_quota`]), so one tenant filling its share leaves the other half to the
+/// rest (issue #12). At least 16.
+pub fn default_flow_quota(capacity: usize) -> usize {
+    (capacity / 2).max(16)
 }
 
 impl HalfOpenLimits {
@@ -348,10 +403,13 @@ pub struct Conntrack<'a> {
     max: usize,
     seed: u64,
     sweep_cursor: usize,
-    /// Half-open entries (live or expired-not-yet-reclaimed), all and per tenant bucket.
+    /// Half-open entries (live or expired-not-yet-reclaimed), all and per destination bucket.
     half_open: usize,
-    half_open_by: [u32; TENANT_BUCKETS],
+    half_open_dst: [u32; DST_BUCKETS],
+    /// Entries and half-open entries per tenant.
+    tenants: TenantCounts,
     limits: HalfOpenLimits,
+    quota: usize,
     /// Half-open insertions so far (its low 16 bits stamp each half-open entry's age).
     half_open_clock: u16,
     evict_cursor: usize,
@@ -373,8 +431,10 @@ impl<'a> Conntrack<'a> {
             seed,
             sweep_cursor: 0,
             half_open: 0,
-            half_open_by: [0; TENANT_BUCKETS],
+            half_open_dst: [0; DST_BUCKETS],
+            tenants: TenantCounts::new(),
             limits: HalfOpenLimits::for_capacity(max),
+            quota: default_flow_quota(max),
             half_open_clock: 0,
             evict_cursor: 0,
         })
@@ -393,28 +453,55 @@ impl<'a> Conntrack<'a> {
         self.half_open
     }
 
-    /// Half-open entries in `tenant`'s bucket.
+    /// Half-open entries of `tenant`.
     pub fn half_open_of(&self, tenant: u32) -> usize {
-        self.half_open_by[bucket(tenant)] as usize
+        self.tenants.half_open(tenant)
     }
 
-    /// Whether a new half-open entry for `tenant` must first make room: its bucket or the whole
+    /// Half-open entries in the destination bucket of `key`'s tenant-side address and port.
+    pub fn half_open_at(&self, key: &FlowKey) -> usize {
+        self.half_open_dst[dst_bucket(self.seed, key.tenant, &key.local, key.local_port)] as usize
+    }
+
+    /// Whether a new half-open entry for `tenant` must first make room: the tenant or the whole
     /// table is at its half-open limit.
     #[inline]
     pub fn half_open_full(&self, tenant: u32) -> bool {
         self.half_open >= self.limits.global
-            || self.half_open_by[bucket(tenant)] as usize >= self.limits.per_tenant
+            || self.tenants.half_open(tenant) >= self.limits.per_tenant
     }
 
+    /// Entries `tenant` holds (expired ones not yet reclaimed included).
+    pub fn flows_of(&self, tenant: u32) -> usize {
+        self.tenants.flows(tenant)
+    }
+
+    pub fn set_flow_quota(&mut self, quota: usize) {
+        self.quota = quota.max(1);
+    }
+
+    pub fn flow_quota(&self) -> usize {
+        self.quota
+    }
+
+    /// Whether `tenant` may hold no further entry: it is at its flow quota, or (never in practice)
+    /// the per-tenant counts have no room for one more tenant.
     #[inline]
-    fn count_half_open(&mut self, tenant: u32, add: bool) {
-        let b = &mut self.half_open_by[bucket(tenant)];
+    pub fn at_quota(&self, tenant: u32) -> bool {
+        self.tenants.flows(tenant) >= self.quota || !self.tenants.can_count(tenant)
+    }
+
+    /// Half-open accounting for an entry of `tenant` at `local`:`local_port` that became
+    /// (`add`) or stopped being half-open.
+    #[inline(never)]
+    fn count_half_open(&mut self, tenant: u32, local: &[u8; 16], local_port: u16, add: bool) {
+        let d = dst_bucket(self.seed, tenant, local, local_port);
         if add {
             self.half_open += 1;
-            *b += 1;
+            self.half_open_dst[d] += 1;
         } else {
             self.half_open -= 1;
-            *b -= 1;
+            self.half_open_dst[d] = self.half_open_dst[d].saturating_sub(1);
         }
     }
 
@@ -431,8 +518,8 @@ impl<'a> Conntrack<'a> {
 
     /// Make room for one half-open entry of `tenant` by removing one entry, examining at most
     /// `budget` slots from a rotating cursor: the first expired entry met, else the oldest of the
-    /// first few live half-open entries of `tenant`'s bucket, or (when the global limit or the
-    /// table is what is full) of a bucket with more half-open entries than `tenant`'s. Established
+    /// first few live half-open entries of `tenant`, or (when the global limit or the table is
+    /// what is full) of a tenant with more half-open entries than `tenant`. Established
     /// entries are never candidates. `release` sees the removed entry and whether it had expired.
     /// Returns whether an entry was removed (indices from earlier probes are then stale).
     pub fn evict_half_open(
@@ -442,9 +529,8 @@ impl<'a> Conntrack<'a> {
         budget: usize,
         mut release: impl FnMut(&FlowSlot, bool),
     ) -> bool {
-        let own = bucket(tenant);
-        let own_count = self.half_open_by[own];
-        let own_full = own_count as usize >= self.limits.per_tenant;
+        let own_count = self.tenants.half_open(tenant);
+        let own_full = own_count >= self.limits.per_tenant;
         let n = self.slots.len();
         let mut best: Option<(usize, u16)> = None;
         let mut found = 0;
@@ -459,10 +545,10 @@ impl<'a> Conntrack<'a> {
                     return true;
                 }
                 if s.is_half_open() {
-                    let b = bucket(s.tenant);
-                    let eligible = b == own || (!own_full && self.half_open_by[b] > own_count);
+                    let eligible = s.tenant == tenant
+                        || (!own_full && self.tenants.half_open(s.tenant) > own_count);
                     if eligible {
-                        let age = self.half_open_clock.wrapping_sub(s.stamp);
+                        let age = self.half_open_clock.wrapping_sub(s.aux as u16);
                         if best.is_none_or(|(_, a)| age > a) {
                             best = Some((i, age));
                         }
@@ -596,15 +682,15 @@ impl<'a> Conntrack<'a> {
             self.used += 1;
             None
         } else {
-            if old.is_half_open() {
-                self.count_half_open(old.tenant, false);
-            }
+            self.forget(&old);
             Some(old)
         };
         let kind = key.kind();
         let state = origin_bit_of(origin) | tcp as u8;
-        let stamp = if half_open(kind, state) {
-            self.count_half_open(key.tenant, true);
+        let ho = half_open(kind, state);
+        self.tenants.add(key.tenant, ho);
+        let stamp = if ho {
+            self.count_half_open(key.tenant, &key.local, key.local_port, true);
             self.half_open_clock = self.half_open_clock.wrapping_add(1);
             self.half_open_clock
         } else {
@@ -617,14 +703,38 @@ impl<'a> Conntrack<'a> {
             local_port: key.local_port,
             remote_port: key.remote_port,
             expires,
-            verdict_slot: verdict.slot,
+            verdict_slot: verdict.slot as u16,
             verdict_gen: verdict.gen,
             kind,
             state,
-            stamp,
+            aux: u32::from(stamp),
             ..FlowSlot::EMPTY
         };
         old
+    }
+
+    /// The counts of an entry that leaves the table.
+    fn forget(&mut self, old: &FlowSlot) {
+        let ho = old.is_half_open();
+        self.tenants.remove(old.tenant, ho);
+        if ho {
+            self.count_half_open(old.tenant, &old.local, old.local_port, false);
+        }
+    }
+
+    /// Mark the (new) entry at `i` as completed by the SYN proxy; `cookie` is the ISN the opener
+    /// was given: it stands as the responder's end until the responder's SYN-ACK (see
+    /// `filter::synproxy`).
+    pub fn set_proxied(&mut self, i: usize, cookie: u32) {
+        let s = &mut self.slots[i];
+        s.state |= F_PROXIED;
+        s.win[1].end = cookie.wrapping_add(1);
+        s.win[1].maxend = cookie.wrapping_add(1);
+    }
+
+    /// A proxied entry's sequence offset, once its responder's SYN-ACK has passed.
+    pub fn set_seq_offset(&mut self, i: usize, offset: u32) {
+        self.slots[i].aux = offset;
     }
 
     /// Update a found entry's state byte and expiry.
@@ -642,11 +752,15 @@ impl<'a> Conntrack<'a> {
     /// Half-open accounting for a state change of the entry at `i` (from `was`).
     #[inline(never)]
     fn state_changed(&mut self, i: usize, was: u8) {
-        let s = &self.slots[i];
-        let (kind, tenant, state) = (s.kind, s.tenant, s.state);
-        let (before, now) = (half_open(kind, was), half_open(kind, state));
+        let s = self.slots[i];
+        let (before, now) = (half_open(s.kind, was), half_open(s.kind, s.state));
         if before != now {
-            self.count_half_open(tenant, now);
+            self.count_half_open(s.tenant, &s.local, s.local_port, now);
+            self.tenants.set_half_open(s.tenant, now);
+            if !now && s.state & F_PROXIED != 0 {
+                // The stamp is no longer needed; the offset is written after the SYN-ACK.
+                self.slots[i].aux = 0;
+            }
         }
     }
 
@@ -687,9 +801,7 @@ impl<'a> Conntrack<'a> {
         }
         self.slots[i] = FlowSlot::EMPTY;
         self.used -= 1;
-        if removed.is_half_open() {
-            self.count_half_open(removed.tenant, false);
-        }
+        self.forget(&removed);
         removed
     }
 

@@ -10,7 +10,8 @@
 //!   direction of a tracked flow passes);
 //! - an opening packet (TCP SYN, any UDP datagram, ICMP echo request) passes if a verdict opens it,
 //!   and creates a conntrack entry;
-//! - an ICMP error passes if the packet it quotes belongs to a tracked flow;
+//! - an ICMP error passes if the packet it quotes belongs to a tracked flow (and, for TCP, its
+//!   quoted sequence number is one its sender has in flight: [`DropReason::IcmpOutOfWindow`]);
 //! - everything else is dropped and counted by [`DropReason`].
 //!
 //! TCP is tracked by sequence numbers as well as flags ([`FlowSlot::track`]): a segment outside
@@ -20,7 +21,11 @@
 //! timeout here). Half-open TCP entries are bounded per tenant and globally
 //! ([`conntrack::HalfOpenLimits`]): a SYN over the limit replaces the oldest half-open entry of its
 //! tenant (or of a tenant with more of them), never an established flow, so a legitimate
-//! handshake completes during a SYN flood as long as it is not among the oldest ones.
+//! handshake completes during a SYN flood as long as it is not among the oldest ones. Beyond a
+//! lower threshold the edge answers SYNs from the outside itself with SYN cookies and creates
+//! state only for completed handshakes ([`synproxy`], [`Filter::process_edge_mut`]). Every tenant
+//! holds at most its quota of conntrack entries ([`Conntrack::at_quota`],
+//! [`DropReason::FlowQuota`]), so one tenant filling its share leaves the others working.
 //!
 //! An [`Op::Adopt`] verdict also takes over flows established elsewhere (a tenant that migrated
 //! here mid-connection): a TCP segment without SYN, or a UDP datagram travelling against the
@@ -38,15 +43,18 @@ pub mod conntrack;
 pub mod flow;
 pub mod hygiene;
 pub mod parse;
+pub mod synproxy;
 pub mod tenancy;
 pub mod verdicts;
 
 pub use conntrack::{
-    slots_for, Conntrack, FlowSlot, HalfOpenLimits, Probe, TcpState, TcpWindow, Timeouts, Track,
+    default_flow_quota, slots_for, Conntrack, FlowSlot, HalfOpenLimits, Probe, TcpState, TcpWindow,
+    Timeouts, Track, MAX_VERDICT_SLOTS,
 };
 pub use flow::FlowKey;
 pub use hygiene::{Admit, Neighbors};
 pub use parse::{parse, IpMeta, Parsed, TcpFlags, TcpSeg, L4};
+pub use synproxy::{EdgeReplies, SynProxy};
 pub use tenancy::{
     AttachError, PortIdentity, Tenancy, MAX_ADDRS, MAX_PORTS, PORT_ADDRS, UPLINK_TENANT,
 };
@@ -64,6 +72,9 @@ use vigil_wire::verdict::VerdictError;
 pub enum Decision {
     Forward,
     Drop(DropReason),
+    /// (Edge, [`Filter::process_edge_mut`]) the SYN proxy consumed the frame and answered it (see
+    /// [`EdgeReplies`]).
+    Answered,
 }
 
 /// Filter counters (the micro-VM publishes them to the shared counters block).
@@ -83,6 +94,12 @@ pub struct Counters {
     pub flows_adopted: u64,
     /// Live half-open TCP entries removed to make room for a new SYN (SYN flood pressure).
     pub half_open_evicted: u64,
+    /// SYNs the edge's SYN proxy answered with a cookie (no state created).
+    pub syncookies_sent: u64,
+    /// ACKs whose cookie was valid: an entry was created and the SYN replayed to the tenant.
+    pub syncookies_valid: u64,
+    /// Proxied handshakes the tenant completed (its SYN-ACK acknowledged by the edge).
+    pub synproxy_established: u64,
     pub verdicts_applied: u64,
     pub verdicts_rejected: u64,
     /// Verdicts refused because their tenant held its quota (included in `verdicts_rejected`).
@@ -126,6 +143,10 @@ pub struct Config {
     /// Slots a SYN over the half-open limit (or a new flow finding the table full) may examine for
     /// an entry to replace.
     pub evict_scan: usize,
+    /// The edge's SYN proxy; `None`: off (the switch, and an edge without a secret).
+    pub synproxy: Option<SynProxy>,
+    /// Most entries one tenant may hold; `None`: [`default_flow_quota`] of the flow table.
+    pub flow_quota: Option<usize>,
 }
 
 impl Default for Config {
@@ -136,6 +157,8 @@ impl Default for Config {
             sweep_on_full: 64,
             half_open: None,
             evict_scan: 512,
+            synproxy: None,
+            flow_quota: None,
         }
     }
 }
@@ -168,7 +191,7 @@ pub enum EdgeSide {
 pub enum SetupError {
     /// Fewer than 2 flow slots, or more than 2^32.
     FlowSlots,
-    /// No verdict slot, or an index not larger than the slab.
+    /// No verdict slot, more than [`MAX_VERDICT_SLOTS`], or an index not larger than the slab.
     VerdictSlots,
 }
 
@@ -187,6 +210,15 @@ pub struct Filter<'a> {
     last_seq: u64,
     tenancy: Tenancy,
     neighbors: Neighbors,
+    /// The SYN proxy's cookie function (`None`: no proxy).
+    cookies: Option<synproxy::Cookies>,
+    /// When the proxy last answered a SYN (ACKs are checked for cookies only while some may be
+    /// out).
+    last_cookie_s: Option<u32>,
+    /// The frame being judged came from the outside through [`Filter::process_edge_mut`].
+    proxy_here: bool,
+    /// What the proxy decided about it.
+    pending: synproxy::Pending,
 }
 
 impl<'a> Filter<'a> {
@@ -203,6 +235,22 @@ impl<'a> Filter<'a> {
         if let Some(limits) = config.half_open {
             conntrack.set_half_open_limits(limits);
         }
+        conntrack.set_flow_quota(
+            config
+                .flow_quota
+                .unwrap_or(default_flow_quota(conntrack.capacity())),
+        );
+        let mut config = config;
+        if let Some(p) = config.synproxy.as_mut() {
+            // The proxy answers before the half-open limits are reached.
+            let l = conntrack.half_open_limits();
+            p.global = p.global.min(l.global / 2).max(1);
+            p.per_tenant = p.per_tenant.min(l.per_tenant / 2).max(1);
+            p.per_dst = p.per_dst.min(p.per_tenant).max(1);
+        }
+        if verdicts.len() > MAX_VERDICT_SLOTS {
+            return Err(SetupError::VerdictSlots);
+        }
         let verdicts = VerdictTable::new(verdicts, verdict_index, config.hash_seed)
             .ok_or(SetupError::VerdictSlots)?;
         Ok(Filter {
@@ -213,6 +261,10 @@ impl<'a> Filter<'a> {
             last_seq: 0,
             tenancy: Tenancy::new(),
             neighbors: Neighbors::new(),
+            cookies: config.synproxy.map(|p| synproxy::Cookies::new(p.secret)),
+            last_cookie_s: None,
+            proxy_here: false,
+            pending: synproxy::Pending::None,
         })
     }
 
@@ -476,6 +528,8 @@ impl<'a> Filter<'a> {
         match d {
             Decision::Forward => self.counters.forwarded += 1,
             Decision::Drop(r) => self.counters.drops[r as usize] += 1,
+            // Counted by what the proxy sent (`syncookies_sent`, ...).
+            Decision::Answered => {}
         }
         d
     }
@@ -538,28 +592,15 @@ impl<'a> Filter<'a> {
         let t = &self.config.timeouts;
         let orig = dir == origin;
         match *l4 {
-            L4::Tcp { flags, ref seg, .. } => match conntrack::tcp_step(state_byte, orig, flags) {
-                conntrack::TcpStep::Pass(state) => {
-                    let (state, timeout) = match self.conntrack.track(i, orig, flags, seg) {
-                        Track::OutOfWindow => {
-                            return Some(Decision::Drop(DropReason::TcpOutOfWindow))
-                        }
-                        // The endpoint decides; if it took the reset, the entry goes soon.
-                        Track::InWindowRst => {
-                            let current = t.tcp(TcpState::from_bits(state_byte));
-                            (state_byte, current.min(t.tcp_closed))
-                        }
-                        Track::InWindow | Track::ExactRst => {
-                            (state, t.tcp(TcpState::from_bits(state)))
-                        }
-                    };
-                    self.conntrack
-                        .touch(i, state, now_s.saturating_add(timeout));
-                    Some(Decision::Forward)
+            L4::Tcp { flags, seg, .. } => {
+                let mut seg = seg;
+                if state_byte & conntrack::F_PROXIED != 0 {
+                    if let Some(d) = self.proxied_segment(i, orig, flags, &mut seg, now_s) {
+                        return Some(d);
+                    }
                 }
-                conntrack::TcpStep::Invalid => Some(Decision::Drop(DropReason::InvalidTcpState)),
-                conntrack::TcpStep::Reopen => None,
-            },
+                self.tracked_segment(i, orig, flags, &seg, state_byte, now_s)
+            }
             L4::Udp { .. } => {
                 if orig && !replied {
                     self.conntrack
@@ -588,6 +629,38 @@ impl<'a> Filter<'a> {
         }
     }
 
+    /// A TCP segment of the tracked flow at slot `i` (state byte `state_byte`). `None`: re-open.
+    #[inline(always)]
+    fn tracked_segment(
+        &mut self,
+        i: usize,
+        orig: bool,
+        flags: TcpFlags,
+        seg: &TcpSeg,
+        state_byte: u8,
+        now_s: u32,
+    ) -> Option<Decision> {
+        let t = &self.config.timeouts;
+        match conntrack::tcp_step(state_byte, orig, flags) {
+            conntrack::TcpStep::Pass(state) => {
+                let (state, timeout) = match self.conntrack.track(i, orig, flags, seg) {
+                    Track::OutOfWindow => return Some(Decision::Drop(DropReason::TcpOutOfWindow)),
+                    // The endpoint decides; if it took the reset, the entry goes soon.
+                    Track::InWindowRst => {
+                        let current = t.tcp(TcpState::from_bits(state_byte));
+                        (state_byte, current.min(t.tcp_closed))
+                    }
+                    Track::InWindow | Track::ExactRst => (state, t.tcp(TcpState::from_bits(state))),
+                };
+                self.conntrack
+                    .touch(i, state, now_s.saturating_add(timeout));
+                Some(Decision::Forward)
+            }
+            conntrack::TcpStep::Invalid => Some(Decision::Drop(DropReason::InvalidTcpState)),
+            conntrack::TcpStep::Reopen => None,
+        }
+    }
+
     /// A packet without a tracked flow: open one if it is an opening packet and a verdict allows
     /// (or adopt it mid-stream if an [`Op::Adopt`] verdict covers it).
     fn open(
@@ -612,6 +685,15 @@ impl<'a> Filter<'a> {
             L4::EchoReply { .. } | L4::IcmpError { .. } => (false, TcpState::None, 0),
         };
         let verdict = self.verdicts.find(key, dir, now_ns);
+        if let (true, L4::Tcp { flags, seg, .. }, Some(v)) = (self.proxy_here, l4, verdict) {
+            match self.proxy_open(i, key, hash, *flags, seg, v, now_s) {
+                None => {}
+                // Not a cookie, but perhaps a migrated flow's segment: adoption decides.
+                Some(Decision::Drop(DropReason::SynCookieInvalid))
+                    if self.verdicts.adopting() != 0 => {}
+                Some(d) => return d,
+            }
+        }
         if !opening || verdict.is_none() {
             if let Some((adopter, origin)) = self.adopter(key, dir, l4, verdict, now_ns) {
                 return self.adopt(i, key, hash, origin, dir, l4, adopter, now_s);
@@ -628,7 +710,10 @@ impl<'a> Filter<'a> {
                 DropReason::NoVerdict
             });
         }
-        let mut i = i;
+        let mut i = match self.within_quota(i, key, hash, tcp == TcpState::SynSent, now_s) {
+            Ok(i) => i,
+            Err(d) => return d,
+        };
         if tcp == TcpState::SynSent && self.conntrack.half_open_full(key.tenant) {
             i = match self.evict_half_open(key, hash, now_s) {
                 Ok(i) => i,
@@ -645,6 +730,40 @@ impl<'a> Filter<'a> {
             self.conntrack.track(i, true, *flags, seg);
         }
         Decision::Forward
+    }
+
+    /// The slot a new entry of `key`'s tenant goes to (`i` from a [`Probe::Vacant`]) when the
+    /// tenant is within its flow quota, after reclaiming expired entries (and, for a SYN, its own
+    /// oldest half-open ones) if it is at it; [`DropReason::FlowQuota`] otherwise.
+    fn within_quota(
+        &mut self,
+        i: usize,
+        key: &FlowKey,
+        hash: u32,
+        syn: bool,
+        now_s: u32,
+    ) -> Result<usize, Decision> {
+        let grows =
+            |ct: &Conntrack<'_>, i: usize| ct.needs_room(i) || ct.slot(i).tenant() != key.tenant;
+        if !self.conntrack.at_quota(key.tenant) || !grows(&self.conntrack, i) {
+            return Ok(i);
+        }
+        let mut freed = 0;
+        for _ in 0..4 {
+            let n = self.sweep_flows(now_s, self.config.sweep_on_full)
+                + usize::from(syn && self.evict_one_half_open(key.tenant, now_s));
+            freed += n;
+            if n == 0 || !self.conntrack.at_quota(key.tenant) {
+                break;
+            }
+        }
+        if freed == 0 || self.conntrack.at_quota(key.tenant) {
+            return Err(Decision::Drop(DropReason::FlowQuota));
+        }
+        match self.conntrack.lookup(key, hash, now_s) {
+            Probe::Vacant(j) => Ok(j),
+            Probe::Found(_) => Err(Decision::Drop(DropReason::InvalidTcpState)),
+        }
     }
 
     /// One step of [`Conntrack::evict_half_open`] for `tenant`: the entry it removes gives back
@@ -731,7 +850,10 @@ impl<'a> Filter<'a> {
             L4::Tcp { .. } => (TcpState::Established, t.tcp_established),
             _ => (TcpState::None, t.udp_unreplied),
         };
-        let i = match self.make_room(i, key, hash, now_s) {
+        let i = match self
+            .within_quota(i, key, hash, false, now_s)
+            .and_then(|i| self.make_room(i, key, hash, now_s))
+        {
             Ok(i) => i,
             Err(d) => return d,
         };
@@ -799,7 +921,10 @@ impl<'a> Filter<'a> {
     }
 
     /// An ICMP error passes when the packet it quotes belongs to a live tracked flow. The quoted
-    /// packet travelled the other way (the error answers it).
+    /// packet travelled the other way (the error answers it). A quoted TCP segment must also be
+    /// one its sender may have in flight ([`FlowSlot::in_flight`], as Linux's `tcp_v4_err` and
+    /// RFC 5927 §4.1 ask); a proxied flow's tenant-side segment is quoted with the sequence number
+    /// the outside saw, so the offset is added back first.
     fn icmp_error(
         &mut self,
         tenant: u32,
@@ -827,6 +952,16 @@ impl<'a> Filter<'a> {
         let hash = self.conntrack.hash(&key);
         match self.conntrack.lookup(&key, hash, now_s) {
             Probe::Found(i) if self.verdicts.is_current(self.conntrack.slot(i).verdict()) => {
+                let s = self.conntrack.slot(i);
+                let orig = quoted_dir == s.origin();
+                let seq = if orig {
+                    q.seq
+                } else {
+                    q.seq.wrapping_add(s.seq_offset())
+                };
+                if q.protocol == Protocol::Tcp && !s.in_flight(orig, seq) {
+                    return Decision::Drop(DropReason::IcmpOutOfWindow);
+                }
                 Decision::Forward
             }
             _ => Decision::Drop(DropReason::NoVerdict),

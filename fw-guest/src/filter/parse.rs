@@ -54,6 +54,8 @@ pub struct TcpSeg {
     pub win: u16,
     /// Window scale option (RFC 7323 §2), read from SYN segments only; [`NO_WSCALE`] when absent.
     pub wscale: u8,
+    /// Maximum segment size option (RFC 9293 §3.7.1), read from SYN segments only; 0 when absent.
+    pub mss: u16,
     /// Sequence space the segment occupies: payload bytes, plus one for SYN and one for FIN.
     pub len: u32,
 }
@@ -63,6 +65,7 @@ pub const NO_WSCALE: u8 = 0xff;
 /// TCP option kinds (RFC 9293 §3.1, RFC 7323 §2.2).
 const TCPOPT_END: u8 = 0;
 const TCPOPT_NOP: u8 = 1;
+const TCPOPT_MSS: u8 = 2;
 const TCPOPT_WSCALE: u8 = 3;
 /// RFC 7323 §2.3: a shift above 14 is treated as 14.
 pub const MAX_WSCALE: u8 = 14;
@@ -102,6 +105,8 @@ pub struct Quoted {
     /// Ports, or the echo identifier in `src_port` (and 0 in `dst_port`) for ICMP echo.
     pub src_port: u16,
     pub dst_port: u16,
+    /// The quoted TCP segment's sequence number (0 for other protocols).
+    pub seq: u32,
 }
 
 /// An IP packet's flow-relevant fields.
@@ -263,6 +268,11 @@ fn parse_tcp(body: &[u8]) -> Result<L4, DropReason> {
     let tcp = TcpPacket::new_checked(body).map_err(|_| DropReason::Malformed)?;
     let (syn, fin) = (tcp.syn(), tcp.fin());
     let payload = tcp.payload().len() as u32;
+    let (wscale, mss) = if syn {
+        syn_options(tcp.options())
+    } else {
+        (NO_WSCALE, 0)
+    };
     Ok(L4::Tcp {
         src_port: tcp.src_port(),
         dst_port: tcp.dst_port(),
@@ -277,19 +287,18 @@ fn parse_tcp(body: &[u8]) -> Result<L4, DropReason> {
             seq: tcp.seq_number().0 as u32,
             ack: tcp.ack_number().0 as u32,
             win: tcp.window_len(),
-            wscale: if syn {
-                window_scale(tcp.options())
-            } else {
-                NO_WSCALE
-            },
+            wscale,
+            mss,
             len: payload + u32::from(syn) + u32::from(fin),
         },
     })
 }
 
-/// The window scale option among `opts` (a SYN's options), or [`NO_WSCALE`]. Bounded by the
-/// options' length (at most 40 bytes); a malformed option list ends the walk.
-fn window_scale(opts: &[u8]) -> u8 {
+/// The window scale option among `opts` (a SYN's options), or [`NO_WSCALE`], and the MSS option
+/// (0 when absent). Bounded by the options' length (at most 40 bytes); a malformed option list
+/// ends the walk.
+fn syn_options(opts: &[u8]) -> (u8, u16) {
+    let (mut wscale, mut mss) = (NO_WSCALE, 0);
     let mut i = 0;
     while i < opts.len() {
         match opts[i] {
@@ -301,13 +310,18 @@ fn window_scale(opts: &[u8]) -> u8 {
                     break;
                 }
                 if kind == TCPOPT_WSCALE && len == 3 {
-                    return opts.get(i + 2).map_or(NO_WSCALE, |&s| s.min(MAX_WSCALE));
+                    wscale = opts.get(i + 2).map_or(NO_WSCALE, |&s| s.min(MAX_WSCALE));
+                }
+                if kind == TCPOPT_MSS && len == 4 {
+                    if let Some(m) = opts.get(i + 2..i + 4) {
+                        mss = u16::from_be_bytes([m[0], m[1]]);
+                    }
                 }
                 i += usize::from(len);
             }
         }
     }
-    NO_WSCALE
+    (wscale, mss)
 }
 
 fn parse_udp(body: &[u8]) -> Result<L4, DropReason> {
@@ -339,20 +353,22 @@ fn parse_icmpv4(body: &[u8]) -> Result<L4, DropReason> {
     }
 }
 
-/// Ports (or echo identifier) from the first bytes of a quoted transport header.
-fn quoted_ports(protocol: Protocol, l4: &[u8]) -> Result<(u16, u16), DropReason> {
+/// Ports (or echo identifier) from the first bytes of a quoted transport header, and a TCP
+/// segment's sequence number (bytes 4..8, within the 64 bits RFC 792 guarantees).
+fn quoted_ports(protocol: Protocol, l4: &[u8]) -> Result<(u16, u16, u32), DropReason> {
     let l4 = l4.get(..QUOTED_L4).ok_or(DropReason::Malformed)?;
+    let port = |at: usize| u16::from_be_bytes([l4[at], l4[at + 1]]);
     match protocol {
-        Protocol::Tcp | Protocol::Udp => Ok((
-            u16::from_be_bytes([l4[0], l4[1]]),
-            u16::from_be_bytes([l4[2], l4[3]]),
+        Protocol::Tcp => Ok((
+            port(0),
+            port(2),
+            u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
         )),
+        Protocol::Udp => Ok((port(0), port(2), 0)),
         // Only errors about echo name a flow; ICMPv4 echo request/reply types 8/0 (RFC 792),
         // ICMPv6 128/129 (RFC 4443 §4).
-        Protocol::Icmp if l4[0] == 8 || l4[0] == 0 => Ok((u16::from_be_bytes([l4[4], l4[5]]), 0)),
-        Protocol::Icmpv6 if l4[0] == 128 || l4[0] == 129 => {
-            Ok((u16::from_be_bytes([l4[4], l4[5]]), 0))
-        }
+        Protocol::Icmp if l4[0] == 8 || l4[0] == 0 => Ok((port(4), 0, 0)),
+        Protocol::Icmpv6 if l4[0] == 128 || l4[0] == 129 => Ok((port(4), 0, 0)),
         _ => Err(DropReason::IcmpUnsupported),
     }
 }
@@ -377,13 +393,14 @@ fn parse_quoted_v4(q: &[u8]) -> Result<Quoted, DropReason> {
         1 => Protocol::Icmp,
         _ => return Err(DropReason::UnsupportedProtocol),
     };
-    let (src_port, dst_port) = quoted_ports(protocol, &q[ihl..])?;
+    let (src_port, dst_port, seq) = quoted_ports(protocol, &q[ihl..])?;
     Ok(Quoted {
         protocol,
         src: v4_field([q[12], q[13], q[14], q[15]]),
         dst: v4_field([q[16], q[17], q[18], q[19]]),
         src_port,
         dst_port,
+        seq,
     })
 }
 
@@ -400,7 +417,7 @@ fn parse_quoted_v6(q: &[u8]) -> Result<Quoted, DropReason> {
         58 => Protocol::Icmpv6,
         _ => return Err(DropReason::UnsupportedProtocol),
     };
-    let (src_port, dst_port) = quoted_ports(protocol, &q[FIXED..])?;
+    let (src_port, dst_port, seq) = quoted_ports(protocol, &q[FIXED..])?;
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     src.copy_from_slice(&q[8..24]);
@@ -411,5 +428,6 @@ fn parse_quoted_v6(q: &[u8]) -> Result<Quoted, DropReason> {
         dst,
         src_port,
         dst_port,
+        seq,
     })
 }

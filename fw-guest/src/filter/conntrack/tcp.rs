@@ -223,6 +223,21 @@ impl FlowSlot {
         }
     }
 
+    /// Whether a segment with sequence number `seq`, sent by the opener (`orig`) or the
+    /// responder, may still be in flight: at most the sender's end, and not more than the
+    /// receiver's largest window below it (at least one byte: a SYN not yet answered). A side
+    /// never seen has nothing in flight; an adopted flow's sides are picked up loosely, so they
+    /// pass once seen.
+    pub fn in_flight(&self, orig: bool, seq: u32) -> bool {
+        let (s, r) = if orig { (0, 1) } else { (1, 0) };
+        let (sw, rw) = (self.win[s], self.win[r]);
+        if sw.maxwin == 0 {
+            return false;
+        }
+        let span = rw.maxwin.max(1);
+        !after(seq, sw.end) && !before(seq, sw.end.wrapping_sub(span))
+    }
+
     /// An adopted flow knows no windows: each side is picked up from its first segment, with the
     /// largest scale (RFC 7323 §2.3) since the handshake that negotiated it happened elsewhere.
     /// Loose by necessity: it never drops a segment of the real connection.
