@@ -33,8 +33,8 @@ mod guest {
 
     use crate::arch::{self, serial::Com1, BootCapture};
     use fw_guest::filter::{
-        self, slots_for, Admit, Config, Decision, Direction, DropReason, EdgeSide, Filter,
-        FlowSlot, IndexSlot, VerdictSlot, UPLINK_TENANT,
+        self, slots_for, Admit, Config, Decision, Direction, DropReason, EdgeReplies, EdgeSide,
+        Filter, FlowSlot, IndexSlot, SynProxy, VerdictSlot, UPLINK_TENANT,
     };
     use fw_guest::virtio_net::{Port, Queue, BUF_SIZE};
 
@@ -158,6 +158,7 @@ mod guest {
             .and_then(|v| core::str::from_utf8(v).ok())
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(DEFAULT_FLOWS);
+        let secret = boot_secret(boot.cmdline);
         if boot.devices().is_empty() {
             take_boot_verdicts(boot.free_start, flows, base, size)
         } else {
@@ -169,7 +170,7 @@ mod guest {
                 boot.role,
                 boot.devices(),
                 boot.free_start,
-                flows,
+                (flows, secret),
                 base,
                 size,
                 tsc_khz,
@@ -245,7 +246,12 @@ mod guest {
     /// The filter, its tables sized from the boot information: the verdict table fixed, the
     /// flow table as many flows (a power of two, at most `MAX_FLOWS`) as fit in three quarters of
     /// the RAM between the image and the verdict region. Called once.
-    fn make_filter(free_start: u64, free_end: u64, wanted: usize) -> Result<Filter<'static>, u8> {
+    fn make_filter(
+        free_start: u64,
+        free_end: u64,
+        wanted: usize,
+        config: Config,
+    ) -> Result<Filter<'static>, u8> {
         use core::mem::size_of;
         let free = free_end.saturating_sub(free_start);
         let verdict_bytes = (VERDICTS * size_of::<VerdictSlot>()
@@ -279,10 +285,42 @@ mod guest {
             "fw-guest: tables: {flows} flows, {VERDICTS} verdicts, {} KiB",
             (cursor - free_start) >> 10
         );
-        Filter::new(flow_slots, verdict_slots, index, Config::default()).map_err(|_| {
+        Filter::new(flow_slots, verdict_slots, index, config).map_err(|_| {
             let _ = writeln!(Com1, "fw-guest: filter tables rejected");
             exit_code::PANIC
         })
+    }
+
+    /// The micro-VM's 128-bit secret (SYN cookie key, table hash seed): the host's `fw.seed=` (32
+    /// hex digits from its /dev/urandom), mixed with RDRAND where the CPU has it and with the
+    /// TSC, each folded in through SipHash so no one source alone decides it.
+    fn boot_secret(cmdline: &[u8]) -> [u64; 2] {
+        use core::hash::Hasher;
+        let mut h = siphasher::sip128::SipHasher24::new_with_keys(0x7669_6769_6c00, 0x5345_4544);
+        if let Some(hex) = cmdline_value(cmdline, b"fw.seed=") {
+            h.write(hex);
+        }
+        // SAFETY: cpuid and rdtsc have no memory effects and ring 3 may run them.
+        let (ecx, tsc) = unsafe {
+            (
+                core::arch::x86_64::__cpuid(1).ecx,
+                core::arch::x86_64::_rdtsc(),
+            )
+        };
+        h.write_u64(tsc);
+        // CPUID.01H:ECX bit 30: RDRAND.
+        if ecx & (1 << 30) != 0 {
+            for _ in 0..2 {
+                let mut r = 0u64;
+                // SAFETY: RDRAND is present (checked above) and only writes `r`; a failed draw
+                // (carry clear) leaves what the other sources gave.
+                if unsafe { core::arch::x86_64::_rdrand64_step(&mut r) } == 1 {
+                    h.write_u64(r);
+                }
+            }
+        }
+        let key = siphasher::sip128::Hasher128::finish128(&h);
+        [key.h1, key.h2]
     }
 
     /// No switch ports: apply the verdicts waiting in the ring, publish the counters, report.
@@ -291,7 +329,7 @@ mod guest {
             Ok(shared) => shared,
             Err(code) => return code,
         };
-        let mut filter = match make_filter(free_start, base, flows) {
+        let mut filter = match make_filter(free_start, base, flows, Config::default()) {
             Ok(f) => f,
             Err(code) => return code,
         };
@@ -448,7 +486,18 @@ mod guest {
         /// filter finds the tenant by address ([`Filter::process_edge`]); each frame is judged
         /// once, whatever the number of copies. Cloud-to-cloud frames (which hosts should send
         /// each other directly) are judged for both tenants, as the switch tier would.
-        fn edge_frame(&mut self, filter: &mut Filter<'_>, i: usize, bytes: &[u8], now: u64) {
+        ///
+        /// The SYN proxy may answer a frame instead of forwarding it ([`Decision::Answered`]):
+        /// its replies go out of port `i` (toward where the frame came from) or, toward the
+        /// other side, where the frame would have gone.
+        fn edge_frame(
+            &mut self,
+            filter: &mut Filter<'_>,
+            i: usize,
+            bytes: &mut [u8],
+            replies: &mut EdgeReplies,
+            now: u64,
+        ) {
             let outside = |t: &Filter<'_>, p: usize| t.tenancy().port(p) == UPLINK_TENANT;
             let from = if outside(filter, i) {
                 EdgeSide::Outside
@@ -461,14 +510,41 @@ mod guest {
                 (Some(_), _) | (None, EdgeSide::Outside) => EdgeSide::Cloud,
                 (None, EdgeSide::Cloud) => EdgeSide::Outside,
             };
-            if filter.process_edge(from, to, bytes, now) != Decision::Forward {
-                self.dropped[i] += 1;
-                return;
+            match filter.process_edge_mut(from, to, bytes, replies, now) {
+                Decision::Forward => self.send_edge(filter, i, target, to, bytes),
+                Decision::Answered => {
+                    for side in [EdgeSide::Outside, EdgeSide::Cloud] {
+                        if let Some(reply) = replies.frame(side) {
+                            if side == from {
+                                let _ = self.ports[i].send(reply);
+                            } else {
+                                self.send_edge(filter, i, target, to, reply);
+                            }
+                        }
+                    }
+                }
+                Decision::Drop(_) => self.dropped[i] += 1,
             }
+        }
+
+        /// Send an edge frame that arrived on port `i` toward side `to` (the port owning its
+        /// destination MAC, `target`, or every port of that side).
+        fn send_edge(
+            &mut self,
+            filter: &Filter<'_>,
+            i: usize,
+            target: Option<usize>,
+            to: EdgeSide,
+            bytes: &[u8],
+        ) {
             for j in 0..self.ports.len() {
                 let goes = match target {
                     Some(t) => j == t,
-                    None => j != i && (outside(filter, j) == (to == EdgeSide::Outside)),
+                    None => {
+                        j != i
+                            && ((filter.tenancy().port(j) == UPLINK_TENANT)
+                                == (to == EdgeSide::Outside))
+                    }
                 };
                 if !goes {
                     continue;
@@ -491,7 +567,7 @@ mod guest {
         role: Role,
         devices: &[MmioDevice],
         free_start: u64,
-        flows: usize,
+        (flows, secret): (usize, [u64; 2]),
         base: u64,
         size: u64,
         tsc_khz: u64,
@@ -512,7 +588,13 @@ mod guest {
         // SAFETY: free RAM above the image and below the verdict region; make_filter takes
         // what follows the queues.
         let queues = unsafe { carve_queues(&mut cursor, 2 * count) };
-        let mut filter = match make_filter(cursor, base, flows) {
+        let config = Config {
+            hash_seed: secret[0] ^ secret[1].rotate_left(32),
+            // The edge answers SYN floods from the outside itself.
+            synproxy: (role == Role::Edge).then(|| SynProxy::new(secret)),
+            ..Config::default()
+        };
+        let mut filter = match make_filter(cursor, base, flows, config) {
             Ok(f) => f,
             Err(code) => return code,
         };
@@ -561,6 +643,7 @@ mod guest {
             Err(code) => return code,
         };
         let mut frame = [0u8; BUF_SIZE];
+        let mut replies = EdgeReplies::new();
         let mut published = u64::MAX;
         let mut rounds = 0u64;
         let (mut busy_cycles, mut busy_frames) = (0u64, 0u64);
@@ -586,10 +669,10 @@ mod guest {
                     round_frames += 1;
                     let len = received.len();
                     frame[..len].copy_from_slice(received);
-                    let bytes = &frame[..len];
+                    let bytes = &mut frame[..len];
                     match role {
                         Role::Switch => state.switch_frame(&mut filter, i, bytes, now),
-                        Role::Edge => state.edge_frame(&mut filter, i, bytes, now),
+                        Role::Edge => state.edge_frame(&mut filter, i, bytes, &mut replies, now),
                     }
                 }
                 state.ports[i].recycle();

@@ -287,7 +287,8 @@ fn a_cookie_handshake_is_replayed_to_the_tenant_and_translated_for_the_flow() {
     assert_eq!(f.conntrack().used(), used + 1);
     assert_eq!(f.counters().syncookies_valid, 1);
 
-    // A segment from the client before the tenant answered is not let through.
+    // A segment from the client before the tenant answered is not let through; it replays the
+    // SYN again (the first may have been lost).
     let early = spec(
         TcpControl::Psh,
         C_ISN.wrapping_add(1),
@@ -295,7 +296,20 @@ fn a_cookie_handshake_is_replayed_to_the_tenant_and_translated_for_the_flow() {
         502,
     );
     let o = from_client(&mut f, CLIENT_IP, TENANT_IP, 40000, early, b"x", 5 * SEC);
+    assert_eq!(o.d, Decision::Answered);
+    let again = read(o.to_cloud.as_deref().expect("the SYN again"));
+    assert!(again.syn && !again.ack_flag && again.seq == C_ISN);
+    assert_eq!(again.mss, Some(1460));
+    // ... but not for a segment whose acknowledgment is no cookie.
+    let bogus = spec(
+        TcpControl::Psh,
+        C_ISN.wrapping_add(1),
+        Some(cookie ^ 0x0055_5500),
+        502,
+    );
+    let o = from_client(&mut f, CLIENT_IP, TENANT_IP, 40000, bogus, b"x", 5 * SEC);
     assert!(matches!(o.d, Decision::Drop(_)), "{:?}", o.d);
+    assert_eq!(f.conntrack().used(), used + 1);
 
     // The tenant's SYN-ACK: acknowledged by the edge, and the client's window opened.
     let sa = spec(TcpControl::Syn, S_ISN, Some(C_ISN.wrapping_add(1)), 65160);
@@ -603,4 +617,34 @@ fn without_pressure_syns_pass_untouched_and_the_switch_never_proxies() {
         assert_eq!(g.process_edge(Outside, Cloud, &frame, 0), FWD);
     }
     assert_eq!(g.counters().syncookies_sent, 0);
+}
+
+#[test]
+fn a_lost_handshake_ack_is_made_good_by_the_clients_window_probe() {
+    let mut f = edge(4096, Some(proxy()));
+    engage(&mut f, 0);
+    let syn = spec(TcpControl::Syn, C_ISN, None, 64240);
+    let o = from_client(&mut f, CLIENT_IP, TENANT_IP, 43000, syn, b"", SEC);
+    let cookie = read(o.to_outside.as_deref().unwrap()).seq;
+    // The ACK is lost. The client, facing a zero window, probes with SND.UNA - 1 = its ISN.
+    let probe = spec(TcpControl::None, C_ISN, Some(cookie.wrapping_add(1)), 502);
+    let o = from_client(&mut f, CLIENT_IP, TENANT_IP, 43000, probe, b"", 2 * SEC);
+    assert_eq!(o.d, Decision::Answered);
+    let syn = read(o.to_cloud.as_deref().expect("the replayed SYN"));
+    assert!(syn.syn && syn.seq == C_ISN);
+    // The tenant answers; the flow completes as usual.
+    let sa = spec(TcpControl::Syn, S_ISN, Some(C_ISN.wrapping_add(1)), 65160);
+    assert_eq!(
+        from_tenant(&mut f, 43000, sa, b"", 2 * SEC).d,
+        Decision::Answered
+    );
+    let data = spec(
+        TcpControl::Psh,
+        C_ISN.wrapping_add(1),
+        Some(cookie.wrapping_add(1)),
+        502,
+    );
+    let o = from_client(&mut f, CLIENT_IP, TENANT_IP, 43000, data, b"GET /", 2 * SEC);
+    assert_eq!(o.d, FWD);
+    assert_eq!(read(&o.frame).ack, S_ISN + 1);
 }

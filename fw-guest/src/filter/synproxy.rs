@@ -515,9 +515,18 @@ impl Filter<'_> {
         if !(flags.ack && !flags.syn && !flags.rst && !flags.fin && recent) {
             return None;
         }
-        let isn = seg.seq.wrapping_sub(1);
         let cookie = seg.ack.wrapping_sub(1);
-        let mss = match cookies.check(&t, isn, cookie, cookie_count(now_s)) {
+        let count = cookie_count(now_s);
+        // The handshake's ACK carries the ISN plus one. If it was lost, the client (which believes
+        // it is connected, with a zero window) sends zero-window probes carrying the ISN itself
+        // (RFC 9293 §3.8.6.1: SND.UNA - 1), which must complete the handshake as well.
+        let mut isn = seg.seq.wrapping_sub(1);
+        let mut checked = cookies.check(&t, isn, cookie, count);
+        if checked.is_err() && seg.len == 0 {
+            isn = seg.seq;
+            checked = cookies.check(&t, isn, cookie, count);
+        }
+        let mss = match checked {
             Ok(mss) => MSS_TABLE[mss as usize],
             Err(_) => return Some(Decision::Drop(DropReason::SynCookieInvalid)),
         };
@@ -566,6 +575,9 @@ impl Filter<'_> {
         if state == TcpState::SynSent && !orig && flags.syn && flags.ack && !flags.rst {
             return Some(self.proxy_synack(i, flags, seg, now_s));
         }
+        if state == TcpState::SynSent && orig && flags.ack && !flags.syn && !flags.rst {
+            return self.replay_again(i, seg, now_s);
+        }
         if orig {
             if flags.ack {
                 seg.ack = seg.ack.wrapping_add(offset);
@@ -581,6 +593,26 @@ impl Filter<'_> {
             };
         }
         None
+    }
+
+    /// A client segment while the tenant has not answered the replayed SYN (lost on the way, or
+    /// its SYN-ACK was): the SYN is replayed again, if the segment still carries a valid cookie.
+    fn replay_again(&mut self, i: usize, seg: &TcpSeg, now_s: u32) -> Option<Decision> {
+        let cookies = self.cookies?;
+        let s = self.conntrack.slot(i);
+        let client = s.window(true);
+        let isn = client.end.wrapping_sub(1);
+        let key = s.key()?;
+        let t = Self::tuple(&key);
+        let mss = cookies
+            .check(&t, isn, seg.ack.wrapping_sub(1), cookie_count(now_s))
+            .ok()?;
+        self.pending = Pending::SynToTenant {
+            isn,
+            win: client.maxwin.min(u32::from(u16::MAX)) as u16,
+            mss: MSS_TABLE[mss as usize],
+        };
+        Some(Decision::Answered)
     }
 
     /// The tenant's SYN-ACK on a proxied entry: track it, acknowledge it on the client's behalf

@@ -441,6 +441,7 @@ fn load_payload(
     };
     let mut cmdline = inputs.cmdline;
     cmdline.push_str(&tsc_cmdline(config, host, boot_vcpu, tsc_dilation));
+    cmdline.push_str(&seed_cmdline(config));
     // Linux learns its interrupt controllers and devices from ACPI; the micro-VM needs neither
     // (it polls).
     let rsdp = match config.payload {
@@ -478,6 +479,24 @@ fn tsc_cmdline(config: &VmConfig, host: HostKind, boot_vcpu: &VcpuFd, tsc_dilati
             Ok(khz) => format!(" tsc_khz={khz}"),
             Err(_) => String::new(),
         },
+    }
+}
+
+/// The micro-VM's secret: 128 random bits from the host (`fw.seed=`, 32 hex digits), the key of
+/// its SYN cookies and table hashes (the micro-VM mixes in RDRAND where the CPU has it). Only
+/// the micro-VM's own memory holds its command line. Empty if the host has no randomness to give.
+fn seed_cmdline(config: &VmConfig) -> String {
+    use std::io::Read;
+    if !matches!(config.payload, Payload::MicroVm { .. }) {
+        return String::new();
+    }
+    let mut seed = [0u8; 16];
+    match fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut seed)) {
+        Ok(()) => format!(" fw.seed={}", hex::encode(seed)),
+        Err(e) => {
+            log::warn!("no randomness for the micro-VM's seed: {e}");
+            String::new()
+        }
     }
 }
 
