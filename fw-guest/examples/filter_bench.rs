@@ -111,7 +111,11 @@ fn setup(flows: usize, frame_len: usize) -> (Filter<'static>, Vec<(Direction, Ve
         leak(FlowSlot::EMPTY, slots_for(flows)),
         leak(VerdictSlot::EMPTY, 16),
         leak(IndexSlot::EMPTY, 32),
-        Config::default(),
+        // One tenant holds every flow of the benchmark.
+        Config {
+            flow_quota: Some(usize::MAX),
+            ..Config::default()
+        },
     )
     .unwrap();
     let (tenant, server) = ([10, 0, 0, 2], [10, 0, 1, 5]);

@@ -39,6 +39,7 @@
 //! All state lives in caller-supplied slices sized at construction; the data path never
 //! allocates. Time comes from the caller as monotonic nanoseconds; the filter has no clock.
 
+mod admission;
 pub mod conntrack;
 pub mod flow;
 pub mod hygiene;
@@ -732,76 +733,6 @@ impl<'a> Filter<'a> {
         Decision::Forward
     }
 
-    /// The slot a new entry of `key`'s tenant goes to (`i` from a [`Probe::Vacant`]) when the
-    /// tenant is within its flow quota, after reclaiming expired entries (and, for a SYN, its own
-    /// oldest half-open ones) if it is at it; [`DropReason::FlowQuota`] otherwise.
-    fn within_quota(
-        &mut self,
-        i: usize,
-        key: &FlowKey,
-        hash: u32,
-        syn: bool,
-        now_s: u32,
-    ) -> Result<usize, Decision> {
-        let grows =
-            |ct: &Conntrack<'_>, i: usize| ct.needs_room(i) || ct.slot(i).tenant() != key.tenant;
-        if !self.conntrack.at_quota(key.tenant) || !grows(&self.conntrack, i) {
-            return Ok(i);
-        }
-        let mut freed = 0;
-        for _ in 0..4 {
-            let n = self.sweep_flows(now_s, self.config.sweep_on_full)
-                + usize::from(syn && self.evict_one_half_open(key.tenant, now_s));
-            freed += n;
-            if n == 0 || !self.conntrack.at_quota(key.tenant) {
-                break;
-            }
-        }
-        if freed == 0 || self.conntrack.at_quota(key.tenant) {
-            return Err(Decision::Drop(DropReason::FlowQuota));
-        }
-        match self.conntrack.lookup(key, hash, now_s) {
-            Probe::Vacant(j) => Ok(j),
-            Probe::Found(_) => Err(Decision::Drop(DropReason::InvalidTcpState)),
-        }
-    }
-
-    /// One step of [`Conntrack::evict_half_open`] for `tenant`: the entry it removes gives back
-    /// its verdict reference and is counted as expired or as an evicted half-open flow.
-    fn evict_one_half_open(&mut self, tenant: u32, now_s: u32) -> bool {
-        let verdicts = &mut self.verdicts;
-        let counters = &mut self.counters;
-        self.conntrack
-            .evict_half_open(tenant, now_s, self.config.evict_scan, |s, expired| {
-                verdicts.release(s.verdict());
-                if expired {
-                    counters.flows_expired += 1;
-                } else {
-                    counters.half_open_evicted += 1;
-                }
-            })
-    }
-
-    /// Make room for a new half-open entry of `key`'s tenant (see
-    /// [`Conntrack::evict_half_open`]), and return the slot it goes to.
-    fn evict_half_open(&mut self, key: &FlowKey, hash: u32, now_s: u32) -> Result<usize, Decision> {
-        let mut evicted = false;
-        // A removed expired entry need not have been half-open: a few tries.
-        for _ in 0..4 {
-            evicted |= self.evict_one_half_open(key.tenant, now_s);
-            if !self.conntrack.half_open_full(key.tenant) {
-                break;
-            }
-        }
-        if !evicted || self.conntrack.half_open_full(key.tenant) {
-            return Err(Decision::Drop(DropReason::HalfOpenLimit));
-        }
-        match self.conntrack.lookup(key, hash, now_s) {
-            Probe::Vacant(i) => Ok(i),
-            Probe::Found(_) => Err(Decision::Drop(DropReason::InvalidTcpState)),
-        }
-    }
-
     /// An [`Op::Adopt`] verdict that takes over the untracked packet `l4` travelling in `dir`,
     /// and the direction the flow was opened in. Only a TCP segment without SYN or RST (a SYN
     /// opens normally, a RST has nothing to keep) and a UDP datagram qualify. The verdict may
@@ -871,100 +802,5 @@ impl<'a> Filter<'a> {
         self.counters.flows_adopted += 1;
         self.existing(i, dir, l4, now_s)
             .unwrap_or(Decision::Drop(DropReason::InvalidTcpState))
-    }
-
-    /// The slot a new entry for `key` goes to (`i` from a [`Probe::Vacant`]), after reclaiming
-    /// expired entries (bounded work) if the table is full; live entries are never evicted.
-    fn make_room(
-        &mut self,
-        mut i: usize,
-        key: &FlowKey,
-        hash: u32,
-        now_s: u32,
-    ) -> Result<usize, Decision> {
-        if self.conntrack.needs_room(i) && self.conntrack.is_full() {
-            let mut freed = self.sweep_flows(now_s, self.config.sweep_on_full);
-            if freed == 0 {
-                // No expired entry: a half-open one of a tenant holding more of them than this
-                // one (never an established flow).
-                freed = usize::from(self.evict_one_half_open(key.tenant, now_s));
-            }
-            if freed == 0 {
-                return Err(Decision::Drop(DropReason::TableFull));
-            }
-            match self.conntrack.lookup(key, hash, now_s) {
-                Probe::Vacant(j) => i = j,
-                Probe::Found(_) => return Err(Decision::Drop(DropReason::InvalidTcpState)),
-            }
-            if self.conntrack.needs_room(i) && self.conntrack.is_full() {
-                return Err(Decision::Drop(DropReason::TableFull));
-            }
-        }
-        Ok(i)
-    }
-
-    fn insert_flow(
-        &mut self,
-        i: usize,
-        key: &FlowKey,
-        origin: Direction,
-        tcp: TcpState,
-        verdict: VerdictRef,
-        expires: u32,
-    ) {
-        if let Some(old) = self.conntrack.insert(i, key, origin, tcp, verdict, expires) {
-            self.verdicts.release(old.verdict());
-            self.counters.flows_expired += 1;
-        }
-        self.verdicts.acquire(verdict);
-        self.counters.flows_created += 1;
-    }
-
-    /// An ICMP error passes when the packet it quotes belongs to a live tracked flow. The quoted
-    /// packet travelled the other way (the error answers it). A quoted TCP segment must also be
-    /// one its sender may have in flight ([`FlowSlot::in_flight`], as Linux's `tcp_v4_err` and
-    /// RFC 5927 §4.1 ask); a proxied flow's tenant-side segment is quoted with the sequence number
-    /// the outside saw, so the offset is added back first.
-    fn icmp_error(
-        &mut self,
-        tenant: u32,
-        dir: Direction,
-        m: &IpMeta,
-        q: &parse::Quoted,
-        now_s: u32,
-    ) -> Decision {
-        let quoted_dir = dir.reverse();
-        let (sport, dport) = match (q.protocol.is_icmp(), quoted_dir) {
-            // The echo identifier goes to the tenant-side port, as in `ip`.
-            (true, Direction::Ingress) => (0, q.src_port),
-            _ => (q.src_port, q.dst_port),
-        };
-        let key = FlowKey::from_packet(
-            tenant,
-            quoted_dir,
-            m.ip_version,
-            q.protocol,
-            q.src,
-            q.dst,
-            sport,
-            dport,
-        );
-        let hash = self.conntrack.hash(&key);
-        match self.conntrack.lookup(&key, hash, now_s) {
-            Probe::Found(i) if self.verdicts.is_current(self.conntrack.slot(i).verdict()) => {
-                let s = self.conntrack.slot(i);
-                let orig = quoted_dir == s.origin();
-                let seq = if orig {
-                    q.seq
-                } else {
-                    q.seq.wrapping_add(s.seq_offset())
-                };
-                if q.protocol == Protocol::Tcp && !s.in_flight(orig, seq) {
-                    return Decision::Drop(DropReason::IcmpOutOfWindow);
-                }
-                Decision::Forward
-            }
-            _ => Decision::Drop(DropReason::NoVerdict),
-        }
     }
 }

@@ -480,6 +480,7 @@ impl Filter<'_> {
     /// its flow. `Some` when the proxy takes it: a SYN answered with a cookie, an ACK with a
     /// valid cookie (an entry is created and the SYN replayed to the tenant), or an ACK with an
     /// invalid one while cookies are out (dropped). `None`: judged as usual.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn proxy_open(
         &mut self,
         i: usize,
