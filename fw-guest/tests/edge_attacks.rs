@@ -304,7 +304,7 @@ fn a_rst_refusing_a_syn_must_acknowledge_it() {
 #[test]
 fn spoofed_inside_sources_are_dropped_at_the_edge() {
     let mut f = edge(1024, Config::default());
-    let spoofed_v4: [[u8; 4]; 12] = [
+    let spoofed_v4: [[u8; 4]; 14] = [
         TENANT_IP,       // the tenant's own address
         OTHER_TENANT_IP, // another cloud address
         [127, 0, 0, 1],
@@ -314,6 +314,8 @@ fn spoofed_inside_sources_are_dropped_at_the_edge() {
         [224, 0, 0, 1],
         [239, 255, 255, 250],
         [255, 255, 255, 255],
+        [240, 0, 0, 1], // reserved (RFC 1112 class E)
+        [250, 1, 2, 3],
         [169, 254, 169, 254],
         [10, 66, 0, 0],   // the tenants' subnet's network address
         [10, 66, 0, 255], // and its broadcast address
@@ -354,7 +356,7 @@ fn spoofed_inside_sources_are_dropped_at_the_edge() {
             "{src:x?}"
         );
     }
-    assert_eq!(f.counters().dropped(DropReason::SpoofedSource), 18);
+    assert_eq!(f.counters().dropped(DropReason::SpoofedSource), 20);
     assert_eq!(f.conntrack().used(), 0);
     // Real outside hosts pass, private addresses included (the outside may be a private
     // network), and so does the tenant's own traffic leaving the cloud.
@@ -623,4 +625,41 @@ fn icmp_errors_must_quote_a_sequence_number_in_flight() {
     assert_eq!(f.counters().dropped(DropReason::IcmpOutOfWindow), dropped);
     // The flow is untouched.
     assert_eq!(state_of(&f, 40000), TcpState::Established);
+}
+
+#[test]
+fn underlay_addresses_attached_by_the_edge_are_spoofed_from_the_outside_and_open_nothing() {
+    use vigil_wire::verdict::UNDERLAY_TENANT;
+    let mut f = edge(1024, Config::default());
+    // The hosts' VXLAN endpoints (and the edge's own), as the edge's VMM attaches them.
+    let underlay: [[u8; 4]; 2] = [[192, 0, 2, 10], [192, 0, 2, 11]];
+    for (n, a) in underlay.iter().enumerate() {
+        let rec = VerdictRepr::attach(
+            UNDERLAY_TENANT,
+            100 + n as u64,
+            None,
+            Some((IpVersion::V4, v4(*a))),
+        );
+        f.apply(&rec, 0).unwrap();
+    }
+    let syn = |src: [u8; 4]| tcp(Ip::V4(src), Ip::V4(TENANT_IP), 40000, PORT, Seg::Syn);
+    for a in underlay {
+        assert_eq!(
+            f.process_edge(Outside, Cloud, &syn(a), 0),
+            drop(DropReason::SpoofedSource),
+            "{a:?}"
+        );
+        // From the cloud side an underlay source is no tenant's: it opens nothing.
+        let out = tcp(Ip::V4(a), Ip::V4(CLIENT_IP), 40000, 443, Seg::Syn);
+        assert_eq!(
+            f.process_edge(Cloud, Outside, &out, 0),
+            drop(DropReason::NoVerdict)
+        );
+    }
+    // A neighbouring address of the underlay is an ordinary outside host.
+    assert_eq!(
+        f.process_edge(Outside, Cloud, &syn([192, 0, 2, 12]), 0),
+        FWD
+    );
+    assert_eq!(f.conntrack().used(), 1);
 }

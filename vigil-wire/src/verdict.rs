@@ -124,6 +124,13 @@ pub const RULE_FLAG_ANY_LOCAL_PORT: u8 = 2;
 /// `rule.local_port` of an [`Op::Attach`] record that names no switch port.
 pub const PORT_NONE: u16 = 0xFFFF;
 
+/// The tenant id under which an edge attaches its *underlay's* addresses (the VXLAN endpoints of
+/// its hosts and its own): [`Op::Attach`] records for it make those addresses ones the outside
+/// cannot have (dropped there as spoofed sources), and no verdict is ever issued for it, so they
+/// open nothing from the cloud side either. The edge's VMM sends them, from what it learns of its
+/// hosts, never a hand-typed list.
+pub const UNDERLAY_TENANT: u32 = u32::MAX - 1;
+
 /// Which way the verdict opens a flow, seen from the tenant.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
