@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edge::channel::VerdictSender;
+use edge::link::{Class, LinkConfig, VerdictLink};
 use vigil_wire::verdict::{v4, Direction, IpVersion, Protocol, Rule, VerdictRepr, RECORD_LEN};
 use vmm_core::devices::virtio::net::{FrameLink, MAX_FRAME};
 use vmm_core::devices::vxlan::Vxlan;
@@ -542,7 +542,8 @@ fn syn_floods_leave_legitimate_connects_within_a_second() {
     // The host: both tenants attached, each listening on 7000 for anyone.
     let uplink = Arc::new(Vxlan::bind("127.0.0.1:0".parse().unwrap(), vec![cloud], VNI).unwrap());
     let key = edge::channel::key_from_hex(KEY_HEX).unwrap();
-    let mut host = VerdictSender::connect(control, key, HOST_ID).expect("verdict sender");
+    let host = VerdictLink::connect(control, key, HOST_ID, 1, LinkConfig::default())
+        .expect("verdict link");
     let mut records = Vec::new();
     for (n, (t, ip)) in [(1u32, T1_IP), (2, T2_IP)].into_iter().enumerate() {
         let seq = 2 * n as u64;
@@ -559,7 +560,7 @@ fn syn_floods_leave_legitimate_connects_within_a_second() {
         records.push(VerdictRepr::add(t, seq + 2, 0, listen));
     }
     let bytes: Vec<[u8; RECORD_LEN]> = records.iter().map(VerdictRepr::to_bytes).collect();
-    host.send(&bytes).expect("send verdicts");
+    host.send(&bytes, Class::Control).expect("send verdicts");
     wait_counters(&edge.socket, Duration::from_secs(10), "verdicts", |c| {
         c["firewall"]["verdicts_applied"].as_u64().unwrap_or(0) >= 4
     });
