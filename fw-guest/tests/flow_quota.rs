@@ -24,9 +24,9 @@ fn filter(quota: Option<usize>) -> Filter<'static> {
     Filter::new(flows, verdicts, index, config).unwrap()
 }
 
-/// Egress UDP to anyone for `tenant`, any port.
+/// Egress UDP to anyone for `tenant`, from any local port (the explicit wildcard).
 fn allow_udp(f: &mut Filter, tenant: u32, seq: &mut Seq) {
-    let rule = Rule::any(Direction::Egress, IpVersion::V4, Protocol::Udp);
+    let rule = Rule::any_port(Direction::Egress, IpVersion::V4, Protocol::Udp);
     f.apply(&VerdictRepr::add(tenant, seq.next(), 0, rule), 0)
         .unwrap();
 }
