@@ -8,6 +8,10 @@
 //! - Tenant → outside, allowed by a connect verdict, through the switch tier and the edge.
 //! - Outside → tenant service, allowed by the bind/listen verdicts; outside → a port no verdict
 //!   opened dies at the edge (counted as `no_verdict` there).
+//! - Exact ports: a `listen()` on a socket never bound opens exactly the port the kernel assigns
+//!   (pinned with `ip_local_port_range`, so the outside knows it); one landing outside the listen
+//!   rule's ports is refused in the guest; a UDP socket bound to :0 (a listener behind its port
+//!   with no verdict of its own) gets nothing from the outside: dropped at the edge.
 //! - A verdict signed with the wrong key is rejected by the edge and reported.
 //! - Live migration A → B of the running tenant with an established TCP connection to an outside
 //!   server: bytes before and after the migration checked on both ends; A forgets the tenant,
@@ -128,17 +132,33 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         "echo \"VIGIL-CHECK tcp-reply $(echo tenant-says-hello | nc -w 120 {OUTSIDE_IP} 8080)\"\n\
          nc -l -p 7000 -e echo served-by-tenant &\n\
          {wait_7000}\
+         range=/proc/sys/net/ipv4/ip_local_port_range\n\
+         echo '7006 7006' > $range\n\
+         vigil-listen0 served-by-autobound > /tmp/listen0 2>&1 &\n\
+         {wait_7006}\
+         echo \"VIGIL-CHECK listen0 $(cat /tmp/listen0)\"\n\
+         echo '7777 7777' > $range\n\
+         echo \"VIGIL-CHECK listen-7777 $(vigil-listen0 never 2>&1)\"\n\
+         echo '7008 7008' > $range\n\
+         vigil-listen0 -u 900 > /tmp/udp0 2>&1 &\n\
+         i=0; while [ ! -s /tmp/udp0 ] && [ $i -lt 200 ]; do i=$((i+1)); usleep 50000; done\n\
+         echo '32768 60999' > $range\n\
+         echo \"VIGIL-CHECK udp0-bound $(head -1 /tmp/udp0)\"\n\
          echo VIGIL-CHECK listening\n\
          nc {OUTSIDE_IP} 8081 -e cat\n\
-         echo \"VIGIL-CHECK long-done rc=$?\"\n",
+         echo \"VIGIL-CHECK long-done rc=$?\"\n\
+         echo \"VIGIL-CHECK udp0 [$(cat /tmp/udp0 | tr '\\n' ' ')]\"\n",
         wait_7000 = wait_listening(7000),
+        wait_7006 = wait_listening(7006),
     );
     let cmdline = workload::cmdline(TENANT_IP, OUTSIDE_IP, &script);
     let policy = json!({"allow": [
         {"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
          "cidr": format!("{OUTSIDE_IP}/32"), "ports": "8080-8081"},
         {"op": "bind", "exe": "/bin/busybox", "ports": "7000-7010"},
-        {"op": "listen", "exe": "/bin/busybox"}
+        {"op": "bind", "exe": "/bin/vigil-listen0", "protocol": "udp"},
+        {"op": "listen", "exe": "/bin/busybox", "ports": "7000-7010"},
+        {"op": "listen", "exe": "/bin/vigil-listen0", "ports": "7000-7010"}
     ]});
     let (status, info) = api(
         &a_sock,
@@ -207,7 +227,11 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
 
     // Outside → tenant: the service its bind/listen verdicts opened answers; a port nothing
     // opened is dropped at the edge (no answer at all, not even a reset).
-    host_a.wait_for("VIGIL-CHECK listening", Duration::from_secs(600));
+    // (The exact-port checks print before "listening": read in order.)
+    let listen0 = host_a.wait_for("VIGIL-CHECK listen0", Duration::from_secs(600));
+    let refused = host_a.wait_for("VIGIL-CHECK listen-7777", Duration::from_secs(60));
+    let bound = host_a.wait_for("VIGIL-CHECK udp0-bound", Duration::from_secs(60));
+    host_a.wait_for("VIGIL-CHECK listening", Duration::from_secs(60));
     let inbound = outside.spawn(|| {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -244,6 +268,47 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         "an unopened port must be dropped silently (the forged verdict must not have opened it)"
     );
     assert!(drop_count(&edge_counters(&edge_sock), "no_verdict") > dropped_before);
+
+    // Exact ports. The listen on an unbound socket got the pinned port, and the outside reaches
+    // exactly that port; the one that landed outside the rule's ports was refused in the guest.
+    assert!(listen0.ends_with("listen0 port 7006"), "{listen0}");
+    let autobound = outside.spawn(|| {
+        let mut s = TcpStream::connect_timeout(
+            &format!("{TENANT_IP}:7006").parse().unwrap(),
+            Duration::from_secs(60),
+        )
+        .expect("the assigned port answers");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    });
+    assert_eq!(autobound.join().unwrap().trim(), "served-by-autobound");
+    assert!(
+        refused.contains("listen: Operation not permitted"),
+        "an assigned port outside the listen rule's ports is refused: {refused}"
+    );
+    // The UDP socket bound to :0 listens on 7008, and no verdict opened it: the outside's
+    // datagram dies at the edge (the tenant prints what it got at the end: nothing).
+    assert!(bound.ends_with("udp0-bound port 7008"), "{bound}");
+    let dropped_before = drop_count(&edge_counters(&edge_sock), "no_verdict");
+    outside
+        .spawn(|| {
+            let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            socket
+                .send_to(b"must-not-arrive\n", format!("{TENANT_IP}:7008"))
+                .unwrap();
+        })
+        .join()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while drop_count(&edge_counters(&edge_sock), "no_verdict") <= dropped_before {
+        assert!(
+            Instant::now() < deadline,
+            "the datagram to the :0-bound socket was not dropped at the edge"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Live migration A → B with the 8081 connection established.
     before_rx
@@ -290,6 +355,11 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     // The tenant saw its side of the connection end normally, on host B.
     let done = host_b.wait_for("VIGIL-CHECK long-done", Duration::from_secs(600));
     assert!(done.ends_with("rc=0"), "{done}");
+    let udp0 = host_b.wait_for("VIGIL-CHECK udp0", Duration::from_secs(60));
+    assert!(
+        udp0.ends_with("udp0 [port 7008 ]"),
+        "the :0-bound socket received nothing: {udp0}"
+    );
     // Delete: nothing of the tenant stays on either tier (its conntrack entries at the edge
     // and on host B's switch are gone at once; the counters are republished within seconds).
     let (status, v) = api(&b_sock, "PUT", "vm.delete", Some(json!({"id": "web"})));
