@@ -112,6 +112,9 @@ impl Host {
             VmError::ReadFile { .. } | VmError::KernelImage { .. } | VmError::BadMemorySize(_) => {
                 HostError::InvalidImage(e)
             }
+            // No vCPUs, too many NICs: the caller's spec, answered as such (400), not as a host
+            // failure.
+            VmError::Config(config) => HostError::InvalidSpec(config.to_string()),
             other => HostError::Vm(other),
         })?;
         let introspection = vm.introspection();
