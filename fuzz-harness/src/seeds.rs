@@ -479,59 +479,6 @@ fn kallsyms_seed(with_seqs: bool) -> Vec<u8> {
         syms.push((String::from_utf8_lossy(&name).into(), relbase + 0x40 * i));
     }
     syms.push(("Tsecurity_socket_connect".into(), relbase + 0x10_0000));
-    let mut img = vec![0xeeu8; 64];
-    let pad = |v: &mut Vec<u8>| {
-        while !v.len().is_multiple_of(8) {
-            v.push(0)
-        }
-    };
-    for (_, a) in &syms {
-        let off: i32 = if *a < 0x1_0000_0000 {
-            *a as i32
-        } else {
-            (relbase as i64 - 1 - *a as i64) as i32
-        };
-        img.extend_from_slice(&off.to_le_bytes());
-    }
-    pad(&mut img);
-    img.extend_from_slice(&relbase.to_le_bytes());
-    img.extend_from_slice(&(syms.len() as u32).to_le_bytes());
-    pad(&mut img);
-    let names_start = img.len();
-    let mut markers = Vec::new();
-    for (i, (n, _)) in syms.iter().enumerate() {
-        if i % 256 == 0 {
-            markers.push((img.len() - names_start) as u32);
-        }
-        let enc = n.replace("sec_", "\x01").into_bytes();
-        img.push(enc.len() as u8);
-        img.extend_from_slice(&enc);
-    }
-    pad(&mut img);
-    for m in markers {
-        img.extend_from_slice(&m.to_le_bytes());
-    }
-    pad(&mut img);
-    if with_seqs {
-        img.extend(std::iter::repeat_n(0x5a, 3 * syms.len()));
-        pad(&mut img);
-    }
-    let table = img.len();
-    let mut index = Vec::new();
-    for b in 0..=255u8 {
-        index.push((img.len() - table) as u16);
-        match b {
-            1 => img.extend_from_slice(b"sec_"),
-            0 => img.extend_from_slice(b"zz"),
-            b if b.is_ascii_graphic() => img.push(b),
-            b => img.extend_from_slice(&[b'~', b | 0x80]),
-        }
-        img.push(0);
-    }
-    pad(&mut img);
-    for i in index {
-        img.extend_from_slice(&i.to_le_bytes());
-    }
-    img.extend_from_slice(&[0xee; 64]);
-    img
+    let refs: Vec<(&str, u64)> = syms.iter().map(|(n, a)| (n.as_str(), *a)).collect();
+    trap_handler::kallsyms::encode_synthetic_tables(&refs, relbase, with_seqs)
 }

@@ -494,70 +494,73 @@ fn decode(
     })
 }
 
+/// Test support (the unit tests below and the fuzz seeds): lays out synthetic tables in the 6.1
+/// order: `syms` as (type+name, address), all names single bytes-per-char except that token 0x01
+/// expands to "sec_" (compression exercised). Not for production use.
+#[cfg(any(test, feature = "synthetic"))]
+#[doc(hidden)]
+pub fn encode_synthetic_tables(syms: &[(&str, u64)], relbase: u64, with_seqs: bool) -> Vec<u8> {
+    let mut img = vec![0xeeu8; 64];
+    let pad = |v: &mut Vec<u8>| {
+        while !v.len().is_multiple_of(8) {
+            v.push(0)
+        }
+    };
+    // offsets
+    for &(_, a) in syms {
+        let off: i32 = if a < 0x1_0000_0000 {
+            a as i32
+        } else {
+            (relbase as i64 - 1 - a as i64) as i32
+        };
+        img.extend_from_slice(&off.to_le_bytes());
+    }
+    pad(&mut img);
+    img.extend_from_slice(&relbase.to_le_bytes());
+    img.extend_from_slice(&(syms.len() as u32).to_le_bytes());
+    pad(&mut img);
+    let names_start = img.len();
+    let mut markers = Vec::new();
+    for (i, &(n, _)) in syms.iter().enumerate() {
+        if i % 256 == 0 {
+            markers.push((img.len() - names_start) as u32);
+        }
+        let enc: Vec<u8> = n.replace("sec_", "\x01").into_bytes();
+        img.push(enc.len() as u8);
+        img.extend_from_slice(&enc);
+    }
+    pad(&mut img);
+    for m in markers {
+        img.extend_from_slice(&m.to_le_bytes());
+    }
+    pad(&mut img);
+    if with_seqs {
+        img.extend(std::iter::repeat_n(0x5a, 3 * syms.len()));
+        pad(&mut img);
+    }
+    let table = img.len();
+    let mut index = Vec::new();
+    for b in 0..=255u8 {
+        index.push((img.len() - table) as u16);
+        match b {
+            1 => img.extend_from_slice(b"sec_"),
+            0 => img.extend_from_slice(b"zz"),
+            b if b.is_ascii_graphic() => img.push(b),
+            b => img.extend_from_slice(&[b'~', b | 0x80]),
+        }
+        img.push(0);
+    }
+    pad(&mut img);
+    for i in index {
+        img.extend_from_slice(&i.to_le_bytes());
+    }
+    img.extend_from_slice(&[0xee; 64]);
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Lays out synthetic tables in the 6.1 order: `syms` as (type+name, address), all names single
-    /// bytes-per-char except that token 0x01 expands to "sec_" (compression exercised).
-    fn build(syms: &[(&str, u64)], relbase: u64, with_seqs: bool) -> Vec<u8> {
-        let mut img = vec![0xeeu8; 64];
-        let pad = |v: &mut Vec<u8>| {
-            while !v.len().is_multiple_of(8) {
-                v.push(0)
-            }
-        };
-        // offsets
-        for &(_, a) in syms {
-            let off: i32 = if a < 0x1_0000_0000 {
-                a as i32
-            } else {
-                (relbase as i64 - 1 - a as i64) as i32
-            };
-            img.extend_from_slice(&off.to_le_bytes());
-        }
-        pad(&mut img);
-        img.extend_from_slice(&relbase.to_le_bytes());
-        img.extend_from_slice(&(syms.len() as u32).to_le_bytes());
-        pad(&mut img);
-        let names_start = img.len();
-        let mut markers = Vec::new();
-        for (i, &(n, _)) in syms.iter().enumerate() {
-            if i % 256 == 0 {
-                markers.push((img.len() - names_start) as u32);
-            }
-            let enc: Vec<u8> = n.replace("sec_", "\x01").into_bytes();
-            img.push(enc.len() as u8);
-            img.extend_from_slice(&enc);
-        }
-        pad(&mut img);
-        for m in markers {
-            img.extend_from_slice(&m.to_le_bytes());
-        }
-        pad(&mut img);
-        if with_seqs {
-            img.extend(std::iter::repeat_n(0x5a, 3 * syms.len()));
-            pad(&mut img);
-        }
-        let table = img.len();
-        let mut index = Vec::new();
-        for b in 0..=255u8 {
-            index.push((img.len() - table) as u16);
-            match b {
-                1 => img.extend_from_slice(b"sec_"),
-                0 => img.extend_from_slice(b"zz"),
-                b if b.is_ascii_graphic() => img.push(b),
-                b => img.extend_from_slice(&[b'~', b | 0x80]),
-            }
-            img.push(0);
-        }
-        pad(&mut img);
-        for i in index {
-            img.extend_from_slice(&i.to_le_bytes());
-        }
-        img.extend_from_slice(&[0xee; 64]);
-        img
-    }
 
     fn sample_syms() -> Vec<(String, u64)> {
         let mut v = vec![
@@ -579,7 +582,7 @@ mod tests {
         let syms = sample_syms();
         let refs: Vec<(&str, u64)> = syms.iter().map(|(n, a)| (n.as_str(), *a)).collect();
         for with_seqs in [false, true] {
-            let img = build(&refs, 0xffff_ffff_8100_0000, with_seqs);
+            let img = encode_synthetic_tables(&refs, 0xffff_ffff_8100_0000, with_seqs);
             let k = Kallsyms::find(&img).unwrap();
             assert_eq!(k.symbols().len(), syms.len());
             assert_eq!(k.tables.seqs_of_names.is_some(), with_seqs);
@@ -598,7 +601,7 @@ mod tests {
         // names: every decoy is examined within the candidate and work limits, then rejected.
         let syms = sample_syms();
         let refs: Vec<(&str, u64)> = syms.iter().map(|(n, a)| (n.as_str(), *a)).collect();
-        let real = build(&refs, 0xffff_ffff_8100_0000, false);
+        let real = encode_synthetic_tables(&refs, 0xffff_ffff_8100_0000, false);
         let tok = Kallsyms::find(&real).unwrap().tables.token_table;
         let mut img = Vec::new();
         while img.len() < 1 << 20 {
@@ -617,7 +620,7 @@ mod tests {
     fn corrupted_tables_are_rejected_not_misread() {
         let syms = sample_syms();
         let refs: Vec<(&str, u64)> = syms.iter().map(|(n, a)| (n.as_str(), *a)).collect();
-        let img = build(&refs, 0xffff_ffff_8100_0000, false);
+        let img = encode_synthetic_tables(&refs, 0xffff_ffff_8100_0000, false);
         // Unsorted addresses: swap two offsets.
         let mut bad = img.clone();
         bad.copy_within(64 + 8 * 4..64 + 9 * 4, 64 + 20 * 4);
