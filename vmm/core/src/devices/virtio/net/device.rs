@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{Backend, MemBackend, Token};
 use super::memlink::{GuestQueue, MemLinkEnd};
-use super::{FrameLink, NetCounters, F_MAC, F_STATUS, MAX_FRAME, QUEUE_SIZE, S_LINK_UP};
+use super::{FrameLink, NetCounters, MAX_FRAME, NET_FEATURES, NET_QUEUE_SIZES, S_LINK_UP};
 
 /// The backend thread's state, by attachment.
 enum Thread {
@@ -137,11 +137,11 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | F_MAC | F_STATUS
+        NET_FEATURES
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &NET_QUEUE_SIZES
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

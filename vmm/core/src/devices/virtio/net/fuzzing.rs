@@ -12,7 +12,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{Backend, Token};
-use super::{FrameLink, NetCounters, NetStats, F_MAC, F_STATUS, MAX_FRAME, QUEUE_SIZE};
+use super::{FrameLink, NetCounters, NetStats, MAX_FRAME, NET_FEATURES, NET_QUEUE_SIZES};
 use crate::devices::virtio::{features, Activation, VirtioDevice, VirtioError, DEVICE_ID_NET};
 
 /// Where the backend lives while the device is active (shared with the fuzz harness).
@@ -101,11 +101,11 @@ impl VirtioDevice for InlineNet {
     }
 
     fn features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | F_MAC | F_STATUS
+        NET_FEATURES
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &[QUEUE_SIZE, QUEUE_SIZE]
+        &NET_QUEUE_SIZES
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

@@ -56,6 +56,14 @@ pub const F_MAC: u64 = 1 << 5;
 pub const F_STATUS: u64 = 1 << 16;
 /// VIRTIO_NET_S_LINK_UP (§5.1.4).
 const S_LINK_UP: u16 = 1;
+
+/// What every Vigil net device offers (the real one and the fuzzing one must not drift apart).
+pub(crate) const NET_FEATURES: u64 = crate::devices::virtio::features::VERSION_1
+    | crate::devices::virtio::features::RING_EVENT_IDX
+    | F_MAC
+    | F_STATUS;
+/// Receive and transmit queue maxima.
+pub(crate) const NET_QUEUE_SIZES: [u16; 2] = [QUEUE_SIZE, QUEUE_SIZE];
 /// VRING_AVAIL_F_NO_INTERRUPT (§2.7.7): the driver does not want used-buffer interrupts.
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// Largest frame moved either way: a 64 KiB IP datagram in an Ethernet frame with a VLAN tag.
