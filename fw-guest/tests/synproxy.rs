@@ -9,7 +9,7 @@ mod frames;
 
 use frames::*;
 use fw_guest::filter::*;
-use smoltcp::wire::{EthernetFrame, IpAddress, Ipv4Packet, TcpPacket};
+use smoltcp::wire::{EthernetFrame, Icmpv4Packet, IpAddress, Ipv4Packet, TcpPacket};
 use vigil_wire::verdict::v4;
 
 use EdgeSide::{Cloud, Outside};
@@ -336,6 +336,7 @@ fn a_cookie_handshake_is_replayed_to_the_tenant_and_translated_for_the_flow() {
     // translated, with valid checksums (`read` checks them).
     let mut c = C_ISN.wrapping_add(1);
     let mut s = S_ISN + 1;
+    let mut last_to_client = Vec::new();
     for round in 0..50u32 {
         let payload = [round as u8; 100];
         let data = spec(
@@ -377,8 +378,32 @@ fn a_cookie_handshake_is_replayed_to_the_tenant_and_translated_for_the_flow() {
             "the client sees the cookie's"
         );
         assert_eq!(r.ack, c);
+        last_to_client = o.frame.clone();
         s = s.wrapping_add(50);
     }
+
+    // An ICMP error from a router on the way quotes the tenant's last segment as the outside saw
+    // it (cookie sequence space, not yet acknowledged): the tenant gets it with its own sequence
+    // number, and a valid ICMP checksum (or its stack would ignore it: path MTU discovery).
+    let router = [203, 0, 113, 1];
+    let icmp = icmp4_unreachable(router, TENANT_IP, &last_to_client[14..]);
+    let o = run(&mut f, Outside, icmp, 59 * SEC);
+    assert_eq!(
+        o.d, FWD,
+        "an error quoting the flow's in-flight segment passes"
+    );
+    let ip = Ipv4Packet::new_checked(&o.frame[14..]).unwrap();
+    let error = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+    assert!(error.verify_checksum(), "the ICMP checksum was updated");
+    // The quote is cut short (its header's total length is the whole segment's): read by hand.
+    let quoted = error.data();
+    let l4 = usize::from(quoted[0] & 0x0f) * 4;
+    let quoted_seq = u32::from_be_bytes(quoted[l4 + 4..l4 + 8].try_into().unwrap());
+    assert_eq!(
+        quoted_seq,
+        s.wrapping_sub(50),
+        "the quoted sequence number is the tenant's own"
+    );
 
     // A blind injector who guessed the tenant's real sequence space is out of window.
     let blind = spec(TcpControl::Psh, c, Some(s), 502);

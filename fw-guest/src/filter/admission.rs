@@ -175,6 +175,12 @@ impl Filter<'_> {
                 if q.protocol == Protocol::Tcp && !s.in_flight(orig, seq) {
                     return Decision::Drop(DropReason::IcmpOutOfWindow);
                 }
+                if q.protocol == Protocol::Tcp && !orig && s.seq_offset() != 0 {
+                    // To the tenant of a proxied flow: it must see its own sequence number.
+                    self.pending = super::synproxy::Pending::QuotedSeq {
+                        seq_add: s.seq_offset(),
+                    };
+                }
                 Decision::Forward
             }
             _ => Decision::Drop(DropReason::NoVerdict),

@@ -200,6 +200,11 @@ pub(crate) enum Pending {
     /// A forwarded segment of a proxied flow: subtract from its sequence number (tenant to
     /// outside) or add to its acknowledgment (outside to tenant).
     Translate { seq_sub: u32, ack_add: u32 },
+    /// A forwarded ICMP error to the tenant quoting one of its segments of a proxied flow, as the
+    /// outside saw it: add to the quoted sequence number, so the tenant's stack finds its own
+    /// (Linux's `tcp_v4_err` ignores an error whose quoted sequence is not in flight, which would
+    /// black-hole path MTU discovery for proxied flows).
+    QuotedSeq { seq_add: u32 },
     /// Answer the SYN with a cookie SYN-ACK.
     CookieSynAck { cookie: u32, isn: u32, mss: u16 },
     /// The ACK carried a valid cookie: replay the SYN to the tenant.
@@ -273,6 +278,37 @@ fn rewrite_u32(frame: &mut [u8], tcp: usize, field: usize, f: impl Fn(u32) -> u3
     let check = u16::from_be_bytes([frame[tcp + 16], frame[tcp + 17]]);
     let check = csum_update(check, old, new);
     frame[tcp + 16..tcp + 18].copy_from_slice(&check.to_be_bytes());
+}
+
+/// Add `seq_add` to the sequence number of the TCP segment quoted by the ICMP error in `frame`
+/// (a frame `parse` accepted as an ICMP error quoting TCP, so every offset below was checked
+/// there; a frame that is not what it should be is left alone), and fix the ICMP checksum. The
+/// ICMPv6 pseudo-header does not change, so the same incremental update serves both versions.
+fn rewrite_quoted_seq(frame: &mut [u8], seq_add: u32) {
+    // The ICMP header starts where a TCP header would.
+    let Some((_, version)) = l3(frame) else {
+        return;
+    };
+    let Some(icmp) = tcp_at(frame) else {
+        return;
+    };
+    let quoted = icmp + 8;
+    let quoted_l4 = match version {
+        IpVersion::V4 => match frame.get(quoted) {
+            Some(first) => quoted + usize::from(first & 0x0f) * 4,
+            None => return,
+        },
+        IpVersion::V6 => quoted + 40,
+    };
+    let at = quoted_l4 + 4;
+    if frame.len() < at + 4 {
+        return;
+    }
+    let old = u32::from_be_bytes([frame[at], frame[at + 1], frame[at + 2], frame[at + 3]]);
+    let new = old.wrapping_add(seq_add);
+    frame[at..at + 4].copy_from_slice(&new.to_be_bytes());
+    let check = u16::from_be_bytes([frame[icmp + 2], frame[icmp + 3]]);
+    frame[icmp + 2..icmp + 4].copy_from_slice(&csum_update(check, old, new).to_be_bytes());
 }
 
 /// Build a TCP segment into `out` from the frame `like` (a frame `parse` accepted as TCP): the same
@@ -389,6 +425,10 @@ impl Filter<'_> {
                 }
                 d
             }
+            (Decision::Forward, Pending::QuotedSeq { seq_add }) => {
+                rewrite_quoted_seq(frame, seq_add);
+                d
+            }
             (Decision::Answered, p) => {
                 self.answer(frame, p, replies);
                 d
@@ -452,7 +492,7 @@ impl Filter<'_> {
                 r.outside_len = build(frame, false, &window_update, &mut r.outside);
                 self.counters.synproxy_established += 1;
             }
-            Pending::None | Pending::Translate { .. } => {}
+            Pending::None | Pending::Translate { .. } | Pending::QuotedSeq { .. } => {}
         }
     }
 
