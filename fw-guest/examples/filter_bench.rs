@@ -16,6 +16,10 @@
 //!   through `Filter::process_edge_mut` (the edge role with its SYN proxy engaged), per second;
 //!   beside it `fw_native_syn_mpps`, the same SYNs forwarded (creating half-open entries, bounded
 //!   by eviction) with the proxy off, measured in the same run.
+//! - `fw_native_switch_mpps_64`: the 64-byte egress frames of `fw_native_mpps_64` as a switch's
+//!   tenant port takes them: the port hygiene (`Filter::admit`: MAC, source address) then
+//!   `Filter::process`; `fw_native_arp_proxy_mpps`: ARP requests for a neighbour the switch
+//!   knows, answered by the switch itself (proxy ARP).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -363,12 +367,80 @@ fn syn_flood_pps(proxy: bool) -> f64 {
     ops as f64 / el.as_secs_f64()
 }
 
+/// Frames per second through a switch's tenant port: 64-byte egress data frames of established
+/// flows (`arp` false), or ARP requests for the gateway the switch learned from the uplink and
+/// answers itself (`arp` true).
+fn switch_port_pps(arp: bool) -> f64 {
+    let (mut f, frames) = setup(1024, 64);
+    let (mac, tenant, gw) = ([2, 0, 0, 0, 0, 2], [10, 0, 0, 2], [10, 0, 0, 1]);
+    f.tenancy_mut().set_boot_port(0, UPLINK_TENANT);
+    let attach =
+        VerdictRepr::attach_with_mac(1, 9, Some(1), Some((IpVersion::V4, v4(tenant))), Some(mac));
+    f.apply(&attach, 0).unwrap();
+    let arp_frame = |op: u8, sha: [u8; 6], spa: [u8; 4], dst: [u8; 6], tpa: [u8; 4]| {
+        let mut b = vec![0u8; 60];
+        b[0..6].copy_from_slice(&dst);
+        b[6..12].copy_from_slice(&sha);
+        b[12..22].copy_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, op]);
+        b[22..28].copy_from_slice(&sha);
+        b[28..32].copy_from_slice(&spa);
+        b[38..42].copy_from_slice(&tpa);
+        b
+    };
+    let gw_mac = [2, 0, 0, 0, 0, 1];
+    f.observe_uplink(&arp_frame(1, gw_mac, gw, [0xff; 6], tenant));
+    let egress: Vec<Vec<u8>> = if arp {
+        vec![arp_frame(1, mac, tenant, [0xff; 6], gw)]
+    } else {
+        frames
+            .into_iter()
+            .filter(|(d, _)| *d == Direction::Egress)
+            .map(|(_, fr)| fr)
+            .collect()
+    };
+    assert!(egress.len().is_power_of_two());
+    let mask = egress.len() as u64 - 1;
+    let mut reply = [0u8; 128];
+    let mut run = |dur| {
+        timed(dur, 4096, |i| {
+            let fr = &egress[(i & mask) as usize];
+            match f.admit(1, black_box(fr), &mut reply) {
+                Admit::Pass => {
+                    let d = f.process(1, Direction::Egress, fr, black_box(2 * SEC));
+                    assert_eq!(d, Decision::Forward);
+                }
+                Admit::Reply(n) => {
+                    black_box(&reply[..n]);
+                }
+                other => panic!("bench frame not admitted: {other:?}"),
+            }
+        })
+    };
+    run(Duration::from_millis(300));
+    let (ops, el) = run(Duration::from_millis(1500));
+    ops as f64 / el.as_secs_f64()
+}
+
 fn main() {
     // An optional argument restricts the run to metrics whose name contains it (for profiling).
     let only = std::env::args().nth(1).unwrap_or_default();
     let want = |name: &str| name.contains(only.as_str());
     if want("fw_native_mpps_64") {
         metric("fw_native_mpps_64", throughput(64) / 1e6, "Mpps");
+    }
+    if want("fw_native_switch_mpps_64") {
+        metric(
+            "fw_native_switch_mpps_64",
+            switch_port_pps(false) / 1e6,
+            "Mpps",
+        );
+    }
+    if want("fw_native_arp_proxy_mpps") {
+        metric(
+            "fw_native_arp_proxy_mpps",
+            switch_port_pps(true) / 1e6,
+            "Mpps",
+        );
     }
     if want("fw_native_gbps_1500") {
         let pps = throughput(1514);
