@@ -16,7 +16,7 @@
 //! was applied, no IP packet is forwarded (default deny); the counters add up to the frames
 //! judged.
 
-use fw_guest::filter::hygiene::ETH_MIN;
+use fw_guest::filter::neighbor::REPLY_MAX;
 use fw_guest::filter::{
     parse, slots_for, Admit, Config, Decision, DropReason, EdgeSide, Filter, FlowSlot,
     HalfOpenLimits, IndexSlot, Op, Parsed, VerdictRepr, VerdictSlot, UPLINK_TENANT,
@@ -153,11 +153,22 @@ impl Run<'_> {
         if from_uplink {
             self.filter.observe_uplink(frame);
         } else {
-            let mut reply = [0u8; ETH_MIN];
-            match self.filter.admit(port, frame, &mut reply) {
+            let mut reply = [0u8; REPLY_MAX];
+            match self.filter.admit(port, frame, self.now, &mut reply) {
                 Admit::Pass => {}
                 Admit::Reply(n) => {
                     assert!(n <= reply.len(), "reply of {n} bytes");
+                    return;
+                }
+                Admit::Uplink(n) => {
+                    // The switch's own request: a neighbour frame the parser takes.
+                    assert!(
+                        matches!(
+                            parse(&reply[..n]),
+                            Ok(Parsed::Arp) | Ok(Parsed::NeighborDiscovery)
+                        ),
+                        "the switch built a request the parser refuses"
+                    );
                     return;
                 }
                 Admit::Drop(_) => return,

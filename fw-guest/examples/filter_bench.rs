@@ -404,7 +404,7 @@ fn switch_port_pps(arp: bool) -> f64 {
     let mut run = |dur| {
         timed(dur, 4096, |i| {
             let fr = &egress[(i & mask) as usize];
-            match f.admit(1, black_box(fr), &mut reply) {
+            match f.admit(1, black_box(fr), black_box(2 * SEC), &mut reply) {
                 Admit::Pass => {
                     let d = f.process(1, Direction::Egress, fr, black_box(2 * SEC));
                     assert_eq!(d, Decision::Forward);

@@ -438,11 +438,21 @@ mod guest {
             } else {
                 // What the tenant may send as: its MAC and addresses; ARP and neighbour discovery
                 // field by field, answered here when the switch knows the target.
-                let mut reply = [0u8; filter::hygiene::ETH_MIN];
-                match filter.admit(i, bytes, &mut reply) {
+                let mut reply = [0u8; filter::neighbor::REPLY_MAX];
+                match filter.admit(i, bytes, now, &mut reply) {
                     Admit::Pass => {}
                     Admit::Reply(n) => {
                         let _ = self.ports[i].send(&reply[..n]);
+                        self.forwarded[i] += 1;
+                        return;
+                    }
+                    Admit::Uplink(n) => {
+                        // The switch's own request for the tenant's target (its frame stays).
+                        for j in 0..self.ports.len() {
+                            if filter.tenancy().port(j) == UPLINK_TENANT {
+                                let _ = self.ports[j].send(&reply[..n]);
+                            }
+                        }
                         self.forwarded[i] += 1;
                         return;
                     }

@@ -4,87 +4,16 @@
 
 mod frames;
 
+use frames::switch::*;
 use frames::*;
-use fw_guest::filter::{Admit, Direction, DropReason, Filter, IpVersion, Op, Rule, VerdictRepr};
-use fw_guest::filter::{Protocol, UPLINK_TENANT};
+use fw_guest::filter::{
+    Admit, Direction, DropReason, Filter, IpVersion, Op, Protocol, Rule, VerdictRepr,
+};
 use smoltcp::wire::{IpProtocol, TcpControl};
-
-const PORT: usize = 1;
-const UPLINK: usize = 0;
-const GW: [u8; 4] = [10, 0, 0, 1];
-const OTHER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 9];
-
-fn v4(a: [u8; 4]) -> [u8; 16] {
-    vigil_wire::verdict::v4(a)
-}
-
-/// Tenant 1 behind port 1 with MAC `TENANT_MAC`, 10.0.0.2 and 2001:db8::2; the uplink on port 0;
-/// a verdict opening TCP and ICMP echo to 10.0.0.5.
-fn switch() -> Filter<'static> {
-    let mut f = filter_with(64, 8);
-    f.tenancy_mut().set_boot_port(UPLINK, UPLINK_TENANT);
-    let mac = Some(TENANT_MAC.0);
-    for (seq, addr) in [
-        (1, (IpVersion::V4, v4(TENANT))),
-        (2, (IpVersion::V6, TENANT6)),
-    ] {
-        let r = VerdictRepr::attach_with_mac(T1, seq, Some(PORT as u16), Some(addr), mac);
-        // Through the wire form, as the VMM sends it.
-        f.apply_record(&r.to_bytes(), 0).unwrap();
-    }
-    let mut seq = 2;
-    for (proto, version, server) in [
-        (Protocol::Tcp, IpVersion::V4, v4(SERVER)),
-        (Protocol::Icmp, IpVersion::V4, v4(SERVER)),
-        (Protocol::Tcp, IpVersion::V6, SERVER6),
-    ] {
-        seq += 1;
-        let rule = Rule::egress_to(
-            version,
-            proto,
-            server,
-            if proto == Protocol::Tcp { 80 } else { 0 },
-        );
-        f.apply(&VerdictRepr::add(T1, seq, 0, rule), 0).unwrap();
-    }
-    assert_eq!(f.tenancy().identity(PORT).mac, TENANT_MAC.0);
-    f
-}
-
-fn admit(f: &mut Filter<'_>, frame: &[u8]) -> Admit {
-    let mut reply = [0u8; 64];
-    f.admit(PORT, frame, &mut reply)
-}
 
 fn dropped(r: DropReason) -> Admit {
     Admit::Drop(r)
 }
-
-/// An Ethernet/IPv4 ARP frame, every field chosen by the caller.
-fn arp(
-    op: u16,
-    eth_src: [u8; 6],
-    eth_dst: [u8; 6],
-    sha: [u8; 6],
-    spa: [u8; 4],
-    tha: [u8; 6],
-    tpa: [u8; 4],
-) -> Vec<u8> {
-    let mut b = Vec::new();
-    b.extend_from_slice(&eth_dst);
-    b.extend_from_slice(&eth_src);
-    b.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4]);
-    b.extend_from_slice(&op.to_be_bytes());
-    b.extend_from_slice(&sha);
-    b.extend_from_slice(&spa);
-    b.extend_from_slice(&tha);
-    b.extend_from_slice(&tpa);
-    b
-}
-
-const BCAST: [u8; 6] = [0xff; 6];
-const T_MAC: [u8; 6] = TENANT_MAC.0;
-const G_MAC: [u8; 6] = GW_MAC.0;
 
 /// The gateway (behind the uplink) ARPs for the tenant: the switch learns it.
 fn learn_gateway(f: &mut Filter<'_>) {
@@ -106,9 +35,9 @@ fn attached_addresses_pass_and_flows_work_as_before() {
     assert_eq!(f.process(T1, Direction::Egress, &syn6, SEC), FWD);
     // A port the VMM never attached (a static boot-time tenant) is not judged here.
     f.tenancy_mut().set_boot_port(3, 7);
-    let mut reply = [0u8; 64];
+    let mut reply = [0u8; 128];
     let forged = tcp(Ip::V4(GW), Ip::V4(SERVER), 1, 80, Seg::Syn);
-    assert_eq!(f.admit(3, &forged, &mut reply), Admit::Pass);
+    assert_eq!(f.admit(3, &forged, SEC, &mut reply), Admit::Pass);
     let _ = TcpControl::None;
 }
 
@@ -185,31 +114,53 @@ fn arp_request_with_a_chosen_target_never_reaches_the_uplink() {
     // Off-link target: chosen 4 bytes; dropped.
     let a = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], [192, 0, 2, 77]);
     assert_eq!(admit(&mut f, &a), dropped(DropReason::NeighborTarget));
-    // Chosen bytes in the target hardware address, or a unicast to a chosen MAC: dropped.
+    // An on-link address that neither the attachment nor a verdict names: its last octet was a
+    // chosen byte on the uplink; now nothing leaves.
+    for last in [77, 0x41, 254] {
+        let a = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], [10, 0, 0, last]);
+        assert_eq!(admit(&mut f, &a), dropped(DropReason::NeighborTarget));
+    }
+    // Chosen bytes in the target hardware address: dropped.
     let a = arp(1, T_MAC, BCAST, T_MAC, TENANT, [1, 2, 3, 4, 5, 6], GW);
+    assert_eq!(admit(&mut f, &a), dropped(DropReason::NeighborMalformed));
+    assert_eq!(f.counters().neighbor_resolved, 0);
+    // The gateway, still unknown: the switch sends its own request (broadcast, the tenant's
+    // attached MAC and address, zero target MAC, padded), never the tenant's frame; a unicast
+    // to a chosen MAC gives the same bytes.
+    let canonical = padded(arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW));
+    for dst in [BCAST, [2, 9, 9, 9, 9, 9]] {
+        let a = arp(1, T_MAC, dst, T_MAC, TENANT, [0; 6], GW);
+        let (d, built) = admit_reply(&mut f, &a);
+        assert_eq!(d, Admit::Uplink(60));
+        assert_eq!(built, canonical);
+    }
+    assert_eq!(f.counters().neighbor_resolved, 2);
+    // 10.0.0.5: a verdict of the tenant opens flows to it, so resolving it says nothing the
+    // verdict does not let out already. Once the verdicts go, it is refused too.
+    let a = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], SERVER);
+    assert_eq!(admit(&mut f, &a), Admit::Uplink(60));
+    for (seq, proto, port) in [(3, Protocol::Tcp, 80), (4, Protocol::Icmp, 0)] {
+        let rule = Rule::egress_to(IpVersion::V4, proto, v4(SERVER), port);
+        let remove = VerdictRepr {
+            op: Op::Remove,
+            ..VerdictRepr::add(T1, seq, 0, rule)
+        };
+        f.apply(&remove, 0).unwrap();
+    }
     assert_eq!(admit(&mut f, &a), dropped(DropReason::NeighborTarget));
-    let a = arp(1, T_MAC, [2, 9, 9, 9, 9, 9], T_MAC, TENANT, [0; 6], GW);
-    assert_eq!(admit(&mut f, &a), dropped(DropReason::NeighborTarget));
-    // The first request for the gateway (on-link, broadcast, zero target MAC) goes out: it is
-    // how the gateway is learned (its answer).
-    let a = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW);
-    assert_eq!(admit(&mut f, &a), Admit::Pass);
-    assert_eq!(f.process(T1, Direction::Egress, &a, SEC), FWD);
-    // Once known, the switch answers itself with the gateway's real MAC.
+    // Once the gateway answered (seen on the uplink), the switch answers itself with its real
+    // MAC.
     learn_gateway(&mut f);
-    let mut reply = [0u8; 64];
-    let Admit::Reply(n) = f.admit(PORT, &a, &mut reply) else {
-        panic!("not answered")
-    };
-    let expect = {
-        let mut e = arp(2, G_MAC, T_MAC, G_MAC, GW, T_MAC, TENANT);
-        e.resize(60, 0);
-        e
-    };
-    assert_eq!(&reply[..n], &expect[..]);
+    let a = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW);
+    let (d, built) = admit_reply(&mut f, &a);
+    assert_eq!(d, Admit::Reply(60));
+    assert_eq!(
+        built,
+        padded(arp(2, G_MAC, T_MAC, G_MAC, GW, T_MAC, TENANT))
+    );
     // A unicast refresh to the gateway's MAC too.
     let a = arp(1, T_MAC, G_MAC, T_MAC, TENANT, [0; 6], GW);
-    assert!(matches!(admit(&mut f, &a), Admit::Reply(60)));
+    assert_eq!(admit(&mut f, &a), Admit::Reply(60));
     // Another tenant's address on this switch: answered with its MAC.
     let r = VerdictRepr::attach_with_mac(
         T2,
@@ -220,14 +171,12 @@ fn arp_request_with_a_chosen_target_never_reaches_the_uplink() {
     );
     f.apply(&r, 0).unwrap();
     let a = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], SERVER);
-    let Admit::Reply(n) = f.admit(PORT, &a, &mut reply) else {
-        panic!("not answered")
-    };
+    let (d, built) = admit_reply(&mut f, &a);
+    assert_eq!(d, Admit::Reply(60));
     assert_eq!(
-        &reply[22..32],
+        &built[22..32],
         &[OTHER_MAC.as_slice(), &SERVER].concat()[..]
     );
-    assert_eq!(n, 60);
     // A reply only to a requester the switch saw.
     let rep = arp(2, T_MAC, G_MAC, T_MAC, TENANT, G_MAC, GW);
     assert_eq!(admit(&mut f, &rep), Admit::Pass);
@@ -246,11 +195,11 @@ fn arp_request_with_a_chosen_target_never_reaches_the_uplink() {
 #[test]
 fn oversized_or_padded_arp_is_dropped() {
     let mut f = switch();
-    let good = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW);
+    // An announcement of its own address: the one request a tenant still sends out itself.
+    let good = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], TENANT);
+    assert_eq!(admit(&mut f, &good), Admit::Pass);
     // Zero padding to the Ethernet minimum is fine.
-    let mut padded = good.clone();
-    padded.resize(60, 0);
-    assert_eq!(admit(&mut f, &padded), Admit::Pass);
+    assert_eq!(admit(&mut f, &padded(good.clone())), Admit::Pass);
     // Data in the padding, or trailing data beyond the minimum.
     let mut data = good.clone();
     data.extend_from_slice(&[0x41; 18]);
@@ -259,6 +208,15 @@ fn oversized_or_padded_arp_is_dropped() {
     long.resize(200, 0);
     long[150] = 1;
     assert_eq!(admit(&mut f, &long), dropped(DropReason::NeighborMalformed));
+    // Zeros beyond the minimum: the length itself would be chosen.
+    for len in [61, 64, 200, 1514] {
+        let mut zeros = good.clone();
+        zeros.resize(len, 0);
+        assert_eq!(
+            admit(&mut f, &zeros),
+            dropped(DropReason::NeighborMalformed)
+        );
+    }
     // Truncated, or with other lengths than Ethernet/IPv4.
     assert_eq!(
         admit(&mut f, &good[..40]),
@@ -267,23 +225,7 @@ fn oversized_or_padded_arp_is_dropped() {
     let mut odd = good.clone();
     odd[19] = 16;
     assert_eq!(admit(&mut f, &odd), dropped(DropReason::NeighborMalformed));
-    assert_eq!(f.counters().dropped(DropReason::NeighborMalformed), 4);
-}
-
-/// A neighbour solicitation from the tenant to the target's solicited-node multicast.
-fn ns(src: [u8; 16], target: [u8; 16]) -> Vec<u8> {
-    let mut b = ndp_solicit(src, target, 255);
-    b[0..6].copy_from_slice(&[0x33, 0x33, 0xff, target[13], target[14], target[15]]);
-    b
-}
-
-/// Recompute the ICMPv6 checksum of an untagged IPv6 frame after an edit.
-fn refill_checksum(frame: &mut [u8]) {
-    use smoltcp::wire::{Icmpv6Packet, Ipv6Packet};
-    let ip = Ipv6Packet::new_checked(&frame[14..]).unwrap();
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
-    let mut icmp = Icmpv6Packet::new_unchecked(&mut frame[14 + 40..]);
-    icmp.fill_checksum(&src, &dst);
+    assert_eq!(f.counters().dropped(DropReason::NeighborMalformed), 8);
 }
 
 #[test]
@@ -301,10 +243,16 @@ fn neighbor_solicitation_with_a_chosen_target_is_dropped() {
         admit(&mut f, &ns(TENANT6, off_link)),
         dropped(DropReason::NeighborTarget)
     );
-    // The gateway-style address of its /64 (::1) resolves.
-    let mut gw6 = TENANT6;
-    gw6[15] = 1;
-    assert_eq!(admit(&mut f, &ns(TENANT6, gw6)), Admit::Pass);
+    // Other short interface identifiers of its /64 are not its gateway (8 chosen bits).
+    let mut short = TENANT6;
+    short[15] = 0x41;
+    assert_eq!(
+        admit(&mut f, &ns(TENANT6, short)),
+        dropped(DropReason::NeighborTarget)
+    );
+    // The gateway of its /64 (::1), unknown so far: the switch solicits it itself.
+    let gw6 = GW6;
+    assert_eq!(admit(&mut f, &ns(TENANT6, gw6)), Admit::Uplink(86));
     // From a forged source, or carrying another MAC in its option.
     let mut other = TENANT6;
     other[15] = 9;

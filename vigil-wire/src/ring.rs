@@ -346,11 +346,14 @@ pub enum DropReason {
     IcmpOutOfWindow = 19,
     /// A new flow of a tenant that already holds its quota of conntrack entries.
     FlowQuota = 20,
+    /// (Switch) an ARP or neighbour discovery frame from a tenant port (or a request the switch
+    /// would send on its behalf) over the port's budget of neighbour frames to the uplink.
+    NeighborRate = 21,
 }
 
 impl DropReason {
     /// Number of reasons (size of the per-reason counter array).
-    pub const COUNT: usize = 21;
+    pub const COUNT: usize = 22;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Malformed,
         DropReason::NonIp,
@@ -373,6 +376,7 @@ impl DropReason {
         DropReason::SynCookieInvalid,
         DropReason::IcmpOutOfWindow,
         DropReason::FlowQuota,
+        DropReason::NeighborRate,
     ];
 
     /// Stable name for logs and metrics.
@@ -399,6 +403,7 @@ impl DropReason {
             DropReason::SynCookieInvalid => "syn_cookie_invalid",
             DropReason::IcmpOutOfWindow => "icmp_out_of_window",
             DropReason::FlowQuota => "flow_quota",
+            DropReason::NeighborRate => "neighbor_rate",
         }
     }
 }

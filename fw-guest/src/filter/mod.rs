@@ -4,8 +4,10 @@
 //! port it arrived on and the port it leaves by; tenant-to-tenant traffic is judged twice: egress
 //! for the sender, ingress for the receiver). Outcomes:
 //! - ARP and IPv6 neighbour solicitation/advertisement pass (tenants and the gateway need them;
-//!   from a tenant port the switch first checks them field by field, [`Filter::admit`], which
-//!   also checks every frame's Ethernet and IP source against the port's attachment: [`hygiene`]);
+//!   from a tenant port the switch first checks them field by field, answers what it knows and
+//!   resolves on the tenant's behalf what it may, so no tenant-built request reaches the uplink
+//!   ([`Filter::admit`], [`neighbor`]); `admit` also checks every frame's Ethernet and IP source
+//!   against the port's attachment: [`hygiene`]);
 //! - a packet of a tracked flow passes if it fits the flow's state (either direction: the reply
 //!   direction of a tracked flow passes);
 //! - an opening packet (TCP SYN, any UDP datagram, ICMP echo request) passes if a verdict opens it,
@@ -43,6 +45,7 @@ mod admission;
 pub mod conntrack;
 pub mod flow;
 pub mod hygiene;
+pub mod neighbor;
 pub mod parse;
 pub mod synproxy;
 pub mod tenancy;
@@ -86,6 +89,10 @@ pub struct Counters {
     pub arp: u64,
     /// Neighbour discovery frames passed (included in `forwarded`).
     pub ndp: u64,
+    /// ARP requests and neighbour solicitations from tenant ports the switch answered itself.
+    pub neighbor_answered: u64,
+    /// Requests the switch sent to the uplink on a tenant port's behalf ([`neighbor`]).
+    pub neighbor_resolved: u64,
     pub drops: [u64; DropReason::COUNT],
     pub flows_created: u64,
     pub flows_expired: u64,
@@ -211,6 +218,8 @@ pub struct Filter<'a> {
     last_seq: u64,
     tenancy: Tenancy,
     neighbors: Neighbors,
+    /// Neighbour frames each tenant port may still send to the uplink.
+    neighbor_budget: neighbor::Budget,
     /// The SYN proxy's cookie function (`None`: no proxy).
     cookies: Option<synproxy::Cookies>,
     /// When the proxy last answered a SYN (ACKs are checked for cookies only while some may be
@@ -262,6 +271,7 @@ impl<'a> Filter<'a> {
             last_seq: 0,
             tenancy: Tenancy::new(),
             neighbors: Neighbors::new(),
+            neighbor_budget: neighbor::Budget::new(),
             cookies: config.synproxy.map(|p| synproxy::Cookies::new(p.secret)),
             last_cookie_s: None,
             proxy_here: false,

@@ -25,7 +25,7 @@
 //! remain.
 
 use heapless::FnvIndexMap;
-use vigil_wire::verdict::{Direction, Protocol, Rule};
+use vigil_wire::verdict::{Direction, IpVersion, Protocol, Rule};
 
 use super::flow::{hash_fields, kind_byte, reduce, FlowKey};
 
@@ -527,6 +527,26 @@ impl<'a> VerdictTable<'a> {
             }
         }
         None
+    }
+
+    /// Whether a live egress verdict of `tenant` lets it open a flow to `remote` (any protocol or
+    /// port). A walk of the slab (neighbour resolution's slow path, not per packet).
+    pub fn opens_egress_to(
+        &self,
+        tenant: u32,
+        version: IpVersion,
+        remote: &[u8; 16],
+        now_ns: u64,
+    ) -> bool {
+        self.held_by(tenant) != 0
+            && self.slots.iter().any(|s| {
+                s.live
+                    && s.tenant == tenant
+                    && s.rule.direction == Direction::Egress
+                    && s.rule.ip_version == version
+                    && (s.expires_ns == 0 || now_ns < s.expires_ns)
+                    && s.rule.remote_addr_matches(remote)
+            })
     }
 
     /// Whether the verdict a flow points at is still the one that opened it.

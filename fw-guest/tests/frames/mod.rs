@@ -4,6 +4,8 @@
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
+pub mod switch;
+
 use smoltcp::phy::ChecksumCapabilities;
 pub use smoltcp::wire::TcpControl;
 use smoltcp::wire::{
