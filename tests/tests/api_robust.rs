@@ -7,7 +7,8 @@
 //!   other tenant and its API go on. The release binary is what runs (panic = "unwind").
 //! - Clients can't starve the host: 1,000 connections held at once (idle, slow-loris,
 //!   never-reading pipeliners), 100 event subscribers and 10 busy clients, and `vmm.ping` still
-//!   answers within 100 ms each time; `vmm.shutdown` answers once the host has stopped.
+//!   answers within 100 ms each time, and so does `vmm.shutdown` (the teardown comes after its
+//!   answer and waits on no client: the host stops with every hostile client still connected).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -22,8 +23,9 @@ use vigil_tests::{fw_guest_elf, tenant_dir, TempDir, VigilCommand, VigilProcess}
 const TIMEOUT: Duration = Duration::from_secs(120);
 /// What `vmm.ping` and `vmm.shutdown` must answer within, whatever the clients do.
 const ANSWER_WITHIN: Duration = Duration::from_millis(100);
-/// What `vmm.shutdown` (which stops the switch before it answers) must answer within.
-const SHUTDOWN_WITHIN: Duration = Duration::from_secs(10);
+/// What the teardown after `vmm.shutdown` (stopping the switch micro-VM) must end within, with
+/// the hostile clients still connected.
+const TEARDOWN_WITHIN: Duration = Duration::from_secs(10);
 
 struct Host {
     process: VigilProcess,
@@ -217,14 +219,25 @@ fn ping_answers_within_100ms_under_hostile_clients() {
     // The subscribers still hold their streams.
     assert_eq!(hostile.subscribers.len(), 100);
 
-    // vmm.shutdown answers once the host has stopped its switch (its supervisor first), which
-    // takes a few hundred ms here: bounded, but not by the 100 ms the request path meets.
+    // vmm.shutdown answers as fast, with the same clients on: it only asks the host to stop
+    // once its answer is out.
     let took = timed(&host, "PUT", "vmm.shutdown", 204);
-    eprintln!("vmm.shutdown answered in {took:?} under load");
-    assert!(took < SHUTDOWN_WITHIN, "vmm.shutdown took {took:?}");
+    let answered_at = Instant::now();
+    // The teardown (the switch micro-VM stopped, `host_stopped`) waits on no client: the
+    // hostile ones and the busy ones are all still connected.
+    host.process
+        .wait_event(TEARDOWN_WITHIN, "host_stopped", |e| {
+            e["event"] == "host_stopped"
+        })
+        .expect("the host stops with its clients still connected");
+    let stopped_after = answered_at.elapsed();
+    eprintln!("vmm.shutdown answered in {took:?} under load; host_stopped {stopped_after:?} later");
+    assert!(
+        took < ANSWER_WITHIN,
+        "vmm.shutdown took {took:?} under load"
+    );
     drop(load);
     drop(hostile);
-    host.process
-        .wait_event(TIMEOUT, "host_stopped", |e| e["event"] == "host_stopped")
-        .expect("the host stops");
+    let mut host = host;
+    assert!(host.process.wait().success(), "vigil host exits cleanly");
 }

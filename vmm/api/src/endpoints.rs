@@ -70,8 +70,9 @@ impl Endpoint for VmmShutdown {
     const PATH: &'static str = "vmm.shutdown";
     type Request = NoParams;
     type Response = Done;
-    fn handle(host: &Arc<Host>, _: NoParams) -> Result<Done, HostError> {
-        host.shutdown();
+    /// Nothing to do before the answer: its route ([`crate::Handler::Shutdown`]) asks the host
+    /// to stop once the answer is out, and [`crate::serve`] then tears it down.
+    fn handle(_: &Arc<Host>, _: NoParams) -> Result<Done, HostError> {
         Ok(Done {})
     }
 }

@@ -34,26 +34,35 @@ pub use routes::{find_route, params, Handler, Route, ROUTES};
 pub const MAX_BODY: usize = 256 * 1024;
 pub const API_PREFIX: &str = "/api/v1/";
 
-/// Serves `routes` for `host` on `listener` until the host shuts down (`vmm.shutdown`) or `stop`
-/// is set.
+/// Serves `routes` for `host` on `listener` until the host is asked to shut down
+/// (`vmm.shutdown`) or `stop` is set; then tears the host down ([`Host::shutdown`]) while the
+/// server drains its clients, and returns once both are done. `vmm.shutdown` itself only asks
+/// ([`Host::request_shutdown`]): its answer goes out at once, and the teardown never waits on a
+/// client (nor the clients on the teardown).
 pub fn serve(host: Arc<Host>, listener: UnixListener, stop: Arc<AtomicBool>) {
     let handler_host = host.clone();
     let handler_stop = stop.clone();
     let handler =
         Arc::new(move |request: Request| routes::handle(&handler_host, request, &handler_stop));
-    let shutdown = host.shutdown_flag();
     let watcher_stop = stop.clone();
-    // `vmm.shutdown` sets the host's flag; the server stops with it.
-    std::thread::spawn(move || {
-        while !shutdown.load(std::sync::atomic::Ordering::Acquire)
-            && !watcher_stop.load(std::sync::atomic::Ordering::Acquire)
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        watcher_stop.store(true, std::sync::atomic::Ordering::Release);
-    });
+    let watcher = std::thread::Builder::new()
+        .name("vigil-api-stop".into())
+        .spawn(move || {
+            while !host.wait_shutdown_requested(STOP_WAIT)
+                && !watcher_stop.load(std::sync::atomic::Ordering::Acquire)
+            {}
+            watcher_stop.store(true, std::sync::atomic::Ordering::Release);
+            host.shutdown();
+        });
     http::serve(listener, limits(), handler, stop);
+    if let Ok(watcher) = watcher {
+        let _ = watcher.join();
+    }
 }
+
+/// How often the stop watcher looks at `stop` (set by a signal) between shutdown requests,
+/// which wake it at once.
+const STOP_WAIT: Duration = Duration::from_millis(50);
 
 pub fn limits() -> http::Limits {
     http::Limits {

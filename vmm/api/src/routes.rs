@@ -26,6 +26,9 @@ pub enum Handler {
     Events,
     /// Prometheus text.
     Metrics,
+    /// `vmm.shutdown`: JSON in, 204 out, and only once the answer is out is the host asked to
+    /// stop ([`Host::request_shutdown`]), so that nothing of the teardown comes before it.
+    Shutdown,
 }
 
 pub struct Route {
@@ -97,7 +100,11 @@ macro_rules! route {
 /// Every route of a host's API.
 pub const ROUTES: &[Route] = &[
     route!(VmmPing),
-    route!(VmmShutdown),
+    Route {
+        method: <VmmShutdown as Endpoint>::METHOD,
+        path: <VmmShutdown as Endpoint>::PATH,
+        handler: Handler::Shutdown,
+    },
     route!(VmCreate),
     route!(VmBoot),
     route!(VmInfoEndpoint),
@@ -176,6 +183,13 @@ pub(crate) fn handle(
             Ok(response) => response,
             Err(e) => error_response(&e),
         }),
+        Handler::Shutdown => match run::<VmmShutdown>(host, &request) {
+            Ok(response) => {
+                let host = host.clone();
+                http::Outcome::RespondThen(response, Box::new(move || host.request_shutdown()))
+            }
+            Err(e) => http::Outcome::Respond(error_response(&e)),
+        },
         Handler::Metrics => http::Outcome::Respond(Response::text(
             200,
             "text/plain; version=0.0.4",

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_core::host_kind::HostKind;
@@ -26,7 +26,12 @@ pub struct Host {
     /// Sequence numbers of the host's own records (Attach, FlushTenant).
     pub(crate) control_seq: AtomicU64,
     pub(crate) times: Mutex<ReconfigTimes>,
+    /// Set once shutdown is asked for (`vmm.shutdown`, a signal): new work is refused.
     pub(crate) shutdown: Arc<AtomicBool>,
+    /// The same, for those who wait for it ([`Host::wait_shutdown_requested`]).
+    requested: (Mutex<bool>, Condvar),
+    /// Held while the teardown runs; true once it ran ([`Host::shutdown`]).
+    torn_down: Mutex<bool>,
 }
 
 impl Host {
@@ -59,6 +64,8 @@ impl Host {
             control_seq: AtomicU64::new(1),
             times: Mutex::new(ReconfigTimes::default()),
             shutdown: Arc::new(AtomicBool::new(false)),
+            requested: (Mutex::new(false), Condvar::new()),
+            torn_down: Mutex::new(false),
             config,
         });
         if let Some(edge) = &host.edge {
@@ -128,9 +135,39 @@ impl Host {
         self.edge.as_ref().map(|e| e.stats())
     }
 
-    /// `vmm.shutdown`: stops every tenant (flushing it from the tiers) and the switch.
-    pub fn shutdown(&self) {
+    /// `vmm.shutdown`: asks the host to stop, and returns at once (the answer must not wait for
+    /// the teardown, nor the teardown for any client). New work is refused from now on; whoever
+    /// serves the API sees the request ([`Host::wait_shutdown_requested`]) and runs
+    /// [`Host::shutdown`].
+    pub fn request_shutdown(&self) {
         if self.shutdown.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (flag, changed) = &self.requested;
+        *flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        changed.notify_all();
+        vmm_core::events::bus().emit(
+            "host_stopping",
+            &serde_json::json!({"host": self.config.name}),
+        );
+    }
+
+    /// Waits up to `limit` for a shutdown request: whether one came.
+    pub fn wait_shutdown_requested(&self, limit: Duration) -> bool {
+        let (flag, changed) = &self.requested;
+        let guard = flag.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = changed
+            .wait_timeout_while(guard, limit, |requested| !*requested)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
+    }
+
+    /// The teardown: stops every tenant (flushing it from the tiers) and the switch. Runs once;
+    /// a second caller returns when the first one's teardown has finished.
+    pub fn shutdown(&self) {
+        self.request_shutdown();
+        let mut torn_down = self.torn_down.lock().unwrap_or_else(|p| p.into_inner());
+        if *torn_down {
             return;
         }
         let ids: Vec<String> = self.tenants().keys().cloned().collect();
@@ -138,6 +175,7 @@ impl Host {
             let _ = self.delete(&id);
         }
         self.switch.shutdown();
+        *torn_down = true;
         vmm_core::events::bus().emit(
             "host_stopped",
             &serde_json::json!({"host": self.config.name}),

@@ -26,6 +26,10 @@ use super::*;
 pub enum Outcome {
     /// Write this response (the connection may carry the next request).
     Respond(Response),
+    /// Write this response, then run the function (on the server's event thread: it must be
+    /// quick and must not block) once the client has every byte, or once the connection is
+    /// gone without it. For what must not start before the answer is out (`vmm.shutdown`).
+    RespondThen(Response, Box<dyn FnOnce() + Send>),
     /// A long-lived response (e.g. [`ChunkedWriter`] chunks until the client goes away): the
     /// server hands the socket (blocking, with the write timeout) to this function on a thread
     /// of the stream pool, at most `limits.max_streams` at once (503 beyond); the connection is
@@ -75,6 +79,23 @@ struct Conn {
     deadline: Option<Instant>,
     /// When it last became idle (eviction picks the longest idle).
     since: Instant,
+    /// Runs once the current response is written, or when the connection goes.
+    after: Option<AfterWrite>,
+}
+
+/// What [`Outcome::RespondThen`] runs: called when taken out of its connection once the
+/// response is written, and on drop otherwise (the connection closed, the reply found nobody),
+/// so it runs exactly once whatever the client does.
+struct AfterWrite(Option<Box<dyn FnOnce() + Send>>);
+
+impl Drop for AfterWrite {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            if catch_unwind(AssertUnwindSafe(f)).is_err() {
+                log::error!("API server: an after-response action panicked");
+            }
+        }
+    }
 }
 
 struct Job {
@@ -84,7 +105,11 @@ struct Job {
 }
 
 enum Reply {
-    Bytes { bytes: Vec<u8>, keep_alive: bool },
+    Bytes {
+        bytes: Vec<u8>,
+        keep_alive: bool,
+        after: Option<AfterWrite>,
+    },
     Stream(Box<dyn FnOnce(UnixStream) + Send>),
 }
 
@@ -273,6 +298,7 @@ impl Server {
                     gone: false,
                     deadline: Some(now + self.limits.read_timeout),
                     since: now,
+                    after: None,
                 },
             );
         }
@@ -441,7 +467,11 @@ impl Server {
         let _ = self.wake.read();
         while let Ok((id, reply)) = self.replies.try_recv() {
             match reply {
-                Reply::Bytes { bytes, keep_alive } => {
+                Reply::Bytes {
+                    bytes,
+                    keep_alive,
+                    after,
+                } => {
                     let Some(conn) = self.conns.get_mut(&id) else {
                         continue;
                     };
@@ -451,6 +481,7 @@ impl Server {
                     }
                     conn.out = bytes;
                     conn.written = 0;
+                    conn.after = after;
                     conn.close_after |= !keep_alive;
                     conn.state = State::Writing;
                     conn.deadline = Some(Instant::now() + self.limits.write_timeout);
@@ -529,6 +560,8 @@ impl Server {
                 Err(_) => return self.close(id),
             }
         }
+        // Every byte is out: what waited for that runs now.
+        drop(conn.after.take());
         if conn.close_after || self.stop.load(Ordering::Acquire) {
             return self.close(id);
         }
@@ -675,12 +708,18 @@ fn worker(
                 &format!("the request handler panicked ({why}); the server goes on"),
             ))
         });
-        let reply = match outcome {
-            Outcome::Respond(response) => {
-                let mut bytes = Vec::new();
-                let _ = response.write(&mut bytes, keep_alive, !head_only);
-                Reply::Bytes { bytes, keep_alive }
+        let bytes = |response: Response, after| {
+            let mut bytes = Vec::new();
+            let _ = response.write(&mut bytes, keep_alive, !head_only);
+            Reply::Bytes {
+                bytes,
+                keep_alive,
+                after,
             }
+        };
+        let reply = match outcome {
+            Outcome::Respond(response) => bytes(response, None),
+            Outcome::RespondThen(response, f) => bytes(response, Some(AfterWrite(Some(f)))),
             Outcome::Stream(f) => Reply::Stream(f),
         };
         if replies.send((id, reply)).is_err() {

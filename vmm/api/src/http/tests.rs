@@ -677,3 +677,43 @@ fn the_priority_lane_answers_while_the_workers_are_busy() {
         assert_eq!(t.join().unwrap(), 200);
     }
 }
+
+/// `Outcome::RespondThen` (what `vmm.shutdown` uses): the action waits until the client has
+/// every byte of the answer, and runs exactly once, also when the client goes away unread.
+#[test]
+fn the_after_write_action_waits_for_the_answer_to_be_out() {
+    const BODY: usize = 8 << 20; // larger than any socket buffer: out only as fast as it is read
+    let (ran_tx, ran) = mpsc::channel::<String>();
+    let ran_tx = Mutex::new(ran_tx);
+    let handler: Handler = Arc::new(move |request| {
+        let tx = ran_tx.lock().unwrap().clone();
+        let path = request.path.clone();
+        Outcome::RespondThen(
+            Response::text(200, "text/plain", vec![b'x'; BODY]),
+            Box::new(move || {
+                let _ = tx.send(path);
+            }),
+        )
+    });
+    let server = TestServer::start("after", Limits::default(), handler);
+    let client = UnixStream::connect(&server.path).unwrap();
+    client.set_read_timeout(Some(T)).unwrap();
+    (&client)
+        .write_all(b"GET /read HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    // Unread, most of the answer is still in the server: the action has not run.
+    assert!(ran.recv_timeout(Duration::from_millis(300)).is_err());
+    let mut reader = BufReader::new(client);
+    let (status, headers) = read_response_head(&mut reader).unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(read_fixed_body(&mut reader, &headers).unwrap().len(), BODY);
+    assert_eq!(ran.recv_timeout(T).unwrap(), "/read");
+    // A client that goes away without reading: the action still runs.
+    let mut gone = UnixStream::connect(&server.path).unwrap();
+    gone.write_all(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    drop(gone);
+    assert_eq!(ran.recv_timeout(T).unwrap(), "/gone");
+    // Once each.
+    assert!(ran.recv_timeout(Duration::from_millis(300)).is_err());
+}
