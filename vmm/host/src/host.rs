@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use vmm_core::host_kind::HostKind;
@@ -17,6 +17,8 @@ use crate::tenant::Tenant;
 use crate::{HostConfig, ReconfigTimes, StartError, MAX_TENANT_PORTS};
 
 pub struct Host {
+    /// This host, for what outlives a call (a tenant VM's thread reports its own stop here).
+    pub(crate) me: Weak<Host>,
     pub(crate) config: HostConfig,
     pub(crate) kind: HostKind,
     pub(crate) switch: Arc<SwitchTier>,
@@ -55,7 +57,8 @@ impl Host {
             })?)),
             None => None,
         };
-        let host = Arc::new(Host {
+        let host = Arc::new_cyclic(|me| Host {
+            me: me.clone(),
             kind,
             switch,
             edge,

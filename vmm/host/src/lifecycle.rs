@@ -7,6 +7,10 @@
 //!   `Attach` record (port, address) goes to the switch ring and, signed, to the edge.
 //! - Delete: the VM stops, then a `FlushTenant` record removes every verdict, conntrack entry,
 //!   port and address of the tenant on both tiers; the port is free again.
+//! - A VM that stops on its own (the guest powered off or reset, a vCPU or device thread
+//!   crashed): the same `FlushTenant` goes to both tiers at once, from the VM's own thread, so
+//!   its port forwards nothing more and nothing it opened stays open (fail closed); the port
+//!   stays the tenant's until `vm.delete`. A `vm_stopped` event says so (`flushed`).
 //! - Policy replace: later calls follow the new policy; the tenant is flushed and re-attached, so
 //!   nothing the old policy opened stays open.
 //!
@@ -26,7 +30,7 @@ use vmm_core::run_control::RunControl;
 use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
 
 use crate::config::{valid_id, MAX_ID_LEN};
-use crate::tenant::{start_vm, Tenant, PAUSE_LIMIT};
+use crate::tenant::{start_vm, OnOwnStop, Tenant, PAUSE_LIMIT};
 use crate::tiers::TenantTiers;
 use crate::{Host, HostError, VmInfo, VmSpec, VmState};
 
@@ -135,7 +139,7 @@ impl Host {
                 allowed: "only a created VM boots".into(),
             });
         };
-        t.thread = Some(start_vm(id, vm)?);
+        t.thread = Some(start_vm(id, vm, self.on_own_stop(id, t.tenant))?);
         t.state = VmState::Running;
         let info = t.info();
         drop(tenants);
@@ -263,6 +267,45 @@ impl Host {
         }
     }
 
+    /// What tenant `id`'s VM thread runs if the VM stops on its own: see
+    /// [`Host::vm_stopped_on_its_own`].
+    pub(crate) fn on_own_stop(&self, id: &str, tenant: u32) -> OnOwnStop {
+        let (host, id) = (self.me.clone(), id.to_string());
+        Box::new(move |reason, crashed| match host.upgrade() {
+            Some(host) => host.vm_stopped_on_its_own(&id, tenant, &reason, crashed),
+            None => vmm_core::events::bus().emit(
+                "vm_stopped",
+                &serde_json::json!({"vm": id, "reason": reason, "crashed": crashed}),
+            ),
+        })
+    }
+
+    /// A tenant VM stopped without being asked (powered off, reset, crashed): nothing of it may
+    /// stay open. Its switch port, verdicts and flows are flushed from both tiers now (the port
+    /// stays reserved to it until `vm.delete`), and a `vm_stopped` event says how it stopped
+    /// and whether the flush was applied. Runs on the VM's thread (no tenant-table lock).
+    pub(crate) fn vm_stopped_on_its_own(&self, id: &str, tenant: u32, reason: &str, crashed: bool) {
+        let flush = self.flush_record(tenant);
+        let applied = self.reconfigure(&[flush], &[flush]);
+        if applied.is_err() {
+            // The switch is restarting or gone: no new one may be given this tenant again.
+            self.switch.forget(flush, tenant);
+        }
+        let mut event = serde_json::json!({"reason": reason, "crashed": crashed,
+            "flushed": applied.is_ok()});
+        match &applied {
+            Ok(ms) => event["tiers_ms"] = (*ms).into(),
+            Err(e) => event["flush_error"] = e.to_string().into(),
+        }
+        if let Err(e) = &applied {
+            log::warn!(
+                "host {}: VM {id} stopped ({reason}); flushing it: {e}",
+                self.name()
+            );
+        }
+        self.emit("vm_stopped", id, event);
+    }
+
     pub fn policy(&self, id: &str) -> Result<PolicySpec, HostError> {
         let tenants = self.tenants();
         let t = tenants.get(id).ok_or_else(|| HostError::not_found(id))?;
@@ -275,23 +318,30 @@ impl Host {
     /// closed on both tiers (flush, then re-attach).
     pub fn replace_policy(&self, id: &str, spec: PolicySpec) -> Result<(), HostError> {
         Policy::compile(&spec).map_err(|e| HostError::InvalidPolicy(e.to_string()))?;
-        let (tenant, slot, ip, mac) = {
+        let (tenant, slot, ip, mac, stopped) = {
             let mut tenants = self.tenants();
             let t = tenants
                 .get_mut(id)
                 .ok_or_else(|| HostError::not_found(id))?;
+            t.refresh();
             if let Some(i) = &t.introspection {
                 i.replace_policy(spec.clone())
                     .map_err(|e| HostError::InvalidPolicy(e.to_string()))?;
             }
             t.spec.policy = spec;
-            (t.tenant, t.slot, t.spec.ip, parse_mac(&t.spec.mac))
+            let stopped = t.state == VmState::Shutdown;
+            (t.tenant, t.slot, t.spec.ip, parse_mac(&t.spec.mac), stopped)
         };
         let flush = self.flush_record(tenant);
-        let applied = self.reconfigure(
-            &[flush, self.switch_attach(tenant, slot, ip, mac)],
-            &[flush, self.edge_attach(tenant, ip)],
-        )?;
+        // A VM that stopped was flushed then; its port stays closed (no VM behind it).
+        let applied = if stopped {
+            self.reconfigure(&[flush], &[flush])?
+        } else {
+            self.reconfigure(
+                &[flush, self.switch_attach(tenant, slot, ip, mac)],
+                &[flush, self.edge_attach(tenant, ip)],
+            )?
+        };
         self.reconfigured(
             |t| &mut t.policy_ms,
             id,

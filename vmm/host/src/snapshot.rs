@@ -170,7 +170,8 @@ impl Host {
         let _ = vm.run_control().pause(Duration::ZERO);
         let mut entry = Tenant::new(spec, tenant, slot, &vm, introspection, VmState::Paused);
         let id = entry.spec.id.clone();
-        entry.thread = Some(start_vm(&id, vm).inspect_err(|_| release())?);
+        entry.thread =
+            Some(start_vm(&id, vm, self.on_own_stop(&id, tenant)).inspect_err(|_| release())?);
         let info = entry.info();
         self.tenants().insert(id.clone(), entry);
         self.emit(

@@ -66,14 +66,18 @@ pub(crate) struct Tenant {
     pub(crate) created_unix_ms: u64,
 }
 
+/// What a tenant VM's thread runs when the VM stopped on its own (the reason, and whether it
+/// crashed): the host's [`Host::vm_stopped_on_its_own`](crate::Host), which closes its port.
+pub(crate) type OnOwnStop = Box<dyn FnOnce(String, bool) + Send>;
+
 /// Runs a VM on its own thread. A VM that stops on its own (the guest powered off, or a vCPU
-/// or device thread failed: `Crashed`) says so on the event bus at once (`vm_stopped`), so a
-/// subscriber need not poll `vm.info`; a stop the host asked for is the host's own event.
+/// or device thread failed: `Crashed`) is handed to `on_own_stop` on that thread, at once; a
+/// stop the host asked for is the host's own business.
 pub(crate) fn start_vm(
     id: &str,
     vm: Vm,
+    on_own_stop: OnOwnStop,
 ) -> Result<JoinHandle<Result<VmOutcome, VmError>>, HostError> {
-    let vm_id = id.to_string();
     // A snapshot or migration asked for right after this returns waits for the vCPUs to start.
     let control = vm.run_control();
     control.mark_starting();
@@ -89,10 +93,7 @@ pub(crate) fn start_vm(
                 ),
                 Err(e) => (e.to_string(), true),
             };
-            vmm_core::events::bus().emit(
-                "vm_stopped",
-                &serde_json::json!({"vm": vm_id, "reason": reason, "crashed": crashed}),
-            );
+            on_own_stop(reason, crashed);
             outcome
         })
         .map_err(|e| {
