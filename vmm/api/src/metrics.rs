@@ -33,6 +33,17 @@ pub fn metrics_text(host: &Host) -> String {
             .map(|(s, n)| (format!("{{state=\"{s}\"}}"), n))
             .collect::<Vec<_>>(),
     );
+    metric(
+        &mut out,
+        "vigil_vm_calls_undelivered_total",
+        "Allowed calls denied because their verdicts did not reach the firewall tiers, by VM.",
+        "counter",
+        &host
+            .undelivered_calls()
+            .into_iter()
+            .map(|(vm, n)| (format!("{{vm=\"{vm}\"}}"), n as f64))
+            .collect::<Vec<_>>(),
+    );
     let status = host.switch_status();
     for (name, help, kind, value) in [
         (

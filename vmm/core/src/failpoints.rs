@@ -3,7 +3,7 @@
 //! stops) and never takes the host down.
 //!
 //! Owns: the failpoint registry, read once from `VIGIL_FAILPOINTS` when the process first
-//! reaches a failpoint. Must not: cost more than one atomic load at a disabled failpoint (they
+//! reaches a failpoint (tests may [`arm`] more in-process). Must not: cost more than one atomic load at a disabled failpoint (they
 //! sit on the vCPU exit path and the device loop), or fire unless configured.
 //!
 //! Configuration: `VIGIL_FAILPOINTS="name[@scope]=action;..."`, `action` being `panic` or
@@ -37,7 +37,7 @@ pub enum Action {
 mod imp {
     use super::Action;
     use std::sync::atomic::{AtomicU8, Ordering};
-    use std::sync::OnceLock;
+    use std::sync::{Once, RwLock};
 
     struct Entry {
         name: String,
@@ -47,7 +47,8 @@ mod imp {
 
     /// 0: not read yet, 1: none configured, 2: some configured.
     static STATE: AtomicU8 = AtomicU8::new(0);
-    static ENTRIES: OnceLock<Vec<Entry>> = OnceLock::new();
+    static ENTRIES: RwLock<Vec<Entry>> = RwLock::new(Vec::new());
+    static FROM_ENV: Once = Once::new();
 
     fn parse(text: &str) -> Vec<Entry> {
         let mut entries = Vec::new();
@@ -77,17 +78,27 @@ mod imp {
         entries
     }
 
-    fn entries() -> &'static [Entry] {
-        ENTRIES.get_or_init(|| {
+    fn add(entries: Vec<Entry>, from: &str) {
+        let mut all = ENTRIES.write().unwrap_or_else(|p| p.into_inner());
+        if !entries.is_empty() {
+            log::warn!("failpoints armed: {} ({from})", entries.len());
+        }
+        all.extend(entries);
+        STATE.store(if all.is_empty() { 1 } else { 2 }, Ordering::Release);
+    }
+
+    fn load_env() {
+        FROM_ENV.call_once(|| {
             let entries = std::env::var("VIGIL_FAILPOINTS")
                 .map(|text| parse(&text))
                 .unwrap_or_default();
-            if !entries.is_empty() {
-                log::warn!("failpoints armed: {} (VIGIL_FAILPOINTS)", entries.len());
-            }
-            STATE.store(if entries.is_empty() { 1 } else { 2 }, Ordering::Release);
-            entries
-        })
+            add(entries, "VIGIL_FAILPOINTS");
+        });
+    }
+
+    pub fn arm(text: &str) {
+        load_env();
+        add(parse(text), "armed in-process");
     }
 
     #[inline]
@@ -108,7 +119,10 @@ mod imp {
 
     #[cold]
     fn check_slow(name: &str, scope: &str) -> Option<Action> {
-        let action = entries()
+        load_env();
+        let action = ENTRIES
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .find(|e| e.name == name && e.scope.as_deref().is_none_or(|s| scope.starts_with(s)))
             .map(|e| e.action)?;
@@ -152,6 +166,20 @@ pub fn check(name: &str, scope: &str) -> Option<Action> {
 pub fn check_thread(name: &str) -> Option<Action> {
     imp::check_thread(name)
 }
+
+/// Arms more failpoints in this process (same syntax as `VIGIL_FAILPOINTS`, added to it): for
+/// tests that cannot set the variable before the process first reaches a failpoint (unit tests
+/// share one process). Scope them to a thread name of the test's own.
+#[cfg(feature = "failpoints")]
+#[doc(hidden)]
+pub fn arm(text: &str) {
+    imp::arm(text)
+}
+
+/// Failpoints are compiled out: nothing to arm.
+#[cfg(not(feature = "failpoints"))]
+#[doc(hidden)]
+pub fn arm(_text: &str) {}
 
 /// Failpoints are compiled out: never fires.
 #[cfg(not(feature = "failpoints"))]

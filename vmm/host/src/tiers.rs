@@ -145,6 +145,18 @@ impl Host {
 }
 
 impl Host {
+    /// Per tenant VM: allowed calls denied because their verdicts did not reach the tiers
+    /// (the switch's ring stayed full, or the `verdict.push` failpoint).
+    pub fn undelivered_calls(&self) -> Vec<(String, u64)> {
+        self.tenants()
+            .iter()
+            .filter_map(|(id, t)| {
+                let i = t.introspection.as_ref()?;
+                Some((id.clone(), i.undelivered_calls()))
+            })
+            .collect()
+    }
+
     /// Re-sends the edge everything this host gave it that still stands: each tenant's address
     /// (`Attach`) and its verdicts (as `Adopt`, so the edge takes established flows over
     /// mid-stream), from the switch's book. For an edge that restarted and lost its tables.

@@ -98,6 +98,8 @@ pub struct Introspection {
     pub bare: Vec<SocketOp>,
     events: SyncSender<LogEntry>,
     verdicts: Mutex<VerdictOutbox>,
+    /// Allowed calls denied because their verdicts did not reach the tiers.
+    undelivered: std::sync::atomic::AtomicU64,
     /// The firewall tiers, given when the VM is built: allowed calls' verdicts go there before
     /// the vCPU resumes.
     tiers: Option<Arc<dyn VerdictSink>>,
@@ -204,6 +206,7 @@ impl Introspection {
             events,
             tiers,
             verdicts: Mutex::new(VerdictOutbox::new()),
+            undelivered: std::sync::atomic::AtomicU64::new(0),
         })
     }
 

@@ -139,14 +139,21 @@ pub(super) const DELIVERY_WAIT: Duration = Duration::from_millis(5);
 /// Most verdict records one call produces (a dual-stack bind or listen opens IPv6 and IPv4).
 pub(super) const MAX_RULES_PER_CALL: usize = 4;
 
-/// The tiers did not take a call's verdicts in time.
+/// A call's verdicts did not reach the tiers: the call is denied (fail closed) and counted
+/// ([`Introspection::undelivered_calls`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "the firewall tiers did not take the call's verdict within {} ms (the switch's ring stayed \
-     full): the call is denied",
-    DELIVERY_WAIT.as_millis()
-)]
-pub struct Undelivered;
+pub enum Undelivered {
+    /// The tiers did not take them in time.
+    #[error(
+        "the firewall tiers did not take the call's verdict within {} ms (the switch's ring \
+         stayed full): the call is denied",
+        DELIVERY_WAIT.as_millis()
+    )]
+    Timeout,
+    /// The `verdict.push` failpoint failed the delivery (fault injection).
+    #[error("failpoint verdict.push: the call's verdict was not delivered: the call is denied")]
+    Injected,
+}
 
 /// Offers `records` to `tiers` until they take them (all at once) or [`DELIVERY_WAIT`] passes.
 fn deliver_bounded(
@@ -165,7 +172,7 @@ fn deliver_bounded(
             return Ok(());
         }
         if Instant::now() >= deadline {
-            return Err(Undelivered);
+            return Err(Undelivered::Timeout);
         }
     }
 }
@@ -264,7 +271,9 @@ impl Introspection {
         }
         // Error: the tiers "did not take" the batch, so the call is denied (fail closed).
         if crate::failpoints::check_thread("verdict.push").is_some() {
-            return Err(Undelivered);
+            self.undelivered
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Undelivered::Injected);
         }
         let mut records = [[0u8; RECORD_LEN]; MAX_RULES_PER_CALL];
         let records = &mut records[..rules.len().min(MAX_RULES_PER_CALL)];
@@ -275,7 +284,10 @@ impl Introspection {
                 *record = granted_record(self.tenant, outbox.take_seq(), *rule);
             }
             match &self.tiers {
-                Some(tiers) => deliver_bounded(tiers.as_ref(), records)?,
+                Some(tiers) => deliver_bounded(tiers.as_ref(), records).inspect_err(|_| {
+                    self.undelivered
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                })?,
                 None => records.iter().for_each(|r| outbox.keep_pending(*r)),
             }
             records.iter().for_each(|r| outbox.grant(*r));
@@ -286,6 +298,11 @@ impl Introspection {
             let _ = self.events.send(LogEntry::Verdict(*record));
         }
         Ok(Some(first))
+    }
+
+    /// Allowed calls denied because their verdicts did not reach the tiers ([`Undelivered`]).
+    pub fn undelivered_calls(&self) -> u64 {
+        self.undelivered.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn outbox(&self) -> std::sync::MutexGuard<'_, VerdictOutbox> {
@@ -389,7 +406,7 @@ mod tests {
         let tiers = SlowTiers::new(u32::MAX);
         let i = introspection(Some(tiers.clone()));
         let started = Instant::now();
-        assert_eq!(i.produce_verdicts(&[egress(80)]), Err(Undelivered));
+        assert_eq!(i.produce_verdicts(&[egress(80)]), Err(Undelivered::Timeout));
         assert!(
             started.elapsed() >= DELIVERY_WAIT,
             "the call waited, bounded"
@@ -403,7 +420,37 @@ mod tests {
             i.take_verdicts().0.is_empty(),
             "no tier gets it later either"
         );
-        assert!(Undelivered.to_string().contains("denied"));
+        assert!(Undelivered::Timeout.to_string().contains("denied"));
+        assert_eq!(i.undelivered_calls(), 1, "counted");
+    }
+
+    /// Fault injection at the verdict push (`verdict.push=error`): the call is denied, nothing
+    /// reaches the tiers or is granted, the denial is counted and its event's error names the
+    /// failpoint. Only this test's own thread is aimed at.
+    #[test]
+    fn an_injected_verdict_push_failure_denies_the_call_and_counts_it() {
+        crate::failpoints::arm("verdict.push@fp-push-vcpu=error");
+        let tiers = SlowTiers::new(0);
+        let i = std::sync::Arc::new(introspection(Some(tiers.clone())));
+        let on_vcpu = {
+            let i = i.clone();
+            std::thread::Builder::new()
+                .name("fp-push-vcpu0".into())
+                .spawn(move || i.produce_verdicts(&[egress(80)]))
+                .unwrap()
+                .join()
+                .unwrap()
+        };
+        assert_eq!(on_vcpu, Err(Undelivered::Injected));
+        assert!(tiers.taken.lock().unwrap().is_empty(), "nothing delivered");
+        assert!(i.export_state().granted.is_empty(), "nothing granted");
+        assert_eq!(i.undelivered_calls(), 1);
+        let error = Undelivered::Injected.to_string();
+        assert!(error.contains("failpoint verdict.push") && error.contains("denied"));
+        // Another thread (another VM's vCPU) is not aimed at: its call goes through.
+        assert_eq!(i.produce_verdicts(&[egress(81)]).unwrap(), Some(1));
+        assert_eq!(tiers.taken.lock().unwrap().len(), 1);
+        assert_eq!(i.undelivered_calls(), 1);
     }
 
     #[test]
@@ -424,7 +471,7 @@ mod tests {
         let i = introspection(Some(region.clone()));
         assert_eq!(
             i.produce_verdicts(&[egress(80), egress(81)]),
-            Err(Undelivered),
+            Err(Undelivered::Timeout),
             "two records, at most one slot: none goes in"
         );
         assert!(i.export_state().granted.is_empty());
