@@ -55,7 +55,12 @@
 
 use core::net::Ipv6Addr;
 
-use smoltcp::wire::{ArpOperation, ArpPacket, Icmpv6Packet};
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, Ipv6Repr, NdiscNeighborFlags,
+    NdiscRepr, RawHardwareAddress,
+};
 use vigil_wire::ring::DropReason;
 use vigil_wire::verdict::IpVersion;
 
@@ -75,10 +80,8 @@ pub(super) const ICMPV6_NS: u8 = 135;
 pub(super) const ICMPV6_NA: u8 = 136;
 pub(super) const ND_OPT_SLLA: u8 = 1;
 pub(super) const ND_OPT_TLLA: u8 = 2;
-/// NA flags (RFC 4861 §4.4).
+/// The NA's router flag (RFC 4861 §4.4).
 pub(super) const NA_ROUTER: u8 = 0x80;
-const NA_SOLICITED: u8 = 0x40;
-const NA_OVERRIDE: u8 = 0x20;
 const BROADCAST: [u8; 6] = [0xff; 6];
 /// An untagged NS or NA with one link-layer option: Ethernet + IPv6 + 32 bytes.
 pub const ND_FRAME: usize = 14 + IPV6_HEADER + ND_LEN + ND_LLA_LEN;
@@ -232,7 +235,15 @@ impl<'a> Filter<'a> {
                     .copied()
                     .find(|a| *a != [0; 4] && a[..3] == t[..3])
                     .unwrap_or([0; 4]);
-                arp_frame(out, 1, BROADCAST, id.mac, from, [0; 6], t)
+                arp_frame(
+                    out,
+                    ArpOperation::Request,
+                    BROADCAST,
+                    id.mac,
+                    from,
+                    [0; 6],
+                    t,
+                )
             }
             IpVersion::V6 => {
                 let from = if link_local(target) {
@@ -245,7 +256,11 @@ impl<'a> Filter<'a> {
                         .unwrap_or_else(|| id.link_local())
                 };
                 let (sn, sn_mac) = solicited_node(target);
-                nd_frame(out, sn_mac, id.mac, from, sn, ICMPV6_NS, 0, target)
+                let ns = NdiscRepr::NeighborSolicit {
+                    target_addr: Ipv6Addr::from(*target),
+                    lladdr: lladdr(id.mac),
+                };
+                nd_frame(out, sn_mac, id.mac, from, sn, ns)
             }
         };
         Admit::Uplink(n)
@@ -437,13 +452,19 @@ impl<'a> Filter<'a> {
         }
         if let Some((m, router)) = self.neighbor_entry(IpVersion::V6, &target) {
             self.counters.neighbor_answered += 1;
-            let flags = NA_SOLICITED | NA_OVERRIDE | if router { NA_ROUTER } else { 0 };
-            let Some(out) = reply.get_mut(..ND_FRAME) else {
-                return Admit::Drop(DropReason::NeighborTarget);
+            let mut flags = NdiscNeighborFlags::SOLICITED | NdiscNeighborFlags::OVERRIDE;
+            if router {
+                flags |= NdiscNeighborFlags::ROUTER;
+            }
+            let na = NdiscRepr::NeighborAdvert {
+                flags,
+                target_addr: Ipv6Addr::from(target),
+                lladdr: lladdr(m),
             };
-            return Admit::Reply(nd_frame(
-                out, id.mac, m, target, src, ICMPV6_NA, flags, &target,
-            ));
+            if reply.len() < ND_FRAME {
+                return Admit::Drop(DropReason::NeighborTarget);
+            }
+            return Admit::Reply(nd_frame(reply, id.mac, m, target, src, na));
         }
         self.resolve(port, id, IpVersion::V6, &target, now_ns, reply)
     }
@@ -486,7 +507,7 @@ impl<'a> Filter<'a> {
 /// An Ethernet/IPv4 ARP frame (RFC 826), zero-padded to the Ethernet minimum; its length.
 fn arp_frame(
     o: &mut [u8],
-    op: u8,
+    operation: ArpOperation,
     eth_dst: [u8; 6],
     sha: [u8; 6],
     spa: [u8; 4],
@@ -495,15 +516,21 @@ fn arp_frame(
 ) -> usize {
     let o = &mut o[..ETH_MIN];
     o.fill(0);
-    o[0..6].copy_from_slice(&eth_dst);
-    o[6..12].copy_from_slice(&sha);
-    o[12..14].copy_from_slice(&[0x08, 0x06]);
-    // Ethernet (1), IPv4 (0x0800), lengths 6 and 4, the operation.
-    o[14..22].copy_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, op]);
-    o[22..28].copy_from_slice(&sha);
-    o[28..32].copy_from_slice(&spa);
-    o[32..38].copy_from_slice(&tha);
-    o[38..42].copy_from_slice(&tpa);
+    let mut frame = EthernetFrame::new_unchecked(&mut *o);
+    EthernetRepr {
+        src_addr: EthernetAddress(sha),
+        dst_addr: EthernetAddress(eth_dst),
+        ethertype: EthernetProtocol::Arp,
+    }
+    .emit(&mut frame);
+    ArpRepr::EthernetIpv4 {
+        operation,
+        source_hardware_addr: EthernetAddress(sha),
+        source_protocol_addr: spa.into(),
+        target_hardware_addr: EthernetAddress(tha),
+        target_protocol_addr: tpa.into(),
+    }
+    .emit(&mut ArpPacket::new_unchecked(frame.payload_mut()));
     ETH_MIN
 }
 
@@ -519,47 +546,57 @@ fn arp_reply(
         return Admit::Drop(DropReason::NeighborTarget);
     }
     Admit::Reply(arp_frame(
-        out, 2, to_mac, owner_mac, owner_ip, to_mac, to_ip,
+        out,
+        ArpOperation::Reply,
+        to_mac,
+        owner_mac,
+        owner_ip,
+        to_mac,
+        to_ip,
     ))
 }
 
-/// An untagged NS or NA (`kind`) with one link-layer address option carrying `eth_src` (source
-/// for an NS, target for an NA), hop limit 255 and its checksum; its length ([`ND_FRAME`]).
-#[allow(clippy::too_many_arguments)]
+/// An untagged NS or NA (`nd`) from `eth_src`/`src` to `eth_dst`/`dst`, hop limit 255 (RFC 4861
+/// §7.1), its checksum computed; its length ([`ND_FRAME`] with one link-layer option).
 fn nd_frame(
     o: &mut [u8],
     eth_dst: [u8; 6],
     eth_src: [u8; 6],
     src: [u8; 16],
     dst: [u8; 16],
-    kind: u8,
-    flags: u8,
-    target: &[u8; 16],
+    nd: NdiscRepr<'_>,
 ) -> usize {
-    let o = &mut o[..ND_FRAME];
-    o.fill(0);
-    o[0..6].copy_from_slice(&eth_dst);
-    o[6..12].copy_from_slice(&eth_src);
-    o[12..14].copy_from_slice(&[0x86, 0xdd]);
-    let ip = &mut o[14..];
-    ip[0] = 0x60;
-    ip[4..6].copy_from_slice(&((ND_LEN + ND_LLA_LEN) as u16).to_be_bytes());
-    ip[6] = 58;
-    ip[7] = 255;
-    ip[8..24].copy_from_slice(&src);
-    ip[24..40].copy_from_slice(&dst);
-    let nd = &mut ip[IPV6_HEADER..];
-    nd[0] = kind;
-    nd[4] = flags;
-    nd[8..24].copy_from_slice(target);
-    nd[24] = if kind == ICMPV6_NS {
-        ND_OPT_SLLA
-    } else {
-        ND_OPT_TLLA
+    let icmp = Icmpv6Repr::Ndisc(nd);
+    let (src, dst) = (Ipv6Addr::from(src), Ipv6Addr::from(dst));
+    let ip = Ipv6Repr {
+        src_addr: src,
+        dst_addr: dst,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: icmp.buffer_len(),
+        hop_limit: 255,
     };
-    nd[25] = 1;
-    nd[26..32].copy_from_slice(&eth_src);
-    Icmpv6Packet::new_unchecked(&mut nd[..ND_LEN + ND_LLA_LEN])
-        .fill_checksum(&Ipv6Addr::from(src), &Ipv6Addr::from(dst));
-    ND_FRAME
+    let eth = EthernetRepr {
+        src_addr: EthernetAddress(eth_src),
+        dst_addr: EthernetAddress(eth_dst),
+        ethertype: EthernetProtocol::Ipv6,
+    };
+    let len = eth.buffer_len() + ip.buffer_len() + icmp.buffer_len();
+    let o = &mut o[..len];
+    o.fill(0);
+    let mut frame = EthernetFrame::new_unchecked(&mut *o);
+    eth.emit(&mut frame);
+    let mut packet = Ipv6Packet::new_unchecked(frame.payload_mut());
+    ip.emit(&mut packet);
+    icmp.emit(
+        &src,
+        &dst,
+        &mut Icmpv6Packet::new_unchecked(packet.payload_mut()),
+        &ChecksumCapabilities::default(),
+    );
+    len
+}
+
+/// `m` as a link-layer address option's address.
+fn lladdr(m: [u8; 6]) -> Option<RawHardwareAddress> {
+    Some(EthernetAddress(m).into())
 }
