@@ -219,6 +219,17 @@ fn main() -> Result<()> {
     let delivered = (got_c.intersection(&wanted("c")).count()
         + got_s.intersection(&wanted("s")).count()) as u64;
     let leaked = received[2].len() as u64;
+    // The switch's own account (its vm_stopped outcome): what it did with the verdicts.
+    let switch = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|e| e["event"] == "vm_stopped" && !e["outcome"]["firewall"].is_null())
+        .map(|e| {
+            let f = &e["outcome"]["firewall"];
+            json!({"verdicts_applied": f["verdicts_applied"], "verdicts_rejected":
+                f["verdicts_rejected"], "flows_created": f["flows_created"], "drops": f["drops"]})
+        })
+        .unwrap_or(Value::Null);
     let (start, rss_before) = marks["VIGIL-STORM start"];
     let (end, rss_after) = marks["VIGIL-STORM end"];
     let seconds = end.duration_since(start).as_secs_f64();
@@ -235,7 +246,8 @@ fn main() -> Result<()> {
         "goal": "1, by kind and verdict"}));
     print(
         json!({"metric": "storm_allowed_delivered", "value": delivered, "unit": "datagrams",
-        "sent": count("sendto_ok"), "goal": "all"}),
+        "sent": count("sendto_ok"), "goal": "all", "goal_met": delivered == count("sendto_ok"),
+        "switch": switch}),
     );
     print(
         json!({"metric": "storm_denied_leaked", "value": leaked, "unit": "datagrams",
