@@ -17,9 +17,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::exec::{self, ExeFile, ExecError};
+use crate::exec::{self, ExeFile, ExecError, MountFacts};
 use crate::mem::{GuestPhys, MemError, VirtReader};
-use crate::profile::{abi, KernelProfile};
+pub use crate::names::{Comm, ExePath};
+use crate::profile::{abi, Field, KernelProfile};
 
 /// Longest file name component we read (NAME_MAX).
 const MAX_NAME: usize = 255;
@@ -69,13 +70,13 @@ pub enum AttributionError {
 pub struct Process {
     pub pid: u32,
     pub tgid: u32,
-    pub comm: String,
+    pub comm: Comm,
     /// Path of the executable (`mm->exe_file`), walked up through `d_parent` within its mount;
     /// `None` for kernel threads.
-    pub exe: Option<String>,
+    pub exe: Option<ExePath>,
     pub uid: u32,
     pub ppid: u32,
-    pub parent_comm: String,
+    pub parent_comm: Comm,
     /// The executable as a file (identity, mount namespace, code origin); read by [`attribute`]
     /// only (not for tamper reports), `None` for kernel threads.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,134 +111,145 @@ pub struct Attribution {
     pub identity_error: Option<String>,
 }
 
-/// A `comm` (TASK_COMM_LEN bytes, NUL-terminated if shorter) as text.
-fn comm_text(bytes: &[u8]) -> String {
-    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    match std::str::from_utf8(&bytes[..end]) {
-        Ok(text) => text.to_owned(),
-        Err(_) => String::from_utf8_lossy(&bytes[..end]).into_owned(),
-    }
+/// Largest span of a dentry read at once (`d_parent` and `d_name`: 24 bytes on 6.1).
+const DENTRY_SPAN: usize = 128;
+
+/// One component of a path: where its name is and how long it is (capped at NAME_MAX).
+#[derive(Clone, Copy, Default)]
+struct Name {
+    at: u64,
+    len: usize,
 }
 
-/// A path gathered from its last component up: where each name is, read once the walk is done
-/// (one allocation, for the path itself).
-struct PathBuilder {
-    /// (`d_name.name`, length) of each component, last first.
-    names: [(u64, usize); MAX_PATH_DEPTH],
-    parts: usize,
+/// A dentry's parent and name, in one read.
+fn dentry_facts<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    dentry: u64,
+    p: &KernelProfile,
+) -> Result<(u64, Name), MemError> {
+    let d = &p.dentry;
+    let len = Field {
+        offset: d.d_name.offset + p.qstr.len.offset,
+        size: 4,
+    };
+    let name = Field {
+        offset: d.d_name.offset + p.qstr.name.offset,
+        size: 8,
+    };
+    let lo = d.d_parent.offset.min(len.offset).min(name.offset);
+    let hi = (d.d_parent.offset + 8)
+        .max(len.offset + 4)
+        .max(name.offset + 8);
+    let mut buf = [0u8; DENTRY_SPAN];
+    let s = r.read_span(dentry, lo, hi, &mut buf)?;
+    let name = Name {
+        at: s.u64(name.offset),
+        len: (s.u32(len.offset) as usize).min(MAX_NAME),
+    };
+    Ok((s.u64(d.d_parent.offset), name))
 }
 
-impl PathBuilder {
-    fn new() -> Self {
-        PathBuilder {
-            names: [(0, 0); MAX_PATH_DEPTH],
-            parts: 0,
+/// Reads `names` (last component first) into `path`, each after a slash but the first of a
+/// relative path.
+fn write_path<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    names: &[Name],
+    absolute: bool,
+    path: &mut Vec<u8>,
+) -> Result<(), AttributionError> {
+    if names.is_empty() {
+        if absolute {
+            path.push(b'/');
         }
+        return Ok(());
     }
-
-    /// Notes the name of `dentry` (length-limited to NAME_MAX) as the component before the
-    /// ones noted so far.
-    fn push_name<M: GuestPhys + ?Sized>(
-        &mut self,
-        r: &VirtReader<'_, M>,
-        dentry: u64,
-        p: &KernelProfile,
-    ) -> Result<(), AttributionError> {
-        if self.parts == MAX_PATH_DEPTH {
-            return Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH));
+    let total = names.iter().map(|n| n.len + 1).sum::<usize>() - usize::from(!absolute);
+    path.resize(total, 0);
+    let mut at = 0;
+    for (i, n) in names.iter().rev().enumerate() {
+        if absolute || i > 0 {
+            path[at] = b'/';
+            at += 1;
         }
-        let qstr = dentry.wrapping_add(p.dentry.d_name.offset);
-        let (lo, hi) = (
-            p.qstr.len.offset.min(p.qstr.name.offset),
-            (p.qstr.len.offset + 4).max(p.qstr.name.offset + 8),
-        );
-        let s = r.read_span::<64>(qstr, lo, hi)?;
-        let len = (s.u32(p.qstr.len.offset) as usize).min(MAX_NAME);
-        self.names[self.parts] = (s.u64(p.qstr.name.offset), len);
-        self.parts += 1;
-        Ok(())
+        r.read_virt(n.at, &mut path[at..at + n.len])?;
+        at += n.len;
     }
-
-    /// Reads the names into the path, with a leading slash if `absolute`.
-    fn finish<M: GuestPhys + ?Sized>(
-        self,
-        r: &VirtReader<'_, M>,
-        absolute: bool,
-    ) -> Result<String, AttributionError> {
-        let names = &self.names[..self.parts];
-        if names.is_empty() {
-            return Ok(if absolute { "/" } else { "" }.to_string());
-        }
-        let total = names.iter().map(|&(_, len)| len + 1).sum::<usize>();
-        let mut path = Vec::with_capacity(total);
-        let mut name_buf = [0u8; MAX_NAME];
-        for (i, &(name, len)) in names.iter().rev().enumerate() {
-            if absolute || i > 0 {
-                path.push(b'/');
-            }
-            r.read_virt(name, &mut name_buf[..len])?;
-            path.extend_from_slice(&name_buf[..len]);
-        }
-        Ok(match String::from_utf8(path) {
-            Ok(text) => text,
-            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
-        })
-    }
+    Ok(())
 }
 
-/// Path of an executable from its `struct path` (dentry + vfsmount): names up to the root of
-/// the dentry's mount, then across mounts (`mnt_mountpoint` in `mnt_parent`) up to the root of
-/// the mount tree, as `d_path` would. A path the walk cannot finish within its limits is an error
-/// (the policy then denies), never a suffix that could pass for an allowed absolute path; a file
-/// outside any mounted tree (memfd, anonymous) yields its bare name, which no absolute `exe` rule
-/// matches.
+/// Path of an executable from its `struct path` (dentry + vfsmount; `mount` is the vfsmount's
+/// `struct mount`, read): names up to the root of the dentry's mount, then across mounts
+/// (`mnt_mountpoint` in `mnt_parent`) up to the root of the mount tree, as `d_path` would. A
+/// path the walk cannot finish within its limits is an error (the policy then denies), never a
+/// suffix that could pass for an allowed absolute path; a file outside any mounted tree (memfd,
+/// anonymous) yields its bare name, which no absolute `exe` rule matches. One read per dentry
+/// and per mount crossed, one per name; the path is assembled in this thread's scratch buffer
+/// (see [`crate::names`]).
 fn exe_path<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     mut dentry: u64,
     vfsmount: u64,
+    first: &MountFacts,
     p: &KernelProfile,
-) -> Result<String, AttributionError> {
+) -> Result<ExePath, AttributionError> {
     let m = &p.mount;
     // struct mount embeds the vfsmount: container_of.
     let mut mount = vfsmount.wrapping_sub(m.mnt.offset);
-    let mut mnt_root = r.read_field_u64(vfsmount, m.vfsmount_mnt_root.offset)?;
-    let mut path = PathBuilder::new();
+    let mut facts = *first;
+    let mut names = [Name::default(); MAX_PATH_DEPTH];
+    let mut parts = 0;
+    let mut push = |name: Name| {
+        if parts == MAX_PATH_DEPTH {
+            return Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH));
+        }
+        names[parts] = name;
+        parts += 1;
+        Ok(())
+    };
+    let mut absolute = None;
     for _ in 0..MAX_PATH_STEPS {
-        if dentry == mnt_root {
-            let parent = r.read_field_u64(mount, m.mnt_parent.offset)?;
+        if dentry == facts.root {
+            let parent = facts.parent;
             if parent == mount || parent == 0 {
                 // The root of the mount tree.
-                return path.finish(r, true);
+                absolute = Some(true);
+                break;
             }
-            dentry = r.read_field_u64(mount, m.mnt_mountpoint.offset)?;
+            dentry = facts.mountpoint;
             mount = parent;
-            mnt_root =
-                r.read_field_u64(mount.wrapping_add(m.mnt.offset), m.vfsmount_mnt_root.offset)?;
+            facts = exec::mount_facts(r, p, mount)?;
             continue;
         }
-        let parent = r.read_field_u64(dentry, p.dentry.d_parent.offset)?;
+        let (parent, name) = dentry_facts(r, dentry, p)?;
+        push(name)?;
         if parent == dentry || parent == 0 {
             // A root that is not its mount's root: a pseudo filesystem's file (memfd, anon).
-            path.push_name(r, dentry, p)?;
-            return path.finish(r, false);
+            absolute = Some(false);
+            break;
         }
-        path.push_name(r, dentry, p)?;
         dentry = parent;
     }
-    Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH))
+    let Some(absolute) = absolute else {
+        return Err(AttributionError::PathTooDeep(MAX_PATH_DEPTH));
+    };
+    let names = &names[..parts];
+    crate::names::exe_path_with(|path| write_path(r, names, absolute, path))
 }
 
-/// What [`read_process`] found on the way to the executable's path: `mm`, `mm->exe_file` and
-/// its vfsmount (0 where absent).
+/// What [`read_process`] found on the way to the executable's path: `mm`, `mm->exe_file`, its
+/// inode and its mount (0 and `None` where absent).
 #[derive(Clone, Copy, Default)]
 struct ExeRefs {
     mm: u64,
     file: u64,
-    vfsmount: u64,
+    inode: u64,
+    mount: Option<MountFacts>,
 }
 
 /// Largest span of a `task_struct` read at once: `mm` .. `comm` is 720 bytes on Debian's 6.1.
 const TASK_SPAN: usize = 2048;
+/// Largest span of a `struct file` read at once (`f_path` and `f_inode`: 24 bytes on 6.1).
+const FILE_SPAN: usize = 128;
 
 fn read_process<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
@@ -249,10 +261,11 @@ fn read_process<M: GuestPhys + ?Sized>(
     let fields = [t.pid, t.tgid, t.comm, t.cred, t.real_parent, t.mm];
     let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
     let hi = fields.iter().map(|f| f.offset + f.size).max().unwrap_or(0);
-    let task_s = r.read_span::<TASK_SPAN>(task, lo, hi)?;
+    let mut task_buf = [0u8; TASK_SPAN];
+    let task_s = r.read_span(task, lo, hi, &mut task_buf)?;
     let pid = task_s.u32(t.pid.offset);
     let tgid = task_s.u32(t.tgid.offset);
-    let comm = comm_text(task_s.bytes(t.comm.offset, abi::TASK_COMM_LEN));
+    let comm = Comm::from_bytes(task_s.bytes(t.comm.offset, abi::TASK_COMM_LEN));
     let cred = task_s.u64(t.cred.offset);
     let uid = r.read_field_u32(cred, p.cred.uid.offset)?;
     let parent = task_s.u64(t.real_parent.offset);
@@ -260,9 +273,10 @@ fn read_process<M: GuestPhys + ?Sized>(
         t.tgid.offset.min(t.comm.offset),
         (t.tgid.offset + 4).max(t.comm.offset + abi::TASK_COMM_LEN as u64),
     );
-    let parent_s = r.read_span::<TASK_SPAN>(parent, plo, phi)?;
+    let mut parent_buf = [0u8; TASK_SPAN];
+    let parent_s = r.read_span(parent, plo, phi, &mut parent_buf)?;
     let ppid = parent_s.u32(t.tgid.offset);
-    let parent_comm = comm_text(parent_s.bytes(t.comm.offset, abi::TASK_COMM_LEN));
+    let parent_comm = Comm::from_bytes(parent_s.bytes(t.comm.offset, abi::TASK_COMM_LEN));
     let mm = task_s.u64(t.mm.offset);
     let mut refs = ExeRefs {
         mm,
@@ -275,12 +289,20 @@ fn read_process<M: GuestPhys + ?Sized>(
         if file == 0 {
             None
         } else {
-            let path = file.wrapping_add(p.file.f_path.offset);
-            let dentry = r.read_field_u64(path, p.path.dentry.offset)?;
-            let vfsmount = r.read_field_u64(path, p.path.mnt.offset)?;
+            // One pass over the file: its path (dentry, vfsmount) and its inode.
+            let at = |f: Field| f.offset + p.file.f_path.offset;
+            let (dentry_f, mnt_f) = (at(p.path.dentry), at(p.path.mnt));
+            let inode_f = p.exec.file_f_inode.offset;
+            let lo = dentry_f.min(mnt_f).min(inode_f);
+            let hi = dentry_f.max(mnt_f).max(inode_f) + 8;
+            let mut buf = [0u8; FILE_SPAN];
+            let file_s = r.read_span(file, lo, hi, &mut buf)?;
+            let (dentry, vfsmount) = (file_s.u64(dentry_f), file_s.u64(mnt_f));
+            let mount = exec::mount_facts(r, p, vfsmount.wrapping_sub(p.mount.mnt.offset))?;
             refs.file = file;
-            refs.vfsmount = vfsmount;
-            Some(exe_path(r, dentry, vfsmount, p)?)
+            refs.inode = file_s.u64(inode_f);
+            refs.mount = Some(mount);
+            Some(exe_path(r, dentry, vfsmount, &mount, p)?)
         }
     };
     let process = Process {
@@ -317,21 +339,50 @@ fn read_sockaddr<M: GuestPhys + ?Sized>(
     if addr == 0 || addrlen < 2 {
         return Ok((None, None, None));
     }
-    let family = r.read_u16(addr)?;
+    // The bytes decoding can use (a sockaddr_in6's first 24), read at once; where they cannot
+    // all be read, field by field, so a short sockaddr before an unmapped page still decodes.
+    let mut buf = [0u8; 24];
+    let n = addrlen.min(buf.len() as u64) as usize;
+    if r.read_virt(addr, &mut buf[..n]).is_ok() {
+        return decode_sockaddr(sock_family, addrlen, |at, out| {
+            out.copy_from_slice(&buf[at..at + out.len()]);
+            Ok(())
+        });
+    }
+    decode_sockaddr(sock_family, addrlen, |at, out| {
+        r.read_virt(crate::mem::field_addr(addr, at as u64)?, out)
+    })
+}
+
+/// [`read_sockaddr`]'s decoding, over `get(offset, bytes)`: never asks for a byte at or past
+/// `addrlen`.
+fn decode_sockaddr(
+    sock_family: u16,
+    addrlen: u64,
+    get: impl Fn(usize, &mut [u8]) -> Result<(), MemError>,
+) -> Result<Decoded, MemError> {
+    let u16_at = |at: usize| -> Result<u16, MemError> {
+        let mut b = [0u8; 2];
+        get(at, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    };
+    let family = u16_at(0)?;
     let v4 = || -> Result<Decoded, MemError> {
         if addrlen < abi::SOCKADDR_IN_LEN as u64 - 8 {
             return Ok((None, None, None));
         }
-        let port = u16::from_be(r.read_u16(addr + abi::SIN_PORT as u64)?);
-        let ip = r.read_field::<4>(addr, abi::SIN_ADDR as u64)?;
+        let port = u16::from_be(u16_at(abi::SIN_PORT)?);
+        let mut ip = [0u8; 4];
+        get(abi::SIN_ADDR, &mut ip)?;
         Ok((Some(IpAddr::V4(Ipv4Addr::from(ip))), Some(port), None))
     };
     match (sock_family, family) {
         (abi::AF_INET, abi::AF_INET | abi::AF_UNSPEC) => v4(),
         (abi::AF_INET6, abi::AF_INET) => v4(),
         (abi::AF_INET6, abi::AF_INET6) if addrlen >= 24 => {
-            let port = u16::from_be(r.read_u16(addr + abi::SIN6_PORT as u64)?);
-            let ip = r.read_field::<16>(addr, abi::SIN6_ADDR as u64)?;
+            let port = u16::from_be(u16_at(abi::SIN6_PORT)?);
+            let mut ip = [0u8; 16];
+            get(abi::SIN6_ADDR, &mut ip)?;
             Ok((Some(IpAddr::V6(Ipv6Addr::from(ip))), Some(port), None))
         }
         // A short sockaddr_in6, or AF_UNSPEC on an IPv6 socket (a send without destination).
@@ -354,6 +405,30 @@ pub struct HookArgs {
     pub kaslr_slide: u64,
 }
 
+/// The symbols a trap needs, resolved from the profile once per VM rather than by name on
+/// every trap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TrapSymbols {
+    /// The per-CPU offset of `current_task`.
+    pub current_task: u64,
+    /// Link addresses of `init_task` and `vmemmap_base` (the identity checks need them; without
+    /// them the executable's identity is unknown, see [`Process::exe_error`]).
+    pub init_task: Option<u64>,
+    pub vmemmap_base: Option<u64>,
+}
+
+impl TrapSymbols {
+    pub fn of(profile: &KernelProfile) -> Result<TrapSymbols, AttributionError> {
+        let get = |name: &str| profile.symbols.get(name).copied();
+        Ok(TrapSymbols {
+            current_task: get("current_task")
+                .ok_or(AttributionError::MissingSymbol("current_task"))?,
+            init_task: get("init_task"),
+            vmemmap_base: get("vmemmap_base"),
+        })
+    }
+}
+
 /// The process running on a vCPU whose kernel GS base (the per-CPU area) is `gs_base`: for events
 /// that are not socket operations, such as a write to a guarded kernel page.
 pub fn current_process<M: GuestPhys + ?Sized>(
@@ -361,10 +436,7 @@ pub fn current_process<M: GuestPhys + ?Sized>(
     profile: &KernelProfile,
     gs_base: u64,
 ) -> Result<Process, AttributionError> {
-    let current_task = *profile
-        .symbols
-        .get("current_task")
-        .ok_or(AttributionError::MissingSymbol("current_task"))?;
+    let current_task = TrapSymbols::of(profile)?.current_task;
     let task = r.read_u64(gs_base.wrapping_add(current_task))?;
     Ok(read_process(r, task, profile)?.0)
 }
@@ -374,79 +446,119 @@ pub fn current_process<M: GuestPhys + ?Sized>(
 fn exe_file<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     profile: &KernelProfile,
+    syms: &TrapSymbols,
     task: u64,
     refs: ExeRefs,
     kaslr_slide: u64,
 ) -> Result<ExeFile, AttributionError> {
-    let symbol = |name: &'static str| {
-        profile
-            .symbols
-            .get(name)
-            .map(|a| a.wrapping_add(kaslr_slide))
+    let symbol = |addr: Option<u64>, name: &'static str| {
+        addr.map(|a| a.wrapping_add(kaslr_slide))
             .ok_or(AttributionError::MissingSymbol(name))
     };
-    let roots = exec::kernel_roots(r, profile, symbol("init_task")?, symbol("vmemmap_base")?)?;
-    Ok(exec::exe_file(
+    let roots = exec::kernel_roots(
         r,
         profile,
-        &roots,
-        task,
-        refs.mm,
-        refs.file,
-        refs.vfsmount,
+        symbol(syms.init_task, "init_task")?,
+        symbol(syms.vmemmap_base, "vmemmap_base")?,
+    )?;
+    let Some(mount) = refs.mount else {
+        return Err(AttributionError::Exec(ExecError::Maple("no mount read")));
+    };
+    Ok(exec::exe_file_of(
+        r, profile, &roots, task, refs.mm, refs.inode, &mount,
     )?)
 }
 
-/// Attributes one trapped operation.
+/// Largest span of a `struct sock` read at once (the fields attribution takes,
+/// `skc_rcv_saddr` .. `sk_protocol`, are 514 bytes on 6.1).
+const SOCK_SPAN: usize = 1024;
+/// Largest span of a `struct socket` (`type` .. `sk`) or a kernel `msghdr` (`msg_name`,
+/// `msg_namelen`) read at once.
+const SOCKET_SPAN: usize = 128;
+
+/// Attributes one trapped operation (the symbols looked up by name: see [`attribute_with`]).
 pub fn attribute<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     profile: &KernelProfile,
     op: SocketOp,
     args: HookArgs,
 ) -> Result<Attribution, AttributionError> {
-    let current_task = *profile
-        .symbols
-        .get("current_task")
-        .ok_or(AttributionError::MissingSymbol("current_task"))?;
-    let task = r.read_u64(args.gs_base.wrapping_add(current_task))?;
+    attribute_with(r, profile, &TrapSymbols::of(profile)?, op, args)
+}
+
+/// Attributes one trapped operation, with the symbols resolved once ([`TrapSymbols::of`]). One
+/// read per kernel object (task, parent, cred, mm, file, each mount and dentry of the path,
+/// inode, superblock, socket, sock, sockaddr), each into a stack buffer; the exe path is
+/// assembled in this thread's scratch buffer and shared when seen before (see
+/// [`crate::names`]): a trap of a process this thread has seen allocates nothing.
+pub fn attribute_with<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    profile: &KernelProfile,
+    syms: &TrapSymbols,
+    op: SocketOp,
+    args: HookArgs,
+) -> Result<Attribution, AttributionError> {
+    let task = r.read_u64(args.gs_base.wrapping_add(syms.current_task))?;
     let (mut process, refs) = read_process(r, task, profile)?;
     if refs.file != 0 {
-        match exe_file(r, profile, task, refs, args.kaslr_slide) {
+        match exe_file(r, profile, syms, task, refs, args.kaslr_slide) {
             Ok(f) => process.exe_file = Some(f),
             Err(e) => process.exe_error = Some(e.to_string()),
         }
     }
-    let sock = args.rdi;
-    let sock_type = r.read_field_u16(sock, profile.socket.type_.offset)?;
-    let sk = r.read_field_u64(sock, profile.socket.sk.offset)?;
-    let (family, protocol) = if sk == 0 {
-        (0, 0)
-    } else {
-        (
-            r.read_field_u16(sk, profile.sock.skc_family.offset)?,
-            r.read_field_u16(sk, profile.sock.sk_protocol.offset)?,
-        )
+    let (so, sk_f) = (&profile.socket, &profile.sock);
+    let mut sock_buf = [0u8; SOCKET_SPAN];
+    let sock_s = {
+        let (lo, hi) = span_of(&[so.type_, so.sk]);
+        r.read_span(args.rdi, lo, hi, &mut sock_buf)?
     };
-    let (addr, port, foreign_sockaddr) = match op {
-        SocketOp::Connect | SocketOp::Bind => read_sockaddr(r, family, args.rsi, args.rdx)?,
-        SocketOp::Sendmsg => {
+    let sock_type = sock_s.u16(so.type_.offset);
+    let sk = sock_s.u64(so.sk.offset);
+    let mut sk_buf = [0u8; SOCK_SPAN];
+    let sk_s = if sk == 0 {
+        None
+    } else {
+        let (lo, hi) = span_of(&[
+            sk_f.skc_family,
+            sk_f.sk_protocol,
+            sk_f.skc_rcv_saddr,
+            sk_f.skc_num,
+            sk_f.skc_v6_rcv_saddr,
+        ]);
+        Some(r.read_span(sk, lo, hi, &mut sk_buf)?)
+    };
+    let (family, protocol) = match &sk_s {
+        None => (0, 0),
+        Some(s) => (
+            s.u16(sk_f.skc_family.offset),
+            s.u16(sk_f.sk_protocol.offset),
+        ),
+    };
+    let (addr, port, foreign_sockaddr) = match (op, &sk_s) {
+        (SocketOp::Connect | SocketOp::Bind, _) => read_sockaddr(r, family, args.rsi, args.rdx)?,
+        (SocketOp::Sendmsg, _) => {
             // security_socket_sendmsg(sock, msg, size): the kernel's copy of the msghdr.
-            let msg = args.rsi;
-            let name = r.read_field_u64(msg, profile.msghdr.msg_name.offset)?;
-            let namelen = r.read_field_u32(msg, profile.msghdr.msg_namelen.offset)?;
+            let m = &profile.msghdr;
+            let (lo, hi) = span_of(&[m.msg_name, m.msg_namelen]);
+            let mut buf = [0u8; SOCKET_SPAN];
+            let msg = r.read_span(args.rsi, lo, hi, &mut buf)?;
+            let name = msg.u64(m.msg_name.offset);
+            let namelen = msg.u32(m.msg_namelen.offset);
             read_sockaddr(r, family, name, u64::from(namelen))?
         }
-        SocketOp::Listen if sk != 0 && family == abi::AF_INET => {
-            let local = r.read_field::<4>(sk, profile.sock.skc_rcv_saddr.offset)?;
-            let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;
+        (SocketOp::Listen, Some(s)) if family == abi::AF_INET => {
+            let mut local = [0u8; 4];
+            local.copy_from_slice(s.bytes(sk_f.skc_rcv_saddr.offset, 4));
+            let port = s.u16(sk_f.skc_num.offset);
             (Some(IpAddr::V4(Ipv4Addr::from(local))), Some(port), None)
         }
-        SocketOp::Listen if sk != 0 && family == abi::AF_INET6 => {
-            let local = r.read_field::<16>(sk, profile.sock.skc_v6_rcv_saddr.offset)?;
-            let port = r.read_field_u16(sk, profile.sock.skc_num.offset)?;
+        (SocketOp::Listen, Some(s)) if family == abi::AF_INET6 => {
+            let mut local = [0u8; 16];
+            local.copy_from_slice(s.bytes(sk_f.skc_v6_rcv_saddr.offset, 16));
+            let port = s.u16(sk_f.skc_num.offset);
             (Some(IpAddr::V6(Ipv6Addr::from(local))), Some(port), None)
         }
-        SocketOp::Listen => (None, None, None),
+        (SocketOp::Listen, _) => (None, None, None),
     };
     Ok(Attribution {
         op,
@@ -459,4 +571,15 @@ pub fn attribute<M: GuestPhys + ?Sized>(
         process,
         identity_error: None,
     })
+}
+
+/// The lowest offset and the end of the highest of `fields`: the span one read covers.
+fn span_of(fields: &[Field]) -> (u64, u64) {
+    let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
+    let hi = fields
+        .iter()
+        .map(|f| f.offset.saturating_add(f.size))
+        .max()
+        .unwrap_or(0);
+    (lo, hi)
 }

@@ -138,13 +138,32 @@ fn extent(fields: &[Field]) -> (u64, u64) {
     (lo, hi)
 }
 
-/// What the checks read of an inode: its identity and its page cache (`i_mapping`).
+/// What the checks read of an inode: its identity, its page cache (`i_mapping`), its
+/// superblock and that superblock's root dentry.
 struct InodeFacts {
     id: FileId,
     mapping: u64,
+    sb: u64,
+    sb_root: u64,
 }
 
-/// Reads an inode's identity and page cache in one pass over the inode and one read of its
+/// Largest span of a superblock read at once (`s_dev` .. `s_root` is about 100 bytes).
+const SB_SPAN: usize = 256;
+
+/// A superblock's device number and root dentry, in one read.
+fn sb_facts<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    sb: u64,
+) -> Result<(u32, u64), MemError> {
+    let e = &p.exec;
+    let (lo, hi) = extent(&[e.sb_s_dev, e.sb_s_root]);
+    let mut buf = [0u8; SB_SPAN];
+    let s = r.read_span(sb, lo, hi, &mut buf)?;
+    Ok((s.u32(e.sb_s_dev.offset), s.u64(e.sb_s_root.offset)))
+}
+
+/// Reads an inode's identity and page cache in one pass over the inode and one over its
 /// superblock.
 fn inode_facts<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
@@ -160,17 +179,21 @@ fn inode_facts<M: GuestPhys + ?Sized>(
         e.inode_ctime_nsec,
         e.inode_i_mapping,
     ]);
-    let s = r.read_span::<INODE_SPAN>(inode, lo, hi)?;
+    let mut buf = [0u8; INODE_SPAN];
+    let s = r.read_span(inode, lo, hi, &mut buf)?;
     let sb = s.u64(e.inode_i_sb.offset);
+    let (dev, sb_root) = sb_facts(r, p, sb)?;
     Ok(InodeFacts {
         id: FileId {
-            dev: r.read_field_u32(sb, e.sb_s_dev.offset)?,
+            dev,
             ino: s.u64(e.inode_i_ino.offset),
             generation: s.u32(e.inode_i_generation.offset),
             ctime_sec: s.u64(e.inode_ctime_sec.offset) as i64,
             ctime_nsec: s.u64(e.inode_ctime_nsec.offset) as u32,
         },
         mapping: s.u64(e.inode_i_mapping.offset),
+        sb,
+        sb_root,
     })
 }
 
@@ -334,7 +357,8 @@ pub fn user_rip<M: GuestPhys + ?Sized>(
         .wrapping_add(e.thread_size)
         .wrapping_sub(e.pt_regs_size);
     let (lo, hi) = extent(&[e.pt_regs_ip, e.pt_regs_cs]);
-    let s = r.read_span::<{ PT_REGS_SPAN }>(regs, lo, hi)?;
+    let mut buf = [0u8; PT_REGS_SPAN];
+    let s = r.read_span(regs, lo, hi, &mut buf)?;
     if s.u64(e.pt_regs_cs.offset) & 3 != 3 {
         return Ok(None);
     }
@@ -368,7 +392,8 @@ fn page_mapping<M: GuestPhys + ?Sized>(
         .and_then(|o| roots.vmemmap_base.checked_add(o))
         .ok_or(ExecError::PageOverflow(pfn))?;
     let (lo, hi) = extent(&[e.page_compound_head, e.page_mapping]);
-    let s = r.read_span::<{ PAGE_SPAN }>(page, lo, hi)?;
+    let mut buf = [0u8; PAGE_SPAN];
+    let s = r.read_span(page, lo, hi, &mut buf)?;
     let head = s.u64(e.page_compound_head.offset);
     if head & 1 == 1 {
         return Ok(r.read_field_u64(head - 1, e.page_mapping.offset)?);
@@ -515,6 +540,53 @@ fn classify_by_vma<M: GuestPhys + ?Sized>(
     })
 }
 
+/// What one read of a `struct mount` gives: its parent and mountpoint (the path walk), and of
+/// its embedded `vfsmount` the root dentry and superblock, and its mount namespace (the
+/// identity checks).
+#[derive(Clone, Copy, Debug)]
+pub struct MountFacts {
+    pub parent: u64,
+    pub mountpoint: u64,
+    pub root: u64,
+    pub sb: u64,
+    pub ns: u64,
+}
+
+/// Largest span of a `struct mount` read at once (`mnt_parent` .. `mnt_ns` is about 200 bytes
+/// on Debian's 6.1).
+const MOUNT_SPAN: usize = 384;
+
+/// Reads the `struct mount` at `mount` in one pass.
+pub fn mount_facts<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    mount: u64,
+) -> Result<MountFacts, MemError> {
+    let m = &p.mount;
+    let at = |f: Field, within: Field| Field {
+        offset: f.offset + within.offset,
+        size: within.size,
+    };
+    let root = at(m.mnt, m.vfsmount_mnt_root);
+    let sb = at(m.mnt, p.exec.vfsmount_mnt_sb);
+    let (lo, hi) = extent(&[
+        m.mnt_parent,
+        m.mnt_mountpoint,
+        root,
+        sb,
+        p.exec.mount_mnt_ns,
+    ]);
+    let mut buf = [0u8; MOUNT_SPAN];
+    let s = r.read_span(mount, lo, hi, &mut buf)?;
+    Ok(MountFacts {
+        parent: s.u64(m.mnt_parent.offset),
+        mountpoint: s.u64(m.mnt_mountpoint.offset),
+        root: s.u64(root.offset),
+        sb: s.u64(sb.offset),
+        ns: s.u64(p.exec.mount_mnt_ns.offset),
+    })
+}
+
 /// The executable file of a process: `file` is `mm->exe_file`, `vfsmount` its `f_path.mnt`.
 pub fn exe_file<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
@@ -525,15 +597,29 @@ pub fn exe_file<M: GuestPhys + ?Sized>(
     file: u64,
     vfsmount: u64,
 ) -> Result<ExeFile, ExecError> {
-    let e = &p.exec;
-    let inode = r.read_field_u64(file, e.file_f_inode.offset)?;
+    let inode = r.read_field_u64(file, p.exec.file_f_inode.offset)?;
+    let mount = mount_facts(r, p, vfsmount.wrapping_sub(p.mount.mnt.offset))?;
+    exe_file_of(r, p, roots, task, mm, inode, &mount)
+}
+
+/// [`exe_file`] from what attribution has read already: the file's inode and its mount.
+pub(crate) fn exe_file_of<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    roots: &KernelRoots,
+    task: u64,
+    mm: u64,
+    inode: u64,
+    mount: &MountFacts,
+) -> Result<ExeFile, ExecError> {
     let facts = inode_facts(r, p, inode)?;
     let id = facts.id;
-    let mount = vfsmount.wrapping_sub(p.mount.mnt.offset);
-    let mnt_ns = r.read_field_u64(mount, e.mount_mnt_ns.offset)?;
-    let mnt_root = r.read_field_u64(vfsmount, p.mount.vfsmount_mnt_root.offset)?;
-    let sb = r.read_field_u64(vfsmount, e.vfsmount_mnt_sb.offset)?;
-    let s_root = r.read_field_u64(sb, e.sb_s_root.offset)?;
+    // The mount's own superblock (normally the inode's, read already).
+    let s_root = if mount.sb == facts.sb {
+        facts.sb_root
+    } else {
+        sb_facts(r, p, mount.sb)?.1
+    };
     let exe = Exe {
         inode,
         id: &id,
@@ -542,8 +628,8 @@ pub fn exe_file<M: GuestPhys + ?Sized>(
     let (code, rip) = code_origin_of(r, p, roots, task, mm, exe)?;
     Ok(ExeFile {
         id,
-        init_mnt_ns: mnt_ns != 0 && mnt_ns == roots.init_mnt_ns,
-        bind_mount: mnt_root != s_root,
+        init_mnt_ns: mount.ns != 0 && mount.ns == roots.init_mnt_ns,
+        bind_mount: mount.root != s_root,
         code,
         rip,
     })

@@ -12,6 +12,7 @@
 //! - [`pagetable`]: page tables laid out in a memory image (tests, offline tools).
 //! - [`exec`]: the executable as a file: identity, mount namespace, the VMA (maple tree) of the
 //!   calling instruction.
+//! - [`names`]: the comm and exe path an attribution carries, with no allocation per trap.
 //! - [`kaslr`]: link, virtual and physical kernel addresses; the slide from MSR_LSTAR.
 //! - [`elf`]: the vmlinux reader behind all of the above (headers and notes, on the `object` crate).
 
@@ -22,6 +23,7 @@ pub mod exec;
 pub mod kallsyms;
 pub mod kaslr;
 pub mod mem;
+pub mod names;
 pub mod pagetable;
 pub mod policy;
 pub mod profile;

@@ -253,9 +253,24 @@ pub fn walk<M: GuestPhys + ?Sized>(
     if !mode.is_canonical(gva) {
         return Err(MemError::NonCanonical { gva, levels });
     }
-    let mut table = cr3 & PHYS_ADDR_MASK;
+    walk_levels(mem, cr3 & PHYS_ADDR_MASK, levels, gva, &mut None)
+}
+
+/// The walk from the table at `table`, a level-`top` table, down: `walk` from the root, or from
+/// a page directory a reader cached. Notes in `dir` the page directory (level-2 table) it went
+/// through, if any. The access is the one the levels walked grant.
+fn walk_levels<M: GuestPhys + ?Sized>(
+    mem: &M,
+    mut table: u64,
+    top: u8,
+    gva: u64,
+    dir: &mut Option<u64>,
+) -> Result<(Translation, Access), MemError> {
     let (mut user, mut nx) = (PTE_USER, 0u64);
-    for level in (1..=levels).rev() {
+    for level in (1..=top).rev() {
+        if level == 2 {
+            *dir = Some(table);
+        }
         let shift = 12 + 9 * (level as u32 - 1);
         let index = (gva >> shift) & 0x1ff;
         let entry_gpa = table + index * 8;
@@ -297,7 +312,11 @@ pub fn walk<M: GuestPhys + ?Sized>(
         }
         table = entry & PHYS_ADDR_MASK;
     }
-    unreachable!("the level-1 iteration always returns")
+    Err(MemError::ReservedBit {
+        gva,
+        level: 0,
+        entry: 0,
+    })
 }
 
 /// Reads `buf.len()` bytes at `gva` through the page tables rooted at `cr3` (uncached, one-shot).
@@ -311,63 +330,89 @@ pub fn read_virt<M: GuestPhys + ?Sized>(
     VirtReader::new(mem, cr3, mode).read_virt(gva, buf)
 }
 
-/// Entries of 4 KiB pages in the per-reader translation cache (direct-mapped by virtual page
-/// number).
-const TLB_ENTRIES: usize = 32;
-/// Entries of 2 MiB and 1 GiB pages (the kernel's direct map, vmemmap, its text), looked up by
-/// their own page size, so every object in one huge page costs one walk.
-const TLB_HUGE_ENTRIES: usize = 4;
+/// Entries of the per-reader translation cache, each direct-mapped by its own page number: 4 KiB
+/// pages (vmalloc'd stacks, user pages), 2 MiB pages (the kernel's direct map, its text,
+/// vmemmap) and 1 GiB pages (a direct map with gbpages). One trap reads two or three dozen kernel
+/// objects, most in distinct huge pages of the direct map.
+const TLB_SMALL: usize = 32;
+const TLB_LARGE: usize = 32;
+const TLB_GIANT: usize = 8;
+/// Page directories (level-2 tables) cached, by the 1 GiB region they map: a walk for a page
+/// in a region walked before reads one entry (2 MiB) or two (4 KiB) instead of four or five.
+const TLB_DIRS: usize = 8;
 
+/// A cached page: its virtual base (aligned to its size) and physical base. [`TlbEntry::EMPTY`]'s
+/// base is not aligned to any page, so it never matches.
 #[derive(Clone, Copy)]
 struct TlbEntry {
-    /// Virtual page base (aligned to `page_size`).
     va: u64,
     gpa: u64,
-    page_size: u64,
 }
 
-/// The translations one reader has walked.
+impl TlbEntry {
+    const EMPTY: TlbEntry = TlbEntry { va: 1, gpa: 0 };
+}
+
+/// The translations (and page directories) one reader has walked.
 #[derive(Clone, Copy)]
 struct Tlb {
-    small: [Option<TlbEntry>; TLB_ENTRIES],
-    huge: [Option<TlbEntry>; TLB_HUGE_ENTRIES],
-    /// The huge entry replaced next (round robin).
-    next_huge: usize,
+    small: [TlbEntry; TLB_SMALL],
+    large: [TlbEntry; TLB_LARGE],
+    giant: [TlbEntry; TLB_GIANT],
+    dirs: [TlbEntry; TLB_DIRS],
+}
+
+/// The slot of `gva` in a direct-mapped table of `n` entries of pages of `size`.
+#[inline]
+fn slot(gva: u64, size: u64, n: usize) -> usize {
+    ((gva / size) % n as u64) as usize
 }
 
 impl Tlb {
     const EMPTY: Tlb = Tlb {
-        small: [None; TLB_ENTRIES],
-        huge: [None; TLB_HUGE_ENTRIES],
-        next_huge: 0,
+        small: [TlbEntry::EMPTY; TLB_SMALL],
+        large: [TlbEntry::EMPTY; TLB_LARGE],
+        giant: [TlbEntry::EMPTY; TLB_GIANT],
+        dirs: [TlbEntry::EMPTY; TLB_DIRS],
     };
 
+    #[inline]
     fn lookup(&self, gva: u64) -> Option<Translation> {
-        let hit = |e: &TlbEntry| gva & !(e.page_size - 1) == e.va;
-        let e = self.huge.iter().flatten().find(|e| hit(e)).or_else(|| {
-            self.small[((gva >> 12) as usize) % TLB_ENTRIES]
-                .as_ref()
-                .filter(|e| hit(e))
-        })?;
-        Some(Translation {
-            gpa: e.gpa + (gva - e.va),
-            page_size: e.page_size,
-        })
+        let hit = |e: &TlbEntry, size: u64| {
+            (gva & !(size - 1) == e.va).then(|| Translation {
+                gpa: e.gpa + (gva - e.va),
+                page_size: size,
+            })
+        };
+        hit(&self.large[slot(gva, PAGE_2M, TLB_LARGE)], PAGE_2M)
+            .or_else(|| hit(&self.small[slot(gva, PAGE_4K, TLB_SMALL)], PAGE_4K))
+            .or_else(|| hit(&self.giant[slot(gva, PAGE_1G, TLB_GIANT)], PAGE_1G))
     }
 
     fn insert(&mut self, gva: u64, t: Translation) {
         let page_off = gva & (t.page_size - 1);
-        let e = Some(TlbEntry {
+        let e = TlbEntry {
             va: gva - page_off,
             gpa: t.gpa - page_off,
-            page_size: t.page_size,
-        });
-        if t.page_size == PAGE_4K {
-            self.small[((gva >> 12) as usize) % TLB_ENTRIES] = e;
-        } else {
-            self.huge[self.next_huge] = e;
-            self.next_huge = (self.next_huge + 1) % TLB_HUGE_ENTRIES;
+        };
+        match t.page_size {
+            PAGE_4K => self.small[slot(gva, PAGE_4K, TLB_SMALL)] = e,
+            PAGE_2M => self.large[slot(gva, PAGE_2M, TLB_LARGE)] = e,
+            _ => self.giant[slot(gva, PAGE_1G, TLB_GIANT)] = e,
         }
+    }
+
+    /// The page directory of `gva`'s 1 GiB region, if one was walked.
+    fn dir(&self, gva: u64) -> Option<u64> {
+        let e = &self.dirs[slot(gva, PAGE_1G, TLB_DIRS)];
+        (gva & !(PAGE_1G - 1) == e.va).then_some(e.gpa)
+    }
+
+    fn insert_dir(&mut self, gva: u64, table: u64) {
+        self.dirs[slot(gva, PAGE_1G, TLB_DIRS)] = TlbEntry {
+            va: gva & !(PAGE_1G - 1),
+            gpa: table,
+        };
     }
 }
 
@@ -415,11 +460,29 @@ impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
 
     /// Translates one virtual address, using the cache.
     pub fn translate(&self, gva: u64) -> Result<Translation, MemError> {
-        if let Some(t) = self.tlb.borrow().lookup(gva) {
+        let mut tlb = self.tlb.borrow_mut();
+        if let Some(t) = tlb.lookup(gva) {
             return Ok(t);
         }
-        let t = translate(self.mem, self.cr3, self.mode, gva)?;
-        self.tlb.borrow_mut().insert(gva, t);
+        // A region walked before: from its page directory (its upper levels read then; the
+        // address shares its canonical high bits).
+        let t = match tlb.dir(gva) {
+            Some(dir) => walk_levels(self.mem, dir, 2, gva, &mut None)?.0,
+            None => {
+                let levels = self.mode.levels();
+                if !self.mode.is_canonical(gva) {
+                    return Err(MemError::NonCanonical { gva, levels });
+                }
+                let mut dir = None;
+                let (t, _) =
+                    walk_levels(self.mem, self.cr3 & PHYS_ADDR_MASK, levels, gva, &mut dir)?;
+                if let Some(dir) = dir {
+                    tlb.insert_dir(gva, dir);
+                }
+                t
+            }
+        };
+        tlb.insert(gva, t);
         Ok(t)
     }
 
@@ -456,27 +519,25 @@ impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
     }
 
     /// Reads the bytes `lo..hi` of the object at `base` in one pass (one translation per page,
-    /// one copy), for the fields of one kernel object: see [`Span`].
-    pub fn read_span<const N: usize>(
+    /// one copy) into `buf` (the caller's stack buffer, as long as the longest span it reads):
+    /// the fields of one kernel object, see [`Span`].
+    pub fn read_span<'b>(
         &self,
         base: u64,
         lo: u64,
         hi: u64,
-    ) -> Result<Span<N>, MemError> {
+        buf: &'b mut [u8],
+    ) -> Result<Span<'b>, MemError> {
         let len = hi.saturating_sub(lo);
-        if len > N as u64 {
+        if len > buf.len() as u64 {
             return Err(MemError::TooLong {
                 len,
-                limit: N as u64,
+                limit: buf.len() as u64,
             });
         }
-        let mut span = Span {
-            lo,
-            len: len as usize,
-            buf: [0; N],
-        };
-        self.read_virt(field_addr(base, lo)?, &mut span.buf[..len as usize])?;
-        Ok(span)
+        let bytes = &mut buf[..len as usize];
+        self.read_virt(field_addr(base, lo)?, bytes)?;
+        Ok(Span { lo, bytes })
     }
 
     /// Reads `len` bytes into a new vector.
@@ -612,24 +673,23 @@ pub fn field_addr(base: u64, offset: u64) -> Result<u64, MemError> {
     })
 }
 
-/// Bytes `lo..lo + len` of one kernel object, read at once by [`VirtReader::read_span`]; fields
-/// are taken out by their offsets in the object (from the profile).
-pub struct Span<const N: usize> {
+/// Bytes `lo..lo + len` of one kernel object, read at once by [`VirtReader::read_span`] into the
+/// caller's buffer; fields are taken out by their offsets in the object (from the profile).
+pub struct Span<'b> {
     lo: u64,
-    len: usize,
-    buf: [u8; N],
+    bytes: &'b [u8],
 }
 
-impl<const N: usize> Span<N> {
+impl Span<'_> {
     /// The `n` bytes at `offset` in the object. Panics if the span was not read to hold them
     /// (offsets come from the profile, never from the guest: a bug, not bad input).
     pub fn bytes(&self, offset: u64, n: usize) -> &[u8] {
         let at = offset
             .checked_sub(self.lo)
             .map(|a| a as usize)
-            .filter(|a| a + n <= self.len)
+            .filter(|a| a + n <= self.bytes.len())
             .unwrap_or_else(|| panic!("field {offset}+{n} outside the span read"));
-        &self.buf[at..at + n]
+        &self.bytes[at..at + n]
     }
     pub fn u16(&self, offset: u64) -> u16 {
         u16::from_le_bytes(self.bytes(offset, 2).try_into().unwrap())

@@ -291,10 +291,12 @@ impl Policy {
     /// The verdict, and why the executable's rules did not apply where that is why it was not
     /// allowed by them.
     pub fn decide_explained(&self, a: &Attribution) -> (Verdict, Option<String>) {
-        let by_comm = self
-            .by_comm
-            .get(a.process.comm.as_str())
-            .is_some_and(|rules| rules.iter().any(|r| r.matches(a)));
+        // Most policies name executables only: no comm to look up then.
+        let by_comm = !self.by_comm.is_empty()
+            && self
+                .by_comm
+                .get(&*a.process.comm.text())
+                .is_some_and(|rules| rules.iter().any(|r| r.matches(a)));
         let (by_exe, why) = self.exe_allows(a);
         let verdict = if by_exe || by_comm {
             Verdict::Allow

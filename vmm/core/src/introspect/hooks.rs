@@ -11,7 +11,7 @@
 use std::time::Instant;
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
-use trap_handler::attribution::{self, HookArgs, SocketOp};
+use trap_handler::attribution::{self, AttributionError, HookArgs, SocketOp};
 use trap_handler::mem::{GuestPhys, PagingMode, VirtReader};
 use trap_handler::policy::Verdict;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -172,7 +172,10 @@ impl Introspection {
             gs_base: sregs.gs.base,
             kaslr_slide: self.slide(),
         };
-        let mut attributed = attribution::attribute(&reader, &self.profile, op, args);
+        let mut attributed = match &self.trap_symbols {
+            Some(syms) => attribution::attribute_with(&reader, &self.profile, syms, op, args),
+            None => Err(AttributionError::MissingSymbol("current_task")),
+        };
         // The socket's own ends (IP sockets): its local port, if the kernel gave it one.
         let mut error = None;
         let mut sk = 0;
@@ -408,7 +411,7 @@ impl Introspection {
         reader: &VirtReader<'_, GuestRam<'_>>,
         sregs: &kvm_sregs,
     ) -> Option<u32> {
-        let current_task = *self.profile.symbols.get("current_task")?;
+        let current_task = self.trap_symbols?.current_task;
         let task = reader
             .read_u64(sregs.gs.base.wrapping_add(current_task))
             .ok()?;

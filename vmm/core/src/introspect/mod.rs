@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
-use trap_handler::attribution::SocketOp;
+use trap_handler::attribution::{SocketOp, TrapSymbols};
 use trap_handler::policy::{Policy, PolicyError, PolicySpec};
 use trap_handler::profile::KernelProfile;
 use vigil_wire::verdict::RECORD_LEN;
@@ -72,6 +72,9 @@ pub struct Introspection {
     /// The tenant id verdict records carry.
     pub tenant: u32,
     pub profile: KernelProfile,
+    /// The symbols every trap needs, resolved once (None: the profile lacks `current_task`, and
+    /// every hooked call fails attribution, denied).
+    trap_symbols: Option<TrapSymbols>,
     /// The policy in force and the spec it was compiled from (replaceable while the VM runs).
     policy: RwLock<(PolicySpec, Policy)>,
     /// (operation, guest-virtual address of its LSM hook), at most three: DR1-DR3.
@@ -193,6 +196,7 @@ impl Introspection {
         Ok(Introspection {
             vm: vm.to_string(),
             tenant: tenant_id(vm),
+            trap_symbols: TrapSymbols::of(&profile).ok(),
             profile,
             policy: RwLock::new((spec, policy)),
             hooks,

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use trap_handler::attribution::Attribution;
 use trap_handler::mem::{GuestPhys, MemError, VirtReader};
-use trap_handler::profile::KernelProfile;
+use trap_handler::profile::{Field, KernelProfile};
 
 /// Where a waiting call is completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,6 +150,9 @@ pub(super) struct SockEnds {
 
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
+/// Largest span of a `struct sock` [`read_ends`] reads at once (`skc_daddr` ..
+/// `skc_v6_rcv_saddr`: 88 bytes on 6.1).
+const SOCK_COMMON_SPAN: usize = 256;
 
 fn specified(addr: IpAddr) -> Option<IpAddr> {
     (!addr.is_unspecified()).then_some(addr)
@@ -172,28 +175,43 @@ pub(super) fn read_ends<M: GuestPhys + ?Sized>(
     sk: u64,
 ) -> Result<Option<SockEnds>, MemError> {
     let s = &profile.sock;
-    let family = r.read_field_u16(sk, s.skc_family.offset)?;
-    let local_port = r.read_field_u16(sk, s.skc_num.offset)?;
-    let remote_port = u16::from_be(r.read_field_u16(sk, s.skc_dport.offset)?);
-    let v4 = || -> Result<(IpAddr, IpAddr), MemError> {
-        let local = r.read_field::<4>(sk, s.skc_rcv_saddr.offset)?;
-        let remote = r.read_field::<4>(sk, s.skc_daddr.offset)?;
-        Ok((
-            IpAddr::V4(Ipv4Addr::from(local)),
-            IpAddr::V4(Ipv4Addr::from(remote)),
-        ))
+    // One read of the socket's common part (`struct sock_common`: 88 bytes on 6.1).
+    let fields = [
+        s.skc_family,
+        s.skc_num,
+        s.skc_dport,
+        s.skc_rcv_saddr,
+        s.skc_daddr,
+        s.skc_v6_daddr,
+        s.skc_v6_rcv_saddr,
+    ];
+    let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
+    let hi = fields.iter().map(|f| f.offset + f.size).max().unwrap_or(0);
+    let mut buf = [0u8; SOCK_COMMON_SPAN];
+    let span = r.read_span(sk, lo, hi, &mut buf)?;
+    let family = span.u16(s.skc_family.offset);
+    let local_port = span.u16(s.skc_num.offset);
+    let remote_port = u16::from_be(span.u16(s.skc_dport.offset));
+    let v4 = |f: Field| {
+        let mut ip = [0u8; 4];
+        ip.copy_from_slice(span.bytes(f.offset, 4));
+        IpAddr::V4(Ipv4Addr::from(ip))
+    };
+    let v6 = |f: Field| {
+        let mut ip = [0u8; 16];
+        ip.copy_from_slice(span.bytes(f.offset, 16));
+        Ipv6Addr::from(ip)
     };
     let (local, remote) = match family {
-        AF_INET => v4()?,
+        AF_INET => (v4(s.skc_rcv_saddr), v4(s.skc_daddr)),
         AF_INET6 => {
-            let remote = Ipv6Addr::from(r.read_field::<16>(sk, s.skc_v6_daddr.offset)?);
+            let remote = v6(s.skc_v6_daddr);
             if remote.to_ipv4_mapped().is_some() {
                 // tcp_v6_connect / udpv6_sendmsg hand an IPv4-mapped peer to the IPv4 code,
                 // which fills the IPv4 fields.
-                v4()?
+                (v4(s.skc_rcv_saddr), v4(s.skc_daddr))
             } else {
-                let local = Ipv6Addr::from(r.read_field::<16>(sk, s.skc_v6_rcv_saddr.offset)?);
-                (IpAddr::V6(local), IpAddr::V6(remote))
+                (IpAddr::V6(v6(s.skc_v6_rcv_saddr)), IpAddr::V6(remote))
             }
         }
         // Not an IP socket: no ends.
