@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::exec::{self, ExeFile, ExecError, MountFacts};
+use crate::exec::{self, ExeFile, ExecError, KernelRoots, MountFacts};
 use crate::mem::{GuestPhys, MemError, VirtReader};
 pub use crate::names::{Comm, ExePath};
 use crate::profile::{abi, Field, KernelProfile};
@@ -429,6 +429,14 @@ impl TrapSymbols {
     }
 }
 
+/// What the identity checks read of the kernel itself: init's mount namespace
+/// (`init_nsproxy.mnt_ns`, set by `init_mount_tree`) and `vmemmap_base` (set with the memory
+/// map). Both are fixed before the first user process runs and never change after, so a VM
+/// reads them once (per KASLR slide) rather than on every trap: three reads, and a walk of the
+/// kernel image's pages, fewer. Only a read that found both set is kept.
+#[derive(Debug, Default)]
+pub struct RootsCache(std::sync::OnceLock<(u64, KernelRoots)>);
+
 /// The process running on a vCPU whose kernel GS base (the per-CPU area) is `gs_base`: for events
 /// that are not socket operations, such as a write to a guarded kernel page.
 pub fn current_process<M: GuestPhys + ?Sized>(
@@ -447,6 +455,7 @@ fn exe_file<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     profile: &KernelProfile,
     syms: &TrapSymbols,
+    cache: &RootsCache,
     task: u64,
     refs: ExeRefs,
     kaslr_slide: u64,
@@ -455,12 +464,21 @@ fn exe_file<M: GuestPhys + ?Sized>(
         addr.map(|a| a.wrapping_add(kaslr_slide))
             .ok_or(AttributionError::MissingSymbol(name))
     };
-    let roots = exec::kernel_roots(
-        r,
-        profile,
-        symbol(syms.init_task, "init_task")?,
-        symbol(syms.vmemmap_base, "vmemmap_base")?,
-    )?;
+    let roots = match cache.0.get() {
+        Some(&(slide, roots)) if slide == kaslr_slide => roots,
+        _ => {
+            let roots = exec::kernel_roots(
+                r,
+                profile,
+                symbol(syms.init_task, "init_task")?,
+                symbol(syms.vmemmap_base, "vmemmap_base")?,
+            )?;
+            if roots.init_mnt_ns != 0 && roots.vmemmap_base != 0 {
+                let _ = cache.0.set((kaslr_slide, roots));
+            }
+            roots
+        }
+    };
     let Some(mount) = refs.mount else {
         return Err(AttributionError::Exec(ExecError::Maple("no mount read")));
     };
@@ -483,10 +501,12 @@ pub fn attribute<M: GuestPhys + ?Sized>(
     op: SocketOp,
     args: HookArgs,
 ) -> Result<Attribution, AttributionError> {
-    attribute_with(r, profile, &TrapSymbols::of(profile)?, op, args)
+    let syms = TrapSymbols::of(profile)?;
+    attribute_with(r, profile, &syms, &RootsCache::default(), op, args)
 }
 
-/// Attributes one trapped operation, with the symbols resolved once ([`TrapSymbols::of`]). One
+/// Attributes one trapped operation, with the symbols resolved once ([`TrapSymbols::of`]) and
+/// the kernel's roots read once per VM (`roots`, see [`RootsCache`]). One
 /// read per kernel object (task, parent, cred, mm, file, each mount and dentry of the path,
 /// inode, superblock, socket, sock, sockaddr), each into a stack buffer; the exe path is
 /// assembled in this thread's scratch buffer and shared when seen before (see
@@ -495,13 +515,14 @@ pub fn attribute_with<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     profile: &KernelProfile,
     syms: &TrapSymbols,
+    roots: &RootsCache,
     op: SocketOp,
     args: HookArgs,
 ) -> Result<Attribution, AttributionError> {
     let task = r.read_u64(args.gs_base.wrapping_add(syms.current_task))?;
     let (mut process, refs) = read_process(r, task, profile)?;
     if refs.file != 0 {
-        match exe_file(r, profile, syms, task, refs, args.kaslr_slide) {
+        match exe_file(r, profile, syms, roots, task, refs, args.kaslr_slide) {
             Ok(f) => process.exe_file = Some(f),
             Err(e) => process.exe_error = Some(e.to_string()),
         }

@@ -57,7 +57,7 @@ use std::time::Duration;
 
 use trap_handler::attribution::{
     attribute, attribute_with, current_process, Attribution, AttributionError, HookArgs, Process,
-    SocketOp, TrapSymbols,
+    RootsCache, SocketOp, TrapSymbols,
 };
 use trap_handler::btf::Btf;
 use trap_handler::elf::{self, Elf};
@@ -2587,17 +2587,18 @@ fn the_trap_path_allocates_nothing() {
     let policy = pinned_policy(&s);
     let (init_task, vmemmap_var) = (p.symbols["init_task"], p.symbols["vmemmap_base"]);
     let syms = TrapSymbols::of(p).unwrap();
+    let roots = RootsCache::default();
     let args = s.args(SocketOp::Connect);
     // The first attribution on a thread makes its scratch buffer and the exe path it has not
     // seen; every later one of the same process allocates nothing, comm and path included.
     let first = {
         let r = s.g.reader();
-        attribute_with(&r, p, &syms, SocketOp::Connect, args).unwrap()
+        attribute_with(&r, p, &syms, &roots, SocketOp::Connect, args).unwrap()
     };
     for _ in 0..3 {
         let (n, a) = allocations(|| {
             let r = s.g.reader();
-            attribute_with(&r, p, &syms, SocketOp::Connect, args).unwrap()
+            attribute_with(&r, p, &syms, &roots, SocketOp::Connect, args).unwrap()
         });
         assert_eq!(a.process.exe_file.as_ref().unwrap().code, CodeOrigin::Exe);
         assert_eq!(a, first);
@@ -2623,4 +2624,36 @@ fn the_trap_path_allocates_nothing() {
     assert_eq!((n, f.code), (0, CodeOrigin::Exe));
     let (n, v) = allocations(|| policy.decide(&first));
     assert_eq!((n, v), (0, Verdict::Allow));
+}
+
+#[test]
+fn the_kernel_roots_are_read_once_per_vm_and_slide() {
+    let p = profile_or_skip!();
+    let mut s = Scene::new(p);
+    let syms = TrapSymbols::of(p).unwrap();
+    let roots = RootsCache::default();
+    let args = s.args(SocketOp::Connect);
+    let run = |s: &Scene, roots: &RootsCache, args: HookArgs| {
+        let r = s.g.reader();
+        attribute_with(&r, p, &syms, roots, SocketOp::Connect, args).unwrap()
+    };
+    let first = run(&s, &roots, args);
+    assert!(first.process.exe_file.as_ref().unwrap().init_mnt_ns);
+    // init_task's nsproxy made unreadable: this VM's cache still knows init's namespace...
+    let init_nsproxy = p.symbols["init_task"] + p.exec.task_nsproxy.offset;
+    s.g.write(init_nsproxy, &UNMAPPED_VA.to_le_bytes());
+    assert_eq!(run(&s, &roots, args), first);
+    // ...a VM that never read it does not, and neither does another slide.
+    for (roots, slide) in [(&RootsCache::default(), 0), (&roots, 0x20_0000)] {
+        let a = run(
+            &s,
+            roots,
+            HookArgs {
+                kaslr_slide: slide,
+                ..args
+            },
+        );
+        assert!(a.process.exe_file.is_none(), "{slide:#x}");
+        assert!(a.process.exe_error.unwrap().contains("not mapped"));
+    }
 }

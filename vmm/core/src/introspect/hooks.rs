@@ -173,7 +173,9 @@ impl Introspection {
             kaslr_slide: self.slide(),
         };
         let mut attributed = match &self.trap_symbols {
-            Some(syms) => attribution::attribute_with(&reader, &self.profile, syms, op, args),
+            Some(syms) => {
+                attribution::attribute_with(&reader, &self.profile, syms, &self.roots, op, args)
+            }
             None => Err(AttributionError::MissingSymbol("current_task")),
         };
         // The socket's own ends (IP sockets): its local port, if the kernel gave it one.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use thiserror::Error;
-use trap_handler::attribution::{SocketOp, TrapSymbols};
+use trap_handler::attribution::{RootsCache, SocketOp, TrapSymbols};
 use trap_handler::policy::{Policy, PolicyError, PolicySpec};
 use trap_handler::profile::KernelProfile;
 use vigil_wire::verdict::RECORD_LEN;
@@ -75,6 +75,8 @@ pub struct Introspection {
     /// The symbols every trap needs, resolved once (None: the profile lacks `current_task`, and
     /// every hooked call fails attribution, denied).
     trap_symbols: Option<TrapSymbols>,
+    /// The kernel's roots the identity checks need, read once (see [`RootsCache`]).
+    roots: RootsCache,
     /// The policy in force and the spec it was compiled from (replaceable while the VM runs).
     policy: RwLock<(PolicySpec, Policy)>,
     /// (operation, guest-virtual address of its LSM hook), at most three: DR1-DR3.
@@ -197,6 +199,7 @@ impl Introspection {
             vm: vm.to_string(),
             tenant: tenant_id(vm),
             trap_symbols: TrapSymbols::of(&profile).ok(),
+            roots: RootsCache::default(),
             profile,
             policy: RwLock::new((spec, policy)),
             hooks,
