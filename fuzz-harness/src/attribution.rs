@@ -255,9 +255,9 @@ pub fn run(data: &[u8]) {
 }
 
 fn check_process(p: &trap_handler::attribution::Process) {
-    assert!(p.comm.chars().count() <= 16, "comm {:?}", p.comm);
+    assert!(p.comm.text().chars().count() <= 16, "comm {:?}", p.comm);
     assert!(
-        p.parent_comm.chars().count() <= 16,
+        p.parent_comm.text().chars().count() <= 16,
         "comm {:?}",
         p.parent_comm
     );
