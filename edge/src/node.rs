@@ -10,13 +10,15 @@
 //! Hosts: the underlay address of a host whose datagram was applied becomes trusted on the cloud
 //! port (`PeerTrust`): the VXLAN endpoint takes frames, and learns MAC locations, only from such
 //! hosts. When a host starts a new run (it restarted, so its tenants are gone), the tenants it
-//! attached last are flushed before its new run's first records.
+//! attached last are flushed before its new run's first records. A host the cluster declares
+//! dead (its lease in etcd expired: `vmm-cluster`'s edge watch) is fenced: its tenants are
+//! flushed at once and its datagrams are not applied until it registers again.
 //!
 //! Owns: the edge micro-VM, its verdict ring, the receiving thread, the hosts' trust and the
 //! tenants each host attached, and the counters. Must not: put into the ring a record from a
 //! datagram that failed a check, or serve HTTP (the API crate's `vmm_api::edge` does).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -104,6 +106,10 @@ pub struct Edge {
     boot_id: u64,
     trust: Arc<PeerTrust>,
     started: Instant,
+    /// Which host (sender) attached each tenant last (a migrated tenant belongs to its new host).
+    owners: Mutex<HashMap<u32, u32>>,
+    /// Hosts declared dead: their datagrams are not applied (nor acknowledged).
+    fenced: Mutex<HashSet<u32>>,
 }
 
 impl Edge {
@@ -169,6 +175,8 @@ impl Edge {
             boot_id,
             trust,
             started: Instant::now(),
+            owners: Mutex::new(HashMap::new()),
+            fenced: Mutex::new(HashSet::new()),
         });
         let worker = edge.clone();
         std::thread::Builder::new()
@@ -197,6 +205,16 @@ impl Edge {
     /// host's previous run when it restarted) and waits until the micro-VM took it; whether it
     /// did. The host's underlay address is trusted on the cloud port from then on.
     fn apply(&self, owners: &mut HashMap<u32, u32>, d: &Delivery<'_>) -> bool {
+        if self
+            .fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&d.sender)
+        {
+            // A dead host's late datagrams stay unacknowledged: it retransmits them, and they
+            // apply in order once it registers again.
+            return false;
+        }
         let mut records: Vec<[u8; RECORD_LEN]> = Vec::with_capacity(d.records.len());
         let mut flushed = Vec::new();
         if d.restarted.is_some() {
@@ -269,11 +287,11 @@ impl Edge {
     }
 
     fn take_verdicts(&self, mut receiver: VerdictReceiver) {
-        // Which host attached each tenant last (a migrated tenant belongs to its new host).
-        let mut owners: HashMap<u32, u32> = HashMap::new();
         while !self.stop.load(Ordering::Acquire) {
-            let received =
-                receiver.recv(Duration::from_millis(200), |d| self.apply(&mut owners, d));
+            let received = receiver.recv(Duration::from_millis(200), |d| {
+                let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+                self.apply(&mut owners, d)
+            });
             *self.stats.channel.lock().unwrap_or_else(|p| p.into_inner()) =
                 receiver.stats().clone();
             self.stats
@@ -347,6 +365,62 @@ impl Edge {
                 }
             }
         }
+    }
+
+    /// Fences host `sender` (the cluster declared it dead): every tenant it attached last is
+    /// flushed from the micro-VM (verdicts, flows, address), and its datagrams are not applied
+    /// until [`Edge::readmit_host`]. Returns the flushed tenants once the micro-VM took the
+    /// flushes, or `None` if it did not within 2 s (they are in its ring, applied in order).
+    pub fn fence_host(&self, sender: u32) -> Option<Vec<u32>> {
+        // The owners' lock orders this against the datagram being applied now.
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sender);
+        let flushed: Vec<u32> = owners
+            .iter()
+            .filter(|(_, host)| **host == sender)
+            .map(|(tenant, _)| *tenant)
+            .collect();
+        owners.retain(|_, host| *host != sender);
+        if flushed.is_empty() {
+            return Some(flushed);
+        }
+        let records: Vec<[u8; RECORD_LEN]> = flushed
+            .iter()
+            .map(|t| VerdictRepr::flush_tenant(*t, 0).to_bytes())
+            .collect();
+        // In chunks the ring can hold, each retried while the ring is full.
+        let deadline = Instant::now() + APPLY_LIMIT;
+        let mut taken = true;
+        for chunk in records.chunks(32) {
+            let position = loop {
+                match self.region.push_tracked(chunk) {
+                    Ok(position) => break Some(position),
+                    Err(_) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(_) => break None,
+                }
+            };
+            taken &= position.is_some_and(|p| {
+                self.region
+                    .wait_consumed(p, deadline.saturating_duration_since(Instant::now()))
+            });
+        }
+        self.stats
+            .restart_flushes
+            .fetch_add(flushed.len() as u64, Ordering::Relaxed);
+        taken.then_some(flushed)
+    }
+
+    /// Applies host `sender`'s datagrams again (it registered anew); whether it was fenced.
+    pub fn readmit_host(&self, sender: u32) -> bool {
+        self.fenced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&sender)
     }
 
     /// This run's boot id (hosts address their datagrams to it).

@@ -8,6 +8,7 @@
 //! Must not: stand in for a part that can run here (no mock VMM, no fake network).
 
 pub mod error;
+pub mod etcd;
 pub mod events;
 pub mod images;
 pub mod load;

@@ -49,6 +49,21 @@ pub struct HostArgs {
     /// Copy tenant consoles to stdout.
     #[arg(long)]
     console: bool,
+    #[command(flatten)]
+    cluster: EtcdArgs,
+}
+
+/// Joining the cluster (`vigil cluster`): its etcd and this node's lease.
+#[derive(Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints (http://HOST:PORT, comma-separated): register in the cluster; a host runs
+    /// the tenants assigned to it there, an edge fences hosts whose registration expires.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// The TTL of this node's lease in etcd (s): a host is taken for dead this long after its
+    /// last heartbeat.
+    #[arg(long, default_value_t = vmm_cluster::DEFAULT_LEASE_TTL_S)]
+    etcd_lease_ttl: i64,
 }
 
 #[derive(Args)]
@@ -75,6 +90,8 @@ pub struct EdgeArgs {
     name: String,
     #[arg(long)]
     console_log: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: EtcdArgs,
 }
 
 #[derive(Args)]
@@ -181,7 +198,7 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
     };
     vmm_core::vm::stop_on_signals();
     let host = match Host::start(HostConfig {
-        name: args.name,
+        name: args.name.clone(),
         switch_elf: args.switch_elf,
         uplink: args.uplink,
         tenant_ports: args.tenant_ports,
@@ -197,6 +214,28 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut agent = None;
+    if !args.cluster.etcd.is_empty() {
+        match vmm_cluster::HostAgent::start(
+            host.clone(),
+            vmm_cluster::AgentConfig {
+                endpoints: args.cluster.etcd.clone(),
+                name: args.name.clone(),
+                sender: args.host_id,
+                api_socket: Some(args.api_socket.display().to_string()),
+                tenant_ports: args.tenant_ports,
+                lease_ttl_s: args.cluster.etcd_lease_ttl,
+            },
+        ) {
+            Ok(a) => agent = Some(a),
+            Err(e) => {
+                eprintln!("vigil host: joining the cluster: {e}");
+                host.shutdown();
+                let _ = std::fs::remove_file(&args.api_socket);
+                return ExitCode::from(2);
+            }
+        }
+    }
     eprintln!(
         "vigil host: serving {} (try: vigil remote --api-socket {} ping)",
         args.api_socket.display(),
@@ -205,7 +244,10 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
     let stop = Arc::new(AtomicBool::new(false));
     serve_until_signalled(&stop);
     vmm_api::serve(host.clone(), listener, stop);
+    // Tenants first (their flushes reach the edge while this host is admitted), then the
+    // registration.
     host.shutdown();
+    drop(agent);
     let _ = std::fs::remove_file(&args.api_socket);
     ExitCode::SUCCESS
 }
@@ -249,6 +291,24 @@ pub fn edge(args: EdgeArgs) -> ExitCode {
             .map(|p| format!(", API on {}", p.display()))
             .unwrap_or_default()
     );
+    let mut watch = None;
+    if !args.cluster.etcd.is_empty() {
+        match vmm_cluster::EdgeWatch::start(
+            edge.clone(),
+            vmm_cluster::EdgeWatchConfig {
+                endpoints: args.cluster.etcd.clone(),
+                name: edge.name().to_string(),
+                lease_ttl_s: args.cluster.etcd_lease_ttl,
+            },
+        ) {
+            Ok(w) => watch = Some(w),
+            Err(e) => {
+                eprintln!("vigil edge: joining the cluster: {e}");
+                edge.stop();
+                return ExitCode::from(2);
+            }
+        }
+    }
     let stop = Arc::new(AtomicBool::new(false));
     serve_until_signalled(&stop);
     match listener {
@@ -270,6 +330,7 @@ pub fn edge(args: EdgeArgs) -> ExitCode {
             }
         }
     }
+    drop(watch);
     edge.stop();
     if let Some(path) = &args.api_socket {
         let _ = std::fs::remove_file(path);

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod cli_cloud;
+mod cli_cluster;
 use vigil_wire::boot::Role;
 use vmm_core::config::{ConsoleConfig, LinkConfig, NetConfig, Payload, TierSink, VmConfig};
 use vmm_core::host_kind::HostKind;
@@ -113,6 +114,8 @@ enum Command {
     Edge(cli_cloud::EdgeArgs),
     /// Talk to a host's (or edge's) API socket.
     Remote(cli_cloud::RemoteArgs),
+    /// The cluster's desired state in etcd: tenants (spec, policy, host), hosts, edges, keys.
+    Cluster(cli_cluster::ClusterArgs),
 }
 
 /// The switch-tier micro-VM a tenant is plugged into (`run-tenant --switch`).
@@ -161,6 +164,7 @@ fn main() -> ExitCode {
         Command::Host(args) => return cli_cloud::host(args, knobs),
         Command::Edge(args) => return cli_cloud::edge(args),
         Command::Remote(args) => return cli_cloud::remote(args),
+        Command::Cluster(args) => return cli_cluster::cluster(args),
         Command::RunMicrovm {
             elf,
             role,

@@ -1,0 +1,128 @@
+//! A real etcd (Debian's `etcd-server`, installed by scripts/setup): a single-member cluster on
+//! free loopback ports in a directory of its own, killed when its guard drops (and with the
+//! process that started it). The same settings as `scripts/etcd-local`.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::TempDir;
+
+/// How long etcd may take to answer after its start.
+const START_LIMIT: Duration = Duration::from_secs(30);
+
+pub struct Etcd {
+    child: Child,
+    endpoint: String,
+    // Removed after the process is gone.
+    _dir: TempDir,
+}
+
+/// The etcd binary on PATH, if any.
+pub fn etcd_bin() -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join("etcd"))
+        .find(|p| p.is_file())
+}
+
+fn free_tcp_port() -> Result<u16> {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|source| Error::Io {
+            what: "a free TCP port".into(),
+            source,
+        })
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it serves; `Ok(None)` if the binary is absent (a test says
+    /// it skips; CI installs it, so it never skips there).
+    pub fn try_start(name: &str) -> Result<Option<Etcd>> {
+        let Some(bin) = etcd_bin() else {
+            return Ok(None);
+        };
+        let dir = TempDir::try_new(&format!("vigil-etcd-{name}"))?;
+        let (client, peer) = (free_tcp_port()?, free_tcp_port()?);
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.join("etcd.log")).map_err(|source| Error::Io {
+            what: "etcd.log".into(),
+            source,
+        })?;
+        let mut command = Command::new(&bin);
+        command
+            .args(["--name", "vigil", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("vigil={peer_url}")])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl(2) only, between fork and exec: etcd dies with the thread that started it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let child = command.spawn().map_err(|source| Error::Spawn {
+            what: bin.display().to_string(),
+            source,
+        })?;
+        let mut etcd = Etcd {
+            child,
+            endpoint,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + START_LIMIT;
+        loop {
+            let ready = vmm_cluster::Store::connect(&[etcd.endpoint.clone()])
+                .and_then(|s| s.hosts().map(|_| ()));
+            match ready {
+                Ok(()) => return Ok(Some(etcd)),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(Error::Failed {
+                        command: "etcd".into(),
+                        detail: format!("not serving within {START_LIMIT:?}: {e}"),
+                    })
+                }
+                Err(_) => {}
+            }
+            if let Ok(Some(status)) = etcd.child.try_wait() {
+                return Err(Error::Failed {
+                    command: "etcd".into(),
+                    detail: format!("exited at start ({status})"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Its client URL.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// A client of it.
+    pub fn store(&self) -> vmm_cluster::Store {
+        vmm_cluster::Store::connect(&[self.endpoint.clone()])
+            .unwrap_or_else(|e| panic!("connect to etcd: {e}"))
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,529 @@
+//! The host agent: registers its host in etcd under a lease, keeps the lease alive with a
+//! heartbeat, watches the tenant records and reconciles those assigned to its host through the
+//! host's own lifecycle (`Host::create` + `boot`, `replace_policy`, `delete`).
+//!
+//! - A record assigned here that the host does not run: created and booted. Its policy changed:
+//!   re-applied on both tiers (flush, then re-attach). Anything else in its spec changed:
+//!   deleted and created anew. Deleted, or assigned to another host: deleted here (flushed).
+//! - A record the agent cannot read is no authority to run a tenant: it is treated as absent.
+//! - After each action the agent writes `/vigil/status/<id>` (under its lease) with the record's
+//!   revision, so a writer can wait for its change to be applied.
+//! - Lease lost (etcd answers that it expired: the edge has flushed this host's tenants by
+//!   then): every tenant the agent runs is deleted before it registers again, so nothing runs
+//!   here that the cluster may have started elsewhere. etcd merely unreachable is not a lost
+//!   lease (etcd keeps leases of a cluster that lost its quorum): the agent keeps trying.
+//!
+//! Owns: the host's registration, its lease and heartbeat, and the table of tenants it applied.
+//! Must not: touch a tenant the API created (ids it did not create are left alone, a clash is a
+//! failed status); talk HTTP; block the lease's keep-alive on a slow VM build.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::watch;
+use vmm_host::{Host, VmSpec};
+
+use crate::keys::{self, Capacity, HostRecord, TenantRecord, TenantStatus};
+use crate::reconcile::{plan, Action};
+use crate::store::{connect, to_json, REQUEST_TIMEOUT};
+use crate::ClusterError;
+
+/// Wait after a failed registration or watch before trying again.
+const RETRY: Duration = Duration::from_millis(500);
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub endpoints: Vec<String>,
+    /// The host's name in the cluster (its key, and the `host` of the tenants it runs).
+    pub name: String,
+    /// Its sender id on the edge's verdict channel.
+    pub sender: u32,
+    pub api_socket: Option<String>,
+    pub tenant_ports: usize,
+    /// The lease's TTL (s): the host is taken for dead this long after its last heartbeat.
+    pub lease_ttl_s: i64,
+}
+
+/// A running host agent; [`HostAgent::stop`] (or drop) deregisters the host.
+pub struct HostAgent {
+    stop: watch::Sender<bool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HostAgent {
+    /// Connects to etcd and registers the host (an error if that fails), then reconciles in the
+    /// background.
+    pub fn start(host: Arc<Host>, config: AgentConfig) -> Result<HostAgent, ClusterError> {
+        keys::host_key(&config.name)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("cluster-agent")
+            .enable_all()
+            .build()
+            .map_err(|source| ClusterError::Runtime {
+                what: "agent runtime",
+                source,
+            })?;
+        let agent = Agent {
+            host,
+            config: Arc::new(config),
+            applied: BTreeMap::new(),
+        };
+        let (client, session) = rt.block_on(async {
+            let mut client = connect(&agent.config.endpoints).await?;
+            let session = agent.register(&mut client).await?;
+            Ok::<_, ClusterError>((client, session))
+        })?;
+        let (stop, stop_rx) = watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("cluster-agent".into())
+            .spawn(move || rt.block_on(agent.run(client, session, stop_rx)))
+            .map_err(|source| ClusterError::Runtime {
+                what: "agent thread",
+                source,
+            })?;
+        Ok(HostAgent {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Deregisters the host (its lease revoked) and stops the agent; the tenants it runs stay
+    /// (the host's own shutdown deletes them).
+    pub fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for HostAgent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One registration: its lease, and a flag the keep-alive raises when etcd says it expired.
+struct Session {
+    lease: i64,
+    lost: watch::Receiver<bool>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+struct Agent {
+    host: Arc<Host>,
+    config: Arc<AgentConfig>,
+    /// The specs of the tenants this agent created, by id.
+    applied: BTreeMap<String, VmSpec>,
+}
+
+fn host_record(host: &Host, config: &AgentConfig, lease: i64) -> HostRecord {
+    let used = host.list().len();
+    HostRecord {
+        name: config.name.clone(),
+        sender: config.sender,
+        api_socket: config.api_socket.clone(),
+        capacity: Capacity {
+            tenant_ports: config.tenant_ports,
+            free_ports: config.tenant_ports.saturating_sub(used),
+        },
+        lease,
+        ttl_s: config.lease_ttl_s,
+        heartbeat_unix_ms: keys::now_unix_ms(),
+    }
+}
+
+async fn put_record(
+    client: &mut Client,
+    host: &Host,
+    config: &AgentConfig,
+    lease: i64,
+) -> Result<(), etcd_client::Error> {
+    let key = format!("{}{}", keys::HOSTS, config.name);
+    let value = to_json(&host_record(host, config, lease));
+    client
+        .put(key, value, Some(PutOptions::new().with_lease(lease)))
+        .await
+        .map(|_| ())
+}
+
+/// Keeps `lease` alive every third of its TTL and re-puts the host record (the heartbeat, with
+/// the capacity now) every TTL; raises `lost` when etcd says the lease is gone.
+async fn keep_alive(
+    mut client: Client,
+    host: Arc<Host>,
+    config: Arc<AgentConfig>,
+    lease: i64,
+    lost: watch::Sender<bool>,
+) {
+    let period = Duration::from_millis((config.lease_ttl_s.max(1) as u64 * 1000) / 3);
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stream = None;
+    let mut rounds: u64 = 0;
+    loop {
+        tick.tick().await;
+        rounds += 1;
+        if stream.is_none() {
+            match client.lease_keep_alive(lease).await {
+                Ok(pair) => stream = Some(pair),
+                Err(e) => {
+                    log::warn!("cluster agent {}: keep-alive: {e}", config.name);
+                    continue;
+                }
+            }
+        }
+        let Some((keeper, responses)) = stream.as_mut() else {
+            continue;
+        };
+        let answer = async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match tokio::time::timeout(period, answer).await {
+            Ok(Ok(Some(r))) if r.ttl() <= 0 => {
+                let _ = lost.send(true);
+                return;
+            }
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                // The stream broke (etcd restarting, unreachable): open a new one next round.
+                log::warn!("cluster agent {}: keep-alive unanswered", config.name);
+                stream = None;
+                continue;
+            }
+        }
+        if rounds % 3 == 0 {
+            if let Err(e) = put_record(&mut client, &host, &config, lease).await {
+                if e.to_string().contains("lease not found") {
+                    let _ = lost.send(true);
+                    return;
+                }
+                log::warn!("cluster agent {}: heartbeat: {e}", config.name);
+            }
+        }
+    }
+}
+
+impl Agent {
+    fn emit(&self, kind: &str, extra: serde_json::Value) {
+        let mut body = serde_json::json!({"host": self.config.name});
+        if let (Some(body), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+            body.extend(extra);
+        }
+        vmm_core::events::bus().emit(kind, &body);
+    }
+
+    /// Grants a lease, puts the host record under it, starts its keep-alive.
+    async fn register(&self, client: &mut Client) -> Result<Session, ClusterError> {
+        let endpoints = self.config.endpoints.join(",");
+        let etcd = |source| ClusterError::Etcd {
+            endpoints: endpoints.clone(),
+            source,
+        };
+        let lease = client
+            .lease_grant(self.config.lease_ttl_s, None)
+            .await
+            .map_err(etcd)?
+            .id();
+        put_record(client, &self.host, &self.config, lease)
+            .await
+            .map_err(etcd)?;
+        let (lost_tx, lost) = watch::channel(false);
+        let keeper = tokio::spawn(keep_alive(
+            client.clone(),
+            self.host.clone(),
+            self.config.clone(),
+            lease,
+            lost_tx,
+        ));
+        self.emit(
+            "cluster_registered",
+            serde_json::json!({"lease": lease, "ttl_s": self.config.lease_ttl_s,
+                "sender": self.config.sender}),
+        );
+        Ok(Session {
+            lease,
+            lost,
+            keeper,
+        })
+    }
+
+    async fn run(
+        mut self,
+        mut client: Client,
+        first: Session,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut session = Some(first);
+        loop {
+            let mut current = match session.take() {
+                Some(s) => s,
+                None => match self.register(&mut client).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::warn!("cluster agent {}: register: {e}", self.config.name);
+                        tokio::select! {
+                            _ = stop.changed() => return,
+                            _ = tokio::time::sleep(RETRY) => continue,
+                        }
+                    }
+                },
+            };
+            let ended = self.serve(&mut client, &mut current, &mut stop).await;
+            current.keeper.abort();
+            match ended {
+                Ended::Stopped => {
+                    let _ = tokio::time::timeout(
+                        REQUEST_TIMEOUT,
+                        client.lease_revoke(current.lease),
+                    )
+                    .await;
+                    self.emit("cluster_deregistered", serde_json::json!({}));
+                    return;
+                }
+                Ended::LeaseLost => {
+                    // The edge flushed this host's tenants when the lease expired, and the
+                    // cluster may start them elsewhere: stop them here before coming back.
+                    let ids: Vec<String> = self.applied.keys().cloned().collect();
+                    self.emit(
+                        "cluster_lease_lost",
+                        serde_json::json!({"lease": current.lease, "deleting": ids}),
+                    );
+                    for id in ids {
+                        self.act(&mut client, &id, 0, Action::Delete, current.lease)
+                            .await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Syncs from a full read, then follows the watch, until stopped or the lease is lost.
+    async fn serve(
+        &mut self,
+        client: &mut Client,
+        session: &mut Session,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        loop {
+            if *stop.borrow() {
+                return Ended::Stopped;
+            }
+            if *session.lost.borrow() {
+                return Ended::LeaseLost;
+            }
+            let revision = match self.sync(client, session.lease).await {
+                Ok(rev) => rev,
+                Err(e) => {
+                    log::warn!("cluster agent {}: sync: {e}", self.config.name);
+                    tokio::select! {
+                        _ = stop.changed() => return Ended::Stopped,
+                        _ = session.lost.changed() => return Ended::LeaseLost,
+                        _ = tokio::time::sleep(RETRY) => continue,
+                    }
+                }
+            };
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
+            let mut stream = match client.watch(keys::TENANTS, Some(options)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("cluster agent {}: watch: {e}", self.config.name);
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+            };
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return Ended::Stopped,
+                    _ = session.lost.changed() => return Ended::LeaseLost,
+                    message = stream.message() => {
+                        let Ok(Some(message)) = message else {
+                            log::warn!("cluster agent {}: the watch ended; syncing again",
+                                self.config.name);
+                            break;
+                        };
+                        for event in message.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            let Some(id) = keys::name_under(keys::TENANTS, kv.key()) else {
+                                continue;
+                            };
+                            let desired = match event.event_type() {
+                                EventType::Put => self.parse(id, kv.value()),
+                                EventType::Delete => None,
+                            };
+                            let id = id.to_string();
+                            self.reconcile(client, &id, desired.as_ref(), kv.mod_revision(),
+                                session.lease).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn parse(&self, id: &str, value: &[u8]) -> Option<TenantRecord> {
+        match TenantRecord::parse(id, value) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.emit(
+                    "cluster_bad_record",
+                    serde_json::json!({"vm": id, "error": e.to_string()}),
+                );
+                None
+            }
+        }
+    }
+
+    /// Reads every tenant record and reconciles each (and each applied tenant with no record);
+    /// returns the read's revision.
+    async fn sync(&mut self, client: &mut Client, lease: i64) -> Result<i64, ClusterError> {
+        let resp = client
+            .get(keys::TENANTS, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|source| ClusterError::Etcd {
+                endpoints: self.config.endpoints.join(","),
+                source,
+            })?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let mut desired: BTreeMap<String, (Option<TenantRecord>, i64)> = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some(id) = keys::name_under(keys::TENANTS, kv.key()) {
+                desired.insert(
+                    id.to_string(),
+                    (self.parse(id, kv.value()), kv.mod_revision()),
+                );
+            }
+        }
+        for id in self.applied.keys() {
+            desired.entry(id.clone()).or_insert((None, revision));
+        }
+        for (id, (record, rev)) in desired {
+            self.reconcile(client, &id, record.as_ref(), rev, lease)
+                .await;
+        }
+        Ok(revision)
+    }
+
+    async fn reconcile(
+        &mut self,
+        client: &mut Client,
+        id: &str,
+        desired: Option<&TenantRecord>,
+        revision: i64,
+        lease: i64,
+    ) {
+        let action = plan(&self.config.name, self.applied.get(id), desired);
+        self.act(client, id, revision, action, lease).await;
+    }
+
+    /// Carries out `action` for tenant `id` on the host (on a blocking thread: a VM build takes
+    /// a while) and reports it.
+    async fn act(&mut self, client: &mut Client, id: &str, revision: i64, action: Action, lease: i64) {
+        let name = match &action {
+            Action::Nothing => return,
+            Action::Create(_) => "create",
+            Action::Policy(_) => "policy",
+            Action::Recreate(_) => "recreate",
+            Action::Delete => "delete",
+        };
+        let host = self.host.clone();
+        let owned = id.to_string();
+        let step = action.clone();
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let e = |e: vmm_host::HostError| e.to_string();
+            match step {
+                Action::Create(spec) => {
+                    host.create(spec).map_err(e)?;
+                    host.boot(&owned).map(|_| ()).map_err(e)
+                }
+                Action::Policy(policy) => host.replace_policy(&owned, policy).map_err(e),
+                Action::Recreate(spec) => {
+                    match host.delete(&owned) {
+                        Ok(()) | Err(vmm_host::HostError::NotFound { .. }) => {}
+                        Err(other) => return Err(other.to_string()),
+                    }
+                    host.create(spec).map_err(e)?;
+                    host.boot(&owned).map(|_| ()).map_err(e)
+                }
+                Action::Delete => match host.delete(&owned) {
+                    Ok(()) | Err(vmm_host::HostError::NotFound { .. }) => Ok(()),
+                    Err(other) => Err(other.to_string()),
+                },
+                Action::Nothing => Ok(()),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the {name} step panicked: {e}")));
+        let applied_ms = started.elapsed().as_secs_f64() * 1e3;
+        match (&action, &result) {
+            (Action::Delete, _) => {
+                self.applied.remove(id);
+            }
+            (Action::Create(spec) | Action::Recreate(spec), Ok(())) => {
+                self.applied.insert(id.to_string(), spec.clone());
+            }
+            (Action::Create(_) | Action::Recreate(_), Err(_)) => {
+                // Whatever half of it exists is not ours to keep: nothing runs unreported.
+                self.applied.remove(id);
+            }
+            (Action::Policy(policy), Ok(())) => {
+                if let Some(spec) = self.applied.get_mut(id) {
+                    spec.policy = policy.clone();
+                }
+            }
+            // A policy the host refused leaves the old one in force there; the status says so.
+            (Action::Policy(_), Err(_)) | (Action::Nothing, _) => {}
+        }
+        self.emit(
+            if result.is_ok() {
+                "cluster_reconciled"
+            } else {
+                "cluster_reconcile_failed"
+            },
+            serde_json::json!({"vm": id, "action": name, "revision": revision,
+                "applied_ms": applied_ms, "error": result.as_ref().err()}),
+        );
+        let Ok(key) = keys::status_key(id) else {
+            return;
+        };
+        let write = if matches!(action, Action::Delete) && result.is_ok() {
+            // Only this host's report (under its lease): the tenant's new host may have
+            // written its own by now.
+            let txn = Txn::new()
+                .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+                .and_then([TxnOp::delete(key, None)]);
+            client.txn(txn).await.map(|_| ())
+        } else {
+            let status = TenantStatus {
+                host: self.config.name.clone(),
+                revision,
+                state: if result.is_ok() { "running" } else { "failed" }.into(),
+                error: result.err(),
+                action: name.into(),
+                applied_ms,
+            };
+            client
+                .put(key, to_json(&status), Some(PutOptions::new().with_lease(lease)))
+                .await
+                .map(|_| ())
+        };
+        if let Err(e) = write {
+            log::warn!("cluster agent {}: status of {id}: {e}", self.config.name);
+        }
+    }
+}
+
+enum Ended {
+    Stopped,
+    LeaseLost,
+}

@@ -1,0 +1,289 @@
+//! The cluster's key layout in etcd and the records stored under it (JSON values).
+//!
+//! ```text
+//! /vigil/tenants/<id>   TenantRecord: the tenant's spec (its policy inside) and its desired host
+//! /vigil/hosts/<name>   HostRecord under the host's lease: its edge-channel sender id, API
+//!                       socket, capacity, last heartbeat (gone when the lease expires)
+//! /vigil/edges/<name>   EdgeRecord under the edge's lease: its verdict channel and boot id
+//! /vigil/keys/<host>    HostKeys: the channel keys the host may use, by key id, and the current
+//! /vigil/status/<id>    TenantStatus, written by the host agent after it reconciled the tenant
+//! ```
+//!
+//! Owns: key names, the record types and their checks. Must not: talk to etcd (`store`, `agent`
+//! and `edge_watch` do).
+
+use serde::{Deserialize, Serialize};
+use vmm_host::VmSpec;
+
+use crate::ClusterError;
+
+pub const ROOT: &str = "/vigil/";
+pub const TENANTS: &str = "/vigil/tenants/";
+pub const HOSTS: &str = "/vigil/hosts/";
+pub const EDGES: &str = "/vigil/edges/";
+pub const KEYS: &str = "/vigil/keys/";
+pub const STATUS: &str = "/vigil/status/";
+
+/// Longest host or edge name (it names keys and appears in events).
+pub const MAX_NAME_LEN: usize = 32;
+
+/// A host, edge or tenant name: 1 to 32 letters, digits, `-`, `_`, `.`, not starting with `.`
+/// (the same rule as a VM id, so a name never holds a `/` that would move it to another key).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn checked(kind: &str, name: &str) -> Result<(), ClusterError> {
+    if valid_name(name) {
+        Ok(())
+    } else {
+        Err(ClusterError::InvalidName {
+            kind: kind.into(),
+            name: name.into(),
+        })
+    }
+}
+
+pub fn tenant_key(id: &str) -> Result<String, ClusterError> {
+    checked("tenant", id)?;
+    Ok(format!("{TENANTS}{id}"))
+}
+
+pub fn host_key(name: &str) -> Result<String, ClusterError> {
+    checked("host", name)?;
+    Ok(format!("{HOSTS}{name}"))
+}
+
+pub fn edge_key(name: &str) -> Result<String, ClusterError> {
+    checked("edge", name)?;
+    Ok(format!("{EDGES}{name}"))
+}
+
+pub fn keys_key(host: &str) -> Result<String, ClusterError> {
+    checked("host", host)?;
+    Ok(format!("{KEYS}{host}"))
+}
+
+pub fn status_key(id: &str) -> Result<String, ClusterError> {
+    checked("tenant", id)?;
+    Ok(format!("{STATUS}{id}"))
+}
+
+/// The name after `prefix` in `key`, if `key` is directly under it.
+pub fn name_under<'a>(prefix: &str, key: &'a [u8]) -> Option<&'a str> {
+    let rest = key.strip_prefix(prefix.as_bytes())?;
+    let name = std::str::from_utf8(rest).ok()?;
+    valid_name(name).then_some(name)
+}
+
+/// A tenant's desired state: what it is (its spec, with its policy) and where it runs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRecord {
+    /// The host that should run it (a `HostRecord` name).
+    pub host: String,
+    pub spec: VmSpec,
+}
+
+impl TenantRecord {
+    /// Parses a stored record of tenant `id` and checks it names itself and a valid host.
+    pub fn parse(id: &str, value: &[u8]) -> Result<TenantRecord, ClusterError> {
+        let record: TenantRecord =
+            serde_json::from_slice(value).map_err(|e| ClusterError::BadRecord {
+                key: format!("{TENANTS}{id}"),
+                reason: e.to_string(),
+            })?;
+        record.check(id)?;
+        Ok(record)
+    }
+
+    pub fn check(&self, id: &str) -> Result<(), ClusterError> {
+        let bad = |reason: String| ClusterError::BadRecord {
+            key: format!("{TENANTS}{id}"),
+            reason,
+        };
+        if self.spec.id != id {
+            return Err(bad(format!("its spec's id is {:?}", self.spec.id)));
+        }
+        if !valid_name(&self.host) {
+            return Err(bad(format!("host {:?} is not a valid host name", self.host)));
+        }
+        Ok(())
+    }
+}
+
+/// What a host can take.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// Switch ports for tenants.
+    pub tenant_ports: usize,
+    /// Ports no tenant holds now.
+    pub free_ports: usize,
+}
+
+/// A host's registration (under its lease).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostRecord {
+    pub name: String,
+    /// Its sender id on the edge's verdict channel (the edge flushes that sender's tenants when
+    /// this record goes).
+    pub sender: u32,
+    /// Its REST API socket (on its own machine).
+    #[serde(default)]
+    pub api_socket: Option<String>,
+    pub capacity: Capacity,
+    /// The etcd lease the record lives under, and its TTL (s).
+    pub lease: i64,
+    pub ttl_s: i64,
+    /// Wall-clock time (ms since the epoch) of the host's latest heartbeat.
+    pub heartbeat_unix_ms: u64,
+}
+
+/// An edge's registration (under its lease).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeRecord {
+    pub name: String,
+    /// Its verdict channel (UDP).
+    pub control: String,
+    /// Its run's boot id (hex).
+    pub boot_id: String,
+    pub lease: i64,
+}
+
+/// One channel key of a host.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelKey {
+    pub id: u32,
+    /// At least 64 hex digits.
+    pub hex: String,
+    /// When it was made (ms since the epoch).
+    pub created_unix_ms: u64,
+}
+
+/// The channel keys a host may use: the current one signs, the others still verify during a
+/// rotation (the newest few are kept).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HostKeys {
+    pub current: u32,
+    pub keys: Vec<ChannelKey>,
+}
+
+/// Keys kept per host across rotations (the current one and those before it).
+pub const KEPT_KEYS: usize = 3;
+
+impl HostKeys {
+    /// Adds `hex` as a new key with the next id, makes it current, and keeps the newest
+    /// [`KEPT_KEYS`]. Returns its id.
+    pub fn rotate(&mut self, hex: String, now_unix_ms: u64) -> u32 {
+        let id = self.keys.iter().map(|k| k.id).max().unwrap_or(0) + 1;
+        self.keys.push(ChannelKey {
+            id,
+            hex,
+            created_unix_ms: now_unix_ms,
+        });
+        if self.keys.len() > KEPT_KEYS {
+            let drop = self.keys.len() - KEPT_KEYS;
+            self.keys.drain(..drop);
+        }
+        self.current = id;
+        id
+    }
+
+    pub fn get(&self, id: u32) -> Option<&ChannelKey> {
+        self.keys.iter().find(|k| k.id == id)
+    }
+
+    pub fn current_key(&self) -> Option<&ChannelKey> {
+        self.get(self.current)
+    }
+}
+
+/// What the host agent reports after reconciling a tenant.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TenantStatus {
+    pub host: String,
+    /// The etcd revision of the tenant record this applies (its `mod_revision`).
+    pub revision: i64,
+    /// `running`, or `failed`.
+    pub state: String,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the host did: `create`, `policy`, `recreate`.
+    pub action: String,
+    /// The switch having applied it, from the agent seeing the record (ms).
+    pub applied_ms: f64,
+}
+
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str) -> serde_json::Value {
+        serde_json::json!({"id": id, "kernel": "/k", "mac": "52:54:00:00:00:02",
+            "ip": "10.0.0.2", "policy": {"allow": []}})
+    }
+
+    #[test]
+    fn names_cannot_leave_their_prefix() {
+        assert_eq!(tenant_key("web1").unwrap(), "/vigil/tenants/web1");
+        for bad in ["", "a/b", "../x", ".hidden", &"z".repeat(33), "a b"] {
+            assert!(tenant_key(bad).is_err(), "{bad:?}");
+            assert!(host_key(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(name_under(HOSTS, b"/vigil/hosts/a"), Some("a"));
+        assert_eq!(name_under(HOSTS, b"/vigil/hosts/a/b"), None);
+        assert_eq!(name_under(HOSTS, b"/vigil/tenants/a"), None);
+    }
+
+    #[test]
+    fn tenant_records_must_name_themselves_and_a_host() {
+        let good = serde_json::json!({"host": "a", "spec": spec("web")}).to_string();
+        let record = TenantRecord::parse("web", good.as_bytes()).unwrap();
+        assert_eq!(record.host, "a");
+        assert!(TenantRecord::parse("other", good.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("\"web\""));
+        let bad_host = serde_json::json!({"host": "a/b", "spec": spec("web")}).to_string();
+        assert!(TenantRecord::parse("web", bad_host.as_bytes()).is_err());
+        let unknown = serde_json::json!({"host": "a", "spec": spec("web"), "x": 1}).to_string();
+        assert!(TenantRecord::parse("web", unknown.as_bytes())
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field"));
+        assert!(TenantRecord::parse("web", b"\xff{").is_err());
+    }
+
+    #[test]
+    fn rotation_numbers_keys_and_keeps_the_newest() {
+        let mut keys = HostKeys::default();
+        assert!(keys.current_key().is_none());
+        for n in 1..=5u32 {
+            assert_eq!(keys.rotate(format!("{n:064x}"), u64::from(n)), n);
+        }
+        assert_eq!(keys.current, 5);
+        assert_eq!(keys.current_key().unwrap().hex, format!("{:064x}", 5));
+        let ids: Vec<u32> = keys.keys.iter().map(|k| k.id).collect();
+        assert_eq!(ids, vec![3, 4, 5]);
+        assert!(keys.get(1).is_none());
+    }
+}
