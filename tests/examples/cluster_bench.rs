@@ -119,12 +119,22 @@ impl Cloud {
             .arg(socket)
             .arg("--switch-elf")
             .arg(&self.elf)
-            .args(["--uplink", &format!("vxlan={}", self.cloud), "--tenant-ports", "2"])
+            .args([
+                "--uplink",
+                &format!("vxlan={}", self.cloud),
+                "--tenant-ports",
+                "2",
+            ])
             .args(["--edge-control", &self.control])
             .arg("--edge-key-file")
             .arg(self.dir.join("channel.key"))
             .args(["--host-id", &SENDER.to_string(), "--name", "a"])
-            .args(["--etcd", self.etcd.endpoint(), "--etcd-lease-ttl", &self.ttl])
+            .args([
+                "--etcd",
+                self.etcd.endpoint(),
+                "--etcd-lease-ttl",
+                &self.ttl,
+            ])
             .quiet_stdout()
             .die_with_parent()
             .start("serving")?)
@@ -152,7 +162,13 @@ fn bench_reconfig(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -
     let mut host = cloud.host(&socket)?;
     host.shutdown_with(&socket, "vmm.shutdown");
     let store = Store::connect(&[cloud.etcd.endpoint().to_string()])?;
-    let spec = vm_spec(tenant_dir, "rc", "10.0.0.2", "52:54:00:00:00:02", &policy(1));
+    let spec = vm_spec(
+        tenant_dir,
+        "rc",
+        "10.0.0.2",
+        "52:54:00:00:00:02",
+        &policy(1),
+    );
     let revision = store.put_tenant(&TenantRecord {
         host: "a".into(),
         spec: serde_json::from_value(spec)?,
@@ -168,7 +184,8 @@ fn bench_reconfig(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -
     let (mut via_etcd, mut via_api, mut switch_only) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..rounds {
         // Through etcd: the agent sees the put and re-applies it through the host's path.
-        let new: trap_handler::policy::PolicySpec = serde_json::from_value(policy(2000 + i as u16))?;
+        let new: trap_handler::policy::PolicySpec =
+            serde_json::from_value(policy(2000 + i as u16))?;
         let t0 = Instant::now();
         store.update_tenant("rc", |r| r.spec.policy = new.clone())?;
         let (switch, edge) = both_tiers(&host_events, &edge_events, t0)?;
@@ -202,7 +219,13 @@ fn bench_reconfig(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -
 fn bench_failover(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -> Result<()> {
     let store = Store::connect(&[cloud.etcd.endpoint().to_string()])?;
     let edge_events = Events::subscribe(&cloud.edge_socket, CALL_TIMEOUT, EVENT_TIMEOUT)?;
-    let spec = vm_spec(tenant_dir, "fo", "10.0.0.3", "52:54:00:00:00:03", &policy(80));
+    let spec = vm_spec(
+        tenant_dir,
+        "fo",
+        "10.0.0.3",
+        "52:54:00:00:00:03",
+        &policy(80),
+    );
     let record = TenantRecord {
         host: "a".into(),
         spec: serde_json::from_value(spec)?,
@@ -217,7 +240,9 @@ fn bench_failover(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -
             .filter(|s| s.state == "running")
             .ok_or("host a did not run tenant fo")?;
         // The edge took the host's Attach of the tenant.
-        edge_events.wait(|e| e["event"] == "edge_verdicts" && e["sender"] == SENDER && e["applied"] == true)?;
+        edge_events.wait(|e| {
+            e["event"] == "edge_verdicts" && e["sender"] == SENDER && e["applied"] == true
+        })?;
         let killed = Instant::now();
         // SAFETY: kill(2) on our own child's pid, not reaped yet.
         unsafe { libc::kill(host.id() as libc::pid_t, libc::SIGKILL) };
@@ -225,7 +250,9 @@ fn bench_failover(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -
         let (at, event) = edge_events.wait(|e| {
             e["event"] == "edge_host_lost"
                 && e["host"] == "a"
-                && e["flushed_tenants"].as_array().is_some_and(|t| !t.is_empty())
+                && e["flushed_tenants"]
+                    .as_array()
+                    .is_some_and(|t| !t.is_empty())
         })?;
         host.wait();
         let flushed = event["flushed_tenants"].as_array().map_or(0, Vec::len);

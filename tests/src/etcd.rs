@@ -86,7 +86,7 @@ impl Etcd {
         };
         let deadline = Instant::now() + START_LIMIT;
         loop {
-            let ready = vmm_cluster::Store::connect(&[etcd.endpoint.clone()])
+            let ready = vmm_cluster::Store::connect(std::slice::from_ref(&etcd.endpoint))
                 .and_then(|s| s.hosts().map(|_| ()));
             match ready {
                 Ok(()) => return Ok(Some(etcd)),
@@ -115,7 +115,7 @@ impl Etcd {
 
     /// A client of it.
     pub fn store(&self) -> vmm_cluster::Store {
-        vmm_cluster::Store::connect(&[self.endpoint.clone()])
+        vmm_cluster::Store::connect(std::slice::from_ref(&self.endpoint))
             .unwrap_or_else(|e| panic!("connect to etcd: {e}"))
     }
 }

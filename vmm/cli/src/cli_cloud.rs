@@ -283,14 +283,7 @@ pub fn edge(args: EdgeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    eprintln!(
-        "vigil edge: verdict channel on {}{}",
-        edge.control_addr(),
-        args.api_socket
-            .as_ref()
-            .map(|p| format!(", API on {}", p.display()))
-            .unwrap_or_default()
-    );
+    // Registered before the ready line, so whoever waits for it finds the edge in etcd.
     let mut watch = None;
     if !args.cluster.etcd.is_empty() {
         match vmm_cluster::EdgeWatch::start(
@@ -309,6 +302,14 @@ pub fn edge(args: EdgeArgs) -> ExitCode {
             }
         }
     }
+    eprintln!(
+        "vigil edge: verdict channel on {}{}",
+        edge.control_addr(),
+        args.api_socket
+            .as_ref()
+            .map(|p| format!(", API on {}", p.display()))
+            .unwrap_or_default()
+    );
     let stop = Arc::new(AtomicBool::new(false));
     serve_until_signalled(&stop);
     match listener {

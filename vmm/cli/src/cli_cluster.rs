@@ -117,7 +117,9 @@ fn wait_for(store: &Store, id: &str, revision: i64, wait: &Wait) -> Result<(), S
         }
         Some(status) => {
             print(&status);
-            Err(format!("{id}: its host failed to apply revision {revision}"))
+            Err(format!(
+                "{id}: its host failed to apply revision {revision}"
+            ))
         }
         None => Err(format!(
             "{id}: no host reported revision {revision} within {secs} s"
@@ -172,8 +174,10 @@ fn run(store: &Store, action: ClusterAction) -> Result<(), String> {
             let mut out = Vec::new();
             for record in store.tenants().map_err(cluster_err)? {
                 let status = store.status(&record.spec.id).map_err(cluster_err)?;
-                out.push(serde_json::json!({"id": record.spec.id, "host": record.host,
-                    "ip": record.spec.ip, "status": status}));
+                out.push(
+                    serde_json::json!({"id": record.spec.id, "host": record.host,
+                    "ip": record.spec.ip, "status": status}),
+                );
             }
             print(&out);
             Ok(())

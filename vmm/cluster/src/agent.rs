@@ -199,7 +199,7 @@ async fn keep_alive(
                 continue;
             }
         }
-        if rounds % 3 == 0 {
+        if rounds.is_multiple_of(3) {
             if let Err(e) = put_record(&mut client, &host, &config, lease).await {
                 if e.to_string().contains("lease not found") {
                     let _ = lost.send(true);
@@ -255,12 +255,7 @@ impl Agent {
         })
     }
 
-    async fn run(
-        mut self,
-        mut client: Client,
-        first: Session,
-        mut stop: watch::Receiver<bool>,
-    ) {
+    async fn run(mut self, mut client: Client, first: Session, mut stop: watch::Receiver<bool>) {
         let mut session = Some(first);
         loop {
             let mut current = match session.take() {
@@ -280,11 +275,9 @@ impl Agent {
             current.keeper.abort();
             match ended {
                 Ended::Stopped => {
-                    let _ = tokio::time::timeout(
-                        REQUEST_TIMEOUT,
-                        client.lease_revoke(current.lease),
-                    )
-                    .await;
+                    let _ =
+                        tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(current.lease))
+                            .await;
                     self.emit("cluster_deregistered", serde_json::json!({}));
                     return;
                 }
@@ -427,7 +420,14 @@ impl Agent {
 
     /// Carries out `action` for tenant `id` on the host (on a blocking thread: a VM build takes
     /// a while) and reports it.
-    async fn act(&mut self, client: &mut Client, id: &str, revision: i64, action: Action, lease: i64) {
+    async fn act(
+        &mut self,
+        client: &mut Client,
+        id: &str,
+        revision: i64,
+        action: Action,
+        lease: i64,
+    ) {
         let name = match &action {
             Action::Nothing => return,
             Action::Create(_) => "create",
@@ -513,7 +513,11 @@ impl Agent {
                 applied_ms,
             };
             client
-                .put(key, to_json(&status), Some(PutOptions::new().with_lease(lease)))
+                .put(
+                    key,
+                    to_json(&status),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
                 .await
                 .map(|_| ())
         };

@@ -122,7 +122,11 @@ impl Watcher {
             lease,
         };
         client
-            .put(key, to_json(&record), Some(PutOptions::new().with_lease(lease)))
+            .put(
+                key,
+                to_json(&record),
+                Some(PutOptions::new().with_lease(lease)),
+            )
             .await
             .map_err(|e| self.etcd(e))?;
         Ok(lease)

@@ -111,7 +111,10 @@ impl TenantRecord {
             return Err(bad(format!("its spec's id is {:?}", self.spec.id)));
         }
         if !valid_name(&self.host) {
-            return Err(bad(format!("host {:?} is not a valid host name", self.host)));
+            return Err(bad(format!(
+                "host {:?} is not a valid host name",
+                self.host
+            )));
         }
         Ok(())
     }

@@ -68,7 +68,10 @@ mod tests {
             plan("a", None, Some(&record("a", a.clone()))),
             Action::Create(a.clone())
         );
-        assert_eq!(plan("a", None, Some(&record("b", a.clone()))), Action::Nothing);
+        assert_eq!(
+            plan("a", None, Some(&record("b", a.clone()))),
+            Action::Nothing
+        );
         assert_eq!(
             plan("a", Some(&a), Some(&record("a", a.clone()))),
             Action::Nothing
@@ -84,6 +87,9 @@ mod tests {
             Action::Recreate(c)
         );
         assert_eq!(plan("a", Some(&a), None), Action::Delete);
-        assert_eq!(plan("a", Some(&a), Some(&record("b", a.clone()))), Action::Delete);
+        assert_eq!(
+            plan("a", Some(&a), Some(&record("b", a.clone()))),
+            Action::Delete
+        );
     }
 }

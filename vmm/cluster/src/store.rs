@@ -21,6 +21,9 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Compare-and-swap attempts before an update gives up.
 const CAS_TRIES: usize = 16;
 
+/// A key and its value, as stored.
+type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// A connection to the cluster's etcd.
 pub struct Store {
     rt: tokio::runtime::Runtime,
@@ -94,9 +97,10 @@ impl Store {
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
         let client = self.client.clone();
+        // The timer is made inside the runtime (it needs its clock).
         match self
             .rt
-            .block_on(tokio::time::timeout(REQUEST_TIMEOUT, f(client)))
+            .block_on(async { tokio::time::timeout(REQUEST_TIMEOUT, f(client)).await })
         {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(source)) => Err(ClusterError::Etcd {
@@ -120,7 +124,7 @@ impl Store {
             .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
     }
 
-    fn list_raw(&self, prefix: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
+    fn list_raw(&self, prefix: &str) -> Result<Vec<KeyValue>, ClusterError> {
         let prefix = prefix.to_string();
         let resp = self.call(|mut c| async move {
             c.get(prefix, Some(GetOptions::new().with_prefix())).await
@@ -167,9 +171,9 @@ impl Store {
     ) -> Result<i64, ClusterError> {
         let key = keys::tenant_key(id)?;
         for _ in 0..CAS_TRIES {
-            let (mut record, rev) = self.tenant(id)?.ok_or_else(|| ClusterError::NotFound {
-                key: key.clone(),
-            })?;
+            let (mut record, rev) = self
+                .tenant(id)?
+                .ok_or_else(|| ClusterError::NotFound { key: key.clone() })?;
             change(&mut record);
             record.check(id)?;
             let value = to_json(&record);
