@@ -32,9 +32,6 @@
 //! number is applied at most once. A datagram that fails any check is dropped whole: no record of
 //! a rejected datagram is ever applied.
 //!
-//! [`ReplayWindow`] and [`ReplayTable`] are the classic sliding window (IPsec ESP, RFC 4303
-//! §3.4.3) for receivers that take datagrams out of order.
-//!
 //! [`SignedBatch`] is a zero-copy typed view in the smoltcp `wire` style: `new_checked` checks the
 //! lengths, every accessor is then in bounds.
 
@@ -508,8 +505,8 @@ pub fn seal(
     Ok(len)
 }
 
-/// An authenticated datagram: the tag verified. Not yet checked against replay (feed
-/// [`Opened::sender`] and [`Opened::seq`] to a [`ReplayTable`] before applying anything).
+/// An authenticated datagram: the tag verified. Not yet checked against replay (the receiver's
+/// ordering, `edge::order`, decides whether its sequence number is new).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Opened<'a> {
     pub header: Header,
@@ -598,164 +595,6 @@ pub fn open<'a>(key: &[u8], datagram: &'a [u8]) -> Result<Opened<'a>, AuthError>
         // check_len established: header, whole records, tag.
         records: &datagram[field::RECORDS..len - TAG_LEN],
     })
-}
-
-/// One sender's anti-replay state: the highest sequence accepted and a bitmap of which of the
-/// [`REPLAY_WINDOW`] sequences at and below it were accepted (RFC 4303 §3.4.3, RFC 6479).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReplayWindow {
-    /// Highest sequence accepted; 0 = none yet (0 is never a valid sequence).
-    highest: u64,
-    /// Bit `i` set: sequence `highest - i` was accepted.
-    seen: u128,
-}
-
-// The bitmap holds exactly the window.
-const _: () = assert!(REPLAY_WINDOW == u128::BITS as u64);
-
-impl ReplayWindow {
-    /// A window that has accepted nothing.
-    pub const fn new() -> ReplayWindow {
-        ReplayWindow {
-            highest: 0,
-            seen: 0,
-        }
-    }
-
-    /// The highest sequence accepted so far (0 = none).
-    pub const fn highest(&self) -> u64 {
-        self.highest
-    }
-
-    /// Whether `seq` would be accepted, without recording it (lets a receiver drop an obvious
-    /// replay before paying for the MAC). `sender` only labels the error.
-    pub fn check(&self, sender: u32, seq: u64) -> Result<(), AuthError> {
-        if seq == 0 {
-            return Err(AuthError::BadSequence);
-        }
-        if seq > self.highest {
-            return Ok(());
-        }
-        let behind = self.highest - seq;
-        if behind >= REPLAY_WINDOW {
-            return Err(AuthError::TooOld {
-                sender,
-                seq,
-                highest: self.highest,
-            });
-        }
-        if self.seen & (1u128 << behind) != 0 {
-            return Err(AuthError::Replayed { sender, seq });
-        }
-        Ok(())
-    }
-
-    /// Check `seq` and record it as accepted. Call it only for a datagram whose tag verified: an
-    /// unauthenticated sequence number must never move the window.
-    pub fn check_and_update(&mut self, sender: u32, seq: u64) -> Result<(), AuthError> {
-        self.check(sender, seq)?;
-        if seq > self.highest {
-            let ahead = seq - self.highest;
-            self.seen = if ahead >= REPLAY_WINDOW {
-                0
-            } else {
-                self.seen << ahead
-            };
-            self.seen |= 1;
-            self.highest = seq;
-        } else {
-            self.seen |= 1u128 << (self.highest - seq);
-        }
-        Ok(())
-    }
-}
-
-/// Replay windows for up to `N` senders, keyed by sender id, in a fixed array (no allocation).
-/// A sender gets a slot the first time one of its datagrams is accepted; when all `N` slots are
-/// taken a new sender is refused ([`AuthError::TooManySenders`]) rather than evicting one, since
-/// eviction would let an old datagram of the evicted sender replay.
-#[derive(Clone, Debug)]
-pub struct ReplayTable<const N: usize> {
-    slots: [Option<(u32, ReplayWindow)>; N],
-    len: usize,
-}
-
-impl<const N: usize> Default for ReplayTable<N> {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl<const N: usize> ReplayTable<N> {
-    /// An empty table.
-    pub const fn new() -> ReplayTable<N> {
-        ReplayTable {
-            slots: [None; N],
-            len: 0,
-        }
-    }
-
-    /// Number of senders tracked.
-    pub const fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no sender is tracked.
-    pub const fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// The window of `sender`, if it has one.
-    pub fn window(&self, sender: u32) -> Option<&ReplayWindow> {
-        self.slots[..self.len]
-            .iter()
-            .flatten()
-            .find(|(s, _)| *s == sender)
-            .map(|(_, w)| w)
-    }
-
-    /// Whether `(sender, seq)` would be accepted, without recording it.
-    pub fn check(&self, sender: u32, seq: u64) -> Result<(), AuthError> {
-        match self.window(sender) {
-            Some(w) => w.check(sender, seq),
-            None if self.len == N => Err(AuthError::TooManySenders { sender }),
-            None => ReplayWindow::new().check(sender, seq),
-        }
-    }
-
-    /// Check `(sender, seq)` and record it; only for a datagram whose tag verified (see
-    /// [`ReplayWindow::check_and_update`]).
-    pub fn check_and_update(&mut self, sender: u32, seq: u64) -> Result<(), AuthError> {
-        // Slots fill from the front and are never freed except by `forget`, which compacts.
-        for (s, w) in self.slots[..self.len].iter_mut().flatten() {
-            if *s == sender {
-                return w.check_and_update(sender, seq);
-            }
-        }
-        if self.len == N {
-            return Err(AuthError::TooManySenders { sender });
-        }
-        let mut w = ReplayWindow::new();
-        w.check_and_update(sender, seq)?;
-        self.slots[self.len] = Some((sender, w));
-        self.len += 1;
-        Ok(())
-    }
-
-    /// Drop `sender`'s window (an operator reset after the host was reinstalled and restarts its
-    /// sequence at 1). Returns whether it had one.
-    pub fn forget(&mut self, sender: u32) -> bool {
-        let Some(i) = self.slots[..self.len]
-            .iter()
-            .position(|slot| matches!(slot, Some((s, _)) if *s == sender))
-        else {
-            return false;
-        };
-        self.slots[i] = self.slots[self.len - 1];
-        self.slots[self.len - 1] = None;
-        self.len -= 1;
-        true
-    }
 }
 
 #[cfg(test)]
@@ -941,111 +780,6 @@ mod tests {
                 have: 100
             })
         );
-    }
-
-    #[test]
-    fn replayed_datagram_is_rejected() {
-        let (buf, len) = sealed(1, 5);
-        let mut table = ReplayTable::<4>::new();
-        let o = open(KEY, &buf[..len]).unwrap();
-        table
-            .check_and_update(o.header.sender, o.header.seq)
-            .unwrap();
-        let o = open(KEY, &buf[..len]).unwrap();
-        assert_eq!(
-            table.check_and_update(o.header.sender, o.header.seq),
-            Err(AuthError::Replayed { sender: 42, seq: 5 })
-        );
-    }
-
-    #[test]
-    fn reordered_within_window_accepted_once() {
-        let mut w = ReplayWindow::new();
-        for seq in [10, 3, 7, 12, 11, 1, 2] {
-            w.check_and_update(9, seq).unwrap();
-        }
-        for seq in [10, 3, 7, 12, 11, 1, 2] {
-            assert_eq!(
-                w.check_and_update(9, seq),
-                Err(AuthError::Replayed { sender: 9, seq })
-            );
-        }
-        for seq in [4, 5, 6, 8, 9] {
-            w.check(9, seq).unwrap();
-        }
-        assert_eq!(w.highest(), 12);
-    }
-
-    #[test]
-    fn too_old_is_rejected() {
-        let mut w = ReplayWindow::new();
-        w.check_and_update(1, 1000).unwrap();
-        // The oldest sequence still inside the window is accepted, one below it is not.
-        w.check_and_update(1, 1000 - (REPLAY_WINDOW - 1)).unwrap();
-        assert_eq!(
-            w.check_and_update(1, 1000 - REPLAY_WINDOW),
-            Err(AuthError::TooOld {
-                sender: 1,
-                seq: 1000 - REPLAY_WINDOW,
-                highest: 1000
-            })
-        );
-        assert_eq!(w.check_and_update(1, 0), Err(AuthError::BadSequence));
-    }
-
-    #[test]
-    fn window_slides_and_handles_extremes() {
-        let mut w = ReplayWindow::new();
-        w.check_and_update(1, 1).unwrap();
-        // A jump of exactly the window clears the bitmap; the old top is now too old.
-        w.check_and_update(1, 1 + REPLAY_WINDOW).unwrap();
-        assert!(matches!(w.check(1, 1), Err(AuthError::TooOld { .. })));
-        w.check_and_update(1, 2).unwrap();
-        assert!(matches!(w.check(1, 2), Err(AuthError::Replayed { .. })));
-        // The largest sequence number works and nothing overflows.
-        w.check_and_update(1, u64::MAX).unwrap();
-        assert!(matches!(
-            w.check(1, u64::MAX),
-            Err(AuthError::Replayed { .. })
-        ));
-        w.check_and_update(1, u64::MAX - 1).unwrap();
-        assert!(matches!(w.check(1, 5), Err(AuthError::TooOld { .. })));
-    }
-
-    #[test]
-    fn unverified_check_does_not_move_window() {
-        let w = ReplayWindow::new();
-        w.check(1, 50).unwrap();
-        assert_eq!(w.highest(), 0);
-    }
-
-    #[test]
-    fn table_is_per_sender_and_bounded() {
-        let mut t = ReplayTable::<2>::new();
-        t.check_and_update(1, 5).unwrap();
-        // Same sequence from another sender is independent.
-        t.check_and_update(2, 5).unwrap();
-        assert_eq!(t.len(), 2);
-        assert_eq!(
-            t.check_and_update(3, 1),
-            Err(AuthError::TooManySenders { sender: 3 })
-        );
-        assert_eq!(t.check(3, 1), Err(AuthError::TooManySenders { sender: 3 }));
-        // Known senders still work when the table is full.
-        t.check_and_update(1, 6).unwrap();
-        assert!(matches!(
-            t.check_and_update(2, 5),
-            Err(AuthError::Replayed { sender: 2, seq: 5 })
-        ));
-        // A rejected first datagram does not take a slot.
-        assert!(t.forget(1));
-        assert!(!t.forget(1));
-        assert_eq!(t.check_and_update(4, 0), Err(AuthError::BadSequence));
-        assert_eq!(t.len(), 1);
-        t.check_and_update(3, 1).unwrap();
-        assert_eq!(t.window(2).unwrap().highest(), 5);
-        assert_eq!(t.window(3).unwrap().highest(), 1);
-        assert!(t.window(1).is_none());
     }
 
     #[test]
