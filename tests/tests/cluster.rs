@@ -20,7 +20,9 @@ use vigil_tests::etcd::Etcd;
 use vigil_tests::outside::free_udp_port;
 use vigil_tests::rest::{api, metric};
 use vigil_tests::workload::{idle_policy, vm_spec};
-use vigil_tests::{fw_guest_elf, run_vigil, tenant_dir, Namespace, TempDir, VigilCommand};
+use vigil_tests::{
+    fw_guest_elf, run_vigil, tenant_dir, Namespace, TempDir, VigilCommand, VigilProcess,
+};
 use vmm_core::introspect::tenant_id;
 
 const KEY_HEX: &str = "5c2a7e11b0c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8";
@@ -92,19 +94,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
 
     // The host registers under a lease, with its sender id and capacity.
     let socket = dir.join("a.sock");
-    let mut host = VigilCommand::new("host a")
-        .args(["host", "--api-socket"])
-        .arg(&socket)
-        .arg("--switch-elf")
-        .arg(fw_guest_elf())
-        .args(["--uplink", &format!("vxlan={cloud}"), "--tenant-ports", "2"])
-        .args(["--edge-control", &control])
-        .arg("--edge-key-file")
-        .arg(&key_file)
-        .args(["--host-id", &SENDER.to_string(), "--name", "a"])
-        .args(["--etcd", etcd.endpoint(), "--etcd-lease-ttl", TTL_S])
-        .start("serving")
-        .unwrap_or_else(|e| panic!("vigil host not up: {e}"));
+    let mut host = start_host(&etcd, "a", SENDER, &socket, &cloud, &control, &key_file);
     let hosts = ok(cluster(&etcd, &["hosts"]), "hosts");
     assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
     assert_eq!(hosts[0]["name"], "a");
@@ -260,6 +250,77 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     eprintln!(
         "cluster: host killed -> edge flushed its tenants in {failover:?} (lease TTL {TTL_S} s)"
     );
+
+    // The tenant starts on another host from its record in etcd, with its policy.
+    let db_policy = json!({"allow": [{"op": "connect", "comm": "psql", "protocol": "tcp",
+                                      "cidr": "10.0.0.9/32", "ports": "5432"}]});
+    let db_policy_file = write(dir.path(), "db-policy.json", &db_policy);
+    ok(
+        cluster(
+            &etcd,
+            &["policy", "db", "--set", &db_policy_file.to_string_lossy()],
+        ),
+        "policy db",
+    );
+    let socket_b = dir.join("b.sock");
+    let host_b = start_host(
+        &etcd,
+        "b",
+        SENDER + 1,
+        &socket_b,
+        &cloud,
+        &control,
+        &key_file,
+    );
+    let status = ok(
+        cluster(&etcd, &["move", "db", "b", "--wait", "120"]),
+        "move db b",
+    );
+    assert_eq!(status["host"], "b", "{status}");
+    assert_eq!(status["state"], "running", "{status}");
+    let (code, info) = api(&socket_b, "GET", "vm.info?id=db", None);
+    assert_eq!(code, 200, "{info}");
+    assert_eq!(info["ip"], "10.0.0.3");
+    let (_, served) = api(&socket_b, "GET", "vm.policy?id=db", None);
+    assert_eq!(served, db_policy);
+
+    // Assigned to a host that is not there: host b deletes it (flushed), and reports nothing.
+    ok(
+        cluster(&etcd, &["move", "db", "nowhere"]),
+        "move db nowhere",
+    );
+    host_b
+        .wait_event(EVENT_LIMIT, "db deleted on b", |e| {
+            e["event"] == "cluster_reconciled" && e["action"] == "delete" && e["vm"] == "db"
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (code, _) = api(&socket_b, "GET", "vm.info?id=db", None);
+    assert_eq!(code, 404);
+    assert!(store.status("db").unwrap().is_none());
+}
+
+fn start_host(
+    etcd: &Etcd,
+    name: &str,
+    sender: u32,
+    socket: &Path,
+    cloud: &str,
+    control: &str,
+    key_file: &Path,
+) -> VigilProcess {
+    VigilCommand::new(format!("host {name}"))
+        .args(["host", "--api-socket"])
+        .arg(socket)
+        .arg("--switch-elf")
+        .arg(fw_guest_elf())
+        .args(["--uplink", &format!("vxlan={cloud}"), "--tenant-ports", "2"])
+        .args(["--edge-control", control])
+        .arg("--edge-key-file")
+        .arg(key_file)
+        .args(["--host-id", &sender.to_string(), "--name", name])
+        .args(["--etcd", etcd.endpoint(), "--etcd-lease-ttl", TTL_S])
+        .start("serving")
+        .unwrap_or_else(|e| panic!("vigil host {name} not up: {e}"))
 }
 
 fn ok_empty(out: Output, what: &str) {

@@ -484,7 +484,8 @@ impl Agent {
             // A policy the host refused leaves the old one in force there; the status says so.
             (Action::Policy(_), Err(_)) | (Action::Nothing, _) => {}
         }
-        self.emit(
+        // The event after the status write: whoever sees it finds the status in etcd.
+        let event = (
             if result.is_ok() {
                 "cluster_reconciled"
             } else {
@@ -524,6 +525,7 @@ impl Agent {
         if let Err(e) = write {
             log::warn!("cluster agent {}: status of {id}: {e}", self.config.name);
         }
+        self.emit(event.0, event.1);
     }
 }
 
