@@ -15,6 +15,7 @@ pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod devices;
+pub mod dirty_log;
 pub mod emulation;
 pub mod events;
 pub mod failpoints;
