@@ -21,7 +21,8 @@
 use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_core::GuestMemoryMmap;
 use vmm_core::devices::virtio::driver::QueueLayout;
 use vmm_core::devices::virtio::mmio::{reg, MmioTransport};
 use vmm_core::devices::virtio::net::fuzzing::InlineNet;
@@ -80,7 +81,7 @@ impl Driver {
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let config = input.u8();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest RAM");
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest RAM");
     let (ours, network) = UnixDatagram::pair().expect("socket pair");
     ours.set_nonblocking(true).expect("non-blocking");
     network.set_nonblocking(true).expect("non-blocking");

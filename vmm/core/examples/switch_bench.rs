@@ -216,7 +216,7 @@ fn sixty_four_k_flows(
     generator: &HostPort,
     sink: &HostPort,
     frame: &[u8],
-    memory: &vm_memory::GuestMemoryMmap,
+    memory: &vmm_core::GuestMemoryMmap,
     region: &vmm_core::verdict_region::VerdictRegion,
 ) -> Result<(u64, u64, u64), String> {
     let mut block: Vec<Vec<u8>> = vec![frame.to_vec(); BATCH];

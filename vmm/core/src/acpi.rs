@@ -12,7 +12,8 @@
 //! Must not: describe a device the VM does not have, or write outside the ACPI area of the layout.
 
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
 use crate::devices::MmioDeviceInfo;
 use crate::layout::{ACPI_SIZE, ACPI_START, IOAPIC_START, LAPIC_START};

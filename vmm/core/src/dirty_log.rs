@@ -15,11 +15,18 @@
 //! Must not: decide when a migration stops iterating (the host does) or touch memslots outside
 //! the [`crate::write_trap::MemSlots`] lock.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
-use kvm_ioctls::{Kvm, VcpuExit};
+use kvm_bindings::{
+    kvm_segment, kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VmFd};
 use thiserror::Error;
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::write_trap::{RamSlot, PAGE_SIZE};
+use crate::GuestMemoryMmap;
 
 /// Why dirty logging is not available.
 #[derive(Clone, Debug, Error)]
@@ -30,6 +37,219 @@ pub enum DirtyLogError {
     Wrong { wrote: Vec<u64>, logged: Vec<u64> },
     #[error("the probe guest did not finish: {0}")]
     Guest(String),
+    #[error("KVM_SET_USER_MEMORY_REGION (slot {slot}, {start:#x}+{len:#x}, flags {flags:#x}): {source}")]
+    SetSlot {
+        slot: u32,
+        start: u64,
+        len: u64,
+        flags: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM_GET_DIRTY_LOG (slot {slot}): {source}")]
+    GetLog {
+        slot: u32,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("dirty logging is not on")]
+    NotLogging,
+}
+
+/// A VM's RAM memslots: their layout (one slot over all RAM until write traps split it) and
+/// whether KVM logs their dirty pages. Every change of a slot goes through here, under one lock,
+/// so that turning logging on and splitting a slot cannot race.
+pub struct MemSlots {
+    vm_fd: Arc<VmFd>,
+    ram: RamSlot,
+    state: Mutex<SlotState>,
+}
+
+struct SlotState {
+    /// (start, length, read-only), slot `ram.slot + index`.
+    layout: Vec<(u64, u64, bool)>,
+    logging: bool,
+    /// Bumped when the layout changes: a slot made afresh lost its log (everything counts as
+    /// dirty at the next read).
+    generation: u64,
+    read_generation: u64,
+}
+
+/// The pages of RAM written since the previous read, as a bitmap (bit n = page n).
+pub struct DirtyPages {
+    pub bits: Vec<u64>,
+    pub pages: u64,
+}
+
+impl DirtyPages {
+    pub fn count(&self) -> u64 {
+        self.bits.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Page numbers, ascending.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        let pages = self.pages;
+        set_pages(&self.bits).into_iter().filter(move |&p| p < pages)
+    }
+}
+
+/// The bitmap of the VMM's writes to one region (vm-memory marks it on every write through its
+/// accessors).
+fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
+    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
+    mapping.bitmap()
+}
+
+impl MemSlots {
+    /// Registers RAM as one slot.
+    pub fn new(vm_fd: Arc<VmFd>, ram: RamSlot) -> Result<MemSlots, DirtyLogError> {
+        let slots = MemSlots {
+            vm_fd,
+            ram,
+            state: Mutex::new(SlotState {
+                layout: vec![(0, ram.size, false)],
+                logging: false,
+                generation: 0,
+                read_generation: 0,
+            }),
+        };
+        slots.set_slot(ram.slot, 0, ram.size, 0)?;
+        Ok(slots)
+    }
+
+    pub fn ram(&self) -> RamSlot {
+        self.ram
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_slot(&self, slot: u32, start: u64, len: u64, flags: u32) -> Result<(), DirtyLogError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: start,
+            memory_size: len,
+            userspace_addr: self.ram.host_addr + start,
+            flags,
+        };
+        // SAFETY: the host range lies inside the guest RAM mapping the VM owns for its lifetime
+        // (start + len <= ram.size); a zero length deletes the slot.
+        unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(|source| {
+            DirtyLogError::SetSlot {
+                slot,
+                start,
+                len,
+                flags,
+                source,
+            }
+        })
+    }
+
+    fn flags(read_only: bool, logging: bool) -> u32 {
+        if read_only {
+            KVM_MEM_READONLY
+        } else if logging {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        }
+    }
+
+    /// Replaces the one RAM slot by `layout`'s pieces (write traps). The guest must not run
+    /// meanwhile (the caller holds the other vCPUs).
+    pub(crate) fn split(&self, layout: &[(u64, u64, bool)]) -> Result<(), DirtyLogError> {
+        let mut state = self.lock();
+        // Delete the RAM slot, then add its pieces (KVM rejects overlapping slots).
+        self.set_slot(self.ram.slot, 0, 0, 0)?;
+        state.generation += 1;
+        state.layout = layout.to_vec();
+        for (i, &(start, len, read_only)) in layout.iter().enumerate() {
+            self.set_slot(
+                self.ram.slot + i as u32,
+                start,
+                len,
+                Self::flags(read_only, state.logging),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Starts logging: KVM logs the guest's writes to every writable slot from here, and the
+    /// VMM's bitmap of `memory` is cleared (its writes count from here too).
+    pub fn start_logging(&self, memory: &GuestMemoryMmap) -> Result<(), DirtyLogError> {
+        let mut state = self.lock();
+        for (i, &(start, len, read_only)) in state.layout.iter().enumerate() {
+            if !read_only {
+                self.set_slot(self.ram.slot + i as u32, start, len, Self::flags(false, true))?;
+            }
+        }
+        state.logging = true;
+        state.read_generation = state.generation;
+        for region in memory.iter() {
+            vmm_bitmap(region).reset();
+        }
+        Ok(())
+    }
+
+    /// Stops logging (slots as before). Errors are logged: the VM runs on either way.
+    pub fn stop_logging(&self) {
+        let mut state = self.lock();
+        if !state.logging {
+            return;
+        }
+        for (i, &(start, len, read_only)) in state.layout.iter().enumerate() {
+            if !read_only {
+                if let Err(e) = self.set_slot(self.ram.slot + i as u32, start, len, 0) {
+                    log::warn!("dirty log: {e}");
+                }
+            }
+        }
+        state.logging = false;
+    }
+
+    /// Pages written since logging started or since the previous call, by the guest (KVM's
+    /// log, read and cleared) or by the VMM (vm-memory's bitmap, read and cleared). After the
+    /// slots were split under logging, every page counts as dirty once.
+    pub fn take_dirty(&self, memory: &GuestMemoryMmap) -> Result<DirtyPages, DirtyLogError> {
+        let mut state = self.lock();
+        if !state.logging {
+            return Err(DirtyLogError::NotLogging);
+        }
+        let pages = self.ram.size / PAGE_SIZE;
+        let mut bits = vec![0u64; pages.div_ceil(64) as usize];
+        let mark = |bits: &mut Vec<u64>, page: u64| {
+            if page < pages {
+                bits[(page / 64) as usize] |= 1 << (page % 64);
+            }
+        };
+        for (i, &(start, len, read_only)) in state.layout.iter().enumerate() {
+            if read_only {
+                continue;
+            }
+            let slot = self.ram.slot + i as u32;
+            let log = self
+                .vm_fd
+                .get_dirty_log(slot, len as usize)
+                .map_err(|source| DirtyLogError::GetLog { slot, source })?;
+            let first = start / PAGE_SIZE;
+            for page in set_pages(&log) {
+                mark(&mut bits, first + page);
+            }
+        }
+        for region in memory.iter() {
+            let first = region.start_addr().0 / PAGE_SIZE;
+            let words = vmm_bitmap(region).get_and_reset();
+            for page in set_pages(&words) {
+                mark(&mut bits, first + page);
+            }
+        }
+        if state.read_generation != state.generation {
+            state.read_generation = state.generation;
+            bits.iter_mut().for_each(|w| *w = u64::MAX);
+        }
+        Ok(DirtyPages { bits, pages })
+    }
 }
 
 /// Set bits of a `KVM_GET_DIRTY_LOG` bitmap as page numbers.

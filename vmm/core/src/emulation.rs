@@ -25,7 +25,8 @@ use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Reg
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use thiserror::Error;
 use trap_handler::mem::{self, PagingMode};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
 use crate::guest_ram::GuestRam;
 

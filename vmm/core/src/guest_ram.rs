@@ -6,7 +6,8 @@
 //! Must not: read outside guest RAM or hand out references into it (bytes are copied).
 
 use trap_handler::mem::{GuestPhys, MemError};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use crate::GuestMemoryMmap;
 
 /// A borrowed view of a VM's RAM.
 pub struct GuestRam<'a>(pub &'a GuestMemoryMmap);

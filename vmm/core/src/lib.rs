@@ -31,3 +31,7 @@ pub mod vcpu;
 pub mod verdict_region;
 pub mod vm;
 pub mod write_trap;
+
+/// Guest RAM as every part of the VMM sees it: vm-memory's mapping with a dirty bitmap, which
+/// each write through its accessors marks (a migration's pre-copy reads it; see [`dirty_log`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;

@@ -27,7 +27,8 @@ use kvm_bindings::{
 use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use crate::GuestMemoryMmap;
 
 pub const PAGE: usize = 4096;
 /// Marks the end of the page stream.
@@ -288,13 +289,13 @@ mod tests {
 
     #[test]
     fn memory_round_trips_and_rejects_pages_outside_ram() {
-        let a = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
+        let a = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
         a.write_slice(b"first", GuestAddress(0)).unwrap();
         a.write_slice(b"last", GuestAddress(63 * PAGE as u64 + 100))
             .unwrap();
         let mut stream = Vec::new();
         assert_eq!(write_memory(&a, &mut stream).unwrap(), (2, 64));
-        let b = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
+        let b = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
         assert_eq!(read_memory(&b, &mut &stream[..]).unwrap(), 2);
         let mut got = [0u8; 4];
         b.read_slice(&mut got, GuestAddress(63 * PAGE as u64 + 100))

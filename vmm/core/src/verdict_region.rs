@@ -21,7 +21,8 @@ use vigil_wire::ring::{
     VERDICT_REGION_BYTES, VERDICT_RING_CAPACITY,
 };
 use vigil_wire::verdict::RECORD_LEN;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError};
+use crate::GuestMemoryMmap;
 
 /// Why a micro-VM's verdict region could not be reserved.
 #[derive(Debug, Error)]

@@ -19,10 +19,10 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
-use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
-use kvm_ioctls::VmFd;
+use kvm_bindings::KVM_MEM_READONLY;
 use thiserror::Error;
 
+use crate::dirty_log::{DirtyLogError, MemSlots};
 use crate::run_control::OthersStopped;
 
 pub const PAGE_SIZE: u64 = 0x1000;
@@ -61,11 +61,13 @@ pub enum WriteTrapError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("memslots: {0}")]
+    Slots(String),
 }
 
 /// The write traps of one VM. Armed at most once.
 pub struct WriteTraps {
-    vm_fd: Arc<VmFd>,
+    slots: Arc<MemSlots>,
     ram: RamSlot,
     /// Page-aligned guest-physical address → label, set when armed.
     pages: OnceLock<BTreeMap<u64, String>>,
@@ -97,10 +99,10 @@ pub fn slot_layout(size: u64, pages: &[u64]) -> Vec<(u64, u64, bool)> {
 }
 
 impl WriteTraps {
-    pub fn new(vm_fd: Arc<VmFd>, ram: RamSlot) -> Self {
+    pub fn new(slots: Arc<MemSlots>) -> Self {
         WriteTraps {
-            vm_fd,
-            ram,
+            ram: slots.ram(),
+            slots,
             pages: OnceLock::new(),
         }
     }
@@ -140,41 +142,26 @@ impl WriteTraps {
         }
         let sorted: Vec<u64> = map.keys().copied().collect();
         let layout = slot_layout(self.ram.size, &sorted);
-        // Delete the RAM slot, then add its pieces (KVM rejects overlapping slots).
-        self.set_slot(self.ram.slot, 0, 0, false)?;
-        for (i, &(start, len, read_only)) in layout.iter().enumerate() {
-            self.set_slot(self.ram.slot + i as u32, start, len, read_only)?;
-        }
-        let count = map.len();
-        let _ = self.pages.set(map);
-        Ok(count)
-    }
-
-    fn set_slot(
-        &self,
-        slot: u32,
-        start: u64,
-        len: u64,
-        read_only: bool,
-    ) -> Result<(), WriteTrapError> {
-        let region = kvm_userspace_memory_region {
-            slot,
-            guest_phys_addr: start,
-            memory_size: len,
-            userspace_addr: self.ram.host_addr + start,
-            flags: if read_only { KVM_MEM_READONLY } else { 0 },
-        };
-        // SAFETY: the host range lies inside the guest RAM mapping the VM owns for its lifetime
-        // (start + len <= ram.size); a zero length deletes the slot.
-        unsafe { self.vm_fd.set_user_memory_region(region) }.map_err(|source| {
-            WriteTrapError::SetSlot {
+        self.slots.split(&layout).map_err(|e| match e {
+            DirtyLogError::SetSlot {
                 slot,
                 start,
                 len,
-                read_only,
+                flags,
                 source,
-            }
-        })
+            } => WriteTrapError::SetSlot {
+                slot,
+                start,
+                len,
+                read_only: flags & KVM_MEM_READONLY != 0,
+                source,
+            },
+            // `split` only sets slots.
+            other => WriteTrapError::Slots(other.to_string()),
+        })?;
+        let count = map.len();
+        let _ = self.pages.set(map);
+        Ok(count)
     }
 }
 

@@ -20,7 +20,8 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use thiserror::Error;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
 use crate::layout::*;
 

@@ -26,7 +26,7 @@ use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 
 use crate::bus::Bus;
 use crate::emulation::{self, Completion, GuestView};

@@ -13,11 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kvm_bindings::{
-    kvm_pit_config, kvm_regs, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
+    kvm_pit_config, kvm_regs, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ioctl, Vm, VmError};
@@ -35,6 +36,7 @@ use crate::layout::*;
 use crate::run_control::RunControl;
 use crate::vcpu::{TenantGuard, Vcpu};
 use crate::verdict_region::VerdictRegion;
+use crate::dirty_log::MemSlots;
 use crate::write_trap::{RamSlot, WriteTraps};
 
 /// Where KVM's TSS and identity-map pages go (below the 4 GiB boundary, inside the MMIO hole).
@@ -50,13 +52,13 @@ impl Vm {
         let inputs = BootInputs::read(config, host)?;
         let introspection = introspection(config, &inputs.elf, knobs)?;
         let (kvm, fd) = kvm_vm()?;
-        let memory = guest_memory(&fd, config.mem_bytes())?;
+        let fd = Arc::new(fd);
+        let (memory, slots) = guest_memory(&fd, config.mem_bytes())?;
         let (serial_irq, console) = serial_console(config, &fd, created)?;
         let stop = Arc::new(AtomicBool::new(false));
         let device_fault = Arc::new(DeviceFault::new(stop.clone()));
         let nets = net_devices(config, &fd, &memory, &device_fault)?;
         let bus = Arc::new(Bus::new(serial_irq, console, nets.slots, inputs.exit_port));
-        let fd = Arc::new(fd);
         let vcpu_fds = vcpu_fds(&kvm, &fd, config.vcpus, host)?;
         let verdict_region = load_payload(
             config,
@@ -67,7 +69,7 @@ impl Vm {
             &vcpu_fds[0],
             knobs.tsc_dilation,
         )?;
-        let write_traps = write_traps(config, introspection.is_some(), &fd, &memory)?;
+        let write_traps = write_traps(introspection.is_some(), &slots);
         let debug_generation = Arc::new(AtomicU64::new(0));
         let guard = || match (&introspection, &write_traps) {
             (Some(introspection), Some(write_traps)) => Some(TenantGuard {
@@ -104,6 +106,7 @@ impl Vm {
             _kvm: kvm,
             fd,
             memory,
+            slots,
             bus,
             vcpus,
             created,
@@ -232,26 +235,28 @@ fn kvm_vm() -> Result<(Kvm, VmFd), VmError> {
     Ok((kvm, fd))
 }
 
-/// Guest RAM from 0, registered with KVM.
-fn guest_memory(fd: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmError> {
+/// Guest RAM from 0, registered with KVM as one memslot.
+fn guest_memory(
+    fd: &Arc<VmFd>,
+    mem_size: u64,
+) -> Result<(GuestMemoryMmap, Arc<MemSlots>), VmError> {
     let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
         .map_err(VmError::Memory)?;
-    for (slot, region) in memory.iter().enumerate() {
-        let region_desc = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: memory
-                .get_host_address(region.start_addr())
-                .map_err(VmError::HostAddress)? as u64,
-            flags: 0,
-        };
-        // SAFETY: the region is mapped for the lifetime of `memory`, which the Vm owns and
-        // which outlives the VM file descriptor's use of it.
-        unsafe { fd.set_user_memory_region(region_desc) }
-            .map_err(ioctl("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-    Ok(memory)
+    let host_addr = memory
+        .get_host_address(GuestAddress(0))
+        .map_err(VmError::HostAddress)? as u64;
+    // The mapping lives as long as `memory`, which the Vm owns and which outlives the VM file
+    // descriptor's use of it.
+    let slots = MemSlots::new(
+        fd.clone(),
+        RamSlot {
+            slot: 0,
+            size: mem_size,
+            host_addr,
+        },
+    )
+    .map_err(VmError::MemSlots)?;
+    Ok((memory, Arc::new(slots)))
 }
 
 /// The console on COM1: its interrupt (an irqfd on GSI 4) and its output.
@@ -501,26 +506,8 @@ fn seed_cmdline(config: &VmConfig) -> String {
 }
 
 /// Write traps guard a tenant's hooked kernel pages once it has booted (with introspection).
-fn write_traps(
-    config: &VmConfig,
-    introspection: bool,
-    fd: &Arc<VmFd>,
-    memory: &GuestMemoryMmap,
-) -> Result<Option<Arc<WriteTraps>>, VmError> {
-    if !introspection {
-        return Ok(None);
-    }
-    let host_addr = memory
-        .get_host_address(GuestAddress(0))
-        .map_err(VmError::HostAddress)? as u64;
-    Ok(Some(Arc::new(WriteTraps::new(
-        fd.clone(),
-        RamSlot {
-            slot: 0,
-            size: config.mem_bytes(),
-            host_addr,
-        },
-    ))))
+fn write_traps(introspection: bool, slots: &Arc<MemSlots>) -> Option<Arc<WriteTraps>> {
+    introspection.then(|| Arc::new(WriteTraps::new(slots.clone())))
 }
 
 /// CPUID for one vCPU: its APIC ID in leaf 1 and 0xB. On an emulating host the KVM paravirt leaves

@@ -19,12 +19,13 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
 use thiserror::Error;
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 
 use crate::boot::BootError;
 use crate::bus::MmioSlot;
 use crate::config::ConfigError;
 use crate::devices::MmioDevice;
+use crate::dirty_log::MemSlots;
 use crate::host_kind::HostKind;
 use crate::run_control::RunControl;
 use crate::vcpu::{StopReason, Vcpu, VcpuStats};
@@ -111,6 +112,8 @@ pub enum VmError {
     DevicesAfterRun,
     #[error("restore: {0}")]
     Restore(#[source] RestoreError),
+    #[error("guest RAM: {0}")]
+    MemSlots(crate::dirty_log::DirtyLogError),
     #[error("cannot start a vCPU thread: {0}")]
     Thread(std::io::Error),
 }
@@ -156,6 +159,7 @@ pub struct VmHandle {
     fd: Arc<VmFd>,
     bus: Arc<Bus>,
     memory: GuestMemoryMmap,
+    slots: Arc<MemSlots>,
     control: Arc<RunControl>,
 }
 
@@ -174,6 +178,11 @@ impl VmHandle {
         self.control.resume();
     }
 
+    /// The VM's memslots: dirty logging for a migration's pre-copy.
+    pub fn slots(&self) -> &Arc<MemSlots> {
+        &self.slots
+    }
+
     /// Restarts the devices of a captured VM but leaves its vCPUs parked.
     pub fn resume_devices(&self) {
         self.bus.resume_devices();
@@ -188,6 +197,8 @@ pub struct Vm {
     _kvm: Kvm,
     fd: Arc<VmFd>,
     memory: GuestMemoryMmap,
+    /// Its memslots (dirty logging, write traps' layout).
+    slots: Arc<MemSlots>,
     bus: Arc<Bus>,
     vcpus: Vec<Vcpu>,
     created: Instant,
@@ -220,6 +231,7 @@ impl Vm {
             fd: self.fd.clone(),
             bus: self.bus.clone(),
             memory: self.memory.clone(),
+            slots: self.slots.clone(),
             control: self.control.clone(),
         }
     }

@@ -100,6 +100,13 @@ impl Vm {
         snapshot: &VmSnapshot,
         pages: &mut impl std::io::Read,
     ) -> Result<Vec<u32>, VmError> {
+        self.check_shape(snapshot)?;
+        self.clear_ram()?;
+        crate::snapshot::read_memory(&self.memory, pages).map_err(RestoreError::Ram)?;
+        self.restore_state(snapshot)
+    }
+
+    fn check_shape(&self, snapshot: &VmSnapshot) -> Result<(), VmError> {
         let mem_size: u64 = self.memory.iter().map(|r| r.len()).sum();
         if snapshot.mem_bytes != mem_size || snapshot.vcpus.len() != self.vcpus.len() {
             return Err(RestoreError::Shape {
@@ -110,8 +117,13 @@ impl Vm {
             }
             .into());
         }
-        // Start from zeroed RAM (what `create` loaded is not the guest's any more): give the
-        // pages back to the kernel, which maps zero pages on the next touch.
+        Ok(())
+    }
+
+    /// Zeroes RAM (what `create` loaded is not the guest's any more) before pages of a
+    /// snapshot or a migration's rounds arrive: the pages go back to the kernel, which maps zero
+    /// pages on the next touch.
+    pub fn clear_ram(&self) -> Result<(), VmError> {
         for region in self.memory.iter() {
             let host = self
                 .memory
@@ -125,7 +137,13 @@ impl Vm {
                 return Err(RestoreError::Ram(std::io::Error::last_os_error()).into());
             }
         }
-        crate::snapshot::read_memory(&self.memory, pages).map_err(RestoreError::Ram)?;
+        Ok(())
+    }
+
+    /// Loads the VM, vCPU and device state of `snapshot` into this fresh VM whose RAM already
+    /// holds the guest's pages (`clear_ram` and a migration's page rounds).
+    pub fn restore_state(&mut self, snapshot: &VmSnapshot) -> Result<Vec<u32>, VmError> {
+        self.check_shape(snapshot)?;
         let kvm = |what| move |source| RestoreError::Kvm { what, source };
         for chip in &snapshot.irqchips {
             self.fd.set_irqchip(chip).map_err(kvm("KVM_SET_IRQCHIP"))?;

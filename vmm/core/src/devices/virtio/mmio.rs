@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{features, status, Activation, Interrupt, VirtioDevice, VirtioError};
@@ -509,7 +509,7 @@ mod tests {
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     fn transport() -> (MmioTransport, Arc<Mutex<Recorder>>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let rec = Arc::new(Mutex::new(Recorder {
             config: [1, 2, 3, 4, 5, 6, 7, 8],
             ..Default::default()

@@ -28,7 +28,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::counters::{bump, NetCounters};
@@ -144,6 +146,11 @@ impl Segments {
             let slice = mem.get_slice(desc.addr(), len).ok()?;
             if s.count == MAX_SEGMENTS {
                 return None;
+            }
+            if write {
+                // Raw copies below bypass vm-memory's accessors: mark what the device may
+                // write for a migration's dirty tracking (the whole buffer, conservatively).
+                slice.bitmap().mark_dirty(0, len);
             }
             s.at[s.count] = (slice.ptr_guard_mut().as_ptr(), len);
             s.count += 1;

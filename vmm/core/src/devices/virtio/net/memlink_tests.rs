@@ -5,7 +5,8 @@ use super::*;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
 use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
 use crate::devices::virtio::features;
@@ -26,7 +27,7 @@ struct Guest {
 }
 
 fn guest(end: MemLinkEnd, features: u64) -> Guest {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let net = Net::with_memory_link(end, [0x52, 0x54, 0, 0, 0, 1]);
     let counters = net.counters();
     let transport = Arc::new(Mutex::new(

@@ -9,7 +9,7 @@
 use std::io::{self, Write};
 
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 
 use super::backend::{Backend, RingBroken};
 use super::counters::bump;

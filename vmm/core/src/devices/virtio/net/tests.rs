@@ -5,7 +5,8 @@ use super::*;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use crate::GuestMemoryMmap;
 
 use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
 use crate::devices::virtio::mmio::MmioTransport;
@@ -29,7 +30,7 @@ struct Rig {
 }
 
 fn rig(features: u64) -> Rig {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
     let (ours, peer) = UnixDatagram::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
     let net = Net::new(Box::new(ours), MAC);

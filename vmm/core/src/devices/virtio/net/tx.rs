@@ -9,7 +9,7 @@
 use std::io::Read;
 
 use virtio_queue::{DescriptorChain, QueueT, Reader};
-use vm_memory::GuestMemoryMmap;
+use crate::GuestMemoryMmap;
 
 use super::backend::{Backend, RingBroken};
 use super::counters::bump;
