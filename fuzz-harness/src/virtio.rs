@@ -22,13 +22,13 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_core::GuestMemoryMmap;
 use vmm_core::devices::virtio::driver::QueueLayout;
 use vmm_core::devices::virtio::mmio::{reg, MmioTransport};
 use vmm_core::devices::virtio::net::fuzzing::InlineNet;
 use vmm_core::devices::virtio::net::{MAX_FRAME, TX_QUEUE};
 use vmm_core::devices::virtio::{features, status};
 use vmm_core::devices::MmioDevice;
+use vmm_core::GuestMemoryMmap;
 
 use crate::Input;
 

@@ -64,6 +64,16 @@ pub fn receive_datagram(socket: UdpSocket, timeout: Duration) -> JoinHandle<(Soc
 
 /// A UDP port on 127.0.0.1 free at the time of asking (bound and released; nothing else here
 /// races for it).
+/// A TCP port nobody listens on at the moment (for a migration target).
+pub fn free_tcp_port() -> Result<u16> {
+    let io = |source| Error::Io {
+        what: "a free TCP port".into(),
+        source,
+    };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(io)?;
+    Ok(listener.local_addr().map_err(io)?.port())
+}
+
 pub fn free_udp_port() -> Result<u16> {
     let io = |source| Error::Io {
         what: "a free UDP port".into(),

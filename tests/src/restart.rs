@@ -140,6 +140,7 @@ impl Rig {
             state_dir: dir.join("state"),
             console_stdout: false,
             debug: vmm_core::knobs::DebugKnobs::default(),
+            migration_keys: Default::default(),
         })
         .expect("the host starts");
         let spec: VmSpec = serde_json::from_value(vm_spec(

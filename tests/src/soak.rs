@@ -89,7 +89,7 @@ fn clean(v: &Value) -> bool {
         && v["switch_open"] == true
 }
 
-fn start_host(name: &str, dir: &TempDir) -> Arc<Host> {
+fn start_host(name: &str, dir: &TempDir, keys: &vmm_host::MigrationKeys) -> Arc<Host> {
     Host::start(HostConfig {
         name: name.into(),
         switch_elf: fw_guest_elf(),
@@ -101,6 +101,7 @@ fn start_host(name: &str, dir: &TempDir) -> Arc<Host> {
         state_dir: dir.join(name),
         console_stdout: false,
         debug: vmm_core::knobs::DebugKnobs::default(),
+        migration_keys: keys.clone(),
     })
     .expect("the host starts")
 }
@@ -111,8 +112,11 @@ pub fn soak(cycles: usize) -> Result<Value, String> {
     let cycles = cycles.max(2);
     vmm_core::events::bus().set_quiet(true);
     let dir = TempDir::new("vigil-soak");
-    let a = start_host("soak-a", &dir);
-    let b = start_host("soak-b", &dir);
+    let keys = vmm_host::MigrationKeys::from_json(&crate::workload::migration_keys_json(&[
+        "soak-a", "soak-b",
+    ]))?;
+    let a = start_host("soak-a", &dir, &keys);
+    let b = start_host("soak-b", &dir, &keys);
     let mut spec: VmSpec = serde_json::from_value(vm_spec(
         &tenant_dir(),
         "soak",
@@ -141,11 +145,12 @@ pub fn soak(cycles: usize) -> Result<Value, String> {
             ));
         }
         for (from, to, name) in [(&a, &b, "b"), (&b, &a, "a")] {
-            let url = format!("unix:{}", dir.join(format!("mig-{name}.sock")).display());
+            let port = crate::outside::free_tcp_port().map_err(|e| e.to_string())?;
+            let url = format!("tcp:127.0.0.1:{port}");
             to.receive_migration(&url)
                 .map_err(|e| step("receive-migration", e))?;
             let report = from
-                .send_migration("soak", &url)
+                .send_migration("soak", &url, true)
                 .map_err(|e| step("send-migration", e))?;
             eprintln!(
                 "soak cycle {cycle}: migrated to {name} at {:?}: {report}",

@@ -24,6 +24,22 @@ pub fn vm_spec(images: &Path, id: &str, ip: &str, mac: &str, policy: &Value) -> 
     })
 }
 
+/// A migration keys file's text for `hosts` (`vigil host --migration-keys`): a fresh random
+/// 256-bit key each.
+pub fn migration_keys_json(hosts: &[&str]) -> String {
+    use std::io::Read;
+    let mut map = serde_json::Map::new();
+    for host in hosts {
+        let mut key = [0u8; 32];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut key))
+            .expect("/dev/urandom");
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        map.insert((*host).into(), Value::String(hex));
+    }
+    Value::Object(map).to_string()
+}
+
 /// The policy of a tenant that is created but not driven: busybox may connect to
 /// 10.0.0.1:80/tcp, nothing else.
 pub fn idle_policy() -> Value {

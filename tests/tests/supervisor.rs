@@ -264,6 +264,7 @@ fn a_restarted_edge_gets_every_address_and_verdict_again() {
         state_dir: dir.join("state"),
         console_stdout: false,
         debug: vmm_core::knobs::DebugKnobs::default(),
+        migration_keys: Default::default(),
     })
     .expect("host");
     let spec: vmm_host::VmSpec = serde_json::from_value(vigil_tests::workload::vm_spec(

@@ -159,8 +159,25 @@ impl Endpoint for VmResume {
 #[serde(deny_unknown_fields)]
 pub struct VmDestination {
     pub id: String,
-    /// `file:///dir` (snapshot) or `unix:/path` (migration).
+    /// `file:///dir` (snapshot).
     pub destination_url: String,
+}
+
+/// `vm.send-migration`: a VM, the target host, and whether RAM is copied while it runs.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmMigration {
+    pub id: String,
+    /// `tcp:HOST:PORT`: where the target's vm.receive-migration listens.
+    pub destination_url: String,
+    /// Pre-copy (default): dirty-page rounds while the VM runs, then a short pause. Where KVM
+    /// cannot log dirty pages it falls back to stop-and-copy (the reply says so).
+    #[serde(default = "yes")]
+    pub precopy: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `vm.restore`: where a snapshot is.
@@ -170,7 +187,7 @@ pub struct VmSource {
     pub source_url: String,
 }
 
-/// `vm.receive-migration`: where to listen for the source host.
+/// `vm.receive-migration`: where to listen for the source host (`tcp:HOST:PORT`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmReceiver {
@@ -203,10 +220,10 @@ pub struct VmSendMigration;
 impl Endpoint for VmSendMigration {
     const METHOD: Method = Method::Put;
     const PATH: &'static str = "vm.send-migration";
-    type Request = VmDestination;
+    type Request = VmMigration;
     type Response = serde_json::Value;
-    fn handle(host: &Arc<Host>, r: VmDestination) -> Result<serde_json::Value, HostError> {
-        host.send_migration(&r.id, &r.destination_url)
+    fn handle(host: &Arc<Host>, r: VmMigration) -> Result<serde_json::Value, HostError> {
+        host.send_migration(&r.id, &r.destination_url, r.precopy)
     }
 }
 

@@ -40,6 +40,7 @@ pub fn status_of(error: &ApiError) -> u16 {
             | HostError::Path { .. }
             | HostError::InvalidSnapshot { .. }
             | HostError::TargetUnreachable { .. } => 400,
+            HostError::MigrationAuth { .. } => 403,
             HostError::NotFound { .. } => 404,
             HostError::WrongState { .. }
             | HostError::IdTaken { .. }

@@ -49,6 +49,10 @@ pub struct HostArgs {
     /// Copy tenant consoles to stdout.
     #[arg(long)]
     console: bool,
+    /// Keys of the hosts this one migrates with, its own (--name) included: a JSON file
+    /// {"NAME": "64+ hex digits", ...}. Without it, migration is refused both ways.
+    #[arg(long)]
+    migration_keys: Option<PathBuf>,
     #[command(flatten)]
     cluster: EtcdArgs,
 }
@@ -130,9 +134,15 @@ enum RemoteAction {
     Snapshot { id: String, destination_url: String },
     /// PUT vm.restore
     Restore { source_url: String },
-    /// PUT vm.send-migration
-    SendMigration { id: String, destination_url: String },
-    /// PUT vm.receive-migration
+    /// PUT vm.send-migration (DESTINATION_URL: tcp:HOST:PORT)
+    SendMigration {
+        id: String,
+        destination_url: String,
+        /// Stop-and-copy: no pre-copy rounds.
+        #[arg(long)]
+        no_precopy: bool,
+    },
+    /// PUT vm.receive-migration (RECEIVER_URL: tcp:HOST:PORT to listen at)
     ReceiveMigration { receiver_url: String },
     /// GET vm.policy, or PUT it with --set FILE
     Policy {
@@ -184,6 +194,16 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
         },
         _ => None,
     };
+    let migration_keys = match &args.migration_keys {
+        Some(path) => match vmm_host::MigrationKeys::load(path) {
+            Ok(keys) => keys,
+            Err(e) => {
+                eprintln!("vigil host: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => vmm_host::MigrationKeys::default(),
+    };
     let state_dir = args.state_dir.clone().unwrap_or_else(|| {
         let mut dir = args.api_socket.clone().into_os_string();
         dir.push(".d");
@@ -206,6 +226,7 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
         state_dir,
         console_stdout: args.console,
         debug,
+        migration_keys,
     }) {
         Ok(host) => host,
         Err(e) => {
@@ -384,12 +405,12 @@ pub fn remote(args: RemoteArgs) -> ExitCode {
         RemoteAction::SendMigration {
             id,
             destination_url,
+            no_precopy,
         } => (
             "PUT",
             "vm.send-migration".into(),
-            Some(json_body(
-                serde_json::json!({"id": id, "destination_url": destination_url}),
-            )),
+            Some(json_body(serde_json::json!({"id": id,
+                "destination_url": destination_url, "precopy": !no_precopy}))),
         ),
         RemoteAction::ReceiveMigration { receiver_url } => (
             "PUT",

@@ -11,9 +11,9 @@
 //! Owns: building the tables in guest memory and the RSDP address the boot information names.
 //! Must not: describe a device the VM does not have, or write outside the ACPI area of the layout.
 
+use crate::GuestMemoryMmap;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 
 use crate::devices::MmioDeviceInfo;
 use crate::layout::{ACPI_SIZE, ACPI_START, IOAPIC_START, LAPIC_START};

@@ -37,7 +37,9 @@ pub enum DirtyLogError {
     Wrong { wrote: Vec<u64>, logged: Vec<u64> },
     #[error("the probe guest did not finish: {0}")]
     Guest(String),
-    #[error("KVM_SET_USER_MEMORY_REGION (slot {slot}, {start:#x}+{len:#x}, flags {flags:#x}): {source}")]
+    #[error(
+        "KVM_SET_USER_MEMORY_REGION (slot {slot}, {start:#x}+{len:#x}, flags {flags:#x}): {source}"
+    )]
     SetSlot {
         slot: u32,
         start: u64,
@@ -89,7 +91,9 @@ impl DirtyPages {
     /// Page numbers, ascending.
     pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
         let pages = self.pages;
-        set_pages(&self.bits).into_iter().filter(move |&p| p < pages)
+        set_pages(&self.bits)
+            .into_iter()
+            .filter(move |&p| p < pages)
     }
 }
 
@@ -181,7 +185,12 @@ impl MemSlots {
         let mut state = self.lock();
         for (i, &(start, len, read_only)) in state.layout.iter().enumerate() {
             if !read_only {
-                self.set_slot(self.ram.slot + i as u32, start, len, Self::flags(false, true))?;
+                self.set_slot(
+                    self.ram.slot + i as u32,
+                    start,
+                    len,
+                    Self::flags(false, true),
+                )?;
             }
         }
         state.logging = true;
@@ -313,13 +322,11 @@ pub fn probe() -> Result<(), DirtyLogError> {
         ];
         // SAFETY: 23 bytes at offset 0x1000 of the RAM-byte mapping above.
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                code.as_ptr(),
-                host.cast::<u8>().add(0x1000),
-                code.len(),
-            )
+            std::ptr::copy_nonoverlapping(code.as_ptr(), host.cast::<u8>().add(0x1000), code.len())
         };
-        let mut vcpu = vm.create_vcpu(0).map_err(|e| kvm_err("KVM_CREATE_VCPU", e))?;
+        let mut vcpu = vm
+            .create_vcpu(0)
+            .map_err(|e| kvm_err("KVM_CREATE_VCPU", e))?;
         let mut sregs = vcpu.get_sregs().map_err(|e| kvm_err("KVM_GET_SREGS", e))?;
         let cs = kvm_segment {
             base: 0,
@@ -344,7 +351,8 @@ pub fn probe() -> Result<(), DirtyLogError> {
         let mut regs = vcpu.get_regs().map_err(|e| kvm_err("KVM_GET_REGS", e))?;
         regs.rip = 0x1000;
         regs.rflags = 2;
-        vcpu.set_regs(&regs).map_err(|e| kvm_err("KVM_SET_REGS", e))?;
+        vcpu.set_regs(&regs)
+            .map_err(|e| kvm_err("KVM_SET_REGS", e))?;
         match vcpu.run() {
             Ok(VcpuExit::IoOut(0x80, _)) => {}
             Ok(other) => return Err(DirtyLogError::Guest(format!("{other:?}"))),

@@ -21,12 +21,12 @@
 //! guest memory), the errors that name an instruction it cannot complete.
 //! Must not: guess at an instruction it does not know, or read past guest RAM.
 
+use crate::GuestMemoryMmap;
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use thiserror::Error;
 use trap_handler::mem::{self, PagingMode};
 use vm_memory::{Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 
 use crate::guest_ram::GuestRam;
 

@@ -5,9 +5,9 @@
 //! bounds check and one copy: the trap path makes dozens).
 //! Must not: read outside guest RAM or hand out references into it (bytes are copied).
 
+use crate::GuestMemoryMmap;
 use trap_handler::mem::{GuestPhys, MemError};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use crate::GuestMemoryMmap;
 
 /// A borrowed view of a VM's RAM.
 pub struct GuestRam<'a>(pub &'a GuestMemoryMmap);

@@ -20,6 +20,7 @@
 
 use std::io::{self, Read, Write};
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_pit_state2,
     kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
@@ -28,11 +29,10 @@ use kvm_ioctls::{Kvm, VcpuFd};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
-use crate::GuestMemoryMmap;
 
 pub const PAGE: usize = 4096;
 /// Marks the end of the page stream.
-const END_OF_PAGES: u64 = u64::MAX;
+pub const END_OF_PAGES: u64 = u64::MAX;
 
 /// Why a vCPU's state could not be captured or loaded.
 #[derive(Debug, Error)]

@@ -11,6 +11,7 @@
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
+use crate::GuestMemoryMmap;
 use serde::Serialize;
 use thiserror::Error;
 use vigil_wire::ring::{
@@ -22,7 +23,6 @@ use vigil_wire::ring::{
 };
 use vigil_wire::verdict::RECORD_LEN;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError};
-use crate::GuestMemoryMmap;
 
 /// Why a micro-VM's verdict region could not be reserved.
 #[derive(Debug, Error)]

@@ -13,12 +13,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
-use vmm_core::GuestMemoryMmap;
 use vmm_core::devices::tap::{Tap, TapError};
 use vmm_core::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
 use vmm_core::devices::virtio::mmio::MmioTransport;
 use vmm_core::devices::virtio::net::{Net, NetCounters, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use vmm_core::devices::virtio::status;
+use vmm_core::GuestMemoryMmap;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0xab, 0xcd, 0xef];
 /// IEEE 802 "local experimental" EtherType: nothing else in the namespace sends it.

@@ -42,6 +42,9 @@ pub struct HostConfig {
     pub console_stdout: bool,
     /// Debug knobs (read once by the CLI), carried into every VM this host creates.
     pub debug: vmm_core::knobs::DebugKnobs,
+    /// The keys of the hosts this one migrates with, its own included (none: migration is
+    /// refused both ways).
+    pub migration_keys: crate::MigrationKeys,
 }
 
 /// A tenant VM as the API creates it (`PUT /api/v1/vm.create`).

@@ -58,14 +58,18 @@ pub enum HostError {
     #[error("{what}: {reason}")]
     InvalidSnapshot { what: String, reason: String },
     /// Nothing listens at the migration target.
-    #[error(
-        "cannot reach the target at {}: {source} (did it run vm.receive-migration?)",
-        .path.display()
-    )]
+    #[error("cannot reach the target at {target}: {source} (did it run vm.receive-migration?)")]
     TargetUnreachable {
-        path: PathBuf,
+        target: String,
         #[source]
         source: io::Error,
+    },
+    /// The migration's peer failed authentication, or refused this host's; the VM runs on here.
+    #[error("migration of {id:?} to {url} refused: authentication: {reason}; the VM runs on here")]
+    MigrationAuth {
+        id: String,
+        url: String,
+        reason: String,
     },
     /// Every switch port is held by a VM.
     #[error(

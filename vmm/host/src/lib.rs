@@ -5,7 +5,8 @@
 //! Modules: `config` (host configuration, VM spec), `error`, `host` (start, shutdown, counters),
 //! `switch` (the switch micro-VM and the book of what it holds), `supervisor` (its restarts), `tenant` (one tenant's entry), `lifecycle` (create, boot,
 //! pause, resume, delete, policy), `tiers` (control records to both tiers, timings),
-//! `edge_link` (the channel to the edge), `snapshot`, `migration`.
+//! `edge_link` (the channel to the edge), `snapshot`, `migration` (source), `migration_in`
+//! (target), `migration_link` (TCP, authentication, sealed frames).
 //!
 //! Owns: the tenant table and the switch. Must not: let one tenant's failure (bad config, a
 //! crashed guest) take down the host or another tenant; know about HTTP.
@@ -16,6 +17,8 @@ mod error;
 mod host;
 mod lifecycle;
 mod migration;
+mod migration_in;
+pub mod migration_link;
 mod snapshot;
 mod supervisor;
 mod switch;
@@ -26,7 +29,8 @@ pub use config::{EdgeLinkConfig, HostConfig, VmSpec, MAX_TENANT_PORTS};
 pub use edge_link::EdgeLinkStats;
 pub use error::{HostError, StartError};
 pub use host::Host;
-pub use migration::unix_path;
+pub use migration::{migration_target, Round};
+pub use migration_link::MigrationKeys;
 pub use snapshot::file_path;
 pub use switch::SwitchStatus;
 pub use tenant::{VmInfo, VmState};

@@ -1,83 +1,131 @@
-//! Live migration between hosts over a Unix socket: the source pauses the VM, sends its state,
-//! RAM and introspection state; the target restores it, takes it over on its switch (Adopt
-//! records, so established flows go on) and announces where it is now.
+//! Live migration between hosts over TCP (see `migration_link` for the transport and its
+//! authentication): the source copies RAM while the VM runs (pre-copy: dirty-page rounds), then
+//! pauses it and sends the pages still dirty with the vCPU, device and introspection state; the
+//! target restores it, takes it over on its switch (Adopt records, so established flows go on)
+//! and announces where it is now. Where KVM cannot log dirty pages, or pre-copy was not asked
+//! for, the whole RAM goes during the pause (stop-and-copy).
 //!
-//! Owns: the migration protocol (header, replies, version) and both of its ends. Must not: lose
-//! the VM on a failure: until the target runs it, the source resumes it.
+//! Owns: the migration protocol (header, steps, replies, version) and its source end (the
+//! target's is `migration_in`). Must not: lose the VM on a failure: until the target runs it,
+//! the source resumes it.
 
-use std::net::IpAddr;
-use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-use vigil_wire::verdict::RECORD_LEN;
-use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
+use vmm_core::dirty_log::DirtyPages;
+use vmm_core::snapshot::{read_json, write_json, PAGE};
+use vmm_core::GuestMemoryMmap;
 
-use crate::snapshot::{import_introspection, MAX_STATE_DOC};
-use crate::tenant::{start_vm, Tenant, PAUSE_LIMIT};
+use crate::migration_link::{self, tcp_target};
+use crate::tenant::PAUSE_LIMIT;
 use crate::{Host, HostError, VmSpec, VmState};
 
-/// The migration protocol's first message (source to target).
+/// The migration protocol's first message (source to target, after the handshake).
 #[derive(Serialize, Deserialize)]
-struct MigrationHeader {
-    version: u32,
-    spec: VmSpec,
-    source_host: String,
+pub(crate) struct MigrationHeader {
+    pub version: u32,
+    pub spec: VmSpec,
+    pub source_host: String,
+}
+
+/// What follows, from the source: a round of pages (a page stream), or the final step (the VM
+/// state, a page stream, the introspection state).
+#[derive(Serialize, Deserialize)]
+pub(crate) enum Step {
+    Pages { round: u32 },
+    Final,
 }
 
 /// The target's answers.
 #[derive(Serialize, Deserialize)]
-struct MigrationReply {
-    ok: bool,
-    error: Option<String>,
+pub(crate) struct MigrationReply {
+    pub ok: bool,
+    pub error: Option<String>,
     /// In the final reply: ms to restore the VM, ms until its switch took the tenant over.
-    restore_ms: f64,
-    tiers_ms: f64,
+    pub restore_ms: f64,
+    pub tiers_ms: f64,
 }
 
-const MIGRATION_VERSION: u32 = 1;
-/// How long a target waits for its source.
-const MIGRATION_WAIT: Duration = Duration::from_secs(120);
+pub(crate) const MIGRATION_VERSION: u32 = 2;
+/// How long a target waits for its source, and either end for the other's next message.
+pub(crate) const MIGRATION_WAIT: Duration = Duration::from_secs(120);
+/// Pre-copy rounds at most (round 0, the whole RAM, included).
+const MAX_ROUNDS: u32 = 12;
+/// Stop iterating once what is dirty would take this long to send at the measured rate.
+const STOP_COPY_BUDGET: Duration = Duration::from_millis(4);
+/// ... or is at most this many pages.
+const STOP_PAGES: u64 = 64;
+/// A round that leaves more than this share of the previous one dirty did not converge; two
+/// such rounds in a row end the iteration (the rest goes during the pause, as stop-and-copy).
+const CONVERGENCE: f64 = 0.9;
 
-/// `unix:/path` → the path.
-pub fn unix_path(url: &str) -> Result<PathBuf, HostError> {
-    match url.strip_prefix("unix:") {
-        Some(path) if path.starts_with('/') => Ok(PathBuf::from(path)),
-        _ => Err(HostError::InvalidUrl {
-            url: url.into(),
-            form: "unix:/absolute/path",
-        }),
+/// `tcp:HOST:PORT` → where to connect.
+pub fn migration_target(url: &str) -> Result<&str, HostError> {
+    tcp_target(url).ok_or_else(|| HostError::InvalidUrl {
+        url: url.into(),
+        form: "tcp:HOST:PORT",
+    })
+}
+
+/// One pre-copy round as reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct Round {
+    pub round: u32,
+    pub pages: u64,
+    pub bytes: u64,
+    pub ms: f64,
+}
+
+/// Writes the pages `pages` lists (all of them, zero or not: a page may have become zero), then
+/// the end marker.
+fn write_pages(
+    memory: &GuestMemoryMmap,
+    pages: impl Iterator<Item = u64>,
+    out: &mut impl Write,
+) -> std::io::Result<u64> {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut page = [0u8; PAGE];
+    let mut sent = 0;
+    for n in pages {
+        memory
+            .read_slice(&mut page, GuestAddress(n * PAGE as u64))
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        out.write_all(&n.to_le_bytes())?;
+        out.write_all(&page)?;
+        sent += 1;
+    }
+    out.write_all(&vmm_core::snapshot::END_OF_PAGES.to_le_bytes())?;
+    Ok(sent)
+}
+
+fn merge(into: &mut DirtyPages, from: &DirtyPages) {
+    for (a, b) in into.bits.iter_mut().zip(&from.bits) {
+        *a |= b;
     }
 }
 
-/// A gratuitous ARP from the tenant (who-has its own address, broadcast): sent on its behalf
-/// after a migration so that the switch, the edge's VXLAN table and outside hosts learn where it
-/// is now (virtio-net's GUEST_ANNOUNCE does this from inside the guest; the tenant's kernel was
-/// not asked to).
-fn announcement(mac: [u8; 6], ip: IpAddr) -> Option<Vec<u8>> {
-    let IpAddr::V4(ip) = ip else {
-        return None;
-    };
-    let mut frame = vec![0xff; 6];
-    frame.extend_from_slice(&mac);
-    // EtherType ARP; htype Ethernet, ptype IPv4, hlen 6, plen 4, op request (RFC 826).
-    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    frame.extend_from_slice(&mac);
-    frame.extend_from_slice(&ip.octets());
-    frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&ip.octets());
-    Some(frame)
-}
-
 impl Host {
-    /// `vm.send-migration`: moves a running VM to the host listening at `url`: pause, send its
-    /// state and RAM, and once the target runs it, drop it here (the switch forgets it; the edge
-    /// keeps its verdicts and flows, which the tenant goes on using from the target). On any
-    /// failure before the target runs it, the VM resumes here and nothing is lost.
-    pub fn send_migration(&self, id: &str, url: &str) -> Result<serde_json::Value, HostError> {
-        let path = unix_path(url)?;
+    /// `vm.send-migration`: moves a running VM to the host listening at `url` (`tcp:HOST:PORT`):
+    /// authenticate, copy RAM while it runs (`precopy`, where KVM logs dirty pages), pause, send
+    /// the rest and its state, and once the target runs it, drop it here (the switch forgets it;
+    /// the edge keeps its verdicts and flows, which the tenant goes on using from the target). On
+    /// any failure before the target runs it, the VM resumes here and nothing is lost.
+    pub fn send_migration(
+        &self,
+        id: &str,
+        url: &str,
+        precopy: bool,
+    ) -> Result<serde_json::Value, HostError> {
+        let target = migration_target(url)?.to_string();
+        if let Err(e) = self.config.migration_keys.own(&self.config.name) {
+            return Err(HostError::MigrationAuth {
+                id: id.into(),
+                url: url.into(),
+                reason: e.to_string(),
+            });
+        }
         let (spec, handle, introspection) = {
             let mut tenants = self.tenants();
             let t = tenants
@@ -91,7 +139,7 @@ impl Host {
                     allowed: "only a running VM migrates".into(),
                 });
             }
-            // Paused from here on: no other action may touch it meanwhile.
+            // Migrating from here on: no other action may touch it meanwhile.
             t.state = VmState::Paused;
             (t.spec.clone(), t.handle.clone(), t.introspection.clone())
         };
@@ -100,15 +148,9 @@ impl Host {
                 t.state = state;
             }
         };
-        let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
-            Ok(s) => s,
-            Err(e) => {
-                set_state(VmState::Running);
-                return Err(HostError::TargetUnreachable { path, source: e });
-            }
-        };
-        let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
+        let slots = handle.slots().clone();
         let failed = |e: String, resume: bool| {
+            slots.stop_logging();
             if resume {
                 handle.resume_after_capture();
             }
@@ -124,15 +166,45 @@ impl Host {
                 reason: e,
             }
         };
+        let stream = target
+            .to_socket_addrs()
+            .and_then(|mut addrs| {
+                addrs
+                    .next()
+                    .ok_or_else(|| std::io::Error::other("the name has no address"))
+            })
+            .and_then(|addr| TcpStream::connect_timeout(&addr, Duration::from_secs(10)));
+        let stream = match stream {
+            Ok(s) => s,
+            Err(source) => {
+                let _ = failed(format!("cannot reach {target}: {source}"), false);
+                return Err(HostError::TargetUnreachable { target, source });
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
+        let mut session =
+            match migration_link::connect(stream, &self.config.migration_keys, &self.config.name) {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = failed(format!("authentication: {e}"), false);
+                    return Err(HostError::MigrationAuth {
+                        id: id.into(),
+                        url: url.into(),
+                        reason: e.to_string(),
+                    });
+                }
+            };
         let header = MigrationHeader {
             version: MIGRATION_VERSION,
             spec: spec.clone(),
             source_host: self.config.name.clone(),
         };
-        if let Err(e) = write_json(&mut stream, &header) {
+        let sent = write_json(&mut session.writer, &header).and_then(|()| session.writer.flush());
+        if let Err(e) = sent {
             return Err(failed(format!("sending the header: {e}"), false));
         }
-        match read_json::<MigrationReply>(&mut stream, 1 << 16) {
+        match read_json::<MigrationReply>(&mut session.reader, 1 << 16) {
             Ok(reply) if reply.ok => {}
             Ok(reply) => {
                 return Err(failed(
@@ -141,6 +213,74 @@ impl Host {
                 ))
             }
             Err(e) => return Err(failed(format!("no answer from the target: {e}"), false)),
+        }
+        let memory = handle.memory();
+        let total_pages = slots.ram().size / PAGE as u64;
+        // Pre-copy, where this KVM logs dirty pages.
+        let precopy_error = if precopy {
+            vmm_core::dirty_log::supported()
+                .and_then(|()| slots.start_logging(memory))
+                .err()
+                .map(|e| e.to_string())
+        } else {
+            Some("not asked for".into())
+        };
+        let mut rounds: Vec<Round> = Vec::new();
+        let mut pending: Option<DirtyPages> = None;
+        let mut converged = precopy_error.is_none();
+        if precopy_error.is_none() {
+            let copied = (|| -> Result<(), String> {
+                let mut rate = 0.0f64; // bytes per second
+                let mut shrinking_failures = 0;
+                for round in 0..MAX_ROUNDS {
+                    let started = Instant::now();
+                    let before = session.writer.sent;
+                    write_json(&mut session.writer, &Step::Pages { round })
+                        .map_err(|e| e.to_string())?;
+                    let pages = if round == 0 {
+                        vmm_core::snapshot::write_memory(memory, &mut session.writer)
+                            .map_err(|e| e.to_string())?
+                            .0
+                    } else {
+                        let dirty = pending.take().expect("a dirty set to send");
+                        write_pages(memory, dirty.iter(), &mut session.writer)
+                            .map_err(|e| e.to_string())?
+                    };
+                    session.writer.flush().map_err(|e| e.to_string())?;
+                    let secs = started.elapsed().as_secs_f64();
+                    let bytes = session.writer.sent - before;
+                    if secs > 0.0 && bytes > 64 * PAGE as u64 {
+                        rate = bytes as f64 / secs;
+                    }
+                    rounds.push(Round {
+                        round,
+                        pages,
+                        bytes,
+                        ms: secs * 1e3,
+                    });
+                    let dirty = slots.take_dirty(memory).map_err(|e| e.to_string())?;
+                    let left = dirty.count();
+                    pending = Some(dirty);
+                    let budget = (rate * STOP_COPY_BUDGET.as_secs_f64()) as u64 / PAGE as u64;
+                    if left <= STOP_PAGES.max(budget) {
+                        return Ok(());
+                    }
+                    if round > 0 && left as f64 > pages as f64 * CONVERGENCE {
+                        shrinking_failures += 1;
+                        if shrinking_failures >= 2 {
+                            converged = false;
+                            return Ok(());
+                        }
+                    } else {
+                        shrinking_failures = 0;
+                    }
+                }
+                converged = false;
+                Ok(())
+            })();
+            if let Err(e) = copied {
+                return Err(failed(format!("pre-copy: {e}"), false));
+            }
         }
         let paused = Instant::now();
         let snapshot = match handle.capture(PAUSE_LIMIT) {
@@ -153,19 +293,34 @@ impl Host {
         };
         let captured_ms = paused.elapsed().as_secs_f64() * 1e3;
         let introspection_state = introspection.as_ref().map(|i| i.export_state());
-        let sent = (|| -> std::io::Result<(u64, u64)> {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, &mut stream);
-            write_json(&mut out, &snapshot)?;
-            let pages = vmm_core::snapshot::write_memory(handle.memory(), &mut out)?;
-            write_json(&mut out, &introspection_state)?;
-            std::io::Write::flush(&mut out)?;
-            Ok(pages)
+        let before = session.writer.sent;
+        let sent = (|| -> Result<(u64, u64), String> {
+            write_json(&mut session.writer, &Step::Final).map_err(|e| e.to_string())?;
+            write_json(&mut session.writer, &snapshot).map_err(|e| e.to_string())?;
+            let pages = match pending.take() {
+                Some(mut dirty) => {
+                    // What the pause left dirty since the last look, with what was left over.
+                    let last = slots.take_dirty(memory).map_err(|e| e.to_string())?;
+                    merge(&mut dirty, &last);
+                    write_pages(memory, dirty.iter(), &mut session.writer)
+                        .map_err(|e| e.to_string())?
+                }
+                None => {
+                    vmm_core::snapshot::write_memory(memory, &mut session.writer)
+                        .map_err(|e| e.to_string())?
+                        .0
+                }
+            };
+            write_json(&mut session.writer, &introspection_state).map_err(|e| e.to_string())?;
+            session.writer.flush().map_err(|e| e.to_string())?;
+            Ok((pages, total_pages))
         })();
-        let (pages_sent, pages_total) = match sent {
+        let (final_pages, pages_total) = match sent {
             Ok(p) => p,
             Err(e) => return Err(failed(format!("sending the state: {e}"), true)),
         };
-        let reply = match read_json::<MigrationReply>(&mut stream, 1 << 16) {
+        let final_bytes = session.writer.sent - before;
+        let reply = match read_json::<MigrationReply>(&mut session.reader, 1 << 16) {
             Ok(r) if r.ok => r,
             Ok(r) => {
                 return Err(failed(
@@ -179,31 +334,24 @@ impl Host {
             Err(e) => return Err(failed(format!("no word from the target: {e}"), true)),
         };
         let downtime_ms = paused.elapsed().as_secs_f64() * 1e3;
-        // The target runs it: it is gone from here.
-        let t = self.tenants().remove(id);
-        if let Some(t) = t {
-            self.stop_tenant(t.stop.clone(), &t.control, t.thread);
-            // The switch here forgets the tenant; the edge must not (the flows live on).
-            let flush = self.flush_record(t.tenant);
-            let applied = self.reconfigure(&[flush], &[]);
-            if applied.is_err() {
-                self.switch.forget(flush, t.tenant);
-            }
-            self.switch.release(t.slot);
-            if let Err(e) = applied {
-                self.emit(
-                    "reconfig_failed",
-                    id,
-                    serde_json::json!({"error": e.to_string()}),
-                );
-            }
-        }
+        slots.stop_logging();
+        self.drop_migrated(id);
         self.times
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .migration_downtime_ms = Some(downtime_ms);
+        let pages_sent: u64 = rounds.iter().map(|r| r.pages).sum::<u64>() + final_pages;
         let report = serde_json::json!({
             "to": url,
+            "target_host": session.peer,
+            "transport": "tcp",
+            "precopy": precopy_error.is_none(),
+            "precopy_unavailable": precopy_error,
+            "converged": converged,
+            "rounds": rounds,
+            "final_pages": final_pages,
+            "final_bytes": final_bytes,
+            "bytes_total": session.writer.sent,
             "downtime_ms": downtime_ms,
             "capture_ms": captured_ms,
             "target_restore_ms": reply.restore_ms,
@@ -215,184 +363,25 @@ impl Host {
         Ok(report)
     }
 
-    /// `vm.receive-migration`: listens at `url` for one migrating VM (in the background; the
-    /// call returns once the socket listens).
-    pub fn receive_migration(self: &Arc<Self>, url: &str) -> Result<(), HostError> {
-        let path = unix_path(url)?;
-        if self.shutdown.load(Ordering::Acquire) {
-            return Err(HostError::ShuttingDown);
+    /// The target runs the VM: it is gone from here. The switch here forgets the tenant; the
+    /// edge must not (the flows live on).
+    fn drop_migrated(&self, id: &str) {
+        let Some(t) = self.tenants().remove(id) else {
+            return;
+        };
+        self.stop_tenant(t.stop.clone(), &t.control, t.thread);
+        let flush = self.flush_record(t.tenant);
+        let applied = self.reconfigure(&[flush], &[]);
+        if applied.is_err() {
+            self.switch.forget(flush, t.tenant);
         }
-        let _ = std::fs::remove_file(&path);
-        let listener =
-            std::os::unix::net::UnixListener::bind(&path).map_err(|e| HostError::Path {
-                what: format!("cannot listen at {}", path.display()),
-                source: e,
-            })?;
-        let host = self.clone();
-        let url = url.to_string();
-        std::thread::Builder::new()
-            .name("migration-in".into())
-            .spawn(move || {
-                let result = host.accept_migration(&listener);
-                let _ = std::fs::remove_file(&path);
-                if let Err(e) = result {
-                    host.emit(
-                        "migration_failed",
-                        "",
-                        serde_json::json!({"at": url, "error": e}),
-                    );
-                }
-            })
-            .map_err(|e| HostError::internal("cannot start the receiver", e))?;
-        Ok(())
-    }
-
-    pub(crate) fn accept_migration(
-        &self,
-        listener: &std::os::unix::net::UnixListener,
-    ) -> Result<(), String> {
-        // Wait for the source, but not forever.
-        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let deadline = Instant::now() + MIGRATION_WAIT;
-        let mut stream = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err("no source connected".into());
-                    }
-                    let mut poll = libc::pollfd {
-                        fd: std::os::fd::AsRawFd::as_raw_fd(listener),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut poll, 1, 500) };
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        };
-        stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-        let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
-        let reply = |stream: &mut std::os::unix::net::UnixStream, r: MigrationReply| {
-            let _ = write_json(stream, &r);
-        };
-        let refuse = |stream: &mut std::os::unix::net::UnixStream, e: String| {
-            reply(
-                stream,
-                MigrationReply {
-                    ok: false,
-                    error: Some(e.clone()),
-                    restore_ms: 0.0,
-                    tiers_ms: 0.0,
-                },
+        self.switch.release(t.slot);
+        if let Err(e) = applied {
+            self.emit(
+                "reconfig_failed",
+                id,
+                serde_json::json!({"error": e.to_string()}),
             );
-            e
-        };
-        let header: MigrationHeader =
-            read_json(&mut stream, 1 << 20).map_err(|e| format!("header: {e}"))?;
-        if header.version != MIGRATION_VERSION {
-            return Err(refuse(
-                &mut stream,
-                format!(
-                    "migration protocol {} (this host speaks {MIGRATION_VERSION})",
-                    header.version
-                ),
-            ));
         }
-        let spec = header.spec;
-        let id = spec.id.clone();
-        // Build the VM (slow: the kernel is read and checked) while the source still runs it.
-        let prepared = self.prepare(&spec);
-        let (vm, introspection, tenant, slot, mac) = match prepared {
-            Ok(p) => p,
-            Err(e) => return Err(refuse(&mut stream, e.to_string())),
-        };
-        let release = || {
-            // Whatever of the tenant the switch took (or its book would give a restarted one).
-            self.switch.forget(self.flush_record(tenant), tenant);
-            self.switch.release(slot);
-        };
-        reply(
-            &mut stream,
-            MigrationReply {
-                ok: true,
-                error: None,
-                restore_ms: 0.0,
-                tiers_ms: 0.0,
-            },
-        );
-        let mut vm = vm;
-        let arrived = Instant::now();
-        let restored = (|| -> Result<Vec<[u8; RECORD_LEN]>, String> {
-            let mut input = std::io::BufReader::with_capacity(1 << 20, &mut stream);
-            let snapshot: VmSnapshot =
-                read_json(&mut input, MAX_STATE_DOC).map_err(|e| format!("state: {e}"))?;
-            vm.restore(&snapshot, &mut input)
-                .map_err(|e| e.to_string())?;
-            let state: Option<vmm_core::introspect::IntrospectionState> =
-                read_json(&mut input, MAX_STATE_DOC).map_err(|e| format!("introspection: {e}"))?;
-            import_introspection(&introspection, &state)
-        })();
-        let adopted = match restored {
-            Ok(a) => a,
-            Err(e) => {
-                release();
-                return Err(refuse(&mut stream, e));
-            }
-        };
-        let restore_ms = arrived.elapsed().as_secs_f64() * 1e3;
-        // This switch takes the tenant over before it runs: its port and address, and its
-        // verdicts as Adopt (its flows are established; they continue mid-stream here).
-        let mut records = vec![self.switch_attach(tenant, slot, spec.ip, Some(mac))];
-        records.extend(adopted.iter().copied());
-        let tiers_ms = match self.reconfigure(&records, &[]) {
-            Ok(ms) => ms,
-            Err(e) => {
-                release();
-                return Err(refuse(&mut stream, e.to_string()));
-            }
-        };
-        let mut entry = Tenant::new(
-            spec.clone(),
-            tenant,
-            slot,
-            &vm,
-            introspection,
-            VmState::Running,
-        );
-        entry.thread = Some(
-            start_vm(&id, vm, self.on_own_stop(&id, tenant))
-                .map_err(|e| refuse(&mut stream, e.to_string()))?,
-        );
-        self.tenants().insert(id.clone(), entry);
-        // Tell the network where the tenant is now.
-        if let Some(frame) = announcement(mac, spec.ip) {
-            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = ports[slot].0.link.send_frame(&frame) {
-                log::warn!("{id}: cannot announce the migrated tenant: {e}");
-            }
-        }
-        reply(
-            &mut stream,
-            MigrationReply {
-                ok: true,
-                error: None,
-                restore_ms,
-                tiers_ms,
-            },
-        );
-        self.times
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .migrate_ms = Some(tiers_ms);
-        self.emit(
-            "migrated_in",
-            &id,
-            serde_json::json!({"from": header.source_host, "tenant": tenant,
-                "switch_port": slot + 1, "restore_ms": restore_ms, "tiers_ms": tiers_ms,
-                "adopted_verdicts": adopted.len()}),
-        );
-        Ok(())
     }
 }

@@ -14,6 +14,7 @@ pub mod bzimage;
 
 use std::io::Cursor;
 
+use crate::GuestMemoryMmap;
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
@@ -21,7 +22,6 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use thiserror::Error;
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 
 use crate::layout::*;
 

@@ -10,12 +10,12 @@
 
 use std::time::Instant;
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_regs, kvm_sregs};
 use trap_handler::attribution::{self, AttributionError, HookArgs, SocketOp};
 use trap_handler::mem::{GuestPhys, PagingMode, VirtReader};
 use trap_handler::policy::Verdict;
 use vm_memory::{Bytes, GuestAddress};
-use crate::GuestMemoryMmap;
 
 use super::decide::{governed_family, port_point, verdict_rules, CallRules};
 use super::logger::{

@@ -455,8 +455,8 @@ mod tests {
 
     #[test]
     fn a_full_switch_ring_refuses_the_whole_batch() {
-        use vm_memory::GuestAddress;
         use crate::GuestMemoryMmap;
+        use vm_memory::GuestAddress;
         let size = 8 << 20;
         let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let region = std::sync::Arc::new(

@@ -22,11 +22,11 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_msr_entry, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use serde::Serialize;
 use thiserror::Error;
-use crate::GuestMemoryMmap;
 
 use crate::bus::Bus;
 use crate::emulation::{self, Completion, GuestView};

@@ -12,13 +12,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_regs, CpuId, KVM_MAX_CPUID_ENTRIES,
-    KVM_PIT_SPEAKER_DUMMY,
-};
+use crate::GuestMemoryMmap;
+use kvm_bindings::{kvm_pit_config, kvm_regs, CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ioctl, Vm, VmError};
@@ -30,13 +27,13 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{FrameLink, Net};
 use crate::devices::vxlan::Vxlan;
 use crate::devices::{DeviceFault, MmioDevice, MmioDeviceInfo};
+use crate::dirty_log::MemSlots;
 use crate::host_kind::HostKind;
 use crate::introspect::Introspection;
 use crate::layout::*;
 use crate::run_control::RunControl;
 use crate::vcpu::{TenantGuard, Vcpu};
 use crate::verdict_region::VerdictRegion;
-use crate::dirty_log::MemSlots;
 use crate::write_trap::{RamSlot, WriteTraps};
 
 /// Where KVM's TSS and identity-map pages go (below the 4 GiB boundary, inside the MMIO hole).

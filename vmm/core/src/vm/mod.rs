@@ -16,10 +16,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::GuestMemoryMmap;
 use kvm_ioctls::{Kvm, VmFd};
 use serde::Serialize;
 use thiserror::Error;
-use crate::GuestMemoryMmap;
 
 use crate::boot::BootError;
 use crate::bus::MmioSlot;

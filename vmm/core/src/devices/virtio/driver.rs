@@ -12,8 +12,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use super::mmio::{reg, MmioTransport};
 use super::status;

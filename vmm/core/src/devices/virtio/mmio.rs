@@ -12,9 +12,9 @@
 
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use virtio_queue::{Queue, QueueT};
-use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{features, status, Activation, Interrupt, VirtioDevice, VirtioError};

@@ -14,9 +14,9 @@
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use crate::GuestMemoryMmap;
 use thiserror::Error;
 use virtio_queue::Queue;
-use crate::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod driver;

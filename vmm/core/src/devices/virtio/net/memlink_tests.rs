@@ -5,8 +5,8 @@ use super::*;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
 use crate::devices::virtio::features;

@@ -8,8 +8,8 @@
 
 use std::io::{self, Write};
 
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
 use crate::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
 
 use super::backend::{Backend, RingBroken};
 use super::counters::bump;

@@ -5,8 +5,8 @@ use super::*;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
-use vm_memory::{Bytes, GuestAddress};
 use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
 use crate::devices::virtio::mmio::MmioTransport;

@@ -8,8 +8,8 @@
 
 use std::io::Read;
 
-use virtio_queue::{DescriptorChain, QueueT, Reader};
 use crate::GuestMemoryMmap;
+use virtio_queue::{DescriptorChain, QueueT, Reader};
 
 use super::backend::{Backend, RingBroken};
 use super::counters::bump;

@@ -1,0 +1,264 @@
+//! Live migration over TCP between two in-process hosts, at each of its failure points: the
+//! source's key is refused, the target dies during pre-copy and after the pause, the source dies
+//! mid-migration; then a pre-copy and a stop-and-copy migration that succeed.
+//!
+//! The tenant is Debian's kernel in early boot (busy writing its memory: a harder case for
+//! pre-copy than an idle tenant), not a full boot. A peer that "dies" is a test double: a thread
+//! that authenticates with the real handshake (`vmm_host::migration_link`), speaks the protocol
+//! for a while and then closes its connection, which is what the other end sees when a host
+//! process dies (the kernel closes its sockets).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vigil_tests::outside::free_tcp_port;
+use vigil_tests::workload::{idle_policy, migration_keys_json, vm_spec};
+use vigil_tests::{fw_guest_elf, tenant_dir, TempDir};
+use vmm_core::snapshot::{read_json, write_json, END_OF_PAGES, PAGE};
+use vmm_host::migration_link::{self, MigrationKeys};
+use vmm_host::{Host, HostConfig, HostError, VmSpec, VmState};
+
+const ID: &str = "mover";
+
+fn start_host(name: &str, dir: &TempDir, keys: &MigrationKeys) -> Arc<Host> {
+    Host::start(HostConfig {
+        name: name.into(),
+        switch_elf: fw_guest_elf(),
+        uplink: "vxlan=127.0.0.1:9,local=127.0.0.1:0"
+            .parse()
+            .expect("uplink"),
+        tenant_ports: 2,
+        edge: None,
+        state_dir: dir.join(name),
+        console_stdout: false,
+        debug: vmm_core::knobs::DebugKnobs::default(),
+        migration_keys: keys.clone(),
+    })
+    .expect("the host starts")
+}
+
+/// What a host holds of tenants, as the switch sees it.
+fn holdings(host: &Host) -> Value {
+    let status = host.switch_status();
+    json!({
+        "vms": host.list().len(),
+        "ports_held": status.ports_held,
+        "attachments": status.attachments,
+        "verdicts": status.verdicts,
+    })
+}
+
+fn url(port: u16) -> String {
+    format!("tcp:127.0.0.1:{port}")
+}
+
+/// Waits for an event line of `kind` that contains `needle`.
+fn wait_event(rx: &std::sync::mpsc::Receiver<Arc<str>>, kind: &str, needle: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let tag = format!("\"event\":\"{kind}\"");
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no {kind} event with {needle:?}"));
+        if line.contains(&tag) && line.contains(needle) {
+            return line.to_string();
+        }
+    }
+}
+
+/// Reads a page stream to its end marker; returns the pages.
+fn skip_pages(r: &mut impl Read) -> u64 {
+    let mut n = [0u8; 8];
+    let mut page = vec![0u8; PAGE];
+    let mut pages = 0;
+    loop {
+        r.read_exact(&mut n).expect("page number");
+        if u64::from_le_bytes(n) == END_OF_PAGES {
+            return pages;
+        }
+        r.read_exact(&mut page).expect("page");
+        pages += 1;
+    }
+}
+
+/// Where a fake target dies.
+#[derive(Clone, Copy, Debug)]
+enum DiesAt {
+    /// After the first bytes of pre-copy round 0.
+    RoundZero,
+    /// After the final step's VM state arrived (the source has paused the VM).
+    AfterPause,
+}
+
+/// A target host that authenticates as `name`, takes the header, says yes, and dies at `at`.
+fn dying_target(
+    keys: MigrationKeys,
+    name: &'static str,
+    at: DiesAt,
+) -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let thread = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut s = migration_link::accept(stream, &keys, name).expect("the source authenticates");
+        let header: Value = read_json(&mut s.reader, 1 << 20).unwrap();
+        assert_eq!(header["spec"]["id"], ID);
+        write_json(
+            &mut s.writer,
+            &json!({"ok": true, "error": null, "restore_ms": 0.0, "tiers_ms": 0.0}),
+        )
+        .unwrap();
+        s.writer.flush().unwrap();
+        loop {
+            let step: Value = read_json(&mut s.reader, 4096).unwrap();
+            if step.get("Pages").is_some() {
+                if let DiesAt::RoundZero = at {
+                    let mut some = vec![0u8; 64 * 1024];
+                    s.reader.read_exact(&mut some).unwrap();
+                    return; // dies: the connection closes
+                }
+                skip_pages(&mut s.reader);
+            } else {
+                assert_eq!(step, json!("Final"));
+                let _state: Value = read_json(&mut s.reader, 16 << 20).unwrap();
+                return; // dies with the VM paused at the source
+            }
+        }
+    });
+    (url(port), thread)
+}
+
+#[test]
+fn migration_over_tcp_survives_each_failure_point() {
+    vmm_core::events::bus().set_quiet(true);
+    let events = vmm_core::events::bus().subscribe();
+    let dir = TempDir::new("vigil-migration");
+    let keys = MigrationKeys::from_json(&migration_keys_json(&["mig-a", "mig-b"])).unwrap();
+    let a = start_host("mig-a", &dir, &keys);
+    let b = start_host("mig-b", &dir, &keys);
+    let mut spec: VmSpec = serde_json::from_value(vm_spec(
+        &tenant_dir(),
+        ID,
+        "10.93.0.2",
+        "52:54:00:93:00:02",
+        &idle_policy(),
+    ))
+    .unwrap();
+    spec.memory_mib = 128;
+    a.create(spec.clone()).unwrap();
+    a.boot(ID).unwrap();
+    // Early boot (the kernel busy writing its memory) rather than idle: a harder case.
+    std::thread::sleep(Duration::from_secs(2));
+    let before = holdings(&a);
+    assert_eq!(before["vms"], 1);
+    let runs_here = |host: &Host| {
+        assert_eq!(host.info(ID).unwrap().state, VmState::Running);
+        assert_eq!(
+            holdings(host),
+            before,
+            "the tiers of the source are unchanged"
+        );
+    };
+
+    // 1. Authentication: a target that holds another key for mig-a refuses it; nothing moves.
+    let mut other = keys.clone();
+    other.insert("mig-a", vec![0x5a; 32]);
+    let b_wrong = start_host("mig-b", &TempDir::new("vigil-migration-b2"), &other);
+    let port = free_tcp_port().unwrap();
+    b_wrong.receive_migration(&url(port)).unwrap();
+    let e = a.send_migration(ID, &url(port), true).unwrap_err();
+    assert!(matches!(e, HostError::MigrationAuth { .. }), "{e}");
+    assert!(e.to_string().contains("authentication failed"), "{e}");
+    wait_event(&events, "migration_refused", "mig-a");
+    assert!(b_wrong.list().is_empty());
+    runs_here(&a);
+    drop(b_wrong);
+    // A host without keys refuses to start a migration at all, with the reason.
+    let keyless = start_host(
+        "mig-c",
+        &TempDir::new("vigil-migration-c"),
+        &MigrationKeys::default(),
+    );
+    let e = keyless
+        .send_migration(ID, &url(free_tcp_port().unwrap()), true)
+        .unwrap_err();
+    assert!(matches!(e, HostError::MigrationAuth { .. }), "{e}");
+    assert!(e.to_string().contains("--migration-keys"), "{e}");
+    drop(keyless);
+
+    // 2. The target dies during pre-copy, then after the pause: the VM runs on at the source.
+    for at in [DiesAt::RoundZero, DiesAt::AfterPause] {
+        let (target, thread) = dying_target(keys.clone(), "mig-b", at);
+        let e = a.send_migration(ID, &target, true).unwrap_err();
+        thread.join().unwrap();
+        assert!(
+            matches!(e, HostError::MigrationFailed { .. }),
+            "{at:?}: {e}"
+        );
+        eprintln!("target died at {at:?}: {e}");
+        runs_here(&a);
+    }
+
+    // 3. The source dies mid-migration: the target discards everything, opens nothing.
+    let port = free_tcp_port().unwrap();
+    b.receive_migration(&url(port)).unwrap();
+    {
+        let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut s = migration_link::connect(stream, &keys, "mig-a").unwrap();
+        write_json(
+            &mut s.writer,
+            &json!({"version": 2, "spec": spec, "source_host": "mig-a"}),
+        )
+        .unwrap();
+        s.writer.flush().unwrap();
+        let reply: Value = read_json(&mut s.reader, 1 << 16).unwrap();
+        assert_eq!(reply["ok"], true, "{reply}");
+        write_json(&mut s.writer, &json!({"Pages": {"round": 0}})).unwrap();
+        for n in 0..16u64 {
+            s.writer.write_all(&n.to_le_bytes()).unwrap();
+            s.writer.write_all(&[0xa5; PAGE]).unwrap();
+        }
+        s.writer.flush().unwrap();
+        // Dies here.
+    }
+    wait_event(&events, "migration_failed", "round 0");
+    assert_eq!(
+        holdings(&b),
+        json!({"vms": 0, "ports_held": 0, "attachments": 0, "verdicts": 0}),
+        "the target kept nothing"
+    );
+
+    // 4. Pre-copy A → B, then stop-and-copy B → A: both succeed, the tenant runs on each.
+    let port = free_tcp_port().unwrap();
+    b.receive_migration(&url(port)).unwrap();
+    let report = a.send_migration(ID, &url(port), true).unwrap();
+    eprintln!("pre-copy: {report}");
+    assert_eq!(report["transport"], "tcp");
+    assert_eq!(report["target_host"], "mig-b");
+    if report["precopy"] == true {
+        let rounds = report["rounds"].as_array().unwrap();
+        assert!(
+            !rounds.is_empty() && rounds[0]["pages"].as_u64().unwrap() > 0,
+            "{report}"
+        );
+    } else {
+        eprintln!(
+            "pre-copy unavailable here: {}",
+            report["precopy_unavailable"]
+        );
+    }
+    assert_eq!(b.info(ID).unwrap().state, VmState::Running);
+    assert!(a.list().is_empty());
+    let port = free_tcp_port().unwrap();
+    a.receive_migration(&url(port)).unwrap();
+    let report = b.send_migration(ID, &url(port), false).unwrap();
+    eprintln!("stop-and-copy: {report}");
+    assert_eq!(report["precopy"], false);
+    assert!(report["rounds"].as_array().unwrap().is_empty());
+    assert_eq!(a.info(ID).unwrap().state, VmState::Running);
+    a.delete(ID).unwrap();
+}

@@ -1,0 +1,271 @@
+//! The target's end of a live migration: listens at `tcp:HOST:PORT`, authenticates the source
+//! (see `migration_link`), builds the VM while the source still runs it, takes RAM in rounds,
+//! then the final state; only then does its switch take the tenant over and the VM run.
+//!
+//! Owns: the receiving side of the protocol in `migration`. Must not: open anything for a
+//! tenant (switch port, address, verdicts) before its whole state arrived and checked; keep
+//! anything of a migration that failed.
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vigil_wire::verdict::RECORD_LEN;
+use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
+
+use crate::migration::{MigrationHeader, MigrationReply, Step, MIGRATION_VERSION, MIGRATION_WAIT};
+use crate::migration_link::{self, tcp_target, Session};
+use crate::snapshot::{import_introspection, MAX_STATE_DOC};
+use crate::tenant::{start_vm, Tenant};
+use crate::{Host, HostError, VmState};
+
+/// How long an accepted connection may take to authenticate.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// Pre-copy rounds a target takes at most (a source that never stops is cut off).
+const MAX_ROUNDS: u32 = 64;
+
+/// A gratuitous ARP from the tenant (who-has its own address, broadcast): sent on its behalf
+/// after a migration so that the switch, the edge's VXLAN table and outside hosts learn where it
+/// is now (virtio-net's GUEST_ANNOUNCE does this from inside the guest; the tenant's kernel was
+/// not asked to).
+fn announcement(mac: [u8; 6], ip: std::net::IpAddr) -> Option<Vec<u8>> {
+    let std::net::IpAddr::V4(ip) = ip else {
+        return None;
+    };
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&mac);
+    // EtherType ARP; htype Ethernet, ptype IPv4, hlen 6, plen 4, op request (RFC 826).
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend_from_slice(&mac);
+    frame.extend_from_slice(&ip.octets());
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&ip.octets());
+    Some(frame)
+}
+
+fn reply(session: &mut Session, ok: bool, error: Option<String>, restore_ms: f64, tiers_ms: f64) {
+    let _ = write_json(
+        &mut session.writer,
+        &MigrationReply {
+            ok,
+            error,
+            restore_ms,
+            tiers_ms,
+        },
+    )
+    .and_then(|()| session.writer.flush());
+}
+
+impl Host {
+    /// `vm.receive-migration`: listens at `url` (`tcp:HOST:PORT`) for one migrating VM (in the
+    /// background; the call returns once the socket listens). Connections that fail to
+    /// authenticate are refused and it listens on, until a source authenticated or
+    /// `MIGRATION_WAIT` passed.
+    pub fn receive_migration(self: &Arc<Self>, url: &str) -> Result<(), HostError> {
+        let addr = tcp_target(url).ok_or_else(|| HostError::InvalidUrl {
+            url: url.into(),
+            form: "tcp:HOST:PORT",
+        })?;
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(HostError::ShuttingDown);
+        }
+        let listener = TcpListener::bind(addr).map_err(|e| HostError::Path {
+            what: format!("cannot listen at {addr}"),
+            source: e,
+        })?;
+        let host = self.clone();
+        let url = url.to_string();
+        std::thread::Builder::new()
+            .name("migration-in".into())
+            .spawn(move || {
+                if let Err(e) = host.accept_migration(listener) {
+                    host.emit(
+                        "migration_failed",
+                        "",
+                        serde_json::json!({"at": url, "error": e}),
+                    );
+                }
+            })
+            .map_err(|e| HostError::internal("cannot start the receiver", e))?;
+        Ok(())
+    }
+
+    /// Waits for a source that authenticates (others are refused with an event each).
+    fn authenticated_source(&self, listener: &TcpListener) -> Result<Session, String> {
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + MIGRATION_WAIT;
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => {
+                    let setup = stream
+                        .set_nonblocking(false)
+                        .and_then(|()| stream.set_read_timeout(Some(HANDSHAKE_WAIT)))
+                        .and_then(|()| stream.set_nodelay(true));
+                    if let Err(e) = setup {
+                        log::warn!("migration from {peer}: {e}");
+                        continue;
+                    }
+                    match migration_link::accept(
+                        stream,
+                        &self.config.migration_keys,
+                        &self.config.name,
+                    ) {
+                        Ok(session) => {
+                            let _ = session
+                                .reader
+                                .get_ref()
+                                .set_read_timeout(Some(MIGRATION_WAIT));
+                            return Ok(session);
+                        }
+                        Err(e) => self.emit(
+                            "migration_refused",
+                            "",
+                            serde_json::json!({"peer": peer.to_string(), "error": e.to_string()}),
+                        ),
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err("no source authenticated".into());
+                    }
+                    let mut poll = libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(listener),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut poll, 1, 500) };
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    pub(crate) fn accept_migration(&self, listener: TcpListener) -> Result<(), String> {
+        let mut session = self.authenticated_source(&listener)?;
+        // One source: nobody else connects from here.
+        drop(listener);
+        let refuse = |session: &mut Session, e: String| {
+            reply(session, false, Some(e.clone()), 0.0, 0.0);
+            e
+        };
+        let header: MigrationHeader =
+            read_json(&mut session.reader, 1 << 20).map_err(|e| format!("header: {e}"))?;
+        if header.version != MIGRATION_VERSION {
+            return Err(refuse(
+                &mut session,
+                format!(
+                    "migration protocol {} (this host speaks {MIGRATION_VERSION})",
+                    header.version
+                ),
+            ));
+        }
+        if header.source_host != session.peer {
+            let e = format!(
+                "the header names {:?}, the handshake {:?}",
+                header.source_host, session.peer
+            );
+            return Err(refuse(&mut session, e));
+        }
+        let spec = header.spec;
+        let id = spec.id.clone();
+        // Build the VM (slow: the kernel is read and checked) while the source still runs it.
+        let (mut vm, introspection, tenant, slot, mac) = match self.prepare(&spec) {
+            Ok(p) => p,
+            Err(e) => return Err(refuse(&mut session, e.to_string())),
+        };
+        let release = || {
+            // Whatever of the tenant the switch took (or its book would give a restarted one).
+            self.switch.forget(self.flush_record(tenant), tenant);
+            self.switch.release(slot);
+        };
+        if let Err(e) = vm.clear_ram() {
+            release();
+            return Err(refuse(&mut session, e.to_string()));
+        }
+        reply(&mut session, true, None, 0.0, 0.0);
+        let mut rounds = 0u32;
+        let mut arrived = Instant::now();
+        let restored = (|| -> Result<Vec<[u8; RECORD_LEN]>, String> {
+            loop {
+                let step: Step =
+                    read_json(&mut session.reader, 4096).map_err(|e| format!("step: {e}"))?;
+                match step {
+                    Step::Pages { round } => {
+                        if round != rounds || rounds >= MAX_ROUNDS {
+                            return Err(format!("round {round} out of place"));
+                        }
+                        vmm_core::snapshot::read_memory(vm.memory(), &mut session.reader)
+                            .map_err(|e| format!("round {round}: {e}"))?;
+                        rounds += 1;
+                    }
+                    Step::Final => break,
+                }
+            }
+            arrived = Instant::now();
+            let snapshot: VmSnapshot =
+                read_json(&mut session.reader, MAX_STATE_DOC).map_err(|e| format!("state: {e}"))?;
+            vmm_core::snapshot::read_memory(vm.memory(), &mut session.reader)
+                .map_err(|e| format!("final pages: {e}"))?;
+            vm.restore_state(&snapshot).map_err(|e| e.to_string())?;
+            let state: Option<vmm_core::introspect::IntrospectionState> =
+                read_json(&mut session.reader, MAX_STATE_DOC)
+                    .map_err(|e| format!("introspection: {e}"))?;
+            import_introspection(&introspection, &state)
+        })();
+        let adopted = match restored {
+            Ok(a) => a,
+            Err(e) => {
+                release();
+                return Err(refuse(&mut session, e));
+            }
+        };
+        let restore_ms = arrived.elapsed().as_secs_f64() * 1e3;
+        // This switch takes the tenant over before it runs: its port and address, and its
+        // verdicts as Adopt (its flows are established; they continue mid-stream here).
+        let mut records = vec![self.switch_attach(tenant, slot, spec.ip, Some(mac))];
+        records.extend(adopted.iter().copied());
+        let tiers_ms = match self.reconfigure(&records, &[]) {
+            Ok(ms) => ms,
+            Err(e) => {
+                release();
+                return Err(refuse(&mut session, e.to_string()));
+            }
+        };
+        let mut entry = Tenant::new(
+            spec.clone(),
+            tenant,
+            slot,
+            &vm,
+            introspection,
+            VmState::Running,
+        );
+        entry.thread = Some(start_vm(&id, vm, self.on_own_stop(&id, tenant)).map_err(|e| {
+            release();
+            refuse(&mut session, e.to_string())
+        })?);
+        self.tenants().insert(id.clone(), entry);
+        // Tell the network where the tenant is now.
+        if let Some(frame) = announcement(mac, spec.ip) {
+            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = ports[slot].0.link.send_frame(&frame) {
+                log::warn!("{id}: cannot announce the migrated tenant: {e}");
+            }
+        }
+        reply(&mut session, true, None, restore_ms, tiers_ms);
+        self.times
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .migrate_ms = Some(tiers_ms);
+        self.emit(
+            "migrated_in",
+            &id,
+            serde_json::json!({"from": header.source_host, "tenant": tenant,
+                "switch_port": slot + 1, "restore_ms": restore_ms, "tiers_ms": tiers_ms,
+                "precopy_rounds": rounds, "adopted_verdicts": adopted.len()}),
+        );
+        Ok(())
+    }
+}
