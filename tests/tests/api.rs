@@ -15,8 +15,9 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use vmm_api::http::{self, ClientResponse};
 
+use vigil_tests::outside::free_tcp_port;
 use vigil_tests::rest::{metric, request};
-use vigil_tests::workload::{idle_policy, vm_spec};
+use vigil_tests::workload::{idle_policy, migration_keys_json, vm_spec};
 use vigil_tests::{fw_guest_elf, tenant_dir, TempDir, VigilCommand, VigilProcess};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -31,6 +32,8 @@ struct Host {
 fn start_host(name: &str) -> Host {
     let dir = TempDir::new(&format!("vigil-api-{name}"));
     let socket = dir.join("api.sock");
+    let keys = dir.join("migration-keys.json");
+    std::fs::write(&keys, migration_keys_json(&[name])).expect("keys file");
     let process = VigilCommand::new(format!("host {name}"))
         .args(["host", "--api-socket"])
         .arg(&socket)
@@ -38,6 +41,8 @@ fn start_host(name: &str) -> Host {
         .arg(fw_guest_elf())
         .args(["--uplink", "vxlan=127.0.0.1:9", "--tenant-ports", "2"])
         .args(["--name", name])
+        .arg("--migration-keys")
+        .arg(&keys)
         .start("serving")
         .expect("start vigil host");
     Host {
@@ -247,15 +252,22 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
             "PUT",
             "vm.send-migration",
             "{\"id\":\"web\",\"destination_url\":\"unix:/x\"}".into(),
+            400,
+            "tcp:HOST:PORT",
+        ),
+        (
+            "PUT",
+            "vm.send-migration",
+            "{\"id\":\"web\",\"destination_url\":\"tcp:127.0.0.1:9\"}".into(),
             409,
             "only a running VM migrates",
         ),
         (
             "PUT",
             "vm.receive-migration",
-            "{\"receiver_url\":\"tcp://1.2.3.4:5\"}".into(),
+            "{\"receiver_url\":\"unix:/x\"}".into(),
             400,
-            "unix:/",
+            "tcp:HOST:PORT",
         ),
         (
             "PUT",
@@ -338,9 +350,14 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
         s,
         "PUT",
         "vm.send-migration",
-        Some(&json!({"id": "web", "destination_url": format!("unix:{}/nobody.sock", host.dir.path().display())}).to_string()),
+        Some(&json!({"id": "web", "destination_url": format!("tcp:127.0.0.1:{}", free_tcp_port().unwrap())}).to_string()),
     );
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        error_of(&r).1.contains("cannot reach"),
+        "{:?}",
+        error_of(&r)
+    );
     assert_eq!(
         json_of(&call(s, "GET", "vm.info?id=web", None))["state"],
         "running"

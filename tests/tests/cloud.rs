@@ -53,6 +53,14 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     let b_ns = Namespace::bare(&format!("vc-b-{pid}"));
     veth(&edge_ns, "ea", "192.168.71.1", &a_ns, "ua", "192.168.71.2");
     veth(&edge_ns, "eb", "192.168.72.1", &b_ns, "ub", "192.168.72.2");
+    // The hosts' own network, for migration (TCP, no shared filesystem): .73.
+    veth(&a_ns, "ma", "192.168.73.1", &b_ns, "mb", "192.168.73.2");
+    let keys_file = work.join("migration-keys.json");
+    std::fs::write(
+        &keys_file,
+        workload::migration_keys_json(&["host-a", "host-b"]),
+    )
+    .unwrap();
 
     let elf = fw_guest_elf().display().to_string();
     let edge_sock: PathBuf = work.join("edge.sock");
@@ -78,6 +86,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
             .args(["--edge-control", &format!("{edge}:4790")])
             .args(["--edge-key-file", &s(&key_file)])
             .args(["--host-id", id, "--name", name, "--console"])
+            .args(["--migration-keys", &s(&keys_file)])
             .start("serving")
             .unwrap_or_else(|e| panic!("{e}"))
     };
@@ -314,7 +323,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     before_rx
         .recv_timeout(Duration::from_secs(600))
         .expect("the long-lived connection exchanged its first lines");
-    let mig = format!("unix:{}", work.join("migrate.sock").display());
+    let mig = "tcp:192.168.73.2:7070".to_string();
     let (status, v) = api(
         &b_sock,
         "PUT",
@@ -332,6 +341,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     println!(
         "{}",
         json!({"metric": "migration_downtime_ms", "value": report["downtime_ms"], "unit": "ms",
+               "transport": report["transport"], "precopy": report["precopy"],
                "report": report})
     );
     let (_, list_a) = api(&a_sock, "GET", "vm.list", None);

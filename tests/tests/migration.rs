@@ -235,7 +235,13 @@ fn migration_over_tcp_survives_each_failure_point() {
     // 4. Pre-copy A → B, then stop-and-copy B → A: both succeed, the tenant runs on each.
     let port = free_tcp_port().unwrap();
     b.receive_migration(&url(port)).unwrap();
-    let report = a.send_migration(ID, &url(port), true).unwrap();
+    let report = a.send_migration(ID, &url(port), true).unwrap_or_else(|e| {
+        let seen: Vec<Arc<str>> = events
+            .try_iter()
+            .filter(|l| l.contains("migration"))
+            .collect();
+        panic!("{e}; events: {seen:?}")
+    });
     eprintln!("pre-copy: {report}");
     assert_eq!(report["transport"], "tcp");
     assert_eq!(report["target_host"], "mig-b");

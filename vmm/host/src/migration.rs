@@ -46,6 +46,9 @@ pub(crate) struct MigrationReply {
     /// In the final reply: ms to restore the VM, ms until its switch took the tenant over.
     pub restore_ms: f64,
     pub tiers_ms: f64,
+    /// In the final reply: ms from the final step's arrival to this reply.
+    #[serde(default)]
+    pub target_ms: f64,
 }
 
 pub(crate) const MIGRATION_VERSION: u32 = 2;
@@ -98,6 +101,17 @@ fn write_pages(
     }
     out.write_all(&vmm_core::snapshot::END_OF_PAGES.to_le_bytes())?;
     Ok(sent)
+}
+
+/// After a failed send: the reason a target that refused mid-stream gave, if it gave one.
+fn target_said(reader: &mut migration_link::SealedReader<TcpStream>) -> String {
+    let _ = reader
+        .get_ref()
+        .set_read_timeout(Some(Duration::from_secs(1)));
+    match read_json::<MigrationReply>(reader, 1 << 16) {
+        Ok(MigrationReply { error: Some(e), .. }) => format!(" (the target: {e})"),
+        _ => String::new(),
+    }
 }
 
 fn merge(into: &mut DirtyPages, from: &DirtyPages) {
@@ -279,7 +293,8 @@ impl Host {
                 Ok(())
             })();
             if let Err(e) = copied {
-                return Err(failed(format!("pre-copy: {e}"), false));
+                let why = target_said(&mut session.reader);
+                return Err(failed(format!("pre-copy: {e}{why}"), false));
             }
         }
         let paused = Instant::now();
@@ -294,14 +309,17 @@ impl Host {
         let captured_ms = paused.elapsed().as_secs_f64() * 1e3;
         let introspection_state = introspection.as_ref().map(|i| i.export_state());
         let before = session.writer.sent;
+        let mut dirty_ms = 0.0;
         let sent = (|| -> Result<(u64, u64), String> {
             write_json(&mut session.writer, &Step::Final).map_err(|e| e.to_string())?;
             write_json(&mut session.writer, &snapshot).map_err(|e| e.to_string())?;
             let pages = match pending.take() {
                 Some(mut dirty) => {
                     // What the pause left dirty since the last look, with what was left over.
+                    let t = Instant::now();
                     let last = slots.take_dirty(memory).map_err(|e| e.to_string())?;
                     merge(&mut dirty, &last);
+                    dirty_ms = t.elapsed().as_secs_f64() * 1e3;
                     write_pages(memory, dirty.iter(), &mut session.writer)
                         .map_err(|e| e.to_string())?
                 }
@@ -317,9 +335,13 @@ impl Host {
         })();
         let (final_pages, pages_total) = match sent {
             Ok(p) => p,
-            Err(e) => return Err(failed(format!("sending the state: {e}"), true)),
+            Err(e) => {
+                let why = target_said(&mut session.reader);
+                return Err(failed(format!("sending the state: {e}{why}"), true));
+            }
         };
         let final_bytes = session.writer.sent - before;
+        let sent_ms = paused.elapsed().as_secs_f64() * 1e3;
         let reply = match read_json::<MigrationReply>(&mut session.reader, 1 << 16) {
             Ok(r) if r.ok => r,
             Ok(r) => {
@@ -354,6 +376,9 @@ impl Host {
             "bytes_total": session.writer.sent,
             "downtime_ms": downtime_ms,
             "capture_ms": captured_ms,
+            "final_dirty_ms": dirty_ms,
+            "final_sent_ms": sent_ms,
+            "target_ms": reply.target_ms,
             "target_restore_ms": reply.restore_ms,
             "target_tiers_ms": reply.tiers_ms,
             "pages_sent": pages_sent,

@@ -46,6 +46,17 @@ fn announcement(mac: [u8; 6], ip: std::net::IpAddr) -> Option<Vec<u8>> {
 }
 
 fn reply(session: &mut Session, ok: bool, error: Option<String>, restore_ms: f64, tiers_ms: f64) {
+    reply_timed(session, ok, error, restore_ms, tiers_ms, 0.0);
+}
+
+fn reply_timed(
+    session: &mut Session,
+    ok: bool,
+    error: Option<String>,
+    restore_ms: f64,
+    tiers_ms: f64,
+    target_ms: f64,
+) {
     let _ = write_json(
         &mut session.writer,
         &MigrationReply {
@@ -53,6 +64,7 @@ fn reply(session: &mut Session, ok: bool, error: Option<String>, restore_ms: f64
             error,
             restore_ms,
             tiers_ms,
+            target_ms,
         },
     )
     .and_then(|()| session.writer.flush());
@@ -254,7 +266,8 @@ impl Host {
                 log::warn!("{id}: cannot announce the migrated tenant: {e}");
             }
         }
-        reply(&mut session, true, None, restore_ms, tiers_ms);
+        let target_ms = arrived.elapsed().as_secs_f64() * 1e3;
+        reply_timed(&mut session, true, None, restore_ms, tiers_ms, target_ms);
         self.times
             .lock()
             .unwrap_or_else(|p| p.into_inner())

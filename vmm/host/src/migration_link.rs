@@ -202,6 +202,12 @@ fn unhex(field: &str, value: &str) -> Result<Vec<u8>, AuthError> {
     hex::decode(value).map_err(|e| AuthError::Refused(format!("{field}: {e}")))
 }
 
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Session with {:?}", self.peer)
+    }
+}
+
 /// An authenticated session's two halves and the peer's name.
 pub struct Session {
     pub peer: String,
@@ -426,9 +432,20 @@ impl<R: Read> SealedReader<R> {
         &self.inner
     }
 
-    fn next_frame(&mut self) -> io::Result<()> {
+    /// Reads and checks the next frame; false at the end of the stream between two frames
+    /// (the protocol above finds out whether it expected more).
+    fn next_frame(&mut self) -> io::Result<bool> {
         let mut len = [0u8; 4];
-        self.inner.read_exact(&mut len)?;
+        let first = loop {
+            match self.inner.read(&mut len[..1]) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other?,
+            }
+        };
+        if first == 0 {
+            return Ok(false);
+        }
+        self.inner.read_exact(&mut len[1..])?;
         let len = u32::from_le_bytes(len) as usize;
         if len == 0 || len > MAX_FRAME {
             return Err(io::Error::new(
@@ -453,7 +470,7 @@ impl<R: Read> SealedReader<R> {
             })?;
         self.seq += 1;
         self.pos = 0;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -462,8 +479,8 @@ impl<R: Read> Read for SealedReader<R> {
         if out.is_empty() {
             return Ok(0);
         }
-        if self.pos == self.buf.len() {
-            self.next_frame()?;
+        if self.pos == self.buf.len() && !self.next_frame()? {
+            return Ok(0);
         }
         let n = out.len().min(self.buf.len() - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
@@ -527,7 +544,7 @@ mod tests {
             matches!(t, Err(AuthError::BadProof(ref h)) if h == "a"),
             "{t:?}"
         );
-        let e = s.err().expect("the source is told");
+        let e = s.expect_err("the source is told");
         assert!(e.to_string().contains("authentication failed"), "{e}");
         // The source holds another key for "b": the target's proof fails at the source.
         let (s, _t) = handshake(keys(&[("a", 1), ("b", 7)]), keys(&[("a", 1), ("b", 2)]));
@@ -541,7 +558,7 @@ mod tests {
             matches!(t, Err(AuthError::UnknownHost(ref h)) if h == "a"),
             "{t:?}"
         );
-        let e = s.err().expect("the source is told");
+        let e = s.expect_err("the source is told");
         assert!(
             e.to_string().contains("not in this host's migration keys"),
             "{e}"
