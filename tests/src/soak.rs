@@ -150,7 +150,7 @@ pub fn soak(cycles: usize) -> Result<Value, String> {
             to.receive_migration(&url)
                 .map_err(|e| step("receive-migration", e))?;
             let report = from
-                .send_migration("soak", &url, true)
+                .send_migration("soak", &url, Default::default())
                 .map_err(|e| step("send-migration", e))?;
             eprintln!(
                 "soak cycle {cycle}: migrated to {name} at {:?}: {report}",

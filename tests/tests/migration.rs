@@ -19,9 +19,13 @@ use vigil_tests::workload::{idle_policy, migration_keys_json, vm_spec};
 use vigil_tests::{fw_guest_elf, tenant_dir, TempDir};
 use vmm_core::snapshot::{read_json, write_json, END_OF_PAGES, PAGE};
 use vmm_host::migration_link::{self, MigrationKeys};
-use vmm_host::{Host, HostConfig, HostError, VmSpec, VmState};
+use vmm_host::{Host, HostConfig, HostError, MigrationOptions, VmSpec, VmState};
 
 const ID: &str = "mover";
+const PRECOPY: MigrationOptions = MigrationOptions {
+    precopy: true,
+    verify: false,
+};
 
 fn start_host(name: &str, dir: &TempDir, keys: &MigrationKeys) -> Arc<Host> {
     Host::start(HostConfig {
@@ -170,7 +174,7 @@ fn migration_over_tcp_survives_each_failure_point() {
     let b_wrong = start_host("mig-b", &TempDir::new("vigil-migration-b2"), &other);
     let port = free_tcp_port().unwrap();
     b_wrong.receive_migration(&url(port)).unwrap();
-    let e = a.send_migration(ID, &url(port), true).unwrap_err();
+    let e = a.send_migration(ID, &url(port), PRECOPY).unwrap_err();
     assert!(matches!(e, HostError::MigrationAuth { .. }), "{e}");
     assert!(e.to_string().contains("authentication failed"), "{e}");
     wait_event(&events, "migration_refused", "mig-a");
@@ -184,7 +188,7 @@ fn migration_over_tcp_survives_each_failure_point() {
         &MigrationKeys::default(),
     );
     let e = keyless
-        .send_migration(ID, &url(free_tcp_port().unwrap()), true)
+        .send_migration(ID, &url(free_tcp_port().unwrap()), PRECOPY)
         .unwrap_err();
     assert!(matches!(e, HostError::MigrationAuth { .. }), "{e}");
     assert!(e.to_string().contains("--migration-keys"), "{e}");
@@ -193,7 +197,7 @@ fn migration_over_tcp_survives_each_failure_point() {
     // 2. The target dies during pre-copy, then after the pause: the VM runs on at the source.
     for at in [DiesAt::RoundZero, DiesAt::AfterPause] {
         let (target, thread) = dying_target(keys.clone(), "mig-b", at);
-        let e = a.send_migration(ID, &target, true).unwrap_err();
+        let e = a.send_migration(ID, &target, PRECOPY).unwrap_err();
         thread.join().unwrap();
         assert!(
             matches!(e, HostError::MigrationFailed { .. }),
@@ -235,16 +239,24 @@ fn migration_over_tcp_survives_each_failure_point() {
     // 4. Pre-copy A → B, then stop-and-copy B → A: both succeed, the tenant runs on each.
     let port = free_tcp_port().unwrap();
     b.receive_migration(&url(port)).unwrap();
-    let report = a.send_migration(ID, &url(port), true).unwrap_or_else(|e| {
-        let seen: Vec<Arc<str>> = events
-            .try_iter()
-            .filter(|l| l.contains("migration"))
-            .collect();
-        panic!("{e}; events: {seen:?}")
-    });
+    let verified = MigrationOptions {
+        precopy: true,
+        verify: true,
+    };
+    let report = a
+        .send_migration(ID, &url(port), verified)
+        .unwrap_or_else(|e| {
+            let seen: Vec<Arc<str>> = events
+                .try_iter()
+                .filter(|l| l.contains("migration"))
+                .collect();
+            panic!("{e}; events: {seen:?}")
+        });
     eprintln!("pre-copy: {report}");
     assert_eq!(report["transport"], "tcp");
     assert_eq!(report["target_host"], "mig-b");
+    // The target checked every page against the source's (it refuses on any difference).
+    assert_eq!(report["verified"], true);
     if report["precopy"] == true {
         let rounds = report["rounds"].as_array().unwrap();
         assert!(
@@ -261,7 +273,11 @@ fn migration_over_tcp_survives_each_failure_point() {
     assert!(a.list().is_empty());
     let port = free_tcp_port().unwrap();
     a.receive_migration(&url(port)).unwrap();
-    let report = b.send_migration(ID, &url(port), false).unwrap();
+    let stop_copy = MigrationOptions {
+        precopy: false,
+        verify: true,
+    };
+    let report = b.send_migration(ID, &url(port), stop_copy).unwrap();
     eprintln!("stop-and-copy: {report}");
     assert_eq!(report["precopy"], false);
     assert!(report["rounds"].as_array().unwrap().is_empty());

@@ -174,6 +174,10 @@ pub struct VmMigration {
     /// cannot log dirty pages it falls back to stop-and-copy (the reply says so).
     #[serde(default = "yes")]
     pub precopy: bool,
+    /// Check every page at the target against the source's, during the pause (for tests: it
+    /// lengthens the downtime by two passes over RAM).
+    #[serde(default)]
+    pub verify: bool,
 }
 
 fn yes() -> bool {
@@ -223,7 +227,11 @@ impl Endpoint for VmSendMigration {
     type Request = VmMigration;
     type Response = serde_json::Value;
     fn handle(host: &Arc<Host>, r: VmMigration) -> Result<serde_json::Value, HostError> {
-        host.send_migration(&r.id, &r.destination_url, r.precopy)
+        let options = vmm_host::MigrationOptions {
+            precopy: r.precopy,
+            verify: r.verify,
+        };
+        host.send_migration(&r.id, &r.destination_url, options)
     }
 }
 

@@ -29,7 +29,7 @@ pub use config::{EdgeLinkConfig, HostConfig, VmSpec, MAX_TENANT_PORTS};
 pub use edge_link::EdgeLinkStats;
 pub use error::{HostError, StartError};
 pub use host::Host;
-pub use migration::{migration_target, Round};
+pub use migration::{migration_target, MigrationOptions, Round};
 pub use migration_link::MigrationKeys;
 pub use snapshot::file_path;
 pub use switch::SwitchStatus;

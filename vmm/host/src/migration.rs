@@ -28,6 +28,50 @@ pub(crate) struct MigrationHeader {
     pub version: u32,
     pub spec: VmSpec,
     pub source_host: String,
+    /// After the final step the source sends a digest of every page and the target checks
+    /// its RAM against them (a test of the dirty tracking; it lengthens the pause).
+    #[serde(default)]
+    pub verify: bool,
+}
+
+/// How a VM migrates.
+#[derive(Clone, Copy, Debug, Deserialize)]
+pub struct MigrationOptions {
+    /// Dirty-page rounds while the VM runs (where KVM logs dirty pages), then a short pause;
+    /// otherwise (or where it cannot) stop-and-copy.
+    pub precopy: bool,
+    /// Check every page at the target against the source's (during the pause: for tests).
+    pub verify: bool,
+}
+
+impl Default for MigrationOptions {
+    fn default() -> Self {
+        MigrationOptions {
+            precopy: true,
+            verify: false,
+        }
+    }
+}
+
+/// One 64-bit digest (SipHash) per page of RAM, in page order.
+pub(crate) fn page_digests(memory: &GuestMemoryMmap) -> Vec<u64> {
+    use std::hash::Hasher;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let mut out = Vec::new();
+    let mut page = [0u8; PAGE];
+    for region in memory.iter() {
+        for n in 0..region.len() / PAGE as u64 {
+            use vm_memory::Bytes;
+            let gpa = region.start_addr().0 + n * PAGE as u64;
+            let ok = memory
+                .read_slice(&mut page, vm_memory::GuestAddress(gpa))
+                .is_ok();
+            let mut h = std::hash::DefaultHasher::new();
+            h.write(&page);
+            out.push(if ok { h.finish() } else { 0 });
+        }
+    }
+    out
 }
 
 /// What follows, from the source: a round of pages (a page stream), or the final step (the VM
@@ -130,8 +174,9 @@ impl Host {
         &self,
         id: &str,
         url: &str,
-        precopy: bool,
+        options: MigrationOptions,
     ) -> Result<serde_json::Value, HostError> {
+        let precopy = options.precopy;
         let target = migration_target(url)?.to_string();
         if let Err(e) = self.config.migration_keys.own(&self.config.name) {
             return Err(HostError::MigrationAuth {
@@ -213,6 +258,7 @@ impl Host {
             version: MIGRATION_VERSION,
             spec: spec.clone(),
             source_host: self.config.name.clone(),
+            verify: options.verify,
         };
         let sent = write_json(&mut session.writer, &header).and_then(|()| session.writer.flush());
         if let Err(e) = sent {
@@ -330,6 +376,14 @@ impl Host {
                 }
             };
             write_json(&mut session.writer, &introspection_state).map_err(|e| e.to_string())?;
+            if options.verify {
+                for digest in page_digests(memory) {
+                    session
+                        .writer
+                        .write_all(&digest.to_le_bytes())
+                        .map_err(|e| e.to_string())?;
+                }
+            }
             session.writer.flush().map_err(|e| e.to_string())?;
             Ok((pages, total_pages))
         })();
@@ -370,6 +424,7 @@ impl Host {
             "precopy": precopy_error.is_none(),
             "precopy_unavailable": precopy_error,
             "converged": converged,
+            "verified": options.verify,
             "rounds": rounds,
             "final_pages": final_pages,
             "final_bytes": final_bytes,

@@ -6,7 +6,7 @@
 //! tenant (switch port, address, verdicts) before its whole state arrived and checked; keep
 //! anything of a migration that failed.
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
 
-use crate::migration::{MigrationHeader, MigrationReply, Step, MIGRATION_VERSION, MIGRATION_WAIT};
+use crate::migration::{
+    page_digests, MigrationHeader, MigrationReply, Step, MIGRATION_VERSION, MIGRATION_WAIT,
+};
 use crate::migration_link::{self, tcp_target, Session};
 use crate::snapshot::{import_introspection, MAX_STATE_DOC};
 use crate::tenant::{start_vm, Tenant};
@@ -225,6 +227,28 @@ impl Host {
             let state: Option<vmm_core::introspect::IntrospectionState> =
                 read_json(&mut session.reader, MAX_STATE_DOC)
                     .map_err(|e| format!("introspection: {e}"))?;
+            if header.verify {
+                let ours = page_digests(vm.memory());
+                let mut theirs = vec![0u8; ours.len() * 8];
+                session
+                    .reader
+                    .read_exact(&mut theirs)
+                    .map_err(|e| format!("page digests: {e}"))?;
+                let differ: Vec<usize> = ours
+                    .iter()
+                    .zip(theirs.chunks_exact(8))
+                    .enumerate()
+                    .filter(|(_, (a, b))| a.to_le_bytes() != **b)
+                    .map(|(n, _)| n)
+                    .collect();
+                if !differ.is_empty() {
+                    return Err(format!(
+                        "verification: {} pages differ from the source's (first: {:x?})",
+                        differ.len(),
+                        &differ[..differ.len().min(8)]
+                    ));
+                }
+            }
             import_introspection(&introspection, &state)
         })();
         let adopted = match restored {
