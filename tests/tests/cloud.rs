@@ -54,7 +54,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     veth(&edge_ns, "ea", "192.168.71.1", &a_ns, "ua", "192.168.71.2");
     veth(&edge_ns, "eb", "192.168.72.1", &b_ns, "ub", "192.168.72.2");
     // The hosts' own network, for migration (TCP, no shared filesystem): .73.
-    veth(&a_ns, "ma", "192.168.73.1", &b_ns, "mb", "192.168.73.2");
+    veth(&a_ns, "miga", "192.168.73.1", &b_ns, "migb", "192.168.73.2");
     let keys_file = work.join("migration-keys.json");
     std::fs::write(
         &keys_file,

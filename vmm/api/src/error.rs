@@ -111,11 +111,21 @@ mod tests {
             (
                 HostError::MigrationFailed {
                     id: "web".into(),
-                    url: "unix:/t".into(),
+                    url: "tcp:10.0.0.9:7070".into(),
                     reason: "no answer".into(),
                 },
                 500,
-                "migration of \"web\" to unix:/t: no answer; the VM runs on here",
+                "migration of \"web\" to tcp:10.0.0.9:7070: no answer; the VM runs on here",
+            ),
+            (
+                HostError::MigrationAuth {
+                    id: "web".into(),
+                    url: "tcp:10.0.0.9:7070".into(),
+                    reason: "the peer refused: authentication failed".into(),
+                },
+                403,
+                "migration of \"web\" to tcp:10.0.0.9:7070 refused: authentication: the peer \
+                 refused: authentication failed; the VM runs on here",
             ),
         ];
         for (error, status, message) in cases {

@@ -201,6 +201,7 @@ mod tests {
         for (name, required) in [
             ("VmId", vec!["id"]),
             ("VmDestination", vec!["destination_url", "id"]),
+            ("VmMigration", vec!["destination_url", "id"]),
             ("VmSource", vec!["source_url"]),
             ("VmReceiver", vec!["receiver_url"]),
             ("PolicyReplace", vec!["id", "policy"]),

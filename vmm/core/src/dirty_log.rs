@@ -3,7 +3,7 @@
 //!
 //! - the guest's own writes: KVM's dirty log (`KVM_MEM_LOG_DIRTY_PAGES` on every writable
 //!   memslot, read and cleared with `KVM_GET_DIRTY_LOG`);
-//! - the VMM's writes (virtio devices, breakpoints, completed instructions): the `AtomicBitmap`
+//! - the VMM's writes (virtio devices, software breakpoints): the `AtomicBitmap`
 //!   that vm-memory keeps for guest RAM (every write through its accessors marks it; the one raw
 //!   writer, the in-process link, marks it itself).
 //!
