@@ -210,6 +210,7 @@ fn a_crashed_vm_is_flushed_from_the_edge_at_once() {
         state_dir: dir.join("state"),
         console_stdout: false,
         debug: vmm_core::knobs::DebugKnobs::default(),
+        migration_keys: Default::default(),
     })
     .expect("host");
     let spec: vmm_host::VmSpec = serde_json::from_value(vigil_tests::workload::vm_spec(

@@ -278,10 +278,12 @@ impl Host {
             introspection,
             VmState::Running,
         );
-        entry.thread = Some(start_vm(&id, vm, self.on_own_stop(&id, tenant)).map_err(|e| {
-            release();
-            refuse(&mut session, e.to_string())
-        })?);
+        entry.thread = Some(
+            start_vm(&id, vm, self.on_own_stop(&id, tenant)).map_err(|e| {
+                release();
+                refuse(&mut session, e.to_string())
+            })?,
+        );
         self.tenants().insert(id.clone(), entry);
         // Tell the network where the tenant is now.
         if let Some(frame) = announcement(mac, spec.ip) {
