@@ -94,6 +94,8 @@ struct EdgeStats {
     restart_flushes: AtomicU64,
     /// Milliseconds from receipt of the last accepted datagram to the micro-VM having taken it.
     last_apply_us: AtomicU64,
+    /// Verdicts (`Add`/`Adopt`) the micro-VM refused (its outcome log), by reason.
+    verdicts_refused: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 pub struct Edge {
@@ -234,7 +236,36 @@ impl Edge {
         let Ok(position) = self.region.push_tracked(&records) else {
             return false;
         };
-        if !self.region.wait_consumed(position, APPLY_LIMIT) {
+        let mut refused: Vec<(u32, &'static str)> = Vec::new();
+        let first = records.len() - d.records.len();
+        let applied = self
+            .region
+            .wait_outcomes(position, records.len(), APPLY_LIMIT, |i, o| {
+                let Some(Ok(v)) = (i >= first).then(|| VerdictRepr::from_bytes(&records[i])) else {
+                    return;
+                };
+                if matches!(v.op, Op::Add | Op::Adopt) && !o.is_some_and(|o| o.took_effect()) {
+                    refused.push((v.tenant, o.map_or("outcome_unknown", |o| o.name())));
+                }
+            });
+        if !refused.is_empty() {
+            // The host allowed these calls (its switch took them); the edge's table did not.
+            // Counted and reported; the flows they open stay closed at the edge.
+            let mut counts = self
+                .stats
+                .verdicts_refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for (tenant, reason) in &refused {
+                *counts.entry(reason).or_default() += 1;
+                vmm_core::events::bus().emit(
+                    "verdict_refused",
+                    &serde_json::json!({"edge": self.config.name, "tier": "edge",
+                        "sender": d.sender, "seq": d.seq, "tenant": tenant, "reason": reason}),
+                );
+            }
+        }
+        if !applied {
             // In the ring, so it will be applied in order; the host retransmits meanwhile, and a
             // copy applied again changes nothing (adds refresh, flushes and attaches repeat).
             log::warn!(
@@ -446,6 +477,7 @@ impl Edge {
             "acks_sent": c.acks_sent,
             "sender_restarts": c.sender_restarts,
             "restart_flushed_tenants": self.stats.restart_flushes.load(Ordering::Relaxed),
+            "verdicts_refused": *self.stats.verdicts_refused.lock().unwrap_or_else(|p| p.into_inner()),
         })
     }
 

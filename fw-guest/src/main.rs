@@ -189,14 +189,17 @@ mod guest {
     type Shared = (
         vigil_wire::ring::Consumer<'static>,
         vigil_wire::ring::CountersWriter<'static>,
+        vigil_wire::outcome::OutcomeWriter<'static>,
     );
 
     /// Attaches the verdict ring and formats the counters block of the region the VMM reserved
     /// (vigil-wire `ring` layout).
-    fn attach_region(base: u64, size: u64) -> Result<Shared, u8> {
+    fn attach_region(base: u64, size: u64, room: usize) -> Result<Shared, u8> {
         use core::sync::atomic::AtomicU64;
+        use vigil_wire::outcome::{outcomes_bytes, OutcomeWriter};
         use vigil_wire::ring::{
-            Consumer, CountersWriter, COUNTERS_OFFSET, MAX_COUNTED_PORTS, VERDICT_REGION_BYTES,
+            Consumer, CountersWriter, COUNTERS_OFFSET, MAX_COUNTED_PORTS, OUTCOMES_OFFSET,
+            VERDICT_REGION_BYTES,
         };
         if size < VERDICT_REGION_BYTES as u64 || !base.is_multiple_of(4096) {
             let _ = writeln!(
@@ -217,15 +220,26 @@ mod guest {
             let _ = writeln!(Com1, "fw-guest: verdict ring: {e:?}");
             exit_code::BAD_BOOT_INFO
         })?;
+        // The outcome log before the counters: the counters' header tells the VMM the micro-VM
+        // applies records (and reports their outcomes) from now on.
+        let outcomes = OutcomeWriter::format(
+            words(OUTCOMES_OFFSET, outcomes_bytes()),
+            ring.position(),
+            room,
+        )
+        .map_err(|e| {
+            let _ = writeln!(Com1, "fw-guest: outcome log: {e:?}");
+            exit_code::BAD_BOOT_INFO
+        })?;
         let counters = CountersWriter::format(
-            words(COUNTERS_OFFSET, VERDICT_REGION_BYTES - COUNTERS_OFFSET),
+            words(COUNTERS_OFFSET, OUTCOMES_OFFSET - COUNTERS_OFFSET),
             MAX_COUNTED_PORTS,
         )
         .map_err(|e| {
             let _ = writeln!(Com1, "fw-guest: counters block: {e:?}");
             exit_code::BAD_BOOT_INFO
         })?;
-        Ok((ring, counters))
+        Ok((ring, counters, outcomes))
     }
 
     /// Carves a table of `count` entries out of free RAM at `*cursor` (identity mapped, ring 3
@@ -325,7 +339,7 @@ mod guest {
 
     /// No switch ports: apply the verdicts waiting in the ring, publish the counters, report.
     fn take_boot_verdicts(free_start: u64, flows: usize, base: u64, size: u64) -> u8 {
-        let (mut ring, counters) = match attach_region(base, size) {
+        let (mut ring, counters, outcomes) = match attach_region(base, size, 0) {
             Ok(shared) => shared,
             Err(code) => return code,
         };
@@ -334,7 +348,7 @@ mod guest {
             Err(code) => return code,
         };
         // No ports, no clock needed: the verdicts apply at time 0.
-        let taken = filter.drain_ring(&mut ring, 0);
+        let taken = filter.drain_ring_reporting(&mut ring, 0, Some(&outcomes));
         let c = *filter.counters();
         c.publish(&counters, 0);
         let _ = writeln!(
@@ -648,10 +662,11 @@ mod guest {
         );
         // The counters block is formatted last: its header is the VMM's sign that the tables
         // and ports are up and verdicts apply at once (records pushed earlier wait in the ring).
-        let (mut ring, counters) = match attach_region(base, size) {
-            Ok(shared) => shared,
-            Err(code) => return code,
-        };
+        let (mut ring, counters, outcomes) =
+            match attach_region(base, size, filter.verdicts().room()) {
+                Ok(shared) => shared,
+                Err(code) => return code,
+            };
         let mut frame = [0u8; BUF_SIZE];
         let mut replies = EdgeReplies::new();
         let mut published = u64::MAX;
@@ -660,7 +675,10 @@ mod guest {
         let mut idle_rounds = 0u32;
         loop {
             let now = now_ns(tsc_khz);
-            if filter.drain_ring(&mut ring, now).is_err() {
+            if filter
+                .drain_ring_reporting(&mut ring, now, Some(&outcomes))
+                .is_err()
+            {
                 let _ = writeln!(Com1, "fw-guest: the verdict ring is corrupt; stopping");
                 return exit_code::BAD_BOOT_INFO;
             }

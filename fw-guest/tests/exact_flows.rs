@@ -212,3 +212,59 @@ fn adoption_carries_the_exact_flow() {
     assert_ne!(f.process(T1, EG, &tcp(a, b, 40_001, 443, Seg::Ack), 0), FWD);
     assert_eq!(f.counters().flows_adopted, 1);
 }
+
+/// The room the outcome log publishes is a promise: while it is at least 1, the next new verdict
+/// of any tenant is applied; it reaches 0 before a refusal, never after; and each record's
+/// outcome names what happened to it.
+#[test]
+fn published_room_never_promises_what_the_table_refuses() {
+    use vigil_wire::outcome::Outcome;
+    let mut f = filter_with(256, 64);
+    let mut seq = Seq(0);
+    let quota = f.verdicts().tenant_quota();
+    assert_eq!(
+        f.verdicts().room(),
+        quota,
+        "an empty table: the quota bounds it"
+    );
+    let mut outcomes = Vec::new();
+    for (i, sport) in (1_000..1_040u16).enumerate() {
+        let promised = f.verdicts().room();
+        let record = VerdictRepr::add(T1, seq.next(), 60_000, connect_flow(sport)).to_bytes();
+        let outcome = f.apply_record_outcome(&record, 0);
+        if promised >= 1 {
+            assert_eq!(
+                outcome,
+                Outcome::Added,
+                "record {i}: room {promised} promised"
+            );
+        }
+        assert!(
+            f.verdicts().room() <= promised,
+            "room only shrinks as verdicts are added"
+        );
+        outcomes.push(outcome);
+    }
+    let added = outcomes.iter().filter(|o| **o == Outcome::Added).count();
+    assert_eq!(added, quota);
+    assert!(outcomes[quota..].iter().all(|o| *o == Outcome::OverQuota));
+    assert_eq!(f.verdicts().room(), 0);
+    // A refresh of a held verdict is not a refusal, and takes no room.
+    let again = VerdictRepr::add(T1, seq.next(), 60_000, connect_flow(1_000)).to_bytes();
+    assert_eq!(f.apply_record_outcome(&again, 0), Outcome::Refreshed);
+    // Another tenant's room is bounded by the fullest one: 0 here, so the VMM waits and reads
+    // the outcome, which says added.
+    let other = VerdictRepr::add(T2, seq.next(), 60_000, connect_flow(5_000)).to_bytes();
+    assert_eq!(f.apply_record_outcome(&other, 0), Outcome::Added);
+    // Not a record, a Remove of nothing: named.
+    assert_eq!(f.apply_record_outcome(&[0u8; 64], 0), Outcome::Invalid);
+    let mut gone = VerdictRepr::add(T2, seq.next(), 0, connect_flow(6_000));
+    gone.op = Op::Remove;
+    assert_eq!(
+        f.apply_record_outcome(&gone.to_bytes(), 0),
+        Outcome::NotFound
+    );
+    // A flush gives the room back.
+    f.flush_tenant(T1, 0);
+    assert!(f.verdicts().room() >= quota - 1);
+}

@@ -114,6 +114,12 @@ impl Rig {
     /// Starts the host (switch up) with tenant [`TENANT_ID`] created on port 1, bridged to the
     /// tenant namespace. `tag` keeps names apart (namespaces, TAPs: at most 4 characters).
     pub fn start(tag: &str) -> Rig {
+        Rig::start_with_ports(tag, 1)
+    }
+
+    /// [`start`](Self::start) with `ports` tenant ports on the switch (for more tenants, built
+    /// with [`Host::create`] and left unbridged).
+    pub fn start_with_ports(tag: &str, ports: usize) -> Rig {
         let pid = std::process::id();
         let outside = Namespace::create(&format!("vsr{tag}o{pid}"), "sro0", OUTSIDE_IP);
         let tenant = Namespace::create(&format!("vsr{tag}t{pid}"), "srt0", TENANT_IP);
@@ -135,7 +141,7 @@ impl Rig {
             uplink: format!("tap=sro0,netns={}", outside.name)
                 .parse()
                 .expect("uplink"),
-            tenant_ports: 1,
+            tenant_ports: ports,
             edge: None,
             state_dir: dir.join("state"),
             console_stdout: false,

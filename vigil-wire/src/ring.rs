@@ -256,6 +256,11 @@ impl<'a> Consumer<'a> {
         self.capacity
     }
 
+    /// The consumer index: the ring position of the next record [`pop`](Self::pop) returns.
+    pub fn position(&self) -> u64 {
+        self.head
+    }
+
     /// Number of records ready, after validating the producer index.
     pub fn available(&self) -> Result<u64, RingError> {
         let producer = self.region[W_PRODUCER].load(Ordering::Acquire);
@@ -462,16 +467,19 @@ pub const fn counters_bytes(ports: usize) -> usize {
 
 /// Layout of the verdict region the VMM reserves for a micro-VM (`BootInfo::verdict_base/size`):
 /// the ring of [`VERDICT_RING_CAPACITY`] slots at offset 0, the counters block for
-/// [`MAX_COUNTED_PORTS`] ports at [`COUNTERS_OFFSET`] (the next 4 KiB boundary), both page aligned
-/// so either side can map them separately.
+/// [`MAX_COUNTED_PORTS`] ports at [`COUNTERS_OFFSET`] (the next 4 KiB boundary), the outcome log
+/// ([`crate::outcome`]) at [`OUTCOMES_OFFSET`], all page aligned so either side can map them
+/// separately.
 pub const VERDICT_RING_CAPACITY: u64 = 4096;
 pub const MAX_COUNTED_PORTS: usize = 16;
 pub const COUNTERS_OFFSET: usize = ring_bytes(VERDICT_RING_CAPACITY).next_multiple_of(4096);
-pub const VERDICT_REGION_BYTES: usize =
+pub const OUTCOMES_OFFSET: usize =
     COUNTERS_OFFSET + counters_bytes(MAX_COUNTED_PORTS).next_multiple_of(4096);
+pub const VERDICT_REGION_BYTES: usize =
+    OUTCOMES_OFFSET + crate::outcome::outcomes_bytes().next_multiple_of(4096);
 // Every reason has its counter word inside the block, and the block inside the region.
 const _: () = assert!(W_DROPS + DropReason::COUNT <= W_PORTS);
-const _: () = assert!(COUNTERS_OFFSET + counters_bytes(MAX_COUNTED_PORTS) <= VERDICT_REGION_BYTES);
+const _: () = assert!(COUNTERS_OFFSET + counters_bytes(MAX_COUNTED_PORTS) <= OUTCOMES_OFFSET);
 
 /// The writer (micro-VM) end of the counters block. Counters are monotonic, single-writer; each
 /// word is published with a Relaxed store (a reader wants fresh values, not a consistent snapshot).

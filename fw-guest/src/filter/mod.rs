@@ -68,6 +68,7 @@ pub use verdicts::{
 pub use vigil_wire::ring::DropReason;
 pub use vigil_wire::verdict::{Direction, IpVersion, Op, Protocol, Rule, VerdictRepr};
 
+use vigil_wire::outcome::{Outcome, OutcomeWriter};
 use vigil_wire::ring::{self, CountersWriter};
 use vigil_wire::verdict::VerdictError;
 
@@ -320,14 +321,56 @@ impl<'a> Filter<'a> {
         ring: &mut vigil_wire::ring::Consumer<'_>,
         now_ns: u64,
     ) -> Result<usize, vigil_wire::ring::RingError> {
+        self.drain_ring_reporting(ring, now_ns, None)
+    }
+
+    /// [`drain_ring`](Self::drain_ring), writing each record's outcome into the region's outcome
+    /// log (`vigil_wire::outcome`) as soon as it is applied: the VMM waits for it before the call
+    /// that produced the record returns, so a refused verdict denies its call.
+    pub fn drain_ring_reporting(
+        &mut self,
+        ring: &mut vigil_wire::ring::Consumer<'_>,
+        now_ns: u64,
+        outcomes: Option<&OutcomeWriter<'_>>,
+    ) -> Result<usize, vigil_wire::ring::RingError> {
         let mut record = [0u8; vigil_wire::ring::SLOT_BYTES];
         let mut taken = 0;
-        while ring.pop(&mut record)? {
+        loop {
+            let position = ring.position();
+            if !ring.pop(&mut record)? {
+                break;
+            }
             // A bad record is counted as rejected; the ring goes on.
-            let _ = self.apply_record(&record, now_ns);
+            let outcome = self.apply_record_outcome(&record, now_ns);
+            if let Some(log) = outcomes {
+                log.record(position, outcome, self.verdicts.room());
+            }
             taken += 1;
         }
         Ok(taken)
+    }
+
+    /// Applies one raw record and says what became of it, as the outcome log reports it.
+    pub fn apply_record_outcome(&mut self, record: &[u8], now_ns: u64) -> Outcome {
+        let v = match VerdictRepr::from_bytes(record) {
+            Ok(v) => v,
+            Err(_) => {
+                self.counters.verdicts_rejected += 1;
+                return Outcome::Invalid;
+            }
+        };
+        let adds = matches!(v.op, Op::Add | Op::Adopt);
+        let held = adds && self.verdicts.holds(v.tenant, &v.rule);
+        match self.apply(&v, now_ns) {
+            Ok(()) if held => Outcome::Refreshed,
+            Ok(()) if adds => Outcome::Added,
+            Ok(()) => Outcome::Done,
+            Err(ApplyError::Invalid(_)) => Outcome::Invalid,
+            Err(ApplyError::TableFull) => Outcome::TableFull,
+            Err(ApplyError::OverQuota) => Outcome::OverQuota,
+            Err(ApplyError::NotFound) => Outcome::NotFound,
+            Err(ApplyError::Attach(_)) => Outcome::AttachRefused,
+        }
     }
 
     /// Apply one raw verdict record (as popped from the ring).

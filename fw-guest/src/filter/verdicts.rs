@@ -207,6 +207,17 @@ impl<'a> VerdictTable<'a> {
         self.quota as usize
     }
 
+    /// How many new verdicts any tenant could add now for certain: free slots, the quota left
+    /// to the tenant that holds most, and tenants that may still start holding verdicts, the
+    /// least of the three (each new verdict takes at most one of each). The outcome log
+    /// publishes it so the VMM need not wait for records that cannot be refused.
+    pub fn room(&self) -> usize {
+        let most = self.held.values().copied().max().unwrap_or(0) as usize;
+        (self.slots.len() - self.live)
+            .min((self.quota as usize).saturating_sub(most))
+            .min(MAX_TENANTS - self.held.len())
+    }
+
     /// Verdicts `tenant` holds now.
     pub fn held_by(&self, tenant: u32) -> usize {
         self.held.get(&tenant).copied().unwrap_or(0) as usize
@@ -278,6 +289,11 @@ impl<'a> VerdictTable<'a> {
     }
 
     /// Slot of the verdict identical to `(tenant, rule)`, if present.
+    /// Whether `tenant` holds a verdict identical to `rule` (an `Add` of it would refresh it).
+    pub fn holds(&self, tenant: u32, rule: &Rule) -> bool {
+        self.find_identical(tenant, rule).is_some()
+    }
+
     fn find_identical(&self, tenant: u32, rule: &Rule) -> Option<(usize, u32)> {
         let h = self.rule_hash(tenant, rule);
         let mut i = reduce(h, self.index.len());

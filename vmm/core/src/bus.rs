@@ -152,6 +152,8 @@ pub struct Bus {
     mmio: Vec<MmioSlot>,
     /// Whether the exit port ends the VM (micro-VMs only; a Linux tenant has no business there).
     exit_port: bool,
+    /// A micro-VM's verdict region: its idle exit rests there, woken by a producer's records.
+    idle: std::sync::OnceLock<std::sync::Arc<crate::verdict_region::VerdictRegion>>,
 }
 
 impl Bus {
@@ -167,7 +169,13 @@ impl Bus {
             serial: Mutex::new(Serial::new(EventFdTrigger(serial_irq), console)),
             mmio,
             exit_port,
+            idle: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The micro-VM's verdict region, whose producers wake its idle exit (set once).
+    pub fn set_idle_doorbell(&self, region: std::sync::Arc<crate::verdict_region::VerdictRegion>) {
+        let _ = self.idle.set(region);
     }
 
     /// Adds a device window (before the VM runs).
@@ -318,7 +326,10 @@ impl Bus {
             let n = data.len().min(4);
             value[..n].copy_from_slice(&data[..n]);
             let us = u32::from_le_bytes(value).min(vigil_wire::boot::IDLE_MAX_US);
-            std::thread::sleep(Duration::from_micros(u64::from(us)));
+            match self.idle.get() {
+                Some(region) => region.idle_wait(u64::from(us)),
+                None => std::thread::sleep(Duration::from_micros(u64::from(us))),
+            }
             return;
         }
         if let Some(slot) = self.mmio_slot(addr) {

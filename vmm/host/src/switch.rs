@@ -21,8 +21,11 @@ use vigil_wire::boot::{Role, TENANT_UNASSIGNED};
 use vigil_wire::ring::VERDICT_RING_CAPACITY;
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::host_kind::HostKind;
+use vmm_core::introspect::Delivery;
 use vmm_core::net_config::NetConfig;
-use vmm_core::verdict_region::{wait_ready, FirewallCounters, VerdictRegion, READY_LIMIT};
+use vmm_core::verdict_region::{
+    wait_ready, Delivered, FirewallCounters, VerdictRegion, MAX_DELIVERY, READY_LIMIT,
+};
 use vmm_core::vm::{ConsoleConfig, LinkConfig, Vm, VmConfig, VmError, VmHandle, VmOutcome};
 
 use crate::supervisor::Book;
@@ -71,6 +74,8 @@ pub(crate) struct SwitchTier {
     /// Restarts completed, and the last one's stop-to-restored time (µs).
     pub(crate) restarts: AtomicU64,
     pub(crate) last_restart_us: AtomicU64,
+    /// Calls whose verdicts the switch refused or did not confirm (the calls were denied).
+    pub(crate) refused: AtomicU64,
 }
 
 impl SwitchTier {
@@ -126,6 +131,7 @@ impl SwitchTier {
             supervisor: Mutex::new(None),
             restarts: AtomicU64::new(0),
             last_restart_us: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         };
         let booted = tier.boot()?;
         {
@@ -186,18 +192,35 @@ impl SwitchTier {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A tenant's verdicts (from its introspection): into the ring and the book, all or none.
-    /// Refused while the switch is closed (restarting): the call they belong to is denied.
-    pub(crate) fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+    /// A tenant's verdicts (from its introspection, one call's): into the ring, and once the
+    /// switch says it applied every one of them (its outcome log), into the book. A record it
+    /// refused (the tenant's verdict quota, a full table) or did not confirm within
+    /// `OUTCOME_WAIT` refuses the call, and what the switch did apply of it is taken back
+    /// (`Remove` records behind it), so the call is denied with nothing of it open. Refused
+    /// while the switch is closed (restarting).
+    pub(crate) fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> Delivery {
         let live = self.live();
         let Some(region) = &live.region else {
-            return false;
+            return Delivery::Refused("switch_restarting");
         };
-        if region.push(records).is_err() {
-            return false;
+        let (reason, revoke) = match region.deliver(records) {
+            Delivered::Applied(_) | Delivered::Certain => {
+                self.book().apply(records);
+                return Delivery::Taken;
+            }
+            Delivered::Full => return Delivery::Busy("ring_full"),
+            Delivered::Refused { reason, added } => (reason, added),
+            Delivered::Unconfirmed(reason) => (reason, [true; MAX_DELIVERY]),
+        };
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        if !region.revoke(records, &revoke) {
+            // The ring is full: the records taken back stay until the next flush of the tenant.
+            log::error!(
+                "host {}: a refused call's verdicts could not be taken back (ring full)",
+                self.host_name
+            );
         }
-        self.book().apply(records);
-        true
+        Delivery::Refused(reason)
     }
 
     /// The host's control records: into the ring and the book (waiting up to
@@ -303,6 +326,8 @@ pub struct SwitchStatus {
     /// Tenant ports held by a VM (of `ports`).
     pub ports_held: usize,
     pub ports: usize,
+    /// Calls denied because the switch refused their verdicts (or did not confirm them).
+    pub refused_calls: u64,
 }
 
 impl Host {
@@ -340,6 +365,7 @@ impl Host {
             verdicts,
             ports_held,
             ports,
+            refused_calls: self.switch.refused.load(Ordering::Relaxed),
         }
     }
 
@@ -370,6 +396,13 @@ impl Host {
             gpa += len as u64;
         }
         true
+    }
+
+    /// The running switch micro-VM's verdict region (none while it restarts). For benchmarks
+    /// that time a delivery against the same region's bare push.
+    #[doc(hidden)]
+    pub fn switch_region_for_test(&self) -> Option<Arc<VerdictRegion>> {
+        self.switch.live().region.clone()
     }
 
     /// The tenant end of switch port `slot` (0-based): what a tenant VM's NIC is plugged into.

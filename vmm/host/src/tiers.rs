@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 use vigil_wire::verdict::{IpVersion, VerdictRepr, RECORD_LEN};
-use vmm_core::introspect::VerdictSink;
+use vmm_core::introspect::{Delivery, VerdictSink};
 
 use crate::edge_link::EdgeLink;
 use crate::switch::SwitchTier;
@@ -26,24 +26,37 @@ pub(crate) struct TenantTiers {
 }
 
 impl VerdictSink for TenantTiers {
-    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> Delivery {
         // An edge that stopped acknowledging (its link's window is full) fails the call closed:
         // a verdict that cannot reach the edge is not granted at the switch either.
         if let Some(edge) = &self.edge {
             if !edge.has_room(records.len(), Class::Verdict) {
-                return false;
+                return Delivery::Busy("edge_window_full");
             }
         }
-        // The switch next: a batch it refuses (ring full) is refused whole, and the call it
-        // belongs to is denied, so the edge must not have it either. A restarting switch
-        // refuses too (its ports are closed).
-        if !self.switch.deliver(records) {
-            return false;
+        // The switch next: its outcome log says whether every record is in its tables. A batch
+        // it refuses (ring full, the tenant's quota, a full table, restarting) is refused
+        // whole, and the call it belongs to is denied, so the edge must not have it either.
+        match self.switch.deliver(records) {
+            Delivery::Taken => {}
+            Delivery::Refused(reason) => {
+                let tenant = records
+                    .first()
+                    .and_then(|r| VerdictRepr::from_bytes(r).ok())
+                    .map(|v| v.tenant);
+                vmm_core::events::bus().emit(
+                    "verdict_refused",
+                    &serde_json::json!({"host": self.switch.host_name, "tier": "switch",
+                        "tenant": tenant, "reason": reason, "records": records.len()}),
+                );
+                return Delivery::Refused(reason);
+            }
+            busy => return busy,
         }
         if let Some(edge) = &self.edge {
             edge.send(records, Class::Verdict);
         }
-        true
+        Delivery::Taken
     }
 }
 
@@ -205,6 +218,17 @@ impl Host {
         id: &str,
         rules: &[vigil_wire::verdict::Rule],
     ) -> Result<bool, HostError> {
+        Ok(self.grant_outcome_for_test(id, rules)? == Delivery::Taken)
+    }
+
+    /// [`grant_for_test`](Self::grant_for_test), saying what became of the records as the
+    /// introspection sees it (one offer: `Busy` is not retried).
+    #[doc(hidden)]
+    pub fn grant_outcome_for_test(
+        &self,
+        id: &str,
+        rules: &[vigil_wire::verdict::Rule],
+    ) -> Result<Delivery, HostError> {
         let tenant = self
             .tenants()
             .get(id)

@@ -331,6 +331,12 @@ impl Introspection {
             return HookOutcome::Allow;
         };
         let sk = regs.rdi;
+        if self
+            .pending()
+            .take_migrated(sk, point, tgid, Instant::now())
+        {
+            return self.deny_migrated_wait(vcpu, t_ns, point, &reader, regs, work);
+        }
         let Some(call) = self.pending().take(sk, point, tgid) else {
             log::debug!(
                 "{}: {} of sock {sk:#x} (tgid {tgid}) with no call waiting on it",
@@ -408,6 +414,35 @@ impl Introspection {
         outcome
     }
 
+    /// A call that waited for its port on the source host of a migration reaches its port point
+    /// here: its decision stayed there, so it fails closed (-EPERM), and the event says why.
+    fn deny_migrated_wait(
+        &self,
+        vcpu: u8,
+        t_ns: u64,
+        point: PortPoint,
+        reader: &VirtReader<'_, GuestRam<'_>>,
+        regs: &mut kvm_regs,
+        work: Instant,
+    ) -> HookOutcome {
+        let mut error = Some(
+            "the call waited for its local port across a migration; its decision stayed on the              source host: denied (fail closed)"
+                .to_string(),
+        );
+        let outcome = self.deny(reader, regs, &mut error);
+        let _ = self.events.send(LogEntry::Socket(SocketEvent {
+            vcpu,
+            t_ns,
+            verdict: Verdict::Deny,
+            attribution: None,
+            error,
+            verdict_seq: None,
+            port_point: Some(point.name()),
+            vmm_work_ns: work.elapsed().as_nanos() as u64,
+        }));
+        outcome
+    }
+
     /// The thread-group id of the task running on this vCPU: two reads, for the port points.
     fn current_tgid_fast(
         &self,
@@ -423,7 +458,7 @@ impl Introspection {
             .ok()
     }
 
-    fn pending(&self) -> std::sync::MutexGuard<'_, ports::PendingPorts> {
+    pub(super) fn pending(&self) -> std::sync::MutexGuard<'_, ports::PendingPorts> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 

@@ -113,14 +113,43 @@ pub struct Introspection {
 /// Where a tenant's verdict records go: the switch-tier micro-VM's ring, and on a cloud host
 /// the edge as well.
 pub trait VerdictSink: Send + Sync {
-    /// Delivers records in order; false when they could not all be delivered (the caller keeps
-    /// them for a later `take_verdicts`).
-    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool;
+    /// Delivers one call's records in order, all or none, and says whether they are in the
+    /// tiers' tables (see [`Delivery`]). Never returns `Taken` for a record a tier refused.
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> Delivery;
+}
+
+/// What became of a call's verdict records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// In the tiers' tables: the call may proceed.
+    Taken,
+    /// Not taken now and nothing of them applied (`ring_full`, `edge_window_full`): another
+    /// try within the bound may succeed.
+    Busy(&'static str),
+    /// Refused for good, and anything of them that was applied taken back: the call is denied.
+    /// The reason names why (`over_quota`, `table_full`, `switch_timeout`, `switch_restarting`…).
+    Refused(&'static str),
 }
 
 impl VerdictSink for VerdictRegion {
-    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
-        self.push(records).is_ok()
+    fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> Delivery {
+        use crate::verdict_region::{Delivered, MAX_DELIVERY};
+        match VerdictRegion::deliver(self, records) {
+            Delivered::Applied(_) | Delivered::Certain => Delivery::Taken,
+            Delivered::Full => Delivery::Busy("ring_full"),
+            Delivered::Refused { reason, added } => {
+                if !self.revoke(records, &added) {
+                    log::error!("verdict ring full: a refused call's other verdicts stay");
+                }
+                Delivery::Refused(reason)
+            }
+            Delivered::Unconfirmed(reason) => {
+                if !self.revoke(records, &[true; MAX_DELIVERY]) {
+                    log::error!("verdict ring full: an unconfirmed call's verdicts stay");
+                }
+                Delivery::Refused(reason)
+            }
+        }
     }
 }
 

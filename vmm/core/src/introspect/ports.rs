@@ -86,10 +86,23 @@ pub(super) struct Pending {
     pub since: Instant,
 }
 
+/// A call that was waiting for its port when its tenant migrated (or was snapshotted): what the
+/// target needs to fail it closed at its port point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaitingCall {
+    pub sk: u64,
+    pub point: PortPoint,
+    pub tgid: u32,
+}
+
 /// The bounded table of waiting calls (see [`MAX_PENDING`]).
 #[derive(Default)]
 pub(super) struct PendingPorts {
     calls: Vec<Pending>,
+    /// Calls that waited on the source host of a migration. Not completed here (their decision
+    /// stayed on the source): at their port point they fail closed, -EPERM, with an event.
+    /// At most [`MAX_PENDING`], each kept [`PENDING_TTL`].
+    migrated: Vec<(WaitingCall, Instant)>,
 }
 
 /// The table is full of calls still waiting.
@@ -131,10 +144,48 @@ impl PendingPorts {
     #[cfg(test)]
     pub fn clear(&mut self) {
         self.calls.clear();
+        self.migrated.clear();
     }
 
+    /// Calls waiting, and calls a migration left stranded.
     pub fn len(&self) -> usize {
-        self.calls.len()
+        self.calls.len() + self.migrated.len()
+    }
+
+    /// The calls waiting now, for a migration (see [`WaitingCall`]).
+    pub fn export(&self) -> Vec<WaitingCall> {
+        self.calls
+            .iter()
+            .map(|c| WaitingCall {
+                sk: c.sk,
+                point: c.point,
+                tgid: c.attribution.process.tgid,
+            })
+            .chain(self.migrated.iter().map(|(w, _)| *w))
+            .take(MAX_PENDING)
+            .collect()
+    }
+
+    /// Takes over a migrated tenant's waiting calls, to fail them closed (at most
+    /// [`MAX_PENDING`]).
+    pub fn import(&mut self, waiting: &[WaitingCall], now: Instant) {
+        self.migrated = waiting
+            .iter()
+            .take(MAX_PENDING)
+            .map(|w| (*w, now))
+            .collect();
+    }
+
+    /// Whether a call on `sk` at `point` of thread group `tgid` waited across a migration (then
+    /// it is denied). Each entry answers once; entries older than [`PENDING_TTL`] go.
+    pub fn take_migrated(&mut self, sk: u64, point: PortPoint, tgid: u32, now: Instant) -> bool {
+        self.migrated
+            .retain(|(_, since)| now.saturating_duration_since(*since) < PENDING_TTL);
+        let Some(at) = self.migrated.iter().position(|(w, _)| w.sk == sk) else {
+            return false;
+        };
+        let (w, _) = self.migrated.swap_remove(at);
+        w.point == point && w.tgid == tgid
     }
 }
 
@@ -290,6 +341,45 @@ mod tests {
         p.insert(call(0x1000, 7, PortPoint::TcpConnect, now), now)
             .unwrap();
         assert!(p.take(0x1000, PortPoint::TcpConnect, 7).is_some());
+    }
+
+    #[test]
+    fn calls_waiting_across_a_migration_fail_closed_once_on_the_target() {
+        let now = Instant::now();
+        let mut source = PendingPorts::default();
+        source
+            .insert(call(0x1000, 7, PortPoint::TcpConnect, now), now)
+            .unwrap();
+        source
+            .insert(call(0x2000, 8, PortPoint::Listening, now), now)
+            .unwrap();
+        let waiting = source.export();
+        assert_eq!(waiting.len(), 2);
+        // The state travels as JSON.
+        let text = serde_json::to_string(&waiting).unwrap();
+        let waiting: Vec<WaitingCall> = serde_json::from_str(&text).unwrap();
+
+        let mut target = PendingPorts::default();
+        target.import(&waiting, now);
+        assert_eq!(target.len(), 2, "the port points look, not pass untouched");
+        // Not a call to complete: nothing to take.
+        assert!(target.take(0x1000, PortPoint::TcpConnect, 7).is_none());
+        assert!(target.take_migrated(0x1000, PortPoint::TcpConnect, 7, now));
+        assert!(
+            !target.take_migrated(0x1000, PortPoint::TcpConnect, 7, now),
+            "once"
+        );
+        // Another process on a reused socket is not the stranded call (and clears it).
+        assert!(!target.take_migrated(0x2000, PortPoint::Listening, 99, now));
+        assert_eq!(target.len(), 0);
+        // A stranded call whose port point never comes goes after the TTL.
+        target.import(&waiting, now);
+        assert!(!target.take_migrated(0x3000, PortPoint::UdpSend, 1, now + PENDING_TTL));
+        assert_eq!(target.len(), 0);
+        // Bounded whatever the state says.
+        let many = vec![waiting[0]; 10 * MAX_PENDING];
+        target.import(&many, now);
+        assert_eq!(target.len(), MAX_PENDING);
     }
 
     #[test]

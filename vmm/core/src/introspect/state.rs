@@ -17,7 +17,7 @@ use trap_handler::attribution::SocketOp;
 use vigil_wire::verdict::{Direction, Op, Rule, VerdictError, VerdictRepr, RECORD_LEN};
 
 use super::logger::LogEntry;
-use super::{Introspection, VerdictSink};
+use super::{Delivery, Introspection, VerdictSink};
 
 /// Verdict records kept for a tier that has not taken them yet.
 const PENDING_VERDICTS: usize = 4096;
@@ -94,6 +94,10 @@ pub struct IntrospectionState {
     pub next_seq: u64,
     /// Granted verdict records, hex.
     pub granted: Vec<String>,
+    /// Calls waiting at a port point when the state was taken (absent from an older host's
+    /// state: none). The target does not complete them: they fail closed there.
+    #[serde(default)]
+    pub waiting: Vec<super::ports::WaitingCall>,
 }
 
 /// Why a migrated tenant's state was not taken over.
@@ -140,40 +144,49 @@ pub(super) const DELIVERY_WAIT: Duration = Duration::from_millis(5);
 pub(super) const MAX_RULES_PER_CALL: usize = 4;
 
 /// A call's verdicts did not reach the tiers: the call is denied (fail closed) and counted
-/// ([`Introspection::undelivered_calls`]).
+/// ([`Introspection::undelivered_calls`]); its event's error names why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Undelivered {
-    /// The tiers did not take them in time.
+    /// The tiers stayed busy for [`DELIVERY_WAIT`]: `ring_full` (the switch's ring),
+    /// `edge_window_full` (the edge stopped acknowledging).
     #[error(
-        "the firewall tiers did not take the call's verdict within {} ms (the switch's ring \
-         stayed full): the call is denied",
-        DELIVERY_WAIT.as_millis()
+        "verdict_refused ({0}): the firewall tiers did not take the call's verdict within {ms} \
+         ms: the call is denied",
+        ms = DELIVERY_WAIT.as_millis()
     )]
-    Timeout,
+    Timeout(&'static str),
+    /// A tier refused them (`over_quota`, `table_full`, ...), did not confirm them in time
+    /// (`switch_timeout`), or is restarting (`switch_restarting`).
+    #[error(
+        "verdict_refused ({0}): the firewall tiers refused the call's verdict: the call is denied"
+    )]
+    Refused(&'static str),
     /// The `verdict.push` failpoint failed the delivery (fault injection).
     #[error("failpoint verdict.push: the call's verdict was not delivered: the call is denied")]
     Injected,
 }
 
-/// Offers `records` to `tiers` until they take them (all at once) or [`DELIVERY_WAIT`] passes.
+/// Offers `records` to `tiers` until they take them (all at once), refuse them, or
+/// [`DELIVERY_WAIT`] passes while they are busy.
 fn deliver_bounded(
     tiers: &dyn VerdictSink,
     records: &[[u8; RECORD_LEN]],
 ) -> Result<(), Undelivered> {
-    if tiers.deliver(records) {
-        return Ok(());
-    }
     let deadline = Instant::now() + DELIVERY_WAIT;
     // At least one retry however long this thread was descheduled: the bound is on waiting, and
     // a host too loaded to come back within it still gets its second offer.
+    let mut first = true;
     loop {
+        match tiers.deliver(records) {
+            Delivery::Taken => return Ok(()),
+            Delivery::Refused(reason) => return Err(Undelivered::Refused(reason)),
+            Delivery::Busy(reason) if !first && Instant::now() >= deadline => {
+                return Err(Undelivered::Timeout(reason))
+            }
+            Delivery::Busy(_) => {}
+        }
+        first = false;
         std::thread::yield_now();
-        if tiers.deliver(records) {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(Undelivered::Timeout);
-        }
     }
 }
 
@@ -202,6 +215,7 @@ impl Introspection {
             port_placed: self.port_placed.get().cloned(),
             next_seq: outbox.next_seq,
             granted: outbox.granted.iter().map(hex::encode).collect(),
+            waiting: self.pending().export(),
         }
     }
 
@@ -221,6 +235,7 @@ impl Introspection {
                 .port_placed
                 .set(state.port_placed.clone().unwrap_or_default());
         }
+        self.pending().import(&state.waiting, Instant::now());
         let mut outbox = self.outbox();
         outbox.next_seq = outbox.next_seq.max(state.next_seq);
         let mut adopted = Vec::new();
@@ -369,18 +384,44 @@ mod tests {
     }
 
     impl VerdictSink for SlowTiers {
-        fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> bool {
+        fn deliver(&self, records: &[[u8; RECORD_LEN]]) -> Delivery {
             use std::sync::atomic::Ordering;
             if self
                 .refusals
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
             {
-                return false;
+                return Delivery::Busy("ring_full");
             }
             self.taken.lock().unwrap().extend_from_slice(records);
-            true
+            Delivery::Taken
         }
+    }
+
+    /// A tier that refuses every record for good, as a switch at its tenant's quota does.
+    struct RefusingTiers(std::sync::atomic::AtomicU32);
+
+    impl VerdictSink for RefusingTiers {
+        fn deliver(&self, _: &[[u8; RECORD_LEN]]) -> Delivery {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Delivery::Refused("over_quota")
+        }
+    }
+
+    #[test]
+    fn a_refused_verdict_denies_the_call_at_once_and_says_why() {
+        let tiers = std::sync::Arc::new(RefusingTiers(0.into()));
+        let i = introspection(Some(tiers.clone()));
+        let err = i.produce_verdicts(&[egress(80)]).unwrap_err();
+        assert_eq!(err, Undelivered::Refused("over_quota"));
+        assert!(
+            err.to_string().starts_with("verdict_refused (over_quota)"),
+            "{err}"
+        );
+        // Refused for good: no retry (a retry could not change the quota's answer).
+        assert_eq!(tiers.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(i.export_state().granted.is_empty());
+        assert!(i.take_verdicts().0.is_empty());
     }
 
     #[test]
@@ -406,7 +447,10 @@ mod tests {
         let tiers = SlowTiers::new(u32::MAX);
         let i = introspection(Some(tiers.clone()));
         let started = Instant::now();
-        assert_eq!(i.produce_verdicts(&[egress(80)]), Err(Undelivered::Timeout));
+        assert_eq!(
+            i.produce_verdicts(&[egress(80)]),
+            Err(Undelivered::Timeout("ring_full"))
+        );
         assert!(
             started.elapsed() >= DELIVERY_WAIT,
             "the call waited, bounded"
@@ -420,7 +464,9 @@ mod tests {
             i.take_verdicts().0.is_empty(),
             "no tier gets it later either"
         );
-        assert!(Undelivered::Timeout.to_string().contains("denied"));
+        assert!(Undelivered::Timeout("ring_full")
+            .to_string()
+            .contains("denied"));
         assert_eq!(i.undelivered_calls(), 1, "counted");
     }
 
@@ -472,7 +518,7 @@ mod tests {
         let i = introspection(Some(region.clone()));
         assert_eq!(
             i.produce_verdicts(&[egress(80), egress(81)]),
-            Err(Undelivered::Timeout),
+            Err(Undelivered::Timeout("ring_full")),
             "two records, at most one slot: none goes in"
         );
         assert!(i.export_state().granted.is_empty());

@@ -66,6 +66,9 @@ impl Vm {
             &vcpu_fds[0],
             knobs.tsc_dilation,
         )?;
+        if let Some(region) = &verdict_region {
+            bus.set_idle_doorbell(region.clone());
+        }
         let write_traps = write_traps(introspection.is_some(), &slots);
         let debug_generation = Arc::new(AtomicU64::new(0));
         let guard = || match (&introspection, &write_traps) {
