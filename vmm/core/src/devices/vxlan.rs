@@ -11,18 +11,28 @@
 //! their own authenticated channel. Datagrams that are not VXLAN, or carry another VNI, are
 //! dropped and counted.
 //!
-//! Who may send: an endpoint given a [`PeerTrust`] (an edge's cloud port) takes frames only from
-//! underlay addresses in it, or from its configured peers; the edge node puts there the address
-//! of each host that authenticated on the verdict channel. A frame from any other UDP sender is
-//! dropped and counted (`rx_unauthenticated`): it is neither delivered nor learned, so it cannot
-//! move a MAC's location. The check is by source IP address: it holds as far as the underlay keeps
-//! one host from sending with another's address (what a VXLAN underlay must do anyway, as VXLAN
-//! itself authenticates nothing, RFC 7348 §7). An endpoint without a trust set (a standalone
-//! `--net local=`) learns from any sender, as a VXLAN bridge does.
+//! Who may send: an endpoint with configured peers (a host's switch uplink, whose peer is its
+//! edge) takes frames only from those peers' underlay addresses; an endpoint given a
+//! [`PeerTrust`] (an edge's cloud port) also from the addresses in it: the edge node puts there
+//! the address of each host that authenticated on the verdict channel. A frame from any other UDP
+//! sender is dropped and counted (`rx_unauthenticated`, and [`PeerTrust::refused`]): it is
+//! neither delivered nor learned, so it cannot move a MAC's location. The check is by source IP
+//! address: it holds as far as the underlay keeps one host from sending with another's address
+//! (what a VXLAN underlay must do anyway, as VXLAN itself authenticates nothing, RFC 7348 §7). An
+//! endpoint with neither peers nor a trust set (a standalone `--net local=`) learns from any
+//! sender, as a VXLAN bridge does.
+//!
+//! Whose addresses: a [`PeerTrust`] also binds tenant addresses to the host that attached them
+//! ([`PeerTrust::bind`]; the edge node keeps it in step with its attachments) and marks the
+//! underlay's own addresses as nobody's. A frame from a trusted host whose source address (for
+//! ARP the sender address, for neighbour discovery the target too) is bound to another host, or
+//! to nobody, is dropped and counted (`rx_foreign_source`, [`PeerTrust::foreign`]) before it is
+//! delivered or learned: a host's data path speaks only for the tenants that host attached. An
+//! address bound to no one passes here; the edge's firewall drops it (`unknown_tenant`).
 //!
 //! Owns: the VXLAN encapsulation, the learned FDB, the peers, who may send, and the drop
-//! counters. Must not: forward a datagram of another VNI, one that is not VXLAN or one from an
-//! untrusted sender (with a trust set), or carry verdicts.
+//! counters. Must not: forward a datagram of another VNI, one that is not VXLAN, one from an
+//! untrusted sender, or one speaking for an address bound to another sender; or carry verdicts.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -48,12 +58,37 @@ const MAX_LEARNED: usize = 4096;
 pub const MAX_TRUSTED: usize = 4096;
 
 /// The underlay addresses an endpoint takes frames from, shared with whoever vouches for them
-/// (the edge node adds each host that authenticated on the verdict channel).
+/// (the edge node adds each host that authenticated on the verdict channel), and the tenant
+/// addresses each of them may send from.
 #[derive(Default)]
 pub struct PeerTrust {
-    addrs: RwLock<HashSet<IpAddr>>,
+    state: RwLock<TrustState>,
     /// Datagrams refused because their sender was not trusted (every endpoint using the set).
     refused: AtomicU64,
+    /// Frames refused because they spoke for an address bound to another sender, or to nobody.
+    foreign: AtomicU64,
+}
+
+#[derive(Default)]
+struct TrustState {
+    addrs: HashSet<IpAddr>,
+    /// Attached address → the underlay address of the host that attached it (`None`: nobody
+    /// may send from it, an underlay address).
+    bound: HashMap<IpAddr, Option<IpAddr>>,
+}
+
+/// Most bound addresses (the edge's firewall holds 256; this is a wide margin).
+pub const MAX_BOUND: usize = 65_536;
+
+/// What a [`PeerTrust`] says about one datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judgement {
+    /// From a trusted sender, speaking only for its own addresses (or unbound ones).
+    Pass,
+    /// From an untrusted sender.
+    Untrusted,
+    /// From a trusted sender, speaking for an address bound to another sender or to nobody.
+    Foreign,
 }
 
 impl PeerTrust {
@@ -61,25 +96,92 @@ impl PeerTrust {
         Arc::new(PeerTrust::default())
     }
 
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, TrustState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, TrustState> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Trusts `ip` from now on; false when [`MAX_TRUSTED`] addresses are trusted already.
     pub fn trust(&self, ip: IpAddr) -> bool {
         if self.contains(ip) {
             return true;
         }
-        let mut addrs = self.addrs.write().unwrap_or_else(|p| p.into_inner());
-        if addrs.len() >= MAX_TRUSTED {
+        let mut state = self.write();
+        if state.addrs.len() >= MAX_TRUSTED {
             return false;
         }
-        addrs.insert(ip);
+        state.addrs.insert(ip);
         true
+    }
+
+    /// Trusts `ip` no more (a host that moved to another underlay address).
+    pub fn untrust(&self, ip: IpAddr) {
+        self.write().addrs.remove(&ip);
     }
 
     #[inline]
     pub fn contains(&self, ip: IpAddr) -> bool {
-        self.addrs
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&ip)
+        self.read().addrs.contains(&ip)
+    }
+
+    /// Binds attached address `addr` to the underlay sender `host` (`None`: to nobody, for the
+    /// underlay's own addresses); false when [`MAX_BOUND`] addresses are bound already.
+    pub fn bind(&self, addr: IpAddr, host: Option<IpAddr>) -> bool {
+        let mut state = self.write();
+        if state.bound.len() >= MAX_BOUND && !state.bound.contains_key(&addr) {
+            return false;
+        }
+        state.bound.insert(addr, host);
+        true
+    }
+
+    /// Releases `addr` (detached or flushed): any trusted sender may speak for it again (and the
+    /// firewall drops it for want of an owner).
+    pub fn unbind(&self, addr: IpAddr) {
+        self.write().bound.remove(&addr);
+    }
+
+    /// Who `addr` is bound to: `None` unbound, `Some(None)` nobody, `Some(Some(host))`.
+    pub fn binding(&self, addr: IpAddr) -> Option<Option<IpAddr>> {
+        self.read().bound.get(&addr).copied()
+    }
+
+    /// Bound addresses.
+    pub fn bound_len(&self) -> usize {
+        self.read().bound.len()
+    }
+
+    /// Judges a datagram from `from` whose inner frame is `frame` (`None`: not VXLAN of ours;
+    /// only the sender is judged), with `peers` trusted too. Counts what it refuses.
+    #[inline]
+    pub fn judge(&self, from: IpAddr, peers: &[IpAddr], frame: Option<&[u8]>) -> Judgement {
+        let state = self.read();
+        if !state.addrs.contains(&from) && !peers.contains(&from) {
+            drop(state);
+            bump(&self.refused);
+            return Judgement::Untrusted;
+        }
+        if state.bound.is_empty() {
+            return Judgement::Pass;
+        }
+        let Some(frame) = frame else {
+            return Judgement::Pass;
+        };
+        let own = |a: Option<IpAddr>| match a.and_then(|a| state.bound.get(&a)) {
+            None => true,
+            Some(host) => *host == Some(from),
+        };
+        let (first, second) = claims(frame);
+        if own(first) && own(second) {
+            Judgement::Pass
+        } else {
+            drop(state);
+            bump(&self.foreign);
+            Judgement::Foreign
+        }
     }
 
     /// Datagrams refused so far because their sender was not trusted.
@@ -87,12 +189,59 @@ impl PeerTrust {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// Frames refused so far because they spoke for an address bound to another sender.
+    pub fn foreign(&self) -> u64 {
+        self.foreign.load(Ordering::Relaxed)
+    }
+
     pub fn len(&self) -> usize {
-        self.addrs.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.read().addrs.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_ARP: u16 = 0x0806;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_VLAN: u16 = 0x8100;
+
+/// The addresses an Ethernet frame speaks for: an IPv4 or IPv6 packet's source, an ARP packet's
+/// sender address, and a neighbour solicitation's or advertisement's target (RFC 4861 §4.3/4.4;
+/// with no other IPv6 header before it). One 802.1Q tag is looked through, as the firewall does
+/// (it drops a second tag). Anything shorter than its header claims nothing (the firewall drops
+/// it as malformed). No allocation, no copy.
+pub fn claims(frame: &[u8]) -> (Option<IpAddr>, Option<IpAddr>) {
+    let ethertype = |at: usize| frame.get(at..at + 2).map(|t| u16::from_be_bytes([t[0], t[1]]));
+    let (ethertype, at) = match ethertype(12) {
+        Some(ETHERTYPE_VLAN) => (ethertype(16), 18),
+        other => (other, 14),
+    };
+    let body = frame.get(at..).unwrap_or_default();
+    let v4 = |b: &[u8]| -> Option<IpAddr> {
+        let a: [u8; 4] = b.try_into().ok()?;
+        Some(IpAddr::from(a))
+    };
+    let v6 = |b: &[u8]| -> Option<IpAddr> {
+        let a: [u8; 16] = b.try_into().ok()?;
+        Some(IpAddr::from(a))
+    };
+    match ethertype {
+        Some(ETHERTYPE_IPV4) => (body.get(12..16).and_then(v4), None),
+        // RFC 826: sender protocol address after htype, ptype, hlen, plen, op and the sender MAC.
+        Some(ETHERTYPE_ARP) => (body.get(14..18).and_then(v4), None),
+        Some(ETHERTYPE_IPV6) => {
+            let src = body.get(8..24).and_then(v6);
+            // Next header ICMPv6, type NS (135) or NA (136): the target follows 8 bytes in.
+            let target = match (body.get(6), body.get(40)) {
+                (Some(58), Some(135 | 136)) => body.get(48..64).and_then(v6),
+                _ => None,
+            };
+            (src, target)
+        }
+        _ => (None, None),
     }
 }
 
@@ -110,6 +259,8 @@ pub struct VxlanCounters {
     pub rx_dropped: AtomicU64,
     /// Datagrams from an underlay address that is neither trusted nor a configured peer.
     pub rx_unauthenticated: AtomicU64,
+    /// Frames from a trusted sender speaking for an address bound to another one.
+    pub rx_foreign_source: AtomicU64,
     pub tx_unicast: AtomicU64,
     pub tx_flooded: AtomicU64,
     /// Frames with no peer to go to (nothing configured, nothing learned yet).
@@ -129,8 +280,11 @@ pub struct Vxlan {
     fdb: Mutex<Fdb>,
     counters: std::sync::Arc<VxlanCounters>,
     scratch: Mutex<Vec<u8>>,
-    /// With one, frames are taken only from its addresses and the configured peers'.
+    /// With one, frames are taken only from its addresses and the configured peers', and only
+    /// for the addresses it binds to their sender.
     trust: Option<Arc<PeerTrust>>,
+    /// The configured peers' underlay addresses (fixed at bind).
+    peer_ips: Vec<IpAddr>,
 }
 
 impl Vxlan {
@@ -160,8 +314,10 @@ impl Vxlan {
                 );
             }
         }
+        let peer_ips = peers.iter().map(|p| p.ip()).collect();
         Ok(Vxlan {
             socket,
+            peer_ips,
             vni,
             fdb: Mutex::new(Fdb {
                 static_peers: peers,
@@ -179,15 +335,28 @@ impl Vxlan {
         self
     }
 
-    fn trusted(&self, from: &SocketAddr) -> bool {
-        let Some(trust) = &self.trust else {
-            return true;
+    /// Whether a datagram from `from` carrying `frame` may be taken (see the module doc); counts
+    /// a refusal.
+    #[inline]
+    fn admitted(&self, from: &SocketAddr, frame: Option<&[u8]>) -> bool {
+        let judgement = match &self.trust {
+            Some(trust) => trust.judge(from.ip(), &self.peer_ips, frame),
+            None if self.peer_ips.is_empty() || self.peer_ips.contains(&from.ip()) => {
+                Judgement::Pass
+            }
+            None => Judgement::Untrusted,
         };
-        if trust.contains(from.ip()) {
-            return true;
+        match judgement {
+            Judgement::Pass => true,
+            Judgement::Untrusted => {
+                bump(&self.counters.rx_unauthenticated);
+                false
+            }
+            Judgement::Foreign => {
+                bump(&self.counters.rx_foreign_source);
+                false
+            }
         }
-        let fdb = self.fdb.lock().unwrap_or_else(|p| p.into_inner());
-        fdb.static_peers.iter().any(|p| p.ip() == from.ip())
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -225,7 +394,8 @@ pub fn decapsulate(datagram: &[u8], vni: u32) -> Option<&[u8]> {
 impl Vxlan {
     /// Takes one received datagram from `from`: its inner frame copied into `buf` (its length
     /// returned) and its source MAC learned behind `from`; `None` (counted) when `from` is not a
-    /// trusted host, or it is not VXLAN of our VNI or does not fit `buf`. Public for the fuzz targets, which feed
+    /// trusted host or the frame speaks for another host's address, or it is not VXLAN of our VNI
+    /// or does not fit `buf`. Public for the fuzz targets, which feed
     /// datagrams without a socket in between.
     pub fn accept_datagram(
         &self,
@@ -234,14 +404,11 @@ impl Vxlan {
         buf: &mut [u8],
     ) -> Option<usize> {
         bump(&self.counters.rx_datagrams);
-        if !self.trusted(&from) {
-            bump(&self.counters.rx_unauthenticated);
-            if let Some(trust) = &self.trust {
-                bump(&trust.refused);
-            }
+        let frame = decapsulate(datagram, self.vni).filter(|f| f.len() <= buf.len());
+        if !self.admitted(&from, frame) {
             return None;
         }
-        let Some(frame) = decapsulate(datagram, self.vni).filter(|f| f.len() <= buf.len()) else {
+        let Some(frame) = frame else {
             bump(&self.counters.rx_dropped);
             return None;
         };
@@ -430,6 +597,134 @@ mod tests {
         assert_eq!(edge.peer_of(&tenant), Some(host.local_addr().unwrap()));
         assert_eq!(edge.counters.rx_unauthenticated.load(Ordering::Relaxed), 2);
         assert_eq!(trust.refused(), 2);
+    }
+
+    #[test]
+    fn an_endpoint_with_a_peer_hears_only_that_peer() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let edge = Vxlan::bind(any, vec![], 7).unwrap();
+        // The host's uplink: its one peer is the edge (127.0.0.1).
+        let host = Vxlan::bind(any, vec![edge.local_addr().unwrap()], 7).unwrap();
+        let forger = Vxlan::bind(
+            "127.0.0.2:0".parse().unwrap(),
+            vec![host.local_addr().unwrap()],
+            7,
+        )
+        .unwrap();
+        let tenant = [0x52, 0x54, 0, 0, 0, 2];
+        let outside = [0x52, 0x54, 0, 0, 0, 1];
+        let mut buf = vec![0u8; 2048];
+        let forged = frame(tenant, outside, b"forged");
+        forger.send_frame(&forged).unwrap();
+        let genuine = frame(tenant, outside, b"from the edge");
+        // The edge has learned nothing yet: it sends to the host directly.
+        let mut datagram = edge.header().to_vec();
+        datagram.extend_from_slice(&genuine);
+        edge.socket
+            .send_to(&datagram, host.local_addr().unwrap())
+            .unwrap();
+        let n = wait_frame(&host, &mut buf);
+        assert_eq!(&buf[..n], &genuine[..]);
+        assert_eq!(host.counters.rx_unauthenticated.load(Ordering::Relaxed), 1);
+        assert_eq!(host.peer_of(&outside), Some(edge.local_addr().unwrap()));
+    }
+
+    fn ipv4_frame(src_mac: [u8; 6], src: [u8; 4]) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&[10, 66, 0, 1]);
+        frame([0x52, 0x54, 0, 0, 0, 1], src_mac, &ip)
+    }
+
+    #[test]
+    fn a_host_speaks_only_for_the_addresses_bound_to_it() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let trust = PeerTrust::new();
+        let edge = Vxlan::bind(any, vec![], 7)
+            .unwrap()
+            .with_trust(trust.clone());
+        let a = Vxlan::bind(any, vec![edge.local_addr().unwrap()], 7).unwrap();
+        let b = Vxlan::bind(
+            "127.0.0.2:0".parse().unwrap(),
+            vec![edge.local_addr().unwrap()],
+            7,
+        )
+        .unwrap();
+        let (a_ip, b_ip) = (a.local_addr().unwrap().ip(), b.local_addr().unwrap().ip());
+        assert!(trust.trust(a_ip) && trust.trust(b_ip));
+        let (mine, theirs, underlay) = ([10, 0, 0, 2], [10, 0, 0, 3], [192, 0, 2, 1]);
+        assert!(trust.bind(IpAddr::from(mine), Some(a_ip)));
+        assert!(trust.bind(IpAddr::from(theirs), Some(b_ip)));
+        assert!(trust.bind(IpAddr::from(underlay), None));
+        let mac = [0x52, 0x54, 0, 0, 0, 2];
+        let mut buf = vec![0u8; 2048];
+        // A speaks for B's address, then for the underlay's: refused, not learned.
+        a.send_frame(&ipv4_frame([0x52, 0x54, 0, 0, 0, 3], theirs))
+            .unwrap();
+        a.send_frame(&ipv4_frame([0x52, 0x54, 0, 0, 0, 4], underlay))
+            .unwrap();
+        // Its own address, and one bound to nobody (the firewall's business): taken.
+        let own = ipv4_frame(mac, mine);
+        a.send_frame(&own).unwrap();
+        let n = wait_frame(&edge, &mut buf);
+        assert_eq!(&buf[..n], &own[..]);
+        let unbound = ipv4_frame(mac, [10, 0, 0, 9]);
+        a.send_frame(&unbound).unwrap();
+        let n = wait_frame(&edge, &mut buf);
+        assert_eq!(&buf[..n], &unbound[..]);
+        // B for its own.
+        let theirs_frame = ipv4_frame([0x52, 0x54, 0, 0, 0, 3], theirs);
+        b.send_frame(&theirs_frame).unwrap();
+        let n = wait_frame(&edge, &mut buf);
+        assert_eq!(&buf[..n], &theirs_frame[..]);
+        assert_eq!(edge.counters.rx_foreign_source.load(Ordering::Relaxed), 2);
+        assert_eq!(trust.foreign(), 2);
+        assert_eq!(edge.peer_of(&[0x52, 0x54, 0, 0, 0, 4]), None);
+        assert_eq!(
+            edge.peer_of(&[0x52, 0x54, 0, 0, 0, 3]),
+            Some(b.local_addr().unwrap())
+        );
+        // Unbound again (detached): anyone trusted may carry it to the firewall.
+        trust.unbind(IpAddr::from(theirs));
+        a.send_frame(&theirs_frame).unwrap();
+        let n = wait_frame(&edge, &mut buf);
+        assert_eq!(&buf[..n], &theirs_frame[..]);
+    }
+
+    #[test]
+    fn claims_are_the_source_the_arp_sender_and_the_nd_target() {
+        let mac = [0x52, 0x54, 0, 0, 0, 2];
+        let f = ipv4_frame(mac, [10, 0, 0, 2]);
+        assert_eq!(claims(&f), (Some(IpAddr::from([10, 0, 0, 2])), None));
+        // Through one 802.1Q tag.
+        let mut tagged = f[..12].to_vec();
+        tagged.extend_from_slice(&[0x81, 0x00, 0, 5]);
+        tagged.extend_from_slice(&f[12..]);
+        assert_eq!(claims(&tagged), claims(&f));
+        let mut arp = vec![0, 1, 8, 0, 6, 4, 0, 1];
+        arp.extend_from_slice(&mac);
+        arp.extend_from_slice(&[10, 0, 0, 7]);
+        arp.extend_from_slice(&[0; 10]);
+        let mut arp_frame = frame([0xff; 6], mac, &[]);
+        arp_frame[12..14].copy_from_slice(&[0x08, 0x06]);
+        arp_frame.extend_from_slice(&arp);
+        assert_eq!(claims(&arp_frame), (Some(IpAddr::from([10, 0, 0, 7])), None));
+        let mut ns = vec![0x60, 0, 0, 0, 0, 24, 58, 255];
+        ns.extend_from_slice(&[0; 16]);
+        ns.extend_from_slice(&[0xff; 16]);
+        ns.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+        let target = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
+        ns.extend_from_slice(&target);
+        let mut ns_frame = frame([0xff; 6], mac, &[]);
+        ns_frame[12..14].copy_from_slice(&[0x86, 0xdd]);
+        ns_frame.extend_from_slice(&ns);
+        assert_eq!(
+            claims(&ns_frame),
+            (Some(IpAddr::from([0u8; 16])), Some(IpAddr::from(target)))
+        );
+        // Runts and other EtherTypes claim nothing.
+        assert_eq!(claims(&f[..20]), (None, None));
+        assert_eq!(claims(&[0u8; 10]), (None, None));
     }
 
     #[test]
