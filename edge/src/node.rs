@@ -9,14 +9,18 @@
 //!
 //! Hosts: the underlay address of a host whose datagram was applied becomes trusted on the cloud
 //! port (`PeerTrust`): the VXLAN endpoint takes frames, and learns MAC locations, only from such
-//! hosts. When a host starts a new run (it restarted, so its tenants are gone), the tenants it
-//! attached last are flushed before its new run's first records. A host the cluster declares
-//! dead (its lease in etcd expired: `vmm-cluster`'s edge watch) is fenced: its tenants are
-//! flushed at once and its datagrams are not applied until it registers again.
+//! hosts. That address, and the edge's own underlay addresses (those of the network namespace it
+//! runs in), are attached under `UNDERLAY_TENANT`, so the outside can never send from them. Each
+//! authentic record is judged against the book of who attached what (`edge::owners`): a host
+//! speaks only for its own tenants, and the cloud port takes a frame from a host only for the
+//! addresses that host attached. When a host starts a new run (it restarted, so its tenants are
+//! gone), the tenants it attached last are flushed before its new run's first records. A host the
+//! cluster declares dead (its lease in etcd expired: `vmm-cluster`'s edge watch) is fenced: its
+//! tenants are flushed at once and its datagrams are not applied until it registers again.
 //!
-//! Owns: the edge micro-VM, its verdict ring, the receiving thread, the hosts' trust and the
-//! tenants each host attached, and the counters. Must not: put into the ring a record from a
-//! datagram that failed a check, or serve HTTP (the API crate's `vmm_api::edge` does).
+//! Owns: the edge micro-VM, its verdict ring, the receiving thread, the hosts' trust, the book of
+//! who attached what, and the counters. Must not: put into the ring a record from a datagram that
+//! failed a check, or one the book refused, or serve HTTP (the API crate's `vmm_api::edge` does).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -27,8 +31,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::channel::{ChannelStats, Delivery, Received, VerdictReceiver};
-use vigil_wire::boot::{Role, TENANT_UNASSIGNED};
-use vigil_wire::verdict::{Op, VerdictRepr, RECORD_LEN};
+use crate::owners::{Change, Judged, Owners, Refusal, CLAIM_WAIT};
+use vigil_wire::boot::Role;
+use vigil_wire::verdict::{VerdictRepr, RECORD_LEN};
 
 use vmm_core::config::{NetBackend, Trust};
 use vmm_core::devices::vxlan::PeerTrust;
@@ -38,8 +43,6 @@ use vmm_core::vm::{ConsoleConfig, Vm, VmConfig, VmError, VmOutcome};
 
 /// How long the receiver waits for the micro-VM to take accepted records.
 const APPLY_LIMIT: Duration = Duration::from_secs(2);
-/// Tenants whose attaching host the edge remembers (for flushing them when that host restarts).
-const MAX_OWNED_TENANTS: usize = 65_536;
 
 /// Why an edge node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +99,20 @@ struct EdgeStats {
     last_apply_us: AtomicU64,
     /// Verdicts (`Add`/`Adopt`) the micro-VM refused (its outcome log), by reason.
     verdicts_refused: Mutex<BTreeMap<&'static str, u64>>,
+    /// Authentic records the ownership book refused, by reason.
+    refused_records: Mutex<BTreeMap<&'static str, u64>>,
+    /// Datagrams held back (not acknowledged) because an attach waited for another host.
+    claim_waits: AtomicU64,
+    /// (hosts, tenants, addresses, underlay addresses) in the book, and tenants handed over.
+    book: Mutex<((usize, usize, usize, usize), u64, Vec<std::net::IpAddr>)>,
+}
+
+/// The receiving thread's state: the book, and the datagram of each host that waits for another
+/// host's release (its sequence number and since when).
+#[derive(Default)]
+struct Books {
+    owners: Owners,
+    waiting: HashMap<u32, (u64, Instant)>,
 }
 
 pub struct Edge {
@@ -109,7 +126,8 @@ pub struct Edge {
     trust: Arc<PeerTrust>,
     started: Instant,
     /// Which host (sender) attached each tenant last (a migrated tenant belongs to its new host).
-    owners: Mutex<HashMap<u32, u32>>,
+    /// The book of who attached what (the receiving thread's, and `fence_host`'s).
+    books: Mutex<Books>,
     /// Hosts declared dead: their datagrams are not applied (nor acknowledged).
     fenced: Mutex<HashSet<u32>>,
 }
@@ -167,6 +185,7 @@ impl Edge {
                 console: config.console_log.clone(),
             });
         }
+        let own = own_underlay_addrs(&config);
         let edge = Arc::new(Edge {
             config,
             region,
@@ -177,9 +196,13 @@ impl Edge {
             boot_id,
             trust,
             started: Instant::now(),
-            owners: Mutex::new(HashMap::new()),
+            books: Mutex::new(Books::default()),
             fenced: Mutex::new(HashSet::new()),
         });
+        edge.own_underlay(
+            &mut edge.books.lock().unwrap_or_else(|p| p.into_inner()),
+            &own,
+        );
         let worker = edge.clone();
         std::thread::Builder::new()
             .name("edge-verdicts".into())
@@ -203,10 +226,78 @@ impl Edge {
         self.control_addr
     }
 
-    /// Puts one in-order datagram into the micro-VM's ring (after flushing the tenants of the
-    /// host's previous run when it restarted) and waits until the micro-VM took it; whether it
-    /// did. The host's underlay address is trusted on the cloud port from then on.
-    fn apply(&self, owners: &mut HashMap<u32, u32>, d: &Delivery<'_>) -> bool {
+    /// Attaches the edge's own underlay addresses under `UNDERLAY_TENANT` (before any host
+    /// speaks) and binds them to nobody on the cloud port.
+    fn own_underlay(&self, books: &mut Books, addrs: &[std::net::IpAddr]) {
+        let mut changes = Vec::new();
+        let records: Vec<[u8; RECORD_LEN]> = addrs
+            .iter()
+            .filter_map(|a| books.owners.own(*a, &mut changes))
+            .map(|v| v.to_bytes())
+            .collect();
+        self.change_bindings(&changes);
+        if !records.is_empty() {
+            let taken = self
+                .region
+                .push_tracked(&records)
+                .is_ok_and(|p| self.region.wait_consumed(p, APPLY_LIMIT));
+            if !taken {
+                log::warn!(
+                    "edge {}: the micro-VM did not take its underlay addresses",
+                    self.config.name
+                );
+            }
+        }
+        self.publish_book(&books.owners);
+        vmm_core::events::bus().emit(
+            "edge_underlay",
+            &serde_json::json!({"edge": self.config.name,
+                "own": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>()}),
+        );
+    }
+
+    fn change_bindings(&self, changes: &[Change]) {
+        for c in changes {
+            match *c {
+                Change::Bind { addr, host } => {
+                    if !self.trust.bind(addr, host) {
+                        log::warn!("edge {}: too many bound addresses", self.config.name);
+                    }
+                }
+                Change::Unbind(addr) => self.trust.unbind(addr),
+                Change::Untrust(addr) => self.trust.untrust(addr),
+            }
+        }
+    }
+
+    fn publish_book(&self, owners: &Owners) {
+        *self.stats.book.lock().unwrap_or_else(|p| p.into_inner()) =
+            (owners.sizes(), owners.handovers, owners.underlay());
+    }
+
+    fn refused(&self, d: &Delivery<'_>, v: &VerdictRepr, why: Refusal) {
+        *self
+            .stats
+            .refused_records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(why.name())
+            .or_default() += 1;
+        vmm_core::events::bus().emit(
+            "edge_refused",
+            &serde_json::json!({"edge": self.config.name, "sender": d.sender, "seq": d.seq,
+                "from": d.from.to_string(), "op": format!("{:?}", v.op), "tenant": v.tenant,
+                "reason": why.name()}),
+        );
+    }
+
+    /// Puts one in-order datagram into the micro-VM's ring and waits until the micro-VM took it;
+    /// whether it did. Before that: the host's underlay address is attached (the first time, or
+    /// when it moved), the tenants of the host's previous run are flushed when it restarted, and
+    /// each record is judged by the book (`edge::owners`): refused ones are counted and left out,
+    /// and a datagram whose attach collides with another host's tenant is not taken (the host
+    /// retransmits) until that host releases it or [`CLAIM_WAIT`] has passed.
+    fn apply(&self, books: &mut Books, d: &Delivery<'_>) -> bool {
         if self
             .fenced
             .lock()
@@ -217,54 +308,107 @@ impl Edge {
             // apply in order once it registers again.
             return false;
         }
-        let mut records: Vec<[u8; RECORD_LEN]> = Vec::with_capacity(d.records.len());
+        let decoded: Vec<Option<VerdictRepr>> = d
+            .records
+            .iter()
+            .map(|r| VerdictRepr::from_bytes(r).ok())
+            .collect();
+        let collides = |owners: &Owners| {
+            decoded
+                .iter()
+                .flatten()
+                .any(|v| owners.collides(d.sender, v))
+        };
+        if collides(&books.owners) {
+            let since = match books.waiting.get(&d.sender) {
+                Some((seq, since)) if *seq == d.seq => *since,
+                _ => {
+                    self.stats.claim_waits.fetch_add(1, Ordering::Relaxed);
+                    books.waiting.insert(d.sender, (d.seq, Instant::now()));
+                    Instant::now()
+                }
+            };
+            if since.elapsed() < CLAIM_WAIT {
+                return false;
+            }
+            // Waited long enough: the colliding records are refused below, the rest applied.
+        }
+        books.waiting.remove(&d.sender);
+        let mut changes = Vec::new();
+        let mut records: Vec<[u8; RECORD_LEN]> = Vec::with_capacity(d.records.len() + 2);
+        let host_ip = d.from.ip();
+        records.extend(
+            books
+                .owners
+                .see_host(d.sender, host_ip, &mut changes)
+                .iter()
+                .map(|v| v.to_bytes()),
+        );
         let mut flushed = Vec::new();
         if d.restarted.is_some() {
-            flushed = owners
-                .iter()
-                .filter(|(_, host)| **host == d.sender)
-                .map(|(tenant, _)| *tenant)
-                .collect();
+            flushed = books.owners.tenants_of(d.sender);
             records.extend(
                 flushed
                     .iter()
                     .map(|t| VerdictRepr::flush_tenant(*t, 0).to_bytes()),
             );
         }
-        records.extend_from_slice(d.records);
-        let arrived = Instant::now();
-        let Ok(position) = self.region.push_tracked(&records) else {
-            return false;
-        };
-        let mut refused: Vec<(u32, &'static str)> = Vec::new();
-        let first = records.len() - d.records.len();
-        let applied = self
-            .region
-            .wait_outcomes(position, records.len(), APPLY_LIMIT, |i, o| {
-                let Some(Ok(v)) = (i >= first).then(|| VerdictRepr::from_bytes(&records[i])) else {
-                    return;
-                };
-                if matches!(v.op, Op::Add | Op::Adopt) && !o.is_some_and(|o| o.took_effect()) {
-                    refused.push((v.tenant, o.map_or("outcome_unknown", |o| o.name())));
-                }
-            });
-        if !refused.is_empty() {
-            // The host allowed these calls (its switch took them); the edge's table did not.
-            // Counted and reported; the flows they open stay closed at the edge.
-            let mut counts = self
-                .stats
-                .verdicts_refused
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for (tenant, reason) in &refused {
-                *counts.entry(reason).or_default() += 1;
-                vmm_core::events::bus().emit(
-                    "verdict_refused",
-                    &serde_json::json!({"edge": self.config.name, "tier": "edge",
-                        "sender": d.sender, "seq": d.seq, "tenant": tenant, "reason": reason}),
-                );
+        // The host's own records start here (the ones before are the edge's).
+        let first = records.len();
+        for (raw, v) in d.records.iter().zip(&decoded) {
+            let Some(v) = v else {
+                // The micro-VM refuses it and counts it (verdicts_rejected).
+                records.push(*raw);
+                continue;
+            };
+            match books.owners.judge(d.sender, v, &mut changes) {
+                Judged::Apply => records.push(*raw),
+                Judged::Consumed => {}
+                Judged::Refuse(why) => self.refused(d, v, why),
             }
         }
+        // New bindings before the micro-VM knows the addresses; released ones after it forgot
+        // them (so no host speaks for an address the firewall still gives a tenant).
+        let (unbind, bind): (Vec<Change>, Vec<Change>) = changes
+            .into_iter()
+            .partition(|c| !matches!(c, Change::Bind { .. }));
+        self.change_bindings(&bind);
+        let arrived = Instant::now();
+        let applied = match self.region.push_tracked(&records) {
+            Ok(position) => {
+            let mut refused: Vec<(u32, &'static str)> = Vec::new();
+            let applied = self
+                .region
+                .wait_outcomes(position, records.len(), APPLY_LIMIT, |i, o| {
+                    let Some(Ok(v)) = (i >= first).then(|| VerdictRepr::from_bytes(&records[i])) else {
+                        return;
+                    };
+                    if matches!(v.op, Op::Add | Op::Adopt) && !o.is_some_and(|o| o.took_effect()) {
+                        refused.push((v.tenant, o.map_or("outcome_unknown", |o| o.name())));
+                    }
+                });
+            if !refused.is_empty() {
+                // The host allowed these calls (its switch took them); the edge's table did not.
+                // Counted and reported; the flows they open stay closed at the edge.
+                let mut counts = self
+                    .stats
+                    .verdicts_refused
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                for (tenant, reason) in &refused {
+                    *counts.entry(reason).or_default() += 1;
+                    vmm_core::events::bus().emit(
+                        "verdict_refused",
+                        &serde_json::json!({"edge": self.config.name, "tier": "edge",
+                            "sender": d.sender, "seq": d.seq, "tenant": tenant, "reason": reason}),
+                    );
+                }
+            }
+                applied
+            }
+            Err(_) => false,
+        };
+        self.change_bindings(&unbind);
         if !applied {
             // In the ring, so it will be applied in order; the host retransmits meanwhile, and a
             // copy applied again changes nothing (adds refresh, flushes and attaches repeat).
@@ -274,12 +418,13 @@ impl Edge {
                 d.sender,
                 d.seq
             );
+            self.publish_book(&books.owners);
             return false;
         }
         self.stats
             .last_apply_us
             .store(arrived.elapsed().as_micros() as u64, Ordering::Relaxed);
-        if !self.trust.trust(d.from.ip()) {
+        if !self.trust.trust(host_ip) {
             log::warn!(
                 "edge {}: too many hosts to trust {}",
                 self.config.name,
@@ -287,7 +432,9 @@ impl Edge {
             );
         }
         if !flushed.is_empty() {
-            owners.retain(|_, host| *host != d.sender);
+            let mut unbind = Vec::new();
+            books.owners.forget_tenants(&flushed, &mut unbind);
+            self.change_bindings(&unbind);
             self.stats
                 .restart_flushes
                 .fetch_add(flushed.len() as u64, Ordering::Relaxed);
@@ -297,31 +444,15 @@ impl Edge {
                     "flushed_tenants": flushed}),
             );
         }
-        for record in d.records {
-            let Ok(v) = VerdictRepr::from_bytes(record) else {
-                continue;
-            };
-            match v.op {
-                Op::Attach
-                    if v.tenant != TENANT_UNASSIGNED
-                        && (owners.len() < MAX_OWNED_TENANTS || owners.contains_key(&v.tenant)) =>
-                {
-                    owners.insert(v.tenant, d.sender);
-                }
-                Op::FlushTenant if owners.get(&v.tenant) == Some(&d.sender) => {
-                    owners.remove(&v.tenant);
-                }
-                _ => {}
-            }
-        }
+        self.publish_book(&books.owners);
         true
     }
 
     fn take_verdicts(&self, mut receiver: VerdictReceiver) {
         while !self.stop.load(Ordering::Acquire) {
             let received = receiver.recv(Duration::from_millis(200), |d| {
-                let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
-                self.apply(&mut owners, d)
+                let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
+                self.apply(&mut books, d)
             });
             *self.stats.channel.lock().unwrap_or_else(|p| p.into_inner()) =
                 receiver.stats().clone();
@@ -403,18 +534,17 @@ impl Edge {
     /// until [`Edge::readmit_host`]. Returns the flushed tenants once the micro-VM took the
     /// flushes, or `None` if it did not within 2 s (they are in its ring, applied in order).
     pub fn fence_host(&self, sender: u32) -> Option<Vec<u32>> {
-        // The owners' lock orders this against the datagram being applied now.
-        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        // The book's lock orders this against the datagram being applied now.
+        let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
         self.fenced
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(sender);
-        let flushed: Vec<u32> = owners
-            .iter()
-            .filter(|(_, host)| **host == sender)
-            .map(|(tenant, _)| *tenant)
-            .collect();
-        owners.retain(|_, host| *host != sender);
+        let flushed: Vec<u32> = books.owners.tenants_of(sender);
+        let mut unbind = Vec::new();
+        books.owners.forget_tenants(&flushed, &mut unbind);
+        self.change_bindings(&unbind);
+        self.publish_book(&books.owners);
         if flushed.is_empty() {
             return Some(flushed);
         }
@@ -486,6 +616,42 @@ impl Edge {
         (self.trust.len(), self.trust.refused())
     }
 
+    /// Frames from a trusted host refused because they spoke for an address another host (or
+    /// the underlay) holds.
+    pub fn foreign_source_frames(&self) -> u64 {
+        self.trust.foreign()
+    }
+
+    /// The book of who attached what: sizes, handovers, refusals, the underlay's addresses.
+    pub fn ownership(&self) -> serde_json::Value {
+        let ((hosts, tenants, addresses, underlay), handovers, addrs) = self
+            .stats
+            .book
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        serde_json::json!({
+            "hosts": hosts,
+            "tenants": tenants,
+            "addresses": addresses,
+            "underlay_addresses": underlay,
+            "underlay": addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "handovers": handovers,
+            "claim_waits": self.stats.claim_waits.load(Ordering::Relaxed),
+            "refused_records": *self.stats.refused_records.lock().unwrap_or_else(|p| p.into_inner()),
+        })
+    }
+
+    /// Authentic records the book refused, all reasons.
+    pub fn refused_records(&self) -> u64 {
+        self.stats
+            .refused_records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .sum()
+    }
+
     /// The micro-VM's counters.
     pub fn counters(&self) -> Option<FirewallCounters> {
         self.region.counters()
@@ -544,4 +710,83 @@ impl Edge {
     pub fn stop_flag(&self) -> Arc<AtomicBool> {
         self.stop.clone()
     }
+}
+
+/// The edge's own underlay addresses: the control and cloud sockets' addresses when they name
+/// one, else every address of the network namespace the edge runs in (its underlay: the outside
+/// is a TAP, usually in another namespace; when it is in this one, that interface's addresses are
+/// left out). Loopback and link-local addresses are left out: the firewall refuses them from the
+/// outside anyway.
+fn own_underlay_addrs(config: &EdgeConfig) -> Vec<std::net::IpAddr> {
+    let cloud_ip = match &config.cloud.backend {
+        NetBackend::Vxlan { local, .. } => Some(local.ip()),
+        NetBackend::Tap { .. } => None,
+    };
+    let outside_here = match &config.outside.backend {
+        NetBackend::Tap { name, netns: None } => Some(name.clone()),
+        _ => None,
+    };
+    let wanted = |ip: &std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(a) => !a.is_loopback() && !a.is_link_local() && !a.is_unspecified(),
+        std::net::IpAddr::V6(a) => {
+            !a.is_loopback() && !a.is_unspecified() && (a.segments()[0] & 0xffc0) != 0xfe80
+        }
+    };
+    let named: Vec<std::net::IpAddr> = [Some(config.control.ip()), cloud_ip]
+        .into_iter()
+        .flatten()
+        .filter(|ip| !ip.is_unspecified())
+        .collect();
+    let mut addrs: Vec<std::net::IpAddr> = if named.len() == 2 {
+        named
+    } else {
+        let mut all = interface_addrs(outside_here.as_deref());
+        all.extend(named);
+        all
+    };
+    addrs.retain(wanted);
+    addrs.sort();
+    addrs.dedup();
+    addrs
+}
+
+/// Every interface address of this network namespace (`getifaddrs(3)`), but those of `skip`.
+fn interface_addrs(skip: Option<&str>) -> Vec<std::net::IpAddr> {
+    let mut out = Vec::new();
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills `list` with a linked list we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&mut list) != 0 {
+            log::warn!(
+                "the edge's underlay addresses: getifaddrs: {}",
+                std::io::Error::last_os_error()
+            );
+            return out;
+        }
+        let mut cur = list;
+        while !cur.is_null() {
+            let ifa = &*cur;
+            cur = ifa.ifa_next;
+            if ifa.ifa_addr.is_null() {
+                continue;
+            }
+            let name = std::ffi::CStr::from_ptr(ifa.ifa_name).to_string_lossy();
+            if skip == Some(name.as_ref()) {
+                continue;
+            }
+            match i32::from((*ifa.ifa_addr).sa_family) {
+                libc::AF_INET => {
+                    let sin = &*(ifa.ifa_addr as *const libc::sockaddr_in);
+                    out.push(std::net::IpAddr::from(sin.sin_addr.s_addr.to_ne_bytes()));
+                }
+                libc::AF_INET6 => {
+                    let sin6 = &*(ifa.ifa_addr as *const libc::sockaddr_in6);
+                    out.push(std::net::IpAddr::from(sin6.sin6_addr.s6_addr));
+                }
+                _ => {}
+            }
+        }
+        libc::freeifaddrs(list);
+    }
+    out
 }

@@ -11,7 +11,7 @@
 //!
 //! | offset | size | field |
 //! |---|---|---|
-//! | 0 | 1 | op: 1 add, 2 remove, 3 flush tenant, 4 attach, 5 adopt (see [`Op`]) |
+//! | 0 | 1 | op: 1 add, 2 remove, 3 flush tenant, 4 attach, 5 adopt, 6 release (see [`Op`]) |
 //! | 1 | 1 | direction: 1 egress (connect/sendmsg), 2 ingress (bind/listen) |
 //! | 2 | 1 | IP version: 4 or 6 |
 //! | 3 | 1 | protocol, IANA number: 6 TCP, 17 UDP, 1 ICMP (v4 only), 58 ICMPv6 (v6 only) |
@@ -35,8 +35,8 @@
 //! port (the switch port index, [`PORT_NONE`] = none), and, when flag [`ATTACH_FLAG_MAC`] is set,
 //! the tenant's MAC address in the first 6 bytes of the remote address (the switch accepts only
 //! that Ethernet source on the port); the consumer ignores every other field (the producer should
-//! leave them zero). A record without the flag (an older producer) attaches no MAC. An [`Op::FlushTenant`] record uses only op, tenant and
-//! sequence.
+//! leave them zero). A record without the flag (an older producer) attaches no MAC. An [`Op::FlushTenant`] or [`Op::Release`]
+//! record uses only op, tenant and sequence.
 //!
 //! The lifetime is relative rather than an absolute deadline because the VMM and the micro-VM do
 //! not share a clock; ring latency (microseconds) is negligible against lifetimes in seconds.
@@ -94,6 +94,11 @@ pub enum Op {
     /// datagram in the reply direction, that finds no conntrack entry creates one instead of
     /// being dropped. Build it with [`VerdictRepr::adopt`].
     Adopt = 5,
+    /// (Host to edge only.) The sending host gives tenant `tenant` up to whichever host attaches
+    /// it next (it migrated away): the edge's VMM hands over the tenant's addresses and keeps its
+    /// verdicts and flows. Uses only op, tenant and sequence. Never reaches a firewall micro-VM
+    /// (one that gets it refuses it). Build it with [`VerdictRepr::release`].
+    Release = 6,
 }
 
 impl Op {
@@ -104,6 +109,7 @@ impl Op {
             3 => Some(Op::FlushTenant),
             4 => Some(Op::Attach),
             5 => Some(Op::Adopt),
+            6 => Some(Op::Release),
             _ => None,
         }
     }
@@ -541,13 +547,14 @@ impl VerdictRepr {
         let allowed = match op {
             Op::Attach => ATTACH_FLAG_MAC,
             Op::Add | Op::Remove | Op::Adopt => RULE_FLAG_ANY_LOCAL_PORT,
-            Op::FlushTenant => 0,
+            Op::FlushTenant | Op::Release => 0,
         };
         if v.flags() & !allowed != 0 {
             return Err(VerdictError::ReservedFlags(v.flags()));
         }
         match op {
             Op::FlushTenant => return Ok(VerdictRepr::flush_tenant(v.tenant(), v.seq())),
+            Op::Release => return Ok(VerdictRepr::release(v.tenant(), v.seq())),
             Op::Attach => return Self::parse_attach(v),
             Op::Add | Op::Remove | Op::Adopt => {}
         }
@@ -673,6 +680,14 @@ impl VerdictRepr {
             seq,
             lifetime_ms: 0,
             rule: Rule::any(Direction::Egress, IpVersion::V4, Protocol::Tcp),
+        }
+    }
+
+    /// An [`Op::Release`] record (its rule is a placeholder nobody reads).
+    pub const fn release(tenant: u32, seq: u64) -> VerdictRepr {
+        VerdictRepr {
+            op: Op::Release,
+            ..VerdictRepr::flush_tenant(tenant, seq)
         }
     }
 
@@ -940,12 +955,15 @@ mod tests {
             (Op::FlushTenant, 3),
             (Op::Attach, 4),
             (Op::Adopt, 5),
+            (Op::Release, 6),
         ] {
             assert_eq!(op as u8, code);
             assert_eq!(Op::from_u8(code), Some(op));
         }
         assert_eq!(Op::from_u8(0), None);
-        assert_eq!(Op::from_u8(6), None);
+        assert_eq!(Op::from_u8(7), None);
+        let r = VerdictRepr::release(7, 9);
+        assert_eq!(VerdictRepr::from_bytes(&r.to_bytes()), Ok(r));
     }
 
     #[test]

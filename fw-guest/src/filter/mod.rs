@@ -184,6 +184,8 @@ pub enum ApplyError {
     NotFound,
     /// An `Attach` the port/address tables refused.
     Attach(AttachError),
+    /// A record for the edge's VMM ([`Op::Release`]): never a firewall's.
+    NotForFirewall,
 }
 
 /// Which side of the edge a port is on.
@@ -424,6 +426,7 @@ impl<'a> Filter<'a> {
                 .tenancy
                 .attach_with_mac(v.tenant, v.attach_port(), v.attach_addr(), v.attach_mac())
                 .map_err(ApplyError::Attach),
+            Op::Release => Err(ApplyError::NotForFirewall),
         };
         match result {
             Ok(()) => self.counters.verdicts_applied += 1,

@@ -42,7 +42,9 @@ fn handle(edge: &Edge, request: Request) -> http::Outcome {
                     "accepted_records": edge.accepted_records(),
                     "rejected": edge.rejected(),
                     "channel": edge.channel_counters(),
-                    "underlay": {"trusted_hosts": hosts, "refused_frames": refused},
+                    "underlay": {"trusted_hosts": hosts, "refused_frames": refused,
+                        "foreign_source_frames": edge.foreign_source_frames()},
+                    "ownership": edge.ownership(),
                 }),
             )
         }
@@ -146,6 +148,18 @@ fn metrics_text(edge: &Edge) -> String {
         "counter",
         "VXLAN datagrams refused because their underlay sender is not an authenticated host.",
         vec![(String::new(), refused as f64)],
+    );
+    line(
+        "vigil_edge_foreign_source_total",
+        "counter",
+        "VXLAN frames refused because they spoke for an address another host (or the underlay) holds.",
+        vec![(String::new(), edge.foreign_source_frames() as f64)],
+    );
+    line(
+        "vigil_edge_refused_records_total",
+        "counter",
+        "Authentic host records refused: they named another host's tenant or address, or the underlay's.",
+        vec![(String::new(), edge.refused_records() as f64)],
     );
     line(
         "vigil_edge_last_apply_ms",

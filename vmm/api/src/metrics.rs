@@ -142,6 +142,15 @@ pub fn metrics_text(host: &Host) -> String {
             &[(String::new(), errors as f64)],
         );
     }
+    if let Some(refused) = host.uplink_refused() {
+        metric(
+            &mut out,
+            "vigil_uplink_refused_total",
+            "VXLAN datagrams the switch's uplink refused: not from its edge.",
+            "counter",
+            &[(String::new(), refused as f64)],
+        );
+    }
     if let Some(link) = host.edge_link_stats() {
         for (name, help, kind, value) in [
             (

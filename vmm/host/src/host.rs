@@ -133,6 +133,12 @@ impl Host {
         })
     }
 
+    /// VXLAN datagrams the switch's uplink refused because they did not come from its edge
+    /// (`None`: the uplink is not VXLAN).
+    pub fn uplink_refused(&self) -> Option<u64> {
+        self.switch.uplink_trust.as_ref().map(|t| t.refused())
+    }
+
     /// The edge link's delivery counters (retransmissions, unacknowledged datagrams, ...).
     pub fn edge_link_stats(&self) -> Option<crate::edge_link::EdgeLinkStats> {
         self.edge.as_ref().map(|e| e.stats())

@@ -185,7 +185,7 @@ impl Host {
                 reason: e.to_string(),
             });
         }
-        let (spec, handle, introspection) = {
+        let (spec, handle, introspection, tenant) = {
             let mut tenants = self.tenants();
             let t = tenants
                 .get_mut(id)
@@ -200,8 +200,15 @@ impl Host {
             }
             // Migrating from here on: no other action may touch it meanwhile.
             t.state = VmState::Paused;
-            (t.spec.clone(), t.handle.clone(), t.introspection.clone())
+            (
+                t.spec.clone(),
+                t.handle.clone(),
+                t.introspection.clone(),
+                t.tenant,
+            )
         };
+        // Set once the edge was told the tenant is leaving (see below).
+        let released = std::cell::Cell::new(false);
         let set_state = |state| {
             if let Some(t) = self.tenants().get_mut(id) {
                 t.state = state;
@@ -210,6 +217,11 @@ impl Host {
         let slots = handle.slots().clone();
         let failed = |e: String, resume: bool| {
             slots.stop_logging();
+            if released.get() {
+                // It stays here: this host claims it back at the edge (at once if the target
+                // never claimed it, else once the target releases it).
+                self.tell_edge(&[self.edge_attach(tenant, spec.ip)]);
+            }
             if resume {
                 handle.resume_after_capture();
             }
@@ -343,6 +355,11 @@ impl Host {
                 return Err(failed(format!("pre-copy: {e}{why}"), false));
             }
         }
+        // The edge hands the tenant's addresses (and with them its verdicts and flows) to the
+        // host that attaches it next: the target, once it restored it. Sent before the state, so
+        // that the target's claim normally finds it released.
+        self.tell_edge(&[self.edge_release(tenant)]);
+        released.set(true);
         let paused = Instant::now();
         let snapshot = match handle.capture(PAUSE_LIMIT) {
             Ok(s) => s,

@@ -263,7 +263,9 @@ impl Host {
         // verdicts as Adopt (its flows are established; they continue mid-stream here).
         let mut records = vec![self.switch_attach(tenant, slot, spec.ip, Some(mac))];
         records.extend(adopted.iter().copied());
-        let tiers_ms = match self.reconfigure(&records, &[]) {
+        // The edge keeps the tenant's verdicts and flows; this host claims its address there
+        // (taken over once the source released it: see `edge::owners`).
+        let tiers_ms = match self.reconfigure(&records, &[self.edge_attach(tenant, spec.ip)]) {
             Ok(ms) => ms,
             Err(e) => {
                 release();
@@ -280,6 +282,8 @@ impl Host {
         );
         entry.thread = Some(
             start_vm(&id, vm, self.on_own_stop(&id, tenant)).map_err(|e| {
+                // The source resumes it: give it back at the edge.
+                self.tell_edge(&[self.edge_release(tenant)]);
                 release();
                 refuse(&mut session, e.to_string())
             })?,

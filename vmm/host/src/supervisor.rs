@@ -99,6 +99,8 @@ impl Book {
                         book.verdicts.remove(&rule_key(&v));
                     }
                 }
+                // The edge's, never the switch's.
+                Op::Release => {}
             }
         }
     }

@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 use vigil_wire::boot::{Role, TENANT_UNASSIGNED};
 use vigil_wire::ring::VERDICT_RING_CAPACITY;
 use vigil_wire::verdict::RECORD_LEN;
+use vmm_core::config::NetBackend;
+use vmm_core::devices::vxlan::PeerTrust;
 use vmm_core::host_kind::HostKind;
 use vmm_core::introspect::Delivery;
 use vmm_core::net_config::NetConfig;
@@ -76,6 +78,9 @@ pub(crate) struct SwitchTier {
     pub(crate) last_restart_us: AtomicU64,
     /// Calls whose verdicts the switch refused or did not confirm (the calls were denied).
     pub(crate) refused: AtomicU64,
+    /// Who a VXLAN uplink hears: its configured peer (the edge) only; the set counts the
+    /// datagrams refused from anyone else (shared by every switch micro-VM the host starts).
+    pub(crate) uplink_trust: Option<Arc<PeerTrust>>,
 }
 
 impl SwitchTier {
@@ -97,6 +102,19 @@ impl SwitchTier {
             switch_ends.push(switch_end);
         }
         let console = config.state_dir.join("switch.console");
+        // A VXLAN uplink takes frames only from its peer, the edge: an empty trust set adds no
+        // one and counts what it refuses.
+        let mut uplink = config.uplink.clone();
+        let mut uplink_trust = None;
+        if let NetBackend::Vxlan {
+            trust,
+            peer: Some(_),
+            ..
+        } = &mut uplink.backend
+        {
+            let set = trust.0.get_or_insert_with(PeerTrust::new).clone();
+            uplink_trust = Some(set);
+        }
         let vm_config = VmConfig::micro_vm(
             format!("{}-switch", config.name),
             &config.switch_elf,
@@ -109,7 +127,7 @@ impl SwitchTier {
         })
         .with_nets(vec![NetConfig {
             tenant: 0,
-            ..config.uplink.clone()
+            ..uplink
         }])
         .with_links(switch_ends)
         .with_debug(config.debug.clone());
@@ -132,6 +150,7 @@ impl SwitchTier {
             restarts: AtomicU64::new(0),
             last_restart_us: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            uplink_trust,
         };
         let booted = tier.boot()?;
         {

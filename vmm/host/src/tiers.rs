@@ -113,6 +113,25 @@ impl Host {
         VerdictRepr::attach(tenant, self.next_control_seq(), None, Some(ip_fields(ip))).to_bytes()
     }
 
+    /// The edge's Release: this host gives the tenant up to the host that attaches it next (it
+    /// migrates); the edge keeps its verdicts and flows.
+    pub(crate) fn edge_release(&self, tenant: u32) -> [u8; RECORD_LEN] {
+        VerdictRepr::release(tenant, self.next_control_seq()).to_bytes()
+    }
+
+    /// Sends the edge control records alone (no switch records): queued on the link, applied in
+    /// order with everything else this host sent.
+    pub(crate) fn tell_edge(&self, records: &[[u8; RECORD_LEN]]) {
+        if let Some(link) = &self.edge {
+            if !link.send(records, Class::Control) {
+                log::warn!(
+                    "host {}: control records to the edge not queued: the edge is unreachable",
+                    self.config.name
+                );
+            }
+        }
+    }
+
     pub(crate) fn flush_record(&self, tenant: u32) -> [u8; RECORD_LEN] {
         VerdictRepr::flush_tenant(tenant, self.next_control_seq()).to_bytes()
     }

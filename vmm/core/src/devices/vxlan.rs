@@ -214,7 +214,11 @@ const ETHERTYPE_VLAN: u16 = 0x8100;
 /// (it drops a second tag). Anything shorter than its header claims nothing (the firewall drops
 /// it as malformed). No allocation, no copy.
 pub fn claims(frame: &[u8]) -> (Option<IpAddr>, Option<IpAddr>) {
-    let ethertype = |at: usize| frame.get(at..at + 2).map(|t| u16::from_be_bytes([t[0], t[1]]));
+    let ethertype = |at: usize| {
+        frame
+            .get(at..at + 2)
+            .map(|t| u16::from_be_bytes([t[0], t[1]]))
+    };
     let (ethertype, at) = match ethertype(12) {
         Some(ETHERTYPE_VLAN) => (ethertype(16), 18),
         other => (other, 14),
@@ -708,7 +712,10 @@ mod tests {
         let mut arp_frame = frame([0xff; 6], mac, &[]);
         arp_frame[12..14].copy_from_slice(&[0x08, 0x06]);
         arp_frame.extend_from_slice(&arp);
-        assert_eq!(claims(&arp_frame), (Some(IpAddr::from([10, 0, 0, 7])), None));
+        assert_eq!(
+            claims(&arp_frame),
+            (Some(IpAddr::from([10, 0, 0, 7])), None)
+        );
         let mut ns = vec![0x60, 0, 0, 0, 0, 24, 58, 255];
         ns.extend_from_slice(&[0; 16]);
         ns.extend_from_slice(&[0xff; 16]);
