@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -51,6 +51,9 @@ pub struct LinkConfig {
     pub control_window: usize,
     /// The edge counts as unreachable once the oldest datagram waits this long for its ack.
     pub unreachable_after: Duration,
+    /// The underlay address to send from (`None`: the one the route to the edge picks). The
+    /// edge binds the host's tenants to the address its datagrams come from.
+    pub local: Option<IpAddr>,
 }
 
 impl Default for LinkConfig {
@@ -61,6 +64,7 @@ impl Default for LinkConfig {
             window: 256,
             control_window: 1024,
             unreachable_after: Duration::from_secs(2),
+            local: None,
         }
     }
 }
@@ -393,9 +397,10 @@ impl VerdictLink {
                 "the edge's control address resolves to nothing",
             )
         })?;
-        let local: SocketAddr = match edge {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        let local: SocketAddr = match (config.local, edge) {
+            (Some(ip), _) => (ip, 0).into(),
+            (None, SocketAddr::V4(_)) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            (None, SocketAddr::V6(_)) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
         let socket = UdpSocket::bind(local)?;
         socket.connect(edge)?;

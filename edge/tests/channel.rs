@@ -445,6 +445,7 @@ fn the_window_is_bounded_and_an_unreachable_edge_is_reported() {
         window: 4,
         control_window: 6,
         unreachable_after: Duration::from_millis(100),
+        local: None,
     };
     let link = VerdictLink::connect(silent.local_addr().unwrap(), key(1), 1, 1, config).unwrap();
     // The hello takes one slot.
