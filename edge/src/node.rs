@@ -104,8 +104,12 @@ struct EdgeStats {
     /// Datagrams held back (not acknowledged) because an attach waited for another host.
     claim_waits: AtomicU64,
     /// (hosts, tenants, addresses, underlay addresses) in the book, and tenants handed over.
-    book: Mutex<((usize, usize, usize, usize), u64, Vec<std::net::IpAddr>)>,
+    book: Mutex<BookView>,
 }
+
+/// What the API shows of the book: its sizes (hosts, tenants, addresses, underlay addresses),
+/// the tenants handed over, the underlay's addresses.
+type BookView = ((usize, usize, usize, usize), u64, Vec<std::net::IpAddr>);
 
 /// The receiving thread's state: the book, and the datagram of each host that waits for another
 /// host's release (its sequence number and since when).
