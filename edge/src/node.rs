@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use crate::channel::{ChannelStats, Delivery, Received, VerdictReceiver};
 use crate::owners::{Change, Judged, Owners, Refusal, CLAIM_WAIT};
 use vigil_wire::boot::Role;
-use vigil_wire::verdict::{VerdictRepr, RECORD_LEN};
+use vigil_wire::verdict::{Op, VerdictRepr, RECORD_LEN};
 
 use vmm_core::config::{NetBackend, Trust};
 use vmm_core::devices::vxlan::PeerTrust;
@@ -380,34 +380,38 @@ impl Edge {
         let arrived = Instant::now();
         let applied = match self.region.push_tracked(&records) {
             Ok(position) => {
-            let mut refused: Vec<(u32, &'static str)> = Vec::new();
-            let applied = self
-                .region
-                .wait_outcomes(position, records.len(), APPLY_LIMIT, |i, o| {
-                    let Some(Ok(v)) = (i >= first).then(|| VerdictRepr::from_bytes(&records[i])) else {
-                        return;
-                    };
-                    if matches!(v.op, Op::Add | Op::Adopt) && !o.is_some_and(|o| o.took_effect()) {
-                        refused.push((v.tenant, o.map_or("outcome_unknown", |o| o.name())));
-                    }
-                });
-            if !refused.is_empty() {
-                // The host allowed these calls (its switch took them); the edge's table did not.
-                // Counted and reported; the flows they open stay closed at the edge.
-                let mut counts = self
-                    .stats
-                    .verdicts_refused
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                for (tenant, reason) in &refused {
-                    *counts.entry(reason).or_default() += 1;
-                    vmm_core::events::bus().emit(
-                        "verdict_refused",
-                        &serde_json::json!({"edge": self.config.name, "tier": "edge",
+                let mut refused: Vec<(u32, &'static str)> = Vec::new();
+                let applied =
+                    self.region
+                        .wait_outcomes(position, records.len(), APPLY_LIMIT, |i, o| {
+                            let Some(Ok(v)) =
+                                (i >= first).then(|| VerdictRepr::from_bytes(&records[i]))
+                            else {
+                                return;
+                            };
+                            if matches!(v.op, Op::Add | Op::Adopt)
+                                && !o.is_some_and(|o| o.took_effect())
+                            {
+                                refused.push((v.tenant, o.map_or("outcome_unknown", |o| o.name())));
+                            }
+                        });
+                if !refused.is_empty() {
+                    // The host allowed these calls (its switch took them); the edge's table did not.
+                    // Counted and reported; the flows they open stay closed at the edge.
+                    let mut counts = self
+                        .stats
+                        .verdicts_refused
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    for (tenant, reason) in &refused {
+                        *counts.entry(reason).or_default() += 1;
+                        vmm_core::events::bus().emit(
+                            "verdict_refused",
+                            &serde_json::json!({"edge": self.config.name, "tier": "edge",
                             "sender": d.sender, "seq": d.seq, "tenant": tenant, "reason": reason}),
-                    );
+                        );
+                    }
                 }
-            }
                 applied
             }
             Err(_) => false,

@@ -367,7 +367,8 @@ impl<'a> Filter<'a> {
             Ok(()) if held => Outcome::Refreshed,
             Ok(()) if adds => Outcome::Added,
             Ok(()) => Outcome::Done,
-            Err(ApplyError::Invalid(_)) => Outcome::Invalid,
+            // A Release is the edge VMM's record and never reaches a firewall on purpose.
+            Err(ApplyError::Invalid(_) | ApplyError::NotForFirewall) => Outcome::Invalid,
             Err(ApplyError::TableFull) => Outcome::TableFull,
             Err(ApplyError::OverQuota) => Outcome::OverQuota,
             Err(ApplyError::NotFound) => Outcome::NotFound,
