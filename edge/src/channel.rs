@@ -21,6 +21,7 @@
 //! ack with the new boot id tells the host to start a new run and send again). A host numbers
 //! each run from a new epoch above its last one; the edge follows the newest epoch per host.
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read};
@@ -28,7 +29,7 @@ use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use vigil_wire::ack::{seal_ack, Ack};
+use vigil_wire::ack::{seal_ack, Ack, Refusal, MAX_REFUSALS};
 use vigil_wire::auth::{self, AuthError, MAX_DATAGRAM};
 use vigil_wire::verdict::RECORD_LEN;
 
@@ -67,6 +68,26 @@ pub fn random_boot_id() -> io::Result<u64> {
             return Ok(id);
         }
     }
+}
+
+/// What the caller's `apply` made of a datagram it took, for the sender's acks: which of its
+/// records the tables refused, and how many more the sender may add for certain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Bit `i`: the datagram's record `i` was refused (not applied).
+    pub refused: u32,
+    /// Why the first refused one was: an [`vigil_wire::outcome::Outcome`] code.
+    pub reason: u8,
+    /// `Add`/`Adopt` records this sender may send next that the tables take for certain.
+    pub room: u32,
+}
+
+/// What the acks to one sender repeat: its room and its most recent refusals, for one run.
+#[derive(Debug, Default)]
+struct Reports {
+    epoch: u64,
+    room: u32,
+    refusals: VecDeque<Refusal>,
 }
 
 /// One authentic datagram that is next in its sender's run, handed to the caller's `apply`.
@@ -162,6 +183,8 @@ pub struct VerdictReceiver {
     key: Vec<u8>,
     boot: u64,
     streams: Streams,
+    /// Per sender (at most [`MAX_SENDERS`], like `streams`).
+    reports: HashMap<u32, Reports>,
     stats: ChannelStats,
     /// The read timeout last set on the socket (saves a syscall per call when it is unchanged).
     timeout: Option<Duration>,
@@ -198,6 +221,7 @@ impl VerdictReceiver {
             key,
             boot,
             streams: Streams::new(),
+            reports: HashMap::new(),
             stats: ChannelStats::default(),
             timeout: None,
         })
@@ -223,14 +247,47 @@ impl VerdictReceiver {
         self.streams.held()
     }
 
+    /// Notes what `apply` made of datagram `seq` of `sender`'s run `epoch`.
+    fn note(&mut self, sender: u32, epoch: u64, seq: u64, applied: Applied) {
+        if !self.reports.contains_key(&sender) && self.reports.len() >= MAX_SENDERS {
+            return;
+        }
+        let reports = self.reports.entry(sender).or_default();
+        if reports.epoch != epoch {
+            *reports = Reports {
+                epoch,
+                ..Reports::default()
+            };
+        }
+        reports.room = applied.room;
+        if applied.refused != 0 {
+            if reports.refusals.len() == MAX_REFUSALS {
+                reports.refusals.pop_front();
+            }
+            reports.refusals.push_back(Refusal {
+                seq,
+                records: applied.refused,
+                reason: applied.reason,
+            });
+        }
+    }
+
     fn ack(&mut self, to: SocketAddr, sender: u32, epoch: u64, next: u64) {
-        let ack = Ack {
+        let mut ack = Ack {
             key_id: 0,
             sender,
             epoch,
             next,
             edge_boot: self.boot,
+            ..Ack::default()
         };
+        if let Some(reports) = self.reports.get(&sender).filter(|r| r.epoch == epoch) {
+            ack.room = reports.room;
+            for (slot, r) in ack.refusals.iter_mut().zip(&reports.refusals) {
+                *slot = *r;
+            }
+            ack.refusal_count = reports.refusals.len() as u8;
+        }
         // The boot id is non-zero (checked at bind), so sealing cannot fail.
         if let Ok(bytes) = seal_ack(&self.key, &ack) {
             match self.socket.send_to(&bytes, to) {
@@ -249,6 +306,16 @@ impl VerdictReceiver {
         &mut self,
         timeout: Duration,
         mut apply: impl FnMut(&Delivery<'_>) -> bool,
+    ) -> io::Result<Option<Received>> {
+        self.recv_reporting(timeout, |d| apply(d).then(Applied::default))
+    }
+
+    /// [`recv`](Self::recv) whose `apply` also says what became of the records it took (`None`:
+    /// not taken): the acks carry it to the sender (its room, and the records refused).
+    pub fn recv_reporting(
+        &mut self,
+        timeout: Duration,
+        mut apply: impl FnMut(&Delivery<'_>) -> Option<Applied>,
     ) -> io::Result<Option<Received>> {
         if self.timeout != Some(timeout) {
             // Rejects a zero timeout with InvalidInput.
@@ -284,7 +351,7 @@ impl VerdictReceiver {
         &mut self,
         from: SocketAddr,
         datagram: &[u8],
-        apply: &mut impl FnMut(&Delivery<'_>) -> bool,
+        apply: &mut impl FnMut(&Delivery<'_>) -> Option<Applied>,
     ) -> Received {
         let opened = match auth::open(&self.key, datagram) {
             Ok(opened) => opened,
@@ -347,7 +414,8 @@ impl VerdictReceiver {
                     records: &records,
                     restarted,
                 };
-                if apply(&first) {
+                if let Some(applied) = apply(&first) {
+                    self.note(h.sender, h.epoch, h.seq, applied);
                     self.streams.applied(h.sender);
                     let (mut datagrams, mut total) = (1, records.len());
                     while let Some((seq, held)) = self.streams.take_ready(h.sender) {
@@ -358,11 +426,12 @@ impl VerdictReceiver {
                             records: &held,
                             restarted: None,
                         };
-                        if !apply(&delivery) {
+                        let Some(applied) = apply(&delivery) else {
                             self.streams.put_back(h.sender, seq, held);
                             self.stats.not_applied += 1;
                             break;
-                        }
+                        };
+                        self.note(h.sender, h.epoch, seq, applied);
                         self.streams.applied(h.sender);
                         datagrams += 1;
                         total += held.len();

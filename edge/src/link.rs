@@ -22,6 +22,14 @@
 //! Datagrams are acknowledged cumulatively and in order, so the window is a queue: the oldest
 //! unacknowledged datagram is at the front. Each datagram keeps a ticket (a number that survives
 //! renumbering) for [`VerdictLink::wait_acked`].
+//!
+//! Refusals: the edge's tables may refuse a verdict (a tenant's quota, a full table, a tenant
+//! the host does not own there). Its acks say how many more verdicts it takes for certain (the
+//! room) and which records of its recent datagrams it refused. A batch the room covers is
+//! certain ([`Queued::certain`]); for one it does not, the caller waits for the verdict with
+//! [`VerdictLink::wait_outcome`]. A refusal of a batch nobody waits for (the room was wrong:
+//! other hosts filled the shared table first) goes to the host's hook
+//! ([`VerdictLink::on_refused`]), which takes the verdict back at its own tier.
 
 use std::collections::VecDeque;
 use std::io;
@@ -31,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use vigil_wire::ack::{open_ack, ACK_LEN};
+use vigil_wire::ack::{open_ack, Refusal, ACK_LEN};
 use vigil_wire::auth::{self, Header, MAX_DATAGRAM, MAX_RECORDS};
 use vigil_wire::verdict::RECORD_LEN;
 
@@ -98,6 +106,10 @@ pub struct LinkStats {
     /// Acks that failed authentication or named another sender.
     pub acks_rejected: AtomicU64,
     pub refused_batches: AtomicU64,
+    /// Records the edge's tables refused (its acks said so).
+    pub refused_records: AtomicU64,
+    /// Of those, in batches nobody waited for (handed to the hook).
+    pub refused_unwaited: AtomicU64,
     pub send_errors: AtomicU64,
     pub edge_restarts: AtomicU64,
     pub new_runs: AtomicU64,
@@ -107,10 +119,34 @@ pub struct LinkStats {
 /// the sequence numbers it got (a later new run renumbers them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Queued {
+    pub first_ticket: u64,
     pub last_ticket: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// The edge's last word on its room covers this batch and everything before it still
+    /// unacknowledged: its tables take every record of it.
+    pub certain: bool,
 }
+
+/// What became of a waited batch at the edge ([`VerdictLink::wait_outcome`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EdgeOutcome {
+    /// Acknowledged, nothing refused.
+    Applied,
+    /// Acknowledged, and these records were refused (bit `i`: the batch's record `i`; a batch
+    /// of more than 64 records refused beyond the 64th reads as all refused). `reason` is an
+    /// [`vigil_wire::outcome::Outcome`] code.
+    Refused { records: u64, reason: u8 },
+    /// Not acknowledged within the limit: whether the edge applied it is unknown.
+    Unconfirmed,
+}
+
+/// What a host does with records the edge refused that nobody waited for: each with the
+/// refusal's reason code.
+pub type RefusedHook = Box<dyn Fn(&[[u8; RECORD_LEN]], u8) + Send + Sync>;
+
+/// Waited batches' refusals kept for their waiters (the oldest go first).
+const REPORTS_KEPT: usize = 256;
 
 struct Pending {
     ticket: u64,
@@ -119,6 +155,9 @@ struct Pending {
     queued: Instant,
     next_send: Instant,
     rto: Duration,
+    /// A caller waits for its outcome ([`VerdictLink::wait_outcome`]): a refusal goes to it,
+    /// not to the hook.
+    waited: bool,
 }
 
 struct State {
@@ -128,6 +167,13 @@ struct State {
     edge_boot: u64,
     next_ticket: u64,
     outstanding: VecDeque<Pending>,
+    /// Records in `outstanding`.
+    outstanding_records: usize,
+    /// The edge's room as of its ack with the highest `next` in this run (`room_next`).
+    room: u64,
+    room_next: u64,
+    /// Refusals of waited datagrams: (ticket, refused record bitmap, reason).
+    reports: VecDeque<(u64, u32, u8)>,
     unreachable: bool,
 }
 
@@ -142,6 +188,8 @@ struct Shared {
     stats: LinkStats,
     /// Called (on the link's thread, no lock held) when the edge turns out to have restarted.
     on_edge_restart: Mutex<Option<EdgeRestartHook>>,
+    /// Called (on the link's thread, no lock held) with refused records nobody waited for.
+    on_refused: Mutex<Option<RefusedHook>>,
 }
 
 /// What a host does when its edge restarted (re-send what still stands: the edge lost it).
@@ -221,11 +269,27 @@ impl Shared {
             p.rto = self.config.rto_initial;
         }
         state.next_seq = seq;
+        // The room was the old run's word (or the old edge's).
+        state.room = 0;
+        state.room_next = 0;
         self.stats.new_runs.fetch_add(1, Ordering::Relaxed);
     }
 
     fn on_ack(&self, bytes: &[u8]) {
-        if self.take_ack(bytes) {
+        let mut unwaited = Vec::new();
+        let restarted = self.take_ack(bytes, &mut unwaited);
+        if !unwaited.is_empty() {
+            self.stats
+                .refused_unwaited
+                .fetch_add(unwaited.len() as u64, Ordering::Relaxed);
+            let hook = self.on_refused.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hook) = hook.as_ref() {
+                for (records, reason) in &unwaited {
+                    hook(records, *reason);
+                }
+            }
+        }
+        if restarted {
             let hook = self
                 .on_edge_restart
                 .lock()
@@ -236,8 +300,9 @@ impl Shared {
         }
     }
 
-    /// Applies an ack; whether it revealed a restarted edge.
-    fn take_ack(&self, bytes: &[u8]) -> bool {
+    /// Applies an ack; whether it revealed a restarted edge. Refused records of datagrams
+    /// nobody waits for go to `unwaited` (with the reason code).
+    fn take_ack(&self, bytes: &[u8], unwaited: &mut Vec<(Vec<[u8; RECORD_LEN]>, u8)>) -> bool {
         let ack = match open_ack(&self.key, bytes) {
             Ok(ack) if ack.sender == self.sender => ack,
             _ => {
@@ -280,10 +345,42 @@ impl Shared {
         if ack.epoch != state.epoch || ack.next == 0 {
             return false;
         }
+        if ack.next >= state.room_next {
+            state.room = u64::from(ack.room);
+            state.room_next = ack.next;
+        }
+        let refusal_of =
+            |seq: u64| -> Option<&Refusal> { ack.refusals().iter().find(|r| r.seq == seq) };
         let mut acked = 0;
         while state.outstanding.front().is_some_and(|p| p.seq < ack.next) {
-            state.outstanding.pop_front();
+            let Some(p) = state.outstanding.pop_front() else {
+                break;
+            };
+            state.outstanding_records -= p.records.len();
             acked += 1;
+            let Some(refusal) = refusal_of(p.seq) else {
+                continue;
+            };
+            self.stats
+                .refused_records
+                .fetch_add(u64::from(refusal.records.count_ones()), Ordering::Relaxed);
+            if p.waited {
+                if state.reports.len() == REPORTS_KEPT {
+                    state.reports.pop_front();
+                }
+                state
+                    .reports
+                    .push_back((p.ticket, refusal.records, refusal.reason));
+            } else {
+                let refused: Vec<[u8; RECORD_LEN]> = p
+                    .records
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| refusal.records & (1u32 << (*i as u32 & 31)) != 0)
+                    .map(|(_, r)| *r)
+                    .collect();
+                unwaited.push((refused, refusal.reason));
+            }
         }
         if acked > 0 {
             self.stats
@@ -415,12 +512,17 @@ impl VerdictLink {
                 edge_boot: 0,
                 next_ticket: 1,
                 outstanding: VecDeque::new(),
+                outstanding_records: 0,
+                room: 0,
+                room_next: 0,
+                reports: VecDeque::new(),
                 unreachable: false,
             }),
             acked: Condvar::new(),
             stop: AtomicBool::new(false),
             stats: LinkStats::default(),
             on_edge_restart: Mutex::new(None),
+            on_refused: Mutex::new(None),
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
@@ -438,6 +540,26 @@ impl VerdictLink {
     /// Queues `records` ([`MAX_RECORDS`] per datagram, in order, all or none) and sends them at
     /// once; they are retransmitted until acknowledged. An empty batch is one empty datagram.
     pub fn send(&self, records: &[[u8; RECORD_LEN]], class: Class) -> Result<Queued, LinkError> {
+        self.queue(records, class, false)
+    }
+
+    /// [`send`](Self::send) for a caller that will wait for the outcome unless it is certain
+    /// ([`Queued::certain`]): then call [`wait_outcome`](Self::wait_outcome) with it, and a
+    /// refusal goes to that call instead of the [`on_refused`](Self::on_refused) hook.
+    pub fn send_waited(
+        &self,
+        records: &[[u8; RECORD_LEN]],
+        class: Class,
+    ) -> Result<Queued, LinkError> {
+        self.queue(records, class, true)
+    }
+
+    fn queue(
+        &self,
+        records: &[[u8; RECORD_LEN]],
+        class: Class,
+        wait_unless_certain: bool,
+    ) -> Result<Queued, LinkError> {
         let shared = &self.shared;
         let datagrams = records.len().div_ceil(MAX_RECORDS).max(1);
         let limit = match class {
@@ -453,6 +575,10 @@ impl VerdictLink {
         }
         let now = Instant::now();
         let first_seq = state.next_seq;
+        let first_ticket = state.next_ticket;
+        let certain = state.edge_boot != 0
+            && (state.outstanding_records + records.len()) as u64 <= state.room;
+        let waited = wait_unless_certain && !certain;
         let mut chunks: Vec<&[[u8; RECORD_LEN]]> = records.chunks(MAX_RECORDS).collect();
         if chunks.is_empty() {
             chunks.push(&[]);
@@ -469,19 +595,60 @@ impl VerdictLink {
                 queued: now,
                 next_send: now + shared.config.rto_initial,
                 rto: (shared.config.rto_initial * 2).min(shared.config.rto_max),
+                waited,
             };
             shared.transmit(&state, &p);
             shared
                 .stats
                 .sent_records
                 .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            state.outstanding_records += p.records.len();
             state.outstanding.push_back(p);
         }
         Ok(Queued {
+            first_ticket,
             last_ticket: state.next_ticket - 1,
             first_seq,
             last_seq: state.next_seq - 1,
+            certain,
         })
+    }
+
+    /// Waits up to `limit` until the edge acknowledged `queued` (sent with
+    /// [`send_waited`](Self::send_waited)), and says which of its records the edge refused.
+    pub fn wait_outcome(&self, queued: &Queued, limit: Duration) -> EdgeOutcome {
+        if !self.wait_acked(queued.last_ticket, limit) {
+            return EdgeOutcome::Unconfirmed;
+        }
+        let mut state = self.shared.lock();
+        let (mut records, mut reason) = (0u64, None);
+        state.reports.retain(|(ticket, refused, why)| {
+            if !(queued.first_ticket..=queued.last_ticket).contains(ticket) {
+                return true;
+            }
+            let shift = (ticket - queued.first_ticket) * MAX_RECORDS as u64;
+            records |= if shift < 64 {
+                u64::from(*refused) << shift
+            } else {
+                u64::MAX
+            };
+            reason.get_or_insert(*why);
+            false
+        });
+        match reason {
+            None => EdgeOutcome::Applied,
+            Some(reason) => EdgeOutcome::Refused { records, reason },
+        }
+    }
+
+    /// Calls `hook` with records the edge refused in batches nobody waited for (see the
+    /// module's Refusals).
+    pub fn on_refused(&self, hook: RefusedHook) {
+        *self
+            .shared
+            .on_refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// Waits until every datagram up to `ticket` is acknowledged, or `limit` passes; whether it

@@ -30,9 +30,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::channel::{ChannelStats, Delivery, Received, VerdictReceiver};
+use crate::channel::{Applied, ChannelStats, Delivery, Received, VerdictReceiver};
 use crate::owners::{Change, Judged, Owners, Refusal, CLAIM_WAIT};
 use vigil_wire::boot::Role;
+use vigil_wire::outcome::Outcome;
 use vigil_wire::verdict::{Op, VerdictRepr, RECORD_LEN};
 
 use vmm_core::config::{NetBackend, Trust};
@@ -301,7 +302,7 @@ impl Edge {
     /// each record is judged by the book (`edge::owners`): refused ones are counted and left out,
     /// and a datagram whose attach collides with another host's tenant is not taken (the host
     /// retransmits) until that host releases it or [`CLAIM_WAIT`] has passed.
-    fn apply(&self, books: &mut Books, d: &Delivery<'_>) -> bool {
+    fn apply(&self, books: &mut Books, d: &Delivery<'_>) -> Option<Applied> {
         if self
             .fenced
             .lock()
@@ -310,7 +311,7 @@ impl Edge {
         {
             // A dead host's late datagrams stay unacknowledged: it retransmits them, and they
             // apply in order once it registers again.
-            return false;
+            return None;
         }
         let decoded: Vec<Option<VerdictRepr>> = d
             .records
@@ -333,7 +334,7 @@ impl Edge {
                 }
             };
             if since.elapsed() < CLAIM_WAIT {
-                return false;
+                return None;
             }
             // Waited long enough: the colliding records are refused below, the rest applied.
         }
@@ -357,18 +358,37 @@ impl Edge {
                     .map(|t| VerdictRepr::flush_tenant(*t, 0).to_bytes()),
             );
         }
-        // The host's own records start here (the ones before are the edge's).
+        // The host's own records start here (the ones before are the edge's); `index_of` says
+        // which of the datagram's records each of them is.
         let first = records.len();
-        for (raw, v) in d.records.iter().zip(&decoded) {
+        let mut index_of: Vec<usize> = Vec::with_capacity(d.records.len());
+        // What the host hears back: which of its records were refused, and the first reason.
+        let mut report = Applied::default();
+        let refuse = |report: &mut Applied, index: usize, outcome: Outcome| {
+            if report.refused == 0 {
+                report.reason = outcome as u8;
+            }
+            report.refused |= 1u32.checked_shl(index as u32).unwrap_or(0);
+        };
+        for (index, (raw, v)) in d.records.iter().zip(&decoded).enumerate() {
             let Some(v) = v else {
                 // The micro-VM refuses it and counts it (verdicts_rejected).
                 records.push(*raw);
+                index_of.push(index);
                 continue;
             };
             match books.owners.judge(d.sender, v, &mut changes) {
-                Judged::Apply => records.push(*raw),
+                Judged::Apply => {
+                    records.push(*raw);
+                    index_of.push(index);
+                }
                 Judged::Consumed => {}
-                Judged::Refuse(why) => self.refused(d, v, why),
+                Judged::Refuse(why) => {
+                    self.refused(d, v, why);
+                    if matches!(v.op, Op::Add | Op::Adopt) {
+                        refuse(&mut report, index, Outcome::NotOwner);
+                    }
+                }
             }
         }
         // New bindings before the micro-VM knows the addresses; released ones after it forgot
@@ -393,11 +413,17 @@ impl Edge {
                                 && !o.is_some_and(|o| o.took_effect())
                             {
                                 refused.push((v.tenant, o.map_or("outcome_unknown", |o| o.name())));
+                                refuse(
+                                    &mut report,
+                                    index_of[i - first],
+                                    o.unwrap_or(Outcome::Invalid),
+                                );
                             }
                         });
                 if !refused.is_empty() {
-                    // The host allowed these calls (its switch took them); the edge's table did not.
-                    // Counted and reported; the flows they open stay closed at the edge.
+                    // The edge's table did not take these. Counted, reported here, and carried
+                    // back in the acks, so the host denies the calls (or revokes them at its
+                    // switch when it did not wait for this ack).
                     let mut counts = self
                         .stats
                         .verdicts_refused
@@ -427,7 +453,7 @@ impl Edge {
                 d.seq
             );
             self.publish_book(&books.owners);
-            return false;
+            return None;
         }
         self.stats
             .last_apply_us
@@ -453,12 +479,16 @@ impl Edge {
             );
         }
         self.publish_book(&books.owners);
-        true
+        // This host's share of the room: new verdicts its tenants may add for certain (the
+        // tables are shared by every host's tenants).
+        report.room =
+            (self.region.room() / books.owners.host_count()).min(u32::MAX as usize) as u32;
+        Some(report)
     }
 
     fn take_verdicts(&self, mut receiver: VerdictReceiver) {
         while !self.stop.load(Ordering::Acquire) {
-            let received = receiver.recv(Duration::from_millis(200), |d| {
+            let received = receiver.recv_reporting(Duration::from_millis(200), |d| {
                 let mut books = self.books.lock().unwrap_or_else(|p| p.into_inner());
                 self.apply(&mut books, d)
             });

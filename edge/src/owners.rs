@@ -194,6 +194,11 @@ impl Owners {
         records
     }
 
+    /// Hosts the book has seen (at least 1, to divide the room by).
+    pub fn host_count(&self) -> usize {
+        self.hosts.len().max(1)
+    }
+
     /// The underlay address host `sender` sends from.
     pub fn host_addr(&self, sender: u32) -> Option<IpAddr> {
         self.hosts.get(&sender).copied()

@@ -623,3 +623,92 @@ fn seal_open_cost() {
         (seal_ns + open_ns) / 1e3
     );
 }
+
+/// The edge's tables may refuse verdicts; its acks say which, and its room. A batch its room
+/// does not cover waits for the word (`wait_outcome`); one it covers goes on, and a refusal of
+/// it reaches the host's hook. The "tables" here are this test's `apply`, which refuses every
+/// record whose destination port is 4444 (the real edge's reporting: `tests/tests/edge_trust.rs`).
+#[test]
+fn refusals_reach_the_waiting_caller_or_the_hook_and_room_makes_a_batch_certain() {
+    use edge::channel::Applied as Report;
+    use edge::link::EdgeOutcome;
+    use std::sync::atomic::AtomicU32;
+    use std::sync::mpsc;
+
+    const REFUSED_PORT: u16 = 4444;
+    let k = key(9);
+    let mut rx = VerdictReceiver::bind("127.0.0.1:0", k.clone()).unwrap();
+    let addr = rx.local_addr().unwrap();
+    let room = Arc::new(AtomicU32::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (r, s) = (room.clone(), stop.clone());
+    let edge = std::thread::spawn(move || {
+        while !s.load(Ordering::Acquire) {
+            rx.recv_reporting(Duration::from_millis(20), |d| {
+                let mut report = Report {
+                    room: r.load(Ordering::Acquire),
+                    ..Report::default()
+                };
+                for (i, rec) in d.records.iter().enumerate() {
+                    let v = VerdictRepr::from_bytes(rec).unwrap();
+                    if v.rule.remote_port_min == REFUSED_PORT {
+                        report.refused |= 1 << i;
+                        report.reason = 17;
+                    }
+                }
+                Some(report)
+            })
+            .unwrap();
+        }
+    });
+    let link = VerdictLink::connect(addr, k, 5, 1, fast()).unwrap();
+    let (hook_tx, hook_rx) = mpsc::channel();
+    let hook_tx = Mutex::new(hook_tx);
+    link.on_refused(Box::new(move |records, reason| {
+        let _ = hook_tx.lock().unwrap().send((records.to_vec(), reason));
+    }));
+    let verdict = |port: u16, seq: u64| {
+        let rule = Rule::egress_to(IpVersion::V4, Protocol::Udp, v4([192, 0, 2, 9]), port);
+        VerdictRepr::add(3, seq, 60_000, rule).to_bytes()
+    };
+
+    // No room: each batch waits for its ack and learns what was refused.
+    let q = link
+        .send_waited(&[verdict(53, 1), verdict(REFUSED_PORT, 2)], Class::Verdict)
+        .unwrap();
+    assert!(!q.certain, "room 0 makes nothing certain");
+    assert_eq!(
+        link.wait_outcome(&q, WAIT),
+        EdgeOutcome::Refused {
+            records: 0b10,
+            reason: 17
+        }
+    );
+    let q = link.send_waited(&[verdict(53, 3)], Class::Verdict).unwrap();
+    assert_eq!(link.wait_outcome(&q, WAIT), EdgeOutcome::Applied);
+
+    // Room for 100: a batch within it is certain (no wait). The edge refuses it anyway (its
+    // table filled from elsewhere): the hook gets exactly the refused record.
+    room.store(100, Ordering::Release);
+    let q = link.send(&[], Class::Control).unwrap();
+    assert!(link.wait_acked(q.last_ticket, WAIT));
+    let q = link
+        .send_waited(&[verdict(REFUSED_PORT, 4), verdict(80, 5)], Class::Verdict)
+        .unwrap();
+    assert!(q.certain, "room 100 covers 2 records");
+    let (records, reason) = hook_rx.recv_timeout(WAIT).expect("the hook hears of it");
+    assert_eq!(records, vec![verdict(REFUSED_PORT, 4)]);
+    assert_eq!(reason, 17);
+    assert_eq!(link.stats().refused_unwaited.load(Ordering::Relaxed), 1);
+    assert_eq!(link.stats().refused_records.load(Ordering::Relaxed), 2);
+
+    // Beyond the room: not certain again.
+    let many: Vec<_> = (0..101)
+        .map(|i| verdict(1000 + i, 10 + u64::from(i)))
+        .collect();
+    let q = link.send_waited(&many, Class::Verdict).unwrap();
+    assert!(!q.certain, "101 records exceed room 100");
+    assert_eq!(link.wait_outcome(&q, WAIT), EdgeOutcome::Applied);
+    stop.store(true, Ordering::Release);
+    edge.join().unwrap();
+}

@@ -7,6 +7,7 @@
 //! scenario.
 //! Must not: stand in for a part that can run here (no mock VMM, no fake network).
 
+pub mod edge_standin;
 pub mod error;
 pub mod etcd;
 pub mod events;

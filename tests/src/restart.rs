@@ -120,6 +120,11 @@ impl Rig {
     /// [`start`](Self::start) with `ports` tenant ports on the switch (for more tenants, built
     /// with [`Host::create`] and left unbridged).
     pub fn start_with_ports(tag: &str, ports: usize) -> Rig {
+        Rig::start_with_edge(tag, ports, None)
+    }
+
+    /// [`start_with_ports`](Self::start_with_ports) with the host's verdict channel to `edge`.
+    pub fn start_with_edge(tag: &str, ports: usize, edge: Option<vmm_host::EdgeLinkConfig>) -> Rig {
         let pid = std::process::id();
         let outside = Namespace::create(&format!("vsr{tag}o{pid}"), "sro0", OUTSIDE_IP);
         let tenant = Namespace::create(&format!("vsr{tag}t{pid}"), "srt0", TENANT_IP);
@@ -142,7 +147,7 @@ impl Rig {
                 .parse()
                 .expect("uplink"),
             tenant_ports: ports,
-            edge: None,
+            edge,
             state_dir: dir.join("state"),
             console_stdout: false,
             debug: vmm_core::knobs::DebugKnobs::default(),

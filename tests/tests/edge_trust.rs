@@ -395,6 +395,43 @@ fn the_edge_binds_addresses_to_hosts_and_refuses_the_underlay_from_outside() {
     refused_as_foreign(&b.uplink, &syn(TA_MAC, TA_IP, 43_000, tap_mac), &socket);
     answered(&a.uplink, &syn(TA_MAC, TA_IP, 43_001, tap_mac), &socket);
 
+    // The refusal is carried back in the edge's ack: a verdict B waits for, naming A's tenant,
+    // comes back refused as `not_owner`. A's own verdicts: the edge's room (its micro-VM's
+    // word, shared among the hosts it knows) makes a small batch certain, no wait.
+    // Certain by B's room, the refusal goes to B's hook; otherwise to the waiting call.
+    let (hook_tx, hook_rx) = std::sync::mpsc::channel();
+    let hook_tx = std::sync::Mutex::new(hook_tx);
+    b.link.on_refused(Box::new(move |records, reason| {
+        let _ = hook_tx.lock().unwrap().send((records.len(), reason));
+    }));
+    let foreign_verdict = b.egress(TA).to_bytes();
+    let q = b
+        .link
+        .send_waited(&[foreign_verdict], Class::Verdict)
+        .unwrap();
+    let not_owner = vigil_wire::outcome::Outcome::NotOwner as u8;
+    if q.certain {
+        assert_eq!(hook_rx.recv_timeout(LIMIT), Ok((1, not_owner)));
+    } else {
+        assert_eq!(
+            b.link.wait_outcome(&q, LIMIT),
+            edge::link::EdgeOutcome::Refused {
+                records: 1,
+                reason: not_owner
+            }
+        );
+    }
+    let own_verdict = a.egress(TA).to_bytes();
+    let q = a.link.send_waited(&[own_verdict], Class::Verdict).unwrap();
+    assert_eq!(
+        a.link.wait_outcome(&q, LIMIT),
+        edge::link::EdgeOutcome::Applied
+    );
+    let own_verdict = a.egress(TA).to_bytes();
+    let q = a.link.send_waited(&[own_verdict], Class::Verdict).unwrap();
+    assert!(q.certain, "the edge's ack announced no room");
+    assert!(a.link.wait_acked(q.last_ticket, LIMIT));
+
     // 4. A releases its tenant (a migration's source does, before it sends the state); B's
     //    attach takes it over, with the verdict A's tenant had. Only B speaks for it now.
     let release = VerdictRepr::release(TA, a.seq());

@@ -218,26 +218,6 @@ fn a_killed_switch_restarts_with_every_verdict_and_flow_and_leaks_nothing() {
     );
 }
 
-/// Receives accepted records on `receiver` until `count` arrived (or `LIMIT` passed).
-fn receive_records(
-    receiver: &mut edge::channel::VerdictReceiver,
-    count: usize,
-) -> Vec<vigil_wire::verdict::VerdictRepr> {
-    let deadline = std::time::Instant::now() + LIMIT;
-    let mut out = Vec::new();
-    while out.len() < count && std::time::Instant::now() < deadline {
-        let _ = receiver.recv(Duration::from_millis(100), |d| {
-            out.extend(
-                d.records
-                    .iter()
-                    .filter_map(|r| vigil_wire::verdict::VerdictRepr::from_bytes(r).ok()),
-            );
-            true
-        });
-    }
-    out
-}
-
 /// The edge restarting: it lost every table; the host re-sends each tenant's address and
 /// verdicts from its book. The edge's end here is the channel's own receiver (the one `vigil
 /// edge` runs), bound afresh on the same port as a restarted edge would be: a new boot id, so the
@@ -246,9 +226,8 @@ fn receive_records(
 fn a_restarted_edge_gets_every_address_and_verdict_again() {
     use vigil_wire::verdict::Op;
     let key = vec![0x5a; 32];
-    let mut receiver =
-        edge::channel::VerdictReceiver::bind("127.0.0.1:0", key.clone()).expect("receiver");
-    let control = receiver.local_addr().unwrap();
+    let receiver = vigil_tests::edge_standin::EdgeStandIn::bind(&key);
+    let control = receiver.addr();
     let dir = vigil_tests::TempDir::new("vigil-resync");
     vmm_core::events::bus().set_quiet(true);
     let host = vmm_host::Host::start(vmm_host::HostConfig {
@@ -281,14 +260,14 @@ fn a_restarted_edge_gets_every_address_and_verdict_again() {
         egress(Protocol::Udp, OPENED_UDP),
     ];
     assert!(host.grant_for_test("e1", &rules).unwrap());
-    let first = receive_records(&mut receiver, 3);
+    let first = receiver.wait_records(LIMIT, |r| r.len() >= 3);
     assert_eq!(first.len(), 3, "{first:?}");
 
     // The edge restarts: same address, nothing remembered.
     drop(receiver);
-    let mut restarted = edge::channel::VerdictReceiver::bind(control, key).expect("rebind");
+    let restarted = vigil_tests::edge_standin::EdgeStandIn::bind_at(control, &key);
     assert_eq!(host.resync_edge(), 3);
-    let again = receive_records(&mut restarted, 3);
+    let again = restarted.wait_records(LIMIT, |r| r.len() >= 3);
     // The link's restart hook resyncs by itself too once the new edge's ack names its boot id:
     // the same three records may come twice (applying them again changes nothing).
     assert!(again.len() == 3 || again.len() == 6, "{again:?}");

@@ -12,7 +12,7 @@
 use std::net::{IpAddr, TcpStream};
 use std::time::Duration;
 
-use vigil_tests::restart::{egress, Rig, OUTSIDE_IP};
+use vigil_tests::restart::{egress, Rig, OUTSIDE_IP, TENANT_ID};
 use vigil_wire::verdict::Protocol;
 use vmm_core::introspect::Delivery;
 use vmm_host::VmSpec;
@@ -127,4 +127,126 @@ fn a_tenant_at_its_verdict_quota_is_denied_and_told_why_and_others_go_on() {
             .unwrap(),
         Delivery::Taken
     );
+}
+
+/// The edge's tables refuse a verdict the switch took (here: the edge's stand-in, which refuses
+/// what the test says, as a full shared table would; the real edge's reports are checked in
+/// `edge_trust.rs`). While the edge's room does not cover a call, the call waits for the edge's
+/// ack: refused there, it is denied, the switch's copy is taken back, and the flow is closed on
+/// the wire. While the room covers it, the call goes on at once; a refusal then still reaches
+/// the host, which takes the verdict back at the switch (`verdict_revoked`), so the tiers agree.
+#[test]
+fn a_verdict_the_edge_refuses_is_denied_or_taken_back_at_the_switch() {
+    use vigil_tests::edge_standin::EdgeStandIn;
+    use vigil_wire::outcome::Outcome;
+    const REFUSED: u16 = 7101;
+    const REFUSED_LATER: u16 = 7102;
+    let key = vec![0x6c; 32];
+    let edge = EdgeStandIn::bind(&key);
+    edge.set_room(0);
+    edge.refuse(Box::new(|v| {
+        [REFUSED, REFUSED_LATER]
+            .contains(&v.rule.remote_port_min)
+            .then_some(Outcome::TableFull as u8)
+    }));
+    let rig = Rig::start_with_edge(
+        "qe",
+        1,
+        Some(vmm_host::EdgeLinkConfig {
+            control: edge.addr(),
+            key,
+            sender: 31,
+        }),
+    );
+    let echo = rig.outside.tcp_listener((OUTSIDE_IP, REFUSED));
+    let echo_later = rig.outside.tcp_listener((OUTSIDE_IP, REFUSED_LATER));
+    let control = rig.outside.tcp_listener((OUTSIDE_IP, ECHO));
+    for listener in [echo, echo_later, control] {
+        std::thread::spawn(move || while listener.accept().is_ok() {});
+    }
+    let no_verdict = |rig: &Rig| {
+        rig.host
+            .switch_counters()
+            .and_then(|c| c.drops.get("no_verdict").copied())
+            .unwrap_or(0)
+    };
+    let connect = |rig: &Rig, port: u16| {
+        rig.tenant
+            .spawn(move || {
+                let addr = (OUTSIDE_IP.parse::<IpAddr>().unwrap(), port).into();
+                TcpStream::connect_timeout(&addr, Duration::from_secs(2)).map(|_| ())
+            })
+            .join()
+            .unwrap()
+    };
+
+    // Control: room 0, the edge takes it: the call waits for the ack and goes on; the flow opens.
+    assert_eq!(
+        rig.host
+            .grant_outcome_for_test(TENANT_ID, &[egress(Protocol::Tcp, ECHO)])
+            .unwrap(),
+        Delivery::Taken
+    );
+    connect(&rig, ECHO).expect("the control flow opens through the switch");
+
+    // Room 0, the edge refuses: the call is denied with the edge's reason, and the switch
+    // holds nothing of it.
+    let held = rig.host.switch_status().verdicts;
+    assert_eq!(
+        rig.host
+            .grant_outcome_for_test(TENANT_ID, &[egress(Protocol::Tcp, REFUSED)])
+            .unwrap(),
+        Delivery::Refused("edge_table_full")
+    );
+    let event = rig
+        .wait_event("verdict_refused", LIMIT)
+        .expect("a verdict_refused event");
+    assert_eq!(event["tier"], "edge", "{event}");
+    assert_eq!(event["reason"], "edge_table_full", "{event}");
+    assert_eq!(
+        rig.host.switch_status().verdicts,
+        held,
+        "the book took it back"
+    );
+    let before = no_verdict(&rig);
+    assert!(
+        connect(&rig, REFUSED).is_err(),
+        "a refused call's flow is open"
+    );
+    assert!(no_verdict(&rig) > before, "the switch dropped its SYN");
+
+    // Room 1,024: the call is certain and goes on at once; the edge refuses it all the same (a
+    // table other hosts filled). The host hears it from the ack and closes the switch too.
+    edge.set_room(1024);
+    assert_eq!(
+        rig.host
+            .grant_outcome_for_test(TENANT_ID, &[egress(Protocol::Udp, 7200)])
+            .unwrap(),
+        Delivery::Taken,
+        "an ack with the room arrives"
+    );
+    assert_eq!(
+        rig.host
+            .grant_outcome_for_test(TENANT_ID, &[egress(Protocol::Tcp, REFUSED_LATER)])
+            .unwrap(),
+        Delivery::Taken,
+        "certain by the room: no wait"
+    );
+    let event = rig
+        .wait_event("verdict_revoked", LIMIT)
+        .expect("a verdict_revoked event");
+    assert_eq!(event["tier"], "edge", "{event}");
+    assert_eq!(event["reason"], "edge_table_full", "{event}");
+    let before = no_verdict(&rig);
+    assert!(
+        connect(&rig, REFUSED_LATER).is_err(),
+        "a verdict the edge refused stays open at the switch"
+    );
+    assert!(no_verdict(&rig) > before, "the switch dropped its SYN");
+    // What the edge took, it holds; it never held the refused ones.
+    let at_edge = edge.wait_records(LIMIT, |r| r.iter().any(|v| v.rule.remote_port_min == 7200));
+    assert!(at_edge.iter().all(
+        |v| ![REFUSED, REFUSED_LATER].contains(&v.rule.remote_port_min)
+            || v.op == vigil_wire::verdict::Op::Remove
+    ));
 }

@@ -192,9 +192,8 @@ fn a_crashed_vm_is_flushed_from_the_switch_at_once() {
 fn a_crashed_vm_is_flushed_from_the_edge_at_once() {
     arm_failpoints();
     let key = vec![0x5b; 32];
-    let mut receiver =
-        edge::channel::VerdictReceiver::bind("127.0.0.1:0", key.clone()).expect("receiver");
-    let control = receiver.local_addr().unwrap();
+    let edge = vigil_tests::edge_standin::EdgeStandIn::bind(&key);
+    let control = edge.addr();
     let dir = vigil_tests::TempDir::new("vigil-crash-edge");
     vmm_core::events::bus().set_quiet(true);
     let host = vmm_host::Host::start(vmm_host::HostConfig {
@@ -227,20 +226,12 @@ fn a_crashed_vm_is_flushed_from_the_edge_at_once() {
         .unwrap());
     host.boot("e1").expect("vm.boot");
     // Attach, the verdict, then the flush: nothing else of this tenant comes.
-    let deadline = Instant::now() + LIMIT;
-    let mut ops = Vec::new();
-    while !ops.contains(&Op::FlushTenant) && Instant::now() < deadline {
-        let _ = receiver.recv(Duration::from_millis(100), |d| {
-            ops.extend(
-                d.records
-                    .iter()
-                    .filter_map(|r| vigil_wire::verdict::VerdictRepr::from_bytes(r).ok())
-                    .filter(|v| v.tenant == tenant)
-                    .map(|v| v.op),
-            );
-            true
-        });
-    }
+    let ops: Vec<Op> = edge
+        .wait_records(LIMIT, |r| r.iter().any(|v| v.op == Op::FlushTenant))
+        .iter()
+        .filter(|v| v.tenant == tenant)
+        .map(|v| v.op)
+        .collect();
     assert_eq!(ops, [Op::Attach, Op::Add, Op::FlushTenant]);
     assert_eq!(state_after_stop(&host, "e1"), VmState::Shutdown);
     host.shutdown();

@@ -82,10 +82,13 @@ pub enum Outcome {
     NotFound = 19,
     /// An `Attach` the port and address tables refused.
     AttachRefused = 20,
+    /// (Edge only, never written by a micro-VM.) The edge's book of owners refused the record:
+    /// the sending host did not attach the tenant it names.
+    NotOwner = 21,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 9] = [
         Outcome::Added,
         Outcome::Refreshed,
         Outcome::Done,
@@ -94,6 +97,7 @@ impl Outcome {
         Outcome::OverQuota,
         Outcome::NotFound,
         Outcome::AttachRefused,
+        Outcome::NotOwner,
     ];
 
     pub fn from_code(code: u8) -> Option<Outcome> {
@@ -116,6 +120,7 @@ impl Outcome {
             Outcome::OverQuota => "over_quota",
             Outcome::NotFound => "not_found",
             Outcome::AttachRefused => "attach_refused",
+            Outcome::NotOwner => "not_owner",
         }
     }
 }
@@ -200,6 +205,12 @@ impl<'a> OutcomeReader<'a> {
     pub fn done_through(&self, end: u64) -> bool {
         let done = self.region[W_DONE].load(Ordering::Acquire);
         done.wrapping_sub(end) < (1 << 62)
+    }
+
+    /// The micro-VM's last word on its room: after every record it applied, any tenant could
+    /// add this many more new verdicts for certain.
+    pub fn room(&self) -> usize {
+        (self.region[W_ROOM].load(Ordering::Acquire) & ROOM_MAX) as usize
     }
 
     /// Whether the micro-VM's last word on its room says every record in `[start, end)` will

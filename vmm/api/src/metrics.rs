@@ -183,6 +183,18 @@ pub fn metrics_text(host: &Host) -> String {
                 "counter",
                 link.edge_restarts as f64,
             ),
+            (
+                "vigil_edge_refused_records_total",
+                "Verdict records the edge's tables refused (their calls were denied, or taken back).",
+                "counter",
+                link.refused_records as f64,
+            ),
+            (
+                "vigil_edge_revoked_records_total",
+                "Of those, records whose calls had gone on (the edge's room was wrong); taken back at the switch.",
+                "counter",
+                link.refused_unwaited as f64,
+            ),
         ] {
             metric(&mut out, name, help, kind, &[(String::new(), value)]);
         }

@@ -432,6 +432,13 @@ impl VerdictRegion {
         }
     }
 
+    /// New verdicts any tenant could add for certain, by the micro-VM's last word (0 when it
+    /// keeps no outcome log).
+    pub fn room(&self) -> usize {
+        OutcomeReader::attach(self.words(OUTCOMES_OFFSET, outcomes_bytes()))
+            .map_or(0, |log| log.room())
+    }
+
     /// The counters the micro-VM published, if it formatted the block.
     pub fn counters(&self) -> Option<FirewallCounters> {
         let reader =

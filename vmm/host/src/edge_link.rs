@@ -9,7 +9,11 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use edge::link::{first_seq_from_clock, Class, EdgeRestartHook, LinkConfig, VerdictLink};
+use std::time::Duration;
+
+use edge::link::{
+    first_seq_from_clock, Class, EdgeOutcome, EdgeRestartHook, LinkConfig, RefusedHook, VerdictLink,
+};
 use vigil_wire::auth::MAX_RECORDS;
 use vigil_wire::verdict::RECORD_LEN;
 
@@ -33,6 +37,10 @@ pub struct EdgeLinkStats {
     pub outstanding: u64,
     pub unreachable: bool,
     pub edge_restarts: u64,
+    /// Records the edge's tables refused, and of those the ones no call waited for (taken back
+    /// at the switch afterwards).
+    pub refused_records: u64,
+    pub refused_unwaited: u64,
 }
 
 impl EdgeLink {
@@ -56,6 +64,36 @@ impl EdgeLink {
     /// Calls `hook` when the edge turns out to have restarted (see `Host::resync_edge`).
     pub(crate) fn on_edge_restart(&self, hook: EdgeRestartHook) {
         self.link.on_edge_restart(hook);
+    }
+
+    /// Calls `hook` with verdicts the edge refused that no call waited for.
+    pub(crate) fn on_refused(&self, hook: RefusedHook) {
+        self.link.on_refused(hook);
+    }
+
+    /// A call's verdicts to the edge: `Applied` at once when the edge's room makes them
+    /// certain, otherwise what the edge's ack says within `limit`. Queued nothing when the
+    /// window is full (`None`).
+    pub(crate) fn deliver(
+        &self,
+        records: &[[u8; RECORD_LEN]],
+        limit: Duration,
+    ) -> Option<(EdgeOutcome, bool)> {
+        match self.link.send_waited(records, Class::Verdict) {
+            Ok(queued) => {
+                self.sent_records
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                if queued.certain {
+                    return Some((EdgeOutcome::Applied, true));
+                }
+                Some((self.link.wait_outcome(&queued, limit), false))
+            }
+            Err(e) => {
+                log::warn!("verdicts for the edge not queued: {e}");
+                self.send_errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
     }
 
     /// Whether `records` of class `class` would be queued now (the window has room).
@@ -94,6 +132,8 @@ impl EdgeLink {
             outstanding: self.link.outstanding() as u64,
             unreachable: self.link.unreachable(),
             edge_restarts: s.edge_restarts.load(Ordering::Relaxed),
+            refused_records: s.refused_records.load(Ordering::Relaxed),
+            refused_unwaited: s.refused_unwaited.load(Ordering::Relaxed),
         }
     }
 }

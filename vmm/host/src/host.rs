@@ -80,6 +80,15 @@ impl Host {
                     host.resync_edge();
                 }
             }));
+            // Verdicts the edge refused after the host had let their calls go (its room said
+            // they were certain, but other hosts filled the shared table first): taken back at
+            // the switch too, so the tiers agree, and reported.
+            let weak = Arc::downgrade(&host);
+            edge.on_refused(Box::new(move |records, reason| {
+                if let Some(host) = weak.upgrade() {
+                    host.edge_revoked(records, reason);
+                }
+            }));
         }
         vmm_core::events::bus().emit(
             "host_started",

@@ -242,6 +242,24 @@ impl SwitchTier {
         Delivery::Refused(reason)
     }
 
+    /// Takes back a call's verdicts that another tier refused: `Remove` records for its
+    /// `Add`/`Adopt`s into the ring (behind them) and the book. Does not wait.
+    pub(crate) fn withdraw(&self, records: &[[u8; RECORD_LEN]]) {
+        let live = self.live();
+        if let Some(region) = &live.region {
+            for chunk in records.chunks(MAX_DELIVERY) {
+                if !region.revoke(chunk, &[true; MAX_DELIVERY][..chunk.len()]) {
+                    log::error!(
+                        "host {}: verdicts another tier refused could not be taken back at the \
+                         switch (ring full); they stay until the tenant's next flush",
+                        self.host_name
+                    );
+                }
+            }
+        }
+        self.book().apply(&crate::tiers::removes(records));
+    }
+
     /// The host's control records: into the ring and the book (waiting up to
     /// `SWITCH_APPLY_LIMIT` for a restarting switch), then waits until the switch took them.
     pub(crate) fn apply(&self, records: &[[u8; RECORD_LEN]]) -> Result<(), HostError> {

@@ -8,16 +8,39 @@
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use vigil_wire::verdict::{IpVersion, VerdictRepr, RECORD_LEN};
+use vigil_wire::verdict::{IpVersion, Op, VerdictRepr, RECORD_LEN};
 use vmm_core::introspect::{Delivery, VerdictSink};
 
 use crate::edge_link::EdgeLink;
 use crate::switch::SwitchTier;
 use crate::{Host, HostError};
-use edge::link::Class;
+use edge::link::{Class, EdgeOutcome};
+use vigil_wire::outcome::Outcome;
+
+/// How long a call waits for the edge's word on verdicts its room does not make certain: a few
+/// round trips and one retransmission on a healthy underlay. Past it the call is denied.
+const EDGE_VERDICT_WAIT: Duration = Duration::from_millis(50);
+
+/// The reason a call denied for the edge's refusal gives (`Outcome` code from the edge's ack).
+fn edge_reason(code: u8) -> &'static str {
+    match Outcome::from_code(code) {
+        Some(Outcome::TableFull) => "edge_table_full",
+        Some(Outcome::OverQuota) => "edge_over_quota",
+        Some(Outcome::NotOwner) => "edge_not_owner",
+        Some(Outcome::Invalid) => "edge_invalid_record",
+        _ => "edge_refused",
+    }
+}
+
+fn tenant_of(records: &[[u8; RECORD_LEN]]) -> Option<u32> {
+    records
+        .first()
+        .and_then(|r| VerdictRepr::from_bytes(r).ok())
+        .map(|v| v.tenant)
+}
 
 /// A tenant's firewall tiers: its host's switch (whichever micro-VM runs it now) and the edge.
 pub(crate) struct TenantTiers {
@@ -40,10 +63,7 @@ impl VerdictSink for TenantTiers {
         match self.switch.deliver(records) {
             Delivery::Taken => {}
             Delivery::Refused(reason) => {
-                let tenant = records
-                    .first()
-                    .and_then(|r| VerdictRepr::from_bytes(r).ok())
-                    .map(|v| v.tenant);
+                let tenant = tenant_of(records);
                 vmm_core::events::bus().emit(
                     "verdict_refused",
                     &serde_json::json!({"host": self.switch.host_name, "tier": "switch",
@@ -53,11 +73,43 @@ impl VerdictSink for TenantTiers {
             }
             busy => return busy,
         }
-        if let Some(edge) = &self.edge {
-            edge.send(records, Class::Verdict);
+        let Some(edge) = &self.edge else {
+            return Delivery::Taken;
+        };
+        // The edge: certain by its room (no wait), or the call waits, bounded, for its ack.
+        let (reason, take_back_at_edge) = match edge.deliver(records, EDGE_VERDICT_WAIT) {
+            Some((EdgeOutcome::Applied, _)) => return Delivery::Taken,
+            Some((EdgeOutcome::Refused { reason, .. }, _)) => (edge_reason(reason), true),
+            Some((EdgeOutcome::Unconfirmed, _)) => ("edge_timeout", true),
+            // The window filled since the check above: nothing went to the edge.
+            None => ("edge_window_full", false),
+        };
+        // Denied: what the switch took of it is taken back, and so is what the edge may have
+        // applied of it (a `Remove` of a verdict it does not hold changes nothing).
+        self.switch.withdraw(records);
+        if take_back_at_edge {
+            edge.send(&removes(records), Class::Control);
         }
-        Delivery::Taken
+        vmm_core::events::bus().emit(
+            "verdict_refused",
+            &serde_json::json!({"host": self.switch.host_name, "tier": "edge",
+                "tenant": tenant_of(records), "reason": reason, "records": records.len()}),
+        );
+        Delivery::Refused(reason)
     }
+}
+
+/// A `Remove` for each `Add`/`Adopt` among `records`.
+pub(crate) fn removes(records: &[[u8; RECORD_LEN]]) -> Vec<[u8; RECORD_LEN]> {
+    records
+        .iter()
+        .filter_map(|r| VerdictRepr::from_bytes(r).ok())
+        .filter(|v| matches!(v.op, Op::Add | Op::Adopt))
+        .map(|mut v| {
+            v.op = Op::Remove;
+            v.to_bytes()
+        })
+        .collect()
 }
 
 /// Latest reconfiguration timings (ms), for the metrics endpoint and the benchmark.
@@ -85,6 +137,18 @@ pub(crate) fn ip_fields(ip: IpAddr) -> (IpVersion, [u8; 16]) {
 }
 
 impl Host {
+    /// The edge refused `records` after their calls were let go (see `host.rs`): out of the
+    /// switch and its book too, and reported.
+    pub(crate) fn edge_revoked(&self, records: &[[u8; RECORD_LEN]], reason: u8) {
+        self.switch.withdraw(records);
+        self.emit(
+            "verdict_revoked",
+            "",
+            serde_json::json!({"tier": "edge", "tenant": tenant_of(records),
+                "reason": edge_reason(reason), "records": records.len()}),
+        );
+    }
+
     pub(crate) fn next_control_seq(&self) -> u64 {
         self.control_seq.fetch_add(1, Ordering::Relaxed)
     }
