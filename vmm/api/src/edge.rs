@@ -18,7 +18,7 @@ pub fn serve(edge: Arc<Edge>, listener: UnixListener) {
     http::serve(listener, crate::limits(), handler, stop);
 }
 
-fn handle(edge: &Edge, request: Request) -> http::Outcome {
+fn handle(edge: &Arc<Edge>, request: Request) -> http::Outcome {
     let path = request.path.strip_prefix(crate::API_PREFIX);
     let response = match (&request.method, path) {
         (Method::Get, Some("edge.ping")) => Response::json(
@@ -60,8 +60,21 @@ fn handle(edge: &Edge, request: Request) -> http::Outcome {
             }));
         }
         (Method::Put, Some("edge.shutdown")) => {
-            edge.stop();
-            Response::empty(204)
+            // Answered first; the node's teardown (its micro-VM's thread joined) runs after the
+            // 204 is written, on a thread of its own, so no client waits for it.
+            let edge = edge.clone();
+            return http::Outcome::RespondThen(
+                Response::empty(204),
+                Box::new(move || {
+                    let stopper = edge.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("edge-shutdown".into())
+                        .spawn(move || stopper.stop());
+                    if spawned.is_err() {
+                        edge.stop();
+                    }
+                }),
+            );
         }
         (_, Some("edge.ping" | "edge.counters" | "metrics" | "events" | "edge.shutdown")) => {
             Response::error(405, "wrong method (GET for reads, PUT for edge.shutdown)")

@@ -231,7 +231,9 @@ impl Introspection {
                         work_ns: work.elapsed().as_nanos() as u64,
                         since: Instant::now(),
                     };
-                    match self.pending().insert(call, Instant::now()) {
+                    let inserted = self.pending().insert(call, Instant::now());
+                    self.log_unfinished(vcpu, "a newer call on its socket came first");
+                    match inserted {
                         // The event is the port point's, with the verdict it issues.
                         Ok(()) => return HookOutcome::Allow,
                         Err(full) => {
@@ -268,6 +270,45 @@ impl Introspection {
             vmm_work_ns,
         );
         outcome
+    }
+
+    /// Logs the calls that left the waiting table without reaching their port point (`why`
+    /// they left): each returned to the guest already, opened nothing (no verdict was issued
+    /// for it), and still gets its one event. Nothing to do, no allocation, in the common case.
+    pub(super) fn log_unfinished(&self, vcpu: u8, why: &str) {
+        let unfinished = self.pending().take_unfinished();
+        self.log_unfinished_calls(vcpu, unfinished, why);
+    }
+
+    fn log_unfinished_calls(&self, vcpu: u8, calls: Vec<ports::Pending>, why: &str) {
+        for call in calls {
+            let point = call.point;
+            self.log_call(
+                vcpu,
+                monotonic_ns(),
+                HookOutcome::Allow,
+                Ok(call.attribution),
+                Some(format!(
+                    "never reached its port point ({}): {why}; no verdict was issued, nothing \
+                     was opened",
+                    point.name()
+                )),
+                None,
+                Some(point),
+                call.work_ns,
+            );
+        }
+    }
+
+    /// The VM stopped: the calls still waiting for their port get their events now.
+    pub fn settle_waiting(&self) {
+        let all = self.pending().take_all();
+        self.log_unfinished_calls(
+            0,
+            all,
+            "the VM stopped first (had it migrated, its target denies the call at the port point, \
+             with an event of its own)",
+        );
     }
 
     /// Queues the event of one decided call.
@@ -337,7 +378,9 @@ impl Introspection {
         {
             return self.deny_migrated_wait(vcpu, t_ns, point, &reader, regs, work);
         }
-        let Some(call) = self.pending().take(sk, point, tgid) else {
+        let taken = self.pending().take(sk, point, tgid);
+        self.log_unfinished(vcpu, "its socket was freed and reused");
+        let Some(call) = taken else {
             log::debug!(
                 "{}: {} of sock {sk:#x} (tgid {tgid}) with no call waiting on it",
                 self.vm,

@@ -103,6 +103,12 @@ pub(super) struct PendingPorts {
     /// stayed on the source): at their port point they fail closed, -EPERM, with an event.
     /// At most [`MAX_PENDING`], each kept [`PENDING_TTL`].
     migrated: Vec<(WaitingCall, Instant)>,
+    /// Calls that left the table without reaching their port point (a newer call on their
+    /// socket replaced them, their socket was freed and reused, or they expired in a full
+    /// table): the guest's call returned already, so each still owes its event
+    /// ([`take_unfinished`](Self::take_unfinished)). At most [`MAX_PENDING`] (older ones go
+    /// first).
+    unfinished: Vec<Pending>,
 }
 
 /// The table is full of calls still waiting.
@@ -114,10 +120,20 @@ impl PendingPorts {
     /// Keeps `call` until its port point (a newer call on the same socket replaces the older).
     /// Calls older than [`PENDING_TTL`] go first; a table still full refuses.
     pub fn insert(&mut self, call: Pending, now: Instant) -> Result<(), PendingFull> {
-        self.calls.retain(|c| c.sk != call.sk);
+        if let Some(at) = self.calls.iter().position(|c| c.sk == call.sk) {
+            let old = self.calls.swap_remove(at);
+            self.unfinished(old);
+        }
         if self.calls.len() >= MAX_PENDING {
-            self.calls
-                .retain(|c| now.saturating_duration_since(c.since) < PENDING_TTL);
+            let mut i = 0;
+            while i < self.calls.len() {
+                if now.saturating_duration_since(self.calls[i].since) >= PENDING_TTL {
+                    let old = self.calls.swap_remove(i);
+                    self.unfinished(old);
+                } else {
+                    i += 1;
+                }
+            }
         }
         if self.calls.len() >= MAX_PENDING {
             return Err(PendingFull);
@@ -132,7 +148,32 @@ impl PendingPorts {
     pub fn take(&mut self, sk: u64, point: PortPoint, tgid: u32) -> Option<Pending> {
         let at = self.calls.iter().position(|c| c.sk == sk)?;
         let call = self.calls.swap_remove(at);
-        (call.point == point && call.attribution.process.tgid == tgid).then_some(call)
+        if call.point == point && call.attribution.process.tgid == tgid {
+            return Some(call);
+        }
+        self.unfinished(call);
+        None
+    }
+
+    fn unfinished(&mut self, call: Pending) {
+        if self.unfinished.len() >= MAX_PENDING {
+            self.unfinished.remove(0);
+        }
+        self.unfinished.push(call);
+    }
+
+    /// The calls that left without reaching their port point since the last look (see
+    /// `unfinished`).
+    pub fn take_unfinished(&mut self) -> Vec<Pending> {
+        std::mem::take(&mut self.unfinished)
+    }
+
+    /// Every call still waiting, and those that left unfinished: the VM stopped, none will
+    /// reach its port point.
+    pub fn take_all(&mut self) -> Vec<Pending> {
+        let mut all = std::mem::take(&mut self.unfinished);
+        all.append(&mut self.calls);
+        all
     }
 
     /// Every waiting call is decided again at its port point, by the policy then in force (a
@@ -145,6 +186,7 @@ impl PendingPorts {
     pub fn clear(&mut self) {
         self.calls.clear();
         self.migrated.clear();
+        self.unfinished.clear();
     }
 
     /// Calls waiting, and calls a migration left stranded.
@@ -341,6 +383,34 @@ mod tests {
         p.insert(call(0x1000, 7, PortPoint::TcpConnect, now), now)
             .unwrap();
         assert!(p.take(0x1000, PortPoint::TcpConnect, 7).is_some());
+    }
+
+    /// A call that leaves without its port point (replaced on its socket, its socket reused by
+    /// another process, or the VM stopping) is kept for its event: every call gets exactly one.
+    #[test]
+    fn calls_that_never_reach_their_port_point_still_owe_their_event() {
+        let now = Instant::now();
+        let mut p = PendingPorts::default();
+        p.insert(call(0x1000, 7, PortPoint::UdpSend, now), now)
+            .unwrap();
+        assert!(p.take_unfinished().is_empty(), "waiting is not unfinished");
+        // A newer call on the same socket replaces it.
+        p.insert(call(0x1000, 7, PortPoint::UdpSend, now), now)
+            .unwrap();
+        let replaced = p.take_unfinished();
+        assert_eq!(replaced.len(), 1);
+        assert_eq!(replaced[0].sk, 0x1000);
+        // The socket freed and reused by another process: the stale call is unfinished.
+        assert!(p.take(0x1000, PortPoint::UdpSend, 8).is_none());
+        assert_eq!(p.take_unfinished().len(), 1);
+        // The VM stops: whatever still waits is handed over, once.
+        p.insert(call(0x2000, 7, PortPoint::UdpSend, now), now)
+            .unwrap();
+        p.insert(call(0x3000, 7, PortPoint::TcpConnect, now), now)
+            .unwrap();
+        assert_eq!(p.take_all().len(), 2);
+        assert!(p.take_all().is_empty());
+        assert_eq!(p.len(), 0);
     }
 
     #[test]

@@ -71,6 +71,7 @@ impl Vm {
         let stats = self.join_vcpus(threads, &first);
         // Every event of the run is out before the outcome line.
         if let Some(introspection) = &self.introspection {
+            introspection.settle_waiting();
             introspection.flush_events(Duration::from_secs(5));
         }
         let markers: BTreeMap<String, u64> = self.bus.console_markers().into_iter().collect();
