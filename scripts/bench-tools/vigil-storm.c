@@ -8,7 +8,9 @@
 //   sendto(fresh UDP socket, "s<i>", ADDR:ALLOW_S)     allowed
 //   sendto(UDP socket, "x", ADDR:DENY)                 denied    (EPERM)
 // It prints a console marker before and after (the VMM's RSS is read at each), and one line of
-// counts: calls made by kind and outcome, and outcomes it did not expect.
+// counts: calls made by kind and outcome, and outcomes it did not expect. An allowed sendto that
+// fails with EPERM is counted apart (sendto_refused): a tier refused its verdict (the tenant's
+// verdict quota, a full table), and Vigil denies such a call rather than let it out unopened.
 // Usage: vigil-storm ROUNDS ADDR ALLOW_C ALLOW_S DENY
 // Built by the benchmark (cc -static) and added to a copy of the tenant's initramfs: it is not
 // part of the tenant image (scripts/tenant), whose other users need not rebuild it.
@@ -45,7 +47,8 @@ int main(int argc, char **argv) {
         perror("vigil-storm: socket");
         return 1;
     }
-    long connect_ok = 0, connect_eperm = 0, sendto_ok = 0, sendto_eperm = 0, unexpected = 0;
+    long connect_ok = 0, connect_eperm = 0, sendto_ok = 0, sendto_eperm = 0, sendto_refused = 0,
+         unexpected = 0;
     char payload[32];
 
     printf("VIGIL-STORM start\n");
@@ -64,6 +67,8 @@ int main(int argc, char **argv) {
         int n = snprintf(payload, sizeof payload, "c%ld", i);
         if (sendto(c, payload, n, 0, ac, len) == n)
             sendto_ok++;
+        else if (errno == EPERM)
+            sendto_refused++;
         else
             unexpected++;
         if (connect(denied_socket, dn, len) != 0 && errno == EPERM)
@@ -73,6 +78,8 @@ int main(int argc, char **argv) {
         n = snprintf(payload, sizeof payload, "s%ld", i);
         if (sendto(s, payload, n, 0, as, len) == n)
             sendto_ok++;
+        else if (errno == EPERM)
+            sendto_refused++;
         else
             unexpected++;
         if (sendto(denied_socket, "x", 1, 0, dn, len) < 0 && errno == EPERM)
@@ -84,8 +91,8 @@ int main(int argc, char **argv) {
     }
     printf("VIGIL-STORM end\n");
     printf("VIGIL-STORM counts rounds=%ld connect_ok=%ld connect_eperm=%ld sendto_ok=%ld "
-           "sendto_eperm=%ld unexpected=%ld\n",
-           rounds, connect_ok, connect_eperm, sendto_ok, sendto_eperm, unexpected);
+           "sendto_eperm=%ld sendto_refused=%ld unexpected=%ld\n",
+           rounds, connect_ok, connect_eperm, sendto_ok, sendto_eperm, sendto_refused, unexpected);
     fflush(stdout);
     return unexpected != 0;
 }

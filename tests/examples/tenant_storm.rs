@@ -5,7 +5,9 @@
 //! outside network namespace that counts what arrives. Prints one JSON object per figure (see
 //! scripts/bench):
 //!   storm_calls                  hooked calls the guest made (its own count), with their
-//!                                outcomes in the guest (allowed, EPERM)
+//!                                outcomes in the guest (allowed, EPERM; an allowed sendto whose
+//!                                verdict a tier refused, e.g. the tenant's verdict quota, is
+//!                                denied: counted as `sendto_refused`, its event must say so)
 //!   storm_events_per_call        socket events the VMM emitted for them, per call (must be 1:
 //!                                exactly one per call, by kind and verdict)
 //!   storm_allowed_delivered      allowed calls' datagrams that arrived outside, of those sent (each
@@ -178,11 +180,16 @@ fn main() -> Result<()> {
         .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
         .collect();
     let count = |k: &str| counts.get(k).copied().unwrap_or(0);
-    let calls =
-        count("connect_ok") + count("connect_eperm") + count("sendto_ok") + count("sendto_eperm");
+    let calls = count("connect_ok")
+        + count("connect_eperm")
+        + count("sendto_ok")
+        + count("sendto_eperm")
+        + count("sendto_refused");
 
     // The VMM's socket events for the storm's calls, by kind and verdict.
     let mut events: BTreeMap<(String, String), u64> = BTreeMap::new();
+    // Denied sendmsg events that name a refused verdict (the tiers' word, not the policy's).
+    let mut refused_events = 0u64;
     for line in &lines {
         let Ok(e) = serde_json::from_str::<Value>(line) else {
             continue;
@@ -192,6 +199,12 @@ fn main() -> Result<()> {
                 e["op"].as_str().unwrap_or("?").to_string(),
                 e["verdict"].as_str().unwrap_or("?").to_string(),
             );
+            if key.0 == "sendmsg"
+                && key.1 == "deny"
+                && e["error"].as_str().is_some_and(|m| m.contains("refused"))
+            {
+                refused_events += 1;
+            }
             *events.entry(key).or_default() += 1;
         }
     }
@@ -206,9 +219,14 @@ fn main() -> Result<()> {
         ("connect", "allow", count("connect_ok")),
         ("connect", "deny", count("connect_eperm")),
         ("sendmsg", "allow", count("sendto_ok")),
-        ("sendmsg", "deny", count("sendto_eperm")),
+        (
+            "sendmsg",
+            "deny",
+            count("sendto_eperm") + count("sendto_refused"),
+        ),
     ];
-    let by_kind_exact = expected.iter().all(|(op, v, n)| event(op, v) == *n);
+    let by_kind_exact = expected.iter().all(|(op, v, n)| event(op, v) == *n)
+        && refused_events == count("sendto_refused");
 
     // Outside: every allowed datagram, each exactly once; nothing to the denied port.
     let wanted = |prefix: &str| -> BTreeSet<String> {
@@ -242,6 +260,7 @@ fn main() -> Result<()> {
     print(json!({"metric": "storm_events_per_call",
         "value": if calls > 0 { total_events as f64 / calls as f64 } else { 0.0 },
         "unit": "ratio", "events": total_events, "calls": calls, "by_kind_exact": by_kind_exact,
+        "refused_events": refused_events, "refused_in_guest": count("sendto_refused"),
         "events_by_kind": events.iter().map(|((o, v), n)| (format!("{o}/{v}"), *n)).collect::<BTreeMap<_, _>>(),
         "goal": "1, by kind and verdict"}));
     print(
