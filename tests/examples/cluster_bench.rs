@@ -235,10 +235,12 @@ fn bench_failover(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -
         let socket = cloud.dir.join("fo.sock");
         let mut host = cloud.host(&socket)?;
         let revision = store.put_tenant(&record)?;
-        store
-            .wait_status("fo", revision, CALL_TIMEOUT)?
-            .filter(|s| s.state == "running")
-            .ok_or("host a did not run tenant fo")?;
+        match store.wait_status("fo", revision, CALL_TIMEOUT)? {
+            Some(s) if s.state == "running" => {}
+            other => {
+                return Err(format!("host a did not run tenant fo (its status: {other:?})").into())
+            }
+        }
         // The edge took the host's Attach of the tenant.
         edge_events.wait(|e| {
             e["event"] == "edge_verdicts" && e["sender"] == SENDER && e["applied"] == true
