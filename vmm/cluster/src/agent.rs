@@ -430,6 +430,7 @@ impl Agent {
     ) {
         let name = match &action {
             Action::Nothing => return,
+            Action::Confirm => "confirm",
             Action::Create(_) => "create",
             Action::Policy(_) => "policy",
             Action::Recreate(_) => "recreate",
@@ -459,7 +460,7 @@ impl Agent {
                     Ok(()) | Err(vmm_host::HostError::NotFound { .. }) => Ok(()),
                     Err(other) => Err(other.to_string()),
                 },
-                Action::Nothing => Ok(()),
+                Action::Nothing | Action::Confirm => Ok(()),
             }
         })
         .await
@@ -482,7 +483,7 @@ impl Agent {
                 }
             }
             // A policy the host refused leaves the old one in force there; the status says so.
-            (Action::Policy(_), Err(_)) | (Action::Nothing, _) => {}
+            (Action::Policy(_), Err(_)) | (Action::Nothing | Action::Confirm, _) => {}
         }
         // The event after the status write: whoever sees it finds the status in etcd.
         let event = (

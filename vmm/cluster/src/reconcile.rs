@@ -18,6 +18,10 @@ pub enum Action {
     Recreate(VmSpec),
     /// It is gone, or assigned to another host: delete it here (flushed from both tiers).
     Delete,
+    /// It runs here exactly as desired, under a newer revision of its record (the same record
+    /// put again): nothing to change, but the status must name the new revision, or whoever
+    /// waits for it would wait for ever.
+    Confirm,
     Nothing,
 }
 
@@ -29,7 +33,7 @@ pub fn plan(me: &str, applied: Option<&VmSpec>, desired: Option<&TenantRecord>) 
         (None, None) => Action::Nothing,
         (Some(_), None) => Action::Delete,
         (None, Some(d)) => Action::Create(d.spec.clone()),
-        (Some(a), Some(d)) if *a == d.spec => Action::Nothing,
+        (Some(a), Some(d)) if *a == d.spec => Action::Confirm,
         (Some(a), Some(d)) => {
             let mut same_but_policy = a.clone();
             same_but_policy.policy = d.spec.policy.clone();
@@ -74,7 +78,7 @@ mod tests {
         );
         assert_eq!(
             plan("a", Some(&a), Some(&record("a", a.clone()))),
-            Action::Nothing
+            Action::Confirm
         );
         let b = spec("wget", 256);
         assert_eq!(
