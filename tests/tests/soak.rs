@@ -3,9 +3,8 @@
 //! behind: file descriptors, threads, guest RAM mappings, switch ports, booked switch records,
 //! active flows.
 //!
-//! Ignored by default: it runs the Debian tenant kernel (early boot only, 3 cycles, 15-60 s on
-//! an idle host), and the project keeps new tenant boots out of `scripts/test`. Run it with
-//! `cargo test --release -p vigil-tests --test soak -- --ignored`.
+//! Ignored by `cargo test` alone: it runs the Debian tenant kernel (early boot only, 3 cycles,
+//! about 3 s here). `scripts/test` runs it with the other end-to-end files (`--ignored`).
 
 #[test]
 #[ignore = "runs the Debian tenant kernel; scripts/soak or --ignored"]

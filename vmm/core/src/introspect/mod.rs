@@ -71,7 +71,8 @@ pub struct Introspection {
     pub vm: String,
     /// The tenant id verdict records carry.
     pub tenant: u32,
-    pub profile: KernelProfile,
+    /// Shared by every VM of the same kernel in this process (see `vm::builder`).
+    pub profile: Arc<KernelProfile>,
     /// The symbols every trap needs, resolved once (None: the profile lacks `current_task`, and
     /// every hooked call fails attribution, denied).
     trap_symbols: Option<TrapSymbols>,
@@ -189,11 +190,12 @@ impl Introspection {
     /// allowed calls' verdicts go (None: they wait in the outbox for [`Self::take_verdicts`]).
     pub fn new(
         vm: &str,
-        profile: KernelProfile,
+        profile: impl Into<Arc<KernelProfile>>,
         spec: PolicySpec,
         tiers: Option<Arc<dyn VerdictSink>>,
         bare_hooks: Option<&str>,
     ) -> Result<Self, IntrospectError> {
+        let profile: Arc<KernelProfile> = profile.into();
         let policy = Policy::compile(&spec).map_err(IntrospectError::Policy)?;
         let mut hooks = Vec::new();
         for op in [SocketOp::Connect, SocketOp::Bind, SocketOp::Listen] {

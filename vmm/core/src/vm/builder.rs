@@ -191,17 +191,48 @@ fn introspection(
     Ok(Some(Arc::new(introspection)))
 }
 
-/// The kernel's introspection profile (symbols from kallsyms, struct layouts from BTF), cached
-/// per build id in `cache` (see [`crate::knobs::DebugKnobs::cache_dir`]): the analysis reads
-/// the whole vmlinux, the cache one small JSON file.
+/// Kernel profiles this process has in memory, by build id: a host creates, migrates in and
+/// restores many VMs of the same kernel, and each profile is hundreds of thousands of symbols
+/// (reading one from the JSON cache made about 2 million allocations, 90 MB at its peak, per
+/// VM). At most [`PROFILES_KEPT`] kernels.
+static PROFILES: std::sync::OnceLock<
+    std::sync::Mutex<std::collections::HashMap<String, Arc<trap_handler::KernelProfile>>>,
+> = std::sync::OnceLock::new();
+const PROFILES_KEPT: usize = 8;
+
+/// The kernel's introspection profile (symbols from kallsyms, struct layouts from BTF): shared
+/// in this process per build id ([`PROFILES`]), and cached per build id in `cache` (see
+/// [`crate::knobs::DebugKnobs::cache_dir`]): the analysis reads the whole vmlinux, the cache one
+/// JSON file.
 fn kernel_profile(
     elf: &[u8],
     cache: Option<&Path>,
-) -> Result<trap_handler::KernelProfile, VmError> {
+) -> Result<Arc<trap_handler::KernelProfile>, VmError> {
     let build_id = trap_handler::elf::Elf::parse(elf)
         .ok()
         .and_then(|e| e.build_id().map(trap_handler::elf::hex));
-    if let (Some(dir), Some(id)) = (cache, &build_id) {
+    let Some(id) = build_id else {
+        return kernel_profile_uncached(elf, cache, None).map(Arc::new);
+    };
+    let profiles = PROFILES.get_or_init(Default::default);
+    if let Some(profile) = profiles.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+        return Ok(profile.clone());
+    }
+    let profile = Arc::new(kernel_profile_uncached(elf, cache, Some(&id))?);
+    let mut kept = profiles.lock().unwrap_or_else(|p| p.into_inner());
+    if kept.len() >= PROFILES_KEPT {
+        kept.clear();
+    }
+    kept.insert(id, profile.clone());
+    Ok(profile)
+}
+
+fn kernel_profile_uncached(
+    elf: &[u8],
+    cache: Option<&Path>,
+    build_id: Option<&String>,
+) -> Result<trap_handler::KernelProfile, VmError> {
+    if let (Some(dir), Some(id)) = (cache, build_id) {
         if let Some(profile) = trap_handler::KernelProfile::load_cached(dir, id) {
             log::info!(
                 "vigil: kernel profile {id} from the cache ({})",
