@@ -65,6 +65,13 @@ mod guest {
 
     impl BootSummary {
         /// virtio-mmio devices (none without Vigil's block: the micro-VM probes nothing).
+        /// The VMM handed over zeroed RAM ([`vigil_wire::boot::BOOT_FLAG_RAM_ZEROED`]).
+        pub fn ram_zeroed(&self) -> bool {
+            self.boot_info
+                .as_ref()
+                .is_some_and(|i| i.flags & vigil_wire::boot::BOOT_FLAG_RAM_ZEROED != 0)
+        }
+
         pub fn devices(&self) -> &[MmioDevice] {
             self.boot_info.as_ref().map_or(&[], |info| info.devices())
         }
@@ -159,8 +166,9 @@ mod guest {
             .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(DEFAULT_FLOWS);
         let secret = boot_secret(boot.cmdline);
+        let zeroed = boot.ram_zeroed();
         if boot.devices().is_empty() {
-            take_boot_verdicts(boot.free_start, flows, base, size)
+            take_boot_verdicts(boot.free_start, (flows, zeroed), base, size)
         } else {
             let tsc_khz = cmdline_value(boot.cmdline, b"tsc_khz=")
                 .and_then(|v| core::str::from_utf8(v).ok())
@@ -170,7 +178,7 @@ mod guest {
                 boot.role,
                 boot.devices(),
                 boot.free_start,
-                (flows, secret),
+                (flows, secret, zeroed),
                 base,
                 size,
                 tsc_khz,
@@ -247,6 +255,18 @@ mod guest {
     ///
     /// # Safety
     /// `[*cursor, *cursor + count * size_of::<T>())` must be free RAM nothing else uses.
+    /// [`carve`] of RAM the VMM zeroed ([`BootSummary::ram_zeroed`]), left untouched.
+    ///
+    /// # Safety
+    /// As [`carve`]; also, the range is all zero bytes, and all zero bytes are a valid `T`.
+    unsafe fn carve_zeroed<T: Copy>(cursor: &mut u64, count: usize) -> &'static mut [T] {
+        let align = core::mem::align_of::<T>().max(64) as u64;
+        let start = cursor.next_multiple_of(align);
+        *cursor = start + (count * core::mem::size_of::<T>()) as u64;
+        // SAFETY: the caller vouches for the range and its contents; `start` is aligned for T.
+        unsafe { core::slice::from_raw_parts_mut(start as *mut T, count) }
+    }
+
     unsafe fn carve<T: Copy>(cursor: &mut u64, count: usize, empty: T) -> &'static mut [T] {
         let align = core::mem::align_of::<T>().max(64) as u64;
         let start = cursor.next_multiple_of(align);
@@ -264,6 +284,7 @@ mod guest {
         free_start: u64,
         free_end: u64,
         wanted: usize,
+        zeroed: bool,
         config: Config,
     ) -> Result<Filter<'static>, u8> {
         use core::mem::size_of;
@@ -289,7 +310,13 @@ mod guest {
         // (both from the boot information), used by nothing else; the sizes fit (checked above).
         let (flow_slots, verdict_slots, index) = unsafe {
             (
-                carve(&mut cursor, slots_for(flows), FlowSlot::EMPTY),
+                if zeroed {
+                    // All zero already, which is FlowSlot::EMPTY: not written, so its pages are
+                    // faulted in as flows arrive, not all at boot.
+                    carve_zeroed::<FlowSlot>(&mut cursor, slots_for(flows))
+                } else {
+                    carve(&mut cursor, slots_for(flows), FlowSlot::EMPTY)
+                },
                 carve(&mut cursor, VERDICTS, VerdictSlot::EMPTY),
                 carve(&mut cursor, 2 * VERDICTS, IndexSlot::EMPTY),
             )
@@ -299,6 +326,10 @@ mod guest {
             "fw-guest: tables: {flows} flows, {VERDICTS} verdicts, {} KiB",
             (cursor - free_start) >> 10
         );
+        let config = Config {
+            flows_zeroed: zeroed,
+            ..config
+        };
         Filter::new(flow_slots, verdict_slots, index, config).map_err(|_| {
             let _ = writeln!(Com1, "fw-guest: filter tables rejected");
             exit_code::PANIC
@@ -338,12 +369,17 @@ mod guest {
     }
 
     /// No switch ports: apply the verdicts waiting in the ring, publish the counters, report.
-    fn take_boot_verdicts(free_start: u64, flows: usize, base: u64, size: u64) -> u8 {
+    fn take_boot_verdicts(
+        free_start: u64,
+        (flows, zeroed): (usize, bool),
+        base: u64,
+        size: u64,
+    ) -> u8 {
         let (mut ring, counters, outcomes) = match attach_region(base, size, 0) {
             Ok(shared) => shared,
             Err(code) => return code,
         };
-        let mut filter = match make_filter(free_start, base, flows, Config::default()) {
+        let mut filter = match make_filter(free_start, base, flows, zeroed, Config::default()) {
             Ok(f) => f,
             Err(code) => return code,
         };
@@ -591,7 +627,7 @@ mod guest {
         role: Role,
         devices: &[MmioDevice],
         free_start: u64,
-        (flows, secret): (usize, [u64; 2]),
+        (flows, secret, zeroed): (usize, [u64; 2], bool),
         base: u64,
         size: u64,
         tsc_khz: u64,
@@ -618,7 +654,7 @@ mod guest {
             synproxy: (role == Role::Edge).then(|| SynProxy::new(secret)),
             ..Config::default()
         };
-        let mut filter = match make_filter(cursor, base, flows, config) {
+        let mut filter = match make_filter(cursor, base, flows, zeroed, config) {
             Ok(f) => f,
             Err(code) => return code,
         };

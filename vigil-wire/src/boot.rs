@@ -153,7 +153,7 @@ pub struct MmioDevice {
 /// Vigil's boot information block (layout version [`BOOT_INFO_VERSION`]).
 ///
 /// Layout (byte offsets, little endian): 0 magic u64, 8 version u32, 12 role u32, 16 ram_size u64,
-/// 24 device_count u32, 28 reserved u32, 32 devices (8 × 24 bytes: base u64, size u64, irq u32,
+/// 24 device_count u32, 28 flags u32 ([`BOOT_FLAG_RAM_ZEROED`]), 32 devices (8 × 24 bytes: base u64, size u64, irq u32,
 /// tenant u32), 224 verdict_base u64, 232 verdict_size u64; 240 bytes in all.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -166,7 +166,8 @@ pub struct BootInfo {
     pub ram_size: u64,
     /// Valid entries at the start of `devices`.
     pub device_count: u32,
-    pub reserved: u32,
+    /// [`BOOT_FLAG_RAM_ZEROED`]; other bits are 0.
+    pub flags: u32,
     pub devices: [MmioDevice; MAX_MMIO_DEVICES],
     /// Guest-physical region reserved for the verdict ring (size 0: none).
     pub verdict_base: u64,
@@ -178,7 +179,12 @@ const OFF_VERSION: usize = 8;
 const OFF_ROLE: usize = 12;
 const OFF_RAM_SIZE: usize = 16;
 const OFF_DEVICE_COUNT: usize = 24;
-const OFF_RESERVED: usize = 28;
+const OFF_FLAGS: usize = 28;
+
+/// The VMM hands over RAM that is all zero but for what it wrote there (the image, this block,
+/// the page tables, the verdict region): fresh anonymous memory. The micro-VM then need not
+/// clear its tables, nor fault in every page of them at boot.
+pub const BOOT_FLAG_RAM_ZEROED: u32 = 1 << 0;
 const OFF_DEVICES: usize = 32;
 const DEVICE_LEN: usize = core::mem::size_of::<MmioDevice>();
 const OFF_VERDICT_BASE: usize = OFF_DEVICES + MAX_MMIO_DEVICES * DEVICE_LEN;
@@ -235,7 +241,7 @@ impl BootInfo {
             role: role as u32,
             ram_size,
             device_count: 0,
-            reserved: 0,
+            flags: 0,
             devices: [MmioDevice::default(); MAX_MMIO_DEVICES],
             verdict_base: 0,
             verdict_size: 0,
@@ -309,7 +315,7 @@ impl BootInfo {
             role,
             ram_size: u64_at(bytes, OFF_RAM_SIZE),
             device_count,
-            reserved: u32_at(bytes, OFF_RESERVED),
+            flags: u32_at(bytes, OFF_FLAGS),
             devices,
             verdict_base,
             verdict_size,
@@ -325,7 +331,7 @@ impl BootInfo {
         out[OFF_RAM_SIZE..OFF_RAM_SIZE + 8].copy_from_slice(&self.ram_size.to_le_bytes());
         out[OFF_DEVICE_COUNT..OFF_DEVICE_COUNT + 4]
             .copy_from_slice(&self.device_count.to_le_bytes());
-        out[OFF_RESERVED..OFF_RESERVED + 4].copy_from_slice(&self.reserved.to_le_bytes());
+        out[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&self.flags.to_le_bytes());
         for (index, device) in self.devices.iter().enumerate() {
             let at = OFF_DEVICES + index * DEVICE_LEN;
             out[at..at + 8].copy_from_slice(&device.base.to_le_bytes());

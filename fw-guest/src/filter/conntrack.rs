@@ -419,10 +419,18 @@ impl<'a> Conntrack<'a> {
     /// Wrap (and clear) `slots`. Holds up to 7/8 of `slots.len()` flows; `None` if there are fewer
     /// than 2 slots.
     pub fn new(slots: &'a mut [FlowSlot], seed: u64) -> Option<Conntrack<'a>> {
+        slots.fill(FlowSlot::EMPTY);
+        Conntrack::new_empty(slots, seed)
+    }
+
+    /// [`new`](Self::new) over slots the caller vouches are all [`FlowSlot::EMPTY`] already
+    /// (zeroed memory): nothing is written, so no page of the table is touched until flows
+    /// arrive. Slots that are not empty would read as entries (wrong answers, never unsafety:
+    /// a slot is plain integers), so only a zeroing VMM's word is taken for it.
+    pub fn new_empty(slots: &'a mut [FlowSlot], seed: u64) -> Option<Conntrack<'a>> {
         if slots.len() < 2 || slots.len() > u32::MAX as usize {
             return None;
         }
-        slots.fill(FlowSlot::EMPTY);
         let max = (slots.len() * MAX_LOAD_NUM / MAX_LOAD_DEN).clamp(1, slots.len() - 1);
         Some(Conntrack {
             slots,

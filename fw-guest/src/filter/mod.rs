@@ -156,6 +156,10 @@ pub struct Config {
     pub synproxy: Option<SynProxy>,
     /// Most entries one tenant may hold; `None`: [`default_flow_quota`] of the flow table.
     pub flow_quota: Option<usize>,
+    /// The caller vouches that every flow slot is [`FlowSlot::EMPTY`] (all zero) already: the
+    /// table is not cleared, so its pages are not all touched at once (a micro-VM on the
+    /// zeroed RAM its VMM handed over).
+    pub flows_zeroed: bool,
 }
 
 impl Default for Config {
@@ -168,6 +172,7 @@ impl Default for Config {
             evict_scan: 512,
             synproxy: None,
             flow_quota: None,
+            flows_zeroed: false,
         }
     }
 }
@@ -244,7 +249,12 @@ impl<'a> Filter<'a> {
         verdict_index: &'a mut [IndexSlot],
         config: Config,
     ) -> Result<Filter<'a>, SetupError> {
-        let mut conntrack = Conntrack::new(flows, config.hash_seed).ok_or(SetupError::FlowSlots)?;
+        let mut conntrack = if config.flows_zeroed {
+            Conntrack::new_empty(flows, config.hash_seed)
+        } else {
+            Conntrack::new(flows, config.hash_seed)
+        }
+        .ok_or(SetupError::FlowSlots)?;
         if let Some(limits) = config.half_open {
             conntrack.set_half_open_limits(limits);
         }

@@ -78,3 +78,22 @@ fn sweep_reclaims_expired_only() {
         assert!(matches!(ct.lookup(&k, ct.hash(&k), 10), Probe::Found(_)));
     }
 }
+
+/// The micro-VM leaves its flow table as the VMM's zeroed RAM gave it (`Conntrack::new_empty`):
+/// that is sound only while an empty slot is all zero bytes.
+#[test]
+fn an_empty_slot_is_all_zero_bytes_so_zeroed_ram_is_an_empty_table() {
+    // SAFETY: FlowSlot is repr(C), 80 bytes of integers and arrays with no padding (its size
+    // is asserted), so every byte is initialised.
+    let bytes: [u8; 80] = unsafe { core::mem::transmute(FlowSlot::EMPTY) };
+    assert!(bytes.iter().all(|b| *b == 0));
+    let mut store = [FlowSlot::EMPTY; 32];
+    let mut ct = Conntrack::new_empty(&mut store, 3).unwrap();
+    assert_eq!(ct.used(), 0);
+    let k = key(1);
+    let Probe::Vacant(i) = ct.lookup(&k, ct.hash(&k), 0) else {
+        panic!("an empty table found a key")
+    };
+    ct.insert(i, &k, Direction::Egress, TcpState::None, V, 100);
+    assert!(matches!(ct.lookup(&k, ct.hash(&k), 0), Probe::Found(_)));
+}

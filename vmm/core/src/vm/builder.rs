@@ -449,6 +449,9 @@ fn load_payload(
     let boot_info = match &config.payload {
         Payload::MicroVm { role, .. } => {
             let mut info = vigil_wire::boot::BootInfo::new(*role, mem_size);
+            // Guest RAM is a fresh anonymous mapping (`guest_memory`): zero but for what this
+            // builder writes into it.
+            info.flags |= vigil_wire::boot::BOOT_FLAG_RAM_ZEROED;
             // The switch ports, in order: the micro-VM finds them here (it has no ACPI).
             for (device, tenant) in ports {
                 info.push_device(vigil_wire::boot::MmioDevice {
