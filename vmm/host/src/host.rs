@@ -34,6 +34,9 @@ pub struct Host {
     requested: (Mutex<bool>, Condvar),
     /// Held while the teardown runs; true once it ran ([`Host::shutdown`]).
     torn_down: Mutex<bool>,
+    /// Tenants whose VM stopped on its own, marked before their flush, until `vm.delete`: a
+    /// policy replacement racing that flush flushes again rather than re-attach them.
+    pub(crate) stopped_on_own: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl Host {
@@ -69,6 +72,7 @@ impl Host {
             shutdown: Arc::new(AtomicBool::new(false)),
             requested: (Mutex::new(false), Condvar::new()),
             torn_down: Mutex::new(false),
+            stopped_on_own: Mutex::new(Default::default()),
             config,
         });
         if let Some(edge) = &host.edge {

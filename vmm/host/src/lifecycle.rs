@@ -236,6 +236,10 @@ impl Host {
             .remove(id)
             .ok_or_else(|| HostError::not_found(id))?;
         self.stop_tenant(t.stop.clone(), &t.control, t.thread);
+        self.stopped_on_own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&t.tenant);
         let flush = self.flush_record(t.tenant);
         let applied = self.reconfigure(&[flush], &[flush]);
         if applied.is_err() {
@@ -285,6 +289,10 @@ impl Host {
     /// stays reserved to it until `vm.delete`), and a `vm_stopped` event says how it stopped
     /// and whether the flush was applied. Runs on the VM's thread (no tenant-table lock).
     pub(crate) fn vm_stopped_on_its_own(&self, id: &str, tenant: u32, reason: &str, crashed: bool) {
+        self.stopped_on_own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(tenant);
         let flush = self.flush_record(tenant);
         let applied = self.reconfigure(&[flush], &[flush]);
         if applied.is_err() {
@@ -342,6 +350,12 @@ impl Host {
                 &[flush, self.edge_attach(tenant, ip)],
             )?
         };
+        if !stopped && self.stopped_on_own(tenant) {
+            // The VM stopped after the look above, and its stop's flush may have come before
+            // this attach (it marks the tenant first): flush again, so a stopped VM keeps
+            // nothing attached in either tier.
+            self.reconfigure(&[flush], &[flush])?;
+        }
         self.reconfigured(
             |t| &mut t.policy_ms,
             id,
@@ -349,6 +363,13 @@ impl Host {
             serde_json::json!({"action": "policy", "tenant": tenant}),
         );
         Ok(())
+    }
+
+    fn stopped_on_own(&self, tenant: u32) -> bool {
+        self.stopped_on_own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&tenant)
     }
 
     /// Checks a spec and builds its VM on a reserved port (create's first half).
