@@ -71,6 +71,7 @@ impl GuestQueue {
         }
     }
 
+    #[inline]
     fn add_used(&mut self, head: u16, len: u32) {
         if self.queue.add_used(&self.mem, head, len).is_err() {
             bump(&self.counters.queue_errors, 1);
@@ -79,6 +80,7 @@ impl GuestQueue {
     }
 
     /// Raises the used-buffer interrupt after used-ring updates, unless the driver suppressed it.
+    #[inline]
     fn signal_used(&mut self) {
         if !std::mem::take(&mut self.used) {
             return;
@@ -100,6 +102,7 @@ impl GuestQueue {
     }
 
     /// Kicks off (the pump polls) or on (re-checked: `true` when more is available already).
+    #[inline]
     fn notifications(&mut self, on: bool) -> bool {
         if on {
             match self.queue.enable_notification(&self.mem) {
@@ -126,6 +129,7 @@ struct Segments {
 impl Segments {
     /// The readable (`write == false`) or writable buffers of `chain`; None when one lies
     /// outside guest memory, the chain is longer than `MAX_SEGMENTS` or its total overflows.
+    #[inline]
     fn of(chain: DescriptorChain<&GuestMemoryMmap>, write: bool) -> Option<Segments> {
         let mem = chain.memory();
         let mut s = Segments {
@@ -164,6 +168,7 @@ impl Segments {
     /// # Safety
     /// Both segment lists must point into guest memory that stays mapped for the call, and
     /// `from + len <= src.total`, `to + len <= self.total`.
+    #[inline]
     unsafe fn copy_from(&self, to: usize, src: &Segments, from: usize, len: usize) {
         let (mut si, mut so) = src.locate(from);
         let (mut di, mut doff) = self.locate(to);
@@ -191,6 +196,7 @@ impl Segments {
     }
 
     /// Copies `bytes` from the host to offset `to`; the caller checked that they fit.
+    #[inline]
     fn write_at(&self, to: usize, bytes: &[u8]) {
         let (mut i, mut off) = self.locate(to);
         let mut done = 0;
@@ -210,6 +216,7 @@ impl Segments {
     }
 
     /// Copies `out.len()` bytes from offset `from` to the host; the caller checked the length.
+    #[inline]
     fn read_at(&self, from: usize, out: &mut [u8]) {
         let (mut i, mut off) = self.locate(from);
         let mut done = 0;
@@ -228,6 +235,7 @@ impl Segments {
     }
 
     /// (segment, offset in it) of byte `at` (`at < total`, or `at == total` with nothing to do).
+    #[inline]
     fn locate(&self, mut at: usize) -> (usize, usize) {
         for (i, &(_, l)) in self.at[..self.count].iter().enumerate() {
             if at < l {
@@ -240,6 +248,7 @@ impl Segments {
 }
 
 /// The zero `virtio_net_hdr_v1` with num_buffers = 1 ahead of every received frame.
+#[inline]
 fn rx_header() -> [u8; NET_HDR_LEN] {
     let mut header = [0u8; NET_HDR_LEN];
     header[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2].copy_from_slice(&1u16.to_le_bytes());
@@ -468,6 +477,7 @@ pub(super) struct Shared {
 static GENERATION: AtomicU64 = AtomicU64::new(1);
 
 impl Shared {
+    #[inline]
     pub(super) fn dir(&self, k: usize) -> MutexGuard<'_, Direction> {
         self.dirs[k].lock().unwrap_or_else(|p| p.into_inner())
     }
