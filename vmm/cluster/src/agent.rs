@@ -19,7 +19,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
@@ -28,6 +27,7 @@ use etcd_client::{
 use tokio::sync::watch;
 use vmm_host::{Host, VmSpec};
 
+use crate::background::{self, Background};
 use crate::keys::{self, Capacity, HostRecord, TenantRecord, TenantStatus};
 use crate::reconcile::{plan, Action};
 use crate::store::{connect, to_json, REQUEST_TIMEOUT};
@@ -51,8 +51,7 @@ pub struct AgentConfig {
 
 /// A running host agent; [`HostAgent::stop`] (or drop) deregisters the host.
 pub struct HostAgent {
-    stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    task: Background,
 }
 
 impl HostAgent {
@@ -60,15 +59,7 @@ impl HostAgent {
     /// background.
     pub fn start(host: Arc<Host>, config: AgentConfig) -> Result<HostAgent, ClusterError> {
         keys::host_key(&config.name)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("cluster-agent")
-            .enable_all()
-            .build()
-            .map_err(|source| ClusterError::Runtime {
-                what: "agent runtime",
-                source,
-            })?;
+        let rt = background::runtime("cluster-agent", 2)?;
         let agent = Agent {
             host,
             config: Arc::new(config),
@@ -79,33 +70,16 @@ impl HostAgent {
             let session = agent.register(&mut client).await?;
             Ok::<_, ClusterError>((client, session))
         })?;
-        let (stop, stop_rx) = watch::channel(false);
-        let thread = std::thread::Builder::new()
-            .name("cluster-agent".into())
-            .spawn(move || rt.block_on(agent.run(client, session, stop_rx)))
-            .map_err(|source| ClusterError::Runtime {
-                what: "agent thread",
-                source,
-            })?;
-        Ok(HostAgent {
-            stop,
-            thread: Some(thread),
-        })
+        let task = Background::spawn("cluster-agent", rt, move |stop| {
+            agent.run(client, session, stop)
+        })?;
+        Ok(HostAgent { task })
     }
 
     /// Deregisters the host (its lease revoked) and stops the agent; the tenants it runs stay
-    /// (the host's own shutdown deletes them).
+    /// (the host's own shutdown deletes them). Dropping it does the same.
     pub fn stop(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for HostAgent {
-    fn drop(&mut self) {
-        self.stop();
+        self.task.stop();
     }
 }
 

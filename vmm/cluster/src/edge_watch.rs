@@ -8,13 +8,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use edge::node::Edge;
 use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::watch;
 
+use crate::background::{self, Background};
 use crate::keys::{self, EdgeRecord, HostRecord};
 use crate::store::{connect, from_json, to_json, REQUEST_TIMEOUT};
 use crate::ClusterError;
@@ -31,8 +31,7 @@ pub struct EdgeWatchConfig {
 
 /// A running edge watch; [`EdgeWatch::stop`] (or drop) deregisters the edge.
 pub struct EdgeWatch {
-    stop: watch::Sender<bool>,
-    thread: Option<JoinHandle<()>>,
+    task: Background,
 }
 
 struct Watcher {
@@ -46,15 +45,7 @@ impl EdgeWatch {
     /// Connects to etcd and registers the edge (an error if that fails), then watches the hosts.
     pub fn start(edge: Arc<Edge>, config: EdgeWatchConfig) -> Result<EdgeWatch, ClusterError> {
         let key = keys::edge_key(&config.name)?;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("cluster-edge")
-            .enable_all()
-            .build()
-            .map_err(|source| ClusterError::Runtime {
-                what: "edge watch runtime",
-                source,
-            })?;
+        let rt = background::runtime("cluster-edge", 1)?;
         let watcher = Watcher {
             edge,
             config,
@@ -65,31 +56,15 @@ impl EdgeWatch {
             let lease = watcher.register(&mut client, &key).await?;
             Ok::<_, ClusterError>((client, lease))
         })?;
-        let (stop, stop_rx) = watch::channel(false);
-        let thread = std::thread::Builder::new()
-            .name("cluster-edge".into())
-            .spawn(move || rt.block_on(watcher.run(client, key, lease, stop_rx)))
-            .map_err(|source| ClusterError::Runtime {
-                what: "edge watch thread",
-                source,
-            })?;
-        Ok(EdgeWatch {
-            stop,
-            thread: Some(thread),
-        })
+        let task = Background::spawn("cluster-edge", rt, move |stop| {
+            watcher.run(client, key, lease, stop)
+        })?;
+        Ok(EdgeWatch { task })
     }
 
+    /// Stops watching (the edge's registration goes with its lease). Dropping it does the same.
     pub fn stop(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for EdgeWatch {
-    fn drop(&mut self) {
-        self.stop();
+        self.task.stop();
     }
 }
 

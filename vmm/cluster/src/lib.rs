@@ -10,6 +10,7 @@
 //! lifecycle (it drives them as the REST API does); trust a record it cannot parse.
 
 mod agent;
+mod background;
 mod edge_watch;
 mod error;
 pub mod keys;
