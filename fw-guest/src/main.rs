@@ -250,31 +250,39 @@ mod guest {
         Ok((ring, counters, outcomes))
     }
 
-    /// Carves a table of `count` entries out of free RAM at `*cursor` (identity mapped, ring 3
-    /// read/write), fills it with `empty`, and moves the cursor past it.
-    ///
-    /// # Safety
-    /// `[*cursor, *cursor + count * size_of::<T>())` must be free RAM nothing else uses.
+    /// The next `count` places for a `T` at `cursor` (aligned to T and to a cache line), and
+    /// the cursor moved past them.
+    fn place<T>(cursor: &mut u64, count: usize) -> *mut T {
+        let align = core::mem::align_of::<T>().max(64) as u64;
+        let start = cursor.next_multiple_of(align);
+        *cursor = start + (count * core::mem::size_of::<T>()) as u64;
+        start as *mut T
+    }
+
     /// [`carve`] of RAM the VMM zeroed ([`BootSummary::ram_zeroed`]), left untouched.
     ///
     /// # Safety
     /// As [`carve`]; also, the range is all zero bytes, and all zero bytes are a valid `T`.
     unsafe fn carve_zeroed<T: Copy>(cursor: &mut u64, count: usize) -> &'static mut [T] {
-        let align = core::mem::align_of::<T>().max(64) as u64;
-        let start = cursor.next_multiple_of(align);
-        *cursor = start + (count * core::mem::size_of::<T>()) as u64;
-        // SAFETY: the caller vouches for the range and its contents; `start` is aligned for T.
-        unsafe { core::slice::from_raw_parts_mut(start as *mut T, count) }
+        // SAFETY: the caller vouches for the range and its contents; `place` aligns for T.
+        unsafe { core::slice::from_raw_parts_mut(place::<T>(cursor, count), count) }
     }
 
+    /// Carves a table of `count` entries out of free RAM at `*cursor` (identity mapped, ring 3
+    /// read/write), fills it with `empty`, and moves the cursor past it.
+    ///
+    /// # Safety
+    /// `[*cursor, *cursor + count * size_of::<T>())` must be free RAM nothing else uses.
     unsafe fn carve<T: Copy>(cursor: &mut u64, count: usize, empty: T) -> &'static mut [T] {
-        let align = core::mem::align_of::<T>().max(64) as u64;
-        let start = cursor.next_multiple_of(align);
-        *cursor = start + (count * core::mem::size_of::<T>()) as u64;
-        // SAFETY: the caller vouches for the range; `start` is aligned for T.
-        let table = unsafe { core::slice::from_raw_parts_mut(start as *mut T, count) };
-        table.fill(empty);
-        table
+        let first = place::<T>(cursor, count);
+        // SAFETY: the caller vouches for the range; `place` aligns for T. Every element is
+        // written before the slice is made, so it never covers bytes that are not a T.
+        unsafe {
+            for i in 0..count {
+                first.add(i).write(empty);
+            }
+            core::slice::from_raw_parts_mut(first, count)
+        }
     }
 
     /// The filter, its tables sized from the boot information: the verdict table fixed, the

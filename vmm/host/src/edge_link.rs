@@ -78,15 +78,15 @@ impl EdgeLink {
         &self,
         records: &[[u8; RECORD_LEN]],
         limit: Duration,
-    ) -> Option<(EdgeOutcome, bool)> {
+    ) -> Option<EdgeOutcome> {
         match self.link.send_waited(records, Class::Verdict) {
             Ok(queued) => {
                 self.sent_records
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
                 if queued.certain {
-                    return Some((EdgeOutcome::Applied, true));
+                    return Some(EdgeOutcome::Applied);
                 }
-                Some((self.link.wait_outcome(&queued, limit), false))
+                Some(self.link.wait_outcome(&queued, limit))
             }
             Err(e) => {
                 log::warn!("verdicts for the edge not queued: {e}");

@@ -78,9 +78,9 @@ impl VerdictSink for TenantTiers {
         };
         // The edge: certain by its room (no wait), or the call waits, bounded, for its ack.
         let (reason, take_back_at_edge) = match edge.deliver(records, EDGE_VERDICT_WAIT) {
-            Some((EdgeOutcome::Applied, _)) => return Delivery::Taken,
-            Some((EdgeOutcome::Refused { reason, .. }, _)) => (edge_reason(reason), true),
-            Some((EdgeOutcome::Unconfirmed, _)) => ("edge_timeout", true),
+            Some(EdgeOutcome::Applied) => return Delivery::Taken,
+            Some(EdgeOutcome::Refused { reason, .. }) => (edge_reason(reason), true),
+            Some(EdgeOutcome::Unconfirmed) => ("edge_timeout", true),
             // The window filled since the check above: nothing went to the edge.
             None => ("edge_window_full", false),
         };

@@ -231,8 +231,18 @@ impl Introspection {
                         work_ns: work.elapsed().as_nanos() as u64,
                         since: Instant::now(),
                     };
-                    let inserted = self.pending().insert(call, Instant::now());
-                    self.log_unfinished(vcpu, "a newer call on its socket came first");
+                    let (inserted, unfinished) = {
+                        let mut pending = self.pending();
+                        (
+                            pending.insert(call, Instant::now()),
+                            pending.take_unfinished(),
+                        )
+                    };
+                    self.log_unfinished_calls(
+                        vcpu,
+                        unfinished,
+                        "a newer call on its socket came first",
+                    );
                     match inserted {
                         // The event is the port point's, with the verdict it issues.
                         Ok(()) => return HookOutcome::Allow,
@@ -275,11 +285,6 @@ impl Introspection {
     /// Logs the calls that left the waiting table without reaching their port point (`why`
     /// they left): each returned to the guest already, opened nothing (no verdict was issued
     /// for it), and still gets its one event. Nothing to do, no allocation, in the common case.
-    pub(super) fn log_unfinished(&self, vcpu: u8, why: &str) {
-        let unfinished = self.pending().take_unfinished();
-        self.log_unfinished_calls(vcpu, unfinished, why);
-    }
-
     fn log_unfinished_calls(&self, vcpu: u8, calls: Vec<ports::Pending>, why: &str) {
         for call in calls {
             let point = call.point;
@@ -378,8 +383,11 @@ impl Introspection {
         {
             return self.deny_migrated_wait(vcpu, t_ns, point, &reader, regs, work);
         }
-        let taken = self.pending().take(sk, point, tgid);
-        self.log_unfinished(vcpu, "its socket was freed and reused");
+        let (taken, unfinished) = {
+            let mut pending = self.pending();
+            (pending.take(sk, point, tgid), pending.take_unfinished())
+        };
+        self.log_unfinished_calls(vcpu, unfinished, "its socket was freed and reused");
         let Some(call) = taken else {
             log::debug!(
                 "{}: {} of sock {sk:#x} (tgid {tgid}) with no call waiting on it",
