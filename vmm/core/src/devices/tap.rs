@@ -6,7 +6,17 @@
 //! namespace is entered on a short-lived helper thread that opens the device there, so no thread
 //! of the VMM stays in it, and the descriptor keeps working from any thread afterwards.
 //!
-//! Owns: opening a TAP interface (in its namespace) and reading and writing its frames.
+//! Batches: a TAP is a character device, so `recvmmsg`/`sendmmsg` do not apply; an io_uring
+//! does. One `io_uring_enter` issues a batch of reads (or writes), each one frame; the reads are
+//! `RWF_NOWAIT`, so one with nothing queued completes at once with `EAGAIN` (without it,
+//! io_uring parks the read on the descriptor's poll queue even though the descriptor is
+//! non-blocking, and the batch would wait for frames that may never come). The batch slots are sized to the interface's MTU when it opens; a frame
+//! that fills its whole slot (the MTU was raised since) is dropped and counted by the device,
+//! and the TAP goes back to one frame per call, which reads any size. Without io_uring (a kernel
+//! that refuses it, or `VIGIL_TAP_IO=frame`, the benchmark's baseline) it moves one frame per call.
+//!
+//! Owns: opening a TAP interface (in its namespace) and reading and writing its frames, one or a
+//! batch per system call.
 //! Must not: bring the link up or address it (the caller's job), leave the calling thread in
 //! another namespace, or block.
 
@@ -15,8 +25,14 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
+use io_uring::{opcode, types, IoUring};
 use thiserror::Error;
+
+use crate::devices::virtio::net::link::{FrameBatch, BATCH};
+use crate::devices::virtio::net::MAX_FRAME;
 
 /// Linux `IFNAMSIZ` (include/uapi/linux/if.h), the terminating NUL included.
 const IFNAMSIZ: usize = 16;
@@ -83,10 +99,46 @@ fn valid_name(name: &str) -> bool {
 
 /// One TAP interface, open non-blocking. Dropping it closes the descriptor (a non-persistent
 /// interface that it created disappears then).
-#[derive(Debug)]
 pub struct Tap {
     file: File,
     name: String,
+    /// The io_uring its batches go through (`None`: one frame per system call).
+    uring: Option<Mutex<IoUring>>,
+    /// Batch slot size: the interface's MTU when it opened, plus an Ethernet header and a VLAN
+    /// tag, at least 2 KiB.
+    slot: usize,
+    /// Set once a frame filled its slot, or the kernel refused a non-waiting read: batches stop,
+    /// one frame per call from then on.
+    per_frame: AtomicBool,
+}
+
+impl std::fmt::Debug for Tap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tap")
+            .field("name", &self.name)
+            .field("batched", &self.uring.is_some())
+            .field("slot", &self.slot)
+            .finish()
+    }
+}
+
+/// Whether TAPs batch their I/O: yes unless `VIGIL_TAP_IO=frame` (the benchmark's baseline).
+fn batching_wanted() -> bool {
+    std::env::var("VIGIL_TAP_IO").map_or(true, |v| v != "frame")
+}
+
+/// An io_uring for one TAP's batches, or `None` (logged) when the kernel refuses one.
+fn uring_for(name: &str) -> Option<Mutex<IoUring>> {
+    if !batching_wanted() {
+        return None;
+    }
+    match IoUring::new(2 * BATCH as u32) {
+        Ok(ring) => Some(Mutex::new(ring)),
+        Err(e) => {
+            log::warn!("TAP {name}: no io_uring ({e}): one frame per system call");
+            None
+        }
+    }
 }
 
 impl Tap {
@@ -96,7 +148,7 @@ impl Tap {
         if !valid_name(name) {
             return Err(TapError::BadName(name.to_string()));
         }
-        let file = match netns {
+        let (file, mtu) = match netns {
             None => open_here(name)?,
             Some(ns) => {
                 if !valid_name_netns(ns) {
@@ -134,14 +186,137 @@ impl Tap {
                     .map_err(|_| TapError::Helper("panicked".into()))??
             }
         };
+        let slot = (mtu + 18).next_multiple_of(64).clamp(2048, MAX_FRAME);
         Ok(Tap {
             file,
             name: name.to_string(),
+            uring: uring_for(name),
+            slot,
+            per_frame: AtomicBool::new(false),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The slot size of this TAP's batches; `None` when it moves one frame per call.
+    pub fn batch_slot(&self) -> Option<usize> {
+        match &self.uring {
+            Some(_) if !self.per_frame.load(Ordering::Relaxed) => Some(self.slot),
+            _ => None,
+        }
+    }
+
+    /// Reads the frames queued, up to a batch, with one `io_uring_enter`; `WouldBlock` when none
+    /// is. Slots a read left empty (a frame arrived between two reads) have length 0.
+    pub fn read_batch(&self, batch: &mut FrameBatch) -> io::Result<usize> {
+        let Some(uring) = &self.uring else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
+        let mut ring = uring.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = types::Fd(self.file.as_raw_fd());
+        let len = batch.slot_size().min(u32::MAX as usize) as u32;
+        {
+            let mut sq = ring.submission();
+            for i in 0..BATCH {
+                // RWF_NOWAIT: with nothing queued, complete with EAGAIN now rather than park the
+                // read on the descriptor's poll queue (which io_uring does even for a
+                // non-blocking descriptor).
+                let read = opcode::Read::new(fd, batch.slot_ptr(i), len)
+                    .rw_flags(libc::RWF_NOWAIT)
+                    .build()
+                    .user_data(i as u64);
+                // SAFETY: each read targets its own slot of `batch`, which outlives it: every
+                // submitted read completes before this function returns (submit_and_wait below,
+                // and RWF_NOWAIT completes them at once).
+                if unsafe { sq.push(&read) }.is_err() {
+                    return Err(io::Error::other("io_uring submission queue full"));
+                }
+            }
+        }
+        ring.submit_and_wait(BATCH)?;
+        let (mut last, mut error) = (None, None);
+        for cqe in ring.completion() {
+            let i = cqe.user_data() as usize;
+            match cqe.result() {
+                n if n > 0 && i < BATCH => {
+                    let n = n as usize;
+                    if n >= batch.slot_size() {
+                        // Cut to the slot: the MTU grew. Read any size from now on.
+                        self.per_frame.store(true, Ordering::Relaxed);
+                    }
+                    batch.set_len(i, n);
+                    last = Some(last.map_or(i, |l: usize| l.max(i)));
+                }
+                n if i < BATCH => {
+                    batch.set_len(i, 0);
+                    if -n == libc::EOPNOTSUPP || -n == libc::EINVAL {
+                        // A kernel whose TAP does not take RWF_NOWAIT: one frame per call.
+                        if !self.per_frame.swap(true, Ordering::Relaxed) {
+                            log::warn!(
+                                "TAP {}: no non-waiting io_uring reads: one frame per system call",
+                                self.name
+                            );
+                        }
+                        error = Some(io::ErrorKind::Interrupted.into());
+                    } else if n < 0 && -n != libc::EAGAIN && -n != libc::EINTR {
+                        error = Some(io::Error::from_raw_os_error(-n));
+                    }
+                }
+                _ => {}
+            }
+        }
+        match (last, error) {
+            (Some(last), _) => {
+                batch.set_count(last + 1);
+                Ok(last + 1)
+            }
+            (None, Some(e)) => Err(e),
+            (None, None) => Err(io::ErrorKind::WouldBlock.into()),
+        }
+    }
+
+    /// Writes every frame of `batch` with one `io_uring_enter`; how many were written before
+    /// the first that failed (that one's error when it was the first).
+    pub fn write_batch(&self, batch: &FrameBatch) -> io::Result<usize> {
+        let Some(uring) = &self.uring else {
+            return Err(io::ErrorKind::Unsupported.into());
+        };
+        let n = batch.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut ring = uring.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = types::Fd(self.file.as_raw_fd());
+        {
+            let mut sq = ring.submission();
+            for i in 0..n {
+                let frame = batch.frame(i);
+                let write = opcode::Write::new(fd, frame.as_ptr(), frame.len() as u32)
+                    .build()
+                    .user_data(i as u64);
+                // SAFETY: each write reads its own frame of `batch`, borrowed until this
+                // function returns, after every submitted write completed.
+                if unsafe { sq.push(&write) }.is_err() {
+                    return Err(io::Error::other("io_uring submission queue full"));
+                }
+            }
+        }
+        ring.submit_and_wait(n)?;
+        let mut first_failed = n;
+        let mut error = None;
+        for cqe in ring.completion() {
+            let i = cqe.user_data() as usize;
+            if cqe.result() < 0 && i < first_failed {
+                first_failed = i;
+                error = Some(io::Error::from_raw_os_error(-cqe.result()));
+            }
+        }
+        match error {
+            Some(e) if first_failed == 0 => Err(e),
+            _ => Ok(first_failed),
+        }
     }
 
     /// Reads one frame; `WouldBlock` when none is queued. A frame longer than `buf` is truncated
@@ -185,8 +360,9 @@ fn valid_name_chars(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// Opens /dev/net/tun in the current thread's network namespace and attaches it to `name`.
-fn open_here(name: &str) -> Result<File, TapError> {
+/// Opens /dev/net/tun in the current thread's network namespace and attaches it to `name`; the
+/// interface's MTU with it (1500 when it cannot be read).
+fn open_here(name: &str) -> Result<(File, usize), TapError> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -215,7 +391,34 @@ fn open_here(name: &str) -> Result<File, TapError> {
             _ => TapError::Attach { name, source: e },
         });
     }
-    Ok(file)
+    Ok((file, mtu_here(name).unwrap_or(1500)))
+}
+
+/// The MTU of interface `name` in the current thread's network namespace.
+fn mtu_here(name: &str) -> Option<usize> {
+    #[repr(C)]
+    struct IfReqMtu {
+        name: [u8; IFNAMSIZ],
+        mtu: libc::c_int,
+        _pad: [u8; 20],
+    }
+    let mut req = IfReqMtu {
+        name: [0; IFNAMSIZ],
+        mtu: 0,
+        _pad: [0; 20],
+    };
+    req.name[..name.len()].copy_from_slice(name.as_bytes());
+    // SAFETY: a datagram socket this function owns and closes; SIOCGIFMTU reads and writes a
+    // `struct ifreq`, which `req` is laid out as.
+    unsafe {
+        let sock = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if sock < 0 {
+            return None;
+        }
+        let rc = libc::ioctl(sock, libc::SIOCGIFMTU, &mut req as *mut IfReqMtu);
+        libc::close(sock);
+        (rc == 0 && req.mtu > 0).then_some(req.mtu as usize)
+    }
 }
 
 #[cfg(test)]
@@ -243,5 +446,147 @@ mod tests {
         let err = Tap::open("vt0", Some("vigil-no-such-namespace")).unwrap_err();
         assert!(matches!(err, TapError::NoNetns { .. }), "{err}");
         assert!(err.to_string().contains("vigil-no-such-namespace"));
+    }
+
+    /// Runs `ip ARGS`; whether it succeeded.
+    fn ip(args: &[&str]) -> bool {
+        std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Batched reads and writes through a real TAP in a network namespace (needs root; skipped
+    /// without it): an empty queue answers `WouldBlock` at once, a burst the namespace sends comes
+    /// out in batches, in order, and a batch written arrives as that many frames.
+    #[test]
+    fn a_tap_reads_and_writes_frames_in_batches() {
+        // SAFETY: getuid has no preconditions.
+        if unsafe { libc::getuid() } != 0 || !Path::new(TUN_DEVICE).exists() {
+            eprintln!("skipped: needs root and {TUN_DEVICE}");
+            return;
+        }
+        let ns = format!("vgt-batch-{}", std::process::id());
+        assert!(ip(&["netns", "add", &ns]));
+        struct Cleanup(String);
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let _ = ip(&["netns", "del", &self.0]);
+            }
+        }
+        let _cleanup = Cleanup(ns.clone());
+        let tap = Tap::open("vgtb0", Some(&ns)).expect("open the TAP");
+        if tap.batch_slot().is_none() {
+            eprintln!("skipped: no io_uring here (or VIGIL_TAP_IO=frame)");
+            return;
+        }
+        let netns_path = format!("{NETNS_DIR}/{ns}");
+        let in_ns = move |f: Box<dyn FnOnce() + Send>| {
+            let path = netns_path.clone();
+            std::thread::spawn(move || {
+                let file = File::open(path).unwrap();
+                // SAFETY: setns on this thread only, with a descriptor we own.
+                let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+                assert_eq!(rc, 0);
+                f()
+            })
+            .join()
+            .unwrap()
+        };
+        in_ns(Box::new(|| {
+            for key in ["all", "default", "vgtb0"] {
+                let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1");
+            }
+        }));
+        for args in [
+            vec!["-n", &ns, "addr", "add", "10.251.0.1/24", "dev", "vgtb0"],
+            vec!["-n", &ns, "link", "set", "vgtb0", "up"],
+            vec![
+                "-n",
+                &ns,
+                "neigh",
+                "add",
+                "10.251.0.2",
+                "lladdr",
+                "02:00:00:00:00:02",
+                "dev",
+                "vgtb0",
+                "nud",
+                "permanent",
+            ],
+        ] {
+            assert!(ip(&args), "ip {args:?}");
+        }
+        let mut batch = FrameBatch::new(tap.batch_slot().unwrap());
+        // Nothing queued: WouldBlock at once (a read the kernel parked would hang here).
+        let mut drained = 0;
+        loop {
+            batch.clear();
+            match tap.read_batch(&mut batch) {
+                Ok(n) => drained += n,
+                Err(e) => {
+                    assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+                    break;
+                }
+            }
+            assert!(drained < 1000, "the TAP never ran dry");
+        }
+        // A burst of 50 datagrams from the namespace: 50 frames, in order, over few reads.
+        in_ns(Box::new(|| {
+            let s = std::net::UdpSocket::bind("10.251.0.1:0").unwrap();
+            for i in 0..50u8 {
+                s.send_to(&[i; 20], "10.251.0.2:9").unwrap();
+            }
+        }));
+        let (mut got, mut calls) = (Vec::new(), 0);
+        while got.len() < 50 && calls < 200 {
+            batch.clear();
+            calls += 1;
+            match tap.read_batch(&mut batch) {
+                Ok(n) => {
+                    for i in 0..n {
+                        let f = batch.frame(i);
+                        if f.len() >= 62 && f[12..14] == [0x08, 0x00] && f[23] == 17 {
+                            got.push(f[42]);
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("read_batch: {e}"),
+            }
+        }
+        assert_eq!(got, (0..50u8).collect::<Vec<_>>(), "in {calls} reads");
+        // A batch of 20 frames written: the interface receives 20 more.
+        let rx = || {
+            std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns,
+                    "cat",
+                    "/sys/class/net/vgtb0/statistics/rx_packets",
+                ])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .trim()
+                        .parse::<u64>()
+                        .unwrap_or(0)
+                })
+                .unwrap_or(0)
+        };
+        let before = rx();
+        batch.clear();
+        for _ in 0..20 {
+            let slot = batch.next_slot().unwrap();
+            slot[..6].copy_from_slice(&[0xff; 6]);
+            slot[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+            slot[12..14].copy_from_slice(&[0x88, 0xb5]);
+            batch.commit(60);
+        }
+        assert_eq!(tap.write_batch(&batch).unwrap(), 20);
+        assert_eq!(rx() - before, 20);
     }
 }

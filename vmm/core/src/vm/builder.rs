@@ -55,6 +55,7 @@ impl Vm {
         let stop = Arc::new(AtomicBool::new(false));
         let device_fault = Arc::new(DeviceFault::new(stop.clone()));
         let nets = net_devices(config, &fd, &memory, &device_fault)?;
+        let net_counters = nets.counters;
         let bus = Arc::new(Bus::new(serial_irq, console, nets.slots, inputs.exit_port));
         let vcpu_fds = vcpu_fds(&kvm, &fd, config.vcpus, host)?;
         let verdict_region = load_payload(
@@ -98,6 +99,7 @@ impl Vm {
         Ok(Vm {
             introspection,
             verdict_region,
+            net_counters,
             stop,
             device_fault,
             control: Arc::new(RunControl::default()),
@@ -321,6 +323,8 @@ struct NetDevices {
     slots: Vec<MmioSlot>,
     /// Each device's window and GSI, with the tenant behind it (a switch port's).
     ports: Vec<(MmioDeviceInfo, u32)>,
+    /// Each device's counters, in device order.
+    counters: Vec<Arc<crate::devices::virtio::net::NetCounters>>,
 }
 
 /// Network interfaces: virtio-net over virtio-mmio, one window and one GSI each; TAP or VXLAN
@@ -379,6 +383,7 @@ fn net_devices(
     let mut devices = NetDevices {
         slots: Vec::new(),
         ports: Vec::new(),
+        counters: Vec::new(),
     };
     for (index, (net, tenant)) in backends.into_iter().enumerate() {
         let (base, size) = virtio_mmio_window(index as u32);
@@ -389,6 +394,7 @@ fn net_devices(
         };
         let net_error = |source| VmError::NetDevice { index, source };
         let net = net.with_fault(format!("{}-net{index}", config.name), fault.clone());
+        devices.counters.push(net.counters());
         let transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
         transport.register_with_kvm(fd, &info).map_err(net_error)?;
         let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));

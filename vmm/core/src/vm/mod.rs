@@ -205,6 +205,8 @@ pub struct Vm {
     introspection: Option<Arc<crate::introspect::Introspection>>,
     /// The micro-VM's verdict ring and counters.
     verdict_region: Option<Arc<VerdictRegion>>,
+    /// Its network devices' counters, in device order.
+    net_counters: Vec<Arc<crate::devices::virtio::net::NetCounters>>,
     /// Set to stop the VM from outside (another VM's thread, the API).
     stop: Arc<AtomicBool>,
     /// Where a device thread that panicked records why (it sets `stop` too).
@@ -218,6 +220,12 @@ pub struct Vm {
 impl Vm {
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.memory
+    }
+
+    /// Its network devices' counters, in device order (TAP and VXLAN interfaces first, then
+    /// the in-process links), live.
+    pub fn net_counters(&self) -> Vec<Arc<crate::devices::virtio::net::NetCounters>> {
+        self.net_counters.clone()
     }
 
     /// Stops the VM when set (its `run` returns with `StopReason::Requested`).

@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::counters::{bump, NetCounters};
+use super::link::FrameBatch;
 use super::memlink::MemLinkEnd;
 use super::{FrameLink, RX_QUEUE, VRING_AVAIL_F_NO_INTERRUPT};
 use crate::devices::virtio::{interrupt, Interrupt};
@@ -46,10 +47,25 @@ pub(super) struct Backend {
     pub(super) link_armed: bool,
     pub(super) epoll: Epoll,
     pub(super) counters: Arc<NetCounters>,
-    /// Length of a frame read from the link that no RX buffer has taken yet (in `rx_buf`).
-    pub(super) pending: Option<usize>,
+    /// A frame read from the link that no RX buffer has taken yet.
+    pub(super) pending: Option<Held>,
+    /// The frames of the last batched read (a link that batches), delivered in order.
+    pub(super) rx_batch: Option<FrameBatch>,
+    /// The next frame of `rx_batch` to deliver.
+    pub(super) rx_next: usize,
+    /// Frames gathered from the TX queue for the link's next batched write.
+    pub(super) tx_batch: Option<FrameBatch>,
     pub(super) rx_buf: Vec<u8>,
     pub(super) tx_buf: Vec<u8>,
+}
+
+/// Where the frame waiting for an RX buffer is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Held {
+    /// `rx_buf[..len]`: read one frame per call.
+    Buf(usize),
+    /// Frame `i` of `rx_batch`.
+    Batch(usize),
 }
 
 /// The backend thread of a device on an in-process link: its guest's TX kicks pump the outbound

@@ -23,6 +23,9 @@ pub struct NetCounters {
     pub(super) tx_link_errors: AtomicU64,
     pub(super) queue_errors: AtomicU64,
     pub(super) interrupts: AtomicU64,
+    pub(super) rx_dropped_cut: AtomicU64,
+    pub(super) rx_link_calls: AtomicU64,
+    pub(super) tx_link_calls: AtomicU64,
 }
 
 /// A snapshot of [`NetCounters`]. Bytes are frame bytes (the virtio-net header not counted).
@@ -50,6 +53,13 @@ pub struct NetStats {
     pub queue_errors: u64,
     /// Used-buffer interrupts raised.
     pub interrupts: u64,
+    /// Frames a batched read cut to its slot (the interface's MTU grew after it opened): dropped;
+    /// the link reads one frame per call from then on.
+    pub rx_dropped_cut: u64,
+    /// System calls that read the link (one per frame, or one per batch) and that wrote it:
+    /// frames over calls is the batching achieved.
+    pub rx_link_calls: u64,
+    pub tx_link_calls: u64,
 }
 
 impl NetCounters {
@@ -68,6 +78,9 @@ impl NetCounters {
             tx_link_errors: get(&self.tx_link_errors),
             queue_errors: get(&self.queue_errors),
             interrupts: get(&self.interrupts),
+            rx_dropped_cut: get(&self.rx_dropped_cut),
+            rx_link_calls: get(&self.rx_link_calls),
+            tx_link_calls: get(&self.tx_link_calls),
         }
     }
 }
@@ -98,6 +111,9 @@ mod tests {
             &c.tx_link_errors,
             &c.queue_errors,
             &c.interrupts,
+            &c.rx_dropped_cut,
+            &c.rx_link_calls,
+            &c.tx_link_calls,
         ];
         for (i, counter) in fields.iter().enumerate() {
             bump(counter, i as u64 + 1);
@@ -117,8 +133,11 @@ mod tests {
                 s.tx_link_errors,
                 s.queue_errors,
                 s.interrupts,
+                s.rx_dropped_cut,
+                s.rx_link_calls,
+                s.tx_link_calls,
             ],
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
         );
         assert_eq!(NetCounters::default().snapshot(), NetStats::default());
     }

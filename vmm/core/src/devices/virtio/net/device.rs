@@ -15,12 +15,13 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{Backend, MemBackend, Token};
+use super::link::FrameBatch;
 use super::memlink::{GuestQueue, MemLinkEnd};
 use super::{FrameLink, NetCounters, MAX_FRAME, NET_FEATURES, NET_QUEUE_SIZES, S_LINK_UP};
 
 /// The backend thread's state, by attachment.
 enum Thread {
-    Frames(Backend),
+    Frames(Box<Backend>),
     Memory(MemBackend),
 }
 use crate::devices::virtio::{
@@ -196,7 +197,10 @@ impl VirtioDevice for Net {
         }
         let link = self.link.take().ok_or(VirtioError::NoBackend)?;
         let backend = match link {
-            Attachment::Frames(link) => Thread::Frames(Backend {
+            Attachment::Frames(link) => Thread::Frames(Box::new(Backend {
+                rx_batch: link.batch_slot().map(FrameBatch::new),
+                rx_next: 0,
+                tx_batch: link.batch_slot().map(FrameBatch::new),
                 mem,
                 rx,
                 tx,
@@ -213,7 +217,7 @@ impl VirtioDevice for Net {
                 pending: None,
                 rx_buf: vec![0; MAX_FRAME],
                 tx_buf: vec![0; MAX_FRAME],
-            }),
+            })),
             Attachment::Memory(end) => {
                 let queue = |q| {
                     GuestQueue::new(

@@ -12,6 +12,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{Backend, Token};
+use super::link::FrameBatch;
 use super::{FrameLink, NetCounters, NetStats, MAX_FRAME, NET_FEATURES, NET_QUEUE_SIZES};
 use crate::devices::virtio::{features, Activation, VirtioDevice, VirtioError, DEVICE_ID_NET};
 
@@ -139,6 +140,9 @@ impl VirtioDevice for InlineNet {
             EpollEvent::new(EventSet::IN, Token::Link as u64),
         );
         *self.backend.lock().unwrap_or_else(|p| p.into_inner()) = Some(Backend {
+            rx_batch: link.batch_slot().map(FrameBatch::new),
+            rx_next: 0,
+            tx_batch: link.batch_slot().map(FrameBatch::new),
             mem,
             rx,
             tx,

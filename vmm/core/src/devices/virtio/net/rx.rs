@@ -1,17 +1,19 @@
 //! The receive path of a virtio-net device: frames from the link into the buffers the driver
 //! posts, each behind a zero `virtio_net_hdr_v1` with num_buffers = 1.
 //!
-//! Owns: reading the link while receive buffers last, the one frame waiting for a buffer, the
-//! drop of a frame too big for the driver's buffers, handing back buffers outside guest memory.
-//! Must not: lose a frame it read without counting it, allocate per frame (one buffer, reused),
-//! or read the link while no buffer can take what it reads (the link is disarmed meanwhile).
+//! Owns: reading the link while receive buffers last (a batch per call where the link batches),
+//! the frame waiting for a buffer and the rest of its batch, the drop of a frame too big for the
+//! driver's buffers, handing back buffers outside guest memory.
+//! Must not: lose a frame it read without counting it, allocate per frame (one buffer and one
+//! batch, reused), or read the link while no buffer can take what it reads (the link is disarmed
+//! meanwhile; a batch already read waits in order).
 
 use std::io::{self, Write};
 
 use crate::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
 
-use super::backend::{Backend, RingBroken};
+use super::backend::{Backend, Held, RingBroken};
 use super::counters::bump;
 use super::{NET_HDR_LEN, NUM_BUFFERS_OFFSET, RX_QUEUE};
 
@@ -23,33 +25,29 @@ impl Backend {
         let mut rechecked = false;
         let budget = 2 * usize::from(self.rx.size()).max(1);
         let mut done = false;
-        for _ in 0..budget {
-            let len = match self.pending {
-                Some(len) => len,
-                None => match self.link.recv_frame(&mut self.rx_buf) {
-                    Ok(len) => {
-                        self.pending = Some(len);
-                        len
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        done = true;
-                        break;
-                    }
-                    Err(_) => {
-                        // The link is broken (a TAP whose interface was deleted): stop reading
-                        // it rather than spin on a readable error.
-                        bump(&self.counters.rx_link_errors, 1);
-                        self.set_link_armed(false);
-                        self.signal_used(RX_QUEUE, delivered);
-                        return;
-                    }
-                },
+        let mut handled = 0;
+        while handled < budget {
+            let held = match self.hold_frame() {
+                Ok(held) => held,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    done = true;
+                    break;
+                }
+                Err(_) => {
+                    // The link is broken (a TAP whose interface was deleted): stop reading
+                    // it rather than spin on a readable error.
+                    bump(&self.counters.rx_link_errors, 1);
+                    self.set_link_armed(false);
+                    self.signal_used(RX_QUEUE, delivered);
+                    return;
+                }
             };
+            handled += 1;
             match Self::pop(&mut self.rx, &mem, &self.counters) {
                 Ok(Some(chain)) => {
                     rechecked = false;
-                    if self.receive(&mem, chain, len) {
+                    if self.receive(&mem, chain, held) {
                         delivered = true;
                     }
                 }
@@ -86,13 +84,60 @@ impl Backend {
         self.signal_used(RX_QUEUE, delivered);
     }
 
-    /// Puts the pending frame of `len` bytes into `chain`. Returns whether a used entry was added.
+    /// The frame waiting for an RX buffer: the one held already, else the next of the last
+    /// batch, else one read from the link now (a batch of them when the link batches).
+    fn hold_frame(&mut self) -> io::Result<Held> {
+        if let Some(held) = self.pending {
+            return Ok(held);
+        }
+        loop {
+            if let Some(batch) = &self.rx_batch {
+                while self.rx_next < batch.len() {
+                    let i = self.rx_next;
+                    let len = batch.frame(i).len();
+                    if len == 0 {
+                        // A read that found nothing while a later one found a frame.
+                        self.rx_next += 1;
+                    } else if len >= batch.slot_size() {
+                        // Cut to its slot: the interface's MTU grew. The link reads one frame
+                        // per call from now on.
+                        bump(&self.counters.rx_dropped_cut, 1);
+                        self.rx_next += 1;
+                    } else {
+                        self.pending = Some(Held::Batch(i));
+                        return Ok(Held::Batch(i));
+                    }
+                }
+            }
+            bump(&self.counters.rx_link_calls, 1);
+            match (&mut self.rx_batch, self.link.batch_slot()) {
+                (Some(batch), Some(slot)) if slot == batch.slot_size() => {
+                    batch.clear();
+                    self.rx_next = 0;
+                    self.link.recv_batch(batch)?;
+                }
+                _ => {
+                    let len = self.link.recv_frame(&mut self.rx_buf)?;
+                    self.pending = Some(Held::Buf(len));
+                    return Ok(Held::Buf(len));
+                }
+            }
+        }
+    }
+
+    /// Puts the held frame into `chain`. Returns whether a used entry was added.
     fn receive(
         &mut self,
         mem: &GuestMemoryMmap,
         chain: DescriptorChain<&GuestMemoryMmap>,
-        len: usize,
+        held: Held,
     ) -> bool {
+        let frame: &[u8] = match (held, &self.rx_batch) {
+            (Held::Buf(len), _) => &self.rx_buf[..len],
+            (Held::Batch(i), Some(batch)) => batch.frame(i),
+            (Held::Batch(_), None) => &[],
+        };
+        let len = frame.len();
         let head = chain.head_index();
         let writer = Writer::new(mem, chain);
         let used_len = match writer {
@@ -106,7 +151,7 @@ impl Backend {
                 // Too big for this buffer, and the driver posts buffers of one size: drop the
                 // frame, keep the buffer for the next one.
                 bump(&self.counters.rx_dropped_too_big, 1);
-                self.pending = None;
+                self.release(held);
                 self.rx.go_to_previous_position();
                 return false;
             }
@@ -114,10 +159,8 @@ impl Backend {
                 let mut header = [0u8; NET_HDR_LEN];
                 header[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
                     .copy_from_slice(&1u16.to_le_bytes());
-                if writer.write_all(&header).is_ok()
-                    && writer.write_all(&self.rx_buf[..len]).is_ok()
-                {
-                    self.pending = None;
+                if writer.write_all(&header).is_ok() && writer.write_all(frame).is_ok() {
+                    self.release(held);
                     bump(&self.counters.rx_frames, 1);
                     bump(&self.counters.rx_bytes, len as u64);
                     (NET_HDR_LEN + len) as u32
@@ -131,5 +174,14 @@ impl Backend {
             bump(&self.counters.queue_errors, 1);
         }
         true
+    }
+
+    /// The held frame is done with (delivered or dropped).
+    #[inline]
+    fn release(&mut self, held: Held) {
+        self.pending = None;
+        if let Held::Batch(i) = held {
+            self.rx_next = i + 1;
+        }
     }
 }
