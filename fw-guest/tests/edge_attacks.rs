@@ -663,3 +663,32 @@ fn underlay_addresses_attached_by_the_edge_are_spoofed_from_the_outside_and_open
     );
     assert_eq!(f.conntrack().used(), 1);
 }
+
+/// A SYN the tenant answered, sent again unchanged (a retransmission, or a flood generator that
+/// starts over with the same numbers) at any time around its half-open entry's expiry: never
+/// out of window.
+#[test]
+fn a_repeated_syn_around_its_entrys_expiry_is_not_out_of_window() {
+    use TcpControl::Syn;
+    for later_ms in (4_000..7_000u64).step_by(10) {
+        for start_ms in [0u64, 300, 700, 999] {
+            let mut f = edge(64, Config::default());
+            let t0 = start_ms * SEC / 1000;
+            let syn = seg(Syn, C_ISN, None, 1024, None);
+            assert_eq!(inbound(&mut f, 40000, syn, b"", t0), FWD);
+            let syn_ack = seg(Syn, S_ISN, Some(C_ISN + 1), 64240, None);
+            assert_eq!(outbound(&mut f, 40000, syn_ack, b"", t0 + 1000), FWD);
+            let again = t0 + later_ms * SEC / 1000;
+            let d = inbound(&mut f, 40000, syn, b"", again);
+            assert_eq!(
+                d, FWD,
+                "the SYN again {later_ms} ms later (start {start_ms} ms)"
+            );
+            let d = outbound(&mut f, 40000, syn_ack, b"", again + 1000);
+            assert_eq!(
+                d, FWD,
+                "its SYN-ACK again {later_ms} ms later (start {start_ms} ms)"
+            );
+        }
+    }
+}

@@ -673,3 +673,105 @@ fn a_lost_handshake_ack_is_made_good_by_the_clients_window_probe() {
     assert_eq!(o.d, FWD);
     assert_eq!(read(&o.frame).ack, S_ISN + 1);
 }
+
+/// A flood generator that starts over with the same numbers (or clients retransmitting their
+/// SYNs) while the entries of the first SYNs still live, answered by the tenant, and the proxy
+/// engages midway: each repeated SYN is forwarded or answered with a cookie, never dropped as
+/// out of window.
+#[test]
+fn repeated_syns_on_live_half_open_entries_are_not_out_of_window() {
+    let mut f = edge(4096, Some(proxy()));
+    let per_dst = proxy().per_dst as u16;
+    let syn = |n: u16| {
+        spec(
+            TcpControl::Syn,
+            0x1000_0000 + u32::from(n) * 7919,
+            None,
+            1024,
+        )
+    };
+    let src = |n: u16| [203, 0, 113, n as u8 + 1];
+    // First round: half the entries in one second, half in the next; the tenant answers each.
+    for n in 0..per_dst {
+        let now = if n < per_dst / 2 {
+            SEC / 2
+        } else {
+            SEC + SEC / 100
+        };
+        let o = from_client(&mut f, src(n), TENANT_IP, 2000 + n, syn(n), b"", now);
+        assert_eq!(o.d, FWD, "SYN {n}");
+        let isn = 0x3000_0000 ^ (u32::from(2000 + n) << 8);
+        let sa = spec(
+            TcpControl::Syn,
+            isn,
+            Some(0x1000_0000 + u32::from(n) * 7919 + 1),
+            64240,
+        );
+        let frame = tcp_spec(Ip::V4(TENANT_IP), Ip::V4(src(n)), PORT, 2000 + n, sa, b"");
+        assert_eq!(run(&mut f, Cloud, frame, now).d, FWD, "SYN-ACK {n}");
+    }
+    // Second round, the same SYNs in the same order, when the first half has expired and the
+    // second has not.
+    for n in 0..per_dst {
+        let now = 5 * SEC + SEC / 2;
+        let o = from_client(&mut f, src(n), TENANT_IP, 2000 + n, syn(n), b"", now);
+        eprintln!("round 2 SYN {n}: {:?}", o.d);
+        assert!(
+            o.d == FWD || o.d == Decision::Answered,
+            "SYN {n} again: {:?}",
+            o.d
+        );
+    }
+    assert_eq!(f.counters().dropped(DropReason::TcpOutOfWindow), 0);
+}
+
+/// The end-to-end flood test's traffic (tests/tests/edge_flood.rs), replayed against the filter:
+/// 20,000 SYNs at 5,000/s, then the same generator started over for 200,000 at 20,000/s, the
+/// tenant answering every SYN that reaches it: no segment is out of window.
+#[test]
+fn the_end_to_end_floods_replayed_drop_nothing_out_of_window() {
+    for gap_ms in (1_000..2_400u64).step_by(50) {
+        for delay_us in [200u64, 5_000, 60_000] {
+            let mut f = edge(65536, Some(SynProxy::new([1, 2])));
+            let mut now = SEC / 3;
+            for (count, pps) in [(20_000u64, 5_000u64), (30_000, 20_000)] {
+                let mut x = 0x9e37_79b9_u32;
+                for k in 0..count {
+                    x ^= x << 13;
+                    x ^= x >> 17;
+                    x ^= x << 5;
+                    let src = [198, 18 + (x >> 31) as u8, (x >> 16) as u8, x as u8 | 1];
+                    let sport = 1024 + ((x >> 8) % 60_000) as u16;
+                    let at = now + k * SEC / pps;
+                    let o = from_client(
+                        &mut f,
+                        src,
+                        TENANT_IP,
+                        sport,
+                        spec(TcpControl::Syn, x, None, 1024),
+                        b"",
+                        at,
+                    );
+                    if o.d == FWD {
+                        let isn = 0x3000_0000 ^ (u32::from(sport) << 8);
+                        let sa = spec(TcpControl::Syn, isn, Some(x.wrapping_add(1)), 64240);
+                        let frame = tcp_spec(Ip::V4(TENANT_IP), Ip::V4(src), PORT, sport, sa, b"");
+                        let d = run(&mut f, Cloud, frame, at + delay_us * 1000).d;
+                        assert_eq!(
+                            d, FWD,
+                            "SYN-ACK to flood SYN {k} (gap {gap_ms} ms, delay {delay_us} us)"
+                        );
+                    } else {
+                        assert_eq!(
+                            o.d,
+                            Decision::Answered,
+                            "flood SYN {k} (gap {gap_ms} ms, delay {delay_us} us)"
+                        );
+                    }
+                }
+                now += count * SEC / pps + gap_ms * SEC / 1000;
+            }
+            assert_eq!(f.counters().dropped(DropReason::TcpOutOfWindow), 0);
+        }
+    }
+}

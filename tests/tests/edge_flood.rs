@@ -147,7 +147,7 @@ struct Trace {
 type SharedTrace = Arc<std::sync::Mutex<Trace>>;
 
 /// At most this many traced segments (a probe's connection is about ten).
-const TRACE_MAX: usize = 200_000;
+const TRACE_MAX: usize = 1_000_000;
 
 fn record(trace: &SharedTrace, at: Seen, seg: &Seg) {
     let mut t = trace.lock().unwrap();
@@ -217,6 +217,9 @@ fn dump_trace(trace: &SharedTrace, path: &std::path::Path) -> String {
 /// Records every TCP segment between the client's address and the tenants on the TAP, until
 /// `stop`.
 fn trace_tap(ns: &Namespace, stop: Arc<AtomicBool>, trace: SharedTrace) {
+    // VIGIL_FLOOD_TRACE_ALL: the flood's SYNs and the edge's cookies too (about a million
+    // segments).
+    let all = std::env::var_os("VIGIL_FLOOD_TRACE_ALL").is_some();
     let _ = ns.spawn(move || {
         let fd = tap_packet_socket();
         let mut buf = vec![0u8; 2048];
@@ -230,7 +233,7 @@ fn trace_tap(ns: &Namespace, stop: Arc<AtomicBool>, trace: SharedTrace) {
                 // Everything but the flood's own SYNs and the edge's cookies in answer.
                 let flood_syn = s.flags == SYN && s.src.ip().octets()[0] == 198;
                 let cookie = s.flags == SYN | ACK && s.win == 0 && s.dst.ip().octets()[0] == 198;
-                if flood_syn || cookie {
+                if (flood_syn || cookie) && !all {
                     continue;
                 }
                 let tenant = |ip: &Ipv4Addr| [T1_IP, T2_IP].contains(ip);

@@ -53,6 +53,11 @@ pub struct HostArgs {
     /// {"NAME": "64+ hex digits", ...}. Without it, migration is refused both ways.
     #[arg(long)]
     migration_keys: Option<PathBuf>,
+    /// With --etcd: where this host takes tenants migrating in (tcp:ADDR:PORT, reachable from
+    /// the other hosts). A tenant moved here in etcd from a live host then migrates live;
+    /// without it, it is created here from its spec.
+    #[arg(long, requires = "etcd")]
+    migration_listen: Option<String>,
     #[command(flatten)]
     cluster: EtcdArgs,
 }
@@ -246,6 +251,7 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
                 api_socket: Some(args.api_socket.display().to_string()),
                 tenant_ports: args.tenant_ports,
                 lease_ttl_s: args.cluster.etcd_lease_ttl,
+                migration_url: args.migration_listen.clone(),
             },
         ) {
             Ok(a) => agent = Some(a),

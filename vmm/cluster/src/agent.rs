@@ -8,6 +8,15 @@
 //! - A record the agent cannot read is no authority to run a tenant: it is treated as absent.
 //! - After each action the agent writes `/vigil/status/<id>` (under its lease) with the record's
 //!   revision, so a writer can wait for its change to be applied.
+//! - A tenant moved to another host migrates live when both can: the new host's agent, seeing a
+//!   tenant assigned to it that runs on a live host, listens for it and writes
+//!   `/vigil/migrations/<id>` (the URL, under its lease); the old host's agent, seeing that
+//!   record, sends the tenant there (`Host::send_migration`, pre-copy), and the new host adopts
+//!   it when it runs there (status `action: migrate`). Otherwise, or when it fails, the move is
+//!   a delete here and a create there from the spec: the old host waits at most
+//!   [`LEAVE_WAIT`] for the record, then deletes (fail closed: nothing runs where etcd says it
+//!   should not for longer); the new host waits at most [`ARRIVE_WAIT`] for the tenant, then
+//!   creates it.
 //! - Lease lost (etcd answers that it expired: the edge has flushed this host's tenants by
 //!   then): every tenant the agent runs is deleted before it registers again, so nothing runs
 //!   here that the cluster may have started elsewhere. etcd merely unreachable is not a lost
@@ -35,6 +44,12 @@ use crate::ClusterError;
 
 /// Wait after a failed registration or watch before trying again.
 const RETRY: Duration = Duration::from_millis(500);
+/// How long a host keeps a tenant moved away while its new host gets ready to take it live.
+pub const LEAVE_WAIT: Duration = Duration::from_secs(5);
+/// How long a host waits for a tenant migrating in before it creates it from its spec.
+pub const ARRIVE_WAIT: Duration = Duration::from_secs(60);
+/// How often the agent looks at migrations in progress.
+const TICK: Duration = Duration::from_millis(50);
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -47,6 +62,9 @@ pub struct AgentConfig {
     pub tenant_ports: usize,
     /// The lease's TTL (s): the host is taken for dead this long after its last heartbeat.
     pub lease_ttl_s: i64,
+    /// Where this host takes tenants migrating in (`tcp:ADDR:PORT`, reachable from the other
+    /// hosts); `None`: tenants moved here are created from their spec.
+    pub migration_url: Option<String>,
 }
 
 /// A running host agent; [`HostAgent::stop`] (or drop) deregisters the host.
@@ -64,6 +82,8 @@ impl HostAgent {
             host,
             config: Arc::new(config),
             applied: BTreeMap::new(),
+            leaving: BTreeMap::new(),
+            arriving: BTreeMap::new(),
         };
         let (client, session) = rt.block_on(async {
             let mut client = connect(&agent.config.endpoints).await?;
@@ -83,6 +103,15 @@ impl HostAgent {
     }
 }
 
+/// A tenant moved here that the agent listens for.
+struct Arriving {
+    record: TenantRecord,
+    revision: i64,
+    /// The host that runs it and is to send it.
+    from: String,
+    since: Instant,
+}
+
 /// One registration: its lease, and a flag the keep-alive raises when etcd says it expired.
 struct Session {
     lease: i64,
@@ -95,6 +124,11 @@ struct Agent {
     config: Arc<AgentConfig>,
     /// The specs of the tenants this agent created, by id.
     applied: BTreeMap<String, VmSpec>,
+    /// Tenants it runs that were moved to another host, waiting for that host to listen for
+    /// them: the host, since when.
+    leaving: BTreeMap<String, (String, Instant)>,
+    /// Tenants moved here that it listens for: their record and its revision, since when.
+    arriving: BTreeMap<String, Arriving>,
 }
 
 fn host_record(host: &Host, config: &AgentConfig, lease: i64) -> HostRecord {
@@ -110,6 +144,7 @@ fn host_record(host: &Host, config: &AgentConfig, lease: i64) -> HostRecord {
         lease,
         ttl_s: config.lease_ttl_s,
         heartbeat_unix_ms: keys::now_unix_ms(),
+        migration: config.migration_url.clone(),
     }
 }
 
@@ -300,7 +335,8 @@ impl Agent {
             let options = WatchOptions::new()
                 .with_prefix()
                 .with_start_revision(revision + 1);
-            let mut stream = match client.watch(keys::TENANTS, Some(options)).await {
+            // Tenants and migrations (the rest of the prefix is heartbeats and reports: cheap).
+            let mut stream = match client.watch(keys::ROOT, Some(options)).await {
                 Ok(s) => s,
                 Err(e) => {
                     log::warn!("cluster agent {}: watch: {e}", self.config.name);
@@ -308,10 +344,15 @@ impl Agent {
                     continue;
                 }
             };
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = stop.changed() => return Ended::Stopped,
                     _ = session.lost.changed() => return Ended::LeaseLost,
+                    _ = tick.tick(), if !self.leaving.is_empty() || !self.arriving.is_empty() => {
+                        self.moves(client, session.lease).await;
+                    }
                     message = stream.message() => {
                         let Ok(Some(message)) = message else {
                             log::warn!("cluster agent {}: the watch ended; syncing again",
@@ -320,16 +361,22 @@ impl Agent {
                         };
                         for event in message.events() {
                             let Some(kv) = event.kv() else { continue };
-                            let Some(id) = keys::name_under(keys::TENANTS, kv.key()) else {
-                                continue;
-                            };
-                            let desired = match event.event_type() {
-                                EventType::Put => self.parse(id, kv.value()),
-                                EventType::Delete => None,
-                            };
-                            let id = id.to_string();
-                            self.reconcile(client, &id, desired.as_ref(), kv.mod_revision(),
-                                session.lease).await;
+                            if let Some(id) = keys::name_under(keys::TENANTS, kv.key()) {
+                                let desired = match event.event_type() {
+                                    EventType::Put => self.parse(id, kv.value()),
+                                    EventType::Delete => None,
+                                };
+                                let id = id.to_string();
+                                self.reconcile(client, &id, desired.as_ref(), kv.mod_revision(),
+                                    session.lease).await;
+                            } else if let Some(id) = keys::name_under(keys::MIGRATIONS, kv.key()) {
+                                if event.event_type() == EventType::Put {
+                                    let id = id.to_string();
+                                    let record = serde_json::from_slice(kv.value()).ok();
+                                    self.migration_ready(client, &id, record, session.lease)
+                                        .await;
+                                }
+                            }
                         }
                     }
                 }
@@ -377,6 +424,20 @@ impl Agent {
             self.reconcile(client, &id, record.as_ref(), rev, lease)
                 .await;
         }
+        // Targets that listen for tenants leaving here (written while the watch was down).
+        if !self.leaving.is_empty() {
+            if let Ok(resp) = client
+                .get(keys::MIGRATIONS, Some(GetOptions::new().with_prefix()))
+                .await
+            {
+                for kv in resp.kvs() {
+                    if let Some(id) = keys::name_under(keys::MIGRATIONS, kv.key()) {
+                        let record = serde_json::from_slice(kv.value()).ok();
+                        self.migration_ready(client, id, record, lease).await;
+                    }
+                }
+            }
+        }
         Ok(revision)
     }
 
@@ -388,8 +449,299 @@ impl Agent {
         revision: i64,
         lease: i64,
     ) {
-        let action = plan(&self.config.name, self.applied.get(id), desired);
+        let me = self.config.name.clone();
+        let here = desired.is_some_and(|d| d.host == me);
+        // A move the record no longer asks for.
+        if here {
+            self.leaving.remove(id);
+        } else if self.arriving.remove(id).is_some() {
+            self.emit(
+                "cluster_migration_abandoned",
+                serde_json::json!({"vm": id, "why": "the tenant was moved again or deleted"}),
+            );
+            self.drop_migration_record(client, id, lease).await;
+        }
+        if let (true, Some(d), Some(waiting)) = (here, desired, self.arriving.get_mut(id)) {
+            // Still listening for it: a newer revision of its record is what it adopts.
+            waiting.record = d.clone();
+            waiting.revision = revision;
+            return;
+        }
+        let action = plan(&me, self.applied.get(id), desired);
+        match (&action, desired) {
+            (Action::Delete, Some(d)) if self.applied.contains_key(id) => {
+                if self.leaving.contains_key(id) {
+                    return;
+                }
+                if self.takes_migrations(client, &d.host).await {
+                    self.leaving
+                        .insert(id.to_string(), (d.host.clone(), Instant::now()));
+                    self.emit(
+                        "cluster_migration_waiting",
+                        serde_json::json!({"vm": id, "to": d.host, "wait_ms": LEAVE_WAIT.as_millis()}),
+                    );
+                    // The new host may be listening already.
+                    let record = self.migration_record(client, id).await;
+                    self.migration_ready(client, id, record, lease).await;
+                    return;
+                }
+            }
+            (Action::Create(_), Some(d)) => {
+                if let (Some(from), Some(url)) = (
+                    self.running_elsewhere(client, id).await,
+                    self.config.migration_url.clone(),
+                ) {
+                    match self.listen(client, id, &from, &url, lease).await {
+                        Ok(()) => {
+                            self.arriving.insert(
+                                id.to_string(),
+                                Arriving {
+                                    record: d.clone(),
+                                    revision,
+                                    from: from.clone(),
+                                    since: Instant::now(),
+                                },
+                            );
+                            self.emit(
+                                "cluster_migration_listening",
+                                serde_json::json!({"vm": id, "from": from, "url": url}),
+                            );
+                            return;
+                        }
+                        Err(e) => self.emit(
+                            "cluster_migration_failed",
+                            serde_json::json!({"vm": id, "from": from, "error": e,
+                                "then": "created here from its spec"}),
+                        ),
+                    }
+                }
+            }
+            _ => {}
+        }
         self.act(client, id, revision, action, lease).await;
+    }
+
+    /// Whether host `name` is registered (alive) and takes tenants by migration.
+    async fn takes_migrations(&self, client: &mut Client, name: &str) -> bool {
+        let Ok(key) = keys::host_key(name) else {
+            return false;
+        };
+        let Ok(Ok(resp)) = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None)).await
+        else {
+            return false;
+        };
+        resp.kvs()
+            .first()
+            .and_then(|kv| serde_json::from_slice::<HostRecord>(kv.value()).ok())
+            .is_some_and(|h| h.migration.is_some())
+    }
+
+    /// The live host that runs tenant `id` now, by its report, if another than this one.
+    async fn running_elsewhere(&self, client: &mut Client, id: &str) -> Option<String> {
+        let key = keys::status_key(id).ok()?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None))
+            .await
+            .ok()?
+            .ok()?;
+        let status: TenantStatus = serde_json::from_slice(resp.kvs().first()?.value()).ok()?;
+        if status.host == self.config.name || status.state != "running" {
+            return None;
+        }
+        let host = keys::host_key(&status.host).ok()?;
+        let alive = tokio::time::timeout(REQUEST_TIMEOUT, client.get(host, None))
+            .await
+            .ok()?
+            .ok()?;
+        (!alive.kvs().is_empty()).then_some(status.host)
+    }
+
+    /// Listens for tenant `id` at `url` and says so in etcd, for its host `from` to send it.
+    async fn listen(
+        &self,
+        client: &mut Client,
+        id: &str,
+        from: &str,
+        url: &str,
+        lease: i64,
+    ) -> Result<(), String> {
+        let host = self.host.clone();
+        let at = url.to_string();
+        tokio::task::spawn_blocking(move || host.receive_migration(&at))
+            .await
+            .map_err(|e| format!("listening panicked: {e}"))?
+            .map_err(|e| e.to_string())?;
+        let record = keys::MigrationRecord {
+            from: from.into(),
+            to: self.config.name.clone(),
+            url: url.into(),
+        };
+        let key = keys::migration_key(id).map_err(|e| e.to_string())?;
+        client
+            .put(
+                key,
+                to_json(&record),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    async fn migration_record(
+        &self,
+        client: &mut Client,
+        id: &str,
+    ) -> Option<keys::MigrationRecord> {
+        let key = keys::migration_key(id).ok()?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None))
+            .await
+            .ok()?
+            .ok()?;
+        serde_json::from_slice(resp.kvs().first()?.value()).ok()
+    }
+
+    /// This host's migration record of `id`, gone (only its own: under its lease).
+    async fn drop_migration_record(&self, client: &mut Client, id: &str, lease: i64) {
+        let Ok(key) = keys::migration_key(id) else {
+            return;
+        };
+        let txn = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key, None)]);
+        let _ = client.txn(txn).await;
+    }
+
+    /// The target of a tenant leaving here listens for it (`record`): send it there. Once it
+    /// runs there, it is gone from here; if it fails, it is deleted here (the record says it
+    /// runs elsewhere) and the target creates it from its spec when its wait ends.
+    async fn migration_ready(
+        &mut self,
+        client: &mut Client,
+        id: &str,
+        record: Option<keys::MigrationRecord>,
+        lease: i64,
+    ) {
+        let Some(record) = record else { return };
+        let Some((to, since)) = self.leaving.get(id).cloned() else {
+            return;
+        };
+        if record.from != self.config.name || record.to != to {
+            return;
+        }
+        self.leaving.remove(id);
+        self.emit(
+            "cluster_migration_started",
+            serde_json::json!({"vm": id, "to": to, "url": record.url,
+                "waited_ms": since.elapsed().as_secs_f64() * 1e3}),
+        );
+        let (host, owned, url) = (self.host.clone(), id.to_string(), record.url.clone());
+        let started = Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
+            host.send_migration(&owned, &url, vmm_host::MigrationOptions::default())
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the migration panicked: {e}")));
+        match result {
+            Ok(summary) => {
+                self.applied.remove(id);
+                self.forget_status(client, id, lease).await;
+                self.emit(
+                    "cluster_migrated",
+                    serde_json::json!({"vm": id, "to": to,
+                        "ms": started.elapsed().as_secs_f64() * 1e3, "migration": summary}),
+                );
+            }
+            Err(error) => {
+                self.emit(
+                    "cluster_migration_failed",
+                    serde_json::json!({"vm": id, "to": to, "error": error,
+                        "then": "deleted here; the new host creates it from its spec"}),
+                );
+                self.act(client, id, 0, Action::Delete, lease).await;
+            }
+        }
+    }
+
+    /// Moves in progress: a tenant leaving whose new host never listened is deleted here; one
+    /// arriving that runs here now is adopted; one that never came is created from its spec.
+    async fn moves(&mut self, client: &mut Client, lease: i64) {
+        let stale: Vec<String> = self
+            .leaving
+            .iter()
+            .filter(|(_, (_, since))| since.elapsed() > LEAVE_WAIT)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stale {
+            if let Some((to, _)) = self.leaving.remove(&id) {
+                self.emit(
+                    "cluster_migration_failed",
+                    serde_json::json!({"vm": id, "to": to,
+                        "error": "the new host did not listen for it in time",
+                        "then": "deleted here; the new host creates it from its spec"}),
+                );
+            }
+            self.act(client, &id, 0, Action::Delete, lease).await;
+        }
+        let ids: Vec<String> = self.arriving.keys().cloned().collect();
+        for id in ids {
+            let running = self
+                .host
+                .info(&id)
+                .is_ok_and(|i| i.state == vmm_host::VmState::Running);
+            let Some(waiting) = self.arriving.get(&id) else {
+                continue;
+            };
+            let why = if running {
+                None
+            } else if waiting.since.elapsed() > ARRIVE_WAIT {
+                Some("it did not arrive in time")
+            } else if !self.is_registered(client, &waiting.from.clone()).await {
+                // Its host died (its lease expired) or left before sending it.
+                Some("the host that ran it is gone")
+            } else {
+                continue;
+            };
+            let Some(waiting) = self.arriving.remove(&id) else {
+                continue;
+            };
+            self.drop_migration_record(client, &id, lease).await;
+            let action = match why {
+                None => Action::Adopt(waiting.record.spec),
+                Some(why) => {
+                    self.emit(
+                        "cluster_migration_failed",
+                        serde_json::json!({"vm": id, "from": waiting.from, "error": why,
+                            "then": "created here from its spec"}),
+                    );
+                    Action::Create(waiting.record.spec)
+                }
+            };
+            self.act(client, &id, waiting.revision, action, lease).await;
+        }
+    }
+
+    /// Whether host `name` is registered now (its lease alive). An unanswered etcd says yes:
+    /// the caller waits rather than act on a guess.
+    async fn is_registered(&self, client: &mut Client, name: &str) -> bool {
+        let Ok(key) = keys::host_key(name) else {
+            return false;
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None)).await {
+            Ok(Ok(resp)) => !resp.kvs().is_empty(),
+            _ => true,
+        }
+    }
+
+    /// This host's report of `id`, gone (only its own: under its lease).
+    async fn forget_status(&self, client: &mut Client, id: &str, lease: i64) {
+        let Ok(key) = keys::status_key(id) else {
+            return;
+        };
+        let txn = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key, None)]);
+        let _ = client.txn(txn).await;
     }
 
     /// Carries out `action` for tenant `id` on the host (on a blocking thread: a VM build takes
@@ -409,6 +761,7 @@ impl Agent {
             Action::Policy(_) => "policy",
             Action::Recreate(_) => "recreate",
             Action::Delete => "delete",
+            Action::Adopt(_) => "migrate",
         };
         let host = self.host.clone();
         let owned = id.to_string();
@@ -434,7 +787,8 @@ impl Agent {
                     Ok(()) | Err(vmm_host::HostError::NotFound { .. }) => Ok(()),
                     Err(other) => Err(other.to_string()),
                 },
-                Action::Nothing | Action::Confirm => Ok(()),
+                // It runs here already: it migrated in.
+                Action::Nothing | Action::Confirm | Action::Adopt(_) => Ok(()),
             }
         })
         .await
@@ -444,10 +798,10 @@ impl Agent {
             (Action::Delete, _) => {
                 self.applied.remove(id);
             }
-            (Action::Create(spec) | Action::Recreate(spec), Ok(())) => {
+            (Action::Create(spec) | Action::Recreate(spec) | Action::Adopt(spec), Ok(())) => {
                 self.applied.insert(id.to_string(), spec.clone());
             }
-            (Action::Create(_) | Action::Recreate(_), Err(_)) => {
+            (Action::Create(_) | Action::Recreate(_) | Action::Adopt(_), Err(_)) => {
                 // Whatever half of it exists is not ours to keep: nothing runs unreported.
                 self.applied.remove(id);
             }

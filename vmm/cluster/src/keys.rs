@@ -7,6 +7,8 @@
 //! /vigil/edges/<name>   EdgeRecord under the edge's lease: its verdict channel and boot id
 //! /vigil/keys/<host>    HostKeys: the channel keys the host may use, by key id, and the current
 //! /vigil/status/<id>    TenantStatus, written by the host agent after it reconciled the tenant
+//! /vigil/migrations/<id> MigrationRecord under the target host's lease: it listens for the
+//!                       tenant at `url`; the source host's agent sends it there
 //! ```
 //!
 //! Owns: key names, the record types and their checks. Must not: talk to etcd (`store`, `agent`
@@ -23,6 +25,7 @@ pub const HOSTS: &str = "/vigil/hosts/";
 pub const EDGES: &str = "/vigil/edges/";
 pub const KEYS: &str = "/vigil/keys/";
 pub const STATUS: &str = "/vigil/status/";
+pub const MIGRATIONS: &str = "/vigil/migrations/";
 
 /// Longest host or edge name (it names keys and appears in events).
 pub const MAX_NAME_LEN: usize = 32;
@@ -72,6 +75,11 @@ pub fn keys_key(host: &str) -> Result<String, ClusterError> {
 pub fn status_key(id: &str) -> Result<String, ClusterError> {
     checked("tenant", id)?;
     Ok(format!("{STATUS}{id}"))
+}
+
+pub fn migration_key(id: &str) -> Result<String, ClusterError> {
+    checked("tenant", id)?;
+    Ok(format!("{MIGRATIONS}{id}"))
 }
 
 /// The name after `prefix` in `key`, if `key` is directly under it.
@@ -147,6 +155,20 @@ pub struct HostRecord {
     pub ttl_s: i64,
     /// Wall-clock time (ms since the epoch) of the host's latest heartbeat.
     pub heartbeat_unix_ms: u64,
+    /// Where it takes tenants migrating in (`tcp:ADDR:PORT`); `None`: a tenant moved to it is
+    /// created anew from its spec.
+    #[serde(default)]
+    pub migration: Option<String>,
+}
+
+/// A tenant on its way between hosts: the target listens at `url` for it (it wrote this under
+/// its lease once it listened); the source's agent sends it there.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRecord {
+    pub from: String,
+    pub to: String,
+    pub url: String,
 }
 
 /// An edge's registration (under its lease).

@@ -17,7 +17,7 @@ pub mod keys;
 mod reconcile;
 mod store;
 
-pub use agent::{AgentConfig, HostAgent};
+pub use agent::{AgentConfig, HostAgent, ARRIVE_WAIT, LEAVE_WAIT};
 pub use edge_watch::{EdgeWatch, EdgeWatchConfig};
 pub use error::ClusterError;
 pub use reconcile::{plan, Action};

@@ -18,6 +18,9 @@ pub enum Action {
     Recreate(VmSpec),
     /// It is gone, or assigned to another host: delete it here (flushed from both tiers).
     Delete,
+    /// It migrated in from the host that ran it and runs here now: take it as applied (never
+    /// planned: the agent's migration steps decide it).
+    Adopt(VmSpec),
     /// It runs here exactly as desired, under a newer revision of its record (the same record
     /// put again): nothing to change, but the status must name the new revision, or whoever
     /// waits for it would wait for ever.
