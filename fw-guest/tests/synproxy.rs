@@ -715,7 +715,6 @@ fn repeated_syns_on_live_half_open_entries_are_not_out_of_window() {
     for n in 0..per_dst {
         let now = 5 * SEC + SEC / 2;
         let o = from_client(&mut f, src(n), TENANT_IP, 2000 + n, syn(n), b"", now);
-        eprintln!("round 2 SYN {n}: {:?}", o.d);
         assert!(
             o.d == FWD || o.d == Decision::Answered,
             "SYN {n} again: {:?}",

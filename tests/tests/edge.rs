@@ -518,11 +518,21 @@ fn edge_opens_flows_only_by_authentic_verdicts_and_finds_tenants_by_address() {
         ..answer
     };
     uplink.send_frame(&blind.frame()).unwrap();
-    wait_counters(
+    let after = wait_counters(
         &edge.socket,
         Duration::from_secs(5),
         "tcp_out_of_window drop",
         |c| drops(c, "tcp_out_of_window") > before,
+    );
+    // The edge shows which segment it was and the windows it was judged against.
+    let sample = &after["firewall"]["last_out_of_window"];
+    assert_eq!(sample["seq"], blind.seq, "{sample}");
+    assert_eq!(sample["flags"], "A", "{sample}");
+    assert_eq!(sample["direction"], "responder", "{sample}");
+    assert_eq!(
+        sample["sender"]["end"],
+        answer.seq.wrapping_add(1),
+        "{sample}"
     );
 
     let ping = rest::request(

@@ -867,8 +867,9 @@ fn syn_floods_leave_legitimate_connects_within_a_second() {
     assert_eq!(
         after["firewall"]["drops"],
         serde_json::json!({}),
-        "drops before the floods: {}",
-        before["firewall"]["drops"]
+        "drops before the floods: {}; the last segment dropped as out of window: {}",
+        before["firewall"]["drops"],
+        after["firewall"]["last_out_of_window"]
     );
     assert_eq!(drops(&after, "syn_cookie_invalid"), 0);
     stop.store(true, Ordering::Relaxed);

@@ -415,7 +415,8 @@ impl DropReason {
 
 /// "VGLCNTR1", little endian.
 pub const COUNTERS_MAGIC: u64 = u64::from_le_bytes(*b"VGLCNTR1");
-pub const COUNTERS_VERSION: u32 = 1;
+/// 2: a sample of the last out-of-window drop follows the ports ([`SAMPLE_WORDS`]).
+pub const COUNTERS_VERSION: u32 = 2;
 /// Room reserved for per-reason counters (reasons are appended up to this many).
 pub const MAX_REASONS: usize = 32;
 /// Most ports a counters block describes.
@@ -452,7 +453,8 @@ pub const STAGE_BUSY_FRAMES: usize = 3;
 pub const STAGE_COUNT: usize = 4;
 
 // Counters block layout in words: 0 magic, 1 version | n_ports << 32, 2..6 stage counters,
-// 6..8 reserved, 8.. global counters, 16.. drop counters per reason (MAX_REASONS), then PORT_WORDS per port.
+// 6..8 reserved, 8.. global counters, 16.. drop counters per reason (MAX_REASONS), then PORT_WORDS per port,
+// then the out-of-window sample (SAMPLE_WORDS).
 const W_STAGE: usize = 2;
 const W_GLOBAL: usize = 8;
 const _: () = assert!(W_STAGE + STAGE_COUNT <= W_GLOBAL);
@@ -460,9 +462,102 @@ const W_DROPS: usize = W_GLOBAL + GLOBAL_COUNT;
 const W_PORTS: usize = W_DROPS + MAX_REASONS;
 const _: () = assert!(DropReason::COUNT <= MAX_REASONS);
 
+/// Words of the out-of-window sample: the last TCP segment the filter dropped as out of window
+/// and the windows it was judged against (the micro-VM's `WindowSample` says what each word
+/// holds). Word 0 counts the samples written; a reader that sees it change while it reads tries
+/// again.
+pub const SAMPLE_WORDS: usize = 12;
+
 /// Bytes a counters block for `ports` ports needs.
 pub const fn counters_bytes(ports: usize) -> usize {
-    (W_PORTS + ports * PORT_WORDS) * WORD
+    (W_PORTS + ports * PORT_WORDS + SAMPLE_WORDS) * WORD
+}
+
+/// The last TCP segment the filter dropped as out of window, with the windows (Rooij's `end`,
+/// `maxend`, `maxwin`) of its sender and receiver as they stood: enough to tell an injected
+/// segment from a legitimate one the tracker misjudged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WindowSample {
+    /// Out-of-window drops sampled so far (this is the latest).
+    pub count: u64,
+    /// The TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10).
+    pub flags: u8,
+    /// The flow's TCP state byte before the segment.
+    pub state: u8,
+    /// The segment travelled in the flow's opening direction.
+    pub orig: bool,
+    pub ipv6: bool,
+    pub seq: u32,
+    pub ack: u32,
+    pub len: u32,
+    pub win: u16,
+    /// The flow's remote (outside) and local (tenant) ports, and the remote address.
+    pub remote_port: u16,
+    pub local_port: u16,
+    pub remote: [u8; 16],
+    /// (end, maxend, maxwin) of the segment's sender and of its receiver.
+    pub sender: [u32; 3],
+    pub receiver: [u32; 3],
+    /// The window-scale nibbles, and a proxied flow's sequence offset.
+    pub wscale: u8,
+    pub seq_offset: u32,
+    pub now_s: u32,
+}
+
+impl WindowSample {
+    pub fn to_words(&self) -> [u64; SAMPLE_WORDS] {
+        let pair = |a: u32, b: u32| u64::from(a) | (u64::from(b) << 32);
+        [
+            self.count,
+            u64::from(self.flags)
+                | (u64::from(self.state) << 8)
+                | (u64::from(self.orig) << 16)
+                | (u64::from(self.ipv6) << 17)
+                | (u64::from(self.wscale) << 24)
+                | (u64::from(self.now_s) << 32),
+            pair(self.seq, self.ack),
+            pair(self.len, u32::from(self.win)),
+            pair(u32::from(self.remote_port), u32::from(self.local_port)),
+            u64::from_le_bytes(self.remote[..8].try_into().unwrap_or([0; 8])),
+            u64::from_le_bytes(self.remote[8..].try_into().unwrap_or([0; 8])),
+            pair(self.sender[0], self.sender[1]),
+            pair(self.sender[2], self.receiver[0]),
+            pair(self.receiver[1], self.receiver[2]),
+            u64::from(self.seq_offset),
+            0,
+        ]
+    }
+
+    pub fn from_words(w: &[u64; SAMPLE_WORDS]) -> WindowSample {
+        let lo = |x: u64| x as u32;
+        let hi = |x: u64| (x >> 32) as u32;
+        let mut remote = [0u8; 16];
+        remote[..8].copy_from_slice(&w[5].to_le_bytes());
+        remote[8..].copy_from_slice(&w[6].to_le_bytes());
+        WindowSample {
+            count: w[0],
+            flags: w[1] as u8,
+            state: (w[1] >> 8) as u8,
+            orig: (w[1] >> 16) & 1 != 0,
+            ipv6: (w[1] >> 17) & 1 != 0,
+            wscale: (w[1] >> 24) as u8,
+            now_s: hi(w[1]),
+            seq: lo(w[2]),
+            ack: hi(w[2]),
+            len: lo(w[3]),
+            win: hi(w[3]) as u16,
+            remote_port: lo(w[4]) as u16,
+            local_port: hi(w[4]) as u16,
+            remote,
+            sender: [lo(w[7]), hi(w[7]), lo(w[8])],
+            receiver: [hi(w[8]), lo(w[9]), hi(w[9])],
+            seq_offset: lo(w[10]),
+        }
+    }
+}
+
+const fn w_sample(ports: usize) -> usize {
+    W_PORTS + ports * PORT_WORDS
 }
 
 /// Layout of the verdict region the VMM reserves for a micro-VM (`BootInfo::verdict_base/size`):
@@ -533,6 +628,15 @@ impl<'a> CountersWriter<'a> {
             self.region[W_PORTS + port * PORT_WORDS + which].store(value, Ordering::Relaxed);
         }
     }
+
+    /// Publishes an out-of-window sample; `words[0]` (its count) goes last.
+    pub fn set_sample(&self, words: &[u64; SAMPLE_WORDS]) {
+        let base = w_sample(self.ports);
+        for (i, w) in words.iter().enumerate().skip(1) {
+            self.region[base + i].store(*w, Ordering::Relaxed);
+        }
+        self.region[base].store(words[0], Ordering::Release);
+    }
 }
 
 /// The reader (VMM) end of the counters block.
@@ -583,6 +687,26 @@ impl<'a> CountersReader<'a> {
         (port < self.ports && which < PORT_WORDS)
             .then(|| self.region[W_PORTS + port * PORT_WORDS + which].load(Ordering::Relaxed))
     }
+
+    /// The out-of-window sample, `None` when there is none yet (or it kept changing while read).
+    pub fn sample(&self) -> Option<[u64; SAMPLE_WORDS]> {
+        let base = w_sample(self.ports);
+        for _ in 0..4 {
+            let count = self.region[base].load(Ordering::Acquire);
+            if count == 0 {
+                return None;
+            }
+            let mut words = [0u64; SAMPLE_WORDS];
+            words[0] = count;
+            for (i, w) in words.iter_mut().enumerate().skip(1) {
+                *w = self.region[base + i].load(Ordering::Relaxed);
+            }
+            if self.region[base].load(Ordering::Acquire) == count {
+                return Some(words);
+            }
+        }
+        None
+    }
 }
 
 #[cfg(test)]
@@ -590,6 +714,40 @@ mod tests {
     extern crate std;
     use super::*;
     use std::vec::Vec;
+
+    #[test]
+    fn a_window_sample_round_trips_through_the_counters_block() {
+        let r = region(counters_bytes(2));
+        let w = CountersWriter::format(&r, 2).unwrap();
+        let rd = CountersReader::attach(&r).unwrap();
+        assert_eq!(rd.sample(), None);
+        let sample = WindowSample {
+            count: 3,
+            flags: 0x11,
+            state: 5,
+            orig: true,
+            ipv6: false,
+            seq: 0xdead_beef,
+            ack: 7,
+            len: 1460,
+            win: 502,
+            remote_port: 40000,
+            local_port: 7000,
+            remote: [198, 51, 100, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            sender: [1, 2, 3],
+            receiver: [4, 5, 6],
+            wscale: 0x77,
+            seq_offset: 99,
+            now_s: 12,
+        };
+        w.set_port(1, PORT_DROPPED, 9);
+        w.set_sample(&sample.to_words());
+        assert_eq!(
+            rd.sample().map(|s| WindowSample::from_words(&s)),
+            Some(sample)
+        );
+        assert_eq!(rd.port(1, PORT_DROPPED), Some(9));
+    }
 
     fn region(bytes: usize) -> Vec<AtomicU64> {
         (0..bytes.div_ceil(WORD))

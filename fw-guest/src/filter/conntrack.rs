@@ -246,6 +246,11 @@ impl FlowSlot {
     /// The proxied flow's sequence offset: the responder's ISN minus the cookie ISN the opener
     /// saw (0 until the responder's SYN-ACK, and for flows that are not proxied).
     #[inline]
+    /// The window-scale nibbles (the opener's in the low one; 0xf: not offered).
+    pub fn wscale_nibbles(&self) -> u8 {
+        self.wscale
+    }
+
     pub fn seq_offset(&self) -> u32 {
         if self.is_proxied() && !self.is_half_open() {
             self.aux

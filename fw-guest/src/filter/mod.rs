@@ -115,6 +115,9 @@ pub struct Counters {
     pub verdicts_over_quota: u64,
     /// Verdict records whose sequence number was not the previous one plus one.
     pub verdict_seq_gaps: u64,
+    /// The last segment dropped as out of window and the windows it was judged against
+    /// (`count` 0: none yet).
+    pub last_out_of_window: ring::WindowSample,
 }
 
 impl Counters {
@@ -135,6 +138,9 @@ impl Counters {
         w.set_global(ring::GLOBAL_FLOWS_REVOKED, self.flows_revoked);
         for r in DropReason::ALL {
             w.set_drop(r, self.drops[r as usize]);
+        }
+        if self.last_out_of_window.count != 0 {
+            w.set_sample(&self.last_out_of_window.to_words());
         }
     }
 }
@@ -712,7 +718,10 @@ impl<'a> Filter<'a> {
         match conntrack::tcp_step(state_byte, orig, flags) {
             conntrack::TcpStep::Pass(state) => {
                 let (state, timeout) = match self.conntrack.track(i, orig, flags, seg) {
-                    Track::OutOfWindow => return Some(Decision::Drop(DropReason::TcpOutOfWindow)),
+                    Track::OutOfWindow => {
+                        self.sample_out_of_window(i, orig, flags, seg, now_s);
+                        return Some(Decision::Drop(DropReason::TcpOutOfWindow));
+                    }
                     // The endpoint decides; if it took the reset, the entry goes soon.
                     Track::InWindowRst => {
                         let current = t.tcp(TcpState::from_bits(state_byte));
@@ -727,6 +736,47 @@ impl<'a> Filter<'a> {
             conntrack::TcpStep::Invalid => Some(Decision::Drop(DropReason::InvalidTcpState)),
             conntrack::TcpStep::Reopen => None,
         }
+    }
+
+    /// Keeps the segment of slot `i` just judged out of window, with the windows as they stand
+    /// (a segment out of window changes none of them), for the counters block.
+    #[cold]
+    #[inline(never)]
+    fn sample_out_of_window(
+        &mut self,
+        i: usize,
+        orig: bool,
+        flags: TcpFlags,
+        seg: &TcpSeg,
+        now_s: u32,
+    ) {
+        let s = self.conntrack.slot(i);
+        let key = s.key();
+        let w = |win: conntrack::TcpWindow| [win.end, win.maxend, win.maxwin];
+        let previous = self.counters.last_out_of_window.count;
+        self.counters.last_out_of_window = ring::WindowSample {
+            count: previous + 1,
+            flags: u8::from(flags.fin)
+                | (u8::from(flags.syn) << 1)
+                | (u8::from(flags.rst) << 2)
+                | (u8::from(flags.data) << 3)
+                | (u8::from(flags.ack) << 4),
+            state: s.state_byte(),
+            orig,
+            ipv6: key.is_some_and(|k| k.ip_version == IpVersion::V6),
+            seq: seg.seq,
+            ack: seg.ack,
+            len: seg.len,
+            win: seg.win,
+            remote_port: key.map_or(0, |k| k.remote_port),
+            local_port: key.map_or(0, |k| k.local_port),
+            remote: key.map_or([0; 16], |k| k.remote),
+            sender: w(s.window(orig)),
+            receiver: w(s.window(!orig)),
+            wscale: s.wscale_nibbles(),
+            seq_offset: s.seq_offset(),
+            now_s,
+        };
     }
 
     /// A packet without a tracked flow: open one if it is an opening packet and a verdict allows

@@ -667,6 +667,7 @@ impl Filter<'_> {
             return Decision::Drop(DropReason::InvalidTcpState);
         };
         if self.conntrack.track(i, false, flags, seg) != Track::InWindow {
+            self.sample_out_of_window(i, false, flags, seg, now_s);
             return Decision::Drop(DropReason::TcpOutOfWindow);
         }
         let t = self.config.timeouts;

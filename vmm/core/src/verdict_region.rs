@@ -154,6 +154,49 @@ pub struct FirewallCounters {
     pub busy_frames: u64,
     /// Per port: frames received, forwarded, dropped.
     pub ports: Vec<PortCounters>,
+    /// The last TCP segment dropped as out of window, with the windows it was judged against
+    /// (absent until there is one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_out_of_window: Option<serde_json::Value>,
+}
+
+/// A [`WindowSample`] as the API shows it.
+fn sample_json(s: &vigil_wire::ring::WindowSample) -> serde_json::Value {
+    let flags: String = [
+        (0x02, 'S'),
+        (0x10, 'A'),
+        (0x01, 'F'),
+        (0x04, 'R'),
+        (0x08, 'D'),
+    ]
+    .iter()
+    .filter(|(bit, _)| s.flags & bit != 0)
+    .map(|(_, c)| *c)
+    .collect();
+    let remote = if s.ipv6 {
+        std::net::IpAddr::from(s.remote).to_string()
+    } else {
+        std::net::Ipv4Addr::new(s.remote[0], s.remote[1], s.remote[2], s.remote[3]).to_string()
+    };
+    let window = |w: [u32; 3]| serde_json::json!({"end": w[0], "maxend": w[1], "maxwin": w[2]});
+    serde_json::json!({
+        "count": s.count,
+        "flags": flags,
+        "state": s.state,
+        "direction": if s.orig { "opener" } else { "responder" },
+        "remote": remote,
+        "remote_port": s.remote_port,
+        "local_port": s.local_port,
+        "seq": s.seq,
+        "ack": s.ack,
+        "len": s.len,
+        "win": s.win,
+        "sender": window(s.sender),
+        "receiver": window(s.receiver),
+        "wscale": s.wscale,
+        "seq_offset": s.seq_offset,
+        "now_s": s.now_s,
+    })
 }
 
 /// One switch port's counters as the micro-VM published them.
@@ -469,6 +512,9 @@ impl VerdictRegion {
                     dropped: reader.port(p, PORT_DROPPED).unwrap_or(0),
                 })
                 .collect(),
+            last_out_of_window: reader
+                .sample()
+                .map(|w| sample_json(&vigil_wire::ring::WindowSample::from_words(&w))),
         })
     }
 }
