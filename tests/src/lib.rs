@@ -11,6 +11,7 @@ pub mod edge_standin;
 pub mod error;
 pub mod etcd;
 pub mod events;
+pub mod hosts;
 pub mod images;
 pub mod load;
 pub mod netns;

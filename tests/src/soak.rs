@@ -12,14 +12,14 @@
 //! Owns: the soak loop and its leak checks, shared by tests/tests/soak.rs (a short pass) and
 //! `scripts/soak` (tests/examples/soak.rs). Must not: tolerate a leak silently.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use vmm_host::{Host, HostConfig, VmSpec};
+use vmm_host::{Host, VmSpec};
 
+use crate::hosts::in_process_host;
 use crate::workload::{idle_policy, vm_spec};
-use crate::{fw_guest_elf, tenant_dir, TempDir};
+use crate::{tenant_dir, TempDir};
 
 /// The soak tenant's RAM (MiB): larger than any allocator heap, so its mapping is told apart.
 pub const GUEST_MIB: u64 = 128;
@@ -89,23 +89,6 @@ fn clean(v: &Value) -> bool {
         && v["switch_open"] == true
 }
 
-fn start_host(name: &str, dir: &TempDir, keys: &vmm_host::MigrationKeys) -> Arc<Host> {
-    Host::start(HostConfig {
-        name: name.into(),
-        switch_elf: fw_guest_elf(),
-        uplink: "vxlan=127.0.0.1:9,local=127.0.0.1:0"
-            .parse()
-            .expect("uplink"),
-        tenant_ports: 2,
-        edge: None,
-        state_dir: dir.join(name),
-        console_stdout: false,
-        debug: vmm_core::knobs::DebugKnobs::default(),
-        migration_keys: keys.clone(),
-    })
-    .expect("the host starts")
-}
-
 /// Runs `cycles` cycles (at least 2: the first is the warm-up) and returns the report; `Err`
 /// says what failed or leaked.
 pub fn soak(cycles: usize) -> Result<Value, String> {
@@ -115,8 +98,8 @@ pub fn soak(cycles: usize) -> Result<Value, String> {
     let keys = vmm_host::MigrationKeys::from_json(&crate::workload::migration_keys_json(&[
         "soak-a", "soak-b",
     ]))?;
-    let a = start_host("soak-a", &dir, &keys);
-    let b = start_host("soak-b", &dir, &keys);
+    let a = in_process_host("soak-a", &dir, &keys);
+    let b = in_process_host("soak-b", &dir, &keys);
     let mut spec: VmSpec = serde_json::from_value(vm_spec(
         &tenant_dir(),
         "soak",

@@ -21,32 +21,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vigil_tests::etcd::Etcd;
+use vigil_tests::hosts::in_process_host;
 use vigil_tests::outside::free_tcp_port;
 use vigil_tests::workload::{idle_policy, migration_keys_json, vm_spec};
-use vigil_tests::{fw_guest_elf, tenant_dir, TempDir};
+use vigil_tests::{tenant_dir, TempDir};
 use vmm_cluster::keys::TenantRecord;
 use vmm_cluster::{AgentConfig, HostAgent};
 use vmm_host::migration_link::MigrationKeys;
-use vmm_host::{Host, HostConfig, VmSpec, VmState};
+use vmm_host::{Host, VmSpec, VmState};
 
 const ID: &str = "mover";
 const WAIT: Duration = Duration::from_secs(120);
 
-fn start_host(name: &str, dir: &TempDir, keys: &MigrationKeys) -> Arc<Host> {
-    Host::start(HostConfig {
-        name: name.into(),
-        switch_elf: fw_guest_elf(),
-        uplink: "vxlan=127.0.0.1:9,local=127.0.0.1:0"
-            .parse()
-            .expect("uplink"),
-        tenant_ports: 2,
-        edge: None,
-        state_dir: dir.join(name),
-        console_stdout: false,
-        debug: vmm_core::knobs::DebugKnobs::default(),
-        migration_keys: keys.clone(),
-    })
-    .expect("the host starts")
+/// Moves the tenant to `host` in etcd (compare-and-swap, as `vigil cluster move`) and returns
+/// the report of that revision: (host, state, action).
+fn move_to(store: &vmm_cluster::Store, host: &str) -> (String, String, String) {
+    let rev = store.update_tenant(ID, |r| r.host = host.into()).unwrap();
+    let s = store
+        .wait_status(ID, rev, WAIT)
+        .unwrap()
+        .unwrap_or_else(|| panic!("no report of the move to {host}"));
+    (s.host, s.state, s.action)
 }
 
 /// Waits until `host` runs no tenant and its switch holds no port for one.
@@ -106,10 +101,10 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
     };
     let keys =
         MigrationKeys::from_json(&migration_keys_json(&["mv-a", "mv-b", "mv-c", "mv-d"])).unwrap();
-    let a = start_host("mv-a", &dir, &keys);
-    let b = start_host("mv-b", &dir, &keys);
-    let c = start_host("mv-c", &dir, &keys);
-    let d = start_host("mv-d", &dir, &keys);
+    let a = in_process_host("mv-a", &dir, &keys);
+    let b = in_process_host("mv-b", &dir, &keys);
+    let c = in_process_host("mv-c", &dir, &keys);
+    let d = in_process_host("mv-d", &dir, &keys);
     let mut agent_a = agent(&a, "mv-a", 1, true);
     let _agent_b = agent(&b, "mv-b", 2, true);
     let _agent_c = agent(&c, "mv-c", 3, false);
@@ -158,20 +153,9 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
     assert_eq!(a_ports, 1);
 
     // Moved to B: migrated live, over TCP, with pre-copy.
-    let rev = store.update_tenant(ID, |r| r.host = "mv-b".into()).unwrap();
-    let status = store
-        .wait_status(ID, rev, WAIT)
-        .unwrap()
-        .expect("B's report");
-    assert_eq!(
-        (
-            status.host.as_str(),
-            status.state.as_str(),
-            status.action.as_str()
-        ),
-        ("mv-b", "running", "migrate"),
-        "{status:?}"
-    );
+    let status = move_to(&store, "mv-b");
+    let s = (status.0.as_str(), status.1.as_str(), status.2.as_str());
+    assert_eq!(s, ("mv-b", "running", "migrate"), "{status:?}");
     let migrated = wait_event(&events, "cluster_migrated", ID);
     let event: serde_json::Value =
         serde_json::from_str(migrated.trim_start_matches(|c| c != '{')).unwrap();
@@ -194,20 +178,9 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
     );
 
     // Moved on to C, which takes no migrations: deleted at B, created at C from its spec.
-    let rev = store.update_tenant(ID, |r| r.host = "mv-c".into()).unwrap();
-    let status = store
-        .wait_status(ID, rev, WAIT)
-        .unwrap()
-        .expect("C's report");
-    assert_eq!(
-        (
-            status.host.as_str(),
-            status.state.as_str(),
-            status.action.as_str()
-        ),
-        ("mv-c", "running", "create"),
-        "{status:?}"
-    );
+    let status = move_to(&store, "mv-c");
+    let s = (status.0.as_str(), status.1.as_str(), status.2.as_str());
+    assert_eq!(s, ("mv-c", "running", "create"), "{status:?}");
     wait_empty(&b, "B");
     assert_eq!(c.info(ID).unwrap().state, VmState::Running);
 
@@ -215,13 +188,9 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
     // the failure; C waits for D to listen, in vain, then deletes it.
     d.shutdown();
     let moved = Instant::now();
-    let rev = store.update_tenant(ID, |r| r.host = "mv-d".into()).unwrap();
-    let status = store
-        .wait_status(ID, rev, WAIT)
-        .unwrap()
-        .expect("D's report");
+    let status = move_to(&store, "mv-d");
     assert_eq!(
-        (status.host.as_str(), status.state.as_str()),
+        (status.0.as_str(), status.1.as_str()),
         ("mv-d", "failed"),
         "{status:?}"
     );
@@ -236,32 +205,18 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
 
     // Back on A; then A's host dies (its agent and host stopped: its lease and its report go)
     // and the tenant is moved to B: B creates it from its spec, without waiting for A.
-    let rev = store.update_tenant(ID, |r| r.host = "mv-a".into()).unwrap();
-    let status = store
-        .wait_status(ID, rev, WAIT)
-        .unwrap()
-        .expect("A's report");
+    let status = move_to(&store, "mv-a");
     assert_eq!(
-        (status.host.as_str(), status.action.as_str()),
-        ("mv-a", "create")
+        (status.0.as_str(), status.2.as_str()),
+        ("mv-a", "create"),
+        "{status:?}"
     );
     agent_a.stop();
     a.shutdown();
     let moved = Instant::now();
-    let rev = store.update_tenant(ID, |r| r.host = "mv-b".into()).unwrap();
-    let status = store
-        .wait_status(ID, rev, WAIT)
-        .unwrap()
-        .expect("B's report");
-    assert_eq!(
-        (
-            status.host.as_str(),
-            status.state.as_str(),
-            status.action.as_str()
-        ),
-        ("mv-b", "running", "create"),
-        "{status:?}"
-    );
+    let status = move_to(&store, "mv-b");
+    let s = (status.0.as_str(), status.1.as_str(), status.2.as_str());
+    assert_eq!(s, ("mv-b", "running", "create"), "{status:?}");
     assert!(
         moved.elapsed() < vmm_cluster::ARRIVE_WAIT,
         "B waited for a migration from a dead host"

@@ -220,32 +220,19 @@ fn trace_tap(ns: &Namespace, stop: Arc<AtomicBool>, trace: SharedTrace) {
     // VIGIL_FLOOD_TRACE_ALL: the flood's SYNs and the edge's cookies too (about a million
     // segments).
     let all = std::env::var_os("VIGIL_FLOOD_TRACE_ALL").is_some();
-    let _ = ns.spawn(move || {
-        let fd = tap_packet_socket();
-        let mut buf = vec![0u8; 2048];
-        while !stop.load(Ordering::Relaxed) {
-            // SAFETY: a read into a local buffer of its length, on a socket this thread owns.
-            let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n <= 0 {
-                continue;
-            }
-            if let Some(s) = parse(&buf[..n as usize]) {
-                // Everything but the flood's own SYNs and the edge's cookies in answer.
-                let flood_syn = s.flags == SYN && s.src.ip().octets()[0] == 198;
-                let cookie = s.flags == SYN | ACK && s.win == 0 && s.dst.ip().octets()[0] == 198;
-                if (flood_syn || cookie) && !all {
-                    continue;
-                }
-                let tenant = |ip: &Ipv4Addr| [T1_IP, T2_IP].contains(ip);
-                if tenant(s.dst.ip()) {
-                    record(&trace, Seen::TapIn, &s);
-                } else if tenant(s.src.ip()) {
-                    record(&trace, Seen::TapOut, &s);
-                }
-            }
+    read_tap(ns, stop, move |s| {
+        // Everything but the flood's own SYNs and the edge's cookies in answer.
+        let flood_syn = s.flags == SYN && s.src.ip().octets()[0] == 198;
+        let cookie = s.flags == SYN | ACK && s.win == 0 && s.dst.ip().octets()[0] == 198;
+        if (flood_syn || cookie) && !all {
+            return;
         }
-        // SAFETY: closing the descriptor this thread opened.
-        unsafe { libc::close(fd) };
+        let tenant = |ip: &Ipv4Addr| [T1_IP, T2_IP].contains(ip);
+        if tenant(s.dst.ip()) {
+            record(&trace, Seen::TapIn, &s);
+        } else if tenant(s.src.ip()) {
+            record(&trace, Seen::TapOut, &s);
+        }
     });
 }
 
@@ -477,22 +464,28 @@ fn flood(ns: &Namespace, count: u32, pps: u32) -> (f64, u64) {
 /// Counts, on the TAP, the SYN-ACKs the edge sends to the flood's sources with a zero window
 /// (its cookies: the tenants' servers advertise 64240), until `stop`.
 fn count_cookies(ns: &Namespace, stop: Arc<AtomicBool>, seen: Arc<AtomicU64>) {
+    read_tap(ns, stop, move |s| {
+        if s.flags & (SYN | ACK) == SYN | ACK
+            && s.win == 0
+            && s.src.ip() == &T1_IP
+            && s.dst.ip().octets()[0] == 198
+        {
+            seen.fetch_add(1, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Calls `f` with every TCP segment seen on the TAP (either way), until `stop`.
+fn read_tap(ns: &Namespace, stop: Arc<AtomicBool>, mut f: impl FnMut(Seg) + Send + 'static) {
     let _ = ns.spawn(move || {
         let fd = tap_packet_socket();
         let mut buf = vec![0u8; 2048];
         while !stop.load(Ordering::Relaxed) {
             // SAFETY: a read into a local buffer of its length, on a socket this thread owns.
             let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n <= 0 {
-                continue;
-            }
-            if let Some(s) = parse(&buf[..n as usize]) {
-                if s.flags & (SYN | ACK) == SYN | ACK
-                    && s.win == 0
-                    && s.src.ip() == &T1_IP
-                    && s.dst.ip().octets()[0] == 198
-                {
-                    seen.fetch_add(1, Ordering::Relaxed);
+            if n > 0 {
+                if let Some(s) = parse(&buf[..n as usize]) {
+                    f(s);
                 }
             }
         }

@@ -14,35 +14,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use vigil_tests::hosts::in_process_host;
 use vigil_tests::outside::free_tcp_port;
 use vigil_tests::workload::{idle_policy, migration_keys_json, vm_spec};
-use vigil_tests::{fw_guest_elf, tenant_dir, TempDir};
+use vigil_tests::{tenant_dir, TempDir};
 use vmm_core::snapshot::{read_json, write_json, END_OF_PAGES, PAGE};
 use vmm_host::migration_link::{self, MigrationKeys};
-use vmm_host::{Host, HostConfig, HostError, MigrationOptions, VmSpec, VmState};
+use vmm_host::{Host, HostError, MigrationOptions, VmSpec, VmState};
 
 const ID: &str = "mover";
 const PRECOPY: MigrationOptions = MigrationOptions {
     precopy: true,
     verify: false,
 };
-
-fn start_host(name: &str, dir: &TempDir, keys: &MigrationKeys) -> Arc<Host> {
-    Host::start(HostConfig {
-        name: name.into(),
-        switch_elf: fw_guest_elf(),
-        uplink: "vxlan=127.0.0.1:9,local=127.0.0.1:0"
-            .parse()
-            .expect("uplink"),
-        tenant_ports: 2,
-        edge: None,
-        state_dir: dir.join(name),
-        console_stdout: false,
-        debug: vmm_core::knobs::DebugKnobs::default(),
-        migration_keys: keys.clone(),
-    })
-    .expect("the host starts")
-}
 
 /// What a host holds of tenants, as the switch sees it.
 fn holdings(host: &Host) -> Value {
@@ -142,8 +126,8 @@ fn migration_over_tcp_survives_each_failure_point() {
     let events = vmm_core::events::bus().subscribe();
     let dir = TempDir::new("vigil-migration");
     let keys = MigrationKeys::from_json(&migration_keys_json(&["mig-a", "mig-b"])).unwrap();
-    let a = start_host("mig-a", &dir, &keys);
-    let b = start_host("mig-b", &dir, &keys);
+    let a = in_process_host("mig-a", &dir, &keys);
+    let b = in_process_host("mig-b", &dir, &keys);
     let mut spec: VmSpec = serde_json::from_value(vm_spec(
         &tenant_dir(),
         ID,
@@ -171,7 +155,7 @@ fn migration_over_tcp_survives_each_failure_point() {
     // 1. Authentication: a target that holds another key for mig-a refuses it; nothing moves.
     let mut other = keys.clone();
     other.insert("mig-a", vec![0x5a; 32]);
-    let b_wrong = start_host("mig-b", &TempDir::new("vigil-migration-b2"), &other);
+    let b_wrong = in_process_host("mig-b", &TempDir::new("vigil-migration-b2"), &other);
     let port = free_tcp_port().unwrap();
     b_wrong.receive_migration(&url(port)).unwrap();
     let e = a.send_migration(ID, &url(port), PRECOPY).unwrap_err();
@@ -182,7 +166,7 @@ fn migration_over_tcp_survives_each_failure_point() {
     runs_here(&a);
     drop(b_wrong);
     // A host without keys refuses to start a migration at all, with the reason.
-    let keyless = start_host(
+    let keyless = in_process_host(
         "mig-c",
         &TempDir::new("vigil-migration-c"),
         &MigrationKeys::default(),

@@ -602,13 +602,9 @@ impl Agent {
 
     /// This host's migration record of `id`, gone (only its own: under its lease).
     async fn drop_migration_record(&self, client: &mut Client, id: &str, lease: i64) {
-        let Ok(key) = keys::migration_key(id) else {
-            return;
-        };
-        let txn = Txn::new()
-            .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
-            .and_then([TxnOp::delete(key, None)]);
-        let _ = client.txn(txn).await;
+        if let Ok(key) = keys::migration_key(id) {
+            delete_own(client, key, lease).await;
+        }
     }
 
     /// The target of a tenant leaving here listens for it (`record`): send it there. Once it
@@ -735,13 +731,9 @@ impl Agent {
 
     /// This host's report of `id`, gone (only its own: under its lease).
     async fn forget_status(&self, client: &mut Client, id: &str, lease: i64) {
-        let Ok(key) = keys::status_key(id) else {
-            return;
-        };
-        let txn = Txn::new()
-            .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
-            .and_then([TxnOp::delete(key, None)]);
-        let _ = client.txn(txn).await;
+        if let Ok(key) = keys::status_key(id) {
+            delete_own(client, key, lease).await;
+        }
     }
 
     /// Carries out `action` for tenant `id` on the host (on a blocking thread: a VM build takes
@@ -829,10 +821,8 @@ impl Agent {
         let write = if matches!(action, Action::Delete) && result.is_ok() {
             // Only this host's report (under its lease): the tenant's new host may have
             // written its own by now.
-            let txn = Txn::new()
-                .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
-                .and_then([TxnOp::delete(key, None)]);
-            client.txn(txn).await.map(|_| ())
+            delete_own(client, key, lease).await;
+            Ok(())
         } else {
             let status = TenantStatus {
                 host: self.config.name.clone(),
@@ -855,6 +845,17 @@ impl Agent {
             log::warn!("cluster agent {}: status of {id}: {e}", self.config.name);
         }
         self.emit(event.0, event.1);
+    }
+}
+
+/// Deletes `key` if it lives under `lease` (this host wrote it), in one transaction: another
+/// host's record of the same name is left alone.
+async fn delete_own(client: &mut Client, key: String, lease: i64) {
+    let txn = Txn::new()
+        .when([Compare::lease(key.clone(), CompareOp::Equal, lease)])
+        .and_then([TxnOp::delete(key.clone(), None)]);
+    if let Err(e) = client.txn(txn).await {
+        log::warn!("cluster agent: deleting {key}: {e}");
     }
 }
 
