@@ -692,3 +692,40 @@ fn a_repeated_syn_around_its_entrys_expiry_is_not_out_of_window() {
         }
     }
 }
+
+/// A SYN with another ISN on a half-open entry the tenant answered (a spoofed SYN on a live
+/// tuple, or a flood whose random sources repeat one): not part of that handshake, so out of
+/// window, counted, and sampled with the windows it was judged against. The half-open
+/// handshake goes on.
+#[test]
+fn a_syn_with_another_isn_on_a_half_open_entry_is_out_of_window_and_sampled() {
+    use TcpControl::{None as Ack, Syn};
+    let mut f = edge(64, Config::default());
+    let syn = seg(Syn, C_ISN, None, 1024, None);
+    assert_eq!(inbound(&mut f, 40000, syn, b"", 0), FWD);
+    let syn_ack = seg(Syn, S_ISN, Some(C_ISN + 1), 64240, None);
+    assert_eq!(outbound(&mut f, 40000, syn_ack, b"", 1000), FWD);
+    assert_eq!(f.counters().last_out_of_window.count, 0);
+    let other = seg(Syn, C_ISN.wrapping_add(0x4000_0000), None, 1024, None);
+    assert_eq!(
+        inbound(&mut f, 40000, other, b"", 2000),
+        drop(DropReason::TcpOutOfWindow)
+    );
+    let sample = f.counters().last_out_of_window;
+    assert_eq!(sample.count, 1);
+    assert_eq!(sample.seq, C_ISN.wrapping_add(0x4000_0000));
+    assert_eq!(sample.flags, 0x02, "SYN");
+    assert!(sample.orig);
+    assert_eq!(sample.remote_port, 40000);
+    assert_eq!(sample.local_port, PORT);
+    assert_eq!(sample.remote[..4], CLIENT_IP);
+    assert_eq!(sample.sender[0], C_ISN.wrapping_add(1), "the opener's end");
+    assert_eq!(
+        sample.receiver[0],
+        S_ISN.wrapping_add(1),
+        "the tenant's end"
+    );
+    let ack = seg(Ack, C_ISN.wrapping_add(1), Some(S_ISN + 1), 502, None);
+    assert_eq!(inbound(&mut f, 40000, ack, b"", 3000), FWD);
+    assert_eq!(state_of(&f, 40000), TcpState::Established);
+}
