@@ -8,6 +8,11 @@
 //!   host_failover_ms   the host process killed (SIGKILL) -> the edge flushed the tenants it had
 //!                      attached (`edge_host_lost` on the edge's stream), under the named lease
 //!                      TTL; with `edge_flush_ms`, the flush itself
+//!   etcd_migration_ms  a tenant's desired host changed in etcd -> the new host's report that it
+//!                      runs it, migrated live (TCP, pre-copy) by the two hosts' agents, with the
+//!                      migration's downtime and rounds; baseline: the same migration asked of the
+//!                      hosts directly (receive, then send), same run, alternating. In-process
+//!                      hosts with their agents (no edge), the Debian kernel as the tenant
 //!
 //! The host's switch uplink is a VXLAN endpoint towards the edge's cloud port on loopback; the
 //! edge's outside port is a TAP in a network namespace made here. The tenant is the Debian
@@ -23,12 +28,16 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use vigil_tests::etcd::Etcd;
+use vigil_tests::hosts::in_process_host;
+use vigil_tests::outside::free_tcp_port;
+use vigil_tests::workload::{idle_policy, migration_keys_json};
 use vigil_tests::outside::free_udp_port;
 use vigil_tests::rest::{self, Events};
 use vigil_tests::workload::vm_spec;
 use vigil_tests::{try_vigil_bin, Namespace, TempDir, VigilCommand, VigilProcess};
 use vmm_cluster::keys::TenantRecord;
-use vmm_cluster::Store;
+use vmm_cluster::{AgentConfig, HostAgent, Store};
+use vmm_host::{MigrationKeys, MigrationOptions, VmSpec};
 use vmm_core::host_kind::HostKind;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -279,6 +288,111 @@ fn bench_failover(cloud: &Cloud, tenant_dir: &Path, rounds: usize, kind: &str) -
     Ok(())
 }
 
+/// Moves tenant `mv` between two in-process hosts, alternating a move through etcd (their agents
+/// migrate it) and the same migration asked of the hosts directly.
+fn bench_migration(tenant_dir: &Path, rounds: usize, kind: &str) -> Result<()> {
+    let Some(etcd) = Etcd::try_start("bench-migrate")? else {
+        return Err("no etcd binary on PATH (scripts/setup installs etcd-server)".into());
+    };
+    let store = Store::connect(&[etcd.endpoint().to_string()])?;
+    // The in-process hosts' events go to the subscription below, not to stdout (figures only).
+    vmm_core::events::bus().set_quiet(true);
+    let dir = TempDir::new("vigil-bench-migrate");
+    let keys = MigrationKeys::from_json(&migration_keys_json(&["bm-a", "bm-b"]))?;
+    let hosts = [
+        in_process_host("bm-a", &dir, &keys),
+        in_process_host("bm-b", &dir, &keys),
+    ];
+    let urls = [0, 1].map(|_| format!("tcp:127.0.0.1:{}", free_tcp_port().unwrap_or(0)));
+    let mut agents = Vec::new();
+    for (i, host) in hosts.iter().enumerate() {
+        agents.push(HostAgent::start(
+            host.clone(),
+            AgentConfig {
+                endpoints: vec![etcd.endpoint().to_string()],
+                name: ["bm-a", "bm-b"][i].into(),
+                sender: 10 + i as u32,
+                api_socket: None,
+                tenant_ports: 2,
+                lease_ttl_s: 5,
+                migration_url: Some(urls[i].clone()),
+            },
+        )?);
+    }
+    let events = vmm_core::events::bus().subscribe();
+    let mut spec: VmSpec = serde_json::from_value(vm_spec(
+        tenant_dir,
+        "mv",
+        "10.0.0.4",
+        "52:54:00:00:00:04",
+        &idle_policy(),
+    ))?;
+    spec.memory_mib = 256;
+    let revision = store.put_tenant(&TenantRecord {
+        host: "bm-a".into(),
+        spec,
+    })?;
+    match store.wait_status("mv", revision, CALL_TIMEOUT)? {
+        Some(s) if s.state == "running" => {}
+        other => return Err(format!("bm-a did not run tenant mv: {other:?}").into()),
+    }
+    let (mut via_etcd, mut downtime, mut direct, mut direct_downtime) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut last_rounds = Value::Null;
+    // Where it runs: 0 (A) or 1 (B), and what etcd says.
+    let mut at = 0usize;
+    for _ in 0..rounds {
+        // Through etcd: the record's host changes; the new host's report ends it.
+        let to = 1 - at;
+        let name = ["bm-a", "bm-b"][to];
+        let t0 = Instant::now();
+        let revision = store.update_tenant("mv", |r| r.host = name.into())?;
+        match store.wait_status("mv", revision, CALL_TIMEOUT)? {
+            Some(s) if s.host == name && s.action == "migrate" => {}
+            other => return Err(format!("the move to {name} did not migrate: {other:?}").into()),
+        }
+        via_etcd.push(ms(t0.elapsed()));
+        let event = loop {
+            let line = events.recv_timeout(EVENT_TIMEOUT)?;
+            if line.contains("\"event\":\"cluster_migrated\"") {
+                break serde_json::from_str::<Value>(line.trim_start_matches(|c| c != '{'))?;
+            }
+        };
+        downtime.push(event["migration"]["downtime_ms"].as_f64().unwrap_or(f64::NAN));
+        last_rounds = event["migration"]["rounds"].clone();
+        at = to;
+        // Directly, back and forth with the agents out of it: the same hosts, the same VM. (The
+        // record names where it runs afterwards, so the agents have nothing to do.)
+        let back = 1 - at;
+        hosts[back].receive_migration(&urls[back])?;
+        let t0 = Instant::now();
+        let report =
+            hosts[at].send_migration("mv", &urls[back], MigrationOptions::default())?;
+        direct.push(ms(t0.elapsed()));
+        direct_downtime.push(report["downtime_ms"].as_f64().unwrap_or(f64::NAN));
+        hosts[at].receive_migration(&urls[at])?;
+        hosts[back].send_migration("mv", &urls[at], MigrationOptions::default())?;
+    }
+    store.delete_tenant("mv")?;
+    drop(agents);
+    for host in &hosts {
+        host.shutdown();
+    }
+    println!(
+        "{}",
+        json!({"metric": "etcd_migration_ms", "value": round3(median(&via_etcd)), "unit": "ms",
+               "runs": rounds, "host": kind, "transport": "tcp", "precopy": true,
+               "downtime_ms": round3(median(&downtime)),
+               "baseline_direct_ms": round3(median(&direct)),
+               "baseline_direct_downtime_ms": round3(median(&direct_downtime)),
+               "rounds_last": last_rounds, "memory_mib": 256,
+               "note": "desired host changed in etcd -> the new host's status (migrate): both \
+                        agents, the listen record, the live migration; baseline: the hosts asked \
+                        directly (receive + send), same run, alternating"})
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let (Some(elf), Some(tenant_dir)) = (args.get(1), args.get(2)) else {
@@ -294,7 +408,8 @@ fn main() -> std::process::ExitCode {
     let run = || -> Result<()> {
         let cloud = Cloud::start(Path::new(elf), ttl)?;
         bench_reconfig(&cloud, Path::new(tenant_dir), rounds, kind)?;
-        bench_failover(&cloud, Path::new(tenant_dir), rounds.clamp(1, 5), kind)
+        bench_failover(&cloud, Path::new(tenant_dir), rounds.clamp(1, 5), kind)?;
+        bench_migration(Path::new(tenant_dir), rounds.clamp(1, 5), kind)
     };
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
