@@ -30,15 +30,15 @@ use serde_json::{json, Value};
 use vigil_tests::etcd::Etcd;
 use vigil_tests::hosts::in_process_host;
 use vigil_tests::outside::free_tcp_port;
-use vigil_tests::workload::{idle_policy, migration_keys_json};
 use vigil_tests::outside::free_udp_port;
 use vigil_tests::rest::{self, Events};
 use vigil_tests::workload::vm_spec;
+use vigil_tests::workload::{idle_policy, migration_keys_json};
 use vigil_tests::{try_vigil_bin, Namespace, TempDir, VigilCommand, VigilProcess};
 use vmm_cluster::keys::TenantRecord;
 use vmm_cluster::{AgentConfig, HostAgent, Store};
-use vmm_host::{MigrationKeys, MigrationOptions, VmSpec};
 use vmm_core::host_kind::HostKind;
+use vmm_host::{MigrationKeys, MigrationOptions, VmSpec};
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -358,7 +358,11 @@ fn bench_migration(tenant_dir: &Path, rounds: usize, kind: &str) -> Result<()> {
                 break serde_json::from_str::<Value>(line.trim_start_matches(|c| c != '{'))?;
             }
         };
-        downtime.push(event["migration"]["downtime_ms"].as_f64().unwrap_or(f64::NAN));
+        downtime.push(
+            event["migration"]["downtime_ms"]
+                .as_f64()
+                .unwrap_or(f64::NAN),
+        );
         last_rounds = event["migration"]["rounds"].clone();
         at = to;
         // Directly, back and forth with the agents out of it: the same hosts, the same VM. (The
@@ -366,8 +370,7 @@ fn bench_migration(tenant_dir: &Path, rounds: usize, kind: &str) -> Result<()> {
         let back = 1 - at;
         hosts[back].receive_migration(&urls[back])?;
         let t0 = Instant::now();
-        let report =
-            hosts[at].send_migration("mv", &urls[back], MigrationOptions::default())?;
+        let report = hosts[at].send_migration("mv", &urls[back], MigrationOptions::default())?;
         direct.push(ms(t0.elapsed()));
         direct_downtime.push(report["downtime_ms"].as_f64().unwrap_or(f64::NAN));
         hosts[at].receive_migration(&urls[at])?;

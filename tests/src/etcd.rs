@@ -16,7 +16,10 @@ const START_LIMIT: Duration = Duration::from_secs(30);
 
 pub struct Etcd {
     child: Child,
+    /// Its client URL where it runs (127.0.0.1: in its namespace, if it has one).
     endpoint: String,
+    /// The network namespace it runs in, if not the test's own.
+    netns: Option<String>,
     // Removed after the process is gone.
     _dir: TempDir,
 }
@@ -44,22 +47,45 @@ impl Etcd {
     /// Starts etcd and waits until it serves; `Ok(None)` if the binary is absent (a test says
     /// it skips; CI installs it, so it never skips there).
     pub fn try_start(name: &str) -> Result<Option<Etcd>> {
+        Etcd::start_where(name, None)
+    }
+
+    /// [`Etcd::try_start`] in network namespace `netns`, listening on every address there (the
+    /// hosts of an end-to-end cloud reach it over their underlay links, at
+    /// [`Etcd::endpoint_at`]); its [`Etcd::endpoint`] and [`Etcd::store`] work only from inside
+    /// that namespace.
+    pub fn try_start_in(name: &str, netns: &crate::Namespace) -> Result<Option<Etcd>> {
+        Etcd::start_where(name, Some(netns))
+    }
+
+    fn start_where(name: &str, netns: Option<&crate::Namespace>) -> Result<Option<Etcd>> {
         let Some(bin) = etcd_bin() else {
             return Ok(None);
         };
         let dir = TempDir::try_new(&format!("vigil-etcd-{name}"))?;
         let (client, peer) = (free_tcp_port()?, free_tcp_port()?);
         let endpoint = format!("http://127.0.0.1:{client}");
+        let listen = match netns {
+            Some(_) => format!("http://0.0.0.0:{client}"),
+            None => endpoint.clone(),
+        };
         let peer_url = format!("http://127.0.0.1:{peer}");
         let log = std::fs::File::create(dir.join("etcd.log")).map_err(|source| Error::Io {
             what: "etcd.log".into(),
             source,
         })?;
-        let mut command = Command::new(&bin);
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns.name]).arg(&bin);
+                c
+            }
+            None => Command::new(&bin),
+        };
         command
             .args(["--name", "vigil", "--data-dir"])
             .arg(dir.join("data"))
-            .args(["--listen-client-urls", &endpoint])
+            .args(["--listen-client-urls", &listen])
             .args(["--advertise-client-urls", &endpoint])
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
@@ -82,12 +108,16 @@ impl Etcd {
         let mut etcd = Etcd {
             child,
             endpoint,
+            netns: netns.map(|ns| ns.name.clone()),
             _dir: dir,
         };
         let deadline = Instant::now() + START_LIMIT;
         loop {
-            let ready = vmm_cluster::Store::connect(std::slice::from_ref(&etcd.endpoint))
-                .and_then(|s| s.hosts().map(|_| ()));
+            let ready = etcd.in_place(|endpoint| {
+                vmm_cluster::Store::connect(&[endpoint])
+                    .and_then(|s| s.hosts().map(|_| ()))
+                    .map_err(|e| e.to_string())
+            });
             match ready {
                 Ok(()) => return Ok(Some(etcd)),
                 Err(e) if Instant::now() > deadline => {
@@ -108,9 +138,38 @@ impl Etcd {
         }
     }
 
-    /// Its client URL.
+    /// Its client URL (from inside its namespace, if it has one).
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// Its client URL at address `ip` of its namespace.
+    pub fn endpoint_at(&self, ip: &str) -> String {
+        let port = self.endpoint.rsplit(':').next().unwrap_or("2379");
+        format!("http://{ip}:{port}")
+    }
+
+    /// Runs `f` with its endpoint where it is reachable: on this thread, or on a thread in its
+    /// namespace (a socket stays in the namespace it was made in).
+    fn in_place<T: Send + 'static>(&self, f: impl FnOnce(String) -> T + Send + 'static) -> T {
+        let endpoint = self.endpoint.clone();
+        match &self.netns {
+            None => f(endpoint),
+            Some(ns) => {
+                let path = format!("/run/netns/{ns}");
+                std::thread::spawn(move || {
+                    let file = std::fs::File::open(&path).expect("open netns");
+                    // SAFETY: setns on this thread only, with a valid namespace fd.
+                    let rc = unsafe {
+                        libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET)
+                    };
+                    assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+                    f(endpoint)
+                })
+                .join()
+                .expect("etcd client thread")
+            }
+        }
     }
 
     /// A client of it.

@@ -3,8 +3,11 @@
 //! uplinks and the edge's cloud port), the outside world in a fourth namespace behind the edge's
 //! TAP, real Linux TCP servers and clients there, busybox `nc` in the tenant.
 //!
-//! - Create through the API on host A: the tenant's policy is live before its first instruction
-//!   and both tiers know its port and address.
+//! - The cloud runs on etcd (Debian's `etcd-server`, one member in the edge's namespace, reached
+//!   over the underlay): the edge and both hosts join it.
+//! - Create by writing the tenant's desired state (`vigil cluster put … --host host-a`): host A's
+//!   agent creates and boots it; its policy is live before its first instruction and both tiers
+//!   know its port and address.
 //! - Tenant → outside, allowed by a connect verdict, through the switch tier and the edge.
 //! - Outside → tenant service, allowed by the bind/listen verdicts; outside → a port no verdict
 //!   opened dies at the edge (counted as `no_verdict` there).
@@ -14,8 +17,13 @@
 //!   with no verdict of its own) gets nothing from the outside: dropped at the edge.
 //! - A verdict signed with the wrong key is rejected by the edge and reported.
 //! - Live migration A → B of the running tenant with an established TCP connection to an outside
-//!   server: bytes before and after the migration checked on both ends; A forgets the tenant,
-//!   B's switch adopts its flows, the edge keeps them and learns the tenant's new location.
+//!   server, by changing its host in etcd (`vigil cluster move`; the agents migrate it over TCP
+//!   with pre-copy): bytes before and after the migration checked on both ends; A forgets the
+//!   tenant, B's switch adopts its flows, the edge keeps them and learns the tenant's new
+//!   location. Then back and forth through the hosts' API: with every page verified, and by
+//!   stop-and-copy (the baseline).
+//! - Host B is killed (SIGKILL): its lease expires and the edge closes everything B's tenant had
+//!   opened (`edge_host_lost`; no flow, no tenant left at the edge).
 
 use std::io::{BufReader, Read, Write};
 use std::net::TcpStream;
@@ -24,11 +32,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use vigil_tests::etcd::Etcd;
 use vigil_tests::outside::{answer_one, read_line, Request};
-use vigil_tests::rest::{metric, request};
 use vigil_tests::workload::{self, wait_listening};
 use vigil_tests::{
-    api, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, Namespace, TempDir,
+    api, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, vigil_bin, Namespace, TempDir,
     VigilCommand,
 };
 
@@ -36,6 +44,30 @@ const OUTSIDE_IP: &str = "10.66.0.1";
 const TENANT_IP: &str = "10.66.0.2";
 const TENANT_MAC: &str = "52:54:00:00:00:02";
 const KEY: &str = "5c1f0a2e9d8b7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
+
+/// `vigil cluster --etcd ENDPOINT ARGS…` run in namespace `ns` (where etcd is reachable); what
+/// it printed, as JSON. Panics, with its output, if it failed.
+fn cluster(ns: &Namespace, etcd: &Etcd, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(vigil_bin())
+        .args(["cluster", "--etcd", etcd.endpoint()])
+        .args(args)
+        .output()
+        .expect("run vigil cluster");
+    assert!(
+        out.status.success(),
+        "vigil cluster {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "vigil cluster {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
 
 #[test]
 #[ignore = "boots the Debian tenant: 10-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
@@ -62,36 +94,61 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     )
     .unwrap();
 
+    // The cluster's state: etcd in the edge's namespace, the hosts reach it over the underlay.
+    let etcd = Etcd::try_start_in("cloud", &edge_ns)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .expect("no etcd binary on PATH: scripts/setup installs etcd-server");
+
     let elf = fw_guest_elf().display().to_string();
     let edge_sock: PathBuf = work.join("edge.sock");
     let a_sock: PathBuf = work.join("a.sock");
     let b_sock: PathBuf = work.join("b.sock");
     let s = |p: &Path| p.display().to_string();
     // Each in its namespace, with fewer guest timer ticks per wall second (see tenant.rs).
-    let _edge = VigilCommand::new("edge")
+    let edge = VigilCommand::new("edge")
         .netns(&edge_ns.name)
         .tsc_dilation()
         .args(["edge", "--elf", &elf])
         .args(["--outside", &format!("tap=eo0,netns={}", outside.name)])
         .args(["--cloud", "local=0.0.0.0:4789", "--control", "0.0.0.0:4790"])
         .args(["--key-file", &s(&key_file), "--api-socket", &s(&edge_sock)])
+        .args(["--name", "edge", "--etcd", etcd.endpoint()])
         .start("verdict channel on")
         .unwrap_or_else(|e| panic!("{e}"));
-    let host = |name: &'static str, ns: &Namespace, sock: &Path, edge: &str, id: &str| {
-        VigilCommand::new(name)
-            .netns(&ns.name)
-            .tsc_dilation()
-            .args(["host", "--api-socket", &s(sock), "--switch-elf", &elf])
-            .args(["--uplink", &format!("vxlan={edge}:4789")])
-            .args(["--edge-control", &format!("{edge}:4790")])
-            .args(["--edge-key-file", &s(&key_file)])
-            .args(["--host-id", id, "--name", name, "--console"])
-            .args(["--migration-keys", &s(&keys_file)])
-            .start("serving")
-            .unwrap_or_else(|e| panic!("{e}"))
-    };
-    let host_a = host("host-a", &a_ns, &a_sock, "192.168.71.1", "1");
-    let host_b = host("host-b", &b_ns, &b_sock, "192.168.72.1", "2");
+    let host =
+        |name: &'static str, ns: &Namespace, sock: &Path, edge: &str, id: &str, mig: &str| {
+            VigilCommand::new(name)
+                .netns(&ns.name)
+                .tsc_dilation()
+                .args(["host", "--api-socket", &s(sock), "--switch-elf", &elf])
+                .args(["--uplink", &format!("vxlan={edge}:4789")])
+                .args(["--edge-control", &format!("{edge}:4790")])
+                .args(["--edge-key-file", &s(&key_file)])
+                .args(["--host-id", id, "--name", name, "--console"])
+                .args(["--migration-keys", &s(&keys_file)])
+                .args(["--etcd", &etcd.endpoint_at(edge)])
+                .args(["--migration-listen", &format!("tcp:{mig}:7070")])
+                .start("serving")
+                .unwrap_or_else(|e| panic!("{e}"))
+        };
+    let host_a = host(
+        "host-a",
+        &a_ns,
+        &a_sock,
+        "192.168.71.1",
+        "1",
+        "192.168.73.1",
+    );
+    let mut host_b = host(
+        "host-b",
+        &b_ns,
+        &b_sock,
+        "192.168.72.1",
+        "2",
+        "192.168.73.2",
+    );
+    let hosts = cluster(&edge_ns, &etcd, &["hosts"]);
+    assert_eq!(hosts.as_array().map(Vec::len), Some(2), "{hosts}");
 
     // Outside servers: 8080 answers one line; 8081 is the long-lived connection that lives
     // through the migration (the tenant echoes every line back).
@@ -169,20 +226,31 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         {"op": "listen", "exe": "/bin/busybox", "ports": "7000-7010"},
         {"op": "listen", "exe": "/bin/vigil-listen0", "ports": "7000-7010"}
     ]});
-    let (status, info) = api(
-        &a_sock,
-        "PUT",
-        "vm.create",
-        Some(json!({
-            "id": "web", "kernel": dir.join("vmlinuz"), "initramfs": dir.join("initramfs.cpio"),
-            "cmdline": cmdline, "memory_mib": 256, "mac": TENANT_MAC, "ip": TENANT_IP,
-            "policy": policy,
-        })),
+    // The tenant's desired state, written to etcd: host A's agent creates and boots it.
+    let spec = json!({
+        "id": "web", "kernel": dir.join("vmlinuz"), "initramfs": dir.join("initramfs.cpio"),
+        "cmdline": cmdline, "memory_mib": 256, "mac": TENANT_MAC, "ip": TENANT_IP,
+        "policy": policy,
+    });
+    let spec_file = work.join("web.json");
+    std::fs::write(&spec_file, spec.to_string()).unwrap();
+    let status = cluster(
+        &edge_ns,
+        &etcd,
+        &["put", &s(&spec_file), "--host", "host-a", "--wait", "300"],
     );
-    assert_eq!(status, 200, "{info}");
+    assert_eq!(
+        (
+            status["host"].as_str(),
+            status["state"].as_str(),
+            status["action"].as_str()
+        ),
+        (Some("host-a"), Some("running"), Some("create")),
+        "{status}"
+    );
     let create = host_a.wait_for("\"action\":\"create\"", Duration::from_secs(10));
     eprintln!("reconfig on create: {create}");
-    let (status, info) = api(&a_sock, "PUT", "vm.boot", Some(json!({"id": "web"})));
+    let (status, info) = api(&a_sock, "GET", "vm.info?id=web", None);
     assert_eq!(
         (status, info["state"].as_str()),
         (200, Some("running")),
@@ -323,7 +391,6 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     before_rx
         .recv_timeout(Duration::from_secs(600))
         .expect("the long-lived connection exchanged its first lines");
-    let mig = "tcp:192.168.73.2:7070".to_string();
     // Over TCP on the hosts' own network, authenticated with the hosts' keys.
     let migrate = |from: &Path, to: &Path, url: &str, options: serde_json::Value| {
         let (status, v) = api(
@@ -342,11 +409,28 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         assert_eq!(report["transport"], "tcp", "{report}");
         report
     };
-    let report = migrate(&a_sock, &b_sock, &mig, json!({"precopy": true}));
+    // The move is a change of the tenant's host in etcd: B listens, A sends it (pre-copy).
+    let status = cluster(&edge_ns, &etcd, &["move", "web", "host-b", "--wait", "300"]);
+    assert_eq!(
+        (
+            status["host"].as_str(),
+            status["state"].as_str(),
+            status["action"].as_str()
+        ),
+        (Some("host-b"), Some("running"), Some("migrate")),
+        "{status}"
+    );
+    let migrated = host_a.wait_for("\"event\":\"cluster_migrated\"", Duration::from_secs(10));
+    let migrated: serde_json::Value =
+        serde_json::from_str(&migrated[migrated.find('{').unwrap_or(0)..]).unwrap();
+    let report = &migrated["migration"];
+    assert_eq!(report["transport"], "tcp", "{migrated}");
+    assert_eq!(report["precopy"], true, "{migrated}");
     println!(
         "{}",
         json!({"metric": "migration_downtime_ms", "value": report["downtime_ms"], "unit": "ms",
                "transport": report["transport"], "precopy": report["precopy"],
+               "orchestrated": "etcd (vigil cluster move)", "move_ms": migrated["ms"],
                "report": report})
     );
     let (_, list_a) = api(&a_sock, "GET", "vm.list", None);
@@ -400,28 +484,37 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         udp0.ends_with("udp0 [port 7008 ]"),
         "the :0-bound socket received nothing: {udp0}"
     );
-    // Delete: nothing of the tenant stays on either tier (its conntrack entries at the edge
-    // and on host B's switch are gone at once; the counters are republished within seconds).
-    let (status, v) = api(&b_sock, "PUT", "vm.delete", Some(json!({"id": "web"})));
-    assert_eq!(status, 204, "{v}");
+    // Host B dies (SIGKILL, no goodbye): its lease expires in etcd and the edge closes what
+    // B's tenant had opened: its verdicts, flows and addresses.
+    let before = edge_counters(&edge_sock);
+    assert!(
+        before["firewall"]["flows_active"].as_u64().unwrap_or(0) > 0
+            || before["ownership"]["tenants"].as_u64().unwrap_or(0) > 0,
+        "the edge holds nothing of the tenant before B dies: {before}"
+    );
+    // SAFETY: kill(2) on our own child's pid, not reaped yet.
+    unsafe { libc::kill(host_b.id() as libc::pid_t, libc::SIGKILL) };
+    let lost = edge.wait_for("\"event\":\"edge_host_lost\"", Duration::from_secs(30));
+    assert!(lost.contains("\"host\":\"host-b\""), "{lost}");
+    host_b.wait();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let edge_flows = edge_counters(&edge_sock)["firewall"]["flows_active"].as_u64();
-        let metrics = request(&b_sock, "GET", "metrics", None, Duration::from_secs(10));
-        let text = String::from_utf8_lossy(&metrics.body).to_string();
-        let switch_flows = metric(&text, "vigil_switch_flows_active").map(str::to_string);
-        if edge_flows == Some(0) && switch_flows.as_deref() == Some("0") {
+        let c = edge_counters(&edge_sock);
+        let (flows, tenants) = (
+            c["firewall"]["flows_active"].as_u64(),
+            c["ownership"]["tenants"].as_u64(),
+        );
+        if flows == Some(0) && tenants == Some(0) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "flows left after the delete: edge {edge_flows:?}, switch {switch_flows:?}"
+            "left at the edge after host B died: flows {flows:?}, tenants {tenants:?}"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     let counters = edge_counters(&edge_sock);
     eprintln!("edge counters at the end: {counters}");
-    let _ = api(&b_sock, "PUT", "vmm.shutdown", None);
     let _ = api(&a_sock, "PUT", "vmm.shutdown", None);
     drop(work);
 }
