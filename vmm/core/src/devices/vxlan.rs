@@ -32,7 +32,8 @@
 //!
 //! Owns: the VXLAN encapsulation, the learned FDB, the peers, who may send, and the drop
 //! counters. Must not: forward a datagram of another VNI, one that is not VXLAN, one from an
-//! untrusted sender, or one speaking for an address bound to another sender; or carry verdicts.
+//! untrusted sender, or one speaking for an address bound to another sender; carry verdicts; or
+//! allocate per frame sent (the datagram and its targets are reused).
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -284,6 +285,9 @@ pub struct Vxlan {
     fdb: Mutex<Fdb>,
     counters: std::sync::Arc<VxlanCounters>,
     scratch: Mutex<Vec<u8>>,
+    /// What a frame sent goes out as (header and frame), and where: reused, so sending
+    /// allocates nothing once it has held the largest frame and the most peers.
+    tx: Mutex<(Vec<u8>, Vec<SocketAddr>)>,
     /// With one, frames are taken only from its addresses and the configured peers', and only
     /// for the addresses it binds to their sender.
     trust: Option<Arc<PeerTrust>>,
@@ -329,6 +333,7 @@ impl Vxlan {
             }),
             counters: Default::default(),
             scratch: Mutex::new(vec![0; VXLAN_HEADER_LEN + super::virtio::net::MAX_FRAME]),
+            tx: Mutex::new((Vec::new(), Vec::new())),
             trust: None,
         })
     }
@@ -451,25 +456,27 @@ impl FrameLink for Vxlan {
     }
 
     fn send_frame(&self, frame: &[u8]) -> io::Result<usize> {
-        let mut datagram = Vec::with_capacity(VXLAN_HEADER_LEN + frame.len());
+        let mut tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
+        let (datagram, targets) = &mut *tx;
+        datagram.clear();
         datagram.extend_from_slice(&self.header());
         datagram.extend_from_slice(frame);
+        targets.clear();
         let dst: Option<[u8; 6]> = frame.get(..6).and_then(|d| d.try_into().ok());
-        let targets: Vec<SocketAddr> = {
+        {
             let fdb = self.fdb.lock().unwrap_or_else(|p| p.into_inner());
             match dst.and_then(|d| fdb.learned.get(&d)) {
-                Some(peer) => vec![*peer],
+                Some(peer) => targets.push(*peer),
                 None => {
-                    let mut all = fdb.static_peers.clone();
+                    targets.extend_from_slice(&fdb.static_peers);
                     for peer in fdb.learned.values() {
-                        if !all.contains(peer) {
-                            all.push(*peer);
+                        if !targets.contains(peer) {
+                            targets.push(*peer);
                         }
                     }
-                    all
                 }
             }
-        };
+        }
         match targets.len() {
             0 => {
                 bump(&self.counters.tx_no_peer);
@@ -479,8 +486,8 @@ impl FrameLink for Vxlan {
             _ => bump(&self.counters.tx_flooded),
         }
         let mut last_error = None;
-        for peer in targets {
-            if let Err(e) = self.socket.send_to(&datagram, peer) {
+        for peer in targets.iter() {
+            if let Err(e) = self.socket.send_to(datagram, peer) {
                 last_error = Some(e);
             }
         }
