@@ -172,6 +172,42 @@ impl Etcd {
         }
     }
 
+    /// `vigil cluster --etcd ENDPOINT ARGS…`, run where etcd is reachable (in its namespace, if
+    /// it has one).
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut command = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(crate::vigil_bin());
+                c
+            }
+            None => Command::new(crate::vigil_bin()),
+        };
+        command
+            .args(["cluster", "--etcd", &self.endpoint])
+            .args(args)
+            .output()
+            .expect("run vigil cluster")
+    }
+
+    /// [`Etcd::cli`], which must succeed and print JSON: that JSON. Panics with its output
+    /// otherwise.
+    pub fn cli_json(&self, args: &[&str]) -> serde_json::Value {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "vigil cluster {args:?}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "vigil cluster {args:?} printed no JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
     /// A client of it.
     pub fn store(&self) -> vmm_cluster::Store {
         vmm_cluster::Store::connect(std::slice::from_ref(&self.endpoint))

@@ -12,6 +12,28 @@ pub fn events_of(lines: &[String], kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Waits, at most `limit`, for an event line of `kind` containing `needle` on an in-process
+/// subscription to the event bus (`vmm_core::events::bus().subscribe()`); returns the line.
+/// Panics, naming what it waited for, when none came.
+pub fn wait_bus_event(
+    rx: &std::sync::mpsc::Receiver<std::sync::Arc<str>>,
+    kind: &str,
+    needle: &str,
+    limit: std::time::Duration,
+) -> String {
+    let deadline = std::time::Instant::now() + limit;
+    let tag = format!("\"event\":\"{kind}\"");
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("no {kind} event with {needle:?} within {limit:?}"));
+        if line.contains(&tag) && line.contains(needle) {
+            return line.to_string();
+        }
+    }
+}
+
 /// The `vm_stopped` events among `lines` (one per VM that stopped), in order.
 pub fn vm_stopped<'a, I>(lines: I) -> impl Iterator<Item = Value> + 'a
 where

@@ -36,7 +36,7 @@ use vigil_tests::etcd::Etcd;
 use vigil_tests::outside::{answer_one, read_line, Request};
 use vigil_tests::workload::{self, wait_listening};
 use vigil_tests::{
-    api, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, vigil_bin, Namespace, TempDir,
+    api, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, Namespace, TempDir,
     VigilCommand,
 };
 
@@ -44,30 +44,6 @@ const OUTSIDE_IP: &str = "10.66.0.1";
 const TENANT_IP: &str = "10.66.0.2";
 const TENANT_MAC: &str = "52:54:00:00:00:02";
 const KEY: &str = "5c1f0a2e9d8b7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
-
-/// `vigil cluster --etcd ENDPOINT ARGS…` run in namespace `ns` (where etcd is reachable); what
-/// it printed, as JSON. Panics, with its output, if it failed.
-fn cluster(ns: &Namespace, etcd: &Etcd, args: &[&str]) -> serde_json::Value {
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &ns.name])
-        .arg(vigil_bin())
-        .args(["cluster", "--etcd", etcd.endpoint()])
-        .args(args)
-        .output()
-        .expect("run vigil cluster");
-    assert!(
-        out.status.success(),
-        "vigil cluster {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "vigil cluster {args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
 
 #[test]
 #[ignore = "boots the Debian tenant: 10-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
@@ -147,7 +123,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         "2",
         "192.168.73.2",
     );
-    let hosts = cluster(&edge_ns, &etcd, &["hosts"]);
+    let hosts = etcd.cli_json(&["hosts"]);
     assert_eq!(hosts.as_array().map(Vec::len), Some(2), "{hosts}");
 
     // Outside servers: 8080 answers one line; 8081 is the long-lived connection that lives
@@ -234,11 +210,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     });
     let spec_file = work.join("web.json");
     std::fs::write(&spec_file, spec.to_string()).unwrap();
-    let status = cluster(
-        &edge_ns,
-        &etcd,
-        &["put", &s(&spec_file), "--host", "host-a", "--wait", "300"],
-    );
+    let status = etcd.cli_json(&["put", &s(&spec_file), "--host", "host-a", "--wait", "300"]);
     assert_eq!(
         (
             status["host"].as_str(),
@@ -410,7 +382,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         report
     };
     // The move is a change of the tenant's host in etcd: B listens, A sends it (pre-copy).
-    let status = cluster(&edge_ns, &etcd, &["move", "web", "host-b", "--wait", "300"]);
+    let status = etcd.cli_json(&["move", "web", "host-b", "--wait", "300"]);
     assert_eq!(
         (
             status["host"].as_str(),

@@ -20,9 +20,7 @@ use vigil_tests::etcd::Etcd;
 use vigil_tests::outside::free_udp_port;
 use vigil_tests::rest::{api, metric};
 use vigil_tests::workload::{idle_policy, vm_spec};
-use vigil_tests::{
-    fw_guest_elf, run_vigil, tenant_dir, Namespace, TempDir, VigilCommand, VigilProcess,
-};
+use vigil_tests::{fw_guest_elf, tenant_dir, Namespace, TempDir, VigilCommand, VigilProcess};
 use vmm_core::introspect::tenant_id;
 
 const KEY_HEX: &str = "5c2a7e11b0c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8";
@@ -30,12 +28,6 @@ const TAP: &str = "vgcltap0";
 const SENDER: u32 = 7;
 const TTL_S: &str = "1";
 const EVENT_LIMIT: Duration = Duration::from_secs(120);
-
-fn cluster(etcd: &Etcd, args: &[&str]) -> Output {
-    let mut all = vec!["cluster", "--etcd", etcd.endpoint()];
-    all.extend_from_slice(args);
-    run_vigil(&all)
-}
 
 fn ok(out: Output, what: &str) -> Value {
     assert!(
@@ -95,7 +87,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     // The host registers under a lease, with its sender id and capacity.
     let socket = dir.join("a.sock");
     let mut host = start_host(&etcd, "a", SENDER, &socket, &cloud, &control, &key_file);
-    let hosts = ok(cluster(&etcd, &["hosts"]), "hosts");
+    let hosts = ok(etcd.cli(&["hosts"]), "hosts");
     assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
     assert_eq!(hosts[0]["name"], "a");
     assert_eq!(hosts[0]["sender"], SENDER);
@@ -113,17 +105,14 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     );
     let spec_file = write(dir.path(), "web.json", &spec);
     let status = ok(
-        cluster(
-            &etcd,
-            &[
-                "put",
-                &spec_file.to_string_lossy(),
-                "--host",
-                "a",
-                "--wait",
-                "120",
-            ],
-        ),
+        etcd.cli(&[
+            "put",
+            &spec_file.to_string_lossy(),
+            "--host",
+            "a",
+            "--wait",
+            "120",
+        ]),
         "put",
     );
     assert_eq!(status["state"], "running", "{status}");
@@ -131,7 +120,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     let (code, info) = api(&socket, "GET", "vm.info?id=web", None);
     assert_eq!(code, 200, "{info}");
     assert_eq!(info["state"], "running", "{info}");
-    let listed = ok(cluster(&etcd, &["list"]), "list");
+    let listed = ok(etcd.cli(&["list"]), "list");
     assert_eq!(listed[0]["id"], "web");
     assert_eq!(listed[0]["host"], "a");
 
@@ -140,17 +129,14 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
                                    "cidr": "10.0.0.1/32", "ports": "8080"}]});
     let policy_file = write(dir.path(), "policy.json", &policy);
     let status = ok(
-        cluster(
-            &etcd,
-            &[
-                "policy",
-                "web",
-                "--set",
-                &policy_file.to_string_lossy(),
-                "--wait",
-                "60",
-            ],
-        ),
+        etcd.cli(&[
+            "policy",
+            "web",
+            "--set",
+            &policy_file.to_string_lossy(),
+            "--wait",
+            "60",
+        ]),
         "policy",
     );
     assert_eq!(status["action"], "policy", "{status}");
@@ -166,10 +152,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     assert_eq!(served, policy);
     // A policy that does not compile never reaches etcd.
     let bad_file = write(dir.path(), "bad.json", &json!({"allow": [{"op": "fly"}]}));
-    let out = cluster(
-        &etcd,
-        &["policy", "web", "--set", &bad_file.to_string_lossy()],
-    );
+    let out = etcd.cli(&["policy", "web", "--set", &bad_file.to_string_lossy()]);
     assert!(!out.status.success());
     assert_eq!(
         store.tenant("web").unwrap().unwrap().0.spec.policy,
@@ -177,7 +160,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     );
 
     // Deleted in etcd: deleted on the host (flushed from both tiers).
-    ok_empty(cluster(&etcd, &["delete", "web"]), "delete");
+    ok_empty(etcd.cli(&["delete", "web"]), "delete");
     host.wait_event(EVENT_LIMIT, "the delete's reconfig", |e| {
         e["event"] == "reconfig" && e["action"] == "delete" && e["vm"] == "web"
     })
@@ -196,17 +179,14 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     );
     let spec_file = write(dir.path(), "db.json", &spec);
     ok(
-        cluster(
-            &etcd,
-            &[
-                "put",
-                &spec_file.to_string_lossy(),
-                "--host",
-                "a",
-                "--wait",
-                "120",
-            ],
-        ),
+        etcd.cli(&[
+            "put",
+            &spec_file.to_string_lossy(),
+            "--host",
+            "a",
+            "--wait",
+            "120",
+        ]),
         "put db",
     );
     // The edge acknowledged every datagram of host a, db's Attach included (it owns the tenant
@@ -256,10 +236,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
                                       "cidr": "10.0.0.9/32", "ports": "5432"}]});
     let db_policy_file = write(dir.path(), "db-policy.json", &db_policy);
     ok(
-        cluster(
-            &etcd,
-            &["policy", "db", "--set", &db_policy_file.to_string_lossy()],
-        ),
+        etcd.cli(&["policy", "db", "--set", &db_policy_file.to_string_lossy()]),
         "policy db",
     );
     let socket_b = dir.join("b.sock");
@@ -272,10 +249,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
         &control,
         &key_file,
     );
-    let status = ok(
-        cluster(&etcd, &["move", "db", "b", "--wait", "120"]),
-        "move db b",
-    );
+    let status = ok(etcd.cli(&["move", "db", "b", "--wait", "120"]), "move db b");
     assert_eq!(status["host"], "b", "{status}");
     assert_eq!(status["state"], "running", "{status}");
     let (code, info) = api(&socket_b, "GET", "vm.info?id=db", None);
@@ -285,10 +259,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     assert_eq!(served, db_policy);
 
     // Assigned to a host that is not there: host b deletes it (flushed), and reports nothing.
-    ok(
-        cluster(&etcd, &["move", "db", "nowhere"]),
-        "move db nowhere",
-    );
+    ok(etcd.cli(&["move", "db", "nowhere"]), "move db nowhere");
     host_b
         .wait_event(EVENT_LIMIT, "db deleted on b", |e| {
             e["event"] == "cluster_reconciled" && e["action"] == "delete" && e["vm"] == "db"

@@ -60,17 +60,7 @@ fn wait_empty(host: &Host, name: &str) {
 
 /// Waits for an event line of `kind` that contains `needle`.
 fn wait_event(rx: &std::sync::mpsc::Receiver<Arc<str>>, kind: &str, needle: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    let tag = format!("\"event\":\"{kind}\"");
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no {kind} event with {needle:?}"));
-        if line.contains(&tag) && line.contains(needle) {
-            return line.to_string();
-        }
-    }
+    vigil_tests::events::wait_bus_event(rx, kind, needle, WAIT)
 }
 
 #[test]

@@ -11,7 +11,7 @@
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{json, Value};
 use vigil_tests::hosts::in_process_host;
@@ -45,17 +45,7 @@ fn url(port: u16) -> String {
 
 /// Waits for an event line of `kind` that contains `needle`.
 fn wait_event(rx: &std::sync::mpsc::Receiver<Arc<str>>, kind: &str, needle: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let tag = format!("\"event\":\"{kind}\"");
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|_| panic!("no {kind} event with {needle:?}"));
-        if line.contains(&tag) && line.contains(needle) {
-            return line.to_string();
-        }
-    }
+    vigil_tests::events::wait_bus_event(rx, kind, needle, Duration::from_secs(60))
 }
 
 /// Reads a page stream to its end marker; returns the pages.
