@@ -302,6 +302,10 @@ impl Agent {
                         self.act(&mut client, &id, 0, Action::Delete, current.lease)
                             .await;
                     }
+                    // Moves in progress went with the lease (its migration records with it):
+                    // after registering again, the records say afresh what to do.
+                    self.leaving.clear();
+                    self.arriving.clear();
                 }
             }
         }
