@@ -29,21 +29,6 @@ const SENDER: u32 = 7;
 const TTL_S: &str = "1";
 const EVENT_LIMIT: Duration = Duration::from_secs(120);
 
-fn ok(out: Output, what: &str) -> Value {
-    assert!(
-        out.status.success(),
-        "vigil cluster {what}: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "vigil cluster {what} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
-}
-
 fn write(dir: &Path, name: &str, value: &Value) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, value.to_string()).unwrap();
@@ -87,7 +72,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     // The host registers under a lease, with its sender id and capacity.
     let socket = dir.join("a.sock");
     let mut host = start_host(&etcd, "a", SENDER, &socket, &cloud, &control, &key_file);
-    let hosts = ok(etcd.cli(&["hosts"]), "hosts");
+    let hosts = etcd.cli_json(&["hosts"]);
     assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
     assert_eq!(hosts[0]["name"], "a");
     assert_eq!(hosts[0]["sender"], SENDER);
@@ -104,23 +89,20 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
         &idle_policy(),
     );
     let spec_file = write(dir.path(), "web.json", &spec);
-    let status = ok(
-        etcd.cli(&[
-            "put",
-            &spec_file.to_string_lossy(),
-            "--host",
-            "a",
-            "--wait",
-            "120",
-        ]),
+    let status = etcd.cli_json(&[
         "put",
-    );
+        &spec_file.to_string_lossy(),
+        "--host",
+        "a",
+        "--wait",
+        "120",
+    ]);
     assert_eq!(status["state"], "running", "{status}");
     assert_eq!(status["action"], "create");
     let (code, info) = api(&socket, "GET", "vm.info?id=web", None);
     assert_eq!(code, 200, "{info}");
     assert_eq!(info["state"], "running", "{info}");
-    let listed = ok(etcd.cli(&["list"]), "list");
+    let listed = etcd.cli_json(&["list"]);
     assert_eq!(listed[0]["id"], "web");
     assert_eq!(listed[0]["host"], "a");
 
@@ -128,17 +110,14 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     let policy = json!({"allow": [{"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
                                    "cidr": "10.0.0.1/32", "ports": "8080"}]});
     let policy_file = write(dir.path(), "policy.json", &policy);
-    let status = ok(
-        etcd.cli(&[
-            "policy",
-            "web",
-            "--set",
-            &policy_file.to_string_lossy(),
-            "--wait",
-            "60",
-        ]),
+    let status = etcd.cli_json(&[
         "policy",
-    );
+        "web",
+        "--set",
+        &policy_file.to_string_lossy(),
+        "--wait",
+        "60",
+    ]);
     assert_eq!(status["action"], "policy", "{status}");
     assert_eq!(status["state"], "running", "{status}");
     let reconfig = host
@@ -178,17 +157,14 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
         &idle_policy(),
     );
     let spec_file = write(dir.path(), "db.json", &spec);
-    ok(
-        etcd.cli(&[
-            "put",
-            &spec_file.to_string_lossy(),
-            "--host",
-            "a",
-            "--wait",
-            "120",
-        ]),
-        "put db",
-    );
+    etcd.cli_json(&[
+        "put",
+        &spec_file.to_string_lossy(),
+        "--host",
+        "a",
+        "--wait",
+        "120",
+    ]);
     // The edge acknowledged every datagram of host a, db's Attach included (it owns the tenant
     // from then on). No event says so: the host's metric is read until it does.
     let deadline = Instant::now() + EVENT_LIMIT;
@@ -235,10 +211,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     let db_policy = json!({"allow": [{"op": "connect", "comm": "psql", "protocol": "tcp",
                                       "cidr": "10.0.0.9/32", "ports": "5432"}]});
     let db_policy_file = write(dir.path(), "db-policy.json", &db_policy);
-    ok(
-        etcd.cli(&["policy", "db", "--set", &db_policy_file.to_string_lossy()]),
-        "policy db",
-    );
+    etcd.cli_json(&["policy", "db", "--set", &db_policy_file.to_string_lossy()]);
     let socket_b = dir.join("b.sock");
     let host_b = start_host(
         &etcd,
@@ -249,7 +222,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
         &control,
         &key_file,
     );
-    let status = ok(etcd.cli(&["move", "db", "b", "--wait", "120"]), "move db b");
+    let status = etcd.cli_json(&["move", "db", "b", "--wait", "120"]);
     assert_eq!(status["host"], "b", "{status}");
     assert_eq!(status["state"], "running", "{status}");
     let (code, info) = api(&socket_b, "GET", "vm.info?id=db", None);
@@ -259,7 +232,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     assert_eq!(served, db_policy);
 
     // Assigned to a host that is not there: host b deletes it (flushed), and reports nothing.
-    ok(etcd.cli(&["move", "db", "nowhere"]), "move db nowhere");
+    etcd.cli_json(&["move", "db", "nowhere"]);
     host_b
         .wait_event(EVENT_LIMIT, "db deleted on b", |e| {
             e["event"] == "cluster_reconciled" && e["action"] == "delete" && e["vm"] == "db"
