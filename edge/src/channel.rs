@@ -27,6 +27,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use vigil_wire::ack::{seal_ack, Ack, Refusal, MAX_REFUSALS};
@@ -177,10 +178,112 @@ impl ChannelStats {
     }
 }
 
+/// Own keys a sender may have at once (its current one and those of a rotation in progress).
+pub const MAX_KEYS_PER_SENDER: usize = 4;
+
+/// The keys the edge checks datagrams with.
+///
+/// - Key id 0 is the shared key (`--edge-key-file`), if there is one: any sender without keys of
+///   its own may sign with it.
+/// - Ids 1 and up are a sender's own keys (a host's keys from etcd, by their ids). A sender that
+///   has own keys is held to them: the shared key no longer speaks for it, so a host that holds
+///   only the shared key cannot pass itself off as that sender.
+///
+/// Acks are sealed with the key that opened the datagram they answer.
+#[derive(Default)]
+pub struct Keyring {
+    shared: Option<Vec<u8>>,
+    senders: HashMap<u32, Vec<(u16, Vec<u8>)>>,
+}
+
+impl fmt::Debug for Keyring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the keys.
+        f.debug_struct("Keyring")
+            .field("shared", &self.shared.is_some())
+            .field("senders", &self.key_ids())
+            .finish()
+    }
+}
+
+/// A keyring shared between the receiving thread and whoever installs hosts' keys.
+pub type SharedKeyring = Arc<RwLock<Keyring>>;
+
+impl Keyring {
+    /// Only the shared key (key id 0).
+    pub fn shared(key: Vec<u8>) -> io::Result<Keyring> {
+        check_key(&key)?;
+        Ok(Keyring {
+            shared: Some(key),
+            senders: HashMap::new(),
+        })
+    }
+
+    /// No shared key: only senders given keys of their own are heard.
+    pub fn own_keys_only() -> Keyring {
+        Keyring::default()
+    }
+
+    /// Sets `sender`'s own keys (ids 1 and up, at most [`MAX_KEYS_PER_SENDER`]), replacing
+    /// any it had. An empty list removes them (the shared key speaks for it again, if any).
+    pub fn set_sender(&mut self, sender: u32, keys: Vec<(u16, Vec<u8>)>) -> io::Result<()> {
+        if keys.len() > MAX_KEYS_PER_SENDER {
+            return Err(invalid_input(format!(
+                "{} keys for sender {sender} (at most {MAX_KEYS_PER_SENDER})",
+                keys.len()
+            )));
+        }
+        for (id, key) in &keys {
+            if *id == 0 {
+                return Err(invalid_input(format!(
+                    "key id 0 of sender {sender}: id 0 is the shared key's"
+                )));
+            }
+            check_key(key)?;
+        }
+        if keys.is_empty() {
+            self.senders.remove(&sender);
+        } else {
+            if !self.senders.contains_key(&sender) && self.senders.len() >= MAX_SENDERS {
+                return Err(invalid_input(format!(
+                    "keys for {MAX_SENDERS} senders already held; sender {sender} refused"
+                )));
+            }
+            self.senders.insert(sender, keys);
+        }
+        Ok(())
+    }
+
+    /// The key `(sender, key_id)` names, if held.
+    pub fn key(&self, sender: u32, key_id: u16) -> Option<&[u8]> {
+        match self.senders.get(&sender) {
+            Some(own) => own
+                .iter()
+                .find(|(id, _)| *id == key_id)
+                .map(|(_, k)| k.as_slice()),
+            None if key_id == 0 => self.shared.as_deref(),
+            None => None,
+        }
+    }
+
+    /// Whether there is a shared key.
+    pub fn has_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// The senders with own keys and their key ids (never the keys).
+    pub fn key_ids(&self) -> std::collections::BTreeMap<u32, Vec<u16>> {
+        self.senders
+            .iter()
+            .map(|(s, keys)| (*s, keys.iter().map(|(id, _)| *id).collect()))
+            .collect()
+    }
+}
+
 /// The receiving end (the edge): authenticates datagrams, orders them per sender, acknowledges.
 pub struct VerdictReceiver {
     socket: UdpSocket,
-    key: Vec<u8>,
+    keys: SharedKeyring,
     boot: u64,
     streams: Streams,
     /// Per sender (at most [`MAX_SENDERS`], like `streams`).
@@ -211,14 +314,24 @@ impl VerdictReceiver {
 
     /// [`VerdictReceiver::bind`] with a chosen boot id (non-zero; a test's fixed value).
     pub fn bind_with_boot(addr: impl ToSocketAddrs, key: Vec<u8>, boot: u64) -> io::Result<Self> {
-        check_key(&key)?;
+        let keys = Arc::new(RwLock::new(Keyring::shared(key)?));
+        VerdictReceiver::bind_keyring(addr, keys, boot)
+    }
+
+    /// Binds with a keyring whose holder may change it while the receiver runs (hosts' own keys
+    /// coming and going); `boot` as in [`VerdictReceiver::bind_with_boot`].
+    pub fn bind_keyring(
+        addr: impl ToSocketAddrs,
+        keys: SharedKeyring,
+        boot: u64,
+    ) -> io::Result<Self> {
         if boot == 0 {
             return Err(invalid_input("an edge boot id is never 0".into()));
         }
         let socket = UdpSocket::bind(addr)?;
         Ok(VerdictReceiver {
             socket,
-            key,
+            keys,
             boot,
             streams: Streams::new(),
             reports: HashMap::new(),
@@ -230,6 +343,11 @@ impl VerdictReceiver {
     /// The address the channel listens on.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.socket.local_addr()
+    }
+
+    /// The keyring datagrams are checked with (its holder may add and remove senders' keys).
+    pub fn keyring(&self) -> SharedKeyring {
+        self.keys.clone()
     }
 
     /// This run's boot id (hosts address their datagrams to it).
@@ -272,9 +390,11 @@ impl VerdictReceiver {
         }
     }
 
-    fn ack(&mut self, to: SocketAddr, sender: u32, epoch: u64, next: u64) {
+    /// Acknowledges to `sender` under its key `key_id` (the one that opened the datagram
+    /// answered); nothing when that key is gone meanwhile.
+    fn ack(&mut self, to: SocketAddr, key_id: u16, sender: u32, epoch: u64, next: u64) {
         let mut ack = Ack {
-            key_id: 0,
+            key_id,
             sender,
             epoch,
             next,
@@ -288,8 +408,16 @@ impl VerdictReceiver {
             }
             ack.refusal_count = reports.refusals.len() as u8;
         }
-        // The boot id is non-zero (checked at bind), so sealing cannot fail.
-        if let Ok(bytes) = seal_ack(&self.key, &ack) {
+        let sealed = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            let Some(key) = keys.key(sender, key_id) else {
+                return;
+            };
+            seal_ack(key, &ack)
+        };
+        // The boot id is non-zero (checked at bind) and keys are never empty, so sealing
+        // cannot fail.
+        if let Ok(bytes) = sealed {
             match self.socket.send_to(&bytes, to) {
                 Ok(_) => self.stats.acks_sent += 1,
                 Err(e) => log::debug!("ack to {to} not sent: {e}"),
@@ -353,15 +481,20 @@ impl VerdictReceiver {
         datagram: &[u8],
         apply: &mut impl FnMut(&Delivery<'_>) -> Option<Applied>,
     ) -> Received {
-        let opened = match auth::open(&self.key, datagram) {
+        let opened = {
+            let keys = self.keys.read().unwrap_or_else(|p| p.into_inner());
+            auth::open_with(datagram, |sender, key_id| keys.key(sender, key_id))
+        };
+        let opened = match opened {
             Ok(opened) => opened,
             Err(reason) => return Received::Rejected { from, reason },
         };
         let h = opened.header;
+        let k = h.key_id;
         if h.edge_boot != self.boot {
             // Authentic, for another run of this edge (or sent before the host learned it):
             // never applied; the ack tells the host which run speaks now.
-            self.ack(from, h.sender, h.epoch, 0);
+            self.ack(from, k, h.sender, h.epoch, 0);
             return Received::Rejected {
                 from,
                 reason: AuthError::OtherEdge {
@@ -377,10 +510,12 @@ impl VerdictReceiver {
                 match reason {
                     // Tell the host the run the edge follows (it starts a newer one), or where
                     // the gap is.
-                    AuthError::StaleEpoch { current, .. } => self.ack(from, h.sender, current, 0),
+                    AuthError::StaleEpoch { current, .. } => {
+                        self.ack(from, k, h.sender, current, 0)
+                    }
                     AuthError::TooFarAhead { .. } => {
                         if let Some((epoch, next)) = self.streams.position(h.sender) {
-                            self.ack(from, h.sender, epoch, next);
+                            self.ack(from, k, h.sender, epoch, next);
                         }
                     }
                     _ => {}
@@ -457,7 +592,7 @@ impl VerdictReceiver {
             }
         };
         if let Some((epoch, next)) = self.streams.position(h.sender) {
-            self.ack(from, h.sender, epoch, next);
+            self.ack(from, k, h.sender, epoch, next);
         }
         received
     }

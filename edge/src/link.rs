@@ -39,7 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use vigil_wire::ack::{open_ack, Refusal, ACK_LEN};
+use vigil_wire::ack::{claimed_key_id, open_ack, Refusal, ACK_LEN};
 use vigil_wire::auth::{self, Header, MAX_DATAGRAM, MAX_RECORDS};
 use vigil_wire::verdict::RECORD_LEN;
 
@@ -177,9 +177,28 @@ struct State {
     unreachable: bool,
 }
 
+/// Keys the link keeps from earlier rotations, to open acks sealed with them.
+const KEPT_OLD_KEYS: usize = 3;
+
+/// The key datagrams are sealed with now, by id, and the few before it (acks for datagrams sent
+/// under them may still arrive).
+struct LinkKeys {
+    current: (u16, Vec<u8>),
+    old: VecDeque<(u16, Vec<u8>)>,
+}
+
+impl LinkKeys {
+    fn get(&self, id: u16) -> Option<&[u8]> {
+        std::iter::once(&self.current)
+            .chain(self.old.iter())
+            .find(|(k, _)| *k == id)
+            .map(|(_, key)| key.as_slice())
+    }
+}
+
 struct Shared {
     socket: UdpSocket,
-    key: Vec<u8>,
+    keys: Mutex<LinkKeys>,
     sender: u32,
     config: LinkConfig,
     state: Mutex<State>,
@@ -231,8 +250,10 @@ impl Shared {
 
     /// Seals and sends one pending datagram under the current run and edge boot id.
     fn transmit(&self, state: &State, p: &Pending) {
+        let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+        let (key_id, key) = &keys.current;
         let header = Header {
-            key_id: 0,
+            key_id: *key_id,
             sender: self.sender,
             seq: p.seq,
             epoch: state.epoch,
@@ -240,7 +261,7 @@ impl Shared {
             timestamp_ms: now_ms(),
         };
         let mut datagram = [0u8; MAX_DATAGRAM];
-        let sent = auth::seal(&self.key, &header, &p.records, &mut datagram)
+        let sent = auth::seal(key, &header, &p.records, &mut datagram)
             .map_err(io::Error::other)
             .and_then(|len| self.socket.send(&datagram[..len]));
         match sent {
@@ -303,8 +324,14 @@ impl Shared {
     /// Applies an ack; whether it revealed a restarted edge. Refused records of datagrams
     /// nobody waits for go to `unwaited` (with the reason code).
     fn take_ack(&self, bytes: &[u8], unwaited: &mut Vec<(Vec<[u8; RECORD_LEN]>, u8)>) -> bool {
-        let ack = match open_ack(&self.key, bytes) {
-            Ok(ack) if ack.sender == self.sender => ack,
+        let opened = {
+            let keys = self.keys.lock().unwrap_or_else(|p| p.into_inner());
+            claimed_key_id(bytes)
+                .and_then(|id| keys.get(id))
+                .map(|key| open_ack(key, bytes))
+        };
+        let ack = match opened {
+            Some(Ok(ack)) if ack.sender == self.sender => ack,
             _ => {
                 self.stats.acks_rejected.fetch_add(1, Ordering::Relaxed);
                 return false;
@@ -481,6 +508,18 @@ impl VerdictLink {
         first_seq: u64,
         config: LinkConfig,
     ) -> io::Result<VerdictLink> {
+        VerdictLink::connect_keyed(edge, (0, key), sender, first_seq, config)
+    }
+
+    /// [`VerdictLink::connect`] signing with key `key_id` (0: the edge's shared key; 1 and up:
+    /// this host's own keys, which the edge holds by the same ids).
+    pub fn connect_keyed(
+        edge: impl ToSocketAddrs,
+        (key_id, key): (u16, Vec<u8>),
+        sender: u32,
+        first_seq: u64,
+        config: LinkConfig,
+    ) -> io::Result<VerdictLink> {
         check_key(&key)?;
         if first_seq == 0 {
             return Err(io::Error::new(
@@ -503,7 +542,10 @@ impl VerdictLink {
         socket.connect(edge)?;
         let shared = Arc::new(Shared {
             socket,
-            key,
+            keys: Mutex::new(LinkKeys {
+                current: (key_id, key),
+                old: VecDeque::new(),
+            }),
             sender,
             config,
             state: Mutex::new(State {
@@ -681,6 +723,32 @@ impl VerdictLink {
             .on_edge_restart
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = Some(hook);
+    }
+
+    /// Signs with key `key_id` from now on (a rotation). Datagrams not yet acknowledged are
+    /// sealed with it when sent again; acks sealed with the last few keys before it still count.
+    pub fn set_key(&self, key_id: u16, key: Vec<u8>) -> io::Result<()> {
+        check_key(&key)?;
+        let mut keys = self.shared.keys.lock().unwrap_or_else(|p| p.into_inner());
+        if keys.current.0 == key_id {
+            keys.current.1 = key;
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut keys.current, (key_id, key));
+        keys.old.retain(|(id, _)| *id != key_id);
+        keys.old.push_front(before);
+        keys.old.truncate(KEPT_OLD_KEYS);
+        Ok(())
+    }
+
+    /// The id of the key datagrams are sealed with now.
+    pub fn key_id(&self) -> u16 {
+        self.shared
+            .keys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .current
+            .0
     }
 
     /// Datagrams waiting for their ack.

@@ -26,11 +26,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::channel::{Applied, ChannelStats, Delivery, Received, VerdictReceiver};
+use crate::channel::{
+    random_boot_id, Applied, ChannelStats, Delivery, Keyring, Received, SharedKeyring,
+    VerdictReceiver,
+};
 use crate::owners::{Change, Judged, Owners, Refusal, CLAIM_WAIT};
 use vigil_wire::boot::Role;
 use vigil_wire::outcome::Outcome;
@@ -81,7 +84,9 @@ pub struct EdgeConfig {
     pub cloud: NetConfig,
     /// Where hosts send signed verdicts (UDP).
     pub control: SocketAddr,
-    pub key: Vec<u8>,
+    /// The channel's shared key (key id 0), if any. Without one, only hosts given keys of their
+    /// own ([`Edge::set_host_keys`], from the cluster) are heard.
+    pub key: Option<Vec<u8>>,
     pub console_log: Option<PathBuf>,
 }
 
@@ -135,6 +140,8 @@ pub struct Edge {
     books: Mutex<Books>,
     /// Hosts declared dead: their datagrams are not applied (nor acknowledged).
     fenced: Mutex<HashSet<u32>>,
+    /// The keys the channel checks datagrams with (the receiving thread reads it).
+    keyring: SharedKeyring,
 }
 
 impl Edge {
@@ -166,13 +173,18 @@ impl Edge {
                 },
             ])
             .with_debug(debug);
-        let receiver =
-            VerdictReceiver::bind(config.control, config.key.clone()).map_err(|source| {
-                StartError::Channel {
-                    addr: config.control,
-                    source,
-                }
-            })?;
+        let channel_error = |source| StartError::Channel {
+            addr: config.control,
+            source,
+        };
+        let keyring = match &config.key {
+            Some(key) => Keyring::shared(key.clone()).map_err(channel_error)?,
+            None => Keyring::own_keys_only(),
+        };
+        let keyring = Arc::new(RwLock::new(keyring));
+        let boot = random_boot_id().map_err(channel_error)?;
+        let receiver = VerdictReceiver::bind_keyring(config.control, keyring.clone(), boot)
+            .map_err(channel_error)?;
         let control_addr = receiver.local_addr().map_err(StartError::ChannelAddr)?;
         let boot_id = receiver.boot_id();
         let vm = Vm::create(&vm_config, kind).map_err(StartError::Vm)?;
@@ -203,6 +215,7 @@ impl Edge {
             started: Instant::now(),
             books: Mutex::new(Books::default()),
             fenced: Mutex::new(HashSet::new()),
+            keyring,
         });
         edge.own_underlay(
             &mut edge.books.lock().unwrap_or_else(|p| p.into_inner()),
@@ -614,6 +627,26 @@ impl Edge {
         taken.then_some(flushed)
     }
 
+    /// Holds host `sender` to keys of its own, by id (ids 1 and up; the cluster's keys of that
+    /// host): from now on only they open its datagrams, the shared key no longer does. An empty
+    /// list takes them away: its datagrams then open only under the shared key, if there is one.
+    pub fn set_host_keys(&self, sender: u32, keys: Vec<(u16, Vec<u8>)>) -> std::io::Result<()> {
+        let ids: Vec<u16> = keys.iter().map(|(id, _)| *id).collect();
+        self.keyring
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_sender(sender, keys)?;
+        log::info!("edge {}: sender {sender} keys {ids:?}", self.config.name);
+        Ok(())
+    }
+
+    /// The hosts held to keys of their own, with their key ids (never the keys), and whether
+    /// a shared key is configured.
+    pub fn key_ids(&self) -> (std::collections::BTreeMap<u32, Vec<u16>>, bool) {
+        let keyring = self.keyring.read().unwrap_or_else(|p| p.into_inner());
+        (keyring.key_ids(), keyring.has_shared())
+    }
+
     /// Applies host `sender`'s datagrams again (it registered anew); whether it was fenced.
     pub fn readmit_host(&self, sender: u32) -> bool {
         self.fenced
@@ -636,7 +669,14 @@ impl Edge {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let (own_keys, shared_key) = self.key_ids();
+        let own_keys: BTreeMap<String, Vec<u16>> = own_keys
+            .into_iter()
+            .map(|(sender, ids)| (sender.to_string(), ids))
+            .collect();
         serde_json::json!({
+            "shared_key": shared_key,
+            "host_key_ids": own_keys,
             "accepted_datagrams": c.accepted_datagrams,
             "held_now": self.stats.held_now.load(Ordering::Relaxed),
             "held": c.held,

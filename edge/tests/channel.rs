@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use edge::channel::{key_from_hex, load_key, KeyError, Received, VerdictReceiver, MIN_KEY_LEN};
+use edge::channel::{
+    key_from_hex, load_key, KeyError, Keyring, Received, VerdictReceiver, MIN_KEY_LEN,
+};
 use edge::link::{Class, LinkConfig, LinkError, VerdictLink};
 use vigil_wire::ack::{open_ack, ACK_LEN};
 use vigil_wire::auth::{self, AuthError, Header, MAX_DATAGRAM, MAX_RECORDS};
@@ -398,6 +400,144 @@ fn runs_and_boot_ids_by_hand() {
         vec![(100, None), (101, None), (500, Some(100))],
         "in order, the restart reported once"
     );
+}
+
+/// Hosts held to keys of their own: a datagram opens only under its sender's key of the id it
+/// names; the shared key no longer speaks for such a sender; acks come under the same key.
+#[test]
+fn a_sender_with_own_keys_is_held_to_them() {
+    let shared = key(1);
+    let (k8, k9) = (key(8), key(9));
+    let keys = Arc::new(std::sync::RwLock::new(
+        Keyring::shared(shared.clone()).unwrap(),
+    ));
+    keys.write()
+        .unwrap()
+        .set_sender(8, vec![(3, k8.clone())])
+        .unwrap();
+    keys.write()
+        .unwrap()
+        .set_sender(9, vec![(1, k9.clone())])
+        .unwrap();
+    let mut rx = VerdictReceiver::bind_keyring("127.0.0.1:0", keys.clone(), 0xB0).unwrap();
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.connect(rx.local_addr().unwrap()).unwrap();
+    let recs = records(1, 0);
+    let h = |key_id, sender, seq| Header {
+        key_id,
+        sender,
+        seq,
+        epoch: 100,
+        edge_boot: 0xB0,
+        ..Header::default()
+    };
+    let judge = |rx: &mut VerdictReceiver| rx.recv(WAIT, |_| true).unwrap().expect("a datagram");
+    let rejected = |r: &Received| match r {
+        Received::Rejected { reason, .. } => Some(*reason),
+        _ => None,
+    };
+    // Sender 8 under its own key 3: applied, and acked under that key (id 3).
+    raw.send(&seal(&k8, h(3, 8, 100), &recs)).unwrap();
+    assert!(matches!(
+        judge(&mut rx),
+        Received::Applied { sender: 8, .. }
+    ));
+    let mut buf = [0u8; ACK_LEN + 1];
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    let n = raw.recv(&mut buf).unwrap();
+    assert_eq!(vigil_wire::ack::claimed_key_id(&buf[..n]), Some(3));
+    assert!(
+        open_ack(&shared, &buf[..n]).is_err(),
+        "not under the shared key"
+    );
+    assert_eq!(open_ack(&k8, &buf[..n]).unwrap().next, 101);
+    // The shared key (id 0) no longer speaks for sender 8.
+    raw.send(&seal(&shared, h(0, 8, 101), &recs)).unwrap();
+    assert_eq!(
+        rejected(&judge(&mut rx)),
+        Some(AuthError::UnknownKey {
+            sender: 8,
+            key_id: 0
+        })
+    );
+    // Host 9 signs as sender 8 with its own key, naming 8's key id: 8's key does not open it.
+    raw.send(&seal(&k9, h(3, 8, 101), &recs)).unwrap();
+    assert_eq!(rejected(&judge(&mut rx)), Some(AuthError::BadTag));
+    // A key id sender 8 does not have.
+    raw.send(&seal(&k8, h(4, 8, 101), &recs)).unwrap();
+    assert!(matches!(
+        rejected(&judge(&mut rx)),
+        Some(AuthError::UnknownKey { key_id: 4, .. })
+    ));
+    // A sender without own keys still may use the shared key.
+    raw.send(&seal(&shared, h(0, 5, 100), &recs)).unwrap();
+    assert!(matches!(
+        judge(&mut rx),
+        Received::Applied { sender: 5, .. }
+    ));
+    // Keys taken away (its host is gone): sender 9's own key opens nothing any more.
+    keys.write().unwrap().set_sender(9, Vec::new()).unwrap();
+    raw.send(&seal(&k9, h(1, 9, 100), &recs)).unwrap();
+    assert!(matches!(
+        rejected(&judge(&mut rx)),
+        Some(AuthError::UnknownKey { sender: 9, .. })
+    ));
+    // Malformed key sets are refused whole.
+    let mut ring = keys.write().unwrap();
+    assert!(
+        ring.set_sender(7, vec![(0, key(2))]).is_err(),
+        "id 0 is the shared key's"
+    );
+    assert!(ring
+        .set_sender(7, vec![(1, vec![1; MIN_KEY_LEN - 1])])
+        .is_err());
+    assert!(ring
+        .set_sender(7, (1..=5).map(|i| (i, key(2))).collect())
+        .is_err());
+    assert!(!ring.key_ids().contains_key(&7));
+    assert!(format!("{ring:?}").contains("senders"));
+}
+
+/// A host's own key rotated while verdicts flow: the link signs with the new key from then on,
+/// and every record reaches the edge once, in order, with no shared key at the edge at all.
+#[test]
+fn a_rotation_of_a_hosts_own_key_loses_nothing() {
+    let (k1, k2) = (key(0x11), key(0x22));
+    let keys = Arc::new(std::sync::RwLock::new(Keyring::own_keys_only()));
+    keys.write()
+        .unwrap()
+        .set_sender(4, vec![(1, k1.clone())])
+        .unwrap();
+    let rx = VerdictReceiver::bind_keyring("127.0.0.1:0", keys.clone(), 77).unwrap();
+    let addr = rx.local_addr().unwrap();
+    let edge = Edge::start(rx);
+    let link = VerdictLink::connect_keyed(addr, (1, k1.clone()), 4, 10, fast()).unwrap();
+    let t = link.send(&records(5, 0), Class::Verdict).unwrap();
+    assert!(link.wait_acked(t.last_ticket, WAIT));
+    // The edge learns key 2 first (both kept, as during a rotation), then the host signs with it.
+    keys.write()
+        .unwrap()
+        .set_sender(4, vec![(1, k1), (2, k2.clone())])
+        .unwrap();
+    link.set_key(2, k2.clone()).unwrap();
+    assert_eq!(link.key_id(), 2);
+    let t = link.send(&records(5, 5), Class::Verdict).unwrap();
+    assert!(link.wait_acked(t.last_ticket, WAIT));
+    // Key 1 retired at the edge: the link goes on under key 2.
+    keys.write().unwrap().set_sender(4, vec![(2, k2)]).unwrap();
+    let t = link.send(&records(5, 10), Class::Verdict).unwrap();
+    assert!(link.wait_acked(t.last_ticket, WAIT));
+    assert_eq!(edge.applied(), records(15, 0));
+    // A host whose key the edge does not hold is not heard: nothing more is applied.
+    link.set_key(3, key(0x33)).unwrap();
+    let t = link.send(&records(1, 15), Class::Verdict).unwrap();
+    assert!(!link.wait_acked(t.last_ticket, Duration::from_millis(300)));
+    assert_eq!(edge.applied().len(), 15);
+    let rejected = edge.stop().stats().rejected_for(&AuthError::UnknownKey {
+        sender: 4,
+        key_id: 3,
+    });
+    assert!(rejected > 0, "the datagrams under key 3 were refused");
 }
 
 #[test]

@@ -135,8 +135,6 @@ impl Cloud {
                 "2",
             ])
             .args(["--edge-control", &self.control])
-            .arg("--edge-key-file")
-            .arg(self.dir.join("channel.key"))
             .args(["--host-id", &SENDER.to_string(), "--name", "a"])
             .args([
                 "--etcd",

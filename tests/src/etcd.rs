@@ -208,10 +208,32 @@ impl Etcd {
         })
     }
 
+    /// Freezes etcd (SIGSTOP) until the guard drops (SIGCONT): unreachable to every client for
+    /// that long, its state and leases kept, as a partitioned or stalled etcd.
+    pub fn pause(&self) -> Paused {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid, which is not reaped while `self` lives.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        Paused { pid }
+    }
+
     /// A client of it.
     pub fn store(&self) -> vmm_cluster::Store {
         vmm_cluster::Store::connect(std::slice::from_ref(&self.endpoint))
             .unwrap_or_else(|e| panic!("connect to etcd: {e}"))
+    }
+}
+
+/// etcd frozen; dropping this lets it run again.
+pub struct Paused {
+    pid: libc::pid_t,
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: as in `Etcd::pause`; the Etcd outlives its guard only by the caller's care,
+        // and a SIGCONT to a reaped pid is harmless (no such process, or never reused this fast).
+        unsafe { libc::kill(self.pid, libc::SIGCONT) };
     }
 }
 

@@ -15,7 +15,9 @@
 //!   (pinned with `ip_local_port_range`, so the outside knows it); one landing outside the listen
 //!   rule's ports is refused in the guest; a UDP socket bound to :0 (a listener behind its port
 //!   with no verdict of its own) gets nothing from the outside: dropped at the edge.
-//! - A verdict signed with the wrong key is rejected by the edge and reported.
+//! - No key files: each host signs with its own key from etcd, and migrations between them
+//!   authenticate with those keys. A verdict for host A's sender id under another key than A's
+//!   is rejected by the edge and reported.
 //! - Live migration A → B of the running tenant with an established TCP connection to an outside
 //!   server, by changing its host in etcd (`vigil cluster move`; the agents migrate it over TCP
 //!   with pre-copy): bytes before and after the migration checked on both ends; A forgets the
@@ -43,7 +45,6 @@ use vigil_tests::{
 const OUTSIDE_IP: &str = "10.66.0.1";
 const TENANT_IP: &str = "10.66.0.2";
 const TENANT_MAC: &str = "52:54:00:00:00:02";
-const KEY: &str = "5c1f0a2e9d8b7c6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa9988";
 
 #[test]
 #[ignore = "boots the Debian tenant: 10-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
@@ -51,8 +52,6 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     let dir = tenant_dir();
     let pid = std::process::id();
     let work = TempDir::new("vigil-cloud");
-    let key_file = work.join("edge.key");
-    std::fs::write(&key_file, KEY).unwrap();
 
     // The outside world, the edge, two hosts; underlay: edge–A 192.168.71.0/24, edge–B .72.
     let outside = Namespace::create(&format!("vc-out-{pid}"), "eo0", OUTSIDE_IP);
@@ -63,12 +62,6 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     veth(&edge_ns, "eb", "192.168.72.1", &b_ns, "ub", "192.168.72.2");
     // The hosts' own network, for migration (TCP, no shared filesystem): .73.
     veth(&a_ns, "miga", "192.168.73.1", &b_ns, "migb", "192.168.73.2");
-    let keys_file = work.join("migration-keys.json");
-    std::fs::write(
-        &keys_file,
-        workload::migration_keys_json(&["host-a", "host-b"]),
-    )
-    .unwrap();
 
     // The cluster's state: etcd in the edge's namespace, the hosts reach it over the underlay.
     let etcd = Etcd::try_start_in("cloud", &edge_ns)
@@ -87,7 +80,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         .args(["edge", "--elf", &elf])
         .args(["--outside", &format!("tap=eo0,netns={}", outside.name)])
         .args(["--cloud", "local=0.0.0.0:4789", "--control", "0.0.0.0:4790"])
-        .args(["--key-file", &s(&key_file), "--api-socket", &s(&edge_sock)])
+        .args(["--api-socket", &s(&edge_sock)])
         .args(["--name", "edge", "--etcd", etcd.endpoint()])
         .start("verdict channel on")
         .unwrap_or_else(|e| panic!("{e}"));
@@ -99,9 +92,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
                 .args(["host", "--api-socket", &s(sock), "--switch-elf", &elf])
                 .args(["--uplink", &format!("vxlan={edge}:4789")])
                 .args(["--edge-control", &format!("{edge}:4790")])
-                .args(["--edge-key-file", &s(&key_file)])
                 .args(["--host-id", id, "--name", name, "--console"])
-                .args(["--migration-keys", &s(&keys_file)])
                 .args(["--etcd", &etcd.endpoint_at(edge)])
                 .args(["--migration-listen", &format!("tcp:{mig}:7070")])
                 .start("serving")
@@ -229,12 +220,13 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
         "{info}"
     );
 
-    // A forged verdict (another key) opening 7005 inbound: the edge rejects and reports it.
+    // A forged verdict opening 7005 inbound, for host A's sender id and key id but under
+    // another key: the edge rejects and reports it.
     let forged = edge_ns.spawn(|| {
         let bad_key = edge::channel::key_from_hex(&"ab".repeat(32)).unwrap();
-        let sender = edge::link::VerdictLink::connect(
+        let sender = edge::link::VerdictLink::connect_keyed(
             "127.0.0.1:4790",
-            bad_key,
+            (1, bad_key),
             1,
             1,
             edge::link::LinkConfig::default(),

@@ -7,6 +7,11 @@
 //! reconfigured); a delete removes it; and when the host process is killed, its lease expires
 //! and the edge flushes the tenants that host attached (`edge_host_lost`) and fences it.
 //!
+//! Keys: the hosts have no key files. Each signs its verdict datagrams with its own key from
+//! etcd (made when it joins), and the edge holds each host's sender id to that key. So a datagram
+//! for a host's sender id under the edge's shared key, or under another key, is refused. A
+//! rotation (`vigil cluster rotate-key`) reaches both ends, and verdicts go on flowing.
+//!
 //! The tenant is the Debian kernel, created and booted but not waited for (as in api.rs): no
 //! guest traffic is needed here. The test skips, saying so, only where the etcd binary is absent
 //! (scripts/setup installs it, so CI never skips it).
@@ -21,6 +26,7 @@ use vigil_tests::outside::free_udp_port;
 use vigil_tests::rest::{api, metric};
 use vigil_tests::workload::{idle_policy, vm_spec};
 use vigil_tests::{fw_guest_elf, tenant_dir, Namespace, TempDir, VigilCommand, VigilProcess};
+use vigil_wire::auth::{self, Header, MAX_DATAGRAM};
 use vmm_core::introspect::tenant_id;
 
 const KEY_HEX: &str = "5c2a7e11b0c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2b1c0d9e8";
@@ -71,7 +77,41 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
 
     // The host registers under a lease, with its sender id and capacity.
     let socket = dir.join("a.sock");
-    let mut host = start_host(&etcd, "a", SENDER, &socket, &cloud, &control, &key_file);
+    let mut host = start_host(&etcd, "a", SENDER, &socket, &cloud, &control);
+    // Its key was made in etcd, and the edge holds its sender id to it.
+    let keys = etcd.cli_json(&["keys", "a"]);
+    assert_eq!(keys["current"], 1, "{keys}");
+    edge.wait_event(EVENT_LIMIT, "the edge takes host a's key", |e| {
+        e["event"] == "edge_host_keys" && e["sender"] == SENDER && e["key_ids"] == json!([1])
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    // Datagrams for host a's sender id that are not under its key are refused: the edge's
+    // shared key no longer speaks for it, nor does another key under its key id.
+    let forge = |key_id: u16, key: &[u8]| {
+        let header = Header {
+            key_id,
+            sender: SENDER,
+            seq: 1,
+            epoch: 1,
+            ..Header::default()
+        };
+        let mut out = [0u8; MAX_DATAGRAM];
+        let len = auth::seal(key, &header, &[], &mut out).unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.send_to(&out[..len], &control).unwrap();
+    };
+    let shared = hex::decode(KEY_HEX).unwrap();
+    // (Host a's own first datagrams, sent under key 1 before the edge took it, were refused as
+    // unknown_key too: the detail names the key id.)
+    for (key_id, reason) in [(0, "unknown_key"), (1, "bad_tag")] {
+        forge(key_id, &shared);
+        edge.wait_event(EVENT_LIMIT, "the forged datagram refused", |e| {
+            e["event"] == "edge_rejected"
+                && e["reason"] == reason
+                && (key_id != 0 || e["detail"].as_str().is_some_and(|d| d.contains("key id 0")))
+        })
+        .unwrap_or_else(|e| panic!("key id {key_id}: {e}"));
+    }
     let hosts = etcd.cli_json(&["hosts"]);
     assert_eq!(hosts.as_array().map(Vec::len), Some(1), "{hosts}");
     assert_eq!(hosts[0]["name"], "a");
@@ -106,6 +146,19 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     assert_eq!(listed[0]["id"], "web");
     assert_eq!(listed[0]["host"], "a");
 
+    // Host a's key rotated in etcd: the edge takes the new one (keeping the old while datagrams
+    // under it may be in flight), the host signs with it, and verdicts go on flowing.
+    let rotated = etcd.cli_json(&["rotate-key", "a"]);
+    assert_eq!(rotated["current"], 2, "{rotated}");
+    host.wait_event(EVENT_LIMIT, "host a signs with key 2", |e| {
+        e["event"] == "cluster_keys_installed" && e["edge_key_id"] == 2
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    edge.wait_event(EVENT_LIMIT, "the edge takes key 2", |e| {
+        e["event"] == "edge_host_keys" && e["sender"] == SENDER && e["key_ids"] == json!([1, 2])
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+
     // A new policy: re-applied on both tiers (flush, re-attach) by the host's own path.
     let policy = json!({"allow": [{"op": "connect", "exe": "/bin/busybox", "protocol": "tcp",
                                    "cidr": "10.0.0.1/32", "ports": "8080"}]});
@@ -126,6 +179,11 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
         })
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(reconfig["tiers_ms"].as_f64().is_some(), "{reconfig}");
+    // The re-attach reached the edge under the new key.
+    edge.wait_event(EVENT_LIMIT, "host a's verdicts after the rotation", |e| {
+        e["event"] == "edge_verdicts" && e["sender"] == SENDER && e["applied"] == true
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
     let (code, served) = api(&socket, "GET", "vm.policy?id=web", None);
     assert_eq!(code, 200, "{served}");
     assert_eq!(served, policy);
@@ -213,15 +271,7 @@ fn a_host_runs_what_etcd_assigns_it_and_its_death_closes_its_tenants_at_the_edge
     let db_policy_file = write(dir.path(), "db-policy.json", &db_policy);
     etcd.cli_json(&["policy", "db", "--set", &db_policy_file.to_string_lossy()]);
     let socket_b = dir.join("b.sock");
-    let host_b = start_host(
-        &etcd,
-        "b",
-        SENDER + 1,
-        &socket_b,
-        &cloud,
-        &control,
-        &key_file,
-    );
+    let host_b = start_host(&etcd, "b", SENDER + 1, &socket_b, &cloud, &control);
     let status = etcd.cli_json(&["move", "db", "b", "--wait", "120"]);
     assert_eq!(status["host"], "b", "{status}");
     assert_eq!(status["state"], "running", "{status}");
@@ -250,7 +300,6 @@ fn start_host(
     socket: &Path,
     cloud: &str,
     control: &str,
-    key_file: &Path,
 ) -> VigilProcess {
     VigilCommand::new(format!("host {name}"))
         .args(["host", "--api-socket"])
@@ -259,8 +308,6 @@ fn start_host(
         .arg(fw_guest_elf())
         .args(["--uplink", &format!("vxlan={cloud}"), "--tenant-ports", "2"])
         .args(["--edge-control", control])
-        .arg("--edge-key-file")
-        .arg(key_file)
         .args(["--host-id", &sender.to_string(), "--name", name])
         .args(["--etcd", etcd.endpoint(), "--etcd-lease-ttl", TTL_S])
         .start("serving")

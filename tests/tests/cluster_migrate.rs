@@ -5,6 +5,11 @@
 //! - Moved from host A to host B (both take migrations): B's agent listens and says so in etcd,
 //!   A's agent sends the tenant live over TCP (pre-copy), B adopts it; its report says `migrate`,
 //!   A holds nothing of it any more, and its switch port came back.
+//! - Keys: the hosts start with none; each agent makes its host's key in etcd and installs every
+//!   host's, so the migrations authenticate with keys from etcd. B's key is rotated, and B then
+//!   migrates the tenant back to A under its new key id.
+//! - etcd unreachable (frozen for 2 s, less than the leases' TTL): the hosts keep what they run,
+//!   and once it answers again the next move migrates as before.
 //! - Moved on to host C (which takes no migrations): B deletes it (flushed) and C creates it
 //!   from its spec; the report says `create`.
 //! - The new host cannot take it (host D advertises migrations but is shutting down, as a host
@@ -23,7 +28,7 @@ use std::time::{Duration, Instant};
 use vigil_tests::etcd::Etcd;
 use vigil_tests::hosts::in_process_host;
 use vigil_tests::outside::free_tcp_port;
-use vigil_tests::workload::{idle_policy, migration_keys_json, vm_spec};
+use vigil_tests::workload::{idle_policy, vm_spec};
 use vigil_tests::{tenant_dir, TempDir};
 use vmm_cluster::keys::TenantRecord;
 use vmm_cluster::{AgentConfig, HostAgent};
@@ -89,8 +94,8 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
         )
         .unwrap_or_else(|e| panic!("the agent of {name}: {e}"))
     };
-    let keys =
-        MigrationKeys::from_json(&migration_keys_json(&["mv-a", "mv-b", "mv-c", "mv-d"])).unwrap();
+    // No keys given: the agents take every host's from etcd.
+    let keys = MigrationKeys::default();
     let a = in_process_host("mv-a", &dir, &keys);
     let b = in_process_host("mv-b", &dir, &keys);
     let c = in_process_host("mv-c", &dir, &keys);
@@ -99,6 +104,23 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
     let _agent_b = agent(&b, "mv-b", 2, true);
     let _agent_c = agent(&c, "mv-c", 3, false);
     let _agent_d = agent(&d, "mv-d", 4, true);
+    // A holds every host's key from etcd (the later agents' keys came by its watch).
+    let installed = loop {
+        let line = wait_event(&events, "cluster_keys_installed", "\"host\":\"mv-a\"");
+        if line.contains("\"mv-d\"") {
+            break line;
+        }
+    };
+    let installed: serde_json::Value =
+        serde_json::from_str(installed.trim_start_matches(|c| c != '{')).unwrap();
+    for host in ["mv-a", "mv-b", "mv-c", "mv-d"] {
+        assert_eq!(
+            installed["hosts"][host],
+            serde_json::json!([1]),
+            "{installed}"
+        );
+    }
+    assert_eq!(a.migration_keys().hosts().count(), 4);
     let hosts = store.hosts().unwrap();
     let migration_of = |name: &str| {
         hosts
@@ -166,6 +188,39 @@ fn a_tenant_moved_in_etcd_migrates_live_where_the_new_host_takes_migrations() {
         store.status(ID).unwrap().map(|s| s.host),
         Some("mv-b".into())
     );
+
+    // B's key rotated in etcd: A and B take key 2, and B (the source now) proves itself with
+    // it when the tenant moves back to A.
+    let rotated = store
+        .rotate_host_key("mv-b", &vmm_cluster::keys::new_key_hex().unwrap())
+        .unwrap();
+    assert_eq!(rotated, 2);
+    let mut waiting = vec!["mv-a", "mv-b"];
+    while !waiting.is_empty() {
+        let line = wait_event(&events, "cluster_keys_installed", "\"mv-b\":[1,2]");
+        waiting.retain(|host| !line.contains(&format!("\"host\":\"{host}\"")));
+    }
+    let status = move_to(&store, "mv-a");
+    let s = (status.0.as_str(), status.1.as_str(), status.2.as_str());
+    assert_eq!(s, ("mv-a", "running", "migrate"), "{status:?}");
+    wait_empty(&b, "B");
+
+    // etcd frozen for 2 s (under the 5 s leases): nothing is lost or moved meanwhile, A still
+    // runs the tenant after it, and the next move migrates live as before.
+    {
+        let _paused = etcd.pause();
+        let frozen = Instant::now();
+        while frozen.elapsed() < Duration::from_secs(2) {
+            assert_eq!(a.info(ID).unwrap().state, VmState::Running);
+            assert!(b.list().is_empty());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    assert_eq!(a.info(ID).unwrap().state, VmState::Running);
+    let status = move_to(&store, "mv-b");
+    let s = (status.0.as_str(), status.1.as_str(), status.2.as_str());
+    assert_eq!(s, ("mv-b", "running", "migrate"), "{status:?}");
+    wait_empty(&a, "A");
 
     // Moved on to C, which takes no migrations: deleted at B, created at C from its spec.
     let status = move_to(&store, "mv-c");

@@ -238,6 +238,7 @@ fn a_restarted_edge_gets_every_address_and_verdict_again() {
         edge: Some(vmm_host::EdgeLinkConfig {
             control,
             key: key.clone(),
+            key_id: 0,
             sender: 9,
         }),
         state_dir: dir.join("state"),

@@ -155,6 +155,7 @@ fn a_verdict_the_edge_refuses_is_denied_or_taken_back_at_the_switch() {
         Some(vmm_host::EdgeLinkConfig {
             control: edge.addr(),
             key,
+            key_id: 0,
             sender: 31,
         }),
     );

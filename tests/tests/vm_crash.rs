@@ -204,6 +204,7 @@ fn a_crashed_vm_is_flushed_from_the_edge_at_once() {
         edge: Some(vmm_host::EdgeLinkConfig {
             control,
             key,
+            key_id: 0,
             sender: 11,
         }),
         state_dir: dir.join("state"),

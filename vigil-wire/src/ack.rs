@@ -131,6 +131,12 @@ pub fn seal_ack(key: &[u8], ack: &Ack) -> Result<[u8; ACK_LEN], AuthError> {
     Ok(out)
 }
 
+/// The key id an ack claims to be sealed with (unauthenticated: it only picks the key to check
+/// it with; [`open_ack`] then checks the tag, which covers it).
+pub fn claimed_key_id(bytes: &[u8]) -> Option<u16> {
+    bytes.get(6..8).map(|b| u16::from_le_bytes([b[0], b[1]]))
+}
+
 /// Checks an ack's length, header and tag (constant-time) under `key`.
 pub fn open_ack(key: &[u8], bytes: &[u8]) -> Result<Ack, AuthError> {
     if key.is_empty() {

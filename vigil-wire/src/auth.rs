@@ -121,11 +121,14 @@ pub enum AuthError {
     OtherEdge { sender: u32, edge_boot: u64 },
     /// Too far ahead of the next sequence number the receiver applies to hold it.
     TooFarAhead { sender: u32, seq: u64, next: u64 },
+    /// The receiver holds no key `key_id` for this sender (never given, rotated out, or the
+    /// sender's host is not registered).
+    UnknownKey { sender: u32, key_id: u16 },
 }
 
 impl AuthError {
     /// Number of distinct reasons ([`AuthError::index`] is below it): sized for counters.
-    pub const COUNT: usize = 17;
+    pub const COUNT: usize = 18;
 
     /// A stable short name per reason, for counters and log fields.
     pub const fn name(&self) -> &'static str {
@@ -147,6 +150,7 @@ impl AuthError {
             AuthError::StaleEpoch { .. } => "stale_epoch",
             AuthError::OtherEdge { .. } => "other_edge",
             AuthError::TooFarAhead { .. } => "too_far_ahead",
+            AuthError::UnknownKey { .. } => "unknown_key",
         }
     }
 
@@ -170,6 +174,7 @@ impl AuthError {
             AuthError::StaleEpoch { .. } => 14,
             AuthError::OtherEdge { .. } => 15,
             AuthError::TooFarAhead { .. } => 16,
+            AuthError::UnknownKey { .. } => 17,
         }
     }
 
@@ -193,6 +198,7 @@ impl AuthError {
             "stale_epoch",
             "other_edge",
             "too_far_ahead",
+            "unknown_key",
         ];
         if index < NAMES.len() {
             Some(NAMES[index])
@@ -267,6 +273,10 @@ impl fmt::Display for AuthError {
             AuthError::TooFarAhead { sender, seq, next } => write!(
                 f,
                 "verdict datagram too far ahead: sender {sender} sequence {seq}, next {next}"
+            ),
+            AuthError::UnknownKey { sender, key_id } => write!(
+                f,
+                "verdict datagram from sender {sender} signed with key id {key_id}, which this edge does not hold for it"
             ),
         }
     }
@@ -551,6 +561,7 @@ impl ExactSizeIterator for Records<'_> {}
 
 /// Check a datagram's structure and its tag under `key` (constant-time comparison); returns the
 /// authenticated header and records. Replay is the caller's to check, after this succeeded.
+/// The key id in the header is not looked at: one key for every sender (see [`open_with`]).
 ///
 /// Order: length bounds, magic, version, flags, count against length, sequence, tag. Only the
 /// cheap structural checks run before the MAC, and none of them depend on the key.
@@ -558,6 +569,17 @@ pub fn open<'a>(key: &[u8], datagram: &'a [u8]) -> Result<Opened<'a>, AuthError>
     if key.is_empty() {
         return Err(AuthError::KeyEmpty);
     }
+    open_with(datagram, |_, _| Some(key))
+}
+
+/// [`open`] with the key chosen by the datagram's claimed `(sender, key id)`: `key_of` returns
+/// the key the receiver holds for that pair, or `None` ([`AuthError::UnknownKey`]). The claim is
+/// unauthenticated when `key_of` sees it, but the tag covers both fields, so a datagram naming
+/// another sender than its signer's fails the tag check under that sender's key.
+pub fn open_with<'a, K: AsRef<[u8]>>(
+    datagram: &'a [u8],
+    key_of: impl FnOnce(u32, u16) -> Option<K>,
+) -> Result<Opened<'a>, AuthError> {
     let len = datagram.len();
     if len < MIN_DATAGRAM {
         return Err(AuthError::Truncated { len });
@@ -579,7 +601,11 @@ pub fn open<'a>(key: &[u8], datagram: &'a [u8]) -> Result<Opened<'a>, AuthError>
     if batch.seq() == 0 || batch.epoch() == 0 || batch.epoch() > batch.seq() {
         return Err(AuthError::BadSequence);
     }
-    let mut mac = keyed_mac(key)?;
+    let key = key_of(batch.sender(), batch.key_id()).ok_or(AuthError::UnknownKey {
+        sender: batch.sender(),
+        key_id: batch.key_id(),
+    })?;
+    let mut mac = keyed_mac(key.as_ref())?;
     mac.update(batch.signed_bytes());
     mac.verify_slice(batch.tag())
         .map_err(|_| AuthError::BadTag)?;
@@ -662,6 +688,54 @@ mod tests {
             assert_eq!(view.magic(), MAGIC);
             assert_eq!(view.record_count() as usize, n);
         }
+    }
+
+    #[test]
+    fn open_with_takes_the_key_of_the_claimed_sender_and_key_id() {
+        const KEY_B: &[u8] = b"fedcba9876543210fedcba9876543210";
+        let keys = |sender: u32, key_id: u16| match (sender, key_id) {
+            (42, 0) => Some(KEY),
+            (43, 5) => Some(KEY_B),
+            _ => None,
+        };
+        let (buf, len) = sealed(1, 9);
+        assert_eq!(open_with(&buf[..len], keys).unwrap().header.sender, 42);
+        // Sender 42's signer claims to be sender 43 (with 43's key id): 43's key does not match.
+        let recs = records(1);
+        let mut forged = [0u8; MAX_DATAGRAM];
+        let header = Header {
+            key_id: 5,
+            sender: 43,
+            seq: 9,
+            epoch: 3,
+            ..Header::default()
+        };
+        let len = seal(KEY, &header, &recs[..1], &mut forged).unwrap();
+        assert_eq!(
+            open_with(&forged[..len], keys).unwrap_err(),
+            AuthError::BadTag
+        );
+        // Signed by 43 under a key id the receiver does not hold for it.
+        let header = Header {
+            key_id: 4,
+            ..header
+        };
+        let len = seal(KEY_B, &header, &recs[..1], &mut forged).unwrap();
+        assert_eq!(
+            open_with(&forged[..len], keys).unwrap_err(),
+            AuthError::UnknownKey {
+                sender: 43,
+                key_id: 4
+            }
+        );
+        // The structure is checked before any key is asked for.
+        let asked = core::cell::Cell::new(false);
+        let short = open_with(&forged[..10], |_, _| {
+            asked.set(true);
+            Some(KEY)
+        });
+        assert_eq!(short.unwrap_err(), AuthError::Truncated { len: 10 });
+        assert!(!asked.get());
     }
 
     #[test]
@@ -816,6 +890,10 @@ mod tests {
                 sender: 0,
                 seq: 0,
                 next: 0,
+            },
+            AuthError::UnknownKey {
+                sender: 0,
+                key_id: 0,
             },
         ];
         assert_eq!(all.len(), AuthError::COUNT);

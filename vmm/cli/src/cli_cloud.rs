@@ -31,11 +31,13 @@ pub struct HostArgs {
     /// Tenant ports of the switch (1 to 7).
     #[arg(long, default_value_t = 4)]
     tenant_ports: usize,
-    /// The edge's verdict channel (UDP address); with --edge-key-file.
-    #[arg(long, requires = "edge_key_file")]
+    /// The edge's verdict channel (UDP address). Datagrams are signed with this host's own key
+    /// from etcd (with --etcd), or with the edge's shared key (--edge-key-file).
+    #[arg(long)]
     edge_control: Option<SocketAddr>,
-    /// The channel's key: a file with at least 64 hex digits.
-    #[arg(long, requires = "edge_control")]
+    /// The channel's shared key: a file with at least 64 hex digits. Not with --etcd: there
+    /// each host signs with its own key (`vigil cluster keys HOST`).
+    #[arg(long, requires = "edge_control", conflicts_with = "etcd")]
     edge_key_file: Option<PathBuf>,
     /// This host's sender id on the edge channel (distinct per host).
     #[arg(long, default_value_t = 1)]
@@ -50,8 +52,9 @@ pub struct HostArgs {
     #[arg(long)]
     console: bool,
     /// Keys of the hosts this one migrates with, its own (--name) included: a JSON file
-    /// {"NAME": "64+ hex digits", ...}. Without it, migration is refused both ways.
-    #[arg(long)]
+    /// {"NAME": "64+ hex digits", ...}. Without it (and without --etcd, whose hosts' keys are
+    /// used instead), migration is refused both ways.
+    #[arg(long, conflicts_with = "etcd")]
     migration_keys: Option<PathBuf>,
     /// With --etcd: where this host takes tenants migrating in (tcp:ADDR:PORT, reachable from
     /// the other hosts). A tenant moved here in etcd from a live host then migrates live;
@@ -89,9 +92,11 @@ pub struct EdgeArgs {
     /// Where hosts send signed verdicts (UDP).
     #[arg(long)]
     control: SocketAddr,
-    /// The channel's key: a file with at least 64 hex digits.
-    #[arg(long)]
-    key_file: PathBuf,
+    /// The channel's shared key (key id 0): a file with at least 64 hex digits. Optional with
+    /// --etcd, where each registered host is held to its own keys; hosts without keys of their
+    /// own may then still sign with this one.
+    #[arg(long, required_unless_present = "etcd")]
+    key_file: Option<PathBuf>,
     /// Serve the edge's API (edge.ping, edge.counters, metrics, events) here.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -184,12 +189,41 @@ fn serve_until_signalled(stop: &Arc<AtomicBool>) {
 }
 
 /// `debug`: the knobs `main` read, passed to every VM of the host.
+/// The key a host signs its datagrams to the edge with, and its id: the shared key from
+/// `--edge-key-file` (id 0), or this host's own current key from etcd (made if it has none).
+fn edge_key(args: &HostArgs) -> Result<(u16, Vec<u8>), String> {
+    if let Some(path) = &args.edge_key_file {
+        return Ok((0, load_key(path)?));
+    }
+    if args.cluster.etcd.is_empty() {
+        return Err(
+            "--edge-control needs a key: --edge-key-file FILE, or --etcd (this host's own keys)"
+                .into(),
+        );
+    }
+    let joining = |e: vmm_cluster::ClusterError| format!("this host's keys in etcd: {e}");
+    let store = vmm_cluster::Store::connect(&args.cluster.etcd).map_err(joining)?;
+    let keys = store.ensure_host_keys(&args.name).map_err(joining)?;
+    let set = keys.edge_keys().map_err(|e| {
+        format!(
+            "this host's keys in etcd are unusable: {e} (give it a new one: vigil cluster rotate-key {})",
+            args.name
+        )
+    })?;
+    let key = set
+        .current_key()
+        .ok_or_else(|| format!("this host's current key {} is not in etcd", set.current))?
+        .to_vec();
+    Ok((set.current, key))
+}
+
 pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
-    let edge = match (args.edge_control, &args.edge_key_file) {
-        (Some(control), Some(key)) => match load_key(key) {
-            Ok(key) => Some(EdgeLinkConfig {
+    let edge = match args.edge_control {
+        Some(control) => match edge_key(&args) {
+            Ok((key_id, key)) => Some(EdgeLinkConfig {
                 control,
                 key,
+                key_id,
                 sender: args.host_id,
             }),
             Err(e) => {
@@ -197,7 +231,7 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
                 return ExitCode::from(2);
             }
         },
-        _ => None,
+        None => None,
     };
     let migration_keys = match &args.migration_keys {
         Some(path) => match vmm_host::MigrationKeys::load(path) {
@@ -280,7 +314,7 @@ pub fn host(args: HostArgs, debug: vmm_core::knobs::DebugKnobs) -> ExitCode {
 }
 
 pub fn edge(args: EdgeArgs) -> ExitCode {
-    let key = match load_key(&args.key_file) {
+    let key = match args.key_file.as_deref().map(load_key).transpose() {
         Ok(key) => key,
         Err(e) => {
             eprintln!("vigil edge: {e}");

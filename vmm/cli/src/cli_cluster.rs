@@ -93,14 +93,6 @@ fn read_input(path: &Path) -> Result<Vec<u8>, String> {
     }
 }
 
-fn random_key_hex() -> Result<String, String> {
-    let mut key = [0u8; 32];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut key))
-        .map_err(|e| format!("/dev/urandom: {e}"))?;
-    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
-}
-
 /// Waits for the report of revision `revision` of tenant `id` when asked to.
 fn wait_for(store: &Store, id: &str, revision: i64, wait: &Wait) -> Result<(), String> {
     let Some(secs) = wait.wait else {
@@ -216,7 +208,10 @@ fn run(store: &Store, action: ClusterAction) -> Result<(), String> {
         }
         ClusterAction::RotateKey { host } => {
             let id = store
-                .rotate_host_key(&host, &random_key_hex()?)
+                .rotate_host_key(
+                    &host,
+                    &vmm_cluster::keys::new_key_hex().map_err(cluster_err)?,
+                )
                 .map_err(cluster_err)?;
             println!("{{\"host\": {host:?}, \"current\": {id}}}");
             Ok(())

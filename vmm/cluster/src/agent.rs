@@ -22,6 +22,10 @@
 //!   here that the cluster may have started elsewhere. etcd merely unreachable is not a lost
 //!   lease (etcd keeps leases of a cluster that lost its quorum): the agent keeps trying.
 //!
+//! - Keys: the agent makes the host's first channel key in etcd if it has none, and keeps the
+//!   host's keys current from `/vigil/keys/` (`key_book`): every host's migration keys, and its
+//!   own edge key after a rotation (`vigil cluster rotate-key`).
+//!
 //! Owns: the host's registration, its lease and heartbeat, and the table of tenants it applied.
 //! Must not: touch a tenant the API created (ids it did not create are left alone, a clash is a
 //! failed status); talk HTTP; block the lease's keep-alive on a slow VM build.
@@ -37,6 +41,7 @@ use tokio::sync::watch;
 use vmm_host::{Host, VmSpec};
 
 use crate::background::{self, Background};
+use crate::key_book::KeyBook;
 use crate::keys::{self, Capacity, HostRecord, TenantRecord, TenantStatus};
 use crate::reconcile::{plan, Action};
 use crate::store::{connect, to_json, REQUEST_TIMEOUT};
@@ -84,9 +89,15 @@ impl HostAgent {
             applied: BTreeMap::new(),
             leaving: BTreeMap::new(),
             arriving: BTreeMap::new(),
+            key_book: KeyBook::default(),
         };
+        let mut agent = agent;
         let (client, session) = rt.block_on(async {
             let mut client = connect(&agent.config.endpoints).await?;
+            let endpoints = agent.config.endpoints.join(",");
+            crate::store::ensure_host_keys(&mut client, &endpoints, &agent.config.name).await?;
+            agent.key_book.load(&mut client, &endpoints).await?;
+            agent.install_keys();
             let session = agent.register(&mut client).await?;
             Ok::<_, ClusterError>((client, session))
         })?;
@@ -129,6 +140,8 @@ struct Agent {
     leaving: BTreeMap<String, (String, Instant)>,
     /// Tenants moved here that it listens for: their record and its revision, since when.
     arriving: BTreeMap<String, Arriving>,
+    /// Every host's channel keys.
+    key_book: KeyBook,
 }
 
 fn host_record(host: &Host, config: &AgentConfig, lease: i64) -> HostRecord {
@@ -227,6 +240,13 @@ impl Agent {
             body.extend(extra);
         }
         vmm_core::events::bus().emit(kind, &body);
+    }
+
+    /// Gives the host the keys of the book, if they changed.
+    fn install_keys(&mut self) {
+        if let Some(installed) = self.key_book.install(&self.host, &self.config.name) {
+            self.emit("cluster_keys_installed", installed);
+        }
     }
 
     /// Grants a lease, puts the host record under it, starts its keep-alive.
@@ -373,6 +393,12 @@ impl Agent {
                                 let id = id.to_string();
                                 self.reconcile(client, &id, desired.as_ref(), kv.mod_revision(),
                                     session.lease).await;
+                            } else if let Some(host) = keys::name_under(keys::KEYS, kv.key()) {
+                                match event.event_type() {
+                                    EventType::Put => self.key_book.put(host, kv.key(), kv.value()),
+                                    EventType::Delete => self.key_book.remove(host),
+                                }
+                                self.install_keys();
                             } else if let Some(id) = keys::name_under(keys::MIGRATIONS, kv.key()) {
                                 if event.event_type() == EventType::Put {
                                     let id = id.to_string();
@@ -412,6 +438,11 @@ impl Agent {
                 source,
             })?;
         let revision = resp.header().map_or(0, |h| h.revision());
+        // Read after the tenants: a key change after `revision` is then read here or watched
+        // (or both, which is harmless), never missed.
+        let endpoints = self.config.endpoints.join(",");
+        self.key_book.load(client, &endpoints).await?;
+        self.install_keys();
         let mut desired: BTreeMap<String, (Option<TenantRecord>, i64)> = BTreeMap::new();
         for kv in resp.kvs() {
             if let Some(id) = keys::name_under(keys::TENANTS, kv.key()) {

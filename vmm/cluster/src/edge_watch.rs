@@ -3,6 +3,11 @@
 //! it deregistered), the edge fences that host: every tenant it attached is flushed at once and
 //! its datagrams are not applied until it registers again (`edge::node::Edge::fence_host`).
 //!
+//! It also watches the hosts' keys (`/vigil/keys/`): each registered host's sender id is held to
+//! that host's own edge keys (`Edge::set_host_keys`), so the verdict channel authenticates each
+//! host with its own key, rotations included, and one host cannot sign for another's sender id.
+//! Two registered hosts claiming one sender id get no keys for it (`edge_sender_conflict`).
+//!
 //! Owns: the edge's registration and the table of registered hosts' sender ids. Must not: act on
 //! hosts, or readmit a host that has no live registration.
 
@@ -15,6 +20,7 @@ use etcd_client::{Client, EventType, GetOptions, PutOptions, WatchOptions};
 use tokio::sync::watch;
 
 use crate::background::{self, Background};
+use crate::key_book::KeyBook;
 use crate::keys::{self, EdgeRecord, HostRecord};
 use crate::store::{connect, from_json, to_json, REQUEST_TIMEOUT};
 use crate::ClusterError;
@@ -39,6 +45,8 @@ struct Watcher {
     config: EdgeWatchConfig,
     /// Registered hosts: name -> sender id.
     hosts: BTreeMap<String, u32>,
+    /// Every host's keys.
+    key_book: KeyBook,
 }
 
 impl EdgeWatch {
@@ -50,6 +58,7 @@ impl EdgeWatch {
             edge,
             config,
             hosts: BTreeMap::new(),
+            key_book: KeyBook::default(),
         };
         let (client, lease) = rt.block_on(async {
             let mut client = connect(&watcher.config.endpoints).await?;
@@ -107,9 +116,41 @@ impl Watcher {
         Ok(lease)
     }
 
+    /// Holds `sender`'s datagrams to the edge keys of the registered host that has that sender
+    /// id: none when no registered host (or more than one) has it.
+    fn install_keys(&self, sender: u32) {
+        let claimants: Vec<&String> = self
+            .hosts
+            .iter()
+            .filter(|(_, s)| **s == sender)
+            .map(|(name, _)| name)
+            .collect();
+        let keys = match claimants.as_slice() {
+            [one] => self.key_book.edge_keys(one),
+            [] => None,
+            several => {
+                self.emit(
+                    "edge_sender_conflict",
+                    serde_json::json!({"sender": sender, "hosts": several}),
+                );
+                None
+            }
+        };
+        let keys = keys.map(|set| set.keys).unwrap_or_default();
+        let ids: Vec<u16> = keys.iter().map(|(id, _)| *id).collect();
+        match self.edge.set_host_keys(sender, keys) {
+            Ok(()) => self.emit(
+                "edge_host_keys",
+                serde_json::json!({"sender": sender, "hosts": claimants, "key_ids": ids}),
+            ),
+            Err(e) => log::warn!("edge {}: keys of sender {sender}: {e}", self.config.name),
+        }
+    }
+
     /// The host is gone: fence it and flush its tenants.
     fn lost(&mut self, name: &str, sender: u32, why: &str) {
         self.hosts.remove(name);
+        self.install_keys(sender);
         let started = Instant::now();
         let flushed = self.edge.fence_host(sender);
         self.emit(
@@ -127,18 +168,46 @@ impl Watcher {
                 serde_json::json!({"host": record.name, "sender": record.sender}),
             );
         }
-        if let Some(old) = self.hosts.insert(record.name.clone(), record.sender) {
-            if old != record.sender {
+        let sender = record.sender;
+        match self.hosts.insert(record.name.clone(), sender) {
+            Some(old) if old != sender => {
                 // The name moved to another sender id: the old one's tenants have no host.
                 self.lost(&record.name, old, "sender changed");
-                self.hosts.insert(record.name, record.sender);
+                self.hosts.insert(record.name, sender);
+                self.install_keys(sender);
             }
+            Some(_) => {}
+            None => self.install_keys(sender),
         }
+    }
+
+    /// A host's keys record changed (or went): its sender takes the keys now stored.
+    fn keys_changed(&mut self, host: &str, value: Option<(&[u8], &[u8])>) {
+        match value {
+            Some((key, value)) => self.key_book.put(host, key, value),
+            None => self.key_book.remove(host),
+        }
+        if let Some(sender) = self.hosts.get(host).copied() {
+            self.install_keys(sender);
+        }
+    }
+
+    /// Reads every host record, then every host's keys, and installs them; returns the
+    /// revisions of both reads.
+    async fn sync(&mut self, client: &mut Client) -> Result<(i64, i64), ClusterError> {
+        let hosts_revision = self.sync_hosts(client).await?;
+        let endpoints = self.config.endpoints.join(",");
+        let keys_revision = self.key_book.load(client, &endpoints).await?;
+        let senders: std::collections::BTreeSet<u32> = self.hosts.values().copied().collect();
+        for sender in senders {
+            self.install_keys(sender);
+        }
+        Ok((hosts_revision, keys_revision))
     }
 
     /// Reads every host record: hosts known before and absent now are lost. Returns the
     /// revision of the read.
-    async fn sync(&mut self, client: &mut Client) -> Result<i64, ClusterError> {
+    async fn sync_hosts(&mut self, client: &mut Client) -> Result<i64, ClusterError> {
         let resp = client
             .get(keys::HOSTS, Some(GetOptions::new().with_prefix()))
             .await
@@ -176,7 +245,7 @@ impl Watcher {
         let mut keeper = None;
         let mut tick = tokio::time::interval(keeper_period);
         'sync: loop {
-            let revision = match self.sync(&mut client).await {
+            let (hosts_revision, keys_revision) = match self.sync(&mut client).await {
                 Ok(r) => r,
                 Err(e) => {
                     log::warn!("edge {}: reading the hosts: {e}", self.config.name);
@@ -186,12 +255,21 @@ impl Watcher {
                     }
                 }
             };
-            let options = WatchOptions::new()
-                .with_prefix()
-                .with_prev_key()
-                .with_start_revision(revision + 1);
-            let mut stream = match client.watch(keys::HOSTS, Some(options)).await {
-                Ok(s) => s,
+            let from = |revision: i64| {
+                WatchOptions::new()
+                    .with_prefix()
+                    .with_prev_key()
+                    .with_start_revision(revision + 1)
+            };
+            let watched = async {
+                let hosts = client
+                    .watch(keys::HOSTS, Some(from(hosts_revision)))
+                    .await?;
+                let keys = client.watch(keys::KEYS, Some(from(keys_revision))).await?;
+                Ok::<_, etcd_client::Error>((hosts, keys))
+            };
+            let (mut hosts, mut keys) = match watched.await {
+                Ok(streams) => streams,
                 Err(e) => {
                     log::warn!("edge {}: watching the hosts: {e}", self.config.name);
                     tokio::time::sleep(RETRY).await;
@@ -204,41 +282,68 @@ impl Watcher {
                     _ = tick.tick() => {
                         lease = self.keep_alive(&mut client, &key, lease, &mut keeper).await;
                     }
-                    message = stream.message() => {
+                    message = hosts.message() => {
                         let Ok(Some(message)) = message else {
                             log::warn!("edge {}: the hosts' watch ended; reading again",
                                 self.config.name);
                             continue 'sync;
                         };
                         for event in message.events() {
+                            self.host_event(event);
+                        }
+                    }
+                    message = keys.message() => {
+                        let Ok(Some(message)) = message else {
+                            log::warn!("edge {}: the keys' watch ended; reading again",
+                                self.config.name);
+                            continue 'sync;
+                        };
+                        for event in message.events() {
                             let Some(kv) = event.kv() else { continue };
-                            let Some(name) = keys::name_under(keys::HOSTS, kv.key()) else {
+                            let Some(host) = keys::name_under(keys::KEYS, kv.key()) else {
                                 continue;
                             };
-                            let name = name.to_string();
-                            match event.event_type() {
-                                EventType::Put => match from_json::<HostRecord>(kv.key(), kv.value()) {
-                                    Ok(record) if record.name == name => self.registered(record),
-                                    Ok(_) | Err(_) => log::warn!(
-                                        "edge {}: a bad record for host {name}", self.config.name),
-                                },
-                                EventType::Delete => {
-                                    let sender = event
-                                        .prev_kv()
-                                        .and_then(|p| from_json::<HostRecord>(p.key(), p.value()).ok())
-                                        .map(|r| r.sender)
-                                        .or_else(|| self.hosts.get(&name).copied());
-                                    if let Some(sender) = sender {
-                                        self.lost(&name, sender, "registration gone (lease expired or revoked)");
-                                    }
-                                }
-                            }
+                            let host = host.to_string();
+                            let value = (event.event_type() == EventType::Put)
+                                .then(|| (kv.key(), kv.value()));
+                            self.keys_changed(&host, value);
                         }
                     }
                 }
             }
         }
         let _ = tokio::time::timeout(REQUEST_TIMEOUT, client.lease_revoke(lease)).await;
+    }
+
+    /// A host record put (registered, or its heartbeat) or deleted (lost).
+    fn host_event(&mut self, event: &etcd_client::Event) {
+        let Some(kv) = event.kv() else { return };
+        let Some(name) = keys::name_under(keys::HOSTS, kv.key()) else {
+            return;
+        };
+        let name = name.to_string();
+        match event.event_type() {
+            EventType::Put => match from_json::<HostRecord>(kv.key(), kv.value()) {
+                Ok(record) if record.name == name => self.registered(record),
+                Ok(_) | Err(_) => {
+                    log::warn!("edge {}: a bad record for host {name}", self.config.name)
+                }
+            },
+            EventType::Delete => {
+                let sender = event
+                    .prev_kv()
+                    .and_then(|p| from_json::<HostRecord>(p.key(), p.value()).ok())
+                    .map(|r| r.sender)
+                    .or_else(|| self.hosts.get(&name).copied());
+                if let Some(sender) = sender {
+                    self.lost(
+                        &name,
+                        sender,
+                        "registration gone (lease expired or revoked)",
+                    );
+                }
+            }
+        }
     }
 
     /// One keep-alive of the edge's own lease; registers anew if it was lost.

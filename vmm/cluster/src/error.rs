@@ -34,6 +34,9 @@ pub enum ClusterError {
         #[source]
         source: std::io::Error,
     },
+    /// No random bytes for a new key.
+    #[error("cannot draw a new key from /dev/urandom: {0}")]
+    Random(#[source] std::io::Error),
     /// The lease of this host's or edge's registration is gone.
     #[error("the lease {lease:#x} expired")]
     LeaseLost { lease: i64 },

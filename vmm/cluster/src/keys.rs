@@ -183,6 +183,38 @@ pub struct EdgeRecord {
     pub lease: i64,
 }
 
+/// Labels that derive a host key's use-specific keys: the same secret never keys two protocols.
+const EDGE_CHANNEL_LABEL: &[u8] = b"vigil/edge-channel/v1";
+const MIGRATION_LABEL: &[u8] = b"vigil/migration/v1";
+/// Shortest host key accepted (bytes): 256 bits, HMAC-SHA256's strength.
+pub const MIN_HOST_KEY: usize = 32;
+
+/// A fresh host key: 32 bytes from the kernel's CSPRNG, as hex.
+pub fn new_key_hex() -> Result<String, ClusterError> {
+    let mut key = [0u8; MIN_HOST_KEY];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut key))
+        .map_err(ClusterError::Random)?;
+    Ok(hex::encode(key))
+}
+
+/// A host's keys for one use, by id, and which one it signs with now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySet<Id> {
+    pub current: Id,
+    pub keys: Vec<(Id, Vec<u8>)>,
+}
+
+impl<Id: PartialEq + Copy> KeySet<Id> {
+    /// The key it signs with now.
+    pub fn current_key(&self) -> Option<&[u8]> {
+        self.keys
+            .iter()
+            .find(|(id, _)| *id == self.current)
+            .map(|(_, k)| k.as_slice())
+    }
+}
+
 /// One channel key of a host.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -194,8 +226,33 @@ pub struct ChannelKey {
     pub created_unix_ms: u64,
 }
 
+impl ChannelKey {
+    /// The secret, checked: hex of at least [`MIN_HOST_KEY`] bytes.
+    fn secret(&self) -> Result<Vec<u8>, String> {
+        let bytes = hex::decode(self.hex.trim()).map_err(|e| format!("key {}: {e}", self.id))?;
+        if bytes.len() < MIN_HOST_KEY {
+            return Err(format!(
+                "key {}: {} bytes (at least {MIN_HOST_KEY})",
+                self.id,
+                bytes.len()
+            ));
+        }
+        Ok(bytes)
+    }
+
+    fn derive(&self, label: &[u8]) -> Result<Vec<u8>, String> {
+        use hmac::Mac;
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.secret()?)
+            .map_err(|e| format!("key {}: {e}", self.id))?;
+        mac.update(label);
+        Ok(mac.finalize().into_bytes().to_vec())
+    }
+}
+
 /// The channel keys a host may use: the current one signs, the others still verify during a
-/// rotation (the newest few are kept).
+/// rotation (the newest few are kept). Each is used through keys derived from it, one per
+/// protocol: the edge channel's ([`HostKeys::edge_keys`]) and migration's
+/// ([`HostKeys::migration_keys`]).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct HostKeys {
@@ -230,6 +287,42 @@ impl HostKeys {
 
     pub fn current_key(&self) -> Option<&ChannelKey> {
         self.get(self.current)
+    }
+
+    /// The keys the edge channel takes for this host, by key id (the wire's ids are 16-bit),
+    /// and the current one's id. An error (nothing usable) if any key is malformed or the
+    /// current one is missing: a host's keys are used whole or not at all.
+    pub fn edge_keys(&self) -> Result<KeySet<u16>, String> {
+        let id16 = |id: u32| {
+            u16::try_from(id)
+                .ok()
+                .filter(|id| *id != 0)
+                .ok_or_else(|| format!("key id {id} is outside 1..=65535"))
+        };
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for k in &self.keys {
+            keys.push((id16(k.id)?, k.derive(EDGE_CHANNEL_LABEL)?));
+        }
+        self.current_key()
+            .ok_or_else(|| format!("the current key {} is not among them", self.current))?;
+        Ok(KeySet {
+            current: id16(self.current)?,
+            keys,
+        })
+    }
+
+    /// The keys migrations with this host take, by key id, and the current one's id.
+    pub fn migration_keys(&self) -> Result<KeySet<u32>, String> {
+        let mut keys = Vec::with_capacity(self.keys.len());
+        for k in &self.keys {
+            keys.push((k.id, k.derive(MIGRATION_LABEL)?));
+        }
+        self.current_key()
+            .ok_or_else(|| format!("the current key {} is not among them", self.current))?;
+        Ok(KeySet {
+            current: self.current,
+            keys,
+        })
     }
 }
 
@@ -310,5 +403,37 @@ mod tests {
         let ids: Vec<u32> = keys.keys.iter().map(|k| k.id).collect();
         assert_eq!(ids, vec![3, 4, 5]);
         assert!(keys.get(1).is_none());
+    }
+
+    #[test]
+    fn each_use_gets_its_own_derived_key_and_a_bad_record_gives_none() {
+        let mut keys = HostKeys::default();
+        keys.rotate("11".repeat(32), 1);
+        keys.rotate("22".repeat(32), 2);
+        let edge = keys.edge_keys().unwrap();
+        let migration = keys.migration_keys().unwrap();
+        assert_eq!((edge.current, migration.current), (2, 2));
+        assert_eq!(edge.keys.len(), 2);
+        // Derived, not the secret itself, and different per use and per key.
+        let secret = hex::decode("22".repeat(32)).unwrap();
+        let (e, m) = (edge.current_key().unwrap(), migration.current_key().unwrap());
+        assert!(e != secret.as_slice() && m != secret.as_slice() && e != m);
+        assert_ne!(edge.keys[0].1, edge.keys[1].1);
+        // Deterministic: both ends derive the same key from the record.
+        assert_eq!(keys.edge_keys().unwrap(), edge);
+        // A short or non-hex key, or a current id that is not there: unusable whole.
+        for bad in ["abcd", "zz"] {
+            let mut k = keys.clone();
+            k.keys[0].hex = bad.into();
+            assert!(k.edge_keys().is_err() && k.migration_keys().is_err(), "{bad}");
+        }
+        let mut k = keys.clone();
+        k.current = 9;
+        assert!(k.edge_keys().is_err() && k.migration_keys().is_err());
+        // The wire's key ids are 16-bit and 0 is the shared key's.
+        let mut k = keys;
+        k.keys[0].id = 70_000;
+        assert!(k.edge_keys().is_err());
+        assert!(new_key_hex().unwrap().len() == 64);
     }
 }

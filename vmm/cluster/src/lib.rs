@@ -4,7 +4,8 @@
 //! Modules: `keys` (the key layout and its records), `store` (blocking reads and writes, for the
 //! `vigil cluster` commands, tests and benchmarks), `reconcile` (desired vs applied, as one
 //! action), `agent` (a host's registration, lease, heartbeat and reconciliation through
-//! `vmm_host::Host`), `edge_watch` (the edge fences a host whose lease expired).
+//! `vmm_host::Host`), `edge_watch` (the edge fences a host whose lease expired), `key_book` (the hosts' keys as
+//! each end installs them).
 //!
 //! Owns: everything Vigil reads from and writes to etcd. Must not: change the host's API or
 //! lifecycle (it drives them as the REST API does); trust a record it cannot parse.
@@ -13,6 +14,7 @@ mod agent;
 mod background;
 mod edge_watch;
 mod error;
+mod key_book;
 pub mod keys;
 mod reconcile;
 mod store;

@@ -69,6 +69,35 @@ pub(crate) fn from_json<T: DeserializeOwned>(key: &[u8], value: &[u8]) -> Result
     })
 }
 
+/// `host`'s channel keys, a first one made if it has none. Two hosts racing to make it agree
+/// on one: the put is a compare-and-swap on the key not existing.
+pub(crate) async fn ensure_host_keys(
+    client: &mut Client,
+    endpoints: &str,
+    host: &str,
+) -> Result<HostKeys, ClusterError> {
+    let key = keys::keys_key(host)?;
+    let etcd = |source| ClusterError::Etcd {
+        endpoints: endpoints.into(),
+        source,
+    };
+    for _ in 0..CAS_TRIES {
+        let resp = client.get(key.as_str(), None).await.map_err(etcd)?;
+        if let Some(kv) = resp.kvs().first() {
+            return from_json(kv.key(), kv.value());
+        }
+        let mut made = HostKeys::default();
+        made.rotate(keys::new_key_hex()?, keys::now_unix_ms());
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), to_json(&made), None)]);
+        if client.txn(txn).await.map_err(etcd)?.succeeded() {
+            return Ok(made);
+        }
+    }
+    Err(ClusterError::Contended { key })
+}
+
 impl Store {
     /// Connects to etcd (`http://HOST:PORT`, comma-separated endpoints are all tried).
     pub fn connect(endpoints: &[String]) -> Result<Store, ClusterError> {
@@ -270,6 +299,37 @@ impl Store {
         self.get_raw(&key)?
             .map(|(v, _)| from_json(key.as_bytes(), &v))
             .transpose()
+    }
+
+    /// `host`'s channel keys, a first one made if it has none.
+    pub fn ensure_host_keys(&self, host: &str) -> Result<HostKeys, ClusterError> {
+        let host = host.to_string();
+        let endpoints = self.endpoints.clone();
+        let mut client = self.client.clone();
+        match self.rt.block_on(async {
+            tokio::time::timeout(
+                REQUEST_TIMEOUT,
+                ensure_host_keys(&mut client, &endpoints, &host),
+            )
+            .await
+        }) {
+            Ok(result) => result,
+            Err(_) => Err(ClusterError::Timeout {
+                endpoints: self.endpoints.clone(),
+                secs: REQUEST_TIMEOUT.as_secs(),
+            }),
+        }
+    }
+
+    /// Every host's channel keys, by host (a malformed record is an error naming its key).
+    pub fn all_host_keys(&self) -> Result<Vec<(String, HostKeys)>, ClusterError> {
+        let mut all = Vec::new();
+        for (k, v) in self.list_raw(keys::KEYS)? {
+            if let Some(host) = keys::name_under(keys::KEYS, &k) {
+                all.push((host.to_string(), from_json(&k, &v)?));
+            }
+        }
+        Ok(all)
     }
 
     /// Adds a new channel key (`hex`) for `host` and makes it current (compare-and-swap);

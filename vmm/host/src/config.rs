@@ -22,6 +22,9 @@ pub struct EdgeLinkConfig {
     /// The edge's verdict channel (UDP).
     pub control: SocketAddr,
     pub key: Vec<u8>,
+    /// Which key `key` is: 0 for the edge's shared key (`--edge-key-file`), 1 and up for this
+    /// host's own keys from the cluster (the edge holds them by the same ids).
+    pub key_id: u16,
     /// This host's sender id on the channel (distinct per host).
     pub sender: u32,
 }

@@ -47,9 +47,9 @@ impl EdgeLink {
     /// The run's first sequence number is the wall clock in microseconds: above any number this
     /// sender id used before (a restarted host reuses its id; the edge follows its newest run).
     pub(crate) fn new(config: EdgeLinkConfig) -> io::Result<EdgeLink> {
-        let link = VerdictLink::connect(
+        let link = VerdictLink::connect_keyed(
             config.control,
-            config.key,
+            (config.key_id, config.key),
             config.sender,
             first_seq_from_clock(),
             LinkConfig::default(),
@@ -59,6 +59,15 @@ impl EdgeLink {
             sent_records: AtomicU64::new(0),
             send_errors: AtomicU64::new(0),
         })
+    }
+
+    /// Signs with key `key_id` from now on.
+    pub(crate) fn set_key(&self, key_id: u16, key: Vec<u8>) -> io::Result<()> {
+        self.link.set_key(key_id, key)
+    }
+
+    pub(crate) fn key_id(&self) -> u16 {
+        self.link.key_id()
     }
 
     /// Calls `hook` when the edge turns out to have restarted (see `Host::resync_edge`).

@@ -37,6 +37,9 @@ pub struct Host {
     /// Tenants whose VM stopped on its own, marked before their flush, until `vm.delete`: a
     /// policy replacement racing that flush flushes again rather than re-attach them.
     pub(crate) stopped_on_own: Mutex<std::collections::HashSet<u32>>,
+    /// The migration keys in force (the config's at start; the cluster agent replaces them as
+    /// hosts' keys come, go and rotate).
+    migration_keys: std::sync::RwLock<crate::MigrationKeys>,
 }
 
 impl Host {
@@ -73,6 +76,7 @@ impl Host {
             requested: (Mutex::new(false), Condvar::new()),
             torn_down: Mutex::new(false),
             stopped_on_own: Mutex::new(Default::default()),
+            migration_keys: std::sync::RwLock::new(config.migration_keys.clone()),
             config,
         });
         if let Some(edge) = &host.edge {
@@ -150,6 +154,38 @@ impl Host {
     /// (`None`: the uplink is not VXLAN).
     pub fn uplink_refused(&self) -> Option<u64> {
         self.switch.uplink_trust.as_ref().map(|t| t.refused())
+    }
+
+    /// The migration keys in force now (a copy: a handshake does not hold them locked).
+    pub fn migration_keys(&self) -> crate::MigrationKeys {
+        self.migration_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the migration keys (every host's, this one's included): migrations that start
+    /// from now on authenticate with them.
+    pub fn set_migration_keys(&self, keys: crate::MigrationKeys) {
+        log::info!("host {}: migration keys {keys:?}", self.config.name);
+        *self
+            .migration_keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = keys;
+    }
+
+    /// Signs this host's datagrams to the edge with its key `key_id` from now on (a rotation
+    /// of its own key); an error when the host has no edge link or the key is too short.
+    pub fn set_edge_key(&self, key_id: u16, key: Vec<u8>) -> std::io::Result<()> {
+        let edge = self.edge.as_ref().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::NotFound, "this host has no edge link")
+        })?;
+        edge.set_key(key_id, key)
+    }
+
+    /// The id of the key this host's datagrams to the edge are signed with (`None`: no edge).
+    pub fn edge_key_id(&self) -> Option<u16> {
+        self.edge.as_ref().map(|e| e.key_id())
     }
 
     /// The edge link's delivery counters (retransmissions, unacknowledged datagrams, ...).

@@ -178,7 +178,7 @@ impl Host {
     ) -> Result<serde_json::Value, HostError> {
         let precopy = options.precopy;
         let target = migration_target(url)?.to_string();
-        if let Err(e) = self.config.migration_keys.own(&self.config.name) {
+        if let Err(e) = self.migration_keys().own(&self.config.name) {
             return Err(HostError::MigrationAuth {
                 id: id.into(),
                 url: url.into(),
@@ -255,7 +255,7 @@ impl Host {
         let _ = stream.set_nodelay(true);
         let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
         let mut session =
-            match migration_link::connect(stream, &self.config.migration_keys, &self.config.name) {
+            match migration_link::connect(stream, &self.migration_keys(), &self.config.name) {
                 Ok(s) => s,
                 Err(e) => {
                     let _ = failed(format!("authentication: {e}"), false);

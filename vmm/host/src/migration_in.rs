@@ -121,11 +121,8 @@ impl Host {
                         log::warn!("migration from {peer}: {e}");
                         continue;
                     }
-                    match migration_link::accept(
-                        stream,
-                        &self.config.migration_keys,
-                        &self.config.name,
-                    ) {
+                    match migration_link::accept(stream, &self.migration_keys(), &self.config.name)
+                    {
                         Ok(session) => {
                             let _ = session
                                 .reader

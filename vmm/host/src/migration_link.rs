@@ -1,17 +1,20 @@
 //! The transport of a live migration between hosts: one TCP connection, mutual authentication
 //! with the hosts' keys before any state moves, and an integrity check on every byte after it.
 //!
-//! Keys: every host has its own 256-bit key; a host knows the keys of the hosts it may migrate
-//! with (`--migration-keys FILE`: `{"host-a": "64 hex digits", ...}`, its own included).
+//! Keys: every host has its own 256-bit keys, numbered; one is current, and a few before it stay
+//! valid during a rotation. A host knows the keys of the hosts it may migrate with, its own
+//! included: from the cluster (etcd's `/vigil/keys/<host>`, kept current by the host agent,
+//! `Host::set_migration_keys`), or from a file (`--migration-keys FILE`: `{"host-a": "64 hex
+//! digits", ...}`, each as key id 0).
 //!
-//! Handshake (S = source, T = target; names and nonces are bound into every proof):
-//! 1. S → T `Hello {source, nonce_s}` (32 random bytes).
-//! 2. T looks up S's key (an unknown host is refused), answers `Challenge {target, nonce_t,
-//!    proof_t = HMAC-SHA256(K_T, "target" ‖ transcript)}`.
-//! 3. S looks up T's key and checks proof_t (constant time), answers `Proof {proof_s =
+//! Handshake (S = source, T = target; names, key ids and nonces are bound into every proof):
+//! 1. S → T `Hello {source, key_id_s, nonce_s}` (its current key's id, 32 random bytes).
+//! 2. T looks up S's key `key_id_s` (an unknown host or key id is refused), answers
+//!    `Challenge {target, key_id_t, nonce_t, proof_t = HMAC-SHA256(K_T, "target" ‖ transcript)}`.
+//! 3. S looks up T's key `key_id_t` and checks proof_t (constant time), answers `Proof {proof_s =
 //!    HMAC-SHA256(K_S, "source" ‖ transcript)}`; T checks it and says yes or no.
 //!
-//! The transcript is the protocol name, both host names and both nonces. The session key is
+//! The transcript is the protocol name, both host names, both key ids and both nonces. The session key is
 //! `HMAC(HMAC(K_S, "session" ‖ transcript), HMAC(K_T, "session" ‖ transcript))`: it takes both
 //! keys. From there every message in both directions travels in frames `len ‖ payload ‖
 //! HMAC-SHA256(session, direction ‖ sequence ‖ len ‖ payload)`: a changed, dropped, replayed,
@@ -37,7 +40,7 @@ use vmm_core::snapshot::{read_json, write_json};
 type HmacSha256 = Hmac<Sha256>;
 
 /// The handshake's protocol name (bound into every proof).
-const PROTOCOL: &[u8] = b"vigil-migration-2";
+const PROTOCOL: &[u8] = b"vigil-migration-3";
 /// Largest payload of one sealed frame.
 pub const MAX_FRAME: usize = 1 << 20;
 /// Payload a writer gathers before it seals a frame.
@@ -58,6 +61,8 @@ pub enum AuthError {
     Io(#[from] io::Error),
     #[error("host {0:?} is not in this host's migration keys")]
     UnknownHost(String),
+    #[error("this host holds no key {1} of host {0:?} (rotated out, or not yet seen here)")]
+    UnknownKeyId(String, u32),
     #[error("the peer refused: {0}")]
     Refused(String),
     #[error("the peer's proof is wrong (it does not hold {0:?}'s key)")]
@@ -68,37 +73,54 @@ pub enum AuthError {
     Random(io::Error),
 }
 
+/// One host's migration keys: by id, and which one it signs with now.
+#[derive(Clone, Default)]
+struct HostKeyring {
+    current: u32,
+    keys: BTreeMap<u32, Vec<u8>>,
+}
+
 /// The keys of the hosts this host may migrate with, its own included.
 #[derive(Clone, Default)]
 pub struct MigrationKeys {
-    keys: BTreeMap<String, Vec<u8>>,
+    hosts: BTreeMap<String, HostKeyring>,
 }
 
 impl std::fmt::Debug for MigrationKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the keys themselves.
-        f.debug_list().entries(self.keys.keys()).finish()
+        f.debug_map()
+            .entries(
+                self.hosts
+                    .iter()
+                    .map(|(h, k)| (h, k.keys.keys().collect::<Vec<_>>())),
+            )
+            .finish()
     }
 }
 
+fn check_key_len(host: &str, key: &[u8]) -> Result<(), String> {
+    if key.len() < MIN_KEY {
+        return Err(format!(
+            "migration key of {host:?}: {} bytes (at least {MIN_KEY})",
+            key.len()
+        ));
+    }
+    Ok(())
+}
+
 impl MigrationKeys {
-    /// `{"host": "hex", ...}`: at least 64 hex digits (32 bytes) each.
+    /// `{"host": "hex", ...}`: at least 64 hex digits (32 bytes) each, each as key id 0.
     pub fn from_json(text: &str) -> Result<MigrationKeys, String> {
         let map: BTreeMap<String, String> =
             serde_json::from_str(text).map_err(|e| format!("migration keys: {e}"))?;
-        let mut keys = BTreeMap::new();
+        let mut keys = MigrationKeys::default();
         for (host, hex_key) in map {
             let key = hex::decode(hex_key.trim())
                 .map_err(|e| format!("migration key of {host:?}: {e}"))?;
-            if key.len() < MIN_KEY {
-                return Err(format!(
-                    "migration key of {host:?}: {} bytes (at least {MIN_KEY})",
-                    key.len()
-                ));
-            }
-            keys.insert(host, key);
+            keys.set_host(&host, 0, vec![(0, key)])?;
         }
-        Ok(MigrationKeys { keys })
+        Ok(keys)
     }
 
     pub fn load(path: &Path) -> Result<MigrationKeys, String> {
@@ -106,20 +128,64 @@ impl MigrationKeys {
         Self::from_json(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// `host`'s only key, as id 0.
     pub fn insert(&mut self, host: &str, key: Vec<u8>) {
-        self.keys.insert(host.into(), key);
+        self.hosts.insert(
+            host.into(),
+            HostKeyring {
+                current: 0,
+                keys: BTreeMap::from([(0, key)]),
+            },
+        );
     }
 
-    /// This host's own key (`me` is its name).
-    pub fn own(&self, me: &str) -> Result<&[u8], AuthError> {
-        self.key(me).map_err(|_| AuthError::NoOwnKey(me.into()))
+    /// Sets `host`'s keys by id, `current` among them (it signs with that one), replacing what
+    /// it had. Refused (nothing changed): a short key, or `current` not among them.
+    pub fn set_host(
+        &mut self,
+        host: &str,
+        current: u32,
+        keys: Vec<(u32, Vec<u8>)>,
+    ) -> Result<(), String> {
+        for (_, key) in &keys {
+            check_key_len(host, key)?;
+        }
+        let keys: BTreeMap<u32, Vec<u8>> = keys.into_iter().collect();
+        if !keys.contains_key(&current) {
+            return Err(format!(
+                "migration keys of {host:?}: the current key {current} is not among them"
+            ));
+        }
+        self.hosts
+            .insert(host.into(), HostKeyring { current, keys });
+        Ok(())
     }
 
-    fn key(&self, host: &str) -> Result<&[u8], AuthError> {
-        self.keys
+    /// The hosts it holds keys of.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.hosts.keys().map(String::as_str)
+    }
+
+    /// This host's own current key and its id (`me` is its name).
+    pub fn own(&self, me: &str) -> Result<(u32, &[u8]), AuthError> {
+        let ring = self
+            .hosts
+            .get(me)
+            .ok_or_else(|| AuthError::NoOwnKey(me.into()))?;
+        ring.keys
+            .get(&ring.current)
+            .map(|k| (ring.current, k.as_slice()))
+            .ok_or_else(|| AuthError::NoOwnKey(me.into()))
+    }
+
+    fn key(&self, host: &str, id: u32) -> Result<&[u8], AuthError> {
+        self.hosts
             .get(host)
+            .ok_or_else(|| AuthError::UnknownHost(host.into()))?
+            .keys
+            .get(&id)
             .map(Vec::as_slice)
-            .ok_or_else(|| AuthError::UnknownHost(host.into()))
+            .ok_or_else(|| AuthError::UnknownKeyId(host.into(), id))
     }
 }
 
@@ -136,6 +202,9 @@ pub fn tcp_target(url: &str) -> Option<&str> {
 struct Hello {
     protocol: String,
     source: String,
+    /// Absent from older protocols (their name is refused first).
+    #[serde(default)]
+    key_id: u32,
     nonce: String,
 }
 
@@ -143,6 +212,8 @@ struct Hello {
 struct Challenge {
     error: Option<String>,
     target: String,
+    #[serde(default)]
+    key_id: u32,
     nonce: String,
     proof: String,
 }
@@ -176,12 +247,18 @@ fn mac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     m
 }
 
-/// What both proofs and the session key cover.
-fn transcript(source: &str, target: &str, nonce_s: &[u8], nonce_t: &[u8]) -> Vec<u8> {
+/// What both proofs and the session key cover: each host by name and key id, both nonces.
+fn transcript(
+    (source, key_s): (&str, u32),
+    (target, key_t): (&str, u32),
+    nonce_s: &[u8],
+    nonce_t: &[u8],
+) -> Vec<u8> {
     let mut t = PROTOCOL.to_vec();
-    for part in [source.as_bytes(), target.as_bytes()] {
+    for (part, key_id) in [(source.as_bytes(), key_s), (target.as_bytes(), key_t)] {
         t.extend_from_slice(&(part.len() as u32).to_le_bytes());
         t.extend_from_slice(part);
+        t.extend_from_slice(&key_id.to_le_bytes());
     }
     t.extend_from_slice(nonce_s);
     t.extend_from_slice(nonce_t);
@@ -236,13 +313,15 @@ pub fn connect(
     keys: &MigrationKeys,
     me: &str,
 ) -> Result<Session, AuthError> {
-    let own = keys.own(me)?.to_vec();
+    let (own_id, own) = keys.own(me)?;
+    let own = own.to_vec();
     let nonce_s = nonce()?;
     write_json(
         &mut stream,
         &Hello {
             protocol: String::from_utf8_lossy(PROTOCOL).into(),
             source: me.into(),
+            key_id: own_id,
             nonce: hex::encode(nonce_s),
         },
     )?;
@@ -250,9 +329,14 @@ pub fn connect(
     if let Some(e) = challenge.error {
         return Err(AuthError::Refused(e));
     }
-    let k_target = keys.key(&challenge.target)?;
+    let k_target = keys.key(&challenge.target, challenge.key_id)?;
     let nonce_t = unhex("nonce", &challenge.nonce)?;
-    let t = transcript(me, &challenge.target, &nonce_s, &nonce_t);
+    let t = transcript(
+        (me, own_id),
+        (&challenge.target, challenge.key_id),
+        &nonce_s,
+        &nonce_t,
+    );
     mac(k_target, &[b"target", &t])
         .verify_slice(&unhex("proof", &challenge.proof)?)
         .map_err(|_| AuthError::BadProof(challenge.target.clone()))?;
@@ -279,15 +363,16 @@ pub fn accept(mut stream: TcpStream, keys: &MigrationKeys, me: &str) -> Result<S
             &Challenge {
                 error: Some(e.to_string()),
                 target: me.into(),
+                key_id: 0,
                 nonce: String::new(),
                 proof: String::new(),
             },
         );
         e
     };
-    let own = match keys.key(me) {
-        Ok(k) => k.to_vec(),
-        Err(_) => return Err(refuse(&mut stream, AuthError::NoOwnKey(me.into()))),
+    let (own_id, own) = match keys.own(me) {
+        Ok((id, k)) => (id, k.to_vec()),
+        Err(e) => return Err(refuse(&mut stream, e)),
     };
     let hello: Hello = read_json(&mut stream, 4096)?;
     if hello.protocol.as_bytes() != PROTOCOL {
@@ -298,7 +383,7 @@ pub fn accept(mut stream: TcpStream, keys: &MigrationKeys, me: &str) -> Result<S
         ));
         return Err(refuse(&mut stream, e));
     }
-    let k_source = match keys.key(&hello.source) {
+    let k_source = match keys.key(&hello.source, hello.key_id) {
         Ok(k) => k.to_vec(),
         Err(e) => return Err(refuse(&mut stream, e)),
     };
@@ -310,12 +395,18 @@ pub fn accept(mut stream: TcpStream, keys: &MigrationKeys, me: &str) -> Result<S
         ));
     }
     let nonce_t = nonce()?;
-    let t = transcript(&hello.source, me, &nonce_s, &nonce_t);
+    let t = transcript(
+        (&hello.source, hello.key_id),
+        (me, own_id),
+        &nonce_s,
+        &nonce_t,
+    );
     write_json(
         &mut stream,
         &Challenge {
             error: None,
             target: me.into(),
+            key_id: own_id,
             nonce: hex::encode(nonce_t),
             proof: hex::encode(mac(&own, &[b"target", &t]).finalize().into_bytes()),
         },
@@ -565,6 +656,40 @@ mod tests {
         );
     }
 
+    /// `host`'s keys `(id, byte)`, `current` among them.
+    fn rotated(mut k: MigrationKeys, host: &str, current: u32, ids: &[(u32, u8)]) -> MigrationKeys {
+        let keys = ids.iter().map(|(id, b)| (*id, vec![*b; 32])).collect();
+        k.set_host(host, current, keys).unwrap();
+        k
+    }
+
+    #[test]
+    fn key_ids_follow_a_rotation_and_a_key_rotated_out_is_refused() {
+        let base = keys(&[("a", 1), ("b", 2)]);
+        // The source rotated to key 2; the target already holds 1 and 2 of it.
+        let src = rotated(base.clone(), "a", 2, &[(1, 1), (2, 3)]);
+        let dst = rotated(base.clone(), "a", 1, &[(1, 1), (2, 3)]);
+        let (s, t) = handshake(src.clone(), dst);
+        assert!(s.is_ok() && t.is_ok(), "{s:?} {t:?}");
+        // The target has not seen key 2 of the source yet: refused, and the source is told why.
+        let dst = rotated(base.clone(), "a", 1, &[(1, 1)]);
+        let (s, t) = handshake(src.clone(), dst);
+        assert!(
+            matches!(t, Err(AuthError::UnknownKeyId(ref h, 2)) if h == "a"),
+            "{t:?}"
+        );
+        assert!(s.unwrap_err().to_string().contains("no key 2"));
+        // A key id whose key differs on the two sides (not the same key 2): the proof fails.
+        let dst = rotated(base, "a", 1, &[(1, 1), (2, 4)]);
+        let (_s, t) = handshake(src.clone(), dst);
+        assert!(matches!(t, Err(AuthError::BadProof(_))), "{t:?}");
+        // set_host refuses a current key that is not among the keys, or a short key.
+        let mut k = MigrationKeys::default();
+        assert!(k.set_host("a", 3, vec![(1, vec![1; 32])]).is_err());
+        assert!(k.set_host("a", 1, vec![(1, vec![1; 31])]).is_err());
+        assert!(k.own("a").is_err());
+    }
+
     #[test]
     fn changed_replayed_and_reflected_frames_fail() {
         let key = [5u8; 32];
@@ -610,7 +735,8 @@ mod tests {
     #[test]
     fn keys_and_urls_parse_strictly() {
         let k = MigrationKeys::from_json(&format!(r#"{{"a": "{}"}}"#, "ab".repeat(32))).unwrap();
-        assert!(k.key("a").is_ok());
+        assert!(k.key("a", 0).is_ok());
+        assert!(matches!(k.key("a", 1), Err(AuthError::UnknownKeyId(_, 1))));
         assert!(format!("{k:?}").contains('a') && !format!("{k:?}").contains("abab"));
         assert!(MigrationKeys::from_json(r#"{"a": "abcd"}"#).is_err());
         assert!(MigrationKeys::from_json(r#"{"a": "zz"}"#).is_err());
