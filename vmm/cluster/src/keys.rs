@@ -416,7 +416,10 @@ mod tests {
         assert_eq!(edge.keys.len(), 2);
         // Derived, not the secret itself, and different per use and per key.
         let secret = hex::decode("22".repeat(32)).unwrap();
-        let (e, m) = (edge.current_key().unwrap(), migration.current_key().unwrap());
+        let (e, m) = (
+            edge.current_key().unwrap(),
+            migration.current_key().unwrap(),
+        );
         assert!(e != secret.as_slice() && m != secret.as_slice() && e != m);
         assert_ne!(edge.keys[0].1, edge.keys[1].1);
         // Deterministic: both ends derive the same key from the record.
@@ -425,7 +428,10 @@ mod tests {
         for bad in ["abcd", "zz"] {
             let mut k = keys.clone();
             k.keys[0].hex = bad.into();
-            assert!(k.edge_keys().is_err() && k.migration_keys().is_err(), "{bad}");
+            assert!(
+                k.edge_keys().is_err() && k.migration_keys().is_err(),
+                "{bad}"
+            );
         }
         let mut k = keys.clone();
         k.current = 9;

@@ -8,6 +8,11 @@
 //! through io_uring by default; `frame`: one frame per system call, the baseline). scripts/bench
 //! runs it in both modes, alternating, in one run.
 //!
+//! With `VIGIL_UPLINK=vxlan` the uplink is a VXLAN endpoint instead (as a host's switch has):
+//! its peer is a UDP port on 127.0.0.1 that no socket holds, so the kernel counts each datagram
+//! that arrives (`Udp: NoPorts`) and drops it. `VIGIL_VXLAN_IO` selects the endpoint's mode
+//! (`recvmmsg`/`sendmmsg` batches by default; `frame`: one datagram per call).
+//!
 //! Prints one JSON object: `fw_uplink_mpps_64` with the frames offered and delivered, and what
 //! each device counted (frames over system calls: the batching achieved).
 //! Usage: uplink_bench FW_GUEST_ELF GEN_NETNS SINK_NETNS UDP_BLAST SECONDS
@@ -79,6 +84,44 @@ fn sink_rx(ns: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// UDP datagrams this network namespace received for a port no socket held (`Udp: NoPorts`).
+fn udp_no_ports() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        return 0;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "NoPorts")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Where the micro-VM's uplink goes, and how what arrives there is counted.
+enum Sink {
+    /// A TAP in the sink namespace: its rx_packets.
+    Tap(String),
+    /// A VXLAN endpoint sending to a closed UDP port: `Udp: NoPorts`.
+    Vxlan,
+}
+
+impl Sink {
+    fn received(&self) -> u64 {
+        match self {
+            Sink::Tap(ns) => sink_rx(ns),
+            Sink::Vxlan => udp_no_ports(),
+        }
+    }
+}
+
+/// A UDP port on 127.0.0.1 that no socket holds (bound, then closed).
+fn closed_udp_port() -> Result<u16, String> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    Ok(socket.local_addr().map_err(|e| e.to_string())?.port())
+}
+
 /// Runs the generator in `ns` for `seconds`; the datagrams it sent.
 fn blast(ns: &str, tool: &str, seconds: f64) -> Result<u64, String> {
     let dst = std::net::Ipv4Addr::from(DST_IP).to_string();
@@ -137,11 +180,30 @@ fn run(elf: &Path, gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64) -> Res
         mac,
         tenant,
     };
+    let (uplink, sink) = if std::env::var("VIGIL_UPLINK").as_deref() == Ok("vxlan") {
+        let peer = format!("127.0.0.1:{}", closed_udp_port()?);
+        let uplink = NetConfig {
+            backend: NetBackend::Vxlan {
+                local: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
+                peer: Some(peer.parse().map_err(|e| format!("{e}"))?),
+                vni: 1,
+                trust: Default::default(),
+            },
+            mac: [0x52, 0x54, 0, 0, 0, 3],
+            tenant: 0,
+        };
+        (uplink, Sink::Vxlan)
+    } else {
+        (
+            tap(SINK_TAP, sink_ns, [0x52, 0x54, 0, 0, 0, 3], 0),
+            Sink::Tap(sink_ns.to_string()),
+        )
+    };
     let config = VmConfig::micro_vm("fw-uplink", elf, Role::Switch)
         .with_mem_mib(64)
         .with_verdicts(vec![verdict()])
         .with_nets(vec![
-            tap(SINK_TAP, sink_ns, [0x52, 0x54, 0, 0, 0, 3], 0),
+            uplink,
             tap(GEN_TAP, gen_ns, [0x52, 0x54, 0, 0, 0, 2], TENANT),
         ])
         .with_debug(DebugKnobs::from_env());
@@ -149,7 +211,7 @@ fn run(elf: &Path, gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64) -> Res
     let counters = vm.net_counters();
     let stop = vm.stop_handle();
     let vm_thread = std::thread::spawn(move || vm.run(None));
-    let result = measure(gen_ns, sink_ns, tool, seconds, &counters, mode);
+    let result = measure(gen_ns, &sink, tool, seconds, &counters, mode);
     stop.store(true, Ordering::Release);
     let _ = vm_thread.join();
     result
@@ -157,7 +219,7 @@ fn run(elf: &Path, gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64) -> Res
 
 fn measure(
     gen_ns: &str,
-    sink_ns: &str,
+    sink: &Sink,
     tool: &str,
     seconds: f64,
     counters: &[std::sync::Arc<vmm_core::devices::virtio::net::NetCounters>],
@@ -165,7 +227,11 @@ fn measure(
 ) -> Result<(), String> {
     let src = format!("{}/24", std::net::Ipv4Addr::from(SRC_IP));
     let dst = std::net::Ipv4Addr::from(DST_IP).to_string();
-    for (ns, dev) in [(gen_ns, GEN_TAP), (sink_ns, SINK_TAP)] {
+    let mut devices = vec![(gen_ns, GEN_TAP)];
+    if let Sink::Tap(sink_ns) = sink {
+        devices.push((sink_ns.as_str(), SINK_TAP));
+    }
+    for (ns, dev) in devices {
         ip(&[
             "netns",
             "exec",
@@ -193,8 +259,8 @@ fn measure(
     ])?;
     // Boot, then the first frame through: short bursts until the sink sees one.
     let created = Instant::now();
-    let start_rx = sink_rx(sink_ns);
-    while sink_rx(sink_ns) == start_rx {
+    let start_rx = sink.received();
+    while sink.received() == start_rx {
         if created.elapsed() > Duration::from_secs(30) {
             return Err("no frame came out of the micro-VM's uplink within 30 s".into());
         }
@@ -202,16 +268,16 @@ fn measure(
     }
     let snap = |i: usize| counters.get(i).map(|c| c.snapshot()).unwrap_or_default();
     let (up0, port0) = (snap(0), snap(1));
-    let before = sink_rx(sink_ns);
+    let before = sink.received();
     let cpu_before = cpu_ns();
     let sent = blast(gen_ns, tool, seconds)?;
     let cpu = cpu_ns() - cpu_before;
     // What is still in flight comes out within a few milliseconds.
-    let mut delivered = sink_rx(sink_ns) - before;
+    let mut delivered = sink.received() - before;
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_millis(200) {
         std::thread::sleep(Duration::from_millis(20));
-        delivered = sink_rx(sink_ns) - before;
+        delivered = sink.received() - before;
     }
     let (up1, port1) = (snap(0), snap(1));
     let per_call = |frames: u64, calls: u64| {
@@ -230,6 +296,11 @@ fn measure(
             "value": (delivered as f64 / seconds / 1e6 * 1e4).round() / 1e4,
             "unit": "Mpps",
             "tap_io": mode,
+            "uplink_kind": match sink { Sink::Tap(_) => "tap", Sink::Vxlan => "vxlan" },
+            "vxlan_io": match std::env::var("VIGIL_VXLAN_IO").as_deref() {
+                Ok("frame") => "frame",
+                _ => "mmsg",
+            },
             "offered": sent,
             "delivered": delivered,
             "seconds": seconds,
@@ -241,7 +312,10 @@ fn measure(
             "uplink": {"tx_frames": tx_frames,
                        "frames_per_write": per_call(tx_frames, up1.tx_link_calls - up0.tx_link_calls),
                        "tx_link_errors": up1.tx_link_errors - up0.tx_link_errors},
-            "path": "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> TAP in another netns",
+            "path": match sink {
+                Sink::Tap(_) => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> TAP in another netns",
+                Sink::Vxlan => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> VXLAN (UDP) to a closed port on 127.0.0.1",
+            },
         })
     );
     Ok(())

@@ -37,7 +37,7 @@ mod tests;
 
 pub use counters::{NetCounters, NetStats};
 pub use device::Net;
-pub use link::FrameLink;
+pub use link::{FrameBatch, FrameLink, BATCH};
 pub use memlink::{HostPort, MemLinkEnd, MemLinkError};
 
 /// Queue indices (virtio 1.2 §5.1.2: receiveq1 is 0, transmitq1 is 1).
