@@ -8,13 +8,20 @@
 //! through io_uring by default; `frame`: one frame per system call, the baseline). scripts/bench
 //! runs it in both modes, alternating, in one run.
 //!
+//! With `VIGIL_UPLINK=relay` there is no VM: a thread of this process moves the frames from one
+//! TAP to the other with the same batched TAP I/O (read a batch, write it): the ceiling the TAPs
+//! themselves put on this path on this machine, the physical limit beside the micro-VM's figure.
+//!
 //! With `VIGIL_UPLINK=vxlan` the uplink is a VXLAN endpoint instead (as a host's switch has):
 //! its peer is a UDP port on 127.0.0.1 that no socket holds, so the kernel counts each datagram
 //! that arrives (`Udp: NoPorts`) and drops it. `VIGIL_VXLAN_IO` selects the endpoint's mode
 //! (`recvmmsg`/`sendmmsg` batches by default; `frame`: one datagram per call).
 //!
-//! Prints one JSON object: `fw_uplink_mpps_64` with the frames offered and delivered, and what
-//! each device counted (frames over system calls: the batching achieved).
+//! Prints one JSON object: `fw_uplink_mpps_64` with the frames offered and delivered, what each
+//! device counted (frames over system calls: the batching achieved), and `account`: where every
+//! offered frame went, stage by stage (the generator's namespace, the TAP's queue, the VMM's
+//! read, the micro-VM's drops by reason, the uplink's send, the sink), with what no counter
+//! explains as `unaccounted`.
 //! Usage: uplink_bench FW_GUEST_ELF GEN_NETNS SINK_NETNS UDP_BLAST SECONDS
 
 use std::path::Path;
@@ -26,8 +33,10 @@ use vigil_wire::boot::Role;
 use vigil_wire::verdict::{IpVersion, Op, Protocol, Rule, VerdictRepr};
 use vmm_core::config::net::{NetBackend, NetConfig};
 use vmm_core::config::VmConfig;
+use vmm_core::devices::virtio::net::NetStats;
 use vmm_core::host_kind::HostKind;
 use vmm_core::knobs::DebugKnobs;
+use vmm_core::verdict_region::FirewallCounters;
 use vmm_core::vm::Vm;
 
 const TENANT: u32 = 1;
@@ -122,6 +131,22 @@ fn closed_udp_port() -> Result<u16, String> {
     Ok(socket.local_addr().map_err(|e| e.to_string())?.port())
 }
 
+/// A counter of the generator's TAP (`/sys/class/net/DEV/statistics/NAME`, from its namespace).
+fn gen_tap_stat(ns: &str, name: &str) -> u64 {
+    Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "cat",
+            &format!("/sys/class/net/{GEN_TAP}/statistics/{name}"),
+        ])
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Runs the generator in `ns` for `seconds`; the datagrams it sent.
 fn blast(ns: &str, tool: &str, seconds: f64) -> Result<u64, String> {
     let dst = std::net::Ipv4Addr::from(DST_IP).to_string();
@@ -180,6 +205,9 @@ fn run(elf: &Path, gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64) -> Res
         mac,
         tenant,
     };
+    if std::env::var("VIGIL_UPLINK").as_deref() == Ok("relay") {
+        return relay(gen_ns, sink_ns, tool, seconds, mode);
+    }
     let (uplink, sink) = if std::env::var("VIGIL_UPLINK").as_deref() == Ok("vxlan") {
         let peer = format!("127.0.0.1:{}", closed_udp_port()?);
         let uplink = NetConfig {
@@ -209,11 +237,61 @@ fn run(elf: &Path, gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64) -> Res
         .with_debug(DebugKnobs::from_env());
     let vm = Vm::create(&config, HostKind::detect()).map_err(|e| e.to_string())?;
     let counters = vm.net_counters();
+    let region = vm.verdict_region();
     let stop = vm.stop_handle();
     let vm_thread = std::thread::spawn(move || vm.run(None));
-    let result = measure(gen_ns, &sink, tool, seconds, &counters, mode);
+    let firewall = || region.as_ref().and_then(|r| r.counters());
+    let result = measure(gen_ns, &sink, tool, seconds, &counters, &firewall, mode);
     stop.store(true, Ordering::Release);
     let _ = vm_thread.join();
+    result
+}
+
+/// The frames moved between the two TAPs by a plain relay thread (no VM), measured as the
+/// micro-VM is.
+fn relay(gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64, mode: &str) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use vmm_core::devices::tap::Tap;
+    use vmm_core::devices::virtio::net::{FrameBatch, FrameLink};
+
+    let from = Tap::open(GEN_TAP, Some(gen_ns)).map_err(|e| e.to_string())?;
+    let to = Tap::open(SINK_TAP, Some(sink_ns)).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopping = stop.clone();
+    let thread = std::thread::spawn(move || {
+        let mut batch = from.batch_slot().map(FrameBatch::new);
+        let mut buf = vec![0u8; 65_536];
+        let mut poll = libc::pollfd {
+            fd: from.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        while !stopping.load(Ordering::Acquire) {
+            // SAFETY: one valid pollfd, alive for the call.
+            if unsafe { libc::poll(&mut poll, 1, 50) } <= 0 {
+                continue;
+            }
+            match batch.as_mut() {
+                Some(batch) => {
+                    batch.clear();
+                    if from.recv_batch(batch).is_ok() {
+                        let _ = to.send_batch(batch);
+                    }
+                }
+                None => {
+                    while let Ok(n) = from.recv_frame(&mut buf) {
+                        let _ = to.send_frame(&buf[..n]);
+                    }
+                }
+            }
+        }
+    });
+    let sink = Sink::Tap(sink_ns.to_string());
+    let result = measure(gen_ns, &sink, tool, seconds, &[], &|| None, mode);
+    stop.store(true, Ordering::Release);
+    let _ = thread.join();
     result
 }
 
@@ -223,6 +301,7 @@ fn measure(
     tool: &str,
     seconds: f64,
     counters: &[std::sync::Arc<vmm_core::devices::virtio::net::NetCounters>],
+    firewall: &dyn Fn() -> Option<vmm_core::verdict_region::FirewallCounters>,
     mode: &str,
 ) -> Result<(), String> {
     let src = format!("{}/24", std::net::Ipv4Addr::from(SRC_IP));
@@ -268,6 +347,11 @@ fn measure(
     }
     let snap = |i: usize| counters.get(i).map(|c| c.snapshot()).unwrap_or_default();
     let (up0, port0) = (snap(0), snap(1));
+    let fw0 = firewall().unwrap_or_default();
+    let (gen_tx0, gen_drop0) = (
+        gen_tap_stat(gen_ns, "tx_packets"),
+        gen_tap_stat(gen_ns, "tx_dropped"),
+    );
     let before = sink.received();
     let cpu_before = cpu_ns();
     let sent = blast(gen_ns, tool, seconds)?;
@@ -280,6 +364,19 @@ fn measure(
         delivered = sink.received() - before;
     }
     let (up1, port1) = (snap(0), snap(1));
+    let fw1 = firewall().unwrap_or_default();
+    let (gen_tx1, gen_drop1) = (
+        gen_tap_stat(gen_ns, "tx_packets"),
+        gen_tap_stat(gen_ns, "tx_dropped"),
+    );
+    let account = account(
+        sent,
+        (gen_tx1 - gen_tx0, gen_drop1 - gen_drop0),
+        (&port0, &port1),
+        (&up0, &up1),
+        (&fw0, &fw1),
+        delivered,
+    );
     let per_call = |frames: u64, calls: u64| {
         if calls == 0 {
             0.0
@@ -296,7 +393,11 @@ fn measure(
             "value": (delivered as f64 / seconds / 1e6 * 1e4).round() / 1e4,
             "unit": "Mpps",
             "tap_io": mode,
-            "uplink_kind": match sink { Sink::Tap(_) => "tap", Sink::Vxlan => "vxlan" },
+            "uplink_kind": match (sink, counters.is_empty()) {
+                (_, true) => "relay",
+                (Sink::Tap(_), false) => "tap",
+                (Sink::Vxlan, false) => "vxlan",
+            },
             "vxlan_io": match std::env::var("VIGIL_VXLAN_IO").as_deref() {
                 Ok("frame") => "frame",
                 _ => "mmsg",
@@ -312,11 +413,93 @@ fn measure(
             "uplink": {"tx_frames": tx_frames,
                        "frames_per_write": per_call(tx_frames, up1.tx_link_calls - up0.tx_link_calls),
                        "tx_link_errors": up1.tx_link_errors - up0.tx_link_errors},
+            "account": account,
             "path": match sink {
+                Sink::Tap(_) if counters.is_empty() => "udp-blast (sendmmsg) in a netns -> TAP -> a relay thread (no VM) -> TAP in another netns",
                 Sink::Tap(_) => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> TAP in another netns",
                 Sink::Vxlan => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> VXLAN (UDP) to a closed port on 127.0.0.1",
             },
         })
     );
     Ok(())
+}
+
+/// Where the offered frames went, stage by stage, from the counters before and after the run.
+fn account(
+    offered: u64,
+    (gen_tap_tx, gen_tap_dropped): (u64, u64),
+    (port0, port1): (&NetStats, &NetStats),
+    (up0, up1): (&NetStats, &NetStats),
+    (fw0, fw1): (&FirewallCounters, &FirewallCounters),
+    delivered: u64,
+) -> serde_json::Value {
+    let d = |a: u64, b: u64| b.saturating_sub(a);
+    let guest_port = |fw: &FirewallCounters| fw.ports.get(1).map(|p| p.rx_frames).unwrap_or(0);
+    let guest_drops: std::collections::BTreeMap<&str, u64> = fw1
+        .drops
+        .iter()
+        .map(|(reason, n)| (*reason, d(fw0.drops.get(reason).copied().unwrap_or(0), *n)))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let stages = [
+        // Sent by the generator but never handed to the TAP (the namespace's stack, a qdisc).
+        (
+            "generator_netns",
+            offered.saturating_sub(gen_tap_tx + gen_tap_dropped),
+        ),
+        // The TAP's queue to the VMM was full.
+        ("tap_queue_full", gen_tap_dropped),
+        // Read by the VMM, then dropped before the guest (too big, cut).
+        (
+            "vmm_rx",
+            d(port0.rx_dropped_too_big, port1.rx_dropped_too_big)
+                + d(port0.rx_dropped_cut, port1.rx_dropped_cut),
+        ),
+        ("guest_filter", guest_drops.values().sum()),
+        ("guest_tx_ring_full", d(fw0.tx_ring_full, fw1.tx_ring_full)),
+        (
+            "uplink_send_errors",
+            d(up0.tx_link_errors, up1.tx_link_errors),
+        ),
+        // Sent out of the uplink, not seen at the sink.
+        (
+            "after_uplink",
+            d(up0.tx_frames, up1.tx_frames).saturating_sub(delivered),
+        ),
+    ];
+    let lost: u64 = stages.iter().map(|(_, n)| n).sum();
+    let mut json: serde_json::Map<String, serde_json::Value> = stages
+        .iter()
+        .map(|(k, n)| (k.to_string(), (*n).into()))
+        .collect();
+    json.insert("offered".into(), offered.into());
+    json.insert("tap_queued".into(), gen_tap_tx.into());
+    json.insert(
+        "vmm_read".into(),
+        d(port0.rx_frames, port1.rx_frames).into(),
+    );
+    json.insert(
+        "guest_received".into(),
+        d(guest_port(fw0), guest_port(fw1)).into(),
+    );
+    json.insert(
+        "guest_forwarded".into(),
+        d(fw0.forwarded, fw1.forwarded).into(),
+    );
+    json.insert("guest_drops".into(), serde_json::json!(guest_drops));
+    json.insert("uplink_sent".into(), d(up0.tx_frames, up1.tx_frames).into());
+    json.insert("delivered".into(), delivered.into());
+    // What the path cost in notifications: the guest's queue kicks (each an exit), the VMM's
+    // interrupts to it.
+    json.insert("guest_kicks".into(), d(fw0.kicks, fw1.kicks).into());
+    json.insert(
+        "vmm_interrupts".into(),
+        (d(port0.interrupts, port1.interrupts) + d(up0.interrupts, up1.interrupts)).into(),
+    );
+    // Frames in flight at either end of the run (queues, rings) show here, a few hundred.
+    json.insert(
+        "unaccounted".into(),
+        (offered as i64 - lost as i64 - delivered as i64).into(),
+    );
+    json.into()
 }
