@@ -21,6 +21,7 @@ pub mod events;
 pub mod failpoints;
 pub mod guest_ram;
 pub mod host_kind;
+pub mod idle;
 pub mod introspect;
 pub mod knobs;
 pub mod layout;

@@ -13,8 +13,7 @@
 //! larger than every record ahead of the call's last one: those cannot be refused (see
 //! `vigil_wire::outcome`), so only a tenant near its quota or a nearly full table waits. The wait
 //! is a spin on one shared word (no syscall, no allocation) while the micro-VM polls its ring; a
-//! micro-VM resting in its idle exit is woken by [`VerdictRegion::idle_wait`]'s doorbell (one
-//! `unpark`, only when it rests).
+//! micro-VM resting in its idle exit is woken by its doorbell (`crate::idle`: one `unpark`).
 //!
 //! Owns: the region's placement and format, pushing verdict records, reading the counters and the
 //! outcomes back, the idle doorbell, the `--verdicts` file format, waiting for a micro-VM to be
@@ -22,10 +21,11 @@
 //! Must not: touch the region other than through atomics, or trust what the micro-VM wrote (an
 //! outcome it garbled reads as refused).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::thread::Thread;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::idle::IdleDoorbell;
 
 use crate::GuestMemoryMmap;
 use serde::Serialize;
@@ -106,14 +106,6 @@ pub enum Delivered {
     Unconfirmed(&'static str),
 }
 
-/// The micro-VM's idle doorbell: its vCPU thread rests in the idle exit, and a producer with
-/// records for it wakes it.
-#[derive(Default)]
-struct Doorbell {
-    resting: AtomicBool,
-    thread: Mutex<Option<Thread>>,
-}
-
 pub struct VerdictRegion {
     /// Keeps the mapping alive as long as the region is used.
     memory: GuestMemoryMmap,
@@ -121,7 +113,8 @@ pub struct VerdictRegion {
     pub gpa: u64,
     /// The ring has one producer: every tenant (and vCPU) pushing to this switch takes turns.
     producer: std::sync::Mutex<()>,
-    doorbell: Doorbell,
+    /// Rung by producers of records, and by the micro-VM's network devices (see `idle`).
+    doorbell: Arc<IdleDoorbell>,
 }
 
 // SAFETY: the region is only accessed through atomics, and the mapping it points into is owned
@@ -227,7 +220,7 @@ impl VerdictRegion {
             host: host as *const AtomicU64,
             gpa,
             producer: std::sync::Mutex::new(()),
-            doorbell: Doorbell::default(),
+            doorbell: Arc::new(IdleDoorbell::default()),
         };
         ring::format(region.words(0, COUNTERS_OFFSET), VERDICT_RING_CAPACITY)
             .map_err(RegionError::Format)?;
@@ -398,47 +391,24 @@ impl VerdictRegion {
     }
 
     /// Wakes the micro-VM's vCPU if it rests in its idle exit.
+    #[inline]
     fn ring_doorbell(&self) {
-        // Pairs with the fence in `idle_wait`: either the resting vCPU sees the records, or this
-        // sees it resting.
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.doorbell.resting.load(Ordering::Relaxed) {
-            if let Some(thread) = self
-                .doorbell
-                .thread
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .as_ref()
-            {
-                thread.unpark();
-            }
-        }
+        self.doorbell.ring();
+    }
+
+    /// The micro-VM's idle doorbell, for the devices that give it work.
+    pub fn doorbell(&self) -> Arc<IdleDoorbell> {
+        self.doorbell.clone()
     }
 
     /// The micro-VM's idle exit (its vCPU thread, `us` µs at most): rests unless records wait in
-    /// the ring, and wakes as soon as a producer pushes more.
+    /// the ring, and wakes as soon as a producer pushes more or a device delivers frames.
     pub fn idle_wait(&self, us: u64) {
-        {
-            let mut thread = self
-                .doorbell
-                .thread
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if thread.is_none() {
-                *thread = Some(std::thread::current());
-            }
-        }
-        self.doorbell.resting.store(true, Ordering::Relaxed);
-        std::sync::atomic::fence(Ordering::SeqCst);
-        let waiting = Producer::attach(self.words(0, COUNTERS_OFFSET))
-            .map(|p| p.in_flight() != 0)
-            .unwrap_or(false);
-        if !waiting {
-            // An unpark since the last park returns at once (the token): no wake is lost. The
-            // vCPU thread is the one that recorded itself above (a micro-VM has one vCPU).
-            std::thread::park_timeout(Duration::from_micros(us));
-        }
-        self.doorbell.resting.store(false, Ordering::Relaxed);
+        self.doorbell.rest(Duration::from_micros(us), || {
+            Producer::attach(self.words(0, COUNTERS_OFFSET))
+                .map(|p| p.in_flight() != 0)
+                .unwrap_or(false)
+        });
     }
 
     /// Pushes records like [`push`](Self::push) and returns the ring position after the last
@@ -575,6 +545,7 @@ pub fn wait_ready<T>(region: &VerdictRegion, thread: &std::thread::JoinHandle<T>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     #[test]
     fn verdict_lines_accept_hex_and_events_and_reject_the_rest() {

@@ -69,6 +69,11 @@ impl Vm {
         )?;
         if let Some(region) = &verdict_region {
             bus.set_idle_doorbell(region.clone());
+            // Frames put in its rings wake the micro-VM from its idle exit (it polls: no
+            // interrupts), as verdict records do.
+            for interrupt in &nets.interrupts {
+                interrupt.set_poller(region.doorbell());
+            }
         }
         let write_traps = write_traps(introspection.is_some(), &slots);
         let debug_generation = Arc::new(AtomicU64::new(0));
@@ -325,6 +330,8 @@ struct NetDevices {
     ports: Vec<(MmioDeviceInfo, u32)>,
     /// Each device's counters, in device order.
     counters: Vec<Arc<crate::devices::virtio::net::NetCounters>>,
+    /// Each device's interrupt (a micro-VM's devices ring its idle doorbell through it).
+    interrupts: Vec<Arc<crate::devices::virtio::Interrupt>>,
 }
 
 /// Network interfaces: virtio-net over virtio-mmio, one window and one GSI each; TAP or VXLAN
@@ -384,6 +391,7 @@ fn net_devices(
         slots: Vec::new(),
         ports: Vec::new(),
         counters: Vec::new(),
+        interrupts: Vec::new(),
     };
     for (index, (net, tenant)) in backends.into_iter().enumerate() {
         let (base, size) = virtio_mmio_window(index as u32);
@@ -397,6 +405,7 @@ fn net_devices(
         devices.counters.push(net.counters());
         let transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
         transport.register_with_kvm(fd, &info).map_err(net_error)?;
+        devices.interrupts.push(transport.interrupt().clone());
         let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));
         devices.slots.push(MmioSlot { base, size, device });
         devices.ports.push((info, tenant));

@@ -78,11 +78,16 @@ pub enum VirtioError {
 /// The line is an edge (irqfd pulses the IOAPIC pin); the guest driver reads the status, acks,
 /// then drains the rings, so a used-ring update that lands during its handler either is seen by
 /// that pass or raises a fresh edge.
+///
+/// A polling driver (a micro-VM's) suppresses the interrupt; what it needs instead is a wake when
+/// it rests in its idle exit: [`Interrupt::set_poller`] gives the device its doorbell, rung when
+/// a used-ring update raised no interrupt.
 #[derive(Debug)]
 pub struct Interrupt {
     status: AtomicU32,
     event: EventFd,
     raised: AtomicU64,
+    poller: std::sync::OnceLock<std::sync::Arc<crate::idle::IdleDoorbell>>,
 }
 
 impl Interrupt {
@@ -91,7 +96,21 @@ impl Interrupt {
             status: AtomicU32::new(0),
             event: EventFd::new(EFD_NONBLOCK).map_err(VirtioError::EventFd)?,
             raised: AtomicU64::new(0),
+            poller: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The doorbell of the polling driver behind this device (set once, before it runs).
+    pub fn set_poller(&self, doorbell: std::sync::Arc<crate::idle::IdleDoorbell>) {
+        let _ = self.poller.set(doorbell);
+    }
+
+    /// Used buffers the driver was not interrupted for: wake it if it rests polling.
+    #[inline]
+    pub fn wake_poller(&self) {
+        if let Some(doorbell) = self.poller.get() {
+            doorbell.ring();
+        }
     }
 
     /// Sets `bits` in InterruptStatus and raises the line.

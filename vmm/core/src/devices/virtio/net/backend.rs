@@ -235,6 +235,8 @@ impl Backend {
         if wanted {
             bump(&self.counters.interrupts, 1);
             self.interrupt.signal(interrupt::USED_BUFFER);
+        } else {
+            self.interrupt.wake_poller();
         }
     }
 }

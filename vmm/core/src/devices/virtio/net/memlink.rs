@@ -98,6 +98,8 @@ impl GuestQueue {
         if wanted {
             bump(&self.counters.interrupts, 1);
             self.interrupt.signal(interrupt::USED_BUFFER);
+        } else {
+            self.interrupt.wake_poller();
         }
     }
 

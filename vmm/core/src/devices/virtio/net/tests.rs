@@ -408,6 +408,52 @@ fn interrupts_respect_suppression() {
     assert!(wait_until(WAIT, || r.counters.snapshot().interrupts == 1));
 }
 
+/// A polling driver (a micro-VM's) suppresses interrupts and rests in its idle exit: a frame
+/// put in its receive ring wakes it through its doorbell instead.
+#[test]
+fn a_frame_for_a_resting_poller_rings_its_doorbell() {
+    let mut r = rig(features::VERSION_1 | F_MAC);
+    let bell = Arc::new(crate::idle::IdleDoorbell::default());
+    r.transport
+        .lock()
+        .unwrap()
+        .interrupt()
+        .set_poller(bell.clone());
+    r.driver.set_avail_flags(RX_QUEUE, 1);
+    r.driver.publish(
+        RX_QUEUE,
+        &[Buffer {
+            addr: DATA,
+            len: 1526,
+            device_writes: true,
+        }],
+    );
+    r.driver.notify(RX_QUEUE);
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let resting = bell.clone();
+    let vcpu = std::thread::spawn(move || {
+        // The first rest records this thread as the poller's.
+        resting.rest(Duration::from_millis(1), || false);
+        ready_tx.send(()).unwrap();
+        let started = std::time::Instant::now();
+        resting.rest(Duration::from_secs(30), || false);
+        started.elapsed()
+    });
+    ready.recv().unwrap();
+    r.peer.send(&frame(60, 0x22)).unwrap();
+    assert!(r.driver.wait_used(RX_QUEUE, 1, WAIT));
+    let rested = vcpu.join().unwrap();
+    assert!(
+        rested < Duration::from_secs(10),
+        "the frame did not wake it: {rested:?}"
+    );
+    assert_eq!(
+        r.counters.snapshot().interrupts,
+        0,
+        "no interrupt: it polls"
+    );
+}
+
 #[test]
 fn reset_gives_the_link_back_and_the_device_runs_again() {
     let mut r = rig(all_features());
