@@ -12,6 +12,12 @@
 //! TAP to the other with the same batched TAP I/O (read a batch, write it): the ceiling the TAPs
 //! themselves put on this path on this machine, the physical limit beside the micro-VM's figure.
 //!
+//! With `VIGIL_UPLINK_PROBE=latency` it measures latency instead of throughput: one UDP datagram
+//! every 2 ms (the micro-VM idles and rests between them) from a socket in the generator's
+//! namespace to one in the sink's, each carrying its send time; the one-way latency of each (one
+//! clock: one machine). `VIGIL_IDLE_WAKE=off` is the baseline: frames do not wake the resting
+//! micro-VM.
+//!
 //! With `VIGIL_UPLINK=vxlan` the uplink is a VXLAN endpoint instead (as a host's switch has):
 //! its peer is a UDP port on 127.0.0.1 that no socket holds, so the kernel counts each datagram
 //! that arrives (`Udp: NoPorts`) and drops it. `VIGIL_VXLAN_IO` selects the endpoint's mode
@@ -345,6 +351,12 @@ fn measure(
         }
         blast(gen_ns, tool, 0.05)?;
     }
+    if std::env::var("VIGIL_UPLINK_PROBE").as_deref() == Ok("latency") {
+        if let Sink::Tap(sink_ns) = sink {
+            return latency(gen_ns, sink_ns);
+        }
+        return Err("the latency probe needs a TAP sink".into());
+    }
     let snap = |i: usize| counters.get(i).map(|c| c.snapshot()).unwrap_or_default();
     let (up0, port0) = (snap(0), snap(1));
     let fw0 = firewall().unwrap_or_default();
@@ -419,6 +431,115 @@ fn measure(
                 Sink::Tap(_) => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> TAP in another netns",
                 Sink::Vxlan => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> VXLAN (UDP) to a closed port on 127.0.0.1",
             },
+        })
+    );
+    Ok(())
+}
+
+/// Runs `f` on a thread of its own that entered network namespace `ns`.
+fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> std::thread::JoinHandle<Result<T, String>> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        // SAFETY: setns on this thread only, with a descriptor we own.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns {path}: {}", std::io::Error::last_os_error()));
+        }
+        f()
+    })
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass, which outlives the call.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// One-way latency of spaced datagrams through the micro-VM: prints `fw_idle_latency_us`.
+fn latency(gen_ns: &str, sink_ns: &str) -> Result<(), String> {
+    const PROBES: usize = 400;
+    const GAP: Duration = Duration::from_millis(2);
+    let dst = std::net::Ipv4Addr::from(DST_IP);
+    ip(&["-n", sink_ns, "link", "set", SINK_TAP, "address", DST_MAC])?;
+    ip(&[
+        "-n",
+        sink_ns,
+        "addr",
+        "add",
+        &format!("{dst}/24"),
+        "dev",
+        SINK_TAP,
+    ])?;
+    let (bound_tx, bound) = std::sync::mpsc::channel();
+    let receiver = in_netns(sink_ns, move || {
+        let socket = std::net::UdpSocket::bind((dst, DST_PORT)).map_err(|e| e.to_string())?;
+        let _ = bound_tx.send(());
+        socket
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .map_err(|e| e.to_string())?;
+        let mut lat = Vec::with_capacity(PROBES);
+        let mut buf = [0u8; 64];
+        let mut misses = 0;
+        while lat.len() < PROBES && misses < 10 {
+            match socket.recv(&mut buf) {
+                Ok(n) if n >= 8 => {
+                    let sent = u64::from_le_bytes(buf[..8].try_into().unwrap_or([0; 8]));
+                    if sent != 0 {
+                        lat.push(monotonic_ns().saturating_sub(sent));
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => misses += 1,
+            }
+        }
+        Ok(lat)
+    });
+    // The first probe goes once the receiver is bound.
+    if bound.recv().is_err() {
+        return receiver
+            .join()
+            .map_err(|_| "the receiver panicked".to_string())?
+            .map(|_| ());
+    }
+    let sender = in_netns(gen_ns, move || {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        for _ in 0..PROBES {
+            std::thread::sleep(GAP);
+            socket
+                .send_to(&monotonic_ns().to_le_bytes(), (dst, DST_PORT))
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    });
+    sender.join().map_err(|_| "the sender panicked")??;
+    let mut lat = receiver.join().map_err(|_| "the receiver panicked")??;
+    if lat.len() < PROBES / 2 {
+        return Err(format!("only {} of {PROBES} probes arrived", lat.len()));
+    }
+    lat.sort_unstable();
+    let at = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize] as f64 / 1e3;
+    println!(
+        "{}",
+        serde_json::json!({
+            "metric": "fw_idle_latency_us",
+            "value": (at(0.5) * 10.0).round() / 10.0,
+            "unit": "us",
+            "p90_us": (at(0.9) * 10.0).round() / 10.0,
+            "p99_us": (at(0.99) * 10.0).round() / 10.0,
+            "max_us": (at(1.0) * 10.0).round() / 10.0,
+            "probes": PROBES,
+            "arrived": lat.len(),
+            "gap_ms": GAP.as_millis() as u64,
+            "idle_wake": std::env::var("VIGIL_IDLE_WAKE").as_deref() != Ok("off"),
+            "path": "UDP socket in a netns -> TAP -> switch micro-VM (verdict) -> TAP -> UDP socket in another netns, one datagram every 2 ms",
         })
     );
     Ok(())

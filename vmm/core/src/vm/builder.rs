@@ -70,9 +70,12 @@ impl Vm {
         if let Some(region) = &verdict_region {
             bus.set_idle_doorbell(region.clone());
             // Frames put in its rings wake the micro-VM from its idle exit (it polls: no
-            // interrupts), as verdict records do.
-            for interrupt in &nets.interrupts {
-                interrupt.set_poller(region.doorbell());
+            // interrupts), as verdict records do. `VIGIL_IDLE_WAKE=off`: they wait for its rest
+            // to end (the benchmark's baseline).
+            if std::env::var("VIGIL_IDLE_WAKE").as_deref() != Ok("off") {
+                for interrupt in &nets.interrupts {
+                    interrupt.set_poller(region.doorbell());
+                }
             }
         }
         let write_traps = write_traps(introspection.is_some(), &slots);
