@@ -19,8 +19,9 @@
 //! micro-VM.
 //!
 //! With `VIGIL_UPLINK=vxlan` the uplink is a VXLAN endpoint instead (as a host's switch has):
-//! its peer is a UDP port on 127.0.0.1 that no socket holds, so the kernel counts each datagram
-//! that arrives (`Udp: NoPorts`) and drops it. `VIGIL_VXLAN_IO` selects the endpoint's mode
+//! its peer is a UDP socket on 127.0.0.1 that is never read, so the kernel counts each datagram
+//! that arrives (`Udp: InDatagrams` and `RcvbufErrors`) and drops it once its small buffer is
+//! full (no ICMP is generated, no reader costs CPU). `VIGIL_VXLAN_IO` selects the endpoint's mode
 //! (`recvmmsg`/`sendmmsg` batches by default; `frame`: one datagram per call).
 //!
 //! Prints one JSON object: `fw_uplink_mpps_64` with the frames offered and delivered, what each
@@ -99,8 +100,8 @@ fn sink_rx(ns: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// UDP datagrams this network namespace received for a port no socket held (`Udp: NoPorts`).
-fn udp_no_ports() -> u64 {
+/// This network namespace's UDP counter `name` (`/proc/net/snmp`, `Udp:`).
+fn udp_counter(name: &str) -> u64 {
     let snmp = std::fs::read_to_string("/proc/net/snmp").unwrap_or_default();
     let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
     let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
@@ -109,7 +110,7 @@ fn udp_no_ports() -> u64 {
     names
         .split_whitespace()
         .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "NoPorts")
+        .find(|(n, _)| *n == name)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
 }
@@ -118,23 +119,42 @@ fn udp_no_ports() -> u64 {
 enum Sink {
     /// A TAP in the sink namespace: its rx_packets.
     Tap(String),
-    /// A VXLAN endpoint sending to a closed UDP port: `Udp: NoPorts`.
-    Vxlan,
+    /// A VXLAN endpoint sending to a UDP socket that is never read (its receive buffer the
+    /// smallest): the kernel counts each datagram queued or dropped there.
+    Vxlan {
+        /// Held open (never read) for the run.
+        _socket: std::net::UdpSocket,
+    },
 }
 
 impl Sink {
     fn received(&self) -> u64 {
         match self {
             Sink::Tap(ns) => sink_rx(ns),
-            Sink::Vxlan => udp_no_ports(),
+            // Queued to the sink socket, or dropped there (its buffer is kept full).
+            Sink::Vxlan { .. } => udp_counter("InDatagrams") + udp_counter("RcvbufErrors"),
         }
     }
 }
 
-/// A UDP port on 127.0.0.1 that no socket holds (bound, then closed).
-fn closed_udp_port() -> Result<u16, String> {
+/// A UDP socket on 127.0.0.1 with the smallest receive buffer, never read: datagrams to it are
+/// counted by the kernel (queued, then dropped once the buffer is full) and cost no reader.
+fn sink_socket() -> Result<std::net::UdpSocket, String> {
+    use std::os::fd::AsRawFd;
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
-    Ok(socket.local_addr().map_err(|e| e.to_string())?.port())
+    let size: libc::c_int = 0;
+    // SAFETY: setsockopt on a socket we own, with an int option; the kernel clamps it to its
+    // minimum.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    Ok(socket)
 }
 
 /// A counter of the generator's TAP (`/sys/class/net/DEV/statistics/NAME`, from its namespace).
@@ -215,7 +235,8 @@ fn run(elf: &Path, gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64) -> Res
         return relay(gen_ns, sink_ns, tool, seconds, mode);
     }
     let (uplink, sink) = if std::env::var("VIGIL_UPLINK").as_deref() == Ok("vxlan") {
-        let peer = format!("127.0.0.1:{}", closed_udp_port()?);
+        let sink = sink_socket()?;
+        let peer = sink.local_addr().map_err(|e| e.to_string())?.to_string();
         let uplink = NetConfig {
             backend: NetBackend::Vxlan {
                 local: "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?,
@@ -226,7 +247,7 @@ fn run(elf: &Path, gen_ns: &str, sink_ns: &str, tool: &str, seconds: f64) -> Res
             mac: [0x52, 0x54, 0, 0, 0, 3],
             tenant: 0,
         };
-        (uplink, Sink::Vxlan)
+        (uplink, Sink::Vxlan { _socket: sink })
     } else {
         (
             tap(SINK_TAP, sink_ns, [0x52, 0x54, 0, 0, 0, 3], 0),
@@ -408,7 +429,7 @@ fn measure(
             "uplink_kind": match (sink, counters.is_empty()) {
                 (_, true) => "relay",
                 (Sink::Tap(_), false) => "tap",
-                (Sink::Vxlan, false) => "vxlan",
+                (Sink::Vxlan { .. }, false) => "vxlan",
             },
             "vxlan_io": match std::env::var("VIGIL_VXLAN_IO").as_deref() {
                 Ok("frame") => "frame",
@@ -429,7 +450,7 @@ fn measure(
             "path": match sink {
                 Sink::Tap(_) if counters.is_empty() => "udp-blast (sendmmsg) in a netns -> TAP -> a relay thread (no VM) -> TAP in another netns",
                 Sink::Tap(_) => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> TAP in another netns",
-                Sink::Vxlan => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> VXLAN (UDP) to a closed port on 127.0.0.1",
+                Sink::Vxlan { .. } => "udp-blast (sendmmsg) in a netns -> TAP -> switch micro-VM (verdict) -> VXLAN (UDP) to an unread socket on 127.0.0.1",
             },
         })
     );
