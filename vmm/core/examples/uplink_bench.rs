@@ -84,20 +84,25 @@ fn ip(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// The frames the sink namespace's TAP received (what the micro-VM wrote into it).
-fn sink_rx(ns: &str) -> u64 {
+/// A counter of TAP `dev` in namespace `ns` (`/sys/class/net/DEV/statistics/NAME`).
+fn tap_stat(ns: &str, dev: &str, name: &str) -> u64 {
     Command::new("ip")
         .args([
             "netns",
             "exec",
             ns,
             "cat",
-            &format!("/sys/class/net/{SINK_TAP}/statistics/rx_packets"),
+            &format!("/sys/class/net/{dev}/statistics/{name}"),
         ])
         .output()
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// The frames the sink namespace's TAP received (what the micro-VM wrote into it).
+fn sink_rx(ns: &str) -> u64 {
+    tap_stat(ns, SINK_TAP, "rx_packets")
 }
 
 /// This network namespace's UDP counter `name` (`/proc/net/snmp`, `Udp:`).
@@ -157,20 +162,9 @@ fn sink_socket() -> Result<std::net::UdpSocket, String> {
     Ok(socket)
 }
 
-/// A counter of the generator's TAP (`/sys/class/net/DEV/statistics/NAME`, from its namespace).
+/// A counter of the generator's TAP.
 fn gen_tap_stat(ns: &str, name: &str) -> u64 {
-    Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns,
-            "cat",
-            &format!("/sys/class/net/{GEN_TAP}/statistics/{name}"),
-        ])
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(0)
+    tap_stat(ns, GEN_TAP, name)
 }
 
 /// Runs the generator in `ns` for `seconds`; the datagrams it sent.
