@@ -81,7 +81,7 @@ impl Driver {
 pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let config = input.u8();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).expect("guest RAM");
+    let mem = vmm_core::anonymous_memory(RAM, true).expect("guest RAM");
     let (ours, network) = UnixDatagram::pair().expect("socket pair");
     ours.set_nonblocking(true).expect("non-blocking");
     network.set_nonblocking(true).expect("non-blocking");

@@ -33,6 +33,8 @@ use crate::GuestMemoryMmap;
 pub enum DirtyLogError {
     #[error("KVM: {0}")]
     Kvm(String),
+    #[error("this VM's memory keeps no bitmap of the VMM's writes (a micro-VM's): its dirty pages cannot be known")]
+    NoVmmBitmap,
     #[error("KVM's dirty log is wrong: wrote pages {wrote:?}, it logged {logged:?}")]
     Wrong { wrote: Vec<u64>, logged: Vec<u64> },
     #[error("the probe guest did not finish: {0}")]
@@ -98,10 +100,10 @@ impl DirtyPages {
 }
 
 /// The bitmap of the VMM's writes to one region (vm-memory marks it on every write through its
-/// accessors).
-fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<AtomicBitmap>) -> &AtomicBitmap {
-    let mapping: &vm_memory::MmapRegion<AtomicBitmap> = region;
-    mapping.bitmap()
+/// accessors); `None` for memory built without one (a micro-VM's, which never migrates).
+fn vmm_bitmap(region: &vm_memory::GuestRegionMmap<Option<AtomicBitmap>>) -> Option<&AtomicBitmap> {
+    let mapping: &vm_memory::MmapRegion<Option<AtomicBitmap>> = region;
+    mapping.bitmap().as_ref()
 }
 
 impl MemSlots {
@@ -182,6 +184,10 @@ impl MemSlots {
     /// Starts logging: KVM logs the guest's writes to every writable slot from here, and the
     /// VMM's bitmap of `memory` is cleared (its writes count from here too).
     pub fn start_logging(&self, memory: &GuestMemoryMmap) -> Result<(), DirtyLogError> {
+        // Without the VMM's half of the log, what it reports would miss pages: refuse.
+        if memory.iter().any(|region| vmm_bitmap(region).is_none()) {
+            return Err(DirtyLogError::NoVmmBitmap);
+        }
         let mut state = self.lock();
         for (i, &(start, len, read_only)) in state.layout.iter().enumerate() {
             if !read_only {
@@ -195,8 +201,8 @@ impl MemSlots {
         }
         state.logging = true;
         state.read_generation = state.generation;
-        for region in memory.iter() {
-            vmm_bitmap(region).reset();
+        for bitmap in memory.iter().filter_map(vmm_bitmap) {
+            bitmap.reset();
         }
         Ok(())
     }
@@ -248,7 +254,10 @@ impl MemSlots {
         }
         for region in memory.iter() {
             let first = region.start_addr().0 / PAGE_SIZE;
-            let words = vmm_bitmap(region).get_and_reset();
+            // Every region has one: `start_logging` refused memory without.
+            let words = vmm_bitmap(region)
+                .map(AtomicBitmap::get_and_reset)
+                .unwrap_or_default();
             for page in set_pages(&words) {
                 mark(&mut bits, first + page);
             }

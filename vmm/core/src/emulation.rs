@@ -381,7 +381,7 @@ mod tests {
     use super::*;
 
     fn memory_with(code: &[u8], at: u64) -> GuestMemoryMmap {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = crate::anonymous_memory(1 << 20, true).unwrap();
         mem.write_slice(code, GuestAddress(at)).unwrap();
         mem
     }
@@ -585,7 +585,7 @@ mod tests {
 
     #[test]
     fn long_mode_walk_follows_huge_pages_and_rejects_missing_entries() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mem = crate::anonymous_memory(4 << 20, true).unwrap();
         // PML4 at 0x10000 -> PDPT at 0x11000 -> PD at 0x12000 with a 2 MiB page at 0x200000.
         mem.write_obj(0x11000u64 | 3, GuestAddress(0x10000))
             .unwrap();

@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn resident_pages_are_the_touched_ones() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = crate::anonymous_memory(64 << 20, true).unwrap();
         let before = resident_kib(&mem);
         for page in 0..256u64 {
             mem.write_obj(1u8, GuestAddress(page * 4096)).unwrap();
@@ -104,8 +104,22 @@ mod tests {
     }
 
     #[test]
+    fn the_vmm_writes_are_marked_only_where_tracked() {
+        use vm_memory::bitmap::Bitmap;
+        for track in [true, false] {
+            let mem = crate::anonymous_memory(1 << 20, track).unwrap();
+            mem.write_obj(7u8, GuestAddress(3 * 4096)).unwrap();
+            let region = mem.iter().next().unwrap();
+            let mapping: &vm_memory::MmapRegion<_> = region;
+            assert_eq!(mapping.bitmap().dirty_at(3 * 4096), track);
+            assert!(!mapping.bitmap().dirty_at(4 * 4096));
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(3 * 4096)).unwrap(), 7);
+        }
+    }
+
+    #[test]
     fn reads_are_bounded_to_ram() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+        let mem = crate::anonymous_memory(0x10000, true).unwrap();
         mem.write_obj(0x1122_3344u32, GuestAddress(0xfffc)).unwrap();
         let ram = GuestRam(&mem);
         assert_eq!(ram.ram_size(), 0x10000);

@@ -289,13 +289,13 @@ mod tests {
 
     #[test]
     fn memory_round_trips_and_rejects_pages_outside_ram() {
-        let a = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
+        let a = crate::anonymous_memory(64 * PAGE, true).unwrap();
         a.write_slice(b"first", GuestAddress(0)).unwrap();
         a.write_slice(b"last", GuestAddress(63 * PAGE as u64 + 100))
             .unwrap();
         let mut stream = Vec::new();
         assert_eq!(write_memory(&a, &mut stream).unwrap(), (2, 64));
-        let b = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
+        let b = crate::anonymous_memory(64 * PAGE, true).unwrap();
         assert_eq!(read_memory(&b, &mut &stream[..]).unwrap(), 2);
         let mut got = [0u8; 4];
         b.read_slice(&mut got, GuestAddress(63 * PAGE as u64 + 100))

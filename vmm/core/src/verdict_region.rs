@@ -599,7 +599,7 @@ mod tests {
     #[test]
     fn a_region_needs_room_in_ram() {
         let size = 64 << 10;
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let memory = crate::anonymous_memory(size, true).unwrap();
         // The ring alone is VERDICT_RING_CAPACITY records of RECORD_LEN bytes.
         assert!(VERDICT_REGION_BYTES > size);
         assert!(matches!(
@@ -668,7 +668,7 @@ mod tests {
 
     fn region() -> std::sync::Arc<VerdictRegion> {
         let size = 8 << 20;
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let memory = crate::anonymous_memory(size, true).unwrap();
         std::sync::Arc::new(VerdictRegion::reserve(&memory, size as u64).unwrap())
     }
 
@@ -796,7 +796,7 @@ mod tests {
     #[test]
     fn ring_round_trip_through_guest_memory() {
         let size = 8 << 20;
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let memory = crate::anonymous_memory(size, true).unwrap();
         let region = VerdictRegion::reserve(&memory, size as u64).unwrap();
         assert_eq!(region.gpa % 4096, 0);
         assert!(region.gpa + region.size() <= size as u64);

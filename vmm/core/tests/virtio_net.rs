@@ -176,7 +176,7 @@ struct Guest {
 }
 
 fn guest_with(tap: Tap) -> Guest {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+    let mem = vmm_core::anonymous_memory(RAM, true).unwrap();
     let net = Net::new(Box::new(tap), MAC);
     let counters = net.counters();
     let transport = Arc::new(Mutex::new(
@@ -350,7 +350,7 @@ fn kvm_notify_and_interrupt_paths() {
     };
     let vm = kvm.create_vm().unwrap();
     vm.create_irq_chip().unwrap();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
+    let mem = vmm_core::anonymous_memory(RAM, true).unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap();
     // SAFETY: the region is mapped for as long as `mem` lives, which outlives the VM here.
     unsafe {
@@ -483,7 +483,7 @@ fn throughput() {
     let tap = Tap::open("vperf0", Some(&ns.name)).unwrap();
     ip(&["-n", &ns.name, "link", "set", "vperf0", "up"]);
     let outside = ns.run(|| PacketSocket::bind("vperf0"));
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mem = vmm_core::anonymous_memory(16 << 20, true).unwrap();
     let net = Net::new(Box::new(tap), MAC);
     let counters = net.counters();
     let transport = Arc::new(Mutex::new(

@@ -501,10 +501,8 @@ mod tests {
 
     #[test]
     fn a_full_switch_ring_refuses_the_whole_batch() {
-        use crate::GuestMemoryMmap;
-        use vm_memory::GuestAddress;
         let size = 8 << 20;
-        let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let memory = crate::anonymous_memory(size, true).unwrap();
         let region = std::sync::Arc::new(
             crate::verdict_region::VerdictRegion::reserve(&memory, size as u64).unwrap(),
         );

@@ -50,7 +50,9 @@ impl Vm {
         let introspection = introspection(config, &inputs.elf, knobs)?;
         let (kvm, fd) = kvm_vm()?;
         let fd = Arc::new(fd);
-        let (memory, slots) = guest_memory(&fd, config.mem_bytes())?;
+        // A micro-VM never migrates: no dirty bitmap of the VMM's writes to keep.
+        let track_dirty = !matches!(config.payload, Payload::MicroVm { .. });
+        let (memory, slots) = guest_memory(&fd, config.mem_bytes(), track_dirty)?;
         let (serial_irq, console) = serial_console(config, &fd, created)?;
         let stop = Arc::new(AtomicBool::new(false));
         let device_fault = Arc::new(DeviceFault::new(stop.clone()));
@@ -280,9 +282,10 @@ fn kvm_vm() -> Result<(Kvm, VmFd), VmError> {
 fn guest_memory(
     fd: &Arc<VmFd>,
     mem_size: u64,
+    track_dirty: bool,
 ) -> Result<(GuestMemoryMmap, Arc<MemSlots>), VmError> {
-    let memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size as usize)])
-        .map_err(VmError::Memory)?;
+    let memory =
+        crate::anonymous_memory(mem_size as usize, track_dirty).map_err(VmError::Memory)?;
     let host_addr = memory
         .get_host_address(GuestAddress(0))
         .map_err(VmError::HostAddress)? as u64;

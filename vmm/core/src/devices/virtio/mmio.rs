@@ -457,7 +457,6 @@ impl MmioDevice for MmioTransport {
 mod tests {
     use super::*;
     use std::sync::Mutex;
-    use vm_memory::GuestAddress;
 
     /// A device that records what the transport does to it.
     #[derive(Default)]
@@ -509,7 +508,7 @@ mod tests {
         status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
 
     fn transport() -> (MmioTransport, Arc<Mutex<Recorder>>) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let mem = crate::anonymous_memory(0x10_0000, true).unwrap();
         let rec = Arc::new(Mutex::new(Recorder {
             config: [1, 2, 3, 4, 5, 6, 7, 8],
             ..Default::default()

@@ -27,7 +27,7 @@ struct Guest {
 }
 
 fn guest(end: MemLinkEnd, features: u64) -> Guest {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mem = crate::anonymous_memory(RAM as usize, true).unwrap();
     let net = Net::with_memory_link(end, [0x52, 0x54, 0, 0, 0, 1]);
     let counters = net.counters();
     let transport = Arc::new(Mutex::new(

@@ -30,7 +30,7 @@ struct Rig {
 }
 
 fn rig(features: u64) -> Rig {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap();
+    let mem = crate::anonymous_memory(RAM as usize, true).unwrap();
     let (ours, peer) = UnixDatagram::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
     let net = Net::new(Box::new(ours), MAC);
