@@ -240,6 +240,11 @@ fn sixty_four_k_flows(
         sink.recv(BATCH, &mut scratch, |_| {});
     }
     let flows = region.counters().map_or(0, |c| c.flows_active);
+    if std::env::var_os("VIGIL_RAM_MAP").is_some() {
+        for (gpa, kib) in vmm_core::guest_ram::resident_map_kib(memory, 256 << 10) {
+            eprintln!("resident {gpa:#010x}: {kib:4} KiB");
+        }
+    }
     Ok((vmm_core::guest_ram::resident_kib(memory), rss_kib(), flows))
 }
 

@@ -61,8 +61,17 @@ impl GuestPhys for GuestRam<'_> {
 /// KiB of a VM's RAM resident in host memory (`mincore` over each region's mapping): the guest
 /// pages the guest or the VMM touched, without the VMM's own memory. 0 when it cannot be read.
 pub fn resident_kib(mem: &GuestMemoryMmap) -> u64 {
+    resident_map_kib(mem, u64::MAX)
+        .iter()
+        .map(|&(_, kib)| kib)
+        .sum()
+}
+
+/// Resident KiB of a VM's RAM per `chunk` bytes of guest-physical address space, as
+/// (chunk's first address, KiB) for each chunk with resident pages: where the guest's memory goes.
+pub fn resident_map_kib(mem: &GuestMemoryMmap, chunk: u64) -> Vec<(u64, u64)> {
     let page = 4096usize;
-    let mut pages = 0u64;
+    let mut map: Vec<(u64, u64)> = Vec::new();
     let mut vec = Vec::new();
     for region in mem.iter() {
         let len = region.len() as usize;
@@ -74,11 +83,24 @@ pub fn resident_kib(mem: &GuestMemoryMmap) -> u64 {
         // SAFETY: the region's mapping starts at `host` (page aligned: mmap) and spans `len`
         // bytes; `vec` has one byte per page of it.
         let rc = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
-        if rc == 0 {
-            pages += vec.iter().filter(|&&b| b & 1 != 0).count() as u64;
+        if rc != 0 {
+            continue;
+        }
+        let start = region.start_addr().0;
+        for (i, _) in vec.iter().enumerate().filter(|&(_, &b)| b & 1 != 0) {
+            let gpa = start + (i * page) as u64;
+            let first = if chunk == u64::MAX {
+                0
+            } else {
+                gpa - gpa % chunk
+            };
+            match map.last_mut() {
+                Some((at, kib)) if *at == first => *kib += page as u64 / 1024,
+                _ => map.push((first, page as u64 / 1024)),
+            }
         }
     }
-    pages * (page as u64 / 1024)
+    map
 }
 
 #[cfg(test)]

@@ -53,6 +53,7 @@ impl Vm {
         // A micro-VM never migrates: no dirty bitmap of the VMM's writes to keep.
         let track_dirty = !matches!(config.payload, Payload::MicroVm { .. });
         let (memory, slots) = guest_memory(&fd, config.mem_bytes(), track_dirty)?;
+        interrupt_controllers(&fd)?;
         let (serial_irq, console) = serial_console(config, &fd, created)?;
         let stop = Arc::new(AtomicBool::new(false));
         let device_fault = Arc::new(DeviceFault::new(stop.clone()));
@@ -263,10 +264,18 @@ fn kernel_profile_uncached(
     Ok(analysis.profile)
 }
 
-/// The KVM VM with its in-kernel interrupt controllers and PIT.
+/// The KVM VM, without devices yet (see [`interrupt_controllers`] for why).
 fn kvm_vm() -> Result<(Kvm, VmFd), VmError> {
     let kvm = Kvm::new().map_err(VmError::Kvm)?;
     let fd = kvm.create_vm().map_err(ioctl("KVM_CREATE_VM"))?;
+    Ok((kvm, fd))
+}
+
+/// The in-kernel interrupt controllers and PIT. Created after the RAM memslot, as Firecracker
+/// does. Measured on the `kvm_pvm` host: a 32 MiB `KVM_SET_USER_MEMORY_REGION` takes 6-8 ms once
+/// an irqchip exists and 0.02 ms before (the TSS address and the PIT make no difference); that
+/// was half of a micro-VM's boot.
+fn interrupt_controllers(fd: &VmFd) -> Result<(), VmError> {
     fd.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(ioctl("KVM_SET_TSS_ADDR"))?;
     fd.create_irq_chip().map_err(ioctl("KVM_CREATE_IRQCHIP"))?;
@@ -275,7 +284,7 @@ fn kvm_vm() -> Result<(Kvm, VmFd), VmError> {
         ..Default::default()
     })
     .map_err(ioctl("KVM_CREATE_PIT2"))?;
-    Ok((kvm, fd))
+    Ok(())
 }
 
 /// Guest RAM from 0, registered with KVM as one memslot.
