@@ -97,6 +97,9 @@ impl<T: GuestPhys + ?Sized> GuestPhys for &T {
     fn read_phys(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemError> {
         (**self).read_phys(gpa, buf)
     }
+    fn read_phys_u64(&self, gpa: u64) -> Result<u64, MemError> {
+        (**self).read_phys_u64(gpa)
+    }
 }
 
 /// Checks that `gpa..gpa+len` lies inside `0..ram_size`; the helper every implementation can share.

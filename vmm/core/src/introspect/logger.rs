@@ -28,7 +28,7 @@ const LOGGER_POLL: Duration = Duration::from_millis(2);
 /// Monotonic clock in nanoseconds (CLOCK_MONOTONIC: comparable across the VMM's threads and
 /// with other processes on the host).
 #[inline]
-pub(super) fn monotonic_ns() -> u64 {
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

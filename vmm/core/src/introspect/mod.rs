@@ -39,6 +39,7 @@ pub mod ports;
 pub mod state;
 
 pub use hooks::HookOutcome;
+pub use logger::monotonic_ns;
 pub use ports::PortPoint;
 pub use state::{ImportError, IntrospectionState};
 

@@ -15,7 +15,7 @@ use trap_handler::attribution::SocketOp;
 use super::exit::BP_VECTOR;
 use super::{kvm, Action, StopReason, Vcpu, VcpuError, STOP_OTHERS_LIMIT};
 use crate::host_kind::HostKind;
-use crate::introspect::{HookOutcome, Introspection, PortPoint};
+use crate::introspect::{monotonic_ns, HookOutcome, Introspection, PortPoint};
 
 impl Vcpu {
     /// A #BP exit on a hardware host: a software-breakpoint hook of ours, or the guest's own.
@@ -80,11 +80,17 @@ impl Vcpu {
             return Err(VcpuError::SoftHookWithoutIntrospection);
         };
         let entry = regs.rip;
-        let started = std::time::Instant::now();
-        let outcome =
-            introspection.on_port_point(self.index, point, &self.memory, &mut regs, &sregs);
+        let started = monotonic_ns();
+        let outcome = introspection.on_port_point(
+            self.index,
+            point,
+            &self.memory,
+            &mut regs,
+            &sregs,
+            started,
+        );
         self.stats.port_point_hits += 1;
-        self.stats.port_point_work_ns += started.elapsed().as_nanos() as u64;
+        self.stats.port_point_work_ns += monotonic_ns().saturating_sub(started);
         match outcome {
             HookOutcome::Allow => regs.rip = entry + len,
             HookOutcome::Denied => self.stats.hook_denials += 1,
@@ -124,10 +130,10 @@ impl Vcpu {
         regs: &mut kvm_regs,
         sregs: &kvm_sregs,
     ) -> HookOutcome {
-        let started = std::time::Instant::now();
-        let outcome = introspection.on_hook(self.index, op, &self.memory, regs, sregs);
+        let started = monotonic_ns();
+        let outcome = introspection.on_hook(self.index, op, &self.memory, regs, sregs, started);
         self.stats.hook_hits += 1;
-        self.stats.hook_work_ns += started.elapsed().as_nanos() as u64;
+        self.stats.hook_work_ns += monotonic_ns().saturating_sub(started);
         if let HookOutcome::Denied = outcome {
             self.stats.hook_denials += 1;
         }

@@ -144,6 +144,9 @@ pub struct VmOutcome {
     /// Resident memory of the whole VMM process when the VM stopped (guest pages it touched
     /// included), KiB.
     pub vmm_rss_kib: u64,
+    /// Of that, file pages (`RssFile`: the VMM's binary and libraries, shared by every VMM
+    /// process that runs the same files), KiB.
+    pub vmm_rss_file_kib: u64,
     /// Of that, this VM's guest RAM resident in host memory (`mincore`), KiB: RSS minus this is
     /// the VMM's own overhead (with one VM in the process).
     pub guest_resident_kib: u64,

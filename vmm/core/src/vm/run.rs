@@ -81,7 +81,8 @@ impl Vm {
             host: self.host.to_string(),
             wall_ms: started.elapsed().as_millis() as u64,
             markers,
-            vmm_rss_kib: resident_kib(),
+            vmm_rss_kib: status_kib("VmRSS:"),
+            vmm_rss_file_kib: status_kib("RssFile:"),
             guest_resident_kib: crate::guest_ram::resident_kib(&self.memory),
             stats,
             firewall: self
@@ -295,14 +296,15 @@ fn write_profile(path: &Path, samples: &BTreeMap<u64, u64>) {
     }
 }
 
-/// VmRSS of this process from /proc/self/status, KiB (0 if unreadable).
-fn resident_kib() -> u64 {
+/// A KiB figure of this process from /proc/self/status (`VmRSS:`, `RssFile:`...; 0 if
+/// unreadable).
+fn status_kib(field: &str) -> u64 {
     fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|status| {
             status
                 .lines()
-                .find(|l| l.starts_with("VmRSS:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
