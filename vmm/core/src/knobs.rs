@@ -37,6 +37,9 @@ pub struct DebugKnobs {
     pub bare_hooks: Option<String>,
     /// `VIGIL_KEEP_ACPI` (set): the ACPI tests keep their decompiled tables.
     pub keep_acpi: bool,
+    /// `VIGIL_IRQCHIP_FIRST` (set): create the interrupt controllers before registering RAM, the
+    /// order before it was measured slow (`microvm_boot_ms`'s baseline).
+    pub irqchip_first: bool,
 }
 
 impl Default for DebugKnobs {
@@ -50,6 +53,7 @@ impl Default for DebugKnobs {
             host_kind: None,
             bare_hooks: None,
             keep_acpi: false,
+            irqchip_first: false,
         }
     }
 }
@@ -79,6 +83,7 @@ impl DebugKnobs {
             host_kind: text("VIGIL_HOST_KIND").and_then(|v| HostKind::from_name(&v)),
             bare_hooks: text("VIGIL_BARE_HOOKS"),
             keep_acpi: var("VIGIL_KEEP_ACPI").is_some(),
+            irqchip_first: var("VIGIL_IRQCHIP_FIRST").is_some(),
         }
     }
 
@@ -117,8 +122,9 @@ mod tests {
             ("VIGIL_HOST_KIND", "hardware"),
             ("VIGIL_BARE_HOOKS", "bind,connect"),
             ("VIGIL_KEEP_ACPI", "1"),
+            ("VIGIL_IRQCHIP_FIRST", "1"),
         ]);
-        assert!(k.trace_exits && k.no_syscall_fix && k.keep_acpi);
+        assert!(k.trace_exits && k.no_syscall_fix && k.keep_acpi && k.irqchip_first);
         assert_eq!(k.profile, Some(PathBuf::from("/tmp/p")));
         assert_eq!(k.tsc_dilation, 8);
         assert_eq!(k.cache_dir, Some(PathBuf::from("/c")));

@@ -50,10 +50,15 @@ impl Vm {
         let introspection = introspection(config, &inputs.elf, knobs)?;
         let (kvm, fd) = kvm_vm()?;
         let fd = Arc::new(fd);
+        if knobs.irqchip_first {
+            interrupt_controllers(&fd)?;
+        }
         // A micro-VM never migrates: no dirty bitmap of the VMM's writes to keep.
         let track_dirty = !matches!(config.payload, Payload::MicroVm { .. });
         let (memory, slots) = guest_memory(&fd, config.mem_bytes(), track_dirty)?;
-        interrupt_controllers(&fd)?;
+        if !knobs.irqchip_first {
+            interrupt_controllers(&fd)?;
+        }
         let (serial_irq, console) = serial_console(config, &fd, created)?;
         let stop = Arc::new(AtomicBool::new(false));
         let device_fault = Arc::new(DeviceFault::new(stop.clone()));
