@@ -138,6 +138,32 @@ impl Queue {
         used_idx: 0,
         in_flight: 0,
     };
+
+    /// Zeroes everything but the buffers: the rings as a fresh queue has them. A buffer's bytes
+    /// are never read before they are written (the device fills a receive buffer, [`Port::send`]
+    /// a transmit one, header included), so its pages stay untouched until a frame needs them:
+    /// a guest's first touch of a page is an exit on an emulating host, and the buffers are
+    /// 512 KiB a queue.
+    fn reset_rings(&mut self) {
+        let zero = Desc {
+            addr: 0,
+            len: 0,
+            flags: 0,
+            next: 0,
+        };
+        self.desc = [zero; QUEUE_SIZE];
+        self.avail.flags = 0;
+        self.avail.idx = 0;
+        self.avail.ring = [0; QUEUE_SIZE];
+        self.avail.used_event = 0;
+        self.used.flags = 0;
+        self.used.idx = 0;
+        self.used.ring = [UsedElem { id: 0, len: 0 }; QUEUE_SIZE];
+        self.used.avail_event = 0;
+        self.avail_idx = 0;
+        self.used_idx = 0;
+        self.in_flight = 0;
+    }
 }
 
 /// One port: a virtio-net device and its two queues.
@@ -219,7 +245,7 @@ impl<'a> Port<'a> {
             }
             port.write(reg::QUEUE_NUM, QUEUE_SIZE as u32);
             let queue: &mut Queue = if q == RX { port.rx } else { port.tx };
-            *queue = Queue::ZERO;
+            queue.reset_rings();
             queue.avail.flags = AVAIL_F_NO_INTERRUPT;
             let desc = addr_of!(queue.desc) as u64;
             let avail = addr_of!(queue.avail) as u64;

@@ -268,9 +268,13 @@ impl Bus {
     pub fn pio_write(&self, port: u16, data: &[u8]) -> PioAction {
         match port {
             p if (COM1_BASE..COM1_BASE + COM1_LEN).contains(&p) => {
-                if let (Some(&value), Ok(mut serial)) = (data.first(), self.serial.lock()) {
-                    // A console write error (full disk) must not stop the guest.
-                    let _ = serial.write((p - COM1_BASE) as u8, value);
+                if let Ok(mut serial) = self.serial.lock() {
+                    // A `rep outsb` arrives as one exit with every byte: each is a write to the
+                    // register, in order. A console write error (full disk) must not stop the
+                    // guest.
+                    for &value in data {
+                        let _ = serial.write((p - COM1_BASE) as u8, value);
+                    }
                 }
                 PioAction::Continue
             }
@@ -366,6 +370,30 @@ mod tests {
         let seen: Vec<&str> = console.markers_seen().map(|(m, _)| m).collect();
         assert_eq!(seen, ["ready"]);
         assert_eq!(std::fs::read(&path).unwrap(), b"boot\r\nready now\n");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_string_write_to_the_console_is_every_byte_in_order() {
+        // `rep outsb` to COM1's data register: one exit carrying the whole string.
+        let path = std::env::temp_dir().join(format!("vigil-outs-test-{}.log", std::process::id()));
+        let bus = Bus::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::new(
+                "t",
+                Some(File::create(&path).unwrap()),
+                false,
+                Instant::now(),
+                &["up: 2".to_string()],
+            ),
+            Vec::new(),
+            false,
+        );
+        bus.pio_write(COM1_BASE, b"switch up");
+        bus.pio_write(COM1_BASE, b": 2 ports\r\n");
+        let seen: Vec<String> = bus.console_markers().into_iter().map(|(m, _)| m).collect();
+        assert_eq!(seen, ["up: 2"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"switch up: 2 ports\r\n");
         let _ = std::fs::remove_file(&path);
     }
 

@@ -5,7 +5,7 @@
 use core::fmt::Write;
 
 use super::entry;
-use super::port::{inb, outb};
+use super::port::{inb, outb, outsb};
 use super::serial::{Com1, COM1};
 
 /// GDT selectors (the layout in `entry.rs`: kernel code, kernel data, user data, user code, as
@@ -63,8 +63,9 @@ pub fn user_port_allowed(port: u16) -> bool {
 /// I/O through without a trap. On a KVM host that runs guest ring 3 natively in host user mode
 /// (kvm_pvm, see docs/kvm-here.md) the guest's TSS does not reach the hardware and every ring-3
 /// `in`/`out` raises #GP (measured: IOPL 3 in the iretq frame did not help either); ring 0 then
-/// performs the access, for the granted ports only. Only the byte forms Com1 and exit use are
-/// decoded: `in al, dx` (EC), `out dx, al` (EE), `in al, imm8` (E4), `out imm8, al` (E6).
+/// performs the access, for the granted ports only. Only the forms Com1 and exit use are
+/// decoded: `in al, dx` (EC), `out dx, al` (EE), `in al, imm8` (E4), `out imm8, al` (E6), and
+/// Com1's `rep outsb` to its data register (F3 6E) of at most [`MAX_USER_OUTS`] bytes.
 fn emulate_user_port_io(frame: &mut TrapFrame) -> bool {
     if frame.vector != VECTOR_GP || frame.error != 0 || frame.cs & 3 != 3 {
         return false;
@@ -79,6 +80,9 @@ fn emulate_user_port_io(frame: &mut TrapFrame) -> bool {
     // SAFETY: two bytes inside the mapped, readable text.
     let op = unsafe { core::ptr::read_volatile(frame.rip as *const [u8; 2]) };
     let dx = frame.rdx as u16;
+    if op == [0xf3, 0x6e] {
+        return emulate_user_outs(frame, dx);
+    }
     let (length, port, is_in) = match op[0] {
         0xec => (1, dx, true),
         0xee => (1, dx, false),
@@ -95,6 +99,28 @@ fn emulate_user_port_io(frame: &mut TrapFrame) -> bool {
         outb(port, frame.rax as u8);
     }
     frame.rip += length;
+    true
+}
+
+/// Most bytes ring 3 sends in one `rep outsb` (Com1 sends a 16-byte FIFO's worth at a time).
+const MAX_USER_OUTS: u64 = 64;
+
+/// Completes ring 3's `rep outsb` to Com1's data register: the bytes at RSI (ring 3's own,
+/// readable memory: the string lies in its stack) sent with one `rep outsb`, one VM exit, then
+/// RSI and RCX as the instruction leaves them.
+fn emulate_user_outs(frame: &mut TrapFrame, port: u16) -> bool {
+    let count = frame.rcx;
+    if port != COM1 || count > MAX_USER_OUTS || frame.rsi.checked_add(count).is_none() {
+        return false;
+    }
+    // SAFETY: at most MAX_USER_OUTS bytes from ring 3's pointer; ring 0 reads them with its own
+    // rights (no SMAP). A pointer to memory nothing maps faults here and stops the VM, as any
+    // ring-0 fault does.
+    let bytes = unsafe { core::slice::from_raw_parts(frame.rsi as *const u8, count as usize) };
+    outsb(port, bytes);
+    frame.rsi += count;
+    frame.rcx = 0;
+    frame.rip += 2;
     true
 }
 

@@ -214,7 +214,8 @@ pub struct Vcpu {
     last_retry: Option<u64>,
     /// `VIGIL_TRACE_EXITS`: log every completion and debug exit.
     trace: bool,
-    /// `VIGIL_NO_SYSCALL_FIX`: leave the syscall fix off (to measure what it costs).
+    /// No syscall fix: `VIGIL_NO_SYSCALL_FIX` (to measure what it costs), or a guest that is not
+    /// Linux.
     no_syscall_fix: bool,
 }
 
@@ -238,6 +239,7 @@ impl Vcpu {
         host: HostKind,
         guard: Option<TenantGuard>,
         knobs: &DebugKnobs,
+        linux_guest: bool,
     ) -> Self {
         let (introspection, write_traps, debug_generation) = match guard {
             Some(g) => (
@@ -247,7 +249,10 @@ impl Vcpu {
             ),
             None => (None, None, None),
         };
-        let syscall_fix_pending = (host == HostKind::Emulating && !knobs.no_syscall_fix)
+        // Only a Linux guest's user code makes `syscall`s: a micro-VM's needs no fix, and its
+        // every port write (each console byte) would otherwise cost a KVM_GET_SREGS to look.
+        let no_syscall_fix = knobs.no_syscall_fix || !linux_guest;
+        let syscall_fix_pending = (host == HostKind::Emulating && !no_syscall_fix)
             .then(|| Arc::new(AtomicBool::new(true)));
         Vcpu {
             index,
@@ -259,7 +264,7 @@ impl Vcpu {
             syscall_fix: SyscallFix::default(),
             stats: VcpuStats::default(),
             trace: knobs.trace_exits,
-            no_syscall_fix: knobs.no_syscall_fix,
+            no_syscall_fix,
             rip_samples: knobs.profile.as_ref().map(|_| BTreeMap::new()),
             introspection,
             write_traps,

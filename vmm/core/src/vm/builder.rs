@@ -109,6 +109,7 @@ impl Vm {
                     host,
                     guard(),
                     knobs,
+                    !matches!(config.payload, Payload::MicroVm { .. }),
                 )
             })
             .collect();
