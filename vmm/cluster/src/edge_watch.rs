@@ -161,7 +161,9 @@ impl Watcher {
         );
     }
 
-    fn registered(&mut self, record: HostRecord) {
+    /// A host record read or put. With `install`, the host's sender takes its keys now (a
+    /// full read installs every sender's once, after it read the keys).
+    fn registered(&mut self, record: HostRecord, install: bool) {
         if self.edge.readmit_host(record.sender) {
             self.emit(
                 "edge_host_readmitted",
@@ -174,10 +176,13 @@ impl Watcher {
                 // The name moved to another sender id: the old one's tenants have no host.
                 self.lost(&record.name, old, "sender changed");
                 self.hosts.insert(record.name, sender);
-                self.install_keys(sender);
+                if install {
+                    self.install_keys(sender);
+                }
             }
             Some(_) => {}
-            None => self.install_keys(sender),
+            None if install => self.install_keys(sender),
+            None => {}
         }
     }
 
@@ -192,12 +197,12 @@ impl Watcher {
         }
     }
 
-    /// Reads every host record, then every host's keys, and installs them; returns the
-    /// revisions of both reads.
+    /// Reads every host's keys, then every host record, and installs each sender's keys once;
+    /// returns the revisions of both reads.
     async fn sync(&mut self, client: &mut Client) -> Result<(i64, i64), ClusterError> {
-        let hosts_revision = self.sync_hosts(client).await?;
         let endpoints = self.config.endpoints.join(",");
         let keys_revision = self.key_book.load(client, &endpoints).await?;
+        let hosts_revision = self.sync_hosts(client).await?;
         let senders: std::collections::BTreeSet<u32> = self.hosts.values().copied().collect();
         for sender in senders {
             self.install_keys(sender);
@@ -229,7 +234,7 @@ impl Watcher {
             self.lost(&name, sender, "absent when the edge read the hosts again");
         }
         for record in now {
-            self.registered(record);
+            self.registered(record, false);
         }
         Ok(resp.header().map_or(0, |h| h.revision()))
     }
@@ -324,7 +329,7 @@ impl Watcher {
         let name = name.to_string();
         match event.event_type() {
             EventType::Put => match from_json::<HostRecord>(kv.key(), kv.value()) {
-                Ok(record) if record.name == name => self.registered(record),
+                Ok(record) if record.name == name => self.registered(record, true),
                 Ok(_) | Err(_) => {
                     log::warn!("edge {}: a bad record for host {name}", self.config.name)
                 }
