@@ -116,7 +116,8 @@ impl Vcpu {
         }
         match self.decide(&introspection, op, &mut regs, &sregs) {
             HookOutcome::Denied => self.fd.set_regs(&regs).map_err(kvm("KVM_SET_REGS")),
-            HookOutcome::Allow => self.step_over(pc),
+            // An allowed call's registers are as the exit left them.
+            HookOutcome::Allow => self.step_over_with(pc, regs, sregs),
             HookOutcome::Unanswerable => Err(VcpuError::Unanswerable(op)),
         }
     }
