@@ -63,13 +63,7 @@ fn udp_frame(size: usize) -> Vec<u8> {
     ip[9] = 17;
     ip[12..16].copy_from_slice(&SRC_IP);
     ip[16..20].copy_from_slice(&DST_IP);
-    let sum = ip
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum::<u32>();
-    let sum = (sum & 0xffff) + (sum >> 16);
-    let checksum = !((sum & 0xffff) + (sum >> 16)) as u16;
-    ip[10..12].copy_from_slice(&checksum.to_be_bytes());
+    fix_ipv4_checksum(&mut f);
     let udp = &mut f[34..42];
     udp[0..2].copy_from_slice(&SRC_PORT.to_be_bytes());
     udp[2..4].copy_from_slice(&DST_PORT.to_be_bytes());
@@ -240,7 +234,7 @@ fn run_ram(elf: &std::path::Path) -> Result<(u64, u64, u64), String> {
     let frame = udp_frame(60);
     let mut second_frame = frame.clone();
     second_frame[6..12].copy_from_slice(&[0x52, 0x54, 0x00, 0, 0, 4]);
-    second_frame[29] = 3; // source 10.1.0.3 (the IPv4 checksum below is recomputed)
+    second_frame[29] = 3; // source 10.1.0.3
     fix_ipv4_checksum(&mut second_frame);
     let result = sixty_four_k_flows(
         &[(&first, &frame), (&second, &second_frame)],
