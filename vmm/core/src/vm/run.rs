@@ -75,14 +75,15 @@ impl Vm {
             introspection.flush_events(Duration::from_secs(5));
         }
         let markers: BTreeMap<String, u64> = self.bus.console_markers().into_iter().collect();
+        let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
         Ok(VmOutcome {
             name: self.name,
             stop: first.reason(),
             host: self.host.to_string(),
             wall_ms: started.elapsed().as_millis() as u64,
             markers,
-            vmm_rss_kib: status_kib("VmRSS:"),
-            vmm_rss_file_kib: status_kib("RssFile:"),
+            vmm_rss_kib: status_kib(&status, "VmRSS:"),
+            vmm_rss_file_kib: status_kib(&status, "RssFile:"),
             guest_resident_kib: crate::guest_ram::resident_kib(&self.memory),
             stats,
             firewall: self
@@ -296,18 +297,13 @@ fn write_profile(path: &Path, samples: &BTreeMap<u64, u64>) {
     }
 }
 
-/// A KiB figure of this process from /proc/self/status (`VmRSS:`, `RssFile:`...; 0 if
-/// unreadable).
-fn status_kib(field: &str) -> u64 {
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find(|l| l.starts_with(field))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
+/// A KiB figure (`VmRSS:`, `RssFile:`...) of /proc/self/status's text; 0 if absent.
+fn status_kib(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
 
