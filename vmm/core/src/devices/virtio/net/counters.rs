@@ -2,7 +2,8 @@
 //! interrupts. The backend thread updates the counters; anyone holding the handle reads them.
 //!
 //! Owns: [`NetCounters`] (live, relaxed atomics) and [`NetStats`] (a copy, serializable).
-//! Must not: cost the data path more than one relaxed atomic add per count.
+//! Must not: cost the data path more than one relaxed atomic add per count and batch (frames and
+//! bytes are tallied per batch: see [`Tally`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -89,6 +90,37 @@ impl NetCounters {
 #[inline]
 pub(super) fn bump(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Frames and bytes of one batch, counted in registers and added to the live counters once at
+/// its end. Why: a locked add per frame waits for the frame's own stores into the peer guest's
+/// cache lines to drain; perf put 70-85% of `HostPort::send`'s samples on those adds.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct Tally {
+    frames: u64,
+    bytes: u64,
+}
+
+impl Tally {
+    #[inline]
+    pub(super) fn add(&mut self, bytes: usize) {
+        self.frames += 1;
+        self.bytes += bytes as u64;
+    }
+
+    pub(super) fn merge(&mut self, other: Tally) {
+        self.frames += other.frames;
+        self.bytes += other.bytes;
+    }
+
+    /// Adds the batch to `frames` and `bytes` (nothing when the batch was empty).
+    #[inline]
+    pub(super) fn flush(self, frames: &AtomicU64, bytes: &AtomicU64) {
+        if self.frames > 0 {
+            bump(frames, self.frames);
+            bump(bytes, self.bytes);
+        }
+    }
 }
 
 #[cfg(test)]

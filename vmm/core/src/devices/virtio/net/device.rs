@@ -15,8 +15,9 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{Backend, MemBackend, Token};
+use super::guest_queue::GuestQueue;
 use super::link::FrameBatch;
-use super::memlink::{GuestQueue, MemLinkEnd};
+use super::memlink::MemLinkEnd;
 use super::{FrameLink, NetCounters, MAX_FRAME, NET_FEATURES, NET_QUEUE_SIZES, S_LINK_UP};
 
 /// The backend thread's state, by attachment.

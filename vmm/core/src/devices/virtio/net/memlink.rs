@@ -16,6 +16,10 @@
 //! buffers), re-checking after each, so a guest that polls (the micro-VM) makes no exits while
 //! frames flow. A host end polls with its own kicks off and sleeps on an eventfd when idle.
 //!
+//! Batches: each round reads each avail ring's index once, and the used entries it produced are
+//! published under one used-index store ([`super::guest_queue`]); frames and bytes are counted
+//! once per pump. Both keep the peer guest's cache lines from moving per frame.
+//!
 //! Owns: [`MemLinkEnd`], [`HostPort`], the per-direction state and the pump.
 //! Must not: trust a descriptor, length or index from either guest (chains are checked against
 //! each guest's memory, lengths against `MAX_FRAME`, lying rings count as queue errors), keep a
@@ -28,99 +32,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::GuestMemoryMmap;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::counters::{bump, NetCounters};
-use super::{MAX_FRAME, NET_HDR_LEN, NUM_BUFFERS_OFFSET, VRING_AVAIL_F_NO_INTERRUPT};
-use crate::devices::virtio::{interrupt, Interrupt};
+use super::counters::{bump, Tally};
+use super::guest_queue::Completions;
+use super::guest_queue::GuestQueue;
+use super::{MAX_FRAME, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 
 /// Most descriptors a chain may have here (longer ones are malformed for this device).
 const MAX_SEGMENTS: usize = 64;
-/// Frames one pump call moves before it lets go of the lock.
-pub(super) const PUMP_BUDGET: usize = 256;
-
-/// One guest queue lent to a link by its device.
-pub(super) struct GuestQueue {
-    pub(super) mem: GuestMemoryMmap,
-    pub(super) queue: Queue,
-    pub(super) interrupt: Arc<Interrupt>,
-    pub(super) event_idx: bool,
-    pub(super) counters: Arc<NetCounters>,
-    /// Used entries added since the last interrupt decision.
-    used: bool,
-}
-
-impl GuestQueue {
-    pub(super) fn new(
-        mem: GuestMemoryMmap,
-        queue: Queue,
-        interrupt: Arc<Interrupt>,
-        event_idx: bool,
-        counters: Arc<NetCounters>,
-    ) -> GuestQueue {
-        GuestQueue {
-            mem,
-            queue,
-            interrupt,
-            event_idx,
-            counters,
-            used: false,
-        }
-    }
-
-    #[inline]
-    fn add_used(&mut self, head: u16, len: u32) {
-        if self.queue.add_used(&self.mem, head, len).is_err() {
-            bump(&self.counters.queue_errors, 1);
-        }
-        self.used = true;
-    }
-
-    /// Raises the used-buffer interrupt after used-ring updates, unless the driver suppressed it.
-    #[inline]
-    fn signal_used(&mut self) {
-        if !std::mem::take(&mut self.used) {
-            return;
-        }
-        let wanted = match self.queue.needs_notification(&self.mem) {
-            Ok(true) if !self.event_idx => self
-                .mem
-                .read_obj::<u16>(GuestAddress(self.queue.avail_ring()))
-                .map_or(true, |flags| {
-                    u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
-                }),
-            Ok(wanted) => wanted,
-            Err(_) => true,
-        };
-        if wanted {
-            bump(&self.counters.interrupts, 1);
-            self.interrupt.signal(interrupt::USED_BUFFER);
-        } else {
-            self.interrupt.wake_poller();
-        }
-    }
-
-    /// Kicks off (the pump polls) or on (re-checked: `true` when more is available already).
-    #[inline]
-    fn notifications(&mut self, on: bool) -> bool {
-        if on {
-            match self.queue.enable_notification(&self.mem) {
-                Ok(more) => more,
-                Err(_) => {
-                    bump(&self.counters.queue_errors, 1);
-                    false
-                }
-            }
-        } else {
-            let _ = self.queue.disable_notification(&self.mem);
-            false
-        }
-    }
-}
-
+/// Frames one pump call moves before it lets go of the lock (at most a batch of used entries).
+pub(super) const PUMP_BUDGET: usize = super::guest_queue::BATCH;
 /// A chain's buffers as host addresses, all inside the guest's memory.
 struct Segments {
     at: [(*mut u8, usize); MAX_SEGMENTS],
@@ -280,9 +205,12 @@ pub(super) enum Stopped {
 
 /// What one chain of the source became.
 enum Moved {
-    Frame,
-    /// Malformed or refused: completed, counted.
-    Dropped,
+    /// Copied: this many frame bytes.
+    Frame(usize),
+    /// The source chain is malformed: completed, counted; the destination buffer stays.
+    Malformed,
+    /// Too big for the destination's buffer: completed, counted; the buffer stays.
+    TooBig,
     /// The destination buffer was unusable: returned empty, the frame stays for the next one.
     BadBuffer,
 }
@@ -293,51 +221,23 @@ impl Direction {
         let (Some(src), Some(dst)) = (self.src.as_mut(), self.dst.as_mut()) else {
             return Stopped::Idle;
         };
+        let budget = budget.min(PUMP_BUDGET);
         let mut moved = 0usize;
+        let mut frames = Tally::default();
         let mut empty_rounds = 0;
+        let (mut sdone, mut ddone) = (Completions::new(), Completions::new());
         let stopped = loop {
             if moved >= budget {
                 break Stopped::Budget;
             }
             src.notifications(false);
             dst.notifications(false);
-            let mut progress = false;
-            let why = loop {
-                if moved >= budget {
-                    break Stopped::Budget;
-                }
-                let dchain = match dst.queue.iter(&dst.mem) {
-                    Ok(mut it) => it.next(),
-                    Err(_) => {
-                        bump(&dst.counters.queue_errors, 1);
-                        break Stopped::Idle;
-                    }
-                };
-                let Some(dchain) = dchain else {
-                    break Stopped::DestinationFull;
-                };
-                let schain = match src.queue.iter(&src.mem) {
-                    Ok(mut it) => it.next(),
-                    Err(_) => {
-                        bump(&src.counters.queue_errors, 1);
-                        dst.queue.go_to_previous_position();
-                        break Stopped::Idle;
-                    }
-                };
-                let Some(schain) = schain else {
-                    dst.queue.go_to_previous_position();
-                    break Stopped::SourceEmpty;
-                };
-                progress = true;
-                moved += 1;
-                let (shead, dhead) = (schain.head_index(), dchain.head_index());
-                let from = Segments::of(schain, false);
-                let to = Segments::of(dchain, true);
-                match move_one(src, from, dst, dhead, to) {
-                    Moved::Frame | Moved::Dropped => src.add_used(shead, 0),
-                    Moved::BadBuffer => src.queue.go_to_previous_position(),
-                }
-            };
+            let (why, round) = move_batch(src, dst, budget - moved, (&mut sdone, &mut ddone));
+            frames.merge(round.tally);
+            src.publish(&mut sdone);
+            dst.publish(&mut ddone);
+            let progress = round.chains > 0;
+            moved += round.chains;
             match why {
                 Stopped::SourceEmpty if !src.notifications(true) => break why,
                 Stopped::DestinationFull if !dst.notifications(true) => break why,
@@ -355,6 +255,8 @@ impl Direction {
                 other => break other,
             }
         };
+        frames.flush(&src.counters.tx_frames, &src.counters.tx_bytes);
+        frames.flush(&dst.counters.rx_frames, &dst.counters.rx_bytes);
         src.signal_used();
         dst.signal_used();
         stopped
@@ -384,78 +286,156 @@ impl Direction {
     }
 }
 
-/// Copies one frame from a TX chain to an RX chain and completes the RX chain (not the TX one).
-fn move_one(
+/// What one round of a pump did.
+#[derive(Clone, Copy, Default)]
+struct Round {
+    /// Frames moved (counted on both devices at the end of the pump).
+    tally: Tally,
+    /// Chain pairs looked at (frames moved, and malformed, refused or unusable chains): what
+    /// the budget counts.
+    chains: usize,
+}
+
+/// One round of a pump over one snapshot of each avail ring: up to `budget` source chains,
+/// their used entries gathered in `done` (source, destination) for the caller to publish.
+fn move_batch(
     src: &mut GuestQueue,
-    from: Option<Segments>,
     dst: &mut GuestQueue,
-    dhead: u16,
-    to: Option<Segments>,
-) -> Moved {
+    budget: usize,
+    (sdone, ddone): (&mut Completions, &mut Completions),
+) -> (Stopped, Round) {
+    let mut round = Round::default();
+    let mut dchains = match dst.queue.iter(&dst.mem) {
+        Ok(it) => it,
+        Err(_) => {
+            bump(&dst.counters.queue_errors, 1);
+            return (Stopped::Idle, round);
+        }
+    };
+    let mut schains = match src.queue.iter(&src.mem) {
+        Ok(it) => it,
+        Err(_) => {
+            bump(&src.counters.queue_errors, 1);
+            return (Stopped::Idle, round);
+        }
+    };
+    let why = loop {
+        // Each chain adds at most one entry to each side's batch.
+        if round.chains >= budget || sdone.is_full() || ddone.is_full() {
+            break Stopped::Budget;
+        }
+        let Some(dchain) = dchains.next() else {
+            break Stopped::DestinationFull;
+        };
+        let Some(schain) = schains.next() else {
+            dchains.go_to_previous_position();
+            break Stopped::SourceEmpty;
+        };
+        let (shead, dhead) = (schain.head_index(), dchain.head_index());
+        let from = Segments::of(schain, false);
+        let to = Segments::of(dchain, true);
+        match move_one(from, to) {
+            Moved::Frame(len) => {
+                round.tally.add(len);
+                sdone.push(shead, 0);
+                ddone.push(dhead, (NET_HDR_LEN + len) as u32);
+                round.chains += 1;
+            }
+            Moved::Malformed => {
+                bump(&src.counters.tx_dropped_malformed, 1);
+                dchains.go_to_previous_position();
+                sdone.push(shead, 0);
+                round.chains += 1;
+            }
+            Moved::TooBig => {
+                // Too big for the receiver's buffers (it posts buffers of one size): dropped,
+                // the buffer kept for the next frame.
+                bump(&dst.counters.rx_dropped_too_big, 1);
+                dchains.go_to_previous_position();
+                sdone.push(shead, 0);
+                round.chains += 1;
+            }
+            Moved::BadBuffer => {
+                bump(&dst.counters.rx_bad_buffers, 1);
+                schains.go_to_previous_position();
+                ddone.push(dhead, 0);
+                round.chains += 1;
+            }
+        }
+    };
+    (why, round)
+}
+
+/// Copies one frame from a TX chain's buffers to an RX chain's (the caller completes both).
+fn move_one(from: Option<Segments>, to: Option<Segments>) -> Moved {
     let Some(from) = from.filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
     else {
-        bump(&src.counters.tx_dropped_malformed, 1);
-        dst.queue.go_to_previous_position();
-        return Moved::Dropped;
+        return Moved::Malformed;
     };
     let len = from.total - NET_HDR_LEN;
     let Some(to) = to else {
-        bump(&dst.counters.rx_bad_buffers, 1);
-        dst.add_used(dhead, 0);
         return Moved::BadBuffer;
     };
     if to.total < NET_HDR_LEN + len {
-        // Too big for the receiver's buffers (it posts buffers of one size): dropped, the
-        // buffer kept for the next frame.
-        bump(&dst.counters.rx_dropped_too_big, 1);
-        dst.queue.go_to_previous_position();
-        return Moved::Dropped;
+        return Moved::TooBig;
     }
     to.write_at(0, &rx_header());
     // SAFETY: both lists lie in mapped guest memory (each queue holds its memory handle), and
     // the lengths were checked above.
     unsafe { to.copy_from(NET_HDR_LEN, &from, NET_HDR_LEN, len) };
-    dst.add_used(dhead, (NET_HDR_LEN + len) as u32);
-    bump(&src.counters.tx_frames, 1);
-    bump(&src.counters.tx_bytes, len as u64);
-    bump(&dst.counters.rx_frames, 1);
-    bump(&dst.counters.rx_bytes, len as u64);
-    Moved::Frame
+    Moved::Frame(len)
 }
 
 /// Writes host frames into a guest's receive queue while it has buffers; returns how many it
-/// took (a frame too big for its buffers is taken, dropped and counted).
+/// took from the front of `frames` (a frame too big for its buffers is taken, dropped and
+/// counted; a frame meeting an unusable buffer waits for the next buffer).
 fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>) -> usize {
     dst.notifications(false);
     let header = rx_header();
+    let mut frames = frames.into_iter().peekable();
     let mut taken = 0;
-    for frame in frames {
-        let chain = match dst.queue.iter(&dst.mem) {
-            Ok(mut it) => it.next(),
+    let mut delivered = Tally::default();
+    let mut done = Completions::new();
+    loop {
+        let before = taken;
+        // One snapshot of the avail ring per batch.
+        let mut chains = match dst.queue.iter(&dst.mem) {
+            Ok(it) => it,
             Err(_) => {
                 bump(&dst.counters.queue_errors, 1);
                 break;
             }
         };
-        let Some(chain) = chain else { break };
-        let head = chain.head_index();
-        let Some(to) = Segments::of(chain, true) else {
-            bump(&dst.counters.rx_bad_buffers, 1);
-            dst.add_used(head, 0);
-            continue;
-        };
-        taken += 1;
-        if frame.len() > MAX_FRAME || to.total < NET_HDR_LEN + frame.len() {
-            bump(&dst.counters.rx_dropped_too_big, 1);
-            dst.queue.go_to_previous_position();
-            continue;
+        while !done.is_full() {
+            let Some(&frame) = frames.peek() else { break };
+            let Some(chain) = chains.next() else { break };
+            let head = chain.head_index();
+            let Some(to) = Segments::of(chain, true) else {
+                bump(&dst.counters.rx_bad_buffers, 1);
+                done.push(head, 0);
+                continue;
+            };
+            frames.next();
+            taken += 1;
+            if frame.len() > MAX_FRAME || to.total < NET_HDR_LEN + frame.len() {
+                bump(&dst.counters.rx_dropped_too_big, 1);
+                chains.go_to_previous_position();
+                continue;
+            }
+            to.write_at(0, &header);
+            to.write_at(NET_HDR_LEN, frame);
+            done.push(head, (NET_HDR_LEN + frame.len()) as u32);
+            delivered.add(frame.len());
         }
-        to.write_at(0, &header);
-        to.write_at(NET_HDR_LEN, frame);
-        dst.add_used(head, (NET_HDR_LEN + frame.len()) as u32);
-        bump(&dst.counters.rx_frames, 1);
-        bump(&dst.counters.rx_bytes, frame.len() as u64);
+        let full = done.is_full();
+        dst.publish(&mut done);
+        // Another snapshot only after a full batch that took frames: otherwise the frames or
+        // the buffers ran out (or the guest posts only unusable buffers).
+        if !full || taken == before {
+            break;
+        }
     }
+    delivered.flush(&dst.counters.rx_frames, &dst.counters.rx_bytes);
     dst.signal_used();
     taken
 }
@@ -661,31 +641,43 @@ impl HostPort {
         };
         src.notifications(false);
         let mut got = 0;
-        while got < max {
-            let chain = match src.queue.iter(&src.mem) {
-                Ok(mut it) => it.next(),
+        let mut taken = Tally::default();
+        let mut done = Completions::new();
+        loop {
+            let before = got;
+            // One snapshot of the avail ring per batch.
+            let mut chains = match src.queue.iter(&src.mem) {
+                Ok(it) => it,
                 Err(_) => {
                     bump(&src.counters.queue_errors, 1);
                     break;
                 }
             };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            match Segments::of(chain, false)
-                .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
-            {
-                Some(from) => {
-                    let len = (from.total - NET_HDR_LEN).min(scratch.len());
-                    from.read_at(NET_HDR_LEN, &mut scratch[..len]);
-                    bump(&src.counters.tx_frames, 1);
-                    bump(&src.counters.tx_bytes, len as u64);
-                    got += 1;
-                    each(&scratch[..len]);
+            while got < max && !done.is_full() {
+                let Some(chain) = chains.next() else { break };
+                let head = chain.head_index();
+                match Segments::of(chain, false)
+                    .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
+                {
+                    Some(from) => {
+                        let len = (from.total - NET_HDR_LEN).min(scratch.len());
+                        from.read_at(NET_HDR_LEN, &mut scratch[..len]);
+                        taken.add(len);
+                        got += 1;
+                        each(&scratch[..len]);
+                    }
+                    None => bump(&src.counters.tx_dropped_malformed, 1),
                 }
-                None => bump(&src.counters.tx_dropped_malformed, 1),
+                done.push(head, 0);
             }
-            src.add_used(head, 0);
+            let full = done.is_full();
+            src.publish(&mut done);
+            // Another snapshot only after a full batch that gave frames.
+            if !full || got == before || got >= max {
+                break;
+            }
         }
+        taken.flush(&src.counters.tx_frames, &src.counters.tx_bytes);
         src.signal_used();
         got
     }

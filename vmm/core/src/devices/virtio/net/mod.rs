@@ -21,6 +21,7 @@
 mod backend;
 pub mod counters;
 pub mod device;
+mod guest_queue;
 // For the fuzz targets (fuzz-harness). Not behind a feature: a feature only the harness enables
 // would build vmm-core and everything above it twice in `scripts/test`.
 #[doc(hidden)]
