@@ -22,7 +22,8 @@
 //!   fw_guest_ram_mib       the micro-VM's resident guest pages after forwarding 64k flows
 //!   vmm_overhead_mib_microvm  this VMM process's RSS minus those pages
 //! Usage: cargo run --release -p vmm-core --example switch_bench -- FW_GUEST_ELF [SECONDS]
-//! (SWITCH_BENCH_BOOTS_ONLY=1: only the boot-to-forward boots, printed as one line)
+//! (SWITCH_BENCH_BOOTS_ONLY=1: only the boot-to-forward boots, printed as one line;
+//! SWITCH_BENCH_MEMORY_ONLY=1: only the memory link at 64 bytes, one line, for profiling)
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -480,6 +481,25 @@ fn main() {
     };
     let elf = std::path::Path::new(elf);
     let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    if std::env::var_os("SWITCH_BENCH_MEMORY_ONLY").is_some() {
+        // Quick look at the memory link alone at 64 bytes (for profiling).
+        match run_memory(elf, 60, seconds) {
+            Ok(r) => {
+                let (b, a) = (&r.before, &r.after);
+                let busy = (a.busy_frames - b.busy_frames).max(1) as f64;
+                println!(
+                    "mpps {:.3} guest_ns {:.1} copy_in_ns {:.1} copy_out_ns {:.1} tx_full {}",
+                    r.frames as f64 / r.elapsed.as_secs_f64() / 1e6,
+                    (a.busy_cycles - b.busy_cycles) as f64 / r.tsc_per_ns / busy,
+                    r.copy_in_ns as f64 / r.offered.max(1) as f64,
+                    r.copy_out_ns as f64 / r.frames.max(1) as f64,
+                    a.tx_ring_full - b.tx_ring_full
+                )
+            }
+            Err(e) => eprintln!("switch_bench: memory: {e}"),
+        }
+        return;
+    }
     if std::env::var_os("SWITCH_BENCH_BOOTS_ONLY").is_some() {
         // Quick look at the boot alone (no throughput, no RAM run).
         match boot_to_forward_ms(elf, BOOTS) {

@@ -27,19 +27,20 @@
 //! guest's memory afterwards), allocate per frame, or lose a frame without counting it.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::GuestMemoryMmap;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::bitmap::Bitmap;
-use vm_memory::GuestMemoryBackend;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::counters::{bump, Tally};
-use super::guest_queue::Completions;
 use super::guest_queue::GuestQueue;
+use super::guest_queue::{Avail, Completions, BATCH};
 use super::{MAX_FRAME, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 
 /// Most descriptors a chain may have here (longer ones are malformed for this device).
@@ -48,46 +49,52 @@ const MAX_SEGMENTS: usize = 64;
 pub(super) const PUMP_BUDGET: usize = super::guest_queue::BATCH;
 /// A chain's buffers as host addresses, all inside the guest's memory.
 struct Segments {
-    at: [(*mut u8, usize); MAX_SEGMENTS],
+    /// The first `count` are set; the rest are never read (not zeroed: a frame's two lists
+    /// would cost a 1 KiB memset each).
+    at: [MaybeUninit<(*mut u8, usize)>; MAX_SEGMENTS],
     count: usize,
     total: usize,
 }
 
 impl Segments {
-    /// The readable (`write == false`) or writable buffers of `chain`; None when one lies
-    /// outside guest memory, the chain is longer than `MAX_SEGMENTS` or its total overflows.
+    /// Segment `i` (host address, length); `i < count` (as an index into a full array would
+    /// be, this panics otherwise).
     #[inline]
-    fn of(chain: DescriptorChain<&GuestMemoryMmap>, write: bool) -> Option<Segments> {
-        let mem = chain.memory();
+    fn seg(&self, i: usize) -> (*mut u8, usize) {
+        assert!(i < self.count, "segment {i} of {}", self.count);
+        // SAFETY: the first `count` entries are written before `count` counts them.
+        unsafe { self.at[i].assume_init() }
+    }
+
+    /// The readable (`write == false`) or writable buffers of the chain at `head`; None when one
+    /// lies outside guest memory, the chain is malformed or longer than `MAX_SEGMENTS`, or its
+    /// total overflows.
+    #[inline]
+    fn of(mem: &GuestMemoryMmap, avail: &Avail, head: u16, write: bool) -> Option<Segments> {
         let mut s = Segments {
-            at: [(std::ptr::null_mut(), 0); MAX_SEGMENTS],
+            at: [MaybeUninit::uninit(); MAX_SEGMENTS],
             count: 0,
             total: 0,
         };
-        let descriptors = if write {
-            chain.clone().writable()
-        } else {
-            chain.clone().readable()
-        };
-        for desc in descriptors {
-            let len = desc.len() as usize;
-            if len == 0 {
-                continue;
-            }
-            let slice = mem.get_slice(desc.addr(), len).ok()?;
-            if s.count == MAX_SEGMENTS {
-                return None;
-            }
+        let whole = avail.walk(head, write, |buffer| {
+            let len = buffer.len as usize;
+            let Ok(slice) = mem.get_slice(GuestAddress(buffer.addr), len) else {
+                return false;
+            };
+            let Some(total) = s.total.checked_add(len).filter(|_| s.count < MAX_SEGMENTS) else {
+                return false;
+            };
             if write {
                 // Raw copies below bypass vm-memory's accessors: mark what the device may
                 // write for a migration's dirty tracking (the whole buffer, conservatively).
                 slice.bitmap().mark_dirty(0, len);
             }
-            s.at[s.count] = (slice.ptr_guard_mut().as_ptr(), len);
+            s.at[s.count] = MaybeUninit::new((slice.ptr_guard_mut().as_ptr(), len));
             s.count += 1;
-            s.total = s.total.checked_add(len)?;
-        }
-        Some(s)
+            s.total = total;
+            true
+        });
+        whole.then_some(s)
     }
 
     /// Copies `len` bytes from offset `from` of `src` to offset `to` of `self`.
@@ -101,8 +108,8 @@ impl Segments {
         let (mut di, mut doff) = self.locate(to);
         let mut left = len;
         while left > 0 {
-            let (sp, sl) = src.at[si];
-            let (dp, dl) = self.at[di];
+            let (sp, sl) = src.seg(si);
+            let (dp, dl) = self.seg(di);
             let n = left.min(sl - so).min(dl - doff);
             // SAFETY: inside both segments (the caller bounds the totals); guest buffers of two
             // guests, or of one guest that chose to overlap its own buffers (then the copy's
@@ -128,7 +135,7 @@ impl Segments {
         let (mut i, mut off) = self.locate(to);
         let mut done = 0;
         while done < bytes.len() {
-            let (p, l) = self.at[i];
+            let (p, l) = self.seg(i);
             let n = (bytes.len() - done).min(l - off);
             // SAFETY: inside segment i of guest memory (checked when the list was made; the
             // mapping outlives the call: the caller holds the memory handle).
@@ -148,7 +155,7 @@ impl Segments {
         let (mut i, mut off) = self.locate(from);
         let mut done = 0;
         while done < out.len() {
-            let (p, l) = self.at[i];
+            let (p, l) = self.seg(i);
             let n = (out.len() - done).min(l - off);
             // SAFETY: as in `write_at`.
             unsafe { std::ptr::copy_nonoverlapping(p.add(off), out[done..].as_mut_ptr(), n) };
@@ -164,7 +171,8 @@ impl Segments {
     /// (segment, offset in it) of byte `at` (`at < total`, or `at == total` with nothing to do).
     #[inline]
     fn locate(&self, mut at: usize) -> (usize, usize) {
-        for (i, &(_, l)) in self.at[..self.count].iter().enumerate() {
+        for i in 0..self.count {
+            let (_, l) = self.seg(i);
             if at < l {
                 return (i, at);
             }
@@ -305,64 +313,54 @@ fn move_batch(
     (sdone, ddone): (&mut Completions, &mut Completions),
 ) -> (Stopped, Round) {
     let mut round = Round::default();
-    let mut dchains = match dst.queue.iter(&dst.mem) {
-        Ok(it) => it,
-        Err(_) => {
-            bump(&dst.counters.queue_errors, 1);
-            return (Stopped::Idle, round);
-        }
+    let Some(mut dchains) = dst.avail(budget) else {
+        return (Stopped::Idle, round);
     };
-    let mut schains = match src.queue.iter(&src.mem) {
-        Ok(it) => it,
-        Err(_) => {
-            bump(&src.counters.queue_errors, 1);
-            return (Stopped::Idle, round);
-        }
+    let Some(mut schains) = src.avail(budget) else {
+        return (Stopped::Idle, round);
     };
     let why = loop {
         // Each chain adds at most one entry to each side's batch.
         if round.chains >= budget || sdone.is_full() || ddone.is_full() {
             break Stopped::Budget;
         }
-        let Some(dchain) = dchains.next() else {
+        let Some(dhead) = dchains.next() else {
             break Stopped::DestinationFull;
         };
-        let Some(schain) = schains.next() else {
-            dchains.go_to_previous_position();
+        let Some(shead) = schains.next() else {
+            dchains.put_back();
             break Stopped::SourceEmpty;
         };
-        let (shead, dhead) = (schain.head_index(), dchain.head_index());
-        let from = Segments::of(schain, false);
-        let to = Segments::of(dchain, true);
+        let from = Segments::of(&src.mem, &schains, shead, false);
+        let to = Segments::of(&dst.mem, &dchains, dhead, true);
+        round.chains += 1;
         match move_one(from, to) {
             Moved::Frame(len) => {
                 round.tally.add(len);
                 sdone.push(shead, 0);
                 ddone.push(dhead, (NET_HDR_LEN + len) as u32);
-                round.chains += 1;
             }
             Moved::Malformed => {
                 bump(&src.counters.tx_dropped_malformed, 1);
-                dchains.go_to_previous_position();
+                dchains.put_back();
                 sdone.push(shead, 0);
-                round.chains += 1;
             }
             Moved::TooBig => {
                 // Too big for the receiver's buffers (it posts buffers of one size): dropped,
                 // the buffer kept for the next frame.
                 bump(&dst.counters.rx_dropped_too_big, 1);
-                dchains.go_to_previous_position();
+                dchains.put_back();
                 sdone.push(shead, 0);
-                round.chains += 1;
             }
             Moved::BadBuffer => {
                 bump(&dst.counters.rx_bad_buffers, 1);
-                schains.go_to_previous_position();
+                schains.put_back();
                 ddone.push(dhead, 0);
-                round.chains += 1;
             }
         }
     };
+    src.consume(&schains);
+    dst.consume(&dchains);
     (why, round)
 }
 
@@ -399,18 +397,13 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
     loop {
         let before = taken;
         // One snapshot of the avail ring per batch.
-        let mut chains = match dst.queue.iter(&dst.mem) {
-            Ok(it) => it,
-            Err(_) => {
-                bump(&dst.counters.queue_errors, 1);
-                break;
-            }
+        let Some(mut chains) = dst.avail(BATCH) else {
+            break;
         };
         while !done.is_full() {
             let Some(&frame) = frames.peek() else { break };
-            let Some(chain) = chains.next() else { break };
-            let head = chain.head_index();
-            let Some(to) = Segments::of(chain, true) else {
+            let Some(head) = chains.next() else { break };
+            let Some(to) = Segments::of(&dst.mem, &chains, head, true) else {
                 bump(&dst.counters.rx_bad_buffers, 1);
                 done.push(head, 0);
                 continue;
@@ -419,7 +412,7 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
             taken += 1;
             if frame.len() > MAX_FRAME || to.total < NET_HDR_LEN + frame.len() {
                 bump(&dst.counters.rx_dropped_too_big, 1);
-                chains.go_to_previous_position();
+                chains.put_back();
                 continue;
             }
             to.write_at(0, &header);
@@ -427,6 +420,7 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
             done.push(head, (NET_HDR_LEN + frame.len()) as u32);
             delivered.add(frame.len());
         }
+        dst.consume(&chains);
         let full = done.is_full();
         dst.publish(&mut done);
         // Another snapshot only after a full batch that took frames: otherwise the frames or
@@ -646,17 +640,12 @@ impl HostPort {
         loop {
             let before = got;
             // One snapshot of the avail ring per batch.
-            let mut chains = match src.queue.iter(&src.mem) {
-                Ok(it) => it,
-                Err(_) => {
-                    bump(&src.counters.queue_errors, 1);
-                    break;
-                }
+            let Some(mut chains) = src.avail(max - got) else {
+                break;
             };
             while got < max && !done.is_full() {
-                let Some(chain) = chains.next() else { break };
-                let head = chain.head_index();
-                match Segments::of(chain, false)
+                let Some(head) = chains.next() else { break };
+                match Segments::of(&src.mem, &chains, head, false)
                     .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
                 {
                     Some(from) => {
@@ -670,6 +659,7 @@ impl HostPort {
                 }
                 done.push(head, 0);
             }
+            src.consume(&chains);
             let full = done.is_full();
             src.publish(&mut done);
             // Another snapshot only after a full batch that gave frames.
