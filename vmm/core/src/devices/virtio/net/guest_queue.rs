@@ -65,6 +65,16 @@ impl RingView {
     }
 }
 
+/// A prefetch hint for the line at `p` (never a memory access: any address is harmless).
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 only hints the cache; it cannot fault or change memory.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+}
+
 /// One buffer of a chain: guest address and length.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Buffer {
@@ -89,6 +99,26 @@ impl Avail {
         let head = *self.heads[..self.count].get(self.taken)?;
         self.taken += 1;
         Some(head)
+    }
+
+    /// Starts loading the first buffer of the next head's chain (its first two cache lines:
+    /// a virtio-net header and a small frame), so the copy of the frame after this one does not
+    /// wait for the lines the guest last touched. A hint only: nothing is read or written.
+    /// (Asking for receive buffers owned, PREFETCHW, measured slower: it takes the lines from
+    /// the guest while it may still be reading them.)
+    #[inline]
+    pub(super) fn prefetch_next(&self, mem: &GuestMemoryMmap) {
+        let Some(&head) = self.heads[..self.count].get(self.taken) else {
+            return;
+        };
+        let Some(d) = self.table.read::<DESC_SIZE>(usize::from(head) * DESC_SIZE) else {
+            return;
+        };
+        let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+        if let Ok(host) = mem.get_host_address(GuestAddress(addr)) {
+            prefetch(host);
+            prefetch(host.wrapping_add(64));
+        }
     }
 
     /// Gives the last head back (its buffer is kept for the next frame).
@@ -247,6 +277,11 @@ impl GuestQueue {
                 return None;
             };
             *head = u16::from_le_bytes(bytes);
+        }
+        // The descriptors of the whole batch start loading together (the driver wrote them
+        // last, on its own core).
+        for &head in &heads[..count] {
+            prefetch(table.ptr.wrapping_add(usize::from(head % size) * DESC_SIZE));
         }
         Some(Avail {
             heads,

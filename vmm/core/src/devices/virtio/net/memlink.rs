@@ -331,6 +331,8 @@ fn move_batch(
             dchains.put_back();
             break Stopped::SourceEmpty;
         };
+        schains.prefetch_next(&src.mem);
+        dchains.prefetch_next(&dst.mem);
         let from = Segments::of(&src.mem, &schains, shead, false);
         let to = Segments::of(&dst.mem, &dchains, dhead, true);
         round.chains += 1;
@@ -403,6 +405,7 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
         while !done.is_full() {
             let Some(&frame) = frames.peek() else { break };
             let Some(head) = chains.next() else { break };
+            chains.prefetch_next(&dst.mem);
             let Some(to) = Segments::of(&dst.mem, &chains, head, true) else {
                 bump(&dst.counters.rx_bad_buffers, 1);
                 done.push(head, 0);
@@ -645,6 +648,7 @@ impl HostPort {
             };
             while got < max && !done.is_full() {
                 let Some(head) = chains.next() else { break };
+                chains.prefetch_next(&src.mem);
                 match Segments::of(&src.mem, &chains, head, false)
                     .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
                 {
