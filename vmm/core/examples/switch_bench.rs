@@ -36,8 +36,8 @@ use vmm_core::config::{LinkConfig, VmConfig};
 use vmm_core::devices::virtio::net::HostPort;
 use vmm_core::host_kind::HostKind;
 use vmm_core::knobs::DebugKnobs;
-use vmm_core::verdict_region::FirewallCounters;
-use vmm_core::vm::Vm;
+use vmm_core::verdict_region::{FirewallCounters, VerdictRegion};
+use vmm_core::vm::{Vm, VmError, VmOutcome};
 
 const TENANT: u32 = 1;
 /// The second tenant of the RAM measurement: a tenant may hold at most half the flow table.
@@ -145,9 +145,28 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// One micro-VM on memory links, one frame size: boots, waits for the first forwarded frame,
-/// measures.
-fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, String> {
+/// A micro-VM on memory links, running: the generator feeds its tenant port, the sink reads its
+/// uplink; `boot_to_forward` is VM create -> the first frame of `size` bytes out of the uplink.
+struct Booted {
+    generator: HostPort,
+    sink: HostPort,
+    region: Arc<VerdictRegion>,
+    stop: Arc<AtomicBool>,
+    vm_thread: std::thread::JoinHandle<Result<VmOutcome, VmError>>,
+    boot_to_forward: Duration,
+}
+
+impl Booted {
+    fn stop(self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.vm_thread.join();
+    }
+}
+
+/// Boots the micro-VM on memory links and offers a frame whenever the port has room, sleeping
+/// on the links' eventfds (the guest kicks while the harness is not polling), until one comes
+/// out of the uplink.
+fn boot_on_memory_links(elf: &std::path::Path, size: usize) -> Result<Booted, String> {
     let (generator, tenant_end) =
         LinkConfig::host_pair(TENANT, [0x52, 0x54, 0, 0, 0, 2]).map_err(|e| e.to_string())?;
     let (sink, uplink_end) =
@@ -159,23 +178,36 @@ fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, S
         .ok_or("the micro-VM has no verdict region")?;
     let stop = vm.stop_handle();
     let vm_thread = std::thread::spawn(move || vm.run(None));
-    let finish = |stop: &AtomicBool| stop.store(true, Ordering::Release);
-
     let frame = udp_frame(size);
     let mut scratch = vec![0u8; 65536];
-    // Boot to first forward: offer a frame whenever the port has room, sleep on the links'
-    // eventfds (the guest kicks while the harness is not polling) until one comes out.
     let boot_to_forward = loop {
         generator.send([frame.as_slice()]);
         if sink.recv(1, &mut scratch, |_| {}) > 0 {
             break created.elapsed();
         }
         if created.elapsed() > Duration::from_secs(30) {
-            finish(&stop);
+            stop.store(true, Ordering::Release);
             return Err("no frame came out of the micro-VM within 30 s".into());
         }
         sink.wait(Duration::from_millis(1));
     };
+    Ok(Booted {
+        generator,
+        sink,
+        region,
+        stop,
+        vm_thread,
+        boot_to_forward,
+    })
+}
+
+/// One micro-VM on memory links, one frame size: boots, waits for the first forwarded frame,
+/// measures.
+fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, String> {
+    let booted = boot_on_memory_links(elf, size)?;
+    let (generator, sink, region) = (&booted.generator, &booted.sink, &booted.region);
+    let frame = udp_frame(size);
+    let mut scratch = vec![0u8; 65536];
     // Drain what the boot loop left.
     let quiet = Instant::now();
     while quiet.elapsed() < Duration::from_millis(50) {
@@ -183,7 +215,7 @@ fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, S
     }
 
     let mut r = Run {
-        boot_to_forward,
+        boot_to_forward: booted.boot_to_forward,
         ..Run::default()
     };
     r.before = region.counters().unwrap_or_default();
@@ -210,8 +242,7 @@ fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, S
         r.frames += sink.recv(BATCH, &mut scratch, |f| r.bytes += f.len() as u64) as u64;
     }
     r.after = region.counters().unwrap_or_default();
-    finish(&stop);
-    let _ = vm_thread.join();
+    booted.stop();
     Ok(r)
 }
 
@@ -308,31 +339,11 @@ fn sixty_four_k_flows(
 /// Boots on memory links, `boots` times: VM create -> the first frame out of the uplink, each
 /// micro-VM fresh and stopped once it forwarded. Sorted, so the median is the middle one.
 fn boot_to_forward_ms(elf: &std::path::Path, boots: usize) -> Result<Vec<f64>, String> {
-    let frame = udp_frame(60);
-    let mut scratch = vec![0u8; 65536];
     let mut times = Vec::with_capacity(boots);
     for _ in 0..boots {
-        let (generator, tenant_end) =
-            LinkConfig::host_pair(TENANT, [0x52, 0x54, 0, 0, 0, 2]).map_err(|e| e.to_string())?;
-        let (sink, uplink_end) =
-            LinkConfig::host_pair(0, [0x52, 0x54, 0, 0, 0, 3]).map_err(|e| e.to_string())?;
-        let created = Instant::now();
-        let vm = micro_vm(elf, vec![tenant_end, uplink_end])?;
-        let stop = vm.stop_handle();
-        let vm_thread = std::thread::spawn(move || vm.run(None));
-        let took = loop {
-            generator.send([frame.as_slice()]);
-            if sink.recv(1, &mut scratch, |_| {}) > 0 {
-                break Ok(created.elapsed());
-            }
-            if created.elapsed() > Duration::from_secs(30) {
-                break Err("no frame came out of the micro-VM within 30 s".to_string());
-            }
-            sink.wait(Duration::from_millis(1));
-        };
-        stop.store(true, Ordering::Release);
-        let _ = vm_thread.join();
-        times.push(took?.as_secs_f64() * 1e3);
+        let booted = boot_on_memory_links(elf, 60)?;
+        times.push(booted.boot_to_forward.as_secs_f64() * 1e3);
+        booted.stop();
     }
     times.sort_by(f64::total_cmp);
     Ok(times)
