@@ -23,7 +23,8 @@
 //!   vmm_overhead_mib_microvm  this VMM process's RSS minus those pages
 //! Usage: cargo run --release -p vmm-core --example switch_bench -- FW_GUEST_ELF [SECONDS]
 //! (SWITCH_BENCH_BOOTS_ONLY=1: only the boot-to-forward boots, printed as one line;
-//! SWITCH_BENCH_MEMORY_ONLY=1: only the memory link at 64 bytes, one line, for profiling)
+//! SWITCH_BENCH_MEMORY_ONLY=1: only the memory link at 64 bytes, or SWITCH_BENCH_SIZE bytes, one
+//! line, for profiling)
 
 use std::os::unix::net::UnixDatagram;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -494,7 +495,10 @@ fn main() {
     let seconds: f64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
     if std::env::var_os("SWITCH_BENCH_MEMORY_ONLY").is_some() {
         // Quick look at the memory link alone at 64 bytes (for profiling).
-        match run_memory(elf, 60, seconds) {
+        let size = std::env::var("SWITCH_BENCH_SIZE")
+            .ok()
+            .and_then(|s| s.parse().ok());
+        match run_memory(elf, size.unwrap_or(60), seconds) {
             Ok(r) => {
                 let (b, a) = (&r.before, &r.after);
                 let busy = (a.busy_frames - b.busy_frames).max(1) as f64;
