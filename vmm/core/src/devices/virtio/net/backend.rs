@@ -33,7 +33,9 @@ pub(super) enum Token {
 
 /// What the backend thread owns while the device runs.
 pub(super) struct Backend {
-    pub(super) mem: GuestMemoryMmap,
+    /// Shared, so a data path can hold a handle of its own while `self` changes without
+    /// cloning the memory map (a clone allocates).
+    pub(super) mem: Arc<GuestMemoryMmap>,
     pub(super) rx: Queue,
     pub(super) tx: Queue,
     pub(super) rx_event: EventFd,
@@ -220,7 +222,7 @@ impl Backend {
         } else {
             &mut self.tx
         };
-        let wanted = match q.needs_notification(&self.mem) {
+        let wanted = match q.needs_notification(&*self.mem) {
             // With EVENT_IDX, needs_notification() read used_event; without it, the driver's
             // VRING_AVAIL_F_NO_INTERRUPT flag (avail ring offset 0) decides.
             Ok(true) if !self.event_idx => self

@@ -202,7 +202,7 @@ impl VirtioDevice for Net {
                 rx_batch: link.batch_slot().map(FrameBatch::new),
                 rx_next: 0,
                 tx_batch: link.batch_slot().map(FrameBatch::new),
-                mem,
+                mem: Arc::new(mem),
                 rx,
                 tx,
                 rx_event,

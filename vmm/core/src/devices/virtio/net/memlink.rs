@@ -27,161 +27,21 @@
 //! guest's memory afterwards), allocate per frame, or lose a frame without counting it.
 
 use std::io;
-use std::mem::MaybeUninit;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use crate::GuestMemoryMmap;
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::counters::{bump, Tally};
 use super::guest_queue::GuestQueue;
-use super::guest_queue::{Avail, Completions, BATCH};
+use super::guest_queue::{Completions, BATCH};
+use super::segments::Segments;
 use super::{MAX_FRAME, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 
-/// Most descriptors a chain may have here (longer ones are malformed for this device).
-const MAX_SEGMENTS: usize = 64;
 /// Frames one pump call moves before it lets go of the lock (at most a batch of used entries).
 pub(super) const PUMP_BUDGET: usize = super::guest_queue::BATCH;
-/// A chain's buffers as host addresses, all inside the guest's memory.
-struct Segments {
-    /// The first `count` are set; the rest are never read (not zeroed: a frame's two lists
-    /// would cost a 1 KiB memset each).
-    at: [MaybeUninit<(*mut u8, usize)>; MAX_SEGMENTS],
-    count: usize,
-    total: usize,
-}
-
-impl Segments {
-    /// Segment `i` (host address, length); `i < count` (as an index into a full array would
-    /// be, this panics otherwise).
-    #[inline]
-    fn seg(&self, i: usize) -> (*mut u8, usize) {
-        assert!(i < self.count, "segment {i} of {}", self.count);
-        // SAFETY: the first `count` entries are written before `count` counts them.
-        unsafe { self.at[i].assume_init() }
-    }
-
-    /// The readable (`write == false`) or writable buffers of the chain at `head`; None when one
-    /// lies outside guest memory, the chain is malformed or longer than `MAX_SEGMENTS`, or its
-    /// total overflows.
-    #[inline]
-    fn of(mem: &GuestMemoryMmap, avail: &Avail, head: u16, write: bool) -> Option<Segments> {
-        let mut s = Segments {
-            at: [MaybeUninit::uninit(); MAX_SEGMENTS],
-            count: 0,
-            total: 0,
-        };
-        let whole = avail.walk(head, write, |buffer| {
-            let len = buffer.len as usize;
-            let Ok(slice) = mem.get_slice(GuestAddress(buffer.addr), len) else {
-                return false;
-            };
-            let Some(total) = s.total.checked_add(len).filter(|_| s.count < MAX_SEGMENTS) else {
-                return false;
-            };
-            if write {
-                // Raw copies below bypass vm-memory's accessors: mark what the device may
-                // write for a migration's dirty tracking (the whole buffer, conservatively).
-                slice.bitmap().mark_dirty(0, len);
-            }
-            s.at[s.count] = MaybeUninit::new((slice.ptr_guard_mut().as_ptr(), len));
-            s.count += 1;
-            s.total = total;
-            true
-        });
-        whole.then_some(s)
-    }
-
-    /// Copies `len` bytes from offset `from` of `src` to offset `to` of `self`.
-    ///
-    /// # Safety
-    /// Both segment lists must point into guest memory that stays mapped for the call, and
-    /// `from + len <= src.total`, `to + len <= self.total`.
-    #[inline]
-    unsafe fn copy_from(&self, to: usize, src: &Segments, from: usize, len: usize) {
-        let (mut si, mut so) = src.locate(from);
-        let (mut di, mut doff) = self.locate(to);
-        let mut left = len;
-        while left > 0 {
-            let (sp, sl) = src.seg(si);
-            let (dp, dl) = self.seg(di);
-            let n = left.min(sl - so).min(dl - doff);
-            // SAFETY: inside both segments (the caller bounds the totals); guest buffers of two
-            // guests, or of one guest that chose to overlap its own buffers (then the copy's
-            // result is unspecified bytes, never memory outside the guest's).
-            unsafe { std::ptr::copy(sp.add(so), dp.add(doff), n) };
-            left -= n;
-            so += n;
-            doff += n;
-            if so == sl {
-                si += 1;
-                so = 0;
-            }
-            if doff == dl {
-                di += 1;
-                doff = 0;
-            }
-        }
-    }
-
-    /// Copies `bytes` from the host to offset `to`; the caller checked that they fit.
-    #[inline]
-    fn write_at(&self, to: usize, bytes: &[u8]) {
-        let (mut i, mut off) = self.locate(to);
-        let mut done = 0;
-        while done < bytes.len() {
-            let (p, l) = self.seg(i);
-            let n = (bytes.len() - done).min(l - off);
-            // SAFETY: inside segment i of guest memory (checked when the list was made; the
-            // mapping outlives the call: the caller holds the memory handle).
-            unsafe { std::ptr::copy_nonoverlapping(bytes[done..].as_ptr(), p.add(off), n) };
-            done += n;
-            off += n;
-            if off == l {
-                i += 1;
-                off = 0;
-            }
-        }
-    }
-
-    /// Copies `out.len()` bytes from offset `from` to the host; the caller checked the length.
-    #[inline]
-    fn read_at(&self, from: usize, out: &mut [u8]) {
-        let (mut i, mut off) = self.locate(from);
-        let mut done = 0;
-        while done < out.len() {
-            let (p, l) = self.seg(i);
-            let n = (out.len() - done).min(l - off);
-            // SAFETY: as in `write_at`.
-            unsafe { std::ptr::copy_nonoverlapping(p.add(off), out[done..].as_mut_ptr(), n) };
-            done += n;
-            off += n;
-            if off == l {
-                i += 1;
-                off = 0;
-            }
-        }
-    }
-
-    /// (segment, offset in it) of byte `at` (`at < total`, or `at == total` with nothing to do).
-    #[inline]
-    fn locate(&self, mut at: usize) -> (usize, usize) {
-        for i in 0..self.count {
-            let (_, l) = self.seg(i);
-            if at < l {
-                return (i, at);
-            }
-            at -= l;
-        }
-        (self.count, 0)
-    }
-}
-
 /// The zero `virtio_net_hdr_v1` with num_buffers = 1 ahead of every received frame.
 #[inline]
 fn rx_header() -> [u8; NET_HDR_LEN] {

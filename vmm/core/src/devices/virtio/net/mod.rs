@@ -29,6 +29,7 @@ pub mod fuzzing;
 pub mod link;
 pub mod memlink;
 mod rx;
+mod segments;
 mod tx;
 
 #[cfg(test)]

@@ -8,13 +8,14 @@
 //! batch, reused), or read the link while no buffer can take what it reads (the link is disarmed
 //! meanwhile; a batch already read waits in order).
 
-use std::io::{self, Write};
+use std::io;
 
 use crate::GuestMemoryMmap;
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT, Writer};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 
 use super::backend::{Backend, Held, RingBroken};
 use super::counters::bump;
+use super::segments::Segments;
 use super::{NET_HDR_LEN, NUM_BUFFERS_OFFSET, RX_QUEUE};
 
 impl Backend {
@@ -47,11 +48,11 @@ impl Backend {
             match Self::pop(&mut self.rx, &mem, &self.counters) {
                 Ok(Some(chain)) => {
                     rechecked = false;
-                    if self.receive(&mem, chain, held) {
+                    if self.receive(chain, held) {
                         delivered = true;
                     }
                 }
-                Ok(None) => match self.rx.enable_notification(&self.mem) {
+                Ok(None) => match self.rx.enable_notification(&*self.mem) {
                     // A buffer arrived while we looked: take it.
                     Ok(true) if !rechecked => rechecked = true,
                     Ok(false) => {
@@ -126,12 +127,7 @@ impl Backend {
     }
 
     /// Puts the held frame into `chain`. Returns whether a used entry was added.
-    fn receive(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        held: Held,
-    ) -> bool {
+    fn receive(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, held: Held) -> bool {
         let frame: &[u8] = match (held, &self.rx_batch) {
             (Held::Buf(len), _) => &self.rx_buf[..len],
             (Held::Batch(i), Some(batch)) => batch.frame(i),
@@ -139,15 +135,14 @@ impl Backend {
         };
         let len = frame.len();
         let head = chain.head_index();
-        let writer = Writer::new(mem, chain);
-        let used_len = match writer {
-            Err(_) => {
+        let used_len = match Segments::of_chain(chain, true) {
+            None => {
                 // A buffer outside guest memory: hand it back empty, keep the frame for the
                 // next buffer. Linux counts it as a length error.
                 bump(&self.counters.rx_bad_buffers, 1);
                 0
             }
-            Ok(writer) if writer.available_bytes() < NET_HDR_LEN + len => {
+            Some(to) if to.total < NET_HDR_LEN + len => {
                 // Too big for this buffer, and the driver posts buffers of one size: drop the
                 // frame, keep the buffer for the next one.
                 bump(&self.counters.rx_dropped_too_big, 1);
@@ -155,22 +150,19 @@ impl Backend {
                 self.rx.go_to_previous_position();
                 return false;
             }
-            Ok(mut writer) => {
+            Some(to) => {
                 let mut header = [0u8; NET_HDR_LEN];
                 header[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
                     .copy_from_slice(&1u16.to_le_bytes());
-                if writer.write_all(&header).is_ok() && writer.write_all(frame).is_ok() {
-                    self.release(held);
-                    bump(&self.counters.rx_frames, 1);
-                    bump(&self.counters.rx_bytes, len as u64);
-                    (NET_HDR_LEN + len) as u32
-                } else {
-                    bump(&self.counters.rx_bad_buffers, 1);
-                    0
-                }
+                to.write_at(0, &header);
+                to.write_at(NET_HDR_LEN, frame);
+                self.release(held);
+                bump(&self.counters.rx_frames, 1);
+                bump(&self.counters.rx_bytes, len as u64);
+                (NET_HDR_LEN + len) as u32
             }
         };
-        if self.rx.add_used(&self.mem, head, used_len).is_err() {
+        if self.rx.add_used(&*self.mem, head, used_len).is_err() {
             bump(&self.counters.queue_errors, 1);
         }
         true

@@ -8,13 +8,12 @@
 //! chain, reorder frames, or drain forever (a bounded number of rounds, then it yields to the
 //! other events).
 
-use std::io::Read;
-
 use crate::GuestMemoryMmap;
-use virtio_queue::{DescriptorChain, QueueT, Reader};
+use virtio_queue::{DescriptorChain, QueueT};
 
 use super::backend::{Backend, RingBroken};
 use super::counters::bump;
+use super::segments::Segments;
 use super::{MAX_FRAME, MAX_ROUNDS, NET_HDR_LEN, TX_QUEUE};
 
 impl Backend {
@@ -25,7 +24,7 @@ impl Backend {
         let mut used = false;
         for round in 1..=MAX_ROUNDS {
             // Kicks are useless while we drain; re-enabled below.
-            let _ = self.tx.disable_notification(&self.mem);
+            let _ = self.tx.disable_notification(&*self.mem);
             let mut popped = 0usize;
             while popped < usize::from(self.tx.size()) {
                 let chain = match Self::pop(&mut self.tx, &mem, &self.counters) {
@@ -39,8 +38,8 @@ impl Backend {
                 };
                 popped += 1;
                 let head = chain.head_index();
-                self.transmit(&mem, chain);
-                if self.tx.add_used(&self.mem, head, 0).is_err() {
+                self.transmit(chain);
+                if self.tx.add_used(&*self.mem, head, 0).is_err() {
                     bump(&self.counters.queue_errors, 1);
                 }
                 used = true;
@@ -48,7 +47,7 @@ impl Backend {
             // The round's frames go out before the guest is told its buffers are free again
             // (they were copied, but a batch must not wait behind the next kick).
             self.flush_tx();
-            match self.tx.enable_notification(&self.mem) {
+            match self.tx.enable_notification(&*self.mem) {
                 Ok(false) => break,
                 // More arrived: another round, unless the ring says there is more and yields
                 // nothing (a lying avail index), which would spin.
@@ -70,22 +69,17 @@ impl Backend {
         self.signal_used(TX_QUEUE, used);
     }
 
-    fn transmit(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) {
-        let Ok(mut reader) = Reader::new(mem, chain) else {
+    fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) {
+        let Some(from) = Segments::of_chain(chain, false) else {
             bump(&self.counters.tx_dropped_malformed, 1);
             return;
         };
-        let total = reader.available_bytes();
-        if total < NET_HDR_LEN || total - NET_HDR_LEN > MAX_FRAME {
+        if from.total < NET_HDR_LEN || from.total - NET_HDR_LEN > MAX_FRAME {
             bump(&self.counters.tx_dropped_malformed, 1);
             return;
         }
-        let len = total - NET_HDR_LEN;
-        let mut header = [0u8; NET_HDR_LEN];
-        if reader.read_exact(&mut header).is_err() {
-            bump(&self.counters.tx_dropped_malformed, 1);
-            return;
-        }
+        // The header is ignored: no offloads are offered.
+        let len = from.total - NET_HDR_LEN;
         // A batching link: gather the frame into the next slot; it goes out with the batch.
         if let Some(batch) = self.tx_batch.as_mut().filter(|b| len < b.slot_size()) {
             let Some(slot) = batch.next_slot() else {
@@ -93,20 +87,14 @@ impl Backend {
                 bump(&self.counters.tx_link_errors, 1);
                 return;
             };
-            if reader.read_exact(&mut slot[..len]).is_err() {
-                bump(&self.counters.tx_dropped_malformed, 1);
-                return;
-            }
+            from.read_at(NET_HDR_LEN, &mut slot[..len]);
             batch.commit(len);
             if batch.is_full() {
                 self.flush_tx();
             }
             return;
         }
-        if reader.read_exact(&mut self.tx_buf[..len]).is_err() {
-            bump(&self.counters.tx_dropped_malformed, 1);
-            return;
-        }
+        from.read_at(NET_HDR_LEN, &mut self.tx_buf[..len]);
         // Frames gathered before this one go first.
         self.flush_tx();
         bump(&self.counters.tx_link_calls, 1);
