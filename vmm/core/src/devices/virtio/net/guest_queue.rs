@@ -111,11 +111,10 @@ impl Avail {
         let Some(&head) = self.heads[..self.count].get(self.taken) else {
             return;
         };
-        let Some(d) = self.table.read::<DESC_SIZE>(usize::from(head) * DESC_SIZE) else {
+        let Some(d) = self.descriptor(head) else {
             return;
         };
-        let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-        if let Ok(host) = mem.get_host_address(GuestAddress(addr)) {
+        if let Ok(host) = mem.get_host_address(GuestAddress(d.addr)) {
             prefetch(host);
             prefetch(host.wrapping_add(64));
         }
@@ -143,25 +142,48 @@ impl Avail {
             if index >= self.size {
                 return true;
             }
-            let Some(d) = self.table.read::<DESC_SIZE>(usize::from(index) * DESC_SIZE) else {
+            let Some(d) = self.descriptor(index) else {
                 return true;
             };
-            let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-            let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
-            let flags = u16::from_le_bytes([d[12], d[13]]);
-            if flags & DESC_F_INDIRECT != 0 {
+            if d.flags & DESC_F_INDIRECT != 0 {
                 return false;
             }
-            if ((flags & DESC_F_WRITE != 0) == write) && len != 0 && !each(Buffer { addr, len }) {
+            let buffer = Buffer {
+                addr: d.addr,
+                len: d.len,
+            };
+            if ((d.flags & DESC_F_WRITE != 0) == write) && d.len != 0 && !each(buffer) {
                 return false;
             }
-            if flags & DESC_F_NEXT == 0 {
+            if d.flags & DESC_F_NEXT == 0 {
                 return true;
             }
-            index = u16::from_le_bytes([d[14], d[15]]);
+            index = d.next;
         }
         true
     }
+
+    /// Descriptor `index` of the table (a `virtq_desc`, little-endian), or None past it.
+    #[inline]
+    fn descriptor(&self, index: u16) -> Option<Descriptor> {
+        let d = self
+            .table
+            .read::<DESC_SIZE>(usize::from(index) * DESC_SIZE)?;
+        Some(Descriptor {
+            addr: u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]),
+            len: u32::from_le_bytes([d[8], d[9], d[10], d[11]]),
+            flags: u16::from_le_bytes([d[12], d[13]]),
+            next: u16::from_le_bytes([d[14], d[15]]),
+        })
+    }
+}
+
+/// One `virtq_desc` as read from the guest (untrusted: every field is checked where used).
+struct Descriptor {
+    addr: u64,
+    len: u32,
+    flags: u16,
+    next: u16,
 }
 
 /// Bytes ahead of the first entry of the avail ring and of the used ring (flags, idx).
