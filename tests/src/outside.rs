@@ -82,3 +82,25 @@ pub fn free_udp_port() -> Result<u16> {
     let socket = UdpSocket::bind("127.0.0.1:0").map_err(io)?;
     Ok(socket.local_addr().map_err(io)?.port())
 }
+
+/// Writes `line` and a newline to `stream` and reads the peer's line back (without its line
+/// ending), waiting up to `wait`. An error says which line and what happened: the write or
+/// read failed (a reset, a timeout), or the peer closed first.
+pub fn echo(
+    stream: &mut BufReader<TcpStream>,
+    line: &str,
+    wait: Duration,
+) -> std::result::Result<String, String> {
+    let short: String = line.chars().take(24).collect();
+    stream
+        .get_mut()
+        .set_read_timeout(Some(wait))
+        .and_then(|()| stream.get_mut().write_all(format!("{line}\n").as_bytes()))
+        .map_err(|e| format!("sending {short:?}: {e}"))?;
+    let mut got = String::new();
+    match stream.read_line(&mut got) {
+        Ok(0) => Err(format!("the peer closed before echoing {short:?}")),
+        Ok(_) => Ok(got.trim_end().to_string()),
+        Err(e) => Err(format!("no echo of {short:?} within {wait:?}: {e}")),
+    }
+}

@@ -341,10 +341,14 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
     );
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     assert!(json_of(&r)["pages_written"].as_u64().unwrap() > 0);
-    assert_eq!(
-        json_of(&call(s, "GET", "vm.info?id=web", None))["state"],
-        "running"
-    );
+    let info = json_of(&call(s, "GET", "vm.info?id=web", None));
+    assert_eq!(info["state"], "running");
+    // Its one NIC's counters, as the contract names them.
+    let net = info["net"].as_array().expect("vm.info has net");
+    assert_eq!(net.len(), 1, "{info}");
+    for field in ["rx_frames", "tx_frames", "queue_errors", "interrupts"] {
+        assert!(net[0][field].is_u64(), "{field} in {info}");
+    }
     // A migration to nowhere fails cleanly and the VM runs on.
     let r = call(
         s,

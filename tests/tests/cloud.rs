@@ -27,7 +27,7 @@
 //! - Host B is killed (SIGKILL): its lease expires and the edge closes everything B's tenant had
 //!   opened (`edge_host_lost`; no flow, no tenant left at the edge).
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vigil_tests::etcd::Etcd;
-use vigil_tests::outside::{answer_one, read_line, Request};
+use vigil_tests::outside::{answer_one, echo, Request};
 use vigil_tests::workload::{self, wait_listening};
 use vigil_tests::{
     api, drop_count, edge_counters, fw_guest_elf, tenant_dir, veth, Namespace, TempDir,
@@ -45,6 +45,8 @@ use vigil_tests::{
 const OUTSIDE_IP: &str = "10.66.0.1";
 const TENANT_IP: &str = "10.66.0.2";
 const TENANT_MAC: &str = "52:54:00:00:00:02";
+/// How long the outside waits for the tenant to echo one line of the long-lived connection.
+const ECHO_WAIT: Duration = Duration::from_secs(300);
 
 #[test]
 #[ignore = "boots the Debian tenant: 10-15 min on an emulating KVM host; scripts/test runs it (not with --quick)"]
@@ -128,35 +130,26 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     let long = outside.tcp_listener((OUTSIDE_IP, 8081));
     let (migrated_tx, migrated_rx) = mpsc::channel::<()>();
     let (before_tx, before_rx) = mpsc::channel::<()>();
-    let long_server = std::thread::spawn(move || {
-        // The long-lived connection: lines before the migration, then after it.
-        let (stream, long_peer) = long.accept().unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(600)))
-            .unwrap();
+    let long_server = std::thread::spawn(move || -> Result<_, String> {
+        // The long-lived connection: lines before the migration, then after it. Each echo is
+        // waited for up to ECHO_WAIT: a connection the migrations broke fails here, at once, not
+        // when TCP gives up on it (15 minutes of retransmissions).
+        let (stream, long_peer) = long.accept().map_err(|e| format!("accept: {e}"))?;
         let mut stream = BufReader::new(stream);
         let mut echoed = Vec::new();
         for i in 0..3 {
             let line = format!("before-{i}");
-            stream
-                .get_mut()
-                .write_all(format!("{line}\n").as_bytes())
-                .unwrap();
-            echoed.push((line, read_line(&mut stream)));
+            echoed.push((line.clone(), echo(&mut stream, &line, ECHO_WAIT)?));
         }
         before_tx.send(()).unwrap();
         migrated_rx.recv().unwrap();
         for i in 0..3 {
             let line = format!("after-{i}-{}", "x".repeat(1000));
-            stream
-                .get_mut()
-                .write_all(format!("{line}\n").as_bytes())
-                .unwrap();
-            echoed.push((line, read_line(&mut stream)));
+            echoed.push((line.clone(), echo(&mut stream, &line, ECHO_WAIT)?));
         }
         // Closing ends the tenant's nc, and its workload.
         drop(stream);
-        (long_peer, echoed)
+        Ok((long_peer, echoed))
     });
 
     // The tenant: out to 8080 (allowed), a service on 7000 (bind + listen allowed), then the
@@ -432,7 +425,16 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
 
     // Both ends of the connection: every line came back as sent, before and after.
     let (peer, said) = one_shot.join().expect("outside one-shot server");
-    let (long_peer, echoed) = long_server.join().expect("outside long-lived server");
+    let (long_peer, echoed) = match long_server.join().expect("outside long-lived server") {
+        Ok(done) => done,
+        Err(e) => {
+            // What each tier saw of it, for whoever reads the failure.
+            let (_, info_b) = api(&b_sock, "GET", "vm.info?id=web", None);
+            eprintln!("the tenant on host B: {info_b}");
+            eprintln!("edge counters: {}", edge_counters(&edge_sock));
+            panic!("the long-lived connection broke after the migrations: {e}");
+        }
+    };
     assert_eq!(peer.ip().to_string(), TENANT_IP);
     assert_eq!(said, "tenant-says-hello");
     assert_eq!(long_peer.ip().to_string(), TENANT_IP);

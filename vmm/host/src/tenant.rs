@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use vmm_core::devices::virtio::net::{NetCounters, NetStats};
 use vmm_core::introspect::Introspection;
 use vmm_core::run_control::RunControl;
 use vmm_core::vcpu::StopReason;
@@ -47,6 +48,9 @@ pub struct VmInfo {
     /// How the guest stopped (state `shutdown`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_reason: Option<String>,
+    /// Its network device's counters on this host (they start at zero where it migrated in):
+    /// frames each way, drops by cause, ring errors, interrupts.
+    pub net: Vec<NetStats>,
 }
 
 pub(crate) struct Tenant {
@@ -64,6 +68,8 @@ pub(crate) struct Tenant {
     pub(crate) thread: Option<JoinHandle<Result<VmOutcome, VmError>>>,
     pub(crate) stop_reason: Option<String>,
     pub(crate) created_unix_ms: u64,
+    /// Its network devices' live counters.
+    pub(crate) net: Vec<Arc<NetCounters>>,
 }
 
 /// What a tenant VM's thread runs when the VM stopped on its own (the reason, and whether it
@@ -120,6 +126,7 @@ impl Tenant {
             stop: vm.stop_handle(),
             control: vm.run_control(),
             handle: vm.handle(),
+            net: vm.net_counters(),
             introspection,
             vm: None,
             thread: None,
@@ -156,6 +163,7 @@ impl Tenant {
             vcpus: self.spec.vcpus,
             created_unix_ms: self.created_unix_ms,
             stop_reason: self.stop_reason.clone(),
+            net: self.net.iter().map(|c| c.snapshot()).collect(),
         }
     }
 }

@@ -231,6 +231,12 @@ pub(super) struct GuestQueue {
     pub(super) counters: Arc<NetCounters>,
     /// Used entries published since the last interrupt decision.
     added: Wrapping<u16>,
+    /// Whether an interrupt decision was taken since the queue was lent (vhost's
+    /// `signalled_used_valid`). The first one signals whatever `used_event` says: a driver whose
+    /// interrupt was lost before this queue existed (a migration's, a restart's) has its
+    /// `used_event` behind entries already published, and with `VIRTIO_F_EVENT_IDX` no later
+    /// entry would ever pass it again.
+    decided: bool,
 }
 
 impl GuestQueue {
@@ -248,6 +254,7 @@ impl GuestQueue {
             event_idx,
             counters,
             added: Wrapping(0),
+            decided: false,
         }
     }
 
@@ -376,7 +383,8 @@ impl GuestQueue {
 
     /// Raises the used-buffer interrupt after used-ring updates, unless the driver suppressed it
     /// (`VIRTIO_F_EVENT_IDX`: unless the used index did not pass its `used_event`; without it:
-    /// `VRING_AVAIL_F_NO_INTERRUPT`).
+    /// `VRING_AVAIL_F_NO_INTERRUPT`). The first decision of a freshly lent queue signals anyway
+    /// (see `decided`): a spurious interrupt costs the driver one look at its used ring.
     #[inline]
     pub(super) fn signal_used(&mut self) {
         let added = std::mem::replace(&mut self.added, Wrapping(0));
@@ -386,7 +394,9 @@ impl GuestQueue {
         // The used index is stored before the driver's word on interrupts is read.
         fence(Ordering::SeqCst);
         let avail = GuestAddress(self.queue.avail_ring());
-        let wanted = if self.event_idx {
+        let wanted = if !std::mem::replace(&mut self.decided, true) {
+            true
+        } else if self.event_idx {
             let new = Wrapping(self.queue.next_used());
             let old = new - added;
             let used_event = avail
@@ -602,31 +612,73 @@ mod tests {
         let mut q = queue(true);
         // used_event sits after the avail ring's entries.
         let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE));
+        q.mem.write_obj(0u16, used_event).unwrap();
+        publish(&mut q, &[(0, 1)]);
+        q.signal_used();
+        assert_eq!(interrupts(&q), 1, "used index 1 passed used_event 0");
         q.mem.write_obj(4u16, used_event).unwrap();
-        publish(&mut q, &[(0, 1), (1, 1), (2, 1), (3, 1)]);
+        publish(&mut q, &[(1, 1), (2, 1), (3, 1)]);
         q.signal_used();
         assert_eq!(
             interrupts(&q),
-            0,
+            1,
             "used index 4 has not passed used_event 4"
         );
         publish(&mut q, &[(4, 1), (5, 1)]);
         q.signal_used();
-        assert_eq!(interrupts(&q), 1, "used index 6 passed it");
+        assert_eq!(interrupts(&q), 2, "used index 6 passed it");
         q.signal_used();
-        assert_eq!(interrupts(&q), 1, "nothing new, no interrupt");
+        assert_eq!(interrupts(&q), 2, "nothing new, no interrupt");
         // Across the wrap of the 16-bit index.
         q.queue.set_next_used(u16::MAX - 1);
         q.mem.write_obj(u16::MAX, used_event).unwrap();
         publish(&mut q, &[(0, 1), (1, 1), (2, 1)]);
         assert_eq!(used_idx(&q), 1);
         q.signal_used();
-        assert_eq!(interrupts(&q), 2);
+        assert_eq!(interrupts(&q), 3);
+    }
+
+    /// A driver whose interrupt was lost (in a migration, say) keeps `used_event` behind entries
+    /// already published; with event idx no later entry passes it again. The first decision of
+    /// a freshly lent queue signals regardless, and the driver catches up.
+    #[test]
+    fn a_freshly_lent_queue_signals_its_first_batch_whatever_used_event_says() {
+        let used_event = GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE));
+        let stalled = |q: &mut GuestQueue| {
+            // Entries 0..3 published before; the driver never heard of them: used_event 0.
+            q.queue.set_next_used(3);
+            q.mem.write_obj(3u16, GuestAddress(USED + 2)).unwrap();
+            q.mem.write_obj(0u16, used_event).unwrap();
+            publish(q, &[(3, 1)]);
+            q.signal_used();
+        };
+        let mut fresh = queue(true);
+        stalled(&mut fresh);
+        assert_eq!(interrupts(&fresh), 1, "the first decision signals");
+        // The same ring on a queue that decided before: the rule alone stays silent.
+        let mut decided = queue(true);
+        decided.decided = true;
+        stalled(&mut decided);
+        assert_eq!(
+            interrupts(&decided),
+            0,
+            "vring_need_event(0, 4, 3) is false"
+        );
+        // Without event idx too, the first decision ignores the suppression flag.
+        let mut flags = queue(false);
+        flags
+            .mem
+            .write_obj(VRING_AVAIL_F_NO_INTERRUPT, GuestAddress(AVAIL))
+            .unwrap();
+        publish(&mut flags, &[(0, 1)]);
+        flags.signal_used();
+        assert_eq!(interrupts(&flags), 1);
     }
 
     #[test]
     fn without_event_idx_the_avail_flags_decide() {
         let mut q = queue(false);
+        q.decided = true;
         q.mem
             .write_obj(VRING_AVAIL_F_NO_INTERRUPT, GuestAddress(AVAIL))
             .unwrap();
