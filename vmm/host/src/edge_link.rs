@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edge::link::{
-    first_seq_from_clock, Class, EdgeOutcome, EdgeRestartHook, LinkConfig, RefusedHook, VerdictLink,
+    first_seq_from_clock, Class, EdgeOutcome, EdgeRestartHook, LinkConfig, Queued, RefusedHook,
+    VerdictLink,
 };
 use vigil_wire::auth::MAX_RECORDS;
 use vigil_wire::verdict::RECORD_LEN;
@@ -129,6 +130,33 @@ impl EdgeLink {
                 false
             }
         }
+    }
+
+    /// [`EdgeLink::send`] for a caller that wants to know when the edge applied the records
+    /// (see [`EdgeLink::wait`]). `None` (counted) when the window is full.
+    pub(crate) fn send_tracked(
+        &self,
+        records: &[[u8; RECORD_LEN]],
+        class: Class,
+    ) -> Option<Queued> {
+        match self.link.send_waited(records, class) {
+            Ok(queued) => {
+                self.sent_records
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                Some(queued)
+            }
+            Err(e) => {
+                log::warn!("records for the edge not queued: {e}");
+                self.send_errors.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    /// Waits up to `limit` until the edge acknowledged `queued` (it acknowledges what it
+    /// applied), and says whether it refused any of it.
+    pub(crate) fn wait(&self, queued: &Queued, limit: Duration) -> EdgeOutcome {
+        self.link.wait_outcome(queued, limit)
     }
 
     pub(crate) fn stats(&self) -> EdgeLinkStats {

@@ -7,11 +7,12 @@
 //! anything of a migration that failed.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge::link::{Class, EdgeOutcome, Queued};
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
 
@@ -27,6 +28,17 @@ use crate::{Host, HostError, VmState};
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 /// Pre-copy rounds a target takes at most (a source that never stops is cut off).
 const MAX_ROUNDS: u32 = 64;
+/// How long the announcement waits for the edge to apply this host's claim of the tenant's
+/// address: the edge takes a claim once the source released the tenant (`edge::owners`, within
+/// its `CLAIM_WAIT` of 1.5 s), and until then refuses frames of the address from this host.
+const CLAIM_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
+/// When the announcement goes out, counted from the edge's confirmation: three frames, as
+/// QEMU's self-announce sends several, since one can be lost.
+const ANNOUNCE_AT: [Duration; 3] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+];
 
 /// A gratuitous ARP from the tenant (who-has its own address, broadcast): sent on its behalf
 /// after a migration so that the switch, the edge's VXLAN table and outside hosts learn where it
@@ -261,8 +273,12 @@ impl Host {
         let mut records = vec![self.switch_attach(tenant, slot, spec.ip, Some(mac))];
         records.extend(adopted.iter().copied());
         // The edge keeps the tenant's verdicts and flows; this host claims its address there
-        // (taken over once the source released it: see `edge::owners`).
-        let tiers_ms = match self.reconfigure(&records, &[self.edge_attach(tenant, spec.ip)]) {
+        // (taken over once the source released it: see `edge::owners`), and announces the
+        // tenant once the edge confirmed the claim (see `announce`).
+        let claim = self.edge.as_ref().and_then(|link| {
+            link.send_tracked(&[self.edge_attach(tenant, spec.ip)], Class::Control)
+        });
+        let tiers_ms = match self.reconfigure(&records, &[]) {
             Ok(ms) => ms,
             Err(e) => {
                 release();
@@ -286,13 +302,6 @@ impl Host {
             })?,
         );
         self.tenants().insert(id.clone(), entry);
-        // Tell the network where the tenant is now.
-        if let Some(frame) = announcement(mac, spec.ip) {
-            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = ports[slot].0.link.send_frame(&frame) {
-                log::warn!("{id}: cannot announce the migrated tenant: {e}");
-            }
-        }
         let target_ms = arrived.elapsed().as_secs_f64() * 1e3;
         reply_timed(&mut session, true, None, restore_ms, tiers_ms, target_ms);
         self.times
@@ -306,6 +315,60 @@ impl Host {
                 "switch_port": slot + 1, "restore_ms": restore_ms, "tiers_ms": tiers_ms,
                 "precopy_rounds": rounds, "adopted_verdicts": adopted.len()}),
         );
+        self.announce(&id, slot, mac, spec.ip, claim);
         Ok(())
+    }
+
+    /// Tells the network where the migrated tenant is now: a gratuitous ARP on its behalf into
+    /// its switch port, which the switch forwards and the edge's VXLAN endpoint learns the
+    /// tenant's MAC from. Only after the edge applied this host's claim of the address: before
+    /// it, the edge refuses the frame (it speaks for an address bound to the source) and keeps
+    /// sending the tenant's traffic to the source, where nothing receives it, until the tenant
+    /// itself sends something. Sent [`ANNOUNCE_AT`] times, while the tenant runs on this port.
+    fn announce(&self, id: &str, slot: usize, mac: [u8; 6], ip: IpAddr, claim: Option<Queued>) {
+        let Some(frame) = announcement(mac, ip) else {
+            return;
+        };
+        let started = Instant::now();
+        let edge = match (&self.edge, &claim) {
+            (None, _) => "none",
+            (Some(_), None) => "not_queued",
+            (Some(link), Some(queued)) => match link.wait(queued, CLAIM_CONFIRM_LIMIT) {
+                EdgeOutcome::Applied => "applied",
+                EdgeOutcome::Refused { .. } => "refused",
+                EdgeOutcome::Unconfirmed => "unconfirmed",
+            },
+        };
+        if edge != "applied" && edge != "none" {
+            log::warn!(
+                "{id}: the edge did not confirm this host's claim ({edge}); announcing anyway"
+            );
+        }
+        let confirmed = Instant::now();
+        let (mut frames, mut error) = (0u32, None);
+        for at in ANNOUNCE_AT {
+            std::thread::sleep((confirmed + at).saturating_duration_since(Instant::now()));
+            let here = self
+                .tenants()
+                .get(id)
+                .is_some_and(|t| t.slot == slot && t.state == VmState::Running);
+            if !here {
+                break;
+            }
+            let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
+            match ports[slot].0.link.send_frame(&frame) {
+                Ok(()) => frames += 1,
+                Err(e) => error = Some(e.to_string()),
+            }
+        }
+        if let Some(e) = &error {
+            log::warn!("{id}: announcing the migrated tenant: {e}");
+        }
+        self.emit(
+            "announced",
+            id,
+            serde_json::json!({"edge_claim": edge, "frames": frames, "error": error,
+                "claim_confirmed_ms": (confirmed - started).as_secs_f64() * 1e3}),
+        );
     }
 }
