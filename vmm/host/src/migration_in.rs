@@ -40,23 +40,67 @@ const ANNOUNCE_AT: [Duration; 3] = [
     Duration::from_millis(300),
 ];
 
-/// A gratuitous ARP from the tenant (who-has its own address, broadcast): sent on its behalf
-/// after a migration so that the switch, the edge's VXLAN table and outside hosts learn where it
-/// is now (virtio-net's GUEST_ANNOUNCE does this from inside the guest; the tenant's kernel was
-/// not asked to).
-fn announcement(mac: [u8; 6], ip: std::net::IpAddr) -> Option<Vec<u8>> {
-    let std::net::IpAddr::V4(ip) = ip else {
-        return None;
+/// The tenant announcing itself, sent on its behalf after a migration so that the switch, the
+/// edge's VXLAN table and outside hosts learn where it is now (virtio-net's GUEST_ANNOUNCE does
+/// this from inside the guest; the tenant's kernel was not asked to): for IPv4 a gratuitous ARP
+/// (who-has its own address, broadcast), for IPv6 an unsolicited neighbour advertisement of its
+/// address to all nodes with the override flag (RFC 4861 §7.2.6).
+fn announcement(mac: [u8; 6], ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(ip) => {
+            let mut frame = vec![0xff; 6];
+            frame.extend_from_slice(&mac);
+            // EtherType ARP; htype Ethernet, ptype IPv4, hlen 6, plen 4, op request (RFC 826).
+            frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+            frame.extend_from_slice(&mac);
+            frame.extend_from_slice(&ip.octets());
+            frame.extend_from_slice(&[0; 6]);
+            frame.extend_from_slice(&ip.octets());
+            frame
+        }
+        IpAddr::V6(ip) => neighbour_advertisement(mac, ip),
+    }
+}
+
+fn neighbour_advertisement(mac: [u8; 6], ip: std::net::Ipv6Addr) -> Vec<u8> {
+    use smoltcp::phy::ChecksumCapabilities;
+    use smoltcp::wire::{
+        EthernetAddress, EthernetFrame, EthernetProtocol, EthernetRepr, Icmpv6Packet, Icmpv6Repr,
+        IpProtocol, Ipv6Packet, Ipv6Repr, NdiscNeighborFlags, NdiscRepr, RawHardwareAddress,
+        IPV6_LINK_LOCAL_ALL_NODES,
     };
-    let mut frame = vec![0xff; 6];
-    frame.extend_from_slice(&mac);
-    // EtherType ARP; htype Ethernet, ptype IPv4, hlen 6, plen 4, op request (RFC 826).
-    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-    frame.extend_from_slice(&mac);
-    frame.extend_from_slice(&ip.octets());
-    frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&ip.octets());
-    Some(frame)
+    let icmp = Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+        flags: NdiscNeighborFlags::OVERRIDE,
+        target_addr: ip,
+        lladdr: Some(RawHardwareAddress::from(EthernetAddress(mac))),
+    });
+    let header = Ipv6Repr {
+        src_addr: ip,
+        dst_addr: IPV6_LINK_LOCAL_ALL_NODES,
+        next_header: IpProtocol::Icmpv6,
+        payload_len: icmp.buffer_len(),
+        // Receivers drop neighbour discovery that crossed a router (RFC 4861 §7.1.2).
+        hop_limit: 255,
+    };
+    let ethernet = EthernetRepr {
+        src_addr: EthernetAddress(mac),
+        // 33:33 and the group's low 32 bits (RFC 2464 §7).
+        dst_addr: EthernetAddress([0x33, 0x33, 0, 0, 0, 1]),
+        ethertype: EthernetProtocol::Ipv6,
+    };
+    let mut frame = vec![0u8; ethernet.buffer_len() + header.buffer_len() + icmp.buffer_len()];
+    let mut e = EthernetFrame::new_unchecked(&mut frame[..]);
+    ethernet.emit(&mut e);
+    let mut p = Ipv6Packet::new_unchecked(e.payload_mut());
+    header.emit(&mut p);
+    let mut i = Icmpv6Packet::new_unchecked(p.payload_mut());
+    icmp.emit(
+        &ip,
+        &IPV6_LINK_LOCAL_ALL_NODES,
+        &mut i,
+        &ChecksumCapabilities::default(),
+    );
+    frame
 }
 
 fn reply(session: &mut Session, ok: bool, error: Option<String>, restore_ms: f64, tiers_ms: f64) {
@@ -325,10 +369,9 @@ impl Host {
     /// it, the edge refuses the frame (it speaks for an address bound to the source) and keeps
     /// sending the tenant's traffic to the source, where nothing receives it, until the tenant
     /// itself sends something. Sent [`ANNOUNCE_AT`] times, while the tenant runs on this port.
+    /// A gratuitous ARP for an IPv4 tenant, an unsolicited neighbour advertisement for IPv6.
     fn announce(&self, id: &str, slot: usize, mac: [u8; 6], ip: IpAddr, claim: Option<Queued>) {
-        let Some(frame) = announcement(mac, ip) else {
-            return;
-        };
+        let frame = announcement(mac, ip);
         let started = Instant::now();
         let edge = match (&self.edge, &claim) {
             (None, _) => "none",
@@ -369,6 +412,58 @@ impl Host {
             id,
             serde_json::json!({"edge_claim": edge, "frames": frames, "error": error,
                 "claim_confirmed_ms": (confirmed - started).as_secs_f64() * 1e3}),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::{
+        EthernetFrame, Icmpv6Packet, Icmpv6Repr, IpProtocol, Ipv6Packet, NdiscNeighborFlags,
+        NdiscRepr, RawHardwareAddress,
+    };
+    use vmm_core::devices::vxlan::claims;
+
+    const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+
+    #[test]
+    fn an_ipv4_tenant_is_announced_by_gratuitous_arp_claiming_its_address() {
+        let ip = IpAddr::from([10, 66, 0, 2]);
+        let frame = announcement(MAC, ip);
+        assert_eq!(frame.len(), 42);
+        assert_eq!(&frame[..6], &[0xff; 6]);
+        assert_eq!(claims(&frame), (Some(ip), None));
+    }
+
+    #[test]
+    fn an_ipv6_tenant_is_announced_by_a_valid_unsolicited_neighbour_advertisement() {
+        let ip: IpAddr = "fd00:66::2".parse().unwrap();
+        let IpAddr::V6(v6) = ip else { unreachable!() };
+        let frame = announcement(MAC, ip);
+        // The edge's trust check sees the tenant's address as source and target.
+        assert_eq!(claims(&frame), (Some(ip), Some(ip)));
+        let e = EthernetFrame::new_checked(&frame[..]).unwrap();
+        assert_eq!(e.src_addr().0, MAC);
+        assert_eq!(e.dst_addr().0, [0x33, 0x33, 0, 0, 0, 1]);
+        let p = Ipv6Packet::new_checked(e.payload()).unwrap();
+        assert_eq!((p.hop_limit(), p.next_header()), (255, IpProtocol::Icmpv6));
+        let i = Icmpv6Packet::new_checked(p.payload()).unwrap();
+        assert!(i.verify_checksum(&p.src_addr(), &p.dst_addr()), "checksum");
+        let parsed = Icmpv6Repr::parse(
+            &p.src_addr(),
+            &p.dst_addr(),
+            &i,
+            &smoltcp::phy::ChecksumCapabilities::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            parsed,
+            Icmpv6Repr::Ndisc(NdiscRepr::NeighborAdvert {
+                flags: NdiscNeighborFlags::OVERRIDE,
+                target_addr: v6,
+                lladdr: Some(RawHardwareAddress::from_bytes(&MAC)),
+            })
         );
     }
 }
