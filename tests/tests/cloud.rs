@@ -345,9 +345,16 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     }
 
     // Live migration A → B with the 8081 connection established.
-    before_rx
-        .recv_timeout(Duration::from_secs(600))
-        .expect("the long-lived connection exchanged its first lines");
+    if let Err(e) = before_rx.recv_timeout(Duration::from_secs(600)) {
+        let why = match e {
+            mpsc::RecvTimeoutError::Timeout => "600 s passed".to_string(),
+            mpsc::RecvTimeoutError::Disconnected => match long_server.join() {
+                Ok(Err(e)) => e,
+                _ => "the outside's server ended".to_string(),
+            },
+        };
+        panic!("the long-lived connection did not exchange its first lines: {why}");
+    }
     // Over TCP on the hosts' own network, authenticated with the hosts' keys.
     let migrate = |from: &Path, to: &Path, url: &str, options: serde_json::Value| {
         let (status, v) = api(
