@@ -382,6 +382,13 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
     assert_eq!(json_of(&r)["state"], "paused");
     let r = call(s, "PUT", "vm.resume", Some("{\"id\":\"web\"}"));
     assert_eq!(json_of(&r)["state"], "running");
+    // Its first resume announced it into its switch port (no edge here to wait for).
+    let announced = host
+        .process
+        .wait_event(TIMEOUT, "announced", |e| e["event"] == "announced")
+        .expect("the restored VM announced");
+    assert_eq!(announced["edge_claim"], "none", "{announced}");
+    assert!(announced["frames"].as_u64() >= Some(1), "{announced}");
 
     // Metrics: Prometheus text with the VM and the switch's counters; every create, policy and
     // delete reached the switch (4 control records at least: attach, flush+attach, flush, and

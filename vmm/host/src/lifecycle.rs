@@ -182,8 +182,12 @@ impl Host {
         )
     }
 
-    pub fn resume(&self, id: &str) -> Result<VmInfo, HostError> {
-        self.transition(
+    /// Resumes a paused VM. The first resume of a restored one announces it, from a thread of
+    /// its own (it may wait for the edge): the snapshot may come from another host, where the
+    /// network last saw the tenant.
+    pub fn resume(self: &Arc<Self>, id: &str) -> Result<VmInfo, HostError> {
+        let mut announce = None;
+        let info = self.transition(
             id,
             VmState::Paused,
             "resumes",
@@ -191,9 +195,21 @@ impl Host {
             "vm_resumed",
             |t| {
                 t.control.resume();
+                announce = t.announce_on_resume.take().map(|claim| (t.slot, claim));
                 Ok(())
             },
-        )
+        )?;
+        let mac = parse_mac(&info.mac);
+        if let (Some((slot, claim)), Some(mac)) = (announce, mac) {
+            let (host, vm, ip) = (self.clone(), id.to_string(), info.ip);
+            let spawned = std::thread::Builder::new()
+                .name("announce".into())
+                .spawn(move || host.announce(&vm, slot, mac, ip, claim));
+            if let Err(e) = spawned {
+                log::warn!("{id}: cannot start the announcement: {e}");
+            }
+        }
+        Ok(info)
     }
 
     /// Moves VM `id` from state `from` to `to` by `action`: 404 for an unknown VM, 409 in any

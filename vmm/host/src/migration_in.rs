@@ -363,14 +363,21 @@ impl Host {
         Ok(())
     }
 
-    /// Tells the network where the migrated tenant is now: a gratuitous ARP on its behalf into
-    /// its switch port, which the switch forwards and the edge's VXLAN endpoint learns the
+    /// Tells the network where a migrated (or restored) tenant is now: a frame on its behalf
+    /// into its switch port, which the switch forwards and the edge's VXLAN endpoint learns the
     /// tenant's MAC from. Only after the edge applied this host's claim of the address: before
     /// it, the edge refuses the frame (it speaks for an address bound to the source) and keeps
     /// sending the tenant's traffic to the source, where nothing receives it, until the tenant
     /// itself sends something. Sent [`ANNOUNCE_AT`] times, while the tenant runs on this port.
     /// A gratuitous ARP for an IPv4 tenant, an unsolicited neighbour advertisement for IPv6.
-    fn announce(&self, id: &str, slot: usize, mac: [u8; 6], ip: IpAddr, claim: Option<Queued>) {
+    pub(crate) fn announce(
+        &self,
+        id: &str,
+        slot: usize,
+        mac: [u8; 6],
+        ip: IpAddr,
+        claim: Option<Queued>,
+    ) {
         let frame = announcement(mac, ip);
         let started = Instant::now();
         let edge = match (&self.edge, &claim) {

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge::link::Class;
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::introspect::Introspection;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
@@ -162,13 +163,19 @@ impl Host {
         switch.extend(adopted.iter().copied());
         let mut edge = vec![self.edge_attach(tenant, spec.ip)];
         edge.extend(adopted.iter().copied());
-        if let Err(e) = self.reconfigure(&switch, &edge) {
+        // Its first resume announces it once the edge applied the claim (`Host::announce`).
+        let claim = self
+            .edge
+            .as_ref()
+            .and_then(|link| link.send_tracked(&edge, Class::Control));
+        if let Err(e) = self.reconfigure(&switch, &[]) {
             release();
             return Err(e);
         }
         // Paused until vm.resume: the vCPUs park before their first instruction.
         let _ = vm.run_control().pause(Duration::ZERO);
         let mut entry = Tenant::new(spec, tenant, slot, &vm, introspection, VmState::Paused);
+        entry.announce_on_resume = Some(claim);
         let id = entry.spec.id.clone();
         entry.thread =
             Some(start_vm(&id, vm, self.on_own_stop(&id, tenant)).inspect_err(|_| release())?);

@@ -70,6 +70,9 @@ pub(crate) struct Tenant {
     pub(crate) created_unix_ms: u64,
     /// Its network devices' live counters.
     pub(crate) net: Vec<Arc<NetCounters>>,
+    /// Restored from a snapshot and not resumed yet: the first `vm.resume` announces it (see
+    /// `Host::announce`), with the edge's acknowledgement of its claim to wait for.
+    pub(crate) announce_on_resume: Option<Option<edge::link::Queued>>,
 }
 
 /// What a tenant VM's thread runs when the VM stopped on its own (the reason, and whether it
@@ -127,6 +130,7 @@ impl Tenant {
             control: vm.run_control(),
             handle: vm.handle(),
             net: vm.net_counters(),
+            announce_on_resume: None,
             introspection,
             vm: None,
             thread: None,
