@@ -428,8 +428,8 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
     let (status, info_b) = api(&b_sock, "GET", "vm.info?id=web", None);
     assert_eq!(status, 200, "{info_b}");
     assert_eq!(info_b["state"], "running");
-    // Each target announced the tenant (gratuitous ARPs) once the edge had applied its claim
-    // of the address: an announcement before that is refused at the edge, which then goes on
+    // Each target announced the tenant (gratuitous ARPs) once the edge had acknowledged its
+    // claim of the address: an announcement before that is refused at the edge, which then goes on
     // sending the tenant's traffic to the host it left, until the tenant speaks itself.
     for (host, name, migrations) in [(&host_b, "B", 2), (&host_a, "A", 1)] {
         for _ in 0..migrations {
@@ -439,7 +439,7 @@ fn cloud_end_to_end_with_edge_and_live_migration() {
                 })
                 .unwrap_or_else(|e| panic!("host {name}: {e}"));
             // Up to 3 frames: the repeats stop when the tenant migrates on (here within ms).
-            assert_eq!(e["edge_claim"], "applied", "host {name}: {e}");
+            assert_eq!(e["edge_claim"], "acknowledged", "host {name}: {e}");
             assert!(e["frames"].as_u64() >= Some(1), "host {name}: {e}");
         }
     }

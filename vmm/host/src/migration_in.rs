@@ -28,8 +28,8 @@ use crate::{Host, HostError, VmState};
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 /// Pre-copy rounds a target takes at most (a source that never stops is cut off).
 const MAX_ROUNDS: u32 = 64;
-/// How long the announcement waits for the edge to apply this host's claim of the tenant's
-/// address: the edge takes a claim once the source released the tenant (`edge::owners`, within
+/// How long the announcement waits for the edge to acknowledge this host's claim of the
+/// tenant's address: the edge takes a claim once the source released the tenant (`edge::owners`, within
 /// its `CLAIM_WAIT` of 1.5 s), and until then refuses frames of the address from this host.
 const CLAIM_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
 /// When the announcement goes out, counted from the edge's confirmation: three frames, as
@@ -365,8 +365,8 @@ impl Host {
 
     /// Tells the network where a migrated (or restored) tenant is now: a frame on its behalf
     /// into its switch port, which the switch forwards and the edge's VXLAN endpoint learns the
-    /// tenant's MAC from. Only after the edge applied this host's claim of the address: before
-    /// it, the edge refuses the frame (it speaks for an address bound to the source) and keeps
+    /// tenant's MAC from. Only after the edge acknowledged this host's claim of the address
+    /// (it acknowledges once it judged it): before that, the edge refuses the frame (it speaks for an address bound to the source) and keeps
     /// sending the tenant's traffic to the source, where nothing receives it, until the tenant
     /// itself sends something. Sent [`ANNOUNCE_AT`] times, while the tenant runs on this port.
     /// A gratuitous ARP for an IPv4 tenant, an unsolicited neighbour advertisement for IPv6.
@@ -384,12 +384,14 @@ impl Host {
             (None, _) => "none",
             (Some(_), None) => "not_queued",
             (Some(link), Some(queued)) => match link.wait(queued, CLAIM_CONFIRM_LIMIT) {
-                EdgeOutcome::Applied => "applied",
+                // The edge reports refused verdicts, not a refused claim (a collision): it
+                // acknowledges what it judged.
+                EdgeOutcome::Applied => "acknowledged",
                 EdgeOutcome::Refused { .. } => "refused",
                 EdgeOutcome::Unconfirmed => "unconfirmed",
             },
         };
-        if edge != "applied" && edge != "none" {
+        if edge != "acknowledged" && edge != "none" {
             log::warn!(
                 "{id}: the edge did not confirm this host's claim ({edge}); announcing anyway"
             );

@@ -161,14 +161,13 @@ impl Host {
         let mac = vmm_core::net_config::parse_mac(&spec.mac);
         let mut switch = vec![self.switch_attach(tenant, slot, spec.ip, mac)];
         switch.extend(adopted.iter().copied());
-        let mut edge = vec![self.edge_attach(tenant, spec.ip)];
-        edge.extend(adopted.iter().copied());
-        // Its first resume announces it once the edge applied the claim (`Host::announce`).
-        let claim = self
-            .edge
-            .as_ref()
-            .and_then(|link| link.send_tracked(&edge, Class::Control));
-        if let Err(e) = self.reconfigure(&switch, &[]) {
+        // The claim of its address on its own, tracked: its first resume announces it once the
+        // edge acknowledged the claim (`Host::announce`). The verdicts follow, in order; a
+        // refusal of theirs goes to the host's hook, which takes them back at the switch.
+        let claim = self.edge.as_ref().and_then(|link| {
+            link.send_tracked(&[self.edge_attach(tenant, spec.ip)], Class::Control)
+        });
+        if let Err(e) = self.reconfigure(&switch, &adopted) {
             release();
             return Err(e);
         }
