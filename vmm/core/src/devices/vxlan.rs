@@ -5,7 +5,8 @@
 //! Forwarding follows a VXLAN bridge's FDB: the sender of each datagram is learned as the home of
 //! the inner frame's source MAC; a frame to a learned MAC goes to that peer alone, anything else
 //! (broadcast, multicast, unknown) to every configured and learned peer. A tenant that migrates
-//! is learned at its new host as soon as a frame of it arrives from there.
+//! is learned at its new host as soon as a frame of it arrives from there, and at an edge as soon
+//! as its address is bound to the new host (below).
 //!
 //! The underlay (the hosts' network) is trusted to carry frames, not verdicts: verdicts travel on
 //! their own authenticated channel. Datagrams that are not VXLAN, or carry another VNI, are
@@ -30,6 +31,14 @@
 //! delivered or learned: a host's data path speaks only for the tenants that host attached. An
 //! address bound to no one passes here; the edge's firewall drops it (`unknown_tenant`).
 //!
+//! Where bound addresses live: with a [`PeerTrust`], each learned MAC also remembers the address
+//! its last frame spoke for. When that address is bound to another host (a migration's handover,
+//! or a flush and a new attach: [`PeerTrust::moves`]), the MAC is re-pointed at the new host before the next frame
+//! goes out: at the port its other frames came from, else this endpoint's own port (VXLAN
+//! endpoints share one, 4789). The bindings, which follow the authenticated channel, decide;
+//! the migrated tenant's announcement, or its first frame, only confirms it. Without that, a lost
+//! announcement left the tenant's traffic going to the host it left until the tenant spoke.
+//!
 //! Batches: the device's frames move [`BATCH`] datagrams per system call (`recvmmsg`,
 //! `sendmmsg`: [`mmsg`]), each frame straight into or out of its batch slot. Slots are
 //! [`BATCH_SLOT`] bytes: every frame a switch or edge micro-VM sends fits (its buffers are 2 KiB);
@@ -39,7 +48,8 @@
 //! Owns: the VXLAN encapsulation, the learned FDB, the peers, who may send, and the drop
 //! counters. Must not: forward a datagram of another VNI, one that is not VXLAN, one from an
 //! untrusted sender, or one speaking for an address bound to another sender; carry verdicts; or
-//! allocate per frame sent (the datagram and its targets are reused).
+//! allocate per frame sent (the datagram and its targets are reused; only the first frame after
+//! a binding moved walks the learned MACs, and may allocate for those to re-point).
 
 mod mmsg;
 
@@ -81,6 +91,8 @@ pub const MAX_TRUSTED: usize = 4096;
 #[derive(Default)]
 pub struct PeerTrust {
     state: RwLock<TrustState>,
+    /// Addresses bound to a new host (see [`PeerTrust::moves`]).
+    moves: AtomicU64,
     /// Datagrams refused because their sender was not trusted (every endpoint using the set).
     refused: AtomicU64,
     /// Frames refused because they spoke for an address bound to another sender, or to nobody.
@@ -152,8 +164,20 @@ impl PeerTrust {
         if state.bound.len() >= MAX_BOUND && !state.bound.contains_key(&addr) {
             return false;
         }
-        state.bound.insert(addr, host);
+        let before = state.bound.insert(addr, host);
+        if host.is_some() && before != Some(host) {
+            self.moves.fetch_add(1, Ordering::Release);
+        }
         true
+    }
+
+    /// How many times an address was bound to a host it was not bound to just before (a
+    /// migration's handover; also a first binding, or one after an unbind, which may follow
+    /// a host's flush): an endpoint that sees it change re-points the MACs it learned for
+    /// addresses that now live elsewhere.
+    #[inline]
+    pub fn moves(&self) -> u64 {
+        self.moves.load(Ordering::Acquire)
     }
 
     /// Releases `addr` (detached or flushed): any trusted sender may speak for it again (and the
@@ -292,7 +316,41 @@ pub struct VxlanCounters {
 struct Fdb {
     /// Peers every flood reaches (configured).
     static_peers: Vec<SocketAddr>,
-    learned: HashMap<[u8; 6], SocketAddr>,
+    learned: HashMap<[u8; 6], Learned>,
+    /// [`PeerTrust::moves`] when the learned MACs were last checked against the bindings.
+    moves_seen: u64,
+}
+
+/// Where a MAC was last seen, and which address its frame spoke for there (with a trust set).
+#[derive(Clone, Copy, Debug)]
+struct Learned {
+    peer: SocketAddr,
+    speaks_for: Option<IpAddr>,
+}
+
+impl Fdb {
+    /// Re-points every learned MAC whose address is bound to another host now (see the module
+    /// doc): at that host's port as its other MACs show it, else at `own_port`.
+    fn follow_bindings(&mut self, trust: &PeerTrust, own_port: u16) {
+        let moved: Vec<([u8; 6], IpAddr)> = self
+            .learned
+            .iter()
+            .filter_map(|(mac, l)| match trust.binding(l.speaks_for?) {
+                Some(Some(host)) if host != l.peer.ip() => Some((*mac, host)),
+                _ => None,
+            })
+            .collect();
+        for (mac, host) in moved {
+            let port = self
+                .learned
+                .values()
+                .find(|l| l.peer.ip() == host)
+                .map_or(own_port, |l| l.peer.port());
+            if let Some(l) = self.learned.get_mut(&mac) {
+                l.peer = SocketAddr::new(host, port);
+            }
+        }
+    }
 }
 
 /// One VXLAN endpoint: a bound, non-blocking UDP socket and its forwarding table.
@@ -310,6 +368,9 @@ pub struct Vxlan {
     trust: Option<Arc<PeerTrust>>,
     /// The configured peers' underlay addresses (fixed at bind).
     peer_ips: Vec<IpAddr>,
+    /// The bound local port: where a re-pointed MAC's new host is assumed to listen when none
+    /// of its frames showed its port yet.
+    own_port: u16,
     /// Moves [`BATCH`] datagrams per system call (see the module doc).
     batching: bool,
     /// Where a batch's frames go: (frame index, peer) per datagram, reused.
@@ -344,13 +405,16 @@ impl Vxlan {
             }
         }
         let peer_ips = peers.iter().map(|p| p.ip()).collect();
+        let own_port = socket.local_addr()?.port();
         Ok(Vxlan {
             socket,
             peer_ips,
+            own_port,
             vni,
             fdb: Mutex::new(Fdb {
                 static_peers: peers,
                 learned: HashMap::new(),
+                moves_seen: 0,
             }),
             counters: Default::default(),
             scratch: Mutex::new(vec![0; VXLAN_HEADER_LEN + super::virtio::net::MAX_FRAME]),
@@ -401,7 +465,7 @@ impl Vxlan {
 
     /// The peer a MAC address was last seen behind.
     pub fn peer_of(&self, mac: &[u8; 6]) -> Option<SocketAddr> {
-        self.fdb.lock().ok()?.learned.get(mac).copied()
+        Some(self.fdb.lock().ok()?.learned.get(mac)?.peer)
     }
 
     fn header(&self) -> [u8; VXLAN_HEADER_LEN] {
@@ -464,9 +528,17 @@ impl Vxlan {
         };
         let src: [u8; 6] = frame[6..12].try_into().unwrap_or([1; 6]);
         if src[0] & 1 == 0 {
+            // The address it spoke for, where bindings can move it (the edge).
+            let speaks_for = self.trust.as_ref().and_then(|_| claims(frame).0);
             if let Ok(mut fdb) = self.fdb.lock() {
                 if fdb.learned.len() < MAX_LEARNED || fdb.learned.contains_key(&src) {
-                    fdb.learned.insert(src, from);
+                    fdb.learned.insert(
+                        src,
+                        Learned {
+                            peer: from,
+                            speaks_for,
+                        },
+                    );
                 }
             }
         }
@@ -479,14 +551,21 @@ impl Vxlan {
         targets.clear();
         let dst: Option<[u8; 6]> = frame.get(..6).and_then(|d| d.try_into().ok());
         {
-            let fdb = self.fdb.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fdb = self.fdb.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(trust) = &self.trust {
+                let moves = trust.moves();
+                if moves != fdb.moves_seen {
+                    fdb.moves_seen = moves;
+                    fdb.follow_bindings(trust, self.own_port);
+                }
+            }
             match dst.and_then(|d| fdb.learned.get(&d)) {
-                Some(peer) => targets.push(*peer),
+                Some(l) => targets.push(l.peer),
                 None => {
                     targets.extend_from_slice(&fdb.static_peers);
-                    for peer in fdb.learned.values() {
-                        if !targets.contains(peer) {
-                            targets.push(*peer);
+                    for l in fdb.learned.values() {
+                        if !targets.contains(&l.peer) {
+                            targets.push(l.peer);
                         }
                     }
                 }
@@ -856,6 +935,68 @@ mod tests {
         ip.extend_from_slice(&src);
         ip.extend_from_slice(&[10, 66, 0, 1]);
         frame([0x52, 0x54, 0, 0, 0, 1], src_mac, &ip)
+    }
+
+    /// A migrated tenant whose announcement never reached the edge: the binding's move alone
+    /// re-points its MAC, at the new host's port as that host's other frames showed it, or at
+    /// the edge's own port for a host the edge has not heard from yet.
+    #[test]
+    fn a_learned_mac_follows_its_address_binding_to_the_new_host() {
+        let edge = Vxlan::bind("127.0.0.3:0".parse().unwrap(), vec![], 7).unwrap();
+        let trust = PeerTrust::new();
+        let edge = edge.with_trust(trust.clone());
+        let edge_at = edge.local_addr().unwrap();
+        let host = |ip: &str, port: u16| {
+            Vxlan::bind(SocketAddr::new(ip.parse().unwrap(), port), vec![edge_at], 7).unwrap()
+        };
+        // A and B at ports of their own; C at the edge's port, and silent until it receives.
+        let (a, b, c) = (
+            host("127.0.0.1", 0),
+            host("127.0.0.2", 0),
+            host("127.0.0.4", edge_at.port()),
+        );
+        for h in [&a, &b, &c] {
+            assert!(trust.trust(h.local_addr().unwrap().ip()));
+        }
+        let (tenant, neighbour) = (IpAddr::from([10, 0, 0, 2]), IpAddr::from([10, 0, 0, 3]));
+        let (mac, neighbour_mac) = ([0x52, 0x54, 0, 0, 0, 2], [0x52, 0x54, 0, 0, 0, 3]);
+        let a_ip = a.local_addr().unwrap().ip();
+        assert!(trust.bind(tenant, Some(a_ip)));
+        assert!(trust.bind(neighbour, Some(b.local_addr().unwrap().ip())));
+        let mut buf = vec![0u8; 2048];
+        // The tenant speaks from A, B's other tenant from B: both learned.
+        for (from, frame) in [
+            (&a, ipv4_frame(mac, [10, 0, 0, 2])),
+            (&b, ipv4_frame(neighbour_mac, [10, 0, 0, 3])),
+        ] {
+            from.send_frame(&frame).unwrap();
+            let n = wait_frame(&edge, &mut buf);
+            assert_eq!(&buf[..n], &frame[..]);
+        }
+        assert_eq!(edge.peer_of(&mac), Some(a.local_addr().unwrap()));
+        let to_tenant = frame(mac, [0x52, 0x54, 0, 0, 0, 1], b"after the move");
+        // Rebinding to the same host moves nothing.
+        let moves = trust.moves();
+        assert!(trust.bind(tenant, Some(a_ip)));
+        assert_eq!(trust.moves(), moves);
+        // The tenant moves to B: the next frame to it goes to B's port, not to A.
+        assert!(trust.bind(tenant, Some(b.local_addr().unwrap().ip())));
+        assert_eq!(trust.moves(), moves + 1);
+        edge.send_frame(&to_tenant).unwrap();
+        let n = wait_frame(&b, &mut buf);
+        assert_eq!(&buf[..n], &to_tenant[..]);
+        assert_eq!(edge.peer_of(&mac), Some(b.local_addr().unwrap()));
+        // Then to C, which the edge never heard from (its own port), through an unbind (a
+        // flush) first.
+        trust.unbind(tenant);
+        assert!(trust.bind(tenant, Some(c.local_addr().unwrap().ip())));
+        edge.send_frame(&to_tenant).unwrap();
+        let n = wait_frame(&c, &mut buf);
+        assert_eq!(&buf[..n], &to_tenant[..]);
+        assert_eq!(edge.peer_of(&mac), Some(c.local_addr().unwrap()));
+        // Nothing reached A after the move, and B's other tenant stayed where it was.
+        assert_eq!(a.counters.rx_datagrams.load(Ordering::Relaxed), 0);
+        assert_eq!(edge.peer_of(&neighbour_mac), Some(b.local_addr().unwrap()));
     }
 
     #[test]
