@@ -29,8 +29,9 @@ const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
 /// Pre-copy rounds a target takes at most (a source that never stops is cut off).
 const MAX_ROUNDS: u32 = 64;
 /// How long the announcement waits for the edge to acknowledge this host's claim of the
-/// tenant's address: the edge takes a claim once the source released the tenant (`edge::owners`, within
-/// its `CLAIM_WAIT` of 1.5 s), and until then refuses frames of the address from this host.
+/// tenant's address: the edge takes a claim once the source released the tenant
+/// (`edge::owners`, within its `CLAIM_WAIT` of 1.5 s), and until then refuses frames of the
+/// address from this host.
 const CLAIM_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
 /// When the announcement goes out, counted from the edge's confirmation: three frames, as
 /// QEMU's self-announce sends several, since one can be lost.
@@ -365,11 +366,12 @@ impl Host {
 
     /// Tells the network where a migrated (or restored) tenant is now: a frame on its behalf
     /// into its switch port, which the switch forwards and the edge's VXLAN endpoint learns the
-    /// tenant's MAC from. Only after the edge acknowledged this host's claim of the address
-    /// (it acknowledges once it judged it): before that, the edge refuses the frame (it speaks for an address bound to the source) and keeps
-    /// sending the tenant's traffic to the source, where nothing receives it, until the tenant
-    /// itself sends something. Sent [`ANNOUNCE_AT`] times, while the tenant runs on this port.
-    /// A gratuitous ARP for an IPv4 tenant, an unsolicited neighbour advertisement for IPv6.
+    /// tenant's MAC from. Only after the edge acknowledged this host's claim of the address (it
+    /// acknowledges once it judged it): before that, the edge refuses the frame (it speaks for
+    /// an address bound to the source) and keeps sending the tenant's traffic to the source,
+    /// where nothing receives it, until the tenant itself sends something. Sent
+    /// [`ANNOUNCE_AT`] times, while the tenant runs on this port. A gratuitous ARP for an IPv4
+    /// tenant, an unsolicited neighbour advertisement for IPv6.
     pub(crate) fn announce(
         &self,
         id: &str,

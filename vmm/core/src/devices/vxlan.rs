@@ -33,11 +33,12 @@
 //!
 //! Where bound addresses live: with a [`PeerTrust`], each learned MAC also remembers the address
 //! its last frame spoke for. When that address is bound to another host (a migration's handover,
-//! or a flush and a new attach: [`PeerTrust::moves`]), the MAC is re-pointed at the new host before the next frame
-//! goes out: at the port its other frames came from, else this endpoint's own port (VXLAN
-//! endpoints share one, 4789). The bindings, which follow the authenticated channel, decide;
-//! the migrated tenant's announcement, or its first frame, only confirms it. Without that, a lost
-//! announcement left the tenant's traffic going to the host it left until the tenant spoke.
+//! or a flush and a new attach: [`PeerTrust::moves`]), the MAC is re-pointed at the new host
+//! before the next frame goes out: at the port the new host's other frames came from, else this
+//! endpoint's own port (VXLAN endpoints share one, 4789). The bindings, which follow the
+//! authenticated channel, decide; the migrated tenant's announcement, or its first frame, only
+//! confirms it. Without that, a lost announcement left the tenant's traffic going to the host it
+//! left until the tenant spoke.
 //!
 //! Batches: the device's frames move [`BATCH`] datagrams per system call (`recvmmsg`,
 //! `sendmmsg`: [`mmsg`]), each frame straight into or out of its batch slot. Slots are
