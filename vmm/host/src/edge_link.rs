@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use edge::link::{
-    first_seq_from_clock, Class, EdgeOutcome, EdgeRestartHook, LinkConfig, Queued, RefusedHook,
-    VerdictLink,
+    first_seq_from_clock, Class, EdgeOutcome, EdgeRestartHook, LinkConfig, LinkError, Queued,
+    RefusedHook, VerdictLink,
 };
 use vigil_wire::auth::MAX_RECORDS;
 use vigil_wire::verdict::RECORD_LEN;
@@ -89,17 +89,27 @@ impl EdgeLink {
         records: &[[u8; RECORD_LEN]],
         limit: Duration,
     ) -> Option<EdgeOutcome> {
-        match self.link.send_waited(records, Class::Verdict) {
+        let queued = self.counted(records, self.link.send_waited(records, Class::Verdict))?;
+        if queued.certain {
+            return Some(EdgeOutcome::Applied);
+        }
+        Some(self.link.wait_outcome(&queued, limit))
+    }
+
+    /// Counts what a send of `records` did: the records queued, or the refused batch (logged).
+    fn counted(
+        &self,
+        records: &[[u8; RECORD_LEN]],
+        sent: Result<Queued, LinkError>,
+    ) -> Option<Queued> {
+        match sent {
             Ok(queued) => {
                 self.sent_records
                     .fetch_add(records.len() as u64, Ordering::Relaxed);
-                if queued.certain {
-                    return Some(EdgeOutcome::Applied);
-                }
-                Some(self.link.wait_outcome(&queued, limit))
+                Some(queued)
             }
             Err(e) => {
-                log::warn!("verdicts for the edge not queued: {e}");
+                log::warn!("records for the edge not queued: {e}");
                 self.send_errors.fetch_add(1, Ordering::Relaxed);
                 None
             }
@@ -118,43 +128,22 @@ impl EdgeLink {
     /// Queues records for the edge (sent at once, retransmitted until acknowledged). Returns
     /// whether they were queued; a refusal (window full: the edge is unreachable) is counted.
     pub(crate) fn send(&self, records: &[[u8; RECORD_LEN]], class: Class) -> bool {
-        match self.link.send(records, class) {
-            Ok(_) => {
-                self.sent_records
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
-                true
-            }
-            Err(e) => {
-                log::warn!("verdicts for the edge not queued: {e}");
-                self.send_errors.fetch_add(1, Ordering::Relaxed);
-                false
-            }
-        }
+        self.counted(records, self.link.send(records, class))
+            .is_some()
     }
 
-    /// [`EdgeLink::send`] for a caller that wants to know when the edge applied the records
+    /// [`EdgeLink::send`] for a caller that wants to know when the edge judged the records
     /// (see [`EdgeLink::wait`]). `None` (counted) when the window is full.
     pub(crate) fn send_tracked(
         &self,
         records: &[[u8; RECORD_LEN]],
         class: Class,
     ) -> Option<Queued> {
-        match self.link.send_waited(records, class) {
-            Ok(queued) => {
-                self.sent_records
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
-                Some(queued)
-            }
-            Err(e) => {
-                log::warn!("records for the edge not queued: {e}");
-                self.send_errors.fetch_add(1, Ordering::Relaxed);
-                None
-            }
-        }
+        self.counted(records, self.link.send_waited(records, class))
     }
 
-    /// Waits up to `limit` until the edge acknowledged `queued` (it acknowledges what it
-    /// applied), and says whether it refused any of it.
+    /// Waits up to `limit` until the edge acknowledged `queued` (it acknowledges once it judged
+    /// the records), and says whether it refused any of the verdicts among them.
     pub(crate) fn wait(&self, queued: &Queued, limit: Duration) -> EdgeOutcome {
         self.link.wait_outcome(queued, limit)
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edge::link::{Class, EdgeOutcome, Queued};
+use edge::link::{EdgeOutcome, Queued};
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
 
@@ -320,9 +320,7 @@ impl Host {
         // The edge keeps the tenant's verdicts and flows; this host claims its address there
         // (taken over once the source released it: see `edge::owners`), and announces the
         // tenant once the edge confirmed the claim (see `announce`).
-        let claim = self.edge.as_ref().and_then(|link| {
-            link.send_tracked(&[self.edge_attach(tenant, spec.ip)], Class::Control)
-        });
+        let claim = self.claim_at_edge(tenant, spec.ip);
         let tiers_ms = match self.reconfigure(&records, &[]) {
             Ok(ms) => ms,
             Err(e) => {

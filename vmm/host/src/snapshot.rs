@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use edge::link::Class;
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::introspect::Introspection;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
@@ -164,9 +163,7 @@ impl Host {
         // The claim of its address on its own, tracked: its first resume announces it once the
         // edge acknowledged the claim (`Host::announce`). The verdicts follow, in order; a
         // refusal of theirs goes to the host's hook, which takes them back at the switch.
-        let claim = self.edge.as_ref().and_then(|link| {
-            link.send_tracked(&[self.edge_attach(tenant, spec.ip)], Class::Control)
-        });
+        let claim = self.claim_at_edge(tenant, spec.ip);
         if let Err(e) = self.reconfigure(&switch, &adopted) {
             release();
             return Err(e);

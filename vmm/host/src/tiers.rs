@@ -196,6 +196,14 @@ impl Host {
         }
     }
 
+    /// Claims `ip` for `tenant` at the edge as a tracked datagram: the caller announces the
+    /// tenant once the edge acknowledged it (`Host::announce`). `None` without an edge, or when
+    /// the link's window is full (counted).
+    pub(crate) fn claim_at_edge(&self, tenant: u32, ip: IpAddr) -> Option<edge::link::Queued> {
+        let link = self.edge.as_ref()?;
+        link.send_tracked(&[self.edge_attach(tenant, ip)], Class::Control)
+    }
+
     pub(crate) fn flush_record(&self, tenant: u32) -> [u8; RECORD_LEN] {
         VerdictRepr::flush_tenant(tenant, self.next_control_seq()).to_bytes()
     }
