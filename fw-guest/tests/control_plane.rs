@@ -132,7 +132,7 @@ fn adopt_takes_over_mid_stream_flows_add_does_not() {
     f.apply(&VerdictRepr::adopt(T1, 1, 0, https(TENANT)), 0)
         .unwrap();
     assert_eq!(f.process(T1, EG, &tcp(a, b, 40000, 443, Seg::Ack), 0), FWD);
-    let flows: Vec<_> = f.conntrack().iter().copied().collect();
+    let flows: Vec<_> = f.conntrack().iter().collect();
     assert_eq!(flows.len(), 1);
     assert_eq!(flows[0].tcp_state(), TcpState::Established);
     assert_eq!(flows[0].origin(), EG);

@@ -943,8 +943,15 @@ fn verdict_table_full_and_many_verdicts() {
 
 #[test]
 fn flow_entry_fits_the_budget() {
-    // 52 bytes of key, verdict and state, 24 of TCP windows, 4 of scale and half-open age.
-    assert_eq!(std::mem::size_of::<FlowSlot>(), 80);
-    let bytes = slots_for(65536) * std::mem::size_of::<FlowSlot>();
-    assert!(bytes <= 6 << 20, "{bytes} bytes for 64k flows");
+    // The hash slot every flow takes: an IPv4 key, expiry, verdict, state, and the indices of
+    // what the pools hold for TCP and IPv6 flows (32 bytes each, as long as the table).
+    assert_eq!(std::mem::size_of::<FlowSlot>(), 32);
+    assert_eq!(std::mem::size_of::<TcpExt>(), 32);
+    assert_eq!(std::mem::size_of::<V6Addrs>(), 32);
+    let table = table_slots_for(65536) * std::mem::size_of::<FlowSlot>();
+    assert!(
+        table <= 5 << 19,
+        "{table} bytes of hash slots for 64k flows"
+    );
+    assert_eq!(slots_for(65536), 3 * table_slots_for(65536));
 }

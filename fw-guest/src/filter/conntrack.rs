@@ -1,15 +1,21 @@
-//! The connection-tracking table: open addressing with linear probing over a caller-supplied slice
-//! of 80-byte slots; no heap, no pointers, no per-entry overhead beyond the slot itself.
+//! The connection-tracking table: open addressing with linear probing over caller-supplied memory
+//! of 32-byte slots; no heap, no pointers, no per-entry overhead beyond the slot itself.
 //!
 //! - Lookups cost O(1) expected probes, independent of the table size: the table never fills past
 //!   its load limit ([`MAX_LOAD_NUM`]/[`MAX_LOAD_DEN`] of the slots), and a seeded hash spreads
 //!   attacker-chosen keys.
+//! - A slot holds what every flow needs: an IPv4 flow's whole key, its expiry, verdict and state.
+//!   What only some flows need lives in two pools beside the table, one entry per flow that needs
+//!   it: a TCP flow's windows ([`TcpExt`]), an IPv6 flow's addresses ([`V6Addrs`]). The pools
+//!   hand out their entries from the front and reuse freed ones first, so only as many of their
+//!   pages are ever touched as flows of that kind were live at once: 64k UDP flows over IPv4 touch
+//!   the table alone (2.3 MiB, where one 80-byte slot for every flow took 5.7).
 //! - Deletion is backward-shift (no tombstones), so probe lengths do not degrade with churn.
 //! - Time is supplied by the caller (whole seconds of a monotonic clock): expired entries are
 //!   reused in place when a probe meets them, reclaimed by an incremental [`Conntrack::sweep`], and
 //!   never count as live. An established entry is never evicted to make room: a full table
 //!   refuses new flows instead.
-//! - TCP is tracked by sequence numbers (see [`FlowSlot::track`]): per direction the highest
+//! - TCP is tracked by sequence numbers (see [`TcpExt::track`]): per direction the highest
 //!   sequence number sent, the highest edge the peer's window allows, and the largest window, in
 //!   the manner of Linux's `tcp_in_window` (after G. van Rooij, "Real stateful TCP packet
 //!   filtering in IP Filter", 2001).
@@ -26,8 +32,11 @@ use super::flow::{hash_fields, kind_parts, reduce, FlowKey};
 use super::parse::{TcpFlags, TcpSeg, MAX_WSCALE, NO_WSCALE};
 use super::verdicts::VerdictRef;
 
+mod entry;
 mod tcp;
 pub mod tenants;
+use entry::{addresses_of, packed_addrs, Pool, NO_TCP, SCALE_NONE, V6_KIND};
+pub use entry::{Flow, FlowSlot, TcpExt, V6Addrs, MAX_VERDICT_SLOTS};
 pub use tcp::{tcp_step, TcpStep, TcpWindow, Track};
 use tenants::TenantCounts;
 
@@ -36,9 +45,20 @@ use tenants::TenantCounts;
 pub const MAX_LOAD_NUM: usize = 7;
 pub const MAX_LOAD_DEN: usize = 8;
 
-/// Slots needed to hold `flows` entries under the load limit.
-pub const fn slots_for(flows: usize) -> usize {
+/// Hash slots a table of `flows` entries needs under the load limit.
+pub const fn table_slots_for(flows: usize) -> usize {
     (flows * MAX_LOAD_DEN).div_ceil(MAX_LOAD_NUM)
+}
+
+/// The memory a table is given is split in this many equal parts: its hash slots, its TCP pool
+/// and its IPv6 pool. A pool as long as the table never runs out (each entry holds at most one
+/// entry of each pool), and its entries that are never used are never touched.
+const PARTS: usize = 3;
+
+/// [`FlowSlot`]s of memory a table of `flows` entries takes ([`Conntrack::new`] splits it into
+/// its hash slots and its two pools, all 32-byte entries).
+pub const fn slots_for(flows: usize) -> usize {
+    PARTS * table_slots_for(flows)
 }
 
 /// TCP state of a tracked connection (low nibble of [`FlowSlot::state`]).
@@ -87,189 +107,6 @@ const F_REPLIED: u8 = 0x40;
 const F_FIN_ORIG: u8 = 0x20;
 /// The responder sent FIN.
 const F_FIN_REPLY: u8 = 0x10;
-
-/// One conntrack slot. `kind == 0` marks an empty slot.
-///
-/// 80 bytes: the two IPv6-capable addresses are 32 of them, the TCP windows 24; 64k flows at the
-/// 7/8 load limit take 74 899 slots × 80 B = 5.71 MiB. The verdict slot index is 16 bits (a
-/// verdict table has at most 65 535 slots, [`MAX_VERDICT_SLOTS`]), which leaves room for the SYN
-/// proxy's sequence offset in [`FlowSlot::aux`] without growing the slot.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct FlowSlot {
-    local: [u8; 16],
-    remote: [u8; 16],
-    tenant: u32,
-    local_port: u16,
-    remote_port: u16,
-    /// Whole seconds of the caller's clock; the entry is live while `now < expires`.
-    expires: u32,
-    verdict_slot: u16,
-    verdict_gen: u16,
-    /// IP version and protocol (see `flow::kind_byte`); 0 = empty slot.
-    kind: u8,
-    /// TCP state in the low 3 bits, [`F_PROXIED`], direction and FIN flags in the high nibble.
-    state: u8,
-    /// Window scale shifts: opener's in the low nibble, responder's in the high one;
-    /// [`SCALE_NONE`] until the handshake shows both sides sent the option.
-    wscale: u8,
-    _pad: u8,
-    /// TCP windows: `[opener's side, responder's side]`.
-    win: [TcpWindow; 2],
-    /// While half-open: the age stamp (low 16 bits of the table's half-open insertion counter;
-    /// the oldest half-open entry is the one evicted first). Once a proxied flow is established:
-    /// the responder's sequence offset (its ISN minus the cookie the opener was given).
-    aux: u32,
-}
-
-/// Most verdict slots a flow can point at (the slot index is 16 bits in a [`FlowSlot`]).
-pub const MAX_VERDICT_SLOTS: usize = u16::MAX as usize;
-
-/// A side's scale nibble before the SYN-ACK settles it (the side sent no option, or not yet).
-const SCALE_NONE: u8 = 0xf;
-
-const _: () = assert!(core::mem::size_of::<FlowSlot>() == 80);
-
-impl FlowSlot {
-    pub const EMPTY: FlowSlot = FlowSlot {
-        local: [0; 16],
-        remote: [0; 16],
-        tenant: 0,
-        local_port: 0,
-        remote_port: 0,
-        expires: 0,
-        verdict_slot: 0,
-        verdict_gen: 0,
-        kind: 0,
-        state: 0,
-        win: [TcpWindow {
-            end: 0,
-            maxend: 0,
-            maxwin: 0,
-        }; 2],
-        wscale: 0,
-        _pad: 0,
-        aux: 0,
-    };
-
-    #[inline]
-    pub fn is_empty(&self) -> bool {
-        self.kind == 0
-    }
-
-    #[inline]
-    fn is_live(&self, now_s: u32) -> bool {
-        now_s < self.expires
-    }
-
-    #[inline]
-    fn matches(&self, key: &FlowKey, kind: u8) -> bool {
-        self.tenant == key.tenant
-            && self.local_port == key.local_port
-            && self.remote_port == key.remote_port
-            && self.kind == kind
-            && self.remote == key.remote
-            && self.local == key.local
-    }
-
-    /// The key this slot holds (`None` for an empty slot).
-    pub fn key(&self) -> Option<FlowKey> {
-        let (ip_version, protocol) = kind_parts(self.kind)?;
-        Some(FlowKey {
-            tenant: self.tenant,
-            ip_version,
-            protocol,
-            local: self.local,
-            remote: self.remote,
-            local_port: self.local_port,
-            remote_port: self.remote_port,
-        })
-    }
-
-    fn hash(&self, seed: u64) -> u32 {
-        hash_fields(
-            seed,
-            self.tenant,
-            self.kind,
-            &self.local,
-            &self.remote,
-            self.local_port,
-            self.remote_port,
-            0,
-        )
-    }
-
-    pub fn origin(&self) -> Direction {
-        if self.state & F_ORIGIN_INGRESS != 0 {
-            Direction::Ingress
-        } else {
-            Direction::Egress
-        }
-    }
-
-    pub fn tcp_state(&self) -> TcpState {
-        TcpState::from_bits(self.state)
-    }
-
-    /// The raw state byte (TCP state and direction/FIN flags) for [`tcp_step`].
-    #[inline]
-    pub fn state_byte(&self) -> u8 {
-        self.state
-    }
-
-    pub fn replied(&self) -> bool {
-        self.state & F_REPLIED != 0
-    }
-
-    pub fn expires(&self) -> u32 {
-        self.expires
-    }
-
-    pub fn tenant(&self) -> u32 {
-        self.tenant
-    }
-
-    pub fn verdict(&self) -> VerdictRef {
-        VerdictRef {
-            slot: u32::from(self.verdict_slot),
-            gen: self.verdict_gen,
-        }
-    }
-
-    /// Whether the edge's SYN proxy completed this flow's handshake (its responder's sequence
-    /// numbers are translated).
-    #[inline]
-    pub fn is_proxied(&self) -> bool {
-        self.state & F_PROXIED != 0
-    }
-
-    /// The proxied flow's sequence offset: the responder's ISN minus the cookie ISN the opener
-    /// saw (0 until the responder's SYN-ACK, and for flows that are not proxied).
-    #[inline]
-    /// The window-scale nibbles (the opener's in the low one; 0xf: not offered).
-    pub fn wscale_nibbles(&self) -> u8 {
-        self.wscale
-    }
-
-    pub fn seq_offset(&self) -> u32 {
-        if self.is_proxied() && !self.is_half_open() {
-            self.aux
-        } else {
-            0
-        }
-    }
-
-    /// The tenant-side address and port (the destination of a proxied SYN).
-    pub fn local(&self) -> (&[u8; 16], u16) {
-        (&self.local, self.local_port)
-    }
-
-    /// Whether this is a half-open TCP entry (SYN seen, handshake not complete).
-    #[inline]
-    pub fn is_half_open(&self) -> bool {
-        half_open(self.kind, self.state)
-    }
-}
 
 fn origin_bit_of(origin: Direction) -> u8 {
     match origin {
@@ -400,9 +237,13 @@ impl HalfOpenLimits {
 /// Candidates a half-open eviction compares (sampled LRU: the oldest of the first few found).
 const EVICT_SAMPLE: usize = 8;
 
-/// The table over caller-supplied slots.
+/// The table over caller-supplied memory.
 pub struct Conntrack<'a> {
     slots: &'a mut [FlowSlot],
+    /// TCP flows' windows.
+    tcp: Pool<'a, TcpExt>,
+    /// IPv6 flows' addresses.
+    v6: Pool<'a, V6Addrs>,
     /// Occupied slots (live or expired-not-yet-reclaimed).
     used: usize,
     max: usize,
@@ -421,24 +262,41 @@ pub struct Conntrack<'a> {
 }
 
 impl<'a> Conntrack<'a> {
-    /// Wrap (and clear) `slots`. Holds up to 7/8 of `slots.len()` flows; `None` if there are fewer
-    /// than 2 slots.
-    pub fn new(slots: &'a mut [FlowSlot], seed: u64) -> Option<Conntrack<'a>> {
-        slots.fill(FlowSlot::EMPTY);
-        Conntrack::new_empty(slots, seed)
+    /// Wrap (and clear) `memory`: a third of it becomes the hash slots, the rest the two pools
+    /// ([`slots_for`] says how much `flows` entries need). Holds up to 7/8 of the hash slots'
+    /// number of flows; `None` if that leaves fewer than 2 slots.
+    pub fn new(memory: &'a mut [FlowSlot], seed: u64) -> Option<Conntrack<'a>> {
+        memory.fill(FlowSlot::EMPTY);
+        Conntrack::new_empty(memory, seed)
     }
 
-    /// [`new`](Self::new) over slots the caller vouches are all [`FlowSlot::EMPTY`] already
-    /// (zeroed memory): nothing is written, so no page of the table is touched until flows
-    /// arrive. Slots that are not empty would read as entries (wrong answers, never unsafety:
-    /// a slot is plain integers), so only a zeroing VMM's word is taken for it.
-    pub fn new_empty(slots: &'a mut [FlowSlot], seed: u64) -> Option<Conntrack<'a>> {
-        if slots.len() < 2 || slots.len() > u32::MAX as usize {
+    /// [`new`](Self::new) over memory the caller vouches is all [`FlowSlot::EMPTY`] already
+    /// (zeroed): nothing is written, so no page of the table is touched until flows arrive, and
+    /// a pool's pages only as its entries are first used. Slots that are not empty would read
+    /// as entries (wrong answers, never unsafety: a slot is plain integers), so only a zeroing
+    /// VMM's word is taken for it. The pools' contents are never read before they are written.
+    pub fn new_empty(memory: &'a mut [FlowSlot], seed: u64) -> Option<Conntrack<'a>> {
+        let n = memory.len() / PARTS;
+        if n < 2 || n > u32::MAX as usize / 2 {
             return None;
         }
-        let max = (slots.len() * MAX_LOAD_NUM / MAX_LOAD_DEN).clamp(1, slots.len() - 1);
+        let (slots, rest) = memory.split_at_mut(n);
+        let (tcp, v6) = rest.split_at_mut(n);
+        // SAFETY: TcpExt and V6Addrs are repr(C) structs of integers and integer arrays, as long
+        // as a FlowSlot and no more aligned (asserted above), so every bit pattern is a valid
+        // value and `n` of them fit, aligned, in `n` FlowSlots; the halves are disjoint and
+        // borrowed for 'a, as the new slices are.
+        let (tcp, v6) = unsafe {
+            (
+                core::slice::from_raw_parts_mut(tcp.as_mut_ptr().cast::<TcpExt>(), n),
+                core::slice::from_raw_parts_mut(v6.as_mut_ptr().cast::<V6Addrs>(), n),
+            )
+        };
+        let max = (n * MAX_LOAD_NUM / MAX_LOAD_DEN).clamp(1, n - 1);
         Some(Conntrack {
             slots,
+            tcp: Pool::new(tcp),
+            v6: Pool::new(v6),
             used: 0,
             max,
             seed,
@@ -518,15 +376,102 @@ impl<'a> Conntrack<'a> {
         }
     }
 
-    /// Feed a TCP segment to the entry at `i` (see [`FlowSlot::track`]).
+    /// Feed a TCP segment to the entry at `i` (see [`TcpExt::track`]). An entry without TCP
+    /// state (never a TCP one) has no window a segment could be in.
     #[inline(always)]
     pub fn track(&mut self, i: usize, orig: bool, f: TcpFlags, seg: &TcpSeg) -> Track {
-        self.slots[i].track(orig, f, seg)
+        let state = self.slots[i].state;
+        match self.tcp_mut(i) {
+            Some(t) => t.track(state, orig, f, seg),
+            None => Track::OutOfWindow,
+        }
     }
 
-    /// Forget the windows of the entry at `i` (see [`FlowSlot::adopt_windows`]).
+    /// Forget the windows of the entry at `i` (see [`TcpExt::adopt_windows`]).
     pub fn adopt_windows(&mut self, i: usize) {
-        self.slots[i].adopt_windows();
+        if let Some(t) = self.tcp_mut(i) {
+            t.adopt_windows();
+        }
+    }
+
+    /// The TCP state of the entry at `i`, if it has any.
+    #[inline(always)]
+    fn tcp_mut(&mut self, i: usize) -> Option<&mut TcpExt> {
+        match self.slots[i].tcp {
+            0 => None,
+            t => self.tcp.get_mut(t as usize - 1),
+        }
+    }
+
+    /// What the pools hold for `s`: its TCP state ([`NO_TCP`] if none) and IPv6 addresses.
+    #[inline(always)]
+    fn pooled(&self, s: &FlowSlot) -> (&TcpExt, Option<&V6Addrs>) {
+        let tcp = match s.tcp {
+            0 => &NO_TCP,
+            t => self.tcp.get(t as usize - 1).unwrap_or(&NO_TCP),
+        };
+        let v6 = if s.is_v6() {
+            self.v6.get(s.v6_index())
+        } else {
+            None
+        };
+        (tcp, v6)
+    }
+
+    /// The addresses of the entry in `s` (IPv4 in the first 4 bytes, rest zero).
+    fn addresses(&self, s: &FlowSlot) -> ([u8; 16], [u8; 16]) {
+        addresses_of(s, self.pooled(s).1)
+    }
+
+    /// Whether the entry in `s` holds `key` (`kind` and `packed` are the key's, computed once
+    /// per probe).
+    #[inline(always)]
+    fn matches(&self, s: &FlowSlot, key: &FlowKey, kind: u8, packed: &[u8; 8]) -> bool {
+        if s.tenant != key.tenant
+            || s.local_port != key.local_port
+            || s.remote_port != key.remote_port
+            || s.kind != kind
+        {
+            return false;
+        }
+        if kind & V6_KIND == 0 {
+            s.addrs == *packed
+        } else {
+            s.addrs[4..] == packed[4..] && self.v6_matches(s, key)
+        }
+    }
+
+    /// Whether an IPv6 entry's pooled addresses are `key`'s (out of line: see `v6_fold`).
+    #[inline(never)]
+    fn v6_matches(&self, s: &FlowSlot, key: &FlowKey) -> bool {
+        self.v6
+            .get(s.v6_index())
+            .is_some_and(|p| p.local == key.local && p.remote == key.remote)
+    }
+
+    /// The flow hash of the entry in `s` (its home slot), as [`Conntrack::hash`] of its key.
+    fn slot_hash(&self, s: &FlowSlot) -> u32 {
+        let (local, remote) = self.addresses(s);
+        hash_fields(
+            self.seed,
+            s.tenant,
+            s.kind,
+            &local,
+            &remote,
+            s.local_port,
+            s.remote_port,
+            0,
+        )
+    }
+
+    /// Give back what the pools hold for a slot that left the table.
+    fn release_pooled(&mut self, s: &FlowSlot) {
+        if s.tcp != 0 {
+            self.tcp.release(s.tcp as usize - 1);
+        }
+        if s.is_v6() {
+            self.v6.release(s.v6_index());
+        }
     }
 
     /// Make room for one half-open entry of `tenant` by removing one entry, examining at most
@@ -561,7 +506,8 @@ impl<'a> Conntrack<'a> {
                     let eligible = s.tenant == tenant
                         || (!own_full && self.tenants.half_open(s.tenant) > own_count);
                     if eligible {
-                        let age = self.half_open_clock.wrapping_sub(s.aux as u16);
+                        let stamp = self.pooled(s).0.aux as u16;
+                        let age = self.half_open_clock.wrapping_sub(stamp);
                         if best.is_none_or(|(_, a)| age > a) {
                             best = Some((i, age));
                         }
@@ -628,7 +574,7 @@ impl<'a> Conntrack<'a> {
             // SAFETY: prefetch is a hint; it never faults, and `p` points into the table.
             unsafe {
                 core::arch::x86_64::_mm_prefetch(p, core::arch::x86_64::_MM_HINT_T0);
-                // An 80-byte slot spans two cache lines.
+                // A 32-byte slot spans two cache lines when the table is not 32-byte aligned.
                 core::arch::x86_64::_mm_prefetch(
                     p.wrapping_add(core::mem::size_of::<FlowSlot>() - 1),
                     core::arch::x86_64::_MM_HINT_T0,
@@ -640,9 +586,10 @@ impl<'a> Conntrack<'a> {
     }
 
     /// Find `key` (hash from [`Conntrack::hash`]).
-    #[inline]
+    #[inline(always)]
     pub fn lookup(&self, key: &FlowKey, hash: u32, now_s: u32) -> Probe {
         let kind = key.kind();
+        let packed = packed_addrs(key, kind);
         let mut i = reduce(hash, self.slots.len());
         let mut reuse = None;
         // The load limit guarantees an empty slot; the bound only makes termination obvious.
@@ -652,7 +599,7 @@ impl<'a> Conntrack<'a> {
                 return Probe::Vacant(reuse.unwrap_or(i));
             }
             let live = s.is_live(now_s);
-            if s.matches(key, kind) {
+            if self.matches(s, key, kind, &packed) {
                 // Keys are unique in the table, so an expired twin is the place to reopen.
                 return if live {
                     Probe::Found(i)
@@ -668,8 +615,16 @@ impl<'a> Conntrack<'a> {
         Probe::Vacant(reuse.unwrap_or(i))
     }
 
-    pub fn slot(&self, i: usize) -> &FlowSlot {
-        &self.slots[i]
+    /// The entry at `i`.
+    #[inline(always)]
+    pub fn slot(&self, i: usize) -> Flow<'_> {
+        self.view(&self.slots[i])
+    }
+
+    #[inline(always)]
+    fn view<'t>(&'t self, slot: &'t FlowSlot) -> Flow<'t> {
+        let (tcp, v6) = self.pooled(slot);
+        Flow { slot, tcp, v6 }
     }
 
     /// Whether `insert` at a [`Probe::Vacant`] index needs a free slot (it does unless it
@@ -696,6 +651,7 @@ impl<'a> Conntrack<'a> {
             None
         } else {
             self.forget(&old);
+            self.release_pooled(&old);
             Some(old)
         };
         let kind = key.kind();
@@ -709,29 +665,50 @@ impl<'a> Conntrack<'a> {
         } else {
             0
         };
+        // The pools are as long as the table, so they cannot run dry (see `PARTS`); if they
+        // did, the flow would keep no TCP state (no segment passes: fail closed) or an IPv6
+        // address entry no key matches (the flow is never found and expires).
+        let tcp = if key.protocol == vigil_wire::verdict::Protocol::Tcp {
+            let ext = TcpExt {
+                aux: u32::from(stamp),
+                ..TcpExt::EMPTY
+            };
+            self.tcp.alloc(ext).map_or(0, |t| t + 1)
+        } else {
+            0
+        };
+        let mut addrs = packed_addrs(key, kind);
+        if kind & V6_KIND != 0 {
+            let pair = V6Addrs {
+                local: key.local,
+                remote: key.remote,
+            };
+            let at = self.v6.alloc(pair).unwrap_or(u32::MAX);
+            addrs[..4].copy_from_slice(&at.to_le_bytes());
+        }
         self.slots[i] = FlowSlot {
-            local: key.local,
-            remote: key.remote,
             tenant: key.tenant,
             local_port: key.local_port,
             remote_port: key.remote_port,
             expires,
             verdict_slot: verdict.slot as u16,
             verdict_gen: verdict.gen,
+            addrs,
+            tcp,
             kind,
             state,
-            aux: u32::from(stamp),
-            ..FlowSlot::EMPTY
+            _pad: [0; 2],
         };
         old
     }
 
-    /// The counts of an entry that leaves the table.
+    /// The counts of an entry that leaves the table (before its pooled state is given back).
     fn forget(&mut self, old: &FlowSlot) {
         let ho = old.is_half_open();
         self.tenants.remove(old.tenant, ho);
         if ho {
-            self.count_half_open(old.tenant, &old.local, old.local_port, false);
+            let local = self.addresses(old).0;
+            self.count_half_open(old.tenant, &local, old.local_port, false);
         }
     }
 
@@ -739,15 +716,18 @@ impl<'a> Conntrack<'a> {
     /// was given: it stands as the responder's end until the responder's SYN-ACK (see
     /// `filter::synproxy`).
     pub fn set_proxied(&mut self, i: usize, cookie: u32) {
-        let s = &mut self.slots[i];
-        s.state |= F_PROXIED;
-        s.win[1].end = cookie.wrapping_add(1);
-        s.win[1].maxend = cookie.wrapping_add(1);
+        self.slots[i].state |= F_PROXIED;
+        if let Some(t) = self.tcp_mut(i) {
+            t.win[1].end = cookie.wrapping_add(1);
+            t.win[1].maxend = cookie.wrapping_add(1);
+        }
     }
 
     /// A proxied entry's sequence offset, once its responder's SYN-ACK has passed.
     pub fn set_seq_offset(&mut self, i: usize, offset: u32) {
-        self.slots[i].aux = offset;
+        if let Some(t) = self.tcp_mut(i) {
+            t.aux = offset;
+        }
     }
 
     /// Update a found entry's state byte and expiry.
@@ -768,11 +748,14 @@ impl<'a> Conntrack<'a> {
         let s = self.slots[i];
         let (before, now) = (half_open(s.kind, was), half_open(s.kind, s.state));
         if before != now {
-            self.count_half_open(s.tenant, &s.local, s.local_port, now);
+            let local = self.addresses(&s).0;
+            self.count_half_open(s.tenant, &local, s.local_port, now);
             self.tenants.set_half_open(s.tenant, now);
             if !now && s.state & F_PROXIED != 0 {
                 // The stamp is no longer needed; the offset is written after the SYN-ACK.
-                self.slots[i].aux = 0;
+                if let Some(t) = self.tcp_mut(i) {
+                    t.aux = 0;
+                }
             }
         }
     }
@@ -785,7 +768,8 @@ impl<'a> Conntrack<'a> {
         s.expires = expires;
     }
 
-    /// Remove the entry at `i` (backward-shift deletion) and return it.
+    /// Remove the entry at `i` (backward-shift deletion) and return its slot: its own fields
+    /// (tenant, verdict, state) are as they were; what the pools held for it is given back.
     pub fn remove(&mut self, mut i: usize) -> FlowSlot {
         let removed = self.slots[i];
         if removed.is_empty() {
@@ -799,7 +783,7 @@ impl<'a> Conntrack<'a> {
             if e.is_empty() {
                 break;
             }
-            let home = reduce(e.hash(self.seed), n);
+            let home = reduce(self.slot_hash(&e), n);
             // Entry j stays unless moving it back to i keeps it on its probe path, i.e. unless its
             // home lies cyclically in (i, j].
             let stays = if i <= j {
@@ -815,6 +799,7 @@ impl<'a> Conntrack<'a> {
         self.slots[i] = FlowSlot::EMPTY;
         self.used -= 1;
         self.forget(&removed);
+        self.release_pooled(&removed);
         removed
     }
 
@@ -847,9 +832,12 @@ impl<'a> Conntrack<'a> {
         removed
     }
 
-    /// Iterate over occupied slots (diagnostics, tests).
-    pub fn iter(&self) -> impl Iterator<Item = &FlowSlot> {
-        self.slots.iter().filter(|s| !s.is_empty())
+    /// Iterate over the entries (diagnostics, tests).
+    pub fn iter(&self) -> impl Iterator<Item = Flow<'_>> {
+        self.slots
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|s| self.view(s))
     }
 }
 

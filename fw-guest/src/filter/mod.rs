@@ -53,8 +53,8 @@ pub mod verdicts;
 mod window_sample;
 
 pub use conntrack::{
-    default_flow_quota, slots_for, Conntrack, FlowSlot, HalfOpenLimits, Probe, TcpState, TcpWindow,
-    Timeouts, Track, MAX_VERDICT_SLOTS,
+    default_flow_quota, slots_for, table_slots_for, Conntrack, Flow, FlowSlot, HalfOpenLimits,
+    Probe, TcpExt, TcpState, TcpWindow, Timeouts, Track, V6Addrs, MAX_VERDICT_SLOTS,
 };
 pub use flow::FlowKey;
 pub use hygiene::{Admit, Neighbors};

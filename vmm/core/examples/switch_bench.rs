@@ -515,6 +515,16 @@ fn main() {
         }
         return;
     }
+    if std::env::var_os("SWITCH_BENCH_RAM_ONLY").is_some() {
+        // Quick look at the 64k-flow memory figure alone (VIGIL_RAM_MAP=1 maps it).
+        match run_ram(elf) {
+            Ok((guest_kib, rss, flows)) => {
+                println!("guest_resident_kib {guest_kib} vmm_rss_kib {rss} flows_active {flows}")
+            }
+            Err(e) => eprintln!("switch_bench: ram: {e}"),
+        }
+        return;
+    }
     if std::env::var_os("SWITCH_BENCH_BOOTS_ONLY").is_some() {
         // Quick look at the boot alone (no throughput, no RAM run).
         match boot_to_forward_ms(elf, BOOTS) {

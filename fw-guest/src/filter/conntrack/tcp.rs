@@ -3,7 +3,7 @@
 //! highest sequence number sent, the highest edge the peer's window allows and the largest window;
 //! and the TCP state machine a flag combination moves an entry through.
 //!
-//! Owns: the windows of a [`FlowSlot`], the in-window test, RST acceptance, the state steps.
+//! Owns: the windows of a TCP flow ([`TcpExt`]), the in-window test, RST acceptance, the state steps.
 //! Must not: allocate, or let a segment outside the window change any state.
 
 use super::*;
@@ -25,7 +25,7 @@ pub struct TcpWindow {
 /// `MAXACKWINDOW`: a window's worth of ACKs may be reordered behind newer ones).
 const MIN_ACK_WINDOW: u32 = 66_000;
 
-/// What [`FlowSlot::track`] made of a segment.
+/// What [`TcpExt::track`] made of a segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Track {
     /// In window; the windows were updated.
@@ -50,7 +50,7 @@ fn before(a: u32, b: u32) -> bool {
     after(b, a)
 }
 
-impl FlowSlot {
+impl TcpExt {
     /// The TCP window of the opener's (`orig`) or the responder's side.
     pub fn window(&self, orig: bool) -> TcpWindow {
         self.win[usize::from(!orig)]
@@ -95,20 +95,21 @@ impl FlowSlot {
     ///   sent) and `ack >= R.end - max(S.maxwin, 66000)` (not older than a window of ACKs);
     /// - a side's first SYN (or SYN-ACK) initialises its window (a retransmitted SYN with a new
     ///   ISN re-initialises it); scaling holds only when both SYNs carried the option;
-    /// - a side never seen (an adopted flow, [`FlowSlot::adopt_windows`]) is picked up loosely
+    /// - a side never seen (an adopted flow, [`TcpExt::adopt_windows`]) is picked up loosely
     ///   from its first segment, and the other side's end from that segment's ACK;
     /// - a RST passes only inside the window: an exact one (`seq == S.end`, what R expects next)
     ///   closes, an inexact one passes without closing (see [`Track`]). Before the handshake
     ///   there is no window: the opener's RST must be exact, the responder's RST to a SYN must
     ///   acknowledge the SYN exactly (RFC 9293 §3.10.7.3).
     ///
-    /// Nothing is updated for a segment that does not pass, nor for a RST.
+    /// `state` is the entry's state byte before the segment. Nothing is updated for a segment
+    /// that does not pass, nor for a RST.
     #[inline(always)]
-    pub fn track(&mut self, orig: bool, f: TcpFlags, g: &TcpSeg) -> Track {
+    pub fn track(&mut self, state: u8, orig: bool, f: TcpFlags, g: &TcpSeg) -> Track {
         let (s, r) = if orig { (0, 1) } else { (1, 0) };
         let (sw, rw) = (self.win[s], self.win[r]);
         if f.syn || f.rst || sw.maxwin == 0 || rw.maxwin == 0 {
-            return self.track_slow(orig, f, g);
+            return self.track_slow(state, orig, f, g);
         }
         // The common case: a plain segment between two known sides.
         let end = g.seq.wrapping_add(g.len);
@@ -122,11 +123,11 @@ impl FlowSlot {
 
     /// Everything but a plain segment between two known sides: SYNs, RSTs, pick-ups.
     #[inline(never)]
-    fn track_slow(&mut self, orig: bool, f: TcpFlags, g: &TcpSeg) -> Track {
+    fn track_slow(&mut self, state: u8, orig: bool, f: TcpFlags, g: &TcpSeg) -> Track {
         let (s, r) = if orig { (0, 1) } else { (1, 0) };
         let seq = g.seq;
         let end = seq.wrapping_add(g.len);
-        let state = TcpState::from_bits(self.state);
+        let state = TcpState::from_bits(state);
         if f.rst && self.win[s].maxwin == 0 {
             // A RST from a side never seen: only the responder's refusal of the SYN, which must
             // acknowledge it exactly. (An adopted flow's first segment is never a RST.)
@@ -248,7 +249,7 @@ impl FlowSlot {
 }
 
 /// Rooij's four conditions for a segment `[seq, end)` acknowledging `ack`, sent by side `sw` to
-/// side `rw` (see [`FlowSlot::track`]).
+/// side `rw` (see [`TcpExt::track`]).
 #[inline(always)]
 fn in_window(sw: &TcpWindow, rw: &TcpWindow, seq: u32, end: u32, ack: u32) -> bool {
     let in_recv_win =

@@ -19,7 +19,7 @@ const V: VerdictRef = VerdictRef { slot: 0, gen: 0 };
 
 #[test]
 fn insert_find_remove_many() {
-    let mut store = [FlowSlot::EMPTY; 64];
+    let mut store = [FlowSlot::EMPTY; slots_for(56)];
     let mut ct = Conntrack::new(&mut store, 99).unwrap();
     assert_eq!(ct.capacity(), 56);
     for n in 0..56 {
@@ -38,7 +38,8 @@ fn insert_find_remove_many() {
         let Probe::Found(i) = ct.lookup(&k, ct.hash(&k), 0) else {
             panic!("lost {n}")
         };
-        assert_eq!(ct.remove(i).key(), Some(k));
+        assert_eq!(ct.slot(i).key(), Some(k));
+        assert_eq!(ct.remove(i).tenant(), k.tenant);
     }
     for n in 0..56 {
         let k = key(n);
@@ -50,7 +51,7 @@ fn insert_find_remove_many() {
 
 #[test]
 fn sweep_reclaims_expired_only() {
-    let mut store = [FlowSlot::EMPTY; 32];
+    let mut store = [FlowSlot::EMPTY; slots_for(28)];
     let mut ct = Conntrack::new(&mut store, 5).unwrap();
     for n in 0..20 {
         let k = key(n);
@@ -83,11 +84,11 @@ fn sweep_reclaims_expired_only() {
 /// that is sound only while an empty slot is all zero bytes.
 #[test]
 fn an_empty_slot_is_all_zero_bytes_so_zeroed_ram_is_an_empty_table() {
-    // SAFETY: FlowSlot is repr(C), 80 bytes of integers and arrays with no padding (its size
+    // SAFETY: FlowSlot is repr(C), 32 bytes of integers and arrays with no padding (its size
     // is asserted), so every byte is initialised.
-    let bytes: [u8; 80] = unsafe { core::mem::transmute(FlowSlot::EMPTY) };
+    let bytes: [u8; 32] = unsafe { core::mem::transmute(FlowSlot::EMPTY) };
     assert!(bytes.iter().all(|b| *b == 0));
-    let mut store = [FlowSlot::EMPTY; 32];
+    let mut store = [FlowSlot::EMPTY; slots_for(28)];
     let mut ct = Conntrack::new_empty(&mut store, 3).unwrap();
     assert_eq!(ct.used(), 0);
     let k = key(1);
@@ -96,4 +97,123 @@ fn an_empty_slot_is_all_zero_bytes_so_zeroed_ram_is_an_empty_table() {
     };
     ct.insert(i, &k, Direction::Egress, TcpState::None, V, 100);
     assert!(matches!(ct.lookup(&k, ct.hash(&k), 0), Probe::Found(_)));
+}
+
+fn v6_tcp_key(n: u32) -> FlowKey {
+    let mut local = [0u8; 16];
+    local[..2].copy_from_slice(&[0xfd, 0x00]);
+    local[15] = 2;
+    let mut remote = [0u8; 16];
+    remote[..2].copy_from_slice(&[0x20, 0x01]);
+    remote[12..].copy_from_slice(&n.to_be_bytes());
+    FlowKey {
+        tenant: 3,
+        ip_version: IpVersion::V6,
+        protocol: Protocol::Tcp,
+        local,
+        remote,
+        local_port: 40000,
+        remote_port: 443,
+    }
+}
+
+fn insert_key(ct: &mut Conntrack<'_>, k: &FlowKey, tcp: TcpState) -> usize {
+    let Probe::Vacant(i) = ct.lookup(k, ct.hash(k), 0) else {
+        panic!("{k:?} already in the table")
+    };
+    assert!(!ct.is_full());
+    ct.insert(i, k, Direction::Egress, tcp, V, 100);
+    i
+}
+
+/// IPv6 addresses and TCP windows live in the pools: every key comes back whole, removal moves
+/// entries without losing what the pools hold for them, and freed pool entries are reused.
+#[test]
+fn pooled_addresses_and_windows_follow_their_entries() {
+    let mut store = [FlowSlot::EMPTY; slots_for(56)];
+    let mut ct = Conntrack::new(&mut store, 17).unwrap();
+    for n in 0..56 {
+        let i = insert_key(&mut ct, &v6_tcp_key(n), TcpState::SynSent);
+        // Each flow's window is its own: the opener's end is its number.
+        let syn = TcpSeg {
+            seq: n * 1000,
+            ack: 0,
+            win: 100,
+            wscale: NO_WSCALE,
+            mss: 0,
+            len: 0,
+        };
+        let flags = TcpFlags {
+            syn: true,
+            ..TcpFlags::default()
+        };
+        assert_eq!(ct.track(i, true, flags, &syn), Track::InWindow);
+    }
+    assert_eq!((ct.v6.fresh, ct.tcp.fresh), (56, 56));
+    for n in (0..56).step_by(2) {
+        let k = v6_tcp_key(n);
+        let Probe::Found(i) = ct.lookup(&k, ct.hash(&k), 0) else {
+            panic!("lost {n}")
+        };
+        ct.remove(i);
+    }
+    for n in 0..56 {
+        let k = v6_tcp_key(n);
+        match ct.lookup(&k, ct.hash(&k), 0) {
+            Probe::Found(i) => {
+                assert_eq!(n % 2, 1, "removed key {n} still found");
+                let flow = ct.slot(i);
+                assert_eq!(flow.key(), Some(k));
+                assert_eq!(flow.window(true).end, n * 1000, "key {n}'s window");
+            }
+            Probe::Vacant(_) => assert_eq!(n % 2, 0, "lost key {n}"),
+        }
+    }
+    // A key that differs only in its address misses (the fold and the pool both compare).
+    let mut other = v6_tcp_key(1);
+    other.remote[0] ^= 1;
+    assert!(matches!(
+        ct.lookup(&other, ct.hash(&other), 0),
+        Probe::Vacant(_)
+    ));
+    // New flows take the freed entries: neither pool reaches further into its memory.
+    for n in 100..128 {
+        insert_key(&mut ct, &v6_tcp_key(n), TcpState::SynSent);
+    }
+    assert_eq!((ct.v6.fresh, ct.tcp.fresh), (56, 56));
+    assert_eq!(ct.iter().count(), 56);
+    for flow in ct.iter() {
+        let k = flow.key().unwrap();
+        assert!(matches!(ct.lookup(&k, ct.hash(&k), 0), Probe::Found(_)));
+    }
+}
+
+/// IPv4 flows that are not TCP use the hash slots alone: their pools are never touched, so a
+/// zeroed table's pool pages stay untouched.
+#[test]
+fn ipv4_udp_flows_touch_no_pool() {
+    let mut store = [FlowSlot::EMPTY; slots_for(56)];
+    let mut ct = Conntrack::new_empty(&mut store, 23).unwrap();
+    for n in 0..56 {
+        insert_key(&mut ct, &key(n), TcpState::None);
+    }
+    assert_eq!((ct.v6.fresh, ct.tcp.fresh), (0, 0));
+    assert_eq!(ct.slot(0).window(true), TcpWindow::default());
+    // An entry without TCP state has no window for a segment to be in.
+    let k = key(3);
+    let Probe::Found(i) = ct.lookup(&k, ct.hash(&k), 0) else {
+        panic!("lost key 3")
+    };
+    let seg = TcpSeg {
+        seq: 1,
+        ack: 1,
+        win: 1,
+        wscale: NO_WSCALE,
+        mss: 0,
+        len: 0,
+    };
+    assert_eq!(
+        ct.track(i, true, TcpFlags::default(), &seg),
+        Track::OutOfWindow
+    );
 }
