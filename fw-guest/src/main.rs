@@ -428,9 +428,9 @@ mod guest {
         (u128::from(tsc) * 1_000_000 / u128::from(tsc_khz)) as u64
     }
 
-    /// Carves `count` virtqueues (with their buffers, ~530 KiB each) out of free RAM at
+    /// Carves `count` virtqueues (with their buffers, ~400 KiB each) out of free RAM at
     /// `*cursor`, all zero (a valid initial queue), page aligned. Only the ports present cost
-    /// RAM, where statics for `MAX_PORTS` ports would put 8 MiB in every image. RAM the VMM
+    /// RAM, where statics for `MAX_PORTS` ports would put 6 MiB in every image. RAM the VMM
     /// zeroed (`zeroed`) is not written: a queue's pages are touched as its rings and buffers
     /// are used (boot to first forward was 9 ms longer, faulting in 2 MiB of zeros).
     ///

@@ -330,7 +330,14 @@ fn sixty_four_k_flows(
     }
     let flows = region.counters().map_or(0, |c| c.flows_active);
     if std::env::var_os("VIGIL_RAM_MAP").is_some() {
-        for (gpa, kib) in vmm_core::guest_ram::resident_map_kib(memory, 256 << 10) {
+        for (gpa, kib) in vmm_core::guest_ram::resident_map_kib(
+            memory,
+            std::env::var("VIGIL_RAM_MAP_KIB")
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+                .unwrap_or(256)
+                << 10,
+        ) {
             eprintln!("resident {gpa:#010x}: {kib:4} KiB");
         }
     }
