@@ -259,10 +259,12 @@ mod guest {
         start as *mut T
     }
 
-    /// [`carve`] of RAM the VMM zeroed ([`BootSummary::ram_zeroed`]), left untouched.
+    /// [`carve`] of RAM left untouched: RAM the VMM zeroed ([`BootSummary::ram_zeroed`]) for a
+    /// `T` that all zero bytes are, or any RAM for a `T` that any bytes are.
     ///
     /// # Safety
-    /// As [`carve`]; also, the range is all zero bytes, and all zero bytes are a valid `T`.
+    /// As [`carve`]; also, the range's bytes are valid `T`s (all zero bytes and a `T` they are
+    /// valid for, or a `T` every byte pattern is valid for).
     unsafe fn carve_zeroed<T: Copy>(cursor: &mut u64, count: usize) -> &'static mut [T] {
         // SAFETY: the caller vouches for the range and its contents; `place` aligns for T.
         unsafe { core::slice::from_raw_parts_mut(place::<T>(cursor, count), count) }
@@ -325,8 +327,15 @@ mod guest {
                 } else {
                     carve(&mut cursor, slots_for(flows), FlowSlot::EMPTY)
                 },
-                carve(&mut cursor, VERDICTS, VerdictSlot::EMPTY),
-                carve(&mut cursor, 2 * VERDICTS, IndexSlot::EMPTY),
+                // Any bytes are a VerdictSlot (storage the table writes before it reads it):
+                // never written here, so only the slots verdicts use are ever touched.
+                carve_zeroed::<VerdictSlot>(&mut cursor, VERDICTS),
+                if zeroed {
+                    // All zero already, which is an empty index (IndexSlot::EMPTY).
+                    carve_zeroed::<IndexSlot>(&mut cursor, 2 * VERDICTS)
+                } else {
+                    carve(&mut cursor, 2 * VERDICTS, IndexSlot::EMPTY)
+                },
             )
         };
         let _ = writeln!(
@@ -335,7 +344,7 @@ mod guest {
             (cursor - free_start) >> 10
         );
         let config = Config {
-            flows_zeroed: zeroed,
+            tables_zeroed: zeroed,
             ..config
         };
         Filter::new(flow_slots, verdict_slots, index, config).map_err(|_| {

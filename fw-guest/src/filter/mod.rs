@@ -163,10 +163,11 @@ pub struct Config {
     pub synproxy: Option<SynProxy>,
     /// Most entries one tenant may hold; `None`: [`default_flow_quota`] of the flow table.
     pub flow_quota: Option<usize>,
-    /// The caller vouches that every flow slot is [`FlowSlot::EMPTY`] (all zero) already: the
-    /// table is not cleared, so its pages are not all touched at once (a micro-VM on the
-    /// zeroed RAM its VMM handed over).
-    pub flows_zeroed: bool,
+    /// The caller vouches that the flow memory and the verdict index are all zero bytes already
+    /// (an empty table, an empty index): they are not cleared, so their pages are not all
+    /// touched at once (a micro-VM on the zeroed RAM its VMM handed over). Verdict slots are
+    /// never cleared: each is written when first needed.
+    pub tables_zeroed: bool,
 }
 
 impl Default for Config {
@@ -179,7 +180,7 @@ impl Default for Config {
             evict_scan: 512,
             synproxy: None,
             flow_quota: None,
-            flows_zeroed: false,
+            tables_zeroed: false,
         }
     }
 }
@@ -256,7 +257,7 @@ impl<'a> Filter<'a> {
         verdict_index: &'a mut [IndexSlot],
         config: Config,
     ) -> Result<Filter<'a>, SetupError> {
-        let mut conntrack = if config.flows_zeroed {
+        let mut conntrack = if config.tables_zeroed {
             Conntrack::new_empty(flows, config.hash_seed)
         } else {
             Conntrack::new(flows, config.hash_seed)
@@ -281,8 +282,13 @@ impl<'a> Filter<'a> {
         if verdicts.len() > MAX_VERDICT_SLOTS {
             return Err(SetupError::VerdictSlots);
         }
-        let verdicts = VerdictTable::new(verdicts, verdict_index, config.hash_seed)
-            .ok_or(SetupError::VerdictSlots)?;
+        let verdicts = VerdictTable::new(
+            verdicts,
+            verdict_index,
+            config.tables_zeroed,
+            config.hash_seed,
+        )
+        .ok_or(SetupError::VerdictSlots)?;
         Ok(Filter {
             conntrack,
             verdicts,

@@ -2,7 +2,9 @@
 //!
 //! Verdicts live in a slab of caller-supplied slots (stable indices, so conntrack entries can
 //! point at the verdict that opened them) and are found through an open-addressing index of
-//! `(hash, slot)` pairs. Every verdict is indexed under exactly one key:
+//! `(hash, slot)` pairs. A slab slot is first written when a verdict first needs it, and an empty
+//! index entry is all zero bytes, so over zeroed memory the table's pages are touched as verdicts
+//! arrive, not at boot (4,096 slots and their index are 384 KiB). Every verdict is indexed under exactly one key:
 //! - an *exact* verdict (remote address fully specified, one remote port; what a `connect` or a
 //!   `sendmsg` produces) under `(tenant, direction, version, protocol, remote address, remote port,
 //!   local port)`: one flow, both ports (an explicit any-local-port wildcard under local port 0);
@@ -24,6 +26,9 @@
 //! stops opening new flows but keeps the flows it already opened; its slot is reclaimed once none
 //! remain.
 
+use core::marker::PhantomData;
+use core::mem::MaybeUninit;
+
 use heapless::FnvIndexMap;
 use vigil_wire::verdict::{Direction, IpVersion, Protocol, Rule};
 
@@ -36,9 +41,20 @@ const INDEX_SALT: u64 = 0x5645_5244_4943_5453;
 const TAG_EXACT: u8 = 1;
 const TAG_LOCAL_PORT: u8 = 2;
 
-/// One verdict slot (caller-allocated storage; see [`VerdictSlot::EMPTY`]).
+/// Storage for one verdict (caller-allocated; see [`VerdictSlot::EMPTY`]): any bytes, zero
+/// included, since the table writes a slot before it first reads it.
+#[repr(transparent)]
+#[derive(Clone, Copy)]
+pub struct VerdictSlot(MaybeUninit<Verdict>);
+
+impl VerdictSlot {
+    /// Storage for one slot (all zero bytes, as zeroed memory is).
+    pub const EMPTY: VerdictSlot = VerdictSlot(MaybeUninit::zeroed());
+}
+
+/// One verdict slot of the slab.
 #[derive(Clone, Copy, Debug)]
-pub struct VerdictSlot {
+struct Verdict {
     rule: Rule,
     tenant: u32,
     /// Caller clock, ns; 0 = never.
@@ -53,8 +69,8 @@ pub struct VerdictSlot {
     next_free: u32,
 }
 
-impl VerdictSlot {
-    pub const EMPTY: VerdictSlot = VerdictSlot {
+impl Verdict {
+    const EMPTY: Verdict = Verdict {
         rule: Rule::any(
             Direction::Egress,
             vigil_wire::verdict::IpVersion::V4,
@@ -75,14 +91,29 @@ impl VerdictSlot {
 #[derive(Clone, Copy, Debug)]
 pub struct IndexSlot {
     hash: u32,
-    slot: u32,
+    /// The slab slot, complemented: all zero bytes are an empty entry ([`NONE`]).
+    not_slot: u32,
 }
 
 impl IndexSlot {
+    /// An empty entry: all zero bytes, so zeroed memory is an empty index.
     pub const EMPTY: IndexSlot = IndexSlot {
         hash: 0,
-        slot: NONE,
+        not_slot: 0,
     };
+
+    fn new(hash: u32, slot: u32) -> IndexSlot {
+        IndexSlot {
+            hash,
+            not_slot: !slot,
+        }
+    }
+
+    /// The slab slot ([`NONE`] for an empty entry).
+    #[inline(always)]
+    fn slot(&self) -> u32 {
+        !self.not_slot
+    }
 }
 
 /// What `add` did.
@@ -115,7 +146,13 @@ pub struct VerdictRef {
 }
 
 pub struct VerdictTable<'a> {
-    slots: &'a mut [VerdictSlot],
+    /// The slots written so far (free or live): a prefix of the caller's storage, grown by one
+    /// when no written slot is free ([`VerdictTable::grow`]).
+    slots: &'a mut [Verdict],
+    /// The caller's storage, `capacity` slots from here (borrowed for `'a`).
+    storage: *mut Verdict,
+    capacity: usize,
+    _storage: PhantomData<&'a mut [VerdictSlot]>,
     index: &'a mut [IndexSlot],
     free_head: u32,
     live: usize,
@@ -168,25 +205,33 @@ fn index_key(rule: &Rule) -> IndexKey {
 
 impl<'a> VerdictTable<'a> {
     /// `index` should have at least twice as many entries as `slots` (load ≤ 1/2 keeps probes
-    /// short); it must have more, so probing always ends at an empty index slot.
+    /// short); it must have more, so probing always ends at an empty index slot. Neither is
+    /// read as it is: `index` is cleared unless `index_zeroed` (the caller vouches it is all
+    /// zero bytes, which is an empty index, and then no page of it is written here), and a slot
+    /// is written before it is first read.
     pub fn new(
         slots: &'a mut [VerdictSlot],
         index: &'a mut [IndexSlot],
+        index_zeroed: bool,
         seed: u64,
     ) -> Option<VerdictTable<'a>> {
         if slots.is_empty() || index.len() <= slots.len() || index.len() >= NONE as usize {
             return None;
         }
         let n = slots.len();
-        for (i, s) in slots.iter_mut().enumerate() {
-            *s = VerdictSlot::EMPTY;
-            s.next_free = if i + 1 < n { (i + 1) as u32 } else { NONE };
+        if !index_zeroed {
+            index.fill(IndexSlot::EMPTY);
         }
-        index.fill(IndexSlot::EMPTY);
+        // VerdictSlot is a transparent MaybeUninit<Verdict>: the same layout as a Verdict.
+        let storage = slots.as_mut_ptr().cast::<Verdict>();
         Some(VerdictTable {
-            slots,
+            // SAFETY: an empty slice at the start of the storage, which is borrowed for 'a.
+            slots: unsafe { core::slice::from_raw_parts_mut(storage, 0) },
+            storage,
+            capacity: n,
+            _storage: PhantomData,
             index,
-            free_head: 0,
+            free_head: NONE,
             live: 0,
             adopting: 0,
             seed: seed ^ INDEX_SALT,
@@ -213,7 +258,7 @@ impl<'a> VerdictTable<'a> {
     /// publishes it so the VMM need not wait for records that cannot be refused.
     pub fn room(&self) -> usize {
         let most = self.held.values().copied().max().unwrap_or(0) as usize;
-        (self.slots.len() - self.live)
+        (self.capacity - self.live)
             .min((self.quota as usize).saturating_sub(most))
             .min(MAX_TENANTS - self.held.len())
     }
@@ -260,7 +305,30 @@ impl<'a> VerdictTable<'a> {
     }
 
     pub fn capacity(&self) -> usize {
-        self.slots.len()
+        self.capacity
+    }
+
+    /// Writes the next slot of the storage never used yet, and makes it the free list's head.
+    /// `false` when every slot has been written once (the free list alone then has room).
+    fn grow(&mut self) -> bool {
+        let written = self.slots.len();
+        if written == self.capacity {
+            return false;
+        }
+        self.slots = &mut [];
+        // SAFETY: `storage` is the caller's `capacity` slots, borrowed for 'a and reached only
+        // through this table; the old prefix slice is gone (taken above), and the new one covers
+        // it and the slot after it, which is written before the slice is made, so every slot it
+        // covers holds a Verdict.
+        self.slots = unsafe {
+            self.storage.add(written).write(Verdict {
+                next_free: self.free_head,
+                ..Verdict::EMPTY
+            });
+            core::slice::from_raw_parts_mut(self.storage, written + 1)
+        };
+        self.free_head = written as u32;
+        true
     }
 
     fn hash(&self, tenant: u32, dir: Direction, rule_kind: u8, k: &IndexKey) -> u32 {
@@ -299,13 +367,13 @@ impl<'a> VerdictTable<'a> {
         let mut i = reduce(h, self.index.len());
         for _ in 0..self.index.len() {
             let e = self.index[i];
-            if e.slot == NONE {
+            if e.slot() == NONE {
                 return None;
             }
             if e.hash == h {
-                let s = &self.slots[e.slot as usize];
+                let s = &self.slots[e.slot() as usize];
                 if s.live && s.tenant == tenant && s.rule == *rule {
-                    return Some((i, e.slot));
+                    return Some((i, e.slot()));
                 }
             }
             i = self.next(i);
@@ -364,7 +432,7 @@ impl<'a> VerdictTable<'a> {
                 return Err(AddError::OverQuota);
             }
         }
-        if self.free_head == NONE {
+        if self.free_head == NONE && !self.grow() {
             self.reclaim_all(now_ns);
             if self.free_head == NONE {
                 return Err(AddError::TableFull);
@@ -386,10 +454,10 @@ impl<'a> VerdictTable<'a> {
         }
         // The index has more entries than the slab, so an empty one exists.
         let mut i = reduce(h, self.index.len());
-        while self.index[i].slot != NONE {
+        while self.index[i].slot() != NONE {
             i = self.next(i);
         }
-        self.index[i] = IndexSlot { hash: h, slot };
+        self.index[i] = IndexSlot::new(h, slot);
         self.live += 1;
         match self.held.get_mut(&tenant) {
             Some(n) => *n += 1,
@@ -436,7 +504,7 @@ impl<'a> VerdictTable<'a> {
         loop {
             j = self.next(j);
             let e = self.index[j];
-            if e.slot == NONE {
+            if e.slot() == NONE {
                 break;
             }
             let home = reduce(e.hash, n);
@@ -469,7 +537,7 @@ impl<'a> VerdictTable<'a> {
         self.live -= 1;
     }
 
-    fn matches(s: &VerdictSlot, key: &FlowKey, dir: Direction, now_ns: u64) -> bool {
+    fn matches(s: &Verdict, key: &FlowKey, dir: Direction, now_ns: u64) -> bool {
         let r = &s.rule;
         s.live
             && s.tenant == key.tenant
@@ -487,11 +555,11 @@ impl<'a> VerdictTable<'a> {
         let mut i = reduce(h, self.index.len());
         for _ in 0..self.index.len() {
             let e = self.index[i];
-            if e.slot == NONE {
+            if e.slot() == NONE {
                 return None;
             }
-            if e.hash == h && Self::matches(&self.slots[e.slot as usize], key, dir, now_ns) {
-                return Some(e.slot);
+            if e.hash == h && Self::matches(&self.slots[e.slot() as usize], key, dir, now_ns) {
+                return Some(e.slot());
             }
             i = self.next(i);
         }
@@ -596,7 +664,7 @@ impl<'a> VerdictTable<'a> {
         }
     }
 
-    fn reclaimable(s: &VerdictSlot, now_ns: u64) -> bool {
+    fn reclaimable(s: &Verdict, now_ns: u64) -> bool {
         s.live && s.expires_ns != 0 && now_ns >= s.expires_ns && s.flows == 0
     }
 
@@ -641,5 +709,55 @@ impl<'a> VerdictTable<'a> {
     pub fn flows_of(&self, r: VerdictRef) -> Option<u32> {
         self.is_current(r)
             .then(|| self.slots[r.slot as usize].flows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(port: u16) -> Rule {
+        Rule {
+            local_port: port,
+            any_local_port: false,
+            ..Rule::any(Direction::Ingress, IpVersion::V4, Protocol::Tcp)
+        }
+    }
+
+    /// Slots are written one at a time as verdicts need them, freed ones first: the pages of a
+    /// zeroed table are touched as verdicts arrive, and the storage's own bytes (here not zero,
+    /// as any bytes may be) are never read.
+    #[test]
+    fn slots_are_written_as_verdicts_need_them() {
+        let mut storage = [VerdictSlot::EMPTY; 8];
+        // SAFETY: any bytes are a VerdictSlot (a MaybeUninit).
+        unsafe { core::ptr::write_bytes(storage.as_mut_ptr(), 0xa5, storage.len()) };
+        let mut index = [IndexSlot::EMPTY; 16];
+        let mut t = VerdictTable::new(&mut storage, &mut index, true, 7).unwrap();
+        assert_eq!((t.capacity(), t.slots.len()), (8, 0));
+        for port in 1..=3 {
+            assert!(t.add(1, &rule(port), u64::from(port), 0, 0).is_ok());
+        }
+        assert_eq!(t.slots.len(), 3);
+        assert!(t.remove(1, &rule(2)));
+        assert!(t.add(1, &rule(4), 4, 0, 0).is_ok());
+        assert_eq!(
+            t.slots.len(),
+            3,
+            "a freed slot is reused before a new one is written"
+        );
+        for port in 5..=9 {
+            assert!(t.add(1, &rule(port), u64::from(port), 0, 0).is_ok());
+        }
+        assert_eq!((t.slots.len(), t.room()), (8, 0));
+        assert_eq!(
+            t.add(2, &rule(10), 10, 0, 0),
+            Err(AddError::TableFull),
+            "the ninth verdict of an 8-slot table"
+        );
+        for port in [1, 3, 4, 5, 6, 7, 8, 9] {
+            assert!(t.holds(1, &rule(port)), "verdict for port {port}");
+        }
+        assert!(!t.holds(1, &rule(2)));
     }
 }
