@@ -7,7 +7,7 @@
 //! - `fw_native_gbps_1500`: the same with 1514-byte frames (1500-byte IP packets), counted in
 //!   frame bits; the filter reads headers only, so this is packet rate × size.
 //! - `conntrack_lookup_ns_{1k,1m}`: hash + probe of a present key in a table holding 1k / 1M
-//!   flows, keys visited in a shuffled order (the 1M table, 52 MB, does not fit in cache).
+//!   flows, keys visited in a shuffled order (the 1M table, 38 MB of slots, does not fit in cache).
 //! - `flush_tenant_ms_50k`: `FlushTenant` of a tenant holding 50k established flows (removes
 //!   every entry at once: a full scan of the table plus the deletions).
 //! - `fw_flow_entry_bytes`: the hash slot every flow takes (a TCP flow takes as much again in

@@ -661,7 +661,7 @@ impl<'a> Filter<'a> {
     /// A packet of the tracked flow at slot `i`. `None`: re-open as a new flow.
     #[inline(always)]
     fn existing(&mut self, i: usize, dir: Direction, l4: &L4, now_s: u32) -> Option<Decision> {
-        // The fields needed, not the whole 80-byte slot.
+        // The fields needed, not the pooled ones (a view: nothing more is read).
         let e = self.conntrack.slot(i);
         let (verdict, origin, state_byte, replied) =
             (e.verdict(), e.origin(), e.state_byte(), e.replied());
