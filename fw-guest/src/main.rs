@@ -762,6 +762,29 @@ mod guest {
                 }
                 state.ports[i].recycle();
             }
+            rounds += 1;
+            let total: u64 = state
+                .forwarded
+                .iter()
+                .chain(state.dropped.iter())
+                .sum::<u64>()
+                + filter.counters().verdicts_applied
+                + filter.counters().verdicts_rejected;
+            let changed = total != published;
+            let publish = changed || rounds.is_multiple_of(4096);
+            if publish {
+                // Counters before frames: whoever sees a frame of this round downstream reads
+                // counters that count it already (the flush's release fence orders them).
+                published = total;
+                let c = *filter.counters();
+                c.publish(&counters, filter.conntrack().used() as u64);
+                for (i, port) in state.ports.iter().enumerate() {
+                    counters.set_port(i, PORT_RX_FRAMES, port.rx_frames);
+                    counters.set_port(i, PORT_RX_BYTES, port.rx_bytes);
+                    counters.set_port(i, PORT_FORWARDED, state.forwarded[i]);
+                    counters.set_port(i, PORT_DROPPED, state.dropped[i]);
+                }
+            }
             for port in state.ports.iter_mut() {
                 port.flush();
             }
@@ -771,15 +794,7 @@ mod guest {
                 busy_cycles = busy_cycles.wrapping_add(round_end.wrapping_sub(round_start));
                 busy_frames += round_frames;
             }
-            rounds += 1;
-            let total: u64 = state
-                .forwarded
-                .iter()
-                .chain(state.dropped.iter())
-                .sum::<u64>()
-                + filter.counters().verdicts_applied
-                + filter.counters().verdicts_rejected;
-            if total == published {
+            if !changed {
                 idle_rounds += 1;
                 if idle_rounds >= IDLE_ROUNDS {
                     // Nothing for a while: let the VMM take the vCPU off the CPU briefly.
@@ -790,16 +805,8 @@ mod guest {
             } else {
                 idle_rounds = 0;
             }
-            if total != published || rounds.is_multiple_of(4096) {
-                published = total;
-                let c = *filter.counters();
-                c.publish(&counters, filter.conntrack().used() as u64);
-                for (i, port) in state.ports.iter().enumerate() {
-                    counters.set_port(i, PORT_RX_FRAMES, port.rx_frames);
-                    counters.set_port(i, PORT_RX_BYTES, port.rx_bytes);
-                    counters.set_port(i, PORT_FORWARDED, state.forwarded[i]);
-                    counters.set_port(i, PORT_DROPPED, state.dropped[i]);
-                }
+            if publish {
+                // The transmit side's figures, after the flush that moves them.
                 let (tx_full, kicks) = state
                     .ports
                     .iter()
