@@ -284,7 +284,7 @@ impl<'a> Conntrack<'a> {
         let (tcp, v6) = rest.split_at_mut(n);
         // SAFETY: TcpExt and V6Addrs are repr(C) structs of integers and integer arrays, as long
         // as a FlowSlot and no more aligned (asserted above), so every bit pattern is a valid
-        // value and `n` of them fit, aligned, in `n` FlowSlots; the halves are disjoint and
+        // value and `n` of them fit, aligned, in `n` FlowSlots; the three parts are disjoint and
         // borrowed for 'a, as the new slices are.
         let (tcp, v6) = unsafe {
             (
@@ -677,6 +677,12 @@ impl<'a> Conntrack<'a> {
         } else {
             0
         };
+        // An IPv4 key holds its addresses in the first 4 bytes, the rest zero (the verdict
+        // encoding, as the parser builds it): the slot keeps those 4, and its hash is the key's.
+        debug_assert!(
+            kind & V6_KIND != 0 || (key.local[4..] == [0; 12] && key.remote[4..] == [0; 12]),
+            "an IPv4 flow key with address bytes past the fourth"
+        );
         let mut addrs = packed_addrs(key, kind);
         if kind & V6_KIND != 0 {
             let pair = V6Addrs {
