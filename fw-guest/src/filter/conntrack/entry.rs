@@ -366,6 +366,18 @@ impl<'a, T: Pooled> Pool<'a, T> {
         }
     }
 
+    /// Entries handed out and not freed (walks the free list: tests).
+    #[cfg(test)]
+    pub(super) fn in_use(&self) -> usize {
+        let mut free = 0;
+        let mut at = self.free;
+        while at != 0 && free <= self.entries.len() {
+            free += 1;
+            at = self.entries[at as usize - 1].link();
+        }
+        self.fresh as usize - free
+    }
+
     pub(super) fn get(&self, i: usize) -> Option<&T> {
         self.entries.get(i)
     }

@@ -217,3 +217,114 @@ fn ipv4_udp_flows_touch_no_pool() {
         Track::OutOfWindow
     );
 }
+
+/// Random inserts, removals, expiries, sweeps and half-open evictions of IPv4 and IPv6, TCP and
+/// UDP flows, against a model of what the table holds: every live key is found whole, nothing
+/// else is, and each flow holds its own pool entries, no more (no entry shared, none leaked).
+#[test]
+fn random_churn_matches_a_model_and_no_pool_entry_leaks_or_is_shared() {
+    extern crate std;
+    use std::collections::{HashMap, HashSet};
+    const FLOWS: usize = 96;
+    let mut store = std::vec![FlowSlot::EMPTY; slots_for(FLOWS)];
+    let mut ct = Conntrack::new(&mut store, 0x5eed).unwrap();
+    let mut model: HashMap<FlowKey, u32> = HashMap::new();
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut now = 0u32;
+    for step in 0..60_000 {
+        let r = next();
+        let n = (r >> 8) as u32 % 160;
+        let tcp = r & 1 != 0;
+        let mut k = if r & 2 != 0 { v6_tcp_key(n) } else { key(n) };
+        if !tcp {
+            k.protocol = Protocol::Udp;
+        }
+        k.tenant = 1 + (r >> 4) as u32 % 3;
+        match (r >> 32) % 100 {
+            0..=54 => {
+                let h = ct.hash(&k);
+                if let Probe::Vacant(i) = ct.lookup(&k, h, now) {
+                    if ct.needs_room(i) && ct.is_full() {
+                        continue;
+                    }
+                    if !ct.needs_room(i) {
+                        // An expired entry on the key's path is overwritten in place.
+                        let old = ct.slot(i).key().unwrap();
+                        assert!(model.remove(&old).is_some_and(|e| e <= now), "step {step}");
+                    }
+                    let state = match (tcp, (r >> 40) % 3) {
+                        (false, _) => TcpState::None,
+                        (true, 0) => TcpState::SynSent,
+                        (true, _) => TcpState::Established,
+                    };
+                    let expires = now + 1 + (r >> 48) as u32 % 8;
+                    ct.insert(i, &k, Direction::Egress, state, V, expires);
+                    model.insert(k, expires);
+                }
+            }
+            55..=74 => {
+                if let Probe::Found(i) = ct.lookup(&k, ct.hash(&k), now) {
+                    ct.remove(i);
+                    assert!(model.remove(&k).is_some(), "step {step}");
+                }
+            }
+            75..=89 => now += (r >> 40) as u32 % 3,
+            90..=96 => {
+                ct.sweep(now, 1 + (r >> 40) as usize % 64, |_, expired| expired);
+            }
+            _ => {
+                ct.evict_half_open(k.tenant, now, 32, |_, _| {});
+            }
+        }
+        // What left the table through a sweep or an eviction leaves the model.
+        let held: HashSet<FlowKey> = ct.iter().map(|f| f.key().unwrap()).collect();
+        model.retain(|k, _| held.contains(k));
+        assert_eq!(
+            held.len(),
+            model.len(),
+            "step {step}: the table holds keys the model lost"
+        );
+        assert_eq!(ct.used(), model.len(), "step {step}");
+        for (k, &expires) in &model {
+            let found = ct.lookup(k, ct.hash(k), now);
+            match found {
+                Probe::Found(i) => {
+                    assert!(expires > now, "step {step}: an expired entry was found");
+                    assert_eq!(ct.slot(i).key(), Some(*k), "step {step}");
+                }
+                Probe::Vacant(_) => assert!(expires <= now, "step {step}: lost {k:?}"),
+            }
+        }
+        // Each TCP flow holds one TCP entry and each IPv6 flow one address entry, its own.
+        let (mut tcp_held, mut v6_held) = (HashSet::new(), HashSet::new());
+        for f in ct.iter() {
+            let tcp = f.slot.tcp;
+            assert_eq!(tcp != 0, f.key().unwrap().protocol == Protocol::Tcp);
+            assert!(
+                tcp == 0 || tcp_held.insert(tcp),
+                "step {step}: a shared TCP entry"
+            );
+            assert!(
+                !f.is_v6() || v6_held.insert(f.v6_index()),
+                "step {step}: shared addresses"
+            );
+        }
+        assert_eq!(
+            ct.tcp.in_use(),
+            tcp_held.len(),
+            "step {step}: TCP entries leaked"
+        );
+        assert_eq!(
+            ct.v6.in_use(),
+            v6_held.len(),
+            "step {step}: address entries leaked"
+        );
+    }
+    assert!(ct.tcp.fresh as usize <= table_slots_for(FLOWS));
+}
