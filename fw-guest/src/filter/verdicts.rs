@@ -4,7 +4,9 @@
 //! point at the verdict that opened them) and are found through an open-addressing index of
 //! `(hash, slot)` pairs. A slab slot is first written when a verdict first needs it, and an empty
 //! index entry is all zero bytes, so over zeroed memory the table's pages are touched as verdicts
-//! arrive, not at boot (4,096 slots and their index are 384 KiB). Every verdict is indexed under exactly one key:
+//! arrive, not at boot (4,096 slots and their index are 384 KiB).
+//!
+//! Every verdict is indexed under exactly one key:
 //! - an *exact* verdict (remote address fully specified, one remote port; what a `connect` or a
 //!   `sendmsg` produces) under `(tenant, direction, version, protocol, remote address, remote port,
 //!   local port)`: one flow, both ports (an explicit any-local-port wildcard under local port 0);

@@ -3,7 +3,8 @@
 //! highest sequence number sent, the highest edge the peer's window allows and the largest window;
 //! and the TCP state machine a flag combination moves an entry through.
 //!
-//! Owns: the windows of a TCP flow ([`TcpExt`]), the in-window test, RST acceptance, the state steps.
+//! Owns: the windows of a TCP flow ([`TcpExt`]), the in-window test, RST acceptance, the state
+//! steps.
 //! Must not: allocate, or let a segment outside the window change any state.
 
 use super::*;
