@@ -28,14 +28,14 @@
 
 use vigil_wire::verdict::Direction;
 
-use super::flow::{hash_fields, kind_parts, reduce, FlowKey};
+use super::flow::{hash_fields, kind_parts, reduce, FlowKey, KIND_V6};
 use super::parse::{TcpFlags, TcpSeg, MAX_WSCALE, NO_WSCALE};
 use super::verdicts::VerdictRef;
 
 mod entry;
 mod tcp;
 pub mod tenants;
-use entry::{addresses_of, packed_addrs, Pool, NO_TCP, SCALE_NONE, V6_KIND};
+use entry::{addresses_of, packed_addrs, Pool, NO_TCP, SCALE_NONE};
 pub use entry::{Flow, FlowSlot, TcpExt, V6Addrs, MAX_VERDICT_SLOTS};
 pub use tcp::{tcp_step, TcpStep, TcpWindow, Track};
 use tenants::TenantCounts;
@@ -410,17 +410,22 @@ impl<'a> Conntrack<'a> {
             0 => &NO_TCP,
             t => self.tcp.get(t as usize - 1).unwrap_or(&NO_TCP),
         };
-        let v6 = if s.is_v6() {
-            self.v6.get(s.v6_index())
-        } else {
-            None
-        };
-        (tcp, v6)
+        (tcp, self.addresses_entry(s))
     }
 
     /// The addresses of the entry in `s` (IPv4 in the first 4 bytes, rest zero).
     fn addresses(&self, s: &FlowSlot) -> ([u8; 16], [u8; 16]) {
-        addresses_of(s, self.pooled(s).1)
+        addresses_of(s, self.addresses_entry(s))
+    }
+
+    /// An IPv6 entry's pooled addresses (`None` for IPv4).
+    #[inline(always)]
+    fn addresses_entry(&self, s: &FlowSlot) -> Option<&V6Addrs> {
+        if s.is_v6() {
+            self.v6.get(s.v6_index())
+        } else {
+            None
+        }
     }
 
     /// Whether the entry in `s` holds `key` (`kind` and `packed` are the key's, computed once
@@ -434,7 +439,7 @@ impl<'a> Conntrack<'a> {
         {
             return false;
         }
-        if kind & V6_KIND == 0 {
+        if kind & KIND_V6 == 0 {
             s.addrs == *packed
         } else {
             s.addrs[4..] == packed[4..] && self.v6_matches(s, key)
@@ -680,11 +685,11 @@ impl<'a> Conntrack<'a> {
         // An IPv4 key holds its addresses in the first 4 bytes, the rest zero (the verdict
         // encoding, as the parser builds it): the slot keeps those 4, and its hash is the key's.
         debug_assert!(
-            kind & V6_KIND != 0 || (key.local[4..] == [0; 12] && key.remote[4..] == [0; 12]),
+            kind & KIND_V6 != 0 || (key.local[4..] == [0; 12] && key.remote[4..] == [0; 12]),
             "an IPv4 flow key with address bytes past the fourth"
         );
         let mut addrs = packed_addrs(key, kind);
-        if kind & V6_KIND != 0 {
+        if kind & KIND_V6 != 0 {
             let pair = V6Addrs {
                 local: key.local,
                 remote: key.remote,

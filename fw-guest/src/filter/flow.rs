@@ -57,19 +57,22 @@ impl FlowKey {
     }
 }
 
+/// The bit of a kind byte that marks IPv6 ([`kind_byte`]).
+pub const KIND_V6: u8 = 0x80;
+
 /// IP version in bit 7, IANA protocol number (all < 128) in the low bits.
 #[inline]
 pub const fn kind_byte(ip: IpVersion, proto: Protocol) -> u8 {
     let v6 = match ip {
         IpVersion::V4 => 0,
-        IpVersion::V6 => 0x80,
+        IpVersion::V6 => KIND_V6,
     };
     v6 | proto as u8
 }
 
 /// Inverse of [`kind_byte`].
 pub const fn kind_parts(kind: u8) -> Option<(IpVersion, Protocol)> {
-    let ip = if kind & 0x80 != 0 {
+    let ip = if kind & KIND_V6 != 0 {
         IpVersion::V6
     } else {
         IpVersion::V4

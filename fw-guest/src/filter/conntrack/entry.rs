@@ -106,7 +106,7 @@ impl FlowSlot {
 
     #[inline]
     pub(super) fn is_v6(&self) -> bool {
-        self.kind & V6_KIND != 0
+        self.kind & KIND_V6 != 0
     }
 
     /// The index of an IPv6 flow's addresses in the pool.
@@ -181,9 +181,6 @@ impl TcpExt {
 
 /// What a flow that is not TCP reads as its windows: none seen.
 pub(super) static NO_TCP: TcpExt = TcpExt::EMPTY;
-
-/// The bit of a slot's kind byte that marks IPv6 (see `flow::kind_byte`).
-pub(super) const V6_KIND: u8 = 0x80;
 
 /// A read view of one entry: its slot (whose accessors it shares), and what the pools hold for it.
 #[derive(Clone, Copy, Debug)]
@@ -272,7 +269,7 @@ pub(super) fn addresses_of(s: &FlowSlot, v6: Option<&V6Addrs>) -> ([u8; 16], [u8
 /// the last 4 bytes (the first 4, the pool index, are the slot's own).
 #[inline(always)]
 pub(super) fn packed_addrs(key: &FlowKey, kind: u8) -> [u8; 8] {
-    if kind & V6_KIND == 0 {
+    if kind & KIND_V6 == 0 {
         let mut out = [0; 8];
         out[..4].copy_from_slice(&key.local[..4]);
         out[4..].copy_from_slice(&key.remote[..4]);
