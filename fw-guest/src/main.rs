@@ -36,7 +36,7 @@ mod guest {
         self, slots_for, Admit, Config, Decision, Direction, DropReason, EdgeReplies, EdgeSide,
         Filter, FlowSlot, IndexSlot, SynProxy, VerdictSlot, UPLINK_TENANT,
     };
-    use fw_guest::virtio_net::{Port, Queue, BUF_SIZE};
+    use fw_guest::virtio_net::{Port, Queue, RxFrame};
 
     /// Where the role came from.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -470,6 +470,9 @@ mod guest {
         dropped: [u64; MAX_PORTS],
     }
 
+    /// A port set holds a bit per port.
+    const _: () = assert!(MAX_PORTS <= 32);
+
     fn mac_at(bytes: &[u8], at: usize) -> Option<[u8; 6]> {
         bytes.get(at..at + 6).and_then(|b| b.try_into().ok())
     }
@@ -491,12 +494,61 @@ mod guest {
                 .filter(|&p| p != i && p < self.ports.len() && !exclude(p))
         }
 
+        /// Sends the frame received on port `i` out of each port in `targets` (a bit per port):
+        /// a copy to all but the last, which takes the receive buffer itself. `bytes` are the
+        /// frame's (from `frame`), and are not used after this call.
+        fn deliver(&mut self, i: usize, targets: u32, frame: RxFrame, bytes: &[u8]) {
+            let mut rest = targets;
+            let mut frame = Some(frame);
+            while rest != 0 {
+                let j = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                let sent = if rest == 0 {
+                    match frame.take() {
+                        // SAFETY: the caller's frame, received on port `i` this round (its
+                        // recycle comes after), forwarded once: `frame` is taken here. The
+                        // copies above read `bytes` before; nothing reads them after.
+                        Some(frame) => unsafe { self.ports[j].forward(frame) },
+                        None => false,
+                    }
+                } else {
+                    self.ports[j].send(bytes)
+                };
+                if sent {
+                    self.forwarded[i] += 1;
+                } else {
+                    self.dropped[i] += 1;
+                }
+            }
+        }
+
+        /// Sends a copy of `bytes` (a frame of the micro-VM's own) out of each port in
+        /// `targets`, counted for port `i`.
+        fn send_copies(&mut self, i: usize, targets: u32, bytes: &[u8]) {
+            let mut rest = targets;
+            while rest != 0 {
+                let j = rest.trailing_zeros() as usize;
+                rest &= rest - 1;
+                if self.ports[j].send(bytes) {
+                    self.forwarded[i] += 1;
+                } else {
+                    self.dropped[i] += 1;
+                }
+            }
+        }
+
         /// Switch role. A frame's tenant is its port's; tenant 0 ports are uplinks. A tenant's
         /// frame goes out the uplink unless its destination MAC sits behind another tenant port;
         /// an uplink frame goes to the tenant port that owns the destination MAC, or to every
         /// tenant port when unknown or broadcast. Judged egress for the tenant it leaves, then
         /// ingress for the tenant it reaches. Unassigned ports neither send nor receive.
-        fn switch_frame(&mut self, filter: &mut Filter<'_>, i: usize, bytes: &[u8], now: u64) {
+        fn switch_frame(
+            &mut self,
+            filter: &mut Filter<'_>,
+            i: usize,
+            (frame, bytes): (RxFrame, &[u8]),
+            now: u64,
+        ) {
             let from = filter.tenancy().port(i);
             if from == TENANT_UNASSIGNED {
                 filter.drop_frame(DropReason::UnknownTenant);
@@ -535,6 +587,7 @@ mod guest {
                 self.learn(bytes, i);
             }
             let target = self.target(bytes, i, |p| filter.tenancy().port(p) == TENANT_UNASSIGNED);
+            let mut targets = 0u32;
             for j in 0..self.ports.len() {
                 let to = filter.tenancy().port(j);
                 let goes = match target {
@@ -552,12 +605,13 @@ mod guest {
                 if decision == Decision::Forward && to != UPLINK_TENANT {
                     decision = filter.process(to, Direction::Ingress, bytes, now);
                 }
-                if decision == Decision::Forward && self.ports[j].send(bytes) {
-                    self.forwarded[i] += 1;
+                if decision == Decision::Forward {
+                    targets |= 1 << j;
                 } else {
                     self.dropped[i] += 1;
                 }
             }
+            self.deliver(i, targets, frame, bytes);
         }
 
         /// Edge role. Tenant 0 ports face the outside, every other port is a cloud port
@@ -575,7 +629,7 @@ mod guest {
             &mut self,
             filter: &mut Filter<'_>,
             i: usize,
-            bytes: &mut [u8],
+            (frame, bytes): (RxFrame, &mut [u8]),
             replies: &mut EdgeReplies,
             now: u64,
         ) {
@@ -592,14 +646,18 @@ mod guest {
                 (None, EdgeSide::Cloud) => EdgeSide::Outside,
             };
             match filter.process_edge_mut(from, to, bytes, replies, now) {
-                Decision::Forward => self.send_edge(filter, i, target, to, bytes),
+                Decision::Forward => {
+                    let targets = self.edge_targets(filter, i, target, to);
+                    self.deliver(i, targets, frame, bytes);
+                }
                 Decision::Answered => {
                     for side in [EdgeSide::Outside, EdgeSide::Cloud] {
                         if let Some(reply) = replies.frame(side) {
                             if side == from {
                                 let _ = self.ports[i].send(reply);
                             } else {
-                                self.send_edge(filter, i, target, to, reply);
+                                let targets = self.edge_targets(filter, i, target, to);
+                                self.send_copies(i, targets, reply);
                             }
                         }
                     }
@@ -608,16 +666,16 @@ mod guest {
             }
         }
 
-        /// Send an edge frame that arrived on port `i` toward side `to` (the port owning its
-        /// destination MAC, `target`, or every port of that side).
-        fn send_edge(
-            &mut self,
+        /// The ports an edge frame that arrived on port `i` goes out of toward side `to`: the
+        /// port owning its destination MAC (`target`), or every port of that side.
+        fn edge_targets(
+            &self,
             filter: &Filter<'_>,
             i: usize,
             target: Option<usize>,
             to: EdgeSide,
-            bytes: &[u8],
-        ) {
+        ) -> u32 {
+            let mut targets = 0u32;
             for j in 0..self.ports.len() {
                 let goes = match target {
                     Some(t) => j == t,
@@ -627,15 +685,11 @@ mod guest {
                                 == (to == EdgeSide::Outside))
                     }
                 };
-                if !goes {
-                    continue;
-                }
-                if self.ports[j].send(bytes) {
-                    self.forwarded[i] += 1;
-                } else {
-                    self.dropped[i] += 1;
+                if goes {
+                    targets |= 1 << j;
                 }
             }
+            targets
         }
     }
 
@@ -724,7 +778,6 @@ mod guest {
                 Ok(shared) => shared,
                 Err(code) => return code,
             };
-        let mut frame = [0u8; BUF_SIZE];
         let mut replies = EdgeReplies::new();
         let mut published = u64::MAX;
         let mut rounds = 0u64;
@@ -752,12 +805,16 @@ mod guest {
             for i in 0..state.ports.len() {
                 while let Some(received) = state.ports[i].recv() {
                     round_frames += 1;
-                    let len = received.len();
-                    frame[..len].copy_from_slice(received);
-                    let bytes = &mut frame[..len];
+                    // Judged in place: a forward moves the buffer itself to the output port.
+                    // SAFETY: received on port i, whose recycle comes after this frame is done;
+                    // `bytes` is the only reference to the frame, and is not used past the
+                    // call that consumes `received`.
+                    let bytes = unsafe { received.bytes_mut() };
                     match role {
-                        Role::Switch => state.switch_frame(&mut filter, i, bytes, now),
-                        Role::Edge => state.edge_frame(&mut filter, i, bytes, &mut replies, now),
+                        Role::Switch => state.switch_frame(&mut filter, i, (received, bytes), now),
+                        Role::Edge => {
+                            state.edge_frame(&mut filter, i, (received, bytes), &mut replies, now)
+                        }
                     }
                 }
                 state.ports[i].recycle();
@@ -833,7 +890,7 @@ mod guest {
     fn protection_selftest(what: &[u8]) -> u8 {
         let kdata = arch::kernel_data_start() as *mut u64;
         let text = arch::text_start() as *mut u64;
-        // SAFETY (all cases): each access is meant to fault before it has any effect; the
+        // SAFETY: (all cases) each access is meant to fault before it has any effect; the
         // handler never returns here.
         unsafe {
             match what {

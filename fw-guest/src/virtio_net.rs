@@ -8,6 +8,12 @@
 //! the device are their virtual addresses. Everything the device writes (used ring entries,
 //! lengths) is checked before use: a device that lies cannot make the driver read or write out
 //! of its buffers.
+//!
+//! A forwarded frame is not copied ([`Port::forward`]): its receive buffer moves to the output
+//! port's transmit ring, and the free buffer of that transmit descriptor takes its place in the
+//! receive ring. So a buffer belongs to whichever descriptor points at it, not to the queue whose
+//! storage holds it, and the payload past the headers never enters the micro-VM's cache: the
+//! device that wrote it reads it back out.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{fence, Ordering};
@@ -101,7 +107,10 @@ struct Used {
     avail_event: u16,
 }
 
-/// One split virtqueue and its buffers (descriptor `i` always points at buffer `i`).
+/// One split virtqueue and storage for as many buffers. Each descriptor points at exactly one
+/// buffer of the micro-VM's queues, and no two at the same one; which one changes as
+/// [`Port::forward`] swaps buffers between rings. Buffers are reached only through descriptor
+/// addresses (written by the driver alone), never through `bufs`.
 #[repr(C, align(4096))]
 pub struct Queue {
     desc: [Desc; QUEUE_SIZE],
@@ -186,6 +195,31 @@ fn prefetch(p: *const u8) {
     // SAFETY: PREFETCHT0 only hints the cache; it cannot fault or change memory.
     unsafe {
         core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
+}
+
+/// A received frame, in place in its receive buffer. The driver owns the buffer from
+/// [`Port::recv`] until that port's next [`Port::recycle`], unless [`Port::forward`] hands it
+/// to a transmit ring before.
+pub struct RxFrame {
+    /// The buffer, header first.
+    buf: *mut u8,
+    /// The frame's length, header excluded.
+    len: usize,
+    /// The receive descriptor's address: where a forward puts the buffer that replaces this one.
+    desc_addr: *mut u64,
+}
+
+impl RxFrame {
+    /// The frame's bytes, writable (the edge's SYN proxy rewrites frames in place).
+    ///
+    /// # Safety
+    /// The frame's port has not recycled since `recv` returned it, the frame has not been
+    /// forwarded, and no other reference to its bytes is live while the result is.
+    pub unsafe fn bytes_mut<'b>(&self) -> &'b mut [u8] {
+        // SAFETY: `buf` is a whole buffer of BUF_SIZE bytes, `len` at most BUF_SIZE -
+        // NET_HDR_LEN (`recv` clamps it); the caller vouches for ownership and uniqueness.
+        unsafe { core::slice::from_raw_parts_mut(self.buf.add(NET_HDR_LEN), self.len) }
     }
 }
 
@@ -300,9 +334,9 @@ impl<'a> Port<'a> {
         Ok(port)
     }
 
-    /// The next received frame (without the virtio header), or None. Call [`Port::recycle`]
-    /// when done with the frames of a batch.
-    pub fn recv(&mut self) -> Option<&[u8]> {
+    /// The next received frame, or None. Call [`Port::recycle`] when done with the frames of a
+    /// batch.
+    pub fn recv(&mut self) -> Option<RxFrame> {
         // SAFETY: the used ring is written by the device; read with volatile loads.
         let device_idx = unsafe { read_volatile(addr_of!(self.rx.used.idx)) };
         if device_idx == self.rx.used_idx {
@@ -313,8 +347,8 @@ impl<'a> Port<'a> {
         // SAFETY: as above.
         let elem = unsafe { read_volatile(addr_of!(self.rx.used.ring[slot])) };
         self.rx.used_idx = self.rx.used_idx.wrapping_add(1);
-        // Re-post the descriptor at once (its buffer is read before the next recv call): the
-        // device only sees it after `recycle` publishes the avail index.
+        // Re-post the descriptor at once (its buffer is read before the next recv call, or
+        // replaced by a forward): the device only sees it after `recycle` publishes the index.
         let id = (elem.id as usize) % QUEUE_SIZE;
         let avail_slot = self.rx.avail_idx as usize % QUEUE_SIZE;
         // The device returns buffers in order, so the entry mostly holds `id` already: written
@@ -326,16 +360,20 @@ impl<'a> Port<'a> {
             let next = self.rx.used_idx as usize % QUEUE_SIZE;
             // SAFETY: as above.
             let next = unsafe { read_volatile(addr_of!(self.rx.used.ring[next])) };
-            prefetch(addr_of!(self.rx.bufs[next.id as usize % QUEUE_SIZE]).cast());
+            prefetch(self.rx.desc[next.id as usize % QUEUE_SIZE].addr as *const u8);
         }
         self.rx_done += 1;
         let len = (elem.len as usize).min(BUF_SIZE);
-        if len < NET_HDR_LEN {
-            return Some(&[]);
+        let frame = RxFrame {
+            buf: self.rx.desc[id].addr as *mut u8,
+            len: len.saturating_sub(NET_HDR_LEN),
+            desc_addr: addr_of_mut!(self.rx.desc[id].addr),
+        };
+        if len >= NET_HDR_LEN {
+            self.rx_frames += 1;
+            self.rx_bytes += frame.len as u64;
         }
-        self.rx_frames += 1;
-        self.rx_bytes += (len - NET_HDR_LEN) as u64;
-        Some(&self.rx.bufs[id][NET_HDR_LEN..len])
+        Some(frame)
     }
 
     /// Gives the buffers of received frames back to the device.
@@ -374,30 +412,76 @@ impl<'a> Port<'a> {
         self.tx.in_flight -= done;
     }
 
-    /// Queues one frame for transmission (sent at the next [`Port::flush`]). Descriptors are used
-    /// in order, so the next free one is `avail_idx mod QUEUE_SIZE` whenever fewer than
-    /// QUEUE_SIZE are in flight.
-    pub fn send(&mut self, frame: &[u8]) -> bool {
+    /// The transmit descriptor the next frame takes, or None when all are in flight (counted).
+    /// Descriptors are used in order, so the next free one is `avail_idx mod QUEUE_SIZE`
+    /// whenever fewer than QUEUE_SIZE are in flight.
+    fn free_tx(&mut self) -> Option<usize> {
         if self.tx.in_flight as usize == QUEUE_SIZE {
             self.reclaim_tx();
             if self.tx.in_flight as usize == QUEUE_SIZE {
                 self.tx_full += 1;
-                return false;
+                return None;
             }
         }
-        let len = frame.len().min(BUF_SIZE - NET_HDR_LEN);
-        let id = self.tx.avail_idx as usize % QUEUE_SIZE;
-        let buf = &mut self.tx.bufs[id];
-        buf[..NET_HDR_LEN].fill(0);
-        buf[NET_HDR_LEN..NET_HDR_LEN + len].copy_from_slice(&frame[..len]);
-        // Frames of one size in a row (a bulk flow, a flood) leave the descriptor's line clean
-        // for the device; the avail entry is always `id` (set at init).
+        Some(self.tx.avail_idx as usize % QUEUE_SIZE)
+    }
+
+    /// Queues descriptor `id`, its buffer holding a frame of `len` bytes behind the header.
+    fn queue_tx(&mut self, id: usize, len: usize) {
+        // Frames of one size in a row (a bulk flow, a flood) leave the length clean for the
+        // device; the avail entry is always `id` (set at init).
         write_if_changed(&mut self.tx.desc[id].len, (NET_HDR_LEN + len) as u32);
         self.tx.avail_idx = self.tx.avail_idx.wrapping_add(1);
-        prefetch(addr_of!(self.tx.bufs[self.tx.avail_idx as usize % QUEUE_SIZE]).cast());
+        let next = self.tx.avail_idx as usize % QUEUE_SIZE;
+        prefetch(self.tx.desc[next].addr as *const u8);
         self.tx.in_flight += 1;
         self.tx_frames += 1;
         self.tx_pending = true;
+    }
+
+    /// Queues a copy of `frame` for transmission (sent at the next [`Port::flush`]). False when
+    /// the ring is full, or the frame longer than a buffer holds (dropped, never cut short).
+    pub fn send(&mut self, frame: &[u8]) -> bool {
+        if frame.len() > BUF_SIZE - NET_HDR_LEN {
+            return false;
+        }
+        let Some(id) = self.free_tx() else {
+            return false;
+        };
+        let buf = self.tx.desc[id].addr as *mut u8;
+        // SAFETY: a free transmit descriptor's buffer is the driver's (no receive ring holds
+        // it, the device is done with it); the frame fits behind the header.
+        unsafe {
+            core::ptr::write_bytes(buf, 0, NET_HDR_LEN);
+            core::ptr::copy_nonoverlapping(frame.as_ptr(), buf.add(NET_HDR_LEN), frame.len());
+        }
+        self.queue_tx(id, frame.len());
+        true
+    }
+
+    /// Queues a received frame for transmission without copying it: its buffer moves to this
+    /// port's transmit ring, and the transmit descriptor's free buffer takes its place in the
+    /// receive ring (the device sees it at the receiving port's next [`Port::recycle`]). False
+    /// when the ring is full: the frame stays in its receive buffer.
+    ///
+    /// # Safety
+    /// `frame` came from [`Port::recv`] on a port whose `recycle` has not run since, it was
+    /// not forwarded before, and no reference to its bytes is used after this call.
+    pub unsafe fn forward(&mut self, frame: RxFrame) -> bool {
+        let Some(id) = self.free_tx() else {
+            return false;
+        };
+        let spare = self.tx.desc[id].addr;
+        // SAFETY: the receive buffer is the driver's (the caller's contract); its first
+        // NET_HDR_LEN bytes are the header, outside the frame's bytes. The receive descriptor
+        // is the driver's until the receiving port publishes it again. Transmit headers carry
+        // no offloads and num_buffers 0 (virtio 1.2 §5.1.6.2.1); the device wrote 1 there.
+        unsafe {
+            core::ptr::write_bytes(frame.buf, 0, NET_HDR_LEN);
+            frame.desc_addr.write(spare);
+        }
+        self.tx.desc[id].addr = frame.buf as u64;
+        self.queue_tx(id, frame.len);
         true
     }
 

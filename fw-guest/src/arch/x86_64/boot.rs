@@ -141,6 +141,8 @@ pub unsafe fn capture(start_info_paddr: u64, out: &mut BootCapture) -> Result<()
     let entries = (info.memmap_entries as usize).min(MAX_MEMMAP_ENTRIES);
     if entries > 0 && info.memmap_paddr != 0 {
         let len = entries * HVM_MEMMAP_ENTRY_LEN;
+        // SAFETY: the boot page tables identity-map the boot data window (copy_phys checks
+        // the range lies in it).
         unsafe { copy_phys("memory map", info.memmap_paddr, &mut out.memmap[..len])? };
         out.memmap_len = len;
     }
@@ -173,10 +175,12 @@ pub unsafe fn capture(start_info_paddr: u64, out: &mut BootCapture) -> Result<()
 
     if info.nr_modules >= 1 && info.modlist_paddr != 0 {
         let mut entry = [0u8; HVM_MODLIST_ENTRY_LEN];
+        // SAFETY: as for the memory map.
         unsafe { copy_phys("module list", info.modlist_paddr, &mut entry)? };
         let module = HvmModule::parse(&entry).map_err(CaptureError::StartInfo)?;
         let len = (module.size.min(BOOT_INFO_LEN as u64)) as usize;
         if len > 0 {
+            // SAFETY: as for the memory map.
             unsafe { copy_phys("module 0", module.paddr, &mut out.module0[..len])? };
         }
         out.module0_len = len;
