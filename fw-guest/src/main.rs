@@ -31,7 +31,8 @@ mod guest {
         IDLE_MMIO_ADDR, TENANT_UNASSIGNED,
     };
 
-    use crate::arch::{self, serial::Com1, BootCapture};
+    use crate::arch::serial::{Com1, Console};
+    use crate::arch::{self, BootCapture};
     use fw_guest::filter::{
         self, slots_for, Admit, Config, Decision, Direction, DropReason, EdgeReplies, EdgeSide,
         Filter, FlowSlot, IndexSlot, SynProxy, VerdictSlot, UPLINK_TENANT,
@@ -64,14 +65,22 @@ mod guest {
     }
 
     impl BootSummary {
-        /// virtio-mmio devices (none without Vigil's block: the micro-VM probes nothing).
         /// The VMM handed over zeroed RAM ([`vigil_wire::boot::BOOT_FLAG_RAM_ZEROED`]).
         pub fn ram_zeroed(&self) -> bool {
-            self.boot_info
-                .as_ref()
-                .is_some_and(|i| i.flags & vigil_wire::boot::BOOT_FLAG_RAM_ZEROED != 0)
+            self.flag(vigil_wire::boot::BOOT_FLAG_RAM_ZEROED)
         }
 
+        /// The VMM takes console lines by address
+        /// ([`vigil_wire::boot::BOOT_FLAG_CONSOLE_MMIO`]).
+        pub fn console_by_address(&self) -> bool {
+            self.flag(vigil_wire::boot::BOOT_FLAG_CONSOLE_MMIO)
+        }
+
+        fn flag(&self, flag: u32) -> bool {
+            self.boot_info.as_ref().is_some_and(|i| i.flags & flag != 0)
+        }
+
+        /// virtio-mmio devices (none without Vigil's block: the micro-VM probes nothing).
         pub fn devices(&self) -> &[MmioDevice] {
             self.boot_info.as_ref().map_or(&[], |info| info.devices())
         }
@@ -138,7 +147,7 @@ mod guest {
         let code = match summarize(capture) {
             Ok(boot) => ring3_main(&boot),
             Err(error) => {
-                let _ = writeln!(Com1, "fw-guest: bad boot information: {error}");
+                let _ = writeln!(Console::new(), "fw-guest: bad boot information: {error}");
                 exit_code::BAD_BOOT_INFO
             }
         };
@@ -147,8 +156,11 @@ mod guest {
 
     /// The micro-VM's ring-3 program; returns the exit code. The packet loop goes here.
     pub fn ring3_main(boot: &BootSummary) -> u8 {
+        if boot.console_by_address() {
+            arch::serial::use_console_by_address();
+        }
         let _ = writeln!(
-            Com1,
+            Console::new(),
             "vigil fw-guest: role={} cpl={} mem={}MiB devices={}",
             boot.role.name(),
             arch::current_privilege_level(),
@@ -211,7 +223,7 @@ mod guest {
         };
         if size < VERDICT_REGION_BYTES as u64 || !base.is_multiple_of(4096) {
             let _ = writeln!(
-                Com1,
+                Console::new(),
                 "fw-guest: verdict region {base:#x}+{size:#x} is too small"
             );
             return Err(exit_code::BAD_BOOT_INFO);
@@ -225,7 +237,7 @@ mod guest {
             }
         };
         let ring = Consumer::attach(words(0, COUNTERS_OFFSET)).map_err(|e| {
-            let _ = writeln!(Com1, "fw-guest: verdict ring: {e:?}");
+            let _ = writeln!(Console::new(), "fw-guest: verdict ring: {e:?}");
             exit_code::BAD_BOOT_INFO
         })?;
         // The outcome log before the counters: the counters' header tells the VMM the micro-VM
@@ -236,7 +248,7 @@ mod guest {
             room,
         )
         .map_err(|e| {
-            let _ = writeln!(Com1, "fw-guest: outcome log: {e:?}");
+            let _ = writeln!(Console::new(), "fw-guest: outcome log: {e:?}");
             exit_code::BAD_BOOT_INFO
         })?;
         let counters = CountersWriter::format(
@@ -244,7 +256,7 @@ mod guest {
             MAX_COUNTED_PORTS,
         )
         .map_err(|e| {
-            let _ = writeln!(Com1, "fw-guest: counters block: {e:?}");
+            let _ = writeln!(Console::new(), "fw-guest: counters block: {e:?}");
             exit_code::BAD_BOOT_INFO
         })?;
         Ok((ring, counters, outcomes))
@@ -309,7 +321,7 @@ mod guest {
         }
         if (slots_for(flows) * size_of::<FlowSlot>()) as u64 > budget {
             let _ = writeln!(
-                Com1,
+                Console::new(),
                 "fw-guest: {} KiB of free RAM is too little",
                 free >> 10
             );
@@ -339,7 +351,7 @@ mod guest {
             )
         };
         let _ = writeln!(
-            Com1,
+            Console::new(),
             "fw-guest: tables: {flows} flows, {VERDICTS} verdicts, {} KiB",
             (cursor - free_start) >> 10
         );
@@ -348,7 +360,7 @@ mod guest {
             ..config
         };
         Filter::new(flow_slots, verdict_slots, index, config).map_err(|_| {
-            let _ = writeln!(Com1, "fw-guest: filter tables rejected");
+            let _ = writeln!(Console::new(), "fw-guest: filter tables rejected");
             exit_code::PANIC
         })
     }
@@ -405,7 +417,7 @@ mod guest {
         let c = *filter.counters();
         c.publish(&counters, 0);
         let _ = writeln!(
-            Com1,
+            Console::new(),
             "fw-guest: verdicts taken={} applied={} rejected={}{}",
             taken.unwrap_or(0),
             c.verdicts_applied,
@@ -713,7 +725,7 @@ mod guest {
         };
         if devices.len() > MAX_PORTS {
             let _ = writeln!(
-                Com1,
+                Console::new(),
                 "fw-guest: {} devices, using the first {MAX_PORTS}",
                 devices.len()
             );
@@ -752,21 +764,28 @@ mod guest {
                     filter.tenancy_mut().set_boot_port(index, device.tenant);
                 }
                 Err(e) => {
-                    let _ = writeln!(Com1, "fw-guest: port at {:#x}: {e:?}", device.base);
+                    let _ = writeln!(
+                        Console::new(),
+                        "fw-guest: port at {:#x}: {e:?}",
+                        device.base
+                    );
                     return exit_code::BAD_BOOT_INFO;
                 }
             }
         }
         let _ = filter.tenancy_mut().take_port_changes();
         let Some(uplink) = (0..count).find(|&i| filter.tenancy().port(i) == UPLINK_TENANT) else {
-            let _ = writeln!(Com1, "fw-guest: no uplink port (a port with tenant 0)");
+            let _ = writeln!(
+                Console::new(),
+                "fw-guest: no uplink port (a port with tenant 0)"
+            );
             return exit_code::BAD_BOOT_INFO;
         };
         let unassigned = (0..count)
             .filter(|&i| filter.tenancy().port(i) == TENANT_UNASSIGNED)
             .count();
         let _ = writeln!(
-            Com1,
+            Console::new(),
             "fw-guest: {} up: {} ports, uplink {uplink}, unassigned {unassigned}, tsc {tsc_khz} kHz",
             role.name(),
             state.ports.len()
@@ -789,7 +808,10 @@ mod guest {
                 .drain_ring_reporting(&mut ring, now, Some(&outcomes))
                 .is_err()
             {
-                let _ = writeln!(Com1, "fw-guest: the verdict ring is corrupt; stopping");
+                let _ = writeln!(
+                    Console::new(),
+                    "fw-guest: the verdict ring is corrupt; stopping"
+                );
                 return exit_code::BAD_BOOT_INFO;
             }
             // A port that changed hands: what was learned behind it belongs to someone else.
@@ -918,12 +940,13 @@ mod guest {
                 _ => {}
             }
         }
-        let _ = writeln!(Com1, "fw-guest: unknown or survived fw.selftest");
+        let _ = writeln!(Console::new(), "fw-guest: unknown or survived fw.selftest");
         exit_code::PANIC
     }
 
     #[panic_handler]
     fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+        // The UART: it needs nothing set up.
         let _ = writeln!(Com1, "fw-guest: panic: {info}");
         arch::exit(exit_code::PANIC)
     }

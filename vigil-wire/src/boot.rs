@@ -53,6 +53,29 @@ pub const EXIT_PORT: u16 = 0xf4;
 pub const IDLE_MMIO_ADDR: u64 = 0xd0ff_f000;
 pub const IDLE_MAX_US: u32 = 1000;
 
+/// Guest-physical address the micro-VM writes a 64-bit value to, to put up to [`CONSOLE_MAX`]
+/// bytes on its console in one exit (`console_write`), where the UART costs an exit for every
+/// byte or two (on an emulating host, each byte of a `rep outsb` is one): the low 32 bits are
+/// the guest-physical address of the bytes, the high 32 bits their count. Offered by the VMM
+/// with [`BOOT_FLAG_CONSOLE_MMIO`]; outside RAM and every device window, like the idle address.
+pub const CONSOLE_MMIO_ADDR: u64 = 0xd0ff_e000;
+/// Most bytes of one console write by address.
+pub const CONSOLE_MAX: usize = 256;
+
+/// The value written to [`CONSOLE_MMIO_ADDR`] for `len` bytes at guest-physical `addr`.
+pub const fn console_write(addr: u32, len: u32) -> u64 {
+    addr as u64 | (len as u64) << 32
+}
+
+/// The bytes a value written to [`CONSOLE_MMIO_ADDR`] names: (guest-physical address, count),
+/// or None when the count is 0 or above [`CONSOLE_MAX`].
+pub fn parse_console_write(value: u64) -> Option<(u64, usize)> {
+    let len = (value >> 32) as usize;
+    (1..=CONSOLE_MAX)
+        .contains(&len)
+        .then_some((value & 0xffff_ffff, len))
+}
+
 /// Exit codes the micro-VM writes to [`EXIT_PORT`].
 pub mod exit_code {
     /// Ran to completion.
@@ -185,6 +208,8 @@ const OFF_FLAGS: usize = 28;
 /// the page tables, the verdict region): fresh anonymous memory. The micro-VM then need not
 /// clear its tables, nor fault in every page of them at boot.
 pub const BOOT_FLAG_RAM_ZEROED: u32 = 1 << 0;
+/// The VMM takes console writes by address at [`CONSOLE_MMIO_ADDR`].
+pub const BOOT_FLAG_CONSOLE_MMIO: u32 = 1 << 1;
 const OFF_DEVICES: usize = 32;
 const DEVICE_LEN: usize = core::mem::size_of::<MmioDevice>();
 const OFF_VERDICT_BASE: usize = OFF_DEVICES + MAX_MMIO_DEVICES * DEVICE_LEN;
@@ -485,7 +510,26 @@ pub fn memmap_ram_top(table: &[u8]) -> u64 {
 mod tests {
     extern crate std;
     use super::*;
+
     use std::vec::Vec;
+
+    #[test]
+    fn a_console_write_names_its_bytes_and_nothing_else() {
+        assert_eq!(
+            parse_console_write(console_write(0x1234, 5)),
+            Some((0x1234, 5))
+        );
+        assert_eq!(
+            parse_console_write(console_write(u32::MAX, CONSOLE_MAX as u32)),
+            Some((u64::from(u32::MAX), CONSOLE_MAX))
+        );
+        assert_eq!(parse_console_write(console_write(0x1234, 0)), None);
+        assert_eq!(
+            parse_console_write(console_write(0x1234, CONSOLE_MAX as u32 + 1)),
+            None
+        );
+        assert_eq!(parse_console_write(u64::MAX), None);
+    }
 
     fn sample() -> BootInfo {
         let mut info = BootInfo::new(Role::Edge, 64 << 20);

@@ -154,6 +154,8 @@ pub struct Bus {
     exit_port: bool,
     /// A micro-VM's verdict region: its idle exit rests there, woken by a producer's records.
     idle: std::sync::OnceLock<std::sync::Arc<crate::verdict_region::VerdictRegion>>,
+    /// A micro-VM's RAM, where its console writes by address are read (set once).
+    console_memory: std::sync::OnceLock<crate::GuestMemoryMmap>,
 }
 
 impl Bus {
@@ -170,12 +172,45 @@ impl Bus {
             mmio,
             exit_port,
             idle: std::sync::OnceLock::new(),
+            console_memory: std::sync::OnceLock::new(),
         }
     }
 
     /// The micro-VM's verdict region, whose producers wake its idle exit (set once).
     pub fn set_idle_doorbell(&self, region: std::sync::Arc<crate::verdict_region::VerdictRegion>) {
         let _ = self.idle.set(region);
+    }
+
+    /// Takes the micro-VM's console writes by address (`vigil_wire::boot::CONSOLE_MMIO_ADDR`)
+    /// from `memory` (set once).
+    pub fn set_console_memory(&self, memory: crate::GuestMemoryMmap) {
+        let _ = self.console_memory.set(memory);
+    }
+
+    /// A console write by address: up to `CONSOLE_MAX` bytes of guest RAM go to the console
+    /// as if written to the UART one by one. A value that names no bytes, or bytes outside RAM,
+    /// writes nothing (the guest is not trusted; its console is only a log).
+    fn console_write(&self, data: &[u8]) {
+        use vm_memory::{Bytes, GuestAddress};
+        let (Some(memory), Ok(value)) = (self.console_memory.get(), <[u8; 8]>::try_from(data))
+        else {
+            return;
+        };
+        let Some((addr, len)) = vigil_wire::boot::parse_console_write(u64::from_le_bytes(value))
+        else {
+            return;
+        };
+        let mut bytes = [0u8; vigil_wire::boot::CONSOLE_MAX];
+        if memory
+            .read_slice(&mut bytes[..len], GuestAddress(addr))
+            .is_err()
+        {
+            return;
+        }
+        if let Ok(mut serial) = self.serial.lock() {
+            // A console write error (full disk) must not stop the guest.
+            let _ = serial.writer_mut().write_all(&bytes[..len]);
+        }
     }
 
     /// Adds a device window (before the VM runs).
@@ -336,6 +371,10 @@ impl Bus {
             }
             return;
         }
+        if self.exit_port && addr == vigil_wire::boot::CONSOLE_MMIO_ADDR {
+            self.console_write(data);
+            return;
+        }
         if let Some(slot) = self.mmio_slot(addr) {
             if let Ok(mut device) = slot.device.lock() {
                 device.mmio_write(addr - slot.base, data);
@@ -394,6 +433,47 @@ mod tests {
         let seen: Vec<String> = bus.console_markers().into_iter().map(|(m, _)| m).collect();
         assert_eq!(seen, ["up: 2"]);
         assert_eq!(std::fs::read(&path).unwrap(), b"switch up: 2 ports\r\n");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_console_write_by_address_is_its_bytes_and_a_bad_one_writes_nothing() {
+        use vigil_wire::boot::{console_write, CONSOLE_MAX, CONSOLE_MMIO_ADDR};
+        use vm_memory::{Bytes, GuestAddress};
+        let path = std::env::temp_dir().join(format!("vigil-mmio-con-{}.log", std::process::id()));
+        let bus = Bus::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::new(
+                "t",
+                Some(File::create(&path).unwrap()),
+                false,
+                Instant::now(),
+                &["switch up".to_string()],
+            ),
+            Vec::new(),
+            true,
+        );
+        // Before the VMM hands over the micro-VM's RAM, nothing is read.
+        bus.mmio_write(CONSOLE_MMIO_ADDR, &console_write(0x1000, 4).to_le_bytes());
+        let memory = crate::anonymous_memory(1 << 20, false).unwrap();
+        bus.set_console_memory(memory.clone());
+        memory
+            .write_slice(b"fw-guest: switch up\r\n", GuestAddress(0x1000))
+            .unwrap();
+        bus.mmio_write(CONSOLE_MMIO_ADDR, &console_write(0x1000, 21).to_le_bytes());
+        // Hostile values: past RAM, straddling its end, no bytes, too many, the wrong width.
+        for value in [
+            console_write(1 << 20, 8),
+            console_write((1 << 20) - 4, 8),
+            console_write(0x1000, 0),
+            console_write(0x1000, CONSOLE_MAX as u32 + 1),
+        ] {
+            bus.mmio_write(CONSOLE_MMIO_ADDR, &value.to_le_bytes());
+        }
+        bus.mmio_write(CONSOLE_MMIO_ADDR, &0x1000u32.to_le_bytes());
+        let seen: Vec<String> = bus.console_markers().into_iter().map(|(m, _)| m).collect();
+        assert_eq!(seen, ["switch up"]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"fw-guest: switch up\r\n");
         let _ = std::fs::remove_file(&path);
     }
 

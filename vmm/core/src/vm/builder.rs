@@ -65,6 +65,9 @@ impl Vm {
         let nets = net_devices(config, &fd, &memory, &device_fault)?;
         let net_counters = nets.counters;
         let bus = Arc::new(Bus::new(serial_irq, console, nets.slots, inputs.exit_port));
+        if inputs.exit_port {
+            bus.set_console_memory(memory.clone());
+        }
         let vcpu_fds = vcpu_fds(&kvm, &fd, config.vcpus, host)?;
         let verdict_region = load_payload(
             config,
@@ -501,6 +504,8 @@ fn load_payload(
             // Guest RAM is a fresh anonymous mapping (`guest_memory`): zero but for what this
             // builder writes into it.
             info.flags |= vigil_wire::boot::BOOT_FLAG_RAM_ZEROED;
+            // Console lines by address: one exit a line (`Bus::set_console_memory`).
+            info.flags |= vigil_wire::boot::BOOT_FLAG_CONSOLE_MMIO;
             // The switch ports, in order: the micro-VM finds them here (it has no ACPI).
             for (device, tenant) in ports {
                 info.push_device(vigil_wire::boot::MmioDevice {
