@@ -412,22 +412,27 @@ mod tests {
         let _ = std::fs::remove_file(&path);
     }
 
+    /// A bus with no devices whose console logs to `path` and times `marker`.
+    fn bus_logging_to(path: &std::path::Path, marker: &str, exit_port: bool) -> Bus {
+        Bus::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            ConsoleOutput::new(
+                "t",
+                Some(File::create(path).unwrap()),
+                false,
+                Instant::now(),
+                &[marker.to_string()],
+            ),
+            Vec::new(),
+            exit_port,
+        )
+    }
+
     #[test]
     fn a_string_write_to_the_console_is_every_byte_in_order() {
         // `rep outsb` to COM1's data register: one exit carrying the whole string.
         let path = std::env::temp_dir().join(format!("vigil-outs-test-{}.log", std::process::id()));
-        let bus = Bus::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            ConsoleOutput::new(
-                "t",
-                Some(File::create(&path).unwrap()),
-                false,
-                Instant::now(),
-                &["up: 2".to_string()],
-            ),
-            Vec::new(),
-            false,
-        );
+        let bus = bus_logging_to(&path, "up: 2", false);
         bus.pio_write(COM1_BASE, b"switch up");
         bus.pio_write(COM1_BASE, b": 2 ports\r\n");
         let seen: Vec<String> = bus.console_markers().into_iter().map(|(m, _)| m).collect();
@@ -441,18 +446,7 @@ mod tests {
         use vigil_wire::boot::{console_write, CONSOLE_MAX, CONSOLE_MMIO_ADDR};
         use vm_memory::{Bytes, GuestAddress};
         let path = std::env::temp_dir().join(format!("vigil-mmio-con-{}.log", std::process::id()));
-        let bus = Bus::new(
-            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
-            ConsoleOutput::new(
-                "t",
-                Some(File::create(&path).unwrap()),
-                false,
-                Instant::now(),
-                &["switch up".to_string()],
-            ),
-            Vec::new(),
-            true,
-        );
+        let bus = bus_logging_to(&path, "switch up", true);
         // Before the VMM hands over the micro-VM's RAM, nothing is read.
         bus.mmio_write(CONSOLE_MMIO_ADDR, &console_write(0x1000, 4).to_le_bytes());
         let memory = crate::anonymous_memory(1 << 20, false).unwrap();
