@@ -39,7 +39,7 @@ impl Segments {
 
     fn empty() -> Segments {
         Segments {
-            at: [MaybeUninit::uninit(); MAX_SEGMENTS],
+            at: [const { MaybeUninit::uninit() }; MAX_SEGMENTS],
             count: 0,
             total: 0,
         }
