@@ -38,6 +38,8 @@ impl Segments {
     }
 
     fn empty() -> Segments {
+        // An inline const: `[MaybeUninit::uninit(); N]` (a value repeated) compiled to a 1 KiB
+        // memset of zeros here, on every frame.
         Segments {
             at: [const { MaybeUninit::uninit() }; MAX_SEGMENTS],
             count: 0,
