@@ -13,7 +13,8 @@
 //! Prints one JSON object per figure (see scripts/bench):
 //!   fw_boot_to_forward_ms  VM create -> the first frame out of the uplink (memory link), median
 //!                          of 9 fresh micro-VMs
-//!   fw_mpps_64             frames/s through the micro-VM at 64 bytes (millions), with
+//!   fw_mpps_64             frames/s through the micro-VM at 64 bytes (millions), the harness
+//!                          moving 128 frames a call (and 256, `harness_batch_256`), with
 //!                          `baseline_socketpair` from the same run
 //!   fw_gbps_1500           Gbit/s through it at 1500 bytes, likewise
 //!   fw_stage_ns_64         ns per frame by stage (guest, copy in, copy out, notify) and the
@@ -47,8 +48,14 @@ const SRC_IP: [u8; 4] = [10, 1, 0, 2];
 const DST_IP: [u8; 4] = [10, 1, 0, 1];
 const DST_PORT: u16 = 9000;
 const SRC_PORT: u16 = 40000;
-/// Frames per send/receive call of the harness.
+/// Frames per send/receive call of the harness (the RAM run, the drains).
 const BATCH: usize = 256;
+/// Frames per send/receive call of the throughput runs. One harness thread offers a batch,
+/// then takes what came out; a batch as long as the rings (256) overran the micro-VM's transmit
+/// ring every round: a third of the offered frames were dropped there (`guest_tx_ring_full`),
+/// each after the harness had copied it in, on the core the sink needs. 64 and 128 were
+/// measured against 256 (`SWITCH_BENCH_BATCH`); the figures print the 256 run beside it.
+const HARNESS_BATCH: usize = 128;
 /// Flows of the RAM measurement.
 const FLOWS: usize = 65536;
 /// Fresh micro-VMs timed for `fw_boot_to_forward_ms` (the median is reported).
@@ -205,7 +212,12 @@ fn boot_on_memory_links(elf: &std::path::Path, size: usize) -> Result<Booted, St
 
 /// One micro-VM on memory links, one frame size: boots, waits for the first forwarded frame,
 /// measures.
-fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, String> {
+fn run_memory(
+    elf: &std::path::Path,
+    size: usize,
+    seconds: f64,
+    batch: usize,
+) -> Result<Run, String> {
     let booted = boot_on_memory_links(elf, size)?;
     let (generator, sink, region) = (&booted.generator, &booted.sink, &booted.region);
     let frame = udp_frame(size);
@@ -221,7 +233,7 @@ fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, S
         ..Run::default()
     };
     r.before = region.counters().unwrap_or_default();
-    let frames: Vec<&[u8]> = vec![frame.as_slice(); BATCH];
+    let frames: Vec<&[u8]> = vec![frame.as_slice(); batch];
     let started = Instant::now();
     let tsc_start = tsc();
     // One harness thread offers a batch, then takes what came out: on two cores the micro-VM's
@@ -232,7 +244,7 @@ fn run_memory(elf: &std::path::Path, size: usize, seconds: f64) -> Result<Run, S
         let t0 = tsc();
         r.offered += generator.send(frames.iter().copied()) as u64;
         let t1 = tsc();
-        let got = sink.recv(BATCH, &mut scratch, |f| r.bytes += f.len() as u64);
+        let got = sink.recv(batch, &mut scratch, |f| r.bytes += f.len() as u64);
         let t2 = tsc();
         r.frames += got as u64;
         r.copy_in_ticks += t1.wrapping_sub(t0);
@@ -508,7 +520,12 @@ fn main() {
         let size = std::env::var("SWITCH_BENCH_SIZE")
             .ok()
             .and_then(|s| s.parse().ok());
-        match run_memory(elf, size.unwrap_or(60), seconds) {
+        let batch = std::env::var("SWITCH_BENCH_BATCH")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&b| (1..=BATCH).contains(&b))
+            .unwrap_or(HARNESS_BATCH);
+        match run_memory(elf, size.unwrap_or(60), seconds, batch) {
             Ok(r) => {
                 let (b, a) = (&r.before, &r.after);
                 let busy = (a.busy_frames - b.busy_frames).max(1) as f64;
@@ -566,7 +583,8 @@ fn main() {
     // frame 1514.
     for (size, metric) in [(60usize, "fw_mpps_64"), (1514, "fw_gbps_1500")] {
         let base = run_socketpair(elf, size, seconds).unwrap_or_else(|e| fail(metric, e));
-        let r = run_memory(elf, size, seconds).unwrap_or_else(|e| fail(metric, e));
+        let r = run_memory(elf, size, seconds, HARNESS_BATCH).unwrap_or_else(|e| fail(metric, e));
+        let ring_batch = run_memory(elf, size, seconds, BATCH).unwrap_or_else(|e| fail(metric, e));
         let secs = r.elapsed.as_secs_f64();
         let value = |run: &Run| {
             let secs = run.elapsed.as_secs_f64();
@@ -602,6 +620,10 @@ fn main() {
                 "unit": if size == 60 { "Mpps" } else { "Gbit/s" },
                 "baseline_socketpair": round(value(&base), 4),
                 "speedup": round(value(&r) / value(&base).max(1e-9), 1),
+                "harness_batch": HARNESS_BATCH,
+                "harness_batch_256": round(value(&ring_batch), 4),
+                "harness_batch_256_tx_ring_full":
+                    ring_batch.after.tx_ring_full - ring_batch.before.tx_ring_full,
                 "frame_bytes": size, "frames_out": r.frames, "frames_offered": r.offered,
                 "accounted": {"offered_not_out": in_flight_or_lost,
                               "guest_filter_drops": guest_drops, "guest_tx_ring_full": tx_full},
