@@ -239,7 +239,7 @@ fn run_memory(
     // One harness thread offers a batch, then takes what came out: on two cores the micro-VM's
     // vCPU has the other one to itself.
     let mut rounds = 0u32;
-    while rounds % 1024 != 0 || started.elapsed().as_secs_f64() < seconds {
+    while !rounds.is_multiple_of(1024) || started.elapsed().as_secs_f64() < seconds {
         rounds = rounds.wrapping_add(1);
         let t0 = tsc();
         r.offered += generator.send(frames.iter().copied()) as u64;
