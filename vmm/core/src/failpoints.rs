@@ -11,12 +11,12 @@
 //! failpoints, the endpoint for `api.request`) starts with `scope` (any scope when none is
 //! given). The places:
 //!
-//! | name            | where                                        | scope                |
-//! |-----------------|----------------------------------------------|----------------------|
-//! | `api.request`   | the REST API's router, before the endpoint   | endpoint (`vm.list`) |
-//! | `vcpu.exit`     | a vCPU's run loop, after each exit           | `<vm>-vcpu<n>`       |
-//! | `device.net`    | a virtio-net device thread, per wake-up      | `<vm>-net<n>`        |
-//! | `verdict.push`  | delivering an allowed call's verdicts        | `<vm>-vcpu<n>`       |
+//! | name            | where                                                | scope                |
+//! |-----------------|------------------------------------------------------|----------------------|
+//! | `api.request`   | the REST API's router, before the endpoint           | endpoint (`vm.list`) |
+//! | `vcpu.exit`     | a vCPU's run loop, after each exit                   | `<vm>-vcpu<n>`       |
+//! | `device.net`    | a virtio-net device thread, at start and per wake-up | `<vm>-net<n>`        |
+//! | `verdict.push`  | delivering an allowed call's verdicts                | `<vm>-vcpu<n>`       |
 //!
 //! Built only with the `failpoints` cargo feature (on by default, so that the release binary
 //! the end-to-end tests drive has them; `--no-default-features` compiles every failpoint to
