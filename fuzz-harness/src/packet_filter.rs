@@ -141,8 +141,8 @@ impl Run<'_> {
         d
     }
 
-    /// `switch_frame` of fw-guest/src/main.rs, without the MAC learning (a frame to another
-    /// tenant port goes there when its destination MAC is that port's attached MAC).
+    /// `Ports::switch_frame` of fw-guest/src/switch.rs, without the MAC learning (a frame to
+    /// another tenant port goes there when its destination MAC is that port's attached MAC).
     fn switch_frame(&mut self, port: usize, frame: &[u8]) {
         let from = self.filter.tenancy().port(port);
         if from == TENANT_UNASSIGNED {
