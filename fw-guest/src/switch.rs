@@ -66,42 +66,34 @@ impl<'a> Ports<'a> {
     /// a copy to all but the last, which takes the receive buffer itself. `bytes` are the
     /// frame's (from `frame`), and are not used after this call.
     fn deliver(&mut self, i: usize, targets: u32, frame: RxFrame, bytes: &[u8]) {
-        let mut rest = targets;
-        let mut frame = Some(frame);
-        while rest != 0 {
-            let j = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
-            let sent = if rest == 0 {
-                match frame.take() {
-                    // SAFETY: the caller's frame, received on port `i` this round (its
-                    // recycle comes after), forwarded once: `frame` is taken here. The
-                    // copies above read `bytes` before; nothing reads them after.
-                    Some(frame) => unsafe { self.ports[j].forward(frame) },
-                    None => false,
-                }
-            } else {
-                self.ports[j].send(bytes)
-            };
-            if sent {
-                self.forwarded[i] += 1;
-            } else {
-                self.dropped[i] += 1;
-            }
-        }
+        let Some(last) = targets.checked_ilog2() else {
+            return;
+        };
+        self.send_copies(i, targets & !(1 << last), bytes);
+        // SAFETY: the caller's frame, received on port `i` this round (its recycle comes
+        // after), forwarded once (taken by value). The copies read `bytes` before; nothing
+        // reads them after.
+        let sent = unsafe { self.ports[last as usize].forward(frame) };
+        self.count(i, sent);
     }
 
-    /// Sends a copy of `bytes` (a frame of the micro-VM's own) out of each port in
-    /// `targets`, counted for port `i`.
+    /// Sends a copy of `bytes` out of each port in `targets`, counted for port `i`.
     fn send_copies(&mut self, i: usize, targets: u32, bytes: &[u8]) {
         let mut rest = targets;
         while rest != 0 {
             let j = rest.trailing_zeros() as usize;
             rest &= rest - 1;
-            if self.ports[j].send(bytes) {
-                self.forwarded[i] += 1;
-            } else {
-                self.dropped[i] += 1;
-            }
+            let sent = self.ports[j].send(bytes);
+            self.count(i, sent);
+        }
+    }
+
+    /// Counts a frame from port `i` as sent on, or dropped.
+    fn count(&mut self, i: usize, sent: bool) {
+        if sent {
+            self.forwarded[i] += 1;
+        } else {
+            self.dropped[i] += 1;
         }
     }
 
