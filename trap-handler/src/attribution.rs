@@ -415,6 +415,9 @@ pub struct TrapSymbols {
     /// them the executable's identity is unknown, see [`Process::exe_error`]).
     pub init_task: Option<u64>,
     pub vmemmap_base: Option<u64>,
+    /// Link address of `page_offset_base`: the kernel's direct map (see [`crate::mem::DirectMap`]); without
+    /// it every address is walked.
+    pub page_offset_base: Option<u64>,
 }
 
 impl TrapSymbols {
@@ -425,6 +428,7 @@ impl TrapSymbols {
                 .ok_or(AttributionError::MissingSymbol("current_task"))?,
             init_task: get("init_task"),
             vmemmap_base: get("vmemmap_base"),
+            page_offset_base: get("page_offset_base"),
         })
     }
 }
@@ -436,6 +440,13 @@ impl TrapSymbols {
 /// kernel image's pages, fewer. Only a read that found both set is kept.
 #[derive(Debug, Default)]
 pub struct RootsCache(std::sync::OnceLock<(u64, KernelRoots)>);
+
+impl RootsCache {
+    /// The kernel's direct map, once a trap has found and checked it.
+    pub fn direct_map(&self) -> Option<crate::mem::DirectMap> {
+        self.0.get().and_then(|(_, roots)| roots.direct_map)
+    }
+}
 
 /// The process running on a vCPU whose kernel GS base (the per-CPU area) is `gs_base`: for events
 /// that are not socket operations, such as a write to a guarded kernel page.
@@ -449,36 +460,46 @@ pub fn current_process<M: GuestPhys + ?Sized>(
     Ok(read_process(r, task, profile)?.0)
 }
 
-/// The executable file of the task, with init's mount namespace found from `init_task` and the
-/// `struct page` array from `vmemmap_base`.
-fn exe_file<M: GuestPhys + ?Sized>(
+/// The kernel's roots: init's mount namespace found from `init_task`, the `struct page` array
+/// from `vmemmap_base`, the direct map from `page_offset_base`; read once per VM (per KASLR
+/// slide), from the first trap that finds them set.
+fn kernel_roots<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     profile: &KernelProfile,
     syms: &TrapSymbols,
     cache: &RootsCache,
-    task: u64,
-    refs: ExeRefs,
     kaslr_slide: u64,
-) -> Result<ExeFile, AttributionError> {
+) -> Result<KernelRoots, AttributionError> {
+    if let Some(&(slide, roots)) = cache.0.get() {
+        if slide == kaslr_slide {
+            return Ok(roots);
+        }
+    }
     let symbol = |addr: Option<u64>, name: &'static str| {
         addr.map(|a| a.wrapping_add(kaslr_slide))
             .ok_or(AttributionError::MissingSymbol(name))
     };
-    let roots = match cache.0.get() {
-        Some(&(slide, roots)) if slide == kaslr_slide => roots,
-        _ => {
-            let roots = exec::kernel_roots(
-                r,
-                profile,
-                symbol(syms.init_task, "init_task")?,
-                symbol(syms.vmemmap_base, "vmemmap_base")?,
-            )?;
-            if roots.init_mnt_ns != 0 && roots.vmemmap_base != 0 {
-                let _ = cache.0.set((kaslr_slide, roots));
-            }
-            roots
-        }
-    };
+    let roots = exec::kernel_roots(
+        r,
+        profile,
+        symbol(syms.init_task, "init_task")?,
+        symbol(syms.vmemmap_base, "vmemmap_base")?,
+        syms.page_offset_base.map(|a| a.wrapping_add(kaslr_slide)),
+    )?;
+    if roots.init_mnt_ns != 0 && roots.vmemmap_base != 0 {
+        let _ = cache.0.set((kaslr_slide, roots));
+    }
+    Ok(roots)
+}
+
+/// The executable file of the task.
+fn exe_file<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    profile: &KernelProfile,
+    roots: KernelRoots,
+    task: u64,
+    refs: ExeRefs,
+) -> Result<ExeFile, AttributionError> {
     let Some(mount) = refs.mount else {
         return Err(AttributionError::Exec(ExecError::Maple("no mount read")));
     };
@@ -520,9 +541,15 @@ pub fn attribute_with<M: GuestPhys + ?Sized>(
     args: HookArgs,
 ) -> Result<Attribution, AttributionError> {
     let task = r.read_u64(args.gs_base.wrapping_add(syms.current_task))?;
+    // The roots after the first read, so that a trap whose task cannot be read reads nothing
+    // else; from here on kernel objects in the direct map are read without a walk.
+    let roots = kernel_roots(r, profile, syms, roots, args.kaslr_slide);
+    if let Ok(roots) = &roots {
+        r.use_direct_map(roots.direct_map);
+    }
     let (mut process, refs) = read_process(r, task, profile)?;
     if refs.file != 0 {
-        match exe_file(r, profile, syms, roots, task, refs, args.kaslr_slide) {
+        match roots.and_then(|roots| exe_file(r, profile, roots, task, refs)) {
             Ok(f) => process.exe_file = Some(f),
             Err(e) => process.exe_error = Some(e.to_string()),
         }

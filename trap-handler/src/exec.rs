@@ -10,7 +10,7 @@
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::mem::{GuestPhys, MemError, VirtReader};
+use crate::mem::{walk, DirectMap, GuestPhys, MemError, VirtReader, PAGE_1G};
 use crate::profile::{abi, Field, KernelProfile};
 
 /// Deepest maple tree we walk. A 6.1 VMA tree of `max_map_count` (65530) VMAs is at most 5 high
@@ -374,6 +374,9 @@ const PT_REGS_SPAN: usize = 256;
 pub struct KernelRoots {
     pub init_mnt_ns: u64,
     pub vmemmap_base: u64,
+    /// The kernel's direct map, where `page_offset_base` was found and checked (see
+    /// [`direct_map`]); `None`: every address is walked.
+    pub direct_map: Option<DirectMap>,
 }
 
 /// The page cache (`struct address_space`) a physical page belongs to, from its `struct page`
@@ -643,10 +646,88 @@ pub fn kernel_roots<M: GuestPhys + ?Sized>(
     p: &KernelProfile,
     init_task: u64,
     vmemmap_base_var: u64,
+    page_offset_base_var: Option<u64>,
 ) -> Result<KernelRoots, MemError> {
     let nsproxy = r.read_field_u64(init_task, p.exec.task_nsproxy.offset)?;
     Ok(KernelRoots {
         init_mnt_ns: r.read_field_u64(nsproxy, p.exec.nsproxy_mnt_ns.offset)?,
         vmemmap_base: r.read_u64(vmemmap_base_var)?,
+        direct_map: page_offset_base_var.and_then(|var| direct_map(r, var)),
     })
+}
+
+/// The kernel's direct map from `page_offset_base` (`var`: the variable's running address),
+/// if the guest's own page tables agree with it: the base is in the kernel half and 1 GiB
+/// aligned (KASLR places it on a PUD boundary, arch/x86/mm/kaslr.c), and the page tables map
+/// the direct-map alias of the variable's own page to that page. Otherwise `None`, and every
+/// address is walked. `page_offset_base` is `__ro_after_init`, set before the first user
+/// process: read once per VM, with the other roots.
+pub fn direct_map<M: GuestPhys + ?Sized>(r: &VirtReader<'_, M>, var: u64) -> Option<DirectMap> {
+    let base = r.read_u64(var).ok()?;
+    let size = r.mem().ram_size();
+    if (base as i64) >= 0 || base % PAGE_1G != 0 || base.checked_add(size).is_none() {
+        return None;
+    }
+    // Walked, never by arithmetic: this is the check of the arithmetic.
+    let (var_page, _) = walk(r.mem(), r.cr3(), r.mode(), var).ok()?;
+    let (alias, _) = walk(r.mem(), r.cr3(), r.mode(), base + var_page.gpa).ok()?;
+    (alias.gpa == var_page.gpa).then_some(DirectMap { base, size })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::{PageTableBuilder, PagingMode, PhysImage, PAGE_2M, PAGE_4K};
+
+    const BASE: u64 = 0xffff_9a00_0000_0000;
+    /// `page_offset_base` in the kernel image, and the physical page under it.
+    const VAR: u64 = 0xffff_ffff_8260_0010;
+    const VAR_GPA: u64 = 0x60_0000;
+    const RAM: usize = 16 << 20;
+
+    /// Guest RAM whose tables map the variable's page, and its direct-map alias to `alias_gpa`;
+    /// the variable holds `base`.
+    fn guest(base: u64, alias_gpa: u64) -> (PhysImage, u64) {
+        let mut img = PhysImage::new(RAM);
+        let cr3 = {
+            let mut b =
+                PageTableBuilder::new(&mut img, PagingMode::Level4, 0x1000, 0x10_0000).unwrap();
+            b.map(VAR & !(PAGE_4K - 1), VAR_GPA, PAGE_4K).unwrap();
+            b.map(base.wrapping_add(VAR_GPA), alias_gpa, PAGE_2M)
+                .unwrap();
+            b.root()
+        };
+        img.write(VAR_GPA + 0x10, &base.to_le_bytes()).unwrap();
+        (img, cr3)
+    }
+
+    #[test]
+    fn the_direct_map_is_taken_only_where_the_page_tables_agree() {
+        let (img, cr3) = guest(BASE, VAR_GPA);
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(
+            direct_map(&r, VAR),
+            Some(DirectMap {
+                base: BASE,
+                size: RAM as u64
+            })
+        );
+        // The alias maps another page: the arithmetic would read what the kernel does not.
+        let (img, cr3) = guest(BASE, VAR_GPA + PAGE_2M);
+        assert_eq!(
+            direct_map(&VirtReader::new(&img, cr3, PagingMode::Level4), VAR),
+            None
+        );
+        // A base the kernel cannot have, its alias mapped as the arithmetic says: not 1 GiB
+        // aligned, or in the user half.
+        for base in [BASE + PAGE_2M, 0x0000_7f00_0000_0000] {
+            let (img, cr3) = guest(base, VAR_GPA);
+            let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+            assert_eq!(direct_map(&r, VAR), None, "{base:#x}");
+        }
+        // The variable unreadable.
+        let (img, cr3) = guest(BASE, VAR_GPA);
+        let r = VirtReader::new(&img, cr3, PagingMode::Level4);
+        assert_eq!(direct_map(&r, VAR + PAGE_2M), None);
+    }
 }

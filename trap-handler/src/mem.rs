@@ -419,6 +419,27 @@ impl Tlb {
     }
 }
 
+/// The kernel's direct map of physical memory: guest-physical `p` at virtual `base + p`, for `p`
+/// below `size` (`page_offset_base`, randomized with KASLR; x86-64 `__va`/`__pa`). The kernel
+/// itself converts between the two by this arithmetic, never through its page tables, so a
+/// kernel object in the direct map (every slab object: tasks, files, dentries, mounts, sockets)
+/// is at `gva - base` for the kernel as for us. Found once per VM and checked against the guest's
+/// page tables (see `exec::direct_map`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectMap {
+    pub base: u64,
+    pub size: u64,
+}
+
+impl DirectMap {
+    /// The guest-physical address of `gva`, if it lies in the direct map.
+    #[inline]
+    pub fn gpa(&self, gva: u64) -> Option<u64> {
+        let offset = gva.wrapping_sub(self.base);
+        (offset < self.size).then_some(offset)
+    }
+}
+
 /// Virtual-address reader for one address space (one CR3) during one trap.
 pub struct VirtReader<'m, M: GuestPhys + ?Sized> {
     mem: &'m M,
@@ -426,6 +447,9 @@ pub struct VirtReader<'m, M: GuestPhys + ?Sized> {
     mode: PagingMode,
     max_read: usize,
     tlb: RefCell<Tlb>,
+    /// Where set, addresses in the kernel's direct map translate by arithmetic, without a walk:
+    /// a walk's page-directory reads were a cache miss each, a dozen or more a trap.
+    direct: std::cell::Cell<Option<DirectMap>>,
 }
 
 impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
@@ -437,7 +461,14 @@ impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
             mode,
             max_read: DEFAULT_MAX_READ,
             tlb: RefCell::new(Tlb::EMPTY),
+            direct: std::cell::Cell::new(None),
         }
+    }
+
+    /// Translates addresses in `direct` by arithmetic from now on (see [`DirectMap`]); `None`
+    /// walks every address again.
+    pub fn use_direct_map(&self, direct: Option<DirectMap>) {
+        self.direct.set(direct);
     }
 
     /// Changes the bound on one read (default [`DEFAULT_MAX_READ`]).
@@ -461,8 +492,16 @@ impl<'m, M: GuestPhys + ?Sized> VirtReader<'m, M> {
         *self.tlb.borrow_mut() = Tlb::EMPTY;
     }
 
-    /// Translates one virtual address, using the cache.
+    /// Translates one virtual address, using the direct map where one is set, else the cache.
     pub fn translate(&self, gva: u64) -> Result<Translation, MemError> {
+        if let Some(gpa) = self.direct.get().and_then(|d| d.gpa(gva)) {
+            // A read stops at each 1 GiB boundary of the physical range and translates again;
+            // the physical read itself refuses what is not RAM.
+            return Ok(Translation {
+                gpa,
+                page_size: PAGE_1G,
+            });
+        }
         let mut tlb = self.tlb.borrow_mut();
         if let Some(t) = tlb.lookup(gva) {
             return Ok(t);
@@ -748,6 +787,39 @@ mod tests {
             // Cached translation gives the same answer.
             assert_eq!(r.translate(0xffff_ffff_8120_1234).unwrap(), t);
         }
+    }
+
+    #[test]
+    fn the_direct_map_translates_by_arithmetic_and_stays_in_ram() {
+        const BASE: u64 = 0xffff_9a00_0000_0000;
+        // No page table maps anything: only the direct map can read these addresses.
+        let mut img = PhysImage::new(4 * MIB as usize);
+        img.write(0x20_0ff8, b"ABCDEFGHIJKL").unwrap();
+        let r = VirtReader::new(&img, 0x1000, PagingMode::Level4);
+        assert!(matches!(
+            r.read_u64(BASE + 0x20_0ff8),
+            Err(MemError::NotPresent { .. })
+        ));
+        let direct = DirectMap {
+            base: BASE,
+            size: img.ram_size(),
+        };
+        r.use_direct_map(Some(direct));
+        let mut b = [0u8; 12];
+        r.read_virt(BASE + 0x20_0ff8, &mut b).unwrap();
+        assert_eq!(&b, b"ABCDEFGHIJKL");
+        // Past RAM's end, below the base, and wrapping around: not the direct map's to read.
+        assert!(matches!(
+            r.read_u64(BASE + img.ram_size() - 4),
+            Err(MemError::OutsideRam { .. })
+        ));
+        assert_eq!(direct.gpa(BASE + img.ram_size()), None);
+        assert_eq!(direct.gpa(BASE - 8), None);
+        assert_eq!(direct.gpa(BASE.wrapping_add(u64::MAX)), None);
+        assert!(r.read_u64(BASE - 8).is_err());
+        // Taken away again: walked, and not mapped.
+        r.use_direct_map(None);
+        assert!(r.read_u64(BASE + 0x20_0ff8).is_err());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 7;
+pub const PROFILE_FORMAT: u32 = 8;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -25,6 +25,9 @@ pub const PROFILE_SYMBOLS: &[&str] = &[
     // The base of the `struct page` array (CONFIG_SPARSEMEM_VMEMMAP; randomized with KASLR):
     // whether the page the caller runs from is its file's page cache.
     "vmemmap_base",
+    // The base of the direct map of physical memory (randomized with KASLR): kernel objects
+    // there translate by arithmetic on the trap path (mem::DirectMap).
+    "page_offset_base",
     "init_top_pgt",
     "phys_base",
     "__per_cpu_offset",

@@ -2490,7 +2490,7 @@ fn identity_check_cost() {
     let t = std::time::Instant::now();
     for _ in 0..n {
         let r = s.g.reader();
-        let roots = trap_handler::exec::kernel_roots(&r, p, init_task, vmemmap_var).unwrap();
+        let roots = trap_handler::exec::kernel_roots(&r, p, init_task, vmemmap_var, None).unwrap();
         let f = trap_handler::exec::exe_file(
             &r,
             p,
@@ -2617,7 +2617,7 @@ fn the_trap_path_allocates_nothing() {
     assert_eq!(n, 0, "attribute()");
     let (n, f) = allocations(|| {
         let r = s.g.reader();
-        let roots = trap_handler::exec::kernel_roots(&r, p, init_task, vmemmap_var).unwrap();
+        let roots = trap_handler::exec::kernel_roots(&r, p, init_task, vmemmap_var, None).unwrap();
         let mount = s.vfsmount(s.root_mount);
         trap_handler::exec::exe_file(&r, p, &roots, s.task, s.mm, s.file, mount).unwrap()
     });

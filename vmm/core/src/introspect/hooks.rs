@@ -370,6 +370,7 @@ impl Introspection {
         }
         let ram = GuestRam(mem);
         let reader = VirtReader::new(&ram, sregs.cr3, PagingMode::from_cr4(sregs.cr4));
+        reader.use_direct_map(self.roots.direct_map());
         let Some(tgid) = self.current_tgid_fast(&reader, sregs) else {
             return HookOutcome::Allow;
         };
