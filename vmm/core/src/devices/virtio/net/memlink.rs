@@ -541,21 +541,36 @@ impl HostPort {
         self.shared.dir(1 - self.side).src.is_some() && self.shared.dir(self.side).dst.is_some()
     }
 
-    /// Sleeps until the guest kicks (it transmitted, or posted receive buffers) or `timeout`
-    /// passes. The kicks are turned on first and re-checked, so nothing that arrived before the
-    /// call is slept through; returns at once when there is something already.
+    /// Sleeps until the guest kicks (it transmitted, or posted receive buffers), the device
+    /// comes up, or `timeout` passes. The kicks are turned on first and re-checked, so nothing
+    /// that arrived before the call is slept through; returns at once when there is something
+    /// already.
     pub fn wait(&self, timeout: Duration) {
-        let ready = {
-            let mut out = self.shared.dir(1 - self.side);
-            let more_out = out.src.as_mut().is_some_and(|q| q.notifications(true));
-            drop(out);
+        let ready = self.transmit_kicks_on() || {
             let mut into = self.shared.dir(self.side);
-            let more_in = into.dst.as_mut().is_some_and(|q| q.notifications(true));
-            more_out || more_in
+            into.dst.as_mut().is_some_and(|q| q.notifications(true))
         };
-        if ready {
-            return;
+        if !ready {
+            self.sleep(timeout);
         }
+    }
+
+    /// [`HostPort::wait`] for transmitted frames only: a guest's free receive buffers do not
+    /// end it (a host end that sent what it had waits for what comes back).
+    pub fn wait_for_frames(&self, timeout: Duration) {
+        if !self.transmit_kicks_on() {
+            self.sleep(timeout);
+        }
+    }
+
+    /// Turns the guest's transmit kicks on, and says whether it has frames waiting already.
+    fn transmit_kicks_on(&self) -> bool {
+        let mut out = self.shared.dir(1 - self.side);
+        out.src.as_mut().is_some_and(|q| q.notifications(true))
+    }
+
+    /// Sleeps on this end's wake-up until it is signalled or `timeout` passes.
+    fn sleep(&self, timeout: Duration) {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.shared.wake[self.side]);
         let mut poll = libc::pollfd {
             fd,

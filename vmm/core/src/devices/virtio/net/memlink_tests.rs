@@ -296,3 +296,23 @@ fn a_host_port_writes_and_reads_the_guest_queues_directly() {
     let s = g.counters.snapshot();
     assert_eq!((s.rx_frames, s.tx_frames), (2, 2));
 }
+
+#[test]
+fn a_host_end_waiting_for_its_device_wakes_when_the_device_comes_up() {
+    let (host, end) = MemLinkEnd::host_pair().unwrap();
+    let host = Arc::new(host);
+    // Nothing to send to and nothing sent: only the device's activation can end this wait
+    // before its 30 s (the wake-up is an eventfd count: one made before the poll is kept).
+    let waiter = {
+        let host = host.clone();
+        std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            host.wait(Duration::from_secs(30));
+            started.elapsed()
+        })
+    };
+    let _g = guest(end, features::VERSION_1);
+    let waited = waiter.join().unwrap();
+    assert!(waited < Duration::from_secs(10), "woke after {waited:?}");
+    assert!(host.connected());
+}
