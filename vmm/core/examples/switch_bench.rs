@@ -173,9 +173,6 @@ impl Booted {
     }
 }
 
-/// Boots the micro-VM on memory links and offers a frame whenever the port has room, sleeping
-/// on the links' eventfds (the guest kicks while the harness is not polling), until one comes
-/// out of the uplink.
 /// How the boot loop offers frames: one probe (the figure), or one on every pass of the loop
 /// (the baseline: the harness before it was measured).
 #[derive(Clone, Copy, PartialEq)]
@@ -184,6 +181,9 @@ enum Offer {
     EveryPass,
 }
 
+/// Boots the micro-VM on memory links and offers frames as `offer` says, sleeping on the links'
+/// eventfds (the guest kicks while the harness is not polling), until one comes out of the
+/// uplink.
 fn boot_on_memory_links(
     elf: &std::path::Path,
     size: usize,
