@@ -29,7 +29,9 @@
 //! certain ([`Queued::certain`]); for one it does not, the caller waits for the verdict with
 //! [`VerdictLink::wait_outcome`]. A refusal of a batch nobody waits for (the room was wrong:
 //! other hosts filled the shared table first) goes to the host's hook
-//! ([`VerdictLink::on_refused`]), which takes the verdict back at its own tier.
+//! ([`VerdictLink::on_refused`]), which takes the verdict back at its own tier. A claim of a
+//! tenant's address is always waited for ([`VerdictLink::send_awaited`]), whatever the room:
+//! the room counts verdicts, and a claim's refusal (a collision) is for its sender to handle.
 
 use std::collections::VecDeque;
 use std::io;
@@ -139,6 +141,18 @@ pub enum EdgeOutcome {
     Refused { records: u64, reason: u8 },
     /// Not acknowledged within the limit: whether the edge applied it is unknown.
     Unconfirmed,
+}
+
+/// Who hears a queued batch's refusals: its sender, waiting ([`VerdictLink::wait_outcome`]),
+/// or the [`VerdictLink::on_refused`] hook.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Waiter {
+    /// The hook.
+    None,
+    /// The sender, unless the edge's room makes the batch certain (then the hook).
+    UnlessCertain,
+    /// The sender.
+    Always,
 }
 
 /// What a host does with records the edge refused that nobody waited for: each with the
@@ -582,7 +596,7 @@ impl VerdictLink {
     /// Queues `records` ([`MAX_RECORDS`] per datagram, in order, all or none) and sends them at
     /// once; they are retransmitted until acknowledged. An empty batch is one empty datagram.
     pub fn send(&self, records: &[[u8; RECORD_LEN]], class: Class) -> Result<Queued, LinkError> {
-        self.queue(records, class, false)
+        self.queue(records, class, Waiter::None)
     }
 
     /// [`send`](Self::send) for a caller that will wait for the outcome unless it is certain
@@ -593,14 +607,25 @@ impl VerdictLink {
         records: &[[u8; RECORD_LEN]],
         class: Class,
     ) -> Result<Queued, LinkError> {
-        self.queue(records, class, true)
+        self.queue(records, class, Waiter::UnlessCertain)
+    }
+
+    /// [`send`](Self::send) for a caller that waits for the outcome whatever the room says (a
+    /// claim: the room counts verdicts): call [`wait_outcome`](Self::wait_outcome) with it; a
+    /// refusal always goes to that call, never to the [`on_refused`](Self::on_refused) hook.
+    pub fn send_awaited(
+        &self,
+        records: &[[u8; RECORD_LEN]],
+        class: Class,
+    ) -> Result<Queued, LinkError> {
+        self.queue(records, class, Waiter::Always)
     }
 
     fn queue(
         &self,
         records: &[[u8; RECORD_LEN]],
         class: Class,
-        wait_unless_certain: bool,
+        waiter: Waiter,
     ) -> Result<Queued, LinkError> {
         let shared = &self.shared;
         let datagrams = records.len().div_ceil(MAX_RECORDS).max(1);
@@ -620,7 +645,11 @@ impl VerdictLink {
         let first_ticket = state.next_ticket;
         let certain = state.edge_boot != 0
             && (state.outstanding_records + records.len()) as u64 <= state.room;
-        let waited = wait_unless_certain && !certain;
+        let waited = match waiter {
+            Waiter::None => false,
+            Waiter::UnlessCertain => !certain,
+            Waiter::Always => true,
+        };
         let mut chunks: Vec<&[[u8; RECORD_LEN]]> = records.chunks(MAX_RECORDS).collect();
         if chunks.is_empty() {
             chunks.push(&[]);

@@ -398,8 +398,15 @@ impl Edge {
                 Judged::Consumed => {}
                 Judged::Refuse(why) => {
                     self.refused(d, v, why);
-                    if matches!(v.op, Op::Add | Op::Adopt) {
-                        refuse(&mut report, index, Outcome::NotOwner);
+                    match (v.op, why) {
+                        (Op::Add | Op::Adopt, _) => refuse(&mut report, index, Outcome::NotOwner),
+                        // A claim that did not take: its host hears why, and may claim again
+                        // once the other host released the tenant.
+                        (Op::Attach, Refusal::Collision) => {
+                            refuse(&mut report, index, Outcome::Collision)
+                        }
+                        (Op::Attach, _) => refuse(&mut report, index, Outcome::AttachRefused),
+                        _ => {}
                     }
                 }
             }
@@ -422,7 +429,7 @@ impl Edge {
                             else {
                                 return;
                             };
-                            if matches!(v.op, Op::Add | Op::Adopt)
+                            if matches!(v.op, Op::Add | Op::Adopt | Op::Attach)
                                 && !o.is_some_and(|o| o.took_effect())
                             {
                                 refused.push((v.tenant, o.map_or("outcome_unknown", |o| o.name())));

@@ -15,7 +15,8 @@
 //!   address) is dropped before the firewall (`foreign_source_frames`); the same frame from B
 //!   opens its flow;
 //! - host B attaching an address host A attached, or naming A's tenant, is refused
-//!   (`collision`, `other_hosts_tenant`) and A's tenant keeps working; after A releases the
+//!   (`collision`, `other_hosts_tenant`) and A's tenant keeps working; a claim B waits for is
+//!   answered refused (`Outcome::Collision`) in the edge's ack; after A releases the
 //!   tenant (as a migration's source does), B's attach takes it over with its verdicts, and from
 //!   then on only B speaks for it;
 //! - a forged VXLAN datagram to a real host's uplink from an underlay address that is not its
@@ -394,6 +395,19 @@ fn the_edge_binds_addresses_to_hosts_and_refuses_the_underlay_from_outside() {
     assert!(c["ownership"]["claim_waits"].as_u64() > before["ownership"]["claim_waits"].as_u64());
     refused_as_foreign(&b.uplink, &syn(TA_MAC, TA_IP, 43_000, tap_mac), &socket);
     answered(&a.uplink, &syn(TA_MAC, TA_IP, 43_001, tap_mac), &socket);
+    // A claim B waits for, as a migration's target waits for its claim, hears the collision
+    // in the edge's ack (once the claim wait ran out), whatever room the edge announced: the
+    // target claims again rather than announce a tenant the edge does not route to it.
+    let claim = b.attach(TB2, TA_IP).to_bytes();
+    let q = b.link.send_awaited(&[claim], Class::Control).unwrap();
+    assert_eq!(
+        b.link.wait_outcome(&q, LIMIT),
+        edge::link::EdgeOutcome::Refused {
+            records: 1,
+            reason: vigil_wire::outcome::Outcome::Collision as u8
+        },
+        "B's colliding claim was not reported refused"
+    );
 
     // The refusal is carried back in the edge's ack: a verdict B waits for, naming A's tenant,
     // comes back refused as `not_owner`. A's own verdicts: the edge's room (its micro-VM's
@@ -436,8 +450,13 @@ fn the_edge_binds_addresses_to_hosts_and_refuses_the_underlay_from_outside() {
     //    attach takes it over, with the verdict A's tenant had. Only B speaks for it now.
     let release = VerdictRepr::release(TA, a.seq());
     a.send(&[release]);
-    let records = [b.attach(TA, TA_IP)];
-    b.send(&records);
+    // B waits for its claim, as a migration's target does: acknowledged, nothing refused.
+    let claim = b.attach(TA, TA_IP).to_bytes();
+    let q = b.link.send_awaited(&[claim], Class::Control).unwrap();
+    assert_eq!(
+        b.link.wait_outcome(&q, LIMIT),
+        edge::link::EdgeOutcome::Applied
+    );
     let c = counters(&socket);
     assert_eq!(c["ownership"]["handovers"], 1, "{c}");
     answered(&b.uplink, &syn(TA_MAC, TA_IP, 44_000, tap_mac), &socket);

@@ -85,10 +85,14 @@ pub enum Outcome {
     /// (Edge only, never written by a micro-VM.) The edge's book of owners refused the record:
     /// the sending host did not attach the tenant it names.
     NotOwner = 21,
+    /// (Edge only, never written by a micro-VM.) An `Attach` that still collided with another
+    /// host's tenant or address when the edge's claim wait ran out: that host has not released
+    /// it (yet). The claim may be made again.
+    Collision = 22,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 9] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Added,
         Outcome::Refreshed,
         Outcome::Done,
@@ -98,6 +102,7 @@ impl Outcome {
         Outcome::NotFound,
         Outcome::AttachRefused,
         Outcome::NotOwner,
+        Outcome::Collision,
     ];
 
     pub fn from_code(code: u8) -> Option<Outcome> {
@@ -121,6 +126,7 @@ impl Outcome {
             Outcome::NotFound => "not_found",
             Outcome::AttachRefused => "attach_refused",
             Outcome::NotOwner => "not_owner",
+            Outcome::Collision => "collision",
         }
     }
 }

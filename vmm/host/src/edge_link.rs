@@ -132,14 +132,15 @@ impl EdgeLink {
             .is_some()
     }
 
-    /// [`EdgeLink::send`] for a caller that wants to know when the edge judged the records
-    /// (see [`EdgeLink::wait`]). `None` (counted) when the window is full.
+    /// [`EdgeLink::send`] for a caller that wants to know when the edge judged the records, and
+    /// whether it refused any (see [`EdgeLink::wait`]): their refusals go to it, never to the
+    /// host's hook. `None` (counted) when the window is full.
     pub(crate) fn send_tracked(
         &self,
         records: &[[u8; RECORD_LEN]],
         class: Class,
     ) -> Option<Queued> {
-        self.counted(records, self.link.send_waited(records, class))
+        self.counted(records, self.link.send_awaited(records, class))
     }
 
     /// Waits up to `limit` until the edge acknowledged `queued` (it acknowledges once it judged

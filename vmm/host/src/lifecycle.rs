@@ -195,16 +195,19 @@ impl Host {
             "vm_resumed",
             |t| {
                 t.control.resume();
-                announce = t.announce_on_resume.take().map(|claim| (t.slot, claim));
+                announce = t
+                    .announce_on_resume
+                    .take()
+                    .map(|claim| (t.slot, t.tenant, claim));
                 Ok(())
             },
         )?;
         let mac = parse_mac(&info.mac);
-        if let (Some((slot, claim)), Some(mac)) = (announce, mac) {
+        if let (Some((slot, tenant, claim)), Some(mac)) = (announce, mac) {
             let (host, vm, ip) = (self.clone(), id.to_string(), info.ip);
             let spawned = std::thread::Builder::new()
                 .name("announce".into())
-                .spawn(move || host.announce(&vm, slot, mac, ip, claim));
+                .spawn(move || host.announce(&vm, slot, mac, tenant, ip, claim));
             if let Err(e) = spawned {
                 log::warn!("{id}: cannot start the announcement: {e}");
             }

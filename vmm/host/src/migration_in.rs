@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use edge::link::{EdgeOutcome, Queued};
+use vigil_wire::outcome::Outcome;
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
 
@@ -33,6 +34,12 @@ const MAX_ROUNDS: u32 = 64;
 /// (`edge::owners`, within its `CLAIM_WAIT` of 1.5 s), and until then refuses frames of the
 /// address from this host.
 const CLAIM_CONFIRM_LIMIT: Duration = Duration::from_secs(5);
+/// Claims made at most when the edge refuses them as a collision (the source had not released
+/// the tenant within the edge's `CLAIM_WAIT`: a slow source, or one that released late): each
+/// waits up to `CLAIM_WAIT` at the edge again, so the source has about 6 s in all.
+const CLAIM_ATTEMPTS: u32 = 4;
+/// The pause before claiming again.
+const CLAIM_RETRY_PAUSE: Duration = Duration::from_millis(100);
 /// When the announcement goes out, counted from the edge's confirmation: three frames, as
 /// QEMU's self-announce sends several, since one can be lost.
 const ANNOUNCE_AT: [Duration; 3] = [
@@ -358,7 +365,7 @@ impl Host {
                 "switch_port": slot + 1, "restore_ms": restore_ms, "tiers_ms": tiers_ms,
                 "precopy_rounds": rounds, "adopted_verdicts": adopted.len()}),
         );
-        self.announce(&id, slot, mac, spec.ip, claim);
+        self.announce(&id, slot, mac, tenant, spec.ip, claim);
         Ok(())
     }
 
@@ -375,36 +382,47 @@ impl Host {
         id: &str,
         slot: usize,
         mac: [u8; 6],
+        tenant: u32,
         ip: IpAddr,
         claim: Option<Queued>,
     ) {
         let frame = announcement(mac, ip);
         let started = Instant::now();
-        let edge = match (&self.edge, &claim) {
-            (None, _) => "none",
-            (Some(_), None) => "not_queued",
-            (Some(link), Some(queued)) => match link.wait(queued, CLAIM_CONFIRM_LIMIT) {
-                // The edge reports refused verdicts, not a refused claim (a collision): it
-                // acknowledges what it judged.
-                EdgeOutcome::Applied => "acknowledged",
-                EdgeOutcome::Refused { .. } => "refused",
-                EdgeOutcome::Unconfirmed => "unconfirmed",
-            },
+        let running_here = || {
+            self.tenants()
+                .get(id)
+                .is_some_and(|t| t.slot == slot && t.state == VmState::Running)
+        };
+        let mut claim = claim;
+        let mut attempts = u32::from(claim.is_some());
+        let (edge, refusal) = loop {
+            let outcome = match (&self.edge, &claim) {
+                (None, _) => break ("none", None),
+                (Some(_), None) => break ("not_queued", None),
+                (Some(link), Some(queued)) => link.wait(queued, CLAIM_CONFIRM_LIMIT),
+            };
+            match claim_step(&outcome, attempts) {
+                ClaimStep::Done(edge, refusal) => break (edge, refusal),
+                ClaimStep::Again if running_here() => {
+                    std::thread::sleep(CLAIM_RETRY_PAUSE);
+                    claim = self.claim_at_edge(tenant, ip);
+                    attempts += 1;
+                }
+                ClaimStep::Again => break ("refused", Some(Outcome::Collision.name())),
+            }
         };
         if edge != "acknowledged" && edge != "none" {
             log::warn!(
-                "{id}: the edge did not confirm this host's claim ({edge}); announcing anyway"
+                "{id}: the edge did not confirm this host's claim ({edge}{}, {attempts} \
+                 attempts); announcing anyway",
+                refusal.map(|r| format!(": {r}")).unwrap_or_default()
             );
         }
         let confirmed = Instant::now();
         let (mut frames, mut error) = (0u32, None);
         for at in ANNOUNCE_AT {
             std::thread::sleep((confirmed + at).saturating_duration_since(Instant::now()));
-            let here = self
-                .tenants()
-                .get(id)
-                .is_some_and(|t| t.slot == slot && t.state == VmState::Running);
-            if !here {
+            if !running_here() {
                 break;
             }
             let ports = self.switch.ports.lock().unwrap_or_else(|p| p.into_inner());
@@ -419,9 +437,34 @@ impl Host {
         self.emit(
             "announced",
             id,
-            serde_json::json!({"edge_claim": edge, "frames": frames, "error": error,
+            serde_json::json!({"edge_claim": edge, "claim_attempts": attempts,
+                "claim_refusal": refusal, "frames": frames, "error": error,
                 "claim_confirmed_ms": (confirmed - started).as_secs_f64() * 1e3}),
         );
+    }
+}
+
+/// What the announcement does after the edge's word on a claim.
+#[derive(Debug, PartialEq, Eq)]
+enum ClaimStep {
+    /// Announce now; the claim's outcome for the event (`edge_claim`) and the edge's refusal,
+    /// if it refused.
+    Done(&'static str, Option<&'static str>),
+    /// The claim collided with the source's hold on the tenant: claim again.
+    Again,
+}
+
+/// The next step after `attempts` claims, the last with `outcome`. A collision is claimed again
+/// up to [`CLAIM_ATTEMPTS`] times (the source releases the tenant once it knows the migration
+/// succeeded, which may be late); any other refusal is final.
+fn claim_step(outcome: &EdgeOutcome, attempts: u32) -> ClaimStep {
+    match outcome {
+        EdgeOutcome::Applied => ClaimStep::Done("acknowledged", None),
+        EdgeOutcome::Unconfirmed => ClaimStep::Done("unconfirmed", None),
+        EdgeOutcome::Refused { reason, .. } => match Outcome::from_code(*reason) {
+            Some(Outcome::Collision) if attempts < CLAIM_ATTEMPTS => ClaimStep::Again,
+            why => ClaimStep::Done("refused", Some(why.map_or("unknown", Outcome::name))),
+        },
     }
 }
 
@@ -435,6 +478,48 @@ mod tests {
     use vmm_core::devices::vxlan::claims;
 
     const MAC: [u8; 6] = [0x52, 0x54, 0, 0, 0, 2];
+
+    #[test]
+    fn a_claim_refused_as_a_collision_is_made_again_and_any_other_refusal_is_final() {
+        let refused = |reason: Outcome| EdgeOutcome::Refused {
+            records: 1,
+            reason: reason as u8,
+        };
+        assert_eq!(
+            claim_step(&EdgeOutcome::Applied, 1),
+            ClaimStep::Done("acknowledged", None)
+        );
+        assert_eq!(
+            claim_step(&EdgeOutcome::Unconfirmed, 1),
+            ClaimStep::Done("unconfirmed", None)
+        );
+        for attempts in 1..CLAIM_ATTEMPTS {
+            assert_eq!(
+                claim_step(&refused(Outcome::Collision), attempts),
+                ClaimStep::Again
+            );
+        }
+        assert_eq!(
+            claim_step(&refused(Outcome::Collision), CLAIM_ATTEMPTS),
+            ClaimStep::Done("refused", Some("collision"))
+        );
+        for other in [Outcome::AttachRefused, Outcome::NotOwner, Outcome::Invalid] {
+            assert_eq!(
+                claim_step(&refused(other), 1),
+                ClaimStep::Done("refused", Some(other.name()))
+            );
+        }
+        assert_eq!(
+            claim_step(
+                &EdgeOutcome::Refused {
+                    records: 1,
+                    reason: 200
+                },
+                1
+            ),
+            ClaimStep::Done("refused", Some("unknown"))
+        );
+    }
 
     #[test]
     fn an_ipv4_tenant_is_announced_by_gratuitous_arp_claiming_its_address() {

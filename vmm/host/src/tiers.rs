@@ -31,6 +31,8 @@ fn edge_reason(code: u8) -> &'static str {
         Some(Outcome::OverQuota) => "edge_over_quota",
         Some(Outcome::NotOwner) => "edge_not_owner",
         Some(Outcome::Invalid) => "edge_invalid_record",
+        Some(Outcome::Collision) => "edge_collision",
+        Some(Outcome::AttachRefused) => "edge_attach_refused",
         _ => "edge_refused",
     }
 }
@@ -137,16 +139,40 @@ pub(crate) fn ip_fields(ip: IpAddr) -> (IpVersion, [u8; 16]) {
 }
 
 impl Host {
-    /// The edge refused `records` after their calls were let go (see `host.rs`): out of the
-    /// switch and its book too, and reported.
+    /// The edge refused `records` that nobody waited for (see `host.rs`): verdicts whose calls
+    /// were let go come out of the switch and its book too; a claim of an address (an `Attach`
+    /// sent with a VM's creation) is reported, since the edge does not speak for the tenant's
+    /// address from this host until it is claimed again.
     pub(crate) fn edge_revoked(&self, records: &[[u8; RECORD_LEN]], reason: u8) {
-        self.switch.withdraw(records);
-        self.emit(
-            "verdict_revoked",
-            "",
-            serde_json::json!({"tier": "edge", "tenant": tenant_of(records),
-                "reason": edge_reason(reason), "records": records.len()}),
-        );
+        let (claims, verdicts): (Vec<[u8; RECORD_LEN]>, Vec<[u8; RECORD_LEN]>) = records
+            .iter()
+            .partition(|r| VerdictRepr::from_bytes(*r).is_ok_and(|v| v.op == Op::Attach));
+        if !verdicts.is_empty() {
+            self.switch.withdraw(&verdicts);
+            self.emit(
+                "verdict_revoked",
+                "",
+                serde_json::json!({"tier": "edge", "tenant": tenant_of(&verdicts),
+                    "reason": edge_reason(reason), "records": verdicts.len()}),
+            );
+        }
+        for claim in claims
+            .iter()
+            .filter_map(|c| VerdictRepr::from_bytes(c).ok())
+        {
+            log::warn!(
+                "host {}: the edge refused this host's claim of tenant {}'s address ({}): the \
+                 outside cannot reach it through this host",
+                self.config.name,
+                claim.tenant,
+                edge_reason(reason)
+            );
+            self.emit(
+                "edge_claim_refused",
+                "",
+                serde_json::json!({"tenant": claim.tenant, "reason": edge_reason(reason)}),
+            );
+        }
     }
 
     pub(crate) fn next_control_seq(&self) -> u64 {
