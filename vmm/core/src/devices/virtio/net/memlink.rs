@@ -173,6 +173,8 @@ fn move_batch(
     (sdone, ddone): (&mut Completions, &mut Completions),
 ) -> (Stopped, Round) {
     let mut round = Round::default();
+    // Filled in place for each chain pair (see `Segments::new`).
+    let (mut src_bufs, mut dst_bufs) = (Segments::new(), Segments::new());
     let Some(mut dchains) = dst.avail(budget) else {
         return (Stopped::Idle, round);
     };
@@ -193,8 +195,12 @@ fn move_batch(
         };
         schains.prefetch_next(&src.mem);
         dchains.prefetch_next(&dst.mem);
-        let from = Segments::of(&src.mem, &schains, shead, false);
-        let to = Segments::of(&dst.mem, &dchains, dhead, true);
+        let from = src_bufs
+            .fill(&src.mem, &schains, shead, false)
+            .then_some(&src_bufs);
+        let to = dst_bufs
+            .fill(&dst.mem, &dchains, dhead, true)
+            .then_some(&dst_bufs);
         round.chains += 1;
         match move_one(from, to) {
             Moved::Frame(len) => {
@@ -227,7 +233,7 @@ fn move_batch(
 }
 
 /// Copies one frame from a TX chain's buffers to an RX chain's (the caller completes both).
-fn move_one(from: Option<Segments>, to: Option<Segments>) -> Moved {
+fn move_one(from: Option<&Segments>, to: Option<&Segments>) -> Moved {
     let Some(from) = from.filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
     else {
         return Moved::Malformed;
@@ -242,7 +248,7 @@ fn move_one(from: Option<Segments>, to: Option<Segments>) -> Moved {
     to.write_at(0, &rx_header());
     // SAFETY: both lists lie in mapped guest memory (each queue holds its memory handle), and
     // the lengths were checked above.
-    unsafe { to.copy_from(NET_HDR_LEN, &from, NET_HDR_LEN, len) };
+    unsafe { to.copy_from(NET_HDR_LEN, from, NET_HDR_LEN, len) };
     Moved::Frame(len)
 }
 
@@ -256,6 +262,7 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
     let mut taken = 0;
     let mut delivered = Tally::default();
     let mut done = Completions::new();
+    let mut to = Segments::new();
     loop {
         let before = taken;
         // One snapshot of the avail ring per batch.
@@ -266,11 +273,11 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
             let Some(&frame) = frames.peek() else { break };
             let Some(head) = chains.next() else { break };
             chains.prefetch_next(&dst.mem);
-            let Some(to) = Segments::of(&dst.mem, &chains, head, true) else {
+            if !to.fill(&dst.mem, &chains, head, true) {
                 bump(&dst.counters.rx_bad_buffers, 1);
                 done.push(head, 0);
                 continue;
-            };
+            }
             frames.next();
             taken += 1;
             if frame.len() > MAX_FRAME || to.total < NET_HDR_LEN + frame.len() {
@@ -500,6 +507,7 @@ impl HostPort {
         let mut got = 0;
         let mut taken = Tally::default();
         let mut done = Completions::new();
+        let mut from = Segments::new();
         loop {
             let before = got;
             // One snapshot of the avail ring per batch.
@@ -509,7 +517,9 @@ impl HostPort {
             while got < max && !done.is_full() {
                 let Some(head) = chains.next() else { break };
                 chains.prefetch_next(&src.mem);
-                match Segments::of(&src.mem, &chains, head, false)
+                let whole = from.fill(&src.mem, &chains, head, false);
+                match whole
+                    .then_some(&from)
                     .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
                 {
                     Some(from) => {

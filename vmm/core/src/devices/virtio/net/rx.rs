@@ -135,7 +135,9 @@ impl Backend {
         };
         let len = frame.len();
         let head = chain.head_index();
-        let used_len = match Segments::of_chain(chain, true) {
+        let mut to = Segments::new();
+        let whole = to.fill_chain(chain, true);
+        let used_len = match whole.then_some(&to) {
             None => {
                 // A buffer outside guest memory: hand it back empty, keep the frame for the
                 // next buffer. Linux counts it as a length error.

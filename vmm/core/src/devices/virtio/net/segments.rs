@@ -37,7 +37,10 @@ impl Segments {
         unsafe { self.at[i].assume_init() }
     }
 
-    fn empty() -> Segments {
+    /// An empty list, to be filled in place ([`Segments::fill`], [`Segments::fill_chain`]):
+    /// the list is 1 KiB, and returning a filled one by value copied all of it on every frame
+    /// (a quarter of the in-process link's harness time, `perf`).
+    pub(super) fn new() -> Segments {
         // An inline const: `[MaybeUninit::uninit(); N]` (a value repeated) compiled to a 1 KiB
         // memset of zeros here, on every frame.
         Segments {
@@ -75,43 +78,47 @@ impl Segments {
         true
     }
 
-    /// The readable (`write == false`) or writable buffers of the chain at `head` of a batch
-    /// (the in-process link); None when one lies outside guest memory, the chain is malformed
-    /// or longer than `MAX_SEGMENTS`, or its total overflows.
+    /// Sets the list to the readable (`write == false`) or writable buffers of the chain at
+    /// `head` of a batch (the in-process link); false when one lies outside guest memory, the
+    /// chain is malformed or longer than `MAX_SEGMENTS`, or its total overflows (the list is
+    /// then not to be used).
     #[inline]
-    pub(super) fn of(
+    pub(super) fn fill(
+        &mut self,
         mem: &GuestMemoryMmap,
         avail: &Avail,
         head: u16,
         write: bool,
-    ) -> Option<Segments> {
-        let mut s = Segments::empty();
-        let whole = avail.walk(head, write, |b| {
-            s.push(mem, GuestAddress(b.addr), b.len as usize, write)
-        });
-        whole.then_some(s)
+    ) -> bool {
+        self.count = 0;
+        self.total = 0;
+        avail.walk(head, write, |b| {
+            self.push(mem, GuestAddress(b.addr), b.len as usize, write)
+        })
     }
 
     /// The same for a `virtio-queue` chain (the device threads of TAP, VXLAN and socket links):
     /// what its `Reader`/`Writer` would cover, without their allocation per chain.
     #[inline]
-    pub(super) fn of_chain(
+    pub(super) fn fill_chain(
+        &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         write: bool,
-    ) -> Option<Segments> {
+    ) -> bool {
+        self.count = 0;
+        self.total = 0;
         let mem = chain.memory();
-        let mut s = Segments::empty();
         let descriptors = if write {
             chain.clone().writable()
         } else {
             chain.clone().readable()
         };
         for desc in descriptors {
-            if !s.push(mem, desc.addr(), desc.len() as usize, write) {
-                return None;
+            if !self.push(mem, desc.addr(), desc.len() as usize, write) {
+                return false;
             }
         }
-        Some(s)
+        true
     }
 
     /// Copies `len` bytes from offset `from` of `src` to offset `to` of `self`.

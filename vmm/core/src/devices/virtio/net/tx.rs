@@ -70,10 +70,11 @@ impl Backend {
     }
 
     fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) {
-        let Some(from) = Segments::of_chain(chain, false) else {
+        let mut from = Segments::new();
+        if !from.fill_chain(chain, false) {
             bump(&self.counters.tx_dropped_malformed, 1);
             return;
-        };
+        }
         if from.total < NET_HDR_LEN || from.total - NET_HDR_LEN > MAX_FRAME {
             bump(&self.counters.tx_dropped_malformed, 1);
             return;
