@@ -156,10 +156,9 @@ impl Host {
                     "reason": edge_reason(reason), "records": verdicts.len()}),
             );
         }
-        for claim in claims
-            .iter()
-            .filter_map(|c| VerdictRepr::from_bytes(c).ok())
-        {
+        // (An `Attach` of no tenant gives an address up: its refusal leaves nothing unreachable.)
+        let claims = claims.iter().filter_map(|c| VerdictRepr::from_bytes(c).ok());
+        for claim in claims.filter(|c| c.tenant != vigil_wire::boot::TENANT_UNASSIGNED) {
             log::warn!(
                 "host {}: the edge refused this host's claim of tenant {}'s address ({}): the \
                  outside cannot reach it through this host",
