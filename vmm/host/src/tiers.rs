@@ -157,7 +157,9 @@ impl Host {
             );
         }
         // (An `Attach` of no tenant gives an address up: its refusal leaves nothing unreachable.)
-        let claims = claims.iter().filter_map(|c| VerdictRepr::from_bytes(c).ok());
+        let claims = claims
+            .iter()
+            .filter_map(|c| VerdictRepr::from_bytes(c).ok());
         for claim in claims.filter(|c| c.tenant != vigil_wire::boot::TENANT_UNASSIGNED) {
             log::warn!(
                 "host {}: the edge refused this host's claim of tenant {}'s address ({}): the \
