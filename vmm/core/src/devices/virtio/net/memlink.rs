@@ -195,12 +195,8 @@ fn move_batch(
         };
         schains.prefetch_next(&src.mem);
         dchains.prefetch_next(&dst.mem);
-        let from = src_bufs
-            .fill(&src.mem, &schains, shead, false)
-            .then_some(&src_bufs);
-        let to = dst_bufs
-            .fill(&dst.mem, &dchains, dhead, true)
-            .then_some(&dst_bufs);
+        let from = src_bufs.fill(&src.mem, &schains, shead, false);
+        let to = dst_bufs.fill(&dst.mem, &dchains, dhead, true);
         round.chains += 1;
         match move_one(from, to) {
             Moved::Frame(len) => {
@@ -262,7 +258,7 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
     let mut taken = 0;
     let mut delivered = Tally::default();
     let mut done = Completions::new();
-    let mut to = Segments::new();
+    let mut to_bufs = Segments::new();
     loop {
         let before = taken;
         // One snapshot of the avail ring per batch.
@@ -273,11 +269,11 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
             let Some(&frame) = frames.peek() else { break };
             let Some(head) = chains.next() else { break };
             chains.prefetch_next(&dst.mem);
-            if !to.fill(&dst.mem, &chains, head, true) {
+            let Some(to) = to_bufs.fill(&dst.mem, &chains, head, true) else {
                 bump(&dst.counters.rx_bad_buffers, 1);
                 done.push(head, 0);
                 continue;
-            }
+            };
             frames.next();
             taken += 1;
             if frame.len() > MAX_FRAME || to.total < NET_HDR_LEN + frame.len() {
@@ -507,7 +503,7 @@ impl HostPort {
         let mut got = 0;
         let mut taken = Tally::default();
         let mut done = Completions::new();
-        let mut from = Segments::new();
+        let mut from_bufs = Segments::new();
         loop {
             let before = got;
             // One snapshot of the avail ring per batch.
@@ -517,9 +513,8 @@ impl HostPort {
             while got < max && !done.is_full() {
                 let Some(head) = chains.next() else { break };
                 chains.prefetch_next(&src.mem);
-                let whole = from.fill(&src.mem, &chains, head, false);
-                match whole
-                    .then_some(&from)
+                match from_bufs
+                    .fill(&src.mem, &chains, head, false)
                     .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
                 {
                     Some(from) => {

@@ -135,9 +135,8 @@ impl Backend {
         };
         let len = frame.len();
         let head = chain.head_index();
-        let mut to = Segments::new();
-        let whole = to.fill_chain(chain, true);
-        let used_len = match whole.then_some(&to) {
+        let mut to_bufs = Segments::new();
+        let used_len = match to_bufs.fill_chain(chain, true) {
             None => {
                 // A buffer outside guest memory: hand it back empty, keep the frame for the
                 // next buffer. Linux counts it as a length error.

@@ -79,9 +79,8 @@ impl Segments {
     }
 
     /// Sets the list to the readable (`write == false`) or writable buffers of the chain at
-    /// `head` of a batch (the in-process link); false when one lies outside guest memory, the
-    /// chain is malformed or longer than `MAX_SEGMENTS`, or its total overflows (the list is
-    /// then not to be used).
+    /// `head` of a batch (the in-process link) and returns it; None when one lies outside guest
+    /// memory, the chain is malformed or longer than `MAX_SEGMENTS`, or its total overflows.
     #[inline]
     pub(super) fn fill(
         &mut self,
@@ -89,12 +88,13 @@ impl Segments {
         avail: &Avail,
         head: u16,
         write: bool,
-    ) -> bool {
+    ) -> Option<&Segments> {
         self.count = 0;
         self.total = 0;
-        avail.walk(head, write, |b| {
+        let whole = avail.walk(head, write, |b| {
             self.push(mem, GuestAddress(b.addr), b.len as usize, write)
-        })
+        });
+        whole.then_some(self)
     }
 
     /// The same for a `virtio-queue` chain (the device threads of TAP, VXLAN and socket links):
@@ -104,7 +104,7 @@ impl Segments {
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         write: bool,
-    ) -> bool {
+    ) -> Option<&Segments> {
         self.count = 0;
         self.total = 0;
         let mem = chain.memory();
@@ -115,10 +115,10 @@ impl Segments {
         };
         for desc in descriptors {
             if !self.push(mem, desc.addr(), desc.len() as usize, write) {
-                return false;
+                return None;
             }
         }
-        true
+        Some(self)
     }
 
     /// Copies `len` bytes from offset `from` of `src` to offset `to` of `self`.

@@ -70,11 +70,11 @@ impl Backend {
     }
 
     fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) {
-        let mut from = Segments::new();
-        if !from.fill_chain(chain, false) {
+        let mut from_bufs = Segments::new();
+        let Some(from) = from_bufs.fill_chain(chain, false) else {
             bump(&self.counters.tx_dropped_malformed, 1);
             return;
-        }
+        };
         if from.total < NET_HDR_LEN || from.total - NET_HDR_LEN > MAX_FRAME {
             bump(&self.counters.tx_dropped_malformed, 1);
             return;
