@@ -144,9 +144,15 @@ impl Host {
     /// sent with a VM's creation) is reported, since the edge does not speak for the tenant's
     /// address from this host until it is claimed again.
     pub(crate) fn edge_revoked(&self, records: &[[u8; RECORD_LEN]], reason: u8) {
-        let (claims, verdicts): (Vec<[u8; RECORD_LEN]>, Vec<[u8; RECORD_LEN]>) = records
-            .iter()
-            .partition(|r| VerdictRepr::from_bytes(*r).is_ok_and(|v| v.op == Op::Attach));
+        // Each record decoded once. An undecodable one goes with the verdicts, whose withdrawal
+        // skips it.
+        let (mut claims, mut verdicts) = (Vec::new(), Vec::new());
+        for record in records {
+            match VerdictRepr::from_bytes(record) {
+                Ok(v) if v.op == Op::Attach => claims.push(v),
+                _ => verdicts.push(*record),
+            }
+        }
         if !verdicts.is_empty() {
             self.switch.withdraw(&verdicts);
             self.emit(
@@ -157,10 +163,10 @@ impl Host {
             );
         }
         // (An `Attach` of no tenant gives an address up: its refusal leaves nothing unreachable.)
-        let claims = claims
+        for claim in claims
             .iter()
-            .filter_map(|c| VerdictRepr::from_bytes(c).ok());
-        for claim in claims.filter(|c| c.tenant != vigil_wire::boot::TENANT_UNASSIGNED) {
+            .filter(|c| c.tenant != vigil_wire::boot::TENANT_UNASSIGNED)
+        {
             log::warn!(
                 "host {}: the edge refused this host's claim of tenant {}'s address ({}): the \
                  outside cannot reach it through this host",

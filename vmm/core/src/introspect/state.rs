@@ -40,11 +40,12 @@ pub(super) struct VerdictOutbox {
 impl VerdictOutbox {
     /// An empty outbox whose first record gets sequence number 1. Both queues are allocated at
     /// their bound, so a trap never grows one (a reallocation and a copy, the larger one by
-    /// `mmap`), and every page of them is written here, so a trap never takes one's first touch:
-    /// on an emulating host each first touch (one record in 64) is an exit, which kept the
-    /// outbox at ~350 ns a call while it filled against ~70 ns once full (phase timing in the
-    /// trap benchmark). The pages would be resident after the first 4,096 verdicts anyway (a
-    /// `VecDeque` cycles through its whole buffer): 320 KiB per tenant, from the start.
+    /// `mmap`), and every page of them is written here, so a trap never takes one's first touch
+    /// (a page fault: ~1.5 µs a page, ~23 ns a record on this emulating host). The outbox still
+    /// costs ~350 ns a call while it fills against ~70 ns once full (phase timing in the trap
+    /// benchmark): that is mostly cold cache lines, which this does not change. The pages would
+    /// be resident after the first 4,096 verdicts anyway (a `VecDeque` cycles through its whole
+    /// buffer): 320 KiB per tenant, from the start.
     pub(super) fn new() -> VerdictOutbox {
         VerdictOutbox {
             next_seq: 1,
