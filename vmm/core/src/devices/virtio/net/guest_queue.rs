@@ -16,6 +16,7 @@
 //! virtio-queue; an indirect descriptor, which the device does not offer, makes it malformed), or
 //! publish the used index before the entries it covers.
 
+use std::cell::Cell;
 use std::mem::MaybeUninit;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, AtomicU16, Ordering};
@@ -23,7 +24,8 @@ use std::sync::Arc;
 
 use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::counters::{bump, NetCounters};
 use super::VRING_AVAIL_F_NO_INTERRUPT;
@@ -99,6 +101,31 @@ impl RingView {
         })
     }
 
+    /// A view the device writes through: the whole range is marked dirty for a migration's
+    /// tracking first (the raw stores below bypass vm-memory's accessors).
+    fn writable(mem: &GuestMemoryMmap, at: u64, len: usize) -> Option<RingView> {
+        let slice = mem.get_slice(GuestAddress(at), len).ok()?;
+        slice.bitmap().mark_dirty(0, len);
+        Some(RingView {
+            ptr: slice.ptr_guard_mut().as_ptr(),
+            len,
+        })
+    }
+
+    /// Stores `bytes` at `offset`; false past the view.
+    #[inline]
+    fn write<const N: usize>(&self, offset: usize, bytes: [u8; N]) -> bool {
+        if offset.checked_add(N).is_none_or(|end| end > self.len) {
+            return false;
+        }
+        // SAFETY: inside the view (checked above), in guest memory that stays mapped and that
+        // the view was made writable for; volatile because the guest reads it concurrently.
+        unsafe {
+            std::ptr::write_volatile(self.ptr.add(offset).cast_mut().cast::<[u8; N]>(), bytes)
+        };
+        true
+    }
+
     /// `N` bytes at `offset`, or None past the view.
     #[inline]
     fn read<const N: usize>(&self, offset: usize) -> Option<[u8; N]> {
@@ -135,9 +162,29 @@ pub(super) struct Avail {
     taken: usize,
     table: RingView,
     size: u16,
+    /// Index of the guest memory region the batch's last buffer lay in: a driver's buffers
+    /// mostly share one, and finding it again for every buffer (vm-memory's `find_region`)
+    /// was a tenth of the in-process link's harness time (`perf`).
+    region: Cell<usize>,
 }
 
 impl Avail {
+    /// An empty batch, to be filled in place by [`GuestQueue::avail`]: the heads are 512 bytes,
+    /// and returning a filled batch by value copied them on every call (a tenth of the
+    /// in-process link's harness time, `perf`, where a call often takes a handful of heads).
+    pub(super) fn new() -> Avail {
+        Avail {
+            heads: Prefix::new(),
+            taken: 0,
+            table: RingView {
+                ptr: std::ptr::null(),
+                len: 0,
+            },
+            size: 0,
+            region: Cell::new(0),
+        }
+    }
+
     /// The next head, taken.
     #[inline]
     pub(super) fn next(&mut self) -> Option<u16> {
@@ -159,10 +206,56 @@ impl Avail {
         let Some(d) = self.descriptor(head) else {
             return;
         };
-        if let Ok(host) = mem.get_host_address(GuestAddress(d.addr)) {
-            prefetch(host);
-            prefetch(host.wrapping_add(64));
+        if let Some((region, offset)) = self.region_of(mem, GuestAddress(d.addr)) {
+            if let Ok(host) = region.get_host_address(offset) {
+                prefetch(host);
+                prefetch(host.wrapping_add(64));
+            }
         }
+    }
+
+    /// The region of `mem` holding `addr`, and `addr` in it: the batch's last region first.
+    #[inline]
+    fn region_of<'m>(
+        &self,
+        mem: &'m GuestMemoryMmap,
+        addr: GuestAddress,
+    ) -> Option<(
+        &'m <GuestMemoryMmap as GuestMemoryBackend>::R,
+        vm_memory::MemoryRegionAddress,
+    )> {
+        let last = mem
+            .iter()
+            .nth(self.region.get())
+            .and_then(|r| Some((r, r.to_region_addr(addr)?)));
+        if last.is_some() {
+            return last;
+        }
+        let (index, region, offset) = mem
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| Some((i, r, r.to_region_addr(addr)?)))?;
+        self.region.set(index);
+        Some((region, offset))
+    }
+
+    /// The host address of the `len` bytes at guest address `addr`, all inside one region of
+    /// `mem` (as `mem.get_slice` requires too); marked dirty for a migration's tracking when
+    /// the device may `write` them (the copies through it bypass vm-memory's accessors).
+    #[inline]
+    pub(super) fn host_range(
+        &self,
+        mem: &GuestMemoryMmap,
+        addr: u64,
+        len: usize,
+        write: bool,
+    ) -> Option<*mut u8> {
+        let (region, offset) = self.region_of(mem, GuestAddress(addr))?;
+        let slice = region.get_slice(offset, len).ok()?;
+        if write {
+            slice.bitmap().mark_dirty(0, len);
+        }
+        Some(slice.ptr_guard_mut().as_ptr())
     }
 
     /// Gives the last head back (its buffer is kept for the next frame).
@@ -297,10 +390,13 @@ impl GuestQueue {
     }
 
     /// The heads the driver made available since the last batch, at most `max` (and
-    /// [`BATCH`]), read in one pass; none are consumed until [`GuestQueue::consume`]. None, and
-    /// a queue error counted, when the ring is broken: an avail index more than a ring ahead of
-    /// the device, or a ring outside guest memory.
-    pub(super) fn avail(&mut self, max: usize) -> Option<Avail> {
+    /// [`BATCH`]), read in one pass into `into` (emptied first; its region hint is kept); none
+    /// are consumed until [`GuestQueue::consume`]. None, and a queue error counted, when the
+    /// ring is broken: an avail index more than a ring ahead of the device, or a ring outside
+    /// guest memory.
+    pub(super) fn avail<'a>(&mut self, max: usize, into: &'a mut Avail) -> Option<&'a mut Avail> {
+        into.heads.take_len();
+        into.taken = 0;
         let size = self.queue.size();
         let next = self.queue.next_avail();
         let rings = RingView::of(
@@ -335,7 +431,7 @@ impl GuestQueue {
             return None;
         }
         let count = usize::from(pending).min(max).min(BATCH);
-        let mut heads = Prefix::new();
+        let heads = &mut into.heads;
         for i in 0..count {
             // Free-running indices wrap at 2^16, a multiple of the (power of two) size.
             let slot = usize::from(next.wrapping_add(i as u16) % size);
@@ -350,12 +446,9 @@ impl GuestQueue {
         for &head in heads.as_slice() {
             prefetch(table.ptr.wrapping_add(usize::from(head % size) * DESC_SIZE));
         }
-        Some(Avail {
-            heads,
-            taken: 0,
-            table,
-            size,
-        })
+        into.table = table;
+        into.size = size;
+        Some(into)
     }
 
     /// Moves past the heads `avail` took.
@@ -380,22 +473,34 @@ impl GuestQueue {
             return;
         }
         let size = self.queue.size();
-        let ring = GuestAddress(self.queue.used_ring());
+        // One view of the whole used ring (flags, idx, entries, avail_event) per batch: a
+        // vm-memory write per entry translated its address each time (a tenth of the
+        // in-process link's harness time, `perf`). The index is stored as an AtomicU16: the
+        // view must be 2-byte aligned (virtio-queue refuses a used ring not 4-byte aligned).
+        let ring = RingView::writable(
+            &self.mem,
+            self.queue.used_ring(),
+            USED_RING_HEADER as usize + 8 * usize::from(size) + 2,
+        )
+        .filter(|ring| (ring.ptr as usize).is_multiple_of(2));
+        let Some(ring) = ring else {
+            bump(&self.counters.queue_errors, 1);
+            done.at.take_len();
+            return;
+        };
         let mut next = Wrapping(self.queue.next_used());
         let mut written = Wrapping(0u16);
         for &entry in done.at.as_slice() {
             let head = entry as u16;
             // A head from the avail ring is the driver's word: one past the table is refused,
             // as `Queue::add_used` refuses it.
-            let elem = (head < size)
-                .then(|| ring.checked_add(USED_RING_HEADER + u64::from(next.0 % size) * 8))
-                .flatten();
-            let Some(elem) = elem else {
+            if head >= size {
                 bump(&self.counters.queue_errors, 1);
                 continue;
-            };
+            }
             // virtq_used_elem: le32 id, le32 len, in one store.
-            if self.mem.write_obj(entry.to_le(), elem).is_err() {
+            let slot = USED_RING_HEADER as usize + usize::from(next.0 % size) * 8;
+            if !ring.write(slot, entry.to_le_bytes()) {
                 bump(&self.counters.queue_errors, 1);
                 break;
             }
@@ -407,13 +512,10 @@ impl GuestQueue {
             return;
         }
         // Release: the entries are visible before the index that publishes them.
-        let index = ring
-            .checked_add(2)
-            .map(|at| self.mem.store(next.0.to_le(), at, Ordering::Release));
-        if !matches!(index, Some(Ok(()))) {
-            bump(&self.counters.queue_errors, 1);
-            return;
-        }
+        // SAFETY: offset 2 is inside the view, 2-byte aligned (checked above), in guest memory
+        // that stays mapped.
+        unsafe { AtomicU16::from_ptr(ring.ptr.add(2).cast_mut().cast()) }
+            .store(next.0.to_le(), Ordering::Release);
         self.queue.set_next_used(next.0);
         self.added += written;
     }
@@ -557,28 +659,31 @@ mod tests {
     fn heads_are_read_in_one_pass_and_only_those_taken_are_consumed() {
         let mut q = queue(false);
         offer(&q, &[5, 9, 2]);
-        let mut avail = q.avail(BATCH).unwrap();
+        let mut batch = Avail::new();
+        let avail = q.avail(BATCH, &mut batch).unwrap();
         assert_eq!((avail.next(), avail.next()), (Some(5), Some(9)));
         avail.put_back();
-        q.consume(&avail);
+        q.consume(avail);
         assert_eq!(q.queue.next_avail(), 1, "9 was given back");
-        let mut avail = q.avail(1).unwrap();
+        let mut batch = Avail::new();
+        let avail = q.avail(1, &mut batch).unwrap();
         assert_eq!(
             (avail.next(), avail.next()),
             (Some(9), None),
             "at most `max`"
         );
-        q.consume(&avail);
+        q.consume(avail);
         // Across the wrap of the ring and of the 16-bit index.
         q.queue.set_next_avail(u16::MAX - 1);
         q.mem
             .write_obj(u16::MAX - 1, GuestAddress(AVAIL + 2))
             .unwrap();
         offer(&q, &[1, 2, 3]);
-        let mut avail = q.avail(BATCH).unwrap();
+        let mut batch = Avail::new();
+        let avail = q.avail(BATCH, &mut batch).unwrap();
         let taken: Vec<u16> = std::iter::from_fn(|| avail.next()).collect();
         assert_eq!(taken, [1, 2, 3]);
-        q.consume(&avail);
+        q.consume(avail);
         assert_eq!(q.queue.next_avail(), 1);
     }
 
@@ -586,7 +691,7 @@ mod tests {
     fn an_avail_index_more_than_a_ring_ahead_is_a_queue_error() {
         let mut q = queue(false);
         q.mem.write_obj(SIZE + 1, GuestAddress(AVAIL + 2)).unwrap();
-        assert!(q.avail(BATCH).is_none());
+        assert!(q.avail(BATCH, &mut Avail::new()).is_none());
         assert_eq!(q.counters.snapshot().queue_errors, 1);
         assert_eq!(q.queue.next_avail(), 0, "nothing taken");
     }
@@ -603,25 +708,26 @@ mod tests {
         desc(&q, 4, 0xc000, 64, DESC_F_INDIRECT, 0);
         desc(&q, 5, 0xd000, 0, DESC_F_NEXT, SIZE);
         offer(&q, &[0]);
-        let avail = q.avail(BATCH).unwrap();
+        let mut batch = Avail::new();
+        let avail = q.avail(BATCH, &mut batch).unwrap();
         let b = |addr, len| Buffer { addr, len };
-        assert_eq!(buffers(&avail, 0, false), (true, vec![b(0x8000, 12)]));
-        assert_eq!(buffers(&avail, 0, true), (true, vec![b(0x9000, 2048)]));
-        let (whole, looped) = buffers(&avail, 2, false);
+        assert_eq!(buffers(avail, 0, false), (true, vec![b(0x8000, 12)]));
+        assert_eq!(buffers(avail, 0, true), (true, vec![b(0x9000, 2048)]));
+        let (whole, looped) = buffers(avail, 2, false);
         assert!(whole);
         assert_eq!(
             looped.len(),
             usize::from(SIZE),
             "one pass, then the walk stops"
         );
-        assert_eq!(buffers(&avail, 4, false), (false, vec![]));
+        assert_eq!(buffers(avail, 4, false), (false, vec![]));
         assert_eq!(
-            buffers(&avail, 5, false),
+            buffers(avail, 5, false),
             (true, vec![]),
             "zero length left out"
         );
         assert_eq!(
-            buffers(&avail, SIZE, false),
+            buffers(avail, SIZE, false),
             (true, vec![]),
             "a head past the table"
         );

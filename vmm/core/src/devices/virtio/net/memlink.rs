@@ -36,7 +36,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::counters::{bump, Tally};
 use super::guest_queue::GuestQueue;
-use super::guest_queue::{Completions, BATCH};
+use super::guest_queue::{Avail, Completions, BATCH};
 use super::segments::Segments;
 use super::{MAX_FRAME, NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 
@@ -175,10 +175,11 @@ fn move_batch(
     let mut round = Round::default();
     // Filled in place for each chain pair (see `Segments::new`).
     let (mut src_bufs, mut dst_bufs) = (Segments::new(), Segments::new());
-    let Some(mut dchains) = dst.avail(budget) else {
+    let (mut dbatch, mut sbatch) = (Avail::new(), Avail::new());
+    let Some(dchains) = dst.avail(budget, &mut dbatch) else {
         return (Stopped::Idle, round);
     };
-    let Some(mut schains) = src.avail(budget) else {
+    let Some(schains) = src.avail(budget, &mut sbatch) else {
         return (Stopped::Idle, round);
     };
     let why = loop {
@@ -195,8 +196,8 @@ fn move_batch(
         };
         schains.prefetch_next(&src.mem);
         dchains.prefetch_next(&dst.mem);
-        let from = src_bufs.fill(&src.mem, &schains, shead, false);
-        let to = dst_bufs.fill(&dst.mem, &dchains, dhead, true);
+        let from = src_bufs.fill(&src.mem, schains, shead, false);
+        let to = dst_bufs.fill(&dst.mem, dchains, dhead, true);
         round.chains += 1;
         match move_one(from, to) {
             Moved::Frame(len) => {
@@ -223,8 +224,8 @@ fn move_batch(
             }
         }
     };
-    src.consume(&schains);
-    dst.consume(&dchains);
+    src.consume(schains);
+    dst.consume(dchains);
     (why, round)
 }
 
@@ -259,17 +260,18 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
     let mut delivered = Tally::default();
     let mut done = Completions::new();
     let mut to_bufs = Segments::new();
+    let mut batch = Avail::new();
     loop {
         let before = taken;
         // One snapshot of the avail ring per batch.
-        let Some(mut chains) = dst.avail(BATCH) else {
+        let Some(chains) = dst.avail(BATCH, &mut batch) else {
             break;
         };
         while !done.is_full() {
             let Some(&frame) = frames.peek() else { break };
             let Some(head) = chains.next() else { break };
             chains.prefetch_next(&dst.mem);
-            let Some(to) = to_bufs.fill(&dst.mem, &chains, head, true) else {
+            let Some(to) = to_bufs.fill(&dst.mem, chains, head, true) else {
                 bump(&dst.counters.rx_bad_buffers, 1);
                 done.push(head, 0);
                 continue;
@@ -286,7 +288,7 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
             done.push(head, (NET_HDR_LEN + frame.len()) as u32);
             delivered.add(frame.len());
         }
-        dst.consume(&chains);
+        dst.consume(chains);
         let full = done.is_full();
         dst.publish(&mut done);
         // Another snapshot only after a full batch that took frames: otherwise the frames or
@@ -504,17 +506,18 @@ impl HostPort {
         let mut taken = Tally::default();
         let mut done = Completions::new();
         let mut from_bufs = Segments::new();
+        let mut batch = Avail::new();
         loop {
             let before = got;
             // One snapshot of the avail ring per batch.
-            let Some(mut chains) = src.avail(max - got) else {
+            let Some(chains) = src.avail(max - got, &mut batch) else {
                 break;
             };
             while got < max && !done.is_full() {
                 let Some(head) = chains.next() else { break };
                 chains.prefetch_next(&src.mem);
                 match from_bufs
-                    .fill(&src.mem, &chains, head, false)
+                    .fill(&src.mem, chains, head, false)
                     .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
                 {
                     Some(from) => {
@@ -528,7 +531,7 @@ impl HostPort {
                 }
                 done.push(head, 0);
             }
-            src.consume(&chains);
+            src.consume(chains);
             let full = done.is_full();
             src.publish(&mut done);
             // Another snapshot only after a full batch that gave frames.

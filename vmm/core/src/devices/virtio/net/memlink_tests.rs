@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::GuestMemoryMmap;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
 use crate::devices::virtio::features;
@@ -149,6 +149,47 @@ fn a_frame_crosses_into_the_peers_buffer_with_one_copy_and_a_zero_header() {
         assert!(a.driver.wait_used(RX_QUEUE, 1, WAIT));
         assert_eq!(a.received(0, 60), frame(60, 0x5a));
     }
+}
+
+/// Whether the VMM's dirty bitmap of `mem` (one region) marks the page holding `at`.
+fn dirty(mem: &GuestMemoryMmap, at: u64) -> bool {
+    use vm_memory::bitmap::Bitmap;
+    let mapping: &vm_memory::MmapRegion<_> = mem.iter().next().unwrap();
+    mapping.bitmap().dirty_at(at as usize)
+}
+
+fn clear_dirty(mem: &GuestMemoryMmap) {
+    let mapping: &vm_memory::MmapRegion<_> = mem.iter().next().unwrap();
+    mapping.bitmap().as_ref().unwrap().reset();
+}
+
+#[test]
+fn what_the_link_writes_into_a_guest_is_marked_dirty_for_a_migration() {
+    // The link writes guest memory through host pointers, not vm-memory's accessors: the
+    // buffer it fills and both used rings must still reach a migration's dirty log.
+    let (a_end, b_end) = MemLinkEnd::pair().unwrap();
+    let mut a = guest(a_end, u64::MAX);
+    let mut b = guest(b_end, u64::MAX);
+    b.post_rx(0, 1);
+    let (rx_buffer, rx_used) = (DATA + 0x1_0000, QueueLayout::at(0x1_0000, QSIZE).used);
+    let tx_used = QueueLayout::at(0x2_0000, QSIZE).used;
+    clear_dirty(&b.mem);
+    assert!(!dirty(&b.mem, rx_buffer) && !dirty(&b.mem, rx_used));
+    a.transmit(0, &frame(200, 0x11));
+    clear_dirty(&a.mem);
+    assert!(b.driver.wait_used(RX_QUEUE, 1, WAIT));
+    assert!(a.driver.wait_used(TX_QUEUE, 1, WAIT));
+    assert!(
+        dirty(&b.mem, rx_buffer),
+        "the receive buffer the frame landed in"
+    );
+    assert!(dirty(&b.mem, rx_used), "the receiver's used ring");
+    assert!(
+        !dirty(&b.mem, DATA + 0x1_0000 + 0x4000),
+        "a buffer never posted"
+    );
+    assert!(dirty(&a.mem, tx_used), "the sender's used ring");
+    assert!(!dirty(&a.mem, DATA), "the sender's buffer is only read");
 }
 
 #[test]

@@ -60,6 +60,18 @@ impl Segments {
         let Ok(slice) = mem.get_slice(addr, len) else {
             return false;
         };
+        if write {
+            // Raw copies below bypass vm-memory's accessors: mark what the device may write for
+            // a migration's dirty tracking (the whole buffer, conservatively).
+            slice.bitmap().mark_dirty(0, len);
+        }
+        self.push_host(slice.ptr_guard_mut().as_ptr(), len)
+    }
+
+    /// Adds `len` bytes at host address `at`, inside guest memory (checked by the caller);
+    /// false when the list is full or the total overflows.
+    #[inline]
+    fn push_host(&mut self, at: *mut u8, len: usize) -> bool {
         let Some(total) = self
             .total
             .checked_add(len)
@@ -67,12 +79,7 @@ impl Segments {
         else {
             return false;
         };
-        if write {
-            // Raw copies below bypass vm-memory's accessors: mark what the device may write for
-            // a migration's dirty tracking (the whole buffer, conservatively).
-            slice.bitmap().mark_dirty(0, len);
-        }
-        self.at[self.count] = MaybeUninit::new((slice.ptr_guard_mut().as_ptr(), len));
+        self.at[self.count] = MaybeUninit::new((at, len));
         self.count += 1;
         self.total = total;
         true
@@ -91,8 +98,13 @@ impl Segments {
     ) -> Option<&Segments> {
         self.count = 0;
         self.total = 0;
+        // `walk` leaves zero-length buffers out; `host_range` checks the rest against the
+        // guest's memory and marks what the device may write dirty.
         let whole = avail.walk(head, write, |b| {
-            self.push(mem, GuestAddress(b.addr), b.len as usize, write)
+            let len = b.len as usize;
+            avail
+                .host_range(mem, b.addr, len, write)
+                .is_some_and(|at| self.push_host(at, len))
         });
         whole.then_some(self)
     }
