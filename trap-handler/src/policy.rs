@@ -15,12 +15,6 @@
 //! an identity failure.
 
 use std::collections::HashMap as StdHashMap;
-
-/// The policy's tables, looked up on every hooked call: keyed by paths, comms and file ids the
-/// policy names (a guest can only look them up, never add a key, so a keyed-hash DoS does not
-/// apply), with foldhash rather than SipHash (three lookups a call: 82-98 ns a decision warm
-/// with SipHash).
-type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 use std::net::IpAddr;
 use std::sync::Mutex;
 
@@ -30,6 +24,12 @@ use thiserror::Error;
 use crate::attribution::{Attribution, SocketOp};
 use crate::exec::FileId;
 use crate::profile::abi;
+
+/// The policy's tables, looked up on every hooked call: keyed by paths, comms and file ids the
+/// policy names (a guest can only look them up, never add a key, so a keyed-hash DoS does not
+/// apply), with foldhash rather than SipHash (three lookups a call: 82-98 ns a decision warm
+/// with SipHash).
+type HashMap<K, V> = StdHashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug, Error)]
 pub enum PolicyError {

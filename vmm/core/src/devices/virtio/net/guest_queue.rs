@@ -24,8 +24,10 @@ use std::sync::Arc;
 
 use crate::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, VolatileSlice,
+};
 
 use super::counters::{bump, NetCounters};
 use super::VRING_AVAIL_F_NO_INTERRUPT;
@@ -105,9 +107,8 @@ impl RingView {
     /// tracking first (the raw stores below bypass vm-memory's accessors).
     fn writable(mem: &GuestMemoryMmap, at: u64, len: usize) -> Option<RingView> {
         let slice = mem.get_slice(GuestAddress(at), len).ok()?;
-        slice.bitmap().mark_dirty(0, len);
         Some(RingView {
-            ptr: slice.ptr_guard_mut().as_ptr(),
+            ptr: raw_access(slice, true),
             len,
         })
     }
@@ -136,6 +137,17 @@ impl RingView {
         // because the guest may write it at any time (then the bytes are whatever it wrote).
         Some(unsafe { std::ptr::read_volatile(self.ptr.add(offset).cast::<[u8; N]>()) })
     }
+}
+
+/// The host address of `slice`, for copies that bypass vm-memory's accessors: where the device
+/// may `write` it, the whole slice is marked dirty first, so a migration's log still sees it.
+/// Every raw access of the link to guest memory takes its pointer here.
+#[inline]
+pub(super) fn raw_access<B: BitmapSlice>(slice: VolatileSlice<'_, B>, write: bool) -> *mut u8 {
+    if write {
+        slice.bitmap().mark_dirty(0, slice.len());
+    }
+    slice.ptr_guard_mut().as_ptr()
 }
 
 /// A prefetch hint for the line at `p` (never a memory access: any address is harmless).
@@ -251,11 +263,7 @@ impl Avail {
         write: bool,
     ) -> Option<*mut u8> {
         let (region, offset) = self.region_of(mem, GuestAddress(addr))?;
-        let slice = region.get_slice(offset, len).ok()?;
-        if write {
-            slice.bitmap().mark_dirty(0, len);
-        }
-        Some(slice.ptr_guard_mut().as_ptr())
+        Some(raw_access(region.get_slice(offset, len).ok()?, write))
     }
 
     /// Gives the last head back (its buffer is kept for the next frame).

@@ -9,10 +9,9 @@ use std::mem::MaybeUninit;
 
 use crate::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::bitmap::Bitmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
-use super::guest_queue::Avail;
+use super::guest_queue::{raw_access, Avail};
 
 /// Most descriptors a chain may have here (longer ones are malformed for this device).
 const MAX_SEGMENTS: usize = 64;
@@ -60,12 +59,8 @@ impl Segments {
         let Ok(slice) = mem.get_slice(addr, len) else {
             return false;
         };
-        if write {
-            // Raw copies below bypass vm-memory's accessors: mark what the device may write for
-            // a migration's dirty tracking (the whole buffer, conservatively).
-            slice.bitmap().mark_dirty(0, len);
-        }
-        self.push_host(slice.ptr_guard_mut().as_ptr(), len)
+        // What the device may write is marked dirty (the whole buffer, conservatively).
+        self.push_host(raw_access(slice, write), len)
     }
 
     /// Adds `len` bytes at host address `at`, inside guest memory (checked by the caller);
