@@ -86,6 +86,15 @@ mod guest {
             self.boot_info.as_ref().map_or(&[], |info| info.devices())
         }
 
+        /// Where the VMM put the ports' queues, when it initialized the devices for us
+        /// ([`vigil_wire::boot::BOOT_FLAG_PORTS_READY`]; parsing checked the zeroed-RAM flag).
+        pub fn ports_ready(&self) -> Option<u64> {
+            self.boot_info
+                .as_ref()
+                .filter(|_| self.flag(vigil_wire::boot::BOOT_FLAG_PORTS_READY))
+                .map(|info| info.ports_base)
+        }
+
         /// The guest-physical region reserved for the verdict ring, if any.
         pub fn verdict_region(&self) -> Option<(u64, u64)> {
             self.boot_info
@@ -189,7 +198,7 @@ mod guest {
                 .unwrap_or(0);
             switch(
                 boot.role,
-                boot.devices(),
+                (boot.devices(), boot.ports_ready()),
                 boot.free_start,
                 (flows, secret, zeroed),
                 base,
@@ -477,7 +486,7 @@ mod guest {
     /// micro-VM.
     fn switch(
         role: Role,
-        devices: &[MmioDevice],
+        (devices, ports_ready): (&[MmioDevice], Option<u64>),
         free_start: u64,
         (flows, secret, zeroed): (usize, [u64; 2], bool),
         base: u64,
@@ -497,16 +506,35 @@ mod guest {
         }
         let count = devices.len().min(MAX_PORTS);
         let mut cursor = free_start;
-        // SAFETY: free RAM above the image and below the verdict region; make_filter takes
-        // what follows the queues.
-        let queues = unsafe { carve_queues(&mut cursor, 2 * count, zeroed) };
+        let queues = match ports_ready {
+            Some(area) => {
+                let end = (2 * devices.len() as u64)
+                    .checked_mul(core::mem::size_of::<Queue>() as u64)
+                    .and_then(|bytes| area.checked_add(bytes));
+                if area < free_start || end.is_none_or(|end| end > base) {
+                    let _ = writeln!(
+                        Console::new(),
+                        "fw-guest: the ports' queue area at {area:#x} is not free RAM"
+                    );
+                    return exit_code::BAD_BOOT_INFO;
+                }
+                // SAFETY: page-aligned (checked by BootInfo::parse) RAM between the image and
+                // the verdict region (checked above) that only the devices use, all zero (the
+                // flag comes with zeroed RAM): valid Queues. The tables end below it.
+                unsafe { core::slice::from_raw_parts_mut(area as *mut Queue, 2 * count) }
+            }
+            // SAFETY: free RAM above the image and below the verdict region; make_filter takes
+            // what follows the queues.
+            None => unsafe { carve_queues(&mut cursor, 2 * count, zeroed) },
+        };
+        let free_end = ports_ready.unwrap_or(base);
         let config = Config {
             hash_seed: secret[0] ^ secret[1].rotate_left(32),
             // The edge answers SYN floods from the outside itself.
             synproxy: (role == Role::Edge).then(|| SynProxy::new(secret)),
             ..Config::default()
         };
-        let mut filter = match make_filter(cursor, base, flows, zeroed, config) {
+        let mut filter = match make_filter(cursor, free_end, flows, zeroed, config) {
             Ok(f) => f,
             Err(code) => return code,
         };
@@ -516,9 +544,15 @@ mod guest {
             let Some([rx, tx]) = queue_pairs.next() else {
                 break;
             };
-            // SAFETY: the window comes from the boot information and is mapped for ring 3; the
-            // queues are identity-mapped RAM used by nothing else.
-            match unsafe { Port::init(device.base, rx, tx) } {
+            let port = match ports_ready {
+                // SAFETY: as for `init` below; readied ports run with these queues (the boot
+                // flag says so), and their rings are zero (it comes with zeroed RAM).
+                Some(_) => Ok(unsafe { Port::adopt(device.base, rx, tx) }),
+                // SAFETY: the window comes from the boot information and is mapped for ring 3;
+                // the queues are identity-mapped RAM used by nothing else.
+                None => unsafe { Port::init(device.base, rx, tx) },
+            };
+            match port {
                 Ok(port) => {
                     let _ = state.ports.push(port);
                     filter.tenancy_mut().set_boot_port(index, device.tenant);

@@ -125,6 +125,17 @@ pub struct Queue {
     in_flight: u16,
 }
 
+// A VMM that readies the ports (`BOOT_FLAG_PORTS_READY`) programs the device with queues at
+// these offsets before the micro-VM runs: the layout here and vigil-wire's must agree.
+const _: () = {
+    use vigil_wire::boot::port_queue;
+    assert!(QUEUE_SIZE == port_queue::SIZE as usize);
+    assert!(core::mem::offset_of!(Queue, desc) as u64 == port_queue::DESC);
+    assert!(core::mem::offset_of!(Queue, avail) as u64 == port_queue::AVAIL);
+    assert!(core::mem::offset_of!(Queue, used) as u64 == port_queue::USED);
+    assert!(core::mem::size_of::<Queue>() as u64 == port_queue::BYTES);
+};
+
 /// All-zero is a valid initial queue: statics of this type live in .bss.
 impl Queue {
     pub const ZERO: Queue = Queue {
@@ -257,7 +268,34 @@ impl<'a> Port<'a> {
     /// `base` must be a mapped virtio-mmio register window, and the queues must be identity
     /// mapped (their addresses are handed to the device as guest-physical addresses).
     pub unsafe fn init(base: u64, rx: &'a mut Queue, tx: &'a mut Queue) -> Result<Self, InitError> {
-        let port = Port {
+        let mut port = Self::new(base, rx, tx);
+        let status = port.negotiate()?;
+        port.post_buffers();
+        port.write(reg::STATUS, status | STATUS_DRIVER_OK);
+        port.write(reg::QUEUE_NOTIFY, RX);
+        Ok(port)
+    }
+
+    /// Takes over a device the VMM initialized as [`Port::init`] would have (it set DRIVER_OK
+    /// with these queues: `BOOT_FLAG_PORTS_READY`), writing no register but the receive queue's
+    /// notify. The queues' rings are all zero.
+    ///
+    /// # Safety
+    /// As for [`Port::init`]; also, the device at `base` runs with `rx` and `tx` as its queues 0
+    /// and 1, of [`QUEUE_SIZE`] entries, and their rings hold nothing but zeros.
+    pub unsafe fn adopt(base: u64, rx: &'a mut Queue, tx: &'a mut Queue) -> Self {
+        let mut port = Self::new(base, rx, tx);
+        for queue in [&mut *port.rx, &mut *port.tx] {
+            queue.avail.flags = AVAIL_F_NO_INTERRUPT;
+        }
+        port.fill_descriptors();
+        port.post_buffers();
+        port.write(reg::QUEUE_NOTIFY, RX);
+        port
+    }
+
+    fn new(base: u64, rx: &'a mut Queue, tx: &'a mut Queue) -> Self {
+        Port {
             base: base as usize,
             rx,
             tx,
@@ -268,7 +306,13 @@ impl<'a> Port<'a> {
             tx_frames: 0,
             tx_full: 0,
             kicks: 0,
-        };
+        }
+    }
+
+    /// Device initialization up to FEATURES_OK and the queues' registers (virtio 1.2 §3.1.1,
+    /// §4.2.3.2); returns the status to add DRIVER_OK to.
+    fn negotiate(&mut self) -> Result<u32, InitError> {
+        let port = self;
         if port.read(reg::MAGIC) != MAGIC || port.read(reg::VERSION) != 2 {
             return Err(InitError::NotVirtio);
         }
@@ -300,17 +344,16 @@ impl<'a> Port<'a> {
                 return Err(InitError::QueueTooSmall(max));
             }
             port.write(reg::QUEUE_NUM, QUEUE_SIZE as u32);
-            let queue: &mut Queue = if q == RX { port.rx } else { port.tx };
+            let queue: &mut Queue = if q == RX {
+                &mut *port.rx
+            } else {
+                &mut *port.tx
+            };
             queue.reset_rings();
             queue.avail.flags = AVAIL_F_NO_INTERRUPT;
             let desc = addr_of!(queue.desc) as u64;
             let avail = addr_of!(queue.avail) as u64;
             let used = addr_of!(queue.used) as u64;
-            for (i, d) in queue.desc.iter_mut().enumerate() {
-                d.addr = addr_of!(queue.bufs[i]) as u64;
-                d.len = BUF_SIZE as u32;
-                d.flags = if q == RX { DESC_F_WRITE } else { 0 };
-            }
             port.write(reg::QUEUE_DESC_LOW, desc as u32);
             port.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
             port.write(reg::QUEUE_DRIVER_LOW, avail as u32);
@@ -319,19 +362,33 @@ impl<'a> Port<'a> {
             port.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
             port.write(reg::QUEUE_READY, 1);
         }
+        port.fill_descriptors();
+        Ok(status)
+    }
+
+    /// Points each descriptor at its own queue's buffer: receive ones device-writable.
+    fn fill_descriptors(&mut self) {
+        for (queue, flags) in [(&mut *self.rx, DESC_F_WRITE), (&mut *self.tx, 0)] {
+            for (i, d) in queue.desc.iter_mut().enumerate() {
+                d.addr = addr_of!(queue.bufs[i]) as u64;
+                d.len = BUF_SIZE as u32;
+                d.flags = flags;
+            }
+        }
+    }
+
+    /// Gives every receive buffer to the device (published, not notified).
+    fn post_buffers(&mut self) {
         // Every receive buffer to the device. The transmit ring's entries are the identity too
         // (descriptors go out in order), written once here: `send` never writes them again.
         for i in 0..QUEUE_SIZE {
-            port.rx.avail.ring[i] = i as u16;
-            port.tx.avail.ring[i] = i as u16;
+            self.rx.avail.ring[i] = i as u16;
+            self.tx.avail.ring[i] = i as u16;
         }
-        port.rx.avail_idx = QUEUE_SIZE as u16;
+        self.rx.avail_idx = QUEUE_SIZE as u16;
         fence(Ordering::Release);
         // SAFETY: the avail ring is shared with the device; written with a volatile store.
-        unsafe { write_volatile(addr_of_mut!(port.rx.avail.idx), port.rx.avail_idx) };
-        port.write(reg::STATUS, status | STATUS_DRIVER_OK);
-        port.write(reg::QUEUE_NOTIFY, RX);
-        Ok(port)
+        unsafe { write_volatile(addr_of_mut!(self.rx.avail.idx), self.rx.avail_idx) };
     }
 
     /// The next received frame, or None. Call [`Port::recycle`] when done with the frames of a

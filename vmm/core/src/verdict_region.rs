@@ -204,10 +204,7 @@ impl VerdictRegion {
     /// Reserves the region at the top of RAM (page aligned) and formats an empty ring.
     pub fn reserve(memory: &GuestMemoryMmap, ram_size: u64) -> Result<VerdictRegion, RegionError> {
         let bytes = VERDICT_REGION_BYTES as u64;
-        let gpa = ram_size
-            .checked_sub(bytes)
-            .ok_or(RegionError::RamTooSmall)?
-            & !0xfff;
+        let gpa = Self::gpa_for(ram_size).ok_or(RegionError::RamTooSmall)?;
         let host = memory
             .get_host_address(GuestAddress(gpa))
             .map_err(|source| RegionError::Start { gpa, source })?;
@@ -229,6 +226,12 @@ impl VerdictRegion {
 
     pub fn size(&self) -> u64 {
         VERDICT_REGION_BYTES as u64
+    }
+
+    /// Where [`VerdictRegion::reserve`] puts the region in `ram_size` bytes of RAM: the last
+    /// page-aligned place it fits.
+    pub fn gpa_for(ram_size: u64) -> Option<u64> {
+        Some(ram_size.checked_sub(VERDICT_REGION_BYTES as u64)? & !0xfff)
     }
 
     fn words(&self, offset: usize, bytes: usize) -> &[AtomicU64] {

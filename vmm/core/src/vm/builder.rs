@@ -23,7 +23,7 @@ use crate::boot::{self, BootModule};
 use crate::bus::{Bus, ConsoleOutput, MmioSlot};
 use crate::config::{LinkEnd, NetBackend, Payload, VmConfig};
 use crate::devices::tap::Tap;
-use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioTransport, QueueRings};
 use crate::devices::virtio::net::{FrameLink, Net};
 use crate::devices::vxlan::Vxlan;
 use crate::devices::{DeviceFault, MmioDevice, MmioDeviceInfo};
@@ -74,7 +74,7 @@ impl Vm {
             host,
             &memory,
             inputs,
-            &nets.ports,
+            (&nets.ports, nets.ports_base),
             &vcpu_fds[0],
             knobs.tsc_dilation,
         )?;
@@ -369,6 +369,9 @@ struct NetDevices {
     counters: Vec<Arc<crate::devices::virtio::net::NetCounters>>,
     /// Each device's interrupt (a micro-VM's devices ring its idle doorbell through it).
     interrupts: Vec<Arc<crate::devices::virtio::Interrupt>>,
+    /// A micro-VM's: where its ports' queues are, the devices readied for them
+    /// ([`ready_ports`]).
+    ports_base: Option<u64>,
 }
 
 /// Network interfaces: virtio-net over virtio-mmio, one window and one GSI each; TAP or VXLAN
@@ -424,11 +427,21 @@ fn net_devices(
         };
         backends.push((device, link.tenant));
     }
+    // The micro-VM's queues go right below its verdict region; where they do not fit, it sets
+    // its ports up itself.
+    let ports_base = match config.payload {
+        Payload::MicroVm { .. } if !backends.is_empty() => {
+            VerdictRegion::gpa_for(config.mem_bytes())
+                .and_then(|verdicts| vigil_wire::boot::ports_area_below(verdicts, backends.len()))
+        }
+        _ => None,
+    };
     let mut devices = NetDevices {
         slots: Vec::new(),
         ports: Vec::new(),
         counters: Vec::new(),
         interrupts: Vec::new(),
+        ports_base,
     };
     for (index, (net, tenant)) in backends.into_iter().enumerate() {
         let (base, size) = virtio_mmio_window(index as u32);
@@ -440,14 +453,41 @@ fn net_devices(
         let net_error = |source| VmError::NetDevice { index, source };
         let net = net.with_fault(format!("{}-net{index}", config.name), fault.clone());
         devices.counters.push(net.counters());
-        let transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
+        let mut transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
         transport.register_with_kvm(fd, &info).map_err(net_error)?;
+        if let Some(area) = ports_base {
+            ready_port(&mut transport, area, index).map_err(net_error)?;
+        }
         devices.interrupts.push(transport.interrupt().clone());
         let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));
         devices.slots.push(MmioSlot { base, size, device });
         devices.ports.push((info, tenant));
     }
     Ok(devices)
+}
+
+/// Readies port `index` of a micro-VM for its driver: the queues where the micro-VM's layout
+/// puts them in the area at `area` (`vigil_wire::boot::port_queue`), VERSION_1 only, as its
+/// driver would set them up itself.
+fn ready_port(
+    transport: &mut MmioTransport,
+    area: u64,
+    index: usize,
+) -> Result<(), crate::devices::virtio::VirtioError> {
+    use vigil_wire::boot::port_queue;
+    let queue = |q: u64| {
+        let base = area + (2 * index as u64 + q) * port_queue::BYTES;
+        QueueRings {
+            size: port_queue::SIZE,
+            desc: base + port_queue::DESC,
+            avail: base + port_queue::AVAIL,
+            used: base + port_queue::USED,
+        }
+    };
+    transport.ready_for_driver(
+        crate::devices::virtio::features::VERSION_1,
+        &[queue(0), queue(1)],
+    )
 }
 
 /// The vCPUs' file descriptors, each with its CPUID.
@@ -479,7 +519,7 @@ fn load_payload(
     host: HostKind,
     memory: &GuestMemoryMmap,
     inputs: BootInputs,
-    ports: &[(MmioDeviceInfo, u32)],
+    (ports, ports_base): (&[(MmioDeviceInfo, u32)], Option<u64>),
     boot_vcpu: &VcpuFd,
     tsc_dilation: u64,
 ) -> Result<Option<Arc<VerdictRegion>>, VmError> {
@@ -519,6 +559,10 @@ fn load_payload(
             if let Some(region) = &verdict_region {
                 info.verdict_base = region.gpa;
                 info.verdict_size = region.size();
+            }
+            if let Some(area) = ports_base {
+                info.flags |= vigil_wire::boot::BOOT_FLAG_PORTS_READY;
+                info.ports_base = area;
             }
             Some(info.encode())
         }

@@ -59,6 +59,15 @@ pub const VERSION: u32 = 2;
 /// PCI-style vendor ID reported to the guest ("VGIL"); drivers do not match on it.
 pub const VENDOR_ID: u32 = 0x4c49_4756;
 
+/// Where one split queue's three parts lie in guest memory, and its size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueRings {
+    pub size: u16,
+    pub desc: u64,
+    pub avail: u64,
+    pub used: u64,
+}
+
 /// The transport of one device. Give it to the VM's bus at the device's window; see
 /// [`MmioTransport::register_with_kvm`] for the interrupt line and the fast notify path.
 pub struct MmioTransport {
@@ -133,6 +142,60 @@ impl MmioTransport {
                     what: format!("ioeventfd for queue {index} at {notify:#x}"),
                     source,
                 })?;
+        }
+        Ok(())
+    }
+
+    /// Initializes the device on its driver's behalf, through the register writes the driver
+    /// would make (virtio 1.2 §3.1.1, §4.2.3.2): `features` accepted, queue `i` of
+    /// `queues[i].size` entries at its rings, then DRIVER_OK, which activates the device. For a
+    /// guest that its boot information tells so (the micro-VM's `BOOT_FLAG_PORTS_READY`): on an
+    /// emulating host each register access of its own is an exit, ~36 a port. An `Err` leaves
+    /// the device reset, as a driver's failed initialization would.
+    pub fn ready_for_driver(
+        &mut self,
+        features: u64,
+        queues: &[QueueRings],
+    ) -> Result<(), VirtioError> {
+        let refused = |transport: &mut Self, why| {
+            transport.write_register(reg::STATUS, 0);
+            Err(VirtioError::NotReadied(why))
+        };
+        if queues.len() != self.queues.len() {
+            return refused(self, "the device has another number of queues");
+        }
+        let mut device_status = status::ACKNOWLEDGE | status::DRIVER;
+        self.write_register(reg::STATUS, 0);
+        self.write_register(reg::STATUS, status::ACKNOWLEDGE);
+        self.write_register(reg::STATUS, device_status);
+        for sel in 0..2u32 {
+            self.write_register(reg::DRIVER_FEATURES_SEL, sel);
+            self.write_register(reg::DRIVER_FEATURES, (features >> (32 * sel)) as u32);
+        }
+        device_status |= status::FEATURES_OK;
+        self.write_register(reg::STATUS, device_status);
+        if self.read_register(reg::STATUS) & status::FEATURES_OK == 0 {
+            return refused(self, "the device refused the features");
+        }
+        for (index, rings) in queues.iter().enumerate() {
+            self.write_register(reg::QUEUE_SEL, index as u32);
+            if self.read_register(reg::QUEUE_NUM_MAX) < u32::from(rings.size) {
+                return refused(self, "a queue is larger than the device takes");
+            }
+            self.write_register(reg::QUEUE_NUM, u32::from(rings.size));
+            for (low, addr) in [
+                (reg::QUEUE_DESC_LOW, rings.desc),
+                (reg::QUEUE_DRIVER_LOW, rings.avail),
+                (reg::QUEUE_DEVICE_LOW, rings.used),
+            ] {
+                self.write_register(low, addr as u32);
+                self.write_register(low + 4, (addr >> 32) as u32);
+            }
+            self.write_register(reg::QUEUE_READY, 1);
+        }
+        self.write_register(reg::STATUS, device_status | status::DRIVER_OK);
+        if !self.active {
+            return refused(self, "the device did not start with these queues");
         }
         Ok(())
     }
@@ -537,6 +600,55 @@ mod tests {
             w(t, reg::QUEUE_DRIVER_LOW, base + 0x800);
             w(t, reg::QUEUE_DEVICE_LOW, base + 0x1000);
             w(t, reg::QUEUE_READY, 1);
+        }
+    }
+
+    #[test]
+    fn a_device_readied_for_its_driver_runs_as_if_the_driver_had_set_it_up() {
+        let (mut t, rec) = transport();
+        let rings = |base: u64, size: u16| QueueRings {
+            size,
+            desc: base,
+            avail: base + 0x800,
+            used: base + 0x1000,
+        };
+        t.ready_for_driver(features::VERSION_1, &[rings(0x1000, 16), rings(0x4000, 8)])
+            .unwrap();
+        assert!(t.is_active());
+        assert_eq!(r(&mut t, reg::STATUS), DRIVER_OK_STATUS);
+        assert_eq!(
+            rec.lock().unwrap().activations,
+            vec![(2, features::VERSION_1, false)]
+        );
+        w(&mut t, reg::QUEUE_SEL, 1);
+        assert_eq!(r(&mut t, reg::QUEUE_READY), 1);
+        // The driver may still reset it and start over.
+        w(&mut t, reg::STATUS, 0);
+        assert!(!t.is_active());
+        assert_eq!(rec.lock().unwrap().resets, 1);
+
+        // What a driver could not get, the VMM cannot either: each leaves the device reset.
+        let refusals: [(u64, Vec<QueueRings>); 4] = [
+            (features::VERSION_1, vec![rings(0x1000, 16)]),
+            (
+                features::VERSION_1,
+                vec![rings(0x1000, 16), rings(0x4000, 16)],
+            ),
+            (1 << 40, vec![rings(0x1000, 16), rings(0x4000, 8)]),
+            (
+                features::VERSION_1,
+                vec![rings(0x1000, 16), rings(0x10_0000, 8)],
+            ),
+        ];
+        for (wanted, queues) in refusals {
+            let (mut t, rec) = transport();
+            assert!(matches!(
+                t.ready_for_driver(wanted, &queues),
+                Err(VirtioError::NotReadied(_))
+            ));
+            assert!(!t.is_active());
+            assert_eq!(r(&mut t, reg::STATUS), 0);
+            assert!(rec.lock().unwrap().activations.is_empty());
         }
     }
 

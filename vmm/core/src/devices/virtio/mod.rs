@@ -70,6 +70,8 @@ pub enum VirtioError {
     NoBackend,
     #[error("in-process link: {0}")]
     Link(#[source] net::memlink::MemLinkError),
+    #[error("readying the device for its driver: {0}")]
+    NotReadied(&'static str),
 }
 
 /// The device-to-driver interrupt: the InterruptStatus bits the guest reads and acknowledges,
