@@ -12,7 +12,7 @@
 
 pub mod bzimage;
 
-use std::io::Cursor;
+use std::io::{Read, Seek};
 
 use crate::GuestMemoryMmap;
 use linux_loader::loader::elf::start_info::{
@@ -21,7 +21,7 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use thiserror::Error;
-use vm_memory::{Address, ByteValued, Bytes, GuestAddress};
+use vm_memory::{Address, ByteValued, Bytes, GuestAddress, ReadVolatile};
 
 use crate::layout::*;
 
@@ -61,15 +61,15 @@ pub struct LoadedKernel {
     pub end: u64,
 }
 
-/// Loads an ELF64 kernel at its physical addresses and returns its PVH entry.
-pub fn load_elf(mem: &GuestMemoryMmap, name: &str, elf: &[u8]) -> Result<LoadedKernel, BootError> {
-    let result = Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(elf),
-        Some(GuestAddress(HIGH_RAM_START)),
-    )
-    .map_err(|e| BootError::BadElf(name.to_string(), e.to_string()))?;
+/// Loads an ELF64 kernel at its physical addresses and returns its PVH entry. Only the ELF
+/// header, the program headers, the PT_LOAD segments and the notes are read from `elf`.
+pub fn load_elf<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemoryMmap,
+    name: &str,
+    elf: &mut F,
+) -> Result<LoadedKernel, BootError> {
+    let result = Elf::load(mem, None, elf, Some(GuestAddress(HIGH_RAM_START)))
+        .map_err(|e| BootError::BadElf(name.to_string(), e.to_string()))?;
     match result.pvh_boot_cap {
         PvhBootCapability::PvhEntryPresent(entry) => Ok(LoadedKernel {
             pvh_entry: entry.raw_value(),
