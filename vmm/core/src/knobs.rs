@@ -40,6 +40,10 @@ pub struct DebugKnobs {
     /// `VIGIL_IRQCHIP_FIRST` (set): create the interrupt controllers before registering RAM, the
     /// order before it was measured slow (`microvm_boot_ms`'s baseline).
     pub irqchip_first: bool,
+    /// `VIGIL_DRIVER_SETS_UP_PORTS` (set): the VMM does not ready a micro-VM's ports; its driver
+    /// sets them up through their registers, as under QEMU (`fw_boot_to_forward_ms`'s baseline,
+    /// and the test that keeps that path working).
+    pub driver_sets_up_ports: bool,
 }
 
 impl Default for DebugKnobs {
@@ -54,6 +58,7 @@ impl Default for DebugKnobs {
             bare_hooks: None,
             keep_acpi: false,
             irqchip_first: false,
+            driver_sets_up_ports: false,
         }
     }
 }
@@ -84,6 +89,7 @@ impl DebugKnobs {
             bare_hooks: text("VIGIL_BARE_HOOKS"),
             keep_acpi: var("VIGIL_KEEP_ACPI").is_some(),
             irqchip_first: var("VIGIL_IRQCHIP_FIRST").is_some(),
+            driver_sets_up_ports: var("VIGIL_DRIVER_SETS_UP_PORTS").is_some(),
         }
     }
 
@@ -123,8 +129,10 @@ mod tests {
             ("VIGIL_BARE_HOOKS", "bind,connect"),
             ("VIGIL_KEEP_ACPI", "1"),
             ("VIGIL_IRQCHIP_FIRST", "1"),
+            ("VIGIL_DRIVER_SETS_UP_PORTS", "1"),
         ]);
         assert!(k.trace_exits && k.no_syscall_fix && k.keep_acpi && k.irqchip_first);
+        assert!(k.driver_sets_up_ports);
         assert_eq!(k.profile, Some(PathBuf::from("/tmp/p")));
         assert_eq!(k.tsc_dilation, 8);
         assert_eq!(k.cache_dir, Some(PathBuf::from("/c")));

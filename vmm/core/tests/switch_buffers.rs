@@ -21,6 +21,7 @@ use vigil_wire::boot::Role;
 use vigil_wire::verdict::{IpVersion, Op, Protocol, Rule, VerdictRepr};
 use vmm_core::config::{LinkConfig, VmConfig};
 use vmm_core::host_kind::HostKind;
+use vmm_core::knobs::DebugKnobs;
 use vmm_core::vm::Vm;
 
 const TENANT: u32 = 7;
@@ -128,6 +129,17 @@ impl Seen {
 
 #[test]
 fn forwarded_buffers_carry_each_frame_whole_once_and_in_order() {
+    forward_every_size_both_ways(false);
+}
+
+/// The same through ports the micro-VM's driver set up through their registers, as under QEMU
+/// (the VMM readies them otherwise: `BOOT_FLAG_PORTS_READY`), so that path keeps working.
+#[test]
+fn ports_the_driver_sets_up_itself_forward_the_same() {
+    forward_every_size_both_ways(true);
+}
+
+fn forward_every_size_both_ways(driver_sets_up_ports: bool) {
     let elf = common::fw_guest_elf();
     let (tenant_a, end_a) = LinkConfig::host_pair(TENANT, TENANT_MAC_A).unwrap();
     let (tenant_b, end_b) = LinkConfig::host_pair(TENANT, TENANT_MAC_B).unwrap();
@@ -145,7 +157,11 @@ fn forwarded_buffers_carry_each_frame_whole_once_and_in_order() {
     let config = VmConfig::micro_vm("fw", &elf, Role::Switch)
         .with_mem_mib(64)
         .with_verdicts(vec![verdict])
-        .with_links(vec![end_a, end_b, end_up]);
+        .with_links(vec![end_a, end_b, end_up])
+        .with_debug(DebugKnobs {
+            driver_sets_up_ports,
+            ..DebugKnobs::default()
+        });
     let vm = Vm::create(&config, HostKind::detect()).expect("the micro-VM is created");
     let region = vm.verdict_region().expect("a verdict region");
     let stop = vm.stop_handle();
@@ -218,7 +234,8 @@ fn forwarded_buffers_carry_each_frame_whole_once_and_in_order() {
     }
     let count = |name: &str| seen.get(name).map_or(0, |s| s.frames);
     eprintln!(
-        "switch_buffers: uplink {} tenant a {} tenant b {} of {FRAMES} each way; tx ring full {}",
+        "switch_buffers (driver sets up ports: {driver_sets_up_ports}): uplink {} tenant a {} \
+         tenant b {} of {FRAMES} each way; tx ring full {}",
         count("uplink"),
         count("tenant a"),
         count("tenant b"),

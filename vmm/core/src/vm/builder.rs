@@ -452,7 +452,7 @@ fn net_devices(
     // The micro-VM's queues go right below its verdict region; where they do not fit, it sets
     // its ports up itself.
     let ports_base = match config.payload {
-        Payload::MicroVm { .. } if !backends.is_empty() => {
+        Payload::MicroVm { .. } if !backends.is_empty() && !config.debug.driver_sets_up_ports => {
             VerdictRegion::gpa_for(config.mem_bytes())
                 .and_then(|verdicts| vigil_wire::boot::ports_area_below(verdicts, backends.len()))
         }
