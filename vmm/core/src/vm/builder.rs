@@ -69,15 +69,21 @@ impl Vm {
             bus.set_console_memory(memory.clone());
         }
         let vcpu_fds = vcpu_fds(&kvm, &fd, config.vcpus, host)?;
-        let verdict_region = load_payload(
+        let Loaded {
+            verdict_region,
+            ports_base,
+        } = load_payload(
             config,
             host,
             &memory,
             inputs,
-            (&nets.ports, nets.ports_base),
+            &nets.ports,
             &vcpu_fds[0],
             knobs.tsc_dilation,
         )?;
+        if let Some(area) = ports_base {
+            ready_ports(&nets.transports, area)?;
+        }
         if let Some(region) = &verdict_region {
             bus.set_idle_doorbell(region.clone());
             // Frames put in its rings wake the micro-VM from its idle exit (it polls: no
@@ -391,9 +397,9 @@ struct NetDevices {
     counters: Vec<Arc<crate::devices::virtio::net::NetCounters>>,
     /// Each device's interrupt (a micro-VM's devices ring its idle doorbell through it).
     interrupts: Vec<Arc<crate::devices::virtio::Interrupt>>,
-    /// A micro-VM's: where its ports' queues are, the devices readied for them
-    /// ([`ready_ports`]).
-    ports_base: Option<u64>,
+    /// Each device's transport, in device order (a micro-VM's are readied for its driver once
+    /// its image is loaded: [`ready_ports`]).
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 /// Network interfaces: virtio-net over virtio-mmio, one window and one GSI each; TAP or VXLAN
@@ -449,21 +455,12 @@ fn net_devices(
         };
         backends.push((device, link.tenant));
     }
-    // The micro-VM's queues go right below its verdict region; where they do not fit, it sets
-    // its ports up itself.
-    let ports_base = match config.payload {
-        Payload::MicroVm { .. } if !backends.is_empty() && !config.debug.driver_sets_up_ports => {
-            VerdictRegion::gpa_for(config.mem_bytes())
-                .and_then(|verdicts| vigil_wire::boot::ports_area_below(verdicts, backends.len()))
-        }
-        _ => None,
-    };
     let mut devices = NetDevices {
         slots: Vec::new(),
         ports: Vec::new(),
         counters: Vec::new(),
         interrupts: Vec::new(),
-        ports_base,
+        transports: Vec::new(),
     };
     for (index, (net, tenant)) in backends.into_iter().enumerate() {
         let (base, size) = virtio_mmio_window(index as u32);
@@ -475,41 +472,54 @@ fn net_devices(
         let net_error = |source| VmError::NetDevice { index, source };
         let net = net.with_fault(format!("{}-net{index}", config.name), fault.clone());
         devices.counters.push(net.counters());
-        let mut transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
+        let transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
         transport.register_with_kvm(fd, &info).map_err(net_error)?;
-        if let Some(area) = ports_base {
-            ready_port(&mut transport, area, index).map_err(net_error)?;
-        }
         devices.interrupts.push(transport.interrupt().clone());
-        let device: Arc<Mutex<dyn MmioDevice>> = Arc::new(Mutex::new(transport));
+        let transport = Arc::new(Mutex::new(transport));
+        devices.transports.push(transport.clone());
+        let device: Arc<Mutex<dyn MmioDevice>> = transport;
         devices.slots.push(MmioSlot { base, size, device });
         devices.ports.push((info, tenant));
     }
     Ok(devices)
 }
 
-/// Readies port `index` of a micro-VM for its driver: the queues where the micro-VM's layout
-/// puts them in the area at `area` (`vigil_wire::boot::port_queue`), VERSION_1 only, as its
-/// driver would set them up itself.
-fn ready_port(
-    transport: &mut MmioTransport,
-    area: u64,
-    index: usize,
-) -> Result<(), crate::devices::virtio::VirtioError> {
+/// Where a micro-VM's ports' queues go: right below its verdict region, above its image (which
+/// ends at `image_end`). None where they do not fit there, or the knob leaves the ports to the
+/// micro-VM's driver: then it sets them up itself.
+fn ports_area(config: &VmConfig, ports: usize, image_end: u64) -> Option<u64> {
+    if ports == 0 || config.debug.driver_sets_up_ports {
+        return None;
+    }
+    let verdicts = VerdictRegion::gpa_for(config.mem_bytes())?;
+    vigil_wire::boot::ports_area_below(verdicts, ports).filter(|&area| area >= image_end)
+}
+
+/// Readies a micro-VM's ports for its driver (before its vCPU runs): port `i`'s queues where the
+/// micro-VM's layout puts them in the area at `area` (`vigil_wire::boot::port_queue`),
+/// VERSION_1 only, as its driver would set them up itself.
+fn ready_ports(transports: &[Arc<Mutex<MmioTransport>>], area: u64) -> Result<(), VmError> {
     use vigil_wire::boot::port_queue;
-    let queue = |q: u64| {
-        let base = area + (2 * index as u64 + q) * port_queue::BYTES;
-        QueueRings {
-            size: port_queue::SIZE,
-            desc: base + port_queue::DESC,
-            avail: base + port_queue::AVAIL,
-            used: base + port_queue::USED,
-        }
-    };
-    transport.ready_for_driver(
-        crate::devices::virtio::features::VERSION_1,
-        &[queue(0), queue(1)],
-    )
+    for (index, transport) in transports.iter().enumerate() {
+        let queue = |q: u64| {
+            let base = area + (2 * index as u64 + q) * port_queue::BYTES;
+            QueueRings {
+                size: port_queue::SIZE,
+                desc: base + port_queue::DESC,
+                avail: base + port_queue::AVAIL,
+                used: base + port_queue::USED,
+            }
+        };
+        transport
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .ready_for_driver(
+                crate::devices::virtio::features::VERSION_1,
+                &[queue(0), queue(1)],
+            )
+            .map_err(|source| VmError::NetDevice { index, source })?;
+    }
+    Ok(())
 }
 
 /// The vCPUs' file descriptors, each with its CPUID.
@@ -541,10 +551,10 @@ fn load_payload(
     host: HostKind,
     memory: &GuestMemoryMmap,
     mut inputs: BootInputs,
-    (ports, ports_base): (&[(MmioDeviceInfo, u32)], Option<u64>),
+    ports: &[(MmioDeviceInfo, u32)],
     boot_vcpu: &VcpuFd,
     tsc_dilation: u64,
-) -> Result<Option<Arc<VerdictRegion>>, VmError> {
+) -> Result<Loaded, VmError> {
     let mem_size = config.mem_bytes();
     let name = match &config.payload {
         Payload::Linux { kernel, .. } => kernel.display().to_string(),
@@ -565,6 +575,7 @@ fn load_payload(
         }
         Payload::Linux { .. } => None,
     };
+    let mut ports_base = None;
     let boot_info = match &config.payload {
         Payload::MicroVm { role, .. } => {
             let mut info = vigil_wire::boot::BootInfo::new(*role, mem_size);
@@ -587,6 +598,7 @@ fn load_payload(
                 info.verdict_base = region.gpa;
                 info.verdict_size = region.size();
             }
+            ports_base = ports_area(config, ports.len(), kernel.end);
             if let Some(area) = ports_base {
                 info.flags |= vigil_wire::boot::BOOT_FLAG_PORTS_READY;
                 info.ports_base = area;
@@ -622,7 +634,18 @@ fn load_payload(
     let start_info =
         boot::write_pvh_start_info(memory, mem_size, &kernel, &cmdline, &modules, rsdp)?;
     set_pvh_entry_state(boot_vcpu, kernel.pvh_entry, start_info)?;
-    Ok(verdict_region)
+    Ok(Loaded {
+        verdict_region,
+        ports_base,
+    })
+}
+
+/// What [`load_payload`] leaves for the rest of the build.
+struct Loaded {
+    verdict_region: Option<Arc<VerdictRegion>>,
+    /// A micro-VM's ports' queue area, which its boot information names: its devices are to be
+    /// readied there ([`ready_ports`]).
+    ports_base: Option<u64>,
 }
 
 /// What the command line says about the TSC. The guest cannot calibrate its TSC against the PIT
@@ -773,6 +796,31 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
+    }
+
+    #[test]
+    fn ports_are_readied_only_where_their_queues_fit_above_the_image() {
+        use vigil_wire::boot::port_queue;
+        let elf = Path::new("/fw.elf");
+        let config =
+            |mib| VmConfig::micro_vm("fw", elf, vigil_wire::boot::Role::Switch).with_mem_mib(mib);
+        let image_end = 0x28_0000;
+        let area = ports_area(&config(64), 3, image_end).expect("room in 64 MiB");
+        let verdicts = VerdictRegion::gpa_for(64 << 20).unwrap();
+        assert!(area >= image_end && area + 6 * port_queue::BYTES <= verdicts);
+        assert_eq!(area % 4096, 0);
+        // 4 MiB: the queues would reach down into the image; its driver sets them up.
+        assert_eq!(ports_area(&config(4), 3, image_end), None);
+        assert_eq!(
+            ports_area(&config(64), 0, image_end),
+            None,
+            "no ports, nothing to ready"
+        );
+        let by_driver = config(64).with_debug(crate::knobs::DebugKnobs {
+            driver_sets_up_ports: true,
+            ..Default::default()
+        });
+        assert_eq!(ports_area(&by_driver, 3, image_end), None);
     }
 
     #[test]
