@@ -236,6 +236,13 @@ pub mod port_queue {
     pub const USED: u64 = 4616;
     /// Bytes of one queue with its buffers (a multiple of the page size).
     pub const BYTES: u64 = 401_408;
+
+    /// The guest-physical bases of port `index`'s receive and transmit queues in the area at
+    /// `ports_base`.
+    pub const fn bases(ports_base: u64, index: usize) -> [u64; 2] {
+        let rx = ports_base + 2 * index as u64 * BYTES;
+        [rx, rx + BYTES]
+    }
 }
 
 /// The page-aligned base of the ports' queue area for `device_count` ports, right below the
@@ -436,8 +443,7 @@ impl BootInfo {
         if self.flags & BOOT_FLAG_PORTS_READY == 0 || index >= self.devices().len() {
             return None;
         }
-        let rx = self.ports_base + 2 * index as u64 * port_queue::BYTES;
-        Some([rx, rx + port_queue::BYTES])
+        Some(port_queue::bases(self.ports_base, index))
     }
 
     /// The described devices (clamped to [`MAX_MMIO_DEVICES`]).

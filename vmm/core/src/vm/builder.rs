@@ -500,22 +500,19 @@ fn ports_area(config: &VmConfig, ports: usize, image_end: u64) -> Option<u64> {
 /// VERSION_1 only, as its driver would set them up itself.
 fn ready_ports(transports: &[Arc<Mutex<MmioTransport>>], area: u64) -> Result<(), VmError> {
     use vigil_wire::boot::port_queue;
+    let queue = |base: u64| QueueRings {
+        size: port_queue::SIZE,
+        desc: base + port_queue::DESC,
+        avail: base + port_queue::AVAIL,
+        used: base + port_queue::USED,
+    };
     for (index, transport) in transports.iter().enumerate() {
-        let queue = |q: u64| {
-            let base = area + (2 * index as u64 + q) * port_queue::BYTES;
-            QueueRings {
-                size: port_queue::SIZE,
-                desc: base + port_queue::DESC,
-                avail: base + port_queue::AVAIL,
-                used: base + port_queue::USED,
-            }
-        };
         transport
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .ready_for_driver(
                 crate::devices::virtio::features::VERSION_1,
-                &[queue(0), queue(1)],
+                &port_queue::bases(area, index).map(queue),
             )
             .map_err(|source| VmError::NetDevice { index, source })?;
     }
