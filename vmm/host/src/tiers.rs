@@ -144,13 +144,22 @@ impl Host {
     /// sent with a VM's creation) is reported, since the edge does not speak for the tenant's
     /// address from this host until it is claimed again.
     pub(crate) fn edge_revoked(&self, records: &[[u8; RECORD_LEN]], reason: u8) {
-        // Each record decoded once. An undecodable one goes with the verdicts, whose withdrawal
-        // skips it.
+        // Each record decoded once. Only a refused grant (`Add`, `Adopt`) takes anything back: a
+        // refused `Remove` (the take-back of a call already denied, sent to the edge as well)
+        // left nothing open, and reporting it as a revoked verdict told listeners that one they
+        // were waiting for had been taken back while it had not (a flaky `verdict_quota` test
+        // connected through a verdict whose refusal was still on its way). An undecodable
+        // record names nothing to take back.
         let (mut claims, mut verdicts) = (Vec::new(), Vec::new());
         for record in records {
             match VerdictRepr::from_bytes(record) {
                 Ok(v) if v.op == Op::Attach => claims.push(v),
-                _ => verdicts.push(*record),
+                Ok(v) if matches!(v.op, Op::Add | Op::Adopt) => verdicts.push(*record),
+                Ok(_) => {}
+                Err(_) => log::warn!(
+                    "host {}: the edge refused a record that does not decode; ignored",
+                    self.config.name
+                ),
             }
         }
         if !verdicts.is_empty() {
