@@ -110,7 +110,7 @@ pub struct LinkStats {
     pub refused_batches: AtomicU64,
     /// Records the edge's tables refused (its acks said so).
     pub refused_records: AtomicU64,
-    /// Of those, in batches nobody waited for (handed to the hook).
+    /// Refused batches nobody waited for (each handed to the hook once).
     pub refused_unwaited: AtomicU64,
     pub send_errors: AtomicU64,
     pub edge_restarts: AtomicU64,

@@ -238,6 +238,13 @@ fn a_verdict_the_edge_refuses_is_denied_or_taken_back_at_the_switch() {
         .expect("a verdict_revoked event");
     assert_eq!(event["tier"], "edge", "{event}");
     assert_eq!(event["reason"], "edge_table_full", "{event}");
+    // Counted once: the edge also refused the take-back (`Remove`) of the first refused call,
+    // which revoked nothing.
+    assert_eq!(
+        rig.host.edge_link_stats().map(|s| s.revoked_records),
+        Some(1),
+        "vigil_edge_revoked_records_total counts the verdict taken back, and only it"
+    );
     let before = no_verdict(&rig);
     assert!(
         connect(&rig, REFUSED_LATER).is_err(),

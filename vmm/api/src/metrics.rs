@@ -191,9 +191,9 @@ pub fn metrics_text(host: &Host) -> String {
             ),
             (
                 "vigil_edge_revoked_records_total",
-                "Of those, records whose calls had gone on (the edge's room was wrong); taken back at the switch.",
+                "Of those, verdicts whose calls had gone on (the edge's room was wrong); taken back at the switch.",
                 "counter",
-                link.refused_unwaited as f64,
+                link.revoked_records as f64,
             ),
         ] {
             metric(&mut out, name, help, kind, &[(String::new(), value)]);

@@ -26,6 +26,9 @@ pub(crate) struct EdgeLink {
     pub(crate) sent_records: AtomicU64,
     /// Batches the link refused (its window of unacknowledged datagrams was full).
     pub(crate) send_errors: AtomicU64,
+    /// Verdicts the edge refused after their calls had gone on, taken back at the switch
+    /// (`Host::edge_revoked`: refused grants only, not the refused take-back of a denied call).
+    pub(crate) revoked_records: AtomicU64,
 }
 
 /// What the host's metrics show of the link.
@@ -38,10 +41,10 @@ pub struct EdgeLinkStats {
     pub outstanding: u64,
     pub unreachable: bool,
     pub edge_restarts: u64,
-    /// Records the edge's tables refused, and of those the ones no call waited for (taken back
-    /// at the switch afterwards).
+    /// Records the edge's tables refused, and of those the grants whose calls had gone on
+    /// (taken back at the switch afterwards).
     pub refused_records: u64,
-    pub refused_unwaited: u64,
+    pub revoked_records: u64,
 }
 
 impl EdgeLink {
@@ -59,6 +62,7 @@ impl EdgeLink {
             link,
             sent_records: AtomicU64::new(0),
             send_errors: AtomicU64::new(0),
+            revoked_records: AtomicU64::new(0),
         })
     }
 
@@ -160,7 +164,7 @@ impl EdgeLink {
             unreachable: self.link.unreachable(),
             edge_restarts: s.edge_restarts.load(Ordering::Relaxed),
             refused_records: s.refused_records.load(Ordering::Relaxed),
-            refused_unwaited: s.refused_unwaited.load(Ordering::Relaxed),
+            revoked_records: self.revoked_records.load(Ordering::Relaxed),
         }
     }
 }

@@ -163,6 +163,10 @@ impl Host {
             }
         }
         if !verdicts.is_empty() {
+            if let Some(edge) = &self.edge {
+                edge.revoked_records
+                    .fetch_add(verdicts.len() as u64, Ordering::Relaxed);
+            }
             self.switch.withdraw(&verdicts);
             self.emit(
                 "verdict_revoked",
