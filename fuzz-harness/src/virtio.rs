@@ -22,7 +22,7 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_core::devices::virtio::driver::QueueLayout;
+use vmm_core::devices::virtio::mmio::QueueRings;
 use vmm_core::devices::virtio::mmio::{reg, MmioTransport};
 use vmm_core::devices::virtio::net::fuzzing::InlineNet;
 use vmm_core::devices::virtio::net::{MAX_FRAME, TX_QUEUE};
@@ -38,7 +38,7 @@ const MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 struct Driver {
     mem: GuestMemoryMmap,
     transport: Arc<Mutex<MmioTransport>>,
-    layouts: [QueueLayout; 2],
+    layouts: [QueueRings; 2],
     avail_idx: [u16; 2],
 }
 
@@ -94,7 +94,7 @@ pub fn run(data: &[u8]) {
     let mut d = Driver {
         mem,
         transport,
-        layouts: [QueueLayout::at(0x1000, size), QueueLayout::at(0x3000, size)],
+        layouts: [QueueRings::at(0x1000, size), QueueRings::at(0x3000, size)],
         avail_idx: [0; 2],
     };
     if config & 1 != 0 {

@@ -12,8 +12,9 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress};
-use vmm_core::devices::virtio::driver::{Buffer, GuestDriver, QueueLayout};
+use vmm_core::devices::virtio::driver::{Buffer, GuestDriver};
 use vmm_core::devices::virtio::mmio::MmioTransport;
+use vmm_core::devices::virtio::mmio::QueueRings;
 use vmm_core::devices::virtio::net::fuzzing::InlineNet;
 use vmm_core::devices::virtio::net::{NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use vmm_core::devices::virtio::status;
@@ -75,8 +76,8 @@ fn frames_cross_the_device_both_ways_without_an_allocation_per_frame() {
     let s = driver.init(
         u64::MAX,
         &[
-            QueueLayout::at(0x1_0000, QSIZE),
-            QueueLayout::at(0x2_0000, QSIZE),
+            QueueRings::at(0x1_0000, QSIZE),
+            QueueRings::at(0x2_0000, QSIZE),
         ],
     );
     assert_ne!(s & status::DRIVER_OK, 0, "status {s:#x}");

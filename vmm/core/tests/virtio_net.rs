@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_core::devices::tap::{Tap, TapError};
-use vmm_core::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
+use vmm_core::devices::virtio::driver::{wait_until, Buffer, GuestDriver};
 use vmm_core::devices::virtio::mmio::MmioTransport;
+use vmm_core::devices::virtio::mmio::QueueRings;
 use vmm_core::devices::virtio::net::{Net, NetCounters, NET_HDR_LEN, RX_QUEUE, TX_QUEUE};
 use vmm_core::devices::virtio::status;
 use vmm_core::GuestMemoryMmap;
@@ -185,7 +186,7 @@ fn guest_with(tap: Tap) -> Guest {
     let mut driver = GuestDriver::new(mem.clone(), transport.clone());
     let s = driver.init(
         u64::MAX,
-        &[QueueLayout::at(0x1_0000, 64), QueueLayout::at(0x2_0000, 64)],
+        &[QueueRings::at(0x1_0000, 64), QueueRings::at(0x2_0000, 64)],
     );
     assert_ne!(s & status::DRIVER_OK, 0, "status {s:#x}");
     Guest {
@@ -492,7 +493,7 @@ fn throughput() {
     let mut driver = GuestDriver::new(mem.clone(), transport.clone());
     driver.init(
         u64::MAX,
-        &[QueueLayout::at(0x1_0000, Q), QueueLayout::at(0x2_0000, Q)],
+        &[QueueRings::at(0x1_0000, Q), QueueRings::at(0x2_0000, Q)],
     );
     let f = frame([2, 0, 0, 0, 0, 1], MAC, &[0x5a; LEN - 14]);
     mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(DATA))

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use crate::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::mmio::{reg, MmioTransport};
+use super::mmio::{reg, MmioTransport, QueueRings};
 use super::status;
 use crate::devices::MmioDevice;
 
@@ -31,23 +31,16 @@ pub struct Buffer {
     pub device_writes: bool,
 }
 
-/// Where one split queue lives in guest memory.
-#[derive(Clone, Copy, Debug)]
-pub struct QueueLayout {
-    pub size: u16,
-    pub desc: u64,
-    pub avail: u64,
-    pub used: u64,
-}
-
-impl QueueLayout {
+/// A test driver's layout of one split queue: the transport's own [`QueueRings`] (what
+/// [`MmioTransport::ready_for_driver`] takes too), placed by [`QueueRings::at`].
+impl QueueRings {
     /// Lays a queue of `size` entries out from `base` (page aligned): descriptor table, then the
     /// available ring, then the used ring on the next 4 KiB boundary.
-    pub fn at(base: u64, size: u16) -> QueueLayout {
+    pub fn at(base: u64, size: u16) -> QueueRings {
         let n = u64::from(size);
         let avail = base + 16 * n;
         let used = (avail + 6 + 2 * n + 0xfff) & !0xfff;
-        QueueLayout {
+        QueueRings {
             size,
             desc: base,
             avail,
@@ -68,7 +61,7 @@ pub struct GuestDriver {
 }
 
 struct DriverQueue {
-    layout: QueueLayout,
+    layout: QueueRings,
     next_desc: u16,
     avail_idx: u16,
     last_used: u16,
@@ -108,7 +101,7 @@ impl GuestDriver {
 
     /// Runs the initialisation sequence of virtio 1.2 §3.1.1 with the features in `wanted` that
     /// the device offers, one queue per layout. Returns the final status register.
-    pub fn init(&mut self, wanted: u64, layouts: &[QueueLayout]) -> u32 {
+    pub fn init(&mut self, wanted: u64, layouts: &[QueueRings]) -> u32 {
         self.write_reg(reg::STATUS, 0);
         let mut s = status::ACKNOWLEDGE;
         self.write_reg(reg::STATUS, s);

@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
+use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver};
 use crate::devices::virtio::features;
+use crate::devices::virtio::mmio::QueueRings;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::status;
 
@@ -37,8 +38,8 @@ fn guest(end: MemLinkEnd, features: u64) -> Guest {
     let s = driver.init(
         features,
         &[
-            QueueLayout::at(0x1_0000, QSIZE),
-            QueueLayout::at(0x2_0000, QSIZE),
+            QueueRings::at(0x1_0000, QSIZE),
+            QueueRings::at(0x2_0000, QSIZE),
         ],
     );
     assert_ne!(s & status::DRIVER_OK, 0, "status {s:#x}");
@@ -118,7 +119,7 @@ impl Guest {
     }
 
     fn used_flags(&self, queue: usize) -> u16 {
-        let used = QueueLayout::at(0x1_0000 * (queue as u64 + 1), QSIZE).used;
+        let used = QueueRings::at(0x1_0000 * (queue as u64 + 1), QSIZE).used;
         self.mem.read_obj(GuestAddress(used)).unwrap()
     }
 }
@@ -171,8 +172,8 @@ fn what_the_link_writes_into_a_guest_is_marked_dirty_for_a_migration() {
     let mut a = guest(a_end, u64::MAX);
     let mut b = guest(b_end, u64::MAX);
     b.post_rx(0, 1);
-    let (rx_buffer, rx_used) = (DATA + 0x1_0000, QueueLayout::at(0x1_0000, QSIZE).used);
-    let tx_used = QueueLayout::at(0x2_0000, QSIZE).used;
+    let (rx_buffer, rx_used) = (DATA + 0x1_0000, QueueRings::at(0x1_0000, QSIZE).used);
+    let tx_used = QueueRings::at(0x2_0000, QSIZE).used;
     clear_dirty(&b.mem);
     assert!(!dirty(&b.mem, rx_buffer) && !dirty(&b.mem, rx_used));
     a.transmit(0, &frame(200, 0x11));

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use crate::GuestMemoryMmap;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver, QueueLayout};
+use crate::devices::virtio::driver::{wait_until, Buffer, GuestDriver};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::QueueRings;
 use crate::devices::virtio::status;
 use crate::devices::virtio::{features, interrupt};
 use std::sync::Mutex;
@@ -42,8 +43,8 @@ fn rig(features: u64) -> Rig {
     let s = driver.init(
         features,
         &[
-            QueueLayout::at(0x1_0000, QSIZE),
-            QueueLayout::at(0x2_0000, QSIZE),
+            QueueRings::at(0x1_0000, QSIZE),
+            QueueRings::at(0x2_0000, QSIZE),
         ],
     );
     assert_ne!(s & status::DRIVER_OK, 0, "status {s:#x}");
@@ -463,8 +464,8 @@ fn reset_gives_the_link_back_and_the_device_runs_again() {
     let s = r.driver.init(
         all_features(),
         &[
-            QueueLayout::at(0x3_0000, QSIZE),
-            QueueLayout::at(0x4_0000, QSIZE),
+            QueueRings::at(0x3_0000, QSIZE),
+            QueueRings::at(0x4_0000, QSIZE),
         ],
     );
     assert_ne!(s & status::DRIVER_OK, 0);
