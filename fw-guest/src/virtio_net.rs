@@ -312,57 +312,56 @@ impl<'a> Port<'a> {
     /// Device initialization up to FEATURES_OK and the queues' registers (virtio 1.2 §3.1.1,
     /// §4.2.3.2); returns the status to add DRIVER_OK to.
     fn negotiate(&mut self) -> Result<u32, InitError> {
-        let port = self;
-        if port.read(reg::MAGIC) != MAGIC || port.read(reg::VERSION) != 2 {
+        if self.read(reg::MAGIC) != MAGIC || self.read(reg::VERSION) != 2 {
             return Err(InitError::NotVirtio);
         }
-        let id = port.read(reg::DEVICE_ID);
+        let id = self.read(reg::DEVICE_ID);
         if id != DEVICE_ID_NET {
             return Err(InitError::NotNet(id));
         }
-        port.write(reg::STATUS, 0);
-        port.write(reg::STATUS, STATUS_ACKNOWLEDGE);
-        port.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+        self.write(reg::STATUS, 0);
+        self.write(reg::STATUS, STATUS_ACKNOWLEDGE);
+        self.write(reg::STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
         // Only VERSION_1: no offloads (frames are whole), no MAC needed (a switch port).
-        port.write(reg::DEVICE_FEATURES_SEL, 1);
-        if port.read(reg::DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
+        self.write(reg::DEVICE_FEATURES_SEL, 1);
+        if self.read(reg::DEVICE_FEATURES) & F_VERSION_1_HIGH == 0 {
             return Err(InitError::FeaturesRejected);
         }
-        port.write(reg::DRIVER_FEATURES_SEL, 0);
-        port.write(reg::DRIVER_FEATURES, 0);
-        port.write(reg::DRIVER_FEATURES_SEL, 1);
-        port.write(reg::DRIVER_FEATURES, F_VERSION_1_HIGH);
+        self.write(reg::DRIVER_FEATURES_SEL, 0);
+        self.write(reg::DRIVER_FEATURES, 0);
+        self.write(reg::DRIVER_FEATURES_SEL, 1);
+        self.write(reg::DRIVER_FEATURES, F_VERSION_1_HIGH);
         let status = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK;
-        port.write(reg::STATUS, status);
-        if port.read(reg::STATUS) & STATUS_FEATURES_OK == 0 {
+        self.write(reg::STATUS, status);
+        if self.read(reg::STATUS) & STATUS_FEATURES_OK == 0 {
             return Err(InitError::FeaturesRejected);
         }
         for q in [RX, TX] {
-            port.write(reg::QUEUE_SEL, q);
-            let max = port.read(reg::QUEUE_NUM_MAX);
+            self.write(reg::QUEUE_SEL, q);
+            let max = self.read(reg::QUEUE_NUM_MAX);
             if (max as usize) < QUEUE_SIZE {
                 return Err(InitError::QueueTooSmall(max));
             }
-            port.write(reg::QUEUE_NUM, QUEUE_SIZE as u32);
+            self.write(reg::QUEUE_NUM, QUEUE_SIZE as u32);
             let queue: &mut Queue = if q == RX {
-                &mut *port.rx
+                &mut *self.rx
             } else {
-                &mut *port.tx
+                &mut *self.tx
             };
             queue.reset_rings();
             queue.avail.flags = AVAIL_F_NO_INTERRUPT;
             let desc = addr_of!(queue.desc) as u64;
             let avail = addr_of!(queue.avail) as u64;
             let used = addr_of!(queue.used) as u64;
-            port.write(reg::QUEUE_DESC_LOW, desc as u32);
-            port.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
-            port.write(reg::QUEUE_DRIVER_LOW, avail as u32);
-            port.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
-            port.write(reg::QUEUE_DEVICE_LOW, used as u32);
-            port.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
-            port.write(reg::QUEUE_READY, 1);
+            self.write(reg::QUEUE_DESC_LOW, desc as u32);
+            self.write(reg::QUEUE_DESC_HIGH, (desc >> 32) as u32);
+            self.write(reg::QUEUE_DRIVER_LOW, avail as u32);
+            self.write(reg::QUEUE_DRIVER_HIGH, (avail >> 32) as u32);
+            self.write(reg::QUEUE_DEVICE_LOW, used as u32);
+            self.write(reg::QUEUE_DEVICE_HIGH, (used >> 32) as u32);
+            self.write(reg::QUEUE_READY, 1);
         }
-        port.fill_descriptors();
+        self.fill_descriptors();
         Ok(status)
     }
 
