@@ -173,6 +173,13 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
         (
             "PUT",
             "vm.create",
+            spec("switch", "10.0.0.9", "52:54:00:00:00:09").to_string(),
+            400,
+            "the host's own",
+        ),
+        (
+            "PUT",
+            "vm.create",
             {
                 let mut v = spec("x", "10.0.0.9", "52:54:00:00:00:09");
                 v["policy"]["allow"][0]["cidr"] = json!("not-a-net");
@@ -191,6 +198,30 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
             },
             400,
             "/nonexistent/vmlinuz",
+        ),
+        // A device would be read without end (the host's memory, every VM with it): refused
+        // at once, as anything but a regular file within its bound.
+        (
+            "PUT",
+            "vm.create",
+            {
+                let mut v = spec("x", "10.0.0.9", "52:54:00:00:00:09");
+                v["kernel"] = json!("/dev/zero");
+                v.to_string()
+            },
+            400,
+            "not a regular file (a character device)",
+        ),
+        (
+            "PUT",
+            "vm.create",
+            {
+                let mut v = spec("x", "10.0.0.9", "52:54:00:00:00:09");
+                v["initramfs"] = json!("/dev/urandom");
+                v.to_string()
+            },
+            400,
+            "not a regular file",
         ),
         ("PUT", "vm.create", web.to_string(), 409, "exists"),
         (
@@ -292,6 +323,23 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
             "{method} {path}: {message:?} does not say {needle:?}"
         );
     }
+
+    // Two ids of one tenant number (FNV-1a 32 collides for these): the second would share the
+    // first's verdicts, ports and flows at both tiers, so it is refused.
+    let first = spec("t439599", "10.0.0.11", "52:54:00:00:00:11");
+    let r = call(s, "PUT", "vm.create", Some(&first.to_string()));
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let r = call(
+        s,
+        "PUT",
+        "vm.create",
+        Some(&spec("t622382", "10.0.0.12", "52:54:00:00:00:12").to_string()),
+    );
+    assert_eq!(r.status, 409, "{:?}", String::from_utf8_lossy(&r.body));
+    let (_, message) = error_of(&r);
+    assert!(message.contains("same tenant number"), "{message}");
+    let r = call(s, "PUT", "vm.delete", Some("{\"id\": \"t439599\"}"));
+    assert_eq!(r.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
 
     // Nothing was lost: one VM, created, its policy as given.
     let list = json_of(&call(s, "GET", "vm.list", None));

@@ -44,7 +44,8 @@ pub fn status_of(error: &ApiError) -> u16 {
             HostError::NotFound { .. } => 404,
             HostError::WrongState { .. }
             | HostError::IdTaken { .. }
-            | HostError::AddressTaken { .. } => 409,
+            | HostError::AddressTaken { .. }
+            | HostError::TenantNumberTaken { .. } => 409,
             HostError::MigrationFailed { .. } | HostError::Vm(_) | HostError::Internal { .. } => {
                 500
             }

@@ -43,10 +43,18 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// Most bytes a console log holds: past it the log starts again (the guest writes its console
+/// without end if it likes, and the host's disk is shared by every VM). The newest output is
+/// what a crash's diagnosis reads, so it is the older that goes.
+pub const CONSOLE_LOG_MAX: u64 = 16 << 20;
+
 /// The serial console's output: a per-VM log file and, optionally, stdout line by line.
 pub struct ConsoleOutput {
     prefix: String,
     log: Option<File>,
+    /// Bytes in the log since it (re)started, and how often it restarted.
+    log_bytes: u64,
+    log_restarts: u64,
     stdout: bool,
     line: Vec<u8>,
     created: Instant,
@@ -67,6 +75,8 @@ impl ConsoleOutput {
         ConsoleOutput {
             prefix: format!("[{name}] "),
             log,
+            log_bytes: 0,
+            log_restarts: 0,
             stdout,
             line: Vec::new(),
             created,
@@ -102,11 +112,40 @@ impl ConsoleOutput {
     }
 }
 
+impl ConsoleOutput {
+    /// Appends `buf` to the log, first emptying it when `buf` would take it past
+    /// [`CONSOLE_LOG_MAX`] (the restart is said in the log itself).
+    fn log_bytes(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        let Some(log) = self.log.as_mut() else {
+            return Ok(());
+        };
+        if self.log_bytes + buf.len() as u64 > CONSOLE_LOG_MAX {
+            use std::io::Seek;
+            log.set_len(0)?;
+            log.rewind()?;
+            self.log_restarts += 1;
+            let note = format!(
+                "[vigil: this console log restarted ({} times): the guest wrote more than {} \
+                 bytes; older output was dropped]\n",
+                self.log_restarts, CONSOLE_LOG_MAX
+            );
+            log.write_all(note.as_bytes())?;
+            self.log_bytes = note.len() as u64;
+        }
+        log.write_all(buf)?;
+        self.log_bytes += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Times the log restarted because the guest filled it.
+    pub fn log_restarts(&self) -> u64 {
+        self.log_restarts
+    }
+}
+
 impl Write for ConsoleOutput {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if let Some(log) = self.log.as_mut() {
-            log.write_all(buf)?;
-        }
+        self.log_bytes(buf)?;
         if self.stdout || !self.markers.is_empty() {
             for &byte in buf {
                 if byte == b'\n' {
@@ -426,6 +465,38 @@ mod tests {
             Vec::new(),
             exit_port,
         )
+    }
+
+    #[test]
+    fn a_console_log_the_guest_overfills_restarts_with_its_newest_bytes() {
+        let path = std::env::temp_dir().join(format!("vigil-con-cap-{}.log", std::process::id()));
+        let mut out = ConsoleOutput::new(
+            "t",
+            Some(File::create(&path).unwrap()),
+            false,
+            Instant::now(),
+            &[],
+        );
+        let chunk = vec![b'x'; 64 << 10];
+        for _ in 0..CONSOLE_LOG_MAX / chunk.len() as u64 {
+            out.write_all(&chunk).unwrap();
+        }
+        assert_eq!(out.log_restarts(), 0, "exactly full is not over");
+        out.write_all(b"the newest line\n").unwrap();
+        assert_eq!(out.log_restarts(), 1);
+        let log = std::fs::read(&path).unwrap();
+        assert!(
+            log.len() < 4096,
+            "the older output was dropped: {} bytes",
+            log.len()
+        );
+        let text = String::from_utf8_lossy(&log);
+        assert!(
+            text.starts_with("[vigil: this console log restarted (1 times)"),
+            "{text}"
+        );
+        assert!(text.ends_with("]\nthe newest line\n"), "{text}");
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -35,6 +35,12 @@ pub enum HostError {
         ip: IpAddr,
         mac: String,
     },
+    /// Another VM on the host has the same tenant number (a 32-bit hash of the id, which both
+    /// tiers key verdicts, ports and flows by): sharing it would share them.
+    #[error(
+        "VM {other:?} has the same tenant number ({tenant:#010x}) as this id; choose another id"
+    )]
+    TenantNumberTaken { other: String, tenant: u32 },
     /// A field of a VM spec is not acceptable (the message names it).
     #[error("{0}")]
     InvalidSpec(String),

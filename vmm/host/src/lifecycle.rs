@@ -403,6 +403,13 @@ impl Host {
                 spec.id
             )));
         }
+        if spec.id == crate::switch::SWITCH_NAME {
+            // Its console log would be the switch micro-VM's (`state_dir/switch.console`).
+            return Err(HostError::InvalidSpec(format!(
+                "id {:?} is the host's own (its switch micro-VM); choose another",
+                spec.id
+            )));
+        }
         let mac = parse_mac(&spec.mac).ok_or_else(|| {
             HostError::InvalidSpec(format!(
                 "mac {:?} is not a unicast MAC address like 52:54:00:12:34:56",
@@ -430,6 +437,12 @@ impl Host {
             if tenants.contains_key(&spec.id) {
                 return Err(HostError::IdTaken {
                     id: spec.id.clone(),
+                });
+            }
+            if let Some(other) = tenants.values().find(|t| tenant_id(&t.spec.id) == tenant) {
+                return Err(HostError::TenantNumberTaken {
+                    other: other.spec.id.clone(),
+                    tenant,
                 });
             }
             if let Some(other) = tenants

@@ -33,6 +33,10 @@ use vmm_core::vm::{ConsoleConfig, LinkConfig, Vm, VmConfig, VmError, VmHandle, V
 use crate::supervisor::Book;
 use crate::{Host, HostConfig, HostError, StartError};
 
+/// The switch micro-VM's name in the host's state directory (its console log); no tenant may
+/// take it as its id.
+pub(crate) const SWITCH_NAME: &str = "switch";
+
 pub(crate) type SwitchThread = JoinHandle<Result<VmOutcome, VmError>>;
 
 /// How long a reconfiguration waits for the switch micro-VM to take its records (and, while it
@@ -101,7 +105,7 @@ impl SwitchTier {
             ports.push((tenant_end, None));
             switch_ends.push(switch_end);
         }
-        let console = config.state_dir.join("switch.console");
+        let console = config.state_dir.join(format!("{SWITCH_NAME}.console"));
         // A VXLAN uplink takes frames only from its peer, the edge: an empty trust set adds no
         // one and counts what it refuses.
         let mut uplink = config.uplink.clone();

@@ -18,7 +18,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ioctl, Vm, VmError};
+use super::{input_file, ioctl, Vm, VmError};
 use crate::boot::{self, BootModule};
 use crate::bus::{Bus, ConsoleOutput, MmioSlot};
 use crate::config::{LinkEnd, NetBackend, Payload, VmConfig};
@@ -156,8 +156,9 @@ fn release_freed_heap() {
     }
 }
 
-fn read_file(path: &Path) -> Result<Vec<u8>, VmError> {
-    fs::read(path).map_err(|source| VmError::ReadFile {
+/// Reads an input file whole, within `max` bytes ([`input_file`]).
+fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, VmError> {
+    input_file::read(path, max).map_err(|source| VmError::ReadFile {
         path: path.to_path_buf(),
         source,
     })
@@ -201,12 +202,15 @@ impl BootInputs {
                 initramfs,
                 cmdline,
             } => {
-                let image = read_file(kernel)?;
+                let image = read_file(kernel, input_file::MAX_KERNEL_BYTES)?;
                 let elf = boot::kernel_elf(&image).map_err(|source| VmError::KernelImage {
                     path: kernel.clone(),
                     source,
                 })?;
-                let initramfs = initramfs.as_deref().map(read_file).transpose()?;
+                let initramfs = initramfs
+                    .as_deref()
+                    .map(|path| read_file(path, input_file::max_initramfs_bytes(config.mem_mib)))
+                    .transpose()?;
                 let profile = host.linux_cmdline();
                 let cmdline = if profile.is_empty() {
                     cmdline.clone()
@@ -221,10 +225,14 @@ impl BootInputs {
                 }
             }
             Payload::MicroVm { elf, role, .. } => BootInputs {
-                elf: ElfImage::File(File::open(elf).map_err(|source| VmError::ReadFile {
-                    path: elf.clone(),
-                    source,
-                })?),
+                elf: ElfImage::File(
+                    input_file::open(elf, input_file::MAX_MICROVM_ELF_BYTES)
+                        .map_err(|source| VmError::ReadFile {
+                            path: elf.clone(),
+                            source,
+                        })?
+                        .0,
+                ),
                 initramfs: None,
                 cmdline: format!("role={}", role.name()),
                 exit_port: true,

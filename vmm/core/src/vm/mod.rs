@@ -7,6 +7,7 @@
 //! vCPU's exit dispatch does) or read the environment (knobs come in the [`VmConfig`]).
 
 mod builder;
+pub mod input_file;
 mod run;
 mod snapshot;
 
@@ -54,7 +55,7 @@ pub enum VmError {
     #[error("cannot read {path}: {source}")]
     ReadFile {
         path: PathBuf,
-        source: std::io::Error,
+        source: input_file::InputFileError,
     },
     #[error("{path}: {source}")]
     KernelImage {
