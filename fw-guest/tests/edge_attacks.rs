@@ -1,7 +1,8 @@
 //! Attacks from the outside on the edge (issue #13), each against the filter as the edge runs it
 //! (`process_edge`): blind injection on an allowed flow's 4-tuple (sequence tracking), blind RSTs,
 //! spoofed insider sources, SYN floods (bounded half-open state, a legitimate handshake during the
-//! flood), a full table, and ICMP errors quoting a flow with a sequence number it never sent. Real frames (smoltcp-built), explicit clock.
+//! flood), a full table, ICMP errors quoting a flow with a sequence number it never sent, and a tenant's ICMP errors
+//! sent anywhere but to the peer they quote, or longer than RFC 1812 allows. Real frames (smoltcp-built), explicit clock.
 
 mod frames;
 
@@ -624,6 +625,59 @@ fn icmp_errors_must_quote_a_sequence_number_in_flight() {
     }
     assert_eq!(f.counters().dropped(DropReason::IcmpOutOfWindow), dropped);
     // The flow is untouched.
+    assert_eq!(state_of(&f, 40000), TcpState::Established);
+}
+
+#[test]
+fn a_tenants_icmp_errors_go_only_to_the_peer_it_quotes_and_are_short() {
+    let mut f = edge(1024, Config::default());
+    let (c, s) = connect(&mut f, 40000, 0);
+    // The client's segment as it reached the tenant, `extra` bytes of payload.
+    let client_segment = |extra: usize| {
+        let spec = seg(TcpControl::Psh, c, Some(s), 502, None);
+        let l4 = tcp_spec_bytes(
+            Ip::V4(CLIENT_IP),
+            Ip::V4(TENANT_IP),
+            40000,
+            PORT,
+            &spec,
+            &vec![0x5a; extra],
+        );
+        ipv4_packet(CLIENT_IP, TENANT_IP, smoltcp::wire::IpProtocol::Tcp, &l4)
+    };
+    let error = |src: [u8; 4], dst: [u8; 4], extra: usize| {
+        icmp_error(Ip::V4(src), Ip::V4(dst), &client_segment(extra))
+    };
+    let tenant = TENANT_IP;
+    assert_eq!(
+        f.process_edge(Cloud, Outside, &error(tenant, CLIENT_IP, 0), SEC),
+        FWD
+    );
+    // Addressed to anyone but the client: the quote would carry the tenant's bytes anywhere.
+    let elsewhere = [203, 0, 113, 9];
+    assert_eq!(
+        f.process_edge(Cloud, Outside, &error(tenant, elsewhere, 0), SEC),
+        drop(DropReason::IcmpUnsupported)
+    );
+    // To another tenant behind the edge: dropped for the sender before the receiver is asked.
+    assert_eq!(
+        f.process_edge(Cloud, Cloud, &error(tenant, OTHER_TENANT_IP, 0), SEC),
+        drop(DropReason::IcmpUnsupported)
+    );
+    // To the client, but longer than any error a host sends (RFC 1812: 576 bytes in all).
+    let longest = 576 - 20 - 8 - 20 - 20;
+    assert_eq!(
+        f.process_edge(Cloud, Outside, &error(tenant, CLIENT_IP, longest), SEC),
+        FWD
+    );
+    assert_eq!(
+        f.process_edge(Cloud, Outside, &error(tenant, CLIENT_IP, longest + 1), SEC),
+        drop(DropReason::IcmpUnsupported)
+    );
+    assert_eq!(
+        f.process_edge(Cloud, Outside, &error(tenant, CLIENT_IP, 1400), SEC),
+        drop(DropReason::IcmpUnsupported)
+    );
     assert_eq!(state_of(&f, 40000), TcpState::Established);
 }
 

@@ -855,6 +855,128 @@ fn icmp_echo_and_errors() {
     );
 }
 
+/// One family's resolver exchange: the tenant, its server, an address of neither, and the
+/// frames of the query and its reply.
+struct Exchange {
+    tenant: Ip,
+    server: Ip,
+    other: Ip,
+    query: Vec<u8>,
+    reply: Vec<u8>,
+}
+
+/// A tenant with a resolver flow (UDP to the server's port 53, one query and its reply seen) in
+/// each family.
+fn resolver_flows() -> (Filter<'static>, [Exchange; 2]) {
+    let mut f = filter(64, 16);
+    let mut seq = Seq(0);
+    let mut other6 = SERVER6;
+    other6[15] = 6;
+    let families = [
+        (IpVersion::V4, Ip::V4(TENANT), Ip::V4(SERVER), Ip::V4(OTHER)),
+        (
+            IpVersion::V6,
+            Ip::V6(TENANT6),
+            Ip::V6(SERVER6),
+            Ip::V6(other6),
+        ),
+    ];
+    let exchanges = families.map(|(version, tenant, server, other)| {
+        let (local, remote) = match (tenant, server) {
+            (Ip::V4(a), Ip::V4(b)) => (v4(a), v4(b)),
+            (Ip::V6(a), Ip::V6(b)) => (a, b),
+            _ => unreachable!(),
+        };
+        let rule = connect_rule(version, Protocol::Udp, local, remote, 53);
+        add(&mut f, &mut seq, T1, rule, 0, 0);
+        let query = udp(tenant, server, 40000, 53);
+        let reply = udp(server, tenant, 53, 40000);
+        assert_eq!(f.process(T1, EG, &query, 0), FWD);
+        assert_eq!(f.process(T1, IN, &reply, 0), FWD);
+        Exchange {
+            tenant,
+            server,
+            other,
+            query,
+            reply,
+        }
+    });
+    (f, exchanges)
+}
+
+#[test]
+fn icmp_errors_go_back_to_the_quoted_sender() {
+    let (mut f, exchanges) = resolver_flows();
+    for x in exchanges {
+        let (a, b, other) = (x.tenant, x.server, x.other);
+        let (query, reply) = (&x.query[14..], &x.reply[14..]);
+        // The tenant's port was closed when the reply came: it tells the server.
+        assert_eq!(
+            f.process(T1, EG, &icmp_error(a, b, reply), SEC),
+            FWD,
+            "{a:?}"
+        );
+        // The same quote addressed to anyone else would carry the tenant's bytes wherever it
+        // likes (the exfiltration the check closes).
+        assert_eq!(
+            f.process(T1, EG, &icmp_error(a, other, reply), SEC),
+            drop(DropReason::IcmpUnsupported),
+            "{a:?}"
+        );
+        // A tenant reports only what reached it: the error comes from the quoted destination.
+        assert_eq!(
+            f.process(T1, EG, &icmp_error(other, b, reply), SEC),
+            drop(DropReason::IcmpUnsupported),
+            "{a:?}"
+        );
+        // From the outside any router on the path may report the tenant's query, to the tenant.
+        assert_eq!(
+            f.process(T1, IN, &icmp_error(other, a, query), SEC),
+            FWD,
+            "{a:?}"
+        );
+        assert_eq!(
+            f.process(T1, IN, &icmp_error(b, a, query), SEC),
+            FWD,
+            "{a:?}"
+        );
+        // An error about the tenant's query sent to someone else is not the tenant's business.
+        assert_eq!(
+            f.process(T1, IN, &icmp_error(b, other, query), SEC),
+            drop(DropReason::IcmpUnsupported),
+            "{a:?}"
+        );
+    }
+}
+
+#[test]
+fn icmp_errors_are_no_longer_than_the_rfcs_allow() {
+    let (mut f, exchanges) = resolver_flows();
+    // RFC 1812 §4.3.2.3: 576 bytes for IPv4; RFC 4443 §2.4 (c): the IPv6 minimum MTU, 1280.
+    for (x, max) in exchanges.into_iter().zip([576, 1280]) {
+        let (a, b) = (x.tenant, x.server);
+        let ip_header = if matches!(a, Ip::V4(_)) { 20 } else { 40 };
+        // Outer IP header, ICMP header, quoted IP and UDP headers, and the quoted reply's payload.
+        let quoted_payload = |total: usize| vec![0x5a; total - ip_header - 8 - ip_header - 8];
+        for (total, expect) in [
+            (max, FWD),
+            (max + 1, drop(DropReason::IcmpUnsupported)),
+            (1500, drop(DropReason::IcmpUnsupported)),
+        ] {
+            let reply = udp_bytes(b, a, 53, 40000, &quoted_payload(total));
+            let quoted = ip_frame(b, a, IpProtocol::Udp, &reply);
+            let error = icmp_error(a, b, &quoted[14..]);
+            assert_eq!(error.len(), 14 + total);
+            assert_eq!(f.process(T1, EG, &error, SEC), expect, "{a:?} {total}");
+            // The same from the outside about the tenant's own (long) datagram.
+            let query = udp_bytes(a, b, 40000, 53, &quoted_payload(total));
+            let quoted = ip_frame(a, b, IpProtocol::Udp, &query);
+            let error = icmp_error(b, a, &quoted[14..]);
+            assert_eq!(f.process(T1, IN, &error, SEC), expect, "{a:?} {total}");
+        }
+    }
+}
+
 #[test]
 fn verdict_records_through_the_ring() {
     // The VMM's path: records pushed into the shared ring, popped and applied by the micro-VM.

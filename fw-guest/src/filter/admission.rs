@@ -1,9 +1,10 @@
 //! Room for new conntrack entries, and ICMP errors about tracked flows.
 //!
 //! Owns: the admission of a new entry (the tenant's flow quota, the half-open limits and their
-//! eviction, a full table's reclaiming) and the check of an ICMP error's quoted flow.
+//! eviction, a full table's reclaiming) and the check of an ICMP error's quoted flow and of its
+//! addresses against the quoted packet.
 //! Must not: evict an established flow, or let an ICMP error through for a flow it does not
-//! quote in window.
+//! quote in window, or to anyone but the quoted packet's sender.
 
 use super::conntrack::{Conntrack, Probe};
 use super::{
@@ -133,11 +134,20 @@ impl Filter<'_> {
         self.counters.flows_created += 1;
     }
 
-    /// An ICMP error passes when the packet it quotes belongs to a live tracked flow. The quoted
-    /// packet travelled the other way (the error answers it). A quoted TCP segment must also be
-    /// one its sender may have in flight ([`FlowSlot::in_flight`], as Linux's `tcp_v4_err` and
-    /// RFC 5927 §4.1 ask); a proxied flow's tenant-side segment is quoted with the sequence number
-    /// the outside saw, so the offset is added back first.
+    /// An ICMP error passes when the packet it quotes belongs to a live tracked flow and the error
+    /// goes back to that packet's sender. The quoted packet travelled the other way (the error
+    /// answers it). A quoted TCP segment must also be one its sender may have in flight
+    /// ([`FlowSlot::in_flight`], as Linux's `tcp_v4_err` and RFC 5927 §4.1 ask); a proxied flow's
+    /// tenant-side segment is quoted with the sequence number the outside saw, so the offset is
+    /// added back first.
+    ///
+    /// The addresses keep the quote from being a pass for anything: without them, a tenant could
+    /// quote one reply of any live flow of its own in an error to an address of its choosing,
+    /// with bytes of its own after the quote (at most what the length cap of [`parse`] leaves).
+    /// An error is addressed to the quoted packet's source (RFC 792, RFC 4443 §2.2), whoever sends
+    /// it: from the outside that may be any router on the path, but a tenant reports only packets
+    /// it received, so its error also comes from the quoted packet's destination. Anything else
+    /// is [`DropReason::IcmpUnsupported`].
     pub(super) fn icmp_error(
         &mut self,
         tenant: u32,
@@ -146,6 +156,10 @@ impl Filter<'_> {
         q: &parse::Quoted,
         now_s: u32,
     ) -> Decision {
+        let from_quoted_dst = dir == Direction::Ingress || m.src == q.dst;
+        if m.dst != q.src || !from_quoted_dst {
+            return Decision::Drop(DropReason::IcmpUnsupported);
+        }
         let quoted_dir = dir.reverse();
         let (sport, dport) = match (q.protocol.is_icmp(), quoted_dir) {
             // The echo identifier goes to the tenant-side port, as in `ip`.

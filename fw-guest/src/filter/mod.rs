@@ -13,7 +13,10 @@
 //! - an opening packet (TCP SYN, any UDP datagram, ICMP echo request) passes if a verdict opens it,
 //!   and creates a conntrack entry;
 //! - an ICMP error passes if the packet it quotes belongs to a tracked flow (and, for TCP, its
-//!   quoted sequence number is one its sender has in flight: [`DropReason::IcmpOutOfWindow`]);
+//!   quoted sequence number is one its sender has in flight: [`DropReason::IcmpOutOfWindow`]),
+//!   it is addressed to the quoted packet's sender (and, from a tenant, sent by the quoted
+//!   packet's destination), and it is no longer than RFC 1812 / RFC 4443 allow (576 bytes for
+//!   IPv4, 1280 for IPv6): otherwise [`DropReason::IcmpUnsupported`];
 //! - everything else is dropped and counted by [`DropReason`].
 //!
 //! TCP is tracked by sequence numbers as well as flags ([`FlowSlot::track`]): a segment outside

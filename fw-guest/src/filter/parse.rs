@@ -29,9 +29,17 @@ const NDP_HOP_LIMIT: u8 = 255;
 /// Length of an ICMP error header (type, code, checksum, 4 bytes unused/MTU/pointer): RFC 792,
 /// RFC 4443 §2.1.
 const ICMP_ERROR_HEADER: usize = 8;
+/// The IPv6 fixed header (RFC 8200 §3).
+const IPV6_HEADER: usize = 40;
 /// Bytes of the offending packet's transport header an ICMP error must quote to name its flow
 /// (ports, or type/code/checksum/identifier for echo): RFC 792 quotes at least 64 bits.
 const QUOTED_L4: usize = 8;
+/// The most an ICMPv4 error may be, IP header included: RFC 1812 §4.3.2.3 (576 bytes). A longer
+/// one is no error a router or host sends, only room for a sender's own bytes riding on a tracked
+/// flow's quote: [`DropReason::IcmpUnsupported`].
+pub const ICMPV4_ERROR_MAX: usize = 576;
+/// The most an ICMPv6 error may be, IPv6 header included: the IPv6 minimum MTU (RFC 4443 §2.4 c).
+pub const ICMPV6_ERROR_MAX: usize = 1280;
 
 /// TCP flags the tracker looks at.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -194,6 +202,9 @@ fn parse_ipv4(payload: &[u8]) -> Result<Parsed, DropReason> {
         IpProtocol::Icmp => (Protocol::Icmp, parse_icmpv4(body)?),
         _ => return Err(DropReason::UnsupportedProtocol),
     };
+    if matches!(l4, L4::IcmpError { .. }) && usize::from(ip.total_len()) > ICMPV4_ERROR_MAX {
+        return Err(DropReason::IcmpUnsupported);
+    }
     Ok(Parsed::Ip(IpMeta {
         ip_version: IpVersion::V4,
         protocol,
@@ -241,6 +252,9 @@ fn parse_ipv6(payload: &[u8]) -> Result<Parsed, DropReason> {
                 | Icmpv6Message::PktTooBig
                 | Icmpv6Message::TimeExceeded
                 | Icmpv6Message::ParamProblem => {
+                    if IPV6_HEADER + usize::from(ip.payload_len()) > ICMPV6_ERROR_MAX {
+                        return Err(DropReason::IcmpUnsupported);
+                    }
                     let quoted = body.get(ICMP_ERROR_HEADER..).ok_or(DropReason::Malformed)?;
                     (
                         Protocol::Icmpv6,
@@ -407,7 +421,7 @@ fn parse_quoted_v4(q: &[u8]) -> Result<Quoted, DropReason> {
 /// The IPv6 packet quoted in an ICMPv6 error (RFC 8200 fixed header: next header at 6, source at
 /// 8..24, destination at 24..40).
 fn parse_quoted_v6(q: &[u8]) -> Result<Quoted, DropReason> {
-    const FIXED: usize = 40;
+    const FIXED: usize = IPV6_HEADER;
     if q.len() < FIXED || q[0] >> 4 != 6 {
         return Err(DropReason::Malformed);
     }

@@ -271,6 +271,26 @@ pub fn icmp4_unreachable(src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
     ip_frame(Ip::V4(src), Ip::V4(dst), IpProtocol::Icmp, &buf)
 }
 
+/// An ICMP destination unreachable (ICMPv4 port unreachable, ICMPv6 port unreachable) from `src`
+/// to `dst` quoting all of the IP packet `quoted` (as a host quotes as much as fits), checksum
+/// filled.
+pub fn icmp_error(src: Ip, dst: Ip, quoted: &[u8]) -> Vec<u8> {
+    // Type and code: RFC 792 (3, 3), RFC 4443 §3.1 (1, 4).
+    let (kind, code, proto) = match src {
+        Ip::V4(_) => (3, 3, IpProtocol::Icmp),
+        Ip::V6(_) => (1, 4, IpProtocol::Icmpv6),
+    };
+    let mut l4 = vec![kind, code, 0, 0, 0, 0, 0, 0];
+    l4.extend_from_slice(quoted);
+    match (src, dst) {
+        (Ip::V4(_), _) => Icmpv4Packet::new_unchecked(&mut l4[..]).fill_checksum(),
+        (Ip::V6(s), Ip::V6(d)) => Icmpv6Packet::new_unchecked(&mut l4[..])
+            .fill_checksum(&Ipv6Addr::from(s), &Ipv6Addr::from(d)),
+        _ => panic!("mixed IP versions"),
+    }
+    ip_frame(src, dst, proto, &l4)
+}
+
 pub fn icmp6_echo(src: [u8; 16], dst: [u8; 16], request: bool, ident: u16) -> Vec<u8> {
     let repr = if request {
         Icmpv6Repr::EchoRequest {
