@@ -1,8 +1,9 @@
 //! Attacks from the outside on the edge (issue #13), each against the filter as the edge runs it
 //! (`process_edge`): blind injection on an allowed flow's 4-tuple (sequence tracking), blind RSTs,
 //! spoofed insider sources, SYN floods (bounded half-open state, a legitimate handshake during the
-//! flood), a full table, ICMP errors quoting a flow with a sequence number it never sent, and a tenant's ICMP errors
-//! sent anywhere but to the peer they quote, or longer than RFC 1812 allows. Real frames (smoltcp-built), explicit clock.
+//! flood), a full table, ICMP errors quoting a flow with a sequence number it never sent, and a
+//! tenant's ICMP errors sent anywhere but to the peer they quote, or longer than RFC 1812 allows.
+//! Real frames (smoltcp-built), explicit clock.
 
 mod frames;
 
