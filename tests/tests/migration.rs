@@ -181,12 +181,24 @@ fn migration_over_tcp_survives_each_failure_point() {
         runs_here(&a);
     }
 
-    // 3. The source dies mid-migration: the target discards everything, opens nothing.
+    // 3. The source dies mid-migration: the target discards everything, opens nothing. Peers
+    // that never finish a handshake come first, a silent one and one that sends a byte now and
+    // then: the source still authenticates at once (each handshake has its own thread and
+    // HANDSHAKE_WAIT, 10 s, in all; taken in turn, these two held the source for 10 s or more).
     let port = free_tcp_port().unwrap();
     b.receive_migration(&url(port)).unwrap();
+    let _silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut dripping = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    dripping.write_all(b"{").unwrap();
     {
         let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let asked = std::time::Instant::now();
         let mut s = migration_link::connect(stream, &keys, "mig-a").unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "the source waited {:?} behind peers that never authenticate",
+            asked.elapsed()
+        );
         write_json(
             &mut s.writer,
             &json!({"version": 2, "spec": spec, "source_host": "mig-a"}),

@@ -253,7 +253,11 @@ impl Host {
             }
         };
         let _ = stream.set_nodelay(true);
+        // Either end waits for the other at most this long, reading or writing: a target that
+        // stops reading (hung, or a zero window) fails the migration, and the paused tenant
+        // resumes here, rather than staying paused until TCP gives up.
         let _ = stream.set_read_timeout(Some(MIGRATION_WAIT));
+        let _ = stream.set_write_timeout(Some(MIGRATION_WAIT));
         let mut session =
             match migration_link::connect(stream, &self.migration_keys(), &self.config.name) {
                 Ok(s) => s,

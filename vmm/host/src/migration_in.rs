@@ -7,9 +7,9 @@
 //! anything of a migration that failed.
 
 use std::io::{Read, Write};
-use std::net::{IpAddr, TcpListener};
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use edge::link::{EdgeOutcome, Queued};
@@ -25,8 +25,12 @@ use crate::snapshot::{import_introspection, MAX_STATE_DOC};
 use crate::tenant::{start_vm, Tenant};
 use crate::{Host, HostError, VmState};
 
-/// How long an accepted connection may take to authenticate.
+/// How long an accepted connection may take to authenticate, in all.
 const HANDSHAKE_WAIT: Duration = Duration::from_secs(10);
+/// Handshakes under way at once, in all and from one address (each is a thread for at most
+/// `HANDSHAKE_WAIT`): a peer that opens connections without end cannot crowd out the source.
+const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES_PER_PEER: usize = 4;
 /// Pre-copy rounds a target takes at most (a source that never stops is cut off).
 const MAX_ROUNDS: u32 = 64;
 /// How long the announcement waits for the edge to acknowledge this host's claim of the
@@ -170,29 +174,89 @@ impl Host {
         Ok(())
     }
 
-    /// Waits for a source that authenticates (others are refused with an event each).
+    /// Waits for a source that authenticates (others are refused with an event each). Each
+    /// connection authenticates on its own thread, within `HANDSHAKE_WAIT` in all: one taken in
+    /// turn let a peer that sent a byte now and then (or a hundred silent ones) hold the
+    /// receiver past the source's own wait.
     fn authenticated_source(&self, listener: &TcpListener) -> Result<Session, String> {
         listener.set_nonblocking(true).map_err(|e| e.to_string())?;
         let deadline = Instant::now() + MIGRATION_WAIT;
-        loop {
-            match listener.accept() {
-                Ok((stream, peer)) => {
-                    let setup = stream
-                        .set_nonblocking(false)
-                        .and_then(|()| stream.set_read_timeout(Some(HANDSHAKE_WAIT)))
-                        .and_then(|()| stream.set_nodelay(true));
-                    if let Err(e) = setup {
+        let keys = self.migration_keys();
+        let (won, winner) = mpsc::channel::<Session>();
+        // Handshakes under way: an id, the peer's address, a handle to cut it off, its start.
+        let in_flight: Mutex<Vec<(u64, IpAddr, TcpStream, Instant)>> = Mutex::default();
+        let in_flight = &in_flight;
+        let ongoing = || in_flight.lock().unwrap_or_else(|p| p.into_inner());
+        std::thread::scope(|scope| {
+            let mut next_id = 0u64;
+            let result = loop {
+                if let Ok(session) = winner.try_recv() {
+                    break Ok(session);
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    break Err("no source authenticated".to_string());
+                }
+                // A handshake past its time is cut off: its reads fail at once.
+                for (_, _, stream, _) in ongoing()
+                    .iter()
+                    .filter(|(_, _, _, started)| now.duration_since(*started) >= HANDSHAKE_WAIT)
+                {
+                    let _ = stream.shutdown(Shutdown::Both);
+                }
+                let (stream, peer) = match listener.accept() {
+                    Ok(accepted) => accepted,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        let mut poll = libc::pollfd {
+                            fd: std::os::fd::AsRawFd::as_raw_fd(listener),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one valid pollfd.
+                        unsafe { libc::poll(&mut poll, 1, 50) };
+                        continue;
+                    }
+                    Err(e) => break Err(e.to_string()),
+                };
+                let crowded = {
+                    let ongoing = ongoing();
+                    ongoing.len() >= MAX_HANDSHAKES
+                        || ongoing.iter().filter(|h| h.1 == peer.ip()).count()
+                            >= MAX_HANDSHAKES_PER_PEER
+                };
+                let setup = stream
+                    .set_nonblocking(false)
+                    .and_then(|()| stream.set_read_timeout(Some(HANDSHAKE_WAIT)))
+                    .and_then(|()| stream.set_write_timeout(Some(HANDSHAKE_WAIT)))
+                    .and_then(|()| stream.set_nodelay(true))
+                    .and_then(|()| stream.try_clone());
+                let handle = match setup {
+                    Ok(handle) if !crowded => handle,
+                    Ok(_) => {
+                        self.emit(
+                            "migration_refused",
+                            "",
+                            serde_json::json!({"peer": peer.to_string(),
+                                "error": "too many handshakes under way from this peer or \
+                                          in all"}),
+                        );
+                        continue;
+                    }
+                    Err(e) => {
                         log::warn!("migration from {peer}: {e}");
                         continue;
                     }
-                    match migration_link::accept(stream, &self.migration_keys(), &self.config.name)
-                    {
+                };
+                let id = next_id;
+                next_id += 1;
+                ongoing().push((id, peer.ip(), handle, Instant::now()));
+                let (keys, won) = (&keys, won.clone());
+                scope.spawn(move || {
+                    let outcome = migration_link::accept(stream, keys, &self.config.name);
+                    ongoing().retain(|h| h.0 != id);
+                    match outcome {
                         Ok(session) => {
-                            let _ = session
-                                .reader
-                                .get_ref()
-                                .set_read_timeout(Some(MIGRATION_WAIT));
-                            return Ok(session);
+                            let _ = won.send(session);
                         }
                         Err(e) => self.emit(
                             "migration_refused",
@@ -200,22 +264,18 @@ impl Host {
                             serde_json::json!({"peer": peer.to_string(), "error": e.to_string()}),
                         ),
                     }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() >= deadline {
-                        return Err("no source authenticated".into());
-                    }
-                    let mut poll = libc::pollfd {
-                        fd: std::os::fd::AsRawFd::as_raw_fd(listener),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut poll, 1, 500) };
-                }
-                Err(e) => return Err(e.to_string()),
+                });
+            };
+            // Whoever is still authenticating is cut off (the scope waits for their threads).
+            for (_, _, stream, _) in ongoing().drain(..) {
+                let _ = stream.shutdown(Shutdown::Both);
             }
-        }
+            let session = result?;
+            let socket = session.reader.get_ref();
+            let _ = socket.set_read_timeout(Some(MIGRATION_WAIT));
+            let _ = socket.set_write_timeout(Some(MIGRATION_WAIT));
+            Ok(session)
+        })
     }
 
     pub(crate) fn accept_migration(&self, listener: TcpListener) -> Result<(), String> {
