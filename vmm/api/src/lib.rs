@@ -91,6 +91,8 @@ pub enum BindError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("{0} exists and is not a socket: it is left alone (pick another --api-socket)")]
+    NotASocket(std::path::PathBuf),
     #[error("cannot bind {path}: {source}")]
     Bind {
         path: std::path::PathBuf,
@@ -98,9 +100,15 @@ pub enum BindError {
     },
 }
 
-/// Binds the API socket (replacing a stale one no process listens on).
+/// Binds the API socket (replacing a stale socket no process listens on; anything else at the
+/// path is refused).
 pub fn bind(path: &Path) -> Result<UnixListener, BindError> {
-    if path.exists() {
+    use std::os::unix::fs::FileTypeExt;
+    // Only a socket is ever removed: a mistyped --api-socket must not delete a file.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(BindError::NotASocket(path.to_path_buf()));
+        }
         if UnixStream::connect(path).is_ok() {
             return Err(BindError::InUse(path.to_path_buf()));
         }
@@ -123,6 +131,22 @@ mod tests {
     fn openapi() -> serde_json::Value {
         let text = include_str!("../openapi.json");
         serde_json::from_str(text).expect("vmm/api/openapi.json is JSON")
+    }
+
+    #[test]
+    fn binding_replaces_only_a_stale_socket() {
+        let dir = std::env::temp_dir().join(format!("vigil-bind-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("notes.txt");
+        std::fs::write(&file, b"keep me").unwrap();
+        assert!(matches!(bind(&file), Err(BindError::NotASocket(_))));
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me", "left alone");
+        let socket = dir.join("api.sock");
+        let live = bind(&socket).unwrap();
+        assert!(matches!(bind(&socket), Err(BindError::InUse(_))));
+        drop(live);
+        bind(&socket).expect("a stale socket is replaced");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The OpenAPI file and the server describe the same endpoints: every route is documented

@@ -93,6 +93,7 @@ pub fn request(
             reader,
             done: false,
             total: 0,
+            whole_body: true,
         };
         for chunk in &mut chunks {
             body.extend_from_slice(&chunk.map_err(io)?);
@@ -136,6 +137,7 @@ pub fn stream(socket: &Path, path: &str, timeout: Duration) -> Result<Chunks, Cl
         reader,
         done: false,
         total: 0,
+        whole_body: false,
     })
 }
 
@@ -269,6 +271,9 @@ pub struct Chunks {
     reader: BufReader<UnixStream>,
     done: bool,
     total: usize,
+    /// The chunks make one body kept whole (bounded in all); otherwise a stream, read as it
+    /// comes and as long as it lasts (an event stream), bounded chunk by chunk.
+    whole_body: bool,
 }
 
 impl Chunks {
@@ -297,8 +302,8 @@ impl Chunks {
             {}
             return Ok(None);
         }
-        self.total += size;
-        if self.total > CLIENT_MAX_BODY {
+        self.total = self.total.saturating_add(size);
+        if size > CLIENT_MAX_BODY || (self.whole_body && self.total > CLIENT_MAX_BODY) {
             return Err(protocol("chunked response body too large"));
         }
         let mut data = vec![0u8; size];

@@ -407,6 +407,18 @@ impl Server {
                 .iter()
                 .position(|b| *b != b'\r' && *b != b'\n')
                 .unwrap_or(conn.buf.len());
+            // ... but they count against the head's limit: a client sending nothing else filled
+            // the buffer without ever starting a request, and the full buffer's level-triggered
+            // readiness then spun the event thread until the read timeout.
+            if start > limits.max_head {
+                return self.fail(
+                    id,
+                    HttpError::new(
+                        431,
+                        "empty lines before the request line exceed the head limit",
+                    ),
+                );
+            }
             let from = conn.scanned.saturating_sub(3).max(start);
             let ended = head_end(&conn.buf[from..]).is_some();
             conn.scanned = conn.buf.len();

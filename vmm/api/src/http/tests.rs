@@ -302,6 +302,8 @@ fn echo(request: &Request) -> Response {
 }
 
 const T: Duration = Duration::from_secs(10);
+/// Chunks of 1 MiB in `/long`: past the client's bound on a whole body.
+const LONG_CHUNKS: usize = super::client::CLIENT_MAX_BODY / (1 << 20) + 16;
 
 fn json(body: &[u8]) -> serde_json::Value {
     serde_json::from_slice(body).unwrap()
@@ -328,6 +330,17 @@ fn server_and_client_round_trip() {
         "/cut" => Outcome::Stream(Box::new(|stream| {
             let mut w = ChunkedWriter::start(stream, 200, "text/plain").unwrap();
             w.write_chunk(b"partial").unwrap();
+        })),
+        // More in all than one body may hold, in chunks each well under it.
+        "/long" => Outcome::Stream(Box::new(|stream| {
+            let mut w = ChunkedWriter::start(stream, 200, "text/plain").unwrap();
+            let chunk = vec![b'e'; 1 << 20];
+            for _ in 0..LONG_CHUNKS {
+                if w.write_chunk(&chunk).is_err() {
+                    return;
+                }
+            }
+            let _ = w.finish();
         })),
         "/panic" => panic!("handler bug"),
         "/empty" => Outcome::Respond(Response::empty(204)),
@@ -428,6 +441,15 @@ fn server_and_client_round_trip() {
         io::ErrorKind::UnexpectedEof
     );
     assert!(cut.next().is_none());
+    // A stream lasts as long as the server sends (an event stream runs for days); a body kept
+    // whole is bounded.
+    let long = stream(&socket, "/long", T).unwrap();
+    assert_eq!(
+        long.map(|c| c.unwrap().len()).sum::<usize>(),
+        LONG_CHUNKS << 20
+    );
+    let e = request(&socket, "GET", "/long", None, T).unwrap_err();
+    assert!(e.to_string().contains("too large"), "{e}");
     match stream(&socket, "/missing", T) {
         Err(ClientError::Status {
             status: 404,
@@ -521,6 +543,13 @@ fn slow_huge_and_deaf_clients_do_not_delay_others() {
     let _ = huge.write_all(&big);
     let mut answer = String::new();
     let _ = huge.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    // Empty lines alone, more than a head may hold (allowed before a request line, but
+    // bounded): 431 at once, not a full buffer that is never parsed.
+    let mut blank = connect();
+    let _ = blank.write_all(&b"\r\n".repeat(20 * 1024));
+    let mut answer = String::new();
+    let _ = blank.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
     // Deaf: many pipelined requests whose answers it never reads.
     let mut deaf = connect();
