@@ -590,15 +590,21 @@ fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Refused datagrams one `recv_frame` call reads at most before it returns.
+const REFUSED_PER_CALL: usize = 64;
+
 impl FrameLink for Vxlan {
     fn recv_frame(&self, buf: &mut [u8]) -> io::Result<usize> {
         let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
+        // A flood of refused datagrams ends the call now and then as "nothing yet": the device
+        // thread then sees its other events (a stop, a reset) before it reads on.
+        for _ in 0..REFUSED_PER_CALL {
             let (len, from) = self.socket.recv_from(&mut scratch)?;
             if let Some(n) = self.accept_datagram(&scratch[..len], from, buf) {
                 return Ok(n);
             }
         }
+        Err(io::ErrorKind::WouldBlock.into())
     }
 
     fn send_frame(&self, frame: &[u8]) -> io::Result<usize> {
@@ -852,6 +858,45 @@ mod tests {
             "nothing learned from a stranger"
         );
         assert_eq!(trust.refused(), 4);
+    }
+
+    #[test]
+    fn a_flood_of_refused_datagrams_returns_to_the_device_thread_now_and_then() {
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let trust = PeerTrust::new();
+        let edge = Vxlan::bind(any, vec![], 7)
+            .unwrap()
+            .with_trust(trust.clone());
+        let forger = Vxlan::bind(any, vec![edge.local_addr().unwrap()], 7).unwrap();
+        let f = frame([0xff; 6], [0x52, 0x54, 0, 0, 0, 9], b"refused");
+        for _ in 0..REFUSED_PER_CALL + 10 {
+            forger.send_frame(&f).unwrap();
+        }
+        let mut buf = vec![0u8; 2048];
+        // Every datagram is queued on the loopback socket before the first call reads.
+        while edge.counters.rx_unauthenticated.load(Ordering::Relaxed) == 0 {
+            let mut poll = libc::pollfd {
+                fd: edge.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, alive for the call.
+            assert!(unsafe { libc::poll(&mut poll, 1, 5000) } > 0);
+            assert_eq!(
+                edge.recv_frame(&mut buf).unwrap_err().kind(),
+                io::ErrorKind::WouldBlock
+            );
+        }
+        assert_eq!(
+            trust.refused(),
+            REFUSED_PER_CALL as u64,
+            "one call stops after its share, with the rest still queued"
+        );
+        assert_eq!(
+            edge.recv_frame(&mut buf).unwrap_err().kind(),
+            io::ErrorKind::WouldBlock
+        );
+        assert_eq!(trust.refused(), REFUSED_PER_CALL as u64 + 10);
     }
 
     #[test]

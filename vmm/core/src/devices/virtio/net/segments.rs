@@ -115,13 +115,17 @@ impl Segments {
         self.count = 0;
         self.total = 0;
         let mem = chain.memory();
-        let descriptors = if write {
-            chain.clone().writable()
-        } else {
-            chain.clone().readable()
-        };
-        for desc in descriptors {
-            if !self.push(mem, desc.addr(), desc.len() as usize, write) {
+        // Every descriptor of the chain counts, whichever way it goes and whatever its length:
+        // a chain may hold 65,535 zero-length ones through an indirect table (a feature this
+        // device never offers, which virtio-queue follows all the same), each a read of guest
+        // memory, on every kick.
+        for (seen, desc) in chain.clone().enumerate() {
+            if seen >= MAX_SEGMENTS {
+                return None;
+            }
+            if desc.is_write_only() == write
+                && !self.push(mem, desc.addr(), desc.len() as usize, write)
+            {
                 return None;
             }
         }

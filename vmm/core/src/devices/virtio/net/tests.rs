@@ -283,6 +283,35 @@ fn hostile_transmit_chains_are_returned_and_counted() {
         usize::from(QSIZE) * 64 - NET_HDR_LEN
     );
 
+    // An indirect table (never offered) of 100 zero-length descriptors, then a frame: every
+    // descriptor counts against the chain's bound, so it is malformed, not a frame.
+    let table = DATA + 0x8000;
+    for i in 0..100u16 {
+        let (len, flags) = if i == 99 { (92u32, 0u16) } else { (0, 1) };
+        let mut raw = Vec::with_capacity(16);
+        raw.extend_from_slice(&(DATA + 0x2000).to_le_bytes());
+        raw.extend_from_slice(&len.to_le_bytes());
+        raw.extend_from_slice(&flags.to_le_bytes());
+        raw.extend_from_slice(&(i + 1).to_le_bytes());
+        r.mem
+            .write_slice(&raw, GuestAddress(table + 16 * u64::from(i)))
+            .unwrap();
+    }
+    let head = r.driver.publish(
+        TX_QUEUE,
+        &[Buffer {
+            addr: table,
+            len: 1600,
+            device_writes: false,
+        }],
+    );
+    r.driver.write_descriptor(TX_QUEUE, head, table, 1600, 4, 0);
+    r.driver.notify(TX_QUEUE);
+    assert!(r.driver.wait_used(TX_QUEUE, 1, WAIT));
+    assert_eq!(r.driver.take_used(TX_QUEUE).len(), 1);
+    let s = r.counters.snapshot();
+    assert_eq!((s.tx_dropped_malformed, s.tx_frames), (4, 1), "{s:?}");
+
     // The device still works.
     r.mem
         .write_slice(&frame(80, 9), GuestAddress(DATA + 0x2000 + 12))
