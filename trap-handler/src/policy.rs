@@ -193,8 +193,18 @@ fn rule_op(op: SocketOp) -> SocketOp {
     }
 }
 
+/// How a rule's port range is held against a call's port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PortMatch {
+    /// The call's own port (the normal decision).
+    Exact,
+    /// Any port: the kernel has not assigned the call's port yet (a `listen()` on a socket never
+    /// bound), so the question is whether some port could be allowed at all.
+    Any,
+}
+
 impl Rule {
-    fn matches(&self, a: &Attribution) -> bool {
+    fn matches(&self, a: &Attribution, port: PortMatch) -> bool {
         if self.op != rule_op(a.op) {
             return false;
         }
@@ -223,6 +233,7 @@ impl Rule {
         };
         let ports_ok = match (self.ports, a.port) {
             (None, _) => true,
+            (Some(_), _) if port == PortMatch::Any => true,
             (Some((low, high)), Some(port)) => (low..=high).contains(&port),
             (Some(_), None) => false,
         };
@@ -297,13 +308,29 @@ impl Policy {
     /// The verdict, and why the executable's rules did not apply where that is why it was not
     /// allowed by them.
     pub fn decide_explained(&self, a: &Attribution) -> (Verdict, Option<String>) {
+        self.decide_matching(a, PortMatch::Exact)
+    }
+
+    /// Whether a rule of the caller's identity could allow `a` on *some* port (its port range
+    /// aside), recording in `a.identity_error` why the executable's rules did not apply. For a
+    /// call whose port the kernel has not assigned yet (a `listen()` on a socket never bound):
+    /// `Deny` means no port it could be given is allowed, so the call is refused at once
+    /// instead of waiting for its port (a wait that costs a slot of a bounded table); `Allow`
+    /// is no grant, the exact port is decided once known ([`decide_noting`](Self::decide_noting)).
+    pub fn could_allow_some_port(&self, a: &mut Attribution) -> Verdict {
+        let (verdict, why) = self.decide_matching(a, PortMatch::Any);
+        a.identity_error = why;
+        verdict
+    }
+
+    fn decide_matching(&self, a: &Attribution, port: PortMatch) -> (Verdict, Option<String>) {
         // Most policies name executables only: no comm to look up then.
         let by_comm = !self.by_comm.is_empty()
             && self
                 .by_comm
                 .get(&*a.process.comm.text())
-                .is_some_and(|rules| rules.iter().any(|r| r.matches(a)));
-        let (by_exe, why) = self.exe_allows(a);
+                .is_some_and(|rules| rules.iter().any(|r| r.matches(a, port)));
+        let (by_exe, why) = self.exe_allows(a, port);
         let verdict = if by_exe || by_comm {
             Verdict::Allow
         } else {
@@ -314,7 +341,7 @@ impl Policy {
 
     /// Whether a rule of the process's executable file allows `a`, and why the executable's
     /// rules did not apply when they did not.
-    fn exe_allows(&self, a: &Attribution) -> (bool, Option<String>) {
+    fn exe_allows(&self, a: &Attribution, port: PortMatch) -> (bool, Option<String>) {
         let Some(path) = a.process.exe.as_deref() else {
             return (false, None);
         };
@@ -331,7 +358,7 @@ impl Policy {
             });
             return (false, why);
         };
-        let matches = |rules: &Vec<Rule>| rules.iter().any(|r| r.matches(a));
+        let matches = |rules: &Vec<Rule>| rules.iter().any(|r| r.matches(a, port));
         let mut pins = self.pins.lock();
         let pinned_paths = pins.by_id.get(&file.id).map(Vec::len).unwrap_or(0);
         if named.is_none() && pinned_paths == 0 {
@@ -649,6 +676,44 @@ mod tests {
         let mut httpd = attribution(SocketOp::Bind, "/x", "httpd", "0.0.0.0", 8050);
         httpd.process.exe_file = None;
         assert_eq!(policy.decide(&httpd), Verdict::Allow);
+    }
+
+    #[test]
+    fn a_port_not_yet_assigned_is_allowed_only_where_some_rule_of_the_identity_could_allow_it() {
+        let policy = Policy::from_json(
+            r#"{"allow": [
+                {"op": "listen", "exe": "/bin/busybox", "protocol": "tcp", "ports": "7000-7010"},
+                {"op": "listen", "comm": "httpd", "cidr": "10.0.0.0/8", "ports": "80"}
+            ]}"#,
+        )
+        .unwrap();
+        // listen() on a socket never bound: port 0 until the kernel picks one.
+        let listen0 =
+            |exe: &str, comm: &str, addr: &str| attribution(SocketOp::Listen, exe, comm, addr, 0);
+        let mut a = listen0("/bin/busybox", "nc", "0.0.0.0");
+        assert_eq!(policy.decide(&a), Verdict::Deny, "no rule allows port 0");
+        assert_eq!(policy.could_allow_some_port(&mut a), Verdict::Allow);
+        let mut a = listen0("/x", "httpd", "10.1.2.3");
+        assert_eq!(policy.could_allow_some_port(&mut a), Verdict::Allow);
+        // No rule of the identity, a rule of another operation or protocol, an address outside
+        // the rule's range, code that is not the executable's: no port could be allowed.
+        let mut udp = listen0("/bin/busybox", "nc", "0.0.0.0");
+        udp.protocol = abi::IPPROTO_UDP;
+        let mut injected = listen0("/bin/busybox", "nc", "0.0.0.0");
+        injected.process.exe_file.as_mut().unwrap().code = CodeOrigin::Anonymous;
+        for mut a in [
+            listen0("/bin/evil", "evil", "0.0.0.0"),
+            attribution(SocketOp::Bind, "/bin/busybox", "nc", "0.0.0.0", 0),
+            udp,
+            listen0("/x", "httpd", "192.168.0.1"),
+            injected,
+        ] {
+            assert_eq!(policy.could_allow_some_port(&mut a), Verdict::Deny, "{a:?}");
+        }
+        let mut a = listen0("/bin/busybox", "nc", "0.0.0.0");
+        a.process.exe_file.as_mut().unwrap().code = CodeOrigin::Foreign;
+        assert_eq!(policy.could_allow_some_port(&mut a), Verdict::Deny);
+        assert!(a.identity_error.unwrap().contains("not the executable's"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //!
 //! Owns: the address families under the policy, the mapping of an allowed connect, sendmsg, bind
 //! or listen to `vigil-wire` rules (direction, protocol, addresses, ports, the dual-stack
-//! wildcard), and whether that call must wait for its local port (see `ports`).
+//! wildcard), whether that call must wait for its local port (see `ports`), and which question
+//! the policy is asked at the hook ([`hook_verdict`]: a listen whose port is not known yet).
 //!
 //! One verdict, one flow: a connect or sendto opens exactly its socket's flow (protocol, both
 //! addresses, both ports), a bind or listen exactly its local port. A port the kernel has not
@@ -12,11 +13,12 @@
 //! :0 receives only replies to its own sends, which conntrack passes). Raw sockets open nothing:
 //! they write their own headers, so no verdict could say which flow they mean.
 //! Must not: touch guest memory, registers or the outbox (it works on an [`Attribution`] already
-//! read), or decide allow/deny (the tenant's policy does).
+//! read), or decide allow/deny by itself (the tenant's policy does).
 
 use std::net::IpAddr;
 
 use trap_handler::attribution::{Attribution, SocketOp};
+use trap_handler::policy::{Policy, Verdict};
 use vigil_wire::verdict::{Direction, IpVersion, Protocol, Rule};
 
 use super::ports::{unmapped, PortPoint, SockEnds};
@@ -32,6 +34,28 @@ const SOCK_RAW: u16 = 3;
 #[inline]
 pub(super) fn governed_family(family: u16) -> bool {
     !matches!(family, 1 | 16)
+}
+
+/// What the policy says of an attributed call at its hook, given where it would wait for its
+/// port (`wait`, from [`port_point`]). The firewall governs network flows: local IPC and
+/// configuration sockets (unix, netlink) are allowed, and still logged; AF_PACKET is raw network
+/// access and stays under the policy. A `listen()` on a socket never bound is decided at its
+/// port point, with the port the kernel assigns; here it is refused at once unless some rule of
+/// the caller's identity could allow a port (a call no port could be allowed to must not hold a
+/// slot of the bounded table of waiting calls: a process could fill it with listens that never
+/// reach their port point, and every other process's calls would be refused).
+pub(super) fn hook_verdict(
+    policy: &Policy,
+    a: &mut Attribution,
+    wait: Option<PortPoint>,
+) -> Verdict {
+    if !governed_family(a.family) {
+        return Verdict::Allow;
+    }
+    if wait == Some(PortPoint::Listening) {
+        return policy.could_allow_some_port(a);
+    }
+    policy.decide_noting(a)
 }
 
 /// Where an allowed call must wait for its local port before its verdict can say which flow it
@@ -303,6 +327,36 @@ mod tests {
         assert_eq!(port_point(&send, Some(&ends("0.0.0.0", 33_000))), None);
         let rule = verdict_rule(&send, Some(&ends("0.0.0.0", 33_000))).unwrap();
         assert_eq!((rule.local_addr, rule.local_port), ([0; 16], 33_000));
+    }
+
+    /// A listen() on a socket never bound waits for its port only where some rule of the
+    /// caller's identity could allow one: otherwise it is refused at its hook, and holds no
+    /// slot of the waiting table (a process could fill the table with listens whose port point
+    /// never comes).
+    #[test]
+    fn a_listen_no_port_could_be_allowed_to_is_refused_at_its_hook() {
+        let policy = Policy::from_json(
+            r#"{"allow": [{"op": "listen", "comm": "httpd", "protocol": "tcp", "ports": "7000"}]}"#,
+        )
+        .unwrap();
+        let mut listen0 = attribution(SocketOp::Listen, "0.0.0.0", 0, 6);
+        let wait = port_point(&listen0, None);
+        assert_eq!(wait, Some(PortPoint::Listening));
+        assert_eq!(hook_verdict(&policy, &mut listen0, wait), Verdict::Deny);
+        // A process some rule could allow: it waits, and its port point decides the port.
+        listen0.process.comm = "httpd".into();
+        assert_eq!(hook_verdict(&policy, &mut listen0, wait), Verdict::Allow);
+        assert_eq!(policy.decide(&listen0), Verdict::Deny, "port 0 is no grant");
+        // Any other call is decided at once, with its own port.
+        let mut listen = attribution(SocketOp::Listen, "0.0.0.0", 7001, 6);
+        listen.process.comm = "httpd".into();
+        assert_eq!(hook_verdict(&policy, &mut listen, None), Verdict::Deny);
+        listen.port = Some(7000);
+        assert_eq!(hook_verdict(&policy, &mut listen, None), Verdict::Allow);
+        // Local sockets are not governed.
+        let mut unix = attribution(SocketOp::Listen, "0.0.0.0", 0, 0);
+        unix.family = 1;
+        assert_eq!(hook_verdict(&policy, &mut unix, None), Verdict::Allow);
     }
 
     #[test]

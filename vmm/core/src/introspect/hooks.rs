@@ -17,7 +17,7 @@ use trap_handler::mem::{GuestPhys, PagingMode, VirtReader};
 use trap_handler::policy::Verdict;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::decide::{governed_family, port_point, verdict_rules, CallRules};
+use super::decide::{governed_family, hook_verdict, port_point, verdict_rules, CallRules};
 use super::logger::{
     monotonic_ns, LogEntry, SocketEvent, SoftHooksEvent, TamperEvent, WriteTrapsEvent,
 };
@@ -201,21 +201,16 @@ impl Introspection {
             Ok(a) if error.is_none() && governed_family(a.family) => port_point(a, ends.as_ref()),
             _ => None,
         };
-        // A listen on a socket never bound: the policy decides once the port is known.
+        // A listen on a socket never bound: the policy decides once the port is known (what the
+        // hook asks is only whether any port could be allowed).
         let deferred = wait == Some(PortPoint::Listening);
         let verdict = match &mut attributed {
             _ if error.is_some() => Verdict::Deny,
-            // The firewall governs network flows: local IPC and configuration sockets (unix,
-            // netlink) are allowed, and still logged. AF_PACKET is raw network access and
-            // stays under the policy.
-            Ok(a) if !governed_family(a.family) => Verdict::Allow,
-            Ok(_) if deferred => Verdict::Allow,
-            Ok(a) => self
-                .policy
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .1
-                .decide_noting(a),
+            Ok(a) => hook_verdict(
+                &self.policy.read().unwrap_or_else(|p| p.into_inner()).1,
+                a,
+                wait,
+            ),
             Err(_) => Verdict::Deny,
         };
         let mut verdict_seq = None;
@@ -232,23 +227,14 @@ impl Introspection {
                         work_ns: monotonic_ns().saturating_sub(t_ns),
                         since: now,
                     };
-                    let (inserted, unfinished) = {
+                    let unfinished = {
                         let mut pending = self.pending();
-                        (pending.insert(call, now), pending.take_unfinished())
+                        pending.insert(call, now);
+                        pending.take_unfinished()
                     };
-                    self.log_unfinished_calls(
-                        vcpu,
-                        unfinished,
-                        "a newer call on its socket came first",
-                    );
-                    match inserted {
-                        // The event is the port point's, with the verdict it issues.
-                        Ok(()) => return HookOutcome::Allow,
-                        Err(full) => {
-                            error = Some(full.to_string());
-                            outcome = self.deny(&reader, regs, &mut error);
-                        }
-                    }
+                    self.log_unfinished_calls(vcpu, unfinished);
+                    // The event is the port point's, with the verdict it issues.
+                    return HookOutcome::Allow;
                 }
                 (Ok(a), None) => {
                     // The verdicts reach the tiers before the vCPU resumes, or the call is
@@ -283,8 +269,8 @@ impl Introspection {
     /// Logs the calls that left the waiting table without reaching their port point (`why`
     /// they left): each returned to the guest already, opened nothing (no verdict was issued
     /// for it), and still gets its one event. Nothing to do, no allocation, in the common case.
-    fn log_unfinished_calls(&self, vcpu: u8, calls: Vec<ports::Pending>, why: &str) {
-        for call in calls {
+    fn log_unfinished_calls(&self, vcpu: u8, calls: Vec<(ports::Pending, ports::Left)>) {
+        for (call, left) in calls {
             let point = call.point;
             self.log_call(
                 vcpu,
@@ -292,9 +278,10 @@ impl Introspection {
                 HookOutcome::Allow,
                 Ok(call.attribution),
                 Some(format!(
-                    "never reached its port point ({}): {why}; no verdict was issued, nothing \
+                    "never reached its port point ({}): {}; no verdict was issued, nothing \
                      was opened",
-                    point.name()
+                    point.name(),
+                    left.why()
                 )),
                 None,
                 Some(point),
@@ -306,12 +293,7 @@ impl Introspection {
     /// The VM stopped: the calls still waiting for their port get their events now.
     pub fn settle_waiting(&self) {
         let all = self.pending().take_all();
-        self.log_unfinished_calls(
-            0,
-            all,
-            "the VM stopped first (had it migrated, its target denies the call at the port point, \
-             with an event of its own)",
-        );
+        self.log_unfinished_calls(0, all);
     }
 
     /// Queues the event of one decided call.
@@ -385,7 +367,7 @@ impl Introspection {
             let mut pending = self.pending();
             (pending.take(sk, point, tgid), pending.take_unfinished())
         };
-        self.log_unfinished_calls(vcpu, unfinished, "its socket was freed and reused");
+        self.log_unfinished_calls(vcpu, unfinished);
         let Some(call) = taken else {
             log::debug!(
                 "{}: {} of sock {sk:#x} (tgid {tgid}) with no call waiting on it",
