@@ -453,6 +453,36 @@ fn lying_headers_are_malformed() {
     assert_eq!(f.process(T1, IN, &fr, 0), drop(DropReason::Malformed));
 }
 
+#[test]
+fn ipv4_header_length_below_the_fixed_header_is_malformed() {
+    let mut f = filter(64, 16);
+    let mut seq = Seq(0);
+    // Source port 12: with IHL 4 the datagram's bytes from the destination address on read as a
+    // well-formed UDP header (ports 2560 → 5, length 12), so only the IHL itself can refuse it.
+    let (a, b) = (Ip::V4(TENANT), Ip::V4(SERVER));
+    let rule = connect_rule(IpVersion::V4, Protocol::Udp, v4(TENANT), v4(SERVER), 53);
+    add(&mut f, &mut seq, T1, rule, 0, 0);
+    let datagram = udp(a, b, 12, 53);
+    assert_eq!(f.process(T1, EG, &datagram, 0), FWD);
+    for ihl in 0..5u8 {
+        let mut fr = datagram.clone();
+        fr[14] = 0x40 | ihl;
+        assert_eq!(
+            f.process(T1, EG, &fr, 0),
+            drop(DropReason::Malformed),
+            "ihl {ihl}"
+        );
+    }
+    // A quoted header in an ICMP error is held to the same.
+    let query = udp(a, b, 40000, 53);
+    assert_eq!(f.process(T1, EG, &query, 0), FWD);
+    let error = icmp_error(b, a, &query[14..]);
+    assert_eq!(f.process(T1, IN, &error, 0), FWD);
+    let mut short = error.clone();
+    short[14 + 20 + 8] = 0x44;
+    assert_eq!(f.process(T1, IN, &short, 0), drop(DropReason::Malformed));
+}
+
 /// xorshift64*: deterministic pseudo-random bytes for the fuzz loop.
 struct Rng(u64);
 impl Rng {

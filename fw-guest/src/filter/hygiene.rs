@@ -24,7 +24,7 @@ use super::neighbor::{
     ARP_LEN, ICMPV6_NA, ICMPV6_NS, IPV6_HEADER, NA_ROUTER, ND_LEN, ND_LLA_LEN, ND_OPT_SLLA,
     ND_OPT_TLLA,
 };
-use super::parse::{ETHERTYPE_QINQ, ETHERTYPE_VLAN};
+use super::parse::{self, ETHERTYPE_QINQ, ETHERTYPE_VLAN};
 use super::tenancy::PortIdentity;
 use super::Filter;
 use vigil_wire::verdict::IpVersion;
@@ -176,8 +176,8 @@ impl<'a> Filter<'a> {
         match EthernetProtocol::from(ethertype) {
             EthernetProtocol::Arp => self.admit_arp(port, id, frame, body, at, now_ns, reply),
             EthernetProtocol::Ipv4 => {
-                let Ok(ip) = Ipv4Packet::new_checked(body) else {
-                    return Admit::Pass;
+                let Ok(ip) = parse::ipv4_checked(body) else {
+                    return Admit::Pass; // `process` counts it as malformed.
                 };
                 let h = ip.as_ref();
                 let src = v4(&h[12..16]);
@@ -302,7 +302,7 @@ impl<'a> Filter<'a> {
 }
 
 /// Whether an IPv4 packet from 0.0.0.0 is a DHCP client message (RFC 2131 §4.1: UDP 68 → 67, to
-/// the limited broadcast).
+/// the limited broadcast). `ip` is from [`parse::ipv4_checked`]: its header length is at least 20.
 fn dhcp_discover(ip: &Ipv4Packet<&[u8]>) -> bool {
     let h = ip.as_ref();
     let hl = usize::from(h[0] & 0x0f) * 4;

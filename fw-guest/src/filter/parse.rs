@@ -180,11 +180,23 @@ fn parse_arp(payload: &[u8]) -> Result<Parsed, DropReason> {
     Ok(Parsed::Arp)
 }
 
-fn parse_ipv4(payload: &[u8]) -> Result<Parsed, DropReason> {
-    let ip = Ipv4Packet::new_checked(payload).map_err(|_| DropReason::Malformed)?;
-    if ip.version() != 4 {
+/// The fixed IPv4 header (RFC 791 §3.1): the least an IHL may say (5 words).
+pub const IPV4_HEADER: usize = 20;
+
+/// An IPv4 packet view over `bytes` whose version is 4 and whose header length covers at least
+/// the fixed header. smoltcp's `check_len` does not refuse an IHL below 5, and with one its
+/// `payload()` starts inside the header (the destination address would be read as ports): every
+/// IPv4 header this crate reads goes through here.
+pub fn ipv4_checked(bytes: &[u8]) -> Result<Ipv4Packet<&[u8]>, DropReason> {
+    let ip = Ipv4Packet::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
+    if ip.version() != 4 || usize::from(ip.header_len()) < IPV4_HEADER {
         return Err(DropReason::Malformed);
     }
+    Ok(ip)
+}
+
+fn parse_ipv4(payload: &[u8]) -> Result<Parsed, DropReason> {
+    let ip = ipv4_checked(payload)?;
     // No reassembly: a later fragment has no transport header to match, and letting first
     // fragments through alone would be pointless.
     if ip.more_frags() || ip.frag_offset() != 0 {
@@ -394,7 +406,7 @@ fn parse_quoted_v4(q: &[u8]) -> Result<Quoted, DropReason> {
     // at 12..16 and 16..20.
     let first = *q.first().ok_or(DropReason::Malformed)?;
     let ihl = usize::from(first & 0x0f) * 4;
-    if first >> 4 != 4 || ihl < 20 || q.len() < ihl {
+    if first >> 4 != 4 || ihl < IPV4_HEADER || q.len() < ihl {
         return Err(DropReason::Malformed);
     }
     let frag_offset = u16::from_be_bytes([q[6], q[7]]) & 0x1fff;

@@ -253,7 +253,8 @@ fn tcp_at(frame: &[u8]) -> Option<usize> {
         IpVersion::V4 => usize::from(frame.get(ip)? & 0x0f) * 4,
         IpVersion::V6 => 40,
     };
-    (frame.len() >= ip + ihl + 20).then_some(ip + ihl)
+    // `parse` refused a shorter IHL already; a frame it did not judge is not rewritten.
+    (ihl >= parse::IPV4_HEADER && frame.len() >= ip + ihl + 20).then_some(ip + ihl)
 }
 
 /// One's-complement checksum update for a 32-bit field changing from `old` to `new`
@@ -295,8 +296,10 @@ fn rewrite_quoted_seq(frame: &mut [u8], seq_add: u32) {
     let quoted = icmp + 8;
     let quoted_l4 = match version {
         IpVersion::V4 => match frame.get(quoted) {
-            Some(first) => quoted + usize::from(first & 0x0f) * 4,
-            None => return,
+            Some(first) if usize::from(first & 0x0f) * 4 >= parse::IPV4_HEADER => {
+                quoted + usize::from(first & 0x0f) * 4
+            }
+            _ => return,
         },
         IpVersion::V6 => quoted + 40,
     };
