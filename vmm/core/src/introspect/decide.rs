@@ -67,7 +67,7 @@ pub(super) fn port_point(a: &Attribution, ends: Option<&SockEnds>) -> Option<Por
         _ if a.sock_type == SOCK_RAW => None,
         // A TCP connect (or a Fast Open sendto) learns its source address and port in
         // tcp_v4_connect / tcp_v6_connect: always at tcp_connect. A sendto on a connected
-        // stream opens no new flow.
+        // stream opens no new flow ([`hook_rules`]).
         (SocketOp::Connect, Protocol::Tcp) if a.sock_type == SOCK_STREAM => {
             Some(PortPoint::TcpConnect)
         }
@@ -173,6 +173,20 @@ impl std::ops::Deref for CallRules {
     fn deref(&self) -> &[Rule] {
         &self.rules[..self.len]
     }
+}
+
+/// The rules an allowed call that waits for no port point opens at its hook. A `sendmsg` on a
+/// stream socket opens none: waiting for no port point, the socket is connected already
+/// (`port_point` sends an unconnected one's Fast Open `sendto` to `tcp_connect`), and the
+/// kernel sends on a connected stream to its peer whatever `msg_name` says (`tcp_sendmsg`
+/// ignores it; with `MSG_FASTOPEN` the call fails with `EISCONN`). The flow it uses is the one
+/// its connect opened; a rule from the socket's port to the named address would open a flow
+/// that does not exist, and spend the tenant's quota on it.
+pub(super) fn hook_rules(a: &Attribution, ends: Option<&SockEnds>) -> CallRules {
+    if a.op == SocketOp::Sendmsg && a.sock_type == SOCK_STREAM {
+        return CallRules::none();
+    }
+    verdict_rules(a, ends)
 }
 
 /// Every rule an allowed call opens: its own, and for a bind/listen on the IPv6 wildcard the
@@ -369,10 +383,24 @@ mod tests {
 
     #[test]
     fn a_sendto_on_a_connected_stream_opens_no_new_flow() {
+        // sendto(10.0.0.9:80) on a stream connected to 10.0.0.1:443 from port 40000: the data
+        // goes to 10.0.0.1:443; no flow from 40000 to 10.0.0.9:80 exists to open.
         let send = attribution(SocketOp::Sendmsg, "10.0.0.9", 80, 6);
         let mut connected = ends("10.0.0.2", 40_000);
-        connected.remote_port = 80;
+        connected.remote = Some("10.0.0.1".parse().unwrap());
+        connected.remote_port = 443;
         assert_eq!(port_point(&send, Some(&connected)), None);
+        assert!(hook_rules(&send, Some(&connected)).is_empty());
+        // A datagram socket's sendto does open its flow, and a connect its own.
+        let mut dgram = attribution(SocketOp::Sendmsg, "10.0.0.9", 53, 17);
+        dgram.sock_type = 2;
+        let mut bound = ends("10.0.0.2", 33_000);
+        bound.remote_port = 0;
+        assert_eq!(hook_rules(&dgram, Some(&bound)).len(), 1);
+        let connect = attribution(SocketOp::Connect, "10.0.0.9", 53, 17);
+        assert_eq!(hook_rules(&connect, Some(&bound)).len(), 1);
+        // An unconnected stream's sendto (TCP Fast Open) connects: it waits for tcp_connect,
+        // where its flow opens once the kernel has given it its source port.
         let mut unconnected = ends("0.0.0.0", 0);
         unconnected.remote_port = 0;
         assert_eq!(

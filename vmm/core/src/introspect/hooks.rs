@@ -17,7 +17,9 @@ use trap_handler::mem::{GuestPhys, PagingMode, VirtReader};
 use trap_handler::policy::Verdict;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::decide::{governed_family, hook_verdict, port_point, verdict_rules, CallRules};
+use super::decide::{
+    governed_family, hook_rules, hook_verdict, port_point, verdict_rules, CallRules,
+};
 use super::logger::{
     monotonic_ns, LogEntry, SocketEvent, SoftHooksEvent, TamperEvent, WriteTrapsEvent,
 };
@@ -239,7 +241,7 @@ impl Introspection {
                 (Ok(a), None) => {
                     // The verdicts reach the tiers before the vCPU resumes, or the call is
                     // denied.
-                    match self.produce_verdicts(&verdict_rules(a, ends.as_ref())) {
+                    match self.produce_verdicts(&hook_rules(a, ends.as_ref())) {
                         Ok(seq) => verdict_seq = seq,
                         Err(undelivered) => {
                             error = Some(undelivered.to_string());
