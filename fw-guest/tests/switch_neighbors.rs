@@ -308,6 +308,45 @@ fn dad_and_own_announcements_still_work() {
 }
 
 #[test]
+fn requests_beyond_the_budget_are_refused_before_their_target_is_judged() {
+    // Judging a target walks the verdict table (the tenant holds verdicts, so the walk is not
+    // skipped); on the shared switch a flood of requests must cost one bucket check each, so the
+    // budget comes first: past it, a refused target is NeighborRate, never judged again.
+    let mut f = switch();
+    let mut reply = [0u8; REPLY_MAX];
+    let unknown = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], [10, 0, 0, 77]);
+    let gw = arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW);
+    let t0 = 5 * SEC;
+    for i in 0..BURST {
+        assert_eq!(
+            f.admit(PORT, &unknown, t0, &mut reply),
+            dropped(DropReason::NeighborTarget),
+            "request {i}"
+        );
+    }
+    for i in 0..1000 {
+        assert_eq!(
+            f.admit(PORT, &unknown, t0, &mut reply),
+            dropped(DropReason::NeighborRate),
+            "request {i}"
+        );
+    }
+    assert_eq!(
+        f.counters().dropped(DropReason::NeighborTarget),
+        u64::from(BURST)
+    );
+    // The refused targets spent the port's own tokens: its gateway waits for the next one.
+    assert_eq!(
+        f.admit(PORT, &gw, t0, &mut reply),
+        dropped(DropReason::NeighborRate)
+    );
+    assert_eq!(
+        f.admit(PORT, &gw, t0 + REFILL_NS, &mut reply),
+        Admit::Uplink(60)
+    );
+}
+
+#[test]
 fn neighbor_frames_to_the_uplink_are_budgeted_per_port() {
     let mut f = switch();
     let mut reply = [0u8; REPLY_MAX];

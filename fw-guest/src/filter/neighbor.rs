@@ -5,7 +5,8 @@
 //! the switch's own answers (proxy ARP and proxy NDP) and its own requests on a tenant's behalf,
 //! which targets a tenant may have resolved, and the per-port budget of neighbour frames.
 //! Must not: let a tenant-built request out, resolve a target no attachment or verdict makes
-//! legitimate, allocate, or keep state beyond the fixed per-port budget.
+//! legitimate, allocate, keep state beyond the fixed per-port budget, or walk the verdict table
+//! for a frame the port's budget does not cover.
 //!
 //! Neighbour protocols reach the uplink without a verdict, so a tenant (root in its guest, or a
 //! process asking the kernel through netlink to resolve addresses of its choosing) could use
@@ -40,8 +41,10 @@
 //! - **Budget.** Every neighbour frame that leaves for the uplink on a port's behalf (its own
 //!   frames above, and the switch's requests for it) takes a token from the port's bucket:
 //!   [`BURST`] at most, one more every [`REFILL_NS`] (4 per second). An empty bucket:
-//!   [`DropReason::NeighborRate`]. The switch's own answers cost nothing (they go back to the
-//!   port).
+//!   [`DropReason::NeighborRate`]. A request for a target the switch does not know takes its
+//!   token before the target is judged, and keeps it if the target is refused: judging it walks
+//!   the verdict table, which on the shared switch must cost the asking port, at its rate, not
+//!   every port. The switch's own answers cost nothing (they go back to the port).
 //!
 //! **What remains** (a tenant with no verdict at all, trying to signal the uplink): the choice
 //! among what it may send, and when. Per frame, the choices are its own addresses (at most
@@ -190,6 +193,7 @@ impl<'a> Filter<'a> {
     }
 
     /// Whether the switch may resolve `target` for the tenant behind `port` (see the module doc).
+    /// Not the gateway: a walk over the verdict table, so only after a token was taken.
     fn may_resolve(
         &self,
         port: usize,
@@ -204,8 +208,11 @@ impl<'a> Filter<'a> {
                 .opens_egress_to(self.tenancy.port(port), version, target, now_ns)
     }
 
-    /// The switch's own request for an unknown `target`, built in `out`, if `target` is
-    /// legitimate and the port's budget allows.
+    /// The switch's own request for an unknown `target`, built in `out`, if the port's budget
+    /// allows and `target` is legitimate. The token is taken before the target is judged, and
+    /// kept whatever the judgement: the judgement walks the verdict table, and the switch is
+    /// shared, so a tenant asking for targets it may not have resolved spends its own budget,
+    /// not every tenant's CPU (a flood costs one bucket check a frame).
     fn resolve(
         &mut self,
         port: usize,
@@ -215,14 +222,14 @@ impl<'a> Filter<'a> {
         now_ns: u64,
         out: &mut [u8],
     ) -> Admit {
-        if !self.may_resolve(port, id, version, target, now_ns) {
-            return Admit::Drop(DropReason::NeighborTarget);
-        }
         if out.len() < REPLY_MAX {
             return Admit::Drop(DropReason::NeighborTarget);
         }
         if !self.neighbor_budget.take(port, now_ns) {
             return Admit::Drop(DropReason::NeighborRate);
+        }
+        if !self.may_resolve(port, id, version, target, now_ns) {
+            return Admit::Drop(DropReason::NeighborTarget);
         }
         self.counters.neighbor_resolved += 1;
         let n = match version {
