@@ -107,6 +107,8 @@ pub struct LinkStats {
     pub acks_received: AtomicU64,
     /// Acks that failed authentication or named another sender.
     pub acks_rejected: AtomicU64,
+    /// Authentic acks of another edge run about another run of this sender (replayed).
+    pub acks_stale: AtomicU64,
     pub refused_batches: AtomicU64,
     /// Records the edge's tables refused (its acks said so).
     pub refused_records: AtomicU64,
@@ -353,6 +355,15 @@ impl Shared {
         };
         self.stats.acks_received.fetch_add(1, Ordering::Relaxed);
         let mut state = self.lock();
+        if ack.edge_boot != state.edge_boot && ack.epoch != state.epoch {
+            // Another run of the edge speaks of another run of ours: an ack recorded before one
+            // of them restarted, replayed (authentic, but not fresh). Believed, it made this host
+            // start a new run and re-send everything, and the edge flush all of this host's
+            // tenants, as often as it was replayed. A restarted edge answers a datagram of this
+            // run, so it is heard from that ack on.
+            self.stats.acks_stale.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
         if ack.edge_boot != state.edge_boot {
             let first_contact = state.edge_boot == 0;
             state.edge_boot = ack.edge_boot;

@@ -578,6 +578,67 @@ fn a_restarted_edge_gets_the_unacknowledged_records_in_a_new_run() {
     );
 }
 
+/// An ack recorded from an earlier run of the edge, replayed after it restarted, is authentic but
+/// stale: it must not pass for another restart (each one made the host start a new run and
+/// re-send everything, and the edge flush the host's tenants). The test plays the edge by hand.
+#[test]
+fn a_replayed_ack_of_an_earlier_edge_run_is_not_a_restart() {
+    use vigil_wire::ack::{seal_ack, Ack};
+    let k = key(7);
+    let edge = UdpSocket::bind("127.0.0.1:0").unwrap();
+    edge.set_read_timeout(Some(WAIT)).unwrap();
+    let link = VerdictLink::connect(edge.local_addr().unwrap(), k.clone(), 5, 40, fast()).unwrap();
+    let restarts = || link.stats().edge_restarts.load(Ordering::Relaxed);
+    // The next datagram from the link: its run and number, and where to answer.
+    let next_datagram = || {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let (n, from) = edge.recv_from(&mut buf).unwrap();
+        let d = auth::SignedBatch::new_checked(&buf[..n]).unwrap();
+        (d.epoch(), d.seq(), from)
+    };
+    let ack = |epoch, next, edge_boot| {
+        seal_ack(
+            &k,
+            &Ack {
+                sender: 5,
+                epoch,
+                next,
+                edge_boot,
+                ..Ack::default()
+            },
+        )
+        .unwrap()
+    };
+    // Run 1 of the edge takes the first records; its ack is recorded.
+    // (The first ack tells the link which edge run speaks; it sends again, naming it.)
+    let t = link.send(&records(1, 0), Class::Verdict).unwrap();
+    let (mut recorded, mut host) = (None, None);
+    for _ in 0..8 {
+        let (epoch, seq, from) = next_datagram();
+        let sealed = ack(epoch, seq + 1, 1);
+        edge.send_to(&sealed, from).unwrap();
+        (recorded, host) = (Some(sealed), Some(from));
+        if link.wait_acked(t.last_ticket, Duration::from_millis(200)) {
+            break;
+        }
+    }
+    let (recorded, host) = (recorded.unwrap(), host.unwrap());
+    assert!(link.wait_acked(t.last_ticket, WAIT));
+    assert_eq!((link.edge_boot(), restarts()), (1, 0));
+    // The edge restarts as run 2 and answers the host's next datagram: a restart, a new run.
+    link.send(&records(1, 1), Class::Verdict).unwrap();
+    let (epoch, _, _) = next_datagram();
+    edge.send_to(&ack(epoch, 0, 2), host).unwrap();
+    wait_until("the restart heard", || restarts() == 1);
+    assert_eq!(link.edge_boot(), 2);
+    // Run 1's ack, replayed: counted as stale, and nothing else happens.
+    edge.send_to(&recorded, host).unwrap();
+    wait_until("the replay seen", || {
+        link.stats().acks_stale.load(Ordering::Relaxed) == 1
+    });
+    assert_eq!((link.edge_boot(), restarts()), (2, 1), "no second restart");
+}
+
 #[test]
 fn the_window_is_bounded_and_an_unreachable_edge_is_reported() {
     // An edge that never answers: a bound socket nobody reads.
