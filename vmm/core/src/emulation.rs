@@ -166,7 +166,10 @@ pub fn decode_at_rip(
     // Read up to 15 bytes, but not across into an unmapped page we do not need.
     let mut bytes = [0u8; MAX_INSN_LEN];
     let first = (0x1000 - (linear & 0xfff)) as usize;
-    let len = if first >= MAX_INSN_LEN || view.translate(linear + first as u64).is_ok() {
+    // The next page wraps to 0 at the top of the address space, as the CPU's fetch does (and
+    // as `read` below steps): a guest RIP there must not overflow the VMM's arithmetic.
+    let next_page = linear.wrapping_add(first as u64);
+    let len = if first >= MAX_INSN_LEN || view.translate(next_page).is_ok() {
         MAX_INSN_LEN
     } else {
         first
@@ -390,6 +393,63 @@ mod tests {
         let mut sregs = kvm_sregs::default();
         sregs.cs.l = 1;
         sregs
+    }
+
+    /// Long-mode paging over `mem`: the top page of the address space and page 0 mapped to
+    /// `top_gpa` and `zero_gpa` (4-level tables at 0x10000..0x17000).
+    fn paged_top_and_zero(mem: &GuestMemoryMmap, top_gpa: u64, zero_gpa: u64) -> kvm_sregs {
+        const PRESENT_RW_USER: u64 = 0x7;
+        let tables = [0x10_000u64, 0x11_000, 0x12_000, 0x13_000];
+        let low = [0x10_000u64, 0x14_000, 0x15_000, 0x16_000];
+        for pair in tables.windows(2) {
+            mem.write_obj(pair[1] | PRESENT_RW_USER, GuestAddress(pair[0] + 511 * 8))
+                .unwrap();
+        }
+        mem.write_obj(top_gpa | PRESENT_RW_USER, GuestAddress(tables[3] + 511 * 8))
+            .unwrap();
+        for pair in low.windows(2) {
+            mem.write_obj(pair[1] | PRESENT_RW_USER, GuestAddress(pair[0]))
+                .unwrap();
+        }
+        mem.write_obj(zero_gpa | PRESENT_RW_USER, GuestAddress(low[3]))
+            .unwrap();
+        let mut sregs = flat64();
+        sregs.cr0 = CR0_PG | 1;
+        sregs.cr4 = 1 << 5; // PAE
+        sregs.efer = EFER_LMA;
+        sregs.cr3 = tables[0];
+        sregs
+    }
+
+    /// A guest RIP in the last bytes of the address space (a hostile kernel can jump there):
+    /// the fetch wraps to page 0 as the CPU's does, and the VMM's arithmetic never overflows
+    /// (a debug build panicked computing the next page).
+    #[test]
+    fn an_instruction_at_the_top_of_the_address_space_wraps_to_page_zero() {
+        // `nop dword [rax]` (0f 1f 00): two bytes in the top page, one in page 0.
+        let mem = memory_with(&[0x0f, 0x1f], 0x20_ffe);
+        mem.write_slice(&[0x00], GuestAddress(0x21_000)).unwrap();
+        let sregs = paged_top_and_zero(&mem, 0x20_000, 0x21_000);
+        let view = GuestView::new(&mem, &sregs);
+        let regs = kvm_regs {
+            rip: u64::MAX - 1,
+            ..Default::default()
+        };
+        let insn = decode_at_rip(&view, &regs, &sregs).unwrap();
+        assert_eq!((insn.mnemonic(), insn.len()), (Mnemonic::Nop, 3));
+        // An int3 in the last byte of the address space: RIP moves past it, to 0.
+        let mem = memory_with(&[0xcc], 0x20_fff);
+        let sregs = paged_top_and_zero(&mem, 0x20_000, 0x21_000);
+        let mut regs = kvm_regs {
+            rip: u64::MAX,
+            ..Default::default()
+        };
+        let view = GuestView::new(&mem, &sregs);
+        assert_eq!(
+            complete(&view, &mut regs, &sregs),
+            Ok(Completion::Int3Injected)
+        );
+        assert_eq!(regs.rip, 0, "RIP wraps past the int3");
     }
 
     #[test]

@@ -73,7 +73,9 @@ pub enum HookOutcome {
 fn return_eperm(regs: &mut kvm_regs, ret: u64) {
     regs.rax = EPERM.wrapping_neg();
     regs.rip = ret;
-    regs.rsp += 8;
+    // RSP is the guest's: at the top of the address space the pop wraps, as the CPU's does,
+    // rather than overflow the VMM's arithmetic.
+    regs.rsp = regs.rsp.wrapping_add(8);
 }
 
 /// Rewrites `regs` so the hooked function returns `-EPERM` through a `ret` instruction of the
@@ -143,12 +145,15 @@ fn kernel_ret_insn<M: GuestPhys + ?Sized>(
     (byte[0] == RET).then_some(addr)
 }
 
-/// Every page, page-aligned, of `extent` bytes from `addr`.
+/// Every page, page-aligned, of `extent` bytes from `addr`, up to the top of the address space
+/// (`addr` follows the KASLR slide the guest's LSTAR gave: anything, so nothing here may wrap;
+/// a wrapped end guarded no page at all).
 fn pages_of(addr: u64, extent: u64) -> impl Iterator<Item = u64> {
     let first = addr & !(PAGE_SIZE - 1);
+    let end = addr.saturating_add(extent);
     (0..)
-        .map(move |i| first + i * PAGE_SIZE)
-        .take_while(move |&page| page < addr + extent)
+        .map_while(move |i: u64| first.checked_add(i.checked_mul(PAGE_SIZE)?))
+        .take_while(move |&page| page < end)
 }
 
 impl Introspection {
@@ -433,7 +438,9 @@ impl Introspection {
         if error.is_some() || verdict != Verdict::Allow {
             outcome = self.deny(&reader, regs, &mut error);
         }
-        let vmm_work_ns = call.work_ns + monotonic_ns().saturating_sub(t_ns);
+        let vmm_work_ns = call
+            .work_ns
+            .saturating_add(monotonic_ns().saturating_sub(t_ns));
         self.log_call(
             vcpu,
             t_ns,
@@ -685,7 +692,10 @@ mod tests {
         assert_eq!(
             regs.rsp, 0xffff_c900_0000_0ff8,
             "the return address is popped"
-        );
+        ); // A guest RSP at the top of the address space: the pop wraps, as the CPU's does.
+        regs.rsp = u64::MAX - 7;
+        return_eperm(&mut regs, 0xffff_ffff_8123_4567);
+        assert_eq!(regs.rsp, 0);
     }
 
     /// A kernel address space: `text` (one page, a `ret` at its start) and `stack` (one page)
@@ -806,7 +816,15 @@ mod tests {
         );
         // The system call table: 4 KiB from an unaligned start is two pages.
         assert_eq!(pages_of(0x5008, 8 * 512).count(), 2);
-        assert_eq!(pages_of(0x5000, 8 * 512).count(), 1);
+        assert_eq!(pages_of(0x5000, 8 * 512).count(), 1); // At the top of the address space (a slide the guest's LSTAR chose): the pages up to the
+                                                          // top, never a wrapped end that guards nothing.
+        let top = u64::MAX - PAGE_SIZE + 1;
+        assert_eq!(pages_of(top + 0x800, 0x1000).collect::<Vec<_>>(), vec![top]);
+        assert_eq!(
+            pages_of(top - 8, 64).collect::<Vec<_>>(),
+            vec![top - PAGE_SIZE, top]
+        );
+        assert_eq!(pages_of(u64::MAX, u64::MAX).collect::<Vec<_>>(), vec![top]);
     }
 
     #[test]
