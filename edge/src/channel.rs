@@ -491,6 +491,17 @@ impl VerdictReceiver {
         };
         let h = opened.header;
         let k = h.key_id;
+        if h.underlay
+            .is_some_and(|signed| signed.to_canonical() != from.ip().to_canonical())
+        {
+            // The sender's own datagram, sent on by someone at another address (who may be
+            // first): never applied nor acknowledged, so its sequence number stays for the
+            // sender's own copy, and no host address or trust follows the relay.
+            return Received::Rejected {
+                from,
+                reason: AuthError::Relayed { sender: h.sender },
+            };
+        }
         if h.edge_boot != self.boot {
             // Authentic, for another run of this edge (or sent before the host learned it):
             // never applied; the ack tells the host which run speaks now.

@@ -214,6 +214,9 @@ impl LinkKeys {
 
 struct Shared {
     socket: UdpSocket,
+    /// The address the socket sends from, signed into every datagram: the edge takes this
+    /// host's datagrams only from it (a copy relayed from elsewhere is refused).
+    underlay: Option<IpAddr>,
     keys: Mutex<LinkKeys>,
     sender: u32,
     config: LinkConfig,
@@ -275,6 +278,7 @@ impl Shared {
             epoch: state.epoch,
             edge_boot: state.edge_boot,
             timestamp_ms: now_ms(),
+            underlay: self.underlay,
         };
         let mut datagram = [0u8; MAX_DATAGRAM];
         let sent = auth::seal(key, &header, &p.records, &mut datagram)
@@ -565,8 +569,11 @@ impl VerdictLink {
         };
         let socket = UdpSocket::bind(local)?;
         socket.connect(edge)?;
+        // Connected: the kernel chose the source address its datagrams carry.
+        let underlay = Some(socket.local_addr()?.ip()).filter(|ip| !ip.is_unspecified());
         let shared = Arc::new(Shared {
             socket,
+            underlay,
             keys: Mutex::new(LinkKeys {
                 current: (key_id, key),
                 old: VecDeque::new(),

@@ -405,6 +405,52 @@ fn runs_and_boot_ids_by_hand() {
     );
 }
 
+/// A host's datagram copied by someone on the path and sent from their own address is authentic
+/// (the tag covers only what the host wrote), but the host signed the address it sends from: the
+/// copy is refused, and neither its sequence number nor the host's address goes to the relay.
+#[test]
+fn a_datagram_relayed_from_another_address_is_refused_and_the_original_applies() {
+    let k = key(9);
+    let mut rx = VerdictReceiver::bind_with_boot("127.0.0.1:0", k.clone(), 0xB01).unwrap();
+    let host = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay = UdpSocket::bind("127.0.0.2:0").unwrap();
+    let header = Header {
+        sender: 12,
+        seq: 50,
+        epoch: 50,
+        edge_boot: 0xB01,
+        underlay: Some(host.local_addr().unwrap().ip()),
+        ..Header::default()
+    };
+    let datagram = seal(&k, header, &records(1, 0));
+    let judge = |rx: &mut VerdictReceiver| rx.recv(WAIT, |_| true).unwrap().expect("one");
+    // The relay is first.
+    relay.send_to(&datagram, rx.local_addr().unwrap()).unwrap();
+    assert!(matches!(
+        judge(&mut rx),
+        Received::Rejected {
+            reason: AuthError::Relayed { sender: 12 },
+            ..
+        }
+    ));
+    // The host's own copy: applied, and acknowledged to it alone.
+    host.send_to(&datagram, rx.local_addr().unwrap()).unwrap();
+    assert!(matches!(judge(&mut rx), Received::Applied { seq: 50, .. }));
+    host.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; ACK_LEN + 1];
+    let n = host.recv(&mut buf).expect("an ack");
+    assert_eq!(open_ack(&k, &buf[..n]).unwrap().next, 51);
+    relay.set_nonblocking(true).unwrap();
+    assert!(
+        relay.recv(&mut buf).is_err(),
+        "nothing acknowledged to the relay"
+    );
+    assert_eq!(
+        rx.stats().rejected[AuthError::Relayed { sender: 0 }.index()],
+        1
+    );
+}
+
 /// Hosts held to keys of their own: a datagram opens only under its sender's key of the id it
 /// names; the shared key no longer speaks for such a sender; acks come under the same key.
 #[test]
@@ -685,7 +731,7 @@ fn garbage_is_rejected() {
     };
     raw.send(&[]).unwrap();
     assert_eq!(next(&mut rx), AuthError::Truncated { len: 0 });
-    raw.send(b"GET /api/v1/verdicts HTTP/1.1\r\nHost: edge.example\r\nAccept: */*\r\nUser-Agent: curl/8\r\n\r\n")
+    raw.send(b"GET /api/v1/verdicts HTTP/1.1\r\nHost: edge.example\r\nAccept: */*\r\nUser-Agent: curl/8\r\nConnection: close\r\n\r\n")
         .unwrap();
     assert_eq!(next(&mut rx), AuthError::BadMagic);
     // Right magic and version, random rest.

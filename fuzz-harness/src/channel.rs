@@ -7,7 +7,8 @@
 //! - odd mode: a datagram the harness seals with the right key (sender index byte, seq u16, epoch
 //!   byte, timestamp u16, record count byte, the records; mode bit 1: for another edge boot), then
 //!   alters (a u16 byte index and an XOR byte; XOR 0 leaves it intact): a replay, a reorder, a
-//!   restart or a bit flip of a real host's datagram. Mode bit 2: `apply` refuses this time.
+//!   restart or a bit flip of a real host's datagram. Mode bit 2: `apply` refuses this time; bit
+//!   3: the datagram signs another underlay address than the harness sends from (a relayed copy).
 //!
 //! Invariants: whatever the receiver applies, holds or calls a duplicate is a datagram the
 //! harness sealed for this edge and nothing altered, with the records it sealed; the counters
@@ -42,6 +43,7 @@ pub fn run(data: &[u8]) {
     while !input.is_empty() && datagrams < 64 {
         let mode = input.u8();
         let refuse = mode & 4 != 0;
+        let relayed = mode & 8 != 0;
         let datagram = if mode.is_multiple_of(2) {
             input.chunk(MAX_DATAGRAM + 64).to_vec()
         } else {
@@ -52,6 +54,16 @@ pub fn run(data: &[u8]) {
                 epoch: u64::from(input.u8() % 4),
                 edge_boot: if mode & 2 != 0 { BOOT + 1 } else { BOOT },
                 timestamp_ms: u64::from(input.u16()),
+                // The sender's own address (the harness's socket), or another one: a copy
+                // relayed from here, never to be delivered.
+                underlay: Some(
+                    if relayed {
+                        [192, 0, 2, 1]
+                    } else {
+                        [127, 0, 0, 1]
+                    }
+                    .into(),
+                ),
             };
             let count = usize::from(input.u8() % 4);
             let records: Vec<[u8; RECORD_LEN]> = (0..count).map(|_| input.array()).collect();
@@ -64,7 +76,7 @@ pub fn run(data: &[u8]) {
             let xor = input.u8();
             if xor != 0 && at < len {
                 out[at] ^= xor;
-            } else if header.edge_boot == BOOT {
+            } else if header.edge_boot == BOOT && !relayed {
                 sealed
                     .entry((header.sender, header.seq))
                     .or_default()

@@ -6,7 +6,7 @@
 //! allocate, touch the network, or interpret the records (the caller decodes each one with
 //! [`crate::verdict::VerdictRepr::from_bytes`] after [`open`] succeeded).
 //!
-//! Layout (Vigil's own ABI, [`VERSION`] 2; integers little endian like every other Vigil record,
+//! Layout (Vigil's own ABI, [`VERSION`] 3; integers little endian like every other Vigil record,
 //! since both ends are x86-64):
 //!
 //! | offset | size | field |
@@ -20,11 +20,14 @@
 //! | 20 | 8 | epoch: the sequence number of the run's first datagram (`1 ..= seq`) |
 //! | 28 | 8 | edge boot id: which run of the edge the sender addresses (0 = not yet known) |
 //! | 36 | 8 | sender's wall clock, ms since the Unix epoch (diagnostics only, never trusted) |
-//! | 44 | 2 | record count `n`, at most [`MAX_RECORDS`] |
-//! | 46 | n × 64 | `n` verdict records ([`RECORD_LEN`] bytes each) |
-//! | 46 + n × 64 | 32 | HMAC-SHA256 tag over bytes `0 .. 46 + n × 64` |
+//! | 44 | 16 | the sender's underlay address, IPv6 or IPv4-mapped (all zero: not given) |
+//! | 60 | 2 | record count `n`, at most [`MAX_RECORDS`] |
+//! | 62 | n × 64 | `n` verdict records ([`RECORD_LEN`] bytes each) |
+//! | 62 + n × 64 | 32 | HMAC-SHA256 tag over bytes `0 .. 62 + n × 64` |
 //!
-//! Every header field is inside the tag, so a forger can change none of them. Delivery is the
+//! Every header field is inside the tag, so a forger can change none of them. The UDP source
+//! address is not: the underlay address field is how a receiver tells the sender's own datagram
+//! from a copy an on-path attacker relays from another address (`edge::channel` refuses those). Delivery is the
 //! receiver's business (`edge::channel`): it applies a sender's datagrams in sequence order within
 //! the newest epoch it has seen from that sender, only when they name its own boot id, and
 //! acknowledges them with [`crate::ack`] datagrams. So a datagram of an older run of the host, or
@@ -36,6 +39,7 @@
 //! lengths, every accessor is then in bounds.
 
 use core::fmt;
+use core::net::{IpAddr, Ipv6Addr};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -44,16 +48,17 @@ use crate::verdict::RECORD_LEN;
 
 /// `"VGV1"`: Vigil verdicts, format 1.
 pub const MAGIC: [u8; 4] = *b"VGV1";
-/// Version of the datagram layout above (2: the epoch and edge boot id fields).
-pub const VERSION: u8 = 2;
+/// Version of the datagram layout above (2: the epoch and edge boot id fields; 3: the underlay
+/// address).
+pub const VERSION: u8 = 3;
 /// Bytes before the first record.
-pub const HEADER_LEN: usize = 46;
+pub const HEADER_LEN: usize = 62;
 /// HMAC-SHA256 output length (RFC 2104 with SHA-256, FIPS 180-4): the full tag, never truncated.
 pub const TAG_LEN: usize = 32;
 /// Largest datagram a sender emits and a receiver accepts: fits a 1500-byte Ethernet MTU with
 /// room for IPv6 + UDP headers and a tunnel encapsulation (VXLAN/Geneve) on the way.
 pub const MAX_DATAGRAM: usize = 1400;
-/// Most records one datagram carries: `(1400 - 46 - 32) / 64` = 20 (1358 bytes).
+/// Most records one datagram carries: `(1400 - 62 - 32) / 64` = 20 (1374 bytes).
 pub const MAX_RECORDS: usize = (MAX_DATAGRAM - HEADER_LEN - TAG_LEN) / RECORD_LEN;
 /// Smallest valid datagram: a header and a tag, no records.
 pub const MIN_DATAGRAM: usize = HEADER_LEN + TAG_LEN;
@@ -72,8 +77,9 @@ mod field {
     pub const EPOCH: Range<usize> = 20..28;
     pub const EDGE_BOOT: Range<usize> = 28..36;
     pub const TIMESTAMP_MS: Range<usize> = 36..44;
-    pub const COUNT: Range<usize> = 44..46;
-    pub const RECORDS: usize = 46;
+    pub const UNDERLAY: Range<usize> = 44..60;
+    pub const COUNT: Range<usize> = 60..62;
+    pub const RECORDS: usize = 62;
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -124,11 +130,14 @@ pub enum AuthError {
     /// The receiver holds no key `key_id` for this sender (never given, rotated out, or the
     /// sender's host is not registered).
     UnknownKey { sender: u32, key_id: u16 },
+    /// Authentic, but it came from another address than the underlay address its sender signed
+    /// into it: relayed by someone else.
+    Relayed { sender: u32 },
 }
 
 impl AuthError {
     /// Number of distinct reasons ([`AuthError::index`] is below it): sized for counters.
-    pub const COUNT: usize = 18;
+    pub const COUNT: usize = 19;
 
     /// A stable short name per reason, for counters and log fields.
     pub const fn name(&self) -> &'static str {
@@ -151,6 +160,7 @@ impl AuthError {
             AuthError::OtherEdge { .. } => "other_edge",
             AuthError::TooFarAhead { .. } => "too_far_ahead",
             AuthError::UnknownKey { .. } => "unknown_key",
+            AuthError::Relayed { .. } => "relayed",
         }
     }
 
@@ -175,6 +185,7 @@ impl AuthError {
             AuthError::OtherEdge { .. } => 15,
             AuthError::TooFarAhead { .. } => 16,
             AuthError::UnknownKey { .. } => 17,
+            AuthError::Relayed { .. } => 18,
         }
     }
 
@@ -199,6 +210,7 @@ impl AuthError {
             "other_edge",
             "too_far_ahead",
             "unknown_key",
+            "relayed",
         ];
         if index < NAMES.len() {
             Some(NAMES[index])
@@ -277,6 +289,10 @@ impl fmt::Display for AuthError {
             AuthError::UnknownKey { sender, key_id } => write!(
                 f,
                 "verdict datagram from sender {sender} signed with key id {key_id}, which this edge does not hold for it"
+            ),
+            AuthError::Relayed { sender } => write!(
+                f,
+                "verdict datagram of sender {sender} from another address than the underlay address it signed in (relayed, or the underlay translates addresses: Vigil's does not support NAT between hosts and edges)"
             ),
         }
     }
@@ -384,6 +400,19 @@ impl<T: AsRef<[u8]>> SignedBatch<T> {
     pub fn timestamp_ms(&self) -> u64 {
         le_u64(&self.buffer.as_ref()[field::TIMESTAMP_MS])
     }
+    /// The underlay address the sender signed in (None: not given).
+    pub fn underlay(&self) -> Option<IpAddr> {
+        let mut octets = [0u8; 16];
+        octets.copy_from_slice(&self.buffer.as_ref()[field::UNDERLAY]);
+        let v6 = Ipv6Addr::from(octets);
+        if v6.is_unspecified() {
+            return None;
+        }
+        Some(match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        })
+    }
     pub fn record_count(&self) -> u16 {
         le_u16(&self.buffer.as_ref()[field::COUNT])
     }
@@ -435,6 +464,14 @@ impl<T: AsRef<[u8]> + AsMut<[u8]>> SignedBatch<T> {
     pub fn set_timestamp_ms(&mut self, v: u64) {
         self.buffer.as_mut()[field::TIMESTAMP_MS].copy_from_slice(&v.to_le_bytes());
     }
+    pub fn set_underlay(&mut self, v: Option<IpAddr>) {
+        let octets = match v {
+            None => [0u8; 16],
+            Some(IpAddr::V4(v4)) => v4.to_ipv6_mapped().octets(),
+            Some(IpAddr::V6(v6)) => v6.octets(),
+        };
+        self.buffer.as_mut()[field::UNDERLAY].copy_from_slice(&octets);
+    }
     pub fn set_record_count(&mut self, v: u16) {
         self.buffer.as_mut()[field::COUNT].copy_from_slice(&v.to_le_bytes());
     }
@@ -466,6 +503,9 @@ pub struct Header {
     pub edge_boot: u64,
     /// The sender's wall clock in ms since the Unix epoch (diagnostics only).
     pub timestamp_ms: u64,
+    /// The address the sender sends from on the underlay (None: not given; a receiver then
+    /// cannot tell its datagrams from relayed copies).
+    pub underlay: Option<IpAddr>,
 }
 
 /// Seal `records` (at most [`MAX_RECORDS`], copied as they are: the caller emitted them with
@@ -503,6 +543,7 @@ pub fn seal(
     batch.set_epoch(header.epoch);
     batch.set_edge_boot(header.edge_boot);
     batch.set_timestamp_ms(header.timestamp_ms);
+    batch.set_underlay(header.underlay);
     // MAX_RECORDS (20) fits a u16.
     batch.set_record_count(records.len() as u16);
     for (slot, record) in out[field::RECORDS..field::RECORDS + records.len() * RECORD_LEN]
@@ -617,6 +658,7 @@ pub fn open_with<'a, K: AsRef<[u8]>>(
             epoch: batch.epoch(),
             edge_boot: batch.edge_boot(),
             timestamp_ms: batch.timestamp_ms(),
+            underlay: batch.underlay(),
         },
         // check_len established: header, whole records, tag.
         records: &datagram[field::RECORDS..len - TAG_LEN],
@@ -753,6 +795,30 @@ mod tests {
         assert_eq!(open(KEY, &buf[..len]).unwrap().header.key_id, 3);
         SignedBatch::new_unchecked(&mut buf[..len]).set_key_id(4);
         assert_eq!(open(KEY, &buf[..len]), Err(AuthError::BadTag));
+    }
+
+    #[test]
+    fn the_underlay_address_is_signed_and_read_back_as_given() {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let recs = records(1);
+        for underlay in [
+            None,
+            Some(IpAddr::from([192, 0, 2, 7])),
+            Some(IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 9])),
+        ] {
+            let header = Header {
+                sender: 9,
+                seq: 1,
+                epoch: 1,
+                underlay,
+                ..Header::default()
+            };
+            let len = seal(KEY, &header, &recs[..1], &mut buf).unwrap();
+            assert_eq!(open(KEY, &buf[..len]).unwrap().header.underlay, underlay);
+            // Another address written over it: the tag no longer matches.
+            SignedBatch::new_unchecked(&mut buf[..len]).set_underlay(Some([10, 0, 0, 1].into()));
+            assert_eq!(open(KEY, &buf[..len]), Err(AuthError::BadTag));
+        }
     }
 
     #[test]
@@ -895,6 +961,7 @@ mod tests {
                 sender: 0,
                 key_id: 0,
             },
+            AuthError::Relayed { sender: 0 },
         ];
         assert_eq!(all.len(), AuthError::COUNT);
         for (i, e) in all.iter().enumerate() {
