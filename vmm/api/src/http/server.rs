@@ -22,6 +22,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
 
+/// Bytes a connection keeps of its read buffer between requests.
+const KEPT_BUFFER: usize = 16 * 1024;
+
 /// What a handler did with a request.
 pub enum Outcome {
     /// Write this response (the connection may carry the next request).
@@ -444,6 +447,9 @@ impl Server {
         let (mut request, head_len, _) = conn.head.take().unwrap_or_default();
         request.body = conn.buf[head_len..total].to_vec();
         conn.buf.drain(..total);
+        // A large body's buffer is not kept for the connection's life: thousands of kept-alive
+        // connections that each once sent a megabyte would hold gigabytes.
+        conn.buf.shrink_to(KEPT_BUFFER.max(conn.buf.len()));
         conn.scanned = 0;
         conn.state = State::Busy;
         conn.deadline = None;
