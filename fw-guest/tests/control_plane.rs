@@ -127,22 +127,25 @@ fn adopt_takes_over_mid_stream_flows_add_does_not() {
     );
     assert_eq!(f.conntrack().used(), 0);
 
-    // Adopt: the same ACK passes and creates an established entry.
+    // Adopt: the same ACK passes and creates an entry, provisional until the server answers.
     let mut f = filter(64);
     f.apply(&VerdictRepr::adopt(T1, 1, 0, https(TENANT)), 0)
         .unwrap();
     assert_eq!(f.process(T1, EG, &tcp(a, b, 40000, 443, Seg::Ack), 0), FWD);
     let flows: Vec<_> = f.conntrack().iter().collect();
     assert_eq!(flows.len(), 1);
-    assert_eq!(flows[0].tcp_state(), TcpState::Established);
+    assert_eq!(flows[0].tcp_state(), TcpState::Adopted);
     assert_eq!(flows[0].origin(), EG);
     assert_eq!(flows[0].tenant(), T1);
     assert_eq!(f.counters().flows_adopted, 1);
-    // The flow then behaves as a tracked one: data both ways, and a SYN inside it is invalid.
+    // The flow then behaves as a tracked one: data both ways (the answer makes it established),
+    // and a SYN inside it is invalid.
     assert_eq!(
         f.process(T1, IN, &tcp(b, a, 443, 40000, Seg::Data), SEC),
         FWD
     );
+    let flow = *f.conntrack().iter().next().unwrap();
+    assert_eq!(flow.tcp_state(), TcpState::Established);
     assert_eq!(
         f.process(T1, EG, &tcp(a, b, 40000, 443, Seg::Syn), SEC),
         drop(DropReason::InvalidTcpState)
@@ -168,7 +171,7 @@ fn adopt_takes_over_mid_stream_flows_add_does_not() {
         drop(DropReason::NoVerdict)
     );
     assert_eq!(f.conntrack().used(), 2);
-    // A FIN picked up mid-stream moves the adopted flow straight to FIN-wait.
+    // A FIN picked up mid-stream is adopted too (in FIN-wait once the server answers).
     assert_eq!(
         f.process(T1, EG, &tcp(a, b, 40003, 443, Seg::Fin), SEC),
         FWD

@@ -576,6 +576,181 @@ fn adopted_flows_learn_their_windows_from_the_first_segments() {
     assert_eq!(f.process_edge(Outside, Cloud, &next, 0), FWD);
 }
 
+/// The edge after a restart: T1's port 8443 re-sent as an `Adopt` verdict.
+fn adopting_edge() -> Filter<'static> {
+    let mut f = edge(1024, Config::default());
+    let rule = Rule {
+        local_port: 8443,
+        ..Rule::any(Direction::Ingress, IpVersion::V4, Protocol::Tcp)
+    };
+    f.apply(&VerdictRepr::adopt(T1, 100, 0, rule), 0).unwrap();
+    f
+}
+
+/// A bare ACK to T1's port 8443 from an outside address and port of `n`'s choosing, its
+/// acknowledgment number `ack`.
+fn forged_ack(n: u32, ack: u32) -> Vec<u8> {
+    let src = [203, 0, 113, (n % 200) as u8 + 1];
+    let spec = seg(TcpControl::None, 7_000_000 + n, Some(ack), 502, None);
+    tcp_spec(
+        Ip::V4(src),
+        Ip::V4(TENANT_IP),
+        10_000 + (n / 200) as u16,
+        8443,
+        spec,
+        b"",
+    )
+}
+
+#[test]
+fn forged_acks_on_an_adoptable_port_make_only_provisional_entries() {
+    let mut f = adopting_edge();
+    let t = Timeouts::default();
+    // One forged ACK is adopted, but as a half-open entry that lives as long as one.
+    assert_eq!(f.process_edge(Outside, Cloud, &forged_ack(0, 5000), 0), FWD);
+    let flow = *f.conntrack().iter().next().unwrap();
+    assert_eq!(flow.tcp_state(), TcpState::Adopted);
+    assert!(flow.is_half_open());
+    assert_eq!(flow.expires(), t.tcp_syn_ack);
+    assert_eq!(f.conntrack().half_open_of(T1), 1);
+    // More of the same side keeps it provisional.
+    assert_eq!(
+        f.process_edge(Outside, Cloud, &forged_ack(0, 5000), SEC),
+        FWD
+    );
+    let flow = *f.conntrack().iter().next().unwrap();
+    assert_eq!(flow.tcp_state(), TcpState::Adopted);
+    assert_eq!(flow.expires(), 1 + t.tcp_syn_ack);
+    // The tenant knows no such connection: its reset (RFC 9293: the ACK's acknowledgment number
+    // as sequence number, no ACK flag) passes and removes the entry.
+    let src = [203, 0, 113, 1];
+    let guess = tcp_spec(
+        Ip::V4(TENANT_IP),
+        Ip::V4(src),
+        8443,
+        10_000,
+        seg(TcpControl::Rst, 4999, None, 0, None),
+        b"",
+    );
+    assert_eq!(
+        f.process_edge(Cloud, Outside, &guess, SEC),
+        drop(DropReason::TcpOutOfWindow)
+    );
+    let rst = tcp_spec(
+        Ip::V4(TENANT_IP),
+        Ip::V4(src),
+        8443,
+        10_000,
+        seg(TcpControl::Rst, 5000, None, 0, None),
+        b"",
+    );
+    assert_eq!(f.process_edge(Cloud, Outside, &rst, SEC), FWD);
+    assert_eq!(f.conntrack().used(), 0);
+    assert_eq!(f.conntrack().half_open_of(T1), 0);
+    // Unanswered, an entry is gone after a half-open entry's timeout.
+    assert_eq!(
+        f.process_edge(Outside, Cloud, &forged_ack(1, 5000), 2 * SEC),
+        FWD
+    );
+    f.sweep((3 + u64::from(t.tcp_syn_ack)) * SEC, 1 << 20);
+    assert_eq!(f.conntrack().used(), 0);
+}
+
+#[test]
+fn a_forged_ack_flood_cannot_fill_a_tenants_quota() {
+    let mut f = adopting_edge();
+    let quota = f.conntrack().flow_quota();
+    let per_tenant = f.conntrack().half_open_limits().per_tenant;
+    // Far more forged ACKs than the tenant's quota, all within one second.
+    for n in 0..2 * quota as u32 {
+        let d = f.process_edge(Outside, Cloud, &forged_ack(n, 5000 + n), 0);
+        assert!(
+            d == FWD || d == drop(DropReason::HalfOpenLimit),
+            "ack {n}: {d:?}"
+        );
+    }
+    // They are bounded as a SYN flood is: the tenant's half-open share, oldest replaced.
+    assert!(f.conntrack().flows_of(T1) <= per_tenant, "{per_tenant}");
+    assert!(f.counters().half_open_evicted > 0);
+    // The tenant's real service still takes connections.
+    connect(&mut f, 40000, 0);
+    assert_eq!(state_of(&f, 40000), TcpState::Established);
+}
+
+#[test]
+fn an_adopted_flow_is_established_once_both_sides_have_spoken() {
+    use TcpControl::Psh;
+    let mut f = adopting_edge();
+    let t = Timeouts::default();
+    let (c, s) = (123_456_789u32, 987_654_321u32);
+    let (client, tenant) = (Ip::V4(CLIENT_IP), Ip::V4(TENANT_IP));
+    // The tenant speaks first after the restart, and sends a FIN before the client answers.
+    let first = tcp_spec(
+        tenant,
+        client,
+        8443,
+        50000,
+        seg(Psh, s, Some(c), 300, None),
+        b"data",
+    );
+    assert_eq!(f.process_edge(Cloud, Outside, &first, 0), FWD);
+    let fin = tcp_spec(
+        tenant,
+        client,
+        8443,
+        50000,
+        seg(TcpControl::Fin, s + 4, Some(c), 300, None),
+        b"",
+    );
+    assert_eq!(f.process_edge(Cloud, Outside, &fin, 0), FWD);
+    assert_eq!(
+        f.conntrack().iter().next().unwrap().tcp_state(),
+        TcpState::Adopted
+    );
+    // The client's answer confirms it: the FIN seen meanwhile puts it in FIN-wait.
+    let answer = tcp_spec(
+        client,
+        tenant,
+        50000,
+        8443,
+        seg(Psh, c, Some(s + 5), 300, None),
+        b"x",
+    );
+    assert_eq!(f.process_edge(Outside, Cloud, &answer, SEC), FWD);
+    let flow = *f.conntrack().iter().next().unwrap();
+    assert_eq!(flow.tcp_state(), TcpState::FinWait);
+    assert!(!flow.is_half_open());
+    assert_eq!(flow.expires(), 1 + t.tcp_fin_wait);
+    assert_eq!(f.conntrack().half_open_of(T1), 0);
+    // Without a FIN, the answer makes it established, for an established flow's timeout.
+    let first = tcp_spec(
+        tenant,
+        client,
+        8443,
+        50001,
+        seg(Psh, s, Some(c), 300, None),
+        b"data",
+    );
+    assert_eq!(f.process_edge(Cloud, Outside, &first, 2 * SEC), FWD);
+    let answer = tcp_spec(
+        client,
+        tenant,
+        50001,
+        8443,
+        seg(Psh, c, Some(s + 4), 300, None),
+        b"x",
+    );
+    assert_eq!(f.process_edge(Outside, Cloud, &answer, 2 * SEC), FWD);
+    let flow = f
+        .conntrack()
+        .iter()
+        .find(|x| x.tcp_state() != TcpState::FinWait)
+        .unwrap();
+    assert_eq!(flow.tcp_state(), TcpState::Established);
+    assert_eq!(flow.expires(), 2 + t.tcp_established);
+    assert_eq!(f.counters().flows_adopted, 2);
+}
+
 #[test]
 fn icmp_errors_must_quote_a_sequence_number_in_flight() {
     let mut f = edge(1024, Config::default());

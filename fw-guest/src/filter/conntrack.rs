@@ -19,10 +19,12 @@
 //!   sequence number sent, the highest edge the peer's window allows, and the largest window, in
 //!   the manner of Linux's `tcp_in_window` (after G. van Rooij, "Real stateful TCP packet
 //!   filtering in IP Filter", 2001).
-//! - Half-open TCP entries (SYN seen, handshake not complete) are counted, globally and per tenant
-//!   and per destination bucket, so a SYN flood can be bounded (see [`Conntrack::half_open_full`]
-//!   and [`Conntrack::evict_half_open`]) and the edge's SYN proxy can tell when to answer SYNs
-//!   itself ([`Conntrack::half_open_of`], [`Conntrack::half_open_at`]).
+//! - Half-open TCP entries (SYN seen, handshake not complete; or adopted mid-stream and not yet
+//!   answered, [`TcpState::Adopted`]) are counted, globally and per tenant and per destination
+//!   bucket, so a SYN flood (or a flood of forged mid-stream segments) can be bounded (see
+//!   [`Conntrack::half_open_full`] and [`Conntrack::evict_half_open`]) and the edge's SYN proxy
+//!   can tell when to answer SYNs itself ([`Conntrack::half_open_of`],
+//!   [`Conntrack::half_open_at`]).
 //! - Every tenant's entries are counted exactly ([`tenants`]): a tenant at its flow quota
 //!   ([`Conntrack::at_quota`]) opens nothing more, whatever room the table has for others.
 
@@ -78,6 +80,12 @@ pub enum TcpState {
     Closing = 5,
     /// Reset (or a closed connection): only ACK/RST pass, a new SYN from the opener re-opens.
     Closed = 6,
+    /// Taken over mid-stream through an `Op::Adopt` verdict, one side seen so far. Provisional:
+    /// any host can send one segment with an adoptable 4-tuple (a bare ACK is enough), so the
+    /// entry lives [`Timeouts::tcp_syn_ack`] and is half-open (counted and evicted as a SYN's
+    /// entry is) until the other side answers in window; it then becomes `Established`, or
+    /// `FinWait` / `Closing` if FINs were seen ([`confirmed_state`]).
+    Adopted = 7,
 }
 
 impl TcpState {
@@ -90,6 +98,7 @@ impl TcpState {
             4 => TcpState::FinWait,
             5 => TcpState::Closing,
             6 => TcpState::Closed,
+            7 => TcpState::Adopted,
             _ => TcpState::None,
         }
     }
@@ -120,8 +129,20 @@ fn half_open(kind: u8, state: u8) -> bool {
     kind != 0
         && matches!(
             TcpState::from_bits(state),
-            TcpState::SynSent | TcpState::SynAckSeen
+            TcpState::SynSent | TcpState::SynAckSeen | TcpState::Adopted
         )
+}
+
+/// The state byte of an [`TcpState::Adopted`] entry whose other side has now answered: the FINs
+/// seen while it was provisional say where the connection is (other bits kept).
+pub fn confirmed_state(state: u8) -> u8 {
+    let high = state & !STATE_MASK;
+    let to = match (high & F_FIN_ORIG != 0, high & F_FIN_REPLY != 0) {
+        (false, false) => TcpState::Established,
+        (true, true) => TcpState::Closing,
+        _ => TcpState::FinWait,
+    };
+    high | to as u8
 }
 
 /// Result of a probe for a key.
@@ -174,7 +195,8 @@ impl Timeouts {
         match s {
             TcpState::None | TcpState::Closed => self.tcp_closed,
             TcpState::SynSent => self.tcp_syn_sent,
-            TcpState::SynAckSeen => self.tcp_syn_ack,
+            // Provisional as a SYN-ACK's entry is: the handshake's other half is missing.
+            TcpState::SynAckSeen | TcpState::Adopted => self.tcp_syn_ack,
             TcpState::Established => self.tcp_established,
             TcpState::FinWait => self.tcp_fin_wait,
             TcpState::Closing => self.tcp_closing,
@@ -391,6 +413,18 @@ impl<'a> Conntrack<'a> {
     pub fn adopt_windows(&mut self, i: usize) {
         if let Some(t) = self.tcp_mut(i) {
             t.adopt_windows();
+        }
+    }
+
+    /// Whether both sides of the TCP entry at `i` have sent a segment that passed (an adopted
+    /// entry's confirmation).
+    pub fn both_sides_seen(&self, i: usize) -> bool {
+        match self.slots[i].tcp {
+            0 => false,
+            t => self
+                .tcp
+                .get(t as usize - 1)
+                .is_some_and(|x| x.win[0].maxwin != 0 && x.win[1].maxwin != 0),
         }
     }
 

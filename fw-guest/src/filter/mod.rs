@@ -33,9 +33,11 @@
 //! [`DropReason::FlowQuota`]), so one tenant filling its share leaves the others working.
 //!
 //! An [`Op::Adopt`] verdict also takes over flows established elsewhere (a tenant that migrated
-//! here mid-connection): a TCP segment without SYN, or a UDP datagram travelling against the
-//! verdict's direction, that matches it and finds no entry creates an entry instead of being
-//! dropped. A plain `Add` never does (a mid-stream pick-up is dropped as before).
+//! here mid-connection): a TCP segment with ACK and without SYN or RST, or a UDP datagram
+//! travelling against the verdict's direction, that matches it and finds no entry creates an
+//! entry instead of being dropped. A plain `Add` never does (a mid-stream pick-up is dropped as
+//! before). An adopted TCP entry is provisional ([`TcpState::Adopted`]: half-open, short-lived)
+//! until the other side answers in window, since anyone can forge the segment that creates it.
 //!
 //! Who a frame belongs to is the caller's business in the switch role (the port it arrived on,
 //! from [`Tenancy`]); in the edge role [`Filter::process_edge`] finds the tenant from the address
@@ -737,6 +739,21 @@ impl<'a> Filter<'a> {
                         let current = t.tcp(TcpState::from_bits(state_byte));
                         (state_byte, current.min(t.tcp_closed))
                     }
+                    Track::ExactRst if TcpState::from_bits(state_byte) == TcpState::Adopted => {
+                        // Nothing to keep: one side never knew the connection.
+                        let old = self.conntrack.remove(i);
+                        self.verdicts.release(old.verdict());
+                        self.counters.flows_expired += 1;
+                        return Some(Decision::Forward);
+                    }
+                    Track::InWindow if TcpState::from_bits(state) == TcpState::Adopted => {
+                        let state = if self.conntrack.both_sides_seen(i) {
+                            conntrack::confirmed_state(state)
+                        } else {
+                            state
+                        };
+                        (state, t.tcp(TcpState::from_bits(state)))
+                    }
                     Track::InWindow | Track::ExactRst => (state, t.tcp(TcpState::from_bits(state))),
                 };
                 self.conntrack
@@ -820,8 +837,9 @@ impl<'a> Filter<'a> {
     }
 
     /// An [`Op::Adopt`] verdict that takes over the untracked packet `l4` travelling in `dir`,
-    /// and the direction the flow was opened in. Only a TCP segment without SYN or RST (a SYN
-    /// opens normally, a RST has nothing to keep) and a UDP datagram qualify. The verdict may
+    /// and the direction the flow was opened in. Only a TCP segment with ACK and without SYN or
+    /// RST (a SYN opens normally, a RST has nothing to keep, and every segment of a synchronized
+    /// connection carries an ACK, RFC 9293 §3.10.7.4) and a UDP datagram qualify. The verdict may
     /// open the flow either way: the first packet seen after a migration is as likely a reply.
     fn adopter(
         &self,
@@ -833,7 +851,7 @@ impl<'a> Filter<'a> {
     ) -> Option<(VerdictRef, Direction)> {
         match *l4 {
             _ if self.verdicts.adopting() == 0 => return None,
-            L4::Tcp { flags, .. } if !flags.syn && !flags.rst => {}
+            L4::Tcp { flags, .. } if flags.ack && !flags.syn && !flags.rst => {}
             L4::Udp { .. } => {}
             _ => return None,
         }
@@ -847,9 +865,13 @@ impl<'a> Filter<'a> {
             .map(|v| (v, back))
     }
 
-    /// Take over a flow established elsewhere: an entry as if the handshake had been seen here
-    /// (TCP established, UDP unreplied), opened in `origin`, then the packet steps it as a
-    /// packet of a tracked flow (a FIN moves it on, a UDP reply marks it replied).
+    /// Take over a flow established elsewhere: an entry opened in `origin` (UDP unreplied; TCP
+    /// [`TcpState::Adopted`]), then the packet steps it as a packet of a tracked flow (a UDP
+    /// reply marks it replied). Anyone can send one segment of an adoptable 4-tuple, so a TCP
+    /// entry is admitted as a SYN's is (half-open limits, and its tenant's oldest half-open
+    /// entry makes room at its quota) and stays provisional, with a half-open entry's timeout,
+    /// until the other side answers in window: forged ACKs cannot pin the table, and the reset
+    /// a tenant answers one with removes its entry.
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &mut self,
@@ -863,14 +885,23 @@ impl<'a> Filter<'a> {
         now_s: u32,
     ) -> Decision {
         let t = &self.config.timeouts;
-        let (state, timeout) = match l4 {
-            L4::Tcp { .. } => (TcpState::Established, t.tcp_established),
-            _ => (TcpState::None, t.udp_unreplied),
+        let tcp = matches!(l4, L4::Tcp { .. });
+        let (state, timeout) = if tcp {
+            (TcpState::Adopted, t.tcp(TcpState::Adopted))
+        } else {
+            (TcpState::None, t.udp_unreplied)
         };
-        let i = match self
-            .within_quota(i, key, hash, false, now_s)
-            .and_then(|i| self.make_room(i, key, hash, now_s))
-        {
+        let mut i = match self.within_quota(i, key, hash, tcp, now_s) {
+            Ok(i) => i,
+            Err(d) => return d,
+        };
+        if tcp && self.conntrack.half_open_full(key.tenant) {
+            i = match self.evict_half_open(key, hash, now_s) {
+                Ok(i) => i,
+                Err(d) => return d,
+            };
+        }
+        let i = match self.make_room(i, key, hash, now_s) {
             Ok(i) => i,
             Err(d) => return d,
         };
@@ -882,7 +913,7 @@ impl<'a> Filter<'a> {
             verdict,
             now_s.saturating_add(timeout),
         );
-        if matches!(l4, L4::Tcp { .. }) {
+        if tcp {
             self.conntrack.adopt_windows(i);
         }
         self.counters.flows_adopted += 1;

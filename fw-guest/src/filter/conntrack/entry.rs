@@ -159,7 +159,8 @@ impl FlowSlot {
         self.state & F_PROXIED != 0
     }
 
-    /// Whether this is a half-open TCP entry (SYN seen, handshake not complete).
+    /// Whether this is a half-open TCP entry (SYN seen, handshake not complete; or adopted, its
+    /// other side not yet seen).
     #[inline]
     pub fn is_half_open(&self) -> bool {
         half_open(self.kind, self.state)

@@ -101,7 +101,8 @@ impl TcpExt {
     /// - a RST passes only inside the window: an exact one (`seq == S.end`, what R expects next)
     ///   closes, an inexact one passes without closing (see [`Track`]). Before the handshake
     ///   there is no window: the opener's RST must be exact, the responder's RST to a SYN must
-    ///   acknowledge the SYN exactly (RFC 9293 §3.10.7.3).
+    ///   acknowledge the SYN exactly (RFC 9293 §3.10.7.3); the side of an adopted flow that has
+    ///   not spoken may reset it with exactly the sequence number its peer acknowledged.
     ///
     /// `state` is the entry's state byte before the segment. Nothing is updated for a segment
     /// that does not pass, nor for a RST.
@@ -130,8 +131,20 @@ impl TcpExt {
         let end = seq.wrapping_add(g.len);
         let state = TcpState::from_bits(state);
         if f.rst && self.win[s].maxwin == 0 {
+            if state == TcpState::Adopted {
+                // The side that never spoke answers the adopted segment with a reset: it knows
+                // no such connection (the segment was forged, or its flow is gone). RFC 9293
+                // §3.10.7.1: the reset carries the segment's acknowledgment number as its
+                // sequence number, and no ACK, which is what the pick-up learned as this side's
+                // end. (An adopted flow's first segment is never a RST.)
+                return if seq == self.win[s].end {
+                    Track::ExactRst
+                } else {
+                    Track::OutOfWindow
+                };
+            }
             // A RST from a side never seen: only the responder's refusal of the SYN, which must
-            // acknowledge it exactly. (An adopted flow's first segment is never a RST.)
+            // acknowledge it exactly.
             return if !orig && f.ack && g.ack == self.win[r].end {
                 Track::ExactRst
             } else {
@@ -325,6 +338,10 @@ pub fn tcp_step(state: u8, orig: bool, f: TcpFlags) -> TcpStep {
             }
         }
         TcpState::Closing => with(TcpState::Closing, 0),
+        // Provisional until the other side answers (the caller confirms it then): FINs are
+        // remembered in their bits meanwhile.
+        TcpState::Adopted if f.syn => TcpStep::Invalid,
+        TcpState::Adopted => with(TcpState::Adopted, if f.fin { fin_bit } else { 0 }),
         TcpState::Closed => {
             if orig && syn_only {
                 TcpStep::Reopen
