@@ -243,12 +243,14 @@ struct ExeRefs {
     mm: u64,
     file: u64,
     inode: u64,
+    /// The exe file's `f_flags`, where the profile has them.
+    flags: Option<u32>,
     mount: Option<MountFacts>,
 }
 
 /// Largest span of a `task_struct` read at once: `mm` .. `comm` is 720 bytes on Debian's 6.1.
 const TASK_SPAN: usize = 2048;
-/// Largest span of a `struct file` read at once (`f_path` and `f_inode`: 24 bytes on 6.1).
+/// Largest span of a `struct file` read at once (`f_path` .. `f_flags`: about 50 bytes on 6.1).
 const FILE_SPAN: usize = 128;
 
 fn read_process<M: GuestPhys + ?Sized>(
@@ -289,18 +291,23 @@ fn read_process<M: GuestPhys + ?Sized>(
         if file == 0 {
             None
         } else {
-            // One pass over the file: its path (dentry, vfsmount) and its inode.
+            // One pass over the file: its path (dentry, vfsmount), its inode and its flags.
             let at = |f: Field| f.offset + p.file.f_path.offset;
             let (dentry_f, mnt_f) = (at(p.path.dentry), at(p.path.mnt));
             let inode_f = p.exec.file_f_inode.offset;
-            let lo = dentry_f.min(mnt_f).min(inode_f);
-            let hi = dentry_f.max(mnt_f).max(inode_f) + 8;
+            let flags_f = p.exec.file_f_flags.map(|f| f.offset);
+            let lo = dentry_f
+                .min(mnt_f)
+                .min(inode_f)
+                .min(flags_f.unwrap_or(u64::MAX));
+            let hi = (dentry_f.max(mnt_f).max(inode_f) + 8).max(flags_f.map_or(0, |f| f + 4));
             let mut buf = [0u8; FILE_SPAN];
             let file_s = r.read_span(file, lo, hi, &mut buf)?;
             let (dentry, vfsmount) = (file_s.u64(dentry_f), file_s.u64(mnt_f));
             let mount = exec::mount_facts(r, p, vfsmount.wrapping_sub(p.mount.mnt.offset))?;
             refs.file = file;
             refs.inode = file_s.u64(inode_f);
+            refs.flags = flags_f.map(|f| file_s.u32(f));
             refs.mount = Some(mount);
             Some(exe_path(r, dentry, vfsmount, &mount, p)?)
         }
@@ -504,7 +511,7 @@ fn exe_file<M: GuestPhys + ?Sized>(
         return Err(AttributionError::Exec(ExecError::Maple("no mount read")));
     };
     Ok(exec::exe_file_of(
-        r, profile, &roots, task, refs.mm, refs.inode, &mount,
+        r, profile, &roots, task, refs.mm, refs.inode, refs.flags, &mount,
     )?)
 }
 

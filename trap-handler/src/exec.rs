@@ -114,6 +114,12 @@ pub struct ExeFile {
     /// root is not the superblock's root).
     pub bind_mount: bool,
     pub code: CodeOrigin,
+    /// Whether `mm->exe_file` is the file `execve` opened (its `f_flags` carry `__FMODE_EXEC`,
+    /// which only the exec path sets). `prctl(PR_SET_MM, PR_SET_MM_EXE_FILE | PR_SET_MM_MAP)`,
+    /// which any user may call in a user namespace of its own, installs a file it opened with
+    /// `open()`, which never carries it: a process that named another executable as its own
+    /// after it started is not that executable, whatever it maps.
+    pub from_exec: bool,
     /// The user instruction pointer checked.
     #[serde(serialize_with = "hex")]
     pub rip: u64,
@@ -601,11 +607,17 @@ pub fn exe_file<M: GuestPhys + ?Sized>(
     vfsmount: u64,
 ) -> Result<ExeFile, ExecError> {
     let inode = r.read_field_u64(file, p.exec.file_f_inode.offset)?;
+    let flags = match p.exec.file_f_flags {
+        Some(f) => Some(r.read_field_u32(file, f.offset)?),
+        None => None,
+    };
     let mount = mount_facts(r, p, vfsmount.wrapping_sub(p.mount.mnt.offset))?;
-    exe_file_of(r, p, roots, task, mm, inode, &mount)
+    exe_file_of(r, p, roots, task, mm, inode, flags, &mount)
 }
 
-/// [`exe_file`] from what attribution has read already: the file's inode and its mount.
+/// [`exe_file`] from what attribution has read already: the file's inode, its `f_flags` (`None`:
+/// the profile does not have them) and its mount.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn exe_file_of<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
@@ -613,6 +625,7 @@ pub(crate) fn exe_file_of<M: GuestPhys + ?Sized>(
     task: u64,
     mm: u64,
     inode: u64,
+    flags: Option<u32>,
     mount: &MountFacts,
 ) -> Result<ExeFile, ExecError> {
     let facts = inode_facts(r, p, inode)?;
@@ -634,6 +647,7 @@ pub(crate) fn exe_file_of<M: GuestPhys + ?Sized>(
         init_mnt_ns: mount.ns != 0 && mount.ns == roots.init_mnt_ns,
         bind_mount: mount.root != s_root,
         code,
+        from_exec: flags.is_some_and(|f| f & abi::FMODE_EXEC_OPEN != 0),
         rip,
     })
 }

@@ -364,6 +364,16 @@ impl Policy {
         if named.is_none() && pinned_paths == 0 {
             return (false, None);
         }
+        if !file.from_exec {
+            return (
+                false,
+                Some(format!(
+                    "{path}: the process named its executable itself (prctl PR_SET_MM), it did \
+                     not execute it: its file ({}) lends no identity",
+                    file.id
+                )),
+            );
+        }
         if !file.code.is_exe_code() {
             return (
                 false,
@@ -445,6 +455,7 @@ mod tests {
             init_mnt_ns: true,
             bind_mount: false,
             code: CodeOrigin::Exe,
+            from_exec: true,
             rip: 0x40_1000,
         }
     }
@@ -660,6 +671,16 @@ mod tests {
             assert_eq!(policy.decide_noting(&mut a), Verdict::Deny, "{code:?}");
             assert!(a.identity_error.unwrap().contains("not the executable's"));
         }
+        // The pinned file named as the executable by prctl(PR_SET_MM) rather than executed.
+        let mut a = with_file(
+            ok.clone(),
+            ExeFile {
+                from_exec: false,
+                ..genuine()
+            },
+        );
+        assert_eq!(policy.decide_noting(&mut a), Verdict::Deny);
+        assert!(a.identity_error.unwrap().contains("did not execute it"));
         let lib = with_file(
             ok.clone(),
             ExeFile {

@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 8;
+pub const PROFILE_FORMAT: u32 = 9;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -183,6 +183,12 @@ pub struct ExecLayout {
     pub sb_s_dev: Field,
     /// `file.f_inode`; `inode.i_sb`, `i_ino`, `i_generation`, `i_ctime.tv_sec`, `i_ctime.tv_nsec`.
     pub file_f_inode: Field,
+    /// `file.f_flags`: the open flags, where the exec path's `__FMODE_EXEC` stays
+    /// ([`abi::FMODE_EXEC_OPEN`]). `None` in a profile written before it was recorded (the
+    /// fuzz harness's): then no executable is known to come from `execve`, and no `exe` rule
+    /// applies (fail closed).
+    #[serde(default)]
+    pub file_f_flags: Option<Field>,
     pub inode_i_sb: Field,
     pub inode_i_ino: Field,
     pub inode_i_generation: Field,
@@ -373,6 +379,7 @@ impl KernelProfile {
                 sb_s_root: field(btf, "super_block", "s_root")?,
                 sb_s_dev: field(btf, "super_block", "s_dev")?,
                 file_f_inode: field(btf, "file", "f_inode")?,
+                file_f_flags: Some(field(btf, "file", "f_flags")?),
                 inode_i_sb: field(btf, "inode", "i_sb")?,
                 inode_i_ino: field(btf, "inode", "i_ino")?,
                 inode_i_generation: field(btf, "inode", "i_generation")?,
@@ -473,6 +480,11 @@ pub mod abi {
     /// `THREAD_SIZE` of x86-64 without KASAN (arch/x86/include/asm/page_64_types.h: 4 pages), for
     /// a profile built without kallsyms.
     pub const THREAD_SIZE: u64 = 16 << 10;
+    /// `__FMODE_EXEC` (include/linux/fcntl.h: `FMODE_EXEC`, include/linux/fs.h): the open flag
+    /// only the exec path's own opens carry (`do_open_execat`; fs/exec.c), kept in the file's
+    /// `f_flags`. `open(2)` and `openat2(2)` never let user space set it (`VALID_OPEN_FLAGS`,
+    /// `build_open_how`), nor does `fcntl(F_SETFL)` (`SETFL_MASK`).
+    pub const FMODE_EXEC_OPEN: u32 = 0x20;
     /// `VM_EXEC` (include/linux/mm.h).
     pub const VM_EXEC: u64 = 0x4;
     /// `TASK_COMM_LEN` (include/linux/sched.h).

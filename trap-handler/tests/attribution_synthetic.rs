@@ -138,6 +138,10 @@ const DENTRY_SIZE: u64 = 256;
 const SOCKET_SIZE: u64 = 128;
 const SOCK_SIZE: u64 = 2048;
 const SOCKADDR_SIZE: u64 = 128;
+/// The `f_flags` of a file `execve` opened: `O_LARGEFILE | O_RDONLY | __FMODE_EXEC`.
+const EXEC_OPEN_FLAGS: u32 = 0o100000 | abi::FMODE_EXEC_OPEN;
+/// The `f_flags` of a file `open(path, O_RDONLY)` opened (glibc adds O_LARGEFILE).
+const USER_OPEN_FLAGS: u32 = 0o100000;
 const MSGHDR_SIZE: u64 = 128;
 
 // ------------------------------------------------------------------------------------------------
@@ -472,7 +476,12 @@ impl Scene {
         for (what, size, end) in [
             ("cred", CRED_SIZE, p.cred.egid.offset + 4),
             ("mm_struct", MM_SIZE, p.mm_struct.exe_file.offset + 8),
-            ("file", FILE_SIZE, p.file.f_path.offset + p.file.f_path.size),
+            (
+                "file",
+                FILE_SIZE,
+                (p.file.f_path.offset + p.file.f_path.size)
+                    .max(p.exec.file_f_flags.unwrap().offset + 4),
+            ),
             (
                 "dentry",
                 DENTRY_SIZE,
@@ -620,6 +629,8 @@ impl Scene {
         s.inode = s.inode(s.sb, 1234, 0x5eed, (1_700_000_000, 42));
         s.lib_inode = s.inode(s.sb, 777, 0x1111, (1_600_000_000, 7));
         s.g.set_u64(file, p.exec.file_f_inode, s.inode);
+        // Opened by execve: O_LARGEFILE | O_RDONLY | __FMODE_EXEC (fs/exec.c, do_open_execat).
+        s.g.set_u32(file, p.exec.file_f_flags.unwrap(), EXEC_OPEN_FLAGS);
         // The pages under the user addresses: the text's and the library's are their files' page
         // cache (`page->mapping == inode->i_mapping`), the anonymous one an anon_vma (bit 0).
         for (inode, gpa) in [(s.inode, TEXT_GPA), (s.lib_inode, LIB_GPA)] {
@@ -796,6 +807,7 @@ impl Scene {
             init_mnt_ns: true,
             bind_mount: false,
             code: CodeOrigin::Exe,
+            from_exec: true,
             rip: USER_RIP,
         }
     }
@@ -2309,6 +2321,46 @@ fn code_outside_the_executable_is_denied() {
     let (v, a) = decide(&s, &policy);
     assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Kernel);
     assert_eq!(v, Verdict::Deny);
+}
+
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP, {.exe_fd = ...})` in a user namespace of its own (Linux 6.1
+/// checks only `CAP_CHECKPOINT_RESTORE` there), after unmapping its own image: `mm->exe_file` is
+/// the pinned executable, opened with `open()`, and the genuine file is mapped at `start_code`.
+/// Its payload calls the genuine copy's own `connect` wrapper (code classified `Exe`) or a
+/// library's (`Library`): neither carries the identity, pinned or not.
+#[test]
+fn an_executable_named_by_prctl_lends_no_identity() {
+    let p = profile_or_skip!();
+    for pin_first in [true, false] {
+        let mut s = Scene::new(p);
+        let policy = if pin_first {
+            pinned_policy(&s)
+        } else {
+            Policy::from_json(CURL_POLICY).unwrap()
+        };
+        let (file, flags) = (s.file, p.exec.file_f_flags.unwrap());
+        s.g.set_u32(file, flags, USER_OPEN_FLAGS);
+        for (rip, code) in [
+            (USER_RIP, CodeOrigin::Exe),
+            (LIB_TEXT.0 + 0x234, CodeOrigin::Library),
+        ] {
+            s.set_rip(rip);
+            let (v, a) = decide(&s, &policy);
+            let f = a.process.exe_file.clone().unwrap();
+            assert_eq!((f.id, f.code, f.from_exec), (s.exe_id(), code, false));
+            assert_eq!(v, Verdict::Deny, "{code:?}");
+            let why = a.identity_error.unwrap();
+            assert!(why.contains("did not execute it"), "{why}");
+        }
+        assert_eq!(
+            policy.pinned("/usr/bin/curl"),
+            pin_first.then(|| s.exe_id()),
+            "a named executable pins nothing"
+        );
+        // The same process as execve left it: allowed.
+        s.g.set_u32(file, flags, EXEC_OPEN_FLAGS);
+        assert_eq!(decide(&s, &policy).0, Verdict::Allow);
+    }
 }
 
 /// A scene whose call comes from the library's code.
