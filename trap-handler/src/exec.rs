@@ -85,7 +85,8 @@ pub enum CodeOrigin {
     /// An executable VMA of another file (a shared library), while the executable's own text
     /// (the VMA at `mm->start_code`) is mapped from the executable file.
     Library,
-    /// An executable VMA with no file: injected or JIT code.
+    /// An executable VMA with no file (injected or JIT code), or code in shared memory no
+    /// directory names (memfd, `MAP_SHARED | MAP_ANONYMOUS`: see `named_file`).
     Anonymous,
     /// Another file's code while the executable's text is not the executable, or no executable
     /// VMA at all.
@@ -497,11 +498,41 @@ fn code_origin_of<M: GuestPhys + ?Sized>(
     let insn = rip.wrapping_sub(1);
     let origin = match executable_file_page(r, p, roots, insn)? {
         Some(mapping) if mapping == exe.mapping => CodeOrigin::Exe,
+        Some(mapping) if !named_file(r, p, mapping)? => CodeOrigin::Anonymous,
         Some(_) if text_is_exe(r, p, mm, exe)? => CodeOrigin::Library,
         Some(_) => CodeOrigin::Foreign,
         None => classify_by_vma(r, p, roots, mm, insn)?,
     };
     Ok((origin, rip))
+}
+
+/// Whether the page cache `mapping` belongs to a file a directory names, rather than to shared
+/// memory no name reaches: `memfd_create`, `MAP_SHARED | MAP_ANONYMOUS` (both `shmem_file_setup`,
+/// which clears the inode's link count) or an `O_TMPFILE` on tmpfs or hugetlbfs. Such pages are
+/// in a page cache like a library's, yet anyone may write them (through the memfd, or the shared
+/// mapping itself): code there is the caller's, never a library of the executable's. A deleted
+/// file on a disk filesystem (a library replaced by an upgrade while mapped) is still a file.
+/// Three reads (`mapping->host`, the inode, its superblock); unknown where the profile lacks
+/// the fields (then `false`: fail closed).
+fn named_file<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    mapping: u64,
+) -> Result<bool, ExecError> {
+    let e = &p.exec;
+    let (Some(host), Some(nlink), Some(magic)) = (e.mapping_host, e.inode_i_nlink, e.sb_s_magic)
+    else {
+        return Ok(false);
+    };
+    let inode = r.read_field_u64(mapping, host.offset)?;
+    let (lo, hi) = extent(&[nlink, e.inode_i_sb]);
+    let mut buf = [0u8; INODE_SPAN];
+    let s = r.read_span(inode, lo, hi, &mut buf)?;
+    if s.u32(nlink.offset) != 0 {
+        return Ok(true);
+    }
+    let magic = r.read_field_u64(s.u64(e.inode_i_sb.offset), magic.offset)?;
+    Ok(!matches!(magic, abi::TMPFS_MAGIC | abi::HUGETLBFS_MAGIC))
 }
 
 /// Whether the executable's own text (the VMA at `mm->start_code`) is mapped from the

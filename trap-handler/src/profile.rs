@@ -189,6 +189,17 @@ pub struct ExecLayout {
     /// applies (fail closed).
     #[serde(default)]
     pub file_f_flags: Option<Field>,
+    /// `address_space.host` (the inode a page cache belongs to), `inode.i_nlink` (in an
+    /// anonymous union with `__i_nlink`) and `super_block.s_magic`: whether a page of code is
+    /// shared memory no directory names (memfd, `MAP_SHARED | MAP_ANONYMOUS`). `None` in a
+    /// profile written before they were recorded: then no library's code is verifiable, and
+    /// none counts as the executable's (fail closed).
+    #[serde(default)]
+    pub mapping_host: Option<Field>,
+    #[serde(default)]
+    pub inode_i_nlink: Option<Field>,
+    #[serde(default)]
+    pub sb_s_magic: Option<Field>,
     pub inode_i_sb: Field,
     pub inode_i_ino: Field,
     pub inode_i_generation: Field,
@@ -380,6 +391,9 @@ impl KernelProfile {
                 sb_s_dev: field(btf, "super_block", "s_dev")?,
                 file_f_inode: field(btf, "file", "f_inode")?,
                 file_f_flags: Some(field(btf, "file", "f_flags")?),
+                mapping_host: Some(field(btf, "address_space", "host")?),
+                inode_i_nlink: Some(field(btf, "inode", "i_nlink")?),
+                sb_s_magic: Some(field(btf, "super_block", "s_magic")?),
                 inode_i_sb: field(btf, "inode", "i_sb")?,
                 inode_i_ino: field(btf, "inode", "i_ino")?,
                 inode_i_generation: field(btf, "inode", "i_generation")?,
@@ -485,6 +499,10 @@ pub mod abi {
     /// `f_flags`. `open(2)` and `openat2(2)` never let user space set it (`VALID_OPEN_FLAGS`,
     /// `build_open_how`), nor does `fcntl(F_SETFL)` (`SETFL_MASK`).
     pub const FMODE_EXEC_OPEN: u32 = 0x20;
+    /// `TMPFS_MAGIC`, `HUGETLBFS_MAGIC` (include/uapi/linux/magic.h): the filesystems of
+    /// `memfd_create` (with and without `MFD_HUGETLB`) and of shared anonymous mappings.
+    pub const TMPFS_MAGIC: u64 = 0x0102_1994;
+    pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
     /// `VM_EXEC` (include/linux/mm.h).
     pub const VM_EXEC: u64 = 0x4;
     /// `TASK_COMM_LEN` (include/linux/sched.h).

@@ -138,6 +138,8 @@ const DENTRY_SIZE: u64 = 256;
 const SOCKET_SIZE: u64 = 128;
 const SOCK_SIZE: u64 = 2048;
 const SOCKADDR_SIZE: u64 = 128;
+/// `EXT4_SUPER_MAGIC` (include/uapi/linux/magic.h): the root filesystem's.
+const EXT4_SUPER_MAGIC: u64 = 0xef53;
 /// The `f_flags` of a file `execve` opened: `O_LARGEFILE | O_RDONLY | __FMODE_EXEC`.
 const EXEC_OPEN_FLAGS: u32 = 0o100000 | abi::FMODE_EXEC_OPEN;
 /// The `f_flags` of a file `open(path, O_RDONLY)` opened (glibc adds O_LARGEFILE).
@@ -634,8 +636,7 @@ impl Scene {
         // The pages under the user addresses: the text's and the library's are their files' page
         // cache (`page->mapping == inode->i_mapping`), the anonymous one an anon_vma (bit 0).
         for (inode, gpa) in [(s.inode, TEXT_GPA), (s.lib_inode, LIB_GPA)] {
-            let mapping = s.g.alloc(64);
-            s.g.set_u64(inode, p.exec.inode_i_mapping, mapping);
+            let mapping = s.page_cache(inode);
             s.set_page_mapping(gpa, mapping);
         }
         let anon_vma = s.g.alloc(64);
@@ -698,16 +699,31 @@ impl Scene {
         let sb = self.g.alloc(SB_SIZE);
         let e = &self.p.exec;
         assert!(e.sb_s_root.offset + 8 <= SB_SIZE && e.sb_s_dev.offset + 4 <= SB_SIZE);
+        assert!(e.sb_s_magic.unwrap().offset + 8 <= SB_SIZE);
         self.g.set_u64(sb, e.sb_s_root, root);
         self.g.set_u32(sb, e.sb_s_dev, dev);
+        self.g.set_u64(sb, e.sb_s_magic.unwrap(), EXT4_SUPER_MAGIC);
         sb
     }
 
-    /// An inode of superblock `sb`.
+    /// The page cache (`struct address_space`) of `inode`, its `host`.
+    fn page_cache(&mut self, inode: u64) -> u64 {
+        let mapping = self.g.alloc(64);
+        let e = &self.p.exec;
+        let host = e.mapping_host.unwrap();
+        assert!(host.offset + 8 <= 64);
+        self.g.set_u64(mapping, host, inode);
+        self.g.set_u64(inode, e.inode_i_mapping, mapping);
+        mapping
+    }
+
+    /// An inode of superblock `sb` (one link: a directory names it).
     fn inode(&mut self, sb: u64, ino: u64, generation: u32, ctime: (i64, u32)) -> u64 {
         let inode = self.g.alloc(INODE_SIZE);
         let e = &self.p.exec;
         assert!(e.inode_i_generation.offset + 4 <= INODE_SIZE);
+        assert!(e.inode_i_nlink.unwrap().offset + 4 <= INODE_SIZE);
+        self.g.set_u32(inode, e.inode_i_nlink.unwrap(), 1);
         self.g.set_u64(inode, e.inode_i_sb, sb);
         self.g.set_u64(inode, e.inode_i_ino, ino);
         self.g.set_u32(inode, e.inode_i_generation, generation);
@@ -2057,9 +2073,7 @@ impl Scene {
         let evil = self.dentry(b"evil", Some(tmp));
         let inode = self.inode(self.sb, ino, 0xbad, (1_750_000_000, 1));
         // Its text page is its own file's page cache.
-        let mapping = self.g.alloc(64);
-        let i_mapping = self.p.exec.inode_i_mapping;
-        self.g.set_u64(inode, i_mapping, mapping);
+        let mapping = self.page_cache(inode);
         self.set_page_mapping(TEXT_GPA, mapping);
         let (file, f_inode) = (self.file, self.p.exec.file_f_inode);
         self.g.set_u64(file, f_inode, inode);
@@ -2361,6 +2375,51 @@ fn an_executable_named_by_prctl_lends_no_identity() {
         s.g.set_u32(file, flags, EXEC_OPEN_FLAGS);
         assert_eq!(decide(&s, &policy).0, Verdict::Allow);
     }
+}
+
+/// The genuine executable runs; a payload it was made to load (ptrace, an `LD_PRELOAD` stub)
+/// runs from shared memory no directory names, a page cache like a library's: a memfd (tmpfs,
+/// or hugetlbfs with `MFD_HUGETLB`) or `MAP_SHARED | MAP_ANONYMOUS` (shmem), their inode
+/// unlinked. Not a library of the executable's.
+#[test]
+fn code_in_shared_memory_is_not_a_library() {
+    let p = profile_or_skip!();
+    let e = &p.exec;
+    let (nlink, magic) = (e.inode_i_nlink.unwrap(), e.sb_s_magic.unwrap());
+    for fs_magic in [abi::TMPFS_MAGIC, abi::HUGETLBFS_MAGIC] {
+        let mut s = library_scene(p);
+        let policy = pinned_policy(&Scene::new(p));
+        // The library's page now belongs to an unlinked inode of a shared-memory filesystem.
+        let shm_root = s.dentry(b"/", None);
+        let shm_sb = s.superblock(shm_root, 0x0000_0005);
+        s.g.set_u64(shm_sb, magic, fs_magic);
+        let (lib, i_sb) = (s.lib_inode, e.inode_i_sb);
+        s.g.set_u64(lib, i_sb, shm_sb);
+        s.g.set_u32(lib, nlink, 0);
+        let (v, a) = decide(&s, &policy);
+        let f = a.process.exe_file.clone().unwrap();
+        assert_eq!(
+            (f.code, f.rip),
+            (CodeOrigin::Anonymous, LIB_TEXT.0 + 0x234),
+            "{fs_magic:#x}"
+        );
+        assert_eq!(v, Verdict::Deny);
+        assert!(a.identity_error.unwrap().contains("not the executable's"));
+        // A file of that filesystem a directory names (a library on a tmpfs root, as an
+        // initramfs has) is a library.
+        s.g.set_u32(lib, nlink, 1);
+        let (v, a) = decide(&s, &policy);
+        assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Library);
+        assert_eq!(v, Verdict::Allow);
+    }
+    // A library deleted on a disk filesystem while mapped (replaced by an upgrade) is still one.
+    let mut s = library_scene(p);
+    let policy = pinned_policy(&Scene::new(p));
+    let lib = s.lib_inode;
+    s.g.set_u32(lib, nlink, 0);
+    let (v, a) = decide(&s, &policy);
+    assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Library);
+    assert_eq!(v, Verdict::Allow);
 }
 
 /// A scene whose call comes from the library's code.
