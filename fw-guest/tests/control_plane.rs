@@ -205,8 +205,15 @@ fn adopt_udp_reply_and_refresh_semantics() {
     f.apply(&VerdictRepr::adopt(T1, 2, 0, dns()), 0).unwrap();
     assert_eq!(f.verdicts().len(), 1);
     assert_eq!(f.process(T1, IN, &udp(b, a, 53, 5000), 0), FWD);
+    // Unreplied (evictable, counted against T1's inbound quota) until the tenant's side answers
+    // here: a datagram that looks like a reply may be forged.
     let flow = *f.conntrack().iter().next().unwrap();
-    assert_eq!((flow.origin(), flow.replied()), (EG, true));
+    assert_eq!((flow.origin(), flow.replied()), (IN, false));
+    assert_eq!(f.conntrack().inbound_of(T1), 1);
+    assert_eq!(f.process(T1, EG, &udp(a, b, 5000, 53), 0), FWD);
+    let flow = *f.conntrack().iter().next().unwrap();
+    assert!(flow.replied());
+    assert_eq!(f.conntrack().inbound_of(T1), 0);
     // An Add of the same rule takes adoption away again (the latest record wins).
     assert_eq!(f.verdicts().adopting(), 1);
     f.apply(&VerdictRepr::add(T1, 3, 0, dns()), 0).unwrap();

@@ -1,12 +1,12 @@
 //! Room for new conntrack entries, and ICMP errors about tracked flows.
 //!
-//! Owns: the admission of a new entry (the tenant's flow quota, the half-open limits and their
-//! eviction, a full table's reclaiming) and the check of an ICMP error's quoted flow and of its
-//! addresses against the quoted packet.
-//! Must not: evict an established flow, or let an ICMP error through for a flow it does not
-//! quote in window, or to anyone but the quoted packet's sender.
+//! Owns: the admission of a new entry (the tenant's flow quota, the half-open limits, the inbound
+//! quota of unreplied entries and their evictions, a full table's reclaiming) and the check of an
+//! ICMP error's quoted flow and of its addresses against the quoted packet.
+//! Must not: evict an established flow or a replied one, or let an ICMP error through for a flow
+//! it does not quote in window, or to anyone but the quoted packet's sender.
 
-use super::conntrack::{Conntrack, Probe};
+use super::conntrack::{Conntrack, Probe, Unreplied};
 use super::{
     parse, Decision, Direction, DropReason, Filter, FlowKey, IpMeta, Protocol, TcpState, VerdictRef,
 };
@@ -14,7 +14,9 @@ use super::{
 impl Filter<'_> {
     /// The slot a new entry of `key`'s tenant goes to (`i` from a [`Probe::Vacant`]) when the
     /// tenant is within its flow quota, after reclaiming expired entries (and, for a SYN, its own
-    /// oldest half-open ones) if it is at it; [`DropReason::FlowQuota`] otherwise.
+    /// oldest half-open ones; else its own unreplied UDP or echo entry that expires soonest) if
+    /// it is at it; [`DropReason::FlowQuota`] otherwise. The far side cannot hold a tenant at its
+    /// quota: all it can open without the tenant's answer is half-open or unreplied.
     pub(super) fn within_quota(
         &mut self,
         i: usize,
@@ -30,8 +32,11 @@ impl Filter<'_> {
         }
         let mut freed = 0;
         for _ in 0..4 {
-            let n = self.sweep_flows(now_s, self.config.sweep_on_full)
+            let mut n = self.sweep_flows(now_s, self.config.sweep_on_full)
                 + usize::from(syn && self.evict_one_half_open(key.tenant, now_s));
+            if n == 0 {
+                n = usize::from(self.evict_one_unreplied(key.tenant, Unreplied::Own, now_s));
+            }
             freed += n;
             if n == 0 || !self.conntrack.at_quota(key.tenant) {
                 break;
@@ -62,6 +67,59 @@ impl Filter<'_> {
             })
     }
 
+    /// One step of [`Conntrack::evict_unreplied`] for `tenant`: the entry it removes gives back
+    /// its verdict reference and is counted as expired or as an evicted unreplied flow.
+    pub(super) fn evict_one_unreplied(
+        &mut self,
+        tenant: u32,
+        scope: Unreplied,
+        now_s: u32,
+    ) -> bool {
+        let verdicts = &mut self.verdicts;
+        let counters = &mut self.counters;
+        self.conntrack.evict_unreplied(
+            tenant,
+            scope,
+            now_s,
+            self.config.evict_scan,
+            |s, expired| {
+                verdicts.release(s.verdict());
+                if expired {
+                    counters.flows_expired += 1;
+                } else {
+                    counters.unreplied_evicted += 1;
+                }
+            },
+        )
+    }
+
+    /// Make room for a new unreplied entry opened toward `key`'s tenant, which holds its inbound
+    /// quota of them: its own such entry that expires soonest goes (see
+    /// [`Conntrack::evict_unreplied`]). Returns the slot the new entry goes to;
+    /// [`DropReason::FlowQuota`] if nothing could be removed.
+    pub(super) fn evict_inbound(
+        &mut self,
+        key: &FlowKey,
+        hash: u32,
+        now_s: u32,
+    ) -> Result<usize, Decision> {
+        let mut evicted = false;
+        // A removed expired entry need not have been an inbound one: a few tries.
+        for _ in 0..4 {
+            evicted |= self.evict_one_unreplied(key.tenant, Unreplied::Inbound, now_s);
+            if !self.conntrack.inbound_full(key.tenant) {
+                break;
+            }
+        }
+        if !evicted || self.conntrack.inbound_full(key.tenant) {
+            return Err(Decision::Drop(DropReason::FlowQuota));
+        }
+        match self.conntrack.lookup(key, hash, now_s) {
+            Probe::Vacant(i) => Ok(i),
+            Probe::Found(_) => Err(Decision::Drop(DropReason::InvalidTcpState)),
+        }
+    }
+
     /// Make room for a new half-open entry of `key`'s tenant (see
     /// [`Conntrack::evict_half_open`]), and return the slot it goes to.
     pub(super) fn evict_half_open(
@@ -88,7 +146,9 @@ impl Filter<'_> {
     }
 
     /// The slot a new entry for `key` goes to (`i` from a [`Probe::Vacant`]), after reclaiming
-    /// expired entries (bounded work) if the table is full; live entries are never evicted.
+    /// expired entries (bounded work) if the table is full, else a half-open or unreplied entry
+    /// (its own, or of a tenant holding more of them); established and replied entries are never
+    /// evicted.
     pub(super) fn make_room(
         &mut self,
         mut i: usize,
@@ -102,6 +162,11 @@ impl Filter<'_> {
                 // No expired entry: a half-open one of a tenant holding more of them than this
                 // one (never an established flow).
                 freed = usize::from(self.evict_one_half_open(key.tenant, now_s));
+            }
+            if freed == 0 {
+                // Nor a half-open one: an unreplied UDP or echo entry of its own, or one opened
+                // toward a tenant holding more of them (outside floods do not fill the table).
+                freed = usize::from(self.evict_one_unreplied(key.tenant, Unreplied::Table, now_s));
             }
             if freed == 0 {
                 return Err(Decision::Drop(DropReason::TableFull));

@@ -27,8 +27,13 @@
 //!   [`Conntrack::half_open_at`]).
 //! - Every tenant's entries are counted exactly ([`tenants`]): a tenant at its flow quota
 //!   ([`Conntrack::at_quota`]) opens nothing more, whatever room the table has for others.
+//! - Unreplied UDP and ICMP echo entries are provisional as half-open TCP ones are: one forged
+//!   datagram makes one, so they are evictable ([`Conntrack::evict_unreplied`], soonest to
+//!   expire first), and those opened from the tenant's far side are counted per tenant and
+//!   bounded ([`Conntrack::inbound_full`]). Only the other direction's packet (a reply) makes
+//!   such an entry one that is never evicted.
 
-use vigil_wire::verdict::Direction;
+use vigil_wire::verdict::{Direction, Protocol};
 
 use super::flow::{hash_fields, kind_parts, reduce, FlowKey, KIND_V6};
 use super::parse::{TcpFlags, TcpSeg, MAX_WSCALE, NO_WSCALE};
@@ -122,6 +127,19 @@ fn origin_bit_of(origin: Direction) -> u8 {
         Direction::Egress => 0,
         Direction::Ingress => F_ORIGIN_INGRESS,
     }
+}
+
+/// Whether an entry is an unreplied one that is not TCP (UDP, ICMP echo): provisional, evictable.
+#[inline]
+fn unreplied(kind: u8, state: u8) -> bool {
+    kind != 0 && kind & !KIND_V6 != Protocol::Tcp as u8 && state & F_REPLIED == 0
+}
+
+/// Whether an entry is [`unreplied`] and was opened by a packet travelling toward its tenant
+/// (counted against the tenant's inbound quota).
+#[inline]
+fn unreplied_inbound(kind: u8, state: u8) -> bool {
+    unreplied(kind, state) && state & F_ORIGIN_INGRESS != 0
 }
 
 #[inline]
@@ -244,6 +262,28 @@ pub fn default_flow_quota(capacity: usize) -> usize {
     (capacity / 2).max(16)
 }
 
+/// The most unreplied entries opened toward one tenant (UDP datagrams, ICMP echo requests from
+/// its far side: anyone can send one, from any forged source) it may hold by default: an eighth
+/// of the table, as its half-open TCP entries (at least 16). Beyond it, the tenant's own oldest
+/// such entry makes room: state the far side creates never takes the room the tenant's own
+/// flows need (its quota is half the table), nor, with the half-open limit, more than a quarter
+/// of the table per tenant.
+pub fn default_inbound_quota(capacity: usize) -> usize {
+    (capacity / 8).max(16)
+}
+
+/// Which unreplied entries [`Conntrack::evict_unreplied`] may remove for a new entry of a tenant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unreplied {
+    /// The tenant's own, opened toward it (its inbound quota is full).
+    Inbound,
+    /// The tenant's own, either direction (it is at its flow quota).
+    Own,
+    /// The tenant's own, or those opened toward a tenant holding more of them than this one
+    /// (the table is full).
+    Table,
+}
+
 impl HalfOpenLimits {
     /// Half the table for all half-open entries, an eighth for one tenant (at least 16 each): a
     /// flood at one tenant leaves 7/8 of the table to everyone else, and floods at every tenant
@@ -278,6 +318,8 @@ pub struct Conntrack<'a> {
     tenants: TenantCounts,
     limits: HalfOpenLimits,
     quota: usize,
+    /// Most unreplied entries opened toward one tenant ([`default_inbound_quota`]).
+    inbound_quota: usize,
     /// Half-open insertions so far (its low 16 bits stamp each half-open entry's age).
     half_open_clock: u16,
     evict_cursor: usize,
@@ -328,6 +370,7 @@ impl<'a> Conntrack<'a> {
             tenants: TenantCounts::new(),
             limits: HalfOpenLimits::for_capacity(max),
             quota: default_flow_quota(max),
+            inbound_quota: default_inbound_quota(max),
             half_open_clock: 0,
             evict_cursor: 0,
         })
@@ -375,6 +418,26 @@ impl<'a> Conntrack<'a> {
 
     pub fn flow_quota(&self) -> usize {
         self.quota
+    }
+
+    pub fn set_inbound_quota(&mut self, quota: usize) {
+        self.inbound_quota = quota.max(1);
+    }
+
+    pub fn inbound_quota(&self) -> usize {
+        self.inbound_quota
+    }
+
+    /// Unreplied entries opened toward `tenant` (expired ones not yet reclaimed included).
+    pub fn inbound_of(&self, tenant: u32) -> usize {
+        self.tenants.inbound(tenant)
+    }
+
+    /// Whether a new unreplied entry opened toward `tenant` must first make room: the tenant
+    /// holds its inbound quota of them.
+    #[inline]
+    pub fn inbound_full(&self, tenant: u32) -> bool {
+        self.tenants.inbound(tenant) >= self.inbound_quota
     }
 
     /// Whether `tenant` may hold no further entry: it is at its flow quota, or (never in practice)
@@ -524,16 +587,76 @@ impl<'a> Conntrack<'a> {
         tenant: u32,
         now_s: u32,
         budget: usize,
-        mut release: impl FnMut(&FlowSlot, bool),
+        release: impl FnMut(&FlowSlot, bool),
     ) -> bool {
         let own_count = self.tenants.half_open(tenant);
         let own_full = own_count >= self.limits.per_tenant;
+        self.evict(
+            now_s,
+            budget,
+            |ct, s| {
+                let eligible = s.is_half_open()
+                    && (s.tenant == tenant
+                        || (!own_full && ct.tenants.half_open(s.tenant) > own_count));
+                eligible.then(|| {
+                    let stamp = ct.pooled(s).0.aux as u16;
+                    u32::from(ct.half_open_clock.wrapping_sub(stamp))
+                })
+            },
+            release,
+        )
+    }
+
+    /// Make room for one entry of `tenant` by removing an unreplied UDP or ICMP echo entry
+    /// (`scope` says whose), examining at most `budget` slots from the same rotating cursor as
+    /// [`Conntrack::evict_half_open`]: the first expired entry met, else, of the first few
+    /// candidates, the one that expires soonest (the least recently refreshed). A replied entry
+    /// is never a candidate, nor TCP. `release` and the result as for `evict_half_open`.
+    pub fn evict_unreplied(
+        &mut self,
+        tenant: u32,
+        scope: Unreplied,
+        now_s: u32,
+        budget: usize,
+        release: impl FnMut(&FlowSlot, bool),
+    ) -> bool {
+        let own_count = self.tenants.inbound(tenant);
+        self.evict(
+            now_s,
+            budget,
+            |ct, s| {
+                let eligible = match scope {
+                    Unreplied::Inbound => s.tenant == tenant && unreplied_inbound(s.kind, s.state),
+                    Unreplied::Own => s.tenant == tenant && unreplied(s.kind, s.state),
+                    Unreplied::Table => {
+                        (s.tenant == tenant && unreplied(s.kind, s.state))
+                            || (unreplied_inbound(s.kind, s.state)
+                                && ct.tenants.inbound(s.tenant) > own_count)
+                    }
+                };
+                // Sooner to expire is older.
+                eligible.then_some(u32::MAX - s.expires)
+            },
+            release,
+        )
+    }
+
+    /// The scan of the evictions: from the rotating cursor, at most `budget` slots; the first
+    /// expired entry met goes, else the oldest (`age` largest) of the first [`EVICT_SAMPLE`]
+    /// live entries `age` names (`None`: not a candidate).
+    fn evict(
+        &mut self,
+        now_s: u32,
+        budget: usize,
+        age: impl Fn(&Self, &FlowSlot) -> Option<u32>,
+        mut release: impl FnMut(&FlowSlot, bool),
+    ) -> bool {
         let n = self.slots.len();
-        let mut best: Option<(usize, u16)> = None;
+        let mut best: Option<(usize, u32)> = None;
         let mut found = 0;
         let mut i = self.evict_cursor % n;
         for _ in 0..budget.min(n) {
-            let s = &self.slots[i];
+            let s = self.slots[i];
             if !s.is_empty() {
                 if !s.is_live(now_s) {
                     self.evict_cursor = self.next(i);
@@ -541,20 +664,14 @@ impl<'a> Conntrack<'a> {
                     release(&s, true);
                     return true;
                 }
-                if s.is_half_open() {
-                    let eligible = s.tenant == tenant
-                        || (!own_full && self.tenants.half_open(s.tenant) > own_count);
-                    if eligible {
-                        let stamp = self.pooled(s).0.aux as u16;
-                        let age = self.half_open_clock.wrapping_sub(stamp);
-                        if best.is_none_or(|(_, a)| age > a) {
-                            best = Some((i, age));
-                        }
-                        found += 1;
-                        if found == EVICT_SAMPLE {
-                            i = self.next(i);
-                            break;
-                        }
+                if let Some(a) = age(self, &s) {
+                    if best.is_none_or(|(_, b)| a > b) {
+                        best = Some((i, a));
+                    }
+                    found += 1;
+                    if found == EVICT_SAMPLE {
+                        i = self.next(i);
+                        break;
                     }
                 }
             }
@@ -696,7 +813,8 @@ impl<'a> Conntrack<'a> {
         let kind = key.kind();
         let state = origin_bit_of(origin) | tcp as u8;
         let ho = half_open(kind, state);
-        self.tenants.add(key.tenant, ho);
+        self.tenants
+            .add(key.tenant, ho, unreplied_inbound(kind, state));
         let stamp = if ho {
             self.count_half_open(key.tenant, &key.local, key.local_port, true);
             self.half_open_clock = self.half_open_clock.wrapping_add(1);
@@ -750,7 +868,8 @@ impl<'a> Conntrack<'a> {
     /// The counts of an entry that leaves the table (before its pooled state is given back).
     fn forget(&mut self, old: &FlowSlot) {
         let ho = old.is_half_open();
-        self.tenants.remove(old.tenant, ho);
+        self.tenants
+            .remove(old.tenant, ho, unreplied_inbound(old.kind, old.state));
         if ho {
             let local = self.addresses(old).0;
             self.count_half_open(old.tenant, &local, old.local_port, false);
@@ -805,12 +924,27 @@ impl<'a> Conntrack<'a> {
         }
     }
 
-    /// Set the replied flag and expiry of a found entry.
+    /// Set the replied flag and expiry of a found entry (from then on it is never evicted).
     #[inline]
     pub fn mark_replied(&mut self, i: usize, expires: u32) {
         let s = &mut self.slots[i];
-        s.state |= F_REPLIED;
+        let first = s.state & F_REPLIED == 0;
         s.expires = expires;
+        if first {
+            self.first_reply(i);
+        }
+    }
+
+    /// The inbound count of an entry's first reply (once per entry: off the fast path).
+    #[inline(never)]
+    fn first_reply(&mut self, i: usize) {
+        let s = &mut self.slots[i];
+        let inbound = unreplied_inbound(s.kind, s.state);
+        s.state |= F_REPLIED;
+        if inbound {
+            let tenant = s.tenant;
+            self.tenants.inbound_replied(tenant);
+        }
     }
 
     /// Remove the entry at `i` (backward-shift deletion) and return its slot: its own fields

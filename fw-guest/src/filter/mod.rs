@@ -31,6 +31,13 @@
 //! state only for completed handshakes ([`synproxy`], [`Filter::process_edge_mut`]). Every tenant
 //! holds at most its quota of conntrack entries ([`Conntrack::at_quota`],
 //! [`DropReason::FlowQuota`]), so one tenant filling its share leaves the others working.
+//! Unreplied UDP and ICMP echo entries are provisional as half-open ones are (one forged datagram
+//! makes one): those opened toward a tenant are bounded by its inbound quota
+//! ([`Conntrack::inbound_full`], an eighth of the table by default; beyond it its own entry of
+//! that kind that expires soonest makes room), and a tenant at its flow quota, or a new flow
+//! finding the table full, replaces an unreplied entry (its own, or one opened toward a tenant
+//! holding more of them) before it is refused. A flood from forged sources thus holds neither a
+//! tenant at its quota nor the table full; once the other side answers, an entry is never evicted.
 //!
 //! An [`Op::Adopt`] verdict also takes over flows established elsewhere (a tenant that migrated
 //! here mid-connection): a TCP segment with ACK and without SYN or RST, or a UDP datagram
@@ -109,6 +116,9 @@ pub struct Counters {
     pub flows_adopted: u64,
     /// Live half-open TCP entries removed to make room for a new SYN (SYN flood pressure).
     pub half_open_evicted: u64,
+    /// Live unreplied UDP / ICMP echo entries removed to make room for a new entry (a tenant at
+    /// its inbound or flow quota, or a full table).
+    pub unreplied_evicted: u64,
     /// SYNs the edge's SYN proxy answered with a cookie (no state created).
     pub syncookies_sent: u64,
     /// ACKs whose cookie was valid: an entry was created and the SYN replayed to the tenant.
@@ -168,6 +178,9 @@ pub struct Config {
     pub synproxy: Option<SynProxy>,
     /// Most entries one tenant may hold; `None`: [`default_flow_quota`] of the flow table.
     pub flow_quota: Option<usize>,
+    /// Most unreplied UDP / ICMP echo entries opened toward one tenant it may hold; `None`:
+    /// [`conntrack::default_inbound_quota`] of the flow table.
+    pub inbound_quota: Option<usize>,
     /// The caller vouches that the flow memory and the verdict index are all zero bytes already
     /// (an empty table, an empty index): they are not cleared, so their pages are not all
     /// touched at once (a micro-VM on the zeroed RAM its VMM handed over). Verdict slots are
@@ -185,6 +198,7 @@ impl Default for Config {
             evict_scan: 512,
             synproxy: None,
             flow_quota: None,
+            inbound_quota: None,
             tables_zeroed: false,
         }
     }
@@ -275,6 +289,11 @@ impl<'a> Filter<'a> {
             config
                 .flow_quota
                 .unwrap_or(default_flow_quota(conntrack.capacity())),
+        );
+        conntrack.set_inbound_quota(
+            config
+                .inbound_quota
+                .unwrap_or(conntrack::default_inbound_quota(conntrack.capacity())),
         );
         let mut config = config;
         if let Some(p) = config.synproxy.as_mut() {
@@ -814,6 +833,16 @@ impl<'a> Filter<'a> {
                 DropReason::NoVerdict
             });
         }
+        let mut i = i;
+        if tcp == TcpState::None
+            && dir == Direction::Ingress
+            && self.conntrack.inbound_full(key.tenant)
+        {
+            i = match self.evict_inbound(key, hash, now_s) {
+                Ok(i) => i,
+                Err(d) => return d,
+            };
+        }
         let mut i = match self.within_quota(i, key, hash, tcp == TcpState::SynSent, now_s) {
             Ok(i) => i,
             Err(d) => return d,
@@ -865,13 +894,16 @@ impl<'a> Filter<'a> {
             .map(|v| (v, back))
     }
 
-    /// Take over a flow established elsewhere: an entry opened in `origin` (UDP unreplied; TCP
-    /// [`TcpState::Adopted`]), then the packet steps it as a packet of a tracked flow (a UDP
-    /// reply marks it replied). Anyone can send one segment of an adoptable 4-tuple, so a TCP
-    /// entry is admitted as a SYN's is (half-open limits, and its tenant's oldest half-open
+    /// Take over a flow established elsewhere: a TCP entry opened in `origin`
+    /// ([`TcpState::Adopted`]), a UDP entry opened in `dir`, unreplied; then the packet steps it
+    /// as a packet of a tracked flow. Anyone can send one segment of an adoptable 4-tuple, so a
+    /// TCP entry is admitted as a SYN's is (half-open limits, and its tenant's oldest half-open
     /// entry makes room at its quota) and stays provisional, with a half-open entry's timeout,
     /// until the other side answers in window: forged ACKs cannot pin the table, and the reset
-    /// a tenant answers one with removes its entry.
+    /// a tenant answers one with removes its entry. A UDP entry is admitted as a new datagram's
+    /// is (the inbound quota when it came toward the tenant) and is unreplied, evictable, until
+    /// a datagram the other way passes here, whichever way the verdict opened the flow: a forged
+    /// datagram that looks like a reply is no reply.
     #[allow(clippy::too_many_arguments)]
     fn adopt(
         &mut self,
@@ -886,11 +918,18 @@ impl<'a> Filter<'a> {
     ) -> Decision {
         let t = &self.config.timeouts;
         let tcp = matches!(l4, L4::Tcp { .. });
-        let (state, timeout) = if tcp {
-            (TcpState::Adopted, t.tcp(TcpState::Adopted))
+        let (state, timeout, origin) = if tcp {
+            (TcpState::Adopted, t.tcp(TcpState::Adopted), origin)
         } else {
-            (TcpState::None, t.udp_unreplied)
+            (TcpState::None, t.udp_unreplied, dir)
         };
+        let mut i = i;
+        if !tcp && dir == Direction::Ingress && self.conntrack.inbound_full(key.tenant) {
+            i = match self.evict_inbound(key, hash, now_s) {
+                Ok(i) => i,
+                Err(d) => return d,
+            };
+        }
         let mut i = match self.within_quota(i, key, hash, tcp, now_s) {
             Ok(i) => i,
             Err(d) => return d,
