@@ -389,7 +389,7 @@ fn switch_port_pps(arp: bool) -> f64 {
         b
     };
     let gw_mac = [2, 0, 0, 0, 0, 1];
-    f.observe_uplink(&arp_frame(1, gw_mac, gw, [0xff; 6], tenant));
+    f.observe_uplink(&arp_frame(1, gw_mac, gw, [0xff; 6], tenant), 0);
     let egress: Vec<Vec<u8>> = if arp {
         vec![arp_frame(1, mac, tenant, [0xff; 6], gw)]
     } else {

@@ -117,7 +117,7 @@ impl<'a> Ports<'a> {
         }
         let from_uplink = from == UPLINK_TENANT;
         if from_uplink {
-            filter.observe_uplink(bytes);
+            filter.observe_uplink(bytes, now);
         } else {
             // What the tenant may send as: its MAC and addresses; ARP and neighbour discovery
             // field by field, answered here when the switch knows the target.

@@ -344,9 +344,14 @@ fn edge_finds_the_tenant_by_address() {
         ),
         drop(DropReason::UnknownTenant)
     );
-    // ARP passes whoever owns what.
+    // ARP from the outside passes only as the gateway of an attached subnet asking for (or
+    // answering) a tenant (see edge_attacks.rs).
     assert_eq!(
         f.process_edge(Outside, Cloud, &arp_request(internet, [10, 0, 0, 9]), 0),
+        drop(DropReason::NeighborTarget)
+    );
+    assert_eq!(
+        f.process_edge(Outside, Cloud, &arp_request([10, 0, 0, 1], TENANT), 0),
         FWD
     );
     // Cloud to cloud: egress for the source's owner and ingress for the destination's.

@@ -17,7 +17,7 @@ fn dropped(r: DropReason) -> Admit {
 
 /// The gateway (behind the uplink) ARPs for the tenant: the switch learns it.
 fn learn_gateway(f: &mut Filter<'_>) {
-    f.observe_uplink(&arp(1, G_MAC, BCAST, G_MAC, GW, [0; 6], TENANT));
+    f.observe_uplink(&arp(1, G_MAC, BCAST, G_MAC, GW, [0; 6], TENANT), 0);
     assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(G_MAC));
 }
 
@@ -330,7 +330,7 @@ fn unsolicited_na_for_an_address_not_owned_is_dropped() {
 fn uplink_learning_ignores_tenant_addresses() {
     let mut f = switch();
     // The uplink cannot claim a tenant's address either (the cache would let ARP out for it).
-    f.observe_uplink(&arp(2, OTHER_MAC, T_MAC, OTHER_MAC, TENANT, T_MAC, GW));
+    f.observe_uplink(&arp(2, OTHER_MAC, T_MAC, OTHER_MAC, TENANT, T_MAC, GW), 0);
     assert_eq!(f.neighbors().get(IpVersion::V4, &v4(TENANT)), None);
     let _ = Op::Attach;
 }

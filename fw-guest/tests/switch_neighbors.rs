@@ -1,7 +1,9 @@
 //! ARP and neighbour discovery at the switch's tenant ports (issue #12, part 2): the switch
 //! answers what it knows (proxy ARP and NDP), resolves only legitimate targets itself, lets no
 //! tenant-built request out, drops malformed or oversized frames, and bounds how many neighbour
-//! frames a port sends to the uplink. Crafted frames through the native filter.
+//! frames a port sends to the uplink; what the uplink claims moves no live binding (only the
+//! answer to the switch's own request does) and floods push none out. Crafted frames through
+//! the native filter.
 
 mod frames;
 
@@ -29,7 +31,7 @@ fn learn_gateway6(f: &mut Filter<'_>) {
         all_nodes,
         &na_body(0x80 | 0x20, GW6, G_MAC),
     );
-    f.observe_uplink(&na);
+    f.observe_uplink(&na, 0);
     assert_eq!(
         f.neighbors().entry(IpVersion::V6, &GW6),
         Some((G_MAC, true))
@@ -180,7 +182,7 @@ fn ns_for_an_unknown_target_is_never_forwarded() {
         TENANT6,
         &na_body(0x40 | 0x20, GW6, G_MAC),
     );
-    f.observe_uplink(&na);
+    f.observe_uplink(&na, 0);
     assert_eq!(admit(&mut f, &ns(TENANT6, GW6)), Admit::Reply(86));
     assert_eq!(f.counters().neighbor_resolved, 2);
 }
@@ -402,7 +404,7 @@ fn neighbor_frames_to_the_uplink_are_budgeted_per_port() {
     );
     // What the switch answers itself costs nothing: the gateway, once learned, is answered with
     // the bucket empty.
-    f.observe_uplink(&arp(2, G_MAC, T_MAC, G_MAC, GW, T_MAC, TENANT));
+    f.observe_uplink(&arp(2, G_MAC, T_MAC, G_MAC, GW, T_MAC, TENANT), t2);
     assert_eq!(f.admit(PORT, &gw, t2, &mut reply), Admit::Reply(60));
     // Another port has its own bucket.
     let r = VerdictRepr::attach_with_mac(
@@ -415,4 +417,74 @@ fn neighbor_frames_to_the_uplink_are_budgeted_per_port() {
     f.apply(&r, 0).unwrap();
     let other = padded(arp(1, OTHER_MAC, BCAST, OTHER_MAC, SERVER, [0; 6], SERVER));
     assert_eq!(f.admit(2, &other, t2, &mut reply), Admit::Pass);
+}
+
+#[test]
+fn an_unsolicited_claim_never_moves_a_live_binding_nor_pushes_it_out() {
+    use fw_guest::filter::hygiene::{NEIGHBORS, NEIGHBOR_STALE_NS};
+    let mut f = switch();
+    let evil = [0x02, 0, 0, 0, 0, 0x66];
+    // The gateway asks for the tenant: learned.
+    f.observe_uplink(&arp(1, G_MAC, BCAST, G_MAC, GW, [0; 6], TENANT), 0);
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(G_MAC));
+    // A gratuitous ARP, a forged request's sender and an unsolicited reply, all claiming the
+    // gateway at another MAC: the binding stays (the switch keeps answering tenants with the
+    // gateway's MAC, not the attacker's).
+    for (n, op) in [(1, 1u16), (2, 1), (3, 2)] {
+        let tpa = if n == 1 { GW } else { TENANT };
+        f.observe_uplink(&arp(op, evil, BCAST, evil, GW, [0; 6], tpa), n * SEC);
+    }
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(G_MAC));
+    assert_eq!(f.neighbors().conflicts, 3);
+    let ask = padded(arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW));
+    let mut reply = [0u8; REPLY_MAX];
+    assert_eq!(f.admit(PORT, &ask, 4 * SEC, &mut reply), Admit::Reply(60));
+    assert_eq!(reply[22..28], G_MAC, "the answer names the gateway's MAC");
+    // A flood of claims for other addresses fills the free entries, and pushes nothing out.
+    for n in 0..4 * NEIGHBORS as u8 {
+        let claimed = [10, 0, 0, 100 + n];
+        f.observe_uplink(&arp(1, evil, BCAST, evil, claimed, [0; 6], TENANT), 5 * SEC);
+    }
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(G_MAC));
+    // The gateway speaking keeps its binding live; one silent past the stale time (replaced,
+    // say) is learned anew from whoever claims the address.
+    f.observe_uplink(&arp(1, G_MAC, BCAST, G_MAC, GW, [0; 6], TENANT), 60 * SEC);
+    let late = 60 * SEC + NEIGHBOR_STALE_NS - SEC;
+    f.observe_uplink(&arp(1, evil, BCAST, evil, GW, [0; 6], TENANT), late);
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(G_MAC));
+    let later = 60 * SEC + NEIGHBOR_STALE_NS;
+    f.observe_uplink(
+        &arp(1, OTHER_MAC, BCAST, OTHER_MAC, GW, [0; 6], TENANT),
+        later,
+    );
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(OTHER_MAC));
+}
+
+#[test]
+fn the_first_answer_to_the_switchs_own_request_binds_its_target() {
+    let mut f = switch();
+    let evil = [0x02, 0, 0, 0, 0, 0x66];
+    // Every entry holds a live claim (a flood).
+    for n in 0..16u8 {
+        let claimed = [10, 0, 0, 100 + n];
+        f.observe_uplink(&arp(1, evil, BCAST, evil, claimed, [0; 6], TENANT), 0);
+    }
+    // The tenant asks for its gateway, which the switch does not know: it asks the uplink.
+    let ask = padded(arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], GW));
+    let mut reply = [0u8; REPLY_MAX];
+    assert!(matches!(
+        f.admit(PORT, &ask, SEC, &mut reply),
+        Admit::Uplink(_)
+    ));
+    // The first answer binds the gateway, in a table full of live entries.
+    let answer = |mac| arp(2, mac, T_MAC, mac, GW, T_MAC, TENANT);
+    f.observe_uplink(&answer(G_MAC), SEC + 1000);
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(G_MAC));
+    // A second answer (a racing spoofer) is a claim like any other.
+    f.observe_uplink(&answer(evil), SEC + 2000);
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(GW)), Some(G_MAC));
+    // An answer for a target the switch never asked for binds nothing in a full table.
+    let unasked = [10, 0, 0, 77];
+    f.observe_uplink(&arp(2, evil, T_MAC, evil, unasked, T_MAC, TENANT), 2 * SEC);
+    assert_eq!(f.neighbors().get(IpVersion::V4, &v4(unasked)), None);
 }

@@ -14,15 +14,16 @@
 //! Ports with no identity (a boot-time tenant the VMM never attached: the static `vigil run`
 //! configuration) are not judged here: there is nothing to judge against.
 //!
-//! The uplink neighbour table is small ([`NEIGHBORS`] entries, oldest replaced) and filled only
-//! from uplink frames, which a tenant cannot send.
+//! The uplink neighbour table is small ([`NEIGHBORS`] entries) and filled only from uplink frames,
+//! which a tenant cannot send; the uplink is not trusted either ([`Neighbors`]: an unsolicited
+//! claim never moves a live binding nor pushes one out).
 
-use smoltcp::wire::{ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
+use smoltcp::wire::{ArpOperation, ArpPacket, EthernetFrame, EthernetProtocol, Ipv4Packet};
 use vigil_wire::ring::DropReason;
 
 use super::neighbor::{
-    ARP_LEN, ICMPV6_NA, ICMPV6_NS, IPV6_HEADER, NA_ROUTER, ND_LEN, ND_LLA_LEN, ND_OPT_SLLA,
-    ND_OPT_TLLA,
+    ARP_LEN, ICMPV6_NA, ICMPV6_NS, IPV6_HEADER, NA_ROUTER, NA_SOLICITED, ND_LEN, ND_LLA_LEN,
+    ND_OPT_SLLA, ND_OPT_TLLA,
 };
 use super::parse::{self, ETHERTYPE_QINQ, ETHERTYPE_VLAN};
 use super::tenancy::PortIdentity;
@@ -31,6 +32,12 @@ use vigil_wire::verdict::IpVersion;
 
 /// Uplink neighbours remembered (gateway and the few hosts a tenant talks to on-link).
 pub const NEIGHBORS: usize = 16;
+/// Neighbour frames the edge lets in from the outside in a burst (its gateways asking for
+/// tenants, and answering them).
+pub const OUTSIDE_BURST: u32 = 64;
+/// One more every this many nanoseconds (32 a second: a gateway re-confirms each tenant it talks
+/// to every 30-40 s, so a few hundred tenants).
+pub const OUTSIDE_REFILL_NS: u64 = 31_250_000;
 /// Ethernet header without a tag.
 const ETH_HEADER: usize = 14;
 /// Ethernet minimum frame without FCS (IEEE 802.3 §3.2.8): shorter frames are padded to it.
@@ -53,14 +60,53 @@ pub enum Admit {
     Drop(DropReason),
 }
 
-/// One neighbour: version, address, MAC, and whether its last NA said it is a router.
-type Neighbor = (u8, [u8; 16], [u8; 6], bool);
+/// One uplink neighbour (IPv4 in the first 4 bytes of the address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Neighbor {
+    /// `IpVersion as u8`; 0: a free entry.
+    version: u8,
+    addr: [u8; 16],
+    mac: [u8; 6],
+    /// Its last NA said it is a router.
+    router: bool,
+    /// When a frame from `mac` last claimed `addr` (caller clock, ns).
+    seen_ns: u64,
+}
 
-/// Neighbours seen on the uplink (IPv4 in the first 4 bytes of the address).
+const FREE: Neighbor = Neighbor {
+    version: 0,
+    addr: [0; 16],
+    mac: [0; 6],
+    router: false,
+    seen_ns: 0,
+};
+
+/// A binding that no frame from its MAC has claimed for this long is stale: an unsolicited
+/// claim may move it, and a new neighbour may take its entry. A live neighbour speaks more often
+/// (Linux re-confirms a neighbour in use every 30-40 s; a gateway that sends to a tenant asks
+/// for it, which the switch sees).
+pub const NEIGHBOR_STALE_NS: u64 = 120_000_000_000;
+/// How long an answer to the switch's own request is awaited.
+pub const ANSWER_WINDOW_NS: u64 = 3_000_000_000;
+/// Requests of the switch's own awaiting an answer.
+const PENDING: usize = 8;
+
+/// Neighbours seen on the uplink, and the switch's own requests awaiting their answer.
+///
+/// What the uplink says is believed only so far: a frame that merely claims an address (a
+/// request's sender, a gratuitous ARP, an unsolicited NA) binds an address nobody holds, in a
+/// free or stale entry, and never moves a live binding to another MAC nor pushes one out; the
+/// first answer to a request the switch sent itself ([`Neighbors::expect`]) binds or moves it,
+/// and may replace the least recently confirmed entry. A live binding moves only when its
+/// neighbour has not spoken for [`NEIGHBOR_STALE_NS`].
 #[derive(Clone, Copy, Debug)]
 pub struct Neighbors {
     entries: [Neighbor; NEIGHBORS],
-    next: usize,
+    /// (version, target, until_ns) of the switch's requests not yet answered; version 0: free.
+    pending: [(u8, [u8; 16], u64); PENDING],
+    next_pending: usize,
+    /// Unsolicited claims that would have moved a live binding (ignored).
+    pub conflicts: u64,
 }
 
 impl Default for Neighbors {
@@ -72,8 +118,10 @@ impl Default for Neighbors {
 impl Neighbors {
     pub const fn new() -> Neighbors {
         Neighbors {
-            entries: [(0, [0; 16], [0; 6], false); NEIGHBORS],
-            next: 0,
+            entries: [FREE; NEIGHBORS],
+            pending: [(0, [0; 16], 0); PENDING],
+            next_pending: 0,
+            conflicts: 0,
         }
     }
 
@@ -86,26 +134,85 @@ impl Neighbors {
     pub fn entry(&self, version: IpVersion, addr: &[u8; 16]) -> Option<([u8; 6], bool)> {
         self.entries
             .iter()
-            .find(|(v, a, _, _)| *v == version as u8 && a == addr)
-            .map(|e| (e.2, e.3))
+            .find(|e| e.version == version as u8 && e.addr == *addr)
+            .map(|e| (e.mac, e.router))
     }
 
-    /// Learn `addr` at `mac`; `router`: what an NA said (`None`: not an NA, keep what is known).
-    fn learn(&mut self, version: IpVersion, addr: [u8; 16], mac: [u8; 6], router: Option<bool>) {
+    /// The switch sent a request for `target` at `now_ns`: its first answer is believed.
+    pub(super) fn expect(&mut self, version: IpVersion, target: [u8; 16], now_ns: u64) {
+        self.pending[self.next_pending] = (version as u8, target, now_ns + ANSWER_WINDOW_NS);
+        self.next_pending = (self.next_pending + 1) % PENDING;
+    }
+
+    /// Whether a frame naming `addr` as its sender answers a request of the switch's (the
+    /// request is then answered: later answers are claims like any other).
+    fn answers(&mut self, version: IpVersion, addr: &[u8; 16], now_ns: u64) -> bool {
+        let Some(p) = self
+            .pending
+            .iter_mut()
+            .find(|p| p.0 == version as u8 && p.1 == *addr && now_ns < p.2)
+        else {
+            return false;
+        };
+        p.0 = 0;
+        true
+    }
+
+    /// Learn `addr` at `mac` at `now_ns`; `router`: what an NA said (`None`: not an NA, keep
+    /// what is known); `answer`: the frame answers the switch's own request (see the type's doc).
+    fn learn(
+        &mut self,
+        version: IpVersion,
+        addr: [u8; 16],
+        mac: [u8; 6],
+        router: Option<bool>,
+        answer: bool,
+        now_ns: u64,
+    ) {
         if addr == [0; 16] || mac[0] & 1 != 0 || mac == [0; 6] {
             return;
         }
+        let stale = |e: &Neighbor| now_ns.saturating_sub(e.seen_ns) >= NEIGHBOR_STALE_NS;
         if let Some(e) = self
             .entries
             .iter_mut()
-            .find(|(v, a, _, _)| *v == version as u8 && *a == addr)
+            .find(|e| e.version == version as u8 && e.addr == addr)
         {
-            e.2 = mac;
-            e.3 = router.unwrap_or(e.3);
+            if e.mac != mac && !answer && !stale(e) {
+                // Another MAC claims a live binding unasked: a spoofer, most likely (a gateway
+                // that really moved is learned once its old MAC has gone quiet, or from the
+                // answer to the switch's next request).
+                self.conflicts += 1;
+                return;
+            }
+            e.mac = mac;
+            e.router = router.unwrap_or(e.router);
+            e.seen_ns = now_ns;
             return;
         }
-        self.entries[self.next] = (version as u8, addr, mac, router.unwrap_or(false));
-        self.next = (self.next + 1) % NEIGHBORS;
+        let free = self.entries.iter().position(|e| e.version == 0);
+        let slot = free
+            .or_else(|| self.entries.iter().position(stale))
+            .or_else(|| {
+                // Only an answer pushes a live neighbour out (the least recently heard): the
+                // switch's requests are bounded by the ports' budgets, claims are not.
+                answer.then(|| {
+                    (0..NEIGHBORS)
+                        .min_by_key(|&i| self.entries[i].seen_ns)
+                        .unwrap_or(0)
+                })
+            });
+        let Some(slot) = slot else {
+            self.conflicts += 1;
+            return;
+        };
+        self.entries[slot] = Neighbor {
+            version: version as u8,
+            addr,
+            mac,
+            router: router.unwrap_or(false),
+            seen_ns: now_ns,
+        };
     }
 }
 
@@ -222,9 +329,11 @@ impl<'a> Filter<'a> {
     }
 
     /// Learn the uplink's neighbours from its own ARP and neighbour discovery frames (call for
-    /// every frame arriving on an uplink port; anything else is ignored at the cost of an
-    /// EtherType compare). An address attached to a tenant is never learned from the uplink.
-    pub fn observe_uplink(&mut self, frame: &[u8]) {
+    /// every frame arriving on an uplink port at `now_ns`; anything else is ignored at the cost
+    /// of an EtherType compare). An address attached to a tenant is never learned from the
+    /// uplink, and a live binding moves only for an answer to the switch's own request (see
+    /// [`Neighbors`]).
+    pub fn observe_uplink(&mut self, frame: &[u8], now_ns: u64) {
         let Some((ethertype, body, _)) = l3(frame) else {
             return;
         };
@@ -238,7 +347,10 @@ impl<'a> Filter<'a> {
                 }
                 let (sha, spa) = (mac(&body[8..14]), v4_16(v4(&body[14..18])));
                 if self.tenancy.owner(IpVersion::V4, &spa).is_none() {
-                    self.neighbors.learn(IpVersion::V4, spa, sha, None);
+                    let answer = arp.operation() == ArpOperation::Reply
+                        && self.neighbors.answers(IpVersion::V4, &spa, now_ns);
+                    self.neighbors
+                        .learn(IpVersion::V4, spa, sha, None, answer, now_ns);
                 }
             }
             0x86dd => {
@@ -257,8 +369,18 @@ impl<'a> Filter<'a> {
                     && o[1] == 1
                     && self.tenancy.owner(IpVersion::V6, &addr).is_none()
                 {
-                    self.neighbors
-                        .learn(IpVersion::V6, addr, mac(&o[2..8]), router);
+                    // A solicited NA (RFC 4861 §4.4: S set) may answer the switch's request.
+                    let answer = nd[0] == ICMPV6_NA
+                        && nd[4] & NA_SOLICITED != 0
+                        && self.neighbors.answers(IpVersion::V6, &addr, now_ns);
+                    self.neighbors.learn(
+                        IpVersion::V6,
+                        addr,
+                        mac(&o[2..8]),
+                        router,
+                        answer,
+                        now_ns,
+                    );
                 }
             }
             _ => {}
@@ -293,6 +415,88 @@ impl<'a> Filter<'a> {
             }
             _ => None,
         }
+    }
+
+    /// Edge, outside side: ARP and neighbour discovery from the outside reach the cloud (and the
+    /// switches' neighbour tables, [`Filter::observe_uplink`]) only as what the cloud needs from
+    /// there: its gateways' requests for a tenant's address and their answers to a tenant's
+    /// request. The sender must be a gateway the edge expects ([`super::Tenancy::is_gateway`]: `.1` /
+    /// `::1` of an attached subnet, never a tenant's address), its link-layer address the
+    /// frame's Ethernet source, and the target (the ARP target, the NS target, the NA's IPv6
+    /// destination) an attached address; an NA must be solicited. Gratuitous ARPs and unsolicited
+    /// NAs, claims of tenant or any other addresses, and requests for anything but a tenant are
+    /// dropped ([`DropReason::SpoofedNeighbor`], [`DropReason::SpoofedMac`],
+    /// [`DropReason::NeighborTarget`], [`DropReason::NeighborMalformed`]); so is whatever passes
+    /// beyond the outside's budget ([`OUTSIDE_BURST`], one more every [`OUTSIDE_REFILL_NS`]:
+    /// [`DropReason::NeighborRate`]), whose token is taken before the gateway check (a walk
+    /// over the address table). `None`: pass, counted by [`Filter::process_edge`] as ARP / NDP.
+    pub(super) fn edge_outside_neighbor(
+        &mut self,
+        frame: &[u8],
+        now_ns: u64,
+    ) -> Option<DropReason> {
+        let (ethertype, body, _) = l3(frame)?;
+        let src_mac = mac(&frame[6..12]);
+        let owned = |f: &Self, v: IpVersion, a: &[u8; 16]| f.tenancy.owner(v, a).is_some();
+        let (version, sender, target) = match ethertype {
+            0x0806 => {
+                let Ok(arp) = ArpPacket::new_checked(body) else {
+                    return Some(DropReason::NeighborMalformed);
+                };
+                if body.len() < ARP_LEN
+                    || arp.hardware_len() != 6
+                    || arp.protocol_len() != 4
+                    || !matches!(arp.operation(), ArpOperation::Request | ArpOperation::Reply)
+                {
+                    return Some(DropReason::NeighborMalformed);
+                }
+                if mac(&body[8..14]) != src_mac {
+                    return Some(DropReason::SpoofedMac);
+                }
+                let (spa, tpa) = (v4_16(v4(&body[14..18])), v4_16(v4(&body[24..28])));
+                (IpVersion::V4, spa, tpa)
+            }
+            0x86dd => {
+                if body.len() < IPV6_HEADER + ND_LEN || body[6] != IPPROTO_ICMPV6 {
+                    return None; // not neighbour discovery: judged as usual.
+                }
+                let nd = &body[IPV6_HEADER..];
+                let (src, dst, target) = (a16(&body[8..24]), a16(&body[24..40]), a16(&nd[8..24]));
+                let (sender, to, opt) = match nd[0] {
+                    // A gateway asking for a tenant's address (DAD from `::` is no gateway's).
+                    ICMPV6_NS => (src, target, ND_OPT_SLLA),
+                    // A gateway's answer, to the tenant that asked.
+                    ICMPV6_NA if nd[4] & NA_SOLICITED != 0 => (target, dst, ND_OPT_TLLA),
+                    ICMPV6_NA => return Some(DropReason::NeighborTarget),
+                    _ => return None,
+                };
+                // Its link-layer option, if any, names the frame's source.
+                let o = nd.get(ND_LEN..ND_LEN + ND_LLA_LEN);
+                if let Some(o) = o.filter(|o| o[0] == opt) {
+                    if o[1] != 1 {
+                        return Some(DropReason::NeighborMalformed);
+                    }
+                    if o[2..8] != src_mac {
+                        return Some(DropReason::SpoofedMac);
+                    }
+                }
+                (IpVersion::V6, sender, to)
+            }
+            _ => return None,
+        };
+        if owned(self, version, &sender) {
+            return Some(DropReason::SpoofedNeighbor);
+        }
+        if !owned(self, version, &target) {
+            return Some(DropReason::NeighborTarget);
+        }
+        if !self.outside_budget.take(0, now_ns) {
+            return Some(DropReason::NeighborRate);
+        }
+        if !self.tenancy.is_gateway(version, &sender) {
+            return Some(DropReason::SpoofedNeighbor);
+        }
+        None
     }
 
     /// The uplink neighbours learned so far.

@@ -7,7 +7,9 @@
 //!   from a tenant port the switch first checks them field by field, answers what it knows and
 //!   resolves on the tenant's behalf what it may, so no tenant-built request reaches the uplink
 //!   ([`Filter::admit`], [`neighbor`]); `admit` also checks every frame's Ethernet and IP source
-//!   against the port's attachment: [`hygiene`]);
+//!   against the port's attachment: [`hygiene`]; the edge lets in from the outside only its
+//!   gateways' requests for and answers to tenants, and the switch believes an unsolicited claim
+//!   from the uplink only for an address nobody holds: [`Neighbors`]);
 //! - a packet of a tracked flow passes if it fits the flow's state (either direction: the reply
 //!   direction of a tracked flow passes);
 //! - an opening packet (TCP SYN, any UDP datagram, ICMP echo request) passes if a verdict opens it,
@@ -255,6 +257,8 @@ pub struct Filter<'a> {
     neighbors: Neighbors,
     /// Neighbour frames each tenant port may still send to the uplink.
     neighbor_budget: neighbor::Budget,
+    /// (Edge) neighbour frames the outside may still send in (bucket 0).
+    outside_budget: neighbor::Budget,
     /// The SYN proxy's cookie function (`None`: no proxy).
     cookies: Option<synproxy::Cookies>,
     /// When the proxy last answered a SYN (ACKs are checked for cookies only while some may be
@@ -322,6 +326,10 @@ impl<'a> Filter<'a> {
             tenancy: Tenancy::new(),
             neighbors: Neighbors::new(),
             neighbor_budget: neighbor::Budget::new(),
+            outside_budget: neighbor::Budget::with_rate(
+                hygiene::OUTSIDE_BURST,
+                hygiene::OUTSIDE_REFILL_NS,
+            ),
             cookies: config.synproxy.map(|p| synproxy::Cookies::new(p.secret)),
             last_cookie_s: None,
             proxy_here: false,
@@ -543,8 +551,10 @@ impl<'a> Filter<'a> {
     /// owner of its destination address; a cloud-to-cloud frame both ways (as the switch judges
     /// tenant-to-tenant traffic). No owner: [`DropReason::UnknownTenant`]. ARP and neighbour
     /// discovery pass as in [`Filter::process`], except that from the cloud side they must claim
-    /// an attached address ([`DropReason::SpoofedNeighbor`]). Outside-to-outside has no tenant to judge for
-    /// and is dropped as `UnknownTenant` too (the packet loop never asks).
+    /// an attached address ([`DropReason::SpoofedNeighbor`]), and from the outside only an
+    /// expected gateway's requests for and answers to a tenant pass, at a bounded rate
+    /// ([`Filter::edge_outside_neighbor`]). Outside-to-outside has no tenant to judge for and is
+    /// dropped as `UnknownTenant` too (the packet loop never asks).
     pub fn process_edge(
         &mut self,
         from: EdgeSide,
@@ -552,10 +562,12 @@ impl<'a> Filter<'a> {
         frame: &[u8],
         now_ns: u64,
     ) -> Decision {
-        if from == EdgeSide::Cloud {
-            if let Some(reason) = self.edge_cloud_neighbor(frame) {
-                return self.drop_frame(reason);
-            }
+        let neighbor = match from {
+            EdgeSide::Cloud => self.edge_cloud_neighbor(frame),
+            EdgeSide::Outside => self.edge_outside_neighbor(frame, now_ns),
+        };
+        if let Some(reason) = neighbor {
+            return self.drop_frame(reason);
         }
         self.judge(frame, |f, meta| f.edge_ip(from, to, meta, now_ns))
     }

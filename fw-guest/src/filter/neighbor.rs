@@ -3,9 +3,11 @@
 //!
 //! Owns: the field-by-field judgement of a tenant's ARP (RFC 826) and NS/NA (RFC 4861 §4.3/§4.4),
 //! the switch's own answers (proxy ARP and proxy NDP) and its own requests on a tenant's behalf,
-//! which targets a tenant may have resolved, and the per-port budget of neighbour frames.
+//! which targets a tenant may have resolved, and the per-port budget of neighbour frames (its
+//! bucket type also meters the edge's neighbour frames from the outside).
 //! Must not: let a tenant-built request out, resolve a target no attachment or verdict makes
-//! legitimate, allocate, keep state beyond the fixed per-port budget, or walk the verdict table
+//! legitimate, allocate, keep state beyond the fixed per-port budget (the requests it sends are
+//! remembered, for their answers, by [`super::hygiene::Neighbors`]), or walk the verdict table
 //! for a frame the port's budget does not cover.
 //!
 //! Neighbour protocols reach the uplink without a verdict, so a tenant (root in its guest, or a
@@ -85,6 +87,8 @@ pub(super) const ND_OPT_SLLA: u8 = 1;
 pub(super) const ND_OPT_TLLA: u8 = 2;
 /// The NA's router flag (RFC 4861 §4.4).
 pub(super) const NA_ROUTER: u8 = 0x80;
+/// The NA's solicited flag (RFC 4861 §4.4).
+pub(super) const NA_SOLICITED: u8 = 0x40;
 const BROADCAST: [u8; 6] = [0xff; 6];
 /// An untagged NS or NA with one link-layer option: Ethernet + IPv6 + 32 bytes.
 pub const ND_FRAME: usize = 14 + IPV6_HEADER + ND_LEN + ND_LLA_LEN;
@@ -96,12 +100,15 @@ pub const BURST: u32 = 8;
 /// One more token per this many nanoseconds (4 a second).
 pub const REFILL_NS: u64 = 250_000_000;
 
-/// Per-port token buckets of neighbour frames toward the uplink.
+/// Per-port token buckets of neighbour frames toward the uplink (and, with its own rate, the
+/// edge's bucket for those from the outside).
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {
     tokens: [u32; MAX_PORTS],
     /// When the bucket last gained a token (caller clock, ns).
     last_ns: [u64; MAX_PORTS],
+    burst: u32,
+    refill_ns: u64,
 }
 
 impl Default for Budget {
@@ -112,9 +119,16 @@ impl Default for Budget {
 
 impl Budget {
     pub const fn new() -> Budget {
+        Budget::with_rate(BURST, REFILL_NS)
+    }
+
+    /// Buckets of `burst` tokens, one more every `refill_ns` (at least 1).
+    pub const fn with_rate(burst: u32, refill_ns: u64) -> Budget {
         Budget {
-            tokens: [BURST; MAX_PORTS],
+            tokens: [burst; MAX_PORTS],
             last_ns: [0; MAX_PORTS],
+            burst,
+            refill_ns: if refill_ns == 0 { 1 } else { refill_ns },
         }
     }
 
@@ -124,16 +138,17 @@ impl Budget {
         else {
             return false;
         };
-        if *tokens >= BURST {
+        let (burst, refill) = (self.burst, self.refill_ns);
+        if *tokens >= burst {
             *last = now_ns;
         } else {
-            let gained = now_ns.saturating_sub(*last) / REFILL_NS;
+            let gained = now_ns.saturating_sub(*last) / refill;
             if gained > 0 {
-                *tokens = (u64::from(*tokens) + gained).min(u64::from(BURST)) as u32;
-                *last = if *tokens >= BURST {
+                *tokens = (u64::from(*tokens) + gained).min(u64::from(burst)) as u32;
+                *last = if *tokens >= burst {
                     now_ns
                 } else {
-                    *last + gained * REFILL_NS
+                    *last + gained * refill
                 };
             }
         }
@@ -232,6 +247,8 @@ impl<'a> Filter<'a> {
             return Admit::Drop(DropReason::NeighborTarget);
         }
         self.counters.neighbor_resolved += 1;
+        // Its answer may bind or move the target's entry (claims cannot: see `Neighbors`).
+        self.neighbors.expect(version, *target, now_ns);
         let n = match version {
             IpVersion::V4 => {
                 let t = v4(target);

@@ -220,6 +220,22 @@ impl Tenancy {
             .any(|(v, a)| *v == IpVersion::V4 as u8 && a[..3] == addr[..3])
     }
 
+    /// Whether `addr` is the gateway of a subnet around an owned address: `.1` of its /24, `::1`
+    /// of its /64 (the addresses Vigil's subnets give their gateway, which the switch resolves
+    /// for a tenant), and owned by no tenant. What the edge expects on its outside. Only such
+    /// addresses pay the walk (at most [`MAX_ADDRS`] entries).
+    pub fn is_gateway(&self, version: IpVersion, addr: &[u8; 16]) -> bool {
+        let (host, prefix) = match version {
+            IpVersion::V4 => (addr[3] == 1, 3),
+            IpVersion::V6 => (addr[8..15] == [0; 7] && addr[15] == 1, 8),
+        };
+        host && self.owner(version, addr).is_none()
+            && self
+                .addrs
+                .keys()
+                .any(|(v, a)| *v == version as u8 && a[..prefix] == addr[..prefix])
+    }
+
     /// Number of owned addresses.
     pub fn addresses(&self) -> usize {
         self.addrs.len()
