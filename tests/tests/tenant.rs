@@ -432,12 +432,14 @@ fn identity_attacks(lines: &[String], events: &[serde_json::Value], console: &st
         reason.contains("not on a mount of init's mount namespace"),
         "{reason}"
     );
-    // PR_SET_MM_EXE_FILE: the file is the genuine one, the code is not.
+    // PR_SET_MM_EXE_FILE: the file is the genuine one, but execve did not open it (its f_flags
+    // lack __FMODE_EXEC), and the code is not the file's either.
     let swapped = to_7000(0, "vigil-exeswap", "deny");
     assert_eq!(swapped.len(), 1, "{events:#?}");
     let file = &swapped[0]["process"]["exe_file"];
+    assert_eq!(file["from_exec"], false, "{file}");
     assert_eq!(file["code"], "anonymous", "{file}");
     assert_eq!(file["init_mnt_ns"], true, "{file}");
     let reason = why(swapped[0]);
-    assert!(reason.contains("is not the executable's"), "{reason}");
+    assert!(reason.contains("named its executable itself"), "{reason}");
 }
