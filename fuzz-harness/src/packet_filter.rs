@@ -151,7 +151,7 @@ impl Run<'_> {
         }
         let from_uplink = from == UPLINK_TENANT;
         if from_uplink {
-            self.filter.observe_uplink(frame);
+            self.filter.observe_uplink(frame, self.now);
         } else {
             let mut reply = [0u8; REPLY_MAX];
             match self.filter.admit(port, frame, self.now, &mut reply) {
