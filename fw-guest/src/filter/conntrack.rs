@@ -40,10 +40,13 @@ use super::parse::{TcpFlags, TcpSeg, MAX_WSCALE, NO_WSCALE};
 use super::verdicts::VerdictRef;
 
 mod entry;
+mod evict;
+mod limits;
 mod tcp;
 pub mod tenants;
 use entry::{addresses_of, packed_addrs, Pool, NO_TCP, SCALE_NONE};
 pub use entry::{Flow, FlowSlot, TcpExt, V6Addrs, MAX_VERDICT_SLOTS};
+pub use limits::{default_flow_quota, default_inbound_quota, HalfOpenLimits, Timeouts, Unreplied};
 pub use tcp::{tcp_step, TcpStep, TcpWindow, Track};
 use tenants::TenantCounts;
 
@@ -173,55 +176,6 @@ pub enum Probe {
     Vacant(usize),
 }
 
-/// Per-protocol idle timeouts, whole seconds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Timeouts {
-    /// Half-open: SYN passed, no SYN-ACK yet (short: SYN floods must not pin the table).
-    pub tcp_syn_sent: u32,
-    pub tcp_syn_ack: u32,
-    pub tcp_established: u32,
-    pub tcp_fin_wait: u32,
-    pub tcp_closing: u32,
-    pub tcp_closed: u32,
-    /// UDP flow that has seen no reply.
-    pub udp_unreplied: u32,
-    pub udp_replied: u32,
-    pub icmp: u32,
-}
-
-impl Default for Timeouts {
-    /// Close to Linux nf_conntrack's defaults, with much shorter half-open states (5 s: a client's
-    /// SYN retransmissions, 1 s then 3 s apart, refresh the entry; a flood's entries are gone in
-    /// seconds) and a shorter closed state.
-    fn default() -> Self {
-        Timeouts {
-            tcp_syn_sent: 5,
-            tcp_syn_ack: 5,
-            tcp_established: 5 * 24 * 3600,
-            tcp_fin_wait: 120,
-            tcp_closing: 60,
-            tcp_closed: 10,
-            udp_unreplied: 30,
-            udp_replied: 120,
-            icmp: 30,
-        }
-    }
-}
-
-impl Timeouts {
-    pub fn tcp(&self, s: TcpState) -> u32 {
-        match s {
-            TcpState::None | TcpState::Closed => self.tcp_closed,
-            TcpState::SynSent => self.tcp_syn_sent,
-            // Provisional as a SYN-ACK's entry is: the handshake's other half is missing.
-            TcpState::SynAckSeen | TcpState::Adopted => self.tcp_syn_ack,
-            TcpState::Established => self.tcp_established,
-            TcpState::FinWait => self.tcp_fin_wait,
-            TcpState::Closing => self.tcp_closing,
-        }
-    }
-}
-
 /// Half-open entries are also counted per destination (tenant, tenant-side address and port),
 /// in this many buckets of a keyed hash: the SYN proxy engages for a flooded service before its
 /// tenant's whole share is taken. Destinations sharing a bucket share its count (the proxy then
@@ -244,60 +198,6 @@ fn dst_bucket(seed: u64, tenant: u32, local: &[u8; 16], local_port: u16) -> usiz
     ) as usize)
         % DST_BUCKETS
 }
-
-/// How many half-open entries the table holds before new SYNs must make room (see
-/// [`Conntrack::half_open_full`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HalfOpenLimits {
-    /// All tenants together.
-    pub global: usize,
-    /// One tenant.
-    pub per_tenant: usize,
-}
-
-/// The most entries one tenant may hold: half the table by default
-/// ([`Conntrack::set_flow_quota`]), so one tenant filling its share leaves the other half to the
-/// rest (issue #12). At least 16.
-pub fn default_flow_quota(capacity: usize) -> usize {
-    (capacity / 2).max(16)
-}
-
-/// The most unreplied entries opened toward one tenant (UDP datagrams, ICMP echo requests from
-/// its far side: anyone can send one, from any forged source) it may hold by default: an eighth
-/// of the table, as its half-open TCP entries (at least 16). Beyond it, the tenant's own oldest
-/// such entry makes room: state the far side creates never takes the room the tenant's own
-/// flows need (its quota is half the table), nor, with the half-open limit, more than a quarter
-/// of the table per tenant.
-pub fn default_inbound_quota(capacity: usize) -> usize {
-    (capacity / 8).max(16)
-}
-
-/// Which unreplied entries [`Conntrack::evict_unreplied`] may remove for a new entry of a tenant.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unreplied {
-    /// The tenant's own, opened toward it (its inbound quota is full).
-    Inbound,
-    /// The tenant's own, either direction (it is at its flow quota).
-    Own,
-    /// The tenant's own, or those opened toward a tenant holding more of them than this one
-    /// (the table is full).
-    Table,
-}
-
-impl HalfOpenLimits {
-    /// Half the table for all half-open entries, an eighth for one tenant (at least 16 each): a
-    /// flood at one tenant leaves 7/8 of the table to everyone else, and floods at every tenant
-    /// together leave half of it to established flows.
-    pub fn for_capacity(capacity: usize) -> HalfOpenLimits {
-        HalfOpenLimits {
-            global: (capacity / 2).max(16),
-            per_tenant: (capacity / 8).max(16),
-        }
-    }
-}
-
-/// Candidates a half-open eviction compares (sampled LRU: the oldest of the first few found).
-const EVICT_SAMPLE: usize = 8;
 
 /// The table over caller-supplied memory.
 pub struct Conntrack<'a> {
@@ -574,116 +474,6 @@ impl<'a> Conntrack<'a> {
         if s.is_v6() {
             self.v6.release(s.v6_index());
         }
-    }
-
-    /// Make room for one half-open entry of `tenant` by removing one entry, examining at most
-    /// `budget` slots from a rotating cursor: the first expired entry met, else the oldest of the
-    /// first few live half-open entries of `tenant`, or (when the global limit or the table is
-    /// what is full) of a tenant with more half-open entries than `tenant`. Established
-    /// entries are never candidates. `release` sees the removed entry and whether it had expired.
-    /// Returns whether an entry was removed (indices from earlier probes are then stale).
-    pub fn evict_half_open(
-        &mut self,
-        tenant: u32,
-        now_s: u32,
-        budget: usize,
-        release: impl FnMut(&FlowSlot, bool),
-    ) -> bool {
-        let own_count = self.tenants.half_open(tenant);
-        let own_full = own_count >= self.limits.per_tenant;
-        self.evict(
-            now_s,
-            budget,
-            |ct, s| {
-                let eligible = s.is_half_open()
-                    && (s.tenant == tenant
-                        || (!own_full && ct.tenants.half_open(s.tenant) > own_count));
-                eligible.then(|| {
-                    let stamp = ct.pooled(s).0.aux as u16;
-                    u32::from(ct.half_open_clock.wrapping_sub(stamp))
-                })
-            },
-            release,
-        )
-    }
-
-    /// Make room for one entry of `tenant` by removing an unreplied UDP or ICMP echo entry
-    /// (`scope` says whose), examining at most `budget` slots from the same rotating cursor as
-    /// [`Conntrack::evict_half_open`]: the first expired entry met, else, of the first few
-    /// candidates, the one that expires soonest (the least recently refreshed). A replied entry
-    /// is never a candidate, nor TCP. `release` and the result as for `evict_half_open`.
-    pub fn evict_unreplied(
-        &mut self,
-        tenant: u32,
-        scope: Unreplied,
-        now_s: u32,
-        budget: usize,
-        release: impl FnMut(&FlowSlot, bool),
-    ) -> bool {
-        let own_count = self.tenants.inbound(tenant);
-        self.evict(
-            now_s,
-            budget,
-            |ct, s| {
-                let eligible = match scope {
-                    Unreplied::Inbound => s.tenant == tenant && unreplied_inbound(s.kind, s.state),
-                    Unreplied::Own => s.tenant == tenant && unreplied(s.kind, s.state),
-                    Unreplied::Table => {
-                        (s.tenant == tenant && unreplied(s.kind, s.state))
-                            || (unreplied_inbound(s.kind, s.state)
-                                && ct.tenants.inbound(s.tenant) > own_count)
-                    }
-                };
-                // Sooner to expire is older.
-                eligible.then_some(u32::MAX - s.expires)
-            },
-            release,
-        )
-    }
-
-    /// The scan of the evictions: from the rotating cursor, at most `budget` slots; the first
-    /// expired entry met goes, else the oldest (`age` largest) of the first [`EVICT_SAMPLE`]
-    /// live entries `age` names (`None`: not a candidate).
-    fn evict(
-        &mut self,
-        now_s: u32,
-        budget: usize,
-        age: impl Fn(&Self, &FlowSlot) -> Option<u32>,
-        mut release: impl FnMut(&FlowSlot, bool),
-    ) -> bool {
-        let n = self.slots.len();
-        let mut best: Option<(usize, u32)> = None;
-        let mut found = 0;
-        let mut i = self.evict_cursor % n;
-        for _ in 0..budget.min(n) {
-            let s = self.slots[i];
-            if !s.is_empty() {
-                if !s.is_live(now_s) {
-                    self.evict_cursor = self.next(i);
-                    let s = self.remove(i);
-                    release(&s, true);
-                    return true;
-                }
-                if let Some(a) = age(self, &s) {
-                    if best.is_none_or(|(_, b)| a > b) {
-                        best = Some((i, a));
-                    }
-                    found += 1;
-                    if found == EVICT_SAMPLE {
-                        i = self.next(i);
-                        break;
-                    }
-                }
-            }
-            i = self.next(i);
-        }
-        self.evict_cursor = i;
-        let Some((victim, _)) = best else {
-            return false;
-        };
-        let s = self.remove(victim);
-        release(&s, false);
-        true
     }
 
     /// Most entries the table holds.
