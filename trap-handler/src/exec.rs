@@ -82,12 +82,19 @@ impl std::fmt::Display for FileId {
 pub enum CodeOrigin {
     /// An executable VMA mapped from the executable file itself.
     Exe,
-    /// An executable VMA of another file (a shared library), while the executable's own text
-    /// (the VMA at `mm->start_code`) is mapped from the executable file.
+    /// An executable VMA of another file (a shared library) only root could have written,
+    /// while the executable's own text (the VMA at `mm->start_code`) is mapped from the
+    /// executable file.
     Library,
     /// An executable VMA with no file (injected or JIT code), or code in shared memory no
-    /// directory names (memfd, `MAP_SHARED | MAP_ANONYMOUS`: see `named_file`).
+    /// directory names (memfd, `MAP_SHARED | MAP_ANONYMOUS`: see `library_file`).
     Anonymous,
+    /// Another file's code whose file someone other than root could have written: not owned by
+    /// (global) root, or writable by its group or by others. An `LD_PRELOAD`, `LD_AUDIT` or
+    /// `LD_LIBRARY_PATH` library the caller wrote, or its own `libc.so.6` or dynamic loader
+    /// bind-mounted over the system's in a private mount namespace: the caller's code, not a
+    /// library of the executable's.
+    UntrustedLibrary,
     /// Another file's code while the executable's text is not the executable, or no executable
     /// VMA at all.
     Foreign,
@@ -498,41 +505,80 @@ fn code_origin_of<M: GuestPhys + ?Sized>(
     let insn = rip.wrapping_sub(1);
     let origin = match executable_file_page(r, p, roots, insn)? {
         Some(mapping) if mapping == exe.mapping => CodeOrigin::Exe,
-        Some(mapping) if !named_file(r, p, mapping)? => CodeOrigin::Anonymous,
-        Some(_) if text_is_exe(r, p, mm, exe)? => CodeOrigin::Library,
-        Some(_) => CodeOrigin::Foreign,
+        Some(mapping) => match library_file(r, p, mapping)? {
+            LibraryFile::Unnamed => CodeOrigin::Anonymous,
+            LibraryFile::NotRoots => CodeOrigin::UntrustedLibrary,
+            LibraryFile::Roots if text_is_exe(r, p, mm, exe)? => CodeOrigin::Library,
+            LibraryFile::Roots => CodeOrigin::Foreign,
+        },
         None => classify_by_vma(r, p, roots, mm, insn)?,
     };
     Ok((origin, rip))
 }
 
-/// Whether the page cache `mapping` belongs to a file a directory names, rather than to shared
-/// memory no name reaches: `memfd_create`, `MAP_SHARED | MAP_ANONYMOUS` (both `shmem_file_setup`,
-/// which clears the inode's link count) or an `O_TMPFILE` on tmpfs or hugetlbfs. Such pages are
-/// in a page cache like a library's, yet anyone may write them (through the memfd, or the shared
-/// mapping itself): code there is the caller's, never a library of the executable's. A deleted
-/// file on a disk filesystem (a library replaced by an upgrade while mapped) is still a file.
-/// Three reads (`mapping->host`, the inode, its superblock); unknown where the profile lacks
-/// the fields (then `false`: fail closed).
-fn named_file<M: GuestPhys + ?Sized>(
+/// What the file of a page cache holding code is, as a library (see [`library_file`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LibraryFile {
+    /// Shared memory no directory names (memfd, shared anonymous memory).
+    Unnamed,
+    /// A file someone other than root could have written.
+    NotRoots,
+    /// A file only root could have written.
+    Roots,
+}
+
+/// `S_IWGRP | S_IWOTH`: a file its group or anyone may write (an ACL granting a user write
+/// shows in the group bits, its mask).
+const GROUP_OR_OTHER_WRITE: u16 = 0o022;
+
+/// What the file of the page cache `mapping` is, as a library: shared memory no directory
+/// names (`memfd_create`, `MAP_SHARED | MAP_ANONYMOUS`: both `shmem_file_setup`, which clears
+/// the inode's link count, or an `O_TMPFILE` on tmpfs or hugetlbfs), whose pages anyone may write
+/// through the memfd or the shared mapping; a file someone other than root could have written
+/// (its inode's `i_uid`, a `kuid_t`, is not global root's, or its mode lets its group or others
+/// write); or a file only root could have written. Code in either of the first two is the
+/// caller's, never a library of the executable's: any user may run the genuine program with
+/// `LD_PRELOAD` (or `LD_AUDIT`, `LD_LIBRARY_PATH`) naming a library it wrote, or, in a user and
+/// mount namespace of its own, bind-mount its own `libc.so.6` or dynamic loader over the
+/// system's; a file it creates there (tmpfs, FUSE, an overlay's upper layer) is owned by its
+/// own uid, which no user namespace maps to global root. A deleted file on a disk filesystem (a
+/// library replaced by an upgrade while mapped) is still a file, judged by its owner. One read
+/// of the inode (its mode, owner, link count and superblock are within 80 bytes), after
+/// `mapping->host`, and the superblock's magic for an unlinked one. Where the profile lacks
+/// the fields, no library is known to be root's (fail closed).
+fn library_file<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     p: &KernelProfile,
     mapping: u64,
-) -> Result<bool, ExecError> {
+) -> Result<LibraryFile, ExecError> {
     let e = &p.exec;
     let (Some(host), Some(nlink), Some(magic)) = (e.mapping_host, e.inode_i_nlink, e.sb_s_magic)
     else {
-        return Ok(false);
+        return Ok(LibraryFile::Unnamed);
     };
     let inode = r.read_field_u64(mapping, host.offset)?;
-    let (lo, hi) = extent(&[nlink, e.inode_i_sb]);
+    let owner = e.inode_i_mode.zip(e.inode_i_uid);
+    let (lo, hi) = match owner {
+        Some((mode, uid)) => extent(&[nlink, e.inode_i_sb, mode, uid]),
+        None => extent(&[nlink, e.inode_i_sb]),
+    };
     let mut buf = [0u8; INODE_SPAN];
     let s = r.read_span(inode, lo, hi, &mut buf)?;
-    if s.u32(nlink.offset) != 0 {
-        return Ok(true);
+    if s.u32(nlink.offset) == 0 {
+        let magic = r.read_field_u64(s.u64(e.inode_i_sb.offset), magic.offset)?;
+        if matches!(magic, abi::TMPFS_MAGIC | abi::HUGETLBFS_MAGIC) {
+            return Ok(LibraryFile::Unnamed);
+        }
     }
-    let magic = r.read_field_u64(s.u64(e.inode_i_sb.offset), magic.offset)?;
-    Ok(!matches!(magic, abi::TMPFS_MAGIC | abi::HUGETLBFS_MAGIC))
+    let Some((mode, uid)) = owner else {
+        return Ok(LibraryFile::NotRoots);
+    };
+    let roots = s.u32(uid.offset) == 0 && s.u16(mode.offset) & GROUP_OR_OTHER_WRITE == 0;
+    Ok(if roots {
+        LibraryFile::Roots
+    } else {
+        LibraryFile::NotRoots
+    })
 }
 
 /// Whether the executable's own text (the VMA at `mm->start_code`) is mapped from the

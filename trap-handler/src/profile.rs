@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 9;
+pub const PROFILE_FORMAT: u32 = 10;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -200,6 +200,14 @@ pub struct ExecLayout {
     pub inode_i_nlink: Option<Field>,
     #[serde(default)]
     pub sb_s_magic: Option<Field>,
+    /// `inode.i_mode` and `inode.i_uid` (a `kuid_t`: the global uid, whatever user namespace
+    /// made the file): whether a library's file is one only root could have written. `None`
+    /// in a profile written before they were recorded: then no library's code counts as the
+    /// executable's (fail closed).
+    #[serde(default)]
+    pub inode_i_mode: Option<Field>,
+    #[serde(default)]
+    pub inode_i_uid: Option<Field>,
     pub inode_i_sb: Field,
     pub inode_i_ino: Field,
     pub inode_i_generation: Field,
@@ -394,6 +402,8 @@ impl KernelProfile {
                 mapping_host: Some(field(btf, "address_space", "host")?),
                 inode_i_nlink: Some(field(btf, "inode", "i_nlink")?),
                 sb_s_magic: Some(field(btf, "super_block", "s_magic")?),
+                inode_i_mode: Some(field(btf, "inode", "i_mode")?),
+                inode_i_uid: Some(field(btf, "inode", "i_uid")?),
                 inode_i_sb: field(btf, "inode", "i_sb")?,
                 inode_i_ino: field(btf, "inode", "i_ino")?,
                 inode_i_generation: field(btf, "inode", "i_generation")?,

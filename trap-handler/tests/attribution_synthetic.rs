@@ -724,6 +724,9 @@ impl Scene {
         assert!(e.inode_i_generation.offset + 4 <= INODE_SIZE);
         assert!(e.inode_i_nlink.unwrap().offset + 4 <= INODE_SIZE);
         self.g.set_u32(inode, e.inode_i_nlink.unwrap(), 1);
+        // A system file: root's (the zeroed `i_uid`), rwxr-xr-x.
+        assert!(e.inode_i_mode.unwrap().offset + 2 <= INODE_SIZE);
+        self.g.set_u16(inode, e.inode_i_mode.unwrap(), 0o100_755);
         self.g.set_u64(inode, e.inode_i_sb, sb);
         self.g.set_u64(inode, e.inode_i_ino, ino);
         self.g.set_u32(inode, e.inode_i_generation, generation);
@@ -2420,6 +2423,66 @@ fn code_in_shared_memory_is_not_a_library() {
     let (v, a) = decide(&s, &policy);
     assert_eq!(a.process.exe_file.unwrap().code, CodeOrigin::Library);
     assert_eq!(v, Verdict::Allow);
+}
+
+/// The genuine executable runs, with a library only root could not have been alone to write:
+/// the caller's own `LD_PRELOAD` (or `LD_AUDIT`, `LD_LIBRARY_PATH`) library, or its own libc or
+/// dynamic loader bind-mounted over the system's in a private mount namespace (a file it made,
+/// owned by its uid whatever its user namespace says), or a root-owned library anyone may
+/// write. Its code is the caller's, not a library of the executable's; a system library (root's,
+/// written by no one else) still is.
+#[test]
+fn a_library_someone_but_root_could_write_is_not_the_executables() {
+    let p = profile_or_skip!();
+    let e = &p.exec;
+    let (mode, uid, nlink) = (
+        e.inode_i_mode.unwrap(),
+        e.inode_i_uid.unwrap(),
+        e.inode_i_nlink.unwrap(),
+    );
+    for (owner, perm, linked) in [
+        (1000, 0o100_755, 1),
+        (1000, 0o100_555, 1),
+        (0, 0o100_757, 1),
+        (0, 0o100_775, 1),
+        // Deleted on a disk filesystem (the caller unlinked its own library once mapped).
+        (1000, 0o100_755, 0),
+    ] {
+        let mut s = library_scene(p);
+        let policy = pinned_policy(&Scene::new(p));
+        let lib = s.lib_inode;
+        s.g.set_u32(lib, uid, owner);
+        s.g.set_u16(lib, mode, perm);
+        s.g.set_u32(lib, nlink, linked);
+        let (v, a) = decide(&s, &policy);
+        let f = a.process.exe_file.clone().unwrap();
+        let case = format!("uid {owner} mode {perm:o} nlink {linked}");
+        assert_eq!(
+            (f.code, f.rip),
+            (CodeOrigin::UntrustedLibrary, LIB_TEXT.0 + 0x234),
+            "{case}"
+        );
+        assert_eq!(v, Verdict::Deny, "{case}");
+        assert!(
+            a.identity_error.unwrap().contains("not the executable's"),
+            "{case}"
+        );
+    }
+    // A system library: root's, read-only or rwxr-xr-x, linked or replaced by an upgrade.
+    for (perm, linked) in [(0o100_755, 1), (0o100_644, 1), (0o100_444, 0)] {
+        let mut s = library_scene(p);
+        let policy = pinned_policy(&Scene::new(p));
+        let lib = s.lib_inode;
+        s.g.set_u16(lib, mode, perm);
+        s.g.set_u32(lib, nlink, linked);
+        let (v, a) = decide(&s, &policy);
+        assert_eq!(
+            a.process.exe_file.unwrap().code,
+            CodeOrigin::Library,
+            "mode {perm:o}"
+        );
+        assert_eq!(v, Verdict::Allow, "mode {perm:o}");
+    }
 }
 
 /// A scene whose call comes from the library's code.
