@@ -502,3 +502,91 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
     let status = host.process.wait();
     assert!(status.success(), "vigil host exited with {status}");
 }
+
+/// Creates of one id, and of two ids with one tenant number, sent at the same time: one wins,
+/// the others are refused (409), and nothing is left behind. Each create checked the tenant
+/// table, then built its VM (slow) outside the table's lock: all of them passed, the last one
+/// replaced the others' entries in the table, and the replaced VMs kept their switch ports
+/// (never released: no entry to delete) under the same tenant number.
+#[test]
+fn creates_racing_for_one_id_or_tenant_number_leave_one_tenant() {
+    let host = start_host("race");
+    let s = &host.socket;
+    for (round, ids) in [["race"; 4], ["t439599", "t622382", "t439599", "t622382"]]
+        .iter()
+        .enumerate()
+    {
+        let statuses: Vec<u16> = std::thread::scope(|scope| {
+            let calls: Vec<_> = ids
+                .iter()
+                .enumerate()
+                .map(|(n, id)| {
+                    // Addresses of their own: only the id or the number is shared.
+                    let body = spec(
+                        id,
+                        &format!("10.0.{round}.{}", n + 2),
+                        &format!("52:54:00:00:{round:02x}:{:02x}", n + 2),
+                    )
+                    .to_string();
+                    scope.spawn(move || call(s, "PUT", "vm.create", Some(&body)).status)
+                })
+                .collect();
+            calls.into_iter().map(|c| c.join().unwrap()).collect()
+        });
+        assert_eq!(
+            statuses.iter().filter(|&&code| code == 200).count(),
+            1,
+            "round {round}: {statuses:?}"
+        );
+        assert!(
+            statuses.iter().all(|&code| code == 200 || code == 409),
+            "round {round}: {statuses:?}"
+        );
+        let list = json_of(&call(s, "GET", "vm.list", None));
+        let list = list.as_array().unwrap();
+        assert_eq!(list.len(), 1, "round {round}: {list:?}");
+        let id = list[0]["id"].as_str().unwrap().to_string();
+        let r = call(
+            s,
+            "PUT",
+            "vm.delete",
+            Some(&json!({ "id": id }).to_string()),
+        );
+        assert_eq!(r.status, 204, "{:?}", String::from_utf8_lossy(&r.body));
+        // Both of the host's ports are free again.
+        for n in 0..2 {
+            let r = call(
+                s,
+                "PUT",
+                "vm.create",
+                Some(
+                    &spec(
+                        &format!("after{n}"),
+                        &format!("10.1.0.{}", n + 2),
+                        &format!("52:54:00:01:00:{:02x}", n + 2),
+                    )
+                    .to_string(),
+                ),
+            );
+            assert_eq!(
+                r.status,
+                200,
+                "round {round}: {:?}",
+                String::from_utf8_lossy(&r.body)
+            );
+        }
+        for n in 0..2 {
+            let r = call(
+                s,
+                "PUT",
+                "vm.delete",
+                Some(&json!({ "id": format!("after{n}") }).to_string()),
+            );
+            assert_eq!(r.status, 204);
+        }
+    }
+    assert_eq!(call(s, "PUT", "vmm.shutdown", None).status, 204);
+    let mut host = host;
+    let status = host.process.wait();
+    assert!(status.success(), "vigil host exited with {status}");
+}

@@ -24,6 +24,8 @@ pub struct Host {
     pub(crate) switch: Arc<SwitchTier>,
     pub(crate) edge: Option<Arc<EdgeLink>>,
     pub(crate) tenants: Mutex<BTreeMap<String, Tenant>>,
+    /// Tenants being built or deleted, out of the table meanwhile (see `claims`).
+    pub(crate) claims: crate::claims::Claims,
     pub(crate) started: Instant,
     /// Sequence numbers of the host's own records (Attach, FlushTenant).
     pub(crate) control_seq: AtomicU64,
@@ -69,6 +71,7 @@ impl Host {
             switch,
             edge,
             tenants: Mutex::new(BTreeMap::new()),
+            claims: Default::default(),
             started: Instant::now(),
             control_seq: AtomicU64::new(1),
             times: Mutex::new(ReconfigTimes::default()),

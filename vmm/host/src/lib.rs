@@ -2,7 +2,7 @@
 //! API, with the firewall tiers reconfigured as tenants come and go, snapshot, restore and live
 //! migration.
 //!
-//! Modules: `config` (host configuration, VM spec), `error`, `host` (start, shutdown, counters),
+//! Modules: `claims` (tenants in transition), `config` (host configuration, VM spec), `error`, `host` (start, shutdown, counters),
 //! `switch` (the switch micro-VM and the book of what it holds), `supervisor` (its restarts), `tenant` (one tenant's entry), `lifecycle` (create, boot,
 //! pause, resume, delete, policy), `tiers` (control records to both tiers, timings),
 //! `edge_link` (the channel to the edge), `snapshot`, `migration` (source), `migration_in`
@@ -11,6 +11,7 @@
 //! Owns: the tenant table and the switch. Must not: let one tenant's failure (bad config, a
 //! crashed guest) take down the host or another tenant; know about HTTP.
 
+mod claims;
 mod config;
 mod edge_link;
 mod error;

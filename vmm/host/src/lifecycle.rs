@@ -29,16 +29,35 @@ use vmm_core::net_config::parse_mac;
 use vmm_core::run_control::RunControl;
 use vmm_core::vm::{ConsoleConfig, LinkConfig, Payload, Vm, VmConfig, VmError, VmOutcome};
 
+use crate::claims::{Claim, ClaimGuard};
 use crate::config::{valid_id, MAX_ID_LEN};
 use crate::tenant::{start_vm, OnOwnStop, Tenant, PAUSE_LIMIT};
 use crate::tiers::TenantTiers;
 use crate::{Host, HostError, VmInfo, VmSpec, VmState};
 
+/// A VM built for a spec on a reserved port, not yet in the tenant table.
+pub(crate) struct Prepared<'a> {
+    pub(crate) vm: Vm,
+    pub(crate) introspection: Option<Arc<Introspection>>,
+    pub(crate) tenant: u32,
+    pub(crate) slot: usize,
+    pub(crate) mac: [u8; 6],
+    /// Held until the tenant is in the table, or its build failed.
+    pub(crate) claim: ClaimGuard<'a>,
+}
+
 impl Host {
     /// `vm.create`: builds the VM (not booted), plugs it into a switch port, opens nothing yet.
     pub fn create(&self, spec: VmSpec) -> Result<VmInfo, HostError> {
         let started = Instant::now();
-        let (vm, introspection, tenant, slot, mac) = self.prepare(&spec)?;
+        let Prepared {
+            vm,
+            introspection,
+            tenant,
+            slot,
+            mac,
+            claim: _claim,
+        } = self.prepare(&spec)?;
         let release_port = || {
             self.switch.release(slot);
         };
@@ -250,10 +269,15 @@ impl Host {
     /// tiers.
     pub fn delete(&self, id: &str) -> Result<(), HostError> {
         let started = Instant::now();
-        let t = self
-            .tenants()
-            .remove(id)
-            .ok_or_else(|| HostError::not_found(id))?;
+        // Its id, number and addresses stay claimed until its stop and flush are done: a new
+        // tenant attached under its number before this flush would be flushed by it.
+        let (t, _claim) = {
+            let mut tenants = self.tenants();
+            let t = tenants.remove(id).ok_or_else(|| HostError::not_found(id))?;
+            let mut claims = self.claims.lock();
+            let claim = self.claims.take(&mut claims, Claim::of(&t.spec));
+            (t, claim)
+        };
         self.stop_tenant(t.stop.clone(), &t.control, t.thread);
         self.stopped_on_own
             .lock()
@@ -391,12 +415,10 @@ impl Host {
             .contains(&tenant)
     }
 
-    /// Checks a spec and builds its VM on a reserved port (create's first half).
-    #[allow(clippy::type_complexity)]
-    pub(crate) fn prepare(
-        &self,
-        spec: &VmSpec,
-    ) -> Result<(Vm, Option<Arc<Introspection>>, u32, usize, [u8; 6]), HostError> {
+    /// Checks a spec and builds its VM on a reserved port (create's first half). Its id, number
+    /// and addresses stay claimed until the caller put it in the table (or gave up) and
+    /// dropped `claim`.
+    pub(crate) fn prepare(&self, spec: &VmSpec) -> Result<Prepared<'_>, HostError> {
         if !valid_id(&spec.id) {
             return Err(HostError::InvalidSpec(format!(
                 "id {:?}: use 1 to {MAX_ID_LEN} letters, digits, '-', '_' or '.'",
@@ -432,8 +454,13 @@ impl Host {
         // Reserve the id and a port before the (slow) build, so concurrent creates conflict
         // cleanly.
         let tenant = tenant_id(&spec.id);
-        let slot = {
+        let (slot, claim) = {
             let tenants = self.tenants();
+            // A tenant being built or deleted is not in the table: its claim stands for it.
+            let mut claims = self.claims.lock();
+            if let Some(taken) = claims.iter().find_map(|c| c.conflict(spec)) {
+                return Err(taken);
+            }
             if tenants.contains_key(&spec.id) {
                 return Err(HostError::IdTaken {
                     id: spec.id.clone(),
@@ -461,10 +488,17 @@ impl Host {
                 .position(|(_, owner)| owner.is_none())
                 .ok_or(HostError::NoFreePort { ports: ports.len() })?;
             ports[slot].1 = Some(spec.id.clone());
-            slot
+            (slot, self.claims.take(&mut claims, Claim::of(spec)))
         };
         match self.build(spec, mac, tenant, slot) {
-            Ok((vm, introspection)) => Ok((vm, introspection, tenant, slot, mac)),
+            Ok((vm, introspection)) => Ok(Prepared {
+                vm,
+                introspection,
+                tenant,
+                slot,
+                mac,
+                claim,
+            }),
             Err(e) => {
                 self.switch.release(slot);
                 Err(e)

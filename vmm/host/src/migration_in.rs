@@ -17,6 +17,7 @@ use vigil_wire::outcome::Outcome;
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
 
+use crate::lifecycle::Prepared;
 use crate::migration::{
     page_digests, MigrationHeader, MigrationReply, Step, MIGRATION_VERSION, MIGRATION_WAIT,
 };
@@ -307,7 +308,16 @@ impl Host {
         let spec = header.spec;
         let id = spec.id.clone();
         // Build the VM (slow: the kernel is read and checked) while the source still runs it.
-        let (mut vm, introspection, tenant, slot, mac) = match self.prepare(&spec) {
+        // Its claim stands until the tenant is in the table (or the migration failed): no create
+        // or restore of the same id, number or address meanwhile.
+        let Prepared {
+            mut vm,
+            introspection,
+            tenant,
+            slot,
+            mac,
+            claim: _claim,
+        } = match self.prepare(&spec) {
             Ok(p) => p,
             Err(e) => return Err(refuse(&mut session, e.to_string())),
         };

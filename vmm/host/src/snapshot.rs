@@ -13,6 +13,7 @@ use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::introspect::Introspection;
 use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
 
+use crate::lifecycle::Prepared;
 use crate::tenant::{start_vm, Tenant, PAUSE_LIMIT};
 use crate::{Host, HostError, VmInfo, VmSpec, VmState};
 
@@ -140,7 +141,14 @@ impl Host {
             what: "memory.bin".into(),
             source: e,
         })?;
-        let (mut vm, introspection, tenant, slot, _mac) = self.prepare(&spec)?;
+        let Prepared {
+            mut vm,
+            introspection,
+            tenant,
+            slot,
+            claim: _claim,
+            ..
+        } = self.prepare(&spec)?;
         let release = || {
             // Whatever of the tenant the switch took (or its book would give a restarted one).
             self.switch.forget(self.flush_record(tenant), tenant);
