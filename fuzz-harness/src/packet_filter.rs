@@ -196,7 +196,8 @@ impl Run<'_> {
                 d = self.process(from, Direction::Egress, frame);
             }
             if d == Decision::Forward && to != UPLINK_TENANT {
-                self.process(to, Direction::Ingress, frame);
+                let d = self.filter.process_to_port(j, frame, self.now);
+                self.judged(frame, d);
             }
         }
     }

@@ -163,7 +163,8 @@ impl<'a> Ports<'a> {
                 decision = filter.process(from, Direction::Egress, bytes, now);
             }
             if decision == Decision::Forward && to != UPLINK_TENANT {
-                decision = filter.process(to, Direction::Ingress, bytes, now);
+                // Only what is addressed to the port (a flooded frame is not every port's).
+                decision = filter.process_to_port(j, bytes, now);
             }
             if decision == Decision::Forward {
                 targets |= 1 << j;

@@ -363,3 +363,103 @@ fn edge_cloud_side_neighbours_must_claim_an_attached_address() {
     );
     assert_eq!(f.counters().dropped(DropReason::SpoofedNeighbor), 2);
 }
+
+/// Tenant 2 behind port 2 (MAC `OTHER_MAC`, 10.0.0.3 and 2001:db8::3), beside tenant 1 of
+/// [`switch`]; both hold a listen on TCP 443 bound to the wildcard address, as `Adopt` verdicts
+/// (what every verdict becomes after a switch restart or a migration).
+fn two_listeners() -> Filter<'static> {
+    let mut f = switch();
+    let mut six = TENANT6;
+    six[15] = 3;
+    for (seq, addr) in [
+        (20, (IpVersion::V4, v4([10, 0, 0, 3]))),
+        (21, (IpVersion::V6, six)),
+    ] {
+        let r = VerdictRepr::attach_with_mac(T2, seq, Some(2), Some(addr), Some(OTHER_MAC));
+        f.apply_record(&r.to_bytes(), 0).unwrap();
+    }
+    let mut seq = 21;
+    for tenant in [T1, T2] {
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let mut rule = Rule::any(Direction::Ingress, version, Protocol::Tcp);
+            rule.local_port = 443;
+            seq += 1;
+            f.apply(&VerdictRepr::adopt(tenant, seq, 0, rule), 0)
+                .unwrap();
+        }
+    }
+    f
+}
+
+/// `frame` with its Ethernet destination set to `mac`.
+fn to_mac(mut frame: Vec<u8>, mac: [u8; 6]) -> Vec<u8> {
+    frame[..6].copy_from_slice(&mac);
+    frame
+}
+
+#[test]
+fn a_tenant_port_takes_only_frames_addressed_to_it() {
+    let mut f = two_listeners();
+    const OUT: [u8; 4] = [198, 51, 100, 7];
+    let mut out6 = SERVER6;
+    out6[0] = 0x26;
+    let mut t2_6 = TENANT6;
+    t2_6[15] = 3;
+    // Tenant 2's connection from the outside, its MAC not learned yet (flooded to every tenant
+    // port): mid-stream, as the outside sends it after a switch restart, and a new SYN.
+    for (sport, seg) in [(50000, Seg::Data), (50001, Seg::Syn)] {
+        let frame = to_mac(
+            tcp(Ip::V4(OUT), Ip::V4([10, 0, 0, 3]), sport, 443, seg),
+            OTHER_MAC,
+        );
+        assert_eq!(
+            f.process_to_port(PORT, &frame, SEC),
+            drop(DropReason::UnknownTenant),
+            "tenant 1's wildcard listen takes tenant 2's {seg:?}"
+        );
+        assert_eq!(f.process_to_port(2, &frame, SEC), FWD);
+        // Aimed at tenant 1's MAC: still not tenant 1's address.
+        let aimed = to_mac(frame.clone(), T_MAC);
+        assert_eq!(
+            f.process_to_port(PORT, &aimed, SEC),
+            drop(DropReason::UnknownTenant)
+        );
+        let frame6 = to_mac(tcp(Ip::V6(out6), Ip::V6(t2_6), sport, 443, seg), OTHER_MAC);
+        assert_eq!(
+            f.process_to_port(PORT, &frame6, SEC),
+            drop(DropReason::UnknownTenant)
+        );
+        let aimed6 = to_mac(frame6, T_MAC);
+        assert_eq!(
+            f.process_to_port(PORT, &aimed6, SEC),
+            drop(DropReason::UnknownTenant)
+        );
+    }
+    assert_eq!(
+        f.conntrack().flows_of(T1),
+        0,
+        "nothing adopted for tenant 1"
+    );
+    // Tenant 1's own traffic, to its MAC and address, still reaches it.
+    let own = to_mac(
+        tcp(Ip::V4(OUT), Ip::V4(TENANT), 50010, 443, Seg::Syn),
+        T_MAC,
+    );
+    assert_eq!(f.process_to_port(PORT, &own, SEC), FWD);
+    let own6 = to_mac(
+        tcp(Ip::V6(out6), Ip::V6(TENANT6), 50011, 443, Seg::Syn),
+        T_MAC,
+    );
+    assert_eq!(f.process_to_port(PORT, &own6, SEC), FWD);
+    // Group destinations are every port's (judged by the verdicts as before).
+    let bcast = to_mac(frames::udp(Ip::V4(GW), Ip::V4([255; 4]), 67, 68), BCAST);
+    assert_eq!(
+        f.process_to_port(PORT, &bcast, SEC),
+        drop(DropReason::NoVerdict)
+    );
+    let arp_req = arp(1, G_MAC, BCAST, G_MAC, GW, [0; 6], TENANT);
+    assert_eq!(f.process_to_port(PORT, &arp_req, SEC), FWD);
+    // A port the VMM never attached is not judged here.
+    f.tenancy_mut().set_boot_port(3, 7);
+    assert_eq!(f.process_to_port(3, &own, SEC), drop(DropReason::NoVerdict));
+}

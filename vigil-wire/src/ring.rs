@@ -316,7 +316,9 @@ pub enum DropReason {
     /// The flow's verdict was removed (or its tenant flushed); the flow is closed.
     Revoked = 9,
     /// The frame came from a switch port with no tenant behind it
-    /// ([`crate::boot::TENANT_UNASSIGNED`]), or (edge) no tenant owns its cloud-side address.
+    /// ([`crate::boot::TENANT_UNASSIGNED`]), or (edge) no tenant owns its cloud-side address,
+    /// or (switch) a frame toward a tenant port is not addressed to it: a unicast destination
+    /// MAC not the port's, or an IP destination neither the port's address nor a group.
     UnknownTenant = 10,
     /// A TCP segment of a tracked flow whose sequence or acknowledgment number lies outside the
     /// flow's window (blind injection, a blind RST, a stale segment).

@@ -7,6 +7,9 @@
 //! the MAC; or, for a DHCP discover, 0.0.0.0) as its source. ARP and neighbour discovery are
 //! judged field by field, because they reach the uplink without a verdict: every byte of them
 //! must be one the switch can predict, so they carry no tenant-chosen data out of the host.
+//! The other way, a port takes only what is addressed to it: its MAC or a group, and IP packets
+//! for its own addresses or a group ([`Filter::process_to_port`]), so a frame the switch floods,
+//! or one aimed at the port's MAC, cannot reach it through a verdict bound to no address.
 //!
 //! ARP and neighbour discovery (what may reach the uplink, what the switch answers itself, what
 //! it resolves on a tenant's behalf, and the residual channel) are in [`super::neighbor`].
@@ -27,7 +30,7 @@ use super::neighbor::{
 };
 use super::parse::{self, ETHERTYPE_QINQ, ETHERTYPE_VLAN};
 use super::tenancy::PortIdentity;
-use super::Filter;
+use super::{Decision, Direction, Filter};
 use vigil_wire::verdict::IpVersion;
 
 /// Uplink neighbours remembered (gateway and the few hosts a tenant talks to on-link).
@@ -311,6 +314,59 @@ impl<'a> Filter<'a> {
             }
             EthernetProtocol::Unknown(_) => Admit::Pass,
         }
+    }
+
+    /// Judge a frame the switch is about to deliver to tenant port `port` (from the uplink or
+    /// another tenant port) at `now_ns`: ingress for the port's tenant ([`Filter::process`]),
+    /// once it is addressed to the port. A port with an identity takes only unicast frames for
+    /// its own MAC, and IP packets for one of its own addresses (its EUI-64 link-local included)
+    /// or for a group: IPv4 multicast, the limited broadcast or its /24's broadcast, IPv6
+    /// multicast. Anything else is [`DropReason::UnknownTenant`] (counted).
+    ///
+    /// Why: a verdict may name no local address (a listen on the wildcard address: any of the
+    /// tenant's own), and the switch floods an uplink frame whose destination MAC it has not
+    /// learned (a tenant silent since the switch started, or restarted) to every tenant port.
+    /// Without this check such a frame for tenant C matched tenant B's wildcard verdict on the
+    /// same port number and was delivered to B too, and after a restart, when every verdict
+    /// adopts, B's entry adopted C's established connections: B read C's traffic. A tenant could
+    /// also reach another through a verdict to any third address by aiming the frame at the
+    /// other's MAC.
+    pub fn process_to_port(&mut self, port: usize, frame: &[u8], now_ns: u64) -> Decision {
+        if let Some(reason) = self.misaddressed(port, frame) {
+            return self.drop_frame(reason);
+        }
+        self.process(self.tenancy.port(port), Direction::Ingress, frame, now_ns)
+    }
+
+    /// Why a frame is not addressed to tenant port `port` (see [`Filter::process_to_port`]);
+    /// `None`: it is, or the port has no identity, or the frame is not IP (the filter judges
+    /// what it cannot parse).
+    fn misaddressed(&self, port: usize, frame: &[u8]) -> Option<DropReason> {
+        let id = self.tenancy.identity(port);
+        if *id == PortIdentity::default() {
+            return None;
+        }
+        let dst_mac = mac(frame.get(..6)?);
+        if dst_mac[0] & 1 == 0 && dst_mac != id.mac {
+            return Some(DropReason::UnknownTenant);
+        }
+        let (ethertype, body, _) = l3(frame)?;
+        let ours = match ethertype {
+            0x0800 => {
+                let ip = parse::ipv4_checked(body).ok()?;
+                let d = v4(&ip.as_ref()[16..20]);
+                id.has_v4(d)
+                    || d[0] & 0xf0 == 0xe0
+                    || d == [255; 4]
+                    || (d[3] == 255 && id.on_link_v4(d))
+            }
+            0x86dd => {
+                let d = a16(body.get(24..40)?);
+                d[0] == 0xff || id.has_v6(&d)
+            }
+            _ => return None,
+        };
+        (!ours).then_some(DropReason::UnknownTenant)
     }
 
     /// The MAC of `addr` and whether it is a router: an uplink neighbour, or an address attached
