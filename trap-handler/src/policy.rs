@@ -10,6 +10,9 @@
 //! its file. Either way the calling instruction must be the executable's code
 //! ([`CodeOrigin::is_exe_code`]). The pins live as long as the compiled policy.
 //!
+//! A rule's address range is held against the address on the wire: an IPv4-mapped IPv6
+//! address is the IPv4 address a dual-stack socket reaches with it.
+//!
 //! Lookup cost does not grow with the list: rules are indexed by executable (and comm) and only
 //! the rules of those buckets are tried; a decision allocates nothing unless it has to explain
 //! an identity failure.
@@ -154,7 +157,30 @@ fn parse_cidr(text: &str) -> Option<(IpAddr, u8)> {
     } else {
         len.parse().ok()?
     };
-    (len <= max).then_some((addr, len))
+    if len > max {
+        return None;
+    }
+    // A range within `::ffff:0:0/96` is a range of IPv4 addresses (see [`on_the_wire`]).
+    Some(match addr {
+        IpAddr::V6(v6) if len >= 96 && v6.to_ipv4_mapped().is_some() => {
+            (on_the_wire(addr), len - 96)
+        }
+        _ => (addr, len),
+    })
+}
+
+/// The address as the network sees it: an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) is the
+/// IPv4 address `a.b.c.d`. A dual-stack IPv6 socket given one connects and sends over IPv4
+/// (`tcp_v6_connect`, `udpv6_sendmsg` and `ip6_datagram_connect` hand it to the IPv4 code), and
+/// the verdict opens that IPv4 flow; so a rule's range is held against this form. Held against
+/// the written form, a rule for every IPv6 address (`::/0`) let any IPv4 address through as
+/// `::ffff:a.b.c.d` (`curl http://[::ffff:1.2.3.4]/`), and an IPv4 rule missed a mapped address
+/// of its own range.
+fn on_the_wire(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(addr, IpAddr::V4),
+        v4 => v4,
+    }
 }
 
 fn parse_ports(text: &str) -> Option<(u16, u16)> {
@@ -228,7 +254,7 @@ impl Rule {
         };
         let net_ok = match (self.net, a.addr) {
             (None, _) => true,
-            (Some(net), Some(addr)) => in_cidr(addr, net),
+            (Some(net), Some(addr)) => in_cidr(on_the_wire(addr), net),
             (Some(_), None) => false,
         };
         let ports_ok = match (self.ports, a.port) {
@@ -531,6 +557,37 @@ mod tests {
         let mut sctp = attribution(SocketOp::Connect, "/bin/busybox", "nc", "10.77.0.1", 8080);
         sctp.protocol = 132;
         assert_eq!(policy.decide(&sctp), Verdict::Deny);
+    }
+
+    /// A dual-stack IPv6 socket given `::ffff:a.b.c.d` connects to the IPv4 address `a.b.c.d`,
+    /// and the verdict opens that IPv4 flow: ranges are held against the address on the wire.
+    #[test]
+    fn an_ipv4_mapped_address_is_decided_as_the_ipv4_address_it_reaches() {
+        let policy = Policy::from_json(
+            r#"{"allow": [
+                {"op": "connect", "exe": "/bin/busybox", "cidr": "::/0", "ports": "443"},
+                {"op": "connect", "exe": "/bin/busybox", "cidr": "10.77.0.0/24", "ports": "80"},
+                {"op": "connect", "exe": "/bin/busybox", "cidr": "::ffff:10.78.0.0/120", "ports": "81"}
+            ]}"#,
+        )
+        .unwrap();
+        let connect = |addr: &str, port: u16| {
+            let mut a = attribution(SocketOp::Connect, "/bin/busybox", "nc", addr, port);
+            a.family = abi::AF_INET6;
+            policy.decide(&a)
+        };
+        // Every IPv6 address is not every IPv4 address.
+        assert_eq!(connect("2001:db8::1", 443), Verdict::Allow);
+        assert_eq!(connect("::ffff:1.2.3.4", 443), Verdict::Deny);
+        assert_eq!(connect("::ffff:10.77.0.1", 443), Verdict::Deny);
+        // The IPv4 range holds for its mapped addresses, and only for them.
+        assert_eq!(connect("::ffff:10.77.0.1", 80), Verdict::Allow);
+        assert_eq!(connect("::ffff:10.77.1.1", 80), Verdict::Deny);
+        // A range written in the mapped form is that IPv4 range.
+        assert_eq!(connect("::ffff:10.78.0.9", 81), Verdict::Allow);
+        let v4 = attribution(SocketOp::Connect, "/bin/busybox", "nc", "10.78.0.9", 81);
+        assert_eq!(policy.decide(&v4), Verdict::Allow);
+        assert_eq!(connect("::ffff:10.79.0.9", 81), Verdict::Deny);
     }
 
     #[test]
