@@ -21,6 +21,9 @@ pub enum ClusterError {
     /// A stored value that is not a valid record.
     #[error("{key}: {reason}")]
     BadRecord { key: String, reason: String },
+    /// A tenant record that cannot stand beside another tenant's (the reason names it).
+    #[error("{key}: {reason}")]
+    Conflict { key: String, reason: String },
     /// The key does not exist.
     #[error("{key} does not exist")]
     NotFound { key: String },

@@ -128,6 +128,37 @@ impl TenantRecord {
     }
 }
 
+impl TenantRecord {
+    /// Why this record cannot stand beside `other`, another tenant's (None: it can). Tenants on
+    /// different hosts meet at the edge, which holds each tenant's addresses and verdicts by its
+    /// tenant number (a hash of its id) and each address by one tenant: a second tenant with
+    /// the same number was refused there as a collision while the first held it, and took over
+    /// the first one's addresses (and its verdicts' scope) once the first was released for a
+    /// migration; a second with the same IP or MAC was refused or stole its frames. A host
+    /// refuses such a pair only among its own tenants.
+    pub fn conflict_with(&self, other: &TenantRecord) -> Option<String> {
+        let (a, b) = (&self.spec, &other.spec);
+        if a.id == b.id {
+            return None;
+        }
+        let number = vmm_core::introspect::tenant_id(&a.id);
+        if number == vmm_core::introspect::tenant_id(&b.id) {
+            return Some(format!(
+                "tenant {:?} has the same tenant number ({number}) as {:?}: choose another id",
+                a.id, b.id
+            ));
+        }
+        if a.ip == b.ip {
+            return Some(format!("tenant {:?} already has ip {}", b.id, b.ip));
+        }
+        let mac = vmm_core::net_config::parse_mac(&a.mac);
+        if mac.is_some() && mac == vmm_core::net_config::parse_mac(&b.mac) {
+            return Some(format!("tenant {:?} already has mac {}", b.id, b.mac));
+        }
+        None
+    }
+}
+
 /// What a host can take.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -370,6 +401,30 @@ mod tests {
         assert_eq!(name_under(HOSTS, b"/vigil/hosts/a"), Some("a"));
         assert_eq!(name_under(HOSTS, b"/vigil/hosts/a/b"), None);
         assert_eq!(name_under(HOSTS, b"/vigil/tenants/a"), None);
+    }
+
+    #[test]
+    fn records_of_one_tenant_number_ip_or_mac_conflict() {
+        let record = |id: &str, ip: &str, mac: &str| TenantRecord {
+            host: "a".into(),
+            spec: serde_json::from_value(serde_json::json!({"id": id, "kernel": "/k",
+                "mac": mac, "ip": ip, "policy": {"allow": []}}))
+            .unwrap(),
+        };
+        let first = record("t439599", "10.0.0.2", "52:54:00:00:00:02");
+        // Itself (a move, a new policy) and a tenant of its own: no conflict.
+        assert_eq!(first.conflict_with(&first), None);
+        let web = record("web", "10.0.0.3", "52:54:00:00:00:03");
+        assert_eq!(web.conflict_with(&first), None);
+        let same_number = record("t622382", "10.0.0.4", "52:54:00:00:00:04");
+        assert!(same_number
+            .conflict_with(&first)
+            .unwrap()
+            .contains("same tenant number"));
+        let same_ip = record("db", "10.0.0.2", "52:54:00:00:00:05");
+        assert!(same_ip.conflict_with(&first).unwrap().contains("ip"));
+        let same_mac = record("db", "10.0.0.5", "52:54:00:00:00:02");
+        assert!(same_mac.conflict_with(&first).unwrap().contains("mac"));
     }
 
     #[test]

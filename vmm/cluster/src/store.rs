@@ -165,13 +165,48 @@ impl Store {
             .collect())
     }
 
-    /// Writes a tenant's desired state; returns the revision of the write.
+    /// Writes a tenant's desired state; returns the revision of the write. Refused when another
+    /// tenant's record has its tenant number, IP or MAC ([`TenantRecord::conflict_with`]):
+    /// checked against every record as of one revision, and written only if no record changed
+    /// since (one transaction), so two writers cannot each pass the check of the other.
     pub fn put_tenant(&self, record: &TenantRecord) -> Result<i64, ClusterError> {
         record.check(&record.spec.id)?;
         let key = keys::tenant_key(&record.spec.id)?;
         let value = to_json(record);
-        let resp = self.call(|mut c| async move { c.put(key, value, None).await })?;
-        Ok(resp.header().map_or(0, |h| h.revision()))
+        for _ in 0..CAS_TRIES {
+            let resp = self.call(|mut c| async move {
+                c.get(keys::TENANTS, Some(GetOptions::new().with_prefix()))
+                    .await
+            })?;
+            let revision = resp.header().map_or(0, |h| h.revision());
+            for kv in resp.kvs() {
+                // A record nobody can read runs nowhere (the agents take it for absent).
+                let Some(other) = keys::name_under(keys::TENANTS, kv.key())
+                    .and_then(|id| TenantRecord::parse(id, kv.value()).ok())
+                else {
+                    continue;
+                };
+                if let Some(reason) = record.conflict_with(&other) {
+                    return Err(ClusterError::Conflict { key, reason });
+                }
+            }
+            let (k, v) = (key.clone(), value.clone());
+            let resp = self.call(|mut c| async move {
+                c.txn(
+                    Txn::new()
+                        .when([
+                            Compare::mod_revision(keys::TENANTS, CompareOp::Less, revision + 1)
+                                .with_prefix(),
+                        ])
+                        .and_then([TxnOp::put(k, v, None)]),
+                )
+                .await
+            })?;
+            if resp.succeeded() {
+                return Ok(resp.header().map_or(0, |h| h.revision()));
+            }
+        }
+        Err(ClusterError::Contended { key })
     }
 
     /// A tenant's record and its mod revision.
