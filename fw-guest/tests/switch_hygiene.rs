@@ -463,3 +463,25 @@ fn a_tenant_port_takes_only_frames_addressed_to_it() {
     f.tenancy_mut().set_boot_port(3, 7);
     assert_eq!(f.process_to_port(3, &own, SEC), drop(DropReason::NoVerdict));
 }
+
+#[test]
+fn tagged_frames_from_a_tenant_port_are_dropped() {
+    let mut f = switch();
+    // An allowed flow, a neighbour request the switch would answer, and its own announcement:
+    // each passes untagged, none with a tag of the tenant's choosing (VID 0, a priority tag,
+    // included: its priority bits are chosen too).
+    let syn = tcp(Ip::V4(TENANT), Ip::V4(SERVER), 40000, 80, Seg::Syn);
+    assert_eq!(admit(&mut f, &syn), Admit::Pass);
+    let announce = padded(arp(1, T_MAC, BCAST, T_MAC, TENANT, [0; 6], TENANT));
+    for vid in [0, 1, 100, 4094] {
+        for frame in [&syn, &announce] {
+            let tagged = vlan_tag(frame, 0x8100, vid);
+            assert_eq!(
+                admit(&mut f, &tagged),
+                dropped(DropReason::VlanTagged),
+                "VID {vid}"
+            );
+        }
+    }
+    assert_eq!(f.counters().dropped(DropReason::VlanTagged), 8);
+}

@@ -356,11 +356,16 @@ pub enum DropReason {
     /// (Switch) an ARP or neighbour discovery frame from a tenant port (or a request the switch
     /// would send on its behalf) over the port's budget of neighbour frames to the uplink.
     NeighborRate = 21,
+    /// (Switch) a frame from a tenant port with an 802.1Q tag: a tenant sits on an untagged port
+    /// (its port is its identity), and a tag it chose would select a VLAN wherever the frame
+    /// leaves the cloud (the edge's outside link on a trunk or a VLAN-aware bridge), or its
+    /// priority there.
+    VlanTagged = 22,
 }
 
 impl DropReason {
     /// Number of reasons (size of the per-reason counter array).
-    pub const COUNT: usize = 22;
+    pub const COUNT: usize = 23;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Malformed,
         DropReason::NonIp,
@@ -384,6 +389,7 @@ impl DropReason {
         DropReason::IcmpOutOfWindow,
         DropReason::FlowQuota,
         DropReason::NeighborRate,
+        DropReason::VlanTagged,
     ];
 
     /// Stable name for logs and metrics.
@@ -411,6 +417,7 @@ impl DropReason {
             DropReason::IcmpOutOfWindow => "icmp_out_of_window",
             DropReason::FlowQuota => "flow_quota",
             DropReason::NeighborRate => "neighbor_rate",
+            DropReason::VlanTagged => "vlan_tagged",
         }
     }
 }

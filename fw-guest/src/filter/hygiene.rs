@@ -2,8 +2,10 @@
 //! neighbour protocols (ARP, IPv6 neighbour discovery) that bypass the verdicts.
 //!
 //! A tenant port's identity ([`PortIdentity`]) is what `Attach` records gave it: a MAC and up to
-//! [`super::tenancy::PORT_ADDRS`] addresses per family. A frame from the port must carry that MAC
-//! as its Ethernet source, and an IP packet one of those addresses (or the EUI-64 link-local of
+//! [`super::tenancy::PORT_ADDRS`] addresses per family. A frame from the port must be untagged
+//! (the port is an access port: a tenant-chosen 802.1Q tag would pick the VLAN, or the priority,
+//! of its frames on the edge's outside link; [`DropReason::VlanTagged`]), carry that MAC as its
+//! Ethernet source, and an IP packet one of those addresses (or the EUI-64 link-local of
 //! the MAC; or, for a DHCP discover, 0.0.0.0) as its source. ARP and neighbour discovery are
 //! judged field by field, because they reach the uplink without a verdict: every byte of them
 //! must be one the switch can predict, so they carry no tenant-chosen data out of the host.
@@ -277,6 +279,9 @@ impl<'a> Filter<'a> {
         now_ns: u64,
         reply: &mut [u8],
     ) -> Admit {
+        if frame.get(12..14) == Some(&ETHERTYPE_VLAN.to_be_bytes()[..]) {
+            return Admit::Drop(DropReason::VlanTagged);
+        }
         let Some((ethertype, body, at)) = l3(frame) else {
             return Admit::Pass; // `process` counts it as malformed.
         };

@@ -8,7 +8,9 @@
 //! the switch port it sits on, not by a tag it can write itself) nor removed (the frame is forwarded
 //! as received). Stacked tags (802.1ad S-tag 0x88a8, or a second 0x8100) are dropped and counted
 //! as [`DropReason::VlanStacked`]: nothing in Vigil produces them, and double tagging is the
-//! classic VLAN-hopping vector.
+//! classic VLAN-hopping vector. A switch's tenant ports take no tag at all (the switch's
+//! `admit`, [`DropReason::VlanTagged`]): a tag that crossed the cloud with a tenant's frame would
+//! pick its VLAN where it leaves the edge; tagged frames reach the filter from the outside only.
 
 use smoltcp::wire::{
     ArpHardware, ArpPacket, EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet,
