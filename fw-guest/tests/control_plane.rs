@@ -206,11 +206,16 @@ fn adopt_udp_reply_and_refresh_semantics() {
     assert_eq!(f.verdicts().len(), 1);
     assert_eq!(f.process(T1, IN, &udp(b, a, 53, 5000), 0), FWD);
     // Unreplied (evictable, counted against T1's inbound quota) until the tenant's side answers
-    // here: a datagram that looks like a reply may be forged.
+    // here and the far side speaks again: a datagram that looks like a reply may be forged, and
+    // the tenant may answer a forged one.
     let flow = *f.conntrack().iter().next().unwrap();
     assert_eq!((flow.origin(), flow.replied()), (IN, false));
     assert_eq!(f.conntrack().inbound_of(T1), 1);
     assert_eq!(f.process(T1, EG, &udp(a, b, 5000, 53), 0), FWD);
+    let flow = *f.conntrack().iter().next().unwrap();
+    assert!(!flow.replied());
+    assert_eq!(f.conntrack().inbound_of(T1), 1);
+    assert_eq!(f.process(T1, IN, &udp(b, a, 53, 5000), 0), FWD);
     let flow = *f.conntrack().iter().next().unwrap();
     assert!(flow.replied());
     assert_eq!(f.conntrack().inbound_of(T1), 0);

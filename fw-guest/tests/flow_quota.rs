@@ -187,12 +187,14 @@ fn a_spoofed_udp_flood_holds_no_tenant_at_its_quota_nor_the_table_full() {
     let inbound = f.conntrack().inbound_quota();
     assert!(inbound < quota);
     let server = [203, 0, 113, 9];
-    // A real client's query that T1 answers: replied, so the flood never evicts it.
+    // A real client's query that T1 answers, and the client's next one: replied (the client
+    // hears T1), so the flood never evicts it.
     let client = [198, 51, 100, 7];
     let query = udp(Ip::V4(client), Ip::V4(t1_ip), 40000, 5353);
     let answer = udp(Ip::V4(t1_ip), Ip::V4(client), 5353, 40000);
     assert_eq!(f.process_edge(Outside, Cloud, &query, 0), FWD);
     assert_eq!(f.process_edge(Cloud, Outside, &answer, 0), FWD);
+    assert_eq!(f.process_edge(Outside, Cloud, &query, 0), FWD);
     // Twice the quota of datagrams from forged sources at T1 and at T2, within one second
     // (~1.1k a second keeps 32k entries alive over the 30 s unreplied timeout): all delivered.
     for n in 0..2 * quota as u32 {
@@ -220,6 +222,73 @@ fn a_spoofed_udp_flood_holds_no_tenant_at_its_quota_nor_the_table_full() {
     let before = f.counters().flows_created;
     assert_eq!(f.process_edge(Outside, Cloud, &query, SEC), FWD);
     assert_eq!(f.counters().flows_created, before);
+    assert_eq!(f.counters().dropped(DropReason::FlowQuota), 0);
+    assert_eq!(f.counters().dropped(DropReason::TableFull), 0);
+}
+
+#[test]
+fn a_flood_the_tenants_answer_holds_no_tenant_at_its_quota_nor_the_table_full() {
+    let (mut f, [t1_ip, t2_ip]) = open_edge(1024);
+    let ping = Rule::any_port(Direction::Ingress, IpVersion::V4, Protocol::Icmp);
+    for t in [T1, T2] {
+        f.apply(&VerdictRepr::add(t, 100 + u64::from(t), 0, ping), 0)
+            .unwrap();
+    }
+    let quota = f.conntrack().flow_quota();
+    let inbound = f.conntrack().inbound_quota();
+    // Forged datagrams and pings to both tenants, each answered (a DNS or mDNS server answers
+    // any query, a kernel any ping): the answers go to the forged sources, which never speak
+    // again. ~270 datagrams a second kept a tenant at a quota of 32k over the 120-s timeout of
+    // a replied entry, and two such tenants filled the table.
+    for n in 0..quota as u32 {
+        for ip in [t1_ip, t2_ip] {
+            let d = spoofed(n, ip);
+            let src = [d[26], d[27], d[28], d[29]];
+            let sport = u16::from_be_bytes([d[34], d[35]]);
+            assert_eq!(f.process_edge(Outside, Cloud, &d, 0), FWD, "{n}");
+            let answer = udp(Ip::V4(ip), Ip::V4(src), 5353, sport);
+            assert_eq!(f.process_edge(Cloud, Outside, &answer, 0), FWD, "{n}");
+            let ident = n as u16;
+            let request = icmp4_echo(src, ip, true, ident);
+            assert_eq!(f.process_edge(Outside, Cloud, &request, 0), FWD, "{n}");
+            let reply = icmp4_echo(ip, src, false, ident);
+            assert_eq!(f.process_edge(Cloud, Outside, &reply, 0), FWD, "{n}");
+        }
+    }
+    for t in [T1, T2] {
+        assert!(f.conntrack().inbound_of(t) <= inbound, "{t}");
+        assert!(!f.conntrack().at_quota(t), "{t}");
+    }
+    assert!(!f.conntrack().is_full());
+    // T1 still opens its own flows.
+    let server = [203, 0, 113, 9];
+    let out = udp(Ip::V4(t1_ip), Ip::V4(server), 50000, 53);
+    assert_eq!(f.process_edge(Cloud, Outside, &out, SEC), FWD);
+    let syn = tcp(Ip::V4(t1_ip), Ip::V4(server), 50001, 443, Seg::Syn);
+    assert_eq!(f.process_edge(Cloud, Outside, &syn, SEC), FWD);
+    // A client that speaks again after the answer hears the tenant: its entry is replied, and
+    // the flood no longer evicts it.
+    let client = [198, 51, 100, 7];
+    let query = udp(Ip::V4(client), Ip::V4(t1_ip), 40000, 5353);
+    let answer = udp(Ip::V4(t1_ip), Ip::V4(client), 5353, 40000);
+    for d in [&query, &answer, &query] {
+        let from = if d == &answer { Cloud } else { Outside };
+        let to = if d == &answer { Outside } else { Cloud };
+        assert_eq!(f.process_edge(from, to, d, SEC), FWD);
+    }
+    let inbound_before = f.conntrack().inbound_of(T1);
+    for n in 0..quota as u32 {
+        let d = spoofed(n + 70_000, t1_ip);
+        assert_eq!(f.process_edge(Outside, Cloud, &d, SEC), FWD);
+    }
+    assert!(f.conntrack().inbound_of(T1) <= inbound.max(inbound_before));
+    let before = f.counters().flows_created;
+    assert_eq!(f.process_edge(Outside, Cloud, &query, 2 * SEC), FWD);
+    assert_eq!(
+        f.counters().flows_created,
+        before,
+        "the client's flow survived"
+    );
     assert_eq!(f.counters().dropped(DropReason::FlowQuota), 0);
     assert_eq!(f.counters().dropped(DropReason::TableFull), 0);
 }

@@ -31,7 +31,10 @@
 //!   datagram makes one, so they are evictable ([`Conntrack::evict_unreplied`], soonest to
 //!   expire first), and those opened from the tenant's far side are counted per tenant and
 //!   bounded ([`Conntrack::inbound_full`]). Only the other direction's packet (a reply) makes
-//!   such an entry one that is never evicted.
+//!   such an entry one that is never evicted; for an entry opened toward the tenant, the far
+//!   side's packet after the tenant's answer: a tenant answers forged datagrams and pings too
+//!   (a DNS server, any echo), so its answer proves nothing about the far side (as Linux marks a
+//!   UDP entry assured only once it outlives its first reply).
 
 use vigil_wire::verdict::{Direction, Protocol};
 
@@ -124,6 +127,9 @@ const F_REPLIED: u8 = 0x40;
 const F_FIN_ORIG: u8 = 0x20;
 /// The responder sent FIN.
 const F_FIN_REPLY: u8 = 0x10;
+/// (UDP, ICMP echo: the FIN bits are TCP's) an entry opened toward its tenant that the tenant
+/// answered: the far side's next packet confirms it ([`Conntrack::answered`]).
+const F_ANSWERED: u8 = F_FIN_REPLY;
 
 fn origin_bit_of(origin: Direction) -> u8 {
     match origin {
@@ -136,6 +142,26 @@ fn origin_bit_of(origin: Direction) -> u8 {
 #[inline]
 fn unreplied(kind: u8, state: u8) -> bool {
     kind != 0 && kind & !KIND_V6 != Protocol::Tcp as u8 && state & F_REPLIED == 0
+}
+
+/// What a UDP datagram or echo message does to its entry (opened in `origin`; `orig`: it travels
+/// that way; `replied`, `state`: the entry's): `Some(true)` confirms it (replied: never evicted,
+/// [`Conntrack::mark_replied`]), `Some(false)` is the tenant's answer to an entry opened toward
+/// it ([`Conntrack::answered`]: still provisional, since anyone can make a tenant answer with a
+/// forged datagram or ping), `None` changes nothing but the expiry. An entry the tenant opened is
+/// confirmed by the far side's reply; one opened toward the tenant by the far side's next packet
+/// after the tenant's answer.
+#[inline(always)]
+pub(crate) fn confirms(origin: Direction, orig: bool, replied: bool, state: u8) -> Option<bool> {
+    if replied {
+        return Some(true);
+    }
+    match (origin, orig) {
+        (Direction::Egress, false) => Some(true),
+        (Direction::Ingress, false) => Some(false),
+        (Direction::Ingress, true) if state & F_ANSWERED != 0 => Some(true),
+        _ => None,
+    }
 }
 
 /// Whether an entry is [`unreplied`] and was opened by a packet travelling toward its tenant
@@ -712,6 +738,16 @@ impl<'a> Conntrack<'a> {
                 }
             }
         }
+    }
+
+    /// The tenant answered the entry at `i`, opened toward it and not confirmed: it stays
+    /// unreplied (evictable, on the tenant's inbound quota) with expiry `expires`, and the far
+    /// side's next packet confirms it ([`Conntrack::mark_replied`]).
+    #[inline]
+    pub fn answered(&mut self, i: usize, expires: u32) {
+        let s = &mut self.slots[i];
+        s.state |= F_ANSWERED;
+        s.expires = expires;
     }
 
     /// Set the replied flag and expiry of a found entry (from then on it is never evicted).

@@ -39,7 +39,9 @@
 //! that kind that expires soonest makes room), and a tenant at its flow quota, or a new flow
 //! finding the table full, replaces an unreplied entry (its own, or one opened toward a tenant
 //! holding more of them) before it is refused. A flood from forged sources thus holds neither a
-//! tenant at its quota nor the table full; once the other side answers, an entry is never evicted.
+//! tenant at its quota nor the table full; once the other side answers, an entry is never evicted
+//! (for an entry opened toward the tenant, once the far side speaks again after the tenant's
+//! answer: a tenant answers forged datagrams and pings too; `conntrack::confirms`).
 //!
 //! An [`Op::Adopt`] verdict also takes over flows established elsewhere (a tenant that migrated
 //! here mid-connection): a TCP segment with ACK and without SYN or RST, or a UDP datagram
@@ -720,12 +722,17 @@ impl<'a> Filter<'a> {
                 self.tracked_segment(i, orig, flags, &seg, state_byte, now_s)
             }
             L4::Udp { .. } => {
-                if orig && !replied {
-                    self.conntrack
-                        .touch(i, state_byte, now_s.saturating_add(t.udp_unreplied));
-                } else {
-                    self.conntrack
-                        .mark_replied(i, now_s.saturating_add(t.udp_replied));
+                match conntrack::confirms(origin, orig, replied, state_byte) {
+                    Some(true) => self
+                        .conntrack
+                        .mark_replied(i, now_s.saturating_add(t.udp_replied)),
+                    Some(false) => self
+                        .conntrack
+                        .answered(i, now_s.saturating_add(t.udp_unreplied)),
+                    None => {
+                        self.conntrack
+                            .touch(i, state_byte, now_s.saturating_add(t.udp_unreplied))
+                    }
                 }
                 Some(Decision::Forward)
             }
@@ -735,11 +742,11 @@ impl<'a> Filter<'a> {
                     // A request against the flow's direction, or a reply along it.
                     return Some(Decision::Drop(DropReason::IcmpUnsupported));
                 }
-                if orig {
-                    self.conntrack
-                        .touch(i, state_byte, now_s.saturating_add(t.icmp));
-                } else {
-                    self.conntrack.mark_replied(i, now_s.saturating_add(t.icmp));
+                let expires = now_s.saturating_add(t.icmp);
+                match conntrack::confirms(origin, orig, replied, state_byte) {
+                    Some(true) => self.conntrack.mark_replied(i, expires),
+                    Some(false) => self.conntrack.answered(i, expires),
+                    None => self.conntrack.touch(i, state_byte, expires),
                 }
                 Some(Decision::Forward)
             }
