@@ -590,3 +590,89 @@ fn creates_racing_for_one_id_or_tenant_number_leave_one_tenant() {
     let status = host.process.wait();
     assert!(status.success(), "vigil host exited with {status}");
 }
+
+/// A snapshot directory whose files are not regular files: each is refused at once (400),
+/// naming the file, and the host goes on. `/dev/zero` as a state file grew the read until the
+/// host process (every VM) died; as memory.bin it was page 0 for ever (the API worker spun);
+/// a FIFO hung the worker.
+#[test]
+fn a_restore_reads_only_regular_snapshot_files_within_their_bounds() {
+    let host = start_host("restore-files");
+    let s = &host.socket;
+    let r = call(
+        s,
+        "PUT",
+        "vm.create",
+        Some(&spec("snap", "10.0.0.2", "52:54:00:00:00:02").to_string()),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        call(s, "PUT", "vm.boot", Some("{\"id\":\"snap\"}")).status,
+        200
+    );
+    let good = host.dir.join("good");
+    let url = |dir: &Path| json!({"source_url": format!("file://{}", dir.display())}).to_string();
+    let r = call(
+        s,
+        "PUT",
+        "vm.snapshot",
+        Some(
+            &json!({"id": "snap", "destination_url": format!("file://{}", good.display())})
+                .to_string(),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        call(s, "PUT", "vm.delete", Some("{\"id\":\"snap\"}")).status,
+        204
+    );
+    for (n, (file, replacement)) in [
+        ("memory.bin", "/dev/zero"),
+        ("state.bin", "/dev/zero"),
+        ("spec.json", "fifo"),
+        ("memory.bin", "fifo"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bad = host.dir.join(format!("bad{n}"));
+        std::fs::create_dir_all(&bad).unwrap();
+        for name in ["spec.json", "state.bin", "introspection.bin", "memory.bin"] {
+            if name != file {
+                std::fs::copy(good.join(name), bad.join(name)).unwrap();
+            }
+        }
+        if replacement == "fifo" {
+            let path = std::ffi::CString::new(bad.join(file).to_str().unwrap()).unwrap();
+            // SAFETY: a NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+        } else {
+            std::os::unix::fs::symlink(replacement, bad.join(file)).unwrap();
+        }
+        let r = request(
+            s,
+            "PUT",
+            "vm.restore",
+            Some(&url(&bad)),
+            Duration::from_secs(20),
+        );
+        let (status, message) = error_of(&r);
+        assert_eq!(status, 400, "{file} as {replacement}: {message}");
+        assert!(
+            message.contains(file) && message.contains("not a regular file"),
+            "{file} as {replacement}: {message}"
+        );
+    }
+    // Nothing was left of them, and the good snapshot still restores.
+    assert_eq!(json_of(&call(s, "GET", "vm.list", None)), json!([]));
+    let r = call(s, "PUT", "vm.restore", Some(&url(&good)));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        call(s, "PUT", "vm.delete", Some("{\"id\":\"snap\"}")).status,
+        204
+    );
+    assert_eq!(call(s, "PUT", "vmm.shutdown", None).status, 204);
+    let mut host = host;
+    let status = host.process.wait();
+    assert!(status.success(), "vigil host exited with {status}");
+}

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use vigil_wire::verdict::RECORD_LEN;
 use vmm_core::introspect::Introspection;
-use vmm_core::snapshot::{read_json, write_json, VmSnapshot};
+use vmm_core::snapshot::{read_json, write_json, VmSnapshot, PAGE};
+use vmm_core::vm::input_file;
 
 use crate::lifecycle::Prepared;
 use crate::tenant::{start_vm, Tenant, PAUSE_LIMIT};
@@ -19,6 +20,8 @@ use crate::{Host, HostError, VmInfo, VmSpec, VmState};
 
 /// Largest state document (vCPU and device state; RAM travels as pages).
 pub(crate) const MAX_STATE_DOC: usize = 16 << 20;
+/// Largest spec.json read (a spec with its policy; the API takes bodies of at most 1 MiB).
+const MAX_SPEC_FILE: u64 = 1 << 20;
 
 /// A snapshot file or step that failed: `what: reason`.
 fn invalid(what: &str, reason: impl std::fmt::Display) -> HostError {
@@ -124,23 +127,28 @@ impl Host {
     /// with its port, address and verdicts on both tiers.
     pub fn restore(&self, url: &str) -> Result<VmInfo, HostError> {
         let dir = file_path(url)?;
-        let read = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|e| HostError::Path {
-                what: dir.join(name).display().to_string(),
-                source: e,
-            })
+        // Each file is read only as a regular file, within a bound for its kind (as a VM's
+        // kernel is): a FIFO hung the API worker, `/dev/zero` as a state file grew the read
+        // until the host (every VM) died, and as memory.bin was page 0 for ever, spinning.
+        let read = |name: &str, max: u64| {
+            input_file::read(&dir.join(name), max).map_err(|e| invalid(name, e))
         };
-        let spec: VmSpec =
-            serde_json::from_slice(&read("spec.json")?).map_err(|e| invalid("spec.json", e))?;
-        let snapshot: VmSnapshot = read_json(&mut &read("state.bin")?[..], MAX_STATE_DOC)
-            .map_err(|e| invalid("state.bin", e))?;
-        let state: Option<vmm_core::introspect::IntrospectionState> =
-            read_json(&mut &read("introspection.bin")?[..], MAX_STATE_DOC)
-                .map_err(|e| invalid("introspection.bin", e))?;
-        let memory = std::fs::File::open(dir.join("memory.bin")).map_err(|e| HostError::Path {
-            what: "memory.bin".into(),
-            source: e,
-        })?;
+        let state_max = MAX_STATE_DOC as u64 + 4;
+        let spec: VmSpec = serde_json::from_slice(&read("spec.json", MAX_SPEC_FILE)?)
+            .map_err(|e| invalid("spec.json", e))?;
+        let snapshot: VmSnapshot =
+            read_json(&mut &read("state.bin", state_max)?[..], MAX_STATE_DOC)
+                .map_err(|e| invalid("state.bin", e))?;
+        let state: Option<vmm_core::introspect::IntrospectionState> = read_json(
+            &mut &read("introspection.bin", state_max)?[..],
+            MAX_STATE_DOC,
+        )
+        .map_err(|e| invalid("introspection.bin", e))?;
+        // Every page of the guest's RAM once (its number and bytes), then the end marker.
+        let pages = spec.memory_mib.saturating_mul(1 << 20) / PAGE as u64;
+        let memory_max = pages.saturating_mul(PAGE as u64 + 8).saturating_add(8);
+        let (memory, _) = input_file::open(&dir.join("memory.bin"), memory_max)
+            .map_err(|e| invalid("memory.bin", e))?;
         let Prepared {
             mut vm,
             introspection,
