@@ -104,6 +104,10 @@ pub struct Attribution {
     /// such a sockaddr is not an address (`addr` is `None`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub foreign_sockaddr: Option<u16>,
+    /// An IPv6 socket that takes no IPv4 peer (`IPV6_V6ONLY`): a bind or listen on its wildcard
+    /// is IPv6 only, and an IPv4 sockaddr is not its address.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub v6only: bool,
     pub process: Process,
     /// Why the executable's rules did not apply (identity mismatch, unpinned file, foreign
     /// code); set by the policy's decision.
@@ -333,13 +337,14 @@ type Decoded = (Option<IpAddr>, Option<u16>, Option<u16>);
 /// Decodes a `struct sockaddr` the kernel already copied in, by the family of the socket
 /// (`sock_family`), as the socket's own code reads it: an AF_INET socket reads a `sockaddr_in`
 /// (AF_UNSPEC too: `inet_bind` binds it as INADDR_ANY, `udp_sendmsg` sends to it); an AF_INET6
-/// socket a `sockaddr_in6`, or a `sockaddr_in` when the caller says AF_INET (`udpv6_sendmsg`,
-/// `ip6_datagram_connect` take IPv4 destinations). Every other socket family has no IP address,
-/// whatever its sockaddr looks like: a `sockaddr_ll` crafted to read as a `sockaddr_in` is not
-/// one. A family the socket does not take is reported, with no address.
+/// socket a `sockaddr_in6`, or a `sockaddr_in` where `ipv4_on_ipv6` says the call takes one
+/// (see [`takes_ipv4_sockaddr`]). Every other socket family has no IP address, whatever its
+/// sockaddr looks like: a `sockaddr_ll` crafted to read as a `sockaddr_in` is not one. A family
+/// the call does not take is reported, with no address.
 fn read_sockaddr<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
     sock_family: u16,
+    ipv4_on_ipv6: bool,
     addr: u64,
     addrlen: u64,
 ) -> Result<Decoded, MemError> {
@@ -351,12 +356,12 @@ fn read_sockaddr<M: GuestPhys + ?Sized>(
     let mut buf = [0u8; 24];
     let n = addrlen.min(buf.len() as u64) as usize;
     if r.read_virt(addr, &mut buf[..n]).is_ok() {
-        return decode_sockaddr(sock_family, addrlen, |at, out| {
+        return decode_sockaddr(sock_family, ipv4_on_ipv6, addrlen, |at, out| {
             out.copy_from_slice(&buf[at..at + out.len()]);
             Ok(())
         });
     }
-    decode_sockaddr(sock_family, addrlen, |at, out| {
+    decode_sockaddr(sock_family, ipv4_on_ipv6, addrlen, |at, out| {
         r.read_virt(crate::mem::field_addr(addr, at as u64)?, out)
     })
 }
@@ -365,6 +370,7 @@ fn read_sockaddr<M: GuestPhys + ?Sized>(
 /// `addrlen`.
 fn decode_sockaddr(
     sock_family: u16,
+    ipv4_on_ipv6: bool,
     addrlen: u64,
     get: impl Fn(usize, &mut [u8]) -> Result<(), MemError>,
 ) -> Result<Decoded, MemError> {
@@ -385,7 +391,7 @@ fn decode_sockaddr(
     };
     match (sock_family, family) {
         (abi::AF_INET, abi::AF_INET | abi::AF_UNSPEC) => v4(),
-        (abi::AF_INET6, abi::AF_INET) => v4(),
+        (abi::AF_INET6, abi::AF_INET) if ipv4_on_ipv6 => v4(),
         (abi::AF_INET6, abi::AF_INET6) if addrlen >= 24 => {
             let port = u16::from_be(u16_at(abi::SIN6_PORT)?);
             let mut ip = [0u8; 16];
@@ -397,6 +403,17 @@ fn decode_sockaddr(
         (s, f) if s == f => Ok((None, None, None)),
         (_, f) => Ok((None, None, Some(f))),
     }
+}
+
+/// Whether a call on an AF_INET6 socket takes a `sockaddr_in`: only a UDP socket's `connect`
+/// and `sendmsg` (`ip6_datagram_connect`, `udpv6_sendmsg`), and only where the socket takes
+/// IPv4 peers. `inet6_bind` and `tcp_v6_connect` refuse one (`EAFNOSUPPORT`), as do the ping
+/// and raw IPv6 sockets, and an `IPV6_V6ONLY` socket refuses IPv4 (`ENETUNREACH`): decoded
+/// as IPv4 anyway, such a call opened an IPv4 flow or port its socket never has.
+fn takes_ipv4_sockaddr(op: SocketOp, protocol: u16, v6only: bool) -> bool {
+    matches!(op, SocketOp::Connect | SocketOp::Sendmsg)
+        && matches!(protocol, abi::IPPROTO_UDP | abi::IPPROTO_UDPLITE)
+        && !v6only
 }
 
 /// Registers at the hook (function entry, SysV ABI).
@@ -573,12 +590,15 @@ pub fn attribute_with<M: GuestPhys + ?Sized>(
     let sk_s = if sk == 0 {
         None
     } else {
+        // The IPv6-only flag sits in `sock_common`, among the fields read anyway.
+        let flag = sk_f.skc_ipv6only.map_or(sk_f.skc_family, |f| f.byte());
         let (lo, hi) = span_of(&[
             sk_f.skc_family,
             sk_f.sk_protocol,
             sk_f.skc_rcv_saddr,
             sk_f.skc_num,
             sk_f.skc_v6_rcv_saddr,
+            flag,
         ]);
         Some(r.read_span(sk, lo, hi, &mut sk_buf)?)
     };
@@ -589,8 +609,16 @@ pub fn attribute_with<M: GuestPhys + ?Sized>(
             s.u16(sk_f.sk_protocol.offset),
         ),
     };
+    let v6only = family == abi::AF_INET6
+        && match (&sk_s, sk_f.skc_ipv6only) {
+            (Some(s), Some(f)) => s.bytes(f.offset, 1)[0] >> f.bit & 1 == 1,
+            _ => false,
+        };
+    let ipv4_on_ipv6 = takes_ipv4_sockaddr(op, protocol, v6only);
     let (addr, port, foreign_sockaddr) = match (op, &sk_s) {
-        (SocketOp::Connect | SocketOp::Bind, _) => read_sockaddr(r, family, args.rsi, args.rdx)?,
+        (SocketOp::Connect | SocketOp::Bind, _) => {
+            read_sockaddr(r, family, ipv4_on_ipv6, args.rsi, args.rdx)?
+        }
         (SocketOp::Sendmsg, _) => {
             // security_socket_sendmsg(sock, msg, size): the kernel's copy of the msghdr.
             let m = &profile.msghdr;
@@ -599,7 +627,7 @@ pub fn attribute_with<M: GuestPhys + ?Sized>(
             let msg = r.read_span(args.rsi, lo, hi, &mut buf)?;
             let name = msg.u64(m.msg_name.offset);
             let namelen = msg.u32(m.msg_namelen.offset);
-            read_sockaddr(r, family, name, u64::from(namelen))?
+            read_sockaddr(r, family, ipv4_on_ipv6, name, u64::from(namelen))?
         }
         (SocketOp::Listen, Some(s)) if family == abi::AF_INET => {
             let mut local = [0u8; 4];
@@ -623,6 +651,7 @@ pub fn attribute_with<M: GuestPhys + ?Sized>(
         addr,
         port,
         foreign_sockaddr,
+        v6only,
         process,
         identity_error: None,
     })

@@ -126,6 +126,8 @@ pub enum BtfError {
     NoSize { id: u32, kind: Kind },
     #[error("member `{path}` of `{ty}` is a bitfield not on a byte boundary")]
     Bitfield { ty: String, path: String },
+    #[error("member `{path}` of `{ty}` is not a one-bit bitfield")]
+    NotAFlag { ty: String, path: String },
     #[error("ELF has no .BTF section")]
     NoBtfSection,
     #[error(transparent)]

@@ -495,6 +495,7 @@ mod tests {
             addr: Some(addr.parse().unwrap()),
             port: Some(port),
             foreign_sockaddr: None,
+            v6only: false,
             process: Process {
                 pid: 10,
                 tgid: 10,

@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 10;
+pub const PROFILE_FORMAT: u32 = 11;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -143,6 +143,24 @@ pub struct SocketLayout {
     pub ops: Field,
 }
 
+/// A one-bit member (a bitfield of width 1): the byte holding it and the bit within that byte
+/// (x86-64 is little-endian: bitfields fill a byte from its least significant bit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BitFlag {
+    pub offset: u64,
+    pub bit: u8,
+}
+
+impl BitFlag {
+    /// As a one-byte [`Field`], for the spans a read covers.
+    pub fn byte(self) -> Field {
+        Field {
+            offset: self.offset,
+            size: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SockLayout {
     /// `__sk_common.skc_family`.
@@ -157,6 +175,11 @@ pub struct SockLayout {
     pub skc_v6_rcv_saddr: Field,
     pub sk_type: Field,
     pub sk_protocol: Field,
+    /// `__sk_common.skc_ipv6only`: an IPv6 socket that takes no IPv4 peer (`IPV6_V6ONLY`, or
+    /// `net.ipv6.bindv6only` when it was made). `None` in a profile written before it was
+    /// recorded: every IPv6 socket is taken for dual-stack, as before.
+    #[serde(default)]
+    pub skc_ipv6only: Option<BitFlag>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -302,6 +325,21 @@ fn field(btf: &Btf, s: &str, path: &str) -> Result<Field, BtfError> {
     })
 }
 
+/// A member that is a one-bit bitfield.
+fn flag(btf: &Btf, s: &str, path: &str) -> Result<BitFlag, BtfError> {
+    let m = btf.member(s, path)?;
+    if m.bitfield_size != 1 {
+        return Err(BtfError::NotAFlag {
+            ty: s.to_string(),
+            path: path.to_string(),
+        });
+    }
+    Ok(BitFlag {
+        offset: m.bit_offset / 8,
+        bit: (m.bit_offset % 8) as u8,
+    })
+}
+
 impl KernelProfile {
     /// Computes the profile from the kernel's BTF and (optionally) its kallsyms.
     pub fn build(
@@ -388,6 +426,7 @@ impl KernelProfile {
                 skc_v6_rcv_saddr: field(btf, sk, "__sk_common.skc_v6_rcv_saddr")?,
                 sk_type: field(btf, sk, "sk_type")?,
                 sk_protocol: field(btf, sk, "sk_protocol")?,
+                skc_ipv6only: Some(flag(btf, sk, "__sk_common.skc_ipv6only")?),
             },
             exec: ExecLayout {
                 task_stack: field(btf, t, "stack")?,
@@ -484,6 +523,8 @@ pub mod abi {
     /// `IPPROTO_TCP`, `IPPROTO_UDP` (include/uapi/linux/in.h).
     pub const IPPROTO_TCP: u16 = 6;
     pub const IPPROTO_UDP: u16 = 17;
+    /// `IPPROTO_UDPLITE`: UDP-Lite sockets share UDP's IPv6 send and connect paths.
+    pub const IPPROTO_UDPLITE: u16 = 136;
 
     /// `struct sockaddr_in` (include/uapi/linux/in.h): family u16, port be16 at 2, addr at 4, 16 bytes.
     pub const SIN_FAMILY: usize = 0;

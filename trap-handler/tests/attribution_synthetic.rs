@@ -337,6 +337,10 @@ impl Guest {
         self.reader().translate(va).expect("mapped").gpa
     }
 
+    fn read_u8(&self, va: u64) -> u8 {
+        self.reader().read_u8(va).expect("mapped")
+    }
+
     /// Writes `data` at a mapped virtual address, page by page.
     fn write(&mut self, va: u64, data: &[u8]) {
         let mut done = 0;
@@ -1007,6 +1011,7 @@ fn connect_ipv4_attributes_process_and_destination() {
             addr: Some(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7))),
             port: Some(443),
             foreign_sockaddr: None,
+            v6only: false,
             process: Process {
                 exe_file: Some(s.exe_file()),
                 ..s.process()
@@ -1981,7 +1986,8 @@ fn short_and_odd_sockaddr_lengths() {
     }
 
     // A sockaddr_in in the last 8 bytes of the mapped heap, with addrlen 16: only the 8 bytes that
-    // carry data are read.
+    // carry data are read (an IPv6 socket that takes IPv4 destinations: a dual-stack UDP one).
+    s.set_sock(abi::AF_INET6, abi::SOCK_DGRAM, abi::IPPROTO_UDP);
     let at_end = HEAP_END - 8;
     s.g.write(
         at_end,
@@ -2032,6 +2038,80 @@ fn unknown_and_non_ip_families() {
         (a.addr, a.port),
         (Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))), Some(53))
     );
+}
+
+/// An IPv6 socket takes a `sockaddr_in` only where its kernel code does: a dual-stack UDP
+/// socket's `connect` and `sendmsg`. `inet6_bind` and `tcp_v6_connect` refuse one, and an
+/// `IPV6_V6ONLY` socket refuses IPv4 peers; decoded as IPv4, such a call was decided (and its
+/// verdict opened) for an IPv4 port or flow its socket never has. The flag is read, and
+/// reported, from `sock_common`.
+#[test]
+fn an_ipv6_socket_takes_an_ipv4_sockaddr_only_where_the_kernel_does() {
+    let p = profile_or_skip!();
+    let flag = p.sock.skc_ipv6only.unwrap();
+    let v4 = Ipv4Addr::new(198, 51, 100, 1);
+    let set_v6only = |s: &mut Scene, on: bool| {
+        let at = s.sk + flag.offset;
+        let mut byte = [0u8; 1];
+        byte[0] = s.g.read_u8(at) & !(1 << flag.bit) | (u8::from(on) << flag.bit);
+        s.g.write(at, &byte);
+    };
+    let mut s = Scene::new(p);
+    s.set_sockaddr(&sockaddr_in(v4, 53));
+    // Dual-stack UDP: connect and sendto take IPv4.
+    s.set_sock(abi::AF_INET6, abi::SOCK_DGRAM, abi::IPPROTO_UDP);
+    for op in [SocketOp::Connect, SocketOp::Sendmsg] {
+        let a = s.run(op).ok();
+        assert_eq!(
+            (a.addr, a.port, a.v6only),
+            (Some(IpAddr::V4(v4)), Some(53), false)
+        );
+    }
+    // Its bind does not; nor does a TCP socket, nor an IPv6-only UDP socket.
+    let a = s.run(SocketOp::Bind).ok();
+    assert_eq!(
+        (a.addr, a.foreign_sockaddr),
+        (None, Some(abi::AF_INET)),
+        "bind"
+    );
+    s.set_sock(abi::AF_INET6, abi::SOCK_STREAM, abi::IPPROTO_TCP);
+    for op in [SocketOp::Connect, SocketOp::Bind, SocketOp::Sendmsg] {
+        let a = s.run(op).ok();
+        assert_eq!(
+            (a.addr, a.foreign_sockaddr),
+            (None, Some(abi::AF_INET)),
+            "tcp {op:?}"
+        );
+    }
+    s.set_sock(abi::AF_INET6, abi::SOCK_DGRAM, abi::IPPROTO_UDP);
+    set_v6only(&mut s, true);
+    for op in [SocketOp::Connect, SocketOp::Sendmsg] {
+        let a = s.run(op).ok();
+        assert!(a.v6only);
+        assert_eq!(
+            (a.addr, a.foreign_sockaddr),
+            (None, Some(abi::AF_INET)),
+            "v6only {op:?}"
+        );
+    }
+    // The flag is reported for a listener on the IPv6 wildcard (which then opens no IPv4 port),
+    // and only for an IPv6 socket.
+    s.set_sock(abi::AF_INET6, abi::SOCK_STREAM, abi::IPPROTO_TCP);
+    s.g.set(
+        s.sk,
+        p.sock.skc_v6_rcv_saddr,
+        &Ipv6Addr::UNSPECIFIED.octets(),
+    );
+    let a = s.run(SocketOp::Listen).ok();
+    assert_eq!(
+        (a.addr, a.v6only),
+        (Some(IpAddr::V6(Ipv6Addr::UNSPECIFIED)), true)
+    );
+    set_v6only(&mut s, false);
+    assert!(!s.run(SocketOp::Listen).ok().v6only);
+    set_v6only(&mut s, true);
+    s.set_sock(abi::AF_INET, abi::SOCK_STREAM, abi::IPPROTO_TCP);
+    assert!(!s.run(SocketOp::Listen).ok().v6only);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -189,9 +189,12 @@ pub(super) fn hook_rules(a: &Attribution, ends: Option<&SockEnds>) -> CallRules 
     verdict_rules(a, ends)
 }
 
-/// Every rule an allowed call opens: its own, and for a bind/listen on the IPv6 wildcard the
-/// IPv4 wildcard too (Linux sockets are dual-stack unless IPV6_V6ONLY or bindv6only say
-/// otherwise, and then IPv4 peers reach them as well).
+/// Every rule an allowed call opens: its own, and for a bind/listen on the IPv6 wildcard of a
+/// dual-stack socket the IPv4 wildcard too (Linux sockets are dual-stack unless IPV6_V6ONLY or
+/// bindv6only say otherwise, and then IPv4 peers reach them as well). An IPv6-only socket opens
+/// no IPv4 port: that port is not its own, and whatever other socket held it (a UDP socket
+/// another process had autobound there, by a send that names no destination and so reaches no
+/// decision) received what came to it.
 pub(super) fn verdict_rules(a: &Attribution, ends: Option<&SockEnds>) -> CallRules {
     let Some(rule) = verdict_rule(a, ends) else {
         return CallRules::none();
@@ -201,7 +204,8 @@ pub(super) fn verdict_rules(a: &Attribution, ends: Option<&SockEnds>) -> CallRul
     let dual_stack = rule.direction == Direction::Ingress
         && rule.ip_version == IpVersion::V6
         && rule.local_addr == [0; 16]
-        && rule.protocol != Protocol::Icmpv6;
+        && rule.protocol != Protocol::Icmpv6
+        && !a.v6only;
     CallRules {
         rules: [rule, v4],
         len: if dual_stack { 2 } else { 1 },
@@ -224,6 +228,7 @@ mod tests {
             addr: Some(addr.parse().unwrap()),
             port: Some(port),
             foreign_sockaddr: None,
+            v6only: false,
             process: Process {
                 pid: 7,
                 tgid: 7,
@@ -296,6 +301,19 @@ mod tests {
             verdict_rules(&attribution(SocketOp::Bind, "fd00::2", 7000, 6), None).len(),
             1
         );
+        // So is the wildcard of an IPV6_V6ONLY socket, TCP or UDP, bound or listening: the
+        // IPv4 port is another socket's.
+        for (op, proto) in [
+            (SocketOp::Bind, 17),
+            (SocketOp::Listen, 6),
+            (SocketOp::Bind, 6),
+        ] {
+            let mut v6only = attribution(op, "::", 7000, proto);
+            v6only.v6only = true;
+            let rules = verdict_rules(&v6only, None);
+            assert_eq!(rules.len(), 1, "{op:?} {proto}");
+            assert_eq!(rules[0].ip_version, IpVersion::V6);
+        }
         // connect() to ::ffff:10.0.0.1 is an IPv4 flow.
         let mapped = verdict_rules(
             &attribution(SocketOp::Connect, "::ffff:10.0.0.1", 80, 6),

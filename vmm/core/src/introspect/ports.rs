@@ -468,6 +468,7 @@ mod tests {
                 addr: Some("10.0.0.1".parse().unwrap()),
                 port: Some(80),
                 foreign_sockaddr: None,
+                v6only: false,
                 process: Process {
                     pid: tgid,
                     tgid,
