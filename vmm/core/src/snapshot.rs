@@ -231,16 +231,25 @@ pub fn write_memory(memory: &GuestMemoryMmap, out: &mut impl Write) -> io::Resul
 }
 
 /// Reads a page stream into `memory` (which the caller zeroed, or which is fresh). A page
-/// number outside RAM is an error.
+/// number outside RAM is an error, and so is a stream of more pages than RAM has: a writer
+/// sends each page once, and a peer that sent page 0 without end (or a corrupt stream that
+/// never ended) held the reader for ever.
 pub fn read_memory(memory: &GuestMemoryMmap, input: &mut impl Read) -> io::Result<u64> {
     let mut page = [0u8; PAGE];
     let mut number = [0u8; 8];
     let mut pages = 0;
+    let most = memory.iter().map(|r| r.len() / PAGE as u64).sum::<u64>();
     loop {
         input.read_exact(&mut number)?;
         let n = u64::from_le_bytes(number);
         if n == END_OF_PAGES {
             return Ok(pages);
+        }
+        if pages >= most {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more pages than the VM's RAM has ({most}) and no end"),
+            ));
         }
         input.read_exact(&mut page)?;
         let gpa = n
@@ -306,6 +315,12 @@ mod tests {
         bad.extend_from_slice(&[0u8; PAGE]);
         assert!(read_memory(&b, &mut &bad[..]).is_err());
         assert!(read_memory(&b, &mut &stream[..stream.len() - 1]).is_err());
+        // Page 0 without end: refused once the stream has more pages than RAM, not read on.
+        let endless = vec![0u8; 1000 * (8 + PAGE)];
+        let mut endless = &endless[..];
+        let e = read_memory(&b, &mut endless).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        assert!(e.to_string().contains("more pages than"), "{e}");
     }
 
     #[test]
