@@ -12,6 +12,8 @@ use thiserror::Error;
 
 use crate::mem::{walk, DirectMap, GuestPhys, MemError, VirtReader, PAGE_1G};
 use crate::profile::{abi, Field, KernelProfile};
+use crate::steer::steered;
+pub use crate::steer::{Steered, MAX_SECCOMP_FILTERS};
 
 /// Deepest maple tree we walk. A 6.1 VMA tree of `max_map_count` (65530) VMAs is at most 5 high
 /// (leaves of 16, internal nodes of 10); include/linux/maple_tree.h allows 31 (MAPLE_HEIGHT_MAX).
@@ -128,6 +130,10 @@ pub struct ExeFile {
     /// `open()`, which never carries it: a process that named another executable as its own
     /// after it started is not that executable, whatever it maps.
     pub from_exec: bool,
+    /// Another process that steers the task's system calls, if any (see [`Steered`]): then no
+    /// call of the task carries the executable's identity.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steered: Option<Steered>,
     /// The user instruction pointer checked.
     #[serde(serialize_with = "hex")]
     pub rip: u64,
@@ -142,7 +148,7 @@ fn hex<S: serde::Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
 const INODE_SPAN: usize = 1024;
 
 /// The lowest offset and the end of the highest of `fields`: the span one read covers.
-fn extent(fields: &[Field]) -> (u64, u64) {
+pub(crate) fn extent(fields: &[Field]) -> (u64, u64) {
     let lo = fields.iter().map(|f| f.offset).min().unwrap_or(0);
     let hi = fields
         .iter()
@@ -365,8 +371,41 @@ pub fn user_rip<M: GuestPhys + ?Sized>(
     p: &KernelProfile,
     task: u64,
 ) -> Result<Option<u64>, MemError> {
+    Ok(task_regs(r, p, task)?.0)
+}
+
+/// [`user_rip`], and the task's `ptrace` word where the profile has it, read with its stack
+/// pointer (they are 16 bytes apart on 6.1).
+fn task_regs<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    task: u64,
+) -> Result<(Option<u64>, Option<u32>), MemError> {
     let e = &p.exec;
-    let stack = r.read_field_u64(task, e.task_stack.offset)?;
+    let ptrace_f = e.task_ptrace.unwrap_or(e.task_stack);
+    let (lo, hi) = extent(&[e.task_stack, ptrace_f]);
+    let mut buf = [0u8; TASK_HEAD_SPAN];
+    let (stack, ptrace) = match r.read_span(task, lo, hi, &mut buf) {
+        Ok(s) => (
+            s.u64(e.task_stack.offset),
+            e.task_ptrace.map(|f| s.u32(f.offset)),
+        ),
+        // A profile whose fields are far apart: the stack pointer alone, as before.
+        Err(MemError::TooLong { .. }) => (r.read_field_u64(task, e.task_stack.offset)?, None),
+        Err(err) => return Err(err),
+    };
+    Ok((user_rip_of(r, p, stack)?, ptrace))
+}
+
+/// Largest span of a `task_struct`'s head read at once (`stack` .. `ptrace`).
+const TASK_HEAD_SPAN: usize = 64;
+
+fn user_rip_of<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    stack: u64,
+) -> Result<Option<u64>, MemError> {
+    let e = &p.exec;
     let regs = stack
         .wrapping_add(e.thread_size)
         .wrapping_sub(e.pt_regs_size);
@@ -499,7 +538,20 @@ fn code_origin_of<M: GuestPhys + ?Sized>(
     mm: u64,
     exe: Exe<'_>,
 ) -> Result<(CodeOrigin, u64), ExecError> {
-    let Some(rip) = user_rip(r, p, task)? else {
+    let (rip, _) = task_regs(r, p, task)?;
+    code_origin_at(r, p, roots, mm, exe, rip)
+}
+
+/// [`code_origin_of`] with the user RIP read (`None`: not user mode's registers).
+fn code_origin_at<M: GuestPhys + ?Sized>(
+    r: &VirtReader<'_, M>,
+    p: &KernelProfile,
+    roots: &KernelRoots,
+    mm: u64,
+    exe: Exe<'_>,
+    rip: Option<u64>,
+) -> Result<(CodeOrigin, u64), ExecError> {
+    let Some(rip) = rip else {
         return Ok((CodeOrigin::Kernel, 0));
     };
     let insn = rip.wrapping_sub(1);
@@ -718,13 +770,15 @@ pub(crate) fn exe_file_of<M: GuestPhys + ?Sized>(
         id: &id,
         mapping: facts.mapping,
     };
-    let (code, rip) = code_origin_of(r, p, roots, task, mm, exe)?;
+    let (user_rip, ptrace) = task_regs(r, p, task)?;
+    let (code, rip) = code_origin_at(r, p, roots, mm, exe, user_rip)?;
     Ok(ExeFile {
         id,
         init_mnt_ns: mount.ns != 0 && mount.ns == roots.init_mnt_ns,
         bind_mount: mount.root != s_root,
         code,
         from_exec: flags.is_some_and(|f| f & abi::FMODE_EXEC_OPEN != 0),
+        steered: steered(r, p, task, ptrace)?,
         rip,
     })
 }

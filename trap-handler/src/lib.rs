@@ -12,6 +12,8 @@
 //! - [`pagetable`]: page tables laid out in a memory image (tests, offline tools).
 //! - [`exec`]: the executable as a file: identity, mount namespace, the VMA (maple tree) of the
 //!   calling instruction.
+//! - [`steer`]: whether another process steers a task's system calls (a tracer, a seccomp
+//!   listener).
 //! - [`names`]: the comm and exe path an attribution carries, with no allocation per trap.
 //! - [`kaslr`]: link, virtual and physical kernel addresses; the slide from MSR_LSTAR.
 //! - [`elf`]: the vmlinux reader behind all of the above (headers and notes, on the `object` crate).
@@ -27,6 +29,7 @@ pub mod names;
 pub mod pagetable;
 pub mod policy;
 pub mod profile;
+pub mod steer;
 
 pub use btf::{Btf, BtfError};
 pub use kallsyms::{Kallsyms, KallsymsError, Symbol};

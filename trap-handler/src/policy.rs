@@ -400,6 +400,15 @@ impl Policy {
                 )),
             );
         }
+        if let Some(by) = file.steered {
+            return (
+                false,
+                Some(format!(
+                    "{path}: another process steers its system calls ({by:?}): what it makes \
+                     the program do lends no identity"
+                )),
+            );
+        }
         if !file.code.is_exe_code() {
             return (
                 false,
@@ -462,7 +471,7 @@ impl Policy {
 mod tests {
     use super::*;
     use crate::attribution::Process;
-    use crate::exec::{CodeOrigin, ExeFile};
+    use crate::exec::{CodeOrigin, ExeFile, Steered};
 
     fn id(ino: u64) -> FileId {
         FileId {
@@ -482,6 +491,7 @@ mod tests {
             bind_mount: false,
             code: CodeOrigin::Exe,
             from_exec: true,
+            steered: None,
             rip: 0x40_1000,
         }
     }
@@ -739,6 +749,22 @@ mod tests {
         );
         assert_eq!(policy.decide_noting(&mut a), Verdict::Deny);
         assert!(a.identity_error.unwrap().contains("did not execute it"));
+        // A task another process steers (a tracer, a seccomp listener), or one that cannot be
+        // told (a filter chain too long to walk).
+        for by in [Steered::Traced, Steered::SeccompListener, Steered::Unknown] {
+            let mut a = with_file(
+                ok.clone(),
+                ExeFile {
+                    steered: Some(by),
+                    ..genuine()
+                },
+            );
+            assert_eq!(policy.decide_noting(&mut a), Verdict::Deny, "{by:?}");
+            assert!(a
+                .identity_error
+                .unwrap()
+                .contains("steers its system calls"));
+        }
         let lib = with_file(
             ok.clone(),
             ExeFile {

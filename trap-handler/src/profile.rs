@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 11;
+pub const PROFILE_FORMAT: u32 = 12;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
@@ -231,6 +231,21 @@ pub struct ExecLayout {
     pub inode_i_mode: Option<Field>,
     #[serde(default)]
     pub inode_i_uid: Option<Field>,
+    /// `task_struct.ptrace` (non-zero while a tracer is attached), `task_struct.seccomp.mode`
+    /// and `.filter`, `seccomp_filter.prev` and `.notif` (a user-notification listener's state,
+    /// NULL once none): whether another process steers the task's system calls. `None` in a
+    /// profile written before they were recorded: then that is unknown, and no `exe` rule
+    /// applies (fail closed).
+    #[serde(default)]
+    pub task_ptrace: Option<Field>,
+    #[serde(default)]
+    pub task_seccomp_mode: Option<Field>,
+    #[serde(default)]
+    pub task_seccomp_filter: Option<Field>,
+    #[serde(default)]
+    pub seccomp_filter_prev: Option<Field>,
+    #[serde(default)]
+    pub seccomp_filter_notif: Option<Field>,
     pub inode_i_sb: Field,
     pub inode_i_ino: Field,
     pub inode_i_generation: Field,
@@ -443,6 +458,11 @@ impl KernelProfile {
                 sb_s_magic: Some(field(btf, "super_block", "s_magic")?),
                 inode_i_mode: Some(field(btf, "inode", "i_mode")?),
                 inode_i_uid: Some(field(btf, "inode", "i_uid")?),
+                task_ptrace: Some(field(btf, t, "ptrace")?),
+                task_seccomp_mode: Some(field(btf, t, "seccomp.mode")?),
+                task_seccomp_filter: Some(field(btf, t, "seccomp.filter")?),
+                seccomp_filter_prev: Some(field(btf, "seccomp_filter", "prev")?),
+                seccomp_filter_notif: Some(field(btf, "seccomp_filter", "notif")?),
                 inode_i_sb: field(btf, "inode", "i_sb")?,
                 inode_i_ino: field(btf, "inode", "i_ino")?,
                 inode_i_generation: field(btf, "inode", "i_generation")?,
@@ -550,6 +570,8 @@ pub mod abi {
     /// `f_flags`. `open(2)` and `openat2(2)` never let user space set it (`VALID_OPEN_FLAGS`,
     /// `build_open_how`), nor does `fcntl(F_SETFL)` (`SETFL_MASK`).
     pub const FMODE_EXEC_OPEN: u32 = 0x20;
+    /// `SECCOMP_MODE_FILTER` (include/uapi/linux/seccomp.h): a task under seccomp filters.
+    pub const SECCOMP_MODE_FILTER: u32 = 2;
     /// `TMPFS_MAGIC`, `HUGETLBFS_MAGIC` (include/uapi/linux/magic.h): the filesystems of
     /// `memfd_create` (with and without `MFD_HUGETLB`) and of shared anonymous mappings.
     pub const TMPFS_MAGIC: u64 = 0x0102_1994;

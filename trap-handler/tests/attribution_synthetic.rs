@@ -61,7 +61,7 @@ use trap_handler::attribution::{
 };
 use trap_handler::btf::Btf;
 use trap_handler::elf::{self, Elf};
-use trap_handler::exec::{CodeOrigin, ExeFile, FileId};
+use trap_handler::exec::{CodeOrigin, ExeFile, FileId, Steered};
 use trap_handler::kallsyms::Kallsyms;
 use trap_handler::mem::{
     GuestPhys, MemError, PageTableBuilder, PagingMode, PhysImage, VirtReader, PAGE_2M, PAGE_4K,
@@ -831,6 +831,7 @@ impl Scene {
             bind_mount: false,
             code: CodeOrigin::Exe,
             from_exec: true,
+            steered: None,
             rip: USER_RIP,
         }
     }
@@ -2563,6 +2564,66 @@ fn a_library_someone_but_root_could_write_is_not_the_executables() {
         );
         assert_eq!(v, Verdict::Allow, "mode {perm:o}");
     }
+}
+
+/// The genuine program runs its own code, but another process steers its system calls: a
+/// tracer (which rewrites its registers at each stop), or the holder of a seccomp
+/// user-notification listener on one of its filters (which may put its own socket in place of
+/// the program's descriptor, `SECCOMP_IOCTL_NOTIF_ADDFD`, and let the `connect` go on). Any user
+/// can do either to a program it starts. The calls lend no identity; a chain of filters without
+/// a listener (a systemd service's) is no one's, and a chain too long or looping is unknown.
+#[test]
+fn a_task_another_process_steers_lends_no_identity() {
+    let p = profile_or_skip!();
+    let e = &p.exec;
+    let (ptrace, mode, filter) = (
+        e.task_ptrace.unwrap(),
+        e.task_seccomp_mode.unwrap(),
+        e.task_seccomp_filter.unwrap(),
+    );
+    let (prev, notif) = (
+        e.seccomp_filter_prev.unwrap(),
+        e.seccomp_filter_notif.unwrap(),
+    );
+    let check = |s: &Scene, steered: Option<Steered>| {
+        let policy = pinned_policy(&Scene::new(p));
+        let (v, a) = decide(s, &policy);
+        let f = a.process.exe_file.clone().unwrap();
+        assert_eq!((f.code, f.steered), (CodeOrigin::Exe, steered));
+        if steered.is_some() {
+            assert_eq!(v, Verdict::Deny, "{steered:?}");
+            let why = a.identity_error.unwrap();
+            assert!(why.contains("steers its system calls"), "{why}");
+        } else {
+            assert_eq!(v, Verdict::Allow);
+        }
+    };
+    // Traced.
+    let mut s = Scene::new(p);
+    check(&s, None);
+    let task = s.task;
+    s.g.set_u32(task, ptrace, 1);
+    check(&s, Some(Steered::Traced));
+    s.g.set_u32(task, ptrace, 0);
+    // Two filters, the older with a listener.
+    let size = prev.offset.max(notif.offset) + 8;
+    let (newer, older) = (s.g.alloc(size), s.g.alloc(size));
+    s.g.set_u64(newer, prev, older);
+    s.g.set_u64(older, notif, 0xffff_8880_0123_4000);
+    s.g.set_u32(task, mode, abi::SECCOMP_MODE_FILTER);
+    s.g.set_u64(task, filter, newer);
+    check(&s, Some(Steered::SeccompListener));
+    // No listener (or strict mode, which has no filters): no one steers it.
+    s.g.set_u64(older, notif, 0);
+    check(&s, None);
+    s.g.set_u32(task, mode, 1);
+    s.g.set_u64(older, notif, 0xffff_8880_0123_4000);
+    check(&s, None);
+    // A chain that loops, with no listener in it: walked within its bound, unknown.
+    s.g.set_u32(task, mode, abi::SECCOMP_MODE_FILTER);
+    s.g.set_u64(older, notif, 0);
+    s.g.set_u64(older, prev, newer);
+    check(&s, Some(Steered::Unknown));
 }
 
 /// A scene whose call comes from the library's code.
