@@ -485,3 +485,48 @@ fn tagged_frames_from_a_tenant_port_are_dropped() {
     }
     assert_eq!(f.counters().dropped(DropReason::VlanTagged), 8);
 }
+
+#[test]
+fn unicast_packets_in_group_frames_are_dropped() {
+    let mut f = switch();
+    // A flow the verdicts open, sent to the broadcast MAC or a multicast one: the edge's
+    // outside link would carry it to every machine there.
+    let syn = tcp(Ip::V4(TENANT), Ip::V4(SERVER), 40000, 80, Seg::Syn);
+    let syn6 = tcp(Ip::V6(TENANT6), Ip::V6(SERVER6), 40000, 80, Seg::Syn);
+    for mac in [BCAST, [0x01, 0, 0x5e, 0, 0, 1], [0x33, 0x33, 0, 0, 0, 1]] {
+        for frame in [&syn, &syn6] {
+            let mut frame = frame.clone();
+            frame[..6].copy_from_slice(&mac);
+            assert_eq!(
+                admit(&mut f, &frame),
+                dropped(DropReason::UnicastToGroup),
+                "{mac:02x?}"
+            );
+        }
+    }
+    assert_eq!(f.counters().dropped(DropReason::UnicastToGroup), 6);
+    // To a unicast MAC, and group packets in group frames, as before.
+    assert_eq!(admit(&mut f, &syn), Admit::Pass);
+    assert_eq!(admit(&mut f, &syn6), Admit::Pass);
+    let dhcp = to_mac(frames::udp(Ip::V4([0; 4]), Ip::V4([255; 4]), 68, 67), BCAST);
+    assert_eq!(admit(&mut f, &dhcp), Admit::Pass);
+    let subnet = to_mac(
+        frames::udp(Ip::V4(TENANT), Ip::V4([10, 0, 0, 255]), 5000, 5000),
+        BCAST,
+    );
+    assert_eq!(admit(&mut f, &subnet), Admit::Pass);
+    let mdns = to_mac(
+        frames::udp(Ip::V4(TENANT), Ip::V4([224, 0, 0, 251]), 5353, 5353),
+        [0x01, 0, 0x5e, 0, 0, 0xfb],
+    );
+    assert_eq!(admit(&mut f, &mdns), Admit::Pass);
+    let mut all_nodes = [0u8; 16];
+    all_nodes[0] = 0xff;
+    all_nodes[1] = 0x02;
+    all_nodes[15] = 1;
+    let ping6 = to_mac(
+        icmp6_echo(TENANT6, all_nodes, true, 1),
+        [0x33, 0x33, 0, 0, 0, 1],
+    );
+    assert_eq!(admit(&mut f, &ping6), Admit::Pass);
+}

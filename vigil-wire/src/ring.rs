@@ -361,11 +361,15 @@ pub enum DropReason {
     /// leaves the cloud (the edge's outside link on a trunk or a VLAN-aware bridge), or its
     /// priority there.
     VlanTagged = 22,
+    /// (Switch) a unicast IP packet from a tenant port in a broadcast or multicast Ethernet frame:
+    /// no stack sends one, and it would reach every machine on the segments it crosses (the
+    /// edge's outside link among them), not only the address its verdict opens.
+    UnicastToGroup = 23,
 }
 
 impl DropReason {
     /// Number of reasons (size of the per-reason counter array).
-    pub const COUNT: usize = 23;
+    pub const COUNT: usize = 24;
     pub const ALL: [DropReason; DropReason::COUNT] = [
         DropReason::Malformed,
         DropReason::NonIp,
@@ -390,6 +394,7 @@ impl DropReason {
         DropReason::FlowQuota,
         DropReason::NeighborRate,
         DropReason::VlanTagged,
+        DropReason::UnicastToGroup,
     ];
 
     /// Stable name for logs and metrics.
@@ -418,6 +423,7 @@ impl DropReason {
             DropReason::FlowQuota => "flow_quota",
             DropReason::NeighborRate => "neighbor_rate",
             DropReason::VlanTagged => "vlan_tagged",
+            DropReason::UnicastToGroup => "unicast_to_group",
         }
     }
 }

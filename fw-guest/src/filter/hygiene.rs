@@ -5,8 +5,9 @@
 //! [`super::tenancy::PORT_ADDRS`] addresses per family. A frame from the port must be untagged
 //! (the port is an access port: a tenant-chosen 802.1Q tag would pick the VLAN, or the priority,
 //! of its frames on the edge's outside link; [`DropReason::VlanTagged`]), carry that MAC as its
-//! Ethernet source, and an IP packet one of those addresses (or the EUI-64 link-local of
-//! the MAC; or, for a DHCP discover, 0.0.0.0) as its source. ARP and neighbour discovery are
+//! Ethernet source, and an IP packet one of those addresses (or the EUI-64 link-local of the
+//! MAC; or, for a DHCP discover, 0.0.0.0) as its source, and a unicast one a unicast Ethernet
+//! destination ([`DropReason::UnicastToGroup`]). ARP and neighbour discovery are
 //! judged field by field, because they reach the uplink without a verdict: every byte of them
 //! must be one the switch can predict, so they carry no tenant-chosen data out of the host.
 //! The other way, a port takes only what is addressed to it: its MAC or a group, and IP packets
@@ -288,6 +289,10 @@ impl<'a> Filter<'a> {
         if id.mac == [0; 6] || frame[6..12] != id.mac {
             return Admit::Drop(DropReason::SpoofedMac);
         }
+        // A unicast packet goes to one machine's MAC: in a group frame it would reach every
+        // machine on the way (the edge's outside link floods it), a listener on that segment
+        // included, whatever address the verdict opens.
+        let group = frame[0] & 1 != 0;
         match EthernetProtocol::from(ethertype) {
             EthernetProtocol::Arp => self.admit_arp(port, id, frame, body, at, now_ns, reply),
             EthernetProtocol::Ipv4 => {
@@ -296,11 +301,18 @@ impl<'a> Filter<'a> {
                 };
                 let h = ip.as_ref();
                 let src = v4(&h[12..16]);
-                if id.has_v4(src) || (src == [0; 4] && dhcp_discover(&ip)) {
-                    Admit::Pass
-                } else {
-                    Admit::Drop(DropReason::SpoofedSource)
+                if !id.has_v4(src) && !(src == [0; 4] && dhcp_discover(&ip)) {
+                    return Admit::Drop(DropReason::SpoofedSource);
                 }
+                let d = v4(&h[16..20]);
+                if group
+                    && d[0] & 0xf0 != 0xe0
+                    && d != [255; 4]
+                    && !(d[3] == 255 && id.on_link_v4(d))
+                {
+                    return Admit::Drop(DropReason::UnicastToGroup);
+                }
+                Admit::Pass
             }
             EthernetProtocol::Ipv6 => {
                 if body.len() < IPV6_HEADER {
@@ -311,11 +323,13 @@ impl<'a> Filter<'a> {
                 {
                     return self.admit_nd(port, id, frame, body, at, now_ns, reply);
                 }
-                if id.has_v6(&a16(&body[8..24])) {
-                    Admit::Pass
-                } else {
-                    Admit::Drop(DropReason::SpoofedSource)
+                if !id.has_v6(&a16(&body[8..24])) {
+                    return Admit::Drop(DropReason::SpoofedSource);
                 }
+                if group && body[24] != 0xff {
+                    return Admit::Drop(DropReason::UnicastToGroup);
+                }
+                Admit::Pass
             }
             EthernetProtocol::Unknown(_) => Admit::Pass,
         }
