@@ -301,7 +301,7 @@ impl<'a> Filter<'a> {
                 };
                 let h = ip.as_ref();
                 let src = v4(&h[12..16]);
-                if !id.has_v4(src) && !(src == [0; 4] && dhcp_discover(&ip)) {
+                if !(id.has_v4(src) || (src == [0; 4] && dhcp_discover(&ip))) {
                     return Admit::Drop(DropReason::SpoofedSource);
                 }
                 let d = v4(&h[16..20]);
