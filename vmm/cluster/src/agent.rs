@@ -12,7 +12,8 @@
 //!   tenant assigned to it that runs on a live host, listens for it and writes
 //!   `/vigil/migrations/<id>` (the URL, under its lease); the old host's agent, seeing that
 //!   record, sends the tenant there (`Host::send_migration`, pre-copy), and the new host adopts
-//!   it when it runs there (status `action: migrate`). Otherwise, or when it fails, the move is
+//!   it when it runs there (status `action: migrate`; a record changed during the move is then
+//!   applied to it, a new policy by `policy`). Otherwise, or when it fails, the move is
 //!   a delete here and a create there from the spec: the old host waits at most
 //!   [`LEAVE_WAIT`] for the record, then deletes (fail closed: nothing runs where etcd says it
 //!   should not for longer); the new host waits at most [`ARRIVE_WAIT`] for the tenant, then
@@ -737,8 +738,17 @@ impl Agent {
                 continue;
             };
             self.drop_migration_record(client, &id, lease).await;
+            let (me, rec) = (&self.config.name, Some(&waiting.record));
             let action = match why {
-                None => Action::Adopt(waiting.record.spec),
+                // It runs the spec its source sent, which the record may no longer be (a policy
+                // changed during the move): what differs is applied, not just reported.
+                None => match self.host.spec(&id).map(|r| (plan(me, Some(&r), rec), r)) {
+                    Ok((Action::Confirm, _)) | Err(_) => Action::Adopt(waiting.record.spec),
+                    Ok((change, running)) => {
+                        self.applied.insert(id.clone(), running);
+                        change
+                    }
+                },
                 Some(why) => {
                     self.emit(
                         "cluster_migration_failed",

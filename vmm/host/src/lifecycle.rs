@@ -357,6 +357,17 @@ impl Host {
         self.emit("vm_stopped", id, event);
     }
 
+    /// The spec tenant `id` runs with (its policy the one in force).
+    pub fn spec(&self, id: &str) -> Result<VmSpec, HostError> {
+        let tenants = self.tenants();
+        let t = tenants.get(id).ok_or_else(|| HostError::not_found(id))?;
+        let mut spec = t.spec.clone();
+        if let Some(i) = &t.introspection {
+            spec.policy = i.policy_spec();
+        }
+        Ok(spec)
+    }
+
     pub fn policy(&self, id: &str) -> Result<PolicySpec, HostError> {
         let tenants = self.tenants();
         let t = tenants.get(id).ok_or_else(|| HostError::not_found(id))?;
