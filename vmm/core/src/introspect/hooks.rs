@@ -211,13 +211,17 @@ impl Introspection {
         // A listen on a socket never bound: the policy decides once the port is known (what the
         // hook asks is only whether any port could be allowed).
         let deferred = wait == Some(PortPoint::Listening);
+        // The policy's epoch travels with the decision: a verdict is granted only under the
+        // policy that allowed it.
+        let mut epoch = self.policy_epoch();
         let verdict = match &mut attributed {
             _ if error.is_some() => Verdict::Deny,
-            Ok(a) => hook_verdict(
-                &self.policy.read().unwrap_or_else(|p| p.into_inner()).1,
-                a,
-                wait,
-            ),
+            Ok(a) => {
+                let (verdict, under) =
+                    self.decide_under_policy(|policy| hook_verdict(policy, a, wait));
+                epoch = under;
+                verdict
+            }
             Err(_) => Verdict::Deny,
         };
         let mut verdict_seq = None;
@@ -231,6 +235,7 @@ impl Introspection {
                         point,
                         attribution: a.clone(),
                         decided: !deferred,
+                        epoch,
                         work_ns: monotonic_ns().saturating_sub(t_ns),
                         since: now,
                     };
@@ -246,7 +251,7 @@ impl Introspection {
                 (Ok(a), None) => {
                     // The verdicts reach the tiers before the vCPU resumes, or the call is
                     // denied.
-                    match self.produce_verdicts(&hook_rules(a, ends.as_ref())) {
+                    match self.produce_verdicts(&hook_rules(a, ends.as_ref()), epoch) {
                         Ok(seq) => verdict_seq = seq,
                         Err(undelivered) => {
                             error = Some(undelivered.to_string());
@@ -414,15 +419,11 @@ impl Introspection {
                 CallRules::none()
             }
         };
+        let mut epoch = call.epoch;
         if !call.decided && error.is_none() {
             // A listen decided with the port the kernel assigned, or a call waiting while the
             // policy was replaced.
-            verdict = self
-                .policy
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .1
-                .decide_noting(&mut a);
+            (verdict, epoch) = self.decide_under_policy(|policy| policy.decide_noting(&mut a));
         }
         if rules.is_empty() && error.is_none() && verdict == Verdict::Allow {
             error = Some(format!("no local port at {}", point.name()));
@@ -430,7 +431,7 @@ impl Introspection {
         let mut verdict_seq = None;
         let mut outcome = HookOutcome::Allow;
         if error.is_none() && verdict == Verdict::Allow {
-            match self.produce_verdicts(&rules) {
+            match self.produce_verdicts(&rules, epoch) {
                 Ok(seq) => verdict_seq = seq,
                 Err(undelivered) => error = Some(undelivered.to_string()),
             }

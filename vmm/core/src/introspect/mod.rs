@@ -81,6 +81,10 @@ pub struct Introspection {
     roots: RootsCache,
     /// The policy in force and the spec it was compiled from (replaceable while the VM runs).
     policy: RwLock<(PolicySpec, Policy)>,
+    /// How many times the policy was replaced: the policy a call was decided under. Moved
+    /// under the policy's write lock and the outbox's lock; a verdict decided under an older
+    /// policy is not granted (see [`Self::decide_under_policy`]).
+    policy_epoch: std::sync::atomic::AtomicU64,
     /// (operation, guest-virtual address of its LSM hook), at most three: DR1-DR3.
     pub hooks: Vec<(SocketOp, u64)>,
     /// Hooks by software breakpoint (an `int3` Vigil writes over the function's `endbr64`), for
@@ -234,6 +238,7 @@ impl Introspection {
             roots: RootsCache::default(),
             profile,
             policy: RwLock::new((spec, policy)),
+            policy_epoch: std::sync::atomic::AtomicU64::new(0),
             hooks,
             slide: std::sync::atomic::AtomicU64::new(0),
             soft_hooks,
@@ -321,6 +326,22 @@ impl Introspection {
         }
     }
 
+    /// Decides with the policy in force (`decide`), and says which policy that was: the epoch
+    /// [`Self::produce_verdicts`] is given, which grants nothing decided under a policy since
+    /// replaced. Without it, a call decided just before a `PUT vm.policy` had its verdict
+    /// granted just after the replacement revoked everything and the host flushed the tiers: a
+    /// flow the new policy denies stayed open, for as long as it carried traffic.
+    pub(super) fn decide_under_policy<R>(&self, decide: impl FnOnce(&Policy) -> R) -> (R, u64) {
+        let in_force = self.policy.read().unwrap_or_else(|p| p.into_inner());
+        let epoch = self.policy_epoch.load(std::sync::atomic::Ordering::Acquire);
+        (decide(&in_force.1), epoch)
+    }
+
+    /// The epoch of the policy in force (see [`Self::decide_under_policy`]).
+    pub(super) fn policy_epoch(&self) -> u64 {
+        self.policy_epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The policy spec in force.
     pub fn policy_spec(&self) -> PolicySpec {
         self.policy
@@ -338,7 +359,13 @@ impl Introspection {
         // Hold the outbox while the policy changes: no verdict of the old policy is granted
         // after the revocation.
         let mut outbox = self.verdicts.lock().unwrap_or_else(|p| p.into_inner());
-        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = (spec, policy);
+        {
+            let mut in_force = self.policy.write().unwrap_or_else(|p| p.into_inner());
+            *in_force = (spec, policy);
+            // A call decided under the old policy and not granted yet is granted never.
+            self.policy_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
         outbox.revoke_all();
         // Calls the old policy let through to a port point are decided there by the new one.
         self.pending

@@ -90,6 +90,9 @@ pub(super) struct Pending {
     /// (listen: a `ports` rule applies to the port the kernel assigns; any call waiting while
     /// the policy was replaced).
     pub decided: bool,
+    /// The epoch of the policy it was decided under (see `Introspection::decide_under_policy`):
+    /// its verdict is granted only while that policy is in force.
+    pub epoch: u64,
     /// VMM work at the LSM hook, added to the call's event.
     pub work_ns: u64,
     pub since: Instant,
@@ -483,6 +486,7 @@ mod tests {
                 identity_error: None,
             },
             decided: true,
+            epoch: 0,
             work_ns: 0,
             since,
         }

@@ -179,6 +179,14 @@ pub enum Undelivered {
     /// The `verdict.push` failpoint failed the delivery (fault injection).
     #[error("failpoint verdict.push: the call's verdict was not delivered: the call is denied")]
     Injected,
+    /// The policy the call was decided under was replaced before its verdict was granted (the
+    /// replacement revoked everything granted before it): nothing is granted, the call is
+    /// denied, and a retry is decided by the policy now in force.
+    #[error(
+        "policy_replaced: the policy the call was decided under was replaced before its verdict \
+         was granted: the call is denied"
+    )]
+    PolicyReplaced,
 }
 
 /// Offers `records` to `tiers` until they take them (all at once), refuse them, or
@@ -295,7 +303,16 @@ impl Introspection {
     /// [`DELIVERY_WAIT`] (the switch's ring stays full) is not granted: the caller denies the
     /// call, so no call is allowed in the guest while its flow is dropped on the wire. Without
     /// tiers (a VM not plugged into any), the records wait for [`Self::take_verdicts`].
-    pub(super) fn produce_verdicts(&self, rules: &[Rule]) -> Result<Option<u64>, Undelivered> {
+    ///
+    /// `decided_under` is the epoch of the policy that allowed the call
+    /// ([`Self::decide_under_policy`]): if the policy was replaced since, nothing is granted
+    /// ([`Undelivered::PolicyReplaced`]). Checked under the outbox's lock, which the
+    /// replacement holds while it swaps the policy and revokes what was granted.
+    pub(super) fn produce_verdicts(
+        &self,
+        rules: &[Rule],
+        decided_under: u64,
+    ) -> Result<Option<u64>, Undelivered> {
         if rules.is_empty() {
             return Ok(None);
         }
@@ -309,6 +326,11 @@ impl Introspection {
         let records = &mut records[..rules.len().min(MAX_RULES_PER_CALL)];
         let first = {
             let mut outbox = self.outbox();
+            if self.policy_epoch() != decided_under {
+                self.undelivered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Err(Undelivered::PolicyReplaced);
+            }
             let first = outbox.next_seq;
             for (record, rule) in records.iter_mut().zip(rules) {
                 *record = granted_record(self.tenant, outbox.take_seq(), *rule);
@@ -423,11 +445,37 @@ mod tests {
         }
     }
 
+    /// A call allowed by a policy that is replaced before its verdict is granted: the
+    /// replacement revoked everything granted and the host flushes the tiers, so a grant after
+    /// it would open, under the new policy, a flow only the old one allowed. Not granted; the
+    /// call is denied and counted, and a call decided under the new policy is granted.
+    #[test]
+    fn a_verdict_decided_under_a_replaced_policy_is_not_granted() {
+        let tiers = SlowTiers::new(0);
+        let i = introspection(Some(tiers.clone()));
+        let (_, old) = i.decide_under_policy(|_| ());
+        i.replace_policy(serde_json::from_str(r#"{"allow": []}"#).unwrap())
+            .unwrap();
+        assert_eq!(
+            i.produce_verdicts(&[egress(80)], old),
+            Err(Undelivered::PolicyReplaced)
+        );
+        assert!(tiers.taken.lock().unwrap().is_empty());
+        assert!(i.export_state().granted.is_empty());
+        assert_eq!(i.undelivered_calls(), 1);
+        let (_, new) = i.decide_under_policy(|_| ());
+        assert_ne!(new, old);
+        assert_eq!(i.produce_verdicts(&[egress(81)], new).unwrap(), Some(1));
+        assert_eq!(tiers.taken.lock().unwrap().len(), 1);
+    }
+
     #[test]
     fn a_refused_verdict_denies_the_call_at_once_and_says_why() {
         let tiers = std::sync::Arc::new(RefusingTiers(0.into()));
         let i = introspection(Some(tiers.clone()));
-        let err = i.produce_verdicts(&[egress(80)]).unwrap_err();
+        let err = i
+            .produce_verdicts(&[egress(80)], i.policy_epoch())
+            .unwrap_err();
         assert_eq!(err, Undelivered::Refused("over_quota"));
         assert!(
             err.to_string().starts_with("verdict_refused (over_quota)"),
@@ -445,7 +493,9 @@ mod tests {
         // could outlast the 5 ms bound on a loaded host, and then the call is rightly denied).
         let tiers = SlowTiers::new(1);
         let i = introspection(Some(tiers.clone()));
-        let seq = i.produce_verdicts(&[egress(80), egress(81)]).unwrap();
+        let seq = i
+            .produce_verdicts(&[egress(80), egress(81)], i.policy_epoch())
+            .unwrap();
         assert_eq!(seq, Some(1));
         assert_eq!(
             tiers.taken.lock().unwrap().len(),
@@ -454,7 +504,7 @@ mod tests {
         );
         assert_eq!(i.export_state().granted.len(), 2);
         assert_eq!(i.take_verdicts().0.len(), 0, "nothing left waiting");
-        assert_eq!(i.produce_verdicts(&[]).unwrap(), None);
+        assert_eq!(i.produce_verdicts(&[], i.policy_epoch()).unwrap(), None);
     }
 
     #[test]
@@ -463,7 +513,7 @@ mod tests {
         let i = introspection(Some(tiers.clone()));
         let started = Instant::now();
         assert_eq!(
-            i.produce_verdicts(&[egress(80)]),
+            i.produce_verdicts(&[egress(80)], i.policy_epoch()),
             Err(Undelivered::Timeout("ring_full"))
         );
         assert!(
@@ -497,7 +547,7 @@ mod tests {
             let i = i.clone();
             std::thread::Builder::new()
                 .name("fp-push-vcpu0".into())
-                .spawn(move || i.produce_verdicts(&[egress(80)]))
+                .spawn(move || i.produce_verdicts(&[egress(80)], i.policy_epoch()))
                 .unwrap()
                 .join()
                 .unwrap()
@@ -509,7 +559,10 @@ mod tests {
         let error = Undelivered::Injected.to_string();
         assert!(error.contains("failpoint verdict.push") && error.contains("denied"));
         // Another thread (another VM's vCPU) is not aimed at: its call goes through.
-        assert_eq!(i.produce_verdicts(&[egress(81)]).unwrap(), Some(1));
+        assert_eq!(
+            i.produce_verdicts(&[egress(81)], i.policy_epoch()).unwrap(),
+            Some(1)
+        );
         assert_eq!(tiers.taken.lock().unwrap().len(), 1);
         assert_eq!(i.undelivered_calls(), 1);
     }
@@ -530,7 +583,7 @@ mod tests {
         assert!(pushed > 0);
         let i = introspection(Some(region.clone()));
         assert_eq!(
-            i.produce_verdicts(&[egress(80), egress(81)]),
+            i.produce_verdicts(&[egress(80), egress(81)], i.policy_epoch()),
             Err(Undelivered::Timeout("ring_full")),
             "two records, at most one slot: none goes in"
         );
@@ -540,7 +593,10 @@ mod tests {
     #[test]
     fn without_tiers_verdicts_wait_for_one() {
         let i = introspection(None);
-        assert_eq!(i.produce_verdicts(&[egress(80)]).unwrap(), Some(1));
+        assert_eq!(
+            i.produce_verdicts(&[egress(80)], i.policy_epoch()).unwrap(),
+            Some(1)
+        );
         let (waiting, overflowed) = i.take_verdicts();
         assert_eq!((waiting.len(), overflowed), (1, 0));
     }
@@ -548,7 +604,8 @@ mod tests {
     #[test]
     fn a_replaced_policy_forgets_what_the_old_one_granted() {
         let i = introspection(None);
-        i.produce_verdicts(&[egress(80), egress(81)]).unwrap();
+        i.produce_verdicts(&[egress(80), egress(81)], i.policy_epoch())
+            .unwrap();
         assert_eq!(i.export_state().granted.len(), 2);
         i.replace_policy(policy()).unwrap();
         let state = i.export_state();
@@ -562,7 +619,7 @@ mod tests {
         );
         assert!(state.next_seq > 2, "sequence numbers go on");
         // What the new policy grants is kept as before.
-        i.produce_verdicts(&[egress(82)]).unwrap();
+        i.produce_verdicts(&[egress(82)], i.policy_epoch()).unwrap();
         assert_eq!(i.export_state().granted.len(), 1);
     }
 
