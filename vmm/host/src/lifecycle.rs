@@ -250,6 +250,7 @@ impl Host {
             .get_mut(id)
             .ok_or_else(|| HostError::not_found(id))?;
         t.refresh();
+        t.not_migrating(verb)?;
         if t.state != from {
             return Err(HostError::WrongState {
                 id: id.into(),
@@ -273,6 +274,10 @@ impl Host {
         // tenant attached under its number before this flush would be flushed by it.
         let (t, _claim) = {
             let mut tenants = self.tenants();
+            tenants
+                .get(id)
+                .ok_or_else(|| HostError::not_found(id))?
+                .not_migrating("is deleted")?;
             let t = tenants.remove(id).ok_or_else(|| HostError::not_found(id))?;
             let mut claims = self.claims.lock();
             let claim = self.claims.take(&mut claims, Claim::of(&t.spec));
@@ -386,6 +391,7 @@ impl Host {
                 .get_mut(id)
                 .ok_or_else(|| HostError::not_found(id))?;
             t.refresh();
+            t.not_migrating("takes a new policy")?;
             if let Some(i) = &t.introspection {
                 i.replace_policy(spec.clone())
                     .map_err(|e| HostError::InvalidPolicy(e.to_string()))?;

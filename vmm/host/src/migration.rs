@@ -200,6 +200,7 @@ impl Host {
             }
             // Migrating from here on: no other action may touch it meanwhile.
             t.state = VmState::Paused;
+            t.migrating = true;
             (
                 t.spec.clone(),
                 t.handle.clone(),
@@ -212,6 +213,7 @@ impl Host {
         let set_state = |state| {
             if let Some(t) = self.tenants().get_mut(id) {
                 t.state = state;
+                t.migrating = false;
             }
         };
         let slots = handle.slots().clone();

@@ -66,6 +66,7 @@ impl Host {
                 .get_mut(id)
                 .ok_or_else(|| HostError::not_found(id))?;
             t.refresh();
+            t.not_migrating("is saved")?;
             if !matches!(t.state, VmState::Running | VmState::Paused) {
                 return Err(HostError::WrongState {
                     id: id.into(),

@@ -73,6 +73,8 @@ pub(crate) struct Tenant {
     /// Restored from a snapshot and not resumed yet: the first `vm.resume` announces it (see
     /// `Host::announce`), with the edge's acknowledgement of its claim to wait for.
     pub(crate) announce_on_resume: Option<Option<edge::link::Queued>>,
+    /// Being sent to another host (`send_migration`): nothing else may act on it meanwhile.
+    pub(crate) migrating: bool,
 }
 
 /// What a tenant VM's thread runs when the VM stopped on its own (the reason, and whether it
@@ -131,6 +133,7 @@ impl Tenant {
             handle: vm.handle(),
             net: vm.net_counters(),
             announce_on_resume: None,
+            migrating: false,
             introspection,
             vm: None,
             thread: None,
@@ -138,6 +141,20 @@ impl Tenant {
             created_unix_ms: now_unix_ms(),
             spec,
         }
+    }
+
+    /// Refuses an action on a tenant being migrated to another host: a policy replaced here
+    /// would be lost there (the target builds it from the spec sent first), a delete would
+    /// leave it running there, and a resume would run it here after its last pages were sent.
+    pub(crate) fn not_migrating(&self, verb: &str) -> Result<(), HostError> {
+        if self.migrating {
+            return Err(HostError::WrongState {
+                id: self.spec.id.clone(),
+                state: self.state,
+                allowed: format!("it is migrating to another host: it {verb} once that ended"),
+            });
+        }
+        Ok(())
     }
 
     /// Notices a guest that stopped on its own.
