@@ -151,7 +151,9 @@ impl Run<'_> {
         }
         let from_uplink = from == UPLINK_TENANT;
         if from_uplink {
-            self.filter.observe_uplink(frame, self.now);
+            if self.filter.observe_uplink(frame, self.now).is_some() {
+                return;
+            }
         } else {
             let mut reply = [0u8; REPLY_MAX];
             match self.filter.admit(port, frame, self.now, &mut reply) {

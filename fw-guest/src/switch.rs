@@ -117,7 +117,11 @@ impl<'a> Ports<'a> {
         }
         let from_uplink = from == UPLINK_TENANT;
         if from_uplink {
-            filter.observe_uplink(bytes, now);
+            // A neighbour claim the switch does not believe is not the tenants' to hear.
+            if filter.observe_uplink(bytes, now).is_some() {
+                self.dropped[i] += 1;
+                return;
+            }
         } else {
             // What the tenant may send as: its MAC and addresses; ARP and neighbour discovery
             // field by field, answered here when the switch knows the target.

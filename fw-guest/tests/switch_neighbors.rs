@@ -488,3 +488,62 @@ fn the_first_answer_to_the_switchs_own_request_binds_its_target() {
     f.observe_uplink(&arp(2, evil, T_MAC, evil, unasked, T_MAC, TENANT), 2 * SEC);
     assert_eq!(f.neighbors().get(IpVersion::V4, &v4(unasked)), None);
 }
+
+#[test]
+fn claims_the_switch_does_not_believe_never_reach_the_tenants() {
+    let mut f = switch();
+    let evil = [0x02, 0, 0, 0, 0, 0x66];
+    // The gateway asks for the tenant: learned, and the request goes on to the tenant.
+    assert_eq!(
+        f.observe_uplink(&arp(1, G_MAC, BCAST, G_MAC, GW, [0; 6], TENANT), 0),
+        None
+    );
+    // Someone on the edge's outside link sends the gateway's request from its own MAC (the edge
+    // passes it: the gateway's address, asking for a tenant, its MAC the frame's source), or an
+    // unsolicited reply: a Linux tenant would rebind its gateway to that MAC. Not delivered.
+    for (n, op) in [(1, 1u16), (2, 2)] {
+        let tha = if op == 2 { T_MAC } else { [0; 6] };
+        let forged = arp(op, evil, BCAST, evil, GW, tha, TENANT);
+        assert_eq!(
+            f.observe_uplink(&forged, n * SEC),
+            Some(DropReason::SpoofedNeighbor),
+            "op {op}"
+        );
+    }
+    assert_eq!(f.counters().dropped(DropReason::SpoofedNeighbor), 2);
+    // The gateway itself still reaches the tenant.
+    assert_eq!(
+        f.observe_uplink(&arp(1, G_MAC, BCAST, G_MAC, GW, [0; 6], TENANT), 3 * SEC),
+        None
+    );
+
+    // IPv6: the gateway's solicitation for the tenant, then a forged one from another MAC, and
+    // one hiding the forged link-layer address behind another option (a nonce), which the
+    // switch did not read and a tenant does.
+    learn_gateway6(&mut f);
+    let (_, sol_mac) = solicited(TENANT6);
+    let (sol, _) = solicited(TENANT6);
+    let lla = |m: [u8; 6]| [&[1u8, 1][..], &m[..]].concat();
+    let ns_from =
+        |src_mac, options: &[u8]| nd_raw(src_mac, sol_mac, GW6, sol, &ns_body(TENANT6, options));
+    assert_eq!(
+        f.observe_uplink(&ns_from(G_MAC, &lla(G_MAC)), 4 * SEC),
+        None
+    );
+    assert_eq!(
+        f.observe_uplink(&ns_from(evil, &lla(evil)), 4 * SEC),
+        Some(DropReason::SpoofedNeighbor)
+    );
+    let nonce = [14u8, 1, 1, 2, 3, 4, 5, 6];
+    let hidden = [&nonce[..], &lla(evil)[..]].concat();
+    assert_eq!(
+        f.observe_uplink(&ns_from(G_MAC, &hidden), 4 * SEC),
+        Some(DropReason::NeighborMalformed)
+    );
+    // No option claims nothing.
+    assert_eq!(f.observe_uplink(&ns_from(G_MAC, &[]), 4 * SEC), None);
+    assert_eq!(
+        f.neighbors().entry(IpVersion::V6, &GW6),
+        Some((G_MAC, true))
+    );
+}

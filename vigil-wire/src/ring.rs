@@ -335,7 +335,8 @@ pub enum DropReason {
     /// discovery link-layer address) is not the MAC attached to the port.
     SpoofedMac = 14,
     /// (Switch) an ARP or neighbour advertisement from a tenant port claiming an IP address the
-    /// tenant does not own (a gratuitous ARP for the gateway, a forged sender).
+    /// tenant does not own (a gratuitous ARP for the gateway, a forged sender); or one from the
+    /// uplink binding an address to another MAC than the switch believes (kept from the tenants).
     SpoofedNeighbor = 15,
     /// (Switch) an ARP request or neighbour solicitation from a tenant port for a target the
     /// switch neither answers itself nor lets out (or a reply to a requester it never saw).

@@ -166,6 +166,9 @@ impl Neighbors {
 
     /// Learn `addr` at `mac` at `now_ns`; `router`: what an NA said (`None`: not an NA, keep
     /// what is known); `answer`: the frame answers the switch's own request (see the type's doc).
+    /// Whether the table now binds `addr` to `mac` (a claim it refused, or could not record, is
+    /// one the tenants must not hear either: [`Filter::observe_uplink`]); the unspecified
+    /// address claims nothing.
     fn learn(
         &mut self,
         version: IpVersion,
@@ -174,9 +177,12 @@ impl Neighbors {
         router: Option<bool>,
         answer: bool,
         now_ns: u64,
-    ) {
-        if addr == [0; 16] || mac[0] & 1 != 0 || mac == [0; 6] {
-            return;
+    ) -> bool {
+        if addr == [0; 16] {
+            return true;
+        }
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return false;
         }
         let stale = |e: &Neighbor| now_ns.saturating_sub(e.seen_ns) >= NEIGHBOR_STALE_NS;
         if let Some(e) = self
@@ -189,12 +195,12 @@ impl Neighbors {
                 // that really moved is learned once its old MAC has gone quiet, or from the
                 // answer to the switch's next request).
                 self.conflicts += 1;
-                return;
+                return false;
             }
             e.mac = mac;
             e.router = router.unwrap_or(e.router);
             e.seen_ns = now_ns;
-            return;
+            return true;
         }
         let free = self.entries.iter().position(|e| e.version == 0);
         let slot = free
@@ -210,7 +216,7 @@ impl Neighbors {
             });
         let Some(slot) = slot else {
             self.conflicts += 1;
-            return;
+            return false;
         };
         self.entries[slot] = Neighbor {
             version: version as u8,
@@ -219,6 +225,7 @@ impl Neighbors {
             router: router.unwrap_or(false),
             seen_ns: now_ns,
         };
+        true
     }
 }
 
@@ -408,58 +415,80 @@ impl<'a> Filter<'a> {
     /// of an EtherType compare). An address attached to a tenant is never learned from the
     /// uplink, and a live binding moves only for an answer to the switch's own request (see
     /// [`Neighbors`]).
-    pub fn observe_uplink(&mut self, frame: &[u8], now_ns: u64) {
-        let Some((ethertype, body, _)) = l3(frame) else {
-            return;
-        };
-        match ethertype {
+    ///
+    /// `Some`: the frame must not reach the tenant ports (drop it, counted here). A tenant's stack
+    /// believes what it hears: Linux rebinds a neighbour to the sender's link-layer address of
+    /// any ARP packet or solicitation naming it, unasked. So what the switch refuses to believe
+    /// the tenants must not hear: a claim of another MAC for an address the switch holds live,
+    /// or one it could not record ([`DropReason::SpoofedNeighbor`]); and neighbour discovery
+    /// whose options are not exactly one link-layer address option (another option before it
+    /// would hide a claim the switch does not read: [`DropReason::NeighborMalformed`]). The
+    /// edge lets only its gateways' addresses through, but not their MACs: anyone on its outside
+    /// link could otherwise have sent "who has the tenant, tell the gateway" from its own MAC
+    /// and become every tenant's gateway.
+    pub fn observe_uplink(&mut self, frame: &[u8], now_ns: u64) -> Option<DropReason> {
+        let reason = self.uplink_claim(frame, now_ns);
+        if let Some(r) = reason {
+            self.counters.drops[r as usize] += 1;
+        }
+        reason
+    }
+
+    fn uplink_claim(&mut self, frame: &[u8], now_ns: u64) -> Option<DropReason> {
+        let (ethertype, body, _) = l3(frame)?;
+        let (version, addr, lla, router, answer) = match ethertype {
             0x0806 => {
-                let Ok(arp) = ArpPacket::new_checked(body) else {
-                    return;
-                };
+                // Anything else is malformed to `process`.
+                let arp = ArpPacket::new_checked(body).ok()?;
                 if body.len() < ARP_LEN || arp.hardware_len() != 6 || arp.protocol_len() != 4 {
-                    return;
+                    return None;
                 }
                 let (sha, spa) = (mac(&body[8..14]), v4_16(v4(&body[14..18])));
-                if self.tenancy.owner(IpVersion::V4, &spa).is_none() {
-                    let answer = arp.operation() == ArpOperation::Reply
-                        && self.neighbors.answers(IpVersion::V4, &spa, now_ns);
-                    self.neighbors
-                        .learn(IpVersion::V4, spa, sha, None, answer, now_ns);
-                }
+                let answer = arp.operation() == ArpOperation::Reply
+                    && self.tenancy.owner(IpVersion::V4, &spa).is_none()
+                    && self.neighbors.answers(IpVersion::V4, &spa, now_ns);
+                (IpVersion::V4, spa, sha, None, answer)
             }
             0x86dd => {
-                if body.len() < IPV6_HEADER + ND_LEN + ND_LLA_LEN || body[6] != IPPROTO_ICMPV6 {
-                    return;
+                if body.len() < IPV6_HEADER + ND_LEN || body[6] != IPPROTO_ICMPV6 {
+                    return None;
                 }
                 let nd = &body[IPV6_HEADER..];
                 let (addr, opt, router) = match nd[0] {
                     ICMPV6_NS => (a16(&body[8..24]), ND_OPT_SLLA, None),
                     ICMPV6_NA => (a16(&nd[8..24]), ND_OPT_TLLA, Some(nd[4] & NA_ROUTER != 0)),
-                    _ => return,
+                    _ => return None,
                 };
-                let o = &nd[ND_LEN..ND_LEN + ND_LLA_LEN];
-                if body[7] == 255
-                    && o[0] == opt
-                    && o[1] == 1
-                    && self.tenancy.owner(IpVersion::V6, &addr).is_none()
-                {
-                    // A solicited NA (RFC 4861 §4.4: S set) may answer the switch's request.
-                    let answer = nd[0] == ICMPV6_NA
-                        && nd[4] & NA_SOLICITED != 0
-                        && self.neighbors.answers(IpVersion::V6, &addr, now_ns);
-                    self.neighbors.learn(
-                        IpVersion::V6,
-                        addr,
-                        mac(&o[2..8]),
-                        router,
-                        answer,
-                        now_ns,
-                    );
+                if body[7] != 255 || addr == [0; 16] {
+                    // Dropped by `process` / DAD, which claims nothing.
+                    return None;
                 }
+                // The options, as far as the IPv6 payload length says (what the tenant reads).
+                let end = IPV6_HEADER + usize::from(u16::from_be_bytes([body[4], body[5]]));
+                let opts = body.get(IPV6_HEADER + ND_LEN..end)?;
+                let lla = match opts {
+                    [] => return None,
+                    [o, 1, m @ ..] if *o == opt && m.len() == ND_LLA_LEN - 2 => mac(m),
+                    _ => return Some(DropReason::NeighborMalformed),
+                };
+                // A solicited NA (RFC 4861 §4.4: S set) may answer the switch's request.
+                let answer = nd[0] == ICMPV6_NA
+                    && nd[4] & NA_SOLICITED != 0
+                    && self.tenancy.owner(IpVersion::V6, &addr).is_none()
+                    && self.neighbors.answers(IpVersion::V6, &addr, now_ns);
+                (IpVersion::V6, addr, lla, router, answer)
             }
-            _ => {}
+            _ => return None,
+        };
+        if self.tenancy.owner(version, &addr).is_some() {
+            // Never learned from the uplink (what the VMM attached beats what the uplink says);
+            // the edge lets no claim of a tenant's address out of its outside.
+            return None;
         }
+        let believed = self
+            .neighbors
+            .learn(version, addr, lla, router, answer, now_ns);
+        (!believed).then_some(DropReason::SpoofedNeighbor)
     }
 
     /// Edge, cloud side: an ARP whose sender address, or a neighbour solicitation whose source
