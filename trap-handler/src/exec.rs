@@ -42,6 +42,8 @@ pub enum ExecError {
     Memory(#[from] MemError),
     #[error("maple tree: {0}")]
     Maple(&'static str),
+    #[error("seccomp filter: {0}")]
+    Seccomp(&'static str),
     #[error("maple tree deeper than {MAX_MAPLE_DEPTH} levels (or a cycle)")]
     MapleTooDeep,
     #[error("the struct page of pfn {0:#x} is past the address space")]

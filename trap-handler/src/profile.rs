@@ -232,8 +232,8 @@ pub struct ExecLayout {
     #[serde(default)]
     pub inode_i_uid: Option<Field>,
     /// `task_struct.ptrace` (non-zero while a tracer is attached), `task_struct.seccomp.mode`
-    /// and `.filter`, `seccomp_filter.prev` and `.notif` (a user-notification listener's state,
-    /// NULL once none): whether another process steers the task's system calls. `None` in a
+    /// and `.filter`, and the filters' layout ([`SeccompLayout`]): whether another process
+    /// steers the task's system calls. `None` in a
     /// profile written before they were recorded: then that is unknown, and no `exe` rule
     /// applies (fail closed).
     #[serde(default)]
@@ -243,9 +243,7 @@ pub struct ExecLayout {
     #[serde(default)]
     pub task_seccomp_filter: Option<Field>,
     #[serde(default)]
-    pub seccomp_filter_prev: Option<Field>,
-    #[serde(default)]
-    pub seccomp_filter_notif: Option<Field>,
+    pub seccomp: Option<SeccompLayout>,
     pub inode_i_sb: Field,
     pub inode_i_ino: Field,
     pub inode_i_generation: Field,
@@ -284,6 +282,20 @@ pub struct ExecLayout {
     pub page_compound_head: Field,
     pub page_mapping: Field,
     pub inode_i_mapping: Field,
+}
+
+/// A seccomp filter as the steering check reads it: `seccomp_filter.prev` (the older filter),
+/// `.notif` (a user-notification listener's state, NULL once none), `.prog` (its `bpf_prog`),
+/// `bpf_prog.orig_prog` (the classic BPF as loaded, kept where `CONFIG_CHECKPOINT_RESTORE`
+/// is set), and `sock_fprog_kern.len` / `.filter` (its instruction count and instructions).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeccompLayout {
+    pub filter_prev: Field,
+    pub filter_notif: Field,
+    pub filter_prog: Field,
+    pub prog_orig_prog: Field,
+    pub fprog_len: Field,
+    pub fprog_filter: Field,
 }
 
 /// Everything introspection needs about one kernel build.
@@ -461,8 +473,14 @@ impl KernelProfile {
                 task_ptrace: Some(field(btf, t, "ptrace")?),
                 task_seccomp_mode: Some(field(btf, t, "seccomp.mode")?),
                 task_seccomp_filter: Some(field(btf, t, "seccomp.filter")?),
-                seccomp_filter_prev: Some(field(btf, "seccomp_filter", "prev")?),
-                seccomp_filter_notif: Some(field(btf, "seccomp_filter", "notif")?),
+                seccomp: Some(SeccompLayout {
+                    filter_prev: field(btf, "seccomp_filter", "prev")?,
+                    filter_notif: field(btf, "seccomp_filter", "notif")?,
+                    filter_prog: field(btf, "seccomp_filter", "prog")?,
+                    prog_orig_prog: field(btf, "bpf_prog", "orig_prog")?,
+                    fprog_len: field(btf, "sock_fprog_kern", "len")?,
+                    fprog_filter: field(btf, "sock_fprog_kern", "filter")?,
+                }),
                 inode_i_sb: field(btf, "inode", "i_sb")?,
                 inode_i_ino: field(btf, "inode", "i_ino")?,
                 inode_i_generation: field(btf, "inode", "i_generation")?,

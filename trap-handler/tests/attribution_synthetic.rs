@@ -2567,11 +2567,14 @@ fn a_library_someone_but_root_could_write_is_not_the_executables() {
 }
 
 /// The genuine program runs its own code, but another process steers its system calls: a
-/// tracer (which rewrites its registers at each stop), or the holder of a seccomp
-/// user-notification listener on one of its filters (which may put its own socket in place of
-/// the program's descriptor, `SECCOMP_IOCTL_NOTIF_ADDFD`, and let the `connect` go on). Any user
-/// can do either to a program it starts. The calls lend no identity; a chain of filters without
-/// a listener (a systemd service's) is no one's, and a chain too long or looping is unknown.
+/// tracer (which rewrites its registers at each stop), or a seccomp filter that hands calls to
+/// a user-notification listener, whose holder may put its own socket in place of the program's
+/// descriptor (`SECCOMP_IOCTL_NOTIF_ADDFD`) and let the `connect` go on. Any user can do either
+/// to a program it starts. The holder may close the listener once it has let the call go on,
+/// so a filter is judged by its program: one that can return `SECCOMP_RET_USER_NOTIF` (or the
+/// accumulator) steers, listener or not. Filters that return other actions (a systemd
+/// service's) are no one's; a chain too long, looping, or whose programs cannot be read is
+/// unknown.
 #[test]
 fn a_task_another_process_steers_lends_no_identity() {
     let p = profile_or_skip!();
@@ -2581,49 +2584,103 @@ fn a_task_another_process_steers_lends_no_identity() {
         e.task_seccomp_mode.unwrap(),
         e.task_seccomp_filter.unwrap(),
     );
-    let (prev, notif) = (
-        e.seccomp_filter_prev.unwrap(),
-        e.seccomp_filter_notif.unwrap(),
-    );
-    let check = |s: &Scene, steered: Option<Steered>| {
+    let sc = e.seccomp.clone().unwrap();
+    const ALLOW: u32 = 0x7fff_0000;
+    const ERRNO_EPERM: u32 = 0x0005_0001;
+    const USER_NOTIF: u32 = 0x7fc0_0000;
+    // `ld [0]; jeq #42, 0, 1; ret #k_hit; ret #k_other` (BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_RET|K).
+    let program = |hit: u32, other: u32| -> Vec<(u16, u32)> {
+        vec![(0x20, 0), (0x15, 42), (0x06, hit), (0x06, other)]
+    };
+    // A filter with `notif`, its `bpf_prog` keeping `insns` as loaded (None: none kept).
+    let add_filter = |s: &mut Scene, prev: u64, notif: u64, insns: Option<&[(u16, u32)]>| {
+        let size = [sc.filter_prev, sc.filter_notif, sc.filter_prog]
+            .iter()
+            .map(|f| f.offset + 8)
+            .max()
+            .unwrap();
+        let f = s.g.alloc(size);
+        s.g.set_u64(f, sc.filter_prev, prev);
+        s.g.set_u64(f, sc.filter_notif, notif);
+        let prog = s.g.alloc(sc.prog_orig_prog.offset + 8);
+        s.g.set_u64(f, sc.filter_prog, prog);
+        if let Some(insns) = insns {
+            let fprog = s.g.alloc(sc.fprog_filter.offset + 8);
+            let code = s.g.alloc(insns.len() as u64 * 8 + 8);
+            for (i, &(op, k)) in insns.iter().enumerate() {
+                let mut b = [0u8; 8];
+                b[..2].copy_from_slice(&op.to_le_bytes());
+                b[4..].copy_from_slice(&k.to_le_bytes());
+                s.g.write(code + i as u64 * 8, &b);
+            }
+            s.g.set_u16(fprog, sc.fprog_len, insns.len() as u16);
+            s.g.set_u64(fprog, sc.fprog_filter, code);
+            s.g.set_u64(prog, sc.prog_orig_prog, fprog);
+        }
+        f
+    };
+    let check = |s: &Scene, steered: Option<Steered>, case: &str| {
         let policy = pinned_policy(&Scene::new(p));
         let (v, a) = decide(s, &policy);
         let f = a.process.exe_file.clone().unwrap();
-        assert_eq!((f.code, f.steered), (CodeOrigin::Exe, steered));
+        assert_eq!((f.code, f.steered), (CodeOrigin::Exe, steered), "{case}");
         if steered.is_some() {
-            assert_eq!(v, Verdict::Deny, "{steered:?}");
+            assert_eq!(v, Verdict::Deny, "{case}");
             let why = a.identity_error.unwrap();
-            assert!(why.contains("steers its system calls"), "{why}");
+            assert!(why.contains("steers its system calls"), "{case}: {why}");
         } else {
-            assert_eq!(v, Verdict::Allow);
+            assert_eq!(v, Verdict::Allow, "{case}");
         }
     };
-    // Traced.
+    // A tracer attached.
     let mut s = Scene::new(p);
-    check(&s, None);
+    check(&s, None, "untraced, unfiltered");
     let task = s.task;
     s.g.set_u32(task, ptrace, 1);
-    check(&s, Some(Steered::Traced));
+    check(&s, Some(Steered::Traced), "traced");
     s.g.set_u32(task, ptrace, 0);
-    // Two filters, the older with a listener.
-    let size = prev.offset.max(notif.offset) + 8;
-    let (newer, older) = (s.g.alloc(size), s.g.alloc(size));
-    s.g.set_u64(newer, prev, older);
-    s.g.set_u64(older, notif, 0xffff_8880_0123_4000);
+    // Filters as a systemd service has them: no one's.
+    let quiet = [program(ERRNO_EPERM, ALLOW), program(ALLOW, ERRNO_EPERM)];
+    let older = add_filter(&mut s, 0, 0, Some(&quiet[0]));
+    let newer = add_filter(&mut s, older, 0, Some(&quiet[1]));
     s.g.set_u32(task, mode, abi::SECCOMP_MODE_FILTER);
     s.g.set_u64(task, filter, newer);
-    check(&s, Some(Steered::SeccompListener));
-    // No listener (or strict mode, which has no filters): no one steers it.
-    s.g.set_u64(older, notif, 0);
-    check(&s, None);
+    check(&s, None, "filters without a listener");
+    // The older filter hands a call to a listener: closed since (notif NULL), or still open.
+    let notify = program(USER_NOTIF, ALLOW);
+    let older = add_filter(&mut s, 0, 0, Some(&notify));
+    let newer = add_filter(&mut s, older, 0, Some(&quiet[1]));
+    s.g.set_u64(task, filter, newer);
+    check(
+        &s,
+        Some(Steered::SeccompListener),
+        "a program that notifies",
+    );
+    let open = add_filter(&mut s, 0, 0xffff_8880_0123_4000, Some(&quiet[0]));
+    s.g.set_u64(task, filter, open);
+    check(&s, Some(Steered::SeccompListener), "a live listener");
+    // A program returning its accumulator could return anything.
+    let by_a = add_filter(&mut s, 0, 0, Some(&[(0x20, 0), (0x16, 0)]));
+    s.g.set_u64(task, filter, by_a);
+    check(&s, Some(Steered::SeccompListener), "ret a");
+    // Strict mode has no filters: whatever the pointer says.
     s.g.set_u32(task, mode, 1);
-    s.g.set_u64(older, notif, 0xffff_8880_0123_4000);
-    check(&s, None);
-    // A chain that loops, with no listener in it: walked within its bound, unknown.
+    check(&s, None, "strict mode");
     s.g.set_u32(task, mode, abi::SECCOMP_MODE_FILTER);
-    s.g.set_u64(older, notif, 0);
-    s.g.set_u64(older, prev, newer);
-    check(&s, Some(Steered::Unknown));
+    // Unknown: no program kept, a chain that loops, programs longer than the bound.
+    let unkept = add_filter(&mut s, 0, 0, None);
+    s.g.set_u64(task, filter, unkept);
+    check(&s, Some(Steered::Unknown), "no program kept");
+    let a = add_filter(&mut s, 0, 0, Some(&quiet[0]));
+    let b = add_filter(&mut s, a, 0, Some(&quiet[1]));
+    s.g.set_u64(a, sc.filter_prev, b);
+    s.g.set_u64(task, filter, b);
+    check(&s, Some(Steered::Unknown), "a loop");
+    let long = vec![(0x06u16, ALLOW); 2100];
+    let older = add_filter(&mut s, 0, 0, Some(&long));
+    let newer = add_filter(&mut s, older, 0, Some(&long));
+    s.g.set_u64(task, filter, newer);
+    check(&s, Some(Steered::Unknown), "past the instruction bound");
 }
 
 /// A scene whose call comes from the library's code.
