@@ -1037,6 +1037,31 @@ fn outside_neighbour_frames_cross_only_as_a_gateways_requests_and_answers() {
     other6[15] = 0x66;
     ns = ndp_solicit(other6, TENANT6_IP, 255);
     assert_eq!(at(&mut f, &ns), drop(DropReason::SpoofedNeighbor));
+    // The gateway's solicitation naming another link-layer address, first or behind another
+    // option (a nonce) that hid it, or with options beyond it.
+    {
+        use frames::switch::{nd_raw, ns_body, solicited};
+        let (sol, sol_mac) = solicited(TENANT6_IP);
+        let lla = |m: [u8; 6]| [&[1u8, 1][..], &m[..]].concat();
+        let nonce = [14u8, 1, 1, 2, 3, 4, 5, 6];
+        let ns_with =
+            |options: &[u8]| nd_raw(gw_mac, sol_mac, gw6, sol, &ns_body(TENANT6_IP, options));
+        assert_eq!(at(&mut f, &ns_with(&lla(gw_mac))), FWD);
+        assert_eq!(at(&mut f, &ns_with(&[])), FWD);
+        assert_eq!(
+            at(&mut f, &ns_with(&lla(evil))),
+            drop(DropReason::SpoofedMac)
+        );
+        for options in [
+            [&nonce[..], &lla(evil)[..]].concat(),
+            [&lla(gw_mac)[..], &nonce[..]].concat(),
+        ] {
+            assert_eq!(
+                at(&mut f, &ns_with(&options)),
+                drop(DropReason::NeighborMalformed)
+            );
+        }
+    }
     // Beyond the budget, even the gateway's frames wait (all at one instant).
     let burst: usize = (0..2 * OUTSIDE_BURST)
         .filter(|_| {
@@ -1048,7 +1073,8 @@ fn outside_neighbour_frames_cross_only_as_a_gateways_requests_and_answers() {
     // Every drop is counted by its reason.
     assert_eq!(f.counters().dropped(DropReason::NeighborTarget), 2);
     assert_eq!(f.counters().dropped(DropReason::SpoofedNeighbor), 5);
-    assert_eq!(f.counters().dropped(DropReason::SpoofedMac), 1);
+    assert_eq!(f.counters().dropped(DropReason::SpoofedMac), 2);
+    assert_eq!(f.counters().dropped(DropReason::NeighborMalformed), 2);
     assert_eq!(
         f.counters().dropped(DropReason::NeighborRate),
         u64::from(OUTSIDE_BURST)

@@ -574,15 +574,18 @@ impl<'a> Filter<'a> {
                     ICMPV6_NA => return Some(DropReason::NeighborTarget),
                     _ => return None,
                 };
-                // Its link-layer option, if any, names the frame's source.
-                let o = nd.get(ND_LEN..ND_LEN + ND_LLA_LEN);
-                if let Some(o) = o.filter(|o| o[0] == opt) {
-                    if o[1] != 1 {
-                        return Some(DropReason::NeighborMalformed);
+                // Its options (as far as the IPv6 payload length says: what a receiver reads)
+                // are none or its link-layer address option alone, naming the frame's source:
+                // another option first would hide one that names someone else.
+                let end = IPV6_HEADER + usize::from(u16::from_be_bytes([body[4], body[5]]));
+                match body.get(IPV6_HEADER + ND_LEN..end) {
+                    Some([]) => {}
+                    Some([o, 1, m @ ..]) if *o == opt && m.len() == ND_LLA_LEN - 2 => {
+                        if *m != src_mac {
+                            return Some(DropReason::SpoofedMac);
+                        }
                     }
-                    if o[2..8] != src_mac {
-                        return Some(DropReason::SpoofedMac);
-                    }
+                    _ => return Some(DropReason::NeighborMalformed),
                 }
                 (IpVersion::V6, sender, to)
             }
