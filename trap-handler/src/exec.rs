@@ -596,9 +596,11 @@ const GROUP_OR_OTHER_WRITE: u16 = 0o022;
 /// mount namespace of its own, bind-mount its own `libc.so.6` or dynamic loader over the
 /// system's; a file it creates there (tmpfs, FUSE, an overlay's upper layer) is owned by its
 /// own uid, which no user namespace maps to global root. A deleted file on a disk filesystem (a
-/// library replaced by an upgrade while mapped) is still a file, judged by its owner. One read
-/// of the inode (its mode, owner, link count and superblock are within 80 bytes), after
-/// `mapping->host`, and the superblock's magic for an unlinked one. Where the profile lacks
+/// library replaced by an upgrade while mapped) is still a file, judged by its owner. A file on
+/// FUSE is never root's: its server says who owns it, and any user may mount one in init's
+/// user namespace with the setuid `fusermount3`. One read of the inode (its mode, owner, link
+/// count and superblock are within 80 bytes), after `mapping->host`, and one of the
+/// superblock's magic for a file that looks root's or is unlinked. Where the profile lacks
 /// the fields, no library is known to be root's (fail closed).
 fn library_file<M: GuestPhys + ?Sized>(
     r: &VirtReader<'_, M>,
@@ -618,20 +620,21 @@ fn library_file<M: GuestPhys + ?Sized>(
     };
     let mut buf = [0u8; INODE_SPAN];
     let s = r.read_span(inode, lo, hi, &mut buf)?;
-    if s.u32(nlink.offset) == 0 {
-        let magic = r.read_field_u64(s.u64(e.inode_i_sb.offset), magic.offset)?;
-        if matches!(magic, abi::TMPFS_MAGIC | abi::HUGETLBFS_MAGIC) {
-            return Ok(LibraryFile::Unnamed);
-        }
-    }
-    let Some((mode, uid)) = owner else {
+    let unlinked = s.u32(nlink.offset) == 0;
+    let looks_roots = owner.is_some_and(|(mode, uid)| {
+        s.u32(uid.offset) == 0 && s.u16(mode.offset) & GROUP_OR_OTHER_WRITE == 0
+    });
+    if !unlinked && !looks_roots {
         return Ok(LibraryFile::NotRoots);
-    };
-    let roots = s.u32(uid.offset) == 0 && s.u16(mode.offset) & GROUP_OR_OTHER_WRITE == 0;
-    Ok(if roots {
-        LibraryFile::Roots
-    } else {
-        LibraryFile::NotRoots
+    }
+    let magic = r.read_field_u64(s.u64(e.inode_i_sb.offset), magic.offset)?;
+    Ok(match magic {
+        abi::TMPFS_MAGIC | abi::HUGETLBFS_MAGIC if unlinked => LibraryFile::Unnamed,
+        // A FUSE file's owner is whatever its server says, and any user may mount one in
+        // init's user namespace (the setuid `fusermount3`), where uid 0 is global root.
+        abi::FUSE_SUPER_MAGIC => LibraryFile::NotRoots,
+        _ if looks_roots => LibraryFile::Roots,
+        _ => LibraryFile::NotRoots,
     })
 }
 

@@ -594,6 +594,9 @@ pub mod abi {
     /// `memfd_create` (with and without `MFD_HUGETLB`) and of shared anonymous mappings.
     pub const TMPFS_MAGIC: u64 = 0x0102_1994;
     pub const HUGETLBFS_MAGIC: u64 = 0x9584_58f6;
+    /// `FUSE_SUPER_MAGIC` (include/uapi/linux/magic.h: fuse and fuseblk): a filesystem whose
+    /// server, any user's, says who owns its files.
+    pub const FUSE_SUPER_MAGIC: u64 = 0x6573_5546;
     /// `VM_EXEC` (include/linux/mm.h).
     pub const VM_EXEC: u64 = 0x4;
     /// `TASK_COMM_LEN` (include/linux/sched.h).

@@ -2549,6 +2549,21 @@ fn a_library_someone_but_root_could_write_is_not_the_executables() {
             "{case}"
         );
     }
+    // Root's as its FUSE server says (any user may mount one with fusermount3): not root's.
+    let mut s = library_scene(p);
+    let policy = pinned_policy(&Scene::new(p));
+    let fuse_root = s.dentry(b"/", None);
+    let fuse_sb = s.superblock(fuse_root, 0x0000_002d);
+    s.g.set_u64(fuse_sb, e.sb_s_magic.unwrap(), abi::FUSE_SUPER_MAGIC);
+    let lib = s.lib_inode;
+    s.g.set_u64(lib, e.inode_i_sb, fuse_sb);
+    let (v, a) = decide(&s, &policy);
+    assert_eq!(
+        a.process.exe_file.unwrap().code,
+        CodeOrigin::UntrustedLibrary,
+        "fuse"
+    );
+    assert_eq!(v, Verdict::Deny);
     // A system library: root's, read-only or rwxr-xr-x, linked or replaced by an upgrade.
     for (perm, linked) in [(0o100_755, 1), (0o100_644, 1), (0o100_444, 0)] {
         let mut s = library_scene(p);
