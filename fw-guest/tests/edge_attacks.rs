@@ -1080,3 +1080,80 @@ fn outside_neighbour_frames_cross_only_as_a_gateways_requests_and_answers() {
         u64::from(OUTSIDE_BURST)
     );
 }
+
+#[test]
+fn resets_with_a_wrong_checksum_change_nothing() {
+    use TcpControl::{Psh, Rst};
+    let mut f = edge(1024, Config::default());
+    let (c, s) = connect(&mut f, 40000, 0);
+    // An in-window reset (inexact, and exact) whose TCP or IPv4 header checksum is wrong: the
+    // tenant drops it unseen and answers nothing, so it must not shorten the entry's life (nor
+    // close it) here either.
+    for (seq, at) in [
+        (c.wrapping_add(1000), 50),
+        (c, 50),
+        (c.wrapping_add(1000), 24),
+    ] {
+        let mut frame = tcp_spec(
+            Ip::V4(CLIENT_IP),
+            Ip::V4(TENANT_IP),
+            40000,
+            PORT,
+            seg(Rst, seq, None, 0, None),
+            b"",
+        );
+        frame[at] ^= 0x5a;
+        assert_eq!(
+            f.process_edge(Outside, Cloud, &frame, SEC),
+            drop(DropReason::Malformed),
+            "seq {seq:#x}, byte {at}"
+        );
+    }
+    assert_eq!(state_of(&f, 40000), TcpState::Established);
+    // The connection, idle past the closed state's timeout, still works.
+    let data = seg(Psh, s, Some(c), 509, None);
+    assert_eq!(outbound(&mut f, 40000, data, &[9; 10], 30 * SEC), FWD);
+    // IPv6 the same.
+    let (c6, s6) = (C_ISN, S_ISN);
+    let six = |spec: TcpSpec, out: bool| {
+        let (src, dst, sp, dp) = if out {
+            (TENANT6_IP, CLIENT6_IP, PORT, 40001)
+        } else {
+            (CLIENT6_IP, TENANT6_IP, 40001, PORT)
+        };
+        tcp_spec(Ip::V6(src), Ip::V6(dst), sp, dp, spec, b"")
+    };
+    let handshake = [
+        (
+            six(seg(TcpControl::Syn, c6, None, 64240, None), false),
+            false,
+        ),
+        (
+            six(seg(TcpControl::Syn, s6, Some(c6 + 1), 65160, None), true),
+            true,
+        ),
+        (
+            six(
+                seg(TcpControl::None, c6 + 1, Some(s6 + 1), 502, None),
+                false,
+            ),
+            false,
+        ),
+    ];
+    for (frame, out) in handshake {
+        let (from, to) = if out {
+            (Cloud, Outside)
+        } else {
+            (Outside, Cloud)
+        };
+        assert_eq!(f.process_edge(from, to, &frame, 30 * SEC), FWD);
+    }
+    let mut rst6 = six(seg(Rst, c6 + 1000, None, 0, None), false);
+    rst6[70] ^= 0x5a;
+    assert_eq!(
+        f.process_edge(Outside, Cloud, &rst6, 30 * SEC),
+        drop(DropReason::Malformed)
+    );
+    let late = six(seg(TcpControl::None, s6 + 1, Some(c6 + 1), 509, None), true);
+    assert_eq!(f.process_edge(Cloud, Outside, &late, 60 * SEC), FWD);
+}
