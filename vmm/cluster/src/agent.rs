@@ -5,7 +5,8 @@
 //! - A record assigned here that the host does not run: created and booted. Its policy changed:
 //!   re-applied on both tiers (flush, then re-attach). Anything else in its spec changed:
 //!   deleted and created anew. Deleted, or assigned to another host: deleted here (flushed).
-//! - A record the agent cannot read is no authority to run a tenant: it is treated as absent.
+//! - A record the agent cannot read is no authority to run a tenant, nor to delete one running
+//!   here: nothing changes for it (a status `failed`, action `keep`) until it reads again.
 //! - After each action the agent writes `/vigil/status/<id>` (under its lease) with the record's
 //!   revision, so a writer can wait for its change to be applied.
 //! - A tenant moved to another host migrates live when both can: the new host's agent, seeing a
@@ -47,6 +48,9 @@ use crate::keys::{self, Capacity, HostRecord, TenantRecord, TenantStatus};
 use crate::reconcile::{plan, Action};
 use crate::store::{connect, to_json, REQUEST_TIMEOUT};
 use crate::ClusterError;
+
+#[path = "agent_moves.rs"]
+mod moves;
 
 /// Wait after a failed registration or watch before trying again.
 const RETRY: Duration = Duration::from_millis(500);
@@ -389,9 +393,14 @@ impl Agent {
                             if let Some(id) = keys::name_under(keys::TENANTS, kv.key()) {
                                 let desired = match event.event_type() {
                                     EventType::Put => self.parse(id, kv.value()),
-                                    EventType::Delete => None,
+                                    EventType::Delete => Some(None),
                                 };
                                 let id = id.to_string();
+                                let Some(desired) = desired else {
+                                    self.unreadable(client, &id, kv.mod_revision(), session.lease)
+                                        .await;
+                                    continue;
+                                };
                                 self.reconcile(client, &id, desired.as_ref(), kv.mod_revision(),
                                     session.lease).await;
                             } else if let Some(host) = keys::name_under(keys::KEYS, kv.key()) {
@@ -415,9 +424,10 @@ impl Agent {
         }
     }
 
-    fn parse(&self, id: &str, value: &[u8]) -> Option<TenantRecord> {
+    /// A stored record, or `None` if it cannot be read (reported as `cluster_bad_record`).
+    fn parse(&self, id: &str, value: &[u8]) -> Option<Option<TenantRecord>> {
         match TenantRecord::parse(id, value) {
-            Ok(r) => Some(r),
+            Ok(r) => Some(Some(r)),
             Err(e) => {
                 self.emit(
                     "cluster_bad_record",
@@ -425,6 +435,37 @@ impl Agent {
                 );
                 None
             }
+        }
+    }
+
+    /// A record that cannot be read is no authority to run a tenant, nor to delete one that
+    /// runs here: a mistyped value, or a field an older agent does not know, deleted a running
+    /// tenant (its RAM, its flows) as if the record were gone. It stays as it is, reported as
+    /// failed for that revision, until the record is readable again or deleted.
+    async fn unreadable(&mut self, client: &mut Client, id: &str, revision: i64, lease: i64) {
+        if !self.applied.contains_key(id) {
+            return;
+        }
+        let (Ok(key), status) = (
+            keys::status_key(id),
+            TenantStatus {
+                host: self.config.name.clone(),
+                revision,
+                state: "failed".into(),
+                error: Some("its record cannot be read: it runs on as it was".into()),
+                action: "keep".into(),
+                applied_ms: 0.0,
+            },
+        ) else {
+            return;
+        };
+        let put = client.put(
+            key,
+            to_json(&status),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        if let Err(e) = put.await {
+            log::warn!("cluster agent {}: status of {id}: {e}", self.config.name);
         }
     }
 
@@ -444,7 +485,7 @@ impl Agent {
         let endpoints = self.config.endpoints.join(",");
         self.key_book.load(client, &endpoints).await?;
         self.install_keys();
-        let mut desired: BTreeMap<String, (Option<TenantRecord>, i64)> = BTreeMap::new();
+        let mut desired: BTreeMap<String, (Option<Option<TenantRecord>>, i64)> = BTreeMap::new();
         for kv in resp.kvs() {
             if let Some(id) = keys::name_under(keys::TENANTS, kv.key()) {
                 desired.insert(
@@ -454,11 +495,16 @@ impl Agent {
             }
         }
         for id in self.applied.keys() {
-            desired.entry(id.clone()).or_insert((None, revision));
+            desired.entry(id.clone()).or_insert((Some(None), revision));
         }
         for (id, (record, rev)) in desired {
-            self.reconcile(client, &id, record.as_ref(), rev, lease)
-                .await;
+            match record {
+                Some(record) => {
+                    self.reconcile(client, &id, record.as_ref(), rev, lease)
+                        .await
+                }
+                None => self.unreadable(client, &id, rev, lease).await,
+            }
         }
         // Targets that listen for tenants leaving here (written while the watch was down).
         if !self.leaving.is_empty() {
@@ -555,230 +601,6 @@ impl Agent {
             _ => {}
         }
         self.act(client, id, revision, action, lease).await;
-    }
-
-    /// Whether host `name` is registered (alive) and takes tenants by migration.
-    async fn takes_migrations(&self, client: &mut Client, name: &str) -> bool {
-        let Ok(key) = keys::host_key(name) else {
-            return false;
-        };
-        let Ok(Ok(resp)) = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None)).await
-        else {
-            return false;
-        };
-        resp.kvs()
-            .first()
-            .and_then(|kv| serde_json::from_slice::<HostRecord>(kv.value()).ok())
-            .is_some_and(|h| h.migration.is_some())
-    }
-
-    /// The live host that runs tenant `id` now, by its report, if another than this one.
-    async fn running_elsewhere(&self, client: &mut Client, id: &str) -> Option<String> {
-        let key = keys::status_key(id).ok()?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None))
-            .await
-            .ok()?
-            .ok()?;
-        let status: TenantStatus = serde_json::from_slice(resp.kvs().first()?.value()).ok()?;
-        if status.host == self.config.name || status.state != "running" {
-            return None;
-        }
-        let host = keys::host_key(&status.host).ok()?;
-        let alive = tokio::time::timeout(REQUEST_TIMEOUT, client.get(host, None))
-            .await
-            .ok()?
-            .ok()?;
-        (!alive.kvs().is_empty()).then_some(status.host)
-    }
-
-    /// Listens for tenant `id` at `url` and says so in etcd, for its host `from` to send it.
-    async fn listen(
-        &self,
-        client: &mut Client,
-        id: &str,
-        from: &str,
-        url: &str,
-        lease: i64,
-    ) -> Result<(), String> {
-        let host = self.host.clone();
-        let at = url.to_string();
-        tokio::task::spawn_blocking(move || host.receive_migration(&at))
-            .await
-            .map_err(|e| format!("listening panicked: {e}"))?
-            .map_err(|e| e.to_string())?;
-        let record = keys::MigrationRecord {
-            from: from.into(),
-            to: self.config.name.clone(),
-            url: url.into(),
-        };
-        let key = keys::migration_key(id).map_err(|e| e.to_string())?;
-        client
-            .put(
-                key,
-                to_json(&record),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
-
-    async fn migration_record(
-        &self,
-        client: &mut Client,
-        id: &str,
-    ) -> Option<keys::MigrationRecord> {
-        let key = keys::migration_key(id).ok()?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None))
-            .await
-            .ok()?
-            .ok()?;
-        serde_json::from_slice(resp.kvs().first()?.value()).ok()
-    }
-
-    /// This host's migration record of `id`, gone (only its own: under its lease).
-    async fn drop_migration_record(&self, client: &mut Client, id: &str, lease: i64) {
-        if let Ok(key) = keys::migration_key(id) {
-            delete_own(client, key, lease).await;
-        }
-    }
-
-    /// The target of a tenant leaving here listens for it (`record`): send it there. Once it
-    /// runs there, it is gone from here; if it fails, it is deleted here (the record says it
-    /// runs elsewhere) and the target creates it from its spec when its wait ends.
-    async fn migration_ready(
-        &mut self,
-        client: &mut Client,
-        id: &str,
-        record: Option<keys::MigrationRecord>,
-        lease: i64,
-    ) {
-        let Some(record) = record else { return };
-        let Some((to, since)) = self.leaving.get(id).cloned() else {
-            return;
-        };
-        if record.from != self.config.name || record.to != to {
-            return;
-        }
-        self.leaving.remove(id);
-        self.emit(
-            "cluster_migration_started",
-            serde_json::json!({"vm": id, "to": to, "url": record.url,
-                "waited_ms": since.elapsed().as_secs_f64() * 1e3}),
-        );
-        let (host, owned, url) = (self.host.clone(), id.to_string(), record.url.clone());
-        let started = Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            host.send_migration(&owned, &url, vmm_host::MigrationOptions::default())
-                .map_err(|e| e.to_string())
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("the migration panicked: {e}")));
-        match result {
-            Ok(summary) => {
-                self.applied.remove(id);
-                self.forget_status(client, id, lease).await;
-                self.emit(
-                    "cluster_migrated",
-                    serde_json::json!({"vm": id, "to": to,
-                        "ms": started.elapsed().as_secs_f64() * 1e3, "migration": summary}),
-                );
-            }
-            Err(error) => {
-                self.emit(
-                    "cluster_migration_failed",
-                    serde_json::json!({"vm": id, "to": to, "error": error,
-                        "then": "deleted here; the new host creates it from its spec"}),
-                );
-                self.act(client, id, 0, Action::Delete, lease).await;
-            }
-        }
-    }
-
-    /// Moves in progress: a tenant leaving whose new host never listened is deleted here; one
-    /// arriving that runs here now is adopted; one that never came is created from its spec.
-    async fn moves(&mut self, client: &mut Client, lease: i64) {
-        let stale: Vec<String> = self
-            .leaving
-            .iter()
-            .filter(|(_, (_, since))| since.elapsed() > LEAVE_WAIT)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stale {
-            if let Some((to, _)) = self.leaving.remove(&id) {
-                self.emit(
-                    "cluster_migration_failed",
-                    serde_json::json!({"vm": id, "to": to,
-                        "error": "the new host did not listen for it in time",
-                        "then": "deleted here; the new host creates it from its spec"}),
-                );
-            }
-            self.act(client, &id, 0, Action::Delete, lease).await;
-        }
-        let ids: Vec<String> = self.arriving.keys().cloned().collect();
-        for id in ids {
-            let running = self
-                .host
-                .info(&id)
-                .is_ok_and(|i| i.state == vmm_host::VmState::Running);
-            let Some(waiting) = self.arriving.get(&id) else {
-                continue;
-            };
-            let why = if running {
-                None
-            } else if waiting.since.elapsed() > ARRIVE_WAIT {
-                Some("it did not arrive in time")
-            } else if !self.is_registered(client, &waiting.from.clone()).await {
-                // Its host died (its lease expired) or left before sending it.
-                Some("the host that ran it is gone")
-            } else {
-                continue;
-            };
-            let Some(waiting) = self.arriving.remove(&id) else {
-                continue;
-            };
-            self.drop_migration_record(client, &id, lease).await;
-            let (me, rec) = (&self.config.name, Some(&waiting.record));
-            let action = match why {
-                // It runs the spec its source sent, which the record may no longer be (a policy
-                // changed during the move): what differs is applied, not just reported.
-                None => match self.host.spec(&id).map(|r| (plan(me, Some(&r), rec), r)) {
-                    Ok((Action::Confirm, _)) | Err(_) => Action::Adopt(waiting.record.spec),
-                    Ok((change, running)) => {
-                        self.applied.insert(id.clone(), running);
-                        change
-                    }
-                },
-                Some(why) => {
-                    self.emit(
-                        "cluster_migration_failed",
-                        serde_json::json!({"vm": id, "from": waiting.from, "error": why,
-                            "then": "created here from its spec"}),
-                    );
-                    Action::Create(waiting.record.spec)
-                }
-            };
-            self.act(client, &id, waiting.revision, action, lease).await;
-        }
-    }
-
-    /// Whether host `name` is registered now (its lease alive). An unanswered etcd says yes:
-    /// the caller waits rather than act on a guess.
-    async fn is_registered(&self, client: &mut Client, name: &str) -> bool {
-        let Ok(key) = keys::host_key(name) else {
-            return false;
-        };
-        match tokio::time::timeout(REQUEST_TIMEOUT, client.get(key, None)).await {
-            Ok(Ok(resp)) => !resp.kvs().is_empty(),
-            _ => true,
-        }
-    }
-
-    /// This host's report of `id`, gone (only its own: under its lease).
-    async fn forget_status(&self, client: &mut Client, id: &str, lease: i64) {
-        if let Ok(key) = keys::status_key(id) {
-            delete_own(client, key, lease).await;
-        }
     }
 
     /// Carries out `action` for tenant `id` on the host (on a blocking thread: a VM build takes

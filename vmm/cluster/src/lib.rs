@@ -4,7 +4,7 @@
 //! Modules: `keys` (the key layout and its records), `store` (blocking reads and writes, for the
 //! `vigil cluster` commands, tests and benchmarks), `reconcile` (desired vs applied, as one
 //! action), `agent` (a host's registration, lease, heartbeat and reconciliation through
-//! `vmm_host::Host`), `edge_watch` (the edge fences a host whose lease expired), `key_book` (the hosts' keys as
+//! `vmm_host::Host`; its part in moves between hosts in `agent_moves.rs`), `edge_watch` (the edge fences a host whose lease expired), `key_book` (the hosts' keys as
 //! each end installs them).
 //!
 //! Owns: everything Vigil reads from and writes to etcd. Must not: change the host's API or
