@@ -8,7 +8,9 @@
 //! identity (mounted over, replaced, renamed onto) gets no rule of it, and a process whose path
 //! is anything else (another mount namespace, a hard link) gets the rules of the pinned paths of
 //! its file. Either way the calling instruction must be the executable's code
-//! ([`CodeOrigin::is_exe_code`]). The pins live as long as the compiled policy.
+//! ([`CodeOrigin::is_exe_code`]), the file the one `execve` opened, and no other process may
+//! steer the task's system calls ([`crate::exec::Steered`]). The pins live as long as the
+//! compiled policy.
 //!
 //! A rule's address range is held against the address on the wire: an IPv4-mapped IPv6
 //! address is the IPv4 address a dual-stack socket reaches with it.
