@@ -364,7 +364,8 @@ pub enum DropReason {
     VlanTagged = 22,
     /// (Switch) a unicast IP packet from a tenant port in a broadcast or multicast Ethernet frame:
     /// no stack sends one, and it would reach every machine on the segments it crosses (the
-    /// edge's outside link among them), not only the address its verdict opens.
+    /// edge's outside link among them), not only the address its verdict opens. (Edge) the same
+    /// from either side: the cloud port floods it to every host.
     UnicastToGroup = 23,
 }
 

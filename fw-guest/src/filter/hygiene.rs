@@ -612,6 +612,27 @@ impl<'a> Filter<'a> {
     }
 }
 
+/// (Edge) [`DropReason::UnicastToGroup`] for a unicast IP packet in a broadcast or multicast
+/// frame: the cloud port floods such a frame to every host (and each switch to every tenant
+/// port), so one frame from the outside became one per host. The cost on the common path is a
+/// bit test of the destination MAC.
+#[inline]
+pub(super) fn unicast_to_group(frame: &[u8]) -> Option<DropReason> {
+    if frame.first()? & 1 == 0 {
+        return None;
+    }
+    let (ethertype, body, _) = l3(frame)?;
+    let unicast = match ethertype {
+        0x0800 => {
+            let d = body.get(16..20)?;
+            d[0] & 0xf0 != 0xe0 && d != [255; 4]
+        }
+        0x86dd => *body.get(24)? != 0xff,
+        _ => return None,
+    };
+    unicast.then_some(DropReason::UnicastToGroup)
+}
+
 /// Whether an IPv4 packet from 0.0.0.0 is a DHCP client message (RFC 2131 §4.1: UDP 68 → 67, to
 /// the limited broadcast). `ip` is from [`parse::ipv4_checked`]: its header length is at least 20.
 fn dhcp_discover(ip: &Ipv4Packet<&[u8]>) -> bool {

@@ -568,7 +568,8 @@ impl<'a> Filter<'a> {
         let neighbor = match from {
             EdgeSide::Cloud => self.edge_cloud_neighbor(frame),
             EdgeSide::Outside => self.edge_outside_neighbor(frame, now_ns),
-        };
+        }
+        .or_else(|| hygiene::unicast_to_group(frame));
         if let Some(reason) = neighbor {
             return self.drop_frame(reason);
         }
