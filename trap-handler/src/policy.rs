@@ -261,6 +261,10 @@ impl Rule {
         };
         let ports_ok = match (self.ports, a.port) {
             (None, _) => true,
+            // ICMP has no ports: the port an ICMP socket's sockaddr carries is ignored by the
+            // kernel (or is the echo identifier, which its verdict does not carry: it opens
+            // every one). A rule that names ports is about protocols that have them.
+            (Some(_), _) if matches!(a.protocol, abi::IPPROTO_ICMP | abi::IPPROTO_ICMPV6) => false,
             (Some(_), _) if port == PortMatch::Any => true,
             (Some((low, high)), Some(port)) => (low..=high).contains(&port),
             (Some(_), None) => false,
@@ -570,6 +574,39 @@ mod tests {
         let mut sctp = attribution(SocketOp::Connect, "/bin/busybox", "nc", "10.77.0.1", 8080);
         sctp.protocol = 132;
         assert_eq!(policy.decide(&sctp), Verdict::Deny);
+    }
+
+    /// A ping socket's sockaddr port is no port (the kernel ignores it, or takes it as the echo
+    /// identifier, which the ICMP verdict does not carry): a rule that names ports, meant for
+    /// TCP or UDP, does not let ICMP through because the caller wrote an allowed port there.
+    #[test]
+    fn a_rule_with_ports_does_not_match_icmp() {
+        let policy = Policy::from_json(
+            r#"{"allow": [
+                {"op": "connect", "exe": "/bin/busybox", "cidr": "10.77.0.0/24", "ports": "8080"},
+                {"op": "bind", "exe": "/bin/busybox", "ports": "7000"},
+                {"op": "connect", "exe": "/bin/busybox", "cidr": "10.78.0.0/24"}
+            ]}"#,
+        )
+        .unwrap();
+        for (op, addr, port) in [
+            (SocketOp::Connect, "10.77.0.1", 8080),
+            (SocketOp::Sendmsg, "10.77.0.1", 8080),
+            (SocketOp::Bind, "0.0.0.0", 7000),
+        ] {
+            let mut a = attribution(op, "/bin/busybox", "ping", addr, port);
+            a.sock_type = abi::SOCK_DGRAM;
+            for protocol in [abi::IPPROTO_ICMP, abi::IPPROTO_ICMPV6] {
+                a.protocol = protocol;
+                assert_eq!(policy.decide(&a), Verdict::Deny, "{op:?} {protocol}");
+            }
+            a.protocol = abi::IPPROTO_UDP;
+            assert_eq!(policy.decide(&a), Verdict::Allow, "{op:?} udp");
+        }
+        // A rule without ports still lets ICMP reach its range.
+        let mut ping = attribution(SocketOp::Sendmsg, "/bin/busybox", "ping", "10.78.0.1", 0);
+        ping.protocol = abi::IPPROTO_ICMP;
+        assert_eq!(policy.decide(&ping), Verdict::Allow);
     }
 
     /// A dual-stack IPv6 socket given `::ffff:a.b.c.d` connects to the IPv4 address `a.b.c.d`,

@@ -561,6 +561,10 @@ pub mod abi {
     /// `IPPROTO_TCP`, `IPPROTO_UDP` (include/uapi/linux/in.h).
     pub const IPPROTO_TCP: u16 = 6;
     pub const IPPROTO_UDP: u16 = 17;
+    /// `IPPROTO_ICMP`, `IPPROTO_ICMPV6`: ping sockets, whose sockaddr port is no port (ignored
+    /// by `ping_v4_sendmsg` and `ping_v6_sendmsg`; the echo identifier for `ping_bind`).
+    pub const IPPROTO_ICMP: u16 = 1;
+    pub const IPPROTO_ICMPV6: u16 = 58;
     /// `IPPROTO_UDPLITE`: UDP-Lite sockets share UDP's IPv6 send and connect paths.
     pub const IPPROTO_UDPLITE: u16 = 136;
 
