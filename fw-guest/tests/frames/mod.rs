@@ -4,6 +4,7 @@
 
 use core::net::{Ipv4Addr, Ipv6Addr};
 
+pub mod edge;
 pub mod switch;
 
 use smoltcp::phy::ChecksumCapabilities;
