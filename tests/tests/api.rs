@@ -749,3 +749,45 @@ fn a_vm_being_migrated_takes_no_other_action() {
     let status = host.process.wait();
     assert!(status.success(), "vigil host exited with {status}");
 }
+
+/// A tenant's kernel and initramfs are read only if any user of the host may read them: its
+/// guest reads them from its memory, and their paths come from whoever writes a spec (a
+/// request, an etcd record, a snapshot's spec.json). The host's migration keys file (mode 0600)
+/// named as an initramfs was loaded into the tenant's RAM.
+#[test]
+fn a_tenant_is_built_only_from_files_any_host_user_may_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let host = start_host("public-inputs");
+    let s = &host.socket;
+    let secret = host.dir.join("migration-keys.json");
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let private_kernel = host.dir.join("vmlinuz");
+    std::fs::copy(tenant_dir().join("vmlinuz"), &private_kernel).unwrap();
+    std::fs::set_permissions(&private_kernel, std::fs::Permissions::from_mode(0o640)).unwrap();
+    for (field, path) in [("initramfs", &secret), ("kernel", &private_kernel)] {
+        let mut body = spec("leak", "10.0.0.2", "52:54:00:00:00:02");
+        body[field] = json!(path);
+        let r = call(s, "PUT", "vm.create", Some(&body.to_string()));
+        let (status, message) = error_of(&r);
+        assert_eq!(status, 400, "{field}: {message}");
+        assert!(
+            message.contains("readable by any user"),
+            "{field}: {message}"
+        );
+    }
+    assert_eq!(json_of(&call(s, "GET", "vm.list", None)), json!([]));
+    // The same kernel readable by all builds.
+    std::fs::set_permissions(&private_kernel, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut body = spec("leak", "10.0.0.2", "52:54:00:00:00:02");
+    body["kernel"] = json!(private_kernel);
+    let r = call(s, "PUT", "vm.create", Some(&body.to_string()));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(
+        call(s, "PUT", "vm.delete", Some("{\"id\":\"leak\"}")).status,
+        204
+    );
+    assert_eq!(call(s, "PUT", "vmm.shutdown", None).status, 204);
+    let mut host = host;
+    let status = host.process.wait();
+    assert!(status.success(), "vigil host exited with {status}");
+}

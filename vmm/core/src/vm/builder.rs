@@ -156,9 +156,10 @@ fn release_freed_heap() {
     }
 }
 
-/// Reads an input file whole, within `max` bytes ([`input_file`]).
+/// Reads a tenant's input file whole, within `max` bytes, if any user of the host may read it
+/// ([`input_file::read_public`]: its guest will).
 fn read_file(path: &Path, max: u64) -> Result<Vec<u8>, VmError> {
-    input_file::read(path, max).map_err(|source| VmError::ReadFile {
+    input_file::read_public(path, max).map_err(|source| VmError::ReadFile {
         path: path.to_path_buf(),
         source,
     })

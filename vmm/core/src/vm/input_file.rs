@@ -4,6 +4,9 @@
 //! caller's API worker, and a device like `/dev/zero` would grow the read until the host process
 //! (every VM it runs) died of memory.
 //!
+//! A tenant's kernel and initramfs must also be readable by any user of the host
+//! ([`read_public`]): its guest reads them, so a root-only file named there would leak.
+//!
 //! Owns: the bounds on each kind of input, opening and reading within them, their errors.
 //! Must not: read a file the caller did not name, or trust a length the file reported before the
 //! read (it may grow while it is read).
@@ -27,6 +30,11 @@ pub enum InputFileError {
     NotAFile(&'static str),
     #[error("{len} bytes, over the {max} bytes allowed for it")]
     TooLarge { len: u64, max: u64 },
+    #[error(
+        "mode {0:04o}: a tenant's kernel and initramfs must be readable by any user of the host \
+         (its guest reads them)"
+    )]
+    NotPublic(u32),
 }
 
 /// The largest initramfs read for a guest of `mem_mib` MiB: it must fit in the guest's RAM.
@@ -37,6 +45,10 @@ pub fn max_initramfs_bytes(mem_mib: u64) -> u64 {
 /// Opens `path` for reading if it is a regular file of at most `max` bytes; returns it and its
 /// length then. The open does not block (`O_NONBLOCK`, which a regular file's reads ignore).
 pub fn open(path: &Path, max: u64) -> Result<(File, u64), InputFileError> {
+    open_checked(path, max, false)
+}
+
+fn open_checked(path: &Path, max: u64, public: bool) -> Result<(File, u64), InputFileError> {
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
@@ -52,13 +64,29 @@ pub fn open(path: &Path, max: u64) -> Result<(File, u64), InputFileError> {
             max,
         });
     }
+    let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
+    if public && mode & 0o004 == 0 {
+        return Err(InputFileError::NotPublic(mode));
+    }
     Ok((file, meta.len()))
 }
 
 /// Reads the whole of `path`, a regular file of at most `max` bytes (also if it grows while it
 /// is read).
 pub fn read(path: &Path, max: u64) -> Result<Vec<u8>, InputFileError> {
-    let (file, len) = open(path, max)?;
+    read_checked(path, max, false)
+}
+
+/// [`read`], of a file any user of the host may read (its mode lets others read it), checked on
+/// the file opened. A tenant's kernel and initramfs are loaded into memory its guest reads, and
+/// their paths come from a request, an etcd record or a snapshot's spec: a file only root may
+/// read (a private key, `/etc/shadow`) named there was handed to the tenant.
+pub fn read_public(path: &Path, max: u64) -> Result<Vec<u8>, InputFileError> {
+    read_checked(path, max, true)
+}
+
+fn read_checked(path: &Path, max: u64, public: bool) -> Result<Vec<u8>, InputFileError> {
+    let (file, len) = open_checked(path, max, public)?;
     let mut bytes = Vec::with_capacity(len as usize);
     file.take(max.saturating_add(1)).read_to_end(&mut bytes)?;
     if bytes.len() as u64 > max {
@@ -125,6 +153,18 @@ mod tests {
         let e = open(&fifo, MAX_MICROVM_ELF_BYTES).unwrap_err();
         assert!(e.to_string().contains("FIFO"), "{e}");
         std::fs::remove_file(&fifo).unwrap();
+
+        // Only what any user may read goes into a tenant's memory.
+        let secret = temp("secret");
+        std::fs::write(&secret, b"key").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = read_public(&secret, 4096).unwrap_err();
+        assert!(matches!(e, InputFileError::NotPublic(0o640)), "{e}");
+        assert_eq!(read(&secret, 4096).unwrap(), b"key");
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(read_public(&secret, 4096).unwrap(), b"key");
+        std::fs::remove_file(&secret).unwrap();
 
         let e = read(Path::new("/nonexistent/bzImage"), MAX_KERNEL_BYTES).unwrap_err();
         assert!(matches!(e, InputFileError::Io(_)), "{e}");
