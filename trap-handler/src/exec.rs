@@ -392,8 +392,14 @@ fn task_regs<M: GuestPhys + ?Sized>(
             s.u64(e.task_stack.offset),
             e.task_ptrace.map(|f| s.u32(f.offset)),
         ),
-        // A profile whose fields are far apart: the stack pointer alone, as before.
-        Err(MemError::TooLong { .. }) => (r.read_field_u64(task, e.task_stack.offset)?, None),
+        // A layout whose fields are far apart: one read each.
+        Err(MemError::TooLong { .. }) => (
+            r.read_field_u64(task, e.task_stack.offset)?,
+            match e.task_ptrace {
+                Some(f) => Some(r.read_field_u32(task, f.offset)?),
+                None => None,
+            },
+        ),
         Err(err) => return Err(err),
     };
     Ok((user_rip_of(r, p, stack)?, ptrace))
