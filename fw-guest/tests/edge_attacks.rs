@@ -869,10 +869,24 @@ fn resets_with_a_wrong_checksum_change_nothing() {
             "seq {seq:#x}, byte {at}"
         );
     }
+    // The same for an in-window FIN (the entry would be FIN-wait, 2 minutes).
+    let mut fin = tcp_spec(
+        Ip::V4(CLIENT_IP),
+        Ip::V4(TENANT_IP),
+        40000,
+        PORT,
+        seg(TcpControl::Fin, c.wrapping_add(1000), Some(s), 502, None),
+        b"",
+    );
+    fin[50] ^= 0x5a;
+    assert_eq!(
+        f.process_edge(Outside, Cloud, &fin, SEC),
+        drop(DropReason::Malformed)
+    );
     assert_eq!(state_of(&f, 40000), TcpState::Established);
-    // The connection, idle past the closed state's timeout, still works.
+    // The connection, idle past the closed and FIN-wait states' timeouts, still works.
     let data = seg(Psh, s, Some(c), 509, None);
-    assert_eq!(outbound(&mut f, 40000, data, &[9; 10], 30 * SEC), FWD);
+    assert_eq!(outbound(&mut f, 40000, data, &[9; 10], 300 * SEC), FWD);
     // IPv6 the same.
     let (c6, s6) = (C_ISN, S_ISN);
     let six = |spec: TcpSpec, out: bool| {
@@ -906,14 +920,14 @@ fn resets_with_a_wrong_checksum_change_nothing() {
         } else {
             (Outside, Cloud)
         };
-        assert_eq!(f.process_edge(from, to, &frame, 30 * SEC), FWD);
+        assert_eq!(f.process_edge(from, to, &frame, 300 * SEC), FWD);
     }
     let mut rst6 = six(seg(Rst, c6 + 1000, None, 0, None), false);
     rst6[70] ^= 0x5a;
     assert_eq!(
-        f.process_edge(Outside, Cloud, &rst6, 30 * SEC),
+        f.process_edge(Outside, Cloud, &rst6, 300 * SEC),
         drop(DropReason::Malformed)
     );
     let late = six(seg(TcpControl::None, s6 + 1, Some(c6 + 1), 509, None), true);
-    assert_eq!(f.process_edge(Cloud, Outside, &late, 60 * SEC), FWD);
+    assert_eq!(f.process_edge(Cloud, Outside, &late, 330 * SEC), FWD);
 }

@@ -301,20 +301,22 @@ fn parse_ipv6(payload: &[u8]) -> Result<Parsed, DropReason> {
     }))
 }
 
-/// Whether `l4` is a TCP reset.
+/// Whether `l4` is a TCP reset or FIN (see [`tcp_checksum_ok`]).
 #[inline(always)]
 fn is_rst(l4: &L4) -> bool {
-    matches!(l4, L4::Tcp { flags, .. } if flags.rst)
+    matches!(l4, L4::Tcp { flags, .. } if flags.rst || flags.fin)
 }
 
 /// Whether the TCP segment `body` (checked by [`parse_tcp`]) carries a correct checksum.
 ///
-/// Checked for resets only (rare, and the one segment the filter acts on without its endpoint
-/// answering): an in-window reset shortens its entry's timeout, an exact one closes it, on the
-/// assumption that the endpoint sees the same segment and answers an inexact one with a challenge
-/// ACK (RFC 5961 §3.2) that passes here. A reset with a wrong checksum, which the endpoint drops
-/// unseen, broke that: a blind attacker landing one in the window (a few hundred tries against
-/// a large scaled window) had an idle connection's entry expire under it 10 s later.
+/// Checked for resets and FINs only (rare: one or two a connection, and the segments whose
+/// flag alone moves an entry toward its end): an in-window reset shortens its entry's timeout,
+/// an exact one closes it, on the assumption that the endpoint sees the same segment and
+/// answers an inexact one with a challenge ACK (RFC 5961 §3.2) that passes here; a FIN moves
+/// the entry to FIN-wait (2 minutes). A segment with a wrong checksum, which the endpoint
+/// drops unseen, broke that: a blind attacker landing one in the window (a few hundred tries
+/// against a large scaled window) had an idle connection's entry expire under it 10 s (a
+/// reset) or 2 minutes (a FIN) later.
 #[inline(never)]
 fn tcp_checksum_ok(body: &[u8], src: &IpAddress, dst: &IpAddress) -> bool {
     TcpPacket::new_unchecked(body).verify_checksum(src, dst)
