@@ -307,7 +307,9 @@ pub enum DropReason {
     InvalidTcpState = 4,
     /// IPv4 fragment (the filter does not reassemble; first and later fragments both dropped).
     Fragment = 5,
-    /// An IP protocol or IPv6 next header other than TCP, UDP, ICMP (incl. extension headers).
+    /// An IP protocol or IPv6 next header other than TCP, UDP, ICMP (incl. extension headers),
+    /// or an IPv4 source route option (loose or strict: the judged destination is only its
+    /// first hop).
     UnsupportedProtocol = 6,
     /// Stacked VLAN tags (802.1ad / QinQ).
     VlanStacked = 7,

@@ -198,12 +198,44 @@ pub fn ipv4_checked(bytes: &[u8]) -> Result<Ipv4Packet<&[u8]>, DropReason> {
     Ok(ip)
 }
 
+/// IPv4 loose and strict source route options (RFC 791 §3.1, types 131 and 137).
+const IPOPT_LSRR: u8 = 0x83;
+const IPOPT_SSRR: u8 = 0x89;
+const IPOPT_END: u8 = 0;
+const IPOPT_NOP: u8 = 1;
+
+/// Whether the options of the IPv4 header `h` (its length checked by [`ipv4_checked`]) carry a
+/// source route: the destination the filter judges would then be only the first hop, and each
+/// hop that honours the route sends the packet on to the next address in it, one no verdict
+/// named (RFC 7126 §4.3, §4.4: drop them). IPv6's routing header is refused the same way, with
+/// every extension header. A malformed option list ends the walk (the route, if any, is not
+/// where a receiver would find it).
+fn source_routed(h: &[u8]) -> bool {
+    let end = usize::from(h[0] & 0x0f) * 4;
+    let mut i = IPV4_HEADER;
+    while i < end {
+        match h[i] {
+            IPOPT_END => return false,
+            IPOPT_NOP => i += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return true,
+            _ => match h.get(i + 1) {
+                Some(&len) if len >= 2 => i += usize::from(len),
+                _ => return false,
+            },
+        }
+    }
+    false
+}
+
 fn parse_ipv4(payload: &[u8]) -> Result<Parsed, DropReason> {
     let ip = ipv4_checked(payload)?;
     // No reassembly: a later fragment has no transport header to match, and letting first
     // fragments through alone would be pointless.
     if ip.more_frags() || ip.frag_offset() != 0 {
         return Err(DropReason::Fragment);
+    }
+    if usize::from(ip.header_len()) > IPV4_HEADER && source_routed(ip.as_ref()) {
+        return Err(DropReason::UnsupportedProtocol);
     }
     // RFC 791 §3.1: source at bytes 12..16, destination at 16..20 of the header `new_checked`
     // has bounds-checked (read directly: no address type built and taken apart again).
