@@ -195,13 +195,20 @@ fn tcp_fin_teardown() {
         FWD
     );
     assert_eq!(only_flow_state(&f), TcpState::FinWait);
-    // Half-close: the other side may still send data.
+    // Half-close: the other side may still send data, then its FIN after it.
     assert_eq!(
         f.process(T1, IN, &tcp(b, a, 443, 40000, Seg::Data), SEC),
         FWD
     );
+    let fin = TcpSpec {
+        control: TcpControl::Fin,
+        seq: ISN + 1 + 18,
+        ack: Some(ISN + 2),
+        win: 64240,
+        wscale: None,
+    };
     assert_eq!(
-        f.process(T1, IN, &tcp(b, a, 443, 40000, Seg::Fin), SEC),
+        f.process(T1, IN, &tcp_spec(b, a, 443, 40000, fin, b""), SEC),
         FWD
     );
     assert_eq!(only_flow_state(&f), TcpState::Closing);

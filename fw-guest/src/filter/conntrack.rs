@@ -398,6 +398,26 @@ impl<'a> Conntrack<'a> {
         }
     }
 
+    /// Whether the FIN of segment `seg` from the opener (`orig`) or the responder of the TCP entry
+    /// at `i` closes that side's stream as far as the entry has seen it: the segment starts at
+    /// or before the sender's highest sequence number so far (no hole before it) and its FIN
+    /// lies at or beyond it (or just below it: a retransmitted FIN), as the receiver needs it
+    /// to close (RFC 9293 §3.10.7.4: a FIN past a hole waits for the hole). A FIN anywhere else
+    /// in the window is out of order, or forged blind; taken as a FIN, it moved a live
+    /// connection's entry to FIN-wait (2 minutes) for good, so an idle connection died under a
+    /// blind attacker who landed one in the window. A side never seen (an adopted entry's) has
+    /// nothing to compare with: its FIN counts.
+    pub fn fin_in_place(&self, i: usize, orig: bool, seg: &TcpSeg) -> bool {
+        let Some(t) = self.tcp_ref(i) else {
+            return true;
+        };
+        let w = t.window(orig);
+        // Past the FIN (`seq + len` counts it).
+        let end = seg.seq.wrapping_add(seg.len);
+        let at_or_before = |a: u32, b: u32| (b.wrapping_sub(a) as i32) >= 0;
+        w.maxwin == 0 || (at_or_before(seg.seq, w.end) && at_or_before(w.end, end))
+    }
+
     /// Forget the windows of the entry at `i` (see [`TcpExt::adopt_windows`]).
     pub fn adopt_windows(&mut self, i: usize) {
         if let Some(t) = self.tcp_mut(i) {
@@ -419,6 +439,13 @@ impl<'a> Conntrack<'a> {
 
     /// The TCP state of the entry at `i`, if it has any.
     #[inline(always)]
+    fn tcp_ref(&self, i: usize) -> Option<&TcpExt> {
+        match self.slots[i].tcp {
+            0 => None,
+            t => self.tcp.get(t as usize - 1),
+        }
+    }
+
     fn tcp_mut(&mut self, i: usize) -> Option<&mut TcpExt> {
         match self.slots[i].tcp {
             0 => None,

@@ -766,6 +766,12 @@ impl<'a> Filter<'a> {
         state_byte: u8,
         now_s: u32,
     ) -> Option<Decision> {
+        let mut flags = flags;
+        if flags.fin && !flags.syn && !flags.rst && !self.conntrack.fin_in_place(i, orig, seg) {
+            // Not where its sender's stream ends: its endpoint holds it out of order (or drops
+            // it, if forged), so the entry does not move toward its end for it.
+            flags.fin = false;
+        }
         let t = &self.config.timeouts;
         match conntrack::tcp_step(state_byte, orig, flags) {
             conntrack::TcpStep::Pass(state) => {
