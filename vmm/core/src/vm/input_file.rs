@@ -35,11 +35,6 @@ pub enum InputFileError {
          (its guest reads them)"
     )]
     NotPublic(u32),
-    #[error(
-        "it lies in {dir} (mode {mode:04o}), which other users of the host cannot enter: a \
-         tenant's kernel and initramfs must be readable by any of them (its guest reads them)"
-    )]
-    ClosedDirectory { dir: std::path::PathBuf, mode: u32 },
 }
 
 /// The largest initramfs read for a guest of `mem_mib` MiB: it must fit in the guest's RAM.
@@ -72,20 +67,6 @@ fn open_checked(path: &Path, max: u64, public: bool) -> Result<(File, u64), Inpu
     let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
     if public && mode & 0o004 == 0 {
         return Err(InputFileError::NotPublic(mode));
-    }
-    if public {
-        // Readable by others, yet only if they can reach it: every directory above it must
-        // let them through (`/root/key` of mode 0644 is root's alone).
-        let real = std::fs::canonicalize(path)?;
-        for dir in real.ancestors().skip(1) {
-            let mode = std::os::unix::fs::PermissionsExt::mode(&dir.metadata()?.permissions());
-            if mode & 0o001 == 0 {
-                return Err(InputFileError::ClosedDirectory {
-                    dir: dir.to_path_buf(),
-                    mode: mode & 0o7777,
-                });
-            }
-        }
     }
     Ok((file, meta.len()))
 }
@@ -184,19 +165,6 @@ mod tests {
         std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert_eq!(read_public(&secret, 4096).unwrap(), b"key");
         std::fs::remove_file(&secret).unwrap();
-        // Readable by all, in a directory only its owner enters: root's alone.
-        let closed = temp("closed");
-        std::fs::create_dir(&closed).unwrap();
-        std::fs::write(closed.join("key"), b"key").unwrap();
-        std::fs::set_permissions(closed.join("key"), std::fs::Permissions::from_mode(0o644))
-            .unwrap();
-        std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let e = read_public(&closed.join("key"), 4096).unwrap_err();
-        assert!(
-            matches!(&e, InputFileError::ClosedDirectory { dir, mode: 0o700 } if *dir == closed),
-            "{e}"
-        );
-        std::fs::remove_dir_all(&closed).unwrap();
 
         let e = read(Path::new("/nonexistent/bzImage"), MAX_KERNEL_BYTES).unwrap_err();
         assert!(matches!(e, InputFileError::Io(_)), "{e}");
