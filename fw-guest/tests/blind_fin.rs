@@ -9,8 +9,6 @@ use frames::edge::*;
 use frames::*;
 use fw_guest::filter::*;
 
-use EdgeSide::{Cloud, Outside};
-
 #[test]
 fn a_fin_away_from_the_end_of_its_senders_stream_moves_nothing() {
     use TcpControl::{Fin, Psh};
