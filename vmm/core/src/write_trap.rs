@@ -4,7 +4,9 @@
 //! dispatch they depend on) become read-only KVM memslots (`KVM_MEM_READONLY`). A guest write to
 //! such a page does not reach memory: KVM discards it and exits with `KVM_EXIT_MMIO` (is_write,
 //! address, data), which the vCPU reports as a tamper event. The VMM's own accesses (virtio
-//! devices, breakpoints) go through its mapping of guest RAM and are not affected.
+//! devices, breakpoints) go through its mapping of guest RAM and are not affected: so the
+//! devices ask [`DeviceWrites`] first, and never write a guarded page where the guest points them
+//! (a receive buffer, a used ring).
 //!
 //! KVM cannot change a slot's flags or split it in place, so arming replaces the RAM slot by
 //! several: the read-only pages and the read-write ranges between them. The guest must not run
@@ -13,7 +15,8 @@
 //! ([`RunControl::stop_others`](crate::run_control::RunControl::stop_others), whose guard `arm`
 //! asks for).
 //!
-//! Owns: the VM's guarded pages and the memslot layout that protects them.
+//! Owns: the VM's guarded pages, the memslot layout that protects them from the guest, and
+//! [`DeviceWrites`], which keeps its devices off them.
 //! Must not: change memslots while another vCPU can run, or guard anything outside guest RAM.
 
 use std::collections::BTreeMap;
@@ -69,8 +72,57 @@ pub enum WriteTrapError {
 pub struct WriteTraps {
     slots: Arc<MemSlots>,
     ram: RamSlot,
-    /// Page-aligned guest-physical address → label, set when armed.
-    pages: OnceLock<BTreeMap<u64, String>>,
+    /// Page-aligned guest-physical address → label, set when armed (shared with the VM's
+    /// devices' [`DeviceWrites`]).
+    pages: Arc<GuardedPages>,
+}
+
+/// The guarded pages once armed: page-aligned guest-physical address → label.
+type GuardedPages = OnceLock<BTreeMap<u64, String>>;
+
+/// What guest RAM a VM's devices may write: all of it but the pages its write traps guard (none
+/// before they are armed, and none for a VM without traps). The traps hold only the guest's own
+/// stores (a read-only memslot); a device writes through the VMM's mapping, wherever the guest
+/// points it. Without this check a root guest would post a receive buffer on its own hooked
+/// kernel text and have the device write a frame of its choosing there (or place a used ring
+/// there), past every tamper event: a DMA write into the pages Vigil's attribution trusts.
+#[derive(Clone, Default)]
+pub struct DeviceWrites(Option<Arc<GuardedPages>>);
+
+impl std::fmt::Debug for DeviceWrites {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let guarded = self.0.as_ref().and_then(|p| p.get()).map_or(0, |p| p.len());
+        write!(f, "DeviceWrites({guarded} guarded pages)")
+    }
+}
+
+impl DeviceWrites {
+    /// Whether a device may write the `len` bytes at guest-physical `gpa`: none of them lies
+    /// on a guarded page. A range that wraps the address space is refused.
+    #[inline]
+    pub fn allows(&self, gpa: u64, len: usize) -> bool {
+        let Some(pages) = self.0.as_ref().and_then(|p| p.get()) else {
+            return true;
+        };
+        if len == 0 {
+            return true;
+        }
+        let Some(last) = gpa.checked_add(len as u64 - 1) else {
+            return false;
+        };
+        let page = |a: u64| a & !(PAGE_SIZE - 1);
+        pages.range(page(gpa)..=page(last)).next().is_none()
+    }
+
+    /// Device writes kept off `pages` (page-aligned guest-physical addresses), for tests of the
+    /// devices without KVM.
+    #[cfg(test)]
+    pub(crate) fn guarding(pages: &[u64]) -> DeviceWrites {
+        let map = pages.iter().map(|&p| (p, "test".to_string())).collect();
+        let lock = OnceLock::new();
+        let _ = lock.set(map);
+        DeviceWrites(Some(Arc::new(lock)))
+    }
 }
 
 /// Splits `[0, size)` into alternating read-write and read-only ranges around `pages`
@@ -103,8 +155,14 @@ impl WriteTraps {
         WriteTraps {
             ram: slots.ram(),
             slots,
-            pages: OnceLock::new(),
+            pages: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The check the VM's devices make before they write guest RAM: it follows these traps
+    /// (nothing is guarded before they are armed).
+    pub fn device_writes(&self) -> DeviceWrites {
+        DeviceWrites(Some(self.pages.clone()))
     }
 
     pub fn is_armed(&self) -> bool {
@@ -168,6 +226,22 @@ impl WriteTraps {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_may_write_anything_but_a_guarded_page() {
+        assert!(DeviceWrites::default().allows(0x3000, 4096), "no traps");
+        let writes = DeviceWrites::guarding(&[0x3000, 0x8000]);
+        assert!(writes.allows(0x2000, 4096), "the page below");
+        assert!(writes.allows(0x4000, 0x4000), "between");
+        assert!(!writes.allows(0x2fff, 2), "one byte on it");
+        assert!(!writes.allows(0x3fff, 1), "its last byte");
+        assert!(!writes.allows(0x0, 0x10_0000), "across it");
+        assert!(writes.allows(0x3000, 0), "nothing written");
+        assert!(!writes.allows(u64::MAX - 10, 100), "a range that wraps");
+        // Before the traps are armed nothing is guarded.
+        let unarmed = DeviceWrites(Some(Arc::new(OnceLock::new())));
+        assert!(unarmed.allows(0x3000, 1));
+    }
 
     #[test]
     fn layout_covers_ram_exactly_with_guarded_pages_read_only() {

@@ -34,7 +34,7 @@ use crate::layout::*;
 use crate::run_control::RunControl;
 use crate::vcpu::{TenantGuard, Vcpu};
 use crate::verdict_region::VerdictRegion;
-use crate::write_trap::{RamSlot, WriteTraps};
+use crate::write_trap::{DeviceWrites, RamSlot, WriteTraps};
 
 /// Where KVM's TSS and identity-map pages go (below the 4 GiB boundary, inside the MMIO hole).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -62,7 +62,13 @@ impl Vm {
         let (serial_irq, console) = serial_console(config, &fd, created)?;
         let stop = Arc::new(AtomicBool::new(false));
         let device_fault = Arc::new(DeviceFault::new(stop.clone()));
-        let nets = net_devices(config, &fd, &memory, &device_fault)?;
+        // Before the devices: they keep their writes off the pages the traps will guard.
+        let write_traps = write_traps(introspection.is_some(), &slots);
+        let device_writes = write_traps
+            .as_ref()
+            .map(|traps| traps.device_writes())
+            .unwrap_or_default();
+        let nets = net_devices(config, &fd, &memory, &device_fault, &device_writes)?;
         let net_counters = nets.counters;
         let bus = Arc::new(Bus::new(serial_irq, console, nets.slots, inputs.exit_port));
         if inputs.exit_port {
@@ -95,7 +101,6 @@ impl Vm {
                 }
             }
         }
-        let write_traps = write_traps(introspection.is_some(), &slots);
         let debug_generation = Arc::new(AtomicU64::new(0));
         let guard = || match (&introspection, &write_traps) {
             (Some(introspection), Some(write_traps)) => Some(TenantGuard {
@@ -419,6 +424,7 @@ fn net_devices(
     fd: &VmFd,
     memory: &GuestMemoryMmap,
     fault: &Arc<DeviceFault>,
+    writes: &DeviceWrites,
 ) -> Result<NetDevices, VmError> {
     let mut backends: Vec<(Net, u32)> = Vec::new();
     for (index, net) in config.nets.iter().enumerate() {
@@ -481,7 +487,9 @@ fn net_devices(
         let net_error = |source| VmError::NetDevice { index, source };
         let net = net.with_fault(format!("{}-net{index}", config.name), fault.clone());
         devices.counters.push(net.counters());
-        let transport = MmioTransport::new(memory.clone(), Box::new(net)).map_err(net_error)?;
+        let transport = MmioTransport::new(memory.clone(), Box::new(net))
+            .map_err(net_error)?
+            .with_device_writes(writes.clone());
         transport.register_with_kvm(fd, &info).map_err(net_error)?;
         devices.interrupts.push(transport.interrupt().clone());
         let transport = Arc::new(Mutex::new(transport));

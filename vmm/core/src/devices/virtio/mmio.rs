@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{features, status, Activation, Interrupt, VirtioDevice, VirtioError};
 use crate::devices::{DeviceRestoreError, MmioDevice, MmioDeviceInfo};
+use crate::write_trap::DeviceWrites;
 
 /// Register offsets (virtio 1.2 §4.2.2, table "MMIO Device Register Layout").
 pub mod reg {
@@ -83,6 +84,9 @@ pub struct MmioTransport {
     driver_features: u64,
     queue_sel: u32,
     active: bool,
+    /// What of guest RAM the device may write: its used rings and receive buffers stay off the
+    /// pages the VM's write traps guard.
+    writes: DeviceWrites,
     /// DRIVER_OKs refused because the device could not start: the guest repeats them as often
     /// as it likes, and each one is logged only when this count reaches a power of two.
     activation_failures: u64,
@@ -115,7 +119,15 @@ impl MmioTransport {
             queue_sel: 0,
             active: false,
             activation_failures: 0,
+            writes: DeviceWrites::default(),
         })
+    }
+
+    /// Keeps the device's writes off the pages `writes` guards (a tenant's write traps): a used
+    /// ring there refuses DRIVER_OK, a receive buffer there is returned empty.
+    pub fn with_device_writes(mut self, writes: DeviceWrites) -> MmioTransport {
+        self.writes = writes;
+        self
     }
 
     /// The interrupt line's eventfd (for `VmFd::register_irqfd`).
@@ -372,7 +384,7 @@ impl MmioTransport {
         let mut queues = Vec::with_capacity(self.queues.len());
         let mut queue_events = Vec::with_capacity(self.queues.len());
         for (index, (queue, event)) in self.queues.iter().zip(&self.queue_events).enumerate() {
-            if !rings_in_ram(queue, &self.mem) {
+            if !rings_in_ram(queue, &self.mem, &self.writes) {
                 return Err(VirtioError::BadQueue(index));
             }
             let mut queue =
@@ -387,6 +399,7 @@ impl MmioTransport {
             queue_events,
             interrupt: self.interrupt.clone(),
             acked_features: self.driver_features,
+            writes: self.writes.clone(),
         })?;
         self.active = true;
         Ok(())
@@ -417,7 +430,7 @@ impl MmioTransport {
 /// without its error line per refusal (the guest repeats a refused DRIVER_OK at will). Sizes
 /// as virtio 1.2 §2.7: 16-byte descriptors; avail and used rings with 4 bytes of header, 2 of
 /// event index, and 2- and 8-byte elements.
-fn rings_in_ram(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
+fn rings_in_ram(queue: &Queue, mem: &GuestMemoryMmap, writes: &DeviceWrites) -> bool {
     use vm_memory::GuestMemoryBackend;
     let size = usize::from(queue.size());
     queue.ready()
@@ -428,6 +441,8 @@ fn rings_in_ram(queue: &Queue, mem: &GuestMemoryMmap) -> bool {
         ]
         .into_iter()
         .all(|(addr, len)| mem.check_range(GuestAddress(addr), len))
+        // The device writes the used ring (entries, index, avail_event).
+        && writes.allows(queue.used_ring(), 6 + 8 * size)
 }
 
 impl MmioTransport {

@@ -470,3 +470,34 @@ fn a_guest_repeating_refused_register_writes_cannot_flood_the_hosts_log() {
     assert!(t.is_active());
     assert_eq!(rec.lock().unwrap().activations.len(), 1);
 }
+
+#[test]
+fn a_used_ring_on_a_page_the_write_traps_guard_needs_reset_instead_of_running() {
+    // A root guest re-activating its device with the used ring on its own hooked kernel text:
+    // the device would write used entries there, past the read-only memslot.
+    let configure = |t: &mut MmioTransport| {
+        negotiate(t, features::VERSION_1);
+        for (queue, base) in [(0, 0x1000), (1, 0x4000)] {
+            w(t, reg::QUEUE_SEL, queue);
+            w(t, reg::QUEUE_NUM, 8);
+            w(t, reg::QUEUE_DESC_LOW, base);
+            w(t, reg::QUEUE_DRIVER_LOW, base + 0x800);
+            w(t, reg::QUEUE_DEVICE_LOW, base + 0x1000);
+            w(t, reg::QUEUE_READY, 1);
+        }
+        w(t, reg::STATUS, DRIVER_OK_STATUS);
+    };
+    // Queue 1's used ring is at 0x5000.
+    let (t, rec) = transport();
+    let mut t = t.with_device_writes(DeviceWrites::guarding(&[0x5000]));
+    configure(&mut t);
+    assert!(!t.is_active());
+    assert_ne!(r(&mut t, reg::STATUS) & status::DEVICE_NEEDS_RESET, 0);
+    assert!(rec.lock().unwrap().activations.is_empty());
+    // The same rings beside a guarded page (its descriptors and avail ring only read): runs.
+    let (t, rec) = transport();
+    let mut t = t.with_device_writes(DeviceWrites::guarding(&[0x4000, 0x6000]));
+    configure(&mut t);
+    assert!(t.is_active());
+    assert_eq!(rec.lock().unwrap().activations.len(), 1);
+}

@@ -159,6 +159,8 @@ pub struct Activation {
     pub interrupt: std::sync::Arc<Interrupt>,
     /// The features the driver acknowledged (a subset of the device's).
     pub acked_features: u64,
+    /// What of `mem` the device may write (not the pages the VM's write traps guard).
+    pub writes: crate::write_trap::DeviceWrites,
 }
 
 /// A virtio device type behind a transport.

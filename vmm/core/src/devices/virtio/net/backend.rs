@@ -21,6 +21,7 @@ use super::link::FrameBatch;
 use super::memlink::MemLinkEnd;
 use super::{FrameLink, RX_QUEUE, VRING_AVAIL_F_NO_INTERRUPT};
 use crate::devices::virtio::{interrupt, Interrupt};
+use crate::write_trap::DeviceWrites;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u64)]
@@ -36,6 +37,8 @@ pub(super) struct Backend {
     /// Shared, so a data path can hold a handle of its own while `self` changes without
     /// cloning the memory map (a clone allocates).
     pub(super) mem: Arc<GuestMemoryMmap>,
+    /// What of `mem` the device may write (receive buffers on guarded pages are refused).
+    pub(super) writes: DeviceWrites,
     pub(super) rx: Queue,
     pub(super) tx: Queue,
     pub(super) rx_event: EventFd,

@@ -163,6 +163,7 @@ impl VirtioDevice for Net {
             queue_events,
             interrupt,
             acked_features,
+            writes,
         } = activation;
         let (Ok([rx, tx]), Ok([rx_event, tx_event])) = (
             <[Queue; 2]>::try_from(queues),
@@ -203,6 +204,7 @@ impl VirtioDevice for Net {
                 rx_next: 0,
                 tx_batch: link.batch_slot().map(FrameBatch::new),
                 mem: Arc::new(mem),
+                writes: writes.clone(),
                 rx,
                 tx,
                 rx_event,
@@ -228,6 +230,7 @@ impl VirtioDevice for Net {
                         event_idx,
                         self.counters.clone(),
                     )
+                    .with_device_writes(writes.clone())
                 };
                 self.memory_generation = end.claim();
                 end.attach(self.memory_generation, queue(rx), queue(tx));

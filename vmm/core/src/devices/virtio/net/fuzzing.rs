@@ -123,6 +123,7 @@ impl VirtioDevice for InlineNet {
             queue_events,
             interrupt,
             acked_features,
+            writes,
         } = activation;
         let (Ok([rx, tx]), Ok([rx_event, tx_event])) = (
             <[Queue; 2]>::try_from(queues),
@@ -144,6 +145,7 @@ impl VirtioDevice for InlineNet {
             rx_next: 0,
             tx_batch: link.batch_slot().map(FrameBatch::new),
             mem: Arc::new(mem),
+            writes,
             rx,
             tx,
             rx_event,

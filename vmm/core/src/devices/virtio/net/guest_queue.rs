@@ -32,6 +32,7 @@ use vm_memory::{
 use super::counters::{bump, NetCounters};
 use super::VRING_AVAIL_F_NO_INTERRUPT;
 use crate::devices::virtio::{interrupt, Interrupt};
+use crate::write_trap::DeviceWrites;
 
 /// The most used entries one batch publishes at once, and the most heads it takes.
 pub(super) const BATCH: usize = 256;
@@ -368,6 +369,8 @@ pub(super) struct GuestQueue {
     pub(super) interrupt: Arc<Interrupt>,
     pub(super) event_idx: bool,
     pub(super) counters: Arc<NetCounters>,
+    /// What of `mem` the device may write: receive buffers on guarded pages are refused.
+    pub(super) writes: DeviceWrites,
     /// Used entries published since the last interrupt decision.
     added: Wrapping<u16>,
     /// Whether an interrupt decision was taken since the queue was lent (vhost's
@@ -392,9 +395,16 @@ impl GuestQueue {
             interrupt,
             event_idx,
             counters,
+            writes: DeviceWrites::default(),
             added: Wrapping(0),
             decided: false,
         }
+    }
+
+    /// Keeps the device's writes off the pages `writes` guards (its VM's write traps).
+    pub(super) fn with_device_writes(mut self, writes: DeviceWrites) -> GuestQueue {
+        self.writes = writes;
+        self
     }
 
     /// The heads the driver made available since the last batch, at most `max` (and

@@ -196,8 +196,8 @@ fn move_batch(
         };
         schains.prefetch_next(&src.mem);
         dchains.prefetch_next(&dst.mem);
-        let from = src_bufs.fill(&src.mem, schains, shead, false);
-        let to = dst_bufs.fill(&dst.mem, dchains, dhead, true);
+        let from = src_bufs.fill(&src.mem, schains, shead, false, &src.writes);
+        let to = dst_bufs.fill(&dst.mem, dchains, dhead, true, &dst.writes);
         round.chains += 1;
         match move_one(from, to) {
             Moved::Frame(len) => {
@@ -271,7 +271,7 @@ fn deliver<'f>(dst: &mut GuestQueue, frames: impl IntoIterator<Item = &'f [u8]>)
             let Some(&frame) = frames.peek() else { break };
             let Some(head) = chains.next() else { break };
             chains.prefetch_next(&dst.mem);
-            let Some(to) = to_bufs.fill(&dst.mem, chains, head, true) else {
+            let Some(to) = to_bufs.fill(&dst.mem, chains, head, true, &dst.writes) else {
                 bump(&dst.counters.rx_bad_buffers, 1);
                 done.push(head, 0);
                 continue;
@@ -517,7 +517,7 @@ impl HostPort {
                 let Some(head) = chains.next() else { break };
                 chains.prefetch_next(&src.mem);
                 match from_bufs
-                    .fill(&src.mem, chains, head, false)
+                    .fill(&src.mem, chains, head, false, &src.writes)
                     .filter(|s| s.total >= NET_HDR_LEN && s.total - NET_HDR_LEN <= MAX_FRAME)
                 {
                     Some(from) => {

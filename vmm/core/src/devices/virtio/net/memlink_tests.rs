@@ -13,6 +13,7 @@ use crate::devices::virtio::features;
 use crate::devices::virtio::mmio::QueueRings;
 use crate::devices::virtio::mmio::{reg, MmioTransport};
 use crate::devices::virtio::status;
+use crate::write_trap::DeviceWrites;
 
 const RAM: u64 = 4 << 20;
 const QSIZE: u16 = 16;
@@ -28,11 +29,18 @@ struct Guest {
 }
 
 fn guest(end: MemLinkEnd, features: u64) -> Guest {
+    guest_with(end, features, DeviceWrites::default())
+}
+
+/// A guest whose device keeps its writes off the pages `writes` guards (its write traps).
+fn guest_with(end: MemLinkEnd, features: u64, writes: DeviceWrites) -> Guest {
     let mem = crate::anonymous_memory(RAM as usize, true).unwrap();
     let net = Net::with_memory_link(end, [0x52, 0x54, 0, 0, 0, 1]);
     let counters = net.counters();
     let transport = Arc::new(Mutex::new(
-        MmioTransport::new(mem.clone(), Box::new(net)).unwrap(),
+        MmioTransport::new(mem.clone(), Box::new(net))
+            .unwrap()
+            .with_device_writes(writes),
     ));
     let mut driver = GuestDriver::new(mem.clone(), transport);
     let s = driver.init(
@@ -357,4 +365,63 @@ fn a_host_end_waiting_for_its_device_wakes_when_the_device_comes_up() {
     let waited = waiter.join().unwrap();
     assert!(waited < Duration::from_secs(10), "woke after {waited:?}");
     assert!(host.connected());
+}
+
+#[test]
+fn no_frame_is_written_into_a_receive_buffer_on_a_page_the_write_traps_guard() {
+    // A root guest posting a receive buffer on its own hooked kernel text: the device would
+    // write a frame of the sender's choosing there, past the read-only memslot. Buffer 1 (at
+    // DATA + 64 KiB + 4 KiB) lies on a guarded page.
+    let guarded = DATA + 0x1_0000 + 0x1000;
+    for host_end in [true, false] {
+        let (a_end, b_end) = if host_end {
+            let (host, end) = MemLinkEnd::host_pair().unwrap();
+            (Err(host), end)
+        } else {
+            let (a, b) = MemLinkEnd::pair().unwrap();
+            (Ok(a), b)
+        };
+        let mut g = guest_with(
+            b_end,
+            features::VERSION_1,
+            DeviceWrites::guarding(&[guarded]),
+        );
+        g.mem
+            .write_slice(&[0xcc; 4096], GuestAddress(guarded))
+            .unwrap();
+        g.post_rx(0, 3);
+        let frames = [frame(60, 1), frame(61, 2)];
+        match a_end {
+            Err(host) => assert!(wait_until(WAIT, || {
+                host.send(frames.iter().map(|f| f.as_slice())) == 2
+            })),
+            Ok(a_end) => {
+                let mut a = guest(a_end, features::VERSION_1);
+                a.transmit(0, &frames[0]);
+                a.transmit(1, &frames[1]);
+                assert!(a.driver.wait_used(TX_QUEUE, 2, WAIT));
+            }
+        }
+        assert!(g.driver.wait_used(RX_QUEUE, 3, WAIT));
+        let used = g.driver.take_used(RX_QUEUE);
+        assert_eq!(
+            used,
+            vec![
+                (0, (NET_HDR_LEN + 60) as u32),
+                (1, 0),
+                (2, (NET_HDR_LEN + 61) as u32)
+            ],
+            "the guarded buffer is returned empty, the frame goes to the next one"
+        );
+        assert_eq!(g.received(0, 60), frames[0]);
+        assert_eq!(g.received(2, 61), frames[1]);
+        let mut page = vec![0u8; 4096];
+        g.mem.read_slice(&mut page, GuestAddress(guarded)).unwrap();
+        assert!(
+            page.iter().all(|&b| b == 0xcc),
+            "the guarded page is untouched"
+        );
+        let s = g.counters.snapshot();
+        assert_eq!((s.rx_bad_buffers, s.rx_frames), (1, 2));
+    }
 }

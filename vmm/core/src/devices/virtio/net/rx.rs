@@ -136,7 +136,7 @@ impl Backend {
         let len = frame.len();
         let head = chain.head_index();
         let mut to_bufs = Segments::new();
-        let used_len = match to_bufs.fill_chain(chain, true) {
+        let used_len = match to_bufs.fill_chain(chain, true, &self.writes) {
             None => {
                 // A buffer outside guest memory: hand it back empty, keep the frame for the
                 // next buffer. Linux counts it as a length error.

@@ -12,6 +12,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 use super::guest_queue::{raw_access, Avail};
+use crate::write_trap::DeviceWrites;
 
 /// Most descriptors a chain may have here (longer ones are malformed for this device).
 const MAX_SEGMENTS: usize = 64;
@@ -52,9 +53,19 @@ impl Segments {
     /// Adds the buffer `len` bytes at `addr`; false when it lies outside guest memory, the list
     /// is full or the total overflows.
     #[inline]
-    fn push(&mut self, mem: &GuestMemoryMmap, addr: GuestAddress, len: usize, write: bool) -> bool {
+    fn push(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        addr: GuestAddress,
+        len: usize,
+        write: bool,
+        writes: &DeviceWrites,
+    ) -> bool {
         if len == 0 {
             return true;
+        }
+        if write && !writes.allows(addr.0, len) {
+            return false;
         }
         let Ok(slice) = mem.get_slice(addr, len) else {
             return false;
@@ -82,7 +93,8 @@ impl Segments {
 
     /// Sets the list to the readable (`write == false`) or writable buffers of the chain at
     /// `head` of a batch (the in-process link) and returns it; None when one lies outside guest
-    /// memory, the chain is malformed or longer than `MAX_SEGMENTS`, or its total overflows.
+    /// memory, a writable one on a page `writes` keeps the device off, the chain is malformed or
+    /// longer than `MAX_SEGMENTS`, or its total overflows.
     #[inline]
     pub(super) fn fill(
         &mut self,
@@ -90,6 +102,7 @@ impl Segments {
         avail: &Avail,
         head: u16,
         write: bool,
+        writes: &DeviceWrites,
     ) -> Option<&Segments> {
         self.count = 0;
         self.total = 0;
@@ -97,9 +110,10 @@ impl Segments {
         // guest's memory and marks what the device may write dirty.
         let whole = avail.walk(head, write, |b| {
             let len = b.len as usize;
-            avail
-                .host_range(mem, b.addr, len, write)
-                .is_some_and(|at| self.push_host(at, len))
+            (!write || writes.allows(b.addr, len))
+                && avail
+                    .host_range(mem, b.addr, len, write)
+                    .is_some_and(|at| self.push_host(at, len))
         });
         whole.then_some(self)
     }
@@ -111,6 +125,7 @@ impl Segments {
         &mut self,
         chain: DescriptorChain<&GuestMemoryMmap>,
         write: bool,
+        writes: &DeviceWrites,
     ) -> Option<&Segments> {
         self.count = 0;
         self.total = 0;
@@ -124,7 +139,7 @@ impl Segments {
                 return None;
             }
             if desc.is_write_only() == write
-                && !self.push(mem, desc.addr(), desc.len() as usize, write)
+                && !self.push(mem, desc.addr(), desc.len() as usize, write, writes)
             {
                 return None;
             }

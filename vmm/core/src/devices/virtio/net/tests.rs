@@ -13,6 +13,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::mmio::QueueRings;
 use crate::devices::virtio::status;
 use crate::devices::virtio::{features, interrupt};
+use crate::write_trap::DeviceWrites;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -31,13 +32,20 @@ struct Rig {
 }
 
 fn rig(features: u64) -> Rig {
+    rig_with(features, DeviceWrites::default())
+}
+
+/// A rig whose device keeps its writes off the pages `writes` guards (its write traps).
+fn rig_with(features: u64, writes: DeviceWrites) -> Rig {
     let mem = crate::anonymous_memory(RAM as usize, true).unwrap();
     let (ours, peer) = UnixDatagram::pair().unwrap();
     ours.set_nonblocking(true).unwrap();
     let net = Net::new(Box::new(ours), MAC);
     let counters = net.counters();
     let transport = Arc::new(Mutex::new(
-        MmioTransport::new(mem.clone(), Box::new(net)).unwrap(),
+        MmioTransport::new(mem.clone(), Box::new(net))
+            .unwrap()
+            .with_device_writes(writes),
     ));
     let mut driver = GuestDriver::new(mem.clone(), transport.clone());
     let s = driver.init(
@@ -371,6 +379,50 @@ fn receive_buffers_outside_memory_are_returned_empty() {
             (u32::from(bad), 0),
             (u32::from(good), (NET_HDR_LEN + 70) as u32)
         ]
+    );
+    assert_eq!(r.counters.snapshot().rx_bad_buffers, 1);
+}
+
+#[test]
+fn receive_buffers_on_a_page_the_write_traps_guard_are_returned_empty() {
+    // A root guest posting a receive buffer across its own hooked kernel text (the TAP and
+    // VXLAN device thread's path): the frame must not be written there.
+    let guarded = DATA + 0x1000;
+    let mut r = rig_with(all_features(), DeviceWrites::guarding(&[guarded]));
+    r.mem
+        .write_slice(&[0xcc; 4096], GuestAddress(guarded))
+        .unwrap();
+    let across = r.driver.publish(
+        RX_QUEUE,
+        &[Buffer {
+            addr: guarded - 16,
+            len: 2048,
+            device_writes: true,
+        }],
+    );
+    let good = r.driver.publish(
+        RX_QUEUE,
+        &[Buffer {
+            addr: DATA + 0x4000,
+            len: 2048,
+            device_writes: true,
+        }],
+    );
+    r.driver.notify(RX_QUEUE);
+    r.peer.send(&frame(70, 3)).unwrap();
+    assert!(r.driver.wait_used(RX_QUEUE, 2, WAIT));
+    assert_eq!(
+        r.driver.take_used(RX_QUEUE),
+        vec![
+            (u32::from(across), 0),
+            (u32::from(good), (NET_HDR_LEN + 70) as u32)
+        ]
+    );
+    let mut page = vec![0u8; 4096];
+    r.mem.read_slice(&mut page, GuestAddress(guarded)).unwrap();
+    assert!(
+        page.iter().all(|&b| b == 0xcc),
+        "the guarded page is untouched"
     );
     assert_eq!(r.counters.snapshot().rx_bad_buffers, 1);
 }

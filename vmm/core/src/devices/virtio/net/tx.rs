@@ -71,7 +71,7 @@ impl Backend {
 
     fn transmit(&mut self, chain: DescriptorChain<&GuestMemoryMmap>) {
         let mut from_bufs = Segments::new();
-        let Some(from) = from_bufs.fill_chain(chain, false) else {
+        let Some(from) = from_bufs.fill_chain(chain, false, &self.writes) else {
             bump(&self.counters.tx_dropped_malformed, 1);
             return;
         };
