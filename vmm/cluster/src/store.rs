@@ -180,7 +180,9 @@ impl Store {
             })?;
             let revision = resp.header().map_or(0, |h| h.revision());
             for kv in resp.kvs() {
-                // A record nobody can read runs nowhere (the agents take it for absent).
+                // A record nobody can read names nothing to compare. Its tenant, if one runs,
+                // keeps the spec it had (the agents leave it alone): a host refuses a collision
+                // with it there (409), and the edge refuses one across hosts.
                 let Some(other) = keys::name_under(keys::TENANTS, kv.key())
                     .and_then(|id| TenantRecord::parse(id, kv.value()).ok())
                 else {
