@@ -19,6 +19,10 @@
 //!   [`LEAVE_WAIT`] for the record, then deletes (fail closed: nothing runs where etcd says it
 //!   should not for longer); the new host waits at most [`ARRIVE_WAIT`] for the tenant, then
 //!   creates it.
+//! - A delete the host refuses (409 while an API-started migration of it runs, or a failed
+//!   flush): the tenant stays in the applied table, its status says `failed` with the reason,
+//!   and the agent plans it again from its record every [`DELETE_RETRY`] until the delete is
+//!   done (or the record wants it here again): nothing runs here unreported and unretried.
 //! - Lease lost (etcd answers that it expired: the edge has flushed this host's tenants by
 //!   then): every tenant the agent runs is deleted before it registers again, so nothing runs
 //!   here that the cluster may have started elsewhere. etcd merely unreachable is not a lost
@@ -58,6 +62,8 @@ const RETRY: Duration = Duration::from_millis(500);
 pub const LEAVE_WAIT: Duration = Duration::from_secs(5);
 /// How long a host waits for a tenant migrating in before it creates it from its spec.
 pub const ARRIVE_WAIT: Duration = Duration::from_secs(60);
+/// How long after a refused delete the agent plans that tenant again.
+pub const DELETE_RETRY: Duration = Duration::from_secs(1);
 /// How often the agent looks at migrations in progress.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -94,6 +100,7 @@ impl HostAgent {
             applied: BTreeMap::new(),
             leaving: BTreeMap::new(),
             arriving: BTreeMap::new(),
+            undeleted: BTreeMap::new(),
             key_book: KeyBook::default(),
         };
         let mut agent = agent;
@@ -145,6 +152,9 @@ struct Agent {
     leaving: BTreeMap<String, (String, Instant)>,
     /// Tenants moved here that it listens for: their record and its revision, since when.
     arriving: BTreeMap<String, Arriving>,
+    /// Tenants whose delete the host refused (they still run here, and stay in `applied`):
+    /// when it was last tried. Each is planned again from its record after [`DELETE_RETRY`].
+    undeleted: BTreeMap<String, Instant>,
     /// Every host's channel keys.
     key_book: KeyBook,
 }
@@ -379,8 +389,10 @@ impl Agent {
                 tokio::select! {
                     _ = stop.changed() => return Ended::Stopped,
                     _ = session.lost.changed() => return Ended::LeaseLost,
-                    _ = tick.tick(), if !self.leaving.is_empty() || !self.arriving.is_empty() => {
+                    _ = tick.tick(), if !self.leaving.is_empty() || !self.arriving.is_empty()
+                        || !self.undeleted.is_empty() => {
                         self.moves(client, session.lease).await;
+                        self.retry_deletes(client, session.lease).await;
                     }
                     message = stream.message() => {
                         let Ok(Some(message)) = message else {
@@ -653,9 +665,18 @@ impl Agent {
         .await
         .unwrap_or_else(|e| Err(format!("the {name} step panicked: {e}")));
         let applied_ms = started.elapsed().as_secs_f64() * 1e3;
+        if !matches!(action, Action::Delete) {
+            self.undeleted.remove(id);
+        }
         match (&action, &result) {
-            (Action::Delete, _) => {
+            (Action::Delete, Ok(())) => {
                 self.applied.remove(id);
+                self.undeleted.remove(id);
+            }
+            // It still runs here: it stays applied (so reported, and deleted by a lost lease)
+            // and is tried again (`retry_deletes`).
+            (Action::Delete, Err(_)) => {
+                self.undeleted.insert(id.to_string(), Instant::now());
             }
             (Action::Create(spec) | Action::Recreate(spec) | Action::Adopt(spec), Ok(())) => {
                 self.applied.insert(id.to_string(), spec.clone());
@@ -712,6 +733,51 @@ impl Agent {
             log::warn!("cluster agent {}: status of {id}: {e}", self.config.name);
         }
         self.emit(event.0, event.1);
+    }
+}
+
+impl Agent {
+    /// Plans again, from its record as etcd has it now, each tenant whose delete the host
+    /// refused at least [`DELETE_RETRY`] ago.
+    async fn retry_deletes(&mut self, client: &mut Client, lease: i64) {
+        // Gone from here since (migrated away, or deleted by another step): nothing to retry.
+        let applied = &self.applied;
+        self.undeleted.retain(|id, _| applied.contains_key(id));
+        let due: Vec<String> = self
+            .undeleted
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= DELETE_RETRY)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            // Tried again at the next due time whatever happens below.
+            self.undeleted.insert(id.clone(), Instant::now());
+            let Ok(key) = keys::tenant_key(&id) else {
+                continue;
+            };
+            let resp = match client.get(key, None).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    log::warn!("cluster agent {}: reading {id}: {e}", self.config.name);
+                    continue;
+                }
+            };
+            let revision = resp.header().map_or(0, |h| h.revision());
+            match resp.kvs().first() {
+                None => self.reconcile(client, &id, None, revision, lease).await,
+                Some(kv) => match self.parse(&id, kv.value()) {
+                    Some(record) => {
+                        self.reconcile(client, &id, record.as_ref(), kv.mod_revision(), lease)
+                            .await
+                    }
+                    None => {
+                        // An unreadable record keeps it as it runs (`unreadable`).
+                        self.undeleted.remove(&id);
+                        self.unreadable(client, &id, kv.mod_revision(), lease).await
+                    }
+                },
+            }
+        }
     }
 }
 
