@@ -223,6 +223,53 @@ fn every_endpoint_answers_and_bad_input_gets_a_clear_4xx() {
             400,
             "not a regular file",
         ),
+        // The host appends its own kernel options to the spec's command line: a quote left
+        // open would swallow them into one value, and a `--` would hand them to init.
+        (
+            "PUT",
+            "vm.create",
+            {
+                let mut v = spec("x", "10.0.0.9", "52:54:00:00:00:09");
+                v["cmdline"] = json!("console=ttyS0 vigil.x=\"open");
+                v.to_string()
+            },
+            400,
+            "left open",
+        ),
+        (
+            "PUT",
+            "vm.create",
+            {
+                let mut v = spec("x", "10.0.0.9", "52:54:00:00:00:09");
+                v["cmdline"] = json!("console=ttyS0 -- quiet");
+                v.to_string()
+            },
+            400,
+            "'--' ends the kernel's options",
+        ),
+        (
+            "PUT",
+            "vm.create",
+            {
+                let mut v = spec("x", "10.0.0.9", "52:54:00:00:00:09");
+                v["cmdline"] = json!("console=ttyS0 \"--\"");
+                v.to_string()
+            },
+            400,
+            "'--' ends the kernel's options",
+        ),
+        (
+            "PUT",
+            "vm.create",
+            {
+                let mut v = spec("x", "10.0.0.9", "52:54:00:00:00:09");
+                // U+00E0 is C3 A0 in UTF-8: the kernel takes 0xa0 for a space.
+                v["cmdline"] = json!("console=ttyS0 vigil.x=\u{e0}");
+                v.to_string()
+            },
+            400,
+            "printable ASCII",
+        ),
         ("PUT", "vm.create", web.to_string(), 409, "exists"),
         (
             "PUT",

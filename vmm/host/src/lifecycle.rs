@@ -458,6 +458,9 @@ impl Host {
         if spec.vcpus == 0 || spec.vcpus > 8 {
             return Err(HostError::InvalidSpec("vcpus: 1 to 8".into()));
         }
+        // The host's own options, appended after it, must take effect (no open quote, no `--`).
+        vmm_core::config::check_cmdline(&spec.cmdline)
+            .map_err(|e| HostError::InvalidSpec(e.to_string()))?;
         if spec.ip.is_unspecified() || spec.ip.is_multicast() {
             return Err(HostError::InvalidSpec(format!(
                 "ip {}: a tenant needs a unicast address",
