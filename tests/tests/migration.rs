@@ -20,7 +20,7 @@ use vigil_tests::workload::{idle_policy, migration_keys_json, vm_spec};
 use vigil_tests::{tenant_dir, TempDir};
 use vmm_core::snapshot::{read_json, write_json, END_OF_PAGES, PAGE};
 use vmm_host::migration_link::{self, MigrationKeys};
-use vmm_host::{Host, HostError, MigrationOptions, VmSpec, VmState};
+use vmm_host::{Host, HostError, MigrationOptions, ReceiveLimit, VmSpec, VmState};
 
 const ID: &str = "mover";
 const PRECOPY: MigrationOptions = MigrationOptions {
@@ -269,4 +269,56 @@ fn migration_over_tcp_survives_each_failure_point() {
     assert!(report["rounds"].as_array().unwrap().is_empty());
     assert_eq!(a.info(ID).unwrap().state, VmState::Running);
     a.delete(ID).unwrap();
+}
+
+/// An authenticated source that stalls mid-stream (or drips a byte just within each read's
+/// timeout, 120 s) held the target's prepared VM and its switch port for as long as it liked:
+/// the whole receive now has a deadline (here 3 s, set small), and when it passes the
+/// connection is cut, everything of the tenant is released, and `migration_failed` says why.
+#[test]
+fn an_incoming_migration_past_its_deadline_is_cut_off_and_keeps_nothing() {
+    vmm_core::events::bus().set_quiet(true);
+    let events = vmm_core::events::bus().subscribe();
+    let dir = TempDir::new("vigil-migration-deadline");
+    let keys = MigrationKeys::from_json(&migration_keys_json(&["dl-a", "dl-b"])).unwrap();
+    let b = in_process_host("dl-b", &dir, &keys);
+    let empty = holdings(&b);
+    b.set_receive_limit(ReceiveLimit {
+        base: Duration::from_secs(3),
+        min_bytes_per_s: u64::MAX,
+    });
+    let mut spec: VmSpec = serde_json::from_value(vm_spec(
+        &tenant_dir(),
+        "stalled",
+        "10.94.0.2",
+        "52:54:00:94:00:02",
+        &idle_policy(),
+    ))
+    .unwrap();
+    spec.memory_mib = 128;
+    let port = free_tcp_port().unwrap();
+    b.receive_migration(&url(port)).unwrap();
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut s = migration_link::connect(stream, &keys, "dl-a").unwrap();
+    write_json(
+        &mut s.writer,
+        &json!({"version": 2, "spec": spec, "source_host": "dl-a"}),
+    )
+    .unwrap();
+    s.writer.flush().unwrap();
+    let reply: Value = read_json(&mut s.reader, 1 << 16).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    write_json(&mut s.writer, &json!({"Pages": {"round": 0}})).unwrap();
+    for n in 0..16u64 {
+        s.writer.write_all(&n.to_le_bytes()).unwrap();
+        s.writer.write_all(&[0x5a; PAGE]).unwrap();
+    }
+    s.writer.write_all(&END_OF_PAGES.to_le_bytes()).unwrap();
+    s.writer.flush().unwrap();
+    // Stalls here, before its next step, the connection open. (Not mid-round: the other test
+    // here waits for a failure "round 0" on the same event bus.)
+    let line = wait_event(&events, "migration_failed", "deadline");
+    assert!(line.contains("step"), "{line}");
+    assert_eq!(holdings(&b), empty, "the target kept nothing: {line}");
+    drop(s);
 }

@@ -42,6 +42,8 @@ pub struct Host {
     /// The migration keys in force (the config's at start; the cluster agent replaces them as
     /// hosts' keys come, go and rotate).
     migration_keys: std::sync::RwLock<crate::MigrationKeys>,
+    /// What an incoming migration may take in all ([`Host::set_receive_limit`]).
+    pub(crate) receive_limit: Mutex<crate::ReceiveLimit>,
 }
 
 impl Host {
@@ -80,6 +82,7 @@ impl Host {
             torn_down: Mutex::new(false),
             stopped_on_own: Mutex::new(Default::default()),
             migration_keys: std::sync::RwLock::new(config.migration_keys.clone()),
+            receive_limit: Mutex::new(Default::default()),
             config,
         });
         if let Some(edge) = &host.edge {

@@ -21,6 +21,7 @@ use crate::lifecycle::Prepared;
 use crate::migration::{
     page_digests, MigrationHeader, MigrationReply, Step, MIGRATION_VERSION, MIGRATION_WAIT,
 };
+use crate::migration_deadline::{Deadline, ReceiveLimit};
 use crate::migration_link::{self, tcp_target, Session};
 use crate::snapshot::{import_introspection, MAX_STATE_DOC};
 use crate::tenant::{start_vm, Tenant};
@@ -279,16 +280,44 @@ impl Host {
         })
     }
 
+    /// What an incoming migration may take in all, from now on (the default allows a real
+    /// one of the largest tenant: [`ReceiveLimit::default`]).
+    pub fn set_receive_limit(&self, limit: ReceiveLimit) {
+        *self.receive_limit.lock().unwrap_or_else(|p| p.into_inner()) = limit;
+    }
+
     pub(crate) fn accept_migration(&self, listener: TcpListener) -> Result<(), String> {
         let mut session = self.authenticated_source(&listener)?;
         // One source: nobody else connects from here.
         drop(listener);
+        // The whole receive runs under one deadline (`migration_deadline`): the header's part
+        // first, then, once the spec is checked, the time its RAM allows.
+        let limit = *self.receive_limit.lock().unwrap_or_else(|p| p.into_inner());
+        let mut allowed = limit.base;
+        let socket = session
+            .reader
+            .get_ref()
+            .try_clone()
+            .map_err(|e| format!("the receive's deadline: {e}"))?;
+        let mut deadline =
+            Deadline::start(socket, allowed).map_err(|e| format!("the receive's deadline: {e}"))?;
+        let why = |deadline: &Deadline, allowed: Duration, e: String| {
+            if deadline.passed() {
+                format!(
+                    "the source did not complete the migration within its deadline ({} s); \
+                     cut off ({e})",
+                    allowed.as_secs()
+                )
+            } else {
+                e
+            }
+        };
         let refuse = |session: &mut Session, e: String| {
             reply(session, false, Some(e.clone()), 0.0, 0.0);
             e
         };
-        let header: MigrationHeader =
-            read_json(&mut session.reader, 1 << 20).map_err(|e| format!("header: {e}"))?;
+        let header: MigrationHeader = read_json(&mut session.reader, 1 << 20)
+            .map_err(|e| why(&deadline, allowed, format!("header: {e}")))?;
         if header.version != MIGRATION_VERSION {
             return Err(refuse(
                 &mut session,
@@ -326,6 +355,8 @@ impl Host {
             self.switch.forget(self.flush_record(tenant), tenant);
             self.switch.release(slot);
         };
+        allowed = limit.total(spec.memory_mib);
+        deadline.allow(allowed);
         if let Err(e) = vm.clear_ram() {
             release();
             return Err(refuse(&mut session, e.to_string()));
@@ -382,10 +413,17 @@ impl Host {
             }
             import_introspection(&introspection, &state)
         })();
+        // Nothing is cut after this: the VM's state is all here (or the receive failed).
+        let passed = deadline.finish();
         let adopted = match restored {
+            Ok(_) if passed => Err("the deadline passed as the state arrived".to_string()),
+            other => other,
+        };
+        let adopted = match adopted {
             Ok(a) => a,
             Err(e) => {
                 release();
+                let e = why(&deadline, allowed, e);
                 return Err(refuse(&mut session, e));
             }
         };
