@@ -322,6 +322,34 @@ impl LinkConfig {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_cmdline_that_would_neutralise_the_hosts_options_is_refused() {
+        for fine in [
+            "console=ttyS0 reboot=k panic=-1",
+            "vigil.run=H4sIAAAA+/= dyndbg=\"file x.c +p\" quiet",
+            "",
+            "a--b --x =-- --=x",
+        ] {
+            check_cmdline(fine).unwrap_or_else(|e| panic!("{fine:?}: {e}"));
+        }
+        for bad in [
+            "console=ttyS0 x=\"open",
+            "\"",
+            "quiet -- init_arg",
+            "--",
+            "quiet \"--\"",
+            "quiet -\"-\"",
+            "x=\u{e0}",
+            "a\tb",
+            "a\nb",
+        ] {
+            assert!(
+                matches!(check_cmdline(bad), Err(ConfigError::BadCmdline(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
     fn micro() -> VmConfig {
         VmConfig::micro_vm("fw", "/fw.elf", Role::Switch)
     }
