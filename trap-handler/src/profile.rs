@@ -13,7 +13,7 @@ use crate::btf::{Btf, BtfError};
 use crate::kallsyms::Kallsyms;
 
 /// Bumped whenever the profile's fields change meaning, so stale caches are ignored.
-pub const PROFILE_FORMAT: u32 = 12;
+pub const PROFILE_FORMAT: u32 = 13;
 
 /// Symbols the profile records (link addresses; add the KASLR slide at runtime).
 pub const PROFILE_SYMBOLS: &[&str] = &[
