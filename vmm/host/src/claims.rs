@@ -21,6 +21,9 @@ use crate::{HostError, VmSpec};
 /// One tenant in transition.
 #[derive(Clone, Debug)]
 pub(crate) struct Claim {
+    /// Which take made it (unique in the host): a guard gives back its own claim only, never
+    /// another of the same id (a delete's, taken the moment the tenant entered the table).
+    serial: u64,
     pub(crate) id: String,
     pub(crate) tenant: u32,
     pub(crate) ip: IpAddr,
@@ -31,6 +34,7 @@ pub(crate) struct Claim {
 impl Claim {
     pub(crate) fn of(spec: &VmSpec) -> Claim {
         Claim {
+            serial: 0,
             id: spec.id.clone(),
             tenant: tenant_id(&spec.id),
             ip: spec.ip,
@@ -64,9 +68,9 @@ impl Claim {
     }
 }
 
-/// The claims of a host.
+/// The claims of a host, and the serial of the next one taken.
 #[derive(Default)]
-pub(crate) struct Claims(Mutex<Vec<Claim>>);
+pub(crate) struct Claims(Mutex<Vec<Claim>>, std::sync::atomic::AtomicU64);
 
 impl Claims {
     pub(crate) fn lock(&self) -> MutexGuard<'_, Vec<Claim>> {
@@ -75,10 +79,14 @@ impl Claims {
 
     /// Takes `claim` (the caller checked it conflicts with nothing, under the tenant table's
     /// lock); given back when the guard drops.
-    pub(crate) fn take(&self, claims: &mut Vec<Claim>, claim: Claim) -> ClaimGuard<'_> {
-        let id = claim.id.clone();
+    pub(crate) fn take(&self, claims: &mut Vec<Claim>, mut claim: Claim) -> ClaimGuard<'_> {
+        let serial = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        claim.serial = serial;
         claims.push(claim);
-        ClaimGuard { claims: self, id }
+        ClaimGuard {
+            claims: self,
+            serial,
+        }
     }
 }
 
@@ -86,13 +94,13 @@ impl Claims {
 /// failed, or its delete finished).
 pub(crate) struct ClaimGuard<'a> {
     claims: &'a Claims,
-    id: String,
+    serial: u64,
 }
 
 impl Drop for ClaimGuard<'_> {
     fn drop(&mut self) {
         let mut claims = self.claims.lock();
-        if let Some(at) = claims.iter().position(|c| c.id == self.id) {
+        if let Some(at) = claims.iter().position(|c| c.serial == self.serial) {
             claims.swap_remove(at);
         }
     }
@@ -143,5 +151,27 @@ mod tests {
         assert!(conflict(&spec("c", "10.0.0.5", "52:54:00:00:00:05")).is_none());
         drop(guard);
         assert!(conflict(&spec("a", "10.0.0.9", "52:54:00:00:00:09")).is_none());
+    }
+
+    #[test]
+    fn a_guard_gives_back_its_own_claim_not_another_of_the_same_id() {
+        // Two claims of one id (a delete's, and a build's of the same id under other
+        // addresses): each guard gives back its own, whatever their order in the list.
+        let claims = Claims::default();
+        let take = |s: &VmSpec| {
+            let mut list = claims.lock();
+            claims.take(&mut list, Claim::of(s))
+        };
+        let deleting = take(&spec("a", "10.0.0.3", "52:54:00:00:00:03"));
+        let building = take(&spec("a", "10.0.0.2", "52:54:00:00:00:02"));
+        drop(building);
+        let conflict = |s: &VmSpec| claims.lock().iter().find_map(|c| c.conflict(s));
+        assert!(conflict(&spec("b", "10.0.0.2", "52:54:00:00:00:04")).is_none());
+        assert!(matches!(
+            conflict(&spec("b", "10.0.0.3", "52:54:00:00:00:04")),
+            Some(HostError::AddressTaken { .. })
+        ));
+        drop(deleting);
+        assert!(conflict(&spec("a", "10.0.0.3", "52:54:00:00:00:03")).is_none());
     }
 }

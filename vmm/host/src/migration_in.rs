@@ -345,7 +345,7 @@ impl Host {
             tenant,
             slot,
             mac,
-            claim: _claim,
+            claim: taken,
         } = match self.prepare(&spec) {
             Ok(p) => p,
             Err(e) => return Err(refuse(&mut session, e.to_string())),
@@ -460,6 +460,9 @@ impl Host {
             })?,
         );
         self.tenants().insert(id.clone(), entry);
+        // In the table now, which stands for it: the source's caller may delete it and create
+        // it anew the moment the reply below reaches it, while this thread still announces.
+        drop(taken);
         let target_ms = arrived.elapsed().as_secs_f64() * 1e3;
         reply_timed(&mut session, true, None, restore_ms, tiers_ms, target_ms);
         self.times
